@@ -1,0 +1,349 @@
+//! Wire types of the Berth public API.
+//!
+//! Field names follow the Fly Machines API (`/v1/apps/{app}/machines/...`) so that
+//! clients written for that shape need few changes. This crate does no I/O: it is
+//! shared by the server, the CLI and the tests.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+mod duration;
+
+pub use duration::ApiDuration;
+
+/// The lifecycle states of a Machine, as they appear on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    Created,
+    Starting,
+    Started,
+    Stopping,
+    Stopped,
+    Replacing,
+    Destroying,
+    Destroyed,
+    Failed,
+}
+
+impl MachineState {
+    pub const ALL: [MachineState; 9] = [
+        MachineState::Created,
+        MachineState::Starting,
+        MachineState::Started,
+        MachineState::Stopping,
+        MachineState::Stopped,
+        MachineState::Replacing,
+        MachineState::Destroying,
+        MachineState::Destroyed,
+        MachineState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Created => "created",
+            MachineState::Starting => "starting",
+            MachineState::Started => "started",
+            MachineState::Stopping => "stopping",
+            MachineState::Stopped => "stopped",
+            MachineState::Replacing => "replacing",
+            MachineState::Destroying => "destroying",
+            MachineState::Destroyed => "destroyed",
+            MachineState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MachineState> {
+        MachineState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+}
+
+impl fmt::Display for MachineState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/apps`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAppRequest {
+    pub app_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_slug: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct App {
+    pub id: String,
+    pub name: String,
+    pub org_slug: String,
+    pub status: String,
+    pub machine_count: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart (the default).
+    #[default]
+    No,
+    /// Restart after a non-zero exit, up to `max_retries` times.
+    OnFailure,
+    /// Restart after any exit that the user did not ask for.
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartConfig {
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<ApiDuration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    #[serde(default = "GuestConfig::default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "GuestConfig::default_memory_mb")]
+    pub memory_mb: u32,
+}
+
+impl GuestConfig {
+    fn default_cpus() -> u32 {
+        1
+    }
+    fn default_memory_mb() -> u32 {
+        256
+    }
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            cpus: Self::default_cpus(),
+            memory_mb: Self::default_memory_mb(),
+        }
+    }
+}
+
+/// What happens to the Machine's writable layer when its config is updated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootfsPersistence {
+    /// The upperdir is kept across stop, start and update (the default).
+    #[default]
+    Persistent,
+    /// Update starts from a fresh upperdir.
+    Ephemeral,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub image: String,
+    #[serde(default)]
+    pub init: InitConfig,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub guest: GuestConfig,
+    #[serde(default)]
+    pub restart: RestartConfig,
+    #[serde(default)]
+    pub stop_config: StopConfig,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub rootfs: RootfsPersistence,
+}
+
+/// `POST /v1/apps/{app}/machines`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMachineRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub skip_launch: bool,
+    pub config: MachineConfig,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMachineRequest {
+    pub config: MachineConfig,
+    #[serde(default)]
+    pub skip_launch: bool,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}/stop`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<ApiDuration>,
+}
+
+/// The image a Machine runs, resolved at create or update time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The name the user gave, as stored (for example `demo/busybox:1`).
+    pub name: String,
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The manifest digest the name resolved to; a Machine never runs anything else.
+    pub digest: String,
+}
+
+/// How the Machine's last run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// `exited` (by itself), `killed` (by a stop) or `oom_killed`.
+    pub reason: String,
+    pub exited_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub state: MachineState,
+    pub region: String,
+    pub instance_id: String,
+    pub config: MachineConfig,
+    pub image_ref: ImageRef,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// How many times the restart policy has restarted this run.
+    #[serde(default)]
+    pub restart_count: u32,
+}
+
+/// The answer to start and stop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartStopResponse {
+    pub previous_state: MachineState,
+    pub machine: Machine,
+    /// Set when the call changed nothing because the Machine was already there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestroyResponse {
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub digest: String,
+    pub size_bytes: u64,
+    pub layers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// Every API error has this body. `error` is a stable code that clients can match on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+    /// For `invalid_state`: the state that refused the action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<MachineState>,
+    /// For `invalid_config`: the path of the offending field, such as `config.guest.cpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// When retrying can succeed: how long to wait first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = r#"{"config":{"image":"a"},"bogus":1}"#;
+        assert!(serde_json::from_str::<CreateMachineRequest>(text).is_err());
+        let text = r#"{"config":{"image":"a","guest":{"cpus":1,"gpus":2}}}"#;
+        assert!(serde_json::from_str::<CreateMachineRequest>(text).is_err());
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_create() {
+        let request: CreateMachineRequest =
+            serde_json::from_str(r#"{"config":{"image":"demo/busybox:1"}}"#).expect("parses");
+        assert_eq!(
+            request.config.guest,
+            GuestConfig {
+                cpus: 1,
+                memory_mb: 256
+            }
+        );
+        assert_eq!(request.config.restart.policy, RestartPolicy::No);
+        assert!(!request.skip_launch);
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for state in MachineState::ALL {
+            assert_eq!(MachineState::parse(state.as_str()), Some(state));
+            let json = serde_json::to_string(&state).expect("serializes");
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+        }
+    }
+
+    #[test]
+    fn restart_policy_uses_fly_spelling() {
+        let config: RestartConfig =
+            serde_json::from_str(r#"{"policy":"on-failure","max_retries":3}"#).expect("parses");
+        assert_eq!(config.policy, RestartPolicy::OnFailure);
+    }
+}

@@ -1,0 +1,65 @@
+//! Identifiers. Machine ids look like Fly's (14 lower-case hex digits); instance ids are
+//! time-ordered so that a newer instance of a Machine sorts after an older one.
+
+use rand::Rng;
+
+/// A new random Machine id: 14 lower-case hex digits.
+pub fn new_machine_id() -> String {
+    let value: u64 = rand::thread_rng().gen::<u64>() & 0x00ff_ffff_ffff_ffff;
+    format!("{value:014x}")
+}
+
+/// A new random App id.
+pub fn new_app_id() -> String {
+    format!("app_{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// A new instance id: 48 bits of milliseconds then 80 random bits, in Crockford base32
+/// (26 characters, like a ULID), so ids issued later sort later.
+pub fn new_instance_id(now_ms: u64) -> String {
+    let random: u128 = rand::thread_rng().gen::<u128>() & ((1u128 << 80) - 1);
+    let value = (u128::from(now_ms & 0xffff_ffff_ffff) << 80) | random;
+    encode_crockford(value)
+}
+
+fn encode_crockford(mut value: u128) -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut out = [0u8; 26];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(value & 31) as usize];
+        value >>= 5;
+    }
+    out.iter().map(|&byte| char::from(byte)).collect()
+}
+
+/// Whether `text` has the shape of a Machine id. Used to answer garbage with 404 before
+/// touching any store.
+pub fn is_machine_id(text: &str) -> bool {
+    text.len() == 14
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ids_have_the_fly_shape() {
+        for _ in 0..100 {
+            let id = new_machine_id();
+            assert!(is_machine_id(&id), "{id}");
+        }
+        assert!(!is_machine_id("../etc/passwd"));
+        assert!(!is_machine_id("148ED123A13E89"));
+    }
+
+    #[test]
+    fn instance_ids_sort_by_time() {
+        let older = new_instance_id(1_000);
+        let newer = new_instance_id(2_000);
+        assert_eq!(older.len(), 26);
+        assert!(older < newer);
+    }
+}

@@ -1,0 +1,12 @@
+//! The Berth domain, free of I/O: ids, config validation, the Machine state table and the
+//! restart policy. Everything here is decided from its arguments alone, so it is tested
+//! exhaustively without a host.
+
+pub mod ids;
+pub mod restart;
+pub mod signal;
+pub mod state;
+pub mod validate;
+
+pub use state::{Action, ActionPlan, StateError};
+pub use validate::ConfigError;

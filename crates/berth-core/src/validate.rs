@@ -1,0 +1,310 @@
+//! Validation of everything a client sends, before anything is stored or run. Each
+//! refusal names the field path, so a program can fix its request without guessing.
+
+use std::time::Duration;
+
+use berth_api::{CreateMachineRequest, MachineConfig};
+
+use crate::signal::signal_number;
+
+pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_IMAGE_LEN: usize = 512;
+pub const MAX_ARGS: usize = 256;
+pub const MAX_ARG_LEN: usize = 16 * 1024;
+pub const MAX_ENV: usize = 256;
+pub const MAX_ENV_VALUE_LEN: usize = 16 * 1024;
+pub const MAX_METADATA: usize = 64;
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+pub const MAX_METADATA_VALUE_LEN: usize = 1024;
+pub const MAX_CPUS: u32 = 64;
+pub const MIN_MEMORY_MB: u32 = 16;
+pub const MAX_MEMORY_MB: u32 = 256 * 1024;
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(300);
+pub const MAX_RETRIES: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// App and Machine names: DNS labels, so they can become host names later.
+pub fn validate_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(refuse(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
+    }
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid_chars || name.starts_with('-') || name.ends_with('-') {
+        return Err(refuse(
+            field,
+            "may hold only lower-case letters, digits and inner hyphens",
+        ));
+    }
+    Ok(())
+}
+
+/// Region names are short lower-case words such as `local` or `ams`.
+pub fn validate_region(region: &str) -> Result<(), ConfigError> {
+    let valid = !region.is_empty()
+        && region.len() <= 32
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(refuse(
+            "region",
+            "must be 1 to 32 lower-case letters, digits or hyphens",
+        ))
+    }
+}
+
+pub fn validate_create(request: &CreateMachineRequest) -> Result<(), ConfigError> {
+    if let Some(name) = &request.name {
+        validate_name("name", name)?;
+    }
+    if let Some(region) = &request.region {
+        validate_region(region)?;
+    }
+    validate_config(&request.config)
+}
+
+fn validate_args(field: &str, args: &[String]) -> Result<(), ConfigError> {
+    if args.len() > MAX_ARGS {
+        return Err(refuse(field, format!("at most {MAX_ARGS} arguments")));
+    }
+    for (index, arg) in args.iter().enumerate() {
+        if arg.len() > MAX_ARG_LEN {
+            return Err(refuse(
+                format!("{field}[{index}]"),
+                format!("at most {MAX_ARG_LEN} bytes"),
+            ));
+        }
+        if arg.contains('\0') {
+            return Err(refuse(format!("{field}[{index}]"), "must not contain NUL"));
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
+    let image = config.image.trim();
+    if image.is_empty() {
+        return Err(refuse("config.image", "is required"));
+    }
+    if config.image.len() > MAX_IMAGE_LEN
+        || config
+            .image
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(refuse(
+            "config.image",
+            format!(
+                "must be an image reference of at most {MAX_IMAGE_LEN} characters, without spaces"
+            ),
+        ));
+    }
+    if let Some(cmd) = &config.init.cmd {
+        validate_args("config.init.cmd", cmd)?;
+    }
+    if let Some(entrypoint) = &config.init.entrypoint {
+        validate_args("config.init.entrypoint", entrypoint)?;
+    }
+    if config.env.len() > MAX_ENV {
+        return Err(refuse("config.env", format!("at most {MAX_ENV} variables")));
+    }
+    for (key, value) in &config.env {
+        let valid_key = !key.is_empty()
+            && key.len() <= 256
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_key {
+            return Err(refuse(
+                format!("config.env.{}", printable(key)),
+                "names may hold only letters, digits and underscores, and not start with a digit",
+            ));
+        }
+        if value.len() > MAX_ENV_VALUE_LEN || value.contains('\0') {
+            return Err(refuse(
+                format!("config.env.{key}"),
+                format!("values are at most {MAX_ENV_VALUE_LEN} bytes, without NUL"),
+            ));
+        }
+    }
+    let guest = &config.guest;
+    if guest.cpus == 0 || guest.cpus > MAX_CPUS {
+        return Err(refuse(
+            "config.guest.cpus",
+            format!("must be 1 to {MAX_CPUS}"),
+        ));
+    }
+    if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&guest.memory_mb) {
+        return Err(refuse(
+            "config.guest.memory_mb",
+            format!("must be {MIN_MEMORY_MB} to {MAX_MEMORY_MB}"),
+        ));
+    }
+    if config
+        .restart
+        .max_retries
+        .is_some_and(|retries| retries > MAX_RETRIES)
+    {
+        return Err(refuse(
+            "config.restart.max_retries",
+            format!("at most {MAX_RETRIES}"),
+        ));
+    }
+    if let Some(signal) = &config.stop_config.signal {
+        validate_signal("config.stop_config.signal", signal)?;
+    }
+    if let Some(timeout) = config.stop_config.timeout {
+        validate_stop_timeout("config.stop_config.timeout", timeout.as_duration())?;
+    }
+    if config.metadata.len() > MAX_METADATA {
+        return Err(refuse(
+            "config.metadata",
+            format!("at most {MAX_METADATA} entries"),
+        ));
+    }
+    for (key, value) in &config.metadata {
+        let valid_key = !key.is_empty()
+            && key.len() <= MAX_METADATA_KEY_LEN
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !valid_key {
+            return Err(refuse(
+                format!("config.metadata.{}", printable(key)),
+                format!("keys are 1 to {MAX_METADATA_KEY_LEN} letters, digits, '_', '-' or '.'"),
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE_LEN {
+            return Err(refuse(
+                format!("config.metadata.{key}"),
+                format!("values are at most {MAX_METADATA_VALUE_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_signal(field: &str, signal: &str) -> Result<i32, ConfigError> {
+    signal_number(signal).ok_or_else(|| {
+        refuse(
+            field,
+            "must be one of SIGTERM, SIGINT, SIGQUIT, SIGKILL, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH",
+        )
+    })
+}
+
+pub fn validate_stop_timeout(field: &str, timeout: Duration) -> Result<(), ConfigError> {
+    if timeout > MAX_STOP_TIMEOUT {
+        return Err(refuse(
+            field,
+            format!("at most {}s", MAX_STOP_TIMEOUT.as_secs()),
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps error messages readable when a key is garbage.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api::GuestConfig;
+    use proptest::prelude::*;
+
+    fn config() -> MachineConfig {
+        MachineConfig {
+            image: "demo/busybox:1".into(),
+            ..MachineConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_plain_config_is_valid() {
+        assert_eq!(validate_config(&config()), Ok(()));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let mut bad = config();
+        bad.guest = GuestConfig {
+            cpus: 0,
+            memory_mb: 256,
+        };
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.guest.cpus"
+        );
+
+        let mut bad = config();
+        bad.guest.memory_mb = u32::MAX;
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.guest.memory_mb"
+        );
+
+        let mut bad = config();
+        bad.env.insert("1BAD".into(), "x".into());
+        assert!(validate_config(&bad)
+            .expect_err("refused")
+            .field
+            .starts_with("config.env"));
+
+        let mut bad = config();
+        bad.image = String::new();
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.image"
+        );
+
+        let mut bad = config();
+        bad.stop_config.signal = Some("SIGSEGV".into());
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.stop_config.signal"
+        );
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(validate_name("name", "web-1").is_ok());
+        for bad in ["", "-web", "web-", "Web", "a b", "../x", &"a".repeat(64)] {
+            assert!(validate_name("name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn validation_never_panics(name in ".{0,80}", image in ".{0,600}", cpus in any::<u32>(), memory in any::<u32>()) {
+            let _ = validate_name("name", &name);
+            let mut candidate = config();
+            candidate.image = image;
+            candidate.guest = GuestConfig { cpus, memory_mb: memory };
+            let _ = validate_config(&candidate);
+        }
+    }
+}
