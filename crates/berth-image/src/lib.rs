@@ -1,0 +1,18 @@
+//! OCI images on a worker: references, the content-addressed store, and unpacking.
+//!
+//! Blobs live under `blobs/sha256/<hex>` and are verified against their digest before
+//! they are trusted. Each layer is unpacked once into `layers/sha256/<hex>/` (keyed by the
+//! layer blob's digest) and shared read-only, as an overlayfs lowerdir, by every Machine
+//! that uses it. Tags map names to manifest digests under `refs/`.
+
+pub mod build;
+pub mod reference;
+pub mod store;
+pub mod unpack;
+
+mod error;
+pub use build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
+pub use error::ImageError;
+pub use reference::ImageReference;
+pub use store::{ImageInfo, ImageStore, ResolvedImage, RuntimeConfig, PLATFORM_ARCH, PLATFORM_OS};
+pub use unpack::{decompressing_reader, unpack_layer, UnpackLimits, UnpackStats};
