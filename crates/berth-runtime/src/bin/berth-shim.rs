@@ -1,0 +1,6 @@
+//! The per-Machine supervisor; see `berth_runtime::shim`.
+
+fn main() {
+    let code = berth_runtime::shim::main_with_args(std::env::args_os().skip(1).collect());
+    std::process::exit(code);
+}

@@ -1,0 +1,355 @@
+//! An in-memory [`Runtime`] for the agent's unit tests.
+//!
+//! It records every call as a string (`"prepare m1"`, `"start m1"`, `"signal m1 15"`, ...),
+//! can be told to fail the next start, and lets a test end a running Machine with an exit
+//! code, which wakes `wait_exit`. SIGKILL always ends a running Machine; SIGTERM and
+//! SIGINT do too unless [`FakeRuntime::set_ignore_term`] is on.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{watch, Mutex};
+
+use crate::{util, BundleSpec, ExitRecord, MachineLayout, Runtime, RuntimeError, Started, Status};
+
+#[derive(Debug)]
+pub struct FakeRuntime {
+    state: Mutex<FakeState>,
+    /// Bumped on every Machine state change; `wait_exit` watches it.
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    calls: Vec<String>,
+    fail_next_start: Option<String>,
+    ignore_term: bool,
+    next_pid: u32,
+    machines: HashMap<String, FakeMachine>,
+}
+
+#[derive(Debug, Clone)]
+struct FakeMachine {
+    spec: Option<BundleSpec>,
+    lowerdirs: Vec<PathBuf>,
+    status: Status,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> Self {
+        FakeRuntime::new()
+    }
+}
+
+impl FakeRuntime {
+    pub fn new() -> FakeRuntime {
+        FakeRuntime {
+            state: Mutex::new(FakeState {
+                next_pid: 1000,
+                ..FakeState::default()
+            }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// Every call so far, oldest first.
+    pub async fn calls(&self) -> Vec<String> {
+        self.state.lock().await.calls.clone()
+    }
+
+    pub async fn clear_calls(&self) {
+        self.state.lock().await.calls.clear();
+    }
+
+    /// The next start fails with a runc-style error carrying `message`.
+    pub async fn fail_next_start(&self, message: impl Into<String>) {
+        self.state.lock().await.fail_next_start = Some(message.into());
+    }
+
+    /// When on, SIGTERM and SIGINT are recorded but do not end the Machine.
+    pub async fn set_ignore_term(&self, ignore: bool) {
+        self.state.lock().await.ignore_term = ignore;
+    }
+
+    /// Ends a running Machine with `code`. Returns false if it was not running.
+    pub async fn exit(&self, id: &str, code: i32) -> bool {
+        self.finish(id, Some(code), None, false).await
+    }
+
+    /// Ends a running Machine as if the kernel's OOM killer had killed it.
+    pub async fn oom_kill(&self, id: &str) -> bool {
+        self.finish(id, None, Some(libc::SIGKILL), true).await
+    }
+
+    /// The spec last given to prepare.
+    pub async fn spec(&self, id: &str) -> Option<BundleSpec> {
+        self.state
+            .lock()
+            .await
+            .machines
+            .get(id)
+            .and_then(|m| m.spec.clone())
+    }
+
+    /// The lowerdirs of the last start.
+    pub async fn lowerdirs(&self, id: &str) -> Option<Vec<PathBuf>> {
+        self.state
+            .lock()
+            .await
+            .machines
+            .get(id)
+            .map(|m| m.lowerdirs.clone())
+    }
+
+    /// Whether the Machine exists (prepared and not removed).
+    pub async fn exists(&self, id: &str) -> bool {
+        self.state.lock().await.machines.contains_key(id)
+    }
+
+    async fn finish(&self, id: &str, code: Option<i32>, signal: Option<i32>, oom: bool) -> bool {
+        let mut state = self.state.lock().await;
+        let ended = match state.machines.get_mut(id) {
+            Some(m) if matches!(m.status, Status::Running { .. }) => {
+                m.status = Status::Exited(ExitRecord {
+                    exit_code: code,
+                    signal,
+                    oom_killed: oom,
+                    exited_at_ms: util::now_ms(),
+                });
+                true
+            }
+            _ => false,
+        };
+        drop(state);
+        if ended {
+            self.changed.send_modify(|v| *v += 1);
+        }
+        ended
+    }
+}
+
+#[async_trait]
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("prepare {}", layout.id));
+        let machine = state
+            .machines
+            .entry(layout.id.clone())
+            .or_insert(FakeMachine {
+                spec: None,
+                lowerdirs: Vec::new(),
+                status: Status::NotRunning,
+            });
+        machine.spec = Some(spec.clone());
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        layout: &MachineLayout,
+        lowerdirs: &[PathBuf],
+    ) -> Result<Started, RuntimeError> {
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("start {}", layout.id));
+        if let Some(message) = state.fail_next_start.take() {
+            return Err(RuntimeError::Runc {
+                id: layout.id.clone(),
+                message,
+            });
+        }
+        let pid = state.next_pid;
+        state.next_pid += 2;
+        let Some(machine) = state.machines.get_mut(&layout.id) else {
+            return Err(RuntimeError::NotPrepared {
+                id: layout.id.clone(),
+                path: layout.config_json(),
+            });
+        };
+        if matches!(machine.status, Status::Running { .. }) {
+            return Err(RuntimeError::Runc {
+                id: layout.id.clone(),
+                message: "machine is already running".into(),
+            });
+        }
+        machine.status = Status::Running { pid };
+        machine.lowerdirs = lowerdirs.to_vec();
+        drop(state);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(Started {
+            pid,
+            shim_pid: pid + 1,
+            started_at_ms: util::now_ms(),
+        })
+    }
+
+    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
+        let ignore_term = {
+            let mut state = self.state.lock().await;
+            state.calls.push(format!("signal {} {signal}", layout.id));
+            state.ignore_term
+        };
+        let ends = signal == libc::SIGKILL
+            || (!ignore_term && (signal == libc::SIGTERM || signal == libc::SIGINT));
+        if ends {
+            self.finish(&layout.id, None, Some(signal), false).await;
+        }
+        Ok(())
+    }
+
+    async fn wait_exit(
+        &self,
+        layout: &MachineLayout,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitRecord>, RuntimeError> {
+        let mut changes = self.changed.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let state = self.state.lock().await;
+                    match state.machines.get(&layout.id).map(|m| m.status) {
+                        Some(Status::Exited(record)) => return record,
+                        Some(Status::Running { .. }) => {}
+                        // Like the real runtime: nothing to wait for is an unknown exit.
+                        Some(Status::NotRunning) | None => {
+                            return ExitRecord {
+                                exit_code: None,
+                                signal: None,
+                                oom_killed: false,
+                                exited_at_ms: util::now_ms(),
+                            }
+                        }
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    // The sender lives in self, so this cannot happen while self exists.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        {
+            let mut state = self.state.lock().await;
+            state.calls.push(format!("wait_exit {}", layout.id));
+        }
+        match timeout {
+            Some(t) => Ok(tokio::time::timeout(t, wait).await.ok()),
+            None => Ok(Some(wait.await)),
+        }
+    }
+
+    async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("cleanup {}", layout.id));
+        if let Some(m) = state.machines.get_mut(&layout.id) {
+            m.status = Status::NotRunning;
+        }
+        drop(state);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
+        let state = self.state.lock().await;
+        Ok(state
+            .machines
+            .get(&layout.id)
+            .map_or(Status::NotRunning, |m| m.status))
+    }
+
+    async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("remove {}", layout.id));
+        state.machines.remove(&layout.id);
+        drop(state);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn spec(id: &str) -> BundleSpec {
+        BundleSpec {
+            machine_id: id.into(),
+            args: vec!["/bin/app".into()],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            cpus: 1,
+            memory_mb: 128,
+            pids_limit: 64,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_calls_and_exits() {
+        let rt = Arc::new(FakeRuntime::new());
+        let layout = MachineLayout::new(Path::new("/m"), "m1");
+        rt.prepare(&layout, &spec("m1")).await.unwrap();
+        let started = rt.start(&layout, &[PathBuf::from("/l")]).await.unwrap();
+        assert_eq!(
+            rt.status(&layout).await.unwrap(),
+            Status::Running { pid: started.pid }
+        );
+        assert_eq!(
+            rt.wait_exit(&layout, Some(Duration::from_millis(10)))
+                .await
+                .unwrap(),
+            None
+        );
+
+        let waiter = {
+            let rt = rt.clone();
+            let layout = layout.clone();
+            tokio::spawn(async move { rt.wait_exit(&layout, None).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(rt.exit("m1", 3).await);
+        let record = waiter.await.unwrap().unwrap().unwrap();
+        assert_eq!(record.exit_code, Some(3));
+        assert!(matches!(
+            rt.status(&layout).await.unwrap(),
+            Status::Exited(_)
+        ));
+        rt.cleanup(&layout).await.unwrap();
+        assert_eq!(rt.status(&layout).await.unwrap(), Status::NotRunning);
+        rt.remove(&layout).await.unwrap();
+        assert!(!rt.exists("m1").await);
+        let calls = rt.calls().await;
+        assert_eq!(calls[..2], ["prepare m1".to_owned(), "start m1".to_owned()]);
+        assert_eq!(calls.last().map(String::as_str), Some("remove m1"));
+    }
+
+    #[tokio::test]
+    async fn fails_next_start_and_handles_signals() {
+        let rt = FakeRuntime::new();
+        let layout = MachineLayout::new(Path::new("/m"), "m2");
+        rt.prepare(&layout, &spec("m2")).await.unwrap();
+        rt.fail_next_start("exec failed").await;
+        let err = rt.start(&layout, &[]).await.unwrap_err();
+        assert_eq!(err.code(), "runtime_failed");
+        rt.start(&layout, &[]).await.unwrap();
+
+        rt.set_ignore_term(true).await;
+        rt.signal(&layout, libc::SIGTERM).await.unwrap();
+        assert!(matches!(
+            rt.status(&layout).await.unwrap(),
+            Status::Running { .. }
+        ));
+        rt.signal(&layout, libc::SIGKILL).await.unwrap();
+        let record = rt.wait_exit(&layout, None).await.unwrap().unwrap();
+        assert_eq!(record.signal, Some(libc::SIGKILL));
+        assert!(rt.calls().await.contains(&"signal m2 15".to_owned()));
+    }
+}

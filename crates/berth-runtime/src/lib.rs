@@ -1,0 +1,163 @@
+//! Running Machines on a host.
+//!
+//! The [`Runtime`] trait is the seam between the agent (which decides) and the host (which
+//! acts). [`runc::RuncRuntime`] drives real runc over an overlayfs rootfs inside a
+//! persistent network namespace; [`fake::FakeRuntime`] records calls for unit tests.
+//!
+//! The split between [`Runtime::prepare`] and [`Runtime::start`] is the product: prepare
+//! runs once at create and may be slow; start runs many times and must only do what
+//! booting needs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub mod fake;
+pub mod logs;
+pub mod netns;
+pub mod overlay;
+pub mod runc;
+pub mod shim;
+pub mod spec;
+
+mod error;
+mod util;
+pub use error::RuntimeError;
+
+/// Where one Machine's files live on the host. Everything the Machine owns is below `dir`,
+/// so destroy is one directory removal once the mounts are gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineLayout {
+    pub id: String,
+    pub dir: PathBuf,
+}
+
+impl MachineLayout {
+    pub fn new(machines_root: &Path, id: &str) -> MachineLayout {
+        MachineLayout {
+            id: id.to_owned(),
+            dir: machines_root.join(id),
+        }
+    }
+    /// The Machine's own writable layer. Survives stop, start and agent restarts.
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    /// overlayfs work directory, on the same filesystem as the upperdir.
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    /// Mount point of the overlay rootfs while the Machine runs.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    /// The OCI bundle directory: it holds `config.json`.
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    pub fn config_json(&self) -> PathBuf {
+        self.bundle().join("config.json")
+    }
+    /// Bind-mounted network namespace file, made at create.
+    pub fn netns(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+    /// Per-run state written by the shim: pid files and the exit record.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    /// Captured stdout and stderr.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+}
+
+/// What the bundle's `config.json` is built from. Written at create and update only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSpec {
+    /// Also the hostname inside the Machine.
+    pub machine_id: String,
+    pub args: Vec<String>,
+    /// `KEY=value` entries.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub pids_limit: i64,
+}
+
+/// A Machine whose init process is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// The Machine's init process, in the host's pid namespace.
+    pub pid: u32,
+    /// The shim that holds the Machine's stdio and reaps it.
+    pub shim_pid: u32,
+    /// Milliseconds since the Unix epoch.
+    pub started_at_ms: i64,
+}
+
+/// How a Machine's init process ended, written by the shim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// Milliseconds since the Unix epoch.
+    pub exited_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Running {
+        pid: u32,
+    },
+    Exited(ExitRecord),
+    /// No container and no exit record: never started, or already cleaned up.
+    NotRunning,
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Create-time work: make the Machine's directories, its network namespace and the
+    /// bundle's `config.json`. Called again by update with a new spec; it must keep the
+    /// upperdir and the network namespace.
+    async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError>;
+
+    /// Boots the prepared Machine over the given image layers (bottom first) and returns
+    /// once its init process is running. Does no image, bundle or network work.
+    async fn start(
+        &self,
+        layout: &MachineLayout,
+        lowerdirs: &[PathBuf],
+    ) -> Result<Started, RuntimeError>;
+
+    /// Sends a signal to the Machine's init process. A Machine that is not running is not
+    /// an error.
+    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError>;
+
+    /// Waits until the Machine's init process has exited, up to `timeout` (forever when
+    /// `None`). Works for Machines started by an earlier agent process too.
+    async fn wait_exit(
+        &self,
+        layout: &MachineLayout,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitRecord>, RuntimeError>;
+
+    /// After an exit: removes the runtime's container state and unmounts the rootfs.
+    /// Keeps the upperdir. Idempotent.
+    async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
+
+    /// What the host says about the Machine right now.
+    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError>;
+
+    /// Destroy: kills anything left, removes mounts, the network namespace and every file
+    /// of the Machine. Idempotent.
+    async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,191 @@
+//! The Machine's rootfs: an overlayfs of the image layers under its own upperdir.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+/// The kernel copies mount options into one page.
+const MAX_OPTIONS_LEN: usize = 4095;
+
+/// Mounts an overlay at `target`. `lowerdirs` are bottom-first (image layer order);
+/// overlayfs wants the top layer first, so they are reversed here. Already mounted is
+/// success, so a retried start does not stack a second overlay.
+pub fn mount(lowerdirs: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    if is_mount_point(target)? {
+        return Ok(());
+    }
+    let data = mount_options(lowerdirs, upper, work)?;
+    rustix::mount::mount(
+        "overlay",
+        target,
+        "overlay",
+        MountFlags::empty(),
+        data.as_str(),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!(
+                "mount overlay on {}: {e} (options {data})",
+                target.display()
+            ),
+        )
+    })
+}
+
+/// The overlay option string; rejects paths overlayfs cannot take unescaped.
+pub fn mount_options(lowerdirs: &[PathBuf], upper: &Path, work: &Path) -> io::Result<String> {
+    let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+    if lowerdirs.is_empty() {
+        return Err(invalid("overlay needs at least one lowerdir".into()));
+    }
+    let check = |p: &Path| -> io::Result<String> {
+        let s = p
+            .to_str()
+            .ok_or_else(|| invalid(format!("non-utf8 path {}", p.display())))?;
+        if !p.is_absolute() || s.contains([':', ',', '\\']) {
+            return Err(invalid(format!(
+                "overlay path must be absolute without ':' ',' '\\': {s}"
+            )));
+        }
+        Ok(s.to_owned())
+    };
+    let lower = lowerdirs
+        .iter()
+        .rev()
+        .map(|p| check(p))
+        .collect::<io::Result<Vec<_>>>()?
+        .join(":");
+    // index=off: an upperdir may be remounted over a different set of layers after an
+    // image update, which the inode index would refuse.
+    let data = format!(
+        "lowerdir={lower},upperdir={},workdir={},index=off",
+        check(upper)?,
+        check(work)?
+    );
+    if data.len() > MAX_OPTIONS_LEN {
+        return Err(invalid(format!(
+            "overlay options are {} bytes, over one page",
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
+/// Unmounts `target`, detaching lazily when it is busy. Not mounted is success.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    // Loop in case mounts were stacked on the same point.
+    for _ in 0..8 {
+        if !is_mount_point(target)? {
+            return Ok(());
+        }
+        match rustix::mount::unmount(target, UnmountFlags::empty()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::BUSY) => {
+                rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("detach {}: {e}", target.display()),
+                    )
+                })?;
+            }
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("unmount {}: {e}", target.display()),
+                ))
+            }
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} is still mounted",
+        target.display()
+    )))
+}
+
+/// Whether `path` is the mount point of some mount in this mount namespace.
+/// A missing path is not a mount point.
+pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let path = match fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let found = mount_points(&info).any(|p| Path::new(&p) == path);
+    Ok(found)
+}
+
+/// The mount point field of each `/proc/self/mountinfo` line, unescaped.
+pub fn mount_points(mountinfo: &str) -> impl Iterator<Item = String> + '_ {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(unescape))
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            let octal = bytes
+                .get(i + 1..i + 4)
+                .and_then(|o| std::str::from_utf8(o).ok());
+            if let Some(v) = octal.and_then(|o| u8::from_str_radix(o, 8).ok()) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_list_top_layer_first() {
+        let lowers = vec![PathBuf::from("/l/bottom"), PathBuf::from("/l/top")];
+        let data = mount_options(&lowers, Path::new("/m/upper"), Path::new("/m/work")).unwrap();
+        assert_eq!(
+            data,
+            "lowerdir=/l/top:/l/bottom,upperdir=/m/upper,workdir=/m/work,index=off"
+        );
+    }
+
+    #[test]
+    fn options_reject_bad_paths() {
+        let up = Path::new("/u");
+        let wk = Path::new("/w");
+        assert!(mount_options(&[], up, wk).is_err());
+        assert!(mount_options(&[PathBuf::from("/a:b")], up, wk).is_err());
+        assert!(mount_options(&[PathBuf::from("rel")], up, wk).is_err());
+        let many: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("/layers/{i:040}")))
+            .collect();
+        assert!(mount_options(&many, up, wk).is_err());
+    }
+
+    #[test]
+    fn unescapes_mountinfo() {
+        let info =
+            "36 35 98:0 / /mnt/a\\040b rw - ext4 /dev/x rw\n37 35 98:0 / / rw - ext4 /dev/y rw\n";
+        let points: Vec<String> = mount_points(info).collect();
+        assert_eq!(points, ["/mnt/a b", "/"]);
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_missing_is_not() {
+        assert!(is_mount_point(Path::new("/")).unwrap());
+        assert!(!is_mount_point(Path::new("/definitely/not/here")).unwrap());
+    }
+}

@@ -1,0 +1,430 @@
+//! The OCI bundle's `config.json`, built from a [`BundleSpec`].
+//!
+//! No seccomp profile is set yet: the Machine runs with runc's behaviour for an absent
+//! `linux.seccomp` (no filter). Docker's default profile is planned as a later change.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
+
+use crate::error::{IoContext, RuntimeError};
+use crate::{util, BundleSpec, MachineLayout};
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Docker's default for containers; capped by the host's hard limit.
+const NOFILE_LIMIT: u64 = 1_048_576;
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Docker's default masked paths.
+pub const MASKED_PATHS: [&str; 11] = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Docker's default read-only paths.
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The cgroup of a Machine, relative to the cgroup of the runc that creates it.
+pub fn cgroups_path(machine_id: &str) -> PathBuf {
+    PathBuf::from(format!("berth/{machine_id}"))
+}
+
+/// Whether `id` is usable as a runc container id, a cgroup name and a hostname.
+pub fn valid_machine_id(id: &str) -> bool {
+    // Starting alphanumeric keeps it from reading as a flag or a relative path.
+    id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Builds the runtime spec. `rootfs` is the absolute overlay mountpoint and `netns` the
+/// persistent network namespace file, which the Machine joins instead of making its own.
+pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, RuntimeError> {
+    let id = &spec.machine_id;
+    let invalid = |message: String| RuntimeError::InvalidSpec {
+        id: id.clone(),
+        message,
+    };
+    if !valid_machine_id(id) {
+        return Err(invalid(format!(
+            "machine id {id:?} must be 1-63 of [A-Za-z0-9_.-], starting alphanumeric"
+        )));
+    }
+    if spec.args.is_empty() {
+        return Err(invalid("args must not be empty".into()));
+    }
+    if !spec.cwd.starts_with('/') {
+        return Err(invalid(format!("cwd {:?} must be absolute", spec.cwd)));
+    }
+    if !rootfs.is_absolute() || !netns.is_absolute() {
+        return Err(invalid("rootfs and netns paths must be absolute".into()));
+    }
+    let oci = |e: oci_spec::OciSpecError| invalid(e.to_string());
+
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(DEFAULT_PATH.to_owned());
+    }
+    let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        // The builder would otherwise fill these from oci-spec's own defaults.
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()
+        .map_err(oci)?;
+    let nofile = nofile_limit();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(spec.uid)
+                .gid(spec.gid)
+                .build()
+                .map_err(oci)?,
+        )
+        .args(spec.args.clone())
+        .env(env)
+        .cwd(&spec.cwd)
+        .capabilities(capabilities)
+        .rlimits(vec![PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .hard(nofile)
+            .soft(nofile)
+            .build()
+            .map_err(oci)?])
+        .no_new_privileges(true)
+        .build()
+        .map_err(oci)?;
+
+    let namespaces = [
+        (LinuxNamespaceType::Pid, None),
+        (LinuxNamespaceType::Mount, None),
+        (LinuxNamespaceType::Uts, None),
+        (LinuxNamespaceType::Ipc, None),
+        (LinuxNamespaceType::Network, Some(netns)),
+    ]
+    .into_iter()
+    .map(|(typ, path)| {
+        let builder = LinuxNamespaceBuilder::default().typ(typ);
+        match path {
+            Some(path) => builder.path(path).build(),
+            None => builder.build(),
+        }
+    })
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(oci)?;
+
+    let memory_bytes = i64::from(spec.memory_mb) * 1024 * 1024;
+    let mut memory = LinuxMemoryBuilder::default();
+    if spec.memory_mb > 0 {
+        memory = memory.limit(memory_bytes);
+        // memory+swap equal to memory: no swap. Skipped where the kernel has no swap
+        // accounting, as runc would fail writing the missing file.
+        if swap_accounting_available() {
+            memory = memory.swap(memory_bytes);
+        }
+    }
+    let mut cpu = LinuxCpuBuilder::default();
+    if spec.cpus > 0 {
+        cpu = cpu
+            .quota(i64::from(spec.cpus) * CPU_PERIOD_US as i64)
+            .period(CPU_PERIOD_US);
+    }
+    let mut resources = LinuxResourcesBuilder::default()
+        // Deny every device; runc appends its default allow-list (null, zero, tty, ...).
+        .devices(vec![LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()
+            .map_err(oci)?])
+        .memory(memory.build().map_err(oci)?)
+        .cpu(cpu.build().map_err(oci)?);
+    if spec.pids_limit > 0 {
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(spec.pids_limit)
+                .build()
+                .map_err(oci)?,
+        );
+    }
+
+    let linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .resources(resources.build().map_err(oci)?)
+        .cgroups_path(cgroups_path(id))
+        .masked_paths(
+            MASKED_PATHS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .readonly_paths(
+            READONLY_PATHS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .build()
+        .map_err(oci)?;
+
+    SpecBuilder::default()
+        .version("1.0.2")
+        .root(
+            RootBuilder::default()
+                .path(rootfs)
+                .readonly(false)
+                .build()
+                .map_err(oci)?,
+        )
+        .mounts(default_mounts().map_err(oci)?)
+        .process(process)
+        .hostname(id.clone())
+        .linux(linux)
+        .build()
+        .map_err(oci)
+}
+
+/// Builds the spec for `layout` and writes it atomically to `layout.config_json()`.
+pub fn write_bundle(layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
+    if spec.machine_id != layout.id {
+        return Err(RuntimeError::InvalidSpec {
+            id: layout.id.clone(),
+            message: format!("spec is for machine {:?}", spec.machine_id),
+        });
+    }
+    let oci = build(spec, &layout.rootfs(), &layout.netns())?;
+    let json = serde_json::to_vec_pretty(&oci)
+        .map_err(|e| RuntimeError::Internal(format!("serialize config for {}: {e}", layout.id)))?;
+    let path = layout.config_json();
+    util::write_atomic(&path, &json).ctx(|| format!("write {}", path.display()))
+}
+
+/// Docker's default mounts.
+fn default_mounts() -> Result<Vec<Mount>, oci_spec::OciSpecError> {
+    let mount = |dest: &str, typ: &str, source: &str, options: &[&str]| {
+        MountBuilder::default()
+            .destination(dest)
+            .typ(typ)
+            .source(source)
+            .options(options.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .build()
+    };
+    Ok(vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        )?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        )?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+    ])
+}
+
+/// The NOFILE limit for the Machine: never above this host's hard limit, since raising it
+/// needs CAP_SYS_RESOURCE, which runc may not have.
+fn nofile_limit() -> u64 {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    hard.map_or(NOFILE_LIMIT, |h| h.min(NOFILE_LIMIT))
+}
+
+/// cgroup v1 needs `memory.memsw.*` (swap accounting) to limit swap; v2 always has it.
+fn swap_accounting_available() -> bool {
+    let v1_memory = Path::new("/sys/fs/cgroup/memory");
+    if v1_memory.exists() {
+        v1_memory.join("memory.memsw.limit_in_bytes").exists()
+    } else {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BundleSpec {
+        BundleSpec {
+            machine_id: "m1".into(),
+            args: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["FOO=bar".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            cpus: 2,
+            memory_mb: 64,
+            pids_limit: 100,
+        }
+    }
+
+    #[test]
+    fn builds_expected_config() {
+        let spec = build(&sample(), Path::new("/m/rootfs"), Path::new("/m/netns")).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v["hostname"], "m1");
+        assert_eq!(v["root"]["path"], "/m/rootfs");
+        assert_eq!(v["process"]["noNewPrivileges"], true);
+        assert_eq!(v["process"]["terminal"], false);
+        assert_eq!(v["process"]["env"][1], DEFAULT_PATH);
+        assert_eq!(
+            v["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            14
+        );
+        assert_eq!(
+            v["process"]["capabilities"]["ambient"],
+            serde_json::json!([])
+        );
+        assert_eq!(
+            v["process"]["capabilities"]["inheritable"],
+            serde_json::json!([])
+        );
+        let nofile = v["process"]["rlimits"][0]["hard"].as_u64().unwrap();
+        let host = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+        assert!(host.is_none_or(|h| nofile <= h));
+        assert_eq!(v["linux"]["cgroupsPath"], "berth/m1");
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 64 * 1024 * 1024);
+        assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 200_000);
+        assert_eq!(v["linux"]["resources"]["cpu"]["period"], 100_000);
+        assert_eq!(v["linux"]["resources"]["pids"]["limit"], 100);
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns.len(), 5);
+        let net = ns.iter().find(|n| n["type"] == "network").unwrap();
+        assert_eq!(net["path"], "/m/netns");
+        assert!(ns
+            .iter()
+            .all(|n| n["type"] != "user" && n["type"] != "cgroup"));
+        assert_eq!(
+            v["linux"]["maskedPaths"].as_array().unwrap().len(),
+            MASKED_PATHS.len()
+        );
+        let mounts: Vec<_> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                "/proc",
+                "/dev",
+                "/dev/pts",
+                "/sys",
+                "/sys/fs/cgroup",
+                "/dev/mqueue",
+                "/dev/shm"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let mut s = sample();
+        s.machine_id = "a/b".into();
+        let err = build(&s, Path::new("/r"), Path::new("/n")).unwrap_err();
+        assert_eq!(err.code(), "invalid_spec");
+        for bad in ["", "-rf", ".x", "a b", &"a".repeat(64)] {
+            assert!(!valid_machine_id(bad), "{bad:?}");
+        }
+        assert!(valid_machine_id("m1.web_2-x"));
+        let mut s = sample();
+        s.args.clear();
+        assert!(build(&s, Path::new("/r"), Path::new("/n")).is_err());
+        let mut s = sample();
+        s.cwd = "rel".into();
+        assert!(build(&s, Path::new("/r"), Path::new("/n")).is_err());
+    }
+
+    #[test]
+    fn writes_config_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = MachineLayout::new(dir.path(), "m1");
+        std::fs::create_dir_all(layout.bundle()).unwrap();
+        write_bundle(&layout, &sample()).unwrap();
+        let text = std::fs::read_to_string(layout.config_json()).unwrap();
+        let back: Spec = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.hostname().as_deref(), Some("m1"));
+    }
+}

@@ -1,0 +1,687 @@
+//! Real runc, real overlayfs, real network namespaces. Needs root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_runtime::runc::RuncRuntime;
+use berth_runtime::{logs, netns, overlay, ExitRecord, Runtime, Status};
+use common::{Fixture, INDEX_HTML};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+
+async fn run_to_exit(f: &Fixture) -> ExitRecord {
+    f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let record = f
+        .runtime
+        .wait_exit(&f.layout, WAIT)
+        .await
+        .unwrap()
+        .expect("machine exited");
+    f.runtime.cleanup(&f.layout).await.unwrap();
+    record
+}
+
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat[stat.rfind(')').unwrap() + 1..]
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn start_stop_cleanup_and_remove() {
+    let f = Fixture::new("lifecycle");
+    let script = "trap 'echo got term; exit 0' TERM; echo ready $GREETING; \
+                  while true; do sleep 0.1; done";
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.runtime.status(&f.layout).await.unwrap(),
+        Status::NotRunning
+    );
+
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    assert!(alive(started.pid), "init {} is not running", started.pid);
+    assert!(alive(started.shim_pid));
+    assert_eq!(
+        f.runtime.status(&f.layout).await.unwrap(),
+        Status::Running { pid: started.pid }
+    );
+    assert!(overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+    assert_eq!(f.runc_list(), f.id());
+    f.wait_logs("ready hi\n", Duration::from_secs(10));
+    // The shim holds only /dev/null, its two pipes, the log and init's pidfd.
+    let fds: Vec<String> = fs::read_dir(format!("/proc/{}/fd", started.shim_pid))
+        .unwrap()
+        .map(|e| {
+            fs::read_link(e.unwrap().path())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    let children =
+        fs::read_to_string(format!("/proc/{0}/task/{0}/children", started.shim_pid)).unwrap();
+    assert_eq!(
+        children.trim(),
+        started.pid.to_string(),
+        "the shim's only child is init"
+    );
+    let unexpected: Vec<&String> = fds
+        .iter()
+        .filter(|t| {
+            !(t.as_str() == "/dev/null"
+                || t.starts_with("pipe:")
+                || t.ends_with("/logs/output.log")
+                || t.as_str() == "anon_inode:[pidfd]")
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "shim holds {unexpected:?}");
+    // Nothing exited yet.
+    let early = f
+        .runtime
+        .wait_exit(&f.layout, Some(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    assert_eq!(early, None);
+
+    f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
+    let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+    assert_eq!(
+        (record.exit_code, record.signal, record.oom_killed),
+        (Some(0), None, false)
+    );
+    assert!(f.logs().contains("got term"), "{}", f.logs());
+    assert!(!alive(started.pid) && !alive(started.shim_pid));
+    assert_eq!(
+        f.runtime.status(&f.layout).await.unwrap(),
+        Status::Exited(record)
+    );
+    // Signalling a stopped Machine is not an error.
+    f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
+
+    f.runtime.cleanup(&f.layout).await.unwrap();
+    f.runtime.cleanup(&f.layout).await.unwrap();
+    assert_eq!(
+        f.runtime.status(&f.layout).await.unwrap(),
+        Status::NotRunning
+    );
+    assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+    assert_eq!(f.runc_list(), "");
+    assert!(f.layout.config_json().exists() && f.layout.upper().exists());
+    assert!(
+        overlay::is_mount_point(&f.layout.netns()).unwrap(),
+        "netns kept across stop"
+    );
+
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.runtime.remove(&f.layout).await.unwrap();
+    assert!(!f.layout.dir.exists());
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn files_survive_restarts_and_remounts() {
+    let f = Fixture::new("persist");
+    let script = "echo boot >> /data.txt; echo \"count=$(wc -l < /data.txt)\"";
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
+        .await
+        .unwrap();
+    for run in 1..=3 {
+        let record = run_to_exit(&f).await;
+        assert_eq!(record.exit_code, Some(0), "run {run}: {}", f.logs());
+        assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+        if run == 2 {
+            // Also across an explicit remount without the runtime involved.
+            overlay::mount(
+                &f.lowerdirs(),
+                &f.layout.upper(),
+                &f.layout.work(),
+                &f.layout.rootfs(),
+            )
+            .unwrap();
+            assert_eq!(
+                fs::read_to_string(f.layout.rootfs().join("data.txt")).unwrap(),
+                "boot\nboot\n"
+            );
+            overlay::unmount(&f.layout.rootfs()).unwrap();
+        }
+    }
+    assert!(
+        f.logs().contains("count=1\ncount=2\ncount=3\n"),
+        "{}",
+        f.logs()
+    );
+    assert_eq!(
+        fs::read_to_string(f.layout.upper().join("data.txt")).unwrap(),
+        "boot\n".repeat(3)
+    );
+    // The image layer itself is untouched.
+    assert!(!f.lower.join("data.txt").exists());
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn exit_code_is_recorded() {
+    let f = Fixture::new("exit3");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", "echo bye; exit 3"]))
+        .await
+        .unwrap();
+    f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+    assert_eq!(
+        (record.exit_code, record.signal, record.oom_killed),
+        (Some(3), None, false)
+    );
+    assert_eq!(
+        f.runtime.status(&f.layout).await.unwrap(),
+        Status::Exited(record)
+    );
+    assert!(f.logs().contains("bye\n"));
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn start_recovers_from_a_run_that_was_never_cleaned_up() {
+    let f = Fixture::new("recover");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", "echo run; exit 4"]))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        // As after an agent crash: the stopped runc container and the mount are left.
+        f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+        let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+        assert_eq!(record.exit_code, Some(4));
+        assert_eq!(f.runc_list(), f.id());
+        assert!(overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+    }
+    assert!(f.logs().contains("run\nrun\n"), "{}", f.logs());
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn start_times_out_and_cleans_up() {
+    let f = Fixture::with_config("timeout", |c| c.start_timeout = Duration::from_millis(500));
+    // A runc that hangs in create.
+    let hang = f.tmp.path().join("hanging-runc");
+    fs::write(&hang, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut config = f.runtime.config().clone();
+    config.runc_binary = hang;
+    let runtime = RuncRuntime::new(config);
+    runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1"]))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let err = runtime.start(&f.layout, &f.lowerdirs()).await.unwrap_err();
+    assert_eq!(err.code(), "start_timeout", "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(runtime.status(&f.layout).await.unwrap(), Status::NotRunning);
+    assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+    // The shim and its hanging runc were killed with the shim's process group.
+    let hung = std::process::Command::new("pgrep")
+        .args(["-f", "hanging-runc"])
+        .output()
+        .unwrap();
+    let mine: Vec<_> = String::from_utf8_lossy(&hung.stdout)
+        .lines()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains(f.id()))
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(mine.is_empty(), "left running: {mine:?}");
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn sigkill_is_recorded() {
+    let f = Fixture::new("kill9");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
+        .await
+        .unwrap();
+    f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
+    let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+    assert_eq!(
+        (record.exit_code, record.signal, record.oom_killed),
+        (None, Some(9), false)
+    );
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn out_of_memory_is_recorded() {
+    let f = Fixture::new("oom");
+    let mut spec = f.spec(&["tail", "/dev/zero"]);
+    spec.memory_mb = 16;
+    f.runtime.prepare(&f.layout, &spec).await.unwrap();
+    f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let record = f
+        .runtime
+        .wait_exit(&f.layout, Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(record.oom_killed, "{record:?}");
+    assert_eq!(record.signal, Some(libc::SIGKILL));
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn machine_is_isolated_and_limited() {
+    let f = Fixture::new("isolation");
+    let marker = format!("berth-marker-{}", f.id());
+    fs::write(Path::new("/tmp").join(&marker), "host").unwrap();
+    let _marker_guard = RemoveOnDrop(Path::new("/tmp").join(&marker));
+    let script = format!(
+        "echo \"procs=$(ls /proc | grep -c '^[0-9]')\"; ps; \
+         if test -e /tmp/{marker}; then echo marker=visible; else echo marker=hidden; fi; \
+         echo \"hostname=$(hostname)\"; grep -E 'NoNewPrivs|CapBnd|CapEff' /proc/self/status; \
+         echo \"nofile=$(ulimit -n)\"; echo \"netns=$(readlink /proc/self/ns/net)\"; \
+         echo \"done=$((40 + 2))\"; exec sleep 1000"
+    );
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", &script]))
+        .await
+        .unwrap();
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let logs = f.wait_logs("done=42", Duration::from_secs(10));
+
+    let procs: u32 = field(&logs, "procs=").parse().unwrap();
+    assert!(procs <= 6, "the machine sees {procs} processes:\n{logs}");
+    // Its own pid namespace: the script is pid 1.
+    assert!(
+        logs.lines()
+            .any(|l| l.trim_start().starts_with("1 ") && l.contains("sh -c")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("process_api") && !logs.contains("cargo"),
+        "{logs}"
+    );
+    assert_eq!(field(&logs, "marker="), "hidden");
+    assert_eq!(field(&logs, "hostname="), f.id());
+    assert_eq!(field(&logs, "NoNewPrivs:").trim(), "1");
+    assert_eq!(field(&logs, "CapBnd:").trim(), "00000000a80425fb");
+    assert_eq!(field(&logs, "CapEff:").trim(), "00000000a80425fb");
+    let host_nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let nofile: u64 = field(&logs, "nofile=").parse().unwrap();
+    assert_eq!(nofile, host_nofile.unwrap_or(1_048_576).min(1_048_576));
+    let ino = fs::metadata(f.layout.netns()).unwrap().ino();
+    assert_eq!(field(&logs, "netns="), format!("net:[{ino}]"));
+
+    // The limits, read from the host side of the Machine's cgroups.
+    let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).unwrap();
+    let memory = cgroup_dir(&cgroups, "memory");
+    assert!(
+        memory.ends_with(format!("berth/{}", f.id())),
+        "{}",
+        memory.display()
+    );
+    let read = |p: &Path| fs::read_to_string(p).unwrap().trim().to_owned();
+    assert_eq!(
+        read(&memory.join("memory.limit_in_bytes")),
+        (64u64 << 20).to_string()
+    );
+    if memory.join("memory.memsw.limit_in_bytes").exists() {
+        assert_eq!(
+            read(&memory.join("memory.memsw.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+    }
+    assert_eq!(read(&cgroup_dir(&cgroups, "pids").join("pids.max")), "50");
+    assert_eq!(
+        read(&cgroup_dir(&cgroups, "cpu").join("cpu.cfs_quota_us")),
+        "100000"
+    );
+
+    f.runtime.remove(&f.layout).await.unwrap();
+    assert!(!alive(started.pid));
+    assert!(!memory.exists(), "cgroup {} left behind", memory.display());
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn logs_rotate_at_the_cap() {
+    let f = Fixture::with_config("rotate", |c| c.log_max_bytes = 4096);
+    let script = "i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done";
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
+        .await
+        .unwrap();
+    assert_eq!(run_to_exit(&f).await.exit_code, Some(0));
+    let dir = f.layout.log_dir();
+    let current = fs::metadata(dir.join(logs::LOG_FILE)).unwrap().len();
+    let rotated = fs::metadata(dir.join(logs::ROTATED_LOG_FILE))
+        .unwrap()
+        .len();
+    assert!(current <= 4096 && rotated <= 4096, "{current} {rotated}");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+
+    let tail = logs::read_logs(&f.layout, 1000).unwrap();
+    assert_eq!(tail.len(), 1000);
+    assert!(tail.ends_with(b"line 1998\nline 1999\n"));
+    let all = String::from_utf8(logs::read_logs(&f.layout, 1 << 20).unwrap()).unwrap();
+    assert_eq!(all.len() as u64, current + rotated);
+    // Whatever is kept is a contiguous run of whole lines.
+    let kept: Vec<u32> = all
+        .lines()
+        .skip(1)
+        .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+        .collect();
+    assert!(kept.windows(2).all(|w| w[1] == w[0] + 1));
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn server_is_reachable_through_the_persistent_netns() {
+    let f = Fixture::new("netns");
+    f.runtime
+        .prepare(
+            &f.layout,
+            &f.spec(&["httpd", "-f", "-p", "8080", "-h", "/www"]),
+        )
+        .await
+        .unwrap();
+    let ns = f.layout.netns();
+    let ino = fs::metadata(&ns).unwrap().ino();
+    for round in 0..2 {
+        f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+        let body = http_get(&ns, "127.0.0.1:8080".parse().unwrap());
+        assert!(body.contains(INDEX_HTML.trim()), "round {round}: {body}");
+        // busybox httpd as pid 1 ignores SIGTERM.
+        f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
+        f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+        f.runtime.cleanup(&f.layout).await.unwrap();
+        assert_eq!(
+            fs::metadata(&ns).unwrap().ino(),
+            ino,
+            "same namespace after restart"
+        );
+    }
+    // Nothing listens once the Machine is stopped, but the namespace is still there.
+    assert!(netns::connect_tcp(
+        &ns,
+        "127.0.0.1:8080".parse().unwrap(),
+        Duration::from_secs(1)
+    )
+    .is_err());
+    // prepare again (an update) keeps the namespace.
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1"]))
+        .await
+        .unwrap();
+    assert_eq!(fs::metadata(&ns).unwrap().ino(), ino);
+
+    f.runtime.remove(&f.layout).await.unwrap();
+    assert!(!ns.exists());
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn failed_start_reports_runc_error_and_cleans_up() {
+    let f = Fixture::new("badexec");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["/no/such/binary"]))
+        .await
+        .unwrap();
+    let err = f
+        .runtime
+        .start(&f.layout, &f.lowerdirs())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "runtime_failed");
+    let message = err.to_string();
+    eprintln!("start error: {message}");
+    assert!(message.contains("/no/such/binary"), "{message}");
+    assert!(message.contains(f.id()), "{message}");
+    assert_eq!(
+        f.runtime.status(&f.layout).await.unwrap(),
+        Status::NotRunning
+    );
+    assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+    assert_eq!(f.runc_list(), "");
+
+    // The Machine still starts once fixed.
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", "exit 7"]))
+        .await
+        .unwrap();
+    assert_eq!(run_to_exit(&f).await.exit_code, Some(7));
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn start_before_prepare_is_refused() {
+    let f = Fixture::new("unprepared");
+    let err = f
+        .runtime
+        .start(&f.layout, &f.lowerdirs())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "not_prepared");
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn remove_kills_a_running_machine() {
+    let f = Fixture::new("remove");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
+        .await
+        .unwrap();
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    // A second start while running must not disturb the running one.
+    assert!(f.runtime.start(&f.layout, &f.lowerdirs()).await.is_err());
+    assert!(alive(started.pid));
+    f.runtime.remove(&f.layout).await.unwrap();
+    assert!(!alive(started.pid) && !alive(started.shim_pid));
+    assert!(!f.layout.dir.exists());
+    f.assert_no_leaks();
+}
+
+/// Starts the Machine described by the environment and exits; used as a separate
+/// process by `machine_outlives_the_process_that_started_it`.
+#[tokio::test]
+#[ignore = "helper run in a child process"]
+async fn helper_start_and_exit() {
+    let Some(dir) = std::env::var_os("BERTH_HELPER_MACHINES") else {
+        return;
+    };
+    let id = std::env::var("BERTH_HELPER_ID").unwrap();
+    let runc_root = std::env::var_os("BERTH_HELPER_RUNC_ROOT").unwrap();
+    let lower = std::env::var_os("BERTH_HELPER_LOWER").unwrap();
+    let runtime = RuncRuntime::new(common::runtime_config(Path::new(&runc_root)));
+    let layout = berth_runtime::MachineLayout::new(Path::new(&dir), &id);
+    let started = runtime.start(&layout, &[lower.into()]).await.unwrap();
+    println!("STARTED {}", serde_json::to_string(&started).unwrap());
+}
+
+#[tokio::test]
+async fn machine_outlives_the_process_that_started_it() {
+    let f = Fixture::new("detached");
+    let script = "trap 'echo bye; exit 5' TERM; i=0; \
+                  while true; do echo tick $i; i=$((i+1)); sleep 0.05; done";
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
+        .await
+        .unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_start_and_exit",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BERTH_HELPER_MACHINES", &f.machines)
+        .env("BERTH_HELPER_ID", f.id())
+        .env("BERTH_HELPER_RUNC_ROOT", &f.runc_root)
+        .env("BERTH_HELPER_LOWER", &f.lower)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started: berth_runtime::Started = serde_json::from_str(
+        stdout
+            .lines()
+            .find_map(|l| l.split_once("STARTED ").map(|(_, json)| json))
+            .unwrap_or_else(|| panic!("no report from helper: {stdout}")),
+    )
+    .unwrap();
+
+    // The starter is gone; this process (a different runtime instance) takes over.
+    let status = f.runtime.status(&f.layout).await.unwrap();
+    assert_eq!(status, Status::Running { pid: started.pid });
+    let ppid = |pid: u32| {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        ppid(started.pid),
+        started.shim_pid.to_string(),
+        "the shim reaps init"
+    );
+    assert_ne!(ppid(started.shim_pid), std::process::id().to_string());
+    let before = f
+        .wait_logs("tick 3\n", Duration::from_secs(10))
+        .lines()
+        .count();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after = f.logs().lines().count();
+    assert!(after > before, "still logging: {before} -> {after}");
+
+    f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
+    let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+    assert_eq!(record.exit_code, Some(5));
+    assert!(f.logs().ends_with("bye\n"), "{}", f.logs());
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+/// Not a check: prints how long start takes and how it splits. Run with
+/// `cargo test -p berth-runtime --test machine start_timing -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement"]
+async fn start_timing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("berth_runtime=debug")
+        .with_writer(std::io::stderr)
+        .try_init();
+    let f = Fixture::new("timing");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
+        .await
+        .unwrap();
+    let mut times = Vec::new();
+    for _ in 0..9 {
+        let t = Instant::now();
+        f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+        times.push(t.elapsed());
+        f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
+        f.runtime.wait_exit(&f.layout, WAIT).await.unwrap();
+        f.runtime.cleanup(&f.layout).await.unwrap();
+    }
+    times.sort();
+    eprintln!(
+        "start: median {:?}, min {:?}, max {:?}",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// The rest of the first log line that starts with `prefix`.
+fn field<'a>(logs: &'a str, prefix: &str) -> &'a str {
+    logs.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in logs:\n{logs}"))
+}
+
+/// Host path of the v1 controller's cgroup directory of a process.
+fn cgroup_dir(proc_cgroup: &str, controller: &str) -> std::path::PathBuf {
+    let line = proc_cgroup
+        .lines()
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == controller))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup in {proc_cgroup}"));
+    let mut parts = line.splitn(3, ':');
+    let controllers = parts.nth(1).unwrap();
+    let path = parts.next().unwrap().trim_start_matches('/');
+    Path::new("/sys/fs/cgroup").join(controllers).join(path)
+}
+
+/// GET / from inside the namespace, retrying while the server comes up.
+fn http_get(netns_path: &Path, addr: SocketAddr) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match netns::connect_tcp(netns_path, addr, Duration::from_secs(2)) {
+            Ok(mut stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                stream
+                    .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+                    .unwrap();
+                let mut body = String::new();
+                stream.read_to_string(&mut body).unwrap();
+                return body;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "connect {addr} in {}: {e}",
+                    netns_path.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
