@@ -1,0 +1,251 @@
+//! Turning a Machine config plus its image's config into what the bundle is built from.
+
+use std::path::Path;
+
+use berth_api::MachineConfig;
+use berth_core::ConfigError;
+use berth_image::RuntimeConfig;
+use berth_runtime::BundleSpec;
+
+/// Docker's rules: the config's entrypoint replaces the image's, and then the image's cmd
+/// is dropped too unless the config gives one.
+pub fn command_line(
+    config: &MachineConfig,
+    image: &RuntimeConfig,
+) -> Result<Vec<String>, ConfigError> {
+    let entrypoint = config
+        .init
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.entrypoint.clone());
+    let cmd = match (&config.init.cmd, &config.init.entrypoint) {
+        (Some(cmd), _) => cmd.clone(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => image.cmd.clone(),
+    };
+    let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if args.is_empty() {
+        return Err(ConfigError {
+            field: "config.init.cmd".into(),
+            message: "the image names no command, so the config must give one".into(),
+        });
+    }
+    Ok(args)
+}
+
+/// Image environment first, then the config's, which wins on a clash.
+pub fn environment(config: &MachineConfig, image: &RuntimeConfig) -> Vec<String> {
+    let mut env: Vec<String> = image
+        .env
+        .iter()
+        .filter(|entry| {
+            let key = entry.split('=').next().unwrap_or_default();
+            !config.env.contains_key(key)
+        })
+        .cloned()
+        .collect();
+    if !env.iter().any(|entry| entry.starts_with("PATH=")) && !config.env.contains_key("PATH") {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    env.extend(
+        config
+            .env
+            .iter()
+            .map(|(key, value)| format!("{key}={value}")),
+    );
+    env
+}
+
+/// Resolves the image's `user` (`uid[:gid]` or a name from the image's /etc/passwd).
+pub fn user_ids(
+    user: Option<&str>,
+    layer_dirs_bottom_first: &[impl AsRef<Path>],
+) -> Result<(u32, u32), ConfigError> {
+    let refuse = |message: String| ConfigError {
+        field: "config.image".into(),
+        message,
+    };
+    let Some(user) = user.map(str::trim).filter(|user| !user.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let (user_part, group_part) = match user.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (user, None),
+    };
+    let passwd = read_top_file(layer_dirs_bottom_first, "etc/passwd");
+    let (uid, primary_gid) = match user_part.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            lookup(&passwd, |fields| fields[2] == user_part)
+                .map(|f| f.1)
+                .unwrap_or(0),
+        ),
+        Err(_) => lookup(&passwd, |fields| fields[0] == user_part).ok_or_else(|| {
+            refuse(format!(
+                "the image's user {user_part:?} is not in its /etc/passwd"
+            ))
+        })?,
+    };
+    let gid = match group_part {
+        None => primary_gid,
+        Some(group) => match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                let groups = read_top_file(layer_dirs_bottom_first, "etc/group");
+                lookup(&groups, |fields| fields[0] == group)
+                    .map(|(gid, _)| gid)
+                    .ok_or_else(|| {
+                        refuse(format!(
+                            "the image's group {group:?} is not in its /etc/group"
+                        ))
+                    })?
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The first two numeric fields (passwd: uid, gid; group: gid, unused) of the first
+/// matching line.
+fn lookup(file: &str, matches: impl Fn(&[&str]) -> bool) -> Option<(u32, u32)> {
+    file.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 3 || !matches(&fields) {
+            return None;
+        }
+        let first = fields[2].parse().ok()?;
+        let second = fields
+            .get(3)
+            .and_then(|field| field.parse().ok())
+            .unwrap_or(first);
+        Some((first, second))
+    })
+}
+
+/// Reads a small file from the topmost layer that has it. Only used at create.
+fn read_top_file(layer_dirs_bottom_first: &[impl AsRef<Path>], relative: &str) -> String {
+    layer_dirs_bottom_first
+        .iter()
+        .rev()
+        .find_map(|dir| {
+            let path = dir.as_ref().join(relative);
+            // Never follow a link out of the layer: a hostile image could point at the host.
+            let metadata = std::fs::symlink_metadata(&path).ok()?;
+            if !metadata.is_file() || metadata.len() > 1024 * 1024 {
+                return None;
+            }
+            std::fs::read_to_string(path).ok()
+        })
+        .unwrap_or_default()
+}
+
+pub fn bundle_spec(
+    machine_id: &str,
+    config: &MachineConfig,
+    image: &RuntimeConfig,
+    layer_dirs: &[impl AsRef<Path>],
+    pids_limit: i64,
+) -> Result<BundleSpec, ConfigError> {
+    let (uid, gid) = user_ids(image.user.as_deref(), layer_dirs)?;
+    Ok(BundleSpec {
+        machine_id: machine_id.to_owned(),
+        args: command_line(config, image)?,
+        env: environment(config, image),
+        cwd: image
+            .working_dir
+            .clone()
+            .filter(|dir| dir.starts_with('/'))
+            .unwrap_or_else(|| "/".into()),
+        uid,
+        gid,
+        cpus: config.guest.cpus,
+        memory_mb: config.guest.memory_mb,
+        pids_limit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api::InitConfig;
+
+    fn image() -> RuntimeConfig {
+        RuntimeConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+            env: vec!["PATH=/bin".into(), "MODE=image".into()],
+            working_dir: Some("/app".into()),
+            user: None,
+        }
+    }
+
+    fn config(entrypoint: Option<&[&str]>, cmd: Option<&[&str]>) -> MachineConfig {
+        let owned = |args: &[&str]| args.iter().map(|arg| arg.to_string()).collect();
+        MachineConfig {
+            image: "x".into(),
+            init: InitConfig {
+                entrypoint: entrypoint.map(owned),
+                cmd: cmd.map(owned),
+            },
+            ..MachineConfig::default()
+        }
+    }
+
+    #[test]
+    fn command_line_follows_docker_rules() {
+        assert_eq!(
+            command_line(&config(None, None), &image()).expect("ok"),
+            ["/entry", "serve"]
+        );
+        assert_eq!(
+            command_line(&config(None, Some(&["x"])), &image()).expect("ok"),
+            ["/entry", "x"]
+        );
+        assert_eq!(
+            command_line(&config(Some(&["/sh"]), None), &image()).expect("ok"),
+            ["/sh"]
+        );
+        let empty = RuntimeConfig {
+            entrypoint: vec![],
+            cmd: vec![],
+            ..image()
+        };
+        assert_eq!(
+            command_line(&config(None, None), &empty)
+                .expect_err("no command")
+                .field,
+            "config.init.cmd"
+        );
+    }
+
+    #[test]
+    fn config_env_overrides_image_env() {
+        let mut machine = config(None, None);
+        machine.env.insert("MODE".into(), "machine".into());
+        let env = environment(&machine, &image());
+        assert!(env.contains(&"MODE=machine".to_string()));
+        assert!(!env.contains(&"MODE=image".to_string()));
+        assert!(env.contains(&"PATH=/bin".to_string()));
+    }
+
+    #[test]
+    fn users_resolve_from_the_image_passwd() {
+        let layer = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(layer.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            layer.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n",
+        )
+        .expect("write");
+        std::fs::write(layer.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").expect("write");
+        let layers = [layer.path()];
+        assert_eq!(user_ids(Some("web"), &layers).expect("ok"), (1000, 1001));
+        assert_eq!(
+            user_ids(Some("web:staff"), &layers).expect("ok"),
+            (1000, 50)
+        );
+        assert_eq!(user_ids(Some("7:8"), &layers).expect("ok"), (7, 8));
+        assert!(user_ids(Some("ghost"), &layers).is_err());
+        assert_eq!(user_ids(None, &layers).expect("ok"), (0, 0));
+    }
+}

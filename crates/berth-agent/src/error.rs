@@ -1,0 +1,97 @@
+//! The agent's errors, each with the API status and stable code it maps to.
+
+use berth_api::{ErrorBody, MachineState};
+use berth_core::{ConfigError, StateError};
+use berth_image::ImageError;
+use berth_runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("machine {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    InvalidState(#[from] StateError),
+    #[error("machine {id} is busy with another operation; retry shortly")]
+    Busy { id: String },
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("machine {id} failed to start: {source}")]
+    StartFailed {
+        id: String,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("local store: {0}")]
+    Store(#[from] sqlx::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+impl AgentError {
+    /// The HTTP status and the JSON body that clients see.
+    pub fn to_response(&self) -> (u16, ErrorBody) {
+        let mut body = ErrorBody {
+            error: String::new(),
+            message: self.to_string(),
+            state: None,
+            field: None,
+            retry_after_ms: None,
+        };
+        let status = match self {
+            AgentError::NotFound(_) => {
+                body.error = "not_found".into();
+                404
+            }
+            AgentError::InvalidState(error) => {
+                body.error = "invalid_state".into();
+                body.state = Some(error.state());
+                if error.is_transient() {
+                    body.retry_after_ms = Some(1000);
+                }
+                409
+            }
+            AgentError::Busy { .. } => {
+                body.error = "invalid_state".into();
+                body.retry_after_ms = Some(1000);
+                409
+            }
+            AgentError::InvalidConfig(error) => {
+                body.error = "invalid_config".into();
+                body.field = Some(error.field.clone());
+                400
+            }
+            AgentError::Image(error) => {
+                body.error = error.code().into();
+                match error.code() {
+                    "invalid_image_ref" => 400,
+                    "insufficient_storage" => 507,
+                    "internal" => {
+                        body.error = "internal".into();
+                        500
+                    }
+                    _ => 422,
+                }
+            }
+            AgentError::StartFailed { .. } => {
+                body.error = "start_failed".into();
+                body.state = Some(MachineState::Failed);
+                422
+            }
+            AgentError::Runtime(error) => {
+                body.error = error.code().into();
+                500
+            }
+            AgentError::Store(_) | AgentError::Internal(_) => {
+                body.error = "internal".into();
+                500
+            }
+        };
+        (status, body)
+    }
+}

@@ -1,0 +1,757 @@
+//! The per-worker daemon, like flyd: it owns the Machines on its host.
+//!
+//! Every operation is a short sequence of durable steps. The record in [`store`] is written
+//! before the host is touched, and again when the host has done its part, so that an agent
+//! killed at any moment can finish or undo what it was doing ([`Agent::open`] runs
+//! recovery before serving). Operations on one Machine are serialized by a per-Machine
+//! lock; different Machines never wait for each other.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_api::{
+    ExitInfo, ImageRef, Machine, MachineState, StartStopResponse, StopRequest, UpdateMachineRequest,
+};
+use berth_core::restart::{self, RestartDecision};
+use berth_core::state::{self, Action, ActionPlan};
+use berth_core::validate;
+use berth_image::{ImageStore, ResolvedImage};
+use berth_runtime::{ExitRecord, MachineLayout, Runtime, Status};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tracing::{info, warn};
+
+pub mod bundle;
+pub mod error;
+pub mod record;
+pub mod service;
+pub mod store;
+
+pub use error::{AgentError, Result};
+pub use service::{CreateOnWorker, EventSource, WorkerService};
+
+use record::{now_ms, LayerRef, MachineRecord, PendingOp, RootfsStack, UpdateSnapshot};
+use store::{AgentStore, MachineEvent};
+
+/// How long an operation waits for another one on the same Machine before answering
+/// "busy" (robots retry; they should not hang).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// After SIGKILL, how long to wait for the kernel to tear the process down.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Holds `agent.db` and `machines/`.
+    pub data_dir: PathBuf,
+    pub region: String,
+    pub pids_limit: i64,
+}
+
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: AgentConfig,
+    store: AgentStore,
+    runtime: Arc<dyn Runtime>,
+    images: Arc<ImageStore>,
+    machines_root: PathBuf,
+    locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+}
+
+impl Agent {
+    /// Opens the local store, reconciles every Machine with the host, and resumes watching
+    /// the running ones.
+    pub async fn open(
+        config: AgentConfig,
+        runtime: Arc<dyn Runtime>,
+        images: Arc<ImageStore>,
+    ) -> Result<Agent> {
+        let machines_root = config.data_dir.join("machines");
+        std::fs::create_dir_all(&machines_root).map_err(|error| {
+            AgentError::Internal(format!("create {}: {error}", machines_root.display()))
+        })?;
+        let store = AgentStore::open(&config.data_dir.join("agent.db")).await?;
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                runtime,
+                images,
+                machines_root,
+                locks: StdMutex::new(HashMap::new()),
+            }),
+        };
+        agent.recover().await?;
+        Ok(agent)
+    }
+
+    pub fn store(&self) -> &AgentStore {
+        &self.inner.store
+    }
+
+    pub fn layout(&self, id: &str) -> MachineLayout {
+        MachineLayout::new(&self.inner.machines_root, id)
+    }
+
+    pub async fn events(&self, id: &str) -> Result<Vec<MachineEvent>> {
+        self.inner.store.events(id).await
+    }
+
+    async fn lock(&self, id: &str) -> Result<OwnedMutexGuard<()>> {
+        let lock = {
+            let mut locks = self
+                .inner
+                .locks
+                .lock()
+                .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
+            locks.entry(id.to_owned()).or_default().clone()
+        };
+        tokio::time::timeout(LOCK_WAIT, lock.lock_owned())
+            .await
+            .map_err(|_| AgentError::Busy { id: id.to_owned() })
+    }
+
+    async fn load(&self, id: &str) -> Result<MachineRecord> {
+        self.inner
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(id.to_owned()))
+    }
+
+    async fn resolve_image(&self, name: &str) -> Result<ResolvedImage> {
+        let images = self.inner.images.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || images.resolve(&name))
+            .await
+            .map_err(|error| AgentError::Internal(format!("image resolution task: {error}")))?
+            .map_err(AgentError::from)
+    }
+
+    fn image_ref(image: &ResolvedImage) -> ImageRef {
+        ImageRef {
+            name: image.reference.name(),
+            repository: match &image.reference.registry {
+                Some(registry) => format!("{registry}/{}", image.reference.repository),
+                None => image.reference.repository.clone(),
+            },
+            tag: image.reference.tag.clone(),
+            digest: image.manifest_digest.clone(),
+        }
+    }
+
+    fn rootfs_stack(&self, id: &str, image: &ResolvedImage) -> RootfsStack {
+        RootfsStack {
+            image_layers: image
+                .layer_digests
+                .iter()
+                .zip(&image.layer_dirs)
+                .map(|(digest, dir)| LayerRef {
+                    digest: digest.clone(),
+                    dir: dir.clone(),
+                })
+                .collect(),
+            frozen_layers: Vec::new(),
+            upper: self.layout(id).upper(),
+        }
+    }
+
+    async fn save_event(
+        &self,
+        record: &MachineRecord,
+        kind: &str,
+        source: EventSource,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let event = MachineEvent {
+            kind: kind.to_owned(),
+            source: source.as_str().to_owned(),
+            state: record.state.as_str().to_owned(),
+            exit_code: record.last_exit.as_ref().and_then(|exit| exit.exit_code),
+            reason: reason.map(str::to_owned),
+            at_ms: record.updated_at_ms,
+        };
+        self.inner.store.save(record, Some(&event)).await
+    }
+
+    async fn set_state(&self, record: &mut MachineRecord, state: MachineState) -> Result<()> {
+        debug_assert!(
+            state::can_transition(record.state, state),
+            "{} -> {state}",
+            record.state
+        );
+        record.state = state;
+        record.updated_at_ms = now_ms();
+        self.inner.store.save(record, None).await
+    }
+
+    /// Boots a Machine whose lock the caller holds. Only runtime work: the rootfs stack and
+    /// the bundle were laid out at create.
+    async fn boot(&self, record: &mut MachineRecord, source: EventSource) -> Result<()> {
+        record.run_generation += 1;
+        self.set_state(record, MachineState::Starting).await?;
+        let layout = self.layout(&record.id);
+        match self
+            .inner
+            .runtime
+            .start(&layout, &record.rootfs.lowerdirs())
+            .await
+        {
+            Ok(started) => {
+                record.state = MachineState::Started;
+                record.updated_at_ms = started.started_at_ms;
+                self.save_event(record, "start", source, None).await?;
+                self.watch(record.id.clone(), record.run_generation);
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(cleanup_error) = self.inner.runtime.cleanup(&layout).await {
+                    warn!(machine = %record.id, %cleanup_error, "cleanup after a failed start");
+                }
+                record.state = MachineState::Failed;
+                record.updated_at_ms = now_ms();
+                record.last_exit = Some(ExitInfo {
+                    exit_code: None,
+                    signal: None,
+                    oom_killed: false,
+                    reason: "start_failed".into(),
+                    exited_at: record::format_ms(record.updated_at_ms),
+                });
+                self.save_event(record, "start_failed", source, Some(&error.to_string()))
+                    .await?;
+                Err(AgentError::StartFailed {
+                    id: record.id.clone(),
+                    source: error,
+                })
+            }
+        }
+    }
+
+    /// Waits in the background for the current run to end by itself.
+    fn watch(&self, id: String, generation: u64) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let layout = agent.layout(&id);
+            let exit = agent.inner.runtime.wait_exit(&layout, None).await;
+            if let Err(error) = agent.on_exit(&id, generation, exit).await {
+                warn!(machine = %id, %error, "handling a machine exit");
+            }
+        });
+    }
+
+    async fn on_exit(
+        &self,
+        id: &str,
+        generation: u64,
+        exit: std::result::Result<Option<ExitRecord>, berth_runtime::RuntimeError>,
+    ) -> Result<()> {
+        let _guard = self.lock(id).await?;
+        let Some(mut record) = self.inner.store.get(id).await? else {
+            return Ok(());
+        };
+        // A stop, update or destroy already dealt with this run.
+        if record.run_generation != generation || record.state != MachineState::Started {
+            return Ok(());
+        }
+        let exit = match exit {
+            Ok(Some(exit)) => exit,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                warn!(machine = %id, %error, "waiting for exit failed; checking the host");
+                match self.inner.runtime.status(&self.layout(id)).await? {
+                    Status::Running { .. } => {
+                        self.watch(id.to_owned(), generation);
+                        return Ok(());
+                    }
+                    Status::Exited(exit) => exit,
+                    Status::NotRunning => unknown_exit(),
+                }
+            }
+        };
+        self.finish_exit(&mut record, exit, EventSource::System)
+            .await
+    }
+
+    /// Records an exit nobody asked for, then applies the restart policy.
+    async fn finish_exit(
+        &self,
+        record: &mut MachineRecord,
+        exit: ExitRecord,
+        source: EventSource,
+    ) -> Result<()> {
+        self.inner.runtime.cleanup(&self.layout(&record.id)).await?;
+        let info = exit_info(&exit);
+        let reason = info.reason.clone();
+        record.last_exit = Some(info);
+        record.state = MachineState::Stopped;
+        record.updated_at_ms = now_ms();
+        info!(machine = %record.id, reason, code = ?exit.exit_code, "machine exited");
+        let decision =
+            restart::decide(&record.config.restart, exit.exit_code, record.restart_count);
+        let event_reason = match decision {
+            RestartDecision::RetriesExhausted => "max_retries_exceeded".to_owned(),
+            _ => reason,
+        };
+        self.save_event(record, "exit", source, Some(&event_reason))
+            .await?;
+        if let RestartDecision::RestartAfter(delay) = decision {
+            self.schedule_restart(record.id.clone(), record.run_generation, delay);
+        }
+        Ok(())
+    }
+
+    fn schedule_restart(&self, id: String, generation: u64, delay: Duration) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = async {
+                let _guard = agent.lock(&id).await?;
+                let Some(mut record) = agent.inner.store.get(&id).await? else {
+                    return Ok(());
+                };
+                // The user acted in the meantime: their wish wins.
+                if record.run_generation != generation || record.state != MachineState::Stopped {
+                    return Ok(());
+                }
+                record.restart_count += 1;
+                agent.boot(&mut record, EventSource::RestartPolicy).await
+            }
+            .await;
+            if let Err(error) = result {
+                warn!(machine = %id, %error, "restart by policy failed");
+            }
+        });
+    }
+
+    /// Stops a running Machine whose lock the caller holds: signal, grace period, SIGKILL.
+    async fn halt(
+        &self,
+        record: &mut MachineRecord,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<ExitRecord> {
+        let layout = self.layout(&record.id);
+        let runtime = &self.inner.runtime;
+        runtime.signal(&layout, signal).await?;
+        let exit = match runtime.wait_exit(&layout, Some(timeout)).await? {
+            Some(exit) => exit,
+            None => {
+                runtime.signal(&layout, berth_core::signal::SIGKILL).await?;
+                runtime
+                    .wait_exit(&layout, Some(KILL_WAIT))
+                    .await?
+                    .unwrap_or_else(unknown_exit)
+            }
+        };
+        runtime.cleanup(&layout).await?;
+        Ok(exit)
+    }
+
+    /// Brings every record and the host back into agreement after a restart of the agent.
+    async fn recover(&self) -> Result<()> {
+        for mut record in self.inner.store.list_all().await? {
+            let id = record.id.clone();
+            if let Err(error) = self.recover_one(&mut record).await {
+                warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_one(&self, record: &mut MachineRecord) -> Result<()> {
+        let layout = self.layout(&record.id);
+        let runtime = &self.inner.runtime;
+        match record.pending.take() {
+            Some(PendingOp::Create) => {
+                info!(machine = %record.id, "rolling back an unfinished create");
+                runtime.remove(&layout).await?;
+                return self.inner.store.delete(&record.id).await;
+            }
+            Some(PendingOp::Update { previous }) => {
+                info!(machine = %record.id, "rolling back an unfinished update");
+                if let Status::Running { .. } = runtime.status(&layout).await? {
+                    self.halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                        .await?;
+                } else {
+                    runtime.cleanup(&layout).await?;
+                }
+                let image = self.resolve_digest(&previous.image_ref.digest).await?;
+                let spec = bundle::bundle_spec(
+                    &record.id,
+                    &previous.config,
+                    &image.config,
+                    &image.layer_dirs,
+                    self.inner.config.pids_limit,
+                )?;
+                runtime.prepare(&layout, &spec).await?;
+                record.config = previous.config;
+                record.image_ref = previous.image_ref;
+                record.rootfs = previous.rootfs;
+                record.instance_id = previous.instance_id;
+                record.state = MachineState::Stopped;
+                record.updated_at_ms = now_ms();
+                return self
+                    .save_event(
+                        record,
+                        "update_rolled_back",
+                        EventSource::System,
+                        Some("agent_restart"),
+                    )
+                    .await;
+            }
+            None => {}
+        }
+        match record.state {
+            MachineState::Destroying => {
+                runtime.remove(&layout).await?;
+                self.inner.store.delete(&record.id).await
+            }
+            MachineState::Starting | MachineState::Started | MachineState::Stopping => {
+                match runtime.status(&layout).await? {
+                    Status::Running { .. } if record.state == MachineState::Stopping => {
+                        let exit = self
+                            .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                            .await?;
+                        record.last_exit = Some(exit_info(&exit));
+                        record.state = MachineState::Stopped;
+                        record.updated_at_ms = now_ms();
+                        self.save_event(record, "stop", EventSource::System, Some("agent_restart"))
+                            .await
+                    }
+                    Status::Running { .. } => {
+                        if record.state == MachineState::Starting {
+                            record.state = MachineState::Started;
+                            record.updated_at_ms = now_ms();
+                            self.save_event(
+                                record,
+                                "start",
+                                EventSource::System,
+                                Some("agent_restart"),
+                            )
+                            .await?;
+                        }
+                        info!(machine = %record.id, "found running again");
+                        self.watch(record.id.clone(), record.run_generation);
+                        Ok(())
+                    }
+                    Status::Exited(exit) => {
+                        record.state = MachineState::Started;
+                        self.finish_exit(record, exit, EventSource::System).await
+                    }
+                    Status::NotRunning => {
+                        record.state = MachineState::Started;
+                        self.finish_exit(record, unknown_exit(), EventSource::System)
+                            .await
+                    }
+                }
+            }
+            MachineState::Replacing => {
+                // An update without a pending record cannot happen; settle on stopped.
+                runtime.cleanup(&layout).await?;
+                record.state = MachineState::Stopped;
+                record.updated_at_ms = now_ms();
+                self.save_event(
+                    record,
+                    "recovered",
+                    EventSource::System,
+                    Some("agent_restart"),
+                )
+                .await
+            }
+            MachineState::Created
+            | MachineState::Stopped
+            | MachineState::Failed
+            | MachineState::Destroyed => Ok(()),
+        }
+    }
+
+    async fn resolve_digest(&self, digest: &str) -> Result<ResolvedImage> {
+        let images = self.inner.images.clone();
+        let digest = digest.to_owned();
+        tokio::task::spawn_blocking(move || images.resolve_digest(&digest))
+            .await
+            .map_err(|error| AgentError::Internal(format!("image resolution task: {error}")))?
+            .map_err(AgentError::from)
+    }
+
+    fn stop_parameters(record: &MachineRecord, request: &StopRequest) -> Result<(i32, Duration)> {
+        let signal_name = request
+            .signal
+            .as_deref()
+            .or(record.config.stop_config.signal.as_deref());
+        let signal = match signal_name {
+            Some(name) => validate::validate_signal("signal", name)?,
+            None => berth_core::signal::SIGTERM,
+        };
+        let timeout = request
+            .timeout
+            .or(record.config.stop_config.timeout)
+            .map(|timeout| timeout.as_duration())
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        validate::validate_stop_timeout("timeout", timeout)?;
+        Ok((signal, timeout))
+    }
+}
+
+fn unknown_exit() -> ExitRecord {
+    ExitRecord {
+        exit_code: None,
+        signal: None,
+        oom_killed: false,
+        exited_at_ms: now_ms(),
+    }
+}
+
+fn exit_info(exit: &ExitRecord) -> ExitInfo {
+    let reason = if exit.oom_killed {
+        "oom_killed"
+    } else if exit.signal.is_some() {
+        "killed"
+    } else {
+        "exited"
+    };
+    ExitInfo {
+        exit_code: exit.exit_code,
+        signal: exit.signal,
+        oom_killed: exit.oom_killed,
+        reason: reason.into(),
+        exited_at: record::format_ms(exit.exited_at_ms),
+    }
+}
+
+#[async_trait]
+impl WorkerService for Agent {
+    async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
+        validate::validate_name("name", &request.name)?;
+        validate::validate_config(&request.config)?;
+        let _guard = self.lock(&request.id).await?;
+        if self.inner.store.get(&request.id).await?.is_some() {
+            return Err(AgentError::Internal(format!(
+                "machine id {} is already taken",
+                request.id
+            )));
+        }
+        // The slow part, before anything is recorded: a missing image leaves no trace.
+        let image = self.resolve_image(&request.config.image).await?;
+        let spec = bundle::bundle_spec(
+            &request.id,
+            &request.config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        let now = now_ms();
+        let mut record = MachineRecord {
+            id: request.id.clone(),
+            app: request.app,
+            name: request.name,
+            region: self.inner.config.region.clone(),
+            state: MachineState::Created,
+            instance_id: berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default()),
+            config: request.config,
+            image_ref: Self::image_ref(&image),
+            rootfs: self.rootfs_stack(&request.id, &image),
+            created_at_ms: now,
+            updated_at_ms: now,
+            last_exit: None,
+            restart_count: 0,
+            run_generation: 0,
+            pending: Some(PendingOp::Create),
+        };
+        self.inner.store.save(&record, None).await?;
+        let layout = self.layout(&record.id);
+        if let Err(error) = self.inner.runtime.prepare(&layout, &spec).await {
+            if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
+                warn!(machine = %record.id, %remove_error, "removing a half-created machine");
+            }
+            self.inner.store.delete(&record.id).await?;
+            return Err(error.into());
+        }
+        record.pending = None;
+        self.save_event(&record, "create", EventSource::User, None)
+            .await?;
+        if !request.skip_launch {
+            self.boot(&mut record, EventSource::User).await?;
+        }
+        Ok(record.to_api())
+    }
+
+    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let previous_state = record.state;
+        match state::plan(record.state, Action::Start)? {
+            ActionPlan::AlreadyDone => Ok(StartStopResponse {
+                previous_state,
+                machine: record.to_api(),
+                note: Some("machine was already started".into()),
+            }),
+            ActionPlan::Proceed(_) => {
+                if source == EventSource::User {
+                    record.restart_count = 0;
+                }
+                self.boot(&mut record, source).await?;
+                Ok(StartStopResponse {
+                    previous_state,
+                    machine: record.to_api(),
+                    note: None,
+                })
+            }
+        }
+    }
+
+    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let (signal, timeout) = Self::stop_parameters(&record, &request)?;
+        let previous_state = record.state;
+        match state::plan(record.state, Action::Stop)? {
+            ActionPlan::AlreadyDone => Ok(StartStopResponse {
+                previous_state,
+                machine: record.to_api(),
+                note: Some(format!("machine was already {previous_state}")),
+            }),
+            ActionPlan::Proceed(transitional) => {
+                self.set_state(&mut record, transitional).await?;
+                let exit = self.halt(&mut record, signal, timeout).await?;
+                record.last_exit = Some(exit_info(&exit));
+                record.state = MachineState::Stopped;
+                record.updated_at_ms = now_ms();
+                self.save_event(&record, "stop", EventSource::User, None)
+                    .await?;
+                Ok(StartStopResponse {
+                    previous_state,
+                    machine: record.to_api(),
+                    note: None,
+                })
+            }
+        }
+    }
+
+    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+        validate::validate_config(&request.config)?;
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let ActionPlan::Proceed(transitional) = state::plan(record.state, Action::Update)? else {
+            return Ok(record.to_api());
+        };
+        // Resolve and lay out the new image first; a bad update changes nothing.
+        let image = self.resolve_image(&request.config.image).await?;
+        let spec = bundle::bundle_spec(
+            id,
+            &request.config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        let was_running = record.state == MachineState::Started;
+        record.pending = Some(PendingOp::Update {
+            previous: Box::new(UpdateSnapshot {
+                config: record.config.clone(),
+                image_ref: record.image_ref.clone(),
+                rootfs: record.rootfs.clone(),
+                instance_id: record.instance_id.clone(),
+            }),
+        });
+        self.set_state(&mut record, transitional).await?;
+        let layout = self.layout(id);
+        if was_running {
+            let (signal, timeout) = Self::stop_parameters(&record, &StopRequest::default())?;
+            let exit = self.halt(&mut record, signal, timeout).await?;
+            record.last_exit = Some(exit_info(&exit));
+        }
+        if request.config.rootfs == berth_api::RootfsPersistence::Ephemeral {
+            reset_dir(&layout.upper()).await?;
+        }
+        self.inner.runtime.prepare(&layout, &spec).await?;
+        let now = now_ms();
+        record.instance_id =
+            berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default());
+        record.image_ref = Self::image_ref(&image);
+        record.rootfs = self.rootfs_stack(id, &image);
+        record.config = request.config;
+        record.pending = None;
+        record.state = MachineState::Stopped;
+        record.updated_at_ms = now;
+        self.save_event(&record, "update", EventSource::User, None)
+            .await?;
+        if !request.skip_launch {
+            record.restart_count = 0;
+            self.boot(&mut record, EventSource::User).await?;
+        }
+        Ok(record.to_api())
+    }
+
+    async fn destroy(&self, id: &str, force: bool) -> Result<()> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let ActionPlan::Proceed(transitional) =
+            state::plan(record.state, Action::Destroy { force })?
+        else {
+            return Ok(());
+        };
+        self.set_state(&mut record, transitional).await?;
+        self.inner.runtime.remove(&self.layout(id)).await?;
+        self.inner.store.delete(id).await?;
+        if let Ok(mut locks) = self.inner.locks.lock() {
+            locks.remove(id);
+        }
+        info!(machine = %id, "destroyed");
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Machine> {
+        Ok(self.load(id).await?.to_api())
+    }
+
+    async fn list(&self, app: &str) -> Result<Vec<Machine>> {
+        Ok(self
+            .inner
+            .store
+            .list_app(app)
+            .await?
+            .iter()
+            .map(MachineRecord::to_api)
+            .collect())
+    }
+
+    async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        self.load(id).await?;
+        let layout = self.layout(id);
+        tokio::task::spawn_blocking(move || berth_runtime::logs::read_logs(&layout, max_bytes))
+            .await
+            .map_err(|error| AgentError::Internal(format!("log reader task: {error}")))?
+            .map_err(|error| AgentError::Internal(format!("read logs of {id}: {error}")))
+    }
+}
+
+/// Empties a directory by renaming it aside first, so a crash never leaves it half-deleted.
+async fn reset_dir(dir: &std::path::Path) -> Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let aside = dir.with_extension("discard");
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside)?;
+        }
+        if dir.exists() {
+            std::fs::rename(&dir, &aside)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        std::fs::remove_dir_all(&aside).or_else(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(error)
+            }
+        })
+    })
+    .await
+    .map_err(|error| AgentError::Internal(format!("reset task: {error}")))?
+    .map_err(|error| AgentError::Internal(format!("reset upperdir: {error}")))
+}

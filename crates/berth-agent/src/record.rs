@@ -1,0 +1,147 @@
+//! The agent's durable record of one Machine.
+
+use std::path::PathBuf;
+
+use berth_api::{ExitInfo, ImageRef, Machine, MachineConfig, MachineState};
+use serde::{Deserialize, Serialize};
+
+/// One read-only layer of a Machine's rootfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    pub digest: String,
+    pub dir: PathBuf,
+}
+
+/// The Machine's rootfs as an explicit stack, bottom to top: the image's shared layers,
+/// then the Machine's own frozen layers (none until checkpoints exist), then its writable
+/// upperdir. Start mounts exactly this; nothing is looked up again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsStack {
+    pub image_layers: Vec<LayerRef>,
+    #[serde(default)]
+    pub frozen_layers: Vec<LayerRef>,
+    pub upper: PathBuf,
+}
+
+impl RootfsStack {
+    /// overlayfs lowerdirs, bottom first.
+    pub fn lowerdirs(&self) -> Vec<PathBuf> {
+        self.image_layers
+            .iter()
+            .chain(&self.frozen_layers)
+            .map(|layer| layer.dir.clone())
+            .collect()
+    }
+}
+
+/// A multi-step operation in flight. It is written before the first step and cleared by
+/// the last, so an agent that died halfway knows what to finish or undo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PendingOp {
+    /// Undo on recovery: the client never got an answer.
+    Create,
+    /// Undo on recovery: restore the old config's bundle and leave the Machine stopped.
+    Update { previous: Box<UpdateSnapshot> },
+}
+
+/// What update replaces, kept so that a crash can put it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateSnapshot {
+    pub config: MachineConfig,
+    pub image_ref: ImageRef,
+    pub rootfs: RootfsStack,
+    pub instance_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub region: String,
+    pub state: MachineState,
+    pub instance_id: String,
+    pub config: MachineConfig,
+    pub image_ref: ImageRef,
+    pub rootfs: RootfsStack,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub last_exit: Option<ExitInfo>,
+    /// Restarts by the restart policy since the user last started the Machine.
+    pub restart_count: u32,
+    /// Bumped by every boot, so a late exit notice from an older run is ignored.
+    pub run_generation: u64,
+    pub pending: Option<PendingOp>,
+}
+
+impl MachineRecord {
+    pub fn to_api(&self) -> Machine {
+        Machine {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state,
+            region: self.region.clone(),
+            instance_id: self.instance_id.clone(),
+            config: self.config.clone(),
+            image_ref: self.image_ref.clone(),
+            created_at: format_ms(self.created_at_ms),
+            updated_at: format_ms(self.updated_at_ms),
+            last_exit: self.last_exit.clone(),
+            restart_count: self.restart_count,
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// RFC 3339 with milliseconds, in UTC.
+pub fn format_ms(ms: i64) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|moment| moment.format(&format).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_format_as_rfc3339() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn lowerdirs_put_image_layers_below_frozen_ones() {
+        let stack = RootfsStack {
+            image_layers: vec![
+                LayerRef {
+                    digest: "a".into(),
+                    dir: "/l/a".into(),
+                },
+                LayerRef {
+                    digest: "b".into(),
+                    dir: "/l/b".into(),
+                },
+            ],
+            frozen_layers: vec![LayerRef {
+                digest: "f".into(),
+                dir: "/m/f".into(),
+            }],
+            upper: "/m/upper".into(),
+        };
+        let dirs: Vec<PathBuf> = stack.lowerdirs();
+        assert_eq!(
+            dirs,
+            vec![PathBuf::from("/l/a"), "/l/b".into(), "/m/f".into()]
+        );
+    }
+}

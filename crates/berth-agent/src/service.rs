@@ -1,0 +1,49 @@
+//! The one interface through which Machines on a worker are reached. The HTTP API, the
+//! CLI (through the API) and later the proxy's autostart all come through here; a remote
+//! worker will implement it over the network.
+
+use async_trait::async_trait;
+use berth_api::{Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest};
+
+use crate::error::Result;
+
+/// Who asked for a state change. Recorded with every event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    User,
+    RestartPolicy,
+    System,
+}
+
+impl EventSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::User => "user",
+            EventSource::RestartPolicy => "restart_policy",
+            EventSource::System => "system",
+        }
+    }
+}
+
+/// A create that the control plane has validated and placed on this worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateOnWorker {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub config: MachineConfig,
+    pub skip_launch: bool,
+}
+
+#[async_trait]
+pub trait WorkerService: Send + Sync + 'static {
+    async fn create(&self, request: CreateOnWorker) -> Result<Machine>;
+    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse>;
+    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse>;
+    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine>;
+    async fn destroy(&self, id: &str, force: bool) -> Result<()>;
+    async fn get(&self, id: &str) -> Result<Machine>;
+    async fn list(&self, app: &str) -> Result<Vec<Machine>>;
+    /// The tail of the Machine's captured stdout and stderr.
+    async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>>;
+}

@@ -1,0 +1,382 @@
+//! The agent's operations and crash recovery against the fake runtime and a real image
+//! store: what each operation asks of the host, and what a restarted agent concludes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_agent::record::PendingOp;
+use berth_agent::{Agent, AgentConfig, AgentError, CreateOnWorker, EventSource, WorkerService};
+use berth_api::{InitConfig, MachineConfig, MachineState, StopRequest, UpdateMachineRequest};
+use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
+use berth_image::{ImageStore, UnpackLimits};
+use berth_runtime::fake::FakeRuntime;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    runtime: Arc<FakeRuntime>,
+    images: Arc<ImageStore>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let images = Arc::new(
+            ImageStore::open(&dir.path().join("images"), UnpackLimits::default()).expect("store"),
+        );
+        Fixture {
+            dir,
+            runtime: Arc::new(FakeRuntime::new()),
+            images,
+        }
+    }
+
+    fn import(&self, name: &str, marker: &str) {
+        let layout = self.dir.path().join(format!("layout-{marker}"));
+        ImageBuilder::new()
+            .layer(
+                busybox_layer(Path::new("/bin/busybox")).expect("busybox"),
+                Compression::Gzip,
+            )
+            .layer(
+                LayerBuilder::new().file("marker", marker.as_bytes(), 0o644),
+                Compression::None,
+            )
+            .cmd(&["/bin/sh"])
+            .write_layout(&layout)
+            .expect("layout");
+        self.images.import(&layout, name).expect("import");
+    }
+
+    async fn agent(&self) -> Agent {
+        Agent::open(
+            AgentConfig {
+                data_dir: self.dir.path().join("worker"),
+                region: "test".into(),
+                pids_limit: 64,
+            },
+            self.runtime.clone(),
+            self.images.clone(),
+        )
+        .await
+        .expect("agent")
+    }
+}
+
+fn config(image: &str) -> MachineConfig {
+    MachineConfig {
+        image: image.into(),
+        init: InitConfig {
+            cmd: Some(vec!["sleep".into(), "3600".into()]),
+            entrypoint: None,
+        },
+        ..MachineConfig::default()
+    }
+}
+
+fn create_request(id: &str, image: &str, skip_launch: bool) -> CreateOnWorker {
+    CreateOnWorker {
+        id: id.into(),
+        app: "app".into(),
+        name: format!("n-{id}"),
+        config: config(image),
+        skip_launch,
+    }
+}
+
+#[tokio::test]
+async fn start_does_only_runtime_work_and_survives_a_deleted_tag() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    let machine = agent
+        .create(create_request("00000000000001", "demo/img:1", false))
+        .await
+        .expect("create");
+    assert_eq!(machine.state, MachineState::Started);
+    assert_eq!(
+        fixture.runtime.calls().await,
+        ["prepare 00000000000001", "start 00000000000001"]
+    );
+
+    agent
+        .stop("00000000000001", StopRequest::default())
+        .await
+        .expect("stop");
+    fixture.images.untag("demo/img:1").expect("untag");
+    fixture.runtime.clear_calls().await;
+    let answer = agent
+        .start("00000000000001", EventSource::User)
+        .await
+        .expect("start without the tag");
+    assert_eq!(answer.previous_state, MachineState::Stopped);
+    // No prepare (bundle), nothing but the boot itself.
+    assert_eq!(fixture.runtime.calls().await, ["start 00000000000001"]);
+    let lowerdirs = fixture
+        .runtime
+        .lowerdirs("00000000000001")
+        .await
+        .expect("started");
+    assert_eq!(lowerdirs.len(), 2, "both image layers, bottom first");
+    assert!(std::fs::read_to_string(lowerdirs[1].join("marker"))
+        .expect("marker")
+        .contains("one"));
+}
+
+#[tokio::test]
+async fn start_and_stop_are_idempotent() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    agent
+        .create(create_request("00000000000002", "demo/img:1", false))
+        .await
+        .expect("create");
+    let again = agent
+        .start("00000000000002", EventSource::User)
+        .await
+        .expect("start again");
+    assert_eq!(again.previous_state, MachineState::Started);
+    assert!(again.note.is_some());
+    agent
+        .stop("00000000000002", StopRequest::default())
+        .await
+        .expect("stop");
+    let again = agent
+        .stop("00000000000002", StopRequest::default())
+        .await
+        .expect("stop again");
+    assert_eq!(again.previous_state, MachineState::Stopped);
+    assert!(again.note.is_some());
+}
+
+#[tokio::test]
+async fn a_missing_image_leaves_no_trace() {
+    let fixture = Fixture::new();
+    let agent = fixture.agent().await;
+    let error = agent
+        .create(create_request("00000000000003", "ghost/img:1", false))
+        .await
+        .expect_err("no image");
+    assert_eq!(error.to_response().1.error, "image_not_found");
+    assert!(fixture.runtime.calls().await.is_empty());
+    assert!(matches!(
+        agent.get("00000000000003").await,
+        Err(AgentError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_failed_start_leaves_the_machine_failed_and_cleaned_up() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    fixture
+        .runtime
+        .fail_next_start("exec: \"nope\": executable file not found")
+        .await;
+    let error = agent
+        .create(create_request("00000000000004", "demo/img:1", false))
+        .await
+        .expect_err("start fails");
+    let (status, body) = error.to_response();
+    assert_eq!((status, body.error.as_str()), (422, "start_failed"));
+    assert!(
+        body.message.contains("executable file not found"),
+        "{}",
+        body.message
+    );
+    let machine = agent.get("00000000000004").await.expect("kept");
+    assert_eq!(machine.state, MachineState::Failed);
+    assert!(fixture
+        .runtime
+        .calls()
+        .await
+        .contains(&"cleanup 00000000000004".to_string()));
+    // A failed Machine can be started again once the cause is gone.
+    agent
+        .start("00000000000004", EventSource::User)
+        .await
+        .expect("second start");
+}
+
+#[tokio::test]
+async fn stop_escalates_to_sigkill_after_the_timeout() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    agent
+        .create(create_request("00000000000005", "demo/img:1", false))
+        .await
+        .expect("create");
+    fixture.runtime.set_ignore_term(true).await;
+    let request = StopRequest {
+        signal: None,
+        timeout: Some(berth_api::ApiDuration(Duration::from_millis(100))),
+    };
+    let answer = agent.stop("00000000000005", request).await.expect("stop");
+    assert_eq!(answer.machine.state, MachineState::Stopped);
+    let calls = fixture.runtime.calls().await;
+    assert!(
+        calls.contains(&"signal 00000000000005 15".to_string()),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&"signal 00000000000005 9".to_string()),
+        "{calls:?}"
+    );
+    assert_eq!(answer.machine.last_exit.expect("exit").signal, Some(9));
+}
+
+#[tokio::test]
+async fn an_exit_by_itself_is_recorded() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    agent
+        .create(create_request("00000000000006", "demo/img:1", false))
+        .await
+        .expect("create");
+    assert!(fixture.runtime.exit("00000000000006", 7).await);
+    let mut machine = agent.get("00000000000006").await.expect("get");
+    for _ in 0..200 {
+        if machine.state == MachineState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        machine = agent.get("00000000000006").await.expect("get");
+    }
+    assert_eq!(machine.state, MachineState::Stopped);
+    let exit = machine.last_exit.expect("exit");
+    assert_eq!((exit.exit_code, exit.reason.as_str()), (Some(7), "exited"));
+    let events = agent.events("00000000000006").await.expect("events");
+    assert!(events.iter().any(|event| event.kind == "exit"
+        && event.source == "system"
+        && event.exit_code == Some(7)));
+}
+
+#[tokio::test]
+async fn update_resolves_the_new_image_and_issues_a_new_instance() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    let before = agent
+        .create(create_request("00000000000007", "demo/img:1", false))
+        .await
+        .expect("create");
+    fixture.import("demo/img:1", "two");
+    let after = agent
+        .update(
+            "00000000000007",
+            UpdateMachineRequest {
+                config: config("demo/img:1"),
+                skip_launch: false,
+            },
+        )
+        .await
+        .expect("update");
+    assert_ne!(after.instance_id, before.instance_id);
+    assert_ne!(after.image_ref.digest, before.image_ref.digest);
+    assert_eq!(after.state, MachineState::Started);
+    let lowerdirs = fixture
+        .runtime
+        .lowerdirs("00000000000007")
+        .await
+        .expect("started");
+    assert!(std::fs::read_to_string(lowerdirs[1].join("marker"))
+        .expect("marker")
+        .contains("two"));
+
+    // A bad update changes nothing.
+    let error = agent
+        .update(
+            "00000000000007",
+            UpdateMachineRequest {
+                config: config("ghost/img:9"),
+                skip_launch: false,
+            },
+        )
+        .await
+        .expect_err("no such image");
+    assert_eq!(error.to_response().1.error, "image_not_found");
+    let unchanged = agent.get("00000000000007").await.expect("get");
+    assert_eq!(unchanged.instance_id, after.instance_id);
+    assert_eq!(unchanged.state, MachineState::Started);
+}
+
+#[tokio::test]
+async fn recovery_rolls_back_a_half_done_create_and_settles_in_flight_states() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    {
+        let agent = fixture.agent().await;
+        agent
+            .create(create_request("00000000000008", "demo/img:1", true))
+            .await
+            .expect("create");
+        agent
+            .create(create_request("00000000000009", "demo/img:1", false))
+            .await
+            .expect("create");
+        agent
+            .create(create_request("0000000000000a", "demo/img:1", false))
+            .await
+            .expect("create");
+
+        // Rewrite the records as a crash mid-operation would have left them.
+        let mut half_created = agent
+            .store()
+            .get("00000000000008")
+            .await
+            .expect("read")
+            .expect("record");
+        half_created.pending = Some(PendingOp::Create);
+        agent.store().save(&half_created, None).await.expect("save");
+        let mut starting = agent
+            .store()
+            .get("00000000000009")
+            .await
+            .expect("read")
+            .expect("record");
+        starting.state = MachineState::Starting;
+        agent.store().save(&starting, None).await.expect("save");
+        let mut stopping = agent
+            .store()
+            .get("0000000000000a")
+            .await
+            .expect("read")
+            .expect("record");
+        stopping.state = MachineState::Stopping;
+        agent.store().save(&stopping, None).await.expect("save");
+        agent.store().close().await;
+    }
+    fixture.runtime.clear_calls().await;
+    let agent = fixture.agent().await;
+    assert!(
+        matches!(
+            agent.get("00000000000008").await,
+            Err(AgentError::NotFound(_))
+        ),
+        "unfinished create is undone"
+    );
+    assert!(!fixture.runtime.exists("00000000000008").await);
+    // The runtime says it runs: the start had happened.
+    assert_eq!(
+        agent.get("00000000000009").await.expect("get").state,
+        MachineState::Started
+    );
+    // A stop in flight is finished.
+    assert_eq!(
+        agent.get("0000000000000a").await.expect("get").state,
+        MachineState::Stopped
+    );
+    let calls = fixture.runtime.calls().await;
+    assert!(
+        calls.contains(&"remove 00000000000008".to_string()),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&"signal 0000000000000a 9".to_string()),
+        "{calls:?}"
+    );
+}
