@@ -1,0 +1,129 @@
+//! Request parsing at the edge: bodies and path segments become typed values or a JSON
+//! error naming what was wrong. Nothing malformed gets further.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// The largest JSON body any endpoint takes.
+pub const MAX_JSON_BODY: usize = 1024 * 1024;
+
+/// A JSON body, refused with `invalid_config` naming the offending field.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok());
+        if let Some(content_type) = content_type {
+            if !content_type.starts_with("application/json") {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    format!("expected application/json, got {content_type}"),
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("the body is larger than {MAX_JSON_BODY} bytes"),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_config",
+                        rejection.body_text(),
+                    )
+                }
+            })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// An optional JSON body: empty means the default.
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::new(rejection.status(), "invalid_config", rejection.body_text())
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJson)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        ApiError::invalid_config(field.clone(), format!("{field}: {}", error.inner()))
+    })?;
+    deserializer.end().map_err(|error| {
+        ApiError::invalid_config(
+            "body",
+            format!("trailing data after the JSON value: {error}"),
+        )
+    })?;
+    Ok(value)
+}
+
+/// A bearer token from the Authorization header, if present.
+pub struct BearerToken(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(|token| token.trim().to_owned());
+        Ok(BearerToken(token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api::CreateMachineRequest;
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let error =
+            parse_json::<CreateMachineRequest>(br#"{"config":{"image":"x","guest":{"cpus":-1}}}"#)
+                .expect_err("refused");
+        assert_eq!(error.body.field.as_deref(), Some("config.guest.cpus"));
+        let error = parse_json::<CreateMachineRequest>(br#"{"config":{"image":"x"},"nope":1}"#)
+            .expect_err("refused");
+        assert_eq!(error.body.error, "invalid_config");
+        assert!(parse_json::<CreateMachineRequest>(b"{not json").is_err());
+        assert!(parse_json::<CreateMachineRequest>(b"\xff\xfe").is_err());
+        assert!(parse_json::<CreateMachineRequest>(
+            br#"{"config":{"image":"x","guest":{"memory_mb":99999999999999999999}}}"#
+        )
+        .is_err());
+    }
+}

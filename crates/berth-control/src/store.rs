@@ -1,0 +1,209 @@
+//! The control plane's store: orgs, apps, and the index of which worker holds each Machine.
+//! The workers hold the Machines' full records.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRow {
+    pub id: String,
+    pub name: String,
+    pub org_slug: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineIndexRow {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub worker: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlStore {
+    pool: SqlitePool,
+}
+
+/// The outcome of inserting a row that must be unique.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Yes,
+    AlreadyExists,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS orgs (slug TEXT PRIMARY KEY NOT NULL, created_at_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS apps (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL UNIQUE,
+        org_slug TEXT NOT NULL REFERENCES orgs(slug),
+        created_at_ms INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS machines (
+        id TEXT PRIMARY KEY NOT NULL,
+        app TEXT NOT NULL,
+        name TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        UNIQUE (app, name)
+    )",
+];
+
+impl ControlStore {
+    pub async fn open(path: &Path) -> Result<ControlStore, sqlx::Error> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(ControlStore { pool })
+    }
+
+    pub async fn ensure_org(&self, slug: &str, now_ms: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR IGNORE INTO orgs (slug, created_at_ms) VALUES (?, ?)")
+            .bind(slug)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn org_exists(&self, slug: &str) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query("SELECT 1 FROM orgs WHERE slug = ?")
+            .bind(slug)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    pub async fn insert_app(&self, app: &AppRow) -> Result<Inserted, sqlx::Error> {
+        let result =
+            sqlx::query("INSERT INTO apps (id, name, org_slug, created_at_ms) VALUES (?, ?, ?, ?)")
+                .bind(&app.id)
+                .bind(&app.name)
+                .bind(&app.org_slug)
+                .bind(app.created_at_ms)
+                .execute(&self.pool)
+                .await;
+        unique(result)
+    }
+
+    pub async fn app(&self, name: &str) -> Result<Option<AppRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT id, name, org_slug, created_at_ms FROM apps WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| AppRow {
+            id: row.get(0),
+            name: row.get(1),
+            org_slug: row.get(2),
+            created_at_ms: row.get(3),
+        }))
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppRow>, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, name, org_slug, created_at_ms FROM apps ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| AppRow {
+                id: row.get(0),
+                name: row.get(1),
+                org_slug: row.get(2),
+                created_at_ms: row.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn delete_app(&self, name: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM apps WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn insert_machine(&self, row: &MachineIndexRow) -> Result<Inserted, sqlx::Error> {
+        let result =
+            sqlx::query("INSERT INTO machines (id, app, name, worker) VALUES (?, ?, ?, ?)")
+                .bind(&row.id)
+                .bind(&row.app)
+                .bind(&row.name)
+                .bind(&row.worker)
+                .execute(&self.pool)
+                .await;
+        unique(result)
+    }
+
+    pub async fn machine(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<Option<MachineIndexRow>, sqlx::Error> {
+        let row =
+            sqlx::query("SELECT id, app, name, worker FROM machines WHERE app = ? AND id = ?")
+                .bind(app)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|row| MachineIndexRow {
+            id: row.get(0),
+            app: row.get(1),
+            name: row.get(2),
+            worker: row.get(3),
+        }))
+    }
+
+    pub async fn machines(&self, app: &str) -> Result<Vec<MachineIndexRow>, sqlx::Error> {
+        let rows =
+            sqlx::query("SELECT id, app, name, worker FROM machines WHERE app = ? ORDER BY id")
+                .bind(app)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| MachineIndexRow {
+                id: row.get(0),
+                app: row.get(1),
+                name: row.get(2),
+                worker: row.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn delete_machine(&self, id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM machines WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn unique(
+    result: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
+) -> Result<Inserted, sqlx::Error> {
+    match result {
+        Ok(_) => Ok(Inserted::Yes),
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+            Ok(Inserted::AlreadyExists)
+        }
+        Err(error) => Err(error),
+    }
+}
