@@ -1,0 +1,190 @@
+//! A small typed client for the Berth API, used by the CLI and the demo.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use berth_api::ErrorBody;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// An error answer from the API, kept whole so callers can match on the code.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.body.error,
+            self.status.as_u16(),
+            self.body.message
+        )?;
+        if let Some(field) = &self.body.field {
+            write!(f, " [field {field}]")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+impl Client {
+    /// A client for `api_url`, with `token` or else the one in `<data_dir>/admin-token`.
+    pub fn connect(api_url: &str, token: Option<&str>, data_dir: &Path) -> Result<Client> {
+        let token = match token {
+            Some(token) => token.to_owned(),
+            None => {
+                let path = data_dir.join("admin-token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!("no BERTH_TOKEN given and cannot read {}", path.display())
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        Client::new(api_url, &token)
+    }
+
+    pub fn new(base: &str, token: &str) -> Result<Client> {
+        let http = reqwest::Client::builder().build()?;
+        Ok(Client {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    async fn finish<T: DeserializeOwned>(response: reqwest::Response) -> Result<T> {
+        let status = response.status();
+        let bytes = response.bytes().await.context("reading the API's answer")?;
+        if status.is_success() {
+            let body = if bytes.is_empty() {
+                b"null".as_slice()
+            } else {
+                &bytes
+            };
+            return serde_json::from_slice(body)
+                .with_context(|| format!("decoding the API's answer ({status})"));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ApiFailure { status, body }.into()),
+            Err(_) => bail!(
+                "the API answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self
+            .request(Method::GET, path)
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        Self::finish(response).await
+    }
+
+    pub async fn get_text(&self, path: &str) -> Result<Vec<u8>> {
+        let response = self
+            .request(Method::GET, path)
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        if response.status().is_success() {
+            return Ok(response.bytes().await?.to_vec());
+        }
+        Self::finish::<serde_json::Value>(response)
+            .await
+            .map(|_| Vec::new())
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let response = self
+            .request(Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        Self::finish(response).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self
+            .request(Method::DELETE, path)
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        Self::finish(response).await
+    }
+
+    /// Uploads an OCI archive file to `POST /v1/images/import`.
+    pub async fn import_archive<T: DeserializeOwned>(
+        &self,
+        archive: &Path,
+        name: &str,
+    ) -> Result<T> {
+        let file = tokio::fs::File::open(archive)
+            .await
+            .with_context(|| format!("open {}", archive.display()))?;
+        let length = file.metadata().await?.len();
+        let body = reqwest::Body::wrap_stream(file_chunks(file));
+        let response = self
+            .request(Method::POST, "/v1/images/import")
+            .query(&[("name", name)])
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .header(reqwest::header::CONTENT_LENGTH, length)
+            .body(body)
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        Self::finish(response).await
+    }
+
+    fn unreachable(&self) -> String {
+        format!(
+            "cannot reach the Berth API at {} (is `berth up` running?)",
+            self.base
+        )
+    }
+}
+
+/// Streams a file in chunks, so large archives never sit in memory.
+fn file_chunks(file: tokio::fs::File) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> {
+    futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; 256 * 1024];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok(buffer), file))
+            }
+            Err(error) => Some((Err(error), file)),
+        }
+    })
+}
+
+pub fn is_api_error(error: &anyhow::Error, code: &str) -> bool {
+    error
+        .downcast_ref::<ApiFailure>()
+        .is_some_and(|failure| failure.body.error == code)
+}

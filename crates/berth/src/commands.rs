@@ -1,0 +1,533 @@
+//! The API-driving subcommands: `berth app`, `berth machine`, `berth image`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use berth_api::{
+    ApiDuration, App, CreateAppRequest, CreateMachineRequest, DestroyResponse, GuestConfig,
+    ImageSummary, InitConfig, Machine, MachineConfig, RestartConfig, RestartPolicy,
+    StartStopResponse, StopRequest, UpdateMachineRequest,
+};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::ApiArgs;
+use berth::client::Client;
+
+impl ApiArgs {
+    pub fn client(&self) -> Result<Client> {
+        Client::connect(&self.api_url, self.token.as_deref(), &self.data_dir)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Create an app.
+    Create {
+        name: String,
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List apps.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one app.
+    Show {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Destroy an app and every Machine in it.
+    Destroy {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RestartArg {
+    No,
+    OnFailure,
+    Always,
+}
+
+/// The config flags shared by create and update.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Image reference, e.g. demo/busybox:1.
+    #[arg(long)]
+    image: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    #[arg(long, default_value_t = 256)]
+    memory_mb: u32,
+    /// Environment variables, KEY=VALUE; may be repeated.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Replace the image's entrypoint (one argument; use -- cmd for the rest).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    #[arg(long, value_enum)]
+    restart: Option<RestartArg>,
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Signal sent by stop (default SIGTERM).
+    #[arg(long)]
+    stop_signal: Option<String>,
+    /// How long stop waits before SIGKILL, e.g. 5s.
+    #[arg(long)]
+    stop_timeout: Option<String>,
+    /// Metadata, KEY=VALUE; may be repeated.
+    #[arg(long = "metadata", value_name = "KEY=VALUE")]
+    metadata: Vec<String>,
+    /// Start from an empty writable layer on update.
+    #[arg(long)]
+    ephemeral_rootfs: bool,
+    /// The command, after `--`.
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn into_config(self) -> Result<MachineConfig> {
+        Ok(MachineConfig {
+            image: self.image,
+            init: InitConfig {
+                cmd: (!self.cmd.is_empty()).then_some(self.cmd),
+                entrypoint: self.entrypoint.map(|entrypoint| vec![entrypoint]),
+            },
+            env: pairs("--env", &self.env)?,
+            guest: GuestConfig {
+                cpus: self.cpus,
+                memory_mb: self.memory_mb,
+            },
+            restart: RestartConfig {
+                policy: match self.restart {
+                    None | Some(RestartArg::No) => RestartPolicy::No,
+                    Some(RestartArg::OnFailure) => RestartPolicy::OnFailure,
+                    Some(RestartArg::Always) => RestartPolicy::Always,
+                },
+                max_retries: self.max_retries,
+            },
+            stop_config: berth_api::StopConfig {
+                signal: self.stop_signal,
+                timeout: self
+                    .stop_timeout
+                    .map(|text| ApiDuration::parse(&text).map_err(anyhow::Error::msg))
+                    .transpose()?,
+            },
+            metadata: pairs("--metadata", &self.metadata)?,
+            rootfs: if self.ephemeral_rootfs {
+                berth_api::RootfsPersistence::Ephemeral
+            } else {
+                berth_api::RootfsPersistence::Persistent
+            },
+        })
+    }
+}
+
+fn pairs(flag: &str, entries: &[String]) -> Result<BTreeMap<String, String>> {
+    entries
+        .iter()
+        .map(|entry| match entry.split_once('=') {
+            Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+            None => bail!("{flag} takes KEY=VALUE, got {entry:?}"),
+        })
+        .collect()
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// Create a Machine (and start it, unless --skip-launch).
+    Create {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        skip_launch: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List an app's Machines.
+    List {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one Machine as JSON.
+    Show {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Start {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Stop {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[arg(long)]
+        signal: Option<String>,
+        /// e.g. 10s
+        #[arg(long)]
+        timeout: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Replace a Machine's config (a new image is resolved now).
+    Update {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[arg(long)]
+        skip_launch: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print the Machine's captured stdout and stderr.
+    Logs {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Destroy {
+        #[arg(long)]
+        app: String,
+        id: String,
+        /// Destroy even if it is running.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import an OCI image layout directory or an OCI archive (.tar).
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List images.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove a tag. Machines keep the digest they resolved.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, value)?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+pub async fn app(command: AppCommand) -> Result<()> {
+    match command {
+        AppCommand::Create { name, org, api } => {
+            let app: App = api
+                .client()?
+                .post(
+                    "/v1/apps",
+                    &CreateAppRequest {
+                        app_name: name,
+                        org_slug: org,
+                    },
+                )
+                .await?;
+            println!("created app {} in org {}", app.name, app.org_slug);
+        }
+        AppCommand::List { json, api } => {
+            let apps: Vec<App> = api.client()?.get("/v1/apps").await?;
+            if json {
+                return print_json(&apps);
+            }
+            println!("{:<32} {:<16} {:>8}  CREATED", "NAME", "ORG", "MACHINES");
+            for app in apps {
+                println!(
+                    "{:<32} {:<16} {:>8}  {}",
+                    app.name, app.org_slug, app.machine_count, app.created_at
+                );
+            }
+        }
+        AppCommand::Show { name, api } => {
+            let app: App = api.client()?.get(&format!("/v1/apps/{name}")).await?;
+            print_json(&app)?;
+        }
+        AppCommand::Destroy { name, api } => {
+            api.client()?
+                .delete::<serde_json::Value>(&format!("/v1/apps/{name}"))
+                .await?;
+            println!("destroyed app {name}");
+        }
+    }
+    Ok(())
+}
+
+fn print_machines(machines: &[Machine]) {
+    println!(
+        "{:<16} {:<24} {:<10} {:<24} {:<10} CREATED",
+        "ID", "NAME", "STATE", "IMAGE", "REGION"
+    );
+    for machine in machines {
+        println!(
+            "{:<16} {:<24} {:<10} {:<24} {:<10} {}",
+            machine.id,
+            machine.name,
+            machine.state,
+            machine.image_ref.name,
+            machine.region,
+            machine.created_at
+        );
+    }
+}
+
+pub async fn machine(command: MachineCommand) -> Result<()> {
+    match command {
+        MachineCommand::Create {
+            app,
+            name,
+            region,
+            skip_launch,
+            json,
+            config,
+            api,
+        } => {
+            let request = CreateMachineRequest {
+                name,
+                region,
+                skip_launch,
+                config: config.into_config()?,
+            };
+            let started = std::time::Instant::now();
+            let machine: Machine = api
+                .client()?
+                .post(&format!("/v1/apps/{app}/machines"), &request)
+                .await?;
+            if json {
+                return print_json(&machine);
+            }
+            println!("{}", machine.id);
+            eprintln!(
+                "machine {} is {} ({} ms)",
+                machine.id,
+                machine.state,
+                started.elapsed().as_millis()
+            );
+        }
+        MachineCommand::List { app, json, api } => {
+            let machines: Vec<Machine> = api
+                .client()?
+                .get(&format!("/v1/apps/{app}/machines"))
+                .await?;
+            if json {
+                return print_json(&machines);
+            }
+            print_machines(&machines);
+        }
+        MachineCommand::Show { app, id, api } => {
+            let machine: Machine = api
+                .client()?
+                .get(&format!("/v1/apps/{app}/machines/{id}"))
+                .await?;
+            print_json(&machine)?;
+        }
+        MachineCommand::Start { app, id, api } => {
+            let started = std::time::Instant::now();
+            let answer: StartStopResponse = api
+                .client()?
+                .post(
+                    &format!("/v1/apps/{app}/machines/{id}/start"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            report(&answer, started.elapsed());
+        }
+        MachineCommand::Stop {
+            app,
+            id,
+            signal,
+            timeout,
+            api,
+        } => {
+            let timeout = timeout
+                .map(|text| ApiDuration::parse(&text).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let started = std::time::Instant::now();
+            let answer: StartStopResponse = api
+                .client()?
+                .post(
+                    &format!("/v1/apps/{app}/machines/{id}/stop"),
+                    &StopRequest { signal, timeout },
+                )
+                .await?;
+            report(&answer, started.elapsed());
+        }
+        MachineCommand::Update {
+            app,
+            id,
+            skip_launch,
+            config,
+            api,
+        } => {
+            let request = UpdateMachineRequest {
+                config: config.into_config()?,
+                skip_launch,
+            };
+            let machine: Machine = api
+                .client()?
+                .post(&format!("/v1/apps/{app}/machines/{id}"), &request)
+                .await?;
+            println!(
+                "machine {} is {} (instance {})",
+                machine.id, machine.state, machine.instance_id
+            );
+        }
+        MachineCommand::Logs { app, id, api } => {
+            let bytes = api
+                .client()?
+                .get_text(&format!("/v1/apps/{app}/machines/{id}/logs"))
+                .await?;
+            std::io::stdout().lock().write_all(&bytes)?;
+        }
+        MachineCommand::Destroy {
+            app,
+            id,
+            force,
+            api,
+        } => {
+            let _: DestroyResponse = api
+                .client()?
+                .delete(&format!("/v1/apps/{app}/machines/{id}?force={force}"))
+                .await?;
+            println!("destroyed machine {id}");
+        }
+    }
+    Ok(())
+}
+
+fn report(answer: &StartStopResponse, elapsed: std::time::Duration) {
+    let machine = &answer.machine;
+    match &answer.note {
+        Some(note) => println!("{}: {note}", machine.id),
+        None => println!(
+            "{}: {} -> {} ({:.1} ms)",
+            machine.id,
+            answer.previous_state,
+            machine.state,
+            elapsed.as_secs_f64() * 1000.0
+        ),
+    }
+}
+
+pub async fn image(command: ImageCommand) -> Result<()> {
+    match command {
+        ImageCommand::Import { path, name, api } => {
+            let client = api.client()?;
+            let summary = import(&client, &path, &name).await?;
+            println!(
+                "imported {} {} ({} layers, {} bytes)",
+                summary.name, summary.digest, summary.layers, summary.size_bytes
+            );
+        }
+        ImageCommand::List { json, api } => {
+            let images: Vec<ImageSummary> = api.client()?.get("/v1/images").await?;
+            if json {
+                return print_json(&images);
+            }
+            println!(
+                "{:<40} {:<20} {:>7} {:>12}",
+                "NAME", "DIGEST", "LAYERS", "SIZE"
+            );
+            for image in images {
+                let short = image.digest.get(..19).unwrap_or(&image.digest);
+                println!(
+                    "{:<40} {:<20} {:>7} {:>12}",
+                    image.name, short, image.layers, image.size_bytes
+                );
+            }
+        }
+        ImageCommand::Rm { name, api } => {
+            let client = api.client()?;
+            client
+                .delete::<serde_json::Value>(&format!("/v1/images?name={}", encode_query(&name)))
+                .await?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Uploads a layout directory (tarred on the fly into a temp file) or an archive.
+pub async fn import(client: &Client, path: &Path, name: &str) -> Result<ImageSummary> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if metadata.is_dir() {
+        let archive = tempfile::NamedTempFile::new()?;
+        let source = path.to_owned();
+        let target = archive.reopen()?;
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut builder = tar::Builder::new(target);
+            builder.follow_symlinks(false);
+            builder.append_dir_all(".", &source)?;
+            builder.into_inner()?.sync_all()?;
+            Ok(())
+        })
+        .await??;
+        client.import_archive(archive.path(), name).await
+    } else {
+        client.import_archive(path, name).await
+    }
+}
+
+fn encode_query(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}

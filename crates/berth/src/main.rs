@@ -1,0 +1,94 @@
+//! `berth`: runs the platform (`berth up`) and drives it through the API.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+mod commands;
+mod demo;
+mod up;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/berth";
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:4280";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Machines that are created once and started in milliseconds"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole platform in one process: API, control plane and a worker.
+    Up(up::UpArgs),
+    /// Apps group Machines.
+    #[command(subcommand)]
+    App(commands::AppCommand),
+    /// Create, start, stop and inspect Machines.
+    #[command(subcommand)]
+    Machine(Box<commands::MachineCommand>),
+    /// Import and list images.
+    #[command(subcommand)]
+    Image(commands::ImageCommand),
+    /// The per-Machine supervisor. Started by the worker, not by people.
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(Debug, Args)]
+struct ShimArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<OsString>,
+}
+
+/// Where the CLI finds the API: `BERTH_API_URL` and `BERTH_TOKEN`, else the defaults.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The API base URL.
+    #[arg(long, env = "BERTH_API_URL", default_value = "http://127.0.0.1:4280")]
+    pub api_url: String,
+    /// The bearer token; read from <data dir>/admin-token when not given.
+    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Where to look for the admin token file when no token is given.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        // The shim runs before any runtime or logging exists: it must stay tiny.
+        Command::Shim(args) => berth_runtime::shim::main_with_args(args.args),
+        command => match run(command) {
+            Ok(()) => 0,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn run(command: Command) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match command {
+            Command::Up(args) => up::run(args).await,
+            Command::App(command) => commands::app(command).await,
+            Command::Machine(command) => commands::machine(*command).await,
+            Command::Image(command) => commands::image(command).await,
+            Command::Shim(_) => Ok(()),
+        }
+    })
+}

@@ -1,0 +1,320 @@
+//! A harness that runs the real `berth` binary (`berth up`) as root on a temp data dir
+//! and a free loopback port, and cleans the host up after itself.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_api::Machine;
+use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
+use serde_json::Value;
+
+pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+
+pub struct Platform {
+    pub data_dir: tempfile::TempDir,
+    pub api_url: String,
+    pub token: String,
+    process: Option<Child>,
+    http: reqwest::blocking::Client,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl Platform {
+    pub fn start() -> Platform {
+        let data_dir = tempfile::Builder::new()
+            .prefix("berth-e2e-")
+            .tempdir()
+            .expect("temp data dir");
+        let api_url = format!("http://127.0.0.1:{}", free_port());
+        let mut platform = Platform {
+            data_dir,
+            api_url,
+            token: String::new(),
+            process: None,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        };
+        platform.boot();
+        platform
+    }
+
+    /// Starts `berth up` on the same data dir and port, and waits for health and the token.
+    pub fn boot(&mut self) {
+        assert!(self.process.is_none(), "already running");
+        let listen = self.api_url.trim_start_matches("http://").to_owned();
+        let log =
+            std::fs::File::create(self.data_dir.path().join("berth-up.log")).expect("log file");
+        let child = Command::new(BERTH)
+            .args(["up", "--data-dir"])
+            .arg(self.data_dir.path())
+            .args(["--api-listen", &listen])
+            .env("BERTH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn berth up");
+        self.process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = self.http.get(format!("{}/v1/health", self.api_url)).send() {
+                if response.status().is_success() {
+                    break;
+                }
+            }
+            if let Some(child) = self.process.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("berth up exited with {status}: {}", self.server_log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth up did not become healthy: {}",
+                self.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.token = std::fs::read_to_string(self.data_dir.path().join("admin-token"))
+            .expect("admin token file")
+            .trim()
+            .to_owned();
+    }
+
+    /// SIGTERM, like an operator's Ctrl-C, then wait for a clean exit.
+    pub fn shutdown(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(
+                        status.success(),
+                        "berth up exited with {status}: {}",
+                        self.server_log()
+                    );
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("berth up did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// kill -9, like a crash.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("berth-up.log")).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BERTH)
+            .args(args)
+            .env("BERTH_API_URL", &self.api_url)
+            .env("BERTH_TOKEN", &self.token)
+            .output()
+            .expect("run berth")
+    }
+
+    /// Runs the CLI and insists it succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "berth {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.api_url))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends a JSON request; returns status and parsed body (Null when empty).
+    pub fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().expect("send request");
+        let status = response.status().as_u16();
+        let text = response.text().expect("response body");
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    pub fn machine(&self, app: &str, id: &str) -> Machine {
+        let (status, body) = self.call(
+            reqwest::Method::GET,
+            &format!("/v1/apps/{app}/machines/{id}"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).expect("machine json")
+    }
+
+    pub fn logs(&self, app: &str, id: &str) -> String {
+        let response = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/apps/{app}/machines/{id}/logs"),
+            )
+            .send()
+            .expect("logs");
+        assert_eq!(response.status().as_u16(), 200);
+        response.text().expect("logs text")
+    }
+
+    /// Polls until `check` holds, up to `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Imports an image built in code, through the CLI.
+    pub fn import(&self, image: ImageBuilder, name: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = dir.path().join("layout");
+        image.write_layout(&layout).expect("write layout");
+        self.cli_ok(&[
+            "image",
+            "import",
+            layout.to_str().expect("utf-8"),
+            "--name",
+            name,
+        ])
+    }
+
+    pub fn runc_root(&self) -> PathBuf {
+        self.data_dir.path().join("runc")
+    }
+}
+
+pub fn busybox_image() -> ImageBuilder {
+    ImageBuilder::new().layer(
+        busybox_layer(Path::new("/bin/busybox")).expect("busybox layer"),
+        Compression::Gzip,
+    )
+}
+
+/// busybox plus one more layer holding `files`.
+pub fn busybox_image_with(files: &[(&str, &str)]) -> ImageBuilder {
+    let mut extra = LayerBuilder::new();
+    for (path, contents) in files {
+        extra = extra.file(path, contents.as_bytes(), 0o644);
+    }
+    busybox_image().layer(extra, Compression::Gzip)
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.to_string_lossy().into_owned();
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(str::to_owned))
+        .filter(|mount_point| mount_point.starts_with(&prefix))
+        .collect()
+}
+
+fn runc_containers(root: &Path) -> Vec<String> {
+    let output = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "-q"])
+        .output();
+    match output {
+        Ok(output) => String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+impl Platform {
+    /// Destroys every app (and so every Machine) through the API, stops `berth up`, and
+    /// asserts the host holds nothing of this platform any more.
+    pub fn teardown(mut self) {
+        if self.process.is_some() {
+            let (_, apps) = self.call(reqwest::Method::GET, "/v1/apps", None);
+            for app in apps.as_array().cloned().unwrap_or_default() {
+                let name = app["name"].as_str().unwrap_or_default().to_owned();
+                let (status, body) =
+                    self.call(reqwest::Method::DELETE, &format!("/v1/apps/{name}"), None);
+                assert!(status < 300, "destroy app {name}: {status} {body}");
+            }
+            self.shutdown();
+        }
+        let mounts = mounts_under(self.data_dir.path());
+        let containers = runc_containers(&self.runc_root());
+        self.force_clean();
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+        assert!(
+            containers.is_empty(),
+            "runc containers left behind: {containers:?}"
+        );
+    }
+
+    /// Last-resort cleanup so a failing test does not leak into the next one.
+    fn force_clean(&mut self) {
+        self.crash();
+        for id in runc_containers(&self.runc_root()) {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(self.runc_root())
+                .args(["delete", "--force", &id])
+                .status();
+        }
+        let mut mounts = mounts_under(self.data_dir.path());
+        mounts.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
+        for mount in mounts {
+            let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.force_clean();
+    }
+}
