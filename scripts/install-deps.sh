@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what Berth needs on Debian: runc runs Machines, busybox-static builds the demo
+# and test images. Does nothing when they are already present.
+set -euo pipefail
+
+packages=()
+command -v runc >/dev/null 2>&1 || packages+=(runc)
+dpkg -s busybox-static >/dev/null 2>&1 || packages+=(busybox-static)
+command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+
+if [ "${#packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages: ${packages[*]}; run as root to install them" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${packages[@]}"
+fi

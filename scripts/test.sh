@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the root integration tests
+# against real runc, overlayfs and namespaces. Fails if the tests leave mounts, runc
+# containers or temp directories behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "the integration tests need root (runc, overlayfs, namespaces)" >&2
+    exit 1
+fi
+
+leftovers() {
+    # Mounts, runc containers and temp dirs that Berth's tests could create.
+    grep -E ' (overlay|nsfs) ' /proc/self/mountinfo | grep -E 'berth|/tmp/' | awk '{print $5}' | sort || true
+    runc list -q 2>/dev/null | sort || true
+    find "${TMPDIR:-/tmp}" -maxdepth 1 -mindepth 1 \( -name '.tmp*' -o -name 'berth*' \) 2>/dev/null | sort || true
+}
+before=$(mktemp)
+after=$(mktemp)
+trap 'rm -f "$before" "$after"' EXIT
+leftovers >"$before"
+
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace
+
+leftovers >"$after"
+if new=$(comm -13 "$before" "$after") && [ -n "$new" ]; then
+    echo "the tests left these behind:" >&2
+    echo "$new" >&2
+    exit 1
+fi
+echo "no mounts, runc containers or temp directories left behind"
