@@ -41,6 +41,12 @@ pub fn create(path: &Path) -> io::Result<()> {
     made
 }
 
+/// Whether `path` pins a network namespace: one statfs, cheap enough for the start path.
+pub fn is_pinned(path: &Path) -> bool {
+    const NSFS_MAGIC: u64 = 0x6e73_6673;
+    rustix::fs::statfs(path).is_ok_and(|stat| stat.f_type as u64 == NSFS_MAGIC)
+}
+
 /// Unmounts and deletes the namespace file. Missing is success.
 pub fn remove(path: &Path) -> io::Result<()> {
     overlay::unmount(path).map_err(|e| annotate(e, "unmount netns", path))?;

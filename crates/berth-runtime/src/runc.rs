@@ -103,6 +103,12 @@ impl RuncRuntime {
         }
         // Left over from a crash between create and cleanup: create would refuse the id.
         self.runc_delete(id)?;
+        // Only a host reboot unpins the namespace made at create; make it again then.
+        let netns_path = layout.netns();
+        if !netns::is_pinned(&netns_path) {
+            netns::create(&netns_path)
+                .ctx(|| format!("recreate network namespace of machine {id}"))?;
+        }
         // A mount left by such a crash may be over an older set of layers: remount.
         let rootfs = layout.rootfs();
         overlay::unmount(&rootfs).ctx(|| format!("unmount stale rootfs of machine {id}"))?;

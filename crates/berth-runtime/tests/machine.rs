@@ -444,6 +444,29 @@ async fn server_is_reachable_through_the_persistent_netns() {
 }
 
 #[tokio::test]
+async fn start_repins_a_network_namespace_lost_to_a_host_reboot() {
+    let f = Fixture::new("reboot");
+    f.runtime
+        .prepare(
+            &f.layout,
+            &f.spec(&["httpd", "-f", "-p", "8080", "-h", "/www"]),
+        )
+        .await
+        .unwrap();
+    let ns = f.layout.netns();
+    assert!(netns::is_pinned(&ns));
+    // A reboot drops every mount, the namespace pin among them.
+    netns::remove(&ns).unwrap();
+    assert!(!netns::is_pinned(&ns));
+    f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    assert!(netns::is_pinned(&ns));
+    let body = http_get(&ns, "127.0.0.1:8080".parse().unwrap());
+    assert!(body.contains(INDEX_HTML.trim()), "{body}");
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
 async fn failed_start_reports_runc_error_and_cleans_up() {
     let f = Fixture::new("badexec");
     f.runtime
