@@ -93,7 +93,15 @@ impl From<sqlx::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry_after = self.body.retry_after_ms;
-        let mut response = (self.status, Json(self.body)).into_response();
+        let status = self.status;
+        let mut response = (status, Json(self.body)).into_response();
+        // The unread rest of an oversized body makes the connection unusable; say so, or a
+        // client may send its next request down a connection the server is closing.
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(millis) = retry_after {
             let seconds = millis.div_ceil(1000).max(1);
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
