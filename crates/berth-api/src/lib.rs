@@ -347,3 +347,76 @@ mod tests {
         assert_eq!(config.policy, RestartPolicy::OnFailure);
     }
 }
+
+/// What a usage journal record says happened to a Machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageKind {
+    /// The Machine exists from now on; its storage starts being billed (at 0 bytes).
+    Created,
+    /// The Machine's init started running: compute billing starts.
+    RunStart,
+    /// The Machine stopped running: compute billing stops.
+    RunStop,
+    /// A measurement of the Machine's own writable layer, in bytes.
+    Storage,
+    /// The Machine is gone: all billing of it ends.
+    Destroyed,
+}
+
+/// How the end time of a run was known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseBasis {
+    /// The agent saw the stop happen.
+    Observed,
+    /// The Machine died while the agent was down; the shim recorded the exit time.
+    ExitTime,
+    /// The Machine died while the agent was down and nothing recorded when: the agent's
+    /// last liveness record is the best-known time.
+    LastLiveness,
+}
+
+/// One entry of a worker's append-only usage journal. `(worker, seq)` identifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub seq: u64,
+    pub machine_id: String,
+    pub app: String,
+    pub kind: UsageKind,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub storage_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<CloseBasis>,
+}
+
+/// One row of `GET /v1/orgs/{org}/usage`. Exactly one of `machine`, `app` or `day` is set,
+/// by `group_by`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    pub running_seconds: f64,
+    pub cpu_seconds: f64,
+    pub memory_gb_seconds: f64,
+    pub storage_gb_hours: f64,
+    pub cost: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub org: String,
+    /// RFC 3339.
+    pub from: String,
+    pub to: String,
+    pub group_by: String,
+    pub rows: Vec<UsageRow>,
+    pub total: UsageRow,
+}

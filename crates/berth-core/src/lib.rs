@@ -2,6 +2,7 @@
 //! restart policy. Everything here is decided from its arguments alone, so it is tested
 //! exhaustively without a host.
 
+pub mod billing;
 pub mod ids;
 pub mod restart;
 pub mod signal;
