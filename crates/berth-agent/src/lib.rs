@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_api::{
-    ExitInfo, ImageRef, Machine, MachineState, StartStopResponse, StopRequest, UpdateMachineRequest,
+    CloseBasis, ExitInfo, ImageRef, Machine, MachineState, StartStopResponse, StopRequest,
+    UpdateMachineRequest, UsageRecord,
 };
 use berth_core::restart::{self, RestartDecision};
 use berth_core::state::{self, Action, ActionPlan};
@@ -25,6 +26,8 @@ use tracing::{info, warn};
 
 pub mod bundle;
 pub mod error;
+pub mod failpoint;
+pub mod metering;
 pub mod record;
 pub mod service;
 pub mod store;
@@ -41,6 +44,9 @@ const LOCK_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After SIGKILL, how long to wait for the kernel to tear the process down.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Storage is measured at least this often (and at every stop).
+const STORAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -88,7 +94,66 @@ impl Agent {
             }),
         };
         agent.recover().await?;
+        agent.spawn_meter();
         Ok(agent)
+    }
+
+    /// Background metering: a liveness record every few seconds (the best-known time of a
+    /// death nobody saw) and a storage measurement of every Machine each minute.
+    fn spawn_meter(&self) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+            let mut storage = tokio::time::interval(STORAGE_SAMPLE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = liveness.tick() => {
+                        if let Err(error) = agent.inner.store.record_liveness(now_ms()).await {
+                            warn!(%error, "recording liveness");
+                        }
+                    }
+                    _ = storage.tick() => agent.sample_storage().await,
+                }
+            }
+        });
+    }
+
+    /// Measures every Machine's upperdir and journals the sizes that changed.
+    pub async fn sample_storage(&self) {
+        let records = match self.inner.store.list_all().await {
+            Ok(records) => records,
+            Err(error) => {
+                warn!(%error, "listing machines for storage sampling");
+                return;
+            }
+        };
+        for record in records {
+            let Some(bytes) = self.measure_upper(&record.id).await else {
+                continue;
+            };
+            if bytes == record.storage_bytes {
+                continue;
+            }
+            let result = async {
+                let _guard = self.lock(&record.id).await?;
+                // Measured outside the lock; the record may have changed meanwhile.
+                let Some(mut current) = self.inner.store.get(&record.id).await? else {
+                    return Ok(());
+                };
+                if current.pending.is_some() || current.state == MachineState::Destroying {
+                    return Ok(());
+                }
+                let usage = metering::storage(&mut current, now_ms(), bytes);
+                self.inner
+                    .store
+                    .save_with_usage(&current, None, &[usage])
+                    .await
+            }
+            .await;
+            if let Err(error) = result {
+                warn!(machine = %record.id, %error, "journaling a storage measurement");
+            }
+        }
     }
 
     pub fn store(&self) -> &AgentStore {
@@ -169,6 +234,19 @@ impl Agent {
         source: EventSource,
         reason: Option<&str>,
     ) -> Result<()> {
+        self.save_transition(record, kind, source, reason, &[])
+            .await
+    }
+
+    /// Saves a state change with its event and its usage journal entries, atomically.
+    async fn save_transition(
+        &self,
+        record: &MachineRecord,
+        kind: &str,
+        source: EventSource,
+        reason: Option<&str>,
+        usage: &[UsageRecord],
+    ) -> Result<()> {
         let event = MachineEvent {
             kind: kind.to_owned(),
             source: source.as_str().to_owned(),
@@ -177,7 +255,10 @@ impl Agent {
             reason: reason.map(str::to_owned),
             at_ms: record.updated_at_ms,
         };
-        self.inner.store.save(record, Some(&event)).await
+        self.inner
+            .store
+            .save_with_usage(record, Some(&event), usage)
+            .await
     }
 
     async fn set_state(&self, record: &mut MachineRecord, state: MachineState) -> Result<()> {
@@ -204,9 +285,12 @@ impl Agent {
             .await
         {
             Ok(started) => {
+                failpoint::hit("start.after_runtime_start");
                 record.state = MachineState::Started;
                 record.updated_at_ms = started.started_at_ms;
-                self.save_event(record, "start", source, None).await?;
+                let usage = metering::open_run(record, started.started_at_ms);
+                self.save_transition(record, "start", source, None, &[usage])
+                    .await?;
                 self.watch(record.id.clone(), record.run_generation);
                 Ok(())
             }
@@ -274,7 +358,7 @@ impl Agent {
                 }
             }
         };
-        self.finish_exit(&mut record, exit, EventSource::System)
+        self.finish_exit(&mut record, exit, EventSource::System, CloseBasis::Observed)
             .await
     }
 
@@ -284,8 +368,10 @@ impl Agent {
         record: &mut MachineRecord,
         exit: ExitRecord,
         source: EventSource,
+        basis: CloseBasis,
     ) -> Result<()> {
         self.inner.runtime.cleanup(&self.layout(&record.id)).await?;
+        let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
         let info = exit_info(&exit);
         let reason = info.reason.clone();
         record.last_exit = Some(info);
@@ -298,7 +384,7 @@ impl Agent {
             RestartDecision::RetriesExhausted => "max_retries_exceeded".to_owned(),
             _ => reason,
         };
-        self.save_event(record, "exit", source, Some(&event_reason))
+        self.save_transition(record, "exit", source, Some(&event_reason), &usage)
             .await?;
         if let RestartDecision::RestartAfter(delay) = decision {
             self.schedule_restart(record.id.clone(), record.run_generation, delay);
@@ -329,6 +415,36 @@ impl Agent {
         });
     }
 
+    /// The journal entries of a run's end: the run closes, and the upperdir is measured
+    /// (storage is measured at every stop).
+    async fn stop_usage(
+        &self,
+        record: &mut MachineRecord,
+        at_ms: i64,
+        basis: CloseBasis,
+    ) -> Vec<UsageRecord> {
+        let mut usage: Vec<UsageRecord> = metering::close_run(record, at_ms, basis)
+            .into_iter()
+            .collect();
+        if let Some(bytes) = self.measure_upper(&record.id).await {
+            usage.push(metering::storage(record, at_ms, bytes));
+        }
+        usage
+    }
+
+    async fn measure_upper(&self, id: &str) -> Option<u64> {
+        let upper = self.layout(id).upper();
+        let measured = tokio::task::spawn_blocking(move || metering::disk_usage(&upper)).await;
+        match measured {
+            Ok(Ok(bytes)) => Some(bytes),
+            Ok(Err(error)) => {
+                warn!(machine = %id, %error, "measuring the upperdir");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Stops a running Machine whose lock the caller holds: signal, grace period, SIGKILL.
     async fn halt(
         &self,
@@ -355,16 +471,18 @@ impl Agent {
 
     /// Brings every record and the host back into agreement after a restart of the agent.
     async fn recover(&self) -> Result<()> {
+        // Read before anything new is recorded: the agent's last sign of life before it died.
+        let last_alive = self.inner.store.last_liveness().await?;
         for mut record in self.inner.store.list_all().await? {
             let id = record.id.clone();
-            if let Err(error) = self.recover_one(&mut record).await {
+            if let Err(error) = self.recover_one(&mut record, last_alive).await {
                 warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
             }
         }
         Ok(())
     }
 
-    async fn recover_one(&self, record: &mut MachineRecord) -> Result<()> {
+    async fn recover_one(&self, record: &mut MachineRecord, last_alive: Option<i64>) -> Result<()> {
         let layout = self.layout(&record.id);
         let runtime = &self.inner.runtime;
         match record.pending.take() {
@@ -375,11 +493,17 @@ impl Agent {
             }
             Some(PendingOp::Update { previous }) => {
                 info!(machine = %record.id, "rolling back an unfinished update");
+                let mut usage = Vec::new();
                 if let Status::Running { .. } = runtime.status(&layout).await? {
-                    self.halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                    let exit = self
+                        .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
                         .await?;
+                    usage = self
+                        .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+                        .await;
                 } else {
                     runtime.cleanup(&layout).await?;
+                    usage.extend(metering::close_run(record, now_ms(), CloseBasis::Observed));
                 }
                 let image = self.resolve_digest(&previous.image_ref.digest).await?;
                 let spec = bundle::bundle_spec(
@@ -397,11 +521,12 @@ impl Agent {
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
                 return self
-                    .save_event(
+                    .save_transition(
                         record,
                         "update_rolled_back",
                         EventSource::System,
                         Some("agent_restart"),
+                        &usage,
                     )
                     .await;
             }
@@ -410,7 +535,8 @@ impl Agent {
         match record.state {
             MachineState::Destroying => {
                 runtime.remove(&layout).await?;
-                self.inner.store.delete(&record.id).await
+                let usage = metering::destroyed(record, now_ms());
+                self.inner.store.delete_with_usage(&record.id, &usage).await
             }
             MachineState::Starting | MachineState::Started | MachineState::Stopping => {
                 match runtime.status(&layout).await? {
@@ -418,21 +544,39 @@ impl Agent {
                         let exit = self
                             .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
                             .await?;
+                        let usage = self
+                            .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+                            .await;
                         record.last_exit = Some(exit_info(&exit));
                         record.state = MachineState::Stopped;
                         record.updated_at_ms = now_ms();
-                        self.save_event(record, "stop", EventSource::System, Some("agent_restart"))
-                            .await
+                        self.save_transition(
+                            record,
+                            "stop",
+                            EventSource::System,
+                            Some("agent_restart"),
+                            &usage,
+                        )
+                        .await
                     }
-                    Status::Running { .. } => {
+                    Status::Running { pid } => {
                         if record.state == MachineState::Starting {
+                            // Died between the runtime's start and the journal write: the
+                            // run began when the process did.
+                            let started_at =
+                                metering::process_start_ms(pid).unwrap_or(record.updated_at_ms);
                             record.state = MachineState::Started;
                             record.updated_at_ms = now_ms();
-                            self.save_event(
+                            let usage: Vec<UsageRecord> = (!record.run_open)
+                                .then(|| metering::open_run(record, started_at))
+                                .into_iter()
+                                .collect();
+                            self.save_transition(
                                 record,
                                 "start",
                                 EventSource::System,
                                 Some("agent_restart"),
+                                &usage,
                             )
                             .await?;
                         }
@@ -441,26 +585,43 @@ impl Agent {
                         Ok(())
                     }
                     Status::Exited(exit) => {
+                        self.settle_unjournaled_start(record).await?;
                         record.state = MachineState::Started;
-                        self.finish_exit(record, exit, EventSource::System).await
+                        self.finish_exit(record, exit, EventSource::System, CloseBasis::ExitTime)
+                            .await
                     }
                     Status::NotRunning => {
+                        self.settle_unjournaled_start(record).await?;
+                        // Nothing recorded when it died: the agent's last sign of life is the
+                        // best-known end of the run.
+                        let mut exit = unknown_exit();
+                        exit.exited_at_ms = last_alive.unwrap_or(exit.exited_at_ms);
                         record.state = MachineState::Started;
-                        self.finish_exit(record, unknown_exit(), EventSource::System)
-                            .await
+                        self.finish_exit(
+                            record,
+                            exit,
+                            EventSource::System,
+                            CloseBasis::LastLiveness,
+                        )
+                        .await
                     }
                 }
             }
             MachineState::Replacing => {
                 // An update without a pending record cannot happen; settle on stopped.
                 runtime.cleanup(&layout).await?;
+                let usage: Vec<UsageRecord> =
+                    metering::close_run(record, now_ms(), CloseBasis::Observed)
+                        .into_iter()
+                        .collect();
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
-                self.save_event(
+                self.save_transition(
                     record,
                     "recovered",
                     EventSource::System,
                     Some("agent_restart"),
+                    &usage,
                 )
                 .await
             }
@@ -469,6 +630,19 @@ impl Agent {
             | MachineState::Failed
             | MachineState::Destroyed => Ok(()),
         }
+    }
+
+    /// A run that died while still `starting` was never journaled; it ran from when the
+    /// start was recorded, so open it there before it is closed.
+    async fn settle_unjournaled_start(&self, record: &mut MachineRecord) -> Result<()> {
+        if record.state == MachineState::Starting && !record.run_open {
+            let usage = metering::open_run(record, record.updated_at_ms);
+            self.inner
+                .store
+                .save_with_usage(record, None, &[usage])
+                .await?;
+        }
+        Ok(())
     }
 
     async fn resolve_digest(&self, digest: &str) -> Result<ResolvedImage> {
@@ -563,6 +737,8 @@ impl WorkerService for Agent {
             restart_count: 0,
             run_generation: 0,
             pending: Some(PendingOp::Create),
+            run_open: false,
+            storage_bytes: 0,
         };
         self.inner.store.save(&record, None).await?;
         let layout = self.layout(&record.id);
@@ -574,7 +750,8 @@ impl WorkerService for Agent {
             return Err(error.into());
         }
         record.pending = None;
-        self.save_event(&record, "create", EventSource::User, None)
+        let usage = metering::created(&record);
+        self.save_transition(&record, "create", EventSource::User, None, &[usage])
             .await?;
         if !request.skip_launch {
             self.boot(&mut record, EventSource::User).await?;
@@ -620,10 +797,13 @@ impl WorkerService for Agent {
             ActionPlan::Proceed(transitional) => {
                 self.set_state(&mut record, transitional).await?;
                 let exit = self.halt(&mut record, signal, timeout).await?;
+                let usage = self
+                    .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
+                    .await;
                 record.last_exit = Some(exit_info(&exit));
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
-                self.save_event(&record, "stop", EventSource::User, None)
+                self.save_transition(&record, "stop", EventSource::User, None, &usage)
                     .await?;
                 Ok(StartStopResponse {
                     previous_state,
@@ -661,9 +841,13 @@ impl WorkerService for Agent {
         });
         self.set_state(&mut record, transitional).await?;
         let layout = self.layout(id);
+        let mut usage = Vec::new();
         if was_running {
             let (signal, timeout) = Self::stop_parameters(&record, &StopRequest::default())?;
             let exit = self.halt(&mut record, signal, timeout).await?;
+            usage = self
+                .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
+                .await;
             record.last_exit = Some(exit_info(&exit));
         }
         if request.config.rootfs == berth_api::RootfsPersistence::Ephemeral {
@@ -679,7 +863,7 @@ impl WorkerService for Agent {
         record.pending = None;
         record.state = MachineState::Stopped;
         record.updated_at_ms = now;
-        self.save_event(&record, "update", EventSource::User, None)
+        self.save_transition(&record, "update", EventSource::User, None, &usage)
             .await?;
         if !request.skip_launch {
             record.restart_count = 0;
@@ -698,7 +882,8 @@ impl WorkerService for Agent {
         };
         self.set_state(&mut record, transitional).await?;
         self.inner.runtime.remove(&self.layout(id)).await?;
-        self.inner.store.delete(id).await?;
+        let usage = metering::destroyed(&mut record, now_ms());
+        self.inner.store.delete_with_usage(id, &usage).await?;
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
@@ -719,6 +904,10 @@ impl WorkerService for Agent {
             .iter()
             .map(MachineRecord::to_api)
             .collect())
+    }
+
+    async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {
+        self.inner.store.usage_since(after_seq, limit).await
     }
 
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {

@@ -73,6 +73,12 @@ pub struct MachineRecord {
     /// Bumped by every boot, so a late exit notice from an older run is ignored.
     pub run_generation: u64,
     pub pending: Option<PendingOp>,
+    /// Whether the usage journal has an open run for this Machine.
+    #[serde(default)]
+    pub run_open: bool,
+    /// The upperdir's size at the last storage measurement.
+    #[serde(default)]
+    pub storage_bytes: u64,
 }
 
 impl MachineRecord {

@@ -3,7 +3,9 @@
 //! worker will implement it over the network.
 
 use async_trait::async_trait;
-use berth_api::{Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest};
+use berth_api::{
+    Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
+};
 
 use crate::error::Result;
 
@@ -44,6 +46,9 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn destroy(&self, id: &str, force: bool) -> Result<()>;
     async fn get(&self, id: &str) -> Result<Machine>;
     async fn list(&self, app: &str) -> Result<Vec<Machine>>;
+    /// The usage journal after `after_seq`, oldest first, at most `limit` entries. The
+    /// caller acknowledges by asking for what follows; nothing is lost if it asks again.
+    async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>>;
     /// The tail of the Machine's captured stdout and stderr.
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>>;
 }

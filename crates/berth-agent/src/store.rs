@@ -7,6 +7,8 @@ use std::str::FromStr;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+use berth_api::UsageRecord;
+
 use crate::error::{AgentError, Result};
 use crate::record::MachineRecord;
 
@@ -46,6 +48,20 @@ const SCHEMA: &[&str] = &[
         at_ms INTEGER NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS events_by_machine ON machine_events(machine_id, seq)",
+    // Append-only; AUTOINCREMENT so a sequence number is never reused, even after the
+    // newest rows are compacted away.
+    "CREATE TABLE IF NOT EXISTS usage_journal (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        app TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        storage_bytes INTEGER NOT NULL,
+        basis TEXT
+    )",
+    "CREATE TABLE IF NOT EXISTS liveness (id INTEGER PRIMARY KEY CHECK (id = 1), at_ms INTEGER NOT NULL)",
 ];
 
 impl AgentStore {
@@ -69,6 +85,18 @@ impl AgentStore {
 
     /// Writes the record, and the event if any, in one transaction.
     pub async fn save(&self, record: &MachineRecord, event: Option<&MachineEvent>) -> Result<()> {
+        self.save_with_usage(record, event, &[]).await
+    }
+
+    /// Writes the record, the event and usage journal entries in one transaction, so a
+    /// billable transition is durable exactly when the state change is. The entries'
+    /// `seq` is assigned here.
+    pub async fn save_with_usage(
+        &self,
+        record: &MachineRecord,
+        event: Option<&MachineEvent>,
+        usage: &[UsageRecord],
+    ) -> Result<()> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
         let mut transaction = self.pool.begin().await?;
@@ -94,8 +122,56 @@ impl AgentStore {
             .execute(&mut *transaction)
             .await?;
         }
+        for entry in usage {
+            insert_usage(&mut transaction, entry).await?;
+        }
         transaction.commit().await?;
         Ok(())
+    }
+
+    /// Journal entries after `after_seq`, oldest first.
+    pub async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, machine_id, app, kind, at_ms, cpus, memory_mb, storage_bytes, basis
+             FROM usage_journal WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let basis: Option<String> = row.get(8);
+                Ok(UsageRecord {
+                    seq: u64::try_from(row.get::<i64, _>(0)).unwrap_or_default(),
+                    machine_id: row.get(1),
+                    app: row.get(2),
+                    kind: enum_parse(&row.get::<String, _>(3))?,
+                    at_ms: row.get(4),
+                    cpus: row.get(5),
+                    memory_mb: row.get(6),
+                    storage_bytes: u64::try_from(row.get::<i64, _>(7)).unwrap_or_default(),
+                    basis: basis.as_deref().map(enum_parse).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records that the agent was alive at `at_ms`: the best-known end of a run that died
+    /// while the agent was down without leaving an exit time.
+    pub async fn record_liveness(&self, at_ms: i64) -> Result<()> {
+        sqlx::query("INSERT INTO liveness (id, at_ms) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET at_ms = excluded.at_ms")
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn last_liveness(&self) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT at_ms FROM liveness WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| row.get(0)))
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<MachineRecord>> {
@@ -126,7 +202,15 @@ impl AgentStore {
     }
 
     pub async fn delete(&self, id: &str) -> Result<()> {
+        self.delete_with_usage(id, &[]).await
+    }
+
+    /// Deletes the Machine's record and events and journals its end, atomically.
+    pub async fn delete_with_usage(&self, id: &str, usage: &[UsageRecord]) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
+        for entry in usage {
+            insert_usage(&mut transaction, entry).await?;
+        }
         sqlx::query("DELETE FROM machines WHERE id = ?")
             .bind(id)
             .execute(&mut *transaction)
@@ -163,6 +247,43 @@ impl AgentStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn insert_usage(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    entry: &UsageRecord,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO usage_journal (machine_id, app, kind, at_ms, cpus, memory_mb, storage_bytes, basis)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&entry.machine_id)
+    .bind(&entry.app)
+    .bind(enum_text(&entry.kind)?)
+    .bind(entry.at_ms)
+    .bind(entry.cpus)
+    .bind(entry.memory_mb)
+    .bind(i64::try_from(entry.storage_bytes).unwrap_or(i64::MAX))
+    .bind(entry.basis.as_ref().map(enum_text).transpose()?)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+/// The serde name of a unit enum variant, as stored in text columns.
+fn enum_text<T: serde::Serialize>(value: &T) -> Result<String> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => Ok(text),
+        _ => Err(AgentError::Internal(
+            "usage enum did not encode as text".into(),
+        )),
+    }
+}
+
+fn enum_parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|error| {
+        AgentError::Internal(format!("decode {text:?} from the usage journal: {error}"))
+    })
 }
 
 fn decode(json: String) -> Result<MachineRecord> {
