@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use berth_agent::WorkerService;
 use berth_api::Health;
+use berth_core::billing::Prices;
 use berth_core::{ids, validate};
 use berth_image::ImageStore;
 use sha2::{Digest, Sha256};
@@ -24,6 +25,7 @@ pub mod extract;
 mod images;
 mod machines;
 pub mod store;
+pub mod usage;
 
 pub use error::ApiError;
 use extract::{BearerToken, MAX_JSON_BODY};
@@ -37,6 +39,7 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// The admin bearer token. Only its hash is kept in memory.
     pub admin_token: String,
+    pub prices: Prices,
 }
 
 /// The control plane's shared state.
@@ -46,6 +49,9 @@ pub struct ControlPlane {
     workers: BTreeMap<String, Arc<dyn WorkerService>>,
     images: Arc<ImageStore>,
     scratch_dir: PathBuf,
+    prices: Prices,
+    /// One usage ingestion pass at a time (the background one or a query's).
+    ingest_lock: tokio::sync::Mutex<()>,
 }
 
 pub(crate) type Shared = Arc<ControlPlane>;
@@ -64,13 +70,18 @@ impl ControlPlane {
         std::fs::create_dir_all(&scratch_dir).map_err(ApiError::internal)?;
         let store = ControlStore::open(&config.data_dir.join("control.db")).await?;
         store.ensure_org(DEFAULT_ORG, now_ms()).await?;
-        Ok(Arc::new(ControlPlane {
+        usage::migrate(store.pool()).await?;
+        let control = Arc::new(ControlPlane {
             store,
             admin_token_hash: token_hash(&config.admin_token),
             workers,
             images,
             scratch_dir,
-        }))
+            prices: config.prices,
+            ingest_lock: tokio::sync::Mutex::new(()),
+        });
+        usage::spawn_ingestion(&control);
+        Ok(control)
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -79,6 +90,7 @@ impl ControlPlane {
             .merge(apps::routes())
             .nest("/apps/{app}/machines", machines::routes())
             .merge(images::routes())
+            .merge(usage::routes())
             .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
         Router::new()
             .route("/v1/health", get(health))

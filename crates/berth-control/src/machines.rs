@@ -29,7 +29,7 @@ async fn create_machine(
     ApiJson(request): ApiJson<CreateMachineRequest>,
 ) -> Result<Json<Machine>, ApiError> {
     control.authorize(&token)?;
-    control.app(&app).await?;
+    let app_row = control.app(&app).await?;
     validate::validate_create(&request)?;
     let id = ids::new_machine_id();
     let name = request
@@ -50,6 +50,7 @@ async fn create_machine(
             format!("app {app} already has a machine named {name}"),
         ));
     }
+    crate::usage::record_owner(control.store.pool(), &id, &app, &app_row.org_slug).await?;
     let worker = control.worker(&worker_name)?;
     let created = worker
         .create(CreateOnWorker {

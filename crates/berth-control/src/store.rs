@@ -191,6 +191,10 @@ impl ControlStore {
         Ok(())
     }
 
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -103,6 +103,22 @@ impl Client {
         Self::finish(response).await
     }
 
+    /// A raw GET with an `Accept` header, for non-JSON answers such as CSV.
+    pub async fn get_with_accept(&self, path: &str, accept: &str) -> Result<Vec<u8>> {
+        let response = self
+            .request(Method::GET, path)
+            .header(reqwest::header::ACCEPT, accept)
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        if response.status().is_success() {
+            return Ok(response.bytes().await?.to_vec());
+        }
+        Self::finish::<serde_json::Value>(response)
+            .await
+            .map(|_| Vec::new())
+    }
+
     pub async fn get_text(&self, path: &str) -> Result<Vec<u8>> {
         let response = self
             .request(Method::GET, path)

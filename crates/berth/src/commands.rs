@@ -521,7 +521,7 @@ pub async fn import(client: &Client, path: &Path, name: &str) -> Result<ImageSum
     }
 }
 
-fn encode_query(text: &str) -> String {
+pub fn encode_query(text: &str) -> String {
     text.bytes()
         .map(|byte| match byte {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

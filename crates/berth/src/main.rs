@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod commands;
 mod demo;
 mod up;
+mod usage_cmd;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/berth";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:4280";
@@ -37,6 +38,8 @@ enum Command {
     /// Import and list images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
+    /// What an org was billed for: running time, CPU, memory and storage.
+    Usage(usage_cmd::UsageArgs),
     /// The per-Machine supervisor. Started by the worker, not by people.
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -88,6 +91,7 @@ fn run(command: Command) -> Result<()> {
             Command::App(command) => commands::app(command).await,
             Command::Machine(command) => commands::machine(*command).await,
             Command::Image(command) => commands::image(command).await,
+            Command::Usage(args) => usage_cmd::run(args).await,
             Command::Shim(_) => Ok(()),
         }
     })

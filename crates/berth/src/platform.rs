@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use berth_agent::{Agent, AgentConfig, WorkerService};
 use berth_control::{ControlConfig, ControlPlane};
+use berth_core::billing::Prices;
 use berth_image::{ImageStore, UnpackLimits};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 
@@ -25,6 +26,7 @@ pub struct PlatformOptions {
     pub region: String,
     pub log_max_bytes: u64,
     pub pids_limit: i64,
+    pub prices: Prices,
 }
 
 pub struct LocalPlatform {
@@ -69,6 +71,7 @@ impl LocalPlatform {
             ControlConfig {
                 data_dir: data_dir.clone(),
                 admin_token: admin_token.clone(),
+                prices: options.prices,
             },
             workers,
             images,

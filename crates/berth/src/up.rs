@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use berth::platform::{find_program, LocalPlatform, PlatformOptions};
+use berth_core::billing::Prices;
 use clap::Args;
 use tracing::info;
 
@@ -34,6 +35,15 @@ pub struct UpArgs {
     /// Most processes inside one Machine.
     #[arg(long, default_value_t = 4096)]
     pids_limit: i64,
+    /// Price of one vCPU-second of running time.
+    #[arg(long, default_value_t = Prices::default().per_vcpu_second)]
+    price_vcpu_second: f64,
+    /// Price of one GB-second of memory while running.
+    #[arg(long, default_value_t = Prices::default().per_gb_second)]
+    price_gb_second: f64,
+    /// Price of one GB-month of Machine storage (billed while the Machine exists).
+    #[arg(long, default_value_t = Prices::default().per_gb_month_storage)]
+    price_gb_month: f64,
 }
 
 fn init_tracing() {
@@ -61,6 +71,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         region: args.region.clone(),
         log_max_bytes: args.log_max_bytes,
         pids_limit: args.pids_limit,
+        prices: Prices {
+            per_vcpu_second: args.price_vcpu_second,
+            per_gb_second: args.price_gb_second,
+            per_gb_month_storage: args.price_gb_month,
+        },
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

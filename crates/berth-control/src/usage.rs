@@ -1,0 +1,505 @@
+//! Usage metering on the control plane: ingestion of every worker's usage journal into a
+//! ledger, exactly once, and `GET /v1/orgs/{org}/usage`.
+//!
+//! Delivery is a pull: for each worker the control plane keeps the last sequence number it
+//! ingested (the acknowledgement) and asks for what follows. A batch goes into the ledger
+//! in one transaction, keyed by `(worker, seq)`, together with the new cursor; a repeated
+//! or replayed batch inserts nothing, and the intervals are derived only from rows that
+//! were new. Killing either side at any moment loses and doubles nothing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use berth_agent::WorkerService;
+use berth_api::{UsageKind, UsageRecord, UsageReport, UsageRow};
+use berth_core::billing::{split_by_day, IntervalKind, Prices, Quantities, Window, DAY_MS};
+use serde::Deserialize;
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::extract::BearerToken;
+use crate::{format_ms, now_ms, ControlPlane, Shared};
+
+/// How often the control plane pulls each worker's journal.
+const INGEST_INTERVAL: Duration = Duration::from_secs(2);
+const INGEST_BATCH: u32 = 1000;
+
+const SCHEMA: &[&str] = &[
+    // Who owned a Machine, kept after the Machine and its app are gone: usage outlives both.
+    "CREATE TABLE IF NOT EXISTS machine_owners (
+        machine_id TEXT PRIMARY KEY NOT NULL,
+        app TEXT NOT NULL,
+        org TEXT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS usage_ledger (
+        worker TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        machine_id TEXT NOT NULL,
+        app TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        storage_bytes INTEGER NOT NULL,
+        basis TEXT,
+        PRIMARY KEY (worker, seq)
+    )",
+    "CREATE TABLE IF NOT EXISTS usage_cursor (worker TEXT PRIMARY KEY NOT NULL, last_seq INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS usage_intervals (
+        id INTEGER PRIMARY KEY,
+        org TEXT NOT NULL,
+        app TEXT NOT NULL,
+        machine_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        end_ms INTEGER,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS intervals_by_org ON usage_intervals(org, start_ms)",
+    "CREATE INDEX IF NOT EXISTS open_intervals ON usage_intervals(machine_id, kind) WHERE end_ms IS NULL",
+];
+
+/// Creates the usage tables if they are missing.
+pub async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    for statement in SCHEMA {
+        sqlx::query(statement).execute(pool).await?;
+    }
+    Ok(())
+}
+
+pub async fn record_owner(
+    pool: &SqlitePool,
+    machine_id: &str,
+    app: &str,
+    org: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT OR REPLACE INTO machine_owners (machine_id, app, org) VALUES (?, ?, ?)")
+        .bind(machine_id)
+        .bind(app)
+        .bind(org)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn cursor(pool: &SqlitePool, worker: &str) -> Result<u64, sqlx::Error> {
+    let row = sqlx::query("SELECT last_seq FROM usage_cursor WHERE worker = ?")
+        .bind(worker)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row
+        .map(|row| u64::try_from(row.get::<i64, _>(0)).unwrap_or_default())
+        .unwrap_or(0))
+}
+
+fn kind_text(kind: UsageKind) -> &'static str {
+    match kind {
+        UsageKind::Created => "created",
+        UsageKind::RunStart => "run_start",
+        UsageKind::RunStop => "run_stop",
+        UsageKind::Storage => "storage",
+        UsageKind::Destroyed => "destroyed",
+    }
+}
+
+/// Ingests one batch from `worker` atomically. Returns how many records were new.
+pub async fn ingest(
+    pool: &SqlitePool,
+    worker: &str,
+    batch: &[UsageRecord],
+) -> Result<usize, sqlx::Error> {
+    let Some(last) = batch.iter().map(|record| record.seq).max() else {
+        return Ok(0);
+    };
+    let mut transaction = pool.begin().await?;
+    let mut new = 0;
+    for record in batch {
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO usage_ledger
+             (worker, seq, machine_id, app, kind, at_ms, cpus, memory_mb, storage_bytes, basis)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(worker)
+        .bind(i64::try_from(record.seq).unwrap_or(i64::MAX))
+        .bind(&record.machine_id)
+        .bind(&record.app)
+        .bind(kind_text(record.kind))
+        .bind(record.at_ms)
+        .bind(record.cpus)
+        .bind(record.memory_mb)
+        .bind(i64::try_from(record.storage_bytes).unwrap_or(i64::MAX))
+        .bind(record.basis.map(|basis| {
+            serde_json::to_value(basis)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+        }))
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            apply(&mut transaction, record).await?;
+            new += 1;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO usage_cursor (worker, last_seq) VALUES (?, ?)
+         ON CONFLICT(worker) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+    )
+    .bind(worker)
+    .bind(i64::try_from(last).unwrap_or(i64::MAX))
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    Ok(new)
+}
+
+/// The interval bookkeeping of `berth_core::billing::Meter`, in SQL.
+async fn apply(
+    transaction: &mut Transaction<'_, Sqlite>,
+    record: &UsageRecord,
+) -> Result<(), sqlx::Error> {
+    let org: Option<String> = sqlx::query("SELECT org FROM machine_owners WHERE machine_id = ?")
+        .bind(&record.machine_id)
+        .fetch_optional(&mut **transaction)
+        .await?
+        .map(|row| row.get(0));
+    let org = org.unwrap_or_default();
+    let close = |kind: &'static str| {
+        sqlx::query(
+            "UPDATE usage_intervals SET end_ms = MAX(?, start_ms)
+             WHERE machine_id = ? AND kind = ? AND end_ms IS NULL",
+        )
+        .bind(record.at_ms)
+        .bind(record.machine_id.clone())
+        .bind(kind)
+    };
+    let open = |kind: &'static str| {
+        sqlx::query(
+            "INSERT INTO usage_intervals (org, app, machine_id, kind, start_ms, end_ms, cpus, memory_mb, bytes)
+             VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+        )
+        .bind(org.clone())
+        .bind(record.app.clone())
+        .bind(record.machine_id.clone())
+        .bind(kind)
+        .bind(record.at_ms)
+        .bind(record.cpus)
+        .bind(record.memory_mb)
+        .bind(i64::try_from(record.storage_bytes).unwrap_or(i64::MAX))
+    };
+    match record.kind {
+        UsageKind::Created | UsageKind::Storage => {
+            close("storage").execute(&mut **transaction).await?;
+            open("storage").execute(&mut **transaction).await?;
+        }
+        UsageKind::RunStart => {
+            close("run").execute(&mut **transaction).await?;
+            open("run").execute(&mut **transaction).await?;
+        }
+        UsageKind::RunStop => {
+            close("run").execute(&mut **transaction).await?;
+        }
+        UsageKind::Destroyed => {
+            close("run").execute(&mut **transaction).await?;
+            close("storage").execute(&mut **transaction).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A stored interval, as the billing maths sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredInterval {
+    pub app: String,
+    pub machine_id: String,
+    pub kind: IntervalKind,
+    pub start_ms: i64,
+    pub end_ms: Option<i64>,
+}
+
+/// Intervals of `org` that overlap the window. With `org = None`, every interval.
+pub async fn intervals(
+    pool: &SqlitePool,
+    org: Option<&str>,
+    window: Window,
+) -> Result<Vec<StoredInterval>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT app, machine_id, kind, start_ms, end_ms, cpus, memory_mb, bytes FROM usage_intervals
+         WHERE (?1 IS NULL OR org = ?1) AND start_ms < ?2 AND (end_ms IS NULL OR end_ms > ?3)",
+    )
+    .bind(org)
+    .bind(window.to_ms)
+    .bind(window.from_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let kind = if row.get::<String, _>(2) == "run" {
+                IntervalKind::Run {
+                    cpus: row.get(5),
+                    memory_mb: row.get(6),
+                }
+            } else {
+                IntervalKind::Storage {
+                    bytes: u64::try_from(row.get::<i64, _>(7)).unwrap_or_default(),
+                }
+            };
+            StoredInterval {
+                app: row.get(0),
+                machine_id: row.get(1),
+                kind,
+                start_ms: row.get(3),
+                end_ms: row.get(4),
+            }
+        })
+        .collect())
+}
+
+/// Pulls every worker's journal until it is drained.
+pub(crate) async fn ingest_all(control: &ControlPlane) {
+    let _one_at_a_time = control.ingest_lock.lock().await;
+    for (name, worker) in &control.workers {
+        loop {
+            match ingest_worker(control, name, worker.as_ref()).await {
+                Ok(count) if count == INGEST_BATCH as usize => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    warn!(worker = %name, %error, "ingesting usage; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn ingest_worker(
+    control: &ControlPlane,
+    name: &str,
+    worker: &dyn WorkerService,
+) -> Result<usize, String> {
+    let pool = control.store.pool();
+    let after = cursor(pool, name)
+        .await
+        .map_err(|error| error.to_string())?;
+    let batch = worker
+        .usage_since(after, INGEST_BATCH)
+        .await
+        .map_err(|error| error.to_string())?;
+    ingest(pool, name, &batch)
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(batch.len())
+}
+
+pub(crate) fn spawn_ingestion(control: &std::sync::Arc<ControlPlane>) {
+    let weak = std::sync::Arc::downgrade(control);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INGEST_INTERVAL);
+        loop {
+            tick.tick().await;
+            let Some(control) = weak.upgrade() else {
+                return;
+            };
+            ingest_all(&control).await;
+        }
+    });
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Machine,
+    App,
+    Day,
+}
+
+/// Sums the intervals inside the window, grouped; rows sorted by their key.
+pub fn report_rows(
+    intervals: &[StoredInterval],
+    window: Window,
+    now_ms: i64,
+    group_by: GroupBy,
+) -> BTreeMap<String, Quantities> {
+    let mut groups: BTreeMap<String, Quantities> = BTreeMap::new();
+    for interval in intervals {
+        let Some((start, end)) = window.clip(interval.start_ms, interval.end_ms, now_ms) else {
+            continue;
+        };
+        match group_by {
+            GroupBy::Machine => groups
+                .entry(interval.machine_id.clone())
+                .or_default()
+                .add_span(interval.kind, start, end),
+            GroupBy::App => {
+                groups
+                    .entry(interval.app.clone())
+                    .or_default()
+                    .add_span(interval.kind, start, end)
+            }
+            GroupBy::Day => {
+                for (day, piece_start, piece_end) in split_by_day(start, end) {
+                    let label = format_ms(day * DAY_MS)
+                        .get(..10)
+                        .unwrap_or_default()
+                        .to_owned();
+                    groups.entry(label).or_default().add_span(
+                        interval.kind,
+                        piece_start,
+                        piece_end,
+                    );
+                }
+            }
+        }
+    }
+    groups
+}
+
+fn row(group_by: Option<GroupBy>, key: &str, quantities: &Quantities, prices: &Prices) -> UsageRow {
+    let round = |value: f64| (value * 1e6).round() / 1e6;
+    UsageRow {
+        machine: (group_by == Some(GroupBy::Machine)).then(|| key.to_owned()),
+        app: (group_by == Some(GroupBy::App)).then(|| key.to_owned()),
+        day: (group_by == Some(GroupBy::Day)).then(|| key.to_owned()),
+        running_seconds: round(quantities.running_seconds()),
+        cpu_seconds: round(quantities.cpu_seconds()),
+        memory_gb_seconds: round(quantities.memory_gb_seconds()),
+        storage_gb_hours: round(quantities.storage_gb_hours()),
+        cost: round(prices.cost(quantities)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+}
+
+/// RFC 3339, a plain date (UTC midnight) or milliseconds since the epoch.
+fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .or_else(|_| {
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            time::Date::parse(text, &format).map(|date| date.midnight().assume_utc())
+        });
+    parsed
+        .map(|moment| i64::try_from(moment.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+        .map_err(|_| {
+            ApiError::invalid_config(
+                field,
+                format!("{field} must be RFC 3339, YYYY-MM-DD or epoch milliseconds"),
+            )
+        })
+}
+
+async fn org_usage(
+    State(control): State<Shared>,
+    token: BearerToken,
+    UrlPath(org): UrlPath<String>,
+    headers: HeaderMap,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    control.authorize(&token)?;
+    let Query(query) =
+        query.map_err(|rejection| ApiError::invalid_config("query", rejection.body_text()))?;
+    if !control.store.org_exists(&org).await? {
+        return Err(ApiError::not_found(format!("org {org:?}")));
+    }
+    let now = now_ms();
+    let to_ms = query
+        .to
+        .as_deref()
+        .map(|text| parse_time("to", text))
+        .transpose()?
+        .unwrap_or(now);
+    let from_ms = match query.from.as_deref() {
+        Some(text) => parse_time("from", text)?,
+        None => to_ms - 30 * DAY_MS,
+    };
+    if from_ms >= to_ms {
+        return Err(ApiError::invalid_config("from", "from must be before to"));
+    }
+    let group_by = match query.group_by.as_deref().unwrap_or("machine") {
+        "machine" => GroupBy::Machine,
+        "app" => GroupBy::App,
+        "day" => GroupBy::Day,
+        _ => {
+            return Err(ApiError::invalid_config(
+                "group_by",
+                "group_by is machine, app or day",
+            ))
+        }
+    };
+    ingest_all(&control).await;
+    let window = Window { from_ms, to_ms };
+    let intervals = intervals(control.store.pool(), Some(&org), window).await?;
+    let groups = report_rows(&intervals, window, now, group_by);
+    let mut total = Quantities::default();
+    groups
+        .values()
+        .for_each(|quantities| total.merge(quantities));
+    let prices = control.prices;
+    let report = UsageReport {
+        org,
+        from: format_ms(from_ms),
+        to: format_ms(to_ms),
+        group_by: query.group_by.unwrap_or_else(|| "machine".into()),
+        rows: groups
+            .iter()
+            .map(|(key, quantities)| row(Some(group_by), key, quantities, &prices))
+            .collect(),
+        total: row(None, "", &total, &prices),
+    };
+    let wants_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/csv"));
+    if wants_csv {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            to_csv(&report),
+        )
+            .into_response());
+    }
+    Ok((StatusCode::OK, Json(report)).into_response())
+}
+
+fn to_csv(report: &UsageReport) -> String {
+    let mut out = format!(
+        "{},running_seconds,cpu_seconds,memory_gb_seconds,storage_gb_hours,cost\n",
+        report.group_by
+    );
+    for row in &report.rows {
+        let key = row
+            .machine
+            .as_deref()
+            .or(row.app.as_deref())
+            .or(row.day.as_deref())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{key},{},{},{},{},{}\n",
+            row.running_seconds,
+            row.cpu_seconds,
+            row.memory_gb_seconds,
+            row.storage_gb_hours,
+            row.cost
+        ));
+    }
+    out
+}
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new().route("/orgs/{org}/usage", get(org_usage))
+}
