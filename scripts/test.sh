@@ -23,8 +23,8 @@ trap 'rm -f "$before" "$after"' EXIT
 leftovers >"$before"
 
 cargo fmt --all -- --check
-cargo clippy --locked --workspace --all-targets -- -D warnings
-cargo test --locked --workspace
+cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
+cargo test --locked --workspace --all-features
 
 leftovers >"$after"
 if new=$(comm -13 "$before" "$after") && [ -n "$new" ]; then

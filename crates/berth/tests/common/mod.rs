@@ -50,6 +50,17 @@ impl Platform {
 
     /// Starts `berth up` on the same data dir and port, and waits for health and the token.
     pub fn boot(&mut self) {
+        self.boot_with_env(&[]);
+    }
+
+    /// Waits for a `berth up` that is expected to die by itself (a failpoint).
+    pub fn wait_exit(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.wait();
+        }
+    }
+
+    pub fn boot_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.process.is_none(), "already running");
         let listen = self.api_url.trim_start_matches("http://").to_owned();
         let log =
@@ -59,6 +70,7 @@ impl Platform {
             .arg(self.data_dir.path())
             .args(["--api-listen", &listen])
             .env("BERTH_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
