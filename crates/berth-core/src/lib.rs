@@ -4,6 +4,7 @@
 
 pub mod billing;
 pub mod ids;
+pub mod placement;
 pub mod restart;
 pub mod signal;
 pub mod state;
