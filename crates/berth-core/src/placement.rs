@@ -41,7 +41,7 @@ impl WorkerCapacity {
     /// How empty the worker would be after taking the request, in thousandths: the
     /// tightest of CPU, memory and disk.
     fn headroom_after(&self, request: &PlacementRequest) -> u64 {
-        let share = |free: u64, total: u64| if total == 0 { 0 } else { free * 1000 / total };
+        let share = |free: u64, total: u64| (free * 1000).checked_div(total).unwrap_or(0);
         let cpu = share(
             u64::from(self.free_cpus() - request.cpus),
             u64::from(self.cpus),
