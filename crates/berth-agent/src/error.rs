@@ -29,6 +29,13 @@ pub enum AgentError {
     Store(#[from] sqlx::Error),
     #[error("{0}")]
     Internal(String),
+    /// An error answer from a remote worker, passed on as it came.
+    #[error("{}", body.message)]
+    Remote { status: u16, body: ErrorBody },
+    #[error("worker {worker} lacks {missing} to start this machine; stopped machines gave theirs back and another may have taken them")]
+    InsufficientCapacity { worker: String, missing: String },
+    #[error("worker {worker} is unavailable: {reason}")]
+    Unavailable { worker: String, reason: String },
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -90,6 +97,23 @@ impl AgentError {
             AgentError::Store(_) | AgentError::Internal(_) => {
                 body.error = "internal".into();
                 500
+            }
+            AgentError::Remote {
+                status,
+                body: remote,
+            } => {
+                body = remote.clone();
+                *status
+            }
+            AgentError::InsufficientCapacity { .. } => {
+                body.error = "insufficient_capacity".into();
+                body.retry_after_ms = Some(5000);
+                503
+            }
+            AgentError::Unavailable { .. } => {
+                body.error = "worker_unavailable".into();
+                body.retry_after_ms = Some(2000);
+                503
             }
         };
         (status, body)

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_api::{
-    CloseBasis, ExitInfo, ImageRef, Machine, MachineState, StartStopResponse, StopRequest,
-    UpdateMachineRequest, UsageRecord,
+    CloseBasis, ExitInfo, ImageRef, Machine, MachineState, Resources, StartStopResponse,
+    StopRequest, UpdateMachineRequest, UsageRecord, WorkerStats,
 };
 use berth_core::restart::{self, RestartDecision};
 use berth_core::state::{self, Action, ActionPlan};
@@ -27,8 +27,10 @@ use tracing::{info, warn};
 pub mod bundle;
 pub mod error;
 pub mod failpoint;
+pub mod http;
 pub mod metering;
 pub mod record;
+pub mod remote;
 pub mod service;
 pub mod store;
 
@@ -52,9 +54,16 @@ const STORAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
 pub struct AgentConfig {
     /// Holds `agent.db` and `machines/`.
     pub data_dir: PathBuf,
+    /// The worker's name in the cluster.
+    pub name: String,
     pub region: String,
     pub pids_limit: i64,
+    /// What this host offers to Machines. Start refuses to run past it.
+    pub capacity: Resources,
 }
+
+/// Disk reserved for each Machine that exists, for placement and capacity.
+pub const MACHINE_DISK_MB: u64 = 1024;
 
 #[derive(Clone)]
 pub struct Agent {
@@ -68,6 +77,9 @@ struct Inner {
     images: Arc<ImageStore>,
     machines_root: PathBuf,
     locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// CPUs and memory of every Machine that runs (or is being started), by id. Start
+    /// reserves here before it boots, so concurrent starts cannot overcommit the host.
+    running: StdMutex<HashMap<String, (u32, u64)>>,
 }
 
 impl Agent {
@@ -91,9 +103,11 @@ impl Agent {
                 images,
                 machines_root,
                 locks: StdMutex::new(HashMap::new()),
+                running: StdMutex::new(HashMap::new()),
             }),
         };
         agent.recover().await?;
+        agent.rebuild_running().await?;
         agent.spawn_meter();
         Ok(agent)
     }
@@ -154,6 +168,94 @@ impl Agent {
                 warn!(machine = %record.id, %error, "journaling a storage measurement");
             }
         }
+    }
+
+    async fn rebuild_running(&self) -> Result<()> {
+        let records = self.inner.store.list_all().await?;
+        let mut running = self.running_table()?;
+        running.clear();
+        for record in records
+            .iter()
+            .filter(|record| record.state == MachineState::Started)
+        {
+            running.insert(
+                record.id.clone(),
+                (
+                    record.config.guest.cpus,
+                    u64::from(record.config.guest.memory_mb),
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn running_table(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, (u32, u64)>>> {
+        self.inner
+            .running
+            .lock()
+            .map_err(|_| AgentError::Internal("running table poisoned".into()))
+    }
+
+    /// Reserves the Machine's CPUs and memory on this host, or says what is missing.
+    fn reserve(&self, record: &MachineRecord) -> Result<()> {
+        let capacity = self.inner.config.capacity;
+        let mut running = self.running_table()?;
+        let (used_cpus, used_memory) = running
+            .iter()
+            .filter(|(id, _)| **id != record.id)
+            .fold((0u32, 0u64), |(cpus, memory), (_, (c, m))| {
+                (cpus + c, memory + m)
+            });
+        let want_cpus = record.config.guest.cpus;
+        let want_memory = u64::from(record.config.guest.memory_mb);
+        let mut missing = Vec::new();
+        if used_cpus + want_cpus > capacity.cpus {
+            missing.push(format!(
+                "{} CPUs (free {})",
+                want_cpus,
+                capacity.cpus.saturating_sub(used_cpus)
+            ));
+        }
+        if used_memory + want_memory > capacity.memory_mb {
+            missing.push(format!(
+                "{want_memory} MB of memory (free {} MB)",
+                capacity.memory_mb.saturating_sub(used_memory)
+            ));
+        }
+        if !missing.is_empty() {
+            return Err(AgentError::InsufficientCapacity {
+                worker: self.inner.config.name.clone(),
+                missing: missing.join(" and "),
+            });
+        }
+        running.insert(record.id.clone(), (want_cpus, want_memory));
+        Ok(())
+    }
+
+    fn release(&self, id: &str) {
+        if let Ok(mut running) = self.inner.running.lock() {
+            running.remove(id);
+        }
+    }
+
+    /// What the heartbeat reports.
+    pub async fn stats(&self) -> Result<WorkerStats> {
+        let machines = self.inner.store.count().await?;
+        let running = self.running_table()?;
+        let (cpus, memory_mb) = running
+            .values()
+            .fold((0u32, 0u64), |(cpus, memory), (c, m)| {
+                (cpus + c, memory + m)
+            });
+        Ok(WorkerStats {
+            used: Resources {
+                cpus,
+                memory_mb,
+                disk_mb: machines * MACHINE_DISK_MB,
+            },
+            machines,
+            running: running.len() as u64,
+        })
     }
 
     pub fn store(&self) -> &AgentStore {
@@ -258,7 +360,16 @@ impl Agent {
         self.inner
             .store
             .save_with_usage(record, Some(&event), usage)
-            .await
+            .await?;
+        self.release_unless_running(record);
+        Ok(())
+    }
+
+    /// A Machine that no longer runs gives its CPUs and memory back.
+    fn release_unless_running(&self, record: &MachineRecord) {
+        if !matches!(record.state, MachineState::Starting | MachineState::Started) {
+            self.release(&record.id);
+        }
     }
 
     async fn set_state(&self, record: &mut MachineRecord, state: MachineState) -> Result<()> {
@@ -269,12 +380,15 @@ impl Agent {
         );
         record.state = state;
         record.updated_at_ms = now_ms();
-        self.inner.store.save(record, None).await
+        self.inner.store.save(record, None).await?;
+        self.release_unless_running(record);
+        Ok(())
     }
 
     /// Boots a Machine whose lock the caller holds. Only runtime work: the rootfs stack and
     /// the bundle were laid out at create.
     async fn boot(&self, record: &mut MachineRecord, source: EventSource) -> Result<()> {
+        self.reserve(record)?;
         record.run_generation += 1;
         self.set_state(record, MachineState::Starting).await?;
         let layout = self.layout(&record.id);
@@ -295,6 +409,7 @@ impl Agent {
                 Ok(())
             }
             Err(error) => {
+                self.release(&record.id);
                 if let Err(cleanup_error) = self.inner.runtime.cleanup(&layout).await {
                     warn!(machine = %record.id, %cleanup_error, "cleanup after a failed start");
                 }
@@ -705,7 +820,11 @@ impl WorkerService for Agent {
         validate::validate_name("name", &request.name)?;
         validate::validate_config(&request.config)?;
         let _guard = self.lock(&request.id).await?;
-        if self.inner.store.get(&request.id).await?.is_some() {
+        // A retried create (the answer was lost on the network) finds its own Machine.
+        if let Some(existing) = self.inner.store.get(&request.id).await? {
+            if existing.app == request.app && existing.name == request.name {
+                return Ok(existing.to_api());
+            }
             return Err(AgentError::Internal(format!(
                 "machine id {} is already taken",
                 request.id

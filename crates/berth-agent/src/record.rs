@@ -95,6 +95,8 @@ impl MachineRecord {
             updated_at: format_ms(self.updated_at_ms),
             last_exit: self.last_exit.clone(),
             restart_count: self.restart_count,
+            worker: None,
+            worker_status: None,
         }
     }
 }

@@ -6,11 +6,13 @@ use async_trait::async_trait;
 use berth_api::{
     Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
 /// Who asked for a state change. Recorded with every event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EventSource {
     User,
     RestartPolicy,
@@ -28,7 +30,7 @@ impl EventSource {
 }
 
 /// A create that the control plane has validated and placed on this worker.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateOnWorker {
     pub id: String,
     pub app: String,

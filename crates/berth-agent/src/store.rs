@@ -192,6 +192,13 @@ impl AgentStore {
             .collect()
     }
 
+    pub async fn count(&self) -> Result<u64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM machines")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or_default())
+    }
+
     pub async fn list_all(&self) -> Result<Vec<MachineRecord>> {
         let rows = sqlx::query("SELECT record FROM machines ORDER BY id")
             .fetch_all(&self.pool)

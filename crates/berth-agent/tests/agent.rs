@@ -52,8 +52,14 @@ impl Fixture {
         Agent::open(
             AgentConfig {
                 data_dir: self.dir.path().join("worker"),
+                name: "test".into(),
                 region: "test".into(),
                 pids_limit: 64,
+                capacity: berth_api::Resources {
+                    cpus: 4,
+                    memory_mb: 2048,
+                    disk_mb: 100_000,
+                },
             },
             self.runtime.clone(),
             self.images.clone(),
@@ -379,4 +385,53 @@ async fn recovery_rolls_back_a_half_done_create_and_settles_in_flight_states() {
         calls.contains(&"signal 0000000000000a 9".to_string()),
         "{calls:?}"
     );
+}
+
+#[tokio::test]
+async fn start_refuses_to_overcommit_the_host() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    // 4 CPUs and 2048 MB: two 2-CPU Machines fit, a third does not.
+    let mut big = create_request("0000000000000b", "demo/img:1", false);
+    big.config.guest.cpus = 2;
+    agent.create(big.clone()).await.expect("first");
+    big.id = "0000000000000c".into();
+    big.name = "n-c".into();
+    agent.create(big.clone()).await.expect("second");
+    big.id = "0000000000000d".into();
+    big.name = "n-d".into();
+    big.skip_launch = true;
+    agent.create(big).await.expect("created without starting");
+    let error = agent
+        .start("0000000000000d", EventSource::User)
+        .await
+        .expect_err("no room");
+    let (status, body) = error.to_response();
+    assert_eq!(
+        (status, body.error.as_str()),
+        (503, "insufficient_capacity")
+    );
+    assert!(
+        body.message.contains("test") && body.message.contains("CPUs"),
+        "{}",
+        body.message
+    );
+    assert!(body.retry_after_ms.is_some());
+    assert_eq!(
+        agent.get("0000000000000d").await.expect("get").state,
+        MachineState::Created,
+        "a refused start changes nothing"
+    );
+    // A stopped Machine gives its CPUs back.
+    agent
+        .stop("0000000000000b", StopRequest::default())
+        .await
+        .expect("stop");
+    agent
+        .start("0000000000000d", EventSource::User)
+        .await
+        .expect("now it fits");
+    let stats = agent.stats().await.expect("stats");
+    assert_eq!((stats.used.cpus, stats.running, stats.machines), (4, 2, 3));
 }

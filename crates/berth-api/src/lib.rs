@@ -257,6 +257,12 @@ pub struct Machine {
     /// How many times the restart policy has restarted this run.
     #[serde(default)]
     pub restart_count: u32,
+    /// The worker that holds the Machine's disk; set at create, kept until destroy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// `ok`, or `unreachable` when the worker is down and this is the last known state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_status: Option<String>,
 }
 
 /// The answer to start and stop.
@@ -419,4 +425,55 @@ pub struct UsageReport {
     pub group_by: String,
     pub rows: Vec<UsageRow>,
     pub total: UsageRow,
+}
+
+/// A worker's size, or how much of it is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+}
+
+/// What a worker reports with every heartbeat. CPU and memory count running Machines;
+/// disk counts every Machine that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub used: Resources,
+    pub machines: u64,
+    pub running: u64,
+}
+
+/// `POST /v1/internal/workers/register`, sent by an agent with the join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterWorker {
+    pub name: String,
+    pub region: String,
+    /// Where the control plane reaches the agent's own API.
+    pub url: String,
+    pub capacity: Resources,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRegistered {
+    /// The worker's IPv6 /64 for its Machines, from the cluster's ULA /48.
+    pub machine_prefix: String,
+}
+
+/// `GET /v1/workers`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    pub name: String,
+    pub region: String,
+    /// `ready` or `unreachable`.
+    pub status: String,
+    pub cordoned: bool,
+    pub capacity: Resources,
+    pub used: Resources,
+    pub machines: u64,
+    pub running: u64,
+    pub machine_prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
 }

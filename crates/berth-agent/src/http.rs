@@ -1,0 +1,207 @@
+//! The agent's own HTTP API: `WorkerService` over HTTP/JSON for a control plane in another
+//! process, authenticated with the cluster's join token. [`crate::remote::RemoteWorker`]
+//! is its client.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use berth_api::{ErrorBody, StopRequest, UpdateMachineRequest};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::AgentError;
+use crate::service::{CreateOnWorker, EventSource, WorkerService};
+
+/// The largest request body a control plane sends (a Machine config).
+const MAX_BODY: usize = 1024 * 1024;
+
+struct AgentHttp {
+    worker: Arc<dyn WorkerService>,
+    join_token_hash: [u8; 32],
+}
+
+type Shared = Arc<AgentHttp>;
+
+struct Failure(AgentError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let (status, body) = self.0.to_response();
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Json(body),
+        )
+            .into_response()
+    }
+}
+
+impl From<AgentError> for Failure {
+    fn from(error: AgentError) -> Failure {
+        Failure(error)
+    }
+}
+
+fn unauthorized() -> Response {
+    let body = ErrorBody {
+        error: "unauthorized".into(),
+        message: "the join token is required".into(),
+        state: None,
+        field: None,
+        retry_after_ms: None,
+    };
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}
+
+fn authorized(http: &AgentHttp, headers: &HeaderMap) -> bool {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    bool::from(hash.ct_eq(&http.join_token_hash))
+}
+
+/// The router a worker serves to its control plane.
+pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
+    let state = Arc::new(AgentHttp {
+        worker,
+        join_token_hash: Sha256::digest(join_token.as_bytes()).into(),
+    });
+    let authenticated = Router::new()
+        .route("/agent/v1/machines", get(list).post(create))
+        .route("/agent/v1/machines/{id}", get(get_machine).delete(destroy))
+        .route("/agent/v1/machines/{id}/start", post(start))
+        .route("/agent/v1/machines/{id}/stop", post(stop))
+        .route("/agent/v1/machines/{id}/update", post(update))
+        .route("/agent/v1/machines/{id}/logs", get(logs))
+        .route("/agent/v1/usage", get(usage))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_join_token,
+        ));
+    Router::new()
+        .route("/agent/v1/health", get(|| async { "ok" }))
+        .merge(authenticated)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn require_join_token(
+    State(http): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if authorized(&http, request.headers()) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
+
+async fn create(
+    State(http): State<Shared>,
+    Json(request): Json<CreateOnWorker>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.create(request).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    app: String,
+}
+
+async fn list(
+    State(http): State<Shared>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.list(&query.app).await?).into_response())
+}
+
+async fn get_machine(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.get(&id).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct StartBody {
+    source: EventSource,
+}
+
+async fn start(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<StartBody>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.start(&id, body.source).await?).into_response())
+}
+
+async fn stop(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<StopRequest>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.stop(&id, body).await?).into_response())
+}
+
+async fn update(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateMachineRequest>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.update(&id, body).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct DestroyQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn destroy(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<DestroyQuery>,
+) -> Result<Response, Failure> {
+    http.worker.destroy(&id, query.force).await?;
+    Ok(Json(serde_json::json!({"ok": true})).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    max_bytes: u64,
+}
+
+async fn logs(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<LogsQuery>,
+) -> Result<Response, Failure> {
+    let bytes = http.worker.logs(&id, query.max_bytes).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    after: u64,
+    limit: u32,
+}
+
+async fn usage(
+    State(http): State<Shared>,
+    Query(query): Query<UsageQuery>,
+) -> Result<Response, Failure> {
+    Ok(Json(
+        http.worker
+            .usage_since(query.after, query.limit.min(10_000))
+            .await?,
+    )
+    .into_response())
+}

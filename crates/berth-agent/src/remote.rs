@@ -1,0 +1,221 @@
+//! A worker in another process, reached over its HTTP API ([`crate::http`]). Every call
+//! has a deadline; calls that are safe to repeat are retried on connection failures with
+//! a short backoff. A worker that cannot be reached answers `worker_unavailable`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_api::{
+    ErrorBody, Machine, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
+};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{AgentError, Result};
+use crate::service::{CreateOnWorker, EventSource, WorkerService};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// Create may pull an image.
+const CREATE_DEADLINE: Duration = Duration::from_secs(600);
+/// Start, stop and update wait for processes; stop for up to its own timeout.
+const LIFECYCLE_DEADLINE: Duration = Duration::from_secs(330);
+const RETRIES: u32 = 3;
+
+#[derive(Clone)]
+pub struct RemoteWorker {
+    name: String,
+    base: String,
+    join_token: String,
+    http: reqwest::Client,
+}
+
+impl RemoteWorker {
+    pub fn new(name: &str, base_url: &str, join_token: &str) -> Result<RemoteWorker> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|error| AgentError::Internal(format!("http client: {error}")))?;
+        Ok(RemoteWorker {
+            name: name.to_owned(),
+            base: base_url.trim_end_matches('/').to_owned(),
+            join_token: join_token.to_owned(),
+            http,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<B: Serialize + Sync>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        deadline: Duration,
+        idempotent: bool,
+    ) -> Result<reqwest::Response> {
+        let mut attempt = 0;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base))
+                .bearer_auth(&self.join_token)
+                .timeout(deadline);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            match request.send().await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let text = response.bytes().await.unwrap_or_default();
+                    let body =
+                        serde_json::from_slice::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
+                            error: "internal".into(),
+                            message: format!("worker {} answered {status}", self.name),
+                            state: None,
+                            field: None,
+                            retry_after_ms: None,
+                        });
+                    return Err(AgentError::Remote { status, body });
+                }
+                // Only a request that never reached the worker is safe to send again,
+                // unless the operation itself is idempotent.
+                Err(error) if attempt < RETRIES && (idempotent || error.is_connect()) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(error) => {
+                    return Err(AgentError::Unavailable {
+                        worker: self.name.clone(),
+                        reason: error.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, response: reqwest::Response) -> Result<T> {
+        response
+            .json()
+            .await
+            .map_err(|error| AgentError::Unavailable {
+                worker: self.name.clone(),
+                reason: format!("reading its answer: {error}"),
+            })
+    }
+
+    /// Whether the worker answers its health check.
+    pub async fn healthy(&self) -> bool {
+        let response = self
+            .http
+            .get(format!("{}/agent/v1/health", self.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        response.is_ok_and(|response| response.status().is_success())
+    }
+}
+
+#[async_trait]
+impl WorkerService for RemoteWorker {
+    async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
+        // The agent answers a repeated create of the same id with the same Machine.
+        let response = self
+            .call(
+                Method::POST,
+                "/agent/v1/machines",
+                Some(&request),
+                CREATE_DEADLINE,
+                true,
+            )
+            .await?;
+        self.json(response).await
+    }
+
+    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let body = serde_json::json!({ "source": source });
+        let path = format!("/agent/v1/machines/{id}/start");
+        let response = self
+            .call(Method::POST, &path, Some(&body), LIFECYCLE_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
+        let path = format!("/agent/v1/machines/{id}/stop");
+        let response = self
+            .call(
+                Method::POST,
+                &path,
+                Some(&request),
+                LIFECYCLE_DEADLINE,
+                true,
+            )
+            .await?;
+        self.json(response).await
+    }
+
+    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+        let path = format!("/agent/v1/machines/{id}/update");
+        let response = self
+            .call(Method::POST, &path, Some(&request), CREATE_DEADLINE, false)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn destroy(&self, id: &str, force: bool) -> Result<()> {
+        let path = format!("/agent/v1/machines/{id}?force={force}");
+        self.call::<()>(Method::DELETE, &path, None, LIFECYCLE_DEADLINE, true)
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Machine> {
+        let response = self
+            .call::<()>(
+                Method::GET,
+                &format!("/agent/v1/machines/{id}"),
+                None,
+                READ_DEADLINE,
+                true,
+            )
+            .await?;
+        self.json(response).await
+    }
+
+    async fn list(&self, app: &str) -> Result<Vec<Machine>> {
+        let path = format!("/agent/v1/machines?app={app}");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {
+        let path = format!("/agent/v1/usage?after={after_seq}&limit={limit}");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let path = format!("/agent/v1/machines/{id}/logs?max_bytes={max_bytes}");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        response
+            .bytes()
+            .await
+            .map(|bytes| bytes.to_vec())
+            .map_err(|error| AgentError::Unavailable {
+                worker: self.name.clone(),
+                reason: format!("reading logs: {error}"),
+            })
+    }
+}
