@@ -2,7 +2,6 @@
 //! of which worker holds each Machine, and forwards Machine operations to that worker
 //! through [`WorkerService`]. It never touches a host itself.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,7 +12,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use berth_agent::WorkerService;
 use berth_api::Health;
+use berth_api::{RegisterWorker, WorkerStats};
 use berth_core::billing::Prices;
+use berth_core::placement::{self, PlacementError, PlacementRequest, Strategy};
 use berth_core::{ids, validate};
 use berth_image::ImageStore;
 use sha2::{Digest, Sha256};
@@ -26,6 +27,7 @@ mod images;
 mod machines;
 pub mod store;
 pub mod usage;
+mod workers;
 
 pub use error::ApiError;
 use extract::{BearerToken, MAX_JSON_BODY};
@@ -39,6 +41,8 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// The admin bearer token. Only its hash is kept in memory.
     pub admin_token: String,
+    /// Agents authenticate with it, and the control plane with them.
+    pub join_token: String,
     pub prices: Prices,
 }
 
@@ -46,7 +50,8 @@ pub struct ControlConfig {
 pub struct ControlPlane {
     store: ControlStore,
     admin_token_hash: [u8; 32],
-    workers: BTreeMap<String, Arc<dyn WorkerService>>,
+    workers: workers::Workers,
+    join_token: String,
     images: Arc<ImageStore>,
     scratch_dir: PathBuf,
     prices: Prices,
@@ -63,7 +68,6 @@ fn token_hash(token: &str) -> [u8; 32] {
 impl ControlPlane {
     pub async fn open(
         config: ControlConfig,
-        workers: BTreeMap<String, Arc<dyn WorkerService>>,
         images: Arc<ImageStore>,
     ) -> Result<Arc<ControlPlane>, ApiError> {
         let scratch_dir = config.data_dir.join("uploads");
@@ -71,10 +75,12 @@ impl ControlPlane {
         let store = ControlStore::open(&config.data_dir.join("control.db")).await?;
         store.ensure_org(DEFAULT_ORG, now_ms()).await?;
         usage::migrate(store.pool()).await?;
+        let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
         let control = Arc::new(ControlPlane {
             store,
             admin_token_hash: token_hash(&config.admin_token),
             workers,
+            join_token: config.join_token,
             images,
             scratch_dir,
             prices: config.prices,
@@ -91,6 +97,7 @@ impl ControlPlane {
             .nest("/apps/{app}/machines", machines::routes())
             .merge(images::routes())
             .merge(usage::routes())
+            .merge(workers::routes())
             .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
         Router::new()
             .route("/v1/health", get(health))
@@ -114,22 +121,60 @@ impl ControlPlane {
         }
     }
 
-    pub(crate) fn worker(&self, name: &str) -> Result<&Arc<dyn WorkerService>, ApiError> {
+    /// A worker running in this process (`berth up`); answers its Machine prefix.
+    pub async fn add_local_worker(
+        &self,
+        registration: RegisterWorker,
+        service: Arc<dyn WorkerService>,
+    ) -> Result<String, ApiError> {
+        Ok(self
+            .workers
+            .register(self.store.pool(), &registration, service, None)
+            .await?)
+    }
+
+    /// A heartbeat from a worker in this process.
+    pub fn local_heartbeat(&self, name: &str, stats: WorkerStats) {
+        self.workers.heartbeat(name, stats);
+    }
+
+    pub(crate) fn worker(&self, name: &str) -> Result<Arc<dyn WorkerService>, ApiError> {
         self.workers
-            .get(name)
+            .service(name)
             .ok_or_else(|| ApiError::internal(format!("worker {name} is not known")))
     }
 
-    /// Placement. With one worker per process for now, the choice is the first worker; the
-    /// Machine is pinned to it from here on.
-    pub(crate) fn place(&self) -> Result<String, ApiError> {
-        self.workers.keys().next().cloned().ok_or_else(|| {
-            ApiError::new(
+    /// Placement: decided once, at create; the Machine is pinned to the answer.
+    pub(crate) fn place(&self, request: &PlacementRequest) -> Result<String, ApiError> {
+        let capacities = self.workers.capacities();
+        if capacities.is_empty() {
+            return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_workers",
-                "no worker is available",
-            )
-        })
+                "no worker has joined the cluster",
+            ));
+        }
+        match placement::place(&capacities, request, Strategy::default()) {
+            Ok(worker) => Ok(worker.name.clone()),
+            Err(error @ PlacementError::NoWorkerInRegion(_)) => {
+                let mut api = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_region",
+                    error.to_string(),
+                );
+                api.body.field = Some("region".into());
+                Err(api)
+            }
+            Err(error) => {
+                let mut api = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "insufficient_capacity",
+                    error.to_string(),
+                );
+                api.body.retry_after_ms = Some(5000);
+                Err(api)
+            }
+        }
     }
 
     pub(crate) async fn app(&self, name: &str) -> Result<AppRow, ApiError> {
@@ -189,6 +234,11 @@ async fn health() -> Json<Health> {
 
 /// Reads the admin token from `path`, or makes a new random one there (mode 0600).
 pub fn load_or_create_admin_token(path: &Path) -> std::io::Result<String> {
+    load_or_create_token(path, "berth")
+}
+
+/// Reads a secret token from `path`, or makes a new random one there (mode 0600).
+pub fn load_or_create_token(path: &Path, prefix: &str) -> std::io::Result<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read_to_string(path) {
@@ -197,7 +247,7 @@ pub fn load_or_create_admin_token(path: &Path) -> std::io::Result<String> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(error),
     }
-    let token = format!("berth_{}", hex::encode(rand::random::<[u8; 32]>()));
+    let token = format!("{prefix}_{}", hex::encode(rand::random::<[u8; 32]>()));
     let temporary = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)

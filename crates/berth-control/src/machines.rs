@@ -17,7 +17,10 @@ use crate::apps::ignore_not_found;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, BearerToken, OptionalJson};
 use crate::store::{Inserted, MachineIndexRow};
-use crate::Shared;
+use crate::{ControlPlane, Shared};
+use berth_agent::{AgentError, MACHINE_DISK_MB};
+use berth_api::Resources;
+use berth_core::placement::PlacementRequest;
 
 const DEFAULT_LOG_BYTES: u64 = 1024 * 1024;
 const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
@@ -36,7 +39,13 @@ async fn create_machine(
         .name
         .clone()
         .unwrap_or_else(|| format!("machine-{id}"));
-    let worker_name = control.place()?;
+    let placement = PlacementRequest {
+        region: request.region.clone(),
+        cpus: request.config.guest.cpus,
+        memory_mb: u64::from(request.config.guest.memory_mb),
+        disk_mb: MACHINE_DISK_MB,
+    };
+    let worker_name = control.place(&placement)?;
     let row = MachineIndexRow {
         id: id.clone(),
         app: app.clone(),
@@ -52,6 +61,14 @@ async fn create_machine(
     }
     crate::usage::record_owner(control.store.pool(), &id, &app, &app_row.org_slug).await?;
     let worker = control.worker(&worker_name)?;
+    let size = Resources {
+        cpus: placement.cpus,
+        memory_mb: placement.memory_mb,
+        disk_mb: placement.disk_mb,
+    };
+    control
+        .workers
+        .reserve(&worker_name, size, !request.skip_launch);
     let created = worker
         .create(CreateOnWorker {
             id: id.clone(),
@@ -62,7 +79,7 @@ async fn create_machine(
         })
         .await;
     match created {
-        Ok(machine) => Ok(Json(machine)),
+        Ok(machine) => Ok(Json(seen(&control, machine, &worker_name).await)),
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
         Err(error @ berth_agent::AgentError::StartFailed { .. }) => Err(error.into()),
         Err(error) => {
@@ -85,7 +102,22 @@ async fn list_machines(
     workers.dedup();
     let mut machines = Vec::with_capacity(rows.len());
     for worker in workers {
-        machines.extend(control.worker(worker)?.list(&app).await?);
+        match control.worker(worker)?.list(&app).await {
+            Ok(listed) => {
+                for machine in listed {
+                    machines.push(seen(&control, machine, worker).await);
+                }
+            }
+            // A worker that is down does not hide its Machines: show what was last known.
+            Err(AgentError::Unavailable { .. }) => {
+                for row in rows.iter().filter(|row| row.worker == worker) {
+                    if let Some(machine) = last_known(&control, &row.id, worker).await? {
+                        machines.push(machine);
+                    }
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     machines.sort_by(|a, b| {
         a.created_at
@@ -102,7 +134,16 @@ async fn get_machine(
 ) -> Result<Json<Machine>, ApiError> {
     control.authorize(&token)?;
     let row = control.machine(&app, &id).await?;
-    Ok(Json(control.worker(&row.worker)?.get(&id).await?))
+    match control.worker(&row.worker)?.get(&id).await {
+        Ok(machine) => Ok(Json(seen(&control, machine, &row.worker).await)),
+        Err(error @ AgentError::Unavailable { .. }) => {
+            match last_known(&control, &id, &row.worker).await? {
+                Some(machine) => Ok(Json(machine)),
+                None => Err(error.into()),
+            }
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 async fn update_machine(
@@ -114,9 +155,8 @@ async fn update_machine(
     control.authorize(&token)?;
     let row = control.machine(&app, &id).await?;
     validate::validate_config(&request.config)?;
-    Ok(Json(
-        control.worker(&row.worker)?.update(&id, request).await?,
-    ))
+    let machine = control.worker(&row.worker)?.update(&id, request).await?;
+    Ok(Json(seen(&control, machine, &row.worker).await))
 }
 
 async fn start_machine(
@@ -126,12 +166,12 @@ async fn start_machine(
 ) -> Result<Json<StartStopResponse>, ApiError> {
     control.authorize(&token)?;
     let row = control.machine(&app, &id).await?;
-    Ok(Json(
-        control
-            .worker(&row.worker)?
-            .start(&id, EventSource::User)
-            .await?,
-    ))
+    let mut answer = control
+        .worker(&row.worker)?
+        .start(&id, EventSource::User)
+        .await?;
+    answer.machine = seen(&control, answer.machine, &row.worker).await;
+    Ok(Json(answer))
 }
 
 async fn stop_machine(
@@ -142,7 +182,9 @@ async fn stop_machine(
 ) -> Result<Json<StartStopResponse>, ApiError> {
     control.authorize(&token)?;
     let row = control.machine(&app, &id).await?;
-    Ok(Json(control.worker(&row.worker)?.stop(&id, request).await?))
+    let mut answer = control.worker(&row.worker)?.stop(&id, request).await?;
+    answer.machine = seen(&control, answer.machine, &row.worker).await;
+    Ok(Json(answer))
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +235,35 @@ async fn machine_logs(
         .min(MAX_LOG_BYTES);
     let bytes = control.worker(&row.worker)?.logs(&id, max_bytes).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+}
+
+/// Marks a Machine answered by its worker with the worker's name, and remembers it as the
+/// last known state for when that worker is down.
+async fn seen(control: &ControlPlane, mut machine: Machine, worker: &str) -> Machine {
+    machine.worker = Some(worker.to_owned());
+    machine.worker_status = Some("ok".into());
+    if let Ok(json) = serde_json::to_string(&machine) {
+        if let Err(error) = control.store.remember_machine(&machine.id, &json).await {
+            tracing::warn!(machine = %machine.id, %error, "caching the machine's last known state");
+        }
+    }
+    machine
+}
+
+async fn last_known(
+    control: &ControlPlane,
+    id: &str,
+    worker: &str,
+) -> Result<Option<Machine>, ApiError> {
+    let Some(json) = control.store.last_known_machine(id).await? else {
+        return Ok(None);
+    };
+    let Ok(mut machine) = serde_json::from_str::<Machine>(&json) else {
+        return Ok(None);
+    };
+    machine.worker = Some(worker.to_owned());
+    machine.worker_status = Some("unreachable".into());
+    Ok(Some(machine))
 }
 
 pub(crate) fn routes() -> Router<Shared> {

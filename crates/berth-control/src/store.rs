@@ -48,6 +48,7 @@ const SCHEMA: &[&str] = &[
         app TEXT NOT NULL,
         name TEXT NOT NULL,
         worker TEXT NOT NULL,
+        last_json TEXT,
         UNIQUE (app, name)
     )",
 ];
@@ -181,6 +182,24 @@ impl ControlStore {
                 worker: row.get(3),
             })
             .collect())
+    }
+
+    /// The Machine JSON last answered by its worker.
+    pub async fn remember_machine(&self, id: &str, json: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE machines SET last_json = ? WHERE id = ?")
+            .bind(json)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn last_known_machine(&self, id: &str) -> Result<Option<String>, sqlx::Error> {
+        let row = sqlx::query("SELECT last_json FROM machines WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|row| row.get::<Option<String>, _>(0)))
     }
 
     pub async fn delete_machine(&self, id: &str) -> Result<(), sqlx::Error> {

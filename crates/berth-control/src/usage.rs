@@ -267,9 +267,9 @@ pub async fn intervals(
 /// Pulls every worker's journal until it is drained.
 pub(crate) async fn ingest_all(control: &ControlPlane) {
     let _one_at_a_time = control.ingest_lock.lock().await;
-    for (name, worker) in &control.workers {
+    for (name, worker) in control.workers.all() {
         loop {
-            match ingest_worker(control, name, worker.as_ref()).await {
+            match ingest_worker(control, &name, worker.as_ref()).await {
                 Ok(count) if count == INGEST_BATCH as usize => continue,
                 Ok(_) => break,
                 Err(error) => {

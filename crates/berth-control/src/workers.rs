@@ -1,0 +1,393 @@
+//! The workers of a cluster: registration (with the join token), heartbeats, cordon, and
+//! what placement knows of each. In-process workers (`berth up`) and remote agents
+//! (`berth agent`) look the same from here: each is a `WorkerService`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use berth_agent::remote::RemoteWorker;
+use berth_agent::WorkerService;
+use berth_api::{RegisterWorker, Resources, Worker, WorkerRegistered, WorkerStats};
+use berth_core::placement::WorkerCapacity;
+use sha2::{Digest, Sha256};
+use sqlx::{Row, SqlitePool};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::extract::{ApiJson, BearerToken};
+use crate::{format_ms, now_ms, Shared};
+
+/// A worker that has not heartbeaten for this long takes no new Machines and shows as
+/// unreachable.
+pub const HEARTBEAT_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub(crate) struct WorkerEntry {
+    pub service: Arc<dyn WorkerService>,
+    pub region: String,
+    pub url: Option<String>,
+    pub capacity: Resources,
+    pub cordoned: bool,
+    pub machine_prefix: String,
+    pub last_heartbeat_ms: Option<i64>,
+    pub stats: WorkerStats,
+}
+
+impl WorkerEntry {
+    fn healthy(&self, now: i64) -> bool {
+        // An in-process worker cannot be unreachable.
+        self.url.is_none()
+            || self
+                .last_heartbeat_ms
+                .is_some_and(|at| now - at <= HEARTBEAT_GRACE.as_millis() as i64)
+    }
+}
+
+pub(crate) struct Workers {
+    entries: RwLock<BTreeMap<String, WorkerEntry>>,
+    join_token_hash: [u8; 32],
+    cluster_prefix: String,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS workers (
+        name TEXT PRIMARY KEY NOT NULL,
+        ordinal INTEGER NOT NULL UNIQUE,
+        region TEXT NOT NULL,
+        url TEXT,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        disk_mb INTEGER NOT NULL,
+        cordoned INTEGER NOT NULL DEFAULT 0
+    )",
+    "CREATE TABLE IF NOT EXISTS cluster (id INTEGER PRIMARY KEY CHECK (id = 1), ula_prefix TEXT NOT NULL)",
+];
+
+/// The cluster's random ULA /48 (RFC 4193), made once and kept.
+async fn cluster_prefix(pool: &SqlitePool) -> Result<String, sqlx::Error> {
+    if let Some(row) = sqlx::query("SELECT ula_prefix FROM cluster WHERE id = 1")
+        .fetch_optional(pool)
+        .await?
+    {
+        return Ok(row.get(0));
+    }
+    let random: [u8; 5] = rand::random();
+    let prefix = format!(
+        "fd{:02x}:{:02x}{:02x}:{:02x}{:02x}",
+        random[0], random[1], random[2], random[3], random[4]
+    );
+    sqlx::query("INSERT OR IGNORE INTO cluster (id, ula_prefix) VALUES (1, ?)")
+        .bind(&prefix)
+        .execute(pool)
+        .await?;
+    let row = sqlx::query("SELECT ula_prefix FROM cluster WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(row.get(0))
+}
+
+impl Workers {
+    pub(crate) async fn open(pool: &SqlitePool, join_token: &str) -> Result<Workers, sqlx::Error> {
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(pool).await?;
+        }
+        let cluster_prefix = cluster_prefix(pool).await?;
+        let workers = Workers {
+            entries: RwLock::new(BTreeMap::new()),
+            join_token_hash: Sha256::digest(join_token.as_bytes()).into(),
+            cluster_prefix,
+        };
+        // Remote workers known from before a restart: reachable again as soon as they
+        // heartbeat; their Machines stay pinned to them meanwhile.
+        let rows = sqlx::query("SELECT name, ordinal, region, url, cpus, memory_mb, disk_mb, cordoned FROM workers WHERE url IS NOT NULL")
+            .fetch_all(pool)
+            .await?;
+        for row in rows {
+            let name: String = row.get(0);
+            let url: String = row.get(3);
+            let Ok(service) = RemoteWorker::new(&name, &url, join_token) else {
+                continue;
+            };
+            let entry = WorkerEntry {
+                service: Arc::new(service),
+                region: row.get(2),
+                url: Some(url),
+                capacity: Resources {
+                    cpus: row.get(4),
+                    memory_mb: row.get::<i64, _>(5) as u64,
+                    disk_mb: row.get::<i64, _>(6) as u64,
+                },
+                cordoned: row.get::<i64, _>(7) != 0,
+                machine_prefix: workers.prefix_for(row.get(1)),
+                last_heartbeat_ms: None,
+                stats: WorkerStats::default(),
+            };
+            workers.write().insert(name, entry);
+        }
+        Ok(workers)
+    }
+
+    fn prefix_for(&self, ordinal: i64) -> String {
+        format!("{}:{:04x}::/64", self.cluster_prefix, ordinal & 0xffff)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, WorkerEntry>> {
+        self.entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, WorkerEntry>> {
+        self.entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a worker (new or returning) and answers with its Machine prefix.
+    pub(crate) async fn register(
+        &self,
+        pool: &SqlitePool,
+        request: &RegisterWorker,
+        service: Arc<dyn WorkerService>,
+        url: Option<String>,
+    ) -> Result<String, sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
+             VALUES (?1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET region = ?2, url = ?3, cpus = ?4, memory_mb = ?5, disk_mb = ?6",
+        )
+        .bind(&request.name)
+        .bind(&request.region)
+        .bind(&url)
+        .bind(request.capacity.cpus)
+        .bind(i64::try_from(request.capacity.memory_mb).unwrap_or(i64::MAX))
+        .bind(i64::try_from(request.capacity.disk_mb).unwrap_or(i64::MAX))
+        .execute(pool)
+        .await?;
+        let row = sqlx::query("SELECT ordinal, cordoned FROM workers WHERE name = ?")
+            .bind(&request.name)
+            .fetch_one(pool)
+            .await?;
+        let prefix = self.prefix_for(row.get(0));
+        let mut entries = self.write();
+        let previous = entries.get(&request.name).cloned();
+        entries.insert(
+            request.name.clone(),
+            WorkerEntry {
+                service,
+                region: request.region.clone(),
+                url,
+                capacity: request.capacity,
+                cordoned: row.get::<i64, _>(1) != 0,
+                machine_prefix: prefix.clone(),
+                last_heartbeat_ms: Some(now_ms()),
+                stats: previous.map(|entry| entry.stats).unwrap_or_default(),
+            },
+        );
+        Ok(prefix)
+    }
+
+    pub(crate) fn heartbeat(&self, name: &str, stats: WorkerStats) -> bool {
+        match self.write().get_mut(name) {
+            Some(entry) => {
+                entry.last_heartbeat_ms = Some(now_ms());
+                entry.stats = stats;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn service(&self, name: &str) -> Option<Arc<dyn WorkerService>> {
+        self.read().get(name).map(|entry| entry.service.clone())
+    }
+
+    pub(crate) fn all(&self) -> Vec<(String, Arc<dyn WorkerService>)> {
+        self.read()
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.service.clone()))
+            .collect()
+    }
+
+    /// What placement sees.
+    pub(crate) fn capacities(&self) -> Vec<WorkerCapacity> {
+        let now = now_ms();
+        self.read()
+            .iter()
+            .map(|(name, entry)| WorkerCapacity {
+                name: name.clone(),
+                region: entry.region.clone(),
+                cordoned: entry.cordoned,
+                healthy: entry.healthy(now),
+                cpus: entry.capacity.cpus,
+                memory_mb: entry.capacity.memory_mb,
+                disk_mb: entry.capacity.disk_mb,
+                running_cpus: entry.stats.used.cpus,
+                running_memory_mb: entry.stats.used.memory_mb,
+                used_disk_mb: entry.stats.used.disk_mb,
+            })
+            .collect()
+    }
+
+    /// Counts a placement until the worker's next heartbeat reports it.
+    pub(crate) fn reserve(&self, name: &str, used: Resources, starts: bool) {
+        if let Some(entry) = self.write().get_mut(name) {
+            entry.stats.used.disk_mb += used.disk_mb;
+            entry.stats.machines += 1;
+            if starts {
+                entry.stats.used.cpus += used.cpus;
+                entry.stats.used.memory_mb += used.memory_mb;
+                entry.stats.running += 1;
+            }
+        }
+    }
+
+    fn check_join_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if bool::from(hash.ct_eq(&self.join_token_hash)) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+
+    fn to_api(&self, name: &str, entry: &WorkerEntry, now: i64) -> Worker {
+        Worker {
+            name: name.to_owned(),
+            region: entry.region.clone(),
+            status: if entry.healthy(now) {
+                "ready"
+            } else {
+                "unreachable"
+            }
+            .into(),
+            cordoned: entry.cordoned,
+            capacity: entry.capacity,
+            used: entry.stats.used,
+            machines: entry.stats.machines,
+            running: entry.stats.running,
+            machine_prefix: entry.machine_prefix.clone(),
+            last_heartbeat: entry.last_heartbeat_ms.map(format_ms),
+        }
+    }
+}
+
+async fn register(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<RegisterWorker>,
+) -> Result<Json<WorkerRegistered>, ApiError> {
+    control.workers.check_join_token(&headers)?;
+    berth_core::validate::validate_name("name", &request.name)?;
+    berth_core::validate::validate_region(&request.region)?;
+    let url = reqwest_url(&request.url)?;
+    let service =
+        RemoteWorker::new(&request.name, &url, &control.join_token).map_err(ApiError::from)?;
+    let machine_prefix = control
+        .workers
+        .register(control.store.pool(), &request, Arc::new(service), Some(url))
+        .await?;
+    tracing::info!(worker = %request.name, region = %request.region, "worker registered");
+    Ok(Json(WorkerRegistered { machine_prefix }))
+}
+
+/// Agents must be reached on loopback or the cluster's own addresses; anything else is a
+/// typo or an attempt to point the control plane somewhere it should not go.
+fn reqwest_url(url: &str) -> Result<String, ApiError> {
+    let valid = url.starts_with("http://") || url.starts_with("https://");
+    if !valid || url.len() > 512 {
+        return Err(ApiError::invalid_config(
+            "url",
+            "url must be an http(s) URL",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+async fn heartbeat(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    ApiJson(stats): ApiJson<WorkerStats>,
+) -> Result<StatusCode, ApiError> {
+    control.workers.check_join_token(&headers)?;
+    if control.workers.heartbeat(&name, stats) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        // The control plane forgot it (a new data dir): the agent registers again.
+        Err(ApiError::not_found(format!("worker {name}")))
+    }
+}
+
+async fn list(
+    State(control): State<Shared>,
+    token: BearerToken,
+) -> Result<Json<Vec<Worker>>, ApiError> {
+    control.authorize(&token)?;
+    let now = now_ms();
+    let entries = control.workers.read();
+    Ok(Json(
+        entries
+            .iter()
+            .map(|(name, entry)| control.workers.to_api(name, entry, now))
+            .collect(),
+    ))
+}
+
+async fn set_cordon(
+    control: &Shared,
+    name: &str,
+    cordoned: bool,
+) -> Result<Json<Worker>, ApiError> {
+    let updated = sqlx::query("UPDATE workers SET cordoned = ? WHERE name = ?")
+        .bind(i64::from(cordoned))
+        .bind(name)
+        .execute(control.store.pool())
+        .await?;
+    let mut entries = control.workers.write();
+    let Some(entry) = entries.get_mut(name) else {
+        return Err(ApiError::not_found(format!("worker {name:?}")));
+    };
+    if updated.rows_affected() == 0 && entry.url.is_some() {
+        return Err(ApiError::not_found(format!("worker {name:?}")));
+    }
+    entry.cordoned = cordoned;
+    Ok(Json(control.workers.to_api(name, entry, now_ms())))
+}
+
+async fn cordon(
+    State(control): State<Shared>,
+    token: BearerToken,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Worker>, ApiError> {
+    control.authorize(&token)?;
+    set_cordon(&control, &name, true).await
+}
+
+async fn uncordon(
+    State(control): State<Shared>,
+    token: BearerToken,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Worker>, ApiError> {
+    control.authorize(&token)?;
+    set_cordon(&control, &name, false).await
+}
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/workers", get(list))
+        .route("/workers/{name}/cordon", post(cordon))
+        .route("/workers/{name}/uncordon", post(uncordon))
+        .route("/internal/workers/register", post(register))
+        .route("/internal/workers/{name}/heartbeat", post(heartbeat))
+}
