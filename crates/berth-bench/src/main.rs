@@ -89,6 +89,12 @@ async fn run(args: Args) -> Result<()> {
         log_max_bytes: 1024 * 1024,
         pids_limit: 1024,
         prices: Default::default(),
+        workers: 1,
+        worker_capacity: berth_api::Resources {
+            cpus: 1024,
+            memory_mb: 1 << 20,
+            disk_mb: 1 << 30,
+        },
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -233,6 +239,10 @@ async fn measure(
         .delete::<Value>(&format!("{machines}/{}?force=true", machine_for_peer.id))
         .await?;
 
+    let metering = metering_figures(scratch, args.cycles.max(200)).await?;
+    let usage_records = if args.quick { 100_000 } else { 1_000_000 };
+    let usage_query = usage_query_figures(scratch, usage_records).await?;
+
     let start = summary(&restarts);
     let runc_run = summary(&peer.run);
     let ratio = |ours: &Value, theirs: &Value| {
@@ -259,7 +269,140 @@ async fn measure(
         "peer_runc_run_p50_ms": runc_run["p50_ms"],
         "peer_runc_start_p50_ms": summary(&peer.start)["p50_ms"],
         "ratio_runc_run_over_berth_start": ratio(&start, &runc_run),
+        "metering": metering,
+        "usage_query": usage_query,
     }))
+}
+
+/// What the usage journal adds to a start: the start's state write with and without the
+/// journal entry in the same transaction, on the agent's real store.
+async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
+    use berth_agent::record::{MachineRecord, RootfsStack};
+    let store = berth_agent::store::AgentStore::open(&scratch.join("metering.db")).await?;
+    let mut record = MachineRecord {
+        id: "00000000000001".into(),
+        app: "bench".into(),
+        name: "bench".into(),
+        region: "bench".into(),
+        state: MachineState::Started,
+        instance_id: "01".into(),
+        config: MachineConfig {
+            image: "bench/busybox:1".into(),
+            ..MachineConfig::default()
+        },
+        image_ref: berth_api::ImageRef {
+            name: "x".into(),
+            repository: "x".into(),
+            tag: None,
+            digest: "sha256:0".into(),
+        },
+        rootfs: RootfsStack {
+            image_layers: Vec::new(),
+            frozen_layers: Vec::new(),
+            upper: scratch.join("upper"),
+        },
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        last_exit: None,
+        restart_count: 0,
+        run_generation: 0,
+        pending: None,
+        run_open: false,
+        storage_bytes: 0,
+    };
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for index in 0..iterations {
+        record.run_generation = index as u64;
+        let clock = Instant::now();
+        store.save(&record, None).await?;
+        without.push(clock.elapsed());
+        let usage = berth_agent::metering::open_run(&mut record, index as i64);
+        let clock = Instant::now();
+        store.save_with_usage(&record, None, &[usage]).await?;
+        with.push(clock.elapsed());
+    }
+    store.close().await;
+    let (without, with) = (summary(&without), summary(&with));
+    let overhead_us = round(
+        (with["p50_ms"].as_f64().unwrap_or(0.0) - without["p50_ms"].as_f64().unwrap_or(0.0))
+            * 1000.0,
+    );
+    Ok(
+        json!({"state_write_without_journal": without, "state_write_with_journal": with,
+              "start_path_overhead_p50_us": overhead_us}),
+    )
+}
+
+/// Ingests `records` journal entries for 1,000 Machines and times a month's usage query
+/// over all of them.
+async fn usage_query_figures(scratch: &Path, records: usize) -> Result<Value> {
+    use berth_api::{UsageKind, UsageRecord};
+    use berth_control::usage;
+    let store = berth_control::store::ControlStore::open(&scratch.join("usage.db")).await?;
+    usage::migrate(store.pool()).await?;
+    let machines = 1_000usize;
+    for machine in 0..machines {
+        usage::record_owner(
+            store.pool(),
+            &format!("{machine:014x}"),
+            &format!("app{}", machine % 10),
+            "bench",
+        )
+        .await?;
+    }
+    let per_machine = records / machines;
+    let mut batch = Vec::with_capacity(5_000);
+    let mut seq = 0u64;
+    let clock = Instant::now();
+    for step in 0..per_machine {
+        for machine in 0..machines {
+            seq += 1;
+            let kind = match step {
+                0 => UsageKind::Created,
+                _ if step % 2 == 1 => UsageKind::RunStart,
+                _ => UsageKind::RunStop,
+            };
+            batch.push(UsageRecord {
+                seq,
+                machine_id: format!("{machine:014x}"),
+                app: format!("app{}", machine % 10),
+                kind,
+                at_ms: 1_700_000_000_000 + (step as i64) * 60_000 + machine as i64,
+                cpus: 1,
+                memory_mb: 256,
+                storage_bytes: 0,
+                basis: None,
+            });
+            if batch.len() == 5_000 {
+                usage::ingest(store.pool(), "bench", &batch).await?;
+                batch.clear();
+            }
+        }
+    }
+    usage::ingest(store.pool(), "bench", &batch).await?;
+    let ingest_seconds = clock.elapsed().as_secs_f64();
+    let window = berth_core::billing::Window {
+        from_ms: 1_700_000_000_000,
+        to_ms: 1_700_000_000_000 + 31 * 86_400_000,
+    };
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let clock = Instant::now();
+        let intervals = usage::intervals(store.pool(), Some("bench"), window).await?;
+        let rows = usage::report_rows(&intervals, window, window.to_ms, usage::GroupBy::Machine);
+        times.push(clock.elapsed());
+        if rows.len() != machines {
+            bail!(
+                "usage query returned {} rows for {machines} machines",
+                rows.len()
+            );
+        }
+    }
+    store.close().await;
+    Ok(
+        json!({"journal_records": seq, "ingest_records_per_s": round(seq as f64 / ingest_seconds),
+              "query": summary(&times)}),
+    )
 }
 
 struct PeerTimes {
@@ -367,5 +510,17 @@ fn print_table(report: &Value) {
     println!(
         "\nrunc run -d p50 / berth start p50 = {}x (above 1 means berth's start is faster)",
         report["ratio_runc_run_over_berth_start"]
+    );
+    println!(
+        "metering on the start path: +{} us at p50 (state write {} ms without the journal entry, {} ms with)",
+        report["metering"]["start_path_overhead_p50_us"],
+        report["metering"]["state_write_without_journal"]["p50_ms"],
+        report["metering"]["state_write_with_journal"]["p50_ms"]
+    );
+    println!(
+        "usage query over {} journal records (1,000 machines, a month): p50 {} ms; ingestion {} records/s",
+        report["usage_query"]["journal_records"],
+        report["usage_query"]["query"]["p50_ms"],
+        report["usage_query"]["ingest_records_per_s"]
     );
 }

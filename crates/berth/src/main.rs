@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+mod cluster;
 mod commands;
 mod demo;
 mod up;
@@ -29,6 +30,10 @@ struct Cli {
 enum Command {
     /// Run the whole platform in one process: API, control plane and a worker.
     Up(up::UpArgs),
+    /// Run only the control plane; workers join it with `berth agent`.
+    Server(cluster::ServerArgs),
+    /// Run one worker that joins a control plane.
+    Agent(cluster::AgentArgs),
     /// Apps group Machines.
     #[command(subcommand)]
     App(commands::AppCommand),
@@ -88,6 +93,8 @@ fn run(command: Command) -> Result<()> {
     runtime.block_on(async move {
         match command {
             Command::Up(args) => up::run(args).await,
+            Command::Server(args) => cluster::server(args).await,
+            Command::Agent(args) => cluster::agent(args).await,
             Command::App(command) => commands::app(command).await,
             Command::Machine(command) => commands::machine(*command).await,
             Command::Image(command) => commands::image(command).await,

@@ -1,21 +1,24 @@
-//! Wiring: the image store, the runc runtime, one agent and the control plane, in one
+//! Wiring: the image store, the runc runtime, the agents and the control plane, in one
 //! process. Used by `berth up` and by the bench harness, so both run the same thing.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use berth_agent::{Agent, AgentConfig, WorkerService};
+use berth_agent::{Agent, AgentConfig};
+use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
 use berth_image::{ImageStore, UnpackLimits};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
+use tracing::warn;
 
-/// The name of the one in-process worker.
+/// The name of the in-process worker when there is one.
 pub const LOCAL_WORKER: &str = "local";
+/// How often a worker reports its use to the control plane.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct PlatformOptions {
@@ -27,13 +30,52 @@ pub struct PlatformOptions {
     pub log_max_bytes: u64,
     pub pids_limit: i64,
     pub prices: Prices,
+    /// In-process workers, each with its own data dir, for trying placement on one host.
+    pub workers: usize,
+    /// What each in-process worker offers.
+    pub worker_capacity: Resources,
 }
 
 pub struct LocalPlatform {
     pub data_dir: PathBuf,
     pub admin_token: String,
+    /// The first worker; `agents` holds them all.
     pub agent: Agent,
+    pub agents: Vec<(String, Agent)>,
     pub control: Arc<ControlPlane>,
+}
+
+/// What a worker on this host offers by default: CPU is a CFS quota and overcommits well,
+/// so eight per core; memory and disk as the host has them.
+pub fn host_capacity(data_dir: &Path) -> Resources {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024);
+    let disk_mb = nix::sys::statvfs::statvfs(data_dir)
+        .map(|stat| stat.blocks() * stat.fragment_size() / (1024 * 1024))
+        .unwrap_or(100 * 1024);
+    Resources {
+        cpus: cores * 8,
+        memory_mb,
+        disk_mb,
+    }
+}
+
+/// Opens (or makes) the join token of a control plane's data dir.
+pub fn join_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("join-token");
+    berth_control::load_or_create_token(&path, "berthjoin")
+        .with_context(|| format!("write {}", path.display()))
 }
 
 impl LocalPlatform {
@@ -44,52 +86,97 @@ impl LocalPlatform {
         let token_path = data_dir.join("admin-token");
         let admin_token = berth_control::load_or_create_admin_token(&token_path)
             .with_context(|| format!("write {}", token_path.display()))?;
+        let join_token = join_token(&data_dir)?;
         let images = Arc::new(ImageStore::open(
             &data_dir.join("images"),
             UnpackLimits::default(),
         )?);
-        let runtime = Arc::new(RuncRuntime::new(RuncConfig {
-            runc_binary: options.runc_binary,
-            runc_root: data_dir.join("runc"),
-            shim_command: options.shim_command,
-            log_max_bytes: options.log_max_bytes,
-            start_timeout: Duration::from_secs(30),
-        }));
-        let agent = Agent::open(
-            AgentConfig {
-                data_dir: data_dir.join("worker"),
-                region: options.region,
-                pids_limit: options.pids_limit,
-            },
-            runtime,
-            images.clone(),
-        )
-        .await?;
-        let mut workers: BTreeMap<String, Arc<dyn WorkerService>> = BTreeMap::new();
-        workers.insert(LOCAL_WORKER.to_owned(), Arc::new(agent.clone()));
         let control = ControlPlane::open(
             ControlConfig {
                 data_dir: data_dir.clone(),
                 admin_token: admin_token.clone(),
+                join_token,
                 prices: options.prices,
             },
-            workers,
-            images,
+            images.clone(),
         )
         .await
         .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
+        let mut agents = Vec::new();
+        for index in 0..options.workers.max(1) {
+            // One worker keeps the plain names, so a data dir from a one-worker run stays valid.
+            let (name, dir) = if options.workers <= 1 {
+                (LOCAL_WORKER.to_owned(), data_dir.join("worker"))
+            } else {
+                (
+                    format!("{LOCAL_WORKER}-{}", index + 1),
+                    data_dir.join(format!("worker-{}", index + 1)),
+                )
+            };
+            let runtime = Arc::new(RuncRuntime::new(RuncConfig {
+                runc_binary: options.runc_binary.clone(),
+                runc_root: dir.join("runc"),
+                shim_command: options.shim_command.clone(),
+                log_max_bytes: options.log_max_bytes,
+                start_timeout: Duration::from_secs(30),
+            }));
+            let agent = Agent::open(
+                AgentConfig {
+                    data_dir: dir,
+                    name: name.clone(),
+                    region: options.region.clone(),
+                    pids_limit: options.pids_limit,
+                    capacity: options.worker_capacity,
+                },
+                runtime,
+                images.clone(),
+            )
+            .await?;
+            let registration = RegisterWorker {
+                name: name.clone(),
+                region: options.region.clone(),
+                url: String::new(),
+                capacity: options.worker_capacity,
+            };
+            control
+                .add_local_worker(registration, Arc::new(agent.clone()))
+                .await
+                .map_err(|error| anyhow!("registering worker {name}: {}", error.body.message))?;
+            spawn_local_heartbeat(control.clone(), name.clone(), agent.clone());
+            agents.push((name, agent));
+        }
+        let agent = agents
+            .first()
+            .map(|(_, agent)| agent.clone())
+            .context("no worker")?;
         Ok(LocalPlatform {
             data_dir,
             admin_token,
             agent,
+            agents,
             control,
         })
     }
 
     pub async fn close(&self) {
         self.control.close().await;
-        self.agent.store().close().await;
+        for (_, agent) in &self.agents {
+            agent.store().close().await;
+        }
     }
+}
+
+fn spawn_local_heartbeat(control: Arc<ControlPlane>, name: String, agent: Agent) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        loop {
+            tick.tick().await;
+            match agent.stats().await {
+                Ok(stats) => control.local_heartbeat(&name, stats),
+                Err(error) => warn!(worker = %name, %error, "collecting heartbeat stats"),
+            }
+        }
+    });
 }
 
 /// Finds a program on PATH (and in the sbin directories, where Debian puts runc).

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use berth::platform::{find_program, LocalPlatform, PlatformOptions};
+use berth::platform::{find_program, host_capacity, LocalPlatform, PlatformOptions};
+use berth_api::Resources;
 use berth_core::billing::Prices;
 use clap::Args;
 use tracing::info;
@@ -35,6 +36,18 @@ pub struct UpArgs {
     /// Most processes inside one Machine.
     #[arg(long, default_value_t = 4096)]
     pids_limit: i64,
+    /// In-process workers, each with its own data dir, for trying placement on one host.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// CPUs each in-process worker offers (default: 8 per host core).
+    #[arg(long)]
+    worker_cpus: Option<u32>,
+    /// Memory each in-process worker offers, in MB (default: the host's).
+    #[arg(long)]
+    worker_memory_mb: Option<u64>,
+    /// Disk each in-process worker offers, in MB (default: the data dir's filesystem).
+    #[arg(long)]
+    worker_disk_mb: Option<u64>,
     /// Price of one vCPU-second of running time.
     #[arg(long, default_value_t = Prices::default().per_vcpu_second)]
     price_vcpu_second: f64,
@@ -46,7 +59,7 @@ pub struct UpArgs {
     price_gb_month: f64,
 }
 
-fn init_tracing() {
+pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let _ = tracing_subscriber::fmt()
@@ -64,7 +77,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("cannot find the OCI runtime {:?}; install runc", args.runc))?;
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    let host = host_capacity(&args.data_dir);
+    let worker_capacity = Resources {
+        cpus: args.worker_cpus.unwrap_or(host.cpus),
+        memory_mb: args.worker_memory_mb.unwrap_or(host.memory_mb),
+        disk_mb: args.worker_disk_mb.unwrap_or(host.disk_mb),
+    };
     let platform = LocalPlatform::open(PlatformOptions {
+        workers: args.workers,
+        worker_capacity,
         data_dir: args.data_dir.clone(),
         runc_binary,
         shim_command,
@@ -115,7 +138,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let terminate = async {
         match signal(SignalKind::terminate()) {

@@ -237,7 +237,7 @@ impl Platform {
     }
 
     pub fn runc_root(&self) -> PathBuf {
-        self.data_dir.path().join("runc")
+        self.data_dir.path().join("worker/runc")
     }
 }
 

@@ -1,0 +1,254 @@
+//! `berth server` (the control plane alone) and `berth agent` (one worker), for running
+//! a platform across processes and hosts. Control plane and agents talk HTTP/JSON,
+//! authenticated with the join token.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use berth::platform::{find_program, join_token, HEARTBEAT_INTERVAL};
+use berth_agent::{Agent, AgentConfig};
+use berth_api::{RegisterWorker, Resources, WorkerRegistered};
+use berth_control::{ControlConfig, ControlPlane};
+use berth_core::billing::Prices;
+use berth_image::{ImageStore, UnpackLimits};
+use berth_runtime::runc::{RuncConfig, RuncRuntime};
+use clap::Args;
+use tracing::{info, warn};
+
+use crate::up::{init_tracing, shutdown_signal};
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address of the public API (and of the agents' registration endpoint).
+    #[arg(long, default_value = crate::DEFAULT_API_LISTEN)]
+    listen: SocketAddr,
+    #[arg(long, default_value = crate::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+pub async fn server(args: ServerArgs) -> Result<()> {
+    init_tracing();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let admin_token = berth_control::load_or_create_admin_token(&data_dir.join("admin-token"))?;
+    let join_token = join_token(&data_dir)?;
+    let images = Arc::new(ImageStore::open(
+        &data_dir.join("images"),
+        UnpackLimits::default(),
+    )?);
+    let control = ControlPlane::open(
+        ControlConfig {
+            data_dir: data_dir.clone(),
+            admin_token,
+            join_token,
+            prices: Prices::default(),
+        },
+        images,
+    )
+    .await
+    .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    println!(
+        "Berth control plane listening on http://{}",
+        listener.local_addr()?
+    );
+    println!(
+        "admin token in {}, join token in {}",
+        data_dir.join("admin-token").display(),
+        data_dir.join("join-token").display()
+    );
+    axum::serve(listener, control.router())
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    control.close().await;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[arg(long)]
+    control_url: String,
+    #[arg(long, env = "BERTH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    /// Address of this agent's API; the control plane must reach it.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "local")]
+    region: String,
+    #[arg(long)]
+    cpus: u32,
+    #[arg(long)]
+    memory_mb: u64,
+    #[arg(long)]
+    disk_mb: u64,
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    log_max_bytes: u64,
+    #[arg(long, default_value_t = 4096)]
+    pids_limit: i64,
+}
+
+pub async fn agent(args: AgentArgs) -> Result<()> {
+    init_tracing();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("berth agent runs Machines with runc, overlayfs and namespaces, so it needs root");
+    }
+    let runc_binary = find_program(&args.runc)
+        .with_context(|| format!("cannot find {:?}; install runc", args.runc))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let capacity = Resources {
+        cpus: args.cpus,
+        memory_mb: args.memory_mb,
+        disk_mb: args.disk_mb,
+    };
+    let images = Arc::new(ImageStore::open(
+        &data_dir.join("images"),
+        UnpackLimits::default(),
+    )?);
+    let shim_command: Vec<OsString> =
+        vec![std::env::current_exe()?.into_os_string(), "shim".into()];
+    let runtime = Arc::new(RuncRuntime::new(RuncConfig {
+        runc_binary,
+        runc_root: data_dir.join("runc"),
+        shim_command,
+        log_max_bytes: args.log_max_bytes,
+        start_timeout: Duration::from_secs(30),
+    }));
+    let agent = Agent::open(
+        AgentConfig {
+            data_dir: data_dir.clone(),
+            name: args.name.clone(),
+            region: args.region.clone(),
+            pids_limit: args.pids_limit,
+            capacity,
+        },
+        runtime,
+        images,
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let router = berth_agent::http::router(Arc::new(agent.clone()), &args.join_token);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    let registration = RegisterWorker {
+        name: args.name.clone(),
+        region: args.region,
+        url: url.clone(),
+        capacity,
+    };
+    let link = ControlLink::new(&args.control_url, &args.join_token)?;
+    let prefix = link.register_until_accepted(&registration).await;
+    info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
+    let heartbeat = tokio::spawn(link.heartbeat_forever(registration, agent.clone()));
+    server.await.context("agent API task")??;
+    heartbeat.abort();
+    info!("agent shutting down; running machines keep running");
+    agent.store().close().await;
+    Ok(())
+}
+
+/// The agent's side of the control plane conversation: registration and heartbeats,
+/// each with a deadline, retried until they get through.
+struct ControlLink {
+    http: reqwest::Client,
+    base: String,
+    join_token: String,
+}
+
+impl ControlLink {
+    fn new(base: &str, join_token: &str) -> Result<ControlLink> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(ControlLink {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            join_token: join_token.to_owned(),
+        })
+    }
+
+    async fn register(&self, registration: &RegisterWorker) -> Result<String> {
+        let response = self
+            .http
+            .post(format!("{}/v1/internal/workers/register", self.base))
+            .bearer_auth(&self.join_token)
+            .json(registration)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!(
+                "the control plane refused the registration: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(response.json::<WorkerRegistered>().await?.machine_prefix)
+    }
+
+    async fn register_until_accepted(&self, registration: &RegisterWorker) -> String {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.register(registration).await {
+                Ok(prefix) => return prefix,
+                Err(error) => {
+                    warn!(%error, "registering with the control plane; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_forever(self, registration: RegisterWorker, agent: Agent) {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        loop {
+            tick.tick().await;
+            let stats = match agent.stats().await {
+                Ok(stats) => stats,
+                Err(error) => {
+                    warn!(%error, "collecting heartbeat stats");
+                    continue;
+                }
+            };
+            let sent = self
+                .http
+                .post(format!(
+                    "{}/v1/internal/workers/{}/heartbeat",
+                    self.base, registration.name
+                ))
+                .bearer_auth(&self.join_token)
+                .json(&stats)
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status() == reqwest::StatusCode::NOT_FOUND => {
+                    // The control plane lost its record of this worker: join again.
+                    self.register_until_accepted(&registration).await;
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "heartbeat did not reach the control plane"),
+            }
+        }
+    }
+}
