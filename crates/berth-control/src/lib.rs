@@ -25,6 +25,7 @@ pub mod error;
 pub mod extract;
 mod images;
 mod machines;
+mod registry;
 pub mod store;
 pub mod usage;
 mod workers;
@@ -101,6 +102,7 @@ impl ControlPlane {
             .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
         Router::new()
             .route("/v1/health", get(health))
+            .merge(registry::routes())
             .nest("/v1", json_routes.merge(images::upload_routes()))
             .fallback(|| async { ApiError::not_found("route") })
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
