@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod fake;
 pub mod logs;
 pub mod netns;
+pub mod network;
 pub mod overlay;
 pub mod runc;
 pub mod shim;
