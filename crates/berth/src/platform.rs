@@ -54,6 +54,7 @@ impl LocalPlatform {
             shim_command: options.shim_command,
             log_max_bytes: options.log_max_bytes,
             start_timeout: Duration::from_secs(30),
+            network: None,
         }));
         let agent = Agent::open(
             AgentConfig {
