@@ -719,6 +719,29 @@ async fn network_setup_timing() {
         median(&mut total),
         operations[0]
     );
+    let detach_all = futures::future::join_all((0..20u16).map(|n| {
+        let id = format!("{}-{n}", f.id());
+        let network = network.clone();
+        async move { network.detach(&id).await }
+    }));
+    for result in detach_all.await {
+        result.unwrap();
+    }
+    // The same 20 attaches at once: with no lock of ours they overlap.
+    let t = Instant::now();
+    let attach_all = futures::future::join_all((0..20u16).map(|n| {
+        let id = format!("{}-{n}", f.id());
+        let path = f.tmp.path().join(format!("ns-{n}"));
+        let address = net.address(n + 1);
+        let network = network.clone();
+        async move { network.attach(&id, &path, address).await }
+    }));
+    for result in attach_all.await {
+        result.unwrap();
+    }
+    let concurrent = t.elapsed();
+    let sequential: Duration = attach_times.iter().sum();
+    eprintln!("20 attaches: {sequential:?} one after another, {concurrent:?} at once");
     for n in 0..20u16 {
         let id = format!("{}-{n}", f.id());
         network.detach(&id).await.unwrap();
