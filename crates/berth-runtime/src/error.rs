@@ -22,6 +22,19 @@ pub enum RuntimeError {
     NotPrepared { id: String, path: PathBuf },
     #[error("invalid spec for machine {id}: {message}")]
     InvalidSpec { id: String, message: String },
+    /// A netlink request for the Machine network failed; `source` carries the errno.
+    #[error("{context}: {source}")]
+    Network {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The worker's network configuration (bridge name, prefix) cannot be used.
+    #[error("invalid network configuration: {0}")]
+    InvalidNetwork(String),
+    /// A documented option that this build does not implement.
+    #[error("{0} is not supported yet")]
+    NotSupported(String),
     #[error("internal runtime error: {0}")]
     Internal(String),
 }
@@ -35,6 +48,9 @@ impl RuntimeError {
             RuntimeError::StartTimeout { .. } => "start_timeout",
             RuntimeError::NotPrepared { .. } => "not_prepared",
             RuntimeError::InvalidSpec { .. } => "invalid_spec",
+            RuntimeError::Network { .. } => "network_failed",
+            RuntimeError::InvalidNetwork(_) => "invalid_network",
+            RuntimeError::NotSupported(_) => "not_supported",
         }
     }
 

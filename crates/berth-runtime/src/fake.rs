@@ -289,6 +289,7 @@ mod tests {
             cpus: 1,
             memory_mb: 128,
             pids_limit: 64,
+            private_ip: None,
         }
     }
 

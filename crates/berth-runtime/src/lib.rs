@@ -2,12 +2,14 @@
 //!
 //! The [`Runtime`] trait is the seam between the agent (which decides) and the host (which
 //! acts). [`runc::RuncRuntime`] drives real runc over an overlayfs rootfs inside a
-//! persistent network namespace; [`fake::FakeRuntime`] records calls for unit tests.
+//! persistent network namespace, plugged into the worker's bridge by
+//! [`network::WorkerNetwork`]; [`fake::FakeRuntime`] records calls for unit tests.
 //!
 //! The split between [`Runtime::prepare`] and [`Runtime::start`] is the product: prepare
 //! runs once at create and may be slow; start runs many times and must only do what
 //! booting needs.
 
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub mod fake;
 pub mod logs;
 pub mod netns;
+pub mod network;
 pub mod overlay;
 pub mod runc;
 pub mod shim;
@@ -88,6 +91,9 @@ pub struct BundleSpec {
     pub cpus: u32,
     pub memory_mb: u32,
     pub pids_limit: i64,
+    /// The Machine's address on its worker's network. When set, the runtime must have a
+    /// [`network::WorkerNetwork`], and prepare plugs the Machine into it.
+    pub private_ip: Option<Ipv6Addr>,
 }
 
 /// A Machine whose init process is running.
@@ -125,9 +131,10 @@ pub enum Status {
 pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
-    /// Create-time work: make the Machine's directories, its network namespace and the
-    /// bundle's `config.json`. Called again by update with a new spec; it must keep the
-    /// upperdir and the network namespace.
+    /// Create-time work: make the Machine's directories, its network namespace (plugged
+    /// into the worker network when the spec has a `private_ip`) and the bundle's
+    /// `config.json`. Called again by update with a new spec; it must keep the upperdir,
+    /// the network namespace and the address.
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError>;
 
     /// Boots the prepared Machine over the given image layers (bottom first) and returns
@@ -157,7 +164,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// What the host says about the Machine right now.
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError>;
 
-    /// Destroy: kills anything left, removes mounts, the network namespace and every file
-    /// of the Machine. Idempotent.
+    /// Destroy: kills anything left, removes mounts, the veth pair, the network namespace
+    /// and every file of the Machine. Idempotent.
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
 }

@@ -68,10 +68,35 @@ where
     let ns = File::open(netns_path).map_err(|e| annotate(e, "open netns", netns_path))?;
     let path: PathBuf = netns_path.to_path_buf();
     on_thread(move || {
-        rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
-            .map_err(|e| annotate(e.into(), "join netns", &path))?;
+        join(&ns, &path)?;
         f()
     })
+}
+
+/// [`in_netns`] for async callers: the caller's task awaits the thread instead of blocking
+/// a runtime worker on it.
+pub async fn in_netns_async<T, F>(netns_path: &Path, f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    let ns = File::open(netns_path).map_err(|e| annotate(e, "open netns", netns_path))?;
+    let path: PathBuf = netns_path.to_path_buf();
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("berth-netns".into())
+        .spawn(move || {
+            let _ = done.send(join(&ns, &path).and_then(|()| f()));
+        })?;
+    result
+        .await
+        .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
+/// Moves the calling thread into the network namespace `ns`.
+fn join(ns: &File, path: &Path) -> io::Result<()> {
+    rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+        .map_err(|e| annotate(e.into(), "join netns", path))
 }
 
 /// Opens a TCP connection to `addr` from inside the network namespace at `netns_path`.

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::error::{IoContext, RuntimeError};
+use crate::network::WorkerNetwork;
 use crate::shim::{self, ShimArgs, ShimReport};
 use crate::{logs, netns, overlay, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
@@ -38,6 +40,9 @@ pub struct RuncConfig {
     pub log_max_bytes: u64,
     /// How long start waits for the shim's report.
     pub start_timeout: Duration,
+    /// The worker's Machine network. Without one, Machines get only loopback, and a spec
+    /// with a `private_ip` is refused.
+    pub network: Option<Arc<WorkerNetwork>>,
 }
 
 impl RuncConfig {
@@ -49,6 +54,7 @@ impl RuncConfig {
             shim_command,
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
+            network: None,
         }
     }
 }
@@ -80,12 +86,13 @@ impl RuncRuntime {
         }
     }
 
-    /// Everything before the shim: checks, overlay, stale state. Blocking.
+    /// Everything before the shim: checks, overlay, stale state. Blocking. True when the
+    /// network namespace had to be made again (after a host reboot).
     fn before_start(
         &self,
         layout: &MachineLayout,
         lowerdirs: &[PathBuf],
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<bool, RuntimeError> {
         let id = &layout.id;
         let config = layout.config_json();
         if !config.exists() {
@@ -105,7 +112,8 @@ impl RuncRuntime {
         self.runc_delete(id)?;
         // Only a host reboot unpins the namespace made at create; make it again then.
         let netns_path = layout.netns();
-        if !netns::is_pinned(&netns_path) {
+        let repinned = !netns::is_pinned(&netns_path);
+        if repinned {
             netns::create(&netns_path)
                 .ctx(|| format!("recreate network namespace of machine {id}"))?;
         }
@@ -118,6 +126,20 @@ impl RuncRuntime {
         for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
             let path = run.join(name);
             util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
+        }
+        Ok(repinned)
+    }
+
+    /// After a host reboot the veth went with the namespace: plug the new namespace in
+    /// again, with the address recorded in `config.json`. Never runs on a normal start.
+    async fn reattach(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let Some(network) = &self.config.network else {
+            return Ok(());
+        };
+        let config = layout.config_json();
+        let recorded = blocking(move || spec::read_private_ip(&config)).await?;
+        if let Some(address) = recorded {
+            network.attach(&layout.id, &layout.netns(), address).await?;
         }
         Ok(())
     }
@@ -206,25 +228,43 @@ impl Runtime for RuncRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        let layout = layout.clone();
-        let spec = spec.clone();
-        blocking(move || {
-            let id = &layout.id;
-            for dir in [
-                layout.upper(),
-                layout.work(),
-                layout.rootfs(),
-                layout.bundle(),
-                layout.run_dir(),
-                layout.log_dir(),
-            ] {
-                fs::create_dir_all(&dir)
-                    .ctx(|| format!("create {} for machine {id}", dir.display()))?;
+        let id = layout.id.clone();
+        let network = match (&self.config.network, spec.private_ip) {
+            (Some(network), Some(address)) => {
+                network.check_address(&id, address)?;
+                Some((network, address))
             }
-            netns::create(&layout.netns()).ctx(|| format!("network namespace of machine {id}"))?;
-            spec::write_bundle(&layout, &spec)
+            (None, Some(address)) => {
+                return Err(RuntimeError::InvalidSpec {
+                    id,
+                    message: format!(
+                        "private address {address} given, but this runtime has no network"
+                    ),
+                });
+            }
+            (_, None) => None,
+        };
+        // Fails on a bad spec before anything is made on the host.
+        let config = spec::render(layout, spec)?;
+        let t0 = Instant::now();
+        {
+            let layout = layout.clone();
+            blocking(move || make_dirs_and_netns(&layout)).await?;
+        }
+        let netns_done = t0.elapsed();
+        if let Some((network, address)) = network {
+            network.attach(&id, &layout.netns(), address).await?;
+        }
+        let netns_us = netns_done.as_micros();
+        let attach_us = (t0.elapsed() - netns_done).as_micros();
+        // Written last: a config.json means the Machine is fully prepared.
+        let path = layout.config_json();
+        blocking(move || {
+            util::write_atomic(&path, &config).ctx(|| format!("write {}", path.display()))
         })
-        .await
+        .await?;
+        tracing::debug!(machine = %id, netns_us, attach_us, "machine prepared");
+        Ok(())
     }
 
     async fn start(
@@ -234,11 +274,17 @@ impl Runtime for RuncRuntime {
     ) -> Result<Started, RuntimeError> {
         let t0 = Instant::now();
         let id = layout.id.clone();
-        {
+        let repinned = {
             let this = self.clone();
             let layout = layout.clone();
             let lowerdirs = lowerdirs.to_vec();
-            blocking(move || this.before_start(&layout, &lowerdirs)).await?;
+            blocking(move || this.before_start(&layout, &lowerdirs)).await?
+        };
+        if repinned {
+            if let Err(e) = self.reattach(layout).await {
+                self.abort_start(layout).await;
+                return Err(e);
+            }
         }
         let mount_us = t0.elapsed().as_micros();
 
@@ -438,6 +484,10 @@ impl Runtime for RuncRuntime {
             self.signal(layout, libc::SIGKILL).await?;
             self.wait_exit(layout, Some(KILL_GRACE)).await?;
         }
+        // Before the namespace goes: its veth would go with it, but only some time later.
+        if let Some(network) = &self.config.network {
+            network.detach(&layout.id).await?;
+        }
         let this = self.clone();
         let layout = layout.clone();
         blocking(move || {
@@ -464,6 +514,22 @@ impl Runtime for RuncRuntime {
         })
         .await
     }
+}
+
+/// The Machine's directories and its network namespace (`lo` up). Blocking.
+fn make_dirs_and_netns(layout: &MachineLayout) -> Result<(), RuntimeError> {
+    let id = &layout.id;
+    for dir in [
+        layout.upper(),
+        layout.work(),
+        layout.rootfs(),
+        layout.bundle(),
+        layout.run_dir(),
+        layout.log_dir(),
+    ] {
+        fs::create_dir_all(&dir).ctx(|| format!("create {} for machine {id}", dir.display()))?;
+    }
+    netns::create(&layout.netns()).ctx(|| format!("network namespace of machine {id}"))
 }
 
 async fn blocking<T, F>(f: F) -> Result<T, RuntimeError>

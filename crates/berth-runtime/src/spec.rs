@@ -3,7 +3,8 @@
 //! No seccomp profile is set yet: the Machine runs with runc's behaviour for an absent
 //! `linux.seccomp` (no filter). Docker's default profile is planned as a later change.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
@@ -20,6 +21,9 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 /// Docker's default for containers; capped by the host's hard limit.
 const NOFILE_LIMIT: u64 = 1_048_576;
 const CPU_PERIOD_US: u64 = 100_000;
+/// Where `config.json` keeps the Machine's private address, so a start that must rebuild
+/// the network after a host reboot finds it without the agent.
+pub const PRIVATE_IP_ANNOTATION: &str = "berth.private-ip";
 
 /// Docker's default capability set.
 pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
@@ -211,7 +215,14 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
         .build()
         .map_err(oci)?;
 
-    SpecBuilder::default()
+    let mut builder = SpecBuilder::default();
+    if let Some(address) = spec.private_ip {
+        builder = builder.annotations(HashMap::from([(
+            PRIVATE_IP_ANNOTATION.to_owned(),
+            address.to_string(),
+        )]));
+    }
+    builder
         .version("1.0.2")
         .root(
             RootBuilder::default()
@@ -230,6 +241,13 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
 
 /// Builds the spec for `layout` and writes it atomically to `layout.config_json()`.
 pub fn write_bundle(layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
+    let json = render(layout, spec)?;
+    let path = layout.config_json();
+    util::write_atomic(&path, &json).ctx(|| format!("write {}", path.display()))
+}
+
+/// The `config.json` bytes for `layout`; validates the spec without touching the host.
+pub fn render(layout: &MachineLayout, spec: &BundleSpec) -> Result<Vec<u8>, RuntimeError> {
     if spec.machine_id != layout.id {
         return Err(RuntimeError::InvalidSpec {
             id: layout.id.clone(),
@@ -237,10 +255,27 @@ pub fn write_bundle(layout: &MachineLayout, spec: &BundleSpec) -> Result<(), Run
         });
     }
     let oci = build(spec, &layout.rootfs(), &layout.netns())?;
-    let json = serde_json::to_vec_pretty(&oci)
-        .map_err(|e| RuntimeError::Internal(format!("serialize config for {}: {e}", layout.id)))?;
-    let path = layout.config_json();
-    util::write_atomic(&path, &json).ctx(|| format!("write {}", path.display()))
+    serde_json::to_vec_pretty(&oci)
+        .map_err(|e| RuntimeError::Internal(format!("serialize config for {}: {e}", layout.id)))
+}
+
+/// The private address recorded in a written `config.json`, if any.
+pub fn read_private_ip(config_json: &Path) -> Result<Option<Ipv6Addr>, RuntimeError> {
+    let text = std::fs::read(config_json).ctx(|| format!("read {}", config_json.display()))?;
+    let spec: Spec = serde_json::from_slice(&text)
+        .map_err(|e| RuntimeError::Internal(format!("parse {}: {e}", config_json.display())))?;
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(PRIVATE_IP_ANNOTATION))
+        .map(|text| {
+            text.parse().map_err(|e| {
+                RuntimeError::Internal(format!(
+                    "bad {PRIVATE_IP_ANNOTATION} {text:?} in {}: {e}",
+                    config_json.display()
+                ))
+            })
+        })
+        .transpose()
 }
 
 /// Docker's default mounts.
@@ -333,6 +368,7 @@ mod tests {
             cpus: 2,
             memory_mb: 64,
             pids_limit: 100,
+            private_ip: None,
         }
     }
 
@@ -426,5 +462,14 @@ mod tests {
         let text = std::fs::read_to_string(layout.config_json()).unwrap();
         let back: Spec = serde_json::from_str(&text).unwrap();
         assert_eq!(back.hostname().as_deref(), Some("m1"));
+        assert_eq!(read_private_ip(&layout.config_json()).unwrap(), None);
+
+        let mut spec = sample();
+        spec.private_ip = Some("fd00:1:2:3::2a".parse().unwrap());
+        write_bundle(&layout, &spec).unwrap();
+        assert_eq!(
+            read_private_ip(&layout.config_json()).unwrap(),
+            spec.private_ip
+        );
     }
 }

@@ -292,6 +292,53 @@ async fn out_of_memory_is_recorded() {
 }
 
 #[tokio::test]
+async fn cpus_cap_the_cpu_time_of_a_busy_machine() {
+    let f = Fixture::new("cpucap");
+    // Two busy loops: uncapped they would take both cores of a 2-core host.
+    let mut spec = f.spec(&["sh", "-c", "while :; do :; done & while :; do :; done"]);
+    spec.cpus = 1;
+    f.runtime.prepare(&f.layout, &spec).await.unwrap();
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).unwrap();
+    let cpu = cgroup_dir(&cgroups, "cpu");
+    let cpuacct = cgroup_dir(&cgroups, "cpuacct");
+    let read = |p: &Path| fs::read_to_string(p).unwrap().trim().to_owned();
+    assert_eq!(read(&cpu.join("cpu.cfs_quota_us")), "100000");
+    assert_eq!(read(&cpu.join("cpu.cfs_period_us")), "100000");
+
+    let usage_ns = || -> u64 { read(&cpuacct.join("cpuacct.usage")).parse().unwrap() };
+    let cpu_stat = |name: &str| -> u64 {
+        let stat = read(&cpu.join("cpu.stat"));
+        field(&stat, &format!("{name} ")).parse().unwrap()
+    };
+    // Let both loops get going, then measure about a second of wall time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (usage0, periods0, t0) = (usage_ns(), cpu_stat("nr_periods"), Instant::now());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (usage1, periods1, wall) = (usage_ns(), cpu_stat("nr_periods"), t0.elapsed());
+    let cores = (usage1 - usage0) as f64 / wall.as_nanos() as f64;
+    eprintln!(
+        "busy machine with cpus=1: {cores:.2} cores over {wall:?}, {} quota periods, \
+         throttled in {}",
+        periods1 - periods0,
+        cpu_stat("nr_throttled")
+    );
+    assert!(cores <= 1.1, "used {cores:.2} cores with cpus=1");
+    assert!(cores >= 0.1, "the busy loops barely ran ({cores:.2} cores)");
+    // The kernel counts bandwidth periods only for a cgroup with a quota: it is enforcing
+    // one. (Whether it also throttles depends on what else loads the host.)
+    assert!(
+        periods1 - periods0 >= 5,
+        "no CFS bandwidth enforcement: {} periods",
+        periods1 - periods0
+    );
+
+    f.runtime.remove(&f.layout).await.unwrap();
+    assert!(!alive(started.pid));
+    f.assert_no_leaks();
+}
+
+#[tokio::test]
 async fn machine_is_isolated_and_limited() {
     let f = Fixture::new("isolation");
     let marker = format!("berth-marker-{}", f.id());

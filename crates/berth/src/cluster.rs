@@ -127,6 +127,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         shim_command,
         log_max_bytes: args.log_max_bytes,
         start_timeout: Duration::from_secs(30),
+        network: None,
     }));
     let agent = Agent::open(
         AgentConfig {

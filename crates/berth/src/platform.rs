@@ -119,6 +119,7 @@ impl LocalPlatform {
                 shim_command: options.shim_command.clone(),
                 log_max_bytes: options.log_max_bytes,
                 start_timeout: Duration::from_secs(30),
+                network: None,
             }));
             let agent = Agent::open(
                 AgentConfig {

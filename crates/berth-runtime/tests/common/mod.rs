@@ -16,7 +16,7 @@ use berth_runtime::{logs, netns, overlay, BundleSpec, MachineLayout};
 pub const RUNC: &str = "/usr/sbin/runc";
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "sleep", "ls", "ps", "hostname", "wc", "id", "mkdir", "touch", "httpd",
-    "grep", "tail", "head", "test", "readlink", "true", "false", "dd", "seq", "nc",
+    "grep", "tail", "head", "test", "readlink", "true", "false", "dd", "seq", "nc", "wget", "ip",
 ];
 pub const INDEX_HTML: &str = "hello from berth\n";
 
@@ -29,6 +29,8 @@ pub struct Fixture {
     pub runc_root: PathBuf,
     pub layout: MachineLayout,
     pub runtime: RuncRuntime,
+    /// More Machines of the same worker, cleaned up like `layout`.
+    extra: std::sync::Mutex<Vec<MachineLayout>>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -64,6 +66,43 @@ impl Fixture {
             runc_root,
             layout,
             runtime: RuncRuntime::new(config),
+            extra: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Another Machine next to `layout`, with the same runtime and cleanup.
+    pub fn another_layout(&self, name: &str) -> MachineLayout {
+        let layout = MachineLayout::new(&self.machines, &unique_id(name));
+        self.extra.lock().unwrap().push(layout.clone());
+        layout
+    }
+
+    /// `spec` for any Machine of this fixture.
+    pub fn spec_for(&self, layout: &MachineLayout, args: &[&str]) -> BundleSpec {
+        BundleSpec {
+            machine_id: layout.id.clone(),
+            ..self.spec(args)
+        }
+    }
+
+    pub fn logs_of(&self, layout: &MachineLayout) -> String {
+        String::from_utf8_lossy(&logs::read_logs(layout, 1 << 20).unwrap()).into_owned()
+    }
+
+    /// Waits until the logs of `layout` contain `needle`; returns them.
+    pub fn wait_logs_of(&self, layout: &MachineLayout, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.logs_of(layout);
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} in logs of {}:\n{logs}",
+                layout.id
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -82,6 +121,7 @@ impl Fixture {
             cpus: 1,
             memory_mb: 64,
             pids_limit: 50,
+            private_ip: None,
         }
     }
 
@@ -90,23 +130,12 @@ impl Fixture {
     }
 
     pub fn logs(&self) -> String {
-        String::from_utf8_lossy(&logs::read_logs(&self.layout, 1 << 20).unwrap()).into_owned()
+        self.logs_of(&self.layout)
     }
 
     /// Waits until the logs contain `needle`; returns them.
     pub fn wait_logs(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let logs = self.logs();
-            if logs.contains(needle) {
-                return logs;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {needle:?} in logs:\n{logs}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_logs_of(&self.layout, needle, timeout)
     }
 
     /// Containers runc knows about under this fixture's root.
@@ -139,12 +168,28 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         // Kill and delete whatever the test left, without trusting the code under test.
+        let mut layouts = vec![self.layout.clone()];
+        if let Ok(extra) = self.extra.lock() {
+            layouts.extend(extra.iter().cloned());
+        }
+        for layout in &layouts {
+            self.kill_and_unmount(layout);
+        }
+        for m in mounts_under(self.tmp.path()).iter().rev() {
+            let _ = overlay::unmount(Path::new(m));
+        }
+        // TempDir removes the files once nothing is mounted below it.
+    }
+}
+
+impl Fixture {
+    fn kill_and_unmount(&self, layout: &MachineLayout) {
         let _ = Command::new(RUNC)
             .arg("--root")
             .arg(&self.runc_root)
-            .args(["delete", "--force", &self.layout.id])
+            .args(["delete", "--force", &layout.id])
             .output();
-        if let Ok(text) = fs::read_to_string(self.layout.run_dir().join("shim.pid")) {
+        if let Ok(text) = fs::read_to_string(layout.run_dir().join("shim.pid")) {
             if let Some(pid) = text
                 .split_whitespace()
                 .next()
@@ -157,12 +202,8 @@ impl Drop for Fixture {
                 }
             }
         }
-        let _ = overlay::unmount(&self.layout.rootfs());
-        let _ = netns::remove(&self.layout.netns());
-        for m in mounts_under(self.tmp.path()).iter().rev() {
-            let _ = overlay::unmount(Path::new(m));
-        }
-        // TempDir removes the files once nothing is mounted below it.
+        let _ = overlay::unmount(&layout.rootfs());
+        let _ = netns::remove(&layout.netns());
     }
 }
 

@@ -1,0 +1,670 @@
+//! The Machine network of one worker: a Linux bridge that holds the `::1` of the worker's
+//! IPv6 ULA /64, and per Machine a veth pair whose inner end is `eth0` in the Machine's
+//! persistent network namespace, with the Machine's address and a default route via the
+//! bridge.
+//!
+//! Everything is made with rtnetlink at create and is idempotent: a create that died
+//! halfway converges when it runs again. Start never comes here (except to rebuild what a
+//! host reboot dropped). No lock is taken: every call opens its own netlink sockets, so
+//! the kernel's rtnl lock, held for each request only, is the one point concurrent creates
+//! meet.
+
+use std::fs::File;
+use std::io;
+use std::net::Ipv6Addr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::TryStreamExt;
+pub use ipnet::Ipv6Net;
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, AsyncSocket, TokioSocket};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use sha2::{Digest, Sha256};
+
+use crate::netns;
+use crate::RuntimeError;
+
+/// The Machine's side of its veth pair, inside its network namespace.
+pub const MACHINE_INTERFACE: &str = "eth0";
+/// Every worker network is one /64: Machines get addresses in it, the bridge gets `::1`.
+pub const PREFIX_LEN: u8 = 64;
+/// Linux's limit on interface names (IFNAMSIZ - 1).
+pub const MAX_INTERFACE_NAME: usize = 15;
+
+static NETLINK_OPERATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Netlink requests this process has sent through this module since it started. Lets a
+/// test prove that a code path (start) makes none.
+pub fn netlink_operations() -> u64 {
+    NETLINK_OPERATIONS.load(Ordering::Relaxed)
+}
+
+/// How a worker's Machine network is laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The bridge's interface name, e.g. `berth0`: at most 15 bytes of `[A-Za-z0-9_.-]`.
+    pub bridge: String,
+    /// The worker's IPv6 ULA /64 (inside `fc00::/7`). The bridge takes its `::1`.
+    pub prefix: Ipv6Net,
+    /// Masquerade traffic from the Machine network to the host's uplink. Off by default;
+    /// not implemented yet: [`WorkerNetwork::ensure`] refuses it with `not_supported`.
+    pub egress_nat: bool,
+}
+
+impl NetworkConfig {
+    /// A config with egress NAT off.
+    pub fn new(bridge: impl Into<String>, prefix: Ipv6Net) -> NetworkConfig {
+        NetworkConfig {
+            bridge: bridge.into(),
+            prefix,
+            egress_nat: false,
+        }
+    }
+
+    fn validate(&self) -> Result<(), RuntimeError> {
+        let invalid = |m: String| Err(RuntimeError::InvalidNetwork(m));
+        let name = &self.bridge;
+        if !valid_interface_name(name) {
+            return invalid(format!(
+                "bridge name {name:?} must be 1-{MAX_INTERFACE_NAME} of [A-Za-z0-9_.-], \
+                 starting alphanumeric"
+            ));
+        }
+        if self.prefix.prefix_len() != PREFIX_LEN {
+            return invalid(format!("prefix {} must be a /{PREFIX_LEN}", self.prefix));
+        }
+        if self.prefix.addr() != self.prefix.network() {
+            return invalid(format!(
+                "prefix {} has host bits set; use {}",
+                self.prefix,
+                self.prefix.trunc()
+            ));
+        }
+        // Unique local addresses only: Machine networks must never look routable.
+        if self.prefix.network().segments()[0] & 0xfe00 != 0xfc00 {
+            return invalid(format!(
+                "prefix {} is not a unique local (fc00::/7) prefix",
+                self.prefix
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The bridge of one worker, made (or found) by [`WorkerNetwork::ensure`].
+#[derive(Debug)]
+pub struct WorkerNetwork {
+    config: NetworkConfig,
+    bridge_index: u32,
+}
+
+impl WorkerNetwork {
+    /// Makes the bridge if it is missing, gives it the prefix's `::1` (no DAD) and brings
+    /// it up. Idempotent; agents with different bridges may call it concurrently, and two
+    /// racing on the same bridge both succeed.
+    pub async fn ensure(config: NetworkConfig) -> Result<WorkerNetwork, RuntimeError> {
+        config.validate()?;
+        if config.egress_nat {
+            return Err(RuntimeError::NotSupported(
+                "egress NAT (NetworkConfig::egress_nat)".into(),
+            ));
+        }
+        let bridge = config.bridge.clone();
+        let context = |what: &str| format!("{what} bridge {bridge}");
+        let nl = Netlink::host().map_err(|e| network_error(context("open netlink for"), e))?;
+        let link = match nl.link_by_name(&bridge).await {
+            Ok(Some(link)) => link,
+            Ok(None) => {
+                let message = LinkBridge::new(&bridge)
+                    .address(bridge_mac(&bridge).to_vec())
+                    .build();
+                match nl.add_link(message).await {
+                    // Another agent of this host made it in the meantime.
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    other => other.map_err(|e| netlink_error(context("create"), e))?,
+                }
+                nl.link_by_name(&bridge)
+                    .await
+                    .map_err(|e| netlink_error(context("look up"), e))?
+                    .ok_or_else(|| {
+                        network_error(
+                            context("look up"),
+                            io::Error::new(io::ErrorKind::NotFound, "gone right after creation"),
+                        )
+                    })?
+            }
+            Err(e) => return Err(netlink_error(context("look up"), e)),
+        };
+        if link_kind(&link) != Some(&InfoKind::Bridge) {
+            return Err(RuntimeError::InvalidNetwork(format!(
+                "interface {bridge} exists and is not a bridge"
+            )));
+        }
+        let index = link.header.index;
+        let gateway = gateway_of(&config.prefix);
+        nl.add_address(index, gateway)
+            .await
+            .map_err(|e| netlink_error(context(&format!("add {gateway}/{PREFIX_LEN} to")), e))?;
+        if !link.header.flags.contains(LinkFlags::Up) {
+            nl.set_link(LinkUnspec::new_with_index(index).up().build())
+                .await
+                .map_err(|e| netlink_error(context("bring up"), e))?;
+        }
+        Ok(WorkerNetwork {
+            config,
+            bridge_index: index,
+        })
+    }
+
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// The bridge's interface index, as found or made by `ensure`. Machines are enslaved
+    /// by it, so the bridge must not be made again under a running agent.
+    pub fn bridge_index(&self) -> u32 {
+        self.bridge_index
+    }
+
+    /// The bridge's address, the `::1` of the prefix: the Machines' default gateway.
+    pub fn gateway(&self) -> Ipv6Addr {
+        gateway_of(&self.config.prefix)
+    }
+
+    /// The host-side veth name of a Machine: `bv` and 12 hex digits of the SHA-256 of its
+    /// id, so every agent process derives the same name without keeping it anywhere.
+    pub fn host_link_name(machine_id: &str) -> String {
+        let digest = Sha256::digest(machine_id.as_bytes());
+        let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("bv{hex}")
+    }
+
+    /// Whether `address` can be given to a Machine: inside the prefix, and neither the
+    /// prefix's own address nor the bridge's.
+    pub fn check_address(&self, machine_id: &str, address: Ipv6Addr) -> Result<(), RuntimeError> {
+        let prefix = &self.config.prefix;
+        if !prefix.contains(&address) || address == prefix.network() || address == self.gateway() {
+            return Err(RuntimeError::InvalidSpec {
+                id: machine_id.to_owned(),
+                message: format!(
+                    "private address {address} is not a Machine address of {prefix} \
+                     (its ::0 and ::1 are reserved)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Plugs the Machine's network namespace into the bridge: a veth pair named by
+    /// [`host_link_name`](Self::host_link_name) on the host (enslaved, up, its alias the
+    /// Machine id) and `eth0` inside, with `address`/64 (no DAD), up, and a default route
+    /// via the bridge's `::1`. Idempotent: after a crash halfway it repairs what is
+    /// missing, and it never touches a host link whose alias names another Machine.
+    pub async fn attach(
+        &self,
+        machine_id: &str,
+        netns_path: &Path,
+        address: Ipv6Addr,
+    ) -> Result<(), RuntimeError> {
+        self.check_address(machine_id, address)?;
+        let host_name = Self::host_link_name(machine_id);
+        let context = |what: &str| format!("{what} for machine {machine_id}");
+        let ns_file = File::open(netns_path).map_err(|e| {
+            RuntimeError::io(
+                context(&format!("open network namespace {}", netns_path.display())),
+                e,
+            )
+        })?;
+        let host = Netlink::host().map_err(|e| network_error(context("open netlink"), e))?;
+        let inner = Netlink::in_netns(netns_path)
+            .await
+            .map_err(|e| network_error(context("open netlink in the network namespace"), e))?;
+
+        let (host_link, eth0) = futures::try_join!(
+            host.link_by_name(&host_name),
+            inner.link_by_name(MACHINE_INTERFACE)
+        )
+        .map_err(|e| netlink_error(context("look up the veth pair"), e))?;
+        // Each end names the other's index: this is the Machine's own pair.
+        let paired = match (&host_link, &eth0) {
+            (Some(h), Some(e)) => {
+                peer_index(e) == Some(h.header.index) && peer_index(h) == Some(e.header.index)
+            }
+            _ => false,
+        };
+        let (eth0, created) = match eth0 {
+            Some(eth0) if paired => (eth0, false),
+            stale_eth0 => {
+                if let Some(link) = &host_link {
+                    // Its peer is not this Machine's eth0: a pair made for an earlier
+                    // namespace of this Machine, or another Machine's.
+                    if let Some(owner) = alias(link).filter(|owner| *owner != machine_id) {
+                        return Err(network_error(
+                            context(&format!("create veth {host_name}")),
+                            io::Error::new(
+                                io::ErrorKind::AlreadyExists,
+                                format!("{host_name} already belongs to machine {owner}"),
+                            ),
+                        ));
+                    }
+                    host.del_link(link.header.index).await.map_err(|e| {
+                        netlink_error(context(&format!("delete stale {host_name}")), e)
+                    })?;
+                }
+                if let Some(link) = stale_eth0 {
+                    inner
+                        .del_link(link.header.index)
+                        .await
+                        .map_err(|e| netlink_error(context("delete stale eth0"), e))?;
+                }
+                let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                    .name(MACHINE_INTERFACE)
+                    .setns_by_fd(ns_file.as_raw_fd())
+                    .build();
+                let pair = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+                    .name(host_name.clone())
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                    .build();
+                host.add_link(pair)
+                    .await
+                    .map_err(|e| netlink_error(context(&format!("create veth {host_name}")), e))?;
+                let eth0 = inner
+                    .link_by_name(MACHINE_INTERFACE)
+                    .await
+                    .map_err(|e| netlink_error(context("look up eth0"), e))?
+                    .ok_or_else(|| {
+                        network_error(
+                            context("look up eth0"),
+                            io::Error::new(io::ErrorKind::NotFound, "missing right after creation"),
+                        )
+                    })?;
+                (eth0, true)
+            }
+        };
+        let host_index = peer_index(&eth0).ok_or_else(|| {
+            network_error(
+                context("read the peer of eth0"),
+                io::Error::other("eth0 is not a veth"),
+            )
+        })?;
+
+        // One request sets everything of the host side, whatever state a crash left.
+        host.set_link(
+            LinkUnspec::new_with_index(host_index)
+                .controller(self.bridge_index)
+                .up()
+                .append_extra_attribute(LinkAttribute::IfAlias(machine_id.to_owned()))
+                .build(),
+        )
+        .await
+        .map_err(|e| netlink_error(context(&format!("attach {host_name} to the bridge")), e))?;
+
+        let index = eth0.header.index;
+        if !eth0.header.flags.contains(LinkFlags::Up) {
+            inner
+                .set_link(LinkUnspec::new_with_index(index).up().build())
+                .await
+                .map_err(|e| netlink_error(context("bring up eth0"), e))?;
+        }
+        // A fresh eth0 has no address; an old one may hold a wrong one.
+        let mut present = false;
+        if !created {
+            let addresses = inner
+                .addresses(index)
+                .await
+                .map_err(|e| netlink_error(context("list addresses of eth0"), e))?;
+            for message in addresses {
+                if message.header.scope != AddressScope::Universe {
+                    continue;
+                }
+                if address_of(&message) == Some(address) && message.header.prefix_len == PREFIX_LEN
+                {
+                    present = true;
+                } else {
+                    inner
+                        .del_address(message)
+                        .await
+                        .map_err(|e| netlink_error(context("remove a stale address"), e))?;
+                }
+            }
+        }
+        if !present {
+            inner.add_address(index, address).await.map_err(|e| {
+                netlink_error(context(&format!("add {address}/{PREFIX_LEN} to eth0")), e)
+            })?;
+        }
+        let gateway = self.gateway();
+        inner
+            .replace_default_route(index, gateway)
+            .await
+            .map_err(|e| netlink_error(context(&format!("route via {gateway}")), e))?;
+        Ok(())
+    }
+
+    /// Deletes the Machine's host-side veth; its peer goes with it. Missing is success,
+    /// and a link whose alias names another Machine is left alone.
+    pub async fn detach(&self, machine_id: &str) -> Result<(), RuntimeError> {
+        let host_name = Self::host_link_name(machine_id);
+        let context = || format!("delete veth {host_name} of machine {machine_id}");
+        let host = Netlink::host().map_err(|e| network_error(context(), e))?;
+        let Some(link) = host
+            .link_by_name(&host_name)
+            .await
+            .map_err(|e| netlink_error(context(), e))?
+        else {
+            return Ok(());
+        };
+        if let Some(owner) = alias(&link).filter(|owner| *owner != machine_id) {
+            tracing::warn!(machine = machine_id, %owner, link = %host_name,
+                "host link belongs to another machine; not deleting it");
+            return Ok(());
+        }
+        host.del_link(link.header.index)
+            .await
+            .map_err(|e| netlink_error(context(), e))
+    }
+
+    /// Deletes the bridge (for tests and for an operator retiring a worker). Machines'
+    /// host-side veths stay, detached.
+    pub async fn teardown(self) -> Result<(), RuntimeError> {
+        let bridge = &self.config.bridge;
+        let context = || format!("delete bridge {bridge}");
+        let host = Netlink::host().map_err(|e| network_error(context(), e))?;
+        if let Some(link) = host
+            .link_by_name(bridge)
+            .await
+            .map_err(|e| netlink_error(context(), e))?
+        {
+            host.del_link(link.header.index)
+                .await
+                .map_err(|e| netlink_error(context(), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` is usable as a Linux interface name.
+pub fn valid_interface_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.len() <= MAX_INTERFACE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn gateway_of(prefix: &Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(prefix.network()) | 1)
+}
+
+/// A fixed, locally administered MAC for the bridge. Without one the bridge takes the
+/// lowest MAC of its ports, which changes as Machines come and go and leaves stale
+/// neighbour entries behind in every Machine.
+fn bridge_mac(bridge: &str) -> [u8; 6] {
+    let digest = Sha256::digest(bridge.as_bytes());
+    [0x02, digest[0], digest[1], digest[2], digest[3], digest[4]]
+}
+
+/// One netlink connection, in the host's or in a Machine's network namespace. The
+/// connection's task ends with it.
+struct Netlink {
+    handle: Handle,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl Netlink {
+    /// A connection in this process's network namespace (the host's).
+    fn host() -> io::Result<Netlink> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        Ok(Netlink {
+            handle,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// A connection in the network namespace at `path`: the socket is made on a thread
+    /// that joined it and stays in it afterwards.
+    async fn in_netns(path: &Path) -> io::Result<Netlink> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let socket = netns::in_netns_async(path, move || {
+            // Registers the socket with the caller's runtime, from the namespace's thread.
+            let _entered = runtime.enter();
+            TokioSocket::new(NETLINK_ROUTE)
+        })
+        .await?;
+        let (connection, handle, _) = rtnetlink::from_socket(socket);
+        Ok(Netlink {
+            handle,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, rtnetlink::Error> {
+        count();
+        let mut links = self.handle.link().get().match_name(name).execute();
+        match links.try_next().await {
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            other => other,
+        }
+    }
+
+    async fn add_link(&self, message: LinkMessage) -> Result<(), rtnetlink::Error> {
+        count();
+        self.handle.link().add(message).execute().await
+    }
+
+    async fn set_link(&self, message: LinkMessage) -> Result<(), rtnetlink::Error> {
+        count();
+        self.handle.link().set(message).execute().await
+    }
+
+    /// Missing is success.
+    async fn del_link(&self, index: u32) -> Result<(), rtnetlink::Error> {
+        count();
+        match self.handle.link().del(index).execute().await {
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The IPv6 addresses of link `index`.
+    async fn addresses(&self, index: u32) -> Result<Vec<AddressMessage>, rtnetlink::Error> {
+        count();
+        let mut request = self.handle.address().get().set_link_index_filter(index);
+        request.message_mut().header.family = AddressFamily::Inet6;
+        request.execute().try_collect().await
+    }
+
+    /// Adds (or updates) `address`/64 on link `index`, without duplicate address
+    /// detection: the address is unique by construction and usable at once.
+    async fn add_address(&self, index: u32, address: Ipv6Addr) -> Result<(), rtnetlink::Error> {
+        count();
+        let mut request = self
+            .handle
+            .address()
+            .add(index, address.into(), PREFIX_LEN)
+            .replace();
+        let message = request.message_mut();
+        message.header.flags = AddressHeaderFlags::Nodad;
+        message
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        request.execute().await
+    }
+
+    async fn del_address(&self, message: AddressMessage) -> Result<(), rtnetlink::Error> {
+        count();
+        match self.handle.address().del(message).execute().await {
+            Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn replace_default_route(
+        &self,
+        index: u32,
+        gateway: Ipv6Addr,
+    ) -> Result<(), rtnetlink::Error> {
+        count();
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .gateway(gateway)
+            .output_interface(index)
+            .build();
+        self.handle.route().add(route).replace().execute().await
+    }
+}
+
+fn count() {
+    NETLINK_OPERATIONS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
+        _ => None,
+    }
+}
+
+fn netlink_error(context: String, e: rtnetlink::Error) -> RuntimeError {
+    let source = match &e {
+        rtnetlink::Error::NetlinkError(message) => message.to_io(),
+        other => io::Error::other(other.to_string()),
+    };
+    network_error(context, source)
+}
+
+fn network_error(context: String, source: io::Error) -> RuntimeError {
+    RuntimeError::Network { context, source }
+}
+
+fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+                LinkInfo::Kind(kind) => Some(kind),
+                _ => None,
+            }),
+            _ => None,
+        })
+}
+
+/// The index of a veth's peer (in the peer's namespace).
+fn peer_index(link: &LinkMessage) -> Option<u32> {
+    if link_kind(link) != Some(&InfoKind::Veth) {
+        return None;
+    }
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Link(index) => Some(*index),
+            _ => None,
+        })
+}
+
+/// The owner mark `attach` puts on host-side veths.
+fn alias(link: &LinkMessage) -> Option<&str> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::IfAlias(alias) if !alias.is_empty() => Some(alias.as_str()),
+            _ => None,
+        })
+}
+
+fn address_of(message: &AddressMessage) -> Option<Ipv6Addr> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            AddressAttribute::Address(std::net::IpAddr::V6(address)) => Some(*address),
+            _ => None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn host_link_names_are_short_stable_and_distinct() {
+        let a = WorkerNetwork::host_link_name("d8e7f3a1c2b4e5");
+        assert_eq!(a, WorkerNetwork::host_link_name("d8e7f3a1c2b4e5"));
+        assert_eq!(a.len(), 14);
+        assert!(a.starts_with("bv") && valid_interface_name(&a));
+        assert_ne!(a, WorkerNetwork::host_link_name("d8e7f3a1c2b4e6"));
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let ok = NetworkConfig::new("berth0", prefix("fd12:3456:789a:1::/64"));
+        assert!(ok.validate().is_ok());
+        assert!(!ok.egress_nat, "egress NAT is off by default");
+        for (bridge, net) in [
+            ("berth-bridge-too-long", "fd00::/64"),
+            ("", "fd00::/64"),
+            ("-x", "fd00::/64"),
+            ("a/b", "fd00::/64"),
+            ("berth0", "fd00::/48"),
+            ("berth0", "fd00::1/64"),
+            ("berth0", "2001:db8::/64"),
+            ("berth0", "fe80::/64"),
+        ] {
+            let config = NetworkConfig::new(bridge, prefix(net));
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.code(), "invalid_network", "{bridge} {net}: {err}");
+        }
+    }
+
+    #[test]
+    fn bridge_mac_is_local_unicast_and_stable() {
+        let mac = bridge_mac("berth0");
+        assert_eq!(mac[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_eq!(mac, bridge_mac("berth0"));
+        assert_ne!(mac, bridge_mac("berth1"));
+    }
+
+    #[test]
+    fn machine_addresses_are_checked_against_the_prefix() {
+        let network = WorkerNetwork {
+            config: NetworkConfig::new("berth0", prefix("fd00:1:2:3::/64")),
+            bridge_index: 0,
+        };
+        let ok: Ipv6Addr = "fd00:1:2:3::2a".parse().unwrap();
+        assert!(network.check_address("m1", ok).is_ok());
+        for bad in ["fd00:1:2:3::", "fd00:1:2:3::1", "fd00:1:2:4::2a", "::1"] {
+            let err = network
+                .check_address("m1", bad.parse().unwrap())
+                .unwrap_err();
+            assert_eq!(err.code(), "invalid_spec", "{bad}");
+        }
+    }
+
+    #[test]
+    fn gateway_is_the_prefix_one() {
+        assert_eq!(
+            gateway_of(&prefix("fd00:1:2:3::/64")),
+            "fd00:1:2:3::1".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+}
