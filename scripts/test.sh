@@ -16,6 +16,8 @@ leftovers() {
     grep -E ' (overlay|nsfs) ' /proc/self/mountinfo | grep -E 'berth|/tmp/' | awk '{print $5}' | sort || true
     runc list -q 2>/dev/null | sort || true
     find "${TMPDIR:-/tmp}" -maxdepth 1 -mindepth 1 \( -name '.tmp*' -o -name 'berth*' \) 2>/dev/null | sort || true
+    # Worker bridges (bz…) and Machine veths (bv…).
+    ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | grep -E '^(bz|bv)[0-9a-f]{12}' | sort || true
 }
 before=$(mktemp)
 after=$(mktemp)

@@ -60,6 +60,22 @@ pub struct AgentConfig {
     pub pids_limit: i64,
     /// What this host offers to Machines. Start refuses to run past it.
     pub capacity: Resources,
+    /// The worker's /64 for Machine addresses; `None` gives Machines loopback only.
+    pub machine_prefix: Option<berth_runtime::network::Ipv6Net>,
+}
+
+/// A Machine's address: its worker's /64 with the Machine id as the interface part, so
+/// addresses never collide and need no allocation table. The leading 0x01 keeps it clear
+/// of the gateway (::1).
+pub fn machine_address(
+    prefix: &berth_runtime::network::Ipv6Net,
+    machine_id: &str,
+) -> Option<std::net::Ipv6Addr> {
+    let id = u64::from_str_radix(machine_id, 16).ok()? & 0x00ff_ffff_ffff_ffff;
+    let network = u128::from(prefix.network());
+    Some(std::net::Ipv6Addr::from(
+        network | u128::from(0x0100_0000_0000_0000 | id),
+    ))
 }
 
 /// Disk reserved for each Machine that exists, for placement and capacity.
@@ -621,13 +637,14 @@ impl Agent {
                     usage.extend(metering::close_run(record, now_ms(), CloseBasis::Observed));
                 }
                 let image = self.resolve_digest(&previous.image_ref.digest).await?;
-                let spec = bundle::bundle_spec(
+                let mut spec = bundle::bundle_spec(
                     &record.id,
                     &previous.config,
                     &image.config,
                     &image.layer_dirs,
                     self.inner.config.pids_limit,
                 )?;
+                spec.private_ip = record.private_ip;
                 runtime.prepare(&layout, &spec).await?;
                 record.config = previous.config;
                 record.image_ref = previous.image_ref;
@@ -858,7 +875,15 @@ impl WorkerService for Agent {
             pending: Some(PendingOp::Create),
             run_open: false,
             storage_bytes: 0,
+            private_ip: self
+                .inner
+                .config
+                .machine_prefix
+                .as_ref()
+                .and_then(|prefix| machine_address(prefix, &request.id)),
         };
+        let mut spec = spec;
+        spec.private_ip = record.private_ip;
         self.inner.store.save(&record, None).await?;
         let layout = self.layout(&record.id);
         if let Err(error) = self.inner.runtime.prepare(&layout, &spec).await {
@@ -942,13 +967,15 @@ impl WorkerService for Agent {
         };
         // Resolve and lay out the new image first; a bad update changes nothing.
         let image = self.resolve_image(&request.config.image).await?;
-        let spec = bundle::bundle_spec(
+        let mut spec = bundle::bundle_spec(
             id,
             &request.config,
             &image.config,
             &image.layer_dirs,
             self.inner.config.pids_limit,
         )?;
+        // The network was made at create; update keeps the address.
+        spec.private_ip = record.private_ip;
         let was_running = record.state == MachineState::Started;
         record.pending = Some(PendingOp::Update {
             previous: Box::new(UpdateSnapshot {

@@ -79,6 +79,9 @@ pub struct MachineRecord {
     /// The upperdir's size at the last storage measurement.
     #[serde(default)]
     pub storage_bytes: u64,
+    /// The Machine's address on the worker network, if the worker has one.
+    #[serde(default)]
+    pub private_ip: Option<std::net::Ipv6Addr>,
 }
 
 impl MachineRecord {
@@ -95,6 +98,7 @@ impl MachineRecord {
             updated_at: format_ms(self.updated_at_ms),
             last_exit: self.last_exit.clone(),
             restart_count: self.restart_count,
+            private_ip: self.private_ip.map(|address| address.to_string()),
             worker: None,
             worker_status: None,
         }

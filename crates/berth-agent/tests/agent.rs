@@ -55,6 +55,7 @@ impl Fixture {
                 name: "test".into(),
                 region: "test".into(),
                 pids_limit: 64,
+                machine_prefix: None,
                 capacity: berth_api::Resources {
                     cpus: 4,
                     memory_mb: 2048,

@@ -257,6 +257,10 @@ pub struct Machine {
     /// How many times the restart policy has restarted this run.
     #[serde(default)]
     pub restart_count: u32,
+    /// The Machine's IPv6 address on its worker's network (a ULA), made at create and kept
+    /// across stop and start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
     /// The worker that holds the Machine's disk; set at create, kept until destroy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,

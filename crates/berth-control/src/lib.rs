@@ -135,6 +135,11 @@ impl ControlPlane {
             .await?)
     }
 
+    /// The /64 that a worker of this name gets for its Machines.
+    pub async fn worker_prefix(&self, name: &str) -> Result<String, ApiError> {
+        Ok(self.workers.prefix(self.store.pool(), name).await?)
+    }
+
     /// A heartbeat from a worker in this process.
     pub fn local_heartbeat(&self, name: &str, stats: WorkerStats) {
         self.workers.heartbeat(name, stats);

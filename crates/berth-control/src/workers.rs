@@ -148,6 +148,26 @@ impl Workers {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The Machine prefix a worker of this name has, or will have when it registers.
+    pub(crate) async fn prefix(
+        &self,
+        pool: &SqlitePool,
+        name: &str,
+    ) -> Result<String, sqlx::Error> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
+             VALUES (?, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), '', NULL, 0, 0, 0)",
+        )
+        .bind(name)
+        .execute(pool)
+        .await?;
+        let row = sqlx::query("SELECT ordinal FROM workers WHERE name = ?")
+            .bind(name)
+            .fetch_one(pool)
+            .await?;
+        Ok(self.prefix_for(row.get(0)))
+    }
+
     /// Records a worker (new or returning) and answers with its Machine prefix.
     pub(crate) async fn register(
         &self,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use berth::platform::{find_program, join_token, HEARTBEAT_INTERVAL};
+use berth::platform::{find_program, join_token, worker_network, HEARTBEAT_INTERVAL};
 use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources, WorkerRegistered};
 use berth_control::{ControlConfig, ControlPlane};
@@ -115,6 +115,21 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         memory_mb: args.memory_mb,
         disk_mb: args.disk_mb,
     };
+    // Join first: the control plane hands out the worker's network prefix.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let registration = RegisterWorker {
+        name: args.name.clone(),
+        region: args.region.clone(),
+        url: url.clone(),
+        capacity,
+    };
+    let link = ControlLink::new(&args.control_url, &args.join_token)?;
+    let prefix = link.register_until_accepted(&registration).await;
+    info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
+    let (network, machine_prefix) = worker_network(&prefix).await?;
     let images = Arc::new(ImageStore::open(
         &data_dir.join("images"),
         UnpackLimits::default(),
@@ -127,39 +142,27 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         shim_command,
         log_max_bytes: args.log_max_bytes,
         start_timeout: Duration::from_secs(30),
-        network: None,
+        network: Some(network),
     }));
     let agent = Agent::open(
         AgentConfig {
             data_dir: data_dir.clone(),
             name: args.name.clone(),
-            region: args.region.clone(),
+            region: args.region,
             pids_limit: args.pids_limit,
             capacity,
+            machine_prefix: Some(machine_prefix),
         },
         runtime,
         images,
     )
     .await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
-    let url = format!("http://{}", listener.local_addr()?);
     let router = berth_agent::http::router(Arc::new(agent.clone()), &args.join_token);
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown_signal())
             .await
     });
-    let registration = RegisterWorker {
-        name: args.name.clone(),
-        region: args.region,
-        url: url.clone(),
-        capacity,
-    };
-    let link = ControlLink::new(&args.control_url, &args.join_token)?;
-    let prefix = link.register_until_accepted(&registration).await;
-    info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
     let heartbeat = tokio::spawn(link.heartbeat_forever(registration, agent.clone()));
     server.await.context("agent API task")??;
     heartbeat.abort();

@@ -12,6 +12,7 @@ use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
 use berth_image::{ImageStore, UnpackLimits};
+use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use tracing::warn;
 
@@ -113,13 +114,20 @@ impl LocalPlatform {
                     data_dir.join(format!("worker-{}", index + 1)),
                 )
             };
+            let prefix = control.worker_prefix(&name).await.map_err(|error| {
+                anyhow!(
+                    "the network prefix of worker {name}: {}",
+                    error.body.message
+                )
+            })?;
+            let (network, machine_prefix) = worker_network(&prefix).await?;
             let runtime = Arc::new(RuncRuntime::new(RuncConfig {
                 runc_binary: options.runc_binary.clone(),
                 runc_root: dir.join("runc"),
                 shim_command: options.shim_command.clone(),
                 log_max_bytes: options.log_max_bytes,
                 start_timeout: Duration::from_secs(30),
-                network: None,
+                network: Some(network),
             }));
             let agent = Agent::open(
                 AgentConfig {
@@ -128,6 +136,7 @@ impl LocalPlatform {
                     region: options.region.clone(),
                     pids_limit: options.pids_limit,
                     capacity: options.worker_capacity,
+                    machine_prefix: Some(machine_prefix),
                 },
                 runtime,
                 images.clone(),
@@ -165,6 +174,30 @@ impl LocalPlatform {
             agent.store().close().await;
         }
     }
+}
+
+/// The worker's bridge: named after its prefix, so several workers on one host (or
+/// several test platforms) never share one.
+pub fn bridge_name(prefix: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(prefix.as_bytes());
+    format!("bz{}", &hex_string(&digest)[..12])
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Makes (or finds) the worker's bridge for its /64. Called once at agent start, before
+/// any Machine is attached: a host reboot drops the bridge too.
+pub async fn worker_network(prefix: &str) -> Result<(Arc<WorkerNetwork>, Ipv6Net)> {
+    let net: Ipv6Net = prefix
+        .parse()
+        .with_context(|| format!("the control plane gave a bad prefix {prefix:?}"))?;
+    let network = WorkerNetwork::ensure(NetworkConfig::new(bridge_name(prefix), net))
+        .await
+        .with_context(|| format!("setting up the Machine network {prefix}"))?;
+    Ok((Arc::new(network), net))
 }
 
 fn spawn_local_heartbeat(control: Arc<ControlPlane>, name: String, agent: Agent) {

@@ -323,3 +323,59 @@ fn a_machine_sees_neither_host_files_nor_host_processes() {
     );
     platform.teardown();
 }
+
+#[test]
+fn a_machine_is_reachable_at_its_private_address_across_stop_and_start() {
+    let platform = Platform::start();
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "net"]);
+    let script = "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; \
+                  trap 'kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait $pid";
+    let machine = create(
+        &platform,
+        "net",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["/bin/sh", "-c", script]}}}),
+    );
+    let address: std::net::Ipv6Addr = machine
+        .private_ip
+        .as_deref()
+        .expect("a private address")
+        .parse()
+        .expect("ipv6");
+    assert!(
+        address.segments()[0] & 0xfe00 == 0xfc00,
+        "a ULA address: {address}"
+    );
+    let fetch = || -> Option<String> {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?;
+        client
+            .get(format!("http://[{address}]:8080/"))
+            .send()
+            .ok()?
+            .text()
+            .ok()
+    };
+    let expected = format!("hello-from-{}", machine.id);
+    platform.wait_for(
+        "the page at the private address",
+        Duration::from_secs(10),
+        || fetch().is_some_and(|page| page.contains(&expected)),
+    );
+    let base = format!("/v1/apps/net/machines/{}", machine.id);
+    post(&platform, &format!("{base}/stop"));
+    post(&platform, &format!("{base}/start"));
+    assert_eq!(
+        platform.machine("net", &machine.id).private_ip,
+        machine.private_ip,
+        "the address survives stop/start"
+    );
+    platform.wait_for(
+        "the page again after stop/start",
+        Duration::from_secs(10),
+        || fetch().is_some_and(|page| page.contains(&expected)),
+    );
+    platform.teardown();
+}

@@ -20,6 +20,8 @@ pub struct Platform {
     pub token: String,
     process: Option<Child>,
     http: reqwest::blocking::Client,
+    /// The worker bridges this platform made, removed at teardown.
+    bridges: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -39,6 +41,7 @@ impl Platform {
             api_url,
             token: String::new(),
             process: None,
+            bridges: Vec::new(),
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -100,6 +103,15 @@ impl Platform {
             .expect("admin token file")
             .trim()
             .to_owned();
+        let (_, workers) = self.call(reqwest::Method::GET, "/v1/workers", None);
+        for worker in workers.as_array().cloned().unwrap_or_default() {
+            if let Some(prefix) = worker["machine_prefix"].as_str() {
+                let bridge = berth::platform::bridge_name(prefix);
+                if !self.bridges.contains(&bridge) {
+                    self.bridges.push(bridge);
+                }
+            }
+        }
     }
 
     /// SIGTERM, like an operator's Ctrl-C, then wait for a clean exit.
@@ -321,6 +333,12 @@ impl Platform {
         mounts.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
         for mount in mounts {
             let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        for bridge in &self.bridges {
+            let _ = Command::new("ip")
+                .args(["link", "delete", bridge])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
