@@ -165,6 +165,12 @@ pub fn is_loopback_registry(registry: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// reqwest is built without a default TLS crypto provider: installs ring's, once per
+/// process. A provider installed earlier by someone else is just as good.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// How the puller reaches registries.
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
@@ -311,9 +317,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ImagePuller {
     /// A puller over `store`.
     pub fn new(store: Arc<ImageStore>, options: RegistryOptions) -> ImagePuller {
-        // reqwest is built without a default crypto provider; install ring once. A
-        // provider installed earlier by someone else is just as good.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_tls_provider();
         ImagePuller {
             store,
             options,
@@ -548,15 +552,17 @@ impl ImagePuller {
             bytes_done: 0,
             bytes_total: plan.total_bytes(),
         });
-        let results: Vec<Result<(), ImageError>> = futures::stream::iter(
-            plan.manifest
-                .layers
-                .iter()
-                .map(|layer| self.fetch_layer(&plan, layer, progress.clone())),
-        )
-        .buffer_unordered(LAYER_CONCURRENCY)
-        .collect()
-        .await;
+        // Collected first: a closure inside the stream type makes the future not Send.
+        let downloads: Vec<_> = plan
+            .manifest
+            .layers
+            .iter()
+            .map(|layer| self.fetch_layer(&plan, layer, progress.clone()))
+            .collect();
+        let results: Vec<Result<(), ImageError>> = futures::stream::iter(downloads)
+            .buffer_unordered(LAYER_CONCURRENCY)
+            .collect()
+            .await;
         for result in results {
             result?;
         }
@@ -610,34 +616,28 @@ impl ImagePuller {
         progress: Progress,
     ) -> Result<(), ImageError> {
         let hex = descriptor_hex(desc)?.to_string();
-        let event = |status, done| PullEvent {
-            status,
-            layer: Some(desc.digest.clone()),
-            bytes_done: done,
-            bytes_total: desc.size,
-        };
         let flight = self.flight(&hex);
         let result = async {
             let _guard = match flight.try_lock() {
                 Ok(guard) => guard,
                 Err(_) => {
-                    progress(event(PullStatus::Waiting, 0));
+                    progress(layer_event(desc, PullStatus::Waiting, 0));
                     flight.lock().await
                 }
             };
             if self.store.layer_path(&hex).is_dir() {
-                progress(event(PullStatus::Exists, desc.size));
+                progress(layer_event(desc, PullStatus::Exists, desc.size));
                 return Ok(());
             }
             if self.store.blob_path(&hex).is_file() {
-                progress(event(PullStatus::Exists, desc.size));
+                progress(layer_event(desc, PullStatus::Exists, desc.size));
             } else {
                 self.download(plan, desc, &hex, &progress).await?;
             }
             let store = self.store.clone();
             let owned = desc.clone();
             blocking(move || store.ensure_layer(&owned)).await?;
-            progress(event(PullStatus::Unpacked, desc.size));
+            progress(layer_event(desc, PullStatus::Unpacked, desc.size));
             Ok(())
         }
         .await;
@@ -742,6 +742,15 @@ impl ImageStore {
             tmp.disarm();
         }
         sync_dir(&self.root().join("blobs/sha256"))
+    }
+}
+
+fn layer_event(desc: &Descriptor, status: PullStatus, done: u64) -> PullEvent {
+    PullEvent {
+        status,
+        layer: Some(desc.digest.clone()),
+        bytes_done: done,
+        bytes_total: desc.size,
     }
 }
 
