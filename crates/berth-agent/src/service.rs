@@ -3,7 +3,9 @@
 //! worker will implement it over the network.
 
 use async_trait::async_trait;
-use berth_api::{Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest};
+use berth_api::{
+    ImageRef, Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest,
+};
 
 use crate::error::Result;
 
@@ -35,6 +37,17 @@ pub struct CreateOnWorker {
     pub skip_launch: bool,
 }
 
+/// One Machine's hold on images: what garbage collection must keep and what
+/// `GET /v1/images` reports as "machines using it".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageUsage {
+    pub machine_id: String,
+    pub app: String,
+    pub image: ImageRef,
+    /// Layer blob digests of the Machine's rootfs, bottom first.
+    pub layers: Vec<String>,
+}
+
 #[async_trait]
 pub trait WorkerService: Send + Sync + 'static {
     async fn create(&self, request: CreateOnWorker) -> Result<Machine>;
@@ -46,4 +59,7 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn list(&self, app: &str) -> Result<Vec<Machine>>;
     /// The tail of the Machine's captured stdout and stderr.
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>>;
+    /// Every image every Machine on this worker holds (running or stopped, plus the image
+    /// an unfinished update would roll back to).
+    async fn image_usage(&self) -> Result<Vec<ImageUsage>>;
 }

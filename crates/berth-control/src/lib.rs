@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use berth_agent::WorkerService;
 use berth_api::Health;
 use berth_core::{ids, validate};
-use berth_image::ImageStore;
+use berth_image::{ImagePuller, ImageStore};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -45,6 +45,7 @@ pub struct ControlPlane {
     admin_token_hash: [u8; 32],
     workers: BTreeMap<String, Arc<dyn WorkerService>>,
     images: Arc<ImageStore>,
+    puller: Arc<ImagePuller>,
     scratch_dir: PathBuf,
 }
 
@@ -60,6 +61,18 @@ impl ControlPlane {
         workers: BTreeMap<String, Arc<dyn WorkerService>>,
         images: Arc<ImageStore>,
     ) -> Result<Arc<ControlPlane>, ApiError> {
+        let puller = Arc::new(ImagePuller::new(images, Default::default()));
+        ControlPlane::open_with_puller(config, workers, puller).await
+    }
+
+    /// [`ControlPlane::open`] with the puller the workers use, so `POST /v1/images/pull`
+    /// and creates share downloads and registry settings.
+    pub async fn open_with_puller(
+        config: ControlConfig,
+        workers: BTreeMap<String, Arc<dyn WorkerService>>,
+        puller: Arc<ImagePuller>,
+    ) -> Result<Arc<ControlPlane>, ApiError> {
+        let images = puller.store().clone();
         let scratch_dir = config.data_dir.join("uploads");
         std::fs::create_dir_all(&scratch_dir).map_err(ApiError::internal)?;
         let store = ControlStore::open(&config.data_dir.join("control.db")).await?;
@@ -69,6 +82,7 @@ impl ControlPlane {
             admin_token_hash: token_hash(&config.admin_token),
             workers,
             images,
+            puller,
             scratch_dir,
         }))
     }

@@ -281,6 +281,31 @@ impl Collection {
 }
 
 impl ImageStore {
+    /// Describes a stored image by `[registry/]repository@digest`, tagged or not.
+    pub fn describe(&self, name: &str) -> Result<crate::store::ImageInfo, ImageError> {
+        let reference = ImageReference::parse(name)?;
+        let digest = reference
+            .digest
+            .clone()
+            .ok_or_else(|| ImageError::invalid_reference(name, "a digest is needed"))?;
+        let file =
+            fs::File::open(self.blob_path(digest_hex(&digest))).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => ImageError::NotFound(name.to_string()),
+                _ => ImageError::io("opening stored manifest", e),
+            })?;
+        let manifest = parse_manifest(&read_capped(file, MAX_MANIFEST, "stored manifest")?)?;
+        Ok(crate::store::ImageInfo {
+            name: reference.name(),
+            digest,
+            size_bytes: manifest
+                .layers
+                .iter()
+                .map(|l| l.size)
+                .fold(0, u64::saturating_add),
+            layers: manifest.layers.len(),
+        })
+    }
+
     /// The config and layer hexes a stored manifest names, if it is stored and valid.
     fn manifest_children(&self, manifest_hex: &str) -> Option<Vec<String>> {
         let file = fs::File::open(self.blob_path(manifest_hex)).ok()?;

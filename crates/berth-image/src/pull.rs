@@ -327,6 +327,11 @@ impl ImagePuller {
         }
     }
 
+    /// The registry that names without one are pulled from, if any.
+    pub fn default_registry(&self) -> Option<&str> {
+        self.options.default_registry.as_deref()
+    }
+
     /// The store pulled into.
     pub fn store(&self) -> &Arc<ImageStore> {
         &self.store

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod commands;
 mod demo;
+mod pull_progress;
 mod up;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/berth";
@@ -34,7 +35,7 @@ enum Command {
     /// Create, start, stop and inspect Machines.
     #[command(subcommand)]
     Machine(Box<commands::MachineCommand>),
-    /// Import and list images.
+    /// Pull, import, list and prune images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
     /// The per-Machine supervisor. Started by the worker, not by people.

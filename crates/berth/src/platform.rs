@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use berth_agent::{Agent, AgentConfig, WorkerService};
 use berth_control::{ControlConfig, ControlPlane};
-use berth_image::{ImageStore, UnpackLimits};
+use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 
 /// The name of the one in-process worker.
@@ -25,6 +25,8 @@ pub struct PlatformOptions {
     pub region: String,
     pub log_max_bytes: u64,
     pub pids_limit: i64,
+    /// Credentials, insecure hosts and the default registry for pulls.
+    pub registry: RegistryOptions,
 }
 
 pub struct LocalPlatform {
@@ -32,6 +34,8 @@ pub struct LocalPlatform {
     pub admin_token: String,
     pub agent: Agent,
     pub control: Arc<ControlPlane>,
+    /// Shared by the agent's creates and `POST /v1/images/pull`.
+    pub puller: Arc<ImagePuller>,
 }
 
 impl LocalPlatform {
@@ -46,6 +50,7 @@ impl LocalPlatform {
             &data_dir.join("images"),
             UnpackLimits::default(),
         )?);
+        let puller = Arc::new(ImagePuller::new(images, options.registry));
         let runtime = Arc::new(RuncRuntime::new(RuncConfig {
             runc_binary: options.runc_binary,
             runc_root: data_dir.join("runc"),
@@ -53,25 +58,25 @@ impl LocalPlatform {
             log_max_bytes: options.log_max_bytes,
             start_timeout: Duration::from_secs(30),
         }));
-        let agent = Agent::open(
+        let agent = Agent::open_with_puller(
             AgentConfig {
                 data_dir: data_dir.join("worker"),
                 region: options.region,
                 pids_limit: options.pids_limit,
             },
             runtime,
-            images.clone(),
+            puller.clone(),
         )
         .await?;
         let mut workers: BTreeMap<String, Arc<dyn WorkerService>> = BTreeMap::new();
         workers.insert(LOCAL_WORKER.to_owned(), Arc::new(agent.clone()));
-        let control = ControlPlane::open(
+        let control = ControlPlane::open_with_puller(
             ControlConfig {
                 data_dir: data_dir.clone(),
                 admin_token: admin_token.clone(),
             },
             workers,
-            images,
+            puller.clone(),
         )
         .await
         .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
@@ -80,6 +85,7 @@ impl LocalPlatform {
             admin_token,
             agent,
             control,
+            puller,
         })
     }
 
