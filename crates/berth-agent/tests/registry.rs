@@ -135,7 +135,12 @@ async fn create_pulls_and_pins_the_digest_start_never_asks_update_pulls_again() 
     assert_eq!((status, body.error.as_str()), (503, "registry_unreachable"));
     assert!(body.retry_after_ms.is_some());
     assert_eq!(
-        agent.get("00000000000001").await.expect("get").image_ref.digest,
+        agent
+            .get("00000000000001")
+            .await
+            .expect("get")
+            .image_ref
+            .digest,
         first
     );
 
@@ -180,7 +185,14 @@ async fn ten_concurrent_creates_download_each_blob_once() {
         .collect();
     let mut digests = Vec::new();
     for create in creates {
-        digests.push(create.await.expect("task").expect("create").image_ref.digest);
+        digests.push(
+            create
+                .await
+                .expect("task")
+                .expect("create")
+                .image_ref
+                .digest,
+        );
     }
     digests.dedup();
     assert_eq!(digests.len(), 1);

@@ -20,6 +20,8 @@ pub struct Platform {
     pub token: String,
     process: Option<Child>,
     http: reqwest::blocking::Client,
+    /// Extra `berth up` flags, kept across reboots.
+    up_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -29,6 +31,11 @@ fn free_port() -> u16 {
 
 impl Platform {
     pub fn start() -> Platform {
+        Platform::start_with(&[])
+    }
+
+    /// `berth up` with extra flags (such as `--registry-auth FILE`).
+    pub fn start_with(up_args: &[&str]) -> Platform {
         let data_dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
@@ -43,6 +50,7 @@ impl Platform {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
+            up_args: up_args.iter().map(|arg| arg.to_string()).collect(),
         };
         platform.boot();
         platform
@@ -58,6 +66,7 @@ impl Platform {
             .args(["up", "--data-dir"])
             .arg(self.data_dir.path())
             .args(["--api-listen", &listen])
+            .args(&self.up_args)
             .env("BERTH_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
