@@ -75,9 +75,11 @@ impl AgentError {
             }
             AgentError::Image(error) => {
                 body.error = error.code().into();
+                body.retry_after_ms = error.retry_after_ms();
                 match error.code() {
                     "invalid_image_ref" => 400,
                     "insufficient_storage" => 507,
+                    "registry_unreachable" => 503,
                     "internal" => {
                         body.error = "internal".into();
                         500

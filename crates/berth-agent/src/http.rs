@@ -81,6 +81,7 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/update", post(update))
         .route("/agent/v1/machines/{id}/logs", get(logs))
         .route("/agent/v1/usage", get(usage))
+        .route("/agent/v1/images/usage", get(image_usage))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_join_token,
@@ -204,4 +205,8 @@ async fn usage(
             .await?,
     )
     .into_response())
+}
+
+async fn image_usage(State(http): State<Shared>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.image_usage().await?).into_response())
 }

@@ -19,7 +19,7 @@ use berth_api::{
 use berth_core::restart::{self, RestartDecision};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
-use berth_image::{ImageStore, ResolvedImage};
+use berth_image::{ImagePuller, ImageStore, Lease, PullEvent, PullStatus, ResolvedImage};
 use berth_runtime::{ExitRecord, MachineLayout, Runtime, Status};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tracing::{info, warn};
@@ -35,7 +35,7 @@ pub mod service;
 pub mod store;
 
 pub use error::{AgentError, Result};
-pub use service::{CreateOnWorker, EventSource, WorkerService};
+pub use service::{CreateOnWorker, EventSource, ImageUsage, WorkerService};
 
 use record::{now_ms, LayerRef, MachineRecord, PendingOp, RootfsStack, UpdateSnapshot};
 use store::{AgentStore, MachineEvent};
@@ -91,6 +91,7 @@ struct Inner {
     store: AgentStore,
     runtime: Arc<dyn Runtime>,
     images: Arc<ImageStore>,
+    puller: Arc<ImagePuller>,
     machines_root: PathBuf,
     locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// CPUs and memory of every Machine that runs (or is being started), by id. Start
@@ -106,6 +107,19 @@ impl Agent {
         runtime: Arc<dyn Runtime>,
         images: Arc<ImageStore>,
     ) -> Result<Agent> {
+        let puller = Arc::new(ImagePuller::new(images, Default::default()));
+        Agent::open_with_puller(config, runtime, puller).await
+    }
+
+    /// [`Agent::open`] with a puller that knows the registries (credentials, insecure
+    /// hosts, a default registry). Share the puller with whatever else pulls, so one blob
+    /// is downloaded once.
+    pub async fn open_with_puller(
+        config: AgentConfig,
+        runtime: Arc<dyn Runtime>,
+        puller: Arc<ImagePuller>,
+    ) -> Result<Agent> {
+        let images = puller.store().clone();
         let machines_root = config.data_dir.join("machines");
         std::fs::create_dir_all(&machines_root).map_err(|error| {
             AgentError::Internal(format!("create {}: {error}", machines_root.display()))
@@ -117,6 +131,7 @@ impl Agent {
                 store,
                 runtime,
                 images,
+                puller,
                 machines_root,
                 locks: StdMutex::new(HashMap::new()),
                 running: StdMutex::new(HashMap::new()),
@@ -308,13 +323,44 @@ impl Agent {
             .ok_or_else(|| AgentError::NotFound(id.to_owned()))
     }
 
-    async fn resolve_image(&self, name: &str) -> Result<ResolvedImage> {
-        let images = self.inner.images.clone();
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || images.resolve(&name))
-            .await
-            .map_err(|error| AgentError::Internal(format!("image resolution task: {error}")))?
-            .map_err(AgentError::from)
+    /// Resolves an image for create or update, pulling it when it names a registry. The
+    /// lease keeps its layers from garbage collection until the caller has recorded the
+    /// Machine; the returned events are the pull's milestones, for the Machine's history.
+    async fn resolve_image(
+        &self,
+        name: &str,
+        lease: &Lease,
+    ) -> Result<(ResolvedImage, Vec<MachineEvent>)> {
+        let milestones = Arc::new(StdMutex::new(Vec::new()));
+        let sink = milestones.clone();
+        let progress: berth_image::Progress = Arc::new(move |event: PullEvent| {
+            if let Some(reason) = pull_milestone(&event) {
+                if let Ok(mut list) = sink.lock() {
+                    list.push((reason, now_ms()));
+                }
+            }
+        });
+        let image = self.inner.puller.resolve(name, lease, progress).await?;
+        let events = milestones
+            .lock()
+            .map(|list| list.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, at_ms)| MachineEvent {
+                kind: "pull".to_owned(),
+                source: EventSource::System.as_str().to_owned(),
+                state: MachineState::Created.as_str().to_owned(),
+                exit_code: None,
+                reason: Some(reason),
+                at_ms,
+            })
+            .collect();
+        Ok((image, events))
+    }
+
+    /// The puller that create and update use.
+    pub fn puller(&self) -> &Arc<ImagePuller> {
+        &self.inner.puller
     }
 
     fn image_ref(image: &ResolvedImage) -> ImageRef {
@@ -847,8 +893,10 @@ impl WorkerService for Agent {
                 request.id
             )));
         }
-        // The slow part, before anything is recorded: a missing image leaves no trace.
-        let image = self.resolve_image(&request.config.image).await?;
+        // The slow part, before anything is recorded: a missing image leaves no trace. The
+        // lease holds the layers until the record that references them is written.
+        let lease = self.inner.images.lease();
+        let (image, pull_events) = self.resolve_image(&request.config.image, &lease).await?;
         let spec = bundle::bundle_spec(
             &request.id,
             &request.config,
@@ -894,9 +942,14 @@ impl WorkerService for Agent {
             return Err(error.into());
         }
         record.pending = None;
+        self.inner
+            .store
+            .add_events(&record.id, &pull_events)
+            .await?;
         let usage = metering::created(&record);
         self.save_transition(&record, "create", EventSource::User, None, &[usage])
             .await?;
+        drop(lease);
         if !request.skip_launch {
             self.boot(&mut record, EventSource::User).await?;
         }
@@ -966,7 +1019,8 @@ impl WorkerService for Agent {
             return Ok(record.to_api());
         };
         // Resolve and lay out the new image first; a bad update changes nothing.
-        let image = self.resolve_image(&request.config.image).await?;
+        let lease = self.inner.images.lease();
+        let (image, pull_events) = self.resolve_image(&request.config.image, &lease).await?;
         let mut spec = bundle::bundle_spec(
             id,
             &request.config,
@@ -1009,8 +1063,10 @@ impl WorkerService for Agent {
         record.pending = None;
         record.state = MachineState::Stopped;
         record.updated_at_ms = now;
+        self.inner.store.add_events(id, &pull_events).await?;
         self.save_transition(&record, "update", EventSource::User, None, &usage)
             .await?;
+        drop(lease);
         if !request.skip_launch {
             record.restart_count = 0;
             self.boot(&mut record, EventSource::User).await?;
@@ -1063,6 +1119,49 @@ impl WorkerService for Agent {
             .await
             .map_err(|error| AgentError::Internal(format!("log reader task: {error}")))?
             .map_err(|error| AgentError::Internal(format!("read logs of {id}: {error}")))
+    }
+
+    async fn image_usage(&self) -> Result<Vec<ImageUsage>> {
+        let mut usage = Vec::new();
+        for record in self.inner.store.list_all().await? {
+            let layers = |stack: &RootfsStack| {
+                stack
+                    .image_layers
+                    .iter()
+                    .map(|layer| layer.digest.clone())
+                    .collect::<Vec<_>>()
+            };
+            if let Some(PendingOp::Update { previous }) = &record.pending {
+                usage.push(ImageUsage {
+                    machine_id: record.id.clone(),
+                    app: record.app.clone(),
+                    image: previous.image_ref.clone(),
+                    layers: layers(&previous.rootfs),
+                });
+            }
+            usage.push(ImageUsage {
+                machine_id: record.id.clone(),
+                app: record.app.clone(),
+                image: record.image_ref.clone(),
+                layers: layers(&record.rootfs),
+            });
+        }
+        Ok(usage)
+    }
+}
+
+/// The pull steps worth a line in a Machine's history.
+fn pull_milestone(event: &PullEvent) -> Option<String> {
+    let layer = event.layer.as_deref().unwrap_or("");
+    match event.status {
+        PullStatus::Resolved => Some(format!("resolved; {} bytes of layers", event.bytes_total)),
+        PullStatus::Exists => Some(format!("layer {layer} already stored")),
+        PullStatus::Downloaded => Some(format!(
+            "layer {layer} downloaded ({} bytes)",
+            event.bytes_total
+        )),
+        PullStatus::Done => Some("image stored".to_owned()),
+        PullStatus::Waiting | PullStatus::Downloading | PullStatus::Unpacked => None,
     }
 }
 

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{AgentError, Result};
-use crate::service::{CreateOnWorker, EventSource, WorkerService};
+use crate::service::{CreateOnWorker, EventSource, ImageUsage, WorkerService};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -200,6 +200,19 @@ impl WorkerService for RemoteWorker {
         let path = format!("/agent/v1/usage?after={after_seq}&limit={limit}");
         let response = self
             .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn image_usage(&self) -> Result<Vec<ImageUsage>> {
+        let response = self
+            .call::<()>(
+                Method::GET,
+                "/agent/v1/images/usage",
+                None,
+                READ_DEADLINE,
+                true,
+            )
             .await?;
         self.json(response).await
     }

@@ -4,7 +4,8 @@
 
 use async_trait::async_trait;
 use berth_api::{
-    Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
+    ImageRef, Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest,
+    UsageRecord,
 };
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,17 @@ pub struct CreateOnWorker {
     pub skip_launch: bool,
 }
 
+/// One Machine's hold on images: what garbage collection must keep and what
+/// `GET /v1/images` reports as "machines using it".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageUsage {
+    pub machine_id: String,
+    pub app: String,
+    pub image: ImageRef,
+    /// Layer blob digests of the Machine's rootfs, bottom first.
+    pub layers: Vec<String>,
+}
+
 #[async_trait]
 pub trait WorkerService: Send + Sync + 'static {
     async fn create(&self, request: CreateOnWorker) -> Result<Machine>;
@@ -53,4 +65,7 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>>;
     /// The tail of the Machine's captured stdout and stderr.
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>>;
+    /// Every image every Machine on this worker holds (running or stopped, plus the image
+    /// an unfinished update would roll back to).
+    async fn image_usage(&self) -> Result<Vec<ImageUsage>>;
 }

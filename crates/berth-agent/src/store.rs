@@ -174,6 +174,28 @@ impl AgentStore {
         Ok(row.map(|row| row.get(0)))
     }
 
+    /// Appends events to a Machine's history, in order, in one transaction.
+    pub async fn add_events(&self, id: &str, events: &[MachineEvent]) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        for event in events {
+            sqlx::query(
+                "INSERT INTO machine_events (machine_id, kind, source, state, exit_code, reason, at_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(&event.kind)
+            .bind(&event.source)
+            .bind(&event.state)
+            .bind(event.exit_code)
+            .bind(&event.reason)
+            .bind(event.at_ms)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<MachineRecord>> {
         let row = sqlx::query("SELECT record FROM machines WHERE id = ?")
             .bind(id)

@@ -290,6 +290,57 @@ pub struct ImageSummary {
     pub digest: String,
     pub size_bytes: u64,
     pub layers: usize,
+    /// Ids of the Machines (running or stopped) whose image is this digest.
+    #[serde(default)]
+    pub machines: Vec<String>,
+}
+
+/// `POST /v1/images/pull`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePullRequest {
+    /// A full reference: `[registry[:port]/]repository[:tag][@sha256:<hex>]`.
+    pub image: String,
+}
+
+/// One NDJSON line of `POST /v1/images/pull`.
+///
+/// `status` is `resolved` (first line; `digest`, `bytes_total` of all layers), then per
+/// layer `exists`, `waiting`, `downloading`, `downloaded`, `unpacked` (with `layer`,
+/// `bytes_done`, `bytes_total`), and last either `done` (with `image` and `digest`) or
+/// `error` (with `error`, `message` and, when retrying can help, `retry_after_ms`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImagePullEvent {
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// What `POST /v1/images/prune` and `DELETE /v1/images?name=` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePruneResponse {
+    /// Tags removed.
+    pub images: Vec<String>,
+    /// Blobs removed (manifests, configs, layers).
+    pub blobs: usize,
+    /// Unpacked layers removed.
+    pub layers: usize,
+    /// Bytes of the blobs removed.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -95,6 +95,7 @@ async fn run(args: Args) -> Result<()> {
             memory_mb: 1 << 20,
             disk_mb: 1 << 30,
         },
+        registry: Default::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -242,6 +243,7 @@ async fn measure(
     let metering = metering_figures(scratch, args.cycles.max(200)).await?;
     let usage_records = if args.quick { 100_000 } else { 1_000_000 };
     let usage_query = usage_query_figures(scratch, usage_records).await?;
+    let registry = measure_registry(args, client, platform).await?;
 
     let start = summary(&restarts);
     let runc_run = summary(&peer.run);
@@ -269,6 +271,15 @@ async fn measure(
         "peer_runc_run_p50_ms": runc_run["p50_ms"],
         "peer_runc_start_p50_ms": summary(&peer.start)["p50_ms"],
         "ratio_runc_run_over_berth_start": ratio(&start, &runc_run),
+        "create_cold": registry.cold,
+        "create_warm_registry": registry.warm,
+        "create_cold_p50_ms": registry.cold["p50_ms"],
+        "create_warm_registry_p50_ms": registry.warm["p50_ms"],
+        "ratio_create_cold_over_start": round(
+            registry.cold["p50_ms"].as_f64().unwrap_or(0.0)
+                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
+        ),
+        "concurrent_cold_creates": registry.concurrent,
         "metering": metering,
         "usage_query": usage_query,
     }))
@@ -406,6 +417,109 @@ async fn usage_query_figures(scratch: &Path, records: usize) -> Result<Value> {
     )
 }
 
+struct RegistryFigures {
+    cold: Value,
+    warm: Value,
+    concurrent: Value,
+}
+
+/// Creates whose image comes from a local docker-registry: cold (nothing of the image in
+/// the store: pulled, verified, unpacked), warm (the tag resolved against the registry,
+/// every layer already stored), and 10 cold creates of one image at once.
+async fn measure_registry(
+    args: &Args,
+    client: &Client,
+    platform: &LocalPlatform,
+) -> Result<RegistryFigures> {
+    let registry = berth_testkit::Registry::start()?;
+    let image = ImageBuilder::new()
+        .layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip)
+        .layer(
+            berth_image::LayerBuilder::new().file("etc/bench", b"registry", 0o644),
+            Compression::Gzip,
+        );
+    berth_testkit::push_image(
+        &berth_testkit::PushTarget::anonymous(&registry.host()),
+        "bench/web",
+        "1",
+        image,
+    )
+    .await?;
+    let reference = format!("{}/bench/web:1", registry.host());
+    let machines = "/v1/apps/bench/machines";
+    let config = MachineConfig {
+        image: reference,
+        init: InitConfig {
+            cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
+            entrypoint: None,
+        },
+        stop_config: berth_api::StopConfig {
+            signal: Some("SIGKILL".into()),
+            timeout: None,
+        },
+        ..MachineConfig::default()
+    };
+    let request = || CreateMachineRequest {
+        name: None,
+        region: None,
+        skip_launch: true,
+        config: config.clone(),
+    };
+    let samples = (args.cycles / 2).max(5);
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        // Nothing of the image stays once no Machine uses it: the next create is cold.
+        client
+            .post::<_, Value>("/v1/images/prune", &json!({}))
+            .await?;
+        let clock = Instant::now();
+        let machine: Machine = client.post(machines, &request()).await?;
+        cold.push(clock.elapsed());
+        let clock = Instant::now();
+        let second: Machine = client.post(machines, &request()).await?;
+        warm.push(clock.elapsed());
+        for id in [&machine.id, &second.id] {
+            client
+                .delete::<Value>(&format!("{machines}/{id}?force=true"))
+                .await?;
+        }
+    }
+
+    client
+        .post::<_, Value>("/v1/images/prune", &json!({}))
+        .await?;
+    let downloads_before = platform.puller.blobs_downloaded();
+    let clock = Instant::now();
+    let creates: Vec<_> = (0..10)
+        .map(|_| {
+            let client = client.clone();
+            let request = request();
+            tokio::spawn(async move { client.post::<_, Machine>(machines, &request).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for create in creates {
+        ids.push(create.await??.id);
+    }
+    let wall = clock.elapsed();
+    let downloads = platform.puller.blobs_downloaded() - downloads_before;
+    for id in ids {
+        client
+            .delete::<Value>(&format!("{machines}/{id}?force=true"))
+            .await?;
+    }
+    Ok(RegistryFigures {
+        cold: summary(&cold),
+        warm: summary(&warm),
+        concurrent: json!({
+            "creates": 10,
+            "wall_ms": round(wall.as_secs_f64() * 1000.0),
+            "creates_per_s": round(10.0 / wall.as_secs_f64().max(0.000_001)),
+            "layer_downloads": downloads,
+        }),
+    })
+}
+
 struct PeerTimes {
     run: Vec<Duration>,
     create: Vec<Duration>,
@@ -498,6 +612,14 @@ fn print_table(report: &Value) {
         ("berth first start (API)", "first_start"),
         ("berth start (API, stop→start loop)", "start"),
         ("berth stop (API, SIGKILL)", "stop"),
+        (
+            "berth create, cold cache (pull from local registry)",
+            "create_cold",
+        ),
+        (
+            "berth create, warm cache (registry tag, layers stored)",
+            "create_warm_registry",
+        ),
         ("peer: runc run -d", "peer_runc_run_d"),
         ("peer: runc create", "peer_runc_create"),
         ("peer: runc start", "peer_runc_start"),
@@ -523,5 +645,9 @@ fn print_table(report: &Value) {
         report["usage_query"]["journal_records"],
         report["usage_query"]["query"]["p50_ms"],
         report["usage_query"]["ingest_records_per_s"]
+    );
+    println!(
+        "cold create p50 / start p50 = {}x; 10 concurrent cold creates: {}",
+        report["ratio_create_cold_over_start"], report["concurrent_cold_creates"]
     );
 }

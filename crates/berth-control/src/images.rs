@@ -1,17 +1,24 @@
-//! `/v1/images`: importing, listing and untagging images.
+//! `/v1/images`: pulling, importing, listing, removing and pruning images.
 
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use berth_api::ImageSummary;
+use berth_agent::ImageUsage;
+use berth_api::{ImagePruneResponse, ImagePullEvent, ImagePullRequest, ImageSummary};
+use berth_image::{ImageReference, InUse, PruneReport, PullEvent};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ApiError;
-use crate::extract::BearerToken;
+use crate::extract::{ApiJson, BearerToken};
 use crate::Shared;
 
 /// The largest image archive `POST /v1/images/import` accepts.
@@ -84,6 +91,7 @@ async fn import_image(
         digest: resolved.manifest_digest,
         size_bytes: resolved.size_bytes,
         layers: resolved.layer_dirs.len(),
+        machines: Vec::new(),
     }))
 }
 
@@ -99,20 +107,74 @@ fn storage_error(error: &std::io::Error) -> ApiError {
     }
 }
 
+/// Every image every Machine on every worker holds.
+async fn image_usage(control: &Shared) -> Result<Vec<ImageUsage>, ApiError> {
+    let mut usage = Vec::new();
+    for (_, worker) in control.workers.all() {
+        usage.extend(worker.image_usage().await?);
+    }
+    Ok(usage)
+}
+
+fn in_use(usage: &[ImageUsage]) -> InUse {
+    InUse {
+        manifests: usage.iter().map(|u| u.image.digest.clone()).collect(),
+        layers: usage
+            .iter()
+            .flat_map(|u| u.layers.iter().cloned())
+            .collect(),
+    }
+}
+
+/// `GET /v1/images`: every tag, plus every digest a Machine runs that no tag names any
+/// more, each with the Machines using it.
 async fn list_images(
     State(control): State<Shared>,
     token: BearerToken,
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
     control.authorize(&token)?;
+    let usage = image_usage(&control).await?;
+    let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in &usage {
+        machines_by_digest
+            .entry(entry.image.digest.clone())
+            .or_default()
+            .push(entry.machine_id.clone());
+    }
+    for ids in machines_by_digest.values_mut() {
+        ids.sort();
+        ids.dedup();
+    }
     let images = control.images.clone();
-    let infos = tokio::task::spawn_blocking(move || images.list())
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)?;
+    let untagged: Vec<(String, String)> = usage
+        .iter()
+        .map(|u| (u.image.repository.clone(), u.image.digest.clone()))
+        .collect();
+    let infos = tokio::task::spawn_blocking(move || {
+        let mut infos = images.list()?;
+        let tagged: HashSet<String> = infos.iter().map(|info| info.digest.clone()).collect();
+        let mut seen = HashSet::new();
+        for (repository, digest) in untagged {
+            if tagged.contains(&digest) || !seen.insert(digest.clone()) {
+                continue;
+            }
+            if let Ok(info) = images.describe(&format!("{repository}@{digest}")) {
+                infos.push(info);
+            }
+        }
+        Ok::<_, berth_image::ImageError>(infos)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::from)?;
     Ok(Json(
         infos
             .into_iter()
             .map(|info| ImageSummary {
+                machines: machines_by_digest
+                    .get(&info.digest)
+                    .cloned()
+                    .unwrap_or_default(),
                 name: info.name,
                 digest: info.digest,
                 size_bytes: info.size_bytes,
@@ -122,8 +184,17 @@ async fn list_images(
     ))
 }
 
-/// `DELETE /v1/images?name=…` removes a tag. Machines keep their resolved digest, so
-/// nothing that exists stops working.
+fn prune_response(report: PruneReport) -> ImagePruneResponse {
+    ImagePruneResponse {
+        images: report.images,
+        blobs: report.blobs,
+        layers: report.layers,
+        bytes: report.bytes,
+    }
+}
+
+/// `DELETE /v1/images?name=…` removes a tag, then whatever only it reached. Machines keep
+/// their resolved digest and its layers, so nothing that exists stops working.
 async fn delete_image(
     State(control): State<Shared>,
     token: BearerToken,
@@ -132,16 +203,168 @@ async fn delete_image(
     control.authorize(&token)?;
     let Query(query) =
         query.map_err(|rejection| ApiError::invalid_config("name", rejection.body_text()))?;
-    let images = control.images.clone();
-    tokio::task::spawn_blocking(move || images.untag(&query.name))
+    ImageReference::parse(&query.name).map_err(|error| invalid_ref("name", &error))?;
+    // Usage is read after the collection starts: see berth_image::gc.
+    let collection = control.images.begin_collection().await;
+    let in_use = in_use(&image_usage(&control).await?);
+    tokio::task::spawn_blocking(move || collection.remove(&query.name, &in_use))
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::from)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /v1/images/prune` removes every image and layer no Machine references.
+async fn prune_images(
+    State(control): State<Shared>,
+    token: BearerToken,
+) -> Result<Json<ImagePruneResponse>, ApiError> {
+    control.authorize(&token)?;
+    let collection = control.images.begin_collection().await;
+    let in_use = in_use(&image_usage(&control).await?);
+    let report = tokio::task::spawn_blocking(move || collection.prune(&in_use))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)?;
+    Ok(Json(prune_response(report)))
+}
+
+fn invalid_ref(field: &str, error: &berth_image::ImageError) -> ApiError {
+    let mut api = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_image_ref",
+        error.to_string(),
+    );
+    api.body.field = Some(field.into());
+    api
+}
+
+fn ndjson_line(event: &ImagePullEvent) -> bytes::Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    line.into()
+}
+
+fn progress_line(event: PullEvent) -> ImagePullEvent {
+    ImagePullEvent {
+        status: event.status.as_str().to_owned(),
+        layer: event.layer,
+        bytes_done: event.bytes_done,
+        bytes_total: event.bytes_total,
+        image: None,
+        digest: None,
+        error: None,
+        message: None,
+        retry_after_ms: None,
+    }
+}
+
+/// `POST /v1/images/pull {"image": …}` answers with NDJSON progress events. The manifest
+/// is resolved before the answer starts, so a bad reference, a missing image, refused
+/// credentials, an unreachable registry or a foreign platform get their own status and
+/// JSON error; failures while layers download arrive as a last `error` line.
+async fn pull_image(
+    State(control): State<Shared>,
+    token: BearerToken,
+    ApiJson(request): ApiJson<ImagePullRequest>,
+) -> Result<Response, ApiError> {
+    control.authorize(&token)?;
+    let mut reference =
+        ImageReference::parse(&request.image).map_err(|error| invalid_ref("image", &error))?;
+    if reference.registry.is_none() {
+        match control.puller.default_registry() {
+            Some(registry) => reference.registry = Some(registry.to_owned()),
+            None => {
+                return Err(invalid_ref(
+                    "image",
+                    &berth_image::ImageError::InvalidReference {
+                        reference: request.image.clone(),
+                        reason: "names no registry, and no default registry is configured",
+                    },
+                ))
+            }
+        }
+    }
+    let lease = control.images.lease();
+    let plan = control
+        .puller
+        .plan(&reference, &lease)
+        .await
+        .map_err(ApiError::from)?;
+    let first = ImagePullEvent {
+        status: "resolved".to_owned(),
+        layer: None,
+        bytes_done: 0,
+        bytes_total: plan.total_bytes(),
+        image: Some(plan.reference.name()),
+        digest: Some(plan.manifest_digest.clone()),
+        error: None,
+        message: None,
+        retry_after_ms: None,
+    };
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<ImagePullEvent>();
+    let _ = sender.send(first);
+    let puller = control.puller.clone();
+    let progress_sender = sender.clone();
+    // The pull runs to its end even if the client goes away: its work is never wasted.
+    tokio::spawn(async move {
+        let progress: berth_image::Progress = Arc::new(move |event: PullEvent| {
+            if event.status != berth_image::PullStatus::Resolved {
+                let _ = progress_sender.send(progress_line(event));
+            }
+        });
+        let last = match puller.fetch(plan, &lease, progress).await {
+            Ok(image) => ImagePullEvent {
+                status: "done".to_owned(),
+                layer: None,
+                bytes_done: image.size_bytes,
+                bytes_total: image.size_bytes,
+                image: Some(image.reference.name()),
+                digest: Some(image.manifest_digest),
+                error: None,
+                message: None,
+                retry_after_ms: None,
+            },
+            Err(error) => {
+                let (_, body) = berth_agent::AgentError::from(error).to_response();
+                ImagePullEvent {
+                    status: "error".to_owned(),
+                    layer: None,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    image: None,
+                    digest: None,
+                    error: Some(body.error),
+                    message: Some(body.message),
+                    retry_after_ms: body.retry_after_ms,
+                }
+            }
+        };
+        let _ = sender.send(last);
+    });
+    let lines =
+        tokio_stream_from(receiver).map(|event| Ok::<_, std::io::Error>(ndjson_line(&event)));
+    let mut response = Body::from_stream(lines).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    receiver: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+}
+
 pub(crate) fn routes() -> Router<Shared> {
-    Router::new().route("/images", get(list_images).delete(delete_image))
+    Router::new()
+        .route("/images", get(list_images).delete(delete_image))
+        .route("/images/pull", post(pull_image))
+        .route("/images/prune", post(prune_images))
 }
 
 /// Archive uploads stream to disk, so they take no JSON body limit.

@@ -16,7 +16,7 @@ use berth_api::{RegisterWorker, WorkerStats};
 use berth_core::billing::Prices;
 use berth_core::placement::{self, PlacementError, PlacementRequest, Strategy};
 use berth_core::{ids, validate};
-use berth_image::ImageStore;
+use berth_image::{ImagePuller, ImageStore};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -54,6 +54,7 @@ pub struct ControlPlane {
     workers: workers::Workers,
     join_token: String,
     images: Arc<ImageStore>,
+    puller: Arc<ImagePuller>,
     scratch_dir: PathBuf,
     prices: Prices,
     /// One usage ingestion pass at a time (the background one or a query's).
@@ -71,6 +72,17 @@ impl ControlPlane {
         config: ControlConfig,
         images: Arc<ImageStore>,
     ) -> Result<Arc<ControlPlane>, ApiError> {
+        let puller = Arc::new(ImagePuller::new(images, Default::default()));
+        ControlPlane::open_with_puller(config, puller).await
+    }
+
+    /// [`ControlPlane::open`] with the puller the workers use, so `POST /v1/images/pull`
+    /// and creates share downloads and registry settings.
+    pub async fn open_with_puller(
+        config: ControlConfig,
+        puller: Arc<ImagePuller>,
+    ) -> Result<Arc<ControlPlane>, ApiError> {
+        let images = puller.store().clone();
         let scratch_dir = config.data_dir.join("uploads");
         std::fs::create_dir_all(&scratch_dir).map_err(ApiError::internal)?;
         let store = ControlStore::open(&config.data_dir.join("control.db")).await?;
@@ -83,6 +95,7 @@ impl ControlPlane {
             workers,
             join_token: config.join_token,
             images,
+            puller,
             scratch_dir,
             prices: config.prices,
             ingest_lock: tokio::sync::Mutex::new(()),

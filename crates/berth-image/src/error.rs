@@ -2,6 +2,9 @@
 
 use std::io;
 
+/// The retry hint given with `registry_unreachable`.
+pub const REGISTRY_RETRY_AFTER_MS: u64 = 2000;
+
 /// Everything that can go wrong while parsing references, importing, resolving or
 /// unpacking images.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,22 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// The registry refused the credentials (or their absence): HTTP 401 or 403.
+    #[error("registry {registry} refused access: {message}")]
+    RegistryUnauthorized {
+        /// `host[:port]`.
+        registry: String,
+        /// What the registry said.
+        message: String,
+    },
+    /// The registry could not be reached, timed out, broke off, or answered 5xx/429.
+    #[error("registry {registry} is unreachable: {message}")]
+    RegistryUnreachable {
+        /// `host[:port]`.
+        registry: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A failure that is neither the caller's nor the image's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -56,12 +75,22 @@ impl ImageError {
             ImageError::Invalid(_) => "invalid_image",
             ImageError::PlatformUnsupported(_) => "image_platform_unsupported",
             ImageError::InsufficientStorage { .. } => "insufficient_storage",
+            ImageError::RegistryUnauthorized { .. } => "registry_unauthorized",
+            ImageError::RegistryUnreachable { .. } => "registry_unreachable",
             ImageError::Io { .. } | ImageError::Internal(_) => "internal",
         }
     }
 
+    /// How long a client should wait before retrying, when retrying can help.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            ImageError::RegistryUnreachable { .. } => Some(REGISTRY_RETRY_AFTER_MS),
+            _ => None,
+        }
+    }
+
     /// Wraps an I/O error, classifying a full disk or quota as `insufficient_storage`.
-    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> ImageError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> ImageError {
         let context = context.into();
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
@@ -137,6 +166,18 @@ mod tests {
             "internal"
         );
         assert_eq!(ImageError::Internal("x".into()).code(), "internal");
+        let unreachable = ImageError::RegistryUnreachable {
+            registry: "r".into(),
+            message: "down".into(),
+        };
+        assert_eq!(unreachable.code(), "registry_unreachable");
+        assert_eq!(unreachable.retry_after_ms(), Some(REGISTRY_RETRY_AFTER_MS));
+        let unauthorized = ImageError::RegistryUnauthorized {
+            registry: "r".into(),
+            message: "no".into(),
+        };
+        assert_eq!(unauthorized.code(), "registry_unauthorized");
+        assert_eq!(unauthorized.retry_after_ms(), None);
     }
 
     #[test]

@@ -6,13 +6,20 @@
 //! that uses it. Tags map names to manifest digests under `refs/`.
 
 pub mod build;
+pub mod gc;
+pub mod pull;
 pub mod reference;
 pub mod store;
 pub mod unpack;
 
 mod error;
 pub use build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
-pub use error::ImageError;
+pub use error::{ImageError, REGISTRY_RETRY_AFTER_MS};
+pub use gc::{Collection, InUse, Lease, PruneReport};
+pub use pull::{
+    no_progress, ImagePuller, Progress, PullEvent, PullPlan, PullStatus, RegistryCredentials,
+    RegistryOptions,
+};
 pub use reference::ImageReference;
 pub use store::{ImageInfo, ImageStore, ResolvedImage, RuntimeConfig, PLATFORM_ARCH, PLATFORM_OS};
 pub use unpack::{decompressing_reader, unpack_layer, UnpackLimits, UnpackStats};

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{shorten, ImageError};
+use crate::gc::Lease;
 use crate::reference::{is_sha256_digest, is_sha256_hex, ImageReference};
 use crate::unpack::{
     decompressing_reader, layer_compression, unpack_layer, TarGuard, UnpackLimits,
@@ -54,11 +55,11 @@ const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
 const MAX_LAYOUT_FILE: u64 = 64 << 10;
 const MAX_INDEX_JSON: u64 = 4 << 20;
-const MAX_MANIFEST: u64 = 4 << 20;
-const MAX_CONFIG: u64 = 8 << 20;
+pub(crate) const MAX_MANIFEST: u64 = 4 << 20;
+pub(crate) const MAX_CONFIG: u64 = 8 << 20;
 /// overlayfs stacks at most 500 lower layers.
 const MAX_LAYERS: usize = 500;
-const MAX_INDEX_DEPTH: usize = 4;
+pub(crate) const MAX_INDEX_DEPTH: usize = 4;
 
 /// The process defaults of an image config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,39 +117,42 @@ pub struct ImageStore {
     _lock: File,
     /// Layers unpacked by this instance (for metrics and tests).
     unpacked: AtomicU64,
+    /// Digests that creates and pulls in flight are about to use; garbage collection
+    /// leaves them alone.
+    pub(crate) leases: crate::gc::LeaseTable,
 }
 
 // ---- JSON documents, parsed leniently (unknown fields ignored) but validated. ----
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(default)]
-    media_type: String,
-    digest: String,
-    size: u64,
+    pub(crate) media_type: String,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub(crate) platform: Option<Platform>,
     #[serde(default)]
     annotations: Option<HashMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-struct Platform {
+pub(crate) struct Platform {
     #[serde(default)]
-    architecture: String,
+    pub(crate) architecture: String,
     #[serde(default)]
-    os: String,
+    pub(crate) os: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct IndexDoc {
-    schema_version: u32,
+pub(crate) struct IndexDoc {
+    pub(crate) schema_version: u32,
     #[serde(default)]
-    media_type: Option<String>,
+    pub(crate) media_type: Option<String>,
     #[serde(default)]
-    manifests: Vec<Descriptor>,
+    pub(crate) manifests: Vec<Descriptor>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,25 +197,28 @@ struct LayoutDoc {
 }
 
 /// A validated manifest.
-struct Manifest {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
+pub(crate) struct Manifest {
+    pub(crate) config: Descriptor,
+    pub(crate) layers: Vec<Descriptor>,
 }
 
-fn is_manifest_type(media_type: &str) -> bool {
+pub(crate) fn is_manifest_type(media_type: &str) -> bool {
     media_type == MEDIA_OCI_MANIFEST || media_type == MEDIA_DOCKER_MANIFEST
 }
 
-fn is_index_type(media_type: &str) -> bool {
+pub(crate) fn is_index_type(media_type: &str) -> bool {
     media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_INDEX
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ImageError> {
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    what: &str,
+) -> Result<T, ImageError> {
     serde_json::from_slice(bytes).map_err(|e| ImageError::invalid(format!("bad {what}: {e}")))
 }
 
 /// The hex part of a descriptor's digest, refusing anything but sha256.
-fn descriptor_hex(desc: &Descriptor) -> Result<&str, ImageError> {
+pub(crate) fn descriptor_hex(desc: &Descriptor) -> Result<&str, ImageError> {
     if !is_sha256_digest(&desc.digest) {
         return Err(ImageError::invalid(format!(
             "unsupported or malformed digest {:?}",
@@ -221,7 +228,7 @@ fn descriptor_hex(desc: &Descriptor) -> Result<&str, ImageError> {
     Ok(&desc.digest["sha256:".len()..])
 }
 
-fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
     let doc: ManifestDoc = parse_json(bytes, "image manifest")?;
     if doc.schema_version != 2 {
         return Err(ImageError::invalid("manifest schemaVersion must be 2"));
@@ -257,7 +264,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
     })
 }
 
-fn parse_config(bytes: &[u8]) -> Result<RuntimeConfig, ImageError> {
+pub(crate) fn parse_config(bytes: &[u8]) -> Result<RuntimeConfig, ImageError> {
     let doc: ConfigDoc = parse_json(bytes, "image config")?;
     let os = doc.os.unwrap_or_default();
     let arch = doc.architecture.unwrap_or_default();
@@ -285,15 +292,15 @@ fn parse_config(bytes: &[u8]) -> Result<RuntimeConfig, ImageError> {
 }
 
 /// The part after `sha256:` (callers validate it).
-fn digest_hex(digest: &str) -> &str {
+pub(crate) fn digest_hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn verify_bytes(bytes: &[u8], desc: &Descriptor) -> Result<(), ImageError> {
+pub(crate) fn verify_bytes(bytes: &[u8], desc: &Descriptor) -> Result<(), ImageError> {
     let hex = descriptor_hex(desc)?;
     if bytes.len() as u64 != desc.size {
         return Err(ImageError::invalid(format!(
@@ -313,7 +320,7 @@ fn verify_bytes(bytes: &[u8], desc: &Descriptor) -> Result<(), ImageError> {
 }
 
 /// Reads at most `max` bytes; more is an invalid image.
-fn read_capped<R: Read>(reader: R, max: u64, what: &str) -> Result<Vec<u8>, ImageError> {
+pub(crate) fn read_capped<R: Read>(reader: R, max: u64, what: &str) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::new();
     reader
         .take(max + 1)
@@ -352,13 +359,13 @@ fn unescape_name(file: &str) -> String {
 }
 
 /// Removes a tmp path on drop unless disarmed.
-struct TmpPath {
-    path: PathBuf,
+pub(crate) struct TmpPath {
+    pub(crate) path: PathBuf,
     armed: bool,
 }
 
 impl TmpPath {
-    fn disarm(mut self) {
+    pub(crate) fn disarm(mut self) {
         self.armed = false;
     }
 }
@@ -538,6 +545,7 @@ impl ImageStore {
                     limits,
                     _lock: lock,
                     unpacked: AtomicU64::new(0),
+                    leases: Default::default(),
                 };
                 store.clean_tmp()?;
                 rustix::fs::flock(&store._lock, FlockOperation::LockShared)
@@ -552,6 +560,7 @@ impl ImageStore {
                     limits,
                     _lock: lock,
                     unpacked: AtomicU64::new(0),
+                    leases: Default::default(),
                 })
             }
             Err(e) => Err(ImageError::errno("locking the image store", e)),
@@ -568,19 +577,19 @@ impl ImageStore {
         self.unpacked.load(Ordering::Relaxed)
     }
 
-    fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
-    fn blob_path(&self, hex: &str) -> PathBuf {
+    pub(crate) fn blob_path(&self, hex: &str) -> PathBuf {
         self.root.join("blobs/sha256").join(hex)
     }
 
-    fn layer_path(&self, hex: &str) -> PathBuf {
+    pub(crate) fn layer_path(&self, hex: &str) -> PathBuf {
         self.root.join("layers/sha256").join(hex)
     }
 
-    fn ref_path(&self, reference: &ImageReference) -> PathBuf {
+    pub(crate) fn ref_path(&self, reference: &ImageReference) -> PathBuf {
         self.root.join("refs").join(escape_name(&reference.name()))
     }
 
@@ -603,7 +612,7 @@ impl ImageStore {
         Ok(())
     }
 
-    fn new_tmp_file(&self, prefix: &str) -> Result<(File, TmpPath), ImageError> {
+    pub(crate) fn new_tmp_file(&self, prefix: &str) -> Result<(File, TmpPath), ImageError> {
         let named = tempfile::Builder::new()
             .prefix(prefix)
             .tempfile_in(self.tmp_dir())
@@ -614,7 +623,7 @@ impl ImageStore {
         Ok((file, TmpPath { path, armed: true }))
     }
 
-    fn new_tmp_dir(&self, prefix: &str) -> Result<TmpPath, ImageError> {
+    pub(crate) fn new_tmp_dir(&self, prefix: &str) -> Result<TmpPath, ImageError> {
         let dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(self.tmp_dir())
@@ -679,6 +688,14 @@ impl ImageStore {
             }
         }
         let manifest = parse_manifest(&manifest_bytes)?;
+        // Held until the tag is written, so a concurrent prune cannot take what this
+        // import publishes before the tag makes it reachable.
+        let lease = self.lease();
+        lease.add(&manifest_hex);
+        lease.add(descriptor_hex(&manifest.config)?);
+        for layer in &manifest.layers {
+            lease.add(descriptor_hex(layer)?);
+        }
 
         let mut staging = Staging::default();
         self.stage_bytes(&mut staging, &manifest_hex, &manifest_bytes)?;
@@ -924,7 +941,11 @@ impl ImageStore {
 
     /// Unpacks a layer blob into a new `tmp/` directory, verifying the blob's digest
     /// and size as it streams.
-    fn unpack_blob(&self, blob: &Path, desc: &Descriptor) -> Result<TmpPath, ImageError> {
+    pub(crate) fn unpack_blob(
+        &self,
+        blob: &Path,
+        desc: &Descriptor,
+    ) -> Result<TmpPath, ImageError> {
         let hex = descriptor_hex(desc)?;
         let file = File::open(blob).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => {
@@ -976,7 +997,7 @@ impl ImageStore {
         Ok(())
     }
 
-    fn install_layer(&self, tmp: TmpPath, final_dir: &Path) -> Result<(), ImageError> {
+    pub(crate) fn install_layer(&self, tmp: TmpPath, final_dir: &Path) -> Result<(), ImageError> {
         // Unpacked files are not fsynced one by one; flush the filesystem once so the
         // final name never points at a tree that a crash could have left incomplete.
         let dir = File::open(&tmp.path).map_err(|e| ImageError::io("opening unpacked layer", e))?;
@@ -988,7 +1009,11 @@ impl ImageStore {
         sync_dir(&self.root.join("layers/sha256"))
     }
 
-    fn write_ref(&self, reference: &ImageReference, digest: &str) -> Result<(), ImageError> {
+    pub(crate) fn write_ref(
+        &self,
+        reference: &ImageReference,
+        digest: &str,
+    ) -> Result<(), ImageError> {
         let (mut file, tmp) = self.new_tmp_file("ref-")?;
         file.write_all(format!("{digest}\n").as_bytes())
             .and_then(|()| file.sync_all())
@@ -1000,7 +1025,10 @@ impl ImageStore {
         sync_dir(&self.root.join("refs"))
     }
 
-    fn read_ref(&self, reference: &ImageReference) -> Result<Option<String>, ImageError> {
+    pub(crate) fn read_ref(
+        &self,
+        reference: &ImageReference,
+    ) -> Result<Option<String>, ImageError> {
         let path = self.ref_path(reference);
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -1020,6 +1048,12 @@ impl ImageStore {
     /// any layer not yet unpacked. A digest reference is content-addressed: it resolves
     /// whenever the store holds that manifest, whatever the repository name.
     pub fn resolve(&self, name: &str) -> Result<ResolvedImage, ImageError> {
+        self.resolve_leased(name, &self.lease())
+    }
+
+    /// [`ImageStore::resolve`], with every digest it touches held by `lease` so that a
+    /// concurrent prune leaves them alone.
+    pub fn resolve_leased(&self, name: &str, lease: &Lease) -> Result<ResolvedImage, ImageError> {
         let reference = ImageReference::parse(name)?;
         let digest = match &reference.digest {
             Some(digest) => digest.clone(),
@@ -1027,13 +1061,22 @@ impl ImageStore {
                 .read_ref(&reference)?
                 .ok_or_else(|| ImageError::NotFound(reference.name()))?,
         };
-        self.load(reference, &digest)
+        self.load(reference, &digest, lease)
     }
 
     /// Resolve by manifest digest, independent of any tag. The returned reference names
     /// a repository currently tagged with this digest, if any (else `unnamed`), in
     /// digest form.
     pub fn resolve_digest(&self, manifest_digest: &str) -> Result<ResolvedImage, ImageError> {
+        self.resolve_digest_leased(manifest_digest, &self.lease())
+    }
+
+    /// [`ImageStore::resolve_digest`] under a lease.
+    pub fn resolve_digest_leased(
+        &self,
+        manifest_digest: &str,
+        lease: &Lease,
+    ) -> Result<ResolvedImage, ImageError> {
         if !is_sha256_digest(manifest_digest) {
             return Err(ImageError::invalid_reference(
                 manifest_digest,
@@ -1052,14 +1095,22 @@ impl ImageStore {
             tag: None,
             digest: Some(manifest_digest.to_string()),
         };
-        self.load(reference, manifest_digest)
+        self.load(reference, manifest_digest, lease)
     }
 
-    fn load(&self, reference: ImageReference, digest: &str) -> Result<ResolvedImage, ImageError> {
+    pub(crate) fn load(
+        &self,
+        reference: ImageReference,
+        digest: &str,
+        lease: &Lease,
+    ) -> Result<ResolvedImage, ImageError> {
         let hex = digest_hex(digest);
         if !is_sha256_hex(hex) {
             return Err(ImageError::invalid_reference(digest, "bad digest"));
         }
+        // Leased before anything is read: a prune either ran before (and the image is
+        // gone) or leaves everything below alone.
+        lease.add(hex);
         let manifest_path = self.blob_path(hex);
         let bytes = match File::open(&manifest_path) {
             Ok(file) => read_capped(file, MAX_MANIFEST, "stored manifest")?,
@@ -1074,6 +1125,10 @@ impl ImageStore {
             )));
         }
         let manifest = parse_manifest(&bytes)?;
+        lease.add(descriptor_hex(&manifest.config)?);
+        for layer in &manifest.layers {
+            lease.add(descriptor_hex(layer)?);
+        }
         let config = parse_config(&self.read_json_blob(None, &manifest.config, MAX_CONFIG)?)?;
         for layer in &manifest.layers {
             self.ensure_layer(layer)?;
@@ -1082,7 +1137,7 @@ impl ImageStore {
     }
 
     /// Makes sure a stored layer blob is unpacked.
-    fn ensure_layer(&self, desc: &Descriptor) -> Result<(), ImageError> {
+    pub(crate) fn ensure_layer(&self, desc: &Descriptor) -> Result<(), ImageError> {
         let hex = descriptor_hex(desc)?;
         let final_dir = self.layer_path(hex);
         if final_dir.is_dir() {
@@ -1092,7 +1147,7 @@ impl ImageStore {
         self.install_layer(unpacked, &final_dir)
     }
 
-    fn resolved(
+    pub(crate) fn resolved(
         &self,
         reference: ImageReference,
         manifest_digest: String,
@@ -1131,7 +1186,7 @@ impl ImageStore {
     }
 
     /// All tags and their digests.
-    fn tags(&self) -> Result<Vec<(ImageReference, String)>, ImageError> {
+    pub(crate) fn tags(&self) -> Result<Vec<(ImageReference, String)>, ImageError> {
         let refs = self.root.join("refs");
         let entries = fs::read_dir(&refs)
             .map_err(|e| ImageError::io(format!("listing {}", refs.display()), e))?;
@@ -1304,7 +1359,7 @@ fn copy_split<R: Read, W: Write>(reader: &mut R, writer: &mut W) -> Result<u64, 
 
 /// Renames without replacing. Returns false when `to` already existed (another
 /// importer won); `from` is then left for the caller to discard.
-fn rename_noreplace(from: &Path, to: &Path) -> Result<bool, ImageError> {
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> Result<bool, ImageError> {
     match rustix::fs::renameat_with(CWD, from, CWD, to, rustix::fs::RenameFlags::NOREPLACE) {
         Ok(()) => Ok(true),
         Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => Ok(false),
@@ -1327,7 +1382,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<bool, ImageError> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), ImageError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| ImageError::io(format!("syncing {}", dir.display()), e))

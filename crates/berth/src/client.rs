@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use berth_api::ErrorBody;
+use berth_api::{ErrorBody, ImagePullEvent, ImagePullRequest};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -173,6 +173,59 @@ impl Client {
             .await
             .with_context(|| self.unreachable())?;
         Self::finish(response).await
+    }
+
+    /// `POST /v1/images/pull`, calling `on_event` for each progress line as it arrives.
+    /// A last `error` line becomes an [`ApiFailure`].
+    pub async fn pull_image(
+        &self,
+        image: &str,
+        mut on_event: impl FnMut(&ImagePullEvent),
+    ) -> Result<ImagePullEvent> {
+        use futures::StreamExt;
+        let response = self
+            .request(Method::POST, "/v1/images/pull")
+            .json(&ImagePullRequest {
+                image: image.to_owned(),
+            })
+            .send()
+            .await
+            .with_context(|| self.unreachable())?;
+        if !response.status().is_success() {
+            return Self::finish(response).await;
+        }
+        let mut stream = response.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut last = None;
+        while let Some(chunk) = stream.next().await {
+            pending.extend_from_slice(&chunk.context("reading pull progress")?);
+            while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let event: ImagePullEvent =
+                    serde_json::from_slice(&line).context("decoding a pull progress line")?;
+                on_event(&event);
+                last = Some(event);
+            }
+        }
+        let last = last.context("the pull answered no progress at all")?;
+        match last.status.as_str() {
+            "done" => Ok(last),
+            "error" => Err(ApiFailure {
+                status: StatusCode::OK,
+                body: ErrorBody {
+                    error: last.error.clone().unwrap_or_else(|| "internal".to_owned()),
+                    message: last.message.clone().unwrap_or_default(),
+                    state: None,
+                    field: None,
+                    retry_after_ms: last.retry_after_ms,
+                },
+            }
+            .into()),
+            other => bail!("the pull stopped after a {other:?} event"),
+        }
     }
 
     fn unreachable(&self) -> String {

@@ -14,7 +14,7 @@ use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources, WorkerRegistered};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
-use berth_image::{ImageStore, UnpackLimits};
+use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use clap::Args;
 use tracing::{info, warn};
@@ -134,6 +134,11 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         &data_dir.join("images"),
         UnpackLimits::default(),
     )?);
+    // One pull path: images come from the control plane's registry, like any registry's.
+    let puller = Arc::new(ImagePuller::new(
+        images,
+        control_registry(&args.control_url, &args.join_token)?,
+    ));
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
     let runtime = Arc::new(RuncRuntime::new(RuncConfig {
@@ -144,7 +149,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         start_timeout: Duration::from_secs(30),
         network: Some(network),
     }));
-    let agent = Agent::open(
+    let agent = Agent::open_with_puller(
         AgentConfig {
             data_dir: data_dir.clone(),
             name: args.name.clone(),
@@ -154,7 +159,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             machine_prefix: Some(machine_prefix),
         },
         runtime,
-        images,
+        puller,
     )
     .await?;
     let router = berth_agent::http::router(Arc::new(agent.clone()), &args.join_token);
@@ -169,6 +174,26 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     info!("agent shutting down; running machines keep running");
     agent.store().close().await;
     Ok(())
+}
+
+/// Pull settings that make the control plane's `/v2` the default registry, with the join
+/// token as the password.
+fn control_registry(control_url: &str, join_token: &str) -> Result<RegistryOptions> {
+    let host = control_url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_owned();
+    if host.is_empty() || host.contains('/') {
+        bail!("--control-url must be http(s)://HOST:PORT, got {control_url:?}");
+    }
+    let mut options = RegistryOptions::default();
+    options.credentials.insert(&host, "agent", join_token);
+    if control_url.starts_with("http://") {
+        options.insecure.push(host.clone());
+    }
+    options.default_registry = Some(host);
+    Ok(options)
 }
 
 /// The agent's side of the control plane conversation: registration and heartbeats,

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use berth_api::{
     ApiDuration, App, CreateAppRequest, CreateMachineRequest, DestroyResponse, GuestConfig,
-    ImageSummary, InitConfig, Machine, MachineConfig, RestartConfig, RestartPolicy,
-    StartStopResponse, StopRequest, UpdateMachineRequest,
+    ImagePruneResponse, ImageSummary, InitConfig, Machine, MachineConfig, RestartConfig,
+    RestartPolicy, StartStopResponse, StopRequest, UpdateMachineRequest,
 };
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -241,16 +241,29 @@ pub enum ImageCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// List images.
+    /// Pull an image from a registry, e.g. 127.0.0.1:5000/team/web:1.4.
+    Pull {
+        reference: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List images: name, digest, size and the Machines using each.
     List {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Remove a tag. Machines keep the digest they resolved.
+    /// Remove a tag and whatever only it reached. Machines keep the digest they resolved.
     Rm {
         name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove every image and layer that no Machine, running or stopped, references.
+    Prune {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -471,22 +484,55 @@ pub async fn image(command: ImageCommand) -> Result<()> {
                 summary.name, summary.digest, summary.layers, summary.size_bytes
             );
         }
+        ImageCommand::Pull { reference, api } => {
+            let client = api.client()?;
+            let done = crate::pull_progress::pull(&client, &reference).await?;
+            println!(
+                "pulled {} {}",
+                done.image.unwrap_or(reference),
+                done.digest.unwrap_or_default()
+            );
+        }
         ImageCommand::List { json, api } => {
             let images: Vec<ImageSummary> = api.client()?.get("/v1/images").await?;
             if json {
                 return print_json(&images);
             }
             println!(
-                "{:<40} {:<20} {:>7} {:>12}",
+                "{:<48} {:<20} {:>7} {:>12} MACHINES",
                 "NAME", "DIGEST", "LAYERS", "SIZE"
             );
             for image in images {
                 let short = image.digest.get(..19).unwrap_or(&image.digest);
+                let machines = if image.machines.is_empty() {
+                    "-".to_owned()
+                } else {
+                    image.machines.join(",")
+                };
                 println!(
-                    "{:<40} {:<20} {:>7} {:>12}",
+                    "{:<48} {:<20} {:>7} {:>12} {machines}",
                     image.name, short, image.layers, image.size_bytes
                 );
             }
+        }
+        ImageCommand::Prune { json, api } => {
+            let report: ImagePruneResponse = api
+                .client()?
+                .post("/v1/images/prune", &serde_json::json!({}))
+                .await?;
+            if json {
+                return print_json(&report);
+            }
+            for name in &report.images {
+                println!("removed {name}");
+            }
+            println!(
+                "pruned {} images, {} layers, {} blobs ({} bytes)",
+                report.images.len(),
+                report.layers,
+                report.blobs,
+                report.bytes
+            );
         }
         ImageCommand::Rm { name, api } => {
             let client = api.client()?;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod cluster;
 mod commands;
 mod demo;
+mod pull_progress;
 mod up;
 mod usage_cmd;
 
@@ -40,7 +41,7 @@ enum Command {
     /// Create, start, stop and inspect Machines.
     #[command(subcommand)]
     Machine(Box<commands::MachineCommand>),
-    /// Import and list images.
+    /// Pull, import, list and prune images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
     /// What an org was billed for: running time, CPU, memory and storage.

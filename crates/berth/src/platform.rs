@@ -11,7 +11,7 @@ use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
-use berth_image::{ImageStore, UnpackLimits};
+use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use tracing::warn;
@@ -35,6 +35,8 @@ pub struct PlatformOptions {
     pub workers: usize,
     /// What each in-process worker offers.
     pub worker_capacity: Resources,
+    /// Credentials, insecure hosts and the default registry for pulls.
+    pub registry: RegistryOptions,
 }
 
 pub struct LocalPlatform {
@@ -44,6 +46,8 @@ pub struct LocalPlatform {
     pub agent: Agent,
     pub agents: Vec<(String, Agent)>,
     pub control: Arc<ControlPlane>,
+    /// Shared by the agent's creates and `POST /v1/images/pull`.
+    pub puller: Arc<ImagePuller>,
 }
 
 /// What a worker on this host offers by default: CPU is a CFS quota and overcommits well,
@@ -92,14 +96,15 @@ impl LocalPlatform {
             &data_dir.join("images"),
             UnpackLimits::default(),
         )?);
-        let control = ControlPlane::open(
+        let puller = Arc::new(ImagePuller::new(images, options.registry));
+        let control = ControlPlane::open_with_puller(
             ControlConfig {
                 data_dir: data_dir.clone(),
                 admin_token: admin_token.clone(),
                 join_token,
                 prices: options.prices,
             },
-            images.clone(),
+            puller.clone(),
         )
         .await
         .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
@@ -129,7 +134,7 @@ impl LocalPlatform {
                 start_timeout: Duration::from_secs(30),
                 network: Some(network),
             }));
-            let agent = Agent::open(
+            let agent = Agent::open_with_puller(
                 AgentConfig {
                     data_dir: dir,
                     name: name.clone(),
@@ -139,7 +144,7 @@ impl LocalPlatform {
                     machine_prefix: Some(machine_prefix),
                 },
                 runtime,
-                images.clone(),
+                puller.clone(),
             )
             .await?;
             let registration = RegisterWorker {
@@ -165,6 +170,7 @@ impl LocalPlatform {
             agent,
             agents,
             control,
+            puller,
         })
     }
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use berth::platform::{find_program, host_capacity, LocalPlatform, PlatformOptions};
 use berth_api::Resources;
 use berth_core::billing::Prices;
+use berth_image::{ImageReference, RegistryCredentials, RegistryOptions};
 use clap::Args;
 use tracing::info;
 
@@ -57,6 +58,35 @@ pub struct UpArgs {
     /// Price of one GB-month of Machine storage (billed while the Machine exists).
     #[arg(long, default_value_t = Prices::default().per_gb_month_storage)]
     price_gb_month: f64,
+    /// Registry credentials: a docker-style config.json (`{"auths": {"host": {"auth": …}}}`).
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
+    /// A registry to reach over plain HTTP (loopback always is); may be repeated.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+    /// Where image names without a registry are pulled from when no local tag matches.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    default_registry: Option<String>,
+}
+
+/// Registry settings from the flags, checked before anything starts.
+fn registry_options(args: &UpArgs) -> Result<RegistryOptions> {
+    let mut options = RegistryOptions::default();
+    if let Some(path) = &args.registry_auth {
+        options.credentials = RegistryCredentials::load(path)
+            .with_context(|| format!("--registry-auth {}", path.display()))?;
+    }
+    for host in args.insecure_registry.iter().chain(&args.default_registry) {
+        let parsed = ImageReference::parse(&format!("{host}/probe"))
+            .ok()
+            .and_then(|reference| reference.registry);
+        if parsed.as_deref() != Some(host.as_str()) {
+            bail!("{host:?} is not a registry host (HOST or HOST:PORT, with a '.' or ':' or localhost)");
+        }
+    }
+    options.insecure = args.insecure_registry.clone();
+    options.default_registry = args.default_registry.clone();
+    Ok(options)
 }
 
 pub fn init_tracing() {
@@ -73,6 +103,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("berth up runs Machines with runc, overlayfs and namespaces, so it needs root");
     }
+    let registry = registry_options(&args)?;
     let runc_binary = find_program(&args.runc)
         .with_context(|| format!("cannot find the OCI runtime {:?}; install runc", args.runc))?;
     let shim_command: Vec<OsString> =
@@ -99,6 +130,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             per_gb_second: args.price_gb_second,
             per_gb_month_storage: args.price_gb_month,
         },
+        registry,
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

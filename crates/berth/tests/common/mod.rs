@@ -22,6 +22,8 @@ pub struct Platform {
     http: reqwest::blocking::Client,
     /// The worker bridges this platform made, removed at teardown.
     bridges: Vec<String>,
+    /// Extra `berth up` flags, kept across reboots.
+    up_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -31,6 +33,11 @@ fn free_port() -> u16 {
 
 impl Platform {
     pub fn start() -> Platform {
+        Platform::start_with(&[])
+    }
+
+    /// `berth up` with extra flags (such as `--registry-auth FILE`).
+    pub fn start_with(up_args: &[&str]) -> Platform {
         let data_dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
@@ -46,6 +53,7 @@ impl Platform {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
+            up_args: up_args.iter().map(|arg| arg.to_string()).collect(),
         };
         platform.boot();
         platform
@@ -72,6 +80,7 @@ impl Platform {
             .args(["up", "--data-dir"])
             .arg(self.data_dir.path())
             .args(["--api-listen", &listen])
+            .args(&self.up_args)
             .env("BERTH_LOG", "warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
