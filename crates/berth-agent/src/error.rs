@@ -37,11 +37,8 @@ impl AgentError {
     /// The HTTP status and the JSON body that clients see.
     pub fn to_response(&self) -> (u16, ErrorBody) {
         let mut body = ErrorBody {
-            error: String::new(),
             message: self.to_string(),
-            state: None,
-            field: None,
-            retry_after_ms: None,
+            ..ErrorBody::default()
         };
         let status = match self {
             AgentError::NotFound(_) => {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,11 +26,15 @@ use tracing::{info, warn};
 pub mod bundle;
 pub mod error;
 pub mod record;
+mod robots;
 pub mod service;
 pub mod store;
 
 pub use error::{AgentError, Result};
-pub use service::{CreateOnWorker, EventSource, WorkerService};
+pub use service::{
+    CreateOnWorker, EventSource, ExecOnWorker, LogChunk, MachineNotice, WorkerListener,
+    WorkerService,
+};
 
 use record::{now_ms, LayerRef, MachineRecord, PendingOp, RootfsStack, UpdateSnapshot};
 use store::{AgentStore, MachineEvent};
@@ -62,6 +66,7 @@ struct Inner {
     images: Arc<ImageStore>,
     machines_root: PathBuf,
     locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    listener: StdRwLock<Option<Arc<dyn WorkerListener>>>,
 }
 
 impl Agent {
@@ -85,6 +90,7 @@ impl Agent {
                 images,
                 machines_root,
                 locks: StdMutex::new(HashMap::new()),
+                listener: StdRwLock::new(None),
             }),
         };
         agent.recover().await?;
@@ -177,7 +183,13 @@ impl Agent {
             reason: reason.map(str::to_owned),
             at_ms: record.updated_at_ms,
         };
-        self.inner.store.save(record, Some(&event)).await
+        let event_id = self
+            .inner
+            .store
+            .save_returning_id(record, Some(&event))
+            .await?;
+        self.notify(record, &event, event_id);
+        Ok(())
     }
 
     async fn set_state(&self, record: &mut MachineRecord, state: MachineState) -> Result<()> {
@@ -623,7 +635,8 @@ impl WorkerService for Agent {
                 record.last_exit = Some(exit_info(&exit));
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
-                self.save_event(&record, "stop", EventSource::User, None)
+                let reason = exit_info(&exit).reason;
+                self.save_event(&record, "stop", EventSource::User, Some(&reason))
                     .await?;
                 Ok(StartStopResponse {
                     previous_state,
@@ -702,6 +715,9 @@ impl WorkerService for Agent {
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
+        record.state = MachineState::Destroyed;
+        record.updated_at_ms = now_ms();
+        self.notify_destroyed(&record);
         info!(machine = %id, "destroyed");
         Ok(())
     }
@@ -728,6 +744,39 @@ impl WorkerService for Agent {
             .await
             .map_err(|error| AgentError::Internal(format!("log reader task: {error}")))?
             .map_err(|error| AgentError::Internal(format!("read logs of {id}: {error}")))
+    }
+
+    fn set_listener(&self, listener: Arc<dyn WorkerListener>) {
+        if let Ok(mut slot) = self.inner.listener.write() {
+            *slot = Some(listener);
+        }
+    }
+
+    async fn machine_events(
+        &self,
+        id: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<berth_api::MachineEvent>> {
+        self.event_page(id, since, limit).await
+    }
+
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<berth_api::ExecResponse> {
+        self.exec_in(id, request).await
+    }
+
+    async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
+        self.change_metadata(id, key, value).await
+    }
+
+    async fn read_logs(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        follow: bool,
+        max_bytes: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
+        self.stream_logs(id, since, follow, max_bytes).await
     }
 }
 

@@ -69,6 +69,15 @@ impl AgentStore {
 
     /// Writes the record, and the event if any, in one transaction.
     pub async fn save(&self, record: &MachineRecord, event: Option<&MachineEvent>) -> Result<()> {
+        self.save_returning_id(record, event).await.map(|_| ())
+    }
+
+    /// Like [`AgentStore::save`]; answers the new event's id.
+    pub async fn save_returning_id(
+        &self,
+        record: &MachineRecord,
+        event: Option<&MachineEvent>,
+    ) -> Result<Option<i64>> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
         let mut transaction = self.pool.begin().await?;
@@ -79,8 +88,9 @@ impl AgentStore {
             .bind(json)
             .execute(&mut *transaction)
             .await?;
+        let mut event_id = None;
         if let Some(event) = event {
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO machine_events (machine_id, kind, source, state, exit_code, reason, at_ms)
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
@@ -93,9 +103,10 @@ impl AgentStore {
             .bind(event.at_ms)
             .execute(&mut *transaction)
             .await?;
+            event_id = Some(inserted.last_insert_rowid());
         }
         transaction.commit().await?;
-        Ok(())
+        Ok(event_id)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<MachineRecord>> {
@@ -156,6 +167,40 @@ impl AgentStore {
                 exit_code: row.get(3),
                 reason: row.get(4),
                 at_ms: row.get(5),
+            })
+            .collect())
+    }
+
+    /// Events with an id above `since`, oldest first, with their ids.
+    pub async fn events_since(
+        &self,
+        id: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, MachineEvent)>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, source, state, exit_code, reason, at_ms FROM machine_events
+             WHERE machine_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(id)
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get(0),
+                    MachineEvent {
+                        kind: row.get(1),
+                        source: row.get(2),
+                        state: row.get(3),
+                        exit_code: row.get(4),
+                        reason: row.get(5),
+                        at_ms: row.get(6),
+                    },
+                )
             })
             .collect())
     }
