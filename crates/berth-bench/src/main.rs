@@ -88,6 +88,7 @@ async fn run(args: Args) -> Result<()> {
         region: "bench".into(),
         log_max_bytes: 1024 * 1024,
         pids_limit: 1024,
+        exec_max_output_bytes: None,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

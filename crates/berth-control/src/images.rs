@@ -1,39 +1,43 @@
 //! `/v1/images`: importing, listing and untagging images.
 
-use axum::extract::DefaultBodyLimit;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use berth_api::ImageSummary;
+use axum::Json;
+use berth_api::{ErrorBody, ImageSummary};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::BearerToken;
+use crate::extract::ApiQuery;
+use crate::limits::Action;
 use crate::Shared;
 
 /// The largest image archive `POST /v1/images/import` accepts.
 pub const MAX_IMAGE_ARCHIVE: u64 = 8 * 1024 * 1024 * 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ImageQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ImageQuery {
+    /// The image name, e.g. `demo/busybox:1`.
     name: String,
 }
 
 /// `POST /v1/images/import?name=…` with an OCI archive (a tar of an OCI image layout) as
-/// the body. The body is streamed to disk, never held in memory.
-async fn import_image(
+/// the body. The body is streamed to disk, never held in memory. Images are shared by
+/// every org, so only the operator adds them.
+#[utoipa::path(post, path = "/images/import", tag = "images", params(ImageQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    responses((status = 200, body = ImageSummary), (status = "default", body = ErrorBody)))]
+pub(crate) async fn import_image(
     State(control): State<Shared>,
-    token: BearerToken,
-    query: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<ImageQuery>,
     body: axum::body::Body,
 ) -> Result<Json<ImageSummary>, ApiError> {
-    control.authorize(&token)?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("name", rejection.body_text()))?;
+    principal.require_admin()?;
     berth_image::ImageReference::parse(&query.name).map_err(|error| {
         let mut api = ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -99,11 +103,13 @@ fn storage_error(error: &std::io::Error) -> ApiError {
     }
 }
 
-async fn list_images(
+#[utoipa::path(get, path = "/images", tag = "images",
+    responses((status = 200, body = Vec<ImageSummary>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_images(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
-    control.authorize(&token)?;
+    control.check_rate(&principal, Action::Read, None)?;
     let images = control.images.clone();
     let infos = tokio::task::spawn_blocking(move || images.list())
         .await
@@ -124,29 +130,18 @@ async fn list_images(
 
 /// `DELETE /v1/images?name=…` removes a tag. Machines keep their resolved digest, so
 /// nothing that exists stops working.
-async fn delete_image(
+#[utoipa::path(delete, path = "/images", tag = "images", params(ImageQuery),
+    responses((status = 204, description = "untagged"), (status = "default", body = ErrorBody)))]
+pub(crate) async fn delete_image(
     State(control): State<Shared>,
-    token: BearerToken,
-    query: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<ImageQuery>,
 ) -> Result<StatusCode, ApiError> {
-    control.authorize(&token)?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("name", rejection.body_text()))?;
+    principal.require_admin()?;
     let images = control.images.clone();
     tokio::task::spawn_blocking(move || images.untag(&query.name))
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::from)?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-pub(crate) fn routes() -> Router<Shared> {
-    Router::new().route("/images", get(list_images).delete(delete_image))
-}
-
-/// Archive uploads stream to disk, so they take no JSON body limit.
-pub(crate) fn upload_routes() -> Router<Shared> {
-    Router::new()
-        .route("/images/import", post(import_image))
-        .layer(DefaultBodyLimit::disable())
 }

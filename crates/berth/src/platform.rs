@@ -25,6 +25,8 @@ pub struct PlatformOptions {
     pub region: String,
     pub log_max_bytes: u64,
     pub pids_limit: i64,
+    /// Cap on each of exec's stdout and stderr; the control plane's default when `None`.
+    pub exec_max_output_bytes: Option<usize>,
 }
 
 pub struct LocalPlatform {
@@ -65,16 +67,13 @@ impl LocalPlatform {
         .await?;
         let mut workers: BTreeMap<String, Arc<dyn WorkerService>> = BTreeMap::new();
         workers.insert(LOCAL_WORKER.to_owned(), Arc::new(agent.clone()));
-        let control = ControlPlane::open(
-            ControlConfig {
-                data_dir: data_dir.clone(),
-                admin_token: admin_token.clone(),
-            },
-            workers,
-            images,
-        )
-        .await
-        .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
+        let mut control_config = ControlConfig::new(data_dir.clone(), admin_token.clone());
+        if let Some(bytes) = options.exec_max_output_bytes {
+            control_config.exec_max_output_bytes = bytes;
+        }
+        let control = ControlPlane::open(control_config, workers, images)
+            .await
+            .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
         Ok(LocalPlatform {
             data_dir,
             admin_token,

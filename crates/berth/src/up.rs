@@ -34,6 +34,9 @@ pub struct UpArgs {
     /// Most processes inside one Machine.
     #[arg(long, default_value_t = 4096)]
     pids_limit: i64,
+    /// Cap on each of exec's stdout and stderr, in bytes.
+    #[arg(long, default_value_t = berth_control::DEFAULT_EXEC_OUTPUT_BYTES)]
+    exec_max_output_bytes: usize,
 }
 
 fn init_tracing() {
@@ -61,6 +64,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         region: args.region.clone(),
         log_max_bytes: args.log_max_bytes,
         pids_limit: args.pids_limit,
+        exec_max_output_bytes: Some(args.exec_max_output_bytes),
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");
