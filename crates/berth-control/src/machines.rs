@@ -244,14 +244,16 @@ async fn prologue(
     action: Action,
     request: &impl Serialize,
 ) -> Result<Result<(AppRow, MachineIndexRow, Option<idempotency::Claim>), Response>, ApiError> {
+    // The key first: a retried destroy must get its first answer, not a 404.
+    let operation = format!("{} {app}/{id}", action.as_str());
+    let claim = match idempotency::begin(control, principal, headers, &operation, request).await? {
+        Begin::Replay(response) => return Ok(Err(response)),
+        Begin::Proceed(claim) => claim,
+    };
     let (app_row, row) = control.machine(principal, app, id).await?;
     control.check_rate(principal, action, Some(id))?;
     leases::check(control, id, headers).await?;
-    let operation = format!("{} {id}", action.as_str());
-    match idempotency::begin(control, principal, headers, &operation, request).await? {
-        Begin::Replay(response) => Ok(Err(response)),
-        Begin::Proceed(claim) => Ok(Ok((app_row, row, claim))),
-    }
+    Ok(Ok((app_row, row, claim)))
 }
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
