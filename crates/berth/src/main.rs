@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod commands;
 mod demo;
+mod robots;
 mod up;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/berth";
@@ -37,6 +38,12 @@ enum Command {
     /// Import and list images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
+    /// Orgs, their quotas and rate limits (admin).
+    #[command(subcommand)]
+    Org(robots::OrgCommand),
+    /// API tokens of orgs (admin).
+    #[command(subcommand)]
+    Token(robots::TokenCommand),
     /// The per-Machine supervisor. Started by the worker, not by people.
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -60,6 +67,9 @@ pub struct ApiArgs {
     /// Where to look for the admin token file when no token is given.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// The nonce of a lease you hold, sent on every call.
+    #[arg(long, env = "BERTH_LEASE_NONCE", hide_env_values = true)]
+    pub lease_nonce: Option<String>,
 }
 
 fn main() {
@@ -69,10 +79,14 @@ fn main() {
         Command::Shim(args) => berth_runtime::shim::main_with_args(args.args),
         command => match run(command) {
             Ok(()) => 0,
-            Err(error) => {
-                eprintln!("error: {error:#}");
-                1
-            }
+            Err(error) => match error.downcast_ref::<robots::ExitWith>() {
+                // A command's own exit status (machine exec), not a failure of berth.
+                Some(robots::ExitWith(code)) => *code,
+                None => {
+                    eprintln!("error: {error:#}");
+                    1
+                }
+            },
         },
     };
     std::process::exit(code);
@@ -88,6 +102,8 @@ fn run(command: Command) -> Result<()> {
             Command::App(command) => commands::app(command).await,
             Command::Machine(command) => commands::machine(*command).await,
             Command::Image(command) => commands::image(command).await,
+            Command::Org(command) => robots::org(command).await,
+            Command::Token(command) => robots::token(command).await,
             Command::Shim(_) => Ok(()),
         }
     })

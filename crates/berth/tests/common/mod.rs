@@ -20,6 +20,8 @@ pub struct Platform {
     pub token: String,
     process: Option<Child>,
     http: reqwest::blocking::Client,
+    /// More `berth up` flags.
+    extra_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -29,6 +31,11 @@ fn free_port() -> u16 {
 
 impl Platform {
     pub fn start() -> Platform {
+        Platform::start_with(&[])
+    }
+
+    /// `berth up` with more flags.
+    pub fn start_with(extra_args: &[&str]) -> Platform {
         let data_dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
@@ -43,6 +50,7 @@ impl Platform {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         platform.boot();
         platform
@@ -58,6 +66,7 @@ impl Platform {
             .args(["up", "--data-dir"])
             .arg(self.data_dir.path())
             .args(["--api-listen", &listen])
+            .args(&self.extra_args)
             .env("BERTH_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
