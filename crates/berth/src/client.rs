@@ -69,6 +69,10 @@ impl Client {
         })
     }
 
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Sends `berth-lease-nonce` on every call, for Machines under a lease.
     pub fn with_lease_nonce(mut self, nonce: Option<String>) -> Client {
         self.lease_nonce = nonce;
