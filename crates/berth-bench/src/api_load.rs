@@ -136,7 +136,15 @@ pub async fn measure(api_url: &str, admin: &Client, seconds: u64) -> Result<Valu
     let admin_token = admin_token(admin);
     let mut throughput = serde_json::Map::new();
     for concurrency in [1, 8, 32] {
-        let result = load(&http, reqwest::Method::GET, &url, &admin_token, concurrency, window).await?;
+        let result = load(
+            &http,
+            reqwest::Method::GET,
+            &url,
+            &admin_token,
+            concurrency,
+            window,
+        )
+        .await?;
         throughput.insert(format!("c{concurrency}"), report(&result));
     }
 

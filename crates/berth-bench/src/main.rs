@@ -100,6 +100,7 @@ async fn run(args: Args) -> Result<()> {
         log_max_bytes: 1024 * 1024,
         pids_limit: 1024,
         exec_max_output_bytes: None,
+        default_limits: None,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -114,15 +115,13 @@ async fn run(args: Args) -> Result<()> {
         measure(&args, &client, &platform, &runc, scratch.path()).await
     };
     let result = match result {
-        Ok(mut report) => {
-            match api_load::measure(&api_url, &client, args.api_seconds).await {
-                Ok(api) => {
-                    report["api"] = api;
-                    Ok(report)
-                }
-                Err(error) => Err(error),
+        Ok(mut report) => match api_load::measure(&api_url, &client, args.api_seconds).await {
+            Ok(api) => {
+                report["api"] = api;
+                Ok(report)
             }
-        }
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
     // Always leave the host clean, even when a measurement failed.
@@ -411,9 +410,18 @@ fn print_api_table(api: &Value) {
         ("GET machine, 1 connection", &api["get_machine"]["c1"]),
         ("GET machine, 8 connections", &api["get_machine"]["c8"]),
         ("GET machine, 32 connections", &api["get_machine"]["c32"]),
-        ("org A reads, alone (4 conns)", &api["isolation"]["calm_reads_alone"]),
-        ("org A reads, while org B floods starts", &api["isolation"]["calm_reads_during_flood"]),
-        ("org B's flood of starts (32 conns)", &api["isolation"]["flood_starts"]),
+        (
+            "org A reads, alone (4 conns)",
+            &api["isolation"]["calm_reads_alone"],
+        ),
+        (
+            "org A reads, while org B floods starts",
+            &api["isolation"]["calm_reads_during_flood"],
+        ),
+        (
+            "org B's flood of starts (32 conns)",
+            &api["isolation"]["flood_starts"],
+        ),
     ];
     for (label, row) in rows {
         println!(

@@ -60,7 +60,8 @@ pub fn default_limits() -> OrgLimits {
 /// The most a rate may be set to; past this a limit means nothing.
 const MAX_RATE: f64 = 1_000_000.0;
 
-pub(crate) fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLimits {
+/// `overrides` over `defaults`.
+pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLimits {
     let q = &overrides.quotas;
     let r = &overrides.rate_limits;
     let d = &defaults.rate_limits;
@@ -86,7 +87,7 @@ pub(crate) fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -
 }
 
 /// Refuses rates that are not finite and positive, and bursts of zero.
-pub(crate) fn validate_rates(overrides: &RateLimitOverrides) -> Result<(), ApiError> {
+pub fn validate_rates(overrides: &RateLimitOverrides) -> Result<(), ApiError> {
     let all = [
         ("create", overrides.create),
         ("start", overrides.start),

@@ -27,6 +27,8 @@ pub struct PlatformOptions {
     pub pids_limit: i64,
     /// Cap on each of exec's stdout and stderr; the control plane's default when `None`.
     pub exec_max_output_bytes: Option<usize>,
+    /// Changes to the built-in default quotas and rate limits of every org.
+    pub default_limits: Option<berth_api::SetOrgLimitsRequest>,
 }
 
 pub struct LocalPlatform {
@@ -70,6 +72,10 @@ impl LocalPlatform {
         let mut control_config = ControlConfig::new(data_dir.clone(), admin_token.clone());
         if let Some(bytes) = options.exec_max_output_bytes {
             control_config.exec_max_output_bytes = bytes;
+        }
+        if let Some(changes) = &options.default_limits {
+            control_config.default_limits =
+                berth_control::limits::effective(&control_config.default_limits, changes);
         }
         let control = ControlPlane::open(control_config, workers, images)
             .await

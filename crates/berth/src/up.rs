@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// Cap on each of exec's stdout and stderr, in bytes.
     #[arg(long, default_value_t = berth_control::DEFAULT_EXEC_OUTPUT_BYTES)]
     exec_max_output_bytes: usize,
+    /// A JSON file changing the default quotas and rate limits of orgs, in the shape of
+    /// `PUT /v1/orgs/{slug}/limits`: `{"quotas": {...}, "rate_limits": {"read": {...}}}`.
+    #[arg(long)]
+    default_limits: Option<PathBuf>,
 }
 
 fn init_tracing() {
@@ -57,6 +61,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("cannot find the OCI runtime {:?}; install runc", args.runc))?;
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
+    let default_limits = match &args.default_limits {
+        Some(path) => {
+            let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+            let limits: berth_api::SetOrgLimitsRequest = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a limits document", path.display()))?;
+            berth_control::limits::validate_rates(&limits.rate_limits)
+                .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.body.message))?;
+            Some(limits)
+        }
+        None => None,
+    };
     let platform = LocalPlatform::open(PlatformOptions {
         data_dir: args.data_dir.clone(),
         runc_binary,
@@ -65,6 +80,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         log_max_bytes: args.log_max_bytes,
         pids_limit: args.pids_limit,
         exec_max_output_bytes: Some(args.exec_max_output_bytes),
+        default_limits,
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

@@ -27,7 +27,19 @@ fn stdout(output: &std::process::Output) -> String {
 
 #[test]
 fn an_org_token_execs_follows_logs_and_reads_events() {
-    let platform = Platform::start_with(&["--exec-max-output-bytes", "1000"]);
+    let limits = tempfile::NamedTempFile::new().expect("limits file");
+    std::fs::write(
+        limits.path(),
+        r#"{"rate_limits": {"read": {"per_second": 20, "burst": 40}}}"#,
+    )
+    .expect("write limits");
+    let limits_path = limits.path().to_str().expect("utf-8");
+    let platform = Platform::start_with(&[
+        "--exec-max-output-bytes",
+        "1000",
+        "--default-limits",
+        limits_path,
+    ]);
     platform.import(busybox_image(), "demo/busybox:1");
     platform.cli_ok(&[
         "org",
@@ -43,6 +55,12 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
         .trim()
         .to_owned();
     assert!(token.starts_with("bt_"), "{token}");
+    // The server's defaults come from --default-limits; the org's own flags win.
+    let org: Value = serde_json::from_str(&platform.cli_ok(&["org", "show", "acme"])).expect("org");
+    assert_eq!(org["limits"]["rate_limits"]["read"]["burst"], 40);
+    assert_eq!(org["limits"]["rate_limits"]["exec"]["burst"], 50);
+    assert_eq!(org["limits"]["rate_limits"]["start"]["burst"], 3);
+    assert_eq!(org["limits"]["quotas"]["max_started_machines"], 5);
     let listed = platform.cli_ok(&["token", "list", "--org", "acme"]);
     assert!(
         listed.contains("ci-bot") && !listed.contains(&token),
