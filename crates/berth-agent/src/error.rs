@@ -31,7 +31,7 @@ pub enum AgentError {
     Internal(String),
     /// An error answer from a remote worker, passed on as it came.
     #[error("{}", body.message)]
-    Remote { status: u16, body: ErrorBody },
+    Remote { status: u16, body: Box<ErrorBody> },
     #[error("worker {worker} lacks {missing} to start this machine; stopped machines gave theirs back and another may have taken them")]
     InsufficientCapacity { worker: String, missing: String },
     #[error("worker {worker} is unavailable: {reason}")]
@@ -44,11 +44,8 @@ impl AgentError {
     /// The HTTP status and the JSON body that clients see.
     pub fn to_response(&self) -> (u16, ErrorBody) {
         let mut body = ErrorBody {
-            error: String::new(),
             message: self.to_string(),
-            state: None,
-            field: None,
-            retry_after_ms: None,
+            ..ErrorBody::default()
         };
         let status = match self {
             AgentError::NotFound(_) => {
@@ -104,7 +101,7 @@ impl AgentError {
                 status,
                 body: remote,
             } => {
-                body = remote.clone();
+                body = (**remote).clone();
                 *status
             }
             AgentError::InsufficientCapacity { .. } => {

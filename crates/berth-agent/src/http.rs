@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::AgentError;
-use crate::service::{CreateOnWorker, EventSource, WorkerService};
+use crate::service::{CreateOnWorker, EventSource, ExecOnWorker, WorkerService};
 
 /// The largest request body a control plane sends (a Machine config).
 const MAX_BODY: usize = 1024 * 1024;
@@ -53,6 +53,7 @@ fn unauthorized() -> Response {
         state: None,
         field: None,
         retry_after_ms: None,
+        ..ErrorBody::default()
     };
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
@@ -82,6 +83,10 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/logs", get(logs))
         .route("/agent/v1/usage", get(usage))
         .route("/agent/v1/images/usage", get(image_usage))
+        .route("/agent/v1/machines/{id}/events", get(events))
+        .route("/agent/v1/machines/{id}/exec", post(exec))
+        .route("/agent/v1/machines/{id}/metadata", post(metadata))
+        .route("/agent/v1/machines/{id}/log-chunks", get(log_chunks))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_join_token,
@@ -209,4 +214,74 @@ async fn usage(
 
 async fn image_usage(State(http): State<Shared>) -> Result<Response, Failure> {
     Ok(Json(http.worker.image_usage().await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    since: i64,
+    limit: u32,
+}
+
+async fn events(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, Failure> {
+    Ok(Json(
+        http.worker
+            .machine_events(&id, query.since, query.limit)
+            .await?,
+    )
+    .into_response())
+}
+
+async fn exec(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(request): Json<ExecOnWorker>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.exec(&id, request).await?).into_response())
+}
+
+#[derive(Deserialize, serde::Serialize)]
+pub(crate) struct MetadataChange {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+async fn metadata(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(change): Json<MetadataChange>,
+) -> Result<Response, Failure> {
+    Ok(Json(
+        http.worker
+            .set_metadata(&id, &change.key, change.value)
+            .await?,
+    )
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct ChunkQuery {
+    since: Option<u64>,
+    max_bytes: u64,
+}
+
+/// The output available now, without following: a remote control plane follows by asking
+/// again from where the last chunk ended.
+async fn log_chunks(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<ChunkQuery>,
+) -> Result<Response, Failure> {
+    let mut receiver = http
+        .worker
+        .read_logs(&id, query.since, false, query.max_bytes)
+        .await?;
+    let mut chunks = Vec::new();
+    while let Some(chunk) = receiver.recv().await {
+        chunks.push(chunk);
+    }
+    Ok(Json(chunks).into_response())
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,11 +31,15 @@ pub mod http;
 pub mod metering;
 pub mod record;
 pub mod remote;
+mod robots;
 pub mod service;
 pub mod store;
 
 pub use error::{AgentError, Result};
-pub use service::{CreateOnWorker, EventSource, ImageUsage, WorkerService};
+pub use service::{
+    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, MachineNotice, WorkerListener,
+    WorkerService,
+};
 
 use record::{now_ms, LayerRef, MachineRecord, PendingOp, RootfsStack, UpdateSnapshot};
 use store::{AgentStore, MachineEvent};
@@ -97,6 +101,7 @@ struct Inner {
     /// CPUs and memory of every Machine that runs (or is being started), by id. Start
     /// reserves here before it boots, so concurrent starts cannot overcommit the host.
     running: StdMutex<HashMap<String, (u32, u64)>>,
+    listener: StdRwLock<Option<Arc<dyn WorkerListener>>>,
 }
 
 impl Agent {
@@ -135,6 +140,7 @@ impl Agent {
                 machines_root,
                 locks: StdMutex::new(HashMap::new()),
                 running: StdMutex::new(HashMap::new()),
+                listener: StdRwLock::new(None),
             }),
         };
         agent.recover().await?;
@@ -419,11 +425,13 @@ impl Agent {
             reason: reason.map(str::to_owned),
             at_ms: record.updated_at_ms,
         };
-        self.inner
+        let event_id = self
+            .inner
             .store
-            .save_with_usage(record, Some(&event), usage)
+            .save_full(record, Some(&event), usage)
             .await?;
         self.release_unless_running(record);
+        self.notify(record, &event, event_id);
         Ok(())
     }
 
@@ -1000,7 +1008,8 @@ impl WorkerService for Agent {
                 record.last_exit = Some(exit_info(&exit));
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
-                self.save_transition(&record, "stop", EventSource::User, None, &usage)
+                let reason = exit_info(&exit).reason;
+                self.save_transition(&record, "stop", EventSource::User, Some(&reason), &usage)
                     .await?;
                 Ok(StartStopResponse {
                     previous_state,
@@ -1089,6 +1098,9 @@ impl WorkerService for Agent {
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
+        record.state = MachineState::Destroyed;
+        record.updated_at_ms = now_ms();
+        self.notify_destroyed(&record);
         info!(machine = %id, "destroyed");
         Ok(())
     }
@@ -1147,6 +1159,39 @@ impl WorkerService for Agent {
             });
         }
         Ok(usage)
+    }
+
+    fn set_listener(&self, listener: Arc<dyn WorkerListener>) {
+        if let Ok(mut slot) = self.inner.listener.write() {
+            *slot = Some(listener);
+        }
+    }
+
+    async fn machine_events(
+        &self,
+        id: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<berth_api::MachineEvent>> {
+        self.event_page(id, since, limit).await
+    }
+
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<berth_api::ExecResponse> {
+        self.exec_in(id, request).await
+    }
+
+    async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
+        self.change_metadata(id, key, value).await
+    }
+
+    async fn read_logs(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        follow: bool,
+        max_bytes: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
+        self.stream_logs(id, since, follow, max_bytes).await
     }
 }
 

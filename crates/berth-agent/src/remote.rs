@@ -2,18 +2,22 @@
 //! has a deadline; calls that are safe to repeat are retried on connection failures with
 //! a short backoff. A worker that cannot be reached answers `worker_unavailable`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_api::{
-    ErrorBody, Machine, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
+    ErrorBody, ExecResponse, Machine, MachineEvent, StartStopResponse, StopRequest,
+    UpdateMachineRequest, UsageRecord,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{AgentError, Result};
-use crate::service::{CreateOnWorker, EventSource, ImageUsage, WorkerService};
+use crate::service::{
+    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, WorkerListener, WorkerService,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -22,6 +26,8 @@ const CREATE_DEADLINE: Duration = Duration::from_secs(600);
 /// Start, stop and update wait for processes; stop for up to its own timeout.
 const LIFECYCLE_DEADLINE: Duration = Duration::from_secs(330);
 const RETRIES: u32 = 3;
+/// How often a followed log of a remote Machine is asked for more.
+const LOG_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct RemoteWorker {
@@ -77,11 +83,12 @@ impl RemoteWorker {
                         serde_json::from_slice::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
                             error: "internal".into(),
                             message: format!("worker {} answered {status}", self.name),
-                            state: None,
-                            field: None,
-                            retry_after_ms: None,
+                            ..ErrorBody::default()
                         });
-                    return Err(AgentError::Remote { status, body });
+                    return Err(AgentError::Remote {
+                        status,
+                        body: Box::new(body),
+                    });
                 }
                 // Only a request that never reached the worker is safe to send again,
                 // unless the operation itself is idempotent.
@@ -107,6 +114,22 @@ impl RemoteWorker {
                 worker: self.name.clone(),
                 reason: format!("reading its answer: {error}"),
             })
+    }
+
+    async fn log_chunks(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Vec<LogChunk>> {
+        let since = since
+            .map(|position| format!("&since={position}"))
+            .unwrap_or_default();
+        let path = format!("/agent/v1/machines/{id}/log-chunks?max_bytes={max_bytes}{since}");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
     }
 
     /// Whether the worker answers its health check.
@@ -215,6 +238,77 @@ impl WorkerService for RemoteWorker {
             )
             .await?;
         self.json(response).await
+    }
+
+    /// State-change notices do not cross processes yet; the control plane reads a remote
+    /// worker's events by asking (`machine_events`) instead.
+    fn set_listener(&self, _listener: Arc<dyn WorkerListener>) {}
+
+    async fn machine_events(&self, id: &str, since: i64, limit: u32) -> Result<Vec<MachineEvent>> {
+        let path = format!("/agent/v1/machines/{id}/events?since={since}&limit={limit}");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<ExecResponse> {
+        let path = format!("/agent/v1/machines/{id}/exec");
+        let deadline = request.timeout + READ_DEADLINE;
+        let response = self
+            .call(Method::POST, &path, Some(&request), deadline, false)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
+        let path = format!("/agent/v1/machines/{id}/metadata");
+        let change = crate::http::MetadataChange {
+            key: key.to_owned(),
+            value,
+        };
+        let response = self
+            .call(Method::POST, &path, Some(&change), READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn read_logs(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        follow: bool,
+        max_bytes: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
+        let first = self.log_chunks(id, since, max_bytes).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let worker = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let mut next = since;
+            let mut chunks = first;
+            loop {
+                for chunk in chunks {
+                    next = Some(chunk.start + chunk.data.len() as u64);
+                    if sender.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                if !follow {
+                    return;
+                }
+                // Following across processes: ask again from where the output ended.
+                tokio::time::sleep(LOG_POLL).await;
+                if sender.is_closed() {
+                    return;
+                }
+                chunks = match worker.log_chunks(&id, next, max_bytes).await {
+                    Ok(chunks) => chunks,
+                    Err(_) => return,
+                };
+            }
+        });
+        Ok(receiver)
     }
 
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {

@@ -2,10 +2,13 @@
 //! CLI (through the API) and later the proxy's autostart all come through here; a remote
 //! worker will implement it over the network.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use berth_api::{
-    ImageRef, Machine, MachineConfig, StartStopResponse, StopRequest, UpdateMachineRequest,
-    UsageRecord,
+    ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState, StartStopResponse,
+    StopRequest, UpdateMachineRequest, UsageRecord,
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +20,10 @@ use crate::error::Result;
 pub enum EventSource {
     User,
     RestartPolicy,
+    /// The proxy woke the Machine for a request.
+    Autostart,
+    /// The proxy stopped an idle Machine.
+    Autostop,
     System,
 }
 
@@ -25,9 +32,53 @@ impl EventSource {
         match self {
             EventSource::User => "user",
             EventSource::RestartPolicy => "restart_policy",
+            EventSource::Autostart => "autostart",
+            EventSource::Autostop => "autostop",
             EventSource::System => "system",
         }
     }
+}
+
+/// A state change as the worker recorded it, told to the listener right after the record
+/// is durable and in the order the changes happened on each Machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineNotice {
+    pub id: String,
+    pub app: String,
+    /// The event's id in the Machine's history; `None` for destroy, which removes it.
+    pub event_id: Option<i64>,
+    pub kind: String,
+    pub source: String,
+    pub state: MachineState,
+    pub instance_id: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub at_ms: i64,
+}
+
+/// Hears every state change of a worker's Machines. Called inline, so it must be quick
+/// and must not call back into the worker.
+pub trait WorkerListener: Send + Sync + 'static {
+    fn on_event(&self, notice: &MachineNotice);
+}
+
+/// A command to run inside a started Machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOnWorker {
+    pub cmd: Vec<String>,
+    pub stdin: Option<String>,
+    pub timeout: Duration,
+    /// Cap on stdout and on stderr, each.
+    pub max_output_bytes: usize,
+}
+
+/// Bytes `start..start + data.len()` of a Machine's whole output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub start: u64,
+    pub data: Vec<u8>,
 }
 
 /// A create that the control plane has validated and placed on this worker.
@@ -68,4 +119,22 @@ pub trait WorkerService: Send + Sync + 'static {
     /// Every image every Machine on this worker holds (running or stopped, plus the image
     /// an unfinished update would roll back to).
     async fn image_usage(&self) -> Result<Vec<ImageUsage>>;
+    /// Registers the one listener that hears about every recorded state change.
+    fn set_listener(&self, listener: Arc<dyn WorkerListener>);
+    /// The Machine's recorded events with an id above `since`, oldest first.
+    async fn machine_events(&self, id: &str, since: i64, limit: u32) -> Result<Vec<MachineEvent>>;
+    /// Runs a command inside the started Machine.
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<ExecResponse>;
+    /// Sets (`Some`) or removes (`None`) one metadata key without touching the run.
+    async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine>;
+    /// The Machine's output from position `since` (or the last `max_bytes` when `None`);
+    /// with `follow`, keeps sending new output, across stops and starts, until the
+    /// receiver is dropped or the Machine is destroyed.
+    async fn read_logs(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        follow: bool,
+        max_bytes: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>>;
 }

@@ -85,7 +85,16 @@ impl AgentStore {
 
     /// Writes the record, and the event if any, in one transaction.
     pub async fn save(&self, record: &MachineRecord, event: Option<&MachineEvent>) -> Result<()> {
-        self.save_with_usage(record, event, &[]).await
+        self.save_full(record, event, &[]).await.map(|_| ())
+    }
+
+    /// Like [`AgentStore::save`]; answers the new event's id.
+    pub async fn save_returning_id(
+        &self,
+        record: &MachineRecord,
+        event: Option<&MachineEvent>,
+    ) -> Result<Option<i64>> {
+        self.save_full(record, event, &[]).await
     }
 
     /// Writes the record, the event and usage journal entries in one transaction, so a
@@ -97,6 +106,17 @@ impl AgentStore {
         event: Option<&MachineEvent>,
         usage: &[UsageRecord],
     ) -> Result<()> {
+        self.save_full(record, event, usage).await.map(|_| ())
+    }
+
+    /// The one write of a Machine's state: record, event and usage entries, atomically.
+    /// Answers the new event's id.
+    pub async fn save_full(
+        &self,
+        record: &MachineRecord,
+        event: Option<&MachineEvent>,
+        usage: &[UsageRecord],
+    ) -> Result<Option<i64>> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
         let mut transaction = self.pool.begin().await?;
@@ -107,8 +127,9 @@ impl AgentStore {
             .bind(json)
             .execute(&mut *transaction)
             .await?;
+        let mut event_id = None;
         if let Some(event) = event {
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO machine_events (machine_id, kind, source, state, exit_code, reason, at_ms)
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
@@ -121,12 +142,13 @@ impl AgentStore {
             .bind(event.at_ms)
             .execute(&mut *transaction)
             .await?;
+            event_id = Some(inserted.last_insert_rowid());
         }
         for entry in usage {
             insert_usage(&mut transaction, entry).await?;
         }
         transaction.commit().await?;
-        Ok(())
+        Ok(event_id)
     }
 
     /// Journal entries after `after_seq`, oldest first.
@@ -269,6 +291,40 @@ impl AgentStore {
                 exit_code: row.get(3),
                 reason: row.get(4),
                 at_ms: row.get(5),
+            })
+            .collect())
+    }
+
+    /// Events with an id above `since`, oldest first, with their ids.
+    pub async fn events_since(
+        &self,
+        id: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, MachineEvent)>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, source, state, exit_code, reason, at_ms FROM machine_events
+             WHERE machine_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(id)
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get(0),
+                    MachineEvent {
+                        kind: row.get(1),
+                        source: row.get(2),
+                        state: row.get(3),
+                        exit_code: row.get(4),
+                        reason: row.get(5),
+                        at_ms: row.get(6),
+                    },
+                )
             })
             .collect())
     }

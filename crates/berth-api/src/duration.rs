@@ -53,6 +53,21 @@ impl fmt::Display for ApiDuration {
     }
 }
 
+impl utoipa::PartialSchema for ApiDuration {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::SchemaType::Type(
+                utoipa::openapi::schema::Type::String,
+            ))
+            .description(Some(
+                "a duration: seconds as a number, or a string such as \"5s\" or \"250ms\"",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ApiDuration {}
+
 impl Serialize for ApiDuration {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)

@@ -8,13 +8,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 mod duration;
+mod robots;
+mod tenancy;
 
 pub use duration::ApiDuration;
+pub use robots::*;
+pub use tenancy::*;
 
 /// The lifecycle states of a Machine, as they appear on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MachineState {
     Created,
@@ -69,7 +74,7 @@ impl fmt::Display for MachineState {
 }
 
 /// `POST /v1/apps`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAppRequest {
     pub app_name: String,
@@ -77,7 +82,7 @@ pub struct CreateAppRequest {
     pub org_slug: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct App {
     pub id: String,
     pub name: String,
@@ -87,7 +92,7 @@ pub struct App {
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Never restart (the default).
@@ -99,7 +104,7 @@ pub enum RestartPolicy {
     Always,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestartConfig {
     #[serde(default)]
@@ -108,7 +113,7 @@ pub struct RestartConfig {
     pub max_retries: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,7 +122,7 @@ pub struct StopConfig {
     pub timeout: Option<ApiDuration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,7 +131,7 @@ pub struct InitConfig {
     pub entrypoint: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     #[serde(default = "GuestConfig::default_cpus")]
@@ -154,7 +159,7 @@ impl Default for GuestConfig {
 }
 
 /// What happens to the Machine's writable layer when its config is updated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RootfsPersistence {
     /// The upperdir is kept across stop, start and update (the default).
@@ -164,7 +169,7 @@ pub enum RootfsPersistence {
     Ephemeral,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     pub image: String,
@@ -185,7 +190,7 @@ pub struct MachineConfig {
 }
 
 /// `POST /v1/apps/{app}/machines`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMachineRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,7 +203,7 @@ pub struct CreateMachineRequest {
 }
 
 /// `POST /v1/apps/{app}/machines/{id}`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateMachineRequest {
     pub config: MachineConfig,
@@ -207,7 +212,7 @@ pub struct UpdateMachineRequest {
 }
 
 /// `POST /v1/apps/{app}/machines/{id}/stop`
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,7 +222,7 @@ pub struct StopRequest {
 }
 
 /// The image a Machine runs, resolved at create or update time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageRef {
     /// The name the user gave, as stored (for example `demo/busybox:1`).
     pub name: String,
@@ -229,7 +234,7 @@ pub struct ImageRef {
 }
 
 /// How the Machine's last run ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExitInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -241,7 +246,7 @@ pub struct ExitInfo {
     pub exited_at: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Machine {
     pub id: String,
     pub name: String,
@@ -270,7 +275,7 @@ pub struct Machine {
 }
 
 /// The answer to start and stop.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StartStopResponse {
     pub previous_state: MachineState,
     pub machine: Machine,
@@ -279,12 +284,12 @@ pub struct StartStopResponse {
     pub note: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DestroyResponse {
     pub ok: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ImageSummary {
     pub name: String,
     pub digest: String,
@@ -296,7 +301,7 @@ pub struct ImageSummary {
 }
 
 /// `POST /v1/images/pull`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImagePullRequest {
     /// A full reference: `[registry[:port]/]repository[:tag][@sha256:<hex>]`.
@@ -309,7 +314,7 @@ pub struct ImagePullRequest {
 /// layer `exists`, `waiting`, `downloading`, `downloaded`, `unpacked` (with `layer`,
 /// `bytes_done`, `bytes_total`), and last either `done` (with `image` and `digest`) or
 /// `error` (with `error`, `message` and, when retrying can help, `retry_after_ms`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ImagePullEvent {
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,7 +336,7 @@ pub struct ImagePullEvent {
 }
 
 /// What `POST /v1/images/prune` and `DELETE /v1/images?name=` removed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImagePruneResponse {
     /// Tags removed.
     pub images: Vec<String>,
@@ -343,14 +348,14 @@ pub struct ImagePruneResponse {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,
 }
 
 /// Every API error has this body. `error` is a stable code that clients can match on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     pub message: String,
@@ -363,6 +368,16 @@ pub struct ErrorBody {
     /// When retrying can succeed: how long to wait first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// For `quota_exceeded`: which quota (`max_machines`, `max_started_machines`,
+    /// `max_cpus`, `max_memory_mb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    /// For `quota_exceeded`: the quota's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// For `quota_exceeded`: the org's use of it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<u64>,
 }
 
 #[cfg(test)]
@@ -410,7 +425,7 @@ mod tests {
 }
 
 /// What a usage journal record says happened to a Machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageKind {
     /// The Machine exists from now on; its storage starts being billed (at 0 bytes).
@@ -426,7 +441,7 @@ pub enum UsageKind {
 }
 
 /// How the end time of a run was known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CloseBasis {
     /// The agent saw the stop happen.
@@ -439,7 +454,7 @@ pub enum CloseBasis {
 }
 
 /// One entry of a worker's append-only usage journal. `(worker, seq)` identifies it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UsageRecord {
     pub seq: u64,
     pub machine_id: String,
@@ -456,7 +471,7 @@ pub struct UsageRecord {
 
 /// One row of `GET /v1/orgs/{org}/usage`. Exactly one of `machine`, `app` or `day` is set,
 /// by `group_by`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
@@ -471,7 +486,7 @@ pub struct UsageRow {
     pub cost: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageReport {
     pub org: String,
     /// RFC 3339.
@@ -483,7 +498,7 @@ pub struct UsageReport {
 }
 
 /// A worker's size, or how much of it is in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub struct Resources {
     pub cpus: u32,
     pub memory_mb: u64,
@@ -492,7 +507,7 @@ pub struct Resources {
 
 /// What a worker reports with every heartbeat. CPU and memory count running Machines;
 /// disk counts every Machine that exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub struct WorkerStats {
     pub used: Resources,
     pub machines: u64,
@@ -500,7 +515,7 @@ pub struct WorkerStats {
 }
 
 /// `POST /v1/internal/workers/register`, sent by an agent with the join token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterWorker {
     pub name: String,
@@ -510,14 +525,14 @@ pub struct RegisterWorker {
     pub capacity: Resources,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WorkerRegistered {
     /// The worker's IPv6 /64 for its Machines, from the cluster's ULA /48.
     pub machine_prefix: String,
 }
 
 /// `GET /v1/workers`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Worker {
     pub name: String,
     pub region: String,

@@ -21,6 +21,8 @@ use berth_image::build::{busybox_layer, Compression, ImageBuilder};
 use clap::Parser;
 use serde_json::{json, Value};
 
+mod api_load;
+
 #[derive(Debug, Parser)]
 #[command(name = "berth-bench")]
 struct Args {
@@ -35,6 +37,12 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
+    /// Seconds of each API load window (GET machine throughput, flood isolation).
+    #[arg(long, default_value_t = 10)]
+    api_seconds: u64,
+    /// Only the API-tier figures, none of the lifecycle ones.
+    #[arg(long)]
+    api_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -58,7 +66,10 @@ fn main() -> Result<()> {
 }
 
 /// Percentiles in milliseconds, by nearest rank.
-fn summary(samples: &[Duration]) -> Value {
+pub(crate) fn summary(samples: &[Duration]) -> Value {
+    if samples.is_empty() {
+        return json!({"n": 0});
+    }
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
     let rank = |p: f64| {
@@ -96,6 +107,8 @@ async fn run(args: Args) -> Result<()> {
             disk_mb: 1 << 30,
         },
         registry: Default::default(),
+        exec_max_output_bytes: None,
+        default_limits: None,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -104,7 +117,25 @@ async fn run(args: Args) -> Result<()> {
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     let client = Client::new(&api_url, &platform.admin_token)?;
 
-    let result = measure(&args, &client, &platform, &runc, scratch.path()).await;
+    let result = if args.api_only {
+        import_bench_image(&client, scratch.path()).await
+    } else {
+        measure(&args, &client, &platform, &runc, scratch.path()).await
+    };
+    let result = match result {
+        Ok(mut report) => match api_load::measure(&api_url, &client, args.api_seconds).await {
+            Ok(api) => {
+                report["api"] = api;
+                Ok(report)
+            }
+            Err(error) => Err(error),
+        },
+        Err(error) => Err(error),
+    };
+    // Always leave the host clean, even when a measurement failed.
+    for app in ["bench-api", "calm-app", "flood-app"] {
+        let _ = client.delete::<Value>(&format!("/v1/apps/{app}")).await;
+    }
     // Always leave the host clean, even when a measurement failed.
     let _ = client.delete::<Value>("/v1/apps/bench").await;
     server.abort();
@@ -114,6 +145,17 @@ async fn run(args: Args) -> Result<()> {
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
+    // An API-only run keeps the lifecycle figures of the last full run beside its own.
+    let report = if args.api_only {
+        let mut merged: Value = std::fs::read(&args.out)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_else(|| json!({}));
+        merged["api"] = report["api"].clone();
+        merged
+    } else {
+        report
+    };
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
     print_table(&report);
     println!("\nwritten to {}", args.out.display());
@@ -130,6 +172,22 @@ fn is_root() -> bool {
                 .map(str::to_owned)
         })
         .is_some_and(|line| line.split_whitespace().nth(1) == Some("0"))
+}
+
+/// The image every measurement uses, in a report of its own.
+async fn import_bench_image(client: &Client, scratch: &Path) -> Result<Value> {
+    let archive = scratch.join("busybox.tar");
+    let layer = busybox_layer(Path::new("/bin/busybox"))?;
+    ImageBuilder::new()
+        .layer(layer, Compression::Gzip)
+        .write_archive(&archive)?;
+    client
+        .import_archive::<Value>(&archive, "bench/busybox:1")
+        .await?;
+    Ok(json!({
+        "date": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        "host": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+    }))
 }
 
 async fn measure(
@@ -604,7 +662,45 @@ fn peer_runc(
     Ok(times)
 }
 
+fn print_api_table(api: &Value) {
+    println!("\n| API load (loopback) | n | req/s | p50 ms | p90 ms | p99 ms |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let rows = [
+        ("GET machine, 1 connection", &api["get_machine"]["c1"]),
+        ("GET machine, 8 connections", &api["get_machine"]["c8"]),
+        ("GET machine, 32 connections", &api["get_machine"]["c32"]),
+        (
+            "org A reads, alone (4 conns)",
+            &api["isolation"]["calm_reads_alone"],
+        ),
+        (
+            "org A reads, while org B floods starts",
+            &api["isolation"]["calm_reads_during_flood"],
+        ),
+        (
+            "org B's flood of starts (32 conns)",
+            &api["isolation"]["flood_starts"],
+        ),
+    ];
+    for (label, row) in rows {
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            row["n"], row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"]
+        );
+    }
+    println!(
+        "\nflood answers by status: {}",
+        api["isolation"]["flood_starts"]["statuses"]
+    );
+}
+
 fn print_table(report: &Value) {
+    if !report["api"].is_null() {
+        print_api_table(&report["api"]);
+    }
+    if report["create"].is_null() {
+        return;
+    }
     println!("| operation | n | p50 ms | p90 ms | p99 ms |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     for (label, key) in [

@@ -1,16 +1,17 @@
 //! `/v1/apps`: apps group Machines and belong to an org.
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use berth_api::{App, CreateAppRequest};
+use axum::Json;
+use berth_api::{App, CreateAppRequest, ErrorBody};
 use berth_core::{ids, validate};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, BearerToken};
+use crate::extract::{ApiJson, ApiPath};
+use crate::limits::Action;
 use crate::store::{AppRow, Inserted};
-use crate::{format_ms, now_ms, ControlPlane, Shared, DEFAULT_ORG};
+use crate::{format_ms, ControlPlane, Shared, DEFAULT_ORG};
 
 async fn app_json(control: &ControlPlane, row: AppRow) -> Result<App, ApiError> {
     let machine_count = control.store.machines(&row.name).await?.len() as u64;
@@ -24,22 +25,27 @@ async fn app_json(control: &ControlPlane, row: AppRow) -> Result<App, ApiError> 
     })
 }
 
-async fn create_app(
+#[utoipa::path(post, path = "/apps", tag = "apps", request_body = CreateAppRequest,
+    responses((status = 201, body = App), (status = "default", body = ErrorBody)))]
+pub(crate) async fn create_app(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
     ApiJson(request): ApiJson<CreateAppRequest>,
 ) -> Result<(StatusCode, Json<App>), ApiError> {
-    control.authorize(&token)?;
+    control.check_rate(&principal, Action::Create, None)?;
     validate::validate_name("app_name", &request.app_name)?;
-    let org_slug = request.org_slug.unwrap_or_else(|| DEFAULT_ORG.to_owned());
-    if !control.store.org_exists(&org_slug).await? {
+    // An org's token makes apps in its own org; naming another is naming nothing.
+    let org_slug = request
+        .org_slug
+        .unwrap_or_else(|| principal.org().unwrap_or(DEFAULT_ORG).to_owned());
+    if !principal.can_see(&org_slug) || !control.store.org_exists(&org_slug).await? {
         return Err(ApiError::not_found(format!("org {org_slug:?}")));
     }
     let row = AppRow {
         id: ids::new_app_id(),
         name: request.app_name,
         org_slug,
-        created_at_ms: now_ms(),
+        created_at_ms: control.clock.now_ms(),
     };
     if control.store.insert_app(&row).await? == Inserted::AlreadyExists {
         return Err(ApiError::new(
@@ -48,39 +54,49 @@ async fn create_app(
             format!("an app named {} already exists", row.name),
         ));
     }
+    control.remember_app(&row.name, &row.org_slug);
     Ok((StatusCode::CREATED, Json(app_json(&control, row).await?)))
 }
 
-async fn list_apps(
+#[utoipa::path(get, path = "/apps", tag = "apps",
+    responses((status = 200, body = Vec<App>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_apps(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
 ) -> Result<Json<Vec<App>>, ApiError> {
-    control.authorize(&token)?;
+    control.check_rate(&principal, Action::Read, None)?;
     let mut apps = Vec::new();
     for row in control.store.apps().await? {
-        apps.push(app_json(&control, row).await?);
+        if principal.can_see(&row.org_slug) {
+            apps.push(app_json(&control, row).await?);
+        }
     }
     Ok(Json(apps))
 }
 
-async fn get_app(
+#[utoipa::path(get, path = "/apps/{app}", tag = "apps", params(("app" = String, Path)),
+    responses((status = 200, body = App), (status = "default", body = ErrorBody)))]
+pub(crate) async fn get_app(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath(app): UrlPath<String>,
+    principal: Principal,
+    ApiPath(app): ApiPath<String>,
 ) -> Result<Json<App>, ApiError> {
-    control.authorize(&token)?;
-    let row = control.app(&app).await?;
+    control.check_rate(&principal, Action::Read, None)?;
+    let row = control.app(&principal, &app).await?;
     Ok(Json(app_json(&control, row).await?))
 }
 
 /// Deleting an app destroys its Machines first, like Fly's.
-async fn delete_app(
+#[utoipa::path(delete, path = "/apps/{app}", tag = "apps", params(("app" = String, Path)),
+    responses((status = 202, description = "the app and its Machines are gone"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn delete_app(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath(app): UrlPath<String>,
+    principal: Principal,
+    ApiPath(app): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    control.authorize(&token)?;
-    control.app(&app).await?;
+    control.app(&principal, &app).await?;
+    control.check_rate(&principal, Action::Destroy, None)?;
     for machine in control.store.machines(&app).await? {
         control
             .worker(&machine.worker)?
@@ -88,8 +104,10 @@ async fn delete_app(
             .await
             .or_else(ignore_not_found)?;
         control.store.delete_machine(&machine.id).await?;
+        crate::leases::forget(&control, &machine.id).await?;
     }
     control.store.delete_app(&app).await?;
+    control.forget_app(&app);
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -98,10 +116,4 @@ pub(crate) fn ignore_not_found(error: berth_agent::AgentError) -> Result<(), Api
         berth_agent::AgentError::NotFound(_) => Ok(()),
         other => Err(other.into()),
     }
-}
-
-pub(crate) fn routes() -> Router<Shared> {
-    Router::new()
-        .route("/apps", get(list_apps).post(create_app))
-        .route("/apps/{app}", get(get_app).delete(delete_app))
 }

@@ -10,20 +10,19 @@ use berth_core::ConfigError;
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub body: ErrorBody,
+    /// Boxed: errors travel in every `Result` of the server.
+    pub body: Box<ErrorBody>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 error: code.to_owned(),
                 message: message.into(),
-                state: None,
-                field: None,
-                retry_after_ms: None,
-            },
+                ..ErrorBody::default()
+            }),
         }
     }
 
@@ -41,6 +40,10 @@ impl ApiError {
             "unauthorized",
             "a valid bearer token is required (Authorization: Bearer <token>)",
         )
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     pub fn invalid_config(field: impl Into<String>, message: impl Into<String>) -> ApiError {
@@ -73,7 +76,7 @@ impl From<AgentError> for ApiError {
         }
         ApiError {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            body,
+            body: Box::new(body),
         }
     }
 }
@@ -94,7 +97,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry_after = self.body.retry_after_ms;
         let status = self.status;
-        let mut response = (status, Json(self.body)).into_response();
+        let mut response = (status, Json(*self.body)).into_response();
         // The unread rest of an oversized body makes the connection unusable; say so, or a
         // client may send its next request down a connection the server is closing.
         if status == StatusCode::PAYLOAD_TOO_LARGE {

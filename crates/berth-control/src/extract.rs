@@ -63,7 +63,19 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|rejection| {
-                ApiError::new(rejection.status(), "invalid_config", rejection.body_text())
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("the body is larger than {MAX_JSON_BODY} bytes"),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_config",
+                        rejection.body_text(),
+                    )
+                }
             })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
@@ -88,20 +100,50 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// A bearer token from the Authorization header, if present.
-pub struct BearerToken(pub Option<String>);
+/// Path parameters. Ones that cannot even be decoded (invalid UTF-8 after percent
+/// decoding) name nothing that exists: 404, like any unknown name.
+pub struct ApiPath<T>(pub T);
 
-impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(|token| token.trim().to_owned());
-        Ok(BearerToken(token))
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(_) => Err(ApiError::not_found("resource")),
+        }
+    }
+}
+
+/// Query parameters, refused with `invalid_config` naming the query.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError::invalid_config("query", rejection.body_text())),
+        }
+    }
+}
+
+/// A header's value as text, if present; one that is not visible ASCII is refused.
+pub fn header_text<'a>(
+    headers: &'a axum::http::HeaderMap,
+    name: &str,
+    code: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => value.to_str().map(Some).map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                code,
+                format!("the {name} header must be visible ASCII"),
+            )
+        }),
     }
 }
 

@@ -4,43 +4,47 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::DefaultBodyLimit;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use berth_agent::ImageUsage;
-use berth_api::{ImagePruneResponse, ImagePullEvent, ImagePullRequest, ImageSummary};
+use berth_api::{ErrorBody, ImagePruneResponse, ImagePullEvent, ImagePullRequest, ImageSummary};
 use berth_image::{ImageReference, InUse, PruneReport, PullEvent};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, BearerToken};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::limits::Action;
 use crate::Shared;
 
 /// The largest image archive `POST /v1/images/import` accepts.
 pub const MAX_IMAGE_ARCHIVE: u64 = 8 * 1024 * 1024 * 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ImageQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ImageQuery {
+    /// The image name, e.g. `demo/busybox:1`.
     name: String,
 }
 
 /// `POST /v1/images/import?name=…` with an OCI archive (a tar of an OCI image layout) as
-/// the body. The body is streamed to disk, never held in memory.
-async fn import_image(
+/// the body. The body is streamed to disk, never held in memory. Images are shared by
+/// every org, so only the operator adds them.
+#[utoipa::path(post, path = "/images/import", tag = "images", params(ImageQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    responses((status = 200, body = ImageSummary), (status = "default", body = ErrorBody)))]
+pub(crate) async fn import_image(
     State(control): State<Shared>,
-    token: BearerToken,
-    query: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<ImageQuery>,
     body: axum::body::Body,
 ) -> Result<Json<ImageSummary>, ApiError> {
-    control.authorize(&token)?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("name", rejection.body_text()))?;
+    principal.require_admin()?;
     berth_image::ImageReference::parse(&query.name).map_err(|error| {
         let mut api = ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -128,11 +132,13 @@ fn in_use(usage: &[ImageUsage]) -> InUse {
 
 /// `GET /v1/images`: every tag, plus every digest a Machine runs that no tag names any
 /// more, each with the Machines using it.
-async fn list_images(
+#[utoipa::path(get, path = "/images", tag = "images",
+    responses((status = 200, body = Vec<ImageSummary>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_images(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
-    control.authorize(&token)?;
+    control.check_rate(&principal, Action::Read, None)?;
     let usage = image_usage(&control).await?;
     let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for entry in &usage {
@@ -195,14 +201,14 @@ fn prune_response(report: PruneReport) -> ImagePruneResponse {
 
 /// `DELETE /v1/images?name=…` removes a tag, then whatever only it reached. Machines keep
 /// their resolved digest and its layers, so nothing that exists stops working.
-async fn delete_image(
+#[utoipa::path(delete, path = "/images", tag = "images", params(ImageQuery),
+    responses((status = 204, description = "untagged"), (status = "default", body = ErrorBody)))]
+pub(crate) async fn delete_image(
     State(control): State<Shared>,
-    token: BearerToken,
-    query: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<ImageQuery>,
 ) -> Result<StatusCode, ApiError> {
-    control.authorize(&token)?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("name", rejection.body_text()))?;
+    principal.require_admin()?;
     ImageReference::parse(&query.name).map_err(|error| invalid_ref("name", &error))?;
     // Usage is read after the collection starts: see berth_image::gc.
     let collection = control.images.begin_collection().await;
@@ -215,11 +221,13 @@ async fn delete_image(
 }
 
 /// `POST /v1/images/prune` removes every image and layer no Machine references.
-async fn prune_images(
+#[utoipa::path(post, path = "/images/prune", tag = "images",
+    responses((status = 200, body = ImagePruneResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn prune_images(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
 ) -> Result<Json<ImagePruneResponse>, ApiError> {
-    control.authorize(&token)?;
+    principal.require_admin()?;
     let collection = control.images.begin_collection().await;
     let in_use = in_use(&image_usage(&control).await?);
     let report = tokio::task::spawn_blocking(move || collection.prune(&in_use))
@@ -263,12 +271,15 @@ fn progress_line(event: PullEvent) -> ImagePullEvent {
 /// is resolved before the answer starts, so a bad reference, a missing image, refused
 /// credentials, an unreachable registry or a foreign platform get their own status and
 /// JSON error; failures while layers download arrive as a last `error` line.
-async fn pull_image(
+#[utoipa::path(post, path = "/images/pull", tag = "images", request_body = ImagePullRequest,
+    responses((status = 200, description = "NDJSON progress events", body = ImagePullEvent),
+        (status = "default", body = ErrorBody)))]
+pub(crate) async fn pull_image(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
     ApiJson(request): ApiJson<ImagePullRequest>,
 ) -> Result<Response, ApiError> {
-    control.authorize(&token)?;
+    principal.require_admin()?;
     let mut reference =
         ImageReference::parse(&request.image).map_err(|error| invalid_ref("image", &error))?;
     if reference.registry.is_none() {
@@ -358,18 +369,4 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
     })
-}
-
-pub(crate) fn routes() -> Router<Shared> {
-    Router::new()
-        .route("/images", get(list_images).delete(delete_image))
-        .route("/images/pull", post(pull_image))
-        .route("/images/prune", post(prune_images))
-}
-
-/// Archive uploads stream to disk, so they take no JSON body limit.
-pub(crate) fn upload_routes() -> Router<Shared> {
-    Router::new()
-        .route("/images/import", post(import_image))
-        .layer(DefaultBodyLimit::disable())
 }

@@ -1,42 +1,54 @@
-//! The public API server, like flaps: it authenticates callers, keeps apps and the index
-//! of which worker holds each Machine, and forwards Machine operations to that worker
-//! through [`WorkerService`]. It never touches a host itself.
+//! The public API server, like flaps: it authenticates callers, keeps orgs, tokens, apps
+//! and the index of which worker holds each Machine, enforces quotas, rate limits and
+//! leases, and forwards Machine operations to that worker through [`WorkerService`]. It
+//! never touches a host itself.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock};
+use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use berth_agent::WorkerService;
-use berth_api::Health;
-use berth_api::{RegisterWorker, WorkerStats};
+use berth_api::{OrgLimits, RegisterWorker, SetOrgLimitsRequest, WorkerStats};
 use berth_core::billing::Prices;
 use berth_core::placement::{self, PlacementError, PlacementRequest, Strategy};
 use berth_core::{ids, validate};
 use berth_image::{ImagePuller, ImageStore};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use tokio::sync::Mutex as AsyncMutex;
 
 mod apps;
+pub mod auth;
+pub mod clock;
 pub mod error;
 pub mod extract;
+mod idempotency;
 mod images;
+mod leases;
+pub mod limits;
 mod machines;
+mod notices;
+pub mod openapi;
 mod registry;
+mod robots;
 pub mod store;
+mod tenancy;
 pub mod usage;
 mod workers;
 
+pub use auth::Principal;
+pub use clock::ApiClock;
 pub use error::ApiError;
-use extract::{BearerToken, MAX_JSON_BODY};
 pub use images::MAX_IMAGE_ARCHIVE;
+use limits::{Action, RateLimiters, Usage};
 use store::{AppRow, ControlStore, MachineIndexRow};
 
-/// The org every install starts with, and the default for new apps.
+/// The org every install starts with, and the default for apps the admin creates.
 pub const DEFAULT_ORG: &str = "personal";
+/// The default cap on each of exec's stdout and stderr.
+pub const DEFAULT_EXEC_OUTPUT_BYTES: usize = 1024 * 1024;
 
 pub struct ControlConfig {
     pub data_dir: PathBuf,
@@ -45,6 +57,25 @@ pub struct ControlConfig {
     /// Agents authenticate with it, and the control plane with them.
     pub join_token: String,
     pub prices: Prices,
+    /// Quotas and rate limits of orgs that set none of their own.
+    pub default_limits: OrgLimits,
+    /// Cap on each of exec's stdout and stderr.
+    pub exec_max_output_bytes: usize,
+    pub clock: ApiClock,
+}
+
+impl ControlConfig {
+    pub fn new(data_dir: PathBuf, admin_token: String, join_token: String) -> ControlConfig {
+        ControlConfig {
+            data_dir,
+            admin_token,
+            join_token,
+            prices: Prices::default(),
+            default_limits: limits::default_limits(),
+            exec_max_output_bytes: DEFAULT_EXEC_OUTPUT_BYTES,
+            clock: ApiClock::system(),
+        }
+    }
 }
 
 /// The control plane's shared state.
@@ -59,13 +90,21 @@ pub struct ControlPlane {
     prices: Prices,
     /// One usage ingestion pass at a time (the background one or a query's).
     ingest_lock: tokio::sync::Mutex<()>,
+    clock: ApiClock,
+    tokens: auth::TokenCache,
+    default_limits: OrgLimits,
+    overrides: RwLock<HashMap<String, SetOrgLimitsRequest>>,
+    rate_limiters: RateLimiters,
+    usage: Arc<Usage>,
+    /// app → org, for the workers' notices, which name only the app.
+    app_orgs: RwLock<HashMap<String, String>>,
+    org_locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    waiters: notices::Waiters,
+    exec_max_output_bytes: usize,
+    openapi_json: OnceLock<String>,
 }
 
 pub(crate) type Shared = Arc<ControlPlane>;
-
-fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
 
 impl ControlPlane {
     pub async fn open(
@@ -86,12 +125,27 @@ impl ControlPlane {
         let scratch_dir = config.data_dir.join("uploads");
         std::fs::create_dir_all(&scratch_dir).map_err(ApiError::internal)?;
         let store = ControlStore::open(&config.data_dir.join("control.db")).await?;
-        store.ensure_org(DEFAULT_ORG, now_ms()).await?;
+        for statement in auth::SCHEMA
+            .iter()
+            .chain(limits::SCHEMA)
+            .chain(leases::SCHEMA)
+            .chain(idempotency::SCHEMA)
+        {
+            sqlx::query(statement).execute(store.pool()).await?;
+        }
+        store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         usage::migrate(store.pool()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
+        let tokens = auth::TokenCache::load(store.pool()).await?;
+        let overrides = tenancy::load_overrides(store.pool()).await?;
+        let apps = store.apps().await?;
+        let app_orgs = apps
+            .iter()
+            .map(|app| (app.name.clone(), app.org_slug.clone()))
+            .collect();
         let control = Arc::new(ControlPlane {
             store,
-            admin_token_hash: token_hash(&config.admin_token),
+            admin_token_hash: auth::sha256(&config.admin_token),
             workers,
             join_token: config.join_token,
             images,
@@ -99,53 +153,112 @@ impl ControlPlane {
             scratch_dir,
             prices: config.prices,
             ingest_lock: tokio::sync::Mutex::new(()),
+            rate_limiters: RateLimiters::new(config.clock.clone()),
+            clock: config.clock,
+            tokens,
+            default_limits: config.default_limits,
+            overrides: RwLock::new(overrides),
+            usage: Arc::new(Usage::default()),
+            app_orgs: RwLock::new(app_orgs),
+            org_locks: StdMutex::new(HashMap::new()),
+            waiters: notices::Waiters::default(),
+            exec_max_output_bytes: config.exec_max_output_bytes,
+            openapi_json: OnceLock::new(),
+        });
+        for (_, worker) in control.workers.all() {
+            control.adopt_worker(worker).await;
+        }
+        let weak = Arc::downgrade(&control);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(control) = weak.upgrade() else {
+                    return;
+                };
+                control.rate_limiters.prune();
+                drop(control);
+            }
         });
         usage::spawn_ingestion(&control);
         Ok(control)
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        // Each area of the API brings its own routes, relative to /v1.
-        let json_routes = Router::new()
-            .merge(apps::routes())
-            .nest("/apps/{app}/machines", machines::routes())
-            .merge(images::routes())
-            .merge(usage::routes())
-            .merge(workers::routes())
-            .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
-        Router::new()
-            .route("/v1/health", get(health))
+        let (router, openapi) = openapi::api_router().split_for_parts();
+        let _ = self
+            .openapi_json
+            .set(serde_json::to_string(&openapi).unwrap_or_default());
+        router
+            // The cluster's own protocol, not the public API: agents joining, and the
+            // images they pull.
+            .merge(workers::internal_routes())
             .merge(registry::routes())
-            .nest("/v1", json_routes.merge(images::upload_routes()))
             .fallback(|| async { ApiError::not_found("route") })
+            .method_not_allowed_fallback(|| async {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "this route does not take that method",
+                )
+            })
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 panic_response,
             ))
             .with_state(self.clone())
     }
 
-    pub(crate) fn authorize(&self, token: &BearerToken) -> Result<(), ApiError> {
-        let Some(token) = &token.0 else {
-            return Err(ApiError::unauthorized());
-        };
-        // Compare hashes in constant time: timing says nothing about the token.
-        if bool::from(token_hash(token).ct_eq(&self.admin_token_hash)) {
-            Ok(())
-        } else {
-            Err(ApiError::unauthorized())
-        }
+    /// The OpenAPI description of every route, as JSON.
+    pub fn openapi(&self) -> utoipa::openapi::OpenApi {
+        openapi::api_router().split_for_parts().1
+    }
+
+    pub fn clock(&self) -> &ApiClock {
+        &self.clock
     }
 
     /// A worker running in this process (`berth up`); answers its Machine prefix.
     pub async fn add_local_worker(
-        &self,
+        self: &Arc<Self>,
         registration: RegisterWorker,
         service: Arc<dyn WorkerService>,
     ) -> Result<String, ApiError> {
-        Ok(self
+        let prefix = self
             .workers
-            .register(self.store.pool(), &registration, service, None)
-            .await?)
+            .register(self.store.pool(), &registration, service.clone(), None)
+            .await?;
+        self.adopt_worker(service).await;
+        Ok(prefix)
+    }
+
+    /// Listens to a worker's state changes and counts what already runs there against
+    /// its orgs' quotas: the workers hold the truth.
+    pub(crate) async fn adopt_worker(self: &Arc<Self>, worker: Arc<dyn WorkerService>) {
+        worker.set_listener(Arc::new(notices::ControlListener::new(self)));
+        let apps = match self.store.apps().await {
+            Ok(apps) => apps,
+            Err(error) => {
+                tracing::warn!(%error, "listing apps to count a worker's machines");
+                return;
+            }
+        };
+        for app in &apps {
+            let Ok(machines) = worker.list(&app.name).await else {
+                continue;
+            };
+            for machine in machines {
+                self.usage.observe(
+                    &app.org_slug,
+                    &machine.id,
+                    machine.state,
+                    limits::Share {
+                        cpus: u64::from(machine.config.guest.cpus),
+                        memory_mb: u64::from(machine.config.guest.memory_mb),
+                    },
+                );
+            }
+        }
     }
 
     /// The /64 that a worker of this name gets for its Machines.
@@ -197,7 +310,62 @@ impl ControlPlane {
         }
     }
 
-    pub(crate) async fn app(&self, name: &str) -> Result<AppRow, ApiError> {
+    /// The limits in force for `org`.
+    pub(crate) fn limits_of(&self, org: &str) -> OrgLimits {
+        let overrides = self
+            .overrides
+            .read()
+            .ok()
+            .and_then(|map| map.get(org).copied())
+            .unwrap_or_default();
+        limits::effective(&self.default_limits, &overrides)
+    }
+
+    /// Counts one call against the caller's rate limit.
+    pub(crate) fn check_rate(
+        &self,
+        principal: &Principal,
+        action: Action,
+        machine: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let Some(org) = principal.org() else {
+            return Ok(());
+        };
+        let limits = self.limits_of(org);
+        self.rate_limiters
+            .check(principal, &limits.rate_limits, action, machine)
+    }
+
+    /// Serializes the quota checks of one org that need the store (Machine counts).
+    pub(crate) async fn lock_org(&self, org: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = match self.org_locks.lock() {
+                Ok(locks) => locks,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            locks.entry(org.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    pub(crate) fn remember_app(&self, app: &str, org: &str) {
+        if let Ok(mut map) = self.app_orgs.write() {
+            map.insert(app.to_owned(), org.to_owned());
+        }
+    }
+
+    pub(crate) fn forget_app(&self, app: &str) {
+        if let Ok(mut map) = self.app_orgs.write() {
+            map.remove(app);
+        }
+    }
+
+    pub(crate) fn org_of_app(&self, app: &str) -> Option<String> {
+        self.app_orgs.read().ok()?.get(app).cloned()
+    }
+
+    /// An app the caller may see. Another org's app is answered exactly like a missing one.
+    pub(crate) async fn app(&self, principal: &Principal, name: &str) -> Result<AppRow, ApiError> {
         // Garbage in the path is answered exactly like an app that does not exist.
         if validate::validate_name("app", name).is_err() {
             return Err(ApiError::not_found(format!("app {name:?}")));
@@ -205,18 +373,26 @@ impl ControlPlane {
         self.store
             .app(name)
             .await?
+            .filter(|row| principal.can_see(&row.org_slug))
             .ok_or_else(|| ApiError::not_found(format!("app {name}")))
     }
 
-    pub(crate) async fn machine(&self, app: &str, id: &str) -> Result<MachineIndexRow, ApiError> {
-        self.app(app).await?;
+    pub(crate) async fn machine(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+    ) -> Result<(AppRow, MachineIndexRow), ApiError> {
+        let app_row = self.app(principal, app).await?;
         if !ids::is_machine_id(id) {
             return Err(ApiError::not_found(format!("machine {id:?}")));
         }
-        self.store
+        let row = self
+            .store
             .machine(app, id)
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("machine {id}")))
+            .ok_or_else(|| ApiError::not_found(format!("machine {id}")))?;
+        Ok((app_row, row))
     }
 
     pub async fn close(&self) {
@@ -229,6 +405,8 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("the server hit a bug while handling this request").into_response()
 }
 
+/// Wall-clock milliseconds, for what is not part of the API's controllable clock
+/// (heartbeats, usage windows).
 pub(crate) fn now_ms() -> i64 {
     let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     i64::try_from(nanos / 1_000_000).unwrap_or(i64::MAX)
@@ -243,13 +421,6 @@ pub(crate) fn format_ms(ms: i64) -> String {
                 .ok()
         })
         .unwrap_or_default()
-}
-
-async fn health() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
 }
 
 /// Reads the admin token from `path`, or makes a new random one there (mode 0600).

@@ -1,39 +1,79 @@
-//! `/v1/apps/{app}/machines`: the Machine lifecycle, forwarded to the pinned worker.
+//! `/v1/apps/{app}/machines`: the Machine lifecycle, forwarded to the pinned worker, with
+//! quotas, rate limits, leases and idempotency keys checked at the edge.
 
-use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{header, StatusCode};
+use std::collections::{BTreeMap, HashMap};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use berth_agent::{CreateOnWorker, EventSource};
 use berth_api::{
-    CreateMachineRequest, DestroyResponse, Machine, StartStopResponse, StopRequest,
+    CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartStopResponse, StopRequest,
     UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::IntoParams;
 
 use crate::apps::ignore_not_found;
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, BearerToken, OptionalJson};
-use crate::store::{Inserted, MachineIndexRow};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
+use crate::idempotency::{self, Begin};
+use crate::leases;
+use crate::limits::{self, Action, Share};
+use crate::store::{AppRow, Inserted, MachineIndexRow};
 use crate::{ControlPlane, Shared};
 use berth_agent::{AgentError, MACHINE_DISK_MB};
 use berth_api::Resources;
 use berth_core::placement::PlacementRequest;
 
-const DEFAULT_LOG_BYTES: u64 = 1024 * 1024;
-const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+fn share(config: &berth_api::MachineConfig) -> Share {
+    Share {
+        cpus: u64::from(config.guest.cpus),
+        memory_mb: u64::from(config.guest.memory_mb),
+    }
+}
 
-async fn create_machine(
+#[utoipa::path(post, path = "/apps/{app}/machines", tag = "machines",
+    params(("app" = String, Path),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body = CreateMachineRequest,
+    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+pub(crate) async fn create_machine(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath(app): UrlPath<String>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath(app): ApiPath<String>,
     ApiJson(request): ApiJson<CreateMachineRequest>,
-) -> Result<Json<Machine>, ApiError> {
-    control.authorize(&token)?;
-    let app_row = control.app(&app).await?;
+) -> Result<Response, ApiError> {
+    let app_row = control.app(&principal, &app).await?;
+    control.check_rate(&principal, Action::Create, None)?;
     validate::validate_create(&request)?;
+    let claim = match idempotency::begin(
+        &control,
+        &principal,
+        &headers,
+        &format!("create {app}"),
+        &request,
+    )
+    .await?
+    {
+        Begin::Replay(response) => return Ok(response),
+        Begin::Proceed(claim) => claim,
+    };
+    let result = create(&control, &app_row, request).await;
+    Ok(idempotency::finish(claim, result.map(Json).into_response()).await)
+}
+
+async fn create(
+    control: &ControlPlane,
+    app: &AppRow,
+    request: CreateMachineRequest,
+) -> Result<Machine, ApiError> {
+    let org = &app.org_slug;
+    let quotas = control.limits_of(org).quotas;
     let id = ids::new_machine_id();
     let name = request
         .name
@@ -46,20 +86,51 @@ async fn create_machine(
         disk_mb: MACHINE_DISK_MB,
     };
     let worker_name = control.place(&placement)?;
-    let row = MachineIndexRow {
-        id: id.clone(),
-        app: app.clone(),
-        name: name.clone(),
-        worker: worker_name.clone(),
+    let reservation = {
+        // The count and the insert happen under the org's lock: no two creates can both
+        // take the last slot.
+        let _org = control.lock_org(org).await;
+        let machines = control.store.count_org_machines(org).await?;
+        if machines >= quotas.max_machines {
+            return Err(limits::exceeded(
+                "max_machines",
+                quotas.max_machines,
+                machines,
+            ));
+        }
+        let reservation = if request.skip_launch {
+            None
+        } else {
+            Some(
+                control
+                    .usage
+                    .reserve(org, &id, share(&request.config), &quotas)?,
+            )
+        };
+        let row = MachineIndexRow {
+            id: id.clone(),
+            app: app.name.clone(),
+            name: name.clone(),
+            worker: worker_name.clone(),
+        };
+        if control.store.insert_machine(&row).await? == Inserted::AlreadyExists {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!("app {} already has a machine named {name}", app.name),
+            ));
+        }
+        reservation
     };
-    if control.store.insert_machine(&row).await? == Inserted::AlreadyExists {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_exists",
-            format!("app {app} already has a machine named {name}"),
-        ));
-    }
-    crate::usage::record_owner(control.store.pool(), &id, &app, &app_row.org_slug).await?;
+    crate::usage::record_owner(control.store.pool(), &id, &app.name, org).await?;
+    let size = Resources {
+        cpus: placement.cpus,
+        memory_mb: placement.memory_mb,
+        disk_mb: placement.disk_mb,
+    };
+    control
+        .workers
+        .reserve(&worker_name, size, !request.skip_launch);
     let worker = control.worker(&worker_name)?;
     let size = Resources {
         cpus: placement.cpus,
@@ -72,14 +143,15 @@ async fn create_machine(
     let created = worker
         .create(CreateOnWorker {
             id: id.clone(),
-            app,
+            app: app.name.clone(),
             name,
             config: request.config,
             skip_launch: request.skip_launch,
         })
         .await;
+    drop(reservation);
     match created {
-        Ok(machine) => Ok(Json(seen(&control, machine, &worker_name).await)),
+        Ok(machine) => Ok(seen(control, machine, &worker_name).await),
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
         Err(error @ berth_agent::AgentError::StartFailed { .. }) => Err(error.into()),
         Err(error) => {
@@ -89,13 +161,39 @@ async fn create_machine(
     }
 }
 
-async fn list_machines(
+/// `?metadata.<key>=<value>` filters; nothing else is taken.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Only Machines whose metadata has this key with this value; may be repeated with
+    /// other keys.
+    #[serde(rename = "metadata.{key}")]
+    #[param(rename = "metadata.{key}")]
+    #[allow(dead_code)]
+    metadata: Option<String>,
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines", tag = "machines",
+    params(("app" = String, Path), ListQuery),
+    responses((status = 200, body = Vec<Machine>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_machines(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath(app): UrlPath<String>,
+    principal: Principal,
+    ApiPath(app): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Vec<Machine>>, ApiError> {
-    control.authorize(&token)?;
-    control.app(&app).await?;
+    control.check_rate(&principal, Action::Read, None)?;
+    let mut filters = BTreeMap::new();
+    for (name, value) in query {
+        let Some(key) = name.strip_prefix("metadata.") else {
+            return Err(ApiError::invalid_config(
+                name.clone(),
+                format!("unknown query parameter {name:?}; filter with metadata.<key>=<value>"),
+            ));
+        };
+        filters.insert(key.to_owned(), value);
+    }
+    control.app(&principal, &app).await?;
     let rows = control.store.machines(&app).await?;
     let mut workers: Vec<&str> = rows.iter().map(|row| row.worker.as_str()).collect();
     workers.sort_unstable();
@@ -119,6 +217,11 @@ async fn list_machines(
             Err(error) => return Err(error.into()),
         }
     }
+    machines.retain(|machine| {
+        filters
+            .iter()
+            .all(|(key, value)| machine.config.metadata.get(key) == Some(value))
+    });
     machines.sort_by(|a, b| {
         a.created_at
             .cmp(&b.created_at)
@@ -127,13 +230,16 @@ async fn list_machines(
     Ok(Json(machines))
 }
 
-async fn get_machine(
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+pub(crate) async fn get_machine(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath((app, id)): UrlPath<(String, String)>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<Machine>, ApiError> {
-    control.authorize(&token)?;
-    let row = control.machine(&app, &id).await?;
+    control.check_rate(&principal, Action::Read, None)?;
+    let (_, row) = control.machine(&principal, &app, &id).await?;
     match control.worker(&row.worker)?.get(&id).await {
         Ok(machine) => Ok(Json(seen(&control, machine, &row.worker).await)),
         Err(error @ AgentError::Unavailable { .. }) => {
@@ -146,95 +252,183 @@ async fn get_machine(
     }
 }
 
-async fn update_machine(
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+    request_body = UpdateMachineRequest,
+    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+pub(crate) async fn update_machine(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath((app, id)): UrlPath<(String, String)>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<UpdateMachineRequest>,
 ) -> Result<Json<Machine>, ApiError> {
-    control.authorize(&token)?;
-    let row = control.machine(&app, &id).await?;
+    let (app_row, row) = control.machine(&principal, &app, &id).await?;
+    control.check_rate(&principal, Action::Update, Some(&id))?;
+    leases::check(&control, &id, &headers).await?;
     validate::validate_config(&request.config)?;
+    let org = &app_row.org_slug;
+    let _reservation = if request.skip_launch {
+        None
+    } else {
+        let quotas = control.limits_of(org).quotas;
+        Some(
+            control
+                .usage
+                .reserve(org, &id, share(&request.config), &quotas)?,
+        )
+    };
     let machine = control.worker(&row.worker)?.update(&id, request).await?;
     Ok(Json(seen(&control, machine, &row.worker).await))
 }
 
-async fn start_machine(
-    State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath((app, id)): UrlPath<(String, String)>,
-) -> Result<Json<StartStopResponse>, ApiError> {
-    control.authorize(&token)?;
-    let row = control.machine(&app, &id).await?;
-    let mut answer = control
-        .worker(&row.worker)?
-        .start(&id, EventSource::User)
-        .await?;
-    answer.machine = seen(&control, answer.machine, &row.worker).await;
-    Ok(Json(answer))
+/// The common prologue of start, stop and destroy: lookup, rate limit, lease, key.
+async fn prologue(
+    control: &Shared,
+    principal: &Principal,
+    headers: &HeaderMap,
+    app: &str,
+    id: &str,
+    action: Action,
+    request: &impl Serialize,
+) -> Result<Result<(AppRow, MachineIndexRow, Option<idempotency::Claim>), Response>, ApiError> {
+    // The key first: a retried destroy must get its first answer, not a 404.
+    let operation = format!("{} {app}/{id}", action.as_str());
+    let claim = match idempotency::begin(control, principal, headers, &operation, request).await? {
+        Begin::Replay(response) => return Ok(Err(response)),
+        Begin::Proceed(claim) => claim,
+    };
+    let (app_row, row) = control.machine(principal, app, id).await?;
+    control.check_rate(principal, action, Some(id))?;
+    leases::check(control, id, headers).await?;
+    Ok(Ok((app_row, row, claim)))
 }
 
-async fn stop_machine(
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn start_machine(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath((app, id)): UrlPath<(String, String)>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (app_row, row, claim) = match prologue(
+        &control,
+        &principal,
+        &headers,
+        &app,
+        &id,
+        Action::Start,
+        &(),
+    )
+    .await?
+    {
+        Ok(parts) => parts,
+        Err(replay) => return Ok(replay),
+    };
+    let result = async {
+        let worker = control.worker(&row.worker)?;
+        let machine = worker.get(&id).await?;
+        let org = &app_row.org_slug;
+        let quotas = control.limits_of(org).quotas;
+        let _reservation = control
+            .usage
+            .reserve(org, &id, share(&machine.config), &quotas)?;
+        let mut answer = worker.start(&id, EventSource::User).await?;
+        answer.machine = seen(&control, answer.machine, &row.worker).await;
+        Ok::<_, ApiError>(Json(answer))
+    }
+    .await;
+    Ok(idempotency::finish(claim, result.into_response()).await)
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body(content = Option<StopRequest>),
+    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn stop_machine(
+    State(control): State<Shared>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<StopRequest>,
-) -> Result<Json<StartStopResponse>, ApiError> {
-    control.authorize(&token)?;
-    let row = control.machine(&app, &id).await?;
-    let mut answer = control.worker(&row.worker)?.stop(&id, request).await?;
-    answer.machine = seen(&control, answer.machine, &row.worker).await;
-    Ok(Json(answer))
+) -> Result<Response, ApiError> {
+    let (_, row, claim) = match prologue(
+        &control,
+        &principal,
+        &headers,
+        &app,
+        &id,
+        Action::Stop,
+        &request,
+    )
+    .await?
+    {
+        Ok(parts) => parts,
+        Err(replay) => return Ok(replay),
+    };
+    let result = async {
+        let mut answer = control.worker(&row.worker)?.stop(&id, request).await?;
+        answer.machine = seen(&control, answer.machine, &row.worker).await;
+        Ok::<_, ApiError>(Json(answer))
+    }
+    .await;
+    Ok(idempotency::finish(claim, result.into_response()).await)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct DestroyQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct DestroyQuery {
+    /// Destroy even a started Machine.
     #[serde(default)]
     force: bool,
 }
 
-async fn destroy_machine(
+#[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path), DestroyQuery,
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    responses((status = 200, body = DestroyResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn destroy_machine(
     State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath((app, id)): UrlPath<(String, String)>,
-    query: Result<Query<DestroyQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<DestroyResponse>, ApiError> {
-    control.authorize(&token)?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("force", rejection.body_text()))?;
-    let row = control.machine(&app, &id).await?;
-    control
-        .worker(&row.worker)?
-        .destroy(&id, query.force)
-        .await
-        .or_else(ignore_not_found)?;
-    control.store.delete_machine(&id).await?;
-    Ok(Json(DestroyResponse { ok: true }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogsQuery {
-    max_bytes: Option<u64>,
-}
-
-async fn machine_logs(
-    State(control): State<Shared>,
-    token: BearerToken,
-    UrlPath((app, id)): UrlPath<(String, String)>,
-    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<DestroyQuery>,
 ) -> Result<Response, ApiError> {
-    control.authorize(&token)?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("max_bytes", rejection.body_text()))?;
-    let row = control.machine(&app, &id).await?;
-    let max_bytes = query
-        .max_bytes
-        .unwrap_or(DEFAULT_LOG_BYTES)
-        .min(MAX_LOG_BYTES);
-    let bytes = control.worker(&row.worker)?.logs(&id, max_bytes).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+    let (_, row, claim) = match prologue(
+        &control,
+        &principal,
+        &headers,
+        &app,
+        &id,
+        Action::Destroy,
+        &query,
+    )
+    .await?
+    {
+        Ok(parts) => parts,
+        Err(replay) => return Ok(replay),
+    };
+    let result = async {
+        control
+            .worker(&row.worker)?
+            .destroy(&id, query.force)
+            .await
+            .or_else(ignore_not_found)?;
+        control.store.delete_machine(&id).await?;
+        leases::forget(&control, &id).await?;
+        Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
+    }
+    .await;
+    Ok(idempotency::finish(claim, result.into_response()).await)
 }
 
 /// Marks a Machine answered by its worker with the worker's name, and remembers it as the
@@ -264,18 +458,4 @@ async fn last_known(
     machine.worker = Some(worker.to_owned());
     machine.worker_status = Some("unreachable".into());
     Ok(Some(machine))
-}
-
-pub(crate) fn routes() -> Router<Shared> {
-    Router::new()
-        .route("/", get(list_machines).post(create_machine))
-        .route(
-            "/{id}",
-            get(get_machine)
-                .post(update_machine)
-                .delete(destroy_machine),
-        )
-        .route("/{id}/start", post(start_machine))
-        .route("/{id}/stop", post(stop_machine))
-        .route("/{id}/logs", get(machine_logs))
 }

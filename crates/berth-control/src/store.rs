@@ -214,6 +214,44 @@ impl ControlStore {
         &self.pool
     }
 
+    pub async fn orgs(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT slug, created_at_ms FROM orgs ORDER BY slug")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
+    }
+
+    pub async fn org(&self, slug: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
+        let row = sqlx::query("SELECT slug, created_at_ms FROM orgs WHERE slug = ?")
+            .bind(slug)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| (row.get(0), row.get(1))))
+    }
+
+    pub async fn insert_org(&self, slug: &str, now_ms: i64) -> Result<Inserted, sqlx::Error> {
+        let result = sqlx::query("INSERT INTO orgs (slug, created_at_ms) VALUES (?, ?)")
+            .bind(slug)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await;
+        unique(result)
+    }
+
+    /// Machines of every app of `org`.
+    pub async fn count_org_machines(&self, org: &str) -> Result<u64, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM machines JOIN apps ON machines.app = apps.name WHERE apps.org_slug = ?",
+        )
+        .bind(org)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or(0))
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

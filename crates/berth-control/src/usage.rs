@@ -13,8 +13,7 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use berth_agent::WorkerService;
 use berth_api::{UsageKind, UsageRecord, UsageReport, UsageRow};
 use berth_core::billing::{split_by_day, IntervalKind, Prices, Quantities, Window, DAY_MS};
@@ -22,8 +21,9 @@ use serde::Deserialize;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use tracing::warn;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::BearerToken;
+use crate::limits::Action;
 use crate::{format_ms, now_ms, ControlPlane, Shared};
 
 /// How often the control plane pulls each worker's journal.
@@ -378,7 +378,7 @@ fn row(group_by: Option<GroupBy>, key: &str, quantities: &Quantities, prices: &P
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UsageQuery {
+pub(crate) struct UsageQuery {
     from: Option<String>,
     to: Option<String>,
     group_by: Option<String>,
@@ -404,17 +404,23 @@ fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
         })
 }
 
-async fn org_usage(
+#[utoipa::path(get, path = "/orgs/{org}/usage", tag = "usage",
+    params(("org" = String, Path), ("from" = Option<String>, Query), ("to" = Option<String>, Query),
+        ("group_by" = Option<String>, Query, description = "machine, app or day")),
+    responses((status = 200, body = UsageReport, description = "JSON, or CSV with Accept: text/csv"),
+        (status = "default", body = berth_api::ErrorBody)))]
+pub(crate) async fn org_usage(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
     UrlPath(org): UrlPath<String>,
     headers: HeaderMap,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    control.authorize(&token)?;
+    control.check_rate(&principal, Action::Read, None)?;
     let Query(query) =
         query.map_err(|rejection| ApiError::invalid_config("query", rejection.body_text()))?;
-    if !control.store.org_exists(&org).await? {
+    // Another org's usage answers exactly like an org that does not exist.
+    if !principal.can_see(&org) || !control.store.org_exists(&org).await? {
         return Err(ApiError::not_found(format!("org {org:?}")));
     }
     let now = now_ms();
@@ -498,8 +504,4 @@ fn to_csv(report: &UsageReport) -> String {
         ));
     }
     out
-}
-
-pub(crate) fn routes() -> Router<Shared> {
-    Router::new().route("/orgs/{org}/usage", get(org_usage))
 }

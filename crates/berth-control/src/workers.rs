@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
 use berth_agent::remote::RemoteWorker;
 use berth_agent::WorkerService;
@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use sqlx::{Row, SqlitePool};
 use subtle::ConstantTimeEq;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, BearerToken};
+use crate::extract::ApiJson;
 use crate::{format_ms, now_ms, Shared};
 
 /// A worker that has not heartbeaten for this long takes no new Machines and shows as
@@ -313,10 +314,12 @@ async fn register(
     let url = reqwest_url(&request.url)?;
     let service =
         RemoteWorker::new(&request.name, &url, &control.join_token).map_err(ApiError::from)?;
+    let service: Arc<dyn WorkerService> = Arc::new(service);
     let machine_prefix = control
         .workers
-        .register(control.store.pool(), &request, Arc::new(service), Some(url))
+        .register(control.store.pool(), &request, service.clone(), Some(url))
         .await?;
+    control.adopt_worker(service).await;
     tracing::info!(worker = %request.name, region = %request.region, "worker registered");
     Ok(Json(WorkerRegistered { machine_prefix }))
 }
@@ -349,11 +352,13 @@ async fn heartbeat(
     }
 }
 
-async fn list(
+#[utoipa::path(get, path = "/workers", tag = "workers",
+    responses((status = 200, body = Vec<Worker>), (status = "default", body = berth_api::ErrorBody)))]
+pub(crate) async fn list(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
 ) -> Result<Json<Vec<Worker>>, ApiError> {
-    control.authorize(&token)?;
+    principal.require_admin()?;
     let now = now_ms();
     let entries = control.workers.read();
     Ok(Json(
@@ -385,29 +390,35 @@ async fn set_cordon(
     Ok(Json(control.workers.to_api(name, entry, now_ms())))
 }
 
-async fn cordon(
+#[utoipa::path(post, path = "/workers/{name}/cordon", tag = "workers", params(("name" = String, Path)),
+    responses((status = 200, body = Worker), (status = "default", body = berth_api::ErrorBody)))]
+pub(crate) async fn cordon(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Worker>, ApiError> {
-    control.authorize(&token)?;
+    principal.require_admin()?;
     set_cordon(&control, &name, true).await
 }
 
-async fn uncordon(
+#[utoipa::path(post, path = "/workers/{name}/uncordon", tag = "workers", params(("name" = String, Path)),
+    responses((status = 200, body = Worker), (status = "default", body = berth_api::ErrorBody)))]
+pub(crate) async fn uncordon(
     State(control): State<Shared>,
-    token: BearerToken,
+    principal: Principal,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Worker>, ApiError> {
-    control.authorize(&token)?;
+    principal.require_admin()?;
     set_cordon(&control, &name, false).await
 }
 
-pub(crate) fn routes() -> Router<Shared> {
+/// Agents joining the cluster: authenticated with the join token, not part of the public
+/// API description.
+pub(crate) fn internal_routes() -> Router<Shared> {
     Router::new()
-        .route("/workers", get(list))
-        .route("/workers/{name}/cordon", post(cordon))
-        .route("/workers/{name}/uncordon", post(uncordon))
-        .route("/internal/workers/register", post(register))
-        .route("/internal/workers/{name}/heartbeat", post(heartbeat))
+        .route("/v1/internal/workers/register", post(register))
+        .route("/v1/internal/workers/{name}/heartbeat", post(heartbeat))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::extract::MAX_JSON_BODY,
+        ))
 }

@@ -56,12 +56,7 @@ async fn imported_images_are_served_read_only_to_join_token_holders() {
         .expect("layout");
     let imported = images.import(&layout, "demo/busybox:1").expect("import");
     let control = ControlPlane::open(
-        ControlConfig {
-            data_dir: dir.path().to_owned(),
-            admin_token: "admin".into(),
-            join_token: "join-secret".into(),
-            prices: Default::default(),
-        },
+        ControlConfig::new(dir.path().to_owned(), "admin".into(), "join-secret".into()),
         images,
     )
     .await

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 
+use crate::exec::{CappedBuffer, ExecOutput, ExecSpec};
 use crate::{util, BundleSpec, ExitRecord, MachineLayout, Runtime, RuntimeError, Started, Status};
 
 #[derive(Debug)]
@@ -260,6 +261,76 @@ impl Runtime for FakeRuntime {
             .machines
             .get(&layout.id)
             .map_or(Status::NotRunning, |m| m.status))
+    }
+
+    /// A tiny command set: `echo ARGS`, `cat` (stdin back), `sleep SECONDS`, `exit CODE`,
+    /// `yes` (endless output, cut by the cap); anything else exits 127.
+    async fn exec(
+        &self,
+        layout: &MachineLayout,
+        spec: &ExecSpec,
+    ) -> Result<ExecOutput, RuntimeError> {
+        {
+            let mut state = self.state.lock().await;
+            state
+                .calls
+                .push(format!("exec {} {}", layout.id, spec.cmd.join(" ")));
+            let running = state
+                .machines
+                .get(&layout.id)
+                .is_some_and(|m| matches!(m.status, Status::Running { .. }));
+            if !running {
+                return Err(RuntimeError::Runc {
+                    id: layout.id.clone(),
+                    message: "container is not running".into(),
+                });
+            }
+        }
+        let (program, args) = spec
+            .cmd
+            .split_first()
+            .ok_or_else(|| RuntimeError::InvalidSpec {
+                id: layout.id.clone(),
+                message: "exec needs a command".into(),
+            })?;
+        let mut stdout = CappedBuffer::default();
+        let mut stderr = CappedBuffer::default();
+        let cap = spec.max_output_bytes;
+        let mut exit_code = Some(0);
+        match program.as_str() {
+            "echo" => stdout.push(format!("{}\n", args.join(" ")).as_bytes(), cap),
+            "cat" => stdout.push(spec.stdin.as_deref().unwrap_or_default(), cap),
+            "yes" => {
+                let line = b"y\n".repeat(cap / 2 + 1);
+                stdout.push(&line, cap);
+            }
+            "sleep" => {
+                let seconds: f64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(0.0);
+                let nap = Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0));
+                if tokio::time::timeout(spec.timeout, tokio::time::sleep(nap))
+                    .await
+                    .is_err()
+                {
+                    return Ok(ExecOutput {
+                        exit_code: None,
+                        timed_out: true,
+                        ..ExecOutput::default()
+                    });
+                }
+            }
+            "exit" => exit_code = Some(args.first().and_then(|a| a.parse().ok()).unwrap_or(1)),
+            other => {
+                stderr.push(format!("{other}: not found\n").as_bytes(), cap);
+                exit_code = Some(127);
+            }
+        }
+        Ok(ExecOutput {
+            exit_code,
+            truncated: stdout.truncated || stderr.truncated,
+            stdout: stdout.data,
+            stderr: stderr.data,
+            timed_out: false,
+        })
     }
 
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {

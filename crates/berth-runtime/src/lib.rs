@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod exec;
 pub mod fake;
 pub mod logs;
 pub mod netns;
@@ -167,4 +168,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Destroy: kills anything left, removes mounts, the veth pair, the network namespace
     /// and every file of the Machine. Idempotent.
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
+
+    /// Runs a command inside the running Machine's namespaces and cgroups, with its
+    /// output capped and its run time bounded.
+    async fn exec(
+        &self,
+        layout: &MachineLayout,
+        spec: &exec::ExecSpec,
+    ) -> Result<exec::ExecOutput, RuntimeError>;
 }

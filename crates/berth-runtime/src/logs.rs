@@ -10,6 +10,9 @@ use crate::MachineLayout;
 pub const DEFAULT_MAX_BYTES: u64 = 8 * 1024 * 1024;
 pub const LOG_FILE: &str = "output.log";
 pub const ROTATED_LOG_FILE: &str = "output.log.1";
+/// Position of `output.log`'s first byte in the Machine's whole output: the bytes rotated
+/// away before it. Lets readers follow the output across rotations.
+pub const BASE_FILE: &str = "output.log.base";
 
 /// A partial line longer than this is written out without waiting for its newline.
 const MAX_PENDING_LINE: usize = 16 * 1024;
@@ -22,6 +25,7 @@ pub struct LogWriter {
     max_bytes: u64,
     file: File,
     size: u64,
+    base: u64,
 }
 
 impl LogWriter {
@@ -34,6 +38,7 @@ impl LogWriter {
             max_bytes: max_bytes.max(1),
             file,
             size,
+            base: read_base(dir)?,
         })
     }
 
@@ -67,6 +72,12 @@ impl LogWriter {
     fn rotate(&mut self) -> io::Result<()> {
         let current = self.dir.join(LOG_FILE);
         fs::rename(&current, self.dir.join(ROTATED_LOG_FILE))?;
+        self.base += self.size;
+        crate::util::write_replace(
+            &self.dir.join(BASE_FILE),
+            self.base.to_string().as_bytes(),
+            false,
+        )?;
         self.file = open_append(&current)?;
         self.size = 0;
         Ok(())
@@ -116,6 +127,79 @@ pub fn read_logs(layout: &MachineLayout, max_bytes: u64) -> io::Result<Vec<u8>> 
     }
     let mut out = read_tail(&dir.join(ROTATED_LOG_FILE), left)?;
     out.append(&mut current);
+    Ok(out)
+}
+
+fn read_base(dir: &Path) -> io::Result<u64> {
+    match fs::read_to_string(dir.join(BASE_FILE)) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn file_len(path: &Path) -> io::Result<u64> {
+    match fs::metadata(path) {
+        Ok(meta) => Ok(meta.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Bytes `start..start + data.len()` of the Machine's whole output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSlice {
+    pub start: u64,
+    pub data: Vec<u8>,
+}
+
+impl LogSlice {
+    pub fn next(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
+}
+
+/// The positions still on disk: `(oldest, end)`.
+pub fn log_bounds(layout: &MachineLayout) -> io::Result<(u64, u64)> {
+    let dir = layout.log_dir();
+    let base = read_base(&dir)?;
+    let oldest = base.saturating_sub(file_len(&dir.join(ROTATED_LOG_FILE))?);
+    Ok((oldest, base + file_len(&dir.join(LOG_FILE))?))
+}
+
+/// Up to `max_bytes` of output from `position` on. A position older than what is kept
+/// starts at the oldest byte kept; one past the end reads nothing from the end.
+pub fn read_from(layout: &MachineLayout, position: u64, max_bytes: u64) -> io::Result<LogSlice> {
+    let dir = layout.log_dir();
+    let mut attempt = 0;
+    loop {
+        let base = read_base(&dir)?;
+        let current_len = file_len(&dir.join(LOG_FILE))?;
+        let oldest = base.saturating_sub(file_len(&dir.join(ROTATED_LOG_FILE))?);
+        let start = position.clamp(oldest, base + current_len);
+        let data = if start >= base {
+            read_range(&dir.join(LOG_FILE), start - base, max_bytes)?
+        } else {
+            let wanted = max_bytes.min(base - start);
+            read_range(&dir.join(ROTATED_LOG_FILE), start - oldest, wanted)?
+        };
+        // A rotation in between moved the bytes: read again.
+        attempt += 1;
+        if read_base(&dir)? == base || attempt >= 3 {
+            return Ok(LogSlice { start, data });
+        }
+    }
+}
+
+fn read_range(path: &Path, offset: u64, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut out = Vec::new();
+    file.take(max_bytes).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -188,6 +272,42 @@ mod tests {
         out.push(b"lo\npart", &mut w).unwrap();
         out.flush(&mut w).unwrap();
         assert_eq!(read_logs(&layout, 1000).unwrap(), b"oops\nhello\npart");
+    }
+
+    #[test]
+    fn positions_continue_across_rotations() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = MachineLayout::new(root.path(), "m1");
+        let mut w = LogWriter::open(&layout.log_dir(), 20).unwrap();
+        let mut whole = Vec::new();
+        for i in 0..10 {
+            let line = format!("line {i}\n");
+            w.write(line.as_bytes()).unwrap();
+            whole.extend_from_slice(line.as_bytes());
+        }
+        let (oldest, end) = log_bounds(&layout).unwrap();
+        assert_eq!(end, whole.len() as u64);
+        assert!(oldest > 0, "the oldest lines were rotated away");
+        // Reading from any kept position yields exactly the bytes written there.
+        let mut position = oldest;
+        let mut read = Vec::new();
+        while position < end {
+            let slice = read_from(&layout, position, 7).unwrap();
+            assert_eq!(slice.start, position);
+            assert!(!slice.data.is_empty());
+            read.extend_from_slice(&slice.data);
+            position = slice.next();
+        }
+        assert_eq!(read, &whole[oldest as usize..]);
+        // Too old starts at the oldest; past the end reads nothing.
+        assert_eq!(read_from(&layout, 0, 100).unwrap().start, oldest);
+        let past = read_from(&layout, end + 50, 100).unwrap();
+        assert_eq!((past.start, past.data.len()), (end, 0));
+        // A new writer (the next run's shim) keeps counting.
+        let mut again = LogWriter::open(&layout.log_dir(), 20).unwrap();
+        again.write(b"next run\n").unwrap();
+        let slice = read_from(&layout, end, 100).unwrap();
+        assert_eq!(slice.data, b"next run\n");
     }
 
     #[test]

@@ -479,6 +479,20 @@ impl Runtime for RuncRuntime {
         .await
     }
 
+    async fn exec(
+        &self,
+        layout: &MachineLayout,
+        spec: &crate::exec::ExecSpec,
+    ) -> Result<crate::exec::ExecOutput, RuntimeError> {
+        crate::exec::runc_exec(
+            &self.config.runc_binary,
+            &self.config.runc_root,
+            layout,
+            spec,
+        )
+        .await
+    }
+
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         if matches!(self.status(layout).await?, Status::Running { .. }) {
             self.signal(layout, libc::SIGKILL).await?;
@@ -584,7 +598,7 @@ fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> io::Result<()> {
 }
 
 /// Signals a pid through a pidfd; used only on pids just validated by start time.
-fn kill_pid(pid: u32, signal: i32) {
+pub(crate) fn kill_pid(pid: u32, signal: i32) {
     if let Ok(Some(fd)) = pidfd_open(pid) {
         let _ = pidfd_send_signal(&fd, signal);
     }

@@ -13,6 +13,7 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    lease_nonce: Option<String>,
 }
 
 /// An error answer from the API, kept whole so callers can match on the code.
@@ -64,13 +65,71 @@ impl Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
+            lease_nonce: None,
         })
     }
 
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Sends `berth-lease-nonce` on every call, for Machines under a lease.
+    pub fn with_lease_nonce(mut self, nonce: Option<String>) -> Client {
+        self.lease_nonce = nonce;
+        self
+    }
+
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
+        let request = self
+            .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.token);
+        match &self.lease_nonce {
+            Some(nonce) => request.header(berth_api::LEASE_NONCE_HEADER, nonce),
+            None => request,
+        }
+    }
+
+    /// Sends, and when the API answers 429 waits as long as it says and tries again: a
+    /// refused call did nothing, so any call may be retried.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        const ATTEMPTS: usize = 8;
+        for _ in 1..ATTEMPTS {
+            let Some(attempt) = request.try_clone() else {
+                break;
+            };
+            let response = attempt.send().await.with_context(|| self.unreachable())?;
+            if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                return Ok(response);
+            }
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|text| text.parse::<u64>().ok())
+                .unwrap_or(1)
+                .clamp(1, 60);
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        }
+        request.send().await.with_context(|| self.unreachable())
+    }
+
+    /// A GET whose answer is read as it arrives (log following).
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response> {
+        let request = self.request(Method::GET, path);
+        let response = self.send(request).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Self::finish::<serde_json::Value>(response)
+            .await
+            .and_then(|_| bail!("unexpected answer"))
+    }
+
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let request = self.request(Method::PUT, path).json(body);
+        let response = self.send(request).await?;
+        Self::finish(response).await
     }
 
     async fn finish<T: DeserializeOwned>(response: reqwest::Response) -> Result<T> {
@@ -95,11 +154,8 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let response = self
-            .request(Method::GET, path)
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+        let request = self.request(Method::GET, path);
+        let response = self.send(request).await?;
         Self::finish(response).await
     }
 
@@ -120,11 +176,8 @@ impl Client {
     }
 
     pub async fn get_text(&self, path: &str) -> Result<Vec<u8>> {
-        let response = self
-            .request(Method::GET, path)
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+        let request = self.request(Method::GET, path);
+        let response = self.send(request).await?;
         if response.status().is_success() {
             return Ok(response.bytes().await?.to_vec());
         }
@@ -134,21 +187,14 @@ impl Client {
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let response = self
-            .request(Method::POST, path)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+        let request = self.request(Method::POST, path).json(body);
+        let response = self.send(request).await?;
         Self::finish(response).await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let response = self
-            .request(Method::DELETE, path)
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+        let request = self.request(Method::DELETE, path);
+        let response = self.send(request).await?;
         Self::finish(response).await
     }
 
@@ -163,15 +209,13 @@ impl Client {
             .with_context(|| format!("open {}", archive.display()))?;
         let length = file.metadata().await?.len();
         let body = reqwest::Body::wrap_stream(file_chunks(file));
-        let response = self
+        let request = self
             .request(Method::POST, "/v1/images/import")
             .query(&[("name", name)])
             .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
             .header(reqwest::header::CONTENT_LENGTH, length)
-            .body(body)
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+            .body(body);
+        let response = self.send(request).await?;
         Self::finish(response).await
     }
 
@@ -218,9 +262,8 @@ impl Client {
                 body: ErrorBody {
                     error: last.error.clone().unwrap_or_else(|| "internal".to_owned()),
                     message: last.message.clone().unwrap_or_default(),
-                    state: None,
-                    field: None,
                     retry_after_ms: last.retry_after_ms,
+                    ..ErrorBody::default()
                 },
             }
             .into()),

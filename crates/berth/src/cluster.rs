@@ -13,7 +13,6 @@ use berth::platform::{find_program, join_token, worker_network, HEARTBEAT_INTERV
 use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources, WorkerRegistered};
 use berth_control::{ControlConfig, ControlPlane};
-use berth_core::billing::Prices;
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use clap::Args;
@@ -42,12 +41,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         UnpackLimits::default(),
     )?);
     let control = ControlPlane::open(
-        ControlConfig {
-            data_dir: data_dir.clone(),
-            admin_token,
-            join_token,
-            prices: Prices::default(),
-        },
+        ControlConfig::new(data_dir.clone(), admin_token, join_token),
         images,
     )
     .await

@@ -17,7 +17,10 @@ use berth::client::Client;
 
 impl ApiArgs {
     pub fn client(&self) -> Result<Client> {
-        Client::connect(&self.api_url, self.token.as_deref(), &self.data_dir)
+        Ok(
+            Client::connect(&self.api_url, self.token.as_deref(), &self.data_dir)?
+                .with_lease_nonce(self.lease_nonce.clone()),
+        )
     }
 }
 
@@ -213,12 +216,31 @@ pub enum MachineCommand {
     },
     /// Print the Machine's captured stdout and stderr.
     Logs {
-        #[arg(long)]
-        app: String,
+        /// The Machine's app; found by the Machine's id when not given.
+        #[arg(long, env = "BERTH_APP")]
+        app: Option<String>,
         id: String,
+        /// Keep printing new output as it comes, across stops and starts.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at this position of the output (an ndjson line's `next`).
+        #[arg(long)]
+        since: Option<u64>,
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Run a command inside the started Machine: `berth machine exec <id> -- cmd args`.
+    Exec(crate::robots::ExecArgs),
+    /// Wait until the Machine is started, stopped or destroyed.
+    Wait(crate::robots::WaitArgs),
+    /// The Machine's state changes.
+    Events(crate::robots::EventsArgs),
+    /// Read and change the Machine's metadata.
+    #[command(subcommand)]
+    Metadata(crate::robots::MetadataCommand),
+    /// Take, show and release the Machine's lease.
+    #[command(subcommand)]
+    Lease(crate::robots::LeaseCommand),
     Destroy {
         #[arg(long)]
         app: String,
@@ -269,7 +291,7 @@ pub enum ImageCommand {
     },
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, value)?;
     writeln!(stdout)?;
@@ -437,13 +459,22 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 machine.id, machine.state, machine.instance_id
             );
         }
-        MachineCommand::Logs { app, id, api } => {
-            let bytes = api
-                .client()?
-                .get_text(&format!("/v1/apps/{app}/machines/{id}/logs"))
-                .await?;
-            std::io::stdout().lock().write_all(&bytes)?;
+        MachineCommand::Logs {
+            app,
+            id,
+            follow,
+            since,
+            api,
+        } => {
+            let client = api.client()?;
+            let app = crate::robots::resolve_app(&client, app, &id).await?;
+            crate::robots::logs(&client, &app, &id, follow, since).await?
         }
+        MachineCommand::Exec(args) => crate::robots::exec(args).await?,
+        MachineCommand::Wait(args) => crate::robots::wait(args).await?,
+        MachineCommand::Events(args) => crate::robots::events(args).await?,
+        MachineCommand::Metadata(command) => crate::robots::metadata(command).await?,
+        MachineCommand::Lease(command) => crate::robots::lease(command).await?,
         MachineCommand::Destroy {
             app,
             id,

@@ -10,6 +10,7 @@ mod cluster;
 mod commands;
 mod demo;
 mod pull_progress;
+mod robots;
 mod up;
 mod usage_cmd;
 
@@ -46,6 +47,12 @@ enum Command {
     Image(commands::ImageCommand),
     /// What an org was billed for: running time, CPU, memory and storage.
     Usage(usage_cmd::UsageArgs),
+    /// Orgs, their quotas and rate limits (admin).
+    #[command(subcommand)]
+    Org(robots::OrgCommand),
+    /// API tokens of orgs (admin).
+    #[command(subcommand)]
+    Token(robots::TokenCommand),
     /// The per-Machine supervisor. Started by the worker, not by people.
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -69,6 +76,9 @@ pub struct ApiArgs {
     /// Where to look for the admin token file when no token is given.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// The nonce of a lease you hold, sent on every call.
+    #[arg(long, env = "BERTH_LEASE_NONCE", hide_env_values = true)]
+    pub lease_nonce: Option<String>,
 }
 
 fn main() {
@@ -78,10 +88,14 @@ fn main() {
         Command::Shim(args) => berth_runtime::shim::main_with_args(args.args),
         command => match run(command) {
             Ok(()) => 0,
-            Err(error) => {
-                eprintln!("error: {error:#}");
-                1
-            }
+            Err(error) => match error.downcast_ref::<robots::ExitWith>() {
+                // A command's own exit status (machine exec), not a failure of berth.
+                Some(robots::ExitWith(code)) => *code,
+                None => {
+                    eprintln!("error: {error:#}");
+                    1
+                }
+            },
         },
     };
     std::process::exit(code);
@@ -100,6 +114,8 @@ fn run(command: Command) -> Result<()> {
             Command::Machine(command) => commands::machine(*command).await,
             Command::Image(command) => commands::image(command).await,
             Command::Usage(args) => usage_cmd::run(args).await,
+            Command::Org(command) => robots::org(command).await,
+            Command::Token(command) => robots::token(command).await,
             Command::Shim(_) => Ok(()),
         }
     })

@@ -37,6 +37,10 @@ pub struct PlatformOptions {
     pub worker_capacity: Resources,
     /// Credentials, insecure hosts and the default registry for pulls.
     pub registry: RegistryOptions,
+    /// Cap on each of exec's stdout and stderr; the control plane's default when `None`.
+    pub exec_max_output_bytes: Option<usize>,
+    /// Changes to the built-in default quotas and rate limits of every org.
+    pub default_limits: Option<berth_api::SetOrgLimitsRequest>,
 }
 
 pub struct LocalPlatform {
@@ -97,17 +101,19 @@ impl LocalPlatform {
             UnpackLimits::default(),
         )?);
         let puller = Arc::new(ImagePuller::new(images, options.registry));
-        let control = ControlPlane::open_with_puller(
-            ControlConfig {
-                data_dir: data_dir.clone(),
-                admin_token: admin_token.clone(),
-                join_token,
-                prices: options.prices,
-            },
-            puller.clone(),
-        )
-        .await
-        .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
+        let mut control_config =
+            ControlConfig::new(data_dir.clone(), admin_token.clone(), join_token);
+        control_config.prices = options.prices;
+        if let Some(bytes) = options.exec_max_output_bytes {
+            control_config.exec_max_output_bytes = bytes;
+        }
+        if let Some(changes) = &options.default_limits {
+            control_config.default_limits =
+                berth_control::limits::effective(&control_config.default_limits, changes);
+        }
+        let control = ControlPlane::open_with_puller(control_config, puller.clone())
+            .await
+            .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
         let mut agents = Vec::new();
         for index in 0..options.workers.max(1) {
             // One worker keeps the plain names, so a data dir from a one-worker run stays valid.

@@ -67,6 +67,13 @@ pub struct UpArgs {
     /// Where image names without a registry are pulled from when no local tag matches.
     #[arg(long, value_name = "HOST[:PORT]")]
     default_registry: Option<String>,
+    /// Cap on each of exec's stdout and stderr, in bytes.
+    #[arg(long, default_value_t = berth_control::DEFAULT_EXEC_OUTPUT_BYTES)]
+    exec_max_output_bytes: usize,
+    /// A JSON file changing the default quotas and rate limits of orgs, in the shape of
+    /// `PUT /v1/orgs/{slug}/limits`: `{"quotas": {...}, "rate_limits": {"read": {...}}}`.
+    #[arg(long)]
+    default_limits: Option<PathBuf>,
 }
 
 /// Registry settings from the flags, checked before anything starts.
@@ -116,6 +123,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
         memory_mb: args.worker_memory_mb.unwrap_or(host.memory_mb),
         disk_mb: args.worker_disk_mb.unwrap_or(host.disk_mb),
     };
+    let default_limits = match &args.default_limits {
+        Some(path) => {
+            let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+            let limits: berth_api::SetOrgLimitsRequest = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a limits document", path.display()))?;
+            berth_control::limits::validate_rates(&limits.rate_limits)
+                .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.body.message))?;
+            Some(limits)
+        }
+        None => None,
+    };
     let platform = LocalPlatform::open(PlatformOptions {
         workers: args.workers,
         worker_capacity,
@@ -131,6 +149,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             per_gb_month_storage: args.price_gb_month,
         },
         registry,
+        exec_max_output_bytes: Some(args.exec_max_output_bytes),
+        default_limits,
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

@@ -1,0 +1,102 @@
+//! What programs driving Machines use: leases, events, wait, exec, metadata and logs.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{ApiDuration, MachineState};
+
+/// The header that carries a lease's nonce on mutating calls.
+pub const LEASE_NONCE_HEADER: &str = "berth-lease-nonce";
+/// The header that makes create, start, stop and destroy safe to retry.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// `POST /v1/apps/{app}/machines/{id}/lease`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// Seconds the lease lasts unless refreshed (default 30, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    /// 32 lower-case hex digits; send it as `berth-lease-nonce` while the lease is held.
+    pub nonce: String,
+    pub expires_at: String,
+    /// The token that holds the lease: its name, or `admin`.
+    pub owner: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// One recorded state change of a Machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineEvent {
+    /// Increases with every event; page with `?since=<id>`.
+    pub id: i64,
+    /// `create`, `start`, `start_failed`, `stop`, `exit`, `update`, ...
+    pub kind: String,
+    /// `user`, `restart_policy`, `autostart`, `autostop` or `system`.
+    pub source: String,
+    /// The state the Machine was left in.
+    pub state: MachineState,
+    pub timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// For exits and stops: `exited`, `killed` or `oom_killed` (and a few recovery
+    /// reasons such as `max_retries_exceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The answer to `GET .../wait` once the state is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WaitResponse {
+    pub ok: bool,
+    pub state: MachineState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}/exec`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Seconds or a duration string; default 30 s, at most 10 minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<ApiDuration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    /// `null` when the process was killed for running past its timeout.
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Output past the server's cap was dropped.
+    pub truncated: bool,
+    pub timed_out: bool,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}/metadata/{key}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetMetadataRequest {
+    pub value: String,
+}
+
+/// One line of `GET .../logs?format=ndjson`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    /// Position of the line's first byte in the Machine's whole output.
+    pub position: u64,
+    /// Position after this line: pass it as `since` to continue from here.
+    pub next: u64,
+    pub line: String,
+}

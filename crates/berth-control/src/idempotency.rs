@@ -1,0 +1,206 @@
+//! `Idempotency-Key` on create, start, stop and destroy: a retry with the same key within
+//! 24 hours gets the first answer again, from SQLite, and does nothing twice. The same key
+//! with a different request is refused. Only final answers are remembered: errors that
+//! say to retry (a retry hint, 429, 5xx) free the key for the next attempt.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::{Row, SqlitePool};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::extract::header_text;
+use crate::ControlPlane;
+
+pub(crate) const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS idempotency (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint BLOB NOT NULL,
+        status INTEGER,
+        body BLOB,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)
+    )",
+    "CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency(created_at_ms)",
+];
+
+const KEEP_MS: i64 = 24 * 60 * 60 * 1000;
+const MAX_KEY_LEN: usize = 255;
+/// The largest answer remembered; Machine JSON is a few KiB.
+const MAX_REMEMBERED: usize = 4 * 1024 * 1024;
+/// Set on an answer that is a replay of the first one.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+pub(crate) enum Begin {
+    Proceed(Option<Claim>),
+    Replay(Response),
+}
+
+/// A key taken for a call in flight. If the call never finishes (the client went
+/// away), the key is freed so a retry can run.
+pub(crate) struct Claim {
+    pool: SqlitePool,
+    scope: String,
+    key: String,
+    done: bool,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let pool = self.pool.clone();
+        let scope = std::mem::take(&mut self.scope);
+        let key = std::mem::take(&mut self.key);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = sqlx::query("DELETE FROM idempotency WHERE scope = ? AND key = ?")
+                    .bind(scope)
+                    .bind(key)
+                    .execute(&pool)
+                    .await;
+            });
+        }
+    }
+}
+
+fn bad_key(message: &str) -> ApiError {
+    let mut error = ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", message);
+    error.body.field = Some("Idempotency-Key".into());
+    error
+}
+
+/// Takes the request's key for `operation`, or answers with what the first call got.
+pub(crate) async fn begin(
+    control: &ControlPlane,
+    principal: &Principal,
+    headers: &HeaderMap,
+    operation: &str,
+    request: &impl Serialize,
+) -> Result<Begin, ApiError> {
+    let Some(key) = header_text(
+        headers,
+        berth_api::IDEMPOTENCY_KEY_HEADER,
+        "invalid_idempotency_key",
+    )?
+    else {
+        return Ok(Begin::Proceed(None));
+    };
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(bad_key("an Idempotency-Key is 1 to 255 visible characters"));
+    }
+    let pool = control.store.pool();
+    let scope = format!("{}|{operation}", principal.scope());
+    let fingerprint: Vec<u8> =
+        Sha256::digest(serde_json::to_vec(request).map_err(ApiError::internal)?).to_vec();
+    let now = control.clock.now_ms();
+    sqlx::query("DELETE FROM idempotency WHERE created_at_ms < ?")
+        .bind(now - KEEP_MS)
+        .execute(pool)
+        .await?;
+    let inserted = sqlx::query(
+        "INSERT OR IGNORE INTO idempotency (scope, key, fingerprint, created_at_ms) VALUES (?, ?, ?, ?)",
+    )
+    .bind(&scope)
+    .bind(key)
+    .bind(&fingerprint)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Begin::Proceed(Some(Claim {
+            pool: pool.clone(),
+            scope,
+            key: key.to_owned(),
+            done: false,
+        })));
+    }
+    let row = sqlx::query(
+        "SELECT fingerprint, status, body FROM idempotency WHERE scope = ? AND key = ?",
+    )
+    .bind(&scope)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        // Freed between the two statements: the caller's retry will take it.
+        return Err(in_use());
+    };
+    let stored: Vec<u8> = row.get(0);
+    if stored != fingerprint {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request in the last 24 hours",
+        ));
+    }
+    let status: Option<i64> = row.get(1);
+    let Some(status) = status else {
+        return Err(in_use());
+    };
+    let body: Vec<u8> = row.get::<Option<Vec<u8>>, _>(2).unwrap_or_default();
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    Ok(Begin::Replay(response))
+}
+
+fn in_use() -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_key_in_use",
+        "a call with this Idempotency-Key is still running; retry shortly",
+    );
+    error.body.retry_after_ms = Some(1000);
+    error
+}
+
+/// Remembers the answer under the claimed key, or frees the key when the answer says to
+/// retry.
+pub(crate) async fn finish(claim: Option<Claim>, response: Response) -> Response {
+    let Some(mut claim) = claim else {
+        return response;
+    };
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_REMEMBERED).await else {
+        return ApiError::internal("the answer was too large to remember").into_response();
+    };
+    let status = parts.status;
+    let is_final = !status.is_server_error()
+        && status != StatusCode::TOO_MANY_REQUESTS
+        && !parts.headers.contains_key(header::RETRY_AFTER);
+    let result = if is_final {
+        sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE scope = ? AND key = ?")
+            .bind(i64::from(status.as_u16()))
+            .bind(bytes.to_vec())
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .execute(&claim.pool)
+            .await
+    } else {
+        sqlx::query("DELETE FROM idempotency WHERE scope = ? AND key = ?")
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .execute(&claim.pool)
+            .await
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, "remembering an idempotent answer");
+    } else {
+        claim.done = true;
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}

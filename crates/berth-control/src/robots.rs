@@ -1,0 +1,438 @@
+//! What programs need besides the lifecycle: wait, events, exec, metadata and logs.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use berth_agent::{AgentError, ExecOnWorker, LogChunk};
+use berth_api::{
+    ErrorBody, ExecRequest, ExecResponse, LogLine, MachineEvent, MachineState, SetMetadataRequest,
+    WaitResponse,
+};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::leases;
+use crate::limits::Action;
+use crate::notices::Snapshot;
+use crate::{ControlPlane, Shared};
+
+const MAX_WAIT_S: u64 = 60;
+const DEFAULT_EVENTS: u32 = 100;
+const MAX_EVENTS: u32 = 1000;
+const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_LOG_BYTES: u64 = 1024 * 1024;
+const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// A partial line longer than this goes out in ndjson without waiting for its newline.
+const MAX_PENDING_LINE: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum WaitState {
+    Started,
+    Stopped,
+    Destroyed,
+}
+
+impl WaitState {
+    fn state(self) -> MachineState {
+        match self {
+            WaitState::Started => MachineState::Started,
+            WaitState::Stopped => MachineState::Stopped,
+            WaitState::Destroyed => MachineState::Destroyed,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitQuery {
+    /// `started` (default), `stopped` or `destroyed`.
+    state: Option<WaitState>,
+    /// Seconds, at most 60 (the default).
+    timeout: Option<u64>,
+    /// Only this version of the Machine counts.
+    instance_id: Option<String>,
+}
+
+/// Keeps a waiter registered while it waits, and unregisters it however the wait ends.
+struct Waiting {
+    control: Arc<ControlPlane>,
+    id: String,
+    receiver: Option<watch::Receiver<Option<Snapshot>>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.receiver = None;
+        self.control.waiters.release(&self.id);
+    }
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}/wait", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path), WaitQuery),
+    responses((status = 200, body = WaitResponse),
+              (status = 408, description = "the state was not reached in time", body = ErrorBody),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn wait_machine(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
+) -> Result<Json<WaitResponse>, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    let timeout = query.timeout.unwrap_or(MAX_WAIT_S);
+    if timeout > MAX_WAIT_S {
+        return Err(ApiError::invalid_config(
+            "timeout",
+            format!("at most {MAX_WAIT_S} seconds"),
+        ));
+    }
+    let target = query.state.unwrap_or(WaitState::Started).state();
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    // Subscribe before reading the state, so no change can slip between the two.
+    let mut waiting = Waiting {
+        control: control.clone(),
+        id: id.clone(),
+        receiver: Some(control.waiters.subscribe(&id)),
+    };
+    let mut seen = match control.worker(&row.worker)?.get(&id).await {
+        Ok(machine) => Snapshot {
+            state: machine.state,
+            instance_id: machine.instance_id,
+        },
+        Err(AgentError::NotFound(_)) => Snapshot {
+            state: MachineState::Destroyed,
+            instance_id: String::new(),
+        },
+        Err(error) => return Err(error.into()),
+    };
+    loop {
+        let version_matches = query.instance_id.as_ref().is_none_or(|wanted| {
+            *wanted == seen.instance_id || seen.state == MachineState::Destroyed
+        });
+        if seen.state == target && version_matches {
+            return Ok(Json(WaitResponse {
+                ok: true,
+                state: seen.state,
+                instance_id: (!seen.instance_id.is_empty()).then_some(seen.instance_id),
+            }));
+        }
+        if seen.state == MachineState::Destroyed {
+            return Err(ApiError::not_found(format!("machine {id}")));
+        }
+        let Some(receiver) = waiting.receiver.as_mut() else {
+            return Err(ApiError::internal("wait lost its channel"));
+        };
+        match tokio::time::timeout_at(deadline, receiver.changed()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!("machine {id} did not reach {target} within {timeout} s"),
+                ))
+            }
+            Ok(Err(_)) => return Err(ApiError::internal("the wait channel closed")),
+            Ok(Ok(())) => {
+                if let Some(snapshot) = receiver.borrow_and_update().clone() {
+                    seen = snapshot;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
+    /// Only events with an id above this one.
+    since: Option<i64>,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}/events", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path), EventsQuery),
+    responses((status = 200, body = Vec<MachineEvent>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn machine_events(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Json<Vec<MachineEvent>>, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    let limit = query.limit.unwrap_or(DEFAULT_EVENTS);
+    if !(1..=MAX_EVENTS).contains(&limit) {
+        return Err(ApiError::invalid_config(
+            "limit",
+            format!("must be 1 to {MAX_EVENTS}"),
+        ));
+    }
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    Ok(Json(
+        control
+            .worker(&row.worker)?
+            .machine_events(&id, query.since.unwrap_or(0).max(0), limit)
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/exec", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+    request_body = ExecRequest,
+    responses((status = 200, body = ExecResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn exec_machine(
+    State(control): State<Shared>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiJson(request): ApiJson<ExecRequest>,
+) -> Result<Json<ExecResponse>, ApiError> {
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    control.check_rate(&principal, Action::Exec, Some(&id))?;
+    leases::check(&control, &id, &headers).await?;
+    if request.cmd.is_empty() || request.cmd[0].is_empty() {
+        return Err(ApiError::invalid_config("cmd", "needs a program to run"));
+    }
+    if request.cmd.len() > berth_core::validate::MAX_ARGS {
+        return Err(ApiError::invalid_config("cmd", "too many arguments"));
+    }
+    for (index, arg) in request.cmd.iter().enumerate() {
+        if arg.contains('\0') || arg.len() > berth_core::validate::MAX_ARG_LEN {
+            return Err(ApiError::invalid_config(
+                format!("cmd[{index}]"),
+                "arguments are at most 16 KiB, without NUL",
+            ));
+        }
+    }
+    let timeout = request
+        .timeout
+        .map(|timeout| timeout.as_duration())
+        .unwrap_or(DEFAULT_EXEC_TIMEOUT);
+    if timeout.is_zero() || timeout > MAX_EXEC_TIMEOUT {
+        return Err(ApiError::invalid_config(
+            "timeout",
+            "must be above 0 and at most 600 s",
+        ));
+    }
+    let answer = control
+        .worker(&row.worker)?
+        .exec(
+            &id,
+            ExecOnWorker {
+                cmd: request.cmd,
+                stdin: request.stdin,
+                timeout,
+                max_output_bytes: control.exec_max_output_bytes,
+            },
+        )
+        .await?;
+    Ok(Json(answer))
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}/metadata", tag = "metadata",
+    params(("app" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = BTreeMap<String, String>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn get_metadata(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<BTreeMap<String, String>>, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    Ok(Json(
+        control.worker(&row.worker)?.get(&id).await?.config.metadata,
+    ))
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    let valid = !key.is_empty()
+        && key.len() <= berth_core::validate::MAX_METADATA_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if valid && key != "." && key != ".." {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_config(
+            "key",
+            "metadata keys are 1 to 64 letters, digits, '_', '-' or '.'",
+        ))
+    }
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/metadata/{key}", tag = "metadata",
+    params(("app" = String, Path), ("id" = String, Path), ("key" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+    request_body = SetMetadataRequest,
+    responses((status = 204, description = "set"), (status = "default", body = ErrorBody)))]
+pub(crate) async fn set_metadata(
+    State(control): State<Shared>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id, key)): ApiPath<(String, String, String)>,
+    ApiJson(request): ApiJson<SetMetadataRequest>,
+) -> Result<StatusCode, ApiError> {
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    control.check_rate(&principal, Action::Update, Some(&id))?;
+    leases::check(&control, &id, &headers).await?;
+    check_key(&key)?;
+    control
+        .worker(&row.worker)?
+        .set_metadata(&id, &key, Some(request.value))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/apps/{app}/machines/{id}/metadata/{key}", tag = "metadata",
+    params(("app" = String, Path), ("id" = String, Path), ("key" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+    responses((status = 204, description = "gone"), (status = "default", body = ErrorBody)))]
+pub(crate) async fn delete_metadata(
+    State(control): State<Shared>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiPath((app, id, key)): ApiPath<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    control.check_rate(&principal, Action::Update, Some(&id))?;
+    leases::check(&control, &id, &headers).await?;
+    check_key(&key)?;
+    control
+        .worker(&row.worker)?
+        .set_metadata(&id, &key, None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LogFormat {
+    Text,
+    Ndjson,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LogsQuery {
+    /// Without `since`: how much of the tail to send first (default 1 MiB).
+    max_bytes: Option<u64>,
+    /// Keep the response open and send new output as it comes, across stops and starts.
+    follow: Option<bool>,
+    /// A position in the Machine's output (an ndjson line's `next`) to continue from.
+    since: Option<u64>,
+    /// `text` (default) or `ndjson`.
+    format: Option<LogFormat>,
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}/logs", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path), LogsQuery),
+    responses((status = 200, description = "text/plain, or application/x-ndjson of LogLine", body = String),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn machine_logs(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<LogsQuery>,
+) -> Result<Response, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    let max_bytes = query
+        .max_bytes
+        .unwrap_or(DEFAULT_LOG_BYTES)
+        .min(MAX_LOG_BYTES);
+    let follow = query.follow.unwrap_or(false);
+    let chunks = control
+        .worker(&row.worker)?
+        .read_logs(&id, query.since, follow, max_bytes)
+        .await?;
+    let (content_type, body) = match query.format.unwrap_or(LogFormat::Text) {
+        LogFormat::Text => ("text/plain; charset=utf-8", raw_body(chunks)),
+        LogFormat::Ndjson => ("application/x-ndjson", ndjson_body(chunks)),
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+fn raw_body(chunks: mpsc::Receiver<LogChunk>) -> Body {
+    let stream = futures::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = chunks.recv().await?;
+        Some((Ok::<_, Infallible>(chunk.data), chunks))
+    });
+    Body::from_stream(stream)
+}
+
+/// Splits chunks into lines, one JSON object each, with their positions.
+fn ndjson_body(mut chunks: mpsc::Receiver<LogChunk>) -> Body {
+    let (lines, receiver) = mpsc::channel::<Vec<u8>>(8);
+    tokio::spawn(async move {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut pending_start = 0u64;
+        let encode = |start: u64, bytes: &[u8]| {
+            let line = LogLine {
+                position: start,
+                next: start + bytes.len() as u64,
+                line: String::from_utf8_lossy(bytes.strip_suffix(b"\n").unwrap_or(bytes))
+                    .into_owned(),
+            };
+            let mut json = serde_json::to_vec(&line).unwrap_or_default();
+            json.push(b'\n');
+            json
+        };
+        while let Some(chunk) = chunks.recv().await {
+            if pending.is_empty() {
+                pending_start = chunk.start;
+            }
+            pending.extend_from_slice(&chunk.data);
+            let mut out = Vec::new();
+            let mut consumed = 0;
+            while let Some(end) = pending[consumed..].iter().position(|b| *b == b'\n') {
+                let line_end = consumed + end + 1;
+                out.extend(encode(
+                    pending_start + consumed as u64,
+                    &pending[consumed..line_end],
+                ));
+                consumed = line_end;
+            }
+            if pending.len() - consumed > MAX_PENDING_LINE {
+                out.extend(encode(
+                    pending_start + consumed as u64,
+                    &pending[consumed..],
+                ));
+                consumed = pending.len();
+            }
+            pending.drain(..consumed);
+            pending_start += consumed as u64;
+            if !out.is_empty() && lines.send(out).await.is_err() {
+                return;
+            }
+        }
+        if !pending.is_empty() {
+            let _ = lines.send(encode(pending_start, &pending)).await;
+        }
+    });
+    raw_lines(receiver)
+}
+
+fn raw_lines(receiver: mpsc::Receiver<Vec<u8>>) -> Body {
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        let bytes = receiver.recv().await?;
+        Some((Ok::<_, Infallible>(bytes), receiver))
+    });
+    Body::from_stream(stream)
+}

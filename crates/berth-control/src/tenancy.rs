@@ -1,0 +1,287 @@
+//! `/v1/orgs` and `/v1/tokens`: the admin makes orgs, sets their limits and hands out
+//! tokens; an org's token sees its own org and tokens, and nothing of any other.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use berth_api::{
+    CreateOrgRequest, CreateTokenRequest, ErrorBody, Org, SetOrgLimitsRequest, TokenCreated,
+    TokenInfo,
+};
+use berth_core::validate;
+use serde::Deserialize;
+use sqlx::{Row, SqlitePool};
+use utoipa::IntoParams;
+
+use crate::auth::{self, Principal, TokenRow};
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::limits::{self, Action};
+use crate::store::Inserted;
+use crate::{format_ms, ControlPlane, Shared};
+
+pub(crate) async fn load_overrides(
+    pool: &SqlitePool,
+) -> Result<HashMap<String, SetOrgLimitsRequest>, sqlx::Error> {
+    let rows = sqlx::query("SELECT slug, overrides FROM org_limits")
+        .fetch_all(pool)
+        .await?;
+    let mut map = HashMap::new();
+    for row in rows {
+        let text: String = row.get(1);
+        match serde_json::from_str(&text) {
+            Ok(overrides) => {
+                map.insert(row.get(0), overrides);
+            }
+            Err(error) => tracing::warn!(%error, "unreadable org limits; using the defaults"),
+        }
+    }
+    Ok(map)
+}
+
+async fn save_overrides(
+    control: &ControlPlane,
+    slug: &str,
+    overrides: &SetOrgLimitsRequest,
+) -> Result<(), ApiError> {
+    let text = serde_json::to_string(overrides).map_err(ApiError::internal)?;
+    sqlx::query(
+        "INSERT INTO org_limits (slug, overrides) VALUES (?, ?)
+         ON CONFLICT (slug) DO UPDATE SET overrides = excluded.overrides",
+    )
+    .bind(slug)
+    .bind(text)
+    .execute(control.store.pool())
+    .await?;
+    if let Ok(mut map) = control.overrides.write() {
+        map.insert(slug.to_owned(), *overrides);
+    }
+    Ok(())
+}
+
+async fn org_json(
+    control: &ControlPlane,
+    slug: String,
+    created_at_ms: i64,
+) -> Result<Org, ApiError> {
+    let mut usage = control.usage.of_org(&slug);
+    usage.machines = control.store.count_org_machines(&slug).await?;
+    let overrides = control
+        .overrides
+        .read()
+        .ok()
+        .and_then(|map| map.get(&slug).copied())
+        .unwrap_or_default();
+    Ok(Org {
+        limits: limits::effective(&control.default_limits, &overrides),
+        overrides,
+        usage,
+        created_at: format_ms(created_at_ms),
+        slug,
+    })
+}
+
+/// The org if the caller may see it; another org is answered like a missing one.
+async fn visible_org(
+    control: &ControlPlane,
+    principal: &Principal,
+    slug: &str,
+) -> Result<(String, i64), ApiError> {
+    if !principal.can_see(slug) || validate::validate_name("slug", slug).is_err() {
+        return Err(ApiError::not_found(format!("org {slug:?}")));
+    }
+    control
+        .store
+        .org(slug)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("org {slug}")))
+}
+
+#[utoipa::path(post, path = "/orgs", tag = "orgs", request_body = CreateOrgRequest,
+    responses((status = 201, body = Org), (status = "default", body = ErrorBody)))]
+pub(crate) async fn create_org(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiJson(request): ApiJson<CreateOrgRequest>,
+) -> Result<(StatusCode, Json<Org>), ApiError> {
+    principal.require_admin()?;
+    validate::validate_name("slug", &request.slug)?;
+    limits::validate_rates(&request.rate_limits)?;
+    let now = control.clock.now_ms();
+    if control.store.insert_org(&request.slug, now).await? == Inserted::AlreadyExists {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("an org named {} already exists", request.slug),
+        ));
+    }
+    let overrides = SetOrgLimitsRequest {
+        quotas: request.quotas,
+        rate_limits: request.rate_limits,
+    };
+    if overrides != SetOrgLimitsRequest::default() {
+        save_overrides(&control, &request.slug, &overrides).await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(org_json(&control, request.slug, now).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/orgs", tag = "orgs",
+    responses((status = 200, body = Vec<Org>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_orgs(
+    State(control): State<Shared>,
+    principal: Principal,
+) -> Result<Json<Vec<Org>>, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    let mut orgs = Vec::new();
+    for (slug, created) in control.store.orgs().await? {
+        if principal.can_see(&slug) {
+            orgs.push(org_json(&control, slug, created).await?);
+        }
+    }
+    Ok(Json(orgs))
+}
+
+#[utoipa::path(get, path = "/orgs/{slug}", tag = "orgs", params(("slug" = String, Path)),
+    responses((status = 200, body = Org), (status = "default", body = ErrorBody)))]
+pub(crate) async fn get_org(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath(slug): ApiPath<String>,
+) -> Result<Json<Org>, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    let (slug, created) = visible_org(&control, &principal, &slug).await?;
+    Ok(Json(org_json(&control, slug, created).await?))
+}
+
+#[utoipa::path(put, path = "/orgs/{slug}/limits", tag = "orgs", params(("slug" = String, Path)),
+    request_body = SetOrgLimitsRequest,
+    responses((status = 200, body = Org), (status = "default", body = ErrorBody)))]
+pub(crate) async fn set_org_limits(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath(slug): ApiPath<String>,
+    ApiJson(request): ApiJson<SetOrgLimitsRequest>,
+) -> Result<Json<Org>, ApiError> {
+    let (slug, created) = visible_org(&control, &principal, &slug).await?;
+    principal.require_admin()?;
+    limits::validate_rates(&request.rate_limits)?;
+    save_overrides(&control, &slug, &request).await?;
+    Ok(Json(org_json(&control, slug, created).await?))
+}
+
+fn token_info(row: &TokenRow) -> TokenInfo {
+    TokenInfo {
+        id: row.id.clone(),
+        org_slug: row.org_slug.clone(),
+        name: row.name.clone(),
+        created_at: format_ms(row.created_at_ms),
+        expires_at: row.expires_at_ms.map(format_ms),
+        revoked_at: row.revoked_at_ms.map(format_ms),
+    }
+}
+
+#[utoipa::path(post, path = "/tokens", tag = "tokens", request_body = CreateTokenRequest,
+    responses((status = 201, body = TokenCreated), (status = "default", body = ErrorBody)))]
+pub(crate) async fn create_token(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiJson(request): ApiJson<CreateTokenRequest>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    principal.require_admin()?;
+    validate::validate_name("name", &request.name)?;
+    if control.store.org(&request.org_slug).await?.is_none() {
+        return Err(ApiError::not_found(format!("org {:?}", request.org_slug)));
+    }
+    let (id, token) = auth::mint();
+    let now = control.clock.now_ms();
+    let expires_at_ms = request.expires_in.map(|lifetime| {
+        now.saturating_add(i64::try_from(lifetime.0.saturating_mul(1000)).unwrap_or(i64::MAX))
+    });
+    let row = TokenRow {
+        id,
+        org_slug: request.org_slug,
+        name: request.name,
+        hash: auth::sha256(&token),
+        created_at_ms: now,
+        expires_at_ms,
+        revoked_at_ms: None,
+    };
+    sqlx::query(
+        "INSERT INTO tokens (id, org_slug, name, hash, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&row.id)
+    .bind(&row.org_slug)
+    .bind(&row.name)
+    .bind(row.hash.to_vec())
+    .bind(row.created_at_ms)
+    .bind(row.expires_at_ms)
+    .execute(control.store.pool())
+    .await?;
+    let info = token_info(&row);
+    control.tokens.put(row);
+    Ok((StatusCode::CREATED, Json(TokenCreated { token, info })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct TokensQuery {
+    /// Only this org's tokens.
+    org_slug: Option<String>,
+}
+
+#[utoipa::path(get, path = "/tokens", tag = "tokens", params(TokensQuery),
+    responses((status = 200, body = Vec<TokenInfo>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_tokens(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<TokensQuery>,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+    control.check_rate(&principal, Action::Read, None)?;
+    Ok(Json(
+        control
+            .tokens
+            .all()
+            .iter()
+            .filter(|row| principal.can_see(&row.org_slug))
+            .filter(|row| {
+                query
+                    .org_slug
+                    .as_ref()
+                    .is_none_or(|org| *org == row.org_slug)
+            })
+            .map(token_info)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/tokens/{token_id}", tag = "tokens", params(("token_id" = String, Path)),
+    responses((status = 200, body = TokenInfo), (status = "default", body = ErrorBody)))]
+pub(crate) async fn revoke_token(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath(token_id): ApiPath<String>,
+) -> Result<Json<TokenInfo>, ApiError> {
+    control.check_rate(&principal, Action::Destroy, None)?;
+    let mut row = control
+        .tokens
+        .get(&token_id)
+        .filter(|row| principal.can_see(&row.org_slug))
+        .ok_or_else(|| ApiError::not_found(format!("token {token_id:?}")))?;
+    if row.revoked_at_ms.is_none() {
+        let now = control.clock.now_ms();
+        sqlx::query("UPDATE tokens SET revoked_at_ms = ? WHERE id = ?")
+            .bind(now)
+            .bind(&row.id)
+            .execute(control.store.pool())
+            .await?;
+        row.revoked_at_ms = Some(now);
+        control.tokens.put(row.clone());
+    }
+    Ok(Json(token_info(&row)))
+}

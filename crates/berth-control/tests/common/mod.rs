@@ -1,0 +1,237 @@
+//! The control plane served over real HTTP on loopback, with one agent on the fake runtime
+//! and a real image store: API behaviour without runc.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use berth_agent::{Agent, AgentConfig, WorkerService};
+use berth_control::{ApiClock, ControlConfig, ControlPlane};
+use berth_image::build::{busybox_layer, Compression, ImageBuilder};
+use berth_image::{ImageStore, UnpackLimits};
+use berth_runtime::fake::FakeRuntime;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+pub const IMAGE: &str = "demo/busybox:1";
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub runtime: Arc<FakeRuntime>,
+    pub agent: Agent,
+    pub control: Arc<ControlPlane>,
+    pub clock: ApiClock,
+    pub url: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A reply: status, headers and the body as JSON (or a string when it is not JSON).
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut ControlConfig)) -> Harness {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-control-test-")
+            .tempdir()
+            .expect("tempdir");
+        let images = Arc::new(
+            ImageStore::open(&dir.path().join("images"), UnpackLimits::default()).expect("store"),
+        );
+        let layout = dir.path().join("layout");
+        ImageBuilder::new()
+            .layer(
+                busybox_layer(Path::new("/bin/busybox")).expect("busybox"),
+                Compression::Gzip,
+            )
+            .cmd(&["/bin/sh"])
+            .write_layout(&layout)
+            .expect("layout");
+        images.import(&layout, IMAGE).expect("import");
+        let runtime = Arc::new(FakeRuntime::new());
+        let agent = Agent::open(
+            AgentConfig {
+                data_dir: dir.path().join("worker"),
+                name: "local".into(),
+                region: "test".into(),
+                pids_limit: 64,
+                capacity: berth_api::Resources {
+                    cpus: 1024,
+                    memory_mb: 1 << 20,
+                    disk_mb: 1 << 30,
+                },
+                machine_prefix: None,
+            },
+            runtime.clone(),
+            images.clone(),
+        )
+        .await
+        .expect("agent");
+        let admin = "berth_test-admin-token".to_owned();
+        let mut config = ControlConfig::new(dir.path().to_owned(), admin.clone(), "join".into());
+        adjust(&mut config);
+        let clock = config.clock.clone();
+        let control = ControlPlane::open(config, images)
+            .await
+            .expect("control plane");
+        let registration = berth_api::RegisterWorker {
+            name: "local".into(),
+            region: "test".into(),
+            url: String::new(),
+            capacity: berth_api::Resources {
+                cpus: 1024,
+                memory_mb: 1 << 20,
+                disk_mb: 1 << 30,
+            },
+        };
+        let service: Arc<dyn WorkerService> = Arc::new(agent.clone());
+        control
+            .add_local_worker(registration, service)
+            .await
+            .expect("worker");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let router = control.router();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Harness {
+            dir,
+            runtime,
+            agent,
+            control,
+            clock,
+            url,
+            admin,
+            http: reqwest::Client::new(),
+            server,
+        }
+    }
+
+    pub async fn send(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let reply = self.send(token, method, path, &[], body).await;
+        (reply.status, reply.body)
+    }
+
+    /// Makes an org (with `limits`, if any) and a token for it; answers the token.
+    pub async fn org(&self, slug: &str, limits: Value) -> String {
+        let mut body = json!({"slug": slug});
+        if let Value::Object(extra) = limits {
+            for (key, value) in extra {
+                body[key] = value;
+            }
+        }
+        let (status, reply) = self
+            .call(&self.admin, Method::POST, "/v1/orgs", Some(body))
+            .await;
+        assert_eq!(status, 201, "{reply}");
+        self.token(slug, &format!("{slug}-bot")).await
+    }
+
+    pub async fn token(&self, org: &str, name: &str) -> String {
+        let (status, reply) = self
+            .call(
+                &self.admin,
+                Method::POST,
+                "/v1/tokens",
+                Some(json!({"org_slug": org, "name": name})),
+            )
+            .await;
+        assert_eq!(status, 201, "{reply}");
+        reply["token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn app(&self, token: &str, name: &str) {
+        let (status, reply) = self
+            .call(
+                token,
+                Method::POST,
+                "/v1/apps",
+                Some(json!({"app_name": name})),
+            )
+            .await;
+        assert_eq!(status, 201, "{reply}");
+    }
+
+    /// Creates a Machine (stopped unless `launch`) and answers its id.
+    pub async fn machine(&self, token: &str, app: &str, launch: bool) -> String {
+        let (status, reply) = self
+            .call(
+                token,
+                Method::POST,
+                &format!("/v1/apps/{app}/machines"),
+                Some(json!({"skip_launch": !launch, "config": {"image": IMAGE}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        reply["id"].as_str().expect("id").to_owned()
+    }
+}
+
+pub fn assert_error(reply: &(u16, Value), status: u16, code: &str) {
+    assert_eq!(reply.0, status, "{}", reply.1);
+    assert_eq!(reply.1["error"], code, "{}", reply.1);
+    assert!(
+        reply.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        reply.1
+    );
+}
