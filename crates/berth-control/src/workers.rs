@@ -177,6 +177,7 @@ impl Workers {
         service: Arc<dyn WorkerService>,
         url: Option<String>,
     ) -> Result<String, sqlx::Error> {
+        let remote = url.is_some();
         sqlx::query(
             "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
              VALUES (?1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), ?2, ?3, ?4, ?5, ?6)
@@ -206,7 +207,9 @@ impl Workers {
                 capacity: request.capacity,
                 cordoned: row.get::<i64, _>(1) != 0,
                 machine_prefix: prefix.clone(),
-                last_heartbeat_ms: Some(now_ms()),
+                // A remote worker is ready at its first heartbeat, which it sends once its own
+                // API serves; an in-process one is ready now.
+                last_heartbeat_ms: if remote { None } else { Some(now_ms()) },
                 stats: previous.map(|entry| entry.stats).unwrap_or_default(),
             },
         );
@@ -319,7 +322,19 @@ async fn register(
         .workers
         .register(control.store.pool(), &request, service.clone(), Some(url))
         .await?;
-    control.adopt_worker(service).await;
+    // Adopting lists the worker's Machines through its API, which it serves only after it
+    // has joined: do it once it answers, without holding up the join.
+    let adopting = control.clone();
+    tokio::spawn(async move {
+        for _ in 0..120 {
+            if service.list("").await.is_ok() {
+                adopting.adopt_worker(service).await;
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        tracing::warn!("a joined worker never answered; its machines count toward quotas from their next change");
+    });
     tracing::info!(worker = %request.name, region = %request.region, "worker registered");
     Ok(Json(WorkerRegistered { machine_prefix }))
 }

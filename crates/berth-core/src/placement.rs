@@ -38,8 +38,9 @@ impl WorkerCapacity {
             && self.free_disk_mb() >= request.disk_mb
     }
 
-    /// How empty the worker would be after taking the request, in thousandths: the
-    /// tightest of CPU, memory and disk.
+    /// How empty the worker would be after taking the request: the free share of CPU,
+    /// memory and disk, in thousandths each, added up. Every dimension counts, so a
+    /// worker that holds more stopped Machines (disk) is fuller even when CPU ties.
     fn headroom_after(&self, request: &PlacementRequest) -> u64 {
         let share = |free: u64, total: u64| (free * 1000).checked_div(total).unwrap_or(0);
         let cpu = share(
@@ -48,7 +49,7 @@ impl WorkerCapacity {
         );
         let memory = share(self.free_memory_mb() - request.memory_mb, self.memory_mb);
         let disk = share(self.free_disk_mb() - request.disk_mb, self.disk_mb);
-        cpu.min(memory).min(disk)
+        cpu + memory + disk
     }
 }
 

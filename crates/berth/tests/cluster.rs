@@ -1,0 +1,447 @@
+//! Many workers, end to end: one `berth server` and three `berth agent` processes from the
+//! built binary, each with its own data dir and capacity.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_api::{Machine, MachineState, Worker};
+use common::{busybox_image, BERTH};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(args: &[String], log: PathBuf) -> Process {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(BERTH)
+            .args(args)
+            .env("BERTH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn berth");
+        Process {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Agent {
+    name: String,
+    args: Vec<String>,
+    data_dir: PathBuf,
+    process: Process,
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    api_url: String,
+    token: String,
+    server: Process,
+    agents: Vec<Agent>,
+    http: reqwest::blocking::Client,
+}
+
+impl Cluster {
+    fn start(capacities: &[(&str, u32, u64)]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let server_dir = dir.path().join("server");
+        let server = Process::spawn(
+            &[
+                "server".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--data-dir".into(),
+                server_dir.display().to_string(),
+            ],
+            dir.path().join("server.log"),
+        );
+        let api_url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http
+            .get(format!("{api_url}/v1/health"))
+            .send()
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "server did not start: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let token = std::fs::read_to_string(server_dir.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_owned();
+        let join = std::fs::read_to_string(server_dir.join("join-token"))
+            .expect("join token")
+            .trim()
+            .to_owned();
+        let mut cluster = Cluster {
+            dir,
+            api_url,
+            token,
+            server,
+            agents: Vec::new(),
+            http,
+        };
+        for (name, cpus, memory_mb) in capacities {
+            let data_dir = cluster.dir.path().join(name);
+            let args: Vec<String> = vec![
+                "agent".into(),
+                "--control-url".into(),
+                cluster.api_url.clone(),
+                "--join-token".into(),
+                join.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--name".into(),
+                name.to_string(),
+                "--region".into(),
+                "local".into(),
+                "--cpus".into(),
+                cpus.to_string(),
+                "--memory-mb".into(),
+                memory_mb.to_string(),
+                "--disk-mb".into(),
+                "100000".into(),
+            ];
+            let process = Process::spawn(&args, cluster.dir.path().join(format!("{name}.log")));
+            cluster.agents.push(Agent {
+                name: name.to_string(),
+                args,
+                data_dir,
+                process,
+            });
+        }
+        cluster.wait_for("every worker to be ready", || {
+            let workers = cluster.workers();
+            workers.len() == capacities.len()
+                && workers.iter().all(|worker| worker.status == "ready")
+        });
+        cluster
+    }
+
+    fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.api_url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().expect("send");
+        let status = response.status().as_u16();
+        let text = response.text().expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn workers(&self) -> Vec<Worker> {
+        let (status, body) = self.call(Method::GET, "/v1/workers", None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).expect("workers")
+    }
+
+    fn machine(&self, id: &str) -> Machine {
+        let (status, body) = self.call(Method::GET, &format!("/v1/apps/fleet/machines/{id}"), None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).expect("machine")
+    }
+
+    fn wait_for(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut all = format!("--- server\n{}", self.server.log());
+        for agent in &self.agents {
+            all.push_str(&format!("\n--- {}\n{}", agent.name, agent.process.log()));
+        }
+        all
+    }
+
+    fn create(&self, body: Value) -> (u16, Value) {
+        self.call(Method::POST, "/v1/apps/fleet/machines", Some(body))
+    }
+
+    fn agent(&mut self, name: &str) -> &mut Agent {
+        self.agents
+            .iter_mut()
+            .find(|agent| agent.name == name)
+            .expect("agent")
+    }
+
+    fn restart_agent(&mut self, name: &str) {
+        let log = self.dir.path().join(format!("{name}-restarted.log"));
+        let agent = self.agent(name);
+        agent.process.kill();
+        agent.process = Process::spawn(&agent.args, log);
+    }
+
+    /// Destroys every Machine through the API, then stops everything and checks the hosts.
+    fn teardown(mut self) {
+        let (_, machines) = self.call(Method::GET, "/v1/apps/fleet/machines", None);
+        for machine in machines.as_array().cloned().unwrap_or_default() {
+            let id = machine["id"].as_str().unwrap_or_default().to_owned();
+            let (status, body) = self.call(
+                Method::DELETE,
+                &format!("/v1/apps/fleet/machines/{id}?force=true"),
+                None,
+            );
+            assert!(status < 300, "destroy {id}: {status} {body}");
+        }
+        for agent in &mut self.agents {
+            agent.process.kill();
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let prefix = agent.data_dir.display().to_string();
+            assert!(!mountinfo.contains(&prefix), "mounts left under {prefix}");
+        }
+        self.server.kill();
+    }
+}
+
+fn sleeper(extra: Value) -> Value {
+    let mut body = json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+        "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"}}});
+    if let (Some(target), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    body
+}
+
+#[test]
+fn placement_pinning_capacity_and_failures_across_processes() {
+    let mut cluster = Cluster::start(&[("w1", 4, 4096), ("w2", 4, 4096), ("w3", 4, 4096)]);
+    let layout = tempfile::tempdir().expect("tempdir");
+    busybox_image()
+        .write_layout(&layout.path().join("img"))
+        .expect("layout");
+    let output = Command::new(BERTH)
+        .args(["image", "import"])
+        .arg(layout.path().join("img"))
+        .args(["--name", "demo/busybox:1"])
+        .env("BERTH_API_URL", &cluster.api_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .output()
+        .expect("import");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, body) = cluster.call(Method::POST, "/v1/apps", Some(json!({"app_name": "fleet"})));
+    assert_eq!(status, 201, "{body}");
+
+    // Twenty creates spread across the workers (each agent pulls the image from the
+    // control plane's registry).
+    let mut machines = Vec::new();
+    for _ in 0..20 {
+        let (status, body) = cluster.create(sleeper(json!({"skip_launch": true})));
+        assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+        machines.push(serde_json::from_value::<Machine>(body).expect("machine"));
+    }
+    for name in ["w1", "w2", "w3"] {
+        let count = machines
+            .iter()
+            .filter(|machine| machine.worker.as_deref() == Some(name))
+            .count();
+        assert!(
+            count >= 3,
+            "spread placement gave {name} only {count} of 20"
+        );
+    }
+
+    // Stop/start cycles keep every pin.
+    for machine in machines
+        .iter()
+        .filter(|machine| machine.worker.as_deref() != Some("w3"))
+        .take(6)
+    {
+        for _ in 0..2 {
+            let (status, body) = cluster.call(
+                Method::POST,
+                &format!("/v1/apps/fleet/machines/{}/start", machine.id),
+                None,
+            );
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["machine"]["worker"], json!(machine.worker));
+            let (status, body) = cluster.call(
+                Method::POST,
+                &format!("/v1/apps/fleet/machines/{}/stop", machine.id),
+                None,
+            );
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+
+    // A cordoned worker takes no new Machines: with w1 and w2 cordoned, creates land on w3.
+    for name in ["w1", "w2"] {
+        let (status, body) =
+            cluster.call(Method::POST, &format!("/v1/workers/{name}/cordon"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["cordoned"], true);
+    }
+    let mut on_w3 = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = cluster.create(sleeper(json!({"skip_launch": true,
+            "config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+                       "guest": {"cpus": 2, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"}}})));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["worker"], "w3",
+            "cordoned workers take no new machines: {body}"
+        );
+        on_w3.push(serde_json::from_value::<Machine>(body).expect("machine"));
+    }
+    // w3 has 4 CPUs: two 2-CPU Machines fill it, and a third pinned there cannot start.
+    for machine in &on_w3[..2] {
+        let (status, body) = cluster.call(
+            Method::POST,
+            &format!("/v1/apps/fleet/machines/{}/start", machine.id),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{}/start", on_w3[2].id),
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "insufficient_capacity");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("w3")),
+        "{body}"
+    );
+    assert!(body["retry_after_ms"].is_u64(), "{body}");
+
+    // Start never places again: w1 is cordoned, yet a Machine pinned there starts there.
+    let pinned_to_w1 = machines
+        .iter()
+        .find(|machine| machine.worker.as_deref() == Some("w1"))
+        .cloned()
+        .expect("one on w1");
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{}/start", pinned_to_w1.id),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["machine"]["worker"], "w1");
+    for name in ["w1", "w2"] {
+        cluster.call(Method::POST, &format!("/v1/workers/{name}/uncordon"), None);
+    }
+
+    // A killed agent: its Machines answer worker_unavailable and show as unreachable;
+    // others are unaffected; after a restart they come back, still pinned and running.
+    let running_on_w3 = on_w3[0].id.clone();
+    cluster.agent("w3").process.kill();
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{running_on_w3}/stop"),
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "worker_unavailable");
+    let seen = cluster.machine(&running_on_w3);
+    assert_eq!(seen.worker_status.as_deref(), Some("unreachable"));
+    assert_eq!(seen.state, MachineState::Started, "the last known state");
+    let (status, body) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/machines/{}", pinned_to_w1.id),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["worker_status"], "ok");
+    cluster.wait_for("w3 to be marked unreachable", || {
+        cluster
+            .workers()
+            .iter()
+            .any(|worker| worker.name == "w3" && worker.status == "unreachable")
+    });
+    cluster.restart_agent("w3");
+    cluster.wait_for("w3 to be ready again", || {
+        cluster
+            .workers()
+            .iter()
+            .any(|worker| worker.name == "w3" && worker.status == "ready")
+    });
+    cluster.wait_for("the control plane to reach w3's machines again", || {
+        cluster.machine(&running_on_w3).worker_status.as_deref() == Some("ok")
+    });
+    let back = cluster.machine(&running_on_w3);
+    assert_eq!(
+        (back.state, back.worker.as_deref()),
+        (MachineState::Started, Some("w3")),
+        "still pinned and still running after the agent restarted"
+    );
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{running_on_w3}/stop"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    cluster.teardown();
+}
