@@ -47,6 +47,37 @@ fn create_pulls_and_start_works_with_the_registry_stopped() {
     assert_eq!(listed[0].name, reference);
     assert!(listed[0].machines.is_empty());
 
+    // The API streams NDJSON: resolved first, then per layer, done last.
+    let response = platform
+        .request(Method::POST, "/v1/images/pull")
+        .json(&json!({"image": reference}))
+        .send()
+        .expect("pull");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().expect("type"),
+        "application/x-ndjson"
+    );
+    let lines: Vec<serde_json::Value> = response
+        .text()
+        .expect("body")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect();
+    assert_eq!(lines[0]["status"], "resolved");
+    assert_eq!(lines[0]["digest"], digest.as_str());
+    let last = lines.last().expect("lines");
+    assert_eq!(
+        (last["status"].as_str(), last["digest"].as_str()),
+        (Some("done"), Some(digest.as_str()))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["status"] == "exists" && line["layer"].is_string()),
+        "the layers are already stored: {lines:?}"
+    );
+
     platform.cli_ok(&["app", "create", "web"]);
     let id = platform
         .cli_ok(&[
