@@ -266,6 +266,14 @@ async fn measure(
         "create_cold_large": registry.cold_large,
         "create_warm_registry_large": registry.warm_large,
         "large_image_bytes": registry.large_bytes,
+        "create_cold_xl": registry.cold_xl,
+        "create_warm_registry_xl": registry.warm_xl,
+        "xl_image_bytes": registry.xl_bytes,
+        "create_cold_xl_p50_ms": registry.cold_xl["p50_ms"],
+        "ratio_create_cold_xl_over_start": round(
+            registry.cold_xl["p50_ms"].as_f64().unwrap_or(0.0)
+                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
+        ),
         "create_cold_p50_ms": registry.cold["p50_ms"],
         "create_warm_registry_p50_ms": registry.warm["p50_ms"],
         "create_cold_large_p50_ms": registry.cold_large["p50_ms"],
@@ -288,6 +296,9 @@ struct RegistryFigures {
     cold_large: Value,
     warm_large: Value,
     large_bytes: u64,
+    cold_xl: Value,
+    warm_xl: Value,
+    xl_bytes: u64,
     concurrent: Value,
 }
 
@@ -353,8 +364,8 @@ async fn cold_and_warm(
 }
 
 /// Creates whose image comes from a local docker-registry: the busybox image (one 1 MB
-/// layer plus a tiny one), a 64 MB image in four gzip layers, and 10 cold creates of the
-/// 64 MB image at once.
+/// layer plus a tiny one), 64 MB and 256 MB images (busybox plus four incompressible gzip
+/// layers), and 10 cold creates of the 64 MB image at once.
 async fn measure_registry(
     args: &Args,
     client: &Client,
@@ -369,26 +380,33 @@ async fn measure_registry(
             Compression::Gzip,
         );
     berth_testkit::push_image(&target, "bench/web", "1", small).await?;
-    let mut large =
-        ImageBuilder::new().layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip);
     const LARGE_LAYER: usize = 16 << 20;
-    for seed in 0..4u32 {
-        large = large.layer(
-            berth_image::LayerBuilder::new().file(
-                &format!("data/{seed}.bin"),
-                &noise(LARGE_LAYER, seed.wrapping_mul(0x9e37_79b9)),
-                0o644,
-            ),
-            Compression::Gzip,
-        );
-    }
-    berth_testkit::push_image(&target, "bench/large", "1", large).await?;
+    const XL_LAYER: usize = 64 << 20;
+    let sized = |layer_bytes: usize, salt: u32| -> Result<ImageBuilder> {
+        let mut image =
+            ImageBuilder::new().layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip);
+        for index in 0..4u32 {
+            image = image.layer(
+                berth_image::LayerBuilder::new().file(
+                    &format!("data/{index}.bin"),
+                    &noise(layer_bytes, (index + salt).wrapping_mul(0x9e37_79b9)),
+                    0o644,
+                ),
+                Compression::Gzip,
+            );
+        }
+        Ok(image)
+    };
+    berth_testkit::push_image(&target, "bench/large", "1", sized(LARGE_LAYER, 0)?).await?;
+    berth_testkit::push_image(&target, "bench/xl", "1", sized(XL_LAYER, 100)?).await?;
     let small_ref = format!("{}/bench/web:1", registry.host());
     let large_ref = format!("{}/bench/large:1", registry.host());
+    let xl_ref = format!("{}/bench/xl:1", registry.host());
 
     let samples = (args.cycles / 2).max(5);
     let (cold, warm) = cold_and_warm(client, &small_ref, samples).await?;
     let (cold_large, warm_large) = cold_and_warm(client, &large_ref, samples.min(10)).await?;
+    let (cold_xl, warm_xl) = cold_and_warm(client, &xl_ref, samples.min(5)).await?;
 
     let machines = "/v1/apps/bench/machines";
     client
@@ -421,6 +439,9 @@ async fn measure_registry(
         cold_large: summary(&cold_large),
         warm_large: summary(&warm_large),
         large_bytes: 4 * LARGE_LAYER as u64,
+        cold_xl: summary(&cold_xl),
+        warm_xl: summary(&warm_xl),
+        xl_bytes: 4 * XL_LAYER as u64,
         concurrent: json!({
             "image": "64 MB, 5 layers",
             "creates": 10,
@@ -536,6 +557,11 @@ fn print_table(report: &Value) {
             "berth create, warm cache, 64 MB image",
             "create_warm_registry_large",
         ),
+        ("berth create, cold cache, 256 MB image", "create_cold_xl"),
+        (
+            "berth create, warm cache, 256 MB image",
+            "create_warm_registry_xl",
+        ),
         ("peer: runc run -d", "peer_runc_run_d"),
         ("peer: runc create", "peer_runc_create"),
         ("peer: runc start", "peer_runc_start"),
@@ -551,9 +577,10 @@ fn print_table(report: &Value) {
         report["ratio_runc_run_over_berth_start"]
     );
     println!(
-        "cold create p50 / start p50 = {}x (busybox), {}x (64 MB); 10 concurrent cold creates: {}",
+        "cold create p50 / start p50 = {}x (busybox), {}x (64 MB), {}x (256 MB); 10 concurrent cold creates: {}",
         report["ratio_create_cold_over_start"],
         report["ratio_create_cold_large_over_start"],
+        report["ratio_create_cold_xl_over_start"],
         report["concurrent_cold_creates"]
     );
 }
