@@ -118,3 +118,57 @@ impl AgentError {
         (status, body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(error: ImageError) -> (u16, String, Option<u64>) {
+        let (status, body) = AgentError::from(error).to_response();
+        (status, body.error, body.retry_after_ms)
+    }
+
+    #[test]
+    fn image_errors_answer_with_their_status_and_retry_hint() {
+        assert_eq!(
+            answer(ImageError::InvalidReference {
+                reference: "X".into(),
+                reason: "uppercase"
+            }),
+            (400, "invalid_image_ref".into(), None)
+        );
+        assert_eq!(
+            answer(ImageError::NotFound("x".into())),
+            (422, "image_not_found".into(), None)
+        );
+        assert_eq!(
+            answer(ImageError::PlatformUnsupported("linux/amd64".into())),
+            (422, "image_platform_unsupported".into(), None)
+        );
+        assert_eq!(
+            answer(ImageError::RegistryUnauthorized {
+                registry: "r".into(),
+                message: "401".into()
+            }),
+            (422, "registry_unauthorized".into(), None)
+        );
+        assert_eq!(
+            answer(ImageError::RegistryUnreachable {
+                registry: "r".into(),
+                message: "refused".into()
+            }),
+            (
+                503,
+                "registry_unreachable".into(),
+                Some(berth_image::REGISTRY_RETRY_AFTER_MS)
+            )
+        );
+        assert_eq!(
+            answer(ImageError::InsufficientStorage {
+                context: "writing".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            }),
+            (507, "insufficient_storage".into(), None)
+        );
+    }
+}

@@ -207,6 +207,12 @@ async fn ten_concurrent_creates_download_each_blob_once() {
     let layers = &agent.image_usage().await.expect("usage")[0].layers;
     for layer in layers {
         assert_eq!(gets.get(layer), Some(&1), "{layer}: {gets:?}");
+        // And as the registry itself saw it.
+        assert_eq!(
+            registry.logged_blob_gets(layer, 1, std::time::Duration::from_secs(5)),
+            1,
+            "{layer}"
+        );
     }
     assert_eq!(fixture.puller.blobs_downloaded(), 2);
     assert_eq!(fixture.puller.store().layers_unpacked(), 2);

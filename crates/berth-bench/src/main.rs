@@ -331,10 +331,27 @@ async fn measure(
         "ratio_runc_run_over_berth_start": ratio(&start, &runc_run),
         "create_cold": registry.cold,
         "create_warm_registry": registry.warm,
+        "create_cold_large": registry.cold_large,
+        "create_warm_registry_large": registry.warm_large,
+        "large_image_bytes": registry.large_bytes,
+        "create_cold_xl": registry.cold_xl,
+        "create_warm_registry_xl": registry.warm_xl,
+        "xl_image_bytes": registry.xl_bytes,
+        "create_cold_xl_p50_ms": registry.cold_xl["p50_ms"],
+        "ratio_create_cold_xl_over_start": round(
+            registry.cold_xl["p50_ms"].as_f64().unwrap_or(0.0)
+                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
+        ),
         "create_cold_p50_ms": registry.cold["p50_ms"],
         "create_warm_registry_p50_ms": registry.warm["p50_ms"],
+        "create_cold_large_p50_ms": registry.cold_large["p50_ms"],
+        "create_warm_registry_large_p50_ms": registry.warm_large["p50_ms"],
         "ratio_create_cold_over_start": round(
             registry.cold["p50_ms"].as_f64().unwrap_or(0.0)
+                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
+        ),
+        "ratio_create_cold_large_over_start": round(
+            registry.cold_large["p50_ms"].as_f64().unwrap_or(0.0)
                 / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
         ),
         "concurrent_cold_creates": registry.concurrent,
@@ -478,35 +495,25 @@ async fn usage_query_figures(scratch: &Path, records: usize) -> Result<Value> {
 struct RegistryFigures {
     cold: Value,
     warm: Value,
+    cold_large: Value,
+    warm_large: Value,
+    large_bytes: u64,
+    cold_xl: Value,
+    warm_xl: Value,
+    xl_bytes: u64,
     concurrent: Value,
 }
 
-/// Creates whose image comes from a local docker-registry: cold (nothing of the image in
-/// the store: pulled, verified, unpacked), warm (the tag resolved against the registry,
-/// every layer already stored), and 10 cold creates of one image at once.
-async fn measure_registry(
-    args: &Args,
-    client: &Client,
-    platform: &LocalPlatform,
-) -> Result<RegistryFigures> {
-    let registry = berth_testkit::Registry::start()?;
-    let image = ImageBuilder::new()
-        .layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip)
-        .layer(
-            berth_image::LayerBuilder::new().file("etc/bench", b"registry", 0o644),
-            Compression::Gzip,
-        );
-    berth_testkit::push_image(
-        &berth_testkit::PushTarget::anonymous(&registry.host()),
-        "bench/web",
-        "1",
-        image,
-    )
-    .await?;
-    let reference = format!("{}/bench/web:1", registry.host());
-    let machines = "/v1/apps/bench/machines";
-    let config = MachineConfig {
-        image: reference,
+/// Incompressible bytes (a multiplicative hash of the index), so gzip cannot shrink them.
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32 / 4)
+        .flat_map(|i| (i ^ seed).wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect()
+}
+
+fn sleeper(image: &str) -> MachineConfig {
+    MachineConfig {
+        image: image.to_owned(),
         init: InitConfig {
             cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
             entrypoint: None,
@@ -516,14 +523,27 @@ async fn measure_registry(
             timeout: None,
         },
         ..MachineConfig::default()
-    };
-    let request = || CreateMachineRequest {
+    }
+}
+
+fn create_request(config: &MachineConfig) -> CreateMachineRequest {
+    CreateMachineRequest {
         name: None,
         region: None,
         skip_launch: true,
         config: config.clone(),
-    };
-    let samples = (args.cycles / 2).max(5);
+    }
+}
+
+/// Cold creates (the store holds nothing of the image: pull, verify, unpack) and warm
+/// creates (the tag is resolved against the registry; every layer is already stored).
+async fn cold_and_warm(
+    client: &Client,
+    reference: &str,
+    samples: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let machines = "/v1/apps/bench/machines";
+    let config = sleeper(reference);
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     for _ in 0..samples {
         // Nothing of the image stays once no Machine uses it: the next create is cold.
@@ -531,10 +551,10 @@ async fn measure_registry(
             .post::<_, Value>("/v1/images/prune", &json!({}))
             .await?;
         let clock = Instant::now();
-        let machine: Machine = client.post(machines, &request()).await?;
+        let machine: Machine = client.post(machines, &create_request(&config)).await?;
         cold.push(clock.elapsed());
         let clock = Instant::now();
-        let second: Machine = client.post(machines, &request()).await?;
+        let second: Machine = client.post(machines, &create_request(&config)).await?;
         warm.push(clock.elapsed());
         for id in [&machine.id, &second.id] {
             client
@@ -542,16 +562,65 @@ async fn measure_registry(
                 .await?;
         }
     }
+    Ok((cold, warm))
+}
 
+/// Creates whose image comes from a local docker-registry: the busybox image (one 1 MB
+/// layer plus a tiny one), 64 MB and 256 MB images (busybox plus four incompressible gzip
+/// layers), and 10 cold creates of the 64 MB image at once.
+async fn measure_registry(
+    args: &Args,
+    client: &Client,
+    platform: &LocalPlatform,
+) -> Result<RegistryFigures> {
+    let registry = berth_testkit::Registry::start()?;
+    let target = berth_testkit::PushTarget::anonymous(&registry.host());
+    let small = ImageBuilder::new()
+        .layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip)
+        .layer(
+            berth_image::LayerBuilder::new().file("etc/bench", b"registry", 0o644),
+            Compression::Gzip,
+        );
+    berth_testkit::push_image(&target, "bench/web", "1", small).await?;
+    const LARGE_LAYER: usize = 16 << 20;
+    const XL_LAYER: usize = 64 << 20;
+    let sized = |layer_bytes: usize, salt: u32| -> Result<ImageBuilder> {
+        let mut image =
+            ImageBuilder::new().layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip);
+        for index in 0..4u32 {
+            image = image.layer(
+                berth_image::LayerBuilder::new().file(
+                    &format!("data/{index}.bin"),
+                    &noise(layer_bytes, (index + salt).wrapping_mul(0x9e37_79b9)),
+                    0o644,
+                ),
+                Compression::Gzip,
+            );
+        }
+        Ok(image)
+    };
+    berth_testkit::push_image(&target, "bench/large", "1", sized(LARGE_LAYER, 0)?).await?;
+    berth_testkit::push_image(&target, "bench/xl", "1", sized(XL_LAYER, 100)?).await?;
+    let small_ref = format!("{}/bench/web:1", registry.host());
+    let large_ref = format!("{}/bench/large:1", registry.host());
+    let xl_ref = format!("{}/bench/xl:1", registry.host());
+
+    let samples = (args.cycles / 2).max(5);
+    let (cold, warm) = cold_and_warm(client, &small_ref, samples).await?;
+    let (cold_large, warm_large) = cold_and_warm(client, &large_ref, samples.min(10)).await?;
+    let (cold_xl, warm_xl) = cold_and_warm(client, &xl_ref, samples.min(5)).await?;
+
+    let machines = "/v1/apps/bench/machines";
     client
         .post::<_, Value>("/v1/images/prune", &json!({}))
         .await?;
     let downloads_before = platform.puller.blobs_downloaded();
+    let config = sleeper(&large_ref);
     let clock = Instant::now();
     let creates: Vec<_> = (0..10)
         .map(|_| {
             let client = client.clone();
-            let request = request();
+            let request = create_request(&config);
             tokio::spawn(async move { client.post::<_, Machine>(machines, &request).await })
         })
         .collect();
@@ -569,7 +638,14 @@ async fn measure_registry(
     Ok(RegistryFigures {
         cold: summary(&cold),
         warm: summary(&warm),
+        cold_large: summary(&cold_large),
+        warm_large: summary(&warm_large),
+        large_bytes: 4 * LARGE_LAYER as u64,
+        cold_xl: summary(&cold_xl),
+        warm_xl: summary(&warm_xl),
+        xl_bytes: 4 * XL_LAYER as u64,
         concurrent: json!({
+            "image": "64 MB, 5 layers",
             "creates": 10,
             "wall_ms": round(wall.as_secs_f64() * 1000.0),
             "creates_per_s": round(10.0 / wall.as_secs_f64().max(0.000_001)),
@@ -709,12 +785,22 @@ fn print_table(report: &Value) {
         ("berth start (API, stop→start loop)", "start"),
         ("berth stop (API, SIGKILL)", "stop"),
         (
-            "berth create, cold cache (pull from local registry)",
+            "berth create, cold cache, busybox (pull from local registry)",
             "create_cold",
         ),
         (
-            "berth create, warm cache (registry tag, layers stored)",
+            "berth create, warm cache, busybox (tag resolved, layers stored)",
             "create_warm_registry",
+        ),
+        ("berth create, cold cache, 64 MB image", "create_cold_large"),
+        (
+            "berth create, warm cache, 64 MB image",
+            "create_warm_registry_large",
+        ),
+        ("berth create, cold cache, 256 MB image", "create_cold_xl"),
+        (
+            "berth create, warm cache, 256 MB image",
+            "create_warm_registry_xl",
         ),
         ("peer: runc run -d", "peer_runc_run_d"),
         ("peer: runc create", "peer_runc_create"),
@@ -743,7 +829,10 @@ fn print_table(report: &Value) {
         report["usage_query"]["ingest_records_per_s"]
     );
     println!(
-        "cold create p50 / start p50 = {}x; 10 concurrent cold creates: {}",
-        report["ratio_create_cold_over_start"], report["concurrent_cold_creates"]
+        "cold create p50 / start p50 = {}x (busybox), {}x (64 MB), {}x (256 MB); 10 concurrent cold creates: {}",
+        report["ratio_create_cold_over_start"],
+        report["ratio_create_cold_large_over_start"],
+        report["ratio_create_cold_xl_over_start"],
+        report["concurrent_cold_creates"]
     );
 }

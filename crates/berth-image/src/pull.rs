@@ -586,7 +586,10 @@ impl ImagePuller {
         let resolved = blocking(move || {
             store.put_blob(descriptor_hex(&manifest.config)?, &config_bytes)?;
             store.put_blob(digest_hex(&manifest_digest), &manifest_bytes)?;
-            store.write_ref(&reference, &manifest_digest)?;
+            // A tag that already says this (a warm create) costs no fsync.
+            if store.read_ref(&reference)?.as_deref() != Some(manifest_digest.as_str()) {
+                store.write_ref(&reference, &manifest_digest)?;
+            }
             store.load(reference, &manifest_digest, &lease_for_load)
         })
         .await?;

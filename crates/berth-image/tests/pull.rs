@@ -1,7 +1,6 @@
 //! Pulls from a real registry (Debian's docker-registry on loopback), with images built
 //! in code and pushed with oci-client.
-// Test helpers here panic on purpose: a failed setup should stop the test.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
@@ -591,4 +590,61 @@ async fn prune_keeps_what_machines_and_leases_hold() {
     assert_eq!(report.layers, 2);
     assert!(names(&f.store.root().join("layers/sha256")).is_empty());
     assert!(names(&f.store.root().join("blobs/sha256")).is_empty());
+}
+
+/// A small tmpfs, unmounted (and removed) on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            dir.path(),
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            format!("size={size}").as_str(),
+        )
+        .unwrap();
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(self.dir.path(), rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_insufficient_storage_and_leaves_nothing() {
+    let registry = Registry::start().unwrap();
+    let big: Vec<u8> = (0u32..(6 << 20) / 4)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    push_image(
+        &PushTarget::anonymous(&registry.host()),
+        "big/image",
+        "1",
+        ImageBuilder::new().layer(
+            LayerBuilder::new().file("big", &big, 0o644),
+            Compression::None,
+        ),
+    )
+    .await
+    .unwrap();
+    let disk = SmallDisk::new("2m");
+    let store = Arc::new(
+        ImageStore::open(&disk.dir.path().join("store"), UnpackLimits::default()).unwrap(),
+    );
+    let puller = puller(&store, RegistryOptions::default());
+    let error = pull(&puller, &format!("{}/big/image:1", registry.host()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "insufficient_storage", "{error}");
+    assert_nothing_partial(&store, &[]);
+    assert!(names(&store.root().join("blobs/sha256")).is_empty());
+    assert!(names(&store.root().join("layers/sha256")).is_empty());
 }

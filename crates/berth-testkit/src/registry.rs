@@ -169,6 +169,27 @@ impl Registry {
         self.dir.path().join("registry.log")
     }
 
+    /// `GET` requests for the blob `digest` in the registry's own access log, waiting up to
+    /// `settle` for at least `at_least` of them to be logged (the line is written just
+    /// after the response).
+    pub fn logged_blob_gets(&self, digest: &str, at_least: usize, settle: Duration) -> usize {
+        let needle = format!("/blobs/{digest} HTTP/");
+        let count = || {
+            self.log()
+                .lines()
+                .filter(|line| line.contains("\"GET /v2/") && line.contains(&needle))
+                .count()
+        };
+        let deadline = Instant::now() + settle;
+        loop {
+            let seen = count();
+            if seen >= at_least || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything the registry logged, access log included.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()

@@ -238,6 +238,11 @@ impl Cluster {
 
     /// Destroys every Machine through the API, then stops everything and checks the hosts.
     fn teardown(mut self) {
+        let bridges: Vec<String> = self
+            .workers()
+            .iter()
+            .map(|worker| berth::platform::bridge_name(&worker.machine_prefix))
+            .collect();
         let (_, machines) = self.call(Method::GET, "/v1/apps/fleet/machines", None);
         for machine in machines.as_array().cloned().unwrap_or_default() {
             let id = machine["id"].as_str().unwrap_or_default().to_owned();
@@ -255,6 +260,11 @@ impl Cluster {
             assert!(!mountinfo.contains(&prefix), "mounts left under {prefix}");
         }
         self.server.kill();
+        for bridge in bridges {
+            let _ = Command::new("ip")
+                .args(["link", "delete", &bridge])
+                .status();
+        }
     }
 }
 

@@ -47,6 +47,37 @@ fn create_pulls_and_start_works_with_the_registry_stopped() {
     assert_eq!(listed[0].name, reference);
     assert!(listed[0].machines.is_empty());
 
+    // The API streams NDJSON: resolved first, then per layer, done last.
+    let response = platform
+        .request(Method::POST, "/v1/images/pull")
+        .json(&json!({"image": reference}))
+        .send()
+        .expect("pull");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().expect("type"),
+        "application/x-ndjson"
+    );
+    let lines: Vec<serde_json::Value> = response
+        .text()
+        .expect("body")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect();
+    assert_eq!(lines[0]["status"], "resolved");
+    assert_eq!(lines[0]["digest"], digest.as_str());
+    let last = lines.last().expect("lines");
+    assert_eq!(
+        (last["status"].as_str(), last["digest"].as_str()),
+        (Some("done"), Some(digest.as_str()))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["status"] == "exists" && line["layer"].is_string()),
+        "the layers are already stored: {lines:?}"
+    );
+
     platform.cli_ok(&["app", "create", "web"]);
     let id = platform
         .cli_ok(&[
@@ -174,7 +205,13 @@ fn registry_auth_file_unlocks_a_private_registry() {
         json!({"auths": {registry.host(): {"auth": encoded}}}).to_string(),
     )
     .expect("auth file");
-    let platform = Platform::start_with(&["--registry-auth", auth_file.to_str().expect("utf-8")]);
+    let host = registry.host();
+    let platform = Platform::start_with(&[
+        "--registry-auth",
+        auth_file.to_str().expect("utf-8"),
+        "--default-registry",
+        &host,
+    ]);
     platform.cli_ok(&["app", "create", "private"]);
     let id = platform
         .cli_ok(&[
@@ -195,5 +232,43 @@ fn registry_auth_file_unlocks_a_private_registry() {
         platform.machine("private", &id).state,
         MachineState::Started
     );
+
+    // Without a registry in the name: a local tag wins, anything else comes from the
+    // default registry.
+    platform.import(busybox_image_with(&[("local", "yes")]), "private/app:1");
+    platform.import(busybox_image_with(&[("local", "only")]), "demo/busybox:1");
+    let local: Vec<ImageSummary> =
+        serde_json::from_str(&platform.cli_ok(&["image", "list", "--json"])).expect("list");
+    let local_digest = |name: &str| {
+        local
+            .iter()
+            .find(|image| image.name == name)
+            .map(|image| image.digest.clone())
+            .expect("listed")
+    };
+    for name in ["demo/busybox:1", "private/app:1"] {
+        let (status, body) = platform.call(
+            Method::POST,
+            "/v1/apps/private/machines",
+            Some(json!({"skip_launch": true, "config": {"image": name, "init": {"cmd": ["/bin/true"]}}})),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["image_ref"]["digest"],
+            local_digest(name).as_str(),
+            "{name}"
+        );
+    }
+    let remote_digest = platform.machine("private", &id).image_ref.digest;
+    let (status, body) = platform.call(Method::DELETE, "/v1/images?name=private/app:1", None);
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = platform.call(
+        Method::POST,
+        "/v1/apps/private/machines",
+        Some(json!({"skip_launch": true, "config": {"image": "private/app:1", "init": {"cmd": ["/bin/true"]}}})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["image_ref"]["digest"], remote_digest.as_str());
+    assert_eq!(body["image_ref"]["name"], reference.as_str());
     platform.teardown();
 }
