@@ -3,6 +3,7 @@
 # against real runc, overlayfs and namespaces. Fails if the tests leave mounts, runc
 # containers or temp directories behind.
 set -euo pipefail
+export LC_ALL=C
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 
