@@ -109,7 +109,7 @@ pub(crate) async fn list_images(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let images = control.images.clone();
     let infos = tokio::task::spawn_blocking(move || images.list())
         .await

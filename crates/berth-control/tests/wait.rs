@@ -166,4 +166,3 @@ async fn a_thousand_idle_waiters_cost_no_cpu_and_all_wake_on_the_change() {
     );
     assert_eq!(destroyed.await.expect("task"), 200);
 }
-
