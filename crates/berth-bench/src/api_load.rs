@@ -172,15 +172,37 @@ pub async fn measure(api_url: &str, admin: &Client, seconds: u64) -> Result<Valu
         flood_machine.id
     );
     let baseline = load(&http, reqwest::Method::GET, &calm_url, &calm, 4, window).await?;
-    let flood_task = {
-        let http = http.clone();
-        let flood = flood.clone();
-        tokio::spawn(async move {
-            load(&http, reqwest::Method::POST, &flood_url, &flood, 32, window).await
-        })
-    };
-    let during = load(&http, reqwest::Method::GET, &calm_url, &calm, 4, window).await?;
-    let flooded = flood_task.await??;
+    let mut isolation = serde_json::Map::new();
+    isolation.insert("calm_reads_alone".into(), report(&baseline));
+    // A flood that waits for each answer (32 connections), and a wider one (256).
+    for flood_connections in [32usize, 256] {
+        let flood_task = {
+            let http = http.clone();
+            let flood = flood.clone();
+            let flood_url = flood_url.clone();
+            tokio::spawn(async move {
+                load(
+                    &http,
+                    reqwest::Method::POST,
+                    &flood_url,
+                    &flood,
+                    flood_connections,
+                    window,
+                )
+                .await
+            })
+        };
+        let during = load(&http, reqwest::Method::GET, &calm_url, &calm, 4, window).await?;
+        let flooded = flood_task.await??;
+        isolation.insert(
+            format!("calm_reads_during_flood_c{flood_connections}"),
+            report(&during),
+        );
+        isolation.insert(
+            format!("flood_starts_c{flood_connections}"),
+            report(&flooded),
+        );
+    }
     let _ = admin
         .delete::<Value>(&format!(
             "/v1/apps/flood-app/machines/{}?force=true",
@@ -189,11 +211,7 @@ pub async fn measure(api_url: &str, admin: &Client, seconds: u64) -> Result<Valu
         .await;
     Ok(json!({
         "get_machine": Value::Object(throughput),
-        "isolation": {
-            "calm_reads_alone": report(&baseline),
-            "calm_reads_during_flood": report(&during),
-            "flood_starts": report(&flooded),
-        },
+        "isolation": Value::Object(isolation),
         "window_s": seconds,
     }))
 }

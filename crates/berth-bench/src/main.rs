@@ -750,12 +750,20 @@ fn print_api_table(api: &Value) {
             &api["isolation"]["calm_reads_alone"],
         ),
         (
-            "org A reads, while org B floods starts",
-            &api["isolation"]["calm_reads_during_flood"],
+            "org A reads, while org B floods starts on 32 conns",
+            &api["isolation"]["calm_reads_during_flood_c32"],
         ),
         (
-            "org B's flood of starts (32 conns)",
-            &api["isolation"]["flood_starts"],
+            "org B's flood of starts, 32 conns",
+            &api["isolation"]["flood_starts_c32"],
+        ),
+        (
+            "org A reads, while org B floods starts on 256 conns",
+            &api["isolation"]["calm_reads_during_flood_c256"],
+        ),
+        (
+            "org B's flood of starts, 256 conns",
+            &api["isolation"]["flood_starts_c256"],
         ),
     ];
     for (label, row) in rows {
@@ -764,10 +772,12 @@ fn print_api_table(api: &Value) {
             row["n"], row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"]
         );
     }
-    println!(
-        "\nflood answers by status: {}",
-        api["isolation"]["flood_starts"]["statuses"]
-    );
+    for connections in [32, 256] {
+        println!(
+            "flood on {connections} connections, answers by status: {}",
+            api["isolation"][format!("flood_starts_c{connections}")]["statuses"]
+        );
+    }
 }
 
 fn print_table(report: &Value) {

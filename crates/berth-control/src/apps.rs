@@ -32,7 +32,7 @@ pub(crate) async fn create_app(
     principal: Principal,
     ApiJson(request): ApiJson<CreateAppRequest>,
 ) -> Result<(StatusCode, Json<App>), ApiError> {
-    control.check_rate(&principal, Action::Create, None)?;
+    control.check_rate(&principal, Action::Create, None).await?;
     validate::validate_name("app_name", &request.app_name)?;
     // An org's token makes apps in its own org; naming another is naming nothing.
     let org_slug = request
@@ -64,7 +64,7 @@ pub(crate) async fn list_apps(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<App>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let mut apps = Vec::new();
     for row in control.store.apps().await? {
         if principal.can_see(&row.org_slug) {
@@ -81,7 +81,7 @@ pub(crate) async fn get_app(
     principal: Principal,
     ApiPath(app): ApiPath<String>,
 ) -> Result<Json<App>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let row = control.app(&principal, &app).await?;
     Ok(Json(app_json(&control, row).await?))
 }
@@ -96,7 +96,9 @@ pub(crate) async fn delete_app(
     ApiPath(app): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     control.app(&principal, &app).await?;
-    control.check_rate(&principal, Action::Destroy, None)?;
+    control
+        .check_rate(&principal, Action::Destroy, None)
+        .await?;
     for machine in control.store.machines(&app).await? {
         control
             .worker(&machine.worker)?

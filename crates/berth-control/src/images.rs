@@ -138,7 +138,7 @@ pub(crate) async fn list_images(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let usage = image_usage(&control).await?;
     let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for entry in &usage {

@@ -147,7 +147,9 @@ pub(crate) async fn acquire_lease(
     OptionalJson(request): OptionalJson<LeaseRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
     control.machine(&principal, &app, &id).await?;
-    control.check_rate(&principal, Action::Update, Some(&id))?;
+    control
+        .check_rate(&principal, Action::Update, Some(&id))
+        .await?;
     let ttl = request.ttl.unwrap_or(DEFAULT_TTL_S);
     if !(1..=MAX_TTL_S).contains(&ttl) {
         return Err(ApiError::invalid_config(
@@ -230,7 +232,7 @@ pub(crate) async fn get_lease(
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<Lease>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     control.machine(&principal, &app, &id).await?;
     current(&control, &id)
         .await?
@@ -249,7 +251,9 @@ pub(crate) async fn release_lease(
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
     control.machine(&principal, &app, &id).await?;
-    control.check_rate(&principal, Action::Update, Some(&id))?;
+    control
+        .check_rate(&principal, Action::Update, Some(&id))
+        .await?;
     let given = given_nonce(&headers)?;
     let now = control.clock.now_ms();
     let held = current(&control, &id)

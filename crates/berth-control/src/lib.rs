@@ -47,6 +47,8 @@ use store::{AppRow, ControlStore, MachineIndexRow};
 
 /// The org every install starts with, and the default for apps the admin creates.
 pub const DEFAULT_ORG: &str = "personal";
+/// The longest a refused (429) call is held before it is answered.
+const MAX_TARPIT_MS: u64 = 1000;
 /// The default cap on each of exec's stdout and stderr.
 pub const DEFAULT_EXEC_OUTPUT_BYTES: usize = 1024 * 1024;
 
@@ -321,8 +323,11 @@ impl ControlPlane {
         limits::effective(&self.default_limits, &overrides)
     }
 
-    /// Counts one call against the caller's rate limit.
-    pub(crate) fn check_rate(
+    /// Counts one call against the caller's rate limit. A refused call is answered only
+    /// after a pause of up to a second: a client that ignores `Retry-After` and asks again
+    /// at once is slowed to a few calls per second per connection, so its flood costs the
+    /// server, and everyone else, almost nothing. Well-behaved clients wait anyway.
+    pub(crate) async fn check_rate(
         &self,
         principal: &Principal,
         action: Action,
@@ -332,8 +337,14 @@ impl ControlPlane {
             return Ok(());
         };
         let limits = self.limits_of(org);
-        self.rate_limiters
-            .check(principal, &limits.rate_limits, action, machine)
+        let refused = self
+            .rate_limiters
+            .check(principal, &limits.rate_limits, action, machine);
+        if let Err(error) = &refused {
+            let wait = error.body.retry_after_ms.unwrap_or(0).min(MAX_TARPIT_MS);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        refused
     }
 
     /// Serializes the quota checks of one org that need the store (Machine counts).

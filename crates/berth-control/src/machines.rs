@@ -49,7 +49,7 @@ pub(crate) async fn create_machine(
     ApiJson(request): ApiJson<CreateMachineRequest>,
 ) -> Result<Response, ApiError> {
     let app_row = control.app(&principal, &app).await?;
-    control.check_rate(&principal, Action::Create, None)?;
+    control.check_rate(&principal, Action::Create, None).await?;
     validate::validate_create(&request)?;
     let claim = match idempotency::begin(
         &control,
@@ -182,7 +182,7 @@ pub(crate) async fn list_machines(
     ApiPath(app): ApiPath<String>,
     ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Vec<Machine>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let mut filters = BTreeMap::new();
     for (name, value) in query {
         let Some(key) = name.strip_prefix("metadata.") else {
@@ -238,7 +238,7 @@ pub(crate) async fn get_machine(
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<Machine>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let (_, row) = control.machine(&principal, &app, &id).await?;
     match control.worker(&row.worker)?.get(&id).await {
         Ok(machine) => Ok(Json(seen(&control, machine, &row.worker).await)),
@@ -265,7 +265,9 @@ pub(crate) async fn update_machine(
     ApiJson(request): ApiJson<UpdateMachineRequest>,
 ) -> Result<Json<Machine>, ApiError> {
     let (app_row, row) = control.machine(&principal, &app, &id).await?;
-    control.check_rate(&principal, Action::Update, Some(&id))?;
+    control
+        .check_rate(&principal, Action::Update, Some(&id))
+        .await?;
     leases::check(&control, &id, &headers).await?;
     validate::validate_config(&request.config)?;
     let org = &app_row.org_slug;
@@ -300,7 +302,7 @@ async fn prologue(
         Begin::Proceed(claim) => claim,
     };
     let (app_row, row) = control.machine(principal, app, id).await?;
-    control.check_rate(principal, action, Some(id))?;
+    control.check_rate(principal, action, Some(id)).await?;
     leases::check(control, id, headers).await?;
     Ok(Ok((app_row, row, claim)))
 }

@@ -92,7 +92,7 @@ pub(crate) async fn wait_machine(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<Json<WaitResponse>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let timeout = query.timeout.unwrap_or(MAX_WAIT_S);
     if timeout > MAX_WAIT_S {
         return Err(ApiError::invalid_config(
@@ -174,7 +174,7 @@ pub(crate) async fn machine_events(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Vec<MachineEvent>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let limit = query.limit.unwrap_or(DEFAULT_EVENTS);
     if !(1..=MAX_EVENTS).contains(&limit) {
         return Err(ApiError::invalid_config(
@@ -204,7 +204,9 @@ pub(crate) async fn exec_machine(
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
     let (_, row) = control.machine(&principal, &app, &id).await?;
-    control.check_rate(&principal, Action::Exec, Some(&id))?;
+    control
+        .check_rate(&principal, Action::Exec, Some(&id))
+        .await?;
     leases::check(&control, &id, &headers).await?;
     if request.cmd.is_empty() || request.cmd[0].is_empty() {
         return Err(ApiError::invalid_config("cmd", "needs a program to run"));
@@ -253,7 +255,7 @@ pub(crate) async fn get_metadata(
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<BTreeMap<String, String>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let (_, row) = control.machine(&principal, &app, &id).await?;
     Ok(Json(
         control.worker(&row.worker)?.get(&id).await?.config.metadata,
@@ -289,7 +291,9 @@ pub(crate) async fn set_metadata(
     ApiJson(request): ApiJson<SetMetadataRequest>,
 ) -> Result<StatusCode, ApiError> {
     let (_, row) = control.machine(&principal, &app, &id).await?;
-    control.check_rate(&principal, Action::Update, Some(&id))?;
+    control
+        .check_rate(&principal, Action::Update, Some(&id))
+        .await?;
     leases::check(&control, &id, &headers).await?;
     check_key(&key)?;
     control
@@ -310,7 +314,9 @@ pub(crate) async fn delete_metadata(
     ApiPath((app, id, key)): ApiPath<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (_, row) = control.machine(&principal, &app, &id).await?;
-    control.check_rate(&principal, Action::Update, Some(&id))?;
+    control
+        .check_rate(&principal, Action::Update, Some(&id))
+        .await?;
     leases::check(&control, &id, &headers).await?;
     check_key(&key)?;
     control
@@ -351,7 +357,7 @@ pub(crate) async fn machine_logs(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let (_, row) = control.machine(&principal, &app, &id).await?;
     let max_bytes = query
         .max_bytes

@@ -136,7 +136,7 @@ pub(crate) async fn list_orgs(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<Org>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let mut orgs = Vec::new();
     for (slug, created) in control.store.orgs().await? {
         if principal.can_see(&slug) {
@@ -153,7 +153,7 @@ pub(crate) async fn get_org(
     principal: Principal,
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Org>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let (slug, created) = visible_org(&control, &principal, &slug).await?;
     Ok(Json(org_json(&control, slug, created).await?))
 }
@@ -242,7 +242,7 @@ pub(crate) async fn list_tokens(
     principal: Principal,
     ApiQuery(query): ApiQuery<TokensQuery>,
 ) -> Result<Json<Vec<TokenInfo>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     Ok(Json(
         control
             .tokens
@@ -267,7 +267,9 @@ pub(crate) async fn revoke_token(
     principal: Principal,
     ApiPath(token_id): ApiPath<String>,
 ) -> Result<Json<TokenInfo>, ApiError> {
-    control.check_rate(&principal, Action::Destroy, None)?;
+    control
+        .check_rate(&principal, Action::Destroy, None)
+        .await?;
     let mut row = control
         .tokens
         .get(&token_id)

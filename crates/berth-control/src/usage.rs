@@ -416,7 +416,7 @@ pub(crate) async fn org_usage(
     headers: HeaderMap,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    control.check_rate(&principal, Action::Read, None)?;
+    control.check_rate(&principal, Action::Read, None).await?;
     let Query(query) =
         query.map_err(|rejection| ApiError::invalid_config("query", rejection.body_text()))?;
     // Another org's usage answers exactly like an org that does not exist.

@@ -427,8 +427,20 @@ async fn logs_rotate_at_the_cap() {
         .unwrap()
         .len();
     assert!(current <= 4096 && rotated <= 4096, "{current} {rotated}");
-    // output.log, output.log.1 and the base offset that keeps positions stable.
+    // output.log, output.log.1, and output.log.base: the bytes rotated away before
+    // output.log, which gives every byte a position that survives rotation.
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 3);
+    let written: u64 = (0..2000).map(|i| format!("line {i}\n").len() as u64).sum();
+    let base: u64 = fs::read_to_string(dir.join(logs::BASE_FILE))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(base + current, written);
+    assert_eq!(
+        logs::log_bounds(&f.layout).unwrap(),
+        (base - rotated, written)
+    );
 
     let tail = logs::read_logs(&f.layout, 1000).unwrap();
     assert_eq!(tail.len(), 1000);
