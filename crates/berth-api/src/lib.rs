@@ -69,7 +69,8 @@ impl MachineState {
 
 impl fmt::Display for MachineState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // pad, not write_str, so table widths apply.
+        f.pad(self.as_str())
     }
 }
 

@@ -43,6 +43,10 @@ struct Args {
     /// Only the API-tier figures, none of the lifecycle ones.
     #[arg(long)]
     api_only: bool,
+    /// Only the metering figures: the journal's cost on the start path and the usage query
+    /// over 1M journal records (100k with --quick).
+    #[arg(long)]
+    metering_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -88,8 +92,31 @@ async fn run(args: Args) -> Result<()> {
     if std::fs::metadata("/proc/self").is_ok() && !is_root() {
         bail!("the bench runs Machines with runc and needs root");
     }
-    let runc = find_program(&args.runc).context("runc not found; install it")?;
     let scratch = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
+    if args.metering_only {
+        let metering = metering_figures(scratch.path(), args.cycles.max(200)).await?;
+        let records = if args.quick { 100_000 } else { 1_000_000 };
+        let usage_query = usage_query_figures(scratch.path(), records).await?;
+        // Keep the figures of the last full run beside these.
+        let mut merged: Value = std::fs::read(&args.out)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_else(|| json!({}));
+        merged["metering"] = metering;
+        merged["usage_query"] = usage_query;
+        if let Some(parent) = args.out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&args.out, serde_json::to_string_pretty(&merged)? + "\n")?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"metering": merged["metering"], "usage_query": merged["usage_query"]})
+            )?
+        );
+        return Ok(());
+    }
+    let runc = find_program(&args.runc).context("runc not found; install it")?;
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
     let platform = LocalPlatform::open(PlatformOptions {
