@@ -502,8 +502,15 @@ async fn usage_query_figures(scratch: &Path, records: usize) -> Result<Value> {
     let mut times = Vec::new();
     for _ in 0..3 {
         let clock = Instant::now();
-        let intervals = usage::intervals(store.pool(), Some("bench"), window).await?;
-        let rows = usage::report_rows(&intervals, window, window.to_ms, usage::GroupBy::Machine);
+        // What GET /v1/orgs/{org}/usage?group_by=machine runs.
+        let rows = usage::aggregate(
+            store.pool(),
+            "bench",
+            window,
+            window.to_ms,
+            usage::GroupBy::Machine,
+        )
+        .await?;
         times.push(clock.elapsed());
         if rows.len() != machines {
             bail!(

@@ -174,6 +174,46 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
     });
     let derived = expected_intervals(&journal);
     assert_eq!(stored, derived, "SQL intervals equal the billing maths");
+
+    // The SQL sums for machine and app equal the sums over the intervals, for a window
+    // that cuts some of them.
+    let now = journal
+        .last()
+        .map(|record| record.at_ms + 1_000)
+        .unwrap_or(2_000_000);
+    let window = Window {
+        from_ms: 1_000_000 + (now - 1_000_000) / 3,
+        to_ms: now - 500,
+    };
+    let all = usage::intervals(store.pool(), Some("org"), window)
+        .await
+        .expect("intervals");
+    for group_by in [usage::GroupBy::Machine, usage::GroupBy::App] {
+        let expected = usage::report_rows(&all, window, now, group_by);
+        let summed = usage::aggregate(store.pool(), "org", window, now, group_by)
+            .await
+            .expect("aggregate");
+        assert_eq!(
+            summed.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>()
+        );
+        for (key, quantities) in &summed {
+            let want = expected[key];
+            assert_eq!(
+                (
+                    quantities.running_ms,
+                    quantities.cpu_ms,
+                    quantities.memory_mib_ms
+                ),
+                (want.running_ms, want.cpu_ms, want.memory_mib_ms),
+                "{group_by:?} {key}"
+            );
+            assert!(
+                (quantities.storage_byte_ms - want.storage_byte_ms).abs() <= 1024,
+                "{group_by:?} {key}"
+            );
+        }
+    }
     store.close().await;
 }
 
