@@ -22,6 +22,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 mod api_load;
+mod cluster;
 
 #[derive(Debug, Parser)]
 #[command(name = "berth-bench")]
@@ -47,6 +48,10 @@ struct Args {
     /// over 1M journal records (100k with --quick).
     #[arg(long)]
     metering_only: bool,
+    /// Only the many-workers figures: start through `berth server` and a `berth agent`
+    /// process against in-process, and create/start with 200 Machines on one worker.
+    #[arg(long)]
+    cluster_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -144,6 +149,20 @@ async fn run(args: Args) -> Result<()> {
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     let client = Client::new(&api_url, &platform.admin_token)?;
 
+    if args.cluster_only {
+        let result = cluster::measure(args.cycles, &client, scratch.path()).await;
+        server.abort();
+        platform.close().await;
+        let figures = result?;
+        let mut merged: Value = std::fs::read(&args.out)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_else(|| json!({}));
+        merged["cluster"] = figures;
+        std::fs::write(&args.out, serde_json::to_string_pretty(&merged)? + "\n")?;
+        println!("{}", serde_json::to_string_pretty(&merged["cluster"])?);
+        return Ok(());
+    }
     let result = if args.api_only {
         import_bench_image(&client, scratch.path()).await
     } else {

@@ -1,0 +1,259 @@
+//! Many workers: start through `berth server` plus a separate `berth agent` process against
+//! the in-process platform in the same run, and create and start with 200 Machines
+//! already on one worker.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use berth::client::Client;
+use berth_api::{
+    CreateMachineRequest, InitConfig, Machine, MachineConfig, StartStopResponse, Worker,
+};
+use berth_image::build::{busybox_layer, Compression, ImageBuilder};
+use serde_json::{json, Value};
+
+use crate::summary;
+
+/// Kills the processes it holds when dropped, so a failed run leaves none behind.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn sleeper() -> MachineConfig {
+    MachineConfig {
+        image: "bench/busybox:1".into(),
+        init: InitConfig {
+            cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
+            entrypoint: None,
+        },
+        stop_config: berth_api::StopConfig {
+            signal: Some("SIGKILL".into()),
+            timeout: None,
+        },
+        ..MachineConfig::default()
+    }
+}
+
+async fn create(client: &Client, app: &str) -> Result<Machine> {
+    let request = CreateMachineRequest {
+        name: None,
+        region: None,
+        skip_launch: true,
+        config: sleeper(),
+    };
+    client
+        .post(&format!("/v1/apps/{app}/machines"), &request)
+        .await
+}
+
+/// `GET machine` latencies: the cleanest view of what the agent hop adds, because the
+/// worker does almost nothing for it.
+async fn gets(client: &Client, app: &str, id: &str, count: usize) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let clock = Instant::now();
+        client
+            .get::<Machine>(&format!("/v1/apps/{app}/machines/{id}"))
+            .await?;
+        times.push(clock.elapsed());
+    }
+    Ok(times)
+}
+
+/// Start p50 over `cycles` stop→start cycles of one Machine.
+async fn start_cycles(
+    client: &Client,
+    app: &str,
+    id: &str,
+    cycles: usize,
+) -> Result<Vec<Duration>> {
+    let base = format!("/v1/apps/{app}/machines/{id}");
+    let mut starts = Vec::with_capacity(cycles);
+    for _ in 0..cycles {
+        let clock = Instant::now();
+        client
+            .post::<_, StartStopResponse>(&format!("{base}/start"), &json!({}))
+            .await?;
+        starts.push(clock.elapsed());
+        client
+            .post::<_, StartStopResponse>(&format!("{base}/stop"), &json!({}))
+            .await?;
+    }
+    Ok(starts)
+}
+
+pub async fn measure(cycles: usize, in_process: &Client, scratch: &Path) -> Result<Value> {
+    let archive = scratch.join("cluster-busybox.tar");
+    ImageBuilder::new()
+        .layer(busybox_layer(Path::new("/bin/busybox"))?, Compression::Gzip)
+        .write_archive(&archive)?;
+
+    // The in-process platform: start, then create and start with 200 Machines on the worker.
+    in_process
+        .import_archive::<Value>(&archive, "bench/busybox:1")
+        .await?;
+    in_process
+        .post::<_, Value>("/v1/apps", &json!({"app_name": "dense"}))
+        .await?;
+    let first = create(in_process, "dense").await?;
+    let local_starts = start_cycles(in_process, "dense", &first.id, cycles).await?;
+    let local_gets = gets(in_process, "dense", &first.id, 300).await?;
+    for _ in 0..199 {
+        create(in_process, "dense").await?;
+    }
+    let mut dense_creates = Vec::new();
+    let mut last = first.id.clone();
+    for _ in 0..20 {
+        let clock = Instant::now();
+        last = create(in_process, "dense").await?.id;
+        dense_creates.push(clock.elapsed());
+    }
+    let dense_starts = start_cycles(in_process, "dense", &last, cycles).await?;
+    let _ = in_process.delete::<Value>("/v1/apps/dense").await;
+
+    // The same through a control plane and an agent in separate processes.
+    let berth = std::env::current_exe()?.with_file_name("berth");
+    if !berth.is_file() {
+        bail!(
+            "{} is missing: build it with cargo build --release -p berth",
+            berth.display()
+        );
+    }
+    let port = free_port()?;
+    let server_dir = scratch.join("cluster-server");
+    let mut processes = Processes(Vec::new());
+    processes.0.push(
+        Command::new(&berth)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&server_dir)
+            .env("BERTH_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let api_url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server_dir.join("join-token").is_file() || reqwest_health(&api_url).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("berth server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = std::fs::read_to_string(server_dir.join("admin-token"))?
+        .trim()
+        .to_owned();
+    let join = std::fs::read_to_string(server_dir.join("join-token"))?
+        .trim()
+        .to_owned();
+    processes.0.push(
+        Command::new(&berth)
+            .args([
+                "agent",
+                "--control-url",
+                &api_url,
+                "--join-token",
+                &join,
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{}", free_port()?))
+            .arg("--data-dir")
+            .arg(scratch.join("cluster-agent"))
+            .args([
+                "--name",
+                "w1",
+                "--cpus",
+                "64",
+                "--memory-mb",
+                "65536",
+                "--disk-mb",
+                "1000000",
+            ])
+            .env("BERTH_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let remote = Client::new(&api_url, &admin)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let workers = loop {
+        let workers: Vec<Worker> = remote.get("/v1/workers").await?;
+        if workers.iter().any(|worker| worker.status == "ready") {
+            break workers;
+        }
+        if Instant::now() > deadline {
+            bail!("berth agent did not join");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    remote
+        .import_archive::<Value>(&archive, "bench/busybox:1")
+        .await?;
+    remote
+        .post::<_, Value>("/v1/apps", &json!({"app_name": "remote"}))
+        .await?;
+    let result = async {
+        let machine = create(&remote, "remote").await?;
+        let starts = start_cycles(&remote, "remote", &machine.id, cycles).await?;
+        let reads = gets(&remote, "remote", &machine.id, 300).await?;
+        Ok::<_, anyhow::Error>((starts, reads))
+    }
+    .await;
+    let _ = remote.delete::<Value>("/v1/apps/remote").await;
+    drop(processes);
+    for worker in &workers {
+        let bridge = berth::platform::bridge_name(&worker.machine_prefix);
+        let _ = Command::new("ip")
+            .args(["link", "delete", &bridge])
+            .status();
+    }
+    let (remote_starts, remote_gets) =
+        result.context("start through berth server and berth agent")?;
+
+    let local = summary(&local_starts);
+    let through_agent = summary(&remote_starts);
+    let hop_ms =
+        through_agent["p50_ms"].as_f64().unwrap_or(0.0) - local["p50_ms"].as_f64().unwrap_or(0.0);
+    let local_read = summary(&local_gets);
+    let remote_read = summary(&remote_gets);
+    let read_hop_ms = remote_read["p50_ms"].as_f64().unwrap_or(0.0)
+        - local_read["p50_ms"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "get_in_process": local_read,
+        "get_via_server_and_agent": remote_read,
+        "agent_hop_get_p50_ms": (read_hop_ms * 100.0).round() / 100.0,
+        "start_in_process": local,
+        "start_via_server_and_agent": through_agent,
+        "agent_hop_p50_ms": (hop_ms * 100.0).round() / 100.0,
+        "create_with_200_machines": summary(&dense_creates),
+        "start_with_200_machines": summary(&dense_starts),
+    }))
+}
+
+async fn reqwest_health(api_url: &str) -> Result<()> {
+    let response = reqwest::get(format!("{api_url}/v1/health")).await?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        bail!("not healthy yet")
+    }
+}
