@@ -152,6 +152,7 @@ async fn run(args: Args) -> Result<()> {
     if args.cluster_only {
         let result = cluster::measure(args.cycles, &client, scratch.path()).await;
         server.abort();
+        remove_bridges(&platform).await;
         platform.close().await;
         let figures = result?;
         let mut merged: Value = std::fs::read(&args.out)
@@ -185,6 +186,7 @@ async fn run(args: Args) -> Result<()> {
     // Always leave the host clean, even when a measurement failed.
     let _ = client.delete::<Value>("/v1/apps/bench").await;
     server.abort();
+    remove_bridges(&platform).await;
     platform.close().await;
     let report = result?;
 
@@ -206,6 +208,18 @@ async fn run(args: Args) -> Result<()> {
     print_table(&report);
     println!("\nwritten to {}", args.out.display());
     Ok(())
+}
+
+/// The in-process workers' bridges outlive the platform; the bench leaves nothing behind.
+async fn remove_bridges(platform: &LocalPlatform) {
+    for (name, _) in &platform.agents {
+        if let Ok(prefix) = platform.control.worker_prefix(name).await {
+            let bridge = berth::platform::bridge_name(&prefix);
+            let _ = std::process::Command::new("ip")
+                .args(["link", "delete", &bridge])
+                .status();
+        }
+    }
 }
 
 fn is_root() -> bool {
