@@ -34,7 +34,9 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn sleeper() -> MachineConfig {
+/// `sleep 3600`, stopped with SIGKILL: sleep as PID 1 ignores SIGTERM, and the bench
+/// measures stop, not a grace period.
+pub(crate) fn sleeper() -> MachineConfig {
     MachineConfig {
         image: "bench/busybox:1".into(),
         init: InitConfig {

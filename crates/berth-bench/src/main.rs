@@ -269,19 +269,7 @@ async fn measure(
         .post::<_, Value>("/v1/apps", &json!({"app_name": "bench"}))
         .await?;
 
-    let config = MachineConfig {
-        image: "bench/busybox:1".into(),
-        init: InitConfig {
-            cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
-            entrypoint: None,
-        },
-        // sleep as PID 1 ignores SIGTERM; the bench measures stop, not a grace period.
-        stop_config: berth_api::StopConfig {
-            signal: Some("SIGKILL".into()),
-            timeout: None,
-        },
-        ..MachineConfig::default()
-    };
+    let config = cluster::sleeper();
     let machines = "/v1/apps/bench/machines";
     let (mut creates, mut first_starts, mut stops) = (Vec::new(), Vec::new(), Vec::new());
     let mut ids = Vec::new();

@@ -203,7 +203,7 @@ pub(crate) async fn list_machines(
         match control.worker(worker)?.list(&app).await {
             Ok(listed) => {
                 for machine in listed {
-                    machines.push(seen(&control, machine, worker).await);
+                    machines.push(answered_by(machine, worker));
                 }
             }
             // A worker that is down does not hide its Machines: show what was last known.
@@ -241,7 +241,7 @@ pub(crate) async fn get_machine(
     control.check_rate(&principal, Action::Read, None).await?;
     let (_, row) = control.machine(&principal, &app, &id).await?;
     match control.worker(&row.worker)?.get(&id).await {
-        Ok(machine) => Ok(Json(seen(&control, machine, &row.worker).await)),
+        Ok(machine) => Ok(Json(answered_by(machine, &row.worker))),
         Err(error @ AgentError::Unavailable { .. }) => {
             match last_known(&control, &id, &row.worker).await? {
                 Some(machine) => Ok(Json(machine)),
@@ -433,11 +433,18 @@ pub(crate) async fn destroy_machine(
     Ok(idempotency::finish(claim, result.into_response()).await)
 }
 
-/// Marks a Machine answered by its worker with the worker's name, and remembers it as the
-/// last known state for when that worker is down.
-async fn seen(control: &ControlPlane, mut machine: Machine, worker: &str) -> Machine {
+/// Marks a Machine answered by its worker with the worker's name and status.
+fn answered_by(mut machine: Machine, worker: &str) -> Machine {
     machine.worker = Some(worker.to_owned());
     machine.worker_status = Some("ok".into());
+    machine
+}
+
+/// After a change (create, update, start, stop): marks the answer, and remembers it as the
+/// last known state for when that worker is down. Reads only mark, so GET and list cost
+/// no write.
+async fn seen(control: &ControlPlane, machine: Machine, worker: &str) -> Machine {
+    let machine = answered_by(machine, worker);
     if let Ok(json) = serde_json::to_string(&machine) {
         if let Err(error) = control.store.remember_machine(&machine.id, &json).await {
             tracing::warn!(machine = %machine.id, %error, "caching the machine's last known state");
