@@ -141,6 +141,7 @@ async fn run(args: Args) -> Result<()> {
         registry: Default::default(),
         exec_max_output_bytes: None,
         default_limits: None,
+        egress_nat: false,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -54,8 +54,9 @@ pub struct NetworkConfig {
     pub bridge: String,
     /// The worker's IPv6 ULA /64 (inside `fc00::/7`). The bridge takes its `::1`.
     pub prefix: Ipv6Net,
-    /// Masquerade traffic from the Machine network to the host's uplink. Off by default;
-    /// not implemented yet: [`WorkerNetwork::ensure`] refuses it with `not_supported`.
+    /// Let Machines reach the outside world: IPv6 forwarding on, and nftables masquerade of
+    /// the prefix towards every interface but the bridge ([`egress_ruleset`]). Off by
+    /// default; needs the `nft` binary.
     pub egress_nat: bool,
 }
 
@@ -112,11 +113,6 @@ impl WorkerNetwork {
     /// racing on the same bridge both succeed.
     pub async fn ensure(config: NetworkConfig) -> Result<WorkerNetwork, RuntimeError> {
         config.validate()?;
-        if config.egress_nat {
-            return Err(RuntimeError::NotSupported(
-                "egress NAT (NetworkConfig::egress_nat)".into(),
-            ));
-        }
         let bridge = config.bridge.clone();
         let context = |what: &str| format!("{what} bridge {bridge}");
         let nl = Netlink::host().map_err(|e| network_error(context("open netlink for"), e))?;
@@ -157,6 +153,9 @@ impl WorkerNetwork {
             nl.set_link(LinkUnspec::new_with_index(index).up().build())
                 .await
                 .map_err(|e| netlink_error(context("bring up"), e))?;
+        }
+        if config.egress_nat {
+            enable_egress(&config).await?;
         }
         Ok(WorkerNetwork {
             config,
@@ -598,6 +597,88 @@ fn address_of(message: &AddressMessage) -> Option<Ipv6Addr> {
         })
 }
 
+/// The nftables table that holds a worker's egress rules: one per bridge, so workers
+/// sharing a host don't step on each other, and removing it undoes egress entirely
+/// (`nft delete table ip6 <name>`).
+pub fn egress_table(config: &NetworkConfig) -> String {
+    let bridge: String = config
+        .bridge
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("berth_egress_{bridge}")
+}
+
+/// The ruleset for egress NAT, applied atomically by `nft -f -`. Re-applying replaces the
+/// table's rules rather than adding to them. Machines' traffic leaving by any interface
+/// but the bridge is masqueraded; replies come back in; nothing else from outside is
+/// forwarded to the bridge. Other forwarded traffic of the host is left alone.
+pub fn egress_ruleset(config: &NetworkConfig) -> String {
+    let table = egress_table(config);
+    let bridge = &config.bridge;
+    let prefix = config.prefix;
+    format!(
+        "table ip6 {table}
+delete table ip6 {table}
+table ip6 {table} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip6 saddr {prefix} oifname != \"{bridge}\" masquerade
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname \"{bridge}\" ip6 saddr {prefix} accept
+        oifname \"{bridge}\" ct state established,related accept
+        oifname \"{bridge}\" iifname != \"{bridge}\" drop
+    }}
+}}
+"
+    )
+}
+
+/// Runs `nft` on a ruleset; `check_only` asks the kernel to validate without applying.
+pub async fn apply_nft(ruleset: &str, check_only: bool) -> Result<(), RuntimeError> {
+    use tokio::io::AsyncWriteExt;
+    let mut command = tokio::process::Command::new("nft");
+    if check_only {
+        command.arg("--check");
+    }
+    let mut child = command
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| RuntimeError::io("run nft (is the nftables package installed?)", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(ruleset.as_bytes())
+            .await
+            .map_err(|e| RuntimeError::io("write the ruleset to nft", e))?;
+    }
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| RuntimeError::io("wait for nft", e))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidNetwork(format!(
+            "nft refused the egress ruleset: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+async fn enable_egress(config: &NetworkConfig) -> Result<(), RuntimeError> {
+    apply_nft(&egress_ruleset(config), false).await?;
+    // IPv6 has no per-interface forwarding switch that routers honour; this is host-wide,
+    // which is why egress is an operator's choice and off by default.
+    tokio::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", b"1")
+        .await
+        .map_err(|e| RuntimeError::io("turn on IPv6 forwarding", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,6 +715,20 @@ mod tests {
             let err = config.validate().unwrap_err();
             assert_eq!(err.code(), "invalid_network", "{bridge} {net}: {err}");
         }
+    }
+
+    #[test]
+    fn egress_ruleset_masquerades_only_the_machine_prefix() {
+        let mut config = NetworkConfig::new("bz-1.a", prefix("fd12:3456:789a:1::/64"));
+        config.egress_nat = true;
+        assert_eq!(egress_table(&config), "berth_egress_bz_1_a");
+        let rules = egress_ruleset(&config);
+        assert!(rules.contains("ip6 saddr fd12:3456:789a:1::/64 oifname != \"bz-1.a\" masquerade"));
+        assert!(rules.contains("oifname \"bz-1.a\" ct state established,related accept"));
+        // Idempotent: the table is replaced, never appended to.
+        let delete = rules.find("delete table ip6 berth_egress_bz_1_a").unwrap();
+        let define = rules.find("table ip6 berth_egress_bz_1_a {").unwrap();
+        assert!(delete < define);
     }
 
     #[test]

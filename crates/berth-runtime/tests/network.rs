@@ -606,12 +606,18 @@ async fn ensure_is_idempotent_and_safe_concurrently() {
     }
     again.teardown().await.unwrap();
 
-    // Egress NAT is a documented option that is refused, not pretended.
+    // Egress NAT is never turned on here (tests send nothing off the host); its ruleset
+    // is checked by the kernel without being applied.
     let mut config = nets[0].config();
     config.egress_nat = true;
-    let err = WorkerNetwork::ensure(config).await.unwrap_err();
-    assert_eq!(err.code(), "not_supported", "{err}");
-    assert!(!link_exists(&nets[0].bridge));
+    berth_runtime::network::apply_nft(&berth_runtime::network::egress_ruleset(&config), true)
+        .await
+        .unwrap();
+    let broken = berth_runtime::network::egress_ruleset(&config).replace("masquerade", "masq");
+    let err = berth_runtime::network::apply_nft(&broken, true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_network", "{err}");
 
     // A name taken by something that is not a bridge.
     let other = TestNet::new();

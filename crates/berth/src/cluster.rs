@@ -92,6 +92,10 @@ pub struct AgentArgs {
     log_max_bytes: u64,
     #[arg(long, default_value_t = 4096)]
     pids_limit: i64,
+    /// Let Machines reach the outside world: IPv6 forwarding on and nftables masquerade
+    /// of this worker's prefix (needs `nft`). Off by default.
+    #[arg(long)]
+    egress_nat: bool,
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
@@ -123,7 +127,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     let link = ControlLink::new(&args.control_url, &args.join_token)?;
     let prefix = link.register_until_accepted(&registration).await;
     info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
-    let (network, machine_prefix) = worker_network(&prefix).await?;
+    let (network, machine_prefix) = worker_network(&prefix, args.egress_nat).await?;
     let images = Arc::new(ImageStore::open(
         &data_dir.join("images"),
         UnpackLimits::default(),

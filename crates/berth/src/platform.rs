@@ -41,6 +41,8 @@ pub struct PlatformOptions {
     pub exec_max_output_bytes: Option<usize>,
     /// Changes to the built-in default quotas and rate limits of every org.
     pub default_limits: Option<berth_api::SetOrgLimitsRequest>,
+    /// Masquerade the workers' Machine networks to the host's uplinks (off by default).
+    pub egress_nat: bool,
 }
 
 pub struct LocalPlatform {
@@ -131,7 +133,7 @@ impl LocalPlatform {
                     error.body.message
                 )
             })?;
-            let (network, machine_prefix) = worker_network(&prefix).await?;
+            let (network, machine_prefix) = worker_network(&prefix, options.egress_nat).await?;
             let runtime = Arc::new(RuncRuntime::new(RuncConfig {
                 runc_binary: options.runc_binary.clone(),
                 runc_root: dir.join("runc"),
@@ -202,11 +204,18 @@ fn hex_string(bytes: &[u8]) -> String {
 
 /// Makes (or finds) the worker's bridge for its /64. Called once at agent start, before
 /// any Machine is attached: a host reboot drops the bridge too.
-pub async fn worker_network(prefix: &str) -> Result<(Arc<WorkerNetwork>, Ipv6Net)> {
+pub async fn worker_network(
+    prefix: &str,
+    egress_nat: bool,
+) -> Result<(Arc<WorkerNetwork>, Ipv6Net)> {
     let net: Ipv6Net = prefix
         .parse()
         .with_context(|| format!("the control plane gave a bad prefix {prefix:?}"))?;
-    let network = WorkerNetwork::ensure(NetworkConfig::new(bridge_name(prefix), net))
+    let config = NetworkConfig {
+        egress_nat,
+        ..NetworkConfig::new(bridge_name(prefix), net)
+    };
+    let network = WorkerNetwork::ensure(config)
         .await
         .with_context(|| format!("setting up the Machine network {prefix}"))?;
     Ok((Arc::new(network), net))

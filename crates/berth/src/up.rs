@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// Most processes inside one Machine.
     #[arg(long, default_value_t = 4096)]
     pids_limit: i64,
+    /// Let Machines reach the outside world: IPv6 forwarding on and nftables masquerade
+    /// of the workers' prefixes (needs `nft`). Off by default.
+    #[arg(long)]
+    egress_nat: bool,
     /// In-process workers, each with its own data dir, for trying placement on one host.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -151,6 +155,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         registry,
         exec_max_output_bytes: Some(args.exec_max_output_bytes),
         default_limits,
+        egress_nat: args.egress_nat,
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");
