@@ -2,27 +2,60 @@
 //! process, authenticated with the cluster's join token. [`crate::remote::RemoteWorker`]
 //! is its client.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use berth_api::{ErrorBody, StopRequest, UpdateMachineRequest};
-use serde::Deserialize;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::broadcast;
 
 use crate::error::AgentError;
-use crate::service::{CreateOnWorker, EventSource, ExecOnWorker, WorkerService};
+use crate::service::{
+    CreateOnWorker, EventSource, ExecOnWorker, MachineNotice, NoticeSnapshot, WorkerListener,
+    WorkerService,
+};
 
 /// The largest request body a control plane sends (a Machine config).
 const MAX_BODY: usize = 1024 * 1024;
+/// Notices kept for a slow follower; one that falls further behind is cut off and
+/// starts over from a snapshot.
+const NOTICE_BUFFER: usize = 4096;
+/// A blank line this often tells the follower the stream is alive.
+pub const NOTICE_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// One line of `GET /agent/v1/notices` (NDJSON): first the snapshot, then every notice
+/// recorded after it. Blank lines are keepalives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeLine {
+    Snapshot(NoticeSnapshot),
+    Notice(MachineNotice),
+}
 
 struct AgentHttp {
     worker: Arc<dyn WorkerService>,
     join_token_hash: [u8; 32],
+    notices: broadcast::Sender<MachineNotice>,
+}
+
+/// Fans the worker's notices out to every follower of `/agent/v1/notices`.
+struct NoticeFanout(broadcast::Sender<MachineNotice>);
+
+impl WorkerListener for NoticeFanout {
+    fn on_event(&self, notice: &MachineNotice) {
+        // No follower connected is fine: it gets a snapshot when it comes.
+        let _ = self.0.send(notice.clone());
+    }
 }
 
 type Shared = Arc<AgentHttp>;
@@ -68,11 +101,15 @@ fn authorized(http: &AgentHttp, headers: &HeaderMap) -> bool {
     bool::from(hash.ct_eq(&http.join_token_hash))
 }
 
-/// The router a worker serves to its control plane.
+/// The router a worker serves to its control plane. It becomes the worker's listener, so
+/// that the control plane can follow state changes over `/agent/v1/notices`.
 pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
+    let (notices, _) = broadcast::channel(NOTICE_BUFFER);
+    worker.set_listener(Arc::new(NoticeFanout(notices.clone())));
     let state = Arc::new(AgentHttp {
         worker,
         join_token_hash: Sha256::digest(join_token.as_bytes()).into(),
+        notices,
     });
     let authenticated = Router::new()
         .route("/agent/v1/machines", get(list).post(create))
@@ -87,6 +124,8 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/exec", post(exec))
         .route("/agent/v1/machines/{id}/metadata", post(metadata))
         .route("/agent/v1/machines/{id}/log-chunks", get(log_chunks))
+        .route("/agent/v1/notices", get(follow_notices))
+        .route("/agent/v1/notices/snapshot", get(notice_snapshot))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_join_token,
@@ -284,4 +323,53 @@ async fn log_chunks(
         chunks.push(chunk);
     }
     Ok(Json(chunks).into_response())
+}
+
+async fn notice_snapshot(State(http): State<Shared>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.notice_snapshot().await?).into_response())
+}
+
+fn ndjson_line(line: &NoticeLine) -> Bytes {
+    let mut bytes = serde_json::to_vec(line).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// Streams the snapshot, then live notices, until the follower disconnects or falls
+/// behind by more than [`NOTICE_BUFFER`] (it then reconnects for a fresh snapshot).
+async fn follow_notices(State(http): State<Shared>) -> Result<Response, Failure> {
+    // Subscribe before the snapshot, so nothing between the two is missed.
+    let live = http.notices.subscribe();
+    let snapshot = http.worker.notice_snapshot().await?;
+    let after = snapshot.last_event_id;
+    let first = ndjson_line(&NoticeLine::Snapshot(snapshot));
+    let start = tokio::time::Instant::now() + NOTICE_KEEPALIVE;
+    let keepalive = tokio::time::interval_at(start, NOTICE_KEEPALIVE);
+    let rest = futures::stream::unfold(
+        (live, keepalive),
+        move |(mut live, mut keepalive)| async move {
+            loop {
+                tokio::select! {
+                    received = live.recv() => match received {
+                        // Already reflected in the snapshot.
+                        Ok(notice) if notice.event_id.is_some_and(|id| id <= after) => continue,
+                        Ok(notice) => {
+                            let line = ndjson_line(&NoticeLine::Notice(notice));
+                            return Some((Ok::<_, Infallible>(line), (live, keepalive)));
+                        }
+                        Err(_) => return None,
+                    },
+                    _ = keepalive.tick() => {
+                        return Some((Ok(Bytes::from_static(b"\n")), (live, keepalive)));
+                    }
+                }
+            }
+        },
+    );
+    let stream = futures::stream::once(async move { Ok::<_, Infallible>(first) }).chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

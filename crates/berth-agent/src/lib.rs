@@ -37,8 +37,8 @@ pub mod store;
 
 pub use error::{AgentError, Result};
 pub use service::{
-    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, MachineNotice, WorkerListener,
-    WorkerService,
+    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, MachineNotice, NoticeSnapshot,
+    WorkerListener, WorkerService,
 };
 
 use record::{now_ms, LayerRef, MachineRecord, PendingOp, RootfsStack, UpdateSnapshot};
@@ -1165,6 +1165,10 @@ impl WorkerService for Agent {
         if let Ok(mut slot) = self.inner.listener.write() {
             *slot = Some(listener);
         }
+    }
+
+    async fn notice_snapshot(&self) -> Result<NoticeSnapshot> {
+        self.snapshot_notices().await
     }
 
     async fn machine_events(

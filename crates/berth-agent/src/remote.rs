@@ -2,7 +2,7 @@
 //! has a deadline; calls that are safe to repeat are retried on connection failures with
 //! a short backoff. A worker that cannot be reached answers `worker_unavailable`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,13 +10,17 @@ use berth_api::{
     ErrorBody, ExecResponse, Machine, MachineEvent, StartStopResponse, StopRequest,
     UpdateMachineRequest, UsageRecord,
 };
+use futures::StreamExt;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::task::AbortHandle;
 
 use crate::error::{AgentError, Result};
+use crate::http::{NoticeLine, NOTICE_KEEPALIVE};
 use crate::service::{
-    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, WorkerListener, WorkerService,
+    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, NoticeSnapshot,
+    WorkerListener, WorkerService,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,12 +33,45 @@ const RETRIES: u32 = 3;
 /// How often a followed log of a remote Machine is asked for more.
 const LOG_POLL: Duration = Duration::from_millis(250);
 
+/// Without a keepalive for this long, the notice stream is taken for dead.
+const NOTICE_SILENCE: Duration = Duration::from_secs(3 * NOTICE_KEEPALIVE.as_secs());
+const NOTICE_RETRY_MIN: Duration = Duration::from_millis(200);
+const NOTICE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A notice line longer than this is garbage, not a snapshot.
+const MAX_NOTICE_LINE: usize = 64 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct RemoteWorker {
     name: String,
     base: String,
     join_token: String,
     http: reqwest::Client,
+    follower: Arc<NoticeFollower>,
+}
+
+/// The task that follows the worker's notices; it ends with the last clone of the
+/// `RemoteWorker` (a worker that registers again gets a new one).
+#[derive(Default)]
+struct NoticeFollower {
+    task: Mutex<Option<AbortHandle>>,
+}
+
+impl NoticeFollower {
+    fn replace(&self, task: Option<AbortHandle>) {
+        let mut slot = match self.task.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(previous) = std::mem::replace(&mut *slot, task) {
+            previous.abort();
+        }
+    }
+}
+
+impl Drop for NoticeFollower {
+    fn drop(&mut self) {
+        self.replace(None);
+    }
 }
 
 impl RemoteWorker {
@@ -49,7 +86,76 @@ impl RemoteWorker {
             base: base_url.trim_end_matches('/').to_owned(),
             join_token: join_token.to_owned(),
             http,
+            follower: Arc::default(),
         })
+    }
+
+    /// Follows `/agent/v1/notices` for as long as this worker is known, reconnecting with
+    /// backoff; every (re)connection starts with a snapshot, so nothing missed while
+    /// disconnected stays missed.
+    async fn follow_notices(self, listener: Arc<dyn WorkerListener>) {
+        let mut retry = NOTICE_RETRY_MIN;
+        loop {
+            match self
+                .follow_notices_once(listener.as_ref(), &mut retry)
+                .await
+            {
+                Ok(()) => tracing::debug!(worker = %self.name, "notice stream ended; reconnecting"),
+                Err(reason) => {
+                    tracing::debug!(worker = %self.name, %reason, "notice stream broke; reconnecting")
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(NOTICE_RETRY_MAX);
+        }
+    }
+
+    async fn follow_notices_once(
+        &self,
+        listener: &dyn WorkerListener,
+        retry: &mut Duration,
+    ) -> std::result::Result<(), String> {
+        let response = self
+            .http
+            .get(format!("{}/agent/v1/notices", self.base))
+            .bearer_auth(&self.join_token)
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("answered {}", response.status()));
+        }
+        *retry = NOTICE_RETRY_MIN;
+        let mut body = response.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let chunk = match tokio::time::timeout(NOTICE_SILENCE, body.next()).await {
+                Err(_) => return Err("no keepalive".into()),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(error))) => return Err(error.to_string()),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                match serde_json::from_slice::<NoticeLine>(line) {
+                    Ok(NoticeLine::Snapshot(snapshot)) => {
+                        for notice in &snapshot.machines {
+                            listener.on_event(notice);
+                        }
+                    }
+                    Ok(NoticeLine::Notice(notice)) => listener.on_event(&notice),
+                    Err(error) => return Err(format!("unreadable notice: {error}")),
+                }
+            }
+            if pending.len() > MAX_NOTICE_LINE {
+                return Err("notice line too long".into());
+            }
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -240,9 +346,33 @@ impl WorkerService for RemoteWorker {
         self.json(response).await
     }
 
-    /// State-change notices do not cross processes yet; the control plane reads a remote
-    /// worker's events by asking (`machine_events`) instead.
-    fn set_listener(&self, _listener: Arc<dyn WorkerListener>) {}
+    /// Follows the worker's notices in a background task (on the current tokio runtime),
+    /// replacing any earlier listener's.
+    fn set_listener(&self, listener: Arc<dyn WorkerListener>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(worker = %self.name, "no async runtime to follow the worker's notices");
+            return;
+        };
+        let follower = RemoteWorker {
+            follower: Arc::default(),
+            ..self.clone()
+        };
+        let task = runtime.spawn(follower.follow_notices(listener));
+        self.follower.replace(Some(task.abort_handle()));
+    }
+
+    async fn notice_snapshot(&self) -> Result<NoticeSnapshot> {
+        let response = self
+            .call::<()>(
+                Method::GET,
+                "/agent/v1/notices/snapshot",
+                None,
+                READ_DEADLINE,
+                true,
+            )
+            .await?;
+        self.json(response).await
+    }
 
     async fn machine_events(&self, id: &str, since: i64, limit: u32) -> Result<Vec<MachineEvent>> {
         let path = format!("/agent/v1/machines/{id}/events?since={since}&limit={limit}");

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{AgentError, Result};
 use crate::record::{self, now_ms, MachineRecord};
-use crate::service::{ExecOnWorker, LogChunk, MachineNotice};
+use crate::service::{ExecOnWorker, LogChunk, MachineNotice, NoticeSnapshot};
 use crate::store;
 use crate::Agent;
 
@@ -39,20 +39,32 @@ impl Agent {
         let Some(listener) = self.listener() else {
             return;
         };
-        listener.on_event(&MachineNotice {
-            id: record.id.clone(),
-            app: record.app.clone(),
-            event_id,
-            kind: event.kind.clone(),
-            source: event.source.clone(),
-            state: record.state,
-            instance_id: record.instance_id.clone(),
-            cpus: record.config.guest.cpus,
-            memory_mb: record.config.guest.memory_mb,
-            exit_code: event.exit_code,
-            reason: event.reason.clone(),
-            at_ms: event.at_ms,
-        });
+        listener.on_event(&notice_of(record, event, event_id));
+    }
+
+    /// The id of the newest event is read before the records, so a change racing the
+    /// snapshot is either in it or among the live notices after it.
+    pub(crate) async fn snapshot_notices(&self) -> Result<NoticeSnapshot> {
+        let last_event_id = self.inner.store.last_event_id().await?;
+        let records = self.inner.store.list_all().await?;
+        let machines = records
+            .iter()
+            .map(|record| {
+                let event = store::MachineEvent {
+                    kind: "snapshot".into(),
+                    source: crate::EventSource::System.as_str().into(),
+                    state: record.state.as_str().into(),
+                    exit_code: None,
+                    reason: None,
+                    at_ms: record.updated_at_ms,
+                };
+                notice_of(record, &event, None)
+            })
+            .collect();
+        Ok(NoticeSnapshot {
+            last_event_id,
+            machines,
+        })
     }
 
     pub(crate) fn notify_destroyed(&self, record: &MachineRecord) {
@@ -202,5 +214,26 @@ impl Agent {
             }
         });
         Ok(receiver)
+    }
+}
+
+fn notice_of(
+    record: &MachineRecord,
+    event: &store::MachineEvent,
+    event_id: Option<i64>,
+) -> MachineNotice {
+    MachineNotice {
+        id: record.id.clone(),
+        app: record.app.clone(),
+        event_id,
+        kind: event.kind.clone(),
+        source: event.source.clone(),
+        state: record.state,
+        instance_id: record.instance_id.clone(),
+        cpus: record.config.guest.cpus,
+        memory_mb: record.config.guest.memory_mb,
+        exit_code: event.exit_code,
+        reason: event.reason.clone(),
+        at_ms: event.at_ms,
     }
 }

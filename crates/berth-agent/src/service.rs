@@ -41,7 +41,7 @@ impl EventSource {
 
 /// A state change as the worker recorded it, told to the listener right after the record
 /// is durable and in the order the changes happened on each Machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineNotice {
     pub id: String,
     pub app: String,
@@ -56,6 +56,15 @@ pub struct MachineNotice {
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub at_ms: i64,
+}
+
+/// The state of every Machine on a worker at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoticeSnapshot {
+    /// The newest event id the snapshot reflects; live notices at or below it are older
+    /// than the snapshot and are skipped.
+    pub last_event_id: i64,
+    pub machines: Vec<MachineNotice>,
 }
 
 /// Hears every state change of a worker's Machines. Called inline, so it must be quick
@@ -121,6 +130,9 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn image_usage(&self) -> Result<Vec<ImageUsage>>;
     /// Registers the one listener that hears about every recorded state change.
     fn set_listener(&self, listener: Arc<dyn WorkerListener>);
+    /// Every Machine's state now, as notices, for a listener in another process that
+    /// (re)connects: it applies these, then the live notices that follow the snapshot.
+    async fn notice_snapshot(&self) -> Result<NoticeSnapshot>;
     /// The Machine's recorded events with an id above `since`, oldest first.
     async fn machine_events(&self, id: &str, since: i64, limit: u32) -> Result<Vec<MachineEvent>>;
     /// Runs a command inside the started Machine.

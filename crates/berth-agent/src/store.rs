@@ -243,6 +243,14 @@ impl AgentStore {
         Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or_default())
     }
 
+    /// The id of the newest event of any Machine (0 when there is none).
+    pub async fn last_event_id(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM machine_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get::<i64, _>(0))
+    }
+
     pub async fn list_all(&self) -> Result<Vec<MachineRecord>> {
         let rows = sqlx::query("SELECT record FROM machines ORDER BY id")
             .fetch_all(&self.pool)

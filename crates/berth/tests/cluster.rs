@@ -453,5 +453,30 @@ fn placement_pinning_capacity_and_failures_across_processes() {
         None,
     );
     assert_eq!(status, 200, "{body}");
+
+    // A remote Machine that exits by itself: the agent's notice reaches the control plane
+    // (over the restarted agent's new notice stream), so wait returns without polling.
+    let (status, body) = cluster.create(json!({"config": {"image": "demo/busybox:1",
+        "init": {"cmd": ["sh", "-c", "sleep 1; exit 3"]}, "restart": {"policy": "no"},
+        "guest": {"cpus": 1, "memory_mb": 64}}}));
+    assert_eq!(status, 200, "{body}");
+    let exits = body["id"].as_str().expect("id").to_owned();
+    let (status, body) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/machines/{exits}/wait?state=stopped&timeout=30"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+    assert_eq!(body["ok"], true, "{body}");
+    let (status, body) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/machines/{exits}/events"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.to_string().contains("\"exit_code\":3"),
+        "the exit is recorded: {body}"
+    );
     cluster.teardown();
 }
