@@ -25,6 +25,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tracing::{info, warn};
 
 pub mod bundle;
+pub mod doctor;
 pub mod error;
 pub mod failpoint;
 pub mod http;
@@ -1192,6 +1193,10 @@ impl WorkerService for Agent {
         max_bytes: u64,
     ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
         self.stream_logs(id, since, follow, max_bytes).await
+    }
+
+    async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport> {
+        self.run_doctor(repair).await
     }
 }
 

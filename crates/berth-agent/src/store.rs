@@ -329,6 +329,23 @@ impl AgentStore {
             .collect())
     }
 
+    /// Every journal entry's sequence number, Machine and kind, oldest first: what the
+    /// doctor checks for gaps, repeats and runs left open.
+    pub async fn journal_outline(&self) -> Result<Vec<(i64, String, berth_api::UsageKind)>> {
+        let rows = sqlx::query("SELECT seq, machine_id, kind FROM usage_journal ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.get(0),
+                    row.get(1),
+                    enum_parse(&row.get::<String, _>(2))?,
+                ))
+            })
+            .collect()
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -22,6 +22,7 @@ use tokio::sync::Mutex as AsyncMutex;
 mod apps;
 pub mod auth;
 pub mod clock;
+mod doctor;
 pub mod error;
 pub mod extract;
 mod idempotency;
