@@ -771,6 +771,35 @@ impl Agent {
                         self.watch(record.id.clone(), record.run_generation);
                         Ok(())
                     }
+                    status @ (Status::Exited(_) | Status::NotRunning)
+                        if record.state == MachineState::Stopping =>
+                    {
+                        // The user's stop got past ending the process: finish it. A stop the
+                        // user asked for never brings in the restart policy.
+                        let (exit, basis) = match status {
+                            Status::Exited(exit) => (exit, CloseBasis::ExitTime),
+                            _ => {
+                                let mut exit = unknown_exit();
+                                exit.exited_at_ms = last_alive
+                                    .unwrap_or(record.updated_at_ms)
+                                    .max(record.updated_at_ms);
+                                (exit, CloseBasis::LastLiveness)
+                            }
+                        };
+                        runtime.cleanup(&layout).await?;
+                        let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
+                        record.last_exit = Some(exit_info(&exit));
+                        record.state = MachineState::Stopped;
+                        record.updated_at_ms = now_ms();
+                        self.save_transition(
+                            record,
+                            "stop",
+                            EventSource::System,
+                            Some("agent_restart"),
+                            &usage,
+                        )
+                        .await
+                    }
                     Status::Exited(exit) => {
                         self.settle_unjournaled_start(record).await?;
                         record.state = MachineState::Started;
