@@ -462,6 +462,7 @@ impl Agent {
         self.reserve(record)?;
         record.run_generation += 1;
         self.set_state(record, MachineState::Starting).await?;
+        failpoint::hit("start.after_starting");
         let layout = self.layout(&record.id);
         match self
             .inner
@@ -476,6 +477,7 @@ impl Agent {
                 let usage = metering::open_run(record, started.started_at_ms);
                 self.save_transition(record, "start", source, None, &[usage])
                     .await?;
+                failpoint::hit("start.after_record_started");
                 self.watch(record.id.clone(), record.run_generation);
                 Ok(())
             }
@@ -971,6 +973,7 @@ impl WorkerService for Agent {
         let mut spec = spec;
         spec.private_ip = record.private_ip;
         self.inner.store.save(&record, None).await?;
+        failpoint::hit("create.after_record");
         let layout = self.layout(&record.id);
         if let Err(error) = self.inner.runtime.prepare(&layout, &spec).await {
             if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
@@ -979,6 +982,7 @@ impl WorkerService for Agent {
             self.inner.store.delete(&record.id).await?;
             return Err(error.into());
         }
+        failpoint::hit("create.after_prepare");
         record.pending = None;
         self.inner
             .store
@@ -987,6 +991,7 @@ impl WorkerService for Agent {
         let usage = metering::created(&record);
         self.save_transition(&record, "create", EventSource::User, None, &[usage])
             .await?;
+        failpoint::hit("create.after_record_created");
         drop(lease);
         if !request.skip_launch {
             self.boot(&mut record, EventSource::User).await?;
@@ -1031,7 +1036,9 @@ impl WorkerService for Agent {
             }),
             ActionPlan::Proceed(transitional) => {
                 self.set_state(&mut record, transitional).await?;
+                failpoint::hit("stop.after_stopping");
                 let exit = self.halt(&mut record, signal, timeout).await?;
+                failpoint::hit("stop.after_halt");
                 let usage = self
                     .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
                     .await;
@@ -1041,6 +1048,7 @@ impl WorkerService for Agent {
                 let reason = exit_info(&exit).reason;
                 self.save_transition(&record, "stop", EventSource::User, Some(&reason), &usage)
                     .await?;
+                failpoint::hit("stop.after_record_stopped");
                 Ok(StartStopResponse {
                     previous_state,
                     machine: record.to_api(),
@@ -1079,6 +1087,7 @@ impl WorkerService for Agent {
             }),
         });
         self.set_state(&mut record, transitional).await?;
+        failpoint::hit("update.after_record_pending");
         let layout = self.layout(id);
         let mut usage = Vec::new();
         if was_running {
@@ -1088,11 +1097,13 @@ impl WorkerService for Agent {
                 .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
                 .await;
             record.last_exit = Some(exit_info(&exit));
+            failpoint::hit("update.after_halt");
         }
         if request.config.rootfs == berth_api::RootfsPersistence::Ephemeral {
             reset_dir(&layout.upper()).await?;
         }
         self.inner.runtime.prepare(&layout, &spec).await?;
+        failpoint::hit("update.after_prepare");
         let now = now_ms();
         record.instance_id =
             berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default());
@@ -1105,6 +1116,7 @@ impl WorkerService for Agent {
         self.inner.store.add_events(id, &pull_events).await?;
         self.save_transition(&record, "update", EventSource::User, None, &usage)
             .await?;
+        failpoint::hit("update.after_record_updated");
         drop(lease);
         if !request.skip_launch {
             record.restart_count = 0;
@@ -1122,9 +1134,12 @@ impl WorkerService for Agent {
             return Ok(());
         };
         self.set_state(&mut record, transitional).await?;
+        failpoint::hit("destroy.after_record_destroying");
         self.inner.runtime.remove(&self.layout(id)).await?;
+        failpoint::hit("destroy.after_remove");
         let usage = metering::destroyed(&mut record, now_ms());
         self.inner.store.delete_with_usage(id, &usage).await?;
+        failpoint::hit("destroy.after_record_deleted");
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
