@@ -657,12 +657,49 @@ impl Agent {
         Ok(exit)
     }
 
+    /// Whether the host restarted since the agent last opened: the kernel's boot id
+    /// changed, or runc's state dir is gone while records say Machines run (what a
+    /// reboot does to a state dir on tmpfs).
+    async fn host_restarted(&self) -> Result<bool> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let previous = self.inner.store.swap_boot_id(&boot_id).await?;
+        if previous.is_some_and(|previous| previous != boot_id) {
+            return Ok(true);
+        }
+        let running = self
+            .inner
+            .store
+            .list_all()
+            .await?
+            .into_iter()
+            .any(|record| {
+                matches!(
+                    record.state,
+                    MachineState::Starting | MachineState::Started | MachineState::Stopping
+                )
+            });
+        Ok(running && !self.inner.config.data_dir.join("runc").exists())
+    }
+
     /// Brings every record and the host back into agreement after a restart of the agent.
     async fn recover(&self) -> Result<()> {
         // Read before anything new is recorded: the agent's last sign of life before it died.
         let last_alive = self.inner.store.last_liveness().await?;
+        let host_restarted = self.host_restarted().await?;
+        if host_restarted {
+            info!("the host restarted since the agent last ran");
+        }
         for mut record in self.inner.store.list_all().await? {
             let id = record.id.clone();
+            if host_restarted && record.pending.is_none() {
+                if let Err(error) = self.recover_after_host_restart(&mut record).await {
+                    warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+                }
+                continue;
+            }
             if let Err(error) = self.recover_one(&mut record, last_alive).await {
                 warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
             }
@@ -848,6 +885,61 @@ impl Agent {
             | MachineState::Failed
             | MachineState::Destroyed => Ok(()),
         }
+    }
+
+    /// After a host restart nothing of a run survives: a Machine that ran is recorded
+    /// `stopped` (source `system`, reason `host_restart`), and one whose restart policy is
+    /// `always` is started again. Other states recover as usual.
+    async fn recover_after_host_restart(&self, record: &mut MachineRecord) -> Result<()> {
+        let ran = matches!(
+            record.state,
+            MachineState::Starting | MachineState::Started | MachineState::Stopping
+        );
+        if !ran {
+            let last_alive = self.inner.store.last_liveness().await?;
+            return self.recover_one(record, last_alive).await;
+        }
+        let layout = self.layout(&record.id);
+        if let Status::Running { .. } = self.inner.runtime.status(&layout).await? {
+            // Not a restart for this Machine after all: it runs.
+            let last_alive = self.inner.store.last_liveness().await?;
+            return self.recover_one(record, last_alive).await;
+        }
+        self.settle_unjournaled_start(record).await?;
+        self.inner.runtime.cleanup(&layout).await?;
+        // The run ended with the host; the agent's last sign of life is the best-known
+        // time, and no later than now.
+        let ended_at = self
+            .inner
+            .store
+            .last_liveness()
+            .await?
+            .unwrap_or_else(now_ms)
+            .max(record.updated_at_ms);
+        let usage = self
+            .stop_usage(record, ended_at, CloseBasis::LastLiveness)
+            .await;
+        record.last_exit = Some(ExitInfo {
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: "host_restart".into(),
+            exited_at: record::format_ms(ended_at),
+        });
+        record.state = MachineState::Stopped;
+        record.updated_at_ms = now_ms();
+        self.save_transition(
+            record,
+            "exit",
+            EventSource::System,
+            Some("host_restart"),
+            &usage,
+        )
+        .await?;
+        if record.config.restart.policy == berth_api::RestartPolicy::Always {
+            self.schedule_restart(record.id.clone(), record.run_generation, Duration::ZERO);
+        }
+        Ok(())
     }
 
     /// A run that died while still `starting` was never journaled; it ran from when the

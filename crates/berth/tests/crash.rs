@@ -198,6 +198,168 @@ fn an_agent_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
     platform.teardown();
 }
 
+/// The test process's cgroup directory in every hierarchy, where `berth up` (its child)
+/// puts Machine cgroups under `berth/<id>`.
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let sys = Path::new("/sys/fs/cgroup");
+    own.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let mount = if controllers.is_empty() {
+                if sys.join("unified").is_dir() {
+                    sys.join("unified")
+                } else {
+                    sys.to_owned()
+                }
+            } else {
+                sys.join(controllers.trim_start_matches("name="))
+            };
+            Some(
+                mount
+                    .join(path.trim_start_matches('/'))
+                    .join("berth")
+                    .join(id),
+            )
+        })
+        .filter(|dir| dir.is_dir())
+        .collect()
+}
+
+fn pid_in(file: &Path) -> Option<i32> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+fn kill9(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// What a reboot does to a worker, with the data dir kept: every Machine process gone,
+/// overlays unmounted, runc's state and the cgroups gone.
+fn simulate_host_reboot(platform: &mut Platform) {
+    platform.crash();
+    let worker = worker_dir(platform);
+    let machines = worker.join("machines");
+    for entry in std::fs::read_dir(&machines).expect("machines dir") {
+        let dir = entry.expect("entry").path();
+        let id = dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(shim) = pid_in(&dir.join("run/shim.pid")) {
+            kill9(shim);
+        }
+        let cgroups = cgroup_dirs(&id);
+        for cgroup in &cgroups {
+            let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|line| line.trim().parse().ok()) {
+                kill9(pid);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for cgroup in &cgroups {
+            while std::fs::remove_dir(cgroup).is_err() && cgroup.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cgroup {cgroup:?} stays"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let rootfs = dir.join("rootfs");
+        let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    }
+    std::fs::remove_dir_all(worker.join("runc")).expect("remove runc state");
+}
+
+#[test]
+fn after_a_host_reboot_machines_are_stopped_or_restarted_with_their_files() {
+    let mut platform = Platform::start();
+    platform.import(busybox_image(), IMAGE);
+    platform.cli_ok(&["app", "create", "reboot"]);
+    let script = "echo kept > /kept.txt; exec sleep 3600";
+    let body = |policy: &str| {
+        json!({"config": {"image": IMAGE, "init": {"cmd": ["/bin/sh", "-c", script]},
+            "restart": {"policy": policy}}})
+    };
+    let plain = create(&platform, "reboot", body("no"));
+    let on_failure = create(&platform, "reboot", body("on-failure"));
+    let always = create(&platform, "reboot", body("always"));
+    let stopped = create(&platform, "reboot", body("no"));
+    let (status, answer) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/reboot/machines/{}/stop", stopped.id),
+        None,
+    );
+    assert_eq!(status, 200, "{answer}");
+    for machine in [&plain, &on_failure, &always] {
+        platform.wait_for("the file to be written", Duration::from_secs(10), || {
+            worker_dir(&platform)
+                .join("machines")
+                .join(&machine.id)
+                .join("upper/kept.txt")
+                .exists()
+        });
+    }
+    simulate_host_reboot(&mut platform);
+    platform.boot();
+
+    for machine in [&plain, &on_failure] {
+        let now = platform.machine("reboot", &machine.id);
+        assert_eq!(now.state, MachineState::Stopped, "{}", machine.id);
+        assert_eq!(
+            now.last_exit.as_ref().map(|exit| exit.reason.as_str()),
+            Some("host_restart")
+        );
+        let (status, events) = platform.call(
+            Method::GET,
+            &format!("/v1/apps/reboot/machines/{}/events", machine.id),
+            None,
+        );
+        assert_eq!(status, 200, "{events}");
+        let last = events
+            .as_array()
+            .and_then(|events| events.last())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(last["source"], "system", "{events}");
+        assert_eq!(last["reason"], "host_restart", "{events}");
+    }
+    platform.wait_for("the always Machine back", Duration::from_secs(20), || {
+        platform.machine("reboot", &always.id).state == MachineState::Started
+    });
+    assert_eq!(
+        platform.machine("reboot", &stopped.id).state,
+        MachineState::Stopped
+    );
+    for machine in [&plain, &on_failure, &always] {
+        let kept = worker_dir(&platform)
+            .join("machines")
+            .join(&machine.id)
+            .join("upper/kept.txt");
+        assert_eq!(
+            std::fs::read_to_string(&kept).unwrap_or_default().trim(),
+            "kept",
+            "the files of {} survive",
+            machine.id
+        );
+    }
+    assert_doctor_clean(&platform, "after a host reboot");
+    // And they start again, with their files.
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/reboot/machines/{}/start", plain.id),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    platform.teardown();
+}
+
 #[test]
 fn running_machines_survive_an_agent_kill() {
     let mut platform = Platform::start();
