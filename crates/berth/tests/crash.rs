@@ -554,3 +554,60 @@ fn the_doctor_finds_and_repairs_orphans_but_never_a_machines_files() {
     assert_doctor_clean(&platform, "after the repair");
     platform.teardown();
 }
+
+/// Writes into `path` until the filesystem is full.
+fn fill_disk(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("ballast file");
+    for chunk in [1 << 20, 4096, 512] {
+        let block = vec![0x5au8; chunk];
+        while file.write_all(&block).is_ok() {}
+    }
+    let _ = file.sync_all();
+}
+
+#[test]
+fn a_full_disk_answers_insufficient_storage_leaves_nothing_and_the_agent_keeps_serving() {
+    let mut platform = Platform::start_on_small_disk("48m");
+    platform.import(busybox_image(), IMAGE);
+    platform.cli_ok(&["app", "create", "full"]);
+    let body = json!({"config": {"image": IMAGE, "init": {"cmd": ["sleep", "3600"]}}});
+    let running = create(&platform, "full", body.clone());
+    let ballast = platform.data_dir.path().join("ballast");
+    fill_disk(&ballast);
+
+    for _ in 0..3 {
+        let (status, answer) =
+            platform.call(Method::POST, "/v1/apps/full/machines", Some(body.clone()));
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (507, Some("insufficient_storage")),
+            "{answer}"
+        );
+    }
+    // Nothing partial: no Machine, no directory, no index entry.
+    let machines = list(&platform, "full");
+    assert_eq!(machines.len(), 1, "{machines:?}");
+    let dirs = std::fs::read_dir(worker_dir(&platform).join("machines"))
+        .expect("machines dir")
+        .count();
+    assert_eq!(dirs, 1, "only the running Machine's directory");
+    // Everything else is served: reads, exec, the doctor.
+    assert_eq!(
+        platform.machine("full", &running.id).state,
+        MachineState::Started
+    );
+    let (status, exec) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/full/machines/{}/exec", running.id),
+        Some(json!({"cmd": ["echo", "still here"]})),
+    );
+    assert_eq!(status, 200, "{exec}");
+    assert_doctor_clean(&platform, "on a full disk");
+
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    let (status, answer) = platform.call(Method::POST, "/v1/apps/full/machines", Some(body));
+    assert_eq!(status, 200, "a create works once there is room: {answer}");
+    assert_doctor_clean(&platform, "after the disk was freed");
+    platform.teardown();
+}
