@@ -191,6 +191,11 @@ impl Platform {
         }
     }
 
+    /// The pid of the running `berth up`, for killing it from another thread.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.data_dir.path().join("berth-up.log")).unwrap_or_default()
     }
