@@ -568,7 +568,7 @@ fn fill_disk(path: &Path) {
 
 #[test]
 fn a_full_disk_answers_insufficient_storage_leaves_nothing_and_the_agent_keeps_serving() {
-    let mut platform = Platform::start_on_small_disk("48m");
+    let platform = Platform::start_on_small_disk("48m");
     platform.import(busybox_image(), IMAGE);
     platform.cli_ok(&["app", "create", "full"]);
     let body = json!({"config": {"image": IMAGE, "init": {"cmd": ["sleep", "3600"]}}});
