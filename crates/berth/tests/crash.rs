@@ -24,6 +24,7 @@ fn create(platform: &Platform, app: &str, body: Value) -> Machine {
     serde_json::from_value(body).expect("machine")
 }
 
+#[cfg(feature = "failpoints")]
 fn machine_body(name: &str, cmd: &str, skip_launch: bool) -> Value {
     json!({"name": name, "skip_launch": skip_launch, "config": {"image": IMAGE,
         "init": {"cmd": ["/bin/sh", "-c", cmd]},
@@ -58,6 +59,7 @@ fn assert_doctor_clean(platform: &Platform, when: &str) {
     assert!(!reports.is_empty(), "doctor checked no worker");
 }
 
+#[cfg(feature = "failpoints")]
 fn machine_status(platform: &Platform, app: &str, id: &str) -> (u16, Value) {
     platform.call(Method::GET, &format!("/v1/apps/{app}/machines/{id}"), None)
 }
@@ -68,6 +70,7 @@ fn list(platform: &Platform, app: &str) -> Vec<Machine> {
     serde_json::from_value(body).expect("machines")
 }
 
+#[cfg(feature = "failpoints")]
 fn cmd_of(machine: &Machine) -> Vec<String> {
     machine.config.init.cmd.clone().unwrap_or_default()
 }
