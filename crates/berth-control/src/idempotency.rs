@@ -49,6 +49,28 @@ pub(crate) struct Claim {
     done: bool,
 }
 
+impl Claim {
+    /// The id a keyed create gives its Machine: the same on every retry of the key, so a
+    /// retry after the control plane died mid-create finds the Machine it began instead
+    /// of making a second one.
+    pub(crate) fn machine_id(&self) -> String {
+        let digest = Sha256::digest(format!("{}|{}", self.scope, self.key).as_bytes());
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&digest[..8]);
+        format!("{:014x}", u64::from_be_bytes(bytes) & 0x00ff_ffff_ffff_ffff)
+    }
+}
+
+/// Frees every claim whose call never finished. Called when the control plane opens: no
+/// call of an earlier process is still running, and its claims would otherwise answer
+/// `idempotency_key_in_use` for a day.
+pub(crate) async fn free_unfinished(pool: &SqlitePool) -> Result<u64, sqlx::Error> {
+    let freed = sqlx::query("DELETE FROM idempotency WHERE status IS NULL")
+        .execute(pool)
+        .await?;
+    Ok(freed.rows_affected())
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         if self.done {

@@ -614,3 +614,62 @@ fn a_full_disk_answers_insufficient_storage_leaves_nothing_and_the_agent_keeps_s
     assert_doctor_clean(&platform, "after the disk was freed");
     platform.teardown();
 }
+
+/// The control plane dies in the middle of a create (with the agent: `berth up` is one
+/// process). The client retries with its idempotency key and gets one Machine, whichever
+/// side of the commit the crash fell on.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_keyed_create_retried_after_a_crash_makes_exactly_one_machine() {
+    let mut platform = Platform::start();
+    platform.import(busybox_image(), IMAGE);
+    platform.cli_ok(&["app", "create", "keyed"]);
+    for point in [
+        "create.after_record",
+        "create.after_prepare",
+        "create.after_record_created",
+        "start.after_record_started",
+    ] {
+        let key = format!("key-{point}");
+        let body = json!({"config": {"image": IMAGE, "init": {"cmd": ["sleep", "3600"]}}});
+        let send = |platform: &Platform| {
+            platform
+                .request(Method::POST, "/v1/apps/keyed/machines")
+                .header(berth_api::IDEMPOTENCY_KEY_HEADER, &key)
+                .json(&body)
+                .send()
+        };
+        platform.shutdown();
+        platform.boot_with_env(&[("BERTH_FAILPOINTS", point)]);
+        assert!(send(&platform).is_err(), "{point}: died before answering");
+        platform.wait_exit();
+        platform.boot();
+        let first = send(&platform).expect("retry");
+        assert_eq!(first.status().as_u16(), 200, "{point}: {:?}", first.text());
+        let machine: Machine = first.json().expect("machine");
+        let again = send(&platform).expect("second retry");
+        assert_eq!(again.status().as_u16(), 200, "{point}");
+        let replayed: Machine = again.json().expect("machine");
+        assert_eq!(replayed.id, machine.id, "{point}");
+        // Each round destroys its Machine: one is all there may be.
+        let all = list(&platform, "keyed");
+        assert_eq!(
+            all.iter()
+                .map(|other| other.id.as_str())
+                .collect::<Vec<_>>(),
+            vec![machine.id.as_str()],
+            "{point}: created twice"
+        );
+        assert_doctor_clean(
+            &platform,
+            &format!("after a keyed create crashed at {point}"),
+        );
+        let (status, body) = platform.call(
+            Method::DELETE,
+            &format!("/v1/apps/keyed/machines/{}?force=true", machine.id),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    platform.teardown();
+}
