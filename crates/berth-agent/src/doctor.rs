@@ -20,6 +20,9 @@ use crate::{exit_info, unknown_exit, Agent, AgentError, EventSource, Result};
 
 /// How long the doctor waits for an operation on a Machine before calling it busy.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// A started Machine whose exit is younger than this is being recorded by its watcher
+/// (which waits for the lock the doctor holds): busy, not found dead.
+const FRESH_EXIT_MS: i64 = 10_000;
 /// Host links of Machine veth pairs start with this; their alias is the Machine id.
 const VETH_PREFIX: &str = "bv";
 
@@ -56,17 +59,22 @@ impl HostInventory {
             containers: dir_names(runc_root),
             ..HostInventory::default()
         };
-        let root = format!("{}/", machines_root.display());
+        // mountinfo shows canonical paths.
+        let canonical =
+            std::fs::canonicalize(machines_root).unwrap_or_else(|_| machines_root.to_owned());
+        let root = format!("{}/", canonical.display());
         if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
             for mount_point in overlay::mount_points(&mountinfo) {
                 let Some(rest) = mount_point.strip_prefix(&root) else {
                     continue;
                 };
-                let id = rest.split('/').next().unwrap_or_default().to_owned();
+                let mut parts = rest.splitn(2, '/');
+                let id = parts.next().unwrap_or_default().to_owned();
+                let within = parts.next().unwrap_or_default();
                 host.mounts
-                    .entry(id)
+                    .entry(id.clone())
                     .or_default()
-                    .push(PathBuf::from(&mount_point));
+                    .push(machines_root.join(&id).join(within));
             }
         }
         let mut known = known.clone();
@@ -213,7 +221,10 @@ impl Agent {
         }
         let last_alive = self.inner.store.last_liveness().await?;
         for (record, _) in &mut held {
-            let mut findings = self.check_record(record, &host).await;
+            let Some(mut findings) = self.check_record(record, &host).await else {
+                report.busy.push(record.id.clone());
+                continue;
+            };
             if repair {
                 self.repair_record(record, &host, &mut findings, last_alive)
                     .await;
@@ -316,12 +327,13 @@ impl Agent {
             .map_err(|_| AgentError::Busy { id: id.to_owned() })
     }
 
-    /// One Machine whose lock the caller holds, against the host.
+    /// One Machine whose lock the caller holds, against the host. `None` when it has just
+    /// exited and its watcher is recording that.
     async fn check_record(
         &self,
         record: &MachineRecord,
         host: &HostInventory,
-    ) -> Vec<DoctorFinding> {
+    ) -> Option<Vec<DoctorFinding>> {
         let id = record.id.as_str();
         let layout = self.layout(id);
         let mut findings = Vec::new();
@@ -344,7 +356,7 @@ impl Agent {
                 None,
                 format!("the record is left in an unfinished {what} that nothing is running"),
             ));
-            return findings;
+            return Some(findings);
         }
         if !layout.upper().is_dir() {
             findings.push(finding(
@@ -397,11 +409,16 @@ impl Agent {
             Ok(status) => status,
             Err(error) => {
                 warn!(machine = %id, %error, "doctor could not read the Machine's status");
-                return findings;
+                return Some(findings);
             }
         };
         let running = matches!(status, Status::Running { .. });
         if record.state == MachineState::Started {
+            if let Status::Exited(exit) = status {
+                if now_ms() - exit.exited_at_ms < FRESH_EXIT_MS {
+                    return None;
+                }
+            }
             if !running {
                 findings.push(finding(
                     FindingKind::StartedNotRunning,
@@ -410,7 +427,7 @@ impl Agent {
                     "recorded as started, but its init process is not alive".into(),
                 ));
             }
-            return findings;
+            return Some(findings);
         }
         if running {
             findings.push(finding(
@@ -424,6 +441,7 @@ impl Agent {
             ));
         }
         for mount in host.mounts.get(id).into_iter().flatten() {
+            // The netns stays mounted for the Machine's whole life.
             if *mount != layout.netns() {
                 findings.push(finding(
                     FindingKind::StrayMount,
@@ -455,7 +473,7 @@ impl Agent {
                 ),
             ));
         }
-        findings
+        Some(findings)
     }
 
     /// Fixes what can be fixed of one Machine whose lock the caller holds. Missing files
