@@ -41,12 +41,34 @@ pub enum AgentError {
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 impl AgentError {
+    /// Whether the disk (or the store's filesystem) is full: the Machine's files or its
+    /// record could not be written. Answered as 507 `insufficient_storage`.
+    pub fn out_of_space(&self) -> bool {
+        match self {
+            AgentError::Runtime(RuntimeError::Io { source, .. }) => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+                    || source.raw_os_error() == Some(libc::EDQUOT)
+            }
+            // SQLITE_FULL, with or without an extended code.
+            AgentError::Store(sqlx::Error::Database(error)) => error
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| code & 0xff == 13),
+            AgentError::Store(sqlx::Error::Io(error)) => error.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
+    }
+
     /// The HTTP status and the JSON body that clients see.
     pub fn to_response(&self) -> (u16, ErrorBody) {
         let mut body = ErrorBody {
             message: self.to_string(),
             ..ErrorBody::default()
         };
+        if self.out_of_space() {
+            body.error = "insufficient_storage".into();
+            return (507, body);
+        }
         let status = match self {
             AgentError::NotFound(_) => {
                 body.error = "not_found".into();
@@ -126,6 +148,21 @@ mod tests {
     fn answer(error: ImageError) -> (u16, String, Option<u64>) {
         let (status, body) = AgentError::from(error).to_response();
         (status, body.error, body.retry_after_ms)
+    }
+
+    #[test]
+    fn a_full_disk_under_a_machine_answers_insufficient_storage() {
+        let full = AgentError::Runtime(RuntimeError::Io {
+            context: "write config.json".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        });
+        let (status, body) = full.to_response();
+        assert_eq!((status, body.error.as_str()), (507, "insufficient_storage"));
+        let other = AgentError::Runtime(RuntimeError::Io {
+            context: "write config.json".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        });
+        assert_eq!(other.to_response().0, 500);
     }
 
     #[test]

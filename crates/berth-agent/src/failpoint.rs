@@ -1,9 +1,40 @@
 //! Crash injection for tests: with the `failpoints` feature, a named point listed in
 //! `BERTH_FAILPOINTS` (comma-separated) aborts the process on the spot, like a kill -9
 //! at exactly that step. Without the feature it compiles to nothing.
+//!
+//! Points are named `<operation>.<step>`; [`POINTS`] lists every one, so a test can
+//! crash the agent at each in turn.
+
+/// Every failpoint, in the order its operation reaches it.
+pub const POINTS: &[&str] = &[
+    // create: record written with `pending: create`, host prepared, record committed.
+    "create.after_record",
+    "create.after_prepare",
+    "create.after_record_created",
+    // start (also the boot of create and update): recorded `starting`, runc running,
+    // recorded `started`.
+    "start.after_starting",
+    "start.after_runtime_start",
+    "start.after_record_started",
+    // stop: recorded `stopping`, process ended, recorded `stopped`.
+    "stop.after_stopping",
+    "stop.after_halt",
+    "stop.after_record_stopped",
+    // update: recorded `replacing` with the old config kept, old run ended, new bundle
+    // written, recorded `stopped` with the new config.
+    "update.after_record_pending",
+    "update.after_halt",
+    "update.after_prepare",
+    "update.after_record_updated",
+    // destroy: recorded `destroying`, host removed, record deleted.
+    "destroy.after_record_destroying",
+    "destroy.after_remove",
+    "destroy.after_record_deleted",
+];
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
+    debug_assert!(POINTS.contains(&name), "unlisted failpoint {name}");
     let Ok(list) = std::env::var("BERTH_FAILPOINTS") else {
         return;
     };

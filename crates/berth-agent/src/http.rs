@@ -120,6 +120,7 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/logs", get(logs))
         .route("/agent/v1/usage", get(usage))
         .route("/agent/v1/images/usage", get(image_usage))
+        .route("/agent/v1/doctor", get(doctor_check).post(doctor_repair))
         .route("/agent/v1/machines/{id}/events", get(events))
         .route("/agent/v1/machines/{id}/exec", post(exec))
         .route("/agent/v1/machines/{id}/metadata", post(metadata))
@@ -372,4 +373,12 @@ async fn follow_notices(State(http): State<Shared>) -> Result<Response, Failure>
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+async fn doctor_check(State(http): State<Shared>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.doctor(false).await?).into_response())
+}
+
+async fn doctor_repair(State(http): State<Shared>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.doctor(true).await?).into_response())
 }

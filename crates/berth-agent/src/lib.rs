@@ -25,6 +25,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tracing::{info, warn};
 
 pub mod bundle;
+pub mod doctor;
 pub mod error;
 pub mod failpoint;
 pub mod http;
@@ -461,6 +462,7 @@ impl Agent {
         self.reserve(record)?;
         record.run_generation += 1;
         self.set_state(record, MachineState::Starting).await?;
+        failpoint::hit("start.after_starting");
         let layout = self.layout(&record.id);
         match self
             .inner
@@ -475,6 +477,7 @@ impl Agent {
                 let usage = metering::open_run(record, started.started_at_ms);
                 self.save_transition(record, "start", source, None, &[usage])
                     .await?;
+                failpoint::hit("start.after_record_started");
                 self.watch(record.id.clone(), record.run_generation);
                 Ok(())
             }
@@ -654,12 +657,49 @@ impl Agent {
         Ok(exit)
     }
 
+    /// Whether the host restarted since the agent last opened: the kernel's boot id
+    /// changed, or runc's state dir is gone while records say Machines run (what a
+    /// reboot does to a state dir on tmpfs).
+    async fn host_restarted(&self) -> Result<bool> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let previous = self.inner.store.swap_boot_id(&boot_id).await?;
+        if previous.is_some_and(|previous| previous != boot_id) {
+            return Ok(true);
+        }
+        let running = self
+            .inner
+            .store
+            .list_all()
+            .await?
+            .into_iter()
+            .any(|record| {
+                matches!(
+                    record.state,
+                    MachineState::Starting | MachineState::Started | MachineState::Stopping
+                )
+            });
+        Ok(running && !self.inner.config.data_dir.join("runc").exists())
+    }
+
     /// Brings every record and the host back into agreement after a restart of the agent.
     async fn recover(&self) -> Result<()> {
         // Read before anything new is recorded: the agent's last sign of life before it died.
         let last_alive = self.inner.store.last_liveness().await?;
+        let host_restarted = self.host_restarted().await?;
+        if host_restarted {
+            info!("the host restarted since the agent last ran");
+        }
         for mut record in self.inner.store.list_all().await? {
             let id = record.id.clone();
+            if host_restarted && record.pending.is_none() {
+                if let Err(error) = self.recover_after_host_restart(&mut record).await {
+                    warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+                }
+                continue;
+            }
             if let Err(error) = self.recover_one(&mut record, last_alive).await {
                 warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
             }
@@ -770,6 +810,35 @@ impl Agent {
                         self.watch(record.id.clone(), record.run_generation);
                         Ok(())
                     }
+                    status @ (Status::Exited(_) | Status::NotRunning)
+                        if record.state == MachineState::Stopping =>
+                    {
+                        // The user's stop got past ending the process: finish it. A stop the
+                        // user asked for never brings in the restart policy.
+                        let (exit, basis) = match status {
+                            Status::Exited(exit) => (exit, CloseBasis::ExitTime),
+                            _ => {
+                                let mut exit = unknown_exit();
+                                exit.exited_at_ms = last_alive
+                                    .unwrap_or(record.updated_at_ms)
+                                    .max(record.updated_at_ms);
+                                (exit, CloseBasis::LastLiveness)
+                            }
+                        };
+                        runtime.cleanup(&layout).await?;
+                        let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
+                        record.last_exit = Some(exit_info(&exit));
+                        record.state = MachineState::Stopped;
+                        record.updated_at_ms = now_ms();
+                        self.save_transition(
+                            record,
+                            "stop",
+                            EventSource::System,
+                            Some("agent_restart"),
+                            &usage,
+                        )
+                        .await
+                    }
                     Status::Exited(exit) => {
                         self.settle_unjournaled_start(record).await?;
                         record.state = MachineState::Started;
@@ -816,6 +885,61 @@ impl Agent {
             | MachineState::Failed
             | MachineState::Destroyed => Ok(()),
         }
+    }
+
+    /// After a host restart nothing of a run survives: a Machine that ran is recorded
+    /// `stopped` (source `system`, reason `host_restart`), and one whose restart policy is
+    /// `always` is started again. Other states recover as usual.
+    async fn recover_after_host_restart(&self, record: &mut MachineRecord) -> Result<()> {
+        let ran = matches!(
+            record.state,
+            MachineState::Starting | MachineState::Started | MachineState::Stopping
+        );
+        if !ran {
+            let last_alive = self.inner.store.last_liveness().await?;
+            return self.recover_one(record, last_alive).await;
+        }
+        let layout = self.layout(&record.id);
+        if let Status::Running { .. } = self.inner.runtime.status(&layout).await? {
+            // Not a restart for this Machine after all: it runs.
+            let last_alive = self.inner.store.last_liveness().await?;
+            return self.recover_one(record, last_alive).await;
+        }
+        self.settle_unjournaled_start(record).await?;
+        self.inner.runtime.cleanup(&layout).await?;
+        // The run ended with the host; the agent's last sign of life is the best-known
+        // time, and no later than now.
+        let ended_at = self
+            .inner
+            .store
+            .last_liveness()
+            .await?
+            .unwrap_or_else(now_ms)
+            .max(record.updated_at_ms);
+        let usage = self
+            .stop_usage(record, ended_at, CloseBasis::LastLiveness)
+            .await;
+        record.last_exit = Some(ExitInfo {
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: "host_restart".into(),
+            exited_at: record::format_ms(ended_at),
+        });
+        record.state = MachineState::Stopped;
+        record.updated_at_ms = now_ms();
+        self.save_transition(
+            record,
+            "exit",
+            EventSource::System,
+            Some("host_restart"),
+            &usage,
+        )
+        .await?;
+        if record.config.restart.policy == berth_api::RestartPolicy::Always {
+            self.schedule_restart(record.id.clone(), record.run_generation, Duration::ZERO);
+        }
+        Ok(())
     }
 
     /// A run that died while still `starting` was never journaled; it ran from when the
@@ -941,6 +1065,7 @@ impl WorkerService for Agent {
         let mut spec = spec;
         spec.private_ip = record.private_ip;
         self.inner.store.save(&record, None).await?;
+        failpoint::hit("create.after_record");
         let layout = self.layout(&record.id);
         if let Err(error) = self.inner.runtime.prepare(&layout, &spec).await {
             if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
@@ -949,6 +1074,7 @@ impl WorkerService for Agent {
             self.inner.store.delete(&record.id).await?;
             return Err(error.into());
         }
+        failpoint::hit("create.after_prepare");
         record.pending = None;
         self.inner
             .store
@@ -957,6 +1083,7 @@ impl WorkerService for Agent {
         let usage = metering::created(&record);
         self.save_transition(&record, "create", EventSource::User, None, &[usage])
             .await?;
+        failpoint::hit("create.after_record_created");
         drop(lease);
         if !request.skip_launch {
             self.boot(&mut record, EventSource::User).await?;
@@ -1001,7 +1128,9 @@ impl WorkerService for Agent {
             }),
             ActionPlan::Proceed(transitional) => {
                 self.set_state(&mut record, transitional).await?;
+                failpoint::hit("stop.after_stopping");
                 let exit = self.halt(&mut record, signal, timeout).await?;
+                failpoint::hit("stop.after_halt");
                 let usage = self
                     .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
                     .await;
@@ -1011,6 +1140,7 @@ impl WorkerService for Agent {
                 let reason = exit_info(&exit).reason;
                 self.save_transition(&record, "stop", EventSource::User, Some(&reason), &usage)
                     .await?;
+                failpoint::hit("stop.after_record_stopped");
                 Ok(StartStopResponse {
                     previous_state,
                     machine: record.to_api(),
@@ -1049,6 +1179,7 @@ impl WorkerService for Agent {
             }),
         });
         self.set_state(&mut record, transitional).await?;
+        failpoint::hit("update.after_record_pending");
         let layout = self.layout(id);
         let mut usage = Vec::new();
         if was_running {
@@ -1058,11 +1189,13 @@ impl WorkerService for Agent {
                 .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
                 .await;
             record.last_exit = Some(exit_info(&exit));
+            failpoint::hit("update.after_halt");
         }
         if request.config.rootfs == berth_api::RootfsPersistence::Ephemeral {
             reset_dir(&layout.upper()).await?;
         }
         self.inner.runtime.prepare(&layout, &spec).await?;
+        failpoint::hit("update.after_prepare");
         let now = now_ms();
         record.instance_id =
             berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default());
@@ -1075,6 +1208,7 @@ impl WorkerService for Agent {
         self.inner.store.add_events(id, &pull_events).await?;
         self.save_transition(&record, "update", EventSource::User, None, &usage)
             .await?;
+        failpoint::hit("update.after_record_updated");
         drop(lease);
         if !request.skip_launch {
             record.restart_count = 0;
@@ -1092,9 +1226,12 @@ impl WorkerService for Agent {
             return Ok(());
         };
         self.set_state(&mut record, transitional).await?;
+        failpoint::hit("destroy.after_record_destroying");
         self.inner.runtime.remove(&self.layout(id)).await?;
+        failpoint::hit("destroy.after_remove");
         let usage = metering::destroyed(&mut record, now_ms());
         self.inner.store.delete_with_usage(id, &usage).await?;
+        failpoint::hit("destroy.after_record_deleted");
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
@@ -1196,6 +1333,10 @@ impl WorkerService for Agent {
         max_bytes: u64,
     ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
         self.stream_logs(id, since, follow, max_bytes).await
+    }
+
+    async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport> {
+        self.run_doctor(repair).await
     }
 }
 

@@ -333,6 +333,20 @@ impl WorkerService for RemoteWorker {
         self.json(response).await
     }
 
+    async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport> {
+        // A repair removes things; it is not sent twice on a lost answer.
+        let response = self
+            .call::<()>(
+                if repair { Method::POST } else { Method::GET },
+                "/agent/v1/doctor",
+                None,
+                LIFECYCLE_DEADLINE,
+                !repair,
+            )
+            .await?;
+        self.json(response).await
+    }
+
     async fn image_usage(&self) -> Result<Vec<ImageUsage>> {
         let response = self
             .call::<()>(

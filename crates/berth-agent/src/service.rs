@@ -149,4 +149,7 @@ pub trait WorkerService: Send + Sync + 'static {
         follow: bool,
         max_bytes: u64,
     ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>>;
+    /// Compares the worker's records with its host; with `repair`, removes orphans and
+    /// records Machines found dead as stopped.
+    async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport>;
 }

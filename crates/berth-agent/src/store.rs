@@ -62,6 +62,9 @@ const SCHEMA: &[&str] = &[
         basis TEXT
     )",
     "CREATE TABLE IF NOT EXISTS liveness (id INTEGER PRIMARY KEY CHECK (id = 1), at_ms INTEGER NOT NULL)",
+    // The kernel's boot id when the agent last opened: a different one means the host
+    // restarted in between.
+    "CREATE TABLE IF NOT EXISTS host_boot (id INTEGER PRIMARY KEY CHECK (id = 1), boot_id TEXT NOT NULL)",
 ];
 
 impl AgentStore {
@@ -187,6 +190,21 @@ impl AgentStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Records the current boot id; answers the one recorded before, if any.
+    pub async fn swap_boot_id(&self, boot_id: &str) -> Result<Option<String>> {
+        let mut transaction = self.pool.begin().await?;
+        let previous = sqlx::query("SELECT boot_id FROM host_boot WHERE id = 1")
+            .fetch_optional(&mut *transaction)
+            .await?
+            .map(|row| row.get::<String, _>(0));
+        sqlx::query("INSERT INTO host_boot (id, boot_id) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET boot_id = excluded.boot_id")
+            .bind(boot_id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(previous)
     }
 
     pub async fn last_liveness(&self) -> Result<Option<i64>> {
@@ -335,6 +353,23 @@ impl AgentStore {
                 )
             })
             .collect())
+    }
+
+    /// Every journal entry's sequence number, Machine and kind, oldest first: what the
+    /// doctor checks for gaps, repeats and runs left open.
+    pub async fn journal_outline(&self) -> Result<Vec<(i64, String, berth_api::UsageKind)>> {
+        let rows = sqlx::query("SELECT seq, machine_id, kind FROM usage_journal ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.get(0),
+                    row.get(1),
+                    enum_parse(&row.get::<String, _>(2))?,
+                ))
+            })
+            .collect()
     }
 
     pub async fn close(&self) {

@@ -436,3 +436,102 @@ async fn start_refuses_to_overcommit_the_host() {
     let stats = agent.stats().await.expect("stats");
     assert_eq!((stats.used.cpus, stats.running, stats.machines), (4, 2, 3));
 }
+
+/// Polls until the Machine is in `state`.
+async fn wait_state(agent: &Agent, id: &str, state: MachineState) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while agent.get(id).await.expect("get").state != state {
+        assert!(tokio::time::Instant::now() < deadline, "never {state}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// Real time: tokio's paused time fires sqlx's pool timeouts while SQLite works on its
+// own thread. Two retries keep it to 3 s.
+#[tokio::test]
+async fn a_crash_loop_backs_off_exponentially_then_gives_up() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    let id = "000000000000c1";
+    let mut request = create_request(id, "demo/img:1", false);
+    request.config.restart = berth_api::RestartConfig {
+        policy: berth_api::RestartPolicy::OnFailure,
+        max_retries: Some(2),
+    };
+    agent.create(request).await.expect("create");
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        wait_state(&agent, id, MachineState::Started).await;
+        assert!(fixture.runtime.exit(id, 1).await, "it ran");
+        let crashed = tokio::time::Instant::now();
+        wait_state(&agent, id, MachineState::Stopped).await;
+        // Either it comes back (after the backoff) or it has given up.
+        loop {
+            let machine = agent.get(id).await.expect("get");
+            if machine.state == MachineState::Started {
+                waits.push(crashed.elapsed());
+                break;
+            }
+            if machine.restart_count == 2 && waits.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Backoff doubles from 1 s (then 4 s, 8 s, … up to 60 s; berth-core's unit tests
+    // cover the curve): a crash loop costs a few boots a minute, not a core.
+    let seconds: Vec<u64> = waits.iter().map(|wait| wait.as_secs()).collect();
+    assert_eq!(seconds, vec![1, 2], "{waits:?}");
+    // Given up: stopped, and it stays stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let machine = agent.get(id).await.expect("get");
+    assert_eq!(machine.state, MachineState::Stopped);
+    assert_eq!(machine.restart_count, 2);
+    let starts = fixture
+        .runtime
+        .calls()
+        .await
+        .iter()
+        .filter(|call| call.starts_with("start "))
+        .count();
+    assert_eq!(starts, 3, "the first boot and two restarts");
+    let events = agent.events(id).await.expect("events");
+    let last = events.last().expect("an event");
+    assert_eq!(
+        (
+            last.kind.as_str(),
+            last.source.as_str(),
+            last.reason.as_deref()
+        ),
+        ("exit", "system", Some("max_retries_exceeded"))
+    );
+}
+
+#[tokio::test]
+async fn policy_no_never_restarts_and_always_does() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    for (id, policy) in [
+        ("000000000000d1", berth_api::RestartPolicy::No),
+        ("000000000000d2", berth_api::RestartPolicy::Always),
+    ] {
+        let mut request = create_request(id, "demo/img:1", false);
+        request.config.restart.policy = policy;
+        agent.create(request).await.expect("create");
+    }
+    for id in ["000000000000d1", "000000000000d2"] {
+        assert!(fixture.runtime.exit(id, 0).await, "it ran");
+    }
+    wait_state(&agent, "000000000000d1", MachineState::Stopped).await;
+    // always: back after the first backoff (1 s), even from a clean exit.
+    wait_state(&agent, "000000000000d2", MachineState::Stopped).await;
+    wait_state(&agent, "000000000000d2", MachineState::Started).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        agent.get("000000000000d1").await.expect("get").state,
+        MachineState::Stopped,
+        "policy no stays stopped"
+    );
+}

@@ -10,10 +10,12 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+mod doctor;
 mod duration;
 mod robots;
 mod tenancy;
 
+pub use doctor::*;
 pub use duration::ApiDuration;
 pub use robots::*;
 pub use tenancy::*;

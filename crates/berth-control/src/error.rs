@@ -89,6 +89,23 @@ impl From<berth_image::ImageError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
+        // SQLITE_FULL (with or without an extended code): the disk is full, which the
+        // operator can fix and the client may retry later.
+        let full = match &error {
+            sqlx::Error::Database(database) => database
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| code & 0xff == 13),
+            sqlx::Error::Io(io) => io.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        };
+        if full {
+            return ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                format!("the control plane's disk is full: {error}"),
+            );
+        }
         ApiError::internal(format!("control store: {error}"))
     }
 }

@@ -46,7 +46,39 @@ pub(crate) struct Claim {
     pool: SqlitePool,
     scope: String,
     key: String,
+    /// When the key was first claimed; kept when a claim is taken over after a restart.
+    claimed_at_ms: i64,
     done: bool,
+}
+
+/// `status` of a claim whose call died with an earlier control plane process: the next
+/// call with the key takes it over.
+const ABANDONED: i64 = -1;
+
+impl Claim {
+    /// The id a keyed create gives its Machine: the same on every retry of the key, so a
+    /// retry after the control plane died mid-create finds the Machine it began instead
+    /// of making a second one.
+    pub(crate) fn machine_id(&self) -> String {
+        let digest = Sha256::digest(
+            format!("{}|{}|{}", self.scope, self.key, self.claimed_at_ms).as_bytes(),
+        );
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&digest[..8]);
+        format!("{:014x}", u64::from_be_bytes(bytes) & 0x00ff_ffff_ffff_ffff)
+    }
+}
+
+/// Marks every claim whose call never finished as abandoned. Called when the control
+/// plane opens: no call of an earlier process is still running, and its claims would
+/// otherwise answer `idempotency_key_in_use` for a day. The next call with the key takes
+/// the claim over, with its first claim time, so a keyed create keeps its Machine id.
+pub(crate) async fn abandon_unfinished(pool: &SqlitePool) -> Result<u64, sqlx::Error> {
+    let abandoned = sqlx::query("UPDATE idempotency SET status = ? WHERE status IS NULL")
+        .bind(ABANDONED)
+        .execute(pool)
+        .await?;
+    Ok(abandoned.rows_affected())
 }
 
 impl Drop for Claim {
@@ -117,11 +149,12 @@ pub(crate) async fn begin(
             pool: pool.clone(),
             scope,
             key: key.to_owned(),
+            claimed_at_ms: now,
             done: false,
         })));
     }
     let row = sqlx::query(
-        "SELECT fingerprint, status, body FROM idempotency WHERE scope = ? AND key = ?",
+        "SELECT fingerprint, status, body, created_at_ms FROM idempotency WHERE scope = ? AND key = ?",
     )
     .bind(&scope)
     .bind(key)
@@ -143,6 +176,26 @@ pub(crate) async fn begin(
     let Some(status) = status else {
         return Err(in_use());
     };
+    if status == ABANDONED {
+        let taken = sqlx::query(
+            "UPDATE idempotency SET status = NULL WHERE scope = ? AND key = ? AND status = ?",
+        )
+        .bind(&scope)
+        .bind(key)
+        .bind(ABANDONED)
+        .execute(pool)
+        .await?;
+        if taken.rows_affected() != 1 {
+            return Err(in_use());
+        }
+        return Ok(Begin::Proceed(Some(Claim {
+            pool: pool.clone(),
+            scope,
+            key: key.to_owned(),
+            claimed_at_ms: row.get(3),
+            done: false,
+        })));
+    }
     let body: Vec<u8> = row.get::<Option<Vec<u8>>, _>(2).unwrap_or_default();
     let status = u16::try_from(status)
         .ok()

@@ -22,6 +22,7 @@ use tokio::sync::Mutex as AsyncMutex;
 mod apps;
 pub mod auth;
 pub mod clock;
+mod doctor;
 pub mod error;
 pub mod extract;
 mod idempotency;
@@ -31,6 +32,7 @@ pub mod limits;
 mod machines;
 mod notices;
 pub mod openapi;
+mod reconcile;
 mod registry;
 mod robots;
 pub mod store;
@@ -138,6 +140,7 @@ impl ControlPlane {
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         usage::migrate(store.pool()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
+        idempotency::abandon_unfinished(store.pool()).await?;
         let tokens = auth::TokenCache::load(store.pool()).await?;
         let overrides = tenancy::load_overrides(store.pool()).await?;
         let apps = store.apps().await?;
@@ -167,8 +170,8 @@ impl ControlPlane {
             exec_max_output_bytes: config.exec_max_output_bytes,
             openapi_json: OnceLock::new(),
         });
-        for (_, worker) in control.workers.all() {
-            control.adopt_worker(worker).await;
+        for (name, worker) in control.workers.all() {
+            control.adopt_worker(&name, worker).await;
         }
         let weak = Arc::downgrade(&control);
         tokio::spawn(async move {
@@ -230,13 +233,15 @@ impl ControlPlane {
             .workers
             .register(self.store.pool(), &registration, service.clone(), None)
             .await?;
-        self.adopt_worker(service).await;
+        self.adopt_worker(&registration.name, service).await;
         Ok(prefix)
     }
 
     /// Listens to a worker's state changes and counts what already runs there against
     /// its orgs' quotas: the workers hold the truth.
-    pub(crate) async fn adopt_worker(self: &Arc<Self>, worker: Arc<dyn WorkerService>) {
+    /// Also forgets index entries of Machines the worker positively does not have (a
+    /// create rolled back by the worker's recovery).
+    pub(crate) async fn adopt_worker(self: &Arc<Self>, name: &str, worker: Arc<dyn WorkerService>) {
         worker.set_listener(Arc::new(notices::ControlListener::new(self)));
         let apps = match self.store.apps().await {
             Ok(apps) => apps,
@@ -249,6 +254,7 @@ impl ControlPlane {
             let Ok(machines) = worker.list(&app.name).await else {
                 continue;
             };
+            reconcile::forget_lost(self, name, &worker, &app.name, &machines).await;
             for machine in machines {
                 self.usage.observe(
                     &app.org_slug,

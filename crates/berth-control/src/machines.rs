@@ -63,7 +63,11 @@ pub(crate) async fn create_machine(
         Begin::Replay(response) => return Ok(response),
         Begin::Proceed(claim) => claim,
     };
-    let result = create(&control, &app_row, request).await;
+    let id = claim
+        .as_ref()
+        .map(idempotency::Claim::machine_id)
+        .unwrap_or_else(ids::new_machine_id);
+    let result = create(&control, &app_row, request, id).await;
     Ok(idempotency::finish(claim, result.map(Json).into_response()).await)
 }
 
@@ -71,10 +75,29 @@ async fn create(
     control: &ControlPlane,
     app: &AppRow,
     request: CreateMachineRequest,
+    id: String,
 ) -> Result<Machine, ApiError> {
+    // A keyed create retried after the control plane died in the middle of it: the
+    // Machine is already indexed (and pinned); ask its worker again, which answers a
+    // repeated create of an id with the Machine it has, or makes it if it rolled back.
+    if let Some(row) = control.store.machine(&app.name, &id).await? {
+        let worker = control.worker(&row.worker)?;
+        let created = worker
+            .create(CreateOnWorker {
+                id: id.clone(),
+                app: app.name.clone(),
+                name: row.name.clone(),
+                config: request.config,
+                skip_launch: request.skip_launch,
+            })
+            .await;
+        return match created {
+            Ok(machine) => Ok(seen(control, machine, &row.worker).await),
+            Err(error) => Err(error.into()),
+        };
+    }
     let org = &app.org_slug;
     let quotas = control.limits_of(org).quotas;
-    let id = ids::new_machine_id();
     let name = request
         .name
         .clone()

@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::extract::MAX_JSON_BODY;
-use crate::{apps, images, leases, machines, robots, tenancy, usage, workers, Shared};
+use crate::{apps, doctor, images, leases, machines, robots, tenancy, usage, workers, Shared};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -77,6 +77,8 @@ pub(crate) fn api_router() -> OpenApiRouter<Shared> {
         .routes(routes!(workers::list))
         .routes(routes!(workers::cordon))
         .routes(routes!(workers::uncordon))
+        .routes(routes!(doctor::check))
+        .routes(routes!(doctor::repair))
         .routes(routes!(health))
         .routes(routes!(openapi_json))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY));

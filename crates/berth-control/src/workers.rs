@@ -325,10 +325,11 @@ async fn register(
     // Adopting lists the worker's Machines through its API, which it serves only after it
     // has joined: do it once it answers, without holding up the join.
     let adopting = control.clone();
+    let name = request.name.clone();
     tokio::spawn(async move {
         for _ in 0..120 {
             if service.list("").await.is_ok() {
-                adopting.adopt_worker(service).await;
+                adopting.adopt_worker(&name, service).await;
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -147,6 +147,8 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("get", "/v1/orgs/{org}/usage") => ("?group_by=app", None),
         ("get", "/v1/workers") => ("", None),
         ("post", "/v1/workers/{name}/cordon" | "/v1/workers/{name}/uncordon") => ("", None),
+        ("get", "/v1/workers/{name}/doctor") => ("", None),
+        ("post", "/v1/workers/{name}/doctor/repair") => ("", None),
         _ => return None,
     })
 }
@@ -241,10 +243,13 @@ async fn another_orgs_things_answer_404_at_every_route() {
                 | "/v1/images/pull"
                 | "/v1/images/prune"
                 | "/v1/workers/{name}/cordon"
-                | "/v1/workers/{name}/uncordon",
+                | "/v1/workers/{name}/uncordon"
+                | "/v1/workers/{name}/doctor/repair",
             )
             | ("delete", "/v1/images")
-            | ("get", "/v1/workers") => assert_error(&reply, 403, "forbidden"),
+            | ("get", "/v1/workers" | "/v1/workers/{name}/doctor") => {
+                assert_error(&reply, 403, "forbidden")
+            }
             // Lists show only the caller's own org.
             ("get", "/v1/apps" | "/v1/orgs" | "/v1/tokens") => {
                 assert_eq!(reply.0, 200, "{}", reply.1);

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod cluster;
 mod commands;
 mod demo;
+mod doctor_cmd;
 mod pull_progress;
 mod robots;
 mod up;
@@ -53,6 +54,8 @@ enum Command {
     /// API tokens of orgs (admin).
     #[command(subcommand)]
     Token(robots::TokenCommand),
+    /// Check every worker's records against its host; exits non-zero on findings.
+    Doctor(doctor_cmd::DoctorArgs),
     /// The per-Machine supervisor. Started by the worker, not by people.
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -116,6 +119,7 @@ fn run(command: Command) -> Result<()> {
             Command::Usage(args) => usage_cmd::run(args).await,
             Command::Org(command) => robots::org(command).await,
             Command::Token(command) => robots::token(command).await,
+            Command::Doctor(args) => doctor_cmd::run(args).await,
             Command::Shim(_) => Ok(()),
         }
     })

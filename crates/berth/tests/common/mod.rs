@@ -24,6 +24,8 @@ pub struct Platform {
     bridges: Vec<String>,
     /// Extra `berth up` flags, kept across reboots.
     up_args: Vec<String>,
+    /// The data dir is a size-limited tmpfs of this platform's own, unmounted last.
+    small_disk: bool,
 }
 
 fn free_port() -> u16 {
@@ -54,6 +56,39 @@ impl Platform {
                 .build()
                 .expect("http client"),
             up_args: up_args.iter().map(|arg| arg.to_string()).collect(),
+            small_disk: false,
+        };
+        platform.boot();
+        platform
+    }
+
+    /// `berth up` whose data dir is a tmpfs of `size` (such as `"32m"`): a disk that fills.
+    pub fn start_on_small_disk(size: &str) -> Platform {
+        let data_dir = tempfile::Builder::new()
+            .prefix("berth-e2e-")
+            .tempdir()
+            .expect("temp data dir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            data_dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .expect("mount a small tmpfs");
+        let mut platform = Platform {
+            data_dir,
+            api_url: format!("http://127.0.0.1:{}", free_port()),
+            token: String::new(),
+            process: None,
+            bridges: Vec::new(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+            // Placement reserves 1 GiB per Machine; let the disk itself say when it is full.
+            up_args: vec!["--worker-disk-mb".into(), "100000".into()],
+            small_disk: true,
         };
         platform.boot();
         platform
@@ -154,6 +189,11 @@ impl Platform {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The pid of the running `berth up`, for killing it from another thread.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
     }
 
     pub fn server_log(&self) -> String {
@@ -318,7 +358,11 @@ impl Platform {
             }
             self.shutdown();
         }
-        let mounts = mounts_under(self.data_dir.path());
+        let data_dir = self.data_dir.path().to_string_lossy().into_owned();
+        let mounts: Vec<String> = mounts_under(self.data_dir.path())
+            .into_iter()
+            .filter(|mount| !(self.small_disk && *mount == data_dir))
+            .collect();
         let containers = runc_containers(&self.runc_root());
         self.force_clean();
         assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");

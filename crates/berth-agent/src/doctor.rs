@@ -1,0 +1,782 @@
+//! The doctor: compares the agent's records with the host and reports every difference.
+//! Asked to repair, it removes what belongs to no record and records Machines found dead
+//! as stopped. It never removes the files of a Machine that has a record: only destroy
+//! does that.
+//!
+//! Each Machine is checked under its lock, so an operation in flight is never mistaken for
+//! damage; a Machine busy for longer than [`LOCK_WAIT`] is reported as busy, not checked.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_api::{CloseBasis, DoctorFinding, DoctorReport, FindingKind, MachineState, UsageKind};
+use berth_runtime::{netns, overlay, MachineLayout, Status};
+use tokio::sync::OwnedMutexGuard;
+use tracing::{info, warn};
+
+use crate::record::{now_ms, MachineRecord, PendingOp};
+use crate::{exit_info, unknown_exit, Agent, AgentError, EventSource, Result};
+
+/// How long the doctor waits for an operation on a Machine before calling it busy.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// A started Machine whose exit is younger than this is being recorded by its watcher
+/// (which waits for the lock the doctor holds): busy, not found dead.
+const FRESH_EXIT_MS: i64 = 10_000;
+/// Host links of Machine veth pairs start with this; their alias is the Machine id.
+const VETH_PREFIX: &str = "bv";
+
+/// What the host holds that looks like this worker's Machines, by Machine id.
+#[derive(Debug, Default)]
+struct HostInventory {
+    /// Directories under `machines/`.
+    dirs: BTreeSet<String>,
+    /// Mount points under `machines/<id>/` (the rootfs overlay, the netns bind mount).
+    mounts: BTreeMap<String, Vec<PathBuf>>,
+    /// Containers in this worker's runc state dir.
+    containers: BTreeSet<String>,
+    /// Host veth link names, by the Machine id in their alias.
+    veths: BTreeMap<String, String>,
+    /// The Machine's cgroup directories (one per hierarchy).
+    cgroups: BTreeMap<String, Vec<PathBuf>>,
+}
+
+impl HostInventory {
+    fn ids(&self) -> BTreeSet<String> {
+        let mut ids = self.dirs.clone();
+        ids.extend(self.mounts.keys().cloned());
+        ids.extend(self.containers.iter().cloned());
+        ids.extend(self.veths.keys().cloned());
+        ids.extend(self.cgroups.keys().cloned());
+        ids
+    }
+
+    /// Lists the host. `known` are ids this worker has held (records and journal): veths
+    /// and cgroups are host-wide, and only those of known ids are this worker's.
+    fn scan(machines_root: &Path, runc_root: &Path, known: &BTreeSet<String>) -> HostInventory {
+        let mut host = HostInventory {
+            dirs: dir_names(machines_root),
+            containers: dir_names(runc_root),
+            ..HostInventory::default()
+        };
+        // mountinfo shows canonical paths.
+        let canonical =
+            std::fs::canonicalize(machines_root).unwrap_or_else(|_| machines_root.to_owned());
+        let root = format!("{}/", canonical.display());
+        if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
+            for mount_point in overlay::mount_points(&mountinfo) {
+                let Some(rest) = mount_point.strip_prefix(&root) else {
+                    continue;
+                };
+                let mut parts = rest.splitn(2, '/');
+                let id = parts.next().unwrap_or_default().to_owned();
+                let within = parts.next().unwrap_or_default();
+                host.mounts
+                    .entry(id.clone())
+                    .or_default()
+                    .push(machines_root.join(&id).join(within));
+            }
+        }
+        let mut known = known.clone();
+        known.extend(host.dirs.iter().cloned());
+        known.extend(host.containers.iter().cloned());
+        known.extend(host.mounts.keys().cloned());
+        for link in dir_names(Path::new("/sys/class/net")) {
+            if !link.starts_with(VETH_PREFIX) {
+                continue;
+            }
+            let alias = std::fs::read_to_string(format!("/sys/class/net/{link}/ifalias"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            if known.contains(&alias) {
+                host.veths.insert(alias, link);
+            }
+        }
+        let bases = cgroup_bases();
+        for id in &known {
+            let dirs: Vec<PathBuf> = bases
+                .iter()
+                .map(|base| base.join("berth").join(id))
+                .filter(|dir| dir.is_dir())
+                .collect();
+            if !dirs.is_empty() {
+                host.cgroups.insert(id.clone(), dirs);
+            }
+        }
+        host
+    }
+}
+
+fn dir_names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .filter_map(|entry| entry.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The cgroup directory of this process in every hierarchy: runc puts a Machine's cgroup
+/// (`berth/<id>`) below the cgroup of the process that starts it.
+fn cgroup_bases() -> Vec<PathBuf> {
+    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return Vec::new();
+    };
+    let sys = Path::new("/sys/fs/cgroup");
+    let mut bases = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next(), fields.next(), fields.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        let mount = if controllers.is_empty() {
+            // cgroup v2: on its own at /sys/fs/cgroup, or at .../unified in hybrid mode.
+            if sys.join("unified").is_dir() {
+                sys.join("unified")
+            } else {
+                sys.to_owned()
+            }
+        } else {
+            let name = controllers.trim_start_matches("name=");
+            let joined = sys.join(name);
+            if joined.is_dir() {
+                joined
+            } else {
+                sys.join(name.split(',').next().unwrap_or(name))
+            }
+        };
+        let base = mount.join(path.trim_start_matches('/'));
+        if !bases.contains(&base) {
+            bases.push(base);
+        }
+    }
+    bases
+}
+
+fn finding(kind: FindingKind, id: &str, object: Option<&Path>, message: String) -> DoctorFinding {
+    DoctorFinding {
+        kind,
+        machine_id: Some(id.to_owned()),
+        object: object.map(|path| path.display().to_string()),
+        message,
+        repaired: false,
+    }
+}
+
+/// Removes a Machine's leftover cgroup directories (empty ones; rmdir refuses the rest).
+fn remove_cgroups(dirs: &[PathBuf]) -> std::io::Result<()> {
+    for dir in dirs {
+        match std::fs::remove_dir(dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Checks every Machine record against the host and the usage journal; with `repair`,
+    /// fixes what can be fixed without losing a Machine's files.
+    pub async fn run_doctor(&self, repair: bool) -> Result<DoctorReport> {
+        let runc_root = self.inner.config.data_dir.join("runc");
+        let machines_root = self.inner.machines_root.clone();
+        // Host first, records second: a create records its Machine before it touches the
+        // host, so whatever the host shows of a create in flight has a record by then.
+        let first_known: BTreeSet<String> = self
+            .inner
+            .store
+            .journal_outline()
+            .await?
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect();
+        let host = self
+            .scan_host(&machines_root, &runc_root, &first_known)
+            .await?;
+        let records = self.inner.store.list_all().await?;
+
+        let mut report = DoctorReport {
+            worker: self.inner.config.name.clone(),
+            machines: records.len() as u64,
+            busy: Vec::new(),
+            findings: Vec::new(),
+            repair,
+        };
+        // Hold every idle Machine's lock for the whole check: nothing changes under it.
+        let mut held: Vec<(MachineRecord, OwnedMutexGuard<()>)> = Vec::new();
+        for record in &records {
+            match self.lock_within(&record.id, LOCK_WAIT).await {
+                Ok(guard) => match self.inner.store.get(&record.id).await? {
+                    Some(fresh) => held.push((fresh, guard)),
+                    None => continue,
+                },
+                Err(AgentError::Busy { id }) => report.busy.push(id),
+                Err(error) => return Err(error),
+            }
+        }
+        let last_alive = self.inner.store.last_liveness().await?;
+        for (record, _) in &mut held {
+            let Some(mut findings) = self.check_record(record, &host).await else {
+                report.busy.push(record.id.clone());
+                continue;
+            };
+            if repair {
+                self.repair_record(record, &host, &mut findings, last_alive)
+                    .await;
+            }
+            report.findings.extend(findings);
+        }
+
+        // The journal, read while every checked Machine is held.
+        let outline = self.inner.store.journal_outline().await?;
+        let held_records: HashMap<&str, &MachineRecord> = held
+            .iter()
+            .map(|(record, _)| (record.id.as_str(), record))
+            .collect();
+        let mut journal_findings = check_journal(&outline, &held_records);
+        // An id missing from the records read earlier may have been created since.
+        let mut kept = Vec::new();
+        for found in journal_findings.drain(..) {
+            let id = found.machine_id.clone().unwrap_or_default();
+            let recorded_now = records.iter().any(|record| record.id == id)
+                || self.inner.store.get(&id).await?.is_some();
+            if held_records.contains_key(id.as_str()) || !recorded_now {
+                kept.push(found);
+            }
+        }
+        report.findings.extend(kept);
+        drop(held);
+
+        // Orphans: on the host, in no record. Checked again under the id's lock.
+        let record_ids: BTreeSet<&str> = records.iter().map(|record| record.id.as_str()).collect();
+        for id in host.ids() {
+            if record_ids.contains(id.as_str()) {
+                continue;
+            }
+            let guard = match self.lock_within(&id, LOCK_WAIT).await {
+                Ok(guard) => guard,
+                Err(AgentError::Busy { id }) => {
+                    report.busy.push(id);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if self.inner.store.get(&id).await?.is_some() {
+                continue;
+            }
+            let mut known = first_known.clone();
+            known.insert(id.clone());
+            let now = self.scan_host(&machines_root, &runc_root, &known).await?;
+            let mut findings = orphan_findings(&id, &now, &machines_root);
+            if repair && !findings.is_empty() {
+                let outcome = self.remove_orphan(&id, &now).await;
+                match outcome {
+                    Ok(()) => {
+                        info!(machine = %id, "doctor removed an orphan");
+                        for found in &mut findings {
+                            found.repaired = true;
+                        }
+                    }
+                    Err(error) => warn!(machine = %id, %error, "doctor could not remove an orphan"),
+                }
+            }
+            drop(guard);
+            if let Ok(mut locks) = self.inner.locks.lock() {
+                locks.remove(&id);
+            }
+            report.findings.extend(findings);
+        }
+        report.busy.sort();
+        report.busy.dedup();
+        Ok(report)
+    }
+
+    async fn scan_host(
+        &self,
+        machines_root: &Path,
+        runc_root: &Path,
+        known: &BTreeSet<String>,
+    ) -> Result<HostInventory> {
+        let (machines_root, runc_root, known) = (
+            machines_root.to_owned(),
+            runc_root.to_owned(),
+            known.clone(),
+        );
+        tokio::task::spawn_blocking(move || HostInventory::scan(&machines_root, &runc_root, &known))
+            .await
+            .map_err(|error| AgentError::Internal(format!("host scan task: {error}")))
+    }
+
+    /// Takes a Machine's lock, or answers busy after `wait`.
+    async fn lock_within(&self, id: &str, wait: Duration) -> Result<OwnedMutexGuard<()>> {
+        let lock = {
+            let mut locks = self
+                .inner
+                .locks
+                .lock()
+                .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
+            locks.entry(id.to_owned()).or_default().clone()
+        };
+        tokio::time::timeout(wait, lock.lock_owned())
+            .await
+            .map_err(|_| AgentError::Busy { id: id.to_owned() })
+    }
+
+    /// One Machine whose lock the caller holds, against the host. `None` when it has just
+    /// exited and its watcher is recording that.
+    async fn check_record(
+        &self,
+        record: &MachineRecord,
+        host: &HostInventory,
+    ) -> Option<Vec<DoctorFinding>> {
+        let id = record.id.as_str();
+        let layout = self.layout(id);
+        let mut findings = Vec::new();
+        let transitional = matches!(
+            record.state,
+            MachineState::Starting
+                | MachineState::Stopping
+                | MachineState::Replacing
+                | MachineState::Destroying
+        );
+        if record.pending.is_some() || transitional {
+            let what = match &record.pending {
+                Some(PendingOp::Create) => "create".to_owned(),
+                Some(PendingOp::Update { .. }) => "update".to_owned(),
+                None => record.state.to_string(),
+            };
+            findings.push(finding(
+                FindingKind::UnfinishedOperation,
+                id,
+                None,
+                format!("the record is left in an unfinished {what} that nothing is running"),
+            ));
+            return Some(findings);
+        }
+        if !layout.upper().is_dir() {
+            findings.push(finding(
+                FindingKind::MissingUpperdir,
+                id,
+                Some(&layout.upper()),
+                "the Machine's upperdir is missing".into(),
+            ));
+        }
+        if !layout.config_json().is_file() {
+            findings.push(finding(
+                FindingKind::MissingBundle,
+                id,
+                Some(&layout.config_json()),
+                "the Machine's bundle has no config.json".into(),
+            ));
+        }
+        let netns_path = layout.netns();
+        let pinned = tokio::task::spawn_blocking(move || netns::is_pinned(&netns_path))
+            .await
+            .unwrap_or(false);
+        if !pinned {
+            findings.push(finding(
+                FindingKind::MissingNetns,
+                id,
+                Some(&layout.netns()),
+                "the Machine's network namespace is not pinned".into(),
+            ));
+        }
+        let mut layers: Vec<&crate::record::LayerRef> = record
+            .rootfs
+            .image_layers
+            .iter()
+            .chain(&record.rootfs.frozen_layers)
+            .collect();
+        if let Some(PendingOp::Update { previous }) = &record.pending {
+            layers.extend(previous.rootfs.image_layers.iter());
+        }
+        for layer in layers {
+            if !layer.dir.is_dir() {
+                findings.push(finding(
+                    FindingKind::MissingLayer,
+                    id,
+                    Some(&layer.dir),
+                    format!("layer {} is not in the layer store", layer.digest),
+                ));
+            }
+        }
+        let status = match self.inner.runtime.status(&layout).await {
+            Ok(status) => status,
+            Err(error) => {
+                warn!(machine = %id, %error, "doctor could not read the Machine's status");
+                return Some(findings);
+            }
+        };
+        let running = matches!(status, Status::Running { .. });
+        if record.state == MachineState::Started {
+            if let Status::Exited(exit) = status {
+                if now_ms() - exit.exited_at_ms < FRESH_EXIT_MS {
+                    return None;
+                }
+            }
+            if !running {
+                findings.push(finding(
+                    FindingKind::StartedNotRunning,
+                    id,
+                    Some(&layout.run_dir()),
+                    "recorded as started, but its init process is not alive".into(),
+                ));
+            }
+            return Some(findings);
+        }
+        if running {
+            findings.push(finding(
+                FindingKind::StoppedButRunning,
+                id,
+                Some(&layout.run_dir()),
+                format!(
+                    "recorded as {}, but its init process is alive",
+                    record.state
+                ),
+            ));
+        }
+        for mount in host.mounts.get(id).into_iter().flatten() {
+            // The netns stays mounted for the Machine's whole life.
+            if *mount != layout.netns() {
+                findings.push(finding(
+                    FindingKind::StrayMount,
+                    id,
+                    Some(mount),
+                    format!("recorded as {}, but this is still mounted", record.state),
+                ));
+            }
+        }
+        if host.containers.contains(id) {
+            findings.push(finding(
+                FindingKind::StrayContainer,
+                id,
+                None,
+                format!(
+                    "recorded as {}, but runc still has its container",
+                    record.state
+                ),
+            ));
+        }
+        for cgroup in host.cgroups.get(id).into_iter().flatten() {
+            findings.push(finding(
+                FindingKind::StrayCgroup,
+                id,
+                Some(cgroup),
+                format!(
+                    "recorded as {}, but its cgroup is still there",
+                    record.state
+                ),
+            ));
+        }
+        Some(findings)
+    }
+
+    /// Fixes what can be fixed of one Machine whose lock the caller holds. Missing files
+    /// and layers are reported, never made up.
+    async fn repair_record(
+        &self,
+        record: &mut MachineRecord,
+        host: &HostInventory,
+        findings: &mut [DoctorFinding],
+        last_alive: Option<i64>,
+    ) {
+        let kinds: std::collections::HashSet<FindingKind> =
+            findings.iter().map(|found| found.kind).collect();
+        let outcome = if kinds.contains(&FindingKind::UnfinishedOperation) {
+            self.recover_one(record, last_alive).await
+        } else if kinds.contains(&FindingKind::StartedNotRunning) {
+            self.record_found_dead(record).await
+        } else if kinds.iter().any(|kind| {
+            matches!(
+                kind,
+                FindingKind::StoppedButRunning
+                    | FindingKind::StrayMount
+                    | FindingKind::StrayContainer
+                    | FindingKind::StrayCgroup
+            )
+        }) {
+            self.clear_stray_run(record, host).await
+        } else {
+            return;
+        };
+        match outcome {
+            Ok(()) => {
+                for found in findings.iter_mut() {
+                    found.repaired = matches!(
+                        found.kind,
+                        FindingKind::UnfinishedOperation
+                            | FindingKind::StartedNotRunning
+                            | FindingKind::StoppedButRunning
+                            | FindingKind::StrayMount
+                            | FindingKind::StrayContainer
+                            | FindingKind::StrayCgroup
+                    );
+                }
+                info!(machine = %record.id, "doctor repaired the Machine");
+            }
+            Err(error) => warn!(machine = %record.id, %error, "doctor could not repair"),
+        }
+    }
+
+    /// A Machine recorded as started whose init is gone: record the exit the watcher
+    /// missed. The restart policy is not applied; the user decides what runs.
+    async fn record_found_dead(&self, record: &mut MachineRecord) -> Result<()> {
+        let layout = self.layout(&record.id);
+        let exit = match self.inner.runtime.status(&layout).await? {
+            Status::Running { .. } => return Ok(()),
+            Status::Exited(exit) => exit,
+            Status::NotRunning => unknown_exit(),
+        };
+        self.inner.runtime.cleanup(&layout).await?;
+        let usage = self
+            .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+            .await;
+        record.last_exit = Some(exit_info(&exit));
+        record.state = MachineState::Stopped;
+        record.updated_at_ms = now_ms();
+        self.save_transition(
+            record,
+            "exit",
+            EventSource::System,
+            Some("found_dead"),
+            &usage,
+        )
+        .await
+    }
+
+    /// A Machine recorded as not running that still has a process, a mount, a container
+    /// or a cgroup: end the process and clear the run's state. Its files stay.
+    async fn clear_stray_run(&self, record: &MachineRecord, host: &HostInventory) -> Result<()> {
+        let layout = self.layout(&record.id);
+        let runtime = &self.inner.runtime;
+        if let Status::Running { .. } = runtime.status(&layout).await? {
+            runtime.signal(&layout, berth_core::signal::SIGKILL).await?;
+            runtime.wait_exit(&layout, Some(crate::KILL_WAIT)).await?;
+        }
+        runtime.cleanup(&layout).await?;
+        let cgroups = host.cgroups.get(&record.id).cloned().unwrap_or_default();
+        remove_cgroups(&cgroups)
+            .map_err(|error| AgentError::Internal(format!("remove cgroup: {error}")))
+    }
+
+    /// Everything of an id with no record: processes, mounts, container, veth, netns,
+    /// files and cgroups.
+    async fn remove_orphan(&self, id: &str, host: &HostInventory) -> Result<()> {
+        let layout: MachineLayout = self.layout(id);
+        self.inner.runtime.remove(&layout).await?;
+        let cgroups = host.cgroups.get(id).cloned().unwrap_or_default();
+        remove_cgroups(&cgroups)
+            .map_err(|error| AgentError::Internal(format!("remove cgroup: {error}")))
+    }
+}
+
+fn orphan_findings(id: &str, host: &HostInventory, machines_root: &Path) -> Vec<DoctorFinding> {
+    let mut findings = Vec::new();
+    if host.dirs.contains(id) {
+        findings.push(finding(
+            FindingKind::OrphanMachineDir,
+            id,
+            Some(&machines_root.join(id)),
+            "a Machine directory with no record".into(),
+        ));
+    }
+    for mount in host.mounts.get(id).into_iter().flatten() {
+        findings.push(finding(
+            FindingKind::OrphanMount,
+            id,
+            Some(mount),
+            "a mount of a Machine with no record".into(),
+        ));
+    }
+    if host.containers.contains(id) {
+        findings.push(finding(
+            FindingKind::OrphanContainer,
+            id,
+            None,
+            "a runc container with no record".into(),
+        ));
+    }
+    if let Some(link) = host.veths.get(id) {
+        findings.push(finding(
+            FindingKind::OrphanVeth,
+            id,
+            Some(Path::new(link)),
+            "a Machine veth with no record".into(),
+        ));
+    }
+    for cgroup in host.cgroups.get(id).into_iter().flatten() {
+        findings.push(finding(
+            FindingKind::OrphanCgroup,
+            id,
+            Some(cgroup),
+            "a Machine cgroup with no record".into(),
+        ));
+    }
+    findings
+}
+
+/// The usage journal against itself and the held records: consecutive sequence numbers,
+/// each Machine created and destroyed once, runs opened and closed alternately, a run
+/// open exactly when the record says so, and no Machine left without its closing entry.
+fn check_journal(
+    outline: &[(i64, String, UsageKind)],
+    held: &HashMap<&str, &MachineRecord>,
+) -> Vec<DoctorFinding> {
+    #[derive(Default)]
+    struct Seen {
+        created: bool,
+        destroyed: bool,
+        open: bool,
+    }
+    let mut findings = Vec::new();
+    let mut machines: BTreeMap<&str, Seen> = BTreeMap::new();
+    let mut previous: Option<i64> = None;
+    for (seq, id, kind) in outline {
+        if let Some(previous) = previous {
+            if *seq != previous + 1 {
+                findings.push(DoctorFinding {
+                    kind: FindingKind::JournalGap,
+                    machine_id: None,
+                    object: None,
+                    message: format!("the usage journal skips from {previous} to {seq}"),
+                    repaired: false,
+                });
+            }
+        }
+        previous = Some(*seq);
+        let seen = machines.entry(id.as_str()).or_default();
+        let repeat = |what: &str| {
+            finding(
+                FindingKind::JournalDuplicate,
+                id,
+                None,
+                format!("journal entry {seq} {what}"),
+            )
+        };
+        if seen.destroyed {
+            findings.push(repeat("comes after the Machine was destroyed"));
+        }
+        match kind {
+            UsageKind::Created if seen.created => {
+                findings.push(repeat("creates the Machine a second time"))
+            }
+            UsageKind::Created => seen.created = true,
+            UsageKind::RunStart if seen.open => {
+                findings.push(repeat("opens a run that is already open"))
+            }
+            UsageKind::RunStart => seen.open = true,
+            UsageKind::RunStop if !seen.open => {
+                findings.push(repeat("closes a run that is not open"))
+            }
+            UsageKind::RunStop => seen.open = false,
+            UsageKind::Storage => {}
+            UsageKind::Destroyed => {
+                if seen.open {
+                    findings.push(finding(
+                        FindingKind::JournalUnclosedRun,
+                        id,
+                        None,
+                        format!("journal entry {seq} destroys the Machine with its run open"),
+                    ));
+                }
+                seen.destroyed = true;
+            }
+        }
+    }
+    for (id, seen) in &machines {
+        match held.get(id) {
+            Some(record) => {
+                let running = record.state == MachineState::Started;
+                if seen.open != record.run_open
+                    || (running != seen.open && record.pending.is_none())
+                {
+                    findings.push(finding(
+                        FindingKind::JournalUnclosedRun,
+                        id,
+                        None,
+                        format!(
+                            "recorded {} with run_open={}, but the journal has the run {}",
+                            record.state,
+                            record.run_open,
+                            if seen.open { "open" } else { "closed" }
+                        ),
+                    ));
+                }
+            }
+            None if seen.created && !seen.destroyed => findings.push(finding(
+                FindingKind::JournalUnclosedRun,
+                id,
+                None,
+                "the Machine has no record, but the journal never closed its existence".into(),
+            )),
+            None => {}
+        }
+    }
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outline(entries: &[(i64, &str, UsageKind)]) -> Vec<(i64, String, UsageKind)> {
+        entries
+            .iter()
+            .map(|(seq, id, kind)| (*seq, id.to_string(), *kind))
+            .collect()
+    }
+
+    fn kinds(findings: &[DoctorFinding]) -> Vec<FindingKind> {
+        findings.iter().map(|found| found.kind).collect()
+    }
+
+    #[test]
+    fn a_whole_life_in_the_journal_is_clean() {
+        let journal = outline(&[
+            (1, "m1", UsageKind::Created),
+            (2, "m1", UsageKind::RunStart),
+            (3, "m1", UsageKind::RunStop),
+            (4, "m1", UsageKind::Storage),
+            (5, "m1", UsageKind::RunStart),
+            (6, "m1", UsageKind::RunStop),
+            (7, "m1", UsageKind::Destroyed),
+        ]);
+        assert!(check_journal(&journal, &HashMap::new()).is_empty());
+    }
+
+    #[test]
+    fn gaps_repeats_and_open_ends_are_found() {
+        let journal = outline(&[
+            (1, "m1", UsageKind::Created),
+            (3, "m1", UsageKind::RunStart),
+            (4, "m1", UsageKind::RunStart),
+            (5, "m2", UsageKind::Created),
+            (6, "m2", UsageKind::RunStop),
+            (7, "m3", UsageKind::Created),
+        ]);
+        let found = kinds(&check_journal(&journal, &HashMap::new()));
+        assert_eq!(
+            found,
+            vec![
+                FindingKind::JournalGap,
+                FindingKind::JournalDuplicate,
+                FindingKind::JournalDuplicate,
+                FindingKind::JournalUnclosedRun,
+                FindingKind::JournalUnclosedRun,
+                FindingKind::JournalUnclosedRun,
+            ]
+        );
+    }
+
+    #[test]
+    fn cgroup_bases_are_below_sys_fs_cgroup() {
+        for base in cgroup_bases() {
+            assert!(base.starts_with("/sys/fs/cgroup"), "{}", base.display());
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The index against the workers: a worker is the truth about its Machines. A create the
+//! worker rolled back after a crash (it never answered) leaves an index entry that no
+//! Machine stands behind; it is forgotten here, so the name and the quota slot free up.
+
+use std::sync::Arc;
+
+use berth_agent::{AgentError, WorkerService};
+use berth_api::Machine;
+
+use crate::ControlPlane;
+
+/// Drops the index entries of `app` on worker `name` that the worker does not list and,
+/// asked again one by one, answers `not_found` for. Any other answer keeps the entry.
+pub(crate) async fn forget_lost(
+    control: &ControlPlane,
+    name: &str,
+    worker: &Arc<dyn WorkerService>,
+    app: &str,
+    listed: &[Machine],
+) {
+    let rows = match control.store.machines(app).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            tracing::warn!(%error, "listing the index to reconcile it");
+            return;
+        }
+    };
+    for row in rows.iter().filter(|row| row.worker == name) {
+        if listed.iter().any(|machine| machine.id == row.id) {
+            continue;
+        }
+        let missing = match worker.get(&row.id).await {
+            Err(AgentError::NotFound(_)) => true,
+            Err(AgentError::Remote { status: 404, body }) => body.error == "not_found",
+            _ => false,
+        };
+        if missing {
+            tracing::info!(machine = %row.id, worker = %name, "forgetting a Machine its worker does not have");
+            if let Err(error) = control.store.delete_machine(&row.id).await {
+                tracing::warn!(%error, "forgetting a lost Machine");
+            }
+        }
+    }
+}
