@@ -289,3 +289,6 @@ async fn forward_to_machine(State(proxy): State<Proxy>, request: Request<Body>) 
     )
     .await
 }
+
+#[cfg(test)]
+mod tests;
