@@ -437,3 +437,93 @@ async fn declared_oversized_bodies_get_413() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert!(body.contains("payload_too_large"));
 }
+
+/// A Machine that answers `Upgrade: echo` with 101 and then echoes bytes.
+async fn echo_upgrade_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    service_fn(|mut request: Request<hyper::body::Incoming>| async move {
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            if let Ok(upgraded) = upgrade.await {
+                                let (mut reader, mut writer) =
+                                    tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                            }
+                        });
+                        Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "echo")
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn upgraded_connections_pass_through_and_keep_the_machine_busy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (port, backend) = echo_upgrade_backend().await;
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(port, 60, 0),
+    )]);
+    let proxy = Proxy::new(platform, ProxyConfig::default());
+    let metrics = proxy.metrics();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let server = tokio::spawn(proxy.serve(listener, std::future::pending()));
+
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"GET /socket HTTP/1.1\r\nHost: web.localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    stream.write_all(b"ping").await.expect("write");
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await.expect("echo");
+    assert_eq!(&echoed, b"ping");
+    let in_flight = || metrics.in_flight_of("web", "m1").get();
+    assert_eq!(in_flight(), 1, "an open upgraded connection is in flight");
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while in_flight() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection was released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.abort();
+    backend.abort();
+}
