@@ -116,14 +116,49 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
     }
 }
 
+/// What became of a forward: an answer for the client, or a request without a body that
+/// the Machine refused to connect for, given back to be sent elsewhere.
+pub(crate) enum Forwarded {
+    Answer(Response<Body>),
+    Refused(Request<Body>),
+}
+
+/// A copy of a bodiless request, to send again if the Machine refuses the connection
+/// (it was stopped behind the proxy's back, say): nothing of it reached the Machine.
+fn replayable(request: &Request<Body>) -> Option<Request<Body>> {
+    use hyper::body::Body as _;
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version())
+        .body(Body::empty())
+        .ok()?;
+    *copy.headers_mut() = request.headers().clone();
+    if let Some(client) = request.extensions().get::<ClientAddr>().copied() {
+        copy.extensions_mut().insert(client);
+    }
+    if let Some(app) = request.extensions().get::<crate::AppName>().cloned() {
+        copy.extensions_mut().insert(app);
+    }
+    Some(copy)
+}
+
 pub(crate) async fn forward(
     client: &Client,
     ticket: Ticket,
     mut request: Request<Body>,
     max_body_bytes: usize,
-) -> Response<Body> {
+) -> Forwarded {
     let client_addr = request.extensions().get::<ClientAddr>().map(|addr| addr.0);
     let upgrade = upgrade_of(request.headers());
+    let mut replay = if upgrade.is_none() {
+        replayable(&request)
+    } else {
+        None
+    };
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     let path = parts
@@ -134,12 +169,14 @@ pub(crate) async fn forward(
     let uri = match Uri::try_from(format!("http://{}{path}", ticket.address)) {
         Ok(uri) => uri,
         Err(_) => {
-            return ProxyError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "unusable request path",
+            return Forwarded::Answer(
+                ProxyError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "unusable request path",
+                )
+                .into_response(),
             )
-            .into_response()
         }
     };
     parts.uri = uri;
@@ -160,16 +197,23 @@ pub(crate) async fn forward(
             if error.is_connect() {
                 ticket.unreachable();
                 tracing::warn!(machine = %ticket.machine(), %error, "Machine refused the connection");
-                return ProxyError::machine_unreachable(ticket.machine()).into_response();
+                if let Some(request) = replay.take() {
+                    return Forwarded::Refused(request);
+                }
+                return Forwarded::Answer(
+                    ProxyError::machine_unreachable(ticket.machine()).into_response(),
+                );
             }
             tracing::debug!(machine = %ticket.machine(), ?error, "forwarding failed");
-            return ProxyError::new(
-                StatusCode::BAD_GATEWAY,
-                "machine_error",
-                "the Machine closed the connection before answering",
-            )
-            .retry_after(Duration::from_secs(1))
-            .into_response();
+            return Forwarded::Answer(
+                ProxyError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "machine_error",
+                    "the Machine closed the connection before answering",
+                )
+                .retry_after(Duration::from_secs(1))
+                .into_response(),
+            );
         }
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -189,18 +233,18 @@ pub(crate) async fn forward(
                 }
             });
             let (parts, _) = response.into_parts();
-            return Response::from_parts(parts, Body::empty());
+            return Forwarded::Answer(Response::from_parts(parts, Body::empty()));
         }
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(
+    Forwarded::Answer(Response::from_parts(
         parts,
         Body::new(TicketBody {
             inner: body,
             ticket: Some(ticket),
         }),
-    )
+    ))
 }
 
 /// The Machine's response body, holding the request's ticket until the last byte (or

@@ -33,7 +33,7 @@ pub use metrics::Metrics;
 pub use platform::{HttpPlatform, MachineView, Platform, PlatformError};
 
 use fleet::{Fleet, Ticket};
-use forward::ClientAddr;
+use forward::{ClientAddr, Forwarded};
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -281,13 +281,34 @@ async fn forward_to_machine(State(proxy): State<Proxy>, request: Request<Body>) 
         )
         .into_response();
     };
-    forward::forward(
-        &proxy.client,
-        ticket,
-        request,
-        proxy.config().max_body_bytes,
-    )
-    .await
+    let max_body = proxy.config().max_body_bytes;
+    let request = match forward::forward(&proxy.client, ticket, request, max_body).await {
+        Forwarded::Answer(response) => return response,
+        Forwarded::Refused(request) => request,
+    };
+    // Once more, on another Machine or a woken one: the refusing Machine is marked and
+    // the app's Machines are read again first.
+    let Some(AppName(app)) = request.extensions().get::<AppName>().cloned() else {
+        return ProxyError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no app routed",
+        )
+        .into_response();
+    };
+    match proxy.fleet.admit(&app).await {
+        Ok(ticket) => match forward::forward(&proxy.client, ticket, request, max_body).await {
+            Forwarded::Answer(response) => response,
+            Forwarded::Refused(_) => ProxyError::new(
+                StatusCode::BAD_GATEWAY,
+                "machine_unreachable",
+                format!("two Machines of app {app} refused the connection"),
+            )
+            .retry_after(Duration::from_secs(1))
+            .into_response(),
+        },
+        Err(error) => error.into_response(),
+    }
 }
 
 #[cfg(test)]
