@@ -1138,7 +1138,8 @@ impl WorkerService for Agent {
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
                 let reason = exit_info(&exit).reason;
-                self.save_transition(&record, "stop", EventSource::User, Some(&reason), &usage)
+                let source = request.source.map_or(EventSource::User, EventSource::from);
+                self.save_transition(&record, "stop", source, Some(&reason), &usage)
                     .await?;
                 failpoint::hit("stop.after_record_stopped");
                 Ok(StartStopResponse {

@@ -27,6 +27,16 @@ pub enum EventSource {
     System,
 }
 
+impl From<berth_api::ChangeSource> for EventSource {
+    fn from(source: berth_api::ChangeSource) -> Self {
+        match source {
+            berth_api::ChangeSource::User => EventSource::User,
+            berth_api::ChangeSource::Autostart => EventSource::Autostart,
+            berth_api::ChangeSource::Autostop => EventSource::Autostop,
+        }
+    }
+}
+
 impl EventSource {
     pub fn as_str(self) -> &'static str {
         match self {

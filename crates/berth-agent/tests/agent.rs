@@ -218,6 +218,7 @@ async fn stop_escalates_to_sigkill_after_the_timeout() {
         .expect("create");
     fixture.runtime.set_ignore_term(true).await;
     let request = StopRequest {
+        source: None,
         signal: None,
         timeout: Some(berth_api::ApiDuration(Duration::from_millis(100))),
     };

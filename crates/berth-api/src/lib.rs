@@ -13,11 +13,13 @@ use utoipa::ToSchema;
 mod doctor;
 mod duration;
 mod robots;
+mod services;
 mod tenancy;
 
 pub use doctor::*;
 pub use duration::ApiDuration;
 pub use robots::*;
+pub use services::*;
 pub use tenancy::*;
 
 /// The lifecycle states of a Machine, as they appear on the wire.
@@ -190,6 +192,9 @@ pub struct MachineConfig {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub rootfs: RootfsPersistence,
+    /// Ports the proxy routes the app's traffic to, with autostart and autostop settings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<MachineService>,
 }
 
 /// `POST /v1/apps/{app}/machines`
@@ -222,6 +227,29 @@ pub struct StopRequest {
     pub signal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<ApiDuration>,
+    /// Who the stop is recorded as coming from; only the admin token may set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ChangeSource>,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}/start` (the body is optional).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Who the start is recorded as coming from; only the admin token may set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ChangeSource>,
+}
+
+/// The source a start or stop is recorded with in the Machine's events. The proxy starts
+/// and stops through the same API as everyone else and names itself here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeSource {
+    #[default]
+    User,
+    Autostart,
+    Autostop,
 }
 
 /// The image a Machine runs, resolved at create or update time.

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 mod api_load;
 mod cluster;
+mod wake;
 
 #[derive(Debug, Parser)]
 #[command(name = "berth-bench")]
@@ -52,6 +53,9 @@ struct Args {
     /// process against in-process, and create/start with 200 Machines on one worker.
     #[arg(long)]
     cluster_only: bool,
+    /// Only the proxy figures: wake on request, warm and direct requests, requests/s.
+    #[arg(long)]
+    wake_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -164,6 +168,14 @@ async fn run(args: Args) -> Result<()> {
         std::fs::write(&args.out, serde_json::to_string_pretty(&merged)? + "\n")?;
         println!("{}", serde_json::to_string_pretty(&merged["cluster"])?);
         return Ok(());
+    }
+    if args.wake_only {
+        let token = platform.admin_token.clone();
+        let result = wake::measure(args.cycles, &api_url, &client, &token, scratch.path(), 5).await;
+        server.abort();
+        remove_bridges(&platform).await;
+        platform.close().await;
+        return wake::merge_into(&args.out, result?);
     }
     let result = if args.api_only {
         import_bench_image(&client, scratch.path()).await

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_agent::{CreateOnWorker, EventSource};
 use berth_api::{
-    CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartStopResponse, StopRequest,
-    UpdateMachineRequest,
+    ChangeSource, CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartRequest,
+    StartStopResponse, StopRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
 use serde::{Deserialize, Serialize};
@@ -308,6 +308,15 @@ pub(crate) async fn update_machine(
     Ok(Json(seen(&control, machine, &row.worker).await))
 }
 
+/// Only the operator (the proxy runs with the admin token) may record a start or stop as
+/// something other than the caller's own.
+fn check_source(principal: &Principal, source: Option<ChangeSource>) -> Result<(), ApiError> {
+    match source {
+        None | Some(ChangeSource::User) => Ok(()),
+        Some(_) => principal.require_admin(),
+    }
+}
+
 /// The common prologue of start, stop and destroy: lookup, rate limit, lease, key.
 async fn prologue(
     control: &Shared,
@@ -334,13 +343,16 @@ async fn prologue(
     params(("app" = String, Path), ("id" = String, Path),
            ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body(content = Option<StartRequest>),
     responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn start_machine(
     State(control): State<Shared>,
     principal: Principal,
     headers: HeaderMap,
     ApiPath((app, id)): ApiPath<(String, String)>,
+    OptionalJson(request): OptionalJson<StartRequest>,
 ) -> Result<Response, ApiError> {
+    check_source(&principal, request.source)?;
     let (app_row, row, claim) = match prologue(
         &control,
         &principal,
@@ -348,7 +360,7 @@ pub(crate) async fn start_machine(
         &app,
         &id,
         Action::Start,
-        &(),
+        &request,
     )
     .await?
     {
@@ -363,7 +375,8 @@ pub(crate) async fn start_machine(
         let _reservation = control
             .usage
             .reserve(org, &id, share(&machine.config), &quotas)?;
-        let mut answer = worker.start(&id, EventSource::User).await?;
+        let source = request.source.map_or(EventSource::User, EventSource::from);
+        let mut answer = worker.start(&id, source).await?;
         answer.machine = seen(&control, answer.machine, &row.worker).await;
         Ok::<_, ApiError>(Json(answer))
     }
@@ -384,6 +397,7 @@ pub(crate) async fn stop_machine(
     ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<StopRequest>,
 ) -> Result<Response, ApiError> {
+    check_source(&principal, request.source)?;
     let (_, row, claim) = match prologue(
         &control,
         &principal,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use berth_api::{CreateMachineRequest, MachineConfig};
+use berth_api::{CreateMachineRequest, MachineConfig, MachineService};
 
 use crate::signal::signal_number;
 
@@ -200,6 +200,54 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_services(&config.services)
+}
+
+pub const MAX_SERVICES: usize = 16;
+pub const MAX_IDLE_SECONDS: u32 = 7 * 24 * 3600;
+pub const MAX_CONCURRENCY: u32 = 100_000;
+
+fn validate_services(services: &[MachineService]) -> Result<(), ConfigError> {
+    if services.len() > MAX_SERVICES {
+        return Err(refuse(
+            "config.services",
+            format!("at most {MAX_SERVICES} services"),
+        ));
+    }
+    for (index, service) in services.iter().enumerate() {
+        let field = |name: &str| format!("config.services[{index}].{name}");
+        if service.internal_port == 0 {
+            return Err(refuse(field("internal_port"), "must be 1 to 65535"));
+        }
+        if services[..index]
+            .iter()
+            .any(|other| other.internal_port == service.internal_port)
+        {
+            return Err(refuse(
+                field("internal_port"),
+                "is already another service's",
+            ));
+        }
+        if service.autostop_idle_seconds == 0 || service.autostop_idle_seconds > MAX_IDLE_SECONDS {
+            return Err(refuse(
+                field("autostop_idle_seconds"),
+                format!("must be 1 to {MAX_IDLE_SECONDS}"),
+            ));
+        }
+        let limits = service.concurrency;
+        if limits.hard_limit == 0 || limits.hard_limit > MAX_CONCURRENCY {
+            return Err(refuse(
+                field("concurrency.hard_limit"),
+                format!("must be 1 to {MAX_CONCURRENCY}"),
+            ));
+        }
+        if limits.soft_limit == 0 || limits.soft_limit > limits.hard_limit {
+            return Err(refuse(
+                field("concurrency.soft_limit"),
+                "must be 1 to hard_limit",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -286,6 +334,44 @@ mod tests {
         assert_eq!(
             validate_config(&bad).expect_err("refused").field,
             "config.stop_config.signal"
+        );
+    }
+
+    #[test]
+    fn services_are_checked_with_their_index() {
+        let service: MachineService = serde_json::from_value(serde_json::json!({
+            "internal_port": 8080, "protocol": "tcp", "autostart": true, "autostop": "stop",
+            "autostop_idle_seconds": 60, "min_machines_running": 0,
+            "concurrency": {"type": "requests", "soft_limit": 20, "hard_limit": 25}
+        }))
+        .expect("Fly's shape parses");
+        let mut good = config();
+        good.services = vec![service.clone()];
+        assert_eq!(validate_config(&good), Ok(()));
+
+        let mut bad = good.clone();
+        bad.services.push(service.clone());
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.services[1].internal_port"
+        );
+        let mut bad = good.clone();
+        bad.services[0].concurrency.soft_limit = 30;
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.services[0].concurrency.soft_limit"
+        );
+        let mut bad = good.clone();
+        bad.services[0].autostop_idle_seconds = 0;
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.services[0].autostop_idle_seconds"
+        );
+        let mut bad = good;
+        bad.services[0].internal_port = 0;
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.services[0].internal_port"
         );
     }
 

@@ -94,6 +94,10 @@ pub struct ConfigArgs {
     /// Start from an empty writable layer on update.
     #[arg(long)]
     ephemeral_rootfs: bool,
+    /// A service for the proxy, as JSON in Fly's shape, e.g.
+    /// '{"internal_port":8080,"autostop":"stop","autostop_idle_seconds":60}'; may be repeated.
+    #[arg(long = "service", value_name = "JSON")]
+    services: Vec<String>,
     /// The command, after `--`.
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -133,6 +137,14 @@ impl ConfigArgs {
             } else {
                 berth_api::RootfsPersistence::Persistent
             },
+            services: self
+                .services
+                .iter()
+                .map(|text| {
+                    serde_json::from_str(text)
+                        .with_context(|| format!("--service {text:?} is not a service"))
+                })
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -434,7 +446,11 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 .client()?
                 .post(
                     &format!("/v1/apps/{app}/machines/{id}/stop"),
-                    &StopRequest { signal, timeout },
+                    &StopRequest {
+                        signal,
+                        timeout,
+                        source: None,
+                    },
                 )
                 .await?;
             report(&answer, started.elapsed());

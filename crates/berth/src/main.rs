@@ -10,6 +10,7 @@ mod cluster;
 mod commands;
 mod demo;
 mod doctor_cmd;
+mod proxy_cmd;
 mod pull_progress;
 mod robots;
 mod up;
@@ -37,6 +38,8 @@ enum Command {
     Server(cluster::ServerArgs),
     /// Run one worker that joins a control plane.
     Agent(cluster::AgentArgs),
+    /// Run the wake-on-request proxy against an API (`berth up` runs one itself).
+    Proxy(proxy_cmd::ProxyArgs),
     /// Apps group Machines.
     #[command(subcommand)]
     App(commands::AppCommand),
@@ -113,6 +116,7 @@ fn run(command: Command) -> Result<()> {
             Command::Up(args) => up::run(args).await,
             Command::Server(args) => cluster::server(args).await,
             Command::Agent(args) => cluster::agent(args).await,
+            Command::Proxy(args) => proxy_cmd::run(args).await,
             Command::App(command) => commands::app(command).await,
             Command::Machine(command) => commands::machine(*command).await,
             Command::Image(command) => commands::image(command).await,

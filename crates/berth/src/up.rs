@@ -78,6 +78,14 @@ pub struct UpArgs {
     /// `PUT /v1/orgs/{slug}/limits`: `{"quotas": {...}, "rate_limits": {"read": {...}}}`.
     #[arg(long)]
     default_limits: Option<PathBuf>,
+    /// Where the wake-on-request proxy listens (`<app>.<domain>` → the app's Machines).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    proxy_listen: SocketAddr,
+    /// Run no proxy.
+    #[arg(long)]
+    no_proxy: bool,
+    #[command(flatten)]
+    proxy: crate::proxy_cmd::ProxyOptions,
 }
 
 /// Registry settings from the flags, checked before anything starts.
@@ -174,6 +182,23 @@ pub async fn run(args: UpArgs) -> Result<()> {
     );
     println!("  export BERTH_API_URL={api_url} BERTH_TOKEN={admin_token}");
 
+    let proxy_config = args.proxy.config()?;
+    let proxy = if args.no_proxy {
+        None
+    } else {
+        let domain = proxy_config.domain.clone();
+        let (bound, task) = crate::proxy_cmd::spawn(
+            args.proxy_listen,
+            &api_url,
+            &admin_token,
+            proxy_config,
+            shutdown_signal(),
+        )
+        .await?;
+        println!("Berth proxy listening on http://{bound} for <app>.{domain}");
+        Some(task)
+    };
+
     let router = control.router();
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -190,6 +215,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         });
     }
     server.await.context("API server task")??;
+    if let Some(proxy) = proxy {
+        proxy.abort();
+    }
     info!("shutting down; running machines keep running");
     platform.close().await;
     Ok(())

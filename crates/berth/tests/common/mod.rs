@@ -17,6 +17,8 @@ pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 pub struct Platform {
     pub data_dir: tempfile::TempDir,
     pub api_url: String,
+    /// The wake-on-request proxy of this `berth up`, on its own free port.
+    pub proxy_url: String,
     pub token: String,
     process: Option<Child>,
     http: reqwest::blocking::Client,
@@ -45,9 +47,15 @@ impl Platform {
             .tempdir()
             .expect("temp data dir");
         let api_url = format!("http://127.0.0.1:{}", free_port());
+        let proxy_listen = format!("127.0.0.1:{}", free_port());
+        let mut up_args: Vec<String> = up_args.iter().map(|arg| arg.to_string()).collect();
+        if !up_args.iter().any(|arg| arg == "--proxy-listen") {
+            up_args.extend(["--proxy-listen".to_owned(), proxy_listen.clone()]);
+        }
         let mut platform = Platform {
             data_dir,
             api_url,
+            proxy_url: format!("http://{proxy_listen}"),
             token: String::new(),
             process: None,
             bridges: Vec::new(),
@@ -55,7 +63,7 @@ impl Platform {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
-            up_args: up_args.iter().map(|arg| arg.to_string()).collect(),
+            up_args,
             small_disk: false,
         };
         platform.boot();
@@ -76,9 +84,11 @@ impl Platform {
             Some(format!("size={size},mode=0700").as_str()),
         )
         .expect("mount a small tmpfs");
+        let proxy_listen = format!("127.0.0.1:{}", free_port());
         let mut platform = Platform {
             data_dir,
             api_url: format!("http://127.0.0.1:{}", free_port()),
+            proxy_url: format!("http://{proxy_listen}"),
             token: String::new(),
             process: None,
             bridges: Vec::new(),
@@ -87,7 +97,12 @@ impl Platform {
                 .build()
                 .expect("http client"),
             // Placement reserves 1 GiB per Machine; let the disk itself say when it is full.
-            up_args: vec!["--worker-disk-mb".into(), "100000".into()],
+            up_args: vec![
+                "--worker-disk-mb".into(),
+                "100000".into(),
+                "--proxy-listen".into(),
+                proxy_listen,
+            ],
             small_disk: true,
         };
         platform.boot();

@@ -1,0 +1,95 @@
+//! `config.services`: what the proxy routes to a Machine, and when it may start and stop
+//! it (Fly's shape).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One service of a Machine: a TCP port inside it that the proxy sends its app's HTTP
+/// traffic to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineService {
+    pub internal_port: u16,
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+    /// Start this Machine when a request finds no started Machine with room for it.
+    #[serde(default = "MachineService::default_autostart")]
+    pub autostart: bool,
+    /// `stop`: stop this Machine after `autostop_idle_seconds` without traffic; `off`: never.
+    #[serde(default)]
+    pub autostop: AutostopMode,
+    #[serde(default = "MachineService::default_idle_seconds")]
+    pub autostop_idle_seconds: u32,
+    /// Autostop never leaves fewer than this many of the app's Machines started.
+    #[serde(default)]
+    pub min_machines_running: u32,
+    #[serde(default)]
+    pub concurrency: ServiceConcurrency,
+}
+
+impl MachineService {
+    fn default_autostart() -> bool {
+        true
+    }
+    pub const DEFAULT_IDLE_SECONDS: u32 = 60;
+    fn default_idle_seconds() -> u32 {
+        Self::DEFAULT_IDLE_SECONDS
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceProtocol {
+    #[default]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AutostopMode {
+    #[default]
+    Off,
+    Stop,
+}
+
+/// What counts towards the limits: requests in flight, or open connections (an upgraded
+/// connection counts as one request until it closes, so both behave the same for HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrencyType {
+    #[default]
+    Requests,
+    Connections,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConcurrency {
+    #[serde(default, rename = "type")]
+    pub kind: ConcurrencyType,
+    /// Above this, the proxy prefers another Machine and wakes one if it can.
+    #[serde(default = "ServiceConcurrency::default_soft")]
+    pub soft_limit: u32,
+    /// Never more than this in flight on one Machine; more wait briefly, then get 503.
+    #[serde(default = "ServiceConcurrency::default_hard")]
+    pub hard_limit: u32,
+}
+
+impl ServiceConcurrency {
+    fn default_soft() -> u32 {
+        20
+    }
+    fn default_hard() -> u32 {
+        25
+    }
+}
+
+impl Default for ServiceConcurrency {
+    fn default() -> Self {
+        ServiceConcurrency {
+            kind: ConcurrencyType::Requests,
+            soft_limit: Self::default_soft(),
+            hard_limit: Self::default_hard(),
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! The proxy's logic against a fake platform. Idle timing runs on paused tokio time;
+//! wakes and forwarding use real loopback listeners.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use berth_api::{AutostopMode, MachineService, MachineState, ServiceConcurrency};
+use http_body_util::BodyExt;
+
+use super::*;
+
+#[derive(Default)]
+struct FakePlatform {
+    machines: Mutex<BTreeMap<String, MachineView>>,
+    starts: AtomicUsize,
+    stops: Mutex<Vec<String>>,
+    refuse_start: Mutex<Option<PlatformError>>,
+}
+
+#[async_trait]
+impl Platform for FakePlatform {
+    async fn machines(&self, app: &str) -> Result<Option<Vec<MachineView>>, PlatformError> {
+        if app != "web" {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.machines
+                .lock()
+                .expect("fake lock")
+                .values()
+                .cloned()
+                .collect(),
+        ))
+    }
+
+    async fn start(&self, _app: &str, id: &str) -> Result<(), PlatformError> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        // A start takes a moment, so concurrent requests meet the wake under way.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(error) = self.refuse_start.lock().expect("fake lock").clone() {
+            return Err(error);
+        }
+        if let Some(machine) = self.machines.lock().expect("fake lock").get_mut(id) {
+            machine.state = MachineState::Started;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, _app: &str, id: &str) -> Result<(), PlatformError> {
+        self.stops.lock().expect("fake lock").push(id.to_owned());
+        if let Some(machine) = self.machines.lock().expect("fake lock").get_mut(id) {
+            machine.state = MachineState::Stopped;
+        }
+        Ok(())
+    }
+}
+
+impl FakePlatform {
+    fn with(machines: Vec<MachineView>) -> Arc<FakePlatform> {
+        let platform = FakePlatform::default();
+        {
+            let mut map = platform.machines.lock().expect("fake lock");
+            for machine in machines {
+                map.insert(machine.id.clone(), machine);
+            }
+        }
+        Arc::new(platform)
+    }
+
+    fn stops(&self) -> Vec<String> {
+        self.stops.lock().expect("fake lock").clone()
+    }
+}
+
+fn service(port: u16, idle_seconds: u32, min_running: u32) -> MachineService {
+    MachineService {
+        internal_port: port,
+        protocol: Default::default(),
+        autostart: true,
+        autostop: AutostopMode::Stop,
+        autostop_idle_seconds: idle_seconds,
+        min_machines_running: min_running,
+        concurrency: ServiceConcurrency::default(),
+    }
+}
+
+fn machine(id: &str, state: MachineState, service: MachineService) -> MachineView {
+    MachineView {
+        id: id.to_owned(),
+        state,
+        address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        service: Some(service),
+    }
+}
+
+fn fleet(platform: Arc<FakePlatform>) -> Arc<Fleet> {
+    Arc::new(Fleet::new(
+        platform,
+        ProxyConfig::default(),
+        Arc::new(Metrics::new()),
+    ))
+}
+
+/// Lets spawned tasks run without moving paused time.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_machine_stops_exactly_when_its_idle_time_is_up() {
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(1, 60, 0),
+    )]);
+    let fleet = fleet(platform.clone());
+    drop(fleet.admit("web").await.expect("admitted"));
+    tokio::time::sleep(Duration::from_millis(59_900)).await;
+    settle().await;
+    assert!(platform.stops().is_empty(), "stopped before its idle time");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
+    assert_eq!(platform.stops(), vec!["m1".to_owned()]);
+    assert_eq!(fleet.metrics.autostops.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_keeps_its_machine_running() {
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(1, 10, 0),
+    )]);
+    let fleet = fleet(platform.clone());
+    // A long poll or an open WebSocket holds its ticket for minutes.
+    let ticket = fleet.admit("web").await.expect("admitted");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    settle().await;
+    assert!(platform.stops().is_empty(), "stopped while busy");
+    drop(ticket);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    settle().await;
+    assert!(
+        platform.stops().is_empty(),
+        "idle time counts from the last request"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(platform.stops(), vec!["m1".to_owned()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_machines_running_keeps_that_many_started() {
+    let platform = FakePlatform::with(vec![
+        machine("m1", MachineState::Started, service(1, 5, 1)),
+        machine("m2", MachineState::Started, service(2, 5, 1)),
+    ]);
+    let fleet = fleet(platform.clone());
+    drop(fleet.admit("web").await.expect("admitted"));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    settle().await;
+    assert_eq!(platform.stops().len(), 1, "one stays running");
+}
+
+#[tokio::test(start_paused = true)]
+async fn machines_without_autostop_are_left_alone() {
+    let mut keep = service(1, 5, 0);
+    keep.autostop = AutostopMode::Off;
+    let platform = FakePlatform::with(vec![machine("m1", MachineState::Started, keep)]);
+    let fleet = fleet(platform.clone());
+    drop(fleet.admit("web").await.expect("admitted"));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    settle().await;
+    assert!(platform.stops().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn above_the_hard_limit_requests_queue_then_get_over_capacity() {
+    let mut tight = service(1, 60, 0);
+    tight.concurrency = ServiceConcurrency {
+        kind: Default::default(),
+        soft_limit: 1,
+        hard_limit: 2,
+    };
+    let platform = FakePlatform::with(vec![machine("m1", MachineState::Started, tight)]);
+    let fleet = fleet(platform.clone());
+    let first = fleet.admit("web").await.expect("first");
+    let _second = fleet.admit("web").await.expect("second, above soft");
+    // The third waits; when the first ends, it gets the place.
+    let waiting = tokio::spawn({
+        let fleet = fleet.clone();
+        async move { fleet.admit("web").await }
+    });
+    settle().await;
+    drop(first);
+    let _third = waiting
+        .await
+        .expect("task")
+        .expect("queued request got room");
+    let refused = fleet.admit("web").await.err().expect("over capacity");
+    assert_eq!(refused.code, "over_capacity");
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.retry_after.is_some());
+}
+
+#[tokio::test]
+async fn fifty_requests_for_a_stopped_app_start_one_machine() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut roomy = service(port, 60, 0);
+    roomy.concurrency.soft_limit = 100;
+    roomy.concurrency.hard_limit = 100;
+    let platform = FakePlatform::with(vec![
+        machine("m1", MachineState::Stopped, roomy.clone()),
+        machine("m2", MachineState::Stopped, roomy),
+    ]);
+    let fleet = fleet(platform.clone());
+    let admits = (0..50).map(|_| {
+        let fleet = fleet.clone();
+        async move { fleet.admit("web").await }
+    });
+    let tickets = futures::future::join_all(admits).await;
+    assert!(tickets.iter().all(Result::is_ok), "every request admitted");
+    assert_eq!(platform.starts.load(Ordering::SeqCst), 1, "one start");
+    assert!(tickets
+        .iter()
+        .flatten()
+        .all(|ticket| ticket.machine() == tickets[0].as_ref().map_or("", |t| t.machine())));
+}
+
+#[tokio::test]
+async fn a_failed_wake_answers_503_with_the_reason() {
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Stopped,
+        service(1, 60, 0),
+    )]);
+    *platform.refuse_start.lock().expect("fake lock") = Some(PlatformError {
+        code: "insufficient_capacity".into(),
+        message: "worker w1 has no memory left".into(),
+        retry_after: Some(Duration::from_secs(3)),
+    });
+    let fleet = fleet(platform.clone());
+    let refused = fleet.admit("web").await.err().expect("refused");
+    assert_eq!(refused.code, "insufficient_capacity");
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.retry_after, Some(Duration::from_secs(3)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_port_that_never_opens_is_a_wake_timeout() {
+    // Nothing listens on port 1 of loopback: connects are refused at once.
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Stopped,
+        service(1, 60, 0),
+    )]);
+    let fleet = fleet(platform.clone());
+    let refused = fleet.admit("web").await.err().expect("refused");
+    assert_eq!(refused.code, "wake_timeout");
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[test]
+fn hosts_map_to_apps() {
+    assert_eq!(
+        app_of_host("web.localhost", "localhost"),
+        Some("web".into())
+    );
+    assert_eq!(
+        app_of_host("Web.LocalHost:8080", "localhost"),
+        Some("web".into())
+    );
+    assert_eq!(
+        app_of_host("web.localhost.", "localhost"),
+        Some("web".into())
+    );
+    assert_eq!(app_of_host("localhost", "localhost"), None);
+    assert_eq!(app_of_host("a.b.localhost", "localhost"), None);
+    assert_eq!(app_of_host("web.example.com", "localhost"), None);
+    assert_eq!(app_of_host("[::1]:8080", "localhost"), None);
+    assert_eq!(app_of_host("web.localhost:x", "localhost"), None);
+}
+
+async fn call(router: Router, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+    let response = router.oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+use axum::http::HeaderMap;
+
+#[tokio::test]
+async fn forwarding_sets_forwarded_headers_and_strips_hop_by_hop_ones() {
+    // The Machine: echoes the headers it got.
+    let backend = Router::new().fallback(|headers: HeaderMap| async move {
+        let mut names: Vec<String> = headers
+            .iter()
+            .map(|(name, value)| format!("{name}={}", value.to_str().unwrap_or("?")))
+            .collect();
+        names.sort();
+        names.join("\n")
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move { axum::serve(listener, backend).await });
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(port, 60, 0),
+    )]);
+    let proxy = Proxy::new(platform, ProxyConfig::default());
+    let mut request = Request::builder()
+        .uri("/hello?x=1")
+        .header("host", "web.localhost:8080")
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "drop me")
+        .header("proxy-authorization", "Basic Zm9v")
+        .header("x-forwarded-for", "10.0.0.9")
+        .body(Body::empty())
+        .expect("request");
+    request
+        .extensions_mut()
+        .insert(ClientAddr("127.0.0.7:5555".parse().expect("addr")));
+    let (status, _, body) = call(proxy.router(), request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("x-forwarded-for=10.0.0.9, 127.0.0.7"),
+        "{body}"
+    );
+    assert!(body.contains("x-forwarded-proto=http"), "{body}");
+    assert!(
+        body.contains("forwarded=for=127.0.0.7;proto=http;host=\"web.localhost:8080\""),
+        "{body}"
+    );
+    assert!(body.contains("host=web.localhost:8080"), "{body}");
+    assert!(!body.contains("x-secret"), "{body}");
+    assert!(!body.contains("proxy-authorization"), "{body}");
+    let metrics = proxy.metrics().encode();
+    assert!(
+        metrics.contains("berth_proxy_requests_total{status=\"200\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("berth_proxy_in_flight{app=\"web\",machine=\"m1\"} 0"),
+        "{metrics}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn unknown_apps_and_hosts_get_404_with_a_json_body() {
+    let proxy = Proxy::new(FakePlatform::with(Vec::new()), ProxyConfig::default());
+    for host in ["nope.localhost", "example.com", "a.b.localhost"] {
+        let request = Request::builder()
+            .uri("/")
+            .header("host", host)
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(proxy.router(), request).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{host}");
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/json")
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["error"], "app_not_found");
+    }
+    let request = Request::builder()
+        .uri("/metrics")
+        .header("host", "127.0.0.1:8080")
+        .body(Body::empty())
+        .expect("request");
+    let (status, _, body) = call(proxy.router(), request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("berth_proxy_requests_total{status=\"404\"} 3"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE berth_proxy_wake_seconds histogram"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_502_machine_unreachable() {
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(1, 60, 0),
+    )]);
+    let proxy = Proxy::new(platform, ProxyConfig::default());
+    let request = || {
+        Request::builder()
+            .uri("/")
+            .header("host", "web.localhost")
+            .body(Body::empty())
+            .expect("request")
+    };
+    let (status, headers, body) = call(proxy.router(), request()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("machine_unreachable"), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    // Marked: the next request is not sent to it again at once.
+    let (status, _, body) = call(proxy.router(), request()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("machine_unreachable"), "{body}");
+}
+
+#[tokio::test]
+async fn declared_oversized_bodies_get_413() {
+    let proxy = Proxy::new(FakePlatform::with(Vec::new()), ProxyConfig::default());
+    let request = Request::builder()
+        .method("POST")
+        .uri("/")
+        .header("host", "web.localhost")
+        .header("content-length", (1u64 << 40).to_string())
+        .body(Body::empty())
+        .expect("request");
+    let (status, _, body) = call(proxy.router(), request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body.contains("payload_too_large"));
+}
+
+/// A Machine that answers `Upgrade: echo` with 101 and then echoes bytes.
+async fn echo_upgrade_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    service_fn(|mut request: Request<hyper::body::Incoming>| async move {
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            if let Ok(upgraded) = upgrade.await {
+                                let (mut reader, mut writer) =
+                                    tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                            }
+                        });
+                        Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "echo")
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn upgraded_connections_pass_through_and_keep_the_machine_busy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (port, backend) = echo_upgrade_backend().await;
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(port, 60, 0),
+    )]);
+    let proxy = Proxy::new(platform, ProxyConfig::default());
+    let metrics = proxy.metrics();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let server = tokio::spawn(proxy.serve(listener, std::future::pending()));
+
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"GET /socket HTTP/1.1\r\nHost: web.localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    stream.write_all(b"ping").await.expect("write");
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await.expect("echo");
+    assert_eq!(&echoed, b"ping");
+    let in_flight = || metrics.in_flight_of("web", "m1").get();
+    assert_eq!(in_flight(), 1, "an open upgraded connection is in flight");
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while in_flight() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection was released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.abort();
+    backend.abort();
+}
