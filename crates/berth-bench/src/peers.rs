@@ -100,6 +100,7 @@ pub fn measure(inputs: &PeerInputs<'_>) -> Result<PeerTimes> {
     berth_runtime::overlay::mount(inputs.lowerdirs, &upper, &work, &rootfs)?;
     let result = measure_on(inputs, &root, &rootfs, &bundle);
     let _ = berth_runtime::overlay::unmount(&rootfs);
+    remove_cgroup(RUNC_PEER_CGROUP);
     result
 }
 
@@ -147,7 +148,7 @@ fn runc_bundle_config(machine_config_json: &Path, rootfs: &Path) -> Result<Value
             }
         }
     }
-    config["linux"]["cgroupsPath"] = json!("berth-bench/peer");
+    config["linux"]["cgroupsPath"] = json!(format!("{RUNC_PEER_CGROUP}/peer"));
     Ok(config)
 }
 
@@ -278,12 +279,16 @@ fn measure_podman(
         );
     };
     let dir = root.join("podman");
+    let podman_cgroup_existed = cgroup_exists(PODMAN_CGROUP);
     let result = run_podman(inputs.runs, runner, &podman, &dir, rootfs);
     // Tear down whatever the run made: containers, the image, podman's mounts.
     let podman_cmd = |args: &[&str]| podman_command(&podman, &dir, args);
     let _ = runner.timed(&mut podman_cmd(&["rm", "--all", "--force", "--time", "0"]));
     let _ = runner.timed(&mut podman_cmd(&["system", "reset", "--force"]));
     unmount_below(&dir);
+    if !podman_cgroup_existed {
+        remove_cgroup(PODMAN_CGROUP);
+    }
     result.unwrap_or_else(|error| PodmanTimes::unavailable(format!("podman failed: {error:#}")))
 }
 
@@ -354,6 +359,49 @@ fn run_podman(
         elapsed
     });
     Ok(PodmanTimes { create, start, run })
+}
+
+/// The cgroup the runc peer's containers run under, removed afterwards.
+const RUNC_PEER_CGROUP: &str = "berth-bench";
+/// Where podman with `cgroup_manager = "cgroupfs"` puts conmon and its containers.
+const PODMAN_CGROUP: &str = "libpod_parent";
+
+/// The cgroup hierarchies: every v1 controller's and the v2 one (hybrid or unified).
+fn cgroup_roots() -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|entry| entry.path()));
+    }
+    roots
+}
+
+fn cgroup_exists(name: &str) -> bool {
+    cgroup_roots().iter().any(|root| root.join(name).is_dir())
+}
+
+/// Removes the (empty) cgroup `name` and its children from every hierarchy, leaves
+/// first; a cgroup that still holds a process stays.
+fn remove_cgroup(name: &str) {
+    for root in cgroup_roots() {
+        let top = root.join(name);
+        let mut dirs = Vec::new();
+        let mut pending = vec![top];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            pending.extend(
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+            dirs.push(dir);
+        }
+        for dir in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Unmounts anything podman left mounted under `dir`, deepest first.
