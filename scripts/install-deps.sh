@@ -2,9 +2,16 @@
 # Installs what Berth needs on Debian: runc runs Machines, busybox-static builds the demo
 # and test images, docker-registry serves the registry tests, nftables checks the egress
 # ruleset. Does nothing when they are already present.
+#
+# --bench adds what only berth-bench uses: podman (a peer it measures) and
+# fonts-dejavu-core (the text of its chart). The tests need neither.
 set -euo pipefail
 
 packages=()
+if [ "${1:-}" = "--bench" ]; then
+    command -v podman >/dev/null 2>&1 || packages+=(podman)
+    [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || packages+=(fonts-dejavu-core)
+fi
 command -v runc >/dev/null 2>&1 || packages+=(runc)
 dpkg -s busybox-static >/dev/null 2>&1 || packages+=(busybox-static)
 [ -x /usr/bin/docker-registry ] || packages+=(docker-registry)

@@ -1,42 +1,56 @@
-//! `cargo run --release -p berth-bench -- [--cycles N] [--quick] [--out FILE]`, as root.
+//! `cargo run --release -p berth-bench -- [--quick] [--out FILE] [--check]`, as root.
 //!
-//! Runs create → start → stop cycles of the busybox image through Berth's HTTP API (the
-//! same in-process platform `berth up` runs), then a plain `runc run -d` of an equivalent
-//! bundle in the same run, and writes percentiles and ratios as JSON plus a markdown table.
-//! Absolute figures on shared machines are noisy; the ratios against the peer measured in
-//! the same run are what to compare.
+//! The start harness: Berth's create, start, stop, concurrent starts and density through
+//! its HTTP API (the same in-process platform `berth up` runs), and in the same run the
+//! peers on the same rootfs and command: `runc run -d`, `runc create` + `runc start`,
+//! `podman create` / `start` / `run -d` and the `unshare` floor. Writes percentiles and
+//! ratios as JSON, prints a markdown table and draws a PNG chart of the start latencies.
+//! Absolute figures on shared machines are noisy; the ratios within one run are what to
+//! compare. `--check` holds the run to docs/SPECIFICATION.md.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use berth::client::Client;
 use berth::platform::{find_program, LocalPlatform, PlatformOptions};
-use berth_api::{
-    CreateMachineRequest, InitConfig, Machine, MachineConfig, MachineState, StartStopResponse,
-};
+use berth_api::{CreateMachineRequest, InitConfig, Machine, MachineConfig, MachineState};
 use berth_image::build::{busybox_layer, Compression, ImageBuilder};
 use clap::Parser;
 use serde_json::{json, Value};
 
 mod api_load;
+mod chart;
 mod cluster;
+mod harness;
+mod peers;
+mod report;
+mod spec;
+mod stats;
 mod wake;
+
+pub(crate) use stats::{round, summary};
 
 #[derive(Debug, Parser)]
 #[command(name = "berth-bench")]
 struct Args {
-    /// create → start → stop cycles (each on a new Machine) and stop → start cycles.
-    #[arg(long, default_value_t = 50)]
-    cycles: usize,
-    /// A short run (10 cycles).
+    /// Stop→start cycles of one Machine (30 with --quick). The cycles of --cluster-only.
+    #[arg(long)]
+    cycles: Option<usize>,
+    /// A smaller N of every scenario and peer: finishes in under 3 minutes.
     #[arg(long)]
     quick: bool,
     /// Where to write the JSON figures.
     #[arg(long, default_value = "bench/results/latest.json")]
     out: PathBuf,
+    /// Where to draw the start-latency chart (PNG); beside --out by default.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Exit non-zero when the run misses a target of docs/SPECIFICATION.md.
+    #[arg(long)]
+    check: bool,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
     /// Seconds of each API load window (GET machine throughput, flood isolation).
@@ -58,6 +72,9 @@ struct Args {
     wake_only: bool,
 }
 
+/// Sections that other modes write into the same file; a start-harness run keeps them.
+const OTHER_MODES_SECTIONS: &[&str] = &["api", "metering", "usage_query", "cluster"];
+
 fn main() -> Result<()> {
     // The platform re-executes this binary as each Machine's shim.
     let mut raw = std::env::args_os();
@@ -65,71 +82,72 @@ fn main() -> Result<()> {
     if raw.next().as_deref() == Some(std::ffi::OsStr::new("shim")) {
         std::process::exit(berth_runtime::shim::main_with_args(raw.collect()));
     }
-    let mut args = Args::parse();
-    if args.quick {
-        args.cycles = 10;
-    }
-    if args.cycles < 2 {
+    let args = Args::parse();
+    if args.cycles.is_some_and(|cycles| cycles < 2) {
         bail!("--cycles must be at least 2");
     }
-    tokio::runtime::Builder::new_multi_thread()
+    if args.check && (args.api_only || args.metering_only || args.cluster_only) {
+        bail!("--check holds the start harness to its targets; run it without the --*-only modes");
+    }
+    let missed = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(args))
-}
-
-/// Percentiles in milliseconds, by nearest rank.
-pub(crate) fn summary(samples: &[Duration]) -> Value {
-    if samples.is_empty() {
-        return json!({"n": 0});
+        .block_on(run(args))?;
+    if missed > 0 {
+        eprintln!("{missed} target(s) of docs/SPECIFICATION.md missed");
+        std::process::exit(1);
     }
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    let rank = |p: f64| {
-        let index = ((p / 100.0) * ms.len() as f64).ceil() as usize;
-        round(ms[index.saturating_sub(1).min(ms.len() - 1)])
-    };
-    json!({"n": ms.len(), "p50_ms": rank(50.0), "p90_ms": rank(90.0), "p99_ms": rank(99.0),
-           "min_ms": round(ms[0]), "max_ms": round(ms[ms.len() - 1])})
+    Ok(())
 }
 
-fn round(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
+fn read_report(path: &Path) -> Value {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_else(|| json!({}))
 }
 
-async fn run(args: Args) -> Result<()> {
+fn write_report(path: &Path, report: &Value) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs the chosen mode; returns how many targets `--check` found missed.
+async fn run(args: Args) -> Result<usize> {
     if std::fs::metadata("/proc/self").is_ok() && !is_root() {
         bail!("the bench runs Machines with runc and needs root");
     }
     let scratch = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
+    let cycles = args.cycles.unwrap_or(if args.quick { 30 } else { 200 });
     if args.metering_only {
-        let metering = metering_figures(scratch.path(), args.cycles.max(200)).await?;
+        let metering = metering_figures(scratch.path(), cycles.max(200)).await?;
         let records = if args.quick { 100_000 } else { 1_000_000 };
         let usage_query = usage_query_figures(scratch.path(), records).await?;
         // Keep the figures of the last full run beside these.
-        let mut merged: Value = std::fs::read(&args.out)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_else(|| json!({}));
+        let mut merged = read_report(&args.out);
         merged["metering"] = metering;
         merged["usage_query"] = usage_query;
-        if let Some(parent) = args.out.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&args.out, serde_json::to_string_pretty(&merged)? + "\n")?;
+        write_report(&args.out, &merged)?;
         println!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"metering": merged["metering"], "usage_query": merged["usage_query"]})
             )?
         );
-        return Ok(());
+        return Ok(0);
     }
     let runc = find_program(&args.runc).context("runc not found; install it")?;
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
+    let data_dir = scratch.path().join("data");
+    // Density puts 1,000 stopped Machines in one org, the default quota's whole allowance.
+    let default_limits: berth_api::SetOrgLimitsRequest =
+        serde_json::from_value(json!({"quotas": {"max_machines": 100_000}}))?;
     let platform = LocalPlatform::open(PlatformOptions {
-        data_dir: scratch.path().join("data"),
+        data_dir: data_dir.clone(),
         runc_binary: runc.clone(),
         shim_command,
         region: "bench".into(),
@@ -138,13 +156,13 @@ async fn run(args: Args) -> Result<()> {
         prices: Default::default(),
         workers: 1,
         worker_capacity: berth_api::Resources {
-            cpus: 1024,
-            memory_mb: 1 << 20,
-            disk_mb: 1 << 30,
+            cpus: 1 << 16,
+            memory_mb: 1 << 30,
+            disk_mb: 1 << 40,
         },
         registry: Default::default(),
         exec_max_output_bytes: None,
-        default_limits: None,
+        default_limits: Some(default_limits),
         egress_nat: false,
     })
     .await?;
@@ -155,75 +173,132 @@ async fn run(args: Args) -> Result<()> {
     let client = Client::new(&api_url, &platform.admin_token)?;
 
     if args.cluster_only {
-        let result = cluster::measure(args.cycles, &client, scratch.path()).await;
+        let result = cluster::measure(cycles, &client, scratch.path()).await;
         server.abort();
         remove_bridges(&platform).await;
         platform.close().await;
         let figures = result?;
-        let mut merged: Value = std::fs::read(&args.out)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_else(|| json!({}));
+        let mut merged = read_report(&args.out);
         merged["cluster"] = figures;
-        std::fs::write(&args.out, serde_json::to_string_pretty(&merged)? + "\n")?;
+        write_report(&args.out, &merged)?;
         println!("{}", serde_json::to_string_pretty(&merged["cluster"])?);
-        return Ok(());
+        return Ok(0);
     }
     if args.wake_only {
         let token = platform.admin_token.clone();
-        let result = wake::measure(args.cycles, &api_url, &client, &token, scratch.path(), 5).await;
+        let result = wake::measure(
+            args.cycles.unwrap_or(30),
+            &api_url,
+            &client,
+            &token,
+            scratch.path(),
+            5,
+        )
+        .await;
         server.abort();
         remove_bridges(&platform).await;
         platform.close().await;
-        return wake::merge_into(&args.out, result?);
+        return wake::merge_into(&args.out, result?).map(|()| 0);
     }
-    let result = if args.api_only {
-        import_bench_image(&client, scratch.path()).await
-    } else {
-        measure(&args, &client, &platform, &runc, scratch.path()).await
-    };
-    let result = match result {
-        Ok(mut report) => match api_load::measure(&api_url, &client, args.api_seconds).await {
-            Ok(api) => {
-                report["api"] = api;
-                Ok(report)
-            }
+    if args.api_only {
+        let result = match import_bench_image(&client, scratch.path()).await {
+            Ok(_) => api_load::measure(&api_url, &client, args.api_seconds).await,
             Err(error) => Err(error),
-        },
-        Err(error) => Err(error),
-    };
-    // Always leave the host clean, even when a measurement failed.
-    for app in ["bench-api", "calm-app", "flood-app"] {
-        let _ = client.delete::<Value>(&format!("/v1/apps/{app}")).await;
+        };
+        // Always leave the host clean, even when a measurement failed.
+        for app in ["bench", "bench-api", "calm-app", "flood-app"] {
+            let _ = client.delete::<Value>(&format!("/v1/apps/{app}")).await;
+        }
+        server.abort();
+        remove_bridges(&platform).await;
+        platform.close().await;
+        // An API-only run keeps the lifecycle figures of the last full run beside its own.
+        let mut merged = read_report(&args.out);
+        merged["api"] = result?;
+        write_report(&args.out, &merged)?;
+        print_api_table(&merged["api"]);
+        println!("\nwritten to {}", args.out.display());
+        return Ok(0);
     }
+
+    let sizes = if args.quick {
+        harness::Sizes {
+            start_cycles: cycles,
+            ..harness::Sizes::quick()
+        }
+    } else {
+        harness::Sizes::full(cycles)
+    };
+    let result = measure(&sizes, &client, &platform, &runc, scratch.path()).await;
     // Always leave the host clean, even when a measurement failed.
     let _ = client.delete::<Value>("/v1/apps/bench").await;
+    // Scenario 5: wake on request through the proxy.
+    let (wake_cycles, wake_seconds) = if args.quick { (10, 2) } else { (30, 5) };
+    let token = platform.admin_token.clone();
+    let wake = wake::measure(
+        wake_cycles,
+        &api_url,
+        &client,
+        &token,
+        scratch.path(),
+        wake_seconds,
+    )
+    .await;
     server.abort();
     remove_bridges(&platform).await;
     platform.close().await;
-    let report = result?;
+    let raw = result?;
 
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
+    let mut report = report::assemble(&raw, &sizes, args.quick)?;
+    match wake {
+        Ok(figures) => {
+            report["wake_p50_ms"] = figures["wake"]["p50_ms"].clone();
+            report["wake"] = figures;
+            if let Some(unavailable) = report["unavailable"].as_object_mut() {
+                unavailable.remove("wake_p50_ms");
+            }
+        }
+        Err(error) => {
+            eprintln!("wake on request not measured: {error:#}");
+            report["unavailable"]["wake_p50_ms"] = json!(format!("{error:#}"));
+        }
     }
-    // An API-only run keeps the lifecycle figures of the last full run beside its own.
-    let report = if args.api_only {
-        let mut merged: Value = std::fs::read(&args.out)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_else(|| json!({}));
-        merged["api"] = report["api"].clone();
-        merged
-    } else {
-        report
-    };
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    print_table(&report);
-    println!("\nwritten to {}", args.out.display());
-    Ok(())
+    let previous = read_report(&args.out);
+    for section in OTHER_MODES_SECTIONS {
+        if !previous[*section].is_null() {
+            report[*section] = previous[*section].clone();
+        }
+    }
+    let chart_path = args
+        .chart
+        .clone()
+        .unwrap_or_else(|| args.out.with_extension("png"));
+    match chart::draw(
+        &chart_path,
+        &report::chart_title(&report),
+        &report::chart_series(&raw),
+    ) {
+        Ok(()) => report["chart"] = json!(chart_path),
+        Err(error) => {
+            eprintln!("no chart: {error:#}");
+            report["chart"] = Value::Null;
+            report["unavailable"]["chart"] = json!(format!("{error:#}"));
+        }
+    }
+    write_report(&args.out, &report)?;
+    println!("{}", report::markdown(&report));
+    println!("written to {}", args.out.display());
+    if !args.check {
+        return Ok(0);
+    }
+    println!("\ntargets of docs/SPECIFICATION.md:");
+    let verdicts = spec::evaluate(&report, spec::TARGETS);
+    for verdict in &verdicts {
+        println!("{}", verdict.line);
+    }
+    Ok(verdicts.iter().filter(|verdict| !verdict.met).count())
 }
 
-/// The in-process workers' bridges outlive the platform; the bench leaves nothing behind.
 async fn remove_bridges(platform: &LocalPlatform) {
     for (name, _) in &platform.agents {
         if let Ok(prefix) = platform.control.worker_prefix(name).await {
@@ -263,162 +338,121 @@ async fn import_bench_image(client: &Client, scratch: &Path) -> Result<Value> {
     }))
 }
 
+/// Host facts for the report: cores, CPU, kernel, and the peers' versions.
+fn host_facts(runc: &Path) -> Value {
+    let first_line = |program: &Path| {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .and_then(|output| {
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_owned)
+            })
+    };
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, name)| name.trim().to_owned())
+        });
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu_model,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "runc": first_line(runc),
+        "podman": find_program(Path::new("podman")).and_then(|podman| first_line(&podman)),
+    })
+}
+
+/// Scenarios 2 to 4 through the API, the peers on the rootfs of a Machine of the same
+/// image, then scenario 1.
 async fn measure(
-    args: &Args,
+    sizes: &harness::Sizes,
     client: &Client,
     platform: &LocalPlatform,
     runc: &Path,
     scratch: &Path,
-) -> Result<Value> {
-    let archive = scratch.join("busybox.tar");
-    let layer = busybox_layer(Path::new("/bin/busybox"))?;
-    ImageBuilder::new()
-        .layer(layer, Compression::Gzip)
-        .write_archive(&archive)?;
-    client
-        .import_archive::<Value>(&archive, "bench/busybox:1")
-        .await?;
+) -> Result<report::RawRun> {
+    import_bench_image(client, scratch).await?;
     client
         .post::<_, Value>("/v1/apps", &json!({"app_name": "bench"}))
         .await?;
+    println!(
+        "scenario 2: {} stop→start cycles of one Machine",
+        sizes.start_cycles
+    );
+    let cycles = harness::start_stop_cycles(client, sizes.start_cycles).await?;
+    println!("scenario 3: {} Machines started at once", sizes.concurrent);
+    let concurrent = harness::concurrent_starts(client, sizes.concurrent).await?;
+    println!(
+        "scenario 4: {} stopped Machines on one worker",
+        sizes.density
+    );
+    let density = harness::density(
+        client,
+        &scratch.join("data"),
+        sizes.density,
+        sizes.density_reads,
+        sizes.density_start_cycles,
+    )
+    .await?;
 
-    let config = cluster::sleeper();
-    let machines = "/v1/apps/bench/machines";
-    let (mut creates, mut first_starts, mut stops) = (Vec::new(), Vec::new(), Vec::new());
-    let mut ids = Vec::new();
-    for _ in 0..args.cycles {
-        let request = CreateMachineRequest {
-            name: None,
-            region: None,
-            skip_launch: true,
-            config: config.clone(),
-        };
-        let clock = Instant::now();
-        let machine: Machine = client.post(machines, &request).await?;
-        creates.push(clock.elapsed());
-        let clock = Instant::now();
-        let started: StartStopResponse = client
-            .post(&format!("{machines}/{}/start", machine.id), &json!({}))
-            .await?;
-        first_starts.push(clock.elapsed());
-        if started.machine.state != MachineState::Started {
-            bail!("machine {} did not start", machine.id);
-        }
-        let clock = Instant::now();
-        client
-            .post::<_, StartStopResponse>(&format!("{machines}/{}/stop", machine.id), &json!({}))
-            .await?;
-        stops.push(clock.elapsed());
-        ids.push(machine.id);
-    }
-
-    // The product's loop: one Machine, stopped and started again and again.
-    let id = &ids[0];
-    let mut restarts = Vec::new();
-    for _ in 0..args.cycles {
-        let clock = Instant::now();
-        client
-            .post::<_, StartStopResponse>(&format!("{machines}/{id}/start"), &json!({}))
-            .await?;
-        restarts.push(clock.elapsed());
-        client
-            .post::<_, StartStopResponse>(&format!("{machines}/{id}/stop"), &json!({}))
-            .await?;
-    }
-    for id in &ids {
-        client
-            .delete::<Value>(&format!("{machines}/{id}?force=true"))
-            .await?;
-    }
-
-    let machine_for_peer: Machine = client
+    println!(
+        "peers: {} runs each, same rootfs and command",
+        sizes.peer_runs
+    );
+    let machine: Machine = client
         .post(
-            machines,
-            &CreateMachineRequest {
-                name: None,
-                region: None,
-                skip_launch: true,
-                config,
-            },
+            "/v1/apps/bench/machines",
+            &create_request(&cluster::sleeper()),
         )
         .await?;
     let record = platform
         .agent
         .store()
-        .get(&machine_for_peer.id)
+        .get(&machine.id)
         .await?
         .context("the peer machine's record")?;
-    let peer = peer_runc(
-        args.cycles,
-        runc,
-        &platform.agent.layout(&machine_for_peer.id),
-        &record.rootfs.lowerdirs(),
-        scratch,
-    )?;
+    let layout = platform.agent.layout(&machine.id);
+    let lowerdirs = record.rootfs.lowerdirs();
+    let peers = tokio::task::block_in_place(|| {
+        peers::measure(&peers::PeerInputs {
+            runs: sizes.peer_runs,
+            runc,
+            machine_config_json: &layout.config_json(),
+            lowerdirs: &lowerdirs,
+            scratch,
+        })
+    });
     client
-        .delete::<Value>(&format!("{machines}/{}?force=true", machine_for_peer.id))
+        .delete::<Value>(&format!(
+            "/v1/apps/bench/machines/{}?force=true",
+            machine.id
+        ))
         .await?;
-
-    let metering = metering_figures(scratch, args.cycles.max(200)).await?;
-    let usage_records = if args.quick { 100_000 } else { 1_000_000 };
-    let usage_query = usage_query_figures(scratch, usage_records).await?;
-    let registry = measure_registry(args, client, platform).await?;
-
-    let start = summary(&restarts);
-    let runc_run = summary(&peer.run);
-    let ratio = |ours: &Value, theirs: &Value| {
-        round(
-            theirs["p50_ms"].as_f64().unwrap_or(0.0)
-                / ours["p50_ms"].as_f64().unwrap_or(1.0).max(0.001),
-        )
-    };
-    Ok(json!({
-        "date": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
-        "host": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                 "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()},
-        "cycles": args.cycles,
-        "create": summary(&creates),
-        "first_start": summary(&first_starts),
-        "start": start,
-        "stop": summary(&stops),
-        "peer_runc_run_d": runc_run,
-        "peer_runc_create": summary(&peer.create),
-        "peer_runc_start": summary(&peer.start),
-        "start_p50_ms": start["p50_ms"], "start_p90_ms": start["p90_ms"], "start_p99_ms": start["p99_ms"],
-        "stop_p50_ms": summary(&stops)["p50_ms"],
-        "create_warm_p50_ms": summary(&creates)["p50_ms"],
-        "peer_runc_run_p50_ms": runc_run["p50_ms"],
-        "peer_runc_start_p50_ms": summary(&peer.start)["p50_ms"],
-        "ratio_runc_run_over_berth_start": ratio(&start, &runc_run),
-        "create_cold": registry.cold,
-        "create_warm_registry": registry.warm,
-        "create_cold_large": registry.cold_large,
-        "create_warm_registry_large": registry.warm_large,
-        "large_image_bytes": registry.large_bytes,
-        "create_cold_xl": registry.cold_xl,
-        "create_warm_registry_xl": registry.warm_xl,
-        "xl_image_bytes": registry.xl_bytes,
-        "create_cold_xl_p50_ms": registry.cold_xl["p50_ms"],
-        "ratio_create_cold_xl_over_start": round(
-            registry.cold_xl["p50_ms"].as_f64().unwrap_or(0.0)
-                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
-        ),
-        "create_cold_p50_ms": registry.cold["p50_ms"],
-        "create_warm_registry_p50_ms": registry.warm["p50_ms"],
-        "create_cold_large_p50_ms": registry.cold_large["p50_ms"],
-        "create_warm_registry_large_p50_ms": registry.warm_large["p50_ms"],
-        "ratio_create_cold_over_start": round(
-            registry.cold["p50_ms"].as_f64().unwrap_or(0.0)
-                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
-        ),
-        "ratio_create_cold_large_over_start": round(
-            registry.cold_large["p50_ms"].as_f64().unwrap_or(0.0)
-                / start["p50_ms"].as_f64().unwrap_or(1.0).max(0.001)
-        ),
-        "concurrent_cold_creates": registry.concurrent,
-        "metering": metering,
-        "usage_query": usage_query,
-    }))
+    let peers = peers?;
+    // Last: its cold creates prune every image no Machine uses, the bench image too.
+    println!("scenario 1: creates from a local registry, cold and warm");
+    let registry = measure_registry(sizes, client, platform)
+        .await
+        .map_err(|error| format!("{error:#}"));
+    if let Err(reason) = &registry {
+        eprintln!("creates from a registry not measured: {reason}");
+    }
+    Ok(report::RawRun {
+        host: host_facts(runc),
+        registry,
+        cycles,
+        concurrent,
+        density,
+        peers,
+    })
 }
 
 /// What the usage journal adds to a start: the start's state write with and without the
@@ -560,18 +594,6 @@ async fn usage_query_figures(scratch: &Path, records: usize) -> Result<Value> {
     )
 }
 
-struct RegistryFigures {
-    cold: Value,
-    warm: Value,
-    cold_large: Value,
-    warm_large: Value,
-    large_bytes: u64,
-    cold_xl: Value,
-    warm_xl: Value,
-    xl_bytes: u64,
-    concurrent: Value,
-}
-
 /// Incompressible bytes (a multiplicative hash of the index), so gzip cannot shrink them.
 fn noise(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32 / 4)
@@ -594,7 +616,7 @@ fn sleeper(image: &str) -> MachineConfig {
     }
 }
 
-fn create_request(config: &MachineConfig) -> CreateMachineRequest {
+pub(crate) fn create_request(config: &MachineConfig) -> CreateMachineRequest {
     CreateMachineRequest {
         name: None,
         region: None,
@@ -634,13 +656,13 @@ async fn cold_and_warm(
 }
 
 /// Creates whose image comes from a local docker-registry: the busybox image (one 1 MB
-/// layer plus a tiny one), 64 MB and 256 MB images (busybox plus four incompressible gzip
+/// layer plus a tiny one) and, in a full run, 64 MB and 256 MB images (busybox plus four incompressible gzip
 /// layers), and 10 cold creates of the 64 MB image at once.
 async fn measure_registry(
-    args: &Args,
+    sizes: &harness::Sizes,
     client: &Client,
     platform: &LocalPlatform,
-) -> Result<RegistryFigures> {
+) -> Result<Value> {
     let registry = berth_testkit::Registry::start()?;
     let target = berth_testkit::PushTarget::anonymous(&registry.host());
     let small = ImageBuilder::new()
@@ -650,6 +672,13 @@ async fn measure_registry(
             Compression::Gzip,
         );
     berth_testkit::push_image(&target, "bench/web", "1", small).await?;
+    let small_ref = format!("{}/bench/web:1", registry.host());
+    let (cold, warm) = cold_and_warm(client, &small_ref, sizes.registry_samples).await?;
+    let mut figures = json!({"cold": summary(&cold), "warm": summary(&warm)});
+    if !sizes.large_images {
+        return Ok(figures);
+    }
+
     const LARGE_LAYER: usize = 16 << 20;
     const XL_LAYER: usize = 64 << 20;
     let sized = |layer_bytes: usize, salt: u32| -> Result<ImageBuilder> {
@@ -669,12 +698,9 @@ async fn measure_registry(
     };
     berth_testkit::push_image(&target, "bench/large", "1", sized(LARGE_LAYER, 0)?).await?;
     berth_testkit::push_image(&target, "bench/xl", "1", sized(XL_LAYER, 100)?).await?;
-    let small_ref = format!("{}/bench/web:1", registry.host());
     let large_ref = format!("{}/bench/large:1", registry.host());
     let xl_ref = format!("{}/bench/xl:1", registry.host());
-
-    let samples = (args.cycles / 2).max(5);
-    let (cold, warm) = cold_and_warm(client, &small_ref, samples).await?;
+    let samples = sizes.registry_samples;
     let (cold_large, warm_large) = cold_and_warm(client, &large_ref, samples.min(10)).await?;
     let (cold_xl, warm_xl) = cold_and_warm(client, &xl_ref, samples.min(5)).await?;
 
@@ -703,107 +729,20 @@ async fn measure_registry(
             .delete::<Value>(&format!("{machines}/{id}?force=true"))
             .await?;
     }
-    Ok(RegistryFigures {
-        cold: summary(&cold),
-        warm: summary(&warm),
-        cold_large: summary(&cold_large),
-        warm_large: summary(&warm_large),
-        large_bytes: 4 * LARGE_LAYER as u64,
-        cold_xl: summary(&cold_xl),
-        warm_xl: summary(&warm_xl),
-        xl_bytes: 4 * XL_LAYER as u64,
-        concurrent: json!({
-            "image": "64 MB, 5 layers",
-            "creates": 10,
-            "wall_ms": round(wall.as_secs_f64() * 1000.0),
-            "creates_per_s": round(10.0 / wall.as_secs_f64().max(0.000_001)),
-            "layer_downloads": downloads,
-        }),
-    })
-}
-
-struct PeerTimes {
-    run: Vec<Duration>,
-    create: Vec<Duration>,
-    start: Vec<Duration>,
-}
-
-/// `runc run -d` (and `runc create` + `runc start`) of the Machine's own bundle config,
-/// over an overlay of the same layers, with runc making a fresh network namespace.
-fn peer_runc(
-    cycles: usize,
-    runc: &Path,
-    layout: &berth_runtime::MachineLayout,
-    lowerdirs: &[PathBuf],
-    scratch: &Path,
-) -> Result<PeerTimes> {
-    let mut config: Value = serde_json::from_slice(&std::fs::read(layout.config_json())?)?;
-    let root = scratch.join("peer");
-    let (upper, work, rootfs, bundle) = (
-        root.join("upper"),
-        root.join("work"),
-        root.join("rootfs"),
-        root.join("bundle"),
-    );
-    for dir in [&upper, &work, &rootfs, &bundle] {
-        std::fs::create_dir_all(dir)?;
-    }
-    berth_runtime::overlay::mount(lowerdirs, &upper, &work, &rootfs)?;
-    config["root"]["path"] = json!(rootfs);
-    if let Some(namespaces) = config["linux"]["namespaces"].as_array_mut() {
-        for namespace in namespaces.iter_mut() {
-            if let Some(object) = namespace.as_object_mut() {
-                object.remove("path");
-            }
-        }
-    }
-    config["linux"]["cgroupsPath"] = json!("berth-bench/peer");
-    std::fs::write(
-        bundle.join("config.json"),
-        serde_json::to_vec_pretty(&config)?,
-    )?;
-    let state_root = scratch.join("peer-runc");
-    let runc_cmd = |args: &[&str]| -> Result<Duration> {
-        let clock = Instant::now();
-        let status = Command::new(runc)
-            .arg("--root")
-            .arg(&state_root)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        let elapsed = clock.elapsed();
-        if !status.success() {
-            bail!("runc {args:?} failed: {status}");
-        }
-        Ok(elapsed)
-    };
-    let bundle_arg = bundle.to_string_lossy().into_owned();
-    let mut times = PeerTimes {
-        run: Vec::new(),
-        create: Vec::new(),
-        start: Vec::new(),
-    };
-    let result = (|| -> Result<()> {
-        for index in 0..cycles {
-            let id = format!("berth-bench-peer-{index}");
-            times
-                .run
-                .push(runc_cmd(&["run", "-d", "--bundle", &bundle_arg, &id])?);
-            runc_cmd(&["delete", "--force", &id])?;
-            let id = format!("berth-bench-peer-cs-{index}");
-            times
-                .create
-                .push(runc_cmd(&["create", "--bundle", &bundle_arg, &id])?);
-            times.start.push(runc_cmd(&["start", &id])?);
-            runc_cmd(&["delete", "--force", &id])?;
-        }
-        Ok(())
-    })();
-    let _ = berth_runtime::overlay::unmount(&rootfs);
-    result?;
-    Ok(times)
+    figures["cold_large"] = summary(&cold_large);
+    figures["warm_large"] = summary(&warm_large);
+    figures["large_image_bytes"] = json!(4 * LARGE_LAYER as u64);
+    figures["cold_xl"] = summary(&cold_xl);
+    figures["warm_xl"] = summary(&warm_xl);
+    figures["xl_image_bytes"] = json!(4 * XL_LAYER as u64);
+    figures["concurrent_cold_creates"] = json!({
+        "image": "64 MB, 5 layers",
+        "creates": 10,
+        "wall_ms": round(wall.as_secs_f64() * 1000.0),
+        "creates_per_s": round(10.0 / wall.as_secs_f64().max(0.000_001)),
+        "layer_downloads": downloads,
+    });
+    Ok(figures)
 }
 
 fn print_api_table(api: &Value) {
@@ -846,71 +785,4 @@ fn print_api_table(api: &Value) {
             api["isolation"][format!("flood_starts_c{connections}")]["statuses"]
         );
     }
-}
-
-fn print_table(report: &Value) {
-    if !report["api"].is_null() {
-        print_api_table(&report["api"]);
-    }
-    if report["create"].is_null() {
-        return;
-    }
-    println!("| operation | n | p50 ms | p90 ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for (label, key) in [
-        ("berth create (API, warm image cache)", "create"),
-        ("berth first start (API)", "first_start"),
-        ("berth start (API, stop→start loop)", "start"),
-        ("berth stop (API, SIGKILL)", "stop"),
-        (
-            "berth create, cold cache, busybox (pull from local registry)",
-            "create_cold",
-        ),
-        (
-            "berth create, warm cache, busybox (tag resolved, layers stored)",
-            "create_warm_registry",
-        ),
-        ("berth create, cold cache, 64 MB image", "create_cold_large"),
-        (
-            "berth create, warm cache, 64 MB image",
-            "create_warm_registry_large",
-        ),
-        ("berth create, cold cache, 256 MB image", "create_cold_xl"),
-        (
-            "berth create, warm cache, 256 MB image",
-            "create_warm_registry_xl",
-        ),
-        ("peer: runc run -d", "peer_runc_run_d"),
-        ("peer: runc create", "peer_runc_create"),
-        ("peer: runc start", "peer_runc_start"),
-    ] {
-        let row = &report[key];
-        println!(
-            "| {label} | {} | {} | {} | {} |",
-            row["n"], row["p50_ms"], row["p90_ms"], row["p99_ms"]
-        );
-    }
-    println!(
-        "\nrunc run -d p50 / berth start p50 = {}x (above 1 means berth's start is faster)",
-        report["ratio_runc_run_over_berth_start"]
-    );
-    println!(
-        "metering on the start path: +{} us at p50 (state write {} ms without the journal entry, {} ms with)",
-        report["metering"]["start_path_overhead_p50_us"],
-        report["metering"]["state_write_without_journal"]["p50_ms"],
-        report["metering"]["state_write_with_journal"]["p50_ms"]
-    );
-    println!(
-        "usage query over {} journal records (1,000 machines, a month): p50 {} ms; ingestion {} records/s",
-        report["usage_query"]["journal_records"],
-        report["usage_query"]["query"]["p50_ms"],
-        report["usage_query"]["ingest_records_per_s"]
-    );
-    println!(
-        "cold create p50 / start p50 = {}x (busybox), {}x (64 MB), {}x (256 MB); 10 concurrent cold creates: {}",
-        report["ratio_create_cold_over_start"],
-        report["ratio_create_cold_large_over_start"],
-        report["ratio_create_cold_xl_over_start"],
-        report["concurrent_cold_creates"]
-    );
 }
