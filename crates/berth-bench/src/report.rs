@@ -134,10 +134,7 @@ pub fn assemble(raw: &RawRun, sizes: &Sizes, quick: bool) -> Result<Value> {
         "density_start_p50_ms": raw.density["start"]["p50_ms"],
         "wake_p50_ms": null,
     });
-    unavailable.insert(
-        "wake_p50_ms".into(),
-        json!("the wake scenario did not run"),
-    );
+    unavailable.insert("wake_p50_ms".into(), json!("the wake scenario did not run"));
     match &raw.registry {
         Ok(registry) => {
             report["create"] = registry.clone();
@@ -460,9 +457,9 @@ mod tests {
         );
         assert!(table.contains("| peer: `runc run -d` | 3 | 25 | 30 | 30 | 5× |"));
         assert!(table.contains("| agent RSS per stopped Machine | 9000 B (8.8 KiB) |"));
-        assert!(table.contains(
-            "| wake on request p50 | not measured: the wake scenario did not run |"
-        ));
+        assert!(
+            table.contains("| wake on request p50 | not measured: the wake scenario did not run |")
+        );
         // The chart draws what ran: Berth, runc run -d, runc start, create+start, unshare.
         let labels: Vec<String> = chart_series(&raw(Err("x".into())))
             .into_iter()
