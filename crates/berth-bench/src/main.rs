@@ -38,6 +38,9 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
+    /// What runs Berth's Machines (`--runtime` of `berth up`).
+    #[arg(long, value_enum, default_value_t = berth::platform::RuntimeKind::Native)]
+    runtime: berth::platform::RuntimeKind,
     /// Seconds of each API load window (GET machine throughput, flood isolation).
     #[arg(long, default_value_t = 10)]
     api_seconds: u64,
@@ -125,6 +128,7 @@ async fn run(args: Args) -> Result<()> {
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
     let platform = LocalPlatform::open(PlatformOptions {
+        runtime: args.runtime,
         data_dir: scratch.path().join("data"),
         runc_binary: runc.clone(),
         shim_command,

@@ -341,6 +341,13 @@ async fn machine_is_isolated_and_limited(driver: Driver) {
          if test -e /tmp/{marker}; then echo marker=visible; else echo marker=hidden; fi; \
          echo \"hostname=$(hostname)\"; grep -E 'NoNewPrivs|CapBnd|CapEff' /proc/self/status; \
          echo \"nofile=$(ulimit -n)\"; echo \"netns=$(readlink /proc/self/ns/net)\"; \
+         grep -E '^Seccomp:' /proc/self/status; \
+         unshare -U true 2>/dev/null; echo \"userns=$?\"; \
+         mount -t tmpfs none /tmp 2>/dev/null; echo \"mount=$?\"; \
+         echo \"timer_list=$(wc -c < /proc/timer_list)\"; echo \"acpi=$(ls -A /proc/acpi | wc -l)\"; \
+         echo 1 2>/dev/null > /proc/sys/kernel/panic; echo \"procsys=$?\"; \
+         touch /sys/berth 2>/dev/null; echo \"sys=$?\"; \
+         echo \"devices=$(ls /dev | grep -cE '^(null|zero|full|random|urandom|tty)$')\"; \
          echo \"done=$((40 + 2))\"; exec sleep 1000"
     );
     f.runtime
@@ -372,6 +379,21 @@ async fn machine_is_isolated_and_limited(driver: Driver) {
     assert_eq!(nofile, host_nofile.unwrap_or(1_048_576).min(1_048_576));
     let ino = fs::metadata(f.layout.netns()).unwrap().ino();
     assert_eq!(field(&logs, "netns="), format!("net:[{ino}]"));
+    // The default seccomp profile is on: a user namespace needs no capability, so only
+    // the filter refuses it.
+    assert_eq!(field(&logs, "Seccomp:").trim(), "2", "{logs}");
+    assert_ne!(field(&logs, "userns="), "0", "{logs}");
+    assert_ne!(field(&logs, "mount="), "0", "{logs}");
+    // Masked paths read as empty; read-only ones refuse writes.
+    assert!(
+        fs::metadata("/proc/timer_list").is_ok(),
+        "the host has /proc/timer_list"
+    );
+    assert_eq!(field(&logs, "timer_list="), "0", "{logs}");
+    assert_eq!(field(&logs, "acpi="), "0", "{logs}");
+    assert_ne!(field(&logs, "procsys="), "0", "{logs}");
+    assert_ne!(field(&logs, "sys="), "0", "{logs}");
+    assert_eq!(field(&logs, "devices="), "6", "{logs}");
 
     // The limits, read from the host side of the Machine's cgroups.
     let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).unwrap();
@@ -401,6 +423,67 @@ async fn machine_is_isolated_and_limited(driver: Driver) {
     f.runtime.remove(&f.layout).await.unwrap();
     assert!(!alive(started.pid));
     assert!(!memory.exists(), "cgroup {} left behind", memory.display());
+    f.assert_no_leaks();
+}
+
+async fn exec_runs_inside_the_machine(driver: Driver) {
+    let f = Fixture::of(driver, "exec");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
+        .await
+        .unwrap();
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let script = "echo \"host=$(hostname)\"; echo \"greeting=$GREETING\"; \
+                  grep -E 'NoNewPrivs|CapBnd|Seccomp:' /proc/self/status; \
+                  echo \"pidns=$(readlink /proc/self/ns/pid)\"; echo \"mntns=$(readlink /proc/self/ns/mnt)\"; \
+                  echo \"init=$(cat /proc/1/comm)\"; cat; exit 3";
+    let output = f
+        .runtime
+        .exec(
+            &f.layout,
+            &berth_runtime::exec::ExecSpec {
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                stdin: Some(b"from stdin\n".to_vec()),
+                timeout: Duration::from_secs(10),
+                max_output_bytes: 1 << 16,
+            },
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.exit_code,
+        Some(3),
+        "{out} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(field(&out, "host="), f.id());
+    assert_eq!(field(&out, "greeting="), "hi");
+    assert_eq!(field(&out, "NoNewPrivs:").trim(), "1");
+    assert_eq!(field(&out, "CapBnd:").trim(), "00000000a80425fb");
+    assert_eq!(field(&out, "Seccomp:").trim(), "2");
+    assert_eq!(field(&out, "init=").trim(), "sleep");
+    let ns = |kind: &str| fs::read_link(format!("/proc/{}/ns/{kind}", started.pid)).unwrap();
+    assert_eq!(field(&out, "pidns="), ns("pid").display().to_string());
+    assert_eq!(field(&out, "mntns="), ns("mnt").display().to_string());
+    assert!(out.contains("from stdin\n"), "{out}");
+
+    // A command that outlives its timeout is killed.
+    let slow = f
+        .runtime
+        .exec(
+            &f.layout,
+            &berth_runtime::exec::ExecSpec {
+                cmd: vec!["sleep".into(), "30".into()],
+                stdin: None,
+                timeout: Duration::from_millis(300),
+                max_output_bytes: 1024,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(slow.timed_out && slow.exit_code.is_none(), "{slow:?}");
+    f.runtime.remove(&f.layout).await.unwrap();
     f.assert_no_leaks();
 }
 
@@ -777,6 +860,7 @@ macro_rules! both_drivers {
 }
 
 both_drivers!(
+    exec_runs_inside_the_machine,
     start_stop_cleanup_and_remove,
     files_survive_restarts_and_remounts,
     exit_code_is_recorded,

@@ -21,6 +21,7 @@ pub const RUNC: &str = "/usr/sbin/runc";
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "sleep", "ls", "ps", "hostname", "wc", "id", "mkdir", "touch", "httpd",
     "grep", "tail", "head", "test", "readlink", "true", "false", "dd", "seq", "nc", "wget", "ip",
+    "unshare", "mount",
 ];
 pub const INDEX_HTML: &str = "hello from berth\n";
 
