@@ -17,6 +17,8 @@ const CONTROLLERS: [&str; 7] = [
     "memory", "cpu", "cpuacct", "pids", "devices", "freezer", "blkio",
 ];
 const CPU_PERIOD_US: u64 = 100_000;
+/// How often remove retries a cgroup that is still busy, 10 ms apart.
+const REMOVE_TRIES: u32 = 100;
 /// runc's default device rules: deny all, then these (and mknod of anything).
 const ALLOWED_DEVICES: [&str; 10] = [
     "c *:* m",
@@ -150,11 +152,18 @@ impl CgroupRoots {
     /// Removes the Machine's cgroups; they must hold no process. Missing is success.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         for dir in self.machine_dirs(id) {
-            match fs::remove_dir(&dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(annotate(e, "remove", &dir))
+            let mut tries = 0;
+            loop {
+                match fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    // The last processes of a killed Machine may still be leaving.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < REMOVE_TRIES => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(annotate(e, "remove", &dir)),
                 }
-                _ => {}
             }
         }
         Ok(())

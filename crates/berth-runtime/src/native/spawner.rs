@@ -264,8 +264,14 @@ fn start_init(
     let pid = u32::try_from(pid.as_raw()).map_err(|e| format!("init pid: {e}"))?;
     // Written for status and signal, like runc's --pid-file. No fsync: start path.
     let pid_file = layout.run_dir().join(shim::INIT_PID_FILE);
-    util::write_replace(&pid_file, format!("{pid}\n").as_bytes(), false)
-        .map_err(|e| format!("write {}: {e}", pid_file.display()))?;
+    if let Err(e) = util::write_replace(&pid_file, format!("{pid}\n").as_bytes(), false) {
+        // Unrecorded, the Machine could not be signalled: take it down now.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        return Err(format!("write {}: {e}", pid_file.display()));
+    }
     Ok(pid)
 }
 
