@@ -173,6 +173,13 @@ async fn run(args: Args) -> Result<()> {
     } else {
         measure(&args, &client, &platform, &runc, scratch.path()).await
     };
+    // The registry scenario prunes the store; the API load wants the image back.
+    let result = match result {
+        Ok(report) if !args.api_only => import_bench_image(&client, scratch.path())
+            .await
+            .map(|_| report),
+        other => other,
+    };
     let result = match result {
         Ok(mut report) => match api_load::measure(&api_url, &client, args.api_seconds).await {
             Ok(api) => {

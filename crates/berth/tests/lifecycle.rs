@@ -126,16 +126,23 @@ fn files_survive_stop_start_and_a_restart_of_berth_up() {
     // A graceful restart of the platform must not touch running Machines.
     let before = platform.machine("keep", &machine.id);
     platform.shutdown();
-    let init_alive = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(platform.runc_root())
-        .args(["state", &machine.id])
-        .output()
-        .expect("runc state");
-    let state_text = String::from_utf8_lossy(&init_alive.stdout);
+    // The Machine's init, by the pid its supervisor recorded, is still running.
+    let run_dir = platform
+        .data_dir
+        .path()
+        .join("worker/machines")
+        .join(&machine.id)
+        .join("run");
+    let init_pid = std::fs::read_to_string(run_dir.join("init.pid")).expect("init.pid");
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/stat", init_pid.trim())).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("gone");
     assert!(
-        state_text.contains("\"running\""),
-        "machine must keep running while berth is down: {state_text}"
+        !stat.is_empty() && state != "Z",
+        "machine must keep running while berth is down: {state}"
     );
     platform.boot();
     let after = platform.machine("keep", &machine.id);
