@@ -386,3 +386,40 @@ fn a_machine_is_reachable_at_its_private_address_across_stop_and_start() {
     );
     platform.teardown();
 }
+
+#[test]
+fn the_runc_runtime_still_runs_machines() {
+    let platform = Platform::start_with(&["--runtime", "runc"]);
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "classic"]);
+    let script = "echo \"boot in $(hostname)\"; exec sleep 3600";
+    let machine = create(
+        &platform,
+        "classic",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["/bin/sh", "-c", script]}}}),
+    );
+    let booted = format!("boot in {}", machine.id);
+    platform.wait_for("first boot", Duration::from_secs(10), || {
+        platform.logs("classic", &machine.id).contains(&booted)
+    });
+    // runc, not the spawner, holds the container.
+    let listed = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(platform.runc_root())
+        .args(["list", "-q"])
+        .output()
+        .expect("runc list");
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), machine.id);
+    let base = format!("/v1/apps/classic/machines/{}", machine.id);
+    post(&platform, &format!("{base}/stop"));
+    let started = post(&platform, &format!("{base}/start"));
+    assert_eq!(started["machine"]["state"], "started");
+    platform.wait_for("second boot", Duration::from_secs(10), || {
+        platform
+            .logs("classic", &machine.id)
+            .matches(&booted)
+            .count()
+            == 2
+    });
+    platform.teardown();
+}
