@@ -53,6 +53,9 @@ struct Args {
     check: bool,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
+    /// What runs Berth's Machines (`--runtime` of `berth up`).
+    #[arg(long, value_enum, default_value_t = berth::platform::RuntimeKind::Native)]
+    runtime: berth::platform::RuntimeKind,
     /// Seconds of each API load window (GET machine throughput, flood isolation).
     #[arg(long, default_value_t = 10)]
     api_seconds: u64,
@@ -147,6 +150,7 @@ async fn run(args: Args) -> Result<usize> {
     let default_limits: berth_api::SetOrgLimitsRequest =
         serde_json::from_value(json!({"quotas": {"max_machines": 100_000}}))?;
     let platform = LocalPlatform::open(PlatformOptions {
+        runtime: args.runtime,
         data_dir: data_dir.clone(),
         runc_binary: runc.clone(),
         shim_command,

@@ -94,11 +94,7 @@ pub(crate) async fn runc_exec(
             message: "exec needs a command".into(),
         });
     }
-    let pid_file = layout.run_dir().join(format!(
-        "exec-{}-{}.pid",
-        std::process::id(),
-        unique_suffix()
-    ));
+    let pid_file = exec_pid_file(layout);
     let mut command = tokio::process::Command::new(runc_binary);
     command
         .arg("--root")
@@ -107,7 +103,30 @@ pub(crate) async fn runc_exec(
         .arg("--pid-file")
         .arg(&pid_file)
         .arg(id)
-        .args(&spec.cmd)
+        .args(&spec.cmd);
+    run_exec(command, &pid_file, layout, spec, runc_binary).await
+}
+
+/// A fresh pid file name in the Machine's run directory.
+pub(crate) fn exec_pid_file(layout: &MachineLayout) -> std::path::PathBuf {
+    layout.run_dir().join(format!(
+        "exec-{}-{}.pid",
+        std::process::id(),
+        unique_suffix()
+    ))
+}
+
+/// Runs an exec command that writes the pid of the process inside the Machine to
+/// `pid_file`, with its output capped and its run time bounded.
+pub(crate) async fn run_exec(
+    mut command: tokio::process::Command,
+    pid_file: &Path,
+    layout: &MachineLayout,
+    spec: &ExecSpec,
+    program: &Path,
+) -> Result<ExecOutput, RuntimeError> {
+    let id = &layout.id;
+    command
         .stdin(if spec.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -118,7 +137,7 @@ pub(crate) async fn runc_exec(
         .kill_on_drop(true);
     let mut child = command
         .spawn()
-        .ctx(|| format!("run {} exec in machine {id}", runc_binary.display()))?;
+        .ctx(|| format!("run {} exec in machine {id}", program.display()))?;
     if let (Some(mut pipe), Some(input)) = (child.stdin.take(), spec.stdin.clone()) {
         // A command that never reads its stdin must not block the exec.
         tokio::spawn(async move {
@@ -150,7 +169,7 @@ pub(crate) async fn runc_exec(
         Err(_) => {
             // SIGKILL cannot be forwarded by runc: kill the process itself, inside the
             // Machine, then runc, which reaps it and exits.
-            if let Ok(Some(pid)) = shim::read_pid_file(&pid_file) {
+            if let Ok(Some(pid)) = shim::read_pid_file(pid_file) {
                 crate::runc::kill_pid(pid, libc::SIGKILL);
             }
             if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
@@ -169,7 +188,7 @@ pub(crate) async fn runc_exec(
             abort.abort();
         }
     }
-    let _ = util::remove_file_if_exists(&pid_file);
+    let _ = util::remove_file_if_exists(pid_file);
     let (stdout, stdout_cut) = take(&stdout);
     let (stderr, stderr_cut) = take(&stderr);
     Ok(ExecOutput {

@@ -19,10 +19,12 @@ use serde::{Deserialize, Serialize};
 pub mod exec;
 pub mod fake;
 pub mod logs;
+pub mod native;
 pub mod netns;
 pub mod network;
 pub mod overlay;
 pub mod runc;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 

@@ -375,33 +375,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
-        let run = layout.run_dir();
-        let id = layout.id.clone();
-        blocking(move || {
-            let Some(shim_pid) = live_shim(&run)? else {
-                return Ok(());
-            };
-            let init_file = run.join(shim::INIT_PID_FILE);
-            let Some(pid) =
-                shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?
-            else {
-                return Ok(());
-            };
-            let Some(fd) = pidfd_open(pid).ctx(|| format!("pidfd of machine {id} init"))? else {
-                return Ok(());
-            };
-            // With the pidfd held, the pid cannot be reused; check it is still the shim's
-            // child (the Machine's init) and not an unrelated process that took the pid.
-            match util::proc_stat(pid).ctx(|| format!("stat machine {id} init"))? {
-                Some(st) if st.ppid == shim_pid && st.state != 'Z' => {}
-                _ => return Ok(()),
-            }
-            match pidfd_send_signal(&fd, signal) {
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-                other => other.ctx(|| format!("send signal {signal} to machine {id}")),
-            }
-        })
-        .await
+        signal_init(layout, signal).await
     }
 
     async fn wait_exit(
@@ -409,43 +383,7 @@ impl Runtime for RuncRuntime {
         layout: &MachineLayout,
         timeout: Option<Duration>,
     ) -> Result<Option<ExitRecord>, RuntimeError> {
-        let run = layout.run_dir();
-        let id = &layout.id;
-        let shim =
-            match shim::read_shim_pid(&run).ctx(|| format!("read shim pid of machine {id}"))? {
-                Some((pid, start)) => {
-                    let fd = pidfd_open(pid).ctx(|| format!("pidfd of machine {id} shim"))?;
-                    // Checked after opening the pidfd, so the pid cannot change underneath.
-                    fd.filter(|_| util::is_same_live_process(pid, start))
-                }
-                None => None,
-            };
-        if let Some(fd) = shim {
-            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until
-            // the AsyncFd is dropped.
-            let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-                .map_err(io::Error::from)
-                .ctx(|| format!("watch shim of machine {id}"))?;
-            // A pidfd turns readable when the process exits.
-            let exited = async { fd.readable().await.map(|_guard| ()) };
-            let waited = match timeout {
-                Some(t) => match tokio::time::timeout(t, exited).await {
-                    Err(_) => return Ok(None),
-                    Ok(r) => r,
-                },
-                None => exited.await,
-            };
-            waited.ctx(|| format!("wait for shim of machine {id}"))?;
-        }
-        let record = shim::read_exit_record(&run)
-            .ctx(|| format!("read exit record of machine {id}"))?
-            .unwrap_or(ExitRecord {
-                exit_code: None,
-                signal: None,
-                oom_killed: false,
-                exited_at_ms: util::now_ms(),
-            });
-        Ok(Some(record))
+        wait_for_exit(layout, timeout).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
@@ -455,28 +393,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
-        let run = layout.run_dir();
-        let id = layout.id.clone();
-        blocking(move || {
-            if let Some(record) =
-                shim::read_exit_record(&run).ctx(|| format!("read exit record of machine {id}"))?
-            {
-                return Ok(Status::Exited(record));
-            }
-            let Some(shim_pid) = live_shim(&run)? else {
-                return Ok(Status::NotRunning);
-            };
-            let init_file = run.join(shim::INIT_PID_FILE);
-            let init =
-                shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?;
-            Ok(match init.map(|pid| (pid, util::proc_stat(pid))) {
-                Some((pid, Ok(Some(st)))) if st.ppid == shim_pid && st.state != 'Z' => {
-                    Status::Running { pid }
-                }
-                _ => Status::NotRunning,
-            })
-        })
-        .await
+        read_status(layout).await
     }
 
     async fn exec(
@@ -530,8 +447,108 @@ impl Runtime for RuncRuntime {
     }
 }
 
+/// Sends `signal` to the Machine's init, found through the shim's files.
+pub(crate) async fn signal_init(layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
+    let run = layout.run_dir();
+    let id = layout.id.clone();
+    blocking(move || {
+        let Some(shim_pid) = live_shim(&run)? else {
+            return Ok(());
+        };
+        let init_file = run.join(shim::INIT_PID_FILE);
+        let Some(pid) =
+            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?
+        else {
+            return Ok(());
+        };
+        let Some(fd) = pidfd_open(pid).ctx(|| format!("pidfd of machine {id} init"))? else {
+            return Ok(());
+        };
+        // With the pidfd held, the pid cannot be reused; check it is still the shim's
+        // child (the Machine's init) and not an unrelated process that took the pid.
+        match util::proc_stat(pid).ctx(|| format!("stat machine {id} init"))? {
+            Some(st) if st.ppid == shim_pid && st.state != 'Z' => {}
+            _ => return Ok(()),
+        }
+        match pidfd_send_signal(&fd, signal) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other.ctx(|| format!("send signal {signal} to machine {id}")),
+        }
+    })
+    .await
+}
+
+/// Waits for the shim of the Machine to exit and reads its exit record.
+pub(crate) async fn wait_for_exit(
+    layout: &MachineLayout,
+    timeout: Option<Duration>,
+) -> Result<Option<ExitRecord>, RuntimeError> {
+    let run = layout.run_dir();
+    let id = &layout.id;
+    let shim = match shim::read_shim_pid(&run).ctx(|| format!("read shim pid of machine {id}"))? {
+        Some((pid, start)) => {
+            let fd = pidfd_open(pid).ctx(|| format!("pidfd of machine {id} shim"))?;
+            // Checked after opening the pidfd, so the pid cannot change underneath.
+            fd.filter(|_| util::is_same_live_process(pid, start))
+        }
+        None => None,
+    };
+    if let Some(fd) = shim {
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until
+        // the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)
+            .ctx(|| format!("watch shim of machine {id}"))?;
+        // A pidfd turns readable when the process exits.
+        let exited = async { fd.readable().await.map(|_guard| ()) };
+        let waited = match timeout {
+            Some(t) => match tokio::time::timeout(t, exited).await {
+                Err(_) => return Ok(None),
+                Ok(r) => r,
+            },
+            None => exited.await,
+        };
+        waited.ctx(|| format!("wait for shim of machine {id}"))?;
+    }
+    let record = shim::read_exit_record(&run)
+        .ctx(|| format!("read exit record of machine {id}"))?
+        .unwrap_or(ExitRecord {
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            exited_at_ms: util::now_ms(),
+        });
+    Ok(Some(record))
+}
+
+/// What the shim's files and /proc say about the Machine.
+pub(crate) async fn read_status(layout: &MachineLayout) -> Result<Status, RuntimeError> {
+    let run = layout.run_dir();
+    let id = layout.id.clone();
+    blocking(move || {
+        if let Some(record) =
+            shim::read_exit_record(&run).ctx(|| format!("read exit record of machine {id}"))?
+        {
+            return Ok(Status::Exited(record));
+        }
+        let Some(shim_pid) = live_shim(&run)? else {
+            return Ok(Status::NotRunning);
+        };
+        let init_file = run.join(shim::INIT_PID_FILE);
+        let init =
+            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?;
+        Ok(match init.map(|pid| (pid, util::proc_stat(pid))) {
+            Some((pid, Ok(Some(st)))) if st.ppid == shim_pid && st.state != 'Z' => {
+                Status::Running { pid }
+            }
+            _ => Status::NotRunning,
+        })
+    })
+    .await
+}
+
 /// The Machine's directories and its network namespace (`lo` up). Blocking.
-fn make_dirs_and_netns(layout: &MachineLayout) -> Result<(), RuntimeError> {
+pub(crate) fn make_dirs_and_netns(layout: &MachineLayout) -> Result<(), RuntimeError> {
     let id = &layout.id;
     for dir in [
         layout.upper(),
@@ -546,7 +563,7 @@ fn make_dirs_and_netns(layout: &MachineLayout) -> Result<(), RuntimeError> {
     netns::create(&layout.netns()).ctx(|| format!("network namespace of machine {id}"))
 }
 
-async fn blocking<T, F>(f: F) -> Result<T, RuntimeError>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, RuntimeError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, RuntimeError> + Send + 'static,
@@ -557,14 +574,14 @@ where
 }
 
 /// The pid of the shim recorded in `run`, if that very process is still alive.
-fn live_shim(run: &Path) -> Result<Option<u32>, RuntimeError> {
+pub(crate) fn live_shim(run: &Path) -> Result<Option<u32>, RuntimeError> {
     let recorded =
         shim::read_shim_pid(run).ctx(|| format!("read shim pid in {}", run.display()))?;
     Ok(recorded.and_then(|(pid, start)| util::is_same_live_process(pid, start).then_some(pid)))
 }
 
 /// `None` when the process is gone.
-fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
     let Some(pid) = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
@@ -605,7 +622,7 @@ pub(crate) fn kill_pid(pid: u32, signal: i32) {
 }
 
 /// Waits for `pid` to exit; true if it did within `timeout`.
-fn wait_process_blocking(pid: u32, timeout: Duration) -> bool {
+pub(crate) fn wait_process_blocking(pid: u32, timeout: Duration) -> bool {
     let Ok(Some(fd)) = pidfd_open(pid) else {
         return true;
     };

@@ -140,7 +140,7 @@ pub struct ShimReport {
 }
 
 impl ShimReport {
-    fn error(message: impl Into<String>) -> ShimReport {
+    pub(crate) fn error(message: impl Into<String>) -> ShimReport {
         ShimReport {
             error: Some(message.into()),
             ..ShimReport::default()
@@ -185,6 +185,15 @@ pub(crate) fn read_exit_record(run_dir: &Path) -> io::Result<Option<ExitRecord>>
 /// detaches with fork. Otherwise it re-executes the program (same argv) to detach, which
 /// costs an exec.
 pub fn main_with_args(args: Vec<OsString>) -> i32 {
+    if args
+        .first()
+        .is_some_and(|a| a == crate::native::spawner::SPAWNER_ARG)
+    {
+        return crate::native::spawner::main_with_args(args.into_iter().skip(1).collect());
+    }
+    if args.first().is_some_and(|a| a == crate::native::NSEXEC_ARG) {
+        return crate::native::exec_in::main_with_args(args.into_iter().skip(1).collect());
+    }
     let opts = match ShimArgs::parse(args) {
         Ok(o) => o,
         Err(msg) => {
@@ -258,7 +267,7 @@ fn run(opts: ShimArgs) -> i32 {
     supervisor.run(sync)
 }
 
-struct Supervisor {
+pub(crate) struct Supervisor {
     opts: ShimArgs,
     stdout_r: OwnedFd,
     stderr_r: OwnedFd,
@@ -267,7 +276,7 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn setup(opts: &ShimArgs, sync_fd: RawFd) -> io::Result<Supervisor> {
+    pub(crate) fn setup(opts: &ShimArgs, sync_fd: RawFd) -> io::Result<Supervisor> {
         std::env::set_current_dir("/")?;
         // Process-wide, so it holds for any thread the host program started. runc gets
         // both back to default (see `runc()`), so the Machine does not inherit them.
@@ -311,6 +320,11 @@ impl Supervisor {
             stderr_r,
             child_stdio: Some((stdout_w, stderr_w)),
         })
+    }
+
+    /// The write ends of the Machine's stdout and stderr pipes, once.
+    pub(crate) fn take_child_stdio(&mut self) -> Option<(OwnedFd, OwnedFd)> {
+        self.child_stdio.take()
     }
 
     fn runc(&self) -> Command {
@@ -451,7 +465,7 @@ impl Supervisor {
 
     /// Copies output to the log and reaps children until init has exited and the pipes
     /// are drained (or the drain deadline passes).
-    fn supervise(self, init: InitProcess) {
+    pub(crate) fn supervise(self, init: InitProcess) {
         let mut log = LogWriter::open(&self.opts.log_dir, self.opts.log_max_bytes).ok();
         let mut streams = [
             Stream {
@@ -529,9 +543,9 @@ impl Supervisor {
     }
 }
 
-struct InitProcess {
-    pid: u32,
-    oom: OomCounter,
+pub(crate) struct InitProcess {
+    pub(crate) pid: u32,
+    pub(crate) oom: OomCounter,
 }
 
 struct Stream {
@@ -586,13 +600,13 @@ fn write_exit(run_dir: &Path, record: &ExitRecord) -> io::Result<()> {
 
 /// The Machine cgroup's `oom_kill` counter, found while init is alive because the path
 /// comes from `/proc/<init>/cgroup`.
-struct OomCounter {
+pub(crate) struct OomCounter {
     file: Option<PathBuf>,
     baseline: u64,
 }
 
 impl OomCounter {
-    fn for_process(pid: u32) -> OomCounter {
+    pub(crate) fn for_process(pid: u32) -> OomCounter {
         let file = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
             .and_then(|text| oom_file_candidates(&text).into_iter().find(|p| p.exists()));
@@ -644,7 +658,7 @@ fn read_oom_kills(file: &Path) -> Option<u64> {
 }
 
 /// Writes the report line; a vanished reader is not the shim's problem.
-fn report(sync: BorrowedFd<'_>, report: &ShimReport) {
+pub(crate) fn report(sync: BorrowedFd<'_>, report: &ShimReport) {
     let mut line =
         serde_json::to_vec(report).unwrap_or_else(|_| b"{\"error\":\"report\"}".to_vec());
     line.push(b'\n');

@@ -1,7 +1,6 @@
 //! The OCI bundle's `config.json`, built from a [`BundleSpec`].
 //!
-//! No seccomp profile is set yet: the Machine runs with runc's behaviour for an absent
-//! `linux.seccomp` (no filter). Docker's default profile is planned as a later change.
+//! The seccomp section is [`crate::seccomp::default_profile`], which both drivers apply.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv6Addr;
@@ -200,6 +199,7 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
         .namespaces(namespaces)
         .resources(resources.build().map_err(oci)?)
         .cgroups_path(cgroups_path(id))
+        .seccomp(crate::seccomp::default_profile().map_err(oci)?)
         .masked_paths(
             MASKED_PATHS
                 .iter()

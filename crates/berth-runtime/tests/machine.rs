@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use berth_runtime::runc::RuncRuntime;
 use berth_runtime::{logs, netns, overlay, ExitRecord, Runtime, Status};
-use common::{Fixture, INDEX_HTML};
+use common::{Driver, Fixture, INDEX_HTML};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
 
@@ -38,9 +38,8 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-#[tokio::test]
-async fn start_stop_cleanup_and_remove() {
-    let f = Fixture::new("lifecycle");
+async fn start_stop_cleanup_and_remove(driver: Driver) {
+    let f = Fixture::of(driver, "lifecycle");
     let script = "trap 'echo got term; exit 0' TERM; echo ready $GREETING; \
                   while true; do sleep 0.1; done";
     f.runtime
@@ -59,8 +58,8 @@ async fn start_stop_cleanup_and_remove() {
         f.runtime.status(&f.layout).await.unwrap(),
         Status::Running { pid: started.pid }
     );
-    assert!(overlay::is_mount_point(&f.layout.rootfs()).unwrap());
-    assert_eq!(f.runc_list(), f.id());
+    f.assert_rootfs_on_host(true);
+    f.assert_runc_lists(true);
     f.wait_logs("ready hi\n", Duration::from_secs(10));
     // The shim holds only /dev/null, its two pipes, the log and init's pidfd.
     let fds: Vec<String> = fs::read_dir(format!("/proc/{}/fd", started.shim_pid))
@@ -118,8 +117,8 @@ async fn start_stop_cleanup_and_remove() {
         f.runtime.status(&f.layout).await.unwrap(),
         Status::NotRunning
     );
-    assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
-    assert_eq!(f.runc_list(), "");
+    f.assert_rootfs_on_host(false);
+    f.assert_runc_lists(false);
     assert!(f.layout.config_json().exists() && f.layout.upper().exists());
     assert!(
         overlay::is_mount_point(&f.layout.netns()).unwrap(),
@@ -132,9 +131,8 @@ async fn start_stop_cleanup_and_remove() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn files_survive_restarts_and_remounts() {
-    let f = Fixture::new("persist");
+async fn files_survive_restarts_and_remounts(driver: Driver) {
+    let f = Fixture::of(driver, "persist");
     let script = "echo boot >> /data.txt; echo \"count=$(wc -l < /data.txt)\"";
     f.runtime
         .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
@@ -143,7 +141,7 @@ async fn files_survive_restarts_and_remounts() {
     for run in 1..=3 {
         let record = run_to_exit(&f).await;
         assert_eq!(record.exit_code, Some(0), "run {run}: {}", f.logs());
-        assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+        f.assert_rootfs_on_host(false);
         if run == 2 {
             // Also across an explicit remount without the runtime involved.
             overlay::mount(
@@ -175,9 +173,8 @@ async fn files_survive_restarts_and_remounts() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn exit_code_is_recorded() {
-    let f = Fixture::new("exit3");
+async fn exit_code_is_recorded(driver: Driver) {
+    let f = Fixture::of(driver, "exit3");
     f.runtime
         .prepare(&f.layout, &f.spec(&["sh", "-c", "echo bye; exit 3"]))
         .await
@@ -197,9 +194,8 @@ async fn exit_code_is_recorded() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn start_recovers_from_a_run_that_was_never_cleaned_up() {
-    let f = Fixture::new("recover");
+async fn start_recovers_from_a_run_that_was_never_cleaned_up(driver: Driver) {
+    let f = Fixture::of(driver, "recover");
     f.runtime
         .prepare(&f.layout, &f.spec(&["sh", "-c", "echo run; exit 4"]))
         .await
@@ -209,8 +205,8 @@ async fn start_recovers_from_a_run_that_was_never_cleaned_up() {
         f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
         let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
         assert_eq!(record.exit_code, Some(4));
-        assert_eq!(f.runc_list(), f.id());
-        assert!(overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+        f.assert_runc_lists(true);
+        f.assert_rootfs_on_host(true);
     }
     assert!(f.logs().contains("run\nrun\n"), "{}", f.logs());
     f.runtime.remove(&f.layout).await.unwrap();
@@ -224,7 +220,7 @@ async fn start_times_out_and_cleans_up() {
     let hang = f.tmp.path().join("hanging-runc");
     fs::write(&hang, "#!/bin/sh\nexec sleep 30\n").unwrap();
     fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut config = f.runtime.config().clone();
+    let mut config = f.config.clone();
     config.runc_binary = hang;
     let runtime = RuncRuntime::new(config);
     runtime
@@ -236,7 +232,7 @@ async fn start_times_out_and_cleans_up() {
     assert_eq!(err.code(), "start_timeout", "{err}");
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(runtime.status(&f.layout).await.unwrap(), Status::NotRunning);
-    assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
+    f.assert_rootfs_on_host(false);
     // The shim and its hanging runc were killed with the shim's process group.
     let hung = std::process::Command::new("pgrep")
         .args(["-f", "hanging-runc"])
@@ -254,9 +250,8 @@ async fn start_times_out_and_cleans_up() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn sigkill_is_recorded() {
-    let f = Fixture::new("kill9");
+async fn sigkill_is_recorded(driver: Driver) {
+    let f = Fixture::of(driver, "kill9");
     f.runtime
         .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
         .await
@@ -272,9 +267,8 @@ async fn sigkill_is_recorded() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn out_of_memory_is_recorded() {
-    let f = Fixture::new("oom");
+async fn out_of_memory_is_recorded(driver: Driver) {
+    let f = Fixture::of(driver, "oom");
     let mut spec = f.spec(&["tail", "/dev/zero"]);
     spec.memory_mb = 16;
     f.runtime.prepare(&f.layout, &spec).await.unwrap();
@@ -291,9 +285,8 @@ async fn out_of_memory_is_recorded() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn cpus_cap_the_cpu_time_of_a_busy_machine() {
-    let f = Fixture::new("cpucap");
+async fn cpus_cap_the_cpu_time_of_a_busy_machine(driver: Driver) {
+    let f = Fixture::of(driver, "cpucap");
     // Two busy loops: uncapped they would take both cores of a 2-core host.
     let mut spec = f.spec(&["sh", "-c", "while :; do :; done & while :; do :; done"]);
     spec.cpus = 1;
@@ -338,9 +331,8 @@ async fn cpus_cap_the_cpu_time_of_a_busy_machine() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn machine_is_isolated_and_limited() {
-    let f = Fixture::new("isolation");
+async fn machine_is_isolated_and_limited(driver: Driver) {
+    let f = Fixture::of(driver, "isolation");
     let marker = format!("berth-marker-{}", f.id());
     fs::write(Path::new("/tmp").join(&marker), "host").unwrap();
     let _marker_guard = RemoveOnDrop(Path::new("/tmp").join(&marker));
@@ -349,6 +341,13 @@ async fn machine_is_isolated_and_limited() {
          if test -e /tmp/{marker}; then echo marker=visible; else echo marker=hidden; fi; \
          echo \"hostname=$(hostname)\"; grep -E 'NoNewPrivs|CapBnd|CapEff' /proc/self/status; \
          echo \"nofile=$(ulimit -n)\"; echo \"netns=$(readlink /proc/self/ns/net)\"; \
+         grep -E '^Seccomp:' /proc/self/status; \
+         unshare -U true 2>/dev/null; echo \"userns=$?\"; \
+         mount -t tmpfs none /tmp 2>/dev/null; echo \"mount=$?\"; \
+         echo \"timer_list=$(wc -c < /proc/timer_list)\"; echo \"acpi=$(ls -A /proc/acpi | wc -l)\"; \
+         echo 1 2>/dev/null > /proc/sys/kernel/panic; echo \"procsys=$?\"; \
+         touch /sys/berth 2>/dev/null; echo \"sys=$?\"; \
+         echo \"devices=$(ls /dev | grep -cE '^(null|zero|full|random|urandom|tty)$')\"; \
          echo \"done=$((40 + 2))\"; exec sleep 1000"
     );
     f.runtime
@@ -380,6 +379,21 @@ async fn machine_is_isolated_and_limited() {
     assert_eq!(nofile, host_nofile.unwrap_or(1_048_576).min(1_048_576));
     let ino = fs::metadata(f.layout.netns()).unwrap().ino();
     assert_eq!(field(&logs, "netns="), format!("net:[{ino}]"));
+    // The default seccomp profile is on: a user namespace needs no capability, so only
+    // the filter refuses it.
+    assert_eq!(field(&logs, "Seccomp:").trim(), "2", "{logs}");
+    assert_ne!(field(&logs, "userns="), "0", "{logs}");
+    assert_ne!(field(&logs, "mount="), "0", "{logs}");
+    // Masked paths read as empty; read-only ones refuse writes.
+    assert!(
+        fs::metadata("/proc/timer_list").is_ok(),
+        "the host has /proc/timer_list"
+    );
+    assert_eq!(field(&logs, "timer_list="), "0", "{logs}");
+    assert_eq!(field(&logs, "acpi="), "0", "{logs}");
+    assert_ne!(field(&logs, "procsys="), "0", "{logs}");
+    assert_ne!(field(&logs, "sys="), "0", "{logs}");
+    assert_eq!(field(&logs, "devices="), "6", "{logs}");
 
     // The limits, read from the host side of the Machine's cgroups.
     let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).unwrap();
@@ -412,9 +426,69 @@ async fn machine_is_isolated_and_limited() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn logs_rotate_at_the_cap() {
-    let f = Fixture::with_config("rotate", |c| c.log_max_bytes = 4096);
+async fn exec_runs_inside_the_machine(driver: Driver) {
+    let f = Fixture::of(driver, "exec");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
+        .await
+        .unwrap();
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let script = "echo \"host=$(hostname)\"; echo \"greeting=$GREETING\"; \
+                  grep -E 'NoNewPrivs|CapBnd|Seccomp:' /proc/self/status; \
+                  echo \"pidns=$(readlink /proc/self/ns/pid)\"; echo \"mntns=$(readlink /proc/self/ns/mnt)\"; \
+                  echo \"init=$(cat /proc/1/comm)\"; cat; exit 3";
+    let output = f
+        .runtime
+        .exec(
+            &f.layout,
+            &berth_runtime::exec::ExecSpec {
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                stdin: Some(b"from stdin\n".to_vec()),
+                timeout: Duration::from_secs(10),
+                max_output_bytes: 1 << 16,
+            },
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.exit_code,
+        Some(3),
+        "{out} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(field(&out, "host="), f.id());
+    assert_eq!(field(&out, "greeting="), "hi");
+    assert_eq!(field(&out, "NoNewPrivs:").trim(), "1");
+    assert_eq!(field(&out, "CapBnd:").trim(), "00000000a80425fb");
+    assert_eq!(field(&out, "Seccomp:").trim(), "2");
+    assert_eq!(field(&out, "init=").trim(), "sleep");
+    let ns = |kind: &str| fs::read_link(format!("/proc/{}/ns/{kind}", started.pid)).unwrap();
+    assert_eq!(field(&out, "pidns="), ns("pid").display().to_string());
+    assert_eq!(field(&out, "mntns="), ns("mnt").display().to_string());
+    assert!(out.contains("from stdin\n"), "{out}");
+
+    // A command that outlives its timeout is killed.
+    let slow = f
+        .runtime
+        .exec(
+            &f.layout,
+            &berth_runtime::exec::ExecSpec {
+                cmd: vec!["sleep".into(), "30".into()],
+                stdin: None,
+                timeout: Duration::from_millis(300),
+                max_output_bytes: 1024,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(slow.timed_out && slow.exit_code.is_none(), "{slow:?}");
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+async fn logs_rotate_at_the_cap(driver: Driver) {
+    let f = Fixture::of_with_config(driver, "rotate", |c| c.log_max_bytes = 4096);
     let script = "i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done";
     f.runtime
         .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
@@ -458,9 +532,8 @@ async fn logs_rotate_at_the_cap() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn server_is_reachable_through_the_persistent_netns() {
-    let f = Fixture::new("netns");
+async fn server_is_reachable_through_the_persistent_netns(driver: Driver) {
+    let f = Fixture::of(driver, "netns");
     f.runtime
         .prepare(
             &f.layout,
@@ -503,9 +576,8 @@ async fn server_is_reachable_through_the_persistent_netns() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn start_repins_a_network_namespace_lost_to_a_host_reboot() {
-    let f = Fixture::new("reboot");
+async fn start_repins_a_network_namespace_lost_to_a_host_reboot(driver: Driver) {
+    let f = Fixture::of(driver, "reboot");
     f.runtime
         .prepare(
             &f.layout,
@@ -526,9 +598,8 @@ async fn start_repins_a_network_namespace_lost_to_a_host_reboot() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn failed_start_reports_runc_error_and_cleans_up() {
-    let f = Fixture::new("badexec");
+async fn failed_start_reports_runc_error_and_cleans_up(driver: Driver) {
+    let f = Fixture::of(driver, "badexec");
     f.runtime
         .prepare(&f.layout, &f.spec(&["/no/such/binary"]))
         .await
@@ -547,8 +618,8 @@ async fn failed_start_reports_runc_error_and_cleans_up() {
         f.runtime.status(&f.layout).await.unwrap(),
         Status::NotRunning
     );
-    assert!(!overlay::is_mount_point(&f.layout.rootfs()).unwrap());
-    assert_eq!(f.runc_list(), "");
+    f.assert_rootfs_on_host(false);
+    f.assert_runc_lists(false);
 
     // The Machine still starts once fixed.
     f.runtime
@@ -560,9 +631,8 @@ async fn failed_start_reports_runc_error_and_cleans_up() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn start_before_prepare_is_refused() {
-    let f = Fixture::new("unprepared");
+async fn start_before_prepare_is_refused(driver: Driver) {
+    let f = Fixture::of(driver, "unprepared");
     let err = f
         .runtime
         .start(&f.layout, &f.lowerdirs())
@@ -572,9 +642,8 @@ async fn start_before_prepare_is_refused() {
     f.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn remove_kills_a_running_machine() {
-    let f = Fixture::new("remove");
+async fn remove_kills_a_running_machine(driver: Driver) {
+    let f = Fixture::of(driver, "remove");
     f.runtime
         .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
         .await
@@ -600,15 +669,17 @@ async fn helper_start_and_exit() {
     let id = std::env::var("BERTH_HELPER_ID").unwrap();
     let runc_root = std::env::var_os("BERTH_HELPER_RUNC_ROOT").unwrap();
     let lower = std::env::var_os("BERTH_HELPER_LOWER").unwrap();
-    let runtime = RuncRuntime::new(common::runtime_config(Path::new(&runc_root)));
+    let runtime = common::make_runtime(
+        Driver::from_env(),
+        &common::runtime_config(Path::new(&runc_root)),
+    );
     let layout = berth_runtime::MachineLayout::new(Path::new(&dir), &id);
     let started = runtime.start(&layout, &[lower.into()]).await.unwrap();
     println!("STARTED {}", serde_json::to_string(&started).unwrap());
 }
 
-#[tokio::test]
-async fn machine_outlives_the_process_that_started_it() {
-    let f = Fixture::new("detached");
+async fn machine_outlives_the_process_that_started_it(driver: Driver) {
+    let f = Fixture::of(driver, "detached");
     let script = "trap 'echo bye; exit 5' TERM; i=0; \
                   while true; do echo tick $i; i=$((i+1)); sleep 0.05; done";
     f.runtime
@@ -626,6 +697,7 @@ async fn machine_outlives_the_process_that_started_it() {
         .env("BERTH_HELPER_MACHINES", &f.machines)
         .env("BERTH_HELPER_ID", f.id())
         .env("BERTH_HELPER_RUNC_ROOT", &f.runc_root)
+        .env("BERTH_HELPER_DRIVER", driver.name())
         .env("BERTH_HELPER_LOWER", &f.lower)
         .output()
         .unwrap();
@@ -676,16 +748,12 @@ async fn machine_outlives_the_process_that_started_it() {
     f.assert_no_leaks();
 }
 
-/// Not a check: prints how long start takes and how it splits. Run with
-/// `cargo test -p berth-runtime --test machine start_timing -- --ignored --nocapture`.
-#[tokio::test]
-#[ignore = "measurement"]
-async fn start_timing() {
+async fn start_timing(driver: Driver) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("berth_runtime=debug")
         .with_writer(std::io::stderr)
         .try_init();
-    let f = Fixture::new("timing");
+    let f = Fixture::of(driver, "timing");
     f.runtime
         .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
         .await
@@ -767,4 +835,59 @@ fn http_get(netns_path: &Path, addr: SocketAddr) -> String {
             }
         }
     }
+}
+
+/// Each case runs against both drivers: `runc::<case>` and `native::<case>`.
+macro_rules! both_drivers {
+    ($($case:ident),* $(,)?) => {
+        mod runc {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Driver::Runc).await
+                }
+            )*
+        }
+        mod native {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Driver::Native).await
+                }
+            )*
+        }
+    };
+}
+
+both_drivers!(
+    exec_runs_inside_the_machine,
+    start_stop_cleanup_and_remove,
+    files_survive_restarts_and_remounts,
+    exit_code_is_recorded,
+    start_recovers_from_a_run_that_was_never_cleaned_up,
+    sigkill_is_recorded,
+    out_of_memory_is_recorded,
+    cpus_cap_the_cpu_time_of_a_busy_machine,
+    machine_is_isolated_and_limited,
+    logs_rotate_at_the_cap,
+    server_is_reachable_through_the_persistent_netns,
+    start_repins_a_network_namespace_lost_to_a_host_reboot,
+    failed_start_reports_runc_error_and_cleans_up,
+    start_before_prepare_is_refused,
+    remove_kills_a_running_machine,
+    machine_outlives_the_process_that_started_it,
+);
+
+/// Not a check: prints how long start takes and how it splits. Run with
+/// `cargo test -p berth-runtime --test machine timing -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement"]
+async fn start_timing_runc() {
+    start_timing(Driver::Runc).await
+}
+
+#[tokio::test]
+#[ignore = "measurement"]
+async fn start_timing_native() {
+    start_timing(Driver::Native).await
 }

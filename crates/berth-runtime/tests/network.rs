@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use berth_runtime::netns;
 use berth_runtime::network::{
     netlink_operations, Ipv6Net, NetworkConfig, WorkerNetwork, MACHINE_INTERFACE,
 };
-use berth_runtime::{netns, Runtime};
 use common::{Fixture, INDEX_HTML};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::AddressHeaderFlags;

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use berth::platform::{find_program, join_token, worker_network, HEARTBEAT_INTERVAL};
+use berth::platform::{
+    find_program, join_token, make_runtime, worker_network, RuntimeKind, RuntimeParts,
+    HEARTBEAT_INTERVAL,
+};
 use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources, WorkerRegistered};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
-use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use clap::Args;
 use tracing::{info, warn};
 
@@ -88,6 +90,9 @@ pub struct AgentArgs {
     disk_mb: u64,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
+    /// What runs the Machines: the built-in spawner, or runc on every start.
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Native)]
+    runtime: RuntimeKind,
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     log_max_bytes: u64,
     #[arg(long, default_value_t = 4096)]
@@ -103,8 +108,11 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("berth agent runs Machines with runc, overlayfs and namespaces, so it needs root");
     }
-    let runc_binary = find_program(&args.runc)
-        .with_context(|| format!("cannot find {:?}; install runc", args.runc))?;
+    let runc_binary = match args.runtime {
+        RuntimeKind::Runc => find_program(&args.runc)
+            .with_context(|| format!("cannot find {:?}; install runc", args.runc))?,
+        RuntimeKind::Native => args.runc.clone(),
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
@@ -139,14 +147,14 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     ));
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
-    let runtime = Arc::new(RuncRuntime::new(RuncConfig {
+    let runtime = make_runtime(RuntimeParts {
+        kind: args.runtime,
         runc_binary,
-        runc_root: data_dir.join("runc"),
         shim_command,
+        worker_dir: data_dir.clone(),
         log_max_bytes: args.log_max_bytes,
-        start_timeout: Duration::from_secs(30),
         network: Some(network),
-    }));
+    })?;
     let agent = Agent::open_with_puller(
         AgentConfig {
             data_dir: data_dir.clone(),

@@ -12,8 +12,10 @@ use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
+use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
+use berth_runtime::Runtime;
 use tracing::warn;
 
 /// The name of the in-process worker when there is one.
@@ -21,8 +23,56 @@ pub const LOCAL_WORKER: &str = "local";
 /// How often a worker reports its use to the control plane.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Which driver runs the Machines (`--runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// The built-in spawner: start forks, no runc on the start path.
+    #[default]
+    Native,
+    /// runc create and runc start on every start.
+    Runc,
+}
+
+/// What a worker's runtime is made from.
+pub struct RuntimeParts {
+    pub kind: RuntimeKind,
+    pub runc_binary: PathBuf,
+    pub shim_command: Vec<OsString>,
+    /// The worker's data dir: runc keeps `runc/` there, the native spawner `native/`.
+    pub worker_dir: PathBuf,
+    pub log_max_bytes: u64,
+    pub network: Option<Arc<WorkerNetwork>>,
+}
+
+/// The runtime of one worker.
+pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
+    let start_timeout = Duration::from_secs(30);
+    Ok(match parts.kind {
+        RuntimeKind::Runc => Arc::new(RuncRuntime::new(RuncConfig {
+            runc_binary: parts.runc_binary,
+            runc_root: parts.worker_dir.join("runc"),
+            shim_command: parts.shim_command,
+            log_max_bytes: parts.log_max_bytes,
+            start_timeout,
+            network: parts.network,
+        })),
+        RuntimeKind::Native => Arc::new(
+            NativeRuntime::new(NativeConfig {
+                shim_command: parts.shim_command,
+                state_dir: parts.worker_dir.join("native"),
+                log_max_bytes: parts.log_max_bytes,
+                start_timeout,
+                network: parts.network,
+            })
+            .context("the native runtime")?,
+        ),
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct PlatformOptions {
+    /// Which driver runs the Machines.
+    pub runtime: RuntimeKind,
     pub data_dir: PathBuf,
     pub runc_binary: PathBuf,
     /// Program and leading arguments that run the shim.
@@ -134,14 +184,14 @@ impl LocalPlatform {
                 )
             })?;
             let (network, machine_prefix) = worker_network(&prefix, options.egress_nat).await?;
-            let runtime = Arc::new(RuncRuntime::new(RuncConfig {
+            let runtime = make_runtime(RuntimeParts {
+                kind: options.runtime,
                 runc_binary: options.runc_binary.clone(),
-                runc_root: dir.join("runc"),
                 shim_command: options.shim_command.clone(),
+                worker_dir: dir.clone(),
                 log_max_bytes: options.log_max_bytes,
-                start_timeout: Duration::from_secs(30),
                 network: Some(network),
-            }));
+            })?;
             let agent = Agent::open_with_puller(
                 AgentConfig {
                     data_dir: dir,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use berth::platform::{find_program, host_capacity, LocalPlatform, PlatformOptions};
+use berth::platform::{find_program, host_capacity, LocalPlatform, PlatformOptions, RuntimeKind};
 use berth_api::Resources;
 use berth_core::billing::Prices;
 use berth_image::{ImageReference, RegistryCredentials, RegistryOptions};
@@ -25,9 +25,12 @@ pub struct UpArgs {
     /// Import a busybox image, boot a Machine that serves HTTP, and report timings.
     #[arg(long)]
     demo: bool,
-    /// The OCI runtime binary.
+    /// The OCI runtime binary (for `--runtime runc`).
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
+    /// What runs the Machines: the built-in spawner, or runc on every start.
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Native)]
+    runtime: RuntimeKind,
     /// Region label of this worker.
     #[arg(long, default_value = "local")]
     region: String,
@@ -123,8 +126,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         bail!("berth up runs Machines with runc, overlayfs and namespaces, so it needs root");
     }
     let registry = registry_options(&args)?;
-    let runc_binary = find_program(&args.runc)
-        .with_context(|| format!("cannot find the OCI runtime {:?}; install runc", args.runc))?;
+    // runc is needed only when it runs the Machines.
+    let runc_binary = match args.runtime {
+        RuntimeKind::Runc => find_program(&args.runc).with_context(|| {
+            format!("cannot find the OCI runtime {:?}; install runc", args.runc)
+        })?,
+        RuntimeKind::Native => args.runc.clone(),
+    };
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
     std::fs::create_dir_all(&args.data_dir)
@@ -147,6 +155,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         None => None,
     };
     let platform = LocalPlatform::open(PlatformOptions {
+        runtime: args.runtime,
         workers: args.workers,
         worker_capacity,
         data_dir: args.data_dir.clone(),

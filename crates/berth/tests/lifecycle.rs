@@ -126,16 +126,23 @@ fn files_survive_stop_start_and_a_restart_of_berth_up() {
     // A graceful restart of the platform must not touch running Machines.
     let before = platform.machine("keep", &machine.id);
     platform.shutdown();
-    let init_alive = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(platform.runc_root())
-        .args(["state", &machine.id])
-        .output()
-        .expect("runc state");
-    let state_text = String::from_utf8_lossy(&init_alive.stdout);
+    // The Machine's init, by the pid its supervisor recorded, is still running.
+    let run_dir = platform
+        .data_dir
+        .path()
+        .join("worker/machines")
+        .join(&machine.id)
+        .join("run");
+    let init_pid = std::fs::read_to_string(run_dir.join("init.pid")).expect("init.pid");
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/stat", init_pid.trim())).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("gone");
     assert!(
-        state_text.contains("\"running\""),
-        "machine must keep running while berth is down: {state_text}"
+        !stat.is_empty() && state != "Z",
+        "machine must keep running while berth is down: {state}"
     );
     platform.boot();
     let after = platform.machine("keep", &machine.id);
@@ -377,5 +384,42 @@ fn a_machine_is_reachable_at_its_private_address_across_stop_and_start() {
         Duration::from_secs(10),
         || fetch().is_some_and(|page| page.contains(&expected)),
     );
+    platform.teardown();
+}
+
+#[test]
+fn the_runc_runtime_still_runs_machines() {
+    let platform = Platform::start_with(&["--runtime", "runc"]);
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "classic"]);
+    let script = "echo \"boot in $(hostname)\"; exec sleep 3600";
+    let machine = create(
+        &platform,
+        "classic",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["/bin/sh", "-c", script]}}}),
+    );
+    let booted = format!("boot in {}", machine.id);
+    platform.wait_for("first boot", Duration::from_secs(10), || {
+        platform.logs("classic", &machine.id).contains(&booted)
+    });
+    // runc, not the spawner, holds the container.
+    let listed = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(platform.runc_root())
+        .args(["list", "-q"])
+        .output()
+        .expect("runc list");
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), machine.id);
+    let base = format!("/v1/apps/classic/machines/{}", machine.id);
+    post(&platform, &format!("{base}/stop"));
+    let started = post(&platform, &format!("{base}/start"));
+    assert_eq!(started["machine"]["state"], "started");
+    platform.wait_for("second boot", Duration::from_secs(10), || {
+        platform
+            .logs("classic", &machine.id)
+            .matches(&booted)
+            .count()
+            == 2
+    });
     platform.teardown();
 }

@@ -10,25 +10,79 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use berth_runtime::native::cgroup::CgroupRoots;
+use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
-use berth_runtime::{logs, netns, overlay, BundleSpec, MachineLayout};
+use berth_runtime::{logs, netns, overlay, BundleSpec, MachineLayout, Runtime};
 
 pub const RUNC: &str = "/usr/sbin/runc";
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "sleep", "ls", "ps", "hostname", "wc", "id", "mkdir", "touch", "httpd",
     "grep", "tail", "head", "test", "readlink", "true", "false", "dd", "seq", "nc", "wget", "ip",
+    "unshare", "mount",
 ];
 pub const INDEX_HTML: &str = "hello from berth\n";
+
+/// Which driver a test runs against; the isolation suite runs against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Runc,
+    Native,
+}
+
+impl Driver {
+    /// The driver a helper process was told to use.
+    pub fn from_env() -> Driver {
+        match std::env::var("BERTH_HELPER_DRIVER").as_deref() {
+            Ok("native") => Driver::Native,
+            _ => Driver::Runc,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Runc => "runc",
+            Driver::Native => "native",
+        }
+    }
+}
+
+/// The runtime of `driver`, configured like `config` (native takes its shim, log cap,
+/// start timeout and network).
+pub fn make_runtime(driver: Driver, config: &RuncConfig) -> Arc<dyn Runtime> {
+    match driver {
+        Driver::Runc => Arc::new(RuncRuntime::new(config.clone())),
+        Driver::Native => Arc::new(NativeRuntime::new(native_config(config)).unwrap()),
+    }
+}
+
+pub fn native_config(config: &RuncConfig) -> NativeConfig {
+    let state_dir = config
+        .runc_root
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("native");
+    let mut native = NativeConfig::new(config.shim_command.clone(), state_dir);
+    native.log_max_bytes = config.log_max_bytes;
+    native.start_timeout = config.start_timeout;
+    native.network = config.network.clone();
+    native
+}
 
 /// One test's world: a temp dir holding the image layer, the machines root and a runc
 /// root of its own.
 pub struct Fixture {
+    pub driver: Driver,
+    /// The runc driver's configuration, also the source of the native one's.
+    pub config: RuncConfig,
     pub tmp: tempfile::TempDir,
     pub lower: PathBuf,
     pub machines: PathBuf,
     pub runc_root: PathBuf,
     pub layout: MachineLayout,
-    pub runtime: RuncRuntime,
+    pub runtime: Arc<dyn Runtime>,
     /// More Machines of the same worker, cleaned up like `layout`.
     extra: std::sync::Mutex<Vec<MachineLayout>>,
 }
@@ -47,6 +101,18 @@ impl Fixture {
     }
 
     pub fn with_config(name: &str, tweak: impl FnOnce(&mut RuncConfig)) -> Fixture {
+        Fixture::of_with_config(Driver::Runc, name, tweak)
+    }
+
+    pub fn of(driver: Driver, name: &str) -> Fixture {
+        Fixture::of_with_config(driver, name, |_| {})
+    }
+
+    pub fn of_with_config(
+        driver: Driver,
+        name: &str,
+        tweak: impl FnOnce(&mut RuncConfig),
+    ) -> Fixture {
         let tmp = tempfile::Builder::new()
             .prefix("berth-rt-")
             .tempdir()
@@ -60,12 +126,14 @@ impl Fixture {
         tweak(&mut config);
         let layout = MachineLayout::new(&machines, &unique_id(name));
         Fixture {
+            driver,
+            runtime: make_runtime(driver, &config),
+            config,
             tmp,
             lower,
             machines,
             runc_root,
             layout,
-            runtime: RuncRuntime::new(config),
             extra: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -163,6 +231,29 @@ impl Fixture {
         assert_eq!(self.mounts(), Vec::<String>::new(), "mounts left behind");
         assert_eq!(self.runc_list(), "", "runc containers left behind");
     }
+
+    /// runc knows the Machine while its container exists; the native driver never uses
+    /// runc, so for it the list is always empty.
+    pub fn assert_runc_lists(&self, listed: bool) {
+        let expected = if listed && self.driver == Driver::Runc {
+            self.id()
+        } else {
+            ""
+        };
+        assert_eq!(self.runc_list(), expected);
+    }
+
+    /// runc mounts the rootfs on the host while a container exists; the native driver
+    /// mounts it only inside the Machine's own mount namespace.
+    pub fn assert_rootfs_on_host(&self, mounted: bool) {
+        let expected = mounted && self.driver == Driver::Runc;
+        assert_eq!(
+            overlay::is_mount_point(&self.layout.rootfs()).unwrap(),
+            expected,
+            "rootfs mounted on the host ({:?})",
+            self.driver
+        );
+    }
 }
 
 impl Drop for Fixture {
@@ -189,6 +280,20 @@ impl Fixture {
             .arg(&self.runc_root)
             .args(["delete", "--force", &layout.id])
             .output();
+        // A native Machine's init is not the fixture's runc's: kill it (and with it its
+        // pid namespace) by its pid file, then its cgroups can go.
+        if let Ok(text) = fs::read_to_string(layout.run_dir().join("init.pid")) {
+            if let (Ok(pid), Ok(shim)) = (
+                text.trim().parse::<i32>(),
+                fs::read_to_string(layout.run_dir().join("shim.pid")),
+            ) {
+                let shim_pid = shim.split_whitespace().next().unwrap_or("");
+                if self.driver == Driver::Native && proc_ppid(pid).as_deref() == Some(shim_pid) {
+                    // SAFETY: plain kill(2) of the Machine init this fixture started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         if let Ok(text) = fs::read_to_string(layout.run_dir().join("shim.pid")) {
             if let Some(pid) = text
                 .split_whitespace()
@@ -204,7 +309,23 @@ impl Fixture {
         }
         let _ = overlay::unmount(&layout.rootfs());
         let _ = netns::remove(&layout.netns());
+        if self.driver == Driver::Native {
+            if let Ok(roots) = CgroupRoots::discover() {
+                for _ in 0..50 {
+                    if roots.remove(&layout.id).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
+}
+
+fn proc_ppid(pid: i32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1).map(str::to_owned)
 }
 
 fn proc_start_time(pid: i32) -> Option<String> {

@@ -1,0 +1,447 @@
+//! What the native driver does between fork and execve, in the Machine's future init
+//! (and, for exec, in the joined process): the same steps and order as runc's init, read
+//! from the same `config.json`.
+//!
+//! Everything here runs in a freshly forked child of a single-threaded process, so it may
+//! allocate; it never returns into the caller's code on success (execve replaces it).
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::stat::{Mode, SFlag};
+use oci_spec::runtime::{Mount, Process, Spec};
+
+use crate::{overlay, seccomp};
+
+/// A step that failed, in words for the start error.
+pub(crate) type StepResult<T> = Result<T, String>;
+
+fn step<E: std::fmt::Display>(what: impl FnOnce() -> String) -> impl FnOnce(E) -> String {
+    move |e| format!("{}: {e}", what())
+}
+
+/// Where the Machine's rootfs comes from and which host resources it joins.
+pub(crate) struct InitPlan<'a> {
+    pub spec: &'a Spec,
+    pub lowerdirs: &'a [PathBuf],
+    pub upper: &'a Path,
+    pub work: &'a Path,
+    pub rootfs: &'a Path,
+    pub netns: &'a Path,
+    /// `cgroup.procs` files of the Machine's cgroups, prepared at create.
+    pub cgroup_procs: &'a [PathBuf],
+}
+
+/// Character devices every Machine gets, as runc makes them.
+const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Sets up the Machine's world and execs its init. Only returns on failure.
+pub(crate) fn run_init(
+    plan: &InitPlan<'_>,
+    stdout: BorrowedFd<'_>,
+    stderr: BorrowedFd<'_>,
+) -> StepResult<Infallible> {
+    let spec = plan.spec;
+    let process = spec.process().as_ref().ok_or("config has no process")?;
+    // Device nodes and mount points get exactly the modes asked for.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    join_cgroups(plan.cgroup_procs)?;
+    let netns = fs::File::open(plan.netns).map_err(step(|| "open network namespace".into()))?;
+    nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(step(|| "join network namespace".into()))?;
+    drop(netns);
+    // The cgroup namespace is made after joining the cgroups, so they are its root.
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(step(|| "unshare namespaces".into()))?;
+    // Nothing mounted from here on propagates to the host: the overlay lives and dies
+    // with the Machine's mount namespace.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step(|| "make mounts private".into()))?;
+    let options = overlay::mount_options(plan.lowerdirs, plan.upper, plan.work)
+        .map_err(step(|| "overlay options".into()))?;
+    nix::mount::mount(
+        Some("overlay"),
+        plan.rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(step(|| {
+        format!("mount overlay on {}", plan.rootfs.display())
+    }))?;
+    for mount in spec.mounts().iter().flatten() {
+        mount_in_rootfs(plan.rootfs, mount)?;
+    }
+    make_devices(plan.rootfs)?;
+    enter_rootfs(plan.rootfs)?;
+    if let Some(linux) = spec.linux() {
+        for path in linux.masked_paths().iter().flatten() {
+            mask_path(path)?;
+        }
+        for path in linux.readonly_paths().iter().flatten() {
+            readonly_path(path)?;
+        }
+    }
+    if let Some(hostname) = spec.hostname() {
+        nix::unistd::sethostname(hostname).map_err(step(|| "set hostname".into()))?;
+    }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    exec_process(spec, process, None, stdout, stderr)
+}
+
+/// Rlimits, user, capabilities, no_new_privs, seccomp, cwd, stdio (stdin from /dev/null
+/// unless given), then execve: the part init and exec share. Only returns on failure.
+pub(crate) fn exec_process(
+    spec: &Spec,
+    process: &Process,
+    stdin: Option<BorrowedFd<'_>>,
+    stdout: BorrowedFd<'_>,
+    stderr: BorrowedFd<'_>,
+) -> StepResult<Infallible> {
+    for rlimit in process.rlimits().iter().flatten() {
+        let resource = rlimit_resource(&rlimit.typ().to_string())?;
+        let limit = libc::rlimit {
+            rlim_cur: rlimit.soft(),
+            rlim_max: rlimit.hard(),
+        };
+        // SAFETY: setrlimit reads a valid rlimit struct.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(format!(
+                "set rlimit {}: {}",
+                rlimit.typ(),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let programs = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        Some(profile) => seccomp::compile(profile).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let args: Vec<CString> = process
+        .args()
+        .iter()
+        .flatten()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(step(|| "args".into()))?;
+    let env: Vec<CString> = process
+        .env()
+        .iter()
+        .flatten()
+        .map(|e| CString::new(e.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(step(|| "env".into()))?;
+    let first = process
+        .args()
+        .as_ref()
+        .and_then(|a| a.first())
+        .ok_or("no args")?;
+    let program = find_program(first, process.env().as_deref().unwrap_or_default())?;
+
+    set_user_and_capabilities(process)?;
+    let cwd = process.cwd();
+    nix::unistd::chdir(cwd).map_err(step(|| format!("chdir {}", cwd.display())))?;
+    if process.no_new_privileges() == Some(true) {
+        rustix::thread::set_no_new_privs(true).map_err(step(|| "set no_new_privs".into()))?;
+    }
+    // Signals the supervisor ignores must not stay ignored in the Machine.
+    for signal in [libc::SIGHUP, libc::SIGPIPE, libc::SIGCHLD] {
+        // SAFETY: SIG_DFL installs no handler code.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let null = fs::File::open("/dev/null").map_err(step(|| "open /dev/null".into()))?;
+    let stdin = stdin.unwrap_or(null.as_fd());
+    for (from, to) in [
+        (stdin.as_raw_fd(), 0),
+        (stdout.as_raw_fd(), 1),
+        (stderr.as_raw_fd(), 2),
+    ] {
+        nix::unistd::dup2(from, to).map_err(step(|| format!("set up fd {to}")))?;
+    }
+    // Last: after it, only execve is left, and the profile allows it.
+    for program in &programs {
+        seccompiler::apply_filter(program).map_err(step(|| "apply seccomp".into()))?;
+    }
+    let Err(e) = nix::unistd::execve(&program, &args, &env);
+    Err(format!("exec {}: {e}", program.to_string_lossy()))
+}
+
+/// Moves this process into each prepared cgroup.
+fn join_cgroups(procs: &[PathBuf]) -> StepResult<()> {
+    for file in procs {
+        fs::write(file, b"0").map_err(step(|| format!("join cgroup {}", file.display())))?;
+    }
+    Ok(())
+}
+
+/// runc's option words: flags, or data for the filesystem.
+fn mount_flags(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        let flag = match option.as_str() {
+            "ro" => MsFlags::MS_RDONLY,
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            "relatime" => MsFlags::MS_RELATIME,
+            "strictatime" => MsFlags::MS_STRICTATIME,
+            "noatime" => MsFlags::MS_NOATIME,
+            "rw" => MsFlags::empty(),
+            _ => {
+                data.push(option.as_str());
+                continue;
+            }
+        };
+        flags |= flag;
+    }
+    (flags, data.join(","))
+}
+
+fn mount_in_rootfs(rootfs: &Path, mount: &Mount) -> StepResult<()> {
+    let destination = mount.destination();
+    let target = rootfs.join(destination.strip_prefix("/").unwrap_or(destination));
+    fs::create_dir_all(&target).map_err(step(|| format!("create {}", target.display())))?;
+    let (flags, data) = mount_flags(mount.options().as_deref().unwrap_or_default());
+    let typ = mount.typ().as_deref().unwrap_or("none");
+    // A cgroup2 view of the Machine's own cgroup namespace: its cgroup is the root.
+    let (typ, source) = match typ {
+        "cgroup" => ("cgroup2", "cgroup2"),
+        other => (
+            other,
+            mount
+                .source()
+                .as_deref()
+                .and_then(|s| s.to_str())
+                .unwrap_or(other),
+        ),
+    };
+    let data = (!data.is_empty()).then_some(data.as_str());
+    nix::mount::mount(Some(source), &target, Some(typ), flags, data)
+        .map_err(step(|| format!("mount {typ} on {}", destination.display())))
+}
+
+fn make_devices(rootfs: &Path) -> StepResult<()> {
+    let dev = rootfs.join("dev");
+    for (name, major, minor) in DEVICES {
+        let path = dev.join(name);
+        nix::sys::stat::mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(step(|| format!("mknod /dev/{name}")))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+        ("core", "/proc/kcore"),
+    ] {
+        symlink(target, dev.join(link)).map_err(step(|| format!("link /dev/{link}")))?;
+    }
+    Ok(())
+}
+
+/// pivot_root into the rootfs and drop the host's mounts from view.
+fn enter_rootfs(rootfs: &Path) -> StepResult<()> {
+    nix::unistd::chdir(rootfs).map_err(step(|| "chdir rootfs".into()))?;
+    // pivot_root(".", ".") stacks the old root under the new one; unmounting "." then
+    // removes it, with no directory left for it inside the Machine.
+    nix::unistd::pivot_root(".", ".").map_err(step(|| "pivot_root".into()))?;
+    nix::mount::mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(step(|| "make old root a slave".into()))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(step(|| "detach old root".into()))?;
+    nix::unistd::chdir("/").map_err(step(|| "chdir /".into()))
+}
+
+/// As runc: /dev/null over files, an empty read-only tmpfs over directories.
+fn mask_path(path: &str) -> StepResult<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    let result = if meta.is_dir() {
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        nix::mount::mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    result.map_err(step(|| format!("mask {path}")))
+}
+
+fn readonly_path(path: &str) -> StepResult<()> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(step(|| format!("bind {path}")))?;
+    nix::mount::mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step(|| format!("make {path} read-only")))
+}
+
+fn rlimit_resource(name: &str) -> StepResult<libc::__rlimit_resource_t> {
+    Ok(match name {
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        other => return Err(format!("unsupported rlimit {other}")),
+    })
+}
+
+/// Bounding set first (needs CAP_SETPCAP), then the ids with capabilities kept across
+/// setuid, then exactly the spec's sets.
+fn set_user_and_capabilities(process: &Process) -> StepResult<()> {
+    let caps = process.capabilities().as_ref();
+    let set =
+        |list: Option<&HashSet<oci_spec::runtime::Capability>>| -> StepResult<caps::CapsHashSet> {
+            list.into_iter()
+                .flatten()
+                .map(|c| {
+                    let name = serde_json::to_value(c)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    caps::Capability::from_str(&name).map_err(step(|| format!("capability {name}")))
+                })
+                .collect()
+        };
+    let bounding = set(caps.and_then(|c| c.bounding().as_ref()))?;
+    for cap in caps::all() {
+        if !bounding.contains(&cap)
+            && caps::has_cap(None, caps::CapSet::Bounding, cap).unwrap_or(false)
+        {
+            caps::drop(None, caps::CapSet::Bounding, cap)
+                .map_err(step(|| format!("drop {cap} from the bounding set")))?;
+        }
+    }
+    let user = process.user();
+    rustix::thread::set_keep_capabilities(true).map_err(step(|| "keep capabilities".into()))?;
+    let groups: Vec<nix::unistd::Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&groups).map_err(step(|| "setgroups".into()))?;
+    let gid = nix::unistd::Gid::from_raw(user.gid());
+    nix::unistd::setresgid(gid, gid, gid).map_err(step(|| "setgid".into()))?;
+    let uid = nix::unistd::Uid::from_raw(user.uid());
+    nix::unistd::setresuid(uid, uid, uid).map_err(step(|| "setuid".into()))?;
+    rustix::thread::set_keep_capabilities(false).map_err(step(|| "keep capabilities".into()))?;
+    let permitted = set(caps.and_then(|c| c.permitted().as_ref()))?;
+    let effective = set(caps.and_then(|c| c.effective().as_ref()))?;
+    let inheritable = set(caps.and_then(|c| c.inheritable().as_ref()))?;
+    let ambient = set(caps.and_then(|c| c.ambient().as_ref()))?;
+    // Effective must stay a subset of permitted at every step.
+    caps::set(
+        None,
+        caps::CapSet::Effective,
+        &effective.intersection(&permitted).copied().collect(),
+    )
+    .map_err(step(|| "set effective capabilities".into()))?;
+    caps::set(None, caps::CapSet::Permitted, &permitted)
+        .map_err(step(|| "set permitted capabilities".into()))?;
+    caps::set(None, caps::CapSet::Inheritable, &inheritable)
+        .map_err(step(|| "set inheritable capabilities".into()))?;
+    caps::set(None, caps::CapSet::Effective, &effective)
+        .map_err(step(|| "set effective capabilities".into()))?;
+    caps::set(None, caps::CapSet::Ambient, &ambient)
+        .map_err(step(|| "set ambient capabilities".into()))?;
+    Ok(())
+}
+
+/// As runc: a name without '/' is looked up in the spec's PATH, inside the Machine.
+fn find_program(name: &str, env: &[String]) -> StepResult<CString> {
+    let found = if name.contains('/') {
+        Some(PathBuf::from(name))
+    } else {
+        let path = env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        path.split(':')
+            .filter(|dir| !dir.is_empty())
+            .map(|dir| Path::new(dir).join(name))
+            .find(|candidate| {
+                fs::metadata(candidate)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    };
+    let found = found.ok_or_else(|| format!("executable file {name:?} not found in $PATH"))?;
+    CString::new(found.as_os_str().as_bytes()).map_err(step(|| "program path".into()))
+}
+
+/// Writes a failure for the supervisor to read, then ends the child without running any
+/// of the parent's exit code.
+pub(crate) fn fail(errors: &OwnedFd, message: &str) -> ! {
+    let _ = rustix::io::write(errors, message.as_bytes());
+    // SAFETY: _exit ends the process at once; nothing of the forked parent runs.
+    unsafe { libc::_exit(127) }
+}

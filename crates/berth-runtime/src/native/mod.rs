@@ -1,0 +1,482 @@
+//! The native driver: [`Runtime`] without runc on the start path.
+//!
+//! A per-worker spawner (see [`spawner`]) is started once; each start is one request to
+//! it, and it forks the Machine's supervisor, which forks init into new pid, mount, uts,
+//! ipc and cgroup namespaces inside the Machine's persistent network namespace. Init
+//! mounts the overlay inside its own mount namespace (nothing is mounted on the host),
+//! pivots into it and applies the same `config.json` runc would: mounts, devices,
+//! masked and read-only paths, hostname, rlimits, capabilities, no_new_privs and the
+//! seccomp profile. The cgroups are made and limited at create ([`cgroup`]).
+//!
+//! The supervisor keeps the shim's files (`run/shim.pid`, `run/init.pid`,
+//! `run/exit.json`), so status, signal, wait and recovery after an agent restart are
+//! the runc driver's own code.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+
+use crate::error::{IoContext, RuntimeError};
+use crate::network::WorkerNetwork;
+use crate::runc::{self, blocking, live_shim};
+use crate::shim::{self, ShimReport};
+use crate::{exec, logs, netns, spec, util};
+use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
+
+pub mod cgroup;
+pub(crate) mod exec_in;
+pub(crate) mod init;
+pub mod spawner;
+
+pub use exec_in::NSEXEC_ARG;
+
+/// How long cleanup waits for a supervisor to finish after its Machine was killed.
+const SHIM_EXIT_GRACE: Duration = Duration::from_secs(3);
+/// How long remove waits for a killed Machine before tearing it down anyway.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct NativeConfig {
+    /// Program and leading arguments that run the shim; the spawner is `… spawner`.
+    pub shim_command: Vec<OsString>,
+    /// Where the spawner's socket lives.
+    pub state_dir: PathBuf,
+    /// Cap of `output.log` before it rotates.
+    pub log_max_bytes: u64,
+    /// How long start waits for the supervisor's report.
+    pub start_timeout: Duration,
+    /// The worker's Machine network; as for [`runc::RuncConfig::network`].
+    pub network: Option<Arc<WorkerNetwork>>,
+}
+
+impl NativeConfig {
+    pub fn new(shim_command: Vec<OsString>, state_dir: PathBuf) -> NativeConfig {
+        NativeConfig {
+            shim_command,
+            state_dir,
+            log_max_bytes: logs::DEFAULT_MAX_BYTES,
+            start_timeout: Duration::from_secs(30),
+            network: None,
+        }
+    }
+}
+
+/// The running spawner: its stdin is the lifeline (closing it ends the spawner).
+struct SpawnerProcess {
+    _child: tokio::process::Child,
+    socket: PathBuf,
+}
+
+pub struct NativeRuntime {
+    config: NativeConfig,
+    cgroups: cgroup::CgroupRoots,
+    spawner: Mutex<Option<SpawnerProcess>>,
+}
+
+impl std::fmt::Debug for NativeRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NativeRuntime")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NativeRuntime {
+    /// Fails on a host without the cgroup controllers the driver needs.
+    pub fn new(config: NativeConfig) -> Result<NativeRuntime, RuntimeError> {
+        let cgroups = cgroup::CgroupRoots::discover().ctx(|| "find cgroup hierarchies".into())?;
+        Ok(NativeRuntime {
+            config,
+            cgroups,
+            spawner: Mutex::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &NativeConfig {
+        &self.config
+    }
+
+    /// Starts the spawner and waits until it listens.
+    async fn spawn_spawner(&self) -> Result<SpawnerProcess, RuntimeError> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir = &self.config.state_dir;
+        fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+        // One socket per spawner: several runtimes (and processes) may share the dir.
+        let socket = dir.join(format!(
+            "spawner-{}-{}.sock",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let Some((program, leading)) = self.config.shim_command.split_first() else {
+            return Err(RuntimeError::Internal("shim command is empty".into()));
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(leading)
+            .arg(spawner::SPAWNER_ARG)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ctx(|| format!("spawn the spawner {}", Path::new(program).display()))?;
+        let Some(stdout) = child.stdout.take() else {
+            return Err(RuntimeError::Internal("spawner has no stdout".into()));
+        };
+        let mut line = String::new();
+        let ready = tokio::time::timeout(
+            self.config.start_timeout,
+            BufReader::new(stdout).read_line(&mut line),
+        )
+        .await;
+        match ready {
+            Ok(Ok(_)) if line.trim() == spawner::READY_LINE => Ok(SpawnerProcess {
+                _child: child,
+                socket,
+            }),
+            other => Err(RuntimeError::Internal(format!(
+                "the spawner did not come up: {other:?} {line:?}"
+            ))),
+        }
+    }
+
+    /// A connection to a live spawner, starting one when there is none or it died.
+    async fn connect(&self) -> Result<UnixStream, RuntimeError> {
+        let mut spawner = self.spawner.lock().await;
+        if let Some(running) = spawner.as_ref() {
+            if let Ok(stream) = UnixStream::connect(&running.socket).await {
+                return Ok(stream);
+            }
+        }
+        let fresh = self.spawn_spawner().await?;
+        let stream = UnixStream::connect(&fresh.socket)
+            .await
+            .ctx(|| format!("connect to the spawner at {}", fresh.socket.display()))?;
+        *spawner = Some(fresh);
+        Ok(stream)
+    }
+
+    /// Checks and stale state before a start, all cheap syscalls. True when the network
+    /// namespace had to be made again (after a host reboot).
+    fn before_start(&self, layout: &MachineLayout) -> Result<bool, RuntimeError> {
+        let id = &layout.id;
+        let config = layout.config_json();
+        if !config.exists() {
+            return Err(RuntimeError::NotPrepared {
+                id: id.clone(),
+                path: config,
+            });
+        }
+        let run = layout.run_dir();
+        if let Some(pid) = live_shim(&run)? {
+            return Err(RuntimeError::Runc {
+                id: id.clone(),
+                message: format!("machine is already running (shim pid {pid})"),
+            });
+        }
+        let netns_path = layout.netns();
+        let repinned = !netns::is_pinned(&netns_path);
+        if repinned {
+            netns::create(&netns_path)
+                .ctx(|| format!("recreate network namespace of machine {id}"))?;
+        }
+        for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
+            let path = run.join(name);
+            util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
+        }
+        Ok(repinned)
+    }
+
+    async fn reattach(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let Some(network) = &self.config.network else {
+            return Ok(());
+        };
+        let config = layout.config_json();
+        let recorded = blocking(move || spec::read_private_ip(&config)).await?;
+        if let Some(address) = recorded {
+            network.attach(&layout.id, &layout.netns(), address).await?;
+        }
+        Ok(())
+    }
+
+    async fn ask_spawner(
+        &self,
+        layout: &MachineLayout,
+        lowerdirs: &[PathBuf],
+    ) -> Result<ShimReport, RuntimeError> {
+        let id = &layout.id;
+        let request = spawner::StartRequest {
+            id: id.clone(),
+            dir: layout.dir.clone(),
+            lowerdirs: lowerdirs.to_vec(),
+            cgroup_procs: self.cgroups.procs_files(id),
+            log_max_bytes: self.config.log_max_bytes,
+        };
+        let mut line = serde_json::to_vec(&request)
+            .map_err(|e| RuntimeError::Internal(format!("encode start request: {e}")))?;
+        line.push(b'\n');
+        let mut stream = self.connect().await?;
+        stream
+            .write_all(&line)
+            .await
+            .ctx(|| format!("send start of machine {id} to the spawner"))?;
+        let mut reply = String::new();
+        let read = tokio::time::timeout(
+            self.config.start_timeout,
+            BufReader::new(stream).read_line(&mut reply),
+        )
+        .await;
+        match read {
+            Err(_) => Err(RuntimeError::StartTimeout {
+                id: id.clone(),
+                timeout: self.config.start_timeout,
+            }),
+            Ok(Err(e)) => Err(RuntimeError::io(
+                format!("read start report of machine {id}"),
+                e,
+            )),
+            Ok(Ok(0)) => Err(RuntimeError::Runc {
+                id: id.clone(),
+                message: "the supervisor exited without a report".into(),
+            }),
+            Ok(Ok(_)) => serde_json::from_str(reply.trim()).map_err(|e| RuntimeError::Runc {
+                id: id.clone(),
+                message: format!("bad start report {:?}: {e}", reply.trim()),
+            }),
+        }
+    }
+
+    /// After an exit (or a failed start): waits for the supervisor, removes the run dir.
+    fn cleanup_blocking(layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let run = layout.run_dir();
+        if let Some(pid) = live_shim(&run)? {
+            if !runc::wait_process_blocking(pid, SHIM_EXIT_GRACE) {
+                runc::kill_pid(pid, libc::SIGKILL);
+                runc::wait_process_blocking(pid, SHIM_EXIT_GRACE);
+            }
+        }
+        match fs::remove_dir_all(&run) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(RuntimeError::io(format!("remove {}", run.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Best-effort teardown after a failed start; the start error is what matters.
+    async fn abort_start(&self, layout: &MachineLayout) {
+        let layout = layout.clone();
+        let _ = blocking(move || {
+            if let Ok(Some(pid)) = live_shim(&layout.run_dir()) {
+                // The supervisor's pid namespace dies with its init; kill the supervisor,
+                // its init (pid 1 there) takes everything else with it.
+                if let Ok(Some(init)) =
+                    shim::read_pid_file(&layout.run_dir().join(shim::INIT_PID_FILE))
+                {
+                    runc::kill_pid(init, libc::SIGKILL);
+                }
+                runc::kill_pid(pid, libc::SIGKILL);
+            }
+            NativeRuntime::cleanup_blocking(&layout)
+        })
+        .await;
+    }
+}
+
+#[async_trait]
+impl Runtime for NativeRuntime {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
+        let id = layout.id.clone();
+        let network = match (&self.config.network, spec.private_ip) {
+            (Some(network), Some(address)) => {
+                network.check_address(&id, address)?;
+                Some((network, address))
+            }
+            (None, Some(address)) => {
+                return Err(RuntimeError::InvalidSpec {
+                    id,
+                    message: format!(
+                        "private address {address} given, but this runtime has no network"
+                    ),
+                });
+            }
+            (_, None) => None,
+        };
+        let oci = spec::build(spec, &layout.rootfs(), &layout.netns())?;
+        let config = spec::render(layout, spec)?;
+        {
+            let layout = layout.clone();
+            let cgroups = self.cgroups.clone();
+            let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
+            blocking(move || {
+                runc::make_dirs_and_netns(&layout)?;
+                cgroups
+                    .prepare(&layout.id, resources.as_ref())
+                    .ctx(|| format!("cgroups of machine {}", layout.id))
+            })
+            .await?;
+        }
+        if let Some((network, address)) = network {
+            network.attach(&id, &layout.netns(), address).await?;
+        }
+        // Written last: a config.json means the Machine is fully prepared.
+        let path = layout.config_json();
+        blocking(move || {
+            util::write_atomic(&path, &config).ctx(|| format!("write {}", path.display()))
+        })
+        .await
+    }
+
+    async fn start(
+        &self,
+        layout: &MachineLayout,
+        lowerdirs: &[PathBuf],
+    ) -> Result<Started, RuntimeError> {
+        let t0 = Instant::now();
+        let id = layout.id.clone();
+        // A handful of stats and unlinks: cheaper inline than a hop to a blocking thread.
+        let repinned = self.before_start(layout)?;
+        if repinned {
+            if let Err(e) = self.reattach(layout).await {
+                self.abort_start(layout).await;
+                return Err(e);
+            }
+        }
+        let checked_us = t0.elapsed().as_micros();
+        let report = self.ask_spawner(layout, lowerdirs).await;
+        let started = report.and_then(|r| match (r.error, r.pid, r.shim_pid, r.started_at_ms) {
+            (None, Some(pid), Some(shim_pid), Some(started_at_ms)) => {
+                tracing::debug!(
+                    machine = %id,
+                    checked_us,
+                    supervisor_us = r.create_us,
+                    total_us = t0.elapsed().as_micros(),
+                    "machine started"
+                );
+                Ok(Started {
+                    pid,
+                    shim_pid,
+                    started_at_ms,
+                })
+            }
+            (Some(message), ..) => Err(RuntimeError::Runc {
+                id: id.clone(),
+                message,
+            }),
+            _ => Err(RuntimeError::Runc {
+                id: id.clone(),
+                message: "incomplete start report".into(),
+            }),
+        });
+        if started.is_err() {
+            self.abort_start(layout).await;
+        }
+        started
+    }
+
+    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
+        runc::signal_init(layout, signal).await
+    }
+
+    async fn wait_exit(
+        &self,
+        layout: &MachineLayout,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitRecord>, RuntimeError> {
+        runc::wait_for_exit(layout, timeout).await
+    }
+
+    async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let layout = layout.clone();
+        blocking(move || NativeRuntime::cleanup_blocking(&layout)).await
+    }
+
+    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
+        runc::read_status(layout).await
+    }
+
+    async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        if matches!(self.status(layout).await?, Status::Running { .. }) {
+            self.signal(layout, libc::SIGKILL).await?;
+            self.wait_exit(layout, Some(KILL_GRACE)).await?;
+        }
+        if let Some(network) = &self.config.network {
+            network.detach(&layout.id).await?;
+        }
+        let layout = layout.clone();
+        let cgroups = self.cgroups.clone();
+        blocking(move || {
+            let id = &layout.id;
+            NativeRuntime::cleanup_blocking(&layout)?;
+            cgroups
+                .remove(id)
+                .ctx(|| format!("remove cgroups of machine {id}"))?;
+            let ns = layout.netns();
+            netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
+            for path in [layout.rootfs(), ns] {
+                if crate::overlay::is_mount_point(&path)
+                    .ctx(|| format!("check {}", path.display()))?
+                {
+                    return Err(RuntimeError::Internal(format!(
+                        "{} of machine {id} is still mounted",
+                        path.display()
+                    )));
+                }
+            }
+            match fs::remove_dir_all(&layout.dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(RuntimeError::io(
+                    format!("remove {}", layout.dir.display()),
+                    e,
+                )),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn exec(
+        &self,
+        layout: &MachineLayout,
+        spec: &exec::ExecSpec,
+    ) -> Result<exec::ExecOutput, RuntimeError> {
+        let id = &layout.id;
+        if spec.cmd.is_empty() {
+            return Err(RuntimeError::InvalidSpec {
+                id: id.clone(),
+                message: "exec needs a command".into(),
+            });
+        }
+        let Status::Running { pid } = self.status(layout).await? else {
+            return Err(RuntimeError::Runc {
+                id: id.clone(),
+                message: "machine is not running".into(),
+            });
+        };
+        let Some((program, leading)) = self.config.shim_command.split_first() else {
+            return Err(RuntimeError::Internal("shim command is empty".into()));
+        };
+        let pid_file = exec::exec_pid_file(layout);
+        let mut command = tokio::process::Command::new(program);
+        command.args(leading).args(exec_in::NsexecArgs::to_args(
+            pid,
+            &layout.config_json(),
+            &pid_file,
+            &spec.cmd,
+        ));
+        exec::run_exec(command, &pid_file, layout, spec, Path::new(program)).await
+    }
+}

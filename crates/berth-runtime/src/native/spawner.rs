@@ -1,0 +1,280 @@
+//! The per-worker spawner: a zygote started once per runtime (`berth shim spawner
+//! --socket PATH`), single-threaded, that forks a supervisor per start instead of
+//! exec'ing a binary each time.
+//!
+//! Per start the runtime connects to the socket and sends one JSON [`StartRequest`]
+//! line. The spawner forks; the child becomes the Machine's supervisor (the shim's job:
+//! its own session, stdio to the capped log, the exit record), makes a new pid namespace,
+//! forks the Machine's init and reports on the connection once init has called execve
+//! (a close-on-exec pipe says so), or why it could not. The spawner exits when its
+//! stdin (held open by the runtime) closes; Machines and supervisors outlive it.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::sched::CloneFlags;
+use rustix::event::{PollFd, PollFlags};
+use serde::{Deserialize, Serialize};
+
+use super::init::{self, InitPlan};
+use crate::shim::{self, ShimArgs, ShimReport, Supervisor};
+use crate::{util, MachineLayout};
+
+/// First argument of the shim command that makes it the spawner.
+pub const SPAWNER_ARG: &str = "spawner";
+/// What the spawner prints on stdout once it listens.
+pub const READY_LINE: &str = "ready";
+
+/// One start, as the runtime asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub id: String,
+    /// The Machine's directory (see [`MachineLayout`]).
+    pub dir: PathBuf,
+    /// Image layers, bottom first.
+    pub lowerdirs: Vec<PathBuf>,
+    /// `cgroup.procs` files to join.
+    pub cgroup_procs: Vec<PathBuf>,
+    pub log_max_bytes: u64,
+}
+
+/// `berth shim spawner --socket PATH`: serves until stdin closes.
+pub fn main_with_args(args: Vec<OsString>) -> i32 {
+    let socket = match args.as_slice() {
+        [flag, path] if flag == "--socket" => PathBuf::from(path),
+        _ => {
+            eprintln!("berth-shim spawner: usage: spawner --socket PATH");
+            return 2;
+        }
+    };
+    match serve(&socket) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("berth-shim spawner: {e}");
+            1
+        }
+    }
+}
+
+fn serve(socket: &Path) -> io::Result<()> {
+    // Supervisors are reaped by the kernel: the spawner never waits for them.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGCHLD,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }?;
+    util::remove_file_if_exists(socket)?;
+    let listener = UnixListener::bind(socket)?;
+    {
+        use std::io::Write;
+        let mut out = io::stdout();
+        writeln!(out, "{READY_LINE}")?;
+        out.flush()?;
+    }
+    let stdin = io::stdin();
+    loop {
+        let ready = {
+            let mut fds = [
+                PollFd::new(&listener, PollFlags::IN),
+                PollFd::new(&stdin, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, -1) {
+                Ok(_) => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if ready.1 {
+            // The runtime went away (EOF or error): so does the spawner.
+            let _ = util::remove_file_if_exists(socket);
+            return Ok(());
+        }
+        if ready.0 {
+            let (conn, _) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            spawn_one(conn, &listener);
+        }
+    }
+}
+
+/// Reads one request and forks its supervisor; errors go back on the connection.
+fn spawn_one(conn: UnixStream, listener: &UnixListener) {
+    let request = match read_request(&conn) {
+        Ok(r) => r,
+        Err(e) => {
+            shim::report(
+                conn.as_fd(),
+                &ShimReport::error(format!("bad start request: {e}")),
+            );
+            return;
+        }
+    };
+    // SAFETY: the spawner is single-threaded, so the child may run any code.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+        Ok(nix::unistd::ForkResult::Child) => {
+            // The child holds nothing of the spawner's but the connection.
+            // SAFETY: closes this process's copy of the listener, which it never uses.
+            unsafe { libc::close(listener.as_raw_fd()) };
+            let code = supervise(request, OwnedFd::from(conn));
+            // SAFETY: _exit ends the forked child without the spawner's exit paths.
+            unsafe { libc::_exit(code) }
+        }
+        Err(e) => shim::report(
+            conn.as_fd(),
+            &ShimReport::error(format!("fork supervisor of machine {}: {e}", request.id)),
+        ),
+    }
+}
+
+fn read_request(conn: &UnixStream) -> io::Result<StartRequest> {
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line)?;
+    serde_json::from_str(line.trim()).map_err(io::Error::other)
+}
+
+/// The supervisor: returns its exit code.
+fn supervise(request: StartRequest, conn: OwnedFd) -> i32 {
+    let layout = MachineLayout {
+        id: request.id.clone(),
+        dir: request.dir.clone(),
+    };
+    let fail = |message: String| {
+        shim::report(conn.as_fd(), &ShimReport::error(message));
+        1
+    };
+    if let Err(e) = nix::unistd::setsid() {
+        return fail(format!("supervisor of {}: setsid: {e}", request.id));
+    }
+    let opts = ShimArgs {
+        id: request.id.clone(),
+        bundle: layout.bundle(),
+        runc_binary: PathBuf::new(),
+        runc_root: PathBuf::new(),
+        run_dir: layout.run_dir(),
+        log_dir: layout.log_dir(),
+        log_max_bytes: request.log_max_bytes,
+        sync_fd: conn.as_raw_fd(),
+    };
+    let mut supervisor = match Supervisor::setup(&opts, conn.as_raw_fd()) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("shim setup for {}: {e}", request.id)),
+    };
+    let t0 = Instant::now();
+    match start_init(&request, &layout, &mut supervisor) {
+        Ok(pid) => {
+            let oom = shim::OomCounter::for_process(pid);
+            let report = ShimReport {
+                pid: Some(pid),
+                shim_pid: Some(std::process::id()),
+                started_at_ms: Some(util::now_ms()),
+                error: None,
+                create_us: Some(elapsed_us(t0)),
+                start_us: None,
+            };
+            shim::report(conn.as_fd(), &report);
+            drop(conn);
+            supervisor.supervise(shim::InitProcess { pid, oom });
+            0
+        }
+        Err(message) => fail(message),
+    }
+}
+
+/// Forks the Machine's init into a new pid namespace; returns its host pid once it has
+/// called execve.
+fn start_init(
+    request: &StartRequest,
+    layout: &MachineLayout,
+    supervisor: &mut Supervisor,
+) -> Result<u32, String> {
+    let id = &request.id;
+    let config = layout.config_json();
+    let text = std::fs::read(&config).map_err(|e| format!("read {}: {e}", config.display()))?;
+    let spec: oci_spec::runtime::Spec =
+        serde_json::from_slice(&text).map_err(|e| format!("parse {}: {e}", config.display()))?;
+    let (stdout_w, stderr_w) = supervisor
+        .take_child_stdio()
+        .ok_or_else(|| "shim stdio already used".to_owned())?;
+    // Children forked from here on start a new pid namespace: init is its pid 1.
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID)
+        .map_err(|e| format!("new pid namespace for {id}: {e}"))?;
+    let (errors_r, errors_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+    let lowerdirs = request.lowerdirs.clone();
+    let upper = layout.upper();
+    let work = layout.work();
+    let rootfs = layout.rootfs();
+    let netns = layout.netns();
+    let plan = InitPlan {
+        spec: &spec,
+        lowerdirs: &lowerdirs,
+        upper: &upper,
+        work: &work,
+        rootfs: &rootfs,
+        netns: &netns,
+        cgroup_procs: &request.cgroup_procs,
+    };
+    // SAFETY: the supervisor is single-threaded (forked from the single-threaded spawner).
+    let pid = match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(errors_r);
+            let failure = match init::run_init(&plan, stdout_w.as_fd(), stderr_w.as_fd()) {
+                Err(message) => message,
+                Ok(never) => match never {},
+            };
+            init::fail(&errors_w, &failure)
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => child,
+        Err(e) => return Err(format!("fork init of {id}: {e}")),
+    };
+    // Only init may hold the write ends: EOF on them means the Machine is gone.
+    drop(errors_w);
+    drop(stdout_w);
+    drop(stderr_w);
+    let mut message = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match rustix::io::read(&errors_r, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => message.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                message.extend_from_slice(format!("read init status: {e}").as_bytes());
+                break;
+            }
+        }
+    }
+    if !message.is_empty() {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(format!(
+            "start machine {id}: {}",
+            String::from_utf8_lossy(&message)
+        ));
+    }
+    let pid = u32::try_from(pid.as_raw()).map_err(|e| format!("init pid: {e}"))?;
+    // Written for status and signal, like runc's --pid-file. No fsync: start path.
+    let pid_file = layout.run_dir().join(shim::INIT_PID_FILE);
+    if let Err(e) = util::write_replace(&pid_file, format!("{pid}\n").as_bytes(), false) {
+        // Unrecorded, the Machine could not be signalled: take it down now.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        return Err(format!("write {}: {e}", pid_file.display()));
+    }
+    Ok(pid)
+}
+
+fn elapsed_us(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,249 @@
+//! The default seccomp profile: what Docker's default profile denies a container without
+//! extra capabilities, as a deny list (everything else is allowed).
+//!
+//! It is written into `config.json` (`linux.seccomp`), so runc applies it, and the native
+//! driver compiles the same section with `seccompiler`: one profile, two drivers.
+
+use std::collections::BTreeMap;
+
+use oci_spec::runtime::{
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
+    LinuxSeccompOperator, LinuxSyscallBuilder,
+};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Syscalls Docker's default profile does not allow without added capabilities: kernel
+/// modules, keyrings, mounts, namespaces, clocks, reboot, tracing of other processes'
+/// memory, BPF and perf, NUMA policy, handle-based opens.
+pub const DENIED_SYSCALLS: &[(&str, libc::c_long)] = &[
+    ("acct", libc::SYS_acct),
+    ("add_key", libc::SYS_add_key),
+    ("bpf", libc::SYS_bpf),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("clock_settime", libc::SYS_clock_settime),
+    ("delete_module", libc::SYS_delete_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fsopen", libc::SYS_fsopen),
+    ("fspick", libc::SYS_fspick),
+    ("get_mempolicy", libc::SYS_get_mempolicy),
+    ("init_module", libc::SYS_init_module),
+    ("kcmp", libc::SYS_kcmp),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("keyctl", libc::SYS_keyctl),
+    ("mbind", libc::SYS_mbind),
+    ("mount", libc::SYS_mount),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("move_mount", libc::SYS_move_mount),
+    ("move_pages", libc::SYS_move_pages),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("open_tree", libc::SYS_open_tree),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("quotactl", libc::SYS_quotactl),
+    ("reboot", libc::SYS_reboot),
+    ("request_key", libc::SYS_request_key),
+    ("set_mempolicy", libc::SYS_set_mempolicy),
+    ("setns", libc::SYS_setns),
+    ("settimeofday", libc::SYS_settimeofday),
+    ("swapoff", libc::SYS_swapoff),
+    ("swapon", libc::SYS_swapon),
+    ("syslog", libc::SYS_syslog),
+    ("umount2", libc::SYS_umount2),
+    ("unshare", libc::SYS_unshare),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("vhangup", libc::SYS_vhangup),
+    #[cfg(target_arch = "x86_64")]
+    ("ioperm", libc::SYS_ioperm),
+    #[cfg(target_arch = "x86_64")]
+    ("iopl", libc::SYS_iopl),
+    #[cfg(target_arch = "x86_64")]
+    ("lookup_dcookie", libc::SYS_lookup_dcookie),
+    #[cfg(target_arch = "x86_64")]
+    ("nfsservctl", libc::SYS_nfsservctl),
+    #[cfg(target_arch = "x86_64")]
+    ("sysfs", libc::SYS_sysfs),
+    #[cfg(target_arch = "x86_64")]
+    ("_sysctl", libc::SYS__sysctl),
+    #[cfg(target_arch = "x86_64")]
+    ("uselib", libc::SYS_uselib),
+    #[cfg(target_arch = "x86_64")]
+    ("ustat", libc::SYS_ustat),
+];
+
+/// `clone` flags that make namespaces; Docker allows `clone` only without them.
+pub const NAMESPACE_CLONE_FLAGS: [u64; 7] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+/// The number of a syscall the profile names.
+fn syscall_number(name: &str) -> Option<libc::c_long> {
+    match name {
+        "clone" => Some(libc::SYS_clone),
+        "clone3" => Some(libc::SYS_clone3),
+        _ => DENIED_SYSCALLS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, nr)| *nr),
+    }
+}
+
+/// The profile as the OCI `linux.seccomp` section.
+pub fn default_profile() -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
+    let eperm = i64::from(libc::EPERM) as u32;
+    let mut syscalls = vec![LinuxSyscallBuilder::default()
+        .names(
+            DENIED_SYSCALLS
+                .iter()
+                .map(|(name, _)| (*name).to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(eperm)
+        .build()?];
+    // Docker answers clone3 with ENOSYS so libcs fall back to clone, whose flags a filter
+    // can see (clone3 passes them in memory).
+    syscalls.push(
+        LinuxSyscallBuilder::default()
+            .names(vec!["clone3".to_owned()])
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(libc::ENOSYS as u32)
+            .build()?,
+    );
+    for flag in NAMESPACE_CLONE_FLAGS {
+        syscalls.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["clone".to_owned()])
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(eperm)
+                .args(vec![LinuxSeccompArgBuilder::default()
+                    .index(0usize)
+                    .value(flag)
+                    .value_two(flag)
+                    .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+                    .build()?])
+                .build()?,
+        );
+    }
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .syscalls(syscalls)
+        .build()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("seccomp profile: {0}")]
+    Unsupported(String),
+    #[error("seccomp filter: {0}")]
+    Compile(#[from] seccompiler::BackendError),
+}
+
+/// Compiles an OCI seccomp section of the shape [`default_profile`] writes: default
+/// allow, rules that answer an errno, masked-equal argument checks. Anything else is
+/// refused rather than half applied. seccompiler has one match action per filter, so each
+/// errno gets its own program; install them all (the kernel runs every filter).
+pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> {
+    let unsupported = |what: String| SeccompError::Unsupported(what);
+    if profile.default_action() != LinuxSeccompAction::ScmpActAllow {
+        return Err(unsupported(format!(
+            "default action {:?}",
+            profile.default_action()
+        )));
+    }
+    // errno -> syscall -> rules; `None` matches every call of the syscall.
+    type Rules = BTreeMap<i64, Option<Vec<SeccompRule>>>;
+    let mut by_errno: BTreeMap<u32, Rules> = BTreeMap::new();
+    for syscall in profile.syscalls().iter().flatten() {
+        if syscall.action() != LinuxSeccompAction::ScmpActErrno {
+            return Err(unsupported(format!("action {:?}", syscall.action())));
+        }
+        let errno = syscall.errno_ret().unwrap_or(libc::EPERM as u32);
+        let mut conditions = Vec::new();
+        for arg in syscall.args().iter().flatten() {
+            if arg.op() != LinuxSeccompOperator::ScmpCmpMaskedEq {
+                return Err(unsupported(format!("operator {:?}", arg.op())));
+            }
+            let index = u8::try_from(arg.index())
+                .map_err(|_| unsupported(format!("argument {}", arg.index())))?;
+            conditions.push(SeccompCondition::new(
+                index,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(arg.value()),
+                arg.value_two().unwrap_or(0),
+            )?);
+        }
+        for name in syscall.names() {
+            let Some(nr) = syscall_number(name) else {
+                return Err(unsupported(format!("unknown syscall {name}")));
+            };
+            let entry = by_errno
+                .entry(errno)
+                .or_default()
+                .entry(nr)
+                .or_insert_with(|| Some(Vec::new()));
+            match entry {
+                None => {}
+                Some(_) if conditions.is_empty() => *entry = None,
+                Some(rules) => rules.push(SeccompRule::new(conditions.clone())?),
+            }
+        }
+    }
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| unsupported(format!("architecture {}", std::env::consts::ARCH)))?;
+    let mut programs = Vec::new();
+    for (errno, rules) in by_errno {
+        let rules = rules
+            .into_iter()
+            .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+            .collect();
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno),
+            arch,
+        )?;
+        programs.push(filter.try_into()?);
+    }
+    Ok(programs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_profile_compiles() {
+        let profile = default_profile().unwrap();
+        let programs = compile(&profile).unwrap();
+        // EPERM for the deny list and clone's flags, ENOSYS for clone3.
+        assert_eq!(programs.len(), 2);
+        let json = serde_json::to_value(&profile).unwrap();
+        assert_eq!(json["defaultAction"], "SCMP_ACT_ALLOW");
+        let names = json["syscalls"][0]["names"].as_array().unwrap();
+        for denied in ["mount", "unshare", "setns", "keyctl", "bpf", "reboot"] {
+            assert!(names.iter().any(|n| n == denied), "{denied}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_apply() {
+        let mut profile = default_profile().unwrap();
+        profile.set_default_action(LinuxSeccompAction::ScmpActKillProcess);
+        assert!(compile(&profile).is_err());
+    }
+}
