@@ -1009,9 +1009,9 @@ fn exit_info(exit: &ExitRecord) -> ExitInfo {
     }
 }
 
-#[async_trait]
-impl WorkerService for Agent {
-    async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
+/// The bodies of the state-changing operations; the trait's methods run them detached.
+impl Agent {
+    async fn create_op(&self, request: CreateOnWorker) -> Result<Machine> {
         validate::validate_name("name", &request.name)?;
         validate::validate_config(&request.config)?;
         let _guard = self.lock(&request.id).await?;
@@ -1091,7 +1091,7 @@ impl WorkerService for Agent {
         Ok(record.to_api())
     }
 
-    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+    async fn start_op(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
         let previous_state = record.state;
@@ -1115,7 +1115,7 @@ impl WorkerService for Agent {
         }
     }
 
-    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
+    async fn stop_op(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
         let (signal, timeout) = Self::stop_parameters(&record, &request)?;
@@ -1151,7 +1151,7 @@ impl WorkerService for Agent {
         }
     }
 
-    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+    async fn update_op(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
         validate::validate_config(&request.config)?;
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
@@ -1218,7 +1218,7 @@ impl WorkerService for Agent {
         Ok(record.to_api())
     }
 
-    async fn destroy(&self, id: &str, force: bool) -> Result<()> {
+    async fn destroy_op(&self, id: &str, force: bool) -> Result<()> {
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
         let ActionPlan::Proceed(transitional) =
@@ -1241,6 +1241,50 @@ impl WorkerService for Agent {
         self.notify_destroyed(&record);
         info!(machine = %id, "destroyed");
         Ok(())
+    }
+}
+
+/// Runs an operation to its end even when its caller goes away (a client that hangs up,
+/// a control plane that dies): a future dropped halfway would leave the record in a
+/// transitional state with nothing running it. A retry waits on the Machine's lock and
+/// finds the finished result.
+async fn detached<T: Send + 'static>(
+    operation: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(operation)
+        .await
+        .map_err(|error| AgentError::Internal(format!("operation task: {error}")))?
+}
+
+#[async_trait]
+impl WorkerService for Agent {
+    async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
+        let agent = self.clone();
+        detached(async move { agent.create_op(request).await }).await
+    }
+
+    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.start_op(&id, source).await }).await
+    }
+
+    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.stop_op(&id, request).await }).await
+    }
+
+    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.update_op(&id, request).await }).await
+    }
+
+    async fn destroy(&self, id: &str, force: bool) -> Result<()> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.destroy_op(&id, force).await }).await
     }
 
     async fn get(&self, id: &str) -> Result<Machine> {
