@@ -169,6 +169,10 @@ fn finding(kind: FindingKind, id: &str, object: Option<&Path>, message: String) 
 }
 
 /// Removes a Machine's leftover cgroup directories (empty ones; rmdir refuses the rest).
+fn has_processes(cgroup: &Path) -> bool {
+    std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|procs| !procs.trim().is_empty())
+}
+
 fn remove_cgroups(dirs: &[PathBuf]) -> std::io::Result<()> {
     for dir in dirs {
         match std::fs::remove_dir(dir) {
@@ -462,7 +466,15 @@ impl Agent {
                 ),
             ));
         }
-        for cgroup in host.cgroups.get(id).into_iter().flatten() {
+        // An empty cgroup is no run: the native driver makes them at create and keeps
+        // them while the Machine is stopped.
+        for cgroup in host
+            .cgroups
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|dir| has_processes(dir))
+        {
             findings.push(finding(
                 FindingKind::StrayCgroup,
                 id,

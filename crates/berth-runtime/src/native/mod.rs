@@ -209,6 +209,22 @@ impl NativeRuntime {
         Ok(())
     }
 
+    /// Makes the Machine's cgroups again with the limits in its `config.json`.
+    async fn prepare_cgroups_again(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let cgroups = self.cgroups.clone();
+        let config = layout.config_json();
+        let id = layout.id.clone();
+        blocking(move || {
+            let spec = oci_spec::runtime::Spec::load(&config)
+                .map_err(|e| RuntimeError::Internal(format!("read {}: {e}", config.display())))?;
+            let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+            cgroups
+                .prepare(&id, resources.as_ref())
+                .ctx(|| format!("cgroups of machine {id}"))
+        })
+        .await
+    }
+
     async fn ask_spawner(
         &self,
         layout: &MachineLayout,
@@ -356,6 +372,18 @@ impl Runtime for NativeRuntime {
                 return Err(e);
             }
         }
+        // A host reboot (or the doctor's repair) took the cgroups made at create.
+        if self
+            .cgroups
+            .machine_dirs(&id)
+            .iter()
+            .any(|dir| !dir.exists())
+        {
+            if let Err(e) = self.prepare_cgroups_again(layout).await {
+                self.abort_start(layout).await;
+                return Err(e);
+            }
+        }
         let checked_us = t0.elapsed().as_micros();
         let report = self.ask_spawner(layout, lowerdirs).await;
         let started = report.and_then(|r| match (r.error, r.pid, r.shim_pid, r.started_at_ms) {
@@ -425,6 +453,10 @@ impl Runtime for NativeRuntime {
             cgroups
                 .remove(id)
                 .ctx(|| format!("remove cgroups of machine {id}"))?;
+            // Native mounts the rootfs only inside the Machine's mount namespace; a host
+            // mount here is the runc driver's, from before the worker switched drivers.
+            crate::overlay::unmount(&layout.rootfs())
+                .ctx(|| format!("unmount the rootfs of machine {id}"))?;
             let ns = layout.netns();
             netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
             for path in [layout.rootfs(), ns] {
