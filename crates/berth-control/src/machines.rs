@@ -155,14 +155,6 @@ async fn create(
         .workers
         .reserve(&worker_name, size, !request.skip_launch);
     let worker = control.worker(&worker_name)?;
-    let size = Resources {
-        cpus: placement.cpus,
-        memory_mb: placement.memory_mb,
-        disk_mb: placement.disk_mb,
-    };
-    control
-        .workers
-        .reserve(&worker_name, size, !request.skip_launch);
     let created = worker
         .create(CreateOnWorker {
             id: id.clone(),
