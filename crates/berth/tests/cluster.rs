@@ -72,6 +72,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     api_url: String,
     token: String,
+    join_token: String,
+    server_args: Vec<String>,
     server: Process,
     agents: Vec<Agent>,
     http: reqwest::blocking::Client,
@@ -85,16 +87,14 @@ impl Cluster {
             .expect("tempdir");
         let port = free_port();
         let server_dir = dir.path().join("server");
-        let server = Process::spawn(
-            &[
-                "server".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--data-dir".into(),
-                server_dir.display().to_string(),
-            ],
-            dir.path().join("server.log"),
-        );
+        let server_args: Vec<String> = vec![
+            "server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            server_dir.display().to_string(),
+        ];
+        let server = Process::spawn(&server_args, dir.path().join("server.log"));
         let api_url = format!("http://127.0.0.1:{port}");
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(120))
@@ -126,6 +126,8 @@ impl Cluster {
             dir,
             api_url,
             token,
+            join_token: join.clone(),
+            server_args,
             server,
             agents: Vec::new(),
             http,
@@ -227,6 +229,23 @@ impl Cluster {
             .iter_mut()
             .find(|agent| agent.name == name)
             .expect("agent")
+    }
+
+    /// SIGKILLs the control plane and starts it again on the same data dir and port.
+    fn restart_server(&mut self) {
+        self.server.kill();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or_default();
+        let log = self.dir.path().join(format!("server-{stamp}.log"));
+        self.server = Process::spawn(&self.server_args, log);
+        self.wait_for("the control plane to answer again", || {
+            self.http
+                .get(format!("{}/v1/health", self.api_url))
+                .send()
+                .is_ok_and(|response| response.status().is_success())
+        });
     }
 
     fn restart_agent(&mut self, name: &str) {
@@ -477,6 +496,150 @@ fn placement_pinning_capacity_and_failures_across_processes() {
     assert!(
         body.to_string().contains("\"exit_code\":3"),
         "the exit is recorded: {body}"
+    );
+    cluster.teardown();
+}
+
+/// One client's keyed creates, retried with the same key across connection failures and
+/// 5xx answers (the control plane may be dead or just restarted). Answers the ids.
+fn keyed_creates(api_url: &str, token: &str, client: usize, count: usize) -> Vec<String> {
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let key = format!("client-{client}-create-{n}");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            assert!(Instant::now() < deadline, "create {key} never succeeded");
+            let response = http
+                .post(format!("{api_url}/v1/apps/fleet/machines"))
+                .bearer_auth(token)
+                .header("Idempotency-Key", &key)
+                .json(&sleeper(json!({})))
+                .send();
+            match response {
+                Ok(response) if response.status().is_success() => {
+                    let machine: Machine = response.json().expect("machine");
+                    assert_eq!(machine.state, MachineState::Started, "{key}: {machine:?}");
+                    ids.push(machine.id);
+                    break;
+                }
+                // Every refusal is a clean JSON error; only these are worth retrying.
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body: Value = response.json().expect("a JSON error body");
+                    assert!(body["error"].is_string(), "{status} {body}");
+                    assert!(
+                        status >= 500 || status == 409 || status == 429,
+                        "{key}: {status} {body}"
+                    );
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    ids
+}
+
+#[test]
+fn a_control_plane_killed_alone_mid_creates_recovers_one_view_with_its_agents() {
+    let mut cluster = Cluster::start(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let layout = tempfile::tempdir().expect("tempdir");
+    busybox_image()
+        .write_layout(&layout.path().join("img"))
+        .expect("layout");
+    let output = Command::new(BERTH)
+        .args(["image", "import"])
+        .arg(layout.path().join("img"))
+        .args(["--name", "demo/busybox:1"])
+        .env("BERTH_API_URL", &cluster.api_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .output()
+        .expect("import");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, body) = cluster.call(Method::POST, "/v1/apps", Some(json!({"app_name": "fleet"})));
+    assert_eq!(status, 201, "{body}");
+
+    // Three clients create (and so start) Machines while the control plane is SIGKILLed
+    // twice and restarted on the same data dir; the agents keep running throughout.
+    let clients: Vec<_> = (0..3)
+        .map(|client| {
+            let (api_url, token) = (cluster.api_url.clone(), cluster.token.clone());
+            std::thread::spawn(move || keyed_creates(&api_url, &token, client, 5))
+        })
+        .collect();
+    for pause in [600, 900] {
+        std::thread::sleep(Duration::from_millis(pause));
+        cluster.restart_server();
+    }
+    let mut created: Vec<String> = clients
+        .into_iter()
+        .flat_map(|client| client.join().expect("client thread"))
+        .collect();
+    created.sort();
+    let before = created.len();
+    created.dedup();
+    assert_eq!(created.len(), before, "two keys answered one Machine");
+    assert_eq!(created.len(), 15);
+
+    // Nothing was created twice, and the control plane's view is every agent's view.
+    let (status, body) = cluster.call(Method::GET, "/v1/apps/fleet/machines", None);
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<Machine> = serde_json::from_value(body).expect("machines");
+    let mut listed_ids: Vec<String> = listed.iter().map(|machine| machine.id.clone()).collect();
+    listed_ids.sort();
+    assert_eq!(
+        listed_ids, created,
+        "the API lists exactly what the clients created"
+    );
+    let mut on_agents = Vec::new();
+    for agent in &cluster.agents {
+        let listen = agent
+            .args
+            .iter()
+            .skip_while(|arg| *arg != "--listen")
+            .nth(1)
+            .expect("the agent's --listen");
+        let machines: Vec<Machine> = cluster
+            .http
+            .get(format!("http://{listen}/agent/v1/machines?app=fleet"))
+            .bearer_auth(&cluster.join_token)
+            .send()
+            .expect("ask the agent")
+            .json()
+            .expect("the agent's machines");
+        for machine in machines {
+            let seen = listed
+                .iter()
+                .find(|listed| listed.id == machine.id)
+                .unwrap_or_else(|| {
+                    panic!("{} is on {} but not in the API", machine.id, agent.name)
+                });
+            assert_eq!(seen.worker.as_deref(), Some(agent.name.as_str()));
+            assert_eq!(seen.state, machine.state, "{}", machine.id);
+            on_agents.push(machine.id);
+        }
+    }
+    on_agents.sort();
+    assert_eq!(on_agents, created, "every agent's Machines, and only those");
+    let doctor = Command::new(BERTH)
+        .arg("doctor")
+        .env("BERTH_API_URL", &cluster.api_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .output()
+        .expect("doctor");
+    assert!(
+        doctor.status.success(),
+        "doctor: {}{}",
+        String::from_utf8_lossy(&doctor.stdout),
+        String::from_utf8_lossy(&doctor.stderr)
     );
     cluster.teardown();
 }
