@@ -221,8 +221,8 @@ fn in_use() -> ApiError {
     error
 }
 
-/// Remembers the answer under the claimed key, or frees the key when the answer says to
-/// retry.
+/// Remembers the answer under the claimed key, or frees the key (keeping its claim time)
+/// when the answer says to retry.
 pub(crate) async fn finish(claim: Option<Claim>, response: Response) -> Response {
     let Some(mut claim) = claim else {
         return response;
@@ -244,7 +244,11 @@ pub(crate) async fn finish(claim: Option<Claim>, response: Response) -> Response
             .execute(&claim.pool)
             .await
     } else {
-        sqlx::query("DELETE FROM idempotency WHERE scope = ? AND key = ?")
+        // Freed for the retry, which takes it over with the same claim time: a keyed
+        // create derives its Machine id from it, and the first attempt may have made that
+        // Machine before the error (a worker that answered late, a restart in between).
+        sqlx::query("UPDATE idempotency SET status = ? WHERE scope = ? AND key = ?")
+            .bind(ABANDONED)
             .bind(&claim.scope)
             .bind(&claim.key)
             .execute(&claim.pool)
