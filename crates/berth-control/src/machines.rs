@@ -170,7 +170,11 @@ async fn create(
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
         Err(error @ berth_agent::AgentError::StartFailed { .. }) => Err(error.into()),
         Err(error) => {
-            control.store.delete_machine(&id).await?;
+            // The worker may have recorded the Machine before failing (its CPU taken by
+            // the time it booted, say): only an id it does not have leaves the index.
+            if crate::reconcile::worker_lacks(&worker, &id).await {
+                control.store.delete_machine(&id).await?;
+            }
             Err(error.into())
         }
     }

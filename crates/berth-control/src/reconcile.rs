@@ -29,16 +29,21 @@ pub(crate) async fn forget_lost(
         if listed.iter().any(|machine| machine.id == row.id) {
             continue;
         }
-        let missing = match worker.get(&row.id).await {
-            Err(AgentError::NotFound(_)) => true,
-            Err(AgentError::Remote { status: 404, body }) => body.error == "not_found",
-            _ => false,
-        };
-        if missing {
+        if worker_lacks(worker, &row.id).await {
             tracing::info!(machine = %row.id, worker = %name, "forgetting a Machine its worker does not have");
             if let Err(error) = control.store.delete_machine(&row.id).await {
                 tracing::warn!(%error, "forgetting a lost Machine");
             }
         }
+    }
+}
+
+/// Whether the worker positively answers that it has no Machine `id`; an unreachable
+/// worker or any other answer is not proof.
+pub(crate) async fn worker_lacks(worker: &Arc<dyn WorkerService>, id: &str) -> bool {
+    match worker.get(id).await {
+        Err(AgentError::NotFound(_)) => true,
+        Err(AgentError::Remote { status: 404, body }) => body.error == "not_found",
+        _ => false,
     }
 }

@@ -380,7 +380,11 @@ impl Platform {
             .collect();
         let containers = runc_containers(&self.runc_root());
         self.force_clean();
-        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+        assert!(
+            mounts.is_empty(),
+            "mounts left behind: {mounts:?}\n{}",
+            self.server_log()
+        );
         assert!(
             containers.is_empty(),
             "runc containers left behind: {containers:?}"
