@@ -658,8 +658,9 @@ impl Agent {
     }
 
     /// Whether the host restarted since the agent last opened: the kernel's boot id
-    /// changed, or runc's state dir is gone while records say Machines run (what a
-    /// reboot does to a state dir on tmpfs).
+    /// changed, or the agent's marker in `/run` is gone while records say Machines run
+    /// (what a reboot does to a tmpfs `/run`). Either driver; runc's state dir lives in
+    /// the data dir and says nothing about reboots.
     async fn host_restarted(&self) -> Result<bool> {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .unwrap_or_default()
@@ -681,7 +682,16 @@ impl Agent {
                     MachineState::Starting | MachineState::Started | MachineState::Stopping
                 )
             });
-        Ok(running && !self.inner.config.data_dir.join("runc").exists())
+        let marker = boot_marker(&self.inner.config.data_dir);
+        let marker_missing = !marker.exists();
+        if let Some(dir) = marker.parent() {
+            if let Err(error) =
+                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&marker, &boot_id))
+            {
+                warn!(%error, marker = %marker.display(), "writing the boot marker");
+            }
+        }
+        Ok(running && marker_missing)
     }
 
     /// Brings every record and the host back into agreement after a restart of the agent.
@@ -1242,6 +1252,15 @@ impl Agent {
         info!(machine = %id, "destroyed");
         Ok(())
     }
+}
+
+/// The agent's marker in `/run` (a tmpfs a reboot empties), one per data dir.
+pub fn boot_marker(data_dir: &std::path::Path) -> PathBuf {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let digest = sha2::Sha256::digest(data_dir.as_os_str().as_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    PathBuf::from("/run/berth").join(format!("agent-{name}"))
 }
 
 /// Runs an operation to its end even when its caller goes away (a client that hangs up,

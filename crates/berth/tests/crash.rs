@@ -283,6 +283,9 @@ fn simulate_host_reboot(platform: &mut Platform) {
     if runc_state.exists() {
         std::fs::remove_dir_all(runc_state).expect("remove runc state");
     }
+    // A reboot empties /run, where the agent keeps its marker.
+    let data_dir = worker.canonicalize().expect("worker dir");
+    std::fs::remove_file(berth_agent::boot_marker(&data_dir)).expect("remove the boot marker");
 }
 
 #[test]
