@@ -221,6 +221,26 @@ impl RuncRuntime {
     }
 }
 
+/// The worker network and address a Machine is attached with: the address must be one
+/// the network can give, and an address without a network is refused. Both drivers.
+pub(crate) fn machine_network<'a>(
+    network: Option<&'a Arc<WorkerNetwork>>,
+    id: &str,
+    private_ip: Option<std::net::Ipv6Addr>,
+) -> Result<Option<(&'a Arc<WorkerNetwork>, std::net::Ipv6Addr)>, RuntimeError> {
+    match (network, private_ip) {
+        (Some(network), Some(address)) => {
+            network.check_address(id, address)?;
+            Ok(Some((network, address)))
+        }
+        (None, Some(address)) => Err(RuntimeError::InvalidSpec {
+            id: id.to_owned(),
+            message: format!("private address {address} given, but this runtime has no network"),
+        }),
+        (_, None) => Ok(None),
+    }
+}
+
 #[async_trait]
 impl Runtime for RuncRuntime {
     fn name(&self) -> &'static str {
@@ -229,21 +249,7 @@ impl Runtime for RuncRuntime {
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
         let id = layout.id.clone();
-        let network = match (&self.config.network, spec.private_ip) {
-            (Some(network), Some(address)) => {
-                network.check_address(&id, address)?;
-                Some((network, address))
-            }
-            (None, Some(address)) => {
-                return Err(RuntimeError::InvalidSpec {
-                    id,
-                    message: format!(
-                        "private address {address} given, but this runtime has no network"
-                    ),
-                });
-            }
-            (_, None) => None,
-        };
+        let network = machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
         // Fails on a bad spec before anything is made on the host.
         let config = spec::render(layout, spec)?;
         let t0 = Instant::now();

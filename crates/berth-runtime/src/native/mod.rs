@@ -317,21 +317,7 @@ impl Runtime for NativeRuntime {
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
         let id = layout.id.clone();
-        let network = match (&self.config.network, spec.private_ip) {
-            (Some(network), Some(address)) => {
-                network.check_address(&id, address)?;
-                Some((network, address))
-            }
-            (None, Some(address)) => {
-                return Err(RuntimeError::InvalidSpec {
-                    id,
-                    message: format!(
-                        "private address {address} given, but this runtime has no network"
-                    ),
-                });
-            }
-            (_, None) => None,
-        };
+        let network = runc::machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
         let oci = spec::build(spec, &layout.rootfs(), &layout.netns())?;
         let config = spec::render(layout, spec)?;
         {
