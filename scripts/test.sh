@@ -4,6 +4,8 @@
 # containers or temp directories behind.
 set -euo pipefail
 export LC_ALL=C
+# Incremental caches only help rebuilds; a test run is one clean build.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 
