@@ -9,17 +9,18 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_api::{
     CloseBasis, ExitInfo, ImageRef, Machine, MachineState, Resources, StartStopResponse,
-    StopRequest, UpdateMachineRequest, UsageRecord, WorkerStats,
+    StepTiming, StopRequest, UpdateMachineRequest, UsageRecord, WorkerStats,
 };
 use berth_core::restart::{self, RestartDecision};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
 use berth_image::{ImagePuller, ImageStore, Lease, PullEvent, PullStatus, ResolvedImage};
+use berth_runtime::timing::{micros, StepTimes};
 use berth_runtime::{ExitRecord, MachineLayout, Runtime, Status};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tracing::{info, warn};
@@ -458,10 +459,14 @@ impl Agent {
 
     /// Boots a Machine whose lock the caller holds. Only runtime work: the rootfs stack and
     /// the bundle were laid out at create.
-    async fn boot(&self, record: &mut MachineRecord, source: EventSource) -> Result<()> {
+    /// Starts the Machine's init; returns where the time went.
+    async fn boot(&self, record: &mut MachineRecord, source: EventSource) -> Result<StepTimes> {
+        let mut steps = StepTimes::new();
+        let mut mark = Instant::now();
         self.reserve(record)?;
         record.run_generation += 1;
         self.set_state(record, MachineState::Starting).await?;
+        steps.lap("agent_store_starting", &mut mark);
         failpoint::hit("start.after_starting");
         let layout = self.layout(&record.id);
         match self
@@ -471,15 +476,22 @@ impl Agent {
             .await
         {
             Ok(started) => {
+                let runtime_us = micros(mark.elapsed());
+                let inside_us = started.steps.total_us();
+                steps.append(started.steps);
+                // Hops to blocking threads and back, inside the runtime's start.
+                steps.record("runtime_other", runtime_us.saturating_sub(inside_us));
+                mark = Instant::now();
                 failpoint::hit("start.after_runtime_start");
                 record.state = MachineState::Started;
                 record.updated_at_ms = started.started_at_ms;
                 let usage = metering::open_run(record, started.started_at_ms);
                 self.save_transition(record, "start", source, None, &[usage])
                     .await?;
+                steps.lap("agent_store_started", &mut mark);
                 failpoint::hit("start.after_record_started");
                 self.watch(record.id.clone(), record.run_generation);
-                Ok(())
+                Ok(steps)
             }
             Err(error) => {
                 self.release(&record.id);
@@ -594,7 +606,10 @@ impl Agent {
                     return Ok(());
                 }
                 record.restart_count += 1;
-                agent.boot(&mut record, EventSource::RestartPolicy).await
+                agent
+                    .boot(&mut record, EventSource::RestartPolicy)
+                    .await
+                    .map(drop)
             }
             .await;
             if let Err(error) = result {
@@ -1102,24 +1117,35 @@ impl Agent {
     }
 
     async fn start_op(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let mut mark = Instant::now();
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
+        let mut steps = StepTimes::new();
+        steps.lap("agent_lock_load", &mut mark);
         let previous_state = record.state;
         match state::plan(record.state, Action::Start)? {
             ActionPlan::AlreadyDone => Ok(StartStopResponse {
                 previous_state,
                 machine: record.to_api(),
                 note: Some("machine was already started".into()),
+                timings: Vec::new(),
             }),
             ActionPlan::Proceed(_) => {
                 if source == EventSource::User {
                     record.restart_count = 0;
                 }
-                self.boot(&mut record, source).await?;
+                steps.append(self.boot(&mut record, source).await?);
                 Ok(StartStopResponse {
                     previous_state,
                     machine: record.to_api(),
                     note: None,
+                    timings: steps
+                        .into_iter()
+                        .map(|s| StepTiming {
+                            step: s.step,
+                            us: s.us,
+                        })
+                        .collect(),
                 })
             }
         }
@@ -1135,6 +1161,7 @@ impl Agent {
                 previous_state,
                 machine: record.to_api(),
                 note: Some(format!("machine was already {previous_state}")),
+                timings: Vec::new(),
             }),
             ActionPlan::Proceed(transitional) => {
                 self.set_state(&mut record, transitional).await?;
@@ -1156,6 +1183,7 @@ impl Agent {
                     previous_state,
                     machine: record.to_api(),
                     note: None,
+                    timings: Vec::new(),
                 })
             }
         }

@@ -313,6 +313,17 @@ pub struct StartStopResponse {
     /// Set when the call changed nothing because the Machine was already there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Where a start's time went on the worker, step by step. The public API moves it
+    /// into the `Server-Timing` header, so clients see it only there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timings: Vec<StepTiming>,
+}
+
+/// One step of an operation and how long it took, in microseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StepTiming {
+    pub step: String,
+    pub us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -11,7 +11,7 @@ use berth_api::{Machine, MachineState, StartStopResponse};
 use serde_json::{json, Value};
 
 use crate::cluster::sleeper;
-use crate::stats::{round, summary};
+use crate::stats::{parse_server_timing, round, summary};
 
 /// How many of each: the full run is what the issue names; `--quick` is a smaller N of
 /// each, to finish in under 3 minutes.
@@ -67,15 +67,31 @@ async fn create_stopped(client: &Client, app: &str) -> Result<Machine> {
 }
 
 async fn start(client: &Client, app: &str, id: &str) -> Result<Duration> {
+    timed_start(client, app, id)
+        .await
+        .map(|(elapsed, _)| elapsed)
+}
+
+/// A start and the steps of its `Server-Timing` header.
+async fn timed_start(
+    client: &Client,
+    app: &str,
+    id: &str,
+) -> Result<(Duration, Vec<(String, f64)>)> {
     let clock = Instant::now();
-    let answer: StartStopResponse = client
-        .post(&format!("{}/{id}/start", machines_path(app)), &json!({}))
+    let (answer, headers): (StartStopResponse, _) = client
+        .post_with_headers(&format!("{}/{id}/start", machines_path(app)), &json!({}))
         .await?;
     let elapsed = clock.elapsed();
     if answer.machine.state != MachineState::Started {
         bail!("machine {id} answered {:?} to start", answer.machine.state);
     }
-    Ok(elapsed)
+    let steps = headers
+        .get("server-timing")
+        .and_then(|value| value.to_str().ok())
+        .map(parse_server_timing)
+        .unwrap_or_default();
+    Ok((elapsed, steps))
 }
 
 async fn stop(client: &Client, app: &str, id: &str) -> Result<Duration> {
@@ -86,19 +102,22 @@ async fn stop(client: &Client, app: &str, id: &str) -> Result<Duration> {
     Ok(clock.elapsed())
 }
 
-/// Stop→start cycles of one Machine: the start and stop samples.
+/// Stop→start cycles of one Machine: the start and stop samples, and each start's steps.
 async fn cycles(
     client: &Client,
     app: &str,
     id: &str,
     count: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Vec<Vec<(String, f64)>>)> {
     let (mut starts, mut stops) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    let mut steps = Vec::with_capacity(count);
     for _ in 0..count {
-        starts.push(start(client, app, id).await?);
+        let (elapsed, timing) = timed_start(client, app, id).await?;
+        starts.push(elapsed);
+        steps.push(timing);
         stops.push(stop(client, app, id).await?);
     }
-    Ok((starts, stops))
+    Ok((starts, stops, steps))
 }
 
 /// Runs `body` in a fresh app and deletes the app (and its Machines) afterwards, whatever
@@ -120,6 +139,8 @@ pub struct CycleFigures {
     pub first_start: Duration,
     pub starts: Vec<Duration>,
     pub stops: Vec<Duration>,
+    /// Each start's `Server-Timing` steps, in microseconds.
+    pub start_steps: Vec<Vec<(String, f64)>>,
 }
 
 /// Scenario 2: the product's loop, one Machine stopped and started again and again.
@@ -129,11 +150,12 @@ pub async fn start_stop_cycles(client: &Client, count: usize) -> Result<CycleFig
         let machine = create_stopped(client, app).await?;
         let first_start = start(client, app, &machine.id).await?;
         stop(client, app, &machine.id).await?;
-        let (starts, stops) = cycles(client, app, &machine.id, count).await?;
+        let (starts, stops, start_steps) = cycles(client, app, &machine.id, count).await?;
         Ok(CycleFigures {
             first_start,
             starts,
             stops,
+            start_steps,
         })
     })
     .await
@@ -278,7 +300,7 @@ pub async fn density(
             gets.push(clock.elapsed());
         }
         let last = ids.last().context("no Machines created")?.clone();
-        let (starts, _) = cycles(client, app, &last, start_cycles).await?;
+        let (starts, _, _) = cycles(client, app, &last, start_cycles).await?;
         Ok(json!({
             "stopped_machines": count + 10,
             "measured_machines": count,

@@ -73,6 +73,10 @@ struct Args {
     /// Only the proxy figures: wake on request, warm and direct requests, requests/s.
     #[arg(long)]
     wake_only: bool,
+    /// Only scenario 2 (--cycles stop→start cycles), printed with the per-step breakdown
+    /// of start and written nowhere: for working on the start path.
+    #[arg(long)]
+    start_only: bool,
 }
 
 /// Sections that other modes write into the same file; a start-harness run keeps them.
@@ -203,6 +207,24 @@ async fn run(args: Args) -> Result<usize> {
         remove_bridges(&platform).await;
         platform.close().await;
         return wake::merge_into(&args.out, result?).map(|()| 0);
+    }
+    if args.start_only {
+        let result = async {
+            import_bench_image(&client, scratch.path()).await?;
+            harness::start_stop_cycles(&client, cycles).await
+        }
+        .await;
+        server.abort();
+        remove_bridges(&platform).await;
+        platform.close().await;
+        let figures = result?;
+        println!("start {}", summary(&figures.starts));
+        println!("stop  {}", summary(&figures.stops));
+        print!(
+            "{}",
+            report::step_table(&stats::step_breakdown(&figures.start_steps))
+        );
+        return Ok(0);
     }
     if args.api_only {
         let result = match import_bench_image(&client, scratch.path()).await {

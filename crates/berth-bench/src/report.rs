@@ -117,6 +117,7 @@ pub fn assemble(raw: &RawRun, sizes: &Sizes, quick: bool) -> Result<Value> {
             "registry_samples": sizes.registry_samples,
         },
         "start": start,
+        "start_steps": stats::step_breakdown(&raw.cycles.start_steps),
         "stop": stop,
         "first_start_ms": stats::round(raw.cycles.first_start.as_secs_f64() * 1000.0),
         "concurrent": raw.concurrent,
@@ -273,6 +274,33 @@ pub fn markdown(report: &Value) -> String {
         bytes("stopped_machine_disk_bytes"),
         or_reason("wake_p50_ms"),
     ));
+    out.push_str(&step_table(&report["start_steps"]));
+    out
+}
+
+/// Where a start's time goes, from the `Server-Timing` header of each start.
+pub fn step_table(steps: &Value) -> String {
+    let Some(rows) = steps.as_array().filter(|rows| !rows.is_empty()) else {
+        return String::new();
+    };
+    let mut out = String::from(
+        "\n| start step (Server-Timing) | p50 µs | p90 µs | p99 µs | share of p50 |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for row in rows {
+        let cell = |key: &str| row[key].as_f64().map_or("".to_owned(), |v| v.to_string());
+        let share = row["p50_share"]
+            .as_f64()
+            .map_or(String::new(), |share| format!("{:.0} %", share * 100.0));
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            row["step"].as_str().unwrap_or("?"),
+            cell("p50_us"),
+            cell("p90_us"),
+            cell("p99_us"),
+            share
+        ));
+    }
     out
 }
 
@@ -373,6 +401,11 @@ mod tests {
                 first_start: Duration::from_millis(30),
                 starts: ms_samples(&[4, 5, 6, 5]),
                 stops: ms_samples(&[9, 9, 10, 10]),
+                start_steps: vec![vec![
+                    ("api_request".into(), 20.0),
+                    ("init_overlay".into(), 600.0),
+                    ("total".into(), 4000.0),
+                ]],
             },
             concurrent: json!({"machines": 50, "starts_per_s": 120.0,
                                "start": summary(&ms_samples(&[20, 30]))}),

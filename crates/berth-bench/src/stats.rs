@@ -99,6 +99,63 @@ pub fn markdown_table(rows: &[Row<'_>]) -> String {
     out
 }
 
+/// The steps of one `Server-Timing` header (`name;dur=ms, ...`), in microseconds.
+pub fn parse_server_timing(value: &str) -> Vec<(String, f64)> {
+    value
+        .split(',')
+        .filter_map(|entry| {
+            let mut parts = entry.trim().split(';');
+            let name = parts.next()?.trim();
+            let ms = parts
+                .find_map(|param| param.trim().strip_prefix("dur="))?
+                .parse::<f64>()
+                .ok()?;
+            (!name.is_empty()).then(|| (name.to_owned(), ms * 1000.0))
+        })
+        .collect()
+}
+
+/// Per step, in the order steps first appear: p50, p90 and p99 in microseconds over the
+/// samples that have it, and the p50's share of the summed p50s (without `total`).
+pub fn step_breakdown(samples: &[Vec<(String, f64)>]) -> Value {
+    let mut order: Vec<&str> = Vec::new();
+    for sample in samples {
+        for (step, _) in sample {
+            if !order.contains(&step.as_str()) {
+                order.push(step);
+            }
+        }
+    }
+    let rows: Vec<(&str, Vec<f64>)> = order
+        .iter()
+        .map(|step| {
+            let mut us: Vec<f64> = samples
+                .iter()
+                .flat_map(|sample| sample.iter().filter(|(s, _)| s == step).map(|(_, us)| *us))
+                .collect();
+            us.sort_by(f64::total_cmp);
+            (*step, us)
+        })
+        .collect();
+    let p50 = |us: &[f64]| percentile(us, 50.0).unwrap_or(0.0);
+    let summed: f64 = rows
+        .iter()
+        .filter(|(step, _)| *step != "total")
+        .map(|(_, us)| p50(us))
+        .sum();
+    Value::Array(
+        rows.iter()
+            .map(|(step, us)| {
+                let rank = |p: f64| percentile(us, p).map(|v| v.round());
+                json!({"step": step, "n": us.len(), "p50_us": rank(50.0),
+                       "p90_us": rank(90.0), "p99_us": rank(99.0),
+                       "p50_share": (*step != "total" && summed > 0.0)
+                           .then(|| round(p50(us) / summed))})
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +231,46 @@ mod tests {
             lines[4],
             "| podman start | 0 | not measured: podman is not installed | | | – |"
         );
+    }
+
+    #[test]
+    fn server_timing_is_parsed_into_microseconds_in_order() {
+        let steps = parse_server_timing("api_request;dur=0.012, init_overlay;dur=1.5, total;dur=2");
+        assert_eq!(
+            steps,
+            [
+                ("api_request".to_owned(), 12.0),
+                ("init_overlay".to_owned(), 1500.0),
+                ("total".to_owned(), 2000.0)
+            ]
+        );
+        assert!(parse_server_timing("garbage, ;dur=1, x;nodur").is_empty());
+    }
+
+    #[test]
+    fn breakdown_keeps_first_seen_order_and_shares_exclude_total() {
+        let sample = |a: f64, b: f64| {
+            vec![
+                ("a".to_owned(), a),
+                ("b".to_owned(), b),
+                ("total".to_owned(), a + b),
+            ]
+        };
+        let table = step_breakdown(&[
+            sample(100.0, 300.0),
+            sample(100.0, 300.0),
+            sample(200.0, 600.0),
+        ]);
+        let steps: Vec<&str> = table
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|row| row["step"].as_str())
+            .collect();
+        assert_eq!(steps, ["a", "b", "total"]);
+        assert_eq!(table[0]["p50_us"], json!(100.0));
+        assert_eq!(table[0]["p50_share"], json!(0.25));
+        assert_eq!(table[1]["p99_us"], json!(600.0));
+        assert!(table[2]["p50_share"].is_null());
     }
 }

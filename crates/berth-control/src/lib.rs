@@ -37,6 +37,7 @@ mod registry;
 mod robots;
 pub mod store;
 mod tenancy;
+mod timing;
 pub mod usage;
 mod workers;
 
@@ -208,6 +209,7 @@ impl ControlPlane {
                     "this route does not take that method",
                 )
             })
+            .layer(axum::middleware::from_fn(timing::stamp_arrival))
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 panic_response,
             ))

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use berth_agent::{CreateOnWorker, EventSource};
 use berth_api::{
@@ -24,6 +25,7 @@ use crate::idempotency::{self, Begin};
 use crate::leases;
 use crate::limits::{self, Action, Share};
 use crate::store::{AppRow, Inserted, MachineIndexRow};
+use crate::timing::{Arrived, ServerTiming, SERVER_TIMING};
 use crate::{ControlPlane, Shared};
 use berth_agent::{AgentError, MACHINE_DISK_MB};
 use berth_api::Resources;
@@ -345,9 +347,11 @@ pub(crate) async fn start_machine(
     State(control): State<Shared>,
     principal: Principal,
     headers: HeaderMap,
+    arrived: Option<Extension<Arrived>>,
     ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<StartRequest>,
 ) -> Result<Response, ApiError> {
+    let mut timing = ServerTiming::since(arrived.map(|Extension(Arrived(at))| at));
     check_source(&principal, request.source)?;
     let (app_row, row, claim) = match prologue(
         &control,
@@ -363,21 +367,31 @@ pub(crate) async fn start_machine(
         Ok(parts) => parts,
         Err(replay) => return Ok(replay),
     };
+    timing.lap("api_prologue");
     let result = async {
         let worker = control.worker(&row.worker)?;
         let machine = worker.get(&id).await?;
+        timing.lap("api_machine_get");
         let org = &app_row.org_slug;
         let quotas = control.limits_of(org).quotas;
         let _reservation = control
             .usage
             .reserve(org, &id, share(&machine.config), &quotas)?;
         let source = request.source.map_or(EventSource::User, EventSource::from);
+        timing.lap("api_quota");
         let mut answer = worker.start(&id, source).await?;
+        timing.worker(std::mem::take(&mut answer.timings));
         answer.machine = seen(&control, answer.machine, &row.worker).await;
+        timing.lap("api_cache");
         Ok::<_, ApiError>(Json(answer))
     }
     .await;
-    Ok(idempotency::finish(claim, result.into_response()).await)
+    let mut response = idempotency::finish(claim, result.into_response()).await;
+    timing.lap("api_answer");
+    if let Some(value) = timing.header_value() {
+        response.headers_mut().insert(SERVER_TIMING.clone(), value);
+    }
+    Ok(response)
 }
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",

@@ -187,6 +187,7 @@ impl Runtime for FakeRuntime {
             pid,
             shim_pid: pid + 1,
             started_at_ms: util::now_ms(),
+            steps: crate::timing::StepTimes::new(),
         })
     }
 

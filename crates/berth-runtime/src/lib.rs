@@ -27,6 +27,7 @@ pub mod runc;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
+pub mod timing;
 
 mod error;
 mod util;
@@ -100,7 +101,7 @@ pub struct BundleSpec {
 }
 
 /// A Machine whose init process is running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
     /// The Machine's init process, in the host's pid namespace.
     pub pid: u32,
@@ -108,6 +109,9 @@ pub struct Started {
     pub shim_pid: u32,
     /// Milliseconds since the Unix epoch.
     pub started_at_ms: i64,
+    /// Where the start's time went inside the runtime.
+    #[serde(default, skip_serializing_if = "timing::StepTimes::is_empty")]
+    pub steps: timing::StepTimes,
 }
 
 /// How a Machine's init process ended, written by the shim.

@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::error::{IoContext, RuntimeError};
 use crate::network::WorkerNetwork;
 use crate::shim::{self, ShimArgs, ShimReport};
+use crate::timing::{micros, StepTimes};
 use crate::{logs, netns, overlay, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
@@ -359,10 +360,18 @@ impl Runtime for RuncRuntime {
                     total_us = t0.elapsed().as_micros(),
                     "machine started"
                 );
+                let mut steps = StepTimes::new();
+                steps.record("overlay_mount", u64::try_from(mount_us).unwrap_or(u64::MAX));
+                steps.record("runc_create", r.create_us.unwrap_or(0));
+                steps.record("runc_start", r.start_us.unwrap_or(0));
+                // What is left: spawning and detaching the shim, and its report.
+                let rest = micros(t0.elapsed()).saturating_sub(steps.total_us());
+                steps.record("shim", rest);
                 Ok(Started {
                     pid,
                     shim_pid,
                     started_at_ms,
+                    steps,
                 })
             }
             (Some(message), ..) => Err(RuntimeError::Runc {

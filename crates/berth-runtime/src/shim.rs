@@ -24,6 +24,7 @@ use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::logs::{LineBuffer, LogWriter, DEFAULT_MAX_BYTES};
+use crate::timing::StepTimes;
 use crate::{util, ExitRecord};
 
 pub const SHIM_PID_FILE: &str = "shim.pid";
@@ -137,6 +138,9 @@ pub struct ShimReport {
     pub create_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_us: Option<u64>,
+    /// Where the supervisor's part of a start went, step by step.
+    #[serde(default, skip_serializing_if = "StepTimes::is_empty")]
+    pub steps: StepTimes,
 }
 
 impl ShimReport {
@@ -267,6 +271,46 @@ fn run(opts: ShimArgs) -> i32 {
     supervisor.run(sync)
 }
 
+/// The part of a supervisor's set-up that is the same for every Machine, so a spare
+/// supervisor can do it before it knows which Machine it will run: root as cwd, the
+/// signals a daemon wants, /dev/null as stdio (but for `keep`), no stray descriptors, and
+/// the subreaper bit (orphans of the Machine come back to it).
+pub(crate) fn prepare_process(keep: &[RawFd]) -> io::Result<()> {
+    std::env::set_current_dir("/")?;
+    // Process-wide, so it holds for any thread the host program started. runc gets
+    // both back to default (see `runc()`), so the Machine does not inherit them.
+    for sig in [Signal::SIGHUP, Signal::SIGPIPE] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { nix::sys::signal::signal(sig, SigHandler::SigIgn) }?;
+    }
+    // An inherited SIG_IGN would make the kernel reap init before the shim can.
+    // SAFETY: SIG_DFL installs no handler code.
+    unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigDfl) }?;
+
+    let null = File::options().read(true).write(true).open("/dev/null")?;
+    for fd in [0, 1, 2] {
+        if !keep.contains(&fd) {
+            nix::unistd::dup2(null.as_raw_fd(), fd)?;
+        }
+    }
+    drop(null);
+    let mut kept = vec![0, 1, 2];
+    kept.extend_from_slice(keep);
+    close_inherited_fds(&kept);
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+    Ok(())
+}
+
+/// This process's pid and start time (clock ticks since boot): what `shim.pid` holds, so
+/// a recycled pid is never mistaken for the shim.
+pub(crate) fn own_identity() -> io::Result<(u32, u64)> {
+    let me = std::process::id();
+    let start = util::proc_stat(me)?
+        .ok_or_else(|| io::Error::other("own /proc entry missing"))?
+        .start_time;
+    Ok((me, start))
+}
+
 pub(crate) struct Supervisor {
     opts: ShimArgs,
     stdout_r: OwnedFd,
@@ -277,32 +321,14 @@ pub(crate) struct Supervisor {
 
 impl Supervisor {
     pub(crate) fn setup(opts: &ShimArgs, sync_fd: RawFd) -> io::Result<Supervisor> {
-        std::env::set_current_dir("/")?;
-        // Process-wide, so it holds for any thread the host program started. runc gets
-        // both back to default (see `runc()`), so the Machine does not inherit them.
-        for sig in [Signal::SIGHUP, Signal::SIGPIPE] {
-            // SAFETY: SIG_IGN installs no handler code.
-            unsafe { nix::sys::signal::signal(sig, SigHandler::SigIgn) }?;
-        }
-        // An inherited SIG_IGN would make the kernel reap init before the shim can.
-        // SAFETY: SIG_DFL installs no handler code.
-        unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigDfl) }?;
+        prepare_process(&[sync_fd])?;
+        Supervisor::for_machine(opts, own_identity()?)
+    }
 
-        let null = File::options().read(true).write(true).open("/dev/null")?;
-        for fd in [0, 1, 2] {
-            if fd != sync_fd {
-                nix::unistd::dup2(null.as_raw_fd(), fd)?;
-            }
-        }
-        drop(null);
-        close_inherited_fds(&[0, 1, 2, sync_fd]);
-
-        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+    /// The part of the set-up that names the Machine; `identity` is [`own_identity`].
+    pub(crate) fn for_machine(opts: &ShimArgs, identity: (u32, u64)) -> io::Result<Supervisor> {
         fs::create_dir_all(&opts.run_dir)?;
-        let me = std::process::id();
-        let start = util::proc_stat(me)?
-            .ok_or_else(|| io::Error::other("own /proc entry missing"))?
-            .start_time;
+        let (me, start) = identity;
         // No fsync: the file means nothing after a reboot, and this is the start path.
         let pid_line = format!("{me} {start}\n");
         util::write_replace(
@@ -435,6 +461,7 @@ impl Supervisor {
             error: None,
             create_us: Some(create_us),
             start_us: Some(start_us),
+            steps: StepTimes::new(),
         };
         Ok((InitProcess { pid, oom }, report))
     }

@@ -192,6 +192,18 @@ impl Client {
         Self::finish(response).await
     }
 
+    /// A POST whose answer's headers matter too (`Server-Timing` of start).
+    pub async fn post_with_headers<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(T, reqwest::header::HeaderMap)> {
+        let request = self.request(Method::POST, path).json(body);
+        let response = self.send(request).await?;
+        let headers = response.headers().clone();
+        Ok((Self::finish(response).await?, headers))
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let request = self.request(Method::DELETE, path);
         let response = self.send(request).await?;

@@ -150,7 +150,14 @@ fn run(args: &NsexecArgs) -> Result<i32, String> {
                     BorrowedFd::borrow_raw(2),
                 )
             };
-            let message = match init::exec_process(&spec, &process, Some(stdin), stdout, stderr) {
+            let message = match init::exec_process(
+                &spec,
+                &process,
+                Some(stdin),
+                stdout,
+                stderr,
+                &mut init::InitClock::off(),
+            ) {
                 Err(message) => message,
                 Ok(never) => match never {},
             };

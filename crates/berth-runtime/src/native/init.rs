@@ -14,12 +14,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Instant;
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::stat::{Mode, SFlag};
 use oci_spec::runtime::{Mount, Process, Spec};
 
+use crate::timing::{micros, StepTimes};
 use crate::{overlay, seccomp};
 
 /// A step that failed, in words for the start error.
@@ -51,21 +53,83 @@ const DEVICES: [(&str, u64, u64); 6] = [
     ("tty", 5, 0),
 ];
 
+/// Marks the end of each step between fork and execve, as microseconds since the fork,
+/// and hands them to the supervisor through a close-on-exec pipe just before execve.
+pub(crate) struct InitClock<'a> {
+    since: Instant,
+    marks: Vec<(&'static str, u64)>,
+    out: Option<BorrowedFd<'a>>,
+}
+
+impl<'a> InitClock<'a> {
+    pub(crate) fn new(since: Instant, out: BorrowedFd<'a>) -> InitClock<'a> {
+        InitClock {
+            since,
+            marks: Vec::with_capacity(16),
+            out: Some(out),
+        }
+    }
+
+    /// For exec into a running Machine, where nobody reads the marks.
+    pub(crate) fn off() -> InitClock<'static> {
+        InitClock {
+            since: Instant::now(),
+            marks: Vec::new(),
+            out: None,
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        if self.out.is_some() {
+            self.marks.push((step, micros(self.since.elapsed())));
+        }
+    }
+
+    /// One short write (under PIPE_BUF, into an empty pipe), so it never blocks.
+    fn send(&self) {
+        let Some(out) = self.out else { return };
+        let line: String = self
+            .marks
+            .iter()
+            .map(|(step, us)| format!("{step}={us} "))
+            .collect();
+        let _ = rustix::io::write(out, line.as_bytes());
+    }
+}
+
+/// The marks an [`InitClock`] sent, as the time each step took, in order.
+pub(crate) fn parse_marks(text: &str) -> StepTimes {
+    let mut steps = StepTimes::new();
+    let mut previous = 0;
+    for (step, us) in text
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .filter_map(|(step, us)| Some((step, us.parse::<u64>().ok()?)))
+    {
+        steps.record(step, us.saturating_sub(previous));
+        previous = us;
+    }
+    steps
+}
+
 /// Sets up the Machine's world and execs its init. Only returns on failure.
 pub(crate) fn run_init(
     plan: &InitPlan<'_>,
     stdout: BorrowedFd<'_>,
     stderr: BorrowedFd<'_>,
+    clock: &mut InitClock<'_>,
 ) -> StepResult<Infallible> {
     let spec = plan.spec;
     let process = spec.process().as_ref().ok_or("config has no process")?;
     // Device nodes and mount points get exactly the modes asked for.
     rustix::process::umask(rustix::fs::Mode::empty());
     join_cgroups(plan.cgroup_procs)?;
+    clock.mark("init_cgroups");
     let netns = fs::File::open(plan.netns).map_err(step(|| "open network namespace".into()))?;
     nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
         .map_err(step(|| "join network namespace".into()))?;
     drop(netns);
+    clock.mark("init_netns");
     // The cgroup namespace is made after joining the cgroups, so they are its root.
     nix::sched::unshare(
         CloneFlags::CLONE_NEWNS
@@ -84,6 +148,7 @@ pub(crate) fn run_init(
         None::<&str>,
     )
     .map_err(step(|| "make mounts private".into()))?;
+    clock.mark("init_unshare");
     let options = overlay::mount_options(plan.lowerdirs, plan.upper, plan.work)
         .map_err(step(|| "overlay options".into()))?;
     nix::mount::mount(
@@ -96,11 +161,14 @@ pub(crate) fn run_init(
     .map_err(step(|| {
         format!("mount overlay on {}", plan.rootfs.display())
     }))?;
+    clock.mark("init_overlay");
     for mount in spec.mounts().iter().flatten() {
         mount_in_rootfs(plan.rootfs, mount)?;
     }
     make_devices(plan.rootfs)?;
+    clock.mark("init_mounts");
     enter_rootfs(plan.rootfs)?;
+    clock.mark("init_pivot_root");
     if let Some(linux) = spec.linux() {
         for path in linux.masked_paths().iter().flatten() {
             mask_path(path)?;
@@ -113,7 +181,8 @@ pub(crate) fn run_init(
         nix::unistd::sethostname(hostname).map_err(step(|| "set hostname".into()))?;
     }
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
-    exec_process(spec, process, None, stdout, stderr)
+    clock.mark("init_masks");
+    exec_process(spec, process, None, stdout, stderr, clock)
 }
 
 /// Rlimits, user, capabilities, no_new_privs, seccomp, cwd, stdio (stdin from /dev/null
@@ -124,6 +193,7 @@ pub(crate) fn exec_process(
     stdin: Option<BorrowedFd<'_>>,
     stdout: BorrowedFd<'_>,
     stderr: BorrowedFd<'_>,
+    clock: &mut InitClock<'_>,
 ) -> StepResult<Infallible> {
     for rlimit in process.rlimits().iter().flatten() {
         let resource = rlimit_resource(&rlimit.typ().to_string())?;
@@ -144,6 +214,7 @@ pub(crate) fn exec_process(
         Some(profile) => seccomp::compile(profile).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
+    clock.mark("init_seccomp_compile");
     let args: Vec<CString> = process
         .args()
         .iter()
@@ -164,6 +235,7 @@ pub(crate) fn exec_process(
         .and_then(|a| a.first())
         .ok_or("no args")?;
     let program = find_program(first, process.env().as_deref().unwrap_or_default())?;
+    clock.mark("init_program");
 
     set_user_and_capabilities(process)?;
     let cwd = process.cwd();
@@ -185,10 +257,13 @@ pub(crate) fn exec_process(
     ] {
         nix::unistd::dup2(from, to).map_err(step(|| format!("set up fd {to}")))?;
     }
+    clock.mark("init_credentials");
     // Last: after it, only execve is left, and the profile allows it.
     for program in &programs {
         seccompiler::apply_filter(program).map_err(step(|| "apply seccomp".into()))?;
     }
+    clock.mark("init_seccomp_apply");
+    clock.send();
     let Err(e) = nix::unistd::execve(&program, &args, &env);
     Err(format!("exec {}: {e}", program.to_string_lossy()))
 }

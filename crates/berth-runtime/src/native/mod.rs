@@ -30,6 +30,7 @@ use crate::error::{IoContext, RuntimeError};
 use crate::network::WorkerNetwork;
 use crate::runc::{self, blocking, live_shim};
 use crate::shim::{self, ShimReport};
+use crate::timing::{micros, StepTimes};
 use crate::{exec, logs, netns, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
@@ -370,21 +371,30 @@ impl Runtime for NativeRuntime {
                 return Err(e);
             }
         }
-        let checked_us = t0.elapsed().as_micros();
+        let checked_us = micros(t0.elapsed());
         let report = self.ask_spawner(layout, lowerdirs).await;
         let started = report.and_then(|r| match (r.error, r.pid, r.shim_pid, r.started_at_ms) {
             (None, Some(pid), Some(shim_pid), Some(started_at_ms)) => {
+                let total_us = micros(t0.elapsed());
                 tracing::debug!(
                     machine = %id,
                     checked_us,
                     supervisor_us = r.create_us,
-                    total_us = t0.elapsed().as_micros(),
+                    total_us,
                     "machine started"
                 );
+                let mut steps = StepTimes::new();
+                steps.record("checks", checked_us);
+                let supervisor_us = r.steps.total_us();
+                // The socket round trip, the spawner's fork, and waking this task.
+                let hop_us = total_us.saturating_sub(checked_us + supervisor_us);
+                steps.record("spawner_hop", hop_us);
+                steps.append(r.steps);
                 Ok(Started {
                     pid,
                     shim_pid,
                     started_at_ms,
+                    steps,
                 })
             }
             (Some(message), ..) => Err(RuntimeError::Runc {

@@ -1,13 +1,15 @@
 //! The per-worker spawner: a zygote started once per runtime (`berth shim spawner
-//! --socket PATH`), single-threaded, that forks a supervisor per start instead of
-//! exec'ing a binary each time.
+//! --socket PATH`), single-threaded, that keeps one spare supervisor forked ahead of
+//! time instead of exec'ing a binary per start.
 //!
-//! Per start the runtime connects to the socket and sends one JSON [`StartRequest`]
-//! line. The spawner forks; the child becomes the Machine's supervisor (the shim's job:
-//! its own session, stdio to the capped log, the exit record), makes a new pid namespace,
-//! forks the Machine's init and reports on the connection once init has called execve
-//! (a close-on-exec pipe says so), or why it could not. The spawner exits when its
-//! stdin (held open by the runtime) closes; Machines and supervisors outlive it.
+//! The spare has done the set-up every supervisor shares and waits in `accept`. Per start
+//! the runtime connects to the socket and sends one JSON [`StartRequest`] line; the spare
+//! takes it, tells the spawner (which forks the next spare), and becomes the Machine's
+//! supervisor (the shim's job: its own session, stdio to the capped log, the exit record):
+//! it makes a new pid namespace, forks the Machine's init and reports on the connection
+//! once init has called execve (a close-on-exec pipe says so), or why it could not. The
+//! spawner exits when its stdin (held open by the runtime) closes, and a spare that has
+//! not taken a start dies with it; Machines and their supervisors outlive it.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader};
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::init::{self, InitPlan};
 use crate::shim::{self, ShimArgs, ShimReport, Supervisor};
+use crate::timing::{micros, StepTimes};
 use crate::{util, MachineLayout};
 
 /// First argument of the shim command that makes it the spawner.
@@ -61,7 +64,7 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
 }
 
 fn serve(socket: &Path) -> io::Result<()> {
-    // Supervisors are reaped by the kernel: the spawner never waits for them.
+    // Spares and supervisors are reaped by the kernel: the spawner never waits for them.
     // SAFETY: SIG_IGN installs no handler code.
     unsafe {
         nix::sys::signal::signal(
@@ -79,60 +82,106 @@ fn serve(socket: &Path) -> io::Result<()> {
     }
     let stdin = io::stdin();
     loop {
-        let ready = {
+        let spare = fork_spare(&listener)?;
+        // Wait until the spare has taken a start (or died), or the runtime went away.
+        let (taken, runtime_gone) = loop {
             let mut fds = [
-                PollFd::new(&listener, PollFlags::IN),
+                PollFd::new(&spare.taken, PollFlags::IN),
                 PollFd::new(&stdin, PollFlags::IN),
             ];
             match rustix::event::poll(&mut fds, -1) {
-                Ok(_) => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
+                Ok(_) => break (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
             }
         };
-        if ready.1 {
-            // The runtime went away (EOF or error): so does the spawner.
+        if runtime_gone {
+            // EOF or error on stdin: the spare (still waiting) and the spawner go.
+            let _ = nix::sys::signal::kill(spare.pid, nix::sys::signal::Signal::SIGKILL);
             let _ = util::remove_file_if_exists(socket);
             return Ok(());
         }
-        if ready.0 {
-            let (conn, _) = match listener.accept() {
-                Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            spawn_one(conn, &listener);
+        if taken {
+            let mut byte = [0u8; 1];
+            if !matches!(rustix::io::read(&spare.taken, &mut byte), Ok(1)) {
+                // It died without taking a start; don't spin if that keeps happening.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 }
 
-/// Reads one request and forks its supervisor; errors go back on the connection.
-fn spawn_one(conn: UnixStream, listener: &UnixListener) {
-    let request = match read_request(&conn) {
-        Ok(r) => r,
+/// A supervisor forked ahead of its start: it has done the set-up every Machine shares
+/// and waits in `accept` for the next start request. The fork and that set-up are off
+/// the start path; the spawner forks the next spare once this one says it took a start.
+struct Spare {
+    pid: nix::unistd::Pid,
+    /// One byte arrives when the spare has accepted a start; EOF when it died.
+    taken: OwnedFd,
+}
+
+fn fork_spare(listener: &UnixListener) -> io::Result<Spare> {
+    let (taken_r, taken_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let spawner = nix::unistd::getpid();
+    // SAFETY: the spawner is single-threaded, so the child may run any code.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Spare {
+            pid: child,
+            taken: taken_r,
+        }),
+        nix::unistd::ForkResult::Child => {
+            drop(taken_r);
+            let code = run_spare(listener, taken_w, spawner);
+            // SAFETY: _exit ends the forked child without the spawner's exit paths.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// The spare's life: set up, take one start, then become that Machine's supervisor.
+fn run_spare(listener: &UnixListener, taken: OwnedFd, spawner: nix::unistd::Pid) -> i32 {
+    // Until it takes a start, a spare dies with the spawner; then it must outlive it.
+    if rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Kill))
+        .is_err()
+        || nix::unistd::getppid() != spawner
+    {
+        return 1;
+    }
+    let identity = nix::unistd::setsid()
+        .map_err(io::Error::from)
+        .and_then(|_| shim::prepare_process(&[listener.as_raw_fd(), taken.as_raw_fd()]))
+        .and_then(|()| shim::own_identity());
+    let Ok(identity) = identity else {
+        return 1;
+    };
+    let conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return 1,
+        }
+    };
+    if rustix::io::write(&taken, &[1]).is_err()
+        || rustix::process::set_parent_process_death_signal(None).is_err()
+    {
+        shim::report(
+            conn.as_fd(),
+            &ShimReport::error("the spawner went away during the start"),
+        );
+        return 1;
+    }
+    drop(taken);
+    // SAFETY: closes this process's copy of the listener, which it never uses again.
+    unsafe { libc::close(listener.as_raw_fd()) };
+    match read_request(&conn) {
+        Ok(request) => supervise(request, OwnedFd::from(conn), identity),
         Err(e) => {
             shim::report(
                 conn.as_fd(),
                 &ShimReport::error(format!("bad start request: {e}")),
             );
-            return;
+            1
         }
-    };
-    // SAFETY: the spawner is single-threaded, so the child may run any code.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Parent { .. }) => {}
-        Ok(nix::unistd::ForkResult::Child) => {
-            // The child holds nothing of the spawner's but the connection.
-            // SAFETY: closes this process's copy of the listener, which it never uses.
-            unsafe { libc::close(listener.as_raw_fd()) };
-            let code = supervise(request, OwnedFd::from(conn));
-            // SAFETY: _exit ends the forked child without the spawner's exit paths.
-            unsafe { libc::_exit(code) }
-        }
-        Err(e) => shim::report(
-            conn.as_fd(),
-            &ShimReport::error(format!("fork supervisor of machine {}: {e}", request.id)),
-        ),
     }
 }
 
@@ -143,7 +192,7 @@ fn read_request(conn: &UnixStream) -> io::Result<StartRequest> {
 }
 
 /// The supervisor: returns its exit code.
-fn supervise(request: StartRequest, conn: OwnedFd) -> i32 {
+fn supervise(request: StartRequest, conn: OwnedFd, identity: (u32, u64)) -> i32 {
     let layout = MachineLayout {
         id: request.id.clone(),
         dir: request.dir.clone(),
@@ -152,9 +201,6 @@ fn supervise(request: StartRequest, conn: OwnedFd) -> i32 {
         shim::report(conn.as_fd(), &ShimReport::error(message));
         1
     };
-    if let Err(e) = nix::unistd::setsid() {
-        return fail(format!("supervisor of {}: setsid: {e}", request.id));
-    }
     let opts = ShimArgs {
         id: request.id.clone(),
         bundle: layout.bundle(),
@@ -165,12 +211,15 @@ fn supervise(request: StartRequest, conn: OwnedFd) -> i32 {
         log_max_bytes: request.log_max_bytes,
         sync_fd: conn.as_raw_fd(),
     };
-    let mut supervisor = match Supervisor::setup(&opts, conn.as_raw_fd()) {
+    let mut mark = Instant::now();
+    let mut steps = StepTimes::new();
+    let mut supervisor = match Supervisor::for_machine(&opts, identity) {
         Ok(s) => s,
         Err(e) => return fail(format!("shim setup for {}: {e}", request.id)),
     };
+    steps.lap("supervisor_setup", &mut mark);
     let t0 = Instant::now();
-    match start_init(&request, &layout, &mut supervisor) {
+    match start_init(&request, &layout, &mut supervisor, &mut steps) {
         Ok(pid) => {
             let oom = shim::OomCounter::for_process(pid);
             let report = ShimReport {
@@ -180,6 +229,7 @@ fn supervise(request: StartRequest, conn: OwnedFd) -> i32 {
                 error: None,
                 create_us: Some(elapsed_us(t0)),
                 start_us: None,
+                steps,
             };
             shim::report(conn.as_fd(), &report);
             drop(conn);
@@ -196,7 +246,9 @@ fn start_init(
     request: &StartRequest,
     layout: &MachineLayout,
     supervisor: &mut Supervisor,
+    steps: &mut StepTimes,
 ) -> Result<u32, String> {
+    let mut mark = Instant::now();
     let id = &request.id;
     let config = layout.config_json();
     let text = std::fs::read(&config).map_err(|e| format!("read {}: {e}", config.display()))?;
@@ -205,10 +257,13 @@ fn start_init(
     let (stdout_w, stderr_w) = supervisor
         .take_child_stdio()
         .ok_or_else(|| "shim stdio already used".to_owned())?;
+    steps.lap("config_read", &mut mark);
     // Children forked from here on start a new pid namespace: init is its pid 1.
     nix::sched::unshare(CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("new pid namespace for {id}: {e}"))?;
     let (errors_r, errors_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+    let (marks_r, marks_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| format!("pipe: {e}"))?;
     let lowerdirs = request.lowerdirs.clone();
     let upper = layout.upper();
@@ -224,14 +279,18 @@ fn start_init(
         netns: &netns,
         cgroup_procs: &request.cgroup_procs,
     };
+    steps.lap("pid_namespace", &mut mark);
     // SAFETY: the supervisor is single-threaded (forked from the single-threaded spawner).
     let pid = match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(errors_r);
-            let failure = match init::run_init(&plan, stdout_w.as_fd(), stderr_w.as_fd()) {
-                Err(message) => message,
-                Ok(never) => match never {},
-            };
+            drop(marks_r);
+            let mut clock = init::InitClock::new(mark, marks_w.as_fd());
+            let failure =
+                match init::run_init(&plan, stdout_w.as_fd(), stderr_w.as_fd(), &mut clock) {
+                    Err(message) => message,
+                    Ok(never) => match never {},
+                };
             init::fail(&errors_w, &failure)
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => child,
@@ -239,6 +298,7 @@ fn start_init(
     };
     // Only init may hold the write ends: EOF on them means the Machine is gone.
     drop(errors_w);
+    drop(marks_w);
     drop(stdout_w);
     drop(stderr_w);
     let mut message = Vec::new();
@@ -254,6 +314,7 @@ fn start_init(
             }
         }
     }
+    let since_fork = mark.elapsed();
     if !message.is_empty() {
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(format!(
@@ -261,6 +322,12 @@ fn start_init(
             String::from_utf8_lossy(&message)
         ));
     }
+    let init_steps = init::parse_marks(&read_to_end(&marks_r));
+    let until_exec = init_steps.total_us();
+    steps.append(init_steps);
+    // From init's last mark to the supervisor seeing execve close the pipe.
+    steps.record("execve", micros(since_fork).saturating_sub(until_exec));
+    mark = Instant::now();
     let pid = u32::try_from(pid.as_raw()).map_err(|e| format!("init pid: {e}"))?;
     // Written for status and signal, like runc's --pid-file. No fsync: start path.
     let pid_file = layout.run_dir().join(shim::INIT_PID_FILE);
@@ -272,7 +339,23 @@ fn start_init(
         );
         return Err(format!("write {}: {e}", pid_file.display()));
     }
+    steps.lap("pid_file", &mut mark);
     Ok(pid)
+}
+
+/// What the (already closed) writer left in a pipe; empty on any error.
+fn read_to_end(pipe: &OwnedFd) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match rustix::io::read(pipe, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 fn elapsed_us(since: Instant) -> u64 {
