@@ -3,9 +3,12 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use tokio_util::task::AbortOnDropHandle;
 
 use berth_api::UsageRecord;
 
@@ -27,6 +30,36 @@ pub struct MachineEvent {
 #[derive(Debug, Clone)]
 pub struct AgentStore {
     pool: SqlitePool,
+    _checkpointer: Arc<AbortOnDropHandle<()>>,
+}
+
+/// How often the WAL is checkpointed in the background.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checkpoints a WAL database from a background task every `interval`. SQLite's automatic
+/// checkpoint runs inside whichever commit crosses the WAL's size threshold, and with its
+/// fsyncs that one commit (a start, say) takes milliseconds; opened with
+/// `wal_autocheckpoint=0`, no commit pays for it. The task ends when the handle drops.
+pub fn checkpoint_in_background(pool: SqlitePool, interval: Duration) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::warn!(%error, "checkpointing the store's WAL");
+            }
+        }
+    }))
 }
 
 const SCHEMA: &[&str] = &[
@@ -75,6 +108,7 @@ impl AgentStore {
             // NORMAL in WAL mode survives a crash of this process; only an OS crash can
             // lose the newest commits, and recovery reconciles with the host anyway.
             .synchronous(SqliteSynchronous::Normal)
+            .pragma("wal_autocheckpoint", "0")
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -83,7 +117,11 @@ impl AgentStore {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        Ok(AgentStore { pool })
+        let checkpointer = checkpoint_in_background(pool.clone(), CHECKPOINT_INTERVAL);
+        Ok(AgentStore {
+            pool,
+            _checkpointer: Arc::new(checkpointer),
+        })
     }
 
     /// Writes the record, and the event if any, in one transaction.
@@ -122,14 +160,20 @@ impl AgentStore {
     ) -> Result<Option<i64>> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
+        let upsert = sqlx::query(
+            "INSERT OR REPLACE INTO machines (id, app, state, record) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&record.id)
+        .bind(&record.app)
+        .bind(record.state.as_str())
+        .bind(json);
+        if event.is_none() && usage.is_empty() {
+            // One statement is atomic by itself: no BEGIN and COMMIT round trips.
+            upsert.execute(&self.pool).await?;
+            return Ok(None);
+        }
         let mut transaction = self.pool.begin().await?;
-        sqlx::query("INSERT OR REPLACE INTO machines (id, app, state, record) VALUES (?, ?, ?, ?)")
-            .bind(&record.id)
-            .bind(&record.app)
-            .bind(record.state.as_str())
-            .bind(json)
-            .execute(&mut *transaction)
-            .await?;
+        upsert.execute(&mut *transaction).await?;
         let mut event_id = None;
         if let Some(event) = event {
             let inserted = sqlx::query(

@@ -26,6 +26,7 @@ pub struct MachineIndexRow {
 #[derive(Debug, Clone)]
 pub struct ControlStore {
     pool: SqlitePool,
+    _checkpointer: std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 /// The outcome of inserting a row that must be unique.
@@ -60,6 +61,8 @@ impl ControlStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // Checkpoints run in the background, not inside a request's commit.
+            .pragma("wal_autocheckpoint", "0")
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -68,7 +71,14 @@ impl ControlStore {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        Ok(ControlStore { pool })
+        let checkpointer = berth_agent::store::checkpoint_in_background(
+            pool.clone(),
+            berth_agent::store::CHECKPOINT_INTERVAL,
+        );
+        Ok(ControlStore {
+            pool,
+            _checkpointer: std::sync::Arc::new(checkpointer),
+        })
     }
 
     pub async fn ensure_org(&self, slug: &str, now_ms: i64) -> Result<(), sqlx::Error> {
