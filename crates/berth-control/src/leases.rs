@@ -27,7 +27,7 @@ const DEFAULT_TTL_S: u64 = 30;
 const MAX_TTL_S: u64 = 86_400;
 const MAX_DESCRIPTION: usize = 256;
 
-struct LeaseRow {
+pub(crate) struct LeaseRow {
     nonce: String,
     owner: String,
     description: String,
@@ -91,7 +91,11 @@ fn lease_held(lease: &LeaseRow, now_ms: i64) -> ApiError {
     error
 }
 
-async fn current(control: &ControlPlane, machine: &str) -> Result<Option<LeaseRow>, ApiError> {
+/// The lease held on a Machine now, if any.
+pub(crate) async fn current(
+    control: &ControlPlane,
+    machine: &str,
+) -> Result<Option<LeaseRow>, ApiError> {
     let row = sqlx::query(
         "SELECT nonce, owner, description, expires_at_ms FROM leases WHERE machine_id = ? AND expires_at_ms > ?",
     )
@@ -113,8 +117,18 @@ pub(crate) async fn check(
     machine: &str,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
+    let lease = current(control, machine).await;
+    check_against(control, lease, headers)
+}
+
+/// [`check`] against a lease already looked up (with [`current`]).
+pub(crate) fn check_against(
+    control: &ControlPlane,
+    lease: Result<Option<LeaseRow>, ApiError>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
     let given = given_nonce(headers)?;
-    match current(control, machine).await? {
+    match lease? {
         Some(lease) if !same_nonce(given.as_deref(), &lease.nonce) => {
             Err(lease_held(&lease, control.clock.now_ms()))
         }

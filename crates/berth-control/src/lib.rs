@@ -27,6 +27,7 @@ pub mod error;
 pub mod extract;
 mod idempotency;
 mod images;
+mod last_known;
 mod leases;
 pub mod limits;
 mod machines;
@@ -86,6 +87,7 @@ impl ControlConfig {
 /// The control plane's shared state.
 pub struct ControlPlane {
     store: ControlStore,
+    last_known: last_known::LastKnown,
     admin_token_hash: [u8; 32],
     workers: workers::Workers,
     join_token: String,
@@ -150,6 +152,7 @@ impl ControlPlane {
             .map(|app| (app.name.clone(), app.org_slug.clone()))
             .collect();
         let control = Arc::new(ControlPlane {
+            last_known: last_known::LastKnown::start(store.clone()),
             store,
             admin_token_hash: auth::sha256(&config.admin_token),
             workers,
@@ -402,19 +405,21 @@ impl ControlPlane {
         app: &str,
         id: &str,
     ) -> Result<(AppRow, MachineIndexRow), ApiError> {
-        let app_row = self.app(principal, app).await?;
-        if !ids::is_machine_id(id) {
+        if validate::validate_name("app", app).is_err() || !ids::is_machine_id(id) {
+            let _app = self.app(principal, app).await?;
             return Err(ApiError::not_found(format!("machine {id:?}")));
         }
-        let row = self
-            .store
-            .machine(app, id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("machine {id}")))?;
+        // Both reads at once: this is on the path of every start and stop.
+        let (app_row, row) = tokio::join!(self.store.app(app), self.store.machine(app, id));
+        let app_row = app_row?
+            .filter(|row| principal.can_see(&row.org_slug))
+            .ok_or_else(|| ApiError::not_found(format!("app {app}")))?;
+        let row = row?.ok_or_else(|| ApiError::not_found(format!("machine {id}")))?;
         Ok((app_row, row))
     }
 
     pub async fn close(&self) {
+        self.last_known.flush(&self.store).await;
         self.store.close().await;
     }
 }

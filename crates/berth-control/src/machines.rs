@@ -331,9 +331,14 @@ async fn prologue(
         Begin::Replay(response) => return Ok(Err(response)),
         Begin::Proceed(claim) => claim,
     };
-    let (app_row, row) = control.machine(principal, app, id).await?;
+    // The lease is read beside the lookup; it is judged in the same order as before.
+    let (machine, lease) = tokio::join!(
+        control.machine(principal, app, id),
+        leases::current(control, id)
+    );
+    let (app_row, row) = machine?;
     control.check_rate(principal, action, Some(id)).await?;
-    leases::check(control, id, headers).await?;
+    leases::check_against(control, lease, headers)?;
     Ok(Ok((app_row, row, claim)))
 }
 
@@ -488,14 +493,12 @@ fn answered_by(mut machine: Machine, worker: &str) -> Machine {
 }
 
 /// After a change (create, update, start, stop): marks the answer, and remembers it as the
-/// last known state for when that worker is down. Reads only mark, so GET and list cost
-/// no write.
+/// last known state for when that worker is down (written in the background). Reads only
+/// mark, so GET and list cost no write.
 async fn seen(control: &ControlPlane, machine: Machine, worker: &str) -> Machine {
     let machine = answered_by(machine, worker);
     if let Ok(json) = serde_json::to_string(&machine) {
-        if let Err(error) = control.store.remember_machine(&machine.id, &json).await {
-            tracing::warn!(machine = %machine.id, %error, "caching the machine's last known state");
-        }
+        control.last_known.remember(&machine.id, json);
     }
     machine
 }
@@ -505,7 +508,7 @@ async fn last_known(
     id: &str,
     worker: &str,
 ) -> Result<Option<Machine>, ApiError> {
-    let Some(json) = control.store.last_known_machine(id).await? else {
+    let Some(json) = control.last_known.get(&control.store, id).await? else {
         return Ok(None);
     };
     let Ok(mut machine) = serde_json::from_str::<Machine>(&json) else {
