@@ -19,6 +19,42 @@ fn create(platform: &Platform, app: &str, body: serde_json::Value) -> Machine {
     serde_json::from_value(body).expect("machine")
 }
 
+/// A start's `Server-Timing`: every layer's steps, in order, each with a duration, and
+/// a total no smaller than the API's own first step.
+fn check_start_steps(header: &str) {
+    let steps: Vec<(&str, f64)> = header
+        .split(", ")
+        .map(|entry| {
+            let (name, duration) = entry.split_once(";dur=").expect("name;dur=ms");
+            (name, duration.parse().expect("milliseconds"))
+        })
+        .collect();
+    let names: Vec<&str> = steps.iter().map(|(name, _)| *name).collect();
+    let position = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no {name} in {header}"))
+    };
+    let order = [
+        "api_request",
+        "worker_hop",
+        "agent_store_starting",
+        "spawner_hop",
+        "init_cgroups",
+        "init_overlay",
+        "init_seccomp_apply",
+        "execve",
+        "agent_store_started",
+        "total",
+    ];
+    let positions: Vec<usize> = order.iter().map(|name| position(name)).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{header}");
+    let total = steps[position("total")].1;
+    let summed: f64 = steps[..position("total")].iter().map(|(_, ms)| ms).sum();
+    assert!(total > 0.0 && summed <= total + 0.05, "{header}");
+}
+
 fn post(platform: &Platform, path: &str) -> serde_json::Value {
     let (status, body) = platform.call(Method::POST, path, Some(json!({})));
     assert_eq!(status, 200, "{path}: {body}");
@@ -117,9 +153,26 @@ fn files_survive_stop_start_and_a_restart_of_berth_up() {
         let stopped = post(&platform, &format!("{base}/stop"));
         assert_eq!(stopped["previous_state"], "started");
         assert_eq!(stopped["machine"]["state"], "stopped");
-        let started = post(&platform, &format!("{base}/start"));
+        let response = platform
+            .request(Method::POST, &format!("{base}/start"))
+            .json(&json!({}))
+            .send()
+            .expect("start");
+        assert_eq!(response.status().as_u16(), 200);
+        let timing = response
+            .headers()
+            .get("server-timing")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .expect("start answers with a Server-Timing header");
+        let started: serde_json::Value = response.json().expect("start body");
         assert_eq!(started["previous_state"], "stopped");
         assert_eq!(started["machine"]["state"], "started");
+        assert!(
+            started.get("timings").is_none(),
+            "the steps travel in the header only: {started}"
+        );
+        check_start_steps(&timing);
         expect_boots(&platform, boots);
     }
 
