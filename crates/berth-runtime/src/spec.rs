@@ -255,7 +255,8 @@ pub fn render(layout: &MachineLayout, spec: &BundleSpec) -> Result<Vec<u8>, Runt
         });
     }
     let oci = build(spec, &layout.rootfs(), &layout.netns())?;
-    serde_json::to_vec_pretty(&oci)
+    // Compact: every start reads it, and every stopped Machine keeps it on disk.
+    serde_json::to_vec(&oci)
         .map_err(|e| RuntimeError::Internal(format!("serialize config for {}: {e}", layout.id)))
 }
 
