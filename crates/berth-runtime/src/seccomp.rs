@@ -5,6 +5,7 @@
 //! driver compiles the same section with `seccompiler`: one profile, two drivers.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use oci_spec::runtime::{
     LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
@@ -153,6 +154,26 @@ pub enum SeccompError {
     Compile(#[from] seccompiler::BackendError),
 }
 
+/// The default profile and its programs, compiled once in the spawner so that every
+/// Machine's init, forked from it, finds them ready.
+static PRECOMPILED: OnceLock<(LinuxSeccomp, Vec<BpfProgram>)> = OnceLock::new();
+
+/// Compiles [`default_profile`] for [`compile_or_reuse`] in this process and its children.
+pub fn precompile_default() -> Result<(), SeccompError> {
+    let profile = default_profile().map_err(|e| SeccompError::Unsupported(e.to_string()))?;
+    let programs = compile(&profile)?;
+    let _ = PRECOMPILED.set((profile, programs));
+    Ok(())
+}
+
+/// [`compile`], unless `profile` is the precompiled default: then its programs.
+pub fn compile_or_reuse(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> {
+    match PRECOMPILED.get() {
+        Some((default, programs)) if default == profile => Ok(programs.clone()),
+        _ => compile(profile),
+    }
+}
+
 /// Compiles an OCI seccomp section of the shape [`default_profile`] writes: default
 /// allow, rules that answer an errno, masked-equal argument checks. Anything else is
 /// refused rather than half applied. seccompiler has one match action per filter, so each
@@ -238,6 +259,24 @@ mod tests {
         for denied in ["mount", "unshare", "setns", "keyctl", "bpf", "reboot"] {
             assert!(names.iter().any(|n| n == denied), "{denied}");
         }
+    }
+
+    #[test]
+    fn the_precompiled_default_is_reused_only_for_the_same_profile() {
+        precompile_default().unwrap();
+        let default = default_profile().unwrap();
+        assert_eq!(
+            compile_or_reuse(&default).unwrap(),
+            compile(&default).unwrap()
+        );
+        let mut narrower = default.clone();
+        let mut syscalls = narrower.syscalls().clone().unwrap();
+        syscalls.truncate(1);
+        narrower.set_syscalls(Some(syscalls));
+        assert_ne!(
+            compile_or_reuse(&narrower).unwrap(),
+            compile(&default).unwrap()
+        );
     }
 
     #[test]

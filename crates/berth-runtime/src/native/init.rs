@@ -211,7 +211,7 @@ pub(crate) fn exec_process(
         }
     }
     let programs = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-        Some(profile) => seccomp::compile(profile).map_err(|e| e.to_string())?,
+        Some(profile) => seccomp::compile_or_reuse(profile).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
     clock.mark("init_seccomp_compile");

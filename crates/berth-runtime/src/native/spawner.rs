@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::init::{self, InitPlan};
 use crate::shim::{self, ShimArgs, ShimReport, Supervisor};
 use crate::timing::{micros, StepTimes};
-use crate::{util, MachineLayout};
+use crate::{seccomp, util, MachineLayout};
 
 /// First argument of the shim command that makes it the spawner.
 pub const SPAWNER_ARG: &str = "spawner";
@@ -72,6 +72,8 @@ fn serve(socket: &Path) -> io::Result<()> {
             nix::sys::signal::SigHandler::SigIgn,
         )
     }?;
+    // Machines inherit it compiled, instead of compiling it on every start.
+    seccomp::precompile_default().map_err(io::Error::other)?;
     util::remove_file_if_exists(socket)?;
     let listener = UnixListener::bind(socket)?;
     {
