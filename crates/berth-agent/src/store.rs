@@ -160,42 +160,59 @@ impl AgentStore {
     ) -> Result<Option<i64>> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
-        let upsert = sqlx::query(
-            "INSERT OR REPLACE INTO machines (id, app, state, record) VALUES (?, ?, ?, ?)",
-        )
-        .bind(&record.id)
-        .bind(&record.app)
-        .bind(record.state.as_str())
-        .bind(json);
+        const UPSERT: &str =
+            "INSERT OR REPLACE INTO machines (id, app, state, record) VALUES (?, ?, ?, ?);";
+        const USAGE: &str = "INSERT INTO usage_journal
+            (machine_id, app, kind, at_ms, cpus, memory_mb, storage_bytes, basis)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?);";
+        const EVENT: &str = "INSERT INTO machine_events
+            (machine_id, kind, source, state, exit_code, reason, at_ms)
+            VALUES (?, ?, ?, ?, ?, ?, ?);";
+        // One query of several statements (sqlx runs them in one trip to the connection's
+        // thread, binding the arguments in order); the event goes last, so the last
+        // inserted row id is the event's.
+        let mut sql = String::from(UPSERT);
+        for _ in usage {
+            sql.push_str(USAGE);
+        }
+        if event.is_some() {
+            sql.push_str(EVENT);
+        }
+        let mut query = sqlx::query(&sql)
+            .bind(&record.id)
+            .bind(&record.app)
+            .bind(record.state.as_str())
+            .bind(json);
+        for entry in usage {
+            query = query
+                .bind(&entry.machine_id)
+                .bind(&entry.app)
+                .bind(enum_text(&entry.kind)?)
+                .bind(entry.at_ms)
+                .bind(entry.cpus)
+                .bind(entry.memory_mb)
+                .bind(i64::try_from(entry.storage_bytes).unwrap_or(i64::MAX))
+                .bind(entry.basis.as_ref().map(enum_text).transpose()?);
+        }
+        if let Some(event) = event {
+            query = query
+                .bind(&record.id)
+                .bind(&event.kind)
+                .bind(&event.source)
+                .bind(&event.state)
+                .bind(event.exit_code)
+                .bind(&event.reason)
+                .bind(event.at_ms);
+        }
         if event.is_none() && usage.is_empty() {
             // One statement is atomic by itself: no BEGIN and COMMIT round trips.
-            upsert.execute(&self.pool).await?;
+            query.execute(&self.pool).await?;
             return Ok(None);
         }
         let mut transaction = self.pool.begin().await?;
-        upsert.execute(&mut *transaction).await?;
-        let mut event_id = None;
-        if let Some(event) = event {
-            let inserted = sqlx::query(
-                "INSERT INTO machine_events (machine_id, kind, source, state, exit_code, reason, at_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&record.id)
-            .bind(&event.kind)
-            .bind(&event.source)
-            .bind(&event.state)
-            .bind(event.exit_code)
-            .bind(&event.reason)
-            .bind(event.at_ms)
-            .execute(&mut *transaction)
-            .await?;
-            event_id = Some(inserted.last_insert_rowid());
-        }
-        for entry in usage {
-            insert_usage(&mut transaction, entry).await?;
-        }
+        let done = query.execute(&mut *transaction).await?;
         transaction.commit().await?;
-        Ok(event_id)
+        Ok(event.map(|_| done.last_insert_rowid()))
     }
 
     /// Journal entries after `after_seq`, oldest first.
