@@ -37,6 +37,14 @@ impl ProxyError {
         )
     }
 
+    pub fn payload_too_large(max_body_bytes: usize) -> ProxyError {
+        ProxyError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are at most {max_body_bytes} bytes"),
+        )
+    }
+
     pub fn wake_timeout(timeout: Duration) -> ProxyError {
         ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,

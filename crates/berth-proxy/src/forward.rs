@@ -116,6 +116,18 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
     }
 }
 
+/// Whether `error` or anything it came from is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<E>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// What became of a forward: an answer for the client, or a request without a body that
 /// the Machine refused to connect for, given back to be sent elsewhere.
 pub(crate) enum Forwarded {
@@ -202,6 +214,22 @@ pub(crate) async fn forward(
                 }
                 return Forwarded::Answer(
                     ProxyError::machine_unreachable(ticket.machine()).into_response(),
+                );
+            }
+            if caused_by::<http_body_util::LengthLimitError>(&error) {
+                return Forwarded::Answer(
+                    ProxyError::payload_too_large(max_body_bytes).into_response(),
+                );
+            }
+            // Only the client's body gives an axum error: it ended early or was garbled.
+            if caused_by::<axum::Error>(&error) {
+                return Forwarded::Answer(
+                    ProxyError::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed_request",
+                        "the request body ended early or was malformed",
+                    )
+                    .into_response(),
                 );
             }
             tracing::debug!(machine = %ticket.machine(), ?error, "forwarding failed");
