@@ -75,6 +75,18 @@ impl ProxyError {
         .retry_after(Duration::from_secs(5))
     }
 
+    pub fn machine_busy(machine: &str) -> ProxyError {
+        ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "machine_busy",
+            format!(
+                "Machine {machine} did not accept the connection within {} s; it is taking no more",
+                crate::forward::CONNECT_TIMEOUT.as_secs()
+            ),
+        )
+        .retry_after(Duration::from_secs(1))
+    }
+
     pub fn machine_unreachable(machine: &str) -> ProxyError {
         ProxyError::new(
             StatusCode::BAD_GATEWAY,

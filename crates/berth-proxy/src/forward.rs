@@ -25,10 +25,13 @@ pub(crate) type Client = hyper_util::client::legacy::Client<HttpConnector, Body>
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
+/// Past one SYN retransmission (1 s), short of the second (3 s).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) fn client() -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
@@ -114,6 +117,18 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
             headers.insert(name, value);
         }
     }
+}
+
+/// Whether the connect failed by timing out (rather than being refused).
+fn connect_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Whether `error` or anything it came from is an `E`.
@@ -206,6 +221,14 @@ pub(crate) async fn forward(
     let mut response = match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => response,
         Err(error) => {
+            if error.is_connect() && connect_timed_out(&error) {
+                // Not gone but swamped: its listen queue is full and the SYN was dropped.
+                // Marking it unreachable would turn every request for a second into a 502.
+                tracing::debug!(machine = %ticket.machine(), "connecting to the Machine timed out");
+                return Forwarded::Answer(
+                    ProxyError::machine_busy(ticket.machine()).into_response(),
+                );
+            }
             if error.is_connect() {
                 ticket.unreachable();
                 tracing::warn!(machine = %ticket.machine(), %error, "Machine refused the connection");

@@ -503,6 +503,42 @@ async fn a_refused_connection_is_502_machine_unreachable() {
     assert!(body.contains("machine_unreachable"), "{body}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_machine_whose_listen_queue_is_full_is_busy_not_unreachable() {
+    // A listener that never accepts, its queue filled: further SYNs are dropped.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let address = socket.local_addr().expect("addr");
+    let _listener = socket.listen(1).expect("listen");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let connect = tokio::net::TcpStream::connect(address);
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(100), connect).await {
+            fillers.push(stream);
+        }
+    }
+    assert!(!fillers.is_empty(), "the queue took some connections");
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(address.port(), 60, 0),
+    )]);
+    let proxy = Proxy::new(platform, ProxyConfig::default());
+    for _ in 0..2 {
+        let request = Request::builder()
+            .uri("/")
+            .header("host", "web.localhost")
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(proxy.router(), request).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("machine_busy"), "{body}");
+        assert!(headers.contains_key("retry-after"));
+    }
+}
+
 #[tokio::test]
 async fn declared_oversized_bodies_get_413() {
     let proxy = Proxy::new(FakePlatform::with(Vec::new()), ProxyConfig::default());
