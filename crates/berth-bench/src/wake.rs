@@ -3,6 +3,7 @@
 //! beside it a warm request through the proxy, a direct request to the Machine, and
 //! requests/s through the proxy and direct.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,14 +38,46 @@ async fn latencies(
         let response = request.send().await?;
         times.push(clock.elapsed());
         if !response.status().is_success() {
-            bail!("{url} answered {}", response.status());
+            let status = response.status();
+            bail!("{url} answered {status}: {}", response.text().await?);
         }
         response.bytes().await?;
     }
     Ok(times)
 }
 
-/// Requests per second with `CONCURRENCY` clients for `window`.
+/// The innermost error, which names the OS error of a failed connect.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Why a request failed: the status and the proxy's error code, or the kind of transport
+/// error.
+async fn failure_reason(outcome: reqwest::Result<reqwest::Response>) -> String {
+    match outcome {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let code = response
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|body| body["error"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("{status} {code}").trim_end().to_owned()
+        }
+        Err(error) if error.is_connect() => format!("connect: {}", root_cause(&error)),
+        Err(error) if error.is_timeout() => "timeout".into(),
+        Err(error) if error.is_request() => "request".into(),
+        Err(_) => "other".into(),
+    }
+}
+
+/// Requests per second with `CONCURRENCY` clients for `window`, and the failures by
+/// reason.
 async fn throughput(
     http: &reqwest::Client,
     url: &str,
@@ -59,7 +92,8 @@ async fn throughput(
         let url = url.to_owned();
         let host = host.map(str::to_owned);
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut ok = 0u64;
+            let mut failures: BTreeMap<String, u64> = BTreeMap::new();
             while Instant::now() < deadline {
                 let mut request = http.get(&url);
                 if let Some(host) = &host {
@@ -70,21 +104,25 @@ async fn throughput(
                         ok += 1;
                         let _ = response.bytes().await;
                     }
-                    _ => failed += 1,
+                    outcome => *failures.entry(failure_reason(outcome).await).or_default() += 1,
                 }
             }
-            (ok, failed)
+            (ok, failures)
         }));
     }
-    let (mut ok, mut failed) = (0, 0);
+    let mut ok = 0;
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     for task in tasks {
-        let (done, refused) = task.await?;
+        let (done, failed) = task.await?;
         ok += done;
-        failed += refused;
+        for (reason, count) in failed {
+            *failures.entry(reason).or_default() += count;
+        }
     }
     let seconds = began.elapsed().as_secs_f64();
+    let failed: u64 = failures.values().sum();
     Ok(
-        json!({"concurrency": CONCURRENCY, "ok": ok, "failed": failed,
+        json!({"concurrency": CONCURRENCY, "ok": ok, "failed": failed, "failures": failures,
               "rps": (ok as f64 / seconds).round()}),
     )
 }
@@ -125,7 +163,17 @@ pub async fn measure(
                               "concurrency": {"soft_limit": 1000, "hard_limit": 1000}}]}}),
         )
         .await?;
-    let address = machine
+    // The direct requests go to a twin without a service: the proxy would stop the first
+    // Machine one idle second after its own traffic ends, and refuse the rest of them.
+    let twin: Machine = client
+        .post(
+            &format!("/v1/apps/{APP}/machines"),
+            &json!({"config": {"image": "bench/httpd:1",
+                "init": {"cmd": ["/bin/sh", "-c", HTTPD]},
+                "stop_config": {"signal": "SIGKILL"}}}),
+        )
+        .await?;
+    let address = twin
         .private_ip
         .clone()
         .context("the Machine has no private address")?;
@@ -151,8 +199,10 @@ pub async fn measure(
         let host = format!("{APP}.localhost");
         let direct_url = format!("http://[{address}]:8080/");
 
-        // The proxy stops only the Machines of apps it has had a request for.
-        latencies(&http, &proxy_url, Some(&host), 1).await?;
+        // A first request, so the first autostop below does not wait for discovery.
+        latencies(&http, &proxy_url, Some(&host), 1)
+            .await
+            .context("the first request through the proxy")?;
         // Wake: wait for the proxy's autostop, then one request.
         let mut wakes = Vec::with_capacity(cycles);
         for _ in 0..cycles {
@@ -163,10 +213,18 @@ pub async fn measure(
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            wakes.extend(latencies(&http, &proxy_url, Some(&host), 1).await?);
+            wakes.extend(
+                latencies(&http, &proxy_url, Some(&host), 1)
+                    .await
+                    .context("a wake")?,
+            );
         }
-        let warm = latencies(&http, &proxy_url, Some(&host), 500).await?;
-        let direct = latencies(&unpooled, &direct_url, None, 500).await?;
+        let warm = latencies(&http, &proxy_url, Some(&host), 500)
+            .await
+            .context("warm requests through the proxy")?;
+        let direct = latencies(&unpooled, &direct_url, None, 500)
+            .await
+            .context("requests straight to the Machine")?;
         let window = Duration::from_secs(seconds.max(1));
         let proxied_rps = throughput(&http, &proxy_url, Some(&host), window).await?;
         let direct_rps = throughput(&unpooled, &direct_url, None, window).await?;

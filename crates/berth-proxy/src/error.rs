@@ -37,6 +37,14 @@ impl ProxyError {
         )
     }
 
+    pub fn payload_too_large(max_body_bytes: usize) -> ProxyError {
+        ProxyError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are at most {max_body_bytes} bytes"),
+        )
+    }
+
     pub fn wake_timeout(timeout: Duration) -> ProxyError {
         ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -65,6 +73,18 @@ impl ProxyError {
             "the app has no started Machine with a service and none it may start",
         )
         .retry_after(Duration::from_secs(5))
+    }
+
+    pub fn machine_busy(machine: &str) -> ProxyError {
+        ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "machine_busy",
+            format!(
+                "Machine {machine} did not accept the connection within {} s; it is taking no more",
+                crate::forward::CONNECT_TIMEOUT.as_secs()
+            ),
+        )
+        .retry_after(Duration::from_secs(1))
     }
 
     pub fn machine_unreachable(machine: &str) -> ProxyError {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use berth_api::{AutostopMode, MachineState};
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -25,6 +26,8 @@ const MISSING_TTL: Duration = Duration::from_secs(2);
 const MAX_MISSING: usize = 10_000;
 /// How often a waking Machine's port is tried.
 const PORT_POLL: Duration = Duration::from_millis(2);
+/// How many apps discovery reads at once.
+const DISCOVERY_CONCURRENCY: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WakeFailure {
@@ -220,6 +223,11 @@ impl Fleet {
 
     pub fn config(&self) -> &ProxyConfig {
         &self.config
+    }
+
+    #[cfg(test)]
+    pub fn knows(&self, app: &str) -> bool {
+        locked(&self.apps).contains_key(app)
     }
 
     /// The app's state, loading it from the platform the first time.
@@ -556,6 +564,62 @@ impl Fleet {
         app.rung();
     }
 
+    /// Reads the platform's apps and their Machines, so that idle timers and
+    /// `min_machines_running` also apply to Machines no request has gone to (started
+    /// through the API, or before the proxy). An app gone from the list is read once more
+    /// and forgotten when that confirms it.
+    pub async fn discover(self: &Arc<Self>) -> Result<(), PlatformError> {
+        let names = self.platform.apps().await?;
+        let now = Instant::now();
+        let known: Vec<Arc<AppState>> = locked(&self.apps).values().cloned().collect();
+        let stale: Vec<Arc<AppState>> = known
+            .into_iter()
+            .filter(|app| {
+                !names.contains(&app.name)
+                    || app
+                        .lock()
+                        .refreshed_at
+                        .is_none_or(|at| now.duration_since(at) >= self.config.view_ttl)
+            })
+            .collect();
+        let new: Vec<String> = {
+            let apps = locked(&self.apps);
+            names
+                .into_iter()
+                .filter(|name| !apps.contains_key(name))
+                .collect()
+        };
+        let mut jobs: Vec<BoxFuture<'static, Result<(), (String, ProxyError)>>> = Vec::new();
+        for app in stale {
+            let fleet = self.clone();
+            jobs.push(
+                async move {
+                    let result = fleet.refresh(&app).await;
+                    result.map_err(|error| (app.name.clone(), error))
+                }
+                .boxed(),
+            );
+        }
+        for name in new {
+            let fleet = self.clone();
+            jobs.push(
+                async move {
+                    let result = fleet.app(&name).await.map(drop);
+                    result.map_err(|error| (name, error))
+                }
+                .boxed(),
+            );
+        }
+        let results: Vec<_> = futures::stream::iter(jobs)
+            .buffer_unordered(DISCOVERY_CONCURRENCY)
+            .collect()
+            .await;
+        for (app, error) in results.into_iter().filter_map(Result::err) {
+            tracing::debug!(%app, error = %error.message, "discovering the app's Machines");
+        }
+        Ok(())
+    }
+
     /// Machines to stop now, and when to look next.
     fn autostop_plan(&self, app: &AppState, now: Instant) -> (Vec<String>, Option<Instant>) {
         let mut inner = app.lock();
@@ -665,5 +729,19 @@ async fn autostop_loop(fleet: std::sync::Weak<Fleet>, app: Arc<AppState>) {
             }
             None => changed.await,
         }
+    }
+}
+
+/// Discovers the platform's apps every `interval` for as long as the fleet lives.
+pub(crate) async fn discovery_loop(fleet: std::sync::Weak<Fleet>, interval: Duration) {
+    loop {
+        let Some(strong) = fleet.upgrade() else {
+            return;
+        };
+        if let Err(error) = strong.discover().await {
+            tracing::warn!(%error, "listing the platform's apps");
+        }
+        drop(strong);
+        tokio::time::sleep(interval).await;
     }
 }

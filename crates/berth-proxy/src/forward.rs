@@ -25,10 +25,13 @@ pub(crate) type Client = hyper_util::client::legacy::Client<HttpConnector, Body>
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
+/// Past one SYN retransmission (1 s), short of the second (3 s).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) fn client() -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
@@ -116,6 +119,30 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
     }
 }
 
+/// Whether the connect failed by timing out (rather than being refused).
+fn connect_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Whether `error` or anything it came from is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<E>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// What became of a forward: an answer for the client, or a request without a body that
 /// the Machine refused to connect for, given back to be sent elsewhere.
 pub(crate) enum Forwarded {
@@ -194,6 +221,14 @@ pub(crate) async fn forward(
     let mut response = match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => response,
         Err(error) => {
+            if error.is_connect() && connect_timed_out(&error) {
+                // Not gone but swamped: its listen queue is full and the SYN was dropped.
+                // Marking it unreachable would turn every request for a second into a 502.
+                tracing::debug!(machine = %ticket.machine(), "connecting to the Machine timed out");
+                return Forwarded::Answer(
+                    ProxyError::machine_busy(ticket.machine()).into_response(),
+                );
+            }
             if error.is_connect() {
                 ticket.unreachable();
                 tracing::warn!(machine = %ticket.machine(), %error, "Machine refused the connection");
@@ -202,6 +237,22 @@ pub(crate) async fn forward(
                 }
                 return Forwarded::Answer(
                     ProxyError::machine_unreachable(ticket.machine()).into_response(),
+                );
+            }
+            if caused_by::<http_body_util::LengthLimitError>(&error) {
+                return Forwarded::Answer(
+                    ProxyError::payload_too_large(max_body_bytes).into_response(),
+                );
+            }
+            // Only the client's body gives an axum error: it ended early or was garbled.
+            if caused_by::<axum::Error>(&error) {
+                return Forwarded::Answer(
+                    ProxyError::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed_request",
+                        "the request body ended early or was malformed",
+                    )
+                    .into_response(),
                 );
             }
             tracing::debug!(machine = %ticket.machine(), ?error, "forwarding failed");

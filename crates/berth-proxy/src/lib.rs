@@ -3,7 +3,8 @@
 //! Machines that have been idle for their `autostop_idle_seconds`.
 //!
 //! The request path is a stack of tower layers, outermost first:
-//! `count` (metrics by status) → `route` (host → app, `/metrics`, size limits) →
+//! `count` (metrics by status) → `limit` (head and declared body sizes, malformed
+//! requests, all answered in JSON) → `route` (host → app, `/metrics`) →
 //! `admit` (least outstanding requests, soft and hard limits, the wake, the queue) →
 //! `forward` (the pooled client; the request's ticket rides on the response body and
 //! on upgraded connections, which is what idle tracking counts).
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -45,9 +46,12 @@ pub struct ProxyConfig {
     pub queue_timeout: Duration,
     /// How old the view of an app's Machines may be before it is read again.
     pub view_ttl: Duration,
+    /// How often the platform's apps and Machines are read, so Machines that get no
+    /// traffic through the proxy are stopped when idle too.
+    pub discovery_interval: Duration,
     /// How long a Machine that refused a connection gets no traffic.
     pub unreachable_backoff: Duration,
-    /// The request line and headers together (hyper's read buffer; at least 8192).
+    /// The request line and headers together; more gets 431 `headers_too_large`.
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
 }
@@ -59,12 +63,17 @@ impl Default for ProxyConfig {
             wake_timeout: Duration::from_secs(10),
             queue_timeout: Duration::from_secs(2),
             view_ttl: Duration::from_secs(2),
+            discovery_interval: Duration::from_secs(5),
             unreachable_backoff: Duration::from_secs(1),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 64 * 1024 * 1024,
         }
     }
 }
+
+/// hyper's read buffer is this many times `max_header_bytes`, and at least hyper's minimum.
+const HYPER_BUFFER_FACTOR: usize = 8;
+const MIN_HYPER_BUFFER: usize = 8192;
 
 /// The proxy: cheap to clone, one per process.
 #[derive(Clone)]
@@ -105,6 +114,7 @@ impl Proxy {
             .fallback(forward_to_machine)
             .layer(middleware::from_fn_with_state(self.clone(), admit))
             .layer(middleware::from_fn_with_state(self.clone(), route))
+            .layer(middleware::from_fn_with_state(self.clone(), limit))
             .layer(middleware::from_fn_with_state(self.clone(), count))
             .with_state(self.clone())
     }
@@ -116,7 +126,17 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let router = self.router();
-        let max_header_bytes = self.config().max_header_bytes.max(8192);
+        let _discovery = AbortOnDrop(tokio::spawn(fleet::discovery_loop(
+            Arc::downgrade(&self.fleet),
+            self.config().discovery_interval,
+        )));
+        // hyper's hard limit, past which it answers a bodiless 431 itself; `limit` answers
+        // in JSON below it.
+        let read_buffer = self
+            .config()
+            .max_header_bytes
+            .saturating_mul(HYPER_BUFFER_FACTOR)
+            .max(MIN_HYPER_BUFFER);
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -140,7 +160,7 @@ impl Proxy {
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
-                    .max_buf_size(max_header_bytes)
+                    .max_buf_size(read_buffer)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
                     .with_upgrades();
@@ -149,6 +169,15 @@ impl Proxy {
                 }
             });
         }
+    }
+}
+
+/// Ends a background task when the server that started it returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -186,9 +215,83 @@ fn app_of_host(host: &str, domain: &str) -> Option<String> {
     valid.then(|| app.to_owned())
 }
 
-/// Routing layer: host → app; `/metrics` on any other host; size limits before anything
-/// costs a Machine.
+/// The request line and headers as they came on the wire, give or take a few bytes.
+fn head_bytes(request: &Request) -> usize {
+    let target = request.uri().authority().map_or(0, |a| a.as_str().len())
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len());
+    let line = request.method().as_str().len() + target + " HTTP/1.1\r\n".len();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": \r\n".len() + value.len())
+        .sum();
+    line + fields + "\r\n".len()
+}
+
+/// Limits layer: answers in JSON before anything costs a Machine. hyper's own read buffer
+/// is several times `max_header_bytes`, so most oversized heads reach this layer and get
+/// `headers_too_large` here rather than hyper's bodiless 431.
+async fn limit(State(proxy): State<Proxy>, request: Request, next: Next) -> Response {
+    let config = proxy.config();
+    let head = head_bytes(&request);
+    if head > config.max_header_bytes {
+        return ProxyError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request line and headers are {head} bytes; the proxy takes at most {}",
+                config.max_header_bytes
+            ),
+        )
+        .into_response();
+    }
+    if request.headers().get_all(header::HOST).iter().count() > 1 {
+        return ProxyError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            "the request has more than one Host header",
+        )
+        .into_response();
+    }
+    if request.method() == Method::CONNECT {
+        let mut response = ProxyError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "the proxy does not tunnel CONNECT; send requests to <app>.<domain>",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
+        );
+        return response;
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > config.max_body_bytes as u64) {
+        return ProxyError::payload_too_large(config.max_body_bytes).into_response();
+    }
+    next.run(request).await
+}
+
+/// Routing layer: host → app; `/metrics` on any other host.
 async fn route(State(proxy): State<Proxy>, mut request: Request, next: Next) -> Response {
+    if let Some(host) = request.headers().get(header::HOST) {
+        if host.to_str().is_err() {
+            return ProxyError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                "the Host header is not plain text",
+            )
+            .into_response();
+        }
+    }
     let host = request
         .headers()
         .get(header::HOST)
@@ -214,22 +317,6 @@ async fn route(State(proxy): State<Proxy>, mut request: Request, next: Next) -> 
         }
         return ProxyError::unknown_app(&host).into_response();
     };
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > proxy.config().max_body_bytes as u64) {
-        return ProxyError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "request bodies are at most {} bytes",
-                proxy.config().max_body_bytes
-            ),
-        )
-        .into_response();
-    }
     request.extensions_mut().insert(AppName(app));
     next.run(request).await
 }

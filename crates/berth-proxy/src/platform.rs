@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_api::{
-    ChangeSource, ErrorBody, Machine, MachineService, MachineState, StartRequest, StopRequest,
+    App, ChangeSource, ErrorBody, Machine, MachineService, MachineState, StartRequest, StopRequest,
 };
 
 /// What the proxy needs to know about one Machine.
@@ -52,6 +52,8 @@ impl PlatformError {
 
 #[async_trait]
 pub trait Platform: Send + Sync + 'static {
+    /// The names of every app the proxy may serve.
+    async fn apps(&self) -> Result<Vec<String>, PlatformError>;
     /// The app's Machines; `None` when there is no such app.
     async fn machines(&self, app: &str) -> Result<Option<Vec<MachineView>>, PlatformError>;
     /// Starts the Machine, recorded with source `autostart`; returns once it runs.
@@ -122,6 +124,19 @@ impl HttpPlatform {
 
 #[async_trait]
 impl Platform for HttpPlatform {
+    async fn apps(&self) -> Result<Vec<String>, PlatformError> {
+        let request = self.http.get(format!("{}/v1/apps", self.base));
+        let apps: Vec<App> = self
+            .send(request, READ_DEADLINE)
+            .await?
+            .json()
+            .await
+            .map_err(|error| {
+                PlatformError::new("internal", format!("an app list that is not JSON: {error}"))
+            })?;
+        Ok(apps.into_iter().map(|app| app.name).collect())
+    }
+
     async fn machines(&self, app: &str) -> Result<Option<Vec<MachineView>>, PlatformError> {
         let request = self
             .http

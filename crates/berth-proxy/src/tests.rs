@@ -17,12 +17,21 @@ struct FakePlatform {
     starts: AtomicUsize,
     stops: Mutex<Vec<String>>,
     refuse_start: Mutex<Option<PlatformError>>,
+    /// The app "web" was deleted.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Platform for FakePlatform {
+    async fn apps(&self) -> Result<Vec<String>, PlatformError> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        Ok(vec!["web".to_owned()])
+    }
+
     async fn machines(&self, app: &str) -> Result<Option<Vec<MachineView>>, PlatformError> {
-        if app != "web" {
+        if app != "web" || self.gone.load(Ordering::SeqCst) {
             return Ok(None);
         }
         Ok(Some(
@@ -164,6 +173,77 @@ async fn min_machines_running_keeps_that_many_started() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     settle().await;
     assert_eq!(platform.stops().len(), 1, "one stays running");
+}
+
+#[tokio::test(start_paused = true)]
+async fn discovery_stops_idle_machines_that_never_had_a_request() {
+    let platform = FakePlatform::with(vec![
+        machine("m1", MachineState::Started, service(1, 62, 0)),
+        machine("m2", MachineState::Stopped, service(2, 62, 0)),
+    ]);
+    let fleet = fleet(platform.clone());
+    let discovery = tokio::spawn(fleet::discovery_loop(
+        Arc::downgrade(&fleet),
+        Duration::from_secs(5),
+    ));
+    // Found at once, at t=0, and idle from then.
+    tokio::time::sleep(Duration::from_millis(61_900)).await;
+    settle().await;
+    assert!(platform.stops().is_empty(), "stopped before its idle time");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
+    assert_eq!(platform.stops(), vec!["m1".to_owned()]);
+
+    // m2 is started through the API at t=62.1; the pass at t=65 sees it.
+    if let Some(m2) = platform.machines.lock().expect("fake lock").get_mut("m2") {
+        m2.state = MachineState::Started;
+    }
+    tokio::time::sleep(Duration::from_millis(64_800)).await;
+    settle().await;
+    assert_eq!(platform.stops().len(), 1, "m2 stopped before 65 + 62 s");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
+    assert_eq!(platform.stops(), vec!["m1".to_owned(), "m2".to_owned()]);
+    assert_eq!(fleet.metrics.autostops.get(), 2);
+    discovery.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn discovery_respects_min_machines_running() {
+    let platform = FakePlatform::with(vec![
+        machine("m1", MachineState::Started, service(1, 5, 1)),
+        machine("m2", MachineState::Started, service(2, 5, 1)),
+    ]);
+    let fleet = fleet(platform.clone());
+    let discovery = tokio::spawn(fleet::discovery_loop(
+        Arc::downgrade(&fleet),
+        Duration::from_secs(5),
+    ));
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    settle().await;
+    assert_eq!(platform.stops().len(), 1, "one stays running");
+    discovery.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn discovery_forgets_apps_gone_from_the_platform() {
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(1, 60, 0),
+    )]);
+    let fleet = fleet(platform.clone());
+    fleet.discover().await.expect("discovered");
+    assert!(fleet.knows("web"));
+    platform.gone.store(true, Ordering::SeqCst);
+    fleet.discover().await.expect("discovered");
+    assert!(!fleet.knows("web"), "a deleted app is forgotten");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    settle().await;
+    assert!(
+        platform.stops().is_empty(),
+        "nothing stopped for a gone app"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -423,6 +503,42 @@ async fn a_refused_connection_is_502_machine_unreachable() {
     assert!(body.contains("machine_unreachable"), "{body}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_machine_whose_listen_queue_is_full_is_busy_not_unreachable() {
+    // A listener that never accepts, its queue filled: further SYNs are dropped.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let address = socket.local_addr().expect("addr");
+    let _listener = socket.listen(1).expect("listen");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let connect = tokio::net::TcpStream::connect(address);
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(100), connect).await {
+            fillers.push(stream);
+        }
+    }
+    assert!(!fillers.is_empty(), "the queue took some connections");
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(address.port(), 60, 0),
+    )]);
+    let proxy = Proxy::new(platform, ProxyConfig::default());
+    for _ in 0..2 {
+        let request = Request::builder()
+            .uri("/")
+            .header("host", "web.localhost")
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(proxy.router(), request).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("machine_busy"), "{body}");
+        assert!(headers.contains_key("retry-after"));
+    }
+}
+
 #[tokio::test]
 async fn declared_oversized_bodies_get_413() {
     let proxy = Proxy::new(FakePlatform::with(Vec::new()), ProxyConfig::default());
@@ -526,4 +642,134 @@ async fn upgraded_connections_pass_through_and_keep_the_machine_busy() {
     }
     server.abort();
     backend.abort();
+}
+
+#[tokio::test]
+async fn oversized_heads_duplicate_hosts_and_connect_get_json_errors() {
+    let proxy = Proxy::new(FakePlatform::with(Vec::new()), ProxyConfig::default());
+    let limit = proxy.config().max_header_bytes;
+    let cases = [
+        (
+            Request::builder()
+                .uri("/")
+                .header("host", "web.localhost")
+                .header("x-big", "a".repeat(limit))
+                .body(Body::empty()),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+        ),
+        (
+            Request::builder()
+                .uri("/")
+                .header("host", "web.localhost")
+                .header("host", "other.localhost")
+                .body(Body::empty()),
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+        (
+            Request::builder()
+                .method("CONNECT")
+                .uri("web.localhost:443")
+                .header("host", "web.localhost:443")
+                .body(Body::empty()),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Request::builder()
+                .uri("/")
+                .header(
+                    "host",
+                    HeaderValue::from_bytes(b"web\xff.localhost").expect("bytes"),
+                )
+                .body(Body::empty()),
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (got, headers, body) = call(proxy.router(), request.expect("request")).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/json")
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["error"], code, "{body}");
+    }
+    // Just under the limit still goes on (to a 404: there is no such app).
+    let request = Request::builder()
+        .uri("/")
+        .header("host", "nope.localhost")
+        .header("x-big", "a".repeat(limit - 100))
+        .body(Body::empty())
+        .expect("request");
+    let (status, _, body) = call(proxy.router(), request).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
+async fn broken_and_undeclared_oversized_bodies_get_json_errors() {
+    let backend =
+        Router::new().fallback(|body: axum::body::Bytes| async move { body.len().to_string() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move { axum::serve(listener, backend).await });
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(port, 60, 0),
+    )]);
+    let config = ProxyConfig {
+        max_body_bytes: 1024,
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::new(platform, config);
+    let chunks = |items: Vec<Result<&'static [u8], std::io::Error>>| {
+        Body::from_stream(futures::stream::iter(items))
+    };
+    let cases = [
+        (
+            chunks(vec![Ok(&[b'x'; 800]), Ok(&[b'x'; 800])]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            chunks(vec![
+                Ok(b"partial"),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the client went away",
+                )),
+            ]),
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/upload")
+            .header("host", "web.localhost")
+            .body(body)
+            .expect("request");
+        let (got, _, body) = call(proxy.router(), request).await;
+        assert_eq!(got, status, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["error"], code, "{body}");
+    }
+    // A body within the limit goes through.
+    let request = Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "web.localhost")
+        .body(chunks(vec![Ok(&[b'x'; 600]), Ok(&[b'x'; 400])]))
+        .expect("request");
+    let (status, _, body) = call(proxy.router(), request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "1000");
+    server.abort();
 }

@@ -20,6 +20,10 @@ pub struct ProxyOptions {
     /// How long a request waits for a stopped Machine to start and accept connections.
     #[arg(long, default_value = "10s")]
     pub wake_timeout: String,
+    /// How often every app's Machines are read, so idle ones that got no traffic through
+    /// the proxy are stopped too.
+    #[arg(long, default_value = "5s")]
+    pub discovery_interval: String,
 }
 
 impl ProxyOptions {
@@ -27,9 +31,18 @@ impl ProxyOptions {
         let wake_timeout = ApiDuration::parse(&self.wake_timeout)
             .map_err(anyhow::Error::msg)
             .context("--wake-timeout")?;
+        let discovery_interval = ApiDuration::parse(&self.discovery_interval)
+            .map_err(anyhow::Error::msg)
+            .context("--discovery-interval")?
+            .as_duration();
+        anyhow::ensure!(
+            !discovery_interval.is_zero(),
+            "--discovery-interval must be more than zero"
+        );
         Ok(ProxyConfig {
             domain: self.domain.trim_matches('.').to_ascii_lowercase(),
             wake_timeout: wake_timeout.as_duration(),
+            discovery_interval,
             ..ProxyConfig::default()
         })
     }

@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_api::{Machine, MachineEvent, MachineState};
@@ -324,6 +325,15 @@ fn a_wake_that_fails_gives_503_with_the_reason() {
 
 /// Sends raw bytes to the proxy and returns the status line of its answer.
 fn raw(platform: &Platform, request: &[u8]) -> String {
+    raw_answer(platform, request)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Sends raw bytes to the proxy and returns its whole answer.
+fn raw_answer(platform: &Platform, request: &[u8]) -> String {
     let address = platform.proxy_url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(address).expect("connect");
     stream
@@ -333,11 +343,15 @@ fn raw(platform: &Platform, request: &[u8]) -> String {
     let _ = stream.write_all(request);
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status line, the lowercased headers and the JSON body of a raw answer.
+fn json_answer(answer: &str) -> (String, String, Value) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    let status_line = head.lines().next().unwrap_or_default().to_owned();
+    let body = serde_json::from_str(body).unwrap_or_else(|_| panic!("a JSON body: {answer:?}"));
+    (status_line, head.to_ascii_lowercase(), body)
 }
 
 #[test]
@@ -360,17 +374,263 @@ fn unknown_hosts_oversized_headers_and_malformed_requests_get_clean_errors() {
         "GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Big: {}\r\n\r\n",
         "a".repeat(64 * 1024)
     );
-    let status_line = raw(&platform, huge.as_bytes());
+    let (status_line, head, body) = json_answer(&raw_answer(&platform, huge.as_bytes()));
+    assert!(status_line.contains(" 431 "), "{status_line:?}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert_eq!(body["error"], "headers_too_large", "{body}");
+
+    // Past hyper's own buffer (eight times the limit) hyper answers 431 itself.
+    let enormous = format!(
+        "GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1024 * 1024)
+    );
+    let status_line = raw(&platform, enormous.as_bytes());
     assert!(status_line.contains(" 431 "), "{status_line:?}");
 
+    // A request line hyper cannot parse never reaches the proxy's layers: a bare 400.
     let status_line = raw(&platform, b"NONSENSE\x01\x02 / HTTP/9.9\r\n\r\n");
     assert!(status_line.contains(" 400 "), "{status_line:?}");
 
-    let status_line = raw(&platform, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
-    assert!(status_line.contains(" 400 "), "no Host: {status_line:?}");
+    for (request, status, code) in [
+        (
+            &b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+            " 400 ",
+            "missing_host",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.localhost\r\nHost: b.localhost\r\nConnection: close\r\n\r\n",
+            " 400 ",
+            "malformed_request",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\xff.localhost\r\nConnection: close\r\n\r\n",
+            " 400 ",
+            "malformed_request",
+        ),
+        (
+            b"CONNECT web.localhost:443 HTTP/1.1\r\nHost: web.localhost:443\r\nConnection: close\r\n\r\n",
+            " 405 ",
+            "method_not_allowed",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 999999999999\r\nConnection: close\r\n\r\n",
+            " 413 ",
+            "payload_too_large",
+        ),
+    ] {
+        let (status_line, head, body) = json_answer(&raw_answer(&platform, request));
+        assert!(status_line.contains(status), "{code}: {status_line:?}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert_eq!(body["error"], code, "{body}");
+    }
 
     // The proxy still serves after all that.
     let (status, _, _) = via_proxy(&platform, &client, "nosuchapp", "/");
     assert_eq!(status, 404);
+    platform.teardown();
+}
+
+#[test]
+fn a_machine_started_through_the_api_without_traffic_is_autostopped() {
+    let platform = Platform::start_with(&["--discovery-interval", "1s"]);
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "quiet"]);
+    // Created and started through the API; no request ever goes through the proxy.
+    let machine = create(&platform, "quiet", json!([service(2, 0, 20, 25)]));
+    assert_eq!(
+        state(&platform, "quiet", &machine.id),
+        MachineState::Started
+    );
+    platform.wait_for("the idle Machine to stop", Duration::from_secs(20), || {
+        state(&platform, "quiet", &machine.id) == MachineState::Stopped
+    });
+    let stop = events(&platform, "quiet", &machine.id)
+        .into_iter()
+        .rev()
+        .find(|event| event.kind == "stop")
+        .expect("a stop event");
+    assert_eq!(stop.source, "autostop");
+
+    // Started again through the API, it is found again and stopped again.
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/quiet/machines/{}/start", machine.id),
+        Some(json!({})),
+    );
+    assert_eq!(status, 200, "{body}");
+    platform.wait_for(
+        "the idle Machine to stop again",
+        Duration::from_secs(20),
+        || state(&platform, "quiet", &machine.id) == MachineState::Stopped,
+    );
+    let autostops = events(&platform, "quiet", &machine.id)
+        .iter()
+        .filter(|event| event.kind == "stop" && event.source == "autostop")
+        .count();
+    assert_eq!(autostops, 2);
+    platform.teardown();
+}
+
+/// A WebSocket server in busybox: `nc -ll -e` runs this per connection with the socket
+/// on stdin and stdout. It answers the handshake (RFC 6455's accept key) and then echoes.
+const WEBSOCKET_ECHO: &str = r#"cr=$(printf '\r')
+key=
+while read -r line; do
+  line=${line%"$cr"}
+  [ -z "$line" ] && break
+  case "$line" in
+    [Ss]ec-[Ww]eb[Ss]ocket-[Kk]ey:*) key=${line#*:}; key=${key# };;
+  esac
+done
+[ -n "$key" ] || exit 0
+accept=$(printf '%s' "${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11" | busybox sha1sum \
+  | busybox cut -d' ' -f1 | busybox xxd -r -p | busybox base64)
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n' "$accept"
+exec cat
+"#;
+
+fn autostops(platform: &Platform, app: &str, id: &str) -> usize {
+    events(platform, app, id)
+        .iter()
+        .filter(|event| event.kind == "stop" && event.source == "autostop")
+        .count()
+}
+
+#[test]
+fn a_websocket_through_the_proxy_echoes_and_keeps_its_machine_running() {
+    let platform = Platform::start();
+    platform.import(
+        common::busybox_image_with(&[("ws.sh", WEBSOCKET_ECHO)]),
+        "demo/ws:1",
+    );
+    platform.cli_ok(&["app", "create", "ws"]);
+    let (status, body) = platform.call(
+        Method::POST,
+        "/v1/apps/ws/machines",
+        Some(json!({"config": {"image": "demo/ws:1", "guest": {"cpus": 1, "memory_mb": 64},
+            "init": {"cmd": ["/bin/sh", "-c",
+                "trap 'kill $pid; exit 0' TERM; nc -ll -p 8080 -e /bin/sh /ws.sh & pid=$!; wait $pid"]},
+            "services": [service(2, 0, 20, 25)]}})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let machine: Machine = serde_json::from_value(body).expect("machine");
+    stop(&platform, "ws", &machine.id);
+
+    // The upgrade wakes the stopped Machine, and the handshake comes back through.
+    let address = platform.proxy_url.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(address).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    socket
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.localhost\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .expect("send the handshake");
+    let mut reader = BufReader::new(socket.try_clone().expect("clone"));
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read the handshake");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push(line.trim_end().to_ascii_lowercase());
+    }
+    assert!(head[0].starts_with("http/1.1 101"), "{head:?}");
+    assert!(head.contains(&"upgrade: websocket".to_owned()), "{head:?}");
+    // The key of RFC 6455's own example.
+    assert!(
+        head.contains(&"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=".to_owned()),
+        "{head:?}"
+    );
+    let echo = |reader: &mut BufReader<std::net::TcpStream>,
+                socket: &mut std::net::TcpStream,
+                text: &str| {
+        socket
+            .write_all(format!("{text}\n").as_bytes())
+            .expect("send");
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("echo");
+        assert_eq!(line, format!("{text}\n"));
+    };
+    echo(&mut reader, &mut socket, "ping");
+    let stops_before = autostops(&platform, "ws", &machine.id);
+
+    // Open for well past the idle time: the Machine keeps running.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(state(&platform, "ws", &machine.id), MachineState::Started);
+    assert_eq!(autostops(&platform, "ws", &machine.id), stops_before);
+    echo(&mut reader, &mut socket, "still here");
+
+    // Closed, it is idle, and stopped.
+    drop(reader);
+    drop(socket);
+    platform.wait_for("the idle Machine to stop", Duration::from_secs(15), || {
+        state(&platform, "ws", &machine.id) == MachineState::Stopped
+    });
+    assert_eq!(autostops(&platform, "ws", &machine.id), stops_before + 1);
+    platform.teardown();
+}
+
+/// A `berth proxy` process of its own, killed when dropped.
+struct ProxyProcess(std::process::Child);
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn berth_proxy_on_its_own_wakes_a_machine() {
+    let platform = Platform::start_with(&["--no-proxy"]);
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "solo"]);
+    let machine = create(&platform, "solo", json!([service(2, 0, 20, 25)]));
+    stop(&platform, "solo", &machine.id);
+    assert!(
+        std::net::TcpStream::connect(platform.proxy_url.trim_start_matches("http://")).is_err(),
+        "berth up --no-proxy runs no proxy"
+    );
+
+    let listen = platform.proxy_url.trim_start_matches("http://").to_owned();
+    let mut child = Command::new(common::BERTH)
+        .args(["proxy", "--listen", &listen, "--api-url", &platform.api_url])
+        .env("BERTH_TOKEN", &platform.token)
+        .env("BERTH_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn berth proxy");
+    let stdout = child.stdout.take().expect("stdout");
+    let _proxy = ProxyProcess(child);
+    let mut banner = String::new();
+    // Kept open to the end, so the proxy never writes to a closed pipe.
+    let mut stdout = BufReader::new(stdout);
+    stdout.read_line(&mut banner).expect("the proxy's banner");
+    assert!(banner.contains(&listen), "{banner}");
+
+    let client = client();
+    let (status, _, body) = via_proxy(&platform, &client, "solo", "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("hello-from-{}", machine.id)),
+        "{body}"
+    );
+    let start = events(&platform, "solo", &machine.id)
+        .into_iter()
+        .rev()
+        .find(|event| event.kind == "start")
+        .expect("a start event");
+    assert_eq!(start.source, "autostart");
+    platform.wait_for("the idle Machine to stop", Duration::from_secs(15), || {
+        state(&platform, "solo", &machine.id) == MachineState::Stopped
+    });
+    assert_eq!(autostops(&platform, "solo", &machine.id), 1);
     platform.teardown();
 }
