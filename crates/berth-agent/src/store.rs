@@ -33,13 +33,17 @@ pub struct AgentStore {
     _checkpointer: Arc<AbortOnDropHandle<()>>,
 }
 
+/// Bytes a WAL file may keep on disk after a checkpoint.
+pub const JOURNAL_SIZE_LIMIT: &str = "4194304";
+
 /// How often the WAL is checkpointed in the background.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Checkpoints a WAL database from a background task every `interval`. SQLite's automatic
 /// checkpoint runs inside whichever commit crosses the WAL's size threshold, and with its
-/// fsyncs that one commit (a start, say) takes milliseconds; opened with
-/// `wal_autocheckpoint=0`, no commit pays for it. The task ends when the handle drops.
+/// fsyncs that one commit (a start, say) takes milliseconds; checkpointed in the
+/// background, the WAL stays under that threshold and the automatic one is only a
+/// backstop for bursts. The task ends when the handle drops.
 pub fn checkpoint_in_background(pool: SqlitePool, interval: Duration) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
@@ -108,7 +112,8 @@ impl AgentStore {
             // NORMAL in WAL mode survives a crash of this process; only an OS crash can
             // lose the newest commits, and recovery reconciles with the host anyway.
             .synchronous(SqliteSynchronous::Normal)
-            .pragma("wal_autocheckpoint", "0")
+            // A WAL file grown by a burst goes back to this size once checkpointed.
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)

@@ -62,7 +62,7 @@ impl ControlStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             // Checkpoints run in the background, not inside a request's commit.
-            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", berth_agent::store::JOURNAL_SIZE_LIMIT)
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
