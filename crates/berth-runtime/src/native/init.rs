@@ -38,7 +38,8 @@ pub(crate) struct InitPlan<'a> {
     pub upper: &'a Path,
     pub work: &'a Path,
     pub rootfs: &'a Path,
-    pub netns: &'a Path,
+    /// The Machine's network namespace, opened by the supervisor.
+    pub netns: BorrowedFd<'a>,
     /// `cgroup.procs` files of the Machine's cgroups, prepared at create.
     pub cgroup_procs: &'a [PathBuf],
 }
@@ -125,10 +126,8 @@ pub(crate) fn run_init(
     rustix::process::umask(rustix::fs::Mode::empty());
     join_cgroups(plan.cgroup_procs)?;
     clock.mark("init_cgroups");
-    let netns = fs::File::open(plan.netns).map_err(step(|| "open network namespace".into()))?;
-    nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+    nix::sched::setns(plan.netns, CloneFlags::CLONE_NEWNET)
         .map_err(step(|| "join network namespace".into()))?;
-    drop(netns);
     clock.mark("init_netns");
     // The cgroup namespace is made after joining the cgroups, so they are its root.
     nix::sched::unshare(
