@@ -101,12 +101,19 @@ pub struct AgentArgs {
     /// of this worker's prefix (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
+    /// Make the kernel's RCU grace periods expedited, host-wide: start's cgroup moves wait
+    /// for them, and on a busy host that wait is start's p99 (see docs/PERFORMANCE.md).
+    #[arg(long)]
+    expedite_rcu: bool,
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
     init_tracing();
     if !nix::unistd::geteuid().is_root() {
         bail!("berth agent runs Machines with runc, overlayfs and namespaces, so it needs root");
+    }
+    if args.expedite_rcu {
+        crate::host_tuning::expedite_rcu()?;
     }
     let runc_binary = match args.runtime {
         RuntimeKind::Runc => find_program(&args.runc)

@@ -10,6 +10,7 @@ mod cluster;
 mod commands;
 mod demo;
 mod doctor_cmd;
+mod host_tuning;
 mod proxy_cmd;
 mod pull_progress;
 mod robots;

@@ -44,6 +44,10 @@ pub struct UpArgs {
     /// of the workers' prefixes (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
+    /// Make the kernel's RCU grace periods expedited, host-wide: start's cgroup moves wait
+    /// for them, and on a busy host that wait is start's p99 (see docs/PERFORMANCE.md).
+    #[arg(long)]
+    expedite_rcu: bool,
     /// In-process workers, each with its own data dir, for trying placement on one host.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -124,6 +128,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     init_tracing();
     if !nix::unistd::geteuid().is_root() {
         bail!("berth up runs Machines with runc, overlayfs and namespaces, so it needs root");
+    }
+    if args.expedite_rcu {
+        crate::host_tuning::expedite_rcu()?;
     }
     let registry = registry_options(&args)?;
     // runc is needed only when it runs the Machines.
