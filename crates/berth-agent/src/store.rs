@@ -189,15 +189,7 @@ impl AgentStore {
             .bind(record.state.as_str())
             .bind(json);
         for entry in usage {
-            query = query
-                .bind(&entry.machine_id)
-                .bind(&entry.app)
-                .bind(enum_text(&entry.kind)?)
-                .bind(entry.at_ms)
-                .bind(entry.cpus)
-                .bind(entry.memory_mb)
-                .bind(i64::try_from(entry.storage_bytes).unwrap_or(i64::MAX))
-                .bind(entry.basis.as_ref().map(enum_text).transpose()?);
+            query = bind_usage(query, entry)?;
         }
         if let Some(event) = event {
             query = query
@@ -447,21 +439,29 @@ async fn insert_usage(
     transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     entry: &UsageRecord,
 ) -> Result<()> {
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO usage_journal (machine_id, app, kind, at_ms, cpus, memory_mb, storage_bytes, basis)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&entry.machine_id)
-    .bind(&entry.app)
-    .bind(enum_text(&entry.kind)?)
-    .bind(entry.at_ms)
-    .bind(entry.cpus)
-    .bind(entry.memory_mb)
-    .bind(i64::try_from(entry.storage_bytes).unwrap_or(i64::MAX))
-    .bind(entry.basis.as_ref().map(enum_text).transpose()?)
-    .execute(&mut **transaction)
-    .await?;
+    );
+    bind_usage(query, entry)?
+        .execute(&mut **transaction)
+        .await?;
     Ok(())
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds a usage entry's eight columns, in the journal's column order.
+fn bind_usage<'q>(query: SqliteQuery<'q>, entry: &'q UsageRecord) -> Result<SqliteQuery<'q>> {
+    Ok(query
+        .bind(&entry.machine_id)
+        .bind(&entry.app)
+        .bind(enum_text(&entry.kind)?)
+        .bind(entry.at_ms)
+        .bind(entry.cpus)
+        .bind(entry.memory_mb)
+        .bind(i64::try_from(entry.storage_bytes).unwrap_or(i64::MAX))
+        .bind(entry.basis.as_ref().map(enum_text).transpose()?))
 }
 
 /// The serde name of a unit enum variant, as stored in text columns.
