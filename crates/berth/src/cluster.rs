@@ -101,10 +101,11 @@ pub struct AgentArgs {
     /// of this worker's prefix (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
-    /// Make the kernel's RCU grace periods expedited, host-wide: start's cgroup moves wait
-    /// for them, and on a busy host that wait is start's p99 (see docs/PERFORMANCE.md).
+    /// Leave the kernel's RCU grace periods as they are. By default Berth makes them
+    /// expedited, host-wide: every start's cgroup moves wait for one, and a normal one
+    /// makes a start 15-30 ms instead of ~5 (see docs/PERFORMANCE.md).
     #[arg(long)]
-    expedite_rcu: bool,
+    no_expedite_rcu: bool,
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
@@ -112,8 +113,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("berth agent runs Machines with runc, overlayfs and namespaces, so it needs root");
     }
-    if args.expedite_rcu {
-        crate::host_tuning::expedite_rcu()?;
+    if !args.no_expedite_rcu {
+        crate::host_tuning::expedite_rcu();
     }
     let runc_binary = match args.runtime {
         RuntimeKind::Runc => find_program(&args.runc)

@@ -44,10 +44,11 @@ pub struct UpArgs {
     /// of the workers' prefixes (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
-    /// Make the kernel's RCU grace periods expedited, host-wide: start's cgroup moves wait
-    /// for them, and on a busy host that wait is start's p99 (see docs/PERFORMANCE.md).
+    /// Leave the kernel's RCU grace periods as they are. By default Berth makes them
+    /// expedited, host-wide: every start's cgroup moves wait for one, and a normal one
+    /// makes a start 15-30 ms instead of ~5 (see docs/PERFORMANCE.md).
     #[arg(long)]
-    expedite_rcu: bool,
+    no_expedite_rcu: bool,
     /// In-process workers, each with its own data dir, for trying placement on one host.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -129,8 +130,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("berth up runs Machines with runc, overlayfs and namespaces, so it needs root");
     }
-    if args.expedite_rcu {
-        crate::host_tuning::expedite_rcu()?;
+    if !args.no_expedite_rcu {
+        crate::host_tuning::expedite_rcu();
     }
     let registry = registry_options(&args)?;
     // runc is needed only when it runs the Machines.
