@@ -323,6 +323,16 @@ impl Agent {
             .map_err(|_| AgentError::Busy { id: id.to_owned() })
     }
 
+    /// Whether an operation on `id` holds its lock right now.
+    fn operation_running(&self, id: &str) -> bool {
+        self.inner
+            .locks
+            .lock()
+            .ok()
+            .and_then(|locks| locks.get(id).map(|lock| lock.try_lock().is_err()))
+            .unwrap_or(false)
+    }
+
     async fn load(&self, id: &str) -> Result<MachineRecord> {
         self.inner
             .store
@@ -1335,7 +1345,14 @@ impl WorkerService for Agent {
     }
 
     async fn get(&self, id: &str) -> Result<Machine> {
-        Ok(self.load(id).await?.to_api())
+        match self.load(id).await {
+            // A create of this id still running (its caller may have given up on it) is
+            // not the absence the control plane forgets an index entry for.
+            Err(AgentError::NotFound(_)) if self.operation_running(id) => {
+                Err(AgentError::Busy { id: id.to_owned() })
+            }
+            other => Ok(other?.to_api()),
+        }
     }
 
     async fn list(&self, app: &str) -> Result<Vec<Machine>> {
