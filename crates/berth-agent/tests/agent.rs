@@ -170,6 +170,37 @@ async fn start_and_stop_are_idempotent() {
 }
 
 #[tokio::test]
+async fn a_machine_still_being_created_is_busy_not_missing() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    let held = fixture.runtime.hold_prepares().await;
+    let creating = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .create(create_request("00000000000009", "demo/img:1", true))
+                .await
+        })
+    };
+    // Until the create takes the Machine's lock the id is simply unknown; once it has, a
+    // get must not answer not_found (the control plane would forget its index entry).
+    let mut answer = agent.get("00000000000009").await;
+    for _ in 0..500 {
+        if !matches!(answer, Err(AgentError::NotFound(_))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        answer = agent.get("00000000000009").await;
+    }
+    assert!(matches!(answer, Err(AgentError::Busy { .. })), "{answer:?}");
+    drop(held);
+    creating.await.expect("create task").expect("create");
+    let machine = agent.get("00000000000009").await.expect("created");
+    assert_eq!(machine.state, MachineState::Created);
+}
+
+#[tokio::test]
 async fn a_missing_image_leaves_no_trace() {
     let fixture = Fixture::new();
     let agent = fixture.agent().await;

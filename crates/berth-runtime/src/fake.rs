@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{watch, Mutex};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex, OwnedRwLockWriteGuard, RwLock};
 
 use crate::exec::{CappedBuffer, ExecOutput, ExecSpec};
 use crate::{util, BundleSpec, ExitRecord, MachineLayout, Runtime, RuntimeError, Started, Status};
@@ -20,6 +22,9 @@ pub struct FakeRuntime {
     state: Mutex<FakeState>,
     /// Bumped on every Machine state change; `wait_exit` watches it.
     changed: watch::Sender<u64>,
+    /// Every prepare takes it for reading: a test holding it for writing keeps creates
+    /// in the middle.
+    prepares: Arc<RwLock<()>>,
 }
 
 #[derive(Debug, Default)]
@@ -52,7 +57,13 @@ impl FakeRuntime {
                 ..FakeState::default()
             }),
             changed: watch::channel(0).0,
+            prepares: Arc::default(),
         }
+    }
+
+    /// Holds every prepare (so every create) at its start until the guard drops.
+    pub async fn hold_prepares(&self) -> OwnedRwLockWriteGuard<()> {
+        self.prepares.clone().write_owned().await
     }
 
     /// Every call so far, oldest first.
@@ -138,6 +149,7 @@ impl Runtime for FakeRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
+        let _pass = self.prepares.read().await;
         let mut state = self.state.lock().await;
         state.calls.push(format!("prepare {}", layout.id));
         let machine = state
