@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio_util::task::AbortOnDropHandle;
 use tower::ServiceExt;
 
 pub use error::ProxyError;
@@ -126,7 +127,7 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let router = self.router();
-        let _discovery = AbortOnDrop(tokio::spawn(fleet::discovery_loop(
+        let _discovery = AbortOnDropHandle::new(tokio::spawn(fleet::discovery_loop(
             Arc::downgrade(&self.fleet),
             self.config().discovery_interval,
         )));
@@ -169,15 +170,6 @@ impl Proxy {
                 }
             });
         }
-    }
-}
-
-/// Ends a background task when the server that started it returns.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -24,7 +24,7 @@ use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::logs::{LineBuffer, LogWriter, DEFAULT_MAX_BYTES};
-use crate::timing::StepTimes;
+use crate::timing::{micros, StepTimes};
 use crate::{util, ExitRecord};
 
 pub const SHIM_PID_FILE: &str = "shim.pid";
@@ -417,7 +417,7 @@ impl Supervisor {
             // so the pipes see EOF once the Machine is gone.
             cmd.status()
         };
-        let create_us = elapsed_us(t0);
+        let create_us = micros(t0.elapsed());
         let status = status.map_err(|e| format!("run {}: {e}", self.opts.runc_binary.display()))?;
         if !status.success() {
             return Err(self.create_error(&status.to_string()));
@@ -435,7 +435,7 @@ impl Supervisor {
             .arg(&id)
             .stdin(Stdio::null())
             .output();
-        let start_us = elapsed_us(t1);
+        let start_us = micros(t1.elapsed());
         let failure = match started {
             Ok(out) if out.status.success() => None,
             Ok(out) => Some(format!(
@@ -738,10 +738,6 @@ fn close_inherited_fds(keep: &[RawFd]) {
             unsafe { libc::close(fd) };
         }
     }
-}
-
-fn elapsed_us(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

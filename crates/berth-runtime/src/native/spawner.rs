@@ -317,7 +317,7 @@ fn supervise(
                 shim_pid: Some(std::process::id()),
                 started_at_ms: Some(util::now_ms()),
                 error: None,
-                create_us: Some(elapsed_us(t0)),
+                create_us: Some(micros(t0.elapsed())),
                 start_us: None,
                 steps,
             };
@@ -455,10 +455,6 @@ fn read_to_end(pipe: &OwnedFd) -> String {
         }
     }
     String::from_utf8_lossy(&text).into_owned()
-}
-
-fn elapsed_us(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
