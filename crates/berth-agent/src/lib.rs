@@ -1347,8 +1347,14 @@ impl WorkerService for Agent {
     async fn get(&self, id: &str) -> Result<Machine> {
         match self.load(id).await {
             // A create of this id still running (its caller may have given up on it) is
-            // not the absence the control plane forgets an index entry for.
+            // neither the absence the control plane forgets an index entry for, nor a
+            // Machine yet: it may still roll back.
             Err(AgentError::NotFound(_)) if self.operation_running(id) => {
+                Err(AgentError::Busy { id: id.to_owned() })
+            }
+            Ok(record)
+                if record.pending == Some(PendingOp::Create) && self.operation_running(id) =>
+            {
                 Err(AgentError::Busy { id: id.to_owned() })
             }
             other => Ok(other?.to_api()),

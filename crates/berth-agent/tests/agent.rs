@@ -194,6 +194,11 @@ async fn a_machine_still_being_created_is_busy_not_missing() {
         answer = agent.get("00000000000009").await;
     }
     assert!(matches!(answer, Err(AgentError::Busy { .. })), "{answer:?}");
+    // Later the half-made record is in the store while prepare is held: still busy,
+    // because the create may yet roll back.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = agent.get("00000000000009").await;
+    assert!(matches!(answer, Err(AgentError::Busy { .. })), "{answer:?}");
     drop(held);
     creating.await.expect("create task").expect("create");
     let machine = agent.get("00000000000009").await.expect("created");
