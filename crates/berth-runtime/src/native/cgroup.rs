@@ -16,6 +16,8 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// cpuacct for its CPU time. Each join is a cgroup migration that costs tens of µs on
 /// the start path, so freezer and blkio, which Berth neither uses nor limits, are left out.
 const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "devices"];
+/// v1 controllers Machines made by earlier versions also joined.
+const RETIRED: [&str; 2] = ["freezer", "blkio"];
 const CPU_PERIOD_US: u64 = 100_000;
 /// How often remove retries a cgroup that is still busy, 10 ms apart.
 const REMOVE_TRIES: u32 = 100;
@@ -38,6 +40,9 @@ const ALLOWED_DEVICES: [&str; 10] = [
 pub struct CgroupRoots {
     /// (controllers of the hierarchy, `…/berth` directory).
     parents: Vec<(String, PathBuf)>,
+    /// The `…/berth` directories of the v1 hierarchies Machines no longer join (earlier
+    /// versions joined freezer and blkio too): remove still cleans them.
+    retired: Vec<PathBuf>,
 }
 
 impl CgroupRoots {
@@ -62,6 +67,7 @@ impl CgroupRoots {
 
     fn from_proc(proc_cgroup: &str, root: &Path) -> CgroupRoots {
         let mut parents = Vec::new();
+        let mut retired = Vec::new();
         for line in proc_cgroup.lines() {
             let mut parts = line.splitn(3, ':');
             let (Some(_), Some(controllers), Some(path)) =
@@ -80,9 +86,14 @@ impl CgroupRoots {
                 if mount.exists() {
                     parents.push((controllers.to_owned(), mount.join(path).join("berth")));
                 }
+            } else if controllers.split(',').any(|c| RETIRED.contains(&c)) {
+                let mount = root.join(controllers);
+                if mount.exists() {
+                    retired.push(mount.join(path).join("berth"));
+                }
             }
         }
-        CgroupRoots { parents }
+        CgroupRoots { parents, retired }
     }
 
     fn dir_of(&self, controller: &str) -> Option<&Path> {
@@ -151,7 +162,8 @@ impl CgroupRoots {
 
     /// Removes the Machine's cgroups; they must hold no process. Missing is success.
     pub fn remove(&self, id: &str) -> io::Result<()> {
-        for dir in self.machine_dirs(id) {
+        let retired = self.retired.iter().map(|parent| parent.join(id));
+        for dir in self.machine_dirs(id).into_iter().chain(retired) {
             let mut tries = 0;
             loop {
                 match fs::remove_dir(&dir) {
@@ -204,5 +216,26 @@ mod tests {
             roots.dir_of("memory"),
             Some(tmp.path().join("memory/agent/x/berth").as_path())
         );
+    }
+
+    #[test]
+    fn remove_also_cleans_hierarchies_machines_no_longer_join() {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in ["memory/berth/m1", "freezer/berth/m1", "blkio/berth/m2"] {
+            fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        let text = "9:freezer:/
+8:blkio:/
+4:memory:/
+";
+        let roots = CgroupRoots::from_proc(text, tmp.path());
+        assert_eq!(
+            roots.machine_dirs("m1"),
+            [tmp.path().join("memory/berth/m1")]
+        );
+        roots.remove("m1").unwrap();
+        assert!(!tmp.path().join("memory/berth/m1").exists());
+        assert!(!tmp.path().join("freezer/berth/m1").exists());
+        assert!(tmp.path().join("blkio/berth/m2").exists());
     }
 }
