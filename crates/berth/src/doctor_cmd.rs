@@ -1,6 +1,6 @@
 //! `berth doctor [--repair]`: asks the API to check every worker's records against its
 //! host, prints every finding, and exits non-zero when anything is found (with
-//! `--repair`: when anything is left unrepaired).
+//! `--repair`: when anything is left unrepaired) or when a worker could not be checked.
 
 use anyhow::{bail, Result};
 use berth_api::{DoctorReport, Worker};
@@ -38,18 +38,26 @@ pub async fn run(args: DoctorArgs) -> Result<()> {
         None => workers.into_iter().map(|worker| worker.name).collect(),
     };
     let mut reports: Vec<DoctorReport> = Vec::new();
+    // A worker that cannot be checked (down, busy) does not stop the others' checks.
+    let mut unchecked = 0usize;
     for name in &names {
-        let report = if args.repair {
+        let report: Result<DoctorReport> = if args.repair {
             client
                 .post(
                     &format!("/v1/workers/{name}/doctor/repair"),
                     &serde_json::json!({}),
                 )
-                .await?
+                .await
         } else {
-            client.get(&format!("/v1/workers/{name}/doctor")).await?
+            client.get(&format!("/v1/workers/{name}/doctor")).await
         };
-        reports.push(report);
+        match report {
+            Ok(report) => reports.push(report),
+            Err(error) => {
+                unchecked += 1;
+                eprintln!("worker {name}: not checked: {error:#}");
+            }
+        }
     }
     if args.json {
         crate::commands::print_json(&reports)?;
@@ -64,7 +72,7 @@ pub async fn run(args: DoctorArgs) -> Result<()> {
         .sum();
     let found: usize = reports.iter().map(|report| report.findings.len()).sum();
     let failing = if args.repair { left } else { found };
-    if failing > 0 {
+    if failing > 0 || unchecked > 0 {
         return Err(ExitWith(1).into());
     }
     Ok(())

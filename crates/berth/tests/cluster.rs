@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_api::{Machine, MachineState, Worker};
+use berth_api::{DoctorReport, Machine, MachineState, Worker};
 use common::{busybox_image, BERTH};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -450,6 +450,27 @@ fn placement_pinning_capacity_and_failures_across_processes() {
             .iter()
             .any(|worker| worker.name == "w3" && worker.status == "unreachable")
     });
+    // The doctor still checks the other workers, and fails for the one it could not.
+    let doctor = Command::new(BERTH)
+        .args(["doctor", "--json"])
+        .env("BERTH_API_URL", &cluster.api_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .output()
+        .expect("doctor");
+    let stderr = String::from_utf8_lossy(&doctor.stderr);
+    assert!(!doctor.status.success(), "doctor passed with w3 down");
+    assert!(stderr.contains("worker w3: not checked"), "{stderr}");
+    let reports: Vec<DoctorReport> = serde_json::from_slice(&doctor.stdout).expect("reports");
+    let mut checked: Vec<&str> = reports
+        .iter()
+        .map(|report| report.worker.as_str())
+        .collect();
+    checked.sort_unstable();
+    assert_eq!(checked, ["w1", "w2"], "{stderr}");
+    assert!(
+        reports.iter().all(|report| report.findings.is_empty()),
+        "{reports:#?}"
+    );
     cluster.restart_agent("w3");
     cluster.wait_for("w3 to be ready again", || {
         cluster
