@@ -500,7 +500,7 @@ impl Agent {
         let kinds: std::collections::HashSet<FindingKind> =
             findings.iter().map(|found| found.kind).collect();
         let outcome = if kinds.contains(&FindingKind::UnfinishedOperation) {
-            self.recover_one(record, last_alive).await
+            self.recover_one(record, last_alive, "doctor_repair").await
         } else if kinds.contains(&FindingKind::StartedNotRunning) {
             self.record_found_dead(record).await
         } else if kinds.iter().any(|kind| {

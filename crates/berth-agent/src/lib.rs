@@ -475,6 +475,7 @@ impl Agent {
         let mut mark = Instant::now();
         self.reserve(record)?;
         record.run_generation += 1;
+        record.restart_due_ms = None;
         self.set_state(record, MachineState::Starting).await?;
         steps.lap("agent_store_starting", &mut mark);
         failpoint::hit("start.after_starting");
@@ -582,17 +583,25 @@ impl Agent {
     ) -> Result<()> {
         self.inner.runtime.cleanup(&self.layout(&record.id)).await?;
         let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
-        let info = exit_info(&exit);
-        let reason = info.reason.clone();
+        let mut info = exit_info(&exit);
+        info!(machine = %record.id, reason = info.reason, code = ?exit.exit_code, "machine exited");
+        let decision =
+            restart::decide(&record.config.restart, exit.exit_code, record.restart_count);
+        if decision == RestartDecision::RetriesExhausted {
+            // The policy gave up: that, not the last exit's kind, is why it stays stopped.
+            info.reason = "max_retries_exceeded".to_owned();
+        }
+        let event_reason = info.reason.clone();
         record.last_exit = Some(info);
         record.state = MachineState::Stopped;
         record.updated_at_ms = now_ms();
-        info!(machine = %record.id, reason, code = ?exit.exit_code, "machine exited");
-        let decision =
-            restart::decide(&record.config.restart, exit.exit_code, record.restart_count);
-        let event_reason = match decision {
-            RestartDecision::RetriesExhausted => "max_retries_exceeded".to_owned(),
-            _ => reason,
+        record.restart_due_ms = match decision {
+            RestartDecision::RestartAfter(delay) => Some(
+                record
+                    .updated_at_ms
+                    .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            ),
+            _ => None,
         };
         self.save_transition(record, "exit", source, Some(&event_reason), &usage)
             .await?;
@@ -683,9 +692,8 @@ impl Agent {
     }
 
     /// Whether the host restarted since the agent last opened: the kernel's boot id
-    /// changed, or the agent's marker in `/run` is gone while records say Machines run
-    /// (what a reboot does to a tmpfs `/run`). Either driver; runc's state dir lives in
-    /// the data dir and says nothing about reboots.
+    /// changed, or, while records say Machines run, the agent's marker in `/run` is gone
+    /// (what a reboot does to a tmpfs `/run`) or so is the runtime's state dir.
     async fn host_restarted(&self) -> Result<bool> {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .unwrap_or_default()
@@ -695,18 +703,20 @@ impl Agent {
         if previous.is_some_and(|previous| previous != boot_id) {
             return Ok(true);
         }
-        let running = self
+        let running: Vec<String> = self
             .inner
             .store
             .list_all()
             .await?
             .into_iter()
-            .any(|record| {
+            .filter(|record| {
                 matches!(
                     record.state,
                     MachineState::Starting | MachineState::Started | MachineState::Stopping
                 )
-            });
+            })
+            .map(|record| record.id)
+            .collect();
         let marker = boot_marker(&self.inner.config.data_dir);
         let marker_missing = !marker.exists();
         if let Some(dir) = marker.parent() {
@@ -716,7 +726,20 @@ impl Agent {
                 warn!(%error, marker = %marker.display(), "writing the boot marker");
             }
         }
-        Ok(running && marker_missing)
+        // The runtime's state dir (runc's root) goes with the host's run state: gone, or
+        // under runc holding none of the runs on record, the runs went with the host.
+        let state_dir = self.inner.config.data_dir.join("runc");
+        let state_lost = if !state_dir.exists() {
+            true
+        } else if self.inner.runtime.name() == "runc" {
+            !running.iter().any(|id| state_dir.join(id).exists())
+        } else {
+            false
+        };
+        if let Err(error) = std::fs::create_dir_all(&state_dir) {
+            warn!(%error, dir = %state_dir.display(), "making the runtime state dir");
+        }
+        Ok(!running.is_empty() && (marker_missing || state_lost))
     }
 
     /// Brings every record and the host back into agreement after a restart of the agent.
@@ -735,14 +758,24 @@ impl Agent {
                 }
                 continue;
             }
-            if let Err(error) = self.recover_one(&mut record, last_alive).await {
+            if let Err(error) = self
+                .recover_one(&mut record, last_alive, "agent_restart")
+                .await
+            {
                 warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
             }
         }
         Ok(())
     }
 
-    async fn recover_one(&self, record: &mut MachineRecord, last_alive: Option<i64>) -> Result<()> {
+    /// Settles one record on a resting state from what the host shows; `why` is the reason
+    /// its events carry (`agent_restart`, `operation_failed`, `doctor_repair`).
+    async fn recover_one(
+        &self,
+        record: &mut MachineRecord,
+        last_alive: Option<i64>,
+        why: &str,
+    ) -> Result<()> {
         let layout = self.layout(&record.id);
         let runtime = &self.inner.runtime;
         match record.pending.take() {
@@ -786,7 +819,7 @@ impl Agent {
                         record,
                         "update_rolled_back",
                         EventSource::System,
-                        Some("agent_restart"),
+                        Some(why),
                         &usage,
                     )
                     .await;
@@ -811,14 +844,8 @@ impl Agent {
                         record.last_exit = Some(exit_info(&exit));
                         record.state = MachineState::Stopped;
                         record.updated_at_ms = now_ms();
-                        self.save_transition(
-                            record,
-                            "stop",
-                            EventSource::System,
-                            Some("agent_restart"),
-                            &usage,
-                        )
-                        .await
+                        self.save_transition(record, "stop", EventSource::System, Some(why), &usage)
+                            .await
                     }
                     Status::Running { pid } => {
                         if record.state == MachineState::Starting {
@@ -836,7 +863,7 @@ impl Agent {
                                 record,
                                 "start",
                                 EventSource::System,
-                                Some("agent_restart"),
+                                Some(why),
                                 &usage,
                             )
                             .await?;
@@ -865,14 +892,8 @@ impl Agent {
                         record.last_exit = Some(exit_info(&exit));
                         record.state = MachineState::Stopped;
                         record.updated_at_ms = now_ms();
-                        self.save_transition(
-                            record,
-                            "stop",
-                            EventSource::System,
-                            Some("agent_restart"),
-                            &usage,
-                        )
-                        .await
+                        self.save_transition(record, "stop", EventSource::System, Some(why), &usage)
+                            .await
                     }
                     Status::Exited(exit) => {
                         self.settle_unjournaled_start(record).await?;
@@ -906,19 +927,23 @@ impl Agent {
                         .collect();
                 record.state = MachineState::Stopped;
                 record.updated_at_ms = now_ms();
-                self.save_transition(
-                    record,
-                    "recovered",
-                    EventSource::System,
-                    Some("agent_restart"),
-                    &usage,
-                )
-                .await
+                self.save_transition(record, "recovered", EventSource::System, Some(why), &usage)
+                    .await
             }
-            MachineState::Created
-            | MachineState::Stopped
-            | MachineState::Failed
-            | MachineState::Destroyed => Ok(()),
+            MachineState::Stopped => {
+                // A policy restart was waiting out its back-off when the agent went away.
+                if let Some(due) = record.restart_due_ms {
+                    let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                    info!(machine = %record.id, wait_ms = wait, "resuming a pending restart");
+                    self.schedule_restart(
+                        record.id.clone(),
+                        record.run_generation,
+                        Duration::from_millis(wait),
+                    );
+                }
+                Ok(())
+            }
+            MachineState::Created | MachineState::Failed | MachineState::Destroyed => Ok(()),
         }
     }
 
@@ -932,13 +957,13 @@ impl Agent {
         );
         if !ran {
             let last_alive = self.inner.store.last_liveness().await?;
-            return self.recover_one(record, last_alive).await;
+            return self.recover_one(record, last_alive, "agent_restart").await;
         }
         let layout = self.layout(&record.id);
         if let Status::Running { .. } = self.inner.runtime.status(&layout).await? {
             // Not a restart for this Machine after all: it runs.
             let last_alive = self.inner.store.last_liveness().await?;
-            return self.recover_one(record, last_alive).await;
+            return self.recover_one(record, last_alive, "agent_restart").await;
         }
         self.settle_unjournaled_start(record).await?;
         self.inner.runtime.cleanup(&layout).await?;
@@ -1096,6 +1121,7 @@ impl Agent {
                 .machine_prefix
                 .as_ref()
                 .and_then(|prefix| machine_address(prefix, &request.id)),
+            restart_due_ms: None,
         };
         let mut spec = spec;
         spec.private_ip = record.private_ip;
@@ -1292,6 +1318,66 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// An operation that failed halfway (a full disk, a runtime error) must not leave its
+    /// Machine in a transitional state that refuses every later action until the agent
+    /// restarts: settle it now, as a restart would, from what the host shows. Refusals that
+    /// changed nothing (not found, wrong state, busy, bad input) are passed straight on.
+    async fn settle_if_failed<T>(&self, id: &str, result: Result<T>) -> Result<T> {
+        let Err(error) = &result else {
+            return result;
+        };
+        if matches!(
+            error,
+            AgentError::NotFound(_)
+                | AgentError::InvalidState(_)
+                | AgentError::Busy { .. }
+                | AgentError::InvalidConfig(_)
+                | AgentError::InsufficientCapacity { .. }
+                | AgentError::Unavailable { .. }
+                | AgentError::Remote { .. }
+        ) {
+            return result;
+        }
+        if let Err(settle_error) = self.settle(id).await {
+            warn!(machine = %id, %settle_error, "settling after a failed operation");
+        }
+        result
+    }
+
+    async fn settle(&self, id: &str) -> Result<()> {
+        let lock = {
+            let mut locks = self
+                .inner
+                .locks
+                .lock()
+                .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
+            locks.entry(id.to_owned()).or_default().clone()
+        };
+        // Someone else acting on it now settles it by acting; don't queue behind them.
+        let Ok(_guard) = lock.try_lock_owned() else {
+            return Ok(());
+        };
+        let Some(mut record) = self.inner.store.get(id).await? else {
+            return Ok(());
+        };
+        let resting = matches!(
+            record.state,
+            MachineState::Created
+                | MachineState::Started
+                | MachineState::Stopped
+                | MachineState::Failed
+                | MachineState::Destroyed
+        );
+        if resting && record.pending.is_none() {
+            return Ok(());
+        }
+        info!(machine = %id, state = %record.state, "settling after a failed operation");
+        self.recover_one(&mut record, None, "operation_failed")
+            .await
+    }
+}
+
 /// The agent's marker in `/run` (a tmpfs a reboot empties), one per data dir.
 pub fn boot_marker(data_dir: &std::path::Path) -> PathBuf {
     use sha2::Digest;
@@ -1317,31 +1403,52 @@ async fn detached<T: Send + 'static>(
 impl WorkerService for Agent {
     async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
         let agent = self.clone();
-        detached(async move { agent.create_op(request).await }).await
+        detached(async move {
+            let id = request.id.clone();
+            let result = agent.create_op(request).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
     }
 
     async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
         let agent = self.clone();
         let id = id.to_owned();
-        detached(async move { agent.start_op(&id, source).await }).await
+        detached(async move {
+            let result = agent.start_op(&id, source).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
     }
 
     async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
         let agent = self.clone();
         let id = id.to_owned();
-        detached(async move { agent.stop_op(&id, request).await }).await
+        detached(async move {
+            let result = agent.stop_op(&id, request).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
     }
 
     async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
         let agent = self.clone();
         let id = id.to_owned();
-        detached(async move { agent.update_op(&id, request).await }).await
+        detached(async move {
+            let result = agent.update_op(&id, request).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
     }
 
     async fn destroy(&self, id: &str, force: bool) -> Result<()> {
         let agent = self.clone();
         let id = id.to_owned();
-        detached(async move { agent.destroy_op(&id, force).await }).await
+        detached(async move {
+            let result = agent.destroy_op(&id, force).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
     }
 
     async fn get(&self, id: &str) -> Result<Machine> {

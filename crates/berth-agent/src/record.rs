@@ -82,6 +82,10 @@ pub struct MachineRecord {
     /// The Machine's address on the worker network, if the worker has one.
     #[serde(default)]
     pub private_ip: Option<std::net::Ipv6Addr>,
+    /// When the restart policy's next start is due (ms since the epoch), while it waits
+    /// out its back-off: kept so an agent restarted meanwhile still makes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_due_ms: Option<i64>,
 }
 
 impl MachineRecord {

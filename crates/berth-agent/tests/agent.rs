@@ -206,6 +206,35 @@ async fn a_machine_still_being_created_is_busy_not_missing() {
 }
 
 #[tokio::test]
+async fn a_stop_that_fails_halfway_does_not_leave_the_machine_stopping() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    let id = "0000000000000a";
+    agent
+        .create(create_request(id, "demo/img:1", false))
+        .await
+        .expect("create");
+    fixture.runtime.fail_next_cleanup("device busy").await;
+    let error = agent
+        .stop(id, StopRequest::default())
+        .await
+        .expect_err("the stop fails");
+    assert_eq!(error.to_response().0, 500, "{error}");
+    // Settled from what the host shows (the process is gone), not stuck in `stopping`,
+    // so the next actions are not refused.
+    let machine = agent.get(id).await.expect("get");
+    assert_eq!(machine.state, MachineState::Stopped);
+    let events = agent.events(id).await.expect("events");
+    let last = events.last().expect("an event");
+    assert_eq!(last.reason.as_deref(), Some("operation_failed"));
+    agent
+        .start(id, EventSource::User)
+        .await
+        .expect("start again");
+}
+
+#[tokio::test]
 async fn a_missing_image_leaves_no_trace() {
     let fixture = Fixture::new();
     let agent = fixture.agent().await;
@@ -537,6 +566,10 @@ async fn a_crash_loop_backs_off_exponentially_then_gives_up() {
     let machine = agent.get(id).await.expect("get");
     assert_eq!(machine.state, MachineState::Stopped);
     assert_eq!(machine.restart_count, 2);
+    assert_eq!(
+        machine.last_exit.as_ref().map(|exit| exit.reason.as_str()),
+        Some("max_retries_exceeded")
+    );
     let starts = fixture
         .runtime
         .calls()

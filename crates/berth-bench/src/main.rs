@@ -522,6 +522,7 @@ async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
         run_open: false,
         storage_bytes: 0,
         private_ip: None,
+        restart_due_ms: None,
     };
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for index in 0..iterations {

@@ -31,6 +31,7 @@ pub struct FakeRuntime {
 struct FakeState {
     calls: Vec<String>,
     fail_next_start: Option<String>,
+    fail_next_cleanup: Option<String>,
     ignore_term: bool,
     next_pid: u32,
     machines: HashMap<String, FakeMachine>,
@@ -78,6 +79,12 @@ impl FakeRuntime {
     /// The next start fails with a runc-style error carrying `message`.
     pub async fn fail_next_start(&self, message: impl Into<String>) {
         self.state.lock().await.fail_next_start = Some(message.into());
+    }
+
+    /// The next cleanup fails with a runc-style error carrying `message` (after the
+    /// Machine's process is gone): an operation that fails halfway.
+    pub async fn fail_next_cleanup(&self, message: impl Into<String>) {
+        self.state.lock().await.fail_next_cleanup = Some(message.into());
     }
 
     /// When on, SIGTERM and SIGINT are recorded but do not end the Machine.
@@ -263,9 +270,16 @@ impl Runtime for FakeRuntime {
         if let Some(m) = state.machines.get_mut(&layout.id) {
             m.status = Status::NotRunning;
         }
+        let failure = state.fail_next_cleanup.take();
         drop(state);
         self.changed.send_modify(|v| *v += 1);
-        Ok(())
+        match failure {
+            Some(message) => Err(RuntimeError::Runc {
+                id: layout.id.clone(),
+                message,
+            }),
+            None => Ok(()),
+        }
     }
 
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {

@@ -277,15 +277,10 @@ fn simulate_host_reboot(platform: &mut Platform) {
         let rootfs = dir.join("rootfs");
         let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
     }
-    // runc keeps state there (the native driver keeps none: its spawner died with the
-    // agent, and the cgroups above are gone).
+    // The runtime's state dir goes (runc keeps its state there). The agent's marker in
+    // /run is kept: the lost state dir alone must tell the agent the host restarted.
     let runc_state = worker.join("runc");
-    if runc_state.exists() {
-        std::fs::remove_dir_all(runc_state).expect("remove runc state");
-    }
-    // A reboot empties /run, where the agent keeps its marker.
-    let data_dir = worker.canonicalize().expect("worker dir");
-    std::fs::remove_file(berth_agent::boot_marker(&data_dir)).expect("remove the boot marker");
+    std::fs::remove_dir_all(runc_state).expect("remove the runtime state dir");
 }
 
 #[test]
@@ -368,6 +363,34 @@ fn after_a_host_reboot_machines_are_stopped_or_restarted_with_their_files() {
         None,
     );
     assert_eq!(status, 200, "{body}");
+    platform.teardown();
+}
+
+#[test]
+fn a_policy_restart_waiting_out_its_backoff_survives_an_agent_kill() {
+    let mut platform = Platform::start();
+    platform.import(busybox_image(), IMAGE);
+    platform.cli_ok(&["app", "create", "backoff"]);
+    let machine = create(
+        &platform,
+        "backoff",
+        json!({"config": {"image": IMAGE, "init": {"cmd": ["/bin/sh", "-c", "exit 1"]},
+            "restart": {"policy": "on-failure", "max_retries": 5}}}),
+    );
+    // The first exit: the restart is due a second later (the first back-off).
+    platform.wait_for("the first exit", Duration::from_secs(10), || {
+        let now = platform.machine("backoff", &machine.id);
+        now.state == MachineState::Stopped
+            && now.last_exit.as_ref().and_then(|exit| exit.exit_code) == Some(1)
+    });
+    platform.crash();
+    platform.boot();
+    platform.wait_for(
+        "the restart the policy owed",
+        Duration::from_secs(15),
+        || platform.machine("backoff", &machine.id).restart_count >= 1,
+    );
+    assert_doctor_clean(&platform, "after a pending restart was resumed");
     platform.teardown();
 }
 
