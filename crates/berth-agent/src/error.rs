@@ -33,7 +33,12 @@ pub enum AgentError {
     #[error("{}", body.message)]
     Remote { status: u16, body: Box<ErrorBody> },
     #[error("worker {worker} lacks {missing} to start this machine; stopped machines gave theirs back and another may have taken them")]
-    InsufficientCapacity { worker: String, missing: String },
+    InsufficientCapacity {
+        worker: String,
+        missing: String,
+        /// The resources it lacks (`cpus`, `memory_mb`).
+        resources: Vec<String>,
+    },
     #[error("worker {worker} is unavailable: {reason}")]
     Unavailable { worker: String, reason: String },
 }
@@ -126,12 +131,17 @@ impl AgentError {
                 body = (**remote).clone();
                 *status
             }
-            AgentError::InsufficientCapacity { .. } => {
+            AgentError::InsufficientCapacity {
+                worker, resources, ..
+            } => {
                 body.error = "insufficient_capacity".into();
                 body.retry_after_ms = Some(5000);
+                body.worker = Some(worker.clone());
+                body.missing = Some(resources.clone());
                 503
             }
-            AgentError::Unavailable { .. } => {
+            AgentError::Unavailable { worker, .. } => {
+                body.worker = Some(worker.clone());
                 body.error = "worker_unavailable".into();
                 body.retry_after_ms = Some(2000);
                 503

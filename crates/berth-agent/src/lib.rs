@@ -248,7 +248,9 @@ impl Agent {
         let want_cpus = record.config.guest.cpus;
         let want_memory = u64::from(record.config.guest.memory_mb);
         let mut missing = Vec::new();
+        let mut resources = Vec::new();
         if used_cpus + want_cpus > capacity.cpus {
+            resources.push("cpus".to_owned());
             missing.push(format!(
                 "{} CPUs (free {})",
                 want_cpus,
@@ -256,6 +258,7 @@ impl Agent {
             ));
         }
         if used_memory + want_memory > capacity.memory_mb {
+            resources.push("memory_mb".to_owned());
             missing.push(format!(
                 "{want_memory} MB of memory (free {} MB)",
                 capacity.memory_mb.saturating_sub(used_memory)
@@ -265,6 +268,7 @@ impl Agent {
             return Err(AgentError::InsufficientCapacity {
                 worker: self.inner.config.name.clone(),
                 missing: missing.join(" and "),
+                resources,
             });
         }
         running.insert(record.id.clone(), (want_cpus, want_memory));

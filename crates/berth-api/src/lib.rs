@@ -420,6 +420,14 @@ pub struct ErrorBody {
     /// For `quota_exceeded`: the org's use of it now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<u64>,
+    /// For `insufficient_capacity` and `worker_unavailable` at start or stop: the worker
+    /// the Machine is pinned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// For `insufficient_capacity`: what the worker lacks, among `cpus`, `memory_mb` and
+    /// `disk_mb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<String>>,
 }
 
 #[cfg(test)]
@@ -586,6 +594,7 @@ pub struct Worker {
     pub machines: u64,
     pub running: u64,
     pub machine_prefix: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `null` until the worker's first heartbeat (and again after a control plane restart).
+    #[serde(default)]
     pub last_heartbeat: Option<String>,
 }

@@ -172,6 +172,7 @@ async fn run(args: Args) -> Result<usize> {
         exec_max_output_bytes: None,
         default_limits: Some(default_limits),
         egress_nat: false,
+        placement: berth_core::placement::Strategy::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -68,6 +68,8 @@ pub struct ControlConfig {
     /// Cap on each of exec's stdout and stderr.
     pub exec_max_output_bytes: usize,
     pub clock: ApiClock,
+    /// How create picks a worker among those that fit.
+    pub placement: Strategy,
 }
 
 impl ControlConfig {
@@ -80,6 +82,7 @@ impl ControlConfig {
             default_limits: limits::default_limits(),
             exec_max_output_bytes: DEFAULT_EXEC_OUTPUT_BYTES,
             clock: ApiClock::system(),
+            placement: Strategy::default(),
         }
     }
 }
@@ -95,6 +98,7 @@ pub struct ControlPlane {
     puller: Arc<ImagePuller>,
     scratch_dir: PathBuf,
     prices: Prices,
+    placement: Strategy,
     /// One usage ingestion pass at a time (the background one or a query's).
     ingest_lock: tokio::sync::Mutex<()>,
     clock: ApiClock,
@@ -161,6 +165,7 @@ impl ControlPlane {
             puller,
             scratch_dir,
             prices: config.prices,
+            placement: config.placement,
             ingest_lock: tokio::sync::Mutex::new(()),
             rate_limiters: RateLimiters::new(config.clock.clone()),
             clock: config.clock,
@@ -300,7 +305,7 @@ impl ControlPlane {
                 "no worker has joined the cluster",
             ));
         }
-        match placement::place(&capacities, request, Strategy::default()) {
+        match placement::place(&capacities, request, self.placement) {
             Ok(worker) => Ok(worker.name.clone()),
             Err(error @ PlacementError::NoWorkerInRegion(_)) => {
                 let mut api = ApiError::new(

@@ -306,12 +306,27 @@ impl Workers {
     }
 }
 
+/// A caller holding the join token (an agent). Checked from the headers alone, before
+/// any body is read: a stranger learns nothing about what a body should hold.
+struct JoinTokenHolder;
+
+impl axum::extract::FromRequestParts<Shared> for JoinTokenHolder {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        control: &Shared,
+    ) -> Result<Self, ApiError> {
+        control.workers.check_join_token(&parts.headers)?;
+        Ok(JoinTokenHolder)
+    }
+}
+
 async fn register(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    _agent: JoinTokenHolder,
     ApiJson(request): ApiJson<RegisterWorker>,
 ) -> Result<Json<WorkerRegistered>, ApiError> {
-    control.workers.check_join_token(&headers)?;
     berth_core::validate::validate_name("name", &request.name)?;
     berth_core::validate::validate_region(&request.region)?;
     let url = reqwest_url(&request.url)?;
@@ -355,11 +370,10 @@ fn reqwest_url(url: &str) -> Result<String, ApiError> {
 
 async fn heartbeat(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    _agent: JoinTokenHolder,
     UrlPath(name): UrlPath<String>,
     ApiJson(stats): ApiJson<WorkerStats>,
 ) -> Result<StatusCode, ApiError> {
-    control.workers.check_join_token(&headers)?;
     if control.workers.heartbeat(&name, stats) {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -359,3 +359,28 @@ async fn the_openapi_description_and_the_router_agree() {
         .await;
     assert_error(&reply, 404, "not_found");
 }
+
+#[tokio::test]
+async fn the_agents_routes_check_the_join_token_before_the_body() {
+    let harness = Harness::start().await;
+    for path in [
+        "/v1/internal/workers/register",
+        "/v1/internal/workers/w9/heartbeat",
+    ] {
+        // A stranger with a malformed body learns only that it may not call.
+        let reply = harness
+            .call(
+                "not-the-join-token",
+                Method::POST,
+                path,
+                Some(json!({"x": 1})),
+            )
+            .await;
+        assert_error(&reply, 401, "unauthorized");
+        // Even the admin token is not the join token.
+        let reply = harness
+            .call(&harness.admin, Method::POST, path, Some(json!({"x": 1})))
+            .await;
+        assert_error(&reply, 401, "unauthorized");
+    }
+}

@@ -102,14 +102,10 @@ impl IntoResponse for ProxyError {
         let body = ErrorBody {
             error: self.code,
             message: self.message,
-            state: None,
-            field: None,
             retry_after_ms: self
                 .retry_after
                 .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
-            quota: None,
-            limit: None,
-            current: None,
+            ..ErrorBody::default()
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(wait) = self.retry_after {

@@ -29,6 +29,27 @@ pub struct ServerArgs {
     listen: SocketAddr,
     #[arg(long, default_value = crate::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// How create picks a worker among those with room.
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    placement: Placement,
+}
+
+/// `--placement`: which worker a new Machine goes to among those with room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// The emptiest worker (fewer Machines share a failure).
+    Spread,
+    /// The fullest worker that fits (keeps whole workers free).
+    Binpack,
+}
+
+impl From<Placement> for berth_core::placement::Strategy {
+    fn from(placement: Placement) -> Self {
+        match placement {
+            Placement::Spread => berth_core::placement::Strategy::Spread,
+            Placement::Binpack => berth_core::placement::Strategy::Binpack,
+        }
+    }
 }
 
 pub async fn server(args: ServerArgs) -> Result<()> {
@@ -42,12 +63,11 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         &data_dir.join("images"),
         UnpackLimits::default(),
     )?);
-    let control = ControlPlane::open(
-        ControlConfig::new(data_dir.clone(), admin_token, join_token),
-        images,
-    )
-    .await
-    .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
+    let mut config = ControlConfig::new(data_dir.clone(), admin_token, join_token);
+    config.placement = args.placement.into();
+    let control = ControlPlane::open(config, images)
+        .await
+        .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;

@@ -93,6 +93,8 @@ pub struct PlatformOptions {
     pub default_limits: Option<berth_api::SetOrgLimitsRequest>,
     /// Masquerade the workers' Machine networks to the host's uplinks (off by default).
     pub egress_nat: bool,
+    /// How create picks among the in-process workers.
+    pub placement: berth_core::placement::Strategy,
 }
 
 pub struct LocalPlatform {
@@ -156,6 +158,7 @@ impl LocalPlatform {
         let mut control_config =
             ControlConfig::new(data_dir.clone(), admin_token.clone(), join_token);
         control_config.prices = options.prices;
+        control_config.placement = options.placement;
         if let Some(bytes) = options.exec_max_output_bytes {
             control_config.exec_max_output_bytes = bytes;
         }

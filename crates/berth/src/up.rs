@@ -44,6 +44,10 @@ pub struct UpArgs {
     /// of the workers' prefixes (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
+    /// How create picks among the `--workers`: the emptiest (`spread`) or the fullest
+    /// that fits (`binpack`).
+    #[arg(long, value_enum, default_value_t = crate::cluster::Placement::Spread)]
+    placement: crate::cluster::Placement,
     /// Leave the kernel's RCU grace periods as they are. By default Berth makes them
     /// expedited, host-wide: every start's cgroup moves wait for one, and a normal one
     /// makes a start 15-30 ms instead of ~5 (see docs/PERFORMANCE.md).
@@ -181,6 +185,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         exec_max_output_bytes: Some(args.exec_max_output_bytes),
         default_limits,
         egress_nat: args.egress_nat,
+        placement: args.placement.into(),
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

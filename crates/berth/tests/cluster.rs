@@ -398,6 +398,8 @@ fn placement_pinning_capacity_and_failures_across_processes() {
     );
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "insufficient_capacity");
+    assert_eq!(body["worker"], "w3", "{body}");
+    assert_eq!(body["missing"], json!(["cpus"]), "{body}");
     assert!(
         body["message"]
             .as_str()
@@ -434,6 +436,7 @@ fn placement_pinning_capacity_and_failures_across_processes() {
     );
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "worker_unavailable");
+    assert_eq!(body["worker"], "w3", "{body}");
     let seen = cluster.machine(&running_on_w3);
     assert_eq!(seen.worker_status.as_deref(), Some("unreachable"));
     assert_eq!(seen.state, MachineState::Started, "the last known state");

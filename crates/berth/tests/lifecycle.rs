@@ -476,3 +476,29 @@ fn the_runc_runtime_still_runs_machines() {
     });
     platform.teardown();
 }
+
+/// `berth up --workers N` runs N in-process workers; `--placement` picks among them.
+#[test]
+fn in_process_workers_take_machines_by_the_chosen_placement() {
+    for (strategy, expect_one_worker) in [("spread", false), ("binpack", true)] {
+        let platform = Platform::start_with(&["--workers", "3", "--placement", strategy]);
+        platform.import(busybox_image(), "demo/busybox:1");
+        platform.cli_ok(&["app", "create", "placed"]);
+        let mut workers: Vec<String> = (0..3)
+            .map(|_| {
+                let machine = create(
+                    &platform,
+                    "placed",
+                    json!({"skip_launch": true, "config": {"image": "demo/busybox:1",
+                        "init": {"cmd": ["sleep", "3600"]}}}),
+                );
+                machine.worker.expect("pinned to a worker")
+            })
+            .collect();
+        workers.sort();
+        workers.dedup();
+        let expected = if expect_one_worker { 1 } else { 3 };
+        assert_eq!(workers.len(), expected, "{strategy}: {workers:?}");
+        platform.teardown();
+    }
+}
