@@ -214,6 +214,9 @@ async fn ten_concurrent_creates_download_each_blob_once() {
             "{layer}"
         );
     }
+    // Every blob, the config too, was fetched once: the layers and one config.
+    assert_eq!(gets.len(), layers.len() + 1, "{gets:?}");
+    assert!(gets.values().all(|count| *count == 1), "{gets:?}");
     assert_eq!(fixture.puller.blobs_downloaded(), 2);
     assert_eq!(fixture.puller.store().layers_unpacked(), 2);
 }

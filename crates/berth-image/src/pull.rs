@@ -134,11 +134,30 @@ impl RegistryCredentials {
     }
 
     fn auth_for(&self, registry: &str) -> RegistryAuth {
-        match self.by_host.get(registry) {
+        match self.by_host.get(&normalize_host(registry)) {
             Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
             None => RegistryAuth::Anonymous,
         }
     }
+}
+
+/// Whether `--insecure-registry` entry `listed` covers `registry`: the same host and
+/// port, or a bare host that covers every port of it.
+fn insecure_host_matches(listed: &str, registry: &str) -> bool {
+    let listed = normalize_host(listed);
+    let registry = normalize_host(registry);
+    if listed == registry {
+        return true;
+    }
+    let has_port = |host: &str| {
+        host.rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+            && !host.ends_with(']')
+    };
+    !has_port(&listed)
+        && registry
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| port.parse::<u16>().is_ok() && host == listed)
 }
 
 /// `https://host:port/v1/` -> `host:port`.
@@ -193,7 +212,7 @@ impl Default for RegistryOptions {
             insecure: Vec::new(),
             default_registry: None,
             connect_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -402,7 +421,7 @@ impl ImagePuller {
                 .options
                 .insecure
                 .iter()
-                .any(|host| host.eq_ignore_ascii_case(registry));
+                .any(|host| insecure_host_matches(host, registry));
         let config = ClientConfig {
             protocol: if plain_http {
                 ClientProtocol::Http
@@ -519,11 +538,33 @@ impl ImagePuller {
                 desc.digest
             )));
         }
-        if let Ok(bytes) = std::fs::read(self.store.blob_path(hex)) {
-            if verify_bytes(&bytes, desc).is_ok() {
-                return Ok(bytes);
+        // Single-flight like layers: concurrent creates of one image fetch its config once.
+        let flight = self.flight(hex);
+        let result = async {
+            let _guard = flight.lock().await;
+            if let Ok(bytes) = std::fs::read(self.store.blob_path(hex)) {
+                if verify_bytes(&bytes, desc).is_ok() {
+                    return Ok(bytes);
+                }
             }
+            let bytes = self.download_config(client, remote, registry, desc).await?;
+            let store = self.store.clone();
+            let (owned_hex, owned) = (hex.to_owned(), bytes.clone());
+            blocking(move || store.put_blob(&owned_hex, &owned)).await?;
+            Ok(bytes)
         }
+        .await;
+        self.land(hex, flight);
+        result
+    }
+
+    async fn download_config(
+        &self,
+        client: &Client,
+        remote: &Reference,
+        registry: &str,
+        desc: &Descriptor,
+    ) -> Result<Vec<u8>, ImageError> {
         let mut stream = client
             .pull_blob_stream(remote, &oci_descriptor(desc))
             .await
@@ -932,6 +973,37 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_insecure_host_covers_its_ports_and_a_host_port_only_itself() {
+        assert!(insecure_host_matches("reg.internal", "reg.internal:5000"));
+        assert!(insecure_host_matches("REG.internal", "reg.internal"));
+        assert!(insecure_host_matches(
+            "http://reg.internal:5000/",
+            "reg.internal:5000"
+        ));
+        assert!(!insecure_host_matches(
+            "reg.internal:5000",
+            "reg.internal:5001"
+        ));
+        assert!(!insecure_host_matches("reg.internal:5000", "reg.internal"));
+        assert!(!insecure_host_matches("reg", "reg.internal:5000"));
+        assert!(insecure_host_matches("[fd00::1]", "[fd00::1]:5000"));
+    }
+
+    #[test]
+    fn credentials_match_the_host_in_any_case() {
+        let mut credentials = RegistryCredentials::default();
+        credentials.insert("Reg.Internal:5000", "u", "p");
+        assert!(matches!(
+            credentials.auth_for("reg.INTERNAL:5000"),
+            RegistryAuth::Basic(..)
+        ));
+        assert!(matches!(
+            credentials.auth_for("reg.internal:5001"),
+            RegistryAuth::Anonymous
+        ));
+    }
 
     #[test]
     fn loopback_is_recognised() {
