@@ -93,7 +93,7 @@ impl AgentError {
                 409
             }
             AgentError::InvalidConfig(error) => {
-                body.error = "invalid_config".into();
+                body.error = error.code().into();
                 body.field = Some(error.field.clone());
                 400
             }

@@ -64,7 +64,9 @@ impl ApiError {
 
 impl From<ConfigError> for ApiError {
     fn from(error: ConfigError) -> ApiError {
-        ApiError::invalid_config(error.field.clone(), error.to_string())
+        let mut api = ApiError::invalid_config(error.field.clone(), error.to_string());
+        api.body.error = error.code().to_owned();
+        api
     }
 }
 

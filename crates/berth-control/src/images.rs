@@ -140,8 +140,21 @@ pub(crate) async fn list_images(
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
     control.check_rate(&principal, Action::Read, None).await?;
     let usage = image_usage(&control).await?;
+    // Images are shared by the whole platform; the Machines using them are only shown
+    // to their own org.
+    let visible_apps: HashSet<String> = control
+        .store
+        .apps()
+        .await?
+        .into_iter()
+        .filter(|row| principal.can_see(&row.org_slug))
+        .map(|row| row.name)
+        .collect();
     let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for entry in &usage {
+    for entry in usage
+        .iter()
+        .filter(|entry| visible_apps.contains(&entry.app))
+    {
         machines_by_digest
             .entry(entry.image.digest.clone())
             .or_default()
@@ -218,6 +231,24 @@ pub(crate) async fn delete_image(
         .map_err(ApiError::internal)?
         .map_err(ApiError::from)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/images/{reference}`: the same as `DELETE /v1/images?name=`, with the
+/// reference in the path (`/v1/images/team/web:1.4`).
+#[utoipa::path(delete, path = "/images/{*reference}", tag = "images",
+    params(("reference" = String, Path, description = "an image reference, slashes included")),
+    responses((status = 204, description = "untagged"), (status = "default", body = ErrorBody)))]
+pub(crate) async fn delete_image_by_path(
+    State(control): State<Shared>,
+    principal: Principal,
+    axum::extract::Path(reference): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete_image(
+        State(control),
+        principal,
+        ApiQuery(ImageQuery { name: reference }),
+    )
+    .await
 }
 
 /// `POST /v1/images/prune` removes every image and layer no Machine references.

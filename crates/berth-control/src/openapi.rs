@@ -73,6 +73,7 @@ pub(crate) fn api_router() -> OpenApiRouter<Shared> {
         .routes(routes!(images::list_images, images::delete_image))
         .routes(routes!(images::pull_image))
         .routes(routes!(images::prune_images))
+        .routes(routes!(images::delete_image_by_path))
         .routes(routes!(usage::org_usage))
         .routes(routes!(workers::list))
         .routes(routes!(workers::cordon))

@@ -142,6 +142,7 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("get", "/v1/images") => ("", None),
         ("post", "/v1/images/import") => ("?name=demo/evil:1", None),
         ("delete", "/v1/images") => ("?name=demo/busybox:1", None),
+        ("delete", "/v1/images/{*reference}") => ("", None),
         ("post", "/v1/images/pull") => ("", Some(json!({"image": "demo/nothing:1"}))),
         ("post", "/v1/images/prune") => ("", None),
         ("get", "/v1/orgs/{org}/usage") => ("?group_by=app", None),
@@ -211,6 +212,7 @@ async fn another_orgs_things_answer_404_at_every_route() {
         ("id", machine.clone()),
         ("key", "owner".to_owned()),
         ("token_id", tokens[0]["id"].as_str().expect("id").to_owned()),
+        ("*reference", "demo/busybox:1".to_owned()),
     ]
     .into();
     let base = format!("/v1/apps/victim-app/machines/{machine}");
@@ -246,7 +248,7 @@ async fn another_orgs_things_answer_404_at_every_route() {
                 | "/v1/workers/{name}/uncordon"
                 | "/v1/workers/{name}/doctor/repair",
             )
-            | ("delete", "/v1/images")
+            | ("delete", "/v1/images" | "/v1/images/{*reference}")
             | ("get", "/v1/workers" | "/v1/workers/{name}/doctor") => {
                 assert_error(&reply, 403, "forbidden")
             }
@@ -294,6 +296,7 @@ async fn the_openapi_description_and_the_router_agree() {
         ("id", machine),
         ("key", "k".to_owned()),
         ("token_id", "0000000000000000".to_owned()),
+        ("*reference", "demo/busybox:1".to_owned()),
     ]
     .into();
     let operations = operations(&harness).await;
@@ -383,4 +386,37 @@ async fn the_agents_routes_check_the_join_token_before_the_body() {
             .await;
         assert_error(&reply, 401, "unauthorized");
     }
+}
+
+#[tokio::test]
+async fn the_image_list_shows_each_org_only_its_own_machines() {
+    let harness = Harness::start().await;
+    let acme = harness.org("acme", json!({})).await;
+    let globex = harness.org("globex", json!({})).await;
+    harness.app(&acme, "acme-web").await;
+    harness.app(&globex, "globex-web").await;
+    let acme_machine = harness.machine(&acme, "acme-web", false).await;
+    let globex_machine = harness.machine(&globex, "globex-web", false).await;
+    let machines_of = |listed: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|image| image["machines"].as_array().cloned().unwrap_or_default())
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let (status, listed) = harness.call(&acme, Method::GET, "/v1/images", None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(machines_of(&listed), [acme_machine.clone()]);
+    let (_, listed) = harness.call(&globex, Method::GET, "/v1/images", None).await;
+    assert_eq!(machines_of(&listed), [globex_machine.clone()]);
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/images", None)
+        .await;
+    let mut both = vec![acme_machine, globex_machine];
+    both.sort();
+    assert_eq!(machines_of(&listed), both);
 }

@@ -29,6 +29,21 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The message of a missing image, which is a missing field rather than a bad reference.
+const IMAGE_REQUIRED: &str = "is required";
+
+impl ConfigError {
+    /// The API's error code: a malformed image reference is `invalid_image_ref`, like one
+    /// the reference parser refuses; everything else is `invalid_config`.
+    pub fn code(&self) -> &'static str {
+        if self.field == "config.image" && self.message != IMAGE_REQUIRED {
+            "invalid_image_ref"
+        } else {
+            "invalid_config"
+        }
+    }
+}
+
 fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
@@ -104,7 +119,7 @@ fn validate_args(field: &str, args: &[String]) -> Result<(), ConfigError> {
 pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
     let image = config.image.trim();
     if image.is_empty() {
-        return Err(refuse("config.image", "is required"));
+        return Err(refuse("config.image", IMAGE_REQUIRED));
     }
     if config.image.len() > MAX_IMAGE_LEN
         || config
@@ -324,9 +339,13 @@ mod tests {
 
         let mut bad = config();
         bad.image = String::new();
+        let missing = validate_config(&bad).expect_err("refused");
+        assert_eq!(missing.field, "config.image");
+        assert_eq!(missing.code(), "invalid_config");
+        bad.image = "demo/busy box:1".into();
         assert_eq!(
-            validate_config(&bad).expect_err("refused").field,
-            "config.image"
+            validate_config(&bad).expect_err("refused").code(),
+            "invalid_image_ref"
         );
 
         let mut bad = config();

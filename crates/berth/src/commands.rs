@@ -545,20 +545,20 @@ pub async fn image(command: ImageCommand) -> Result<()> {
             if json {
                 return print_json(&images);
             }
+            // Whole digests: scripts match them against `image_ref.digest`.
             println!(
-                "{:<48} {:<20} {:>7} {:>12} MACHINES",
+                "{:<40} {:<71} {:>6} {:>12} MACHINES",
                 "NAME", "DIGEST", "LAYERS", "SIZE"
             );
             for image in images {
-                let short = image.digest.get(..19).unwrap_or(&image.digest);
                 let machines = if image.machines.is_empty() {
                     "-".to_owned()
                 } else {
                     image.machines.join(",")
                 };
                 println!(
-                    "{:<48} {:<20} {:>7} {:>12} {machines}",
-                    image.name, short, image.layers, image.size_bytes
+                    "{:<40} {:<71} {:>6} {:>12} {machines}",
+                    image.name, image.digest, image.layers, image.size_bytes
                 );
             }
         }

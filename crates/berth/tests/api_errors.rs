@@ -118,6 +118,22 @@ fn bad_requests_get_json_errors_and_leave_nothing_behind() {
     );
     assert_error(status, &body, 422, "image_not_found");
 
+    // Malformed references, whether refused by the config's checks or the parser.
+    for image in [
+        "demo/busy box:1",
+        "demo/busybox:1\n",
+        "UPPER/case:1",
+        "a:b:c:d",
+        &"x".repeat(600),
+    ] {
+        let (status, body) = platform.call(
+            Method::POST,
+            machines,
+            Some(json!({"config": {"image": image}})),
+        );
+        assert_error(status, &body, 400, "invalid_image_ref");
+    }
+
     // Nothing above left a Machine, a record or a directory behind.
     let (status, body) = platform.call(Method::GET, machines, None);
     assert_eq!(status, 200);

@@ -246,8 +246,18 @@ fn start_needs_no_image_tag_and_runs_the_content_resolved_at_create() {
     assert!(!platform.logs("pin", &machine.id).contains("msg=second"));
 
     // Deleting the tag does not break start either.
-    let (status, body) = platform.call(Method::DELETE, "/v1/images?name=demo/msg:1", None);
+    // (The reference may also go in the path: `DELETE /v1/images/demo/msg:1`.)
+    let (status, body) = platform.call(Method::DELETE, "/v1/images/demo/msg:1", None);
     assert_eq!(status, 204, "{body}");
+    let (_, images) = platform.call(Method::GET, "/v1/images", None);
+    assert!(
+        !images
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|image| image["name"] == "demo/msg:1"),
+        "{images}"
+    );
     post(&platform, &format!("{base}/stop"));
     post(&platform, &format!("{base}/start"));
     platform.wait_for("a third boot", Duration::from_secs(10), || {

@@ -166,6 +166,8 @@ fn create_pulls_and_start_works_with_the_registry_stopped() {
     // The list names the Machine; prune keeps its image.
     let table = platform.cli_ok(&["image", "list"]);
     assert!(table.contains(&id), "{table}");
+    let digest = platform.machine("web", &id).image_ref.digest;
+    assert!(table.contains(&digest), "the whole digest: {table}");
     let report: ImagePruneResponse =
         serde_json::from_str(&platform.cli_ok(&["image", "prune", "--json"])).expect("prune");
     assert!(report.images.is_empty(), "{report:?}");
