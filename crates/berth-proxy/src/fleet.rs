@@ -22,8 +22,10 @@ use crate::platform::{MachineView, Platform, PlatformError};
 use crate::ProxyConfig;
 
 /// Unknown hosts are remembered for this long, so garbage costs no API call each.
-const MISSING_TTL: Duration = Duration::from_secs(2);
+const MISSING_TTL: Duration = Duration::from_millis(200);
 const MAX_MISSING: usize = 10_000;
+/// The youngest view worth reading again before answering that no Machine can serve.
+const RECHECK_FLOOR: Duration = Duration::from_millis(200);
 /// How often a waking Machine's port is tried.
 const PORT_POLL: Duration = Duration::from_millis(2);
 /// How many apps discovery reads at once.
@@ -422,11 +424,19 @@ impl Fleet {
             let room = app.capacity.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let stale = app
-                .lock()
-                .refreshed_at
-                .is_none_or(|at| now.duration_since(at) >= self.config.view_ttl);
-            match self.pick(&app, now) {
+            let refreshed_at = app.lock().refreshed_at;
+            let older_than =
+                |age: Duration| refreshed_at.is_none_or(|at| now.duration_since(at) >= age);
+            let stale = older_than(self.config.view_ttl);
+            let pick = self.pick(&app, now);
+            // Nothing to send to may only mean the view predates a Machine just created or
+            // started by someone else: look again before refusing (a short floor keeps a
+            // storm at an empty app from becoming a storm at the API).
+            let worth_refreshing = match &pick {
+                Pick::Nothing | Pick::Unreachable(_) => older_than(RECHECK_FLOOR),
+                _ => stale,
+            };
+            match pick {
                 Pick::Go(ticket, wake_more) => {
                     if wake_more {
                         drop(self.wake(&app));
@@ -436,7 +446,7 @@ impl Fleet {
                     }
                     return Ok(ticket);
                 }
-                _ if stale && !refreshed => {
+                _ if worth_refreshing && !refreshed => {
                     refreshed = true;
                     self.refresh(&app).await?;
                 }

@@ -773,3 +773,22 @@ async fn broken_and_undeclared_oversized_bodies_get_json_errors() {
     assert_eq!(body, "1000");
     server.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_created_after_the_app_was_seen_gets_the_next_request() {
+    let platform = FakePlatform::with(Vec::new());
+    let fleet = fleet(platform.clone());
+    let Err(refused) = fleet.admit("web").await else {
+        panic!("admitted with no machine");
+    };
+    assert_eq!(refused.code, "no_machine_available");
+    // Created (and started) through the API a moment later, well inside the view's
+    // lifetime: the proxy looks again rather than answering from its old view.
+    platform.machines.lock().expect("fake lock").insert(
+        "m1".to_owned(),
+        machine("m1", MachineState::Started, service(1, 60, 0)),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ticket = fleet.admit("web").await.expect("admitted");
+    assert_eq!(ticket.machine(), "m1");
+}

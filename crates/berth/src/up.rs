@@ -91,8 +91,10 @@ pub struct UpArgs {
     #[arg(long)]
     default_limits: Option<PathBuf>,
     /// Where the wake-on-request proxy listens (`<app>.<domain>` → the app's Machines).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    proxy_listen: SocketAddr,
+    /// [default: 127.0.0.1:8080; when that is taken, Berth runs without the proxy and
+    /// says so, while a taken address given here is an error]
+    #[arg(long)]
+    proxy_listen: Option<SocketAddr>,
     /// Run no proxy.
     #[arg(long)]
     no_proxy: bool,
@@ -128,6 +130,10 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Where `berth up`'s proxy listens unless told otherwise.
+const DEFAULT_PROXY_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
 
 pub async fn run(args: UpArgs) -> Result<()> {
     init_tracing();
@@ -209,16 +215,31 @@ pub async fn run(args: UpArgs) -> Result<()> {
         None
     } else {
         let domain = proxy_config.domain.clone();
-        let (bound, task) = crate::proxy_cmd::spawn(
-            args.proxy_listen,
+        let listen = args.proxy_listen.unwrap_or(DEFAULT_PROXY_LISTEN);
+        let spawned = crate::proxy_cmd::spawn(
+            listen,
             &api_url,
             &admin_token,
             proxy_config,
             shutdown_signal(),
         )
-        .await?;
-        println!("Berth proxy listening on http://{bound} for <app>.{domain}");
-        Some(task)
+        .await;
+        match spawned {
+            Ok((bound, task)) => {
+                println!("Berth proxy listening on http://{bound} for <app>.{domain}");
+                Some(task)
+            }
+            // Only the default address may be busy (another service, another `berth up`):
+            // the platform is still useful without its proxy.
+            Err(error) if args.proxy_listen.is_none() => {
+                eprintln!(
+                    "warning: running without the proxy: {error:#} (choose another address \
+                     with --proxy-listen, or pass --no-proxy)"
+                );
+                None
+            }
+            Err(error) => return Err(error),
+        }
     };
 
     let router = control.router();
