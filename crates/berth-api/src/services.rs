@@ -25,6 +25,14 @@ pub struct MachineService {
     pub min_machines_running: u32,
     #[serde(default)]
     pub concurrency: ServiceConcurrency,
+    /// Fly's public `ports` and health `checks`, accepted so Fly-shaped configs work and
+    /// kept as given. The proxy routes by host name on its own port and uses neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub ports: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub checks: Option<serde_json::Value>,
 }
 
 impl MachineService {
@@ -44,12 +52,39 @@ pub enum ServiceProtocol {
     Tcp,
 }
 
+/// Also read as Fly writes it: `true` is `stop`, `false` is `off`, and `suspend` (which
+/// Berth has not got) falls back to `stop`, as Fly's does for Machines that cannot suspend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "AutostopWire")]
 pub enum AutostopMode {
     #[default]
     Off,
     Stop,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AutostopWire {
+    Flag(bool),
+    Name(String),
+}
+
+impl TryFrom<AutostopWire> for AutostopMode {
+    type Error = String;
+
+    fn try_from(wire: AutostopWire) -> Result<Self, String> {
+        match wire {
+            AutostopWire::Flag(true) => Ok(AutostopMode::Stop),
+            AutostopWire::Flag(false) => Ok(AutostopMode::Off),
+            AutostopWire::Name(name) => match name.as_str() {
+                "stop" | "suspend" => Ok(AutostopMode::Stop),
+                "off" => Ok(AutostopMode::Off),
+                other => Err(format!(
+                    "unknown autostop {other:?}: expected \"off\", \"stop\", true or false"
+                )),
+            },
+        }
+    }
 }
 
 /// What counts towards the limits: requests in flight, or open connections (an upgraded

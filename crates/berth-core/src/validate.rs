@@ -395,6 +395,35 @@ mod tests {
     }
 
     #[test]
+    fn fly_written_services_parse() {
+        let parse = |value: serde_json::Value| serde_json::from_value::<MachineService>(value);
+        let service = parse(serde_json::json!({
+            "internal_port": 8080, "protocol": "tcp", "autostart": true, "autostop": true,
+            "ports": [{"port": 443, "handlers": ["tls", "http"]}],
+            "checks": {"alive": {"type": "tcp", "interval": "15s"}}
+        }))
+        .expect("Fly's shape parses");
+        assert_eq!(service.autostop, berth_api::AutostopMode::Stop);
+        assert_eq!(service.ports.as_ref().map(Vec::len), Some(1));
+        for (autostop, expected) in [
+            (serde_json::json!(false), berth_api::AutostopMode::Off),
+            (serde_json::json!("off"), berth_api::AutostopMode::Off),
+            (serde_json::json!("suspend"), berth_api::AutostopMode::Stop),
+        ] {
+            let service = parse(serde_json::json!({"internal_port": 1, "autostop": autostop}))
+                .expect("parses");
+            assert_eq!(service.autostop, expected);
+        }
+        let refused = parse(serde_json::json!({"internal_port": 1, "autostop": "sometimes"}))
+            .expect_err("refused");
+        assert!(
+            refused.to_string().contains("unknown autostop"),
+            "{refused}"
+        );
+        assert!(parse(serde_json::json!({"internal_port": 1, "bogus": 1})).is_err());
+    }
+
+    #[test]
     fn names_are_dns_labels() {
         assert!(validate_name("name", "web-1").is_ok());
         for bad in ["", "-web", "web-", "Web", "a b", "../x", &"a".repeat(64)] {

@@ -92,6 +92,8 @@ fn service(port: u16, idle_seconds: u32, min_running: u32) -> MachineService {
         autostop_idle_seconds: idle_seconds,
         min_machines_running: min_running,
         concurrency: ServiceConcurrency::default(),
+        ports: None,
+        checks: None,
     }
 }
 
