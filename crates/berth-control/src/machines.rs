@@ -155,7 +155,7 @@ async fn create(
     };
     control
         .workers
-        .reserve(&worker_name, size, !request.skip_launch);
+        .reserve(&worker_name, &id, size, !request.skip_launch);
     let worker = control.worker(&worker_name)?;
     let created = worker
         .create(CreateOnWorker {
@@ -167,6 +167,11 @@ async fn create(
         })
         .await;
     drop(reservation);
+    let made = match &created {
+        Ok(_) | Err(berth_agent::AgentError::StartFailed { .. }) => true,
+        Err(_) => !crate::reconcile::worker_lacks(&worker, &id).await,
+    };
+    control.workers.create_ended(&worker_name, &id, made);
     match created {
         Ok(machine) => Ok(seen(control, machine, &worker_name).await),
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
@@ -174,7 +179,7 @@ async fn create(
         Err(error) => {
             // The worker may have recorded the Machine before failing (its CPU taken by
             // the time it booted, say): only an id it does not have leaves the index.
-            if crate::reconcile::worker_lacks(&worker, &id).await {
+            if !made {
                 control.store.delete_machine(&id).await?;
             }
             Err(error.into())

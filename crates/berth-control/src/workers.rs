@@ -37,9 +37,38 @@ pub(crate) struct WorkerEntry {
     pub machine_prefix: String,
     pub last_heartbeat_ms: Option<i64>,
     pub stats: WorkerStats,
+    /// Placements whose Machines the worker's heartbeats may not count yet.
+    pub reservations: Vec<Reservation>,
 }
 
+/// What one create placed on a worker, counted until a heartbeat that follows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Reservation {
+    machine_id: String,
+    size: Resources,
+    starts: bool,
+    /// When the create ended (ms); `None` while it runs.
+    ended_at_ms: Option<i64>,
+}
+
+/// A heartbeat this long after a create ended surely counts its Machine (its stats are
+/// read when it is sent, and the create ended on the worker before it ended here).
+const HEARTBEAT_COUNTS_AFTER_MS: i64 = 1000;
+
 impl WorkerEntry {
+    /// Running and total use: the worker's last report plus placements it may not count.
+    fn used(&self) -> Resources {
+        let mut used = self.stats.used;
+        for reservation in &self.reservations {
+            used.disk_mb += reservation.size.disk_mb;
+            if reservation.starts {
+                used.cpus += reservation.size.cpus;
+                used.memory_mb += reservation.size.memory_mb;
+            }
+        }
+        used
+    }
+
     fn healthy(&self, now: i64) -> bool {
         // An in-process worker cannot be unreachable.
         self.url.is_none()
@@ -127,6 +156,7 @@ impl Workers {
                 machine_prefix: workers.prefix_for(row.get(1)),
                 last_heartbeat_ms: None,
                 stats: WorkerStats::default(),
+                reservations: Vec::new(),
             };
             workers.write().insert(name, entry);
         }
@@ -210,7 +240,11 @@ impl Workers {
                 // A remote worker is ready at its first heartbeat, which it sends once its own
                 // API serves; an in-process one is ready now.
                 last_heartbeat_ms: if remote { None } else { Some(now_ms()) },
-                stats: previous.map(|entry| entry.stats).unwrap_or_default(),
+                stats: previous
+                    .as_ref()
+                    .map(|entry| entry.stats)
+                    .unwrap_or_default(),
+                reservations: previous.map(|entry| entry.reservations).unwrap_or_default(),
             },
         );
         Ok(prefix)
@@ -219,8 +253,15 @@ impl Workers {
     pub(crate) fn heartbeat(&self, name: &str, stats: WorkerStats) -> bool {
         match self.write().get_mut(name) {
             Some(entry) => {
-                entry.last_heartbeat_ms = Some(now_ms());
+                let now = now_ms();
+                entry.last_heartbeat_ms = Some(now);
                 entry.stats = stats;
+                // Creates that ended a while ago are in these stats now; running ones not.
+                entry.reservations.retain(|reservation| {
+                    reservation
+                        .ended_at_ms
+                        .is_none_or(|ended| now - ended < HEARTBEAT_COUNTS_AFTER_MS)
+                });
                 true
             }
             None => false,
@@ -243,30 +284,52 @@ impl Workers {
         let now = now_ms();
         self.read()
             .iter()
-            .map(|(name, entry)| WorkerCapacity {
-                name: name.clone(),
-                region: entry.region.clone(),
-                cordoned: entry.cordoned,
-                healthy: entry.healthy(now),
-                cpus: entry.capacity.cpus,
-                memory_mb: entry.capacity.memory_mb,
-                disk_mb: entry.capacity.disk_mb,
-                running_cpus: entry.stats.used.cpus,
-                running_memory_mb: entry.stats.used.memory_mb,
-                used_disk_mb: entry.stats.used.disk_mb,
+            .map(|(name, entry)| {
+                let used = entry.used();
+                WorkerCapacity {
+                    name: name.clone(),
+                    region: entry.region.clone(),
+                    cordoned: entry.cordoned,
+                    healthy: entry.healthy(now),
+                    cpus: entry.capacity.cpus,
+                    memory_mb: entry.capacity.memory_mb,
+                    disk_mb: entry.capacity.disk_mb,
+                    running_cpus: used.cpus,
+                    running_memory_mb: used.memory_mb,
+                    used_disk_mb: used.disk_mb,
+                }
             })
             .collect()
     }
 
-    /// Counts a placement until the worker's next heartbeat reports it.
-    pub(crate) fn reserve(&self, name: &str, used: Resources, starts: bool) {
+    /// Counts a placement while its create runs, and until a heartbeat that follows it
+    /// (heartbeats in between report the worker without it).
+    pub(crate) fn reserve(&self, name: &str, machine_id: &str, size: Resources, starts: bool) {
         if let Some(entry) = self.write().get_mut(name) {
-            entry.stats.used.disk_mb += used.disk_mb;
-            entry.stats.machines += 1;
-            if starts {
-                entry.stats.used.cpus += used.cpus;
-                entry.stats.used.memory_mb += used.memory_mb;
-                entry.stats.running += 1;
+            entry.reservations.push(Reservation {
+                machine_id: machine_id.to_owned(),
+                size,
+                starts,
+                ended_at_ms: None,
+            });
+        }
+    }
+
+    /// The create of `machine_id` ended: if it made the Machine, the worker's next
+    /// heartbeat counts it; if not, nothing is left to count.
+    pub(crate) fn create_ended(&self, name: &str, machine_id: &str, made: bool) {
+        if let Some(entry) = self.write().get_mut(name) {
+            if made {
+                let now = now_ms();
+                for reservation in &mut entry.reservations {
+                    if reservation.machine_id == machine_id {
+                        reservation.ended_at_ms = Some(now);
+                    }
+                }
+            } else {
+                entry
+                    .reservations
+                    .retain(|reservation| reservation.machine_id != machine_id);
             }
         }
     }
@@ -451,4 +514,93 @@ pub(crate) fn internal_routes() -> Router<Shared> {
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::extract::MAX_JSON_BODY,
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn workers_with_one(name: &str, cpus: u32) -> (Workers, SqlitePool) {
+        // One connection: each in-memory connection is a database of its own.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        let workers = Workers::open(&pool, "join").await.unwrap();
+        let request = RegisterWorker {
+            name: name.to_owned(),
+            region: "local".to_owned(),
+            // Never called: the test only counts.
+            url: "http://127.0.0.1:9".to_owned(),
+            capacity: Resources {
+                cpus,
+                memory_mb: 4096,
+                disk_mb: 100_000,
+            },
+        };
+        let service = Arc::new(RemoteWorker::new(name, &request.url, "join").unwrap());
+        workers
+            .register(&pool, &request, service, Some(request.url.clone()))
+            .await
+            .unwrap();
+        (workers, pool)
+    }
+
+    fn running_cpus(workers: &Workers) -> u32 {
+        workers.capacities()[0].running_cpus
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_during_a_create_does_not_forget_its_placement() {
+        let (workers, _pool) = workers_with_one("w1", 4).await;
+        let size = Resources {
+            cpus: 2,
+            memory_mb: 256,
+            disk_mb: 1024,
+        };
+        workers.reserve("w1", "m1", size, true);
+        assert_eq!(running_cpus(&workers), 2);
+        // Sent before the create finished: it does not count m1 yet.
+        assert!(workers.heartbeat("w1", WorkerStats::default()));
+        assert_eq!(
+            running_cpus(&workers),
+            2,
+            "still counted while the create runs"
+        );
+        workers.create_ended("w1", "m1", true);
+        let with_m1 = WorkerStats {
+            used: size,
+            machines: 1,
+            running: 1,
+        };
+        // A heartbeat right after may predate the Machine: keep counting once.
+        assert!(workers.heartbeat("w1", with_m1));
+        assert_eq!(running_cpus(&workers), 4);
+        // One a while later counts it itself.
+        if let Some(entry) = workers.write().get_mut("w1") {
+            for reservation in &mut entry.reservations {
+                reservation.ended_at_ms = reservation.ended_at_ms.map(|at| at - 5_000);
+            }
+        }
+        assert!(workers.heartbeat("w1", with_m1));
+        assert_eq!(running_cpus(&workers), 2);
+    }
+
+    #[tokio::test]
+    async fn a_create_that_made_nothing_gives_its_placement_back() {
+        let (workers, _pool) = workers_with_one("w1", 4).await;
+        let size = Resources {
+            cpus: 1,
+            memory_mb: 256,
+            disk_mb: 1024,
+        };
+        workers.reserve("w1", "m1", size, true);
+        workers.create_ended("w1", "m1", false);
+        assert_eq!(running_cpus(&workers), 0);
+        assert_eq!(workers.capacities()[0].used_disk_mb, 0);
+    }
 }
