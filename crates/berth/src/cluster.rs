@@ -126,6 +126,10 @@ pub struct AgentArgs {
     /// makes a start 15-30 ms instead of ~5 (see docs/PERFORMANCE.md).
     #[arg(long)]
     no_expedite_rcu: bool,
+    /// The URL the control plane reaches this agent at, when it is not `--listen` as
+    /// given (needed when listening on an unspecified address such as `[::]:4301`).
+    #[arg(long)]
+    advertise_url: Option<String>,
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
@@ -153,7 +157,15 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let bound = listener.local_addr()?;
+    let url = match &args.advertise_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None if bound.ip().is_unspecified() => bail!(
+            "--listen {bound} is every address of this host: say which one the control \
+             plane should call with --advertise-url"
+        ),
+        None => format!("http://{bound}"),
+    };
     let registration = RegisterWorker {
         name: args.name.clone(),
         region: args.region.clone(),
