@@ -74,6 +74,9 @@ struct Slot {
     /// A start or stop the proxy itself has under way; the API's state is not trusted
     /// until it ends.
     transition: Option<Transition>,
+    /// When the proxy's own last start or stop of it ended: a list asked for before then
+    /// is older news about its state.
+    settled_at: Option<Instant>,
     /// Refused a connection: no traffic until then.
     unreachable_until: Option<Instant>,
     gauge: Gauge,
@@ -268,16 +271,17 @@ impl Fleet {
             refreshing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
-        self.merge(&app, views);
+        self.merge(&app, views, now);
         apps.insert(name.to_owned(), app.clone());
         drop(apps);
         tokio::spawn(autostop_loop(Arc::downgrade(self), app.clone()));
         Ok(app)
     }
 
-    /// Takes the platform's list as the truth, except for Machines the proxy is starting
-    /// or stopping itself.
-    fn merge(&self, app: &AppState, views: Vec<MachineView>) {
+    /// Takes the platform's list (asked for at `asked_at`) as the truth, except for
+    /// Machines the proxy is starting or stopping itself, or finished starting or stopping
+    /// after the list was asked for.
+    fn merge(&self, app: &AppState, views: Vec<MachineView>, asked_at: Instant) {
         let now = Instant::now();
         let mut inner = app.lock();
         inner
@@ -286,7 +290,8 @@ impl Fleet {
         for view in views {
             match inner.slots.get_mut(&view.id) {
                 Some(slot) => {
-                    if slot.transition.is_none() {
+                    let newer_here = slot.settled_at.is_some_and(|at| at > asked_at);
+                    if slot.transition.is_none() && !newer_here {
                         if slot.view.state != MachineState::Started
                             && view.state == MachineState::Started
                         {
@@ -307,6 +312,7 @@ impl Fleet {
                             in_flight: 0,
                             idle_since: now,
                             transition: None,
+                            settled_at: None,
                             unreachable_until: None,
                             gauge,
                         },
@@ -320,6 +326,7 @@ impl Fleet {
     }
 
     async fn refresh(&self, app: &Arc<AppState>) -> Result<(), ProxyError> {
+        let asked_at = Instant::now();
         match self
             .platform
             .machines(&app.name)
@@ -327,7 +334,7 @@ impl Fleet {
             .map_err(platform_down)?
         {
             Some(views) => {
-                self.merge(app, views);
+                self.merge(app, views, asked_at);
                 Ok(())
             }
             None => {
@@ -542,6 +549,7 @@ impl Fleet {
             slot.transition = None;
             slot.view.state = MachineState::Started;
             slot.idle_since = Instant::now();
+            slot.settled_at = Some(slot.idle_since);
             slot.unreachable_until = None;
         }
         Ok(())
@@ -553,7 +561,10 @@ impl Fleet {
         if let Some(slot) = inner.slots.get_mut(&id) {
             slot.transition = None;
             match &result {
-                Ok(()) => slot.view.state = MachineState::Stopped,
+                Ok(()) => {
+                    slot.view.state = MachineState::Stopped;
+                    slot.settled_at = Some(Instant::now());
+                }
                 // Try again after another idle period.
                 Err(_) => slot.idle_since = Instant::now(),
             }
