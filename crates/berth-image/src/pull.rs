@@ -314,6 +314,9 @@ pub struct ImagePuller {
     options: RegistryOptions,
     clients: Mutex<HashMap<String, Client>>,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Configs fetched for pulls still in flight, for the concurrent pulls of the same
+    /// image. Kept out of the store until a pull completes, so a failed one leaves nothing.
+    configs_in_flight: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     blobs_downloaded: AtomicU64,
 }
 
@@ -342,6 +345,7 @@ impl ImagePuller {
             options,
             clients: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
+            configs_in_flight: Mutex::new(HashMap::new()),
             blobs_downloaded: AtomicU64::new(0),
         }
     }
@@ -547,14 +551,17 @@ impl ImagePuller {
                     return Ok(bytes);
                 }
             }
+            if let Some(bytes) = lock(&self.configs_in_flight).get(hex) {
+                return Ok(bytes.to_vec());
+            }
             let bytes = self.download_config(client, remote, registry, desc).await?;
-            let store = self.store.clone();
-            let (owned_hex, owned) = (hex.to_owned(), bytes.clone());
-            blocking(move || store.put_blob(&owned_hex, &owned)).await?;
+            lock(&self.configs_in_flight).insert(hex.to_owned(), Arc::new(bytes.clone()));
             Ok(bytes)
         }
         .await;
-        self.land(hex, flight);
+        if self.land(hex, flight) {
+            lock(&self.configs_in_flight).remove(hex);
+        }
         result
     }
 
@@ -650,12 +657,15 @@ impl ImagePuller {
             .clone()
     }
 
-    fn land(&self, hex: &str, flight: Arc<tokio::sync::Mutex<()>>) {
+    /// Ends this caller's part in a flight; true when it was the last one waiting.
+    fn land(&self, hex: &str, flight: Arc<tokio::sync::Mutex<()>>) -> bool {
         let mut flights = lock(&self.flights);
         // Only the map and this caller hold it: nobody else is waiting.
-        if Arc::strong_count(&flight) <= 2 {
+        let last = Arc::strong_count(&flight) <= 2;
+        if last {
             flights.remove(hex);
         }
+        last
     }
 
     async fn fetch_layer(
