@@ -71,7 +71,7 @@ fn cell(value: &Value) -> String {
 /// The markdown table printed after a run and pasted into PERFORMANCE.md.
 pub fn markdown_table(rows: &[Row<'_>]) -> String {
     let mut out = String::from(
-        "| operation | n | p50 ms | p90 ms | p99 ms | peer p50 / berth start p50 |\n\
+        "| operation | n | p50 ms | p90 ms | p99 ms | p50 / berth start p50 |\n\
          | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for row in rows {
