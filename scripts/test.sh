@@ -29,7 +29,7 @@ leftovers >"$before"
 
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
-cargo test --locked --workspace --all-features
+cargo test --locked --workspace --all-features --no-fail-fast
 
 leftovers >"$after"
 if new=$(comm -13 "$before" "$after") && [ -n "$new" ]; then

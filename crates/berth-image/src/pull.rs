@@ -314,8 +314,9 @@ pub struct ImagePuller {
     options: RegistryOptions,
     clients: Mutex<HashMap<String, Client>>,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Configs fetched for pulls still in flight, for the concurrent pulls of the same
-    /// image. Kept out of the store until a pull completes, so a failed one leaves nothing.
+    /// Configs fetched for pulls not yet stored, for the concurrent pulls of the same
+    /// image. Kept out of the store until a pull completes, so a failed one leaves nothing;
+    /// `fetch` drops the entry when its pull ends either way.
     configs_in_flight: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     blobs_downloaded: AtomicU64,
 }
@@ -559,9 +560,7 @@ impl ImagePuller {
             Ok(bytes)
         }
         .await;
-        if self.land(hex, flight) {
-            lock(&self.configs_in_flight).remove(hex);
-        }
+        self.land(hex, flight);
         result
     }
 
@@ -594,6 +593,19 @@ impl ImagePuller {
     /// Downloads and unpacks what the store lacks, then stores the config, the manifest
     /// and the tag.
     pub async fn fetch(
+        &self,
+        plan: PullPlan,
+        lease: &Lease,
+        progress: Progress,
+    ) -> Result<ResolvedImage, ImageError> {
+        let config_hex = descriptor_hex(&plan.manifest.config)?.to_owned();
+        let outcome = self.fetch_planned(plan, lease, progress).await;
+        // Stored now, or the pull failed and a later one fetches it again.
+        lock(&self.configs_in_flight).remove(&config_hex);
+        outcome
+    }
+
+    async fn fetch_planned(
         &self,
         plan: PullPlan,
         lease: &Lease,
@@ -657,15 +669,12 @@ impl ImagePuller {
             .clone()
     }
 
-    /// Ends this caller's part in a flight; true when it was the last one waiting.
-    fn land(&self, hex: &str, flight: Arc<tokio::sync::Mutex<()>>) -> bool {
+    fn land(&self, hex: &str, flight: Arc<tokio::sync::Mutex<()>>) {
         let mut flights = lock(&self.flights);
         // Only the map and this caller hold it: nobody else is waiting.
-        let last = Arc::strong_count(&flight) <= 2;
-        if last {
+        if Arc::strong_count(&flight) <= 2 {
             flights.remove(hex);
         }
-        last
     }
 
     async fn fetch_layer(
