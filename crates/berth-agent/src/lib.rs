@@ -961,7 +961,9 @@ impl Agent {
         );
         if !ran {
             let last_alive = self.inner.store.last_liveness().await?;
-            return self.recover_one(record, last_alive, "agent_restart").await;
+            self.recover_one(record, last_alive, "agent_restart")
+                .await?;
+            return self.restore_network_if_kept(record).await;
         }
         let layout = self.layout(&record.id);
         if let Status::Running { .. } = self.inner.runtime.status(&layout).await? {
@@ -1000,9 +1002,23 @@ impl Agent {
             &usage,
         )
         .await?;
+        self.restore_network_if_kept(record).await?;
         if record.config.restart.policy == berth_api::RestartPolicy::Always {
             self.schedule_restart(record.id.clone(), record.run_generation, Duration::ZERO);
         }
+        Ok(())
+    }
+
+    /// A reboot unpins every network namespace: a Machine that still exists gets its
+    /// network back now, so it is whole while stopped, not only from its next start.
+    async fn restore_network_if_kept(&self, record: &MachineRecord) -> Result<()> {
+        if self.inner.store.get(&record.id).await?.is_none() {
+            return Ok(());
+        }
+        self.inner
+            .runtime
+            .restore_network(&self.layout(&record.id))
+            .await?;
         Ok(())
     }
 

@@ -171,6 +171,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// What the host says about the Machine right now.
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError>;
 
+    /// After a host restart, for a Machine that is not running: pins its network
+    /// namespace again and plugs it in with its recorded address, as start would, so a
+    /// stopped Machine has its network before its next start. Nothing when it is pinned.
+    async fn restore_network(&self, _layout: &MachineLayout) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// Destroy: kills anything left, removes mounts, the veth pair, the network namespace
     /// and every file of the Machine. Idempotent.
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;

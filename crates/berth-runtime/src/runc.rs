@@ -401,6 +401,19 @@ impl Runtime for RuncRuntime {
         wait_for_exit(layout, timeout).await
     }
 
+    async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let netns_path = layout.netns();
+        if netns::is_pinned(&netns_path) {
+            return Ok(());
+        }
+        let id = layout.id.clone();
+        blocking(move || {
+            netns::create(&netns_path).ctx(|| format!("recreate network namespace of machine {id}"))
+        })
+        .await?;
+        self.reattach(layout).await
+    }
+
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let this = self.clone();
         let layout = layout.clone();

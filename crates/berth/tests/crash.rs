@@ -242,7 +242,7 @@ fn kill9(pid: i32) {
 }
 
 /// What a reboot does to a worker, with the data dir kept: every Machine process gone,
-/// overlays unmounted, runc's state and the cgroups gone.
+/// overlays and network namespace pins unmounted, runc's state and the cgroups gone.
 fn simulate_host_reboot(platform: &mut Platform) {
     platform.crash();
     let worker = worker_dir(platform);
@@ -276,6 +276,8 @@ fn simulate_host_reboot(platform: &mut Platform) {
         }
         let rootfs = dir.join("rootfs");
         let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+        // The network namespace pin goes too, and the veth with the namespace.
+        let _ = nix::mount::umount2(&dir.join("netns"), nix::mount::MntFlags::MNT_DETACH);
     }
     // The runtime's state dir goes (runc keeps its state there). The agent's marker in
     // /run is kept: the lost state dir alone must tell the agent the host restarted.
