@@ -373,10 +373,13 @@ fn a_policy_restart_waiting_out_its_backoff_survives_an_agent_kill() {
     let mut platform = Platform::start();
     platform.import(busybox_image(), IMAGE);
     platform.cli_ok(&["app", "create", "backoff"]);
+    // Fails on its first boot only, so after the owed restart it settles down running
+    // (a crash loop would race the doctor's look at it).
+    let script = "if [ -e /failed-once ]; then exec sleep 3600; fi; touch /failed-once; exit 1";
     let machine = create(
         &platform,
         "backoff",
-        json!({"config": {"image": IMAGE, "init": {"cmd": ["/bin/sh", "-c", "exit 1"]},
+        json!({"config": {"image": IMAGE, "init": {"cmd": ["/bin/sh", "-c", script]},
             "restart": {"policy": "on-failure", "max_retries": 5}}}),
     );
     // The first exit: the restart is due a second later (the first back-off).
@@ -390,7 +393,10 @@ fn a_policy_restart_waiting_out_its_backoff_survives_an_agent_kill() {
     platform.wait_for(
         "the restart the policy owed",
         Duration::from_secs(15),
-        || platform.machine("backoff", &machine.id).restart_count >= 1,
+        || {
+            let now = platform.machine("backoff", &machine.id);
+            now.restart_count == 1 && now.state == MachineState::Started
+        },
     );
     assert_doctor_clean(&platform, "after a pending restart was resumed");
     platform.teardown();
