@@ -77,6 +77,9 @@ struct Slot {
     /// When the proxy's own last start or stop of it ended: a list asked for before then
     /// is older news about its state.
     settled_at: Option<Instant>,
+    /// When the proxy first saw it started by someone else (the API): its server may
+    /// still be coming up, so a refused connection then means "wait", not "gone".
+    seen_started_at: Option<Instant>,
     /// Refused a connection: no traffic until then.
     unreachable_until: Option<Instant>,
     gauge: Gauge,
@@ -296,6 +299,7 @@ impl Fleet {
                             && view.state == MachineState::Started
                         {
                             slot.idle_since = now;
+                            slot.seen_started_at = Some(now);
                         }
                         slot.view = view;
                     } else {
@@ -305,6 +309,12 @@ impl Fleet {
                 }
                 None => {
                     let gauge = self.metrics.in_flight_of(&app.name, &view.id);
+                    // Started a moment ago (by the API, say): its server may still be coming
+                    // up. One that has run for longer, or for an unknown time, is not.
+                    let seen_started_at = match view.changed_ago {
+                        Some(ago) if view.state == MachineState::Started => now.checked_sub(ago),
+                        _ => None,
+                    };
                     inner.slots.insert(
                         view.id.clone(),
                         Slot {
@@ -313,6 +323,7 @@ impl Fleet {
                             idle_since: now,
                             transition: None,
                             settled_at: None,
+                            seen_started_at,
                             unreachable_until: None,
                             gauge,
                         },
@@ -478,7 +489,23 @@ impl Fleet {
                     }
                 }
                 Pick::Unreachable(machine) => {
-                    return Err(ProxyError::machine_unreachable(&machine));
+                    // Started through the API a moment ago: its server is still coming up.
+                    // Wait for its port as a wake would, within the same deadline.
+                    let Some(address) = self.coming_up(&app, &machine, now) else {
+                        return Err(ProxyError::machine_unreachable(&machine));
+                    };
+                    let opened = tokio::time::timeout_at(wake_deadline, async {
+                        while tokio::net::TcpStream::connect(address).await.is_err() {
+                            tokio::time::sleep(PORT_POLL).await;
+                        }
+                    })
+                    .await;
+                    if opened.is_err() {
+                        return Err(ProxyError::wake_timeout(self.config.wake_timeout));
+                    }
+                    if let Some(slot) = app.lock().slots.get_mut(&machine) {
+                        slot.unreachable_until = None;
+                    }
                 }
                 Pick::Nothing => return Err(ProxyError::no_machine_available()),
             }
@@ -486,6 +513,19 @@ impl Fleet {
                 return Err(ProxyError::wake_timeout(self.config.wake_timeout));
             }
         }
+    }
+
+    /// The address of a Machine that refused a connection within the wake timeout of
+    /// being seen started by someone else: one whose server may still be starting.
+    fn coming_up(&self, app: &AppState, machine: &str, now: Instant) -> Option<SocketAddr> {
+        let inner = app.lock();
+        let slot = inner.slots.get(machine)?;
+        let seen = slot.seen_started_at?;
+        if now.duration_since(seen) >= self.config.wake_timeout {
+            return None;
+        }
+        let port = slot.view.service.as_ref()?.internal_port;
+        Some(SocketAddr::new(slot.view.address?, port))
     }
 
     /// The app's one wake under way, or a new one. The start runs in its own task so a

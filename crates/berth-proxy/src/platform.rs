@@ -18,15 +18,24 @@ pub struct MachineView {
     pub address: Option<IpAddr>,
     /// The Machine's first service; Machines without one get no traffic.
     pub service: Option<MachineService>,
+    /// How long ago its state last changed (by its `updated_at`), when known.
+    pub changed_ago: Option<std::time::Duration>,
 }
 
 impl MachineView {
     pub fn from_machine(machine: &Machine) -> MachineView {
+        let changed_ago = time::OffsetDateTime::parse(
+            &machine.updated_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()
+        .and_then(|at| std::time::Duration::try_from(time::OffsetDateTime::now_utc() - at).ok());
         MachineView {
             id: machine.id.clone(),
             state: machine.state,
             address: machine.private_ip.as_deref().and_then(|ip| ip.parse().ok()),
             service: machine.config.services.first().cloned(),
+            changed_ago,
         }
     }
 }

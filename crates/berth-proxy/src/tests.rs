@@ -103,6 +103,7 @@ fn machine(id: &str, state: MachineState, service: MachineService) -> MachineVie
         state,
         address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         service: Some(service),
+        changed_ago: None,
     }
 }
 
@@ -793,4 +794,40 @@ async fn a_machine_created_after_the_app_was_seen_gets_the_next_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ticket = fleet.admit("web").await.expect("admitted");
     assert_eq!(ticket.machine(), "m1");
+}
+
+#[tokio::test]
+async fn a_machine_started_through_the_api_gets_time_for_its_server_to_come_up() {
+    // A free port, not listened on yet: the Machine's server is still starting.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let mut just_started = machine("m1", MachineState::Started, service(port, 60, 0));
+    just_started.changed_ago = Some(Duration::from_millis(5));
+    let platform = FakePlatform::with(vec![just_started]);
+    let fleet = fleet(platform.clone());
+    // The first forward was refused, as a connection to a server not yet listening is.
+    let ticket = fleet.admit("web").await.expect("admitted");
+    ticket.unreachable();
+    drop(ticket);
+    let server = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind");
+        // Hold it open until the proxy has connected.
+        let _ = listener.accept().await;
+    });
+    let ticket = fleet
+        .admit("web")
+        .await
+        .unwrap_or_else(|error| panic!("refused: {}", error.code));
+    assert_eq!(ticket.machine(), "m1");
+    assert_eq!(
+        platform.starts.load(Ordering::SeqCst),
+        0,
+        "no start was needed"
+    );
+    server.await.expect("server task");
 }
