@@ -23,14 +23,35 @@ const BUSYBOX: &str = "/bin/busybox";
 const START_CYCLES: usize = 10;
 
 /// The Machine's command: count its boots in its own disk, then serve a page about it.
-const SERVE_SCRIPT: &str = r#"mkdir -p /www /data
+/// As PID 1 the shell must handle SIGTERM itself, or stop waits for the SIGKILL timeout:
+/// the trap comes first, and the boot is counted only once it is set.
+const SERVE_SCRIPT: &str = r#"trap 'kill $server; exit 0' TERM
+mkdir -p /www /data
 echo boot >> /data/boots
 echo "<h1>Hello from Berth machine $(hostname)</h1><p>boot number $(wc -l < /data/boots)</p>" > /www/index.html
 echo "serving on :8080 (boot $(wc -l < /data/boots))"
-# As PID 1 the shell must handle SIGTERM itself, or stop waits for the SIGKILL timeout.
-trap 'kill $server; exit 0' TERM
 httpd -f -p 8080 -h /www & server=$!
 wait $server"#;
+/// How long the demo waits for a boot to be counted before it stops the Machine anyway.
+const BOOT_WAIT: Duration = Duration::from_secs(5);
+
+/// Boots counted in the Machine's `/data/boots`, read from its upperdir on the host.
+fn boots_counted(file: &Path) -> usize {
+    std::fs::read_to_string(file).map_or(0, |text| text.lines().count())
+}
+
+/// Waits until the Machine has counted a boot beyond `seen` (its SIGTERM trap is set by
+/// then, so the next stop is a graceful one); answers the new count.
+async fn wait_for_boot(file: &Path, seen: usize) -> usize {
+    let deadline = Instant::now() + BOOT_WAIT;
+    loop {
+        let now = boots_counted(file);
+        if now > seen || Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
@@ -114,6 +135,8 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
         }
     };
     let base = format!("/v1/apps/{DEMO_APP}/machines/{}", machine.id);
+    let boots_file = agent.layout(&machine.id).upper().join("data/boots");
+    let mut boots = wait_for_boot(&boots_file, 0).await;
 
     let mut starts = Vec::with_capacity(START_CYCLES);
     for _ in 0..START_CYCLES {
@@ -125,6 +148,7 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
             .post(&format!("{base}/start"), &serde_json::json!({}))
             .await?;
         starts.push(clock.elapsed());
+        boots = wait_for_boot(&boots_file, boots).await;
         if answer.machine.state != MachineState::Started {
             bail!(
                 "machine {} did not start: {:?}",
