@@ -316,21 +316,6 @@ impl Agent {
             .map_err(|error| AgentError::Internal(format!("host scan task: {error}")))
     }
 
-    /// Takes a Machine's lock, or answers busy after `wait`.
-    async fn lock_within(&self, id: &str, wait: Duration) -> Result<OwnedMutexGuard<()>> {
-        let lock = {
-            let mut locks = self
-                .inner
-                .locks
-                .lock()
-                .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
-            locks.entry(id.to_owned()).or_default().clone()
-        };
-        tokio::time::timeout(wait, lock.lock_owned())
-            .await
-            .map_err(|_| AgentError::Busy { id: id.to_owned() })
-    }
-
     /// One Machine whose lock the caller holds, against the host. `None` when it has just
     /// exited and its watcher is recording that.
     async fn check_record(

@@ -314,17 +314,24 @@ impl Agent {
     }
 
     async fn lock(&self, id: &str) -> Result<OwnedMutexGuard<()>> {
-        let lock = {
-            let mut locks = self
-                .inner
-                .locks
-                .lock()
-                .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
-            locks.entry(id.to_owned()).or_default().clone()
-        };
-        tokio::time::timeout(LOCK_WAIT, lock.lock_owned())
+        self.lock_within(id, LOCK_WAIT).await
+    }
+
+    /// Takes a Machine's lock, or answers busy after `wait`.
+    async fn lock_within(&self, id: &str, wait: Duration) -> Result<OwnedMutexGuard<()>> {
+        tokio::time::timeout(wait, self.lock_of(id)?.lock_owned())
             .await
             .map_err(|_| AgentError::Busy { id: id.to_owned() })
+    }
+
+    /// The Machine's lock itself, made on first use.
+    fn lock_of(&self, id: &str) -> Result<Arc<AsyncMutex<()>>> {
+        let mut locks = self
+            .inner
+            .locks
+            .lock()
+            .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
+        Ok(locks.entry(id.to_owned()).or_default().clone())
     }
 
     /// Whether an operation on `id` holds its lock right now.
@@ -1366,30 +1373,14 @@ impl Agent {
     }
 
     async fn settle(&self, id: &str) -> Result<()> {
-        let lock = {
-            let mut locks = self
-                .inner
-                .locks
-                .lock()
-                .map_err(|_| AgentError::Internal("lock table poisoned".into()))?;
-            locks.entry(id.to_owned()).or_default().clone()
-        };
         // Someone else acting on it now settles it by acting; don't queue behind them.
-        let Ok(_guard) = lock.try_lock_owned() else {
+        let Ok(_guard) = self.lock_of(id)?.try_lock_owned() else {
             return Ok(());
         };
         let Some(mut record) = self.inner.store.get(id).await? else {
             return Ok(());
         };
-        let resting = matches!(
-            record.state,
-            MachineState::Created
-                | MachineState::Started
-                | MachineState::Stopped
-                | MachineState::Failed
-                | MachineState::Destroyed
-        );
-        if resting && record.pending.is_none() {
+        if state::is_resting(record.state) && record.pending.is_none() {
             return Ok(());
         }
         info!(machine = %id, state = %record.state, "settling after a failed operation");

@@ -31,6 +31,13 @@ const PORT_POLL: Duration = Duration::from_millis(2);
 /// How many apps discovery reads at once.
 const DISCOVERY_CONCURRENCY: usize = 8;
 
+/// Returns once `address` accepts a connection; the caller bounds the wait.
+async fn port_open(address: SocketAddr) {
+    while tokio::net::TcpStream::connect(address).await.is_err() {
+        tokio::time::sleep(PORT_POLL).await;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WakeFailure {
     pub code: String,
@@ -494,13 +501,10 @@ impl Fleet {
                     let Some(address) = self.coming_up(&app, &machine, now) else {
                         return Err(ProxyError::machine_unreachable(&machine));
                     };
-                    let opened = tokio::time::timeout_at(wake_deadline, async {
-                        while tokio::net::TcpStream::connect(address).await.is_err() {
-                            tokio::time::sleep(PORT_POLL).await;
-                        }
-                    })
-                    .await;
-                    if opened.is_err() {
+                    if tokio::time::timeout_at(wake_deadline, port_open(address))
+                        .await
+                        .is_err()
+                    {
                         return Err(ProxyError::wake_timeout(self.config.wake_timeout));
                     }
                     if let Some(slot) = app.lock().slots.get_mut(&machine) {
@@ -581,9 +585,7 @@ impl Fleet {
             inner.refreshed_at = None;
             return Err(error.into());
         }
-        while tokio::net::TcpStream::connect(address).await.is_err() {
-            tokio::time::sleep(PORT_POLL).await;
-        }
+        port_open(address).await;
         let mut inner = app.lock();
         if let Some(slot) = inner.slots.get_mut(&id) {
             slot.transition = None;

@@ -679,6 +679,43 @@ async fn enable_egress(config: &NetworkConfig) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::io("turn on IPv6 forwarding", e))
 }
 
+/// After a host reboot the veth went with the namespace: plug the Machine's new
+/// namespace in again, with the address recorded in its `config.json`. Never runs on a
+/// normal start. Nothing to do without a worker network.
+pub(crate) async fn reattach(
+    network: Option<&WorkerNetwork>,
+    layout: &crate::MachineLayout,
+) -> Result<(), RuntimeError> {
+    let Some(network) = network else {
+        return Ok(());
+    };
+    let config = layout.config_json();
+    let recorded = crate::runc::blocking(move || crate::spec::read_private_ip(&config)).await?;
+    if let Some(address) = recorded {
+        network.attach(&layout.id, &layout.netns(), address).await?;
+    }
+    Ok(())
+}
+
+/// `Runtime::restore_network` for either driver: pins the namespace again if a reboot
+/// unpinned it, and plugs it in.
+pub(crate) async fn restore(
+    network: Option<&WorkerNetwork>,
+    layout: &crate::MachineLayout,
+) -> Result<(), RuntimeError> {
+    use crate::error::IoContext;
+    let netns_path = layout.netns();
+    if netns::is_pinned(&netns_path) {
+        return Ok(());
+    }
+    let id = layout.id.clone();
+    crate::runc::blocking(move || {
+        netns::create(&netns_path).ctx(|| format!("recreate network namespace of machine {id}"))
+    })
+    .await?;
+    reattach(network, layout).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::error::{IoContext, RuntimeError};
-use crate::network::WorkerNetwork;
+use crate::network::{self, WorkerNetwork};
 use crate::shim::{self, ShimArgs, ShimReport};
 use crate::timing::{micros, StepTimes};
 use crate::{logs, netns, overlay, spec, util};
@@ -129,20 +129,6 @@ impl RuncRuntime {
             util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
         }
         Ok(repinned)
-    }
-
-    /// After a host reboot the veth went with the namespace: plug the new namespace in
-    /// again, with the address recorded in `config.json`. Never runs on a normal start.
-    async fn reattach(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let Some(network) = &self.config.network else {
-            return Ok(());
-        };
-        let config = layout.config_json();
-        let recorded = blocking(move || spec::read_private_ip(&config)).await?;
-        if let Some(address) = recorded {
-            network.attach(&layout.id, &layout.netns(), address).await?;
-        }
-        Ok(())
     }
 
     fn runc_state_dir(&self, id: &str) -> PathBuf {
@@ -288,7 +274,7 @@ impl Runtime for RuncRuntime {
             blocking(move || this.before_start(&layout, &lowerdirs)).await?
         };
         if repinned {
-            if let Err(e) = self.reattach(layout).await {
+            if let Err(e) = network::reattach(self.config.network.as_deref(), layout).await {
                 self.abort_start(layout).await;
                 return Err(e);
             }
@@ -402,16 +388,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let netns_path = layout.netns();
-        if netns::is_pinned(&netns_path) {
-            return Ok(());
-        }
-        let id = layout.id.clone();
-        blocking(move || {
-            netns::create(&netns_path).ctx(|| format!("recreate network namespace of machine {id}"))
-        })
-        .await?;
-        self.reattach(layout).await
+        network::restore(self.config.network.as_deref(), layout).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {

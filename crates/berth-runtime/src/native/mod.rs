@@ -27,7 +27,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::network::WorkerNetwork;
+use crate::network::{self, WorkerNetwork};
 use crate::runc::{self, blocking, live_shim};
 use crate::shim::{self, ShimReport};
 use crate::timing::{micros, StepTimes};
@@ -198,18 +198,6 @@ impl NativeRuntime {
         Ok(repinned)
     }
 
-    async fn reattach(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let Some(network) = &self.config.network else {
-            return Ok(());
-        };
-        let config = layout.config_json();
-        let recorded = blocking(move || spec::read_private_ip(&config)).await?;
-        if let Some(address) = recorded {
-            network.attach(&layout.id, &layout.netns(), address).await?;
-        }
-        Ok(())
-    }
-
     /// Makes the Machine's cgroups again with the limits in its `config.json`.
     async fn prepare_cgroups_again(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let cgroups = self.cgroups.clone();
@@ -354,7 +342,7 @@ impl Runtime for NativeRuntime {
         // A handful of stats and unlinks: cheaper inline than a hop to a blocking thread.
         let repinned = self.before_start(layout)?;
         if repinned {
-            if let Err(e) = self.reattach(layout).await {
+            if let Err(e) = network::reattach(self.config.network.as_deref(), layout).await {
                 self.abort_start(layout).await;
                 return Err(e);
             }
@@ -425,16 +413,7 @@ impl Runtime for NativeRuntime {
     }
 
     async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let netns_path = layout.netns();
-        if netns::is_pinned(&netns_path) {
-            return Ok(());
-        }
-        let id = layout.id.clone();
-        blocking(move || {
-            netns::create(&netns_path).ctx(|| format!("recreate network namespace of machine {id}"))
-        })
-        .await?;
-        self.reattach(layout).await
+        network::restore(self.config.network.as_deref(), layout).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
