@@ -2,8 +2,10 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MountFlags, UnmountFlags};
 
 /// The kernel copies mount options into one page.
@@ -16,7 +18,8 @@ pub fn mount(lowerdirs: &[PathBuf], upper: &Path, work: &Path, target: &Path) ->
     if is_mount_point(target)? {
         return Ok(());
     }
-    let data = mount_options(lowerdirs, upper, work)?;
+    let layers = OpenedLayers::open(lowerdirs, upper, work)?;
+    let data = layers.options()?;
     rustix::mount::mount(
         "overlay",
         target,
@@ -72,6 +75,57 @@ pub fn mount_options(lowerdirs: &[PathBuf], upper: &Path, work: &Path) -> io::Re
         )));
     }
     Ok(data)
+}
+
+/// The layer directories of an overlay, opened, so the mount options can name them as
+/// `/proc/self/fd/N`. The kernel shows the option strings as given in every
+/// `/proc/*/mountinfo`, a Machine's own included; so it sees fd numbers, not the host's
+/// data-dir paths. The strings are also short, so more layers fit in one page. Needs
+/// the host's /proc, and the fds open until the mount is made.
+pub struct OpenedLayers {
+    /// Bottom first, as given.
+    lower: Vec<OwnedFd>,
+    upper: OwnedFd,
+    work: OwnedFd,
+}
+
+impl OpenedLayers {
+    pub fn open(lowerdirs: &[PathBuf], upper: &Path, work: &Path) -> io::Result<OpenedLayers> {
+        if lowerdirs.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "overlay needs at least one lowerdir",
+            ));
+        }
+        let open = |dir: &Path| {
+            rustix::fs::open(
+                dir,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("open {}: {e}", dir.display()),
+                )
+            })
+        };
+        Ok(OpenedLayers {
+            lower: lowerdirs
+                .iter()
+                .map(|dir| open(dir))
+                .collect::<io::Result<_>>()?,
+            upper: open(upper)?,
+            work: open(work)?,
+        })
+    }
+
+    /// The overlay option string naming the opened directories.
+    pub fn options(&self) -> io::Result<String> {
+        let name = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let lower: Vec<PathBuf> = self.lower.iter().map(name).collect();
+        mount_options(&lower, &name(&self.upper), &name(&self.work))
+    }
 }
 
 /// Unmounts `target`, detaching lazily when it is busy. Not mounted is success.
@@ -173,6 +227,21 @@ mod tests {
             .map(|i| PathBuf::from(format!("/layers/{i:040}")))
             .collect();
         assert!(mount_options(&many, up, wk).is_err());
+    }
+
+    #[test]
+    fn opened_layers_are_named_by_fd() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["a", "b", "u", "w"] {
+            fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let p = |d: &str| dir.path().join(d);
+        let layers = OpenedLayers::open(&[p("a"), p("b")], &p("u"), &p("w")).unwrap();
+        let data = layers.options().unwrap();
+        assert!(!data.contains(dir.path().to_str().unwrap()), "{data}");
+        let top = format!("/proc/self/fd/{}", layers.lower[1].as_raw_fd());
+        assert!(data.starts_with(&format!("lowerdir={top}:")), "{data}");
+        assert!(OpenedLayers::open(&[p("missing")], &p("u"), &p("w")).is_err());
     }
 
     #[test]

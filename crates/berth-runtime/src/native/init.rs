@@ -11,16 +11,17 @@ use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use nix::sys::stat::{Mode, SFlag};
 use oci_spec::runtime::{Mount, Process, Spec};
+use rustix::fs::{FileType, OFlags, ResolveFlags};
 
+use super::inroot;
 use crate::timing::{micros, StepTimes};
 use crate::{overlay, seccomp};
 
@@ -45,7 +46,7 @@ pub(crate) struct InitPlan<'a> {
 }
 
 /// Character devices every Machine gets, as runc makes them.
-const DEVICES: [(&str, u64, u64); 6] = [
+const DEVICES: [(&str, u32, u32); 6] = [
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),
@@ -148,7 +149,13 @@ pub(crate) fn run_init(
     )
     .map_err(step(|| "make mounts private".into()))?;
     clock.mark("init_unshare");
-    let options = overlay::mount_options(plan.lowerdirs, plan.upper, plan.work)
+    // Layers are named to the kernel through fds (`/proc/self/fd/N`), so the Machine's
+    // mountinfo does not show the host's data-dir paths.
+    inroot::check_procfs().map_err(step(|| "host /proc".into()))?;
+    let layers = overlay::OpenedLayers::open(plan.lowerdirs, plan.upper, plan.work)
+        .map_err(step(|| "open overlay layers".into()))?;
+    let options = layers
+        .options()
         .map_err(step(|| "overlay options".into()))?;
     nix::mount::mount(
         Some("overlay"),
@@ -160,20 +167,42 @@ pub(crate) fn run_init(
     .map_err(step(|| {
         format!("mount overlay on {}", plan.rootfs.display())
     }))?;
+    drop(layers);
+    // Opened after the mount: the fd is the overlay's root, which the Machine's image
+    // fills; everything below is looked up under it, inside it.
+    let root = rustix::fs::open(
+        plan.rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(step(|| "open rootfs".into()))?;
     clock.mark("init_overlay");
     for mount in spec.mounts().iter().flatten() {
-        mount_in_rootfs(plan.rootfs, mount)?;
+        mount_in_rootfs(root.as_fd(), mount)?;
     }
-    make_devices(plan.rootfs)?;
+    let null = make_devices(root.as_fd())?;
     clock.mark("init_mounts");
-    enter_rootfs(plan.rootfs)?;
+    enter_rootfs(root.as_fd())?;
+    drop(root);
     clock.mark("init_pivot_root");
     if let Some(linux) = spec.linux() {
-        for path in linux.masked_paths().iter().flatten() {
-            mask_path(path)?;
-        }
-        for path in linux.readonly_paths().iter().flatten() {
-            readonly_path(path)?;
+        let masked = linux.masked_paths().iter().flatten();
+        let readonly = linux.readonly_paths().iter().flatten();
+        if masked.clone().chain(readonly.clone()).next().is_some() {
+            // The Machine's own /proc now, mounted above on a checked fd.
+            inroot::check_procfs().map_err(step(|| "machine /proc".into()))?;
+            let root = rustix::fs::open(
+                "/",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(step(|| "open /".into()))?;
+            for path in masked {
+                mask_path(root.as_fd(), path, null.as_fd())?;
+            }
+            for path in readonly {
+                readonly_path(root.as_fd(), path)?;
+            }
         }
     }
     if let Some(hostname) = spec.hostname() {
@@ -181,7 +210,8 @@ pub(crate) fn run_init(
     }
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     clock.mark("init_masks");
-    exec_process(spec, process, None, stdout, stderr, clock)
+    // The null device checked in make_devices, not whatever /dev/null names by then.
+    exec_process(spec, process, Some(null.as_fd()), stdout, stderr, clock)
 }
 
 /// Rlimits, user, capabilities, no_new_privs, seccomp, cwd, stdio (stdin from /dev/null
@@ -247,8 +277,14 @@ pub(crate) fn exec_process(
         // SAFETY: SIG_DFL installs no handler code.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
-    let null = fs::File::open("/dev/null").map_err(step(|| "open /dev/null".into()))?;
-    let stdin = stdin.unwrap_or(null.as_fd());
+    let null;
+    let stdin = match stdin {
+        Some(stdin) => stdin,
+        None => {
+            null = fs::File::open("/dev/null").map_err(step(|| "open /dev/null".into()))?;
+            null.as_fd()
+        }
+    };
     for (from, to) in [
         (stdin.as_raw_fd(), 0),
         (stdout.as_raw_fd(), 1),
@@ -299,10 +335,10 @@ fn mount_flags(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-fn mount_in_rootfs(rootfs: &Path, mount: &Mount) -> StepResult<()> {
+/// Mounts one `config.json` mount onto its destination, opened inside the rootfs.
+fn mount_in_rootfs(root: BorrowedFd<'_>, mount: &Mount) -> StepResult<()> {
     let destination = mount.destination();
-    let target = rootfs.join(destination.strip_prefix("/").unwrap_or(destination));
-    fs::create_dir_all(&target).map_err(step(|| format!("create {}", target.display())))?;
+    let target = inroot::mount_target(root, destination)?;
     let (flags, data) = mount_flags(mount.options().as_deref().unwrap_or_default());
     let typ = mount.typ().as_deref().unwrap_or("none");
     // A cgroup2 view of the Machine's own cgroup namespace: its cgroup is the root.
@@ -318,19 +354,34 @@ fn mount_in_rootfs(rootfs: &Path, mount: &Mount) -> StepResult<()> {
         ),
     };
     let data = (!data.is_empty()).then_some(data.as_str());
-    nix::mount::mount(Some(source), &target, Some(typ), flags, data)
-        .map_err(step(|| format!("mount {typ} on {}", destination.display())))
+    nix::mount::mount(
+        Some(source),
+        &inroot::fd_path(target.as_fd()),
+        Some(typ),
+        flags,
+        data,
+    )
+    .map_err(step(|| format!("mount {typ} on {}", destination.display())))
 }
 
-fn make_devices(rootfs: &Path) -> StepResult<()> {
-    let dev = rootfs.join("dev");
+/// Makes the device nodes in the rootfs's `/dev` (which must be a directory inside it,
+/// no symlink on the way) and returns `/dev/null`, opened and checked to be the null
+/// device, for masks and init's stdin.
+fn make_devices(root: BorrowedFd<'_>) -> StepResult<OwnedFd> {
+    let dev = inroot::open(
+        root,
+        Path::new("/dev"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(step(|| "open /dev inside the rootfs".into()))?;
     for (name, major, minor) in DEVICES {
-        let path = dev.join(name);
-        nix::sys::stat::mknod(
-            &path,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(major, minor),
+        rustix::fs::mknodat(
+            &dev,
+            name,
+            FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(major, minor),
         )
         .map_err(step(|| format!("mknod /dev/{name}")))?;
     }
@@ -342,14 +393,27 @@ fn make_devices(rootfs: &Path) -> StepResult<()> {
         ("ptmx", "pts/ptmx"),
         ("core", "/proc/kcore"),
     ] {
-        symlink(target, dev.join(link)).map_err(step(|| format!("link /dev/{link}")))?;
+        rustix::fs::symlinkat(target, &dev, link).map_err(step(|| format!("link /dev/{link}")))?;
     }
-    Ok(())
+    let null = rustix::fs::openat(
+        &dev,
+        "null",
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(step(|| "open /dev/null".into()))?;
+    let stat = rustix::fs::fstat(&null).map_err(step(|| "stat /dev/null".into()))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::CharacterDevice
+        || stat.st_rdev != rustix::fs::makedev(1, 3)
+    {
+        return Err("/dev/null is not the null device".into());
+    }
+    Ok(null)
 }
 
 /// pivot_root into the rootfs and drop the host's mounts from view.
-fn enter_rootfs(rootfs: &Path) -> StepResult<()> {
-    nix::unistd::chdir(rootfs).map_err(step(|| "chdir rootfs".into()))?;
+fn enter_rootfs(root: BorrowedFd<'_>) -> StepResult<()> {
+    rustix::process::fchdir(root).map_err(step(|| "chdir rootfs".into()))?;
     // pivot_root(".", ".") stacks the old root under the new one; unmounting "." then
     // removes it, with no directory left for it inside the Machine.
     nix::unistd::pivot_root(".", ".").map_err(step(|| "pivot_root".into()))?;
@@ -365,24 +429,28 @@ fn enter_rootfs(rootfs: &Path) -> StepResult<()> {
     nix::unistd::chdir("/").map_err(step(|| "chdir /".into()))
 }
 
-/// As runc: /dev/null over files, an empty read-only tmpfs over directories.
-fn mask_path(path: &str) -> StepResult<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(_) => return Ok(()),
+/// As runc: the null device over files, an empty read-only tmpfs over directories. A
+/// missing path is skipped; one with a symlink in it, or that cannot be masked, fails
+/// the start.
+fn mask_path(root: BorrowedFd<'_>, path: &str, null: BorrowedFd<'_>) -> StepResult<()> {
+    let found =
+        inroot::existing_no_symlinks(root, Path::new(path)).map_err(|e| format!("mask {e}"))?;
+    let Some((fd, kind)) = found else {
+        return Ok(());
     };
-    let result = if meta.is_dir() {
+    let target = inroot::fd_path(fd.as_fd());
+    let result = if kind == FileType::Directory {
         nix::mount::mount(
             Some("tmpfs"),
-            path,
+            &target,
             Some("tmpfs"),
             MsFlags::MS_RDONLY,
             None::<&str>,
         )
     } else {
         nix::mount::mount(
-            Some("/dev/null"),
-            path,
+            Some(&inroot::fd_path(null)),
+            &target,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
@@ -391,21 +459,33 @@ fn mask_path(path: &str) -> StepResult<()> {
     result.map_err(step(|| format!("mask {path}")))
 }
 
-fn readonly_path(path: &str) -> StepResult<()> {
-    if fs::symlink_metadata(path).is_err() {
+/// A read-only bind of `path` onto itself; missing is skipped, a symlink fails the start.
+fn readonly_path(root: BorrowedFd<'_>, path: &str) -> StepResult<()> {
+    let found = || {
+        inroot::existing_no_symlinks(root, Path::new(path))
+            .map_err(|e| format!("make read-only {e}"))
+    };
+    let Some((fd, _)) = found()? else {
         return Ok(());
-    }
+    };
+    let target = inroot::fd_path(fd.as_fd());
     nix::mount::mount(
-        Some(path),
-        path,
+        Some(&target),
+        &target,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
     .map_err(step(|| format!("bind {path}")))?;
+    // The remount must name the new bind mount's root: look the path up again, which
+    // now ends on it (the first fd is on the mount below).
+    let Some((fd, _)) = found()? else {
+        return Err(format!("{path} went away after its bind"));
+    };
+    let target = inroot::fd_path(fd.as_fd());
     nix::mount::mount(
-        Some(path),
-        path,
+        Some(&target),
+        &target,
         None::<&str>,
         MsFlags::MS_BIND
             | MsFlags::MS_REMOUNT

@@ -1,0 +1,248 @@
+//! Paths inside a Machine's rootfs, resolved by the kernel inside it, never through it.
+//!
+//! The rootfs is the image's: any component of a path in it may be a symlink that points
+//! at the host (`proc -> /`, `dev -> ../../..`). Every lookup here is an `openat2` under
+//! an fd of the rootfs with `RESOLVE_IN_ROOT` (`..` and absolute symlinks stop at the
+//! rootfs) and `RESOLVE_NO_MAGICLINKS`; what is mounted is then mounted onto the opened
+//! fd, so nothing can redirect it between the check and the mount.
+//!
+//! Mounting onto an fd: `mount(2)` with the target `/proc/self/fd/N`, as runc does,
+//! rather than the new mount API. It keeps the option strings of `config.json` as they
+//! are (the new API would split each into `fsconfig` keys and mount attributes), and the
+//! `/proc` it goes through is checked to be a procfs first ([`check_procfs`]): before
+//! pivot_root it is the host's, after it the Machine's own, mounted here on a checked fd.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// How often a lookup is retried when the kernel saw a rename during it (`EAGAIN`).
+const RETRIES: usize = 16;
+
+/// The path, inside the Machine, as `openat2` takes it under the rootfs fd.
+fn relative(path: &Path) -> &Path {
+    match path.strip_prefix("/") {
+        Ok(rest) if rest.as_os_str().is_empty() => Path::new("."),
+        Ok(rest) => rest,
+        Err(_) => path,
+    }
+}
+
+/// Opens `path` (as the Machine sees it) under `root`, resolved inside `root`.
+/// `extra` adds resolve flags, e.g. `NO_SYMLINKS`.
+pub(crate) fn open(
+    root: BorrowedFd<'_>,
+    path: &Path,
+    flags: OFlags,
+    extra: ResolveFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | extra;
+    let mut tries = 0;
+    loop {
+        match rustix::fs::openat2(
+            root,
+            relative(path),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        ) {
+            Err(Errno::AGAIN) if tries < RETRIES => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// The `/proc/self/fd/N` path that names what `fd` is open on.
+pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Fails unless `/proc` is a procfs, so that [`fd_path`] names what the fd is open on.
+pub(crate) fn check_procfs() -> io::Result<()> {
+    let fs = rustix::fs::statfs("/proc")?;
+    if fs.f_type != rustix::fs::PROC_SUPER_MAGIC {
+        return Err(io::Error::other("/proc is not a procfs"));
+    }
+    Ok(())
+}
+
+/// Opens the directory `destination` of a mount under `root`, making missing directories
+/// one at a time inside the root (mkdirat on the parent's fd). Intermediate symlinks are
+/// followed within the root; the destination itself must be a real directory: a symlink
+/// (or anything else) there is refused, as runc refuses one at `/proc` and `/sys`.
+pub(crate) fn mount_target(root: BorrowedFd<'_>, destination: &Path) -> Result<OwnedFd, String> {
+    let refuse = |why: String| format!("mount destination {}: {why}", destination.display());
+    let mut components = Vec::new();
+    for component in destination.components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(name) => components.push(name),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(refuse("must not contain '..'".into()))
+            }
+        }
+    }
+    let Some(last) = components.len().checked_sub(1) else {
+        return Err(refuse("must not be the root".into()));
+    };
+    let mut parent = rustix::io::fcntl_dupfd_cloexec(root, 0).map_err(|e| refuse(e.to_string()))?;
+    let mut walked = PathBuf::from("/");
+    for (i, name) in components.into_iter().enumerate() {
+        walked.push(name);
+        let mut flags = OFlags::PATH | OFlags::DIRECTORY;
+        if i == last {
+            flags |= OFlags::NOFOLLOW;
+        }
+        let opened = match open(root, &walked, flags, ResolveFlags::empty()) {
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(refuse(format!("create {}: {e}", walked.display()))),
+                }
+                open(root, &walked, flags, ResolveFlags::empty())
+            }
+            other => other,
+        };
+        parent = match opened {
+            Ok(fd) => fd,
+            Err(Errno::NOTDIR) if i == last => {
+                return Err(refuse(format!(
+                    "is a {} in the image, not a directory; refused",
+                    kind_of(root, &walked)
+                )))
+            }
+            Err(e) => return Err(refuse(format!("{}: {e}", walked.display()))),
+        };
+    }
+    Ok(parent)
+}
+
+/// What is at `path` under `root`, in words, without following it; for messages.
+fn kind_of(root: BorrowedFd<'_>, path: &Path) -> &'static str {
+    let stat = open(
+        root,
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW,
+        ResolveFlags::empty(),
+    )
+    .and_then(|fd| rustix::fs::fstat(fd.as_fd()));
+    match stat.map(|st| FileType::from_raw_mode(st.st_mode)) {
+        Ok(FileType::Symlink) => "symlink",
+        Ok(FileType::RegularFile) => "file",
+        Ok(FileType::Directory) => "directory",
+        Ok(_) => "special file",
+        Err(_) => "path that cannot be opened",
+    }
+}
+
+/// A path that must exist as itself for a mask or a read-only bind: opened with no
+/// symlink anywhere in it (not even the last component). `None` when it is missing,
+/// which is skipped, as runc does; anything else that stops the lookup is an error.
+pub(crate) fn existing_no_symlinks(
+    root: BorrowedFd<'_>,
+    path: &Path,
+) -> Result<Option<(OwnedFd, FileType)>, String> {
+    let fd = match open(
+        root,
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW,
+        ResolveFlags::NO_SYMLINKS,
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => {
+            return Err(format!(
+                "{}: a symlink in the path; refused",
+                path.display()
+            ))
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Symlink => Err(format!("{}: a symlink; refused", path.display())),
+        kind => Ok(Some((fd, kind))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn root_of(dir: &Path) -> OwnedFd {
+        rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap()
+    }
+
+    /// The path an fd is open on, as the host sees it.
+    fn where_is(fd: &OwnedFd) -> PathBuf {
+        std::fs::read_link(fd_path(fd.as_fd())).unwrap()
+    }
+
+    #[test]
+    fn mount_targets_stay_inside_the_root() {
+        let host = tempfile::tempdir().unwrap();
+        let outside = host.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let rootfs = host.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("dev")).unwrap();
+        std::fs::create_dir_all(rootfs.join("real")).unwrap();
+        // Symlinks out of the root, absolute and relative, at and above destinations.
+        symlink(&outside, rootfs.join("proc")).unwrap();
+        symlink("../outside", rootfs.join("sys")).unwrap();
+        symlink(&outside, rootfs.join("dev/pts")).unwrap();
+        symlink("../../outside", rootfs.join("dev/shm")).unwrap();
+        symlink("../../real", rootfs.join("up")).unwrap();
+        symlink("/real", rootfs.join("inside")).unwrap();
+        symlink(outside.join("new"), rootfs.join("gone")).unwrap();
+        let root = root_of(&rootfs);
+        for dest in ["/proc", "/sys", "/dev/pts", "/dev/shm"] {
+            let err = mount_target(root.as_fd(), Path::new(dest)).unwrap_err();
+            assert!(err.contains("symlink in the image"), "{dest}: {err}");
+        }
+        // Above the destination, a symlink is followed inside the root: `..` stops at
+        // it, an absolute target starts from it, a dangling one is not created.
+        let fd = mount_target(root.as_fd(), Path::new("/up/x/y")).unwrap();
+        assert_eq!(where_is(&fd), rootfs.join("real/x/y"));
+        assert!(mount_target(root.as_fd(), Path::new("/gone/x")).is_err());
+        let fd = mount_target(root.as_fd(), Path::new("/inside/mnt")).unwrap();
+        assert_eq!(where_is(&fd), rootfs.join("real/mnt"));
+        let fd = mount_target(root.as_fd(), Path::new("/dev/mqueue")).unwrap();
+        assert_eq!(where_is(&fd), rootfs.join("dev/mqueue"));
+        assert!(mount_target(root.as_fd(), Path::new("/a/../b")).is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn masked_paths_refuse_symlinks_and_skip_missing_ones() {
+        let host = tempfile::tempdir().unwrap();
+        let secret = host.path().join("secret");
+        std::fs::write(&secret, "host").unwrap();
+        let rootfs = host.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("proc/sys")).unwrap();
+        std::fs::write(rootfs.join("proc/kcore"), "").unwrap();
+        symlink(&secret, rootfs.join("proc/keys")).unwrap();
+        symlink("/proc", rootfs.join("p")).unwrap();
+        let root = root_of(&rootfs);
+        let found = |p: &str| existing_no_symlinks(root.as_fd(), Path::new(p));
+        assert!(matches!(
+            found("/proc/kcore"),
+            Ok(Some((_, FileType::RegularFile)))
+        ));
+        assert!(matches!(
+            found("/proc/sys"),
+            Ok(Some((_, FileType::Directory)))
+        ));
+        assert!(matches!(found("/proc/acpi"), Ok(None)));
+        assert!(found("/proc/keys").unwrap_err().contains("symlink"));
+        assert!(found("/p/kcore").unwrap_err().contains("symlink"));
+    }
+}
