@@ -30,6 +30,7 @@ pub mod spec;
 pub mod timing;
 
 mod error;
+mod inroot;
 mod util;
 pub use error::RuntimeError;
 

@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -123,6 +123,10 @@ impl RuncRuntime {
         overlay::unmount(&rootfs).ctx(|| format!("unmount stale rootfs of machine {id}"))?;
         overlay::mount(lowerdirs, &layout.upper(), &layout.work(), &rootfs)
             .ctx(|| format!("mount rootfs of machine {id}"))?;
+        check_kernel_mount_points(&rootfs).map_err(|message| RuntimeError::Runc {
+            id: id.clone(),
+            message,
+        })?;
         fs::create_dir_all(&run).ctx(|| format!("create {}", run.display()))?;
         for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
             let path = run.join(name);
@@ -206,6 +210,22 @@ impl RuncRuntime {
         })
         .await;
     }
+}
+
+/// Refuses an image whose `/proc`, `/sys` or `/dev` is a symlink (or a file), looked at
+/// inside the mounted rootfs. runc refuses the first two itself, but it follows a
+/// symlinked `/dev` on the host when it makes `/dev/ptmx` and the fd links.
+fn check_kernel_mount_points(rootfs: &Path) -> Result<(), String> {
+    let root = rustix::fs::open(
+        rootfs,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("open {}: {e}", rootfs.display()))?;
+    for destination in crate::inroot::KERNEL_MOUNT_POINTS {
+        crate::inroot::check_not_symlinked(root.as_fd(), Path::new(destination))?;
+    }
+    Ok(())
 }
 
 /// The worker network and address a Machine is attached with: the address must be one

@@ -21,7 +21,7 @@ use nix::sched::CloneFlags;
 use oci_spec::runtime::{Mount, Process, Spec};
 use rustix::fs::{FileType, OFlags, ResolveFlags};
 
-use super::inroot;
+use crate::inroot;
 use crate::timing::{micros, StepTimes};
 use crate::{overlay, seccomp};
 

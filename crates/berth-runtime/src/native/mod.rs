@@ -37,7 +37,6 @@ use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 pub mod cgroup;
 pub(crate) mod exec_in;
 pub(crate) mod init;
-mod inroot;
 pub mod spawner;
 
 pub use exec_in::NSEXEC_ARG;

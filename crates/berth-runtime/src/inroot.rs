@@ -120,6 +120,29 @@ pub(crate) fn mount_target(root: BorrowedFd<'_>, destination: &Path) -> Result<O
     Ok(parent)
 }
 
+/// Where the kernel filesystems go: each must be a directory in the image, or missing.
+pub(crate) const KERNEL_MOUNT_POINTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Fails when `destination` exists under `root` as anything but a directory (a symlink
+/// included); missing is fine. For the runc driver, before runc sees the rootfs: runc
+/// 1.1 follows a symlinked `/dev` on the host when it makes `/dev/ptmx` and friends.
+pub(crate) fn check_not_symlinked(root: BorrowedFd<'_>, destination: &Path) -> Result<(), String> {
+    match open(
+        root,
+        destination,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        ResolveFlags::empty(),
+    ) {
+        Ok(_) | Err(Errno::NOENT) => Ok(()),
+        Err(Errno::NOTDIR) => Err(format!(
+            "mount destination {}: is a {} in the image, not a directory; refused",
+            destination.display(),
+            kind_of(root, destination)
+        )),
+        Err(e) => Err(format!("mount destination {}: {e}", destination.display())),
+    }
+}
+
 /// What is at `path` under `root`, in words, without following it; for messages.
 fn kind_of(root: BorrowedFd<'_>, path: &Path) -> &'static str {
     let stat = open(
@@ -244,5 +267,44 @@ mod tests {
         assert!(matches!(found("/proc/acpi"), Ok(None)));
         assert!(found("/proc/keys").unwrap_err().contains("symlink"));
         assert!(found("/p/kcore").unwrap_err().contains("symlink"));
+    }
+
+    /// The mount-destination swap race (CVE-2019-19921): the destination is replaced by
+    /// a symlink out of the root after it was checked. The mount goes onto the fd, so it
+    /// lands on the directory that was checked, wherever it is now.
+    ///
+    /// Proved able to fail: mounting onto `rootfs/proc` by path instead of `fd_path`
+    /// put the tmpfs on the outside directory. Needs root (skipped otherwise).
+    #[test]
+    fn a_destination_swapped_after_its_lookup_still_gets_the_mount() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(host.path()).unwrap();
+        let outside = base.join("outside");
+        let rootfs = base.join("rootfs");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::create_dir_all(rootfs.join("proc")).unwrap();
+        let root = root_of(&rootfs);
+        let target = mount_target(root.as_fd(), Path::new("/proc")).unwrap();
+        std::fs::rename(rootfs.join("proc"), rootfs.join("proc.old")).unwrap();
+        symlink(&outside, rootfs.join("proc")).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &fd_path(target.as_fd()),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let points: Vec<String> = crate::overlay::mount_points(&info)
+            .filter(|p| Path::new(p).starts_with(&base))
+            .collect();
+        for point in &points {
+            nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        }
+        assert_eq!(points, [rootfs.join("proc.old").display().to_string()]);
     }
 }
