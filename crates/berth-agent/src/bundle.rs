@@ -1,5 +1,6 @@
 //! Turning a Machine config plus its image's config into what the bundle is built from.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use berth_api::MachineConfig;
@@ -127,16 +128,35 @@ fn read_top_file(layer_dirs_bottom_first: &[impl AsRef<Path>], relative: &str) -
     layer_dirs_bottom_first
         .iter()
         .rev()
-        .find_map(|dir| {
-            let path = dir.as_ref().join(relative);
-            // Never follow a link out of the layer: a hostile image could point at the host.
-            let metadata = std::fs::symlink_metadata(&path).ok()?;
-            if !metadata.is_file() || metadata.len() > 1024 * 1024 {
-                return None;
-            }
-            std::fs::read_to_string(path).ok()
-        })
+        .find_map(|dir| read_in_layer(dir.as_ref(), relative))
         .unwrap_or_default()
+}
+
+/// The regular file `relative` of one layer, at most 1 MiB. Every symlink on the way is
+/// resolved inside the layer (`RESOLVE_IN_ROOT`): a hostile image whose `/etc` links to
+/// the host's `/etc` reads nothing, never the host's files.
+fn read_in_layer(layer: &Path, relative: &str) -> Option<String> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    let root = rustix::fs::open(
+        layer,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let found = rustix::fs::openat2(
+        &root,
+        relative,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    let stat = rustix::fs::fstat(&found).ok()?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile || stat.st_size > 1 << 20 {
+        return None;
+    }
+    // Reopened through the fd, so what is read is the file just checked.
+    std::fs::read_to_string(format!("/proc/self/fd/{}", found.as_raw_fd())).ok()
 }
 
 pub fn bundle_spec(
@@ -248,5 +268,39 @@ mod tests {
         assert_eq!(user_ids(Some("7:8"), &layers).expect("ok"), (7, 8));
         assert!(user_ids(Some("ghost"), &layers).is_err());
         assert_eq!(user_ids(None, &layers).expect("ok"), (0, 0));
+    }
+
+    /// Issue 13: an image's `User` was looked up through a symlinked `/etc` in the host's
+    /// `/etc/passwd`. Proved able to fail: with the `symlink_metadata` + path read of
+    /// commit 34edac3, the host's first user resolved from both hostile layers.
+    #[test]
+    fn users_are_never_read_through_a_symlink_out_of_the_layer() {
+        let host_passwd = std::fs::read_to_string("/etc/passwd").expect("host passwd");
+        let host_user = host_passwd
+            .lines()
+            .next()
+            .and_then(|line| line.split(':').next())
+            .expect("a host user");
+        for target in ["/etc", "../../../../../../../../etc"] {
+            let layer = tempfile::tempdir().expect("tempdir");
+            std::os::unix::fs::symlink(target, layer.path().join("etc")).expect("symlink");
+            let layers = [layer.path()];
+            let err = user_ids(Some(host_user), &layers).expect_err("host user must not resolve");
+            assert!(err.message.contains("not in its /etc/passwd"), "{err:?}");
+            assert!(user_ids(Some("root:root"), &layers).is_err());
+        }
+        // Inside the layer, a symlink is followed, to the layer's own file.
+        let layer = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(layer.path().join("real-etc")).expect("mkdir");
+        std::fs::write(
+            layer.path().join("real-etc/passwd"),
+            "web:x:1000:1001::/:/bin/sh\n",
+        )
+        .expect("write");
+        std::os::unix::fs::symlink("/real-etc", layer.path().join("etc")).expect("symlink");
+        assert_eq!(
+            user_ids(Some("web"), &[layer.path()]).expect("ok"),
+            (1000, 1001)
+        );
     }
 }
