@@ -88,6 +88,19 @@ pub(crate) fn mount_target(root: BorrowedFd<'_>, destination: &Path) -> Result<O
     let Some(last) = components.len().checked_sub(1) else {
         return Err(refuse("must not be the root".into()));
     };
+    // The common case, every directory there already: one lookup.
+    let whole = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+    match open(root, destination, whole, ResolveFlags::empty()) {
+        Ok(fd) => return Ok(fd),
+        Err(Errno::NOENT) => {}
+        Err(Errno::NOTDIR) => {
+            return Err(refuse(format!(
+                "is a {} in the image, not a directory; refused",
+                kind_of(root, destination)
+            )))
+        }
+        Err(e) => return Err(refuse(e.to_string())),
+    }
     let mut parent = rustix::io::fcntl_dupfd_cloexec(root, 0).map_err(|e| refuse(e.to_string()))?;
     let mut walked = PathBuf::from("/");
     for (i, name) in components.into_iter().enumerate() {
@@ -162,32 +175,18 @@ fn kind_of(root: BorrowedFd<'_>, path: &Path) -> &'static str {
 }
 
 /// A path that must exist as itself for a mask or a read-only bind: opened with no
-/// symlink anywhere in it (not even the last component). `None` when it is missing,
-/// which is skipped, as runc does; anything else that stops the lookup is an error.
+/// symlink anywhere in it, the last component included (`RESOLVE_NO_SYMLINKS` without
+/// `O_NOFOLLOW` fails on a trailing one too). `None` when it is missing, which is
+/// skipped, as runc does; anything else that stops the lookup is an error.
 pub(crate) fn existing_no_symlinks(
     root: BorrowedFd<'_>,
     path: &Path,
-) -> Result<Option<(OwnedFd, FileType)>, String> {
-    let fd = match open(
-        root,
-        path,
-        OFlags::PATH | OFlags::NOFOLLOW,
-        ResolveFlags::NO_SYMLINKS,
-    ) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => return Ok(None),
-        Err(Errno::LOOP) => {
-            return Err(format!(
-                "{}: a symlink in the path; refused",
-                path.display()
-            ))
-        }
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
-    match FileType::from_raw_mode(stat.st_mode) {
-        FileType::Symlink => Err(format!("{}: a symlink; refused", path.display())),
-        kind => Ok(Some((fd, kind))),
+) -> Result<Option<OwnedFd>, String> {
+    match open(root, path, OFlags::PATH, ResolveFlags::NO_SYMLINKS) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(Errno::LOOP) => Err(format!("{}: has a symlink; refused", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
@@ -256,14 +255,12 @@ mod tests {
         symlink("/proc", rootfs.join("p")).unwrap();
         let root = root_of(&rootfs);
         let found = |p: &str| existing_no_symlinks(root.as_fd(), Path::new(p));
-        assert!(matches!(
-            found("/proc/kcore"),
-            Ok(Some((_, FileType::RegularFile)))
-        ));
-        assert!(matches!(
-            found("/proc/sys"),
-            Ok(Some((_, FileType::Directory)))
-        ));
+        let kind = |p: &str| {
+            let fd = found(p).unwrap().unwrap();
+            FileType::from_raw_mode(rustix::fs::fstat(fd).unwrap().st_mode)
+        };
+        assert_eq!(kind("/proc/kcore"), FileType::RegularFile);
+        assert_eq!(kind("/proc/sys"), FileType::Directory);
         assert!(matches!(found("/proc/acpi"), Ok(None)));
         assert!(found("/proc/keys").unwrap_err().contains("symlink"));
         assert!(found("/p/kcore").unwrap_err().contains("symlink"));

@@ -267,7 +267,7 @@ async fn masked_path_that_is_a_symlink_is_refused() {
             .unwrap();
         add_paths(&f, "maskedPaths", &[&format!("/{link}")]);
         let started = start_prepared(&f).await;
-        let what = format!("mask /{link}: a symlink; refused");
+        let what = format!("mask /{link}: has a symlink; refused");
         assert_refused_cleanly(&f, started, &what).await;
     }
 }
@@ -290,7 +290,12 @@ async fn readonly_path_that_is_a_symlink_is_refused() {
         .unwrap();
     add_paths(&f, "readonlyPaths", &["/ro-link", "/missing/is/skipped"]);
     let started = start_prepared(&f).await;
-    assert_refused_cleanly(&f, started, "make read-only /ro-link: a symlink; refused").await;
+    assert_refused_cleanly(
+        &f,
+        started,
+        "make read-only /ro-link: has a symlink; refused",
+    )
+    .await;
 }
 
 /// A Machine's mount table shows no host paths of Berth's data dir: the overlay's layers

@@ -435,11 +435,12 @@ fn enter_rootfs(root: BorrowedFd<'_>) -> StepResult<()> {
 fn mask_path(root: BorrowedFd<'_>, path: &str, null: BorrowedFd<'_>) -> StepResult<()> {
     let found =
         inroot::existing_no_symlinks(root, Path::new(path)).map_err(|e| format!("mask {e}"))?;
-    let Some((fd, kind)) = found else {
+    let Some(fd) = found else {
         return Ok(());
     };
+    let stat = rustix::fs::fstat(&fd).map_err(step(|| format!("stat {path}")))?;
     let target = inroot::fd_path(fd.as_fd());
-    let result = if kind == FileType::Directory {
+    let result = if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
         nix::mount::mount(
             Some("tmpfs"),
             &target,
@@ -465,7 +466,7 @@ fn readonly_path(root: BorrowedFd<'_>, path: &str) -> StepResult<()> {
         inroot::existing_no_symlinks(root, Path::new(path))
             .map_err(|e| format!("make read-only {e}"))
     };
-    let Some((fd, _)) = found()? else {
+    let Some(fd) = found()? else {
         return Ok(());
     };
     let target = inroot::fd_path(fd.as_fd());
@@ -479,7 +480,7 @@ fn readonly_path(root: BorrowedFd<'_>, path: &str) -> StepResult<()> {
     .map_err(step(|| format!("bind {path}")))?;
     // The remount must name the new bind mount's root: look the path up again, which
     // now ends on it (the first fd is on the mount below).
-    let Some((fd, _)) = found()? else {
+    let Some(fd) = found()? else {
         return Err(format!("{path} went away after its bind"));
     };
     let target = inroot::fd_path(fd.as_fd());
