@@ -22,6 +22,7 @@ use nix::sys::stat::{Mode, SFlag};
 use oci_spec::runtime::{Mount, Process, Spec};
 
 use crate::timing::{micros, StepTimes};
+use crate::userns::IdRange;
 use crate::{overlay, seccomp};
 
 /// A step that failed, in words for the start error.
@@ -40,6 +41,9 @@ pub(crate) struct InitPlan<'a> {
     pub rootfs: &'a Path,
     /// The Machine's network namespace, opened by the supervisor.
     pub netns: BorrowedFd<'a>,
+    /// The Machine's user namespace, opened by the supervisor: its layers are idmapped
+    /// through it, and init enters it last.
+    pub userns: BorrowedFd<'a>,
     /// `cgroup.procs` files of the Machine's cgroups, prepared at create.
     pub cgroup_procs: &'a [PathBuf],
 }
@@ -148,21 +152,18 @@ pub(crate) fn run_init(
     )
     .map_err(step(|| "make mounts private".into()))?;
     clock.mark("init_unshare");
-    let options = overlay::mount_options(plan.lowerdirs, plan.upper, plan.work)
-        .map_err(step(|| "overlay options".into()))?;
-    nix::mount::mount(
-        Some("overlay"),
+    let ids = crate::spec::id_range(spec).ok_or("config has no user namespace map")?;
+    overlay::mount_idmapped(
+        plan.lowerdirs,
+        plan.upper,
+        plan.work,
+        plan.userns,
         plan.rootfs,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
     )
-    .map_err(step(|| {
-        format!("mount overlay on {}", plan.rootfs.display())
-    }))?;
+    .map_err(step(|| "mount the rootfs".into()))?;
     clock.mark("init_overlay");
     for mount in spec.mounts().iter().flatten() {
-        mount_in_rootfs(plan.rootfs, mount)?;
+        mount_in_rootfs(plan.rootfs, mount, ids)?;
     }
     make_devices(plan.rootfs)?;
     clock.mark("init_mounts");
@@ -181,6 +182,11 @@ pub(crate) fn run_init(
     }
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     clock.mark("init_masks");
+    // Last of the host's privileges: from here on, root is the Machine's own ids, with
+    // capabilities only over what its user namespace owns.
+    nix::sched::setns(plan.userns, CloneFlags::CLONE_NEWUSER)
+        .map_err(step(|| "join user namespace".into()))?;
+    clock.mark("init_userns");
     exec_process(spec, process, None, stdout, stderr, clock)
 }
 
@@ -299,12 +305,13 @@ fn mount_flags(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-fn mount_in_rootfs(rootfs: &Path, mount: &Mount) -> StepResult<()> {
+fn mount_in_rootfs(rootfs: &Path, mount: &Mount, ids: IdRange) -> StepResult<()> {
     let destination = mount.destination();
     let target = rootfs.join(destination.strip_prefix("/").unwrap_or(destination));
     fs::create_dir_all(&target).map_err(step(|| format!("create {}", target.display())))?;
-    let (flags, data) = mount_flags(mount.options().as_deref().unwrap_or_default());
     let typ = mount.typ().as_deref().unwrap_or("none");
+    let options = owned_by_machine(typ, mount.options().as_deref().unwrap_or_default(), ids)?;
+    let (flags, data) = mount_flags(&options);
     // A cgroup2 view of the Machine's own cgroup namespace: its cgroup is the root.
     let (typ, source) = match typ {
         "cgroup" => ("cgroup2", "cgroup2"),
@@ -320,6 +327,42 @@ fn mount_in_rootfs(rootfs: &Path, mount: &Mount) -> StepResult<()> {
     let data = (!data.is_empty()).then_some(data.as_str());
     nix::mount::mount(Some(source), &target, Some(typ), flags, data)
         .map_err(step(|| format!("mount {typ} on {}", destination.display())))
+}
+
+/// Init mounts as host root, so a tmpfs or devpts would belong to host root, not to the
+/// Machine's: give them the Machine's ids (runc, mounting inside the user namespace, gets
+/// the same by default). Ids in the options are the Machine's, mapped to the host's.
+fn owned_by_machine(typ: &str, options: &[String], ids: IdRange) -> StepResult<Vec<String>> {
+    if !matches!(typ, "tmpfs" | "devpts") {
+        return Ok(options.to_vec());
+    }
+    let mut out = Vec::with_capacity(options.len() + 2);
+    let (mut uid, mut gid) = (false, false);
+    for option in options {
+        let mapped = match option.split_once('=') {
+            Some((key @ ("uid" | "gid"), value)) => {
+                let id = value
+                    .parse::<u32>()
+                    .ok()
+                    .and_then(|id| ids.to_host(id))
+                    .ok_or_else(|| format!("{typ} option {option} is outside the machine's ids"))?;
+                uid |= key == "uid";
+                gid |= key == "gid";
+                format!("{key}={id}")
+            }
+            _ => option.clone(),
+        };
+        out.push(mapped);
+    }
+    if typ == "tmpfs" {
+        if !uid {
+            out.push(format!("uid={}", ids.base));
+        }
+        if !gid {
+            out.push(format!("gid={}", ids.base));
+        }
+    }
+    Ok(out)
 }
 
 fn make_devices(rootfs: &Path) -> StepResult<()> {
