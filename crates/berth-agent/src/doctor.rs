@@ -363,16 +363,18 @@ impl Agent {
                 "the Machine's bundle has no config.json".into(),
             ));
         }
-        let netns_path = layout.netns();
-        let pinned = tokio::task::spawn_blocking(move || netns::is_pinned(&netns_path))
-            .await
-            .unwrap_or(false);
-        if !pinned {
+        let pins = [layout.netns(), layout.userns()];
+        let unpinned = tokio::task::spawn_blocking(move || {
+            pins.into_iter().find(|pin| !netns::is_pinned(pin))
+        })
+        .await
+        .unwrap_or(None);
+        if let Some(pin) = unpinned {
             findings.push(finding(
                 FindingKind::MissingNetns,
                 id,
-                Some(&layout.netns()),
-                "the Machine's network namespace is not pinned".into(),
+                Some(&pin),
+                "the Machine's network or user namespace is not pinned".into(),
             ));
         }
         let mut layers: Vec<&crate::record::LayerRef> = record
@@ -430,8 +432,8 @@ impl Agent {
             ));
         }
         for mount in host.mounts.get(id).into_iter().flatten() {
-            // The netns stays mounted for the Machine's whole life.
-            if *mount != layout.netns() {
+            // The namespace pins stay mounted for the Machine's whole life.
+            if *mount != layout.netns() && *mount != layout.userns() {
                 findings.push(finding(
                     FindingKind::StrayMount,
                     id,

@@ -28,6 +28,7 @@ pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod timing;
+pub mod userns;
 
 mod error;
 mod inroot;
@@ -69,6 +70,11 @@ impl MachineLayout {
         self.bundle().join("config.json")
     }
     /// Bind-mounted network namespace file, made at create.
+    /// The pinned user namespace (see [`userns`]).
+    pub fn userns(&self) -> PathBuf {
+        self.dir.join("userns")
+    }
+
     pub fn netns(&self) -> PathBuf {
         self.dir.join("netns")
     }

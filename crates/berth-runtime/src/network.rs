@@ -702,17 +702,16 @@ pub(crate) async fn reattach(
 pub(crate) async fn restore(
     network: Option<&WorkerNetwork>,
     layout: &crate::MachineLayout,
+    registry: &crate::userns::IdRegistry,
 ) -> Result<(), RuntimeError> {
-    use crate::error::IoContext;
-    let netns_path = layout.netns();
-    if netns::is_pinned(&netns_path) {
+    let repinned = {
+        let layout = layout.clone();
+        let registry = registry.clone();
+        crate::runc::blocking(move || crate::userns::ensure(&layout, &registry)).await?
+    };
+    if !repinned {
         return Ok(());
     }
-    let id = layout.id.clone();
-    crate::runc::blocking(move || {
-        netns::create(&netns_path).ctx(|| format!("recreate network namespace of machine {id}"))
-    })
-    .await?;
     reattach(network, layout).await
 }
 

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
@@ -200,6 +200,136 @@ fn unescape(field: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mounts the overlay at `target` with every image layer idmapped through the user
+/// namespace `userns` (host root's files are the Machine root's), with the new mount
+/// API: each layer is a detached, idmapped clone handed to overlayfs by descriptor, so
+/// nothing is attached on the host and the Machine's mountinfo names no host path. The
+/// upperdir keeps host ids (see `userns`): overlayfs writes it as its mounter, whose ids
+/// an idmapped upper could not hold.
+pub fn mount_idmapped(
+    lowerdirs: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    userns: BorrowedFd<'_>,
+    target: &Path,
+) -> io::Result<()> {
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsmount, fsopen, move_mount,
+        open_tree, FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags,
+    };
+    let context = |what: String| {
+        move |e: rustix::io::Errno| {
+            io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
+        }
+    };
+    if lowerdirs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "overlay needs at least one lowerdir",
+        ));
+    }
+    let fs =
+        fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(context("fsopen overlay".into()))?;
+    // A detached mount lives while a descriptor holds it: keep every one until the
+    // overlay is made, or the kernel tears it down under overlayfs.
+    let mut held = Vec::with_capacity(lowerdirs.len() + 3);
+    // Top layer first: each "lowerdir+" goes below the ones before it.
+    for layer in lowerdirs.iter().rev() {
+        let clone = open_tree(
+            rustix::fs::CWD,
+            layer,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(context(format!("clone layer {}", layer.display())))?;
+        idmap(clone.as_fd(), userns)
+            .map_err(context(format!("idmap layer {}", layer.display())))?;
+        fsconfig_set_fd(fs.as_fd(), "lowerdir+", clone.as_fd())
+            .map_err(context(format!("add layer {}", layer.display())))?;
+        held.push(clone);
+    }
+    // Upper and work through one detached clone of their parent (overlayfs wants both on
+    // one mount): the Machine sees "/upper", not the data dir.
+    let parent = upper
+        .parent()
+        .filter(|p| work.parent() == Some(*p))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "upper and work must be siblings",
+            )
+        })?;
+    let dir = open_tree(
+        rustix::fs::CWD,
+        parent,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(context(format!("clone {}", parent.display())))?;
+    for (key, path) in [("upperdir", upper), ("workdir", work)] {
+        let name = path.file_name().unwrap_or_default();
+        let fd = rustix::fs::openat(
+            dir.as_fd(),
+            name,
+            rustix::fs::OFlags::PATH
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(context(format!("open {}", path.display())))?;
+        fsconfig_set_fd(fs.as_fd(), key, fd.as_fd()).map_err(context(format!("set {key}")))?;
+        held.push(fd);
+    }
+    // See `mount_options`: an upperdir may meet another set of layers after an update.
+    fsconfig_set_string(fs.as_fd(), "index", "off").map_err(context("set index=off".into()))?;
+    fsconfig_create(fs.as_fd()).map_err(context("create overlay".into()))?;
+    drop(held);
+    drop(dir);
+    let mount = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::empty(),
+    )
+    .map_err(context("fsmount overlay".into()))?;
+    move_mount(
+        mount.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(context(format!("mount overlay on {}", target.display())))
+}
+
+/// Makes a detached mount idmapped through `userns`.
+fn idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> Result<(), rustix::io::Errno> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr reads `size_of::<mount_attr>()` bytes of a valid struct and an
+    // empty, NUL-terminated path; both outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(
+            rustix::io::Errno::from_io_error(&io::Error::last_os_error())
+                .unwrap_or(rustix::io::Errno::INVAL),
+        )
+    }
 }
 
 #[cfg(test)]

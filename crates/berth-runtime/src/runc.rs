@@ -5,7 +5,7 @@
 //! therefore signal, wait for and clean up Machines started by an earlier one.
 
 use std::ffi::OsString;
-use std::fs;
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use crate::error::{IoContext, RuntimeError};
 use crate::network::{self, WorkerNetwork};
 use crate::shim::{self, ShimArgs, ShimReport};
 use crate::timing::{micros, StepTimes};
+use crate::userns::{self, IdRange, IdRegistry};
 use crate::{logs, netns, overlay, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
@@ -44,6 +45,8 @@ pub struct RuncConfig {
     /// The worker's Machine network. Without one, Machines get only loopback, and a spec
     /// with a `private_ip` is refused.
     pub network: Option<Arc<WorkerNetwork>>,
+    /// Where Machines' host id ranges are claimed (host-wide).
+    pub id_registry: IdRegistry,
 }
 
 impl RuncConfig {
@@ -56,6 +59,7 @@ impl RuncConfig {
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
             network: None,
+            id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
         }
     }
 }
@@ -111,18 +115,21 @@ impl RuncRuntime {
         }
         // Left over from a crash between create and cleanup: create would refuse the id.
         self.runc_delete(id)?;
-        // Only a host reboot unpins the namespace made at create; make it again then.
-        let netns_path = layout.netns();
-        let repinned = !netns::is_pinned(&netns_path);
-        if repinned {
-            netns::create(&netns_path)
-                .ctx(|| format!("recreate network namespace of machine {id}"))?;
-        }
+        // Only a host reboot unpins the namespaces made at create; make them again then.
+        let repinned = userns::ensure(layout, &self.config.id_registry)?;
         // A mount left by such a crash may be over an older set of layers: remount.
         let rootfs = layout.rootfs();
         overlay::unmount(&rootfs).ctx(|| format!("unmount stale rootfs of machine {id}"))?;
-        overlay::mount(lowerdirs, &layout.upper(), &layout.work(), &rootfs)
-            .ctx(|| format!("mount rootfs of machine {id}"))?;
+        let userns = File::open(layout.userns())
+            .ctx(|| format!("open the user namespace of machine {id}"))?;
+        overlay::mount_idmapped(
+            lowerdirs,
+            &layout.upper(),
+            &layout.work(),
+            userns.as_fd(),
+            &rootfs,
+        )
+        .ctx(|| format!("mount rootfs of machine {id}"))?;
         check_kernel_mount_points(&rootfs).map_err(|message| RuntimeError::Runc {
             id: id.clone(),
             message,
@@ -258,12 +265,14 @@ impl Runtime for RuncRuntime {
         let id = layout.id.clone();
         let network = machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
         // Fails on a bad spec before anything is made on the host.
-        let config = spec::render(layout, spec)?;
+        spec::build(spec, &layout.rootfs(), &layout.netns())?;
         let t0 = Instant::now();
-        {
+        let ids = {
             let layout = layout.clone();
-            blocking(move || make_dirs_and_netns(&layout)).await?;
-        }
+            let registry = self.config.id_registry.clone();
+            blocking(move || make_dirs_and_namespaces(&layout, &registry)).await?
+        };
+        let config = spec::render(layout, spec, ids)?;
         let netns_done = t0.elapsed();
         if let Some((network, address)) = network {
             network.attach(&id, &layout.netns(), address).await?;
@@ -408,7 +417,12 @@ impl Runtime for RuncRuntime {
     }
 
     async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        network::restore(self.config.network.as_deref(), layout).await
+        network::restore(
+            self.config.network.as_deref(),
+            layout,
+            &self.config.id_registry,
+        )
+        .await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
@@ -447,29 +461,45 @@ impl Runtime for RuncRuntime {
         let this = self.clone();
         let layout = layout.clone();
         blocking(move || {
-            let id = &layout.id;
             this.cleanup_blocking(&layout)?;
-            let ns = layout.netns();
-            netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
-            // remove_dir_all would descend into a mount and delete its contents.
-            for path in [layout.rootfs(), ns] {
-                if overlay::is_mount_point(&path).ctx(|| format!("check {}", path.display()))? {
-                    return Err(RuntimeError::Internal(format!(
-                        "{} of machine {id} is still mounted",
-                        path.display()
-                    )));
-                }
-            }
-            match fs::remove_dir_all(&layout.dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(RuntimeError::io(
-                    format!("remove {}", layout.dir.display()),
-                    e,
-                )),
-                _ => Ok(()),
-            }
+            remove_machine_dir(&layout, &this.config.id_registry)
         })
         .await
     }
+}
+
+/// Destroy's last step for either driver, once nothing runs: unpins the namespaces,
+/// deletes the Machine's directory, then gives its host ids back. Blocking.
+pub(crate) fn remove_machine_dir(
+    layout: &MachineLayout,
+    registry: &IdRegistry,
+) -> Result<(), RuntimeError> {
+    let id = &layout.id;
+    let ns = layout.netns();
+    netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
+    userns::remove_pin(&layout.userns())
+        .ctx(|| format!("remove the user namespace of machine {id}"))?;
+    // remove_dir_all would descend into a mount and delete its contents.
+    for path in [layout.rootfs(), ns, layout.userns()] {
+        if overlay::is_mount_point(&path).ctx(|| format!("check {}", path.display()))? {
+            return Err(RuntimeError::Internal(format!(
+                "{} of machine {id} is still mounted",
+                path.display()
+            )));
+        }
+    }
+    match fs::remove_dir_all(&layout.dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(RuntimeError::io(
+                format!("remove {}", layout.dir.display()),
+                e,
+            ))
+        }
+        _ => {}
+    }
+    registry
+        .release(&layout.dir)
+        .ctx(|| format!("release the host ids of machine {id}"))
 }
 
 /// Sends `signal` to the Machine's init, found through the shim's files.
@@ -572,8 +602,12 @@ pub(crate) async fn read_status(layout: &MachineLayout) -> Result<Status, Runtim
     .await
 }
 
-/// The Machine's directories and its network namespace (`lo` up). Blocking.
-pub(crate) fn make_dirs_and_netns(layout: &MachineLayout) -> Result<(), RuntimeError> {
+/// The Machine's directories, its host ids and its user and network namespaces (`lo`
+/// up). Blocking.
+pub(crate) fn make_dirs_and_namespaces(
+    layout: &MachineLayout,
+    registry: &IdRegistry,
+) -> Result<IdRange, RuntimeError> {
     let id = &layout.id;
     for dir in [
         layout.upper(),
@@ -585,7 +619,7 @@ pub(crate) fn make_dirs_and_netns(layout: &MachineLayout) -> Result<(), RuntimeE
     ] {
         fs::create_dir_all(&dir).ctx(|| format!("create {} for machine {id}", dir.display()))?;
     }
-    netns::create(&layout.netns()).ctx(|| format!("network namespace of machine {id}"))
+    userns::prepare(layout, registry)
 }
 
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T, RuntimeError>

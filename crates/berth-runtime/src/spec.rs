@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
-    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
+    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
 };
 
 use crate::error::{IoContext, RuntimeError};
+use crate::userns::IdRange;
 use crate::{util, BundleSpec, MachineLayout};
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -240,24 +242,83 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
 }
 
 /// Builds the spec for `layout` and writes it atomically to `layout.config_json()`.
-pub fn write_bundle(layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-    let json = render(layout, spec)?;
+pub fn write_bundle(
+    layout: &MachineLayout,
+    spec: &BundleSpec,
+    ids: IdRange,
+) -> Result<(), RuntimeError> {
+    let json = render(layout, spec, ids)?;
     let path = layout.config_json();
     util::write_atomic(&path, &json).ctx(|| format!("write {}", path.display()))
 }
 
-/// The `config.json` bytes for `layout`; validates the spec without touching the host.
-pub fn render(layout: &MachineLayout, spec: &BundleSpec) -> Result<Vec<u8>, RuntimeError> {
+/// The `config.json` bytes for `layout`, in the user namespace of `ids`; validates the
+/// spec without touching the host.
+pub fn render(
+    layout: &MachineLayout,
+    spec: &BundleSpec,
+    ids: IdRange,
+) -> Result<Vec<u8>, RuntimeError> {
     if spec.machine_id != layout.id {
         return Err(RuntimeError::InvalidSpec {
             id: layout.id.clone(),
             message: format!("spec is for machine {:?}", spec.machine_id),
         });
     }
-    let oci = build(spec, &layout.rootfs(), &layout.netns())?;
+    let mut oci = build(spec, &layout.rootfs(), &layout.netns())?;
+    set_user_namespace(&mut oci, ids, &layout.userns())?;
     // Compact: every start reads it, and every stopped Machine keeps it on disk.
     serde_json::to_vec(&oci)
         .map_err(|e| RuntimeError::Internal(format!("serialize config for {}: {e}", layout.id)))
+}
+
+/// Puts the Machine in its pinned user namespace (`userns`), with the map of `ids` that
+/// runc checks against the namespace and native init reads for its mount options.
+pub fn set_user_namespace(oci: &mut Spec, ids: IdRange, userns: &Path) -> Result<(), RuntimeError> {
+    let invalid =
+        |e: oci_spec::OciSpecError| RuntimeError::Internal(format!("user namespace: {e}"));
+    let mut linux = oci.linux().clone().unwrap_or_default();
+    let mut namespaces: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .filter(|n| n.typ() != LinuxNamespaceType::User)
+        .cloned()
+        .collect();
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::User)
+            .path(userns)
+            .build()
+            .map_err(invalid)?,
+    );
+    let map = LinuxIdMappingBuilder::default()
+        .container_id(0u32)
+        .host_id(ids.base)
+        .size(crate::userns::RANGE_SIZE)
+        .build()
+        .map_err(invalid)?;
+    linux
+        .set_namespaces(Some(namespaces))
+        .set_uid_mappings(Some(vec![map]))
+        .set_gid_mappings(Some(vec![map]));
+    oci.set_linux(Some(linux));
+    Ok(())
+}
+
+/// The Machine's host ids, from the map in its spec; `None` for a Machine made before
+/// user namespaces.
+pub fn id_range(oci: &Spec) -> Option<IdRange> {
+    let linux = oci.linux().as_ref()?;
+    let uid = linux.uid_mappings().as_ref()?.first()?;
+    let gid = linux.gid_mappings().as_ref()?.first()?;
+    (uid.container_id() == 0
+        && uid.size() == crate::userns::RANGE_SIZE
+        && uid.host_id() == gid.host_id()
+        && gid.size() == uid.size())
+    .then_some(IdRange {
+        base: uid.host_id(),
+    })
 }
 
 /// The private address recorded in a written `config.json`, if any.
@@ -459,7 +520,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = MachineLayout::new(dir.path(), "m1");
         std::fs::create_dir_all(layout.bundle()).unwrap();
-        write_bundle(&layout, &sample()).unwrap();
+        write_bundle(&layout, &sample(), IdRange { base: 1 << 28 }).unwrap();
         let text = std::fs::read_to_string(layout.config_json()).unwrap();
         let back: Spec = serde_json::from_str(&text).unwrap();
         assert_eq!(back.hostname().as_deref(), Some("m1"));
@@ -467,7 +528,18 @@ mod tests {
 
         let mut spec = sample();
         spec.private_ip = Some("fd00:1:2:3::2a".parse().unwrap());
-        write_bundle(&layout, &spec).unwrap();
+        write_bundle(&layout, &spec, IdRange { base: 1 << 28 }).unwrap();
+        let back = Spec::load(layout.config_json()).unwrap();
+        assert_eq!(id_range(&back), Some(IdRange { base: 1 << 28 }));
+        let user = back
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap();
+        assert!(user.iter().any(|n| n.typ() == LinuxNamespaceType::User
+            && n.path().as_deref() == Some(layout.userns().as_path())));
         assert_eq!(
             read_private_ip(&layout.config_json()).unwrap(),
             spec.private_ip

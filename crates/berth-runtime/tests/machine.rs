@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_runtime::runc::RuncRuntime;
-use berth_runtime::{logs, netns, overlay, ExitRecord, Runtime, Status};
+use berth_runtime::{logs, netns, overlay, userns, ExitRecord, Runtime, Status};
 use common::{Driver, Fixture, INDEX_HTML};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
@@ -587,8 +587,9 @@ async fn start_repins_a_network_namespace_lost_to_a_host_reboot(driver: Driver) 
         .unwrap();
     let ns = f.layout.netns();
     assert!(netns::is_pinned(&ns));
-    // A reboot drops every mount, the namespace pin among them.
+    // A reboot drops every mount, the namespace pins among them.
     netns::remove(&ns).unwrap();
+    userns::remove_pin(&f.layout.userns()).unwrap();
     assert!(!netns::is_pinned(&ns));
     f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
     assert!(netns::is_pinned(&ns));

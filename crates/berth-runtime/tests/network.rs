@@ -665,9 +665,10 @@ async fn start_rebuilds_the_network_after_a_host_reboot() {
     let mut spec = f.spec(&["httpd", "-f", "-p", "8080", "-h", "/www"]);
     spec.private_ip = Some(address);
     f.runtime.prepare(&f.layout, &spec).await.unwrap();
-    // A reboot drops the namespace pin, and the veth with it.
+    // A reboot drops the namespace pins, and the veth with them.
     network.detach(f.id()).await.unwrap();
     netns::remove(&f.layout.netns()).unwrap();
+    berth_runtime::userns::remove_pin(&f.layout.userns()).unwrap();
     assert!(!link_exists(&host_link));
 
     f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();

@@ -15,6 +15,7 @@ use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
+use berth_runtime::userns::{self, IdRegistry};
 use berth_runtime::Runtime;
 use tracing::warn;
 
@@ -55,6 +56,7 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
             log_max_bytes: parts.log_max_bytes,
             start_timeout,
             network: parts.network,
+            id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
         })),
         RuntimeKind::Native => Arc::new(
             NativeRuntime::new(NativeConfig {
@@ -63,6 +65,7 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
                 log_max_bytes: parts.log_max_bytes,
                 start_timeout,
                 network: parts.network,
+                id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
             })
             .context("the native runtime")?,
         ),

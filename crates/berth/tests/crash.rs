@@ -278,6 +278,7 @@ fn simulate_host_reboot(platform: &mut Platform) {
         let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
         // The network namespace pin goes too, and the veth with the namespace.
         let _ = nix::mount::umount2(&dir.join("netns"), nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&dir.join("userns"), nix::mount::MntFlags::MNT_DETACH);
     }
     // The runtime's state dir goes (runc keeps its state there). The agent's marker in
     // /run is kept: the lost state dir alone must tell the agent the host restarted.

@@ -122,6 +122,8 @@ fn run(args: &NsexecArgs) -> Result<i32, String> {
         ("net", CloneFlags::CLONE_NEWNET),
         ("pid", CloneFlags::CLONE_NEWPID),
         ("mnt", CloneFlags::CLONE_NEWNS),
+        // Last: joining the others needs the host's privileges, which this one ends.
+        ("user", CloneFlags::CLONE_NEWUSER),
     ]
     .into_iter()
     .map(|(name, flag)| {

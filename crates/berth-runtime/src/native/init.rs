@@ -23,6 +23,7 @@ use rustix::fs::{FileType, OFlags, ResolveFlags};
 
 use crate::inroot;
 use crate::timing::{micros, StepTimes};
+use crate::userns::IdRange;
 use crate::{overlay, seccomp};
 
 /// A step that failed, in words for the start error.
@@ -41,6 +42,9 @@ pub(crate) struct InitPlan<'a> {
     pub rootfs: &'a Path,
     /// The Machine's network namespace, opened by the supervisor.
     pub netns: BorrowedFd<'a>,
+    /// The Machine's user namespace, opened by the supervisor: its layers are idmapped
+    /// through it, and init enters it last.
+    pub userns: BorrowedFd<'a>,
     /// `cgroup.procs` files of the Machine's cgroups, prepared at create.
     pub cgroup_procs: &'a [PathBuf],
 }
@@ -149,25 +153,17 @@ pub(crate) fn run_init(
     )
     .map_err(step(|| "make mounts private".into()))?;
     clock.mark("init_unshare");
-    // Layers are named to the kernel through fds (`/proc/self/fd/N`), so the Machine's
-    // mountinfo does not show the host's data-dir paths.
+    // Mounts below go through /proc/self/fd of the host's /proc until pivot_root.
     inroot::check_procfs().map_err(step(|| "host /proc".into()))?;
-    let layers = overlay::OpenedLayers::open(plan.lowerdirs, plan.upper, plan.work)
-        .map_err(step(|| "open overlay layers".into()))?;
-    let options = layers
-        .options()
-        .map_err(step(|| "overlay options".into()))?;
-    nix::mount::mount(
-        Some("overlay"),
+    let ids = crate::spec::id_range(spec).ok_or("config has no user namespace map")?;
+    overlay::mount_idmapped(
+        plan.lowerdirs,
+        plan.upper,
+        plan.work,
+        plan.userns,
         plan.rootfs,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
     )
-    .map_err(step(|| {
-        format!("mount overlay on {}", plan.rootfs.display())
-    }))?;
-    drop(layers);
+    .map_err(step(|| "mount the rootfs".into()))?;
     // Opened after the mount: the fd is the overlay's root, which the Machine's image
     // fills; everything below is looked up under it, inside it.
     let root = rustix::fs::open(
@@ -178,7 +174,7 @@ pub(crate) fn run_init(
     .map_err(step(|| "open rootfs".into()))?;
     clock.mark("init_overlay");
     for mount in spec.mounts().iter().flatten() {
-        mount_in_rootfs(root.as_fd(), mount)?;
+        mount_in_rootfs(root.as_fd(), mount, ids)?;
     }
     let null = make_devices(root.as_fd())?;
     clock.mark("init_mounts");
@@ -210,6 +206,11 @@ pub(crate) fn run_init(
     }
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     clock.mark("init_masks");
+    // Last of the host's privileges: from here on, root is the Machine's own ids, with
+    // capabilities only over what its user namespace owns.
+    nix::sched::setns(plan.userns, CloneFlags::CLONE_NEWUSER)
+        .map_err(step(|| "join user namespace".into()))?;
+    clock.mark("init_userns");
     // The null device checked in make_devices, not whatever /dev/null names by then.
     exec_process(spec, process, Some(null.as_fd()), stdout, stderr, clock)
 }
@@ -336,11 +337,12 @@ fn mount_flags(options: &[String]) -> (MsFlags, String) {
 }
 
 /// Mounts one `config.json` mount onto its destination, opened inside the rootfs.
-fn mount_in_rootfs(root: BorrowedFd<'_>, mount: &Mount) -> StepResult<()> {
+fn mount_in_rootfs(root: BorrowedFd<'_>, mount: &Mount, ids: IdRange) -> StepResult<()> {
     let destination = mount.destination();
     let target = inroot::mount_target(root, destination)?;
-    let (flags, data) = mount_flags(mount.options().as_deref().unwrap_or_default());
     let typ = mount.typ().as_deref().unwrap_or("none");
+    let options = owned_by_machine(typ, mount.options().as_deref().unwrap_or_default(), ids)?;
+    let (flags, data) = mount_flags(&options);
     // A cgroup2 view of the Machine's own cgroup namespace: its cgroup is the root.
     let (typ, source) = match typ {
         "cgroup" => ("cgroup2", "cgroup2"),
@@ -362,6 +364,42 @@ fn mount_in_rootfs(root: BorrowedFd<'_>, mount: &Mount) -> StepResult<()> {
         data,
     )
     .map_err(step(|| format!("mount {typ} on {}", destination.display())))
+}
+
+/// Init mounts as host root, so a tmpfs or devpts would belong to host root, not to the
+/// Machine's: give them the Machine's ids (runc, mounting inside the user namespace, gets
+/// the same by default). Ids in the options are the Machine's, mapped to the host's.
+fn owned_by_machine(typ: &str, options: &[String], ids: IdRange) -> StepResult<Vec<String>> {
+    if !matches!(typ, "tmpfs" | "devpts") {
+        return Ok(options.to_vec());
+    }
+    let mut out = Vec::with_capacity(options.len() + 2);
+    let (mut uid, mut gid) = (false, false);
+    for option in options {
+        let mapped = match option.split_once('=') {
+            Some((key @ ("uid" | "gid"), value)) => {
+                let id = value
+                    .parse::<u32>()
+                    .ok()
+                    .and_then(|id| ids.to_host(id))
+                    .ok_or_else(|| format!("{typ} option {option} is outside the machine's ids"))?;
+                uid |= key == "uid";
+                gid |= key == "gid";
+                format!("{key}={id}")
+            }
+            _ => option.clone(),
+        };
+        out.push(mapped);
+    }
+    if typ == "tmpfs" {
+        if !uid {
+            out.push(format!("uid={}", ids.base));
+        }
+        if !gid {
+            out.push(format!("gid={}", ids.base));
+        }
+    }
+    Ok(out)
 }
 
 /// Makes the device nodes in the rootfs's `/dev` (which must be a directory inside it,

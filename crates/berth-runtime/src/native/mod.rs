@@ -31,7 +31,8 @@ use crate::network::{self, WorkerNetwork};
 use crate::runc::{self, blocking, live_shim};
 use crate::shim::{self, ShimReport};
 use crate::timing::{micros, StepTimes};
-use crate::{exec, logs, netns, spec, util};
+use crate::userns::IdRegistry;
+use crate::{exec, logs, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
 pub mod cgroup;
@@ -58,6 +59,8 @@ pub struct NativeConfig {
     pub start_timeout: Duration,
     /// The worker's Machine network; as for [`runc::RuncConfig::network`].
     pub network: Option<Arc<WorkerNetwork>>,
+    /// As for [`runc::RuncConfig::id_registry`].
+    pub id_registry: IdRegistry,
 }
 
 impl NativeConfig {
@@ -68,6 +71,7 @@ impl NativeConfig {
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
             network: None,
+            id_registry: IdRegistry::new(crate::userns::DEFAULT_REGISTRY),
         }
     }
 }
@@ -185,12 +189,7 @@ impl NativeRuntime {
                 message: format!("machine is already running (shim pid {pid})"),
             });
         }
-        let netns_path = layout.netns();
-        let repinned = !netns::is_pinned(&netns_path);
-        if repinned {
-            netns::create(&netns_path)
-                .ctx(|| format!("recreate network namespace of machine {id}"))?;
-        }
+        let repinned = crate::userns::ensure(layout, &self.config.id_registry)?;
         for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
             let path = run.join(name);
             util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
@@ -308,19 +307,21 @@ impl Runtime for NativeRuntime {
         let id = layout.id.clone();
         let network = runc::machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
         let oci = spec::build(spec, &layout.rootfs(), &layout.netns())?;
-        let config = spec::render(layout, spec)?;
-        {
+        let ids = {
             let layout = layout.clone();
             let cgroups = self.cgroups.clone();
+            let registry = self.config.id_registry.clone();
             let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
             blocking(move || {
-                runc::make_dirs_and_netns(&layout)?;
+                let ids = runc::make_dirs_and_namespaces(&layout, &registry)?;
                 cgroups
                     .prepare(&layout.id, resources.as_ref())
-                    .ctx(|| format!("cgroups of machine {}", layout.id))
+                    .ctx(|| format!("cgroups of machine {}", layout.id))?;
+                Ok(ids)
             })
-            .await?;
-        }
+            .await?
+        };
+        let config = spec::render(layout, spec, ids)?;
         if let Some((network, address)) = network {
             network.attach(&id, &layout.netns(), address).await?;
         }
@@ -413,7 +414,12 @@ impl Runtime for NativeRuntime {
     }
 
     async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        network::restore(self.config.network.as_deref(), layout).await
+        network::restore(
+            self.config.network.as_deref(),
+            layout,
+            &self.config.id_registry,
+        )
+        .await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
@@ -435,6 +441,7 @@ impl Runtime for NativeRuntime {
         }
         let layout = layout.clone();
         let cgroups = self.cgroups.clone();
+        let registry = self.config.id_registry.clone();
         blocking(move || {
             let id = &layout.id;
             NativeRuntime::cleanup_blocking(&layout)?;
@@ -445,25 +452,7 @@ impl Runtime for NativeRuntime {
             // mount here is the runc driver's, from before the worker switched drivers.
             crate::overlay::unmount(&layout.rootfs())
                 .ctx(|| format!("unmount the rootfs of machine {id}"))?;
-            let ns = layout.netns();
-            netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
-            for path in [layout.rootfs(), ns] {
-                if crate::overlay::is_mount_point(&path)
-                    .ctx(|| format!("check {}", path.display()))?
-                {
-                    return Err(RuntimeError::Internal(format!(
-                        "{} of machine {id} is still mounted",
-                        path.display()
-                    )));
-                }
-            }
-            match fs::remove_dir_all(&layout.dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(RuntimeError::io(
-                    format!("remove {}", layout.dir.display()),
-                    e,
-                )),
-                _ => Ok(()),
-            }
+            runc::remove_machine_dir(&layout, &registry)
         })
         .await
     }

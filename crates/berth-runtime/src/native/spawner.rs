@@ -369,6 +369,14 @@ fn start_init(
         rustix::fs::Mode::empty(),
     )
     .map_err(|e| format!("open network namespace {}: {e}", netns_path.display()))?;
+    let userns_path = layout.userns();
+    let userns = rustix::fs::openat(
+        host_root,
+        userns_path.strip_prefix("/").unwrap_or(&userns_path),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("open user namespace {}: {e}", userns_path.display()))?;
     let plan = InitPlan {
         spec: &spec,
         lowerdirs: &lowerdirs,
@@ -376,6 +384,7 @@ fn start_init(
         work: &work,
         rootfs: &rootfs,
         netns: netns.as_fd(),
+        userns: userns.as_fd(),
         cgroup_procs: &request.cgroup_procs,
     };
     steps.lap("pid_namespace", &mut mark);
