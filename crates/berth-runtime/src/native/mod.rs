@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{IoContext, RuntimeError};
 use crate::network::{self, WorkerNetwork};
+use crate::quota::{DiskQuota, DiskUsage};
 use crate::runc::{self, blocking, live_shim};
 use crate::shim::{self, ShimReport};
 use crate::timing::{micros, StepTimes};
@@ -58,6 +59,8 @@ pub struct NativeConfig {
     pub start_timeout: Duration,
     /// The worker's Machine network; as for [`runc::RuncConfig::network`].
     pub network: Option<Arc<WorkerNetwork>>,
+    /// As for [`runc::RuncConfig::disk_quota`].
+    pub disk_quota: Option<DiskQuota>,
 }
 
 impl NativeConfig {
@@ -68,6 +71,7 @@ impl NativeConfig {
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
             network: None,
+            disk_quota: None,
         }
     }
 }
@@ -313,7 +317,10 @@ impl Runtime for NativeRuntime {
             let layout = layout.clone();
             let cgroups = self.cgroups.clone();
             let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
+            let quota = self.config.disk_quota.clone();
+            let disk_mb = spec.disk_mb;
             blocking(move || {
+                runc::prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;
                 runc::make_dirs_and_netns(&layout)?;
                 cgroups
                     .prepare(&layout.id, resources.as_ref())
@@ -425,6 +432,10 @@ impl Runtime for NativeRuntime {
         runc::read_status(layout).await
     }
 
+    async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
+        runc::disk_usage(self.config.disk_quota.as_ref(), layout).await
+    }
+
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         if matches!(self.status(layout).await?, Status::Running { .. }) {
             self.signal(layout, libc::SIGKILL).await?;
@@ -435,6 +446,7 @@ impl Runtime for NativeRuntime {
         }
         let layout = layout.clone();
         let cgroups = self.cgroups.clone();
+        let quota = self.config.disk_quota.clone();
         blocking(move || {
             let id = &layout.id;
             NativeRuntime::cleanup_blocking(&layout)?;
@@ -445,6 +457,7 @@ impl Runtime for NativeRuntime {
             // mount here is the runc driver's, from before the worker switched drivers.
             crate::overlay::unmount(&layout.rootfs())
                 .ctx(|| format!("unmount the rootfs of machine {id}"))?;
+            runc::release_disk_quota(quota.as_ref(), &layout)?;
             let ns = layout.netns();
             netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
             for path in [layout.rootfs(), ns] {
