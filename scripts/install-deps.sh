@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Berth needs on Debian: runc runs Machines, busybox-static builds the demo
 # and test images, docker-registry serves the registry tests, nftables checks the egress
-# ruleset. Does nothing when they are already present.
+# ruleset, btrfs-progs makes the loop-mounted btrfs of the disk quota tests. Does nothing
+# when they are already present.
 #
 # --bench adds what only berth-bench uses: podman (a peer it measures) and
 # fonts-dejavu-core (the text of its chart). The tests need neither.
@@ -16,6 +17,7 @@ command -v runc >/dev/null 2>&1 || packages+=(runc)
 dpkg -s busybox-static >/dev/null 2>&1 || packages+=(busybox-static)
 [ -x /usr/bin/docker-registry ] || packages+=(docker-registry)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || packages+=(nftables)
+command -v mkfs.btrfs >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.btrfs ] || packages+=(btrfs-progs)
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 if [ "${#packages[@]}" -gt 0 ]; then

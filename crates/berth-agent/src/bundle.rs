@@ -181,6 +181,7 @@ pub fn bundle_spec(
         cpus: config.guest.cpus,
         memory_mb: config.guest.memory_mb,
         pids_limit,
+        disk_mb: Some(crate::machine_disk_mb(&config.guest)),
         private_ip: None,
     })
 }

@@ -84,8 +84,14 @@ pub fn machine_address(
     ))
 }
 
-/// Disk reserved for each Machine that exists, for placement and capacity.
+/// Disk of a Machine whose config names none (`guest.disk_mb`), for placement, capacity
+/// and its quota.
 pub const MACHINE_DISK_MB: u64 = 1024;
+
+/// The disk a Machine may fill: what placement counts and the filesystem enforces.
+pub fn machine_disk_mb(guest: &berth_api::GuestConfig) -> u64 {
+    guest.disk_mb.map_or(MACHINE_DISK_MB, u64::from)
+}
 
 #[derive(Clone)]
 pub struct Agent {
@@ -104,6 +110,8 @@ struct Inner {
     /// reserves here before it boots, so concurrent starts cannot overcommit the host.
     running: StdMutex<HashMap<String, (u32, u64)>>,
     listener: StdRwLock<Option<Arc<dyn WorkerListener>>>,
+    /// Machines whose disk was full when last looked at, so each filling is told once.
+    disk_full: StdMutex<std::collections::HashSet<String>>,
 }
 
 impl Agent {
@@ -143,6 +151,7 @@ impl Agent {
                 locks: StdMutex::new(HashMap::new()),
                 running: StdMutex::new(HashMap::new()),
                 listener: StdRwLock::new(None),
+                disk_full: StdMutex::new(std::collections::HashSet::new()),
             }),
         };
         agent.recover().await?;
@@ -181,6 +190,7 @@ impl Agent {
             }
         };
         for record in records {
+            self.check_disk_quota(&record).await;
             let Some(bytes) = self.measure_upper(&record.id).await else {
                 continue;
             };
@@ -284,6 +294,7 @@ impl Agent {
     /// What the heartbeat reports.
     pub async fn stats(&self) -> Result<WorkerStats> {
         let machines = self.inner.store.count().await?;
+        let disk_mb = self.inner.store.disk_mb(MACHINE_DISK_MB).await?;
         let running = self.running_table()?;
         let (cpus, memory_mb) = running
             .values()
@@ -294,7 +305,7 @@ impl Agent {
             used: Resources {
                 cpus,
                 memory_mb,
-                disk_mb: machines * MACHINE_DISK_MB,
+                disk_mb,
             },
             machines,
             running: running.len() as u64,
@@ -662,7 +673,51 @@ impl Agent {
         if let Some(bytes) = self.measure_upper(&record.id).await {
             usage.push(metering::storage(record, at_ms, bytes));
         }
+        self.check_disk_quota(record).await;
         usage
+    }
+
+    /// Records a `disk_quota_exceeded` event when the Machine's disk is full, once per
+    /// time it fills up (this process remembers which are full). Called at every run's
+    /// end and by the periodic storage sample, never on start: the filesystem enforces
+    /// the quota, this only tells.
+    async fn check_disk_quota(&self, record: &MachineRecord) {
+        let layout = self.layout(&record.id);
+        let usage = match self.inner.runtime.disk_usage(&layout).await {
+            Ok(usage) => usage,
+            Err(error) => {
+                warn!(machine = %record.id, %error, "reading the disk quota");
+                return;
+            }
+        };
+        let full = usage.filter(|usage| usage.is_full());
+        let newly_full = match self.inner.disk_full.lock() {
+            Ok(mut set) if full.is_some() => set.insert(record.id.clone()),
+            Ok(mut set) => {
+                set.remove(&record.id);
+                false
+            }
+            Err(_) => false,
+        };
+        let Some(usage) = full.filter(|_| newly_full) else {
+            return;
+        };
+        let event = MachineEvent {
+            kind: "disk_quota_exceeded".to_owned(),
+            source: EventSource::System.as_str().to_owned(),
+            state: record.state.as_str().to_owned(),
+            exit_code: None,
+            reason: Some(format!(
+                "the disk is full: {} of {} MiB used",
+                usage.used_bytes >> 20,
+                usage.limit_bytes >> 20
+            )),
+            at_ms: now_ms(),
+        };
+        warn!(machine = %record.id, used = usage.used_bytes, limit = usage.limit_bytes, "disk quota exceeded");
+        if let Err(error) = self.inner.store.add_events(&record.id, &[event]).await {
+            warn!(machine = %record.id, %error, "recording the disk quota event");
+        }
     }
 
     async fn measure_upper(&self, id: &str) -> Option<u64> {
@@ -1592,6 +1647,9 @@ fn pull_milestone(event: &PullEvent) -> Option<String> {
 async fn reset_dir(dir: &std::path::Path) -> Result<()> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        // A Machine with a disk quota links its upperdir into its quota subvolume: empty
+        // the directory there, or a fresh one here would have no quota.
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let aside = dir.with_extension("discard");
         if aside.exists() {
             std::fs::remove_dir_all(&aside)?;

@@ -319,6 +319,19 @@ impl AgentStore {
         Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or_default())
     }
 
+    /// The disk of every Machine, in MiB: each config's `guest.disk_mb`, `default_mb`
+    /// where it names none. Summed in SQLite, so a heartbeat decodes no record.
+    pub async fn disk_mb(&self, default_mb: u64) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(COALESCE(json_extract(record, '$.config.guest.disk_mb'), ?1)), 0)
+             FROM machines",
+        )
+        .bind(i64::try_from(default_mb).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or_default())
+    }
+
     /// The id of the newest event of any Machine (0 when there is none).
     pub async fn last_event_id(&self) -> Result<i64> {
         let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM machine_events")

@@ -11,6 +11,7 @@ use berth_api::{InitConfig, MachineConfig, MachineState, StopRequest, UpdateMach
 use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
 use berth_image::{ImageStore, UnpackLimits};
 use berth_runtime::fake::FakeRuntime;
+use berth_runtime::quota::DiskUsage;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -338,6 +339,93 @@ async fn an_exit_by_itself_is_recorded() {
     assert!(events.iter().any(|event| event.kind == "exit"
         && event.source == "system"
         && event.exit_code == Some(7)));
+}
+
+#[tokio::test]
+async fn a_full_disk_is_told_once_by_an_event_and_sizes_reach_the_runtime_and_stats() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let agent = fixture.agent().await;
+    let mut request = create_request("00000000000009", "demo/img:1", false);
+    request.config.guest.disk_mb = Some(64);
+    agent.create(request).await.expect("create");
+    agent
+        .create(create_request("0000000000000a", "demo/img:1", true))
+        .await
+        .expect("create");
+    // The runtime enforces what the config says; the other gets the default.
+    let spec = |id: &'static str| {
+        let runtime = fixture.runtime.clone();
+        async move { runtime.spec(id).await.expect("spec").disk_mb }
+    };
+    assert_eq!(spec("00000000000009").await, Some(64));
+    assert_eq!(
+        spec("0000000000000a").await,
+        Some(berth_agent::MACHINE_DISK_MB)
+    );
+    // Placement's view of this worker counts the same numbers.
+    let stats = agent.stats().await.expect("stats");
+    assert_eq!(stats.used.disk_mb, 64 + berth_agent::MACHINE_DISK_MB);
+
+    let quota_events = |agent: Agent| async move {
+        agent
+            .events("00000000000009")
+            .await
+            .expect("events")
+            .into_iter()
+            .filter(|event| event.kind == "disk_quota_exceeded")
+            .collect::<Vec<_>>()
+    };
+    fixture
+        .runtime
+        .set_disk_usage(
+            "00000000000009",
+            DiskUsage {
+                used_bytes: (64 << 20) - 16 * 1024,
+                limit_bytes: 64 << 20,
+            },
+        )
+        .await;
+    // No event on start, nor before anyone looks.
+    assert!(quota_events(agent.clone()).await.is_empty());
+    agent
+        .stop("00000000000009", StopRequest::default())
+        .await
+        .expect("stop");
+    let events = quota_events(agent.clone()).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].source, "system");
+    assert!(
+        events[0].reason.as_deref().unwrap_or("").contains("64 MiB"),
+        "{events:?}"
+    );
+    // Still full at the next sample: told once.
+    agent.sample_storage().await;
+    assert_eq!(quota_events(agent.clone()).await.len(), 1);
+    // Freed, then full again: told again.
+    fixture
+        .runtime
+        .set_disk_usage(
+            "00000000000009",
+            DiskUsage {
+                used_bytes: 1 << 20,
+                limit_bytes: 64 << 20,
+            },
+        )
+        .await;
+    agent.sample_storage().await;
+    fixture
+        .runtime
+        .set_disk_usage(
+            "00000000000009",
+            DiskUsage {
+                used_bytes: 64 << 20,
+                limit_bytes: 64 << 20,
+            },
+        )
+        .await;
+    agent.sample_storage().await;
+    assert_eq!(quota_events(agent.clone()).await.len(), 2);
 }
 
 #[tokio::test]

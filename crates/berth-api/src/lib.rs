@@ -143,6 +143,11 @@ pub struct GuestConfig {
     pub cpus: u32,
     #[serde(default = "GuestConfig::default_memory_mb")]
     pub memory_mb: u32,
+    /// Berth's own field: the Machine's disk (its writable layer) in MiB, enforced by
+    /// the worker's filesystem where it supports quotas. Absent: the platform default
+    /// (1024). Fly's nearest is `rootfs.size_gb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u32>,
 }
 
 impl GuestConfig {
@@ -159,6 +164,7 @@ impl Default for GuestConfig {
         GuestConfig {
             cpus: Self::default_cpus(),
             memory_mb: Self::default_memory_mb(),
+            disk_mb: None,
         }
     }
 }
@@ -450,7 +456,8 @@ mod tests {
             request.config.guest,
             GuestConfig {
                 cpus: 1,
-                memory_mb: 256
+                memory_mb: 256,
+                disk_mb: None,
             }
         );
         assert_eq!(request.config.restart.policy, RestartPolicy::No);

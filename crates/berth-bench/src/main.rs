@@ -173,6 +173,7 @@ async fn run(args: Args) -> Result<usize> {
         default_limits: Some(default_limits),
         egress_nat: false,
         placement: berth_core::placement::Strategy::default(),
+        disk_quota: Default::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

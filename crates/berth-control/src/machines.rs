@@ -27,7 +27,7 @@ use crate::limits::{self, Action, Share};
 use crate::store::{AppRow, Inserted, MachineIndexRow};
 use crate::timing::{Arrived, ServerTiming, SERVER_TIMING};
 use crate::{ControlPlane, Shared};
-use berth_agent::{AgentError, MACHINE_DISK_MB};
+use berth_agent::{machine_disk_mb, AgentError};
 use berth_api::Resources;
 use berth_core::placement::PlacementRequest;
 
@@ -108,7 +108,7 @@ async fn create(
         region: request.region.clone(),
         cpus: request.config.guest.cpus,
         memory_mb: u64::from(request.config.guest.memory_mb),
-        disk_mb: MACHINE_DISK_MB,
+        disk_mb: machine_disk_mb(&request.config.guest),
     };
     let worker_name = control.place(&placement)?;
     let reservation = {

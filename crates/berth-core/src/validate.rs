@@ -19,6 +19,10 @@ pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 pub const MAX_CPUS: u32 = 64;
 pub const MIN_MEMORY_MB: u32 = 16;
 pub const MAX_MEMORY_MB: u32 = 256 * 1024;
+/// The smallest disk a Machine may ask for: room for a shell's writes and its logs' peers.
+pub const MIN_DISK_MB: u32 = 64;
+/// 16 TiB: beyond any single worker's disk.
+pub const MAX_DISK_MB: u32 = 16 * 1024 * 1024;
 pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_RETRIES: u32 = 1000;
 
@@ -174,6 +178,15 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
             format!("must be {MIN_MEMORY_MB} to {MAX_MEMORY_MB}"),
         ));
     }
+    if guest
+        .disk_mb
+        .is_some_and(|disk| !(MIN_DISK_MB..=MAX_DISK_MB).contains(&disk))
+    {
+        return Err(refuse(
+            "config.guest.disk_mb",
+            format!("must be {MIN_DISK_MB} to {MAX_DISK_MB}"),
+        ));
+    }
     if config
         .restart
         .max_retries
@@ -317,6 +330,7 @@ mod tests {
         bad.guest = GuestConfig {
             cpus: 0,
             memory_mb: 256,
+            disk_mb: None,
         };
         assert_eq!(
             validate_config(&bad).expect_err("refused").field,
@@ -329,6 +343,18 @@ mod tests {
             validate_config(&bad).expect_err("refused").field,
             "config.guest.memory_mb"
         );
+
+        for disk in [0, MIN_DISK_MB - 1, MAX_DISK_MB + 1, u32::MAX] {
+            let mut bad = config();
+            bad.guest.disk_mb = Some(disk);
+            assert_eq!(
+                validate_config(&bad).expect_err("refused").field,
+                "config.guest.disk_mb"
+            );
+        }
+        let mut good = config();
+        good.guest.disk_mb = Some(MIN_DISK_MB);
+        assert_eq!(validate_config(&good), Ok(()));
 
         let mut bad = config();
         bad.env.insert("1BAD".into(), "x".into());
@@ -437,7 +463,7 @@ mod tests {
             let _ = validate_name("name", &name);
             let mut candidate = config();
             candidate.image = image;
-            candidate.guest = GuestConfig { cpus, memory_mb: memory };
+            candidate.guest = GuestConfig { cpus, memory_mb: memory, disk_mb: Some(cpus) };
             let _ = validate_config(&candidate);
         }
     }

@@ -35,6 +35,7 @@ struct FakeState {
     ignore_term: bool,
     next_pid: u32,
     machines: HashMap<String, FakeMachine>,
+    disk_usage: HashMap<String, crate::quota::DiskUsage>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +121,15 @@ impl FakeRuntime {
             .machines
             .get(id)
             .map(|m| m.lowerdirs.clone())
+    }
+
+    /// What [`Runtime::disk_usage`] answers for the Machine from now on.
+    pub async fn set_disk_usage(&self, id: &str, usage: crate::quota::DiskUsage) {
+        self.state
+            .lock()
+            .await
+            .disk_usage
+            .insert(id.to_owned(), usage);
     }
 
     /// Whether the Machine exists (prepared and not removed).
@@ -282,6 +292,13 @@ impl Runtime for FakeRuntime {
         }
     }
 
+    async fn disk_usage(
+        &self,
+        layout: &MachineLayout,
+    ) -> Result<Option<crate::quota::DiskUsage>, RuntimeError> {
+        Ok(self.state.lock().await.disk_usage.get(&layout.id).copied())
+    }
+
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
         let state = self.state.lock().await;
         Ok(state
@@ -387,6 +404,7 @@ mod tests {
             cpus: 1,
             memory_mb: 128,
             pids_limit: 64,
+            disk_mb: None,
             private_ip: None,
         }
     }

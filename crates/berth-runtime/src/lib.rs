@@ -23,6 +23,7 @@ pub mod native;
 pub mod netns;
 pub mod network;
 pub mod overlay;
+pub mod quota;
 pub mod runc;
 pub mod seccomp;
 pub mod shim;
@@ -102,6 +103,9 @@ pub struct BundleSpec {
     pub cpus: u32,
     pub memory_mb: u32,
     pub pids_limit: i64,
+    /// The Machine's disk quota (its writable layer) in MiB. Enforced by the filesystem
+    /// when the runtime has a [`quota::DiskQuota`]; `None` sets no limit.
+    pub disk_mb: Option<u64>,
     /// The Machine's address on its worker's network. When set, the runtime must have a
     /// [`network::WorkerNetwork`], and prepare plugs the Machine into it.
     pub private_ip: Option<Ipv6Addr>,
@@ -188,6 +192,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// Destroy: kills anything left, removes mounts, the veth pair, the network namespace
     /// and every file of the Machine. Idempotent.
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
+
+    /// The Machine's disk use against its quota, as the filesystem counts it; `None` when
+    /// the Machine has no quota. Cheap (an ioctl and two small reads), for stop and the
+    /// periodic storage sample, never for start.
+    async fn disk_usage(
+        &self,
+        _layout: &MachineLayout,
+    ) -> Result<Option<quota::DiskUsage>, RuntimeError> {
+        Ok(None)
+    }
 
     /// Runs a command inside the running Machine's namespaces and cgroups, with its
     /// output capped and its run time bounded.

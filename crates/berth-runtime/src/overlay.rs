@@ -250,7 +250,10 @@ pub fn mount_idmapped(
         held.push(clone);
     }
     // Upper and work through one detached clone of their parent (overlayfs wants both on
-    // one mount): the Machine sees "/upper", not the data dir.
+    // one mount): the Machine sees "/upper", not the data dir. They may be Berth's links
+    // into the Machine's quota subvolume; the Machine cannot reach either path.
+    let upper = &fs::canonicalize(upper)?;
+    let work = &fs::canonicalize(work)?;
     let parent = upper
         .parent()
         .filter(|p| work.parent() == Some(*p))

@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::error::{IoContext, RuntimeError};
 use crate::network::{self, WorkerNetwork};
+use crate::quota::{DiskQuota, DiskUsage};
 use crate::shim::{self, ShimArgs, ShimReport};
 use crate::timing::{micros, StepTimes};
 use crate::userns::{self, IdRange, IdRegistry};
@@ -47,6 +48,8 @@ pub struct RuncConfig {
     pub network: Option<Arc<WorkerNetwork>>,
     /// Where Machines' host id ranges are claimed (host-wide).
     pub id_registry: IdRegistry,
+    /// Per-Machine disk quotas on the Machines' filesystem; `None` enforces none.
+    pub disk_quota: Option<DiskQuota>,
 }
 
 impl RuncConfig {
@@ -60,6 +63,7 @@ impl RuncConfig {
             start_timeout: Duration::from_secs(30),
             network: None,
             id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
+            disk_quota: None,
         }
     }
 }
@@ -270,7 +274,13 @@ impl Runtime for RuncRuntime {
         let ids = {
             let layout = layout.clone();
             let registry = self.config.id_registry.clone();
-            blocking(move || make_dirs_and_namespaces(&layout, &registry)).await?
+            let quota = self.config.disk_quota.clone();
+            let disk_mb = spec.disk_mb;
+            blocking(move || {
+                prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;
+                make_dirs_and_namespaces(&layout, &registry)
+            })
+            .await?
         };
         let config = spec::render(layout, spec, ids)?;
         let netns_done = t0.elapsed();
@@ -435,6 +445,10 @@ impl Runtime for RuncRuntime {
         read_status(layout).await
     }
 
+    async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
+        disk_usage(self.config.disk_quota.as_ref(), layout).await
+    }
+
     async fn exec(
         &self,
         layout: &MachineLayout,
@@ -462,6 +476,7 @@ impl Runtime for RuncRuntime {
         let layout = layout.clone();
         blocking(move || {
             this.cleanup_blocking(&layout)?;
+            release_disk_quota(this.config.disk_quota.as_ref(), &layout)?;
             remove_machine_dir(&layout, &this.config.id_registry)
         })
         .await
@@ -598,6 +613,58 @@ pub(crate) async fn read_status(layout: &MachineLayout) -> Result<Status, Runtim
             }
             _ => Status::NotRunning,
         })
+    })
+    .await
+}
+
+/// The Machine's quota subvolume with its limit, before the directories are made (the
+/// upper and work links must come first). Blocking; both drivers.
+pub(crate) fn prepare_disk_quota(
+    quota: Option<&DiskQuota>,
+    layout: &MachineLayout,
+    disk_mb: Option<u64>,
+) -> Result<(), RuntimeError> {
+    let (Some(quota), Some(disk_mb)) = (quota, disk_mb) else {
+        return Ok(());
+    };
+    let id = &layout.id;
+    let t0 = Instant::now();
+    let limited = quota
+        .prepare(layout, disk_mb)
+        .ctx(|| format!("disk quota of machine {id}"))?;
+    if limited {
+        tracing::debug!(machine = %id, disk_mb, quota_us = micros(t0.elapsed()), "disk quota set");
+    } else {
+        tracing::warn!(machine = %id, "machine predates disk quotas: its disk has no limit");
+    }
+    Ok(())
+}
+
+/// Clears the Machine's limit before its files go. Blocking; both drivers.
+pub(crate) fn release_disk_quota(
+    quota: Option<&DiskQuota>,
+    layout: &MachineLayout,
+) -> Result<(), RuntimeError> {
+    match quota {
+        Some(quota) => quota
+            .release(layout)
+            .ctx(|| format!("clear the disk quota of machine {}", layout.id)),
+        None => Ok(()),
+    }
+}
+
+pub(crate) async fn disk_usage(
+    quota: Option<&DiskQuota>,
+    layout: &MachineLayout,
+) -> Result<Option<DiskUsage>, RuntimeError> {
+    let Some(quota) = quota.cloned() else {
+        return Ok(None);
+    };
+    let layout = layout.clone();
+    blocking(move || {
+        quota
+            .usage(&layout)
+            .ctx(|| format!("disk usage of machine {}", layout.id))
     })
     .await
 }

@@ -430,6 +430,7 @@ mod tests {
             cpus: 2,
             memory_mb: 64,
             pids_limit: 100,
+            disk_mb: None,
             private_ip: None,
         }
     }

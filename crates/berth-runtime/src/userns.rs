@@ -266,9 +266,10 @@ pub fn remove_pin(path: &Path) -> io::Result<()> {
     crate::util::remove_file_if_exists(path)
 }
 
-/// Gives the Machine's root its upperdir: the merged `/` is owned by root inside.
+/// Gives the Machine's root its upperdir: the merged `/` is owned by root inside. Follows
+/// `upper` if it is Berth's link into the Machine's quota subvolume.
 pub fn own_upper(upper: &Path, range: IdRange) -> io::Result<()> {
-    lchown(upper, Some(range.base), Some(range.base))
+    std::os::unix::fs::chown(upper, Some(range.base), Some(range.base))
 }
 
 /// Shifts every id under `dir` below [`RANGE_SIZE`] into `range`; ids already in it are
@@ -340,7 +341,9 @@ pub(crate) fn ensure(layout: &MachineLayout, registry: &IdRegistry) -> Result<bo
             let range = registry
                 .claim(&layout.dir)
                 .ctx(|| format!("claim host ids for machine {id}"))?;
-            let shifted = shift_tree(&layout.upper(), range)
+            let upper = fs::canonicalize(layout.upper())
+                .ctx(|| format!("find the upperdir of machine {id}"))?;
+            let shifted = shift_tree(&upper, range)
                 .ctx(|| format!("shift the upperdir of machine {id} into its ids"))?;
             spec::set_user_namespace(&mut oci, range, &layout.userns())?;
             let json = serde_json::to_vec(&oci)

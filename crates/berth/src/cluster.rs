@@ -121,6 +121,11 @@ pub struct AgentArgs {
     /// of this worker's prefix (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
+    /// Per-Machine disk quotas (`guest.disk_mb`), enforced by the filesystem of the data
+    /// dir (btrfs with quotas enabled): `auto` enforces them where it can and warns at
+    /// startup where it cannot, `require` refuses to start there, `off` sets none.
+    #[arg(long, default_value = "auto")]
+    disk_quota: berth_runtime::quota::QuotaMode,
     /// Leave the kernel's RCU grace periods as they are. By default Berth makes them
     /// expedited, host-wide: every start's cgroup moves wait for one, and a normal one
     /// makes a start 15-30 ms instead of ~5 (see docs/PERFORMANCE.md).
@@ -194,6 +199,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         worker_dir: data_dir.clone(),
         log_max_bytes: args.log_max_bytes,
         network: Some(network),
+        disk_quota: args.disk_quota,
     })?;
     let agent = Agent::open_with_puller(
         AgentConfig {

@@ -72,6 +72,9 @@ pub struct ConfigArgs {
     cpus: u32,
     #[arg(long, default_value_t = 256)]
     memory_mb: u32,
+    /// The Machine's disk in MiB (`guest.disk_mb`); the platform default when absent.
+    #[arg(long)]
+    disk_mb: Option<u32>,
     /// Environment variables, KEY=VALUE; may be repeated.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -115,6 +118,7 @@ impl ConfigArgs {
             guest: GuestConfig {
                 cpus: self.cpus,
                 memory_mb: self.memory_mb,
+                disk_mb: self.disk_mb,
             },
             restart: RestartConfig {
                 policy: match self.restart {

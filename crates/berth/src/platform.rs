@@ -14,10 +14,11 @@ use berth_core::billing::Prices;
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
+use berth_runtime::quota::{DiskQuota, QuotaMode, QuotaSupport};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use berth_runtime::userns::{self, IdRegistry};
 use berth_runtime::Runtime;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// The name of the in-process worker when there is one.
 pub const LOCAL_WORKER: &str = "local";
@@ -43,11 +44,14 @@ pub struct RuntimeParts {
     pub worker_dir: PathBuf,
     pub log_max_bytes: u64,
     pub network: Option<Arc<WorkerNetwork>>,
+    /// Whether each Machine's disk gets a quota (`--disk-quota`).
+    pub disk_quota: QuotaMode,
 }
 
 /// The runtime of one worker.
 pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
     let start_timeout = Duration::from_secs(30);
+    let disk_quota = disk_quota(&parts.worker_dir, parts.disk_quota)?;
     Ok(match parts.kind {
         RuntimeKind::Runc => Arc::new(RuncRuntime::new(RuncConfig {
             runc_binary: parts.runc_binary,
@@ -57,6 +61,7 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
             start_timeout,
             network: parts.network,
             id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
+            disk_quota,
         })),
         RuntimeKind::Native => Arc::new(
             NativeRuntime::new(NativeConfig {
@@ -66,10 +71,30 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
                 start_timeout,
                 network: parts.network,
                 id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
+                disk_quota,
             })
             .context("the native runtime")?,
         ),
     })
+}
+
+/// Checks once, at startup, whether the worker's Machines dir can enforce disk quotas;
+/// says so in the log when it cannot, and refuses to go on under `require`.
+fn disk_quota(worker_dir: &Path, mode: QuotaMode) -> Result<Option<DiskQuota>> {
+    let machines = worker_dir.join("machines");
+    std::fs::create_dir_all(&machines).with_context(|| format!("create {}", machines.display()))?;
+    match QuotaSupport::detect(&machines, mode).map_err(|why| anyhow!(why))? {
+        QuotaSupport::Enforced(quota) => {
+            info!(dir = %machines.display(), "per-Machine disk quotas are enforced");
+            Ok(Some(quota))
+        }
+        QuotaSupport::NotEnforced(why) => {
+            if mode != QuotaMode::Off {
+                warn!(dir = %machines.display(), %why, "per-Machine disk quotas are NOT enforced: a Machine can fill this disk");
+            }
+            Ok(None)
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +123,8 @@ pub struct PlatformOptions {
     pub egress_nat: bool,
     /// How create picks among the in-process workers.
     pub placement: berth_core::placement::Strategy,
+    /// Whether each Machine's disk gets a quota.
+    pub disk_quota: QuotaMode,
 }
 
 pub struct LocalPlatform {
@@ -197,6 +224,7 @@ impl LocalPlatform {
                 worker_dir: dir.clone(),
                 log_max_bytes: options.log_max_bytes,
                 network: Some(network),
+                disk_quota: options.disk_quota,
             })?;
             let agent = Agent::open_with_puller(
                 AgentConfig {

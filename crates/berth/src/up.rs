@@ -44,6 +44,11 @@ pub struct UpArgs {
     /// of the workers' prefixes (needs `nft`). Off by default.
     #[arg(long)]
     egress_nat: bool,
+    /// Per-Machine disk quotas (`guest.disk_mb`), enforced by the filesystem of the data
+    /// dir (btrfs with quotas enabled): `auto` enforces them where it can and warns at
+    /// startup where it cannot, `require` refuses to start there, `off` sets none.
+    #[arg(long, default_value = "auto")]
+    disk_quota: berth_runtime::quota::QuotaMode,
     /// How create picks among the `--workers`: the emptiest (`spread`) or the fullest
     /// that fits (`binpack`).
     #[arg(long, value_enum, default_value_t = crate::cluster::Placement::Spread)]
@@ -192,6 +197,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         default_limits,
         egress_nat: args.egress_nat,
         placement: args.placement.into(),
+        disk_quota: args.disk_quota,
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{IoContext, RuntimeError};
 use crate::network::{self, WorkerNetwork};
+use crate::quota::{DiskQuota, DiskUsage};
 use crate::runc::{self, blocking, live_shim};
 use crate::shim::{self, ShimReport};
 use crate::timing::{micros, StepTimes};
@@ -61,6 +62,8 @@ pub struct NativeConfig {
     pub network: Option<Arc<WorkerNetwork>>,
     /// As for [`runc::RuncConfig::id_registry`].
     pub id_registry: IdRegistry,
+    /// As for [`runc::RuncConfig::disk_quota`].
+    pub disk_quota: Option<DiskQuota>,
 }
 
 impl NativeConfig {
@@ -72,6 +75,7 @@ impl NativeConfig {
             start_timeout: Duration::from_secs(30),
             network: None,
             id_registry: IdRegistry::new(crate::userns::DEFAULT_REGISTRY),
+            disk_quota: None,
         }
     }
 }
@@ -312,7 +316,10 @@ impl Runtime for NativeRuntime {
             let cgroups = self.cgroups.clone();
             let registry = self.config.id_registry.clone();
             let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
+            let quota = self.config.disk_quota.clone();
+            let disk_mb = spec.disk_mb;
             blocking(move || {
+                runc::prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;
                 let ids = runc::make_dirs_and_namespaces(&layout, &registry)?;
                 cgroups
                     .prepare(&layout.id, resources.as_ref())
@@ -431,6 +438,10 @@ impl Runtime for NativeRuntime {
         runc::read_status(layout).await
     }
 
+    async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
+        runc::disk_usage(self.config.disk_quota.as_ref(), layout).await
+    }
+
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         if matches!(self.status(layout).await?, Status::Running { .. }) {
             self.signal(layout, libc::SIGKILL).await?;
@@ -442,6 +453,7 @@ impl Runtime for NativeRuntime {
         let layout = layout.clone();
         let cgroups = self.cgroups.clone();
         let registry = self.config.id_registry.clone();
+        let quota = self.config.disk_quota.clone();
         blocking(move || {
             let id = &layout.id;
             NativeRuntime::cleanup_blocking(&layout)?;
@@ -452,6 +464,7 @@ impl Runtime for NativeRuntime {
             // mount here is the runc driver's, from before the worker switched drivers.
             crate::overlay::unmount(&layout.rootfs())
                 .ctx(|| format!("unmount the rootfs of machine {id}"))?;
+            runc::release_disk_quota(quota.as_ref(), &layout)?;
             runc::remove_machine_dir(&layout, &registry)
         })
         .await

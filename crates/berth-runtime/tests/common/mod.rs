@@ -189,6 +189,7 @@ impl Fixture {
             cpus: 1,
             memory_mb: 64,
             pids_limit: 50,
+            disk_mb: None,
             private_ip: None,
         }
     }
