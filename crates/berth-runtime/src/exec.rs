@@ -156,17 +156,43 @@ fn exec_pid_file(layout: &MachineLayout) -> std::path::PathBuf {
     ))
 }
 
-/// A pidfd on the process `runc exec` (pid `runc`) started, from its pid file, if that
-/// pid is runc's child in the Machine's pid namespace; `None` when anything is off.
+/// A pidfd on the process `runc exec` (pid `runc`) started, if one is found that is
+/// runc's child in the Machine's pid namespace; `None` when anything is off. The pid file
+/// is only a hint: its pid is checked like the rest, and runc's own children list is the
+/// fallback, so a wrong pid there (which only the host could write) is never signalled.
 fn runc_exec_process(pid_file: &Path, runc: u32, layout: &MachineLayout) -> Option<OwnedFd> {
     let machine = machine_pid_namespace(layout)?;
-    let pid = shim::read_pid_file(pid_file).ok()??;
+    let hinted = shim::read_pid_file(pid_file).ok().flatten();
+    hinted
+        .into_iter()
+        .chain(children(runc))
+        .find_map(|pid| checked_child(pid, runc, machine))
+}
+
+/// A pidfd on `pid` if it is a live child of `parent` in the pid namespace `ns`.
+fn checked_child(pid: u32, parent: u32, ns: (u64, u64)) -> Option<OwnedFd> {
     let fd = crate::runc::pidfd_open(pid).ok()??;
     let stat = util::proc_stat(pid).ok()??;
-    let ns = pid_namespace(pid)?;
+    let its_ns = pid_namespace(pid)?;
     // Checked with the pidfd held and the process not exited after the reads, so the
     // pid was that process all along.
-    (stat.ppid == runc && stat.state != 'Z' && ns == machine && !exited(&fd)).then_some(fd)
+    (stat.ppid == parent && stat.state != 'Z' && its_ns == ns && !exited(&fd)).then_some(fd)
+}
+
+/// The children of `pid`, as its threads list them.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// (device, inode) of the pid namespace of the Machine's init, found through the shim's
