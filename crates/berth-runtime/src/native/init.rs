@@ -215,8 +215,15 @@ pub(crate) fn run_init(
     exec_process(spec, process, Some(null.as_fd()), stdout, stderr, clock)
 }
 
-/// Rlimits, user, capabilities, no_new_privs, seccomp, cwd, stdio (stdin from /dev/null
-/// unless given), then execve: the part init and exec share. Only returns on failure.
+/// Rlimits, stdio, user, capabilities, no_new_privs, seccomp, then cwd and the program
+/// lookup, then execve: the part init and exec share. Only returns on failure.
+///
+/// Nothing here opens a path before the process has its final credentials and filter:
+/// the Machine may have swapped any file (a FIFO for /dev/null), so cwd and PATH are only
+/// looked up as the spec's user under seccomp, and cwd refuses magic links (a
+/// `/proc/self/fd/N` of a host descriptor, CVE-2024-21626). `stdin: None` keeps fd 0 as
+/// the caller set it up on the host. The caller has closed every descriptor the
+/// Machine must not reach; those it keeps are close-on-exec.
 pub(crate) fn exec_process(
     spec: &Spec,
     process: &Process,
@@ -264,44 +271,74 @@ pub(crate) fn exec_process(
         .as_ref()
         .and_then(|a| a.first())
         .ok_or("no args")?;
-    let program = find_program(first, process.env().as_deref().unwrap_or_default())?;
-    clock.mark("init_program");
 
-    set_user_and_capabilities(process)?;
-    let cwd = process.cwd();
-    nix::unistd::chdir(cwd).map_err(step(|| format!("chdir {}", cwd.display())))?;
-    if process.no_new_privileges() == Some(true) {
-        rustix::thread::set_no_new_privs(true).map_err(step(|| "set no_new_privs".into()))?;
-    }
     // Signals the supervisor ignores must not stay ignored in the Machine.
     for signal in [libc::SIGHUP, libc::SIGPIPE, libc::SIGCHLD] {
         // SAFETY: SIG_DFL installs no handler code.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
-    let null;
-    let stdin = match stdin {
-        Some(stdin) => stdin,
-        None => {
-            null = fs::File::open("/dev/null").map_err(step(|| "open /dev/null".into()))?;
-            null.as_fd()
-        }
-    };
-    for (from, to) in [
-        (stdin.as_raw_fd(), 0),
-        (stdout.as_raw_fd(), 1),
-        (stderr.as_raw_fd(), 2),
-    ] {
+    if let Some(stdin) = stdin {
+        nix::unistd::dup2(stdin.as_raw_fd(), 0).map_err(step(|| "set up fd 0".into()))?;
+    }
+    for (from, to) in [(stdout.as_raw_fd(), 1), (stderr.as_raw_fd(), 2)] {
         nix::unistd::dup2(from, to).map_err(step(|| format!("set up fd {to}")))?;
     }
+    // A credential change resets the parent-death signal (and may make the process
+    // dumpable again): note them now, restore them after.
+    let death_signal = rustix::process::parent_process_death_signal()
+        .map_err(step(|| "read parent-death signal".into()))?;
+    let parent = rustix::process::getppid();
+    set_user_and_capabilities(process)?;
+    if process.no_new_privileges() == Some(true) {
+        rustix::thread::set_no_new_privs(true).map_err(step(|| "set no_new_privs".into()))?;
+    }
+    stay_private(death_signal, parent)?;
     clock.mark("init_credentials");
-    // Last: after it, only execve is left, and the profile allows it.
+    // From here on only allowed syscalls run; the profile allows the lookups and execve.
     for program in &programs {
         seccompiler::apply_filter(program).map_err(step(|| "apply seccomp".into()))?;
     }
     clock.mark("init_seccomp_apply");
+    enter_cwd(process.cwd())?;
+    let program = find_program(first, process.env().as_deref().unwrap_or_default())?;
+    clock.mark("init_program");
     clock.send();
     let Err(e) = nix::unistd::execve(&program, &args, &env);
     Err(format!("exec {}: {e}", program.to_string_lossy()))
+}
+
+/// Not dumpable until execve (no ptrace, no /proc/<pid>/{mem,environ,fd,exe} for the
+/// Machine), and the parent-death signal the caller set, again after the credential
+/// change; then the parent must still be the one it was, or the signal came too late.
+fn stay_private(
+    death_signal: Option<rustix::process::Signal>,
+    parent: Option<rustix::process::Pid>,
+) -> StepResult<()> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(step(|| "make the process not dumpable".into()))?;
+    if death_signal.is_some() {
+        rustix::process::set_parent_process_death_signal(death_signal)
+            .map_err(step(|| "set the parent-death signal".into()))?;
+        if rustix::process::getppid() != parent {
+            return Err("the parent exited".into());
+        }
+    }
+    Ok(())
+}
+
+/// chdir to the spec's cwd, resolved without magic links, so a `/proc/self/fd/N` cwd can
+/// not lead out of the Machine through a descriptor.
+fn enter_cwd(cwd: &Path) -> StepResult<()> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::openat2(
+        rustix::fs::CWD,
+        cwd,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(step(|| format!("open cwd {}", cwd.display())))?;
+    rustix::process::fchdir(&dir).map_err(step(|| format!("chdir {}", cwd.display())))
 }
 
 /// Moves this process into each prepared cgroup.

@@ -482,7 +482,7 @@ impl Runtime for NativeRuntime {
                 message: "exec needs a command".into(),
             });
         }
-        let Status::Running { pid } = self.status(layout).await? else {
+        let Some((pid, pid_start)) = running_init(layout).await? else {
             return Err(RuntimeError::Runc {
                 id: id.clone(),
                 message: "machine is not running".into(),
@@ -491,14 +491,42 @@ impl Runtime for NativeRuntime {
         let Some((program, leading)) = self.config.shim_command.split_first() else {
             return Err(RuntimeError::Internal("shim command is empty".into()));
         };
-        let pid_file = exec::exec_pid_file(layout);
         let mut command = tokio::process::Command::new(program);
-        command.args(leading).args(exec_in::NsexecArgs::to_args(
+        command.args(leading);
+        let args = exec_in::NsexecArgs {
             pid,
-            &layout.config_json(),
-            &pid_file,
-            &spec.cmd,
-        ));
-        exec::run_exec(command, &pid_file, layout, spec, Path::new(program)).await
+            pid_start,
+            config: layout.config_json(),
+            timeout: spec.timeout,
+            status_fd: 0,
+            cmd: spec.cmd.clone(),
+        };
+        exec::nsexec(command, args, layout, spec, Path::new(program)).await
     }
+}
+
+/// The pid of the Machine's running init and its start time, read in one go with the
+/// check that it is the supervisor's child, so the helper can tell it from a process
+/// that took the pid later.
+async fn running_init(layout: &MachineLayout) -> Result<Option<(u32, u64)>, RuntimeError> {
+    let run = layout.run_dir();
+    let id = layout.id.clone();
+    blocking(move || {
+        let Some(shim_pid) = live_shim(&run)? else {
+            return Ok(None);
+        };
+        let init_file = run.join(shim::INIT_PID_FILE);
+        let Some(pid) =
+            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?
+        else {
+            return Ok(None);
+        };
+        Ok(
+            match util::proc_stat(pid).ctx(|| format!("stat machine {id} init"))? {
+                Some(st) if st.ppid == shim_pid && st.state != 'Z' => Some((pid, st.start_time)),
+                _ => None,
+            },
+        )
+    })
+    .await
 }

@@ -64,6 +64,9 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
 }
 
 fn serve(socket: &Path) -> io::Result<()> {
+    // A fresh exec: anything above stdio was leaked by the agent (no close-on-exec), and
+    // spares, supervisors and Machines would all inherit it.
+    super::exec_in::close_fds_except(&[]).map_err(io::Error::other)?;
     // Spares and supervisors are reaped by the kernel: the spawner never waits for them.
     // SAFETY: SIG_IGN installs no handler code.
     unsafe {
@@ -391,8 +394,20 @@ fn start_init(
     // SAFETY: the supervisor is single-threaded (forked from the single-threaded spawner).
     let pid = match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
-            drop(errors_r);
-            drop(marks_r);
+            // Init keeps only what it uses: no connection to the agent, no handle on the
+            // host's root that a `/proc/self/fd/N` path could lead to. Those it keeps are
+            // close-on-exec pipes and the network and user namespaces.
+            let keep = [
+                errors_w.as_raw_fd(),
+                marks_w.as_raw_fd(),
+                stdout_w.as_raw_fd(),
+                stderr_w.as_raw_fd(),
+                netns.as_raw_fd(),
+                userns.as_raw_fd(),
+            ];
+            if let Err(e) = super::exec_in::close_fds_except(&keep) {
+                init::fail(&errors_w, &format!("close descriptors: {e}"));
+            }
             let mut clock = init::InitClock::new(mark, marks_w.as_fd());
             let failure =
                 match init::run_init(&plan, stdout_w.as_fd(), stderr_w.as_fd(), &mut clock) {
