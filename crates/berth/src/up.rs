@@ -166,7 +166,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
             let limits: berth_api::SetOrgLimitsRequest = serde_json::from_slice(&text)
                 .with_context(|| format!("{} is not a limits document", path.display()))?;
-            berth_control::limits::validate_rates(&limits.rate_limits)
+            berth_control::limits::validate_limits(&limits)
                 .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.body.message))?;
             Some(limits)
         }
