@@ -288,6 +288,8 @@ impl ControlLink {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
+            // Below the API's header timeout, which closes idle connections.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()?;
         Ok(ControlLink {
             http,
