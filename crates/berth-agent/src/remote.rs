@@ -78,7 +78,9 @@ impl RemoteWorker {
     pub fn new(name: &str, base_url: &str, join_token: &str) -> Result<RemoteWorker> {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Below the agent's header timeout (10 s), which closes idle connections: a
+            // pooled one is dropped here first, not raced against the server's close.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|error| AgentError::Internal(format!("http client: {error}")))?;
         Ok(RemoteWorker {

@@ -36,6 +36,7 @@ pub mod openapi;
 mod reconcile;
 mod registry;
 mod robots;
+pub mod serve;
 pub mod store;
 mod tenancy;
 mod timing;

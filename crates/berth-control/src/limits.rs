@@ -59,6 +59,14 @@ pub fn default_limits() -> OrgLimits {
 
 /// The most a rate may be set to; past this a limit means nothing.
 const MAX_RATE: f64 = 1_000_000.0;
+/// The largest burst; like [`MAX_RATE`], past it a limit means nothing.
+const MAX_BURST: u32 = 1_000_000;
+/// The largest Machine counts an org may be allowed.
+pub const MAX_MACHINES: u64 = 1_000_000;
+/// The largest sum of `guest.cpus` an org may be allowed (2^20).
+pub const MAX_CPUS: u64 = 1 << 20;
+/// The largest sum of `guest.memory_mb` an org may be allowed: 1 PiB in MB.
+pub const MAX_MEMORY_MB: u64 = 1 << 30;
 
 /// `overrides` over `defaults`.
 pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLimits {
@@ -86,8 +94,29 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
     }
 }
 
-/// Refuses rates that are not finite and positive, and bursts of zero.
-pub fn validate_rates(overrides: &RateLimitOverrides) -> Result<(), ApiError> {
+/// Refuses limits outside sane ranges, naming the field: quotas above their maximum
+/// (zero is allowed, it freezes an org), rates that are not finite and positive, bursts
+/// of zero. Checked before anything is stored.
+pub fn validate_limits(overrides: &SetOrgLimitsRequest) -> Result<(), ApiError> {
+    let q = &overrides.quotas;
+    let quotas = [
+        ("max_machines", q.max_machines, MAX_MACHINES),
+        ("max_started_machines", q.max_started_machines, MAX_MACHINES),
+        ("max_cpus", q.max_cpus, MAX_CPUS),
+        ("max_memory_mb", q.max_memory_mb, MAX_MEMORY_MB),
+    ];
+    for (name, value, max) in quotas {
+        if value.is_some_and(|value| value > max) {
+            return Err(ApiError::invalid_config(
+                format!("quotas.{name}"),
+                format!("quotas.{name} must be 0 to {max}"),
+            ));
+        }
+    }
+    validate_rates(&overrides.rate_limits)
+}
+
+fn validate_rates(overrides: &RateLimitOverrides) -> Result<(), ApiError> {
     let all = [
         ("create", overrides.create),
         ("start", overrides.start),
@@ -103,13 +132,13 @@ pub fn validate_rates(overrides: &RateLimitOverrides) -> Result<(), ApiError> {
         {
             return Err(ApiError::invalid_config(
                 format!("rate_limits.{name}.per_second"),
-                format!("must be above 0 and at most {MAX_RATE}"),
+                format!("rate_limits.{name}.per_second must be above 0 and at most {MAX_RATE}"),
             ));
         }
-        if limit.burst == 0 || limit.burst > 1_000_000 {
+        if limit.burst == 0 || limit.burst > MAX_BURST {
             return Err(ApiError::invalid_config(
                 format!("rate_limits.{name}.burst"),
-                "must be 1 to 1000000",
+                format!("rate_limits.{name}.burst must be 1 to {MAX_BURST}"),
             ));
         }
     }
@@ -505,6 +534,61 @@ mod tests {
             max_cpus: 8,
             max_memory_mb: 1024,
         }
+    }
+
+    #[test]
+    fn limits_outside_their_ranges_are_refused_with_the_field() {
+        let with = |quotas: serde_json::Value| -> SetOrgLimitsRequest {
+            serde_json::from_value(serde_json::json!({ "quotas": quotas })).expect("parses")
+        };
+        for (quotas, field) in [
+            (
+                serde_json::json!({"max_machines": 9_223_372_036_854_775_808u64}),
+                "quotas.max_machines",
+            ),
+            (
+                serde_json::json!({"max_started_machines": MAX_MACHINES + 1}),
+                "quotas.max_started_machines",
+            ),
+            (
+                serde_json::json!({"max_cpus": MAX_CPUS + 1}),
+                "quotas.max_cpus",
+            ),
+            (
+                serde_json::json!({"max_memory_mb": u64::MAX}),
+                "quotas.max_memory_mb",
+            ),
+        ] {
+            let error = validate_limits(&with(quotas)).expect_err(field);
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            assert_eq!(error.body.error, "invalid_config");
+            assert_eq!(error.body.field.as_deref(), Some(field));
+        }
+        let mut burst = SetOrgLimitsRequest::default();
+        burst.rate_limits.exec = Some(RateLimit {
+            per_second: 1.0,
+            burst: MAX_BURST + 1,
+        });
+        let error = validate_limits(&burst).expect_err("burst");
+        assert_eq!(error.body.field.as_deref(), Some("rate_limits.exec.burst"));
+        let mut rate = SetOrgLimitsRequest::default();
+        rate.rate_limits.read = Some(RateLimit {
+            per_second: f64::NAN,
+            burst: 1,
+        });
+        let error = validate_limits(&rate).expect_err("rate");
+        assert_eq!(
+            error.body.field.as_deref(),
+            Some("rate_limits.read.per_second")
+        );
+        // The bounds themselves, and zero quotas (a frozen org), are fine.
+        validate_limits(&with(serde_json::json!({
+            "max_machines": MAX_MACHINES,
+            "max_started_machines": 0,
+            "max_cpus": MAX_CPUS,
+            "max_memory_mb": MAX_MEMORY_MB,
+        })))
+        .expect("in range");
     }
 
     #[test]

@@ -108,7 +108,11 @@ pub(crate) async fn create_org(
 ) -> Result<(StatusCode, Json<Org>), ApiError> {
     principal.require_admin()?;
     validate::validate_name("slug", &request.slug)?;
-    limits::validate_rates(&request.rate_limits)?;
+    let overrides = SetOrgLimitsRequest {
+        quotas: request.quotas,
+        rate_limits: request.rate_limits,
+    };
+    limits::validate_limits(&overrides)?;
     let now = control.clock.now_ms();
     if control.store.insert_org(&request.slug, now).await? == Inserted::AlreadyExists {
         return Err(ApiError::new(
@@ -117,10 +121,6 @@ pub(crate) async fn create_org(
             format!("an org named {} already exists", request.slug),
         ));
     }
-    let overrides = SetOrgLimitsRequest {
-        quotas: request.quotas,
-        rate_limits: request.rate_limits,
-    };
     if overrides != SetOrgLimitsRequest::default() {
         save_overrides(&control, &request.slug, &overrides).await?;
     }
@@ -169,7 +169,7 @@ pub(crate) async fn set_org_limits(
 ) -> Result<Json<Org>, ApiError> {
     let (slug, created) = visible_org(&control, &principal, &slug).await?;
     principal.require_admin()?;
-    limits::validate_rates(&request.rate_limits)?;
+    limits::validate_limits(&request)?;
     save_overrides(&control, &slug, &request).await?;
     Ok(Json(org_json(&control, slug, created).await?))
 }

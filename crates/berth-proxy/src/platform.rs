@@ -87,6 +87,8 @@ impl HttpPlatform {
     pub fn new(api_url: &str, token: &str) -> Result<HttpPlatform, PlatformError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // Below the API's header timeout, which closes idle connections.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|error| PlatformError::new("internal", error.to_string()))?;
         Ok(HttpPlatform {

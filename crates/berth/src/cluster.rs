@@ -15,6 +15,7 @@ use berth::platform::{
 };
 use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources, WorkerRegistered};
+use berth_control::serve::{serve, ServeLimits};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
 use clap::Args;
@@ -32,6 +33,38 @@ pub struct ServerArgs {
     /// How create picks a worker among those with room.
     #[arg(long, value_enum, default_value_t = Placement::Spread)]
     placement: Placement,
+    #[command(flatten)]
+    api: ApiServeOptions,
+}
+
+/// Limits of the API's HTTP server that hold before auth (`berth up`, `berth server`).
+#[derive(Debug, Args)]
+pub struct ApiServeOptions {
+    /// Seconds a connection has to send a complete request head, counted from when it
+    /// waits for one; so also how long an idle kept-alive connection stays open.
+    #[arg(long, default_value_t = 10)]
+    api_header_timeout_secs: u64,
+    /// Open API connections from one client address (IPv4, or IPv6 /64); 0 for no cap
+    /// (behind a reverse proxy every client has its address). Past it: 503.
+    #[arg(long, default_value_t = 128)]
+    api_max_connections_per_client: usize,
+    /// Open API connections in all. Past it: 503.
+    #[arg(long, default_value_t = 1024)]
+    api_max_connections: usize,
+}
+
+impl ApiServeOptions {
+    pub fn limits(&self) -> Result<ServeLimits> {
+        if self.api_header_timeout_secs == 0 || self.api_max_connections == 0 {
+            bail!("--api-header-timeout-secs and --api-max-connections must be above 0");
+        }
+        Ok(ServeLimits {
+            header_timeout: Duration::from_secs(self.api_header_timeout_secs),
+            max_connections_per_client: (self.api_max_connections_per_client > 0)
+                .then_some(self.api_max_connections_per_client),
+            max_connections: self.api_max_connections,
+        })
+    }
 }
 
 /// `--placement`: which worker a new Machine goes to among those with room.
@@ -68,6 +101,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     let control = ControlPlane::open(config, images)
         .await
         .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
+    let limits = args.api.limits()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -80,9 +114,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         data_dir.join("admin-token").display(),
         data_dir.join("join-token").display()
     );
-    axum::serve(listener, control.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    serve(listener, control.router(), limits, shutdown_signal()).await?;
     control.close().await;
     Ok(())
 }
@@ -215,11 +247,12 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     )
     .await?;
     let router = berth_agent::http::router(Arc::new(agent.clone()), &args.join_token);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    });
+    // Only the control plane calls the agent, from one address: no per-client cap.
+    let limits = ServeLimits {
+        max_connections_per_client: None,
+        ..ServeLimits::default()
+    };
+    let server = tokio::spawn(serve(listener, router, limits, shutdown_signal()));
     let heartbeat = tokio::spawn(link.heartbeat_forever(registration, agent.clone()));
     server.await.context("agent API task")??;
     heartbeat.abort();
@@ -261,6 +294,8 @@ impl ControlLink {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
+            // Below the API's header timeout, which closes idle connections.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()?;
         Ok(ControlLink {
             http,

@@ -105,6 +105,8 @@ pub struct UpArgs {
     no_proxy: bool,
     #[command(flatten)]
     proxy: crate::proxy_cmd::ProxyOptions,
+    #[command(flatten)]
+    api: crate::cluster::ApiServeOptions,
 }
 
 /// Registry settings from the flags, checked before anything starts.
@@ -166,12 +168,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         memory_mb: args.worker_memory_mb.unwrap_or(host.memory_mb),
         disk_mb: args.worker_disk_mb.unwrap_or(host.disk_mb),
     };
+    let serve_limits = args.api.limits()?;
     let default_limits = match &args.default_limits {
         Some(path) => {
             let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
             let limits: berth_api::SetOrgLimitsRequest = serde_json::from_slice(&text)
                 .with_context(|| format!("{} is not a limits document", path.display()))?;
-            berth_control::limits::validate_rates(&limits.rate_limits)
+            berth_control::limits::validate_limits(&limits)
                 .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.body.message))?;
             Some(limits)
         }
@@ -249,11 +252,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
 
     let router = control.router();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    });
+    let server = tokio::spawn(berth_control::serve::serve(
+        listener,
+        router,
+        serve_limits,
+        shutdown_signal(),
+    ));
     if args.demo {
         let api_url = api_url.clone();
         let agent = agent.clone();
