@@ -162,6 +162,8 @@ pub fn bundle_spec(
         memory_mb: config.guest.memory_mb,
         pids_limit,
         private_ip: None,
+        org: None,
+        net_raw: false,
     })
 }
 

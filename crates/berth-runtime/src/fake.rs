@@ -388,6 +388,8 @@ mod tests {
             memory_mb: 128,
             pids_limit: 64,
             private_ip: None,
+            org: None,
+            net_raw: false,
         }
     }
 

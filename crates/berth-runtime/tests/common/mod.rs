@@ -190,6 +190,8 @@ impl Fixture {
             memory_mb: 64,
             pids_limit: 50,
             private_ip: None,
+            org: None,
+            net_raw: false,
         }
     }
 
