@@ -163,7 +163,7 @@ pub fn bundle_spec(
         pids_limit,
         private_ip: None,
         org: None,
-        net_raw: false,
+        net_raw: config.sandbox.net_raw,
     })
 }
 
