@@ -305,7 +305,10 @@ add rule bridge {table} {group} oifname @{group} accept
     );
     push_deletes(&mut script, table, existing);
     let sources = port.sources();
-    let ip6: Vec<String> = sources.iter().map(|a| format!("\"{name}\" . {a}")).collect();
+    let ip6: Vec<String> = sources
+        .iter()
+        .map(|a| format!("\"{name}\" . {a}"))
+        .collect();
     let nd: Vec<String> = sources
         .iter()
         .map(|a| format!("\"{name}\" . 0x{:032x}", u128::from(*a)))
@@ -366,7 +369,11 @@ fn set_size(listing: &serde_json::Value, name: &str) -> usize {
         .flatten()
         .filter_map(|object| object.get("set"))
         .filter(|set| set.get("name").and_then(|n| n.as_str()) == Some(name))
-        .map(|set| set.get("elem").and_then(|e| e.as_array()).map_or(0, Vec::len))
+        .map(|set| {
+            set.get("elem")
+                .and_then(|e| e.as_array())
+                .map_or(0, Vec::len)
+        })
         .sum()
 }
 
@@ -448,8 +455,9 @@ mod tests {
         let found = elements_of(&listing, "bv0123456789ab");
         assert_eq!(found.len(), 5, "{found:?}");
         let script = detach_script("t", &found);
-        assert!(script
-            .contains("delete element bridge t port_mac { \"bv0123456789ab\" . 02:11:22:33:44:55 }"));
+        assert!(script.contains(
+            "delete element bridge t port_mac { \"bv0123456789ab\" . 02:11:22:33:44:55 }"
+        ));
         assert!(script.contains("delete element bridge t port_org { \"bv0123456789ab\" }"));
         // Only the group the port was alone in goes.
         let cleanup = cleanup_script("t", &listing, &found);

@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 
 pub mod exec;
 pub mod fake;
+pub mod isolation;
 pub mod logs;
 pub mod native;
 pub mod netns;
-pub mod isolation;
 pub mod network;
 pub mod overlay;
 pub mod runc;

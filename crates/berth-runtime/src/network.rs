@@ -375,9 +375,10 @@ impl WorkerNetwork {
         })
         .await
         .map_err(|e| match e {
-            RuntimeError::Network { context: what, source } => {
-                network_error(context(&what), source)
-            }
+            RuntimeError::Network {
+                context: what,
+                source,
+            } => network_error(context(&what), source),
             other => other,
         })
     }
@@ -480,10 +481,12 @@ pub fn machine_mac(machine_id: &str) -> [u8; 6] {
 }
 
 fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
-    link.attributes.iter().find_map(|attribute| match attribute {
-        LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
-        _ => None,
-    })
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            _ => None,
+        })
 }
 
 /// A fixed, locally administered MAC for the bridge. Without one the bridge takes the
@@ -784,7 +787,12 @@ pub(crate) async fn reattach(
     let recorded = crate::runc::blocking(move || crate::spec::read_network(&config)).await?;
     if let Some(address) = recorded.private_ip {
         network
-            .attach(&layout.id, &layout.netns(), address, recorded.org.as_deref())
+            .attach(
+                &layout.id,
+                &layout.netns(),
+                address,
+                recorded.org.as_deref(),
+            )
             .await?;
     }
     Ok(())
@@ -803,8 +811,7 @@ pub(crate) async fn restore(
     if !netns::is_pinned(&netns_path) {
         let id = layout.id.clone();
         crate::runc::blocking(move || {
-            netns::create(&netns_path)
-                .ctx(|| format!("recreate network namespace of machine {id}"))
+            netns::create(&netns_path).ctx(|| format!("recreate network namespace of machine {id}"))
         })
         .await?;
     }

@@ -96,7 +96,10 @@ impl TestNet {
     /// attack below is expected to succeed (and its test to fail).
     fn maybe_unfilter(&self) {
         if std::env::var_os("BERTH_ESCAPE_UNFILTERED").is_some() {
-            eprintln!("BERTH_ESCAPE_UNFILTERED: deleting the filter of {}", self.bridge);
+            eprintln!(
+                "BERTH_ESCAPE_UNFILTERED: deleting the filter of {}",
+                self.bridge
+            );
             let config = self.config(&[]);
             nft(&isolation::teardown_ruleset(&config));
         }
@@ -268,6 +271,34 @@ async fn greeting(
     Ok(text)
 }
 
+/// A UDP socket on `addr` in `netns_path` that records the source of every datagram.
+fn udp_sink(netns_path: &Path, addr: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
+    let socket = netns::in_netns(netns_path, move || std::net::UdpSocket::bind(addr)).unwrap();
+    let bound = socket.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            record.lock().unwrap().push(from);
+        }
+    });
+    (bound, seen)
+}
+
+/// Sends a few datagrams from `from` (an address of the namespace) to `to`.
+fn udp_send(netns_path: &Path, from: Ipv6Addr, to: SocketAddr) {
+    netns::in_netns(netns_path, move || {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(from.into(), 0))?;
+        for _ in 0..5 {
+            socket.send_to(b"hello", to)?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
 /// A pinned namespace under the fixture's temp dir, attached as `id` of `org`.
 async fn bare_machine(
     f: &Fixture,
@@ -291,7 +322,12 @@ async fn bare_machine(
 
 /// An ICMPv6 neighbour advertisement, as an Ethernet frame to all nodes: "`target` is
 /// at `lladdr`", with the override flag, from `src_mac`/`src_ip`.
-fn neighbour_advert(src_mac: [u8; 6], src_ip: Ipv6Addr, target: Ipv6Addr, lladdr: [u8; 6]) -> Vec<u8> {
+fn neighbour_advert(
+    src_mac: [u8; 6],
+    src_ip: Ipv6Addr,
+    target: Ipv6Addr,
+    lladdr: [u8; 6],
+) -> Vec<u8> {
     let dst_ip: Ipv6Addr = "ff02::1".parse().unwrap();
     let mut icmp = vec![136u8, 0, 0, 0, 0x20, 0, 0, 0];
     icmp.extend_from_slice(&target.octets());
@@ -367,6 +403,7 @@ fn send_frame(netns_path: &Path, frame: Vec<u8>) {
 ///
 /// Unfiltered (BERTH_ESCAPE_UNFILTERED=1, or on 34edac3) the attacker of org A fetched
 /// org B's private page: "attacker: victim".
+/// Also proves the proxy's path: the host reaches the Machines through the filter.
 #[tokio::test]
 async fn another_orgs_machine_is_unreachable_and_the_same_orgs_is_reachable() {
     let net = TestNet::new();
@@ -392,7 +429,12 @@ async fn another_orgs_machine_is_unreachable_and_the_same_orgs_is_reachable() {
         )
     };
     let machines = [
-        (&victim, 1, "org-b", "echo victim > /www/who; exec httpd -f -p 8080 -h /www".to_owned()),
+        (
+            &victim,
+            1,
+            "org-b",
+            "echo victim > /www/who; exec httpd -f -p 8080 -h /www".to_owned(),
+        ),
         (&friend, 2, "org-b", fetch("friend")),
         (&attacker, 3, "org-a", fetch("attacker")),
     ];
@@ -424,7 +466,12 @@ async fn another_orgs_machine_is_unreachable_and_the_same_orgs_is_reachable() {
     }
     // Destroy took the ports out of the filter.
     let listing = Command::new("nft")
-        .args(["list", "table", "bridge", &isolation::bridge_table(&net.config(&[]))])
+        .args([
+            "list",
+            "table",
+            "bridge",
+            &isolation::bridge_table(&net.config(&[])),
+        ])
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
@@ -492,7 +539,15 @@ async fn forged_neighbour_advertisements_do_not_redirect_the_host() {
     // victim's; unsolicited, to all nodes, with the override flag; several times.
     ip_in(
         &attacker.netns(),
-        &["-6", "addr", "add", &format!("{victim_ip}/128"), "dev", "eth0", "nodad"],
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{victim_ip}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
     );
     for _ in 0..5 {
         for source in [attacker_ip, victim_ip] {
@@ -556,8 +611,10 @@ async fn host_services_are_closed_unless_the_operator_allows_the_port() {
 /// A Machine takes another's address, or its MAC, and talks to a same-org Machine and to
 /// an allowed host port with it.
 ///
-/// Unfiltered, both connections from the stolen address got their greetings, and the
-/// MAC-spoofing Machine's connection went through as well.
+/// Unfiltered, the same-org friend received the datagrams from the stolen address, the
+/// host greeted the stolen address (and the host's own connection to the victim then
+/// failed: its neighbour entry had moved), and with the victim's MAC the attacker got
+/// both greetings.
 #[tokio::test]
 async fn spoofed_sources_and_macs_are_dropped() {
     let net = TestNet::new();
@@ -568,23 +625,62 @@ async fn spoofed_sources_and_macs_are_dropped() {
     let (_, friend, friend_ip) = bare_machine(&f, &net, &network, "fr", 2, "org-a").await;
     let (_, victim, victim_ip) = bare_machine(&f, &net, &network, "vic", 3, "org-b").await;
     net.maybe_unfilter();
-    let friend_listener = greeter(Some(&friend), SocketAddr::new(friend_ip.into(), 0), "friend\n");
-    let victim_listener = greeter(Some(&victim), SocketAddr::new(victim_ip.into(), 0), "victim\n");
+    let friend_listener = greeter(
+        Some(&friend),
+        SocketAddr::new(friend_ip.into(), 0),
+        "friend\n",
+    );
+    let victim_listener = greeter(
+        Some(&victim),
+        SocketAddr::new(victim_ip.into(), 0),
+        "victim\n",
+    );
     let host = SocketAddr::new(net.gateway().into(), host.port());
 
-    // Control: with its own address the attacker reaches both (ND settles here too).
-    assert_eq!(greeting(&attacker, None, friend_listener).await.unwrap(), "friend\n");
-    assert_eq!(greeting(&attacker, None, host).await.unwrap(), "host\n");
+    let (friend_udp, friend_seen) = udp_sink(&friend, SocketAddr::new(friend_ip.into(), 0));
 
-    // Its eth0 gets the victim's address; connections from it go nowhere.
+    // Control: with its own address the attacker reaches both (ND settles here too).
+    assert_eq!(
+        greeting(&attacker, None, friend_listener).await.unwrap(),
+        "friend\n"
+    );
+    assert_eq!(greeting(&attacker, None, host).await.unwrap(), "host\n");
+    udp_send(&attacker, attacker_ip, friend_udp);
+
+    // Its eth0 gets the victim's address; what it sends from it reaches no one. (A TCP
+    // answer would go to the real victim, so the same-org check is on UDP, where the
+    // friend's socket shows what arrived.)
     ip_in(
         &attacker,
-        &["-6", "addr", "add", &format!("{victim_ip}/128"), "dev", "eth0", "nodad"],
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{victim_ip}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
     );
-    for target in [friend_listener, host] {
-        let spoofed = greeting(&attacker, Some(victim_ip), target).await;
-        assert!(spoofed.is_err(), "from {victim_ip} to {target}: {spoofed:?}");
-    }
+    udp_send(&attacker, victim_ip, friend_udp);
+    let spoofed = greeting(&attacker, Some(victim_ip), host).await;
+    assert!(
+        spoofed.is_err(),
+        "from {victim_ip} to the host: {spoofed:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = friend_seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|from| from.ip() == std::net::IpAddr::V6(attacker_ip)),
+        "the control datagrams did not arrive: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|from| from.ip() == std::net::IpAddr::V6(victim_ip)),
+        "datagrams from the stolen address arrived: {seen:?}"
+    );
     // The victim is still the victim, for the host.
     let mut stream = TcpStream::connect_timeout(&victim_listener, Duration::from_secs(2)).unwrap();
     let mut text = String::new();
@@ -593,24 +689,39 @@ async fn spoofed_sources_and_macs_are_dropped() {
 
     // Now the victim's MAC, with its own address: dropped too, and the bridge does not
     // learn the victim's MAC on the attacker's port.
-    ip_in(&attacker, &["-6", "addr", "del", &format!("{victim_ip}/128"), "dev", "eth0"]);
+    ip_in(
+        &attacker,
+        &[
+            "-6",
+            "addr",
+            "del",
+            &format!("{victim_ip}/128"),
+            "dev",
+            "eth0",
+        ],
+    );
     let victim_mac = mac_in(&victim);
     let mac_text = victim_mac
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
-    ip_in(&attacker, &["link", "set", "dev", "eth0", "address", &mac_text]);
+    ip_in(
+        &attacker,
+        &["link", "set", "dev", "eth0", "address", &mac_text],
+    );
     ip_in(&attacker, &["-6", "neigh", "flush", "dev", "eth0"]);
     for target in [friend_listener, host] {
         let spoofed = greeting(&attacker, None, target).await;
-        assert!(spoofed.is_err(), "with MAC {mac_text} to {target}: {spoofed:?}");
+        assert!(
+            spoofed.is_err(),
+            "with MAC {mac_text} to {target}: {spoofed:?}"
+        );
     }
     let mut stream = TcpStream::connect_timeout(&victim_listener, Duration::from_secs(2)).unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
     assert_eq!(text, "victim\n");
-    let _ = attacker_ip;
 
     for name in ["att", "fr", "vic"] {
         network.detach(&format!("{}-{name}", f.id())).await.unwrap();
@@ -628,7 +739,10 @@ async fn net_raw_is_dropped_by_default_and_given_on_request() {
         let f = Fixture::of(driver, "iso-caps");
         let other = f.another_layout("iso-caps-raw");
         for (layout, net_raw) in [(&f.layout, false), (&other, true)] {
-            let mut spec = f.spec_for(layout, &["sh", "-c", "grep -E 'Cap(Eff|Bnd)' /proc/self/status"]);
+            let mut spec = f.spec_for(
+                layout,
+                &["sh", "-c", "grep -E 'Cap(Eff|Bnd)' /proc/self/status"],
+            );
             spec.net_raw = net_raw;
             f.runtime.prepare(layout, &spec).await.unwrap();
             f.runtime.start(layout, &f.lowerdirs()).await.unwrap();

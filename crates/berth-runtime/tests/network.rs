@@ -586,7 +586,10 @@ async fn attach_and_detach_leave_another_machines_link_alone() {
     // A link with this Machine's name, marked as another Machine's.
     craft_pair(&host_link, &peer, None, Some("someone-else")).await;
     let theirs = ifindex(&host_link);
-    let err = network.attach(&id, &ns, net.address(4), None).await.unwrap_err();
+    let err = network
+        .attach(&id, &ns, net.address(4), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "network_failed", "{err}");
     assert!(err.to_string().contains("someone-else"), "{err}");
     network.detach(&id).await.unwrap();

@@ -180,7 +180,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     let link = ControlLink::new(&args.control_url, &args.join_token)?;
     let prefix = link.register_until_accepted(&registration).await;
     info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
-    let (network, machine_prefix) = worker_network(&prefix, args.egress_nat, &args.allow_host_ports).await?;
+    let (network, machine_prefix) =
+        worker_network(&prefix, args.egress_nat, &args.allow_host_ports).await?;
     let images = Arc::new(ImageStore::open(
         &data_dir.join("images"),
         UnpackLimits::default(),

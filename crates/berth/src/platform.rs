@@ -188,7 +188,8 @@ impl LocalPlatform {
                     error.body.message
                 )
             })?;
-            let (network, machine_prefix) = worker_network(&prefix, options.egress_nat, &options.allow_host_ports).await?;
+            let (network, machine_prefix) =
+                worker_network(&prefix, options.egress_nat, &options.allow_host_ports).await?;
             let runtime = make_runtime(RuntimeParts {
                 kind: options.runtime,
                 runc_binary: options.runc_binary.clone(),
