@@ -413,8 +413,19 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .len(),
-            14
+            13
         );
+        let bounding = v["process"]["capabilities"]["bounding"].to_string();
+        assert!(!bounding.contains("CAP_NET_RAW"), "{bounding}");
+        let mut raw = sample();
+        raw.net_raw = true;
+        let with = build(&raw, Path::new("/m/rootfs"), Path::new("/m/netns")).unwrap();
+        let with = serde_json::to_value(&with).unwrap();
+        for set in ["bounding", "effective", "permitted"] {
+            assert!(with["process"]["capabilities"][set]
+                .to_string()
+                .contains("CAP_NET_RAW"));
+        }
         assert_eq!(
             v["process"]["capabilities"]["ambient"],
             serde_json::json!([])
@@ -497,6 +508,17 @@ mod tests {
         assert_eq!(
             read_private_ip(&layout.config_json()).unwrap(),
             spec.private_ip
+        );
+        // The org travels with it, for a rebuild after a reboot.
+        assert_eq!(read_network(&layout.config_json()).unwrap().org, None);
+        spec.org = Some("acme".into());
+        write_bundle(&layout, &spec).unwrap();
+        assert_eq!(
+            read_network(&layout.config_json()).unwrap(),
+            RecordedNetwork {
+                private_ip: spec.private_ip,
+                org: Some("acme".into()),
+            }
         );
     }
 }
