@@ -439,8 +439,8 @@ impl WorkerNetwork {
         self.forget_port(&host_name).await
     }
 
-    /// Deletes the bridge (for tests and for an operator retiring a worker). Machines'
-    /// host-side veths stay, detached.
+    /// Deletes the bridge and its filter tables (for tests and for an operator retiring a
+    /// worker). Machines' host-side veths stay, detached.
     pub async fn teardown(self) -> Result<(), RuntimeError> {
         let bridge = &self.config.bridge;
         let context = || format!("delete bridge {bridge}");
