@@ -183,6 +183,8 @@ pub fn bundle_spec(
         pids_limit,
         disk_mb: Some(crate::machine_disk_mb(&config.guest)),
         private_ip: None,
+        org: None,
+        net_raw: config.sandbox.net_raw,
     })
 }
 

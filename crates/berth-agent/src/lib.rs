@@ -830,6 +830,11 @@ impl Agent {
             {
                 warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
             }
+            // Puts back the port's filter if the table lost it (an upgrade from a build
+            // without one, a flushed ruleset); otherwise changes nothing.
+            if let Err(error) = self.restore_network_if_kept(&record).await {
+                warn!(machine = %id, %error, "restoring the machine's network failed");
+            }
         }
         Ok(())
     }
@@ -873,6 +878,7 @@ impl Agent {
                     self.inner.config.pids_limit,
                 )?;
                 spec.private_ip = record.private_ip;
+                spec.org = record.org.clone();
                 runtime.prepare(&layout, &spec).await?;
                 record.config = previous.config;
                 record.image_ref = previous.image_ref;
@@ -1204,9 +1210,11 @@ impl Agent {
                 .as_ref()
                 .and_then(|prefix| machine_address(prefix, &request.id)),
             restart_due_ms: None,
+            org: request.org,
         };
         let mut spec = spec;
         spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
         self.inner.store.save(&record, None).await?;
         failpoint::hit("create.after_record");
         let layout = self.layout(&record.id);
@@ -1324,8 +1332,9 @@ impl Agent {
             &image.layer_dirs,
             self.inner.config.pids_limit,
         )?;
-        // The network was made at create; update keeps the address.
+        // The network was made at create; update keeps the address and the org.
         spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
         let was_running = record.state == MachineState::Started;
         record.pending = Some(PendingOp::Update {
             previous: Box::new(UpdateSnapshot {

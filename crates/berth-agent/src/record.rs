@@ -86,6 +86,10 @@ pub struct MachineRecord {
     /// out its back-off: kept so an agent restarted meanwhile still makes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_due_ms: Option<i64>,
+    /// The org whose Machines this one reaches on the worker network; `None` (Machines
+    /// recorded before orgs reached the worker) is the default group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
 }
 
 impl MachineRecord {

@@ -108,6 +108,10 @@ pub struct CreateOnWorker {
     pub name: String,
     pub config: MachineConfig,
     pub skip_launch: bool,
+    /// The org of the Machine's app: on the worker network, a Machine reaches only the
+    /// Machines of its own org. Absent from an older control plane: the default group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
 }
 
 /// One Machine's hold on images: what garbage collection must keep and what

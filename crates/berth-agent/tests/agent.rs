@@ -89,6 +89,7 @@ fn create_request(id: &str, image: &str, skip_launch: bool) -> CreateOnWorker {
         name: format!("n-{id}"),
         config: config(image),
         skip_launch,
+        org: None,
     }
 }
 

@@ -79,6 +79,7 @@ fn request(id: &str, image: &str) -> CreateOnWorker {
             ..MachineConfig::default()
         },
         skip_launch: false,
+        org: None,
     }
 }
 

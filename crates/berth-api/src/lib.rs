@@ -201,6 +201,26 @@ pub struct MachineConfig {
     /// Ports the proxy routes the app's traffic to, with autostart and autostop settings.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<MachineService>,
+    /// Berth's own sandbox settings.
+    #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
+    pub sandbox: SandboxConfig,
+}
+
+/// Relaxations of the sandbox a Machine may ask for; all off by default.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// CAP_NET_RAW: raw and packet sockets (ping without the ping group, packet
+    /// capture). The worker's bridge filter still drops frames with another Machine's MAC
+    /// or address, so tenants stay apart with it.
+    #[serde(default)]
+    pub net_raw: bool,
+}
+
+impl SandboxConfig {
+    pub fn is_default(&self) -> bool {
+        *self == SandboxConfig::default()
+    }
 }
 
 /// `POST /v1/apps/{app}/machines`

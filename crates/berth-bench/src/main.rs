@@ -172,6 +172,7 @@ async fn run(args: Args) -> Result<usize> {
         exec_max_output_bytes: None,
         default_limits: Some(default_limits),
         egress_nat: false,
+        allow_host_ports: Vec::new(),
         placement: berth_core::placement::Strategy::default(),
         disk_quota: Default::default(),
     })
@@ -518,6 +519,7 @@ async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
         created_at_ms: 0,
         updated_at_ms: 0,
         last_exit: None,
+        org: None,
         restart_count: 0,
         run_generation: 0,
         pending: None,

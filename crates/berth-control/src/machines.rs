@@ -91,6 +91,7 @@ async fn create(
                 name: row.name.clone(),
                 config: request.config,
                 skip_launch: request.skip_launch,
+                org: Some(app.org_slug.clone()),
             })
             .await;
         return match created {
@@ -164,6 +165,7 @@ async fn create(
             name,
             config: request.config,
             skip_launch: request.skip_launch,
+            org: Some(org.clone()),
         })
         .await;
     drop(reservation);

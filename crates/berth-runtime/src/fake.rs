@@ -406,6 +406,8 @@ mod tests {
             pids_limit: 64,
             disk_mb: None,
             private_ip: None,
+            org: None,
+            net_raw: false,
         }
     }
 

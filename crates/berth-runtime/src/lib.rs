@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod exec;
 pub mod fake;
+pub mod isolation;
 pub mod logs;
 pub mod native;
 pub mod netns;
@@ -109,6 +110,11 @@ pub struct BundleSpec {
     /// The Machine's address on its worker's network. When set, the runtime must have a
     /// [`network::WorkerNetwork`], and prepare plugs the Machine into it.
     pub private_ip: Option<Ipv6Addr>,
+    /// The Machine's org: on the worker network it reaches the Machines of its own org
+    /// only. `None` is the default group (Machines made before orgs were recorded).
+    pub org: Option<String>,
+    /// Give the Machine CAP_NET_RAW (off by default). The bridge filter holds with it.
+    pub net_raw: bool,
 }
 
 /// A Machine whose init process is running.

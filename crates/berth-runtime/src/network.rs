@@ -29,6 +29,7 @@ use rtnetlink::sys::{protocols::NETLINK_ROUTE, AsyncSocket, TokioSocket};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
+use crate::isolation::{self, Port};
 use crate::netns;
 use crate::RuntimeError;
 
@@ -58,6 +59,9 @@ pub struct NetworkConfig {
     /// the prefix towards every interface but the bridge ([`egress_ruleset`]). Off by
     /// default; needs the `nft` binary.
     pub egress_nat: bool,
+    /// Ports (TCP and UDP) of the host that Machines may open connections to. Every other
+    /// new connection from the bridge to the host is dropped ([`isolation::host_ruleset`]).
+    pub allow_host_ports: Vec<u16>,
 }
 
 impl NetworkConfig {
@@ -67,6 +71,7 @@ impl NetworkConfig {
             bridge: bridge.into(),
             prefix,
             egress_nat: false,
+            allow_host_ports: Vec::new(),
         }
     }
 
@@ -154,6 +159,10 @@ impl WorkerNetwork {
                 .await
                 .map_err(|e| netlink_error(context("bring up"), e))?;
         }
+        // Before any Machine is attached: a port the table does not know sends nothing.
+        let mac = link_mac(&link).unwrap_or_else(|| bridge_mac(&bridge));
+        apply_nft(&isolation::bridge_ruleset(&config, mac), false).await?;
+        apply_nft(&isolation::host_ruleset(&config), false).await?;
         if config.egress_nat {
             enable_egress(&config).await?;
         }
@@ -207,11 +216,16 @@ impl WorkerNetwork {
     /// Machine id) and `eth0` inside, with `address`/64 (no DAD), up, and a default route
     /// via the bridge's `::1`. Idempotent: after a crash halfway it repairs what is
     /// missing, and it never touches a host link whose alias names another Machine.
+    ///
+    /// Last, the port's filter ([`isolation`]): its MAC (fixed per Machine when the pair
+    /// is made here), its sources and its org's group, in one nftables transaction.
+    /// Machines of the same `org` reach each other; `None` is the default group.
     pub async fn attach(
         &self,
         machine_id: &str,
         netns_path: &Path,
         address: Ipv6Addr,
+        org: Option<&str>,
     ) -> Result<(), RuntimeError> {
         self.check_address(machine_id, address)?;
         let host_name = Self::host_link_name(machine_id);
@@ -266,6 +280,7 @@ impl WorkerNetwork {
                 }
                 let peer = LinkMessageBuilder::<LinkUnspec>::new()
                     .name(MACHINE_INTERFACE)
+                    .address(machine_mac(machine_id).to_vec())
                     .setns_by_fd(ns_file.as_raw_fd())
                     .build();
                 let pair = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
@@ -345,6 +360,58 @@ impl WorkerNetwork {
             .replace_default_route(index, gateway)
             .await
             .map_err(|e| netlink_error(context(&format!("route via {gateway}")), e))?;
+        // A pair made before MACs were fixed keeps the one it has.
+        let mac = link_mac(&eth0).ok_or_else(|| {
+            network_error(
+                context("read the MAC of eth0"),
+                io::Error::other("eth0 has no 6-byte address"),
+            )
+        })?;
+        self.isolate(&Port {
+            name: host_name,
+            mac,
+            address,
+            org: org.map(str::to_owned),
+        })
+        .await
+        .map_err(|e| match e {
+            RuntimeError::Network {
+                context: what,
+                source,
+            } => network_error(context(&what), source),
+            other => other,
+        })
+    }
+
+    /// Replaces the port's elements in the bridge table with `port`'s, in one transaction.
+    pub async fn isolate(&self, port: &Port) -> Result<(), RuntimeError> {
+        let table = isolation::bridge_table(&self.config);
+        let listing = isolation::list_bridge_table(&table).await?;
+        let existing = isolation::elements_of(&listing, &port.name);
+        let script = isolation::attach_script(&table, &existing, port);
+        run_nft(&script, &format!("filter port {}", port.name)).await
+    }
+
+    /// Deletes every element of the port `name` from the bridge table (missing is
+    /// success), then the org group it leaves empty, if no Machine joined it meanwhile.
+    pub async fn forget_port(&self, name: &str) -> Result<(), RuntimeError> {
+        let table = isolation::bridge_table(&self.config);
+        let listing = isolation::list_bridge_table(&table).await?;
+        let existing = isolation::elements_of(&listing, name);
+        if existing.is_empty() {
+            return Ok(());
+        }
+        run_nft(
+            &isolation::detach_script(&table, &existing),
+            &format!("forget port {name}"),
+        )
+        .await?;
+        let cleanup = isolation::cleanup_script(&table, &listing, &existing);
+        if !cleanup.is_empty() {
+            if let Err(error) = run_nft(&cleanup, "remove an empty org group").await {
+                tracing::debug!(%error, "org group still in use; kept");
+            }
+        }
         Ok(())
     }
 
@@ -368,11 +435,12 @@ impl WorkerNetwork {
         }
         host.del_link(link.header.index)
             .await
-            .map_err(|e| netlink_error(context(), e))
+            .map_err(|e| netlink_error(context(), e))?;
+        self.forget_port(&host_name).await
     }
 
-    /// Deletes the bridge (for tests and for an operator retiring a worker). Machines'
-    /// host-side veths stay, detached.
+    /// Deletes the bridge and its filter tables (for tests and for an operator retiring a
+    /// worker). Machines' host-side veths stay, detached.
     pub async fn teardown(self) -> Result<(), RuntimeError> {
         let bridge = &self.config.bridge;
         let context = || format!("delete bridge {bridge}");
@@ -386,7 +454,7 @@ impl WorkerNetwork {
                 .await
                 .map_err(|e| netlink_error(context(), e))?;
         }
-        Ok(())
+        apply_nft(&isolation::teardown_ruleset(&self.config), false).await
     }
 }
 
@@ -403,6 +471,22 @@ pub fn valid_interface_name(name: &str) -> bool {
 
 fn gateway_of(prefix: &Ipv6Net) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(prefix.network()) | 1)
+}
+
+/// A fixed, locally administered unicast MAC for a Machine's `eth0`, so the port's filter
+/// and its neighbours' caches stay right when a reboot makes the pair again.
+pub fn machine_mac(machine_id: &str) -> [u8; 6] {
+    let digest = Sha256::digest(format!("eth0 {machine_id}").as_bytes());
+    [0x02, digest[0], digest[1], digest[2], digest[3], digest[4]]
+}
+
+fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            _ => None,
+        })
 }
 
 /// A fixed, locally administered MAC for the bridge. Without one the bridge takes the
@@ -664,10 +748,20 @@ pub async fn apply_nft(ruleset: &str, check_only: bool) -> Result<(), RuntimeErr
         Ok(())
     } else {
         Err(RuntimeError::InvalidNetwork(format!(
-            "nft refused the egress ruleset: {}",
+            "nft refused the ruleset: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         )))
     }
+}
+
+/// [`apply_nft`] for a Machine's change: a refusal is a `network_failed` about `what`.
+async fn run_nft(script: &str, what: &str) -> Result<(), RuntimeError> {
+    apply_nft(script, false).await.map_err(|e| match e {
+        RuntimeError::InvalidNetwork(message) => {
+            network_error(what.to_owned(), io::Error::other(message))
+        }
+        other => other,
+    })
 }
 
 async fn enable_egress(config: &NetworkConfig) -> Result<(), RuntimeError> {
@@ -680,8 +774,8 @@ async fn enable_egress(config: &NetworkConfig) -> Result<(), RuntimeError> {
 }
 
 /// After a host reboot the veth went with the namespace: plug the Machine's new
-/// namespace in again, with the address recorded in its `config.json`. Never runs on a
-/// normal start. Nothing to do without a worker network.
+/// namespace in again, with the address and org recorded in its `config.json`. Never runs
+/// on a normal start. Nothing to do without a worker network.
 pub(crate) async fn reattach(
     network: Option<&WorkerNetwork>,
     layout: &crate::MachineLayout,
@@ -690,27 +784,35 @@ pub(crate) async fn reattach(
         return Ok(());
     };
     let config = layout.config_json();
-    let recorded = crate::runc::blocking(move || crate::spec::read_private_ip(&config)).await?;
-    if let Some(address) = recorded {
-        network.attach(&layout.id, &layout.netns(), address).await?;
+    let recorded = crate::runc::blocking(move || crate::spec::read_network(&config)).await?;
+    if let Some(address) = recorded.private_ip {
+        network
+            .attach(
+                &layout.id,
+                &layout.netns(),
+                address,
+                recorded.org.as_deref(),
+            )
+            .await?;
     }
     Ok(())
 }
 
 /// `Runtime::restore_network` for either driver: pins the namespace again if a reboot
-/// unpinned it, and plugs it in.
+/// unpinned it, and plugs it in. A namespace still pinned is checked the same way
+/// (attach is idempotent), which also puts back the port's filter if the table lost it
+/// (an agent upgraded from before filtering, a flushed ruleset).
 pub(crate) async fn restore(
     network: Option<&WorkerNetwork>,
     layout: &crate::MachineLayout,
     registry: &crate::userns::IdRegistry,
 ) -> Result<(), RuntimeError> {
-    let repinned = {
+    // Pins again what a host reboot unpinned; then attach, always, which also puts back
+    // the port's filter entries (after an upgrade, or a flushed ruleset).
+    {
         let layout = layout.clone();
         let registry = registry.clone();
-        crate::runc::blocking(move || crate::userns::ensure(&layout, &registry)).await?
-    };
-    if !repinned {
-        return Ok(());
+        crate::runc::blocking(move || crate::userns::ensure(&layout, &registry)).await?;
     }
     reattach(network, layout).await
 }

@@ -285,7 +285,9 @@ impl Runtime for RuncRuntime {
         let config = spec::render(layout, spec, ids)?;
         let netns_done = t0.elapsed();
         if let Some((network, address)) = network {
-            network.attach(&id, &layout.netns(), address).await?;
+            network
+                .attach(&id, &layout.netns(), address, spec.org.as_deref())
+                .await?;
         }
         let netns_us = netns_done.as_micros();
         let attach_us = (t0.elapsed() - netns_done).as_micros();

@@ -25,15 +25,18 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// Where `config.json` keeps the Machine's private address, so a start that must rebuild
 /// the network after a host reboot finds it without the agent.
 pub const PRIVATE_IP_ANNOTATION: &str = "berth.private-ip";
+/// Where `config.json` keeps the Machine's org, whose Machines it may reach on the worker
+/// network (absent: the default group).
+pub const ORG_ANNOTATION: &str = "berth.org";
 
-/// Docker's default capability set.
-pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+/// Docker's default capability set, without CAP_NET_RAW (raw and packet sockets: forged
+/// frames, which the bridge filter drops anyway). [`BundleSpec::net_raw`] gives it back.
+pub const DEFAULT_CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
     Capability::Mknod,
-    Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
     Capability::Setfcap,
@@ -111,7 +114,10 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(DEFAULT_PATH.to_owned());
     }
-    let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    let mut caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    if spec.net_raw {
+        caps.insert(Capability::NetRaw);
+    }
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
@@ -218,11 +224,15 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
         .map_err(oci)?;
 
     let mut builder = SpecBuilder::default();
+    let mut annotations = HashMap::new();
     if let Some(address) = spec.private_ip {
-        builder = builder.annotations(HashMap::from([(
-            PRIVATE_IP_ANNOTATION.to_owned(),
-            address.to_string(),
-        )]));
+        annotations.insert(PRIVATE_IP_ANNOTATION.to_owned(), address.to_string());
+    }
+    if let Some(org) = &spec.org {
+        annotations.insert(ORG_ANNOTATION.to_owned(), org.clone());
+    }
+    if !annotations.is_empty() {
+        builder = builder.annotations(annotations);
     }
     builder
         .version("1.0.2")
@@ -321,13 +331,25 @@ pub fn id_range(oci: &Spec) -> Option<IdRange> {
     })
 }
 
+/// What a written `config.json` records of the Machine's network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedNetwork {
+    pub private_ip: Option<Ipv6Addr>,
+    pub org: Option<String>,
+}
+
 /// The private address recorded in a written `config.json`, if any.
 pub fn read_private_ip(config_json: &Path) -> Result<Option<Ipv6Addr>, RuntimeError> {
+    Ok(read_network(config_json)?.private_ip)
+}
+
+/// The private address and org recorded in a written `config.json`.
+pub fn read_network(config_json: &Path) -> Result<RecordedNetwork, RuntimeError> {
     let text = std::fs::read(config_json).ctx(|| format!("read {}", config_json.display()))?;
     let spec: Spec = serde_json::from_slice(&text)
         .map_err(|e| RuntimeError::Internal(format!("parse {}: {e}", config_json.display())))?;
-    spec.annotations()
-        .as_ref()
+    let annotations = spec.annotations().as_ref();
+    let private_ip = annotations
         .and_then(|a| a.get(PRIVATE_IP_ANNOTATION))
         .map(|text| {
             text.parse().map_err(|e| {
@@ -337,7 +359,9 @@ pub fn read_private_ip(config_json: &Path) -> Result<Option<Ipv6Addr>, RuntimeEr
                 ))
             })
         })
-        .transpose()
+        .transpose()?;
+    let org = annotations.and_then(|a| a.get(ORG_ANNOTATION)).cloned();
+    Ok(RecordedNetwork { private_ip, org })
 }
 
 /// Docker's default mounts.
@@ -432,6 +456,8 @@ mod tests {
             pids_limit: 100,
             disk_mb: None,
             private_ip: None,
+            org: None,
+            net_raw: false,
         }
     }
 
@@ -449,8 +475,19 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .len(),
-            14
+            13
         );
+        let bounding = v["process"]["capabilities"]["bounding"].to_string();
+        assert!(!bounding.contains("CAP_NET_RAW"), "{bounding}");
+        let mut raw = sample();
+        raw.net_raw = true;
+        let with = build(&raw, Path::new("/m/rootfs"), Path::new("/m/netns")).unwrap();
+        let with = serde_json::to_value(&with).unwrap();
+        for set in ["bounding", "effective", "permitted"] {
+            assert!(with["process"]["capabilities"][set]
+                .to_string()
+                .contains("CAP_NET_RAW"));
+        }
         assert_eq!(
             v["process"]["capabilities"]["ambient"],
             serde_json::json!([])
@@ -544,6 +581,17 @@ mod tests {
         assert_eq!(
             read_private_ip(&layout.config_json()).unwrap(),
             spec.private_ip
+        );
+        // The org travels with it, for a rebuild after a reboot.
+        assert_eq!(read_network(&layout.config_json()).unwrap().org, None);
+        spec.org = Some("acme".into());
+        write_bundle(&layout, &spec, IdRange { base: 1 << 28 }).unwrap();
+        assert_eq!(
+            read_network(&layout.config_json()).unwrap(),
+            RecordedNetwork {
+                private_ip: spec.private_ip,
+                org: Some("acme".into()),
+            }
         );
     }
 }

@@ -144,6 +144,8 @@ fn spec(layout: &MachineLayout, disk_mb: Option<u64>, script: &str) -> BundleSpe
         pids_limit: 50,
         disk_mb,
         private_ip: None,
+        org: None,
+        net_raw: false,
     }
 }
 

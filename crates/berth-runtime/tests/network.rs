@@ -70,6 +70,13 @@ impl TestNet {
         Arc::new(WorkerNetwork::ensure(self.config()).await.unwrap())
     }
 
+    /// Opens `port` of the host to this network's Machines (every other port is closed).
+    async fn allow_host_port(&self, port: u16) {
+        let mut config = self.config();
+        config.allow_host_ports = vec![port];
+        WorkerNetwork::ensure(config).await.unwrap();
+    }
+
     /// The `n`th Machine address of the prefix.
     fn address(&self, n: u16) -> Ipv6Addr {
         let base = u128::from(self.prefix.network());
@@ -125,6 +132,22 @@ impl Drop for TestNet {
             });
         })
         .join();
+        // The bridge's nftables tables, with plain nft.
+        let suffix: String = self
+            .bridge
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        for table in [
+            format!("bridge berth_isolate_{suffix}"),
+            format!("inet berth_host_{suffix}"),
+        ] {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table"])
+                .args(table.split(' '))
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         for name in self.links.lock().map(|l| l.clone()).unwrap_or_default() {
             if link_exists(&name) {
                 eprintln!("test left link {name} behind");
@@ -469,13 +492,14 @@ async fn twenty_concurrent_attaches_on_one_bridge() {
         .collect();
     let attaches = machines
         .iter()
-        .map(|(id, ns, address)| network.attach(id, ns, *address));
+        .map(|(id, ns, address)| network.attach(id, ns, *address, None));
     for result in futures::future::join_all(attaches).await {
         result.unwrap();
     }
     assert_eq!(net.ports().len(), 20);
     // Every namespace has its own working address and route to the host.
     let listener = gateway_listener(network.gateway(), machines.len());
+    net.allow_host_port(listener.port()).await;
     for (id, ns, address) in &machines {
         assert!(has_address(ns, *address), "{id}");
         assert_eq!(
@@ -507,12 +531,13 @@ async fn attach_converges_after_a_crash_halfway() {
     let ns = make_netns(&f, "machine");
     let address = net.address(9);
     let listener = gateway_listener(network.gateway(), 3);
+    net.allow_host_port(listener.port()).await;
 
     // Died right after making the pair: nothing enslaved, nothing up, no address.
     craft_pair(&host_link, MACHINE_INTERFACE, Some(&ns), None).await;
     let crafted = ifindex(&host_link);
     assert!(!is_up(&host_link) && master_of(&host_link).is_none());
-    network.attach(&id, &ns, address).await.unwrap();
+    network.attach(&id, &ns, address, None).await.unwrap();
     assert_eq!(
         ifindex(&host_link),
         crafted,
@@ -525,7 +550,7 @@ async fn attach_converges_after_a_crash_halfway() {
     let stray = net.address(99);
     add_stray_address(&ns, stray).await;
     assert!(has_address(&ns, stray));
-    network.attach(&id, &ns, address).await.unwrap();
+    network.attach(&id, &ns, address, None).await.unwrap();
     assert_eq!(ifindex(&host_link), crafted);
     assert!(has_address(&ns, address) && !has_address(&ns, stray));
     assert_eq!(greeting_from(&ns, listener).unwrap(), "from the host\n");
@@ -535,7 +560,7 @@ async fn attach_converges_after_a_crash_halfway() {
     let old_ns = make_netns(&f, "old");
     craft_pair(&host_link, MACHINE_INTERFACE, Some(&old_ns), Some(&id)).await;
     let stale = ifindex(&host_link);
-    network.attach(&id, &ns, address).await.unwrap();
+    network.attach(&id, &ns, address, None).await.unwrap();
     assert_ne!(ifindex(&host_link), stale, "the stale pair was replaced");
     assert_eq!(greeting_from(&ns, listener).unwrap(), "from the host\n");
 
@@ -561,7 +586,10 @@ async fn attach_and_detach_leave_another_machines_link_alone() {
     // A link with this Machine's name, marked as another Machine's.
     craft_pair(&host_link, &peer, None, Some("someone-else")).await;
     let theirs = ifindex(&host_link);
-    let err = network.attach(&id, &ns, net.address(4)).await.unwrap_err();
+    let err = network
+        .attach(&id, &ns, net.address(4), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "network_failed", "{err}");
     assert!(err.to_string().contains("someone-else"), "{err}");
     network.detach(&id).await.unwrap();
@@ -703,7 +731,7 @@ async fn network_setup_timing() {
         let ops = netlink_operations();
         let t = Instant::now();
         network
-            .attach(&id, &path, net.address(n + 1))
+            .attach(&id, &path, net.address(n + 1), None)
             .await
             .unwrap();
         attach_times.push(t.elapsed());
@@ -741,7 +769,7 @@ async fn network_setup_timing() {
         let path = f.tmp.path().join(format!("ns-{n}"));
         let address = net.address(n + 1);
         let network = network.clone();
-        async move { network.attach(&id, &path, address).await }
+        async move { network.attach(&id, &path, address, None).await }
     }));
     for result in attach_all.await {
         result.unwrap();

@@ -158,6 +158,11 @@ pub struct AgentArgs {
     /// startup where it cannot, `require` refuses to start there, `off` sets none.
     #[arg(long, default_value = "auto")]
     disk_quota: berth_runtime::quota::QuotaMode,
+    /// A port (TCP and UDP) of this host that Machines may connect to, e.g. a DNS
+    /// resolver on the bridge; repeat for more. Every other new connection from a
+    /// Machine to the host is dropped.
+    #[arg(long = "allow-host-port", value_name = "PORT")]
+    allow_host_ports: Vec<u16>,
     /// Leave the kernel's RCU grace periods as they are. By default Berth makes them
     /// expedited, host-wide: every start's cgroup moves wait for one, and a normal one
     /// makes a start 15-30 ms instead of ~5 (see docs/PERFORMANCE.md).
@@ -212,7 +217,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     let link = ControlLink::new(&args.control_url, &args.join_token)?;
     let prefix = link.register_until_accepted(&registration).await;
     info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
-    let (network, machine_prefix) = worker_network(&prefix, args.egress_nat).await?;
+    let (network, machine_prefix) =
+        worker_network(&prefix, args.egress_nat, &args.allow_host_ports).await?;
     let images = Arc::new(ImageStore::open(
         &data_dir.join("images"),
         UnpackLimits::default(),

@@ -101,6 +101,9 @@ pub struct ConfigArgs {
     /// '{"internal_port":8080,"autostop":"stop","autostop_idle_seconds":60}'; may be repeated.
     #[arg(long = "service", value_name = "JSON")]
     services: Vec<String>,
+    /// Give the Machine CAP_NET_RAW (raw and packet sockets); off by default.
+    #[arg(long)]
+    net_raw: bool,
     /// The command, after `--`.
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -149,6 +152,9 @@ impl ConfigArgs {
                         .with_context(|| format!("--service {text:?} is not a service"))
                 })
                 .collect::<Result<_>>()?,
+            sandbox: berth_api::SandboxConfig {
+                net_raw: self.net_raw,
+            },
         })
     }
 }

@@ -121,6 +121,8 @@ pub struct PlatformOptions {
     pub default_limits: Option<berth_api::SetOrgLimitsRequest>,
     /// Masquerade the workers' Machine networks to the host's uplinks (off by default).
     pub egress_nat: bool,
+    /// Ports of the host the Machines may connect to (none by default).
+    pub allow_host_ports: Vec<u16>,
     /// How create picks among the in-process workers.
     pub placement: berth_core::placement::Strategy,
     /// Whether each Machine's disk gets a quota.
@@ -216,7 +218,8 @@ impl LocalPlatform {
                     error.body.message
                 )
             })?;
-            let (network, machine_prefix) = worker_network(&prefix, options.egress_nat).await?;
+            let (network, machine_prefix) =
+                worker_network(&prefix, options.egress_nat, &options.allow_host_ports).await?;
             let runtime = make_runtime(RuntimeParts {
                 kind: options.runtime,
                 runc_binary: options.runc_binary.clone(),
@@ -291,12 +294,14 @@ fn hex_string(bytes: &[u8]) -> String {
 pub async fn worker_network(
     prefix: &str,
     egress_nat: bool,
+    allow_host_ports: &[u16],
 ) -> Result<(Arc<WorkerNetwork>, Ipv6Net)> {
     let net: Ipv6Net = prefix
         .parse()
         .with_context(|| format!("the control plane gave a bad prefix {prefix:?}"))?;
     let config = NetworkConfig {
         egress_nat,
+        allow_host_ports: allow_host_ports.to_vec(),
         ..NetworkConfig::new(bridge_name(prefix), net)
     };
     let network = WorkerNetwork::ensure(config)

@@ -49,6 +49,11 @@ pub struct UpArgs {
     /// startup where it cannot, `require` refuses to start there, `off` sets none.
     #[arg(long, default_value = "auto")]
     disk_quota: berth_runtime::quota::QuotaMode,
+    /// A port (TCP and UDP) of this host that Machines may connect to, e.g. a DNS
+    /// resolver on the bridge; repeat for more. Every other new connection from a
+    /// Machine to the host is dropped.
+    #[arg(long = "allow-host-port", value_name = "PORT")]
+    allow_host_ports: Vec<u16>,
     /// How create picks among the `--workers`: the emptiest (`spread`) or the fullest
     /// that fits (`binpack`).
     #[arg(long, value_enum, default_value_t = crate::cluster::Placement::Spread)]
@@ -199,6 +204,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         exec_max_output_bytes: Some(args.exec_max_output_bytes),
         default_limits,
         egress_nat: args.egress_nat,
+        allow_host_ports: args.allow_host_ports.clone(),
         placement: args.placement.into(),
         disk_quota: args.disk_quota,
     })

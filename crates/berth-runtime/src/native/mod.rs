@@ -330,7 +330,9 @@ impl Runtime for NativeRuntime {
         };
         let config = spec::render(layout, spec, ids)?;
         if let Some((network, address)) = network {
-            network.attach(&id, &layout.netns(), address).await?;
+            network
+                .attach(&id, &layout.netns(), address, spec.org.as_deref())
+                .await?;
         }
         // Written last: a config.json means the Machine is fully prepared.
         let path = layout.config_json();

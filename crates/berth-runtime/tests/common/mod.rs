@@ -191,6 +191,8 @@ impl Fixture {
             pids_limit: 50,
             disk_mb: None,
             private_ip: None,
+            org: None,
+            net_raw: false,
         }
     }
 

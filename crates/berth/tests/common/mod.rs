@@ -411,6 +411,21 @@ impl Platform {
                 .args(["link", "delete", bridge])
                 .stderr(Stdio::null())
                 .status();
+            // The bridge's network filter tables.
+            let suffix: String = bridge
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            for table in [
+                ["bridge".to_owned(), format!("berth_isolate_{suffix}")],
+                ["inet".to_owned(), format!("berth_host_{suffix}")],
+            ] {
+                let _ = Command::new("nft")
+                    .args(["delete", "table"])
+                    .args(&table)
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 }
