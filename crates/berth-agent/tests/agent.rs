@@ -88,6 +88,7 @@ fn create_request(id: &str, image: &str, skip_launch: bool) -> CreateOnWorker {
         name: format!("n-{id}"),
         config: config(image),
         skip_launch,
+        pull: Default::default(),
     }
 }
 
@@ -357,6 +358,7 @@ async fn update_resolves_the_new_image_and_issues_a_new_instance() {
                 config: config("demo/img:1"),
                 skip_launch: false,
             },
+            Default::default(),
         )
         .await
         .expect("update");
@@ -380,6 +382,7 @@ async fn update_resolves_the_new_image_and_issues_a_new_instance() {
                 config: config("ghost/img:9"),
                 skip_launch: false,
             },
+            Default::default(),
         )
         .await
         .expect_err("no such image");

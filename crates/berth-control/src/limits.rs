@@ -41,6 +41,9 @@ pub fn default_limits() -> OrgLimits {
             max_started_machines: 100,
             max_cpus: 256,
             max_memory_mb: 256 * 1024,
+            // 20 GiB: a few dozen typical images (100 MiB to 1 GiB unpacked each), or
+            // one large ML image.
+            max_image_storage_mb: 20 * 1024,
         },
         rate_limits: RateLimits {
             create: mutate,
@@ -73,6 +76,9 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
                 .unwrap_or(defaults.quotas.max_started_machines),
             max_cpus: q.max_cpus.unwrap_or(defaults.quotas.max_cpus),
             max_memory_mb: q.max_memory_mb.unwrap_or(defaults.quotas.max_memory_mb),
+            max_image_storage_mb: q
+                .max_image_storage_mb
+                .unwrap_or(defaults.quotas.max_image_storage_mb),
         },
         rate_limits: RateLimits {
             create: r.create.unwrap_or(d.create),
@@ -84,6 +90,23 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
             read: r.read.unwrap_or(d.read),
         },
     }
+}
+
+/// The largest image storage quota: one EiB, so that it still fits in bytes.
+pub const MAX_IMAGE_STORAGE_MB: u64 = 1 << 40;
+
+/// Refuses an image storage quota that does not fit in bytes.
+pub fn validate_quotas(overrides: &berth_api::QuotaOverrides) -> Result<(), ApiError> {
+    if overrides
+        .max_image_storage_mb
+        .is_some_and(|mb| mb > MAX_IMAGE_STORAGE_MB)
+    {
+        return Err(ApiError::invalid_config(
+            "quotas.max_image_storage_mb",
+            format!("must be at most {MAX_IMAGE_STORAGE_MB}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses rates that are not finite and positive, and bursts of zero.
@@ -504,6 +527,7 @@ mod tests {
             max_started_machines: started,
             max_cpus: 8,
             max_memory_mb: 1024,
+            max_image_storage_mb: 1024,
         }
     }
 

@@ -109,6 +109,7 @@ pub(crate) async fn create_org(
     principal.require_admin()?;
     validate::validate_name("slug", &request.slug)?;
     limits::validate_rates(&request.rate_limits)?;
+    limits::validate_quotas(&request.quotas)?;
     let now = control.clock.now_ms();
     if control.store.insert_org(&request.slug, now).await? == Inserted::AlreadyExists {
         return Err(ApiError::new(
@@ -170,6 +171,7 @@ pub(crate) async fn set_org_limits(
     let (slug, created) = visible_org(&control, &principal, &slug).await?;
     principal.require_admin()?;
     limits::validate_rates(&request.rate_limits)?;
+    limits::validate_quotas(&request.quotas)?;
     save_overrides(&control, &slug, &request).await?;
     Ok(Json(org_json(&control, slug, created).await?))
 }
