@@ -87,7 +87,7 @@ impl UnpackLimits {
             Some(cap) if cap < self.max_layer_bytes => (
                 cap,
                 format!(
-                    "the layer unpacks to more than {cap} bytes ({}x its compressed size, at least {})",
+                    "the layer unpacks to more than {cap} bytes ({} times its compressed size, at least {} bytes)",
                     self.max_ratio, self.ratio_floor_bytes
                 ),
             ),
