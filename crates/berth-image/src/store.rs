@@ -1460,9 +1460,9 @@ fn measure_tree(root: &Path) -> Result<u64, ImageError> {
             let cost = if meta.is_dir() {
                 pending.push(entry.path());
                 BLOCK
-            } else if meta.is_file() && (meta.nlink() < 2 || seen.insert(meta.ino())) {
-                charged_size(meta.len())
-            } else if meta.file_type().is_symlink() {
+            } else if (meta.is_file() && (meta.nlink() < 2 || seen.insert(meta.ino())))
+                || meta.file_type().is_symlink()
+            {
                 charged_size(meta.len())
             } else {
                 BLOCK
