@@ -102,6 +102,7 @@ impl AgentError {
                 body.retry_after_ms = error.retry_after_ms();
                 match error.code() {
                     "invalid_image_ref" => 400,
+                    "registry_not_allowed" => 403,
                     "insufficient_storage" => 507,
                     "registry_unreachable" => 503,
                     "internal" => {

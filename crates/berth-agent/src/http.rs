@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use berth_api::{ErrorBody, StopRequest, UpdateMachineRequest};
+use berth_api::{ErrorBody, StopRequest};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -200,9 +200,9 @@ async fn stop(
 async fn update(
     State(http): State<Shared>,
     Path(id): Path<String>,
-    Json(body): Json<UpdateMachineRequest>,
+    Json(body): Json<crate::service::UpdateOnWorker>,
 ) -> Result<Response, Failure> {
-    Ok(Json(http.worker.update(&id, body).await?).into_response())
+    Ok(Json(http.worker.update(&id, body.request, body.pull).await?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -19,7 +19,9 @@ use berth_api::{
 use berth_core::restart::{self, RestartDecision};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
-use berth_image::{ImagePuller, ImageStore, Lease, PullEvent, PullStatus, ResolvedImage};
+use berth_image::{
+    ImagePuller, ImageStore, Lease, PullEvent, PullScope, PullStatus, ResolvedImage,
+};
 use berth_runtime::timing::{micros, StepTimes};
 use berth_runtime::{ExitRecord, MachineLayout, Runtime, Status};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -40,7 +42,7 @@ pub mod store;
 pub use error::{AgentError, Result};
 pub use service::{
     CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, MachineNotice, NoticeSnapshot,
-    WorkerListener, WorkerService,
+    UpdateOnWorker, WorkerListener, WorkerService,
 };
 
 use record::{now_ms, LayerRef, MachineRecord, PendingOp, RootfsStack, UpdateSnapshot};
@@ -370,6 +372,7 @@ impl Agent {
         &self,
         name: &str,
         lease: &Lease,
+        scope: &PullScope,
     ) -> Result<(ResolvedImage, Vec<MachineEvent>)> {
         let milestones = Arc::new(StdMutex::new(Vec::new()));
         let sink = milestones.clone();
@@ -380,7 +383,11 @@ impl Agent {
                 }
             }
         });
-        let image = self.inner.puller.resolve(name, lease, progress).await?;
+        let image = self
+            .inner
+            .puller
+            .resolve_scoped(name, lease, progress, scope)
+            .await?;
         let events = milestones
             .lock()
             .map(|list| list.clone())
@@ -1176,7 +1183,9 @@ impl Agent {
         // The slow part, before anything is recorded: a missing image leaves no trace. The
         // lease holds the layers until the record that references them is written.
         let lease = self.inner.images.lease();
-        let (image, pull_events) = self.resolve_image(&request.config.image, &lease).await?;
+        let (image, pull_events) = self
+            .resolve_image(&request.config.image, &lease, &request.pull)
+            .await?;
         let spec = bundle::bundle_spec(
             &request.id,
             &request.config,
@@ -1315,7 +1324,12 @@ impl Agent {
         }
     }
 
-    async fn update_op(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+    async fn update_op(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        scope: PullScope,
+    ) -> Result<Machine> {
         validate::validate_config(&request.config)?;
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
@@ -1324,7 +1338,9 @@ impl Agent {
         };
         // Resolve and lay out the new image first; a bad update changes nothing.
         let lease = self.inner.images.lease();
-        let (image, pull_events) = self.resolve_image(&request.config.image, &lease).await?;
+        let (image, pull_events) = self
+            .resolve_image(&request.config.image, &lease, &scope)
+            .await?;
         let mut spec = bundle::bundle_spec(
             id,
             &request.config,
@@ -1506,11 +1522,16 @@ impl WorkerService for Agent {
         .await
     }
 
-    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+    async fn update(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        pull: PullScope,
+    ) -> Result<Machine> {
         let agent = self.clone();
         let id = id.to_owned();
         detached(async move {
-            let result = agent.update_op(&id, request).await;
+            let result = agent.update_op(&id, request, pull).await;
             agent.settle_if_failed(&id, result).await
         })
         .await
@@ -1577,11 +1598,19 @@ impl WorkerService for Agent {
                     .map(|layer| layer.digest.clone())
                     .collect::<Vec<_>>()
             };
+            let images = &self.inner.images;
+            let sizes = |layers: &[String]| {
+                layers
+                    .iter()
+                    .map(|digest| images.layer_size(digest).ok().flatten().unwrap_or(0))
+                    .collect::<Vec<u64>>()
+            };
             if let Some(PendingOp::Update { previous }) = &record.pending {
                 usage.push(ImageUsage {
                     machine_id: record.id.clone(),
                     app: record.app.clone(),
                     image: previous.image_ref.clone(),
+                    layer_bytes: sizes(&layers(&previous.rootfs)),
                     layers: layers(&previous.rootfs),
                 });
             }
@@ -1589,6 +1618,7 @@ impl WorkerService for Agent {
                 machine_id: record.id.clone(),
                 app: record.app.clone(),
                 image: record.image_ref.clone(),
+                layer_bytes: sizes(&layers(&record.rootfs)),
                 layers: layers(&record.rootfs),
             });
         }

@@ -291,10 +291,16 @@ impl WorkerService for RemoteWorker {
         self.json(response).await
     }
 
-    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine> {
+    async fn update(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        pull: berth_image::PullScope,
+    ) -> Result<Machine> {
         let path = format!("/agent/v1/machines/{id}/update");
+        let body = crate::service::UpdateOnWorker { request, pull };
         let response = self
-            .call(Method::POST, &path, Some(&request), CREATE_DEADLINE, false)
+            .call(Method::POST, &path, Some(&body), CREATE_DEADLINE, false)
             .await?;
         self.json(response).await
     }

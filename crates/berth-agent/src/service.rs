@@ -10,6 +10,7 @@ use berth_api::{
     ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState, StartStopResponse,
     StopRequest, UpdateMachineRequest, UsageRecord,
 };
+use berth_image::PullScope;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -112,6 +113,18 @@ pub struct CreateOnWorker {
     /// Machines of its own org. Absent from an older control plane: the default group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// Who the image is pulled for: an org token's registry limits and storage quota.
+    /// Absent (an older control plane): the operator's, unrestricted.
+    #[serde(default)]
+    pub pull: PullScope,
+}
+
+/// An update as the control plane forwards it, with the pull scope of its caller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateOnWorker {
+    pub request: UpdateMachineRequest,
+    #[serde(default)]
+    pub pull: PullScope,
 }
 
 /// One Machine's hold on images: what garbage collection must keep and what
@@ -123,6 +136,9 @@ pub struct ImageUsage {
     pub image: ImageRef,
     /// Layer blob digests of the Machine's rootfs, bottom first.
     pub layers: Vec<String>,
+    /// The unpacked size of each of `layers` on this worker (0 when unknown).
+    #[serde(default)]
+    pub layer_bytes: Vec<u64>,
 }
 
 #[async_trait]
@@ -130,7 +146,13 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn create(&self, request: CreateOnWorker) -> Result<Machine>;
     async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse>;
     async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse>;
-    async fn update(&self, id: &str, request: UpdateMachineRequest) -> Result<Machine>;
+    /// Updates the Machine; a new image is pulled within `pull`.
+    async fn update(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        pull: PullScope,
+    ) -> Result<Machine>;
     async fn destroy(&self, id: &str, force: bool) -> Result<()>;
     async fn get(&self, id: &str) -> Result<Machine>;
     async fn list(&self, app: &str) -> Result<Vec<Machine>>;

@@ -90,6 +90,7 @@ fn create_request(id: &str, image: &str, skip_launch: bool) -> CreateOnWorker {
         config: config(image),
         skip_launch,
         org: None,
+        pull: Default::default(),
     }
 }
 
@@ -446,6 +447,7 @@ async fn update_resolves_the_new_image_and_issues_a_new_instance() {
                 config: config("demo/img:1"),
                 skip_launch: false,
             },
+            Default::default(),
         )
         .await
         .expect("update");
@@ -469,6 +471,7 @@ async fn update_resolves_the_new_image_and_issues_a_new_instance() {
                 config: config("ghost/img:9"),
                 skip_launch: false,
             },
+            Default::default(),
         )
         .await
         .expect_err("no such image");

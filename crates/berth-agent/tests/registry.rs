@@ -80,6 +80,7 @@ fn request(id: &str, image: &str) -> CreateOnWorker {
         },
         skip_launch: false,
         org: None,
+        pull: Default::default(),
     }
 }
 
@@ -136,7 +137,7 @@ async fn create_pulls_and_pins_the_digest_start_never_asks_update_pulls_again() 
         skip_launch: true,
     };
     let error = agent
-        .update("00000000000001", update.clone())
+        .update("00000000000001", update.clone(), Default::default())
         .await
         .expect_err("registry is down");
     let (status, body) = error.to_response();
@@ -155,7 +156,7 @@ async fn create_pulls_and_pins_the_digest_start_never_asks_update_pulls_again() 
     // Update pulls the moved tag.
     registry.start_again().expect("registry back");
     let updated = agent
-        .update("00000000000001", update)
+        .update("00000000000001", update, Default::default())
         .await
         .expect("update");
     assert_eq!(updated.image_ref.digest, second);

@@ -361,7 +361,12 @@ pub struct DestroyResponse {
 pub struct ImageSummary {
     pub name: String,
     pub digest: String,
+    /// Sum of the compressed layer sizes (what a pull downloads).
     pub size_bytes: u64,
+    /// Sum of the unpacked layer sizes (what the layers take on disk, in 4 KiB blocks);
+    /// layers not unpacked on the server count 0.
+    #[serde(default)]
+    pub unpacked_bytes: u64,
     pub layers: usize,
     /// Ids of the Machines (running or stopped) whose image is this digest.
     #[serde(default)]

@@ -28,6 +28,10 @@ pub struct Quotas {
     pub max_cpus: u64,
     /// Sum of `guest.memory_mb` over started Machines.
     pub max_memory_mb: u64,
+    /// Unpacked size of the image layers the org's Machines use, each distinct layer
+    /// counted once per org (a layer shared with another org counts for both).
+    #[serde(default)]
+    pub max_image_storage_mb: u64,
 }
 
 /// A GCRA limit: `per_second` sustained, `burst` at once.
@@ -69,6 +73,8 @@ pub struct QuotaOverrides {
     pub max_cpus: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_image_storage_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]

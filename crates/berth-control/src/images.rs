@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_agent::ImageUsage;
 use berth_api::{ErrorBody, ImagePruneResponse, ImagePullEvent, ImagePullRequest, ImageSummary};
-use berth_image::{ImageReference, InUse, PruneReport, PullEvent};
+use berth_image::{ImageReference, InUse, PruneReport, PullEvent, PullScope};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -19,7 +19,7 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiQuery};
 use crate::limits::Action;
-use crate::Shared;
+use crate::{ControlPlane, Shared};
 
 /// The largest image archive `POST /v1/images/import` accepts.
 pub const MAX_IMAGE_ARCHIVE: u64 = 8 * 1024 * 1024 * 1024;
@@ -94,6 +94,7 @@ pub(crate) async fn import_image(
         name: resolved.reference.name(),
         digest: resolved.manifest_digest,
         size_bytes: resolved.size_bytes,
+        unpacked_bytes: resolved.unpacked_bytes,
         layers: resolved.layer_dirs.len(),
         machines: Vec::new(),
     }))
@@ -120,6 +121,69 @@ async fn image_usage(control: &Shared) -> Result<Vec<ImageUsage>, ApiError> {
     Ok(usage)
 }
 
+/// Image usage of the workers that answer: a worker that is down does not stop a create
+/// elsewhere, though its Machines' layers then go uncounted until it is back.
+async fn reachable_image_usage(control: &ControlPlane) -> Vec<ImageUsage> {
+    let mut usage = Vec::new();
+    for (name, worker) in control.workers.all() {
+        match worker.image_usage().await {
+            Ok(list) => usage.extend(list),
+            Err(error) => {
+                tracing::warn!(worker = %name, error = %error, "image usage unavailable")
+            }
+        }
+    }
+    usage
+}
+
+/// Distinct layers (digest, unpacked bytes) the Machines of `org` use.
+async fn org_layers(
+    control: &ControlPlane,
+    org: &str,
+    usage: &[ImageUsage],
+) -> Result<BTreeMap<String, u64>, ApiError> {
+    let apps: HashSet<String> = control
+        .store
+        .apps()
+        .await?
+        .into_iter()
+        .filter(|row| row.org_slug == org)
+        .map(|row| row.name)
+        .collect();
+    let mut layers = BTreeMap::new();
+    for entry in usage.iter().filter(|entry| apps.contains(&entry.app)) {
+        for (i, digest) in entry.layers.iter().enumerate() {
+            let bytes = entry.layer_bytes.get(i).copied().unwrap_or(0);
+            let slot = layers.entry(digest.clone()).or_insert(0);
+            *slot = bytes.max(*slot);
+        }
+    }
+    Ok(layers)
+}
+
+/// The pull scope of a create or update in `org` by `principal`: org tokens get the
+/// operator's registry limits; every pull into an org counts against its image
+/// storage quota. An org stores the distinct layers its Machines use, each counted once
+/// for the org, whoever else shares it, so one org's usage says nothing about another's.
+pub(crate) async fn pull_scope(
+    control: &ControlPlane,
+    principal: &Principal,
+    org: &str,
+) -> Result<PullScope, ApiError> {
+    let limit_mb = control.limits_of(org).quotas.max_image_storage_mb;
+    let usage = reachable_image_usage(control).await;
+    let layers = org_layers(control, org, &usage).await?;
+    let used: u64 = layers
+        .values()
+        .fold(0, |sum, bytes| sum.saturating_add(*bytes));
+    Ok(PullScope {
+        restricted: principal.org().is_some(),
+        storage_left_bytes: Some(limit_mb.saturating_mul(1 << 20).saturating_sub(used)),
+        storage_limit_mb: Some(limit_mb),
+        charged_layers: layers.into_keys().collect(),
+    })
+}
+
 fn in_use(usage: &[ImageUsage]) -> InUse {
     InUse {
         manifests: usage.iter().map(|u| u.image.digest.clone()).collect(),
@@ -140,6 +204,9 @@ pub(crate) async fn list_images(
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
     control.check_rate(&principal, Action::Read, None).await?;
     let usage = image_usage(&control).await?;
+    if let Some(org) = principal.org() {
+        return Ok(Json(org_images(&control, org, &usage).await?));
+    }
     // Images are shared by the whole platform; the Machines using them are only shown
     // to their own org.
     let visible_apps: HashSet<String> = control
@@ -197,10 +264,61 @@ pub(crate) async fn list_images(
                 name: info.name,
                 digest: info.digest,
                 size_bytes: info.size_bytes,
+                unpacked_bytes: info.unpacked_bytes,
                 layers: info.layers,
             })
             .collect(),
     ))
+}
+
+/// What an org token sees of `GET /v1/images`: the images its own Machines use, under
+/// the names they were created with. Tags in the store are not shown: another tenant's
+/// private reference (or its name for the same digest) must not leak.
+async fn org_images(
+    control: &ControlPlane,
+    org: &str,
+    usage: &[ImageUsage],
+) -> Result<Vec<ImageSummary>, ApiError> {
+    let apps: HashSet<String> = control
+        .store
+        .apps()
+        .await?
+        .into_iter()
+        .filter(|row| row.org_slug == org)
+        .map(|row| row.name)
+        .collect();
+    let mut by_ref: BTreeMap<(String, String), ImageSummary> = BTreeMap::new();
+    for entry in usage.iter().filter(|entry| apps.contains(&entry.app)) {
+        let key = (entry.image.name.clone(), entry.image.digest.clone());
+        let summary = by_ref.entry(key).or_insert_with(|| ImageSummary {
+            name: entry.image.name.clone(),
+            digest: entry.image.digest.clone(),
+            size_bytes: 0,
+            unpacked_bytes: entry
+                .layer_bytes
+                .iter()
+                .fold(0, |sum, bytes| sum.saturating_add(*bytes)),
+            layers: entry.layers.len(),
+            machines: Vec::new(),
+        });
+        summary.machines.push(entry.machine_id.clone());
+    }
+    let images = control.images.clone();
+    let mut out: Vec<ImageSummary> = by_ref.into_values().collect();
+    let out = tokio::task::spawn_blocking(move || {
+        for summary in &mut out {
+            summary.machines.sort();
+            summary.machines.dedup();
+            // The compressed size, when this host's store holds the manifest.
+            if let Ok(info) = images.describe(&format!("unnamed@{}", summary.digest)) {
+                summary.size_bytes = info.size_bytes;
+            }
+        }
+        out
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(out)
 }
 
 fn prune_response(report: PruneReport) -> ImagePruneResponse {

@@ -41,6 +41,9 @@ pub fn default_limits() -> OrgLimits {
             max_started_machines: 100,
             max_cpus: 256,
             max_memory_mb: 256 * 1024,
+            // 20 GiB: a few dozen typical images (100 MiB to 1 GiB unpacked each), or
+            // one large ML image.
+            max_image_storage_mb: 20 * 1024,
         },
         rate_limits: RateLimits {
             create: mutate,
@@ -81,6 +84,9 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
                 .unwrap_or(defaults.quotas.max_started_machines),
             max_cpus: q.max_cpus.unwrap_or(defaults.quotas.max_cpus),
             max_memory_mb: q.max_memory_mb.unwrap_or(defaults.quotas.max_memory_mb),
+            max_image_storage_mb: q
+                .max_image_storage_mb
+                .unwrap_or(defaults.quotas.max_image_storage_mb),
         },
         rate_limits: RateLimits {
             create: r.create.unwrap_or(d.create),
@@ -94,6 +100,9 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
     }
 }
 
+/// The largest image storage quota: one EiB, so that it still fits in bytes.
+pub const MAX_IMAGE_STORAGE_MB: u64 = 1 << 40;
+
 /// Refuses limits outside sane ranges, naming the field: quotas above their maximum
 /// (zero is allowed, it freezes an org), rates that are not finite and positive, bursts
 /// of zero. Checked before anything is stored.
@@ -104,6 +113,11 @@ pub fn validate_limits(overrides: &SetOrgLimitsRequest) -> Result<(), ApiError> 
         ("max_started_machines", q.max_started_machines, MAX_MACHINES),
         ("max_cpus", q.max_cpus, MAX_CPUS),
         ("max_memory_mb", q.max_memory_mb, MAX_MEMORY_MB),
+        (
+            "max_image_storage_mb",
+            q.max_image_storage_mb,
+            MAX_IMAGE_STORAGE_MB,
+        ),
     ];
     for (name, value, max) in quotas {
         if value.is_some_and(|value| value > max) {
@@ -533,6 +547,7 @@ mod tests {
             max_started_machines: started,
             max_cpus: 8,
             max_memory_mb: 1024,
+            max_image_storage_mb: 1024,
         }
     }
 

@@ -69,7 +69,10 @@ pub(crate) async fn create_machine(
         .as_ref()
         .map(idempotency::Claim::machine_id)
         .unwrap_or_else(ids::new_machine_id);
-    let result = create(&control, &app_row, request, id).await;
+    let result = match crate::images::pull_scope(&control, &principal, &app_row.org_slug).await {
+        Ok(pull) => create(&control, &app_row, request, id, pull).await,
+        Err(error) => Err(error),
+    };
     Ok(idempotency::finish(claim, result.map(Json).into_response()).await)
 }
 
@@ -78,6 +81,7 @@ async fn create(
     app: &AppRow,
     request: CreateMachineRequest,
     id: String,
+    pull: berth_image::PullScope,
 ) -> Result<Machine, ApiError> {
     // A keyed create retried after the control plane died in the middle of it: the
     // Machine is already indexed (and pinned); ask its worker again, which answers a
@@ -92,6 +96,7 @@ async fn create(
                 config: request.config,
                 skip_launch: request.skip_launch,
                 org: Some(app.org_slug.clone()),
+                pull,
             })
             .await;
         return match created {
@@ -166,6 +171,7 @@ async fn create(
             config: request.config,
             skip_launch: request.skip_launch,
             org: Some(org.clone()),
+            pull,
         })
         .await;
     drop(reservation);
@@ -309,7 +315,11 @@ pub(crate) async fn update_machine(
                 .reserve(org, &id, share(&request.config), &quotas)?,
         )
     };
-    let machine = control.worker(&row.worker)?.update(&id, request).await?;
+    let pull = crate::images::pull_scope(&control, &principal, org).await?;
+    let machine = control
+        .worker(&row.worker)?
+        .update(&id, request, pull)
+        .await?;
     Ok(Json(seen(&control, machine, &row.worker).await))
 }
 

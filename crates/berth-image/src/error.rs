@@ -27,6 +27,11 @@ pub enum ImageError {
     /// An image index without a manifest for this host's platform.
     #[error("image has no manifest for platform {0}")]
     PlatformUnsupported(String),
+    /// A layer or image unpacks to more than a limit allows: its ratio to the compressed
+    /// size, the per-layer or per-image cap, or what the org may still store. Nothing of
+    /// it is kept.
+    #[error("image too large: {0}")]
+    TooLarge(String),
     /// The disk or the quota is full.
     #[error("insufficient storage while {context}: {source}")]
     InsufficientStorage {
@@ -61,6 +66,12 @@ pub enum ImageError {
         /// What went wrong.
         message: String,
     },
+    /// An org token asked for a registry the operator does not allow.
+    #[error("registry {registry} is not allowed: org tokens pull only from registries the operator allows (--allow-registry), and never from loopback or private addresses it has not listed")]
+    RegistryRefused {
+        /// `host[:port]`.
+        registry: String,
+    },
     /// A failure that is neither the caller's nor the image's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -73,10 +84,12 @@ impl ImageError {
             ImageError::NotFound(_) => "image_not_found",
             ImageError::InvalidReference { .. } => "invalid_image_ref",
             ImageError::Invalid(_) => "invalid_image",
+            ImageError::TooLarge(_) => "image_too_large",
             ImageError::PlatformUnsupported(_) => "image_platform_unsupported",
             ImageError::InsufficientStorage { .. } => "insufficient_storage",
             ImageError::RegistryUnauthorized { .. } => "registry_unauthorized",
             ImageError::RegistryUnreachable { .. } => "registry_unreachable",
+            ImageError::RegistryRefused { .. } => "registry_not_allowed",
             ImageError::Io { .. } | ImageError::Internal(_) => "internal",
         }
     }
@@ -149,6 +162,7 @@ mod tests {
             "invalid_image_ref"
         );
         assert_eq!(ImageError::invalid("bad").code(), "invalid_image");
+        assert_eq!(ImageError::TooLarge("big".into()).code(), "image_too_large");
         assert_eq!(
             ImageError::PlatformUnsupported("linux/amd64".into()).code(),
             "image_platform_unsupported"

@@ -259,6 +259,11 @@ impl Collection {
                         ImageError::io(format!("removing {}", entry.path().display()), e)
                     })?;
                     if is_layer {
+                        match fs::remove_file(store.size_path(&name)) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(ImageError::io("removing a layer size", e)),
+                        }
                         report.layers += 1;
                     } else {
                         report.blobs += 1;
@@ -281,6 +286,47 @@ impl Collection {
 }
 
 impl ImageStore {
+    /// Removes the blobs, unpacked layers and sizes of `hexes` (what a failed pull
+    /// published) unless a lease other than `mine` holds them: another pull or create
+    /// found them stored and counts on them. Done like a collection's removal, under
+    /// the lease lock.
+    pub(crate) fn discard(&self, hexes: &[String], mine: &Lease) -> Result<(), ImageError> {
+        let aside = self.new_tmp_dir("discard-")?;
+        {
+            let state = lock(&self.leases.state);
+            let held_by_me: HashSet<String> = mine.digests().into_iter().collect();
+            let mut unique: Vec<&String> = hexes.iter().collect();
+            unique.sort();
+            unique.dedup();
+            for hex in unique {
+                let holders = state.counts.get(hex.as_str()).copied().unwrap_or(0);
+                let others = holders.saturating_sub(usize::from(held_by_me.contains(hex)));
+                let protected = state
+                    .released
+                    .as_ref()
+                    .is_some_and(|released| released.contains(hex.as_str()));
+                if others > 0 || protected {
+                    continue;
+                }
+                for (path, tag) in [
+                    (self.blob_path(hex), "b"),
+                    (self.layer_path(hex), "l"),
+                    (self.size_path(hex), "s"),
+                ] {
+                    match fs::rename(&path, aside.path.join(format!("{tag}-{hex}"))) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(ImageError::io(format!("removing {}", path.display()), e))
+                        }
+                    }
+                }
+            }
+        }
+        drop(aside);
+        Ok(())
+    }
+
     /// Describes a stored image by `[registry/]repository@digest`, tagged or not.
     pub fn describe(&self, name: &str) -> Result<crate::store::ImageInfo, ImageError> {
         let reference = ImageReference::parse(name)?;
@@ -302,6 +348,9 @@ impl ImageStore {
                 .iter()
                 .map(|l| l.size)
                 .fold(0, u64::saturating_add),
+            unpacked_bytes: self
+                .unpacked_size(manifest.layers.iter().map(|l| &l.digest))
+                .unwrap_or(0),
             layers: manifest.layers.len(),
         })
     }

@@ -17,9 +17,12 @@ pub use build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
 pub use error::{ImageError, REGISTRY_RETRY_AFTER_MS};
 pub use gc::{Collection, InUse, Lease, PruneReport};
 pub use pull::{
-    no_progress, ImagePuller, Progress, PullEvent, PullPlan, PullStatus, RegistryCredentials,
-    RegistryOptions,
+    is_public_address, no_progress, ImagePuller, Progress, PullEvent, PullPlan, PullScope,
+    PullStatus, RegistryCredentials, RegistryOptions,
 };
 pub use reference::ImageReference;
 pub use store::{ImageInfo, ImageStore, ResolvedImage, RuntimeConfig, PLATFORM_ARCH, PLATFORM_OS};
-pub use unpack::{decompressing_reader, unpack_layer, UnpackLimits, UnpackStats};
+pub use unpack::{
+    charged_size, decompressing_reader, unpack_layer, unpack_layer_within, Budget, UnpackLimits,
+    UnpackStats, BLOCK,
+};

@@ -24,7 +24,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -38,6 +38,7 @@ use crate::store::{
     MEDIA_DOCKER_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, PLATFORM_ARCH,
     PLATFORM_OS,
 };
+use crate::unpack::Budget;
 
 const ACCEPTED_MANIFESTS: &[&str] = &[
     MEDIA_OCI_MANIFEST,
@@ -197,6 +198,10 @@ pub struct RegistryOptions {
     pub credentials: RegistryCredentials,
     /// Hosts (`host[:port]`) reached over plain HTTP, in addition to loopback.
     pub insecure: Vec<String>,
+    /// Registries (`host[:port]`; a bare host covers every port) that pulls for org
+    /// tokens may use. Empty: any registry whose every address is public. Listed hosts
+    /// may resolve to loopback or private addresses; nothing else may.
+    pub allowed: Vec<String>,
     /// Where references without a registry are pulled from when no local tag matches.
     pub default_registry: Option<String>,
     /// Limit on establishing a connection.
@@ -210,9 +215,98 @@ impl Default for RegistryOptions {
         RegistryOptions {
             credentials: RegistryCredentials::default(),
             insecure: Vec::new(),
+            allowed: Vec::new(),
             default_registry: None,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Who a pull is for, and what it may therefore do. The default is the operator's:
+/// any registry, detailed errors, no storage quota.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullScope {
+    /// Asked for by an org token: only registries the operator allows
+    /// ([`RegistryOptions::allowed`], or public addresses), and one generic error for
+    /// every way a registry can fail to answer as a registry, so that a pull cannot
+    /// tell an open port from a closed one.
+    #[serde(default)]
+    pub restricted: bool,
+    /// Bytes of unpacked layers the org may still add; `None` for no quota.
+    #[serde(default)]
+    pub storage_left_bytes: Option<u64>,
+    /// The org's quota in MiB, for the error message.
+    #[serde(default)]
+    pub storage_limit_mb: Option<u64>,
+    /// Layer digests the org's Machines already use: already counted, not charged again.
+    #[serde(default)]
+    pub charged_layers: Vec<String>,
+}
+
+impl PullScope {
+    fn org_budget(&self) -> Option<Budget> {
+        let left = self.storage_left_bytes?;
+        let limit = self
+            .storage_limit_mb
+            .map(|mb| format!("{mb} MiB"))
+            .unwrap_or_else(|| "its limit".to_owned());
+        Some(Budget::new(
+            left,
+            format!("the org's image storage quota ({limit}; {left} bytes left)"),
+        ))
+    }
+
+    fn is_charged(&self, digest: &str) -> bool {
+        self.charged_layers.iter().any(|d| d == digest)
+    }
+}
+
+/// The one answer an org token gets for a registry that did not answer as a registry.
+fn generic_unreachable(registry: &str) -> ImageError {
+    ImageError::RegistryUnreachable {
+        registry: registry.to_string(),
+        message: "no registry answered there (refused, timed out, not a registry, or \
+                  a TLS failure)"
+            .to_string(),
+    }
+}
+
+/// Whether an address is one an org token may reach without the operator listing it:
+/// not loopback, unspecified, private, carrier-grade NAT, link-local, ULA, multicast,
+/// documentation or benchmarking space, nor an IPv4 address dressed as IPv6.
+pub fn is_public_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0)
+                || (a == 198 && (18..20).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_address(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
+                || first == 0x2001 && v6.segments()[1] == 0x0db8
+                || first == 0x0064 && v6.segments()[1] == 0xff9b
+                || first == 0x2002
+                || (v6.segments()[..6].iter().all(|s| *s == 0)))
         }
     }
 }
@@ -285,6 +379,7 @@ pub struct PullPlan {
     config_bytes: Vec<u8>,
     remote: Reference,
     registry: String,
+    scope: PullScope,
 }
 
 impl PullPlan {
@@ -398,22 +493,91 @@ impl ImagePuller {
         lease: &Lease,
         progress: Progress,
     ) -> Result<ResolvedImage, ImageError> {
+        self.resolve_scoped(name, lease, progress, &PullScope::default())
+            .await
+    }
+
+    /// [`ImagePuller::resolve`] for `scope`: an org token's registry limits, and its
+    /// storage quota for whatever the image adds to what the org already uses.
+    pub async fn resolve_scoped(
+        &self,
+        name: &str,
+        lease: &Lease,
+        progress: Progress,
+        scope: &PullScope,
+    ) -> Result<ResolvedImage, ImageError> {
         let Some(reference) = self.remote_reference(name)? else {
             let store = self.store.clone();
             let name = name.to_string();
             let lease = lease.clone();
-            return blocking(move || store.resolve_leased(&name, &lease)).await;
+            let resolved = blocking(move || store.resolve_leased(&name, &lease)).await?;
+            self.check_stored(&resolved, scope)?;
+            return Ok(resolved);
         };
         // A digest is content-addressed: when stored, the registry has nothing to add.
         if let Some(digest) = reference.digest.clone() {
             if self.store.blob_path(digest_hex(&digest)).is_file() {
                 let store = self.store.clone();
                 let lease = lease.clone();
-                return blocking(move || store.load(reference, &digest, &lease)).await;
+                let resolved = blocking(move || store.load(reference, &digest, &lease)).await?;
+                self.check_stored(&resolved, scope)?;
+                return Ok(resolved);
             }
         }
-        let plan = self.plan(&reference, lease).await?;
+        let plan = self.plan_scoped(&reference, lease, scope).await?;
         self.fetch(plan, lease, progress).await
+    }
+
+    /// The org quota for an image found in the store: its layers the org does not
+    /// use yet must fit in what it may still store.
+    fn check_stored(&self, image: &ResolvedImage, scope: &PullScope) -> Result<(), ImageError> {
+        let Some(budget) = scope.org_budget() else {
+            return Ok(());
+        };
+        for digest in &image.layer_digests {
+            if !scope.is_charged(digest) {
+                budget.take(self.store.layer_size(digest)?.unwrap_or(0))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses, for an org token, a registry the operator does not allow: one not on
+    /// the allow-list (when there is one), or one with any address that is not public
+    /// (unless listed). Every address the name resolves to is checked.
+    async fn check_registry(&self, registry: &str) -> Result<(), ImageError> {
+        // The default registry is the operator's own choice (for agents, the control
+        // plane's): always allowed.
+        let listed = self
+            .options
+            .allowed
+            .iter()
+            .chain(&self.options.default_registry)
+            .any(|host| insecure_host_matches(host, registry));
+        let refused = || ImageError::RegistryRefused {
+            registry: registry.to_string(),
+        };
+        if listed {
+            return Ok(());
+        }
+        if !self.options.allowed.is_empty() {
+            return Err(refused());
+        }
+        let host_port = registry_socket_name(registry);
+        let addresses: Vec<std::net::SocketAddr> = match tokio::time::timeout(
+            self.options.connect_timeout,
+            tokio::net::lookup_host(host_port),
+        )
+        .await
+        {
+            Ok(Ok(addresses)) => addresses.collect(),
+            // Refused like a private name, so that internal names stay unprobed.
+            _ => return Err(refused()),
+        };
+        if addresses.is_empty() || addresses.iter().any(|a| !is_public_address(a.ip())) {
+            return Err(refused());
+        }
+        Ok(())
     }
 
     fn client(&self, registry: &str) -> Result<Client, ImageError> {
@@ -452,9 +616,60 @@ impl ImagePuller {
         reference: &ImageReference,
         lease: &Lease,
     ) -> Result<PullPlan, ImageError> {
+        self.plan_scoped(reference, lease, &PullScope::default())
+            .await
+    }
+
+    /// [`ImagePuller::plan`] for `scope`. For an org token the registry is checked
+    /// first, and every failure to get a valid manifest from it (connection refused,
+    /// timeout, TLS, an answer that is not a registry's) is one generic error; only
+    /// errors a registry states in its own OCI error format keep their code.
+    pub async fn plan_scoped(
+        &self,
+        reference: &ImageReference,
+        lease: &Lease,
+        scope: &PullScope,
+    ) -> Result<PullPlan, ImageError> {
         let registry = reference.registry.clone().ok_or_else(|| {
             ImageError::invalid_reference(&reference.name(), "no registry to pull from")
         })?;
+        if !scope.restricted {
+            return self
+                .plan_inner(reference, lease, scope, registry)
+                .await
+                .map_err(|e| e.error);
+        }
+        self.check_registry(&registry).await?;
+        match self
+            .plan_inner(reference, lease, scope, registry.clone())
+            .await
+        {
+            Ok(plan) => Ok(plan),
+            Err(PlanError {
+                error,
+                stated: true,
+            }) => Err(error),
+            Err(PlanError { error, .. }) => Err(match error {
+                ImageError::PlatformUnsupported(_)
+                | ImageError::InvalidReference { .. }
+                | ImageError::TooLarge(_)
+                | ImageError::RegistryRefused { .. }
+                | ImageError::InsufficientStorage { .. } => error,
+                other => {
+                    tracing::info!(registry = %registry, error = %other, "org pull failed");
+                    generic_unreachable(&registry)
+                }
+            }),
+        }
+    }
+
+    async fn plan_inner(
+        &self,
+        reference: &ImageReference,
+        lease: &Lease,
+        scope: &PullScope,
+        registry: String,
+    ) -> Result<PullPlan, PlanError> {
         let client = self.client(&registry)?;
         let auth = self.options.credentials.auth_for(&registry);
         let top = match (&reference.digest, &reference.tag) {
@@ -472,14 +687,15 @@ impl ImagePuller {
         let (mut bytes, _) = client
             .pull_manifest_raw(&top, &auth, ACCEPTED_MANIFESTS)
             .await
-            .map_err(|e| registry_error(&registry, &reference.name(), e))?;
+            .map_err(|e| registry_plan_error(&registry, &reference.name(), e))?;
         check_manifest_size(&bytes)?;
         let mut digest = format!("sha256:{}", sha256_hex(&bytes));
         if let Some(wanted) = &reference.digest {
             if *wanted != digest {
                 return Err(ImageError::invalid(format!(
                     "registry {registry} served manifest {digest} for {wanted}"
-                )));
+                ))
+                .into());
             }
         }
 
@@ -487,7 +703,7 @@ impl ImagePuller {
         let mut depth = 0;
         while is_index(&bytes)? {
             if depth >= MAX_INDEX_DEPTH {
-                return Err(ImageError::invalid("image indexes nested too deeply"));
+                return Err(ImageError::invalid("image indexes nested too deeply").into());
             }
             depth += 1;
             let index: IndexDoc = parse_json(&bytes, "image index")?;
@@ -500,7 +716,7 @@ impl ImagePuller {
             let (child_bytes, _) = client
                 .pull_manifest_raw(&child, &auth, ACCEPTED_MANIFESTS)
                 .await
-                .map_err(|e| registry_error(&registry, &reference.name(), e))?;
+                .map_err(|e| registry_plan_error(&registry, &reference.name(), e))?;
             check_manifest_size(&child_bytes)?;
             verify_bytes(&child_bytes, &chosen)?;
             bytes = child_bytes;
@@ -526,6 +742,7 @@ impl ImagePuller {
             config_bytes,
             remote: top,
             registry,
+            scope: scope.clone(),
         })
     }
 
@@ -617,19 +834,33 @@ impl ImagePuller {
             bytes_done: 0,
             bytes_total: plan.total_bytes(),
         });
+        let budgets = Budgets {
+            image: Arc::new(self.store.image_budget()),
+            org: plan.scope.org_budget().map(Arc::new),
+        };
+        // Blobs and layers this pull publishes: if it fails, they go again (see below).
+        let published = Mutex::new(Vec::new());
         // Collected first: a closure inside the stream type makes the future not Send.
         let downloads: Vec<_> = plan
             .manifest
             .layers
             .iter()
-            .map(|layer| self.fetch_layer(&plan, layer, progress.clone()))
+            .map(|layer| self.fetch_layer(&plan, layer, progress.clone(), &budgets, &published))
             .collect();
         let results: Vec<Result<(), ImageError>> = futures::stream::iter(downloads)
             .buffer_unordered(LAYER_CONCURRENCY)
             .collect()
             .await;
-        for result in results {
-            result?;
+        if let Some(error) = results.into_iter().find_map(Result::err) {
+            // A failed pull keeps nothing: what it published that no other pull or create
+            // holds is removed, the blob of a layer that would not unpack included.
+            let mine = std::mem::take(&mut *lock(&published));
+            let store = self.store.clone();
+            let lease = lease.clone();
+            if let Err(cleanup) = blocking(move || store.discard(&mine, &lease)).await {
+                tracing::warn!(error = %cleanup, "removing what a failed pull stored");
+            }
+            return Err(error);
         }
 
         let store = self.store.clone();
@@ -682,8 +913,11 @@ impl ImagePuller {
         plan: &PullPlan,
         desc: &Descriptor,
         progress: Progress,
+        budgets: &Budgets,
+        published: &Mutex<Vec<String>>,
     ) -> Result<(), ImageError> {
         let hex = descriptor_hex(desc)?.to_string();
+        let charged_already = plan.scope.is_charged(&desc.digest);
         let flight = self.flight(&hex);
         let result = async {
             let _guard = match flight.try_lock() {
@@ -693,7 +927,12 @@ impl ImagePuller {
                     flight.lock().await
                 }
             };
-            if self.store.layer_path(&hex).is_dir() {
+            if let Some(size) = self.store.layer_size(&hex)? {
+                // Stored already (for anyone): it still counts for this image and org.
+                budgets.image.take(size)?;
+                if let (Some(org), false) = (&budgets.org, charged_already) {
+                    org.take(size)?;
+                }
                 progress(layer_event(desc, PullStatus::Exists, desc.size));
                 return Ok(());
             }
@@ -701,10 +940,19 @@ impl ImagePuller {
                 progress(layer_event(desc, PullStatus::Exists, desc.size));
             } else {
                 self.download(plan, desc, &hex, &progress).await?;
+                lock(published).push(hex.clone());
             }
             let store = self.store.clone();
             let owned = desc.clone();
-            blocking(move || store.ensure_layer(&owned)).await?;
+            let image = budgets.image.clone();
+            let org = budgets.org.clone().filter(|_| !charged_already);
+            blocking(move || {
+                let mut all: Vec<&Budget> = vec![&image];
+                all.extend(org.as_deref());
+                store.ensure_layer(&owned, &all)
+            })
+            .await?;
+            lock(published).push(hex.clone());
             progress(layer_event(desc, PullStatus::Unpacked, desc.size));
             Ok(())
         }
@@ -892,6 +1140,51 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| ImageError::Internal(format!("image store task: {e}")))?
+}
+
+/// The allowances one pull's layers draw on together.
+struct Budgets {
+    image: Arc<Budget>,
+    org: Option<Arc<Budget>>,
+}
+
+/// A planning failure, with whether a registry stated it in its own OCI error format
+/// (which proves a registry answered, so an org token may see it as it is).
+struct PlanError {
+    error: ImageError,
+    stated: bool,
+}
+
+impl From<ImageError> for PlanError {
+    fn from(error: ImageError) -> PlanError {
+        PlanError {
+            error,
+            stated: false,
+        }
+    }
+}
+
+fn registry_plan_error(registry: &str, what: &str, error: OciDistributionError) -> PlanError {
+    let stated = matches!(error, OciDistributionError::RegistryError { .. });
+    PlanError {
+        error: registry_error(registry, what, error),
+        stated,
+    }
+}
+
+/// `host[:port]` for a socket lookup: the port the client uses when none is given.
+fn registry_socket_name(registry: &str) -> String {
+    let has_port = registry
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| port.parse::<u16>().is_ok() && !host.is_empty())
+        && !registry.ends_with(']');
+    if has_port {
+        registry.to_string()
+    } else if is_loopback_registry(registry) {
+        format!("{registry}:80")
+    } else {
+        format!("{registry}:443")
+    }
 }
 
 /// Maps a registry client error onto the API's codes.

@@ -4,6 +4,8 @@
 //! - `blobs/sha256/<hex>`: verified blobs (manifests, configs, layers);
 //! - `layers/sha256/<layer-blob-hex>/`: unpacked layers, complete once the directory
 //!   exists under its final name;
+//! - `sizes/sha256/<layer-blob-hex>`: the unpacked size charged for that layer, written
+//!   before the layer is published (and recomputed from the tree if missing);
 //! - `refs/<escaped name>`: a tag, holding the manifest digest;
 //! - `tmp/`: work in progress, renamed into place only once complete and verified.
 //!
@@ -28,7 +30,8 @@ use crate::error::{shorten, ImageError};
 use crate::gc::Lease;
 use crate::reference::{is_sha256_digest, is_sha256_hex, ImageReference};
 use crate::unpack::{
-    decompressing_reader, layer_compression, unpack_layer, TarGuard, UnpackLimits,
+    charged_size, decompressing_reader, layer_compression, unpack_layer_within, Budget, TarGuard,
+    UnpackLimits, BLOCK,
 };
 
 /// The operating system images must target.
@@ -91,6 +94,8 @@ pub struct ResolvedImage {
     pub config: RuntimeConfig,
     /// Sum of the compressed layer sizes.
     pub size_bytes: u64,
+    /// Sum of the unpacked layer sizes (see [`crate::unpack::charged_size`]).
+    pub unpacked_bytes: u64,
 }
 
 /// One tag, as listed.
@@ -102,6 +107,9 @@ pub struct ImageInfo {
     pub digest: String,
     /// Sum of the compressed layer sizes.
     pub size_bytes: u64,
+    /// Sum of the unpacked layer sizes; layers not unpacked on this host count 0.
+    #[serde(default)]
+    pub unpacked_bytes: u64,
     /// Number of layers.
     pub layers: usize,
 }
@@ -515,8 +523,8 @@ struct Staging {
     blobs: Vec<(TmpPath, PathBuf)>,
     /// hex -> where the blob can be read from until commit.
     blob_paths: HashMap<String, PathBuf>,
-    /// (tmp dir, final dir) of unpacked layers.
-    layers: Vec<(TmpPath, PathBuf)>,
+    /// (tmp dir, layer hex, unpacked size) of unpacked layers.
+    layers: Vec<(TmpPath, String, u64)>,
     layer_hexes: HashSet<String>,
 }
 
@@ -525,7 +533,13 @@ impl ImageStore {
     /// `root` open, leftovers of crashed imports in `tmp/` are removed.
     pub fn open(root: &Path, limits: UnpackLimits) -> Result<ImageStore, ImageError> {
         let root = root.to_path_buf();
-        for dir in ["blobs/sha256", "layers/sha256", "refs", "tmp"] {
+        for dir in [
+            "blobs/sha256",
+            "layers/sha256",
+            "sizes/sha256",
+            "refs",
+            "tmp",
+        ] {
             let path = root.join(dir);
             fs::create_dir_all(&path)
                 .map_err(|e| ImageError::io(format!("creating {}", path.display()), e))?;
@@ -587,6 +601,69 @@ impl ImageStore {
 
     pub(crate) fn layer_path(&self, hex: &str) -> PathBuf {
         self.root.join("layers/sha256").join(hex)
+    }
+
+    pub(crate) fn size_path(&self, hex: &str) -> PathBuf {
+        self.root.join("sizes/sha256").join(hex)
+    }
+
+    /// The limits this store unpacks with.
+    pub fn limits(&self) -> &UnpackLimits {
+        &self.limits
+    }
+
+    /// A budget for one image's layers: the per-image cap.
+    pub fn image_budget(&self) -> Budget {
+        Budget::new(
+            self.limits.max_image_bytes,
+            format!(
+                "the per-image limit of {} bytes unpacked",
+                self.limits.max_image_bytes
+            ),
+        )
+    }
+
+    /// The unpacked size of a stored layer, `None` when it is not unpacked here. A
+    /// layer unpacked before sizes were recorded is measured once and recorded.
+    pub fn layer_size(&self, layer_digest: &str) -> Result<Option<u64>, ImageError> {
+        let hex = digest_hex(layer_digest);
+        if !is_sha256_hex(hex) {
+            return Err(ImageError::invalid_reference(layer_digest, "bad digest"));
+        }
+        let dir = self.layer_path(hex);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        if let Ok(text) = fs::read_to_string(self.size_path(hex)) {
+            if let Ok(size) = text.trim().parse::<u64>() {
+                return Ok(Some(size));
+            }
+        }
+        let size = measure_tree(&dir)?;
+        self.write_size(hex, size)?;
+        Ok(Some(size))
+    }
+
+    /// Sum of the unpacked sizes of `layer_digests` (missing layers count 0).
+    pub fn unpacked_size<'a>(
+        &self,
+        layer_digests: impl IntoIterator<Item = &'a String>,
+    ) -> Result<u64, ImageError> {
+        let mut total: u64 = 0;
+        for digest in layer_digests {
+            total = total.saturating_add(self.layer_size(digest)?.unwrap_or(0));
+        }
+        Ok(total)
+    }
+
+    fn write_size(&self, hex: &str, size: u64) -> Result<(), ImageError> {
+        let (mut file, tmp) = self.new_tmp_file("size-")?;
+        file.write_all(format!("{size}\n").as_bytes())
+            .map_err(|e| ImageError::io("writing a layer size", e))?;
+        fs::rename(&tmp.path, self.size_path(hex))
+            .map_err(|e| ImageError::io("writing a layer size", e))?;
+        tmp.disarm();
+        Ok(())
     }
 
     pub(crate) fn ref_path(&self, reference: &ImageReference) -> PathBuf {
@@ -707,16 +784,21 @@ impl ImageStore {
             &config_bytes,
         )?;
 
+        let budget = self.image_budget();
         for layer in &manifest.layers {
             let hex = descriptor_hex(layer)?.to_string();
-            let blob = self.stage_layer_blob(&mut staging, layout, layer, &hex)?;
             let final_dir = self.layer_path(&hex);
-            if staging.layer_hexes.contains(&hex) || final_dir.is_dir() {
+            if staging.layer_hexes.contains(&hex) {
                 continue;
             }
-            let unpacked = self.unpack_blob(&blob, layer)?;
-            staging.layer_hexes.insert(hex);
-            staging.layers.push((unpacked, final_dir));
+            if final_dir.is_dir() {
+                budget.take(self.layer_size(&hex)?.unwrap_or(0))?;
+                continue;
+            }
+            let blob = self.stage_layer_blob(&mut staging, layout, layer, &hex)?;
+            let (unpacked, charged) = self.unpack_blob(&blob, layer, &[&budget])?;
+            staging.layer_hexes.insert(hex.clone());
+            staging.layers.push((unpacked, hex, charged));
         }
 
         self.commit(staging)?;
@@ -945,7 +1027,8 @@ impl ImageStore {
         &self,
         blob: &Path,
         desc: &Descriptor,
-    ) -> Result<TmpPath, ImageError> {
+        budgets: &[&Budget],
+    ) -> Result<(TmpPath, u64), ImageError> {
         let hex = descriptor_hex(desc)?;
         let file = File::open(blob).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => {
@@ -964,7 +1047,13 @@ impl ImageStore {
             HashingReader::new(io::BufReader::new(file).take(desc.size.saturating_add(1)));
         let stats = {
             let decompressed = decompressing_reader(&desc.media_type, &mut reader)?;
-            unpack_layer(decompressed, &dir.path, &self.limits)?
+            unpack_layer_within(
+                decompressed,
+                &dir.path,
+                &self.limits,
+                Some(desc.size),
+                budgets,
+            )?
         };
         // The tar may end before its compressed stream: hash the rest too.
         io::copy(&mut reader, &mut io::sink())
@@ -977,8 +1066,8 @@ impl ImageStore {
             )));
         }
         self.unpacked.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(layer = %desc.digest, entries = stats.entries, bytes = stats.bytes, "unpacked layer");
-        Ok(dir)
+        tracing::debug!(layer = %desc.digest, entries = stats.entries, bytes = stats.bytes, charged = stats.charged, "unpacked layer");
+        Ok((dir, stats.charged))
     }
 
     /// Publishes staged blobs, then unpacked layers. Losing a race to another importer
@@ -991,13 +1080,22 @@ impl ImageStore {
             }
         }
         sync_dir(&self.root.join("blobs/sha256"))?;
-        for (tmp, final_dir) in staging.layers {
-            self.install_layer(tmp, &final_dir)?;
+        for (tmp, hex, charged) in staging.layers {
+            self.install_layer(tmp, &hex, charged)?;
         }
         Ok(())
     }
 
-    pub(crate) fn install_layer(&self, tmp: TmpPath, final_dir: &Path) -> Result<(), ImageError> {
+    pub(crate) fn install_layer(
+        &self,
+        tmp: TmpPath,
+        hex: &str,
+        charged: u64,
+    ) -> Result<(), ImageError> {
+        let final_dir = &self.layer_path(hex);
+        // The size first: a published layer always has one (a crash in between leaves a
+        // size without a layer, which the next unpack overwrites).
+        self.write_size(hex, charged)?;
         // Unpacked files are not fsynced one by one; flush the filesystem once so the
         // final name never points at a tree that a crash could have left incomplete.
         let dir = File::open(&tmp.path).map_err(|e| ImageError::io("opening unpacked layer", e))?;
@@ -1130,21 +1228,29 @@ impl ImageStore {
             lease.add(descriptor_hex(layer)?);
         }
         let config = parse_config(&self.read_json_blob(None, &manifest.config, MAX_CONFIG)?)?;
+        let budget = self.image_budget();
         for layer in &manifest.layers {
-            self.ensure_layer(layer)?;
+            match self.layer_size(&layer.digest)? {
+                Some(size) => budget.take(size)?,
+                None => self.ensure_layer(layer, &[&budget])?,
+            }
         }
         Ok(self.resolved(reference, digest.to_string(), &manifest, config))
     }
 
     /// Makes sure a stored layer blob is unpacked.
-    pub(crate) fn ensure_layer(&self, desc: &Descriptor) -> Result<(), ImageError> {
+    pub(crate) fn ensure_layer(
+        &self,
+        desc: &Descriptor,
+        budgets: &[&Budget],
+    ) -> Result<(), ImageError> {
         let hex = descriptor_hex(desc)?;
         let final_dir = self.layer_path(hex);
         if final_dir.is_dir() {
             return Ok(());
         }
-        let unpacked = self.unpack_blob(&self.blob_path(hex), desc)?;
-        self.install_layer(unpacked, &final_dir)
+        let (unpacked, charged) = self.unpack_blob(&self.blob_path(hex), desc, budgets)?;
+        self.install_layer(unpacked, hex, charged)
     }
 
     pub(crate) fn resolved(
@@ -1159,12 +1265,14 @@ impl ImageStore {
             .iter()
             .map(|d| self.layer_path(digest_hex(d)))
             .collect();
+        let unpacked_bytes = self.unpacked_size(&layer_digests).unwrap_or(0);
         ResolvedImage {
             reference,
             manifest_digest,
             layer_digests,
             layer_dirs,
             config,
+            unpacked_bytes,
             size_bytes: manifest
                 .layers
                 .iter()
@@ -1229,6 +1337,9 @@ impl ImageStore {
                         .iter()
                         .map(|l| l.size)
                         .fold(0, u64::saturating_add),
+                    unpacked_bytes: self
+                        .unpacked_size(manifest.layers.iter().map(|l| &l.digest))
+                        .unwrap_or(0),
                     layers: manifest.layers.len(),
                 }),
                 Err(e) => {
@@ -1329,6 +1440,37 @@ impl ImageStore {
         }
         Ok(dir)
     }
+}
+
+/// The unpacked size of a tree, counted as the unpacker charges it: a block at least per
+/// entry, file contents in blocks, a further name of a hard-linked file one block.
+fn measure_tree(root: &Path) -> Result<u64, ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total: u64 = 0;
+    let mut seen = HashSet::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = fs::read_dir(&dir)
+            .map_err(|e| ImageError::io(format!("measuring {}", dir.display()), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| ImageError::io("measuring a layer", e))?;
+            let meta = entry
+                .metadata()
+                .map_err(|e| ImageError::io("measuring a layer", e))?;
+            let cost = if meta.is_dir() {
+                pending.push(entry.path());
+                BLOCK
+            } else if (meta.is_file() && (meta.nlink() < 2 || seen.insert(meta.ino())))
+                || meta.file_type().is_symlink()
+            {
+                charged_size(meta.len())
+            } else {
+                BLOCK
+            };
+            total = total.saturating_add(cost);
+        }
+    }
+    Ok(total)
 }
 
 fn archive_error(e: io::Error) -> ImageError {

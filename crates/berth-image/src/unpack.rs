@@ -12,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{
     AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags, CWD,
@@ -41,13 +42,26 @@ const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
-/// Caps applied while unpacking one layer.
+/// The unit unpacked sizes are counted in: each entry takes at least one block (its
+/// inode and directory entry), a file's content takes its size rounded up to blocks.
+pub const BLOCK: u64 = 4096;
+
+/// Caps applied while unpacking. Sizes are unpacked sizes as counted by
+/// [`charged_size`]: what the layer can take on disk, not the bytes of the tar.
 #[derive(Debug, Clone, Copy)]
 pub struct UnpackLimits {
-    /// Total bytes of regular-file content in one layer.
+    /// Unpacked size of one layer.
     pub max_layer_bytes: u64,
     /// Number of tar entries in one layer.
     pub max_entries: u64,
+    /// Unpacked size of one image, all its layers together.
+    pub max_image_bytes: u64,
+    /// A compressed layer may unpack to at most this many times its blob size ...
+    pub max_ratio: u64,
+    /// ... or to this many bytes, whichever is more. Real layers unpack to 2-5 times
+    /// their gzip size (text and binaries); only long runs of one byte, which is what a
+    /// decompression bomb is made of, reach 100 and beyond.
+    pub ratio_floor_bytes: u64,
 }
 
 impl Default for UnpackLimits {
@@ -55,7 +69,79 @@ impl Default for UnpackLimits {
         UnpackLimits {
             max_layer_bytes: 16 << 30,
             max_entries: 1_000_000,
+            max_image_bytes: 32 << 30,
+            max_ratio: 50,
+            ratio_floor_bytes: 256 << 20,
         }
+    }
+}
+
+impl UnpackLimits {
+    /// The most a layer blob of `compressed` bytes may unpack to, and why.
+    pub fn layer_cap(&self, compressed: Option<u64>) -> (u64, String) {
+        let by_ratio = compressed.map(|size| {
+            size.saturating_mul(self.max_ratio)
+                .max(self.ratio_floor_bytes)
+        });
+        match by_ratio {
+            Some(cap) if cap < self.max_layer_bytes => (
+                cap,
+                format!(
+                    "the layer unpacks to more than {cap} bytes ({} times its compressed size, at least {} bytes)",
+                    self.max_ratio, self.ratio_floor_bytes
+                ),
+            ),
+            _ => (
+                self.max_layer_bytes,
+                format!(
+                    "the layer unpacks to more than the per-layer limit of {} bytes",
+                    self.max_layer_bytes
+                ),
+            ),
+        }
+    }
+}
+
+/// The unpacked size charged for one entry of `content` bytes (0 for anything but a
+/// regular file): at least one block, content rounded up to blocks. A hard link shares
+/// its target's blocks and is charged one block, like any other name.
+pub fn charged_size(content: u64) -> u64 {
+    content.div_ceil(BLOCK).saturating_mul(BLOCK).max(BLOCK)
+}
+
+/// An allowance of unpacked bytes shared by several unpacks: every layer of one image
+/// (the per-image cap), or every layer one org pull adds (what the org may still store).
+/// Layers unpack concurrently, so it is drawn on atomically; nothing is ever given back,
+/// since a pull that fails keeps nothing.
+#[derive(Debug)]
+pub struct Budget {
+    remaining: AtomicU64,
+    what: String,
+}
+
+impl Budget {
+    /// `limit` bytes; `what` names the limit in the error, e.g. "the org's image storage
+    /// quota (1024 MiB, 10 MiB left)".
+    pub fn new(limit: u64, what: impl Into<String>) -> Budget {
+        Budget {
+            remaining: AtomicU64::new(limit),
+            what: what.into(),
+        }
+    }
+
+    /// Takes `bytes`, or refuses with `image_too_large` when fewer are left.
+    pub fn take(&self, bytes: u64) -> Result<(), ImageError> {
+        self.remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .map(|_| ())
+            .map_err(|_| ImageError::TooLarge(format!("the image exceeds {}", self.what)))
+    }
+
+    /// Bytes still available.
+    pub fn remaining(&self) -> u64 {
+        self.remaining.load(Ordering::Acquire)
     }
 }
 
@@ -66,6 +152,9 @@ pub struct UnpackStats {
     pub entries: u64,
     /// Bytes of regular-file content written.
     pub bytes: u64,
+    /// The unpacked size charged for the layer (see [`charged_size`]), directories
+    /// created for missing parents included.
+    pub charged: u64,
 }
 
 /// Layer compression, derived from a layer media type.
@@ -120,6 +209,20 @@ pub fn unpack_layer<R: Read>(
     dest: &Path,
     limits: &UnpackLimits,
 ) -> Result<UnpackStats, ImageError> {
+    unpack_layer_within(reader, dest, limits, None, &[])
+}
+
+/// [`unpack_layer`] for a layer blob of `compressed` bytes (capped by
+/// [`UnpackLimits::layer_cap`]), drawing every charged byte from each of `budgets` as it
+/// goes: the unpack stops with `image_too_large` at the first entry over any of them.
+pub fn unpack_layer_within<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &UnpackLimits,
+    compressed: Option<u64>,
+    budgets: &[&Budget],
+) -> Result<UnpackStats, ImageError> {
+    let (layer_cap, layer_cap_reason) = limits.layer_cap(compressed);
     let root = rustix::fs::openat(
         CWD,
         dest,
@@ -128,14 +231,16 @@ pub fn unpack_layer<R: Read>(
     )
     .map_err(|e| ImageError::errno(format!("opening {}", dest.display()), e))?;
 
-    let stream_cap = limits
-        .max_layer_bytes
+    let stream_cap = layer_cap
         .saturating_add(limits.max_entries.saturating_mul(FRAMING_PER_ENTRY))
         .saturating_add(MAX_EXTENSION_HEADER);
     let mut archive = tar::Archive::new(TarGuard::new(reader, stream_cap));
     let mut unpacker = Unpacker {
         root,
         limits: *limits,
+        layer_cap,
+        layer_cap_reason,
+        budgets,
         stats: UnpackStats::default(),
         dir_times: Vec::new(),
         dir_times_bytes: 0,
@@ -231,9 +336,13 @@ impl RelPath {
     }
 }
 
-struct Unpacker {
+struct Unpacker<'b> {
     root: OwnedFd,
     limits: UnpackLimits,
+    /// The most this layer may be charged, and the error's explanation.
+    layer_cap: u64,
+    layer_cap_reason: String,
+    budgets: &'b [&'b Budget],
     stats: UnpackStats,
     /// Directory mtimes, applied at the end because creating children changes them.
     dir_times: Vec<(Vec<Vec<u8>>, u64)>,
@@ -252,7 +361,23 @@ struct Meta {
     mtime: u64,
 }
 
-impl Unpacker {
+impl Unpacker<'_> {
+    /// Charges `bytes` of unpacked size before anything that takes them is written.
+    fn charge(&mut self, bytes: u64, path: &str) -> Result<(), ImageError> {
+        let total = self.stats.charged.saturating_add(bytes);
+        if total > self.layer_cap {
+            return Err(ImageError::TooLarge(format!(
+                "{} (at {path})",
+                self.layer_cap_reason
+            )));
+        }
+        for budget in self.budgets {
+            budget.take(bytes)?;
+        }
+        self.stats.charged = total;
+        Ok(())
+    }
+
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ImageError> {
         self.stats.entries += 1;
         if self.stats.entries > self.limits.max_entries {
@@ -370,6 +495,7 @@ impl Unpacker {
             ) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) if create => {
+                    self.charge(BLOCK, &shown())?;
                     match rustix::fs::mkdirat(
                         &current,
                         component.as_slice(),
@@ -446,6 +572,7 @@ impl Unpacker {
             return Err(ImageError::invalid(format!("bad whiteout {}", path.show())));
         }
         let dir = self.open_dir(parent, true)?;
+        self.charge(BLOCK, &path.show())?;
         self.remove_existing(&dir, target, false)?;
         // The overlayfs whiteout: a 0:0 character device. The only device ever created.
         rustix::fs::mknodat(
@@ -468,13 +595,10 @@ impl Unpacker {
     ) -> Result<(), ImageError> {
         let size = entry.size();
         let total = self.stats.bytes.saturating_add(size);
-        if total > self.limits.max_layer_bytes {
-            return Err(ImageError::invalid(format!(
-                "layer content exceeds {} bytes at {}",
-                self.limits.max_layer_bytes,
-                path.show()
-            )));
-        }
+        // Charged from the header, before a byte is written: content beyond it is refused
+        // below, and sparse entries never get this far (the tar guard refuses them), so
+        // what lands on disk is at most what was charged.
+        self.charge(charged_size(size), &path.show())?;
         let dir = self.open_dir(parent, true)?;
         self.remove_existing(&dir, name, false)?;
         let fd = rustix::fs::openat(
@@ -521,6 +645,7 @@ impl Unpacker {
         meta: &Meta,
     ) -> Result<(), ImageError> {
         let dir = self.open_dir(parent, true)?;
+        self.charge(BLOCK, &path.show())?;
         if !self.remove_existing(&dir, name, true)? {
             rustix::fs::mkdirat(&*dir, name, Mode::from_raw_mode(0o700))
                 .map_err(|e| fs_error(format!("creating {}", path.show()), e))?;
@@ -558,6 +683,8 @@ impl Unpacker {
             )));
         }
         let dir = self.open_dir(parent, true)?;
+        // A long target takes a block of its own.
+        self.charge(charged_size(target.len() as u64), &path.show())?;
         self.remove_existing(&dir, name, false)?;
         rustix::fs::symlinkat(target.as_slice(), &*dir, name)
             .map_err(|e| fs_error(format!("creating symlink {}", path.show()), e))?;
@@ -621,6 +748,9 @@ impl Unpacker {
         if target == *path {
             return Ok(());
         }
+        // The link shares its target's blocks, already charged once; the name itself
+        // is charged a block like any entry, so a million links are not free.
+        self.charge(BLOCK, &path.show())?;
         let dir = self.open_dir(parent, true)?;
         self.remove_existing(&dir, name, false)?;
         // The target may have been removed if it was inside a replaced directory.
@@ -941,6 +1071,7 @@ mod tests {
         let limits = UnpackLimits {
             max_layer_bytes: 0,
             max_entries: 0,
+            ..UnpackLimits::default()
         };
         let dest = tempfile::tempdir().unwrap();
         // The cap (framing allowance only) is far above 10 small headers, but with

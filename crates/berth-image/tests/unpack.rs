@@ -308,31 +308,33 @@ fn refuses_unknown_entry_types_and_sparse() {
 
 #[test]
 fn enforces_size_and_entry_limits() {
+    // Every entry is charged at least one 4 KiB block, content in 4 KiB blocks.
     let limits = UnpackLimits {
-        max_layer_bytes: 1024,
+        max_layer_bytes: 8192,
         max_entries: 10,
+        ..UnpackLimits::default()
     };
     // Exactly at the cap is fine.
     let sandbox = Sandbox::new();
     let stats = unpack_with(
-        LayerBuilder::new().file("a", &[1u8; 1024], 0o644),
+        LayerBuilder::new().file("a", &[1u8; 8192], 0o644),
         &sandbox.dest,
         &limits,
     )
     .unwrap();
-    assert_eq!(stats.bytes, 1024);
+    assert_eq!((stats.bytes, stats.charged), (8192, 8192));
 
     for layer in [
-        LayerBuilder::new().file("big", &[1u8; 1025], 0o644),
+        LayerBuilder::new().file("big", &[1u8; 8193], 0o644),
         LayerBuilder::new()
             .file("a", &[1u8; 600], 0o644)
-            .file("b", &[1u8; 600], 0o644),
+            .file("b", &[1u8; 600], 0o644)
+            .file("c", &[1u8; 600], 0o644),
     ] {
         let sandbox = Sandbox::new();
         let err = unpack_with(layer, &sandbox.dest, &limits).unwrap_err();
-        assert_eq!(err.code(), "invalid_image");
-        assert!(err.to_string().contains("exceeds"), "{err}");
-        sandbox.assert_untouched();
+        assert_eq!(err.code(), "image_too_large");
+        assert!(err.to_string().contains("per-layer limit"), "{err}");
     }
 
     let mut many = LayerBuilder::new();
@@ -340,7 +342,11 @@ fn enforces_size_and_entry_limits() {
         many = many.file(&format!("f{i}"), b"", 0o644);
     }
     let sandbox = Sandbox::new();
-    let err = unpack_with(many, &sandbox.dest, &limits).unwrap_err();
+    let roomy = UnpackLimits {
+        max_layer_bytes: 1 << 20,
+        ..limits
+    };
+    let err = unpack_with(many, &sandbox.dest, &roomy).unwrap_err();
     assert_eq!(err.code(), "invalid_image");
     assert!(err.to_string().contains("entries"), "{err}");
     sandbox.assert_untouched();

@@ -311,7 +311,10 @@ async fn mountinfo_hides_host_paths(driver: Driver) {
         .lines()
         .find(|l| l.split_whitespace().nth(4) == Some("/"))
         .unwrap_or_else(|| panic!("no / in {logs}"));
-    assert!(root_line.contains("lowerdir+=/,upperdir=/upper,"), "{root_line}");
+    assert!(
+        root_line.contains("lowerdir+=/,upperdir=/upper,"),
+        "{root_line}"
+    );
     let host = fs::canonicalize(f.tmp.path()).unwrap();
     assert!(!logs.contains(host.to_str().unwrap()), "{logs}");
     f.runtime.remove(&f.layout).await.unwrap();

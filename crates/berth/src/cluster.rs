@@ -172,6 +172,11 @@ pub struct AgentArgs {
     /// given (needed when listening on an unspecified address such as `[::]:4301`).
     #[arg(long)]
     advertise_url: Option<String>,
+    /// A registry org tokens may pull from besides the control plane's (a bare HOST
+    /// covers every port); may be repeated. Without any, registries whose every address
+    /// is public; loopback and private addresses only when listed.
+    #[arg(long = "allow-registry", value_name = "HOST[:PORT]")]
+    allow_registry: Vec<String>,
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
@@ -226,7 +231,10 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     // One pull path: images come from the control plane's registry, like any registry's.
     let puller = Arc::new(ImagePuller::new(
         images,
-        control_registry(&args.control_url, &args.join_token)?,
+        RegistryOptions {
+            allowed: args.allow_registry.clone(),
+            ..control_registry(&args.control_url, &args.join_token)?
+        },
     ));
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];

@@ -556,9 +556,10 @@ pub async fn image(command: ImageCommand) -> Result<()> {
                 return print_json(&images);
             }
             // Whole digests: scripts match them against `image_ref.digest`.
+            // SIZE is what was downloaded; UNPACKED what the layers take on disk.
             println!(
-                "{:<40} {:<71} {:>6} {:>12} MACHINES",
-                "NAME", "DIGEST", "LAYERS", "SIZE"
+                "{:<40} {:<71} {:>6} {:>12} {:>12} MACHINES",
+                "NAME", "DIGEST", "LAYERS", "SIZE", "UNPACKED"
             );
             for image in images {
                 let machines = if image.machines.is_empty() {
@@ -567,8 +568,8 @@ pub async fn image(command: ImageCommand) -> Result<()> {
                     image.machines.join(",")
                 };
                 println!(
-                    "{:<40} {:<71} {:>6} {:>12} {machines}",
-                    image.name, image.digest, image.layers, image.size_bytes
+                    "{:<40} {:<71} {:>6} {:>12} {:>12} {machines}",
+                    image.name, image.digest, image.layers, image.size_bytes, image.unpacked_bytes
                 );
             }
         }

@@ -40,6 +40,9 @@ pub struct LimitArgs {
     max_cpus: Option<u64>,
     #[arg(long)]
     max_memory_mb: Option<u64>,
+    /// Unpacked size of the image layers the org's Machines use, in MiB.
+    #[arg(long)]
+    max_image_storage_mb: Option<u64>,
     /// A rate limit, ACTION=PER_SECOND/BURST (actions: create, start, stop, update,
     /// destroy, exec, read); may be repeated.
     #[arg(long = "rate", value_name = "ACTION=PER_SECOND/BURST")]
@@ -78,6 +81,7 @@ impl LimitArgs {
                 max_started_machines: self.max_started_machines,
                 max_cpus: self.max_cpus,
                 max_memory_mb: self.max_memory_mb,
+                max_image_storage_mb: self.max_image_storage_mb,
             },
             rate_limits,
         })

@@ -93,6 +93,12 @@ pub struct UpArgs {
     /// Where image names without a registry are pulled from when no local tag matches.
     #[arg(long, value_name = "HOST[:PORT]")]
     default_registry: Option<String>,
+    /// A registry org tokens may pull from (a bare HOST covers every port); may be
+    /// repeated. Without any, org tokens may pull from registries whose every address is
+    /// public; loopback and private addresses need to be listed here either way. The
+    /// admin token and the default registry are not limited.
+    #[arg(long = "allow-registry", value_name = "HOST[:PORT]")]
+    allow_registry: Vec<String>,
     /// Cap on each of exec's stdout and stderr, in bytes.
     #[arg(long, default_value_t = berth_control::DEFAULT_EXEC_OUTPUT_BYTES)]
     exec_max_output_bytes: usize,
@@ -121,7 +127,12 @@ fn registry_options(args: &UpArgs) -> Result<RegistryOptions> {
         options.credentials = RegistryCredentials::load(path)
             .with_context(|| format!("--registry-auth {}", path.display()))?;
     }
-    for host in args.insecure_registry.iter().chain(&args.default_registry) {
+    for host in args
+        .insecure_registry
+        .iter()
+        .chain(&args.default_registry)
+        .chain(&args.allow_registry)
+    {
         let parsed = ImageReference::parse(&format!("{host}/probe"))
             .ok()
             .and_then(|reference| reference.registry);
@@ -130,6 +141,7 @@ fn registry_options(args: &UpArgs) -> Result<RegistryOptions> {
         }
     }
     options.insecure = args.insecure_registry.clone();
+    options.allowed = args.allow_registry.clone();
     options.default_registry = args.default_registry.clone();
     Ok(options)
 }
