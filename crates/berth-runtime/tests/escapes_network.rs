@@ -32,7 +32,6 @@ use berth_runtime::isolation;
 use berth_runtime::netns;
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
 use common::{Driver, Fixture};
-use futures::TryStreamExt;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -109,29 +108,7 @@ impl TestNet {
 impl Drop for TestNet {
     fn drop(&mut self) {
         let names = self.links.lock().map(|l| l.clone()).unwrap_or_default();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let (connection, handle, _) = rtnetlink::new_connection().unwrap();
-                tokio::spawn(connection);
-                for name in names.iter().rev() {
-                    let found = handle
-                        .link()
-                        .get()
-                        .match_name(name.clone())
-                        .execute()
-                        .try_next()
-                        .await;
-                    if let Ok(Some(link)) = found {
-                        let _ = handle.link().del(link.header.index).execute().await;
-                    }
-                }
-            });
-        })
-        .join();
+        common::delete_links(names);
         nft(&isolation::teardown_ruleset(&self.config(&[])));
     }
 }

@@ -157,27 +157,6 @@ async fn a_machine_from_before_user_namespaces_moves_into_its_own_ids(driver: Dr
     f.assert_no_leaks();
 }
 
-macro_rules! both_drivers {
-    ($($case:ident),* $(,)?) => {
-        mod runc {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::Driver::Runc).await
-                }
-            )*
-        }
-        mod native {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::Driver::Native).await
-                }
-            )*
-        }
-    };
-}
-
 both_drivers!(
     root_is_an_unprivileged_host_id_of_its_own,
     a_machine_from_before_user_namespaces_moves_into_its_own_ids,

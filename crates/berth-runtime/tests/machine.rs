@@ -839,27 +839,7 @@ fn http_get(netns_path: &Path, addr: SocketAddr) -> String {
     }
 }
 
-/// Each case runs against both drivers: `runc::<case>` and `native::<case>`.
-macro_rules! both_drivers {
-    ($($case:ident),* $(,)?) => {
-        mod runc {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::Driver::Runc).await
-                }
-            )*
-        }
-        mod native {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::Driver::Native).await
-                }
-            )*
-        }
-    };
-}
+// Each case runs against both drivers: `runc::<case>` and `native::<case>`.
 
 both_drivers!(
     exec_runs_inside_the_machine,

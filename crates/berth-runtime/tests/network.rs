@@ -109,29 +109,7 @@ impl Drop for TestNet {
     fn drop(&mut self) {
         // Without trusting the code under test: plain rtnetlink on a runtime of its own.
         let names = self.links.lock().map(|l| l.clone()).unwrap_or_default();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let (connection, handle, _) = rtnetlink::new_connection().unwrap();
-                tokio::spawn(connection);
-                for name in names.iter().rev() {
-                    let found = handle
-                        .link()
-                        .get()
-                        .match_name(name.clone())
-                        .execute()
-                        .try_next()
-                        .await;
-                    if let Ok(Some(link)) = found {
-                        let _ = handle.link().del(link.header.index).execute().await;
-                    }
-                }
-            });
-        })
-        .join();
+        common::delete_links(names);
         // The bridge's nftables tables, with plain nft.
         let suffix: String = self
             .bridge

@@ -372,3 +372,55 @@ pub fn build_lowerdir(lower: &Path) {
     fs::write(lower.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     fs::write(lower.join("etc/group"), "root:x:0:\n").unwrap();
 }
+
+/// Deletes host links by name, without trusting the code under test: plain rtnetlink on
+/// a runtime of its own, on a thread of its own (callable from a Drop in async tests).
+pub fn delete_links(names: Vec<String>) {
+    use futures::TryStreamExt;
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection().unwrap();
+            tokio::spawn(connection);
+            for name in names.iter().rev() {
+                let found = handle
+                    .link()
+                    .get()
+                    .match_name(name.clone())
+                    .execute()
+                    .try_next()
+                    .await;
+                if let Ok(Some(link)) = found {
+                    let _ = handle.link().del(link.header.index).execute().await;
+                }
+            }
+        });
+    })
+    .join();
+}
+
+/// Runs each named `async fn(Driver)` once per driver, as `runc::name` and `native::name`.
+#[macro_export]
+macro_rules! both_drivers {
+    ($($case:ident),* $(,)?) => {
+        mod runc {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Driver::Runc).await
+                }
+            )*
+        }
+        mod native {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Driver::Native).await
+                }
+            )*
+        }
+    };
+}
