@@ -400,7 +400,9 @@ async fn helper_exec_forever() {
 /// Seen failing: at 34edac3 `sleep 4242` was still running 2 s after the agent's
 /// kill -9 ("the exec'd command outlived the agent"): nothing watched the agent. With
 /// runc, at 40b5aaf (before the exec guard; the agent ran `runc exec` itself) the same:
-/// `runc exec` and its `sleep 4242` both outlived the agent.
+/// `runc exec` and its `sleep 4242` both outlived the agent. A guard that killed only
+/// runc on the agent's death (not the command's pidfd it holds) failed the same way: a
+/// killed `runc exec` leaves its command running.
 async fn exec_helper_dies_with_its_agent(driver: Driver) {
     let f = Fixture::of(driver, "orphan");
     let started = start(&f, f.spec(&["sleep", "1000"])).await;
