@@ -1,8 +1,10 @@
-//! Running a command inside a running Machine (`runc exec`, or the native driver's
-//! `berth shim nsexec`): its namespaces, its cgroups, the user and environment of its
-//! spec. Output is capped; a timeout kills the process, through a pidfd.
+//! Running a command inside a running Machine (`runc exec` under `berth shim exec-guard`,
+//! or the native driver's `berth shim nsexec`): its namespaces, its cgroups, the user and
+//! environment of its spec. Output is capped; the helper kills the process through a
+//! pidfd at the timeout, or when the agent dies.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,14 +16,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use rustix::pipe::PipeFlags;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::native::exec_in::{self, NsexecArgs, Outcome};
-use crate::{shim, util, MachineLayout};
+use crate::exec_guard::GuardArgs;
+use crate::helper::{self, Outcome};
+use crate::native::exec_in::NsexecArgs;
+use crate::{util, MachineLayout};
 
 /// How long output is still read after the process ended: a background child of the
 /// command may hold the pipes open forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
-/// How long runc gets to report after the process was killed, and how long past the
-/// timeout the native helper may take before the agent kills it.
+/// How long past the timeout a helper may take before the agent kills it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,13 +89,14 @@ fn take(buffer: &Arc<Mutex<CappedBuffer>>) -> (Vec<u8>, bool) {
     }
 }
 
-/// `runc exec --pid-file <run>/exec-N.pid <id> <cmd...>`.
+/// `berth shim exec-guard ... -- runc exec --pid-file <run>/exec-N.pid <id> <cmd...>`.
 ///
-/// runc cannot forward SIGKILL, so on timeout Berth kills the process runc started. Its
-/// pid comes from the pid file runc writes in the Machine's run directory, on the host
-/// (no Machine can reach it); even so the pid is only signalled through a pidfd opened
-/// first and checked to be runc's child in the Machine's pid namespace.
+/// runc cannot forward SIGKILL, and a `runc exec` that dies leaves its command running,
+/// so the guard ([`crate::exec_guard`]) runs runc, enforces the timeout by killing the
+/// process runc started (through a pidfd, checked to be runc's child in the Machine's pid
+/// namespace), and kills both when the agent dies.
 pub(crate) async fn runc_exec(
+    shim_command: &[OsString],
     runc_binary: &Path,
     runc_root: &Path,
     layout: &MachineLayout,
@@ -105,46 +109,33 @@ pub(crate) async fn runc_exec(
             message: "exec needs a command".into(),
         });
     }
-    let pid_file = exec_pid_file(layout);
-    let mut command = tokio::process::Command::new(runc_binary);
-    command
-        .arg("--root")
-        .arg(runc_root)
-        .arg("exec")
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(id)
-        .args(&spec.cmd);
-    let mut running = Running::spawn(command, layout, spec, runc_binary)?;
-    let result = match tokio::time::timeout(spec.timeout, running.child.wait()).await {
-        Ok(status) => status
-            .ctx(|| format!("wait for exec in machine {id}"))
-            .map(|status| (status.code(), false)),
-        Err(_) => {
-            let runc_pid = running.child.id();
-            let target = runc_pid.and_then(|runc| runc_exec_process(&pid_file, runc, layout));
-            // runc reaps the killed process and exits; if it does not, or the process
-            // could not be told apart, kill runc.
-            let reported = match &target {
-                Some(target) => {
-                    let _ =
-                        rustix::process::pidfd_send_signal(target, rustix::process::Signal::Kill);
-                    tokio::time::timeout(KILL_WAIT, running.child.wait())
-                        .await
-                        .is_ok()
-                }
-                None => false,
-            };
-            if !reported {
-                let _ = running.child.start_kill();
-                let _ = running.child.wait().await;
-            }
-            Ok((None, true))
-        }
+    let Some((program, leading)) = shim_command.split_first() else {
+        return Err(RuntimeError::Internal("shim command is empty".into()));
     };
+    let pid_file = exec_pid_file(layout);
+    let mut runc: Vec<OsString> = vec![
+        runc_binary.into(),
+        "--root".into(),
+        runc_root.into(),
+        "exec".into(),
+        "--pid-file".into(),
+        pid_file.clone().into(),
+        id.into(),
+    ];
+    runc.extend(spec.cmd.iter().map(OsString::from));
+    let args = GuardArgs {
+        timeout: spec.timeout,
+        status_fd: helper::STATUS_FD,
+        pid_file: pid_file.clone(),
+        run_dir: layout.run_dir(),
+        runc,
+    };
+    let mut command = tokio::process::Command::new(program);
+    command.args(leading);
+    let output = run_helper(command, args.to_args(), layout, spec, Path::new(program)).await;
+    // The guard removes it; this is for a guard that did not get to.
     let _ = util::remove_file_if_exists(&pid_file);
-    let (exit_code, timed_out) = result?;
-    Ok(running.finish(exit_code, timed_out).await)
+    output
 }
 
 /// A fresh pid file name in the Machine's run directory.
@@ -156,81 +147,26 @@ fn exec_pid_file(layout: &MachineLayout) -> std::path::PathBuf {
     ))
 }
 
-/// A pidfd on the process `runc exec` (pid `runc`) started, if one is found that is
-/// runc's child in the Machine's pid namespace; `None` when anything is off. The pid file
-/// is only a hint: its pid is checked like the rest, and runc's own children list is the
-/// fallback, so a wrong pid there (which only the host could write) is never signalled.
-fn runc_exec_process(pid_file: &Path, runc: u32, layout: &MachineLayout) -> Option<OwnedFd> {
-    let machine = machine_pid_namespace(layout)?;
-    let hinted = shim::read_pid_file(pid_file).ok().flatten();
-    hinted
-        .into_iter()
-        .chain(children(runc))
-        .find_map(|pid| checked_child(pid, runc, machine))
-}
-
-/// A pidfd on `pid` if it is a live child of `parent` in the pid namespace `ns`.
-fn checked_child(pid: u32, parent: u32, ns: (u64, u64)) -> Option<OwnedFd> {
-    let fd = crate::runc::pidfd_open(pid).ok()??;
-    let stat = util::proc_stat(pid).ok()??;
-    let its_ns = pid_namespace(pid)?;
-    // Checked with the pidfd held and the process not exited after the reads, so the
-    // pid was that process all along.
-    (stat.ppid == parent && stat.state != 'Z' && its_ns == ns && !exited(&fd)).then_some(fd)
-}
-
-/// The children of `pid`, as its threads list them.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
-/// (device, inode) of the pid namespace of the Machine's init, found through the shim's
-/// files as `status` finds it.
-fn machine_pid_namespace(layout: &MachineLayout) -> Option<(u64, u64)> {
-    let run = layout.run_dir();
-    let shim_pid = crate::runc::live_shim(&run).ok()??;
-    let init = shim::read_pid_file(&run.join(shim::INIT_PID_FILE)).ok()??;
-    let fd = crate::runc::pidfd_open(init).ok()??;
-    let stat = util::proc_stat(init).ok()??;
-    let ns = pid_namespace(init)?;
-    (stat.ppid == shim_pid && stat.state != 'Z' && !exited(&fd)).then_some(ns)
-}
-
-fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
-    Some((meta.dev(), meta.ino()))
-}
-
-/// True once the pidfd's process has exited (or the pidfd cannot be polled).
-fn exited(pidfd: &OwnedFd) -> bool {
-    let mut fds = [rustix::event::PollFd::new(
-        pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    !matches!(rustix::event::poll(&mut fds, 0), Ok(0))
-}
-
-/// The descriptor `berth shim nsexec` writes its status line to.
-const NSEXEC_STATUS_FD: RawFd = 3;
-
-/// `berth shim nsexec`: the helper enforces the timeout itself (a pidfd on its child)
-/// and says how the command ended on a status pipe. Should it hang anyway, the agent
-/// kills the helper it spawned, and its child goes with it (parent-death signal).
+/// `berth shim nsexec`: see [`run_helper`].
 pub(crate) async fn nsexec(
-    mut command: tokio::process::Command,
+    command: tokio::process::Command,
     mut args: NsexecArgs,
+    layout: &MachineLayout,
+    spec: &ExecSpec,
+    program: &Path,
+) -> Result<ExecOutput, RuntimeError> {
+    args.status_fd = helper::STATUS_FD;
+    args.timeout = spec.timeout;
+    run_helper(command, args.to_args(), layout, spec, program).await
+}
+
+/// Runs an exec helper (`command` with `args`, which name [`helper::STATUS_FD`] as the
+/// status descriptor and the spec's timeout): the helper enforces the timeout itself and
+/// says how the command ended on a status pipe. Should it hang anyway, the agent kills
+/// the helper it spawned, and runc or the command goes with it (parent-death signal).
+async fn run_helper(
+    mut command: tokio::process::Command,
+    args: Vec<OsString>,
     layout: &MachineLayout,
     spec: &ExecSpec,
     program: &Path,
@@ -239,14 +175,12 @@ pub(crate) async fn nsexec(
     let (status_r, status_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
         .map_err(std::io::Error::from)
         .ctx(|| format!("status pipe for exec in machine {id}"))?;
-    args.status_fd = NSEXEC_STATUS_FD;
-    args.timeout = spec.timeout;
-    command.args(args.to_args());
+    command.args(args);
     let raw = status_w.as_raw_fd();
     // SAFETY: the hook runs between fork and exec and only calls dup2 or fcntl, which are
     // async-signal-safe; `raw` stays open until after spawn returns.
     unsafe {
-        command.pre_exec(move || exec_in::inherit_as(raw, NSEXEC_STATUS_FD));
+        command.pre_exec(move || helper::inherit_as(raw, helper::STATUS_FD));
     }
     let mut running = Running::spawn(command, layout, spec, program)?;
     drop(status_w);

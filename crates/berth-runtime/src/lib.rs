@@ -33,6 +33,8 @@ pub mod timing;
 pub mod userns;
 
 mod error;
+mod exec_guard;
+mod helper;
 mod inroot;
 mod util;
 pub use error::RuntimeError;

@@ -457,6 +457,7 @@ impl Runtime for RuncRuntime {
         spec: &crate::exec::ExecSpec,
     ) -> Result<crate::exec::ExecOutput, RuntimeError> {
         crate::exec::runc_exec(
+            &self.config.shim_command,
             &self.config.runc_binary,
             &self.config.runc_root,
             layout,

@@ -198,6 +198,12 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
     if args.first().is_some_and(|a| a == crate::native::NSEXEC_ARG) {
         return crate::native::exec_in::main_with_args(args.into_iter().skip(1).collect());
     }
+    if args
+        .first()
+        .is_some_and(|a| a == crate::exec_guard::EXEC_GUARD_ARG)
+    {
+        return crate::exec_guard::main_with_args(args.into_iter().skip(1).collect());
+    }
     let opts = match ShimArgs::parse(args) {
         Ok(o) => o,
         Err(msg) => {

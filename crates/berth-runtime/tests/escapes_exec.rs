@@ -393,11 +393,16 @@ async fn helper_exec_forever() {
         .await;
 }
 
-/// 5. The agent is SIGKILLed during a long exec: the helper and the command must go
-///    with it, not run on unwatched until their timeout (or forever).
+/// 5. The agent is SIGKILLed during a long exec: the helpers (natively `nsexec`; with
+///    runc the guard and the `runc exec` under it) and the command must go with it, not
+///    run on unwatched until their timeout (or forever).
 ///
 /// Seen failing: at 34edac3 `sleep 4242` was still running 2 s after the agent's
-/// kill -9 ("the exec'd command outlived the agent"): nothing watched the agent.
+/// kill -9 ("the exec'd command outlived the agent"): nothing watched the agent. With
+/// runc, at 40b5aaf (before the exec guard; the agent ran `runc exec` itself) the same:
+/// `runc exec` and its `sleep 4242` both outlived the agent. A guard that killed only
+/// runc on the agent's death (not the command's pidfd it holds) failed the same way: a
+/// killed `runc exec` leaves its command running.
 async fn exec_helper_dies_with_its_agent(driver: Driver) {
     let f = Fixture::of(driver, "orphan");
     let started = start(&f, f.spec(&["sleep", "1000"])).await;
@@ -424,16 +429,31 @@ async fn exec_helper_dies_with_its_agent(driver: Driver) {
         assert!(Instant::now() < deadline, "the exec never started");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let helper = ppid(command).unwrap();
-    assert_ne!(helper, started.pid, "the command's parent is the helper");
+    // Every process between the agent and the command.
+    let mut helpers = Vec::new();
+    let mut pid = command;
+    loop {
+        pid = ppid(pid).unwrap();
+        if pid == agent.id() {
+            break;
+        }
+        assert_ne!(pid, started.pid, "the command's parent is a helper");
+        assert!(pid > 1, "the command is not under the agent");
+        helpers.push(pid);
+    }
+    // Natively `nsexec`; with runc, `runc exec` under its guard.
+    let expected = if driver == Driver::Runc { 2 } else { 1 };
+    assert_eq!(helpers.len(), expected, "helpers {helpers:?}");
     agent.kill().unwrap();
     agent.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
-    while (alive(helper) || alive(command)) && Instant::now() < deadline {
+    while (alive(command) || helpers.iter().any(|&h| alive(h))) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!alive(command), "the exec'd command outlived the agent");
-    assert!(!alive(helper), "the helper {helper} outlived the agent");
+    for helper in helpers {
+        assert!(!alive(helper), "the helper {helper} outlived the agent");
+    }
     f.runtime.remove(&f.layout).await.unwrap();
 }
 
@@ -465,5 +485,6 @@ drivers!(
         no_host_descriptor_reaches_a_machine,
         cwd_cannot_lead_out_through_a_descriptor,
         fifo_dev_null_does_not_stall_exec,
+        exec_helper_dies_with_its_agent,
     ],
 );

@@ -66,7 +66,7 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
 fn serve(socket: &Path) -> io::Result<()> {
     // A fresh exec: anything above stdio was leaked by the agent (no close-on-exec), and
     // spares, supervisors and Machines would all inherit it.
-    super::exec_in::close_fds_except(&[]).map_err(io::Error::other)?;
+    crate::helper::close_fds_except(&[]).map_err(io::Error::other)?;
     // Spares and supervisors are reaped by the kernel: the spawner never waits for them.
     // SAFETY: SIG_IGN installs no handler code.
     unsafe {
@@ -405,7 +405,7 @@ fn start_init(
                 netns.as_raw_fd(),
                 userns.as_raw_fd(),
             ];
-            if let Err(e) = super::exec_in::close_fds_except(&keep) {
+            if let Err(e) = crate::helper::close_fds_except(&keep) {
                 init::fail(&errors_w, &format!("close descriptors: {e}"));
             }
             let mut clock = init::InitClock::new(mark, marks_w.as_fd());
