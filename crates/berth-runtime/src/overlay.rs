@@ -202,12 +202,139 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Mounts the overlay at `target` with every image layer idmapped through the user
-/// namespace `userns` (host root's files are the Machine root's), with the new mount
-/// API: each layer is a detached, idmapped clone handed to overlayfs by descriptor, so
-/// nothing is attached on the host and the Machine's mountinfo names no host path. The
-/// upperdir keeps host ids (see `userns`): overlayfs writes it as its mounter, whose ids
-/// an idmapped upper could not hold.
+/// A Machine's overlay layers, opened for the new mount API: each image layer a detached,
+/// idmapped clone (host root's files are the Machine root's, through the user namespace
+/// `userns`), and the upper and work dirs through one detached clone of their parent
+/// (overlayfs wants both on one mount). Handed to overlayfs by descriptor, so nothing is
+/// attached on the host and the Machine's mountinfo names no host path
+/// (`lowerdir+=/,upperdir=/upper`). The upperdir keeps host ids (see `userns`):
+/// overlayfs writes it as its mounter, whose ids an idmapped upper could not hold.
+///
+/// Closing the last descriptor of a detached mount tears it down, which waits for an RCU
+/// grace period: the native supervisor holds these until its Machine exits, off the start
+/// path.
+pub struct OverlayLayers {
+    /// Top layer first, as overlayfs takes them.
+    lower: Vec<OwnedFd>,
+    /// The clone that `upper` and `work` are opened in; held so it outlives them.
+    _parent: OwnedFd,
+    upper: OwnedFd,
+    work: OwnedFd,
+}
+
+impl OverlayLayers {
+    /// `lowerdirs` bottom first (image layer order).
+    pub fn open(
+        lowerdirs: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        userns: BorrowedFd<'_>,
+    ) -> io::Result<OverlayLayers> {
+        use rustix::mount::{open_tree, OpenTreeFlags};
+        if lowerdirs.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "overlay needs at least one lowerdir",
+            ));
+        }
+        let clone = |path: &Path| {
+            open_tree(
+                rustix::fs::CWD,
+                path,
+                OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+            )
+            .map_err(context(format!("clone {}", path.display())))
+        };
+        let lower = lowerdirs
+            .iter()
+            .rev()
+            .map(|layer| {
+                let fd = clone(layer)?;
+                idmap(fd.as_fd(), userns)
+                    .map_err(context(format!("idmap layer {}", layer.display())))?;
+                Ok(fd)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        // They may be Berth's links into the Machine's quota subvolume; the Machine
+        // cannot reach either path.
+        let upper = fs::canonicalize(upper)?;
+        let work = fs::canonicalize(work)?;
+        let parent_path = upper
+            .parent()
+            .filter(|p| work.parent() == Some(*p))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "upper and work must be siblings",
+                )
+            })?;
+        let parent = clone(parent_path)?;
+        let open = |path: &Path| {
+            rustix::fs::openat(
+                parent.as_fd(),
+                path.file_name().unwrap_or_default(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(context(format!("open {}", path.display())))
+        };
+        let (upper, work) = (open(&upper)?, open(&work)?);
+        Ok(OverlayLayers {
+            lower,
+            _parent: parent,
+            upper,
+            work,
+        })
+    }
+
+    /// Every descriptor held, for a child that must keep them across a close-all.
+    pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.lower
+            .iter()
+            .chain([&self._parent, &self.upper, &self.work])
+            .map(|fd| fd.as_raw_fd())
+            .collect()
+    }
+
+    /// Makes the overlay and mounts it at `target`.
+    pub fn mount(&self, target: &Path) -> io::Result<()> {
+        use rustix::mount::{
+            fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsmount, fsopen, move_mount,
+            FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
+        };
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(context("fsopen overlay".into()))?;
+        // Top layer first: each "lowerdir+" goes below the ones before it.
+        for layer in &self.lower {
+            fsconfig_set_fd(fs.as_fd(), "lowerdir+", layer.as_fd())
+                .map_err(context("add a layer".into()))?;
+        }
+        fsconfig_set_fd(fs.as_fd(), "upperdir", self.upper.as_fd())
+            .map_err(context("set upperdir".into()))?;
+        fsconfig_set_fd(fs.as_fd(), "workdir", self.work.as_fd())
+            .map_err(context("set workdir".into()))?;
+        // See `mount_options`: an upperdir may meet another set of layers after an update.
+        fsconfig_set_string(fs.as_fd(), "index", "off").map_err(context("set index=off".into()))?;
+        fsconfig_create(fs.as_fd()).map_err(context("create overlay".into()))?;
+        let mount = fsmount(
+            fs.as_fd(),
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::empty(),
+        )
+        .map_err(context("fsmount overlay".into()))?;
+        move_mount(
+            mount.as_fd(),
+            "",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(context(format!("mount overlay on {}", target.display())))
+    }
+}
+
+/// [`OverlayLayers::open`] and [`OverlayLayers::mount`] at once, for a caller that mounts
+/// the rootfs on the host (the runc driver).
 pub fn mount_idmapped(
     lowerdirs: &[PathBuf],
     upper: &Path,
@@ -215,94 +342,11 @@ pub fn mount_idmapped(
     userns: BorrowedFd<'_>,
     target: &Path,
 ) -> io::Result<()> {
-    use rustix::mount::{
-        fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsmount, fsopen, move_mount,
-        open_tree, FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags,
-    };
-    let context = |what: String| {
-        move |e: rustix::io::Errno| {
-            io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
-        }
-    };
-    if lowerdirs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "overlay needs at least one lowerdir",
-        ));
-    }
-    let fs =
-        fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(context("fsopen overlay".into()))?;
-    // A detached mount lives while a descriptor holds it: keep every one until the
-    // overlay is made, or the kernel tears it down under overlayfs.
-    let mut held = Vec::with_capacity(lowerdirs.len() + 3);
-    // Top layer first: each "lowerdir+" goes below the ones before it.
-    for layer in lowerdirs.iter().rev() {
-        let clone = open_tree(
-            rustix::fs::CWD,
-            layer,
-            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )
-        .map_err(context(format!("clone layer {}", layer.display())))?;
-        idmap(clone.as_fd(), userns)
-            .map_err(context(format!("idmap layer {}", layer.display())))?;
-        fsconfig_set_fd(fs.as_fd(), "lowerdir+", clone.as_fd())
-            .map_err(context(format!("add layer {}", layer.display())))?;
-        held.push(clone);
-    }
-    // Upper and work through one detached clone of their parent (overlayfs wants both on
-    // one mount): the Machine sees "/upper", not the data dir. They may be Berth's links
-    // into the Machine's quota subvolume; the Machine cannot reach either path.
-    let upper = &fs::canonicalize(upper)?;
-    let work = &fs::canonicalize(work)?;
-    let parent = upper
-        .parent()
-        .filter(|p| work.parent() == Some(*p))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "upper and work must be siblings",
-            )
-        })?;
-    let dir = open_tree(
-        rustix::fs::CWD,
-        parent,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(context(format!("clone {}", parent.display())))?;
-    for (key, path) in [("upperdir", upper), ("workdir", work)] {
-        let name = path.file_name().unwrap_or_default();
-        let fd = rustix::fs::openat(
-            dir.as_fd(),
-            name,
-            rustix::fs::OFlags::PATH
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(context(format!("open {}", path.display())))?;
-        fsconfig_set_fd(fs.as_fd(), key, fd.as_fd()).map_err(context(format!("set {key}")))?;
-        held.push(fd);
-    }
-    // See `mount_options`: an upperdir may meet another set of layers after an update.
-    fsconfig_set_string(fs.as_fd(), "index", "off").map_err(context("set index=off".into()))?;
-    fsconfig_create(fs.as_fd()).map_err(context("create overlay".into()))?;
-    drop(held);
-    drop(dir);
-    let mount = fsmount(
-        fs.as_fd(),
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::empty(),
-    )
-    .map_err(context("fsmount overlay".into()))?;
-    move_mount(
-        mount.as_fd(),
-        "",
-        rustix::fs::CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(context(format!("mount overlay on {}", target.display())))
+    OverlayLayers::open(lowerdirs, upper, work, userns)?.mount(target)
+}
+
+fn context(what: String) -> impl FnOnce(rustix::io::Errno) -> io::Error {
+    move |e| io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
 }
 
 /// Makes a detached mount idmapped through `userns`.

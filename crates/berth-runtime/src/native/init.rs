@@ -22,9 +22,10 @@ use oci_spec::runtime::{Mount, Process, Spec};
 use rustix::fs::{FileType, OFlags, ResolveFlags};
 
 use crate::inroot;
+use crate::overlay::OverlayLayers;
+use crate::seccomp;
 use crate::timing::{micros, StepTimes};
 use crate::userns::IdRange;
-use crate::{overlay, seccomp};
 
 /// A step that failed, in words for the start error.
 pub(crate) type StepResult<T> = Result<T, String>;
@@ -36,9 +37,8 @@ fn step<E: std::fmt::Display>(what: impl FnOnce() -> String) -> impl FnOnce(E) -
 /// Where the Machine's rootfs comes from and which host resources it joins.
 pub(crate) struct InitPlan<'a> {
     pub spec: &'a Spec,
-    pub lowerdirs: &'a [PathBuf],
-    pub upper: &'a Path,
-    pub work: &'a Path,
+    /// The image layers (idmapped), upper and work dirs, opened by the supervisor.
+    pub layers: &'a OverlayLayers,
     pub rootfs: &'a Path,
     /// The Machine's network namespace, opened by the supervisor.
     pub netns: BorrowedFd<'a>,
@@ -156,14 +156,9 @@ pub(crate) fn run_init(
     // Mounts below go through /proc/self/fd of the host's /proc until pivot_root.
     inroot::check_procfs().map_err(step(|| "host /proc".into()))?;
     let ids = crate::spec::id_range(spec).ok_or("config has no user namespace map")?;
-    overlay::mount_idmapped(
-        plan.lowerdirs,
-        plan.upper,
-        plan.work,
-        plan.userns,
-        plan.rootfs,
-    )
-    .map_err(step(|| "mount the rootfs".into()))?;
+    plan.layers
+        .mount(plan.rootfs)
+        .map_err(step(|| "mount the rootfs".into()))?;
     // Opened after the mount: the fd is the overlay's root, which the Machine's image
     // fills; everything below is looked up under it, inside it.
     let root = rustix::fs::open(

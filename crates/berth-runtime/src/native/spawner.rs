@@ -23,6 +23,7 @@ use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 
 use super::init::{self, InitPlan};
+use crate::overlay::OverlayLayers;
 use crate::shim::{self, ShimArgs, ShimReport, Supervisor};
 use crate::timing::{micros, StepTimes};
 use crate::{seccomp, util, MachineLayout};
@@ -313,7 +314,7 @@ fn supervise(
     // again, and a supervisor has no business holding the host's root.
     unsafe { libc::close(host_root.as_raw_fd()) };
     match started {
-        Ok(pid) => {
+        Ok((pid, layers)) => {
             let oom = shim::OomCounter::for_process(pid);
             let report = ShimReport {
                 pid: Some(pid),
@@ -327,6 +328,8 @@ fn supervise(
             shim::report(conn.as_fd(), &report);
             drop(conn);
             supervisor.supervise(shim::InitProcess { pid, oom });
+            // Torn down only now, with the Machine gone: see `OverlayLayers`.
+            drop(layers);
             0
         }
         Err(message) => fail(message),
@@ -341,7 +344,7 @@ fn start_init(
     supervisor: &mut Supervisor,
     steps: &mut StepTimes,
     host_root: BorrowedFd<'_>,
-) -> Result<u32, String> {
+) -> Result<(u32, OverlayLayers), String> {
     let mut mark = Instant::now();
     let id = &request.id;
     let config = layout.config_json();
@@ -359,9 +362,6 @@ fn start_init(
         .map_err(|e| format!("pipe: {e}"))?;
     let (marks_r, marks_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| format!("pipe: {e}"))?;
-    let lowerdirs = request.lowerdirs.clone();
-    let upper = layout.upper();
-    let work = layout.work();
     let rootfs = layout.rootfs();
     // Through the host's root: the pin is a mount the spawner's namespace does not have.
     let netns_path = layout.netns();
@@ -380,17 +380,23 @@ fn start_init(
         rustix::fs::Mode::empty(),
     )
     .map_err(|e| format!("open user namespace {}: {e}", userns_path.display()))?;
+    steps.lap("pid_namespace", &mut mark);
+    let layers = OverlayLayers::open(
+        &request.lowerdirs,
+        &layout.upper(),
+        &layout.work(),
+        userns.as_fd(),
+    )
+    .map_err(|e| format!("open the layers of {id}: {e}"))?;
     let plan = InitPlan {
         spec: &spec,
-        lowerdirs: &lowerdirs,
-        upper: &upper,
-        work: &work,
+        layers: &layers,
         rootfs: &rootfs,
         netns: netns.as_fd(),
         userns: userns.as_fd(),
         cgroup_procs: &request.cgroup_procs,
     };
-    steps.lap("pid_namespace", &mut mark);
+    steps.lap("overlay_layers", &mut mark);
     // SAFETY: the supervisor is single-threaded (forked from the single-threaded spawner).
     let pid = match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
@@ -404,7 +410,10 @@ fn start_init(
                 stderr_w.as_raw_fd(),
                 netns.as_raw_fd(),
                 userns.as_raw_fd(),
-            ];
+            ]
+            .into_iter()
+            .chain(layers.raw_fds())
+            .collect::<Vec<_>>();
             if let Err(e) = crate::helper::close_fds_except(&keep) {
                 init::fail(&errors_w, &format!("close descriptors: {e}"));
             }
@@ -463,7 +472,7 @@ fn start_init(
         return Err(format!("write {}: {e}", pid_file.display()));
     }
     steps.lap("pid_file", &mut mark);
-    Ok(pid)
+    Ok((pid, layers))
 }
 
 /// What the (already closed) writer left in a pipe; empty on any error.
