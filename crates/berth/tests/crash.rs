@@ -153,11 +153,24 @@ fn an_agent_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
                     assert_eq!(status, 200, "{point}: {body}");
                     let now: Machine = serde_json::from_value(body).expect("machine");
                     match *point {
-                        "start.after_starting" => assert!(
-                            matches!(now.state, MachineState::Stopped | MachineState::Started),
-                            "{point}: {:?}",
-                            now.state
-                        ),
+                        "start.after_starting" => {
+                            assert!(
+                                matches!(now.state, MachineState::Stopped | MachineState::Started),
+                                "{point}: {:?}",
+                                now.state
+                            );
+                            // A run that never began counts as failed: the policy restarts
+                            // it. Wait for that here, or the restart may come due during a
+                            // later round's boot and meet that round's failpoint.
+                            platform.wait_for(
+                                &format!("{point}: the policy restart"),
+                                Duration::from_secs(15),
+                                || {
+                                    platform.machine("crash", &machine.id).state
+                                        == MachineState::Started
+                                },
+                            );
+                        }
                         "start.after_runtime_start" | "start.after_record_started" => {
                             assert_eq!(now.state, MachineState::Started, "{point}")
                         }
