@@ -187,22 +187,32 @@ fn pin_from_child(range: IdRange, userns: &Path, netns_path: &Path) -> io::Resul
     };
     drop(to_parent_w);
     drop(to_child_r);
+    // Other threads of this process may fork meanwhile and hold copies of these pipes, so
+    // neither side may wait for an end of file: each waits for a byte, or (the parent)
+    // for the child's exit through a pidfd.
     let result = (|| {
-        expect_byte(&to_parent_r, "the child's user namespace")?;
+        let exited = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(child.as_raw())
+                .ok_or_else(|| io::Error::other("fork returned no pid"))?,
+            rustix::process::PidfdFlags::empty(),
+        )?;
+        expect_byte(&to_parent_r, &exited, "the child's user namespace")?;
         for (file, text) in [("uid_map", range.map_line()), ("gid_map", range.map_line())] {
             fs::write(format!("/proc/{child}/{file}"), text.as_bytes())
                 .map_err(|e| io::Error::new(e.kind(), format!("write {file}: {e}")))?;
         }
         rustix::io::write(&to_child_w, b"m")?;
-        expect_byte(&to_parent_r, "the child's network namespace")?;
+        expect_byte(&to_parent_r, &exited, "the child's network namespace")?;
         for (ns, pin) in [("user", userns), ("net", netns_path)] {
             rustix::mount::mount_bind(format!("/proc/{child}/ns/{ns}").as_str(), pin)
                 .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("pin {ns}: {e}")))?;
         }
+        rustix::io::write(&to_child_w, b"d")?;
         Ok(())
     })();
-    // Closing the pipe lets the child exit; reap it either way.
-    drop(to_child_w);
+    if result.is_err() {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    }
     let _ = nix::sys::wait::waitpid(child, None);
     result
 }
@@ -214,6 +224,23 @@ fn pinned_child(
     from_parent: rustix::fd::BorrowedFd<'_>,
 ) -> i32 {
     let mut byte = [0u8; 1];
+    // Drop every descriptor the fork copied from the agent's other threads but these two:
+    // held here, another create's pipes would never close and a lock (the id registry's
+    // flock) would stay taken while this child lives.
+    let (a, b) = {
+        let (x, y) = (to_parent.as_raw_fd() as u32, from_parent.as_raw_fd() as u32);
+        (x.min(y), x.max(y))
+    };
+    for (first, last) in [
+        (3, a.wrapping_sub(1)),
+        (a + 1, b.wrapping_sub(1)),
+        (b + 1, u32::MAX),
+    ] {
+        if first <= last {
+            // SAFETY: close_range only closes descriptors; none in the range is used here.
+            unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+        }
+    }
     // SAFETY: plain system calls on valid arguments; nothing here allocates.
     unsafe {
         if libc::unshare(libc::CLONE_NEWUSER) != 0 {
@@ -237,20 +264,37 @@ fn pinned_child(
         if libc::write(to_parent.as_raw_fd(), b"n".as_ptr().cast(), 1) != 1 {
             return 1;
         }
-        // Until the parent closes its end: EOF.
+        // Until the parent has pinned both.
         libc::read(from_parent.as_raw_fd(), byte.as_mut_ptr().cast(), 1);
     }
     0
 }
 
-fn expect_byte(pipe: &OwnedFd, what: &str) -> io::Result<()> {
+/// One byte from the child, or an error once the child has exited without sending it.
+fn expect_byte(pipe: &OwnedFd, child: &OwnedFd, what: &str) -> io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags};
     let mut byte = [0u8; 1];
     loop {
-        match rustix::io::read(pipe, &mut byte) {
-            Ok(1) => return Ok(()),
-            Ok(_) => return Err(io::Error::other(format!("{what} could not be made"))),
+        let mut fds = [
+            PollFd::new(pipe, PollFlags::IN),
+            PollFd::new(child, PollFlags::IN),
+        ];
+        match poll(&mut fds, -1) {
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let (ready, gone) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if ready {
+            match rustix::io::read(pipe, &mut byte) {
+                Ok(1) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if gone || ready {
+            return Err(io::Error::other(format!("{what} could not be made")));
         }
     }
 }

@@ -161,3 +161,42 @@ both_drivers!(
     root_is_an_unprivileged_host_id_of_its_own,
     a_machine_from_before_user_namespaces_moves_into_its_own_ids,
 );
+
+/// Creates run at once in one process (the agent's), each forking a child to make its
+/// namespaces. A child forked by one create inherits the others' pipes (and any lock
+/// another thread holds), so a protocol that waits for an end of file deadlocks.
+///
+/// Seen failing: with the first version, which waited for EOF, every run here hung with
+/// pairs of children each waiting for a pipe the other held (and so did the chaos and
+/// cluster suites, with the registry's flock held by such a child).
+#[test]
+fn namespaces_made_at_once_in_one_process_do_not_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let threads = 8;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    let (done, finished) = std::sync::mpsc::channel();
+    for n in 0..threads {
+        let (barrier, done) = (barrier.clone(), done.clone());
+        let (user, net) = (
+            dir.path().join(format!("user{n}")),
+            dir.path().join(format!("net{n}")),
+        );
+        std::thread::spawn(move || {
+            let range = userns::IdRange {
+                base: userns::FIRST_BASE + (userns::SLOTS - 1 - n as u32) * RANGE_SIZE,
+            };
+            barrier.wait();
+            let result = (0..5).try_for_each(|_| userns::create_pins(range, &user, &net));
+            let _ = done.send((user, net, result.map_err(|e| e.to_string())));
+        });
+    }
+    for _ in 0..threads {
+        let (user, net, result) = finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every thread finished: no deadlock");
+        result.unwrap();
+        assert!(userns::is_pinned(&user) && userns::is_pinned(&net));
+        userns::remove_pin(&user).unwrap();
+        userns::remove_pin(&net).unwrap();
+    }
+}
