@@ -136,20 +136,25 @@ async fn reachable_image_usage(control: &ControlPlane) -> Vec<ImageUsage> {
     usage
 }
 
-/// Distinct layers (digest, unpacked bytes) the Machines of `org` use.
-async fn org_layers(
-    control: &ControlPlane,
-    org: &str,
-    usage: &[ImageUsage],
-) -> Result<BTreeMap<String, u64>, ApiError> {
-    let apps: HashSet<String> = control
+/// The names of `org`'s apps: what usage entries are matched against.
+async fn org_apps(control: &ControlPlane, org: &str) -> Result<HashSet<String>, ApiError> {
+    Ok(control
         .store
         .apps()
         .await?
         .into_iter()
         .filter(|row| row.org_slug == org)
         .map(|row| row.name)
-        .collect();
+        .collect())
+}
+
+/// Distinct layers (digest, unpacked bytes) the Machines of `org` use.
+async fn org_layers(
+    control: &ControlPlane,
+    org: &str,
+    usage: &[ImageUsage],
+) -> Result<BTreeMap<String, u64>, ApiError> {
+    let apps = org_apps(control, org).await?;
     let mut layers = BTreeMap::new();
     for entry in usage.iter().filter(|entry| apps.contains(&entry.app)) {
         for (i, digest) in entry.layers.iter().enumerate() {
@@ -279,14 +284,7 @@ async fn org_images(
     org: &str,
     usage: &[ImageUsage],
 ) -> Result<Vec<ImageSummary>, ApiError> {
-    let apps: HashSet<String> = control
-        .store
-        .apps()
-        .await?
-        .into_iter()
-        .filter(|row| row.org_slug == org)
-        .map(|row| row.name)
-        .collect();
+    let apps = org_apps(control, org).await?;
     let mut by_ref: BTreeMap<(String, String), ImageSummary> = BTreeMap::new();
     for entry in usage.iter().filter(|entry| apps.contains(&entry.app)) {
         let key = (entry.image.name.clone(), entry.image.digest.clone());
