@@ -4,6 +4,8 @@ use berth_api::{ErrorBody, MachineState};
 use berth_core::{ConfigError, StateError};
 use berth_image::ImageError;
 use berth_runtime::RuntimeError;
+use berth_worker::error::image_status;
+use berth_worker::WorkerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -75,10 +77,7 @@ impl AgentError {
             return (507, body);
         }
         let status = match self {
-            AgentError::NotFound(_) => {
-                body.error = "not_found".into();
-                404
-            }
+            AgentError::NotFound(id) => return WorkerError::NotFound(id.clone()).to_response(),
             AgentError::InvalidState(error) => {
                 body.error = "invalid_state".into();
                 body.state = Some(error.state());
@@ -87,11 +86,7 @@ impl AgentError {
                 }
                 409
             }
-            AgentError::Busy { .. } => {
-                body.error = "invalid_state".into();
-                body.retry_after_ms = Some(1000);
-                409
-            }
+            AgentError::Busy { id } => return WorkerError::Busy { id: id.clone() }.to_response(),
             AgentError::InvalidConfig(error) => {
                 body.error = error.code().into();
                 body.field = Some(error.field.clone());
@@ -100,17 +95,7 @@ impl AgentError {
             AgentError::Image(error) => {
                 body.error = error.code().into();
                 body.retry_after_ms = error.retry_after_ms();
-                match error.code() {
-                    "invalid_image_ref" => 400,
-                    "registry_not_allowed" => 403,
-                    "insufficient_storage" => 507,
-                    "registry_unreachable" => 503,
-                    "internal" => {
-                        body.error = "internal".into();
-                        500
-                    }
-                    _ => 422,
-                }
+                image_status(error)
             }
             AgentError::StartFailed { .. } => {
                 body.error = "start_failed".into();
@@ -125,12 +110,12 @@ impl AgentError {
                 body.error = "internal".into();
                 500
             }
-            AgentError::Remote {
-                status,
-                body: remote,
-            } => {
-                body = (**remote).clone();
-                *status
+            AgentError::Remote { status, body } => {
+                return WorkerError::Remote {
+                    status: *status,
+                    body: body.clone(),
+                }
+                .to_response()
             }
             AgentError::InsufficientCapacity {
                 worker, resources, ..
@@ -141,14 +126,38 @@ impl AgentError {
                 body.missing = Some(resources.clone());
                 503
             }
-            AgentError::Unavailable { worker, .. } => {
-                body.worker = Some(worker.clone());
-                body.error = "worker_unavailable".into();
-                body.retry_after_ms = Some(2000);
-                503
+            AgentError::Unavailable { worker, reason } => {
+                return WorkerError::Unavailable {
+                    worker: worker.clone(),
+                    reason: reason.clone(),
+                }
+                .to_response()
             }
         };
         (status, body)
+    }
+}
+
+/// What a caller of [`berth_worker::WorkerService`] gets: the cases it acts on by name,
+/// the rest as the answer a client sees.
+impl From<AgentError> for WorkerError {
+    fn from(error: AgentError) -> WorkerError {
+        match error {
+            AgentError::NotFound(id) => WorkerError::NotFound(id),
+            AgentError::Busy { id } => WorkerError::Busy { id },
+            AgentError::Unavailable { worker, reason } => {
+                WorkerError::Unavailable { worker, reason }
+            }
+            AgentError::Remote { status, body } => WorkerError::Remote { status, body },
+            error => {
+                let (status, body) = error.to_response();
+                let body = Box::new(body);
+                match error {
+                    AgentError::StartFailed { id, .. } => WorkerError::StartFailed { id, body },
+                    _ => WorkerError::Failed { status, body },
+                }
+            }
+        }
     }
 }
 

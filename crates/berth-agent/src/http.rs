@@ -1,10 +1,9 @@
 //! The agent's own HTTP API: `WorkerService` over HTTP/JSON for a control plane in another
-//! process, authenticated with the cluster's join token. [`crate::remote::RemoteWorker`]
+//! process, authenticated with the cluster's join token. [`berth_worker::RemoteWorker`]
 //! is its client.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -14,14 +13,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use berth_api::{ErrorBody, StopRequest};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast;
 
-use crate::error::AgentError;
-use crate::service::{
-    CreateOnWorker, EventSource, ExecOnWorker, MachineNotice, NoticeSnapshot, WorkerListener,
+use berth_worker::wire::{MetadataChange, NoticeLine, StartBody, NOTICE_KEEPALIVE};
+use berth_worker::{
+    CreateOnWorker, ExecOnWorker, MachineNotice, UpdateOnWorker, WorkerError, WorkerListener,
     WorkerService,
 };
 
@@ -30,17 +29,6 @@ const MAX_BODY: usize = 1024 * 1024;
 /// Notices kept for a slow follower; one that falls further behind is cut off and
 /// starts over from a snapshot.
 const NOTICE_BUFFER: usize = 4096;
-/// A blank line this often tells the follower the stream is alive.
-pub const NOTICE_KEEPALIVE: Duration = Duration::from_secs(10);
-
-/// One line of `GET /agent/v1/notices` (NDJSON): first the snapshot, then every notice
-/// recorded after it. Blank lines are keepalives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NoticeLine {
-    Snapshot(NoticeSnapshot),
-    Notice(MachineNotice),
-}
 
 struct AgentHttp {
     worker: Arc<dyn WorkerService>,
@@ -60,7 +48,7 @@ impl WorkerListener for NoticeFanout {
 
 type Shared = Arc<AgentHttp>;
 
-struct Failure(AgentError);
+struct Failure(WorkerError);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -73,8 +61,8 @@ impl IntoResponse for Failure {
     }
 }
 
-impl From<AgentError> for Failure {
-    fn from(error: AgentError) -> Failure {
+impl From<WorkerError> for Failure {
+    fn from(error: WorkerError) -> Failure {
         Failure(error)
     }
 }
@@ -176,11 +164,6 @@ async fn get_machine(
     Ok(Json(http.worker.get(&id).await?).into_response())
 }
 
-#[derive(Deserialize)]
-struct StartBody {
-    source: EventSource,
-}
-
 async fn start(
     State(http): State<Shared>,
     Path(id): Path<String>,
@@ -200,7 +183,7 @@ async fn stop(
 async fn update(
     State(http): State<Shared>,
     Path(id): Path<String>,
-    Json(body): Json<crate::service::UpdateOnWorker>,
+    Json(body): Json<UpdateOnWorker>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.update(&id, body.request, body.pull).await?).into_response())
 }
@@ -281,12 +264,6 @@ async fn exec(
     Json(request): Json<ExecOnWorker>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.exec(&id, request).await?).into_response())
-}
-
-#[derive(Deserialize, serde::Serialize)]
-pub(crate) struct MetadataChange {
-    pub key: String,
-    pub value: Option<String>,
 }
 
 async fn metadata(

@@ -34,11 +34,12 @@ pub mod failpoint;
 pub mod http;
 pub mod metering;
 pub mod record;
-pub mod remote;
 mod robots;
-pub mod service;
 pub mod store;
 
+use berth_worker::Result as WorkerResult;
+/// The interface to a worker lives in `berth-worker`; these keep its old paths.
+pub use berth_worker::{remote, service, WorkerError};
 pub use error::{AgentError, Result};
 pub use service::{
     CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, MachineNotice, NoticeSnapshot,
@@ -86,14 +87,7 @@ pub fn machine_address(
     ))
 }
 
-/// Disk of a Machine whose config names none (`guest.disk_mb`), for placement, capacity
-/// and its quota.
-pub const MACHINE_DISK_MB: u64 = 1024;
-
-/// The disk a Machine may fill: what placement counts and the filesystem enforces.
-pub fn machine_disk_mb(guest: &berth_api::GuestConfig) -> u64 {
-    guest.disk_mb.map_or(MACHINE_DISK_MB, u64::from)
-}
+pub use berth_core::placement::{machine_disk_mb, MACHINE_DISK_MB};
 
 #[derive(Clone)]
 pub struct Agent {
@@ -1492,7 +1486,7 @@ async fn detached<T: Send + 'static>(
 
 #[async_trait]
 impl WorkerService for Agent {
-    async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
+    async fn create(&self, request: CreateOnWorker) -> WorkerResult<Machine> {
         let agent = self.clone();
         detached(async move {
             let id = request.id.clone();
@@ -1500,9 +1494,10 @@ impl WorkerService for Agent {
             agent.settle_if_failed(&id, result).await
         })
         .await
+        .map_err(WorkerError::from)
     }
 
-    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+    async fn start(&self, id: &str, source: EventSource) -> WorkerResult<StartStopResponse> {
         let agent = self.clone();
         let id = id.to_owned();
         detached(async move {
@@ -1510,9 +1505,10 @@ impl WorkerService for Agent {
             agent.settle_if_failed(&id, result).await
         })
         .await
+        .map_err(WorkerError::from)
     }
 
-    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
+    async fn stop(&self, id: &str, request: StopRequest) -> WorkerResult<StartStopResponse> {
         let agent = self.clone();
         let id = id.to_owned();
         detached(async move {
@@ -1520,6 +1516,7 @@ impl WorkerService for Agent {
             agent.settle_if_failed(&id, result).await
         })
         .await
+        .map_err(WorkerError::from)
     }
 
     async fn update(
@@ -1527,7 +1524,7 @@ impl WorkerService for Agent {
         id: &str,
         request: UpdateMachineRequest,
         pull: PullScope,
-    ) -> Result<Machine> {
+    ) -> WorkerResult<Machine> {
         let agent = self.clone();
         let id = id.to_owned();
         detached(async move {
@@ -1535,9 +1532,10 @@ impl WorkerService for Agent {
             agent.settle_if_failed(&id, result).await
         })
         .await
+        .map_err(WorkerError::from)
     }
 
-    async fn destroy(&self, id: &str, force: bool) -> Result<()> {
+    async fn destroy(&self, id: &str, force: bool) -> WorkerResult<()> {
         let agent = self.clone();
         let id = id.to_owned();
         detached(async move {
@@ -1545,26 +1543,27 @@ impl WorkerService for Agent {
             agent.settle_if_failed(&id, result).await
         })
         .await
+        .map_err(WorkerError::from)
     }
 
-    async fn get(&self, id: &str) -> Result<Machine> {
+    async fn get(&self, id: &str) -> WorkerResult<Machine> {
         match self.load(id).await {
             // A create of this id still running (its caller may have given up on it) is
             // neither the absence the control plane forgets an index entry for, nor a
             // Machine yet: it may still roll back.
             Err(AgentError::NotFound(_)) if self.operation_running(id) => {
-                Err(AgentError::Busy { id: id.to_owned() })
+                Err(WorkerError::Busy { id: id.to_owned() })
             }
             Ok(record)
                 if record.pending == Some(PendingOp::Create) && self.operation_running(id) =>
             {
-                Err(AgentError::Busy { id: id.to_owned() })
+                Err(WorkerError::Busy { id: id.to_owned() })
             }
             other => Ok(other?.to_api()),
         }
     }
 
-    async fn list(&self, app: &str) -> Result<Vec<Machine>> {
+    async fn list(&self, app: &str) -> WorkerResult<Vec<Machine>> {
         Ok(self
             .inner
             .store
@@ -1575,20 +1574,20 @@ impl WorkerService for Agent {
             .collect())
     }
 
-    async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {
-        self.inner.store.usage_since(after_seq, limit).await
+    async fn usage_since(&self, after_seq: u64, limit: u32) -> WorkerResult<Vec<UsageRecord>> {
+        Ok(self.inner.store.usage_since(after_seq, limit).await?)
     }
 
-    async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {
+    async fn logs(&self, id: &str, max_bytes: u64) -> WorkerResult<Vec<u8>> {
         self.load(id).await?;
         let layout = self.layout(id);
         tokio::task::spawn_blocking(move || berth_runtime::logs::read_logs(&layout, max_bytes))
             .await
             .map_err(|error| AgentError::Internal(format!("log reader task: {error}")))?
-            .map_err(|error| AgentError::Internal(format!("read logs of {id}: {error}")))
+            .map_err(|error| AgentError::Internal(format!("read logs of {id}: {error}")).into())
     }
 
-    async fn image_usage(&self) -> Result<Vec<ImageUsage>> {
+    async fn image_usage(&self) -> WorkerResult<Vec<ImageUsage>> {
         let mut usage = Vec::new();
         for record in self.inner.store.list_all().await? {
             let layers = |stack: &RootfsStack| {
@@ -1631,8 +1630,8 @@ impl WorkerService for Agent {
         }
     }
 
-    async fn notice_snapshot(&self) -> Result<NoticeSnapshot> {
-        self.snapshot_notices().await
+    async fn notice_snapshot(&self) -> WorkerResult<NoticeSnapshot> {
+        Ok(self.snapshot_notices().await?)
     }
 
     async fn machine_events(
@@ -1640,16 +1639,21 @@ impl WorkerService for Agent {
         id: &str,
         since: i64,
         limit: u32,
-    ) -> Result<Vec<berth_api::MachineEvent>> {
-        self.event_page(id, since, limit).await
+    ) -> WorkerResult<Vec<berth_api::MachineEvent>> {
+        Ok(self.event_page(id, since, limit).await?)
     }
 
-    async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<berth_api::ExecResponse> {
-        self.exec_in(id, request).await
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> WorkerResult<berth_api::ExecResponse> {
+        Ok(self.exec_in(id, request).await?)
     }
 
-    async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
-        self.change_metadata(id, key, value).await
+    async fn set_metadata(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> WorkerResult<Machine> {
+        Ok(self.change_metadata(id, key, value).await?)
     }
 
     async fn read_logs(
@@ -1658,12 +1662,12 @@ impl WorkerService for Agent {
         since: Option<u64>,
         follow: bool,
         max_bytes: u64,
-    ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
-        self.stream_logs(id, since, follow, max_bytes).await
+    ) -> WorkerResult<tokio::sync::mpsc::Receiver<LogChunk>> {
+        Ok(self.stream_logs(id, since, follow, max_bytes).await?)
     }
 
-    async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport> {
-        self.run_doctor(repair).await
+    async fn doctor(&self, repair: bool) -> WorkerResult<berth_api::DoctorReport> {
+        Ok(self.run_doctor(repair).await?)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_agent::record::PendingOp;
-use berth_agent::{Agent, AgentConfig, AgentError, CreateOnWorker, EventSource, WorkerService};
+use berth_agent::{Agent, AgentConfig, CreateOnWorker, EventSource, WorkerError, WorkerService};
 use berth_api::{InitConfig, MachineConfig, MachineState, StopRequest, UpdateMachineRequest};
 use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
 use berth_image::{ImageStore, UnpackLimits};
@@ -190,18 +190,24 @@ async fn a_machine_still_being_created_is_busy_not_missing() {
     // get must not answer not_found (the control plane would forget its index entry).
     let mut answer = agent.get("00000000000009").await;
     for _ in 0..500 {
-        if !matches!(answer, Err(AgentError::NotFound(_))) {
+        if !matches!(answer, Err(WorkerError::NotFound(_))) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
         answer = agent.get("00000000000009").await;
     }
-    assert!(matches!(answer, Err(AgentError::Busy { .. })), "{answer:?}");
+    assert!(
+        matches!(answer, Err(WorkerError::Busy { .. })),
+        "{answer:?}"
+    );
     // Later the half-made record is in the store while prepare is held: still busy,
     // because the create may yet roll back.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let answer = agent.get("00000000000009").await;
-    assert!(matches!(answer, Err(AgentError::Busy { .. })), "{answer:?}");
+    assert!(
+        matches!(answer, Err(WorkerError::Busy { .. })),
+        "{answer:?}"
+    );
     drop(held);
     creating.await.expect("create task").expect("create");
     let machine = agent.get("00000000000009").await.expect("created");
@@ -249,7 +255,7 @@ async fn a_missing_image_leaves_no_trace() {
     assert!(fixture.runtime.calls().await.is_empty());
     assert!(matches!(
         agent.get("00000000000003").await,
-        Err(AgentError::NotFound(_))
+        Err(WorkerError::NotFound(_))
     ));
 }
 
@@ -532,7 +538,7 @@ async fn recovery_rolls_back_a_half_done_create_and_settles_in_flight_states() {
     assert!(
         matches!(
             agent.get("00000000000008").await,
-            Err(AgentError::NotFound(_))
+            Err(WorkerError::NotFound(_))
         ),
         "unfinished create is undone"
     );

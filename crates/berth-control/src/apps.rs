@@ -113,9 +113,9 @@ pub(crate) async fn delete_app(
     Ok(StatusCode::ACCEPTED)
 }
 
-pub(crate) fn ignore_not_found(error: berth_agent::AgentError) -> Result<(), ApiError> {
+pub(crate) fn ignore_not_found(error: berth_worker::WorkerError) -> Result<(), ApiError> {
     match error {
-        berth_agent::AgentError::NotFound(_) => Ok(()),
+        berth_worker::WorkerError::NotFound(_) => Ok(()),
         other => Err(other.into()),
     }
 }

@@ -3,9 +3,9 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use berth_agent::AgentError;
 use berth_api::ErrorBody;
 use berth_core::ConfigError;
+use berth_worker::WorkerError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -70,8 +70,8 @@ impl From<ConfigError> for ApiError {
     }
 }
 
-impl From<AgentError> for ApiError {
-    fn from(error: AgentError) -> ApiError {
+impl From<WorkerError> for ApiError {
+    fn from(error: WorkerError) -> ApiError {
         let (status, body) = error.to_response();
         if status >= 500 {
             tracing::error!(%error, "worker error");
@@ -85,7 +85,7 @@ impl From<AgentError> for ApiError {
 
 impl From<berth_image::ImageError> for ApiError {
     fn from(error: berth_image::ImageError) -> ApiError {
-        AgentError::from(error).into()
+        WorkerError::from(error).into()
     }
 }
 

@@ -8,9 +8,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use berth_agent::ImageUsage;
 use berth_api::{ErrorBody, ImagePruneResponse, ImagePullEvent, ImagePullRequest, ImageSummary};
 use berth_image::{ImageReference, InUse, PruneReport, PullEvent, PullScope};
+use berth_worker::ImageUsage;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -484,7 +484,7 @@ pub(crate) async fn pull_image(
                 retry_after_ms: None,
             },
             Err(error) => {
-                let (_, body) = berth_agent::AgentError::from(error).to_response();
+                let (_, body) = berth_worker::WorkerError::from(error).to_response();
                 ImagePullEvent {
                     status: "error".to_owned(),
                     layer: None,

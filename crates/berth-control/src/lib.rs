@@ -11,12 +11,12 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use berth_agent::WorkerService;
 use berth_api::{OrgLimits, RegisterWorker, SetOrgLimitsRequest, WorkerStats};
 use berth_core::billing::Prices;
 use berth_core::placement::{self, PlacementError, PlacementRequest, Strategy};
 use berth_core::{ids, validate};
 use berth_image::{ImagePuller, ImageStore};
+use berth_worker::WorkerService;
 use tokio::sync::Mutex as AsyncMutex;
 
 mod apps;

@@ -8,12 +8,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
-use berth_agent::{CreateOnWorker, EventSource};
 use berth_api::{
     ChangeSource, CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartRequest,
     StartStopResponse, StopRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
+use berth_worker::{CreateOnWorker, EventSource};
 use serde::{Deserialize, Serialize};
 use utoipa::IntoParams;
 
@@ -27,9 +27,9 @@ use crate::limits::{self, Action, Share};
 use crate::store::{AppRow, Inserted, MachineIndexRow};
 use crate::timing::{Arrived, ServerTiming, SERVER_TIMING};
 use crate::{ControlPlane, Shared};
-use berth_agent::{machine_disk_mb, AgentError};
 use berth_api::Resources;
-use berth_core::placement::PlacementRequest;
+use berth_core::placement::{machine_disk_mb, PlacementRequest};
+use berth_worker::WorkerError;
 
 fn share(config: &berth_api::MachineConfig) -> Share {
     Share {
@@ -176,14 +176,14 @@ async fn create(
         .await;
     drop(reservation);
     let made = match &created {
-        Ok(_) | Err(berth_agent::AgentError::StartFailed { .. }) => true,
+        Ok(_) | Err(WorkerError::StartFailed { .. }) => true,
         Err(_) => !crate::reconcile::worker_lacks(&worker, &id).await,
     };
     control.workers.create_ended(&worker_name, &id, made);
     match created {
         Ok(machine) => Ok(seen(control, machine, &worker_name).await),
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
-        Err(error @ berth_agent::AgentError::StartFailed { .. }) => Err(error.into()),
+        Err(error @ WorkerError::StartFailed { .. }) => Err(error.into()),
         Err(error) => {
             // The worker may have recorded the Machine before failing (its CPU taken by
             // the time it booted, say): only an id it does not have leaves the index.
@@ -241,7 +241,7 @@ pub(crate) async fn list_machines(
                 }
             }
             // A worker that is down does not hide its Machines: show what was last known.
-            Err(AgentError::Unavailable { .. }) => {
+            Err(WorkerError::Unavailable { .. }) => {
                 for row in rows.iter().filter(|row| row.worker == worker) {
                     if let Some(machine) = last_known(&control, &row.id, worker).await? {
                         machines.push(machine);
@@ -276,7 +276,7 @@ pub(crate) async fn get_machine(
     let (_, row) = control.machine(&principal, &app, &id).await?;
     match control.worker(&row.worker)?.get(&id).await {
         Ok(machine) => Ok(Json(answered_by(machine, &row.worker))),
-        Err(error @ AgentError::Unavailable { .. }) => {
+        Err(error @ WorkerError::Unavailable { .. }) => {
             match last_known(&control, &id, &row.worker).await? {
                 Some(machine) => Ok(Json(machine)),
                 None => Err(error.into()),

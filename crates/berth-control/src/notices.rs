@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use berth_agent::{MachineNotice, WorkerListener};
 use berth_api::MachineState;
+use berth_worker::{MachineNotice, WorkerListener};
 use tokio::sync::watch;
 
 use crate::limits::Share;

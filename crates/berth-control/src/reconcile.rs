@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use berth_agent::{AgentError, WorkerService};
 use berth_api::Machine;
+use berth_worker::{WorkerError, WorkerService};
 
 use crate::ControlPlane;
 
@@ -42,8 +42,8 @@ pub(crate) async fn forget_lost(
 /// worker or any other answer is not proof.
 pub(crate) async fn worker_lacks(worker: &Arc<dyn WorkerService>, id: &str) -> bool {
     match worker.get(id).await {
-        Err(AgentError::NotFound(_)) => true,
-        Err(AgentError::Remote { status: 404, body }) => body.error == "not_found",
+        Err(WorkerError::NotFound(_)) => true,
+        Err(WorkerError::Remote { status: 404, body }) => body.error == "not_found",
         _ => false,
     }
 }

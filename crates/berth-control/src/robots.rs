@@ -10,11 +10,11 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use berth_agent::{AgentError, ExecOnWorker, LogChunk};
 use berth_api::{
     ErrorBody, ExecRequest, ExecResponse, LogLine, MachineEvent, MachineState, SetMetadataRequest,
     WaitResponse,
 };
+use berth_worker::{ExecOnWorker, LogChunk, WorkerError};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use utoipa::{IntoParams, ToSchema};
@@ -114,7 +114,7 @@ pub(crate) async fn wait_machine(
             state: machine.state,
             instance_id: machine.instance_id,
         },
-        Err(AgentError::NotFound(_)) => Snapshot {
+        Err(WorkerError::NotFound(_)) => Snapshot {
             state: MachineState::Destroyed,
             instance_id: String::new(),
         },

@@ -36,6 +36,36 @@ pub enum Inserted {
     AlreadyExists,
 }
 
+/// The WAL is truncated to this many bytes after a checkpoint (as in the agent's store).
+const JOURNAL_SIZE_LIMIT: &str = "4194304";
+/// How often the WAL is checkpointed in the background.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Checkpoints the WAL from a background task, so that SQLite's automatic checkpoint,
+/// with its fsyncs, does not run inside a request's commit (a start, say). The task ends
+/// when the handle drops.
+fn checkpoint_in_background(pool: SqlitePool) -> tokio_util::task::AbortOnDropHandle<()> {
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::warn!(%error, "checkpointing the control store's WAL");
+            }
+        }
+    }))
+}
+
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS orgs (slug TEXT PRIMARY KEY NOT NULL, created_at_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS apps (
@@ -62,7 +92,7 @@ impl ControlStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             // Checkpoints run in the background, not inside a request's commit.
-            .pragma("journal_size_limit", berth_agent::store::JOURNAL_SIZE_LIMIT)
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -71,10 +101,7 @@ impl ControlStore {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        let checkpointer = berth_agent::store::checkpoint_in_background(
-            pool.clone(),
-            berth_agent::store::CHECKPOINT_INTERVAL,
-        );
+        let checkpointer = checkpoint_in_background(pool.clone());
         Ok(ControlStore {
             pool,
             _checkpointer: std::sync::Arc::new(checkpointer),

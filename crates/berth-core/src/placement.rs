@@ -1,6 +1,15 @@
 //! Placement: which worker a new Machine lives on. Decided once, at create; start never
 //! asks again. Pure: the control plane passes in what it knows of each worker.
 
+/// Disk of a Machine whose config names none (`guest.disk_mb`), for placement, capacity
+/// and its quota.
+pub const MACHINE_DISK_MB: u64 = 1024;
+
+/// The disk a Machine may fill: what placement counts and the filesystem enforces.
+pub fn machine_disk_mb(guest: &berth_api::GuestConfig) -> u64 {
+    guest.disk_mb.map_or(MACHINE_DISK_MB, u64::from)
+}
+
 /// What the control plane knows of one worker when it places a Machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerCapacity {

@@ -1,4 +1,4 @@
-//! A worker in another process, reached over its HTTP API ([`crate::http`]). Every call
+//! A worker in another process, reached over the agent's HTTP API. Every call
 //! has a deadline; calls that are safe to repeat are retried on connection failures with
 //! a short backoff. A worker that cannot be reached answers `worker_unavailable`.
 
@@ -16,12 +16,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::task::AbortHandle;
 
-use crate::error::{AgentError, Result};
-use crate::http::{NoticeLine, NOTICE_KEEPALIVE};
+use crate::error::{Result, WorkerError};
 use crate::service::{
     CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, NoticeSnapshot,
-    WorkerListener, WorkerService,
+    UpdateOnWorker, WorkerListener, WorkerService,
 };
+use crate::wire::{MetadataChange, NoticeLine, StartBody, NOTICE_KEEPALIVE};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -82,7 +82,7 @@ impl RemoteWorker {
             // pooled one is dropped here first, not raced against the server's close.
             .pool_idle_timeout(Duration::from_secs(5))
             .build()
-            .map_err(|error| AgentError::Internal(format!("http client: {error}")))?;
+            .map_err(|error| WorkerError::internal(format!("http client: {error}")))?;
         Ok(RemoteWorker {
             name: name.to_owned(),
             base: base_url.trim_end_matches('/').to_owned(),
@@ -193,7 +193,7 @@ impl RemoteWorker {
                             message: format!("worker {} answered {status}", self.name),
                             ..ErrorBody::default()
                         });
-                    return Err(AgentError::Remote {
+                    return Err(WorkerError::Remote {
                         status,
                         body: Box::new(body),
                     });
@@ -205,7 +205,7 @@ impl RemoteWorker {
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
                 Err(error) => {
-                    return Err(AgentError::Unavailable {
+                    return Err(WorkerError::Unavailable {
                         worker: self.name.clone(),
                         reason: error.to_string(),
                     })
@@ -218,7 +218,7 @@ impl RemoteWorker {
         response
             .json()
             .await
-            .map_err(|error| AgentError::Unavailable {
+            .map_err(|error| WorkerError::Unavailable {
                 worker: self.name.clone(),
                 reason: format!("reading its answer: {error}"),
             })
@@ -269,7 +269,7 @@ impl WorkerService for RemoteWorker {
     }
 
     async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
-        let body = serde_json::json!({ "source": source });
+        let body = StartBody { source };
         let path = format!("/agent/v1/machines/{id}/start");
         let response = self
             .call(Method::POST, &path, Some(&body), LIFECYCLE_DEADLINE, true)
@@ -298,7 +298,7 @@ impl WorkerService for RemoteWorker {
         pull: berth_image::PullScope,
     ) -> Result<Machine> {
         let path = format!("/agent/v1/machines/{id}/update");
-        let body = crate::service::UpdateOnWorker { request, pull };
+        let body = UpdateOnWorker { request, pull };
         let response = self
             .call(Method::POST, &path, Some(&body), CREATE_DEADLINE, false)
             .await?;
@@ -415,7 +415,7 @@ impl WorkerService for RemoteWorker {
 
     async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
         let path = format!("/agent/v1/machines/{id}/metadata");
-        let change = crate::http::MetadataChange {
+        let change = MetadataChange {
             key: key.to_owned(),
             value,
         };
@@ -472,7 +472,7 @@ impl WorkerService for RemoteWorker {
             .bytes()
             .await
             .map(|bytes| bytes.to_vec())
-            .map_err(|error| AgentError::Unavailable {
+            .map_err(|error| WorkerError::Unavailable {
                 worker: self.name.clone(),
                 reason: format!("reading logs: {error}"),
             })
