@@ -7,7 +7,14 @@ use axum::http::{header, StatusCode};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+use berth_api::ChangeSource;
+use berth_worker::EventSource;
+
+use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyKey;
+use crate::leases::LeaseNonce;
+use crate::Shared;
 
 /// The largest JSON body any endpoint takes.
 pub const MAX_JSON_BODY: usize = 1024 * 1024;
@@ -125,6 +132,44 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuer
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
             Err(rejection) => Err(ApiError::invalid_config("query", rejection.body_text())),
+        }
+    }
+}
+
+/// What a call that changes a Machine's run (start, stop, destroy) carries besides its
+/// body, parsed: who asks, the idempotency key and the lease nonce. The caller is
+/// authenticated first, so an anonymous call learns nothing about its headers.
+pub(crate) struct Preconditions {
+    pub principal: Principal,
+    pub key: Option<IdempotencyKey>,
+    pub nonce: Option<LeaseNonce>,
+}
+
+impl FromRequestParts<Shared> for Preconditions {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, control: &Shared) -> Result<Self, ApiError> {
+        let principal = Principal::from_request_parts(parts, control).await?;
+        let key = Option::<IdempotencyKey>::from_request_parts(parts, control).await?;
+        let nonce = Option::<LeaseNonce>::from_request_parts(parts, control).await?;
+        Ok(Preconditions {
+            principal,
+            key,
+            nonce,
+        })
+    }
+}
+
+impl Preconditions {
+    /// Who the change is recorded as made by. Only the operator (the proxy runs with the
+    /// admin token) may record a start or stop as something other than the caller's own.
+    pub fn source(&self, asked: Option<ChangeSource>) -> Result<EventSource, ApiError> {
+        match asked {
+            None | Some(ChangeSource::User) => Ok(EventSource::User),
+            Some(other) => {
+                self.principal.require_admin()?;
+                Ok(EventSource::from(other))
+            }
         }
     }
 }

@@ -3,8 +3,12 @@
 //! with a different request is refused. Only final answers are remembered: errors that
 //! say to retry (a retry hint, 429, 5xx) free the key for the next attempt.
 
+use std::future::Future;
+
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::OptionalFromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -35,14 +39,14 @@ const MAX_REMEMBERED: usize = 4 * 1024 * 1024;
 /// Set on an answer that is a replay of the first one.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
-pub(crate) enum Begin {
+enum Begin {
     Proceed(Option<Claim>),
     Replay(Response),
 }
 
 /// A key taken for a call in flight. If the call never finishes (the client went
 /// away), the key is freed so a retry can run.
-pub(crate) struct Claim {
+struct Claim {
     pool: SqlitePool,
     scope: String,
     key: String,
@@ -59,7 +63,7 @@ impl Claim {
     /// The id a keyed create gives its Machine: the same on every retry of the key, so a
     /// retry after the control plane died mid-create finds the Machine it began instead
     /// of making a second one.
-    pub(crate) fn machine_id(&self) -> String {
+    fn machine_id(&self) -> String {
         let digest = Sha256::digest(
             format!("{}|{}|{}", self.scope, self.key, self.claimed_at_ms).as_bytes(),
         );
@@ -107,25 +111,70 @@ fn bad_key(message: &str) -> ApiError {
     error
 }
 
-/// Takes the request's key for `operation`, or answers with what the first call got.
-pub(crate) async fn begin(
+/// The caller's `Idempotency-Key`: 1 to 255 visible characters. Taken as
+/// `Option<IdempotencyKey>`; a malformed one is refused with `invalid_idempotency_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IdempotencyKey(String);
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &S,
+    ) -> Result<Option<IdempotencyKey>, ApiError> {
+        let Some(key) = header_text(
+            &parts.headers,
+            berth_api::IDEMPOTENCY_KEY_HEADER,
+            "invalid_idempotency_key",
+        )?
+        else {
+            return Ok(None);
+        };
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(bad_key("an Idempotency-Key is 1 to 255 visible characters"));
+        }
+        Ok(Some(IdempotencyKey(key.to_owned())))
+    }
+}
+
+/// Runs `call` with `request` once per key: a retry with the same key and request gets
+/// the first answer, and a call without a key just runs. `call` also gets the Machine id
+/// a keyed create must use.
+pub(crate) async fn once<Request, Call, Answer>(
     control: &ControlPlane,
     principal: &Principal,
-    headers: &HeaderMap,
+    key: Option<&IdempotencyKey>,
+    operation: &str,
+    request: Request,
+    call: Call,
+) -> Response
+where
+    Request: Serialize,
+    Call: FnOnce(Request, Option<String>) -> Answer,
+    Answer: Future<Output = Response>,
+{
+    let claim = match begin(control, principal, key, operation, &request).await {
+        Ok(Begin::Replay(response)) => return response,
+        Ok(Begin::Proceed(claim)) => claim,
+        Err(error) => return error.into_response(),
+    };
+    let machine_id = claim.as_ref().map(Claim::machine_id);
+    finish(claim, call(request, machine_id).await).await
+}
+
+/// Takes the request's key for `operation`, or answers with what the first call got.
+async fn begin(
+    control: &ControlPlane,
+    principal: &Principal,
+    key: Option<&IdempotencyKey>,
     operation: &str,
     request: &impl Serialize,
 ) -> Result<Begin, ApiError> {
-    let Some(key) = header_text(
-        headers,
-        berth_api::IDEMPOTENCY_KEY_HEADER,
-        "invalid_idempotency_key",
-    )?
-    else {
+    let Some(IdempotencyKey(key)) = key else {
         return Ok(Begin::Proceed(None));
     };
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
-        return Err(bad_key("an Idempotency-Key is 1 to 255 visible characters"));
-    }
+    let key = key.as_str();
     let pool = control.store.pool();
     let scope = format!("{}|{operation}", principal.scope());
     let fingerprint: Vec<u8> =
@@ -223,7 +272,7 @@ fn in_use() -> ApiError {
 
 /// Remembers the answer under the claimed key, or frees the key (keeping its claim time)
 /// when the answer says to retry.
-pub(crate) async fn finish(claim: Option<Claim>, response: Response) -> Response {
+async fn finish(claim: Option<Claim>, response: Response) -> Response {
     let Some(mut claim) = claim else {
         return response;
     };

@@ -2,8 +2,9 @@
 //! mutating call on the Machine must carry its nonce in `berth-lease-nonce`. A lease ends
 //! when released or when its TTL runs out (by the control plane's clock).
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{OptionalFromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::Json;
 use berth_api::{DestroyResponse, ErrorBody, Lease, LeaseRequest, LEASE_NONCE_HEADER};
 use sqlx::Row;
@@ -52,25 +53,38 @@ fn is_nonce(text: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// The nonce the caller sent, if any; one of the wrong shape is a 400.
-fn given_nonce(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(text) = header_text(headers, LEASE_NONCE_HEADER, "invalid_lease_nonce")? else {
-        return Ok(None);
-    };
-    if !is_nonce(text) {
-        let mut error = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_lease_nonce",
-            "a lease nonce is 32 lower-case hex digits, as POST .../lease returned it",
-        );
-        error.body.field = Some(LEASE_NONCE_HEADER.into());
-        return Err(error);
+/// The nonce a caller sent in `berth-lease-nonce`, of the right shape. Taken as
+/// `Option<LeaseNonce>`; one of the wrong shape is refused with `invalid_lease_nonce`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseNonce(String);
+
+impl LeaseNonce {
+    fn parse(text: &str) -> Result<LeaseNonce, ApiError> {
+        if !is_nonce(text) {
+            let mut error = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_lease_nonce",
+                "a lease nonce is 32 lower-case hex digits, as POST .../lease returned it",
+            );
+            error.body.field = Some(LEASE_NONCE_HEADER.into());
+            return Err(error);
+        }
+        Ok(LeaseNonce(text.to_owned()))
     }
-    Ok(Some(text.to_owned()))
 }
 
-fn same_nonce(given: Option<&str>, held: &str) -> bool {
-    given.is_some_and(|given| bool::from(given.as_bytes().ct_eq(held.as_bytes())))
+impl<S: Send + Sync> OptionalFromRequestParts<S> for LeaseNonce {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<LeaseNonce>, ApiError> {
+        header_text(&parts.headers, LEASE_NONCE_HEADER, "invalid_lease_nonce")?
+            .map(LeaseNonce::parse)
+            .transpose()
+    }
+}
+
+fn same_nonce(given: Option<&LeaseNonce>, held: &str) -> bool {
+    given.is_some_and(|given| bool::from(given.0.as_bytes().ct_eq(held.as_bytes())))
 }
 
 fn lease_held(lease: &LeaseRow, now_ms: i64) -> ApiError {
@@ -115,21 +129,20 @@ pub(crate) async fn current(
 pub(crate) async fn check(
     control: &ControlPlane,
     machine: &str,
-    headers: &HeaderMap,
+    given: Option<&LeaseNonce>,
 ) -> Result<(), ApiError> {
     let lease = current(control, machine).await;
-    check_against(control, lease, headers)
+    check_against(control, lease, given)
 }
 
 /// [`check`] against a lease already looked up (with [`current`]).
 pub(crate) fn check_against(
     control: &ControlPlane,
     lease: Result<Option<LeaseRow>, ApiError>,
-    headers: &HeaderMap,
+    given: Option<&LeaseNonce>,
 ) -> Result<(), ApiError> {
-    let given = given_nonce(headers)?;
     match lease? {
-        Some(lease) if !same_nonce(given.as_deref(), &lease.nonce) => {
+        Some(lease) if !same_nonce(given, &lease.nonce) => {
             Err(lease_held(&lease, control.clock.now_ms()))
         }
         _ => Ok(()),
@@ -156,7 +169,7 @@ pub(crate) async fn forget(control: &ControlPlane, machine: &str) -> Result<(), 
 pub(crate) async fn acquire_lease(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    given: Option<LeaseNonce>,
     ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<LeaseRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
@@ -181,7 +194,6 @@ pub(crate) async fn acquire_lease(
             format!("at most {MAX_DESCRIPTION} bytes, without NUL"),
         ));
     }
-    let given = given_nonce(&headers)?;
     let now = control.clock.now_ms();
     let expires = now.saturating_add(i64::try_from(ttl * 1000).unwrap_or(i64::MAX));
     let pool = control.store.pool();
@@ -193,7 +205,7 @@ pub(crate) async fn acquire_lease(
         .bind(expires)
         .bind(&request.description)
         .bind(&id)
-        .bind(nonce)
+        .bind(&nonce.0)
         .bind(now)
         .execute(pool)
         .await?;
@@ -261,19 +273,18 @@ pub(crate) async fn get_lease(
 pub(crate) async fn release_lease(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    given: Option<LeaseNonce>,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
     control.machine(&principal, &app, &id).await?;
     control
         .check_rate(&principal, Action::Update, Some(&id))
         .await?;
-    let given = given_nonce(&headers)?;
     let now = control.clock.now_ms();
     let held = current(&control, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("lease on machine {id}")))?;
-    if !same_nonce(given.as_deref(), &held.nonce) {
+    if !same_nonce(given.as_ref(), &held.nonce) {
         return Err(lease_held(&held, now));
     }
     sqlx::query("DELETE FROM leases WHERE machine_id = ? AND nonce = ?")

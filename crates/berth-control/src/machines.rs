@@ -4,25 +4,25 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use berth_api::{
-    ChangeSource, CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartRequest,
-    StartStopResponse, StopRequest, UpdateMachineRequest,
+    CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartRequest, StartStopResponse,
+    StopRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
-use berth_worker::{CreateOnWorker, EventSource};
+use berth_worker::CreateOnWorker;
 use serde::{Deserialize, Serialize};
 use utoipa::IntoParams;
 
 use crate::apps::ignore_not_found;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
-use crate::idempotency::{self, Begin};
-use crate::leases;
+use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson, Preconditions};
+use crate::idempotency::{self, IdempotencyKey};
+use crate::leases::{self, LeaseNonce};
 use crate::limits::{self, Action, Share};
 use crate::store::{AppRow, Inserted, MachineIndexRow};
 use crate::timing::{Arrived, ServerTiming, SERVER_TIMING};
@@ -46,34 +46,29 @@ fn share(config: &berth_api::MachineConfig) -> Share {
 pub(crate) async fn create_machine(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     ApiPath(app): ApiPath<String>,
     ApiJson(request): ApiJson<CreateMachineRequest>,
 ) -> Result<Response, ApiError> {
     let app_row = control.app(&principal, &app).await?;
     control.check_rate(&principal, Action::Create, None).await?;
     validate::validate_create(&request)?;
-    let claim = match idempotency::begin(
-        &control,
-        &principal,
-        &headers,
-        &format!("create {app}"),
-        &request,
+    let operation = format!("create {app}");
+    let (control, principal) = (&control, &principal);
+    Ok(
+        idempotency::once(control, principal, key.as_ref(), &operation, request, {
+            |request, keyed_id| async move {
+                let id = keyed_id.unwrap_or_else(ids::new_machine_id);
+                let result =
+                    match crate::images::pull_scope(control, principal, &app_row.org_slug).await {
+                        Ok(pull) => create(control, &app_row, request, id, pull).await,
+                        Err(error) => Err(error),
+                    };
+                result.map(Json).into_response()
+            }
+        })
+        .await,
     )
-    .await?
-    {
-        Begin::Replay(response) => return Ok(response),
-        Begin::Proceed(claim) => claim,
-    };
-    let id = claim
-        .as_ref()
-        .map(idempotency::Claim::machine_id)
-        .unwrap_or_else(ids::new_machine_id);
-    let result = match crate::images::pull_scope(&control, &principal, &app_row.org_slug).await {
-        Ok(pull) => create(&control, &app_row, request, id, pull).await,
-        Err(error) => Err(error),
-    };
-    Ok(idempotency::finish(claim, result.map(Json).into_response()).await)
 }
 
 async fn create(
@@ -294,7 +289,7 @@ pub(crate) async fn get_machine(
 pub(crate) async fn update_machine(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    nonce: Option<LeaseNonce>,
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<UpdateMachineRequest>,
 ) -> Result<Json<Machine>, ApiError> {
@@ -302,7 +297,7 @@ pub(crate) async fn update_machine(
     control
         .check_rate(&principal, Action::Update, Some(&id))
         .await?;
-    leases::check(&control, &id, &headers).await?;
+    leases::check(&control, &id, nonce.as_ref()).await?;
     validate::validate_config(&request.config)?;
     let org = &app_row.org_slug;
     let _reservation = if request.skip_launch {
@@ -323,40 +318,28 @@ pub(crate) async fn update_machine(
     Ok(Json(seen(&control, machine, &row.worker).await))
 }
 
-/// Only the operator (the proxy runs with the admin token) may record a start or stop as
-/// something other than the caller's own.
-fn check_source(principal: &Principal, source: Option<ChangeSource>) -> Result<(), ApiError> {
-    match source {
-        None | Some(ChangeSource::User) => Ok(()),
-        Some(_) => principal.require_admin(),
-    }
-}
-
-/// The common prologue of start, stop and destroy: lookup, rate limit, lease, key.
-async fn prologue(
-    control: &Shared,
-    principal: &Principal,
-    headers: &HeaderMap,
+/// Start, stop and destroy, once their key is taken (a retried destroy must get its first
+/// answer, not a 404): lookup, rate limit, lease.
+async fn admit(
+    control: &ControlPlane,
+    pre: &Preconditions,
     app: &str,
     id: &str,
     action: Action,
-    request: &impl Serialize,
-) -> Result<Result<(AppRow, MachineIndexRow, Option<idempotency::Claim>), Response>, ApiError> {
-    // The key first: a retried destroy must get its first answer, not a 404.
-    let operation = format!("{} {app}/{id}", action.as_str());
-    let claim = match idempotency::begin(control, principal, headers, &operation, request).await? {
-        Begin::Replay(response) => return Ok(Err(response)),
-        Begin::Proceed(claim) => claim,
-    };
+) -> Result<(AppRow, MachineIndexRow), ApiError> {
     // The lease is read beside the lookup; it is judged in the same order as before.
     let (machine, lease) = tokio::join!(
-        control.machine(principal, app, id),
+        control.machine(&pre.principal, app, id),
         leases::current(control, id)
     );
     let (app_row, row) = machine?;
-    control.check_rate(principal, action, Some(id)).await?;
-    leases::check_against(control, lease, headers)?;
-    Ok(Ok((app_row, row, claim)))
+    control.check_rate(&pre.principal, action, Some(id)).await?;
+    leases::check_against(control, lease, pre.nonce.as_ref())?;
+    Ok((app_row, row))
+}
+
+fn operation(action: Action, app: &str, id: &str) -> String {
+    format!("{} {app}/{id}", action.as_str())
 }
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
@@ -367,48 +350,48 @@ async fn prologue(
     responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn start_machine(
     State(control): State<Shared>,
-    principal: Principal,
-    headers: HeaderMap,
+    pre: Preconditions,
     arrived: Option<Extension<Arrived>>,
     ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<StartRequest>,
 ) -> Result<Response, ApiError> {
     let mut timing = ServerTiming::since(arrived.map(|Extension(Arrived(at))| at));
-    check_source(&principal, request.source)?;
-    let (app_row, row, claim) = match prologue(
-        &control,
-        &principal,
-        &headers,
-        &app,
-        &id,
-        Action::Start,
-        &request,
+    let source = pre.source(request.source)?;
+    let operation = operation(Action::Start, &app, &id);
+    let (control, pre, lap) = (&control, &pre, &mut timing);
+    let mut response = idempotency::once(
+        control,
+        &pre.principal,
+        pre.key.as_ref(),
+        &operation,
+        request,
+        {
+            |_, _| async move {
+                let result = async {
+                    let (app_row, row) = admit(control, pre, &app, &id, Action::Start).await?;
+                    lap.lap("api_prologue");
+                    let worker = control.worker(&row.worker)?;
+                    let machine = worker.get(&id).await?;
+                    lap.lap("api_machine_get");
+                    let org = &app_row.org_slug;
+                    let quotas = control.limits_of(org).quotas;
+                    let _reservation =
+                        control
+                            .usage
+                            .reserve(org, &id, share(&machine.config), &quotas)?;
+                    lap.lap("api_quota");
+                    let mut answer = worker.start(&id, source).await?;
+                    lap.worker(std::mem::take(&mut answer.timings));
+                    answer.machine = seen(control, answer.machine, &row.worker).await;
+                    lap.lap("api_cache");
+                    Ok::<_, ApiError>(Json(answer))
+                }
+                .await;
+                result.into_response()
+            }
+        },
     )
-    .await?
-    {
-        Ok(parts) => parts,
-        Err(replay) => return Ok(replay),
-    };
-    timing.lap("api_prologue");
-    let result = async {
-        let worker = control.worker(&row.worker)?;
-        let machine = worker.get(&id).await?;
-        timing.lap("api_machine_get");
-        let org = &app_row.org_slug;
-        let quotas = control.limits_of(org).quotas;
-        let _reservation = control
-            .usage
-            .reserve(org, &id, share(&machine.config), &quotas)?;
-        let source = request.source.map_or(EventSource::User, EventSource::from);
-        timing.lap("api_quota");
-        let mut answer = worker.start(&id, source).await?;
-        timing.worker(std::mem::take(&mut answer.timings));
-        answer.machine = seen(&control, answer.machine, &row.worker).await;
-        timing.lap("api_cache");
-        Ok::<_, ApiError>(Json(answer))
-    }
     .await;
-    let mut response = idempotency::finish(claim, result.into_response()).await;
     timing.lap("api_answer");
     if let Some(value) = timing.header_value() {
         response.headers_mut().insert(SERVER_TIMING.clone(), value);
@@ -424,33 +407,33 @@ pub(crate) async fn start_machine(
     responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn stop_machine(
     State(control): State<Shared>,
-    principal: Principal,
-    headers: HeaderMap,
+    pre: Preconditions,
     ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<StopRequest>,
 ) -> Result<Response, ApiError> {
-    check_source(&principal, request.source)?;
-    let (_, row, claim) = match prologue(
-        &control,
-        &principal,
-        &headers,
-        &app,
-        &id,
-        Action::Stop,
-        &request,
+    pre.source(request.source)?;
+    let operation = operation(Action::Stop, &app, &id);
+    let (control, pre) = (&control, &pre);
+    Ok(idempotency::once(
+        control,
+        &pre.principal,
+        pre.key.as_ref(),
+        &operation,
+        request,
+        {
+            |request, _| async move {
+                let result = async {
+                    let (_, row) = admit(control, pre, &app, &id, Action::Stop).await?;
+                    let mut answer = control.worker(&row.worker)?.stop(&id, request).await?;
+                    answer.machine = seen(control, answer.machine, &row.worker).await;
+                    Ok::<_, ApiError>(Json(answer))
+                }
+                .await;
+                result.into_response()
+            }
+        },
     )
-    .await?
-    {
-        Ok(parts) => parts,
-        Err(replay) => return Ok(replay),
-    };
-    let result = async {
-        let mut answer = control.worker(&row.worker)?.stop(&id, request).await?;
-        answer.machine = seen(&control, answer.machine, &row.worker).await;
-        Ok::<_, ApiError>(Json(answer))
-    }
-    .await;
-    Ok(idempotency::finish(claim, result.into_response()).await)
+    .await)
 }
 
 #[derive(Debug, Deserialize, Serialize, IntoParams)]
@@ -469,37 +452,37 @@ pub(crate) struct DestroyQuery {
     responses((status = 200, body = DestroyResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn destroy_machine(
     State(control): State<Shared>,
-    principal: Principal,
-    headers: HeaderMap,
+    pre: Preconditions,
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<DestroyQuery>,
-) -> Result<Response, ApiError> {
-    let (_, row, claim) = match prologue(
-        &control,
-        &principal,
-        &headers,
-        &app,
-        &id,
-        Action::Destroy,
-        &query,
+) -> Response {
+    let operation = operation(Action::Destroy, &app, &id);
+    let (control, pre) = (&control, &pre);
+    idempotency::once(
+        control,
+        &pre.principal,
+        pre.key.as_ref(),
+        &operation,
+        query,
+        {
+            |query, _| async move {
+                let result = async {
+                    let (_, row) = admit(control, pre, &app, &id, Action::Destroy).await?;
+                    control
+                        .worker(&row.worker)?
+                        .destroy(&id, query.force)
+                        .await
+                        .or_else(ignore_not_found)?;
+                    control.store.delete_machine(&id).await?;
+                    leases::forget(control, &id).await?;
+                    Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
+                }
+                .await;
+                result.into_response()
+            }
+        },
     )
-    .await?
-    {
-        Ok(parts) => parts,
-        Err(replay) => return Ok(replay),
-    };
-    let result = async {
-        control
-            .worker(&row.worker)?
-            .destroy(&id, query.force)
-            .await
-            .or_else(ignore_not_found)?;
-        control.store.delete_machine(&id).await?;
-        leases::forget(&control, &id).await?;
-        Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
-    }
-    .await;
-    Ok(idempotency::finish(claim, result.into_response()).await)
+    .await
 }
 
 /// Marks a Machine answered by its worker with the worker's name and status.

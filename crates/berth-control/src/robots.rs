@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_api::{
@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::leases;
+use crate::leases::{self, LeaseNonce};
 use crate::limits::Action;
 use crate::notices::Snapshot;
 use crate::{ControlPlane, Shared};
@@ -199,7 +199,7 @@ pub(crate) async fn machine_events(
 pub(crate) async fn exec_machine(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    nonce: Option<LeaseNonce>,
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
@@ -207,7 +207,7 @@ pub(crate) async fn exec_machine(
     control
         .check_rate(&principal, Action::Exec, Some(&id))
         .await?;
-    leases::check(&control, &id, &headers).await?;
+    leases::check(&control, &id, nonce.as_ref()).await?;
     if request.cmd.is_empty() || request.cmd[0].is_empty() {
         return Err(ApiError::invalid_config("cmd", "needs a program to run"));
     }
@@ -286,7 +286,7 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 pub(crate) async fn set_metadata(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    nonce: Option<LeaseNonce>,
     ApiPath((app, id, key)): ApiPath<(String, String, String)>,
     ApiJson(request): ApiJson<SetMetadataRequest>,
 ) -> Result<StatusCode, ApiError> {
@@ -294,7 +294,7 @@ pub(crate) async fn set_metadata(
     control
         .check_rate(&principal, Action::Update, Some(&id))
         .await?;
-    leases::check(&control, &id, &headers).await?;
+    leases::check(&control, &id, nonce.as_ref()).await?;
     check_key(&key)?;
     control
         .worker(&row.worker)?
@@ -310,14 +310,14 @@ pub(crate) async fn set_metadata(
 pub(crate) async fn delete_metadata(
     State(control): State<Shared>,
     principal: Principal,
-    headers: HeaderMap,
+    nonce: Option<LeaseNonce>,
     ApiPath((app, id, key)): ApiPath<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (_, row) = control.machine(&principal, &app, &id).await?;
     control
         .check_rate(&principal, Action::Update, Some(&id))
         .await?;
-    leases::check(&control, &id, &headers).await?;
+    leases::check(&control, &id, nonce.as_ref()).await?;
     check_key(&key)?;
     control
         .worker(&row.worker)?
