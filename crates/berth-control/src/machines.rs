@@ -50,25 +50,363 @@ pub(crate) async fn create_machine(
     ApiPath(app): ApiPath<String>,
     ApiJson(request): ApiJson<CreateMachineRequest>,
 ) -> Result<Response, ApiError> {
-    let app_row = control.app(&principal, &app).await?;
-    control.check_rate(&principal, Action::Create, None).await?;
-    validate::validate_create(&request)?;
-    let operation = format!("create {app}");
-    let (control, principal) = (&control, &principal);
-    Ok(
-        idempotency::once(control, principal, key.as_ref(), &operation, request, {
-            |request, keyed_id| async move {
-                let id = keyed_id.unwrap_or_else(ids::new_machine_id);
-                let result =
-                    match crate::images::pull_scope(control, principal, &app_row.org_slug).await {
-                        Ok(pull) => create(control, &app_row, request, id, pull).await,
-                        Err(error) => Err(error),
-                    };
-                result.map(Json).into_response()
+    control
+        .create_machine(&principal, key.as_ref(), &app, request)
+        .await
+}
+
+/// `?metadata.<key>=<value>` filters; nothing else is taken.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Only Machines whose metadata has this key with this value; may be repeated with
+    /// other keys.
+    #[serde(rename = "metadata.{key}")]
+    #[param(rename = "metadata.{key}")]
+    #[allow(dead_code)]
+    metadata: Option<String>,
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines", tag = "machines",
+    params(("app" = String, Path), ListQuery),
+    responses((status = 200, body = Vec<Machine>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_machines(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath(app): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HashMap<String, String>>,
+) -> Result<Json<Vec<Machine>>, ApiError> {
+    control.list_machines(&principal, &app, query).await
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+pub(crate) async fn get_machine(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<Machine>, ApiError> {
+    control.get_machine(&principal, &app, &id).await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+    request_body = UpdateMachineRequest,
+    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+pub(crate) async fn update_machine(
+    State(control): State<Shared>,
+    principal: Principal,
+    nonce: Option<LeaseNonce>,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiJson(request): ApiJson<UpdateMachineRequest>,
+) -> Result<Json<Machine>, ApiError> {
+    control
+        .update_machine(&principal, nonce.as_ref(), &app, &id, request)
+        .await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body(content = Option<StartRequest>),
+    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn start_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    arrived: Option<Extension<Arrived>>,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    OptionalJson(request): OptionalJson<StartRequest>,
+) -> Result<Response, ApiError> {
+    let timing = ServerTiming::since(arrived.map(|Extension(Arrived(at))| at));
+    control
+        .start_machine(&pre, &app, &id, request, timing)
+        .await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body(content = Option<StopRequest>),
+    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn stop_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    OptionalJson(request): OptionalJson<StopRequest>,
+) -> Result<Response, ApiError> {
+    control.stop_machine(&pre, &app, &id, request).await
+}
+
+#[derive(Debug, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DestroyQuery {
+    /// Destroy even a started Machine.
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path), DestroyQuery,
+           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    responses((status = 200, body = DestroyResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn destroy_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<DestroyQuery>,
+) -> Response {
+    control.destroy_machine(&pre, &app, &id, query).await
+}
+
+impl ControlPlane {
+    /// Validates, places and indexes a new Machine, then has its worker make it.
+    pub(crate) async fn create_machine(
+        &self,
+        principal: &Principal,
+        key: Option<&IdempotencyKey>,
+        app: &str,
+        request: CreateMachineRequest,
+    ) -> Result<Response, ApiError> {
+        let app_row = self.app(principal, app).await?;
+        self.check_rate(principal, Action::Create, None).await?;
+        validate::validate_create(&request)?;
+        let operation = format!("create {app}");
+        Ok(
+            idempotency::once(self, principal, key, &operation, request, {
+                |request, keyed_id| async move {
+                    let id = keyed_id.unwrap_or_else(ids::new_machine_id);
+                    let result =
+                        match crate::images::pull_scope(self, principal, &app_row.org_slug).await {
+                            Ok(pull) => create(self, &app_row, request, id, pull).await,
+                            Err(error) => Err(error),
+                        };
+                    result.map(Json).into_response()
+                }
+            })
+            .await,
+        )
+    }
+
+    /// The app's Machines, from their workers (or as last known, for a worker that is down).
+    pub(crate) async fn list_machines(
+        &self,
+        principal: &Principal,
+        app: &str,
+        query: HashMap<String, String>,
+    ) -> Result<Json<Vec<Machine>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let mut filters = BTreeMap::new();
+        for (name, value) in query {
+            let Some(key) = name.strip_prefix("metadata.") else {
+                return Err(ApiError::invalid_config(
+                    name.clone(),
+                    format!("unknown query parameter {name:?}; filter with metadata.<key>=<value>"),
+                ));
+            };
+            filters.insert(key.to_owned(), value);
+        }
+        self.app(principal, app).await?;
+        let rows = self.store.machines(app).await?;
+        let mut workers: Vec<&str> = rows.iter().map(|row| row.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        let mut machines = Vec::with_capacity(rows.len());
+        for worker in workers {
+            match self.worker(worker)?.list(app).await {
+                Ok(listed) => {
+                    for machine in listed {
+                        machines.push(answered_by(machine, worker));
+                    }
+                }
+                // A worker that is down does not hide its Machines: show what was last known.
+                Err(WorkerError::Unavailable { .. }) => {
+                    for row in rows.iter().filter(|row| row.worker == worker) {
+                        if let Some(machine) = last_known(self, &row.id, worker).await? {
+                            machines.push(machine);
+                        }
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        machines.retain(|machine| {
+            filters
+                .iter()
+                .all(|(key, value)| machine.config.metadata.get(key) == Some(value))
+        });
+        machines.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(Json(machines))
+    }
+
+    /// One Machine, from its worker (or as last known, when the worker is down).
+    pub(crate) async fn get_machine(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+    ) -> Result<Json<Machine>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let (_, row) = self.machine(principal, app, id).await?;
+        match self.worker(&row.worker)?.get(id).await {
+            Ok(machine) => Ok(Json(answered_by(machine, &row.worker))),
+            Err(error @ WorkerError::Unavailable { .. }) => {
+                match last_known(self, id, &row.worker).await? {
+                    Some(machine) => Ok(Json(machine)),
+                    None => Err(error.into()),
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Replaces the config, within the quota, on the pinned worker.
+    pub(crate) async fn update_machine(
+        &self,
+        principal: &Principal,
+        nonce: Option<&LeaseNonce>,
+        app: &str,
+        id: &str,
+        request: UpdateMachineRequest,
+    ) -> Result<Json<Machine>, ApiError> {
+        let (app_row, row) = self.machine(principal, app, id).await?;
+        self.check_rate(principal, Action::Update, Some(id)).await?;
+        leases::check(self, id, nonce).await?;
+        validate::validate_config(&request.config)?;
+        let org = &app_row.org_slug;
+        let _reservation = if request.skip_launch {
+            None
+        } else {
+            let quotas = self.limits_of(org).quotas;
+            Some(
+                self.usage
+                    .reserve(org, id, share(&request.config), &quotas)?,
+            )
+        };
+        let pull = crate::images::pull_scope(self, principal, org).await?;
+        let machine = self.worker(&row.worker)?.update(id, request, pull).await?;
+        Ok(Json(seen(self, machine, &row.worker).await))
+    }
+
+    /// Starts a Machine on its worker, within the quota, recording each step in `timing`.
+    pub(crate) async fn start_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        request: StartRequest,
+        mut timing: ServerTiming,
+    ) -> Result<Response, ApiError> {
+        let source = pre.source(request.source)?;
+        let operation = operation(Action::Start, app, id);
+        let lap = &mut timing;
+        let mut response = idempotency::once(
+            self,
+            &pre.principal,
+            pre.key.as_ref(),
+            &operation,
+            request,
+            {
+                |_, _| async move {
+                    let result = async {
+                        let (app_row, row) = admit(self, pre, app, id, Action::Start).await?;
+                        lap.lap("api_prologue");
+                        let worker = self.worker(&row.worker)?;
+                        let machine = worker.get(id).await?;
+                        lap.lap("api_machine_get");
+                        let org = &app_row.org_slug;
+                        let quotas = self.limits_of(org).quotas;
+                        let _reservation =
+                            self.usage
+                                .reserve(org, id, share(&machine.config), &quotas)?;
+                        lap.lap("api_quota");
+                        let mut answer = worker.start(id, source).await?;
+                        lap.worker(std::mem::take(&mut answer.timings));
+                        answer.machine = seen(self, answer.machine, &row.worker).await;
+                        lap.lap("api_cache");
+                        Ok::<_, ApiError>(Json(answer))
+                    }
+                    .await;
+                    result.into_response()
+                }
+            },
+        )
+        .await;
+        timing.lap("api_answer");
+        if let Some(value) = timing.header_value() {
+            response.headers_mut().insert(SERVER_TIMING.clone(), value);
+        }
+        Ok(response)
+    }
+
+    /// Stops a Machine on its worker.
+    pub(crate) async fn stop_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        request: StopRequest,
+    ) -> Result<Response, ApiError> {
+        pre.source(request.source)?;
+        let operation = operation(Action::Stop, app, id);
+        Ok(idempotency::once(
+            self,
+            &pre.principal,
+            pre.key.as_ref(),
+            &operation,
+            request,
+            {
+                |request, _| async move {
+                    let result = async {
+                        let (_, row) = admit(self, pre, app, id, Action::Stop).await?;
+                        let mut answer = self.worker(&row.worker)?.stop(id, request).await?;
+                        answer.machine = seen(self, answer.machine, &row.worker).await;
+                        Ok::<_, ApiError>(Json(answer))
+                    }
+                    .await;
+                    result.into_response()
+                }
+            },
+        )
+        .await)
+    }
+
+    /// Destroys a Machine on its worker and forgets it here.
+    pub(crate) async fn destroy_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        query: DestroyQuery,
+    ) -> Response {
+        let operation = operation(Action::Destroy, app, id);
+        idempotency::once(self, &pre.principal, pre.key.as_ref(), &operation, query, {
+            |query, _| async move {
+                let result = async {
+                    let (_, row) = admit(self, pre, app, id, Action::Destroy).await?;
+                    self.worker(&row.worker)?
+                        .destroy(id, query.force)
+                        .await
+                        .or_else(ignore_not_found)?;
+                    self.store.delete_machine(id).await?;
+                    leases::forget(self, id).await?;
+                    Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
+                }
+                .await;
+                result.into_response()
             }
         })
-        .await,
-    )
+        .await
+    }
 }
 
 async fn create(
@@ -190,134 +528,6 @@ async fn create(
     }
 }
 
-/// `?metadata.<key>=<value>` filters; nothing else is taken.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-struct ListQuery {
-    /// Only Machines whose metadata has this key with this value; may be repeated with
-    /// other keys.
-    #[serde(rename = "metadata.{key}")]
-    #[param(rename = "metadata.{key}")]
-    #[allow(dead_code)]
-    metadata: Option<String>,
-}
-
-#[utoipa::path(get, path = "/apps/{app}/machines", tag = "machines",
-    params(("app" = String, Path), ListQuery),
-    responses((status = 200, body = Vec<Machine>), (status = "default", body = ErrorBody)))]
-pub(crate) async fn list_machines(
-    State(control): State<Shared>,
-    principal: Principal,
-    ApiPath(app): ApiPath<String>,
-    ApiQuery(query): ApiQuery<HashMap<String, String>>,
-) -> Result<Json<Vec<Machine>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let mut filters = BTreeMap::new();
-    for (name, value) in query {
-        let Some(key) = name.strip_prefix("metadata.") else {
-            return Err(ApiError::invalid_config(
-                name.clone(),
-                format!("unknown query parameter {name:?}; filter with metadata.<key>=<value>"),
-            ));
-        };
-        filters.insert(key.to_owned(), value);
-    }
-    control.app(&principal, &app).await?;
-    let rows = control.store.machines(&app).await?;
-    let mut workers: Vec<&str> = rows.iter().map(|row| row.worker.as_str()).collect();
-    workers.sort_unstable();
-    workers.dedup();
-    let mut machines = Vec::with_capacity(rows.len());
-    for worker in workers {
-        match control.worker(worker)?.list(&app).await {
-            Ok(listed) => {
-                for machine in listed {
-                    machines.push(answered_by(machine, worker));
-                }
-            }
-            // A worker that is down does not hide its Machines: show what was last known.
-            Err(WorkerError::Unavailable { .. }) => {
-                for row in rows.iter().filter(|row| row.worker == worker) {
-                    if let Some(machine) = last_known(&control, &row.id, worker).await? {
-                        machines.push(machine);
-                    }
-                }
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    machines.retain(|machine| {
-        filters
-            .iter()
-            .all(|(key, value)| machine.config.metadata.get(key) == Some(value))
-    });
-    machines.sort_by(|a, b| {
-        a.created_at
-            .cmp(&b.created_at)
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    Ok(Json(machines))
-}
-
-#[utoipa::path(get, path = "/apps/{app}/machines/{id}", tag = "machines",
-    params(("app" = String, Path), ("id" = String, Path)),
-    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
-pub(crate) async fn get_machine(
-    State(control): State<Shared>,
-    principal: Principal,
-    ApiPath((app, id)): ApiPath<(String, String)>,
-) -> Result<Json<Machine>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let (_, row) = control.machine(&principal, &app, &id).await?;
-    match control.worker(&row.worker)?.get(&id).await {
-        Ok(machine) => Ok(Json(answered_by(machine, &row.worker))),
-        Err(error @ WorkerError::Unavailable { .. }) => {
-            match last_known(&control, &id, &row.worker).await? {
-                Some(machine) => Ok(Json(machine)),
-                None => Err(error.into()),
-            }
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-#[utoipa::path(post, path = "/apps/{app}/machines/{id}", tag = "machines",
-    params(("app" = String, Path), ("id" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
-    request_body = UpdateMachineRequest,
-    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
-pub(crate) async fn update_machine(
-    State(control): State<Shared>,
-    principal: Principal,
-    nonce: Option<LeaseNonce>,
-    ApiPath((app, id)): ApiPath<(String, String)>,
-    ApiJson(request): ApiJson<UpdateMachineRequest>,
-) -> Result<Json<Machine>, ApiError> {
-    let (app_row, row) = control.machine(&principal, &app, &id).await?;
-    control
-        .check_rate(&principal, Action::Update, Some(&id))
-        .await?;
-    leases::check(&control, &id, nonce.as_ref()).await?;
-    validate::validate_config(&request.config)?;
-    let org = &app_row.org_slug;
-    let _reservation = if request.skip_launch {
-        None
-    } else {
-        let quotas = control.limits_of(org).quotas;
-        Some(
-            control
-                .usage
-                .reserve(org, &id, share(&request.config), &quotas)?,
-        )
-    };
-    let pull = crate::images::pull_scope(&control, &principal, org).await?;
-    let machine = control
-        .worker(&row.worker)?
-        .update(&id, request, pull)
-        .await?;
-    Ok(Json(seen(&control, machine, &row.worker).await))
-}
-
 /// Start, stop and destroy, once their key is taken (a retried destroy must get its first
 /// answer, not a 404): lookup, rate limit, lease.
 async fn admit(
@@ -340,149 +550,6 @@ async fn admit(
 
 fn operation(action: Action, app: &str, id: &str) -> String {
     format!("{} {app}/{id}", action.as_str())
-}
-
-#[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
-    params(("app" = String, Path), ("id" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
-           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
-    request_body(content = Option<StartRequest>),
-    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
-pub(crate) async fn start_machine(
-    State(control): State<Shared>,
-    pre: Preconditions,
-    arrived: Option<Extension<Arrived>>,
-    ApiPath((app, id)): ApiPath<(String, String)>,
-    OptionalJson(request): OptionalJson<StartRequest>,
-) -> Result<Response, ApiError> {
-    let mut timing = ServerTiming::since(arrived.map(|Extension(Arrived(at))| at));
-    let source = pre.source(request.source)?;
-    let operation = operation(Action::Start, &app, &id);
-    let (control, pre, lap) = (&control, &pre, &mut timing);
-    let mut response = idempotency::once(
-        control,
-        &pre.principal,
-        pre.key.as_ref(),
-        &operation,
-        request,
-        {
-            |_, _| async move {
-                let result = async {
-                    let (app_row, row) = admit(control, pre, &app, &id, Action::Start).await?;
-                    lap.lap("api_prologue");
-                    let worker = control.worker(&row.worker)?;
-                    let machine = worker.get(&id).await?;
-                    lap.lap("api_machine_get");
-                    let org = &app_row.org_slug;
-                    let quotas = control.limits_of(org).quotas;
-                    let _reservation =
-                        control
-                            .usage
-                            .reserve(org, &id, share(&machine.config), &quotas)?;
-                    lap.lap("api_quota");
-                    let mut answer = worker.start(&id, source).await?;
-                    lap.worker(std::mem::take(&mut answer.timings));
-                    answer.machine = seen(control, answer.machine, &row.worker).await;
-                    lap.lap("api_cache");
-                    Ok::<_, ApiError>(Json(answer))
-                }
-                .await;
-                result.into_response()
-            }
-        },
-    )
-    .await;
-    timing.lap("api_answer");
-    if let Some(value) = timing.header_value() {
-        response.headers_mut().insert(SERVER_TIMING.clone(), value);
-    }
-    Ok(response)
-}
-
-#[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",
-    params(("app" = String, Path), ("id" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
-           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
-    request_body(content = Option<StopRequest>),
-    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
-pub(crate) async fn stop_machine(
-    State(control): State<Shared>,
-    pre: Preconditions,
-    ApiPath((app, id)): ApiPath<(String, String)>,
-    OptionalJson(request): OptionalJson<StopRequest>,
-) -> Result<Response, ApiError> {
-    pre.source(request.source)?;
-    let operation = operation(Action::Stop, &app, &id);
-    let (control, pre) = (&control, &pre);
-    Ok(idempotency::once(
-        control,
-        &pre.principal,
-        pre.key.as_ref(),
-        &operation,
-        request,
-        {
-            |request, _| async move {
-                let result = async {
-                    let (_, row) = admit(control, pre, &app, &id, Action::Stop).await?;
-                    let mut answer = control.worker(&row.worker)?.stop(&id, request).await?;
-                    answer.machine = seen(control, answer.machine, &row.worker).await;
-                    Ok::<_, ApiError>(Json(answer))
-                }
-                .await;
-                result.into_response()
-            }
-        },
-    )
-    .await)
-}
-
-#[derive(Debug, Deserialize, Serialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct DestroyQuery {
-    /// Destroy even a started Machine.
-    #[serde(default)]
-    force: bool,
-}
-
-#[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
-    params(("app" = String, Path), ("id" = String, Path), DestroyQuery,
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
-           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
-    responses((status = 200, body = DestroyResponse), (status = "default", body = ErrorBody)))]
-pub(crate) async fn destroy_machine(
-    State(control): State<Shared>,
-    pre: Preconditions,
-    ApiPath((app, id)): ApiPath<(String, String)>,
-    ApiQuery(query): ApiQuery<DestroyQuery>,
-) -> Response {
-    let operation = operation(Action::Destroy, &app, &id);
-    let (control, pre) = (&control, &pre);
-    idempotency::once(
-        control,
-        &pre.principal,
-        pre.key.as_ref(),
-        &operation,
-        query,
-        {
-            |query, _| async move {
-                let result = async {
-                    let (_, row) = admit(control, pre, &app, &id, Action::Destroy).await?;
-                    control
-                        .worker(&row.worker)?
-                        .destroy(&id, query.force)
-                        .await
-                        .or_else(ignore_not_found)?;
-                    control.store.delete_machine(&id).await?;
-                    leases::forget(control, &id).await?;
-                    Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
-                }
-                .await;
-                result.into_response()
-            }
-        },
-    )
-    .await
 }
 
 /// Marks a Machine answered by its worker with the worker's name and status.
