@@ -2,6 +2,7 @@
 //! quotas, rate limits, leases and idempotency keys checked at the edge.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,7 +14,7 @@ use berth_api::{
     StopRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
-use berth_worker::CreateOnWorker;
+use berth_worker::{CreateOnWorker, WorkerService};
 use serde::{Deserialize, Serialize};
 use utoipa::IntoParams;
 
@@ -24,7 +25,7 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson, Preconditions};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::leases::{self, LeaseNonce};
 use crate::limits::{self, Action, Share};
-use crate::store::{AppRow, Inserted, MachineIndexRow};
+use crate::store::{AppRow, Inserted, MachineIndexRow, MachineSize};
 use crate::timing::{Arrived, ServerTiming, SERVER_TIMING};
 use crate::{ControlPlane, Shared};
 use berth_api::Resources;
@@ -32,9 +33,15 @@ use berth_core::placement::{machine_disk_mb, PlacementRequest};
 use berth_worker::WorkerError;
 
 fn share(config: &berth_api::MachineConfig) -> Share {
-    Share {
-        cpus: u64::from(config.guest.cpus),
-        memory_mb: u64::from(config.guest.memory_mb),
+    MachineSize::of(&config.guest).into()
+}
+
+impl From<MachineSize> for Share {
+    fn from(size: MachineSize) -> Share {
+        Share {
+            cpus: u64::from(size.cpus),
+            memory_mb: u64::from(size.memory_mb),
+        }
     }
 }
 
@@ -293,8 +300,15 @@ impl ControlPlane {
             )
         };
         let pull = crate::images::pull_scope(self, principal, org).await?;
-        let machine = self.worker(&row.worker)?.update(id, request, pull).await?;
-        Ok(Json(seen(self, machine, &row.worker).await))
+        let updated = self.worker(&row.worker)?.update(id, request, pull).await;
+        // Start counts the size the worker now has; after a failed update it is not known
+        // here, and the next start asks.
+        let size = updated
+            .as_ref()
+            .ok()
+            .map(|machine| MachineSize::of(&machine.config.guest));
+        self.store.set_machine_size(id, size).await?;
+        Ok(Json(seen(self, updated?, &row.worker).await))
     }
 
     /// Starts a Machine on its worker, within the quota, recording each step in `timing`.
@@ -321,13 +335,17 @@ impl ControlPlane {
                         let (app_row, row) = admit(self, pre, app, id, Action::Start).await?;
                         lap.lap("api_prologue");
                         let worker = self.worker(&row.worker)?;
-                        let machine = worker.get(id).await?;
-                        lap.lap("api_machine_get");
+                        let size = match row.size {
+                            Some(size) => size,
+                            None => {
+                                let size = self.size_from_worker(&worker, id).await?;
+                                lap.lap("api_machine_get");
+                                size
+                            }
+                        };
                         let org = &app_row.org_slug;
                         let quotas = self.limits_of(org).quotas;
-                        let _reservation =
-                            self.usage
-                                .reserve(org, id, share(&machine.config), &quotas)?;
+                        let _reservation = self.usage.reserve(org, id, size.into(), &quotas)?;
                         lap.lap("api_quota");
                         let mut answer = worker.start(id, source).await?;
                         lap.worker(std::mem::take(&mut answer.timings));
@@ -409,6 +427,21 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// The size of a Machine indexed before sizes were kept: asked of its worker once,
+    /// then kept in the index for every later start.
+    async fn size_from_worker(
+        &self,
+        worker: &Arc<dyn WorkerService>,
+        id: &str,
+    ) -> Result<MachineSize, ApiError> {
+        let machine = worker.get(id).await?;
+        let size = MachineSize::of(&machine.config.guest);
+        self.store.set_machine_size(id, Some(size)).await?;
+        Ok(size)
+    }
+}
+
 async fn create(
     control: &ControlPlane,
     app: &AppRow,
@@ -476,6 +509,7 @@ async fn create(
             app: app.name.clone(),
             name: name.clone(),
             worker: worker_name.clone(),
+            size: Some(MachineSize::of(&request.config.guest)),
         };
         if control.store.insert_machine(&row).await? == Inserted::AlreadyExists {
             return Err(ApiError::new(

@@ -21,6 +21,46 @@ pub struct MachineIndexRow {
     pub app: String,
     pub name: String,
     pub worker: String,
+    /// What start's quota check counts, kept here so that start need not ask the worker.
+    /// `None` for a row indexed before it was kept, or after an update whose outcome is
+    /// unknown: start then asks the worker once and keeps the answer.
+    pub size: Option<MachineSize>,
+}
+
+/// A Machine's CPUs and memory, as its config on the worker has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineSize {
+    pub cpus: u32,
+    pub memory_mb: u32,
+}
+
+impl MachineSize {
+    pub fn of(guest: &berth_api::GuestConfig) -> MachineSize {
+        MachineSize {
+            cpus: guest.cpus,
+            memory_mb: guest.memory_mb,
+        }
+    }
+}
+
+/// Reads a row selected as `id, app, name, worker, cpus, memory_mb`.
+fn index_row(row: &sqlx::sqlite::SqliteRow) -> MachineIndexRow {
+    let cpus: Option<i64> = row.get(4);
+    let memory_mb: Option<i64> = row.get(5);
+    let size = match (cpus, memory_mb) {
+        (Some(cpus), Some(memory_mb)) => u32::try_from(cpus)
+            .ok()
+            .zip(u32::try_from(memory_mb).ok())
+            .map(|(cpus, memory_mb)| MachineSize { cpus, memory_mb }),
+        _ => None,
+    };
+    MachineIndexRow {
+        id: row.get(0),
+        app: row.get(1),
+        name: row.get(2),
+        worker: row.get(3),
+        size,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,9 +120,27 @@ const SCHEMA: &[&str] = &[
         name TEXT NOT NULL,
         worker TEXT NOT NULL,
         last_json TEXT,
+        cpus INTEGER,
+        memory_mb INTEGER,
         UNIQUE (app, name)
     )",
 ];
+
+/// Adds the size columns to a `machines` table made before they existed. Its rows keep
+/// them empty until a start fills them from the worker.
+async fn add_size_columns(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('machines')")
+        .fetch_all(pool)
+        .await?;
+    for column in ["cpus", "memory_mb"] {
+        if !columns.iter().any(|name| name == column) {
+            sqlx::query(&format!("ALTER TABLE machines ADD COLUMN {column} INTEGER"))
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
 
 impl ControlStore {
     pub async fn open(path: &Path) -> Result<ControlStore, sqlx::Error> {
@@ -101,6 +159,7 @@ impl ControlStore {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
+        add_size_columns(&pool).await?;
         let checkpointer = checkpoint_in_background(pool.clone());
         Ok(ControlStore {
             pool,
@@ -174,15 +233,33 @@ impl ControlStore {
     }
 
     pub async fn insert_machine(&self, row: &MachineIndexRow) -> Result<Inserted, sqlx::Error> {
-        let result =
-            sqlx::query("INSERT INTO machines (id, app, name, worker) VALUES (?, ?, ?, ?)")
-                .bind(&row.id)
-                .bind(&row.app)
-                .bind(&row.name)
-                .bind(&row.worker)
-                .execute(&self.pool)
-                .await;
+        let result = sqlx::query(
+            "INSERT INTO machines (id, app, name, worker, cpus, memory_mb) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&row.id)
+        .bind(&row.app)
+        .bind(&row.name)
+        .bind(&row.worker)
+        .bind(row.size.map(|size| i64::from(size.cpus)))
+        .bind(row.size.map(|size| i64::from(size.memory_mb)))
+        .execute(&self.pool)
+        .await;
         unique(result)
+    }
+
+    /// Keeps the Machine's size as its worker now has it; `None` when that is unknown.
+    pub async fn set_machine_size(
+        &self,
+        id: &str,
+        size: Option<MachineSize>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE machines SET cpus = ?, memory_mb = ? WHERE id = ?")
+            .bind(size.map(|size| i64::from(size.cpus)))
+            .bind(size.map(|size| i64::from(size.memory_mb)))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn machine(
@@ -190,35 +267,24 @@ impl ControlStore {
         app: &str,
         id: &str,
     ) -> Result<Option<MachineIndexRow>, sqlx::Error> {
-        let row =
-            sqlx::query("SELECT id, app, name, worker FROM machines WHERE app = ? AND id = ?")
-                .bind(app)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|row| MachineIndexRow {
-            id: row.get(0),
-            app: row.get(1),
-            name: row.get(2),
-            worker: row.get(3),
-        }))
+        let row = sqlx::query(
+            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE app = ? AND id = ?",
+        )
+        .bind(app)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(index_row))
     }
 
     pub async fn machines(&self, app: &str) -> Result<Vec<MachineIndexRow>, sqlx::Error> {
-        let rows =
-            sqlx::query("SELECT id, app, name, worker FROM machines WHERE app = ? ORDER BY id")
-                .bind(app)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| MachineIndexRow {
-                id: row.get(0),
-                app: row.get(1),
-                name: row.get(2),
-                worker: row.get(3),
-            })
-            .collect())
+        let rows = sqlx::query(
+            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE app = ? ORDER BY id",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(index_row).collect())
     }
 
     /// The Machine JSON last answered by its worker.
@@ -303,5 +369,69 @@ fn unique(
             Ok(Inserted::AlreadyExists)
         }
         Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_index_from_before_sizes_gains_the_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("control.db");
+        {
+            let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+                .expect("options")
+                .create_if_missing(true);
+            let old = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .expect("old store");
+            sqlx::query(
+                "CREATE TABLE machines (id TEXT PRIMARY KEY NOT NULL, app TEXT NOT NULL,
+                 name TEXT NOT NULL, worker TEXT NOT NULL, last_json TEXT, UNIQUE (app, name))",
+            )
+            .execute(&old)
+            .await
+            .expect("old schema");
+            sqlx::query(
+                "INSERT INTO machines (id, app, name, worker) VALUES ('m1', 'a', 'one', 'w')",
+            )
+            .execute(&old)
+            .await
+            .expect("old row");
+            old.close().await;
+        }
+        let store = ControlStore::open(&path).await.expect("migrated");
+        let row = store.machine("a", "m1").await.expect("read").expect("row");
+        assert_eq!((row.name.as_str(), row.size), ("one", None));
+        let size = MachineSize {
+            cpus: 2,
+            memory_mb: 512,
+        };
+        store
+            .set_machine_size("m1", Some(size))
+            .await
+            .expect("keep");
+        let row = store.machine("a", "m1").await.expect("read").expect("row");
+        assert_eq!(row.size, Some(size));
+        let new = MachineIndexRow {
+            id: "m2".into(),
+            app: "a".into(),
+            name: "two".into(),
+            worker: "w".into(),
+            size: Some(size),
+        };
+        assert_eq!(
+            store.insert_machine(&new).await.expect("insert"),
+            Inserted::Yes
+        );
+        assert_eq!(store.machines("a").await.expect("list")[1], new);
+        store.close().await;
+        // Opening again finds the columns there and adds nothing.
+        let store = ControlStore::open(&path).await.expect("reopened");
+        assert_eq!(store.machines("a").await.expect("list").len(), 2);
+        store.close().await;
     }
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use berth_control::ApiClock;
@@ -328,4 +329,87 @@ async fn cpu_and_memory_quotas_count_started_resources() {
         )
         .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn start_checks_the_quota_without_asking_the_worker_for_the_machine() {
+    let harness = Harness::start().await;
+    let token = harness
+        .org(
+            "sized",
+            json!({"quotas": {"max_cpus": 3, "max_memory_mb": 1024},
+                   "rate_limits": {"start": {"per_second": 100.0, "burst": 100},
+                                   "stop": {"per_second": 100.0, "burst": 100}}}),
+        )
+        .await;
+    harness.app(&token, "sized").await;
+    let create = |cpus: u32| json!({"skip_launch": true, "config": {"image": common::IMAGE, "guest": {"cpus": cpus, "memory_mb": 256}}});
+    let mut ids = Vec::new();
+    for cpus in [2, 2] {
+        let (status, body) = harness
+            .call(
+                &token,
+                Method::POST,
+                "/v1/apps/sized/machines",
+                Some(create(cpus)),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    let path = |id: &str, action: &str| format!("/v1/apps/sized/machines/{id}/{action}");
+    let before = harness.worker_gets.load(Ordering::SeqCst);
+    let (status, body) = harness
+        .call(&token, Method::POST, &path(&ids[0], "start"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The second Machine's 2 CPUs would make 4 of 3: refused from the index alone.
+    let reply = harness
+        .call(&token, Method::POST, &path(&ids[1], "start"), None)
+        .await;
+    assert_error(&reply, 403, "quota_exceeded");
+    assert_eq!(reply.1["quota"], "max_cpus");
+    assert_eq!(harness.worker_gets.load(Ordering::SeqCst), before);
+
+    // An update changes what start counts: 1 CPU fits beside the 2.
+    let (status, body) = harness
+        .call(
+            &token,
+            Method::POST,
+            &format!("/v1/apps/sized/machines/{}", ids[1]),
+            Some(json!({"skip_launch": true, "config": {"image": common::IMAGE, "guest": {"cpus": 1, "memory_mb": 256}}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = harness
+        .call(&token, Method::POST, &path(&ids[1], "start"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(harness.worker_gets.load(Ordering::SeqCst), before);
+
+    // A row indexed before sizes were kept: the first start asks the worker once, and
+    // keeps the answer for the next.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        harness.dir.path().join("control.db").display()
+    ))
+    .await
+    .expect("open the control store");
+    sqlx::query("UPDATE machines SET cpus = NULL, memory_mb = NULL WHERE id = ?")
+        .bind(&ids[1])
+        .execute(&db)
+        .await
+        .expect("forget the size");
+    db.close().await;
+    for _ in 0..2 {
+        let (status, body) = harness
+            .call(&token, Method::POST, &path(&ids[1], "stop"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = harness
+            .call(&token, Method::POST, &path(&ids[1], "start"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(harness.worker_gets.load(Ordering::SeqCst), before + 1);
+    }
 }

@@ -4,13 +4,22 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use berth_agent::{Agent, AgentConfig, WorkerService};
+use berth_api::{
+    DoctorReport, ExecResponse, Machine, MachineEvent, StartStopResponse, StopRequest,
+    UpdateMachineRequest, UsageRecord,
+};
 use berth_control::{ApiClock, ControlConfig, ControlPlane};
 use berth_image::build::{busybox_layer, Compression, ImageBuilder};
+use berth_image::PullScope;
 use berth_image::{ImageStore, UnpackLimits};
 use berth_runtime::fake::FakeRuntime;
+use berth_worker::{
+    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, NoticeSnapshot, WorkerListener,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -20,6 +29,8 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub runtime: Arc<FakeRuntime>,
     pub agent: Agent,
+    /// How many times the control plane asked the worker for one Machine (`get`).
+    pub worker_gets: Arc<AtomicUsize>,
     pub control: Arc<ControlPlane>,
     pub clock: ApiClock,
     pub url: String,
@@ -100,7 +111,11 @@ impl Harness {
                 disk_mb: 1 << 30,
             },
         };
-        let service: Arc<dyn WorkerService> = Arc::new(agent.clone());
+        let worker_gets = Arc::new(AtomicUsize::new(0));
+        let service: Arc<dyn WorkerService> = Arc::new(CountingWorker {
+            agent: agent.clone(),
+            gets: worker_gets.clone(),
+        });
         control
             .add_local_worker(registration, service)
             .await
@@ -117,6 +132,7 @@ impl Harness {
             dir,
             runtime,
             agent,
+            worker_gets,
             control,
             clock,
             url,
@@ -234,4 +250,99 @@ pub fn assert_error(reply: &(u16, Value), status: u16, code: &str) {
         "{}",
         reply.1
     );
+}
+
+/// The agent, counting the `get` calls the control plane makes of it.
+struct CountingWorker {
+    agent: Agent,
+    gets: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl WorkerService for CountingWorker {
+    async fn create(&self, request: CreateOnWorker) -> berth_worker::Result<Machine> {
+        self.agent.create(request).await
+    }
+    async fn start(
+        &self,
+        id: &str,
+        source: EventSource,
+    ) -> berth_worker::Result<StartStopResponse> {
+        self.agent.start(id, source).await
+    }
+    async fn stop(
+        &self,
+        id: &str,
+        request: StopRequest,
+    ) -> berth_worker::Result<StartStopResponse> {
+        self.agent.stop(id, request).await
+    }
+    async fn update(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        pull: PullScope,
+    ) -> berth_worker::Result<Machine> {
+        self.agent.update(id, request, pull).await
+    }
+    async fn destroy(&self, id: &str, force: bool) -> berth_worker::Result<()> {
+        self.agent.destroy(id, force).await
+    }
+    async fn get(&self, id: &str) -> berth_worker::Result<Machine> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.agent.get(id).await
+    }
+    async fn list(&self, app: &str) -> berth_worker::Result<Vec<Machine>> {
+        self.agent.list(app).await
+    }
+    async fn usage_since(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> berth_worker::Result<Vec<UsageRecord>> {
+        self.agent.usage_since(after_seq, limit).await
+    }
+    async fn logs(&self, id: &str, max_bytes: u64) -> berth_worker::Result<Vec<u8>> {
+        self.agent.logs(id, max_bytes).await
+    }
+    async fn image_usage(&self) -> berth_worker::Result<Vec<ImageUsage>> {
+        self.agent.image_usage().await
+    }
+    fn set_listener(&self, listener: Arc<dyn WorkerListener>) {
+        self.agent.set_listener(listener)
+    }
+    async fn notice_snapshot(&self) -> berth_worker::Result<NoticeSnapshot> {
+        self.agent.notice_snapshot().await
+    }
+    async fn machine_events(
+        &self,
+        id: &str,
+        since: i64,
+        limit: u32,
+    ) -> berth_worker::Result<Vec<MachineEvent>> {
+        self.agent.machine_events(id, since, limit).await
+    }
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> berth_worker::Result<ExecResponse> {
+        self.agent.exec(id, request).await
+    }
+    async fn set_metadata(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> berth_worker::Result<Machine> {
+        self.agent.set_metadata(id, key, value).await
+    }
+    async fn read_logs(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        follow: bool,
+        max_bytes: u64,
+    ) -> berth_worker::Result<tokio::sync::mpsc::Receiver<LogChunk>> {
+        self.agent.read_logs(id, since, follow, max_bytes).await
+    }
+    async fn doctor(&self, repair: bool) -> berth_worker::Result<DoctorReport> {
+        self.agent.doctor(repair).await
+    }
 }
