@@ -765,8 +765,13 @@ async fn start_timing(driver: Driver) {
         .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
         .await
         .unwrap();
+    // BERTH_TIMING_CYCLES=200 for figures with a tail.
+    let cycles = std::env::var("BERTH_TIMING_CYCLES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(9usize);
     let mut times = Vec::new();
-    for _ in 0..9 {
+    for _ in 0..cycles {
         let t = Instant::now();
         f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
         times.push(t.elapsed());
@@ -775,9 +780,12 @@ async fn start_timing(driver: Driver) {
         f.runtime.cleanup(&f.layout).await.unwrap();
     }
     times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     eprintln!(
-        "start: median {:?}, min {:?}, max {:?}",
-        times[times.len() / 2],
+        "start over {cycles}: median {:?}, p90 {:?}, p99 {:?}, min {:?}, max {:?}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
         times[0],
         times[times.len() - 1]
     );
