@@ -37,6 +37,7 @@ use crate::{exec, logs, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
 pub mod cgroup;
+pub(crate) mod devices;
 pub(crate) mod exec_in;
 pub(crate) mod init;
 pub mod spawner;

@@ -170,7 +170,7 @@ fn nsfs_mount_points(mountinfo: &str) -> Vec<PathBuf> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> OsString {
+pub(crate) fn unescape_mountinfo(field: &str) -> OsString {
     use std::os::unix::ffi::OsStringExt;
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
