@@ -229,6 +229,7 @@ impl NativeRuntime {
             dir: layout.dir.clone(),
             lowerdirs: lowerdirs.to_vec(),
             cgroup_procs: self.cgroups.procs_files(id),
+            cgroup_v2: self.cgroups.v2_dir(id),
             log_max_bytes: self.config.log_max_bytes,
         };
         let mut line = serde_json::to_vec(&request)
