@@ -108,6 +108,18 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
         .collect()
 }
 
+/// The cgroup whose `berth/` holds the Machines, for a process in the v2 cgroup `path`
+/// (a `/proc/<pid>/cgroup` path): its parent when it is [`AGENT_LEAF`], else itself.
+pub fn agent_base(path: &str) -> &str {
+    match path.strip_suffix(AGENT_LEAF) {
+        Some(parent) if parent.ends_with('/') => match parent.trim_end_matches('/') {
+            "" => "/",
+            parent => parent,
+        },
+        _ => path,
+    }
+}
+
 /// `path` (from `/proc/self/cgroup`) below the mount's root, relative.
 fn below_root(path: &str, root: &str) -> PathBuf {
     let path = path.strip_prefix(root.trim_end_matches('/')).unwrap_or(path);
@@ -142,10 +154,7 @@ impl CgroupRoots {
             };
             if controllers.is_empty() {
                 if let Some(mount) = mounts.iter().find(|m| m.unified) {
-                    let mut own = mount.point.join(below_root(path, &mount.root));
-                    if own.file_name().is_some_and(|name| name == AGENT_LEAF) {
-                        own.pop();
-                    }
+                    let own = mount.point.join(below_root(agent_base(path), &mount.root));
                     v2 = Some(V2Root {
                         mount: mount.point.clone(),
                         own,
@@ -628,6 +637,14 @@ mod tests {
         let e = CgroupRoots::from_host(&text, "4:memory:/\n1:cpu:/\n0::/\n").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::Unsupported);
         assert!(e.to_string().contains("cgroup pids controller"), "{e}");
+    }
+
+    #[test]
+    fn the_agent_leaf_stands_for_its_parent() {
+        assert_eq!(agent_base("/system.slice/berth.service/berth-agent"), "/system.slice/berth.service");
+        assert_eq!(agent_base("/berth-agent"), "/");
+        assert_eq!(agent_base("/system.slice/x-berth-agent"), "/system.slice/x-berth-agent");
+        assert_eq!(agent_base("/"), "/");
     }
 
     #[test]
