@@ -771,10 +771,17 @@ async fn start_timing(driver: Driver) {
         .and_then(|n| n.parse().ok())
         .unwrap_or(9usize);
     let mut times = Vec::new();
+    let mut steps: Vec<(String, Vec<u64>)> = Vec::new();
     for _ in 0..cycles {
         let t = Instant::now();
-        f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+        let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
         times.push(t.elapsed());
+        for step in started.steps.iter() {
+            match steps.iter_mut().find(|(name, _)| *name == step.step) {
+                Some((_, us)) => us.push(step.us),
+                None => steps.push((step.step.clone(), vec![step.us])),
+            }
+        }
         f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
         f.runtime.wait_exit(&f.layout, WAIT).await.unwrap();
         f.runtime.cleanup(&f.layout).await.unwrap();
@@ -789,6 +796,11 @@ async fn start_timing(driver: Driver) {
         times[0],
         times[times.len() - 1]
     );
+    for (name, mut us) in steps {
+        us.sort_unstable();
+        let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+        eprintln!("  {name}: p50 {} µs, p99 {} µs", at(0.5), at(0.99));
+    }
     f.runtime.remove(&f.layout).await.unwrap();
     f.assert_no_leaks();
 }
