@@ -836,21 +836,31 @@ async fn native_init_is_born_into_its_v2_cgroup() {
     let own = fs::read_to_string("/proc/self/cgroup").unwrap();
     let own_v2 = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
     let unified = Path::new("/sys/fs/cgroup/unified");
-    let mount = if unified.is_dir() { unified } else { Path::new("/sys/fs/cgroup") };
+    let mount = if unified.is_dir() {
+        unified
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
     let v2_dir = mount
         .join(own_v2.trim_start_matches('/'))
         .join("berth")
         .join(&f.layout.id);
     let v1_dir = cgroup_dir(&own, "memory").join("berth").join(&f.layout.id);
     let read = |p: &Path| fs::read_to_string(p).unwrap().trim().to_owned();
-    let watcher = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
-        .unwrap();
-    let v2_watch =
-        inotify::add_watch(&watcher, v2_dir.join("cgroup.procs"), inotify::WatchFlags::MODIFY)
-            .unwrap();
-    let v1_watch =
-        inotify::add_watch(&watcher, v1_dir.join("cgroup.procs"), inotify::WatchFlags::MODIFY)
-            .unwrap();
+    let watcher =
+        inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    let v2_watch = inotify::add_watch(
+        &watcher,
+        v2_dir.join("cgroup.procs"),
+        inotify::WatchFlags::MODIFY,
+    )
+    .unwrap();
+    let v1_watch = inotify::add_watch(
+        &watcher,
+        v1_dir.join("cgroup.procs"),
+        inotify::WatchFlags::MODIFY,
+    )
+    .unwrap();
 
     let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
     let init_cgroups = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).unwrap();
@@ -870,8 +880,14 @@ async fn native_init_is_born_into_its_v2_cgroup() {
     let supervisor = fs::read_to_string(format!("/proc/{}/cgroup", started.shim_pid)).unwrap();
     assert!(!supervisor.contains(&f.layout.id), "{supervisor}");
     let fired = watches_fired(&watcher);
-    assert!(fired.contains(&v1_watch), "init's v1 joins were seen: {fired:?}");
-    assert!(!fired.contains(&v2_watch), "init was moved into its v2 cgroup");
+    assert!(
+        fired.contains(&v1_watch),
+        "init's v1 joins were seen: {fired:?}"
+    );
+    assert!(
+        !fired.contains(&v2_watch),
+        "init was moved into its v2 cgroup"
+    );
     // The watch does see a write there: the same migration, done by hand.
     fs::write(v2_dir.join("cgroup.procs"), started.pid.to_string()).unwrap();
     assert!(watches_fired(&watcher).contains(&v2_watch));

@@ -122,7 +122,9 @@ pub fn agent_base(path: &str) -> &str {
 
 /// `path` (from `/proc/self/cgroup`) below the mount's root, relative.
 fn below_root(path: &str, root: &str) -> PathBuf {
-    let path = path.strip_prefix(root.trim_end_matches('/')).unwrap_or(path);
+    let path = path
+        .strip_prefix(root.trim_end_matches('/'))
+        .unwrap_or(path);
     PathBuf::from(path.trim_start_matches('/'))
 }
 
@@ -165,9 +167,10 @@ impl CgroupRoots {
                 continue;
             }
             let names: Vec<&str> = controllers.split(',').collect();
-            let Some(mount) = mounts.iter().find(|m| {
-                !m.unified && names.iter().all(|n| m.controllers.iter().any(|c| c == n))
-            }) else {
+            let Some(mount) = mounts
+                .iter()
+                .find(|m| !m.unified && names.iter().all(|n| m.controllers.iter().any(|c| c == n)))
+            else {
                 continue;
             };
             let dir = mount
@@ -357,8 +360,7 @@ mod tests {
     /// A mountinfo text with the cgroup file systems mounted below `root`, as a hybrid
     /// host mounts them below /sys/fs/cgroup (one line per `(dir, type, options)`).
     fn mountinfo(root: &Path, mounts: &[(&str, &str, &str)]) -> String {
-        let mut text =
-            "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n".to_owned();
+        let mut text = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n".to_owned();
         for (n, (dir, fstype, options)) in mounts.iter().enumerate() {
             text += &format!(
                 "{} 31 0:{} / {} rw,nosuid,nodev,noexec,relatime shared:{n} - {fstype} {fstype} {options}\n",
@@ -409,7 +411,10 @@ mod tests {
         );
         // Every limit is on v1: init joins those, and is born into the unified one.
         assert_eq!(roots.procs_files("m1").len(), 3);
-        assert_eq!(roots.v2_dir("m1"), Some(tmp.path().join("unified/berth/m1")));
+        assert_eq!(
+            roots.v2_dir("m1"),
+            Some(tmp.path().join("unified/berth/m1"))
+        );
         let v2 = roots.v2.as_ref().unwrap();
         assert!(v2.controllers.is_empty() && v2.device_filter);
     }
@@ -417,7 +422,13 @@ mod tests {
     #[test]
     fn remove_also_cleans_hierarchies_machines_no_longer_join() {
         let tmp = tempfile::tempdir().unwrap();
-        for d in ["memory/berth/m1", "freezer/berth/m1", "blkio/berth/m2", "cpu", "pids"] {
+        for d in [
+            "memory/berth/m1",
+            "freezer/berth/m1",
+            "blkio/berth/m2",
+            "cpu",
+            "pids",
+        ] {
             fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         let text = "9:freezer:/
@@ -451,7 +462,11 @@ mod tests {
         let all = "cpuset cpu io memory hugetlb pids rdma misc\n";
         for (dir, controllers, subtree) in [
             (root.to_path_buf(), all, "cpu memory pids\n"),
-            (root.join("system.slice"), "cpu memory pids\n", "memory pids\n"),
+            (
+                root.join("system.slice"),
+                "cpu memory pids\n",
+                "memory pids\n",
+            ),
             (service.clone(), "memory pids\n", "\n"),
         ] {
             fs::write(dir.join("cgroup.controllers"), controllers).unwrap();
@@ -479,8 +494,7 @@ mod tests {
     fn on_a_pure_v2_host_every_limit_is_on_the_unified_hierarchy() {
         let tmp = tempfile::tempdir().unwrap();
         let (text, service) = pure_v2(tmp.path(), "812\n");
-        let roots =
-            CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
+        let roots = CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
         assert_eq!(roots.machine_dirs("m1"), [service.join("berth/m1")]);
         assert!(roots.procs_files("m1").is_empty(), "init joins nothing");
         assert_eq!(roots.v2_dir("m1"), Some(service.join("berth/m1")));
@@ -500,15 +514,20 @@ mod tests {
     fn the_subtree_control_dance_moves_the_agent_into_a_leaf() {
         let tmp = tempfile::tempdir().unwrap();
         let (text, service) = pure_v2(tmp.path(), "812\n813\n");
-        let roots =
-            CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
+        let roots = CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
         // A fake cgroupfs: a written file holds what was written last.
         roots.enable_v2_controllers(812).unwrap();
         assert_eq!(read(service.join(AGENT_LEAF).join("cgroup.procs")), "812");
         // The root already had all three; system.slice lacked cpu; the service and
         // Berth's own cgroup had none.
-        assert_eq!(read(tmp.path().join("cgroup.subtree_control")), "cpu memory pids\n");
-        assert_eq!(read(tmp.path().join("system.slice/cgroup.subtree_control")), "+cpu");
+        assert_eq!(
+            read(tmp.path().join("cgroup.subtree_control")),
+            "cpu memory pids\n"
+        );
+        assert_eq!(
+            read(tmp.path().join("system.slice/cgroup.subtree_control")),
+            "+cpu"
+        );
         assert_eq!(
             read(service.join("cgroup.subtree_control")),
             "+memory +cpu +pids"
@@ -523,8 +542,7 @@ mod tests {
     fn no_move_when_the_controllers_are_enabled_or_the_cgroup_is_empty() {
         let tmp = tempfile::tempdir().unwrap();
         let (text, service) = pure_v2(tmp.path(), "");
-        let roots =
-            CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
+        let roots = CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
         roots.enable_v2_controllers(812).unwrap();
         assert!(!service.join(AGENT_LEAF).exists());
         assert_eq!(
@@ -536,16 +554,35 @@ mod tests {
         for dir in [service.clone(), service.join("berth")] {
             fs::write(dir.join("cgroup.subtree_control"), "memory cpu pids\n").unwrap();
         }
-        fs::write(tmp.path().join("system.slice/cgroup.subtree_control"), "cpu memory pids\n").unwrap();
+        fs::write(
+            tmp.path().join("system.slice/cgroup.subtree_control"),
+            "cpu memory pids\n",
+        )
+        .unwrap();
         roots.enable_v2_controllers(900).unwrap();
         assert!(!service.join(AGENT_LEAF).exists());
-        assert_eq!(read(service.join("cgroup.subtree_control")), "memory cpu pids\n");
+        assert_eq!(
+            read(service.join("cgroup.subtree_control")),
+            "memory cpu pids\n"
+        );
     }
 
     fn resources(memory: i64, swap: i64, quota: i64, pids: i64) -> LinuxResources {
         LinuxResourcesBuilder::default()
-            .memory(LinuxMemoryBuilder::default().limit(memory).swap(swap).build().unwrap())
-            .cpu(LinuxCpuBuilder::default().quota(quota).period(100_000u64).build().unwrap())
+            .memory(
+                LinuxMemoryBuilder::default()
+                    .limit(memory)
+                    .swap(swap)
+                    .build()
+                    .unwrap(),
+            )
+            .cpu(
+                LinuxCpuBuilder::default()
+                    .quota(quota)
+                    .period(100_000u64)
+                    .build()
+                    .unwrap(),
+            )
             .pids(LinuxPidsBuilder::default().limit(pids).build().unwrap())
             .build()
             .unwrap()
@@ -555,8 +592,7 @@ mod tests {
     fn writes_v2_limit_files() {
         let tmp = tempfile::tempdir().unwrap();
         let (text, service) = pure_v2(tmp.path(), "");
-        let roots =
-            CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
+        let roots = CgroupRoots::from_host(&text, "0::/system.slice/berth.service\n").unwrap();
         let dir = service.join("berth/m1");
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("memory.swap.max"), "max\n").unwrap();
@@ -593,7 +629,11 @@ mod tests {
             fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         // No v1 pids and no v1 devices: the root of the unified hierarchy has pids.
-        fs::write(tmp.path().join("unified/cgroup.controllers"), "pids hugetlb\n").unwrap();
+        fs::write(
+            tmp.path().join("unified/cgroup.controllers"),
+            "pids hugetlb\n",
+        )
+        .unwrap();
         let text = mountinfo(
             tmp.path(),
             &[
@@ -602,8 +642,7 @@ mod tests {
                 ("unified", "cgroup2", "rw"),
             ],
         );
-        let roots = CgroupRoots::from_host(&text, "4:memory:/\n2:cpu,cpuacct:/a\n0::/a\n")
-            .unwrap();
+        let roots = CgroupRoots::from_host(&text, "4:memory:/\n2:cpu,cpuacct:/a\n0::/a\n").unwrap();
         assert_eq!(
             roots.machine_dirs("m1"),
             [
@@ -641,9 +680,15 @@ mod tests {
 
     #[test]
     fn the_agent_leaf_stands_for_its_parent() {
-        assert_eq!(agent_base("/system.slice/berth.service/berth-agent"), "/system.slice/berth.service");
+        assert_eq!(
+            agent_base("/system.slice/berth.service/berth-agent"),
+            "/system.slice/berth.service"
+        );
         assert_eq!(agent_base("/berth-agent"), "/");
-        assert_eq!(agent_base("/system.slice/x-berth-agent"), "/system.slice/x-berth-agent");
+        assert_eq!(
+            agent_base("/system.slice/x-berth-agent"),
+            "/system.slice/x-berth-agent"
+        );
         assert_eq!(agent_base("/"), "/");
     }
 

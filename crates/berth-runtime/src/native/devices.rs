@@ -73,20 +73,27 @@ impl DeviceRule {
             Some("b") => DEV_BLOCK,
             _ => return Err(bad()),
         };
-        let (major, minor) = fields.next().and_then(|n| n.split_once(':')).ok_or_else(bad)?;
+        let (major, minor) = fields
+            .next()
+            .and_then(|n| n.split_once(':'))
+            .ok_or_else(bad)?;
         let number = |n: &str| match n {
             "*" => Ok(None),
             n => n.parse::<u32>().map(Some).map_err(|_| bad()),
         };
-        let access = fields.next().unwrap_or("rwm").chars().try_fold(0, |acc, c| {
-            Ok(acc
-                | match c {
-                    'r' => ACC_READ,
-                    'w' => ACC_WRITE,
-                    'm' => ACC_MKNOD,
-                    _ => return Err(bad()),
-                })
-        })?;
+        let access = fields
+            .next()
+            .unwrap_or("rwm")
+            .chars()
+            .try_fold(0, |acc, c| {
+                Ok(acc
+                    | match c {
+                        'r' => ACC_READ,
+                        'w' => ACC_WRITE,
+                        'm' => ACC_MKNOD,
+                        _ => return Err(bad()),
+                    })
+            })?;
         Ok(DeviceRule {
             kind: Some(kind),
             major: number(major)?,
@@ -260,7 +267,10 @@ pub(crate) fn attach(dir: &Path, rules: &[DeviceRule]) -> io::Result<()> {
 
 /// [`DEFAULT_ALLOWED`], parsed.
 pub(crate) fn default_rules() -> io::Result<Vec<DeviceRule>> {
-    DEFAULT_ALLOWED.iter().map(|r| DeviceRule::parse(r)).collect()
+    DEFAULT_ALLOWED
+        .iter()
+        .map(|r| DeviceRule::parse(r))
+        .collect()
 }
 
 #[cfg(test)]

@@ -505,9 +505,7 @@ fn start_init(
 /// Forks init, into its v2 cgroup when there is one (`CLONE_INTO_CGROUP`): it never runs
 /// anywhere else, and no migration is needed. True when it was born there; false after
 /// a plain fork (no v2 cgroup, or a kernel before 5.7), when the child joins it itself.
-fn fork_init(
-    v2_cgroup: Option<BorrowedFd<'_>>,
-) -> nix::Result<(nix::unistd::ForkResult, bool)> {
+fn fork_init(v2_cgroup: Option<BorrowedFd<'_>>) -> nix::Result<(nix::unistd::ForkResult, bool)> {
     if let Some(dir) = v2_cgroup {
         // SAFETY: the supervisor is single-threaded (forked from the single-threaded
         // spawner), so the child may run any code; init calls no pthread function that
