@@ -150,6 +150,12 @@ fn cgroup_bases() -> Vec<PathBuf> {
                 sys.join(name.split(',').next().unwrap_or(name))
             }
         };
+        // On a v2 host the native driver may have moved the agent into a leaf.
+        let path = if controllers.is_empty() {
+            berth_runtime::native::cgroup::agent_base(path)
+        } else {
+            path
+        };
         let base = mount.join(path.trim_start_matches('/'));
         if !bases.contains(&base) {
             bases.push(base);

@@ -765,23 +765,138 @@ async fn start_timing(driver: Driver) {
         .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
         .await
         .unwrap();
+    // BERTH_TIMING_CYCLES=200 for figures with a tail.
+    let cycles = std::env::var("BERTH_TIMING_CYCLES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(9usize);
     let mut times = Vec::new();
-    for _ in 0..9 {
+    let mut steps: Vec<(String, Vec<u64>)> = Vec::new();
+    for _ in 0..cycles {
         let t = Instant::now();
-        f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+        let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
         times.push(t.elapsed());
+        for step in started.steps.iter() {
+            match steps.iter_mut().find(|(name, _)| *name == step.step) {
+                Some((_, us)) => us.push(step.us),
+                None => steps.push((step.step.clone(), vec![step.us])),
+            }
+        }
         f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
         f.runtime.wait_exit(&f.layout, WAIT).await.unwrap();
         f.runtime.cleanup(&f.layout).await.unwrap();
     }
     times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     eprintln!(
-        "start: median {:?}, min {:?}, max {:?}",
-        times[times.len() / 2],
+        "start over {cycles}: median {:?}, p90 {:?}, p99 {:?}, min {:?}, max {:?}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
         times[0],
         times[times.len() - 1]
     );
+    for (name, mut us) in steps {
+        us.sort_unstable();
+        let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+        eprintln!("  {name}: p50 {} µs, p99 {} µs", at(0.5), at(0.99));
+    }
     f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+/// The inotify watches (by descriptor) that saw an event since the last call.
+fn watches_fired(inotify: &std::os::fd::OwnedFd) -> Vec<i32> {
+    let mut fired = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = rustix::io::read(inotify, &mut buf) {
+        let mut at = 0;
+        // struct inotify_event: wd, mask, cookie, len, then len bytes of name.
+        while at + 16 <= n {
+            let field = |i: usize| u32::from_ne_bytes(buf[at + i..at + i + 4].try_into().unwrap());
+            fired.push(field(0) as i32);
+            at += 16 + field(12) as usize;
+        }
+    }
+    fired
+}
+
+/// Native init is forked straight into the Machine's cgroup on the unified hierarchy
+/// (`clone3` with `CLONE_INTO_CGROUP`), never written into it. Checked with inotify on
+/// `cgroup.procs`, which the kernel notifies of every write: a join writes there (init
+/// still joins its v1 cgroups that way, and that watch must fire), a birth does not.
+#[tokio::test]
+async fn native_init_is_born_into_its_v2_cgroup() {
+    use rustix::fs::inotify;
+    let f = Fixture::of(Driver::Native, "cgroup2");
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sleep", "1000"]))
+        .await
+        .unwrap();
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own_v2 = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let mount = if unified.is_dir() {
+        unified
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
+    let v2_dir = mount
+        .join(own_v2.trim_start_matches('/'))
+        .join("berth")
+        .join(&f.layout.id);
+    let v1_dir = cgroup_dir(&own, "memory").join("berth").join(&f.layout.id);
+    let read = |p: &Path| fs::read_to_string(p).unwrap().trim().to_owned();
+    let watcher =
+        inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    let v2_watch = inotify::add_watch(
+        &watcher,
+        v2_dir.join("cgroup.procs"),
+        inotify::WatchFlags::MODIFY,
+    )
+    .unwrap();
+    let v1_watch = inotify::add_watch(
+        &watcher,
+        v1_dir.join("cgroup.procs"),
+        inotify::WatchFlags::MODIFY,
+    )
+    .unwrap();
+
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let init_cgroups = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).unwrap();
+    let init_v2 = init_cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap();
+    assert!(
+        init_v2.ends_with(&format!("/berth/{}", f.layout.id)),
+        "{init_cgroups}"
+    );
+    assert_eq!(
+        read(&v2_dir.join("cgroup.procs")),
+        started.pid.to_string(),
+        "init is the only process of its v2 cgroup"
+    );
+    let supervisor = fs::read_to_string(format!("/proc/{}/cgroup", started.shim_pid)).unwrap();
+    assert!(!supervisor.contains(&f.layout.id), "{supervisor}");
+    let fired = watches_fired(&watcher);
+    assert!(
+        fired.contains(&v1_watch),
+        "init's v1 joins were seen: {fired:?}"
+    );
+    assert!(
+        !fired.contains(&v2_watch),
+        "init was moved into its v2 cgroup"
+    );
+    // The watch does see a write there: the same migration, done by hand.
+    fs::write(v2_dir.join("cgroup.procs"), started.pid.to_string()).unwrap();
+    assert!(watches_fired(&watcher).contains(&v2_watch));
+
+    f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
+    f.runtime.wait_exit(&f.layout, WAIT).await.unwrap();
+    f.runtime.cleanup(&f.layout).await.unwrap();
+    f.runtime.remove(&f.layout).await.unwrap();
+    assert!(!v2_dir.exists(), "{} left behind", v2_dir.display());
     f.assert_no_leaks();
 }
 

@@ -45,7 +45,8 @@ pub(crate) struct InitPlan<'a> {
     /// The Machine's user namespace, opened by the supervisor: its layers are idmapped
     /// through it, and init enters it last.
     pub userns: BorrowedFd<'a>,
-    /// `cgroup.procs` files of the Machine's cgroups, prepared at create.
+    /// `cgroup.procs` files of the Machine's v1 cgroups, prepared at create (init is born
+    /// into its v2 one).
     pub cgroup_procs: &'a [PathBuf],
 }
 

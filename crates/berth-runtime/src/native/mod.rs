@@ -37,6 +37,7 @@ use crate::{exec, logs, spec, util};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
 pub mod cgroup;
+pub(crate) mod devices;
 pub(crate) mod exec_in;
 pub(crate) mod init;
 pub mod spawner;
@@ -228,6 +229,7 @@ impl NativeRuntime {
             dir: layout.dir.clone(),
             lowerdirs: lowerdirs.to_vec(),
             cgroup_procs: self.cgroups.procs_files(id),
+            cgroup_v2: self.cgroups.v2_dir(id),
             log_max_bytes: self.config.log_max_bytes,
         };
         let mut line = serde_json::to_vec(&request)

@@ -22,6 +22,7 @@ use nix::sched::CloneFlags;
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 
+use super::cgroup;
 use super::init::{self, InitPlan};
 use crate::overlay::OverlayLayers;
 use crate::shim::{self, ShimArgs, ShimReport, Supervisor};
@@ -41,8 +42,11 @@ pub struct StartRequest {
     pub dir: PathBuf,
     /// Image layers, bottom first.
     pub lowerdirs: Vec<PathBuf>,
-    /// `cgroup.procs` files to join.
+    /// `cgroup.procs` files of the v1 cgroups init joins.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The Machine's cgroup on the unified hierarchy, which init is born into.
+    #[serde(default)]
+    pub cgroup_v2: Option<PathBuf>,
     pub log_max_bytes: u64,
 }
 
@@ -170,7 +174,7 @@ fn nsfs_mount_points(mountinfo: &str) -> Vec<PathBuf> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> OsString {
+pub(crate) fn unescape_mountinfo(field: &str) -> OsString {
     use std::os::unix::ffi::OsStringExt;
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -397,9 +401,33 @@ fn start_init(
         cgroup_procs: &request.cgroup_procs,
     };
     steps.lap("overlay_layers", &mut mark);
-    // SAFETY: the supervisor is single-threaded (forked from the single-threaded spawner).
-    let pid = match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
+    let v2_cgroup = request
+        .cgroup_v2
+        .as_ref()
+        .map(|dir| {
+            rustix::fs::open(
+                dir,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| format!("open cgroup {}: {e}", dir.display()))
+        })
+        .transpose()?;
+    steps.lap("cgroup_open", &mut mark);
+    let (forked, born_in_v2) = fork_init(v2_cgroup.as_ref().map(|fd| fd.as_fd()))
+        .map_err(|e| format!("fork init of {id}: {e}"))?;
+    let pid = match forked {
+        nix::unistd::ForkResult::Child => {
+            if !born_in_v2 {
+                if let Some(dir) = &request.cgroup_v2 {
+                    let procs = dir.join("cgroup.procs");
+                    if let Err(e) = std::fs::write(&procs, b"0") {
+                        init::fail(&errors_w, &format!("join cgroup {}: {e}", procs.display()));
+                    }
+                }
+            }
             // Init keeps only what it uses: no connection to the agent, no handle on the
             // host's root that a `/proc/self/fd/N` path could lead to. Those it keeps are
             // close-on-exec pipes and the network and user namespaces.
@@ -425,8 +453,7 @@ fn start_init(
                 };
             init::fail(&errors_w, &failure)
         }
-        Ok(nix::unistd::ForkResult::Parent { child }) => child,
-        Err(e) => return Err(format!("fork init of {id}: {e}")),
+        nix::unistd::ForkResult::Parent { child } => child,
     };
     // Only init may hold the write ends: EOF on them means the Machine is gone.
     drop(errors_w);
@@ -473,6 +500,29 @@ fn start_init(
     }
     steps.lap("pid_file", &mut mark);
     Ok((pid, layers))
+}
+
+/// Forks init, into its v2 cgroup when there is one (`CLONE_INTO_CGROUP`): it never runs
+/// anywhere else, and no migration is needed. True when it was born there; false after
+/// a plain fork (no v2 cgroup, or a kernel before 5.7), when the child joins it itself.
+fn fork_init(v2_cgroup: Option<BorrowedFd<'_>>) -> nix::Result<(nix::unistd::ForkResult, bool)> {
+    if let Some(dir) = v2_cgroup {
+        // SAFETY: the supervisor is single-threaded (forked from the single-threaded
+        // spawner), so the child may run any code; init calls no pthread function that
+        // reads the thread id glibc caches (see `clone_into`).
+        match unsafe { cgroup::clone_into(dir) } {
+            Ok(None) => return Ok((nix::unistd::ForkResult::Child, true)),
+            Ok(Some(child)) => return Ok((nix::unistd::ForkResult::Parent { child }, true)),
+            Err(e) if cgroup::clone_into_unsupported(&e) => {}
+            Err(e) => {
+                return Err(nix::errno::Errno::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                ))
+            }
+        }
+    }
+    // SAFETY: the supervisor is single-threaded (forked from the single-threaded spawner).
+    unsafe { nix::unistd::fork() }.map(|forked| (forked, false))
 }
 
 /// What the (already closed) writer left in a pipe; empty on any error.
