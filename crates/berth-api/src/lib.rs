@@ -298,7 +298,9 @@ pub struct ExitInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
     pub oom_killed: bool,
-    /// `exited` (by itself), `killed` (by a stop) or `oom_killed`.
+    /// `exited` (with the command's exit code, 128 + N when signal N ended it, as after a
+    /// stop's SIGTERM), `killed` (the Machine's init killed, as by a stop's SIGKILL) or
+    /// `oom_killed`.
     pub reason: String,
     pub exited_at: String,
 }

@@ -34,8 +34,7 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// `sleep 3600`, stopped with SIGKILL: sleep as PID 1 ignores SIGTERM, and the bench
-/// measures stop, not a grace period.
+/// `sleep 3600`, stopped with SIGKILL: the bench measures stop, not a grace period.
 pub(crate) fn sleeper() -> MachineConfig {
     MachineConfig {
         image: "bench/busybox:1".into(),

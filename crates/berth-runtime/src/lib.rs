@@ -36,6 +36,7 @@ mod error;
 mod exec_guard;
 mod helper;
 mod inroot;
+mod machine_init;
 mod util;
 pub use error::RuntimeError;
 

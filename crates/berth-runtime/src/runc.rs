@@ -138,6 +138,10 @@ impl RuncRuntime {
             id: id.clone(),
             message,
         })?;
+        if let Err(e) = crate::machine_init::before_runc_start(id, &config, &rootfs) {
+            let _ = overlay::unmount(&rootfs);
+            return Err(e);
+        }
         fs::create_dir_all(&run).ctx(|| format!("create {}", run.display()))?;
         for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
             let path = run.join(name);
@@ -283,6 +287,9 @@ impl Runtime for RuncRuntime {
             .await?
         };
         let config = spec::render(layout, spec, ids)?;
+        let config = crate::machine_init::runc_config(&config)
+            .map_err(|e| RuntimeError::Internal(format!("config of machine {id}: {e}")))?
+            .unwrap_or(config);
         let netns_done = t0.elapsed();
         if let Some((network, address)) = network {
             network

@@ -405,12 +405,17 @@ impl Supervisor {
         let pid_file = run_dir.join(INIT_PID_FILE);
         let t0 = Instant::now();
         let status = {
+            // The Machine's PID 1, passed to runc as fd 3; this copy closes with the block.
+            let init =
+                crate::machine_init::sealed_memfd().map_err(|e| format!("berth-init: {e}"))?;
             let mut cmd = self.runc();
+            crate::machine_init::pass_to_runc(&mut cmd, init.as_fd());
             cmd.arg("--log")
                 .arg(run_dir.join(RUNC_LOG_FILE))
                 .arg("--log-format")
                 .arg("json")
                 .arg("create")
+                .args(crate::machine_init::RUNC_CREATE_ARGS)
                 .arg("--bundle")
                 .arg(&self.opts.bundle)
                 .arg("--pid-file")

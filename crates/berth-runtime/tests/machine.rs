@@ -285,7 +285,11 @@ async fn out_of_memory_is_recorded(driver: Driver) {
         .unwrap()
         .unwrap();
     assert!(record.oom_killed, "{record:?}");
-    assert_eq!(record.signal, Some(libc::SIGKILL));
+    // The kernel's SIGKILL ended the command; init reports it as a shell does.
+    assert_eq!(
+        (record.exit_code, record.signal),
+        (Some(128 + libc::SIGKILL), None)
+    );
     f.runtime.remove(&f.layout).await.unwrap();
     f.assert_no_leaks();
 }
@@ -468,7 +472,8 @@ async fn exec_runs_inside_the_machine(driver: Driver) {
     assert_eq!(field(&out, "NoNewPrivs:").trim(), "1");
     assert_eq!(field(&out, "CapBnd:").trim(), "00000000a80405fb");
     assert_eq!(field(&out, "Seccomp:").trim(), "2");
-    assert_eq!(field(&out, "init=").trim(), "sleep");
+    // PID 1 is Berth's init; the command runs as its child.
+    assert_eq!(field(&out, "init=").trim(), "berth-init");
     let ns = |kind: &str| fs::read_link(format!("/proc/{}/ns/{kind}", started.pid)).unwrap();
     assert_eq!(field(&out, "pidns="), ns("pid").display().to_string());
     assert_eq!(field(&out, "mntns="), ns("mnt").display().to_string());
@@ -553,7 +558,6 @@ async fn server_is_reachable_through_the_persistent_netns(driver: Driver) {
         f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
         let body = http_get(&ns, "127.0.0.1:8080".parse().unwrap());
         assert!(body.contains(INDEX_HTML.trim()), "round {round}: {body}");
-        // busybox httpd as pid 1 ignores SIGTERM.
         f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
         f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
         f.runtime.cleanup(&f.layout).await.unwrap();
@@ -959,6 +963,133 @@ fn http_get(netns_path: &Path, addr: SocketAddr) -> String {
     }
 }
 
+/// Init's pid and the state and name of each of its descendants, zombies included.
+fn machine_processes(init: u32) -> Vec<(char, String)> {
+    let mut out = Vec::new();
+    let mut pending = vec![init];
+    while let Some(pid) = pending.pop() {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let state = stat[close + 1..].trim_start().chars().next().unwrap_or('?');
+        out.push((state, stat[open + 1..close].to_owned()));
+        let children =
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        pending.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// Waits until init has started the command (a child of its own).
+fn wait_for_command(init: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while machine_processes(init).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "init {init} never started its command"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+async fn commands_that_ignore_sigterm_as_pid_1_stop_on_it(driver: Driver) {
+    let f = Fixture::of(driver, "term");
+    // Neither handles SIGTERM: as PID 1 both used to ignore it until the SIGKILL.
+    for command in [
+        &["httpd", "-f", "-p", "8080", "-h", "/www"][..],
+        &["sh", "-c", "sleep 1000"][..],
+    ] {
+        f.runtime
+            .prepare(&f.layout, &f.spec(command))
+            .await
+            .unwrap();
+        let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+        wait_for_command(started.pid);
+        let t = Instant::now();
+        f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
+        let record = f
+            .runtime
+            .wait_exit(&f.layout, Some(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{command:?} ignored SIGTERM"));
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "{command:?}: {took:?}");
+        // The command's own death by SIGTERM, as a shell reports it; not a SIGKILL.
+        assert_eq!(
+            (record.exit_code, record.signal, record.oom_killed),
+            (Some(128 + libc::SIGTERM), None, false),
+            "{command:?}"
+        );
+        eprintln!("{command:?} stopped in {took:?}");
+        f.runtime.cleanup(&f.layout).await.unwrap();
+    }
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+async fn orphaned_zombies_are_reaped(driver: Driver) {
+    let f = Fixture::of(driver, "zombies");
+    // Three double forks leave three sleeps to PID 1, and then the command becomes a
+    // process that never waits: as PID 1 it would have kept them as zombies.
+    let script = "for i in 1 2 3; do sh -c 'sleep 0.3 &'; done; exec sleep 1000";
+    f.runtime
+        .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
+        .await
+        .unwrap();
+    let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let settled = vec![('S', "berth-init".to_owned()), ('S', "sleep".to_owned())];
+    let mut seen_orphans = false;
+    let processes = loop {
+        let processes = machine_processes(started.pid);
+        seen_orphans |= processes.len() > 2;
+        if (processes == settled && seen_orphans) || Instant::now() > deadline {
+            break processes;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let zombies = processes.iter().filter(|(state, _)| *state == 'Z').count();
+    assert_eq!(zombies, 0, "{processes:?}");
+    assert!(seen_orphans, "the orphans were never seen: {processes:?}");
+    assert_eq!(processes, settled);
+    f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
+    let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
+    assert_eq!(record.exit_code, Some(128 + libc::SIGTERM));
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
+async fn exit_codes_and_signal_deaths_are_reported_exactly(driver: Driver) {
+    let f = Fixture::of(driver, "deaths");
+    for (script, code) in [
+        ("kill -USR1 $$", 128 + libc::SIGUSR1),
+        ("exit 7", 7),
+        ("exit 0", 0),
+        ("kill -KILL $$", 128 + libc::SIGKILL),
+    ] {
+        f.runtime
+            .prepare(&f.layout, &f.spec(&["sh", "-c", script]))
+            .await
+            .unwrap();
+        let record = run_to_exit(&f).await;
+        assert_eq!(
+            (record.exit_code, record.signal, record.oom_killed),
+            (Some(code), None, false),
+            "{script}"
+        );
+    }
+    f.runtime.remove(&f.layout).await.unwrap();
+    f.assert_no_leaks();
+}
+
 // Each case runs against both drivers: `runc::<case>` and `native::<case>`.
 
 both_drivers!(
@@ -978,6 +1109,9 @@ both_drivers!(
     start_before_prepare_is_refused,
     remove_kills_a_running_machine,
     machine_outlives_the_process_that_started_it,
+    commands_that_ignore_sigterm_as_pid_1_stop_on_it,
+    orphaned_zombies_are_reaped,
+    exit_codes_and_signal_deaths_are_reported_exactly,
 );
 
 /// Not a check: prints how long start takes and how it splits. Run with

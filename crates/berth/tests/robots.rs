@@ -180,8 +180,16 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
     let _ = follower.kill();
     let _ = follower.wait();
 
-    // Events carry sources, exit codes and reasons.
+    // Events carry sources, exit codes and reasons. `sleep` handles no signal, but it is
+    // not PID 1: Berth's init forwards SIGTERM to it, so the stop is quick and graceful,
+    // not a SIGKILL after the 5 s timeout.
+    let stopping = std::time::Instant::now();
     ok(&["machine", "stop", "--app", "work", &id]);
+    let stop_took = stopping.elapsed();
+    assert!(
+        stop_took < std::time::Duration::from_secs(4),
+        "{stop_took:?}"
+    );
     ok(&[
         "machine",
         "update",
@@ -211,8 +219,12 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
         .find(|e| e["kind"] == "stop")
         .expect("a stop event");
     assert_eq!(
-        (stop["source"].clone(), stop["reason"].clone()),
-        (json!("user"), json!("killed"))
+        (
+            stop["source"].clone(),
+            stop["reason"].clone(),
+            stop["exit_code"].clone()
+        ),
+        (json!("user"), json!("exited"), json!(128 + 15))
     );
     let exit = events
         .iter()

@@ -48,6 +48,9 @@ pub(crate) struct InitPlan<'a> {
     /// `cgroup.procs` files of the Machine's v1 cgroups, prepared at create (init is born
     /// into its v2 one).
     pub cgroup_procs: &'a [PathBuf],
+    /// The sealed memfd of `berth-init` (see [`crate::machine_init`]), made once by the
+    /// spawner: what init execs, with the Machine's command as its child.
+    pub init: BorrowedFd<'a>,
 }
 
 /// Character devices every Machine gets, as runc makes them.
@@ -119,7 +122,8 @@ pub(crate) fn parse_marks(text: &str) -> StepTimes {
     steps
 }
 
-/// Sets up the Machine's world and execs its init. Only returns on failure.
+/// Sets up the Machine's world and execs its init, `berth-init`, which runs the Machine's
+/// command. Only returns on failure.
 pub(crate) fn run_init(
     plan: &InitPlan<'_>,
     stdout: BorrowedFd<'_>,
@@ -207,8 +211,22 @@ pub(crate) fn run_init(
     nix::sched::setns(plan.userns, CloneFlags::CLONE_NEWUSER)
         .map_err(step(|| "join user namespace".into()))?;
     clock.mark("init_userns");
-    // The null device checked in make_devices, not whatever /dev/null names by then.
-    exec_process(spec, process, Some(null.as_fd()), stdout, stderr, clock)
+    // A runc Machine's config.json (after a switch of drivers) names init first.
+    let command = crate::machine_init::command(process.args().as_deref().unwrap_or_default());
+    let io = Stdio {
+        // The null device checked in make_devices, not whatever /dev/null names by then.
+        stdin: Some(null.as_fd()),
+        stdout,
+        stderr,
+    };
+    exec_command(spec, process, command, io, clock, Some(plan.init))
+}
+
+/// The descriptors a started process gets as 0, 1 and 2.
+struct Stdio<'a> {
+    stdin: Option<BorrowedFd<'a>>,
+    stdout: BorrowedFd<'a>,
+    stderr: BorrowedFd<'a>,
 }
 
 /// Rlimits, stdio, user, capabilities, no_new_privs, seccomp, then cwd and the program
@@ -228,6 +246,30 @@ pub(crate) fn exec_process(
     stderr: BorrowedFd<'_>,
     clock: &mut InitClock<'_>,
 ) -> StepResult<Infallible> {
+    let command = process.args().as_deref().unwrap_or_default();
+    let io = Stdio {
+        stdin,
+        stdout,
+        stderr,
+    };
+    exec_command(spec, process, command, io, clock, None)
+}
+
+/// [`exec_process`] of `command`; with `init`, execs that (`berth-init`) instead, with the
+/// program found for `command` and its argv, so that the command runs as init's child.
+fn exec_command(
+    spec: &Spec,
+    process: &Process,
+    command: &[String],
+    io: Stdio<'_>,
+    clock: &mut InitClock<'_>,
+    init: Option<BorrowedFd<'_>>,
+) -> StepResult<Infallible> {
+    let Stdio {
+        stdin,
+        stdout,
+        stderr,
+    } = io;
     for rlimit in process.rlimits().iter().flatten() {
         let resource = rlimit_resource(&rlimit.typ().to_string())?;
         let limit = libc::rlimit {
@@ -248,10 +290,8 @@ pub(crate) fn exec_process(
         None => Vec::new(),
     };
     clock.mark("init_seccomp_compile");
-    let args: Vec<CString> = process
-        .args()
+    let args: Vec<CString> = command
         .iter()
-        .flatten()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .map_err(step(|| "args".into()))?;
@@ -262,11 +302,7 @@ pub(crate) fn exec_process(
         .map(|e| CString::new(e.as_bytes()))
         .collect::<Result<_, _>>()
         .map_err(step(|| "env".into()))?;
-    let first = process
-        .args()
-        .as_ref()
-        .and_then(|a| a.first())
-        .ok_or("no args")?;
+    let first = command.first().ok_or("no args")?;
 
     // Signals the supervisor ignores must not stay ignored in the Machine.
     for signal in [libc::SIGHUP, libc::SIGPIPE, libc::SIGCHLD] {
@@ -299,8 +335,24 @@ pub(crate) fn exec_process(
     let program = find_program(first, process.env().as_deref().unwrap_or_default())?;
     clock.mark("init_program");
     clock.send();
-    let Err(e) = nix::unistd::execve(&program, &args, &env);
-    Err(format!("exec {}: {e}", program.to_string_lossy()))
+    let Some(init) = init else {
+        let Err(e) = nix::unistd::execve(&program, &args, &env);
+        return Err(format!("exec {}: {e}", program.to_string_lossy()));
+    };
+    let argv = crate::machine_init::native_argv(&program, &args);
+    // Blocked from here on, so none sent before init blocks them itself is lost (PID 1
+    // drops a signal it has no handler for). Init inherits the mask; its command does not.
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::all()),
+        None,
+    )
+    .map_err(step(|| "block signals".into()))?;
+    let Err(e) = nix::unistd::fexecve(init.as_raw_fd(), &argv, &env);
+    Err(format!(
+        "exec berth-init for {}: {e}",
+        program.to_string_lossy()
+    ))
 }
 
 /// Not dumpable until execve (no ptrace, no /proc/<pid>/{mem,environ,fd,exe} for the
@@ -643,11 +695,21 @@ fn set_user_and_capabilities(process: &Process) -> StepResult<()> {
     Ok(())
 }
 
-/// As runc: a name without '/' is looked up in the spec's PATH, inside the Machine.
+/// As runc: a name without '/' is looked up in the spec's PATH, inside the Machine; any
+/// name must be an executable file, so that a wrong one fails the start (init, which
+/// runs it, could only exit).
 fn find_program(name: &str, env: &[String]) -> StepResult<CString> {
-    let found = if name.contains('/') {
-        Some(PathBuf::from(name))
-    } else {
+    let executable = |candidate: &Path| {
+        fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = Path::new(name);
+        if !executable(path) {
+            return Err(format!("exec {name:?}: no executable file there"));
+        }
+        return CString::new(path.as_os_str().as_bytes()).map_err(step(|| "program path".into()));
+    }
+    let found = {
         let path = env
             .iter()
             .find_map(|e| e.strip_prefix("PATH="))
@@ -655,10 +717,7 @@ fn find_program(name: &str, env: &[String]) -> StepResult<CString> {
         path.split(':')
             .filter(|dir| !dir.is_empty())
             .map(|dir| Path::new(dir).join(name))
-            .find(|candidate| {
-                fs::metadata(candidate)
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
+            .find(|candidate| executable(candidate))
     };
     let found = found.ok_or_else(|| format!("executable file {name:?} not found in $PATH"))?;
     CString::new(found.as_os_str().as_bytes()).map_err(step(|| "program path".into()))

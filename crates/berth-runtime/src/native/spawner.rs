@@ -82,6 +82,8 @@ fn serve(socket: &Path) -> io::Result<()> {
     }?;
     // Machines inherit it compiled, instead of compiling it on every start.
     seccomp::precompile_default().map_err(io::Error::other)?;
+    // Every Machine's init, inherited by every spare and supervisor.
+    let init = crate::machine_init::sealed_memfd()?;
     util::remove_file_if_exists(socket)?;
     let listener = UnixListener::bind(socket)?;
     let host_root = isolate_mounts()?;
@@ -93,7 +95,7 @@ fn serve(socket: &Path) -> io::Result<()> {
     }
     let stdin = io::stdin();
     loop {
-        let spare = fork_spare(&listener, host_root.as_fd())?;
+        let spare = fork_spare(&listener, host_root.as_fd(), init.as_fd())?;
         // Wait until the spare has taken a start (or died), or the runtime went away.
         let (taken, runtime_gone) = loop {
             let mut fds = [
@@ -198,7 +200,11 @@ pub(crate) fn unescape_mountinfo(field: &str) -> OsString {
     OsString::from_vec(out)
 }
 
-fn fork_spare(listener: &UnixListener, host_root: BorrowedFd<'_>) -> io::Result<Spare> {
+fn fork_spare(
+    listener: &UnixListener,
+    host_root: BorrowedFd<'_>,
+    init: BorrowedFd<'_>,
+) -> io::Result<Spare> {
     let (taken_r, taken_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let spawner = nix::unistd::getpid();
     // SAFETY: the spawner is single-threaded, so the child may run any code.
@@ -209,7 +215,7 @@ fn fork_spare(listener: &UnixListener, host_root: BorrowedFd<'_>) -> io::Result<
         }),
         nix::unistd::ForkResult::Child => {
             drop(taken_r);
-            let code = run_spare(listener, taken_w, spawner, host_root);
+            let code = run_spare(listener, taken_w, spawner, host_root, init);
             // SAFETY: _exit ends the forked child without the spawner's exit paths.
             unsafe { libc::_exit(code) }
         }
@@ -222,6 +228,7 @@ fn run_spare(
     taken: OwnedFd,
     spawner: nix::unistd::Pid,
     host_root: BorrowedFd<'_>,
+    init: BorrowedFd<'_>,
 ) -> i32 {
     // Until it takes a start, a spare dies with the spawner; then it must outlive it.
     if rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Kill))
@@ -263,7 +270,7 @@ fn run_spare(
     // SAFETY: closes this process's copy of the listener, which it never uses again.
     unsafe { libc::close(listener.as_raw_fd()) };
     match read_request(&conn) {
-        Ok(request) => supervise(request, OwnedFd::from(conn), identity, host_root),
+        Ok(request) => supervise(request, OwnedFd::from(conn), identity, host_root, init),
         Err(e) => {
             shim::report(
                 conn.as_fd(),
@@ -286,6 +293,7 @@ fn supervise(
     conn: OwnedFd,
     identity: (u32, u64),
     host_root: BorrowedFd<'_>,
+    init: BorrowedFd<'_>,
 ) -> i32 {
     let layout = MachineLayout {
         id: request.id.clone(),
@@ -313,10 +321,19 @@ fn supervise(
     };
     steps.lap("supervisor_setup", &mut mark);
     let t0 = Instant::now();
-    let started = start_init(&request, &layout, &mut supervisor, &mut steps, host_root);
+    let started = start_init(
+        &request,
+        &layout,
+        &mut supervisor,
+        &mut steps,
+        host_root,
+        init,
+    );
     // SAFETY: this process's inherited copy of the spawner's handle; nothing here uses it
     // again, and a supervisor has no business holding the host's root.
     unsafe { libc::close(host_root.as_raw_fd()) };
+    // SAFETY: as for host_root: init has exec'd it (or failed), nothing here uses it again.
+    unsafe { libc::close(init.as_raw_fd()) };
     match started {
         Ok((pid, layers)) => {
             let oom = shim::OomCounter::for_process(pid);
@@ -348,6 +365,7 @@ fn start_init(
     supervisor: &mut Supervisor,
     steps: &mut StepTimes,
     host_root: BorrowedFd<'_>,
+    init: BorrowedFd<'_>,
 ) -> Result<(u32, OverlayLayers), String> {
     let mut mark = Instant::now();
     let id = &request.id;
@@ -399,6 +417,7 @@ fn start_init(
         netns: netns.as_fd(),
         userns: userns.as_fd(),
         cgroup_procs: &request.cgroup_procs,
+        init,
     };
     steps.lap("overlay_layers", &mut mark);
     let v2_cgroup = request
@@ -430,7 +449,7 @@ fn start_init(
             }
             // Init keeps only what it uses: no connection to the agent, no handle on the
             // host's root that a `/proc/self/fd/N` path could lead to. Those it keeps are
-            // close-on-exec pipes and the network and user namespaces.
+            // close-on-exec: pipes, the network and user namespaces, and berth-init.
             let keep = [
                 errors_w.as_raw_fd(),
                 marks_w.as_raw_fd(),
@@ -438,6 +457,7 @@ fn start_init(
                 stderr_w.as_raw_fd(),
                 netns.as_raw_fd(),
                 userns.as_raw_fd(),
+                init.as_raw_fd(),
             ]
             .into_iter()
             .chain(layers.raw_fds())
