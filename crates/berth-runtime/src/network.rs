@@ -377,8 +377,8 @@ impl WorkerNetwork {
         .map_err(|e| match e {
             RuntimeError::Network {
                 context: what,
-                source,
-            } => network_error(context(&what), source),
+                error,
+            } => network_error(context(&what), error),
             other => other,
         })
     }
@@ -632,8 +632,8 @@ fn netlink_error(context: String, e: rtnetlink::Error) -> RuntimeError {
     network_error(context, source)
 }
 
-fn network_error(context: String, source: io::Error) -> RuntimeError {
-    RuntimeError::Network { context, source }
+fn network_error(context: String, error: io::Error) -> RuntimeError {
+    RuntimeError::Network { context, error }
 }
 
 fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {

@@ -188,9 +188,9 @@ impl NativeRuntime {
         }
         let run = layout.run_dir();
         if let Some(pid) = live_shim(&run)? {
-            return Err(RuntimeError::Runc {
+            return Err(RuntimeError::AlreadyRunning {
                 id: id.clone(),
-                message: format!("machine is already running (shim pid {pid})"),
+                shim_pid: pid,
             });
         }
         let repinned = crate::userns::ensure(layout, &self.config.id_registry)?;
@@ -253,11 +253,13 @@ impl NativeRuntime {
                 format!("read start report of machine {id}"),
                 e,
             )),
-            Ok(Ok(0)) => Err(RuntimeError::Runc {
+            Ok(Ok(0)) => Err(RuntimeError::Start {
+                driver: "native",
                 id: id.clone(),
                 message: "the supervisor exited without a report".into(),
             }),
-            Ok(Ok(_)) => serde_json::from_str(reply.trim()).map_err(|e| RuntimeError::Runc {
+            Ok(Ok(_)) => serde_json::from_str(reply.trim()).map_err(|e| RuntimeError::Start {
+                driver: "native",
                 id: id.clone(),
                 message: format!("bad start report {:?}: {e}", reply.trim()),
             }),
@@ -395,11 +397,13 @@ impl Runtime for NativeRuntime {
                     steps,
                 })
             }
-            (Some(message), ..) => Err(RuntimeError::Runc {
+            (Some(message), ..) => Err(RuntimeError::Start {
+                driver: "native",
                 id: id.clone(),
                 message,
             }),
-            _ => Err(RuntimeError::Runc {
+            _ => Err(RuntimeError::Start {
+                driver: "native",
                 id: id.clone(),
                 message: "incomplete start report".into(),
             }),
@@ -485,10 +489,7 @@ impl Runtime for NativeRuntime {
             });
         }
         let Some((pid, pid_start)) = running_init(layout).await? else {
-            return Err(RuntimeError::Runc {
-                id: id.clone(),
-                message: "machine is not running".into(),
-            });
+            return Err(RuntimeError::NotRunning { id: id.clone() });
         };
         let Some((program, leading)) = self.config.shim_command.split_first() else {
             return Err(RuntimeError::Internal("shim command is empty".into()));

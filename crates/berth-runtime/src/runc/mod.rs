@@ -112,9 +112,9 @@ impl RuncRuntime {
         }
         let run = layout.run_dir();
         if let Some(pid) = live_shim(&run)? {
-            return Err(RuntimeError::Runc {
+            return Err(RuntimeError::AlreadyRunning {
                 id: id.clone(),
-                message: format!("machine is already running (shim pid {pid})"),
+                shim_pid: pid,
             });
         }
         // Left over from a crash between create and cleanup: create would refuse the id.
@@ -134,7 +134,8 @@ impl RuncRuntime {
             &rootfs,
         )
         .ctx(|| format!("mount rootfs of machine {id}"))?;
-        check_kernel_mount_points(&rootfs).map_err(|message| RuntimeError::Runc {
+        check_kernel_mount_points(&rootfs).map_err(|message| RuntimeError::Start {
+            driver: "runc",
             id: id.clone(),
             message,
         })?;
@@ -170,7 +171,8 @@ impl RuncRuntime {
         if out.status.success() || !self.runc_state_dir(id).exists() {
             return Ok(());
         }
-        Err(RuntimeError::Runc {
+        Err(RuntimeError::Cleanup {
+            driver: "runc",
             id: id.to_owned(),
             message: format!(
                 "runc delete: {}: {}",
@@ -366,11 +368,13 @@ impl Runtime for RuncRuntime {
                 format!("read shim report of machine {id}"),
                 e,
             )),
-            Ok(Ok(0)) => Err(RuntimeError::Runc {
+            Ok(Ok(0)) => Err(RuntimeError::Start {
+                driver: "runc",
                 id: id.clone(),
                 message: format!("shim exited without a report ({status:?})"),
             }),
-            Ok(Ok(_)) => serde_json::from_str(line.trim()).map_err(|e| RuntimeError::Runc {
+            Ok(Ok(_)) => serde_json::from_str(line.trim()).map_err(|e| RuntimeError::Start {
+                driver: "runc",
                 id: id.clone(),
                 message: format!("bad shim report {:?}: {e}", line.trim()),
             }),
@@ -401,11 +405,13 @@ impl Runtime for RuncRuntime {
                     steps,
                 })
             }
-            (Some(message), ..) => Err(RuntimeError::Runc {
+            (Some(message), ..) => Err(RuntimeError::Start {
+                driver: "runc",
                 id: id.clone(),
                 message,
             }),
-            _ => Err(RuntimeError::Runc {
+            _ => Err(RuntimeError::Start {
+                driver: "runc",
                 id: id.clone(),
                 message: format!("incomplete shim report {:?}", line.trim()),
             }),
