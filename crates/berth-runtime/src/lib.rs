@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod exec;
 pub mod fake;
+pub mod host;
 pub mod isolation;
 pub mod logs;
 pub mod native;

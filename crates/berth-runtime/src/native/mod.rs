@@ -8,13 +8,12 @@
 //! masked and read-only paths, hostname, rlimits, capabilities, no_new_privs and the
 //! seccomp profile. The cgroups are made and limited at create ([`cgroup`]).
 //!
-//! The supervisor keeps the shim's files (`run/shim.pid`, `run/init.pid`,
-//! `run/exit.json`), so status, signal, wait and recovery after an agent restart are
-//! the runc driver's own code.
+//! The supervisor keeps the run directory's files ([`crate::host::RunDir`]), so status,
+//! signal, wait and recovery after an agent restart are the host layer's, shared with
+//! every driver.
 
 use std::ffi::OsString;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,13 +26,15 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use crate::error::{IoContext, RuntimeError};
+use crate::host::process::kill_pid;
+use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
+use crate::host::{blocking, prepare, teardown, Host};
 use crate::network::{self, WorkerNetwork};
 use crate::quota::{DiskQuota, DiskUsage};
-use crate::runc::{self, blocking, live_shim};
-use crate::shim::{self, ShimReport};
+use crate::shim::ShimReport;
 use crate::timing::{micros, StepTimes};
 use crate::userns::IdRegistry;
-use crate::{exec, logs, spec, util};
+use crate::{exec, logs};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
 
 pub mod cgroup;
@@ -42,11 +43,6 @@ pub(crate) mod init;
 pub mod spawner;
 
 pub use exec_in::NSEXEC_ARG;
-
-/// How long cleanup waits for a supervisor to finish after its Machine was killed.
-const SHIM_EXIT_GRACE: Duration = Duration::from_secs(3);
-/// How long remove waits for a killed Machine before tearing it down anyway.
-const KILL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct NativeConfig {
@@ -58,11 +54,12 @@ pub struct NativeConfig {
     pub log_max_bytes: u64,
     /// How long start waits for the supervisor's report.
     pub start_timeout: Duration,
-    /// The worker's Machine network; as for [`runc::RuncConfig::network`].
+    /// The worker's Machine network. Without one, Machines get only loopback, and a spec
+    /// with a `private_ip` is refused.
     pub network: Option<Arc<WorkerNetwork>>,
-    /// As for [`runc::RuncConfig::id_registry`].
+    /// Where Machines' host id ranges are claimed (host-wide).
     pub id_registry: IdRegistry,
-    /// As for [`runc::RuncConfig::disk_quota`].
+    /// Per-Machine disk quotas on the Machines' filesystem; `None` enforces none.
     pub disk_quota: Option<DiskQuota>,
 }
 
@@ -113,6 +110,14 @@ impl NativeRuntime {
 
     pub fn config(&self) -> &NativeConfig {
         &self.config
+    }
+
+    fn host(&self) -> Host<'_> {
+        Host {
+            network: self.config.network.as_ref(),
+            id_registry: &self.config.id_registry,
+            disk_quota: self.config.disk_quota.as_ref(),
+        }
     }
 
     /// Starts the spawner and waits until it listens.
@@ -173,32 +178,6 @@ impl NativeRuntime {
             .ctx(|| format!("connect to the spawner at {}", fresh.socket.display()))?;
         *spawner = Some(fresh);
         Ok(stream)
-    }
-
-    /// Checks and stale state before a start, all cheap syscalls. True when the network
-    /// namespace had to be made again (after a host reboot).
-    fn before_start(&self, layout: &MachineLayout) -> Result<bool, RuntimeError> {
-        let id = &layout.id;
-        let config = layout.config_json();
-        if !config.exists() {
-            return Err(RuntimeError::NotPrepared {
-                id: id.clone(),
-                path: config,
-            });
-        }
-        let run = layout.run_dir();
-        if let Some(pid) = live_shim(&run)? {
-            return Err(RuntimeError::AlreadyRunning {
-                id: id.clone(),
-                shim_pid: pid,
-            });
-        }
-        let repinned = crate::userns::ensure(layout, &self.config.id_registry)?;
-        for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
-            let path = run.join(name);
-            util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
-        }
-        Ok(repinned)
     }
 
     /// Makes the Machine's cgroups again with the limits in its `config.json`.
@@ -267,37 +246,26 @@ impl NativeRuntime {
     }
 
     /// After an exit (or a failed start): waits for the supervisor, removes the run dir.
-    fn cleanup_blocking(layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let run = layout.run_dir();
-        if let Some(pid) = live_shim(&run)? {
-            if !runc::wait_process_blocking(pid, SHIM_EXIT_GRACE) {
-                runc::kill_pid(pid, libc::SIGKILL);
-                runc::wait_process_blocking(pid, SHIM_EXIT_GRACE);
-            }
-        }
-        match fs::remove_dir_all(&run) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(RuntimeError::io(format!("remove {}", run.display()), e))
-            }
-            _ => Ok(()),
-        }
+    fn end_run(layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let run = RunDir::of(layout);
+        teardown::wait_for_supervisor(&run)?;
+        run.remove()
     }
 
     /// Best-effort teardown after a failed start; the start error is what matters.
     async fn abort_start(&self, layout: &MachineLayout) {
         let layout = layout.clone();
         let _ = blocking(move || {
-            if let Ok(Some(pid)) = live_shim(&layout.run_dir()) {
+            let run = RunDir::of(&layout);
+            if let Ok(Some(pid)) = run.live_shim() {
                 // The supervisor's pid namespace dies with its init; kill the supervisor,
                 // its init (pid 1 there) takes everything else with it.
-                if let Ok(Some(init)) =
-                    shim::read_pid_file(&layout.run_dir().join(shim::INIT_PID_FILE))
-                {
-                    runc::kill_pid(init, libc::SIGKILL);
+                if let Ok(Some(init)) = run.read_init_pid() {
+                    kill_pid(init, libc::SIGKILL);
                 }
-                runc::kill_pid(pid, libc::SIGKILL);
+                kill_pid(pid, libc::SIGKILL);
             }
-            NativeRuntime::cleanup_blocking(&layout)
+            NativeRuntime::end_run(&layout)
         })
         .await;
     }
@@ -310,36 +278,12 @@ impl Runtime for NativeRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        let id = layout.id.clone();
-        let network = runc::machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
-        let oci = spec::build(spec, &layout.rootfs(), &layout.netns())?;
-        let ids = {
-            let layout = layout.clone();
-            let cgroups = self.cgroups.clone();
-            let registry = self.config.id_registry.clone();
-            let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
-            let quota = self.config.disk_quota.clone();
-            let disk_mb = spec.disk_mb;
-            blocking(move || {
-                runc::prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;
-                let ids = runc::make_dirs_and_namespaces(&layout, &registry)?;
-                cgroups
-                    .prepare(&layout.id, resources.as_ref())
-                    .ctx(|| format!("cgroups of machine {}", layout.id))?;
-                Ok(ids)
-            })
-            .await?
-        };
-        let config = spec::render(layout, spec, ids)?;
-        if let Some((network, address)) = network {
-            network
-                .attach(&id, &layout.netns(), address, spec.org.as_deref())
-                .await?;
-        }
-        // Written last: a config.json means the Machine is fully prepared.
-        let path = layout.config_json();
-        blocking(move || {
-            util::write_atomic(&path, &config).ctx(|| format!("write {}", path.display()))
+        let cgroups = self.cgroups.clone();
+        prepare::prepare(self.host(), layout, spec, move |layout, oci| {
+            let resources = oci.linux().as_ref().and_then(|l| l.resources().as_ref());
+            cgroups
+                .prepare(&layout.id, resources)
+                .ctx(|| format!("cgroups of machine {}", layout.id))
         })
         .await
     }
@@ -352,7 +296,7 @@ impl Runtime for NativeRuntime {
         let t0 = Instant::now();
         let id = layout.id.clone();
         // A handful of stats and unlinks: cheaper inline than a hop to a blocking thread.
-        let repinned = self.before_start(layout)?;
+        let repinned = prepare::before_start(layout, &self.config.id_registry, || Ok(()))?;
         if repinned {
             if let Err(e) = network::reattach(self.config.network.as_deref(), layout).await {
                 self.abort_start(layout).await;
@@ -415,7 +359,7 @@ impl Runtime for NativeRuntime {
     }
 
     async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
-        runc::signal_init(layout, signal).await
+        signal_init(layout, signal).await
     }
 
     async fn wait_exit(
@@ -423,55 +367,38 @@ impl Runtime for NativeRuntime {
         layout: &MachineLayout,
         timeout: Option<Duration>,
     ) -> Result<Option<ExitRecord>, RuntimeError> {
-        runc::wait_for_exit(layout, timeout).await
+        wait_for_exit(layout, timeout).await
     }
 
     async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        network::restore(
-            self.config.network.as_deref(),
-            layout,
-            &self.config.id_registry,
-        )
-        .await
+        self.host().restore_network(layout).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let layout = layout.clone();
-        blocking(move || NativeRuntime::cleanup_blocking(&layout)).await
+        blocking(move || NativeRuntime::end_run(&layout)).await
     }
 
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
-        runc::read_status(layout).await
+        read_status(layout).await
     }
 
     async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
-        runc::disk_usage(self.config.disk_quota.as_ref(), layout).await
+        self.host().disk_usage(layout).await
     }
 
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        if matches!(self.status(layout).await?, Status::Running { .. }) {
-            self.signal(layout, libc::SIGKILL).await?;
-            self.wait_exit(layout, Some(KILL_GRACE)).await?;
-        }
-        if let Some(network) = &self.config.network {
-            network.detach(&layout.id).await?;
-        }
-        let layout = layout.clone();
         let cgroups = self.cgroups.clone();
-        let registry = self.config.id_registry.clone();
-        let quota = self.config.disk_quota.clone();
-        blocking(move || {
+        teardown::remove(self.host(), layout, move |layout| {
             let id = &layout.id;
-            NativeRuntime::cleanup_blocking(&layout)?;
+            NativeRuntime::end_run(layout)?;
             cgroups
                 .remove(id)
                 .ctx(|| format!("remove cgroups of machine {id}"))?;
             // Native mounts the rootfs only inside the Machine's mount namespace; a host
             // mount here is the runc driver's, from before the worker switched drivers.
             crate::overlay::unmount(&layout.rootfs())
-                .ctx(|| format!("unmount the rootfs of machine {id}"))?;
-            runc::release_disk_quota(quota.as_ref(), &layout)?;
-            runc::remove_machine_dir(&layout, &registry)
+                .ctx(|| format!("unmount the rootfs of machine {id}"))
         })
         .await
     }
@@ -488,7 +415,8 @@ impl Runtime for NativeRuntime {
                 message: "exec needs a command".into(),
             });
         }
-        let Some((pid, pid_start)) = running_init(layout).await? else {
+        let run = RunDir::of(layout);
+        let Some(init) = blocking(move || run.live_init()).await? else {
             return Err(RuntimeError::NotRunning { id: id.clone() });
         };
         let Some((program, leading)) = self.config.shim_command.split_first() else {
@@ -497,8 +425,8 @@ impl Runtime for NativeRuntime {
         let mut command = tokio::process::Command::new(program);
         command.args(leading);
         let args = exec_in::NsexecArgs {
-            pid,
-            pid_start,
+            pid: init.pid,
+            pid_start: init.start_time,
             config: layout.config_json(),
             timeout: spec.timeout,
             status_fd: 0,
@@ -506,30 +434,4 @@ impl Runtime for NativeRuntime {
         };
         exec::nsexec(command, args, layout, spec, Path::new(program)).await
     }
-}
-
-/// The pid of the Machine's running init and its start time, read in one go with the
-/// check that it is the supervisor's child, so the helper can tell it from a process
-/// that took the pid later.
-async fn running_init(layout: &MachineLayout) -> Result<Option<(u32, u64)>, RuntimeError> {
-    let run = layout.run_dir();
-    let id = layout.id.clone();
-    blocking(move || {
-        let Some(shim_pid) = live_shim(&run)? else {
-            return Ok(None);
-        };
-        let init_file = run.join(shim::INIT_PID_FILE);
-        let Some(pid) =
-            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?
-        else {
-            return Ok(None);
-        };
-        Ok(
-            match util::proc_stat(pid).ctx(|| format!("stat machine {id} init"))? {
-                Some(st) if st.ppid == shim_pid && st.state != 'Z' => Some((pid, st.start_time)),
-                _ => None,
-            },
-        )
-    })
-    .await
 }

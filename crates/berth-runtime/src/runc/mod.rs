@@ -6,30 +6,26 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::error::{IoContext, RuntimeError};
+use crate::host::process::kill_group;
+use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
+use crate::host::{blocking, prepare, teardown, Host};
 use crate::network::{self, WorkerNetwork};
 use crate::quota::{DiskQuota, DiskUsage};
-use crate::shim::{self, ShimArgs, ShimReport};
+use crate::shim::{ShimArgs, ShimReport};
 use crate::timing::{micros, StepTimes};
-use crate::userns::{self, IdRange, IdRegistry};
-use crate::{logs, netns, overlay, spec, util};
+use crate::userns::{self, IdRegistry};
+use crate::{logs, overlay};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
-
-/// How long cleanup waits for a shim to finish after its Machine was killed.
-const SHIM_EXIT_GRACE: Duration = Duration::from_secs(3);
-/// How long remove waits for a killed Machine before tearing it down anyway.
-const KILL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RuncConfig {
@@ -82,6 +78,14 @@ impl RuncRuntime {
         &self.config
     }
 
+    fn host(&self) -> Host<'_> {
+        Host {
+            network: self.config.network.as_ref(),
+            id_registry: &self.config.id_registry,
+            disk_quota: self.config.disk_quota.as_ref(),
+        }
+    }
+
     fn shim_args(&self, layout: &MachineLayout) -> ShimArgs {
         ShimArgs {
             id: layout.id.clone(),
@@ -95,7 +99,7 @@ impl RuncRuntime {
         }
     }
 
-    /// Everything before the shim: checks, overlay, stale state. Blocking. True when the
+    /// Everything before the shim: checks, stale state, overlay. Blocking. True when the
     /// network namespace had to be made again (after a host reboot).
     fn before_start(
         &self,
@@ -103,24 +107,10 @@ impl RuncRuntime {
         lowerdirs: &[PathBuf],
     ) -> Result<bool, RuntimeError> {
         let id = &layout.id;
-        let config = layout.config_json();
-        if !config.exists() {
-            return Err(RuntimeError::NotPrepared {
-                id: id.clone(),
-                path: config,
-            });
-        }
-        let run = layout.run_dir();
-        if let Some(pid) = live_shim(&run)? {
-            return Err(RuntimeError::AlreadyRunning {
-                id: id.clone(),
-                shim_pid: pid,
-            });
-        }
-        // Left over from a crash between create and cleanup: create would refuse the id.
-        self.runc_delete(id)?;
-        // Only a host reboot unpins the namespaces made at create; make them again then.
-        let repinned = userns::ensure(layout, &self.config.id_registry)?;
+        // A container left over from a crash between create and cleanup: create would
+        // refuse the id.
+        let repinned =
+            prepare::before_start(layout, &self.config.id_registry, || self.runc_delete(id))?;
         // A mount left by such a crash may be over an older set of layers: remount.
         let rootfs = layout.rootfs();
         overlay::unmount(&rootfs).ctx(|| format!("unmount stale rootfs of machine {id}"))?;
@@ -139,11 +129,8 @@ impl RuncRuntime {
             id: id.clone(),
             message,
         })?;
+        let run = layout.run_dir();
         fs::create_dir_all(&run).ctx(|| format!("create {}", run.display()))?;
-        for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
-            let path = run.join(name);
-            util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
-        }
         Ok(repinned)
     }
 
@@ -182,27 +169,18 @@ impl RuncRuntime {
         })
     }
 
-    /// The cleanup steps, blocking.
-    fn cleanup_blocking(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+    /// The end of a run, blocking: the container, the supervisor, the host's rootfs
+    /// mount and the run directory.
+    fn end_run(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let id = &layout.id;
-        let run = layout.run_dir();
+        let run = RunDir::of(layout);
         self.runc_delete(id)?;
         // The shim records the exit of the init runc just killed; let it finish so it
         // does not write into the run directory after it is removed.
-        if let Some(pid) = live_shim(&run)? {
-            if !wait_process_blocking(pid, SHIM_EXIT_GRACE) {
-                kill_pid(pid, libc::SIGKILL);
-                wait_process_blocking(pid, SHIM_EXIT_GRACE);
-            }
-        }
+        teardown::wait_for_supervisor(&run)?;
         let rootfs = layout.rootfs();
         overlay::unmount(&rootfs).ctx(|| format!("unmount rootfs of machine {id}"))?;
-        match fs::remove_dir_all(&run) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(RuntimeError::io(format!("remove {}", run.display()), e))
-            }
-            _ => Ok(()),
-        }
+        run.remove()
     }
 
     /// Best-effort teardown after a failed start; the start error is what matters.
@@ -210,16 +188,13 @@ impl RuncRuntime {
         let this = self.clone();
         let layout = layout.clone();
         let _ = blocking(move || {
-            if let Ok(Some(pid)) = live_shim(&layout.run_dir()) {
+            if let Ok(Some(pid)) = RunDir::of(&layout).live_shim() {
                 // The shim leads its own process group; killing the group also stops a
                 // runc create still in flight, which could otherwise finish after the
                 // delete below.
-                if let Ok(pgid) = i32::try_from(pid) {
-                    // SAFETY: kill(2) on the process group of the shim validated just above.
-                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
-                }
+                kill_group(pid, libc::SIGKILL);
             }
-            this.cleanup_blocking(&layout)
+            this.end_run(&layout)
         })
         .await;
     }
@@ -241,26 +216,6 @@ fn check_kernel_mount_points(rootfs: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The worker network and address a Machine is attached with: the address must be one
-/// the network can give, and an address without a network is refused. Both drivers.
-pub(crate) fn machine_network<'a>(
-    network: Option<&'a Arc<WorkerNetwork>>,
-    id: &str,
-    private_ip: Option<std::net::Ipv6Addr>,
-) -> Result<Option<(&'a Arc<WorkerNetwork>, std::net::Ipv6Addr)>, RuntimeError> {
-    match (network, private_ip) {
-        (Some(network), Some(address)) => {
-            network.check_address(id, address)?;
-            Ok(Some((network, address)))
-        }
-        (None, Some(address)) => Err(RuntimeError::InvalidSpec {
-            id: id.to_owned(),
-            message: format!("private address {address} given, but this runtime has no network"),
-        }),
-        (_, None) => Ok(None),
-    }
-}
-
 #[async_trait]
 impl Runtime for RuncRuntime {
     fn name(&self) -> &'static str {
@@ -268,39 +223,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        let id = layout.id.clone();
-        let network = machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
-        // Fails on a bad spec before anything is made on the host.
-        spec::build(spec, &layout.rootfs(), &layout.netns())?;
-        let t0 = Instant::now();
-        let ids = {
-            let layout = layout.clone();
-            let registry = self.config.id_registry.clone();
-            let quota = self.config.disk_quota.clone();
-            let disk_mb = spec.disk_mb;
-            blocking(move || {
-                prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;
-                make_dirs_and_namespaces(&layout, &registry)
-            })
-            .await?
-        };
-        let config = spec::render(layout, spec, ids)?;
-        let netns_done = t0.elapsed();
-        if let Some((network, address)) = network {
-            network
-                .attach(&id, &layout.netns(), address, spec.org.as_deref())
-                .await?;
-        }
-        let netns_us = netns_done.as_micros();
-        let attach_us = (t0.elapsed() - netns_done).as_micros();
-        // Written last: a config.json means the Machine is fully prepared.
-        let path = layout.config_json();
-        blocking(move || {
-            util::write_atomic(&path, &config).ctx(|| format!("write {}", path.display()))
-        })
-        .await?;
-        tracing::debug!(machine = %id, netns_us, attach_us, "machine prepared");
-        Ok(())
+        prepare::prepare(self.host(), layout, spec, |_, _| Ok(())).await
     }
 
     async fn start(
@@ -435,18 +358,13 @@ impl Runtime for RuncRuntime {
     }
 
     async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        network::restore(
-            self.config.network.as_deref(),
-            layout,
-            &self.config.id_registry,
-        )
-        .await
+        self.host().restore_network(layout).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let this = self.clone();
         let layout = layout.clone();
-        blocking(move || this.cleanup_blocking(&layout)).await
+        blocking(move || this.end_run(&layout)).await
     }
 
     async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
@@ -454,7 +372,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
-        disk_usage(self.config.disk_quota.as_ref(), layout).await
+        self.host().disk_usage(layout).await
     }
 
     async fn exec(
@@ -473,307 +391,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        if matches!(self.status(layout).await?, Status::Running { .. }) {
-            self.signal(layout, libc::SIGKILL).await?;
-            self.wait_exit(layout, Some(KILL_GRACE)).await?;
-        }
-        // Before the namespace goes: its veth would go with it, but only some time later.
-        if let Some(network) = &self.config.network {
-            network.detach(&layout.id).await?;
-        }
         let this = self.clone();
-        let layout = layout.clone();
-        blocking(move || {
-            this.cleanup_blocking(&layout)?;
-            release_disk_quota(this.config.disk_quota.as_ref(), &layout)?;
-            remove_machine_dir(&layout, &this.config.id_registry)
-        })
-        .await
-    }
-}
-
-/// Destroy's last step for either driver, once nothing runs: unpins the namespaces,
-/// deletes the Machine's directory, then gives its host ids back. Blocking.
-pub(crate) fn remove_machine_dir(
-    layout: &MachineLayout,
-    registry: &IdRegistry,
-) -> Result<(), RuntimeError> {
-    let id = &layout.id;
-    let ns = layout.netns();
-    netns::remove(&ns).ctx(|| format!("remove network namespace of machine {id}"))?;
-    userns::remove_pin(&layout.userns())
-        .ctx(|| format!("remove the user namespace of machine {id}"))?;
-    // remove_dir_all would descend into a mount and delete its contents.
-    for path in [layout.rootfs(), ns, layout.userns()] {
-        if overlay::is_mount_point(&path).ctx(|| format!("check {}", path.display()))? {
-            return Err(RuntimeError::Internal(format!(
-                "{} of machine {id} is still mounted",
-                path.display()
-            )));
-        }
-    }
-    match fs::remove_dir_all(&layout.dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(RuntimeError::io(
-                format!("remove {}", layout.dir.display()),
-                e,
-            ))
-        }
-        _ => {}
-    }
-    registry
-        .release(&layout.dir)
-        .ctx(|| format!("release the host ids of machine {id}"))
-}
-
-/// Sends `signal` to the Machine's init, found through the shim's files.
-pub(crate) async fn signal_init(layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
-    let run = layout.run_dir();
-    let id = layout.id.clone();
-    blocking(move || {
-        let Some(shim_pid) = live_shim(&run)? else {
-            return Ok(());
-        };
-        let init_file = run.join(shim::INIT_PID_FILE);
-        let Some(pid) =
-            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?
-        else {
-            return Ok(());
-        };
-        let Some(fd) = pidfd_open(pid).ctx(|| format!("pidfd of machine {id} init"))? else {
-            return Ok(());
-        };
-        // With the pidfd held, the pid cannot be reused; check it is still the shim's
-        // child (the Machine's init) and not an unrelated process that took the pid.
-        match util::proc_stat(pid).ctx(|| format!("stat machine {id} init"))? {
-            Some(st) if st.ppid == shim_pid && st.state != 'Z' => {}
-            _ => return Ok(()),
-        }
-        match pidfd_send_signal(&fd, signal) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-            other => other.ctx(|| format!("send signal {signal} to machine {id}")),
-        }
-    })
-    .await
-}
-
-/// Waits for the shim of the Machine to exit and reads its exit record.
-pub(crate) async fn wait_for_exit(
-    layout: &MachineLayout,
-    timeout: Option<Duration>,
-) -> Result<Option<ExitRecord>, RuntimeError> {
-    let run = layout.run_dir();
-    let id = &layout.id;
-    let shim = match shim::read_shim_pid(&run).ctx(|| format!("read shim pid of machine {id}"))? {
-        Some((pid, start)) => {
-            let fd = pidfd_open(pid).ctx(|| format!("pidfd of machine {id} shim"))?;
-            // Checked after opening the pidfd, so the pid cannot change underneath.
-            fd.filter(|_| util::is_same_live_process(pid, start))
-        }
-        None => None,
-    };
-    if let Some(fd) = shim {
-        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until
-        // the AsyncFd is dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-            .map_err(io::Error::from)
-            .ctx(|| format!("watch shim of machine {id}"))?;
-        // A pidfd turns readable when the process exits.
-        let exited = async { fd.readable().await.map(|_guard| ()) };
-        let waited = match timeout {
-            Some(t) => match tokio::time::timeout(t, exited).await {
-                Err(_) => return Ok(None),
-                Ok(r) => r,
-            },
-            None => exited.await,
-        };
-        waited.ctx(|| format!("wait for shim of machine {id}"))?;
-    }
-    let record = shim::read_exit_record(&run)
-        .ctx(|| format!("read exit record of machine {id}"))?
-        .unwrap_or(ExitRecord {
-            exit_code: None,
-            signal: None,
-            oom_killed: false,
-            exited_at_ms: util::now_ms(),
-        });
-    Ok(Some(record))
-}
-
-/// What the shim's files and /proc say about the Machine.
-pub(crate) async fn read_status(layout: &MachineLayout) -> Result<Status, RuntimeError> {
-    let run = layout.run_dir();
-    let id = layout.id.clone();
-    blocking(move || {
-        if let Some(record) =
-            shim::read_exit_record(&run).ctx(|| format!("read exit record of machine {id}"))?
-        {
-            return Ok(Status::Exited(record));
-        }
-        let Some(shim_pid) = live_shim(&run)? else {
-            return Ok(Status::NotRunning);
-        };
-        let init_file = run.join(shim::INIT_PID_FILE);
-        let init =
-            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?;
-        Ok(match init.map(|pid| (pid, util::proc_stat(pid))) {
-            Some((pid, Ok(Some(st)))) if st.ppid == shim_pid && st.state != 'Z' => {
-                Status::Running { pid }
-            }
-            _ => Status::NotRunning,
-        })
-    })
-    .await
-}
-
-/// The Machine's quota subvolume with its limit, before the directories are made (the
-/// upper and work links must come first). Blocking; both drivers.
-pub(crate) fn prepare_disk_quota(
-    quota: Option<&DiskQuota>,
-    layout: &MachineLayout,
-    disk_mb: Option<u64>,
-) -> Result<(), RuntimeError> {
-    let (Some(quota), Some(disk_mb)) = (quota, disk_mb) else {
-        return Ok(());
-    };
-    let id = &layout.id;
-    let t0 = Instant::now();
-    let limited = quota
-        .prepare(layout, disk_mb)
-        .ctx(|| format!("disk quota of machine {id}"))?;
-    if limited {
-        tracing::debug!(machine = %id, disk_mb, quota_us = micros(t0.elapsed()), "disk quota set");
-    } else {
-        tracing::warn!(machine = %id, "machine predates disk quotas: its disk has no limit");
-    }
-    Ok(())
-}
-
-/// Clears the Machine's limit before its files go. Blocking; both drivers.
-pub(crate) fn release_disk_quota(
-    quota: Option<&DiskQuota>,
-    layout: &MachineLayout,
-) -> Result<(), RuntimeError> {
-    match quota {
-        Some(quota) => quota
-            .release(layout)
-            .ctx(|| format!("clear the disk quota of machine {}", layout.id)),
-        None => Ok(()),
-    }
-}
-
-pub(crate) async fn disk_usage(
-    quota: Option<&DiskQuota>,
-    layout: &MachineLayout,
-) -> Result<Option<DiskUsage>, RuntimeError> {
-    let Some(quota) = quota.cloned() else {
-        return Ok(None);
-    };
-    let layout = layout.clone();
-    blocking(move || {
-        quota
-            .usage(&layout)
-            .ctx(|| format!("disk usage of machine {}", layout.id))
-    })
-    .await
-}
-
-/// The Machine's directories, its host ids and its user and network namespaces (`lo`
-/// up). Blocking.
-pub(crate) fn make_dirs_and_namespaces(
-    layout: &MachineLayout,
-    registry: &IdRegistry,
-) -> Result<IdRange, RuntimeError> {
-    let id = &layout.id;
-    for dir in [
-        layout.upper(),
-        layout.work(),
-        layout.rootfs(),
-        layout.bundle(),
-        layout.run_dir(),
-        layout.log_dir(),
-    ] {
-        fs::create_dir_all(&dir).ctx(|| format!("create {} for machine {id}", dir.display()))?;
-    }
-    userns::prepare(layout, registry)
-}
-
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, RuntimeError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, RuntimeError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RuntimeError::Internal(format!("blocking task failed: {e}")))?
-}
-
-/// The pid of the shim recorded in `run`, if that very process is still alive.
-pub(crate) fn live_shim(run: &Path) -> Result<Option<u32>, RuntimeError> {
-    let recorded =
-        shim::read_shim_pid(run).ctx(|| format!("read shim pid in {}", run.display()))?;
-    Ok(recorded.and_then(|(pid, start)| util::is_same_live_process(pid, start).then_some(pid)))
-}
-
-/// `None` when the process is gone.
-pub(crate) fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
-    let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return Ok(None);
-    };
-    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(rustix::io::Errno::SRCH) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Raw syscall so any signal number (real-time ones too) can be sent.
-fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> io::Result<()> {
-    // SAFETY: a valid pidfd, a signal number the kernel validates, no siginfo, no flags.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0 as libc::c_uint,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Signals a pid through a pidfd; used only on pids just validated by start time.
-pub(crate) fn kill_pid(pid: u32, signal: i32) {
-    if let Ok(Some(fd)) = pidfd_open(pid) {
-        let _ = pidfd_send_signal(&fd, signal);
-    }
-}
-
-/// Waits for `pid` to exit; true if it did within `timeout`.
-pub(crate) fn wait_process_blocking(pid: u32, timeout: Duration) -> bool {
-    let Ok(Some(fd)) = pidfd_open(pid) else {
-        return true;
-    };
-    let mut fds = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::IN,
-    )];
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        match rustix::event::poll(&mut fds, ms) {
-            Ok(n) if n > 0 => return true,
-            Ok(_) => return false,
-            Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
-            Err(_) => return false,
-        }
+        teardown::remove(self.host(), layout, move |layout| this.end_run(layout)).await
     }
 }

@@ -23,13 +23,12 @@ use nix::sys::signal::{SigHandler, Signal};
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::host::run_dir::{read_pid_file, RunDir};
 use crate::logs::{LineBuffer, LogWriter, DEFAULT_MAX_BYTES};
 use crate::timing::{micros, StepTimes};
 use crate::{util, ExitRecord};
 
-pub const SHIM_PID_FILE: &str = "shim.pid";
-pub const INIT_PID_FILE: &str = "init.pid";
-pub const EXIT_FILE: &str = "exit.json";
+pub use crate::host::run_dir::INIT_PID_FILE;
 pub const RUNC_LOG_FILE: &str = "runc.log";
 
 /// Set on the re-executed copy when the shim had to detach without fork.
@@ -149,38 +148,6 @@ impl ShimReport {
             error: Some(message.into()),
             ..ShimReport::default()
         }
-    }
-}
-
-/// `<pid> <start time>` of a live shim, read from its pid file.
-pub(crate) fn read_shim_pid(run_dir: &Path) -> io::Result<Option<(u32, u64)>> {
-    let text = match fs::read_to_string(run_dir.join(SHIM_PID_FILE)) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut parts = text.split_whitespace().map(str::parse::<u64>);
-    match (parts.next(), parts.next()) {
-        (Some(Ok(pid)), Some(Ok(start))) => Ok(u32::try_from(pid).ok().map(|p| (p, start))),
-        _ => Ok(None),
-    }
-}
-
-pub(crate) fn read_pid_file(path: &Path) -> io::Result<Option<u32>> {
-    match fs::read_to_string(path) {
-        Ok(t) => Ok(t.trim().parse().ok()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-pub(crate) fn read_exit_record(run_dir: &Path) -> io::Result<Option<ExitRecord>> {
-    match fs::read(run_dir.join(EXIT_FILE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
     }
 }
 
@@ -334,14 +301,7 @@ impl Supervisor {
     /// The part of the set-up that names the Machine; `identity` is [`own_identity`].
     pub(crate) fn for_machine(opts: &ShimArgs, identity: (u32, u64)) -> io::Result<Supervisor> {
         fs::create_dir_all(&opts.run_dir)?;
-        let (me, start) = identity;
-        // No fsync: the file means nothing after a reboot, and this is the start path.
-        let pid_line = format!("{me} {start}\n");
-        util::write_replace(
-            &opts.run_dir.join(SHIM_PID_FILE),
-            pid_line.as_bytes(),
-            false,
-        )?;
+        RunDir::new(&opts.run_dir).write_shim_pid(identity)?;
         util::remove_file_if_exists(&opts.run_dir.join(RUNC_LOG_FILE))?;
 
         let (stdout_r, stdout_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
@@ -522,7 +482,7 @@ impl Supervisor {
                 if let Some(record) = reap(init.pid, &init.oom) {
                     // Nowhere to report a failure: stderr is /dev/null. The runtime
                     // treats a missing record as an unknown exit.
-                    let _ = write_exit(&self.opts.run_dir, &record);
+                    let _ = RunDir::new(&self.opts.run_dir).write_exit(&record);
                     deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 }
             }
@@ -624,11 +584,6 @@ fn reap(init: u32, oom: &OomCounter) -> Option<ExitRecord> {
             });
         }
     }
-}
-
-fn write_exit(run_dir: &Path, record: &ExitRecord) -> io::Result<()> {
-    let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-    util::write_atomic(&run_dir.join(EXIT_FILE), &json)
 }
 
 /// The Machine cgroup's `oom_kill` counter, found while init is alive because the path
