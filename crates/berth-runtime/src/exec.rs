@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use rustix::pipe::PipeFlags;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::exec_guard::GuardArgs;
+use crate::runc::exec_guard::GuardArgs;
 use crate::helper::{self, Outcome};
 use crate::native::exec_in::NsexecArgs;
 use crate::{util, MachineLayout};
@@ -92,7 +92,7 @@ fn take(buffer: &Arc<Mutex<CappedBuffer>>) -> (Vec<u8>, bool) {
 /// `berth shim exec-guard ... -- runc exec --pid-file <run>/exec-N.pid <id> <cmd...>`.
 ///
 /// runc cannot forward SIGKILL, and a `runc exec` that dies leaves its command running,
-/// so the guard ([`crate::exec_guard`]) runs runc, enforces the timeout by killing the
+/// so the guard ([`crate::runc::exec_guard`]) runs runc, enforces the timeout by killing the
 /// process runc started (through a pidfd, checked to be runc's child in the Machine's pid
 /// namespace), and kills both when the agent dies.
 pub(crate) async fn runc_exec(

@@ -28,15 +28,13 @@ pub mod overlay;
 pub mod quota;
 pub mod runc;
 pub mod seccomp;
-#[path = "supervisor/mod.rs"]
 pub mod shim;
 pub mod spec;
+pub mod supervisor;
 pub mod timing;
 pub mod userns;
 
 mod error;
-#[path = "runc/exec_guard.rs"]
-mod exec_guard;
 mod helper;
 mod inroot;
 mod util;

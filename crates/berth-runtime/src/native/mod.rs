@@ -31,7 +31,7 @@ use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
 use crate::host::{blocking, prepare, teardown, Host};
 use crate::network::{self, WorkerNetwork};
 use crate::quota::{DiskQuota, DiskUsage};
-use crate::shim::ShimReport;
+use crate::supervisor::{self, Report};
 use crate::timing::{micros, StepTimes};
 use crate::userns::IdRegistry;
 use crate::{exec, logs};
@@ -200,7 +200,7 @@ impl NativeRuntime {
         &self,
         layout: &MachineLayout,
         lowerdirs: &[PathBuf],
-    ) -> Result<ShimReport, RuntimeError> {
+    ) -> Result<Report, RuntimeError> {
         let id = &layout.id;
         let request = spawner::StartRequest {
             id: id.clone(),
@@ -217,32 +217,7 @@ impl NativeRuntime {
             .write_all(&line)
             .await
             .ctx(|| format!("send start of machine {id} to the spawner"))?;
-        let mut reply = String::new();
-        let read = tokio::time::timeout(
-            self.config.start_timeout,
-            BufReader::new(stream).read_line(&mut reply),
-        )
-        .await;
-        match read {
-            Err(_) => Err(RuntimeError::StartTimeout {
-                id: id.clone(),
-                timeout: self.config.start_timeout,
-            }),
-            Ok(Err(e)) => Err(RuntimeError::io(
-                format!("read start report of machine {id}"),
-                e,
-            )),
-            Ok(Ok(0)) => Err(RuntimeError::Start {
-                driver: "native",
-                id: id.clone(),
-                message: "the supervisor exited without a report".into(),
-            }),
-            Ok(Ok(_)) => serde_json::from_str(reply.trim()).map_err(|e| RuntimeError::Start {
-                driver: "native",
-                id: id.clone(),
-                message: format!("bad start report {:?}: {e}", reply.trim()),
-            }),
-        }
+        supervisor::read_report(stream, self.config.start_timeout, "native", id).await
     }
 
     /// After an exit (or a failed start): waits for the supervisor, removes the run dir.
@@ -317,41 +292,21 @@ impl Runtime for NativeRuntime {
         }
         let checked_us = micros(t0.elapsed());
         let report = self.ask_spawner(layout, lowerdirs).await;
-        let started = report.and_then(|r| match (r.error, r.pid, r.shim_pid, r.started_at_ms) {
-            (None, Some(pid), Some(shim_pid), Some(started_at_ms)) => {
+        let started = report
+            .and_then(|r| r.into_started("native", &id))
+            .map(|mut started| {
                 let total_us = micros(t0.elapsed());
-                tracing::debug!(
-                    machine = %id,
-                    checked_us,
-                    supervisor_us = r.create_us,
-                    total_us,
-                    "machine started"
-                );
+                let supervisor_us = started.steps.total_us();
+                tracing::debug!(machine = %id, checked_us, supervisor_us, total_us, "machine started");
                 let mut steps = StepTimes::new();
                 steps.record("checks", checked_us);
-                let supervisor_us = r.steps.total_us();
                 // The socket round trip, the spawner's fork, and waking this task.
                 let hop_us = total_us.saturating_sub(checked_us + supervisor_us);
                 steps.record("spawner_hop", hop_us);
-                steps.append(r.steps);
-                Ok(Started {
-                    pid,
-                    shim_pid,
-                    started_at_ms,
-                    steps,
-                })
-            }
-            (Some(message), ..) => Err(RuntimeError::Start {
-                driver: "native",
-                id: id.clone(),
-                message,
-            }),
-            _ => Err(RuntimeError::Start {
-                driver: "native",
-                id: id.clone(),
-                message: "incomplete start report".into(),
-            }),
-        });
+                steps.append(std::mem::take(&mut started.steps));
+                started.steps = steps;
+                started
+            });
         if started.is_err() {
             self.abort_start(layout).await;
         }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, BufReader};
+
+use self::shim::ShimArgs;
 
 use crate::error::{IoContext, RuntimeError};
 use crate::host::process::kill_group;
@@ -21,11 +22,14 @@ use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
 use crate::host::{blocking, prepare, teardown, Host};
 use crate::network::{self, WorkerNetwork};
 use crate::quota::{DiskQuota, DiskUsage};
-use crate::shim::{ShimArgs, ShimReport};
+use crate::supervisor;
 use crate::timing::{micros, StepTimes};
 use crate::userns::{self, IdRegistry};
 use crate::{logs, overlay};
 use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
+
+pub(crate) mod exec_guard;
+pub(crate) mod shim;
 
 #[derive(Debug, Clone)]
 pub struct RuncConfig {
@@ -273,72 +277,23 @@ impl Runtime for RuncRuntime {
                 "shim of machine {id} has no stdout"
             )));
         };
-        let mut line = String::new();
-        let read = tokio::time::timeout(
-            self.config.start_timeout,
-            BufReader::new(stdout).read_line(&mut line),
-        )
-        .await;
+        let report = supervisor::read_report(stdout, self.config.start_timeout, "runc", &id).await;
         // The spawned process exits right after detaching the shim; reap it.
-        let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
-
-        let report: Result<ShimReport, RuntimeError> = match read {
-            Err(_) => Err(RuntimeError::StartTimeout {
-                id: id.clone(),
-                timeout: self.config.start_timeout,
-            }),
-            Ok(Err(e)) => Err(RuntimeError::io(
-                format!("read shim report of machine {id}"),
-                e,
-            )),
-            Ok(Ok(0)) => Err(RuntimeError::Start {
-                driver: "runc",
-                id: id.clone(),
-                message: format!("shim exited without a report ({status:?})"),
-            }),
-            Ok(Ok(_)) => serde_json::from_str(line.trim()).map_err(|e| RuntimeError::Start {
-                driver: "runc",
-                id: id.clone(),
-                message: format!("bad shim report {:?}: {e}", line.trim()),
-            }),
-        };
-        let started = report.and_then(|r| match (r.error, r.pid, r.shim_pid, r.started_at_ms) {
-            (None, Some(pid), Some(shim_pid), Some(started_at_ms)) => {
-                // mount_us: checks, stale state and the overlay; the rest of total_us
-                // beyond runc create and start is spawning and detaching the shim.
-                tracing::debug!(
-                    machine = %id,
-                    mount_us,
-                    create_us = r.create_us,
-                    start_us = r.start_us,
-                    total_us = t0.elapsed().as_micros(),
-                    "machine started"
-                );
+        let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+        let started = report
+            .and_then(|r| r.into_started("runc", &id))
+            .map(|mut started| {
+                // overlay_mount: checks, stale state and the overlay; runc create and
+                // start from the shim; the rest is spawning and detaching the shim.
                 let mut steps = StepTimes::new();
                 steps.record("overlay_mount", u64::try_from(mount_us).unwrap_or(u64::MAX));
-                steps.record("runc_create", r.create_us.unwrap_or(0));
-                steps.record("runc_start", r.start_us.unwrap_or(0));
-                // What is left: spawning and detaching the shim, and its report.
+                steps.append(std::mem::take(&mut started.steps));
                 let rest = micros(t0.elapsed()).saturating_sub(steps.total_us());
                 steps.record("shim", rest);
-                Ok(Started {
-                    pid,
-                    shim_pid,
-                    started_at_ms,
-                    steps,
-                })
-            }
-            (Some(message), ..) => Err(RuntimeError::Start {
-                driver: "runc",
-                id: id.clone(),
-                message,
-            }),
-            _ => Err(RuntimeError::Start {
-                driver: "runc",
-                id: id.clone(),
-                message: format!("incomplete shim report {:?}", line.trim()),
-            }),
-        });
+                tracing::debug!(machine = %id, mount_us, total_us = t0.elapsed().as_micros(), "machine started");
+                started.steps = steps;
+                started
+            });
         if started.is_err() {
             self.abort_start(layout).await;
         }

@@ -1,247 +1,135 @@
-//! The per-Machine supervisor, in the spirit of conmon.
-//!
-//! The agent spawns it with a sync pipe (stdout by default). It detaches from the agent,
-//! creates and starts the container with runc, reports the outcome as one JSON line on
-//! the sync pipe, then holds the Machine's stdout and stderr pipes, writes them to the
+//! The per-Machine supervisor, in the spirit of conmon, whichever driver started the
+//! Machine: it holds the Machine's stdout and stderr pipes and writes them to the capped
 //! log, reaps the Machine's init (it is the child subreaper) and records how it ended in
-//! `run/exit.json`. Nothing it does after the report involves the agent, so the agent
-//! may exit or restart at any time.
+//! the run directory ([`RunDir`]). Nothing it does involves the agent, so the agent may
+//! exit or restart at any time.
 //!
-//! Files in the run directory: `shim.pid` (`<pid> <start time>`), `init.pid` (written by
-//! runc), `runc.log`, `exit.json`.
+//! A driver starts init from it (runc's shim with `runc create` and `runc start`, the
+//! native spawner's spare by forking init) and then sends the runtime one JSON line, the
+//! [`Report`], before it only supervises.
 
-use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigHandler, Signal};
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
-use crate::host::run_dir::{read_pid_file, RunDir};
-use crate::logs::{LineBuffer, LogWriter, DEFAULT_MAX_BYTES};
-use crate::timing::{micros, StepTimes};
-use crate::{util, ExitRecord};
+use crate::error::RuntimeError;
+use crate::host::run_dir::RunDir;
+use crate::logs::{LineBuffer, LogWriter};
+use crate::timing::StepTimes;
+use crate::{util, ExitRecord, Started};
 
-pub use crate::host::run_dir::INIT_PID_FILE;
-pub const RUNC_LOG_FILE: &str = "runc.log";
-
-/// Set on the re-executed copy when the shim had to detach without fork.
-const DETACHED_ENV: &str = "BERTH_SHIM_DETACHED";
 /// How long output is still collected after init exits. Processes outside the Machine's
 /// pid namespace (none today) could hold the pipes open forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 64 * 1024;
 
-/// The shim's command line.
+/// Which Machine a supervisor runs, and where its files go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShimArgs {
+pub struct SupervisorArgs {
     pub id: String,
-    pub bundle: PathBuf,
-    pub runc_binary: PathBuf,
-    pub runc_root: PathBuf,
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
     pub log_max_bytes: u64,
-    /// Where the report goes; 1 (stdout) unless given.
-    pub sync_fd: RawFd,
 }
 
-impl ShimArgs {
-    pub fn to_args(&self) -> Vec<OsString> {
-        let mut out: Vec<OsString> = Vec::with_capacity(16);
-        let mut push = |flag: &str, value: &OsStr| {
-            out.push(flag.into());
-            out.push(value.to_owned());
-        };
-        push("--id", OsStr::new(&self.id));
-        push("--bundle", self.bundle.as_os_str());
-        push("--runc", self.runc_binary.as_os_str());
-        push("--runc-root", self.runc_root.as_os_str());
-        push("--run-dir", self.run_dir.as_os_str());
-        push("--log-dir", self.log_dir.as_os_str());
-        push(
-            "--log-max-bytes",
-            OsStr::new(&self.log_max_bytes.to_string()),
-        );
-        push("--sync-fd", OsStr::new(&self.sync_fd.to_string()));
-        out
-    }
+/// The one JSON line a supervisor sends the runtime once init runs, or why it does not.
+/// On the wire, `{"pid", "shim_pid", "started_at_ms", "steps"}` or `{"error"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Report {
+    /// Listed first: a line with an `error` is a failure whatever else it holds.
+    Failed { error: String },
+    Started {
+        /// The Machine's init, in the host's pid namespace.
+        pid: u32,
+        /// The supervisor.
+        shim_pid: u32,
+        /// Milliseconds since the Unix epoch.
+        started_at_ms: i64,
+        /// Where the supervisor's part of the start went, step by step.
+        #[serde(default, skip_serializing_if = "StepTimes::is_empty")]
+        steps: StepTimes,
+    },
+}
 
-    pub fn parse(args: Vec<OsString>) -> Result<ShimArgs, String> {
-        let mut id = None;
-        let mut bundle = None;
-        let mut runc = None;
-        let mut root = None;
-        let mut run_dir = None;
-        let mut log_dir = None;
-        let mut log_max_bytes = DEFAULT_MAX_BYTES;
-        let mut sync_fd = 1;
-        let mut it = args.into_iter();
-        while let Some(flag) = it.next() {
-            let flag = flag.to_string_lossy().into_owned();
-            let value = it
-                .next()
-                .ok_or_else(|| format!("missing value for {flag}"))?;
-            let number = |v: &OsString| {
-                v.to_str()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| format!("{flag} wants a number, got {v:?}"))
-            };
-            match flag.as_str() {
-                "--id" => id = Some(value.to_string_lossy().into_owned()),
-                "--bundle" => bundle = Some(PathBuf::from(value)),
-                "--runc" => runc = Some(PathBuf::from(value)),
-                "--runc-root" => root = Some(PathBuf::from(value)),
-                "--run-dir" => run_dir = Some(PathBuf::from(value)),
-                "--log-dir" => log_dir = Some(PathBuf::from(value)),
-                "--log-max-bytes" => log_max_bytes = number(&value)?,
-                "--sync-fd" => {
-                    sync_fd = RawFd::try_from(number(&value)?).map_err(|e| e.to_string())?
-                }
-                other => return Err(format!("unknown argument {other}")),
-            }
+impl Report {
+    pub(crate) fn failed(message: impl Into<String>) -> Report {
+        Report::Failed {
+            error: message.into(),
         }
-        let need = |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("missing {name}"));
-        Ok(ShimArgs {
-            id: id.ok_or("missing --id")?,
-            bundle: need(bundle, "--bundle")?,
-            runc_binary: need(runc, "--runc")?,
-            runc_root: need(root, "--runc-root")?,
-            run_dir: need(run_dir, "--run-dir")?,
-            log_dir: need(log_dir, "--log-dir")?,
-            log_max_bytes,
-            sync_fd,
-        })
     }
-}
 
-/// The one JSON line on the sync pipe: either the started fields or `error`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShimReport {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shim_pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Time spent in `runc create` and `runc start`, for measurements.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub create_us: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_us: Option<u64>,
-    /// Where the supervisor's part of a start went, step by step.
-    #[serde(default, skip_serializing_if = "StepTimes::is_empty")]
-    pub steps: StepTimes,
-}
+    /// Init `pid` runs under this process, started now.
+    pub(crate) fn started(pid: u32, steps: StepTimes) -> Report {
+        Report::Started {
+            pid,
+            shim_pid: std::process::id(),
+            started_at_ms: util::now_ms(),
+            steps,
+        }
+    }
 
-impl ShimReport {
-    pub(crate) fn error(message: impl Into<String>) -> ShimReport {
-        ShimReport {
-            error: Some(message.into()),
-            ..ShimReport::default()
+    /// The Machine as started, or the supervisor's error as the start error of `driver`.
+    pub(crate) fn into_started(
+        self,
+        driver: &'static str,
+        id: &str,
+    ) -> Result<Started, RuntimeError> {
+        match self {
+            Report::Started {
+                pid,
+                shim_pid,
+                started_at_ms,
+                steps,
+            } => Ok(Started {
+                pid,
+                shim_pid,
+                started_at_ms,
+                steps,
+            }),
+            Report::Failed { error } => Err(RuntimeError::Start {
+                driver,
+                id: id.to_owned(),
+                message: error,
+            }),
         }
     }
 }
 
-/// Entry point of the `berth-shim` binary and of `berth shim`. `args` excludes the
-/// program name (and subcommand). Best called before the program starts threads: it then
-/// detaches with fork. Otherwise it re-executes the program (same argv) to detach, which
-/// costs an exec.
-pub fn main_with_args(args: Vec<OsString>) -> i32 {
-    if args
-        .first()
-        .is_some_and(|a| a == crate::native::spawner::SPAWNER_ARG)
-    {
-        return crate::native::spawner::main_with_args(args.into_iter().skip(1).collect());
-    }
-    if args.first().is_some_and(|a| a == crate::native::NSEXEC_ARG) {
-        return crate::native::exec_in::main_with_args(args.into_iter().skip(1).collect());
-    }
-    if args
-        .first()
-        .is_some_and(|a| a == crate::exec_guard::EXEC_GUARD_ARG)
-    {
-        return crate::exec_guard::main_with_args(args.into_iter().skip(1).collect());
-    }
-    let opts = match ShimArgs::parse(args) {
-        Ok(o) => o,
-        Err(msg) => {
-            eprintln!("berth-shim: {msg}");
-            return 2;
-        }
+/// The runtime's side: reads the report line from `reader` within `timeout`.
+pub(crate) async fn read_report(
+    reader: impl AsyncRead + Unpin,
+    timeout: Duration,
+    driver: &'static str,
+    id: &str,
+) -> Result<Report, RuntimeError> {
+    let mut line = String::new();
+    let read = tokio::time::timeout(timeout, BufReader::new(reader).read_line(&mut line)).await;
+    let failed = |message: String| RuntimeError::Start {
+        driver,
+        id: id.to_owned(),
+        message,
     };
-    match detach() {
-        Ok(Detached::Parent) => 0,
-        Ok(Detached::Daemon) => run(opts),
-        Err(e) => {
-            // SAFETY: sync_fd came from the caller and stays open for the whole call.
-            let sync = unsafe { BorrowedFd::borrow_raw(opts.sync_fd) };
-            report(
-                sync,
-                &ShimReport::error(format!("shim for {} failed to detach: {e}", opts.id)),
-            );
-            1
-        }
+    match read {
+        Err(_) => Err(RuntimeError::StartTimeout {
+            id: id.to_owned(),
+            timeout,
+        }),
+        Ok(Err(e)) => Err(RuntimeError::io(
+            format!("read the start report of machine {id}"),
+            e,
+        )),
+        Ok(Ok(0)) => Err(failed("the supervisor exited without a report".into())),
+        Ok(Ok(_)) => serde_json::from_str(line.trim())
+            .map_err(|e| failed(format!("bad start report {:?}: {e}", line.trim()))),
     }
-}
-
-enum Detached {
-    /// The process the agent spawned: it exits at once so the agent can reap it.
-    Parent,
-    /// The long-lived shim, in its own session.
-    Daemon,
-}
-
-fn detach() -> io::Result<Detached> {
-    if std::env::var_os(DETACHED_ENV).is_none() {
-        if thread_count()? == 1 {
-            // SAFETY: the process is single-threaded here, so the child may run any code.
-            match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
-                nix::unistd::ForkResult::Parent { .. } => return Ok(Detached::Parent),
-                nix::unistd::ForkResult::Child => {}
-            }
-        } else {
-            // fork would only be safe for async-signal-safe code; exec a fresh copy.
-            let mut args = std::env::args_os();
-            let _program = args.next();
-            Command::new("/proc/self/exe")
-                .args(args)
-                .env(DETACHED_ENV, "1")
-                .spawn()?;
-            return Ok(Detached::Parent);
-        }
-    }
-    nix::unistd::setsid().map_err(io::Error::from)?;
-    Ok(Detached::Daemon)
-}
-
-fn thread_count() -> io::Result<usize> {
-    Ok(fs::read_dir("/proc/self/task")?.count())
-}
-
-/// The daemon: returns the process exit code.
-fn run(opts: ShimArgs) -> i32 {
-    // SAFETY: sync_fd was handed to us by the spawner and is not used as anything else.
-    let sync = unsafe { OwnedFd::from_raw_fd(opts.sync_fd) };
-    let supervisor = match Supervisor::setup(&opts, sync.as_raw_fd()) {
-        Ok(s) => s,
-        Err(e) => {
-            report(
-                sync.as_fd(),
-                &ShimReport::error(format!("shim setup for {}: {e}", opts.id)),
-            );
-            return 1;
-        }
-    };
-    supervisor.run(sync)
 }
 
 /// The part of a supervisor's set-up that is the same for every Machine, so a spare
@@ -250,8 +138,8 @@ fn run(opts: ShimArgs) -> i32 {
 /// the subreaper bit (orphans of the Machine come back to it).
 pub(crate) fn prepare_process(keep: &[RawFd]) -> io::Result<()> {
     std::env::set_current_dir("/")?;
-    // Process-wide, so it holds for any thread the host program started. runc gets
-    // both back to default (see `runc()`), so the Machine does not inherit them.
+    // Process-wide, so it holds for any thread the host program started. Whatever
+    // starts init puts both back to default, so the Machine does not inherit them.
     for sig in [Signal::SIGHUP, Signal::SIGPIPE] {
         // SAFETY: SIG_IGN installs no handler code.
         unsafe { nix::sys::signal::signal(sig, SigHandler::SigIgn) }?;
@@ -285,29 +173,26 @@ pub(crate) fn own_identity() -> io::Result<(u32, u64)> {
 }
 
 pub(crate) struct Supervisor {
-    opts: ShimArgs,
+    args: SupervisorArgs,
     stdout_r: OwnedFd,
     stderr_r: OwnedFd,
-    /// Write ends, handed to `runc create` and then dropped.
+    /// Write ends, handed to the Machine's init and then dropped.
     child_stdio: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl Supervisor {
-    pub(crate) fn setup(opts: &ShimArgs, sync_fd: RawFd) -> io::Result<Supervisor> {
-        prepare_process(&[sync_fd])?;
-        Supervisor::for_machine(opts, own_identity()?)
-    }
-
     /// The part of the set-up that names the Machine; `identity` is [`own_identity`].
-    pub(crate) fn for_machine(opts: &ShimArgs, identity: (u32, u64)) -> io::Result<Supervisor> {
-        fs::create_dir_all(&opts.run_dir)?;
-        RunDir::new(&opts.run_dir).write_shim_pid(identity)?;
-        util::remove_file_if_exists(&opts.run_dir.join(RUNC_LOG_FILE))?;
+    pub(crate) fn for_machine(
+        args: &SupervisorArgs,
+        identity: (u32, u64),
+    ) -> io::Result<Supervisor> {
+        fs::create_dir_all(&args.run_dir)?;
+        RunDir::new(&args.run_dir).write_shim_pid(identity)?;
 
         let (stdout_r, stdout_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let (stderr_r, stderr_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         Ok(Supervisor {
-            opts: opts.clone(),
+            args: args.clone(),
             stdout_r,
             stderr_r,
             child_stdio: Some((stdout_w, stderr_w)),
@@ -319,147 +204,16 @@ impl Supervisor {
         self.child_stdio.take()
     }
 
-    fn runc(&self) -> Command {
-        let mut cmd = Command::new(&self.opts.runc_binary);
-        cmd.arg("--root")
-            .arg(&self.opts.runc_root)
-            .env_remove(DETACHED_ENV);
-        // SAFETY: the hook only calls signal(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                for sig in [libc::SIGHUP, libc::SIGPIPE] {
-                    if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
-
-    fn run(mut self, sync: OwnedFd) -> i32 {
-        let init = match self.create_and_start() {
-            Ok((init, report_ok)) => {
-                report(sync.as_fd(), &report_ok);
-                init
-            }
-            Err(message) => {
-                report(sync.as_fd(), &ShimReport::error(message));
-                return 1;
-            }
-        };
-        drop(sync);
-        self.supervise(init);
-        0
-    }
-
-    /// Runs `runc create` and `runc start`. The error is runc's own message.
-    fn create_and_start(&mut self) -> Result<(InitProcess, ShimReport), String> {
-        let id = self.opts.id.clone();
-        let run_dir = self.opts.run_dir.clone();
-        let (out_w, err_w) = self
-            .child_stdio
-            .take()
-            .ok_or_else(|| "shim stdio already used".to_owned())?;
-        let pid_file = run_dir.join(INIT_PID_FILE);
-        let t0 = Instant::now();
-        let status = {
-            let mut cmd = self.runc();
-            cmd.arg("--log")
-                .arg(run_dir.join(RUNC_LOG_FILE))
-                .arg("--log-format")
-                .arg("json")
-                .arg("create")
-                .arg("--bundle")
-                .arg(&self.opts.bundle)
-                .arg("--pid-file")
-                .arg(&pid_file)
-                .arg(&id)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out_w))
-                .stderr(Stdio::from(err_w));
-            // The command, and with it the write ends, is dropped at the end of this block
-            // so the pipes see EOF once the Machine is gone.
-            cmd.status()
-        };
-        let create_us = micros(t0.elapsed());
-        let status = status.map_err(|e| format!("run {}: {e}", self.opts.runc_binary.display()))?;
-        if !status.success() {
-            return Err(self.create_error(&status.to_string()));
-        }
-        let pid = read_pid_file(&pid_file)
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("runc create left no pid in {}", pid_file.display()))?;
-        let oom = OomCounter::for_process(pid);
-
-        let t1 = Instant::now();
-        let started = self
-            .runc()
-            .arg("start")
-            .arg(&id)
-            .stdin(Stdio::null())
-            .output();
-        let start_us = micros(t1.elapsed());
-        let failure = match started {
-            Ok(out) if out.status.success() => None,
-            Ok(out) => Some(format!(
-                "runc start {id}: {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-            Err(e) => Some(format!(
-                "run {} start: {e}",
-                self.opts.runc_binary.display()
-            )),
-        };
-        if let Some(message) = failure {
-            // The created init would wait forever on its exec fifo.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
-            return Err(message);
-        }
-        let report = ShimReport {
-            pid: Some(pid),
-            shim_pid: Some(std::process::id()),
-            started_at_ms: Some(util::now_ms()),
-            error: None,
-            create_us: Some(create_us),
-            start_us: Some(start_us),
-            steps: StepTimes::new(),
-        };
-        Ok((InitProcess { pid, oom }, report))
-    }
-
-    /// runc's error from its json log, or whatever it printed.
-    fn create_error(&self, status: &str) -> String {
-        let log = fs::read_to_string(self.opts.run_dir.join(RUNC_LOG_FILE)).unwrap_or_default();
-        let mut messages: Vec<String> = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| matches!(v["level"].as_str(), Some("error" | "fatal")))
-            .filter_map(|v| v["msg"].as_str().map(str::to_owned))
-            .collect();
-        messages.dedup();
-        if messages.is_empty() {
-            let printed = read_available(&self.stderr_r);
-            let printed = String::from_utf8_lossy(&printed).trim().to_owned();
-            if !printed.is_empty() {
-                messages.push(printed);
-            }
-        }
-        if messages.is_empty() {
-            format!("runc create exited with {status}")
-        } else {
-            messages.join("; ")
-        }
+    /// What the Machine's init wrote to stderr so far, without blocking: the reason a
+    /// start failed, when the starter did not say.
+    pub(crate) fn stderr_so_far(&self) -> Vec<u8> {
+        read_available(&self.stderr_r)
     }
 
     /// Copies output to the log and reaps children until init has exited and the pipes
     /// are drained (or the drain deadline passes).
     pub(crate) fn supervise(self, init: InitProcess) {
-        let mut log = LogWriter::open(&self.opts.log_dir, self.opts.log_max_bytes).ok();
+        let mut log = LogWriter::open(&self.args.log_dir, self.args.log_max_bytes).ok();
         let mut streams = [
             Stream {
                 fd: Some(self.stdout_r),
@@ -482,7 +236,7 @@ impl Supervisor {
                 if let Some(record) = reap(init.pid, &init.oom) {
                     // Nowhere to report a failure: stderr is /dev/null. The runtime
                     // treats a missing record as an unknown exit.
-                    let _ = RunDir::new(&self.opts.run_dir).write_exit(&record);
+                    let _ = RunDir::new(&self.args.run_dir).write_exit(&record);
                     deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 }
             }
@@ -646,7 +400,7 @@ fn read_oom_kills(file: &Path) -> Option<u64> {
 }
 
 /// Writes the report line; a vanished reader is not the shim's problem.
-pub(crate) fn report(sync: BorrowedFd<'_>, report: &ShimReport) {
+pub(crate) fn report(sync: BorrowedFd<'_>, report: &Report) {
     let mut line =
         serde_json::to_vec(report).unwrap_or_else(|_| b"{\"error\":\"report\"}".to_vec());
     line.push(b'\n');
@@ -706,23 +460,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn args_round_trip() {
-        let a = ShimArgs {
-            id: "m1".into(),
-            bundle: "/m/bundle".into(),
-            runc_binary: "/usr/sbin/runc".into(),
-            runc_root: "/run/berth/runc".into(),
-            run_dir: "/m/run".into(),
-            log_dir: "/m/logs".into(),
-            log_max_bytes: 1234,
-            sync_fd: 1,
-        };
-        assert_eq!(ShimArgs::parse(a.to_args()).unwrap(), a);
-        assert!(ShimArgs::parse(vec!["--id".into()]).is_err());
-        assert!(ShimArgs::parse(vec!["--bogus".into(), "x".into()]).is_err());
-    }
-
-    #[test]
     fn finds_oom_files() {
         let text = "4:memory:/agent/berth/m1\n1:cpu:/berth/m1\n0::/berth/m1\n";
         let c = oom_file_candidates(text);
@@ -739,18 +476,64 @@ mod tests {
 
     #[test]
     fn report_shapes() {
-        let ok = ShimReport {
-            pid: Some(5),
-            shim_pid: Some(4),
-            started_at_ms: Some(9),
-            ..ShimReport::default()
+        let ok = Report::Started {
+            pid: 5,
+            shim_pid: 4,
+            started_at_ms: 9,
+            steps: StepTimes::new(),
         };
         let v: serde_json::Value = serde_json::to_value(&ok).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"pid": 5, "shim_pid": 4, "started_at_ms": 9})
         );
-        let v = serde_json::to_value(ShimReport::error("boom")).unwrap();
+        assert_eq!(serde_json::from_value::<Report>(v).unwrap(), ok);
+        let v = serde_json::to_value(Report::failed("boom")).unwrap();
         assert_eq!(v, serde_json::json!({"error": "boom"}));
+        // An error wins over whatever else the line holds; a line with neither is bad.
+        let both = serde_json::json!({"pid": 5, "shim_pid": 4, "started_at_ms": 9, "error": "x"});
+        assert_eq!(
+            serde_json::from_value::<Report>(both).unwrap(),
+            Report::failed("x")
+        );
+        assert!(serde_json::from_value::<Report>(serde_json::json!({"pid": 5})).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_runtime_reads_a_report_or_says_why_not() {
+        let line = b"{\"pid\":5,\"shim_pid\":4,\"started_at_ms\":9}\n";
+        let report = read_report(&line[..], Duration::from_secs(1), "native", "m1")
+            .await
+            .unwrap();
+        let started = report.into_started("native", "m1").unwrap();
+        assert_eq!((started.pid, started.shim_pid), (5, 4));
+
+        let failed = read_report(
+            &b"{\"error\":\"no such file\"}\n"[..],
+            Duration::from_secs(1),
+            "runc",
+            "m1",
+        )
+        .await
+        .unwrap()
+        .into_started("runc", "m1")
+        .unwrap_err();
+        assert_eq!(failed.code(), "runtime_failed");
+        assert_eq!(
+            failed.to_string(),
+            "runc could not start machine m1: no such file"
+        );
+
+        let silent = read_report(&b""[..], Duration::from_secs(1), "native", "m1").await;
+        assert!(
+            matches!(silent, Err(RuntimeError::Start { .. })),
+            "{silent:?}"
+        );
+        let (_keep, never) = tokio::io::duplex(8);
+        let late = read_report(never, Duration::from_millis(10), "native", "m1").await;
+        assert!(
+            matches!(late, Err(RuntimeError::StartTimeout { .. })),
+            "{late:?}"
+        );
     }
 }
