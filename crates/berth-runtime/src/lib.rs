@@ -1,14 +1,19 @@
 //! Running Machines on a host.
 //!
 //! The [`Runtime`] trait is the seam between the agent (which decides) and the host (which
-//! acts). [`runc::RuncRuntime`] drives real runc over an overlayfs rootfs inside a
-//! persistent network namespace, plugged into the worker's bridge by
-//! [`network::WorkerNetwork`]; [`fake::FakeRuntime`] records calls for unit tests.
+//! acts). Two drivers implement it as peers over an overlayfs rootfs inside a persistent
+//! network namespace, plugged into the worker's bridge by [`network::WorkerNetwork`]:
+//! [`native::NativeRuntime`] (a spawner forks each Machine's init) and
+//! [`runc::RuncRuntime`] (real runc). Each uses the shared [`host`] layer (processes, the
+//! run directory, preparation, teardown, the doctor's inventory) and the per-Machine
+//! [`supervisor`]; neither imports the other. [`fake::FakeRuntime`] records calls for
+//! unit tests.
 //!
 //! The split between [`Runtime::prepare`] and [`Runtime::start`] is the product: prepare
 //! runs once at create and may be slow; start runs many times and must only do what
 //! booting needs.
 
+use std::collections::BTreeSet;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,6 +44,7 @@ mod helper;
 mod inroot;
 mod util;
 pub use error::RuntimeError;
+pub use host::HostInventory;
 
 /// Where one Machine's files live on the host. Everything the Machine owns is below `dir`,
 /// so destroy is one directory removal once the mounts are gone.
@@ -210,6 +216,20 @@ pub trait Runtime: Send + Sync + 'static {
         _layout: &MachineLayout,
     ) -> Result<Option<quota::DiskUsage>, RuntimeError> {
         Ok(None)
+    }
+
+    /// What the host holds that looks like Machines of this worker, for the doctor:
+    /// directories and mounts under `machines_root`, veths and cgroups of `known` ids (the
+    /// ids the worker has held; those are host-wide) and of the ids found there. The
+    /// default lists what every driver leaves; a driver with state of its own (runc's
+    /// containers) adds it.
+    async fn host_inventory(
+        &self,
+        machines_root: &Path,
+        known: &BTreeSet<String>,
+    ) -> Result<HostInventory, RuntimeError> {
+        let (root, known) = (machines_root.to_owned(), known.clone());
+        host::blocking(move || Ok(HostInventory::scan(&root, &known, BTreeSet::new()))).await
     }
 
     /// Runs a command inside the running Machine's namespaces and cgroups, with its

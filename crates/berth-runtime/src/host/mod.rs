@@ -12,11 +12,13 @@ use crate::quota::{DiskQuota, DiskUsage};
 use crate::userns::IdRegistry;
 use crate::MachineLayout;
 
+pub mod inventory;
 pub(crate) mod prepare;
 pub(crate) mod process;
 pub mod run_dir;
 pub(crate) mod teardown;
 
+pub use inventory::HostInventory;
 pub use run_dir::RunDir;
 
 /// How long remove waits for a killed Machine before tearing it down anyway.

@@ -4,6 +4,7 @@
 //! record under the Machine's `run/`. A new `RuncRuntime` (after an agent restart) can
 //! therefore signal, wait for and clean up Machines started by an earlier one.
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::os::fd::AsFd;
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 use self::shim::ShimArgs;
 
 use crate::error::{IoContext, RuntimeError};
+use crate::host::inventory::{dir_names, HostInventory};
 use crate::host::process::kill_group;
 use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
 use crate::host::{blocking, prepare, teardown, Host};
@@ -342,6 +344,21 @@ impl Runtime for RuncRuntime {
             layout,
             spec,
         )
+        .await
+    }
+
+    /// The shared inventory, with the containers in runc's state dir.
+    async fn host_inventory(
+        &self,
+        machines_root: &Path,
+        known: &BTreeSet<String>,
+    ) -> Result<HostInventory, RuntimeError> {
+        let (root, known) = (machines_root.to_owned(), known.clone());
+        let runc_root = self.config.runc_root.clone();
+        blocking(move || {
+            let containers = dir_names(&runc_root);
+            Ok(HostInventory::scan(&root, &known, containers))
+        })
         .await
     }
 
