@@ -179,29 +179,41 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<Started, RuntimeError>;
 
     /// Sends a signal to the Machine's init process. A Machine that is not running is not
-    /// an error.
-    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError>;
+    /// an error. By default through the run directory every driver's supervisor keeps
+    /// ([`host::RunDir`]).
+    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
+        host::run_dir::signal_init(layout, signal).await
+    }
 
     /// Waits until the Machine's init process has exited, up to `timeout` (forever when
-    /// `None`). Works for Machines started by an earlier agent process too.
+    /// `None`). Works for Machines started by an earlier agent process too. By default
+    /// through the run directory.
     async fn wait_exit(
         &self,
         layout: &MachineLayout,
         timeout: Option<Duration>,
-    ) -> Result<Option<ExitRecord>, RuntimeError>;
+    ) -> Result<Option<ExitRecord>, RuntimeError> {
+        host::run_dir::wait_for_exit(layout, timeout).await
+    }
 
     /// After an exit: removes the runtime's container state and unmounts the rootfs.
     /// Keeps the upperdir. Idempotent.
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
 
-    /// What the host says about the Machine right now.
-    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError>;
+    /// What the host says about the Machine right now. By default from the run directory
+    /// and /proc.
+    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
+        host::run_dir::read_status(layout).await
+    }
 
     /// After a host restart, for a Machine that is not running: pins its network
     /// namespace again and plugs it in with its recorded address, as start would, so a
     /// stopped Machine has its network before its next start. Nothing when it is pinned.
-    async fn restore_network(&self, _layout: &MachineLayout) -> Result<(), RuntimeError> {
-        Ok(())
+    async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        match self.host_config() {
+            Some(host) => host.restore_network(layout).await,
+            None => Ok(()),
+        }
     }
 
     /// Destroy: kills anything left, removes mounts, the veth pair, the network namespace
@@ -213,9 +225,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// periodic storage sample, never for start.
     async fn disk_usage(
         &self,
-        _layout: &MachineLayout,
+        layout: &MachineLayout,
     ) -> Result<Option<quota::DiskUsage>, RuntimeError> {
-        Ok(None)
+        match self.host_config() {
+            Some(host) => host.disk_usage(layout).await,
+            None => Ok(None),
+        }
     }
 
     /// What the host holds that looks like Machines of this worker, for the doctor:
@@ -228,8 +243,7 @@ pub trait Runtime: Send + Sync + 'static {
         machines_root: &Path,
         known: &BTreeSet<String>,
     ) -> Result<HostInventory, RuntimeError> {
-        let (root, known) = (machines_root.to_owned(), known.clone());
-        host::blocking(move || Ok(HostInventory::scan(&root, &known, BTreeSet::new()))).await
+        HostInventory::list(machines_root, known, None).await
     }
 
     /// Runs a command inside the running Machine's namespaces and cgroups, with its
@@ -239,4 +253,10 @@ pub trait Runtime: Send + Sync + 'static {
         layout: &MachineLayout,
         spec: &exec::ExecSpec,
     ) -> Result<exec::ExecOutput, RuntimeError>;
+
+    /// The host parts the driver was made with (network, id registry, disk quotas), which
+    /// the defaults of `restore_network` and `disk_usage` use; `None` for a runtime that touches no host (the fake).
+    fn host_config(&self) -> Option<&host::HostConfig> {
+        None
+    }
 }

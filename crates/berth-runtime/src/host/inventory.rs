@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use super::blocking;
+use crate::error::RuntimeError;
 use crate::network::HOST_LINK_PREFIX;
 use crate::overlay;
 
@@ -35,17 +37,29 @@ impl HostInventory {
         ids
     }
 
+    /// Lists the host off the async threads; see [`HostInventory::scan`].
+    pub(crate) async fn list(
+        machines_root: &Path,
+        known: &BTreeSet<String>,
+        container_state: Option<&Path>,
+    ) -> Result<HostInventory, RuntimeError> {
+        let (root, known) = (machines_root.to_owned(), known.clone());
+        let state = container_state.map(Path::to_owned);
+        blocking(move || Ok(HostInventory::scan(&root, &known, state.as_deref()))).await
+    }
+
     /// Lists the host. `known` are ids the worker has held (records and journal): veths
     /// and cgroups are host-wide, and only those of known ids are the worker's.
-    /// `containers` are the driver's own. Blocking.
+    /// `container_state` is the driver's own state dir, a directory per container
+    /// (runc's root). Blocking.
     pub(crate) fn scan(
         machines_root: &Path,
         known: &BTreeSet<String>,
-        containers: BTreeSet<String>,
+        container_state: Option<&Path>,
     ) -> HostInventory {
         let mut host = HostInventory {
             dirs: dir_names(machines_root),
-            containers,
+            containers: container_state.map(dir_names).unwrap_or_default(),
             ..HostInventory::default()
         };
         // mountinfo shows canonical paths.
@@ -98,7 +112,7 @@ impl HostInventory {
 }
 
 /// The names of the directories in `dir`; none when it cannot be read.
-pub(crate) fn dir_names(dir: &Path) -> BTreeSet<String> {
+fn dir_names(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -175,11 +189,13 @@ mod tests {
             None::<&str>,
         )
         .unwrap();
-        let containers = BTreeSet::from(["m3".to_owned()]);
-        let host = HostInventory::scan(&machines, &BTreeSet::new(), containers);
+        let runc_root = tmp.path().join("runc");
+        std::fs::create_dir_all(runc_root.join("m3")).unwrap();
+        let host = HostInventory::scan(&machines, &BTreeSet::new(), Some(&runc_root));
         let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
         assert_eq!(host.dirs, BTreeSet::from(["m1".into(), "m2".into()]));
         assert_eq!(host.mounts.get("m1"), Some(&vec![rootfs.clone()]));
+        assert_eq!(host.containers, BTreeSet::from(["m3".into()]));
         assert_eq!(
             host.ids(),
             BTreeSet::from(["m1".into(), "m2".into(), "m3".into()])

@@ -24,19 +24,33 @@ pub use run_dir::RunDir;
 /// How long remove waits for a killed Machine before tearing it down anyway.
 pub(crate) const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What every driver holds of the host, borrowed from its configuration: the worker's
-/// Machine network, the host id registry and the disk quotas.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Host<'a> {
-    pub(crate) network: Option<&'a Arc<WorkerNetwork>>,
-    pub(crate) id_registry: &'a IdRegistry,
-    pub(crate) disk_quota: Option<&'a DiskQuota>,
+/// The host parts every driver is configured with.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The worker's Machine network. Without one, Machines get only loopback, and a spec
+    /// with a `private_ip` is refused.
+    pub network: Option<Arc<WorkerNetwork>>,
+    /// Where Machines' host id ranges are claimed (host-wide).
+    pub id_registry: IdRegistry,
+    /// Per-Machine disk quotas on the Machines' filesystem; `None` enforces none.
+    pub disk_quota: Option<DiskQuota>,
 }
 
-impl Host<'_> {
+impl Default for HostConfig {
+    /// No network, no quotas, the default id registry.
+    fn default() -> HostConfig {
+        HostConfig {
+            network: None,
+            id_registry: IdRegistry::new(crate::userns::DEFAULT_REGISTRY),
+            disk_quota: None,
+        }
+    }
+}
+
+impl HostConfig {
     /// `Runtime::restore_network`: pins the namespaces again and plugs the Machine in.
     pub(crate) async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        crate::network::restore(self.network.map(|n| &**n), layout, self.id_registry).await
+        crate::network::restore(self.network.as_deref(), layout, &self.id_registry).await
     }
 
     /// `Runtime::disk_usage`: the Machine's use against its quota; `None` without one.
@@ -44,7 +58,7 @@ impl Host<'_> {
         &self,
         layout: &MachineLayout,
     ) -> Result<Option<DiskUsage>, RuntimeError> {
-        let Some(quota) = self.disk_quota.cloned() else {
+        let Some(quota) = self.disk_quota.clone() else {
             return Ok(None);
         };
         let layout = layout.clone();
@@ -55,6 +69,18 @@ impl Host<'_> {
         })
         .await
     }
+}
+
+/// A start's result, once `abort` has torn down what a failed start left behind (the
+/// start's error is what matters, so the teardown's own is not).
+pub(crate) async fn settle_start<T>(
+    result: Result<T, RuntimeError>,
+    abort: impl std::future::Future<Output = ()>,
+) -> Result<T, RuntimeError> {
+    if result.is_err() {
+        abort.await;
+    }
+    result
 }
 
 /// Runs blocking host work (files, mounts, namespaces) off the async threads.

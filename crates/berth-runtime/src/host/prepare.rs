@@ -9,7 +9,7 @@ use std::time::Instant;
 use oci_spec::runtime::Spec;
 
 use super::run_dir::RunDir;
-use super::{blocking, Host};
+use super::{blocking, HostConfig};
 use crate::error::{IoContext, RuntimeError};
 use crate::network::WorkerNetwork;
 use crate::quota::DiskQuota;
@@ -21,7 +21,7 @@ use crate::{spec, util, BundleSpec, MachineLayout};
 /// directories and namespaces exist, with the rendered OCI spec: what the driver makes of
 /// its own at create (the native driver's cgroups).
 pub(crate) async fn prepare<F>(
-    host: Host<'_>,
+    host: &HostConfig,
     layout: &MachineLayout,
     spec: &BundleSpec,
     driver_step: F,
@@ -30,14 +30,14 @@ where
     F: FnOnce(&MachineLayout, &Spec) -> Result<(), RuntimeError> + Send + 'static,
 {
     let id = layout.id.clone();
-    let network = machine_network(host.network, &id, spec.private_ip)?;
+    let network = machine_network(host.network.as_ref(), &id, spec.private_ip)?;
     // Fails on a bad spec before anything is made on the host.
     let oci = spec::build(spec, &layout.rootfs(), &layout.netns())?;
     let t0 = Instant::now();
     let ids = {
         let layout = layout.clone();
         let registry = host.id_registry.clone();
-        let quota = host.disk_quota.cloned();
+        let quota = host.disk_quota.clone();
         let disk_mb = spec.disk_mb;
         blocking(move || {
             prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;

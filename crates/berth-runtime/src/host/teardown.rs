@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::process::{kill_pid, wait_process_blocking};
 use super::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
-use super::{blocking, Host, KILL_GRACE};
+use super::{blocking, HostConfig, KILL_GRACE};
 use crate::error::{IoContext, RuntimeError};
 use crate::quota::DiskQuota;
 use crate::userns::{self, IdRegistry};
@@ -33,7 +33,7 @@ pub(crate) fn wait_for_supervisor(run: &RunDir) -> Result<(), RuntimeError> {
 /// `Runtime::remove` for every driver: kills a running Machine, detaches its network,
 /// then (blocking) the driver's own teardown, the quota and the Machine's files.
 pub(crate) async fn remove<F>(
-    host: Host<'_>,
+    host: &HostConfig,
     layout: &MachineLayout,
     driver_teardown: F,
 ) -> Result<(), RuntimeError>
@@ -45,12 +45,12 @@ where
         wait_for_exit(layout, Some(KILL_GRACE)).await?;
     }
     // Before the namespace goes: its veth would go with it, but only some time later.
-    if let Some(network) = host.network {
+    if let Some(network) = &host.network {
         network.detach(&layout.id).await?;
     }
     let layout = layout.clone();
     let registry = host.id_registry.clone();
-    let quota = host.disk_quota.cloned();
+    let quota = host.disk_quota.clone();
     blocking(move || {
         driver_teardown(&layout)?;
         release_disk_quota(quota.as_ref(), &layout)?;

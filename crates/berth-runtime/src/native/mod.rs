@@ -17,7 +17,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,15 +26,13 @@ use tokio::sync::Mutex;
 
 use crate::error::{IoContext, RuntimeError};
 use crate::host::process::kill_pid;
-use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
-use crate::host::{blocking, prepare, teardown, Host};
-use crate::network::{self, WorkerNetwork};
-use crate::quota::{DiskQuota, DiskUsage};
+use crate::host::run_dir::RunDir;
+use crate::host::{self, blocking, prepare, teardown, HostConfig};
+use crate::network;
 use crate::supervisor::{self, Report};
 use crate::timing::{micros, StepTimes};
-use crate::userns::IdRegistry;
 use crate::{exec, logs};
-use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
+use crate::{BundleSpec, MachineLayout, Runtime, Started};
 
 pub mod cgroup;
 pub(crate) mod exec_in;
@@ -54,13 +51,8 @@ pub struct NativeConfig {
     pub log_max_bytes: u64,
     /// How long start waits for the supervisor's report.
     pub start_timeout: Duration,
-    /// The worker's Machine network. Without one, Machines get only loopback, and a spec
-    /// with a `private_ip` is refused.
-    pub network: Option<Arc<WorkerNetwork>>,
-    /// Where Machines' host id ranges are claimed (host-wide).
-    pub id_registry: IdRegistry,
-    /// Per-Machine disk quotas on the Machines' filesystem; `None` enforces none.
-    pub disk_quota: Option<DiskQuota>,
+    /// The network, id registry and disk quotas.
+    pub host: HostConfig,
 }
 
 impl NativeConfig {
@@ -70,9 +62,7 @@ impl NativeConfig {
             state_dir,
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
-            network: None,
-            id_registry: IdRegistry::new(crate::userns::DEFAULT_REGISTRY),
-            disk_quota: None,
+            host: HostConfig::default(),
         }
     }
 }
@@ -110,14 +100,6 @@ impl NativeRuntime {
 
     pub fn config(&self) -> &NativeConfig {
         &self.config
-    }
-
-    fn host(&self) -> Host<'_> {
-        Host {
-            network: self.config.network.as_ref(),
-            id_registry: &self.config.id_registry,
-            disk_quota: self.config.disk_quota.as_ref(),
-        }
     }
 
     /// Starts the spawner and waits until it listens.
@@ -254,7 +236,7 @@ impl Runtime for NativeRuntime {
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
         let cgroups = self.cgroups.clone();
-        prepare::prepare(self.host(), layout, spec, move |layout, oci| {
+        prepare::prepare(&self.config.host, layout, spec, move |layout, oci| {
             let resources = oci.linux().as_ref().and_then(|l| l.resources().as_ref());
             cgroups
                 .prepare(&layout.id, resources)
@@ -268,12 +250,12 @@ impl Runtime for NativeRuntime {
         layout: &MachineLayout,
         lowerdirs: &[PathBuf],
     ) -> Result<Started, RuntimeError> {
-        let t0 = Instant::now();
         let id = layout.id.clone();
+        let t0 = Instant::now();
         // A handful of stats and unlinks: cheaper inline than a hop to a blocking thread.
-        let repinned = prepare::before_start(layout, &self.config.id_registry, || Ok(()))?;
+        let repinned = prepare::before_start(layout, &self.config.host.id_registry, || Ok(()))?;
         if repinned {
-            if let Err(e) = network::reattach(self.config.network.as_deref(), layout).await {
+            if let Err(e) = network::reattach(self.config.host.network.as_deref(), layout).await {
                 self.abort_start(layout).await;
                 return Err(e);
             }
@@ -307,26 +289,7 @@ impl Runtime for NativeRuntime {
                 started.steps = steps;
                 started
             });
-        if started.is_err() {
-            self.abort_start(layout).await;
-        }
-        started
-    }
-
-    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
-        signal_init(layout, signal).await
-    }
-
-    async fn wait_exit(
-        &self,
-        layout: &MachineLayout,
-        timeout: Option<Duration>,
-    ) -> Result<Option<ExitRecord>, RuntimeError> {
-        wait_for_exit(layout, timeout).await
-    }
-
-    async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        self.host().restore_network(layout).await
+        host::settle_start(started, self.abort_start(layout)).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
@@ -334,17 +297,9 @@ impl Runtime for NativeRuntime {
         blocking(move || NativeRuntime::end_run(&layout)).await
     }
 
-    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
-        read_status(layout).await
-    }
-
-    async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
-        self.host().disk_usage(layout).await
-    }
-
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let cgroups = self.cgroups.clone();
-        teardown::remove(self.host(), layout, move |layout| {
+        teardown::remove(&self.config.host, layout, move |layout| {
             let id = &layout.id;
             NativeRuntime::end_run(layout)?;
             cgroups
@@ -384,9 +339,13 @@ impl Runtime for NativeRuntime {
             pid_start: init.start_time,
             config: layout.config_json(),
             timeout: spec.timeout,
-            status_fd: 0,
+            status_fd: crate::helper::STATUS_FD,
             cmd: spec.cmd.clone(),
         };
-        exec::nsexec(command, args, layout, spec, Path::new(program)).await
+        exec::run_helper(command, args.to_args(), layout, spec, Path::new(program)).await
+    }
+
+    fn host_config(&self) -> Option<&HostConfig> {
+        Some(&self.config.host)
     }
 }

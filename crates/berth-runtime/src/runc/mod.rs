@@ -10,7 +10,6 @@ use std::fs::{self, File};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,18 +17,17 @@ use async_trait::async_trait;
 use self::shim::ShimArgs;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::host::inventory::{dir_names, HostInventory};
 use crate::host::process::kill_group;
-use crate::host::run_dir::{read_status, signal_init, wait_for_exit, RunDir};
-use crate::host::{blocking, prepare, teardown, Host};
-use crate::network::{self, WorkerNetwork};
-use crate::quota::{DiskQuota, DiskUsage};
+use crate::host::run_dir::RunDir;
+use crate::host::HostInventory;
+use crate::host::{self, blocking, prepare, teardown, HostConfig};
+use crate::network;
 use crate::supervisor;
 use crate::timing::{micros, StepTimes};
-use crate::userns::{self, IdRegistry};
 use crate::{logs, overlay};
-use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
+use crate::{BundleSpec, MachineLayout, Runtime, Started};
 
+mod exec;
 pub(crate) mod exec_guard;
 pub(crate) mod shim;
 
@@ -45,13 +43,8 @@ pub struct RuncConfig {
     pub log_max_bytes: u64,
     /// How long start waits for the shim's report.
     pub start_timeout: Duration,
-    /// The worker's Machine network. Without one, Machines get only loopback, and a spec
-    /// with a `private_ip` is refused.
-    pub network: Option<Arc<WorkerNetwork>>,
-    /// Where Machines' host id ranges are claimed (host-wide).
-    pub id_registry: IdRegistry,
-    /// Per-Machine disk quotas on the Machines' filesystem; `None` enforces none.
-    pub disk_quota: Option<DiskQuota>,
+    /// The network, id registry and disk quotas.
+    pub host: HostConfig,
 }
 
 impl RuncConfig {
@@ -63,9 +56,7 @@ impl RuncConfig {
             shim_command,
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
-            network: None,
-            id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
-            disk_quota: None,
+            host: HostConfig::default(),
         }
     }
 }
@@ -82,14 +73,6 @@ impl RuncRuntime {
 
     pub fn config(&self) -> &RuncConfig {
         &self.config
-    }
-
-    fn host(&self) -> Host<'_> {
-        Host {
-            network: self.config.network.as_ref(),
-            id_registry: &self.config.id_registry,
-            disk_quota: self.config.disk_quota.as_ref(),
-        }
     }
 
     fn shim_args(&self, layout: &MachineLayout) -> ShimArgs {
@@ -115,8 +98,9 @@ impl RuncRuntime {
         let id = &layout.id;
         // A container left over from a crash between create and cleanup: create would
         // refuse the id.
-        let repinned =
-            prepare::before_start(layout, &self.config.id_registry, || self.runc_delete(id))?;
+        let repinned = prepare::before_start(layout, &self.config.host.id_registry, || {
+            self.runc_delete(id)
+        })?;
         // A mount left by such a crash may be over an older set of layers: remount.
         let rootfs = layout.rootfs();
         overlay::unmount(&rootfs).ctx(|| format!("unmount stale rootfs of machine {id}"))?;
@@ -229,7 +213,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        prepare::prepare(self.host(), layout, spec, |_, _| Ok(())).await
+        prepare::prepare(&self.config.host, layout, spec, |_, _| Ok(())).await
     }
 
     async fn start(
@@ -238,7 +222,6 @@ impl Runtime for RuncRuntime {
         lowerdirs: &[PathBuf],
     ) -> Result<Started, RuntimeError> {
         let t0 = Instant::now();
-        let id = layout.id.clone();
         let repinned = {
             let this = self.clone();
             let layout = layout.clone();
@@ -246,12 +229,13 @@ impl Runtime for RuncRuntime {
             blocking(move || this.before_start(&layout, &lowerdirs)).await?
         };
         if repinned {
-            if let Err(e) = network::reattach(self.config.network.as_deref(), layout).await {
+            if let Err(e) = network::reattach(self.config.host.network.as_deref(), layout).await {
                 self.abort_start(layout).await;
                 return Err(e);
             }
         }
         let mount_us = t0.elapsed().as_micros();
+        let id = layout.id.clone();
 
         let Some((program, leading)) = self.config.shim_command.split_first() else {
             return Err(RuntimeError::Internal("shim command is empty".into()));
@@ -296,26 +280,7 @@ impl Runtime for RuncRuntime {
                 started.steps = steps;
                 started
             });
-        if started.is_err() {
-            self.abort_start(layout).await;
-        }
-        started
-    }
-
-    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
-        signal_init(layout, signal).await
-    }
-
-    async fn wait_exit(
-        &self,
-        layout: &MachineLayout,
-        timeout: Option<Duration>,
-    ) -> Result<Option<ExitRecord>, RuntimeError> {
-        wait_for_exit(layout, timeout).await
-    }
-
-    async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        self.host().restore_network(layout).await
+        host::settle_start(started, self.abort_start(layout)).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
@@ -324,12 +289,12 @@ impl Runtime for RuncRuntime {
         blocking(move || this.end_run(&layout)).await
     }
 
-    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
-        read_status(layout).await
-    }
-
-    async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
-        self.host().disk_usage(layout).await
+    async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let this = self.clone();
+        teardown::remove(&self.config.host, layout, move |layout| {
+            this.end_run(layout)
+        })
+        .await
     }
 
     async fn exec(
@@ -337,7 +302,7 @@ impl Runtime for RuncRuntime {
         layout: &MachineLayout,
         spec: &crate::exec::ExecSpec,
     ) -> Result<crate::exec::ExecOutput, RuntimeError> {
-        crate::exec::runc_exec(
+        exec::runc_exec(
             &self.config.shim_command,
             &self.config.runc_binary,
             &self.config.runc_root,
@@ -353,17 +318,10 @@ impl Runtime for RuncRuntime {
         machines_root: &Path,
         known: &BTreeSet<String>,
     ) -> Result<HostInventory, RuntimeError> {
-        let (root, known) = (machines_root.to_owned(), known.clone());
-        let runc_root = self.config.runc_root.clone();
-        blocking(move || {
-            let containers = dir_names(&runc_root);
-            Ok(HostInventory::scan(&root, &known, containers))
-        })
-        .await
+        HostInventory::list(machines_root, known, Some(&self.config.runc_root)).await
     }
 
-    async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let this = self.clone();
-        teardown::remove(self.host(), layout, move |layout| this.end_run(layout)).await
+    fn host_config(&self) -> Option<&HostConfig> {
+        Some(&self.config.host)
     }
 }
