@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_api::{CloseBasis, DoctorFinding, DoctorReport, FindingKind, MachineState, UsageKind};
-use berth_runtime::{netns, overlay, MachineLayout, Status};
+use berth_runtime::{netns, HostInventory, MachineLayout, Status};
 use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 
@@ -23,146 +23,6 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// A started Machine whose exit is younger than this is being recorded by its watcher
 /// (which waits for the lock the doctor holds): busy, not found dead.
 const FRESH_EXIT_MS: i64 = 10_000;
-/// Host links of Machine veth pairs start with this; their alias is the Machine id.
-const VETH_PREFIX: &str = "bv";
-
-/// What the host holds that looks like this worker's Machines, by Machine id.
-#[derive(Debug, Default)]
-struct HostInventory {
-    /// Directories under `machines/`.
-    dirs: BTreeSet<String>,
-    /// Mount points under `machines/<id>/` (the rootfs overlay, the netns bind mount).
-    mounts: BTreeMap<String, Vec<PathBuf>>,
-    /// Containers in this worker's runc state dir.
-    containers: BTreeSet<String>,
-    /// Host veth link names, by the Machine id in their alias.
-    veths: BTreeMap<String, String>,
-    /// The Machine's cgroup directories (one per hierarchy).
-    cgroups: BTreeMap<String, Vec<PathBuf>>,
-}
-
-impl HostInventory {
-    fn ids(&self) -> BTreeSet<String> {
-        let mut ids = self.dirs.clone();
-        ids.extend(self.mounts.keys().cloned());
-        ids.extend(self.containers.iter().cloned());
-        ids.extend(self.veths.keys().cloned());
-        ids.extend(self.cgroups.keys().cloned());
-        ids
-    }
-
-    /// Lists the host. `known` are ids this worker has held (records and journal): veths
-    /// and cgroups are host-wide, and only those of known ids are this worker's.
-    fn scan(machines_root: &Path, runc_root: &Path, known: &BTreeSet<String>) -> HostInventory {
-        let mut host = HostInventory {
-            dirs: dir_names(machines_root),
-            containers: dir_names(runc_root),
-            ..HostInventory::default()
-        };
-        // mountinfo shows canonical paths.
-        let canonical =
-            std::fs::canonicalize(machines_root).unwrap_or_else(|_| machines_root.to_owned());
-        let root = format!("{}/", canonical.display());
-        if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
-            for mount_point in overlay::mount_points(&mountinfo) {
-                let Some(rest) = mount_point.strip_prefix(&root) else {
-                    continue;
-                };
-                let mut parts = rest.splitn(2, '/');
-                let id = parts.next().unwrap_or_default().to_owned();
-                let within = parts.next().unwrap_or_default();
-                host.mounts
-                    .entry(id.clone())
-                    .or_default()
-                    .push(machines_root.join(&id).join(within));
-            }
-        }
-        let mut known = known.clone();
-        known.extend(host.dirs.iter().cloned());
-        known.extend(host.containers.iter().cloned());
-        known.extend(host.mounts.keys().cloned());
-        for link in dir_names(Path::new("/sys/class/net")) {
-            if !link.starts_with(VETH_PREFIX) {
-                continue;
-            }
-            let alias = std::fs::read_to_string(format!("/sys/class/net/{link}/ifalias"))
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            if known.contains(&alias) {
-                host.veths.insert(alias, link);
-            }
-        }
-        let bases = cgroup_bases();
-        for id in &known {
-            let dirs: Vec<PathBuf> = bases
-                .iter()
-                .map(|base| base.join("berth").join(id))
-                .filter(|dir| dir.is_dir())
-                .collect();
-            if !dirs.is_empty() {
-                host.cgroups.insert(id.clone(), dirs);
-            }
-        }
-        host
-    }
-}
-
-fn dir_names(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok())
-                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                .filter_map(|entry| entry.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The cgroup directory of this process in every hierarchy: runc puts a Machine's cgroup
-/// (`berth/<id>`) below the cgroup of the process that starts it.
-fn cgroup_bases() -> Vec<PathBuf> {
-    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
-        return Vec::new();
-    };
-    let sys = Path::new("/sys/fs/cgroup");
-    let mut bases = Vec::new();
-    for line in own.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (_, controllers, path) = (fields.next(), fields.next(), fields.next());
-        let (Some(controllers), Some(path)) = (controllers, path) else {
-            continue;
-        };
-        let mount = if controllers.is_empty() {
-            // cgroup v2: on its own at /sys/fs/cgroup, or at .../unified in hybrid mode.
-            if sys.join("unified").is_dir() {
-                sys.join("unified")
-            } else {
-                sys.to_owned()
-            }
-        } else {
-            let name = controllers.trim_start_matches("name=");
-            let joined = sys.join(name);
-            if joined.is_dir() {
-                joined
-            } else {
-                sys.join(name.split(',').next().unwrap_or(name))
-            }
-        };
-        // On a v2 host the native driver may have moved the agent into a leaf.
-        let path = if controllers.is_empty() {
-            berth_runtime::native::cgroup::agent_base(path)
-        } else {
-            path
-        };
-        let base = mount.join(path.trim_start_matches('/'));
-        if !bases.contains(&base) {
-            bases.push(base);
-        }
-    }
-    bases
-}
 
 fn finding(kind: FindingKind, id: &str, object: Option<&Path>, message: String) -> DoctorFinding {
     DoctorFinding {
@@ -193,7 +53,6 @@ impl Agent {
     /// Checks every Machine record against the host and the usage journal; with `repair`,
     /// fixes what can be fixed without losing a Machine's files.
     pub async fn run_doctor(&self, repair: bool) -> Result<DoctorReport> {
-        let runc_root = self.inner.config.data_dir.join("runc");
         let machines_root = self.inner.machines_root.clone();
         // Host first, records second: a create records its Machine before it touches the
         // host, so whatever the host shows of a create in flight has a record by then.
@@ -205,9 +64,7 @@ impl Agent {
             .into_iter()
             .map(|(_, id, _)| id)
             .collect();
-        let host = self
-            .scan_host(&machines_root, &runc_root, &first_known)
-            .await?;
+        let host = self.scan_host(&machines_root, &first_known).await?;
         let records = self.inner.store.list_all().await?;
 
         let mut report = DoctorReport {
@@ -281,7 +138,7 @@ impl Agent {
             }
             let mut known = first_known.clone();
             known.insert(id.clone());
-            let now = self.scan_host(&machines_root, &runc_root, &known).await?;
+            let now = self.scan_host(&machines_root, &known).await?;
             let mut findings = orphan_findings(&id, &now, &machines_root);
             if repair && !findings.is_empty() {
                 let outcome = self.remove_orphan(&id, &now).await;
@@ -306,20 +163,18 @@ impl Agent {
         Ok(report)
     }
 
+    /// What the runtime finds on the host (directories, mounts, its containers, veths and
+    /// cgroups), by Machine id. `known` are ids this worker has held.
     async fn scan_host(
         &self,
         machines_root: &Path,
-        runc_root: &Path,
         known: &BTreeSet<String>,
     ) -> Result<HostInventory> {
-        let (machines_root, runc_root, known) = (
-            machines_root.to_owned(),
-            runc_root.to_owned(),
-            known.clone(),
-        );
-        tokio::task::spawn_blocking(move || HostInventory::scan(&machines_root, &runc_root, &known))
-            .await
-            .map_err(|error| AgentError::Internal(format!("host scan task: {error}")))
+        Ok(self
+            .inner
+            .runtime
+            .host_inventory(machines_root, known)
+            .await?)
     }
 
     /// One Machine whose lock the caller holds, against the host. `None` when it has just
@@ -776,12 +631,5 @@ mod tests {
                 FindingKind::JournalUnclosedRun,
             ]
         );
-    }
-
-    #[test]
-    fn cgroup_bases_are_below_sys_fs_cgroup() {
-        for base in cgroup_bases() {
-            assert!(base.starts_with("/sys/fs/cgroup"), "{}", base.display());
-        }
     }
 }

@@ -52,9 +52,9 @@ impl AgentError {
     /// record could not be written. Answered as 507 `insufficient_storage`.
     pub fn out_of_space(&self) -> bool {
         match self {
-            AgentError::Runtime(RuntimeError::Io { source, .. }) => {
-                source.raw_os_error() == Some(libc::ENOSPC)
-                    || source.raw_os_error() == Some(libc::EDQUOT)
+            AgentError::Runtime(RuntimeError::Io { error, .. }) => {
+                error.raw_os_error() == Some(libc::ENOSPC)
+                    || error.raw_os_error() == Some(libc::EDQUOT)
             }
             // SQLITE_FULL, with or without an extended code.
             AgentError::Store(sqlx::Error::Database(error)) => error
@@ -174,13 +174,13 @@ mod tests {
     fn a_full_disk_under_a_machine_answers_insufficient_storage() {
         let full = AgentError::Runtime(RuntimeError::Io {
             context: "write config.json".into(),
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
         });
         let (status, body) = full.to_response();
         assert_eq!((status, body.error.as_str()), (507, "insufficient_storage"));
         let other = AgentError::Runtime(RuntimeError::Io {
             context: "write config.json".into(),
-            source: std::io::Error::from_raw_os_error(libc::EACCES),
+            error: std::io::Error::from_raw_os_error(libc::EACCES),
         });
         assert_eq!(other.to_response().0, 500);
     }

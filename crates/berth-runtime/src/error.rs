@@ -3,18 +3,37 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything that can go wrong while running a Machine on the host.
+///
+/// Variants say what failed, not which driver was running; `driver` says that where it
+/// matters. A variant either shows its cause in its message or returns it from
+/// `source()`, never both, so a reporter that walks the chain says each thing once.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// A host operation (file, mount, namespace, process) failed.
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
+    /// A host operation (file, mount, namespace, process) failed; `error` carries the
+    /// errno and is part of the message.
+    #[error("{context}: {error}")]
+    Io { context: String, error: io::Error },
+    /// The driver could not start the Machine; `message` carries the driver's own words
+    /// (runc's, or the supervisor's).
+    #[error("{driver} could not start machine {id}: {message}")]
+    Start {
+        driver: &'static str,
+        id: String,
+        message: String,
     },
-    /// runc or the shim refused to run the Machine; `message` carries runc's own words.
-    #[error("runc failed for machine {id}: {message}")]
-    Runc { id: String, message: String },
+    /// Start found the Machine's supervisor still alive.
+    #[error("machine {id} is already running (shim pid {shim_pid})")]
+    AlreadyRunning { id: String, shim_pid: u32 },
+    /// An operation that needs the Machine running found it stopped.
+    #[error("machine {id} is not running")]
+    NotRunning { id: String },
+    /// The driver could not clear a run's state; `message` carries its own words.
+    #[error("{driver} could not clean up machine {id}: {message}")]
+    Cleanup {
+        driver: &'static str,
+        id: String,
+        message: String,
+    },
     #[error("machine {id} did not start within {timeout:?}")]
     StartTimeout { id: String, timeout: Duration },
     /// start was called before prepare wrote the bundle.
@@ -22,13 +41,10 @@ pub enum RuntimeError {
     NotPrepared { id: String, path: PathBuf },
     #[error("invalid spec for machine {id}: {message}")]
     InvalidSpec { id: String, message: String },
-    /// A netlink request for the Machine network failed; `source` carries the errno.
-    #[error("{context}: {source}")]
-    Network {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    /// A netlink request for the Machine network failed; `error` carries the errno and
+    /// is part of the message.
+    #[error("{context}: {error}")]
+    Network { context: String, error: io::Error },
     /// The worker's network configuration (bridge name, prefix) cannot be used.
     #[error("invalid network configuration: {0}")]
     InvalidNetwork(String),
@@ -44,7 +60,10 @@ impl RuntimeError {
     pub fn code(&self) -> &'static str {
         match self {
             RuntimeError::Io { .. } | RuntimeError::Internal(_) => "internal",
-            RuntimeError::Runc { .. } => "runtime_failed",
+            RuntimeError::Start { .. }
+            | RuntimeError::AlreadyRunning { .. }
+            | RuntimeError::NotRunning { .. }
+            | RuntimeError::Cleanup { .. } => "runtime_failed",
             RuntimeError::StartTimeout { .. } => "start_timeout",
             RuntimeError::NotPrepared { .. } => "not_prepared",
             RuntimeError::InvalidSpec { .. } => "invalid_spec",
@@ -54,10 +73,10 @@ impl RuntimeError {
         }
     }
 
-    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> RuntimeError {
+    pub(crate) fn io(context: impl Into<String>, error: io::Error) -> RuntimeError {
         RuntimeError::Io {
             context: context.into(),
-            source,
+            error,
         }
     }
 }
@@ -70,5 +89,43 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx<F: FnOnce() -> String>(self, context: F) -> Result<T, RuntimeError> {
         self.map_err(|e| RuntimeError::io(context(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    /// Each message says its cause once: shown in the message, or given as the source.
+    #[test]
+    fn no_message_repeats_its_source() {
+        let errno = || io::Error::from_raw_os_error(libc::ENOSPC);
+        let errors = [
+            RuntimeError::io("write config.json", errno()),
+            RuntimeError::Network {
+                context: "add veth".into(),
+                error: errno(),
+            },
+            RuntimeError::Start {
+                driver: "native",
+                id: "m1".into(),
+                message: "exec failed".into(),
+            },
+        ];
+        for error in errors {
+            let mut text = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                assert!(!text.contains(&cause_text), "{text} repeats {cause_text}");
+                text = cause_text;
+                source = cause.source();
+            }
+        }
+        assert_eq!(
+            RuntimeError::io("write config.json", errno()).to_string(),
+            format!("write config.json: {}", errno())
+        );
     }
 }

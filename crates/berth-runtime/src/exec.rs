@@ -1,13 +1,12 @@
-//! Running a command inside a running Machine (`runc exec` under `berth shim exec-guard`,
-//! or the native driver's `berth shim nsexec`): its namespaces, its cgroups, the user and
-//! environment of its spec. Output is capped; the helper kills the process through a
-//! pidfd at the timeout, or when the agent dies.
+//! Running a command inside a running Machine: its namespaces, its cgroups, the user and
+//! environment of its spec, through an exec helper each driver names (`runc exec` under
+//! `berth shim exec-guard`, or the native driver's `berth shim nsexec`). Output is capped;
+//! the helper kills the process through a pidfd at the timeout, or when the agent dies.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,10 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use rustix::pipe::PipeFlags;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::exec_guard::GuardArgs;
 use crate::helper::{self, Outcome};
-use crate::native::exec_in::NsexecArgs;
-use crate::{util, MachineLayout};
+use crate::MachineLayout;
 
 /// How long output is still read after the process ended: a background child of the
 /// command may hold the pipes open forever.
@@ -63,11 +60,6 @@ impl CappedBuffer {
     }
 }
 
-fn unique_suffix() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
 async fn pump(mut source: impl AsyncRead + Unpin, sink: Arc<Mutex<CappedBuffer>>, cap: usize) {
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
@@ -89,82 +81,11 @@ fn take(buffer: &Arc<Mutex<CappedBuffer>>) -> (Vec<u8>, bool) {
     }
 }
 
-/// `berth shim exec-guard ... -- runc exec --pid-file <run>/exec-N.pid <id> <cmd...>`.
-///
-/// runc cannot forward SIGKILL, and a `runc exec` that dies leaves its command running,
-/// so the guard ([`crate::exec_guard`]) runs runc, enforces the timeout by killing the
-/// process runc started (through a pidfd, checked to be runc's child in the Machine's pid
-/// namespace), and kills both when the agent dies.
-pub(crate) async fn runc_exec(
-    shim_command: &[OsString],
-    runc_binary: &Path,
-    runc_root: &Path,
-    layout: &MachineLayout,
-    spec: &ExecSpec,
-) -> Result<ExecOutput, RuntimeError> {
-    let id = &layout.id;
-    if spec.cmd.is_empty() {
-        return Err(RuntimeError::InvalidSpec {
-            id: id.clone(),
-            message: "exec needs a command".into(),
-        });
-    }
-    let Some((program, leading)) = shim_command.split_first() else {
-        return Err(RuntimeError::Internal("shim command is empty".into()));
-    };
-    let pid_file = exec_pid_file(layout);
-    let mut runc: Vec<OsString> = vec![
-        runc_binary.into(),
-        "--root".into(),
-        runc_root.into(),
-        "exec".into(),
-        "--pid-file".into(),
-        pid_file.clone().into(),
-        id.into(),
-    ];
-    runc.extend(spec.cmd.iter().map(OsString::from));
-    let args = GuardArgs {
-        timeout: spec.timeout,
-        status_fd: helper::STATUS_FD,
-        pid_file: pid_file.clone(),
-        run_dir: layout.run_dir(),
-        runc,
-    };
-    let mut command = tokio::process::Command::new(program);
-    command.args(leading);
-    let output = run_helper(command, args.to_args(), layout, spec, Path::new(program)).await;
-    // The guard removes it; this is for a guard that did not get to.
-    let _ = util::remove_file_if_exists(&pid_file);
-    output
-}
-
-/// A fresh pid file name in the Machine's run directory.
-fn exec_pid_file(layout: &MachineLayout) -> std::path::PathBuf {
-    layout.run_dir().join(format!(
-        "exec-{}-{}.pid",
-        std::process::id(),
-        unique_suffix()
-    ))
-}
-
-/// `berth shim nsexec`: see [`run_helper`].
-pub(crate) async fn nsexec(
-    command: tokio::process::Command,
-    mut args: NsexecArgs,
-    layout: &MachineLayout,
-    spec: &ExecSpec,
-    program: &Path,
-) -> Result<ExecOutput, RuntimeError> {
-    args.status_fd = helper::STATUS_FD;
-    args.timeout = spec.timeout;
-    run_helper(command, args.to_args(), layout, spec, program).await
-}
-
 /// Runs an exec helper (`command` with `args`, which name [`helper::STATUS_FD`] as the
 /// status descriptor and the spec's timeout): the helper enforces the timeout itself and
 /// says how the command ended on a status pipe. Should it hang anyway, the agent kills
 /// the helper it spawned, and runc or the command goes with it (parent-death signal).
-async fn run_helper(
+pub(crate) async fn run_helper(
     mut command: tokio::process::Command,
     args: Vec<OsString>,
     layout: &MachineLayout,

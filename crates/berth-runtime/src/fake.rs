@@ -77,12 +77,12 @@ impl FakeRuntime {
         self.state.lock().await.calls.clear();
     }
 
-    /// The next start fails with a runc-style error carrying `message`.
+    /// The next start fails with a start error carrying `message`.
     pub async fn fail_next_start(&self, message: impl Into<String>) {
         self.state.lock().await.fail_next_start = Some(message.into());
     }
 
-    /// The next cleanup fails with a runc-style error carrying `message` (after the
+    /// The next cleanup fails with a cleanup error carrying `message` (after the
     /// Machine's process is gone): an operation that fails halfway.
     pub async fn fail_next_cleanup(&self, message: impl Into<String>) {
         self.state.lock().await.fail_next_cleanup = Some(message.into());
@@ -189,7 +189,8 @@ impl Runtime for FakeRuntime {
         let mut state = self.state.lock().await;
         state.calls.push(format!("start {}", layout.id));
         if let Some(message) = state.fail_next_start.take() {
-            return Err(RuntimeError::Runc {
+            return Err(RuntimeError::Start {
+                driver: "fake",
                 id: layout.id.clone(),
                 message,
             });
@@ -203,7 +204,8 @@ impl Runtime for FakeRuntime {
             });
         };
         if matches!(machine.status, Status::Running { .. }) {
-            return Err(RuntimeError::Runc {
+            return Err(RuntimeError::Start {
+                driver: "fake",
                 id: layout.id.clone(),
                 message: "machine is already running".into(),
             });
@@ -284,7 +286,8 @@ impl Runtime for FakeRuntime {
         drop(state);
         self.changed.send_modify(|v| *v += 1);
         match failure {
-            Some(message) => Err(RuntimeError::Runc {
+            Some(message) => Err(RuntimeError::Cleanup {
+                driver: "fake",
                 id: layout.id.clone(),
                 message,
             }),
@@ -324,9 +327,8 @@ impl Runtime for FakeRuntime {
                 .get(&layout.id)
                 .is_some_and(|m| matches!(m.status, Status::Running { .. }));
             if !running {
-                return Err(RuntimeError::Runc {
+                return Err(RuntimeError::NotRunning {
                     id: layout.id.clone(),
-                    message: "container is not running".into(),
                 });
             }
         }

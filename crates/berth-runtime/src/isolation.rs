@@ -399,9 +399,7 @@ pub(crate) async fn list_bridge_table(table: &str) -> Result<serde_json::Value, 
     if !output.status.success() {
         return Err(RuntimeError::Network {
             context: format!("list nftables table bridge {table}"),
-            source: std::io::Error::other(
-                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            ),
+            error: std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_owned()),
         });
     }
     serde_json::from_slice(&output.stdout)

@@ -1,14 +1,19 @@
 //! Running Machines on a host.
 //!
 //! The [`Runtime`] trait is the seam between the agent (which decides) and the host (which
-//! acts). [`runc::RuncRuntime`] drives real runc over an overlayfs rootfs inside a
-//! persistent network namespace, plugged into the worker's bridge by
-//! [`network::WorkerNetwork`]; [`fake::FakeRuntime`] records calls for unit tests.
+//! acts). Two drivers implement it as peers over an overlayfs rootfs inside a persistent
+//! network namespace, plugged into the worker's bridge by [`network::WorkerNetwork`]:
+//! [`native::NativeRuntime`] (a spawner forks each Machine's init) and
+//! [`runc::RuncRuntime`] (real runc). Each uses the shared [`host`] layer (processes, the
+//! run directory, preparation, teardown, the doctor's inventory) and the per-Machine
+//! [`supervisor`]; neither imports the other. [`fake::FakeRuntime`] records calls for
+//! unit tests.
 //!
 //! The split between [`Runtime::prepare`] and [`Runtime::start`] is the product: prepare
 //! runs once at create and may be slow; start runs many times and must only do what
 //! booting needs.
 
+use std::collections::BTreeSet;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod exec;
 pub mod fake;
+pub mod host;
 pub mod isolation;
 pub mod logs;
 pub mod native;
@@ -29,16 +35,17 @@ pub mod runc;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
+pub mod supervisor;
 pub mod timing;
 pub mod userns;
 
 mod error;
-mod exec_guard;
 mod helper;
 mod inroot;
 mod machine_init;
 mod util;
 pub use error::RuntimeError;
+pub use host::HostInventory;
 
 /// Where one Machine's files live on the host. Everything the Machine owns is below `dir`,
 /// so destroy is one directory removal once the mounts are gone.
@@ -173,29 +180,41 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<Started, RuntimeError>;
 
     /// Sends a signal to the Machine's init process. A Machine that is not running is not
-    /// an error.
-    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError>;
+    /// an error. By default through the run directory every driver's supervisor keeps
+    /// ([`host::RunDir`]).
+    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
+        host::run_dir::signal_init(layout, signal).await
+    }
 
     /// Waits until the Machine's init process has exited, up to `timeout` (forever when
-    /// `None`). Works for Machines started by an earlier agent process too.
+    /// `None`). Works for Machines started by an earlier agent process too. By default
+    /// through the run directory.
     async fn wait_exit(
         &self,
         layout: &MachineLayout,
         timeout: Option<Duration>,
-    ) -> Result<Option<ExitRecord>, RuntimeError>;
+    ) -> Result<Option<ExitRecord>, RuntimeError> {
+        host::run_dir::wait_for_exit(layout, timeout).await
+    }
 
     /// After an exit: removes the runtime's container state and unmounts the rootfs.
     /// Keeps the upperdir. Idempotent.
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError>;
 
-    /// What the host says about the Machine right now.
-    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError>;
+    /// What the host says about the Machine right now. By default from the run directory
+    /// and /proc.
+    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
+        host::run_dir::read_status(layout).await
+    }
 
     /// After a host restart, for a Machine that is not running: pins its network
     /// namespace again and plugs it in with its recorded address, as start would, so a
     /// stopped Machine has its network before its next start. Nothing when it is pinned.
-    async fn restore_network(&self, _layout: &MachineLayout) -> Result<(), RuntimeError> {
-        Ok(())
+    async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
+        match self.host_config() {
+            Some(host) => host.restore_network(layout).await,
+            None => Ok(()),
+        }
     }
 
     /// Destroy: kills anything left, removes mounts, the veth pair, the network namespace
@@ -207,9 +226,25 @@ pub trait Runtime: Send + Sync + 'static {
     /// periodic storage sample, never for start.
     async fn disk_usage(
         &self,
-        _layout: &MachineLayout,
+        layout: &MachineLayout,
     ) -> Result<Option<quota::DiskUsage>, RuntimeError> {
-        Ok(None)
+        match self.host_config() {
+            Some(host) => host.disk_usage(layout).await,
+            None => Ok(None),
+        }
+    }
+
+    /// What the host holds that looks like Machines of this worker, for the doctor:
+    /// directories and mounts under `machines_root`, veths and cgroups of `known` ids (the
+    /// ids the worker has held; those are host-wide) and of the ids found there. The
+    /// default lists what every driver leaves; a driver with state of its own (runc's
+    /// containers) adds it.
+    async fn host_inventory(
+        &self,
+        machines_root: &Path,
+        known: &BTreeSet<String>,
+    ) -> Result<HostInventory, RuntimeError> {
+        HostInventory::list(machines_root, known, None).await
     }
 
     /// Runs a command inside the running Machine's namespaces and cgroups, with its
@@ -219,4 +254,10 @@ pub trait Runtime: Send + Sync + 'static {
         layout: &MachineLayout,
         spec: &exec::ExecSpec,
     ) -> Result<exec::ExecOutput, RuntimeError>;
+
+    /// The host parts the driver was made with (network, id registry, disk quotas), which
+    /// the defaults of `restore_network` and `disk_usage` use; `None` for a runtime that touches no host (the fake).
+    fn host_config(&self) -> Option<&host::HostConfig> {
+        None
+    }
 }

@@ -154,7 +154,8 @@ pub(crate) fn before_runc_start(
     .map_err(io::Error::from)
     .ctx(|| format!("open {}", rootfs.display()))?;
     find_in_root(root.as_fd(), program, &process.env, &process.cwd).map_err(|message| {
-        RuntimeError::Runc {
+        RuntimeError::Start {
+            driver: "runc",
             id: id.to_owned(),
             message,
         }

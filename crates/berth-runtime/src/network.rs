@@ -105,6 +105,10 @@ impl NetworkConfig {
     }
 }
 
+/// How the host-side veth of every Machine is named: this prefix, and its alias is the
+/// Machine id.
+pub const HOST_LINK_PREFIX: &str = "bv";
+
 /// The bridge of one worker, made (or found) by [`WorkerNetwork::ensure`].
 #[derive(Debug)]
 pub struct WorkerNetwork {
@@ -187,12 +191,13 @@ impl WorkerNetwork {
         gateway_of(&self.config.prefix)
     }
 
-    /// The host-side veth name of a Machine: `bv` and 12 hex digits of the SHA-256 of its
-    /// id, so every agent process derives the same name without keeping it anywhere.
+    /// The host-side veth name of a Machine: [`HOST_LINK_PREFIX`] and 12 hex digits of
+    /// the SHA-256 of its id, so every agent process derives the same name without keeping
+    /// it anywhere.
     pub fn host_link_name(machine_id: &str) -> String {
         let digest = Sha256::digest(machine_id.as_bytes());
         let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        format!("bv{hex}")
+        format!("{HOST_LINK_PREFIX}{hex}")
     }
 
     /// Whether `address` can be given to a Machine: inside the prefix, and neither the
@@ -377,8 +382,8 @@ impl WorkerNetwork {
         .map_err(|e| match e {
             RuntimeError::Network {
                 context: what,
-                source,
-            } => network_error(context(&what), source),
+                error,
+            } => network_error(context(&what), error),
             other => other,
         })
     }
@@ -632,8 +637,8 @@ fn netlink_error(context: String, e: rtnetlink::Error) -> RuntimeError {
     network_error(context, source)
 }
 
-fn network_error(context: String, source: io::Error) -> RuntimeError {
-    RuntimeError::Network { context, source }
+fn network_error(context: String, error: io::Error) -> RuntimeError {
+    RuntimeError::Network { context, error }
 }
 
 fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
@@ -784,7 +789,7 @@ pub(crate) async fn reattach(
         return Ok(());
     };
     let config = layout.config_json();
-    let recorded = crate::runc::blocking(move || crate::spec::read_network(&config)).await?;
+    let recorded = crate::host::blocking(move || crate::spec::read_network(&config)).await?;
     if let Some(address) = recorded.private_ip {
         network
             .attach(
@@ -812,7 +817,7 @@ pub(crate) async fn restore(
     {
         let layout = layout.clone();
         let registry = registry.clone();
-        crate::runc::blocking(move || crate::userns::ensure(&layout, &registry)).await?;
+        crate::host::blocking(move || crate::userns::ensure(&layout, &registry)).await?;
     }
     reattach(network, layout).await
 }

@@ -386,7 +386,7 @@ async fn another_orgs_machine_is_unreachable_and_the_same_orgs_is_reachable() {
     let net = TestNet::new();
     let network = net.ensure(&[]).await;
     let f = Fixture::of_with_config(Driver::Native, "iso-orgs", |c| {
-        c.network = Some(network.clone())
+        c.host.network = Some(network.clone())
     });
     let victim = f.layout.clone();
     let friend = f.another_layout("iso-friend");
@@ -469,7 +469,7 @@ async fn forged_neighbour_advertisements_do_not_redirect_the_host() {
     let net = TestNet::new();
     let network = net.ensure(&[]).await;
     let f = Fixture::of_with_config(Driver::Native, "iso-nd", |c| {
-        c.network = Some(network.clone())
+        c.host.network = Some(network.clone())
     });
     let victim = f.layout.clone();
     let attacker = f.another_layout("iso-nd-attacker");

@@ -87,12 +87,12 @@ impl QuotaFs {
 
     fn runtime(&mut self, driver: Driver, quota: Option<DiskQuota>) -> Arc<dyn Runtime> {
         let mut config: RuncConfig = common::runtime_config(&self.tmp.path().join("runc"));
-        config.disk_quota = quota;
+        config.host.disk_quota = quota;
         let runtime: Arc<dyn Runtime> = match driver {
             Driver::Runc => Arc::new(RuncRuntime::new(config)),
             Driver::Native => {
                 let mut native = common::native_config(&config);
-                native.disk_quota = config.disk_quota.clone();
+                native.host.disk_quota = config.host.disk_quota.clone();
                 Arc::new(NativeRuntime::new(native).unwrap())
             }
         };

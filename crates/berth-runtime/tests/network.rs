@@ -295,7 +295,7 @@ async fn host_reaches_a_machine_at_its_private_address_and_loopback_works() {
     let _shared = NETLINK_COUNTER.read().await;
     let net = TestNet::new();
     let network = net.ensure().await;
-    let f = Fixture::with_config("net-host", |c| c.network = Some(network.clone()));
+    let f = Fixture::with_config("net-host", |c| c.host.network = Some(network.clone()));
     let host_link = net.track(f.id());
     let address = net.address(1);
     let script = "httpd -p 8080 -h /www; \
@@ -335,7 +335,7 @@ async fn machines_on_one_worker_reach_each_other() {
     let _shared = NETLINK_COUNTER.read().await;
     let net = TestNet::new();
     let network = net.ensure().await;
-    let f = Fixture::with_config("net-a", |c| c.network = Some(network.clone()));
+    let f = Fixture::with_config("net-a", |c| c.host.network = Some(network.clone()));
     let a = f.layout.clone();
     let b = f.another_layout("net-b");
     net.track(&a.id);
@@ -378,7 +378,7 @@ async fn address_and_veth_survive_stop_and_start_without_netlink() {
     let _exclusive = NETLINK_COUNTER.write().await;
     let net = TestNet::new();
     let network = net.ensure().await;
-    let f = Fixture::with_config("net-restart", |c| c.network = Some(network.clone()));
+    let f = Fixture::with_config("net-restart", |c| c.host.network = Some(network.clone()));
     let host_link = net.track(f.id());
     let address = net.address(7);
     let script = "echo \"eth0=$(cat /sys/class/net/eth0/ifindex)\"; exec httpd -f -p 8080 -h /www";
@@ -429,7 +429,7 @@ async fn remove_deletes_the_veth_pair_the_namespace_and_the_address() {
     let _shared = NETLINK_COUNTER.read().await;
     let net = TestNet::new();
     let network = net.ensure().await;
-    let f = Fixture::with_config("net-remove", |c| c.network = Some(network.clone()));
+    let f = Fixture::with_config("net-remove", |c| c.host.network = Some(network.clone()));
     let host_link = net.track(f.id());
     let address = net.address(3);
     let mut spec = f.spec(&["httpd", "-f", "-p", "8080", "-h", "/www"]);
@@ -647,7 +647,7 @@ async fn prepare_refuses_addresses_it_cannot_give() {
     // Outside the worker's prefix, or one of its reserved addresses.
     let net = TestNet::new();
     let network = net.ensure().await;
-    let f = Fixture::with_config("net-bad", |c| c.network = Some(network.clone()));
+    let f = Fixture::with_config("net-bad", |c| c.host.network = Some(network.clone()));
     net.track(f.id());
     let outside: Ipv6Addr = "fd43::5".parse().unwrap();
     for bad in [outside, net.prefix.network(), network.gateway()] {
@@ -665,7 +665,7 @@ async fn start_rebuilds_the_network_after_a_host_reboot() {
     let _shared = NETLINK_COUNTER.read().await;
     let net = TestNet::new();
     let network = net.ensure().await;
-    let f = Fixture::with_config("net-reboot", |c| c.network = Some(network.clone()));
+    let f = Fixture::with_config("net-reboot", |c| c.host.network = Some(network.clone()));
     let host_link = net.track(f.id());
     let address = net.address(5);
     let mut spec = f.spec(&["httpd", "-f", "-p", "8080", "-h", "/www"]);

@@ -12,6 +12,7 @@ use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
+use berth_runtime::host::HostConfig;
 use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
 use berth_runtime::quota::{DiskQuota, QuotaMode, QuotaSupport};
@@ -59,9 +60,11 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
             shim_command: parts.shim_command,
             log_max_bytes: parts.log_max_bytes,
             start_timeout,
-            network: parts.network,
-            id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
-            disk_quota,
+            host: HostConfig {
+                network: parts.network,
+                id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
+                disk_quota,
+            },
         })),
         RuntimeKind::Native => Arc::new(
             NativeRuntime::new(NativeConfig {
@@ -69,9 +72,11 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
                 state_dir: parts.worker_dir.join("native"),
                 log_max_bytes: parts.log_max_bytes,
                 start_timeout,
-                network: parts.network,
-                id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
-                disk_quota,
+                host: HostConfig {
+                    network: parts.network,
+                    id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
+                    disk_quota,
+                },
             })
             .context("the native runtime")?,
         ),

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::LinuxResources;
 
 use super::devices;
+use crate::host::cgroup::{agent_base, AGENT_LEAF};
 pub(crate) use v2::{clone_into, clone_into_unsupported};
 
 /// v1 controllers a Machine joins: the limited ones (memory, cpu, pids, devices) and
@@ -33,10 +34,6 @@ const LIMITED: [&str; 3] = ["memory", "cpu", "pids"];
 const CPU_PERIOD_US: u64 = 100_000;
 /// How often remove retries a cgroup that is still busy, 10 ms apart.
 const REMOVE_TRIES: u32 = 100;
-/// On a v2 host where Berth enables controllers, the leaf below its own cgroup that it
-/// moves itself into (a cgroup handing controllers to children may hold no process).
-/// Discovery takes a process found in it as one of its parent.
-pub const AGENT_LEAF: &str = "berth-agent";
 
 /// Where the Machines' cgroups go: one parent directory per hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,18 +103,6 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
             })
         })
         .collect()
-}
-
-/// The cgroup whose `berth/` holds the Machines, for a process in the v2 cgroup `path`
-/// (a `/proc/<pid>/cgroup` path): its parent when it is [`AGENT_LEAF`], else itself.
-pub fn agent_base(path: &str) -> &str {
-    match path.strip_suffix(AGENT_LEAF) {
-        Some(parent) if parent.ends_with('/') => match parent.trim_end_matches('/') {
-            "" => "/",
-            parent => parent,
-        },
-        _ => path,
-    }
 }
 
 /// `path` (from `/proc/self/cgroup`) below the mount's root, relative.

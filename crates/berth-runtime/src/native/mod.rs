@@ -8,17 +8,15 @@
 //! masked and read-only paths, hostname, rlimits, capabilities, no_new_privs and the
 //! seccomp profile. The cgroups are made and limited at create ([`cgroup`]).
 //!
-//! The supervisor keeps the shim's files (`run/shim.pid`, `run/init.pid`,
-//! `run/exit.json`), so status, signal, wait and recovery after an agent restart are
-//! the runc driver's own code.
+//! The supervisor keeps the run directory's files ([`crate::host::RunDir`]), so status,
+//! signal, wait and recovery after an agent restart are the host layer's, shared with
+//! every driver.
 
 use std::ffi::OsString;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,14 +25,14 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::network::{self, WorkerNetwork};
-use crate::quota::{DiskQuota, DiskUsage};
-use crate::runc::{self, blocking, live_shim};
-use crate::shim::{self, ShimReport};
+use crate::host::process::kill_pid;
+use crate::host::run_dir::RunDir;
+use crate::host::{self, blocking, prepare, teardown, HostConfig};
+use crate::network;
+use crate::supervisor::{self, Report};
 use crate::timing::{micros, StepTimes};
-use crate::userns::IdRegistry;
-use crate::{exec, logs, spec, util};
-use crate::{BundleSpec, ExitRecord, MachineLayout, Runtime, Started, Status};
+use crate::{exec, logs};
+use crate::{BundleSpec, MachineLayout, Runtime, Started};
 
 pub mod cgroup;
 pub(crate) mod devices;
@@ -43,11 +41,6 @@ pub(crate) mod init;
 pub mod spawner;
 
 pub use exec_in::NSEXEC_ARG;
-
-/// How long cleanup waits for a supervisor to finish after its Machine was killed.
-const SHIM_EXIT_GRACE: Duration = Duration::from_secs(3);
-/// How long remove waits for a killed Machine before tearing it down anyway.
-const KILL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct NativeConfig {
@@ -59,12 +52,8 @@ pub struct NativeConfig {
     pub log_max_bytes: u64,
     /// How long start waits for the supervisor's report.
     pub start_timeout: Duration,
-    /// The worker's Machine network; as for [`runc::RuncConfig::network`].
-    pub network: Option<Arc<WorkerNetwork>>,
-    /// As for [`runc::RuncConfig::id_registry`].
-    pub id_registry: IdRegistry,
-    /// As for [`runc::RuncConfig::disk_quota`].
-    pub disk_quota: Option<DiskQuota>,
+    /// The network, id registry and disk quotas.
+    pub host: HostConfig,
 }
 
 impl NativeConfig {
@@ -74,9 +63,7 @@ impl NativeConfig {
             state_dir,
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(30),
-            network: None,
-            id_registry: IdRegistry::new(crate::userns::DEFAULT_REGISTRY),
-            disk_quota: None,
+            host: HostConfig::default(),
         }
     }
 }
@@ -176,32 +163,6 @@ impl NativeRuntime {
         Ok(stream)
     }
 
-    /// Checks and stale state before a start, all cheap syscalls. True when the network
-    /// namespace had to be made again (after a host reboot).
-    fn before_start(&self, layout: &MachineLayout) -> Result<bool, RuntimeError> {
-        let id = &layout.id;
-        let config = layout.config_json();
-        if !config.exists() {
-            return Err(RuntimeError::NotPrepared {
-                id: id.clone(),
-                path: config,
-            });
-        }
-        let run = layout.run_dir();
-        if let Some(pid) = live_shim(&run)? {
-            return Err(RuntimeError::Runc {
-                id: id.clone(),
-                message: format!("machine is already running (shim pid {pid})"),
-            });
-        }
-        let repinned = crate::userns::ensure(layout, &self.config.id_registry)?;
-        for name in [shim::EXIT_FILE, shim::INIT_PID_FILE] {
-            let path = run.join(name);
-            util::remove_file_if_exists(&path).ctx(|| format!("remove {}", path.display()))?;
-        }
-        Ok(repinned)
-    }
-
     /// Makes the Machine's cgroups again with the limits in its `config.json`.
     async fn prepare_cgroups_again(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let cgroups = self.cgroups.clone();
@@ -222,7 +183,7 @@ impl NativeRuntime {
         &self,
         layout: &MachineLayout,
         lowerdirs: &[PathBuf],
-    ) -> Result<ShimReport, RuntimeError> {
+    ) -> Result<Report, RuntimeError> {
         let id = &layout.id;
         let request = spawner::StartRequest {
             id: id.clone(),
@@ -240,64 +201,30 @@ impl NativeRuntime {
             .write_all(&line)
             .await
             .ctx(|| format!("send start of machine {id} to the spawner"))?;
-        let mut reply = String::new();
-        let read = tokio::time::timeout(
-            self.config.start_timeout,
-            BufReader::new(stream).read_line(&mut reply),
-        )
-        .await;
-        match read {
-            Err(_) => Err(RuntimeError::StartTimeout {
-                id: id.clone(),
-                timeout: self.config.start_timeout,
-            }),
-            Ok(Err(e)) => Err(RuntimeError::io(
-                format!("read start report of machine {id}"),
-                e,
-            )),
-            Ok(Ok(0)) => Err(RuntimeError::Runc {
-                id: id.clone(),
-                message: "the supervisor exited without a report".into(),
-            }),
-            Ok(Ok(_)) => serde_json::from_str(reply.trim()).map_err(|e| RuntimeError::Runc {
-                id: id.clone(),
-                message: format!("bad start report {:?}: {e}", reply.trim()),
-            }),
-        }
+        supervisor::read_report(stream, self.config.start_timeout, "native", id).await
     }
 
     /// After an exit (or a failed start): waits for the supervisor, removes the run dir.
-    fn cleanup_blocking(layout: &MachineLayout) -> Result<(), RuntimeError> {
-        let run = layout.run_dir();
-        if let Some(pid) = live_shim(&run)? {
-            if !runc::wait_process_blocking(pid, SHIM_EXIT_GRACE) {
-                runc::kill_pid(pid, libc::SIGKILL);
-                runc::wait_process_blocking(pid, SHIM_EXIT_GRACE);
-            }
-        }
-        match fs::remove_dir_all(&run) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(RuntimeError::io(format!("remove {}", run.display()), e))
-            }
-            _ => Ok(()),
-        }
+    fn end_run(layout: &MachineLayout) -> Result<(), RuntimeError> {
+        let run = RunDir::of(layout);
+        teardown::wait_for_supervisor(&run)?;
+        run.remove()
     }
 
     /// Best-effort teardown after a failed start; the start error is what matters.
     async fn abort_start(&self, layout: &MachineLayout) {
         let layout = layout.clone();
         let _ = blocking(move || {
-            if let Ok(Some(pid)) = live_shim(&layout.run_dir()) {
+            let run = RunDir::of(&layout);
+            if let Ok(Some(pid)) = run.live_shim() {
                 // The supervisor's pid namespace dies with its init; kill the supervisor,
                 // its init (pid 1 there) takes everything else with it.
-                if let Ok(Some(init)) =
-                    shim::read_pid_file(&layout.run_dir().join(shim::INIT_PID_FILE))
-                {
-                    runc::kill_pid(init, libc::SIGKILL);
+                if let Ok(Some(init)) = run.read_init_pid() {
+                    kill_pid(init, libc::SIGKILL);
                 }
-                runc::kill_pid(pid, libc::SIGKILL);
+                kill_pid(pid, libc::SIGKILL);
             }
-            NativeRuntime::cleanup_blocking(&layout)
+            NativeRuntime::end_run(&layout)
         })
         .await;
     }
@@ -310,38 +237,14 @@ impl Runtime for NativeRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        let id = layout.id.clone();
-        let network = runc::machine_network(self.config.network.as_ref(), &id, spec.private_ip)?;
-        let oci = spec::build(spec, &layout.rootfs(), &layout.netns())?;
-        let ids = {
-            let layout = layout.clone();
-            let cgroups = self.cgroups.clone();
-            let registry = self.config.id_registry.clone();
-            let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
-            let quota = self.config.disk_quota.clone();
-            let disk_mb = spec.disk_mb;
-            blocking(move || {
-                runc::prepare_disk_quota(quota.as_ref(), &layout, disk_mb)?;
-                let ids = runc::make_dirs_and_namespaces(&layout, &registry)?;
-                cgroups
-                    .prepare(&layout.id, resources.as_ref())
-                    .ctx(|| format!("cgroups of machine {}", layout.id))?;
-                Ok(ids)
-            })
-            .await?
+        let cgroups = self.cgroups.clone();
+        let make_cgroups = move |layout: &MachineLayout, oci: &oci_spec::runtime::Spec| {
+            let resources = oci.linux().as_ref().and_then(|l| l.resources().as_ref());
+            cgroups
+                .prepare(&layout.id, resources)
+                .ctx(|| format!("cgroups of machine {}", layout.id))
         };
-        let config = spec::render(layout, spec, ids)?;
-        if let Some((network, address)) = network {
-            network
-                .attach(&id, &layout.netns(), address, spec.org.as_deref())
-                .await?;
-        }
-        // Written last: a config.json means the Machine is fully prepared.
-        let path = layout.config_json();
-        blocking(move || {
-            util::write_atomic(&path, &config).ctx(|| format!("write {}", path.display()))
-        })
-        .await
+        prepare::prepare(&self.config.host, layout, spec, make_cgroups, |_, config| Ok(config)).await
     }
 
     async fn start(
@@ -349,12 +252,12 @@ impl Runtime for NativeRuntime {
         layout: &MachineLayout,
         lowerdirs: &[PathBuf],
     ) -> Result<Started, RuntimeError> {
-        let t0 = Instant::now();
         let id = layout.id.clone();
+        let t0 = Instant::now();
         // A handful of stats and unlinks: cheaper inline than a hop to a blocking thread.
-        let repinned = self.before_start(layout)?;
+        let repinned = prepare::before_start(layout, &self.config.host.id_registry, || Ok(()))?;
         if repinned {
-            if let Err(e) = network::reattach(self.config.network.as_deref(), layout).await {
+            if let Err(e) = network::reattach(self.config.host.network.as_deref(), layout).await {
                 self.abort_start(layout).await;
                 return Err(e);
             }
@@ -373,103 +276,41 @@ impl Runtime for NativeRuntime {
         }
         let checked_us = micros(t0.elapsed());
         let report = self.ask_spawner(layout, lowerdirs).await;
-        let started = report.and_then(|r| match (r.error, r.pid, r.shim_pid, r.started_at_ms) {
-            (None, Some(pid), Some(shim_pid), Some(started_at_ms)) => {
+        let started = report
+            .and_then(|r| r.into_started("native", &id))
+            .map(|mut started| {
                 let total_us = micros(t0.elapsed());
-                tracing::debug!(
-                    machine = %id,
-                    checked_us,
-                    supervisor_us = r.create_us,
-                    total_us,
-                    "machine started"
-                );
+                let supervisor_us = started.steps.total_us();
+                tracing::debug!(machine = %id, checked_us, supervisor_us, total_us, "machine started");
                 let mut steps = StepTimes::new();
                 steps.record("checks", checked_us);
-                let supervisor_us = r.steps.total_us();
                 // The socket round trip, the spawner's fork, and waking this task.
                 let hop_us = total_us.saturating_sub(checked_us + supervisor_us);
                 steps.record("spawner_hop", hop_us);
-                steps.append(r.steps);
-                Ok(Started {
-                    pid,
-                    shim_pid,
-                    started_at_ms,
-                    steps,
-                })
-            }
-            (Some(message), ..) => Err(RuntimeError::Runc {
-                id: id.clone(),
-                message,
-            }),
-            _ => Err(RuntimeError::Runc {
-                id: id.clone(),
-                message: "incomplete start report".into(),
-            }),
-        });
-        if started.is_err() {
-            self.abort_start(layout).await;
-        }
-        started
-    }
-
-    async fn signal(&self, layout: &MachineLayout, signal: i32) -> Result<(), RuntimeError> {
-        runc::signal_init(layout, signal).await
-    }
-
-    async fn wait_exit(
-        &self,
-        layout: &MachineLayout,
-        timeout: Option<Duration>,
-    ) -> Result<Option<ExitRecord>, RuntimeError> {
-        runc::wait_for_exit(layout, timeout).await
-    }
-
-    async fn restore_network(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        network::restore(
-            self.config.network.as_deref(),
-            layout,
-            &self.config.id_registry,
-        )
-        .await
+                steps.append(std::mem::take(&mut started.steps));
+                started.steps = steps;
+                started
+            });
+        host::settle_start(started, self.abort_start(layout)).await
     }
 
     async fn cleanup(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
         let layout = layout.clone();
-        blocking(move || NativeRuntime::cleanup_blocking(&layout)).await
-    }
-
-    async fn status(&self, layout: &MachineLayout) -> Result<Status, RuntimeError> {
-        runc::read_status(layout).await
-    }
-
-    async fn disk_usage(&self, layout: &MachineLayout) -> Result<Option<DiskUsage>, RuntimeError> {
-        runc::disk_usage(self.config.disk_quota.as_ref(), layout).await
+        blocking(move || NativeRuntime::end_run(&layout)).await
     }
 
     async fn remove(&self, layout: &MachineLayout) -> Result<(), RuntimeError> {
-        if matches!(self.status(layout).await?, Status::Running { .. }) {
-            self.signal(layout, libc::SIGKILL).await?;
-            self.wait_exit(layout, Some(KILL_GRACE)).await?;
-        }
-        if let Some(network) = &self.config.network {
-            network.detach(&layout.id).await?;
-        }
-        let layout = layout.clone();
         let cgroups = self.cgroups.clone();
-        let registry = self.config.id_registry.clone();
-        let quota = self.config.disk_quota.clone();
-        blocking(move || {
+        teardown::remove(&self.config.host, layout, move |layout| {
             let id = &layout.id;
-            NativeRuntime::cleanup_blocking(&layout)?;
+            NativeRuntime::end_run(layout)?;
             cgroups
                 .remove(id)
                 .ctx(|| format!("remove cgroups of machine {id}"))?;
             // Native mounts the rootfs only inside the Machine's mount namespace; a host
             // mount here is the runc driver's, from before the worker switched drivers.
             crate::overlay::unmount(&layout.rootfs())
-                .ctx(|| format!("unmount the rootfs of machine {id}"))?;
-            runc::release_disk_quota(quota.as_ref(), &layout)?;
-            runc::remove_machine_dir(&layout, &registry)
+                .ctx(|| format!("unmount the rootfs of machine {id}"))
         })
         .await
     }
@@ -486,11 +327,9 @@ impl Runtime for NativeRuntime {
                 message: "exec needs a command".into(),
             });
         }
-        let Some((pid, pid_start)) = running_init(layout).await? else {
-            return Err(RuntimeError::Runc {
-                id: id.clone(),
-                message: "machine is not running".into(),
-            });
+        let run = RunDir::of(layout);
+        let Some(init) = blocking(move || run.live_init()).await? else {
+            return Err(RuntimeError::NotRunning { id: id.clone() });
         };
         let Some((program, leading)) = self.config.shim_command.split_first() else {
             return Err(RuntimeError::Internal("shim command is empty".into()));
@@ -498,39 +337,17 @@ impl Runtime for NativeRuntime {
         let mut command = tokio::process::Command::new(program);
         command.args(leading);
         let args = exec_in::NsexecArgs {
-            pid,
-            pid_start,
+            pid: init.pid,
+            pid_start: init.start_time,
             config: layout.config_json(),
             timeout: spec.timeout,
-            status_fd: 0,
+            status_fd: crate::helper::STATUS_FD,
             cmd: spec.cmd.clone(),
         };
-        exec::nsexec(command, args, layout, spec, Path::new(program)).await
+        exec::run_helper(command, args.to_args(), layout, spec, Path::new(program)).await
     }
-}
 
-/// The pid of the Machine's running init and its start time, read in one go with the
-/// check that it is the supervisor's child, so the helper can tell it from a process
-/// that took the pid later.
-async fn running_init(layout: &MachineLayout) -> Result<Option<(u32, u64)>, RuntimeError> {
-    let run = layout.run_dir();
-    let id = layout.id.clone();
-    blocking(move || {
-        let Some(shim_pid) = live_shim(&run)? else {
-            return Ok(None);
-        };
-        let init_file = run.join(shim::INIT_PID_FILE);
-        let Some(pid) =
-            shim::read_pid_file(&init_file).ctx(|| format!("read {}", init_file.display()))?
-        else {
-            return Ok(None);
-        };
-        Ok(
-            match util::proc_stat(pid).ctx(|| format!("stat machine {id} init"))? {
-                Some(st) if st.ppid == shim_pid && st.state != 'Z' => Some((pid, st.start_time)),
-                _ => None,
-            },
-        )
-    })
-    .await
+    fn host_config(&self) -> Option<&HostConfig> {
+        Some(&self.config.host)
+    }
 }

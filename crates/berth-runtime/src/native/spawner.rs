@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup;
 use super::init::{self, InitPlan};
+use crate::host::run_dir::INIT_PID_FILE;
 use crate::overlay::OverlayLayers;
-use crate::shim::{self, ShimArgs, ShimReport, Supervisor};
+use crate::supervisor::{self, Report, Supervisor, SupervisorArgs};
 use crate::timing::{micros, StepTimes};
 use crate::{seccomp, util, MachineLayout};
 
@@ -240,13 +241,13 @@ fn run_spare(
     let identity = nix::unistd::setsid()
         .map_err(io::Error::from)
         .and_then(|_| {
-            shim::prepare_process(&[
+            supervisor::prepare_process(&[
                 listener.as_raw_fd(),
                 taken.as_raw_fd(),
                 host_root.as_raw_fd(),
             ])
         })
-        .and_then(|()| shim::own_identity());
+        .and_then(|()| supervisor::own_identity());
     let Ok(identity) = identity else {
         return 1;
     };
@@ -260,9 +261,9 @@ fn run_spare(
     if rustix::io::write(&taken, &[1]).is_err()
         || rustix::process::set_parent_process_death_signal(None).is_err()
     {
-        shim::report(
+        supervisor::report(
             conn.as_fd(),
-            &ShimReport::error("the spawner went away during the start"),
+            &Report::failed("the spawner went away during the start"),
         );
         return 1;
     }
@@ -272,9 +273,9 @@ fn run_spare(
     match read_request(&conn) {
         Ok(request) => supervise(request, OwnedFd::from(conn), identity, host_root, init),
         Err(e) => {
-            shim::report(
+            supervisor::report(
                 conn.as_fd(),
-                &ShimReport::error(format!("bad start request: {e}")),
+                &Report::failed(format!("bad start request: {e}")),
             );
             1
         }
@@ -300,18 +301,14 @@ fn supervise(
         dir: request.dir.clone(),
     };
     let fail = |message: String| {
-        shim::report(conn.as_fd(), &ShimReport::error(message));
+        supervisor::report(conn.as_fd(), &Report::failed(message));
         1
     };
-    let opts = ShimArgs {
+    let opts = SupervisorArgs {
         id: request.id.clone(),
-        bundle: layout.bundle(),
-        runc_binary: PathBuf::new(),
-        runc_root: PathBuf::new(),
         run_dir: layout.run_dir(),
         log_dir: layout.log_dir(),
         log_max_bytes: request.log_max_bytes,
-        sync_fd: conn.as_raw_fd(),
     };
     let mut mark = Instant::now();
     let mut steps = StepTimes::new();
@@ -320,7 +317,6 @@ fn supervise(
         Err(e) => return fail(format!("shim setup for {}: {e}", request.id)),
     };
     steps.lap("supervisor_setup", &mut mark);
-    let t0 = Instant::now();
     let started = start_init(
         &request,
         &layout,
@@ -336,19 +332,10 @@ fn supervise(
     unsafe { libc::close(init.as_raw_fd()) };
     match started {
         Ok((pid, layers)) => {
-            let oom = shim::OomCounter::for_process(pid);
-            let report = ShimReport {
-                pid: Some(pid),
-                shim_pid: Some(std::process::id()),
-                started_at_ms: Some(util::now_ms()),
-                error: None,
-                create_us: Some(micros(t0.elapsed())),
-                start_us: None,
-                steps,
-            };
-            shim::report(conn.as_fd(), &report);
+            let oom = supervisor::OomCounter::for_process(pid);
+            supervisor::report(conn.as_fd(), &Report::started(pid, steps));
             drop(conn);
-            supervisor.supervise(shim::InitProcess { pid, oom });
+            supervisor.supervise(supervisor::InitProcess { pid, oom });
             // Torn down only now, with the Machine gone: see `OverlayLayers`.
             drop(layers);
             0
@@ -509,7 +496,7 @@ fn start_init(
     mark = Instant::now();
     let pid = u32::try_from(pid.as_raw()).map_err(|e| format!("init pid: {e}"))?;
     // Written for status and signal, like runc's --pid-file. No fsync: start path.
-    let pid_file = layout.run_dir().join(shim::INIT_PID_FILE);
+    let pid_file = layout.run_dir().join(INIT_PID_FILE);
     if let Err(e) = util::write_replace(&pid_file, format!("{pid}\n").as_bytes(), false) {
         // Unrecorded, the Machine could not be signalled: take it down now.
         let _ = nix::sys::signal::kill(

@@ -67,7 +67,7 @@ pub fn native_config(config: &RuncConfig) -> NativeConfig {
     let mut native = NativeConfig::new(config.shim_command.clone(), state_dir);
     native.log_max_bytes = config.log_max_bytes;
     native.start_timeout = config.start_timeout;
-    native.network = config.network.clone();
+    native.host.network = config.host.network.clone();
     native
 }
 

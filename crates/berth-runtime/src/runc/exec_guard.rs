@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 
 use crate::helper::{self, Child, Ended, Flags, Outcome};
-use crate::{shim, util};
+use crate::host::process::pidfd_open;
+use crate::host::run_dir::{read_pid_file, RunDir};
+use crate::util;
 
 pub(crate) const EXEC_GUARD_ARG: &str = "exec-guard";
 
@@ -164,7 +166,7 @@ fn run(args: &GuardArgs, agent: &OwnedFd) -> Result<Outcome, String> {
 /// fallback, so a wrong pid there (which only the host could write) is never signalled.
 fn runc_exec_process(pid_file: &Path, runc: u32, run_dir: &Path) -> Option<OwnedFd> {
     let machine = machine_pid_namespace(run_dir)?;
-    let hinted = shim::read_pid_file(pid_file).ok().flatten();
+    let hinted = read_pid_file(pid_file).ok().flatten();
     hinted
         .into_iter()
         .chain(children(runc))
@@ -173,7 +175,7 @@ fn runc_exec_process(pid_file: &Path, runc: u32, run_dir: &Path) -> Option<Owned
 
 /// A pidfd on `pid` if it is a live child of `parent` in the pid namespace `ns`.
 fn checked_child(pid: u32, parent: u32, ns: (u64, u64)) -> Option<OwnedFd> {
-    let fd = crate::runc::pidfd_open(pid).ok()??;
+    let fd = pidfd_open(pid).ok()??;
     let stat = util::proc_stat(pid).ok()??;
     let its_ns = pid_namespace(pid)?;
     // Checked with the pidfd held and the process not exited after the reads, so the
@@ -200,12 +202,9 @@ fn children(pid: u32) -> Vec<u32> {
 /// (device, inode) of the pid namespace of the Machine's init, found through the shim's
 /// files as `status` finds it.
 fn machine_pid_namespace(run: &Path) -> Option<(u64, u64)> {
-    let shim_pid = crate::runc::live_shim(run).ok()??;
-    let init = shim::read_pid_file(&run.join(shim::INIT_PID_FILE)).ok()??;
-    let fd = crate::runc::pidfd_open(init).ok()??;
-    let stat = util::proc_stat(init).ok()??;
-    let ns = pid_namespace(init)?;
-    (stat.ppid == shim_pid && stat.state != 'Z' && !exited(&fd)).then_some(ns)
+    let init = RunDir::new(run).live_init().ok()??;
+    let ns = pid_namespace(init.pid)?;
+    (!exited(&init.pidfd)).then_some(ns)
 }
 
 fn pid_namespace(pid: u32) -> Option<(u64, u64)> {

@@ -1,0 +1,375 @@
+//! The runc driver's shim: `berth shim --id … --bundle …` (or the standalone
+//! `berth-shim`). The runtime spawns it with a sync pipe (stdout by default). It detaches
+//! from the agent, becomes the Machine's [`Supervisor`], creates and starts the container
+//! with runc, reports the outcome as one JSON line on the sync pipe, then supervises the
+//! Machine like any other. Nothing it does after the report involves the agent, so the
+//! agent may exit or restart at any time.
+//!
+//! Besides the run directory's files (see [`crate::host::RunDir`]; runc writes `init.pid`
+//! with `--pid-file`) it keeps runc's own log, `run/runc.log`.
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+
+use crate::host::run_dir::{read_pid_file, INIT_PID_FILE};
+use crate::logs::DEFAULT_MAX_BYTES;
+use crate::machine_init;
+use crate::supervisor::{self, InitProcess, OomCounter, Report, Supervisor, SupervisorArgs};
+use crate::timing::{micros, StepTimes};
+use crate::util;
+
+pub const RUNC_LOG_FILE: &str = "runc.log";
+
+/// Set on the re-executed copy when the shim had to detach without fork.
+const DETACHED_ENV: &str = "BERTH_SHIM_DETACHED";
+
+/// The shim's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimArgs {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub runc_binary: PathBuf,
+    pub runc_root: PathBuf,
+    pub run_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub log_max_bytes: u64,
+    /// Where the report goes; 1 (stdout) unless given.
+    pub sync_fd: RawFd,
+}
+
+impl ShimArgs {
+    /// What the supervisor needs of the shim's arguments.
+    fn supervisor_args(&self) -> SupervisorArgs {
+        SupervisorArgs {
+            id: self.id.clone(),
+            run_dir: self.run_dir.clone(),
+            log_dir: self.log_dir.clone(),
+            log_max_bytes: self.log_max_bytes,
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = Vec::with_capacity(16);
+        let mut push = |flag: &str, value: &OsStr| {
+            out.push(flag.into());
+            out.push(value.to_owned());
+        };
+        push("--id", OsStr::new(&self.id));
+        push("--bundle", self.bundle.as_os_str());
+        push("--runc", self.runc_binary.as_os_str());
+        push("--runc-root", self.runc_root.as_os_str());
+        push("--run-dir", self.run_dir.as_os_str());
+        push("--log-dir", self.log_dir.as_os_str());
+        push(
+            "--log-max-bytes",
+            OsStr::new(&self.log_max_bytes.to_string()),
+        );
+        push("--sync-fd", OsStr::new(&self.sync_fd.to_string()));
+        out
+    }
+
+    pub fn parse(args: Vec<OsString>) -> Result<ShimArgs, String> {
+        let mut id = None;
+        let mut bundle = None;
+        let mut runc = None;
+        let mut root = None;
+        let mut run_dir = None;
+        let mut log_dir = None;
+        let mut log_max_bytes = DEFAULT_MAX_BYTES;
+        let mut sync_fd = 1;
+        let mut it = args.into_iter();
+        while let Some(flag) = it.next() {
+            let flag = flag.to_string_lossy().into_owned();
+            let value = it
+                .next()
+                .ok_or_else(|| format!("missing value for {flag}"))?;
+            let number = |v: &OsString| {
+                v.to_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| format!("{flag} wants a number, got {v:?}"))
+            };
+            match flag.as_str() {
+                "--id" => id = Some(value.to_string_lossy().into_owned()),
+                "--bundle" => bundle = Some(PathBuf::from(value)),
+                "--runc" => runc = Some(PathBuf::from(value)),
+                "--runc-root" => root = Some(PathBuf::from(value)),
+                "--run-dir" => run_dir = Some(PathBuf::from(value)),
+                "--log-dir" => log_dir = Some(PathBuf::from(value)),
+                "--log-max-bytes" => log_max_bytes = number(&value)?,
+                "--sync-fd" => {
+                    sync_fd = RawFd::try_from(number(&value)?).map_err(|e| e.to_string())?
+                }
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        let need = |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("missing {name}"));
+        Ok(ShimArgs {
+            id: id.ok_or("missing --id")?,
+            bundle: need(bundle, "--bundle")?,
+            runc_binary: need(runc, "--runc")?,
+            runc_root: need(root, "--runc-root")?,
+            run_dir: need(run_dir, "--run-dir")?,
+            log_dir: need(log_dir, "--log-dir")?,
+            log_max_bytes,
+            sync_fd,
+        })
+    }
+}
+
+/// The shim's own entry point, once `berth shim` has found no other subcommand. Best
+/// called before the program starts threads: it then detaches with fork. Otherwise it
+/// re-executes the program (same argv) to detach, which costs an exec.
+pub(crate) fn main_with_args(args: Vec<OsString>) -> i32 {
+    let opts = match ShimArgs::parse(args) {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("berth-shim: {msg}");
+            return 2;
+        }
+    };
+    match detach() {
+        Ok(Detached::Parent) => 0,
+        Ok(Detached::Daemon) => run(opts),
+        Err(e) => {
+            // SAFETY: sync_fd came from the caller and stays open for the whole call.
+            let sync = unsafe { BorrowedFd::borrow_raw(opts.sync_fd) };
+            supervisor::report(
+                sync,
+                &Report::failed(format!("shim for {} failed to detach: {e}", opts.id)),
+            );
+            1
+        }
+    }
+}
+
+enum Detached {
+    /// The process the agent spawned: it exits at once so the agent can reap it.
+    Parent,
+    /// The long-lived shim, in its own session.
+    Daemon,
+}
+
+fn detach() -> io::Result<Detached> {
+    if std::env::var_os(DETACHED_ENV).is_none() {
+        if thread_count()? == 1 {
+            // SAFETY: the process is single-threaded here, so the child may run any code.
+            match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+                nix::unistd::ForkResult::Parent { .. } => return Ok(Detached::Parent),
+                nix::unistd::ForkResult::Child => {}
+            }
+        } else {
+            // fork would only be safe for async-signal-safe code; exec a fresh copy.
+            let mut args = std::env::args_os();
+            let _program = args.next();
+            Command::new("/proc/self/exe")
+                .args(args)
+                .env(DETACHED_ENV, "1")
+                .spawn()?;
+            return Ok(Detached::Parent);
+        }
+    }
+    nix::unistd::setsid().map_err(io::Error::from)?;
+    Ok(Detached::Daemon)
+}
+
+fn thread_count() -> io::Result<usize> {
+    Ok(fs::read_dir("/proc/self/task")?.count())
+}
+
+/// The daemon: returns the process exit code.
+fn run(opts: ShimArgs) -> i32 {
+    // SAFETY: sync_fd was handed to us by the runtime and is not used as anything else.
+    let sync = unsafe { OwnedFd::from_raw_fd(opts.sync_fd) };
+    let shim = match Shim::setup(opts.clone(), sync.as_raw_fd()) {
+        Ok(s) => s,
+        Err(e) => {
+            supervisor::report(
+                sync.as_fd(),
+                &Report::failed(format!("shim setup for {}: {e}", opts.id)),
+            );
+            return 1;
+        }
+    };
+    shim.run(sync)
+}
+
+/// A supervisor that starts its Machine with runc.
+struct Shim {
+    opts: ShimArgs,
+    supervisor: Supervisor,
+}
+
+impl Shim {
+    fn setup(opts: ShimArgs, sync_fd: RawFd) -> io::Result<Shim> {
+        supervisor::prepare_process(&[sync_fd])?;
+        let supervisor =
+            Supervisor::for_machine(&opts.supervisor_args(), supervisor::own_identity()?)?;
+        util::remove_file_if_exists(&opts.run_dir.join(RUNC_LOG_FILE))?;
+        Ok(Shim { opts, supervisor })
+    }
+
+    fn runc(&self) -> Command {
+        let mut cmd = Command::new(&self.opts.runc_binary);
+        cmd.arg("--root")
+            .arg(&self.opts.runc_root)
+            .env_remove(DETACHED_ENV);
+        // SAFETY: the hook only calls signal(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                for sig in [libc::SIGHUP, libc::SIGPIPE] {
+                    if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn run(mut self, sync: OwnedFd) -> i32 {
+        let init = match self.create_and_start() {
+            Ok((init, report_ok)) => {
+                supervisor::report(sync.as_fd(), &report_ok);
+                init
+            }
+            Err(message) => {
+                supervisor::report(sync.as_fd(), &Report::failed(message));
+                return 1;
+            }
+        };
+        drop(sync);
+        self.supervisor.supervise(init);
+        0
+    }
+
+    /// Runs `runc create` and `runc start`. The error is runc's own message.
+    fn create_and_start(&mut self) -> Result<(InitProcess, Report), String> {
+        let id = self.opts.id.clone();
+        let run_dir = self.opts.run_dir.clone();
+        let (out_w, err_w) = self
+            .supervisor
+            .take_child_stdio()
+            .ok_or_else(|| "shim stdio already used".to_owned())?;
+        let pid_file = run_dir.join(INIT_PID_FILE);
+        let t0 = Instant::now();
+        let status = {
+            // The Machine's PID 1, passed to runc as fd 3; this copy closes with the block.
+            let init = machine_init::sealed_memfd().map_err(|e| format!("berth-init: {e}"))?;
+            let mut cmd = self.runc();
+            machine_init::pass_to_runc(&mut cmd, init.as_fd());
+            cmd.arg("--log")
+                .arg(run_dir.join(RUNC_LOG_FILE))
+                .arg("--log-format")
+                .arg("json")
+                .arg("create")
+                .args(machine_init::RUNC_CREATE_ARGS)
+                .arg("--bundle")
+                .arg(&self.opts.bundle)
+                .arg("--pid-file")
+                .arg(&pid_file)
+                .arg(&id)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out_w))
+                .stderr(Stdio::from(err_w));
+            // The command, and with it the write ends, is dropped at the end of this block
+            // so the pipes see EOF once the Machine is gone.
+            cmd.status()
+        };
+        let create_us = micros(t0.elapsed());
+        let status = status.map_err(|e| format!("run {}: {e}", self.opts.runc_binary.display()))?;
+        if !status.success() {
+            return Err(self.create_error(&status.to_string()));
+        }
+        let pid = read_pid_file(&pid_file)
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("runc create left no pid in {}", pid_file.display()))?;
+        let oom = OomCounter::for_process(pid);
+
+        let t1 = Instant::now();
+        let started = self
+            .runc()
+            .arg("start")
+            .arg(&id)
+            .stdin(Stdio::null())
+            .output();
+        let start_us = micros(t1.elapsed());
+        let failure = match started {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(format!(
+                "runc start {id}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Some(format!(
+                "run {} start: {e}",
+                self.opts.runc_binary.display()
+            )),
+        };
+        if let Some(message) = failure {
+            // The created init would wait forever on its exec fifo.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            return Err(message);
+        }
+        let mut steps = StepTimes::new();
+        steps.record("runc_create", create_us);
+        steps.record("runc_start", start_us);
+        Ok((InitProcess { pid, oom }, Report::started(pid, steps)))
+    }
+
+    /// runc's error from its json log, or whatever it printed.
+    fn create_error(&self, status: &str) -> String {
+        let log = fs::read_to_string(self.opts.run_dir.join(RUNC_LOG_FILE)).unwrap_or_default();
+        let mut messages: Vec<String> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| matches!(v["level"].as_str(), Some("error" | "fatal")))
+            .filter_map(|v| v["msg"].as_str().map(str::to_owned))
+            .collect();
+        messages.dedup();
+        if messages.is_empty() {
+            let printed = self.supervisor.stderr_so_far();
+            let printed = String::from_utf8_lossy(&printed).trim().to_owned();
+            if !printed.is_empty() {
+                messages.push(printed);
+            }
+        }
+        if messages.is_empty() {
+            format!("runc create exited with {status}")
+        } else {
+            messages.join("; ")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_round_trip() {
+        let a = ShimArgs {
+            id: "m1".into(),
+            bundle: "/m/bundle".into(),
+            runc_binary: "/usr/sbin/runc".into(),
+            runc_root: "/run/berth/runc".into(),
+            run_dir: "/m/run".into(),
+            log_dir: "/m/logs".into(),
+            log_max_bytes: 1234,
+            sync_fd: 1,
+        };
+        assert_eq!(ShimArgs::parse(a.to_args()).unwrap(), a);
+        assert!(ShimArgs::parse(vec!["--id".into()]).is_err());
+        assert!(ShimArgs::parse(vec!["--bogus".into(), "x".into()]).is_err());
+    }
+}
