@@ -244,7 +244,14 @@ impl Runtime for NativeRuntime {
                 .prepare(&layout.id, resources)
                 .ctx(|| format!("cgroups of machine {}", layout.id))
         };
-        prepare::prepare(&self.config.host, layout, spec, make_cgroups, |_, config| Ok(config)).await
+        prepare::prepare(
+            &self.config.host,
+            layout,
+            spec,
+            make_cgroups,
+            |_, config| Ok(config),
+        )
+        .await
     }
 
     async fn start(

@@ -21,10 +21,10 @@ use crate::host::process::kill_group;
 use crate::host::run_dir::RunDir;
 use crate::host::HostInventory;
 use crate::host::{self, blocking, prepare, teardown, HostConfig};
-use crate::{machine_init, network};
 use crate::supervisor;
 use crate::timing::{micros, StepTimes};
 use crate::{logs, overlay};
+use crate::{machine_init, network};
 use crate::{BundleSpec, MachineLayout, Runtime, Started};
 
 mod exec;
