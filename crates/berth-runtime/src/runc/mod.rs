@@ -21,14 +21,15 @@ use crate::host::process::kill_group;
 use crate::host::run_dir::RunDir;
 use crate::host::HostInventory;
 use crate::host::{self, blocking, prepare, teardown, HostConfig};
+use crate::network;
 use crate::supervisor;
 use crate::timing::{micros, StepTimes};
 use crate::{logs, overlay};
-use crate::{machine_init, network};
 use crate::{BundleSpec, MachineLayout, Runtime, Started};
 
 mod exec;
 pub(crate) mod exec_guard;
+mod init;
 pub(crate) mod shim;
 
 #[derive(Debug, Clone)]
@@ -119,7 +120,7 @@ impl RuncRuntime {
             id: id.clone(),
             message,
         })?;
-        if let Err(e) = machine_init::before_runc_start(id, &layout.config_json(), &rootfs) {
+        if let Err(e) = init::before_runc_start(id, &layout.config_json(), &rootfs) {
             let _ = overlay::unmount(&rootfs);
             return Err(e);
         }
@@ -199,7 +200,7 @@ impl RuncRuntime {
 /// symlinked `/dev` on the host when it makes `/dev/ptmx` and the fd links.
 /// runc's `config.json` runs the Machine's init, which runs the command.
 fn runc_config(id: &str, config: Vec<u8>) -> Result<Vec<u8>, RuntimeError> {
-    let rewritten = machine_init::runc_config(&config)
+    let rewritten = init::runc_config(&config)
         .map_err(|e| RuntimeError::Internal(format!("config of machine {id}: {e}")))?;
     Ok(rewritten.unwrap_or(config))
 }

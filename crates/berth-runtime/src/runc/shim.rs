@@ -265,13 +265,13 @@ impl Shim {
             // The Machine's PID 1, passed to runc as fd 3; this copy closes with the block.
             let init = machine_init::sealed_memfd().map_err(|e| format!("berth-init: {e}"))?;
             let mut cmd = self.runc();
-            machine_init::pass_to_runc(&mut cmd, init.as_fd());
+            super::init::pass_to_runc(&mut cmd, init.as_fd());
             cmd.arg("--log")
                 .arg(run_dir.join(RUNC_LOG_FILE))
                 .arg("--log-format")
                 .arg("json")
                 .arg("create")
-                .args(machine_init::RUNC_CREATE_ARGS)
+                .args(super::init::RUNC_CREATE_ARGS)
                 .arg("--bundle")
                 .arg(&self.opts.bundle)
                 .arg("--pid-file")
