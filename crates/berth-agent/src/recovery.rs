@@ -1,0 +1,421 @@
+//! Bringing records and the host back into agreement: at every open of the agent, after
+//! an operation that failed halfway, and for the doctor's repair.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use berth_api::{CloseBasis, ExitInfo, MachineState, UsageRecord};
+use berth_core::state;
+use berth_runtime::Status;
+use tracing::{info, warn};
+
+use crate::bundle;
+use crate::error::{AgentError, Result};
+use crate::exits::{exit_info, unknown_exit};
+use crate::metering;
+use crate::ops::stop::KILL_WAIT;
+use crate::record::{self, now_ms, MachineRecord, PendingOp};
+use crate::service::EventSource;
+use crate::Agent;
+
+impl Agent {
+    /// Whether the host restarted since the agent last opened: the kernel's boot id
+    /// changed, or, while records say Machines run, the agent's marker in `/run` is gone
+    /// (what a reboot does to a tmpfs `/run`) or so is the runtime's state dir.
+    pub(crate) async fn host_restarted(&self) -> Result<bool> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let previous = self.inner.store.swap_boot_id(&boot_id).await?;
+        if previous.is_some_and(|previous| previous != boot_id) {
+            return Ok(true);
+        }
+        let running: Vec<String> = self
+            .inner
+            .store
+            .list_all()
+            .await?
+            .into_iter()
+            .filter(|record| {
+                matches!(
+                    record.state,
+                    MachineState::Starting | MachineState::Started | MachineState::Stopping
+                )
+            })
+            .map(|record| record.id)
+            .collect();
+        let marker = boot_marker(&self.inner.config.data_dir);
+        let marker_missing = !marker.exists();
+        if let Some(dir) = marker.parent() {
+            if let Err(error) =
+                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&marker, &boot_id))
+            {
+                warn!(%error, marker = %marker.display(), "writing the boot marker");
+            }
+        }
+        // The runtime's state dir (runc's root) goes with the host's run state: gone, or
+        // under runc holding none of the runs on record, the runs went with the host.
+        let state_dir = self.inner.config.data_dir.join("runc");
+        let state_lost = if !state_dir.exists() {
+            true
+        } else if self.inner.runtime.name() == "runc" {
+            !running.iter().any(|id| state_dir.join(id).exists())
+        } else {
+            false
+        };
+        if let Err(error) = std::fs::create_dir_all(&state_dir) {
+            warn!(%error, dir = %state_dir.display(), "making the runtime state dir");
+        }
+        Ok(!running.is_empty() && (marker_missing || state_lost))
+    }
+
+    /// Brings every record and the host back into agreement after a restart of the agent.
+    pub(crate) async fn recover(&self) -> Result<()> {
+        // Read before anything new is recorded: the agent's last sign of life before it died.
+        let last_alive = self.inner.store.last_liveness().await?;
+        let host_restarted = self.host_restarted().await?;
+        if host_restarted {
+            info!("the host restarted since the agent last ran");
+        }
+        for mut record in self.inner.store.list_all().await? {
+            let id = record.id.clone();
+            if host_restarted && record.pending.is_none() {
+                if let Err(error) = self.recover_after_host_restart(&mut record).await {
+                    warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+                }
+                continue;
+            }
+            if let Err(error) = self
+                .recover_one(&mut record, last_alive, "agent_restart")
+                .await
+            {
+                warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+            }
+            // Puts back the port's filter if the table lost it (an upgrade from a build
+            // without one, a flushed ruleset); otherwise changes nothing.
+            if let Err(error) = self.restore_network_if_kept(&record).await {
+                warn!(machine = %id, %error, "restoring the machine's network failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles one record on a resting state from what the host shows; `why` is the reason
+    /// its events carry (`agent_restart`, `operation_failed`, `doctor_repair`).
+    pub(crate) async fn recover_one(
+        &self,
+        record: &mut MachineRecord,
+        last_alive: Option<i64>,
+        why: &str,
+    ) -> Result<()> {
+        let layout = self.layout(&record.id);
+        let runtime = &self.inner.runtime;
+        match record.pending.take() {
+            Some(PendingOp::Create) => {
+                info!(machine = %record.id, "rolling back an unfinished create");
+                runtime.remove(&layout).await?;
+                return self.inner.store.delete(&record.id).await;
+            }
+            Some(PendingOp::Update { previous }) => {
+                info!(machine = %record.id, "rolling back an unfinished update");
+                let mut usage = Vec::new();
+                if let Status::Running { .. } = runtime.status(&layout).await? {
+                    let exit = self
+                        .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                        .await?;
+                    usage = self
+                        .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+                        .await;
+                } else {
+                    runtime.cleanup(&layout).await?;
+                    usage.extend(metering::close_run(record, now_ms(), CloseBasis::Observed));
+                }
+                let image = self.resolve_digest(&previous.image_ref.digest).await?;
+                let mut spec = bundle::bundle_spec(
+                    &record.id,
+                    &previous.config,
+                    &image.config,
+                    &image.layer_dirs,
+                    self.inner.config.pids_limit,
+                )?;
+                spec.private_ip = record.private_ip;
+                spec.org = record.org.clone();
+                runtime.prepare(&layout, &spec).await?;
+                record.config = previous.config;
+                record.image_ref = previous.image_ref;
+                record.rootfs = previous.rootfs;
+                record.instance_id = previous.instance_id;
+                record.state = MachineState::Stopped;
+                record.updated_at_ms = now_ms();
+                return self
+                    .save_transition(
+                        record,
+                        "update_rolled_back",
+                        EventSource::System,
+                        Some(why),
+                        &usage,
+                    )
+                    .await;
+            }
+            None => {}
+        }
+        match record.state {
+            MachineState::Destroying => {
+                runtime.remove(&layout).await?;
+                let usage = metering::destroyed(record, now_ms());
+                self.inner.store.delete_with_usage(&record.id, &usage).await
+            }
+            MachineState::Starting | MachineState::Started | MachineState::Stopping => {
+                match runtime.status(&layout).await? {
+                    Status::Running { .. } if record.state == MachineState::Stopping => {
+                        let exit = self
+                            .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                            .await?;
+                        let usage = self
+                            .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+                            .await;
+                        record.last_exit = Some(exit_info(&exit));
+                        record.state = MachineState::Stopped;
+                        record.updated_at_ms = now_ms();
+                        self.save_transition(record, "stop", EventSource::System, Some(why), &usage)
+                            .await
+                    }
+                    Status::Running { pid } => {
+                        if record.state == MachineState::Starting {
+                            // Died between the runtime's start and the journal write: the
+                            // run began when the process did.
+                            let started_at =
+                                metering::process_start_ms(pid).unwrap_or(record.updated_at_ms);
+                            record.state = MachineState::Started;
+                            record.updated_at_ms = now_ms();
+                            let usage: Vec<UsageRecord> = (!record.run_open)
+                                .then(|| metering::open_run(record, started_at))
+                                .into_iter()
+                                .collect();
+                            self.save_transition(
+                                record,
+                                "start",
+                                EventSource::System,
+                                Some(why),
+                                &usage,
+                            )
+                            .await?;
+                        }
+                        info!(machine = %record.id, "found running again");
+                        self.watch(record.id.clone(), record.run_generation);
+                        Ok(())
+                    }
+                    status @ (Status::Exited(_) | Status::NotRunning)
+                        if record.state == MachineState::Stopping =>
+                    {
+                        // The user's stop got past ending the process: finish it. A stop the
+                        // user asked for never brings in the restart policy.
+                        let (exit, basis) = match status {
+                            Status::Exited(exit) => (exit, CloseBasis::ExitTime),
+                            _ => {
+                                let mut exit = unknown_exit();
+                                exit.exited_at_ms = last_alive
+                                    .unwrap_or(record.updated_at_ms)
+                                    .max(record.updated_at_ms);
+                                (exit, CloseBasis::LastLiveness)
+                            }
+                        };
+                        runtime.cleanup(&layout).await?;
+                        let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
+                        record.last_exit = Some(exit_info(&exit));
+                        record.state = MachineState::Stopped;
+                        record.updated_at_ms = now_ms();
+                        self.save_transition(record, "stop", EventSource::System, Some(why), &usage)
+                            .await
+                    }
+                    Status::Exited(exit) => {
+                        self.settle_unjournaled_start(record).await?;
+                        record.state = MachineState::Started;
+                        self.finish_exit(record, exit, EventSource::System, CloseBasis::ExitTime)
+                            .await
+                    }
+                    Status::NotRunning => {
+                        self.settle_unjournaled_start(record).await?;
+                        // Nothing recorded when it died: the agent's last sign of life is the
+                        // best-known end of the run.
+                        let mut exit = unknown_exit();
+                        exit.exited_at_ms = last_alive.unwrap_or(exit.exited_at_ms);
+                        record.state = MachineState::Started;
+                        self.finish_exit(
+                            record,
+                            exit,
+                            EventSource::System,
+                            CloseBasis::LastLiveness,
+                        )
+                        .await
+                    }
+                }
+            }
+            MachineState::Replacing => {
+                // An update without a pending record cannot happen; settle on stopped.
+                runtime.cleanup(&layout).await?;
+                let usage: Vec<UsageRecord> =
+                    metering::close_run(record, now_ms(), CloseBasis::Observed)
+                        .into_iter()
+                        .collect();
+                record.state = MachineState::Stopped;
+                record.updated_at_ms = now_ms();
+                self.save_transition(record, "recovered", EventSource::System, Some(why), &usage)
+                    .await
+            }
+            MachineState::Stopped => {
+                // A policy restart was waiting out its back-off when the agent went away.
+                if let Some(due) = record.restart_due_ms {
+                    let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                    info!(machine = %record.id, wait_ms = wait, "resuming a pending restart");
+                    self.schedule_restart(
+                        record.id.clone(),
+                        record.run_generation,
+                        Duration::from_millis(wait),
+                    );
+                }
+                Ok(())
+            }
+            MachineState::Created | MachineState::Failed | MachineState::Destroyed => Ok(()),
+        }
+    }
+
+    /// After a host restart nothing of a run survives: a Machine that ran is recorded
+    /// `stopped` (source `system`, reason `host_restart`), and one whose restart policy is
+    /// `always` is started again. Other states recover as usual.
+    pub(crate) async fn recover_after_host_restart(
+        &self,
+        record: &mut MachineRecord,
+    ) -> Result<()> {
+        let ran = matches!(
+            record.state,
+            MachineState::Starting | MachineState::Started | MachineState::Stopping
+        );
+        if !ran {
+            let last_alive = self.inner.store.last_liveness().await?;
+            self.recover_one(record, last_alive, "agent_restart")
+                .await?;
+            return self.restore_network_if_kept(record).await;
+        }
+        let layout = self.layout(&record.id);
+        if let Status::Running { .. } = self.inner.runtime.status(&layout).await? {
+            // Not a restart for this Machine after all: it runs.
+            let last_alive = self.inner.store.last_liveness().await?;
+            return self.recover_one(record, last_alive, "agent_restart").await;
+        }
+        self.settle_unjournaled_start(record).await?;
+        self.inner.runtime.cleanup(&layout).await?;
+        // The run ended with the host; the agent's last sign of life is the best-known
+        // time, and no later than now.
+        let ended_at = self
+            .inner
+            .store
+            .last_liveness()
+            .await?
+            .unwrap_or_else(now_ms)
+            .max(record.updated_at_ms);
+        let usage = self
+            .stop_usage(record, ended_at, CloseBasis::LastLiveness)
+            .await;
+        record.last_exit = Some(ExitInfo {
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: "host_restart".into(),
+            exited_at: record::format_ms(ended_at),
+        });
+        record.state = MachineState::Stopped;
+        record.updated_at_ms = now_ms();
+        self.save_transition(
+            record,
+            "exit",
+            EventSource::System,
+            Some("host_restart"),
+            &usage,
+        )
+        .await?;
+        self.restore_network_if_kept(record).await?;
+        if record.config.restart.policy == berth_api::RestartPolicy::Always {
+            self.schedule_restart(record.id.clone(), record.run_generation, Duration::ZERO);
+        }
+        Ok(())
+    }
+
+    /// A reboot unpins every network namespace: a Machine that still exists gets its
+    /// network back now, so it is whole while stopped, not only from its next start.
+    pub(crate) async fn restore_network_if_kept(&self, record: &MachineRecord) -> Result<()> {
+        if self.inner.store.get(&record.id).await?.is_none() {
+            return Ok(());
+        }
+        self.inner
+            .runtime
+            .restore_network(&self.layout(&record.id))
+            .await?;
+        Ok(())
+    }
+
+    /// A run that died while still `starting` was never journaled; it ran from when the
+    /// start was recorded, so open it there before it is closed.
+    pub(crate) async fn settle_unjournaled_start(&self, record: &mut MachineRecord) -> Result<()> {
+        if record.state == MachineState::Starting && !record.run_open {
+            let usage = metering::open_run(record, record.updated_at_ms);
+            self.inner
+                .store
+                .save_with_usage(record, None, &[usage])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// An operation that failed halfway (a full disk, a runtime error) must not leave its
+    /// Machine in a transitional state that refuses every later action until the agent
+    /// restarts: settle it now, as a restart would, from what the host shows. Refusals that
+    /// changed nothing (not found, wrong state, busy, bad input) are passed straight on.
+    pub(crate) async fn settle_if_failed<T>(&self, id: &str, result: Result<T>) -> Result<T> {
+        let Err(error) = &result else {
+            return result;
+        };
+        if matches!(
+            error,
+            AgentError::NotFound(_)
+                | AgentError::InvalidState(_)
+                | AgentError::Busy { .. }
+                | AgentError::InvalidConfig(_)
+                | AgentError::InsufficientCapacity { .. }
+                | AgentError::Unavailable { .. }
+                | AgentError::Remote { .. }
+        ) {
+            return result;
+        }
+        if let Err(settle_error) = self.settle(id).await {
+            warn!(machine = %id, %settle_error, "settling after a failed operation");
+        }
+        result
+    }
+
+    pub(crate) async fn settle(&self, id: &str) -> Result<()> {
+        // Someone else acting on it now settles it by acting; don't queue behind them.
+        let Ok(_guard) = self.lock_of(id)?.try_lock_owned() else {
+            return Ok(());
+        };
+        let Some(mut record) = self.inner.store.get(id).await? else {
+            return Ok(());
+        };
+        if state::is_resting(record.state) && record.pending.is_none() {
+            return Ok(());
+        }
+        info!(machine = %id, state = %record.state, "settling after a failed operation");
+        self.recover_one(&mut record, None, "operation_failed")
+            .await
+    }
+}
+
+/// The agent's marker in `/run` (a tmpfs a reboot empties), one per data dir.
+pub fn boot_marker(data_dir: &std::path::Path) -> PathBuf {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let digest = sha2::Sha256::digest(data_dir.as_os_str().as_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    PathBuf::from("/run/berth").join(format!("agent-{name}"))
+}
