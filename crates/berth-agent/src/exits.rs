@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::metering;
 use crate::record::{self, now_ms, MachineRecord};
 use crate::service::EventSource;
+use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
@@ -80,17 +81,18 @@ impl Agent {
         }
         let event_reason = info.reason.clone();
         record.last_exit = Some(info);
-        record.state = MachineState::Stopped;
-        record.updated_at_ms = now_ms();
+        let now = now_ms();
         record.restart_due_ms = match decision {
-            RestartDecision::RestartAfter(delay) => Some(
-                record
-                    .updated_at_ms
-                    .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            ),
+            RestartDecision::RestartAfter(delay) => {
+                Some(now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
+            }
             _ => None,
         };
-        self.save_transition(record, "exit", source, Some(&event_reason), &usage)
+        let change = Change::event("exit", source)
+            .at(now)
+            .reason(&event_reason)
+            .usage(&usage);
+        self.change_state(record, MachineState::Stopped, change)
             .await?;
         if let RestartDecision::RestartAfter(delay) = decision {
             self.schedule_restart(record.id.clone(), record.run_generation, delay);

@@ -16,6 +16,7 @@ use crate::metering;
 use crate::ops::stop::KILL_WAIT;
 use crate::record::{self, now_ms, MachineRecord, PendingOp};
 use crate::service::EventSource;
+use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
@@ -146,16 +147,11 @@ impl Agent {
                 record.image_ref = previous.image_ref;
                 record.rootfs = previous.rootfs;
                 record.instance_id = previous.instance_id;
-                record.state = MachineState::Stopped;
-                record.updated_at_ms = now_ms();
+                let change = Change::event("update_rolled_back", EventSource::System)
+                    .reason(why)
+                    .usage(&usage);
                 return self
-                    .save_transition(
-                        record,
-                        "update_rolled_back",
-                        EventSource::System,
-                        Some(why),
-                        &usage,
-                    )
+                    .change_state(record, MachineState::Stopped, change)
                     .await;
             }
             None => {}
@@ -176,9 +172,10 @@ impl Agent {
                             .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
                             .await;
                         record.last_exit = Some(exit_info(&exit));
-                        record.state = MachineState::Stopped;
-                        record.updated_at_ms = now_ms();
-                        self.save_transition(record, "stop", EventSource::System, Some(why), &usage)
+                        let change = Change::event("stop", EventSource::System)
+                            .reason(why)
+                            .usage(&usage);
+                        self.change_state(record, MachineState::Stopped, change)
                             .await
                     }
                     Status::Running { pid } => {
@@ -187,20 +184,15 @@ impl Agent {
                             // run began when the process did.
                             let started_at =
                                 metering::process_start_ms(pid).unwrap_or(record.updated_at_ms);
-                            record.state = MachineState::Started;
-                            record.updated_at_ms = now_ms();
                             let usage: Vec<UsageRecord> = (!record.run_open)
                                 .then(|| metering::open_run(record, started_at))
                                 .into_iter()
                                 .collect();
-                            self.save_transition(
-                                record,
-                                "start",
-                                EventSource::System,
-                                Some(why),
-                                &usage,
-                            )
-                            .await?;
+                            let change = Change::event("start", EventSource::System)
+                                .reason(why)
+                                .usage(&usage);
+                            self.change_state(record, MachineState::Started, change)
+                                .await?;
                         }
                         info!(machine = %record.id, "found running again");
                         self.watch(record.id.clone(), record.run_generation);
@@ -224,14 +216,14 @@ impl Agent {
                         runtime.cleanup(&layout).await?;
                         let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
                         record.last_exit = Some(exit_info(&exit));
-                        record.state = MachineState::Stopped;
-                        record.updated_at_ms = now_ms();
-                        self.save_transition(record, "stop", EventSource::System, Some(why), &usage)
+                        let change = Change::event("stop", EventSource::System)
+                            .reason(why)
+                            .usage(&usage);
+                        self.change_state(record, MachineState::Stopped, change)
                             .await
                     }
                     Status::Exited(exit) => {
                         self.settle_unjournaled_start(record).await?;
-                        record.state = MachineState::Started;
                         self.finish_exit(record, exit, EventSource::System, CloseBasis::ExitTime)
                             .await
                     }
@@ -241,7 +233,6 @@ impl Agent {
                         // best-known end of the run.
                         let mut exit = unknown_exit();
                         exit.exited_at_ms = last_alive.unwrap_or(exit.exited_at_ms);
-                        record.state = MachineState::Started;
                         self.finish_exit(
                             record,
                             exit,
@@ -259,9 +250,10 @@ impl Agent {
                     metering::close_run(record, now_ms(), CloseBasis::Observed)
                         .into_iter()
                         .collect();
-                record.state = MachineState::Stopped;
-                record.updated_at_ms = now_ms();
-                self.save_transition(record, "recovered", EventSource::System, Some(why), &usage)
+                let change = Change::event("recovered", EventSource::System)
+                    .reason(why)
+                    .usage(&usage);
+                self.change_state(record, MachineState::Stopped, change)
                     .await
             }
             MachineState::Stopped => {
@@ -325,16 +317,11 @@ impl Agent {
             reason: "host_restart".into(),
             exited_at: record::format_ms(ended_at),
         });
-        record.state = MachineState::Stopped;
-        record.updated_at_ms = now_ms();
-        self.save_transition(
-            record,
-            "exit",
-            EventSource::System,
-            Some("host_restart"),
-            &usage,
-        )
-        .await?;
+        let change = Change::event("exit", EventSource::System)
+            .reason("host_restart")
+            .usage(&usage);
+        self.change_state(record, MachineState::Stopped, change)
+            .await?;
         self.restore_network_if_kept(record).await?;
         if record.config.restart.policy == berth_api::RestartPolicy::Always {
             self.schedule_restart(record.id.clone(), record.run_generation, Duration::ZERO);

@@ -10,6 +10,7 @@ use crate::failpoint;
 use crate::metering;
 use crate::record::{now_ms, MachineRecord, PendingOp};
 use crate::service::{CreateOnWorker, EventSource};
+use crate::transition::Change;
 use crate::{bundle, machine_address, Agent};
 
 impl Agent {
@@ -87,9 +88,9 @@ impl Agent {
             .store
             .add_events(&record.id, &pull_events)
             .await?;
-        let usage = metering::created(&record);
-        self.save_transition(&record, "create", EventSource::User, None, &[usage])
-            .await?;
+        let usage = [metering::created(&record)];
+        let change = Change::event("create", EventSource::User).usage(&usage);
+        self.save_in_state(&record, change).await?;
         failpoint::hit("create.after_record_created");
         drop(lease);
         if !request.skip_launch {

@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::failpoint;
 use crate::metering;
 use crate::record::now_ms;
+use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
@@ -20,7 +21,8 @@ impl Agent {
         else {
             return Ok(());
         };
-        self.set_state(&mut record, transitional).await?;
+        self.change_state(&mut record, transitional, Change::quiet())
+            .await?;
         failpoint::hit("destroy.after_record_destroying");
         self.inner.runtime.remove(&self.layout(id)).await?;
         failpoint::hit("destroy.after_remove");
@@ -30,8 +32,8 @@ impl Agent {
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
-        record.state = MachineState::Destroyed;
-        record.updated_at_ms = now_ms();
+        // Nothing is left to write: the record is gone. The listener still hears it.
+        record.enter(MachineState::Destroyed, now_ms())?;
         self.notify_destroyed(&record);
         info!(machine = %id, "destroyed");
         Ok(())

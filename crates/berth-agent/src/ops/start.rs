@@ -13,6 +13,7 @@ use crate::failpoint;
 use crate::metering;
 use crate::record::{self, now_ms, MachineRecord};
 use crate::service::EventSource;
+use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
@@ -68,7 +69,13 @@ impl Agent {
         self.reserve(record)?;
         record.run_generation += 1;
         record.restart_due_ms = None;
-        self.set_state(record, MachineState::Starting).await?;
+        if let Err(error) = self
+            .change_state(record, MachineState::Starting, Change::quiet())
+            .await
+        {
+            self.release(&record.id);
+            return Err(error);
+        }
         steps.lap("agent_store_starting", &mut mark);
         failpoint::hit("start.after_starting");
         let layout = self.layout(&record.id);
@@ -86,10 +93,11 @@ impl Agent {
                 steps.record("runtime_other", runtime_us.saturating_sub(inside_us));
                 mark = Instant::now();
                 failpoint::hit("start.after_runtime_start");
-                record.state = MachineState::Started;
-                record.updated_at_ms = started.started_at_ms;
-                let usage = metering::open_run(record, started.started_at_ms);
-                self.save_transition(record, "start", source, None, &[usage])
+                let usage = [metering::open_run(record, started.started_at_ms)];
+                let change = Change::event("start", source)
+                    .at(started.started_at_ms)
+                    .usage(&usage);
+                self.change_state(record, MachineState::Started, change)
                     .await?;
                 steps.lap("agent_store_started", &mut mark);
                 failpoint::hit("start.after_record_started");
@@ -101,16 +109,19 @@ impl Agent {
                 if let Err(cleanup_error) = self.inner.runtime.cleanup(&layout).await {
                     warn!(machine = %record.id, %cleanup_error, "cleanup after a failed start");
                 }
-                record.state = MachineState::Failed;
-                record.updated_at_ms = now_ms();
+                let now = now_ms();
                 record.last_exit = Some(ExitInfo {
                     exit_code: None,
                     signal: None,
                     oom_killed: false,
                     reason: "start_failed".into(),
-                    exited_at: record::format_ms(record.updated_at_ms),
+                    exited_at: record::format_ms(now),
                 });
-                self.save_event(record, "start_failed", source, Some(&error.to_string()))
+                let reason = error.to_string();
+                let change = Change::event("start_failed", source)
+                    .at(now)
+                    .reason(&reason);
+                self.change_state(record, MachineState::Failed, change)
                     .await?;
                 Err(AgentError::StartFailed {
                     id: record.id.clone(),

@@ -11,8 +11,9 @@ use berth_runtime::ExitRecord;
 use crate::error::Result;
 use crate::exits::{exit_info, unknown_exit};
 use crate::failpoint;
-use crate::record::{now_ms, MachineRecord};
+use crate::record::MachineRecord;
 use crate::service::EventSource;
+use crate::transition::Change;
 use crate::Agent;
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +39,8 @@ impl Agent {
                 timings: Vec::new(),
             }),
             ActionPlan::Proceed(transitional) => {
-                self.set_state(&mut record, transitional).await?;
+                self.change_state(&mut record, transitional, Change::quiet())
+                    .await?;
                 failpoint::hit("stop.after_stopping");
                 let exit = self.halt(&mut record, signal, timeout).await?;
                 failpoint::hit("stop.after_halt");
@@ -46,11 +48,10 @@ impl Agent {
                     .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
                     .await;
                 record.last_exit = Some(exit_info(&exit));
-                record.state = MachineState::Stopped;
-                record.updated_at_ms = now_ms();
                 let reason = exit_info(&exit).reason;
                 let source = request.source.map_or(EventSource::User, EventSource::from);
-                self.save_transition(&record, "stop", source, Some(&reason), &usage)
+                let change = Change::event("stop", source).reason(&reason).usage(&usage);
+                self.change_state(&mut record, MachineState::Stopped, change)
                     .await?;
                 failpoint::hit("stop.after_record_stopped");
                 Ok(StartStopResponse {

@@ -12,6 +12,7 @@ use crate::exits::exit_info;
 use crate::failpoint;
 use crate::record::{now_ms, PendingOp, UpdateSnapshot};
 use crate::service::EventSource;
+use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
@@ -51,7 +52,8 @@ impl Agent {
                 instance_id: record.instance_id.clone(),
             }),
         });
-        self.set_state(&mut record, transitional).await?;
+        self.change_state(&mut record, transitional, Change::quiet())
+            .await?;
         failpoint::hit("update.after_record_pending");
         let layout = self.layout(id);
         let mut usage = Vec::new();
@@ -76,10 +78,11 @@ impl Agent {
         record.rootfs = self.rootfs_stack(id, &image);
         record.config = request.config;
         record.pending = None;
-        record.state = MachineState::Stopped;
-        record.updated_at_ms = now;
         self.inner.store.add_events(id, &pull_events).await?;
-        self.save_transition(&record, "update", EventSource::User, None, &usage)
+        let change = Change::event("update", EventSource::User)
+            .at(now)
+            .usage(&usage);
+        self.change_state(&mut record, MachineState::Stopped, change)
             .await?;
         failpoint::hit("update.after_record_updated");
         drop(lease);
