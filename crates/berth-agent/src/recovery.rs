@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use berth_api::{CloseBasis, ExitInfo, MachineState, UsageRecord};
+use berth_api::{CloseBasis, ExitInfo, MachineState, RestartPolicy, UsageRecord};
+use berth_core::recovery::{self, HostFacts, Pending, Process, RecordFacts, Step};
 use berth_core::state;
 use berth_runtime::Status;
 use tracing::{info, warn};
@@ -14,7 +15,7 @@ use crate::error::{AgentError, Result};
 use crate::exits::{exit_info, unknown_exit};
 use crate::metering;
 use crate::ops::stop::KILL_WAIT;
-use crate::record::{self, now_ms, MachineRecord, PendingOp};
+use crate::record::{self, now_ms, MachineRecord, PendingOp, UpdateSnapshot};
 use crate::service::EventSource;
 use crate::transition::Change;
 use crate::Agent;
@@ -81,20 +82,20 @@ impl Agent {
         }
         for mut record in self.inner.store.list_all().await? {
             let id = record.id.clone();
-            if host_restarted && record.pending.is_none() {
-                if let Err(error) = self.recover_after_host_restart(&mut record).await {
-                    warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
-                }
-                continue;
-            }
-            if let Err(error) = self
-                .recover_one(&mut record, last_alive, "agent_restart")
+            match self
+                .recover_record(&mut record, last_alive, "agent_restart", host_restarted)
                 .await
             {
-                warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+                // Restored its network itself, before a restart by policy could begin.
+                Ok(Step::StoppedByHostRestart { .. }) => continue,
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(machine = %id, %error, "recovery failed; the machine is left as recorded");
+                }
             }
-            // Puts back the port's filter if the table lost it (an upgrade from a build
-            // without one, a flushed ruleset); otherwise changes nothing.
+            // A reboot unpins every network namespace; otherwise this puts back the port's
+            // filter if the table lost it (an upgrade from a build without one, a flushed
+            // ruleset), or changes nothing.
             if let Err(error) = self.restore_network_if_kept(&record).await {
                 warn!(machine = %id, %error, "restoring the machine's network failed");
             }
@@ -110,141 +111,145 @@ impl Agent {
         last_alive: Option<i64>,
         why: &str,
     ) -> Result<()> {
+        self.recover_record(record, last_alive, why, false)
+            .await
+            .map(drop)
+    }
+
+    /// Carries out the step [`recovery::plan`] decides for the record; answers the step.
+    async fn recover_record(
+        &self,
+        record: &mut MachineRecord,
+        last_alive: Option<i64>,
+        why: &str,
+        host_restarted: bool,
+    ) -> Result<Step> {
         let layout = self.layout(&record.id);
         let runtime = &self.inner.runtime;
-        match record.pending.take() {
-            Some(PendingOp::Create) => {
+        let pending = record.pending.take();
+        let facts = RecordFacts {
+            state: record.state,
+            pending: match pending {
+                None => Pending::None,
+                Some(PendingOp::Create) => Pending::Create,
+                Some(PendingOp::Update { .. }) => Pending::Update,
+            },
+            restart_always: record.config.restart.policy == RestartPolicy::Always,
+            restart_due: record.restart_due_ms.is_some(),
+        };
+        let status = if recovery::reads_process(facts) {
+            runtime.status(&layout).await?
+        } else {
+            Status::NotRunning
+        };
+        let process = match status {
+            Status::Running { .. } => Process::Running,
+            Status::Exited(_) => Process::Exited,
+            Status::NotRunning => Process::Gone,
+        };
+        let step = recovery::plan(
+            facts,
+            HostFacts {
+                restarted: host_restarted,
+                process,
+            },
+        );
+        match step {
+            Step::RollBackCreate => {
                 info!(machine = %record.id, "rolling back an unfinished create");
                 runtime.remove(&layout).await?;
-                return self.inner.store.delete(&record.id).await;
+                self.inner.store.delete(&record.id).await?;
             }
-            Some(PendingOp::Update { previous }) => {
-                info!(machine = %record.id, "rolling back an unfinished update");
-                let mut usage = Vec::new();
-                if let Status::Running { .. } = runtime.status(&layout).await? {
-                    let exit = self
-                        .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+            Step::RollBackUpdate { kill } => {
+                let Some(PendingOp::Update { previous }) = pending else {
+                    return Err(AgentError::Internal(
+                        "an update to roll back without its snapshot".into(),
+                    ));
+                };
+                self.roll_back_update(record, *previous, kill, why).await?;
+            }
+            Step::Adopt { record_start } => {
+                if record_start {
+                    // Died between the runtime's start and the journal write: the run began
+                    // when the process did.
+                    let started_at = match status {
+                        Status::Running { pid } => metering::process_start_ms(pid),
+                        _ => None,
+                    }
+                    .unwrap_or(record.updated_at_ms);
+                    let usage: Vec<UsageRecord> = (!record.run_open)
+                        .then(|| metering::open_run(record, started_at))
+                        .into_iter()
+                        .collect();
+                    let change = Change::event("start", EventSource::System)
+                        .reason(why)
+                        .usage(&usage);
+                    self.change_state(record, MachineState::Started, change)
                         .await?;
-                    usage = self
-                        .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
-                        .await;
-                } else {
-                    runtime.cleanup(&layout).await?;
-                    usage.extend(metering::close_run(record, now_ms(), CloseBasis::Observed));
                 }
-                let image = self.resolve_digest(&previous.image_ref.digest).await?;
-                let mut spec = bundle::bundle_spec(
-                    &record.id,
-                    &previous.config,
-                    &image.config,
-                    &image.layer_dirs,
-                    self.inner.config.pids_limit,
-                )?;
-                spec.private_ip = record.private_ip;
-                spec.org = record.org.clone();
-                runtime.prepare(&layout, &spec).await?;
-                record.config = previous.config;
-                record.image_ref = previous.image_ref;
-                record.rootfs = previous.rootfs;
-                record.instance_id = previous.instance_id;
-                let change = Change::event("update_rolled_back", EventSource::System)
-                    .reason(why)
-                    .usage(&usage);
-                return self
-                    .change_state(record, MachineState::Stopped, change)
-                    .await;
+                info!(machine = %record.id, "found running again");
+                self.watch(record.id.clone(), record.run_generation);
             }
-            None => {}
-        }
-        match record.state {
-            MachineState::Destroying => {
-                runtime.remove(&layout).await?;
-                let usage = metering::destroyed(record, now_ms());
-                self.inner.store.delete_with_usage(&record.id, &usage).await
-            }
-            MachineState::Starting | MachineState::Started | MachineState::Stopping => {
-                match runtime.status(&layout).await? {
-                    Status::Running { .. } if record.state == MachineState::Stopping => {
-                        let exit = self
-                            .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
-                            .await?;
-                        let usage = self
-                            .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
-                            .await;
-                        record.last_exit = Some(exit_info(&exit));
-                        let change = Change::event("stop", EventSource::System)
-                            .reason(why)
-                            .usage(&usage);
-                        self.change_state(record, MachineState::Stopped, change)
-                            .await
-                    }
-                    Status::Running { pid } => {
-                        if record.state == MachineState::Starting {
-                            // Died between the runtime's start and the journal write: the
-                            // run began when the process did.
-                            let started_at =
-                                metering::process_start_ms(pid).unwrap_or(record.updated_at_ms);
-                            let usage: Vec<UsageRecord> = (!record.run_open)
-                                .then(|| metering::open_run(record, started_at))
-                                .into_iter()
-                                .collect();
-                            let change = Change::event("start", EventSource::System)
-                                .reason(why)
-                                .usage(&usage);
-                            self.change_state(record, MachineState::Started, change)
-                                .await?;
-                        }
-                        info!(machine = %record.id, "found running again");
-                        self.watch(record.id.clone(), record.run_generation);
-                        Ok(())
-                    }
-                    status @ (Status::Exited(_) | Status::NotRunning)
-                        if record.state == MachineState::Stopping =>
-                    {
-                        // The user's stop got past ending the process: finish it. A stop the
-                        // user asked for never brings in the restart policy.
-                        let (exit, basis) = match status {
-                            Status::Exited(exit) => (exit, CloseBasis::ExitTime),
-                            _ => {
-                                let mut exit = unknown_exit();
-                                exit.exited_at_ms = last_alive
-                                    .unwrap_or(record.updated_at_ms)
-                                    .max(record.updated_at_ms);
-                                (exit, CloseBasis::LastLiveness)
-                            }
-                        };
-                        runtime.cleanup(&layout).await?;
-                        let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
-                        record.last_exit = Some(exit_info(&exit));
-                        let change = Change::event("stop", EventSource::System)
-                            .reason(why)
-                            .usage(&usage);
-                        self.change_state(record, MachineState::Stopped, change)
-                            .await
-                    }
-                    Status::Exited(exit) => {
-                        self.settle_unjournaled_start(record).await?;
-                        self.finish_exit(record, exit, EventSource::System, CloseBasis::ExitTime)
-                            .await
-                    }
-                    Status::NotRunning => {
-                        self.settle_unjournaled_start(record).await?;
-                        // Nothing recorded when it died: the agent's last sign of life is the
-                        // best-known end of the run.
+            Step::RecordExit => {
+                self.settle_unjournaled_start(record).await?;
+                let (exit, basis) = match status {
+                    Status::Exited(exit) => (exit, CloseBasis::ExitTime),
+                    _ => {
+                        // Nothing recorded when it died: the agent's last sign of life is
+                        // the best-known end of the run.
                         let mut exit = unknown_exit();
                         exit.exited_at_ms = last_alive.unwrap_or(exit.exited_at_ms);
-                        self.finish_exit(
-                            record,
-                            exit,
-                            EventSource::System,
-                            CloseBasis::LastLiveness,
-                        )
-                        .await
+                        (exit, CloseBasis::LastLiveness)
                     }
-                }
+                };
+                self.finish_exit(record, exit, EventSource::System, basis)
+                    .await?;
             }
-            MachineState::Replacing => {
-                // An update without a pending record cannot happen; settle on stopped.
+            Step::KillAndStop => {
+                let exit = self
+                    .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                    .await?;
+                let usage = self
+                    .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+                    .await;
+                record.last_exit = Some(exit_info(&exit));
+                let change = Change::event("stop", EventSource::System)
+                    .reason(why)
+                    .usage(&usage);
+                self.change_state(record, MachineState::Stopped, change)
+                    .await?;
+            }
+            Step::FinishStop => {
+                // The user's stop got past ending the process: finish it. A stop the user
+                // asked for never brings in the restart policy.
+                let (exit, basis) = match status {
+                    Status::Exited(exit) => (exit, CloseBasis::ExitTime),
+                    _ => {
+                        let mut exit = unknown_exit();
+                        exit.exited_at_ms = last_alive
+                            .unwrap_or(record.updated_at_ms)
+                            .max(record.updated_at_ms);
+                        (exit, CloseBasis::LastLiveness)
+                    }
+                };
+                runtime.cleanup(&layout).await?;
+                let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
+                record.last_exit = Some(exit_info(&exit));
+                let change = Change::event("stop", EventSource::System)
+                    .reason(why)
+                    .usage(&usage);
+                self.change_state(record, MachineState::Stopped, change)
+                    .await?;
+            }
+            Step::FinishDestroy => {
+                runtime.remove(&layout).await?;
+                let usage = metering::destroyed(record, now_ms());
+                self.inner
+                    .store
+                    .delete_with_usage(&record.id, &usage)
+                    .await?;
+            }
+            Step::SettleStopped => {
                 runtime.cleanup(&layout).await?;
                 let usage: Vec<UsageRecord> =
                     metering::close_run(record, now_ms(), CloseBasis::Observed)
@@ -254,59 +259,88 @@ impl Agent {
                     .reason(why)
                     .usage(&usage);
                 self.change_state(record, MachineState::Stopped, change)
-                    .await
+                    .await?;
             }
-            MachineState::Stopped => {
+            Step::ResumeRestart => {
                 // A policy restart was waiting out its back-off when the agent went away.
-                if let Some(due) = record.restart_due_ms {
-                    let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
-                    info!(machine = %record.id, wait_ms = wait, "resuming a pending restart");
-                    self.schedule_restart(
-                        record.id.clone(),
-                        record.run_generation,
-                        Duration::from_millis(wait),
-                    );
-                }
-                Ok(())
+                let due = record.restart_due_ms.unwrap_or_default();
+                let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                info!(machine = %record.id, wait_ms = wait, "resuming a pending restart");
+                self.schedule_restart(
+                    record.id.clone(),
+                    record.run_generation,
+                    Duration::from_millis(wait),
+                );
             }
-            MachineState::Created | MachineState::Failed | MachineState::Destroyed => Ok(()),
+            Step::StoppedByHostRestart { restart } => {
+                self.stop_after_host_restart(record, last_alive, restart)
+                    .await?;
+            }
+            Step::Nothing => {}
         }
+        Ok(step)
     }
 
-    /// After a host restart nothing of a run survives: a Machine that ran is recorded
-    /// `stopped` (source `system`, reason `host_restart`), and one whose restart policy is
-    /// `always` is started again. Other states recover as usual.
-    pub(crate) async fn recover_after_host_restart(
+    /// Ends the run if `kill`, lays the old config's bundle out again and records the
+    /// Machine `stopped` with what it had before the update.
+    async fn roll_back_update(
         &self,
         record: &mut MachineRecord,
+        previous: UpdateSnapshot,
+        kill: bool,
+        why: &str,
     ) -> Result<()> {
-        let ran = matches!(
-            record.state,
-            MachineState::Starting | MachineState::Started | MachineState::Stopping
-        );
-        if !ran {
-            let last_alive = self.inner.store.last_liveness().await?;
-            self.recover_one(record, last_alive, "agent_restart")
-                .await?;
-            return self.restore_network_if_kept(record).await;
-        }
+        info!(machine = %record.id, "rolling back an unfinished update");
         let layout = self.layout(&record.id);
-        if let Status::Running { .. } = self.inner.runtime.status(&layout).await? {
-            // Not a restart for this Machine after all: it runs.
-            let last_alive = self.inner.store.last_liveness().await?;
-            return self.recover_one(record, last_alive, "agent_restart").await;
+        let runtime = &self.inner.runtime;
+        let mut usage = Vec::new();
+        if kill {
+            let exit = self
+                .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
+                .await?;
+            usage = self
+                .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
+                .await;
+        } else {
+            runtime.cleanup(&layout).await?;
+            usage.extend(metering::close_run(record, now_ms(), CloseBasis::Observed));
         }
+        let image = self.resolve_digest(&previous.image_ref.digest).await?;
+        let mut spec = bundle::bundle_spec(
+            &record.id,
+            &previous.config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
+        runtime.prepare(&layout, &spec).await?;
+        record.config = previous.config;
+        record.image_ref = previous.image_ref;
+        record.rootfs = previous.rootfs;
+        record.instance_id = previous.instance_id;
+        let change = Change::event("update_rolled_back", EventSource::System)
+            .reason(why)
+            .usage(&usage);
+        self.change_state(record, MachineState::Stopped, change)
+            .await
+    }
+
+    /// After a host restart nothing of a run survives: the Machine is recorded `stopped`
+    /// (source `system`, reason `host_restart`), gets its network back, and is started
+    /// again if `restart`.
+    async fn stop_after_host_restart(
+        &self,
+        record: &mut MachineRecord,
+        last_alive: Option<i64>,
+        restart: bool,
+    ) -> Result<()> {
         self.settle_unjournaled_start(record).await?;
-        self.inner.runtime.cleanup(&layout).await?;
+        self.inner.runtime.cleanup(&self.layout(&record.id)).await?;
         // The run ended with the host; the agent's last sign of life is the best-known
         // time, and no later than now.
-        let ended_at = self
-            .inner
-            .store
-            .last_liveness()
-            .await?
-            .unwrap_or_else(now_ms)
-            .max(record.updated_at_ms);
+        let ended_at = last_alive.unwrap_or_else(now_ms).max(record.updated_at_ms);
         let usage = self
             .stop_usage(record, ended_at, CloseBasis::LastLiveness)
             .await;
@@ -323,7 +357,7 @@ impl Agent {
         self.change_state(record, MachineState::Stopped, change)
             .await?;
         self.restore_network_if_kept(record).await?;
-        if record.config.restart.policy == berth_api::RestartPolicy::Always {
+        if restart {
             self.schedule_restart(record.id.clone(), record.run_generation, Duration::ZERO);
         }
         Ok(())
