@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use berth_api::{MachineState, Resources, WorkerStats};
+use berth_api::{EventKind, MachineState, Resources, WorkerStats};
 use tracing::warn;
 
 use crate::error::{AgentError, Result};
@@ -201,9 +201,9 @@ impl Agent {
             return;
         };
         let event = MachineEvent {
-            kind: "disk_quota_exceeded".to_owned(),
-            source: EventSource::System.as_str().to_owned(),
-            state: record.state.as_str().to_owned(),
+            kind: EventKind::DiskQuotaExceeded,
+            source: EventSource::System,
+            state: record.state,
             exit_code: None,
             reason: Some(format!(
                 "the disk is full: {} of {} MiB used",

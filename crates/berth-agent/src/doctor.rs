@@ -536,9 +536,10 @@ impl Agent {
             .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
             .await;
         record.last_exit = Some(exit_info(&exit));
-        let change = crate::transition::Change::event("exit", EventSource::System)
-            .reason("found_dead")
-            .usage(&usage);
+        let change =
+            crate::transition::Change::event(berth_api::EventKind::Exit, EventSource::System)
+                .reason("found_dead")
+                .usage(&usage);
         self.change_state(record, MachineState::Stopped, change)
             .await
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use berth_api::{CloseBasis, ExitInfo, MachineState, UsageRecord};
+use berth_api::{CloseBasis, EventKind, ExitInfo, MachineState, UsageRecord};
 use berth_core::restart::{self, RestartDecision};
 use berth_runtime::{ExitRecord, Status};
 use tracing::{info, warn};
@@ -88,7 +88,7 @@ impl Agent {
             }
             _ => None,
         };
-        let change = Change::event("exit", source)
+        let change = Change::event(EventKind::Exit, source)
             .at(now)
             .reason(&event_reason)
             .usage(&usage);

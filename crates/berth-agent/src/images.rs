@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex as StdMutex};
 
-use berth_api::{ImageRef, MachineState};
+use berth_api::{EventKind, ImageRef, MachineState};
 use berth_image::{ImagePuller, Lease, PullEvent, PullScope, PullStatus, ResolvedImage};
 
 use crate::error::{AgentError, Result};
@@ -43,9 +43,9 @@ impl Agent {
             .unwrap_or_default()
             .into_iter()
             .map(|(reason, at_ms)| MachineEvent {
-                kind: "pull".to_owned(),
-                source: EventSource::System.as_str().to_owned(),
-                state: MachineState::Created.as_str().to_owned(),
+                kind: EventKind::Pull,
+                source: EventSource::System,
+                state: MachineState::Created,
                 exit_code: None,
                 reason: Some(reason),
                 at_ms,

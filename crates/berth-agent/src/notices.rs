@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use berth_api::MachineState;
+use berth_api::{EventKind, EventSource, MachineState};
 
 use crate::error::Result;
 use crate::record::MachineRecord;
@@ -48,9 +48,9 @@ impl Agent {
             .iter()
             .map(|record| {
                 let event = store::MachineEvent {
-                    kind: "snapshot".into(),
-                    source: crate::EventSource::System.as_str().into(),
-                    state: record.state.as_str().into(),
+                    kind: EventKind::Snapshot,
+                    source: EventSource::System,
+                    state: record.state,
                     exit_code: None,
                     reason: None,
                     at_ms: record.updated_at_ms,
@@ -66,9 +66,9 @@ impl Agent {
 
     pub(crate) fn notify_destroyed(&self, record: &MachineRecord) {
         let event = store::MachineEvent {
-            kind: "destroy".into(),
-            source: crate::EventSource::User.as_str().into(),
-            state: MachineState::Destroyed.as_str().into(),
+            kind: EventKind::Destroy,
+            source: EventSource::User,
+            state: MachineState::Destroyed,
             exit_code: None,
             reason: None,
             at_ms: record.updated_at_ms,
@@ -86,8 +86,8 @@ fn notice_of(
         id: record.id.clone(),
         app: record.app.clone(),
         event_id,
-        kind: event.kind.clone(),
-        source: event.source.clone(),
+        kind: event.kind,
+        source: event.source,
         state: record.state,
         instance_id: record.instance_id.clone(),
         cpus: record.config.guest.cpus,

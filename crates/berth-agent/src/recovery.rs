@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use berth_api::{CloseBasis, ExitInfo, MachineState, RestartPolicy, UsageRecord};
+use berth_api::{CloseBasis, EventKind, ExitInfo, MachineState, RestartPolicy, UsageRecord};
 use berth_core::recovery::{self, HostFacts, Pending, Process, RecordFacts, Step};
 use berth_core::state;
 use berth_runtime::Status;
@@ -181,7 +181,7 @@ impl Agent {
                         .then(|| metering::open_run(record, started_at))
                         .into_iter()
                         .collect();
-                    let change = Change::event("start", EventSource::System)
+                    let change = Change::event(EventKind::Start, EventSource::System)
                         .reason(why)
                         .usage(&usage);
                     self.change_state(record, MachineState::Started, change)
@@ -213,7 +213,7 @@ impl Agent {
                     .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
                     .await;
                 record.last_exit = Some(exit_info(&exit));
-                let change = Change::event("stop", EventSource::System)
+                let change = Change::event(EventKind::Stop, EventSource::System)
                     .reason(why)
                     .usage(&usage);
                 self.change_state(record, MachineState::Stopped, change)
@@ -235,7 +235,7 @@ impl Agent {
                 runtime.cleanup(&layout).await?;
                 let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
                 record.last_exit = Some(exit_info(&exit));
-                let change = Change::event("stop", EventSource::System)
+                let change = Change::event(EventKind::Stop, EventSource::System)
                     .reason(why)
                     .usage(&usage);
                 self.change_state(record, MachineState::Stopped, change)
@@ -255,7 +255,7 @@ impl Agent {
                     metering::close_run(record, now_ms(), CloseBasis::Observed)
                         .into_iter()
                         .collect();
-                let change = Change::event("recovered", EventSource::System)
+                let change = Change::event(EventKind::Recovered, EventSource::System)
                     .reason(why)
                     .usage(&usage);
                 self.change_state(record, MachineState::Stopped, change)
@@ -320,7 +320,7 @@ impl Agent {
         record.image_ref = previous.image_ref;
         record.rootfs = previous.rootfs;
         record.instance_id = previous.instance_id;
-        let change = Change::event("update_rolled_back", EventSource::System)
+        let change = Change::event(EventKind::UpdateRolledBack, EventSource::System)
             .reason(why)
             .usage(&usage);
         self.change_state(record, MachineState::Stopped, change)
@@ -351,7 +351,7 @@ impl Agent {
             reason: "host_restart".into(),
             exited_at: record::format_ms(ended_at),
         });
-        let change = Change::event("exit", EventSource::System)
+        let change = Change::event(EventKind::Exit, EventSource::System)
             .reason("host_restart")
             .usage(&usage);
         self.change_state(record, MachineState::Stopped, change)

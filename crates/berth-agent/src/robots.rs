@@ -35,7 +35,7 @@ impl Agent {
                 id: event_id,
                 kind: event.kind,
                 source: event.source,
-                state: MachineState::parse(&event.state).unwrap_or(MachineState::Failed),
+                state: event.state,
                 timestamp: record::format_ms(event.at_ms),
                 exit_code: event.exit_code,
                 reason: event.reason,

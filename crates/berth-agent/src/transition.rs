@@ -2,7 +2,7 @@
 //! which refuses an edge that berth-core's lifecycle table does not have
 //! ([`MachineRecord::enter`]) before anything is written.
 
-use berth_api::{MachineState, UsageRecord};
+use berth_api::{EventKind, MachineState, UsageRecord};
 
 use crate::error::Result;
 use crate::record::{now_ms, MachineRecord};
@@ -14,7 +14,7 @@ use crate::Agent;
 /// for the transitional states an operation passes through), and the usage it bills.
 pub(crate) struct Change<'a> {
     at_ms: i64,
-    event: Option<(&'a str, EventSource, Option<&'a str>)>,
+    event: Option<(EventKind, EventSource, Option<&'a str>)>,
     usage: &'a [UsageRecord],
 }
 
@@ -29,7 +29,7 @@ impl<'a> Change<'a> {
     }
 
     /// A change told by an event of `kind` from `source`, now.
-    pub(crate) fn event(kind: &'a str, source: EventSource) -> Self {
+    pub(crate) fn event(kind: EventKind, source: EventSource) -> Self {
         Change {
             event: Some((kind, source, None)),
             ..Change::quiet()
@@ -77,9 +77,9 @@ impl Agent {
         change: Change<'_>,
     ) -> Result<()> {
         let event = change.event.map(|(kind, source, reason)| MachineEvent {
-            kind: kind.to_owned(),
-            source: source.as_str().to_owned(),
-            state: record.state.as_str().to_owned(),
+            kind,
+            source,
+            state: record.state,
             exit_code: record.last_exit.as_ref().and_then(|exit| exit.exit_code),
             reason: reason.map(str::to_owned),
             at_ms: record.updated_at_ms,

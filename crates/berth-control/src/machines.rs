@@ -505,7 +505,7 @@ pub(crate) async fn destroy_machine(
 /// Marks a Machine answered by its worker with the worker's name and status.
 fn answered_by(mut machine: Machine, worker: &str) -> Machine {
     machine.worker = Some(worker.to_owned());
-    machine.worker_status = Some("ok".into());
+    machine.worker_status = Some(berth_api::MachineWorkerStatus::Ok);
     machine
 }
 
@@ -532,6 +532,6 @@ async fn last_known(
         return Ok(None);
     };
     machine.worker = Some(worker.to_owned());
-    machine.worker_status = Some("unreachable".into());
+    machine.worker_status = Some(berth_api::MachineWorkerStatus::Unreachable);
     Ok(Some(machine))
 }

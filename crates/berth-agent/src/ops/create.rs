@@ -1,7 +1,7 @@
 //! Create: resolve the image before anything is recorded, record the Machine with its
 //! create pending, lay out its rootfs and network, then clear the pending mark.
 
-use berth_api::{Machine, MachineState};
+use berth_api::{EventKind, Machine, MachineState};
 use berth_core::validate;
 use tracing::warn;
 
@@ -89,7 +89,7 @@ impl Agent {
             .add_events(&record.id, &pull_events)
             .await?;
         let usage = [metering::created(&record)];
-        let change = Change::event("create", EventSource::User).usage(&usage);
+        let change = Change::event(EventKind::Create, EventSource::User).usage(&usage);
         self.save_in_state(&record, change).await?;
         failpoint::hit("create.after_record_created");
         drop(lease);

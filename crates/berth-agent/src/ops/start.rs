@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use berth_api::{ExitInfo, MachineState, StartStopResponse, StepTiming};
+use berth_api::{EventKind, ExitInfo, MachineState, StartStopResponse, StepTiming};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_runtime::timing::{micros, StepTimes};
 use tracing::warn;
@@ -94,7 +94,7 @@ impl Agent {
                 mark = Instant::now();
                 failpoint::hit("start.after_runtime_start");
                 let usage = [metering::open_run(record, started.started_at_ms)];
-                let change = Change::event("start", source)
+                let change = Change::event(EventKind::Start, source)
                     .at(started.started_at_ms)
                     .usage(&usage);
                 self.change_state(record, MachineState::Started, change)
@@ -118,7 +118,7 @@ impl Agent {
                     exited_at: record::format_ms(now),
                 });
                 let reason = error.to_string();
-                let change = Change::event("start_failed", source)
+                let change = Change::event(EventKind::StartFailed, source)
                     .at(now)
                     .reason(&reason);
                 self.change_state(record, MachineState::Failed, change)

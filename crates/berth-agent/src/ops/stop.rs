@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use berth_api::{CloseBasis, MachineState, StartStopResponse, StopRequest};
+use berth_api::{CloseBasis, EventKind, MachineState, StartStopResponse, StopRequest};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
 use berth_runtime::ExitRecord;
@@ -50,7 +50,9 @@ impl Agent {
                 record.last_exit = Some(exit_info(&exit));
                 let reason = exit_info(&exit).reason;
                 let source = request.source.map_or(EventSource::User, EventSource::from);
-                let change = Change::event("stop", source).reason(&reason).usage(&usage);
+                let change = Change::event(EventKind::Stop, source)
+                    .reason(&reason)
+                    .usage(&usage);
                 self.change_state(&mut record, MachineState::Stopped, change)
                     .await?;
                 failpoint::hit("stop.after_record_stopped");

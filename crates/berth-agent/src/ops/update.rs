@@ -1,7 +1,7 @@
 //! Update: lay out the new image first, record the old config as pending, end the run,
 //! replace the bundle, record `stopped`, and start again unless asked not to.
 
-use berth_api::{CloseBasis, Machine, MachineState, StopRequest, UpdateMachineRequest};
+use berth_api::{CloseBasis, EventKind, Machine, MachineState, StopRequest, UpdateMachineRequest};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
 use berth_image::PullScope;
@@ -79,7 +79,7 @@ impl Agent {
         record.config = request.config;
         record.pending = None;
         self.inner.store.add_events(id, &pull_events).await?;
-        let change = Change::event("update", EventSource::User)
+        let change = Change::event(EventKind::Update, EventSource::User)
             .at(now)
             .usage(&usage);
         self.change_state(&mut record, MachineState::Stopped, change)
