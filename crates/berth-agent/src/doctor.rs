@@ -397,16 +397,12 @@ impl Agent {
             .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
             .await;
         record.last_exit = Some(exit_info(&exit));
-        record.state = MachineState::Stopped;
-        record.updated_at_ms = now_ms();
-        self.save_transition(
-            record,
-            "exit",
-            EventSource::System,
-            Some("found_dead"),
-            &usage,
-        )
-        .await
+        let change =
+            crate::transition::Change::event(berth_api::EventKind::Exit, EventSource::System)
+                .reason("found_dead")
+                .usage(&usage);
+        self.change_state(record, MachineState::Stopped, change)
+            .await
     }
 
     /// A Machine recorded as not running that still has a process, a mount, a container

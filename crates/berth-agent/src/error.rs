@@ -31,6 +31,14 @@ pub enum AgentError {
     Store(#[from] sqlx::Error),
     #[error("{0}")]
     Internal(String),
+    /// A state change the lifecycle table does not allow: a defect in the agent, refused
+    /// before anything is written.
+    #[error("machine {id} cannot go from {from} to {to}")]
+    IllegalTransition {
+        id: String,
+        from: MachineState,
+        to: MachineState,
+    },
     /// An error answer from a remote worker, passed on as it came.
     #[error("{}", body.message)]
     Remote { status: u16, body: Box<ErrorBody> },
@@ -106,7 +114,9 @@ impl AgentError {
                 body.error = error.code().into();
                 500
             }
-            AgentError::Store(_) | AgentError::Internal(_) => {
+            AgentError::Store(_)
+            | AgentError::Internal(_)
+            | AgentError::IllegalTransition { .. } => {
                 body.error = "internal".into();
                 500
             }

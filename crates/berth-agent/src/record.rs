@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use berth_api::{ExitInfo, ImageRef, Machine, MachineConfig, MachineState};
 use serde::{Deserialize, Serialize};
 
+use crate::error::AgentError;
+
 /// One read-only layer of a Machine's rootfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRef {
@@ -93,6 +95,22 @@ pub struct MachineRecord {
 }
 
 impl MachineRecord {
+    /// The one place a Machine's state changes: moves to `to` at `at_ms` if berth-core's
+    /// [`TRANSITIONS`](berth_core::state::TRANSITIONS) table has the edge, and otherwise
+    /// refuses and leaves the record as it was.
+    pub fn enter(&mut self, to: MachineState, at_ms: i64) -> Result<(), AgentError> {
+        if !berth_core::state::can_transition(self.state, to) {
+            return Err(AgentError::IllegalTransition {
+                id: self.id.clone(),
+                from: self.state,
+                to,
+            });
+        }
+        self.state = to;
+        self.updated_at_ms = at_ms;
+        Ok(())
+    }
+
     pub fn to_api(&self) -> Machine {
         Machine {
             id: self.id.clone(),
@@ -132,6 +150,81 @@ pub fn format_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record_in(state: MachineState) -> MachineRecord {
+        MachineRecord {
+            id: "0000000000000a".into(),
+            app: "app".into(),
+            name: "name".into(),
+            region: "local".into(),
+            state,
+            instance_id: "01".into(),
+            config: MachineConfig::default(),
+            image_ref: ImageRef {
+                name: "x".into(),
+                repository: "x".into(),
+                tag: None,
+                digest: "sha256:0".into(),
+            },
+            rootfs: RootfsStack {
+                image_layers: Vec::new(),
+                frozen_layers: Vec::new(),
+                upper: "/m/upper".into(),
+            },
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            last_exit: None,
+            restart_count: 0,
+            run_generation: 0,
+            pending: None,
+            run_open: false,
+            storage_bytes: 0,
+            private_ip: None,
+            restart_due_ms: None,
+            org: None,
+        }
+    }
+
+    #[test]
+    fn enter_takes_exactly_the_edges_of_the_table() {
+        for from in MachineState::ALL {
+            for to in MachineState::ALL {
+                let mut record = record_in(from);
+                let allowed = berth_core::state::can_transition(from, to);
+                match record.enter(to, 7) {
+                    Ok(()) => {
+                        assert!(allowed, "{from} -> {to} was taken");
+                        assert_eq!((record.state, record.updated_at_ms), (to, 7));
+                    }
+                    Err(error) => {
+                        assert!(!allowed, "{from} -> {to} was refused");
+                        assert!(
+                            matches!(
+                                error,
+                                AgentError::IllegalTransition { from: f, to: t, .. }
+                                    if f == from && t == to
+                            ),
+                            "{error}"
+                        );
+                        assert_eq!(record, record_in(from), "a refusal changed the record");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_edge_is_an_internal_error_not_a_conflict() {
+        let error = record_in(MachineState::Destroyed)
+            .enter(MachineState::Started, 7)
+            .expect_err("destroyed is terminal");
+        let (status, body) = error.to_response();
+        assert_eq!((status, body.error.as_str()), (500, "internal"));
+        assert_eq!(
+            body.message,
+            "machine 0000000000000a cannot go from destroyed to started"
+        );
+    }
 
     #[test]
     fn timestamps_format_as_rfc3339() {

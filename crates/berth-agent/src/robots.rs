@@ -1,5 +1,5 @@
-//! What programs driving Machines use beyond the lifecycle: notices of every state change,
-//! the event history, exec, metadata and log streaming.
+//! What programs driving Machines use beyond the lifecycle: the event history, exec,
+//! metadata and log streaming.
 
 use std::time::Duration;
 
@@ -10,9 +10,8 @@ use berth_runtime::exec::ExecSpec;
 use tokio::sync::mpsc;
 
 use crate::error::{AgentError, Result};
-use crate::record::{self, now_ms, MachineRecord};
-use crate::service::{ExecOnWorker, LogChunk, MachineNotice, NoticeSnapshot};
-use crate::store;
+use crate::record::{self, now_ms};
+use crate::service::{ExecOnWorker, LogChunk};
 use crate::Agent;
 
 /// How often a follower looks for new output. The shim writes the files; the agent is
@@ -22,63 +21,6 @@ const LOG_POLL: Duration = Duration::from_millis(100);
 const LOG_CHUNK: u64 = 64 * 1024;
 
 impl Agent {
-    fn listener(&self) -> Option<std::sync::Arc<dyn crate::WorkerListener>> {
-        self.inner
-            .listener
-            .read()
-            .ok()
-            .and_then(|slot| slot.clone())
-    }
-
-    pub(crate) fn notify(
-        &self,
-        record: &MachineRecord,
-        event: &store::MachineEvent,
-        event_id: Option<i64>,
-    ) {
-        let Some(listener) = self.listener() else {
-            return;
-        };
-        listener.on_event(&notice_of(record, event, event_id));
-    }
-
-    /// The id of the newest event is read before the records, so a change racing the
-    /// snapshot is either in it or among the live notices after it.
-    pub(crate) async fn snapshot_notices(&self) -> Result<NoticeSnapshot> {
-        let last_event_id = self.inner.store.last_event_id().await?;
-        let records = self.inner.store.list_all().await?;
-        let machines = records
-            .iter()
-            .map(|record| {
-                let event = store::MachineEvent {
-                    kind: "snapshot".into(),
-                    source: crate::EventSource::System.as_str().into(),
-                    state: record.state.as_str().into(),
-                    exit_code: None,
-                    reason: None,
-                    at_ms: record.updated_at_ms,
-                };
-                notice_of(record, &event, None)
-            })
-            .collect();
-        Ok(NoticeSnapshot {
-            last_event_id,
-            machines,
-        })
-    }
-
-    pub(crate) fn notify_destroyed(&self, record: &MachineRecord) {
-        let event = store::MachineEvent {
-            kind: "destroy".into(),
-            source: crate::EventSource::User.as_str().into(),
-            state: MachineState::Destroyed.as_str().into(),
-            exit_code: None,
-            reason: None,
-            at_ms: record.updated_at_ms,
-        };
-        self.notify(record, &event, None);
-    }
-
     pub(crate) async fn event_page(
         &self,
         id: &str,
@@ -93,7 +35,7 @@ impl Agent {
                 id: event_id,
                 kind: event.kind,
                 source: event.source,
-                state: MachineState::parse(&event.state).unwrap_or(MachineState::Failed),
+                state: event.state,
                 timestamp: record::format_ms(event.at_ms),
                 exit_code: event.exit_code,
                 reason: event.reason,
@@ -147,6 +89,16 @@ impl Agent {
             self.inner.store.save(&record, None).await?;
         }
         Ok(record.to_api())
+    }
+
+    /// The tail of the Machine's captured output.
+    pub(crate) async fn tail_logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        self.load(id).await?;
+        let layout = self.layout(id);
+        tokio::task::spawn_blocking(move || berth_runtime::logs::read_logs(&layout, max_bytes))
+            .await
+            .map_err(|error| AgentError::Internal(format!("log reader task: {error}")))?
+            .map_err(|error| AgentError::Internal(format!("read logs of {id}: {error}")))
     }
 
     pub(crate) async fn stream_logs(
@@ -214,26 +166,5 @@ impl Agent {
             }
         });
         Ok(receiver)
-    }
-}
-
-fn notice_of(
-    record: &MachineRecord,
-    event: &store::MachineEvent,
-    event_id: Option<i64>,
-) -> MachineNotice {
-    MachineNotice {
-        id: record.id.clone(),
-        app: record.app.clone(),
-        event_id,
-        kind: event.kind.clone(),
-        source: event.source.clone(),
-        state: record.state,
-        instance_id: record.instance_id.clone(),
-        cpus: record.config.guest.cpus,
-        memory_mb: record.config.guest.memory_mb,
-        exit_code: event.exit_code,
-        reason: event.reason.clone(),
-        at_ms: event.at_ms,
     }
 }

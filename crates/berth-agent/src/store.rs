@@ -10,18 +10,18 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use tokio_util::task::AbortOnDropHandle;
 
-use berth_api::UsageRecord;
+use berth_api::{EventKind, EventSource, MachineState, UsageRecord};
 
 use crate::error::{AgentError, Result};
 use crate::record::MachineRecord;
 
-/// A state change worth keeping in the Machine's history.
+/// A state change worth keeping in the Machine's history. Its kind, source and state are
+/// stored as their wire names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineEvent {
-    pub kind: String,
-    /// `user`, `restart_policy` or `system`.
-    pub source: String,
-    pub state: String,
+    pub kind: EventKind,
+    pub source: EventSource,
+    pub state: MachineState,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub at_ms: i64,
@@ -194,9 +194,9 @@ impl AgentStore {
         if let Some(event) = event {
             query = query
                 .bind(&record.id)
-                .bind(&event.kind)
-                .bind(&event.source)
-                .bind(&event.state)
+                .bind(event.kind.as_str())
+                .bind(event.source.as_str())
+                .bind(event.state.as_str())
                 .bind(event.exit_code)
                 .bind(&event.reason)
                 .bind(event.at_ms);
@@ -281,9 +281,9 @@ impl AgentStore {
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(id)
-            .bind(&event.kind)
-            .bind(&event.source)
-            .bind(&event.state)
+            .bind(event.kind.as_str())
+            .bind(event.source.as_str())
+            .bind(event.state.as_str())
             .bind(event.exit_code)
             .bind(&event.reason)
             .bind(event.at_ms)
@@ -379,17 +379,7 @@ impl AgentStore {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| MachineEvent {
-                kind: row.get(0),
-                source: row.get(1),
-                state: row.get(2),
-                exit_code: row.get(3),
-                reason: row.get(4),
-                at_ms: row.get(5),
-            })
-            .collect())
+        rows.into_iter().map(|row| event_from(&row, 0)).collect()
     }
 
     /// Events with an id above `since`, oldest first, with their ids.
@@ -408,22 +398,9 @@ impl AgentStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                (
-                    row.get(0),
-                    MachineEvent {
-                        kind: row.get(1),
-                        source: row.get(2),
-                        state: row.get(3),
-                        exit_code: row.get(4),
-                        reason: row.get(5),
-                        at_ms: row.get(6),
-                    },
-                )
-            })
-            .collect())
+        rows.into_iter()
+            .map(|row| Ok((row.get(0), event_from(&row, 1)?)))
+            .collect()
     }
 
     /// Every journal entry's sequence number, Machine and kind, oldest first: what the
@@ -493,7 +470,124 @@ fn enum_parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
     })
 }
 
+/// An event from its six columns (kind, source, state, exit code, reason, time), the
+/// first at `at`.
+fn event_from(row: &sqlx::sqlite::SqliteRow, at: usize) -> Result<MachineEvent> {
+    fn name<T>(
+        row: &sqlx::sqlite::SqliteRow,
+        column: usize,
+        parse: fn(&str) -> Option<T>,
+    ) -> Result<T> {
+        let text: String = row.get(column);
+        parse(&text)
+            .ok_or_else(|| AgentError::Internal(format!("decode {text:?} from the machine events")))
+    }
+    Ok(MachineEvent {
+        kind: name(row, at, EventKind::parse)?,
+        source: name(row, at + 1, EventSource::parse)?,
+        state: name(row, at + 2, MachineState::parse)?,
+        exit_code: row.get(at + 3),
+        reason: row.get(at + 4),
+        at_ms: row.get(at + 5),
+    })
+}
+
 fn decode(json: String) -> Result<MachineRecord> {
     serde_json::from_str(&json)
         .map_err(|error| AgentError::Internal(format!("decode machine record: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, AgentStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = AgentStore::open(&dir.path().join("agent.db"))
+            .await
+            .expect("open");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn events_are_stored_under_their_wire_names_and_read_back_typed() {
+        let (_dir, store) = store().await;
+        let event = MachineEvent {
+            kind: EventKind::StartFailed,
+            source: EventSource::RestartPolicy,
+            state: MachineState::Failed,
+            exit_code: Some(3),
+            reason: Some("no such file".into()),
+            at_ms: 42,
+        };
+        store
+            .add_events("m1", std::slice::from_ref(&event))
+            .await
+            .expect("add");
+        let raw: (String, String, String) =
+            sqlx::query_as("SELECT kind, source, state FROM machine_events")
+                .fetch_one(&store.pool)
+                .await
+                .expect("raw row");
+        assert_eq!(
+            raw,
+            (
+                "start_failed".into(),
+                "restart_policy".into(),
+                "failed".into()
+            )
+        );
+        assert_eq!(
+            store.events("m1").await.expect("events"),
+            std::slice::from_ref(&event)
+        );
+        let (_, paged) = store
+            .events_since("m1", 0, 10)
+            .await
+            .expect("page")
+            .pop()
+            .expect("one event");
+        assert_eq!(paged, event);
+    }
+
+    #[tokio::test]
+    async fn every_kind_and_source_an_older_agent_wrote_still_reads() {
+        let (_dir, store) = store().await;
+        for kind in EventKind::ALL {
+            for source in EventSource::ALL {
+                sqlx::query(
+                    "INSERT INTO machine_events (machine_id, kind, source, state, at_ms)
+                     VALUES ('m1', ?, ?, 'stopped', 1)",
+                )
+                .bind(kind.as_str())
+                .bind(source.as_str())
+                .execute(&store.pool)
+                .await
+                .expect("insert");
+            }
+        }
+        let events = store.events("m1").await.expect("events");
+        let read: Vec<(EventKind, EventSource)> = events
+            .iter()
+            .map(|event| (event.kind, event.source))
+            .collect();
+        let written: Vec<(EventKind, EventSource)> = EventKind::ALL
+            .iter()
+            .flat_map(|kind| EventSource::ALL.iter().map(|source| (*kind, *source)))
+            .collect();
+        assert_eq!(read, written);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kind_is_an_error_not_a_guess() {
+        let (_dir, store) = store().await;
+        sqlx::query(
+            "INSERT INTO machine_events (machine_id, kind, source, state, at_ms)
+             VALUES ('m1', 'teleport', 'user', 'stopped', 1)",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("insert");
+        assert!(store.events("m1").await.is_err());
+    }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use berth_agent::record::PendingOp;
 use berth_agent::{Agent, AgentConfig, CreateOnWorker, EventSource, WorkerError, WorkerService};
-use berth_api::{InitConfig, MachineConfig, MachineState, StopRequest, UpdateMachineRequest};
+use berth_api::{
+    EventKind, InitConfig, MachineConfig, MachineState, StopRequest, UpdateMachineRequest,
+};
 use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
 use berth_image::{ImageStore, UnpackLimits};
 use berth_runtime::fake::FakeRuntime;
@@ -344,8 +346,8 @@ async fn an_exit_by_itself_is_recorded() {
     let exit = machine.last_exit.expect("exit");
     assert_eq!((exit.exit_code, exit.reason.as_str()), (Some(7), "exited"));
     let events = agent.events("00000000000006").await.expect("events");
-    assert!(events.iter().any(|event| event.kind == "exit"
-        && event.source == "system"
+    assert!(events.iter().any(|event| event.kind == EventKind::Exit
+        && event.source == EventSource::System
         && event.exit_code == Some(7)));
 }
 
@@ -381,7 +383,7 @@ async fn a_full_disk_is_told_once_by_an_event_and_sizes_reach_the_runtime_and_st
             .await
             .expect("events")
             .into_iter()
-            .filter(|event| event.kind == "disk_quota_exceeded")
+            .filter(|event| event.kind == EventKind::DiskQuotaExceeded)
             .collect::<Vec<_>>()
     };
     fixture
@@ -402,7 +404,7 @@ async fn a_full_disk_is_told_once_by_an_event_and_sizes_reach_the_runtime_and_st
         .expect("stop");
     let events = quota_events(agent.clone()).await;
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0].source, "system");
+    assert_eq!(events[0].source, EventSource::System);
     assert!(
         events[0].reason.as_deref().unwrap_or("").contains("64 MiB"),
         "{events:?}"

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use berth_agent::{Agent, AgentConfig, CreateOnWorker, EventSource, WorkerService};
-use berth_api::{InitConfig, MachineConfig, MachineState, StopRequest, UpdateMachineRequest};
+use berth_api::{
+    EventKind, InitConfig, MachineConfig, MachineState, StopRequest, UpdateMachineRequest,
+};
 use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
 use berth_image::{ImagePuller, ImageStore, InUse, RegistryOptions, UnpackLimits};
 use berth_runtime::fake::FakeRuntime;
@@ -105,7 +107,7 @@ async fn create_pulls_and_pins_the_digest_start_never_asks_update_pulls_again() 
     let events = agent.events("00000000000001").await.expect("events");
     let pulls: Vec<&str> = events
         .iter()
-        .filter(|e| e.kind == "pull")
+        .filter(|e| e.kind == EventKind::Pull)
         .filter_map(|e| e.reason.as_deref())
         .collect();
     assert!(pulls.iter().any(|r| r.starts_with("resolved")), "{pulls:?}");

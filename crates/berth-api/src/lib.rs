@@ -10,6 +10,33 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+/// Names a unit enum's variants as they appear on the wire and in databases: `ALL`,
+/// `as_str`, `parse` and a `Display` that pads (for tables). The names must be serde's
+/// (`snake_case`); each enum's tests check that they are.
+macro_rules! wire_names {
+    ($type:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $type {
+            pub const ALL: &'static [$type] = &[$($type::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($type::$variant => $name),+
+                }
+            }
+
+            pub fn parse(text: &str) -> Option<$type> {
+                Self::ALL.iter().copied().find(|value| value.as_str() == text)
+            }
+        }
+
+        impl std::fmt::Display for $type {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    };
+}
+
 mod doctor;
 mod duration;
 mod robots;
@@ -330,8 +357,23 @@ pub struct Machine {
     pub worker: Option<String>,
     /// `ok`, or `unreachable` when the worker is down and this is the last known state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker_status: Option<String>,
+    pub worker_status: Option<MachineWorkerStatus>,
 }
+
+/// Whether a Machine's answer came from its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineWorkerStatus {
+    /// The worker answered.
+    Ok,
+    /// The worker is down: this is the Machine's last known state.
+    Unreachable,
+}
+
+wire_names!(MachineWorkerStatus {
+    Ok => "ok",
+    Unreachable => "unreachable",
+});
 
 /// The answer to start and stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -466,6 +508,83 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each wire name is serde's, `parse` and `Display` agree with it, and the names are
+    /// exactly these (the wire and the agent's database hold them).
+    fn assert_wire_names<T>(all: &[T], as_str: fn(T) -> &'static str, names: &[&str])
+    where
+        T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + Serialize,
+        T: serde::de::DeserializeOwned,
+    {
+        let listed: Vec<&str> = all.iter().map(|value| as_str(*value)).collect();
+        assert_eq!(listed, names);
+        for &value in all {
+            let json = serde_json::to_string(&value).expect("encode");
+            assert_eq!(json, format!("\"{}\"", as_str(value)));
+            assert_eq!(serde_json::from_str::<T>(&json).expect("decode"), value);
+            assert_eq!(value.to_string(), as_str(value));
+        }
+    }
+
+    #[test]
+    fn event_kinds_and_sources_keep_their_wire_names() {
+        assert_wire_names(
+            EventKind::ALL,
+            EventKind::as_str,
+            &[
+                "create",
+                "pull",
+                "start",
+                "start_failed",
+                "stop",
+                "exit",
+                "update",
+                "update_rolled_back",
+                "recovered",
+                "disk_quota_exceeded",
+                "destroy",
+                "snapshot",
+            ],
+        );
+        for &kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_wire_names(
+            EventSource::ALL,
+            EventSource::as_str,
+            &["user", "restart_policy", "autostart", "autostop", "system"],
+        );
+        for &source in EventSource::ALL {
+            assert_eq!(EventSource::parse(source.as_str()), Some(source));
+        }
+        assert_eq!(EventSource::parse("proxy"), None);
+        assert_eq!(format!("{:<6}|", EventSource::User), "user  |");
+    }
+
+    #[test]
+    fn worker_statuses_keep_their_wire_names() {
+        assert_wire_names(
+            WorkerStatus::ALL,
+            WorkerStatus::as_str,
+            &["ready", "unreachable"],
+        );
+        assert_wire_names(
+            MachineWorkerStatus::ALL,
+            MachineWorkerStatus::as_str,
+            &["ok", "unreachable"],
+        );
+    }
+
+    #[test]
+    fn an_event_reads_and_writes_as_before() {
+        let text = r#"{"id":7,"kind":"start_failed","source":"restart_policy","state":"failed","timestamp":"t","reason":"x"}"#;
+        let event: MachineEvent = serde_json::from_str(text).expect("decode");
+        assert_eq!(
+            (event.kind, event.source),
+            (EventKind::StartFailed, EventSource::RestartPolicy)
+        );
+        assert_eq!(serde_json::to_string(&event).expect("encode"), text);
+    }
 
     #[test]
     fn unknown_fields_are_refused() {
@@ -620,8 +739,7 @@ pub struct WorkerRegistered {
 pub struct Worker {
     pub name: String,
     pub region: String,
-    /// `ready` or `unreachable`.
-    pub status: String,
+    pub status: WorkerStatus,
     pub cordoned: bool,
     pub capacity: Resources,
     pub used: Resources,
@@ -632,3 +750,17 @@ pub struct Worker {
     #[serde(default)]
     pub last_heartbeat: Option<String>,
 }
+
+/// Whether a worker keeps up its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerStatus {
+    Ready,
+    /// No heartbeat within the timeout.
+    Unreachable,
+}
+
+wire_names!(WorkerStatus {
+    Ready => "ready",
+    Unreachable => "unreachable",
+});

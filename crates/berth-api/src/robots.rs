@@ -32,15 +32,83 @@ pub struct Lease {
     pub description: String,
 }
 
+/// What an event of a Machine records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Create,
+    /// A milestone of the image pull that create or update made.
+    Pull,
+    Start,
+    StartFailed,
+    Stop,
+    /// A run ended by itself (or with the host).
+    Exit,
+    Update,
+    /// Recovery undid an update that did not finish.
+    UpdateRolledBack,
+    /// Recovery settled a Machine left in a transitional state.
+    Recovered,
+    DiskQuotaExceeded,
+    /// Told to listeners only: the record and its events are gone.
+    Destroy,
+    /// Told to listeners only: a Machine's state in a snapshot.
+    Snapshot,
+}
+
+wire_names!(EventKind {
+    Create => "create",
+    Pull => "pull",
+    Start => "start",
+    StartFailed => "start_failed",
+    Stop => "stop",
+    Exit => "exit",
+    Update => "update",
+    UpdateRolledBack => "update_rolled_back",
+    Recovered => "recovered",
+    DiskQuotaExceeded => "disk_quota_exceeded",
+    Destroy => "destroy",
+    Snapshot => "snapshot",
+});
+
+/// Who asked for a state change. Recorded with every event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventSource {
+    User,
+    RestartPolicy,
+    /// The proxy woke the Machine for a request.
+    Autostart,
+    /// The proxy stopped an idle Machine.
+    Autostop,
+    System,
+}
+
+wire_names!(EventSource {
+    User => "user",
+    RestartPolicy => "restart_policy",
+    Autostart => "autostart",
+    Autostop => "autostop",
+    System => "system",
+});
+
+impl From<crate::ChangeSource> for EventSource {
+    fn from(source: crate::ChangeSource) -> Self {
+        match source {
+            crate::ChangeSource::User => EventSource::User,
+            crate::ChangeSource::Autostart => EventSource::Autostart,
+            crate::ChangeSource::Autostop => EventSource::Autostop,
+        }
+    }
+}
+
 /// One recorded state change of a Machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineEvent {
     /// Increases with every event; page with `?since=<id>`.
     pub id: i64,
-    /// `create`, `start`, `start_failed`, `stop`, `exit`, `update`, ...
-    pub kind: String,
-    /// `user`, `restart_policy`, `autostart`, `autostop` or `system`.
-    pub source: String,
+    pub kind: EventKind,
+    pub source: EventSource,
     /// The state the Machine was left in.
     pub state: MachineState,
     pub timestamp: String,

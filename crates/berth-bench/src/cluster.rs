@@ -198,7 +198,10 @@ pub async fn measure(cycles: usize, in_process: &Client, scratch: &Path) -> Resu
     let deadline = Instant::now() + Duration::from_secs(30);
     let workers = loop {
         let workers: Vec<Worker> = remote.get("/v1/workers").await?;
-        if workers.iter().any(|worker| worker.status == "ready") {
+        if workers
+            .iter()
+            .any(|worker| worker.status == berth_api::WorkerStatus::Ready)
+        {
             break workers;
         }
         if Instant::now() > deadline {

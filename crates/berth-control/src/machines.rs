@@ -589,7 +589,7 @@ fn operation(action: Action, app: &str, id: &str) -> String {
 /// Marks a Machine answered by its worker with the worker's name and status.
 fn answered_by(mut machine: Machine, worker: &str) -> Machine {
     machine.worker = Some(worker.to_owned());
-    machine.worker_status = Some("ok".into());
+    machine.worker_status = Some(berth_api::MachineWorkerStatus::Ok);
     machine
 }
 
@@ -616,6 +616,6 @@ async fn last_known(
         return Ok(None);
     };
     machine.worker = Some(worker.to_owned());
-    machine.worker_status = Some("unreachable".into());
+    machine.worker_status = Some(berth_api::MachineWorkerStatus::Unreachable);
     Ok(Some(machine))
 }

@@ -352,11 +352,10 @@ impl Workers {
             name: name.to_owned(),
             region: entry.region.clone(),
             status: if entry.healthy(now) {
-                "ready"
+                berth_api::WorkerStatus::Ready
             } else {
-                "unreachable"
-            }
-            .into(),
+                berth_api::WorkerStatus::Unreachable
+            },
             cordoned: entry.cordoned,
             capacity: entry.capacity,
             used: entry.stats.used,

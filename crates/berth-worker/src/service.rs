@@ -6,49 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use berth_api::EventSource;
 use berth_api::{
-    ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState, StartStopResponse,
-    StopRequest, UpdateMachineRequest, UsageRecord,
+    EventKind, ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState,
+    StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
 };
 use berth_image::PullScope;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-
-/// Who asked for a state change. Recorded with every event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventSource {
-    User,
-    RestartPolicy,
-    /// The proxy woke the Machine for a request.
-    Autostart,
-    /// The proxy stopped an idle Machine.
-    Autostop,
-    System,
-}
-
-impl From<berth_api::ChangeSource> for EventSource {
-    fn from(source: berth_api::ChangeSource) -> Self {
-        match source {
-            berth_api::ChangeSource::User => EventSource::User,
-            berth_api::ChangeSource::Autostart => EventSource::Autostart,
-            berth_api::ChangeSource::Autostop => EventSource::Autostop,
-        }
-    }
-}
-
-impl EventSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventSource::User => "user",
-            EventSource::RestartPolicy => "restart_policy",
-            EventSource::Autostart => "autostart",
-            EventSource::Autostop => "autostop",
-            EventSource::System => "system",
-        }
-    }
-}
 
 /// A state change as the worker recorded it, told to the listener right after the record
 /// is durable and in the order the changes happened on each Machine.
@@ -58,8 +24,8 @@ pub struct MachineNotice {
     pub app: String,
     /// The event's id in the Machine's history; `None` for destroy, which removes it.
     pub event_id: Option<i64>,
-    pub kind: String,
-    pub source: String,
+    pub kind: EventKind,
+    pub source: EventSource,
     pub state: MachineState,
     pub instance_id: String,
     pub cpus: u32,

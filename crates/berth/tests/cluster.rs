@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_api::{DoctorReport, Machine, MachineState, Worker};
+use berth_api::{DoctorReport, Machine, MachineState, MachineWorkerStatus, Worker, WorkerStatus};
 use common::{busybox_image, BERTH};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -166,7 +166,9 @@ impl Cluster {
         cluster.wait_for("every worker to be ready", || {
             let workers = cluster.workers();
             workers.len() == capacities.len()
-                && workers.iter().all(|worker| worker.status == "ready")
+                && workers
+                    .iter()
+                    .all(|worker| worker.status == WorkerStatus::Ready)
         });
         cluster
     }
@@ -438,7 +440,7 @@ fn placement_pinning_capacity_and_failures_across_processes() {
     assert_eq!(body["error"], "worker_unavailable");
     assert_eq!(body["worker"], "w3", "{body}");
     let seen = cluster.machine(&running_on_w3);
-    assert_eq!(seen.worker_status.as_deref(), Some("unreachable"));
+    assert_eq!(seen.worker_status, Some(MachineWorkerStatus::Unreachable));
     assert_eq!(seen.state, MachineState::Started, "the last known state");
     let (status, body) = cluster.call(
         Method::GET,
@@ -451,7 +453,7 @@ fn placement_pinning_capacity_and_failures_across_processes() {
         cluster
             .workers()
             .iter()
-            .any(|worker| worker.name == "w3" && worker.status == "unreachable")
+            .any(|worker| worker.name == "w3" && worker.status == WorkerStatus::Unreachable)
     });
     // The doctor still checks the other workers, and fails for the one it could not.
     let doctor = Command::new(BERTH)
@@ -479,10 +481,10 @@ fn placement_pinning_capacity_and_failures_across_processes() {
         cluster
             .workers()
             .iter()
-            .any(|worker| worker.name == "w3" && worker.status == "ready")
+            .any(|worker| worker.name == "w3" && worker.status == WorkerStatus::Ready)
     });
     cluster.wait_for("the control plane to reach w3's machines again", || {
-        cluster.machine(&running_on_w3).worker_status.as_deref() == Some("ok")
+        cluster.machine(&running_on_w3).worker_status == Some(MachineWorkerStatus::Ok)
     });
     let back = cluster.machine(&running_on_w3);
     assert_eq!(

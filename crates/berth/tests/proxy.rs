@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_api::{Machine, MachineEvent, MachineState};
+use berth_api::{EventKind, EventSource, Machine, MachineEvent, MachineState};
 use common::{busybox_image, Platform};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -105,9 +105,9 @@ fn a_stopped_app_wakes_on_its_first_request_and_stops_when_idle() {
     let start = events(&platform, "web", &machine.id)
         .into_iter()
         .rev()
-        .find(|event| event.kind == "start")
+        .find(|event| event.kind == EventKind::Start)
         .expect("a start event");
-    assert_eq!(start.source, "autostart");
+    assert_eq!(start.source, EventSource::Autostart);
 
     // Warm now: answered without a start.
     let (status, _, _) = via_proxy(&platform, &client, "web", "/");
@@ -119,9 +119,9 @@ fn a_stopped_app_wakes_on_its_first_request_and_stops_when_idle() {
     let stop = events(&platform, "web", &machine.id)
         .into_iter()
         .rev()
-        .find(|event| event.kind == "stop")
+        .find(|event| event.kind == EventKind::Stop)
         .expect("a stop event");
-    assert_eq!(stop.source, "autostop");
+    assert_eq!(stop.source, EventSource::Autostop);
 
     // And it wakes again.
     let (status, _, body) = via_proxy(&platform, &client, "web", "/");
@@ -180,7 +180,9 @@ fn fifty_concurrent_requests_to_a_stopped_app_start_one_machine() {
         .map(|machine| {
             events(&platform, "burst", &machine.id)
                 .iter()
-                .filter(|event| event.kind == "start" && event.source == "autostart")
+                .filter(|event| {
+                    event.kind == EventKind::Start && event.source == EventSource::Autostart
+                })
                 .count()
         })
         .sum();
@@ -207,7 +209,7 @@ fn a_slow_streaming_response_keeps_its_machine_running() {
     );
     let stops_during_stream = events(&platform, "stream", &machine.id)
         .iter()
-        .filter(|event| event.kind == "stop" && event.source == "autostop")
+        .filter(|event| event.kind == EventKind::Stop && event.source == EventSource::Autostop)
         .count();
     assert_eq!(stops_during_stream, 0, "not stopped while streaming");
     platform.wait_for("the idle Machine to stop", Duration::from_secs(15), || {
@@ -447,9 +449,9 @@ fn a_machine_started_through_the_api_without_traffic_is_autostopped() {
     let stop = events(&platform, "quiet", &machine.id)
         .into_iter()
         .rev()
-        .find(|event| event.kind == "stop")
+        .find(|event| event.kind == EventKind::Stop)
         .expect("a stop event");
-    assert_eq!(stop.source, "autostop");
+    assert_eq!(stop.source, EventSource::Autostop);
 
     // Started again through the API, it is found again and stopped again.
     let (status, body) = platform.call(
@@ -465,7 +467,7 @@ fn a_machine_started_through_the_api_without_traffic_is_autostopped() {
     );
     let autostops = events(&platform, "quiet", &machine.id)
         .iter()
-        .filter(|event| event.kind == "stop" && event.source == "autostop")
+        .filter(|event| event.kind == EventKind::Stop && event.source == EventSource::Autostop)
         .count();
     assert_eq!(autostops, 2);
     platform.teardown();
@@ -492,7 +494,7 @@ exec cat
 fn autostops(platform: &Platform, app: &str, id: &str) -> usize {
     events(platform, app, id)
         .iter()
-        .filter(|event| event.kind == "stop" && event.source == "autostop")
+        .filter(|event| event.kind == EventKind::Stop && event.source == EventSource::Autostop)
         .count()
 }
 
@@ -625,9 +627,9 @@ fn berth_proxy_on_its_own_wakes_a_machine() {
     let start = events(&platform, "solo", &machine.id)
         .into_iter()
         .rev()
-        .find(|event| event.kind == "start")
+        .find(|event| event.kind == EventKind::Start)
         .expect("a start event");
-    assert_eq!(start.source, "autostart");
+    assert_eq!(start.source, EventSource::Autostart);
     platform.wait_for("the idle Machine to stop", Duration::from_secs(15), || {
         state(&platform, "solo", &machine.id) == MachineState::Stopped
     });

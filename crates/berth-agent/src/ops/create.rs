@@ -1,0 +1,101 @@
+//! Create: resolve the image before anything is recorded, record the Machine with its
+//! create pending, lay out its rootfs and network, then clear the pending mark.
+
+use berth_api::{EventKind, Machine, MachineState};
+use berth_core::validate;
+use tracing::warn;
+
+use crate::error::{AgentError, Result};
+use crate::failpoint;
+use crate::metering;
+use crate::record::{now_ms, MachineRecord, PendingOp};
+use crate::service::{CreateOnWorker, EventSource};
+use crate::transition::Change;
+use crate::{bundle, machine_address, Agent};
+
+impl Agent {
+    pub(crate) async fn create_op(&self, request: CreateOnWorker) -> Result<Machine> {
+        validate::validate_name("name", &request.name)?;
+        validate::validate_config(&request.config)?;
+        let _guard = self.lock(&request.id).await?;
+        // A retried create (the answer was lost on the network) finds its own Machine.
+        if let Some(existing) = self.inner.store.get(&request.id).await? {
+            if existing.app == request.app && existing.name == request.name {
+                return Ok(existing.to_api());
+            }
+            return Err(AgentError::Internal(format!(
+                "machine id {} is already taken",
+                request.id
+            )));
+        }
+        // The slow part, before anything is recorded: a missing image leaves no trace. The
+        // lease holds the layers until the record that references them is written.
+        let lease = self.inner.images.lease();
+        let (image, pull_events) = self
+            .resolve_image(&request.config.image, &lease, &request.pull)
+            .await?;
+        let spec = bundle::bundle_spec(
+            &request.id,
+            &request.config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        let now = now_ms();
+        let mut record = MachineRecord {
+            id: request.id.clone(),
+            app: request.app,
+            name: request.name,
+            region: self.inner.config.region.clone(),
+            state: MachineState::Created,
+            instance_id: berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default()),
+            config: request.config,
+            image_ref: Self::image_ref(&image),
+            rootfs: self.rootfs_stack(&request.id, &image),
+            created_at_ms: now,
+            updated_at_ms: now,
+            last_exit: None,
+            restart_count: 0,
+            run_generation: 0,
+            pending: Some(PendingOp::Create),
+            run_open: false,
+            storage_bytes: 0,
+            private_ip: self
+                .inner
+                .config
+                .machine_prefix
+                .as_ref()
+                .and_then(|prefix| machine_address(prefix, &request.id)),
+            restart_due_ms: None,
+            org: request.org,
+        };
+        let mut spec = spec;
+        spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
+        self.inner.store.save(&record, None).await?;
+        failpoint::hit("create.after_record");
+        let layout = self.layout(&record.id);
+        if let Err(error) = self.inner.runtime.prepare(&layout, &spec).await {
+            if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
+                warn!(machine = %record.id, %remove_error, "removing a half-created machine");
+            }
+            self.inner.store.delete(&record.id).await?;
+            return Err(error.into());
+        }
+        failpoint::hit("create.after_prepare");
+        record.pending = None;
+        self.inner
+            .store
+            .add_events(&record.id, &pull_events)
+            .await?;
+        let usage = [metering::created(&record)];
+        let change = Change::event(EventKind::Create, EventSource::User).usage(&usage);
+        self.save_in_state(&record, change).await?;
+        failpoint::hit("create.after_record_created");
+        drop(lease);
+        if !request.skip_launch {
+            self.boot(&mut record, EventSource::User).await?;
+        }
+        Ok(record.to_api())
+    }
+}

@@ -1,0 +1,113 @@
+//! Stop: record `stopping`, signal, wait out the grace period, SIGKILL, and record
+//! `stopped` with the run's end. [`Agent::halt`] is also how update and recovery end a run.
+
+use std::time::Duration;
+
+use berth_api::{CloseBasis, EventKind, MachineState, StartStopResponse, StopRequest};
+use berth_core::state::{self, Action, ActionPlan};
+use berth_core::validate;
+use berth_runtime::ExitRecord;
+
+use crate::error::Result;
+use crate::exits::{exit_info, unknown_exit};
+use crate::failpoint;
+use crate::record::MachineRecord;
+use crate::service::EventSource;
+use crate::transition::Change;
+use crate::Agent;
+
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After SIGKILL, how long to wait for the kernel to tear the process down.
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    pub(crate) async fn stop_op(
+        &self,
+        id: &str,
+        request: StopRequest,
+    ) -> Result<StartStopResponse> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let (signal, timeout) = Self::stop_parameters(&record, &request)?;
+        let previous_state = record.state;
+        match state::plan(record.state, Action::Stop)? {
+            ActionPlan::AlreadyDone => Ok(StartStopResponse {
+                previous_state,
+                machine: record.to_api(),
+                note: Some(format!("machine was already {previous_state}")),
+                timings: Vec::new(),
+            }),
+            ActionPlan::Proceed(transitional) => {
+                self.change_state(&mut record, transitional, Change::quiet())
+                    .await?;
+                failpoint::hit("stop.after_stopping");
+                let exit = self.halt(&mut record, signal, timeout).await?;
+                failpoint::hit("stop.after_halt");
+                let usage = self
+                    .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
+                    .await;
+                record.last_exit = Some(exit_info(&exit));
+                let reason = exit_info(&exit).reason;
+                let source = request.source.map_or(EventSource::User, EventSource::from);
+                let change = Change::event(EventKind::Stop, source)
+                    .reason(&reason)
+                    .usage(&usage);
+                self.change_state(&mut record, MachineState::Stopped, change)
+                    .await?;
+                failpoint::hit("stop.after_record_stopped");
+                Ok(StartStopResponse {
+                    previous_state,
+                    machine: record.to_api(),
+                    note: None,
+                    timings: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// Stops a running Machine whose lock the caller holds: signal, grace period, SIGKILL.
+    pub(crate) async fn halt(
+        &self,
+        record: &mut MachineRecord,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<ExitRecord> {
+        let layout = self.layout(&record.id);
+        let runtime = &self.inner.runtime;
+        runtime.signal(&layout, signal).await?;
+        let exit = match runtime.wait_exit(&layout, Some(timeout)).await? {
+            Some(exit) => exit,
+            None => {
+                runtime.signal(&layout, berth_core::signal::SIGKILL).await?;
+                runtime
+                    .wait_exit(&layout, Some(KILL_WAIT))
+                    .await?
+                    .unwrap_or_else(unknown_exit)
+            }
+        };
+        runtime.cleanup(&layout).await?;
+        Ok(exit)
+    }
+
+    pub(crate) fn stop_parameters(
+        record: &MachineRecord,
+        request: &StopRequest,
+    ) -> Result<(i32, Duration)> {
+        let signal_name = request
+            .signal
+            .as_deref()
+            .or(record.config.stop_config.signal.as_deref());
+        let signal = match signal_name {
+            Some(name) => validate::validate_signal("signal", name)?,
+            None => berth_core::signal::SIGTERM,
+        };
+        let timeout = request
+            .timeout
+            .or(record.config.stop_config.timeout)
+            .map(|timeout| timeout.as_duration())
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        validate::validate_stop_timeout("timeout", timeout)?;
+        Ok((signal, timeout))
+    }
+}

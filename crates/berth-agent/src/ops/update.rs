@@ -1,0 +1,123 @@
+//! Update: lay out the new image first, record the old config as pending, end the run,
+//! replace the bundle, record `stopped`, and start again unless asked not to.
+
+use berth_api::{CloseBasis, EventKind, Machine, MachineState, StopRequest, UpdateMachineRequest};
+use berth_core::state::{self, Action, ActionPlan};
+use berth_core::validate;
+use berth_image::PullScope;
+
+use crate::bundle;
+use crate::error::{AgentError, Result};
+use crate::exits::exit_info;
+use crate::failpoint;
+use crate::record::{now_ms, PendingOp, UpdateSnapshot};
+use crate::service::EventSource;
+use crate::transition::Change;
+use crate::Agent;
+
+impl Agent {
+    pub(crate) async fn update_op(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        scope: PullScope,
+    ) -> Result<Machine> {
+        validate::validate_config(&request.config)?;
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let ActionPlan::Proceed(transitional) = state::plan(record.state, Action::Update)? else {
+            return Ok(record.to_api());
+        };
+        // Resolve and lay out the new image first; a bad update changes nothing.
+        let lease = self.inner.images.lease();
+        let (image, pull_events) = self
+            .resolve_image(&request.config.image, &lease, &scope)
+            .await?;
+        let mut spec = bundle::bundle_spec(
+            id,
+            &request.config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        // The network was made at create; update keeps the address and the org.
+        spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
+        let was_running = record.state == MachineState::Started;
+        record.pending = Some(PendingOp::Update {
+            previous: Box::new(UpdateSnapshot {
+                config: record.config.clone(),
+                image_ref: record.image_ref.clone(),
+                rootfs: record.rootfs.clone(),
+                instance_id: record.instance_id.clone(),
+            }),
+        });
+        self.change_state(&mut record, transitional, Change::quiet())
+            .await?;
+        failpoint::hit("update.after_record_pending");
+        let layout = self.layout(id);
+        let mut usage = Vec::new();
+        if was_running {
+            let (signal, timeout) = Self::stop_parameters(&record, &StopRequest::default())?;
+            let exit = self.halt(&mut record, signal, timeout).await?;
+            usage = self
+                .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
+                .await;
+            record.last_exit = Some(exit_info(&exit));
+            failpoint::hit("update.after_halt");
+        }
+        if request.config.rootfs == berth_api::RootfsPersistence::Ephemeral {
+            reset_dir(&layout.upper()).await?;
+        }
+        self.inner.runtime.prepare(&layout, &spec).await?;
+        failpoint::hit("update.after_prepare");
+        let now = now_ms();
+        record.instance_id =
+            berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default());
+        record.image_ref = Self::image_ref(&image);
+        record.rootfs = self.rootfs_stack(id, &image);
+        record.config = request.config;
+        record.pending = None;
+        self.inner.store.add_events(id, &pull_events).await?;
+        let change = Change::event(EventKind::Update, EventSource::User)
+            .at(now)
+            .usage(&usage);
+        self.change_state(&mut record, MachineState::Stopped, change)
+            .await?;
+        failpoint::hit("update.after_record_updated");
+        drop(lease);
+        if !request.skip_launch {
+            record.restart_count = 0;
+            self.boot(&mut record, EventSource::User).await?;
+        }
+        Ok(record.to_api())
+    }
+}
+
+/// Empties a directory by renaming it aside first, so a crash never leaves it half-deleted.
+async fn reset_dir(dir: &std::path::Path) -> Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        // A Machine with a disk quota links its upperdir into its quota subvolume: empty
+        // the directory there, or a fresh one here would have no quota.
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let aside = dir.with_extension("discard");
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside)?;
+        }
+        if dir.exists() {
+            std::fs::rename(&dir, &aside)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        std::fs::remove_dir_all(&aside).or_else(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(error)
+            }
+        })
+    })
+    .await
+    .map_err(|error| AgentError::Internal(format!("reset task: {error}")))?
+    .map_err(|error| AgentError::Internal(format!("reset upperdir: {error}")))
+}

@@ -1,0 +1,161 @@
+//! The local worker behind [`WorkerService`]: every state-changing call runs detached
+//! (see [`crate::ops`]) and settles its Machine if it failed halfway; the rest delegate to
+//! the module that holds them.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use berth_api::{Machine, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord};
+use berth_image::PullScope;
+use berth_worker::{Result, WorkerError};
+
+use crate::error::AgentError;
+use crate::ops::detached;
+use crate::record::{MachineRecord, PendingOp};
+use crate::service::{
+    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, NoticeSnapshot,
+    WorkerListener, WorkerService,
+};
+use crate::Agent;
+
+#[async_trait]
+impl WorkerService for Agent {
+    async fn create(&self, request: CreateOnWorker) -> Result<Machine> {
+        let agent = self.clone();
+        detached(async move {
+            let id = request.id.clone();
+            let result = agent.create_op(request).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
+    async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move {
+            let result = agent.start_op(&id, source).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
+    async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move {
+            let result = agent.stop_op(&id, request).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
+    async fn update(
+        &self,
+        id: &str,
+        request: UpdateMachineRequest,
+        pull: PullScope,
+    ) -> Result<Machine> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move {
+            let result = agent.update_op(&id, request, pull).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
+    async fn destroy(&self, id: &str, force: bool) -> Result<()> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move {
+            let result = agent.destroy_op(&id, force).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
+    async fn get(&self, id: &str) -> Result<Machine> {
+        match self.load(id).await {
+            // A create of this id still running (its caller may have given up on it) is
+            // neither the absence the control plane forgets an index entry for, nor a
+            // Machine yet: it may still roll back.
+            Err(AgentError::NotFound(_)) if self.operation_running(id) => {
+                Err(WorkerError::Busy { id: id.to_owned() })
+            }
+            Ok(record)
+                if record.pending == Some(PendingOp::Create) && self.operation_running(id) =>
+            {
+                Err(WorkerError::Busy { id: id.to_owned() })
+            }
+            other => Ok(other?.to_api()),
+        }
+    }
+
+    async fn list(&self, app: &str) -> Result<Vec<Machine>> {
+        Ok(self
+            .inner
+            .store
+            .list_app(app)
+            .await?
+            .iter()
+            .map(MachineRecord::to_api)
+            .collect())
+    }
+
+    async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {
+        Ok(self.inner.store.usage_since(after_seq, limit).await?)
+    }
+
+    async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        Ok(self.tail_logs(id, max_bytes).await?)
+    }
+
+    async fn image_usage(&self) -> Result<Vec<ImageUsage>> {
+        Ok(self.image_usage_now().await?)
+    }
+
+    fn set_listener(&self, listener: Arc<dyn WorkerListener>) {
+        self.listen(listener);
+    }
+
+    async fn notice_snapshot(&self) -> Result<NoticeSnapshot> {
+        Ok(self.snapshot_notices().await?)
+    }
+
+    async fn machine_events(
+        &self,
+        id: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<berth_api::MachineEvent>> {
+        Ok(self.event_page(id, since, limit).await?)
+    }
+
+    async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<berth_api::ExecResponse> {
+        Ok(self.exec_in(id, request).await?)
+    }
+
+    async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
+        Ok(self.change_metadata(id, key, value).await?)
+    }
+
+    async fn read_logs(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        follow: bool,
+        max_bytes: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<LogChunk>> {
+        Ok(self.stream_logs(id, since, follow, max_bytes).await?)
+    }
+
+    async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport> {
+        Ok(self.run_doctor(repair).await?)
+    }
+}
