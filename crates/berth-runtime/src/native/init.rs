@@ -743,3 +743,575 @@ pub(crate) fn fail(errors: &OwnedFd, message: &str) -> ! {
     // SAFETY: _exit ends the process at once; nothing of the forked parent runs.
     unsafe { libc::_exit(127) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use caps::Capability as Cap;
+
+    use super::*;
+    use crate::native::syscall::recording::{Call, RecordingSyscall};
+
+    /// The Machine's first host id.
+    const BASE: u32 = 200_000;
+
+    /// A rootfs with some of Docker's masked and read-only paths (the others are missing,
+    /// so skipped), and the spec Berth writes for a Machine running `app -v`.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        host: PathBuf,
+        rootfs: PathBuf,
+        spec: Spec,
+        layers: OverlayLayers,
+        netns: OwnedFd,
+        userns: OwnedFd,
+        init: OwnedFd,
+        out: OwnedFd,
+        cgroup_procs: Vec<PathBuf>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let host = fs::canonicalize(dir.path()).unwrap();
+            let rootfs = host.join("rootfs");
+            for dir in ["proc/acpi", "proc/sys", "sys/firmware", "dev"] {
+                fs::create_dir_all(rootfs.join(dir)).unwrap();
+            }
+            for file in ["proc/kcore", "proc/sysrq-trigger"] {
+                fs::write(rootfs.join(file), "").unwrap();
+            }
+            // The command is looked up in PATH; in a test that is on the host.
+            let bin = host.join("bin");
+            fs::create_dir(&bin).unwrap();
+            fs::write(bin.join("app"), "").unwrap();
+            fs::set_permissions(bin.join("app"), fs::Permissions::from_mode(0o755)).unwrap();
+            let bundle = crate::BundleSpec {
+                machine_id: "m1".into(),
+                args: vec!["app".into(), "-v".into()],
+                env: vec![format!("PATH={}", bin.display()), "FOO=bar".into()],
+                cwd: "/".into(),
+                uid: 1000,
+                gid: 1000,
+                cpus: 1,
+                memory_mb: 64,
+                pids_limit: 100,
+                disk_mb: None,
+                private_ip: None,
+                org: None,
+                net_raw: false,
+            };
+            let mut spec = crate::spec::build(&bundle, &rootfs, &host.join("netns")).unwrap();
+            crate::spec::set_user_namespace(&mut spec, IdRange { base: BASE }, &host.join("ns"))
+                .unwrap();
+            let file = |name: &str| OwnedFd::from(fs::File::create(host.join(name)).unwrap());
+            Fixture {
+                layers: OverlayLayers::unmounted(&host).unwrap(),
+                netns: file("netns"),
+                userns: file("userns"),
+                init: file("berth-init"),
+                out: file("out"),
+                cgroup_procs: vec![host.join("cgroup.procs")],
+                spec,
+                rootfs,
+                host,
+                _dir: dir,
+            }
+        }
+
+        fn recorder(&self) -> RecordingSyscall {
+            RecordingSyscall::new(&self.rootfs)
+        }
+
+        /// Runs init's setup; it ends in the exec, which the recorder fails.
+        fn run(&self, sys: &RecordingSyscall) -> String {
+            let plan = InitPlan {
+                spec: &self.spec,
+                layers: &self.layers,
+                rootfs: &self.rootfs,
+                netns: self.netns.as_fd(),
+                userns: self.userns.as_fd(),
+                cgroup_procs: &self.cgroup_procs,
+                init: self.init.as_fd(),
+            };
+            let out = self.out.as_fd();
+            match run_init(sys, &plan, out, out, &mut InitClock::off()) {
+                Err(message) => message,
+                Ok(never) => match never {},
+            }
+        }
+
+        fn on_host(&self, name: &str) -> String {
+            format!("host:{}", self.host.join(name).display())
+        }
+    }
+
+    fn summaries(calls: &[Call]) -> Vec<String> {
+        let mut trace: Vec<String> = calls.iter().map(Call::summary).collect();
+        trace.dedup();
+        trace
+    }
+
+    fn mounts_on(calls: &[Call], on: &str) -> Vec<Call> {
+        calls
+            .iter()
+            .filter(|c| matches!(c, Call::Mount { target, .. } if target == on))
+            .cloned()
+            .collect()
+    }
+
+    fn mount(source: &str, target: &str, fstype: Option<&str>, flags: MsFlags) -> Call {
+        Call::Mount {
+            source: Some(source.into()),
+            target: target.into(),
+            fstype: fstype.map(Into::into),
+            flags,
+            data: None,
+        }
+    }
+
+    #[test]
+    fn setup_runs_in_runcs_order_and_ends_in_the_exec_of_init() {
+        let f = Fixture::new();
+        let sys = f.recorder();
+        f.run(&sys);
+        let expected = [
+            "Umask",
+            "JoinCgroup",
+            "setns net",
+            "Unshare",
+            "mount host:/",
+            "mount_overlay /",
+            // config.json's mounts, in its order, before the devices and pivot_root.
+            "mount /proc",
+            "mount /dev",
+            "mount /dev/pts",
+            "mount /sys",
+            "mount /sys/fs/cgroup",
+            "mount /dev/mqueue",
+            "mount /dev/shm",
+            "Mknod",
+            "Symlink",
+            "fchdir /",
+            "PivotRoot",
+            "mount .",
+            "Umount2",
+            "chdir /",
+            // Masks and read-only paths after pivot_root; missing ones are skipped.
+            "mount /proc/acpi",
+            "mount /proc/kcore",
+            "mount /sys/firmware",
+            "mount /proc/sys",
+            "remount /proc/sys",
+            "mount /proc/sysrq-trigger",
+            "remount /proc/sysrq-trigger",
+            // The user namespace after the hostname, before ids and capabilities.
+            "Sethostname",
+            "Umask",
+            "setns user",
+            "Setrlimit",
+            "ResetSignal",
+            "Dup2",
+            "DropCap",
+            "KeepCapabilities",
+            "Setgroups",
+            "Setresgid",
+            "Setresuid",
+            "KeepCapabilities",
+            "SetCaps",
+            // no_new_privs and seccomp last; then only the cwd and the exec.
+            "NoNewPrivs",
+            "NotDumpable",
+            "SetParentDeathSignal",
+            "Seccomp",
+            // The cwd is looked up outside the seam, so on the host in a test.
+            "fchdir host:/",
+            "BlockSignals",
+            "Fexecve",
+        ];
+        assert_eq!(summaries(&sys.calls()), expected);
+    }
+
+    #[test]
+    fn mounts_take_the_configs_flags_and_the_machines_ids() {
+        let f = Fixture::new();
+        let sys = f.recorder();
+        f.run(&sys);
+        let calls = sys.calls();
+        let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+        assert_eq!(calls[0], Call::Umask(0));
+        assert_eq!(
+            calls[1],
+            Call::JoinCgroup(f.host.join("cgroup.procs").display().to_string())
+        );
+        assert_eq!(
+            calls[2],
+            Call::Setns(f.on_host("netns"), CloneFlags::CLONE_NEWNET)
+        );
+        assert_eq!(
+            calls[3],
+            Call::Unshare(
+                CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWIPC
+                    | CloneFlags::CLONE_NEWCGROUP
+            )
+        );
+        assert_eq!(
+            calls[4],
+            Call::Mount {
+                source: None,
+                target: "host:/".into(),
+                fstype: None,
+                flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                data: None,
+            }
+        );
+        assert_eq!(calls[5], Call::MountOverlay("/".into()));
+        let with_data = |call: Call, data: &str| match call {
+            Call::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data: _,
+            } => Call::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data: Some(data.into()),
+            },
+            other => other,
+        };
+        let tmpfs_ids = format!("uid={BASE},gid={BASE}");
+        let expected = [
+            mount("proc", "/proc", Some("proc"), nosuid_noexec_nodev),
+            with_data(
+                mount(
+                    "tmpfs",
+                    "/dev",
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+                ),
+                &format!("mode=755,size=65536k,{tmpfs_ids}"),
+            ),
+            // devpts's gid is the Machine's 5, mapped; devpts gets no uid added.
+            with_data(
+                mount(
+                    "devpts",
+                    "/dev/pts",
+                    Some("devpts"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                ),
+                &format!("newinstance,ptmxmode=0666,mode=0620,gid={}", BASE + 5),
+            ),
+            mount(
+                "sysfs",
+                "/sys",
+                Some("sysfs"),
+                nosuid_noexec_nodev | MsFlags::MS_RDONLY,
+            ),
+            // The Machine's own cgroup namespace, as cgroup2.
+            mount(
+                "cgroup2",
+                "/sys/fs/cgroup",
+                Some("cgroup2"),
+                nosuid_noexec_nodev | MsFlags::MS_RELATIME | MsFlags::MS_RDONLY,
+            ),
+            mount("mqueue", "/dev/mqueue", Some("mqueue"), nosuid_noexec_nodev),
+            with_data(
+                mount("shm", "/dev/shm", Some("tmpfs"), nosuid_noexec_nodev),
+                &format!("mode=1777,size=65536k,{tmpfs_ids}"),
+            ),
+        ];
+        assert_eq!(calls[6..6 + expected.len()], expected);
+        // Each destination was made inside the rootfs, where the mount went.
+        assert!(f.rootfs.join("dev/mqueue").is_dir());
+        assert!(f.rootfs.join("sys/fs/cgroup").is_dir());
+        assert_eq!(
+            sys.calls()
+                .iter()
+                .filter(|c| **c == Call::Sethostname("m1".into()))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn devices_are_runcs_and_masks_bind_the_checked_null() {
+        let f = Fixture::new();
+        let sys = f.recorder();
+        f.run(&sys);
+        let calls = sys.calls();
+        let made: Vec<Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::Mknod { .. }))
+            .cloned()
+            .collect();
+        let char_device = |name: &str, major, minor| Call::Mknod {
+            path: format!("/dev/{name}"),
+            kind: FileType::CharacterDevice,
+            mode: 0o666,
+            dev: rustix::fs::makedev(major, minor),
+        };
+        assert_eq!(
+            made,
+            [
+                char_device("null", 1, 3),
+                char_device("zero", 1, 5),
+                char_device("full", 1, 7),
+                char_device("random", 1, 8),
+                char_device("urandom", 1, 9),
+                char_device("tty", 5, 0),
+            ]
+        );
+        assert!(calls.contains(&Call::Symlink {
+            target: "/proc/self/fd".into(),
+            link: "/dev/fd".into(),
+        }));
+        // A file is masked by the null device made above, a directory by an empty tmpfs.
+        assert_eq!(
+            mounts_on(&calls, "/proc/kcore"),
+            [mount("/dev/null", "/proc/kcore", None, MsFlags::MS_BIND)]
+        );
+        assert_eq!(
+            mounts_on(&calls, "/proc/acpi"),
+            [mount(
+                "tmpfs",
+                "/proc/acpi",
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY
+            )]
+        );
+        assert_eq!(
+            mounts_on(&calls, "/proc/sys"),
+            [
+                mount(
+                    "/proc/sys",
+                    "/proc/sys",
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC
+                ),
+                mount(
+                    "/proc/sys",
+                    "/proc/sys",
+                    None,
+                    MsFlags::MS_BIND
+                        | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC
+                ),
+            ]
+        );
+        assert!(mounts_on(&calls, "/proc/keys").is_empty());
+        // Init's stdin is that null device too; its stdout and stderr the ones passed.
+        let dup2: Vec<Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::Dup2(..)))
+            .cloned()
+            .collect();
+        let out = f.on_host("out");
+        assert_eq!(
+            dup2,
+            [
+                Call::Dup2("/dev/null".into(), 0),
+                Call::Dup2(out.clone(), 1),
+                Call::Dup2(out, 2),
+            ]
+        );
+    }
+
+    #[test]
+    fn credentials_are_the_specs_and_init_is_execed_by_descriptor() {
+        let f = Fixture::new();
+        let sys = f.recorder();
+        let error = f.run(&sys);
+        let calls = sys.calls();
+        let process = f.spec.process().as_ref().unwrap();
+        let nofile = process.rlimits().as_ref().unwrap()[0].hard();
+        assert!(calls.contains(&Call::Setrlimit {
+            resource: libc::RLIMIT_NOFILE,
+            soft: nofile,
+            hard: nofile,
+        }));
+        let kept: caps::CapsHashSet = [
+            Cap::CAP_CHOWN,
+            Cap::CAP_DAC_OVERRIDE,
+            Cap::CAP_FSETID,
+            Cap::CAP_FOWNER,
+            Cap::CAP_MKNOD,
+            Cap::CAP_SETGID,
+            Cap::CAP_SETUID,
+            Cap::CAP_SETFCAP,
+            Cap::CAP_SETPCAP,
+            Cap::CAP_NET_BIND_SERVICE,
+            Cap::CAP_SYS_CHROOT,
+            Cap::CAP_KILL,
+            Cap::CAP_AUDIT_WRITE,
+        ]
+        .into_iter()
+        .collect();
+        let dropped: caps::CapsHashSet = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::DropCap("bounding", cap) => Some(*cap),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dropped, caps::all().difference(&kept).copied().collect());
+        let ids_and_sets: Vec<Call> = calls
+            .iter()
+            .skip_while(|c| !matches!(c, Call::KeepCapabilities(true)))
+            .take_while(|c| !matches!(c, Call::NoNewPrivs))
+            .cloned()
+            .collect();
+        let none = caps::CapsHashSet::new();
+        assert_eq!(
+            ids_and_sets,
+            [
+                Call::KeepCapabilities(true),
+                Call::Setgroups(vec![]),
+                Call::Setresgid(1000),
+                Call::Setresuid(1000),
+                Call::KeepCapabilities(false),
+                Call::SetCaps("effective", kept.clone()),
+                Call::SetCaps("permitted", kept.clone()),
+                Call::SetCaps("inheritable", none.clone()),
+                Call::SetCaps("effective", kept),
+                Call::SetCaps("ambient", none),
+            ]
+        );
+        // The parent-death signal a credential change cleared, set again after it.
+        assert!(calls.contains(&Call::SetParentDeathSignal(Some(
+            rustix::process::Signal::Kill
+        ))));
+        let profile = f.spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        let programs: Vec<Call> = seccomp::compile(profile)
+            .unwrap()
+            .iter()
+            .map(|p| Call::Seccomp(p.len()))
+            .collect();
+        let applied: Vec<Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::Seccomp(_)))
+            .cloned()
+            .collect();
+        assert!(!programs.is_empty());
+        assert_eq!(applied, programs);
+        // berth-init, from its descriptor, with the program found in PATH and its argv.
+        let program = f.host.join("bin/app").display().to_string();
+        let env = process.env().clone().unwrap();
+        assert_eq!(
+            calls.last(),
+            Some(&Call::Fexecve {
+                program: f.on_host("berth-init"),
+                argv: vec![
+                    "berth-init".into(),
+                    program.clone(),
+                    "app".into(),
+                    "-v".into()
+                ],
+                env,
+            })
+        );
+        assert_eq!(
+            error,
+            format!("exec berth-init for {program}: {}", nix::Error::ENOEXEC)
+        );
+    }
+
+    #[test]
+    fn exec_into_a_machine_keeps_its_stdin_and_execs_the_command_itself() {
+        let f = Fixture::new();
+        let sys = f.recorder();
+        let process = f.spec.process().as_ref().unwrap();
+        let out = f.out.as_fd();
+        let Err(error) = exec_process(
+            &sys,
+            &f.spec,
+            process,
+            None,
+            out,
+            out,
+            &mut InitClock::off(),
+        );
+        let calls = sys.calls();
+        assert!(!calls.iter().any(|c| matches!(
+            c,
+            Call::Mount { .. } | Call::Setns(..) | Call::Dup2(_, 0) | Call::BlockSignals
+        )));
+        let program = f.host.join("bin/app").display().to_string();
+        assert!(
+            matches!(calls.last(), Some(Call::Execve { program: p, argv, .. })
+                if *p == program && *argv == ["app", "-v"]),
+            "{calls:?}"
+        );
+        assert_eq!(error, format!("exec {program}: {}", nix::Error::ENOEXEC));
+    }
+
+    #[test]
+    fn a_failing_call_stops_the_setup_and_names_the_step() {
+        type Which = fn(&Call) -> bool;
+        let cases: [(Which, String); 11] = [
+            (|c| matches!(c, Call::JoinCgroup(_)), "join cgroup".into()),
+            (
+                |c| matches!(c, Call::MountOverlay(_)),
+                "mount the rootfs".into(),
+            ),
+            (
+                |c| matches!(c, Call::Mount { target, .. } if target == "/dev/pts"),
+                format!("mount devpts on /dev/pts: {}", nix::Error::EPERM),
+            ),
+            (
+                |c| matches!(c, Call::Mknod { path, .. } if path == "/dev/null"),
+                "mknod /dev/null".into(),
+            ),
+            (|c| matches!(c, Call::PivotRoot(..)), "pivot_root".into()),
+            (
+                |c| matches!(c, Call::Mount { target, .. } if target == "/proc/kcore"),
+                format!("mask /proc/kcore: {}", nix::Error::EPERM),
+            ),
+            (
+                |c| matches!(c, Call::Mount { flags, .. } if flags.contains(MsFlags::MS_REMOUNT)),
+                "make /proc/sys read-only".into(),
+            ),
+            (
+                |c| matches!(c, Call::Setns(_, kind) if *kind == CloneFlags::CLONE_NEWUSER),
+                "join user namespace".into(),
+            ),
+            (|c| matches!(c, Call::Setresuid(_)), "setuid".into()),
+            (|c| matches!(c, Call::NoNewPrivs), "set no_new_privs".into()),
+            (|c| matches!(c, Call::Seccomp(_)), "apply seccomp".into()),
+        ];
+        for (which, message) in cases {
+            let f = Fixture::new();
+            let sys = f.recorder().failing(which, libc::EPERM);
+            let error = f.run(&sys);
+            assert!(error.starts_with(&message), "{error:?} for {message:?}");
+            // Nothing after the failed call.
+            let calls = sys.calls();
+            let failed = calls.iter().position(which).unwrap();
+            assert_eq!(failed, calls.len() - 1, "{message}: {calls:?}");
+        }
+    }
+
+    #[test]
+    fn a_symlinked_masked_path_fails_the_start_before_the_hostname() {
+        let f = Fixture::new();
+        fs::remove_file(f.rootfs.join("proc/kcore")).unwrap();
+        symlink("/etc/passwd", f.rootfs.join("proc/kcore")).unwrap();
+        let sys = f.recorder();
+        let error = f.run(&sys);
+        assert_eq!(error, "mask /proc/kcore: has a symlink; refused");
+        let calls = sys.calls();
+        assert!(mounts_on(&calls, "/proc/kcore").is_empty());
+        assert_eq!(
+            calls.last().map(Call::summary).as_deref(),
+            Some("mount /proc/acpi")
+        );
+    }
+}
