@@ -287,6 +287,25 @@ impl OverlayLayers {
         })
     }
 
+    /// Every descriptor on `dir` itself, nothing cloned: for unit tests of a caller that
+    /// never mounts them.
+    #[cfg(test)]
+    pub(crate) fn unmounted(dir: &Path) -> io::Result<OverlayLayers> {
+        let open = || {
+            rustix::fs::open(
+                dir,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        };
+        Ok(OverlayLayers {
+            lower: vec![open()?],
+            _parent: open()?,
+            upper: open()?,
+            work: open()?,
+        })
+    }
+
     /// Every descriptor held, for a child that must keep them across a close-all.
     pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.lower

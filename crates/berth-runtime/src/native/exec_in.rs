@@ -29,6 +29,7 @@ use nix::sched::CloneFlags;
 use rustix::process::{Pid, PidfdFlags, Signal};
 
 use super::init;
+use super::syscall::LinuxSyscall;
 use crate::helper::{self, Ended, Flags, Outcome};
 use crate::util;
 
@@ -171,6 +172,7 @@ fn child(
     // SAFETY: fds 1 and 2 are this process's stdio and stay open until exec.
     let (stdout, stderr) = unsafe { (BorrowedFd::borrow_raw(1), BorrowedFd::borrow_raw(2)) };
     init::exec_process(
+        &LinuxSyscall,
         spec,
         process,
         None,

@@ -39,6 +39,7 @@ pub(crate) mod devices;
 pub(crate) mod exec_in;
 pub(crate) mod init;
 pub mod spawner;
+pub(crate) mod syscall;
 
 pub use exec_in::NSEXEC_ARG;
 

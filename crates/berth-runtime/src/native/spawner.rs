@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup;
 use super::init::{self, InitPlan};
+use super::syscall::LinuxSyscall;
 use crate::host::run_dir::INIT_PID_FILE;
 use crate::overlay::OverlayLayers;
 use crate::supervisor::{self, Report, Supervisor, SupervisorArgs};
@@ -453,11 +454,16 @@ fn start_init(
                 init::fail(&errors_w, &format!("close descriptors: {e}"));
             }
             let mut clock = init::InitClock::new(mark, marks_w.as_fd());
-            let failure =
-                match init::run_init(&plan, stdout_w.as_fd(), stderr_w.as_fd(), &mut clock) {
-                    Err(message) => message,
-                    Ok(never) => match never {},
-                };
+            let failure = match init::run_init(
+                &LinuxSyscall,
+                &plan,
+                stdout_w.as_fd(),
+                stderr_w.as_fd(),
+                &mut clock,
+            ) {
+                Err(message) => message,
+                Ok(never) => match never {},
+            };
             init::fail(&errors_w, &failure)
         }
         nix::unistd::ForkResult::Parent { child } => child,
