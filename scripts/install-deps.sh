@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Berth needs on Debian: runc runs Machines, busybox-static builds the demo
 # and test images, docker-registry serves the registry tests, nftables checks the egress
-# ruleset, btrfs-progs makes the loop-mounted btrfs of the disk quota tests. Does nothing
-# when they are already present.
+# ruleset, btrfs-progs makes the loop-mounted btrfs of the disk quota tests, libc6-dev's
+# static libc links berth-init (every Machine's PID 1) statically. Does nothing when they
+# are already present.
 #
 # --bench adds what only berth-bench uses: podman (a peer it measures) and
 # fonts-dejavu-core (the text of its chart). The tests need neither.
@@ -18,6 +19,7 @@ dpkg -s busybox-static >/dev/null 2>&1 || packages+=(busybox-static)
 [ -x /usr/bin/docker-registry ] || packages+=(docker-registry)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || packages+=(nftables)
 command -v mkfs.btrfs >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.btrfs ] || packages+=(btrfs-progs)
+dpkg -s libc6-dev >/dev/null 2>&1 || packages+=(libc6-dev)
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 if [ "${#packages[@]}" -gt 0 ]; then
