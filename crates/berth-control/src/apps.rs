@@ -32,30 +32,7 @@ pub(crate) async fn create_app(
     principal: Principal,
     ApiJson(request): ApiJson<CreateAppRequest>,
 ) -> Result<(StatusCode, Json<App>), ApiError> {
-    control.check_rate(&principal, Action::Create, None).await?;
-    validate::validate_name("app_name", &request.app_name)?;
-    // An org's token makes apps in its own org; naming another is naming nothing.
-    let org_slug = request
-        .org_slug
-        .unwrap_or_else(|| principal.org().unwrap_or(DEFAULT_ORG).to_owned());
-    if !principal.can_see(&org_slug) || !control.store.org_exists(&org_slug).await? {
-        return Err(ApiError::not_found(format!("org {org_slug:?}")));
-    }
-    let row = AppRow {
-        id: ids::new_app_id(),
-        name: request.app_name,
-        org_slug,
-        created_at_ms: control.clock.now_ms(),
-    };
-    if control.store.insert_app(&row).await? == Inserted::AlreadyExists {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_exists",
-            format!("an app named {} already exists", row.name),
-        ));
-    }
-    control.remember_app(&row.name, &row.org_slug);
-    Ok((StatusCode::CREATED, Json(app_json(&control, row).await?)))
+    control.create_app(&principal, request).await
 }
 
 #[utoipa::path(get, path = "/apps", tag = "apps",
@@ -64,14 +41,7 @@ pub(crate) async fn list_apps(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<App>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let mut apps = Vec::new();
-    for row in control.store.apps().await? {
-        if principal.can_see(&row.org_slug) {
-            apps.push(app_json(&control, row).await?);
-        }
-    }
-    Ok(Json(apps))
+    control.list_apps(&principal).await
 }
 
 #[utoipa::path(get, path = "/apps/{app}", tag = "apps", params(("app" = String, Path)),
@@ -81,9 +51,7 @@ pub(crate) async fn get_app(
     principal: Principal,
     ApiPath(app): ApiPath<String>,
 ) -> Result<Json<App>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let row = control.app(&principal, &app).await?;
-    Ok(Json(app_json(&control, row).await?))
+    control.get_app(&principal, &app).await
 }
 
 /// Deleting an app destroys its Machines first, like Fly's.
@@ -95,22 +63,87 @@ pub(crate) async fn delete_app(
     principal: Principal,
     ApiPath(app): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    control.app(&principal, &app).await?;
-    control
-        .check_rate(&principal, Action::Destroy, None)
-        .await?;
-    for machine in control.store.machines(&app).await? {
-        control
-            .worker(&machine.worker)?
-            .destroy(&machine.id, true)
-            .await
-            .or_else(ignore_not_found)?;
-        control.store.delete_machine(&machine.id).await?;
-        crate::leases::forget(&control, &machine.id).await?;
+    control.delete_app(&principal, &app).await
+}
+
+impl ControlPlane {
+    /// Makes an app in the caller's org, or in the one named if the caller may see it.
+    pub(crate) async fn create_app(
+        &self,
+        principal: &Principal,
+        request: CreateAppRequest,
+    ) -> Result<(StatusCode, Json<App>), ApiError> {
+        self.check_rate(principal, Action::Create, None).await?;
+        validate::validate_name("app_name", &request.app_name)?;
+        // An org's token makes apps in its own org; naming another is naming nothing.
+        let org_slug = request
+            .org_slug
+            .unwrap_or_else(|| principal.org().unwrap_or(DEFAULT_ORG).to_owned());
+        if !principal.can_see(&org_slug) || !self.store.org_exists(&org_slug).await? {
+            return Err(ApiError::not_found(format!("org {org_slug:?}")));
+        }
+        let row = AppRow {
+            id: ids::new_app_id(),
+            name: request.app_name,
+            org_slug,
+            created_at_ms: self.clock.now_ms(),
+        };
+        if self.store.insert_app(&row).await? == Inserted::AlreadyExists {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!("an app named {} already exists", row.name),
+            ));
+        }
+        self.remember_app(&row.name, &row.org_slug);
+        Ok((StatusCode::CREATED, Json(app_json(self, row).await?)))
     }
-    control.store.delete_app(&app).await?;
-    control.forget_app(&app);
-    Ok(StatusCode::ACCEPTED)
+
+    /// The apps the caller may see.
+    pub(crate) async fn list_apps(
+        &self,
+        principal: &Principal,
+    ) -> Result<Json<Vec<App>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let mut apps = Vec::new();
+        for row in self.store.apps().await? {
+            if principal.can_see(&row.org_slug) {
+                apps.push(app_json(self, row).await?);
+            }
+        }
+        Ok(Json(apps))
+    }
+
+    pub(crate) async fn get_app(
+        &self,
+        principal: &Principal,
+        app: &str,
+    ) -> Result<Json<App>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let row = self.app(principal, app).await?;
+        Ok(Json(app_json(self, row).await?))
+    }
+
+    /// Destroys the app's Machines on their workers, then forgets the app.
+    pub(crate) async fn delete_app(
+        &self,
+        principal: &Principal,
+        app: &str,
+    ) -> Result<StatusCode, ApiError> {
+        self.app(principal, app).await?;
+        self.check_rate(principal, Action::Destroy, None).await?;
+        for machine in self.store.machines(app).await? {
+            self.worker(&machine.worker)?
+                .destroy(&machine.id, true)
+                .await
+                .or_else(ignore_not_found)?;
+            self.store.delete_machine(&machine.id).await?;
+            crate::leases::forget(self, &machine.id).await?;
+        }
+        self.store.delete_app(app).await?;
+        self.forget_app(app);
+        Ok(StatusCode::ACCEPTED)
+    }
 }
 
 pub(crate) fn ignore_not_found(error: berth_worker::WorkerError) -> Result<(), ApiError> {

@@ -7,13 +7,23 @@ use berth_api::DoctorReport;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::Shared;
+use crate::{ControlPlane, Shared};
 
-async fn run(control: &Shared, name: &str, repair: bool) -> Result<Json<DoctorReport>, ApiError> {
-    let Some(worker) = control.workers.service(name) else {
-        return Err(ApiError::not_found(format!("worker {name:?}")));
-    };
-    Ok(Json(worker.doctor(repair).await?))
+impl ControlPlane {
+    /// Asks a worker to compare its records with its host, and to repair what differs if
+    /// `repair`.
+    async fn doctor(
+        &self,
+        principal: &Principal,
+        name: &str,
+        repair: bool,
+    ) -> Result<Json<DoctorReport>, ApiError> {
+        principal.require_admin()?;
+        let Some(worker) = self.workers.service(name) else {
+            return Err(ApiError::not_found(format!("worker {name:?}")));
+        };
+        Ok(Json(worker.doctor(repair).await?))
+    }
 }
 
 /// Every difference between the worker's records and its host; `findings` is empty when
@@ -25,8 +35,7 @@ pub(crate) async fn check(
     principal: Principal,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<DoctorReport>, ApiError> {
-    principal.require_admin()?;
-    run(&control, &name, false).await
+    control.doctor(&principal, &name, false).await
 }
 
 /// Checks, then removes orphans and records Machines found dead as stopped. Findings it
@@ -38,6 +47,5 @@ pub(crate) async fn repair(
     principal: Principal,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<DoctorReport>, ApiError> {
-    principal.require_admin()?;
-    run(&control, &name, true).await
+    control.doctor(&principal, &name, true).await
 }

@@ -14,6 +14,7 @@ use berth_worker::ImageUsage;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -44,60 +45,7 @@ pub(crate) async fn import_image(
     ApiQuery(query): ApiQuery<ImageQuery>,
     body: axum::body::Body,
 ) -> Result<Json<ImageSummary>, ApiError> {
-    principal.require_admin()?;
-    berth_image::ImageReference::parse(&query.name).map_err(|error| {
-        let mut api = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_image_ref",
-            error.to_string(),
-        );
-        api.body.field = Some("name".into());
-        api
-    })?;
-    let upload = tempfile::Builder::new()
-        .prefix("import-")
-        .tempfile_in(&control.scratch_dir)
-        .map_err(ApiError::internal)?;
-    let mut file = tokio::fs::File::from_std(upload.reopen().map_err(ApiError::internal)?);
-    let mut stream = body.into_data_stream();
-    let mut written: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|error| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_image",
-                format!("reading the upload: {error}"),
-            )
-        })?;
-        written += chunk.len() as u64;
-        if written > MAX_IMAGE_ARCHIVE {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("image archives are limited to {MAX_IMAGE_ARCHIVE} bytes"),
-            ));
-        }
-        file.write_all(&chunk)
-            .await
-            .map_err(|error| storage_error(&error))?;
-    }
-    file.flush().await.map_err(|error| storage_error(&error))?;
-    let images = control.images.clone();
-    let name = query.name.clone();
-    let upload_path = upload.path().to_owned();
-    let resolved = tokio::task::spawn_blocking(move || images.import(&upload_path, &name))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)?;
-    drop(upload);
-    Ok(Json(ImageSummary {
-        name: resolved.reference.name(),
-        digest: resolved.manifest_digest,
-        size_bytes: resolved.size_bytes,
-        unpacked_bytes: resolved.unpacked_bytes,
-        layers: resolved.layer_dirs.len(),
-        machines: Vec::new(),
-    }))
+    control.import_image(&principal, &query.name, body).await
 }
 
 fn storage_error(error: &std::io::Error) -> ApiError {
@@ -113,7 +61,7 @@ fn storage_error(error: &std::io::Error) -> ApiError {
 }
 
 /// Every image every Machine on every worker holds.
-async fn image_usage(control: &Shared) -> Result<Vec<ImageUsage>, ApiError> {
+async fn image_usage(control: &ControlPlane) -> Result<Vec<ImageUsage>, ApiError> {
     let mut usage = Vec::new();
     for (_, worker) in control.workers.all() {
         usage.extend(worker.image_usage().await?);
@@ -207,73 +155,7 @@ pub(crate) async fn list_images(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let usage = image_usage(&control).await?;
-    if let Some(org) = principal.org() {
-        return Ok(Json(org_images(&control, org, &usage).await?));
-    }
-    // Images are shared by the whole platform; the Machines using them are only shown
-    // to their own org.
-    let visible_apps: HashSet<String> = control
-        .store
-        .apps()
-        .await?
-        .into_iter()
-        .filter(|row| principal.can_see(&row.org_slug))
-        .map(|row| row.name)
-        .collect();
-    let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for entry in usage
-        .iter()
-        .filter(|entry| visible_apps.contains(&entry.app))
-    {
-        machines_by_digest
-            .entry(entry.image.digest.clone())
-            .or_default()
-            .push(entry.machine_id.clone());
-    }
-    for ids in machines_by_digest.values_mut() {
-        ids.sort();
-        ids.dedup();
-    }
-    let images = control.images.clone();
-    let untagged: Vec<(String, String)> = usage
-        .iter()
-        .map(|u| (u.image.repository.clone(), u.image.digest.clone()))
-        .collect();
-    let infos = tokio::task::spawn_blocking(move || {
-        let mut infos = images.list()?;
-        let tagged: HashSet<String> = infos.iter().map(|info| info.digest.clone()).collect();
-        let mut seen = HashSet::new();
-        for (repository, digest) in untagged {
-            if tagged.contains(&digest) || !seen.insert(digest.clone()) {
-                continue;
-            }
-            if let Ok(info) = images.describe(&format!("{repository}@{digest}")) {
-                infos.push(info);
-            }
-        }
-        Ok::<_, berth_image::ImageError>(infos)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::from)?;
-    Ok(Json(
-        infos
-            .into_iter()
-            .map(|info| ImageSummary {
-                machines: machines_by_digest
-                    .get(&info.digest)
-                    .cloned()
-                    .unwrap_or_default(),
-                name: info.name,
-                digest: info.digest,
-                size_bytes: info.size_bytes,
-                unpacked_bytes: info.unpacked_bytes,
-                layers: info.layers,
-            })
-            .collect(),
-    ))
+    control.list_images(&principal).await
 }
 
 /// What an org token sees of `GET /v1/images`: the images its own Machines use, under
@@ -337,16 +219,7 @@ pub(crate) async fn delete_image(
     principal: Principal,
     ApiQuery(query): ApiQuery<ImageQuery>,
 ) -> Result<StatusCode, ApiError> {
-    principal.require_admin()?;
-    ImageReference::parse(&query.name).map_err(|error| invalid_ref("name", &error))?;
-    // Usage is read after the collection starts: see berth_image::gc.
-    let collection = control.images.begin_collection().await;
-    let in_use = in_use(&image_usage(&control).await?);
-    tokio::task::spawn_blocking(move || collection.remove(&query.name, &in_use))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)?;
-    Ok(StatusCode::NO_CONTENT)
+    control.delete_image(&principal, query.name).await
 }
 
 /// `DELETE /v1/images/{reference}`: the same as `DELETE /v1/images?name=`, with the
@@ -359,12 +232,7 @@ pub(crate) async fn delete_image_by_path(
     principal: Principal,
     axum::extract::Path(reference): axum::extract::Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete_image(
-        State(control),
-        principal,
-        ApiQuery(ImageQuery { name: reference }),
-    )
-    .await
+    control.delete_image(&principal, reference).await
 }
 
 /// `POST /v1/images/prune` removes every image and layer no Machine references.
@@ -374,14 +242,7 @@ pub(crate) async fn prune_images(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<ImagePruneResponse>, ApiError> {
-    principal.require_admin()?;
-    let collection = control.images.begin_collection().await;
-    let in_use = in_use(&image_usage(&control).await?);
-    let report = tokio::task::spawn_blocking(move || collection.prune(&in_use))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)?;
-    Ok(Json(prune_response(report)))
+    control.prune_images(&principal).await
 }
 
 fn invalid_ref(field: &str, error: &berth_image::ImageError) -> ApiError {
@@ -426,88 +287,8 @@ pub(crate) async fn pull_image(
     principal: Principal,
     ApiJson(request): ApiJson<ImagePullRequest>,
 ) -> Result<Response, ApiError> {
-    principal.require_admin()?;
-    let mut reference =
-        ImageReference::parse(&request.image).map_err(|error| invalid_ref("image", &error))?;
-    if reference.registry.is_none() {
-        match control.puller.default_registry() {
-            Some(registry) => reference.registry = Some(registry.to_owned()),
-            None => {
-                return Err(invalid_ref(
-                    "image",
-                    &berth_image::ImageError::InvalidReference {
-                        reference: request.image.clone(),
-                        reason: "names no registry, and no default registry is configured",
-                    },
-                ))
-            }
-        }
-    }
-    let lease = control.images.lease();
-    let plan = control
-        .puller
-        .plan(&reference, &lease)
-        .await
-        .map_err(ApiError::from)?;
-    let first = ImagePullEvent {
-        status: "resolved".to_owned(),
-        layer: None,
-        bytes_done: 0,
-        bytes_total: plan.total_bytes(),
-        image: Some(plan.reference.name()),
-        digest: Some(plan.manifest_digest.clone()),
-        error: None,
-        message: None,
-        retry_after_ms: None,
-    };
-    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<ImagePullEvent>();
-    let _ = sender.send(first);
-    let puller = control.puller.clone();
-    let progress_sender = sender.clone();
-    // The pull runs to its end even if the client goes away: its work is never wasted.
-    tokio::spawn(async move {
-        let progress: berth_image::Progress = Arc::new(move |event: PullEvent| {
-            if event.status != berth_image::PullStatus::Resolved {
-                let _ = progress_sender.send(progress_line(event));
-            }
-        });
-        let last = match puller.fetch(plan, &lease, progress).await {
-            Ok(image) => ImagePullEvent {
-                status: "done".to_owned(),
-                layer: None,
-                bytes_done: image.size_bytes,
-                bytes_total: image.size_bytes,
-                image: Some(image.reference.name()),
-                digest: Some(image.manifest_digest),
-                error: None,
-                message: None,
-                retry_after_ms: None,
-            },
-            Err(error) => {
-                let (_, body) = berth_worker::WorkerError::from(error).to_response();
-                ImagePullEvent {
-                    status: "error".to_owned(),
-                    layer: None,
-                    bytes_done: 0,
-                    bytes_total: 0,
-                    image: None,
-                    digest: None,
-                    error: Some(body.error),
-                    message: Some(body.message),
-                    retry_after_ms: body.retry_after_ms,
-                }
-            }
-        };
-        let _ = sender.send(last);
-    });
-    let lines =
-        tokio_stream_from(receiver).map(|event| Ok::<_, std::io::Error>(ndjson_line(&event)));
-    let mut response = Body::from_stream(lines).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    Ok(response)
+    let events = control.pull_image(&principal, request).await?;
+    Ok(ndjson_response(events))
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -516,4 +297,271 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
     })
+}
+
+/// The pull's progress events as NDJSON, one line each, as they come.
+fn ndjson_response(events: UnboundedReceiver<ImagePullEvent>) -> Response {
+    let lines = tokio_stream_from(events).map(|event| Ok::<_, std::io::Error>(ndjson_line(&event)));
+    let mut response = Body::from_stream(lines).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+impl ControlPlane {
+    /// Streams an OCI archive to scratch space, then imports it into the store (admin only).
+    pub(crate) async fn import_image(
+        &self,
+        principal: &Principal,
+        name: &str,
+        body: axum::body::Body,
+    ) -> Result<Json<ImageSummary>, ApiError> {
+        principal.require_admin()?;
+        berth_image::ImageReference::parse(name).map_err(|error| {
+            let mut api = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_image_ref",
+                error.to_string(),
+            );
+            api.body.field = Some("name".into());
+            api
+        })?;
+        let upload = tempfile::Builder::new()
+            .prefix("import-")
+            .tempfile_in(&self.scratch_dir)
+            .map_err(ApiError::internal)?;
+        let mut file = tokio::fs::File::from_std(upload.reopen().map_err(ApiError::internal)?);
+        let mut stream = body.into_data_stream();
+        let mut written: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_image",
+                    format!("reading the upload: {error}"),
+                )
+            })?;
+            written += chunk.len() as u64;
+            if written > MAX_IMAGE_ARCHIVE {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("image archives are limited to {MAX_IMAGE_ARCHIVE} bytes"),
+                ));
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|error| storage_error(&error))?;
+        }
+        file.flush().await.map_err(|error| storage_error(&error))?;
+        let images = self.images.clone();
+        let name = name.to_owned();
+        let upload_path = upload.path().to_owned();
+        let resolved = tokio::task::spawn_blocking(move || images.import(&upload_path, &name))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::from)?;
+        drop(upload);
+        Ok(Json(ImageSummary {
+            name: resolved.reference.name(),
+            digest: resolved.manifest_digest,
+            size_bytes: resolved.size_bytes,
+            unpacked_bytes: resolved.unpacked_bytes,
+            layers: resolved.layer_dirs.len(),
+            machines: Vec::new(),
+        }))
+    }
+
+    /// Every image, with the Machines using it that the caller may see.
+    pub(crate) async fn list_images(
+        &self,
+        principal: &Principal,
+    ) -> Result<Json<Vec<ImageSummary>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let usage = image_usage(self).await?;
+        if let Some(org) = principal.org() {
+            return Ok(Json(org_images(self, org, &usage).await?));
+        }
+        // Images are shared by the whole platform; the Machines using them are only shown
+        // to their own org.
+        let visible_apps: HashSet<String> = self
+            .store
+            .apps()
+            .await?
+            .into_iter()
+            .filter(|row| principal.can_see(&row.org_slug))
+            .map(|row| row.name)
+            .collect();
+        let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for entry in usage
+            .iter()
+            .filter(|entry| visible_apps.contains(&entry.app))
+        {
+            machines_by_digest
+                .entry(entry.image.digest.clone())
+                .or_default()
+                .push(entry.machine_id.clone());
+        }
+        for ids in machines_by_digest.values_mut() {
+            ids.sort();
+            ids.dedup();
+        }
+        let images = self.images.clone();
+        let untagged: Vec<(String, String)> = usage
+            .iter()
+            .map(|u| (u.image.repository.clone(), u.image.digest.clone()))
+            .collect();
+        let infos = tokio::task::spawn_blocking(move || {
+            let mut infos = images.list()?;
+            let tagged: HashSet<String> = infos.iter().map(|info| info.digest.clone()).collect();
+            let mut seen = HashSet::new();
+            for (repository, digest) in untagged {
+                if tagged.contains(&digest) || !seen.insert(digest.clone()) {
+                    continue;
+                }
+                if let Ok(info) = images.describe(&format!("{repository}@{digest}")) {
+                    infos.push(info);
+                }
+            }
+            Ok::<_, berth_image::ImageError>(infos)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)?;
+        Ok(Json(
+            infos
+                .into_iter()
+                .map(|info| ImageSummary {
+                    machines: machines_by_digest
+                        .get(&info.digest)
+                        .cloned()
+                        .unwrap_or_default(),
+                    name: info.name,
+                    digest: info.digest,
+                    size_bytes: info.size_bytes,
+                    unpacked_bytes: info.unpacked_bytes,
+                    layers: info.layers,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Removes a tag, then whatever only it reached (admin only).
+    pub(crate) async fn delete_image(
+        &self,
+        principal: &Principal,
+        name: String,
+    ) -> Result<StatusCode, ApiError> {
+        principal.require_admin()?;
+        ImageReference::parse(&name).map_err(|error| invalid_ref("name", &error))?;
+        // Usage is read after the collection starts: see berth_image::gc.
+        let collection = self.images.begin_collection().await;
+        let in_use = in_use(&image_usage(self).await?);
+        tokio::task::spawn_blocking(move || collection.remove(&name, &in_use))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::from)?;
+        Ok(StatusCode::NO_CONTENT)
+    }
+
+    /// Removes every image and layer no Machine references (admin only).
+    pub(crate) async fn prune_images(
+        &self,
+        principal: &Principal,
+    ) -> Result<Json<ImagePruneResponse>, ApiError> {
+        principal.require_admin()?;
+        let collection = self.images.begin_collection().await;
+        let in_use = in_use(&image_usage(self).await?);
+        let report = tokio::task::spawn_blocking(move || collection.prune(&in_use))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::from)?;
+        Ok(Json(prune_response(report)))
+    }
+
+    /// Resolves the image's manifest, then pulls the rest in the background; its progress
+    /// events come through the channel answered.
+    pub(crate) async fn pull_image(
+        &self,
+        principal: &Principal,
+        request: ImagePullRequest,
+    ) -> Result<UnboundedReceiver<ImagePullEvent>, ApiError> {
+        principal.require_admin()?;
+        let mut reference =
+            ImageReference::parse(&request.image).map_err(|error| invalid_ref("image", &error))?;
+        if reference.registry.is_none() {
+            match self.puller.default_registry() {
+                Some(registry) => reference.registry = Some(registry.to_owned()),
+                None => {
+                    return Err(invalid_ref(
+                        "image",
+                        &berth_image::ImageError::InvalidReference {
+                            reference: request.image.clone(),
+                            reason: "names no registry, and no default registry is configured",
+                        },
+                    ))
+                }
+            }
+        }
+        let lease = self.images.lease();
+        let plan = self
+            .puller
+            .plan(&reference, &lease)
+            .await
+            .map_err(ApiError::from)?;
+        let first = ImagePullEvent {
+            status: "resolved".to_owned(),
+            layer: None,
+            bytes_done: 0,
+            bytes_total: plan.total_bytes(),
+            image: Some(plan.reference.name()),
+            digest: Some(plan.manifest_digest.clone()),
+            error: None,
+            message: None,
+            retry_after_ms: None,
+        };
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<ImagePullEvent>();
+        let _ = sender.send(first);
+        let puller = self.puller.clone();
+        let progress_sender = sender.clone();
+        // The pull runs to its end even if the client goes away: its work is never wasted.
+        tokio::spawn(async move {
+            let progress: berth_image::Progress = Arc::new(move |event: PullEvent| {
+                if event.status != berth_image::PullStatus::Resolved {
+                    let _ = progress_sender.send(progress_line(event));
+                }
+            });
+            let last = match puller.fetch(plan, &lease, progress).await {
+                Ok(image) => ImagePullEvent {
+                    status: "done".to_owned(),
+                    layer: None,
+                    bytes_done: image.size_bytes,
+                    bytes_total: image.size_bytes,
+                    image: Some(image.reference.name()),
+                    digest: Some(image.manifest_digest),
+                    error: None,
+                    message: None,
+                    retry_after_ms: None,
+                },
+                Err(error) => {
+                    let (_, body) = berth_worker::WorkerError::from(error).to_response();
+                    ImagePullEvent {
+                        status: "error".to_owned(),
+                        layer: None,
+                        bytes_done: 0,
+                        bytes_total: 0,
+                        image: None,
+                        digest: None,
+                        error: Some(body.error),
+                        message: Some(body.message),
+                        retry_after_ms: body.retry_after_ms,
+                    }
+                }
+            };
+            let _ = sender.send(last);
+        });
+        Ok(receiver)
+    }
 }

@@ -173,81 +173,9 @@ pub(crate) async fn acquire_lease(
     ApiPath((app, id)): ApiPath<(String, String)>,
     OptionalJson(request): OptionalJson<LeaseRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
-    control.machine(&principal, &app, &id).await?;
     control
-        .check_rate(&principal, Action::Update, Some(&id))
-        .await?;
-    let ttl = request.ttl.unwrap_or(DEFAULT_TTL_S);
-    if !(1..=MAX_TTL_S).contains(&ttl) {
-        return Err(ApiError::invalid_config(
-            "ttl",
-            format!("must be 1 to {MAX_TTL_S} seconds"),
-        ));
-    }
-    if request
-        .description
-        .as_ref()
-        .is_some_and(|text| text.len() > MAX_DESCRIPTION || text.contains('\0'))
-    {
-        return Err(ApiError::invalid_config(
-            "description",
-            format!("at most {MAX_DESCRIPTION} bytes, without NUL"),
-        ));
-    }
-    let now = control.clock.now_ms();
-    let expires = now.saturating_add(i64::try_from(ttl * 1000).unwrap_or(i64::MAX));
-    let pool = control.store.pool();
-    if let Some(nonce) = &given {
-        let refreshed = sqlx::query(
-            "UPDATE leases SET expires_at_ms = ?, description = COALESCE(?, description)
-             WHERE machine_id = ? AND nonce = ? AND expires_at_ms > ?",
-        )
-        .bind(expires)
-        .bind(&request.description)
-        .bind(&id)
-        .bind(&nonce.0)
-        .bind(now)
-        .execute(pool)
-        .await?;
-        if refreshed.rows_affected() == 1 {
-            let lease = current(&control, &id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("lease"))?;
-            return Ok((StatusCode::OK, Json(lease.to_api())));
-        }
-    }
-    let lease = LeaseRow {
-        nonce: hex::encode(rand::random::<[u8; 16]>()),
-        owner: principal.owner(),
-        description: request.description.unwrap_or_default(),
-        expires_at_ms: expires,
-    };
-    // One statement, so two callers racing for a free lease cannot both win.
-    let taken = sqlx::query(
-        "INSERT INTO leases (machine_id, nonce, owner, description, expires_at_ms) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (machine_id) DO UPDATE SET nonce = excluded.nonce, owner = excluded.owner,
-           description = excluded.description, expires_at_ms = excluded.expires_at_ms
-         WHERE leases.expires_at_ms <= ?",
-    )
-    .bind(&id)
-    .bind(&lease.nonce)
-    .bind(&lease.owner)
-    .bind(&lease.description)
-    .bind(lease.expires_at_ms)
-    .bind(now)
-    .execute(pool)
-    .await?;
-    if taken.rows_affected() == 1 {
-        return Ok((StatusCode::CREATED, Json(lease.to_api())));
-    }
-    match current(&control, &id).await? {
-        Some(held) => Err(lease_held(&held, now)),
-        None => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "lease_held",
-            "the lease changed hands just now; retry",
-        )),
-    }
+        .acquire_lease(&principal, given.as_ref(), &app, &id, request)
+        .await
 }
 
 #[utoipa::path(get, path = "/apps/{app}/machines/{id}/lease", tag = "leases",
@@ -258,12 +186,7 @@ pub(crate) async fn get_lease(
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<Lease>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    control.machine(&principal, &app, &id).await?;
-    current(&control, &id)
-        .await?
-        .map(|lease| Json(lease.to_api()))
-        .ok_or_else(|| ApiError::not_found(format!("lease on machine {id}")))
+    control.get_lease(&principal, &app, &id).await
 }
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}/lease", tag = "leases",
@@ -276,21 +199,133 @@ pub(crate) async fn release_lease(
     given: Option<LeaseNonce>,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
-    control.machine(&principal, &app, &id).await?;
     control
-        .check_rate(&principal, Action::Update, Some(&id))
+        .release_lease(&principal, given.as_ref(), &app, &id)
+        .await
+}
+
+impl ControlPlane {
+    /// Takes a Machine's lease (201), or refreshes it (200) when `given` is its nonce.
+    pub(crate) async fn acquire_lease(
+        &self,
+        principal: &Principal,
+        given: Option<&LeaseNonce>,
+        app: &str,
+        id: &str,
+        request: LeaseRequest,
+    ) -> Result<(StatusCode, Json<Lease>), ApiError> {
+        self.machine(principal, app, id).await?;
+        self.check_rate(principal, Action::Update, Some(id)).await?;
+        let ttl = request.ttl.unwrap_or(DEFAULT_TTL_S);
+        if !(1..=MAX_TTL_S).contains(&ttl) {
+            return Err(ApiError::invalid_config(
+                "ttl",
+                format!("must be 1 to {MAX_TTL_S} seconds"),
+            ));
+        }
+        if request
+            .description
+            .as_ref()
+            .is_some_and(|text| text.len() > MAX_DESCRIPTION || text.contains('\0'))
+        {
+            return Err(ApiError::invalid_config(
+                "description",
+                format!("at most {MAX_DESCRIPTION} bytes, without NUL"),
+            ));
+        }
+        let now = self.clock.now_ms();
+        let expires = now.saturating_add(i64::try_from(ttl * 1000).unwrap_or(i64::MAX));
+        let pool = self.store.pool();
+        if let Some(nonce) = given {
+            let refreshed = sqlx::query(
+                "UPDATE leases SET expires_at_ms = ?, description = COALESCE(?, description)
+                 WHERE machine_id = ? AND nonce = ? AND expires_at_ms > ?",
+            )
+            .bind(expires)
+            .bind(&request.description)
+            .bind(id)
+            .bind(&nonce.0)
+            .bind(now)
+            .execute(pool)
+            .await?;
+            if refreshed.rows_affected() == 1 {
+                let lease = current(self, id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("lease"))?;
+                return Ok((StatusCode::OK, Json(lease.to_api())));
+            }
+        }
+        let lease = LeaseRow {
+            nonce: hex::encode(rand::random::<[u8; 16]>()),
+            owner: principal.owner(),
+            description: request.description.unwrap_or_default(),
+            expires_at_ms: expires,
+        };
+        // One statement, so two callers racing for a free lease cannot both win.
+        let taken = sqlx::query(
+            "INSERT INTO leases (machine_id, nonce, owner, description, expires_at_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (machine_id) DO UPDATE SET nonce = excluded.nonce, owner = excluded.owner,
+               description = excluded.description, expires_at_ms = excluded.expires_at_ms
+             WHERE leases.expires_at_ms <= ?",
+        )
+        .bind(id)
+        .bind(&lease.nonce)
+        .bind(&lease.owner)
+        .bind(&lease.description)
+        .bind(lease.expires_at_ms)
+        .bind(now)
+        .execute(pool)
         .await?;
-    let now = control.clock.now_ms();
-    let held = current(&control, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("lease on machine {id}")))?;
-    if !same_nonce(given.as_ref(), &held.nonce) {
-        return Err(lease_held(&held, now));
+        if taken.rows_affected() == 1 {
+            return Ok((StatusCode::CREATED, Json(lease.to_api())));
+        }
+        match current(self, id).await? {
+            Some(held) => Err(lease_held(&held, now)),
+            None => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "lease_held",
+                "the lease changed hands just now; retry",
+            )),
+        }
     }
-    sqlx::query("DELETE FROM leases WHERE machine_id = ? AND nonce = ?")
-        .bind(&id)
-        .bind(&held.nonce)
-        .execute(control.store.pool())
-        .await?;
-    Ok(Json(DestroyResponse { ok: true }))
+
+    /// The lease held on a Machine now.
+    pub(crate) async fn get_lease(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+    ) -> Result<Json<Lease>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        self.machine(principal, app, id).await?;
+        current(self, id)
+            .await?
+            .map(|lease| Json(lease.to_api()))
+            .ok_or_else(|| ApiError::not_found(format!("lease on machine {id}")))
+    }
+
+    /// Ends a Machine's lease; only its holder, by nonce, may.
+    pub(crate) async fn release_lease(
+        &self,
+        principal: &Principal,
+        given: Option<&LeaseNonce>,
+        app: &str,
+        id: &str,
+    ) -> Result<Json<DestroyResponse>, ApiError> {
+        self.machine(principal, app, id).await?;
+        self.check_rate(principal, Action::Update, Some(id)).await?;
+        let now = self.clock.now_ms();
+        let held = current(self, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("lease on machine {id}")))?;
+        if !same_nonce(given, &held.nonce) {
+            return Err(lease_held(&held, now));
+        }
+        sqlx::query("DELETE FROM leases WHERE machine_id = ? AND nonce = ?")
+            .bind(id)
+            .bind(&held.nonce)
+            .execute(self.store.pool())
+            .await?;
+        Ok(Json(DestroyResponse { ok: true }))
+    }
 }

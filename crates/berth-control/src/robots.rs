@@ -92,67 +92,7 @@ pub(crate) async fn wait_machine(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<Json<WaitResponse>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let timeout = query.timeout.unwrap_or(MAX_WAIT_S);
-    if timeout > MAX_WAIT_S {
-        return Err(ApiError::invalid_config(
-            "timeout",
-            format!("at most {MAX_WAIT_S} seconds"),
-        ));
-    }
-    let target = query.state.unwrap_or(WaitState::Started).state();
-    let (_, row) = control.machine(&principal, &app, &id).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
-    // Subscribe before reading the state, so no change can slip between the two.
-    let mut waiting = Waiting {
-        control: control.clone(),
-        id: id.clone(),
-        receiver: Some(control.waiters.subscribe(&id)),
-    };
-    let mut seen = match control.worker(&row.worker)?.get(&id).await {
-        Ok(machine) => Snapshot {
-            state: machine.state,
-            instance_id: machine.instance_id,
-        },
-        Err(WorkerError::NotFound(_)) => Snapshot {
-            state: MachineState::Destroyed,
-            instance_id: String::new(),
-        },
-        Err(error) => return Err(error.into()),
-    };
-    loop {
-        let version_matches = query.instance_id.as_ref().is_none_or(|wanted| {
-            *wanted == seen.instance_id || seen.state == MachineState::Destroyed
-        });
-        if seen.state == target && version_matches {
-            return Ok(Json(WaitResponse {
-                ok: true,
-                state: seen.state,
-                instance_id: (!seen.instance_id.is_empty()).then_some(seen.instance_id),
-            }));
-        }
-        if seen.state == MachineState::Destroyed {
-            return Err(ApiError::not_found(format!("machine {id}")));
-        }
-        let Some(receiver) = waiting.receiver.as_mut() else {
-            return Err(ApiError::internal("wait lost its channel"));
-        };
-        match tokio::time::timeout_at(deadline, receiver.changed()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "timeout",
-                    format!("machine {id} did not reach {target} within {timeout} s"),
-                ))
-            }
-            Ok(Err(_)) => return Err(ApiError::internal("the wait channel closed")),
-            Ok(Ok(())) => {
-                if let Some(snapshot) = receiver.borrow_and_update().clone() {
-                    seen = snapshot;
-                }
-            }
-        }
-    }
+    control.wait_machine(&principal, &app, &id, query).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -174,21 +114,7 @@ pub(crate) async fn machine_events(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Vec<MachineEvent>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let limit = query.limit.unwrap_or(DEFAULT_EVENTS);
-    if !(1..=MAX_EVENTS).contains(&limit) {
-        return Err(ApiError::invalid_config(
-            "limit",
-            format!("must be 1 to {MAX_EVENTS}"),
-        ));
-    }
-    let (_, row) = control.machine(&principal, &app, &id).await?;
-    Ok(Json(
-        control
-            .worker(&row.worker)?
-            .machine_events(&id, query.since.unwrap_or(0).max(0), limit)
-            .await?,
-    ))
+    control.machine_events(&principal, &app, &id, query).await
 }
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/exec", tag = "machines",
@@ -203,48 +129,9 @@ pub(crate) async fn exec_machine(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
-    let (_, row) = control.machine(&principal, &app, &id).await?;
     control
-        .check_rate(&principal, Action::Exec, Some(&id))
-        .await?;
-    leases::check(&control, &id, nonce.as_ref()).await?;
-    if request.cmd.is_empty() || request.cmd[0].is_empty() {
-        return Err(ApiError::invalid_config("cmd", "needs a program to run"));
-    }
-    if request.cmd.len() > berth_core::validate::MAX_ARGS {
-        return Err(ApiError::invalid_config("cmd", "too many arguments"));
-    }
-    for (index, arg) in request.cmd.iter().enumerate() {
-        if arg.contains('\0') || arg.len() > berth_core::validate::MAX_ARG_LEN {
-            return Err(ApiError::invalid_config(
-                format!("cmd[{index}]"),
-                "arguments are at most 16 KiB, without NUL",
-            ));
-        }
-    }
-    let timeout = request
-        .timeout
-        .map(|timeout| timeout.as_duration())
-        .unwrap_or(DEFAULT_EXEC_TIMEOUT);
-    if timeout.is_zero() || timeout > MAX_EXEC_TIMEOUT {
-        return Err(ApiError::invalid_config(
-            "timeout",
-            "must be above 0 and at most 600 s",
-        ));
-    }
-    let answer = control
-        .worker(&row.worker)?
-        .exec(
-            &id,
-            ExecOnWorker {
-                cmd: request.cmd,
-                stdin: request.stdin,
-                timeout,
-                max_output_bytes: control.exec_max_output_bytes,
-            },
-        )
-        .await?;
-    Ok(Json(answer))
+        .exec_machine(&principal, nonce.as_ref(), &app, &id, request)
+        .await
 }
 
 #[utoipa::path(get, path = "/apps/{app}/machines/{id}/metadata", tag = "metadata",
@@ -255,11 +142,7 @@ pub(crate) async fn get_metadata(
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
 ) -> Result<Json<BTreeMap<String, String>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let (_, row) = control.machine(&principal, &app, &id).await?;
-    Ok(Json(
-        control.worker(&row.worker)?.get(&id).await?.config.metadata,
-    ))
+    control.get_metadata(&principal, &app, &id).await
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {
@@ -290,17 +173,16 @@ pub(crate) async fn set_metadata(
     ApiPath((app, id, key)): ApiPath<(String, String, String)>,
     ApiJson(request): ApiJson<SetMetadataRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let (_, row) = control.machine(&principal, &app, &id).await?;
     control
-        .check_rate(&principal, Action::Update, Some(&id))
-        .await?;
-    leases::check(&control, &id, nonce.as_ref()).await?;
-    check_key(&key)?;
-    control
-        .worker(&row.worker)?
-        .set_metadata(&id, &key, Some(request.value))
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+        .set_metadata(
+            &principal,
+            nonce.as_ref(),
+            &app,
+            &id,
+            &key,
+            Some(request.value),
+        )
+        .await
 }
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}/metadata/{key}", tag = "metadata",
@@ -313,17 +195,9 @@ pub(crate) async fn delete_metadata(
     nonce: Option<LeaseNonce>,
     ApiPath((app, id, key)): ApiPath<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let (_, row) = control.machine(&principal, &app, &id).await?;
     control
-        .check_rate(&principal, Action::Update, Some(&id))
-        .await?;
-    leases::check(&control, &id, nonce.as_ref()).await?;
-    check_key(&key)?;
-    control
-        .worker(&row.worker)?
-        .set_metadata(&id, &key, None)
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+        .set_metadata(&principal, nonce.as_ref(), &app, &id, &key, None)
+        .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
@@ -357,22 +231,223 @@ pub(crate) async fn machine_logs(
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let (_, row) = control.machine(&principal, &app, &id).await?;
-    let max_bytes = query
-        .max_bytes
-        .unwrap_or(DEFAULT_LOG_BYTES)
-        .min(MAX_LOG_BYTES);
-    let follow = query.follow.unwrap_or(false);
-    let chunks = control
-        .worker(&row.worker)?
-        .read_logs(&id, query.since, follow, max_bytes)
-        .await?;
-    let (content_type, body) = match query.format.unwrap_or(LogFormat::Text) {
+    let chunks = control.machine_logs(&principal, &app, &id, &query).await?;
+    Ok(logs_response(
+        query.format.unwrap_or(LogFormat::Text),
+        chunks,
+    ))
+}
+
+/// The Machine's output in the format asked for, streamed as it comes.
+fn logs_response(format: LogFormat, chunks: mpsc::Receiver<LogChunk>) -> Response {
+    let (content_type, body) = match format {
         LogFormat::Text => ("text/plain; charset=utf-8", raw_body(chunks)),
         LogFormat::Ndjson => ("application/x-ndjson", ndjson_body(chunks)),
     };
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+impl ControlPlane {
+    /// Waits, up to the query's timeout, for a Machine to reach a state.
+    pub(crate) async fn wait_machine(
+        self: &Arc<Self>,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+        query: WaitQuery,
+    ) -> Result<Json<WaitResponse>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let timeout = query.timeout.unwrap_or(MAX_WAIT_S);
+        if timeout > MAX_WAIT_S {
+            return Err(ApiError::invalid_config(
+                "timeout",
+                format!("at most {MAX_WAIT_S} seconds"),
+            ));
+        }
+        let target = query.state.unwrap_or(WaitState::Started).state();
+        let (_, row) = self.machine(principal, app, id).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        // Subscribe before reading the state, so no change can slip between the two.
+        let mut waiting = Waiting {
+            control: self.clone(),
+            id: id.to_owned(),
+            receiver: Some(self.waiters.subscribe(id)),
+        };
+        let mut seen = match self.worker(&row.worker)?.get(id).await {
+            Ok(machine) => Snapshot {
+                state: machine.state,
+                instance_id: machine.instance_id,
+            },
+            Err(WorkerError::NotFound(_)) => Snapshot {
+                state: MachineState::Destroyed,
+                instance_id: String::new(),
+            },
+            Err(error) => return Err(error.into()),
+        };
+        loop {
+            let version_matches = query.instance_id.as_ref().is_none_or(|wanted| {
+                *wanted == seen.instance_id || seen.state == MachineState::Destroyed
+            });
+            if seen.state == target && version_matches {
+                return Ok(Json(WaitResponse {
+                    ok: true,
+                    state: seen.state,
+                    instance_id: (!seen.instance_id.is_empty()).then_some(seen.instance_id),
+                }));
+            }
+            if seen.state == MachineState::Destroyed {
+                return Err(ApiError::not_found(format!("machine {id}")));
+            }
+            let Some(receiver) = waiting.receiver.as_mut() else {
+                return Err(ApiError::internal("wait lost its channel"));
+            };
+            match tokio::time::timeout_at(deadline, receiver.changed()).await {
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        format!("machine {id} did not reach {target} within {timeout} s"),
+                    ))
+                }
+                Ok(Err(_)) => return Err(ApiError::internal("the wait channel closed")),
+                Ok(Ok(())) => {
+                    if let Some(snapshot) = receiver.borrow_and_update().clone() {
+                        seen = snapshot;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A Machine's events, from its worker.
+    pub(crate) async fn machine_events(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+        query: EventsQuery,
+    ) -> Result<Json<Vec<MachineEvent>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let limit = query.limit.unwrap_or(DEFAULT_EVENTS);
+        if !(1..=MAX_EVENTS).contains(&limit) {
+            return Err(ApiError::invalid_config(
+                "limit",
+                format!("must be 1 to {MAX_EVENTS}"),
+            ));
+        }
+        let (_, row) = self.machine(principal, app, id).await?;
+        Ok(Json(
+            self.worker(&row.worker)?
+                .machine_events(id, query.since.unwrap_or(0).max(0), limit)
+                .await?,
+        ))
+    }
+
+    /// Runs a command in a started Machine, on its worker, with output capped.
+    pub(crate) async fn exec_machine(
+        &self,
+        principal: &Principal,
+        nonce: Option<&LeaseNonce>,
+        app: &str,
+        id: &str,
+        request: ExecRequest,
+    ) -> Result<Json<ExecResponse>, ApiError> {
+        let (_, row) = self.machine(principal, app, id).await?;
+        self.check_rate(principal, Action::Exec, Some(id)).await?;
+        leases::check(self, id, nonce).await?;
+        if request.cmd.is_empty() || request.cmd[0].is_empty() {
+            return Err(ApiError::invalid_config("cmd", "needs a program to run"));
+        }
+        if request.cmd.len() > berth_core::validate::MAX_ARGS {
+            return Err(ApiError::invalid_config("cmd", "too many arguments"));
+        }
+        for (index, arg) in request.cmd.iter().enumerate() {
+            if arg.contains('\0') || arg.len() > berth_core::validate::MAX_ARG_LEN {
+                return Err(ApiError::invalid_config(
+                    format!("cmd[{index}]"),
+                    "arguments are at most 16 KiB, without NUL",
+                ));
+            }
+        }
+        let timeout = request
+            .timeout
+            .map(|timeout| timeout.as_duration())
+            .unwrap_or(DEFAULT_EXEC_TIMEOUT);
+        if timeout.is_zero() || timeout > MAX_EXEC_TIMEOUT {
+            return Err(ApiError::invalid_config(
+                "timeout",
+                "must be above 0 and at most 600 s",
+            ));
+        }
+        let answer = self
+            .worker(&row.worker)?
+            .exec(
+                id,
+                ExecOnWorker {
+                    cmd: request.cmd,
+                    stdin: request.stdin,
+                    timeout,
+                    max_output_bytes: self.exec_max_output_bytes,
+                },
+            )
+            .await?;
+        Ok(Json(answer))
+    }
+
+    /// A Machine's metadata, from its worker.
+    pub(crate) async fn get_metadata(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+    ) -> Result<Json<BTreeMap<String, String>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let (_, row) = self.machine(principal, app, id).await?;
+        Ok(Json(
+            self.worker(&row.worker)?.get(id).await?.config.metadata,
+        ))
+    }
+
+    /// Sets one metadata key of a Machine (`Some`), or removes it (`None`).
+    pub(crate) async fn set_metadata(
+        &self,
+        principal: &Principal,
+        nonce: Option<&LeaseNonce>,
+        app: &str,
+        id: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> Result<StatusCode, ApiError> {
+        let (_, row) = self.machine(principal, app, id).await?;
+        self.check_rate(principal, Action::Update, Some(id)).await?;
+        leases::check(self, id, nonce).await?;
+        check_key(key)?;
+        self.worker(&row.worker)?
+            .set_metadata(id, key, value)
+            .await?;
+        Ok(StatusCode::NO_CONTENT)
+    }
+
+    /// A Machine's output from its worker, as it comes when following.
+    pub(crate) async fn machine_logs(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+        query: &LogsQuery,
+    ) -> Result<mpsc::Receiver<LogChunk>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let (_, row) = self.machine(principal, app, id).await?;
+        let max_bytes = query
+            .max_bytes
+            .unwrap_or(DEFAULT_LOG_BYTES)
+            .min(MAX_LOG_BYTES);
+        let follow = query.follow.unwrap_or(false);
+        Ok(self
+            .worker(&row.worker)?
+            .read_logs(id, query.since, follow, max_bytes)
+            .await?)
+    }
 }
 
 fn raw_body(chunks: mpsc::Receiver<LogChunk>) -> Body {

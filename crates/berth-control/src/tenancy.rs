@@ -106,28 +106,7 @@ pub(crate) async fn create_org(
     principal: Principal,
     ApiJson(request): ApiJson<CreateOrgRequest>,
 ) -> Result<(StatusCode, Json<Org>), ApiError> {
-    principal.require_admin()?;
-    validate::validate_name("slug", &request.slug)?;
-    let overrides = SetOrgLimitsRequest {
-        quotas: request.quotas,
-        rate_limits: request.rate_limits,
-    };
-    limits::validate_limits(&overrides)?;
-    let now = control.clock.now_ms();
-    if control.store.insert_org(&request.slug, now).await? == Inserted::AlreadyExists {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_exists",
-            format!("an org named {} already exists", request.slug),
-        ));
-    }
-    if overrides != SetOrgLimitsRequest::default() {
-        save_overrides(&control, &request.slug, &overrides).await?;
-    }
-    Ok((
-        StatusCode::CREATED,
-        Json(org_json(&control, request.slug, now).await?),
-    ))
+    control.create_org(&principal, request).await
 }
 
 #[utoipa::path(get, path = "/orgs", tag = "orgs",
@@ -136,14 +115,7 @@ pub(crate) async fn list_orgs(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<Org>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let mut orgs = Vec::new();
-    for (slug, created) in control.store.orgs().await? {
-        if principal.can_see(&slug) {
-            orgs.push(org_json(&control, slug, created).await?);
-        }
-    }
-    Ok(Json(orgs))
+    control.list_orgs(&principal).await
 }
 
 #[utoipa::path(get, path = "/orgs/{slug}", tag = "orgs", params(("slug" = String, Path)),
@@ -153,9 +125,7 @@ pub(crate) async fn get_org(
     principal: Principal,
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Org>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let (slug, created) = visible_org(&control, &principal, &slug).await?;
-    Ok(Json(org_json(&control, slug, created).await?))
+    control.get_org(&principal, &slug).await
 }
 
 #[utoipa::path(put, path = "/orgs/{slug}/limits", tag = "orgs", params(("slug" = String, Path)),
@@ -167,11 +137,7 @@ pub(crate) async fn set_org_limits(
     ApiPath(slug): ApiPath<String>,
     ApiJson(request): ApiJson<SetOrgLimitsRequest>,
 ) -> Result<Json<Org>, ApiError> {
-    let (slug, created) = visible_org(&control, &principal, &slug).await?;
-    principal.require_admin()?;
-    limits::validate_limits(&request)?;
-    save_overrides(&control, &slug, &request).await?;
-    Ok(Json(org_json(&control, slug, created).await?))
+    control.set_org_limits(&principal, &slug, request).await
 }
 
 fn token_info(row: &TokenRow) -> TokenInfo {
@@ -192,39 +158,7 @@ pub(crate) async fn create_token(
     principal: Principal,
     ApiJson(request): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
-    principal.require_admin()?;
-    validate::validate_name("name", &request.name)?;
-    if control.store.org(&request.org_slug).await?.is_none() {
-        return Err(ApiError::not_found(format!("org {:?}", request.org_slug)));
-    }
-    let (id, token) = auth::mint();
-    let now = control.clock.now_ms();
-    let expires_at_ms = request.expires_in.map(|lifetime| {
-        now.saturating_add(i64::try_from(lifetime.0.saturating_mul(1000)).unwrap_or(i64::MAX))
-    });
-    let row = TokenRow {
-        id,
-        org_slug: request.org_slug,
-        name: request.name,
-        hash: auth::sha256(&token),
-        created_at_ms: now,
-        expires_at_ms,
-        revoked_at_ms: None,
-    };
-    sqlx::query(
-        "INSERT INTO tokens (id, org_slug, name, hash, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&row.id)
-    .bind(&row.org_slug)
-    .bind(&row.name)
-    .bind(row.hash.to_vec())
-    .bind(row.created_at_ms)
-    .bind(row.expires_at_ms)
-    .execute(control.store.pool())
-    .await?;
-    let info = token_info(&row);
-    control.tokens.put(row);
-    Ok((StatusCode::CREATED, Json(TokenCreated { token, info })))
+    control.create_token(&principal, request).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -242,22 +176,7 @@ pub(crate) async fn list_tokens(
     principal: Principal,
     ApiQuery(query): ApiQuery<TokensQuery>,
 ) -> Result<Json<Vec<TokenInfo>>, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    Ok(Json(
-        control
-            .tokens
-            .all()
-            .iter()
-            .filter(|row| principal.can_see(&row.org_slug))
-            .filter(|row| {
-                query
-                    .org_slug
-                    .as_ref()
-                    .is_none_or(|org| *org == row.org_slug)
-            })
-            .map(token_info)
-            .collect(),
-    ))
+    control.list_tokens(&principal, query).await
 }
 
 #[utoipa::path(delete, path = "/tokens/{token_id}", tag = "tokens", params(("token_id" = String, Path)),
@@ -267,23 +186,166 @@ pub(crate) async fn revoke_token(
     principal: Principal,
     ApiPath(token_id): ApiPath<String>,
 ) -> Result<Json<TokenInfo>, ApiError> {
-    control
-        .check_rate(&principal, Action::Destroy, None)
-        .await?;
-    let mut row = control
-        .tokens
-        .get(&token_id)
-        .filter(|row| principal.can_see(&row.org_slug))
-        .ok_or_else(|| ApiError::not_found(format!("token {token_id:?}")))?;
-    if row.revoked_at_ms.is_none() {
-        let now = control.clock.now_ms();
-        sqlx::query("UPDATE tokens SET revoked_at_ms = ? WHERE id = ?")
-            .bind(now)
-            .bind(&row.id)
-            .execute(control.store.pool())
-            .await?;
-        row.revoked_at_ms = Some(now);
-        control.tokens.put(row.clone());
+    control.revoke_token(&principal, &token_id).await
+}
+
+impl ControlPlane {
+    /// Makes an org (admin only), with any limits of its own.
+    pub(crate) async fn create_org(
+        &self,
+        principal: &Principal,
+        request: CreateOrgRequest,
+    ) -> Result<(StatusCode, Json<Org>), ApiError> {
+        principal.require_admin()?;
+        validate::validate_name("slug", &request.slug)?;
+        let overrides = SetOrgLimitsRequest {
+            quotas: request.quotas,
+            rate_limits: request.rate_limits,
+        };
+        limits::validate_limits(&overrides)?;
+        let now = self.clock.now_ms();
+        if self.store.insert_org(&request.slug, now).await? == Inserted::AlreadyExists {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!("an org named {} already exists", request.slug),
+            ));
+        }
+        if overrides != SetOrgLimitsRequest::default() {
+            save_overrides(self, &request.slug, &overrides).await?;
+        }
+        Ok((
+            StatusCode::CREATED,
+            Json(org_json(self, request.slug, now).await?),
+        ))
     }
-    Ok(Json(token_info(&row)))
+
+    /// The orgs the caller may see.
+    pub(crate) async fn list_orgs(
+        &self,
+        principal: &Principal,
+    ) -> Result<Json<Vec<Org>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let mut orgs = Vec::new();
+        for (slug, created) in self.store.orgs().await? {
+            if principal.can_see(&slug) {
+                orgs.push(org_json(self, slug, created).await?);
+            }
+        }
+        Ok(Json(orgs))
+    }
+
+    /// One org, if the caller may see it.
+    pub(crate) async fn get_org(
+        &self,
+        principal: &Principal,
+        slug: &str,
+    ) -> Result<Json<Org>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        let (slug, created) = visible_org(self, principal, slug).await?;
+        Ok(Json(org_json(self, slug, created).await?))
+    }
+
+    /// Replaces an org's own limits (admin only).
+    pub(crate) async fn set_org_limits(
+        &self,
+        principal: &Principal,
+        slug: &str,
+        request: SetOrgLimitsRequest,
+    ) -> Result<Json<Org>, ApiError> {
+        let (slug, created) = visible_org(self, principal, slug).await?;
+        principal.require_admin()?;
+        limits::validate_limits(&request)?;
+        save_overrides(self, &slug, &request).await?;
+        Ok(Json(org_json(self, slug, created).await?))
+    }
+
+    /// Mints a token for an org (admin only); its secret is answered once, only its hash kept.
+    pub(crate) async fn create_token(
+        &self,
+        principal: &Principal,
+        request: CreateTokenRequest,
+    ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+        principal.require_admin()?;
+        validate::validate_name("name", &request.name)?;
+        if self.store.org(&request.org_slug).await?.is_none() {
+            return Err(ApiError::not_found(format!("org {:?}", request.org_slug)));
+        }
+        let (id, token) = auth::mint();
+        let now = self.clock.now_ms();
+        let expires_at_ms = request.expires_in.map(|lifetime| {
+            now.saturating_add(i64::try_from(lifetime.0.saturating_mul(1000)).unwrap_or(i64::MAX))
+        });
+        let row = TokenRow {
+            id,
+            org_slug: request.org_slug,
+            name: request.name,
+            hash: auth::sha256(&token),
+            created_at_ms: now,
+            expires_at_ms,
+            revoked_at_ms: None,
+        };
+        sqlx::query(
+            "INSERT INTO tokens (id, org_slug, name, hash, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&row.id)
+        .bind(&row.org_slug)
+        .bind(&row.name)
+        .bind(row.hash.to_vec())
+        .bind(row.created_at_ms)
+        .bind(row.expires_at_ms)
+        .execute(self.store.pool())
+        .await?;
+        let info = token_info(&row);
+        self.tokens.put(row);
+        Ok((StatusCode::CREATED, Json(TokenCreated { token, info })))
+    }
+
+    /// The tokens the caller may see.
+    pub(crate) async fn list_tokens(
+        &self,
+        principal: &Principal,
+        query: TokensQuery,
+    ) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        Ok(Json(
+            self.tokens
+                .all()
+                .iter()
+                .filter(|row| principal.can_see(&row.org_slug))
+                .filter(|row| {
+                    query
+                        .org_slug
+                        .as_ref()
+                        .is_none_or(|org| *org == row.org_slug)
+                })
+                .map(token_info)
+                .collect(),
+        ))
+    }
+
+    /// Revokes a token; revoking one already revoked answers it unchanged.
+    pub(crate) async fn revoke_token(
+        &self,
+        principal: &Principal,
+        token_id: &str,
+    ) -> Result<Json<TokenInfo>, ApiError> {
+        self.check_rate(principal, Action::Destroy, None).await?;
+        let mut row = self
+            .tokens
+            .get(token_id)
+            .filter(|row| principal.can_see(&row.org_slug))
+            .ok_or_else(|| ApiError::not_found(format!("token {token_id:?}")))?;
+        if row.revoked_at_ms.is_none() {
+            let now = self.clock.now_ms();
+            sqlx::query("UPDATE tokens SET revoked_at_ms = ? WHERE id = ?")
+                .bind(now)
+                .bind(&row.id)
+                .execute(self.store.pool())
+                .await?;
+            row.revoked_at_ms = Some(now);
+            self.tokens.put(row.clone());
+        }
+        Ok(Json(token_info(&row)))
+    }
 }

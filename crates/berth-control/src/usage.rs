@@ -462,78 +462,100 @@ pub(crate) async fn org_usage(
     headers: HeaderMap,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    control.check_rate(&principal, Action::Read, None).await?;
-    let Query(query) =
-        query.map_err(|rejection| ApiError::invalid_config("query", rejection.body_text()))?;
-    // Another org's usage answers exactly like an org that does not exist.
-    if !principal.can_see(&org) || !control.store.org_exists(&org).await? {
-        return Err(ApiError::not_found(format!("org {org:?}")));
-    }
-    let now = now_ms();
-    let to_ms = query
-        .to
-        .as_deref()
-        .map(|text| parse_time("to", text))
-        .transpose()?
-        .unwrap_or(now);
-    let from_ms = match query.from.as_deref() {
-        Some(text) => parse_time("from", text)?,
-        None => to_ms - 30 * DAY_MS,
-    };
-    if from_ms >= to_ms {
-        return Err(ApiError::invalid_config("from", "from must be before to"));
-    }
-    let group_by = match query.group_by.as_deref().unwrap_or("machine") {
-        "machine" => GroupBy::Machine,
-        "app" => GroupBy::App,
-        "day" => GroupBy::Day,
-        _ => {
-            return Err(ApiError::invalid_config(
-                "group_by",
-                "group_by is machine, app or day",
-            ))
-        }
-    };
-    ingest_all(&control).await;
-    let window = Window { from_ms, to_ms };
-    let groups = match group_by {
-        // Summed in SQL: no interval leaves the database.
-        GroupBy::Machine | GroupBy::App => {
-            aggregate(control.store.pool(), &org, window, now, group_by).await?
-        }
-        GroupBy::Day => {
-            let intervals = intervals(control.store.pool(), Some(&org), window).await?;
-            report_rows(&intervals, window, now, group_by)
-        }
-    };
-    let mut total = Quantities::default();
-    groups
-        .values()
-        .for_each(|quantities| total.merge(quantities));
-    let prices = control.prices;
-    let report = UsageReport {
-        org,
-        from: format_ms(from_ms),
-        to: format_ms(to_ms),
-        group_by: query.group_by.unwrap_or_else(|| "machine".into()),
-        rows: groups
-            .iter()
-            .map(|(key, quantities)| row(Some(group_by), key, quantities, &prices))
-            .collect(),
-        total: row(None, "", &total, &prices),
-    };
+    let query = query
+        .map(|Query(query)| query)
+        .map_err(|rejection| ApiError::invalid_config("query", rejection.body_text()));
+    let report = control.org_usage(&principal, org, query).await?;
+    Ok(report_response(&headers, report))
+}
+
+/// The report as CSV when the caller accepts `text/csv`, as JSON otherwise.
+fn report_response(headers: &HeaderMap, report: UsageReport) -> Response {
     let wants_csv = headers
         .get(header::ACCEPT)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|accept| accept.contains("text/csv"));
     if wants_csv {
-        return Ok((
+        return (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
             to_csv(&report),
         )
-            .into_response());
+            .into_response();
     }
-    Ok((StatusCode::OK, Json(report)).into_response())
+    (StatusCode::OK, Json(report)).into_response()
+}
+
+impl ControlPlane {
+    /// An org's usage over a window, grouped, priced, after ingesting what the workers
+    /// have recorded since the last pass.
+    pub(crate) async fn org_usage(
+        &self,
+        principal: &Principal,
+        org: String,
+        query: Result<UsageQuery, ApiError>,
+    ) -> Result<UsageReport, ApiError> {
+        self.check_rate(principal, Action::Read, None).await?;
+        // A malformed query is refused after the rate check.
+        let query = query?;
+        // Another org's usage answers exactly like an org that does not exist.
+        if !principal.can_see(&org) || !self.store.org_exists(&org).await? {
+            return Err(ApiError::not_found(format!("org {org:?}")));
+        }
+        let now = now_ms();
+        let to_ms = query
+            .to
+            .as_deref()
+            .map(|text| parse_time("to", text))
+            .transpose()?
+            .unwrap_or(now);
+        let from_ms = match query.from.as_deref() {
+            Some(text) => parse_time("from", text)?,
+            None => to_ms - 30 * DAY_MS,
+        };
+        if from_ms >= to_ms {
+            return Err(ApiError::invalid_config("from", "from must be before to"));
+        }
+        let group_by = match query.group_by.as_deref().unwrap_or("machine") {
+            "machine" => GroupBy::Machine,
+            "app" => GroupBy::App,
+            "day" => GroupBy::Day,
+            _ => {
+                return Err(ApiError::invalid_config(
+                    "group_by",
+                    "group_by is machine, app or day",
+                ))
+            }
+        };
+        ingest_all(self).await;
+        let window = Window { from_ms, to_ms };
+        let groups = match group_by {
+            // Summed in SQL: no interval leaves the database.
+            GroupBy::Machine | GroupBy::App => {
+                aggregate(self.store.pool(), &org, window, now, group_by).await?
+            }
+            GroupBy::Day => {
+                let intervals = intervals(self.store.pool(), Some(&org), window).await?;
+                report_rows(&intervals, window, now, group_by)
+            }
+        };
+        let mut total = Quantities::default();
+        groups
+            .values()
+            .for_each(|quantities| total.merge(quantities));
+        let prices = self.prices;
+        let report = UsageReport {
+            org,
+            from: format_ms(from_ms),
+            to: format_ms(to_ms),
+            group_by: query.group_by.unwrap_or_else(|| "machine".into()),
+            rows: groups
+                .iter()
+                .map(|(key, quantities)| row(Some(group_by), key, quantities, &prices))
+                .collect(),
+            total: row(None, "", &total, &prices),
+        };
+        Ok(report)
+    }
 }
 
 fn to_csv(report: &UsageReport) -> String {

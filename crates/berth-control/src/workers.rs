@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::{format_ms, now_ms, Shared};
+use crate::{format_ms, now_ms, ControlPlane, Shared};
 
 /// A worker that has not heartbeaten for this long takes no new Machines and shows as
 /// unreachable.
@@ -388,32 +388,7 @@ async fn register(
     _agent: JoinTokenHolder,
     ApiJson(request): ApiJson<RegisterWorker>,
 ) -> Result<Json<WorkerRegistered>, ApiError> {
-    berth_core::validate::validate_name("name", &request.name)?;
-    berth_core::validate::validate_region(&request.region)?;
-    let url = reqwest_url(&request.url)?;
-    let service =
-        RemoteWorker::new(&request.name, &url, &control.join_token).map_err(ApiError::from)?;
-    let service: Arc<dyn WorkerService> = Arc::new(service);
-    let machine_prefix = control
-        .workers
-        .register(control.store.pool(), &request, service.clone(), Some(url))
-        .await?;
-    // Adopting lists the worker's Machines through its API, which it serves only after it
-    // has joined: do it once it answers, without holding up the join.
-    let adopting = control.clone();
-    let name = request.name.clone();
-    tokio::spawn(async move {
-        for _ in 0..120 {
-            if service.list("").await.is_ok() {
-                adopting.adopt_worker(&name, service).await;
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
-        tracing::warn!("a joined worker never answered; its machines count toward quotas from their next change");
-    });
-    tracing::info!(worker = %request.name, region = %request.region, "worker registered");
-    Ok(Json(WorkerRegistered { machine_prefix }))
+    control.register_worker(request).await
 }
 
 /// Agents must be reached on loopback or the cluster's own addresses; anything else is a
@@ -435,12 +410,7 @@ async fn heartbeat(
     UrlPath(name): UrlPath<String>,
     ApiJson(stats): ApiJson<WorkerStats>,
 ) -> Result<StatusCode, ApiError> {
-    if control.workers.heartbeat(&name, stats) {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        // The control plane forgot it (a new data dir): the agent registers again.
-        Err(ApiError::not_found(format!("worker {name}")))
-    }
+    control.worker_heartbeat(&name, stats)
 }
 
 #[utoipa::path(get, path = "/workers", tag = "workers",
@@ -449,36 +419,7 @@ pub(crate) async fn list(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<Worker>>, ApiError> {
-    principal.require_admin()?;
-    let now = now_ms();
-    let entries = control.workers.read();
-    Ok(Json(
-        entries
-            .iter()
-            .map(|(name, entry)| control.workers.to_api(name, entry, now))
-            .collect(),
-    ))
-}
-
-async fn set_cordon(
-    control: &Shared,
-    name: &str,
-    cordoned: bool,
-) -> Result<Json<Worker>, ApiError> {
-    let updated = sqlx::query("UPDATE workers SET cordoned = ? WHERE name = ?")
-        .bind(i64::from(cordoned))
-        .bind(name)
-        .execute(control.store.pool())
-        .await?;
-    let mut entries = control.workers.write();
-    let Some(entry) = entries.get_mut(name) else {
-        return Err(ApiError::not_found(format!("worker {name:?}")));
-    };
-    if updated.rows_affected() == 0 && entry.url.is_some() {
-        return Err(ApiError::not_found(format!("worker {name:?}")));
-    }
-    entry.cordoned = cordoned;
-    Ok(Json(control.workers.to_api(name, entry, now_ms())))
+    control.list_workers(&principal)
 }
 
 #[utoipa::path(post, path = "/workers/{name}/cordon", tag = "workers", params(("name" = String, Path)),
@@ -488,8 +429,7 @@ pub(crate) async fn cordon(
     principal: Principal,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Worker>, ApiError> {
-    principal.require_admin()?;
-    set_cordon(&control, &name, true).await
+    control.set_cordon(&principal, &name, true).await
 }
 
 #[utoipa::path(post, path = "/workers/{name}/uncordon", tag = "workers", params(("name" = String, Path)),
@@ -499,8 +439,88 @@ pub(crate) async fn uncordon(
     principal: Principal,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Worker>, ApiError> {
-    principal.require_admin()?;
-    set_cordon(&control, &name, false).await
+    control.set_cordon(&principal, &name, false).await
+}
+
+impl ControlPlane {
+    /// Admits an agent that holds the join token, and adopts its Machines once it answers.
+    async fn register_worker(
+        self: &Arc<Self>,
+        request: RegisterWorker,
+    ) -> Result<Json<WorkerRegistered>, ApiError> {
+        berth_core::validate::validate_name("name", &request.name)?;
+        berth_core::validate::validate_region(&request.region)?;
+        let url = reqwest_url(&request.url)?;
+        let service =
+            RemoteWorker::new(&request.name, &url, &self.join_token).map_err(ApiError::from)?;
+        let service: Arc<dyn WorkerService> = Arc::new(service);
+        let machine_prefix = self
+            .workers
+            .register(self.store.pool(), &request, service.clone(), Some(url))
+            .await?;
+        // Adopting lists the worker's Machines through its API, which it serves only after
+        // it has joined: do it once it answers, without holding up the join.
+        let adopting = self.clone();
+        let name = request.name.clone();
+        tokio::spawn(async move {
+            for _ in 0..120 {
+                if service.list("").await.is_ok() {
+                    adopting.adopt_worker(&name, service).await;
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            tracing::warn!("a joined worker never answered; its machines count toward quotas from their next change");
+        });
+        tracing::info!(worker = %request.name, region = %request.region, "worker registered");
+        Ok(Json(WorkerRegistered { machine_prefix }))
+    }
+
+    /// A heartbeat from an agent in another process.
+    fn worker_heartbeat(&self, name: &str, stats: WorkerStats) -> Result<StatusCode, ApiError> {
+        if self.workers.heartbeat(name, stats) {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            // The control plane forgot it (a new data dir): the agent registers again.
+            Err(ApiError::not_found(format!("worker {name}")))
+        }
+    }
+
+    fn list_workers(&self, principal: &Principal) -> Result<Json<Vec<Worker>>, ApiError> {
+        principal.require_admin()?;
+        let now = now_ms();
+        let entries = self.workers.read();
+        Ok(Json(
+            entries
+                .iter()
+                .map(|(name, entry)| self.workers.to_api(name, entry, now))
+                .collect(),
+        ))
+    }
+
+    /// Cordons a worker (no new Machines are placed there) or lifts that.
+    async fn set_cordon(
+        &self,
+        principal: &Principal,
+        name: &str,
+        cordoned: bool,
+    ) -> Result<Json<Worker>, ApiError> {
+        principal.require_admin()?;
+        let updated = sqlx::query("UPDATE workers SET cordoned = ? WHERE name = ?")
+            .bind(i64::from(cordoned))
+            .bind(name)
+            .execute(self.store.pool())
+            .await?;
+        let mut entries = self.workers.write();
+        let Some(entry) = entries.get_mut(name) else {
+            return Err(ApiError::not_found(format!("worker {name:?}")));
+        };
+        if updated.rows_affected() == 0 && entry.url.is_some() {
+            return Err(ApiError::not_found(format!("worker {name:?}")));
+        }
+        entry.cordoned = cordoned;
+        Ok(Json(self.workers.to_api(name, entry, now_ms())))
+    }
 }
 
 /// Agents joining the cluster: authenticated with the join token, not part of the public
