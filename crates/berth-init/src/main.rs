@@ -12,10 +12,14 @@
 //! It has no dependencies: berth-runtime's build script compiles this one file with
 //! `rustc` into a static executable that runs in any image, with or without a libc.
 
-use std::ffi::OsString;
-use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, ExitStatus};
+#![cfg_attr(not(test), no_main)]
+// Unit tests run the loop alone; the C `main` that reaches the rest is not built for them.
+#![cfg_attr(test, allow(dead_code, unused_imports))]
+
+use std::ffi::{c_int, CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 
 /// Exit code when the command could not be started: not found, as a shell says it.
 const NOT_FOUND: i32 = 127;
@@ -24,8 +28,13 @@ const NOT_EXECUTABLE: i32 = 126;
 /// Exit code of a call without a command.
 const USAGE: i32 = 2;
 
-fn main() {
-    std::process::exit(run(std::env::args_os().skip(1).collect()))
+/// C's `main`, not Rust's: init runs on every start, and std's own start-up (its stack
+/// guard probe reads `/proc/self/maps`, its signal handlers) is work init does not need.
+#[cfg(not(test))]
+#[no_mangle]
+pub extern "C" fn main() -> c_int {
+    // std reads the arguments from the C runtime's start-up call, without its own `main`.
+    run(std::env::args_os().skip(1).collect())
 }
 
 /// What init was asked to run.
@@ -72,24 +81,22 @@ fn run(args: Vec<OsString>) -> i32 {
     // Berth's, not the Machine's: its memory, descriptors and executable are not for the
     // Machine's processes to read or trace. The command is dumpable again after its exec.
     let _ = sys::set_not_dumpable();
-    let mut command = Command::new(&invocation.program);
-    command.arg0(&invocation.argv0).args(&invocation.args);
-    // SAFETY: the hook only calls sigprocmask(2), which is async-signal-safe. The command
-    // starts with no signal blocked; std puts back SIGPIPE, which it ignores in init.
-    unsafe { command.pre_exec(sys::unblock_all_signals) };
-    let child = command.spawn();
-    let child = match child.map(|c| i32::try_from(c.id())) {
-        Ok(Ok(pid)) => pid,
-        Ok(Err(e)) => {
-            eprintln!("berth-init: child pid: {e}");
-            return NOT_EXECUTABLE;
+    let argv: Result<Vec<CString>, _> = std::iter::once(&invocation.argv0)
+        .chain(&invocation.args)
+        .map(|arg| CString::new(arg.as_bytes()))
+        .collect();
+    let (program, argv) = match (CString::new(invocation.program.as_bytes()), argv) {
+        (Ok(program), Ok(argv)) => (program, argv),
+        _ => {
+            eprintln!("berth-init: an argument holds a NUL byte");
+            return USAGE;
         }
+    };
+    let child = match sys::spawn(&program, &argv) {
+        Ok(pid) => pid,
         Err(e) => {
-            eprintln!(
-                "berth-init: exec {}: {e}",
-                invocation.program.to_string_lossy()
-            );
-            return if e.kind() == io::ErrorKind::NotFound {
+            eprintln!("berth-init: exec {}: {e}", program.to_string_lossy());
+            return if e.kind() == std::io::ErrorKind::NotFound {
                 NOT_FOUND
             } else {
                 NOT_EXECUTABLE
@@ -137,7 +144,7 @@ fn exit_code(status: ExitStatus) -> i32 {
 /// The few libc calls std does not offer, declared by hand: this file is compiled alone,
 /// without the libc crate.
 mod sys {
-    use std::ffi::{c_int, c_uint, c_ulong, CStr};
+    use std::ffi::{c_char, c_int, c_short, c_uint, c_ulong, c_void, CStr, CString};
     use std::io;
     use std::process::ExitStatus;
 
@@ -162,6 +169,7 @@ mod sys {
     const PR_SET_DUMPABLE: c_int = 4;
     const PR_SET_NAME: c_int = 15;
     const PR_SET_CHILD_SUBREAPER: c_int = 36;
+    const POSIX_SPAWN_SETSIGMASK: c_short = 0x08;
 
     /// `sigset_t` of glibc and musl: 1024 bits on Linux.
     #[repr(C)]
@@ -175,6 +183,63 @@ mod sys {
         fn kill(pid: c_int, signal: c_int) -> c_int;
         fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int;
         fn prctl(option: c_int, ...) -> c_int;
+        fn posix_spawnattr_init(attr: *mut SpawnAttr) -> c_int;
+        fn posix_spawnattr_destroy(attr: *mut SpawnAttr) -> c_int;
+        fn posix_spawnattr_setflags(attr: *mut SpawnAttr, flags: c_short) -> c_int;
+        fn posix_spawnattr_setsigmask(attr: *mut SpawnAttr, mask: *const SigSet) -> c_int;
+        fn posix_spawnp(
+            pid: *mut c_int,
+            file: *const c_char,
+            file_actions: *const c_void,
+            attr: *const SpawnAttr,
+            argv: *const *const c_char,
+            envp: *const *const c_char,
+        ) -> c_int;
+        static environ: *const *const c_char;
+    }
+
+    /// glibc's `posix_spawnattr_t` is 336 bytes and musl's 336 too; room to spare, and
+    /// only ever touched through the functions above.
+    #[repr(C, align(8))]
+    struct SpawnAttr([u8; 512]);
+
+    /// Starts `program` (looked up in `PATH` without a `/`) with `argv` and init's
+    /// environment, with no signal blocked. `posix_spawnp` clones with `CLONE_VM |
+    /// CLONE_VFORK`: no copy of init's page tables, and its errors come back directly.
+    pub fn spawn(program: &CStr, argv: &[CString]) -> io::Result<c_int> {
+        let mut pointers: Vec<*const c_char> = argv.iter().map(|arg| arg.as_ptr()).collect();
+        pointers.push(std::ptr::null());
+        let empty = SigSet([0; 16]);
+        let mut attr = SpawnAttr([0; 512]);
+        let mut pid: c_int = 0;
+        // SAFETY: `attr` is initialized before use and destroyed once; `program`, the
+        // NUL-terminated `pointers` (into `argv`, alive across the call) and `environ`
+        // are valid C strings and arrays for the call's duration; `pid` is a valid local.
+        let error = unsafe {
+            let mut error = posix_spawnattr_init(&mut attr);
+            if error == 0 {
+                error = posix_spawnattr_setsigmask(&mut attr, &empty);
+            }
+            if error == 0 {
+                error = posix_spawnattr_setflags(&mut attr, POSIX_SPAWN_SETSIGMASK);
+            }
+            if error == 0 {
+                error = posix_spawnp(
+                    &mut pid,
+                    program.as_ptr(),
+                    std::ptr::null(),
+                    &attr,
+                    pointers.as_ptr(),
+                    environ,
+                );
+            }
+            posix_spawnattr_destroy(&mut attr);
+            error
+        };
+        match error {
+            0 => Ok(pid),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
     }
 
     /// Blocks every signal that can be blocked; returns the set, for `sigwait`.
@@ -188,16 +253,6 @@ mod sys {
             return Err(io::Error::last_os_error());
         }
         Ok(set)
-    }
-
-    /// For the command, in the forked child.
-    pub fn unblock_all_signals() -> io::Result<()> {
-        let empty = SigSet([0; 16]);
-        // SAFETY: sigprocmask only reads `empty`, a valid sigset_t-sized local.
-        if unsafe { sigprocmask(SIG_SETMASK, &empty, std::ptr::null_mut()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 
     pub fn close_descriptors_from(first: c_uint) {
