@@ -16,7 +16,7 @@ use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 
 use crate::record::{now_ms, MachineRecord, PendingOp};
-use crate::{exit_info, unknown_exit, Agent, AgentError, EventSource, Result};
+use crate::{unknown_exit, Agent, AgentError, EventSource, Result};
 
 /// How long the doctor waits for an operation on a Machine before calling it busy.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -393,16 +393,15 @@ impl Agent {
             Status::NotRunning => unknown_exit(),
         };
         self.inner.runtime.cleanup(&layout).await?;
-        let usage = self
-            .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
-            .await;
-        record.last_exit = Some(exit_info(&exit));
-        let change =
-            crate::transition::Change::event(berth_api::EventKind::Exit, EventSource::System)
-                .reason("found_dead")
-                .usage(&usage);
-        self.change_state(record, MachineState::Stopped, change)
-            .await
+        let exited = (berth_api::EventKind::Exit, EventSource::System);
+        self.record_stopped(
+            record,
+            &exit,
+            CloseBasis::Observed,
+            exited,
+            Some("found_dead"),
+        )
+        .await
     }
 
     /// A Machine recorded as not running that still has a process, a mount, a container

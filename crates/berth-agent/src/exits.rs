@@ -126,6 +126,26 @@ impl Agent {
         });
     }
 
+    /// Records `stopped` after a run ended that no restart policy follows: the run's
+    /// usage, `last_exit`, and the event of `kind` from `source` (with `reason`, or the
+    /// exit's own reason).
+    pub(crate) async fn record_stopped(
+        &self,
+        record: &mut MachineRecord,
+        exit: &ExitRecord,
+        basis: CloseBasis,
+        (kind, source): (EventKind, EventSource),
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
+        let info = exit_info(exit);
+        let reason = reason.map_or_else(|| info.reason.clone(), str::to_owned);
+        record.last_exit = Some(info);
+        let change = Change::event(kind, source).reason(&reason).usage(&usage);
+        self.change_state(record, MachineState::Stopped, change)
+            .await
+    }
+
     /// The journal entries of a run's end: the run closes, and the upperdir is measured
     /// (storage is measured at every stop).
     pub(crate) async fn stop_usage(

@@ -44,7 +44,7 @@ pub use service::{
 };
 
 // Shared with the doctor, which reuses recovery's pieces.
-pub(crate) use exits::{exit_info, unknown_exit};
+pub(crate) use exits::unknown_exit;
 pub(crate) use ops::stop::KILL_WAIT;
 use record::MachineRecord;
 use store::{AgentStore, MachineEvent};

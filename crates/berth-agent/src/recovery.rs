@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::bundle;
 use crate::error::{AgentError, Result};
-use crate::exits::{exit_info, unknown_exit};
+use crate::exits::unknown_exit;
 use crate::metering;
 use crate::ops::stop::KILL_WAIT;
 use crate::record::{self, now_ms, MachineRecord, PendingOp, UpdateSnapshot};
@@ -209,14 +209,8 @@ impl Agent {
                 let exit = self
                     .halt(record, berth_core::signal::SIGKILL, KILL_WAIT)
                     .await?;
-                let usage = self
-                    .stop_usage(record, exit.exited_at_ms, CloseBasis::Observed)
-                    .await;
-                record.last_exit = Some(exit_info(&exit));
-                let change = Change::event(EventKind::Stop, EventSource::System)
-                    .reason(why)
-                    .usage(&usage);
-                self.change_state(record, MachineState::Stopped, change)
+                let stop = (EventKind::Stop, EventSource::System);
+                self.record_stopped(record, &exit, CloseBasis::Observed, stop, Some(why))
                     .await?;
             }
             Step::FinishStop => {
@@ -233,12 +227,8 @@ impl Agent {
                     }
                 };
                 runtime.cleanup(&layout).await?;
-                let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
-                record.last_exit = Some(exit_info(&exit));
-                let change = Change::event(EventKind::Stop, EventSource::System)
-                    .reason(why)
-                    .usage(&usage);
-                self.change_state(record, MachineState::Stopped, change)
+                let stop = (EventKind::Stop, EventSource::System);
+                self.record_stopped(record, &exit, basis, stop, Some(why))
                     .await?;
             }
             Step::FinishDestroy => {

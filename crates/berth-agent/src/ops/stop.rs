@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use berth_api::{CloseBasis, EventKind, MachineState, StartStopResponse, StopRequest};
+use berth_api::{CloseBasis, EventKind, StartStopResponse, StopRequest};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
 use berth_runtime::ExitRecord;
 
 use crate::error::Result;
-use crate::exits::{exit_info, unknown_exit};
+use crate::exits::unknown_exit;
 use crate::failpoint;
 use crate::record::MachineRecord;
 use crate::service::EventSource;
@@ -44,17 +44,15 @@ impl Agent {
                 failpoint::hit("stop.after_stopping");
                 let exit = self.halt(&mut record, signal, timeout).await?;
                 failpoint::hit("stop.after_halt");
-                let usage = self
-                    .stop_usage(&mut record, exit.exited_at_ms, CloseBasis::Observed)
-                    .await;
-                record.last_exit = Some(exit_info(&exit));
-                let reason = exit_info(&exit).reason;
                 let source = request.source.map_or(EventSource::User, EventSource::from);
-                let change = Change::event(EventKind::Stop, source)
-                    .reason(&reason)
-                    .usage(&usage);
-                self.change_state(&mut record, MachineState::Stopped, change)
-                    .await?;
+                self.record_stopped(
+                    &mut record,
+                    &exit,
+                    CloseBasis::Observed,
+                    (EventKind::Stop, source),
+                    None,
+                )
+                .await?;
                 failpoint::hit("stop.after_record_stopped");
                 Ok(StartStopResponse {
                     previous_state,
