@@ -306,6 +306,7 @@ async fn stop_escalates_to_sigkill_after_the_timeout() {
         .expect("create");
     fixture.runtime.set_ignore_term(true).await;
     let request = StopRequest {
+        id: None,
         source: None,
         signal: None,
         timeout: Some(berth_api::ApiDuration(Duration::from_millis(100))),
@@ -454,6 +455,8 @@ async fn update_resolves_the_new_image_and_issues_a_new_instance() {
             UpdateMachineRequest {
                 config: config("demo/img:1"),
                 skip_launch: false,
+                skip_secrets: false,
+                min_secrets_version: None,
             },
             Default::default(),
         )
@@ -478,6 +481,8 @@ async fn update_resolves_the_new_image_and_issues_a_new_instance() {
             UpdateMachineRequest {
                 config: config("ghost/img:9"),
                 skip_launch: false,
+                skip_secrets: false,
+                min_secrets_version: None,
             },
             Default::default(),
         )

@@ -137,6 +137,8 @@ async fn create_pulls_and_pins_the_digest_start_never_asks_update_pulls_again() 
     let update = UpdateMachineRequest {
         config: request("00000000000001", &name).config,
         skip_launch: true,
+        skip_secrets: false,
+        min_secrets_version: None,
     };
     let error = agent
         .update("00000000000001", update.clone(), Default::default())

@@ -137,7 +137,6 @@ pub enum RestartPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RestartConfig {
     #[serde(default)]
     pub policy: RestartPolicy,
@@ -146,7 +145,6 @@ pub struct RestartConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct StopConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
@@ -155,7 +153,6 @@ pub struct StopConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct InitConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
@@ -164,7 +161,6 @@ pub struct InitConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     #[serde(default = "GuestConfig::default_cpus")]
     pub cpus: u32,
@@ -175,6 +171,10 @@ pub struct GuestConfig {
     /// (1024). Fly's nearest is `rootfs.size_gb`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<u32>,
+    /// Fly's `shared` or `performance`, kept as given. Berth has one kind: the Machine's
+    /// `cpus` are a cgroup CPU limit on the worker's cores, which is Fly's `shared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_kind: Option<String>,
 }
 
 impl GuestConfig {
@@ -192,6 +192,7 @@ impl Default for GuestConfig {
             cpus: Self::default_cpus(),
             memory_mb: Self::default_memory_mb(),
             disk_mb: None,
+            cpu_kind: None,
         }
     }
 }
@@ -208,7 +209,6 @@ pub enum RootfsPersistence {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     pub image: String,
     #[serde(default)]
@@ -235,7 +235,6 @@ pub struct MachineConfig {
 
 /// Relaxations of the sandbox a Machine may ask for; all off by default.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
     /// CAP_NET_RAW: raw and packet sockets (ping without the ping group, packet
     /// capture). The worker's bridge filter still drops frames with another Machine's MAC
@@ -250,9 +249,11 @@ impl SandboxConfig {
     }
 }
 
-/// `POST /v1/apps/{app}/machines`
+/// `POST /v1/apps/{app}/machines`, Fly's `LaunchMachineInput`.
+///
+/// Fields Berth does not know are ignored and listed in the answer's `warnings` (with
+/// `Berth-Strict: true`, refused), as in every Machine request body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CreateMachineRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -261,21 +262,36 @@ pub struct CreateMachineRequest {
     #[serde(default)]
     pub skip_launch: bool,
     pub config: MachineConfig,
+    /// Fly's: its clients always send it. Berth keeps no app secrets, so skipping them is
+    /// what happens anyway.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_secrets: bool,
+    /// Fly's: Berth keeps no app secrets, so any version is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_secrets_version: Option<u64>,
 }
 
 /// `POST /v1/apps/{app}/machines/{id}`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct UpdateMachineRequest {
     pub config: MachineConfig,
     #[serde(default)]
     pub skip_launch: bool,
+    /// As in create.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_secrets: bool,
+    /// As in create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_secrets_version: Option<u64>,
 }
 
 /// `POST /v1/apps/{app}/machines/{id}/stop`
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct StopRequest {
+    /// Fly's clients repeat the Machine's id here; the path names the Machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A name such as `SIGTERM` (Fly's spelling) or `TERM`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,7 +303,6 @@ pub struct StopRequest {
 
 /// `POST /v1/apps/{app}/machines/{id}/start` (the body is optional).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// Who the start is recorded as coming from; only the admin token may set it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -586,12 +601,27 @@ mod tests {
         assert_eq!(serde_json::to_string(&event).expect("encode"), text);
     }
 
+    /// Unknown fields are left to the API's parser, which lists them as warnings or, in
+    /// strict mode, refuses them; the types themselves skip them, as Fly's server does.
     #[test]
-    fn unknown_fields_are_refused() {
+    fn unknown_fields_are_skipped_by_the_types() {
         let text = r#"{"config":{"image":"a"},"bogus":1}"#;
-        assert!(serde_json::from_str::<CreateMachineRequest>(text).is_err());
+        assert!(serde_json::from_str::<CreateMachineRequest>(text).is_ok());
         let text = r#"{"config":{"image":"a","guest":{"cpus":1,"gpus":2}}}"#;
+        assert!(serde_json::from_str::<CreateMachineRequest>(text).is_ok());
+        let text = r#"{"config":{"image":"a","guest":{"cpus":"1"}}}"#;
         assert!(serde_json::from_str::<CreateMachineRequest>(text).is_err());
+    }
+
+    #[test]
+    fn exec_reads_fly_spellings() {
+        let read = |text: &str| serde_json::from_str::<ExecRequest>(text).map(|r| r.cmd);
+        let args = vec!["ls".to_owned(), "-l".to_owned()];
+        assert_eq!(read(r#"{"cmd":["ls","-l"]}"#).expect("list"), args);
+        assert_eq!(read(r#"{"command":["ls","-l"]}"#).expect("alias"), args);
+        assert_eq!(read(r#"{"cmd":"ls  -l"}"#).expect("line"), args);
+        assert!(read(r#"{"cmd":["ls"],"command":["ls"]}"#).is_err());
+        assert!(read(r#"{"cmd":7}"#).is_err());
     }
 
     #[test]
@@ -604,6 +634,7 @@ mod tests {
                 cpus: 1,
                 memory_mb: 256,
                 disk_mb: None,
+                cpu_kind: None,
             }
         );
         assert_eq!(request.config.restart.policy, RestartPolicy::No);

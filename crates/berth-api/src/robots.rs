@@ -9,6 +9,35 @@ use crate::{ApiDuration, MachineState};
 pub const LEASE_NONCE_HEADER: &str = "berth-lease-nonce";
 /// The header that makes create, start, stop and destroy safe to retry.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// `true` refuses request fields Berth does not know (400 `invalid_config` naming the
+/// field) instead of ignoring them and saying so.
+pub const STRICT_HEADER: &str = "berth-strict";
+/// On an answer: what of the request was ignored, as `ignored_field=<path>` items joined
+/// by `, ` (the same as the body's `warnings`).
+pub const WARNINGS_HEADER: &str = "berth-warnings";
+
+/// Something of a request that Berth accepted without acting on it. Answers carry a list
+/// of them as `warnings` (beside their own fields) and in the `berth-warnings` header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FieldWarning {
+    /// A stable code: `ignored_field` (a field Berth does not know, kept out of its
+    /// validation as Fly's server does).
+    pub code: String,
+    /// The field's path, such as `config.guest.gpus` or `config.services[0].ports`.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldWarning {
+    pub fn ignored(field: impl Into<String>) -> FieldWarning {
+        let field = field.into();
+        FieldWarning {
+            code: "ignored_field".to_owned(),
+            message: format!("{field}: not a field Berth knows; ignored"),
+            field,
+        }
+    }
+}
 
 /// `POST /v1/apps/{app}/machines/{id}/lease`
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
@@ -131,14 +160,37 @@ pub struct WaitResponse {
 
 /// `POST /v1/apps/{app}/machines/{id}/exec`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ExecRequest {
+    /// The program and its arguments. Also read as Fly sends it: as `command`, or as one
+    /// string (split at whitespace, without quoting; send a list for arguments with
+    /// spaces). Send one of `cmd` and `command`.
+    #[serde(alias = "command", deserialize_with = "args_or_line")]
+    #[schema(value_type = Vec<String>)]
     pub cmd: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
     /// Seconds or a duration string; default 30 s, at most 10 minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<ApiDuration>,
+}
+
+/// A list of arguments, or Fly's one-string command line split at whitespace.
+fn args_or_line<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Wire {
+        Args(Vec<String>),
+        Line(String),
+    }
+    match Wire::deserialize(deserializer) {
+        Ok(Wire::Args(args)) => Ok(args),
+        Ok(Wire::Line(line)) => Ok(line.split_whitespace().map(str::to_owned).collect()),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a list of strings or a command line string",
+        )),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

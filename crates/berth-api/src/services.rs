@@ -7,7 +7,6 @@ use utoipa::ToSchema;
 /// One service of a Machine: a TCP port inside it that the proxy sends its app's HTTP
 /// traffic to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct MachineService {
     pub internal_port: u16,
     #[serde(default)]
@@ -33,6 +32,10 @@ pub struct MachineService {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub checks: Option<serde_json::Value>,
+    /// Fly's instance pinning, which its clients always send (mostly `null`); kept as
+    /// given, unused by the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_instance_key: Option<String>,
 }
 
 impl MachineService {
@@ -98,7 +101,6 @@ pub enum ConcurrencyType {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceConcurrency {
     #[serde(default, rename = "type")]
     pub kind: ConcurrencyType,

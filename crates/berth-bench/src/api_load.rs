@@ -86,6 +86,8 @@ async fn machine(client: &Client, app: &str) -> Result<Machine> {
                 name: None,
                 region: None,
                 skip_launch: true,
+                skip_secrets: false,
+                min_secrets_version: None,
                 config: MachineConfig {
                     image: "bench/busybox:1".into(),
                     init: InitConfig {

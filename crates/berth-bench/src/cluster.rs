@@ -55,6 +55,8 @@ async fn create(client: &Client, app: &str) -> Result<Machine> {
         name: None,
         region: None,
         skip_launch: true,
+        skip_secrets: false,
+        min_secrets_version: None,
         config: sleeper(),
     };
     client

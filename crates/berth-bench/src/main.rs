@@ -657,6 +657,8 @@ pub(crate) fn create_request(config: &MachineConfig) -> CreateMachineRequest {
         name: None,
         region: None,
         skip_launch: true,
+        skip_secrets: false,
+        min_secrets_version: None,
         config: config.clone(),
     }
 }

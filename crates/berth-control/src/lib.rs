@@ -41,6 +41,7 @@ pub mod store;
 mod tenancy;
 mod timing;
 pub mod usage;
+mod warnings;
 mod workers;
 
 pub use auth::Principal;
@@ -218,6 +219,7 @@ impl ControlPlane {
                     "this route does not take that method",
                 )
             })
+            .layer(axum::middleware::from_fn(warnings::collect))
             .layer(axum::middleware::from_fn(timing::stamp_arrival))
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 panic_response,

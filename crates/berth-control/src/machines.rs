@@ -47,9 +47,10 @@ impl From<MachineSize> for Share {
 
 #[utoipa::path(post, path = "/apps/{app}/machines", tag = "machines",
     params(("app" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body = CreateMachineRequest,
-    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn create_machine(
     State(control): State<Shared>,
     principal: Principal,
@@ -99,9 +100,10 @@ pub(crate) async fn get_machine(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
     request_body = UpdateMachineRequest,
-    responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
     State(control): State<Shared>,
     principal: Principal,
@@ -116,10 +118,11 @@ pub(crate) async fn update_machine(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<StartRequest>),
-    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = StartStopResponse, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn start_machine(
     State(control): State<Shared>,
     pre: Preconditions,
@@ -135,10 +138,11 @@ pub(crate) async fn start_machine(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<StopRequest>),
-    responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = StartStopResponse, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn stop_machine(
     State(control): State<Shared>,
     pre: Preconditions,
@@ -155,6 +159,9 @@ pub(crate) struct DestroyQuery {
     /// Destroy even a started Machine.
     #[serde(default)]
     force: bool,
+    /// Fly's name for `force`.
+    #[serde(default)]
+    kill: bool,
 }
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
@@ -372,9 +379,18 @@ impl ControlPlane {
         pre: &Preconditions,
         app: &str,
         id: &str,
-        request: StopRequest,
+        mut request: StopRequest,
     ) -> Result<Response, ApiError> {
         pre.source(request.source)?;
+        // Fly's clients always send a timeout, "0s" when none was set, and Fly reads zero
+        // as unset: the Machine's `stop_config` (or the default) applies. SIGKILL is the
+        // way to stop at once.
+        if request
+            .timeout
+            .is_some_and(|timeout| timeout.as_duration().is_zero())
+        {
+            request.timeout = None;
+        }
         let operation = operation(Action::Stop, app, id);
         Ok(idempotency::once(
             self,
@@ -412,7 +428,7 @@ impl ControlPlane {
                 let result = async {
                     let (_, row) = admit(self, pre, app, id, Action::Destroy).await?;
                     self.worker(&row.worker)?
-                        .destroy(id, query.force)
+                        .destroy(id, query.force || query.kill)
                         .await
                         .or_else(ignore_not_found)?;
                     self.store.delete_machine(id).await?;

@@ -19,9 +19,13 @@ use crate::{apps, doctor, images, leases, machines, robots, tenancy, usage, work
     info(
         title = "Berth Machines API",
         description = "Machines that are created once and started in milliseconds. \
-            All routes but health and this description need `Authorization: Bearer <token>`."
+            All routes but health and this description need `Authorization: Bearer <token>`. \
+            Request bodies take Fly's fields: ones Berth does not know are ignored and listed \
+            in the answer's `warnings` (FieldWarning) and `berth-warnings` header, or refused \
+            with `berth-strict: true`. Aliases: stop's Go durations and `id`, destroy's \
+            `?kill=`, exec's `command` and string `cmd`."
     ),
-    components(schemas(berth_api::ErrorBody))
+    components(schemas(berth_api::ErrorBody, berth_api::FieldWarning))
 )]
 struct ApiDoc;
 

@@ -119,9 +119,10 @@ pub(crate) async fn machine_events(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/exec", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
     request_body = ExecRequest,
-    responses((status = 200, body = ExecResponse), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = ExecResponse, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn exec_machine(
     State(control): State<Shared>,
     principal: Principal,

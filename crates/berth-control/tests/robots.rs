@@ -450,15 +450,32 @@ async fn exec_caps_output_and_times_out() {
         (out["exit_code"].clone(), out["timed_out"].clone()),
         (Value::Null, json!(true))
     );
+    // Fly's one-string `cmd` is split at whitespace.
+    let (status, out) = run(json!({"cmd": "echo  hi"})).await;
+    assert_eq!(
+        (status, out["stdout"].clone()),
+        (200, json!("hi\n")),
+        "{out}"
+    );
     for bad in [
         json!({"cmd": []}),
         json!({"cmd": ["echo"], "timeout": 601}),
         json!({"cmd": ["echo", "a\u{0}b"]}),
-        json!({"cmd": ["echo"], "tty": true}),
-        json!({"cmd": "echo hi"}),
+        json!({"cmd": 7}),
     ] {
         assert_error(&run(bad).await, 400, "invalid_config");
     }
+    // An unknown field is refused under strict mode (and ignored, with a warning, without).
+    let strict = harness
+        .send(
+            &harness.admin,
+            Method::POST,
+            &exec,
+            &[("berth-strict", "true")],
+            Some(json!({"cmd": ["echo"], "tty": true})),
+        )
+        .await;
+    assert_error(&(strict.status, strict.body), 400, "invalid_config");
     assert_eq!(
         harness
             .call(
@@ -683,6 +700,8 @@ async fn hostile_input_gets_json_errors_never_a_500() {
             .request(method, format!("{}{path}", harness.url))
             .bearer_auth(&harness.admin)
             .header("content-type", "application/json")
+            // Unknown fields are refused only in strict mode, which this hostile input uses.
+            .header("berth-strict", "true")
             .body(body)
             .send();
         async move {

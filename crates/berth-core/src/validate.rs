@@ -172,6 +172,16 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
             format!("must be 1 to {MAX_CPUS}"),
         ));
     }
+    // Fly's two kinds; Berth runs both alike (a CPU limit on shared cores) and keeps the
+    // name so a client reads back what it sent.
+    if let Some(kind) = &guest.cpu_kind {
+        if !matches!(kind.as_str(), "shared" | "performance") {
+            return Err(refuse(
+                "config.guest.cpu_kind",
+                "must be \"shared\" or \"performance\"",
+            ));
+        }
+    }
     if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&guest.memory_mb) {
         return Err(refuse(
             "config.guest.memory_mb",
@@ -331,11 +341,22 @@ mod tests {
             cpus: 0,
             memory_mb: 256,
             disk_mb: None,
+            cpu_kind: None,
         };
         assert_eq!(
             validate_config(&bad).expect_err("refused").field,
             "config.guest.cpus"
         );
+        bad.guest = GuestConfig {
+            cpu_kind: Some("quantum".into()),
+            ..GuestConfig::default()
+        };
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.guest.cpu_kind"
+        );
+        bad.guest.cpu_kind = Some("shared".into());
+        assert!(validate_config(&bad).is_ok());
 
         let mut bad = config();
         bad.guest.memory_mb = u32::MAX;
@@ -463,7 +484,7 @@ mod tests {
             let _ = validate_name("name", &name);
             let mut candidate = config();
             candidate.image = image;
-            candidate.guest = GuestConfig { cpus, memory_mb: memory, disk_mb: Some(cpus) };
+            candidate.guest = GuestConfig { cpus, memory_mb: memory, disk_mb: Some(cpus), cpu_kind: None };
             let _ = validate_config(&candidate);
         }
     }

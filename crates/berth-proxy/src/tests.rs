@@ -94,6 +94,7 @@ fn service(port: u16, idle_seconds: u32, min_running: u32) -> MachineService {
         concurrency: ServiceConcurrency::default(),
         ports: None,
         checks: None,
+        force_instance_key: None,
     }
 }
 

@@ -122,6 +122,7 @@ impl ConfigArgs {
                 cpus: self.cpus,
                 memory_mb: self.memory_mb,
                 disk_mb: self.disk_mb,
+                cpu_kind: None,
             },
             restart: RestartConfig {
                 policy: match self.restart {
@@ -396,6 +397,8 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 region,
                 skip_launch,
                 config: config.into_config()?,
+                skip_secrets: false,
+                min_secrets_version: None,
             };
             let started = std::time::Instant::now();
             let machine: Machine = api
@@ -457,6 +460,7 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 .post(
                     &format!("/v1/apps/{app}/machines/{id}/stop"),
                     &StopRequest {
+                        id: None,
                         signal,
                         timeout,
                         source: None,
@@ -475,6 +479,8 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
             let request = UpdateMachineRequest {
                 config: config.into_config()?,
                 skip_launch,
+                skip_secrets: false,
+                min_secrets_version: None,
             };
             let machine: Machine = api
                 .client()?

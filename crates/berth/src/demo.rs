@@ -113,6 +113,8 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
                 name: Some(DEMO_MACHINE.into()),
                 region: None,
                 skip_launch: false,
+                skip_secrets: false,
+                min_secrets_version: None,
                 config: MachineConfig {
                     image: DEMO_IMAGE.into(),
                     init: berth_api::InitConfig {

@@ -69,11 +69,21 @@ fn bad_requests_get_json_errors_and_leave_nothing_behind() {
     let (status, body) = raw(vec![b' '; 2 * 1024 * 1024]);
     assert_error(status, &body, 413, "payload_too_large");
 
+    // Unknown fields: refused, naming the field, under strict mode (without it they are
+    // ignored and listed in the answer's warnings, as Fly's server ignores them).
+    let response = platform
+        .request(Method::POST, machines)
+        .header("content-type", "application/json")
+        .header("berth-strict", "true")
+        .body(r#"{"config": {"image": "demo/busybox:1"}, "surprise": true}"#)
+        .send()
+        .expect("send");
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().expect("json error body");
+    assert_error(status, &body, 400, "invalid_config");
+    assert_eq!(body["field"], "surprise");
+
     let cases = [
-        (
-            json!({"config": {"image": "demo/busybox:1"}, "surprise": true}),
-            "surprise",
-        ),
         (
             json!({"config": {"image": "demo/busybox:1", "guest": {"cpus": -2}}}),
             "config.guest.cpus",
