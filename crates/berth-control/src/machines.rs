@@ -99,7 +99,8 @@ pub(crate) async fn get_machine(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = UpdateMachineRequest,
     responses((status = 200, body = Machine), (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
@@ -116,7 +117,8 @@ pub(crate) async fn update_machine(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<StartRequest>),
     responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
@@ -135,7 +137,8 @@ pub(crate) async fn start_machine(
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<StopRequest>),
     responses((status = 200, body = StartStopResponse), (status = "default", body = ErrorBody)))]
@@ -159,7 +162,8 @@ pub(crate) struct DestroyQuery {
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path), DestroyQuery,
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     responses((status = 200, body = DestroyResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn destroy_machine(
