@@ -431,3 +431,51 @@ impl ControlPlane {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn leases_from_before_versions_gain_the_column_once() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("pool");
+        sqlx::query(
+            "CREATE TABLE leases (machine_id TEXT PRIMARY KEY NOT NULL, nonce TEXT NOT NULL,
+             owner TEXT NOT NULL, description TEXT NOT NULL, expires_at_ms INTEGER NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .expect("old schema");
+        sqlx::query("INSERT INTO leases VALUES ('m1', 'n', 'o', '', 5)")
+            .execute(&pool)
+            .await
+            .expect("old row");
+        migrate(&pool).await.expect("migrated");
+        migrate(&pool).await.expect("a second time changes nothing");
+        let version: String = sqlx::query_scalar("SELECT version FROM leases")
+            .fetch_one(&pool)
+            .await
+            .expect("version");
+        assert_eq!(version, "");
+    }
+
+    #[test]
+    fn the_query_ttl_fills_in_for_the_body_and_must_agree_with_it() {
+        let body = |ttl| LeaseRequest {
+            ttl,
+            description: None,
+        };
+        let query = |ttl| LeaseQuery { ttl };
+        let merged = |b, q| with_query_ttl(body(b), query(q)).map(|request| request.ttl);
+        assert_eq!(merged(None, Some(9)).ok(), Some(Some(9)));
+        assert_eq!(merged(Some(9), None).ok(), Some(Some(9)));
+        assert_eq!(merged(Some(9), Some(9)).ok(), Some(Some(9)));
+        assert_eq!(merged(None, None).ok(), Some(None));
+        let error = merged(Some(9), Some(8)).expect_err("disagree");
+        assert_eq!(error.body.field.as_deref(), Some("ttl"));
+    }
+}
