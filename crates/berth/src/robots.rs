@@ -94,6 +94,9 @@ pub enum OrgCommand {
     /// Create an org.
     Create {
         slug: String,
+        /// A display name (default: the slug).
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -157,7 +160,12 @@ pub enum TokenCommand {
 
 pub async fn org(command: OrgCommand) -> Result<()> {
     match command {
-        OrgCommand::Create { slug, limits, api } => {
+        OrgCommand::Create {
+            slug,
+            name,
+            limits,
+            api,
+        } => {
             let limits = limits.into_request()?;
             let org: Org = api
                 .client()?
@@ -165,6 +173,7 @@ pub async fn org(command: OrgCommand) -> Result<()> {
                     "/v1/orgs",
                     &CreateOrgRequest {
                         slug,
+                        name,
                         quotas: limits.quotas,
                         rate_limits: limits.rate_limits,
                     },
