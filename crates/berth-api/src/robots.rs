@@ -5,8 +5,12 @@ use utoipa::ToSchema;
 
 use crate::{ApiDuration, MachineState};
 
-/// The header that carries a lease's nonce on mutating calls.
-pub const LEASE_NONCE_HEADER: &str = "berth-lease-nonce";
+/// The header that carries a lease's nonce on mutating calls: Fly's name, which Berth's
+/// own clients send.
+pub const LEASE_NONCE_HEADER: &str = "fly-machine-lease-nonce";
+/// Berth's earlier name for [`LEASE_NONCE_HEADER`], still read (deprecated, kept for one
+/// release). A call may send either; sending both with different nonces is refused.
+pub const BERTH_LEASE_NONCE_HEADER: &str = "berth-lease-nonce";
 /// The header that makes create, start, stop and destroy safe to retry.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// `true` refuses request fields Berth does not know (400 `invalid_config` naming the
@@ -38,8 +42,11 @@ impl FieldWarning {
         }
     }
 }
+/// The `status` of a lease answer that succeeded, as Fly writes it.
+pub const LEASE_STATUS_SUCCESS: &str = "success";
 
-/// `POST /v1/apps/{app}/machines/{id}/lease`
+/// `POST /v1/apps/{app}/machines/{id}/lease` (Fly's `CreateLeaseRequest`). The TTL may
+/// come as `?ttl=` instead, as fly-go sends it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
@@ -50,15 +57,61 @@ pub struct LeaseRequest {
     pub description: Option<String>,
 }
 
+/// A lease, with Fly's fields (`data` of a [`LeaseResponse`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Lease {
-    /// 32 lower-case hex digits; send it as `berth-lease-nonce` while the lease is held.
+    /// 32 lower-case hex digits; send it as `fly-machine-lease-nonce` while the lease is
+    /// held.
     pub nonce: String,
-    pub expires_at: String,
+    /// When the lease ends, in Unix seconds.
+    pub expires_at: i64,
     /// The token that holds the lease: its name, or `admin`.
     pub owner: String,
     #[serde(default)]
     pub description: String,
+    /// Changes whenever the lease is taken or refreshed.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// The answer of `POST` and `GET .../lease`, in Fly's envelope. The top-level `nonce`,
+/// `expires_at` (RFC 3339), `owner` and `description` are Berth's earlier answer,
+/// deprecated and kept for one release: read `data` instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseResponse {
+    /// `success`.
+    pub status: String,
+    pub data: Lease,
+    /// Deprecated alias of `data.nonce`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Deprecated: `data.expires_at` as RFC 3339 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Deprecated alias of `data.owner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Deprecated alias of `data.description`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// What `data` of a released lease holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseReleased {
+    pub ok: bool,
+}
+
+/// The answer of `DELETE .../lease`, in Fly's envelope; the top-level `ok` is Berth's
+/// earlier answer, deprecated and kept for one release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReleaseLeaseResponse {
+    /// `success`.
+    pub status: String,
+    pub data: LeaseReleased,
+    /// Deprecated alias of `data.ok`.
+    #[serde(default)]
+    pub ok: bool,
 }
 
 /// What an event of a Machine records.

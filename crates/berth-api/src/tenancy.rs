@@ -11,6 +11,9 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct CreateOrgRequest {
     pub slug: String,
+    /// The org's display name, as Fly's orgs have one (default: the slug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default)]
     pub quotas: QuotaOverrides,
     #[serde(default)]
@@ -118,6 +121,9 @@ pub struct OrgUsage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Org {
     pub slug: String,
+    /// The display name given at create, or the slug.
+    #[serde(default)]
+    pub name: String,
     pub created_at: String,
     /// The limits in force: the overrides over the server's defaults.
     pub limits: OrgLimits,

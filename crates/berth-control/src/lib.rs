@@ -148,6 +148,7 @@ impl ControlPlane {
         }
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         usage::migrate(store.pool()).await?;
+        leases::migrate(store.pool()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
         idempotency::abandon_unfinished(store.pool()).await?;
         let tokens = auth::TokenCache::load(store.pool()).await?;

@@ -101,7 +101,8 @@ pub(crate) async fn get_machine(
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = UpdateMachineRequest,
     responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
@@ -119,7 +120,8 @@ pub(crate) async fn update_machine(
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/start", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<StartRequest>),
     responses((status = 200, body = StartStopResponse, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
@@ -139,7 +141,8 @@ pub(crate) async fn start_machine(
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/stop", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<StopRequest>),
     responses((status = 200, body = StartStopResponse, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
@@ -166,7 +169,8 @@ pub(crate) struct DestroyQuery {
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path), DestroyQuery,
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     responses((status = 200, body = DestroyResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn destroy_machine(

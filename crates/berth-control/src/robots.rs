@@ -120,7 +120,8 @@ pub(crate) async fn machine_events(
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/exec", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path),
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = ExecRequest,
     responses((status = 200, body = ExecResponse, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
 pub(crate) async fn exec_machine(
@@ -164,7 +165,8 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/metadata/{key}", tag = "metadata",
     params(("app" = String, Path), ("id" = String, Path), ("key" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = SetMetadataRequest,
     responses((status = 204, description = "set"), (status = "default", body = ErrorBody)))]
 pub(crate) async fn set_metadata(
@@ -188,7 +190,8 @@ pub(crate) async fn set_metadata(
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}/metadata/{key}", tag = "metadata",
     params(("app" = String, Path), ("id" = String, Path), ("key" = String, Path),
-           ("berth-lease-nonce" = Option<String>, Header, description = "needed while a lease is held")),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     responses((status = 204, description = "gone"), (status = "default", body = ErrorBody)))]
 pub(crate) async fn delete_metadata(
     State(control): State<Shared>,

@@ -15,6 +15,25 @@ pub struct AppRow {
     pub created_at_ms: i64,
 }
 
+/// An org: its slug (the key), its display name (the slug when none was given) and when
+/// it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgRow {
+    pub slug: String,
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+fn org_row(row: sqlx::sqlite::SqliteRow) -> OrgRow {
+    let slug: String = row.get(0);
+    let name: Option<String> = row.get(1);
+    OrgRow {
+        name: name.unwrap_or_else(|| slug.clone()),
+        slug,
+        created_at_ms: row.get(2),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineIndexRow {
     pub id: String,
@@ -107,7 +126,7 @@ fn checkpoint_in_background(pool: SqlitePool) -> tokio_util::task::AbortOnDropHa
 }
 
 const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS orgs (slug TEXT PRIMARY KEY NOT NULL, created_at_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS orgs (slug TEXT PRIMARY KEY NOT NULL, created_at_ms INTEGER NOT NULL, name TEXT)",
     "CREATE TABLE IF NOT EXISTS apps (
         id TEXT PRIMARY KEY NOT NULL,
         name TEXT NOT NULL UNIQUE,
@@ -142,6 +161,19 @@ async fn add_size_columns(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Adds `name` to an `orgs` table made before it existed; those orgs are named by slug.
+async fn add_org_name_column(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('orgs')")
+        .fetch_all(pool)
+        .await?;
+    if !columns.iter().any(|name| name == "name") {
+        sqlx::query("ALTER TABLE orgs ADD COLUMN name TEXT")
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
 impl ControlStore {
     pub async fn open(path: &Path) -> Result<ControlStore, sqlx::Error> {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
@@ -160,6 +192,7 @@ impl ControlStore {
             sqlx::query(statement).execute(&pool).await?;
         }
         add_size_columns(&pool).await?;
+        add_org_name_column(&pool).await?;
         let checkpointer = checkpoint_in_background(pool.clone());
         Ok(ControlStore {
             pool,
@@ -317,27 +350,31 @@ impl ControlStore {
         &self.pool
     }
 
-    pub async fn orgs(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
-        let rows = sqlx::query("SELECT slug, created_at_ms FROM orgs ORDER BY slug")
+    pub async fn orgs(&self) -> Result<Vec<OrgRow>, sqlx::Error> {
+        let rows = sqlx::query("SELECT slug, name, created_at_ms FROM orgs ORDER BY slug")
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect())
+        Ok(rows.into_iter().map(org_row).collect())
     }
 
-    pub async fn org(&self, slug: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
-        let row = sqlx::query("SELECT slug, created_at_ms FROM orgs WHERE slug = ?")
+    pub async fn org(&self, slug: &str) -> Result<Option<OrgRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT slug, name, created_at_ms FROM orgs WHERE slug = ?")
             .bind(slug)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|row| (row.get(0), row.get(1))))
+        Ok(row.map(org_row))
     }
 
-    pub async fn insert_org(&self, slug: &str, now_ms: i64) -> Result<Inserted, sqlx::Error> {
-        let result = sqlx::query("INSERT INTO orgs (slug, created_at_ms) VALUES (?, ?)")
+    /// Adds an org; `name` is its display name (`None`: the slug).
+    pub async fn insert_org(
+        &self,
+        slug: &str,
+        name: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Inserted, sqlx::Error> {
+        let result = sqlx::query("INSERT INTO orgs (slug, name, created_at_ms) VALUES (?, ?, ?)")
             .bind(slug)
+            .bind(name)
             .bind(now_ms)
             .execute(&self.pool)
             .await;
@@ -375,6 +412,60 @@ fn unique(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn orgs_from_before_names_gain_the_column_and_are_named_by_slug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("control.db");
+        {
+            let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+                .expect("options")
+                .create_if_missing(true);
+            let old = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .expect("old store");
+            sqlx::query(
+                "CREATE TABLE orgs (slug TEXT PRIMARY KEY NOT NULL, created_at_ms INTEGER NOT NULL)",
+            )
+            .execute(&old)
+            .await
+            .expect("old schema");
+            sqlx::query("INSERT INTO orgs (slug, created_at_ms) VALUES ('acme', 7)")
+                .execute(&old)
+                .await
+                .expect("old row");
+            old.close().await;
+        }
+        let store = ControlStore::open(&path).await.expect("migrated");
+        let acme = store.org("acme").await.expect("read").expect("row");
+        assert_eq!((acme.name.as_str(), acme.created_at_ms), ("acme", 7));
+        assert_eq!(
+            store
+                .insert_org("new", Some("New Org"), 8)
+                .await
+                .expect("insert"),
+            Inserted::Yes
+        );
+        let names: Vec<(String, String)> = store
+            .orgs()
+            .await
+            .expect("orgs")
+            .into_iter()
+            .map(|org| (org.slug, org.name))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("acme".into(), "acme".into()),
+                ("new".into(), "New Org".into())
+            ]
+        );
+        drop(store);
+        // Opening again leaves the column as it is.
+        let store = ControlStore::open(&path).await.expect("reopened");
+        assert_eq!(store.orgs().await.expect("orgs").len(), 2);
+    }
 
     #[tokio::test]
     async fn an_index_from_before_sizes_gains_the_columns_and_keeps_its_rows() {

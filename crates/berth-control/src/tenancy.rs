@@ -19,7 +19,7 @@ use crate::auth::{self, Principal, TokenRow};
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::limits::{self, Action};
-use crate::store::Inserted;
+use crate::store::{Inserted, OrgRow};
 use crate::{format_ms, ControlPlane, Shared};
 
 pub(crate) async fn load_overrides(
@@ -61,11 +61,12 @@ async fn save_overrides(
     Ok(())
 }
 
-async fn org_json(
-    control: &ControlPlane,
-    slug: String,
-    created_at_ms: i64,
-) -> Result<Org, ApiError> {
+async fn org_json(control: &ControlPlane, org: OrgRow) -> Result<Org, ApiError> {
+    let OrgRow {
+        slug,
+        name,
+        created_at_ms,
+    } = org;
     let mut usage = control.usage.of_org(&slug);
     usage.machines = control.store.count_org_machines(&slug).await?;
     let overrides = control
@@ -80,7 +81,23 @@ async fn org_json(
         usage,
         created_at: format_ms(created_at_ms),
         slug,
+        name,
     })
+}
+
+/// The longest org display name, in bytes.
+const MAX_ORG_NAME: usize = 128;
+
+/// An org's display name: free text (Fly's are such as "Acme Corp"), but not empty, not
+/// over [`MAX_ORG_NAME`] bytes and without control characters.
+fn validate_org_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.len() > MAX_ORG_NAME || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid_config(
+            "name",
+            format!("1 to {MAX_ORG_NAME} bytes of text without control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// The org if the caller may see it; another org is answered like a missing one.
@@ -88,7 +105,7 @@ async fn visible_org(
     control: &ControlPlane,
     principal: &Principal,
     slug: &str,
-) -> Result<(String, i64), ApiError> {
+) -> Result<OrgRow, ApiError> {
     if !principal.can_see(slug) || validate::validate_name("slug", slug).is_err() {
         return Err(ApiError::not_found(format!("org {slug:?}")));
     }
@@ -204,7 +221,11 @@ impl ControlPlane {
         };
         limits::validate_limits(&overrides)?;
         let now = self.clock.now_ms();
-        if self.store.insert_org(&request.slug, now).await? == Inserted::AlreadyExists {
+        if let Some(name) = &request.name {
+            validate_org_name(name)?;
+        }
+        let name = request.name.as_deref();
+        if self.store.insert_org(&request.slug, name, now).await? == Inserted::AlreadyExists {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "already_exists",
@@ -216,7 +237,17 @@ impl ControlPlane {
         }
         Ok((
             StatusCode::CREATED,
-            Json(org_json(self, request.slug, now).await?),
+            Json(
+                org_json(
+                    self,
+                    OrgRow {
+                        name: request.name.unwrap_or_else(|| request.slug.clone()),
+                        slug: request.slug,
+                        created_at_ms: now,
+                    },
+                )
+                .await?,
+            ),
         ))
     }
 
@@ -227,9 +258,9 @@ impl ControlPlane {
     ) -> Result<Json<Vec<Org>>, ApiError> {
         self.check_rate(principal, Action::Read, None).await?;
         let mut orgs = Vec::new();
-        for (slug, created) in self.store.orgs().await? {
-            if principal.can_see(&slug) {
-                orgs.push(org_json(self, slug, created).await?);
+        for org in self.store.orgs().await? {
+            if principal.can_see(&org.slug) {
+                orgs.push(org_json(self, org).await?);
             }
         }
         Ok(Json(orgs))
@@ -242,8 +273,8 @@ impl ControlPlane {
         slug: &str,
     ) -> Result<Json<Org>, ApiError> {
         self.check_rate(principal, Action::Read, None).await?;
-        let (slug, created) = visible_org(self, principal, slug).await?;
-        Ok(Json(org_json(self, slug, created).await?))
+        let org = visible_org(self, principal, slug).await?;
+        Ok(Json(org_json(self, org).await?))
     }
 
     /// Replaces an org's own limits (admin only).
@@ -253,11 +284,11 @@ impl ControlPlane {
         slug: &str,
         request: SetOrgLimitsRequest,
     ) -> Result<Json<Org>, ApiError> {
-        let (slug, created) = visible_org(self, principal, slug).await?;
+        let org = visible_org(self, principal, slug).await?;
         principal.require_admin()?;
         limits::validate_limits(&request)?;
-        save_overrides(self, &slug, &request).await?;
-        Ok(Json(org_json(self, slug, created).await?))
+        save_overrides(self, &org.slug, &request).await?;
+        Ok(Json(org_json(self, org).await?))
     }
 
     /// Mints a token for an org (admin only); its secret is answered once, only its hash kept.

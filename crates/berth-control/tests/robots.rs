@@ -10,7 +10,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-const NONCE: &str = "berth-lease-nonce";
+const NONCE: &str = "fly-machine-lease-nonce";
 
 #[tokio::test]
 async fn leases_guard_mutations_until_released_or_expired() {
@@ -37,13 +37,17 @@ async fn leases_guard_mutations_until_released_or_expired() {
             Some(json!({"ttl": 10, "description": "ci"})),
         )
         .await;
-    assert_eq!(taken.status, 201, "{}", taken.body);
-    let nonce = taken.body["nonce"].as_str().expect("nonce").to_owned();
+    // Fly answers a take with 200 and the lease under `data`.
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    let nonce = taken.body["data"]["nonce"]
+        .as_str()
+        .expect("nonce")
+        .to_owned();
     assert_eq!(nonce.len(), 32);
-    assert_eq!(taken.body["owner"], "lessee-bot");
-    assert!(taken.body["expires_at"].is_string());
+    assert_eq!(taken.body["data"]["owner"], "lessee-bot");
+    assert!(taken.body["data"]["expires_at"].is_i64());
     let (status, read) = harness.call(&rival, Method::GET, &lease_url, None).await;
-    assert_eq!((status, &read["nonce"]), (200, &json!(nonce)));
+    assert_eq!((status, &read["data"]["nonce"]), (200, &json!(nonce)));
 
     // Without the nonce every mutating call is refused, whoever makes it.
     let start = format!("{base}/start");
@@ -99,8 +103,15 @@ async fn leases_guard_mutations_until_released_or_expired() {
         )
         .await;
     assert_eq!(refreshed.status, 200, "{}", refreshed.body);
-    assert_eq!(refreshed.body["nonce"], json!(nonce));
-    assert!(refreshed.body["expires_at"].as_str() > taken.body["expires_at"].as_str());
+    assert_eq!(refreshed.body["data"]["nonce"], json!(nonce));
+    assert_eq!(
+        refreshed.body["data"]["expires_at"].as_i64(),
+        taken.body["data"]["expires_at"].as_i64().map(|at| at + 8)
+    );
+    assert_ne!(
+        refreshed.body["data"]["version"],
+        taken.body["data"]["version"]
+    );
     harness.clock.advance(Duration::from_secs(8));
     assert_error(
         &harness
@@ -149,7 +160,12 @@ async fn leases_guard_mutations_until_released_or_expired() {
             Some(json!({"ttl": 5})),
         )
         .await;
-    assert_eq!(taken.status, 201);
+    assert_eq!(taken.status, 200);
+    assert_ne!(
+        taken.body["data"]["nonce"],
+        json!(nonce),
+        "a new lease, a new nonce"
+    );
     assert_error(
         &harness.call(&holder, Method::POST, &start, None).await,
         409,

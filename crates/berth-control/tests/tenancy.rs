@@ -284,6 +284,64 @@ async fn another_orgs_things_answer_404_at_every_route() {
 }
 
 #[tokio::test]
+async fn orgs_take_a_display_name_as_fly_orgs_have_one() {
+    let harness = Harness::start().await;
+    let (status, created) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/orgs",
+            Some(json!({"slug": "acme-corp", "name": "Acme Corp"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        (&created["slug"], &created["name"]),
+        (&json!("acme-corp"), &json!("Acme Corp"))
+    );
+    let (status, read) = harness
+        .call(&harness.admin, Method::GET, "/v1/orgs/acme-corp", None)
+        .await;
+    assert_eq!((status, &read["name"]), (200, &json!("Acme Corp")));
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/orgs", None)
+        .await;
+    let listed = listed.as_array().expect("orgs");
+    assert!(listed
+        .iter()
+        .any(|org| org["slug"] == "acme-corp" && org["name"] == "Acme Corp"));
+    // Without a name, an org is named by its slug (as the orgs made before names were).
+    let (status, plain) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/orgs",
+            Some(json!({"slug": "plain"})),
+        )
+        .await;
+    assert_eq!((status, &plain["name"]), (201, &json!("plain")));
+    assert!(listed
+        .iter()
+        .any(|org| org["slug"] == "personal" && org["name"] == "personal"));
+    for name in [json!(""), json!("a\nb"), json!("x".repeat(129)), json!(5)] {
+        let reply = harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/orgs",
+                Some(json!({"slug": "badname", "name": name})),
+            )
+            .await;
+        assert_error(&reply, 400, "invalid_config");
+        assert_eq!(reply.1["field"], "name", "{}", reply.1);
+    }
+    let (status, _) = harness
+        .call(&harness.admin, Method::GET, "/v1/orgs/badname", None)
+        .await;
+    assert_eq!(status, 404, "a refused org is not made");
+}
+
+#[tokio::test]
 async fn the_openapi_description_and_the_router_agree() {
     let harness = Harness::start().await;
     harness.app(&harness.admin, "doc-app").await;

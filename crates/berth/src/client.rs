@@ -73,7 +73,8 @@ impl Client {
         &self.token
     }
 
-    /// Sends `berth-lease-nonce` on every call, for Machines under a lease.
+    /// Sends the nonce in `fly-machine-lease-nonce` (Fly's header) on every call, for
+    /// Machines under a lease.
     pub fn with_lease_nonce(mut self, nonce: Option<String>) -> Client {
         self.lease_nonce = nonce;
         self

@@ -8,8 +8,9 @@ use anyhow::{bail, Context, Result};
 use berth::client::{is_api_error, Client};
 use berth_api::{
     ApiDuration, App, CreateOrgRequest, CreateTokenRequest, ExecRequest, ExecResponse, ExpiresIn,
-    Lease, LeaseRequest, MachineEvent, Org, QuotaOverrides, RateLimit, RateLimitOverrides,
-    SetMetadataRequest, SetOrgLimitsRequest, TokenCreated, TokenInfo, WaitResponse,
+    LeaseRequest, LeaseResponse, MachineEvent, Org, QuotaOverrides, RateLimit, RateLimitOverrides,
+    ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest, TokenCreated, TokenInfo,
+    WaitResponse,
 };
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -93,6 +94,9 @@ pub enum OrgCommand {
     /// Create an org.
     Create {
         slug: String,
+        /// A display name (default: the slug).
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -156,7 +160,12 @@ pub enum TokenCommand {
 
 pub async fn org(command: OrgCommand) -> Result<()> {
     match command {
-        OrgCommand::Create { slug, limits, api } => {
+        OrgCommand::Create {
+            slug,
+            name,
+            limits,
+            api,
+        } => {
             let limits = limits.into_request()?;
             let org: Org = api
                 .client()?
@@ -164,6 +173,7 @@ pub async fn org(command: OrgCommand) -> Result<()> {
                     "/v1/orgs",
                     &CreateOrgRequest {
                         slug,
+                        name,
                         quotas: limits.quotas,
                         rate_limits: limits.rate_limits,
                     },
@@ -572,7 +582,7 @@ pub async fn lease(command: LeaseCommand) -> Result<()> {
         } => {
             let client = api.client()?;
             let app = resolve_app(&client, app, &id).await?;
-            let lease: Lease = client
+            let lease: LeaseResponse = client
                 .post(
                     &format!("/v1/apps/{app}/machines/{id}/lease"),
                     &LeaseRequest { ttl, description },
@@ -581,13 +591,16 @@ pub async fn lease(command: LeaseCommand) -> Result<()> {
             if json {
                 return print_json(&lease);
             }
-            println!("{}", lease.nonce);
-            eprintln!("leased until {}", lease.expires_at);
+            println!("{}", lease.data.nonce);
+            eprintln!(
+                "leased until {} (Unix seconds; version {})",
+                lease.data.expires_at, lease.data.version
+            );
         }
         LeaseCommand::Show { app, id, api } => {
             let client = api.client()?;
             let app = resolve_app(&client, app, &id).await?;
-            let lease: Lease = client
+            let lease: LeaseResponse = client
                 .get(&format!("/v1/apps/{app}/machines/{id}/lease"))
                 .await?;
             print_json(&lease)?;
@@ -596,7 +609,7 @@ pub async fn lease(command: LeaseCommand) -> Result<()> {
             let client = api.client()?;
             let app = resolve_app(&client, app, &id).await?;
             client
-                .delete::<serde_json::Value>(&format!("/v1/apps/{app}/machines/{id}/lease"))
+                .delete::<ReleaseLeaseResponse>(&format!("/v1/apps/{app}/machines/{id}/lease"))
                 .await?;
             println!("released the lease on {id}");
         }

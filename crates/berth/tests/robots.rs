@@ -45,6 +45,8 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
         "org",
         "create",
         "acme",
+        "--name",
+        "Acme Corp",
         "--max-started-machines",
         "5",
         "--rate",
@@ -57,6 +59,7 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
     assert!(token.starts_with("bt_"), "{token}");
     // The server's defaults come from --default-limits; the org's own flags win.
     let org: Value = serde_json::from_str(&platform.cli_ok(&["org", "show", "acme"])).expect("org");
+    assert_eq!(org["name"], "Acme Corp");
     assert_eq!(org["limits"]["rate_limits"]["read"]["burst"], 40);
     assert_eq!(org["limits"]["rate_limits"]["exec"]["burst"], 50);
     assert_eq!(org["limits"]["rate_limits"]["start"]["burst"], 3);
@@ -255,6 +258,21 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
     );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("lease_held"));
+    // The CLI shows Fly's shape and sends the nonce in Fly's header.
+    let shown: Value =
+        serde_json::from_str(&ok(&["machine", "lease", "show", &id])).expect("lease json");
+    assert_eq!(shown["status"], "success");
+    assert_eq!(shown["data"]["nonce"], nonce.as_str());
+    assert!(shown["data"]["expires_at"].is_i64(), "{shown}");
+    ok(&[
+        "machine",
+        "start",
+        "--app",
+        "work",
+        &id,
+        "--lease-nonce",
+        &nonce,
+    ]);
     ok(&["machine", "lease", "release", &id, "--lease-nonce", &nonce]);
 
     // A revoked token is refused like any unknown one.
