@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the root integration tests
 # against real runc, overlayfs and namespaces. Fails if the tests leave mounts, runc
-# containers or temp directories behind.
+# containers, temp directories, links or nftables tables behind.
 set -euo pipefail
 export LC_ALL=C
 # Incremental caches only help rebuilds; a test run is one clean build.
@@ -21,6 +21,8 @@ leftovers() {
     find "${TMPDIR:-/tmp}" -maxdepth 1 -mindepth 1 \( -name '.tmp*' -o -name 'berth*' \) 2>/dev/null | sort || true
     # Worker bridges (bz…) and Machine veths (bv…).
     ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | grep -E '^(bz|bv)[0-9a-f]{12}' | sort || true
+    # The bridges' nftables filters.
+    nft list tables 2>/dev/null | grep -E ' berth_' | sort || true
 }
 before=$(mktemp)
 after=$(mktemp)

@@ -377,6 +377,11 @@ pub fn build_lowerdir(lower: &Path) {
 /// a runtime of its own, on a thread of its own (callable from a Drop in async tests).
 pub fn delete_links(names: Vec<String>) {
     use futures::TryStreamExt;
+    let bridges: Vec<String> = names
+        .iter()
+        .filter(|name| name.starts_with("bz"))
+        .cloned()
+        .collect();
     let _ = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -400,6 +405,16 @@ pub fn delete_links(names: Vec<String>) {
         });
     })
     .join();
+    // A worker bridge's filter tables outlive its link (the network's teardown deletes
+    // both; tests that drop only the link delete them here).
+    for bridge in &bridges {
+        for (family, table) in [("bridge", "berth_isolate"), ("inet", "berth_host")] {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", family, &format!("{table}_{bridge}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
 }
 
 /// Runs each named `async fn(Driver)` once per driver, as `runc::name` and `native::name`.
