@@ -282,9 +282,7 @@ impl Cluster {
         }
         self.server.kill();
         for bridge in bridges {
-            let _ = Command::new("ip")
-                .args(["link", "delete", &bridge])
-                .status();
+            common::delete_bridge(&bridge);
         }
     }
 }

@@ -407,25 +407,7 @@ impl Platform {
             let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
         for bridge in &self.bridges {
-            let _ = Command::new("ip")
-                .args(["link", "delete", bridge])
-                .stderr(Stdio::null())
-                .status();
-            // The bridge's network filter tables.
-            let suffix: String = bridge
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect();
-            for table in [
-                ["bridge".to_owned(), format!("berth_isolate_{suffix}")],
-                ["inet".to_owned(), format!("berth_host_{suffix}")],
-            ] {
-                let _ = Command::new("nft")
-                    .args(["delete", "table"])
-                    .args(&table)
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            delete_bridge(bridge);
         }
     }
 }
@@ -433,5 +415,27 @@ impl Platform {
 impl Drop for Platform {
     fn drop(&mut self) {
         self.force_clean();
+    }
+}
+
+/// Deletes a worker bridge and its nftables filter tables (which outlive the link).
+pub fn delete_bridge(bridge: &str) {
+    let _ = Command::new("ip")
+        .args(["link", "delete", bridge])
+        .stderr(Stdio::null())
+        .status();
+    let suffix: String = bridge
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    for table in [
+        ["bridge".to_owned(), format!("berth_isolate_{suffix}")],
+        ["inet".to_owned(), format!("berth_host_{suffix}")],
+    ] {
+        let _ = Command::new("nft")
+            .args(["delete", "table"])
+            .args(&table)
+            .stderr(Stdio::null())
+            .status();
     }
 }
