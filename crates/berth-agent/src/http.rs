@@ -104,6 +104,7 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}", get(get_machine).delete(destroy))
         .route("/agent/v1/machines/{id}/start", post(start))
         .route("/agent/v1/machines/{id}/stop", post(stop))
+        .route("/agent/v1/machines/{id}/signal", post(signal))
         .route("/agent/v1/machines/{id}/update", post(update))
         .route("/agent/v1/machines/{id}/logs", get(logs))
         .route("/agent/v1/usage", get(usage))
@@ -178,6 +179,15 @@ async fn stop(
     Json(body): Json<StopRequest>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.stop(&id, body).await?).into_response())
+}
+
+async fn signal(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<berth_api::SignalRequest>,
+) -> Result<Response, Failure> {
+    http.worker.signal(&id, &body.signal).await?;
+    Ok(Json(berth_api::OkResponse { ok: true }).into_response())
 }
 
 async fn update(

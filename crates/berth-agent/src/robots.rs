@@ -43,6 +43,22 @@ impl Agent {
             .collect())
     }
 
+    /// Under the Machine's lock, so that the run signalled is the one found started.
+    pub(crate) async fn signal_in(&self, id: &str, signal: &str) -> Result<()> {
+        let number = validate::validate_signal("signal", signal)?;
+        let _guard = self.lock(id).await?;
+        let record = self.load(id).await?;
+        if record.state != MachineState::Started {
+            return Err(StateError::Invalid {
+                verb: "signal",
+                state: record.state,
+            }
+            .into());
+        }
+        self.inner.runtime.signal(&self.layout(id), number).await?;
+        Ok(())
+    }
+
     /// No Machine lock: a long exec must not hold up a stop, which ends it anyway.
     pub(crate) async fn exec_in(&self, id: &str, request: ExecOnWorker) -> Result<ExecResponse> {
         let record = self.load(id).await?;

@@ -53,6 +53,10 @@ impl WorkerService for Agent {
         .map_err(WorkerError::from)
     }
 
+    async fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        Ok(self.signal_in(id, signal).await?)
+    }
+
     async fn update(
         &self,
         id: &str,

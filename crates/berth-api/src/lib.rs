@@ -301,6 +301,20 @@ pub struct StopRequest {
     pub source: Option<ChangeSource>,
 }
 
+/// `POST /v1/apps/{app}/machines/{id}/signal`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct SignalRequest {
+    /// A name such as `SIGUSR1` (Fly's spelling) or `USR1`.
+    pub signal: String,
+}
+
+/// The answer of a lifecycle call that has nothing more to say (signal, restart), as Fly
+/// answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OkResponse {
+    pub ok: bool,
+}
+
 /// `POST /v1/apps/{app}/machines/{id}/start` (the body is optional).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct StartRequest {

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use berth_api::{
-    CreateMachineRequest, DestroyResponse, ErrorBody, Machine, StartRequest, StartStopResponse,
-    StopRequest, UpdateMachineRequest,
+    ApiDuration, CreateMachineRequest, DestroyResponse, ErrorBody, Machine, OkResponse,
+    SignalRequest, StartRequest, StartStopResponse, StopRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
 use berth_worker::{CreateOnWorker, WorkerService};
@@ -153,6 +153,71 @@ pub(crate) async fn stop_machine(
     OptionalJson(request): OptionalJson<StopRequest>,
 ) -> Result<Response, ApiError> {
     control.stop_machine(&pre, &app, &id, request).await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/signal", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
+    request_body = SignalRequest,
+    responses((status = 200, body = OkResponse),
+              (status = 409, body = ErrorBody, description = "`invalid_state`: the Machine is not started"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn signal_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiJson(request): ApiJson<SignalRequest>,
+) -> Result<Json<OkResponse>, ApiError> {
+    control
+        .signal_machine(&pre, &app, &id, &request.signal)
+        .await
+}
+
+/// Fly's restart parameters: how the stop half ends the run.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct RestartQuery {
+    /// The stop's grace period as a Go duration (`"10s"`); unset or zero: the Machine's
+    /// `stop_config`.
+    timeout: Option<String>,
+    /// The stop's signal (`SIGTERM` when unset and the Machine names none).
+    signal: Option<String>,
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/restart", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path), RestartQuery,
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
+    responses((status = 200, body = OkResponse, description = "stopped (a stop event) and started again (a start event)"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn restart_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<RestartQuery>,
+) -> Result<Json<OkResponse>, ApiError> {
+    control.restart_machine(&pre, &app, &id, query).await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/suspend", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path)),
+    responses((status = 422, body = ErrorBody, description = "`suspend_unsupported`: no driver here can suspend a Machine yet"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn suspend_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiError {
+    match control.machine(&pre.principal, &app, &id).await {
+        Ok(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "suspend_unsupported",
+            "this worker's runtime cannot suspend a Machine; stop it instead (its files are kept)",
+        ),
+        Err(error) => error,
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize, IntoParams)]
@@ -345,23 +410,7 @@ impl ControlPlane {
                     let result = async {
                         let (app_row, row) = admit(self, pre, app, id, Action::Start).await?;
                         lap.lap("api_prologue");
-                        let worker = self.worker(&row.worker)?;
-                        let size = match row.size {
-                            Some(size) => size,
-                            None => {
-                                let size = self.size_from_worker(&worker, id).await?;
-                                lap.lap("api_machine_get");
-                                size
-                            }
-                        };
-                        let org = &app_row.org_slug;
-                        let quotas = self.limits_of(org).quotas;
-                        let _reservation = self.usage.reserve(org, id, size.into(), &quotas)?;
-                        lap.lap("api_quota");
-                        let mut answer = worker.start(id, source).await?;
-                        lap.worker(std::mem::take(&mut answer.timings));
-                        answer.machine = seen(self, answer.machine, &row.worker).await;
-                        lap.lap("api_cache");
+                        let answer = self.start_admitted(&app_row, &row, source, lap).await?;
                         Ok::<_, ApiError>(Json(answer))
                     }
                     .await;
@@ -375,6 +424,35 @@ impl ControlPlane {
             response.headers_mut().insert(SERVER_TIMING.clone(), value);
         }
         Ok(response)
+    }
+
+    /// Starts an admitted Machine on its worker within the org's quota.
+    async fn start_admitted(
+        &self,
+        app_row: &AppRow,
+        row: &MachineIndexRow,
+        source: berth_worker::EventSource,
+        lap: &mut ServerTiming,
+    ) -> Result<StartStopResponse, ApiError> {
+        let id = row.id.as_str();
+        let worker = self.worker(&row.worker)?;
+        let size = match row.size {
+            Some(size) => size,
+            None => {
+                let size = self.size_from_worker(&worker, id).await?;
+                lap.lap("api_machine_get");
+                size
+            }
+        };
+        let org = &app_row.org_slug;
+        let quotas = self.limits_of(org).quotas;
+        let _reservation = self.usage.reserve(org, id, size.into(), &quotas)?;
+        lap.lap("api_quota");
+        let mut answer = worker.start(id, source).await?;
+        lap.worker(std::mem::take(&mut answer.timings));
+        answer.machine = seen(self, answer.machine, &row.worker).await;
+        lap.lap("api_cache");
+        Ok(answer)
     }
 
     /// Stops a Machine on its worker.
@@ -416,6 +494,57 @@ impl ControlPlane {
             },
         )
         .await)
+    }
+
+    /// Sends a signal to a started Machine's command.
+    pub(crate) async fn signal_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        signal: &str,
+    ) -> Result<Json<OkResponse>, ApiError> {
+        validate::validate_signal("signal", signal)?;
+        let (_, row) = admit(self, pre, app, id, Action::Stop).await?;
+        self.worker(&row.worker)?.signal(id, signal).await?;
+        Ok(Json(OkResponse { ok: true }))
+    }
+
+    /// Stops a Machine (with the asked signal and grace period) and starts it again: two
+    /// ordinary events in its history. A stopped Machine is just started.
+    pub(crate) async fn restart_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        query: RestartQuery,
+    ) -> Result<Json<OkResponse>, ApiError> {
+        let timeout = match query.timeout.as_deref() {
+            Some(text) => Some(
+                ApiDuration::parse(text)
+                    .map_err(|message| ApiError::invalid_config("timeout", message))?,
+            ),
+            None => None,
+        }
+        // Zero is unset, as for stop: the Machine's `stop_config` applies.
+        .filter(|timeout| !timeout.as_duration().is_zero());
+        if let Some(signal) = query.signal.as_deref() {
+            validate::validate_signal("signal", signal)?;
+        }
+        let (app_row, row) = admit(self, pre, app, id, Action::Stop).await?;
+        self.check_rate(&pre.principal, Action::Start, Some(id))
+            .await?;
+        let stop = StopRequest {
+            signal: query.signal,
+            timeout,
+            ..StopRequest::default()
+        };
+        let stopped = self.worker(&row.worker)?.stop(id, stop).await?;
+        seen(self, stopped.machine, &row.worker).await;
+        let mut lap = ServerTiming::since(None);
+        self.start_admitted(&app_row, &row, berth_worker::EventSource::User, &mut lap)
+            .await?;
+        Ok(Json(OkResponse { ok: true }))
     }
 
     /// Destroys a Machine on its worker and forgets it here.

@@ -129,6 +129,11 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("post", "/v1/apps/{app}/machines/{id}/start" | "/v1/apps/{app}/machines/{id}/stop") => {
             ("", None)
         }
+        ("post", "/v1/apps/{app}/machines/{id}/signal") => ("", Some(json!({"signal": "SIGUSR1"}))),
+        (
+            "post",
+            "/v1/apps/{app}/machines/{id}/restart" | "/v1/apps/{app}/machines/{id}/suspend",
+        ) => ("", None),
         ("get", "/v1/apps/{app}/machines/{id}/wait") => ("?state=started&timeout=0", None),
         ("get", "/v1/apps/{app}/machines/{id}/events") => ("?since=0", None),
         ("get", "/v1/apps/{app}/machines/{id}/logs") => ("", None),

@@ -305,6 +305,17 @@ impl WorkerService for RemoteWorker {
         self.json(response).await
     }
 
+    async fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        let path = format!("/agent/v1/machines/{id}/signal");
+        let body = berth_api::SignalRequest {
+            signal: signal.to_owned(),
+        };
+        // Not retried: a signal that reached the Machine must not be sent twice.
+        self.call(Method::POST, &path, Some(&body), LIFECYCLE_DEADLINE, false)
+            .await?;
+        Ok(())
+    }
+
     async fn destroy(&self, id: &str, force: bool) -> Result<()> {
         let path = format!("/agent/v1/machines/{id}?force={force}");
         self.call::<()>(Method::DELETE, &path, None, LIFECYCLE_DEADLINE, true)

@@ -112,6 +112,9 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn create(&self, request: CreateOnWorker) -> Result<Machine>;
     async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse>;
     async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse>;
+    /// Sends a signal (a name such as `SIGUSR1`) to the started Machine's command; a
+    /// Machine that is not started is refused.
+    async fn signal(&self, id: &str, signal: &str) -> Result<()>;
     /// Updates the Machine; a new image is pulled within `pull`.
     async fn update(
         &self,

@@ -356,6 +356,62 @@ fn exits_are_detected_and_the_restart_policy_applies() {
 }
 
 #[test]
+fn signal_and_restart_reach_the_machines_command() {
+    let platform = Platform::start();
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "sig"]);
+    // The shell traps USR1 and TERM; `sleep` in the background keeps `wait` interruptible.
+    let script = "trap 'echo got-usr1' USR1; trap 'echo got-term; exit 0' TERM; \
+                  echo ready; while true; do sleep 1 & wait $!; done";
+    let machine = create(
+        &platform,
+        "sig",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["/bin/sh", "-c", script]}}}),
+    );
+    platform.wait_for("the trap", Duration::from_secs(10), || {
+        platform.logs("sig", &machine.id).contains("ready")
+    });
+    let base = format!("/v1/apps/sig/machines/{}", machine.id);
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("{base}/signal"),
+        Some(json!({"signal": "SIGUSR1"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true, "{body}");
+    platform.wait_for("the signal", Duration::from_secs(10), || {
+        platform.logs("sig", &machine.id).contains("got-usr1")
+    });
+    assert_eq!(
+        platform.machine("sig", &machine.id).state,
+        MachineState::Started
+    );
+
+    // Restart: the command gets the stop signal, exits, and runs again.
+    let (status, body) = platform.call(Method::POST, &format!("{base}/restart?timeout=5s"), None);
+    assert_eq!(status, 200, "{body}");
+    let logs = platform.logs("sig", &machine.id);
+    assert!(logs.contains("got-term"), "{logs}");
+    platform.wait_for("the second run", Duration::from_secs(10), || {
+        platform.logs("sig", &machine.id).matches("ready").count() == 2
+    });
+    assert_eq!(
+        platform.machine("sig", &machine.id).state,
+        MachineState::Started
+    );
+
+    post(&platform, &format!("{base}/stop"));
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("{base}/signal"),
+        Some(json!({"signal": "SIGUSR1"})),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "invalid_state", "{body}");
+    platform.teardown();
+}
+
+#[test]
 fn a_machine_sees_neither_host_files_nor_host_processes() {
     let platform = Platform::start();
     platform.import(busybox_image(), "demo/busybox:1");

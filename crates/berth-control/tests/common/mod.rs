@@ -285,6 +285,9 @@ impl WorkerService for CountingWorker {
     ) -> berth_worker::Result<Machine> {
         self.agent.update(id, request, pull).await
     }
+    async fn signal(&self, id: &str, signal: &str) -> berth_worker::Result<()> {
+        self.agent.signal(id, signal).await
+    }
     async fn destroy(&self, id: &str, force: bool) -> berth_worker::Result<()> {
         self.agent.destroy(id, force).await
     }
