@@ -7,10 +7,10 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use berth::client::{is_api_error, Client};
 use berth_api::{
-    ApiDuration, App, CreateOrgRequest, CreateTokenRequest, ExecRequest, ExecResponse, ExpiresIn,
-    LeaseRequest, LeaseResponse, MachineEvent, Org, QuotaOverrides, RateLimit, RateLimitOverrides,
-    ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest, TokenCreated, TokenInfo,
-    WaitResponse,
+    ApiDuration, CreateOrgRequest, CreateTokenRequest, ExecRequest, ExecResponse, ExpiresIn,
+    LeaseRequest, LeaseResponse, ListAppsResponse, MachineEvent, Org, QuotaOverrides, RateLimit,
+    RateLimitOverrides, ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest,
+    TokenCreated, TokenInfo, WaitResponse,
 };
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -287,8 +287,8 @@ pub async fn resolve_app(client: &Client, app: Option<String>, id: &str) -> Resu
     if let Some(app) = app {
         return Ok(app);
     }
-    let apps: Vec<App> = client.get("/v1/apps").await?;
-    for app in apps {
+    let listed: ListAppsResponse = client.get("/v1/apps").await?;
+    for app in listed.apps {
         let path = format!("/v1/apps/{}/machines/{id}", app.name);
         match client.get::<serde_json::Value>(&path).await {
             Ok(_) => return Ok(app.name),

@@ -1,0 +1,94 @@
+//! Answers in Fly's shapes: the apps list, Machine events and wait's parameters, decoded
+//! into structs written from the fields Fly's OpenAPI description and Go client document.
+
+mod common;
+
+use common::Harness;
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::json;
+
+/// Fly's `ListAppsResponse`.
+#[derive(Debug, Deserialize)]
+struct FlyListApps {
+    total_apps: u64,
+    apps: Vec<FlyApp>,
+}
+
+/// Fly's `App`.
+#[derive(Debug, Deserialize)]
+struct FlyApp {
+    id: String,
+    name: String,
+    machine_count: u64,
+    volume_count: u64,
+    network: String,
+    organization: FlyOrganization,
+}
+
+#[derive(Debug, Deserialize)]
+struct FlyOrganization {
+    name: String,
+    slug: String,
+}
+
+#[tokio::test]
+async fn the_apps_list_is_fly_s_envelope_with_each_app_s_organization() {
+    let harness = Harness::start().await;
+    let (status, reply) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/orgs",
+            Some(json!({"slug": "acme", "name": "Acme Inc"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    let acme = harness.token("acme", "acme-bot").await;
+    let other = harness.org("other", json!({})).await;
+    harness.app(&acme, "shop").await;
+    harness.app(&other, "elsewhere").await;
+    harness.machine(&acme, "shop", false).await;
+
+    let (status, reply) = harness.call(&acme, Method::GET, "/v1/apps", None).await;
+    assert_eq!(status, 200, "{reply}");
+    let listed: FlyListApps = serde_json::from_value(reply.clone()).expect("Fly's shape");
+    assert_eq!(listed.total_apps, 1, "{reply}");
+    let app = &listed.apps[0];
+    assert!(!app.id.is_empty());
+    assert_eq!(
+        (app.name.as_str(), app.machine_count, app.volume_count),
+        ("shop", 1, 0)
+    );
+    assert_eq!(app.network, "default");
+    assert_eq!(
+        (
+            app.organization.name.as_str(),
+            app.organization.slug.as_str()
+        ),
+        ("Acme Inc", "acme")
+    );
+    // Berth's earlier name stays for one release.
+    assert_eq!(reply["apps"][0]["org_slug"], "acme");
+
+    // The admin sees both orgs' apps, and `?org_slug=` narrows them as Fly's does.
+    let (_, reply) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps", None)
+        .await;
+    let all: FlyListApps = serde_json::from_value(reply.clone()).expect("Fly's shape");
+    assert_eq!(all.total_apps, 2, "{reply}");
+    let (_, reply) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps?org_slug=other", None)
+        .await;
+    let narrowed: FlyListApps = serde_json::from_value(reply.clone()).expect("Fly's shape");
+    let names: Vec<&str> = narrowed.apps.iter().map(|app| app.name.as_str()).collect();
+    assert_eq!((narrowed.total_apps, names), (1, vec!["elsewhere"]));
+
+    // One app reads the same way.
+    let (status, reply) = harness
+        .call(&acme, Method::GET, "/v1/apps/shop", None)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let one: FlyApp = serde_json::from_value(reply).expect("Fly's shape");
+    assert_eq!(one.organization.slug, "acme");
+}
