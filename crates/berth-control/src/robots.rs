@@ -11,8 +11,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_api::{
-    ErrorBody, ExecRequest, ExecResponse, LogLine, MachineEvent, MachineState, SetMetadataRequest,
-    WaitResponse,
+    ErrorBody, ExecRequest, ExecResponse, LogLine, MachineEventAnswer, MachineState,
+    SetMetadataRequest, WaitResponse,
 };
 use berth_worker::{ExecOnWorker, LogChunk, WorkerError};
 use serde::Deserialize;
@@ -107,13 +107,13 @@ pub(crate) struct EventsQuery {
 
 #[utoipa::path(get, path = "/apps/{app}/machines/{id}/events", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path), EventsQuery),
-    responses((status = 200, body = Vec<MachineEvent>), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Vec<MachineEventAnswer>), (status = "default", body = ErrorBody)))]
 pub(crate) async fn machine_events(
     State(control): State<Shared>,
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<EventsQuery>,
-) -> Result<Json<Vec<MachineEvent>>, ApiError> {
+) -> Result<Json<Vec<MachineEventAnswer>>, ApiError> {
     control.machine_events(&principal, &app, &id, query).await
 }
 
@@ -330,7 +330,7 @@ impl ControlPlane {
         app: &str,
         id: &str,
         query: EventsQuery,
-    ) -> Result<Json<Vec<MachineEvent>>, ApiError> {
+    ) -> Result<Json<Vec<MachineEventAnswer>>, ApiError> {
         self.check_rate(principal, Action::Read, None).await?;
         let limit = query.limit.unwrap_or(DEFAULT_EVENTS);
         if !(1..=MAX_EVENTS).contains(&limit) {
@@ -340,11 +340,20 @@ impl ControlPlane {
             ));
         }
         let (_, row) = self.machine(principal, app, id).await?;
-        Ok(Json(
-            self.worker(&row.worker)?
-                .machine_events(id, query.since.unwrap_or(0).max(0), limit)
-                .await?,
-        ))
+        let events = self
+            .worker(&row.worker)?
+            .machine_events(id, query.since.unwrap_or(0).max(0), limit)
+            .await?;
+        events
+            .into_iter()
+            .map(|event| {
+                let at_ms = parse_ms(&event.timestamp).ok_or_else(|| {
+                    ApiError::internal(format!("event {} has no readable time", event.id))
+                })?;
+                Ok(MachineEventAnswer::new(event, at_ms))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+            .map(Json)
     }
 
     /// Runs a command in a started Machine, on its worker, with output capped.
@@ -520,4 +529,11 @@ fn raw_lines(receiver: mpsc::Receiver<Vec<u8>>) -> Body {
         Some((Ok::<_, Infallible>(bytes), receiver))
     });
     Body::from_stream(stream)
+}
+
+/// Unix milliseconds of an RFC 3339 time, as workers write event times.
+fn parse_ms(text: &str) -> Option<i64> {
+    let moment =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(moment.unix_timestamp_nanos() / 1_000_000).ok()
 }

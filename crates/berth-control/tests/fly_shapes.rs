@@ -32,6 +32,70 @@ struct FlyOrganization {
     slug: String,
 }
 
+/// Fly's `MachineEvent`.
+#[derive(Debug, Deserialize)]
+struct FlyMachineEvent {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+    source: String,
+    timestamp: i64,
+}
+
+#[tokio::test]
+async fn events_carry_fly_s_fields_and_page_by_their_string_ids() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "ev").await;
+    let id = harness.machine(&harness.admin, "ev", true).await;
+    let base = format!("/v1/apps/ev/machines/{id}");
+    let (status, reply) = harness
+        .call(&harness.admin, Method::POST, &format!("{base}/stop"), None)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+
+    let (status, reply) = harness
+        .call(&harness.admin, Method::GET, &format!("{base}/events"), None)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let events: Vec<FlyMachineEvent> = serde_json::from_value(reply.clone()).expect("Fly's shape");
+    let seen: Vec<(&str, &str, &str)> = events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.status.as_str(), e.source.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("create", "created", "user"),
+            ("start", "started", "user"),
+            ("stop", "stopped", "user")
+        ],
+        "{reply}"
+    );
+    // Milliseconds since 1970, not seconds: after 2020 and in order.
+    assert!(
+        events.iter().all(|e| e.timestamp > 1_577_836_800_000),
+        "{reply}"
+    );
+    assert!(events
+        .windows(2)
+        .all(|pair| pair[0].timestamp <= pair[1].timestamp));
+
+    // The string ids page as the numbers they spell.
+    let first: i64 = events[0].id.parse().expect("a decimal id");
+    let (_, page) = harness
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("{base}/events?since={first}"),
+            None,
+        )
+        .await;
+    let page: Vec<FlyMachineEvent> = serde_json::from_value(page).expect("Fly's shape");
+    let ids: Vec<&str> = page.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, [events[1].id.as_str(), events[2].id.as_str()]);
+}
+
 #[tokio::test]
 async fn the_apps_list_is_fly_s_envelope_with_each_app_s_organization() {
     let harness = Harness::start().await;

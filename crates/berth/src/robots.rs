@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use berth::client::{is_api_error, Client};
 use berth_api::{
     ApiDuration, CreateOrgRequest, CreateTokenRequest, ExecRequest, ExecResponse, ExpiresIn,
-    LeaseRequest, LeaseResponse, ListAppsResponse, MachineEvent, Org, QuotaOverrides, RateLimit,
-    RateLimitOverrides, ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest,
+    LeaseRequest, LeaseResponse, ListAppsResponse, MachineEventAnswer, Org, QuotaOverrides,
+    RateLimit, RateLimitOverrides, ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest,
     TokenCreated, TokenInfo, WaitResponse,
 };
 use clap::{Args, Subcommand};
@@ -439,22 +439,22 @@ pub async fn events(args: EventsArgs) -> Result<()> {
         args.id,
         args.since.unwrap_or(0)
     );
-    let events: Vec<MachineEvent> = client.get(&path).await?;
+    let events: Vec<MachineEventAnswer> = client.get(&path).await?;
     if args.json {
         return print_json(&events);
     }
     println!(
         "{:>8} {:<26} {:<14} {:<15} {:<9} {:>5} REASON",
-        "ID", "TIME", "KIND", "SOURCE", "STATE", "EXIT"
+        "ID", "TIME", "TYPE", "SOURCE", "STATUS", "EXIT"
     );
     for event in events {
         println!(
             "{:>8} {:<26} {:<14} {:<15} {:<9} {:>5} {}",
             event.id,
-            event.timestamp,
+            format_ms(event.timestamp),
             event.kind,
             event.source,
-            event.state,
+            event.status,
             event
                 .exit_code
                 .map(|code| code.to_string())
@@ -615,4 +615,16 @@ pub async fn lease(command: LeaseCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// RFC 3339 text of Unix milliseconds (an event's `timestamp`), for tables.
+fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|moment| {
+            moment
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
