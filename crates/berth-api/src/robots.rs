@@ -283,6 +283,10 @@ impl MachineEventAnswer {
 pub struct WaitResponse {
     pub ok: bool,
     pub state: MachineState,
+    /// Fly's name of the Machine's version (its `instance_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Berth's earlier name of `version`, kept for one release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
 }

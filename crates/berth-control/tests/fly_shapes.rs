@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Harness;
+use common::{assert_error, Harness};
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::json;
@@ -155,4 +155,104 @@ async fn the_apps_list_is_fly_s_envelope_with_each_app_s_organization() {
     assert_eq!(status, 200, "{reply}");
     let one: FlyApp = serde_json::from_value(reply).expect("Fly's shape");
     assert_eq!(one.organization.slug, "acme");
+}
+
+/// Fly's `WaitMachineResponse`.
+#[derive(Debug, Deserialize)]
+struct FlyWait {
+    ok: bool,
+    state: String,
+    version: String,
+}
+
+#[tokio::test]
+async fn wait_takes_fly_s_version_repeated_states_and_settled() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "waits").await;
+    let id = harness.machine(&harness.admin, "waits", true).await;
+    let base = format!("/v1/apps/waits/machines/{id}");
+    let (_, machine) = harness.call(&harness.admin, Method::GET, &base, None).await;
+    let version = machine["instance_id"]
+        .as_str()
+        .expect("instance")
+        .to_owned();
+    let wait = |query: String| {
+        let harness = &harness;
+        let url = format!("{base}/wait?{query}");
+        async move { harness.call(&harness.admin, Method::GET, &url, None).await }
+    };
+
+    // Any of the states named: the started Machine answers a wait for stopped or started.
+    let (status, reply) = wait(format!(
+        "state=stopped&state=started&version={version}&timeout=0"
+    ))
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let answer: FlyWait = serde_json::from_value(reply.clone()).expect("Fly's shape");
+    assert!(answer.ok);
+    assert_eq!(
+        (answer.state.as_str(), answer.version.as_str()),
+        ("started", version.as_str())
+    );
+    assert_eq!(
+        reply["instance_id"],
+        version.as_str(),
+        "kept for one release"
+    );
+
+    // Settled: no operation in flight, whatever the state.
+    let (status, reply) = wait("state=settled&timeout=0".into()).await;
+    assert_eq!(
+        (status, reply["state"].clone()),
+        (200, json!("started")),
+        "{reply}"
+    );
+    // Neither named state is reached: the existing timeout answer.
+    let (status, reply) = wait("state=stopped&state=failed&timeout=0".into()).await;
+    assert_eq!(status, 408, "{reply}");
+    assert_eq!(reply["error"], "timeout");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stopped or failed"),
+        "{reply}"
+    );
+    // Berth cannot suspend yet, so a wait for suspended runs out.
+    assert_error(
+        &wait("state=suspended&timeout=0".into()).await,
+        408,
+        "timeout",
+    );
+
+    // instance_id is still read; naming two different versions is refused.
+    let (status, reply) = wait(format!("instance_id={version}&timeout=0")).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_error(
+        &wait(format!("version={version}&instance_id=01OTHER&timeout=0")).await,
+        400,
+        "invalid_config",
+    );
+    let (status, reply) = wait("version=01OTHER&timeout=0".into()).await;
+    assert_eq!(status, 408, "another version does not count: {reply}");
+    for bad in [
+        "state=sleeping",
+        "timeout=soon",
+        "timeout=1&timeout=2",
+        "colour=red",
+    ] {
+        assert_error(&wait(bad.into()).await, 400, "invalid_config");
+    }
+
+    // After a stop, settled answers stopped.
+    let (status, reply) = harness
+        .call(&harness.admin, Method::POST, &format!("{base}/stop"), None)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = wait("state=settled&timeout=0".into()).await;
+    assert_eq!(
+        (status, reply["state"].clone()),
+        (200, json!("stopped")),
+        "{reply}"
+    );
 }

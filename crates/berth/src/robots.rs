@@ -390,14 +390,16 @@ pub struct WaitArgs {
     #[arg(long, env = "BERTH_APP")]
     app: Option<String>,
     id: String,
-    /// started, stopped or destroyed.
+    /// started, stopped, suspended, destroyed, failed or settled; repeat it to wait for
+    /// whichever comes first.
     #[arg(long, default_value = "started")]
-    state: String,
+    state: Vec<String>,
     /// Seconds, at most 60.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
-    #[arg(long)]
-    instance_id: Option<String>,
+    /// Only this version of the Machine (its instance_id) counts.
+    #[arg(long = "machine-version", alias = "instance-id")]
+    version: Option<String>,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -406,11 +408,14 @@ pub async fn wait(args: WaitArgs) -> Result<()> {
     let client = args.api.client()?;
     let app = resolve_app(&client, args.app, &args.id).await?;
     let mut path = format!(
-        "/v1/apps/{app}/machines/{}/wait?state={}&timeout={}",
-        args.id, args.state, args.timeout
+        "/v1/apps/{app}/machines/{}/wait?timeout={}",
+        args.id, args.timeout
     );
-    if let Some(instance) = args.instance_id {
-        path.push_str(&format!("&instance_id={instance}"));
+    for state in &args.state {
+        path.push_str(&format!("&state={state}"));
+    }
+    if let Some(version) = args.version {
+        path.push_str(&format!("&version={version}"));
     }
     let answer: WaitResponse = client.get(&path).await?;
     println!("{} is {}", args.id, answer.state);
