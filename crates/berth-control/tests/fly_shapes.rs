@@ -6,7 +6,7 @@ mod common;
 use common::{assert_error, Harness};
 use reqwest::Method;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Fly's `ListAppsResponse`.
 #[derive(Debug, Deserialize)]
@@ -254,5 +254,59 @@ async fn wait_takes_fly_s_version_repeated_states_and_settled() {
         (status, reply["state"].clone()),
         (200, json!("stopped")),
         "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_description_shows_fly_s_shapes_for_apps_events_and_wait() {
+    let harness = Harness::start().await;
+    let doc: Value = reqwest::get(format!("{}/v1/openapi.json", harness.url))
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    let schemas = &doc["components"]["schemas"];
+    let fields = |schema: &str| -> Vec<String> {
+        schemas[schema]["properties"]
+            .as_object()
+            .map(|properties| properties.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for (schema, wanted) in [
+        ("ListAppsResponse", &["total_apps", "apps"][..]),
+        ("App", &["organization", "volume_count", "network"][..]),
+        (
+            "MachineEventAnswer",
+            &["id", "type", "status", "source", "timestamp", "request"][..],
+        ),
+        ("WaitResponse", &["ok", "state", "version"][..]),
+    ] {
+        let have = fields(schema);
+        for field in wanted {
+            assert!(
+                have.iter().any(|f| f == field),
+                "{schema} lacks {field}: {have:?}"
+            );
+        }
+    }
+    assert_eq!(
+        schemas["MachineEventAnswer"]["properties"]["id"]["type"],
+        "string"
+    );
+    let wait = &doc["paths"]["/v1/apps/{app}/machines/{id}/wait"]["get"]["parameters"];
+    let param = |name: &str| {
+        wait.as_array()
+            .and_then(|params| params.iter().find(|param| param["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(param("state")["schema"]["type"], "array", "{wait}");
+    assert_eq!(param("state")["explode"], true, "{wait}");
+    assert!(param("version").is_object(), "{wait}");
+    let list = &doc["paths"]["/v1/apps"]["get"];
+    assert!(
+        list["parameters"].to_string().contains("org_slug"),
+        "{list}"
     );
 }
