@@ -114,14 +114,40 @@ pub struct CreateAppRequest {
     pub org_slug: Option<String>,
 }
 
+/// The org an app belongs to, as Fly's app JSON nests it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AppOrganization {
+    pub name: String,
+    pub slug: String,
+}
+
+/// An app, with Fly's fields (`organization`, `volume_count`, `network`) and Berth's own
+/// (`created_at`). `org_slug` is Berth's earlier name for `organization.slug`, deprecated
+/// and kept for one release.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct App {
     pub id: String,
     pub name: String,
-    pub org_slug: String,
+    pub organization: AppOrganization,
     pub status: String,
     pub machine_count: u64,
+    /// Always 0 until Berth has volumes.
+    #[serde(default)]
+    pub volume_count: u64,
+    /// The app's private network: `default`.
+    #[serde(default)]
+    pub network: String,
     pub created_at: String,
+    /// Deprecated alias of `organization.slug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_slug: Option<String>,
+}
+
+/// `GET /v1/apps`, in Fly's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ListAppsResponse {
+    pub total_apps: u64,
+    pub apps: Vec<App>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]

@@ -184,7 +184,8 @@ impl From<crate::ChangeSource> for EventSource {
     }
 }
 
-/// One recorded state change of a Machine.
+/// One recorded state change of a Machine, as a worker tells it to the control plane
+/// (clients get [`MachineEventAnswer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineEvent {
     /// Increases with every event; page with `?since=<id>`.
@@ -202,11 +203,90 @@ pub struct MachineEvent {
     pub reason: Option<String>,
 }
 
+/// One event of a Machine as `GET .../events` answers it: Fly's `MachineEvent` fields,
+/// Berth's `exit_code` and `reason`, and Berth's earlier names `kind` and `state`
+/// (deprecated aliases of `type` and `status`, kept for one release). `type` keeps
+/// Berth's event names ([`EventKind`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineEventAnswer {
+    /// Fly's string id: the decimal of the increasing number `?since=` pages with.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// The state the Machine was left in.
+    pub status: MachineState,
+    pub source: EventSource,
+    /// Unix milliseconds.
+    pub timestamp: i64,
+    /// For exits and stops that ended a run: Fly's `request.exit_event`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<EventRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// For exits and stops: `exited`, `killed` or `oom_killed` (and a few recovery
+    /// reasons such as `max_retries_exceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Deprecated alias of `type`.
+    #[serde(rename = "kind", default, skip_serializing_if = "Option::is_none")]
+    pub deprecated_kind: Option<EventKind>,
+    /// Deprecated alias of `status`.
+    #[serde(rename = "state", default, skip_serializing_if = "Option::is_none")]
+    pub deprecated_state: Option<MachineState>,
+}
+
+/// Fly's `request` of an event: what ended a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventRequest {
+    pub exit_event: ExitEvent,
+}
+
+/// Fly's `exit_event`, with the fields Berth knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExitEvent {
+    /// Absent when the run ended without one (killed for memory, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    /// The user (or autostop) asked for the stop.
+    pub requested_stop: bool,
+}
+
+impl MachineEventAnswer {
+    /// The answer for a worker's event; `at_ms` is its time in Unix milliseconds.
+    pub fn new(event: MachineEvent, at_ms: i64) -> MachineEventAnswer {
+        let ended = event.kind == EventKind::Exit || event.exit_code.is_some();
+        let request = ended.then(|| EventRequest {
+            exit_event: ExitEvent {
+                exit_code: event.exit_code,
+                oom_killed: event.reason.as_deref() == Some("oom_killed"),
+                requested_stop: event.kind == EventKind::Stop,
+            },
+        });
+        MachineEventAnswer {
+            id: event.id.to_string(),
+            kind: event.kind,
+            status: event.state,
+            source: event.source,
+            timestamp: at_ms,
+            request,
+            exit_code: event.exit_code,
+            reason: event.reason,
+            deprecated_kind: Some(event.kind),
+            deprecated_state: Some(event.state),
+        }
+    }
+}
+
 /// The answer to `GET .../wait` once the state is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WaitResponse {
     pub ok: bool,
     pub state: MachineState,
+    /// Fly's name of the Machine's version (its `instance_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Berth's earlier name of `version`, kept for one release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
 }

@@ -3,26 +3,47 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use berth_api::{App, CreateAppRequest, ErrorBody};
+use berth_api::{App, AppOrganization, CreateAppRequest, ErrorBody, ListAppsResponse};
 use berth_core::{ids, validate};
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiPath};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::limits::Action;
 use crate::store::{AppRow, Inserted};
 use crate::{format_ms, ControlPlane, Shared, DEFAULT_ORG};
 
 async fn app_json(control: &ControlPlane, row: AppRow) -> Result<App, ApiError> {
     let machine_count = control.store.machines(&row.name).await?.len() as u64;
+    // An org outlives its apps, so a missing row only means the name is unknown.
+    let org_name = match control.store.org(&row.org_slug).await? {
+        Some(org) => org.name,
+        None => row.org_slug.clone(),
+    };
     Ok(App {
         id: row.id,
         name: row.name,
-        org_slug: row.org_slug,
+        organization: AppOrganization {
+            name: org_name,
+            slug: row.org_slug.clone(),
+        },
         status: "deployed".into(),
         machine_count,
+        volume_count: 0,
+        network: "default".into(),
         created_at: format_ms(row.created_at_ms),
+        org_slug: Some(row.org_slug),
     })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListAppsQuery {
+    /// Only this org's apps (Fly's filter); without it, every app the caller may see.
+    org_slug: Option<String>,
 }
 
 #[utoipa::path(post, path = "/apps", tag = "apps", request_body = CreateAppRequest,
@@ -35,13 +56,14 @@ pub(crate) async fn create_app(
     control.create_app(&principal, request).await
 }
 
-#[utoipa::path(get, path = "/apps", tag = "apps",
-    responses((status = 200, body = Vec<App>), (status = "default", body = ErrorBody)))]
+#[utoipa::path(get, path = "/apps", tag = "apps", params(ListAppsQuery),
+    responses((status = 200, body = ListAppsResponse), (status = "default", body = ErrorBody)))]
 pub(crate) async fn list_apps(
     State(control): State<Shared>,
     principal: Principal,
-) -> Result<Json<Vec<App>>, ApiError> {
-    control.list_apps(&principal).await
+    ApiQuery(query): ApiQuery<ListAppsQuery>,
+) -> Result<Json<ListAppsResponse>, ApiError> {
+    control.list_apps(&principal, query).await
 }
 
 #[utoipa::path(get, path = "/apps/{app}", tag = "apps", params(("app" = String, Path)),
@@ -99,19 +121,27 @@ impl ControlPlane {
         Ok((StatusCode::CREATED, Json(app_json(self, row).await?)))
     }
 
-    /// The apps the caller may see.
+    /// The apps the caller may see, in Fly's envelope.
     pub(crate) async fn list_apps(
         &self,
         principal: &Principal,
-    ) -> Result<Json<Vec<App>>, ApiError> {
+        query: ListAppsQuery,
+    ) -> Result<Json<ListAppsResponse>, ApiError> {
         self.check_rate(principal, Action::Read, None).await?;
         let mut apps = Vec::new();
         for row in self.store.apps().await? {
-            if principal.can_see(&row.org_slug) {
+            let wanted = query
+                .org_slug
+                .as_ref()
+                .is_none_or(|org| *org == row.org_slug);
+            if wanted && principal.can_see(&row.org_slug) {
                 apps.push(app_json(self, row).await?);
             }
         }
-        Ok(Json(apps))
+        Ok(Json(ListAppsResponse {
+            total_apps: apps.len() as u64,
+            apps,
+        }))
     }
 
     pub(crate) async fn get_app(

@@ -11,8 +11,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_api::{
-    ErrorBody, ExecRequest, ExecResponse, LogLine, MachineEvent, MachineState, SetMetadataRequest,
-    WaitResponse,
+    ErrorBody, ExecRequest, ExecResponse, LogLine, MachineEventAnswer, MachineState,
+    SetMetadataRequest, WaitResponse,
 };
 use berth_worker::{ExecOnWorker, LogChunk, WorkerError};
 use serde::Deserialize;
@@ -37,34 +37,135 @@ const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// A partial line longer than this goes out in ndjson without waiting for its newline.
 const MAX_PENDING_LINE: usize = 16 * 1024;
 
+/// What `?state=` may name: Fly's wait states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum WaitState {
     Started,
     Stopped,
+    /// Never reached until Berth can suspend; the wait times out.
+    Suspended,
     Destroyed,
+    Failed,
+    /// No operation in flight: any state but `starting`, `stopping`, `replacing` and
+    /// `destroying`.
+    Settled,
 }
 
 impl WaitState {
-    fn state(self) -> MachineState {
+    const ALL: [WaitState; 6] = [
+        WaitState::Started,
+        WaitState::Stopped,
+        WaitState::Suspended,
+        WaitState::Destroyed,
+        WaitState::Failed,
+        WaitState::Settled,
+    ];
+
+    fn as_str(self) -> &'static str {
         match self {
-            WaitState::Started => MachineState::Started,
-            WaitState::Stopped => MachineState::Stopped,
-            WaitState::Destroyed => MachineState::Destroyed,
+            WaitState::Started => "started",
+            WaitState::Stopped => "stopped",
+            WaitState::Suspended => "suspended",
+            WaitState::Destroyed => "destroyed",
+            WaitState::Failed => "failed",
+            WaitState::Settled => "settled",
+        }
+    }
+
+    fn parse(text: &str) -> Option<WaitState> {
+        WaitState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+
+    fn reached_by(self, state: MachineState) -> bool {
+        match self {
+            WaitState::Started => state == MachineState::Started,
+            WaitState::Stopped => state == MachineState::Stopped,
+            WaitState::Suspended => false,
+            WaitState::Destroyed => state == MachineState::Destroyed,
+            WaitState::Failed => state == MachineState::Failed,
+            WaitState::Settled => !matches!(
+                state,
+                MachineState::Starting
+                    | MachineState::Stopping
+                    | MachineState::Replacing
+                    | MachineState::Destroying
+            ),
         }
     }
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
+/// `GET .../wait`'s query, as Fly's clients send it. Read by hand from the pairs, since
+/// `state` may repeat.
+#[derive(Debug, Default, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct WaitQuery {
-    /// `started` (default), `stopped` or `destroyed`.
-    state: Option<WaitState>,
+    /// Any of `started` (the default), `stopped`, `suspended`, `destroyed`, `failed` and
+    /// `settled` (no operation in flight); repeat it to wait for whichever comes first.
+    #[param(style = Form, explode, inline)]
+    state: Vec<WaitState>,
     /// Seconds, at most 60 (the default).
     timeout: Option<u64>,
-    /// Only this version of the Machine counts.
+    /// Only this version of the Machine (its `instance_id`) counts.
+    version: Option<String>,
+    /// Deprecated: Berth's earlier name of `version`, still read for one release.
     instance_id: Option<String>,
+}
+
+impl WaitQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<WaitQuery, ApiError> {
+        let mut query = WaitQuery::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "state" => query.state.push(WaitState::parse(&value).ok_or_else(|| {
+                    ApiError::invalid_config(
+                        "state",
+                        format!(
+                            "unknown state {value:?}: one of started, stopped, suspended, \
+                             destroyed, failed, settled"
+                        ),
+                    )
+                })?),
+                "timeout" => {
+                    let seconds = value.parse().map_err(|_| {
+                        ApiError::invalid_config("timeout", "a whole number of seconds")
+                    })?;
+                    once(&mut query.timeout, "timeout", seconds)?;
+                }
+                "version" => once(&mut query.version, "version", value)?,
+                "instance_id" => once(&mut query.instance_id, "instance_id", value)?,
+                other => {
+                    return Err(ApiError::invalid_config(
+                        other,
+                        format!("unknown query parameter {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(query)
+    }
+
+    /// The version asked for, by either name.
+    fn version(&self) -> Result<Option<&String>, ApiError> {
+        match (&self.version, &self.instance_id) {
+            (Some(version), Some(instance)) if version != instance => Err(
+                ApiError::invalid_config("version", "version and instance_id name two versions"),
+            ),
+            (version, instance) => Ok(version.as_ref().or(instance.as_ref())),
+        }
+    }
+}
+
+fn once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), ApiError> {
+    if slot.replace(value).is_some() {
+        return Err(ApiError::invalid_config(
+            name,
+            format!("{name} is given twice"),
+        ));
+    }
+    Ok(())
 }
 
 /// Keeps a waiter registered while it waits, and unregisters it however the wait ends.
@@ -90,8 +191,9 @@ pub(crate) async fn wait_machine(
     State(control): State<Shared>,
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
-    ApiQuery(query): ApiQuery<WaitQuery>,
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<WaitResponse>, ApiError> {
+    let query = WaitQuery::parse(pairs)?;
     control.wait_machine(&principal, &app, &id, query).await
 }
 
@@ -107,13 +209,13 @@ pub(crate) struct EventsQuery {
 
 #[utoipa::path(get, path = "/apps/{app}/machines/{id}/events", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path), EventsQuery),
-    responses((status = 200, body = Vec<MachineEvent>), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Vec<MachineEventAnswer>), (status = "default", body = ErrorBody)))]
 pub(crate) async fn machine_events(
     State(control): State<Shared>,
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<EventsQuery>,
-) -> Result<Json<Vec<MachineEvent>>, ApiError> {
+) -> Result<Json<Vec<MachineEventAnswer>>, ApiError> {
     control.machine_events(&principal, &app, &id, query).await
 }
 
@@ -268,7 +370,12 @@ impl ControlPlane {
                 format!("at most {MAX_WAIT_S} seconds"),
             ));
         }
-        let target = query.state.unwrap_or(WaitState::Started).state();
+        let targets = if query.state.is_empty() {
+            vec![WaitState::Started]
+        } else {
+            query.state.clone()
+        };
+        let wanted_version = query.version()?;
         let (_, row) = self.machine(principal, app, id).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         // Subscribe before reading the state, so no change can slip between the two.
@@ -289,14 +396,17 @@ impl ControlPlane {
             Err(error) => return Err(error.into()),
         };
         loop {
-            let version_matches = query.instance_id.as_ref().is_none_or(|wanted| {
+            let version_matches = wanted_version.is_none_or(|wanted| {
                 *wanted == seen.instance_id || seen.state == MachineState::Destroyed
             });
-            if seen.state == target && version_matches {
+            let reached = targets.iter().any(|target| target.reached_by(seen.state));
+            if reached && version_matches {
+                let version = (!seen.instance_id.is_empty()).then_some(seen.instance_id);
                 return Ok(Json(WaitResponse {
                     ok: true,
                     state: seen.state,
-                    instance_id: (!seen.instance_id.is_empty()).then_some(seen.instance_id),
+                    instance_id: version.clone(),
+                    version,
                 }));
             }
             if seen.state == MachineState::Destroyed {
@@ -310,7 +420,14 @@ impl ControlPlane {
                     return Err(ApiError::new(
                         StatusCode::REQUEST_TIMEOUT,
                         "timeout",
-                        format!("machine {id} did not reach {target} within {timeout} s"),
+                        format!(
+                            "machine {id} did not reach {} within {timeout} s",
+                            targets
+                                .iter()
+                                .map(|target| target.as_str())
+                                .collect::<Vec<_>>()
+                                .join(" or ")
+                        ),
                     ))
                 }
                 Ok(Err(_)) => return Err(ApiError::internal("the wait channel closed")),
@@ -330,7 +447,7 @@ impl ControlPlane {
         app: &str,
         id: &str,
         query: EventsQuery,
-    ) -> Result<Json<Vec<MachineEvent>>, ApiError> {
+    ) -> Result<Json<Vec<MachineEventAnswer>>, ApiError> {
         self.check_rate(principal, Action::Read, None).await?;
         let limit = query.limit.unwrap_or(DEFAULT_EVENTS);
         if !(1..=MAX_EVENTS).contains(&limit) {
@@ -340,11 +457,20 @@ impl ControlPlane {
             ));
         }
         let (_, row) = self.machine(principal, app, id).await?;
-        Ok(Json(
-            self.worker(&row.worker)?
-                .machine_events(id, query.since.unwrap_or(0).max(0), limit)
-                .await?,
-        ))
+        let events = self
+            .worker(&row.worker)?
+            .machine_events(id, query.since.unwrap_or(0).max(0), limit)
+            .await?;
+        events
+            .into_iter()
+            .map(|event| {
+                let at_ms = parse_ms(&event.timestamp).ok_or_else(|| {
+                    ApiError::internal(format!("event {} has no readable time", event.id))
+                })?;
+                Ok(MachineEventAnswer::new(event, at_ms))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+            .map(Json)
     }
 
     /// Runs a command in a started Machine, on its worker, with output capped.
@@ -520,4 +646,11 @@ fn raw_lines(receiver: mpsc::Receiver<Vec<u8>>) -> Body {
         Some((Ok::<_, Infallible>(bytes), receiver))
     });
     Body::from_stream(stream)
+}
+
+/// Unix milliseconds of an RFC 3339 time, as workers write event times.
+fn parse_ms(text: &str) -> Option<i64> {
+    let moment =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(moment.unix_timestamp_nanos() / 1_000_000).ok()
 }

@@ -376,7 +376,7 @@ async fn events_page_by_increasing_ids_with_sources_and_reasons() {
     let events = events.as_array().expect("list").clone();
     let kinds: Vec<&str> = events
         .iter()
-        .map(|e| e["kind"].as_str().expect("kind"))
+        .map(|e| e["type"].as_str().expect("type"))
         .collect();
     assert_eq!(
         kinds,
@@ -384,10 +384,10 @@ async fn events_page_by_increasing_ids_with_sources_and_reasons() {
     );
     let ids: Vec<i64> = events
         .iter()
-        .map(|e| e["id"].as_i64().expect("id"))
+        .map(|e| e["id"].as_str().and_then(|id| id.parse().ok()).expect("id"))
         .collect();
     assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
-    assert!(events.iter().all(|e| e["timestamp"].is_string()));
+    assert!(events.iter().all(|e| e["timestamp"].is_i64()));
     assert_eq!(events[1]["source"], "user");
     assert_eq!(events[2]["reason"], "killed");
     assert_eq!(events[4]["source"], "system");
@@ -396,7 +396,15 @@ async fn events_page_by_increasing_ids_with_sources_and_reasons() {
         (json!("exited"), json!(3))
     );
     assert_eq!(events[6]["reason"], "oom_killed");
-    assert_eq!(events[6]["state"], "stopped");
+    assert_eq!(events[6]["status"], "stopped");
+    // Fly's clients read an exit from `request.exit_event`.
+    assert_eq!(events[4]["request"]["exit_event"]["exit_code"], 3);
+    assert_eq!(events[6]["request"]["exit_event"]["oom_killed"], true);
+    // Berth's earlier names, kept for one release.
+    assert_eq!(
+        (events[6]["kind"].clone(), events[6]["state"].clone()),
+        (json!("exit"), json!("stopped"))
+    );
 
     let since = format!("{base}/events?since={}", ids[3]);
     let (_, page) = harness
@@ -406,7 +414,7 @@ async fn events_page_by_increasing_ids_with_sources_and_reasons() {
         .as_array()
         .expect("list")
         .iter()
-        .map(|e| e["id"].as_i64().expect("id"))
+        .map(|e| e["id"].as_str().and_then(|id| id.parse().ok()).expect("id"))
         .collect();
     assert_eq!(page_ids, ids[4..]);
     let (_, one) = harness

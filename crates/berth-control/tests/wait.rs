@@ -121,13 +121,13 @@ async fn a_thousand_idle_waiters_cost_no_cpu_and_all_wake_on_the_change() {
     }
     assert_eq!(harness.control.waiting(), 0);
 
-    // instance_id pins the version; destroyed is a state one can wait for.
+    // version pins the version; destroyed is a state one can wait for.
     let (_, machine) = harness.call(&harness.admin, Method::GET, &base, None).await;
     let instance = machine["instance_id"]
         .as_str()
         .expect("instance")
         .to_owned();
-    let url = format!("{base}/wait?state=stopped&instance_id={instance}&timeout=1");
+    let url = format!("{base}/wait?state=stopped&version={instance}&timeout=1");
     assert_eq!(
         harness
             .call(&harness.admin, Method::GET, &url, None)
@@ -135,7 +135,7 @@ async fn a_thousand_idle_waiters_cost_no_cpu_and_all_wake_on_the_change() {
             .0,
         200
     );
-    let url = format!("{base}/wait?state=stopped&instance_id=01OTHER&timeout=0");
+    let url = format!("{base}/wait?state=stopped&version=01OTHER&timeout=0");
     assert_eq!(
         harness
             .call(&harness.admin, Method::GET, &url, None)

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_api::{
-    App, ChangeSource, ErrorBody, Machine, MachineService, MachineState, StartRequest, StopRequest,
+    ChangeSource, ErrorBody, ListAppsResponse, Machine, MachineService, MachineState, StartRequest,
+    StopRequest,
 };
 
 /// What the proxy needs to know about one Machine.
@@ -137,7 +138,7 @@ impl HttpPlatform {
 impl Platform for HttpPlatform {
     async fn apps(&self) -> Result<Vec<String>, PlatformError> {
         let request = self.http.get(format!("{}/v1/apps", self.base));
-        let apps: Vec<App> = self
+        let listed: ListAppsResponse = self
             .send(request, READ_DEADLINE)
             .await?
             .json()
@@ -145,7 +146,7 @@ impl Platform for HttpPlatform {
             .map_err(|error| {
                 PlatformError::new("internal", format!("an app list that is not JSON: {error}"))
             })?;
-        Ok(apps.into_iter().map(|app| app.name).collect())
+        Ok(listed.apps.into_iter().map(|app| app.name).collect())
     }
 
     async fn machines(&self, app: &str) -> Result<Option<Vec<MachineView>>, PlatformError> {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use berth_api::{
     ApiDuration, App, CreateAppRequest, CreateMachineRequest, DestroyResponse, GuestConfig,
-    ImagePruneResponse, ImageSummary, InitConfig, Machine, MachineConfig, RestartConfig,
-    RestartPolicy, StartStopResponse, StopRequest, UpdateMachineRequest,
+    ImagePruneResponse, ImageSummary, InitConfig, ListAppsResponse, Machine, MachineConfig,
+    RestartConfig, RestartPolicy, StartStopResponse, StopRequest, UpdateMachineRequest,
 };
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -334,18 +334,18 @@ pub async fn app(command: AppCommand) -> Result<()> {
                     },
                 )
                 .await?;
-            println!("created app {} in org {}", app.name, app.org_slug);
+            println!("created app {} in org {}", app.name, app.organization.slug);
         }
         AppCommand::List { json, api } => {
-            let apps: Vec<App> = api.client()?.get("/v1/apps").await?;
+            let listed: ListAppsResponse = api.client()?.get("/v1/apps").await?;
             if json {
-                return print_json(&apps);
+                return print_json(&listed);
             }
             println!("{:<32} {:<16} {:>8}  CREATED", "NAME", "ORG", "MACHINES");
-            for app in apps {
+            for app in listed.apps {
                 println!(
                     "{:<32} {:<16} {:>8}  {}",
-                    app.name, app.org_slug, app.machine_count, app.created_at
+                    app.name, app.organization.slug, app.machine_count, app.created_at
                 );
             }
         }

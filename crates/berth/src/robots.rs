@@ -7,10 +7,10 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use berth::client::{is_api_error, Client};
 use berth_api::{
-    ApiDuration, App, CreateOrgRequest, CreateTokenRequest, ExecRequest, ExecResponse, ExpiresIn,
-    LeaseRequest, LeaseResponse, MachineEvent, Org, QuotaOverrides, RateLimit, RateLimitOverrides,
-    ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest, TokenCreated, TokenInfo,
-    WaitResponse,
+    ApiDuration, CreateOrgRequest, CreateTokenRequest, ExecRequest, ExecResponse, ExpiresIn,
+    LeaseRequest, LeaseResponse, ListAppsResponse, MachineEventAnswer, Org, QuotaOverrides,
+    RateLimit, RateLimitOverrides, ReleaseLeaseResponse, SetMetadataRequest, SetOrgLimitsRequest,
+    TokenCreated, TokenInfo, WaitResponse,
 };
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -287,8 +287,8 @@ pub async fn resolve_app(client: &Client, app: Option<String>, id: &str) -> Resu
     if let Some(app) = app {
         return Ok(app);
     }
-    let apps: Vec<App> = client.get("/v1/apps").await?;
-    for app in apps {
+    let listed: ListAppsResponse = client.get("/v1/apps").await?;
+    for app in listed.apps {
         let path = format!("/v1/apps/{}/machines/{id}", app.name);
         match client.get::<serde_json::Value>(&path).await {
             Ok(_) => return Ok(app.name),
@@ -390,14 +390,16 @@ pub struct WaitArgs {
     #[arg(long, env = "BERTH_APP")]
     app: Option<String>,
     id: String,
-    /// started, stopped or destroyed.
+    /// started, stopped, suspended, destroyed, failed or settled; repeat it to wait for
+    /// whichever comes first.
     #[arg(long, default_value = "started")]
-    state: String,
+    state: Vec<String>,
     /// Seconds, at most 60.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
-    #[arg(long)]
-    instance_id: Option<String>,
+    /// Only this version of the Machine (its instance_id) counts.
+    #[arg(long = "machine-version", alias = "instance-id")]
+    version: Option<String>,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -406,11 +408,14 @@ pub async fn wait(args: WaitArgs) -> Result<()> {
     let client = args.api.client()?;
     let app = resolve_app(&client, args.app, &args.id).await?;
     let mut path = format!(
-        "/v1/apps/{app}/machines/{}/wait?state={}&timeout={}",
-        args.id, args.state, args.timeout
+        "/v1/apps/{app}/machines/{}/wait?timeout={}",
+        args.id, args.timeout
     );
-    if let Some(instance) = args.instance_id {
-        path.push_str(&format!("&instance_id={instance}"));
+    for state in &args.state {
+        path.push_str(&format!("&state={state}"));
+    }
+    if let Some(version) = args.version {
+        path.push_str(&format!("&version={version}"));
     }
     let answer: WaitResponse = client.get(&path).await?;
     println!("{} is {}", args.id, answer.state);
@@ -439,22 +444,22 @@ pub async fn events(args: EventsArgs) -> Result<()> {
         args.id,
         args.since.unwrap_or(0)
     );
-    let events: Vec<MachineEvent> = client.get(&path).await?;
+    let events: Vec<MachineEventAnswer> = client.get(&path).await?;
     if args.json {
         return print_json(&events);
     }
     println!(
         "{:>8} {:<26} {:<14} {:<15} {:<9} {:>5} REASON",
-        "ID", "TIME", "KIND", "SOURCE", "STATE", "EXIT"
+        "ID", "TIME", "TYPE", "SOURCE", "STATUS", "EXIT"
     );
     for event in events {
         println!(
             "{:>8} {:<26} {:<14} {:<15} {:<9} {:>5} {}",
             event.id,
-            event.timestamp,
+            format_ms(event.timestamp),
             event.kind,
             event.source,
-            event.state,
+            event.status,
             event
                 .exit_code
                 .map(|code| code.to_string())
@@ -615,4 +620,16 @@ pub async fn lease(command: LeaseCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// RFC 3339 text of Unix milliseconds (an event's `timestamp`), for tables.
+fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|moment| {
+            moment
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }

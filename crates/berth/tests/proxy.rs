@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_api::{EventKind, EventSource, Machine, MachineEvent, MachineState};
+use berth_api::{EventKind, EventSource, Machine, MachineEventAnswer, MachineState};
 use common::{busybox_image, Platform};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -48,7 +48,7 @@ fn stop(platform: &Platform, app: &str, id: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
-fn events(platform: &Platform, app: &str, id: &str) -> Vec<MachineEvent> {
+fn events(platform: &Platform, app: &str, id: &str) -> Vec<MachineEventAnswer> {
     let (status, body) = platform.call(
         Method::GET,
         &format!("/v1/apps/{app}/machines/{id}/events"),

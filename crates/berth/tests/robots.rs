@@ -219,7 +219,7 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
         serde_json::from_str(&ok(&["machine", "events", &id, "--json"])).expect("events");
     let stop = events
         .iter()
-        .find(|e| e["kind"] == "stop")
+        .find(|e| e["type"] == "stop")
         .expect("a stop event");
     assert_eq!(
         (
@@ -232,7 +232,7 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
     let exit = events
         .iter()
         .rev()
-        .find(|e| e["kind"] == "exit")
+        .find(|e| e["type"] == "exit")
         .expect("an exit event");
     assert_eq!(
         (exit["reason"].clone(), exit["exit_code"].clone()),
@@ -241,7 +241,7 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
     assert_eq!(exit["source"], "system");
     let ids: Vec<i64> = events
         .iter()
-        .map(|e| e["id"].as_i64().expect("id"))
+        .map(|e| e["id"].as_str().and_then(|id| id.parse().ok()).expect("id"))
         .collect();
     assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
 

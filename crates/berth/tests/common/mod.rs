@@ -365,7 +365,7 @@ impl Platform {
     pub fn teardown(mut self) {
         if self.process.is_some() {
             let (_, apps) = self.call(reqwest::Method::GET, "/v1/apps", None);
-            for app in apps.as_array().cloned().unwrap_or_default() {
+            for app in apps["apps"].as_array().cloned().unwrap_or_default() {
                 let name = app["name"].as_str().unwrap_or_default().to_owned();
                 let (status, body) =
                     self.call(reqwest::Method::DELETE, &format!("/v1/apps/{name}"), None);
