@@ -224,10 +224,10 @@ pub(crate) async fn suspend_machine(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct DestroyQuery {
-    /// Destroy even a started Machine.
+    /// Berth's earlier name for `kill` (deprecated, kept for one release).
     #[serde(default)]
     force: bool,
-    /// Fly's name for `force`.
+    /// Destroy even a started Machine (Fly's name).
     #[serde(default)]
     kill: bool,
 }

@@ -282,6 +282,7 @@ async fn idempotency_keys_replay_the_first_answer_for_a_day() {
         "the replayed start started nothing"
     );
     let destroy_key = [("idempotency-key", "destroy-1")];
+    // `force` is Berth's earlier name for Fly's `kill`, kept for one release.
     let url = format!("{base}?force=true");
     let gone = harness
         .send(&token, Method::DELETE, &url, &destroy_key, None)

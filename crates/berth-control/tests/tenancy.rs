@@ -125,7 +125,7 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("get", "/v1/apps/{app}/machines") => ("", None),
         ("get", "/v1/apps/{app}/machines/{id}") => ("", None),
         ("post", "/v1/apps/{app}/machines/{id}") => ("", Some(machine_config)),
-        ("delete", "/v1/apps/{app}/machines/{id}") => ("?force=true", None),
+        ("delete", "/v1/apps/{app}/machines/{id}") => ("?kill=true", None),
         ("post", "/v1/apps/{app}/machines/{id}/start" | "/v1/apps/{app}/machines/{id}/stop") => {
             ("", None)
         }

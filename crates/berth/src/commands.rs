@@ -515,7 +515,7 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
         } => {
             let _: DestroyResponse = api
                 .client()?
-                .delete(&format!("/v1/apps/{app}/machines/{id}?force={force}"))
+                .delete(&format!("/v1/apps/{app}/machines/{id}?kill={force}"))
                 .await?;
             println!("destroyed machine {id}");
         }

@@ -205,7 +205,7 @@ fn bad_requests_get_json_errors_and_leave_nothing_behind() {
         Some(json!({"signal": "SIGNOPE"})),
     );
     assert_error(status, &body, 400, "invalid_config");
-    let (status, body) = platform.call(Method::DELETE, &format!("{base}?force=maybe"), None);
+    let (status, body) = platform.call(Method::DELETE, &format!("{base}?kill=maybe"), None);
     assert_error(status, &body, 400, "invalid_config");
     let (status, body) = platform.call(
         Method::POST,

@@ -175,7 +175,7 @@ fn client(
                     let answer = call(
                         &platform,
                         Method::DELETE,
-                        &format!("{}?force=true", base(&id)),
+                        &format!("{}?kill=true", base(&id)),
                         None,
                     );
                     let mut map = lock(known);

@@ -269,7 +269,7 @@ impl Cluster {
             let id = machine["id"].as_str().unwrap_or_default().to_owned();
             let (status, body) = self.call(
                 Method::DELETE,
-                &format!("/v1/apps/fleet/machines/{id}?force=true"),
+                &format!("/v1/apps/fleet/machines/{id}?kill=true"),
                 None,
             );
             assert!(status < 300, "destroy {id}: {status} {body}");

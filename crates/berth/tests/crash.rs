@@ -117,7 +117,7 @@ fn an_agent_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
                 .json(&json!({"config": {
                 "image": IMAGE, "init": {"cmd": ["/bin/sh", "-c", NEW]},
                 "restart": {"policy": "on-failure"}}})),
-            _ => platform.request(Method::DELETE, &format!("{path}?force=true")),
+            _ => platform.request(Method::DELETE, &format!("{path}?kill=true")),
         };
         let answer = request.send();
         assert!(
@@ -719,7 +719,7 @@ fn a_keyed_create_retried_after_a_crash_makes_exactly_one_machine() {
         );
         let (status, body) = platform.call(
             Method::DELETE,
-            &format!("/v1/apps/keyed/machines/{}?force=true", machine.id),
+            &format!("/v1/apps/keyed/machines/{}?kill=true", machine.id),
             None,
         );
         assert_eq!(status, 200, "{body}");
