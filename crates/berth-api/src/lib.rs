@@ -105,9 +105,10 @@ impl fmt::Display for MachineState {
     }
 }
 
-/// `POST /v1/apps`
+/// `POST /v1/apps`, Fly's `CreateAppRequest`. Fields Berth does not know (Fly's
+/// `network` and `enable_subdomains`) are ignored and listed in `warnings`, or refused
+/// under `berth-strict: true`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CreateAppRequest {
     pub app_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -46,9 +46,9 @@ impl FieldWarning {
 pub const LEASE_STATUS_SUCCESS: &str = "success";
 
 /// `POST /v1/apps/{app}/machines/{id}/lease` (Fly's `CreateLeaseRequest`). The TTL may
-/// come as `?ttl=` instead, as fly-go sends it.
+/// come as `?ttl=` instead, as fly-go sends it. Unknown fields are ignored and told, as
+/// in every body Fly's clients send.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     /// Seconds the lease lasts unless refreshed (default 30, at most 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,9 +337,9 @@ pub struct ExecResponse {
     pub timed_out: bool,
 }
 
-/// `POST /v1/apps/{app}/machines/{id}/metadata/{key}`
+/// `POST /v1/apps/{app}/machines/{id}/metadata/{key}` (Fly's `{value}`; unknown fields
+/// are ignored and told).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct SetMetadataRequest {
     pub value: String,
 }
