@@ -18,6 +18,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 pub mod bundle;
 mod capacity;
+mod checks;
 pub mod doctor;
 pub mod error;
 mod exits;
@@ -102,6 +103,8 @@ struct Inner {
     listener: StdRwLock<Option<Arc<dyn WorkerListener>>>,
     /// Machines whose disk was full when last looked at, so each filling is told once.
     disk_full: StdMutex<HashSet<String>>,
+    /// The checks of each running Machine that has them, with their last results.
+    checks: StdMutex<HashMap<String, checks::RunChecks>>,
 }
 
 impl Agent {
@@ -142,6 +145,7 @@ impl Agent {
                 running: StdMutex::new(HashMap::new()),
                 listener: StdRwLock::new(None),
                 disk_full: StdMutex::new(std::collections::HashSet::new()),
+                checks: StdMutex::new(HashMap::new()),
             }),
         };
         agent.recover().await?;

@@ -37,12 +37,14 @@ macro_rules! wire_names {
     };
 }
 
+mod checks;
 mod doctor;
 mod duration;
 mod robots;
 mod services;
 mod tenancy;
 
+pub use checks::*;
 pub use doctor::*;
 pub use duration::ApiDuration;
 pub use robots::*;
@@ -257,6 +259,14 @@ pub struct MachineConfig {
     /// Berth's own sandbox settings.
     #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
     pub sandbox: SandboxConfig,
+    /// Fly's named health checks, run by the worker while the Machine runs; their results
+    /// are the Machine's `checks`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, MachineCheck>,
+    /// Destroy the Machine once it has exited by itself and its restart policy does not
+    /// start it again (Fly's `auto_destroy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_destroy: bool,
 }
 
 /// Relaxations of the sandbox a Machine may ask for; all off by default.
@@ -413,6 +423,9 @@ pub struct Machine {
     /// `ok`, or `unreachable` when the worker is down and this is the last known state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_status: Option<MachineWorkerStatus>,
+    /// The last result of each of `config.checks`, by name (Fly's shape).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckStatus>,
 }
 
 /// Whether a Machine's answer came from its worker.

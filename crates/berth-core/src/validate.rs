@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use berth_api::{CreateMachineRequest, MachineConfig, MachineService};
+use berth_api::{CheckType, CreateMachineRequest, MachineCheck, MachineConfig, MachineService};
 
 use crate::signal::signal_number;
 
@@ -238,7 +238,119 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    validate_services(&config.services)
+    validate_services(&config.services)?;
+    validate_checks(&config.checks)
+}
+
+pub const MAX_CHECKS: usize = 16;
+pub const MAX_CHECK_NAME_LEN: usize = 64;
+pub const MAX_CHECK_HEADERS: usize = 32;
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MIN_CHECK_TIMEOUT: Duration = Duration::from_millis(1);
+pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_CHECK_GRACE: Duration = Duration::from_secs(3600);
+const MAX_CHECK_PATH_LEN: usize = 2048;
+const MAX_CHECK_HEADER_LEN: usize = 4096;
+
+fn validate_checks(
+    checks: &std::collections::BTreeMap<String, MachineCheck>,
+) -> Result<(), ConfigError> {
+    if checks.len() > MAX_CHECKS {
+        return Err(refuse(
+            "config.checks",
+            format!("at most {MAX_CHECKS} checks"),
+        ));
+    }
+    for (name, check) in checks {
+        let valid_name = !name.is_empty()
+            && name.len() <= MAX_CHECK_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !valid_name {
+            return Err(refuse(
+                format!("config.checks.{}", printable(name)),
+                format!("names are 1 to {MAX_CHECK_NAME_LEN} letters, digits, '_', '-' or '.'"),
+            ));
+        }
+        let field = |part: &str| format!("config.checks.{name}.{part}");
+        let Some(kind) = check.kind_of_check else {
+            return Err(refuse(field("type"), "is required: \"tcp\" or \"http\""));
+        };
+        if check.port.is_none_or(|port| port == 0) {
+            return Err(refuse(field("port"), "is required: 1 to 65535"));
+        }
+        if !(MIN_CHECK_INTERVAL..=MAX_CHECK_INTERVAL).contains(&check.interval()) {
+            return Err(refuse(field("interval"), "must be 1s to 1h"));
+        }
+        if !(MIN_CHECK_TIMEOUT..=MAX_CHECK_TIMEOUT).contains(&check.timeout()) {
+            return Err(refuse(field("timeout"), "must be 1ms to 60s"));
+        }
+        if check.grace_period() > MAX_CHECK_GRACE {
+            return Err(refuse(field("grace_period"), "at most 1h"));
+        }
+        if kind == CheckType::Tcp {
+            continue;
+        }
+        if let Some(method) = &check.method {
+            let token = !method.is_empty()
+                && method.len() <= 32
+                && method.bytes().all(|b| b.is_ascii_alphabetic());
+            if !token {
+                return Err(refuse(
+                    field("method"),
+                    "must be an HTTP method such as GET or HEAD",
+                ));
+            }
+        }
+        if let Some(path) = &check.path {
+            let valid = path.starts_with('/')
+                && path.len() <= MAX_CHECK_PATH_LEN
+                && path.bytes().all(|b| b.is_ascii_graphic());
+            if !valid {
+                return Err(refuse(
+                    field("path"),
+                    format!(
+                        "must start with '/' and be at most {MAX_CHECK_PATH_LEN} visible ASCII characters"
+                    ),
+                ));
+            }
+        }
+        if check.headers.len() > MAX_CHECK_HEADERS {
+            return Err(refuse(
+                field("headers"),
+                format!("at most {MAX_CHECK_HEADERS} headers"),
+            ));
+        }
+        for (index, header) in check.headers.iter().enumerate() {
+            let token = !header.name.is_empty()
+                && header.name.len() <= 256
+                && header
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(refuse(
+                    field(&format!("headers[{index}].name")),
+                    "must be an HTTP header name",
+                ));
+            }
+            for (value_index, value) in header.values.iter().enumerate() {
+                let valid = value.len() <= MAX_CHECK_HEADER_LEN
+                    && value
+                        .bytes()
+                        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+                if !valid {
+                    return Err(refuse(
+                        field(&format!("headers[{index}].values[{value_index}]")),
+                        format!("must be at most {MAX_CHECK_HEADER_LEN} visible ASCII characters"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub const MAX_SERVICES: usize = 16;
@@ -327,6 +439,70 @@ mod tests {
             image: "demo/busybox:1".into(),
             ..MachineConfig::default()
         }
+    }
+
+    #[test]
+    fn checks_are_refused_with_their_field_path() {
+        let with = |check: serde_json::Value| {
+            let mut config = config();
+            config.checks.insert(
+                "web".into(),
+                serde_json::from_value(check).expect("a check"),
+            );
+            validate_config(&config).err().map(|error| error.field)
+        };
+        use serde_json::json;
+        assert_eq!(with(json!({"type": "tcp", "port": 80})), None);
+        assert_eq!(
+            with(
+                json!({"type": "http", "port": 80, "path": "/h", "method": "HEAD",
+                        "headers": [{"name": "X-A", "values": ["b"]}]})
+            ),
+            None
+        );
+        for (check, field) in [
+            (json!({"port": 80}), "config.checks.web.type"),
+            (json!({"type": "tcp"}), "config.checks.web.port"),
+            (json!({"type": "tcp", "port": 0}), "config.checks.web.port"),
+            (
+                json!({"type": "tcp", "port": 1, "interval": "10ms"}),
+                "config.checks.web.interval",
+            ),
+            (
+                json!({"type": "tcp", "port": 1, "timeout": "2m"}),
+                "config.checks.web.timeout",
+            ),
+            (
+                json!({"type": "tcp", "port": 1, "grace_period": "2h"}),
+                "config.checks.web.grace_period",
+            ),
+            (
+                json!({"type": "http", "port": 1, "path": "health"}),
+                "config.checks.web.path",
+            ),
+            (
+                json!({"type": "http", "port": 1, "method": "G T"}),
+                "config.checks.web.method",
+            ),
+            (
+                json!({"type": "http", "port": 1, "headers": [{"name": "a b"}]}),
+                "config.checks.web.headers[0].name",
+            ),
+            (
+                json!({"type": "http", "port": 1, "headers": [{"name": "a", "values": ["\n"]}]}),
+                "config.checks.web.headers[0].values[0]",
+            ),
+        ] {
+            assert_eq!(with(check.clone()).as_deref(), Some(field), "{check}");
+        }
+        let mut bad_name = config();
+        bad_name
+            .checks
+            .insert("a b".into(), MachineCheck::default());
+        assert_eq!(
+            validate_config(&bad_name).expect_err("refused").field,
+            "config.checks.a b"
+        );
     }
 
     #[test]
