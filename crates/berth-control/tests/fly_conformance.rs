@@ -133,12 +133,12 @@ fn with_fly_extras(mut body: Value) -> Value {
     body
 }
 
-const EXTRA_PATHS: [&str; 7] = [
+/// The ones of them Berth ignores (`auto_destroy` and `checks` are honoured: see
+/// `fly_config.rs`).
+const EXTRA_PATHS: [&str; 5] = [
     "config.init.tty",
     "config.guest.kernel_args",
-    "config.auto_destroy",
     "config.dns",
-    "config.checks",
     "lease_ttl",
     "skip_service_registration",
 ];

@@ -1,0 +1,335 @@
+//! The Machine config fields of Fly's schema that Berth honours beyond the basics
+//! (`checks`, `auto_destroy`): sent as Fly's clients marshal them, in the default and the
+//! strict mode, stored as given, refused with a field path when malformed, and no longer
+//! listed in `warnings`.
+//!
+//! The fixtures follow the documented fields of Fly's `MachineConfig`, `MachineCheck`,
+//! `MachineHTTPHeader` and `MachineCheckStatus`.
+
+mod common;
+
+use std::time::Duration;
+
+use berth_agent::WorkerService;
+use berth_api::UsageKind;
+use common::{assert_error, Harness, IMAGE};
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const STRICT: (&str, &str) = ("berth-strict", "true");
+
+/// A Machine's check status as Fly's clients decode it (`MachineCheckStatus`).
+#[derive(Debug, Deserialize)]
+struct FlyCheckStatus {
+    name: String,
+    status: String,
+    #[serde(default)]
+    output: String,
+    #[serde(default)]
+    updated_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FlyMachine {
+    id: String,
+    state: String,
+    #[serde(default)]
+    checks: Vec<FlyCheckStatus>,
+}
+
+fn fly_checks() -> Value {
+    json!({
+        "alive": {"type": "tcp", "port": 8080, "interval": "15s", "timeout": "2s",
+                  "grace_period": "0s"},
+        "web": {"type": "http", "port": 8080, "kind": "readiness", "interval": "10s",
+                "timeout": "1s", "grace_period": "0s", "method": "GET", "path": "/health",
+                "protocol": "http", "tls_skip_verify": false,
+                "headers": [{"name": "X-Probe", "values": ["berth"]}]}
+    })
+}
+
+fn launch(name: &str, config: Value, skip_launch: bool) -> Value {
+    let mut body = json!({
+        "config": {"image": IMAGE, "init": {"cmd": ["sleep", "3600"]},
+                   "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}},
+        "name": name,
+        "region": "test",
+        "skip_launch": skip_launch,
+        "skip_secrets": false,
+    });
+    if let (Some(target), Value::Object(extra)) = (body["config"].as_object_mut(), config) {
+        target.extend(extra);
+    }
+    body
+}
+
+fn warned(reply: &common::Reply) -> Vec<String> {
+    reply.body["warnings"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|warning| warning["field"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn create(harness: &Harness, headers: &[(&str, &str)], body: Value) -> common::Reply {
+    harness
+        .send(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/fly/machines",
+            headers,
+            Some(body),
+        )
+        .await
+}
+
+async fn get(harness: &Harness, id: &str) -> (u16, Value) {
+    harness
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("/v1/apps/fly/machines/{id}"),
+            None,
+        )
+        .await
+}
+
+#[tokio::test]
+async fn checks_are_stored_as_sent_not_warned_and_reported_in_fly_shape() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    for (name, headers) in [("checked", &[][..]), ("checked-strict", &[STRICT][..])] {
+        let reply = create(
+            &harness,
+            headers,
+            launch(name, json!({"checks": fly_checks()}), false),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{name}: {}", reply.body);
+        assert!(warned(&reply).is_empty(), "{name}: {}", reply.body);
+        assert!(reply.headers.get("berth-warnings").is_none());
+        // Stored as given, in Fly's field names.
+        let stored = &reply.body["config"]["checks"];
+        assert_eq!(stored["web"]["type"], "http", "{stored}");
+        assert_eq!(stored["web"]["kind"], "readiness");
+        assert_eq!(stored["web"]["interval"], "10s");
+        assert_eq!(stored["web"]["path"], "/health");
+        assert_eq!(stored["web"]["headers"][0]["values"][0], "berth");
+        assert_eq!(stored["alive"]["type"], "tcp");
+        assert_eq!(stored["alive"]["timeout"], "2s");
+    }
+
+    // The worker runs them while the Machine runs. This harness's worker has no Machine
+    // network, so each run fails saying so; the status is Fly's either way.
+    let id = {
+        let (_, listed) = harness
+            .call(&harness.admin, Method::GET, "/v1/apps/fly/machines", None)
+            .await;
+        listed[0]["id"].as_str().expect("id").to_owned()
+    };
+    let mut seen = None;
+    for _ in 0..100 {
+        let (status, body) = get(&harness, &id).await;
+        assert_eq!(status, 200, "{body}");
+        let machine: FlyMachine = serde_json::from_value(body).expect("Fly's Machine");
+        assert_eq!(machine.state, "started");
+        if machine
+            .checks
+            .iter()
+            .all(|check| check.updated_at.is_some())
+        {
+            seen = Some(machine);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let machine = seen.expect("both checks ran");
+    let names: Vec<&str> = machine.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["alive", "web"]);
+    for check in &machine.checks {
+        assert_eq!(check.status, "critical", "{check:?}");
+        assert!(check.output.contains("no address"), "{check:?}");
+    }
+
+    // Stopped: the checks are listed, not run.
+    let (status, body) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("/v1/apps/fly/machines/{}/stop", machine.id),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = get(&harness, &id).await;
+    let machine: FlyMachine = serde_json::from_value(body).expect("Fly's Machine");
+    assert_eq!(machine.checks.len(), 2);
+    assert!(machine
+        .checks
+        .iter()
+        .all(|check| check.status == "critical" && check.output.contains("not running")));
+}
+
+#[tokio::test]
+async fn malformed_checks_are_400_with_the_field_path_in_both_modes() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    for (check, field) in [
+        (json!({"type": "udp", "port": 1}), "config.checks.web.type"),
+        (json!({"type": "tcp"}), "config.checks.web.port"),
+        (json!({"type": "tcp", "port": 70000}), "config.checks.web.port"),
+        (
+            json!({"type": "tcp", "port": 1, "interval": "5ms"}),
+            "config.checks.web.interval",
+        ),
+        (
+            json!({"type": "tcp", "port": 1, "timeout": "soon"}),
+            "config.checks.web.timeout",
+        ),
+        (
+            json!({"type": "http", "port": 1, "path": "health"}),
+            "config.checks.web.path",
+        ),
+        (
+            json!({"type": "http", "port": 1, "kind": "liveness"}),
+            "config.checks.web.kind",
+        ),
+        (
+            json!({"type": "http", "port": 1, "headers": [{"name": "X", "values": "one"}]}),
+            "config.checks.web.headers[0].values",
+        ),
+    ] {
+        for headers in [&[][..], &[STRICT][..]] {
+            let reply = create(
+                &harness,
+                headers,
+                launch("bad", json!({"checks": {"web": check.clone()}}), true),
+            )
+            .await;
+            assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+            assert_eq!(reply.body["field"], field, "{check}: {}", reply.body);
+        }
+    }
+    let reply = create(&harness, &[], launch("bad", json!({"auto_destroy": "yes"}), true)).await;
+    assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+    assert_eq!(reply.body["field"], "config.auto_destroy", "{}", reply.body);
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/fly/machines", None)
+        .await;
+    assert_eq!(listed, json!([]), "nothing was made");
+}
+
+/// Polls until the Machine is gone from the API.
+async fn wait_gone(harness: &Harness, id: &str) {
+    for _ in 0..250 {
+        let (status, _) = get(harness, id).await;
+        if status == 404 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("machine {id} was not destroyed");
+}
+
+#[tokio::test]
+async fn auto_destroy_destroys_a_machine_that_exits_by_itself() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    for headers in [&[][..], &[STRICT][..]] {
+        // The second round takes the name of the first, which its destroy freed in the
+        // index (no list in between, which would reconcile the index anyway).
+        let mut reply = create(
+            &harness,
+            headers,
+            launch("once", json!({"auto_destroy": true}), false),
+        )
+        .await;
+        for _ in 0..50 {
+            if reply.status != 409 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reply = create(
+                &harness,
+                headers,
+                launch("once", json!({"auto_destroy": true}), false),
+            )
+            .await;
+        }
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(warned(&reply).is_empty(), "{}", reply.body);
+        assert_eq!(reply.body["config"]["auto_destroy"], true);
+        let id = reply.body["id"].as_str().expect("id").to_owned();
+        assert!(harness.runtime.exit(&id, 0).await, "it was running");
+        wait_gone(&harness, &id).await;
+        // Gone from the host and billed to its end.
+        assert!(!harness.runtime.exists(&id).await, "its files are removed");
+        let journal = harness.agent.usage_since(0, 1000).await.expect("journal");
+        assert!(journal
+            .iter()
+            .any(|record| record.machine_id == id && record.kind == UsageKind::Destroyed));
+    }
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/fly/machines", None)
+        .await;
+    assert_eq!(listed, json!([]), "{listed}");
+}
+
+#[tokio::test]
+async fn auto_destroy_waits_for_the_restart_policy_and_spares_a_user_stop() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    let reply = create(
+        &harness,
+        &[],
+        launch(
+            "retry",
+            json!({"auto_destroy": true, "restart": {"policy": "on-failure", "max_retries": 1}}),
+            false,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let id = reply.body["id"].as_str().expect("id").to_owned();
+    // A failure the policy restarts: the Machine stays, and runs again.
+    assert!(harness.runtime.exit(&id, 1).await);
+    let mut restarted = false;
+    for _ in 0..150 {
+        let (status, body) = get(&harness, &id).await;
+        assert_eq!(status, 200, "destroyed while the policy restarts it: {body}");
+        if body["state"] == "started" && body["restart_count"] == 1 {
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(restarted, "the restart policy restarted it");
+    // A clean exit the policy does not restart: now it goes.
+    assert!(harness.runtime.exit(&id, 0).await);
+    wait_gone(&harness, &id).await;
+
+    // A stop asked for by the user is not an exit by itself: the Machine stays.
+    let reply = create(
+        &harness,
+        &[],
+        launch("kept", json!({"auto_destroy": true}), false),
+    )
+    .await;
+    let id = reply.body["id"].as_str().expect("id").to_owned();
+    let (status, body) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("/v1/apps/fly/machines/{id}/stop"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = get(&harness, &id).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("stopped")), "{body}");
+}
