@@ -181,7 +181,10 @@ async fn malformed_checks_are_400_with_the_field_path_in_both_modes() {
     for (check, field) in [
         (json!({"type": "udp", "port": 1}), "config.checks.web.type"),
         (json!({"type": "tcp"}), "config.checks.web.port"),
-        (json!({"type": "tcp", "port": 70000}), "config.checks.web.port"),
+        (
+            json!({"type": "tcp", "port": 70000}),
+            "config.checks.web.port",
+        ),
         (
             json!({"type": "tcp", "port": 1, "interval": "5ms"}),
             "config.checks.web.interval",
@@ -214,7 +217,12 @@ async fn malformed_checks_are_400_with_the_field_path_in_both_modes() {
             assert_eq!(reply.body["field"], field, "{check}: {}", reply.body);
         }
     }
-    let reply = create(&harness, &[], launch("bad", json!({"auto_destroy": "yes"}), true)).await;
+    let reply = create(
+        &harness,
+        &[],
+        launch("bad", json!({"auto_destroy": "yes"}), true),
+    )
+    .await;
     assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
     assert_eq!(reply.body["field"], "config.auto_destroy", "{}", reply.body);
     let (_, listed) = harness
@@ -300,7 +308,10 @@ async fn auto_destroy_waits_for_the_restart_policy_and_spares_a_user_stop() {
     let mut restarted = false;
     for _ in 0..150 {
         let (status, body) = get(&harness, &id).await;
-        assert_eq!(status, 200, "destroyed while the policy restarts it: {body}");
+        assert_eq!(
+            status, 200,
+            "destroyed while the policy restarts it: {body}"
+        );
         if body["state"] == "started" && body["restart_count"] == 1 {
             restarted = true;
             break;
@@ -331,5 +342,36 @@ async fn auto_destroy_waits_for_the_restart_policy_and_spares_a_user_stop() {
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body) = get(&harness, &id).await;
-    assert_eq!((status, body["state"].as_str()), (200, Some("stopped")), "{body}");
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("stopped")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_description_carries_the_honoured_fields() {
+    let harness = Harness::start().await;
+    let (status, doc) = harness
+        .call(&harness.admin, Method::GET, "/v1/openapi.json", None)
+        .await;
+    assert_eq!(status, 200);
+    let schemas = &doc["components"]["schemas"];
+    let config = &schemas["MachineConfig"]["properties"];
+    assert!(config.get("checks").is_some(), "{config}");
+    assert!(config.get("auto_destroy").is_some(), "{config}");
+    assert!(schemas["Machine"]["properties"].get("checks").is_some());
+    for (schema, field) in [
+        ("MachineCheck", "type"),
+        ("MachineCheck", "grace_period"),
+        ("MachineCheck", "headers"),
+        ("CheckStatus", "updated_at"),
+        ("CheckHeader", "values"),
+    ] {
+        assert!(
+            schemas[schema]["properties"].get(field).is_some(),
+            "{schema}.{field}: {}",
+            schemas[schema]
+        );
+    }
 }
