@@ -23,6 +23,7 @@ pub mod doctor;
 pub mod error;
 mod exits;
 pub mod failpoint;
+pub mod files;
 pub mod http;
 mod images;
 pub mod metering;

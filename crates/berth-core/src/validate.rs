@@ -144,6 +144,12 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
     if let Some(entrypoint) = &config.init.entrypoint {
         validate_args("config.init.entrypoint", entrypoint)?;
     }
+    if let Some(exec) = &config.init.exec {
+        if exec.is_empty() {
+            return Err(refuse("config.init.exec", "must name a command"));
+        }
+        validate_args("config.init.exec", exec)?;
+    }
     if config.env.len() > MAX_ENV {
         return Err(refuse("config.env", format!("at most {MAX_ENV} variables")));
     }
@@ -239,7 +245,143 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
         }
     }
     validate_services(&config.services)?;
-    validate_checks(&config.checks)
+    validate_checks(&config.checks)?;
+    validate_files(&config.files)?;
+    if let Some(dns) = &config.dns {
+        validate_dns(dns)?;
+    }
+    Ok(())
+}
+
+pub const MAX_FILES: usize = 64;
+/// Each file's decoded size; a request body is at most 1 MiB anyway.
+pub const MAX_FILE_BYTES: usize = 512 * 1024;
+pub const MAX_GUEST_PATH_LEN: usize = 1024;
+
+/// The contents of a `config.files` entry, decoded; `None` when it has none to write.
+pub fn file_contents(file: &berth_api::MachineFile) -> Option<Result<Vec<u8>, String>> {
+    use base64::Engine;
+    let raw = file.raw_value.as_ref()?;
+    Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(raw.trim())
+            .map_err(|error| format!("is not base64: {error}")),
+    )
+}
+
+fn validate_files(files: &[berth_api::MachineFile]) -> Result<(), ConfigError> {
+    if files.len() > MAX_FILES {
+        return Err(refuse("config.files", format!("at most {MAX_FILES} files")));
+    }
+    for (index, file) in files.iter().enumerate() {
+        let field = |name: &str| format!("config.files[{index}].{name}");
+        validate_guest_path(&field("guest_path"), &file.guest_path)?;
+        if files[..index]
+            .iter()
+            .any(|other| other.guest_path == file.guest_path)
+        {
+            return Err(refuse(field("guest_path"), "is already another file's"));
+        }
+        if let Some(contents) = file_contents(file) {
+            let contents = contents.map_err(|message| refuse(field("raw_value"), message))?;
+            if contents.len() > MAX_FILE_BYTES {
+                return Err(refuse(
+                    field("raw_value"),
+                    format!("at most {MAX_FILE_BYTES} bytes once decoded"),
+                ));
+            }
+        }
+        if file.mode.is_some_and(|mode| mode > 0o7777) {
+            return Err(refuse(
+                field("mode"),
+                "permission bits as chmod(2) takes them: at most 0o7777 (4095)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An absolute path of plain names: no `.`, `..`, empty components or NUL, not `/`.
+pub fn validate_guest_path(field: &str, path: &str) -> Result<(), ConfigError> {
+    let plain = path.len() <= MAX_GUEST_PATH_LEN
+        && path.len() > 1
+        && path.starts_with('/')
+        && !path.contains('\0')
+        && path[1..]
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if plain {
+        Ok(())
+    } else {
+        Err(refuse(
+            field,
+            format!(
+                "must be an absolute path of at most {MAX_GUEST_PATH_LEN} bytes, without '.', '..' or empty parts"
+            ),
+        ))
+    }
+}
+
+fn validate_dns(dns: &berth_api::DnsConfig) -> Result<(), ConfigError> {
+    if dns.nameservers.len() > 3 {
+        return Err(refuse(
+            "config.dns.nameservers",
+            "at most 3 (resolv.conf reads no more)",
+        ));
+    }
+    for (index, server) in dns.nameservers.iter().enumerate() {
+        if server.parse::<std::net::IpAddr>().is_err() {
+            return Err(refuse(
+                format!("config.dns.nameservers[{index}]"),
+                "must be an IP address",
+            ));
+        }
+    }
+    if dns.searches.len() > 6 {
+        return Err(refuse("config.dns.searches", "at most 6 domains"));
+    }
+    for (index, domain) in dns.searches.iter().enumerate() {
+        let valid = !domain.is_empty()
+            && domain.len() <= 253
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid {
+            return Err(refuse(
+                format!("config.dns.searches[{index}]"),
+                "must be a domain name",
+            ));
+        }
+    }
+    if dns.options.len() > 16 {
+        return Err(refuse("config.dns.options", "at most 16 options"));
+    }
+    for (index, option) in dns.options.iter().enumerate() {
+        let word = |text: &str, max: usize| {
+            !text.is_empty()
+                && text.len() <= max
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        };
+        if !word(&option.name, 64) {
+            return Err(refuse(
+                format!("config.dns.options[{index}].name"),
+                "must be a resolv.conf option name such as ndots or rotate",
+            ));
+        }
+        if option
+            .value
+            .as_deref()
+            .is_some_and(|value| !value.is_empty() && !word(value, 16))
+        {
+            return Err(refuse(
+                format!("config.dns.options[{index}].value"),
+                "must be a short word or number",
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub const MAX_CHECKS: usize = 16;

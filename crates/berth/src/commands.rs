@@ -116,6 +116,7 @@ impl ConfigArgs {
             init: InitConfig {
                 cmd: (!self.cmd.is_empty()).then_some(self.cmd),
                 entrypoint: self.entrypoint.map(|entrypoint| vec![entrypoint]),
+                exec: None,
             },
             env: pairs("--env", &self.env)?,
             guest: GuestConfig {
