@@ -277,6 +277,21 @@ pub struct MachineConfig {
     /// The Machine's resolver: written as its `/etc/resolv.conf` at create and update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
+    /// Start the Machine once every period, counted from its creation (Fly's `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// How often a scheduled Machine is started: one period after its creation, then once a
+/// period. A Machine still running when its time comes is left to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Hourly,
+    Daily,
+    Weekly,
+    /// Calendar months: the same day of the month (the last one, in a shorter month).
+    Monthly,
 }
 
 /// A file of `config.files` (Fly's `File`). Fly's `secret_name` is not read: Berth keeps

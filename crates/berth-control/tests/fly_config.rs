@@ -375,3 +375,186 @@ async fn the_openapi_description_carries_the_honoured_fields() {
         );
     }
 }
+
+fn upper_file(harness: &Harness, id: &str, path: &str) -> Option<String> {
+    let file = harness
+        .dir
+        .path()
+        .join("worker/machines")
+        .join(id)
+        .join("upper")
+        .join(path.trim_start_matches('/'));
+    std::fs::read_to_string(file).ok()
+}
+
+#[tokio::test]
+async fn files_dns_and_exec_are_written_as_fly_sends_them() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    let config = json!({
+        "init": {"exec": ["/bin/sh", "-c", "cat /etc/app.conf; sleep 3600"]},
+        "files": [
+            {"guest_path": "/etc/app.conf", "raw_value": "aGVsbG8K", "mode": 384},
+            {"guest_path": "/run/secrets/token", "secret_name": "TOKEN"}
+        ],
+        "dns": {"nameservers": ["fd00::53"], "searches": ["corp.internal"],
+                "options": [{"name": "ndots", "value": "1"}], "skip_registration": true}
+    });
+    let reply = create(&harness, &[], launch("files", config.clone(), true)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // What Berth cannot do is told: a secret, and DNS registration.
+    let mut told = warned(&reply);
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            "config.dns.skip_registration",
+            "config.files[1].secret_name"
+        ]
+    );
+    let id = reply.body["id"].as_str().expect("id").to_owned();
+    let stored = &reply.body["config"];
+    assert_eq!(
+        stored["files"][0]["guest_path"], "/etc/app.conf",
+        "{stored}"
+    );
+    assert_eq!(stored["files"][0]["mode"], 384);
+    assert_eq!(stored["dns"]["searches"][0], "corp.internal");
+    assert_eq!(stored["init"]["exec"][2], "cat /etc/app.conf; sleep 3600");
+    assert_eq!(
+        upper_file(&harness, &id, "/etc/app.conf").as_deref(),
+        Some("hello\n")
+    );
+    assert_eq!(
+        upper_file(&harness, &id, "/etc/resolv.conf").as_deref(),
+        Some("nameserver fd00::53\nsearch corp.internal\noptions ndots:1\n")
+    );
+    assert_eq!(upper_file(&harness, &id, "/run/secrets/token"), None);
+    let spec = harness.runtime.spec(&id).await.expect("bundle spec");
+    assert_eq!(
+        spec.args,
+        ["/bin/sh", "-c", "cat /etc/app.conf; sleep 3600"]
+    );
+
+    // An update writes them again, as the new config says.
+    let mut updated = launch("files", config, true);
+    updated["config"]["files"] = json!([{"guest_path": "/etc/app.conf", "raw_value": "Ynll"}]);
+    updated["config"]["dns"] = json!({"nameservers": ["10.1.2.3"]});
+    let (status, body) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("/v1/apps/fly/machines/{id}"),
+            Some(json!({"config": updated["config"], "skip_launch": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        upper_file(&harness, &id, "/etc/app.conf").as_deref(),
+        Some("bye")
+    );
+    assert_eq!(
+        upper_file(&harness, &id, "/etc/resolv.conf").as_deref(),
+        Some("nameserver 10.1.2.3\n")
+    );
+
+    // Strict mode refuses what Berth would only tell.
+    let strict = create(
+        &harness,
+        &[STRICT],
+        launch(
+            "files-strict",
+            json!({"files": [{"guest_path": "/a", "raw_value": "", "secret_name": "X"}]}),
+            true,
+        ),
+    )
+    .await;
+    assert_error(&(strict.status, strict.body.clone()), 400, "invalid_config");
+    assert_eq!(strict.body["field"], "config.files[0].secret_name");
+    let strict = create(
+        &harness,
+        &[STRICT],
+        launch(
+            "files-strict",
+            json!({"files": [{"guest_path": "/a", "raw_value": "eA=="}],
+                   "dns": {"nameservers": ["10.0.0.1"]}, "init": {"exec": ["/bin/true"]}}),
+            true,
+        ),
+    )
+    .await;
+    assert_eq!(strict.status, 200, "{}", strict.body);
+}
+
+#[tokio::test]
+async fn malformed_files_dns_and_exec_are_400_with_the_field_path() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    for (config, field) in [
+        (
+            json!({"files": [{"guest_path": "etc/x", "raw_value": ""}]}),
+            "config.files[0].guest_path",
+        ),
+        (
+            json!({"files": [{"guest_path": "/etc/../x", "raw_value": ""}]}),
+            "config.files[0].guest_path",
+        ),
+        (
+            json!({"files": [{"guest_path": "/", "raw_value": ""}]}),
+            "config.files[0].guest_path",
+        ),
+        (
+            json!({"files": [{"guest_path": "/x", "raw_value": "not base64!"}]}),
+            "config.files[0].raw_value",
+        ),
+        (
+            json!({"files": [{"guest_path": "/x", "mode": 65535}]}),
+            "config.files[0].mode",
+        ),
+        (
+            json!({"files": [{"guest_path": "/x", "mode": "0644"}]}),
+            "config.files[0].mode",
+        ),
+        (
+            json!({"files": [{"guest_path": "/x"}, {"guest_path": "/x"}]}),
+            "config.files[1].guest_path",
+        ),
+        (
+            json!({"dns": {"nameservers": ["ns1"]}}),
+            "config.dns.nameservers[0]",
+        ),
+        (
+            json!({"dns": {"searches": ["a b"]}}),
+            "config.dns.searches[0]",
+        ),
+        (
+            json!({"dns": {"options": [{"name": "nd ots"}]}}),
+            "config.dns.options[0].name",
+        ),
+        (json!({"init": {"exec": []}}), "config.init.exec"),
+        (json!({"init": {"exec": "ls"}}), "config.init.exec"),
+    ] {
+        for headers in [&[][..], &[STRICT][..]] {
+            let reply = create(&harness, headers, launch("bad", config.clone(), true)).await;
+            assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+            assert_eq!(reply.body["field"], field, "{config}: {}", reply.body);
+        }
+    }
+    // A file too big once decoded.
+    let big = "A".repeat(700 * 1024);
+    let reply = create(
+        &harness,
+        &[],
+        launch(
+            "bad",
+            json!({"files": [{"guest_path": "/x", "raw_value": big}]}),
+            true,
+        ),
+    )
+    .await;
+    assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+    assert_eq!(reply.body["field"], "config.files[0].raw_value");
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/fly/machines", None)
+        .await;
+    assert_eq!(listed, json!([]), "nothing was made");
+}

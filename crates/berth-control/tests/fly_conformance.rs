@@ -138,7 +138,7 @@ fn with_fly_extras(mut body: Value) -> Value {
 const EXTRA_PATHS: [&str; 5] = [
     "config.init.tty",
     "config.guest.kernel_args",
-    "config.dns",
+    "config.dns.skip_registration",
     "lease_ttl",
     "skip_service_registration",
 ];
