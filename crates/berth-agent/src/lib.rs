@@ -32,6 +32,7 @@ mod ops;
 pub mod record;
 mod recovery;
 mod robots;
+mod schedules;
 pub mod store;
 mod transition;
 mod worker;
@@ -106,6 +107,10 @@ struct Inner {
     disk_full: StdMutex<HashSet<String>>,
     /// The checks of each running Machine that has them, with their last results.
     checks: StdMutex<HashMap<String, checks::RunChecks>>,
+    /// The due time of each scheduled Machine's last scheduled start.
+    fired: StdMutex<HashMap<String, i64>>,
+    /// When this agent opened: scheduled starts due before are not made up.
+    opened_ms: i64,
 }
 
 impl Agent {
@@ -147,11 +152,14 @@ impl Agent {
                 listener: StdRwLock::new(None),
                 disk_full: StdMutex::new(std::collections::HashSet::new()),
                 checks: StdMutex::new(HashMap::new()),
+                fired: StdMutex::new(HashMap::new()),
+                opened_ms: record::now_ms(),
             }),
         };
         agent.recover().await?;
         agent.rebuild_running().await?;
         agent.spawn_meter();
+        agent.spawn_scheduler();
         Ok(agent)
     }
 

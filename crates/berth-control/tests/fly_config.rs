@@ -558,3 +558,145 @@ async fn malformed_files_dns_and_exec_are_400_with_the_field_path() {
         .await;
     assert_eq!(listed, json!([]), "nothing was made");
 }
+
+fn wall_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits")
+}
+
+#[tokio::test]
+async fn a_scheduled_machine_starts_once_a_period() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    const HOUR: i64 = 3_600_000;
+    for headers in [&[][..], &[STRICT][..]] {
+        let reply = create(
+            &harness,
+            headers,
+            launch("cron", json!({"schedule": "hourly"}), true),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(warned(&reply).is_empty(), "{}", reply.body);
+        assert_eq!(reply.body["config"]["schedule"], "hourly");
+        let (status, _) = harness
+            .call(
+                &harness.admin,
+                Method::DELETE,
+                &format!(
+                    "/v1/apps/fly/machines/{}",
+                    reply.body["id"].as_str().expect("id")
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let reply = create(
+        &harness,
+        &[],
+        launch("cron", json!({"schedule": "hourly"}), true),
+    )
+    .await;
+    let id = reply.body["id"].as_str().expect("id").to_owned();
+    let created = wall_ms();
+    let state = |body: &Value| body["state"].as_str().map(str::to_owned);
+
+    // Not due yet: nothing starts, and the answer says when the first start is.
+    let next = harness
+        .agent
+        .run_schedules_at(created + HOUR / 2)
+        .await
+        .expect("schedules");
+    assert!(
+        next.is_some_and(|due| due <= created + HOUR && due > created),
+        "{next:?}"
+    );
+    assert_eq!(
+        state(&get(&harness, &id).await.1).as_deref(),
+        Some("created")
+    );
+
+    // An hour after its creation it starts, once.
+    harness
+        .agent
+        .run_schedules_at(created + HOUR)
+        .await
+        .expect("schedules");
+    let (_, body) = get(&harness, &id).await;
+    assert_eq!(state(&body).as_deref(), Some("started"), "{body}");
+    let (_, body) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("/v1/apps/fly/machines/{id}/stop"),
+            None,
+        )
+        .await;
+    assert_eq!(body["machine"]["state"], "stopped", "{body}");
+    harness
+        .agent
+        .run_schedules_at(created + HOUR + 60_000)
+        .await
+        .expect("schedules");
+    assert_eq!(
+        state(&get(&harness, &id).await.1).as_deref(),
+        Some("stopped"),
+        "started twice in one hour"
+    );
+
+    // The next hour: again.
+    harness
+        .agent
+        .run_schedules_at(created + 2 * HOUR)
+        .await
+        .expect("schedules");
+    assert_eq!(
+        state(&get(&harness, &id).await.1).as_deref(),
+        Some("started")
+    );
+    // Still running when the third hour comes: left to run, nothing recorded.
+    let (_, before) = harness
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("/v1/apps/fly/machines/{id}/events"),
+            None,
+        )
+        .await;
+    harness
+        .agent
+        .run_schedules_at(created + 3 * HOUR)
+        .await
+        .expect("schedules");
+    let (_, after) = harness
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("/v1/apps/fly/machines/{id}/events"),
+            None,
+        )
+        .await;
+    assert_eq!(before, after);
+    let starts = after
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|event| event["type"] == "start" && event["source"] == "system")
+        .count();
+    assert_eq!(starts, 2, "{after}");
+
+    let reply = create(
+        &harness,
+        &[],
+        launch("bad", json!({"schedule": "yearly"}), true),
+    )
+    .await;
+    assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+    assert_eq!(reply.body["field"], "config.schedule", "{}", reply.body);
+}

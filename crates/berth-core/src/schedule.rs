@@ -53,7 +53,7 @@ fn add_months(at_ms: i64, months: i64) -> i64 {
     let Ok(month) = time::Month::try_from(month_number) else {
         return i64::MAX;
     };
-    let day = at.day().min(time::util::days_in_year_month(year, month));
+    let day = at.day().min(month.length(year));
     time::Date::from_calendar_date(year, month, day)
         .map(|date| at.replace_date(date))
         .ok()

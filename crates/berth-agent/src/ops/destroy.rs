@@ -60,6 +60,7 @@ impl Agent {
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
+        self.forget_schedule(id);
         // Nothing is left to write: the record is gone. The listener still hears it.
         record.enter(MachineState::Destroyed, now_ms())?;
         self.notify_destroyed(&record, source);
