@@ -74,6 +74,10 @@ enum Transition {
     Stopping,
 }
 
+/// How a usable Machine ranks for the next request, lowest first: failing readiness
+/// checks, then tickets held.
+type Rank = (bool, u32);
+
 struct Slot {
     view: MachineView,
     in_flight: u32,
@@ -387,7 +391,7 @@ impl Fleet {
         let waking = inner.wake.is_some();
         let wakeable = inner.slots.values().any(Slot::wakeable);
         // Machines whose readiness checks pass first, then the fewest tickets.
-        let mut best: Option<(&String, (bool, u32), SocketAddr, u32, u32)> = None;
+        let mut best: Option<(&String, Rank, SocketAddr, u32, u32)> = None;
         for (id, slot) in &inner.slots {
             if let Some((address, soft, hard)) = slot.usable(now) {
                 let rank = (slot.view.failing_checks, slot.in_flight);
