@@ -359,7 +359,11 @@ async fn the_openapi_description_carries_the_honoured_fields() {
     let schemas = &doc["components"]["schemas"];
     let config = &schemas["MachineConfig"]["properties"];
     assert!(config.get("checks").is_some(), "{config}");
-    assert!(config.get("auto_destroy").is_some(), "{config}");
+    for field in ["auto_destroy", "files", "dns", "schedule"] {
+        assert!(config.get(field).is_some(), "{field}: {config}");
+    }
+    assert!(schemas["InitConfig"]["properties"].get("exec").is_some());
+    assert!(schemas.get("Schedule").is_some(), "{schemas}");
     assert!(schemas["Machine"]["properties"].get("checks").is_some());
     for (schema, field) in [
         ("MachineCheck", "type"),
@@ -367,6 +371,10 @@ async fn the_openapi_description_carries_the_honoured_fields() {
         ("MachineCheck", "headers"),
         ("CheckStatus", "updated_at"),
         ("CheckHeader", "values"),
+        ("MachineFile", "guest_path"),
+        ("MachineFile", "raw_value"),
+        ("DnsConfig", "nameservers"),
+        ("DnsOption", "value"),
     ] {
         assert!(
             schemas[schema]["properties"].get(field).is_some(),
