@@ -184,3 +184,94 @@ fn auto_destroy_removes_a_machine_whose_command_ended() {
     );
     platform.teardown();
 }
+
+#[test]
+fn files_dns_and_exec_are_what_the_machine_sees() {
+    let platform = Platform::start();
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "cfg"]);
+    // What the Machine sees: its file's contents, owner (its own root) and mode, its
+    // resolv.conf, and that exec replaced the command.
+    let script = "cat /etc/app/conf; stat -c 'owner=%u mode=%a' /etc/app/conf; \
+                  cat /etc/resolv.conf; echo exec-ran; exec sleep 3600";
+    let machine = create(
+        &platform,
+        "cfg",
+        json!({
+            "init": {"cmd": ["/bin/false"], "exec": ["/bin/sh", "-c", script]},
+            "files": [{"guest_path": "/etc/app/conf", "raw_value": "c2VjcmV0LXZhbHVlCg==",
+                       "mode": 384}],
+            "dns": {"nameservers": ["fd00::53"], "searches": ["corp.internal"]}
+        }),
+    );
+    platform.wait_for("the Machine's output", Duration::from_secs(20), || {
+        platform.logs("cfg", &machine.id).contains("exec-ran")
+    });
+    let logs = platform.logs("cfg", &machine.id);
+    assert!(logs.contains("secret-value"), "{logs}");
+    assert!(logs.contains("owner=0 mode=600"), "{logs}");
+    assert!(logs.contains("nameserver fd00::53"), "{logs}");
+    assert!(logs.contains("search corp.internal"), "{logs}");
+    // On the host, the file belongs to the Machine's own id range, not to host root.
+    let on_host = platform
+        .data_dir
+        .path()
+        .join("worker/machines")
+        .join(&machine.id)
+        .join("upper/etc/app/conf");
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&on_host).expect("stat"));
+    assert!(uid >= 0x1000_0000, "owned by host uid {uid}");
+    platform.teardown();
+}
+
+#[test]
+fn a_hostile_image_cannot_make_the_worker_write_outside_the_machine() {
+    let platform = Platform::start();
+    let outside = tempfile::tempdir().expect("outside");
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "untouched").expect("victim");
+    let outside_dir = outside.path().to_str().expect("utf-8");
+    // The image points /conf at a host directory and /etc/passwd at a host file.
+    let hostile = busybox_image().layer(
+        berth_image::build::LayerBuilder::new()
+            .symlink("conf", outside_dir)
+            .symlink("escape", "../../../../../../../../..")
+            .symlink("etc/passwd", victim.to_str().expect("utf-8")),
+        berth_image::build::Compression::Gzip,
+    );
+    platform.import(hostile, "demo/hostile:1");
+    platform.cli_ok(&["app", "create", "evil"]);
+    for path in ["/conf/victim", "/escape/tmp/x"] {
+        let (status, body) = platform.call(
+            Method::POST,
+            "/v1/apps/evil/machines",
+            Some(json!({"config": {"image": "demo/hostile:1",
+                                    "init": {"cmd": ["sleep", "3600"]},
+                                    "files": [{"guest_path": path, "raw_value": "b3duZWQ="}]}})),
+        );
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["field"], "config.files[0].guest_path", "{body}");
+    }
+    // At the file itself the link is shadowed in the Machine's own layer.
+    let machine = {
+        let (status, body) = platform.call(
+            Method::POST,
+            "/v1/apps/evil/machines",
+            Some(json!({"config": {"image": "demo/hostile:1",
+                                    "init": {"cmd": ["sleep", "3600"]},
+                                    "files": [{"guest_path": "/etc/passwd",
+                                               "raw_value": "b3duZWQ="}]}})),
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "untouched"
+    );
+    assert_eq!(std::fs::read_dir(outside.path()).expect("list").count(), 1);
+    let (_, listed) = platform.call(Method::GET, "/v1/apps/evil/machines", None);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["id"], machine["id"]);
+    platform.teardown();
+}
