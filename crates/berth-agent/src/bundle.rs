@@ -9,11 +9,14 @@ use berth_image::RuntimeConfig;
 use berth_runtime::BundleSpec;
 
 /// Docker's rules: the config's entrypoint replaces the image's, and then the image's cmd
-/// is dropped too unless the config gives one.
+/// is dropped too unless the config gives one. Fly's `init.exec` replaces all of them.
 pub fn command_line(
     config: &MachineConfig,
     image: &RuntimeConfig,
 ) -> Result<Vec<String>, ConfigError> {
+    if let Some(exec) = config.init.exec.as_ref().filter(|exec| !exec.is_empty()) {
+        return Ok(exec.clone());
+    }
     let entrypoint = config
         .init
         .entrypoint
@@ -209,6 +212,7 @@ mod tests {
             image: "x".into(),
             init: InitConfig {
                 entrypoint: entrypoint.map(owned),
+                exec: None,
                 cmd: cmd.map(owned),
             },
             ..MachineConfig::default()
@@ -228,6 +232,13 @@ mod tests {
         assert_eq!(
             command_line(&config(Some(&["/sh"]), None), &image()).expect("ok"),
             ["/sh"]
+        );
+        // Fly's exec is the whole command line.
+        let mut exec = config(Some(&["/sh"]), Some(&["x"]));
+        exec.init.exec = Some(vec!["/bin/true".into(), "now".into()]);
+        assert_eq!(
+            command_line(&exec, &image()).expect("ok"),
+            ["/bin/true", "now"]
         );
         let empty = RuntimeConfig {
             entrypoint: vec![],

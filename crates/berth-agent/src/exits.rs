@@ -96,8 +96,23 @@ impl Agent {
             .await?;
         if let RestartDecision::RestartAfter(delay) = decision {
             self.schedule_restart(record.id.clone(), record.run_generation, delay);
+        } else if record.config.auto_destroy {
+            self.auto_destroy(record.id.clone(), record.run_generation);
         }
         Ok(())
+    }
+
+    /// `auto_destroy`: the run ended by itself and no restart follows, so the Machine goes
+    /// the way of any destroy, once the exit's lock is let go. A start or update that came
+    /// first wins (the run generation moved on, or the Machine is no longer stopped).
+    pub(crate) fn auto_destroy(&self, id: String, generation: u64) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let result = agent.destroy_if(&id, generation).await;
+            if let Err(error) = result {
+                warn!(machine = %id, %error, "auto_destroy failed");
+            }
+        });
     }
 
     pub(crate) fn schedule_restart(&self, id: String, generation: u64, delay: Duration) {

@@ -18,10 +18,12 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 pub mod bundle;
 mod capacity;
+mod checks;
 pub mod doctor;
 pub mod error;
 mod exits;
 pub mod failpoint;
+pub mod files;
 pub mod http;
 mod images;
 pub mod metering;
@@ -30,6 +32,7 @@ mod ops;
 pub mod record;
 mod recovery;
 mod robots;
+mod schedules;
 pub mod store;
 mod transition;
 mod worker;
@@ -102,6 +105,12 @@ struct Inner {
     listener: StdRwLock<Option<Arc<dyn WorkerListener>>>,
     /// Machines whose disk was full when last looked at, so each filling is told once.
     disk_full: StdMutex<HashSet<String>>,
+    /// The checks of each running Machine that has them, with their last results.
+    checks: StdMutex<HashMap<String, checks::RunChecks>>,
+    /// The due time of each scheduled Machine's last scheduled start.
+    fired: StdMutex<HashMap<String, i64>>,
+    /// When this agent opened: scheduled starts due before are not made up.
+    opened_ms: i64,
 }
 
 impl Agent {
@@ -142,11 +151,15 @@ impl Agent {
                 running: StdMutex::new(HashMap::new()),
                 listener: StdRwLock::new(None),
                 disk_full: StdMutex::new(std::collections::HashSet::new()),
+                checks: StdMutex::new(HashMap::new()),
+                fired: StdMutex::new(HashMap::new()),
+                opened_ms: record::now_ms(),
             }),
         };
         agent.recover().await?;
         agent.rebuild_running().await?;
         agent.spawn_meter();
+        agent.spawn_scheduler();
         Ok(agent)
     }
 

@@ -64,10 +64,10 @@ impl Agent {
         })
     }
 
-    pub(crate) fn notify_destroyed(&self, record: &MachineRecord) {
+    pub(crate) fn notify_destroyed(&self, record: &MachineRecord, source: EventSource) {
         let event = store::MachineEvent {
             kind: EventKind::Destroy,
-            source: EventSource::User,
+            source,
             state: MachineState::Destroyed,
             exit_code: None,
             reason: None,

@@ -127,6 +127,7 @@ impl MachineRecord {
             private_ip: self.private_ip.map(|address| address.to_string()),
             worker: None,
             worker_status: None,
+            checks: Vec::new(),
         }
     }
 }

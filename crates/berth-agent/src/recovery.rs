@@ -189,6 +189,7 @@ impl Agent {
                 }
                 info!(machine = %record.id, "found running again");
                 self.watch(record.id.clone(), record.run_generation);
+                self.run_checks(record);
             }
             Step::RecordExit => {
                 self.settle_unjournaled_start(record).await?;

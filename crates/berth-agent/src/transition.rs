@@ -90,6 +90,9 @@ impl Agent {
             .save_full(record, event.as_ref(), change.usage)
             .await?;
         self.release_unless_running(record);
+        if record.state != MachineState::Started {
+            self.end_checks(&record.id);
+        }
         if let Some(event) = &event {
             self.notify(record, event, event_id);
         }

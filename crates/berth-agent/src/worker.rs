@@ -11,7 +11,7 @@ use berth_worker::{Result, WorkerError};
 
 use crate::error::AgentError;
 use crate::ops::detached;
-use crate::record::{MachineRecord, PendingOp};
+use crate::record::PendingOp;
 use crate::service::{
     CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, NoticeSnapshot,
     WorkerListener, WorkerService,
@@ -97,7 +97,7 @@ impl WorkerService for Agent {
             {
                 Err(WorkerError::Busy { id: id.to_owned() })
             }
-            other => Ok(other?.to_api()),
+            other => Ok(self.api_view(&other?)),
         }
     }
 
@@ -108,7 +108,7 @@ impl WorkerService for Agent {
             .list_app(app)
             .await?
             .iter()
-            .map(MachineRecord::to_api)
+            .map(|record| self.api_view(record))
             .collect())
     }
 

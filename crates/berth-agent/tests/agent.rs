@@ -79,6 +79,7 @@ fn config(image: &str) -> MachineConfig {
         init: InitConfig {
             cmd: Some(vec!["sleep".into(), "3600".into()]),
             entrypoint: None,
+            exec: None,
         },
         ..MachineConfig::default()
     }

@@ -77,6 +77,7 @@ fn request(id: &str, image: &str) -> CreateOnWorker {
             init: InitConfig {
                 cmd: Some(vec!["sleep".into(), "3600".into()]),
                 entrypoint: None,
+                exec: None,
             },
             ..MachineConfig::default()
         },

@@ -37,12 +37,14 @@ macro_rules! wire_names {
     };
 }
 
+mod checks;
 mod doctor;
 mod duration;
 mod robots;
 mod services;
 mod tenancy;
 
+pub use checks::*;
 pub use doctor::*;
 pub use duration::ApiDuration;
 pub use robots::*;
@@ -185,6 +187,10 @@ pub struct InitConfig {
     pub cmd: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
+    /// Fly's: the whole command line, in place of the image's entrypoint and cmd and of
+    /// `entrypoint` and `cmd` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -258,6 +264,101 @@ pub struct MachineConfig {
     /// Berth's own sandbox settings.
     #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
     pub sandbox: SandboxConfig,
+    /// Fly's named health checks, run by the worker while the Machine runs; their results
+    /// are the Machine's `checks`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, MachineCheck>,
+    /// Destroy the Machine once it has exited by itself and its restart policy does not
+    /// start it again (Fly's `auto_destroy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_destroy: bool,
+    /// Files written into the Machine's disk at create and at every update.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<MachineFile>,
+    /// The Machine's resolver: written as its `/etc/resolv.conf` at create and update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+    /// Start the Machine once every period, counted from its creation (Fly's `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// How often a scheduled Machine is started: one period after its creation, then once a
+/// period. A Machine still running when its time comes is left to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Hourly,
+    Daily,
+    Weekly,
+    /// Calendar months: the same day of the month (the last one, in a shorter month).
+    Monthly,
+}
+
+/// A file of `config.files` (Fly's `File`). Fly's `secret_name` is not read: Berth keeps
+/// no secrets (it is listed in `warnings`, and such a file is not written).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct MachineFile {
+    /// Where in the Machine: an absolute path without `.` or `..`.
+    pub guest_path: String,
+    /// The contents, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_value: Option<String>,
+    /// Permission bits as chmod(2) takes them (a JSON number, so 0644 is 420); 0 or absent:
+    /// 0644. The file belongs to the Machine's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// `config.dns` (Fly's `DNSConfig`): what the Machine's `/etc/resolv.conf` says. Fly's
+/// `skip_registration`, `dns_forward_rules` and host names are not read (Berth runs no
+/// DNS of its own); they are listed in `warnings`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct DnsConfig {
+    /// IP addresses, at most 3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Search domains, at most 6.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub searches: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<DnsOption>,
+}
+
+/// One `options` entry of resolv.conf: `name` or `name:value`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct DnsOption {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl DnsConfig {
+    /// The resolv.conf it makes, or `None` when it says nothing (the image's file stays).
+    pub fn resolv_conf(&self) -> Option<String> {
+        if self.nameservers.is_empty() && self.searches.is_empty() && self.options.is_empty() {
+            return None;
+        }
+        let mut text = String::new();
+        for server in &self.nameservers {
+            text.push_str(&format!("nameserver {server}\n"));
+        }
+        if !self.searches.is_empty() {
+            text.push_str(&format!("search {}\n", self.searches.join(" ")));
+        }
+        if !self.options.is_empty() {
+            let options: Vec<String> = self
+                .options
+                .iter()
+                .map(|option| match &option.value {
+                    Some(value) if !value.is_empty() => format!("{}:{value}", option.name),
+                    _ => option.name.clone(),
+                })
+                .collect();
+            text.push_str(&format!("options {}\n", options.join(" ")));
+        }
+        Some(text)
+    }
 }
 
 /// Relaxations of the sandbox a Machine may ask for; all off by default.
@@ -414,6 +515,9 @@ pub struct Machine {
     /// `ok`, or `unreachable` when the worker is down and this is the last known state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_status: Option<MachineWorkerStatus>,
+    /// The last result of each of `config.checks`, by name (Fly's shape).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckStatus>,
 }
 
 /// Whether a Machine's answer came from its worker.

@@ -93,6 +93,7 @@ async fn machine(client: &Client, app: &str) -> Result<Machine> {
                     init: InitConfig {
                         cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
                         entrypoint: None,
+                        exec: None,
                     },
                     stop_config: berth_api::StopConfig {
                         signal: Some("SIGKILL".into()),

@@ -41,6 +41,7 @@ pub(crate) fn sleeper() -> MachineConfig {
         init: InitConfig {
             cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
             entrypoint: None,
+            exec: None,
         },
         stop_config: berth_api::StopConfig {
             signal: Some("SIGKILL".into()),

@@ -643,6 +643,7 @@ fn sleeper(image: &str) -> MachineConfig {
         init: InitConfig {
             cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
             entrypoint: None,
+            exec: None,
         },
         stop_config: berth_api::StopConfig {
             signal: Some("SIGKILL".into()),

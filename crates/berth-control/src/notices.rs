@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use berth_api::MachineState;
-use berth_worker::{MachineNotice, WorkerListener};
+use berth_worker::{EventSource, MachineNotice, WorkerListener};
 use tokio::sync::watch;
 
 use crate::limits::Share;
@@ -96,6 +96,19 @@ impl WorkerListener for ControlListener {
                 instance_id: notice.instance_id.clone(),
             },
         );
+        // A Machine its worker destroyed by itself (`auto_destroy`) leaves the index as a
+        // destroy through the API does: its name and quota slot free up, its leases go.
+        if notice.state == MachineState::Destroyed && notice.source == EventSource::System {
+            let id = notice.id.clone();
+            tokio::spawn(async move {
+                if let Err(error) = control.store.delete_machine(&id).await {
+                    tracing::warn!(machine = %id, %error, "forgetting an auto-destroyed Machine");
+                }
+                if let Err(error) = crate::leases::forget(&control, &id).await {
+                    tracing::warn!(machine = %id, error = %error.body.message, "forgetting its leases");
+                }
+            });
+        }
     }
 }
 

@@ -133,12 +133,12 @@ fn with_fly_extras(mut body: Value) -> Value {
     body
 }
 
-const EXTRA_PATHS: [&str; 7] = [
+/// The ones of them Berth ignores (`auto_destroy` and `checks` are honoured: see
+/// `fly_config.rs`).
+const EXTRA_PATHS: [&str; 5] = [
     "config.init.tty",
     "config.guest.kernel_args",
-    "config.auto_destroy",
-    "config.dns",
-    "config.checks",
+    "config.dns.skip_registration",
     "lease_ttl",
     "skip_service_registration",
 ];
@@ -347,7 +347,8 @@ async fn a_fly_update_is_accepted_in_both_modes() {
     assert_eq!(machine.config.guest.memory_mb, 512);
     assert_eq!(machine.config.guest.cpu_kind, "shared");
 
-    update["config"]["files"] = json!([{"guest_path": "/etc/motd", "raw_value": "aGk="}]);
+    // A field Berth ignores (`files`, the example here before, is honoured now).
+    update["config"]["processes"] = json!([{"cmd": ["/bin/sh"]}]);
     let reply = harness
         .send(
             &harness.admin,
@@ -358,7 +359,7 @@ async fn a_fly_update_is_accepted_in_both_modes() {
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(warned_fields(&reply), ["config.files"]);
+    assert_eq!(warned_fields(&reply), ["config.processes"]);
     let refused = harness
         .send(&harness.admin, Method::POST, &path, &[STRICT], Some(update))
         .await;
@@ -367,7 +368,7 @@ async fn a_fly_update_is_accepted_in_both_modes() {
         400,
         "invalid_config",
     );
-    assert_eq!(refused.body["field"], "config.files");
+    assert_eq!(refused.body["field"], "config.processes");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod placement;
 pub mod recovery;
 pub mod restart;
+pub mod schedule;
 pub mod signal;
 pub mod state;
 pub mod validate;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use berth_api::{CreateMachineRequest, MachineConfig, MachineService};
+use berth_api::{CheckType, CreateMachineRequest, MachineCheck, MachineConfig, MachineService};
 
 use crate::signal::signal_number;
 
@@ -144,6 +144,12 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
     if let Some(entrypoint) = &config.init.entrypoint {
         validate_args("config.init.entrypoint", entrypoint)?;
     }
+    if let Some(exec) = &config.init.exec {
+        if exec.is_empty() {
+            return Err(refuse("config.init.exec", "must name a command"));
+        }
+        validate_args("config.init.exec", exec)?;
+    }
     if config.env.len() > MAX_ENV {
         return Err(refuse("config.env", format!("at most {MAX_ENV} variables")));
     }
@@ -238,7 +244,255 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    validate_services(&config.services)
+    validate_services(&config.services)?;
+    validate_checks(&config.checks)?;
+    validate_files(&config.files)?;
+    if let Some(dns) = &config.dns {
+        validate_dns(dns)?;
+    }
+    Ok(())
+}
+
+pub const MAX_FILES: usize = 64;
+/// Each file's decoded size; a request body is at most 1 MiB anyway.
+pub const MAX_FILE_BYTES: usize = 512 * 1024;
+pub const MAX_GUEST_PATH_LEN: usize = 1024;
+
+/// The contents of a `config.files` entry, decoded; `None` when it has none to write.
+pub fn file_contents(file: &berth_api::MachineFile) -> Option<Result<Vec<u8>, String>> {
+    use base64::Engine;
+    let raw = file.raw_value.as_ref()?;
+    Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(raw.trim())
+            .map_err(|error| format!("is not base64: {error}")),
+    )
+}
+
+fn validate_files(files: &[berth_api::MachineFile]) -> Result<(), ConfigError> {
+    if files.len() > MAX_FILES {
+        return Err(refuse("config.files", format!("at most {MAX_FILES} files")));
+    }
+    for (index, file) in files.iter().enumerate() {
+        let field = |name: &str| format!("config.files[{index}].{name}");
+        validate_guest_path(&field("guest_path"), &file.guest_path)?;
+        if files[..index]
+            .iter()
+            .any(|other| other.guest_path == file.guest_path)
+        {
+            return Err(refuse(field("guest_path"), "is already another file's"));
+        }
+        if let Some(contents) = file_contents(file) {
+            let contents = contents.map_err(|message| refuse(field("raw_value"), message))?;
+            if contents.len() > MAX_FILE_BYTES {
+                return Err(refuse(
+                    field("raw_value"),
+                    format!("at most {MAX_FILE_BYTES} bytes once decoded"),
+                ));
+            }
+        }
+        if file.mode.is_some_and(|mode| mode > 0o7777) {
+            return Err(refuse(
+                field("mode"),
+                "permission bits as chmod(2) takes them: at most 0o7777 (4095)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An absolute path of plain names: no `.`, `..`, empty components or NUL, not `/`.
+pub fn validate_guest_path(field: &str, path: &str) -> Result<(), ConfigError> {
+    let plain = path.len() <= MAX_GUEST_PATH_LEN
+        && path.len() > 1
+        && path.starts_with('/')
+        && !path.contains('\0')
+        && path[1..]
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if plain {
+        Ok(())
+    } else {
+        Err(refuse(
+            field,
+            format!(
+                "must be an absolute path of at most {MAX_GUEST_PATH_LEN} bytes, without '.', '..' or empty parts"
+            ),
+        ))
+    }
+}
+
+fn validate_dns(dns: &berth_api::DnsConfig) -> Result<(), ConfigError> {
+    if dns.nameservers.len() > 3 {
+        return Err(refuse(
+            "config.dns.nameservers",
+            "at most 3 (resolv.conf reads no more)",
+        ));
+    }
+    for (index, server) in dns.nameservers.iter().enumerate() {
+        if server.parse::<std::net::IpAddr>().is_err() {
+            return Err(refuse(
+                format!("config.dns.nameservers[{index}]"),
+                "must be an IP address",
+            ));
+        }
+    }
+    if dns.searches.len() > 6 {
+        return Err(refuse("config.dns.searches", "at most 6 domains"));
+    }
+    for (index, domain) in dns.searches.iter().enumerate() {
+        let valid = !domain.is_empty()
+            && domain.len() <= 253
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid {
+            return Err(refuse(
+                format!("config.dns.searches[{index}]"),
+                "must be a domain name",
+            ));
+        }
+    }
+    if dns.options.len() > 16 {
+        return Err(refuse("config.dns.options", "at most 16 options"));
+    }
+    for (index, option) in dns.options.iter().enumerate() {
+        let word = |text: &str, max: usize| {
+            !text.is_empty()
+                && text.len() <= max
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        };
+        if !word(&option.name, 64) {
+            return Err(refuse(
+                format!("config.dns.options[{index}].name"),
+                "must be a resolv.conf option name such as ndots or rotate",
+            ));
+        }
+        if option
+            .value
+            .as_deref()
+            .is_some_and(|value| !value.is_empty() && !word(value, 16))
+        {
+            return Err(refuse(
+                format!("config.dns.options[{index}].value"),
+                "must be a short word or number",
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub const MAX_CHECKS: usize = 16;
+pub const MAX_CHECK_NAME_LEN: usize = 64;
+pub const MAX_CHECK_HEADERS: usize = 32;
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MIN_CHECK_TIMEOUT: Duration = Duration::from_millis(1);
+pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_CHECK_GRACE: Duration = Duration::from_secs(3600);
+const MAX_CHECK_PATH_LEN: usize = 2048;
+const MAX_CHECK_HEADER_LEN: usize = 4096;
+
+fn validate_checks(
+    checks: &std::collections::BTreeMap<String, MachineCheck>,
+) -> Result<(), ConfigError> {
+    if checks.len() > MAX_CHECKS {
+        return Err(refuse(
+            "config.checks",
+            format!("at most {MAX_CHECKS} checks"),
+        ));
+    }
+    for (name, check) in checks {
+        let valid_name = !name.is_empty()
+            && name.len() <= MAX_CHECK_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !valid_name {
+            return Err(refuse(
+                format!("config.checks.{}", printable(name)),
+                format!("names are 1 to {MAX_CHECK_NAME_LEN} letters, digits, '_', '-' or '.'"),
+            ));
+        }
+        let field = |part: &str| format!("config.checks.{name}.{part}");
+        let Some(kind) = check.kind_of_check else {
+            return Err(refuse(field("type"), "is required: \"tcp\" or \"http\""));
+        };
+        if check.port.is_none_or(|port| port == 0) {
+            return Err(refuse(field("port"), "is required: 1 to 65535"));
+        }
+        if !(MIN_CHECK_INTERVAL..=MAX_CHECK_INTERVAL).contains(&check.interval()) {
+            return Err(refuse(field("interval"), "must be 1s to 1h"));
+        }
+        if !(MIN_CHECK_TIMEOUT..=MAX_CHECK_TIMEOUT).contains(&check.timeout()) {
+            return Err(refuse(field("timeout"), "must be 1ms to 60s"));
+        }
+        if check.grace_period() > MAX_CHECK_GRACE {
+            return Err(refuse(field("grace_period"), "at most 1h"));
+        }
+        if kind == CheckType::Tcp {
+            continue;
+        }
+        if let Some(method) = &check.method {
+            let token = !method.is_empty()
+                && method.len() <= 32
+                && method.bytes().all(|b| b.is_ascii_alphabetic());
+            if !token {
+                return Err(refuse(
+                    field("method"),
+                    "must be an HTTP method such as GET or HEAD",
+                ));
+            }
+        }
+        if let Some(path) = &check.path {
+            let valid = path.starts_with('/')
+                && path.len() <= MAX_CHECK_PATH_LEN
+                && path.bytes().all(|b| b.is_ascii_graphic());
+            if !valid {
+                return Err(refuse(
+                    field("path"),
+                    format!(
+                        "must start with '/' and be at most {MAX_CHECK_PATH_LEN} visible ASCII characters"
+                    ),
+                ));
+            }
+        }
+        if check.headers.len() > MAX_CHECK_HEADERS {
+            return Err(refuse(
+                field("headers"),
+                format!("at most {MAX_CHECK_HEADERS} headers"),
+            ));
+        }
+        for (index, header) in check.headers.iter().enumerate() {
+            let token = !header.name.is_empty()
+                && header.name.len() <= 256
+                && header
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(refuse(
+                    field(&format!("headers[{index}].name")),
+                    "must be an HTTP header name",
+                ));
+            }
+            for (value_index, value) in header.values.iter().enumerate() {
+                let valid = value.len() <= MAX_CHECK_HEADER_LEN
+                    && value
+                        .bytes()
+                        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+                if !valid {
+                    return Err(refuse(
+                        field(&format!("headers[{index}].values[{value_index}]")),
+                        format!("must be at most {MAX_CHECK_HEADER_LEN} visible ASCII characters"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub const MAX_SERVICES: usize = 16;
@@ -327,6 +581,70 @@ mod tests {
             image: "demo/busybox:1".into(),
             ..MachineConfig::default()
         }
+    }
+
+    #[test]
+    fn checks_are_refused_with_their_field_path() {
+        let with = |check: serde_json::Value| {
+            let mut config = config();
+            config.checks.insert(
+                "web".into(),
+                serde_json::from_value(check).expect("a check"),
+            );
+            validate_config(&config).err().map(|error| error.field)
+        };
+        use serde_json::json;
+        assert_eq!(with(json!({"type": "tcp", "port": 80})), None);
+        assert_eq!(
+            with(
+                json!({"type": "http", "port": 80, "path": "/h", "method": "HEAD",
+                        "headers": [{"name": "X-A", "values": ["b"]}]})
+            ),
+            None
+        );
+        for (check, field) in [
+            (json!({"port": 80}), "config.checks.web.type"),
+            (json!({"type": "tcp"}), "config.checks.web.port"),
+            (json!({"type": "tcp", "port": 0}), "config.checks.web.port"),
+            (
+                json!({"type": "tcp", "port": 1, "interval": "10ms"}),
+                "config.checks.web.interval",
+            ),
+            (
+                json!({"type": "tcp", "port": 1, "timeout": "2m"}),
+                "config.checks.web.timeout",
+            ),
+            (
+                json!({"type": "tcp", "port": 1, "grace_period": "2h"}),
+                "config.checks.web.grace_period",
+            ),
+            (
+                json!({"type": "http", "port": 1, "path": "health"}),
+                "config.checks.web.path",
+            ),
+            (
+                json!({"type": "http", "port": 1, "method": "G T"}),
+                "config.checks.web.method",
+            ),
+            (
+                json!({"type": "http", "port": 1, "headers": [{"name": "a b"}]}),
+                "config.checks.web.headers[0].name",
+            ),
+            (
+                json!({"type": "http", "port": 1, "headers": [{"name": "a", "values": ["\n"]}]}),
+                "config.checks.web.headers[0].values[0]",
+            ),
+        ] {
+            assert_eq!(with(check.clone()).as_deref(), Some(field), "{check}");
+        }
+        let mut bad_name = config();
+        bad_name
+            .checks
+            .insert("a b".into(), MachineCheck::default());
+        assert_eq!(
+            validate_config(&bad_name).expect_err("refused").field,
+            "config.checks.a b"
+        );
     }
 
     #[test]

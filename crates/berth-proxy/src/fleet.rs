@@ -74,6 +74,10 @@ enum Transition {
     Stopping,
 }
 
+/// How a usable Machine ranks for the next request, lowest first: failing readiness
+/// checks, then tickets held.
+type Rank = (bool, u32);
+
 struct Slot {
     view: MachineView,
     in_flight: u32,
@@ -386,15 +390,17 @@ impl Fleet {
         let mut inner = app.lock();
         let waking = inner.wake.is_some();
         let wakeable = inner.slots.values().any(Slot::wakeable);
-        let mut best: Option<(&String, u32, SocketAddr, u32, u32)> = None;
+        // Machines whose readiness checks pass first, then the fewest tickets.
+        let mut best: Option<(&String, Rank, SocketAddr, u32, u32)> = None;
         for (id, slot) in &inner.slots {
             if let Some((address, soft, hard)) = slot.usable(now) {
-                if best.is_none_or(|(_, in_flight, ..)| slot.in_flight < in_flight) {
-                    best = Some((id, slot.in_flight, address, soft, hard));
+                let rank = (slot.view.failing_checks, slot.in_flight);
+                if best.is_none_or(|(_, best_rank, ..)| rank < best_rank) {
+                    best = Some((id, rank, address, soft, hard));
                 }
             }
         }
-        let Some((id, in_flight, address, soft, hard)) = best else {
+        let Some((id, (_, in_flight), address, soft, hard)) = best else {
             if wakeable || waking {
                 return Pick::Wake;
             }

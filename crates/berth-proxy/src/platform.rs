@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_api::{
-    ChangeSource, ErrorBody, ListAppsResponse, Machine, MachineService, MachineState, StartRequest,
-    StopRequest,
+    ChangeSource, CheckState, ErrorBody, ListAppsResponse, Machine, MachineCheck, MachineService,
+    MachineState, StartRequest, StopRequest,
 };
 
 /// What the proxy needs to know about one Machine.
@@ -21,6 +21,9 @@ pub struct MachineView {
     pub service: Option<MachineService>,
     /// How long ago its state last changed (by its `updated_at`), when known.
     pub changed_ago: Option<std::time::Duration>,
+    /// A readiness check of its `config.checks` is `critical`: it gets no new traffic
+    /// while another Machine can take it.
+    pub failing_checks: bool,
 }
 
 impl MachineView {
@@ -37,8 +40,21 @@ impl MachineView {
             address: machine.private_ip.as_deref().and_then(|ip| ip.parse().ok()),
             service: machine.config.services.first().cloned(),
             changed_ago,
+            failing_checks: failing_checks(machine),
         }
     }
+}
+
+/// Whether one of the Machine's readiness checks fails (informational ones only inform).
+fn failing_checks(machine: &Machine) -> bool {
+    machine.checks.iter().any(|status| {
+        status.status == CheckState::Critical
+            && machine
+                .config
+                .checks
+                .get(&status.name)
+                .is_some_and(MachineCheck::gates_traffic)
+    })
 }
 
 /// A refusal or failure from the platform, with the API's stable code.

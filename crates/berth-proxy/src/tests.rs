@@ -105,6 +105,7 @@ fn machine(id: &str, state: MachineState, service: MachineService) -> MachineVie
         address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         service: Some(service),
         changed_ago: None,
+        failing_checks: false,
     }
 }
 
@@ -831,4 +832,62 @@ async fn a_machine_started_through_the_api_gets_time_for_its_server_to_come_up()
         "no start was needed"
     );
     server.await.expect("server task");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_failing_its_checks_gets_no_traffic_while_another_passes() {
+    let mut failing = machine("m1", MachineState::Started, service(1, 600, 0));
+    failing.failing_checks = true;
+    let platform = FakePlatform::with(vec![
+        failing,
+        machine("m2", MachineState::Started, service(2, 600, 0)),
+    ]);
+    let fleet = fleet(platform.clone());
+    // m1 has fewer tickets, and would be picked by load alone.
+    let mut tickets = Vec::new();
+    for _ in 0..5 {
+        let ticket = fleet.admit("web").await.expect("admitted");
+        assert_eq!(ticket.machine(), "m2", "a failing Machine got traffic");
+        tickets.push(ticket);
+    }
+    // Its checks pass again (seen at the next refresh): it takes traffic again.
+    if let Some(m1) = platform.machines.lock().expect("fake lock").get_mut("m1") {
+        m1.failing_checks = false;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.admit("web").await.expect("refresh");
+    settle().await;
+    let ticket = fleet.admit("web").await.expect("admitted");
+    assert_eq!(ticket.machine(), "m1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_failing_its_checks_still_serves_when_it_is_the_only_one() {
+    let mut failing = machine("m1", MachineState::Started, service(1, 600, 0));
+    failing.failing_checks = true;
+    let platform = FakePlatform::with(vec![failing]);
+    let fleet = fleet(platform.clone());
+    let ticket = fleet.admit("web").await.expect("admitted");
+    assert_eq!(ticket.machine(), "m1");
+    assert_eq!(platform.starts.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn only_critical_readiness_checks_count_as_failing() {
+    let machine_with = |kind: &str, status: &str| -> berth_api::Machine {
+        serde_json::from_value(serde_json::json!({
+            "id": "m1", "name": "m1", "state": "started", "region": "r", "instance_id": "i",
+            "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z",
+            "image_ref": {"name": "x", "repository": "x", "digest": "sha256:0"},
+            "config": {"image": "x", "checks": {"web": {"type": "tcp", "port": 1, "kind": kind}}},
+            "checks": [{"name": "web", "status": status, "output": ""}]
+        }))
+        .expect("a machine")
+    };
+    let failing =
+        |kind, status| MachineView::from_machine(&machine_with(kind, status)).failing_checks;
+    assert!(failing("readiness", "critical"));
+    assert!(!failing("readiness", "passing"));
+    assert!(!failing("readiness", "warning"));
+    assert!(!failing("informational", "critical"));
 }

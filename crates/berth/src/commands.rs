@@ -116,6 +116,7 @@ impl ConfigArgs {
             init: InitConfig {
                 cmd: (!self.cmd.is_empty()).then_some(self.cmd),
                 entrypoint: self.entrypoint.map(|entrypoint| vec![entrypoint]),
+                exec: None,
             },
             env: pairs("--env", &self.env)?,
             guest: GuestConfig {
@@ -156,6 +157,7 @@ impl ConfigArgs {
             sandbox: berth_api::SandboxConfig {
                 net_raw: self.net_raw,
             },
+            ..MachineConfig::default()
         })
     }
 }

@@ -120,6 +120,7 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
                     init: berth_api::InitConfig {
                         cmd: Some(vec!["/bin/sh".into(), "-c".into(), SERVE_SCRIPT.into()]),
                         entrypoint: None,
+                        exec: None,
                     },
                     ..MachineConfig::default()
                 },

@@ -34,6 +34,7 @@ impl Agent {
         let (image, pull_events) = self
             .resolve_image(&request.config.image, &lease, &request.pull)
             .await?;
+        let files = crate::files::guest_files(&request.config)?;
         let spec = bundle::bundle_spec(
             &request.id,
             &request.config,
@@ -75,12 +76,19 @@ impl Agent {
         self.inner.store.save(&record, None).await?;
         failpoint::hit("create.after_record");
         let layout = self.layout(&record.id);
-        if let Err(error) = self.inner.runtime.prepare(&layout, &spec).await {
+        let prepared = match self.inner.runtime.prepare(&layout, &spec).await {
+            Ok(()) => {
+                self.write_guest_files(&record.id, files, record.rootfs.lowerdirs())
+                    .await
+            }
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = prepared {
             if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
                 warn!(machine = %record.id, %remove_error, "removing a half-created machine");
             }
             self.inner.store.delete(&record.id).await?;
-            return Err(error.into());
+            return Err(error);
         }
         failpoint::hit("create.after_prepare");
         record.pending = None;

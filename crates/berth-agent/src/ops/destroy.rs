@@ -9,13 +9,41 @@ use crate::error::Result;
 use crate::failpoint;
 use crate::metering;
 use crate::record::now_ms;
+use crate::service::EventSource;
 use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
     pub(crate) async fn destroy_op(&self, id: &str, force: bool) -> Result<()> {
-        let _guard = self.lock(id).await?;
-        let mut record = self.load(id).await?;
+        let guard = self.lock(id).await?;
+        let record = self.load(id).await?;
+        self.destroy_locked(guard, record, force, EventSource::User)
+            .await
+    }
+
+    /// Destroys a stopped Machine still in run `generation`, as the system (`auto_destroy`).
+    pub(crate) async fn destroy_if(&self, id: &str, generation: u64) -> Result<()> {
+        let guard = self.lock(id).await?;
+        let Some(record) = self.inner.store.get(id).await? else {
+            return Ok(());
+        };
+        if record.run_generation != generation || record.state != MachineState::Stopped {
+            return Ok(());
+        }
+        info!(machine = %id, "exited with auto_destroy: destroying");
+        self.destroy_locked(guard, record, false, EventSource::System)
+            .await
+    }
+
+    async fn destroy_locked(
+        &self,
+        _guard: tokio::sync::OwnedMutexGuard<()>,
+        mut record: crate::record::MachineRecord,
+        force: bool,
+        source: EventSource,
+    ) -> Result<()> {
+        let id = record.id.clone();
+        let id = id.as_str();
         let ActionPlan::Proceed(transitional) =
             state::plan(record.state, Action::Destroy { force })?
         else {
@@ -32,9 +60,10 @@ impl Agent {
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }
+        self.forget_schedule(id);
         // Nothing is left to write: the record is gone. The listener still hears it.
         record.enter(MachineState::Destroyed, now_ms())?;
-        self.notify_destroyed(&record);
+        self.notify_destroyed(&record, source);
         info!(machine = %id, "destroyed");
         Ok(())
     }

@@ -31,7 +31,7 @@ impl Agent {
         match state::plan(record.state, Action::Start)? {
             ActionPlan::AlreadyDone => Ok(StartStopResponse {
                 previous_state,
-                machine: record.to_api(),
+                machine: self.api_view(&record),
                 note: Some("machine was already started".into()),
                 timings: Vec::new(),
             }),
@@ -42,7 +42,7 @@ impl Agent {
                 steps.append(self.boot(&mut record, source).await?);
                 Ok(StartStopResponse {
                     previous_state,
-                    machine: record.to_api(),
+                    machine: self.api_view(&record),
                     note: None,
                     timings: steps
                         .into_iter()
@@ -102,6 +102,7 @@ impl Agent {
                 steps.lap("agent_store_started", &mut mark);
                 failpoint::hit("start.after_record_started");
                 self.watch(record.id.clone(), record.run_generation);
+                self.run_checks(record);
                 Ok(steps)
             }
             Err(error) => {

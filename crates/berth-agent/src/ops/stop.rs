@@ -34,7 +34,7 @@ impl Agent {
         match state::plan(record.state, Action::Stop)? {
             ActionPlan::AlreadyDone => Ok(StartStopResponse {
                 previous_state,
-                machine: record.to_api(),
+                machine: self.api_view(&record),
                 note: Some(format!("machine was already {previous_state}")),
                 timings: Vec::new(),
             }),
@@ -56,7 +56,7 @@ impl Agent {
                 failpoint::hit("stop.after_record_stopped");
                 Ok(StartStopResponse {
                     previous_state,
-                    machine: record.to_api(),
+                    machine: self.api_view(&record),
                     note: None,
                     timings: Vec::new(),
                 })

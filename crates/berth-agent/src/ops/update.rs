@@ -33,6 +33,7 @@ impl Agent {
         let (image, pull_events) = self
             .resolve_image(&request.config.image, &lease, &scope)
             .await?;
+        let files = crate::files::guest_files(&request.config)?;
         let mut spec = bundle::bundle_spec(
             id,
             &request.config,
@@ -70,12 +71,15 @@ impl Agent {
             reset_dir(&layout.upper()).await?;
         }
         self.inner.runtime.prepare(&layout, &spec).await?;
+        let new_rootfs = self.rootfs_stack(id, &image);
+        self.write_guest_files(id, files, new_rootfs.lowerdirs())
+            .await?;
         failpoint::hit("update.after_prepare");
         let now = now_ms();
         record.instance_id =
             berth_core::ids::new_instance_id(u64::try_from(now).unwrap_or_default());
         record.image_ref = Self::image_ref(&image);
-        record.rootfs = self.rootfs_stack(id, &image);
+        record.rootfs = new_rootfs;
         record.config = request.config;
         record.pending = None;
         self.inner.store.add_events(id, &pull_events).await?;
