@@ -62,12 +62,14 @@ impl Agent {
     pub(crate) fn image_ref(image: &ResolvedImage) -> ImageRef {
         ImageRef {
             name: image.reference.name(),
+            registry: image.reference.registry.clone(),
             repository: match &image.reference.registry {
                 Some(registry) => format!("{registry}/{}", image.reference.repository),
                 None => image.reference.repository.clone(),
             },
             tag: image.reference.tag.clone(),
             digest: image.manifest_digest.clone(),
+            labels: Default::default(),
         }
     }
 

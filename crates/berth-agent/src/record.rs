@@ -92,6 +92,9 @@ pub struct MachineRecord {
     /// recorded before orgs reached the worker) is the default group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// Cordoned: the proxy sends it no traffic and never autostarts it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cordoned: bool,
 }
 
 impl MachineRecord {
@@ -127,6 +130,10 @@ impl MachineRecord {
             private_ip: self.private_ip.map(|address| address.to_string()),
             worker: None,
             worker_status: None,
+            host_status: None,
+            cordoned: self.cordoned,
+            events: Vec::new(),
+            nonce: None,
         }
     }
 }
@@ -162,9 +169,11 @@ mod tests {
             config: MachineConfig::default(),
             image_ref: ImageRef {
                 name: "x".into(),
+                registry: None,
                 repository: "x".into(),
                 tag: None,
                 digest: "sha256:0".into(),
+                labels: Default::default(),
             },
             rootfs: RootfsStack {
                 image_layers: Vec::new(),
@@ -182,6 +191,7 @@ mod tests {
             private_ip: None,
             restart_due_ms: None,
             org: None,
+            cordoned: false,
         }
     }
 

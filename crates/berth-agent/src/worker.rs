@@ -97,19 +97,38 @@ impl WorkerService for Agent {
             {
                 Err(WorkerError::Busy { id: id.to_owned() })
             }
-            other => Ok(other?.to_api()),
+            other => {
+                let machine = other?.to_api();
+                let mut answered = self.with_recent_events(None, vec![machine]).await?;
+                answered
+                    .pop()
+                    .ok_or_else(|| WorkerError::internal("the machine went missing"))
+            }
         }
     }
 
     async fn list(&self, app: &str) -> Result<Vec<Machine>> {
-        Ok(self
+        let machines = self
             .inner
             .store
             .list_app(app)
             .await?
             .iter()
             .map(MachineRecord::to_api)
-            .collect())
+            .collect();
+        Ok(self.with_recent_events(Some(app), machines).await?)
+    }
+
+    async fn cordon(&self, id: &str, cordoned: bool) -> Result<Machine> {
+        Ok(self.set_cordon(id, cordoned).await?)
+    }
+
+    async fn processes(&self, id: &str) -> Result<Vec<berth_api::ProcessStat>> {
+        Ok(self.list_processes(id).await?)
+    }
+
+    async fn versions(&self, id: &str) -> Result<Vec<berth_api::MachineVersion>> {
+        Ok(self.config_versions(id).await?)
     }
 
     async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {
