@@ -21,6 +21,8 @@ pub struct MachineView {
     pub service: Option<MachineService>,
     /// How long ago its state last changed (by its `updated_at`), when known.
     pub changed_ago: Option<std::time::Duration>,
+    /// Cordoned: no traffic and no autostart, whatever its service says.
+    pub cordoned: bool,
 }
 
 impl MachineView {
@@ -37,6 +39,7 @@ impl MachineView {
             address: machine.private_ip.as_deref().and_then(|ip| ip.parse().ok()),
             service: machine.config.services.first().cloned(),
             changed_ago,
+            cordoned: machine.cordoned,
         }
     }
 }
