@@ -122,7 +122,6 @@ fn launch_input(name: &str, skip_launch: bool) -> Value {
 
 /// Fields of Fly's schema that Berth does not act on, each at its path.
 fn with_fly_extras(mut body: Value) -> Value {
-    body["lease_ttl"] = json!(30);
     body["skip_service_registration"] = json!(true);
     body["config"]["auto_destroy"] = json!(true);
     body["config"]["dns"] = json!({"skip_registration": true});
@@ -133,13 +132,12 @@ fn with_fly_extras(mut body: Value) -> Value {
     body
 }
 
-const EXTRA_PATHS: [&str; 7] = [
+const EXTRA_PATHS: [&str; 6] = [
     "config.init.tty",
     "config.guest.kernel_args",
     "config.auto_destroy",
     "config.dns",
     "config.checks",
-    "lease_ttl",
     "skip_service_registration",
 ];
 
