@@ -155,10 +155,10 @@ pub fn format_ms(ms: i64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record_in(state: MachineState) -> MachineRecord {
+    pub(crate) fn record_in(state: MachineState) -> MachineRecord {
         MachineRecord {
             id: "0000000000000a".into(),
             app: "app".into(),

@@ -664,6 +664,95 @@ mod tests {
         assert_eq!(read, written);
     }
 
+    fn event(kind: EventKind, at_ms: i64) -> MachineEvent {
+        MachineEvent {
+            kind,
+            source: EventSource::User,
+            state: MachineState::Stopped,
+            exit_code: None,
+            reason: None,
+            at_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_are_written_with_their_change_and_go_with_the_machine() {
+        let (_dir, store) = store().await;
+        let mut record = crate::record::tests::record_in(MachineState::Created);
+        record.config.image = "first".into();
+        store
+            .save_versioned(&record, Some(&event(EventKind::Create, 1)), &[], true)
+            .await
+            .expect("create");
+        // A change that is not a new config adds no version.
+        store
+            .save_full(&record, Some(&event(EventKind::Start, 2)), &[])
+            .await
+            .expect("start");
+        record.instance_id = "02".into();
+        record.config.image = "second".into();
+        record.updated_at_ms = 3;
+        store
+            .save_versioned(&record, Some(&event(EventKind::Update, 3)), &[], true)
+            .await
+            .expect("update");
+        let versions = store.versions(&record.id).await.expect("versions");
+        let seen: Vec<(&str, i64)> = versions
+            .iter()
+            .map(|(version, _, at)| (version.as_str(), *at))
+            .collect();
+        assert_eq!(seen, [("02", 3), ("01", 1)]);
+        assert!(versions[0].1.contains("second") && versions[1].1.contains("first"));
+        store.delete(&record.id).await.expect("delete");
+        assert!(store.versions(&record.id).await.expect("versions").is_empty());
+    }
+
+    #[tokio::test]
+    async fn recent_events_are_the_newest_of_each_machine() {
+        let (_dir, store) = store().await;
+        let mut one = crate::record::tests::record_in(MachineState::Stopped);
+        let mut two = one.clone();
+        one.id = "m1".into();
+        two.id = "m2".into();
+        store.save(&one, None).await.expect("one");
+        store.save(&two, None).await.expect("two");
+        let kinds = [EventKind::Create, EventKind::Start, EventKind::Stop];
+        for (at, kind) in kinds.iter().enumerate() {
+            let at = i64::try_from(at).expect("small");
+            store.add_events("m1", &[event(*kind, at)]).await.expect("m1");
+            store.add_events("m2", &[event(*kind, at)]).await.expect("m2");
+        }
+        let recent = store
+            .recent_events(Some("app"), None, 2)
+            .await
+            .expect("recent");
+        let seen: Vec<(&str, EventKind)> = recent
+            .iter()
+            .map(|(id, _, event)| (id.as_str(), event.kind))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("m1", EventKind::Stop),
+                ("m1", EventKind::Start),
+                ("m2", EventKind::Stop),
+                ("m2", EventKind::Start)
+            ]
+        );
+        let only = store
+            .recent_events(None, Some("m2"), 10)
+            .await
+            .expect("one machine");
+        assert_eq!(only.len(), 3);
+        assert!(only.iter().all(|(id, ..)| id == "m2"));
+        assert!(only.windows(2).all(|pair| pair[0].1 > pair[1].1));
+        assert!(store
+            .recent_events(Some("other"), None, 10)
+            .await
+            .expect("none")
+            .is_empty());
+    }
+
     #[tokio::test]
     async fn an_unknown_kind_is_an_error_not_a_guess() {
         let (_dir, store) = store().await;
