@@ -297,10 +297,7 @@ async fn cordon(State(http): State<Shared>, Path(id): Path<String>) -> Result<Re
     Ok(Json(http.worker.cordon(&id, true).await?).into_response())
 }
 
-async fn uncordon(
-    State(http): State<Shared>,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
+async fn uncordon(State(http): State<Shared>, Path(id): Path<String>) -> Result<Response, Failure> {
     Ok(Json(http.worker.cordon(&id, false).await?).into_response())
 }
 
@@ -311,10 +308,7 @@ async fn processes(
     Ok(Json(http.worker.processes(&id).await?).into_response())
 }
 
-async fn versions(
-    State(http): State<Shared>,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
+async fn versions(State(http): State<Shared>, Path(id): Path<String>) -> Result<Response, Failure> {
     Ok(Json(http.worker.versions(&id).await?).into_response())
 }
 

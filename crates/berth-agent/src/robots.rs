@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use berth_api::{
-    EventKind, ExecResponse, ListenSocket, Machine, MachineEvent, MachineEventAnswer,
-    MachineState, MachineVersion, ProcessStat,
+    EventKind, ExecResponse, ListenSocket, Machine, MachineEvent, MachineEventAnswer, MachineState,
+    MachineVersion, ProcessStat,
 };
 use berth_core::state::StateError;
 use berth_core::validate;
@@ -169,20 +169,27 @@ impl Agent {
     }
 
     /// Machines as GET and list answer them: each with its newest events, newest first.
+    /// One query: by the Machine's id for one Machine, by `app` for a list.
     pub(crate) async fn with_recent_events(
         &self,
-        app: Option<&str>,
+        app: &str,
         mut machines: Vec<Machine>,
     ) -> Result<Vec<Machine>> {
-        let id = match (app, machines.as_slice()) {
-            (None, [only]) => Some(only.id.clone()),
-            _ => None,
+        let rows = match machines.as_slice() {
+            [] => Vec::new(),
+            [only] => {
+                self.inner
+                    .store
+                    .recent_events(None, Some(&only.id), RECENT_EVENTS)
+                    .await?
+            }
+            _ => {
+                self.inner
+                    .store
+                    .recent_events(Some(app), None, RECENT_EVENTS)
+                    .await?
+            }
         };
-        let rows = self
-            .inner
-            .store
-            .recent_events(app, id.as_deref(), RECENT_EVENTS)
-            .await?;
         let mut by_machine: std::collections::HashMap<String, Vec<MachineEventAnswer>> =
             std::collections::HashMap::new();
         for (machine_id, event_id, event) in rows {

@@ -187,13 +187,14 @@ impl AgentStore {
     ) -> Result<Option<i64>> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
-        let config = if version {
-            Some(serde_json::to_string(&record.config).map_err(|error| {
-                AgentError::Internal(format!("encode machine config: {error}"))
-            })?)
-        } else {
-            None
-        };
+        let config =
+            if version {
+                Some(serde_json::to_string(&record.config).map_err(|error| {
+                    AgentError::Internal(format!("encode machine config: {error}"))
+                })?)
+            } else {
+                None
+            };
         const UPSERT: &str =
             "INSERT OR REPLACE INTO machines (id, app, state, record) VALUES (?, ?, ?, ?);";
         const USAGE: &str = "INSERT INTO usage_journal
@@ -704,7 +705,11 @@ mod tests {
         assert_eq!(seen, [("02", 3), ("01", 1)]);
         assert!(versions[0].1.contains("second") && versions[1].1.contains("first"));
         store.delete(&record.id).await.expect("delete");
-        assert!(store.versions(&record.id).await.expect("versions").is_empty());
+        assert!(store
+            .versions(&record.id)
+            .await
+            .expect("versions")
+            .is_empty());
     }
 
     #[tokio::test]
@@ -719,8 +724,14 @@ mod tests {
         let kinds = [EventKind::Create, EventKind::Start, EventKind::Stop];
         for (at, kind) in kinds.iter().enumerate() {
             let at = i64::try_from(at).expect("small");
-            store.add_events("m1", &[event(*kind, at)]).await.expect("m1");
-            store.add_events("m2", &[event(*kind, at)]).await.expect("m2");
+            store
+                .add_events("m1", &[event(*kind, at)])
+                .await
+                .expect("m1");
+            store
+                .add_events("m2", &[event(*kind, at)])
+                .await
+                .expect("m2");
         }
         let recent = store
             .recent_events(Some("app"), None, 2)

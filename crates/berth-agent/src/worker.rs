@@ -98,8 +98,10 @@ impl WorkerService for Agent {
                 Err(WorkerError::Busy { id: id.to_owned() })
             }
             other => {
-                let machine = other?.to_api();
-                let mut answered = self.with_recent_events(None, vec![machine]).await?;
+                let record = other?;
+                let mut answered = self
+                    .with_recent_events(&record.app, vec![record.to_api()])
+                    .await?;
                 answered
                     .pop()
                     .ok_or_else(|| WorkerError::internal("the machine went missing"))
@@ -116,7 +118,7 @@ impl WorkerService for Agent {
             .iter()
             .map(MachineRecord::to_api)
             .collect();
-        Ok(self.with_recent_events(Some(app), machines).await?)
+        Ok(self.with_recent_events(app, machines).await?)
     }
 
     async fn cordon(&self, id: &str, cordoned: bool) -> Result<Machine> {

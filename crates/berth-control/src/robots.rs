@@ -164,7 +164,7 @@ impl WaitQuery {
     }
 
     /// `from_event_id` as the number Berth's event ids are.
-    fn from_event(&self) -> Result<Option<i64>, ApiError> {
+    fn after_event(&self) -> Result<Option<i64>, ApiError> {
         self.from_event_id
             .as_deref()
             .map(|text| {
@@ -397,7 +397,7 @@ impl ControlPlane {
             query.state.clone()
         };
         let wanted_version = query.version()?;
-        let after_event = query.from_event()?;
+        let after_event = query.after_event()?;
         let (_, row) = self.machine(principal, app, id).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         // Subscribe before reading the state, so no change can slip between the two.

@@ -167,7 +167,12 @@ async fn cordon_respects_a_held_lease() {
     let lease = post(&harness, &format!("{base}/lease"), None).await;
     let nonce = lease["data"]["nonce"].as_str().expect("nonce").to_owned();
     let refused = harness
-        .call(&harness.admin, Method::POST, &format!("{base}/cordon"), None)
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("{base}/cordon"),
+            None,
+        )
         .await;
     assert_error(&refused, 409, "lease_held");
     assert!(!machine(&harness, &base).await.cordoned);
@@ -231,7 +236,12 @@ async fn versions_list_one_config_per_create_and_update_newest_first() {
     post(&harness, &format!("{base}/start"), None).await;
     post(&harness, &format!("{base}/stop"), None).await;
     let (_, raw) = harness
-        .call(&harness.admin, Method::GET, &format!("{base}/versions"), None)
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("{base}/versions"),
+            None,
+        )
         .await;
     assert_eq!(raw.as_array().map(Vec::len), Some(2));
 }
@@ -287,7 +297,7 @@ async fn the_list_filters_by_region_state_and_keeps_destroyed_ones_when_asked() 
 
     assert_eq!(
         ids(get(&harness, &list("?state=started")).await),
-        [started.clone()]
+        std::slice::from_ref(&started)
     );
     // Fly's comma-separated form and the repeated one.
     let both = sorted(vec![started.clone(), stopped.clone(), doomed.clone()]);
@@ -336,7 +346,7 @@ async fn the_list_filters_by_region_state_and_keeps_destroyed_ones_when_asked() 
     assert_eq!(buried.state, "destroyed");
     assert_eq!(
         ids(get(&harness, &list("?include_deleted=true&state=destroyed")).await),
-        [doomed.clone()]
+        std::slice::from_ref(&doomed)
     );
     // Still not a Machine one can act on.
     let (status, _) = harness
@@ -402,7 +412,10 @@ async fn get_carries_recent_events_newest_first_in_fly_s_names() {
     // The ids are the event ids GET …/events pages with.
     let listed = get(&harness, &format!("{base}/events")).await;
     assert_eq!(listed[0]["id"].as_str(), Some(got.events[2].id.as_str()));
-    assert_eq!(listed[0]["kind"], "create", "Berth's earlier name stays in kind");
+    assert_eq!(
+        listed[0]["kind"], "create",
+        "Berth's earlier name stays in kind"
+    );
     // Only the newest ten.
     for _ in 0..6 {
         post(&harness, &format!("{base}/start"), None).await;
@@ -481,7 +494,8 @@ async fn create_with_lease_ttl_answers_the_lease_nonce() {
 async fn rootfs_is_fly_s_object_and_reads_berth_s_strings() {
     let harness = Harness::start().await;
     harness.app(&harness.admin, "fs").await;
-    let config = |rootfs: Value| json!({"skip_launch": true, "config": {"image": IMAGE, "rootfs": rootfs}});
+    let config =
+        |rootfs: Value| json!({"skip_launch": true, "config": {"image": IMAGE, "rootfs": rootfs}});
     let persist = |machine: &FlyMachine| {
         machine
             .config
@@ -531,7 +545,10 @@ async fn rootfs_is_fly_s_object_and_reads_berth_s_strings() {
         );
     }
     // Strict mode reads both forms too.
-    for rootfs in [json!({"persist": "restart", "size_gb": 1}), json!("ephemeral")] {
+    for rootfs in [
+        json!({"persist": "restart", "size_gb": 1}),
+        json!("ephemeral"),
+    ] {
         let reply = harness
             .send(
                 &harness.admin,
@@ -556,7 +573,10 @@ async fn a_config_without_a_restart_policy_gets_fly_s_default() {
     )
     .await;
     let restart = &made.config.as_ref().expect("config").restart;
-    assert_eq!((restart.policy.as_str(), restart.max_retries), ("on-failure", 10));
+    assert_eq!(
+        (restart.policy.as_str(), restart.max_retries),
+        ("on-failure", 10)
+    );
     // A named policy is kept as named; on-failure alone gets the default retries.
     let named = create(
         &harness,
@@ -564,7 +584,10 @@ async fn a_config_without_a_restart_policy_gets_fly_s_default() {
         json!({"skip_launch": true, "config": {"image": IMAGE, "restart": {"policy": "on-failure"}}}),
     )
     .await;
-    assert_eq!(named.config.as_ref().expect("config").restart.max_retries, 10);
+    assert_eq!(
+        named.config.as_ref().expect("config").restart.max_retries,
+        10
+    );
     let no = post(
         &harness,
         "/v1/apps/rs/machines",
@@ -606,7 +629,12 @@ async fn wait_from_an_event_counts_only_later_changes() {
     // Started already, but by the start event itself, not after it: only a later change
     // answers.
     let (status, reply) = harness
-        .call(&harness.admin, Method::GET, &wait("started", &start, 1), None)
+        .call(
+            &harness.admin,
+            Method::GET,
+            &wait("started", &start, 1),
+            None,
+        )
         .await;
     assert_eq!(status, 408, "{reply}");
     assert_eq!(reply["error"], "timeout");
@@ -630,8 +658,96 @@ async fn wait_from_an_event_counts_only_later_changes() {
     assert_eq!(answered.status().as_u16(), 200);
 
     let refused = harness
-        .call(&harness.admin, Method::GET, &wait("started", "01ABC", 1), None)
+        .call(
+            &harness.admin,
+            Method::GET,
+            &wait("started", "01ABC", 1),
+            None,
+        )
         .await;
     assert_error(&refused, 400, "invalid_config");
     assert_eq!(refused.1["field"], "from_event_id");
+}
+
+#[tokio::test]
+async fn the_openapi_description_has_these_routes_fields_and_parameters() {
+    let harness = Harness::start().await;
+    let doc = get(&harness, "/v1/openapi.json").await;
+    let paths = &doc["paths"];
+    for (path, verb) in [
+        ("/v1/apps/{app}/machines/{id}/cordon", "post"),
+        ("/v1/apps/{app}/machines/{id}/uncordon", "post"),
+        ("/v1/apps/{app}/machines/{id}/ps", "get"),
+        ("/v1/apps/{app}/machines/{id}/versions", "get"),
+    ] {
+        assert!(paths[path][verb].is_object(), "{verb} {path}");
+    }
+    let params = |path: &str| -> Vec<String> {
+        paths[path]["get"]["parameters"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|param| param["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let list = params("/v1/apps/{app}/machines");
+    for name in ["region", "state", "include_deleted", "summary"] {
+        assert!(list.iter().any(|param| param == name), "{name}: {list:?}");
+    }
+    let wait = params("/v1/apps/{app}/machines/{id}/wait");
+    assert!(
+        wait.iter().any(|param| param == "from_event_id"),
+        "{wait:?}"
+    );
+    let schemas = &doc["components"]["schemas"];
+    let fields = |schema: &str| -> Vec<String> {
+        schemas[schema]["properties"]
+            .as_object()
+            .map(|properties| properties.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for (schema, wanted) in [
+        (
+            "Machine",
+            &[
+                "events",
+                "host_status",
+                "cordoned",
+                "nonce",
+                "worker_status",
+            ][..],
+        ),
+        ("ImageRef", &["registry", "labels"][..]),
+        ("RootfsConfig", &["persist", "size_gb"][..]),
+        ("MachineVersion", &["version", "user_config"][..]),
+        (
+            "ProcessStat",
+            &[
+                "pid",
+                "command",
+                "cpu",
+                "rss",
+                "stime",
+                "rtime",
+                "directory",
+                "listen_sockets",
+            ][..],
+        ),
+        ("ListenSocket", &["proto", "address"][..]),
+        ("CreateMachineRequest", &["lease_ttl"][..]),
+    ] {
+        let have = fields(schema);
+        for field in wanted {
+            assert!(
+                have.iter().any(|f| f == field),
+                "{schema} lacks {field}: {have:?}"
+            );
+        }
+    }
+    assert_eq!(
+        schemas["MachineEventAnswer"]["properties"]["type"]["type"],
+        "string"
+    );
 }

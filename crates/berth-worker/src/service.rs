@@ -9,8 +9,7 @@ use async_trait::async_trait;
 pub use berth_api::EventSource;
 use berth_api::{
     EventKind, ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState,
-    MachineVersion, ProcessStat, StartStopResponse, StopRequest, UpdateMachineRequest,
-    UsageRecord,
+    MachineVersion, ProcessStat, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
 };
 use berth_image::PullScope;
 use serde::{Deserialize, Serialize};

@@ -76,7 +76,10 @@ fn ps_lists_the_machine_s_own_processes_as_its_pid_namespace_sees_them() {
         .iter()
         .find(|p| p.command == "sleep 4242")
         .expect("the sleep");
-    assert!(sleep.rss > 0 && sleep.stime > 1_600_000_000_000, "{sleep:?}");
+    assert!(
+        sleep.rss > 0 && sleep.stime > 1_600_000_000_000,
+        "{sleep:?}"
+    );
     // Only this Machine's: the other one's sleep is not listed.
     assert!(
         !listed.iter().any(|p| p.command.contains("4343")),
@@ -84,7 +87,10 @@ fn ps_lists_the_machine_s_own_processes_as_its_pid_namespace_sees_them() {
     );
 
     // A stopped Machine has no processes: the answer says why.
-    post(&platform, &format!("/v1/apps/procs/machines/{}/stop", other.id));
+    post(
+        &platform,
+        &format!("/v1/apps/procs/machines/{}/stop", other.id),
+    );
     let (status, body) = processes(&platform, "procs", &other.id);
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"], "invalid_state");

@@ -121,7 +121,10 @@ fn split_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
 
 /// `socket:[12345]` → 12345.
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 fn boot_time_s() -> io::Result<u64> {
@@ -167,7 +170,10 @@ fn parse_listen_line(line: &str) -> Option<(u64, String)> {
         .collect();
     let bytes: Vec<u8> = words?.concat();
     let text = match bytes.len() {
-        4 => format!("{}:{port}", Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        4 => format!(
+            "{}:{port}",
+            Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+        ),
         16 => {
             let octets: [u8; 16] = bytes.try_into().ok()?;
             format!("[{}]:{port}", Ipv6Addr::from(octets))
