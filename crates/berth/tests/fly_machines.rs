@@ -50,7 +50,15 @@ fn processes(platform: &Platform, app: &str, id: &str) -> (u16, Value) {
 
 #[test]
 fn ps_lists_the_machine_s_own_processes_as_its_pid_namespace_sees_them() {
-    let platform = Platform::start();
+    ps_of(Platform::start());
+}
+
+#[test]
+fn ps_reads_a_runc_machine_the_same_way() {
+    ps_of(Platform::start_with(&["--runtime", "runc"]));
+}
+
+fn ps_of(platform: Platform) {
     platform.import(busybox_image(), "demo/busybox:1");
     platform.cli_ok(&["app", "create", "procs"]);
     let mine = create(&platform, "procs", &httpd_and("4242"), json!([]));
