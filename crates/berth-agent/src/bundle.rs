@@ -203,6 +203,7 @@ mod tests {
             env: vec!["PATH=/bin".into(), "MODE=image".into()],
             working_dir: Some("/app".into()),
             user: None,
+            labels: Default::default(),
         }
     }
 

@@ -113,6 +113,10 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/events", get(events))
         .route("/agent/v1/machines/{id}/exec", post(exec))
         .route("/agent/v1/machines/{id}/metadata", post(metadata))
+        .route("/agent/v1/machines/{id}/cordon", post(cordon))
+        .route("/agent/v1/machines/{id}/uncordon", post(uncordon))
+        .route("/agent/v1/machines/{id}/ps", get(processes))
+        .route("/agent/v1/machines/{id}/versions", get(versions))
         .route("/agent/v1/machines/{id}/log-chunks", get(log_chunks))
         .route("/agent/v1/notices", get(follow_notices))
         .route("/agent/v1/notices/snapshot", get(notice_snapshot))
@@ -287,6 +291,25 @@ async fn metadata(
             .await?,
     )
     .into_response())
+}
+
+async fn cordon(State(http): State<Shared>, Path(id): Path<String>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.cordon(&id, true).await?).into_response())
+}
+
+async fn uncordon(State(http): State<Shared>, Path(id): Path<String>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.cordon(&id, false).await?).into_response())
+}
+
+async fn processes(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.processes(&id).await?).into_response())
+}
+
+async fn versions(State(http): State<Shared>, Path(id): Path<String>) -> Result<Response, Failure> {
+    Ok(Json(http.worker.versions(&id).await?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -62,12 +62,14 @@ impl Agent {
     pub(crate) fn image_ref(image: &ResolvedImage) -> ImageRef {
         ImageRef {
             name: image.reference.name(),
+            registry: image.reference.registry.clone(),
             repository: match &image.reference.registry {
                 Some(registry) => format!("{registry}/{}", image.reference.repository),
                 None => image.reference.repository.clone(),
             },
             tag: image.reference.tag.clone(),
             digest: image.manifest_digest.clone(),
+            labels: image.config.labels.clone(),
         }
     }
 
@@ -147,5 +149,37 @@ fn pull_milestone(event: &PullEvent) -> Option<String> {
         )),
         PullStatus::Done => Some("image stored".to_owned()),
         PullStatus::Waiting | PullStatus::Downloading | PullStatus::Unpacked => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `image_ref` carries Fly's `registry` apart and the image config's labels.
+    #[test]
+    fn the_image_ref_names_the_registry_and_carries_the_labels() {
+        let image = ResolvedImage {
+            reference: berth_image::ImageReference::parse("registry.example:5000/team/app:1")
+                .expect("reference"),
+            manifest_digest: "sha256:0".into(),
+            layer_digests: Vec::new(),
+            layer_dirs: Vec::new(),
+            config: berth_image::RuntimeConfig {
+                entrypoint: Vec::new(),
+                cmd: Vec::new(),
+                env: Vec::new(),
+                working_dir: None,
+                user: None,
+                labels: [("fly.version".to_owned(), "7".to_owned())].into(),
+            },
+            size_bytes: 0,
+            unpacked_bytes: 0,
+        };
+        let image_ref = Agent::image_ref(&image);
+        assert_eq!(image_ref.registry.as_deref(), Some("registry.example:5000"));
+        assert_eq!(image_ref.repository, "registry.example:5000/team/app");
+        assert_eq!(image_ref.tag.as_deref(), Some("1"));
+        assert_eq!(image_ref.labels["fly.version"], "7");
     }
 }

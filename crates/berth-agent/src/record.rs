@@ -92,6 +92,9 @@ pub struct MachineRecord {
     /// recorded before orgs reached the worker) is the default group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// Cordoned: the proxy sends it no traffic and never autostarts it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cordoned: bool,
 }
 
 impl MachineRecord {
@@ -128,6 +131,10 @@ impl MachineRecord {
             worker: None,
             worker_status: None,
             checks: Vec::new(),
+            host_status: None,
+            cordoned: self.cordoned,
+            events: Vec::new(),
+            nonce: None,
         }
     }
 }
@@ -149,10 +156,10 @@ pub fn format_ms(ms: i64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record_in(state: MachineState) -> MachineRecord {
+    pub(crate) fn record_in(state: MachineState) -> MachineRecord {
         MachineRecord {
             id: "0000000000000a".into(),
             app: "app".into(),
@@ -163,9 +170,11 @@ mod tests {
             config: MachineConfig::default(),
             image_ref: ImageRef {
                 name: "x".into(),
+                registry: None,
                 repository: "x".into(),
                 tag: None,
                 digest: "sha256:0".into(),
+                labels: Default::default(),
             },
             rootfs: RootfsStack {
                 image_layers: Vec::new(),
@@ -183,6 +192,7 @@ mod tests {
             private_ip: None,
             restart_due_ms: None,
             org: None,
+            cordoned: false,
         }
     }
 

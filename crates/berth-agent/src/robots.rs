@@ -1,9 +1,12 @@
 //! What programs driving Machines use beyond the lifecycle: the event history, exec,
-//! metadata and log streaming.
+//! metadata, cordons, config versions, the process list and log streaming.
 
 use std::time::Duration;
 
-use berth_api::{ExecResponse, Machine, MachineEvent, MachineState};
+use berth_api::{
+    EventKind, ExecResponse, ListenSocket, Machine, MachineEvent, MachineEventAnswer, MachineState,
+    MachineVersion, ProcessStat,
+};
 use berth_core::state::StateError;
 use berth_core::validate;
 use berth_runtime::exec::ExecSpec;
@@ -11,8 +14,12 @@ use tokio::sync::mpsc;
 
 use crate::error::{AgentError, Result};
 use crate::record::{self, now_ms};
-use crate::service::{ExecOnWorker, LogChunk};
+use crate::service::{EventSource, ExecOnWorker, LogChunk};
+use crate::transition::Change;
 use crate::Agent;
+
+/// How many of its newest events a Machine's JSON carries (GET and list).
+pub(crate) const RECENT_EVENTS: u32 = 10;
 
 /// How often a follower looks for new output. The shim writes the files; the agent is
 /// not told, so followers look.
@@ -85,6 +92,128 @@ impl Agent {
         })
     }
 
+    /// Cordons or uncordons the Machine, with a `cordon`/`uncordon` event when that
+    /// changes it. Only the record changes: the run, if any, goes on.
+    pub(crate) async fn set_cordon(&self, id: &str, cordoned: bool) -> Result<Machine> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        if record.cordoned != cordoned {
+            record.cordoned = cordoned;
+            record.updated_at_ms = now_ms();
+            let kind = if cordoned {
+                EventKind::Cordon
+            } else {
+                EventKind::Uncordon
+            };
+            self.save_in_state(&record, Change::event(kind, EventSource::User))
+                .await?;
+        }
+        Ok(self.api_view(&record))
+    }
+
+    /// The Machine's config history, newest first.
+    pub(crate) async fn config_versions(&self, id: &str) -> Result<Vec<MachineVersion>> {
+        self.load(id).await?;
+        self.inner
+            .store
+            .versions(id)
+            .await?
+            .into_iter()
+            .map(|(version, config, at_ms)| {
+                Ok(MachineVersion {
+                    version,
+                    user_config: serde_json::from_str(&config).map_err(|error| {
+                        AgentError::Internal(format!("decode a config version of {id}: {error}"))
+                    })?,
+                    created_at: record::format_ms(at_ms),
+                })
+            })
+            .collect()
+    }
+
+    /// The started Machine's processes, from its pid namespace.
+    pub(crate) async fn list_processes(&self, id: &str) -> Result<Vec<ProcessStat>> {
+        let record = self.load(id).await?;
+        let not_started = || -> AgentError {
+            StateError::Invalid {
+                verb: "list the processes of",
+                state: record.state,
+            }
+            .into()
+        };
+        if record.state != MachineState::Started {
+            return Err(not_started());
+        }
+        let Some(processes) = self.inner.runtime.processes(&self.layout(id)).await? else {
+            // It ended between the record and the look.
+            return Err(not_started());
+        };
+        let now = u64::try_from(now_ms()).unwrap_or_default();
+        Ok(processes
+            .into_iter()
+            .map(|process| ProcessStat {
+                pid: process.pid,
+                command: process.command,
+                cpu: process.cpu_ms,
+                rss: process.rss_bytes,
+                stime: process.started_at_ms,
+                rtime: now.saturating_sub(process.started_at_ms),
+                directory: String::new(),
+                listen_sockets: process
+                    .listening
+                    .into_iter()
+                    .map(|(proto, address)| ListenSocket { proto, address })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Machines as GET and list answer them: each with its newest events, newest first.
+    /// One query: by the Machine's id for one Machine, by `app` for a list.
+    pub(crate) async fn with_recent_events(
+        &self,
+        app: &str,
+        mut machines: Vec<Machine>,
+    ) -> Result<Vec<Machine>> {
+        let rows = match machines.as_slice() {
+            [] => Vec::new(),
+            [only] => {
+                self.inner
+                    .store
+                    .recent_events(None, Some(&only.id), RECENT_EVENTS)
+                    .await?
+            }
+            _ => {
+                self.inner
+                    .store
+                    .recent_events(Some(app), None, RECENT_EVENTS)
+                    .await?
+            }
+        };
+        let mut by_machine: std::collections::HashMap<String, Vec<MachineEventAnswer>> =
+            std::collections::HashMap::new();
+        for (machine_id, event_id, event) in rows {
+            let at_ms = event.at_ms;
+            let answer = MachineEventAnswer::new(
+                MachineEvent {
+                    id: event_id,
+                    kind: event.kind,
+                    source: event.source,
+                    state: event.state,
+                    timestamp: record::format_ms(at_ms),
+                    exit_code: event.exit_code,
+                    reason: event.reason,
+                },
+                at_ms,
+            );
+            by_machine.entry(machine_id).or_default().push(answer);
+        }
+        for machine in &mut machines {
+            machine.events = by_machine.remove(&machine.id).unwrap_or_default();
+        }
+        Ok(machines)
+    }
+
     pub(crate) async fn change_metadata(
         &self,
         id: &str,
@@ -104,7 +233,7 @@ impl Agent {
             record.updated_at_ms = now_ms();
             self.inner.store.save(&record, None).await?;
         }
-        Ok(record.to_api())
+        Ok(self.api_view(&record))
     }
 
     /// The tail of the Machine's captured output.

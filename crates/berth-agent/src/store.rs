@@ -85,6 +85,16 @@ const SCHEMA: &[&str] = &[
         at_ms INTEGER NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS events_by_machine ON machine_events(machine_id, seq)",
+    // A Machine's config history, one row per create and update, written with the change
+    // that made it and removed with the Machine.
+    "CREATE TABLE IF NOT EXISTS machine_versions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        version TEXT NOT NULL,
+        config TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS versions_by_machine ON machine_versions(machine_id, seq)",
     // Append-only; AUTOINCREMENT so a sequence number is never reused, even after the
     // newest rows are compacted away.
     "CREATE TABLE IF NOT EXISTS usage_journal (
@@ -163,8 +173,28 @@ impl AgentStore {
         event: Option<&MachineEvent>,
         usage: &[UsageRecord],
     ) -> Result<Option<i64>> {
+        self.save_versioned(record, event, usage, false).await
+    }
+
+    /// [`AgentStore::save_full`], and with `version` the record's config as a new entry
+    /// of its history (create and update), in the same transaction.
+    pub async fn save_versioned(
+        &self,
+        record: &MachineRecord,
+        event: Option<&MachineEvent>,
+        usage: &[UsageRecord],
+        version: bool,
+    ) -> Result<Option<i64>> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode machine record: {error}")))?;
+        let config =
+            if version {
+                Some(serde_json::to_string(&record.config).map_err(|error| {
+                    AgentError::Internal(format!("encode machine config: {error}"))
+                })?)
+            } else {
+                None
+            };
         const UPSERT: &str =
             "INSERT OR REPLACE INTO machines (id, app, state, record) VALUES (?, ?, ?, ?);";
         const USAGE: &str = "INSERT INTO usage_journal
@@ -173,12 +203,17 @@ impl AgentStore {
         const EVENT: &str = "INSERT INTO machine_events
             (machine_id, kind, source, state, exit_code, reason, at_ms)
             VALUES (?, ?, ?, ?, ?, ?, ?);";
+        const VERSION: &str = "INSERT INTO machine_versions
+            (machine_id, version, config, at_ms) VALUES (?, ?, ?, ?);";
         // One query of several statements (sqlx runs them in one trip to the connection's
         // thread, binding the arguments in order); the event goes last, so the last
         // inserted row id is the event's.
         let mut sql = String::from(UPSERT);
         for _ in usage {
             sql.push_str(USAGE);
+        }
+        if config.is_some() {
+            sql.push_str(VERSION);
         }
         if event.is_some() {
             sql.push_str(EVENT);
@@ -191,6 +226,13 @@ impl AgentStore {
         for entry in usage {
             query = bind_usage(query, entry)?;
         }
+        if let Some(config) = config {
+            query = query
+                .bind(&record.id)
+                .bind(&record.instance_id)
+                .bind(config)
+                .bind(record.updated_at_ms);
+        }
         if let Some(event) = event {
             query = query
                 .bind(&record.id)
@@ -201,7 +243,7 @@ impl AgentStore {
                 .bind(&event.reason)
                 .bind(event.at_ms);
         }
-        if event.is_none() && usage.is_empty() {
+        if event.is_none() && usage.is_empty() && !version {
             // One statement is atomic by itself: no BEGIN and COMMIT round trips.
             query.execute(&self.pool).await?;
             return Ok(None);
@@ -367,8 +409,53 @@ impl AgentStore {
             .bind(id)
             .execute(&mut *transaction)
             .await?;
+        sqlx::query("DELETE FROM machine_versions WHERE machine_id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
         transaction.commit().await?;
         Ok(())
+    }
+
+    /// The Machine's config history, newest first: (version, config JSON, time).
+    pub async fn versions(&self, id: &str) -> Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT version, config, at_ms FROM machine_versions
+             WHERE machine_id = ? ORDER BY seq DESC",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect())
+    }
+
+    /// The newest `limit` events of each Machine of `app` (or of the one Machine `id`
+    /// names), newest first, with their ids, in one query.
+    pub async fn recent_events(
+        &self,
+        app: Option<&str>,
+        id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, i64, MachineEvent)>> {
+        let rows = sqlx::query(
+            "SELECT machine_id, seq, kind, source, state, exit_code, reason, at_ms FROM (
+                 SELECT e.*, ROW_NUMBER() OVER (PARTITION BY e.machine_id ORDER BY e.seq DESC) AS n
+                 FROM machine_events e
+                 WHERE (?1 IS NULL OR e.machine_id IN (SELECT id FROM machines WHERE app = ?1))
+                   AND (?2 IS NULL OR e.machine_id = ?2)
+             ) WHERE n <= ?3 ORDER BY machine_id, seq DESC",
+        )
+        .bind(app)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.get(0), row.get(1), event_from(&row, 2)?)))
+            .collect()
     }
 
     pub async fn events(&self, id: &str) -> Result<Vec<MachineEvent>> {
@@ -576,6 +663,105 @@ mod tests {
             .flat_map(|kind| EventSource::ALL.iter().map(|source| (*kind, *source)))
             .collect();
         assert_eq!(read, written);
+    }
+
+    fn event(kind: EventKind, at_ms: i64) -> MachineEvent {
+        MachineEvent {
+            kind,
+            source: EventSource::User,
+            state: MachineState::Stopped,
+            exit_code: None,
+            reason: None,
+            at_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_are_written_with_their_change_and_go_with_the_machine() {
+        let (_dir, store) = store().await;
+        let mut record = crate::record::tests::record_in(MachineState::Created);
+        record.config.image = "first".into();
+        store
+            .save_versioned(&record, Some(&event(EventKind::Create, 1)), &[], true)
+            .await
+            .expect("create");
+        // A change that is not a new config adds no version.
+        store
+            .save_full(&record, Some(&event(EventKind::Start, 2)), &[])
+            .await
+            .expect("start");
+        record.instance_id = "02".into();
+        record.config.image = "second".into();
+        record.updated_at_ms = 3;
+        store
+            .save_versioned(&record, Some(&event(EventKind::Update, 3)), &[], true)
+            .await
+            .expect("update");
+        let versions = store.versions(&record.id).await.expect("versions");
+        let seen: Vec<(&str, i64)> = versions
+            .iter()
+            .map(|(version, _, at)| (version.as_str(), *at))
+            .collect();
+        assert_eq!(seen, [("02", 3), ("01", 1)]);
+        assert!(versions[0].1.contains("second") && versions[1].1.contains("first"));
+        store.delete(&record.id).await.expect("delete");
+        assert!(store
+            .versions(&record.id)
+            .await
+            .expect("versions")
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn recent_events_are_the_newest_of_each_machine() {
+        let (_dir, store) = store().await;
+        let mut one = crate::record::tests::record_in(MachineState::Stopped);
+        let mut two = one.clone();
+        one.id = "m1".into();
+        two.id = "m2".into();
+        store.save(&one, None).await.expect("one");
+        store.save(&two, None).await.expect("two");
+        let kinds = [EventKind::Create, EventKind::Start, EventKind::Stop];
+        for (at, kind) in kinds.iter().enumerate() {
+            let at = i64::try_from(at).expect("small");
+            store
+                .add_events("m1", &[event(*kind, at)])
+                .await
+                .expect("m1");
+            store
+                .add_events("m2", &[event(*kind, at)])
+                .await
+                .expect("m2");
+        }
+        let recent = store
+            .recent_events(Some("app"), None, 2)
+            .await
+            .expect("recent");
+        let seen: Vec<(&str, EventKind)> = recent
+            .iter()
+            .map(|(id, _, event)| (id.as_str(), event.kind))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("m1", EventKind::Stop),
+                ("m1", EventKind::Start),
+                ("m2", EventKind::Stop),
+                ("m2", EventKind::Start)
+            ]
+        );
+        let only = store
+            .recent_events(None, Some("m2"), 10)
+            .await
+            .expect("one machine");
+        assert_eq!(only.len(), 3);
+        assert!(only.iter().all(|(id, ..)| id == "m2"));
+        assert!(only.windows(2).all(|pair| pair[0].1 > pair[1].1));
+        assert!(store
+            .recent_events(Some("other"), None, 10)
+            .await
+            .expect("none")
+            .is_empty());
     }
 
     #[tokio::test]

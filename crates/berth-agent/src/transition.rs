@@ -16,6 +16,9 @@ pub(crate) struct Change<'a> {
     at_ms: i64,
     event: Option<(EventKind, EventSource, Option<&'a str>)>,
     usage: &'a [UsageRecord],
+    /// The change gives the Machine a new config (create, update): recorded in its
+    /// version history in the same transaction.
+    version: bool,
 }
 
 impl<'a> Change<'a> {
@@ -25,6 +28,7 @@ impl<'a> Change<'a> {
             at_ms: now_ms(),
             event: None,
             usage: &[],
+            version: false,
         }
     }
 
@@ -50,6 +54,12 @@ impl<'a> Change<'a> {
 
     pub(crate) fn at(mut self, at_ms: i64) -> Self {
         self.at_ms = at_ms;
+        self
+    }
+
+    /// Records the record's config (and `instance_id`) as a new version.
+    pub(crate) fn version(mut self) -> Self {
+        self.version = true;
         self
     }
 }
@@ -87,7 +97,7 @@ impl Agent {
         let event_id = self
             .inner
             .store
-            .save_full(record, event.as_ref(), change.usage)
+            .save_versioned(record, event.as_ref(), change.usage, change.version)
             .await?;
         self.release_unless_running(record);
         if record.state != MachineState::Started {

@@ -97,19 +97,40 @@ impl WorkerService for Agent {
             {
                 Err(WorkerError::Busy { id: id.to_owned() })
             }
-            other => Ok(self.api_view(&other?)),
+            other => {
+                let record = other?;
+                let mut answered = self
+                    .with_recent_events(&record.app, vec![self.api_view(&record)])
+                    .await?;
+                answered
+                    .pop()
+                    .ok_or_else(|| WorkerError::internal("the machine went missing"))
+            }
         }
     }
 
     async fn list(&self, app: &str) -> Result<Vec<Machine>> {
-        Ok(self
+        let machines = self
             .inner
             .store
             .list_app(app)
             .await?
             .iter()
             .map(|record| self.api_view(record))
-            .collect())
+            .collect();
+        Ok(self.with_recent_events(app, machines).await?)
+    }
+
+    async fn cordon(&self, id: &str, cordoned: bool) -> Result<Machine> {
+        Ok(self.set_cordon(id, cordoned).await?)
+    }
+
+    async fn processes(&self, id: &str) -> Result<Vec<berth_api::ProcessStat>> {
+        Ok(self.list_processes(id).await?)
+    }
+
+    async fn versions(&self, id: &str) -> Result<Vec<berth_api::MachineVersion>> {
+        Ok(self.config_versions(id).await?)
     }
 
     async fn usage_since(&self, after_seq: u64, limit: u32) -> Result<Vec<UsageRecord>> {

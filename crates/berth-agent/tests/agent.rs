@@ -81,6 +81,12 @@ fn config(image: &str) -> MachineConfig {
             entrypoint: None,
             exec: None,
         },
+        // These tests watch exits as they happen: no policy restarts behind them (tests of
+        // the policy set their own).
+        restart: berth_api::RestartConfig {
+            policy: berth_api::RestartPolicy::No,
+            max_retries: None,
+        },
         ..MachineConfig::default()
     }
 }

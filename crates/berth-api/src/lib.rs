@@ -40,6 +40,7 @@ macro_rules! wire_names {
 mod checks;
 mod doctor;
 mod duration;
+mod machines;
 mod robots;
 mod services;
 mod tenancy;
@@ -47,6 +48,7 @@ mod tenancy;
 pub use checks::*;
 pub use doctor::*;
 pub use duration::ApiDuration;
+pub use machines::*;
 pub use robots::*;
 pub use services::*;
 pub use tenancy::*;
@@ -156,10 +158,12 @@ pub struct ListAppsResponse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
-    /// Never restart (the default).
-    #[default]
+    /// Never restart.
     No,
-    /// Restart after a non-zero exit, up to `max_retries` times.
+    /// Restart after a non-zero exit, up to `max_retries` times (10 unless given). Fly's
+    /// default, and Berth's: create and update write it into a config that names no
+    /// policy.
+    #[default]
     OnFailure,
     /// Restart after any exit that the user did not ask for.
     Always,
@@ -230,17 +234,6 @@ impl Default for GuestConfig {
     }
 }
 
-/// What happens to the Machine's writable layer when its config is updated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RootfsPersistence {
-    /// The upperdir is kept across stop, start and update (the default).
-    #[default]
-    Persistent,
-    /// Update starts from a fresh upperdir.
-    Ephemeral,
-}
-
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct MachineConfig {
     pub image: String,
@@ -256,8 +249,10 @@ pub struct MachineConfig {
     pub stop_config: StopConfig,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Fly's object; Berth's earlier strings `"persistent"` and `"ephemeral"` are still
+    /// read (deprecated, for one release).
     #[serde(default)]
-    pub rootfs: RootfsPersistence,
+    pub rootfs: RootfsConfig,
     /// Ports the proxy routes the app's traffic to, with autostart and autostop settings.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<MachineService>,
@@ -397,6 +392,10 @@ pub struct CreateMachineRequest {
     /// Fly's: Berth keeps no app secrets, so any version is there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_secrets_version: Option<u64>,
+    /// Seconds: take a lease on the new Machine for its creator, whose nonce the answer
+    /// carries as `nonce` (1 to 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl: Option<u64>,
 }
 
 /// `POST /v1/apps/{app}/machines/{id}`
@@ -467,11 +466,18 @@ pub enum ChangeSource {
 pub struct ImageRef {
     /// The name the user gave, as stored (for example `demo/busybox:1`).
     pub name: String,
+    /// The registry's host (and port), as Fly names it; absent for an image imported
+    /// into the server's store without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
     pub repository: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
     /// The manifest digest the name resolved to; a Machine never runs anything else.
     pub digest: String,
+    /// The image config's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// How the Machine's last run ended.
@@ -512,12 +518,27 @@ pub struct Machine {
     /// The worker that holds the Machine's disk; set at create, kept until destroy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// Deprecated alias of `host_status` (Berth's earlier name, kept for one release):
     /// `ok`, or `unreachable` when the worker is down and this is the last known state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_status: Option<MachineWorkerStatus>,
     /// The last result of each of `config.checks`, by name (Fly's shape).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckStatus>,
+    /// Fly's: `ok`, or `unreachable` when the worker is down and this is the last known
+    /// state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_status: Option<HostStatus>,
+    /// A cordoned Machine gets no traffic from the proxy and is never autostarted; it
+    /// survives stop, start and restarts of the agent until uncordoned.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// The Machine's newest events, newest first (GET and list, not `summary`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<MachineEventAnswer>,
+    /// The nonce of the lease a create with `lease_ttl` took; only on that answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// Whether a Machine's answer came from its worker.
@@ -704,11 +725,16 @@ mod tests {
                 "disk_quota_exceeded",
                 "destroy",
                 "snapshot",
+                "cordon",
+                "uncordon",
             ],
         );
         for &kind in EventKind::ALL {
             assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(EventKind::parse_type(kind.fly_type()), Some(kind));
+            assert_eq!(EventKind::parse_type(kind.as_str()), Some(kind));
         }
+        assert_eq!(EventKind::Create.fly_type(), "launch");
         assert_wire_names(
             EventSource::ALL,
             EventSource::as_str,
@@ -782,7 +808,7 @@ mod tests {
                 cpu_kind: None,
             }
         );
-        assert_eq!(request.config.restart.policy, RestartPolicy::No);
+        assert_eq!(request.config.restart.policy, RestartPolicy::OnFailure);
         assert!(!request.skip_launch);
     }
 

@@ -136,6 +136,10 @@ pub enum EventKind {
     Destroy,
     /// Told to listeners only: a Machine's state in a snapshot.
     Snapshot,
+    /// The Machine was cordoned: no traffic, no autostart.
+    Cordon,
+    /// The Machine was uncordoned.
+    Uncordon,
 }
 
 wire_names!(EventKind {
@@ -151,7 +155,45 @@ wire_names!(EventKind {
     DiskQuotaExceeded => "disk_quota_exceeded",
     Destroy => "destroy",
     Snapshot => "snapshot",
+    Cordon => "cordon",
+    Uncordon => "uncordon",
 });
+
+impl EventKind {
+    /// The event's `type` as Fly names it: `launch` for a create; the other kinds Fly
+    /// has keep their names, and those only Berth has (`pull`, `start_failed`,
+    /// `update_rolled_back`, `recovered`, `disk_quota_exceeded`) keep Berth's.
+    pub fn fly_type(self) -> &'static str {
+        match self {
+            EventKind::Create => "launch",
+            other => other.as_str(),
+        }
+    }
+
+    /// Reads a `type` in Fly's names or Berth's.
+    pub fn parse_type(text: &str) -> Option<EventKind> {
+        match text {
+            "launch" => Some(EventKind::Create),
+            other => EventKind::parse(other),
+        }
+    }
+}
+
+/// `type` of an event answer: Fly's name of its [`EventKind`].
+mod fly_type {
+    use super::EventKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &EventKind, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(kind.fly_type())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EventKind, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        EventKind::parse_type(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown event type {text:?}")))
+    }
+}
 
 /// Who asked for a state change. Recorded with every event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -205,13 +247,15 @@ pub struct MachineEvent {
 
 /// One event of a Machine as `GET .../events` answers it: Fly's `MachineEvent` fields,
 /// Berth's `exit_code` and `reason`, and Berth's earlier names `kind` and `state`
-/// (deprecated aliases of `type` and `status`, kept for one release). `type` keeps
-/// Berth's event names ([`EventKind`]).
+/// (deprecated aliases of `type` and `status`, kept for one release). `type` is Fly's
+/// name of the event (`launch` for a create, see [`EventKind::fly_type`]); `kind` keeps
+/// Berth's (`create`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineEventAnswer {
     /// Fly's string id: the decimal of the increasing number `?since=` pages with.
     pub id: String,
-    #[serde(rename = "type")]
+    #[serde(rename = "type", with = "fly_type")]
+    #[schema(value_type = String)]
     pub kind: EventKind,
     /// The state the Machine was left in.
     pub status: MachineState,

@@ -88,6 +88,7 @@ async fn machine(client: &Client, app: &str) -> Result<Machine> {
                 skip_launch: true,
                 skip_secrets: false,
                 min_secrets_version: None,
+                lease_ttl: None,
                 config: MachineConfig {
                     image: "bench/busybox:1".into(),
                     init: InitConfig {

@@ -58,6 +58,7 @@ async fn create(client: &Client, app: &str) -> Result<Machine> {
         skip_launch: true,
         skip_secrets: false,
         min_secrets_version: None,
+        lease_ttl: None,
         config: sleeper(),
     };
     client

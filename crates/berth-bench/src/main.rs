@@ -507,9 +507,11 @@ async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
         },
         image_ref: berth_api::ImageRef {
             name: "x".into(),
+            registry: None,
             repository: "x".into(),
             tag: None,
             digest: "sha256:0".into(),
+            labels: Default::default(),
         },
         rootfs: RootfsStack {
             image_layers: Vec::new(),
@@ -527,6 +529,7 @@ async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
         storage_bytes: 0,
         private_ip: None,
         restart_due_ms: None,
+        cordoned: false,
     };
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for index in 0..iterations {
@@ -660,6 +663,7 @@ pub(crate) fn create_request(config: &MachineConfig) -> CreateMachineRequest {
         skip_launch: true,
         skip_secrets: false,
         min_secrets_version: None,
+        lease_ttl: None,
         config: config.clone(),
     }
 }

@@ -309,13 +309,14 @@ mod tests {
         let (request, ignored) = parse_json_lenient::<CreateMachineRequest>(
             br#"{"config":{"image":"x","guest":{"cpu_kind":"shared","gpus":1},
                  "services":[{"internal_port":80,"force_instance_key":null,"zap":{"a":1}}]},
-                 "lease_ttl":10,"skip_secrets":false}"#,
+                 "lease_ttl":10,"lsvd":true,"skip_secrets":false}"#,
         )
         .expect("parses");
         assert_eq!(request.config.guest.cpu_kind.as_deref(), Some("shared"));
+        assert_eq!(request.lease_ttl, Some(10));
         assert_eq!(
             ignored,
-            ["config.guest.gpus", "config.services[0].zap", "lease_ttl"]
+            ["config.guest.gpus", "config.services[0].zap", "lsvd"]
         );
         // Type errors in known fields are still refused, naming the field.
         let error = parse_json_lenient::<CreateMachineRequest>(

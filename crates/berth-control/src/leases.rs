@@ -46,7 +46,7 @@ pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
 }
 
 const DEFAULT_TTL_S: u64 = 30;
-const MAX_TTL_S: u64 = 86_400;
+pub(crate) const MAX_TTL_S: u64 = 86_400;
 const MAX_DESCRIPTION: usize = 256;
 
 pub(crate) struct LeaseRow {
@@ -294,6 +294,42 @@ pub(crate) async fn release_lease(
     control
         .release_lease(&principal, given.as_ref(), &app, &id)
         .await
+}
+
+/// Checks a create's `lease_ttl` before anything is made.
+pub(crate) fn check_create_ttl(ttl: Option<u64>) -> Result<(), ApiError> {
+    match ttl {
+        Some(ttl) if !(1..=MAX_TTL_S).contains(&ttl) => Err(ApiError::invalid_config(
+            "lease_ttl",
+            format!("must be 1 to {MAX_TTL_S} seconds"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Gives the creator of a new Machine its lease for `ttl_s` seconds (create's
+/// `lease_ttl`) and answers the nonce. Nobody else can hold a lease on an id this new;
+/// a left-over row of the id (a keyed create retried) is replaced.
+pub(crate) async fn grant_on_create(
+    control: &ControlPlane,
+    principal: &Principal,
+    id: &str,
+    ttl_s: u64,
+) -> Result<String, ApiError> {
+    let now = control.clock.now_ms();
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    sqlx::query(
+        "INSERT OR REPLACE INTO leases (machine_id, nonce, owner, description, expires_at_ms, version)
+         VALUES (?, ?, ?, '', ?, ?)",
+    )
+    .bind(id)
+    .bind(&nonce)
+    .bind(principal.owner())
+    .bind(now.saturating_add(i64::try_from(ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX)))
+    .bind(new_version())
+    .execute(control.store.pool())
+    .await?;
+    Ok(nonce)
 }
 
 impl ControlPlane {

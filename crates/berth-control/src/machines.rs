@@ -1,7 +1,7 @@
 //! `/v1/apps/{app}/machines`: the Machine lifecycle, forwarded to the pinned worker, with
 //! quotas, rate limits, leases and idempotency keys checked at the edge.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -10,8 +10,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use berth_api::{
-    ApiDuration, CreateMachineRequest, DestroyResponse, ErrorBody, Machine, OkResponse,
-    SignalRequest, StartRequest, StartStopResponse, StopRequest, UpdateMachineRequest,
+    ApiDuration, CreateMachineRequest, DestroyResponse, ErrorBody, HostStatus, Machine,
+    MachineConfig, MachineState, MachineVersion, OkResponse, ProcessStat, RestartPolicy,
+    RootfsPersist, SignalRequest, StartRequest, StartStopResponse, StopRequest,
+    UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
 use berth_worker::{CreateOnWorker, WorkerService};
@@ -63,28 +65,177 @@ pub(crate) async fn create_machine(
         .await
 }
 
-/// `?metadata.<key>=<value>` filters; nothing else is taken.
-#[derive(Debug, Deserialize, IntoParams)]
+/// Fly's defaults, written into the config so it shows them: the restart policy
+/// `on-failure` with 10 retries when none is named, and `rootfs.size_gb` as the disk
+/// when `guest.disk_mb` is unset. `rootfs.persist: never` is refused: Berth keeps a
+/// Machine's files across stop and start.
+pub(crate) fn apply_fly_defaults(config: &mut MachineConfig) -> Result<(), ApiError> {
+    if config.restart.policy == RestartPolicy::OnFailure && config.restart.max_retries.is_none() {
+        config.restart.max_retries = Some(berth_core::restart::DEFAULT_MAX_RETRIES);
+    }
+    if config.rootfs.persist == RootfsPersist::Never {
+        return Err(ApiError::invalid_config(
+            "config.rootfs.persist",
+            "never is not supported: a Machine keeps its files across stop and start; \
+             use restart (fresh at each update) or always",
+        ));
+    }
+    if let Some(size_gb) = config.rootfs.size_gb {
+        let disk_mb = u32::try_from(size_gb.saturating_mul(1024))
+            .map_err(|_| ApiError::invalid_config("config.rootfs.size_gb", "too large"))?;
+        match config.guest.disk_mb {
+            None => config.guest.disk_mb = Some(disk_mb),
+            Some(given) if given != disk_mb => {
+                return Err(ApiError::invalid_config(
+                    "config.rootfs.size_gb",
+                    format!("{size_gb} GB disagrees with config.guest.disk_mb ({given} MiB)"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The list's filters, as Fly's clients send them, and Berth's `metadata.<key>`. Only
+/// describes them: they are read by hand from the pairs ([`ListFilter`]), since `state`
+/// may repeat.
+#[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct ListQuery {
+#[allow(dead_code)]
+pub(crate) struct ListQuery {
     /// Only Machines whose metadata has this key with this value; may be repeated with
     /// other keys.
-    #[serde(rename = "metadata.{key}")]
     #[param(rename = "metadata.{key}")]
-    #[allow(dead_code)]
     metadata: Option<String>,
+    /// Only Machines in this region.
+    region: Option<String>,
+    /// Only Machines in these states: comma-separated, repeatable (`created`, `started`,
+    /// `stopped`, `suspended`, or any other Machine state; `suspended` matches none yet).
+    #[param(style = Form, explode)]
+    state: Vec<String>,
+    /// Also Machines destroyed in the last 48 hours (Berth keeps their last JSON that long),
+    /// in state `destroyed`.
+    include_deleted: Option<bool>,
+    /// Leave out `config`, `checks`, `events`, `host_status` (and `worker_status`) and
+    /// `nonce` of each Machine.
+    summary: Option<bool>,
+}
+
+/// States a list may filter on that Berth's Machines never take yet.
+const NEVER_STATES: &[&str] = &["suspended", "suspending"];
+
+struct ListFilter {
+    metadata: BTreeMap<String, String>,
+    region: Option<String>,
+    states: Option<Vec<MachineState>>,
+    include_deleted: bool,
+    summary: bool,
+}
+
+impl ListFilter {
+    fn parse(pairs: Vec<(String, String)>) -> Result<ListFilter, ApiError> {
+        let mut filter = ListFilter {
+            metadata: BTreeMap::new(),
+            region: None,
+            states: None,
+            include_deleted: false,
+            summary: false,
+        };
+        let flag = |name: &str, value: &str| match value {
+            "true" | "1" => Ok(true),
+            "false" | "0" | "" => Ok(false),
+            _ => Err(ApiError::invalid_config(name, "true or false")),
+        };
+        for (name, value) in pairs {
+            match name.as_str() {
+                "region" => filter.region = Some(value),
+                "state" => {
+                    let states = filter.states.get_or_insert_with(Vec::new);
+                    for text in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                        match MachineState::parse(text) {
+                            Some(state) => states.push(state),
+                            None if NEVER_STATES.contains(&text) => {}
+                            None => {
+                                return Err(ApiError::invalid_config(
+                                    "state",
+                                    format!("unknown state {text:?}"),
+                                ))
+                            }
+                        }
+                    }
+                }
+                "include_deleted" => filter.include_deleted = flag("include_deleted", &value)?,
+                "summary" => filter.summary = flag("summary", &value)?,
+                other => {
+                    let Some(key) = other.strip_prefix("metadata.") else {
+                        return Err(ApiError::invalid_config(
+                            other,
+                            format!(
+                                "unknown query parameter {other:?}; filter with region, state, \
+                                 include_deleted, summary or metadata.<key>=<value>"
+                            ),
+                        ));
+                    };
+                    filter.metadata.insert(key.to_owned(), value);
+                }
+            }
+        }
+        Ok(filter)
+    }
+
+    fn keeps(&self, machine: &Machine) -> bool {
+        self.region
+            .as_ref()
+            .is_none_or(|region| machine.region == *region)
+            && self
+                .states
+                .as_ref()
+                .is_none_or(|states| states.contains(&machine.state))
+            && self
+                .metadata
+                .iter()
+                .all(|(key, value)| machine.config.metadata.get(key) == Some(value))
+    }
+}
+
+/// Fly's summary of a Machine: its JSON without the heavy parts.
+fn summary(machine: &Machine) -> Result<serde_json::Value, ApiError> {
+    let mut value = serde_json::to_value(machine).map_err(ApiError::internal)?;
+    if let Some(object) = value.as_object_mut() {
+        for key in [
+            "config",
+            "checks",
+            "events",
+            "host_status",
+            "worker_status",
+            "nonce",
+        ] {
+            object.remove(key);
+        }
+    }
+    Ok(value)
 }
 
 #[utoipa::path(get, path = "/apps/{app}/machines", tag = "machines",
     params(("app" = String, Path), ListQuery),
-    responses((status = 200, body = Vec<Machine>), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Vec<Machine>, description = "with `summary=true`, each Machine without `config`, `checks`, `events`, `host_status` and `nonce`"), (status = "default", body = ErrorBody)))]
 pub(crate) async fn list_machines(
     State(control): State<Shared>,
     principal: Principal,
     ApiPath(app): ApiPath<String>,
-    ApiQuery(query): ApiQuery<HashMap<String, String>>,
-) -> Result<Json<Vec<Machine>>, ApiError> {
-    control.list_machines(&principal, &app, query).await
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let filter = ListFilter::parse(pairs)?;
+    let machines = control.list_machines(&principal, &app, &filter).await?;
+    if filter.summary {
+        let summaries = machines
+            .iter()
+            .map(summary)
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Json(summaries).into_response());
+    }
+    Ok(Json(machines).into_response())
 }
 
 #[utoipa::path(get, path = "/apps/{app}/machines/{id}", tag = "machines",
@@ -220,6 +371,63 @@ pub(crate) async fn suspend_machine(
     }
 }
 
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/cordon", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
+    responses((status = 200, body = OkResponse, description = "cordoned (`cordoned: true` in the Machine JSON, a `cordon` event): the proxy sends it no traffic and never autostarts it; kept across stop, start and restarts"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn cordon_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<OkResponse>, ApiError> {
+    control.cordon_machine(&pre, &app, &id, true).await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/uncordon", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
+    responses((status = 200, body = OkResponse, description = "uncordoned (an `uncordon` event): traffic and autostart again"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn uncordon_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<OkResponse>, ApiError> {
+    control.cordon_machine(&pre, &app, &id, false).await
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}/ps", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = Vec<ProcessStat>, description = "the processes in the Machine's pid namespace, by pid"),
+              (status = 409, body = ErrorBody, description = "`invalid_state`: the Machine is not started"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn machine_processes(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<Vec<ProcessStat>>, ApiError> {
+    control.check_rate(&principal, Action::Read, None).await?;
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    Ok(Json(control.worker(&row.worker)?.processes(&id).await?))
+}
+
+#[utoipa::path(get, path = "/apps/{app}/machines/{id}/versions", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = Vec<MachineVersion>, description = "the Machine's configs, one per create and update, newest first"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn machine_versions(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<Vec<MachineVersion>>, ApiError> {
+    control.check_rate(&principal, Action::Read, None).await?;
+    let (_, row) = control.machine(&principal, &app, &id).await?;
+    Ok(Json(control.worker(&row.worker)?.versions(&id).await?))
+}
+
 #[derive(Debug, Deserialize, Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -254,21 +462,35 @@ impl ControlPlane {
         principal: &Principal,
         key: Option<&IdempotencyKey>,
         app: &str,
-        request: CreateMachineRequest,
+        mut request: CreateMachineRequest,
     ) -> Result<Response, ApiError> {
         let app_row = self.app(principal, app).await?;
         self.check_rate(principal, Action::Create, None).await?;
+        apply_fly_defaults(&mut request.config)?;
+        leases::check_create_ttl(request.lease_ttl)?;
         validate::validate_create(&request)?;
         let operation = format!("create {app}");
         Ok(
             idempotency::once(self, principal, key, &operation, request, {
                 |request, keyed_id| async move {
                     let id = keyed_id.unwrap_or_else(ids::new_machine_id);
+                    let lease_ttl = request.lease_ttl;
                     let result =
                         match crate::images::pull_scope(self, principal, &app_row.org_slug).await {
                             Ok(pull) => create(self, &app_row, request, id, pull).await,
                             Err(error) => Err(error),
                         };
+                    let result = match (result, lease_ttl) {
+                        (Ok(mut machine), Some(ttl)) => {
+                            leases::grant_on_create(self, principal, &machine.id, ttl)
+                                .await
+                                .map(|nonce| {
+                                    machine.nonce = Some(nonce);
+                                    machine
+                                })
+                        }
+                        (result, _) => result,
+                    };
                     result.map(Json).into_response()
                 }
             })
@@ -276,24 +498,15 @@ impl ControlPlane {
         )
     }
 
-    /// The app's Machines, from their workers (or as last known, for a worker that is down).
-    pub(crate) async fn list_machines(
+    /// The app's Machines, from their workers (or as last known, for a worker that is
+    /// down), with the destroyed ones Berth still remembers when asked.
+    async fn list_machines(
         &self,
         principal: &Principal,
         app: &str,
-        query: HashMap<String, String>,
-    ) -> Result<Json<Vec<Machine>>, ApiError> {
+        filter: &ListFilter,
+    ) -> Result<Vec<Machine>, ApiError> {
         self.check_rate(principal, Action::Read, None).await?;
-        let mut filters = BTreeMap::new();
-        for (name, value) in query {
-            let Some(key) = name.strip_prefix("metadata.") else {
-                return Err(ApiError::invalid_config(
-                    name.clone(),
-                    format!("unknown query parameter {name:?}; filter with metadata.<key>=<value>"),
-                ));
-            };
-            filters.insert(key.to_owned(), value);
-        }
         self.app(principal, app).await?;
         let rows = self.store.machines(app).await?;
         let mut workers: Vec<&str> = rows.iter().map(|row| row.worker.as_str()).collect();
@@ -318,17 +531,24 @@ impl ControlPlane {
                 Err(error) => return Err(error.into()),
             }
         }
-        machines.retain(|machine| {
-            filters
-                .iter()
-                .all(|(key, value)| machine.config.metadata.get(key) == Some(value))
-        });
+        if filter.include_deleted {
+            for json in self
+                .store
+                .destroyed_machines(app, self.clock.now_ms())
+                .await?
+            {
+                if let Ok(machine) = serde_json::from_str::<Machine>(&json) {
+                    machines.push(machine);
+                }
+            }
+        }
+        machines.retain(|machine| filter.keeps(machine));
         machines.sort_by(|a, b| {
             a.created_at
                 .cmp(&b.created_at)
                 .then_with(|| a.id.cmp(&b.id))
         });
-        Ok(Json(machines))
+        Ok(machines)
     }
 
     /// One Machine, from its worker (or as last known, when the worker is down).
@@ -359,11 +579,12 @@ impl ControlPlane {
         nonce: Option<&LeaseNonce>,
         app: &str,
         id: &str,
-        request: UpdateMachineRequest,
+        mut request: UpdateMachineRequest,
     ) -> Result<Json<Machine>, ApiError> {
         let (app_row, row) = self.machine(principal, app, id).await?;
         self.check_rate(principal, Action::Update, Some(id)).await?;
         leases::check(self, id, nonce).await?;
+        apply_fly_defaults(&mut request.config)?;
         validate::validate_config(&request.config)?;
         let org = &app_row.org_slug;
         let _reservation = if request.skip_launch {
@@ -510,6 +731,20 @@ impl ControlPlane {
         Ok(Json(OkResponse { ok: true }))
     }
 
+    /// Cordons or uncordons a Machine on its worker.
+    pub(crate) async fn cordon_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        cordoned: bool,
+    ) -> Result<Json<OkResponse>, ApiError> {
+        let (_, row) = admit(self, pre, app, id, Action::Update).await?;
+        let machine = self.worker(&row.worker)?.cordon(id, cordoned).await?;
+        seen(self, machine, &row.worker).await;
+        Ok(Json(OkResponse { ok: true }))
+    }
+
     /// Stops a Machine (with the asked signal and grace period) and starts it again: two
     /// ordinary events in its history. A stopped Machine is just started.
     pub(crate) async fn restart_machine(
@@ -564,7 +799,7 @@ impl ControlPlane {
                         .destroy(id, query.force || query.kill)
                         .await
                         .or_else(ignore_not_found)?;
-                    self.store.delete_machine(id).await?;
+                    self.bury(&row).await?;
                     leases::forget(self, id).await?;
                     Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
                 }
@@ -577,6 +812,30 @@ impl ControlPlane {
 }
 
 impl ControlPlane {
+    /// Forgets a destroyed Machine's index entry, keeping its last known JSON (state
+    /// `destroyed`) for `include_deleted`. A Machine never seen whole leaves no tombstone.
+    async fn bury(&self, row: &MachineIndexRow) -> Result<(), ApiError> {
+        let now = self.clock.now_ms();
+        let last = self.last_known.get(&self.store, &row.id).await?;
+        let Some(mut machine) = last.and_then(|json| serde_json::from_str::<Machine>(&json).ok())
+        else {
+            self.store.delete_machine(&row.id).await?;
+            return Ok(());
+        };
+        machine.state = MachineState::Destroyed;
+        machine.updated_at = crate::format_ms(now);
+        machine.worker = Some(row.worker.clone());
+        machine.worker_status = None;
+        machine.host_status = None;
+        machine.events.clear();
+        machine.nonce = None;
+        let json = serde_json::to_string(&machine).map_err(ApiError::internal)?;
+        self.store
+            .bury_machine(&row.id, &row.app, &json, now)
+            .await?;
+        Ok(())
+    }
+
     /// The size of a Machine indexed before sizes were kept: asked of its worker once,
     /// then kept in the index for every later start.
     async fn size_from_worker(
@@ -739,6 +998,7 @@ fn operation(action: Action, app: &str, id: &str) -> String {
 fn answered_by(mut machine: Machine, worker: &str) -> Machine {
     machine.worker = Some(worker.to_owned());
     machine.worker_status = Some(berth_api::MachineWorkerStatus::Ok);
+    machine.host_status = Some(HostStatus::Ok);
     machine
 }
 
@@ -766,5 +1026,6 @@ async fn last_known(
     };
     machine.worker = Some(worker.to_owned());
     machine.worker_status = Some(berth_api::MachineWorkerStatus::Unreachable);
+    machine.host_status = Some(HostStatus::Unreachable);
     Ok(Some(machine))
 }

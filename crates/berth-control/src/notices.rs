@@ -15,6 +15,8 @@ use crate::ControlPlane;
 pub(crate) struct Snapshot {
     pub state: MachineState,
     pub instance_id: String,
+    /// The event that left the Machine in `state`; `None` when read without one.
+    pub event_id: Option<i64>,
 }
 
 /// One watch channel per Machine somebody waits on; it lives while they wait.
@@ -94,6 +96,7 @@ impl WorkerListener for ControlListener {
             Snapshot {
                 state: notice.state,
                 instance_id: notice.instance_id.clone(),
+                event_id: notice.event_id,
             },
         );
         // A Machine its worker destroyed by itself (`auto_destroy`) leaves the index as a

@@ -34,6 +34,8 @@ const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_LOG_BYTES: u64 = 1024 * 1024;
 const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// How many recorded events a wait with `from_event_id` looks through.
+const MAX_WAIT_EVENTS: u32 = 1000;
 /// A partial line longer than this goes out in ndjson without waiting for its newline.
 const MAX_PENDING_LINE: usize = 16 * 1024;
 
@@ -112,6 +114,9 @@ pub(crate) struct WaitQuery {
     version: Option<String>,
     /// Deprecated: Berth's earlier name of `version`, still read for one release.
     instance_id: Option<String>,
+    /// An event id (from `GET …/events` or the Machine's `events`): only a state reached
+    /// by a later event counts, so a wait does not answer for a change it already saw.
+    from_event_id: Option<String>,
 }
 
 impl WaitQuery {
@@ -136,6 +141,7 @@ impl WaitQuery {
                 }
                 "version" => once(&mut query.version, "version", value)?,
                 "instance_id" => once(&mut query.instance_id, "instance_id", value)?,
+                "from_event_id" => once(&mut query.from_event_id, "from_event_id", value)?,
                 other => {
                     return Err(ApiError::invalid_config(
                         other,
@@ -155,6 +161,21 @@ impl WaitQuery {
             ),
             (version, instance) => Ok(version.as_ref().or(instance.as_ref())),
         }
+    }
+
+    /// `from_event_id` as the number Berth's event ids are.
+    fn after_event(&self) -> Result<Option<i64>, ApiError> {
+        self.from_event_id
+            .as_deref()
+            .map(|text| {
+                text.parse::<i64>().map_err(|_| {
+                    ApiError::invalid_config(
+                        "from_event_id",
+                        format!("{text:?} is not an event id of this Machine"),
+                    )
+                })
+            })
+            .transpose()
     }
 }
 
@@ -376,6 +397,7 @@ impl ControlPlane {
             query.state.clone()
         };
         let wanted_version = query.version()?;
+        let after_event = query.after_event()?;
         let (_, row) = self.machine(principal, app, id).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         // Subscribe before reading the state, so no change can slip between the two.
@@ -384,23 +406,49 @@ impl ControlPlane {
             id: id.to_owned(),
             receiver: Some(self.waiters.subscribe(id)),
         };
-        let mut seen = match self.worker(&row.worker)?.get(id).await {
+        let worker = self.worker(&row.worker)?;
+        let mut seen = match worker.get(id).await {
             Ok(machine) => Snapshot {
                 state: machine.state,
                 instance_id: machine.instance_id,
+                event_id: None,
             },
             Err(WorkerError::NotFound(_)) => Snapshot {
                 state: MachineState::Destroyed,
                 instance_id: String::new(),
+                event_id: None,
             },
             Err(error) => return Err(error.into()),
         };
+        // With `from_event_id`, a state counts only when an event after that one reached
+        // it: first among the events already recorded, then among those to come.
+        if let Some(after) = after_event.filter(|_| seen.state != MachineState::Destroyed) {
+            let recorded = match worker.machine_events(id, after, MAX_WAIT_EVENTS).await {
+                Ok(events) => events,
+                Err(WorkerError::NotFound(_)) => Vec::new(),
+                Err(error) => return Err(error.into()),
+            };
+            if let Some(event) = recorded
+                .iter()
+                .find(|event| targets.iter().any(|target| target.reached_by(event.state)))
+            {
+                seen = Snapshot {
+                    state: event.state,
+                    instance_id: seen.instance_id,
+                    event_id: Some(event.id),
+                };
+            }
+        }
         loop {
             let version_matches = wanted_version.is_none_or(|wanted| {
                 *wanted == seen.instance_id || seen.state == MachineState::Destroyed
             });
+            let after_matches = after_event.is_none_or(|after| {
+                seen.event_id.is_some_and(|event| event > after)
+                    || seen.state == MachineState::Destroyed
+            });
             let reached = targets.iter().any(|target| target.reached_by(seen.state));
-            if reached && version_matches {
+            if reached && version_matches && after_matches {
                 let version = (!seen.instance_id.is_empty()).then_some(seen.instance_id);
                 return Ok(Json(WaitResponse {
                     ok: true,

@@ -143,7 +143,19 @@ const SCHEMA: &[&str] = &[
         memory_mb INTEGER,
         UNIQUE (app, name)
     )",
+    // Destroyed Machines, as last known with state `destroyed`, for `include_deleted`;
+    // kept for TOMBSTONE_MS after the destroy, then dropped.
+    "CREATE TABLE IF NOT EXISTS destroyed_machines (
+        id TEXT PRIMARY KEY NOT NULL,
+        app TEXT NOT NULL,
+        json TEXT NOT NULL,
+        destroyed_at_ms INTEGER NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS destroyed_machines_by_app ON destroyed_machines(app, destroyed_at_ms)",
 ];
+
+/// How long a destroyed Machine stays listed by `include_deleted=true`.
+pub const TOMBSTONE_MS: i64 = 48 * 3600 * 1000;
 
 /// Adds the size columns to a `machines` table made before they existed. Its rows keep
 /// them empty until a start fills them from the worker.
@@ -262,7 +274,7 @@ impl ControlStore {
             .bind(name)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        self.forget_destroyed_machines(name).await
     }
 
     pub async fn insert_machine(&self, row: &MachineIndexRow) -> Result<Inserted, sqlx::Error> {
@@ -336,6 +348,63 @@ impl ControlStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.and_then(|row| row.get::<Option<String>, _>(0)))
+    }
+
+    /// Forgets a destroyed Machine's index entry and keeps `json` (its Machine JSON,
+    /// state `destroyed`) as its tombstone, in one transaction; drops tombstones older
+    /// than [`TOMBSTONE_MS`].
+    pub async fn bury_machine(
+        &self,
+        id: &str,
+        app: &str,
+        json: &str,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("DELETE FROM machines WHERE id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO destroyed_machines (id, app, json, destroyed_at_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(app)
+        .bind(json)
+        .bind(now_ms)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query("DELETE FROM destroyed_machines WHERE destroyed_at_ms < ?")
+            .bind(now_ms.saturating_sub(TOMBSTONE_MS))
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await
+    }
+
+    /// The app's Machines destroyed within [`TOMBSTONE_MS`] of `now_ms`, as their JSON.
+    pub async fn destroyed_machines(
+        &self,
+        app: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT json FROM destroyed_machines WHERE app = ? AND destroyed_at_ms >= ?
+             ORDER BY destroyed_at_ms, id",
+        )
+        .bind(app)
+        .bind(now_ms.saturating_sub(TOMBSTONE_MS))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Drops the tombstones of an app that is deleted, so a new app of the same name
+    /// does not list them.
+    pub async fn forget_destroyed_machines(&self, app: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM destroyed_machines WHERE app = ?")
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn delete_machine(&self, id: &str) -> Result<(), sqlx::Error> {

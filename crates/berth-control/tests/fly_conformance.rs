@@ -122,7 +122,6 @@ fn launch_input(name: &str, skip_launch: bool) -> Value {
 
 /// Fields of Fly's schema that Berth does not act on, each at its path.
 fn with_fly_extras(mut body: Value) -> Value {
-    body["lease_ttl"] = json!(30);
     body["skip_service_registration"] = json!(true);
     body["config"]["auto_destroy"] = json!(true);
     body["config"]["dns"] = json!({"skip_registration": true});
@@ -135,11 +134,10 @@ fn with_fly_extras(mut body: Value) -> Value {
 
 /// The ones of them Berth ignores (`auto_destroy` and `checks` are honoured: see
 /// `fly_config.rs`).
-const EXTRA_PATHS: [&str; 5] = [
+const EXTRA_PATHS: [&str; 4] = [
     "config.init.tty",
     "config.guest.kernel_args",
     "config.dns.skip_registration",
-    "lease_ttl",
     "skip_service_registration",
 ];
 

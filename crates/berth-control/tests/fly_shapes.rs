@@ -66,7 +66,7 @@ async fn events_carry_fly_s_fields_and_page_by_their_string_ids() {
     assert_eq!(
         seen,
         [
-            ("create", "created", "user"),
+            ("launch", "created", "user"),
             ("start", "started", "user"),
             ("stop", "stopped", "user")
         ],

@@ -134,6 +134,13 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
             "post",
             "/v1/apps/{app}/machines/{id}/restart" | "/v1/apps/{app}/machines/{id}/suspend",
         ) => ("", None),
+        (
+            "post",
+            "/v1/apps/{app}/machines/{id}/cordon" | "/v1/apps/{app}/machines/{id}/uncordon",
+        ) => ("", None),
+        ("get", "/v1/apps/{app}/machines/{id}/ps" | "/v1/apps/{app}/machines/{id}/versions") => {
+            ("", None)
+        }
         ("get", "/v1/apps/{app}/machines/{id}/wait") => ("?state=started&timeout=0", None),
         ("get", "/v1/apps/{app}/machines/{id}/events") => ("?since=0", None),
         ("get", "/v1/apps/{app}/machines/{id}/logs") => ("", None),

@@ -77,6 +77,9 @@ pub struct RuntimeConfig {
     pub working_dir: Option<String>,
     /// `User`, when set and non-empty.
     pub user: Option<String>,
+    /// `Labels`, as the image's metadata (a Machine's `image_ref.labels`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// An image ready to run: its manifest and unpacked layers.
@@ -196,6 +199,8 @@ struct ContainerConfig {
     working_dir: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,6 +294,7 @@ pub(crate) fn parse_config(bytes: &[u8]) -> Result<RuntimeConfig, ImageError> {
         env: None,
         working_dir: None,
         user: None,
+        labels: None,
     });
     Ok(RuntimeConfig {
         entrypoint: c.entrypoint.unwrap_or_default(),
@@ -296,6 +302,7 @@ pub(crate) fn parse_config(bytes: &[u8]) -> Result<RuntimeConfig, ImageError> {
         env: c.env.unwrap_or_default(),
         working_dir: c.working_dir.filter(|s| !s.is_empty()),
         user: c.user.filter(|s| !s.is_empty()),
+        labels: c.labels.unwrap_or_default(),
     })
 }
 
@@ -1594,6 +1601,9 @@ mod tests {
         assert_eq!(cfg.env, vec!["A=1"]);
         assert_eq!(cfg.working_dir, None);
         assert_eq!(cfg.user.as_deref(), Some("nobody"));
+        assert!(cfg.labels.is_empty());
+        let labelled = parse_config(br#"{"config":{"Labels":{"fly.version":"7"}}}"#).unwrap();
+        assert_eq!(labelled.labels["fly.version"], "7");
         let foreign = parse_config(br#"{"os":"windows","architecture":"amd64"}"#).unwrap_err();
         assert_eq!(foreign.code(), "image_platform_unsupported");
         assert!(parse_config(b"{}").is_ok());

@@ -101,6 +101,7 @@ impl Slot {
         let service = self.view.service.as_ref()?;
         let address = self.view.address?;
         let ready = self.view.state == MachineState::Started
+            && !self.view.cordoned
             && self.transition.is_none()
             && self.unreachable_until.is_none_or(|until| until <= now);
         ready.then(|| {
@@ -114,6 +115,7 @@ impl Slot {
 
     fn wakeable(&self) -> bool {
         self.transition.is_none()
+            && !self.view.cordoned
             && matches!(
                 self.view.state,
                 MachineState::Stopped | MachineState::Created
@@ -127,10 +129,12 @@ impl Slot {
     }
 
     fn autostartable(&self) -> bool {
-        self.view
-            .service
-            .as_ref()
-            .is_some_and(|service| service.autostart)
+        !self.view.cordoned
+            && self
+                .view
+                .service
+                .as_ref()
+                .is_some_and(|service| service.autostart)
     }
 }
 

@@ -24,6 +24,8 @@ pub struct MachineView {
     /// A readiness check of its `config.checks` is `critical`: it gets no new traffic
     /// while another Machine can take it.
     pub failing_checks: bool,
+    /// Cordoned: no traffic and no autostart, whatever its service says.
+    pub cordoned: bool,
 }
 
 impl MachineView {
@@ -41,6 +43,7 @@ impl MachineView {
             service: machine.config.services.first().cloned(),
             changed_ago,
             failing_checks: failing_checks(machine),
+            cordoned: machine.cordoned,
         }
     }
 }

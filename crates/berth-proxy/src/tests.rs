@@ -106,7 +106,13 @@ fn machine(id: &str, state: MachineState, service: MachineService) -> MachineVie
         service: Some(service),
         changed_ago: None,
         failing_checks: false,
+        cordoned: false,
     }
+}
+
+fn cordoned(mut view: MachineView) -> MachineView {
+    view.cordoned = true;
+    view
 }
 
 fn fleet(platform: Arc<FakePlatform>) -> Arc<Fleet> {
@@ -890,4 +896,45 @@ fn only_critical_readiness_checks_count_as_failing() {
     assert!(!failing("readiness", "passing"));
     assert!(!failing("readiness", "warning"));
     assert!(!failing("informational", "critical"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cordoned_machine_gets_no_traffic() {
+    // m1 is cordoned and idle; m2 takes every request, even past its soft limit.
+    let platform = FakePlatform::with(vec![
+        cordoned(machine("m1", MachineState::Started, service(1, 600, 0))),
+        machine("m2", MachineState::Started, service(2, 600, 0)),
+    ]);
+    let fleet = fleet(platform.clone());
+    let mut tickets = Vec::new();
+    for _ in 0..3 {
+        let ticket = fleet.admit("web").await.expect("admitted");
+        assert_eq!(ticket.machine(), "m2");
+        tickets.push(ticket);
+    }
+    // Uncordoned through the API: the next view sends it traffic again.
+    if let Some(m1) = platform.machines.lock().expect("fake lock").get_mut("m1") {
+        m1.cordoned = false;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // This request may still go by the old view; it refreshes the view behind itself.
+    tickets.push(fleet.admit("web").await.expect("admitted"));
+    settle().await;
+    let ticket = fleet.admit("web").await.expect("admitted");
+    assert_eq!(ticket.machine(), "m1", "the least busy, now uncordoned");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cordoned_machine_is_never_autostarted() {
+    let platform = FakePlatform::with(vec![cordoned(machine(
+        "m1",
+        MachineState::Stopped,
+        service(1, 60, 0),
+    ))]);
+    let fleet = fleet(platform.clone());
+    let Err(refused) = fleet.admit("web").await else {
+        panic!("admitted to a cordoned machine");
+    };
+    assert_eq!(refused.code, "no_machine_available");
+    assert_eq!(platform.starts.load(Ordering::SeqCst), 0, "not woken");
 }

@@ -310,6 +310,33 @@ impl Runtime for FakeRuntime {
             .map_or(Status::NotRunning, |m| m.status))
     }
 
+    /// A running Machine has one process: its command as pid 1.
+    async fn processes(
+        &self,
+        layout: &MachineLayout,
+    ) -> Result<Option<Vec<crate::host::procs::MachineProcess>>, RuntimeError> {
+        let state = self.state.lock().await;
+        let Some(machine) = state.machines.get(&layout.id) else {
+            return Ok(None);
+        };
+        if !matches!(machine.status, Status::Running { .. }) {
+            return Ok(None);
+        }
+        let command = machine
+            .spec
+            .as_ref()
+            .map(|spec| spec.args.join(" "))
+            .unwrap_or_default();
+        Ok(Some(vec![crate::host::procs::MachineProcess {
+            pid: 1,
+            command,
+            cpu_ms: 0,
+            rss_bytes: 0,
+            started_at_ms: u64::try_from(util::now_ms()).unwrap_or_default(),
+            listening: Vec::new(),
+        }]))
+    }
+
     /// A tiny command set: `echo ARGS`, `cat` (stdin back), `sleep SECONDS`, `exit CODE`,
     /// `yes` (endless output, cut by the cap); anything else exits 127.
     async fn exec(

@@ -255,6 +255,24 @@ pub trait Runtime: Send + Sync + 'static {
         spec: &exec::ExecSpec,
     ) -> Result<exec::ExecOutput, RuntimeError>;
 
+    /// The processes of the running Machine, from its init's pid namespace; `None` when it
+    /// does not run. By default through the run directory and /proc.
+    async fn processes(
+        &self,
+        layout: &MachineLayout,
+    ) -> Result<Option<Vec<host::procs::MachineProcess>>, RuntimeError> {
+        let Status::Running { pid } = self.status(layout).await? else {
+            return Ok(None);
+        };
+        let id = layout.id.clone();
+        host::blocking(move || {
+            error::IoContext::ctx(host::procs::machine_processes(pid).map(Some), || {
+                format!("list the processes of machine {id}")
+            })
+        })
+        .await
+    }
+
     /// The host parts the driver was made with (network, id registry, disk quotas), which
     /// the defaults of `restore_network` and `disk_usage` use; `None` for a runtime that touches no host (the fake).
     fn host_config(&self) -> Option<&host::HostConfig> {

@@ -424,6 +424,32 @@ impl WorkerService for RemoteWorker {
         self.json(response).await
     }
 
+    async fn cordon(&self, id: &str, cordoned: bool) -> Result<Machine> {
+        let action = if cordoned { "cordon" } else { "uncordon" };
+        let path = format!("/agent/v1/machines/{id}/{action}");
+        // Setting a flag to a value: a retry changes nothing more.
+        let response = self
+            .call::<()>(Method::POST, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn processes(&self, id: &str) -> Result<Vec<berth_api::ProcessStat>> {
+        let path = format!("/agent/v1/machines/{id}/ps");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    async fn versions(&self, id: &str) -> Result<Vec<berth_api::MachineVersion>> {
+        let path = format!("/agent/v1/machines/{id}/versions");
+        let response = self
+            .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
     async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine> {
         let path = format!("/agent/v1/machines/{id}/metadata");
         let change = MetadataChange {

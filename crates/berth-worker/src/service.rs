@@ -9,7 +9,7 @@ use async_trait::async_trait;
 pub use berth_api::EventSource;
 use berth_api::{
     EventKind, ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState,
-    StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
+    MachineVersion, ProcessStat, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
 };
 use berth_image::PullScope;
 use serde::{Deserialize, Serialize};
@@ -142,6 +142,14 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn machine_events(&self, id: &str, since: i64, limit: u32) -> Result<Vec<MachineEvent>>;
     /// Runs a command inside the started Machine.
     async fn exec(&self, id: &str, request: ExecOnWorker) -> Result<ExecResponse>;
+    /// Cordons (`true`) or uncordons the Machine: a cordoned Machine gets no proxy
+    /// traffic and is never autostarted. Recorded (with an event) until changed again.
+    async fn cordon(&self, id: &str, cordoned: bool) -> Result<Machine>;
+    /// The started Machine's processes, from its pid namespace; a Machine that is not
+    /// started is refused (`invalid_state`).
+    async fn processes(&self, id: &str) -> Result<Vec<ProcessStat>>;
+    /// The Machine's config history, one entry per create and update, newest first.
+    async fn versions(&self, id: &str) -> Result<Vec<MachineVersion>>;
     /// Sets (`Some`) or removes (`None`) one metadata key without touching the run.
     async fn set_metadata(&self, id: &str, key: &str, value: Option<String>) -> Result<Machine>;
     /// The Machine's output from position `since` (or the last `max_bytes` when `None`);

@@ -141,10 +141,13 @@ impl ConfigArgs {
                     .transpose()?,
             },
             metadata: pairs("--metadata", &self.metadata)?,
-            rootfs: if self.ephemeral_rootfs {
-                berth_api::RootfsPersistence::Ephemeral
-            } else {
-                berth_api::RootfsPersistence::Persistent
+            rootfs: berth_api::RootfsConfig {
+                persist: if self.ephemeral_rootfs {
+                    berth_api::RootfsPersist::Restart
+                } else {
+                    berth_api::RootfsPersist::Always
+                },
+                size_gb: None,
             },
             services: self
                 .services
@@ -401,6 +404,7 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 config: config.into_config()?,
                 skip_secrets: false,
                 min_secrets_version: None,
+                lease_ttl: None,
             };
             let started = std::time::Instant::now();
             let machine: Machine = api

@@ -115,6 +115,7 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
                 skip_launch: false,
                 skip_secrets: false,
                 min_secrets_version: None,
+                lease_ttl: None,
                 config: MachineConfig {
                     image: DEMO_IMAGE.into(),
                     init: berth_api::InitConfig {

@@ -457,7 +457,7 @@ pub async fn events(args: EventsArgs) -> Result<()> {
             "{:>8} {:<26} {:<14} {:<15} {:<9} {:>5} {}",
             event.id,
             format_ms(event.timestamp),
-            event.kind,
+            event.kind.fly_type(),
             event.source,
             event.status,
             event

@@ -321,7 +321,8 @@ fn exits_are_detected_and_the_restart_policy_applies() {
     let quitter = create(
         &platform,
         "exits",
-        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["/bin/sh", "-c", "exit 3"]}}}),
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["/bin/sh", "-c", "exit 3"]},
+                      "restart": {"policy": "no"}}}),
     );
     platform.wait_for("the exit to be noticed", Duration::from_secs(10), || {
         platform.machine("exits", &quitter.id).state == MachineState::Stopped

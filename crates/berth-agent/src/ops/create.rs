@@ -69,6 +69,7 @@ impl Agent {
                 .and_then(|prefix| machine_address(prefix, &request.id)),
             restart_due_ms: None,
             org: request.org,
+            cordoned: false,
         };
         let mut spec = spec;
         spec.private_ip = record.private_ip;
@@ -97,13 +98,15 @@ impl Agent {
             .add_events(&record.id, &pull_events)
             .await?;
         let usage = [metering::created(&record)];
-        let change = Change::event(EventKind::Create, EventSource::User).usage(&usage);
+        let change = Change::event(EventKind::Create, EventSource::User)
+            .usage(&usage)
+            .version();
         self.save_in_state(&record, change).await?;
         failpoint::hit("create.after_record_created");
         drop(lease);
         if !request.skip_launch {
             self.boot(&mut record, EventSource::User).await?;
         }
-        Ok(record.to_api())
+        Ok(self.api_view(&record))
     }
 }

@@ -67,7 +67,7 @@ impl Agent {
             record.last_exit = Some(exit_info(&exit));
             failpoint::hit("update.after_halt");
         }
-        if request.config.rootfs == berth_api::RootfsPersistence::Ephemeral {
+        if request.config.rootfs.persist != berth_api::RootfsPersist::Always {
             reset_dir(&layout.upper()).await?;
         }
         self.inner.runtime.prepare(&layout, &spec).await?;
@@ -85,7 +85,8 @@ impl Agent {
         self.inner.store.add_events(id, &pull_events).await?;
         let change = Change::event(EventKind::Update, EventSource::User)
             .at(now)
-            .usage(&usage);
+            .usage(&usage)
+            .version();
         self.change_state(&mut record, MachineState::Stopped, change)
             .await?;
         failpoint::hit("update.after_record_updated");
@@ -94,7 +95,7 @@ impl Agent {
             record.restart_count = 0;
             self.boot(&mut record, EventSource::User).await?;
         }
-        Ok(record.to_api())
+        Ok(self.api_view(&record))
     }
 }
 

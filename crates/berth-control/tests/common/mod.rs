@@ -325,6 +325,15 @@ impl WorkerService for CountingWorker {
     ) -> berth_worker::Result<Vec<MachineEvent>> {
         self.agent.machine_events(id, since, limit).await
     }
+    async fn cordon(&self, id: &str, cordoned: bool) -> berth_worker::Result<Machine> {
+        self.agent.cordon(id, cordoned).await
+    }
+    async fn processes(&self, id: &str) -> berth_worker::Result<Vec<berth_api::ProcessStat>> {
+        self.agent.processes(id).await
+    }
+    async fn versions(&self, id: &str) -> berth_worker::Result<Vec<berth_api::MachineVersion>> {
+        self.agent.versions(id).await
+    }
     async fn exec(&self, id: &str, request: ExecOnWorker) -> berth_worker::Result<ExecResponse> {
         self.agent.exec(id, request).await
     }

@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod inventory;
 pub(crate) mod prepare;
 pub(crate) mod process;
+pub mod procs;
 pub mod run_dir;
 pub(crate) mod teardown;
 
