@@ -1,0 +1,509 @@
+//! Volumes: a directory tree on one worker whose size the kernel enforces.
+//!
+//! Each volume is an ext4 filesystem in a sparse image file, attached to a loop device and
+//! mounted on the worker (`<volumes>/<id>/disk.img` on `<volumes>/<id>/berth-volume-fs`).
+//! Writing past its size fails with ENOSPC in whatever writes it; Berth counts nothing.
+//! Project quotas on the data dir would be the lighter choice, but the kernels Berth is
+//! tested on are built without them (see [`crate::quota`]).
+//!
+//! - The loop device is configured with `LO_FLAGS_AUTOCLEAR`: it detaches itself when the
+//!   filesystem is unmounted, so no loop device outlives its volume.
+//! - The filesystem's ids are the Machine's own (root is 0 on disk). A Machine sees it
+//!   through a detached clone of the mount made idmapped through its user namespace at
+//!   start (as its image layers are), so the same files are its root's in whichever
+//!   Machine the volume is attached to next.
+//! - Extend grows the image, tells the loop device (`LOOP_SET_CAPACITY`) and resizes the
+//!   mounted filesystem online (`EXT4_IOC_RESIZE_FS`).
+//! - A snapshot freezes the filesystem (`FIFREEZE`), copies the image's data extents
+//!   (holes stay holes) and thaws it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// The mount point's name below a volume's dir. The native spawner drops its copies of
+/// mounts by this name (see `native::spawner`), so only the worker's own mount pins the
+/// filesystem and its loop device.
+pub const VOLUME_MOUNT_DIR: &str = "berth-volume-fs";
+/// Where a Machine's volume mounts are listed in its `config.json`.
+pub const VOLUMES_ANNOTATION: &str = "berth.volumes";
+
+const IMAGE_FILE: &str = "disk.img";
+const BLOCK_SIZE: u64 = 4096;
+
+// linux/loop.h
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+// linux/ext4.h: _IOW('f', 16, __u64)
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+// linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int)
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// `struct loop_info64`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Where one volume's files live on the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeLayout {
+    pub id: String,
+    pub dir: PathBuf,
+}
+
+impl VolumeLayout {
+    pub fn new(volumes_root: &Path, id: &str) -> VolumeLayout {
+        VolumeLayout {
+            id: id.to_owned(),
+            dir: volumes_root.join(id),
+        }
+    }
+    /// The sparse filesystem image.
+    pub fn image(&self) -> PathBuf {
+        self.dir.join(IMAGE_FILE)
+    }
+    /// Where the filesystem is mounted on the worker.
+    pub fn mount_point(&self) -> PathBuf {
+        self.dir.join(VOLUME_MOUNT_DIR)
+    }
+}
+
+/// A volume's filesystem as `statfs` counts it, in Fly's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VolumeStats {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+}
+
+/// One volume mounted into a Machine: listed in its `config.json` at create and update,
+/// mounted by the driver at every start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The volume's mount on the worker ([`VolumeLayout::mount_point`]).
+    pub source: PathBuf,
+    /// The absolute path inside the Machine.
+    pub destination: String,
+}
+
+/// The volume mounts `config.json` lists (none when the annotation is absent).
+pub fn mounts_of(spec: &oci_spec::runtime::Spec) -> Result<Vec<VolumeMount>, String> {
+    match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(VOLUMES_ANNOTATION))
+    {
+        Some(json) => serde_json::from_str(json).map_err(|e| format!("{VOLUMES_ANNOTATION}: {e}")),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn context(what: String) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn errno(e: rustix::io::Errno) -> io::Error {
+    io::Error::from(e)
+}
+
+/// Makes the volume: a sparse image of `size_bytes` (a copy of `from`, a snapshot image,
+/// when given; grown to `size_bytes` if smaller), its ext4 filesystem, and the mount.
+/// Anything made is removed again on failure.
+pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io::Result<()> {
+    let result = (|| {
+        fs::create_dir_all(&layout.dir)
+            .map_err(context(format!("create {}", layout.dir.display())))?;
+        fs::set_permissions(
+            &layout.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        let image = layout.image();
+        match from {
+            Some(snapshot) => {
+                sparse_copy(snapshot, &image)?;
+                let file = OpenOptions::new().write(true).open(&image)?;
+                if file.metadata()?.len() < size_bytes {
+                    file.set_len(size_bytes)?;
+                }
+                file.sync_all()?;
+            }
+            None => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&image)
+                    .map_err(context(format!("create {}", image.display())))?;
+                file.set_len(size_bytes)?;
+                drop(file);
+                mkfs(&image)?;
+            }
+        }
+        mount(layout)?;
+        if from.is_some() {
+            // A snapshot of a smaller volume: its filesystem takes the new size.
+            resize(layout, size_bytes)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = remove(layout);
+    }
+    result
+}
+
+fn mkfs(image: &Path) -> io::Result<()> {
+    // Root owned by 0: the Machine's root once idmapped. Lazy table init keeps mkfs fast
+    // on a large image (the kernel zeroes the tables in the background); nodiscard leaves
+    // the fresh file's holes alone.
+    let output = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-b",
+            "4096",
+            "-E",
+            "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ])
+        .arg(image)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output()
+        .map_err(context("run mkfs.ext4 (e2fsprogs)".into()))?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "mkfs.ext4 {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the volume's filesystem is mounted on the worker.
+pub fn is_mounted(layout: &VolumeLayout) -> io::Result<bool> {
+    crate::overlay::is_mount_point(&layout.mount_point())
+}
+
+/// Attaches the image to a free loop device and mounts it (nosuid, nodev). Mounted
+/// already is success: recovery calls this for every volume after an agent or host
+/// restart.
+pub fn mount(layout: &VolumeLayout) -> io::Result<()> {
+    let target = layout.mount_point();
+    if is_mounted(layout)? {
+        return Ok(());
+    }
+    match fs::create_dir(&target) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let image = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(layout.image())
+        .map_err(context(format!("open {}", layout.image().display())))?;
+    let (device, path) = attach_loop(image.as_fd())?;
+    // The loop device clears itself once the last holder (the mount) lets go.
+    let mounted = rustix::mount::mount(
+        &path,
+        &target,
+        "ext4",
+        rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+        "",
+    );
+    drop(device);
+    mounted.map_err(|e| {
+        io::Error::new(
+            errno(e).kind(),
+            format!("mount {} on {}: {e}", path.display(), target.display()),
+        )
+    })
+}
+
+/// Takes a free loop device and backs it with `image`.
+fn attach_loop(image: BorrowedFd<'_>) -> io::Result<(File, PathBuf)> {
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/loop-control")
+        .map_err(context("open /dev/loop-control".into()))?;
+    // Another process may take the same free device between the two calls: try again.
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if number < 0 {
+            return Err(context("find a free loop device".into())(
+                io::Error::last_os_error(),
+            ));
+        }
+        let path = PathBuf::from(format!("/dev/loop{number}"));
+        let device = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(context(format!("open {}", path.display())))?;
+        // SAFETY: all-zero is a valid loop_config (plain integers and byte arrays).
+        let mut config: LoopConfig = unsafe { std::mem::zeroed() };
+        config.fd = u32::try_from(image.as_raw_fd()).map_err(io::Error::other)?;
+        config.block_size = 0;
+        config.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: LOOP_CONFIGURE reads one struct loop_config, which outlives the call.
+        let rc = unsafe {
+            libc::ioctl(
+                device.as_raw_fd(),
+                LOOP_CONFIGURE,
+                &config as *const LoopConfig,
+            )
+        };
+        if rc == 0 {
+            return Ok((device, path));
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EBUSY) {
+            return Err(context(format!("configure {}", path.display()))(error));
+        }
+    }
+    Err(io::Error::other("no free loop device after 16 tries"))
+}
+
+/// Unmounts the volume's filesystem (its loop device goes with it). Not mounted is
+/// success.
+pub fn unmount(layout: &VolumeLayout) -> io::Result<()> {
+    crate::overlay::unmount(&layout.mount_point())
+}
+
+/// Unmounts and removes every file of the volume. Idempotent.
+pub fn remove(layout: &VolumeLayout) -> io::Result<()> {
+    unmount(layout)?;
+    match fs::remove_dir_all(&layout.dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(context(format!("remove {}", layout.dir.display()))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn open_root(layout: &VolumeLayout) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(layout.mount_point())
+        .map_err(context(format!("open {}", layout.mount_point().display())))
+}
+
+/// The mounted filesystem's size and free blocks.
+pub fn stats(layout: &VolumeLayout) -> io::Result<VolumeStats> {
+    if !is_mounted(layout)? {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("volume {} is not mounted", layout.id),
+        ));
+    }
+    let stat = rustix::fs::statfs(layout.mount_point()).map_err(errno)?;
+    #[allow(clippy::useless_conversion)]
+    let (bsize, blocks, free, avail) = (
+        u64::try_from(stat.f_bsize).unwrap_or(0),
+        u64::from(stat.f_blocks),
+        u64::from(stat.f_bfree),
+        u64::from(stat.f_bavail),
+    );
+    Ok(VolumeStats {
+        block_size: bsize,
+        blocks,
+        blocks_free: free,
+        blocks_avail: avail,
+    })
+}
+
+/// Grows the volume to `size_bytes` while it stays mounted (and in use). Each step checks
+/// first, so a rerun after a crash finishes the job; a smaller size changes nothing.
+pub fn extend(layout: &VolumeLayout, size_bytes: u64) -> io::Result<()> {
+    mount(layout)?;
+    let image = OpenOptions::new().write(true).open(layout.image())?;
+    if image.metadata()?.len() < size_bytes {
+        image.set_len(size_bytes)?;
+        image.sync_all()?;
+    }
+    resize(layout, size_bytes)
+}
+
+/// Tells the loop device its file's size and grows the filesystem to fill it.
+fn resize(layout: &VolumeLayout, size_bytes: u64) -> io::Result<()> {
+    let root = open_root(layout)?;
+    let device = loop_device_of(&root)?;
+    // SAFETY: LOOP_SET_CAPACITY takes no argument.
+    if unsafe { libc::ioctl(device.as_raw_fd(), LOOP_SET_CAPACITY, 0) } != 0 {
+        return Err(context("loop set capacity".into())(
+            io::Error::last_os_error(),
+        ));
+    }
+    let current = stats(layout)?;
+    let blocks = size_bytes / BLOCK_SIZE;
+    if current.block_size == BLOCK_SIZE && current.blocks >= blocks {
+        return Ok(());
+    }
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64, the new block count, which outlives the call.
+    let rc = unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS, &blocks as *const u64) };
+    if rc != 0 {
+        return Err(context(format!("resize the filesystem of {}", layout.id))(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// The loop device under a mounted volume, from its device number.
+fn loop_device_of(root: &File) -> io::Result<File> {
+    let dev = root.metadata()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let uevent = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))?;
+    let name = uevent
+        .lines()
+        .find_map(|line| line.strip_prefix("DEVNAME="))
+        .filter(|name| name.starts_with("loop"))
+        .ok_or_else(|| io::Error::other(format!("{major}:{minor} is not a loop device")))?;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(Path::new("/dev").join(name))
+}
+
+/// Copies the volume, consistent at one instant, to `to` (a new file): the filesystem is
+/// frozen for the copy, which moves only the image's data extents. Answers its size in
+/// bytes (the data, not the holes).
+pub fn snapshot(layout: &VolumeLayout, to: &Path) -> io::Result<u64> {
+    let root = open_root(layout)?;
+    // SAFETY: FIFREEZE takes no argument.
+    if unsafe { libc::ioctl(root.as_raw_fd(), FIFREEZE, 0) } != 0 {
+        return Err(context(format!("freeze volume {}", layout.id))(
+            io::Error::last_os_error(),
+        ));
+    }
+    let copied = sparse_copy(&layout.image(), to);
+    // SAFETY: FITHAW takes no argument.
+    let thawed = unsafe { libc::ioctl(root.as_raw_fd(), FITHAW, 0) };
+    if thawed != 0 {
+        let error = io::Error::last_os_error();
+        let _ = fs::remove_file(to);
+        return Err(context(format!("thaw volume {}", layout.id))(error));
+    }
+    match copied {
+        Ok(bytes) => Ok(bytes),
+        Err(e) => {
+            let _ = fs::remove_file(to);
+            Err(e)
+        }
+    }
+}
+
+/// Copies `from` to a new file `to` extent by extent (`SEEK_DATA`/`SEEK_HOLE`,
+/// `copy_file_range`), keeping its holes; answers the bytes copied.
+fn sparse_copy(from: &Path, to: &Path) -> io::Result<u64> {
+    use rustix::fs::SeekFrom;
+    let source = File::open(from).map_err(context(format!("open {}", from.display())))?;
+    let length = source.metadata()?.len();
+    let target = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(context(format!("create {}", to.display())))?;
+    target.set_len(length)?;
+    let mut copied = 0;
+    let mut offset = 0u64;
+    while offset < length {
+        let data = match rustix::fs::seek(&source, SeekFrom::Data(offset as i64)) {
+            Ok(at) => at,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(errno(e)),
+        };
+        let hole = rustix::fs::seek(&source, SeekFrom::Hole(data as i64)).map_err(errno)?;
+        let (mut from_at, mut to_at) = (data, data);
+        while from_at < hole {
+            let chunk = usize::try_from((hole - from_at).min(1 << 30)).unwrap_or(1 << 30);
+            let n = rustix::fs::copy_file_range(
+                &source,
+                Some(&mut from_at),
+                &target,
+                Some(&mut to_at),
+                chunk,
+            )
+            .map_err(errno)?;
+            if n == 0 {
+                break;
+            }
+            copied += n as u64;
+        }
+        offset = hole;
+    }
+    target.sync_all()?;
+    Ok(copied)
+}
+
+/// Opens a detached clone of the volume's mount, idmapped through `userns` (the
+/// Machine's): what a driver mounts into the Machine at start.
+pub fn idmapped_clone(source: &Path, userns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let clone = clone_mount(source)?;
+    crate::overlay::idmap_mount(clone.as_fd(), userns)
+        .map_err(|e| io::Error::new(errno(e).kind(), format!("idmap {}: {e}", source.display())))?;
+    Ok(clone)
+}
+
+/// A detached clone of the mount at `source` (not yet idmapped).
+pub fn clone_mount(source: &Path) -> io::Result<OwnedFd> {
+    use rustix::mount::{open_tree, OpenTreeFlags};
+    open_tree(
+        rustix::fs::CWD,
+        source,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|e| io::Error::new(errno(e).kind(), format!("clone {}: {e}", source.display())))
+}
+
+/// Attaches a detached mount onto the directory `target` refers to.
+pub fn attach(mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::mount::{move_mount, MoveMountFlags};
+    move_mount(
+        mount,
+        "",
+        target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(errno)
+}
