@@ -32,6 +32,7 @@ mod recovery;
 mod robots;
 pub mod store;
 mod transition;
+pub mod volumes;
 mod worker;
 
 /// The interface to a worker lives in `berth-worker`; these keep its old paths.
@@ -144,7 +145,9 @@ impl Agent {
                 disk_full: StdMutex::new(std::collections::HashSet::new()),
             }),
         };
+        agent.recover_volumes().await?;
         agent.recover().await?;
+        agent.release_orphan_claims().await?;
         agent.rebuild_running().await?;
         agent.spawn_meter();
         Ok(agent)

@@ -42,12 +42,14 @@ mod duration;
 mod robots;
 mod services;
 mod tenancy;
+mod volumes;
 
 pub use doctor::*;
 pub use duration::ApiDuration;
 pub use robots::*;
 pub use services::*;
 pub use tenancy::*;
+pub use volumes::*;
 
 /// The lifecycle states of a Machine, as they appear on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -257,6 +259,9 @@ pub struct MachineConfig {
     /// Berth's own sandbox settings.
     #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
     pub sandbox: SandboxConfig,
+    /// Volumes to attach (at most one Machine holds a volume at a time). Fixed at create.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MachineMount>,
 }
 
 /// Relaxations of the sandbox a Machine may ask for; all off by default.

@@ -484,9 +484,18 @@ pub fn idmapped_clone(source: &Path, userns: BorrowedFd<'_>) -> io::Result<Owned
     Ok(clone)
 }
 
-/// A detached clone of the mount at `source` (not yet idmapped).
+/// A detached clone of the mount at `source` (not yet idmapped). Refuses a `source` that
+/// is not a mount point: an unmounted volume's empty directory is on the worker's own
+/// disk, where nothing limits what a Machine writes.
 pub fn clone_mount(source: &Path) -> io::Result<OwnedFd> {
     use rustix::mount::{open_tree, OpenTreeFlags};
+    let parent = source.parent().unwrap_or(Path::new("/"));
+    if fs::metadata(source)?.dev() == fs::metadata(parent)?.dev() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("volume {} is not mounted", source.display()),
+        ));
+    }
     open_tree(
         rustix::fs::CWD,
         source,

@@ -156,6 +156,7 @@ impl ConfigArgs {
             sandbox: berth_api::SandboxConfig {
                 net_raw: self.net_raw,
             },
+            mounts: Vec::new(),
         })
     }
 }
