@@ -216,7 +216,8 @@ impl ControlPlane {
             None => None,
         };
         let worker_name = self.place(&PlacementRequest {
-            region: request.region.clone(),
+            // fly-go always sends the field; empty is no region asked for.
+            region: request.region.clone().filter(|region| !region.is_empty()),
             worker: pinned,
             cpus: 0,
             memory_mb: 0,
