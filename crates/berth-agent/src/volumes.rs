@@ -9,13 +9,14 @@
 
 use std::path::PathBuf;
 
+use berth_api::MachineState;
 use berth_api::{
     CreateVolumeRequest, ErrorBody, MachineMount, UpdateVolumeRequest, Volume, VolumeSnapshot,
     DEFAULT_VOLUME_SIZE_GB,
 };
 use berth_runtime::volume::{VolumeLayout, VolumeMount};
+use berth_runtime::RuntimeError;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 use tracing::{info, warn};
 
 use crate::error::{AgentError, Result};
@@ -265,22 +266,57 @@ impl Agent {
                 Some("size_gb"),
             ));
         }
+        // Unmounting to grow is only safe with no Machine running on it.
+        let offline_ok = match &record.attached_machine {
+            Some(machine) => match self.inner.store.get(machine).await? {
+                Some(holder) => !matches!(
+                    holder.state,
+                    MachineState::Starting | MachineState::Started | MachineState::Stopping
+                ),
+                None => true,
+            },
+            None => true,
+        };
         // The new size first: a crash before the host is done is finished by recovery,
         // and growing is repeatable.
+        let old_size = record.size_gb;
         record.size_gb = size_gb;
         record.pending = Some(VolumePending::Extend);
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_extend.after_record");
-        self.finish_extend(&mut record).await?;
+        if let Err(error) = self.finish_extend(&mut record, offline_ok).await {
+            let in_use = matches!(
+                &error,
+                AgentError::Runtime(RuntimeError::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::PermissionDenied
+            );
+            if !in_use {
+                return Err(error);
+            }
+            // Nothing changed but the image's length: the volume keeps its size.
+            record.size_gb = old_size;
+            record.pending = None;
+            self.inner.store.save_volume(&record).await?;
+            return Err(refuse(
+                409,
+                "volume_in_use",
+                format!(
+                    "{error}; stop machine {} and extend again",
+                    record.attached_machine.as_deref().unwrap_or("?")
+                ),
+                None,
+            ));
+        }
         self.volume_json(&record, "created").await
     }
 
-    async fn finish_extend(&self, record: &mut VolumeRecord) -> Result<()> {
+    async fn finish_extend(&self, record: &mut VolumeRecord, offline_ok: bool) -> Result<()> {
         self.inner
             .runtime
             .volume_extend(
                 &self.volume_layout(&record.id),
                 u64::from(record.size_gb) * GIB,
+                offline_ok,
             )
             .await?;
         failpoint::hit("volume_extend.after_host");
@@ -335,24 +371,18 @@ impl Agent {
         // only a `.tmp` file, which recovery removes.
         let tmp = dir.join(format!("{snapshot_id}.tmp"));
         let path = dir.join(format!("{snapshot_id}.img"));
-        let size = self
+        let image = self
             .inner
             .runtime
             .volume_snapshot(&self.volume_layout(id), tmp.clone())
             .await?;
-        let digest = {
-            let tmp = tmp.clone();
-            tokio::task::spawn_blocking(move || file_digest(&tmp))
-                .await
-                .map_err(|e| AgentError::Internal(format!("digest task: {e}")))??
-        };
         std::fs::rename(&tmp, &path)
             .map_err(|e| AgentError::Internal(format!("rename {}: {e}", tmp.display())))?;
         let snapshot = SnapshotRecord {
             id: snapshot_id,
             volume_id: id.to_owned(),
-            size,
-            digest,
+            size: image.bytes,
+            digest: image.digest,
             created_at_ms: now_ms(),
             path,
         };
@@ -466,8 +496,9 @@ impl Agent {
                     continue;
                 }
                 Some(VolumePending::Extend) => {
+                    // Before any Machine starts: the filesystem may be unmounted to grow.
                     self.inner.runtime.volume_mount(&layout).await?;
-                    self.finish_extend(&mut record).await?;
+                    self.finish_extend(&mut record, true).await?;
                 }
                 None => self.inner.runtime.volume_mount(&layout).await?,
             }
@@ -551,15 +582,6 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
         ));
     }
     Ok(size_gb)
-}
-
-fn file_digest(path: &std::path::Path) -> Result<String> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| AgentError::Internal(format!("open {}: {e}", path.display())))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher)
-        .map_err(|e| AgentError::Internal(format!("read {}: {e}", path.display())))?;
-    Ok(format!("sha256:{:x}", hasher.finalize()))
 }
 
 /// An update keeps the Machine's volumes: attaching and detaching happen at create and

@@ -170,6 +170,8 @@ impl ControlPlane {
             self.store.delete_machine(&machine.id).await?;
             crate::leases::forget(self, &machine.id).await?;
         }
+        // Its Machines are gone, so no volume is held.
+        self.delete_app_volumes(app).await?;
         self.store.delete_app(app).await?;
         self.forget_app(app);
         Ok(StatusCode::ACCEPTED)

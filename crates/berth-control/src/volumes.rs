@@ -275,6 +275,19 @@ impl ControlPlane {
         Ok(volumes)
     }
 
+    /// App delete, after its Machines: every volume of the app goes too.
+    pub(crate) async fn delete_app_volumes(&self, app: &str) -> Result<(), ApiError> {
+        for row in self.store.volumes(app).await? {
+            match self.worker(&row.worker)?.volume_delete(&row.id).await {
+                Ok(_) => {}
+                Err(error) if error.to_response().0 == 404 => {}
+                Err(error) => return Err(error.into()),
+            }
+            self.store.delete_volume(&row.id).await?;
+        }
+        Ok(())
+    }
+
     /// Where a Machine with these mounts must live: the worker of its volumes (all on one),
     /// or anywhere when it mounts none.
     pub(crate) async fn volumes_worker(

@@ -460,6 +460,7 @@ impl Runtime for FakeRuntime {
         &self,
         layout: &crate::volume::VolumeLayout,
         size_bytes: u64,
+        _offline_ok: bool,
     ) -> Result<(), RuntimeError> {
         let mut state = self.state.lock().await;
         state
@@ -489,14 +490,17 @@ impl Runtime for FakeRuntime {
         &self,
         layout: &crate::volume::VolumeLayout,
         to: PathBuf,
-    ) -> Result<u64, RuntimeError> {
+    ) -> Result<crate::volume::SnapshotImage, RuntimeError> {
         std::fs::copy(layout.image(), &to).map_err(|error| RuntimeError::Io {
             context: format!("snapshot volume {}", layout.id),
             error,
         })?;
         let mut state = self.state.lock().await;
         state.calls.push(format!("volume_snapshot {}", layout.id));
-        Ok(0)
+        Ok(crate::volume::SnapshotImage {
+            bytes: 0,
+            digest: format!("sha256:{:064x}", 0),
+        })
     }
 
     async fn volume_remove(

@@ -299,15 +299,17 @@ pub trait Runtime: Send + Sync + 'static {
         .await
     }
 
-    /// Grows a volume online to `size_bytes`.
+    /// Grows a volume to `size_bytes` ([`volume::extend`]): online, or unmounted when
+    /// `offline_ok` and the host cannot grow a mounted filesystem.
     async fn volume_extend(
         &self,
         layout: &volume::VolumeLayout,
         size_bytes: u64,
+        offline_ok: bool,
     ) -> Result<(), RuntimeError> {
         let layout = layout.clone();
         host::blocking(move || {
-            volume::extend(&layout, size_bytes)
+            volume::extend(&layout, size_bytes, offline_ok)
                 .map_err(|error| volume_error("extend", &layout, error))
         })
         .await
@@ -326,12 +328,12 @@ pub trait Runtime: Send + Sync + 'static {
     }
 
     /// Copies the volume, consistent at one instant, to the new file `to`; answers the
-    /// bytes of data copied.
+    /// bytes of data copied and their digest.
     async fn volume_snapshot(
         &self,
         layout: &volume::VolumeLayout,
         to: PathBuf,
-    ) -> Result<u64, RuntimeError> {
+    ) -> Result<volume::SnapshotImage, RuntimeError> {
         let layout = layout.clone();
         host::blocking(move || {
             volume::snapshot(&layout, &to).map_err(|error| volume_error("snapshot", &layout, error))

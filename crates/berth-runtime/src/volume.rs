@@ -153,10 +153,18 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
             Some(snapshot) => {
                 sparse_copy(snapshot, &image)?;
                 let file = OpenOptions::new().write(true).open(&image)?;
-                if file.metadata()?.len() < size_bytes {
+                let grow = file.metadata()?.len() < size_bytes;
+                if grow {
                     file.set_len(size_bytes)?;
                 }
                 file.sync_all()?;
+                drop(file);
+                if grow {
+                    // A snapshot of a smaller volume: its filesystem takes the new size,
+                    // before it is ever mounted.
+                    e2fs("e2fsck", &["-f", "-p"], &image)?;
+                    e2fs("resize2fs", &[], &image)?;
+                }
             }
             None => {
                 let file = OpenOptions::new()
@@ -170,12 +178,7 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
                 mkfs(&image)?;
             }
         }
-        mount(layout)?;
-        if from.is_some() {
-            // A snapshot of a smaller volume: its filesystem takes the new size.
-            resize(layout, size_bytes)?;
-        }
-        Ok(())
+        mount(layout)
     })();
     if result.is_err() {
         let _ = remove(layout);
@@ -350,16 +353,90 @@ pub fn stats(layout: &VolumeLayout) -> io::Result<VolumeStats> {
     })
 }
 
-/// Grows the volume to `size_bytes` while it stays mounted (and in use). Each step checks
-/// first, so a rerun after a crash finishes the job; a smaller size changes nothing.
-pub fn extend(layout: &VolumeLayout, size_bytes: u64) -> io::Result<()> {
+/// Grows the volume to `size_bytes`. Online (mounted, in use) where the kernel lets the
+/// worker (`EXT4_IOC_RESIZE_FS` needs CAP_SYS_RESOURCE); else, with `offline_ok` (no
+/// running Machine holds it), unmounted with `resize2fs` and mounted again. Without
+/// either it fails with `PermissionDenied` and the filesystem keeps its size. Each step
+/// checks first, so a rerun after a crash finishes the job; a smaller size changes
+/// nothing.
+pub fn extend(layout: &VolumeLayout, size_bytes: u64, offline_ok: bool) -> io::Result<()> {
     mount(layout)?;
     let image = OpenOptions::new().write(true).open(layout.image())?;
     if image.metadata()?.len() < size_bytes {
         image.set_len(size_bytes)?;
         image.sync_all()?;
     }
-    resize(layout, size_bytes)
+    drop(image);
+    match resize(layout, size_bytes) {
+        // EPERM from the resize ioctl (its context keeps the kind, not the errno).
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            if !offline_ok {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "growing volume {} while mounted needs CAP_SYS_RESOURCE, which this worker lacks",
+                        layout.id
+                    ),
+                ));
+            }
+            resize_offline(layout)
+        }
+        other => other,
+    }
+}
+
+/// Unmounts the volume, grows its filesystem to fill the image and mounts it again.
+/// Refuses (and mounts it back) when the filesystem is still in use elsewhere.
+fn resize_offline(layout: &VolumeLayout) -> io::Result<()> {
+    unmount(layout)?;
+    // Autoclear detaches the loop device once the filesystem's last mount is gone; one
+    // that stays means another mount (a Machine's) still holds it.
+    if loop_devices_of(&layout.image())?.next().is_some() {
+        mount(layout)?;
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("volume {} is still mounted elsewhere", layout.id),
+        ));
+    }
+    let result = e2fs("e2fsck", &["-f", "-p"], &layout.image())
+        .and_then(|()| e2fs("resize2fs", &[], &layout.image()));
+    let mounted = mount(layout);
+    result.and(mounted)
+}
+
+/// Runs an e2fsprogs tool on `image`.
+fn e2fs(tool: &str, args: &[&str], image: &Path) -> io::Result<()> {
+    let output = Command::new(tool)
+        .args(args)
+        .arg(image)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output()
+        .map_err(context(format!("run {tool} (e2fsprogs)")))?;
+    // e2fsck exits 1 when it fixed something, which `-p` may.
+    let fine = output.status.success() || (tool == "e2fsck" && output.status.code() == Some(1));
+    if !fine {
+        return Err(io::Error::other(format!(
+            "{tool} {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The loop devices backed by `image` (`/sys/block/loop*/loop/backing_file`).
+pub fn loop_devices_of(image: &Path) -> io::Result<impl Iterator<Item = String>> {
+    let image = fs::canonicalize(image)?;
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/sys/block")?.flatten() {
+        let backing = entry.path().join("loop/backing_file");
+        if let Ok(file) = fs::read_to_string(&backing) {
+            if Path::new(file.trim_end_matches('\n')) == image {
+                found.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(found.into_iter())
 }
 
 /// Tells the loop device its file's size and grows the filesystem to fill it.
@@ -403,10 +480,18 @@ fn loop_device_of(root: &File) -> io::Result<File> {
         .open(Path::new("/dev").join(name))
 }
 
+/// A snapshot's image: its bytes of data and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotImage {
+    pub bytes: u64,
+    /// `sha256:` of the image's data extents, each as its offset (8 bytes, little
+    /// endian) then its bytes: holes cost nothing to hash, and equal images hash equal.
+    pub digest: String,
+}
+
 /// Copies the volume, consistent at one instant, to `to` (a new file): the filesystem is
-/// frozen for the copy, which moves only the image's data extents. Answers its size in
-/// bytes (the data, not the holes).
-pub fn snapshot(layout: &VolumeLayout, to: &Path) -> io::Result<u64> {
+/// frozen for the copy, which reads only the image's data extents.
+pub fn snapshot(layout: &VolumeLayout, to: &Path) -> io::Result<SnapshotImage> {
     let root = open_root(layout)?;
     // SAFETY: FIFREEZE takes no argument.
     if unsafe { libc::ioctl(root.as_raw_fd(), FIFREEZE, 0) } != 0 {
@@ -422,19 +507,17 @@ pub fn snapshot(layout: &VolumeLayout, to: &Path) -> io::Result<u64> {
         let _ = fs::remove_file(to);
         return Err(context(format!("thaw volume {}", layout.id))(error));
     }
-    match copied {
-        Ok(bytes) => Ok(bytes),
-        Err(e) => {
-            let _ = fs::remove_file(to);
-            Err(e)
-        }
-    }
+    copied.inspect_err(|_| {
+        let _ = fs::remove_file(to);
+    })
 }
 
-/// Copies `from` to a new file `to` extent by extent (`SEEK_DATA`/`SEEK_HOLE`,
-/// `copy_file_range`), keeping its holes; answers the bytes copied.
-fn sparse_copy(from: &Path, to: &Path) -> io::Result<u64> {
+/// Copies `from` to a new file `to` extent by extent (`SEEK_DATA`/`SEEK_HOLE`), keeping
+/// its holes, and hashes what it copies.
+fn sparse_copy(from: &Path, to: &Path) -> io::Result<SnapshotImage> {
     use rustix::fs::SeekFrom;
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
     let source = File::open(from).map_err(context(format!("open {}", from.display())))?;
     let length = source.metadata()?.len();
     let target = OpenOptions::new()
@@ -444,7 +527,9 @@ fn sparse_copy(from: &Path, to: &Path) -> io::Result<u64> {
         .open(to)
         .map_err(context(format!("create {}", to.display())))?;
     target.set_len(length)?;
-    let mut copied = 0;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0;
     let mut offset = 0u64;
     while offset < length {
         let data = match rustix::fs::seek(&source, SeekFrom::Data(offset as i64)) {
@@ -453,26 +538,26 @@ fn sparse_copy(from: &Path, to: &Path) -> io::Result<u64> {
             Err(e) => return Err(errno(e)),
         };
         let hole = rustix::fs::seek(&source, SeekFrom::Hole(data as i64)).map_err(errno)?;
-        let (mut from_at, mut to_at) = (data, data);
-        while from_at < hole {
-            let chunk = usize::try_from((hole - from_at).min(1 << 30)).unwrap_or(1 << 30);
-            let n = rustix::fs::copy_file_range(
-                &source,
-                Some(&mut from_at),
-                &target,
-                Some(&mut to_at),
-                chunk,
-            )
-            .map_err(errno)?;
+        hasher.update(data.to_le_bytes());
+        let mut at = data;
+        while at < hole {
+            let want = usize::try_from((hole - at).min(buffer.len() as u64)).unwrap_or(0);
+            let n = source.read_at(&mut buffer[..want], at)?;
             if n == 0 {
                 break;
             }
-            copied += n as u64;
+            hasher.update(&buffer[..n]);
+            target.write_all_at(&buffer[..n], at)?;
+            at += n as u64;
+            bytes += n as u64;
         }
         offset = hole;
     }
     target.sync_all()?;
-    Ok(copied)
+    Ok(SnapshotImage {
+        bytes,
+        digest: format!("sha256:{:x}", hasher.finalize()),
+    })
 }
 
 /// Opens a detached clone of the volume's mount, idmapped through `userns` (the
