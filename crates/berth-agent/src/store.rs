@@ -597,6 +597,11 @@ fn decode(json: String) -> Result<MachineRecord> {
         .map_err(|error| AgentError::Internal(format!("decode machine record: {error}")))
 }
 
+fn decode_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|error| AgentError::Internal(format!("decode {what} record: {error}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,9 +695,4 @@ mod tests {
         .expect("insert");
         assert!(store.events("m1").await.is_err());
     }
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
-    serde_json::from_str(json)
-        .map_err(|error| AgentError::Internal(format!("decode {what} record: {error}")))
 }

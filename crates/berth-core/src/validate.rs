@@ -63,7 +63,7 @@ fn validate_mounts(mounts: &[berth_api::MachineMount]) -> Result<(), ConfigError
     for (index, mount) in mounts.iter().enumerate() {
         let path = &mount.path;
         let valid = path.starts_with('/')
-            && path.trim_end_matches('/') != ""
+            && !path.trim_end_matches('/').is_empty()
             && path.len() <= 1024
             && !path.contains('\0')
             && !path.split('/').any(|part| part == "..");
