@@ -232,6 +232,13 @@ pub fn mount(layout: &VolumeLayout) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
+    // A loop device still on the image means its filesystem is alive somewhere (a copy
+    // of the mount in another mount namespace outlived ours): mount that one, the same
+    // filesystem, never a second instance over the same file.
+    if let Some(name) = loop_devices_of(&layout.image())?.next() {
+        let path = Path::new("/dev").join(name);
+        return mount_device(&path, &target);
+    }
     let image = OpenOptions::new()
         .read(true)
         .write(true)
@@ -240,18 +247,23 @@ pub fn mount(layout: &VolumeLayout) -> io::Result<()> {
         .map_err(context(format!("open {}", layout.image().display())))?;
     let (device, path) = attach_loop(image.as_fd())?;
     // The loop device clears itself once the last holder (the mount) lets go.
-    let mounted = rustix::mount::mount(
-        &path,
-        &target,
+    let mounted = mount_device(&path, &target);
+    drop(device);
+    mounted
+}
+
+fn mount_device(device: &Path, target: &Path) -> io::Result<()> {
+    rustix::mount::mount(
+        device,
+        target,
         "ext4",
         rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
         "",
-    );
-    drop(device);
-    mounted.map_err(|e| {
+    )
+    .map_err(|e| {
         io::Error::new(
             errno(e).kind(),
-            format!("mount {} on {}: {e}", path.display(), target.display()),
+            format!("mount {} on {}: {e}", device.display(), target.display()),
         )
     })
 }
@@ -390,12 +402,25 @@ pub fn extend(layout: &VolumeLayout, size_bytes: u64, offline_ok: bool) -> io::R
 fn resize_offline(layout: &VolumeLayout) -> io::Result<()> {
     unmount(layout)?;
     // Autoclear detaches the loop device once the filesystem's last mount is gone; one
-    // that stays means another mount (a Machine's) still holds it.
-    if loop_devices_of(&layout.image())?.next().is_some() {
+    // that stays means another mount (a Machine's) still holds it. Lazily detached mounts
+    // and passing copies in other namespaces (a runc create's) go within moments.
+    let mut held = true;
+    for _ in 0..40 {
+        held = loop_devices_of(&layout.image())?.next().is_some();
+        if !held {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if held {
+        let holders = holders_of(&layout.image());
         mount(layout)?;
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("volume {} is still mounted elsewhere", layout.id),
+            format!(
+                "volume {} is still mounted elsewhere (processes {holders:?})",
+                layout.id
+            ),
         ));
     }
     let result = e2fs("e2fsck", &["-f", "-p"], &layout.image())
@@ -422,6 +447,63 @@ fn e2fs(tool: &str, args: &[&str], image: &Path) -> io::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The `major:minor` of every loop device backing a volume image (`…/volumes/<id>/disk.img`
+/// of any worker on the host).
+pub fn volume_devices() -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = Path::new(backing.trim_end_matches('\n'));
+        let is_volume = backing.file_name() == Some(std::ffi::OsStr::new(IMAGE_FILE))
+            && backing
+                .parent()
+                .and_then(Path::parent)
+                .and_then(Path::file_name)
+                == Some(std::ffi::OsStr::new("volumes"));
+        if is_volume {
+            if let Ok(dev) = fs::read_to_string(entry.path().join("dev")) {
+                found.push(dev.trim().to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// Processes whose mount namespace still has a mount of the loop device of `image`: for
+/// the error that names them.
+fn holders_of(image: &Path) -> Vec<String> {
+    let devices: Vec<String> = loop_devices_of(image)
+        .map(|names| {
+            names
+                .filter_map(|name| fs::read_to_string(format!("/sys/block/{name}/dev")).ok())
+                .map(|dev| format!(" {} ", dev.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(info) = fs::read_to_string(entry.path().join("mountinfo")) {
+            if devices.iter().any(|dev| info.contains(dev.as_str())) {
+                let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                pids.push(format!("{pid} {}", comm.trim()));
+            }
+        }
+        if pids.len() >= 8 {
+            break;
+        }
+    }
+    pids
 }
 
 /// The loop devices backed by `image` (`/sys/block/loop*/loop/backing_file`).

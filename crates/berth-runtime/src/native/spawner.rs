@@ -170,18 +170,25 @@ fn isolate_mounts() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // A copy of a volume's mount would keep its filesystem and loop device alive after
     // the worker unmounts it (volume delete) for as long as any supervisor lives.
-    for target in volume_mount_points(&mountinfo) {
+    for target in volume_mount_points(&mountinfo, &crate::volume::volume_devices()) {
         let _ = nix::mount::umount2(target.as_path(), nix::mount::MntFlags::MNT_DETACH);
     }
     Ok((host_root, host_mnt))
 }
 
-/// Mount points of volumes ([`crate::volume::VOLUME_MOUNT_DIR`]) in a mountinfo text.
-fn volume_mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    crate::overlay::mount_points(mountinfo)
-        .map(PathBuf::from)
-        .filter(|point| {
-            point.file_name() == Some(std::ffi::OsStr::new(crate::volume::VOLUME_MOUNT_DIR))
+/// Mount points of volumes in a mountinfo text: a worker's ([`crate::volume::
+/// VOLUME_MOUNT_DIR`]) and any other mount of a volume's device, such as the clone on a
+/// running runc Machine's rootfs (`devices`, `major:minor`).
+fn volume_mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?;
+            let point = PathBuf::from(unescape_mountinfo(fields.nth(1)?));
+            let named =
+                point.file_name() == Some(std::ffi::OsStr::new(crate::volume::VOLUME_MOUNT_DIR));
+            (named || devices.iter().any(|d| d == device)).then_some(point)
         })
         .collect()
 }
@@ -644,6 +651,23 @@ fn read_to_end(pipe: &OwnedFd) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_volume_mounts_by_name_and_by_device() {
+        let mountinfo = "\
+36 35 7:3 / /d/worker/volumes/vol_a/berth-volume-fs rw - ext4 /dev/loop3 rw
+37 35 7:4 / /d/worker/machines/m1/rootfs/data rw - ext4 /dev/loop4 rw
+38 35 7:5 / /mnt/other rw - ext4 /dev/loop5 rw
+39 35 0:22 / /d/worker/machines/m1/rootfs rw - overlay overlay rw
+";
+        assert_eq!(
+            volume_mount_points(mountinfo, &["7:4".to_owned()]),
+            [
+                PathBuf::from("/d/worker/volumes/vol_a/berth-volume-fs"),
+                PathBuf::from("/d/worker/machines/m1/rootfs/data"),
+            ]
+        );
+    }
 
     #[test]
     fn finds_nsfs_mount_points_and_unescapes_them() {
