@@ -188,6 +188,8 @@ pub fn bundle_spec(
         private_ip: None,
         org: None,
         net_raw: config.sandbox.net_raw,
+        // Filled by the agent, which knows where each volume is mounted.
+        volumes: Vec::new(),
     })
 }
 

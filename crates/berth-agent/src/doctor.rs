@@ -158,9 +158,87 @@ impl Agent {
             }
             report.findings.extend(findings);
         }
+        self.check_volumes(repair, &mut report).await?;
         report.busy.sort();
         report.busy.dedup();
         Ok(report)
+    }
+
+    /// Volumes: each recorded one mounted, no volume directory without a record. Each
+    /// volume is checked under its lock, like a Machine.
+    async fn check_volumes(&self, repair: bool, report: &mut DoctorReport) -> Result<()> {
+        let root = self.volumes_root();
+        let mut on_disk: BTreeSet<String> = BTreeSet::new();
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                if let Some(name) = entry.file_name().to_str() {
+                    on_disk.insert(name.to_owned());
+                }
+            }
+        }
+        let records = self.inner.store.volumes_of(None).await?;
+        let mut ids: BTreeSet<String> = records.into_iter().map(|record| record.id).collect();
+        ids.extend(on_disk);
+        for id in ids {
+            let guard = match self.lock_within(&id, LOCK_WAIT).await {
+                Ok(guard) => guard,
+                Err(AgentError::Busy { id }) => {
+                    report.busy.push(id);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            let layout = self.volume_layout(&id);
+            let object = Some(layout.dir.display().to_string());
+            match self.inner.store.volume(&id).await? {
+                Some(record) if record.pending.is_none() => {
+                    if self.inner.runtime.volume_mounted(&layout).await? {
+                        continue;
+                    }
+                    let mut finding = DoctorFinding {
+                        kind: FindingKind::VolumeNotMounted,
+                        machine_id: record.attached_machine.clone(),
+                        object,
+                        message: format!("volume {id} is not mounted"),
+                        repaired: false,
+                    };
+                    if repair {
+                        match self.inner.runtime.volume_mount(&layout).await {
+                            Ok(()) => finding.repaired = true,
+                            Err(error) => {
+                                warn!(volume = %id, %error, "doctor could not mount a volume")
+                            }
+                        }
+                    }
+                    report.findings.push(finding);
+                }
+                // Recovery settles unfinished operations.
+                Some(_) => {}
+                None => {
+                    if !layout.dir.exists() {
+                        continue;
+                    }
+                    let mut finding = DoctorFinding {
+                        kind: FindingKind::OrphanVolume,
+                        machine_id: None,
+                        object,
+                        message: format!("volume directory {id} has no record"),
+                        repaired: false,
+                    };
+                    if repair {
+                        match self.inner.runtime.volume_remove(&layout).await {
+                            Ok(()) => finding.repaired = true,
+                            Err(error) => {
+                                warn!(volume = %id, %error, "doctor could not remove an orphan volume")
+                            }
+                        }
+                    }
+                    report.findings.push(finding);
+                }
+            }
+            drop(guard);
+        }
+        Ok(())
     }
 
     /// What the runtime finds on the host (directories, mounts, its containers, veths and

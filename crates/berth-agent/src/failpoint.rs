@@ -32,9 +32,23 @@ pub const POINTS: &[&str] = &[
     "destroy.after_record_deleted",
 ];
 
+/// The volume operations' failpoints, apart from [`POINTS`] (whose every point acts on a
+/// Machine): each is after a recorded step, as there.
+pub const VOLUME_POINTS: &[&str] = &[
+    "volume_create.after_record",
+    "volume_create.after_host",
+    "volume_extend.after_record",
+    "volume_extend.after_host",
+    "volume_delete.after_record",
+    "volume_delete.after_host",
+];
+
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
-    debug_assert!(POINTS.contains(&name), "unlisted failpoint {name}");
+    debug_assert!(
+        POINTS.contains(&name) || VOLUME_POINTS.contains(&name),
+        "unlisted failpoint {name}"
+    );
     let Ok(list) = std::env::var("BERTH_FAILPOINTS") else {
         return;
     };

@@ -9,7 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use berth_api::{ErrorBody, StopRequest};
 use futures::StreamExt;
@@ -120,6 +120,16 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/log-chunks", get(log_chunks))
         .route("/agent/v1/notices", get(follow_notices))
         .route("/agent/v1/notices/snapshot", get(notice_snapshot))
+        .route("/agent/v1/volumes", get(volume_list).post(volume_create))
+        .route(
+            "/agent/v1/volumes/{id}",
+            get(volume_get).put(volume_update).delete(volume_delete),
+        )
+        .route("/agent/v1/volumes/{id}/extend", put(volume_extend))
+        .route(
+            "/agent/v1/volumes/{id}/snapshots",
+            get(volume_snapshots).post(volume_snapshot),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_join_token,
@@ -148,6 +158,64 @@ async fn create(
     Json(request): Json<CreateOnWorker>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.create(request).await?).into_response())
+}
+
+async fn volume_create(
+    State(http): State<Shared>,
+    Json(request): Json<berth_worker::CreateVolumeOnWorker>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_create(request).await?).into_response())
+}
+
+async fn volume_list(
+    State(http): State<Shared>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_list(&query.app).await?).into_response())
+}
+
+async fn volume_get(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_get(&id).await?).into_response())
+}
+
+async fn volume_update(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<berth_api::UpdateVolumeRequest>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_update(&id, body).await?).into_response())
+}
+
+async fn volume_extend(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<berth_api::ExtendVolumeRequest>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_extend(&id, body.size_gb).await?).into_response())
+}
+
+async fn volume_delete(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_delete(&id).await?).into_response())
+}
+
+async fn volume_snapshots(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_snapshots(&id).await?).into_response())
+}
+
+async fn volume_snapshot(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.volume_snapshot(&id).await?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -35,6 +35,7 @@ mod robots;
 mod schedules;
 pub mod store;
 mod transition;
+pub mod volumes;
 mod worker;
 
 /// The interface to a worker lives in `berth-worker`; these keep its old paths.
@@ -156,7 +157,9 @@ impl Agent {
                 opened_ms: record::now_ms(),
             }),
         };
+        agent.recover_volumes().await?;
         agent.recover().await?;
+        agent.release_orphan_claims().await?;
         agent.rebuild_running().await?;
         agent.spawn_meter();
         agent.spawn_scheduler();

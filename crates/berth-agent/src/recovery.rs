@@ -306,6 +306,7 @@ impl Agent {
         )?;
         spec.private_ip = record.private_ip;
         spec.org = record.org.clone();
+        spec.volumes = self.volume_mounts(&previous.config.mounts);
         runtime.prepare(&layout, &spec).await?;
         record.config = previous.config;
         record.image_ref = previous.image_ref;

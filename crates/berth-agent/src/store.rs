@@ -112,6 +112,17 @@ const SCHEMA: &[&str] = &[
     // The kernel's boot id when the agent last opened: a different one means the host
     // restarted in between.
     "CREATE TABLE IF NOT EXISTS host_boot (id INTEGER PRIMARY KEY CHECK (id = 1), boot_id TEXT NOT NULL)",
+    // Volumes (the source of truth for this worker's volumes) and their snapshots.
+    "CREATE TABLE IF NOT EXISTS volumes (
+        id TEXT PRIMARY KEY NOT NULL,
+        app TEXT NOT NULL,
+        record TEXT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS volume_snapshots (
+        id TEXT PRIMARY KEY NOT NULL,
+        volume_id TEXT NOT NULL,
+        record TEXT NOT NULL
+    )",
 ];
 
 impl AgentStore {
@@ -507,6 +518,95 @@ impl AgentStore {
             .collect()
     }
 
+    pub async fn save_volume(&self, record: &crate::volumes::VolumeRecord) -> Result<()> {
+        let json = serde_json::to_string(record)
+            .map_err(|error| AgentError::Internal(format!("encode volume record: {error}")))?;
+        sqlx::query("INSERT OR REPLACE INTO volumes (id, app, record) VALUES (?, ?, ?)")
+            .bind(&record.id)
+            .bind(&record.app)
+            .bind(json)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn volume(&self, id: &str) -> Result<Option<crate::volumes::VolumeRecord>> {
+        let row = sqlx::query("SELECT record FROM volumes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| decode_json(&row.get::<String, _>(0), "volume"))
+            .transpose()
+    }
+
+    /// The volumes of `app`, or every volume; oldest first.
+    pub async fn volumes_of(&self, app: Option<&str>) -> Result<Vec<crate::volumes::VolumeRecord>> {
+        let rows = match app {
+            Some(app) => {
+                sqlx::query("SELECT record FROM volumes WHERE app = ? ORDER BY rowid")
+                    .bind(app)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT record FROM volumes ORDER BY rowid")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|row| decode_json(&row.get::<String, _>(0), "volume"))
+            .collect()
+    }
+
+    /// Deletes the volume's record and its snapshots' records in one transaction.
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM volume_snapshots WHERE volume_id = ?; DELETE FROM volumes WHERE id = ?;",
+        )
+        .bind(id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn save_snapshot(&self, record: &crate::volumes::SnapshotRecord) -> Result<()> {
+        let json = serde_json::to_string(record)
+            .map_err(|error| AgentError::Internal(format!("encode snapshot record: {error}")))?;
+        sqlx::query("INSERT INTO volume_snapshots (id, volume_id, record) VALUES (?, ?, ?)")
+            .bind(&record.id)
+            .bind(&record.volume_id)
+            .bind(json)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<Option<crate::volumes::SnapshotRecord>> {
+        let row = sqlx::query("SELECT record FROM volume_snapshots WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| decode_json(&row.get::<String, _>(0), "snapshot"))
+            .transpose()
+    }
+
+    /// The volume's snapshots, oldest first.
+    pub async fn snapshots_of(
+        &self,
+        volume_id: &str,
+    ) -> Result<Vec<crate::volumes::SnapshotRecord>> {
+        let rows =
+            sqlx::query("SELECT record FROM volume_snapshots WHERE volume_id = ? ORDER BY rowid")
+                .bind(volume_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| decode_json(&row.get::<String, _>(0), "snapshot"))
+            .collect()
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -582,6 +682,11 @@ fn event_from(row: &sqlx::sqlite::SqliteRow, at: usize) -> Result<MachineEvent> 
 fn decode(json: String) -> Result<MachineRecord> {
     serde_json::from_str(&json)
         .map_err(|error| AgentError::Internal(format!("decode machine record: {error}")))
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|error| AgentError::Internal(format!("decode {what} record: {error}")))
 }
 
 #[cfg(test)]

@@ -183,4 +183,58 @@ impl WorkerService for Agent {
     async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport> {
         Ok(self.run_doctor(repair).await?)
     }
+
+    async fn volume_create(
+        &self,
+        request: crate::service::CreateVolumeOnWorker,
+    ) -> Result<berth_api::Volume> {
+        let agent = self.clone();
+        detached(async move { agent.volume_create_op(request).await })
+            .await
+            .map_err(WorkerError::from)
+    }
+
+    async fn volume_get(&self, id: &str) -> Result<berth_api::Volume> {
+        Ok(self.volume_get_op(id).await?)
+    }
+
+    async fn volume_list(&self, app: &str) -> Result<Vec<berth_api::Volume>> {
+        Ok(self.volume_list_op(app).await?)
+    }
+
+    async fn volume_update(
+        &self,
+        id: &str,
+        request: berth_api::UpdateVolumeRequest,
+    ) -> Result<berth_api::Volume> {
+        Ok(self.volume_update_op(id, request).await?)
+    }
+
+    async fn volume_extend(&self, id: &str, size_gb: u32) -> Result<berth_api::Volume> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.volume_extend_op(&id, size_gb).await })
+            .await
+            .map_err(WorkerError::from)
+    }
+
+    async fn volume_delete(&self, id: &str) -> Result<berth_api::Volume> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.volume_delete_op(&id).await })
+            .await
+            .map_err(WorkerError::from)
+    }
+
+    async fn volume_snapshots(&self, id: &str) -> Result<Vec<berth_api::VolumeSnapshot>> {
+        Ok(self.volume_snapshots_op(id).await?)
+    }
+
+    async fn volume_snapshot(&self, id: &str) -> Result<berth_api::VolumeSnapshot> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.volume_snapshot_op(&id).await })
+            .await
+            .map_err(WorkerError::from)
+    }
 }

@@ -729,3 +729,118 @@ async fn policy_no_never_restarts_and_always_does() {
         "policy no stays stopped"
     );
 }
+
+fn volume_request(id: &str, name: &str) -> berth_worker::CreateVolumeOnWorker {
+    berth_worker::CreateVolumeOnWorker {
+        id: id.into(),
+        app: "app".into(),
+        request: berth_api::CreateVolumeRequest {
+            name: name.into(),
+            size_gb: Some(1),
+            ..Default::default()
+        },
+    }
+}
+
+#[tokio::test]
+async fn recovery_settles_volume_operations_and_frees_claims_of_machines_gone() {
+    use berth_agent::volumes::VolumePending;
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let (created, extended, deleted, held) = (
+        "vol_aaaaaaaaaaaaaaaa",
+        "vol_bbbbbbbbbbbbbbbb",
+        "vol_cccccccccccccccc",
+        "vol_dddddddddddddddd",
+    );
+    {
+        let agent = fixture.agent().await;
+        for (id, name) in [(created, "a"), (extended, "b"), (deleted, "c"), (held, "d")] {
+            agent
+                .volume_create(volume_request(id, name))
+                .await
+                .expect("volume");
+        }
+        // A Machine holds `held`, then its record vanishes, as after a destroy that
+        // crashed before the release.
+        let mut request = create_request("0000000000000b", "demo/img:1", true);
+        request.config.mounts = vec![berth_api::MachineMount {
+            volume: held.into(),
+            path: "/data".into(),
+            ..Default::default()
+        }];
+        agent.create(request).await.expect("create");
+        assert_eq!(
+            agent
+                .volume_get(held)
+                .await
+                .expect("get")
+                .attached_machine_id,
+            Some("0000000000000b".into())
+        );
+        agent
+            .store()
+            .delete("0000000000000b")
+            .await
+            .expect("delete");
+        // The others as a crash in the middle of each operation left them.
+        for (id, pending, size_gb) in [
+            (created, VolumePending::Create, 1),
+            (extended, VolumePending::Extend, 2),
+            (deleted, VolumePending::Delete, 1),
+        ] {
+            let mut record = agent
+                .store()
+                .volume(id)
+                .await
+                .expect("read")
+                .expect("record");
+            record.pending = Some(pending);
+            record.size_gb = size_gb;
+            agent.store().save_volume(&record).await.expect("save");
+        }
+        fixture.runtime.unmount_volume(held).await;
+        agent.store().close().await;
+    }
+    fixture.runtime.clear_calls().await;
+    let agent = fixture.agent().await;
+    let calls = fixture.runtime.calls().await;
+    // An unfinished create is undone, a delete finished, an extend finished.
+    for gone in [created, deleted] {
+        assert!(agent.volume_get(gone).await.is_err(), "{gone} is gone");
+        assert_eq!(fixture.runtime.volume_size(gone).await, None);
+        assert!(
+            calls.contains(&format!("volume_remove {gone}")),
+            "{calls:?}"
+        );
+    }
+    assert_eq!(agent.volume_get(extended).await.expect("get").size_gb, 2);
+    assert_eq!(fixture.runtime.volume_size(extended).await, Some(2 << 30));
+    // Every kept volume is mounted again, and the vanished Machine's claim is released.
+    assert!(calls.contains(&format!("volume_mount {held}")), "{calls:?}");
+    let freed = agent.volume_get(held).await.expect("get");
+    assert_eq!(freed.attached_machine_id, None);
+    assert_eq!(freed.state, "created");
+    // The doctor finds no volume left over (the journal of the Machine whose record was
+    // cut out above is another matter).
+    let report = agent.run_doctor(false).await.expect("doctor");
+    assert!(
+        report.findings.iter().all(|finding| !matches!(
+            finding.kind,
+            berth_api::FindingKind::OrphanVolume | berth_api::FindingKind::VolumeNotMounted
+        )),
+        "{report:?}"
+    );
+    // An orphan volume directory is found, and removed by a repair.
+    let orphan = agent.volume_layout("vol_eeeeeeeeeeeeeeee");
+    std::fs::create_dir_all(orphan.mount_point()).expect("orphan dir");
+    let report = agent.run_doctor(true).await.expect("doctor");
+    let found: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|finding| finding.kind == berth_api::FindingKind::OrphanVolume)
+        .collect();
+    assert_eq!(found.len(), 1, "{report:?}");
+    assert!(found[0].repaired);
+    assert!(!orphan.dir.exists());
+}

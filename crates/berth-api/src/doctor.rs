@@ -35,6 +35,10 @@ pub enum FindingKind {
     OrphanVeth,
     /// A Machine cgroup with no record.
     OrphanCgroup,
+    /// A volume directory (image, mount) with no record.
+    OrphanVolume,
+    /// A volume whose filesystem is not mounted on the worker.
+    VolumeNotMounted,
     /// A record left in the middle of an operation that nothing is running.
     UnfinishedOperation,
     /// The usage journal skips sequence numbers.

@@ -44,6 +44,7 @@ mod machines;
 mod robots;
 mod services;
 mod tenancy;
+mod volumes;
 
 pub use checks::*;
 pub use doctor::*;
@@ -52,6 +53,7 @@ pub use machines::*;
 pub use robots::*;
 pub use services::*;
 pub use tenancy::*;
+pub use volumes::*;
 
 /// The lifecycle states of a Machine, as they appear on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -276,6 +278,9 @@ pub struct MachineConfig {
     /// Start the Machine once every period, counted from its creation (Fly's `schedule`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Volumes to attach (at most one Machine holds a volume at a time). Fixed at create.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MachineMount>,
 }
 
 /// How often a scheduled Machine is started: one period after its creation, then once a

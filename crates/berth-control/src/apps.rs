@@ -22,6 +22,7 @@ async fn app_json(control: &ControlPlane, row: AppRow) -> Result<App, ApiError> 
         Some(org) => org.name,
         None => row.org_slug.clone(),
     };
+    let volume_count = control.store.volumes(&row.name).await?.len() as u64;
     Ok(App {
         id: row.id,
         name: row.name,
@@ -31,7 +32,7 @@ async fn app_json(control: &ControlPlane, row: AppRow) -> Result<App, ApiError> 
         },
         status: "deployed".into(),
         machine_count,
-        volume_count: 0,
+        volume_count,
         network: "default".into(),
         created_at: format_ms(row.created_at_ms),
         org_slug: Some(row.org_slug),
@@ -170,6 +171,8 @@ impl ControlPlane {
             self.store.delete_machine(&machine.id).await?;
             crate::leases::forget(self, &machine.id).await?;
         }
+        // Its Machines are gone, so no volume is held.
+        self.delete_app_volumes(app).await?;
         self.store.delete_app(app).await?;
         self.forget_app(app);
         Ok(StatusCode::ACCEPTED)

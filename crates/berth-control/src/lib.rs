@@ -41,6 +41,7 @@ pub mod store;
 mod tenancy;
 mod timing;
 pub mod usage;
+mod volumes;
 mod warnings;
 mod workers;
 

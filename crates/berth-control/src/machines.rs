@@ -886,6 +886,10 @@ async fn create(
         .unwrap_or_else(|| format!("machine-{id}"));
     let placement = PlacementRequest {
         region: request.region.clone(),
+        // A Machine with volumes lives where they are.
+        worker: control
+            .volumes_worker(&app.name, &request.config.mounts)
+            .await?,
         cpus: request.config.guest.cpus,
         memory_mb: u64::from(request.config.guest.memory_mb),
         disk_mb: machine_disk_mb(&request.config.guest),

@@ -12,7 +12,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::extract::MAX_JSON_BODY;
-use crate::{apps, doctor, images, leases, machines, robots, tenancy, usage, workers, Shared};
+use crate::{
+    apps, doctor, images, leases, machines, robots, tenancy, usage, volumes, workers, Shared,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -81,6 +83,14 @@ pub(crate) fn api_router() -> OpenApiRouter<Shared> {
             leases::get_lease,
             leases::release_lease
         ))
+        .routes(routes!(volumes::create_volume, volumes::list_volumes))
+        .routes(routes!(
+            volumes::get_volume,
+            volumes::update_volume,
+            volumes::delete_volume
+        ))
+        .routes(routes!(volumes::extend_volume))
+        .routes(routes!(volumes::list_snapshots, volumes::create_snapshot))
         .routes(routes!(images::list_images, images::delete_image))
         .routes(routes!(images::pull_image))
         .routes(routes!(images::prune_images))

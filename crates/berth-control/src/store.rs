@@ -24,6 +24,14 @@ pub struct OrgRow {
     pub created_at_ms: i64,
 }
 
+fn volume_row(row: &sqlx::sqlite::SqliteRow) -> VolumeIndexRow {
+    VolumeIndexRow {
+        id: row.get(0),
+        app: row.get(1),
+        worker: row.get(2),
+    }
+}
+
 fn org_row(row: sqlx::sqlite::SqliteRow) -> OrgRow {
     let slug: String = row.get(0);
     let name: Option<String> = row.get(1);
@@ -152,10 +160,31 @@ const SCHEMA: &[&str] = &[
         destroyed_at_ms INTEGER NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS destroyed_machines_by_app ON destroyed_machines(app, destroyed_at_ms)",
+    // Which worker holds each volume (the worker has its record), and each snapshot's
+    // volume, so a create from a snapshot goes to the snapshot's worker.
+    "CREATE TABLE IF NOT EXISTS volumes (
+        id TEXT PRIMARY KEY NOT NULL,
+        app TEXT NOT NULL,
+        worker TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS volumes_by_app ON volumes(app)",
+    "CREATE TABLE IF NOT EXISTS volume_snapshots (
+        id TEXT PRIMARY KEY NOT NULL,
+        volume_id TEXT NOT NULL,
+        worker TEXT NOT NULL
+    )",
 ];
 
 /// How long a destroyed Machine stays listed by `include_deleted=true`.
 pub const TOMBSTONE_MS: i64 = 48 * 3600 * 1000;
+
+/// Where a volume lives: its index row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeIndexRow {
+    pub id: String,
+    pub app: String,
+    pub worker: String,
+}
 
 /// Adds the size columns to a `machines` table made before they existed. Its rows keep
 /// them empty until a start fills them from the worker.
@@ -459,6 +488,79 @@ impl ControlStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or(0))
+    }
+
+    pub async fn insert_volume(&self, row: &VolumeIndexRow) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR REPLACE INTO volumes (id, app, worker) VALUES (?, ?, ?)")
+            .bind(&row.id)
+            .bind(&row.app)
+            .bind(&row.worker)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn volume(&self, app: &str, id: &str) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT id, app, worker FROM volumes WHERE app = ? AND id = ?")
+            .bind(app)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(volume_row))
+    }
+
+    pub async fn volumes(&self, app: &str) -> Result<Vec<VolumeIndexRow>, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, app, worker FROM volumes WHERE app = ? ORDER BY rowid")
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(volume_row).collect())
+    }
+
+    /// Forgets the volume and its snapshots.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "DELETE FROM volume_snapshots WHERE volume_id = ?; DELETE FROM volumes WHERE id = ?;",
+        )
+        .bind(id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn insert_snapshot(
+        &self,
+        id: &str,
+        volume_id: &str,
+        worker: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO volume_snapshots (id, volume_id, worker) VALUES (?, ?, ?)",
+        )
+        .bind(id)
+        .bind(volume_id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The snapshot's volume and worker, if the snapshot belongs to a volume of `app`.
+    pub async fn snapshot(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT v.id, v.app, s.worker FROM volume_snapshots s JOIN volumes v ON v.id = s.volume_id
+             WHERE s.id = ? AND v.app = ?",
+        )
+        .bind(id)
+        .bind(app)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(volume_row))
     }
 
     pub async fn close(&self) {

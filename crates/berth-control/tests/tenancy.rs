@@ -162,6 +162,12 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("post", "/v1/workers/{name}/cordon" | "/v1/workers/{name}/uncordon") => ("", None),
         ("get", "/v1/workers/{name}/doctor") => ("", None),
         ("post", "/v1/workers/{name}/doctor/repair") => ("", None),
+        ("post", "/v1/apps/{app}/volumes") => ("", Some(json!({"name": "vol", "size_gb": 1}))),
+        ("get", "/v1/apps/{app}/volumes" | "/v1/apps/{app}/volumes/{volume_id}") => ("", None),
+        ("put", "/v1/apps/{app}/volumes/{volume_id}") => ("", Some(json!({}))),
+        ("delete", "/v1/apps/{app}/volumes/{volume_id}") => ("", None),
+        ("put", "/v1/apps/{app}/volumes/{volume_id}/extend") => ("", Some(json!({"size_gb": 2}))),
+        ("get" | "post", "/v1/apps/{app}/volumes/{volume_id}/snapshots") => ("", None),
         _ => return None,
     })
 }
@@ -208,6 +214,16 @@ async fn another_orgs_things_answer_404_at_every_route() {
     let intruder = harness.org("intruder-org", high).await;
     harness.app(&victim, "victim-app").await;
     let machine = harness.machine(&victim, "victim-app", true).await;
+    let (status, volume) = harness
+        .call(
+            &victim,
+            Method::POST,
+            "/v1/apps/victim-app/volumes",
+            Some(json!({"name": "vol", "size_gb": 1})),
+        )
+        .await;
+    assert_eq!(status, 200, "{volume}");
+    let volume = volume["id"].as_str().expect("volume id").to_owned();
     let (_, tokens) = harness
         .call(
             &harness.admin,
@@ -225,6 +241,7 @@ async fn another_orgs_things_answer_404_at_every_route() {
         ("key", "owner".to_owned()),
         ("token_id", tokens[0]["id"].as_str().expect("id").to_owned()),
         ("*reference", "demo/busybox:1".to_owned()),
+        ("volume_id", volume.clone()),
     ]
     .into();
     let base = format!("/v1/apps/victim-app/machines/{machine}");
@@ -291,6 +308,19 @@ async fn another_orgs_things_answer_404_at_every_route() {
     assert_eq!(status, 200, "{machine_json}");
     assert_eq!(machine_json["state"], "started");
     assert_eq!(machine_json["config"]["metadata"]["owner"], "v");
+    let (status, volume_json) = harness
+        .call(
+            &victim,
+            Method::GET,
+            &format!("/v1/apps/victim-app/volumes/{volume}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, volume_json["size_gb"].as_u64()),
+        (200, Some(1)),
+        "{volume_json}"
+    );
     let (status, _) = harness.call(&victim, Method::GET, "/v1/apps", None).await;
     assert_eq!(status, 200, "the victim's token still works");
 }
@@ -367,6 +397,7 @@ async fn the_openapi_description_and_the_router_agree() {
         ("key", "k".to_owned()),
         ("token_id", "0000000000000000".to_owned()),
         ("*reference", "demo/busybox:1".to_owned()),
+        ("volume_id", "vol_0000000000000000".to_owned()),
     ]
     .into();
     let operations = operations(&harness).await;

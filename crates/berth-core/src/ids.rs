@@ -9,6 +9,24 @@ pub fn new_machine_id() -> String {
     format!("{value:014x}")
 }
 
+/// A new random volume id, in Fly's form (`vol_` and 16 lowercase letters or digits).
+pub fn new_volume_id() -> String {
+    format!("vol_{}", random_base36(16))
+}
+
+/// A new random volume snapshot id (`vs_` and 16 lowercase letters or digits).
+pub fn new_snapshot_id() -> String {
+    format!("vs_{}", random_base36(16))
+}
+
+fn random_base36(len: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
+        .collect()
+}
+
 /// A new random App id.
 pub fn new_app_id() -> String {
     format!("app_{:016x}", rand::thread_rng().gen::<u64>())
@@ -41,9 +59,31 @@ pub fn is_machine_id(text: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Whether `text` has the shape of an id made by [`new_volume_id`] (`prefix` `vol_`) or
+/// [`new_snapshot_id`] (`vs_`).
+pub fn has_id_shape(text: &str, prefix: &str) -> bool {
+    text.strip_prefix(prefix).is_some_and(|rest| {
+        rest.len() == 16
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_and_snapshot_ids_have_flys_shape() {
+        let volume = new_volume_id();
+        assert!(has_id_shape(&volume, "vol_"), "{volume}");
+        assert!(!has_id_shape(&volume, "vs_"));
+        assert!(has_id_shape(&new_snapshot_id(), "vs_"));
+        assert!(!has_id_shape("vol_../../etc", "vol_"));
+        assert!(!has_id_shape("vol_ABCDEFGHIJKLMNOP", "vol_"));
+        assert_ne!(new_volume_id(), volume);
+    }
 
     #[test]
     fn machine_ids_have_the_fly_shape() {

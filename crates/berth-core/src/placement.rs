@@ -65,6 +65,8 @@ impl WorkerCapacity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementRequest {
     pub region: Option<String>,
+    /// Only this worker (the one holding the Machine's volumes).
+    pub worker: Option<String>,
     pub cpus: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,
@@ -102,6 +104,12 @@ pub fn place<'a>(
 ) -> Result<&'a WorkerCapacity, PlacementError> {
     let in_region: Vec<&WorkerCapacity> = workers
         .iter()
+        .filter(|worker| {
+            request
+                .worker
+                .as_ref()
+                .is_none_or(|only| &worker.name == only)
+        })
         .filter(|worker| {
             request
                 .region
@@ -166,10 +174,30 @@ mod tests {
     fn request(cpus: u32) -> PlacementRequest {
         PlacementRequest {
             region: None,
+            worker: None,
             cpus,
             memory_mb: 256,
             disk_mb: 100,
         }
+    }
+
+    #[test]
+    fn a_pinned_request_goes_to_its_worker_or_nowhere() {
+        let workers = [worker("a", "r", 0), worker("b", "r", 7)];
+        let pinned = |name: &str, cpus| PlacementRequest {
+            worker: Some(name.into()),
+            ..request(cpus)
+        };
+        // Spread would pick `a`; the volume's worker is `b`.
+        assert_eq!(
+            place(&workers, &pinned("b", 1), Strategy::Spread).map(|w| w.name.as_str()),
+            Ok("b")
+        );
+        assert!(matches!(
+            place(&workers, &pinned("b", 2), Strategy::Spread),
+            Err(PlacementError::InsufficientCapacity { .. })
+        ));
+        assert!(place(&workers, &pinned("gone", 1), Strategy::Spread).is_err());
     }
 
     #[test]
@@ -280,7 +308,7 @@ mod tests {
             cpus in 1u32..8, memory_mb in 1u64..4_000, disk_mb in 0u64..4_000,
             region in proptest::option::of(0u8..3), binpack in any::<bool>(),
         ) {
-            let request = PlacementRequest { region: region.map(|r| format!("r{r}")), cpus, memory_mb, disk_mb };
+            let request = PlacementRequest { region: region.map(|r| format!("r{r}")), worker: None, cpus, memory_mb, disk_mb };
             let strategy = if binpack { Strategy::Binpack } else { Strategy::Spread };
             let candidates: Vec<&WorkerCapacity> = workers.iter()
                 .filter(|w| request.region.as_ref().is_none_or(|r| &w.region == r))

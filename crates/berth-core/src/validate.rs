@@ -48,6 +48,48 @@ impl ConfigError {
     }
 }
 
+/// Volumes a Machine may mount.
+const MAX_MOUNTS: usize = 8;
+
+/// `config.mounts`: each an absolute path other than `/` without `..`, no volume or path
+/// twice.
+fn validate_mounts(mounts: &[berth_api::MachineMount]) -> Result<(), ConfigError> {
+    if mounts.len() > MAX_MOUNTS {
+        return Err(refuse(
+            "config.mounts",
+            format!("at most {MAX_MOUNTS} volumes"),
+        ));
+    }
+    for (index, mount) in mounts.iter().enumerate() {
+        let path = &mount.path;
+        let valid = path.starts_with('/')
+            && !path.trim_end_matches('/').is_empty()
+            && path.len() <= 1024
+            && !path.contains('\0')
+            && !path.split('/').any(|part| part == "..");
+        if !valid {
+            return Err(refuse(
+                format!("config.mounts[{index}].path"),
+                "must be an absolute path other than / without ..",
+            ));
+        }
+        let earlier = &mounts[..index];
+        if earlier.iter().any(|other| other.volume == mount.volume) {
+            return Err(refuse(
+                format!("config.mounts[{index}].volume"),
+                "a volume can be mounted once",
+            ));
+        }
+        if earlier.iter().any(|other| other.path == mount.path) {
+            return Err(refuse(
+                format!("config.mounts[{index}].path"),
+                "two volumes on one path",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
@@ -188,6 +230,7 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_mounts(&config.mounts)?;
     if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&guest.memory_mb) {
         return Err(refuse(
             "config.guest.memory_mb",
@@ -650,6 +693,35 @@ mod tests {
     #[test]
     fn a_plain_config_is_valid() {
         assert_eq!(validate_config(&config()), Ok(()));
+    }
+
+    #[test]
+    fn mounts_need_absolute_paths_and_each_volume_once() {
+        let mount = |volume: &str, path: &str| berth_api::MachineMount {
+            volume: volume.into(),
+            path: path.into(),
+            ..Default::default()
+        };
+        let with = |mounts: Vec<berth_api::MachineMount>| MachineConfig { mounts, ..config() };
+        assert!(validate_config(&with(vec![mount("vol_a", "/data")])).is_ok());
+        for (mounts, field) in [
+            (vec![mount("vol_a", "data")], "config.mounts[0].path"),
+            (vec![mount("vol_a", "/")], "config.mounts[0].path"),
+            (vec![mount("vol_a", "/a/../etc")], "config.mounts[0].path"),
+            (
+                vec![mount("vol_a", "/a"), mount("vol_a", "/b")],
+                "config.mounts[1].volume",
+            ),
+            (
+                vec![mount("vol_a", "/a"), mount("vol_b", "/a")],
+                "config.mounts[1].path",
+            ),
+        ] {
+            assert_eq!(
+                validate_config(&with(mounts)).expect_err("refused").field,
+                field
+            );
+        }
     }
 
     #[test]

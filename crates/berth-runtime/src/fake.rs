@@ -36,6 +36,8 @@ struct FakeState {
     next_pid: u32,
     machines: HashMap<String, FakeMachine>,
     disk_usage: HashMap<String, crate::quota::DiskUsage>,
+    /// Each volume's size in bytes and whether it is mounted.
+    volumes: HashMap<String, (u64, bool)>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +132,23 @@ impl FakeRuntime {
             .await
             .disk_usage
             .insert(id.to_owned(), usage);
+    }
+
+    /// A volume's size in bytes, while it exists.
+    pub async fn volume_size(&self, id: &str) -> Option<u64> {
+        self.state
+            .lock()
+            .await
+            .volumes
+            .get(id)
+            .map(|(size, _)| *size)
+    }
+
+    /// Forgets that a volume is mounted, as a host restart would.
+    pub async fn unmount_volume(&self, id: &str) {
+        if let Some(volume) = self.state.lock().await.volumes.get_mut(id) {
+            volume.1 = false;
+        }
     }
 
     /// Whether the Machine exists (prepared and not removed).
@@ -414,6 +433,121 @@ impl Runtime for FakeRuntime {
         self.changed.send_modify(|v| *v += 1);
         Ok(())
     }
+
+    // Volumes are plain directories here (with their image file, so the doctor's view of
+    // the host matches), sized in memory.
+    async fn volume_create(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+        size_bytes: u64,
+        from: Option<PathBuf>,
+    ) -> Result<(), RuntimeError> {
+        let io = |error| RuntimeError::Io {
+            context: format!("create volume {}", layout.id),
+            error,
+        };
+        std::fs::create_dir_all(layout.mount_point()).map_err(io)?;
+        match &from {
+            Some(snapshot) => std::fs::copy(snapshot, layout.image()).map(|_| ()),
+            None => std::fs::write(layout.image(), b""),
+        }
+        .map_err(io)?;
+        let mut state = self.state.lock().await;
+        state
+            .calls
+            .push(format!("volume_create {} {size_bytes}", layout.id));
+        state.volumes.insert(layout.id.clone(), (size_bytes, true));
+        Ok(())
+    }
+
+    async fn volume_mount(&self, layout: &crate::volume::VolumeLayout) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("volume_mount {}", layout.id));
+        match state.volumes.get_mut(&layout.id) {
+            Some(volume) => {
+                volume.1 = true;
+                Ok(())
+            }
+            None => Err(RuntimeError::Io {
+                context: format!("mount volume {}", layout.id),
+                error: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }),
+        }
+    }
+
+    async fn volume_mounted(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+    ) -> Result<bool, RuntimeError> {
+        let state = self.state.lock().await;
+        Ok(state.volumes.get(&layout.id).is_some_and(|v| v.1))
+    }
+
+    async fn volume_extend(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+        size_bytes: u64,
+        _offline_ok: bool,
+    ) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().await;
+        state
+            .calls
+            .push(format!("volume_extend {} {size_bytes}", layout.id));
+        if let Some(volume) = state.volumes.get_mut(&layout.id) {
+            volume.0 = volume.0.max(size_bytes);
+        }
+        Ok(())
+    }
+
+    async fn volume_stats(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+    ) -> Result<crate::volume::VolumeStats, RuntimeError> {
+        let state = self.state.lock().await;
+        let size = state.volumes.get(&layout.id).map_or(0, |v| v.0);
+        Ok(crate::volume::VolumeStats {
+            block_size: 4096,
+            blocks: size / 4096,
+            blocks_free: size / 4096,
+            blocks_avail: size / 4096,
+        })
+    }
+
+    async fn volume_snapshot(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+        to: PathBuf,
+    ) -> Result<crate::volume::SnapshotImage, RuntimeError> {
+        std::fs::copy(layout.image(), &to).map_err(|error| RuntimeError::Io {
+            context: format!("snapshot volume {}", layout.id),
+            error,
+        })?;
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("volume_snapshot {}", layout.id));
+        Ok(crate::volume::SnapshotImage {
+            bytes: 0,
+            digest: format!("sha256:{:064x}", 0),
+        })
+    }
+
+    async fn volume_remove(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+    ) -> Result<(), RuntimeError> {
+        match std::fs::remove_dir_all(&layout.dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(RuntimeError::Io {
+                    context: format!("remove volume {}", layout.id),
+                    error,
+                })
+            }
+            _ => {}
+        }
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("volume_remove {}", layout.id));
+        state.volumes.remove(&layout.id);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -437,6 +571,7 @@ mod tests {
             private_ip: None,
             org: None,
             net_raw: false,
+            volumes: Vec::new(),
         }
     }
 

@@ -38,6 +38,7 @@ pub mod spec;
 pub mod supervisor;
 pub mod timing;
 pub mod userns;
+pub mod volume;
 
 mod error;
 mod helper;
@@ -100,6 +101,13 @@ impl MachineLayout {
     }
 }
 
+fn volume_error(what: &str, layout: &volume::VolumeLayout, error: std::io::Error) -> RuntimeError {
+    RuntimeError::Io {
+        context: format!("{what} volume {}", layout.id),
+        error,
+    }
+}
+
 /// What the bundle's `config.json` is built from. Written at create and update only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleSpec {
@@ -125,6 +133,8 @@ pub struct BundleSpec {
     pub org: Option<String>,
     /// Give the Machine CAP_NET_RAW (off by default). The bridge filter holds with it.
     pub net_raw: bool,
+    /// Volumes mounted into the Machine at every start, listed in `config.json`.
+    pub volumes: Vec<volume::VolumeMount>,
 }
 
 /// A Machine whose init process is running.
@@ -269,6 +279,91 @@ pub trait Runtime: Send + Sync + 'static {
             error::IoContext::ctx(host::procs::machine_processes(pid).map(Some), || {
                 format!("list the processes of machine {id}")
             })
+        })
+        .await
+    }
+
+    /// Makes a volume ([`volume::create`]): its image (a copy of the snapshot image `from`
+    /// when given), filesystem and mount. Leaves nothing behind when it fails.
+    async fn volume_create(
+        &self,
+        layout: &volume::VolumeLayout,
+        size_bytes: u64,
+        from: Option<PathBuf>,
+    ) -> Result<(), RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::create(&layout, size_bytes, from.as_deref())
+                .map_err(|error| volume_error("create", &layout, error))
+        })
+        .await
+    }
+
+    /// Mounts a volume that is not mounted (after an agent or host restart).
+    async fn volume_mount(&self, layout: &volume::VolumeLayout) -> Result<(), RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::mount(&layout).map_err(|error| volume_error("mount", &layout, error))
+        })
+        .await
+    }
+
+    /// Whether the volume's filesystem is mounted on the worker.
+    async fn volume_mounted(&self, layout: &volume::VolumeLayout) -> Result<bool, RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::is_mounted(&layout).map_err(|error| volume_error("inspect", &layout, error))
+        })
+        .await
+    }
+
+    /// Grows a volume to `size_bytes` ([`volume::extend`]): online, or unmounted when
+    /// `offline_ok` and the host cannot grow a mounted filesystem.
+    async fn volume_extend(
+        &self,
+        layout: &volume::VolumeLayout,
+        size_bytes: u64,
+        offline_ok: bool,
+    ) -> Result<(), RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::extend(&layout, size_bytes, offline_ok)
+                .map_err(|error| volume_error("extend", &layout, error))
+        })
+        .await
+    }
+
+    /// The volume's blocks as its filesystem counts them.
+    async fn volume_stats(
+        &self,
+        layout: &volume::VolumeLayout,
+    ) -> Result<volume::VolumeStats, RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::stats(&layout).map_err(|error| volume_error("inspect", &layout, error))
+        })
+        .await
+    }
+
+    /// Copies the volume, consistent at one instant, to the new file `to`; answers the
+    /// bytes of data copied and their digest.
+    async fn volume_snapshot(
+        &self,
+        layout: &volume::VolumeLayout,
+        to: PathBuf,
+    ) -> Result<volume::SnapshotImage, RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::snapshot(&layout, &to).map_err(|error| volume_error("snapshot", &layout, error))
+        })
+        .await
+    }
+
+    /// Unmounts the volume and removes its files. Idempotent.
+    async fn volume_remove(&self, layout: &volume::VolumeLayout) -> Result<(), RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::remove(&layout).map_err(|error| volume_error("remove", &layout, error))
         })
         .await
     }

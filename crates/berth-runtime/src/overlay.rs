@@ -250,7 +250,7 @@ impl OverlayLayers {
             .rev()
             .map(|layer| {
                 let fd = clone(layer)?;
-                idmap(fd.as_fd(), userns)
+                idmap_mount(fd.as_fd(), userns)
                     .map_err(context(format!("idmap layer {}", layer.display())))?;
                 Ok(fd)
             })
@@ -369,7 +369,10 @@ fn context(what: String) -> impl FnOnce(rustix::io::Errno) -> io::Error {
 }
 
 /// Makes a detached mount idmapped through `userns`.
-fn idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> Result<(), rustix::io::Errno> {
+pub(crate) fn idmap_mount(
+    mount: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+) -> Result<(), rustix::io::Errno> {
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_IDMAP,
         attr_clr: 0,

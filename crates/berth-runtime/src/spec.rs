@@ -231,6 +231,19 @@ pub fn build(spec: &BundleSpec, rootfs: &Path, netns: &Path) -> Result<Spec, Run
     if let Some(org) = &spec.org {
         annotations.insert(ORG_ANNOTATION.to_owned(), org.clone());
     }
+    if !spec.volumes.is_empty() {
+        for volume in &spec.volumes {
+            if !volume.destination.starts_with('/') || volume.destination == "/" {
+                return Err(invalid(format!(
+                    "volume path {:?} must be absolute and not /",
+                    volume.destination
+                )));
+            }
+        }
+        let json = serde_json::to_string(&spec.volumes)
+            .map_err(|e| RuntimeError::Internal(format!("volume mounts: {e}")))?;
+        annotations.insert(crate::volume::VOLUMES_ANNOTATION.to_owned(), json);
+    }
     if !annotations.is_empty() {
         builder = builder.annotations(annotations);
     }
@@ -458,6 +471,7 @@ mod tests {
             private_ip: None,
             org: None,
             net_raw: false,
+            volumes: Vec::new(),
         }
     }
 

@@ -146,6 +146,7 @@ fn spec(layout: &MachineLayout, disk_mb: Option<u64>, script: &str) -> BundleSpe
         private_ip: None,
         org: None,
         net_raw: false,
+        volumes: Vec::new(),
     }
 }
 

@@ -12,6 +12,6 @@ pub mod wire;
 pub use error::{Result, WorkerError};
 pub use remote::RemoteWorker;
 pub use service::{
-    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, MachineNotice, NoticeSnapshot,
-    UpdateOnWorker, WorkerListener, WorkerService,
+    CreateOnWorker, CreateVolumeOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk,
+    MachineNotice, NoticeSnapshot, UpdateOnWorker, WorkerListener, WorkerService,
 };

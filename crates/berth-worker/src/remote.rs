@@ -18,8 +18,8 @@ use tokio::task::AbortHandle;
 
 use crate::error::{Result, WorkerError};
 use crate::service::{
-    CreateOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk, NoticeSnapshot,
-    UpdateOnWorker, WorkerListener, WorkerService,
+    CreateOnWorker, CreateVolumeOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk,
+    NoticeSnapshot, UpdateOnWorker, WorkerListener, WorkerService,
 };
 use crate::wire::{MetadataChange, NoticeLine, StartBody, NOTICE_KEEPALIVE};
 
@@ -236,6 +236,20 @@ impl RemoteWorker {
         let path = format!("/agent/v1/machines/{id}/log-chunks?max_bytes={max_bytes}{since}");
         let response = self
             .call::<()>(Method::GET, &path, None, READ_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
+    /// One volume call: `body` as JSON, the answer decoded.
+    async fn volume_call<B: Serialize + Sync, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        idempotent: bool,
+    ) -> Result<T> {
+        let response = self
+            .call(method, path, body, LIFECYCLE_DEADLINE, idempotent)
             .await?;
         self.json(response).await
     }
@@ -498,6 +512,60 @@ impl WorkerService for RemoteWorker {
             }
         });
         Ok(receiver)
+    }
+
+    async fn volume_create(&self, request: CreateVolumeOnWorker) -> Result<berth_api::Volume> {
+        // The agent answers a repeated create of the same id with the same volume.
+        self.volume_call(Method::POST, "/agent/v1/volumes", Some(&request), true)
+            .await
+    }
+
+    async fn volume_get(&self, id: &str) -> Result<berth_api::Volume> {
+        let path = format!("/agent/v1/volumes/{id}");
+        self.volume_call::<(), _>(Method::GET, &path, None, true)
+            .await
+    }
+
+    async fn volume_list(&self, app: &str) -> Result<Vec<berth_api::Volume>> {
+        let path = format!("/agent/v1/volumes?app={app}");
+        self.volume_call::<(), _>(Method::GET, &path, None, true)
+            .await
+    }
+
+    async fn volume_update(
+        &self,
+        id: &str,
+        request: berth_api::UpdateVolumeRequest,
+    ) -> Result<berth_api::Volume> {
+        let path = format!("/agent/v1/volumes/{id}");
+        self.volume_call(Method::PUT, &path, Some(&request), true)
+            .await
+    }
+
+    async fn volume_extend(&self, id: &str, size_gb: u32) -> Result<berth_api::Volume> {
+        let path = format!("/agent/v1/volumes/{id}/extend");
+        let body = berth_api::ExtendVolumeRequest { size_gb };
+        // Growing to a size twice is growing to it once.
+        self.volume_call(Method::PUT, &path, Some(&body), true)
+            .await
+    }
+
+    async fn volume_delete(&self, id: &str) -> Result<berth_api::Volume> {
+        let path = format!("/agent/v1/volumes/{id}");
+        self.volume_call::<(), _>(Method::DELETE, &path, None, false)
+            .await
+    }
+
+    async fn volume_snapshots(&self, id: &str) -> Result<Vec<berth_api::VolumeSnapshot>> {
+        let path = format!("/agent/v1/volumes/{id}/snapshots");
+        self.volume_call::<(), _>(Method::GET, &path, None, true)
+            .await
+    }
+
+    async fn volume_snapshot(&self, id: &str) -> Result<berth_api::VolumeSnapshot> {
+        let path = format!("/agent/v1/volumes/{id}/snapshots");
+        self.volume_call::<(), _>(Method::POST, &path, None, false)
+            .await
     }
 
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {

@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use berth_api::EventSource;
 use berth_api::{
-    EventKind, ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent, MachineState,
-    MachineVersion, ProcessStat, StartStopResponse, StopRequest, UpdateMachineRequest, UsageRecord,
+    CreateVolumeRequest, EventKind, ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent,
+    MachineState, MachineVersion, ProcessStat, StartStopResponse, StopRequest,
+    UpdateMachineRequest, UpdateVolumeRequest, UsageRecord, Volume, VolumeSnapshot,
 };
 use berth_image::PullScope;
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,14 @@ pub struct CreateOnWorker {
     /// Absent (an older control plane): the operator's, unrestricted.
     #[serde(default)]
     pub pull: PullScope,
+}
+
+/// A volume create that the control plane has validated and placed on this worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateVolumeOnWorker {
+    pub id: String,
+    pub app: String,
+    pub request: CreateVolumeRequest,
 }
 
 /// An update as the control plane forwards it, with the pull scope of its caller.
@@ -165,4 +174,20 @@ pub trait WorkerService: Send + Sync + 'static {
     /// Compares the worker's records with its host; with `repair`, removes orphans and
     /// records Machines found dead as stopped.
     async fn doctor(&self, repair: bool) -> Result<berth_api::DoctorReport>;
+
+    /// Makes a volume (a copy of one of this worker's snapshots with `snapshot_id`). A
+    /// repeated create of the same id answers the volume it made.
+    async fn volume_create(&self, request: CreateVolumeOnWorker) -> Result<Volume>;
+    async fn volume_get(&self, id: &str) -> Result<Volume>;
+    /// The app's volumes on this worker.
+    async fn volume_list(&self, app: &str) -> Result<Vec<Volume>>;
+    async fn volume_update(&self, id: &str, request: UpdateVolumeRequest) -> Result<Volume>;
+    /// Grows the volume to `size_gb`, online.
+    async fn volume_extend(&self, id: &str, size_gb: u32) -> Result<Volume>;
+    /// Deletes a volume no Machine holds (refused with `volume_attached` otherwise); the
+    /// answer is its last state, `destroyed`.
+    async fn volume_delete(&self, id: &str) -> Result<Volume>;
+    async fn volume_snapshots(&self, id: &str) -> Result<Vec<VolumeSnapshot>>;
+    /// Takes a snapshot of the volume now.
+    async fn volume_snapshot(&self, id: &str) -> Result<VolumeSnapshot>;
 }

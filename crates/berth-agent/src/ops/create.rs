@@ -74,7 +74,21 @@ impl Agent {
         let mut spec = spec;
         spec.private_ip = record.private_ip;
         spec.org = record.org.clone();
-        self.inner.store.save(&record, None).await?;
+        // Claimed before the record is written: a crash in between leaves a claim by a
+        // Machine that does not exist, which recovery releases.
+        spec.volumes = self
+            .attach_volumes(&record.id, &record.app, &record.config.mounts)
+            .await?;
+        let volumes: Vec<String> = record
+            .config
+            .mounts
+            .iter()
+            .map(|mount| mount.volume.clone())
+            .collect();
+        if let Err(error) = self.inner.store.save(&record, None).await {
+            self.release_volumes(&record.id, &volumes).await;
+            return Err(error);
+        }
         failpoint::hit("create.after_record");
         let layout = self.layout(&record.id);
         let prepared = match self.inner.runtime.prepare(&layout, &spec).await {
@@ -89,6 +103,7 @@ impl Agent {
                 warn!(machine = %record.id, %remove_error, "removing a half-created machine");
             }
             self.inner.store.delete(&record.id).await?;
+            self.release_volumes(&record.id, &volumes).await;
             return Err(error);
         }
         failpoint::hit("create.after_prepare");

@@ -57,6 +57,15 @@ impl Agent {
         let usage = metering::destroyed(&mut record, now_ms());
         self.inner.store.delete_with_usage(id, &usage).await?;
         failpoint::hit("destroy.after_record_deleted");
+        // The volumes stay, free for another Machine. A crash before this is settled by
+        // recovery, which releases claims of Machines that are gone.
+        let volumes: Vec<String> = record
+            .config
+            .mounts
+            .iter()
+            .map(|mount| mount.volume.clone())
+            .collect();
+        self.release_volumes(id, &volumes).await;
         if let Ok(mut locks) = self.inner.locks.lock() {
             locks.remove(id);
         }

@@ -28,6 +28,7 @@ impl Agent {
         let ActionPlan::Proceed(transitional) = state::plan(record.state, Action::Update)? else {
             return Ok(record.to_api());
         };
+        crate::volumes::check_same_mounts(&record.config.mounts, &request.config.mounts)?;
         // Resolve and lay out the new image first; a bad update changes nothing.
         let lease = self.inner.images.lease();
         let (image, pull_events) = self
@@ -44,6 +45,7 @@ impl Agent {
         // The network was made at create; update keeps the address and the org.
         spec.private_ip = record.private_ip;
         spec.org = record.org.clone();
+        spec.volumes = self.volume_mounts(&request.config.mounts);
         let was_running = record.state == MachineState::Started;
         record.pending = Some(PendingOp::Update {
             previous: Box::new(UpdateSnapshot {

@@ -298,6 +298,44 @@ impl WorkerService for CountingWorker {
     async fn list(&self, app: &str) -> berth_worker::Result<Vec<Machine>> {
         self.agent.list(app).await
     }
+    async fn volume_create(
+        &self,
+        request: berth_worker::CreateVolumeOnWorker,
+    ) -> berth_worker::Result<berth_api::Volume> {
+        self.agent.volume_create(request).await
+    }
+    async fn volume_get(&self, id: &str) -> berth_worker::Result<berth_api::Volume> {
+        self.agent.volume_get(id).await
+    }
+    async fn volume_list(&self, app: &str) -> berth_worker::Result<Vec<berth_api::Volume>> {
+        self.agent.volume_list(app).await
+    }
+    async fn volume_update(
+        &self,
+        id: &str,
+        request: berth_api::UpdateVolumeRequest,
+    ) -> berth_worker::Result<berth_api::Volume> {
+        self.agent.volume_update(id, request).await
+    }
+    async fn volume_extend(
+        &self,
+        id: &str,
+        size_gb: u32,
+    ) -> berth_worker::Result<berth_api::Volume> {
+        self.agent.volume_extend(id, size_gb).await
+    }
+    async fn volume_delete(&self, id: &str) -> berth_worker::Result<berth_api::Volume> {
+        self.agent.volume_delete(id).await
+    }
+    async fn volume_snapshots(
+        &self,
+        id: &str,
+    ) -> berth_worker::Result<Vec<berth_api::VolumeSnapshot>> {
+        self.agent.volume_snapshots(id).await
+    }
+    async fn volume_snapshot(&self, id: &str) -> berth_worker::Result<berth_api::VolumeSnapshot> {
+        self.agent.volume_snapshot(id).await
+    }
     async fn usage_since(
         &self,
         after_seq: u64,

@@ -52,6 +52,9 @@ pub(crate) struct InitPlan<'a> {
     /// The sealed memfd of `berth-init` (see [`crate::machine_init`]), made once by the
     /// spawner: what init execs, with the Machine's command as its child.
     pub init: BorrowedFd<'a>,
+    /// The Machine's volumes: detached clones idmapped through its user namespace, made by
+    /// the supervisor, each with its path inside the Machine.
+    pub volumes: &'a [(OwnedFd, String)],
 }
 
 /// Character devices every Machine gets, as runc makes them.
@@ -174,6 +177,14 @@ pub(crate) fn run_init(
         )
         .map_err(step(|| "open rootfs".into()))?;
     clock.mark("init_overlay");
+    for (mount, path) in plan.volumes {
+        let target = inroot::mount_target(root.as_fd(), Path::new(path))?;
+        sys.attach_mount(mount.as_fd(), target.as_fd())
+            .map_err(step(|| format!("mount volume on {path}")))?;
+    }
+    if !plan.volumes.is_empty() {
+        clock.mark("init_volumes");
+    }
     for mount in spec.mounts().iter().flatten() {
         mount_in_rootfs(sys, root.as_fd(), mount, ids)?;
     }
@@ -769,6 +780,7 @@ mod tests {
         init: OwnedFd,
         out: OwnedFd,
         cgroup_procs: Vec<PathBuf>,
+        volumes: Vec<(OwnedFd, String)>,
     }
 
     impl Fixture {
@@ -801,6 +813,7 @@ mod tests {
                 private_ip: None,
                 org: None,
                 net_raw: false,
+                volumes: Vec::new(),
             };
             let mut spec = crate::spec::build(&bundle, &rootfs, &host.join("netns")).unwrap();
             crate::spec::set_user_namespace(&mut spec, IdRange { base: BASE }, &host.join("ns"))
@@ -813,6 +826,7 @@ mod tests {
                 init: file("berth-init"),
                 out: file("out"),
                 cgroup_procs: vec![host.join("cgroup.procs")],
+                volumes: Vec::new(),
                 spec,
                 rootfs,
                 host,
@@ -834,6 +848,7 @@ mod tests {
                 userns: self.userns.as_fd(),
                 cgroup_procs: &self.cgroup_procs,
                 init: self.init.as_fd(),
+                volumes: &self.volumes,
             };
             let out = self.out.as_fd();
             match run_init(sys, &plan, out, out, &mut InitClock::off()) {
@@ -931,6 +946,30 @@ mod tests {
             "Fexecve",
         ];
         assert_eq!(summaries(&sys.calls()), expected);
+    }
+
+    #[test]
+    fn volumes_are_attached_on_the_overlay_at_their_paths_inside_it() {
+        let mut f = Fixture::new();
+        let volume = OwnedFd::from(fs::File::create(f.host.join("volume")).unwrap());
+        f.volumes = vec![(volume, "/data/db".into())];
+        let sys = f.recorder();
+        f.run(&sys);
+        let trace = summaries(&sys.calls());
+        let at = |call: &str| {
+            trace
+                .iter()
+                .position(|c| c == call)
+                .unwrap_or_else(|| panic!("{call} missing from {trace:?}"))
+        };
+        // After the overlay (it mounts onto it), before config.json's mounts.
+        assert!(
+            at("mount_overlay /") < at("attach_mount /data/db"),
+            "{trace:?}"
+        );
+        assert!(at("attach_mount /data/db") < at("mount /proc"), "{trace:?}");
+        // The path is made inside the rootfs, as for every mount destination.
+        assert!(f.rootfs.join("data/db").is_dir());
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn serve(socket: &Path) -> io::Result<()> {
     let init = crate::machine_init::sealed_memfd()?;
     util::remove_file_if_exists(socket)?;
     let listener = UnixListener::bind(socket)?;
-    let host_root = isolate_mounts()?;
+    let (host_root, host_mnt) = isolate_mounts()?;
     {
         use std::io::Write;
         let mut out = io::stdout();
@@ -97,7 +97,7 @@ fn serve(socket: &Path) -> io::Result<()> {
     }
     let stdin = io::stdin();
     loop {
-        let spare = fork_spare(&listener, host_root.as_fd(), init.as_fd())?;
+        let spare = fork_spare(&listener, host_root.as_fd(), host_mnt.as_fd(), init.as_fd())?;
         // Wait until the spare has taken a start (or died), or the runtime went away.
         let (taken, runtime_gone) = loop {
             let mut fds = [
@@ -141,11 +141,18 @@ struct Spare {
 /// thousand stopped Machines on the host their pins alone made start milliseconds slower.
 /// Pins made later stay out too (the copy is private); supervisors open them through the
 /// returned handle on the host's root, whose lookups cross the host's mounts.
-fn isolate_mounts() -> io::Result<OwnedFd> {
+fn isolate_mounts() -> io::Result<(OwnedFd, OwnedFd)> {
     use rustix::fs::{Mode, OFlags};
     let host_root = rustix::fs::open(
         "/",
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // Volumes are mounted on the host, after this copy is made: a start clones them from
+    // the host's namespace (see `clone_volumes`).
+    let host_mnt = rustix::fs::open(
+        "/proc/self/ns/mnt",
+        OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
@@ -161,7 +168,73 @@ fn isolate_mounts() -> io::Result<OwnedFd> {
         // Only this private copy loses them; the host keeps every pin.
         let _ = nix::mount::umount2(target.as_path(), nix::mount::MntFlags::MNT_DETACH);
     }
-    Ok(host_root)
+    // A copy of a volume's mount would keep its filesystem and loop device alive after
+    // the worker unmounts it (volume delete) for as long as any supervisor lives.
+    for target in volume_mount_points(&mountinfo, &crate::volume::volume_devices()) {
+        let _ = nix::mount::umount2(target.as_path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    Ok((host_root, host_mnt))
+}
+
+/// Mount points of volumes in a mountinfo text: a worker's ([`crate::volume::
+/// VOLUME_MOUNT_DIR`]) and any other mount of a volume's device, such as the clone on a
+/// running runc Machine's rootfs (`devices`, `major:minor`).
+fn volume_mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?;
+            let point = PathBuf::from(unescape_mountinfo(fields.nth(1)?));
+            let named =
+                point.file_name() == Some(std::ffi::OsStr::new(crate::volume::VOLUME_MOUNT_DIR));
+            (named || devices.iter().any(|d| d == device)).then_some(point)
+        })
+        .collect()
+}
+
+/// Detached clones of the Machine's volumes, idmapped through its user namespace. The
+/// volumes are mounted in the host's mount namespace, so the clones are made there (a
+/// mount is cloned only from the caller's own namespace) and the supervisor goes back.
+fn clone_volumes(
+    volumes: &[crate::volume::VolumeMount],
+    host_mnt: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+) -> Result<Vec<(OwnedFd, String)>, String> {
+    if volumes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let own = rustix::fs::open(
+        "/proc/self/ns/mnt",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("open own mount namespace: {e}"))?;
+    rustix::thread::move_into_link_name_space(
+        host_mnt,
+        Some(rustix::thread::LinkNameSpaceType::Mount),
+    )
+    .map_err(|e| format!("enter the host's mount namespace: {e}"))?;
+    let clones: Result<Vec<OwnedFd>, String> = volumes
+        .iter()
+        .map(|volume| {
+            crate::volume::clone_mount(&volume.source).map_err(|e| format!("volume: {e}"))
+        })
+        .collect();
+    rustix::thread::move_into_link_name_space(
+        own.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Mount),
+    )
+    .map_err(|e| format!("leave the host's mount namespace: {e}"))?;
+    clones?
+        .into_iter()
+        .zip(volumes)
+        .map(|(clone, volume)| {
+            crate::overlay::idmap_mount(clone.as_fd(), userns)
+                .map_err(|e| format!("idmap volume {}: {e}", volume.source.display()))?;
+            Ok((clone, volume.destination.clone()))
+        })
+        .collect()
 }
 
 /// Mount points of `nsfs` mounts in a `/proc/<pid>/mountinfo` text.
@@ -205,6 +278,7 @@ pub(crate) fn unescape_mountinfo(field: &str) -> OsString {
 fn fork_spare(
     listener: &UnixListener,
     host_root: BorrowedFd<'_>,
+    host_mnt: BorrowedFd<'_>,
     init: BorrowedFd<'_>,
 ) -> io::Result<Spare> {
     let (taken_r, taken_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
@@ -217,7 +291,7 @@ fn fork_spare(
         }),
         nix::unistd::ForkResult::Child => {
             drop(taken_r);
-            let code = run_spare(listener, taken_w, spawner, host_root, init);
+            let code = run_spare(listener, taken_w, spawner, host_root, host_mnt, init);
             // SAFETY: _exit ends the forked child without the spawner's exit paths.
             unsafe { libc::_exit(code) }
         }
@@ -230,6 +304,7 @@ fn run_spare(
     taken: OwnedFd,
     spawner: nix::unistd::Pid,
     host_root: BorrowedFd<'_>,
+    host_mnt: BorrowedFd<'_>,
     init: BorrowedFd<'_>,
 ) -> i32 {
     // Until it takes a start, a spare dies with the spawner; then it must outlive it.
@@ -246,6 +321,7 @@ fn run_spare(
                 listener.as_raw_fd(),
                 taken.as_raw_fd(),
                 host_root.as_raw_fd(),
+                host_mnt.as_raw_fd(),
             ])
         })
         .and_then(|()| supervisor::own_identity());
@@ -272,7 +348,14 @@ fn run_spare(
     // SAFETY: closes this process's copy of the listener, which it never uses again.
     unsafe { libc::close(listener.as_raw_fd()) };
     match read_request(&conn) {
-        Ok(request) => supervise(request, OwnedFd::from(conn), identity, host_root, init),
+        Ok(request) => supervise(
+            request,
+            OwnedFd::from(conn),
+            identity,
+            host_root,
+            host_mnt,
+            init,
+        ),
         Err(e) => {
             supervisor::report(
                 conn.as_fd(),
@@ -295,6 +378,7 @@ fn supervise(
     conn: OwnedFd,
     identity: (u32, u64),
     host_root: BorrowedFd<'_>,
+    host_mnt: BorrowedFd<'_>,
     init: BorrowedFd<'_>,
 ) -> i32 {
     let layout = MachineLayout {
@@ -324,11 +408,14 @@ fn supervise(
         &mut supervisor,
         &mut steps,
         host_root,
+        host_mnt,
         init,
     );
     // SAFETY: this process's inherited copy of the spawner's handle; nothing here uses it
     // again, and a supervisor has no business holding the host's root.
     unsafe { libc::close(host_root.as_raw_fd()) };
+    // SAFETY: as for host_root: the host's mount namespace, used only before the fork.
+    unsafe { libc::close(host_mnt.as_raw_fd()) };
     // SAFETY: as for host_root: init has exec'd it (or failed), nothing here uses it again.
     unsafe { libc::close(init.as_raw_fd()) };
     match started {
@@ -353,6 +440,7 @@ fn start_init(
     supervisor: &mut Supervisor,
     steps: &mut StepTimes,
     host_root: BorrowedFd<'_>,
+    host_mnt: BorrowedFd<'_>,
     init: BorrowedFd<'_>,
 ) -> Result<(u32, OverlayLayers), String> {
     let mut mark = Instant::now();
@@ -398,6 +486,12 @@ fn start_init(
         userns.as_fd(),
     )
     .map_err(|e| format!("open the layers of {id}: {e}"))?;
+    steps.lap("overlay_layers", &mut mark);
+    let volume_mounts = crate::volume::mounts_of(&spec)?;
+    let volumes = clone_volumes(&volume_mounts, host_mnt, userns.as_fd())?;
+    if !volumes.is_empty() {
+        steps.lap("volumes", &mut mark);
+    }
     let plan = InitPlan {
         spec: &spec,
         layers: &layers,
@@ -406,8 +500,8 @@ fn start_init(
         userns: userns.as_fd(),
         cgroup_procs: &request.cgroup_procs,
         init,
+        volumes: &volumes,
     };
-    steps.lap("overlay_layers", &mut mark);
     let v2_cgroup = request
         .cgroup_v2
         .as_ref()
@@ -449,6 +543,7 @@ fn start_init(
             ]
             .into_iter()
             .chain(layers.raw_fds())
+            .chain(volumes.iter().map(|(fd, _)| fd.as_raw_fd()))
             .collect::<Vec<_>>();
             if let Err(e) = crate::helper::close_fds_except(&keep) {
                 init::fail(&errors_w, &format!("close descriptors: {e}"));
@@ -556,6 +651,23 @@ fn read_to_end(pipe: &OwnedFd) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_volume_mounts_by_name_and_by_device() {
+        let mountinfo = "\
+36 35 7:3 / /d/worker/volumes/vol_a/berth-volume-fs rw - ext4 /dev/loop3 rw
+37 35 7:4 / /d/worker/machines/m1/rootfs/data rw - ext4 /dev/loop4 rw
+38 35 7:5 / /mnt/other rw - ext4 /dev/loop5 rw
+39 35 0:22 / /d/worker/machines/m1/rootfs rw - overlay overlay rw
+";
+        assert_eq!(
+            volume_mount_points(mountinfo, &["7:4".to_owned()]),
+            [
+                PathBuf::from("/d/worker/volumes/vol_a/berth-volume-fs"),
+                PathBuf::from("/d/worker/machines/m1/rootfs/data"),
+            ]
+        );
+    }
 
     #[test]
     fn finds_nsfs_mount_points_and_unescapes_them() {

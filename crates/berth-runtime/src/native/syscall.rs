@@ -44,6 +44,8 @@ pub(crate) trait Syscall {
     ) -> nix::Result<()>;
     /// Makes the Machine's overlay of `layers` and mounts it at `target`.
     fn mount_overlay(&self, layers: &OverlayLayers, target: &Path) -> io::Result<()>;
+    /// Attaches a detached mount (a volume's idmapped clone) onto the directory `target`.
+    fn attach_mount(&self, mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>;
     fn umount2(&self, target: &Path, flags: MntFlags) -> nix::Result<()>;
     fn pivot_root(&self, new_root: &Path, put_old: &Path) -> nix::Result<()>;
     fn fchdir(&self, dir: BorrowedFd<'_>) -> rustix::io::Result<()>;
@@ -126,6 +128,10 @@ impl Syscall for LinuxSyscall {
 
     fn mount_overlay(&self, layers: &OverlayLayers, target: &Path) -> io::Result<()> {
         layers.mount(target)
+    }
+
+    fn attach_mount(&self, mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+        crate::volume::attach(mount, target)
     }
 
     fn umount2(&self, target: &Path, flags: MntFlags) -> nix::Result<()> {
@@ -302,6 +308,7 @@ pub(crate) mod recording {
             data: Option<String>,
         },
         MountOverlay(String),
+        AttachMount(String),
         Umount2(String, MntFlags),
         PivotRoot(String, String),
         Fchdir(String),
@@ -357,6 +364,7 @@ pub(crate) mod recording {
                 }
                 Call::Mount { target, .. } => format!("mount {target}"),
                 Call::MountOverlay(target) => format!("mount_overlay {target}"),
+                Call::AttachMount(target) => format!("attach_mount {target}"),
                 Call::Fchdir(path) => format!("fchdir {path}"),
                 Call::Chdir(path) => format!("chdir {path}"),
                 other => {
@@ -517,6 +525,11 @@ pub(crate) mod recording {
 
         fn mount_overlay(&self, _layers: &OverlayLayers, target: &Path) -> io::Result<()> {
             self.record(Call::MountOverlay(self.view(target)))
+                .map_err(io::Error::from_raw_os_error)
+        }
+
+        fn attach_mount(&self, _mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+            self.record(Call::AttachMount(self.fd_view(target)))
                 .map_err(io::Error::from_raw_os_error)
         }
 

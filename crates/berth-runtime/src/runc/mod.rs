@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -120,6 +120,15 @@ impl RuncRuntime {
             id: id.clone(),
             message,
         })?;
+        // runc binds the rootfs recursively, so the volumes go with it.
+        if let Err(message) = mount_volumes(&layout.config_json(), &rootfs, userns.as_fd()) {
+            let _ = overlay::unmount(&rootfs);
+            return Err(RuntimeError::Start {
+                driver: "runc",
+                id: id.clone(),
+                message,
+            });
+        }
         if let Err(e) = init::before_runc_start(id, &layout.config_json(), &rootfs) {
             let _ = overlay::unmount(&rootfs);
             return Err(e);
@@ -203,6 +212,32 @@ fn runc_config(id: &str, config: Vec<u8>) -> Result<Vec<u8>, RuntimeError> {
     let rewritten = init::runc_config(&config)
         .map_err(|e| RuntimeError::Internal(format!("config of machine {id}: {e}")))?;
     Ok(rewritten.unwrap_or(config))
+}
+
+/// Mounts the Machine's volumes (`config.json`'s [`crate::volume::VOLUMES_ANNOTATION`])
+/// on its rootfs, each a clone of the worker's mount idmapped through the Machine's user
+/// namespace, at its path made inside the rootfs.
+fn mount_volumes(config: &Path, rootfs: &Path, userns: BorrowedFd<'_>) -> Result<(), String> {
+    let spec = oci_spec::runtime::Spec::load(config)
+        .map_err(|e| format!("read {}: {e}", config.display()))?;
+    let volumes = crate::volume::mounts_of(&spec)?;
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    let root = rustix::fs::open(
+        rootfs,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("open {}: {e}", rootfs.display()))?;
+    for volume in &volumes {
+        let clone =
+            crate::volume::idmapped_clone(&volume.source, userns).map_err(|e| e.to_string())?;
+        let target = crate::inroot::mount_target(root.as_fd(), Path::new(&volume.destination))?;
+        crate::volume::attach(clone.as_fd(), target.as_fd())
+            .map_err(|e| format!("mount volume on {}: {e}", volume.destination))?;
+    }
+    Ok(())
 }
 
 fn check_kernel_mount_points(rootfs: &Path) -> Result<(), String> {

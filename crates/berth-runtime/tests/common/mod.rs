@@ -193,6 +193,7 @@ impl Fixture {
             private_ip: None,
             org: None,
             net_raw: false,
+            volumes: Vec::new(),
         }
     }
 

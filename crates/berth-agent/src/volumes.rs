@@ -1,0 +1,605 @@
+//! Volumes on this worker: the record (the source of truth, like a Machine's), its
+//! operations, and attaching one to a Machine.
+//!
+//! Each operation writes its intent before touching the host (`pending`), so an agent
+//! killed halfway finishes or undoes it at its next start ([`Agent::recover_volumes`]):
+//! a create is removed, an extend is finished, a delete is finished. A volume is
+//! attached to at most one Machine: the claim is made under the volume's lock, and the
+//! Machine's create or destroy is what makes and ends it.
+
+use std::path::PathBuf;
+
+use berth_api::MachineState;
+use berth_api::{
+    CreateVolumeRequest, ErrorBody, MachineMount, UpdateVolumeRequest, Volume, VolumeSnapshot,
+    DEFAULT_VOLUME_SIZE_GB,
+};
+use berth_runtime::volume::{VolumeLayout, VolumeMount};
+use berth_runtime::RuntimeError;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{AgentError, Result};
+use crate::failpoint;
+use crate::record::{format_ms, now_ms};
+use crate::service::CreateVolumeOnWorker;
+use crate::Agent;
+
+const GIB: u64 = 1 << 30;
+/// The largest volume Fly makes, in GB.
+pub const MAX_VOLUME_SIZE_GB: u32 = 500;
+
+/// An operation on the volume that has not finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumePending {
+    Create,
+    Extend,
+    Delete,
+}
+
+/// A volume as the agent records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub region: String,
+    pub size_gb: u32,
+    pub created_at_ms: i64,
+    pub snapshot_retention: u32,
+    pub auto_backup_enabled: bool,
+    /// The Machine that holds the volume.
+    pub attached_machine: Option<String>,
+    pub pending: Option<VolumePending>,
+}
+
+/// A snapshot as the agent records it; its image is `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub volume_id: String,
+    pub size: u64,
+    pub digest: String,
+    pub created_at_ms: i64,
+    pub path: PathBuf,
+}
+
+impl SnapshotRecord {
+    fn to_api(&self, retention_days: u32) -> VolumeSnapshot {
+        VolumeSnapshot {
+            id: self.id.clone(),
+            size: self.size,
+            digest: self.digest.clone(),
+            created_at: format_ms(self.created_at_ms),
+            status: "created".into(),
+            retention_days: Some(retention_days),
+        }
+    }
+}
+
+/// A refusal of a volume operation, with its stable code.
+pub(crate) fn refuse(status: u16, code: &str, message: String, field: Option<&str>) -> AgentError {
+    AgentError::Remote {
+        status,
+        body: Box::new(ErrorBody {
+            error: code.into(),
+            message,
+            field: field.map(Into::into),
+            ..ErrorBody::default()
+        }),
+    }
+}
+
+pub(crate) fn not_found(id: &str) -> AgentError {
+    refuse(
+        404,
+        "volume_not_found",
+        format!("volume {id} not found"),
+        None,
+    )
+}
+
+fn attached(id: &str, machine: &str) -> AgentError {
+    refuse(
+        409,
+        "volume_attached",
+        format!("volume {id} is attached to machine {machine}; destroy that machine first"),
+        None,
+    )
+}
+
+impl Agent {
+    pub fn volumes_root(&self) -> PathBuf {
+        self.inner.config.data_dir.join("volumes")
+    }
+
+    pub fn volume_layout(&self, id: &str) -> VolumeLayout {
+        VolumeLayout::new(&self.volumes_root(), id)
+    }
+
+    fn snapshots_dir(&self, id: &str) -> PathBuf {
+        self.volume_layout(id).dir.join("snapshots")
+    }
+
+    async fn load_volume(&self, id: &str) -> Result<VolumeRecord> {
+        self.inner
+            .store
+            .volume(id)
+            .await?
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// The volume's JSON, with the filesystem's own counts.
+    async fn volume_json(&self, record: &VolumeRecord, state: &str) -> Result<Volume> {
+        let stats = if state == "destroyed" {
+            Default::default()
+        } else {
+            self.inner
+                .runtime
+                .volume_stats(&self.volume_layout(&record.id))
+                .await
+                .unwrap_or_default()
+        };
+        Ok(Volume {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            state: state.into(),
+            size_gb: record.size_gb,
+            region: record.region.clone(),
+            zone: self.inner.config.name.clone(),
+            encrypted: false,
+            attached_machine_id: record.attached_machine.clone(),
+            attached_alloc_id: None,
+            created_at: format_ms(record.created_at_ms),
+            host_dedication_id: String::new(),
+            snapshot_retention: record.snapshot_retention,
+            auto_backup_enabled: record.auto_backup_enabled,
+            fstype: "ext4".into(),
+            block_size: stats.block_size,
+            blocks: stats.blocks,
+            blocks_free: stats.blocks_free,
+            blocks_avail: stats.blocks_avail,
+            host_status: Some("ok".into()),
+        })
+    }
+
+    pub(crate) async fn volume_create_op(&self, request: CreateVolumeOnWorker) -> Result<Volume> {
+        let CreateVolumeOnWorker { id, app, request } = request;
+        let size_gb = check_create(&request)?;
+        let _guard = self.lock(&id).await?;
+        if let Some(existing) = self.inner.store.volume(&id).await? {
+            if existing.app == app && existing.name == request.name && existing.pending.is_none() {
+                return self.volume_json(&existing, "created").await;
+            }
+            return Err(AgentError::Internal(format!(
+                "volume id {id} is already taken"
+            )));
+        }
+        let from = match &request.snapshot_id {
+            Some(snapshot) => {
+                let record = self.inner.store.snapshot(snapshot).await?.ok_or_else(|| {
+                    refuse(
+                        404,
+                        "snapshot_not_found",
+                        format!("snapshot {snapshot} not found on this worker"),
+                        Some("snapshot_id"),
+                    )
+                })?;
+                Some(record.path)
+            }
+            None => None,
+        };
+        let mut record = VolumeRecord {
+            id: id.clone(),
+            app,
+            name: request.name.clone(),
+            region: self.inner.config.region.clone(),
+            size_gb,
+            created_at_ms: now_ms(),
+            snapshot_retention: request.snapshot_retention.unwrap_or(5),
+            auto_backup_enabled: request.auto_backup_enabled.unwrap_or(false),
+            attached_machine: None,
+            pending: Some(VolumePending::Create),
+        };
+        self.inner.store.save_volume(&record).await?;
+        failpoint::hit("volume_create.after_record");
+        let layout = self.volume_layout(&id);
+        if let Err(error) = self
+            .inner
+            .runtime
+            .volume_create(&layout, u64::from(size_gb) * GIB, from)
+            .await
+        {
+            // The runtime removed what it made; the record goes too.
+            self.inner.store.delete_volume(&id).await?;
+            return Err(error.into());
+        }
+        failpoint::hit("volume_create.after_host");
+        record.pending = None;
+        self.inner.store.save_volume(&record).await?;
+        info!(volume = %id, size_gb, "volume created");
+        self.volume_json(&record, "created").await
+    }
+
+    pub(crate) async fn volume_get_op(&self, id: &str) -> Result<Volume> {
+        let record = self.load_volume(id).await?;
+        self.volume_json(&record, state_of(&record)).await
+    }
+
+    pub(crate) async fn volume_list_op(&self, app: &str) -> Result<Vec<Volume>> {
+        let mut out = Vec::new();
+        for record in self.inner.store.volumes_of(Some(app)).await? {
+            out.push(self.volume_json(&record, state_of(&record)).await?);
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn volume_update_op(
+        &self,
+        id: &str,
+        request: UpdateVolumeRequest,
+    ) -> Result<Volume> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load_volume(id).await?;
+        if let Some(days) = request.snapshot_retention {
+            record.snapshot_retention = days;
+        }
+        if let Some(enabled) = request.auto_backup_enabled {
+            record.auto_backup_enabled = enabled;
+        }
+        self.inner.store.save_volume(&record).await?;
+        self.volume_json(&record, state_of(&record)).await
+    }
+
+    pub(crate) async fn volume_extend_op(&self, id: &str, size_gb: u32) -> Result<Volume> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load_volume(id).await?;
+        if size_gb <= record.size_gb || size_gb > MAX_VOLUME_SIZE_GB {
+            return Err(refuse(
+                400,
+                "invalid_config",
+                format!(
+                    "size_gb must be more than the volume's {} and at most {MAX_VOLUME_SIZE_GB}",
+                    record.size_gb
+                ),
+                Some("size_gb"),
+            ));
+        }
+        // Unmounting to grow is only safe with no Machine running on it.
+        let offline_ok = match &record.attached_machine {
+            Some(machine) => match self.inner.store.get(machine).await? {
+                Some(holder) => !matches!(
+                    holder.state,
+                    MachineState::Starting | MachineState::Started | MachineState::Stopping
+                ),
+                None => true,
+            },
+            None => true,
+        };
+        // The new size first: a crash before the host is done is finished by recovery,
+        // and growing is repeatable.
+        let old_size = record.size_gb;
+        record.size_gb = size_gb;
+        record.pending = Some(VolumePending::Extend);
+        self.inner.store.save_volume(&record).await?;
+        failpoint::hit("volume_extend.after_record");
+        if let Err(error) = self.finish_extend(&mut record, offline_ok).await {
+            let in_use = matches!(
+                &error,
+                AgentError::Runtime(RuntimeError::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::PermissionDenied
+            );
+            if !in_use {
+                return Err(error);
+            }
+            // Nothing changed but the image's length: the volume keeps its size.
+            record.size_gb = old_size;
+            record.pending = None;
+            self.inner.store.save_volume(&record).await?;
+            return Err(refuse(
+                409,
+                "volume_in_use",
+                format!(
+                    "{error}; stop machine {} and extend again",
+                    record.attached_machine.as_deref().unwrap_or("?")
+                ),
+                None,
+            ));
+        }
+        self.volume_json(&record, "created").await
+    }
+
+    async fn finish_extend(&self, record: &mut VolumeRecord, offline_ok: bool) -> Result<()> {
+        self.inner
+            .runtime
+            .volume_extend(
+                &self.volume_layout(&record.id),
+                u64::from(record.size_gb) * GIB,
+                offline_ok,
+            )
+            .await?;
+        failpoint::hit("volume_extend.after_host");
+        record.pending = None;
+        self.inner.store.save_volume(record).await
+    }
+
+    pub(crate) async fn volume_delete_op(&self, id: &str) -> Result<Volume> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load_volume(id).await?;
+        if let Some(machine) = &record.attached_machine {
+            return Err(attached(id, machine));
+        }
+        record.pending = Some(VolumePending::Delete);
+        self.inner.store.save_volume(&record).await?;
+        failpoint::hit("volume_delete.after_record");
+        self.finish_delete(&record).await?;
+        info!(volume = %id, "volume deleted");
+        record.pending = None;
+        self.volume_json(&record, "destroyed").await
+    }
+
+    async fn finish_delete(&self, record: &VolumeRecord) -> Result<()> {
+        self.inner
+            .runtime
+            .volume_remove(&self.volume_layout(&record.id))
+            .await?;
+        failpoint::hit("volume_delete.after_host");
+        self.inner.store.delete_volume(&record.id).await
+    }
+
+    pub(crate) async fn volume_snapshots_op(&self, id: &str) -> Result<Vec<VolumeSnapshot>> {
+        let record = self.load_volume(id).await?;
+        Ok(self
+            .inner
+            .store
+            .snapshots_of(id)
+            .await?
+            .iter()
+            .map(|snapshot| snapshot.to_api(record.snapshot_retention))
+            .collect())
+    }
+
+    pub(crate) async fn volume_snapshot_op(&self, id: &str) -> Result<VolumeSnapshot> {
+        let _guard = self.lock(id).await?;
+        let record = self.load_volume(id).await?;
+        let snapshot_id = berth_core::ids::new_snapshot_id();
+        let dir = self.snapshots_dir(id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Internal(format!("create {}: {e}", dir.display())))?;
+        // Written under a temporary name and renamed once recorded, so a crash leaves
+        // only a `.tmp` file, which recovery removes.
+        let tmp = dir.join(format!("{snapshot_id}.tmp"));
+        let path = dir.join(format!("{snapshot_id}.img"));
+        let image = self
+            .inner
+            .runtime
+            .volume_snapshot(&self.volume_layout(id), tmp.clone())
+            .await?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| AgentError::Internal(format!("rename {}: {e}", tmp.display())))?;
+        let snapshot = SnapshotRecord {
+            id: snapshot_id,
+            volume_id: id.to_owned(),
+            size: image.bytes,
+            digest: image.digest,
+            created_at_ms: now_ms(),
+            path,
+        };
+        if let Err(error) = self.inner.store.save_snapshot(&snapshot).await {
+            let _ = std::fs::remove_file(&snapshot.path);
+            return Err(error);
+        }
+        Ok(snapshot.to_api(record.snapshot_retention))
+    }
+
+    /// Claims the Machine's volumes for it (create): each must exist, belong to the app and
+    /// be free (or already its own, for a retried create). Answers what the bundle mounts.
+    pub(crate) async fn attach_volumes(
+        &self,
+        machine: &str,
+        app: &str,
+        mounts: &[MachineMount],
+    ) -> Result<Vec<VolumeMount>> {
+        let mut claimed: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for (index, mount) in mounts.iter().enumerate() {
+            let result = self.claim(machine, app, &mount.volume, index).await;
+            match result {
+                Ok(()) => {
+                    claimed.push(mount.volume.clone());
+                    out.push(VolumeMount {
+                        source: self.volume_layout(&mount.volume).mount_point(),
+                        destination: mount.path.clone(),
+                    });
+                }
+                Err(error) => {
+                    self.release_volumes(machine, &claimed).await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn claim(&self, machine: &str, app: &str, volume: &str, index: usize) -> Result<()> {
+        let _guard = self.lock(volume).await?;
+        let field = format!("config.mounts[{index}].volume");
+        let mut record = match self.inner.store.volume(volume).await? {
+            Some(record) if record.app == app && record.pending.is_none() => record,
+            _ => {
+                return Err(refuse(
+                    404,
+                    "volume_not_found",
+                    format!("volume {volume} not found in app {app}"),
+                    Some(&field),
+                ))
+            }
+        };
+        match &record.attached_machine {
+            Some(holder) if holder == machine => Ok(()),
+            Some(holder) => Err(attached(volume, holder)),
+            None => {
+                record.attached_machine = Some(machine.to_owned());
+                self.inner.store.save_volume(&record).await
+            }
+        }
+    }
+
+    /// Where the Machine's (already claimed) volumes are mounted from: for update and its
+    /// rollback, which rewrite `config.json`.
+    pub(crate) fn volume_mounts(&self, mounts: &[MachineMount]) -> Vec<VolumeMount> {
+        mounts
+            .iter()
+            .map(|mount| VolumeMount {
+                source: self.volume_layout(&mount.volume).mount_point(),
+                destination: mount.path.clone(),
+            })
+            .collect()
+    }
+
+    /// Ends the Machine's hold on these volumes (destroy, or a create that failed).
+    pub(crate) async fn release_volumes(&self, machine: &str, volumes: &[String]) {
+        for volume in volumes {
+            let released = async {
+                let _guard = self.lock(volume).await?;
+                if let Some(mut record) = self.inner.store.volume(volume).await? {
+                    if record.attached_machine.as_deref() == Some(machine) {
+                        record.attached_machine = None;
+                        self.inner.store.save_volume(&record).await?;
+                    }
+                }
+                Ok::<_, AgentError>(())
+            }
+            .await;
+            if let Err(error) = released {
+                warn!(%machine, %volume, %error, "releasing a volume; recovery releases it");
+            }
+        }
+    }
+
+    /// Before the Machines' recovery (which may start Machines): finishes or undoes
+    /// unfinished volume operations and mounts every volume (after a host restart none
+    /// is).
+    pub(crate) async fn recover_volumes(&self) -> Result<()> {
+        for mut record in self.inner.store.volumes_of(None).await? {
+            let layout = self.volume_layout(&record.id);
+            match record.pending {
+                Some(VolumePending::Create) => {
+                    self.inner.runtime.volume_remove(&layout).await?;
+                    self.inner.store.delete_volume(&record.id).await?;
+                    info!(volume = %record.id, "removed a volume whose create did not finish");
+                    continue;
+                }
+                Some(VolumePending::Delete) => {
+                    self.finish_delete(&record).await?;
+                    continue;
+                }
+                Some(VolumePending::Extend) => {
+                    // Before any Machine starts: the filesystem may be unmounted to grow.
+                    self.inner.runtime.volume_mount(&layout).await?;
+                    self.finish_extend(&mut record, true).await?;
+                }
+                None => self.inner.runtime.volume_mount(&layout).await?,
+            }
+            // Snapshots whose copy was cut short.
+            if let Ok(entries) = std::fs::read_dir(self.snapshots_dir(&record.id)) {
+                for entry in entries.flatten() {
+                    if entry.path().extension().is_some_and(|ext| ext == "tmp") {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Agent {
+    /// After the Machines' recovery: releases volumes held by Machines that no longer
+    /// exist (a create rolled back, a destroy that crashed before its release).
+    pub(crate) async fn release_orphan_claims(&self) -> Result<()> {
+        for mut record in self.inner.store.volumes_of(None).await? {
+            if let Some(machine) = &record.attached_machine {
+                if self.inner.store.get(machine).await?.is_none() {
+                    info!(volume = %record.id, %machine, "released a volume of a machine that is gone");
+                    record.attached_machine = None;
+                    self.inner.store.save_volume(&record).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn state_of(record: &VolumeRecord) -> &'static str {
+    match record.pending {
+        Some(VolumePending::Create) => "creating",
+        Some(VolumePending::Extend) => "extending",
+        Some(VolumePending::Delete) => "destroying",
+        None => "created",
+    }
+}
+
+/// The size a create asks for, or why it cannot be honoured.
+fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
+    berth_core::validate::validate_name("name", &request.name)?;
+    let size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
+    if size_gb == 0 || size_gb > MAX_VOLUME_SIZE_GB {
+        return Err(refuse(
+            400,
+            "invalid_config",
+            format!("size_gb must be from 1 to {MAX_VOLUME_SIZE_GB}"),
+            Some("size_gb"),
+        ));
+    }
+    if request.encrypted == Some(true) {
+        return Err(refuse(
+            422,
+            "unsupported",
+            "encrypted volumes are not supported; send encrypted: false".into(),
+            Some("encrypted"),
+        ));
+    }
+    if request
+        .fstype
+        .as_deref()
+        .is_some_and(|fstype| fstype != "ext4")
+    {
+        return Err(refuse(
+            422,
+            "unsupported",
+            "only ext4 volumes are supported".into(),
+            Some("fstype"),
+        ));
+    }
+    if request.source_volume_id.is_some() {
+        return Err(refuse(
+            422,
+            "unsupported",
+            "forking a volume is not supported; snapshot it and create from the snapshot".into(),
+            Some("source_volume_id"),
+        ));
+    }
+    Ok(size_gb)
+}
+
+/// An update keeps the Machine's volumes: attaching and detaching happen at create and
+/// destroy.
+pub(crate) fn check_same_mounts(old: &[MachineMount], new: &[MachineMount]) -> Result<()> {
+    let key = |mounts: &[MachineMount]| -> Vec<(String, String)> {
+        mounts
+            .iter()
+            .map(|mount| (mount.volume.clone(), mount.path.clone()))
+            .collect()
+    };
+    if key(old) == key(new) {
+        return Ok(());
+    }
+    Err(refuse(
+        422,
+        "unsupported",
+        "an update cannot change config.mounts; destroy the machine (its volumes stay) and create one with the new mounts".into(),
+        Some("config.mounts"),
+    ))
+}

@@ -1,0 +1,322 @@
+//! `/v1/apps/{app}/volumes`: Fly's volumes API. The worker that holds a volume has its
+//! record; this plane keeps which worker that is, places new volumes, and pins a Machine
+//! that mounts one to the volume's worker.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use berth_api::{
+    CreateVolumeRequest, ErrorBody, ExtendVolumeRequest, ExtendVolumeResponse, MachineMount,
+    UpdateVolumeRequest, Volume, VolumeSnapshot, DEFAULT_VOLUME_SIZE_GB,
+};
+use berth_core::ids;
+use berth_core::placement::PlacementRequest;
+use berth_worker::{CreateVolumeOnWorker, WorkerError};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath, OptionalJson};
+use crate::limits::Action;
+use crate::store::VolumeIndexRow;
+use crate::{ControlPlane, Shared};
+
+#[utoipa::path(post, path = "/apps/{app}/volumes", tag = "volumes",
+    params(("app" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`")),
+    request_body = CreateVolumeRequest,
+    responses((status = 200, body = Volume),
+              (status = 422, body = ErrorBody, description = "`unsupported`: encrypted, raw or forked volumes"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn create_volume(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath(app): ApiPath<String>,
+    ApiJson(request): ApiJson<CreateVolumeRequest>,
+) -> Result<Json<Volume>, ApiError> {
+    control
+        .create_volume(&principal, &app, request)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/apps/{app}/volumes", tag = "volumes",
+    params(("app" = String, Path)),
+    responses((status = 200, body = Vec<Volume>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_volumes(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath(app): ApiPath<String>,
+) -> Result<Json<Vec<Volume>>, ApiError> {
+    control.list_volumes(&principal, &app).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/apps/{app}/volumes/{volume_id}", tag = "volumes",
+    params(("app" = String, Path), ("volume_id" = String, Path)),
+    responses((status = 200, body = Volume), (status = "default", body = ErrorBody)))]
+pub(crate) async fn get_volume(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<Volume>, ApiError> {
+    let (row, worker) = control.volume(&principal, &app, &id, Action::Read).await?;
+    Ok(Json(worker.volume_get(&row.id).await?))
+}
+
+#[utoipa::path(put, path = "/apps/{app}/volumes/{volume_id}", tag = "volumes",
+    params(("app" = String, Path), ("volume_id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`")),
+    request_body = UpdateVolumeRequest,
+    responses((status = 200, body = Volume), (status = "default", body = ErrorBody)))]
+pub(crate) async fn update_volume(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    OptionalJson(request): OptionalJson<UpdateVolumeRequest>,
+) -> Result<Json<Volume>, ApiError> {
+    let (row, worker) = control
+        .volume(&principal, &app, &id, Action::Update)
+        .await?;
+    Ok(Json(worker.volume_update(&row.id, request).await?))
+}
+
+#[utoipa::path(delete, path = "/apps/{app}/volumes/{volume_id}", tag = "volumes",
+    params(("app" = String, Path), ("volume_id" = String, Path)),
+    responses((status = 200, body = Volume, description = "the volume, `destroyed`"),
+              (status = 409, body = ErrorBody, description = "`volume_attached`: a Machine holds it; destroy the Machine first"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn delete_volume(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<Volume>, ApiError> {
+    let (row, worker) = control
+        .volume(&principal, &app, &id, Action::Destroy)
+        .await?;
+    let deleted = worker.volume_delete(&row.id).await?;
+    control.store.delete_volume(&row.id).await?;
+    Ok(Json(deleted))
+}
+
+#[utoipa::path(put, path = "/apps/{app}/volumes/{volume_id}/extend", tag = "volumes",
+    params(("app" = String, Path), ("volume_id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`")),
+    request_body = ExtendVolumeRequest,
+    responses((status = 200, body = ExtendVolumeResponse), (status = "default", body = ErrorBody)))]
+pub(crate) async fn extend_volume(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiJson(request): ApiJson<ExtendVolumeRequest>,
+) -> Result<Json<ExtendVolumeResponse>, ApiError> {
+    let (row, worker) = control
+        .volume(&principal, &app, &id, Action::Update)
+        .await?;
+    let volume = worker.volume_extend(&row.id, request.size_gb).await?;
+    Ok(Json(ExtendVolumeResponse {
+        volume,
+        needs_restart: false,
+    }))
+}
+
+#[utoipa::path(get, path = "/apps/{app}/volumes/{volume_id}/snapshots", tag = "volumes",
+    params(("app" = String, Path), ("volume_id" = String, Path)),
+    responses((status = 200, body = Vec<VolumeSnapshot>), (status = "default", body = ErrorBody)))]
+pub(crate) async fn list_snapshots(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<Vec<VolumeSnapshot>>, ApiError> {
+    let (row, worker) = control.volume(&principal, &app, &id, Action::Read).await?;
+    Ok(Json(worker.volume_snapshots(&row.id).await?))
+}
+
+#[utoipa::path(post, path = "/apps/{app}/volumes/{volume_id}/snapshots", tag = "volumes",
+    params(("app" = String, Path), ("volume_id" = String, Path)),
+    responses((status = 200, body = VolumeSnapshot, description = "the snapshot, taken while the filesystem was frozen"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn create_snapshot(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> Result<Json<VolumeSnapshot>, ApiError> {
+    let (row, worker) = control
+        .volume(&principal, &app, &id, Action::Update)
+        .await?;
+    let snapshot = worker.volume_snapshot(&row.id).await?;
+    control
+        .store
+        .insert_snapshot(&snapshot.id, &row.id, &row.worker)
+        .await?;
+    Ok(Json(snapshot))
+}
+
+fn volume_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "volume_not_found",
+        format!("volume {id} not found"),
+    )
+}
+
+impl ControlPlane {
+    /// The app's volume and its worker, after the app's access and rate checks.
+    async fn volume(
+        &self,
+        principal: &Principal,
+        app: &str,
+        id: &str,
+        action: Action,
+    ) -> Result<
+        (
+            VolumeIndexRow,
+            std::sync::Arc<dyn berth_worker::WorkerService>,
+        ),
+        ApiError,
+    > {
+        self.app(principal, app).await?;
+        self.check_rate(principal, action, None).await?;
+        if !ids::has_id_shape(id, "vol_") {
+            return Err(volume_not_found(id));
+        }
+        let row = self
+            .store
+            .volume(app, id)
+            .await?
+            .ok_or_else(|| volume_not_found(id))?;
+        let worker = self.worker(&row.worker)?;
+        Ok((row, worker))
+    }
+
+    async fn create_volume(
+        &self,
+        principal: &Principal,
+        app: &str,
+        request: CreateVolumeRequest,
+    ) -> Result<Volume, ApiError> {
+        self.app(principal, app).await?;
+        self.check_rate(principal, Action::Create, None).await?;
+        let size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
+        // From a snapshot: on the snapshot's worker, where its image is.
+        let pinned = match &request.snapshot_id {
+            Some(snapshot) => Some(
+                self.store
+                    .snapshot(app, snapshot)
+                    .await?
+                    .ok_or_else(|| {
+                        let mut error = ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "snapshot_not_found",
+                            format!("snapshot {snapshot} not found in app {app}"),
+                        );
+                        error.body.field = Some("snapshot_id".into());
+                        error
+                    })?
+                    .worker,
+            ),
+            None => None,
+        };
+        let worker_name = self.place(&PlacementRequest {
+            // fly-go always sends the field; empty is no region asked for.
+            region: request.region.clone().filter(|region| !region.is_empty()),
+            worker: pinned,
+            cpus: 0,
+            memory_mb: 0,
+            disk_mb: u64::from(size_gb) * 1024,
+        })?;
+        let id = ids::new_volume_id();
+        let row = VolumeIndexRow {
+            id: id.clone(),
+            app: app.to_owned(),
+            worker: worker_name.clone(),
+        };
+        // Indexed first: a create whose answer is lost still has its volume found.
+        self.store.insert_volume(&row).await?;
+        let created = self
+            .worker(&worker_name)?
+            .volume_create(CreateVolumeOnWorker {
+                id: id.clone(),
+                app: app.to_owned(),
+                request,
+            })
+            .await;
+        match created {
+            Ok(volume) => Ok(volume),
+            Err(error) => {
+                // The worker made nothing unless it is unreachable (then recovery on it
+                // removes an unfinished create, and its row here answers 503 meanwhile).
+                if !matches!(error, WorkerError::Unavailable { .. }) {
+                    self.store.delete_volume(&id).await?;
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn list_volumes(
+        &self,
+        principal: &Principal,
+        app: &str,
+    ) -> Result<Vec<Volume>, ApiError> {
+        self.app(principal, app).await?;
+        self.check_rate(principal, Action::Read, None).await?;
+        let rows = self.store.volumes(app).await?;
+        let mut workers: Vec<&str> = rows.iter().map(|row| row.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        let mut volumes = Vec::with_capacity(rows.len());
+        for worker in workers {
+            volumes.extend(self.worker(worker)?.volume_list(app).await?);
+        }
+        volumes.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(volumes)
+    }
+
+    /// App delete, after its Machines: every volume of the app goes too.
+    pub(crate) async fn delete_app_volumes(&self, app: &str) -> Result<(), ApiError> {
+        for row in self.store.volumes(app).await? {
+            match self.worker(&row.worker)?.volume_delete(&row.id).await {
+                Ok(_) => {}
+                Err(error) if error.to_response().0 == 404 => {}
+                Err(error) => return Err(error.into()),
+            }
+            self.store.delete_volume(&row.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Where a Machine with these mounts must live: the worker of its volumes (all on one),
+    /// or anywhere when it mounts none.
+    pub(crate) async fn volumes_worker(
+        &self,
+        app: &str,
+        mounts: &[MachineMount],
+    ) -> Result<Option<String>, ApiError> {
+        let mut worker: Option<String> = None;
+        for (index, mount) in mounts.iter().enumerate() {
+            let field = format!("config.mounts[{index}].volume");
+            let row = match ids::has_id_shape(&mount.volume, "vol_") {
+                true => self.store.volume(app, &mount.volume).await?,
+                false => None,
+            };
+            let Some(row) = row else {
+                let mut error = volume_not_found(&mount.volume);
+                error.body.field = Some(field);
+                return Err(error);
+            };
+            match &worker {
+                Some(first) if *first != row.worker => {
+                    return Err(ApiError::invalid_config(
+                        field,
+                        "every volume of a machine must be on one worker",
+                    ))
+                }
+                _ => worker = Some(row.worker),
+            }
+        }
+        Ok(worker)
+    }
+}

@@ -1,0 +1,587 @@
+//! Fly's volumes API as fly-go's `flaps` client calls it: the bodies it marshals
+//! (`CreateVolumeRequest` with every field, nulls included; `ExtendVolumeRequest`;
+//! `UpdateVolumeRequest`; a snapshot create without a body) and `config.mounts` on a
+//! Machine, with the answers decoded into Fly's `Volume`, `VolumeSnapshot` and
+//! `ExtendVolumeResponse` shapes, in the default and the strict mode. The runtime is the
+//! fake: these are the API's rules; the kernel's part is in the CLI's end-to-end test.
+
+mod common;
+
+use common::{assert_error, Harness, IMAGE};
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const STRICT: (&str, &str) = ("berth-strict", "true");
+
+/// Fly's `Volume` (fly-go's fields and the OpenAPI description's block counts). Unknown
+/// fields would be ignored by a Go client too; every one Fly's clients read is required.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct FlyVolume {
+    id: String,
+    name: String,
+    state: String,
+    size_gb: u32,
+    region: String,
+    zone: String,
+    encrypted: bool,
+    attached_machine_id: Option<String>,
+    attached_alloc_id: Option<String>,
+    created_at: String,
+    host_dedication_id: String,
+    snapshot_retention: u32,
+    auto_backup_enabled: bool,
+    fstype: String,
+    block_size: u64,
+    blocks: u64,
+    blocks_free: u64,
+    blocks_avail: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct FlyExtendVolumeResponse {
+    volume: FlyVolume,
+    needs_restart: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct FlyVolumeSnapshot {
+    id: String,
+    size: u64,
+    digest: String,
+    created_at: String,
+    status: String,
+    retention_days: Option<u32>,
+}
+
+/// What fly-go marshals for `CreateVolume`: no `omitempty`, so unset pointers are null.
+fn create_body(name: &str, size_gb: u32) -> Value {
+    json!({
+        "name": name,
+        "region": "",
+        "size_gb": size_gb,
+        "encrypted": false,
+        "require_unique_zone": false,
+        "snapshot_retention": null,
+        "auto_backup_enabled": null,
+        "fstype": null,
+        "snapshot_id": null,
+        "source_volume_id": null,
+        "compute": null,
+        "compute_image": ""
+    })
+}
+
+fn volume(reply: (u16, Value)) -> FlyVolume {
+    assert_eq!(reply.0, 200, "{}", reply.1);
+    serde_json::from_value(reply.1).expect("Fly's Volume")
+}
+
+async fn create_volume(harness: &Harness, app: &str, name: &str) -> FlyVolume {
+    volume(
+        harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                &format!("/v1/apps/{app}/volumes"),
+                Some(create_body(name, 1)),
+            )
+            .await,
+    )
+}
+
+/// fly-go's `MachineMount` as it marshals it: `volume` and `path`, the rest zero.
+fn machine_with(name: &str, volume: &str) -> Value {
+    json!({
+        "name": name,
+        "skip_launch": true,
+        "config": {
+            "image": IMAGE,
+            "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256},
+            "mounts": [{"encrypted": false, "path": "/data", "size_gb": 0, "volume": volume, "name": ""}]
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_volumes_life_in_flys_shapes() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "vols").await;
+    let created = create_volume(&harness, "vols", "data").await;
+    assert!(created.id.starts_with("vol_"), "{created:?}");
+    assert_eq!(
+        (
+            created.name.as_str(),
+            created.state.as_str(),
+            created.size_gb
+        ),
+        ("data", "created", 1)
+    );
+    assert_eq!(created.region, "test");
+    assert_eq!(created.fstype, "ext4");
+    assert!(!created.encrypted);
+    assert_eq!(created.attached_machine_id, None);
+    assert_eq!(created.attached_alloc_id, None);
+    assert_eq!(created.blocks * created.block_size, 1 << 30);
+    assert!(created.created_at.ends_with('Z'), "{}", created.created_at);
+    let size = harness.runtime.volume_size(&created.id).await;
+    assert_eq!(size, Some(1 << 30));
+    let base = format!("/v1/apps/vols/volumes/{}", created.id);
+
+    // List and get answer the same volume.
+    let (status, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/vols/volumes", None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let listed: Vec<FlyVolume> = serde_json::from_value(listed).expect("Fly's Volume list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, created.id);
+    let got = volume(harness.call(&harness.admin, Method::GET, &base, None).await);
+    assert_eq!(got.id, created.id);
+
+    // Update: Fly's two settings.
+    let updated = volume(
+        harness
+            .call(
+                &harness.admin,
+                Method::PUT,
+                &base,
+                Some(json!({"snapshot_retention": 10, "auto_backup_enabled": true})),
+            )
+            .await,
+    );
+    assert_eq!(
+        (updated.snapshot_retention, updated.auto_backup_enabled),
+        (10, true)
+    );
+
+    // Extend grows the filesystem; shrinking is refused, naming the field.
+    let (status, extended) = harness
+        .call(
+            &harness.admin,
+            Method::PUT,
+            &format!("{base}/extend"),
+            Some(json!({"size_gb": 2})),
+        )
+        .await;
+    assert_eq!(status, 200, "{extended}");
+    let extended: FlyExtendVolumeResponse =
+        serde_json::from_value(extended).expect("Fly's ExtendVolumeResponse");
+    assert_eq!(extended.volume.size_gb, 2);
+    assert!(!extended.needs_restart);
+    assert_eq!(
+        harness.runtime.volume_size(&created.id).await,
+        Some(2 << 30)
+    );
+    let shrink = harness
+        .call(
+            &harness.admin,
+            Method::PUT,
+            &format!("{base}/extend"),
+            Some(json!({"size_gb": 1})),
+        )
+        .await;
+    assert_error(&shrink, 400, "invalid_config");
+    assert_eq!(shrink.1["field"], "size_gb");
+
+    // Snapshots: fly-go posts no body and reads nothing back, then lists them.
+    let (status, _) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("{base}/snapshots"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, snapshots) = harness
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("{base}/snapshots"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{snapshots}");
+    let snapshots: Vec<FlyVolumeSnapshot> =
+        serde_json::from_value(snapshots).expect("Fly's VolumeSnapshot list");
+    assert_eq!(snapshots.len(), 1);
+    let snapshot = &snapshots[0];
+    assert!(snapshot.id.starts_with("vs_"), "{snapshot:?}");
+    assert!(snapshot.digest.starts_with("sha256:"), "{snapshot:?}");
+    assert_eq!(
+        (snapshot.status.as_str(), snapshot.retention_days),
+        ("created", Some(10))
+    );
+
+    // Restore: a create with `snapshot_id` starts from the snapshot.
+    let mut restore = create_body("restored", 2);
+    restore["snapshot_id"] = json!(snapshot.id);
+    let restored = volume(
+        harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/vols/volumes",
+                Some(restore),
+            )
+            .await,
+    );
+    assert_ne!(restored.id, created.id);
+    let mut unknown = create_body("nope", 1);
+    unknown["snapshot_id"] = json!("vs_0000000000000000");
+    let refused = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/vols/volumes",
+            Some(unknown),
+        )
+        .await;
+    assert_error(&refused, 404, "snapshot_not_found");
+
+    // Delete answers the volume, destroyed; then it is gone.
+    let deleted = volume(
+        harness
+            .call(&harness.admin, Method::DELETE, &base, None)
+            .await,
+    );
+    assert_eq!(
+        (deleted.id, deleted.state.as_str()),
+        (created.id.clone(), "destroyed")
+    );
+    assert_eq!(harness.runtime.volume_size(&created.id).await, None);
+    let gone = harness.call(&harness.admin, Method::GET, &base, None).await;
+    assert_error(&gone, 404, "volume_not_found");
+    let calls = harness.runtime.calls().await;
+    assert!(
+        calls.contains(&format!("volume_remove {}", created.id)),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_volume_is_held_by_one_machine_and_outlives_it() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "held").await;
+    let vol = create_volume(&harness, "held", "data").await;
+    let base = format!("/v1/apps/held/volumes/{}", vol.id);
+
+    let (status, first) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/held/machines",
+            Some(machine_with("first", &vol.id)),
+        )
+        .await;
+    assert_eq!(status, 200, "{first}");
+    let first_id = first["id"].as_str().expect("id").to_owned();
+    // The Machine JSON carries Fly's mounts back.
+    assert_eq!(first["config"]["mounts"][0]["volume"], vol.id.as_str());
+    assert_eq!(first["config"]["mounts"][0]["path"], "/data");
+    // The bundle mounts the volume's filesystem at the path.
+    let spec = harness.runtime.spec(&first_id).await.expect("prepared");
+    assert_eq!(spec.volumes.len(), 1);
+    assert_eq!(spec.volumes[0].destination, "/data");
+    assert!(
+        spec.volumes[0].source.ends_with(format!(
+            "volumes/{}/{}",
+            vol.id,
+            berth_runtime::volume::VOLUME_MOUNT_DIR
+        )),
+        "{:?}",
+        spec.volumes[0].source
+    );
+    let held = volume(harness.call(&harness.admin, Method::GET, &base, None).await);
+    assert_eq!(held.attached_machine_id.as_deref(), Some(first_id.as_str()));
+
+    // A second Machine cannot take it, and the volume cannot be deleted under the first.
+    let second = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/held/machines",
+            Some(machine_with("second", &vol.id)),
+        )
+        .await;
+    assert_error(&second, 409, "volume_attached");
+    assert!(
+        second.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&first_id)),
+        "{}",
+        second.1
+    );
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/held/machines", None)
+        .await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let delete = harness
+        .call(&harness.admin, Method::DELETE, &base, None)
+        .await;
+    assert_error(&delete, 409, "volume_attached");
+
+    // An update keeps the mounts; changing them is refused, naming the field.
+    let mut changed = machine_with("first", &vol.id);
+    changed["config"]["mounts"][0]["path"] = json!("/elsewhere");
+    let update = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("/v1/apps/held/machines/{first_id}"),
+            Some(changed),
+        )
+        .await;
+    assert_error(&update, 422, "unsupported");
+    assert_eq!(update.1["field"], "config.mounts");
+
+    // Destroying the Machine keeps the volume and frees it for the next one.
+    let (status, reply) = harness
+        .call(
+            &harness.admin,
+            Method::DELETE,
+            &format!("/v1/apps/held/machines/{first_id}?kill=true"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let free = volume(harness.call(&harness.admin, Method::GET, &base, None).await);
+    assert_eq!(free.attached_machine_id, None);
+    assert_eq!(harness.runtime.volume_size(&vol.id).await, Some(1 << 30));
+    let (status, second) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/held/machines",
+            Some(machine_with("second", &vol.id)),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}");
+    let taken = volume(harness.call(&harness.admin, Method::GET, &base, None).await);
+    assert_eq!(
+        taken.attached_machine_id,
+        second["id"].as_str().map(String::from)
+    );
+}
+
+#[tokio::test]
+async fn refusals_carry_flys_fields_and_stable_codes() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "mine").await;
+    harness.app(&harness.admin, "theirs").await;
+    let theirs = create_volume(&harness, "theirs", "data").await;
+
+    // A volume of another app, or none at all, is not found, naming the mount.
+    for volume in [theirs.id.as_str(), "vol_0000000000000000", "../../etc"] {
+        let reply = harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/mine/machines",
+                Some(machine_with("m", volume)),
+            )
+            .await;
+        assert_error(&reply, 404, "volume_not_found");
+        assert_eq!(reply.1["field"], "config.mounts[0].volume", "{}", reply.1);
+    }
+    let other = harness
+        .call(
+            &harness.admin,
+            Method::GET,
+            &format!("/v1/apps/mine/volumes/{}", theirs.id),
+            None,
+        )
+        .await;
+    assert_error(&other, 404, "volume_not_found");
+
+    // What Berth cannot do is refused with 422 naming the field; nothing is made.
+    for (field, value) in [
+        ("encrypted", json!(true)),
+        ("fstype", json!("raw")),
+        ("source_volume_id", json!(theirs.id)),
+    ] {
+        let mut body = create_body("x", 1);
+        body[field] = value;
+        let reply = harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/mine/volumes",
+                Some(body),
+            )
+            .await;
+        assert_error(&reply, 422, "unsupported");
+        assert_eq!(reply.1["field"], field);
+    }
+    let mut zero = create_body("x", 0);
+    zero["size_gb"] = json!(0);
+    let reply = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/mine/volumes",
+            Some(zero),
+        )
+        .await;
+    assert_error(&reply, 400, "invalid_config");
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/mine/volumes", None)
+        .await;
+    assert_eq!(listed, json!([]));
+    // A mount path must be absolute.
+    let mut relative = machine_with("m", &theirs.id);
+    relative["config"]["mounts"][0]["path"] = json!("data");
+    let reply = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/theirs/machines",
+            Some(relative),
+        )
+        .await;
+    assert_error(&reply, 400, "invalid_config");
+    assert_eq!(reply.1["field"], "config.mounts[0].path");
+}
+
+#[tokio::test]
+async fn unknown_fields_are_ignored_and_told_or_refused_when_strict() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "strict").await;
+    let mut body = create_body("data", 1);
+    body["unique_zone_app_wide"] = json!(true);
+    let reply = harness
+        .send(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/strict/volumes",
+            &[],
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let warnings = reply.body["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w["field"] == "unique_zone_app_wide"),
+        "{warnings:?}"
+    );
+    let header = reply
+        .headers
+        .get("berth-warnings")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        header.contains("ignored_field=unique_zone_app_wide"),
+        "{header}"
+    );
+    let created: FlyVolume = serde_json::from_value(reply.body).expect("Fly's Volume");
+
+    // Strict: 400 naming the field, nothing made.
+    let refused = harness
+        .send(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/strict/volumes",
+            &[STRICT],
+            Some(body),
+        )
+        .await;
+    assert_error(
+        &(refused.status, refused.body.clone()),
+        400,
+        "invalid_config",
+    );
+    assert_eq!(refused.body["field"], "unique_zone_app_wide");
+    // fly-go's exact bodies pass strict mode.
+    let plain = harness
+        .send(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/strict/volumes",
+            &[STRICT],
+            Some(create_body("plain", 1)),
+        )
+        .await;
+    assert_eq!(plain.status, 200, "{}", plain.body);
+    let extend = harness
+        .send(
+            &harness.admin,
+            Method::PUT,
+            &format!("/v1/apps/strict/volumes/{}/extend", created.id),
+            &[STRICT],
+            Some(json!({"size_gb": 3})),
+        )
+        .await;
+    assert_eq!(extend.status, 200, "{}", extend.body);
+    let update = harness
+        .send(
+            &harness.admin,
+            Method::PUT,
+            &format!("/v1/apps/strict/volumes/{}", created.id),
+            &[STRICT],
+            Some(json!({"snapshot_retention": null, "auto_backup_enabled": null})),
+        )
+        .await;
+    assert_eq!(update.status, 200, "{}", update.body);
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/strict/volumes", None)
+        .await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    // Type errors stay 400 in both modes.
+    for headers in [&[][..], &[STRICT][..]] {
+        let mut mistyped = create_body("typo", 1);
+        mistyped["size_gb"] = json!("big");
+        let reply = harness
+            .send(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/strict/volumes",
+                headers,
+                Some(mistyped),
+            )
+            .await;
+        assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+        assert_eq!(reply.body["field"], "size_gb");
+    }
+}
+
+#[tokio::test]
+async fn the_description_lists_the_volume_routes_and_shapes() {
+    let harness = Harness::start().await;
+    let (status, doc) = harness
+        .call(&harness.admin, Method::GET, "/v1/openapi.json", None)
+        .await;
+    assert_eq!(status, 200);
+    let paths = &doc["paths"];
+    for (path, methods) in [
+        ("/v1/apps/{app}/volumes", &["get", "post"][..]),
+        (
+            "/v1/apps/{app}/volumes/{volume_id}",
+            &["get", "put", "delete"][..],
+        ),
+        ("/v1/apps/{app}/volumes/{volume_id}/extend", &["put"][..]),
+        (
+            "/v1/apps/{app}/volumes/{volume_id}/snapshots",
+            &["get", "post"][..],
+        ),
+    ] {
+        for method in methods {
+            assert!(paths[path][method].is_object(), "{path} {method}");
+        }
+    }
+    let schemas = &doc["components"]["schemas"];
+    for name in [
+        "Volume",
+        "CreateVolumeRequest",
+        "ExtendVolumeResponse",
+        "VolumeSnapshot",
+        "MachineMount",
+    ] {
+        assert!(schemas[name].is_object(), "{name}");
+    }
+    assert!(schemas["MachineConfig"]["properties"]["mounts"].is_object());
+}

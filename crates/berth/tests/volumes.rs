@@ -1,0 +1,320 @@
+//! End-to-end: volumes on the real host. Each is an ext4 image on a loop device; a Machine
+//! writes to it as its own root, runs out of space where the kernel says so, gets more
+//! after an extend, and its files outlive it and show up, still root's, in the next
+//! Machine that mounts the volume. Both drivers; nothing is left on the host.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{busybox_image, Platform};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const IMAGE: &str = "vol/busybox:1";
+
+fn ok(platform: &Platform, method: Method, path: &str, body: Option<Value>) -> Value {
+    let (status, reply) = platform.call(method, path, body);
+    assert!(status < 300, "{path}: {status} {reply}");
+    reply
+}
+
+/// A started Machine of `app` with `volume` at `path`; answers its id.
+fn machine_with(platform: &Platform, app: &str, name: &str, volume: &str, path: &str) -> String {
+    let reply = ok(
+        platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/machines"),
+        Some(json!({
+            "name": name,
+            "config": {
+                "image": IMAGE,
+                "init": {"cmd": ["/bin/sh", "-c", "exec sleep 3600"]},
+                "mounts": [{"volume": volume, "path": path}]
+            }
+        })),
+    );
+    assert_eq!(reply["state"], "started", "{reply}");
+    reply["id"].as_str().expect("id").to_owned()
+}
+
+/// Runs a shell line in the Machine; answers (exit code, stdout + stderr).
+fn sh(platform: &Platform, app: &str, id: &str, line: &str) -> (i64, String) {
+    let reply = ok(
+        platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/machines/{id}/exec"),
+        Some(json!({"cmd": ["/bin/sh", "-c", line], "timeout": "120s"})),
+    );
+    let out = format!(
+        "{}{}",
+        reply["stdout"].as_str().unwrap_or_default(),
+        reply["stderr"].as_str().unwrap_or_default()
+    );
+    (reply["exit_code"].as_i64().unwrap_or(-1), out)
+}
+
+/// Loop devices whose backing file is below `dir`.
+fn loop_devices_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let backing = entry.path().join("loop/backing_file");
+        if let Ok(file) = std::fs::read_to_string(&backing) {
+            if Path::new(file.trim()).starts_with(dir) {
+                found.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found
+}
+
+/// Whether this process may grow a mounted ext4 filesystem (bit 24 of its effective
+/// capabilities); test hosts in containers often lack it.
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+fn data_dir(platform: &Platform) -> PathBuf {
+    std::fs::canonicalize(platform.data_dir.path()).expect("data dir")
+}
+
+fn volumes_end_to_end(runtime: &str) {
+    let mut platform = Platform::start_with(&["--runtime", runtime]);
+    platform.import(busybox_image(), IMAGE);
+    let app = format!("vols-{runtime}");
+    ok(
+        &platform,
+        Method::POST,
+        "/v1/apps",
+        Some(json!({"app_name": app})),
+    );
+    let volume = ok(
+        &platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/volumes"),
+        Some(json!({"name": "data", "size_gb": 1})),
+    );
+    let vol = volume["id"].as_str().expect("volume id").to_owned();
+    let base = format!("/v1/apps/{app}/volumes/{vol}");
+    assert_eq!(loop_devices_under(&data_dir(&platform)).len(), 1);
+
+    // The first Machine writes as its root, and the volume's root is its root's.
+    let first = machine_with(&platform, &app, "first", &vol, "/data");
+    let (code, out) = sh(
+        &platform,
+        &app,
+        &first,
+        "echo hello > /data/hello && stat -c '%u:%g' /data /data/hello && id -u",
+    );
+    assert_eq!((code, out.as_str()), (0, "0:0\n0:0\n0\n"));
+    // On disk the ids are the Machine's own (0), not its host range: any Machine that
+    // mounts the volume next sees them as its root's.
+    let on_host = data_dir(&platform)
+        .join("worker/volumes")
+        .join(&vol)
+        .join(berth_runtime::volume::VOLUME_MOUNT_DIR)
+        .join("hello");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&on_host).expect("hello"));
+    assert_eq!(owner, 0);
+
+    // A snapshot, taken while the Machine runs (the filesystem frozen for the copy).
+    ok(&platform, Method::POST, &format!("{base}/snapshots"), None);
+    let snapshots = ok(&platform, Method::GET, &format!("{base}/snapshots"), None);
+    assert_eq!(snapshots.as_array().map(Vec::len), Some(1), "{snapshots}");
+
+    // Writing past the size fails in the Machine with ENOSPC.
+    let (code, out) = sh(
+        &platform,
+        &app,
+        &first,
+        "dd if=/dev/zero of=/data/big bs=1M count=1100 2>&1",
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    let (code, out) = sh(
+        &platform,
+        &app,
+        &first,
+        "dd if=/dev/zero of=/data/more bs=1M count=200 2>&1",
+    );
+    assert!(
+        code != 0 && out.contains("No space left on device"),
+        "{out}"
+    );
+
+    // Extend: online while the Machine runs where the worker may grow a mounted
+    // filesystem (CAP_SYS_RESOURCE); without it, refused while it runs, and done
+    // unmounted once it is stopped. Either way the same write then fits.
+    let (status, extended) = platform.call(
+        Method::PUT,
+        &format!("{base}/extend"),
+        Some(json!({"size_gb": 2})),
+    );
+    if has_cap_sys_resource() {
+        assert_eq!(status, 200, "{extended}");
+    } else {
+        assert_eq!(
+            (status, extended["error"].as_str()),
+            (409, Some("volume_in_use")),
+            "{extended}"
+        );
+        let kept = ok(&platform, Method::GET, &base, None);
+        assert_eq!(kept["size_gb"], 1, "{kept}");
+        let machine = format!("/v1/apps/{app}/machines/{first}");
+        ok(
+            &platform,
+            Method::POST,
+            &format!("{machine}/stop"),
+            Some(json!({})),
+        );
+        let (status, again) = platform.call(
+            Method::PUT,
+            &format!("{base}/extend"),
+            Some(json!({"size_gb": 2})),
+        );
+        assert_eq!(status, 200, "{again}");
+        ok(
+            &platform,
+            Method::POST,
+            &format!("{machine}/start"),
+            Some(json!({})),
+        );
+    }
+    let grown = ok(&platform, Method::GET, &base, None);
+    assert_eq!(grown["size_gb"], 2, "{grown}");
+    assert!(
+        grown["blocks"].as_u64().unwrap_or(0) * grown["block_size"].as_u64().unwrap_or(0) > 3 << 29,
+        "{grown}"
+    );
+    let (code, out) = sh(
+        &platform,
+        &app,
+        &first,
+        "rm -f /data/more && dd if=/dev/zero of=/data/more bs=1M count=500 2>&1 && cat /data/hello",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("hello\n"), "{out}");
+
+    // One Machine at a time, and no delete under it.
+    let (status, refused) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/{app}/machines"),
+        Some(json!({"config": {
+            "image": IMAGE,
+            "init": {"cmd": ["/bin/sleep", "3600"]},
+            "mounts": [{"volume": vol, "path": "/v"}]
+        }})),
+    );
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (409, Some("volume_attached")),
+        "{refused}"
+    );
+    let (status, refused) = platform.call(Method::DELETE, &base, None);
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (409, Some("volume_attached")),
+        "{refused}"
+    );
+
+    // Destroy the Machine: the volume stays, with its files, for the next one, whose own
+    // id range reads them as its root's.
+    ok(
+        &platform,
+        Method::DELETE,
+        &format!("/v1/apps/{app}/machines/{first}?kill=true"),
+        None,
+    );
+    let freed = ok(&platform, Method::GET, &base, None);
+    assert_eq!(freed["attached_machine_id"], Value::Null, "{freed}");
+    let second = machine_with(&platform, &app, "second", &vol, "/mnt/v");
+    let (code, out) = sh(
+        &platform,
+        &app,
+        &second,
+        "cat /mnt/v/hello && stat -c '%u' /mnt/v/hello && touch /mnt/v/second",
+    );
+    assert_eq!((code, out.as_str()), (0, "hello\n0\n"));
+
+    // Stop and start, and an agent restart after the host lost the volume's mount: the
+    // volume is mounted again and the Machine sees its files.
+    ok(
+        &platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/machines/{second}/stop"),
+        Some(json!({})),
+    );
+    platform.shutdown();
+    let mount_point = on_host.parent().expect("mount point").to_owned();
+    nix::mount::umount2(&mount_point, nix::mount::MntFlags::MNT_DETACH).expect("unmount");
+    platform.boot();
+    let response = platform
+        .request(
+            Method::POST,
+            &format!("/v1/apps/{app}/machines/{second}/start"),
+        )
+        .json(&json!({}))
+        .send()
+        .expect("start");
+    assert!(response.status().is_success());
+    let timing = response
+        .headers()
+        .get("server-timing")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if runtime == "native" {
+        // The one step a volume adds to start, marked.
+        assert!(timing.contains("init_volumes"), "{timing}");
+    }
+    let (code, out) = sh(&platform, &app, &second, "ls /mnt/v");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("hello") && out.contains("second"), "{out}");
+
+    // The doctor sees nothing wrong.
+    let workers = ok(&platform, Method::GET, "/v1/workers", None);
+    let worker = workers[0]["name"].as_str().unwrap_or_default().to_owned();
+    let report = ok(
+        &platform,
+        Method::GET,
+        &format!("/v1/workers/{worker}/doctor"),
+        None,
+    );
+    let findings = report["findings"].as_array().cloned().unwrap_or_default();
+    assert!(findings.is_empty(), "{report}");
+
+    // Delete: after the Machine goes, nothing of the volume is left on the host.
+    ok(
+        &platform,
+        Method::DELETE,
+        &format!("/v1/apps/{app}/machines/{second}?kill=true"),
+        None,
+    );
+    let deleted = ok(&platform, Method::DELETE, &base, None);
+    assert_eq!(deleted["state"], "destroyed");
+    assert!(!on_host.exists());
+    assert_eq!(
+        loop_devices_under(&data_dir(&platform)),
+        Vec::<String>::new()
+    );
+    platform.teardown();
+}
+
+#[test]
+fn volumes_on_the_native_runtime() {
+    volumes_end_to_end("native");
+}
+
+#[test]
+fn volumes_on_the_runc_runtime() {
+    volumes_end_to_end("runc");
+}
