@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the root integration tests
 # against real runc, overlayfs and namespaces. Fails if the tests leave mounts, runc
-# containers, temp directories, links or nftables tables behind.
+# containers, temp directories, links, nftables tables, volume mounts or loop devices
+# behind.
 set -euo pipefail
 export LC_ALL=C
 # Incremental caches only help rebuilds; a test run is one clean build.
@@ -17,6 +18,9 @@ fi
 leftovers() {
     # Mounts, runc containers and temp dirs that Berth's tests could create.
     grep -E ' (overlay|nsfs) ' /proc/self/mountinfo | grep -E 'berth|/tmp/' | awk '{print $5}' | sort || true
+    # Volumes: their filesystems and the loop devices under them.
+    grep -E ' ext4 ' /proc/self/mountinfo | grep -E 'berth-volume-fs' | awk '{print $5}' | sort || true
+    losetup -l -n -O BACK-FILE 2>/dev/null | grep -E '/volumes/[^/]+/(disk|snapshots/).*\.img' | sort || true
     runc list -q 2>/dev/null | sort || true
     find "${TMPDIR:-/tmp}" -maxdepth 1 -mindepth 1 \( -name '.tmp*' -o -name 'berth*' \) 2>/dev/null | sort || true
     # Worker bridges (bz…) and Machine veths (bv…).
