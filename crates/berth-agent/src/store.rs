@@ -561,13 +561,16 @@ impl AgentStore {
 
     /// Deletes the volume's record and its snapshots' records in one transaction.
     pub async fn delete_volume(&self, id: &str) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM volume_snapshots WHERE volume_id = ?; DELETE FROM volumes WHERE id = ?;",
-        )
-        .bind(id)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query("DELETE FROM volumes WHERE id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
         Ok(())
     }
 

@@ -519,14 +519,16 @@ impl ControlStore {
 
     /// Forgets the volume and its snapshots.
     pub async fn delete_volume(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "DELETE FROM volume_snapshots WHERE volume_id = ?; DELETE FROM volumes WHERE id = ?;",
-        )
-        .bind(id)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query("DELETE FROM volumes WHERE id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await
     }
 
     pub async fn insert_snapshot(
