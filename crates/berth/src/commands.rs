@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use berth_api::{
     ApiDuration, App, CreateAppRequest, CreateMachineRequest, DestroyResponse, GuestConfig,
     ImagePruneResponse, ImageSummary, InitConfig, ListAppsResponse, Machine, MachineConfig,
-    RestartConfig, RestartPolicy, StartStopResponse, StopRequest, UpdateMachineRequest,
+    MachineMount, MachineVersion, ProcessStat, RestartConfig, RestartPolicy, StartStopResponse,
+    StopRequest, UpdateMachineRequest,
 };
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -81,6 +82,7 @@ pub struct ConfigArgs {
     /// Replace the image's entrypoint (one argument; use -- cmd for the rest).
     #[arg(long)]
     entrypoint: Option<String>,
+    /// Restart policy; absent: on-failure with 10 retries (Fly's default).
     #[arg(long, value_enum)]
     restart: Option<RestartArg>,
     #[arg(long)]
@@ -104,6 +106,10 @@ pub struct ConfigArgs {
     /// Give the Machine CAP_NET_RAW (raw and packet sockets); off by default.
     #[arg(long)]
     net_raw: bool,
+    /// Attach a volume, VOLUME_ID:/path; may be repeated. An update keeps the Machine's
+    /// mounts when none is given (they cannot change).
+    #[arg(long = "volume", value_name = "VOLUME_ID:/PATH")]
+    volumes: Vec<String>,
     /// The command, after `--`.
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -127,7 +133,9 @@ impl ConfigArgs {
             },
             restart: RestartConfig {
                 policy: match self.restart {
-                    None | Some(RestartArg::No) => RestartPolicy::No,
+                    // Fly's default, as the API applies to a config without `restart`.
+                    None => RestartPolicy::default(),
+                    Some(RestartArg::No) => RestartPolicy::No,
                     Some(RestartArg::OnFailure) => RestartPolicy::OnFailure,
                     Some(RestartArg::Always) => RestartPolicy::Always,
                 },
@@ -160,6 +168,18 @@ impl ConfigArgs {
             sandbox: berth_api::SandboxConfig {
                 net_raw: self.net_raw,
             },
+            mounts: self
+                .volumes
+                .iter()
+                .map(|entry| match entry.split_once(':') {
+                    Some((volume, path)) => Ok(MachineMount {
+                        volume: volume.to_owned(),
+                        path: path.to_owned(),
+                        ..MachineMount::default()
+                    }),
+                    None => bail!("--volume takes VOLUME_ID:/path, got {entry:?}"),
+                })
+                .collect::<Result<_>>()?,
             ..MachineConfig::default()
         })
     }
@@ -269,6 +289,42 @@ pub enum MachineCommand {
     /// Take, show and release the Machine's lease.
     #[command(subcommand)]
     Lease(crate::robots::LeaseCommand),
+    /// Keep the proxy's traffic and autostart away from the Machine.
+    Cordon {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Let the proxy route to the Machine again.
+    Uncordon {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The processes of a started Machine, as its pid namespace sees them.
+    Ps {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The Machine's config history, newest first.
+    Versions {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     Destroy {
         #[arg(long)]
         app: String,
@@ -482,14 +538,19 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
             config,
             api,
         } => {
+            let client = api.client()?;
+            let mut config = config.into_config()?;
+            if config.mounts.is_empty() {
+                let current: Machine = client.get(&format!("/v1/apps/{app}/machines/{id}")).await?;
+                config.mounts = current.config.mounts;
+            }
             let request = UpdateMachineRequest {
-                config: config.into_config()?,
+                config,
                 skip_launch,
                 skip_secrets: false,
                 min_secrets_version: None,
             };
-            let machine: Machine = api
-                .client()?
+            let machine: Machine = client
                 .post(&format!("/v1/apps/{app}/machines/{id}"), &request)
                 .await?;
             println!(
@@ -513,6 +574,70 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
         MachineCommand::Events(args) => crate::robots::events(args).await?,
         MachineCommand::Metadata(command) => crate::robots::metadata(command).await?,
         MachineCommand::Lease(command) => crate::robots::lease(command).await?,
+        MachineCommand::Cordon { app, id, api } => {
+            let _: serde_json::Value = api
+                .client()?
+                .post(
+                    &format!("/v1/apps/{app}/machines/{id}/cordon"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("machine {id} is cordoned");
+        }
+        MachineCommand::Uncordon { app, id, api } => {
+            let _: serde_json::Value = api
+                .client()?
+                .post(
+                    &format!("/v1/apps/{app}/machines/{id}/uncordon"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("machine {id} is uncordoned");
+        }
+        MachineCommand::Ps { app, id, json, api } => {
+            let processes: Vec<ProcessStat> = api
+                .client()?
+                .get(&format!("/v1/apps/{app}/machines/{id}/ps"))
+                .await?;
+            if json {
+                return print_json(&processes);
+            }
+            println!(
+                "{:>7} {:>9} {:>9} {:<22} COMMAND",
+                "PID", "RSS_KB", "CPU_MS", "LISTEN"
+            );
+            for process in processes {
+                let listen: Vec<&str> = process
+                    .listen_sockets
+                    .iter()
+                    .map(|socket| socket.address.as_str())
+                    .collect();
+                println!(
+                    "{:>7} {:>9} {:>9} {:<22} {}",
+                    process.pid,
+                    process.rss / 1024,
+                    process.cpu,
+                    listen.join(","),
+                    process.command
+                );
+            }
+        }
+        MachineCommand::Versions { app, id, json, api } => {
+            let versions: Vec<MachineVersion> = api
+                .client()?
+                .get(&format!("/v1/apps/{app}/machines/{id}/versions"))
+                .await?;
+            if json {
+                return print_json(&versions);
+            }
+            println!("{:<18} {:<26} IMAGE", "VERSION", "CREATED");
+            for version in versions {
+                println!(
+                    "{:<18} {:<26} {}",
+                    version.version, version.created_at, version.user_config.image
+                );
+            }
+        }
         MachineCommand::Destroy {
             app,
             id,

@@ -16,6 +16,7 @@ mod pull_progress;
 mod robots;
 mod up;
 mod usage_cmd;
+mod volume_cmd;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/berth";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:4280";
@@ -50,6 +51,9 @@ enum Command {
     /// Pull, import, list and prune images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
+    /// Volumes: persistent disks on one worker that outlive Machines.
+    #[command(subcommand)]
+    Volume(volume_cmd::VolumeCommand),
     /// What an org was billed for: running time, CPU, memory and storage.
     Usage(usage_cmd::UsageArgs),
     /// Orgs, their quotas and rate limits (admin).
@@ -121,6 +125,7 @@ fn run(command: Command) -> Result<()> {
             Command::App(command) => commands::app(command).await,
             Command::Machine(command) => commands::machine(*command).await,
             Command::Image(command) => commands::image(command).await,
+            Command::Volume(command) => volume_cmd::volume(command).await,
             Command::Usage(args) => usage_cmd::run(args).await,
             Command::Org(command) => robots::org(command).await,
             Command::Token(command) => robots::token(command).await,

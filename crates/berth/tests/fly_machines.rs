@@ -94,6 +94,25 @@ fn ps_of(platform: Platform) {
         "{listed:?}"
     );
 
+    // The CLI prints the same list, and the Machine's one config version.
+    let table = platform.cli_ok(&["machine", "ps", "--app", "procs", &mine.id]);
+    assert!(
+        table
+            .lines()
+            .any(|line| line.trim_start().starts_with("1 ")),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|line| line.ends_with("sleep 4242")),
+        "{table}"
+    );
+    let versions: Vec<Value> = serde_json::from_str(
+        &platform.cli_ok(&["machine", "versions", "--app", "procs", &mine.id, "--json"]),
+    )
+    .expect("versions");
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(versions[0]["version"], json!(mine.instance_id));
+
     // A stopped Machine has no processes: the answer says why.
     post(
         &platform,
@@ -133,7 +152,7 @@ fn a_cordoned_machine_outlives_a_restart_and_gets_no_proxy_traffic() {
         via_proxy().0 == 200
     });
 
-    post(&platform, &format!("{base}/cordon"));
+    platform.cli_ok(&["machine", "cordon", "--app", "cord", &machine.id]);
     post(&platform, &format!("{base}/stop"));
     platform.crash();
     platform.boot();
@@ -151,7 +170,7 @@ fn a_cordoned_machine_outlives_a_restart_and_gets_no_proxy_traffic() {
     );
 
     // Uncordoned, the next request wakes it (the proxy reads the app again within 2 s).
-    post(&platform, &format!("{base}/uncordon"));
+    platform.cli_ok(&["machine", "uncordon", "--app", "cord", &machine.id]);
     platform.wait_for("a woken machine to answer", Duration::from_secs(30), || {
         via_proxy().0 == 200
     });

@@ -201,6 +201,8 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
         &id,
         "--image",
         "demo/busybox:1",
+        "--restart",
+        "no",
         "--",
         "/bin/sh",
         "-c",

@@ -97,18 +97,51 @@ fn volumes_end_to_end(runtime: &str) {
         "/v1/apps",
         Some(json!({"app_name": app})),
     );
-    let volume = ok(
-        &platform,
-        Method::POST,
-        &format!("/v1/apps/{app}/volumes"),
-        Some(json!({"name": "data", "size_gb": 1})),
-    );
-    let vol = volume["id"].as_str().expect("volume id").to_owned();
+    // The volume and the first Machine come from the CLI, the rest from the API.
+    let vol = platform
+        .cli_ok(&[
+            "volume",
+            "create",
+            "--app",
+            &app,
+            "--name",
+            "data",
+            "--size-gb",
+            "1",
+        ])
+        .trim()
+        .to_owned();
     let base = format!("/v1/apps/{app}/volumes/{vol}");
+    assert_eq!(ok(&platform, Method::GET, &base, None)["size_gb"], 1);
     assert_eq!(loop_devices_under(&data_dir(&platform)).len(), 1);
 
     // The first Machine writes as its root, and the volume's root is its root's.
-    let first = machine_with(&platform, &app, "first", &vol, "/data");
+    let first = platform
+        .cli_ok(&[
+            "machine",
+            "create",
+            "--app",
+            &app,
+            "--name",
+            "first",
+            "--image",
+            IMAGE,
+            "--volume",
+            &format!("{vol}:/data"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "exec sleep 3600",
+        ])
+        .trim()
+        .to_owned();
+    let listed = platform.cli_ok(&["volume", "list", "--app", &app]);
+    assert!(
+        listed
+            .lines()
+            .any(|line| line.starts_with(&vol) && line.ends_with(&first)),
+        "the volume is listed as attached to its Machine: {listed}"
+    );
     let (code, out) = sh(
         &platform,
         &app,
