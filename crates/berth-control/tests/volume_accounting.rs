@@ -289,3 +289,28 @@ async fn a_volume_is_billed_by_its_size_from_create_to_delete_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_description_has_the_volume_quotas_usage_and_report_rows() {
+    let harness = Harness::start().await;
+    let (status, doc) = harness
+        .call(&harness.admin, Method::GET, "/v1/openapi.json", None)
+        .await;
+    assert_eq!(status, 200);
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("Quotas", "max_volumes"),
+        ("Quotas", "max_volume_gb"),
+        ("QuotaOverrides", "max_volumes"),
+        ("QuotaOverrides", "max_volume_gb"),
+        ("OrgUsage", "volumes"),
+        ("OrgUsage", "volume_gb"),
+        ("UsageRow", "volume"),
+    ] {
+        assert!(
+            schemas[schema]["properties"].get(field).is_some(),
+            "{schema}.{field}: {}",
+            schemas[schema]
+        );
+    }
+}
