@@ -641,6 +641,8 @@ fn check_journal(
                     ));
                 }
             }
+            // A volume's entries share the journal; a volume has no Machine record.
+            None if berth_core::ids::has_id_shape(id, "vol_") => {}
             None if seen.created && !seen.destroyed => findings.push(finding(
                 FindingKind::JournalUnclosedRun,
                 id,
@@ -703,6 +705,28 @@ mod tests {
                 FindingKind::JournalUnclosedRun,
                 FindingKind::JournalUnclosedRun,
             ]
+        );
+    }
+
+    #[test]
+    fn a_live_volume_in_the_journal_is_not_an_unclosed_machine() {
+        let journal = outline(&[
+            (1, "vol_0123456789abcdef", UsageKind::Created),
+            (2, "vol_0123456789abcdef", UsageKind::Storage),
+            (3, "m1", UsageKind::Created),
+        ]);
+        // Only the Machine without a record is an open end.
+        let found = check_journal(&journal, &HashMap::new());
+        assert_eq!(kinds(&found), vec![FindingKind::JournalUnclosedRun]);
+        assert_eq!(found[0].machine_id.as_deref(), Some("m1"));
+        // A second create of the volume is still a repeat.
+        let journal = outline(&[
+            (1, "vol_0123456789abcdef", UsageKind::Created),
+            (2, "vol_0123456789abcdef", UsageKind::Created),
+        ]);
+        assert_eq!(
+            kinds(&check_journal(&journal, &HashMap::new())),
+            vec![FindingKind::JournalDuplicate]
         );
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use berth_api::{CloseBasis, UsageKind, UsageRecord};
 
 use crate::record::MachineRecord;
+use crate::volumes::{VolumeRecord, GIB};
 
 fn entry(record: &MachineRecord, kind: UsageKind, at_ms: i64) -> UsageRecord {
     UsageRecord {
@@ -58,6 +59,37 @@ pub fn destroyed(record: &mut MachineRecord, at_ms: i64) -> Vec<UsageRecord> {
         .collect();
     entries.push(entry(record, UsageKind::Destroyed, at_ms));
     entries
+}
+
+fn volume_entry(record: &VolumeRecord, kind: UsageKind, at_ms: i64) -> UsageRecord {
+    UsageRecord {
+        seq: 0,
+        // A volume's entries carry its `vol_` id where a Machine's carry the Machine's.
+        machine_id: record.id.clone(),
+        app: record.app.clone(),
+        kind,
+        at_ms,
+        cpus: 0,
+        memory_mb: 0,
+        // Billed by its provisioned size, as Fly bills volumes, not by what is written.
+        storage_bytes: u64::from(record.size_gb) * GIB,
+        basis: None,
+    }
+}
+
+/// The volume exists at its size: its storage billing starts.
+pub fn volume_created(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
+    volume_entry(record, UsageKind::Created, at_ms)
+}
+
+/// The volume grew: billed at its new size from now on.
+pub fn volume_extended(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
+    volume_entry(record, UsageKind::Storage, at_ms)
+}
+
+/// The volume is gone: its billing ends.
+pub fn volume_deleted(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
+    volume_entry(record, UsageKind::Destroyed, at_ms)
 }
 
 /// Bytes of disk a directory tree occupies (allocated blocks, hardlinks counted once).

@@ -519,14 +519,28 @@ impl AgentStore {
     }
 
     pub async fn save_volume(&self, record: &crate::volumes::VolumeRecord) -> Result<()> {
+        self.save_volume_with_usage(record, &[]).await
+    }
+
+    /// Writes the volume's record and its usage journal entries in one transaction.
+    pub async fn save_volume_with_usage(
+        &self,
+        record: &crate::volumes::VolumeRecord,
+        usage: &[UsageRecord],
+    ) -> Result<()> {
         let json = serde_json::to_string(record)
             .map_err(|error| AgentError::Internal(format!("encode volume record: {error}")))?;
+        let mut transaction = self.pool.begin().await?;
         sqlx::query("INSERT OR REPLACE INTO volumes (id, app, record) VALUES (?, ?, ?)")
             .bind(&record.id)
             .bind(&record.app)
             .bind(json)
-            .execute(&self.pool)
+            .execute(&mut *transaction)
             .await?;
+        for entry in usage {
+            insert_usage(&mut transaction, entry).await?;
+        }
+        transaction.commit().await?;
         Ok(())
     }
 
@@ -561,7 +575,16 @@ impl AgentStore {
 
     /// Deletes the volume's record and its snapshots' records in one transaction.
     pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        self.delete_volume_with_usage(id, &[]).await
+    }
+
+    /// Deletes the volume's and its snapshots' records and writes the usage journal
+    /// entries, in one transaction.
+    pub async fn delete_volume_with_usage(&self, id: &str, usage: &[UsageRecord]) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
+        for entry in usage {
+            insert_usage(&mut transaction, entry).await?;
+        }
         sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = ?")
             .bind(id)
             .execute(&mut *transaction)
@@ -695,6 +718,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_api::UsageKind;
 
     async fn store() -> (tempfile::TempDir, AgentStore) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -883,5 +907,61 @@ mod tests {
         .await
         .expect("insert");
         assert!(store.events("m1").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_volume_is_journaled_with_its_record_and_once_per_change() {
+        let (_dir, store) = store().await;
+        let mut record = crate::volumes::VolumeRecord {
+            id: "vol_0123456789abcdef".into(),
+            app: "a".into(),
+            name: "data".into(),
+            region: "local".into(),
+            size_gb: 1,
+            created_at_ms: 10,
+            snapshot_retention: 5,
+            auto_backup_enabled: false,
+            attached_machine: None,
+            pending: None,
+        };
+        let created = crate::metering::volume_created(&record, 10);
+        store
+            .save_volume_with_usage(&record, &[created])
+            .await
+            .expect("create");
+        record.size_gb = 3;
+        let extended = crate::metering::volume_extended(&record, 20);
+        store
+            .save_volume_with_usage(&record, &[extended])
+            .await
+            .expect("extend");
+        // A write without a change of size journals nothing.
+        store.save_volume(&record).await.expect("update");
+        let deleted = crate::metering::volume_deleted(&record, 30);
+        store
+            .delete_volume_with_usage(&record.id, &[deleted])
+            .await
+            .expect("delete");
+        assert!(store.volume(&record.id).await.expect("read").is_none());
+        let journal = store.usage_since(0, 100).await.expect("journal");
+        let seen: Vec<(&str, UsageKind, i64, u64)> = journal
+            .iter()
+            .map(|entry| {
+                (
+                    entry.machine_id.as_str(),
+                    entry.kind,
+                    entry.at_ms,
+                    entry.storage_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("vol_0123456789abcdef", UsageKind::Created, 10, 1 << 30),
+                ("vol_0123456789abcdef", UsageKind::Storage, 20, 3 << 30),
+                ("vol_0123456789abcdef", UsageKind::Destroyed, 30, 3 << 30),
+            ]
+        );
     }
 }

@@ -21,11 +21,12 @@ use tracing::{info, warn};
 
 use crate::error::{AgentError, Result};
 use crate::failpoint;
+use crate::metering;
 use crate::record::{format_ms, now_ms};
 use crate::service::CreateVolumeOnWorker;
 use crate::Agent;
 
-const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 /// The largest volume Fly makes, in GB.
 pub const MAX_VOLUME_SIZE_GB: u32 = 500;
 
@@ -217,7 +218,12 @@ impl Agent {
         }
         failpoint::hit("volume_create.after_host");
         record.pending = None;
-        self.inner.store.save_volume(&record).await?;
+        // Billing starts in the same transaction that makes the volume exist.
+        let usage = metering::volume_created(&record, now_ms());
+        self.inner
+            .store
+            .save_volume_with_usage(&record, &[usage])
+            .await?;
         info!(volume = %id, size_gb, "volume created");
         self.volume_json(&record, "created").await
     }
@@ -321,7 +327,13 @@ impl Agent {
             .await?;
         failpoint::hit("volume_extend.after_host");
         record.pending = None;
-        self.inner.store.save_volume(record).await
+        // The new size is billed from the write that ends the extend (here or in
+        // recovery), so it is journaled once.
+        let usage = metering::volume_extended(record, now_ms());
+        self.inner
+            .store
+            .save_volume_with_usage(record, &[usage])
+            .await
     }
 
     pub(crate) async fn volume_delete_op(&self, id: &str) -> Result<Volume> {
@@ -345,7 +357,11 @@ impl Agent {
             .volume_remove(&self.volume_layout(&record.id))
             .await?;
         failpoint::hit("volume_delete.after_host");
-        self.inner.store.delete_volume(&record.id).await
+        let usage = metering::volume_deleted(record, now_ms());
+        self.inner
+            .store
+            .delete_volume_with_usage(&record.id, &[usage])
+            .await
     }
 
     pub(crate) async fn volume_snapshots_op(&self, id: &str) -> Result<Vec<VolumeSnapshot>> {

@@ -834,19 +834,21 @@ mod tests {
     }
 }
 
-/// What a usage journal record says happened to a Machine.
+/// What a usage journal record says happened to a Machine or a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageKind {
     /// The Machine exists from now on; its storage starts being billed (at 0 bytes).
+    /// A volume's storage starts being billed at its provisioned size.
     Created,
     /// The Machine's init started running: compute billing starts.
     RunStart,
     /// The Machine stopped running: compute billing stops.
     RunStop,
-    /// A measurement of the Machine's own writable layer, in bytes.
+    /// A measurement of the Machine's own writable layer, in bytes; for a volume, its
+    /// new provisioned size after an extend.
     Storage,
-    /// The Machine is gone: all billing of it ends.
+    /// The Machine (or volume) is gone: all billing of it ends.
     Destroyed,
 }
 
@@ -867,6 +869,8 @@ pub enum CloseBasis {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UsageRecord {
     pub seq: u64,
+    /// The Machine's id, or a volume's `vol_` id: a volume's entries are only
+    /// `created`, `storage` and `destroyed`, with no CPU or memory.
     pub machine_id: String,
     pub app: String,
     pub kind: UsageKind,
@@ -879,12 +883,16 @@ pub struct UsageRecord {
     pub basis: Option<CloseBasis>,
 }
 
-/// One row of `GET /v1/orgs/{org}/usage`. Exactly one of `machine`, `app` or `day` is set,
-/// by `group_by`.
+/// One row of `GET /v1/orgs/{org}/usage`. Exactly one of `machine`, `volume`, `app` or
+/// `day` is set, by `group_by`: with `machine`, a volume's storage is a row of its own
+/// with `volume` set; with `app` and `day` it is summed into the app's or day's row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// The volume's id (`vol_…`), billed by its provisioned size while it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

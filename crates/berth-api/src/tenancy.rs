@@ -35,6 +35,12 @@ pub struct Quotas {
     /// counted once per org (a layer shared with another org counts for both).
     #[serde(default)]
     pub max_image_storage_mb: u64,
+    /// Volumes that exist, attached or not.
+    #[serde(default)]
+    pub max_volumes: u64,
+    /// Sum of the volumes' provisioned `size_gb`.
+    #[serde(default)]
+    pub max_volume_gb: u64,
 }
 
 /// A GCRA limit: `per_second` sustained, `burst` at once.
@@ -78,6 +84,10 @@ pub struct QuotaOverrides {
     pub max_memory_mb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_image_storage_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_volumes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_volume_gb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
@@ -116,6 +126,11 @@ pub struct OrgUsage {
     pub started_machines: u64,
     pub cpus: u64,
     pub memory_mb: u64,
+    #[serde(default)]
+    pub volumes: u64,
+    /// Sum of the volumes' provisioned `size_gb`.
+    #[serde(default)]
+    pub volume_gb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -44,6 +44,9 @@ pub fn default_limits() -> OrgLimits {
             // 20 GiB: a few dozen typical images (100 MiB to 1 GiB unpacked each), or
             // one large ML image.
             max_image_storage_mb: 20 * 1024,
+            max_volumes: 1000,
+            // 10 TiB: room for many volumes of Fly's default 1 GB and some large ones.
+            max_volume_gb: 10 * 1024,
         },
         rate_limits: RateLimits {
             create: mutate,
@@ -87,6 +90,8 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
             max_image_storage_mb: q
                 .max_image_storage_mb
                 .unwrap_or(defaults.quotas.max_image_storage_mb),
+            max_volumes: q.max_volumes.unwrap_or(defaults.quotas.max_volumes),
+            max_volume_gb: q.max_volume_gb.unwrap_or(defaults.quotas.max_volume_gb),
         },
         rate_limits: RateLimits {
             create: r.create.unwrap_or(d.create),
@@ -102,6 +107,8 @@ pub fn effective(defaults: &OrgLimits, overrides: &SetOrgLimitsRequest) -> OrgLi
 
 /// The largest image storage quota: one EiB, so that it still fits in bytes.
 pub const MAX_IMAGE_STORAGE_MB: u64 = 1 << 40;
+/// The largest volume storage quota: one EiB in GB, so that it still fits in bytes.
+pub const MAX_VOLUME_GB: u64 = 1 << 30;
 
 /// Refuses limits outside sane ranges, naming the field: quotas above their maximum
 /// (zero is allowed, it freezes an org), rates that are not finite and positive, bursts
@@ -118,6 +125,8 @@ pub fn validate_limits(overrides: &SetOrgLimitsRequest) -> Result<(), ApiError> 
             q.max_image_storage_mb,
             MAX_IMAGE_STORAGE_MB,
         ),
+        ("max_volumes", q.max_volumes, MAX_MACHINES),
+        ("max_volume_gb", q.max_volume_gb, MAX_VOLUME_GB),
     ];
     for (name, value, max) in quotas {
         if value.is_some_and(|value| value > max) {
@@ -533,6 +542,8 @@ impl Usage {
             started_machines: totals.started,
             cpus: totals.cpus,
             memory_mb: totals.memory_mb,
+            volumes: 0,
+            volume_gb: 0,
         }
     }
 }
@@ -548,6 +559,8 @@ mod tests {
             max_cpus: 8,
             max_memory_mb: 1024,
             max_image_storage_mb: 1024,
+            max_volumes: 10,
+            max_volume_gb: 10,
         }
     }
 

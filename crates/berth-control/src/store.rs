@@ -29,6 +29,7 @@ fn volume_row(row: &sqlx::sqlite::SqliteRow) -> VolumeIndexRow {
         id: row.get(0),
         app: row.get(1),
         worker: row.get(2),
+        size_gb: row.get(3),
     }
 }
 
@@ -162,10 +163,12 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS destroyed_machines_by_app ON destroyed_machines(app, destroyed_at_ms)",
     // Which worker holds each volume (the worker has its record), and each snapshot's
     // volume, so a create from a snapshot goes to the snapshot's worker.
+    // `size_gb` is what the org's volume quota counts.
     "CREATE TABLE IF NOT EXISTS volumes (
         id TEXT PRIMARY KEY NOT NULL,
         app TEXT NOT NULL,
-        worker TEXT NOT NULL
+        worker TEXT NOT NULL,
+        size_gb INTEGER NOT NULL DEFAULT 0
     )",
     "CREATE INDEX IF NOT EXISTS volumes_by_app ON volumes(app)",
     "CREATE TABLE IF NOT EXISTS volume_snapshots (
@@ -184,6 +187,21 @@ pub struct VolumeIndexRow {
     pub id: String,
     pub app: String,
     pub worker: String,
+    /// Provisioned size, as the org's quota counts it.
+    pub size_gb: u32,
+}
+
+/// Adds `size_gb` to a `volumes` table made before it existed.
+async fn add_volume_size_column(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('volumes')")
+        .fetch_all(pool)
+        .await?;
+    if !columns.iter().any(|name| name == "size_gb") {
+        sqlx::query("ALTER TABLE volumes ADD COLUMN size_gb INTEGER NOT NULL DEFAULT 0")
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Adds the size columns to a `machines` table made before they existed. Its rows keep
@@ -234,6 +252,7 @@ impl ControlStore {
         }
         add_size_columns(&pool).await?;
         add_org_name_column(&pool).await?;
+        add_volume_size_column(&pool).await?;
         let checkpointer = checkpoint_in_background(pool.clone());
         Ok(ControlStore {
             pool,
@@ -491,29 +510,87 @@ impl ControlStore {
     }
 
     pub async fn insert_volume(&self, row: &VolumeIndexRow) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT OR REPLACE INTO volumes (id, app, worker) VALUES (?, ?, ?)")
-            .bind(&row.id)
-            .bind(&row.app)
-            .bind(&row.worker)
+        sqlx::query(
+            "INSERT OR REPLACE INTO volumes (id, app, worker, size_gb) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&row.id)
+        .bind(&row.app)
+        .bind(&row.worker)
+        .bind(row.size_gb)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_volume_size(&self, id: &str, size_gb: u32) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ?")
+            .bind(size_gb)
+            .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    pub async fn volume(&self, app: &str, id: &str) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
-        let row = sqlx::query("SELECT id, app, worker FROM volumes WHERE app = ? AND id = ?")
-            .bind(app)
+    /// Records a size the worker answered with; sizes only grow, so a late answer of an
+    /// earlier extend never shrinks a later one.
+    pub async fn grow_volume_size(&self, id: &str, size_gb: u32) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE volumes SET size_gb = MAX(size_gb, ?) WHERE id = ?")
+            .bind(size_gb)
             .bind(id)
-            .fetch_optional(&self.pool)
+            .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Gives back a failed extend's reservation, unless another extend has reserved
+    /// since (then its size stands).
+    pub async fn release_volume_size(
+        &self,
+        id: &str,
+        reserved_gb: u32,
+        old_gb: u32,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ? AND size_gb = ?")
+            .bind(old_gb)
+            .bind(id)
+            .bind(reserved_gb)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// How many volumes the org's apps have, and their provisioned GB summed.
+    pub async fn org_volume_totals(&self, org: &str) -> Result<(u64, u64), sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*), COALESCE(SUM(volumes.size_gb), 0) FROM volumes
+             JOIN apps ON volumes.app = apps.name WHERE apps.org_slug = ?",
+        )
+        .bind(org)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            u64::try_from(row.get::<i64, _>(0)).unwrap_or(0),
+            u64::try_from(row.get::<i64, _>(1)).unwrap_or(0),
+        ))
+    }
+
+    pub async fn volume(&self, app: &str, id: &str) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
+        let row =
+            sqlx::query("SELECT id, app, worker, size_gb FROM volumes WHERE app = ? AND id = ?")
+                .bind(app)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.as_ref().map(volume_row))
     }
 
     pub async fn volumes(&self, app: &str) -> Result<Vec<VolumeIndexRow>, sqlx::Error> {
-        let rows = sqlx::query("SELECT id, app, worker FROM volumes WHERE app = ? ORDER BY rowid")
-            .bind(app)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, app, worker, size_gb FROM volumes WHERE app = ? ORDER BY rowid",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(volume_row).collect())
     }
 
@@ -555,7 +632,7 @@ impl ControlStore {
         id: &str,
     ) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT v.id, v.app, s.worker FROM volume_snapshots s JOIN volumes v ON v.id = s.volume_id
+            "SELECT v.id, v.app, s.worker, v.size_gb FROM volume_snapshots s JOIN volumes v ON v.id = s.volume_id
              WHERE s.id = ? AND v.app = ?",
         )
         .bind(id)

@@ -69,6 +69,7 @@ async fn org_json(control: &ControlPlane, org: OrgRow) -> Result<Org, ApiError> 
     } = org;
     let mut usage = control.usage.of_org(&slug);
     usage.machines = control.store.count_org_machines(&slug).await?;
+    (usage.volumes, usage.volume_gb) = control.store.org_volume_totals(&slug).await?;
     let overrides = control
         .overrides
         .read()

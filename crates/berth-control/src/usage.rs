@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_api::{UsageKind, UsageRecord, UsageReport, UsageRow};
 use berth_core::billing::{split_by_day, IntervalKind, Prices, Quantities, Window, DAY_MS};
+use berth_core::ids;
 use berth_worker::WorkerService;
 use serde::Deserialize;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
@@ -31,7 +32,8 @@ const INGEST_INTERVAL: Duration = Duration::from_secs(2);
 const INGEST_BATCH: u32 = 1000;
 
 const SCHEMA: &[&str] = &[
-    // Who owned a Machine, kept after the Machine and its app are gone: usage outlives both.
+    // Who owned a Machine or a volume, kept after it and its app are gone: usage outlives
+    // both.
     "CREATE TABLE IF NOT EXISTS machine_owners (
         machine_id TEXT PRIMARY KEY NOT NULL,
         app TEXT NOT NULL,
@@ -410,8 +412,11 @@ pub fn report_rows(
 
 fn row(group_by: Option<GroupBy>, key: &str, quantities: &Quantities, prices: &Prices) -> UsageRow {
     let round = |value: f64| (value * 1e6).round() / 1e6;
+    // Per machine, a volume's entries are keyed by its own id.
+    let volume = ids::has_id_shape(key, "vol_");
     UsageRow {
-        machine: (group_by == Some(GroupBy::Machine)).then(|| key.to_owned()),
+        machine: (group_by == Some(GroupBy::Machine) && !volume).then(|| key.to_owned()),
+        volume: (group_by == Some(GroupBy::Machine) && volume).then(|| key.to_owned()),
         app: (group_by == Some(GroupBy::App)).then(|| key.to_owned()),
         day: (group_by == Some(GroupBy::Day)).then(|| key.to_owned()),
         running_seconds: round(quantities.running_seconds()),
@@ -567,6 +572,7 @@ fn to_csv(report: &UsageReport) -> String {
         let key = row
             .machine
             .as_deref()
+            .or(row.volume.as_deref())
             .or(row.app.as_deref())
             .or(row.day.as_deref())
             .unwrap_or_default();

@@ -16,7 +16,7 @@ use berth_worker::{CreateVolumeOnWorker, WorkerError};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, OptionalJson};
-use crate::limits::Action;
+use crate::limits::{self, Action};
 use crate::store::VolumeIndexRow;
 use crate::{ControlPlane, Shared};
 
@@ -111,7 +111,9 @@ pub(crate) async fn extend_volume(
     let (row, worker) = control
         .volume(&principal, &app, &id, Action::Update)
         .await?;
-    let volume = worker.volume_extend(&row.id, request.size_gb).await?;
+    let volume = control
+        .extend_within_quota(&app, &row, worker.as_ref(), request.size_gb)
+        .await?;
     Ok(Json(ExtendVolumeResponse {
         volume,
         needs_restart: false,
@@ -193,7 +195,7 @@ impl ControlPlane {
         app: &str,
         request: CreateVolumeRequest,
     ) -> Result<Volume, ApiError> {
-        self.app(principal, app).await?;
+        let org = self.app(principal, app).await?.org_slug;
         self.check_rate(principal, Action::Create, None).await?;
         let size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
         // From a snapshot: on the snapshot's worker, where its image is.
@@ -228,9 +230,29 @@ impl ControlPlane {
             id: id.clone(),
             app: app.to_owned(),
             worker: worker_name.clone(),
+            size_gb,
         };
-        // Indexed first: a create whose answer is lost still has its volume found.
-        self.store.insert_volume(&row).await?;
+        {
+            // The count and the insert happen under the org's lock: no two creates can
+            // both take the last of the quota.
+            let quotas = self.limits_of(&org).quotas;
+            let _org = self.lock_org(&org).await;
+            let (volumes, volume_gb) = self.store.org_volume_totals(&org).await?;
+            if volumes >= quotas.max_volumes {
+                return Err(limits::exceeded("max_volumes", quotas.max_volumes, volumes));
+            }
+            if volume_gb.saturating_add(u64::from(size_gb)) > quotas.max_volume_gb {
+                return Err(limits::exceeded(
+                    "max_volume_gb",
+                    quotas.max_volume_gb,
+                    volume_gb,
+                ));
+            }
+            // Indexed first: a create whose answer is lost still has its volume found.
+            self.store.insert_volume(&row).await?;
+        }
+        // Billed to the org from the worker's first journal entry of it.
+        crate::usage::record_owner(self.store.pool(), &id, app, &org).await?;
         let created = self
             .worker(&worker_name)?
             .volume_create(CreateVolumeOnWorker {
@@ -240,7 +262,12 @@ impl ControlPlane {
             })
             .await;
         match created {
-            Ok(volume) => Ok(volume),
+            Ok(volume) => {
+                if volume.size_gb != size_gb {
+                    self.store.set_volume_size(&id, volume.size_gb).await?;
+                }
+                Ok(volume)
+            }
             Err(error) => {
                 // The worker made nothing unless it is unreachable (then recovery on it
                 // removes an unfinished create, and its row here answers 503 meanwhile).
@@ -273,6 +300,68 @@ impl ControlPlane {
                 .then_with(|| a.id.cmp(&b.id))
         });
         Ok(volumes)
+    }
+
+    /// Grows the volume on its worker, with the growth reserved in the org's
+    /// `max_volume_gb` under the org's lock first.
+    async fn extend_within_quota(
+        &self,
+        app: &str,
+        row: &VolumeIndexRow,
+        worker: &dyn berth_worker::WorkerService,
+        size_gb: u32,
+    ) -> Result<Volume, ApiError> {
+        let org = self
+            .store
+            .app(app)
+            .await?
+            .map(|app| app.org_slug)
+            .ok_or_else(|| ApiError::not_found(format!("app {app:?}")))?;
+        let quotas = self.limits_of(&org).quotas;
+        let reserved_from = {
+            let _org = self.lock_org(&org).await;
+            // Read again under the lock: another extend may have reserved meanwhile.
+            let current = self
+                .store
+                .volume(app, &row.id)
+                .await?
+                .ok_or_else(|| volume_not_found(&row.id))?
+                .size_gb;
+            if size_gb > current {
+                let (_, volume_gb) = self.store.org_volume_totals(&org).await?;
+                let after = volume_gb.saturating_add(u64::from(size_gb - current));
+                if after > quotas.max_volume_gb {
+                    return Err(limits::exceeded(
+                        "max_volume_gb",
+                        quotas.max_volume_gb,
+                        volume_gb,
+                    ));
+                }
+                self.store.set_volume_size(&row.id, size_gb).await?;
+                Some(current)
+            } else {
+                // Not a growth: the worker refuses it with the reason.
+                None
+            }
+        };
+        match worker.volume_extend(&row.id, size_gb).await {
+            Ok(volume) => {
+                self.store.grow_volume_size(&row.id, volume.size_gb).await?;
+                Ok(volume)
+            }
+            Err(error) => {
+                // The worker did not grow it unless it is unreachable; then the
+                // reservation stays until the volume is seen again.
+                if let Some(old) = reserved_from {
+                    if !matches!(error, WorkerError::Unavailable { .. }) {
+                        self.store
+                            .release_volume_size(&row.id, size_gb, old)
+                            .await?;
+                    }
+                }
+                Err(error.into())
+            }
+        }
     }
 
     /// App delete, after its Machines: every volume of the app goes too.

@@ -10,57 +10,131 @@ use berth_core::billing::{Meter, Window};
 use proptest::prelude::*;
 use sqlx::Row;
 
+const MACHINES: usize = 3;
+const VOLUMES: usize = 2;
+
+/// The journal's id of Machine or volume `index`: the last ones are volumes.
+fn subject_id(index: usize) -> String {
+    if index < MACHINES {
+        format!("0000000000000{index}")
+    } else {
+        format!("vol_000000000000000{index}")
+    }
+}
+
 /// A journal that a correct agent could write: per Machine, created, then runs and
-/// storage samples, maybe destroyed.
+/// storage samples, maybe destroyed; per volume, created at its size, extends to larger
+/// sizes, maybe deleted.
 fn journal_strategy() -> impl Strategy<Value = Vec<UsageRecord>> {
-    proptest::collection::vec((0usize..3, 0u8..5, 1i64..5_000, 0u64..1_000_000), 1..60).prop_map(
-        |steps| {
-            let mut journal = Vec::new();
-            let mut now = 1_000_000i64;
-            // Per machine: (created, running, destroyed)
-            let mut machines = [(false, false, false); 3];
-            for (machine, action, gap, bytes) in steps {
-                now += gap;
-                let (created, running, destroyed) = &mut machines[machine];
-                if *destroyed {
-                    continue;
-                }
-                let kind = if !*created {
-                    *created = true;
-                    UsageKind::Created
-                } else {
-                    match action {
-                        0 | 1 if !*running => {
-                            *running = true;
-                            UsageKind::RunStart
-                        }
-                        0 | 1 => {
-                            *running = false;
-                            UsageKind::RunStop
-                        }
-                        2 | 3 => UsageKind::Storage,
-                        _ => {
-                            *destroyed = true;
-                            *running = false;
-                            UsageKind::Destroyed
-                        }
+    proptest::collection::vec(
+        (
+            0usize..MACHINES + VOLUMES,
+            0u8..5,
+            1i64..5_000,
+            0u64..1_000_000,
+        ),
+        1..60,
+    )
+    .prop_map(|steps| {
+        let mut journal = Vec::new();
+        let mut now = 1_000_000i64;
+        // Per machine or volume: (created, running, destroyed)
+        let mut machines = [(false, false, false); MACHINES + VOLUMES];
+        // Each volume's provisioned size.
+        let mut sizes = [0u64; MACHINES + VOLUMES];
+        for (machine, action, gap, bytes) in steps {
+            now += gap;
+            let (created, running, destroyed) = &mut machines[machine];
+            if *destroyed {
+                continue;
+            }
+            if machine >= MACHINES {
+                let kind = match action {
+                    _ if !*created => {
+                        *created = true;
+                        sizes[machine] = (1 + bytes % 4) << 30;
+                        UsageKind::Created
+                    }
+                    0..=3 => {
+                        sizes[machine] += (1 + bytes % 4) << 30;
+                        UsageKind::Storage
+                    }
+                    _ => {
+                        *destroyed = true;
+                        UsageKind::Destroyed
                     }
                 };
                 journal.push(UsageRecord {
                     seq: journal.len() as u64 + 1,
-                    machine_id: format!("0000000000000{machine}"),
+                    machine_id: subject_id(machine),
                     app: format!("app{}", machine % 2),
                     kind,
                     at_ms: now,
-                    cpus: 1 + machine as u32,
-                    memory_mb: 256,
-                    storage_bytes: if kind == UsageKind::Storage { bytes } else { 0 },
-                    basis: (kind == UsageKind::RunStop).then_some(CloseBasis::Observed),
+                    cpus: 0,
+                    memory_mb: 0,
+                    storage_bytes: sizes[machine],
+                    basis: None,
                 });
+                continue;
             }
-            journal
-        },
-    )
+            let kind = if !*created {
+                *created = true;
+                UsageKind::Created
+            } else {
+                match action {
+                    0 | 1 if !*running => {
+                        *running = true;
+                        UsageKind::RunStart
+                    }
+                    0 | 1 => {
+                        *running = false;
+                        UsageKind::RunStop
+                    }
+                    2 | 3 => UsageKind::Storage,
+                    _ => {
+                        *destroyed = true;
+                        *running = false;
+                        UsageKind::Destroyed
+                    }
+                }
+            };
+            journal.push(UsageRecord {
+                seq: journal.len() as u64 + 1,
+                machine_id: subject_id(machine),
+                app: format!("app{}", machine % 2),
+                kind,
+                at_ms: now,
+                cpus: 1 + machine as u32,
+                memory_mb: 256,
+                storage_bytes: if kind == UsageKind::Storage { bytes } else { 0 },
+                basis: (kind == UsageKind::RunStop).then_some(CloseBasis::Observed),
+            });
+        }
+        journal
+    })
+}
+
+/// Each volume's provisioned byte-milliseconds up to `now`, straight from the journal:
+/// what its life must be billed, once.
+fn volume_byte_ms(journal: &[UsageRecord], now: i64) -> std::collections::BTreeMap<String, i128> {
+    let mut open: std::collections::BTreeMap<String, (i64, u64)> = Default::default();
+    let mut billed: std::collections::BTreeMap<String, i128> = Default::default();
+    for record in journal.iter().filter(|r| r.machine_id.starts_with("vol_")) {
+        if let Some((since, bytes)) = open.remove(&record.machine_id) {
+            *billed.entry(record.machine_id.clone()).or_default() +=
+                i128::from(record.at_ms - since) * i128::from(bytes);
+        }
+        if record.kind != UsageKind::Destroyed {
+            open.insert(
+                record.machine_id.clone(),
+                (record.at_ms, record.storage_bytes),
+            );
+        }
+    }
+    for (id, (since, bytes)) in open {
+        *billed.entry(id).or_default() += i128::from(now - since) * i128::from(bytes);
+    }
+    billed
 }
 
 async fn ledger_rows(store: &ControlStore) -> Vec<(i64, String, String, i64)> {
@@ -103,10 +177,10 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
         .await
         .expect("store");
     usage::migrate(store.pool()).await.expect("migrate");
-    for machine in 0..3 {
+    for machine in 0..MACHINES + VOLUMES {
         usage::record_owner(
             store.pool(),
-            &format!("0000000000000{machine}"),
+            &subject_id(machine),
             &format!("app{}", machine % 2),
             "org",
         )
@@ -174,6 +248,28 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
     });
     let derived = expected_intervals(&journal);
     assert_eq!(stored, derived, "SQL intervals equal the billing maths");
+
+    // Each volume's whole life is billed once at its provisioned sizes, whatever the
+    // retries, as its own row keyed by its id.
+    let end = journal
+        .last()
+        .map_or(2_000_000, |record| record.at_ms + 1_000);
+    let whole = Window {
+        from_ms: 0,
+        to_ms: end,
+    };
+    let by_subject = usage::aggregate(store.pool(), "org", whole, end, usage::GroupBy::Machine)
+        .await
+        .expect("aggregate");
+    for (id, byte_ms) in volume_byte_ms(&journal, end) {
+        let row = by_subject[&id];
+        assert!(
+            (row.storage_byte_ms - byte_ms).abs() <= 1024,
+            "{id}: billed {} of {byte_ms}",
+            row.storage_byte_ms
+        );
+        assert_eq!((row.running_ms, row.cpu_ms), (0, 0), "{id}");
+    }
 
     // The SQL sums for machine and app equal the sums over the intervals, for a window
     // that cuts some of them.

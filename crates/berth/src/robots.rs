@@ -44,6 +44,12 @@ pub struct LimitArgs {
     /// Unpacked size of the image layers the org's Machines use, in MiB.
     #[arg(long)]
     max_image_storage_mb: Option<u64>,
+    /// Volumes the org may have at once.
+    #[arg(long)]
+    max_volumes: Option<u64>,
+    /// Sum of the org's volume sizes, in GB.
+    #[arg(long)]
+    max_volume_gb: Option<u64>,
     /// A rate limit, ACTION=PER_SECOND/BURST (actions: create, start, stop, update,
     /// destroy, exec, read); may be repeated.
     #[arg(long = "rate", value_name = "ACTION=PER_SECOND/BURST")]
@@ -83,6 +89,8 @@ impl LimitArgs {
                 max_cpus: self.max_cpus,
                 max_memory_mb: self.max_memory_mb,
                 max_image_storage_mb: self.max_image_storage_mb,
+                max_volumes: self.max_volumes,
+                max_volume_gb: self.max_volume_gb,
             },
             rate_limits,
         })

@@ -65,6 +65,7 @@ pub async fn run(args: UsageArgs) -> Result<()> {
         let key = row
             .machine
             .as_deref()
+            .or(row.volume.as_deref())
             .or(row.app.as_deref())
             .or(row.day.as_deref())
             .unwrap_or("TOTAL");
