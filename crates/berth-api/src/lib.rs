@@ -507,6 +507,8 @@ pub struct Machine {
     pub state: MachineState,
     pub region: String,
     pub instance_id: String,
+    /// Always present, except in a list with `summary=true`.
+    #[schema(required = false)]
     pub config: MachineConfig,
     pub image_ref: ImageRef,
     pub created_at: String,
