@@ -618,7 +618,8 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                     process.rss / 1024,
                     process.cpu,
                     listen.join(","),
-                    process.command
+                    // One line per process, however the command was spelled.
+                    process.command.replace(char::is_control, " ")
                 );
             }
         }
@@ -630,10 +631,10 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
             if json {
                 return print_json(&versions);
             }
-            println!("{:<18} {:<26} IMAGE", "VERSION", "CREATED");
+            println!("{:<26} {:<26} IMAGE", "VERSION", "CREATED");
             for version in versions {
                 println!(
-                    "{:<18} {:<26} {}",
+                    "{:<26} {:<26} {}",
                     version.version, version.created_at, version.user_config.image
                 );
             }
