@@ -31,7 +31,13 @@ pub struct MachineEvent {
 pub struct AgentStore {
     pool: SqlitePool,
     _checkpointer: Arc<AbortOnDropHandle<()>>,
+    /// A file of [`RESERVE_BYTES`] beside the database, given up so that a rollback can
+    /// still be written once a full disk has refused the step before it.
+    reserve: Arc<std::path::PathBuf>,
 }
+
+/// The emergency reserve's size: room for the WAL frames of a few rollbacks.
+pub const RESERVE_BYTES: usize = 4 << 20;
 
 /// Bytes a WAL file may keep on disk after a checkpoint.
 pub const JOURNAL_SIZE_LIMIT: &str = "4194304";
@@ -144,10 +150,53 @@ impl AgentStore {
             sqlx::query(statement).execute(&pool).await?;
         }
         let checkpointer = checkpoint_in_background(pool.clone(), CHECKPOINT_INTERVAL);
-        Ok(AgentStore {
+        let store = AgentStore {
             pool,
             _checkpointer: Arc::new(checkpointer),
+            reserve: Arc::new(path.with_extension("reserve")),
+        };
+        if let Err(error) = store.refill_reserve().await {
+            tracing::warn!(%error, "the store's emergency reserve could not be written");
+        }
+        Ok(store)
+    }
+
+    /// Writes the emergency reserve back if it was given up. Written, not sized, so that
+    /// its blocks are really taken on every filesystem. An error means the disk has less
+    /// room than the reserve: a create is refused before anything is recorded.
+    pub async fn refill_reserve(&self) -> Result<()> {
+        let path = self.reserve.clone();
+        tokio::task::spawn_blocking(move || {
+            if std::fs::metadata(&*path).is_ok_and(|meta| meta.len() == RESERVE_BYTES as u64) {
+                return Ok(());
+            }
+            let partial = path.with_extension("reserve.tmp");
+            let written = std::fs::write(&partial, vec![0u8; RESERVE_BYTES])
+                .and_then(|()| std::fs::rename(&partial, &*path));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&partial);
+            }
+            written
         })
+        .await
+        .map_err(|error| AgentError::Internal(format!("refilling the store's reserve: {error}")))?
+        .map_err(|error| AgentError::Store(sqlx::Error::Io(error)))
+    }
+
+    /// Deletes a record whose operation failed, giving up the emergency reserve once if
+    /// the disk is too full for even that.
+    pub async fn delete_rollback(&self, id: &str) -> Result<()> {
+        match self.delete(id).await {
+            Err(error) if error.out_of_space() => {
+                tracing::warn!(
+                    machine = id,
+                    "the disk is full: giving up the store's reserve to roll back"
+                );
+                let _ = tokio::fs::remove_file(&*self.reserve).await;
+                self.delete(id).await
+            }
+            other => other,
+        }
     }
 
     /// Writes the record, and the event if any, in one transaction.
@@ -726,6 +775,17 @@ mod tests {
             .await
             .expect("open");
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn the_reserve_is_written_at_open_and_refilled_once_given_up() {
+        let (dir, store) = store().await;
+        let reserve = dir.path().join("agent.reserve");
+        let size = || std::fs::metadata(&reserve).map(|meta| meta.len()).ok();
+        assert_eq!(size(), Some(RESERVE_BYTES as u64));
+        std::fs::remove_file(&reserve).expect("give the reserve up");
+        store.refill_reserve().await.expect("refill");
+        assert_eq!(size(), Some(RESERVE_BYTES as u64));
     }
 
     #[tokio::test]

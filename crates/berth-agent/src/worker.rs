@@ -116,6 +116,8 @@ impl WorkerService for Agent {
             .list_app(app)
             .await?
             .iter()
+            // A create not yet finished is not a Machine: it completes or rolls back.
+            .filter(|record| record.pending != Some(PendingOp::Create))
             .map(|record| self.api_view(record))
             .collect();
         Ok(self.with_recent_events(app, machines).await?)

@@ -18,6 +18,8 @@ impl Agent {
         validate::validate_name("name", &request.name)?;
         validate::validate_config(&request.config)?;
         let _guard = self.lock(&request.id).await?;
+        // A disk without room for the reserve could not roll this create back.
+        self.inner.store.refill_reserve().await?;
         // A retried create (the answer was lost on the network) finds its own Machine.
         if let Some(existing) = self.inner.store.get(&request.id).await? {
             if existing.app == request.app && existing.name == request.name {
@@ -91,32 +93,35 @@ impl Agent {
         }
         failpoint::hit("create.after_record");
         let layout = self.layout(&record.id);
-        let prepared = match self.inner.runtime.prepare(&layout, &spec).await {
-            Ok(()) => {
-                self.write_guest_files(&record.id, files, record.rootfs.lowerdirs())
-                    .await
-            }
-            Err(error) => Err(error.into()),
-        };
-        if let Err(error) = prepared {
+        // Every step until the record leaves `pending` rolls back on failure: a full disk
+        // can refuse the events or the state write as well as the layout itself.
+        let laid_out = async {
+            self.inner.runtime.prepare(&layout, &spec).await?;
+            self.write_guest_files(&record.id, files, record.rootfs.lowerdirs())
+                .await?;
+            failpoint::hit("create.after_prepare");
+            record.pending = None;
+            self.inner
+                .store
+                .add_events(&record.id, &pull_events)
+                .await?;
+            let usage = [metering::created(&record)];
+            let change = Change::event(EventKind::Create, EventSource::User)
+                .usage(&usage)
+                .version();
+            self.save_in_state(&record, change).await
+        }
+        .await;
+        if let Err(error) = laid_out {
             if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
                 warn!(machine = %record.id, %remove_error, "removing a half-created machine");
             }
-            self.inner.store.delete(&record.id).await?;
+            // If even the delete fails, the record keeps its pending create, which recovery
+            // rolls back.
+            self.inner.store.delete_rollback(&record.id).await?;
             self.release_volumes(&record.id, &volumes).await;
             return Err(error);
         }
-        failpoint::hit("create.after_prepare");
-        record.pending = None;
-        self.inner
-            .store
-            .add_events(&record.id, &pull_events)
-            .await?;
-        let usage = [metering::created(&record)];
-        let change = Change::event(EventKind::Create, EventSource::User)
-            .usage(&usage)
-            .version();
-        self.save_in_state(&record, change).await?;
         failpoint::hit("create.after_record_created");
         drop(lease);
         if !request.skip_launch {
