@@ -35,6 +35,7 @@ mod robots;
 mod schedules;
 pub mod store;
 mod transition;
+pub mod transfer;
 pub mod volumes;
 mod worker;
 
