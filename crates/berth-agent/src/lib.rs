@@ -34,8 +34,8 @@ mod recovery;
 mod robots;
 mod schedules;
 pub mod store;
-mod transition;
 pub mod transfer;
+mod transition;
 pub mod volumes;
 mod worker;
 

@@ -144,7 +144,9 @@ impl TransferError {
         let source = source.into();
         let context = context.into();
         match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => TransferError::OutOfSpace { context, source },
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                TransferError::OutOfSpace { context, source }
+            }
             _ => TransferError::Io { context, source },
         }
     }
@@ -323,11 +325,7 @@ fn remove_xattr(node: &Node<'_>, name: &[u8]) -> io::Result<()> {
 
 /// POSIX ACLs and v3 file capabilities hold host ids in their values; they move with the
 /// owners. `map` answers None for an id it cannot carry.
-fn shift_xattr_ids(
-    name: &[u8],
-    value: &[u8],
-    map: &dyn Fn(u32) -> Option<u32>,
-) -> Option<Vec<u8>> {
+fn shift_xattr_ids(name: &[u8], value: &[u8], map: &dyn Fn(u32) -> Option<u32>) -> Option<Vec<u8>> {
     let mut value = value.to_vec();
     let shift_at = |at: usize, value: &mut Vec<u8>| -> Option<()> {
         let bytes: [u8; 4] = value.get(at..at + 4)?.try_into().ok()?;
@@ -352,7 +350,9 @@ fn shift_xattr_ids(
         }
         // struct vfs_ns_cap_data: revision 3 (magic 0x03000000) ends with the rootid.
         b"security.capability" => {
-            let magic = value.get(0..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+            let magic = value
+                .get(0..4)
+                .map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
             if value.len() == 24 && magic.map(|m| m & 0xff00_0000) == Some(0x0300_0000) {
                 shift_at(20, &mut value)?;
             }
@@ -363,12 +363,41 @@ fn shift_xattr_ids(
 }
 
 /// The PAX key carrying an xattr: `SCHILY.xattr.<name>` as GNU tar and bsdtar write it,
-/// unless the name cannot be a key (not UTF-8, or holding `=`).
+/// unless the name cannot be a key (not UTF-8, or holding `=` or a newline).
 fn xattr_key(name: &[u8]) -> String {
     match std::str::from_utf8(name) {
-        Ok(name) if !name.contains('=') => format!("SCHILY.xattr.{name}"),
+        Ok(name) if !name.contains(['=', '\n']) => format!("SCHILY.xattr.{name}"),
         _ => format!("BERTH.xattr.hex.{}", hex::encode(name)),
     }
+}
+
+/// A PAX record as written: the tar crate reads records line by line, so a value holding
+/// a newline goes hex-encoded under `BERTH.hex.<key>`.
+fn pax_record(key: String, value: Vec<u8>) -> (String, Vec<u8>) {
+    if value.contains(&b'\n') {
+        (format!("BERTH.hex.{key}"), hex::encode(value).into_bytes())
+    } else {
+        (key, value)
+    }
+}
+
+/// An entry's PAX records, decoded.
+fn pax_records<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut records = Vec::new();
+    if let Some(extensions) = entry.pax_extensions().map_err(corrupt)? {
+        for record in extensions {
+            let record = record.map_err(corrupt)?;
+            records.push(match record.key_bytes().strip_prefix(b"BERTH.hex.") {
+                Some(key) => (
+                    key.to_vec(),
+                    hex::decode(record.value_bytes())
+                        .map_err(|_| corrupt("a bad hex PAX record"))?,
+                ),
+                None => (record.key_bytes().to_vec(), record.value_bytes().to_vec()),
+            });
+        }
+    }
+    Ok(records)
 }
 
 fn xattr_name(key: &[u8]) -> Option<Vec<u8>> {
@@ -569,8 +598,14 @@ pub fn export(root: &Path, pass: &ExportPass, out: impl Write) -> Result<PassSum
         Mode::empty(),
     )
     .map_err(|e| TransferError::io(format!("open {}", root.display()), e))?;
-    let mut encoder = zstd::stream::write::Encoder::new(CountingWriter { inner: out, count: 0 }, ZSTD_LEVEL)
-        .map_err(|e| TransferError::io("start the compressor", e))?;
+    let mut encoder = zstd::stream::write::Encoder::new(
+        CountingWriter {
+            inner: out,
+            count: 0,
+        },
+        ZSTD_LEVEL,
+    )
+    .map_err(|e| TransferError::io("start the compressor", e))?;
     encoder
         .include_checksum(true)
         .map_err(|e| TransferError::io("start the compressor", e))?;
@@ -588,12 +623,14 @@ pub fn export(root: &Path, pass: &ExportPass, out: impl Write) -> Result<PassSum
         entries: 0,
         file_bytes: 0,
     };
-    let root_meta = Meta::of(
-        &rustix::fs::fstat(&root_fd).map_err(|e| TransferError::io("stat the root", e))?,
-    );
+    let root_meta =
+        Meta::of(&rustix::fs::fstat(&root_fd).map_err(|e| TransferError::io("stat the root", e))?);
     exporter.directory(&root_fd, &root_meta, &mut Vec::new(), false)?;
 
-    let digest = format!("sha256:{}", hex::encode(exporter.tar.get_ref().hasher.clone().finalize()));
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(exporter.tar.get_ref().hasher.clone().finalize())
+    );
     let manifest = Manifest {
         format: FORMAT,
         digest: digest.clone(),
@@ -651,7 +688,13 @@ impl<W: Write> Exporter<'_, W> {
 
     /// One directory (`fd`, already checked against `meta`) and all below it. `whole`
     /// sends everything below regardless of ctime.
-    fn directory(&mut self, fd: &OwnedFd, meta: &Meta, rel: &mut Vec<u8>, whole: bool) -> Result<()> {
+    fn directory(
+        &mut self,
+        fd: &OwnedFd,
+        meta: &Meta,
+        rel: &mut Vec<u8>,
+        whole: bool,
+    ) -> Result<()> {
         let known = match (&self.pass.changed_since, &self.pass.known_dirs) {
             (None, _) => false,
             (Some(_), Some(known)) => known.0.get(rel.as_slice()) == Some(&meta.ino),
@@ -665,7 +708,14 @@ impl<W: Write> Exporter<'_, W> {
         if self.changed(meta, whole) {
             let xattrs = list_xattrs(&Node::Fd(fd.as_fd()))
                 .map_err(|e| TransferError::io(format!("xattrs of /{}", shown(rel)), e))?;
-            self.append(rel, meta, tar::EntryType::Directory, &xattrs, None, io::empty())?;
+            self.append(
+                rel,
+                meta,
+                tar::EntryType::Directory,
+                &xattrs,
+                None,
+                io::empty(),
+            )?;
         }
         let names = read_names(fd.as_fd())
             .map_err(|e| TransferError::io(format!("list /{}", shown(rel)), e))?;
@@ -699,7 +749,13 @@ impl<W: Write> Exporter<'_, W> {
         Ok(())
     }
 
-    fn entry(&mut self, dir: BorrowedFd<'_>, name: &OsStr, rel: &mut Vec<u8>, whole: bool) -> Result<Found> {
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: &mut Vec<u8>,
+        whole: bool,
+    ) -> Result<Found> {
         let context = |what: &str| format!("{what} /{}", shown(rel));
         let walked = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => Meta::of(&st),
@@ -721,7 +777,9 @@ impl<W: Write> Exporter<'_, W> {
                     Err(Errno::LOOP | Errno::NOTDIR) => return Ok(Found::Retry),
                     Err(e) => return Err(TransferError::io(context("open"), e)),
                 };
-                let meta = Meta::of(&rustix::fs::fstat(&fd).map_err(|e| TransferError::io(context("stat"), e))?);
+                let meta = Meta::of(
+                    &rustix::fs::fstat(&fd).map_err(|e| TransferError::io(context("stat"), e))?,
+                );
                 if !meta.same_inode(&walked) {
                     return Ok(Found::Retry);
                 }
@@ -740,7 +798,10 @@ impl<W: Write> Exporter<'_, W> {
                     Err(Errno::NOENT) => return Ok(Found::Gone),
                     Err(e) => return Err(TransferError::io(context("open"), e)),
                 };
-                let meta = Meta::of(&rustix::fs::fstat(&path_fd).map_err(|e| TransferError::io(context("stat"), e))?);
+                let meta = Meta::of(
+                    &rustix::fs::fstat(&path_fd)
+                        .map_err(|e| TransferError::io(context("stat"), e))?,
+                );
                 if !meta.same_inode(&walked) || meta.file_type() != FileType::RegularFile {
                     return Ok(Found::Retry);
                 }
@@ -760,9 +821,19 @@ impl<W: Write> Exporter<'_, W> {
                 let xattrs = list_xattrs(&Node::Fd(file.as_fd()))
                     .map_err(|e| TransferError::io(context("xattrs of"), e))?;
                 self.file_bytes += meta.size;
-                self.append(rel, &meta, tar::EntryType::Regular, &xattrs, None, FileContent::new(&file, meta.size))?;
+                self.append(
+                    rel,
+                    &meta,
+                    tar::EntryType::Regular,
+                    &xattrs,
+                    None,
+                    FileContent::new(&file, meta.size),
+                )?;
             }
-            FileType::Symlink | FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice => {
+            FileType::Symlink
+            | FileType::Fifo
+            | FileType::CharacterDevice
+            | FileType::BlockDevice => {
                 // Never opened: the name in its directory fd is enough.
                 let target = if walked.file_type() == FileType::Symlink {
                     match rustix::fs::readlinkat(dir, name, Vec::new()) {
@@ -812,12 +883,25 @@ impl<W: Write> Exporter<'_, W> {
         match self.links.get(&key) {
             Some(seen) if seen.sent || send => {
                 let target = seen.path.clone();
-                self.append(rel, meta, tar::EntryType::Link, &[], Some(&target), io::empty())?;
+                self.append(
+                    rel,
+                    meta,
+                    tar::EntryType::Link,
+                    &[],
+                    Some(&target),
+                    io::empty(),
+                )?;
                 Ok(false)
             }
             Some(_) => Ok(false),
             None => {
-                self.links.insert(key, LinkSeen { path: rel.to_vec(), sent: send });
+                self.links.insert(
+                    key,
+                    LinkSeen {
+                        path: rel.to_vec(),
+                        sent: send,
+                    },
+                );
                 Ok(send)
             }
         }
@@ -847,11 +931,19 @@ impl<W: Write> Exporter<'_, W> {
         header.set_uid(u64::from(self.shift(meta.uid, rel, "uid")?));
         header.set_gid(u64::from(self.shift(meta.gid, rel, "gid")?));
         header.set_mtime(u64::try_from(meta.mtime.0).unwrap_or(0));
-        header.set_size(if kind == tar::EntryType::Regular { meta.size } else { 0 });
+        header.set_size(if kind == tar::EntryType::Regular {
+            meta.size
+        } else {
+            0
+        });
         if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
             let bad = |e| TransferError::io("device number", e);
-            header.set_device_major(rustix::fs::major(meta.rdev)).map_err(bad)?;
-            header.set_device_minor(rustix::fs::minor(meta.rdev)).map_err(bad)?;
+            header
+                .set_device_major(rustix::fs::major(meta.rdev))
+                .map_err(bad)?;
+            header
+                .set_device_minor(rustix::fs::minor(meta.rdev))
+                .map_err(bad)?;
         }
         // The header's own name is for other tools; PAX `path` and `linkpath` are the
         // exact bytes.
@@ -869,13 +961,13 @@ impl<W: Write> Exporter<'_, W> {
         }
         header.set_cksum();
 
-        let mtime = format!("{}.{:09}", meta.mtime.0, meta.mtime.1);
+        let mtime = pax_time(meta.mtime);
         let mut records: Vec<(String, Vec<u8>)> = vec![
-            ("path".into(), name.clone()),
+            pax_record("path".into(), name.clone()),
             ("mtime".into(), mtime.into_bytes()),
         ];
         if let Some(link_name) = link_name {
-            records.push(("linkpath".into(), link_name));
+            records.push(pax_record("linkpath".into(), link_name));
         }
         let map = |id: u32| {
             id.checked_sub(self.pass.from_base)
@@ -883,11 +975,12 @@ impl<W: Write> Exporter<'_, W> {
                 .and_then(|id| self.pass.to_base.checked_add(id))
         };
         for (xname, value) in xattrs {
-            let value = shift_xattr_ids(xname, value, &map).ok_or_else(|| TransferError::Unsupported {
-                path: shown(rel),
-                reason: format!("xattr {} names an id outside the Machine's", shown(xname)),
-            })?;
-            records.push((xattr_key(xname), value));
+            let value =
+                shift_xattr_ids(xname, value, &map).ok_or_else(|| TransferError::Unsupported {
+                    path: shown(rel),
+                    reason: format!("xattr {} names an id outside the Machine's", shown(xname)),
+                })?;
+            records.push(pax_record(xattr_key(xname), value));
         }
         let write_err = |e| TransferError::io("write the stream", e);
         self.tar
@@ -942,7 +1035,11 @@ impl<R: Read> Read for HashingReader<R> {
         state.held.extend_from_slice(&buf[..n]);
         if state.held.len() > HEADER {
             let cut = state.held.len() - HEADER;
-            let HashState { hasher, held, hashed } = &mut *state;
+            let HashState {
+                hasher,
+                held,
+                hashed,
+            } = &mut *state;
             hasher.update(&held[..cut]);
             *hashed += cut as u64;
             held.drain(..cut);
@@ -960,7 +1057,12 @@ fn tree_path(name: &[u8]) -> Result<Vec<u8>> {
     let rest = match name.strip_prefix(TREE.as_bytes()) {
         Some(b"") | Some(b"/") => return Ok(Vec::new()),
         Some(rest) if rest.first() == Some(&b'/') => &rest[1..],
-        _ => return Err(corrupt(format!("entry {} is outside the tree", shown(name)))),
+        _ => {
+            return Err(corrupt(format!(
+                "entry {} is outside the tree",
+                shown(name)
+            )))
+        }
     };
     let rest = rest.strip_suffix(b"/").unwrap_or(rest);
     if rest.len() > MAX_PATH
@@ -969,7 +1071,10 @@ fn tree_path(name: &[u8]) -> Result<Vec<u8>> {
             .split(|b| *b == b'/')
             .any(|part| part.is_empty() || part == b"." || part == b"..")
     {
-        return Err(corrupt(format!("entry {} is not a plain path", shown(name))));
+        return Err(corrupt(format!(
+            "entry {} is not a plain path",
+            shown(name)
+        )));
     }
     Ok(rest.to_vec())
 }
@@ -984,13 +1089,20 @@ fn split_parent(rel: &[u8]) -> (&[u8], &OsStr) {
 /// Opens a directory of the tree: resolved inside `root`, through no symlink (nor
 /// procfs magic link, nor mount), whatever the earlier entries made.
 fn open_in_root(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
-    let path = if rel.is_empty() { OsStr::new(".") } else { OsStr::from_bytes(rel) };
+    let path = if rel.is_empty() {
+        OsStr::new(".")
+    } else {
+        OsStr::from_bytes(rel)
+    };
     rustix::fs::openat2(
         root,
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV,
+        ResolveFlags::IN_ROOT
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV,
     )
     .map_err(io::Error::from)
 }
@@ -1021,6 +1133,15 @@ struct EntryMeta {
     gid: u32,
     mtime: Timespec,
     xattrs: Xattrs,
+}
+
+/// PAX's decimal seconds: before 1970 the fraction counts down from the integer part.
+fn pax_time((secs, nanos): (i64, i64)) -> String {
+    if secs < 0 && nanos > 0 {
+        format!("-{}.{:09}", -(secs + 1), 1_000_000_000 - nanos)
+    } else {
+        format!("{secs}.{nanos:09}")
+    }
 }
 
 fn parse_mtime(text: &[u8]) -> Option<Timespec> {
@@ -1090,12 +1211,22 @@ pub fn import(root: &Path, input: impl Read) -> Result<PassSummary> {
         if manifest.is_some() {
             return Err(corrupt("an entry follows the manifest"));
         }
-        let name = entry.path_bytes().into_owned();
+        let records = pax_records(&mut entry)?;
+        let record = |key: &[u8]| {
+            records
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let name = record(b"path").unwrap_or_else(|| entry.path_bytes().into_owned());
+        let link = record(b"linkpath").or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
         if name == MANIFEST.as_bytes() {
             let digest = {
                 let state = hash.borrow();
                 if state.hashed != entry.raw_header_position() {
-                    return Err(corrupt("the manifest's header is not where the stream says"));
+                    return Err(corrupt(
+                        "the manifest's header is not where the stream says",
+                    ));
                 }
                 format!("sha256:{}", hex::encode(state.hasher.clone().finalize()))
             };
@@ -1107,12 +1238,13 @@ pub fn import(root: &Path, input: impl Read) -> Result<PassSummary> {
                 .take(MAX_MANIFEST)
                 .read_to_end(&mut body)
                 .map_err(corrupt)?;
-            let parsed: Manifest = serde_json::from_slice(&body).map_err(|e| corrupt(format!("manifest: {e}")))?;
+            let parsed: Manifest =
+                serde_json::from_slice(&body).map_err(|e| corrupt(format!("manifest: {e}")))?;
             manifest = Some((parsed, digest));
             continue;
         }
         let rel = tree_path(&name)?;
-        importer.entry(&mut entry, &rel)?;
+        importer.entry(&mut entry, &rel, &records, link)?;
     }
     let Some((manifest, digest)) = manifest else {
         return Err(corrupt("the stream ends before its manifest (truncated)"));
@@ -1121,7 +1253,10 @@ pub fn import(root: &Path, input: impl Read) -> Result<PassSummary> {
         return Err(corrupt(format!("unknown format {}", manifest.format)));
     }
     if manifest.digest != digest {
-        return Err(corrupt(format!("digest {digest} is not the manifest's {}", manifest.digest)));
+        return Err(corrupt(format!(
+            "digest {digest} is not the manifest's {}",
+            manifest.digest
+        )));
     }
     if manifest.entries != importer.entries || manifest.file_bytes != importer.file_bytes {
         return Err(corrupt("the entry count or size is not the manifest's"));
@@ -1171,12 +1306,20 @@ impl Importer {
         let (parent, _) = split_parent(rel);
         let cached = matches!(&self.parent, Some((path, _)) if path.as_slice() == parent);
         if !cached {
-            let fd = open_in_root(self.root.as_fd(), parent).map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV | libc::ENAMETOOLONG) => {
-                    corrupt(format!("/{} is not a directory inside the tree ({e})", shown(parent)))
-                }
-                _ => TransferError::io(format!("open /{}", shown(parent)), e),
-            })?;
+            let fd =
+                open_in_root(self.root.as_fd(), parent).map_err(|e| match e.raw_os_error() {
+                    Some(
+                        libc::ENOENT
+                        | libc::ENOTDIR
+                        | libc::ELOOP
+                        | libc::EXDEV
+                        | libc::ENAMETOOLONG,
+                    ) => corrupt(format!(
+                        "/{} is not a directory inside the tree ({e})",
+                        shown(parent)
+                    )),
+                    _ => TransferError::io(format!("open /{}", shown(parent)), e),
+                })?;
             self.parent = Some((parent.to_vec(), fd));
         }
         match &self.parent {
@@ -1185,7 +1328,13 @@ impl Importer {
         }
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, rel: &[u8]) -> Result<()> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: &[u8],
+        records: &[(Vec<u8>, Vec<u8>)],
+        link: Option<Vec<u8>>,
+    ) -> Result<()> {
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(corrupt)? & 0o7777;
@@ -1201,28 +1350,34 @@ impl Importer {
         let uid = id(header.uid())?;
         let gid = id(header.gid())?;
         let header_mtime = header.mtime().map_err(corrupt)?;
-        let device = (
-            header.device_major().map_err(corrupt)?.unwrap_or(0),
-            header.device_minor().map_err(corrupt)?.unwrap_or(0),
-        );
+        let device = if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            (
+                header.device_major().map_err(corrupt)?.unwrap_or(0),
+                header.device_minor().map_err(corrupt)?.unwrap_or(0),
+            )
+        } else {
+            (0, 0)
+        };
         let size = entry.size();
-        let link = entry.link_name_bytes().map(|l| l.into_owned());
         let mut mtime = Timespec {
             tv_sec: i64::try_from(header_mtime).unwrap_or(0),
             tv_nsec: 0,
         };
         let mut xattrs = Vec::new();
-        if let Some(records) = entry.pax_extensions().map_err(corrupt)? {
-            for record in records {
-                let record = record.map_err(corrupt)?;
-                if record.key_bytes() == b"mtime" {
-                    mtime = parse_mtime(record.value_bytes()).ok_or_else(|| corrupt("a bad mtime"))?;
-                } else if let Some(name) = xattr_name(record.key_bytes()) {
-                    xattrs.push((name, record.value_bytes().to_vec()));
-                }
+        for (key, value) in records {
+            if key == b"mtime" {
+                mtime = parse_mtime(value).ok_or_else(|| corrupt("a bad mtime"))?;
+            } else if let Some(name) = xattr_name(key) {
+                xattrs.push((name, value.clone()));
             }
         }
-        let meta = EntryMeta { mode, uid, gid, mtime, xattrs };
+        let meta = EntryMeta {
+            mode,
+            uid,
+            gid,
+            mtime,
+            xattrs,
+        };
         let shown_rel = shown(rel);
         let at = |what: &str| format!("{what} /{shown_rel}");
         let (_, name) = split_parent(rel);
@@ -1252,7 +1407,8 @@ impl Importer {
                 let existed = match rustix::fs::statat(parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => true,
                     Ok(_) => {
-                        remove_all(parent, &name).map_err(|e| TransferError::io(at("replace"), e))?;
+                        remove_all(parent, &name)
+                            .map_err(|e| TransferError::io(at("replace"), e))?;
                         false
                     }
                     Err(Errno::NOENT) => false,
@@ -1277,7 +1433,11 @@ impl Importer {
                 let fd = rustix::fs::openat(
                     parent,
                     &name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| TransferError::io(at("create"), e))?;
@@ -1286,7 +1446,8 @@ impl Importer {
                 if written != size {
                     return Err(corrupt(format!("/{shown_rel} ends early (truncated)")));
                 }
-                file.set_len(size).map_err(|e| TransferError::io(at("size"), e))?;
+                file.set_len(size)
+                    .map_err(|e| TransferError::io(at("size"), e))?;
                 self.file_bytes += size;
                 let node = Node::Fd(file.as_fd());
                 rustix::fs::fchown(&file, Some(uid_of(meta.uid)), Some(gid_of(meta.gid)))
@@ -1294,11 +1455,14 @@ impl Importer {
                 // After chown, which clears set-id bits.
                 rustix::fs::fchmod(&file, Mode::from_raw_mode(meta.mode))
                     .map_err(|e| TransferError::io(at("chmod"), e))?;
-                set_xattrs(&node, &meta.xattrs, false).map_err(|e| TransferError::io(at("set xattrs on"), e))?;
-                rustix::fs::futimens(&file, &times(meta.mtime)).map_err(|e| TransferError::io(at("set times on"), e))?;
+                set_xattrs(&node, &meta.xattrs, false)
+                    .map_err(|e| TransferError::io(at("set xattrs on"), e))?;
+                rustix::fs::futimens(&file, &times(meta.mtime))
+                    .map_err(|e| TransferError::io(at("set times on"), e))?;
             }
             tar::EntryType::Link => {
-                let target = link.ok_or_else(|| corrupt(format!("/{shown_rel}: a link without a target")))?;
+                let target =
+                    link.ok_or_else(|| corrupt(format!("/{shown_rel}: a link without a target")))?;
                 let target = tree_path(&target)?;
                 if target.is_empty() {
                     return Err(corrupt(format!("/{shown_rel} links to the root")));
@@ -1314,19 +1478,25 @@ impl Importer {
                 let parent = self.parent_of(rel)?;
                 remove_all(parent, &name).map_err(|e| TransferError::io(at("replace"), e))?;
                 // linkat without AT_SYMLINK_FOLLOW links a symlink itself, never its target.
-                rustix::fs::linkat(&target_dir, &target_name, parent, &name, AtFlags::empty()).map_err(|e| match e {
-                    Errno::NOENT | Errno::PERM | Errno::XDEV => {
-                        corrupt(format!("/{shown_rel} links to {} ({e})", shown(&target)))
-                    }
-                    e => TransferError::io(at("link"), e),
-                })?;
+                rustix::fs::linkat(&target_dir, &target_name, parent, &name, AtFlags::empty())
+                    .map_err(|e| match e {
+                        Errno::NOENT | Errno::PERM | Errno::XDEV => {
+                            corrupt(format!("/{shown_rel} links to {} ({e})", shown(&target)))
+                        }
+                        e => TransferError::io(at("link"), e),
+                    })?;
             }
-            tar::EntryType::Symlink | tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+            tar::EntryType::Symlink
+            | tar::EntryType::Fifo
+            | tar::EntryType::Char
+            | tar::EntryType::Block => {
                 let parent = self.parent_of(rel)?;
                 remove_all(parent, &name).map_err(|e| TransferError::io(at("replace"), e))?;
                 match kind {
                     tar::EntryType::Symlink => {
-                        let target = link.ok_or_else(|| corrupt(format!("/{shown_rel}: a symlink without a target")))?;
+                        let target = link.ok_or_else(|| {
+                            corrupt(format!("/{shown_rel}: a symlink without a target"))
+                        })?;
                         if target.is_empty() || target.contains(&0) {
                             return Err(corrupt(format!("/{shown_rel}: a bad symlink target")));
                         }
@@ -1379,17 +1549,28 @@ impl Importer {
                 rustix::fs::utimensat(parent, &name, &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| TransferError::io(at("set times on"), e))?;
             }
-            other => return Err(corrupt(format!("/{shown_rel}: unexpected entry type {other:?}"))),
+            other => {
+                return Err(corrupt(format!(
+                    "/{shown_rel}: unexpected entry type {other:?}"
+                )))
+            }
         }
         self.entries += 1;
         Ok(())
     }
 
-    fn dir_meta(&mut self, fd: &OwnedFd, rel: &[u8], meta: &EntryMeta, existed: bool) -> Result<()> {
+    fn dir_meta(
+        &mut self,
+        fd: &OwnedFd,
+        rel: &[u8],
+        meta: &EntryMeta,
+        existed: bool,
+    ) -> Result<()> {
         let at = |what: &str| format!("{what} /{}", shown(rel));
         rustix::fs::fchown(fd, Some(uid_of(meta.uid)), Some(gid_of(meta.gid)))
             .map_err(|e| TransferError::io(at("chown"), e))?;
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).map_err(|e| TransferError::io(at("chmod"), e))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| TransferError::io(at("chmod"), e))?;
         set_xattrs(&Node::Fd(fd.as_fd()), &meta.xattrs, existed)
             .map_err(|e| TransferError::io(at("set xattrs on"), e))?;
         self.dir_mtimes.push((rel.to_vec(), meta.mtime));
@@ -1398,8 +1579,13 @@ impl Importer {
 
     /// Removes what the listing does not have, and counts the listed paths found.
     fn prune(&self, listing: &HashSet<Vec<u8>>) -> Result<usize> {
-        let root = rustix::fs::openat(&self.root, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| TransferError::io("open the root", e))?;
+        let root = rustix::fs::openat(
+            &self.root,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| TransferError::io("open the root", e))?;
         let mut found = 0;
         prune_dir(&root, &mut Vec::new(), listing, &mut found)?;
         Ok(found)
@@ -1410,7 +1596,14 @@ impl Importer {
             let fd = match open_in_root(self.root.as_fd(), rel) {
                 Ok(fd) => fd,
                 // Replaced by a later entry of the same pass.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => return Err(TransferError::io(format!("open /{}", shown(rel)), e)),
             };
             rustix::fs::futimens(&fd, &times(*mtime))
@@ -1420,8 +1613,14 @@ impl Importer {
     }
 }
 
-fn prune_dir(dir: &OwnedFd, rel: &mut Vec<u8>, listing: &HashSet<Vec<u8>>, found: &mut usize) -> Result<()> {
-    let names = read_names(dir.as_fd()).map_err(|e| TransferError::io(format!("list /{}", shown(rel)), e))?;
+fn prune_dir(
+    dir: &OwnedFd,
+    rel: &mut Vec<u8>,
+    listing: &HashSet<Vec<u8>>,
+    found: &mut usize,
+) -> Result<()> {
+    let names = read_names(dir.as_fd())
+        .map_err(|e| TransferError::io(format!("list /{}", shown(rel)), e))?;
     for name in names {
         let parent_len = rel.len();
         if !rel.is_empty() {
@@ -1429,7 +1628,8 @@ fn prune_dir(dir: &OwnedFd, rel: &mut Vec<u8>, listing: &HashSet<Vec<u8>>, found
         }
         rel.extend_from_slice(name.as_bytes());
         if !listing.contains(rel.as_slice()) {
-            remove_all(dir.as_fd(), &name).map_err(|e| TransferError::io(format!("remove /{}", shown(rel)), e))?;
+            remove_all(dir.as_fd(), &name)
+                .map_err(|e| TransferError::io(format!("remove /{}", shown(rel)), e))?;
         } else {
             *found += 1;
             match rustix::fs::openat(
@@ -1487,7 +1687,12 @@ fn set_xattrs(node: &Node<'_>, xattrs: &Xattrs, clear: bool) -> io::Result<()> {
 
 /// Copies an entry's content into a new file, seeking over all-zero blocks so holes stay
 /// holes. Returns the bytes read from the entry.
-fn write_sparse(entry: &mut impl Read, file: &File, buf: &mut [u8], shown_rel: &str) -> Result<u64> {
+fn write_sparse(
+    entry: &mut impl Read,
+    file: &File,
+    buf: &mut [u8],
+    shown_rel: &str,
+) -> Result<u64> {
     let mut offset = 0u64;
     loop {
         let mut filled = 0;
@@ -1532,7 +1737,9 @@ fn is_zero(block: &[u8]) -> bool {
         // as bytes.
         unsafe { block.align_to::<u64>() }
     };
-    prefix.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && suffix.iter().all(|b| *b == 0)
+    prefix.iter().all(|b| *b == 0)
+        && words.iter().all(|w| *w == 0)
+        && suffix.iter().all(|b| *b == 0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1553,11 +1760,23 @@ pub fn tree_digest(root: &Path, base: u32) -> io::Result<String> {
     let mut inodes = HashMap::new();
     let meta = Meta::of(&rustix::fs::fstat(&root_fd)?);
     let xattrs = list_xattrs(&Node::Fd(root_fd.as_fd()))?;
-    digest_entry(&mut hasher, b"", &meta, base, &xattrs, None, None, &mut inodes);
+    digest_entry(
+        &mut hasher,
+        b"",
+        &meta,
+        base,
+        &xattrs,
+        None,
+        None,
+        &mut inodes,
+    );
     digest_dir(&mut hasher, &root_fd, &mut Vec::new(), base, &mut inodes)?;
     // Inodes with several names in the tree (a link held outside it, as overlayfs's
     // shared whiteout in its workdir, does not count).
-    let mut groups: Vec<Vec<Vec<u8>>> = inodes.into_values().filter(|paths| paths.len() > 1).collect();
+    let mut groups: Vec<Vec<Vec<u8>>> = inodes
+        .into_values()
+        .filter(|paths| paths.len() > 1)
+        .collect();
     groups.sort();
     for group in groups {
         hasher.update(b"same-inode");
@@ -1596,10 +1815,18 @@ fn digest_dir(
                 digest_dir(hasher, &fd, rel, base, inodes)?;
             }
             FileType::RegularFile => {
-                let path_fd = rustix::fs::openat(dir, &name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+                let path_fd = rustix::fs::openat(
+                    dir,
+                    &name,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
                 let opened = Meta::of(&rustix::fs::fstat(&path_fd)?);
                 if !opened.same_inode(&meta) || opened.file_type() != FileType::RegularFile {
-                    return Err(io::Error::other(format!("/{} changed while read", shown(rel))));
+                    return Err(io::Error::other(format!(
+                        "/{} changed while read",
+                        shown(rel)
+                    )));
                 }
                 let file = File::from(rustix::fs::open(
                     format!("/proc/self/fd/{}", path_fd.as_raw_fd()),
@@ -1610,7 +1837,16 @@ fn digest_dir(
                 let mut reader = FileContent::new(&file, meta.size);
                 io::copy(&mut reader, &mut content)?;
                 let xattrs = list_xattrs(&Node::Fd(file.as_fd()))?;
-                digest_entry(hasher, rel, &meta, base, &xattrs, Some(&content.finalize()), None, inodes);
+                digest_entry(
+                    hasher,
+                    rel,
+                    &meta,
+                    base,
+                    &xattrs,
+                    Some(&content.finalize()),
+                    None,
+                    inodes,
+                );
             }
             _ => {
                 let target = if meta.file_type() == FileType::Symlink {
@@ -1619,7 +1855,16 @@ fn digest_dir(
                     None
                 };
                 let xattrs = list_xattrs(&Node::NoFollow(&proc_path(dir.as_fd(), &name)))?;
-                digest_entry(hasher, rel, &meta, base, &xattrs, None, target.as_deref(), inodes);
+                digest_entry(
+                    hasher,
+                    rel,
+                    &meta,
+                    base,
+                    &xattrs,
+                    None,
+                    target.as_deref(),
+                    inodes,
+                );
             }
         }
         rel.truncate(parent_len);
@@ -1647,11 +1892,16 @@ fn digest_entry(
     field("mode", &meta.mode.to_le_bytes());
     field("uid", &meta.uid.wrapping_sub(base).to_le_bytes());
     field("gid", &meta.gid.wrapping_sub(base).to_le_bytes());
-    field("mtime", format!("{}.{:09}", meta.mtime.0, meta.mtime.1).as_bytes());
+    field(
+        "mtime",
+        format!("{}.{:09}", meta.mtime.0, meta.mtime.1).as_bytes(),
+    );
     match meta.file_type() {
         FileType::Directory => {}
         FileType::RegularFile => field("size", &meta.size.to_le_bytes()),
-        FileType::CharacterDevice | FileType::BlockDevice => field("rdev", &meta.rdev.to_le_bytes()),
+        FileType::CharacterDevice | FileType::BlockDevice => {
+            field("rdev", &meta.rdev.to_le_bytes())
+        }
         _ => {}
     }
     if let Some(content) = content {
@@ -1667,7 +1917,10 @@ fn digest_entry(
         field("value", &value);
     }
     if meta.file_type() != FileType::Directory && meta.nlink > 1 {
-        inodes.entry((meta.dev, meta.ino)).or_default().push(rel.to_vec());
+        inodes
+            .entry((meta.dev, meta.ino))
+            .or_default()
+            .push(rel.to_vec());
     }
 }
 
@@ -1714,7 +1967,10 @@ mod tests {
         rustix::fs::utimensat(
             rustix::fs::CWD,
             path,
-            &times(Timespec { tv_sec: secs, tv_nsec: nanos }),
+            &times(Timespec {
+                tv_sec: secs,
+                tv_nsec: nanos,
+            }),
             AtFlags::SYMLINK_NOFOLLOW,
         )
         .unwrap();
@@ -1725,7 +1981,9 @@ mod tests {
         chown(root, FROM);
         let p = |rel: &str| root.join(rel);
         // Partly compressible content, so zstd has work to do.
-        let content: Vec<u8> = (0..big).map(|i| ((i * 7919) >> 5) as u8 ^ (i % 251) as u8).collect();
+        let content: Vec<u8> = (0..big)
+            .map(|i| ((i * 7919) >> 5) as u8 ^ (i % 251) as u8)
+            .collect();
         std::fs::write(p("big"), &content).unwrap();
         chown(&p("big"), FROM);
         let sparse = File::create(p("sparse")).unwrap();
@@ -1738,6 +1996,7 @@ mod tests {
         std::fs::hard_link(p("pair-a"), p("pair-b")).unwrap();
         chown(&p("pair-a"), FROM + 1000);
         symlink("/etc/passwd", p("passwd-link")).unwrap();
+        chown(&p("passwd-link"), FROM);
         symlink("nowhere/../at//all", p("dangling")).unwrap();
         chown(&p("dangling"), FROM + 1000);
         xattr(&p("dangling"), "trusted.symlink-note", b"on a link");
@@ -1764,7 +2023,11 @@ mod tests {
         chown(&p("opaque/inside"), FROM + 1000);
         std::fs::write(p("etc/deep/noted"), b"with xattrs").unwrap();
         chown(&p("etc/deep/noted"), FROM);
-        xattr(&p("etc/deep/noted"), "user.note", b"value with = and \n inside");
+        xattr(
+            &p("etc/deep/noted"),
+            "user.note",
+            b"value with = and \n inside",
+        );
         xattr(&p("etc/deep/noted"), "user.odd=name", b"1");
         xattr(&p("etc/deep/noted"), "security.test-label", b"label");
         std::fs::write(p("setuid"), b"#!/bin/sh\n").unwrap();
@@ -1827,14 +2090,27 @@ mod tests {
         build_tree(&src, 8 << 20);
         let (sent, got) = roundtrip(&src, &dst, &full());
 
-        assert_eq!(tree_digest(&src, FROM).unwrap(), tree_digest(&dst, TO).unwrap());
-        assert_eq!((sent.entries, sent.file_bytes, &sent.digest), (got.entries, got.file_bytes, &got.digest));
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
+        assert_eq!(
+            (sent.entries, sent.file_bytes, &sent.digest),
+            (got.entries, got.file_bytes, &got.digest)
+        );
         assert_eq!(sent.stream_bytes, got.stream_bytes);
-        assert!(sent.file_bytes > (1 << 30), "the sparse file's holes count as content");
+        assert!(
+            sent.file_bytes > (1 << 30),
+            "the sparse file's holes count as content"
+        );
         // The 1 GiB of holes stay holes.
         let sparse = std::fs::metadata(dst.join("sparse")).unwrap();
         assert_eq!(sparse.len(), 1 << 30);
-        assert!(sparse.blocks() * 512 < (1 << 20), "{} blocks", sparse.blocks());
+        assert!(
+            sparse.blocks() * 512 < (1 << 20),
+            "{} blocks",
+            sparse.blocks()
+        );
         assert_eq!(std::fs::read(dst.join("sparse")).unwrap()[..5], *b"hello");
         // One inode again, owned in the destination's range, set-id bits kept.
         let (a, b) = (
@@ -1845,23 +2121,36 @@ mod tests {
         let setuid = std::fs::metadata(dst.join("setuid")).unwrap();
         assert_eq!((setuid.mode() & 0o7777, setuid.uid()), (0o4755, TO + 1000));
         let hosts = std::fs::symlink_metadata(dst.join("etc/hosts")).unwrap();
-        assert_eq!((hosts.mode() & libc::S_IFMT, hosts.rdev()), (libc::S_IFCHR, 0));
-        assert_eq!(std::fs::read_link(dst.join("passwd-link")).unwrap(), Path::new("/etc/passwd"));
+        assert_eq!(
+            (hosts.mode() & libc::S_IFMT, hosts.rdev()),
+            (libc::S_IFCHR, 0)
+        );
+        assert_eq!(
+            std::fs::read_link(dst.join("passwd-link")).unwrap(),
+            Path::new("/etc/passwd")
+        );
         assert_eq!(
             std::fs::read_link(dst.join("dangling")).unwrap(),
             Path::new("nowhere/../at//all"),
             "the target's bytes, not a normalized path"
         );
-        let opaque = rustix::fs::lgetxattr(&dst.join("opaque"), "trusted.overlay.opaque", &mut [0u8; 8]);
+        let opaque =
+            rustix::fs::lgetxattr(&dst.join("opaque"), "trusted.overlay.opaque", &mut [0u8; 8]);
         assert_eq!(opaque, Ok(1));
         let noted = std::fs::metadata(dst.join("etc/deep/noted")).unwrap();
-        assert_eq!((noted.mtime(), noted.mtime_nsec()), (1_600_000_000, 123_456_789));
+        assert_eq!(
+            (noted.mtime(), noted.mtime_nsec()),
+            (1_600_000_000, 123_456_789)
+        );
         let root = std::fs::metadata(&dst).unwrap();
         assert_eq!((root.uid(), root.mtime_nsec()), (TO, 999_999_999));
 
         // Again into the same root: nothing changes (entries are replaced, not doubled).
         let _ = roundtrip(&src, &dst, &full());
-        assert_eq!(tree_digest(&src, FROM).unwrap(), tree_digest(&dst, TO).unwrap());
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
     }
 
     #[test]
@@ -1898,15 +2187,25 @@ mod tests {
             for dir in ["etc/deep", "etc", ""] {
                 set_mtime(&root.join(dir), 1_700_000_000, 999_999_999);
             }
-            assert!(seen.insert(tree_digest(&root, FROM).unwrap()), "{} changes", seen.len());
+            assert!(
+                seen.insert(tree_digest(&root, FROM).unwrap()),
+                "{} changes",
+                seen.len()
+            );
         }
         // And ids count relative to the base.
-        assert_ne!(tree_digest(&root, FROM).unwrap(), tree_digest(&root, TO).unwrap());
+        assert_ne!(
+            tree_digest(&root, FROM).unwrap(),
+            tree_digest(&root, TO).unwrap()
+        );
     }
 
     /// True when nothing but `root` is in `parent`.
     fn only_root_in(parent: &Path) -> bool {
-        let names: Vec<_> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names == [OsString::from("root")]
     }
 
@@ -1927,7 +2226,15 @@ mod tests {
             assert!(only_root_in(parent.path()));
             result
         };
-        for cut in [0, 1, 17, stream.len() / 3, stream.len() / 2, stream.len() - 40, stream.len() - 1] {
+        for cut in [
+            0,
+            1,
+            17,
+            stream.len() / 3,
+            stream.len() / 2,
+            stream.len() - 40,
+            stream.len() - 1,
+        ] {
             let error = try_import(&stream[..cut]).unwrap_err();
             assert_eq!(error.code(), "corrupt_stream", "cut at {cut}: {error}");
         }
@@ -1935,12 +2242,19 @@ mod tests {
         for at in [stream.len() / 4, stream.len() / 2, stream.len() - 10] {
             let mut flipped = stream.clone();
             flipped[at] ^= 0x20;
-            assert_eq!(try_import(&flipped).unwrap_err().code(), "corrupt_stream", "flip at {at}");
+            assert_eq!(
+                try_import(&flipped).unwrap_err().code(),
+                "corrupt_stream",
+                "flip at {at}"
+            );
         }
         // A flipped byte of file content inside a well-formed zstd frame: only the
         // manifest's digest can tell.
         let mut tar = tar_bytes(&stream);
-        let at = tar.windows(16).position(|w| w == b"shared inode\0\0\0\0").unwrap();
+        let at = tar
+            .windows(16)
+            .position(|w| w == b"shared inode\0\0\0\0")
+            .unwrap();
         tar[at] ^= 0x01;
         let error = try_import(&compress(&tar)).unwrap_err();
         assert!(error.to_string().contains("digest"), "{error}");
@@ -1948,7 +2262,10 @@ mod tests {
     }
 
     /// A tar stream built by hand, with a correct manifest listing `paths`.
-    fn hand_stream(entries: &[(tar::EntryType, &[u8], Option<&[u8]>, &[u8])], paths: &[&str]) -> Vec<u8> {
+    fn hand_stream(
+        entries: &[(tar::EntryType, &[u8], Option<&[u8]>, &[u8])],
+        paths: &[&str],
+    ) -> Vec<u8> {
         let mut tar = tar::Builder::new(Vec::new());
         for (kind, name, link, data) in entries {
             let mut header = tar::Header::new_gnu();
@@ -1977,7 +2294,8 @@ mod tests {
         let body = serde_json::to_vec(&manifest).unwrap();
         let mut header = tar::Header::new_gnu();
         header.set_size(body.len() as u64);
-        tar.append_data(&mut header, MANIFEST, body.as_slice()).unwrap();
+        tar.append_data(&mut header, MANIFEST, body.as_slice())
+            .unwrap();
         compress(&tar.into_inner().unwrap())
     }
 
@@ -1999,11 +2317,27 @@ mod tests {
         let cases: Vec<Vec<(tar::EntryType, &[u8], Option<&[u8]>, &[u8])>> = vec![
             vec![dir, (Regular, escape_parent.as_bytes(), None, b"x")],
             vec![dir, (Regular, abs.as_bytes(), None, b"x")],
-            vec![dir, (Symlink, b"tree/link", Some(b"/"), b""), (Regular, via_root_link.as_bytes(), None, b"x")],
-            vec![dir, (Symlink, b"tree/up", Some(b".."), b""), (Regular, via_up_link.as_bytes(), None, b"x")],
-            vec![dir, (Symlink, b"tree/link", Some(b"/tmp"), b""), (Directory, via_root_link.as_bytes(), None, b"")],
+            vec![
+                dir,
+                (Symlink, b"tree/link", Some(b"/"), b""),
+                (Regular, via_root_link.as_bytes(), None, b"x"),
+            ],
+            vec![
+                dir,
+                (Symlink, b"tree/up", Some(b".."), b""),
+                (Regular, via_up_link.as_bytes(), None, b"x"),
+            ],
+            vec![
+                dir,
+                (Symlink, b"tree/link", Some(b"/tmp"), b""),
+                (Directory, via_root_link.as_bytes(), None, b""),
+            ],
             vec![dir, (Link, b"tree/hard", Some(hard_target.as_bytes()), b"")],
-            vec![dir, (Symlink, b"tree/link", Some(b"/etc"), b""), (Link, b"tree/hard", Some(b"tree/link/passwd"), b"")],
+            vec![
+                dir,
+                (Symlink, b"tree/link", Some(b"/etc"), b""),
+                (Link, b"tree/hard", Some(b"tree/link/passwd"), b""),
+            ],
             vec![dir, (Regular, b"tree/a\0b", None, b"x")],
             vec![dir, (Regular, b"tree/./a", None, b"x")],
         ];
@@ -2011,18 +2345,38 @@ mod tests {
             let parent = tempfile::tempdir().unwrap();
             let root = parent.path().join("root");
             std::fs::create_dir(&root).unwrap();
-            let error = import(&root, hand_stream(entries, &["link", "up", "hard"]).as_slice()).unwrap_err();
+            let error = import(
+                &root,
+                hand_stream(entries, &["link", "up", "hard"]).as_slice(),
+            )
+            .unwrap_err();
             assert_eq!(error.code(), "corrupt_stream", "case {i}: {error}");
             assert!(only_root_in(parent.path()), "case {i}");
-            assert!(!tmp_outside.exists(), "case {i} wrote {}", tmp_outside.display());
-            assert!(!root.join("hard").exists(), "case {i}: a link to a file outside");
+            assert!(
+                !tmp_outside.exists(),
+                "case {i} wrote {}",
+                tmp_outside.display()
+            );
+            assert!(
+                !root.join("hard").exists(),
+                "case {i}: a link to a file outside"
+            );
         }
         // The same builder makes a stream the importer takes, so the refusals above are
         // the names'.
         let parent = tempfile::tempdir().unwrap();
         let root = parent.path().join("root");
         std::fs::create_dir(&root).unwrap();
-        let fine = [dir, (Symlink, b"tree/link".as_slice(), Some(b"/".as_slice()), b"".as_slice()), (Regular, b"tree/file", None, b"x")];
+        let fine = [
+            dir,
+            (
+                Symlink,
+                b"tree/link".as_slice(),
+                Some(b"/".as_slice()),
+                b"".as_slice(),
+            ),
+            (Regular, b"tree/file", None, b"x"),
+        ];
         import(&root, hand_stream(&fine, &["link", "file"]).as_slice()).unwrap();
         assert_eq!(std::fs::read(root.join("file")).unwrap(), b"x");
     }
@@ -2039,8 +2393,15 @@ mod tests {
         export(&src, &full(), &mut stream).unwrap();
         let tar = tar_bytes(&stream);
         // The manifest's header, then its body padded to a block.
-        let at = tar.windows(MANIFEST.len()).position(|w| w == MANIFEST.as_bytes()).unwrap();
-        let body_blocks = tar[at + HEADER..].iter().position(|b| *b == 0).unwrap().div_ceil(HEADER);
+        let at = tar
+            .windows(MANIFEST.len())
+            .position(|w| w == MANIFEST.as_bytes())
+            .unwrap();
+        let body_blocks = tar[at + HEADER..]
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap()
+            .div_ceil(HEADER);
         let (before, manifest) = (&tar[..at], &tar[at..at + HEADER * (1 + body_blocks)]);
         let end = vec![0u8; 2 * HEADER];
         let without = [before, &end].concat();
@@ -2053,7 +2414,11 @@ mod tests {
         }
         let root = tmp.path().join("once");
         std::fs::create_dir(&root).unwrap();
-        import(&root, compress(&[before, manifest, &end].concat()).as_slice()).unwrap();
+        import(
+            &root,
+            compress(&[before, manifest, &end].concat()).as_slice(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -2067,7 +2432,10 @@ mod tests {
         let error = export(&src, &full(), io::sink()).unwrap_err();
         assert_eq!(error.code(), "unsupported_entry", "{error}");
         chown(&src.join("host-root"), FROM + ID_RANGE);
-        assert_eq!(export(&src, &full(), io::sink()).unwrap_err().code(), "unsupported_entry");
+        assert_eq!(
+            export(&src, &full(), io::sink()).unwrap_err().code(),
+            "unsupported_entry"
+        );
         chown(&src.join("host-root"), FROM + ID_RANGE - 1);
         export(&src, &full(), io::sink()).unwrap();
     }
@@ -2076,12 +2444,22 @@ mod tests {
     fn acl_and_capability_ids_move_with_the_owners() {
         // An ACL naming user base+7 and group base+9, and a v3 capability with its root.
         let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, id) in [(0x01u16, u32::MAX), (0x02, FROM + 7), (0x04, u32::MAX), (0x08, FROM + 9), (0x20, u32::MAX)] {
+        for (tag, id) in [
+            (0x01u16, u32::MAX),
+            (0x02, FROM + 7),
+            (0x04, u32::MAX),
+            (0x08, FROM + 9),
+            (0x20, u32::MAX),
+        ] {
             acl.extend_from_slice(&tag.to_le_bytes());
             acl.extend_from_slice(&7u16.to_le_bytes());
             acl.extend_from_slice(&id.to_le_bytes());
         }
-        let map = |id: u32| id.checked_sub(FROM).filter(|id| *id < ID_RANGE).map(|id| TO + id);
+        let map = |id: u32| {
+            id.checked_sub(FROM)
+                .filter(|id| *id < ID_RANGE)
+                .map(|id| TO + id)
+        };
         let shifted = shift_xattr_ids(b"system.posix_acl_access", &acl, &map).unwrap();
         let ids: Vec<u32> = (4..shifted.len())
             .step_by(8)
@@ -2098,18 +2476,43 @@ mod tests {
         let mut foreign = cap.clone();
         foreign[20..].copy_from_slice(&0u32.to_le_bytes());
         assert!(shift_xattr_ids(b"security.capability", &foreign, &map).is_none());
-        assert_eq!(shift_xattr_ids(b"user.x", b"anything", &map).unwrap(), b"anything");
+        assert_eq!(
+            shift_xattr_ids(b"user.x", b"anything", &map).unwrap(),
+            b"anything"
+        );
     }
 
     #[test]
     fn manifest_paths_and_xattr_keys_go_both_ways() {
-        for path in [b"plain/path".as_slice(), b"100%", b"\xff\xfe%41", "é/ü".as_bytes(), b"a\nb"] {
+        for path in [
+            b"plain/path".as_slice(),
+            b"100%",
+            b"\xff\xfe%41",
+            "é/ü".as_bytes(),
+            b"a\nb",
+        ] {
             assert_eq!(decode_path(&encode_path(path)).unwrap(), path);
         }
         for name in [b"user.a".as_slice(), b"user.a=b", b"trusted.\xff"] {
             assert_eq!(xattr_name(xattr_key(name).as_bytes()).unwrap(), name);
         }
-        assert_eq!(parse_mtime(b"-100.25").map(|t| (t.tv_sec, t.tv_nsec)), Some((-101, 750_000_000)));
-        assert_eq!(parse_mtime(b"5.000000001").map(|t| (t.tv_sec, t.tv_nsec)), Some((5, 1)));
+        assert_eq!(
+            parse_mtime(b"-100.25").map(|t| (t.tv_sec, t.tv_nsec)),
+            Some((-101, 750_000_000))
+        );
+        for time in [
+            (-100, 250_000_000),
+            (-1, 1),
+            (-5, 0),
+            (0, 0),
+            (1_700_000_000, 999_999_999),
+        ] {
+            let parsed = parse_mtime(pax_time(time).as_bytes()).unwrap();
+            assert_eq!((parsed.tv_sec, parsed.tv_nsec), time);
+        }
+        assert_eq!(
+            parse_mtime(b"5.000000001").map(|t| (t.tv_sec, t.tv_nsec)),
+            Some((5, 1))
+        );
     }
 }
