@@ -2515,4 +2515,329 @@ mod tests {
             Some((5, 1))
         );
     }
+
+    fn pass_after(previous: &PassSummary) -> ExportPass {
+        ExportPass {
+            changed_since: Some(previous.started_at),
+            known_dirs: Some(previous.dirs.clone()),
+            ..full()
+        }
+    }
+
+    /// A full pass, changes, a delta pass: the same tree, from a smaller stream.
+    #[test]
+    fn a_later_pass_sends_changes_and_deletions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        build_tree(&src, 1 << 20);
+        std::fs::create_dir_all(src.join("moved/inner")).unwrap();
+        std::fs::write(src.join("moved/inner/file"), b"kept ctime").unwrap();
+        std::fs::create_dir_all(src.join("becomes-file")).unwrap();
+        std::fs::write(src.join("becomes-file/child"), b"c").unwrap();
+        std::fs::write(src.join("becomes-dir"), b"f").unwrap();
+        for path in [
+            "moved",
+            "moved/inner",
+            "moved/inner/file",
+            "becomes-file",
+            "becomes-file/child",
+            "becomes-dir",
+        ] {
+            chown(&src.join(path), FROM);
+        }
+        // Past the pass's ctime margin, so the delta is a delta.
+        std::thread::sleep(CTIME_MARGIN + Duration::from_millis(100));
+        let (first, _) = roundtrip(&src, &dst, &full());
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
+
+        std::fs::write(src.join("big"), b"rewritten").unwrap();
+        std::fs::remove_file(src.join("opaque/inside")).unwrap();
+        std::fs::remove_file(src.join("becomes-dir")).unwrap();
+        std::fs::create_dir(src.join("becomes-dir")).unwrap();
+        std::fs::write(src.join("becomes-dir/new"), b"n").unwrap();
+        std::fs::remove_dir_all(src.join("becomes-file")).unwrap();
+        std::fs::write(src.join("becomes-file"), b"now a file").unwrap();
+        std::fs::remove_file(src.join("dangling")).unwrap();
+        symlink("retargeted", src.join("dangling")).unwrap();
+        std::fs::hard_link(src.join("setuid"), src.join("setuid-link")).unwrap();
+        // A directory moved: its file keeps its old ctime, and must still arrive.
+        std::fs::rename(src.join("moved"), src.join("etc/moved-here")).unwrap();
+        set_mode(&src.join("sticky"), 0o1770);
+        for path in [
+            "becomes-dir",
+            "becomes-dir/new",
+            "becomes-file",
+            "dangling",
+            "setuid",
+        ] {
+            chown(&src.join(path), FROM + 3);
+        }
+        set_mode(&src.join("setuid"), 0o4755);
+        let (second, applied) = roundtrip(&src, &dst, &pass_after(&first));
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
+        assert!(
+            second.entries < first.entries / 2,
+            "{} of {}",
+            second.entries,
+            first.entries
+        );
+        assert!(
+            second.file_bytes < 1 << 20,
+            "{} bytes resent",
+            second.file_bytes
+        );
+        assert_eq!(applied.entries, second.entries);
+        assert!(!dst.join("opaque/inside").exists());
+        assert_eq!(
+            std::fs::read(dst.join("etc/moved-here/inner/file")).unwrap(),
+            b"kept ctime"
+        );
+
+        // Nothing changed: a pass sends nearly nothing and keeps the tree.
+        let (third, _) = roundtrip(&src, &dst, &pass_after(&second));
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
+        assert!(third.entries <= second.entries);
+    }
+
+    /// A pass without the previous pass's directories still moves a moved directory.
+    #[test]
+    fn a_later_pass_without_known_dirs_sends_changed_dirs_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        std::fs::create_dir_all(src.join("a/b")).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        std::fs::write(src.join("a/b/file"), b"old").unwrap();
+        std::fs::create_dir(src.join("to")).unwrap();
+        for path in ["", "a", "a/b", "a/b/file", "to"] {
+            chown(&src.join(path), FROM);
+        }
+        std::thread::sleep(CTIME_MARGIN + Duration::from_millis(100));
+        let (first, _) = roundtrip(&src, &dst, &full());
+        std::fs::rename(src.join("a"), src.join("to/a")).unwrap();
+        let pass = ExportPass {
+            changed_since: Some(first.started_at),
+            ..full()
+        };
+        roundtrip(&src, &dst, &pass);
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
+    }
+
+    /// A pass over a tree that changes all the while, then a pass after it stops: the
+    /// same tree.
+    #[test]
+    fn passes_over_a_changing_tree_end_identical() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        build_tree(&src, 4 << 20);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (src, stop) = (src.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let dir = src.join(format!("churn/{}", i % 7));
+                    std::fs::create_dir_all(&dir).unwrap();
+                    let file = dir.join(format!("f{}", i % 13));
+                    std::fs::write(&file, i.to_le_bytes().repeat((i % 3000) as usize)).unwrap();
+                    if i % 5 == 0 {
+                        let _ = std::fs::remove_file(dir.join(format!("f{}", (i + 3) % 13)));
+                    }
+                    if i % 11 == 0 {
+                        let _ = std::fs::rename(
+                            src.join(format!("churn/{}", (i + 1) % 7)),
+                            src.join(format!("churn/r{i}")),
+                        );
+                    }
+                    std::fs::write(src.join("big"), i.to_le_bytes()).unwrap();
+                    i += 1;
+                }
+                // A Machine's files belong to it.
+                for entry in walk_paths(&src.join("churn")) {
+                    chown(&entry, FROM);
+                }
+                chown(&src.join("churn"), FROM);
+            })
+        };
+        chown(&src, FROM);
+        let mut previous: Option<PassSummary> = None;
+        for _ in 0..3 {
+            let pass = previous.as_ref().map_or_else(full, pass_after);
+            // Files the writer just made still belong to host root: a pass may refuse
+            // them, and the next pass takes them again.
+            let mut stream = Vec::new();
+            match export(&src, &pass, &mut stream) {
+                Ok(summary) => {
+                    import(&dst, stream.as_slice()).unwrap();
+                    previous = Some(summary);
+                }
+                Err(error) => assert_eq!(error.code(), "unsupported_entry", "{error}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let pass = previous.as_ref().map_or_else(full, pass_after);
+        roundtrip(&src, &dst, &pass);
+        assert_eq!(
+            tree_digest(&src, FROM).unwrap(),
+            tree_digest(&dst, TO).unwrap()
+        );
+    }
+
+    fn walk_paths(dir: &Path) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.symlink_metadata().unwrap().is_dir() {
+                paths.extend(walk_paths(&path));
+            }
+            paths.push(path);
+        }
+        paths
+    }
+
+    /// While a thread swaps a directory of the tree for a symlink to `/` or to a
+    /// directory outside the root, no pass reads outside the root. Shown to fail without
+    /// the protection: with the directory opened without O_NOFOLLOW (and the fstat
+    /// check gone), streams held `tree/sub/<canary>` and `tree/sub/etc/...`.
+    #[test]
+    fn a_pass_never_reads_outside_the_root_while_the_tree_swaps() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let canary = format!("canary-{}-never-in-a-stream", std::process::id());
+        std::fs::write(outside.join(&canary), b"secret").unwrap();
+        // Owned like the Machine's files, so a walk that strayed would stream it rather
+        // than stop at a foreign owner.
+        chown(&outside, FROM);
+        chown(&outside.join(&canary), FROM);
+        std::fs::write(root.join("sub/inside"), b"fine").unwrap();
+        for path in ["", "sub", "sub/inside"] {
+            chown(&root.join(path), FROM);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = Arc::new(AtomicU64::new(0));
+        let swapper = {
+            let (root, outside, stop, swaps) =
+                (root.clone(), outside.clone(), stop.clone(), swaps.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::fs::rename(root.join("sub"), root.join("held")).unwrap();
+                    let target = if swaps.load(Ordering::Relaxed) % 2 == 0 {
+                        Path::new("/")
+                    } else {
+                        outside.as_path()
+                    };
+                    symlink(target, root.join("sub")).unwrap();
+                    // The symlink is the Machine's.
+                    chown(&root.join("sub"), FROM);
+                    std::thread::yield_now();
+                    std::fs::remove_file(root.join("sub")).unwrap();
+                    std::fs::rename(root.join("held"), root.join("sub")).unwrap();
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let (mut passes, mut saw_dir, mut saw_link) = (0, 0, 0);
+        let started = std::time::Instant::now();
+        // Until the walk has met both states many times (a loaded host schedules the
+        // swapper less often).
+        while started.elapsed() < Duration::from_secs(60)
+            && (passes < 100
+                || swaps.load(Ordering::Relaxed) < 100
+                || saw_dir == 0
+                || saw_link == 0)
+        {
+            let mut stream = Vec::new();
+            if let Err(error) = export(&root, &full(), &mut stream) {
+                // A refusal may name only what is inside.
+                let text = error.to_string();
+                assert!(
+                    !text.contains("sub/") || text.contains("sub/inside"),
+                    "{text}"
+                );
+                continue;
+            }
+            passes += 1;
+            let tar = tar_bytes(&stream);
+            let text = String::from_utf8_lossy(&tar);
+            assert!(
+                !text.contains(&canary),
+                "the canary outside the root was read"
+            );
+            assert!(!text.contains("secret"));
+            assert!(
+                !text.contains("tree/sub/etc"),
+                "/ was walked through the symlink"
+            );
+            assert!(!text.contains("tree/sub/tmp"));
+            saw_dir += usize::from(text.contains("tree/sub/inside"));
+            saw_link += usize::from(!text.contains("tree/sub/inside") && text.contains("tree/sub"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        let swaps = swaps.load(Ordering::Relaxed);
+        assert!(
+            passes >= 100 && swaps >= 100,
+            "{passes} passes, {swaps} swaps"
+        );
+        // Both states were seen, so the walk raced the swaps.
+        assert!(
+            saw_dir > 0 && saw_link > 0,
+            "{saw_dir} as a directory, {saw_link} as a link"
+        );
+    }
+
+    /// ENOSPC on the destination is `insufficient_storage`, not a corrupt stream.
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        chown(&src, FROM);
+        let noise: Vec<u8> = (0..(4u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(src.join("big"), &noise).unwrap();
+        chown(&src.join("big"), FROM);
+        let mut stream = Vec::new();
+        export(&src, &full(), &mut stream).unwrap();
+
+        let small = tmp.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            &small,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            "size=1m",
+        )
+        .unwrap();
+        let result = import(&small, stream.as_slice());
+        rustix::mount::unmount(&small, rustix::mount::UnmountFlags::DETACH).unwrap();
+        let error = result.unwrap_err();
+        assert!(error.out_of_space(), "{error}");
+        assert_eq!(error.code(), "insufficient_storage");
+    }
 }
