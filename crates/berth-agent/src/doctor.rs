@@ -619,6 +619,18 @@ fn check_journal(
                 }
                 seen.destroyed = true;
             }
+            // The Machine left for another worker: it may come back, as a new create.
+            UsageKind::MigratedOut => {
+                if seen.open {
+                    findings.push(finding(
+                        FindingKind::JournalUnclosedRun,
+                        id,
+                        None,
+                        format!("journal entry {seq} moves the Machine away with its run open"),
+                    ));
+                }
+                *seen = Default::default();
+            }
         }
     }
     for (id, seen) in &machines {

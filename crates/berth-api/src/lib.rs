@@ -852,6 +852,9 @@ pub enum UsageKind {
     Storage,
     /// The Machine (or volume) is gone: all billing of it ends.
     Destroyed,
+    /// The Machine left this worker for another, whose journal bills it from the same
+    /// instant: its billing on this worker ends.
+    MigratedOut,
 }
 
 /// How the end time of a run was known.

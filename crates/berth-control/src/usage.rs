@@ -63,7 +63,8 @@ const SCHEMA: &[&str] = &[
         end_ms INTEGER,
         cpus INTEGER NOT NULL,
         memory_mb INTEGER NOT NULL,
-        bytes INTEGER NOT NULL
+        bytes INTEGER NOT NULL,
+        worker TEXT NOT NULL DEFAULT ''
     )",
     "CREATE INDEX IF NOT EXISTS intervals_by_org ON usage_intervals(org, start_ms)",
     "CREATE INDEX IF NOT EXISTS open_intervals ON usage_intervals(machine_id, kind) WHERE end_ms IS NULL",
@@ -73,6 +74,18 @@ const SCHEMA: &[&str] = &[
 pub async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     for statement in SCHEMA {
         sqlx::query(statement).execute(pool).await?;
+    }
+    // Intervals are kept per worker since Machines can move: a database from before has
+    // every interval on its Machine's one worker, which `''` stands for.
+    let has_worker: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pragma_table_info('usage_intervals') WHERE name = 'worker'",
+    )
+    .fetch_one(pool)
+    .await?;
+    if has_worker == 0 {
+        sqlx::query("ALTER TABLE usage_intervals ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }
@@ -109,6 +122,7 @@ fn kind_text(kind: UsageKind) -> &'static str {
         UsageKind::RunStop => "run_stop",
         UsageKind::Storage => "storage",
         UsageKind::Destroyed => "destroyed",
+        UsageKind::MigratedOut => "migrated_out",
     }
 }
 
@@ -147,7 +161,7 @@ pub async fn ingest(
         .await?
         .rows_affected();
         if inserted == 1 {
-            apply(&mut transaction, record).await?;
+            apply(&mut transaction, worker, record).await?;
             new += 1;
         }
     }
@@ -166,6 +180,7 @@ pub async fn ingest(
 /// The interval bookkeeping of `berth_core::billing::Meter`, in SQL.
 async fn apply(
     transaction: &mut Transaction<'_, Sqlite>,
+    worker: &str,
     record: &UsageRecord,
 ) -> Result<(), sqlx::Error> {
     let org: Option<String> = sqlx::query("SELECT org FROM machine_owners WHERE machine_id = ?")
@@ -177,16 +192,17 @@ async fn apply(
     let close = |kind: &'static str| {
         sqlx::query(
             "UPDATE usage_intervals SET end_ms = MAX(?, start_ms)
-             WHERE machine_id = ? AND kind = ? AND end_ms IS NULL",
+             WHERE machine_id = ? AND kind = ? AND worker IN (?, '') AND end_ms IS NULL",
         )
         .bind(record.at_ms)
         .bind(record.machine_id.clone())
         .bind(kind)
+        .bind(worker.to_owned())
     };
     let open = |kind: &'static str| {
         sqlx::query(
-            "INSERT INTO usage_intervals (org, app, machine_id, kind, start_ms, end_ms, cpus, memory_mb, bytes)
-             VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+            "INSERT INTO usage_intervals (org, app, machine_id, kind, start_ms, end_ms, cpus, memory_mb, bytes, worker)
+             VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
         )
         .bind(org.clone())
         .bind(record.app.clone())
@@ -196,6 +212,7 @@ async fn apply(
         .bind(record.cpus)
         .bind(record.memory_mb)
         .bind(i64::try_from(record.storage_bytes).unwrap_or(i64::MAX))
+        .bind(worker.to_owned())
     };
     match record.kind {
         UsageKind::Created | UsageKind::Storage => {
@@ -209,7 +226,7 @@ async fn apply(
         UsageKind::RunStop => {
             close("run").execute(&mut **transaction).await?;
         }
-        UsageKind::Destroyed => {
+        UsageKind::Destroyed | UsageKind::MigratedOut => {
             close("run").execute(&mut **transaction).await?;
             close("storage").execute(&mut **transaction).await?;
         }

@@ -323,3 +323,199 @@ proptest! {
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(deliver(journal, schedule));
     }
 }
+
+/// Journals of two workers for Machines that move between them, as a correct pair of
+/// agents writes them: the source closes the run at the halt and ends the Machine there
+/// with `migrated_out` at the cutover; the destination starts it with `created` at the
+/// same instant and opens a run when it boots it.
+fn moving_journals() -> impl Strategy<Value = [Vec<UsageRecord>; 2]> {
+    proptest::collection::vec(
+        (0usize..MACHINES, 0u8..6, 1i64..5_000, 0u64..1_000_000),
+        1..60,
+    )
+    .prop_map(|steps| {
+        let mut journals: [Vec<UsageRecord>; 2] = [Vec::new(), Vec::new()];
+        let mut now = 1_000_000i64;
+        // Per Machine: (created, running, its worker)
+        let mut machines = [(false, false, 0usize); MACHINES];
+        for (machine, action, gap, bytes) in steps {
+            now += gap;
+            let (created, running, worker) = &mut machines[machine];
+            let mut push = |on: usize, kind: UsageKind, at_ms: i64, storage_bytes: u64| {
+                let journal = &mut journals[on];
+                journal.push(UsageRecord {
+                    seq: journal.len() as u64 + 1,
+                    machine_id: subject_id(machine),
+                    app: format!("app{}", machine % 2),
+                    kind,
+                    at_ms,
+                    cpus: 1 + machine as u32,
+                    memory_mb: 256,
+                    storage_bytes,
+                    basis: (kind == UsageKind::RunStop).then_some(CloseBasis::Observed),
+                });
+            };
+            if !*created {
+                *created = true;
+                push(*worker, UsageKind::Created, now, 0);
+                continue;
+            }
+            match action {
+                0 | 1 if !*running => {
+                    *running = true;
+                    push(*worker, UsageKind::RunStart, now, 0);
+                }
+                0 | 1 => {
+                    *running = false;
+                    push(*worker, UsageKind::RunStop, now, 0);
+                }
+                2 | 3 => push(*worker, UsageKind::Storage, now, bytes),
+                _ => {
+                    let was_running = *running;
+                    if was_running {
+                        push(*worker, UsageKind::RunStop, now, 0);
+                    }
+                    push(*worker, UsageKind::MigratedOut, now, 0);
+                    *worker = 1 - *worker;
+                    push(*worker, UsageKind::Created, now, bytes);
+                    if was_running {
+                        // Down from the halt to the boot on the destination: not billed.
+                        now += gap / 10 + 1;
+                        push(*worker, UsageKind::RunStart, now, 0);
+                    }
+                }
+            }
+        }
+        journals
+    })
+}
+
+fn sorted(mut intervals: Vec<StoredInterval>) -> Vec<StoredInterval> {
+    intervals.sort_by_key(|interval| {
+        (
+            interval.machine_id.clone(),
+            interval.start_ms,
+            format!("{:?}", interval.kind),
+        )
+    });
+    intervals
+}
+
+/// Two workers' journals delivered in any interleaving (with lost acknowledgements): the
+/// SQL intervals equal the billing maths, no time of a Machine is billed twice, and its
+/// storage is billed without a gap across its moves. (Closing intervals by Machine alone,
+/// without the worker, fails this: a source's `migrated_out` that arrives after the
+/// destination's `created` closes the destination's span.)
+async fn deliver_moves(journals: [Vec<UsageRecord>; 2], schedule: Vec<(bool, usize, bool)>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ControlStore::open(&dir.path().join("control.db"))
+        .await
+        .expect("store");
+    usage::migrate(store.pool()).await.expect("migrate");
+    for machine in 0..MACHINES {
+        usage::record_owner(
+            store.pool(),
+            &subject_id(machine),
+            &format!("app{}", machine % 2),
+            "org",
+        )
+        .await
+        .expect("owner");
+    }
+    let names = ["w1", "w2"];
+    let mut schedule = schedule.into_iter().cycle();
+    loop {
+        let mut cursors = [0usize; 2];
+        for (index, name) in names.iter().enumerate() {
+            cursors[index] = usage::cursor(store.pool(), name).await.expect("cursor") as usize;
+        }
+        let pending: Vec<usize> = (0..2)
+            .filter(|&index| cursors[index] < journals[index].len())
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        let (second, size, lose_ack) = schedule.next().unwrap_or((false, 1, false));
+        let index = if pending.len() == 2 {
+            usize::from(second)
+        } else {
+            pending[0]
+        };
+        let journal = &journals[index];
+        let batch = journal[cursors[index]..journal.len().min(cursors[index] + size)].to_vec();
+        if lose_ack {
+            usage::ingest(store.pool(), names[index], &batch)
+                .await
+                .expect("first send");
+        }
+        usage::ingest(store.pool(), names[index], &batch)
+            .await
+            .expect("ingest");
+    }
+    let mut meter = Meter::new();
+    for (index, name) in names.iter().enumerate() {
+        journals[index]
+            .iter()
+            .for_each(|record| meter.apply_on(name, record));
+    }
+    let derived = sorted(
+        meter
+            .intervals()
+            .into_iter()
+            .map(|interval| StoredInterval {
+                app: interval.app,
+                machine_id: interval.machine_id,
+                kind: interval.kind,
+                start_ms: interval.start_ms,
+                end_ms: interval.end_ms,
+            })
+            .collect(),
+    );
+    let stored = sorted(
+        usage::intervals(
+            store.pool(),
+            Some("org"),
+            Window {
+                from_ms: 0,
+                to_ms: i64::MAX,
+            },
+        )
+        .await
+        .expect("intervals"),
+    );
+    assert_eq!(stored, derived, "SQL intervals equal the billing maths");
+    for machine in 0..MACHINES {
+        let id = subject_id(machine);
+        for storage in [false, true] {
+            let spans: Vec<&StoredInterval> = stored
+                .iter()
+                .filter(|interval| {
+                    interval.machine_id == id
+                        && matches!(
+                            interval.kind,
+                            berth_core::billing::IntervalKind::Storage { .. }
+                        ) == storage
+                })
+                .collect();
+            for pair in spans.windows(2) {
+                let end = pair[0].end_ms.expect("only the last span is open");
+                assert!(end <= pair[1].start_ms, "{id}: billed twice: {pair:?}");
+                if storage {
+                    assert_eq!(end, pair[1].start_ms, "{id}: storage not billed: {pair:?}");
+                }
+            }
+        }
+    }
+    store.close().await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn machines_moving_between_workers_are_billed_once_and_without_gaps(
+        journals in moving_journals(),
+        schedule in proptest::collection::vec((any::<bool>(), 1usize..8, any::<bool>()), 1..10),
+    ) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(deliver_moves(journals, schedule));
+    }
+}

@@ -39,10 +39,12 @@ struct OpenSpans {
 }
 
 /// Turns records into intervals. Records must come in journal order (by `seq`) for each
-/// worker; each Machine lives on one worker, so per-Machine order is journal order.
+/// worker. A Machine that moves has spans on each worker it was on, kept apart (the
+/// source's end and the destination's start may arrive in either order); the source's
+/// journal ends them with `migrated_out` at the instant the destination's begin.
 #[derive(Debug, Default, Clone)]
 pub struct Meter {
-    open: BTreeMap<String, OpenSpans>,
+    open: BTreeMap<(String, String), OpenSpans>,
     closed: Vec<Interval>,
 }
 
@@ -51,8 +53,15 @@ impl Meter {
         Meter::default()
     }
 
+    /// Applies a record of the only worker (or of unnamed workers).
     pub fn apply(&mut self, record: &UsageRecord) {
-        let spans = self.open.entry(record.machine_id.clone()).or_default();
+        self.apply_on("", record);
+    }
+
+    /// Applies a record from `worker`'s journal.
+    pub fn apply_on(&mut self, worker: &str, record: &UsageRecord) {
+        let key = (worker.to_owned(), record.machine_id.clone());
+        let spans = self.open.entry(key.clone()).or_default();
         spans.app.clone_from(&record.app);
         let at = record.at_ms;
         let mut closed: Vec<(IntervalKind, i64, i64)> = Vec::new();
@@ -82,14 +91,14 @@ impl Meter {
                 close_storage(spans, &mut closed);
                 spans.storage = Some((at, record.storage_bytes));
             }
-            UsageKind::Destroyed => {
+            UsageKind::Destroyed | UsageKind::MigratedOut => {
                 close_run(spans, &mut closed);
                 close_storage(spans, &mut closed);
             }
         }
         let app = spans.app.clone();
-        if record.kind == UsageKind::Destroyed {
-            self.open.remove(&record.machine_id);
+        if matches!(record.kind, UsageKind::Destroyed | UsageKind::MigratedOut) {
+            self.open.remove(&key);
         }
         self.closed
             .extend(closed.into_iter().map(|(kind, start_ms, end_ms)| Interval {
@@ -104,7 +113,7 @@ impl Meter {
     /// Every interval: the closed ones, then those still open.
     pub fn intervals(&self) -> Vec<Interval> {
         let mut all = self.closed.clone();
-        for (machine_id, spans) in &self.open {
+        for ((_, machine_id), spans) in &self.open {
             if let Some((start_ms, cpus, memory_mb)) = spans.run {
                 all.push(Interval {
                     machine_id: machine_id.clone(),
