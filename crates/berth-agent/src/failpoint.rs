@@ -43,21 +43,24 @@ pub const VOLUME_POINTS: &[&str] = &[
     "volume_delete.after_host",
 ];
 
-#[cfg(feature = "failpoints")]
+/// A move between workers, on either side: recorded steps, and a stream cut off midway
+/// on each end (the source after its first chunk, the destination after its first read).
+pub const MIGRATION_POINTS: &[&str] = &[
+    "migrate.after_begin",
+    "migrate.source_mid_stream",
+    "migrate.after_receive_prepare",
+    "migrate.dest_mid_stream",
+    "migrate.after_receive",
+    "migrate.after_halt",
+    "migrate.after_sync",
+    "migrate.after_commit",
+    "migrate.after_source_remove",
+];
+
 pub fn hit(name: &str) {
     debug_assert!(
-        POINTS.contains(&name) || VOLUME_POINTS.contains(&name),
+        POINTS.contains(&name) || VOLUME_POINTS.contains(&name) || MIGRATION_POINTS.contains(&name),
         "unlisted failpoint {name}"
     );
-    let Ok(list) = std::env::var("BERTH_FAILPOINTS") else {
-        return;
-    };
-    if list.split(',').any(|point| point.trim() == name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
-    }
+    berth_core::failpoint::hit(name);
 }
-
-#[cfg(not(feature = "failpoints"))]
-#[inline(always)]
-pub fn hit(_name: &str) {}

@@ -3,6 +3,7 @@
 //! arguments alone, so it is tested exhaustively without a host.
 
 pub mod billing;
+pub mod failpoint;
 pub mod ids;
 pub mod placement;
 pub mod recovery;
