@@ -56,6 +56,8 @@ const BUF: usize = 256 * 1024;
 const MAX_PATH: usize = 4095;
 /// Host ids a Machine owns above its base.
 const ID_RANGE: u32 = 65_536;
+/// The one host id outside a Machine's range its tree may hold, carried unshifted.
+const HOST_ROOT: u32 = 0;
 /// The largest manifest an importer reads (its listing is the whole tree's paths).
 const MAX_MANIFEST: u64 = 1 << 30;
 /// How far before its start a pass dates itself: a file changed right after the pass
@@ -684,6 +686,11 @@ impl<W: Write> Exporter<'_, W> {
     }
 
     fn shift(&self, id: u32, path: &[u8], what: &str) -> Result<u32> {
+        // Host root's own entries (overlayfs makes whiteouts with the mounter's ids) are
+        // the same on every worker.
+        if id == HOST_ROOT {
+            return Ok(HOST_ROOT);
+        }
         id.checked_sub(self.pass.from_base)
             .filter(|id| *id < ID_RANGE)
             .and_then(|id| self.pass.to_base.checked_add(id))
@@ -1761,6 +1768,16 @@ fn is_zero(block: &[u8]) -> bool {
 /// type, mode, owners, size, content, link target, device number, xattrs (ids inside
 /// ACLs and capabilities relative too), mtime, and which paths share an inode. Walks like
 /// the exporter, so it never leaves `root`. Same tree, same digest, whatever its base.
+/// An id as the digest records it: relative to the Machine's base, host root as itself
+/// (marked so that it cannot equal an id inside the range).
+fn relative_id(id: u32, base: u32) -> u64 {
+    if id == HOST_ROOT {
+        1 << 32
+    } else {
+        u64::from(id.wrapping_sub(base))
+    }
+}
+
 pub fn tree_digest(root: &Path, base: u32) -> io::Result<String> {
     let root_fd = rustix::fs::open(
         root,
@@ -1901,8 +1918,8 @@ fn digest_entry(
     };
     field("path", rel);
     field("mode", &meta.mode.to_le_bytes());
-    field("uid", &meta.uid.wrapping_sub(base).to_le_bytes());
-    field("gid", &meta.gid.wrapping_sub(base).to_le_bytes());
+    field("uid", &relative_id(meta.uid, base).to_le_bytes());
+    field("gid", &relative_id(meta.gid, base).to_le_bytes());
     field(
         "mtime",
         format!("{}.{:09}", meta.mtime.0, meta.mtime.1).as_bytes(),
