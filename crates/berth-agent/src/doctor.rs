@@ -56,13 +56,16 @@ impl Agent {
         let machines_root = self.inner.machines_root.clone();
         // Host first, records second: a create records its Machine before it touches the
         // host, so whatever the host shows of a create in flight has a record by then.
-        let first_known: BTreeSet<String> = self
-            .inner
-            .store
-            .journal_outline()
-            .await?
+        // Ids whose journal ends in `migrated_out` moved away: what the host shows by
+        // their id (cgroups, a veth) is their new worker's, if it is on this host.
+        let mut last_kind: BTreeMap<String, UsageKind> = BTreeMap::new();
+        for (_, id, kind) in self.inner.store.journal_outline().await? {
+            last_kind.insert(id, kind);
+        }
+        let first_known: BTreeSet<String> = last_kind
             .into_iter()
-            .map(|(_, id, _)| id)
+            .filter(|(_, kind)| *kind != UsageKind::MigratedOut)
+            .map(|(id, _)| id)
             .collect();
         let host = self.scan_host(&machines_root, &first_known).await?;
         let records = self.inner.store.list_all().await?;
@@ -272,10 +275,16 @@ impl Agent {
                 | MachineState::Replacing
                 | MachineState::Destroying
         );
+        if record.pending.as_ref().is_some_and(PendingOp::is_migration) && !transitional {
+            // Half of a move: the control plane settles it, and the doctor lists it as busy.
+            return None;
+        }
         if record.pending.is_some() || transitional {
             let what = match &record.pending {
                 Some(PendingOp::Create) => "create".to_owned(),
                 Some(PendingOp::Update { .. }) => "update".to_owned(),
+                Some(PendingOp::MigrateOut { .. }) => "migration away".to_owned(),
+                Some(PendingOp::MigrateIn { .. }) => "migration here".to_owned(),
                 None => record.state.to_string(),
             };
             findings.push(finding(

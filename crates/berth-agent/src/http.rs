@@ -118,6 +118,8 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/ps", get(processes))
         .route("/agent/v1/machines/{id}/versions", get(versions))
         .route("/agent/v1/machines/{id}/log-chunks", get(log_chunks))
+        .route("/agent/v1/migrations", post(migration))
+        .route("/agent/v1/migrations/{id}/stream", post(migration_stream))
         .route("/agent/v1/notices", get(follow_notices))
         .route("/agent/v1/notices/snapshot", get(notice_snapshot))
         .route("/agent/v1/volumes", get(volume_list).post(volume_create))
@@ -158,6 +160,23 @@ async fn create(
     Json(request): Json<CreateOnWorker>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.create(request).await?).into_response())
+}
+
+async fn migration(
+    State(http): State<Shared>,
+    Json(step): Json<berth_worker::MigrationStep>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.migration(step).await?).into_response())
+}
+
+/// A pass over a leaving Machine's files, for the destination holding its grant.
+async fn migration_stream(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(request): Json<berth_worker::StreamRequest>,
+) -> Result<Response, Failure> {
+    let stream = http.worker.migration_stream(&id, request).await?;
+    Ok(axum::body::Body::from_stream(stream).into_response())
 }
 
 async fn volume_create(

@@ -70,6 +70,9 @@ pub struct AgentConfig {
     pub capacity: Resources,
     /// The worker's /64 for Machine addresses; `None` gives Machines loopback only.
     pub machine_prefix: Option<berth_runtime::network::Ipv6Net>,
+    /// The cluster's join token, which other agents' migration streams ask for; `None`
+    /// for an in-process worker, whose peers are in-process too.
+    pub join_token: Option<String>,
 }
 
 /// A Machine's address: its worker's /64 with the Machine id as the interface part, so
@@ -113,6 +116,12 @@ struct Inner {
     fired: StdMutex<HashMap<String, i64>>,
     /// When this agent opened: scheduled starts due before are not made up.
     opened_ms: i64,
+    /// In-process workers of the same control plane, by name: a migration's source is
+    /// reached directly when it is one of them.
+    peers: StdRwLock<HashMap<String, std::sync::Weak<dyn WorkerService>>>,
+    /// The passes this worker sent of each leaving Machine, newest last, by digest: when
+    /// each began and the directories it saw, which a later pass starts from.
+    sent_passes: StdMutex<HashMap<String, Vec<ops::migrate::SentPass>>>,
 }
 
 impl Agent {
@@ -156,6 +165,8 @@ impl Agent {
                 checks: StdMutex::new(HashMap::new()),
                 fired: StdMutex::new(HashMap::new()),
                 opened_ms: record::now_ms(),
+                peers: StdRwLock::new(HashMap::new()),
+                sent_passes: StdMutex::new(HashMap::new()),
             }),
         };
         agent.recover_volumes().await?;
@@ -165,6 +176,15 @@ impl Agent {
         agent.spawn_meter();
         agent.spawn_scheduler();
         Ok(agent)
+    }
+
+    /// Makes `worker` (an in-process worker of the same control plane) reachable by name
+    /// as a migration's source.
+    /// Held weakly: peers hold each other.
+    pub fn add_peer(&self, name: &str, worker: &Arc<dyn WorkerService>) {
+        if let Ok(mut peers) = self.inner.peers.write() {
+            peers.insert(name.to_owned(), Arc::downgrade(worker));
+        }
     }
 
     pub fn store(&self) -> &AgentStore {

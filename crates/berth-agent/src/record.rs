@@ -45,6 +45,35 @@ pub enum PendingOp {
     Create,
     /// Undo on recovery: restore the old config's bundle and leave the Machine stopped.
     Update { previous: Box<UpdateSnapshot> },
+    /// Leaving for `to_worker` under `grant`. The control plane decides the outcome
+    /// (abort or finish); until then no start, stop or update runs here. `halted`: this
+    /// worker stopped the running Machine for the final pass, and abort starts it again.
+    MigrateOut {
+        grant: String,
+        to_worker: String,
+        #[serde(default)]
+        halted: bool,
+    },
+    /// Arriving from another worker under `grant`: not this worker's Machine, nor listed,
+    /// until the control plane commits it. `copied_pass`: the digest of the last pass
+    /// applied whole, from which the next copies what changed.
+    MigrateIn {
+        grant: String,
+        source: berth_worker::MigrationPeer,
+        #[serde(default)]
+        copied_pass: Option<String>,
+    },
+}
+
+impl PendingOp {
+    /// Whether the record is half of a move between workers, which only the control plane
+    /// settles.
+    pub fn is_migration(&self) -> bool {
+        matches!(
+            self,
+            PendingOp::MigrateOut { .. } | PendingOp::MigrateIn { .. }
+        )
+    }
 }
 
 /// What update replaces, kept so that a crash can put it back.

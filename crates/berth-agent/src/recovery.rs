@@ -82,10 +82,29 @@ impl Agent {
         }
         for mut record in self.inner.store.list_all().await? {
             let id = record.id.clone();
-            match self
-                .recover_record(&mut record, last_alive, "agent_restart", host_restarted)
-                .await
+            // Half of a move: the control plane settles it (abort or finish). The run of a
+            // Machine still leaving is recovered as any run, and the mark is kept.
+            let migration = record.pending.clone().filter(PendingOp::is_migration);
+            if migration.is_some()
+                && !matches!(
+                    record.state,
+                    MachineState::Starting | MachineState::Started | MachineState::Stopping
+                )
             {
+                if let Err(error) = self.restore_network_if_kept(&record).await {
+                    warn!(machine = %id, %error, "restoring the machine's network failed");
+                }
+                continue;
+            }
+            let recovered = self
+                .recover_record(&mut record, last_alive, "agent_restart", host_restarted)
+                .await;
+            if let Some(pending) = migration {
+                if let Err(error) = self.keep_pending(&id, pending).await {
+                    warn!(machine = %id, %error, "keeping the migration mark");
+                }
+            }
+            match recovered {
                 // Restored its network itself, before a restart by policy could begin.
                 Ok(Step::StoppedByHostRestart { .. }) => continue,
                 Ok(_) => {}
@@ -99,6 +118,15 @@ impl Agent {
             if let Err(error) = self.restore_network_if_kept(&record).await {
                 warn!(machine = %id, %error, "restoring the machine's network failed");
             }
+        }
+        Ok(())
+    }
+
+    /// Puts a migration mark back on a record that recovery rewrote.
+    async fn keep_pending(&self, id: &str, pending: PendingOp) -> Result<()> {
+        if let Some(mut record) = self.inner.store.get(id).await? {
+            record.pending = Some(pending);
+            self.inner.store.save(&record, None).await?;
         }
         Ok(())
     }
@@ -133,6 +161,8 @@ impl Agent {
                 None => Pending::None,
                 Some(PendingOp::Create) => Pending::Create,
                 Some(PendingOp::Update { .. }) => Pending::Update,
+                // Recovery only settles the run; the caller keeps the mark.
+                Some(PendingOp::MigrateOut { .. } | PendingOp::MigrateIn { .. }) => Pending::None,
             },
             restart_always: record.config.restart.policy == RestartPolicy::Always,
             restart_due: record.restart_due_ms.is_some(),

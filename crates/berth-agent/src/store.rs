@@ -17,7 +17,7 @@ use crate::record::MachineRecord;
 
 /// A state change worth keeping in the Machine's history. Its kind, source and state are
 /// stored as their wire names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MachineEvent {
     pub kind: EventKind,
     pub source: EventSource,
@@ -389,6 +389,25 @@ impl AgentStore {
             .bind(event.exit_code)
             .bind(&event.reason)
             .bind(event.at_ms)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Writes a Machine's config history as another worker had it, oldest first, in one
+    /// transaction (a Machine arriving by migration).
+    pub async fn add_versions(&self, id: &str, versions: &[(String, String, i64)]) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        for (version, config, at_ms) in versions {
+            sqlx::query(
+                "INSERT INTO machine_versions (machine_id, version, config, at_ms) VALUES (?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(version)
+            .bind(config)
+            .bind(at_ms)
             .execute(&mut *transaction)
             .await?;
         }

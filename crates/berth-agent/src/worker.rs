@@ -116,8 +116,14 @@ impl WorkerService for Agent {
             .list_app(app)
             .await?
             .iter()
-            // A create not yet finished is not a Machine: it completes or rolls back.
-            .filter(|record| record.pending != Some(PendingOp::Create))
+            // A create not yet finished is not a Machine: it completes or rolls back. An
+            // arrival is not this worker's Machine until the control plane commits it.
+            .filter(|record| {
+                !matches!(
+                    record.pending,
+                    Some(PendingOp::Create | PendingOp::MigrateIn { .. })
+                )
+            })
             .map(|record| self.api_view(record))
             .collect();
         Ok(self.with_recent_events(app, machines).await?)
@@ -238,5 +244,23 @@ impl WorkerService for Agent {
         detached(async move { agent.volume_snapshot_op(&id).await })
             .await
             .map_err(WorkerError::from)
+    }
+
+    async fn migration(
+        &self,
+        step: berth_worker::MigrationStep,
+    ) -> Result<berth_worker::MigrationAnswer> {
+        let agent = self.clone();
+        crate::ops::detached(async move { agent.migration_op(step).await })
+            .await
+            .map_err(WorkerError::from)
+    }
+
+    async fn migration_stream(
+        &self,
+        id: &str,
+        request: berth_worker::StreamRequest,
+    ) -> Result<berth_worker::MigrationStream> {
+        Ok(self.migration_stream_op(id, request).await?)
     }
 }

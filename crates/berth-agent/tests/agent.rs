@@ -59,6 +59,7 @@ impl Fixture {
                 region: "test".into(),
                 pids_limit: 64,
                 machine_prefix: None,
+                join_token: None,
                 capacity: berth_api::Resources {
                     cpus: 4,
                     memory_mb: 2048,

@@ -46,6 +46,7 @@ impl Fixture {
                     disk_mb: 1_000_000,
                 },
                 machine_prefix: None,
+                join_token: None,
             },
             self.runtime.clone(),
             self.puller.clone(),

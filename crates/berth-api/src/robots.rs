@@ -140,6 +140,11 @@ pub enum EventKind {
     Cordon,
     /// The Machine was uncordoned.
     Uncordon,
+    /// The Machine moved to another worker; the reason names the old and new address.
+    Migrate,
+    /// An admin made the Machine again from its image on another worker: its files were
+    /// lost with the worker that held them.
+    Recreate,
 }
 
 wire_names!(EventKind {
@@ -157,6 +162,8 @@ wire_names!(EventKind {
     Snapshot => "snapshot",
     Cordon => "cordon",
     Uncordon => "uncordon",
+    Migrate => "migrate",
+    Recreate => "recreate",
 });
 
 impl EventKind {

@@ -329,6 +329,13 @@ pub fn set_user_namespace(oci: &mut Spec, ids: IdRange, userns: &Path) -> Result
     Ok(())
 }
 
+/// The host ids of a prepared Machine, read from its bundle; `None` when it has no
+/// bundle (a runtime that keeps no files) or no map.
+pub fn machine_id_range(layout: &crate::MachineLayout) -> Option<IdRange> {
+    let oci = Spec::load(layout.config_json()).ok()?;
+    id_range(&oci)
+}
+
 /// The Machine's host ids, from the map in its spec; `None` for a Machine made before
 /// user namespaces.
 pub fn id_range(oci: &Spec) -> Option<IdRange> {

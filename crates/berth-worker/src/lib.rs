@@ -13,5 +13,6 @@ pub use error::{Result, WorkerError};
 pub use remote::RemoteWorker;
 pub use service::{
     CreateOnWorker, CreateVolumeOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk,
-    MachineNotice, NoticeSnapshot, UpdateOnWorker, WorkerListener, WorkerService,
+    MachineNotice, MigrateIn, MigrationAnswer, MigrationPeer, MigrationStep, MigrationStream,
+    NoticeSnapshot, StreamRequest, UpdateOnWorker, WorkerListener, WorkerService,
 };

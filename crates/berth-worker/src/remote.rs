@@ -19,7 +19,8 @@ use tokio::task::AbortHandle;
 use crate::error::{Result, WorkerError};
 use crate::service::{
     CreateOnWorker, CreateVolumeOnWorker, EventSource, ExecOnWorker, ImageUsage, LogChunk,
-    NoticeSnapshot, UpdateOnWorker, WorkerListener, WorkerService,
+    MigrationAnswer, MigrationStep, MigrationStream, NoticeSnapshot, StreamRequest, UpdateOnWorker,
+    WorkerListener, WorkerService,
 };
 use crate::wire::{MetadataChange, NoticeLine, StartBody, NOTICE_KEEPALIVE};
 
@@ -581,5 +582,51 @@ impl WorkerService for RemoteWorker {
                 worker: self.name.clone(),
                 reason: format!("reading logs: {error}"),
             })
+    }
+
+    async fn migration(&self, step: MigrationStep) -> Result<MigrationAnswer> {
+        // Each step is idempotent on the agent, so a lost answer is asked for again.
+        let response = self
+            .call(
+                Method::POST,
+                "/agent/v1/migrations",
+                Some(&step),
+                CREATE_DEADLINE,
+                true,
+            )
+            .await?;
+        self.json(response).await
+    }
+
+    async fn migration_stream(&self, id: &str, request: StreamRequest) -> Result<MigrationStream> {
+        // No deadline on the whole body: a pass of a large disk takes as long as it takes,
+        // and the caller's step has its own.
+        let response = self
+            .http
+            .post(format!("{}/agent/v1/migrations/{id}/stream", self.base))
+            .bearer_auth(&self.join_token)
+            .json(&request)
+            .send()
+            .await
+            .map_err(|error| WorkerError::Unavailable {
+                worker: self.name.clone(),
+                reason: error.to_string(),
+            })?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let text = response.bytes().await.unwrap_or_default();
+            let body = serde_json::from_slice::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
+                error: "internal".into(),
+                message: format!("worker {} answered {status}", self.name),
+                ..ErrorBody::default()
+            });
+            return Err(WorkerError::Remote {
+                status,
+                body: Box::new(body),
+            });
+        }
+        Ok(Box::pin(response.bytes_stream().map(|chunk| {
+            chunk.map_err(|error| std::io::Error::other(error.to_string()))
+        })))
     }
 }

@@ -190,4 +190,133 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn volume_snapshots(&self, id: &str) -> Result<Vec<VolumeSnapshot>>;
     /// Takes a snapshot of the volume now.
     async fn volume_snapshot(&self, id: &str) -> Result<VolumeSnapshot>;
+
+    /// Runs one step of moving a Machine to or from this worker.
+    async fn migration(&self, step: MigrationStep) -> Result<MigrationAnswer>;
+    /// One pass over a leaving Machine's files, for the destination named by its grant.
+    async fn migration_stream(&self, id: &str, request: StreamRequest) -> Result<MigrationStream>;
+}
+
+/// The bytes of one pass over a Machine's writable layer, from the source worker.
+pub type MigrationStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>;
+
+/// Where the destination fetches a Machine's files from: the source worker, by name (an
+/// in-process peer) or by its agent URL, with the migration's grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPeer {
+    pub worker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// What the destination needs to make the Machine: the source's export (opaque here,
+/// the agents' own record shape), the pinned image, and where to fetch the files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateIn {
+    pub id: String,
+    pub grant: String,
+    pub source: MigrationPeer,
+    pub export: serde_json::Value,
+    #[serde(default)]
+    pub pull: PullScope,
+}
+
+/// One step of moving a Machine between workers. The control plane runs them in order
+/// (begin, receive, [halt, sync], cutover in its own store, commit, finish) and sends
+/// `abort` to both sides to roll back anything before the cutover. Every step is
+/// idempotent, so a step cut off by a crash is simply sent again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum MigrationStep {
+    /// Source: marks the Machine as leaving (no start, stop or update meanwhile) and
+    /// answers its export.
+    Begin {
+        id: String,
+        grant: String,
+        to_worker: String,
+    },
+    /// Destination: pulls the image, lays the Machine out (new address) and copies its
+    /// files in a first pass. The Machine is not listed here until commit.
+    Receive(Box<MigrateIn>),
+    /// Source: stops a running Machine for the final pass (it stays the source's until
+    /// the cutover, and abort starts it again).
+    Halt { id: String, grant: String },
+    /// Destination: copies what changed since the last pass.
+    Sync { id: String, grant: String },
+    /// Destination: after the cutover, the Machine is this worker's; started if `start`.
+    Commit {
+        id: String,
+        grant: String,
+        start: bool,
+        from_address: Option<String>,
+        /// The control plane's cutover instant: billing here starts then.
+        cutover_ms: i64,
+    },
+    /// Source: after the cutover, removes the Machine's files, network and record here;
+    /// its billing here ends at `cutover_ms`.
+    Finish {
+        id: String,
+        grant: String,
+        cutover_ms: i64,
+    },
+    /// Either side, before the cutover: undoes this worker's part.
+    Abort { id: String, grant: String },
+    /// Makes a Machine again from its image, stopped, because the worker that held it is
+    /// gone for good: a create with a `recreate` event naming the lost worker.
+    Recreate {
+        request: Box<CreateOnWorker>,
+        lost_worker: String,
+    },
+}
+
+impl MigrationStep {
+    pub fn machine_id(&self) -> &str {
+        match self {
+            MigrationStep::Receive(request) => &request.id,
+            MigrationStep::Recreate { request, .. } => &request.id,
+            MigrationStep::Begin { id, .. }
+            | MigrationStep::Halt { id, .. }
+            | MigrationStep::Sync { id, .. }
+            | MigrationStep::Commit { id, .. }
+            | MigrationStep::Finish { id, .. }
+            | MigrationStep::Abort { id, .. } => id,
+        }
+    }
+}
+
+/// A step's answer; fields a step does not produce are absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+    /// Begin: the agents' record of the Machine, passed on to the destination as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<serde_json::Value>,
+    /// Begin: whether the Machine was running.
+    #[serde(default)]
+    pub running: bool,
+    /// Receive and sync: the pass's size.
+    #[serde(default)]
+    pub entries: u64,
+    #[serde(default)]
+    pub file_bytes: u64,
+    #[serde(default)]
+    pub stream_bytes: u64,
+    /// Halt: when the Machine stopped (ms since the epoch); commit: when it ran again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<i64>,
+}
+
+/// Which pass the destination asks the source for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRequest {
+    pub grant: String,
+    /// Host id of the Machine's root on the destination.
+    pub to_base: u32,
+    /// The digest of the last pass the destination applied whole: the source sends what
+    /// changed since that pass began. Absent, or a pass the source no longer knows (it
+    /// restarted): everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_pass: Option<String>,
 }

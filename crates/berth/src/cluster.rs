@@ -255,6 +255,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             pids_limit: args.pids_limit,
             capacity,
             machine_prefix: Some(machine_prefix),
+            join_token: Some(args.join_token.clone()),
         },
         runtime,
         puller,

@@ -207,6 +207,7 @@ impl LocalPlatform {
             .await
             .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;
         let mut agents = Vec::new();
+        let mut services = Vec::new();
         for index in 0..options.workers.max(1) {
             // One worker keeps the plain names, so a data dir from a one-worker run stays valid.
             let (name, dir) = if options.workers <= 1 {
@@ -242,6 +243,7 @@ impl LocalPlatform {
                     pids_limit: options.pids_limit,
                     capacity: options.worker_capacity,
                     machine_prefix: Some(machine_prefix),
+                    join_token: None,
                 },
                 runtime,
                 puller.clone(),
@@ -253,12 +255,20 @@ impl LocalPlatform {
                 url: String::new(),
                 capacity: options.worker_capacity,
             };
+            let service: Arc<dyn berth_agent::WorkerService> = Arc::new(agent.clone());
             control
-                .add_local_worker(registration, Arc::new(agent.clone()))
+                .add_local_worker(registration, service.clone())
                 .await
                 .map_err(|error| anyhow!("registering worker {name}: {}", error.body.message))?;
             spawn_local_heartbeat(control.clone(), name.clone(), agent.clone());
+            services.push((name.clone(), service));
             agents.push((name, agent));
+        }
+        // Each in-process worker reaches the others directly as a migration's source.
+        for (_, agent) in &agents {
+            for (name, service) in &services {
+                agent.add_peer(name, service);
+            }
         }
         let agent = agents
             .first()

@@ -17,6 +17,7 @@ impl Agent {
     pub(crate) async fn destroy_op(&self, id: &str, force: bool) -> Result<()> {
         let guard = self.lock(id).await?;
         let record = self.load(id).await?;
+        Self::refuse_if_moving(&record)?;
         self.destroy_locked(guard, record, force, EventSource::User)
             .await
     }

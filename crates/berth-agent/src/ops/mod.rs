@@ -5,6 +5,7 @@ use crate::error::{AgentError, Result};
 
 pub mod create;
 pub mod destroy;
+pub mod migrate;
 pub mod start;
 pub mod stop;
 pub mod update;

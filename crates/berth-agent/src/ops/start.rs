@@ -25,6 +25,7 @@ impl Agent {
         let mut mark = Instant::now();
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
+        Self::refuse_if_moving(&record)?;
         let mut steps = StepTimes::new();
         steps.lap("agent_lock_load", &mut mark);
         let previous_state = record.state;

@@ -29,6 +29,7 @@ impl Agent {
     ) -> Result<StartStopResponse> {
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
+        Self::refuse_if_moving(&record)?;
         let (signal, timeout) = Self::stop_parameters(&record, &request)?;
         let previous_state = record.state;
         match state::plan(record.state, Action::Stop)? {

@@ -25,6 +25,7 @@ impl Agent {
         validate::validate_config(&request.config)?;
         let _guard = self.lock(id).await?;
         let mut record = self.load(id).await?;
+        Self::refuse_if_moving(&record)?;
         let ActionPlan::Proceed(transitional) = state::plan(record.state, Action::Update)? else {
             return Ok(record.to_api());
         };

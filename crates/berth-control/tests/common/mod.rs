@@ -88,6 +88,7 @@ impl Harness {
                     disk_mb: 1 << 30,
                 },
                 machine_prefix: None,
+                join_token: None,
             },
             runtime.clone(),
             images.clone(),
@@ -335,6 +336,19 @@ impl WorkerService for CountingWorker {
     }
     async fn volume_snapshot(&self, id: &str) -> berth_worker::Result<berth_api::VolumeSnapshot> {
         self.agent.volume_snapshot(id).await
+    }
+    async fn migration(
+        &self,
+        step: berth_worker::MigrationStep,
+    ) -> berth_worker::Result<berth_worker::MigrationAnswer> {
+        self.agent.migration(step).await
+    }
+    async fn migration_stream(
+        &self,
+        id: &str,
+        request: berth_worker::StreamRequest,
+    ) -> berth_worker::Result<berth_worker::MigrationStream> {
+        self.agent.migration_stream(id, request).await
     }
     async fn usage_since(
         &self,

@@ -1,0 +1,747 @@
+//! Migration, this worker's half of it. The control plane runs the steps and owns the
+//! outcome: before its cutover record the Machine is the source's, and `abort` undoes
+//! either side; after it the Machine is the destination's, and `commit` and `finish`
+//! complete it. Every step is idempotent, so a step cut off by a crash is sent again.
+//!
+//! | step | side | what it records |
+//! | --- | --- | --- |
+//! | begin | source | `pending: migrate_out` (no start, stop or update meanwhile) |
+//! | receive | destination | a record with `pending: migrate_in`, before the layout; then the first pass |
+//! | halt | source | `stopped` (a running Machine), `halted` in the mark |
+//! | sync | destination | a pass of what changed since the last one began |
+//! | commit | destination | the mark cleared, a `migrate` event, storage billed from the cutover |
+//! | finish | source | the record deleted with `migrated_out` at the cutover |
+//! | abort | either | destination: everything removed; source: the mark cleared, a halted Machine started |
+
+use std::io::Write;
+
+use berth_api::{CloseBasis, EventKind, MachineState};
+use berth_worker::{
+    MigrateIn, MigrationAnswer, MigrationPeer, MigrationStep, MigrationStream, StreamRequest,
+    WorkerService,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+
+use crate::error::{AgentError, Result};
+use crate::failpoint;
+use crate::metering;
+use crate::record::{now_ms, MachineRecord, PendingOp};
+use crate::service::EventSource;
+use crate::store::MachineEvent;
+use crate::transfer;
+use crate::transition::Change;
+use crate::volumes::refuse;
+use crate::{bundle, machine_address, Agent};
+
+/// What the source hands the destination through the control plane: the record and its
+/// history, as this agent keeps them.
+#[derive(Debug, Serialize, Deserialize)]
+struct MachineExport {
+    record: MachineRecord,
+    events: Vec<MachineEvent>,
+    /// (version, config JSON, time), oldest first.
+    versions: Vec<(String, String, i64)>,
+}
+
+/// A pass this worker sent: what a later pass of the same move starts from.
+#[derive(Debug, Clone)]
+pub(crate) struct SentPass {
+    digest: String,
+    started_at: transfer::Timespec,
+    dirs: transfer::DirIndex,
+}
+
+/// Bytes handed to the HTTP body at a time.
+const CHUNK: usize = 256 * 1024;
+
+fn grant_matches(held: &str, offered: &str) -> bool {
+    bool::from(held.as_bytes().ct_eq(offered.as_bytes()))
+}
+
+fn wrong_grant(id: &str) -> AgentError {
+    refuse(
+        409,
+        "migration_conflict",
+        format!("machine {id} is not in the migration this grant names"),
+        None,
+    )
+}
+
+fn transfer_error(error: transfer::TransferError) -> AgentError {
+    if error.out_of_space() {
+        AgentError::Runtime(berth_runtime::RuntimeError::Io {
+            context: "receiving the machine's files".into(),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        })
+    } else {
+        refuse(
+            502,
+            error.code(),
+            format!("copying the machine's files: {error}"),
+            None,
+        )
+    }
+}
+
+/// A peer's error, as this worker answers it.
+fn peer_error(error: berth_worker::WorkerError) -> AgentError {
+    match error {
+        berth_worker::WorkerError::Unavailable { worker, reason } => {
+            AgentError::Unavailable { worker, reason }
+        }
+        other => {
+            let (status, body) = other.to_response();
+            AgentError::Remote {
+                status,
+                body: Box::new(body),
+            }
+        }
+    }
+}
+
+/// Sends what is written to it down a channel, in chunks: the blocking exporter's side of
+/// an HTTP body.
+struct ChannelWriter {
+    sender: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buffer: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(CHUNK),
+        ));
+        self.sender
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        failpoint::hit("migrate.source_mid_stream");
+        Ok(())
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+impl Agent {
+    pub(crate) async fn migration_op(&self, step: MigrationStep) -> Result<MigrationAnswer> {
+        match step {
+            MigrationStep::Begin {
+                id,
+                grant,
+                to_worker,
+            } => self.migrate_begin(&id, grant, to_worker).await,
+            MigrationStep::Receive(request) => self.migrate_receive(*request).await,
+            MigrationStep::Halt { id, grant } => self.migrate_halt(&id, &grant).await,
+            MigrationStep::Sync { id, grant } => self.migrate_sync(&id, &grant).await,
+            MigrationStep::Commit {
+                id,
+                grant,
+                start,
+                from_address,
+                cutover_ms,
+            } => {
+                self.migrate_commit(&id, &grant, start, from_address, cutover_ms)
+                    .await
+            }
+            MigrationStep::Finish {
+                id,
+                grant,
+                cutover_ms,
+            } => self.migrate_finish(&id, &grant, cutover_ms).await,
+            MigrationStep::Abort { id, grant } => self.migrate_abort(&id, &grant).await,
+            MigrationStep::Recreate {
+                request,
+                lost_worker,
+            } => self.recreate(*request, &lost_worker).await,
+        }
+    }
+
+    /// A create, then the event that says the Machine's files were lost.
+    async fn recreate(
+        &self,
+        mut request: berth_worker::CreateOnWorker,
+        lost_worker: &str,
+    ) -> Result<MigrationAnswer> {
+        request.skip_launch = true;
+        let id = request.id.clone();
+        self.create_op(request).await?;
+        let _guard = self.lock(&id).await?;
+        let record = self.load(&id).await?;
+        let reason =
+            format!("made again from its image; its files were lost with worker {lost_worker}");
+        let change = Change::event(EventKind::Recreate, EventSource::System).reason(&reason);
+        self.save_in_state(&record, change).await?;
+        Ok(MigrationAnswer {
+            machine: Some(self.api_view(&record)),
+            ..MigrationAnswer::default()
+        })
+    }
+
+    /// Refuses an operation on a Machine that is half of a move.
+    pub(crate) fn refuse_if_moving(record: &MachineRecord) -> Result<()> {
+        if record.pending.as_ref().is_some_and(PendingOp::is_migration) {
+            return Err(refuse(
+                409,
+                "machine_migrating",
+                format!(
+                    "machine {} is moving between workers; retry once the move ends",
+                    record.id
+                ),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn migrate_begin(
+        &self,
+        id: &str,
+        grant: String,
+        to_worker: String,
+    ) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        match &record.pending {
+            Some(PendingOp::MigrateOut { grant: held, .. }) if grant_matches(held, &grant) => {}
+            Some(_) => return Err(AgentError::Busy { id: id.to_owned() }),
+            None => {
+                if !record.config.mounts.is_empty() {
+                    return Err(refuse(
+                        409,
+                        "volume_attached",
+                        format!(
+                            "machine {id} mounts a volume, and volumes do not move between workers yet"
+                        ),
+                        None,
+                    ));
+                }
+                if !matches!(
+                    record.state,
+                    MachineState::Created | MachineState::Stopped | MachineState::Started
+                ) {
+                    return Err(AgentError::InvalidState(
+                        berth_core::state::StateError::Invalid {
+                            verb: "migrate",
+                            state: record.state,
+                        },
+                    ));
+                }
+                record.pending = Some(PendingOp::MigrateOut {
+                    grant,
+                    to_worker,
+                    halted: false,
+                });
+                self.inner.store.save(&record, None).await?;
+            }
+        }
+        failpoint::hit("migrate.after_begin");
+        let running = record.state == MachineState::Started;
+        let export = MachineExport {
+            events: self.inner.store.events(id).await?,
+            versions: {
+                let mut versions = self.inner.store.versions(id).await?;
+                versions.reverse();
+                versions
+            },
+            record,
+        };
+        let export = serde_json::to_value(&export)
+            .map_err(|error| AgentError::Internal(format!("encode the export: {error}")))?;
+        Ok(MigrationAnswer {
+            export: Some(export),
+            running,
+            ..MigrationAnswer::default()
+        })
+    }
+
+    /// One pass over the leaving Machine's writable layer, for the holder of its grant.
+    pub(crate) async fn migration_stream_op(
+        &self,
+        id: &str,
+        request: StreamRequest,
+    ) -> Result<MigrationStream> {
+        let record = self.load(id).await?;
+        match &record.pending {
+            Some(PendingOp::MigrateOut { grant, .. }) if grant_matches(grant, &request.grant) => {}
+            _ => return Err(wrong_grant(id)),
+        }
+        let layout = self.layout(id);
+        let from_base =
+            berth_runtime::spec::machine_id_range(&layout).map_or(0, |range| range.base);
+        let previous = request.after_pass.as_ref().and_then(|digest| {
+            self.inner.sent_passes.lock().ok().and_then(|sent| {
+                sent.get(id)
+                    .and_then(|passes| passes.iter().find(|pass| &pass.digest == digest))
+                    .cloned()
+            })
+        });
+        let pass = transfer::ExportPass {
+            changed_since: previous.as_ref().map(|pass| pass.started_at),
+            known_dirs: previous.map(|pass| pass.dirs),
+            from_base,
+            to_base: request.to_base,
+        };
+        let upper = layout.upper();
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+        let machine = id.to_owned();
+        let agent = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = ChannelWriter {
+                sender: sender.clone(),
+                buffer: Vec::with_capacity(CHUNK),
+            };
+            let sent = transfer::export(&upper, &pass, &mut writer)
+                .map_err(|error| std::io::Error::other(error.to_string()))
+                .and_then(|summary| writer.flush().map(|()| summary));
+            match sent {
+                Ok(summary) => agent.remember_pass(&machine, summary),
+                Err(error) => {
+                    warn!(%machine, %error, "sending the machine's files");
+                    let _ = sender.blocking_send(Err(error));
+                }
+            }
+        });
+        Ok(Box::pin(futures::stream::poll_fn(move |context| {
+            receiver.poll_recv(context)
+        })))
+    }
+
+    /// Keeps what a later pass of the Machine starts from (the last two passes: the
+    /// destination names the last it applied whole).
+    fn remember_pass(&self, id: &str, summary: transfer::PassSummary) {
+        if let Ok(mut sent) = self.inner.sent_passes.lock() {
+            let passes = sent.entry(id.to_owned()).or_default();
+            passes.push(SentPass {
+                digest: summary.digest,
+                started_at: summary.started_at,
+                dirs: summary.dirs,
+            });
+            if passes.len() > 2 {
+                passes.remove(0);
+            }
+        }
+    }
+
+    /// Forgets the passes sent of a Machine that is no longer leaving.
+    fn forget_passes(&self, id: &str) {
+        if let Ok(mut sent) = self.inner.sent_passes.lock() {
+            sent.remove(id);
+        }
+    }
+
+    /// The worker that holds a Machine's source: an in-process peer, or its agent over HTTP
+    /// with the join token.
+    fn peer(&self, source: &MigrationPeer) -> Result<std::sync::Arc<dyn WorkerService>> {
+        if let Some(peer) = self
+            .inner
+            .peers
+            .read()
+            .ok()
+            .and_then(|peers| peers.get(&source.worker).and_then(std::sync::Weak::upgrade))
+        {
+            return Ok(peer);
+        }
+        let (Some(url), Some(token)) = (&source.url, &self.inner.config.join_token) else {
+            return Err(AgentError::Unavailable {
+                worker: source.worker.clone(),
+                reason: "no way to reach it from this worker".into(),
+            });
+        };
+        let remote =
+            berth_worker::RemoteWorker::new(&source.worker, url, token).map_err(peer_error)?;
+        Ok(std::sync::Arc::new(remote))
+    }
+
+    /// Fetches one pass from the source into the Machine's upperdir; answers its summary.
+    async fn copy_pass(
+        &self,
+        id: &str,
+        grant: &str,
+        source: &MigrationPeer,
+        after_pass: Option<String>,
+    ) -> Result<transfer::PassSummary> {
+        let layout = self.layout(id);
+        let to_base = berth_runtime::spec::machine_id_range(&layout).map_or(0, |range| range.base);
+        let stream = self
+            .peer(source)?
+            .migration_stream(
+                id,
+                StreamRequest {
+                    grant: grant.to_owned(),
+                    to_base,
+                    after_pass,
+                },
+            )
+            .await
+            .map_err(peer_error)?;
+        let mut first = true;
+        let stream = futures::StreamExt::inspect(stream, move |_| {
+            if std::mem::take(&mut first) {
+                failpoint::hit("migrate.dest_mid_stream");
+            }
+        });
+        let reader = tokio_util::io::StreamReader::new(stream);
+        let upper = layout.upper();
+        tokio::task::spawn_blocking(move || {
+            let input = tokio_util::io::SyncIoBridge::new(reader);
+            transfer::import(&upper, input)
+        })
+        .await
+        .map_err(|error| AgentError::Internal(format!("receive task: {error}")))?
+        .map_err(transfer_error)
+    }
+
+    async fn migrate_receive(&self, request: MigrateIn) -> Result<MigrationAnswer> {
+        let id = request.id.clone();
+        let _guard = self.lock(&id).await?;
+        let export: MachineExport = serde_json::from_value(request.export)
+            .map_err(|error| AgentError::Internal(format!("decode the export: {error}")))?;
+        if export.record.id != id {
+            return Err(AgentError::Internal(
+                "the export is of another machine".into(),
+            ));
+        }
+        if let Some(existing) = self.inner.store.get(&id).await? {
+            match &existing.pending {
+                // A receive sent again (its answer was lost, or this agent died in it):
+                // start over from a clean slate.
+                Some(PendingOp::MigrateIn { grant, .. })
+                    if grant_matches(grant, &request.grant) =>
+                {
+                    self.remove_arrival(&existing).await?;
+                }
+                _ => {
+                    return Err(refuse(
+                        409,
+                        "migration_conflict",
+                        format!("machine {id} already exists on this worker"),
+                        None,
+                    ))
+                }
+            }
+        }
+        self.inner.store.refill_reserve().await?;
+        // The pinned image, by digest: the normal pull path, skipping layers held here.
+        let pinned = format!(
+            "{}@{}",
+            export.record.image_ref.repository, export.record.image_ref.digest
+        );
+        let lease = self.inner.images.lease();
+        let (image, _) = self.resolve_image(&pinned, &lease, &request.pull).await?;
+        if image.manifest_digest != export.record.image_ref.digest {
+            return Err(AgentError::Internal(format!(
+                "the registry answered {} for {pinned}",
+                image.manifest_digest
+            )));
+        }
+        let source_record = export.record;
+        let now = now_ms();
+        // Never started stays so; anything else arrives stopped (commit boots it if it ran).
+        let state = if source_record.state == MachineState::Created {
+            MachineState::Created
+        } else {
+            MachineState::Stopped
+        };
+        let record = MachineRecord {
+            region: self.inner.config.region.clone(),
+            state,
+            rootfs: self.rootfs_stack(&id, &image),
+            updated_at_ms: now,
+            run_generation: 0,
+            pending: Some(PendingOp::MigrateIn {
+                grant: request.grant.clone(),
+                source: request.source.clone(),
+                copied_pass: None,
+            }),
+            run_open: false,
+            private_ip: self
+                .inner
+                .config
+                .machine_prefix
+                .as_ref()
+                .and_then(|prefix| machine_address(prefix, &id)),
+            restart_due_ms: None,
+            ..source_record
+        };
+        let mut spec = bundle::bundle_spec(
+            &id,
+            &record.config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
+        // Recorded before the host is touched, so a crash leaves a mark the control plane
+        // rolls back through abort.
+        self.inner.store.save(&record, None).await?;
+        let received = async {
+            self.inner.store.add_events(&id, &export.events).await?;
+            self.inner.store.add_versions(&id, &export.versions).await?;
+            self.inner.runtime.prepare(&self.layout(&id), &spec).await?;
+            failpoint::hit("migrate.after_receive_prepare");
+            self.copy_pass(&id, &request.grant, &request.source, None)
+                .await
+        }
+        .await;
+        let summary = match received {
+            Ok(summary) => summary,
+            Err(error) => {
+                if let Err(remove_error) = self.remove_arrival(&record).await {
+                    warn!(machine = %id, %remove_error, "removing a failed arrival");
+                }
+                return Err(error);
+            }
+        };
+        let mut record = record;
+        record.pending = Some(PendingOp::MigrateIn {
+            grant: request.grant,
+            source: request.source,
+            copied_pass: Some(summary.digest.clone()),
+        });
+        self.inner.store.save(&record, None).await?;
+        failpoint::hit("migrate.after_receive");
+        drop(lease);
+        Ok(MigrationAnswer {
+            entries: summary.entries,
+            file_bytes: summary.file_bytes,
+            stream_bytes: summary.stream_bytes,
+            ..MigrationAnswer::default()
+        })
+    }
+
+    /// Removes an arrival that will not become this worker's Machine.
+    async fn remove_arrival(&self, record: &MachineRecord) -> Result<()> {
+        self.inner.runtime.remove(&self.layout(&record.id)).await?;
+        self.inner.store.delete_rollback(&record.id).await
+    }
+
+    async fn migrate_sync(&self, id: &str, grant: &str) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let Some(PendingOp::MigrateIn {
+            grant: held,
+            source,
+            copied_pass,
+        }) = record.pending.clone()
+        else {
+            return Err(wrong_grant(id));
+        };
+        if !grant_matches(&held, grant) {
+            return Err(wrong_grant(id));
+        }
+        let summary = self.copy_pass(id, grant, &source, copied_pass).await?;
+        record.pending = Some(PendingOp::MigrateIn {
+            grant: held,
+            source,
+            copied_pass: Some(summary.digest.clone()),
+        });
+        self.inner.store.save(&record, None).await?;
+        failpoint::hit("migrate.after_sync");
+        Ok(MigrationAnswer {
+            entries: summary.entries,
+            file_bytes: summary.file_bytes,
+            stream_bytes: summary.stream_bytes,
+            ..MigrationAnswer::default()
+        })
+    }
+
+    async fn migrate_halt(&self, id: &str, grant: &str) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        let Some(PendingOp::MigrateOut {
+            grant: held,
+            to_worker,
+            halted,
+        }) = record.pending.clone()
+        else {
+            return Err(wrong_grant(id));
+        };
+        if !grant_matches(&held, grant) {
+            return Err(wrong_grant(id));
+        }
+        if record.state == MachineState::Started {
+            let (signal, timeout) =
+                Self::stop_parameters(&record, &berth_api::StopRequest::default())?;
+            record.enter(MachineState::Stopping, now_ms())?;
+            self.inner.store.save(&record, None).await?;
+            let exit = self.halt(&mut record, signal, timeout).await?;
+            record.pending = Some(PendingOp::MigrateOut {
+                grant: held,
+                to_worker,
+                halted: true,
+            });
+            self.record_stopped(
+                &mut record,
+                &exit,
+                CloseBasis::Observed,
+                (EventKind::Stop, EventSource::System),
+                Some("migration"),
+            )
+            .await?;
+            failpoint::hit("migrate.after_halt");
+            return Ok(MigrationAnswer {
+                at_ms: Some(exit.exited_at_ms),
+                running: true,
+                ..MigrationAnswer::default()
+            });
+        }
+        Ok(MigrationAnswer {
+            at_ms: Some(record.updated_at_ms),
+            running: halted,
+            ..MigrationAnswer::default()
+        })
+    }
+
+    async fn migrate_commit(
+        &self,
+        id: &str,
+        grant: &str,
+        start: bool,
+        from_address: Option<String>,
+        cutover_ms: i64,
+    ) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let mut record = self.load(id).await?;
+        match &record.pending {
+            Some(PendingOp::MigrateIn { grant: held, .. }) if grant_matches(held, grant) => {}
+            // Committed already: a commit sent again finds the Machine as it left it.
+            None => {
+                return Ok(MigrationAnswer {
+                    machine: Some(self.api_view(&record)),
+                    ..MigrationAnswer::default()
+                })
+            }
+            Some(_) => return Err(wrong_grant(id)),
+        }
+        // The source is gone by now. On a host with several workers it shared the
+        // Machine's veth name and took the veth with it: attach again (idempotent).
+        self.inner.runtime.restore_network(&self.layout(id)).await?;
+        record.pending = None;
+        record.updated_at_ms = cutover_ms.max(record.updated_at_ms);
+        let reason = format!(
+            "moved to this worker ({}); private_ip {} -> {}",
+            self.inner.config.name,
+            from_address.as_deref().unwrap_or("none"),
+            record
+                .private_ip
+                .map_or_else(|| "none".to_owned(), |address| address.to_string())
+        );
+        let usage = [{
+            let mut created = metering::created(&record);
+            created.at_ms = cutover_ms;
+            created.storage_bytes = record.storage_bytes;
+            created
+        }];
+        let change = Change::event(EventKind::Migrate, EventSource::System)
+            .reason(&reason)
+            .usage(&usage);
+        self.save_in_state(&record, change).await?;
+        failpoint::hit("migrate.after_commit");
+        info!(machine = %id, "moved here");
+        let mut answer = MigrationAnswer::default();
+        if start {
+            self.boot(&mut record, EventSource::System).await?;
+            answer.at_ms = Some(now_ms());
+        }
+        answer.machine = Some(self.api_view(&record));
+        Ok(answer)
+    }
+
+    async fn migrate_finish(
+        &self,
+        id: &str,
+        grant: &str,
+        cutover_ms: i64,
+    ) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let Some(mut record) = self.inner.store.get(id).await? else {
+            return Ok(MigrationAnswer::default());
+        };
+        match &record.pending {
+            Some(PendingOp::MigrateOut { grant: held, .. }) if grant_matches(held, grant) => {}
+            _ => return Err(wrong_grant(id)),
+        }
+        // A run still open (the Machine exited and was restarted by policy between the
+        // control plane's halt and here cannot happen: it was halted) is closed anyway.
+        if matches!(
+            self.inner.runtime.status(&self.layout(id)).await?,
+            berth_runtime::Status::Running { .. }
+        ) {
+            let (signal, _) = Self::stop_parameters(&record, &berth_api::StopRequest::default())?;
+            let _ = self
+                .halt(&mut record, signal, std::time::Duration::ZERO)
+                .await?;
+        }
+        self.inner.runtime.remove(&self.layout(id)).await?;
+        failpoint::hit("migrate.after_source_remove");
+        let mut usage = Vec::new();
+        if let Some(close) = metering::close_run(&mut record, cutover_ms, CloseBasis::Observed) {
+            usage.push(close);
+        }
+        let mut out = metering::created(&record);
+        out.kind = berth_api::UsageKind::MigratedOut;
+        out.at_ms = cutover_ms;
+        usage.push(out);
+        self.inner.store.delete_with_usage(id, &usage).await?;
+        self.forget_passes(id);
+        self.end_checks(id);
+        self.forget_schedule(id);
+        if let Ok(mut locks) = self.inner.locks.lock() {
+            locks.remove(id);
+        }
+        info!(machine = %id, "moved away");
+        Ok(MigrationAnswer::default())
+    }
+
+    async fn migrate_abort(&self, id: &str, grant: &str) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let Some(mut record) = self.inner.store.get(id).await? else {
+            return Ok(MigrationAnswer::default());
+        };
+        match record.pending.clone() {
+            Some(PendingOp::MigrateIn { grant: held, .. }) if grant_matches(&held, grant) => {
+                self.remove_arrival(&record).await?;
+                info!(machine = %id, "arrival rolled back");
+                Ok(MigrationAnswer::default())
+            }
+            Some(PendingOp::MigrateOut {
+                grant: held,
+                halted,
+                ..
+            }) if grant_matches(&held, grant) => {
+                record.pending = None;
+                self.inner.store.save(&record, None).await?;
+                self.forget_passes(id);
+                let mut answer = MigrationAnswer::default();
+                if halted && record.state == MachineState::Stopped {
+                    self.boot(&mut record, EventSource::System).await?;
+                    answer.running = true;
+                }
+                answer.machine = Some(self.api_view(&record));
+                info!(machine = %id, "departure rolled back");
+                Ok(answer)
+            }
+            // Not this migration's: an abort sent again after the outcome, or a stale one.
+            _ => Ok(MigrationAnswer::default()),
+        }
+    }
+}
