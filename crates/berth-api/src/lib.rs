@@ -563,6 +563,34 @@ wire_names!(MachineWorkerStatus {
     Unreachable => "unreachable",
 });
 
+/// `POST /v1/apps/{app}/machines/{id}/migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateMachineRequest {
+    /// The worker to move to; placement picks one when absent, as at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_worker: Option<String>,
+}
+
+/// The answer to a migration: the Machine on its new worker, and what the move cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrateMachineResponse {
+    pub machine: Machine,
+    pub from_worker: String,
+    pub to_worker: String,
+    /// Bytes of file content copied, over every pass.
+    pub bytes_moved: u64,
+    /// Bytes on the wire (compressed), over every pass.
+    pub bytes_sent: u64,
+    /// Copy passes: 1 for a stopped Machine, 2 or more for a running one.
+    pub passes: u32,
+    /// From the request's start to the Machine on its new worker.
+    pub duration_ms: u64,
+    /// A running Machine: from the stop on the old worker to init running on the new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
 /// The answer to start and stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StartStopResponse {
@@ -969,6 +997,59 @@ pub struct Worker {
     /// `null` until the worker's first heartbeat (and again after a control plane restart).
     #[serde(default)]
     pub last_heartbeat: Option<String>,
+    /// The worker's last drain, while it runs and after it ended (until the control plane
+    /// restarts); absent when it was never drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainProgress>,
+}
+
+/// Where a drain stands: every Machine the worker held when it began is left, moving,
+/// moved or failed, and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainProgress {
+    pub state: DrainState,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Machines the worker held when the drain began.
+    pub total: u64,
+    pub left: u64,
+    pub moving: u64,
+    pub moved: u64,
+    /// Machines that could not move, each with the error it met. They stay where they are.
+    pub failed: Vec<DrainFailure>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainState {
+    Draining,
+    /// The worker holds no Machine.
+    Drained,
+    /// Every Machine was tried; some could not move (see `failed`).
+    Incomplete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainFailure {
+    pub machine: String,
+    pub app: String,
+    /// The error code the move ended with, such as `insufficient_capacity`.
+    pub error: String,
+    pub message: String,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}/recreate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecreateMachineRequest {
+    /// Must be `true`: the Machine's files are lost with its worker, and this says the
+    /// caller knows.
+    #[serde(default)]
+    pub lose_state: bool,
+    /// The worker to make it on; placement picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_worker: Option<String>,
 }
 
 /// Whether a worker keeps up its heartbeat.

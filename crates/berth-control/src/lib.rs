@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use berth_api::{OrgLimits, RegisterWorker, SetOrgLimitsRequest, WorkerStats};
 use berth_core::billing::Prices;
-use berth_core::placement::{self, PlacementError, PlacementRequest, Strategy};
+use berth_core::placement::{self, PlacementError, PlacementRequest, Strategy, WorkerCapacity};
 use berth_core::{ids, validate};
 use berth_image::{ImagePuller, ImageStore};
 use berth_worker::WorkerService;
@@ -23,6 +23,7 @@ mod apps;
 pub mod auth;
 pub mod clock;
 mod doctor;
+mod drain;
 pub mod error;
 pub mod extract;
 mod idempotency;
@@ -31,6 +32,7 @@ mod last_known;
 mod leases;
 pub mod limits;
 mod machines;
+pub mod migrate;
 mod notices;
 pub mod openapi;
 mod reconcile;
@@ -114,6 +116,10 @@ pub struct ControlPlane {
     app_orgs: RwLock<HashMap<String, String>>,
     org_locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     waiters: notices::Waiters,
+    /// Machines being moved between workers by this process.
+    moves: migrate::Moves,
+    /// Each worker's last drain.
+    drains: drain::Drains,
     exec_max_output_bytes: usize,
     openapi_json: OnceLock<String>,
 }
@@ -144,6 +150,7 @@ impl ControlPlane {
             .chain(limits::SCHEMA)
             .chain(leases::SCHEMA)
             .chain(idempotency::SCHEMA)
+            .chain(migrate::SCHEMA)
         {
             sqlx::query(statement).execute(store.pool()).await?;
         }
@@ -180,6 +187,8 @@ impl ControlPlane {
             app_orgs: RwLock::new(app_orgs),
             org_locks: StdMutex::new(HashMap::new()),
             waiters: notices::Waiters::default(),
+            moves: migrate::Moves::default(),
+            drains: drain::Drains::default(),
             exec_max_output_bytes: config.exec_max_output_bytes,
             openapi_json: OnceLock::new(),
         });
@@ -200,6 +209,7 @@ impl ControlPlane {
             }
         });
         usage::spawn_ingestion(&control);
+        migrate::spawn_settling(&control);
         Ok(control)
     }
 
@@ -270,6 +280,7 @@ impl ControlPlane {
                 continue;
             };
             reconcile::forget_lost(self, name, &worker, &app.name, &machines).await;
+            reconcile::remove_stale(self, name, &worker, &app.name, &machines).await;
             for machine in machines {
                 self.usage.observe(
                     &app.org_slug,
@@ -302,7 +313,15 @@ impl ControlPlane {
 
     /// Placement: decided once, at create; the Machine is pinned to the answer.
     pub(crate) fn place(&self, request: &PlacementRequest) -> Result<String, ApiError> {
-        let capacities = self.workers.capacities();
+        self.place_among(self.workers.capacities(), request)
+    }
+
+    /// Placement among `capacities` (all workers, or all but a Machine's own).
+    pub(crate) fn place_among(
+        &self,
+        capacities: Vec<WorkerCapacity>,
+        request: &PlacementRequest,
+    ) -> Result<String, ApiError> {
         if capacities.is_empty() {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -11,9 +11,9 @@ use axum::Extension;
 use axum::Json;
 use berth_api::{
     ApiDuration, CreateMachineRequest, DestroyResponse, ErrorBody, HostStatus, Machine,
-    MachineConfig, MachineState, MachineVersion, OkResponse, ProcessStat, RestartPolicy,
-    RootfsPersist, SignalRequest, StartRequest, StartStopResponse, StopRequest,
-    UpdateMachineRequest,
+    MachineConfig, MachineState, MachineVersion, MigrateMachineRequest, MigrateMachineResponse,
+    OkResponse, ProcessStat, RecreateMachineRequest, RestartPolicy, RootfsPersist, SignalRequest,
+    StartRequest, StartStopResponse, StopRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
 use berth_worker::{CreateOnWorker, WorkerService};
@@ -352,6 +352,44 @@ pub(crate) async fn restart_machine(
     control.restart_machine(&pre, &app, &id, query).await
 }
 
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/migrate", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body(content = Option<MigrateMachineRequest>),
+    responses((status = 200, body = MigrateMachineResponse, description = "the Machine on its new worker; a running Machine runs there"),
+              (status = 409, body = ErrorBody, description = "`machine_migrating`: another move of it runs; `volume_attached`: it mounts a volume; `invalid_state`: it is in a transitional state"),
+              (status = 503, body = ErrorBody, description = "`insufficient_capacity`: no other worker fits it"),
+              (status = 507, body = ErrorBody, description = "`insufficient_storage`: the destination's disk filled; the Machine stays whole where it was"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn migrate_machine(
+    State(control): State<Shared>,
+    pre: Preconditions,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    OptionalJson(request): OptionalJson<MigrateMachineRequest>,
+) -> Result<Response, ApiError> {
+    control.migrate_machine(&pre, &app, &id, request).await
+}
+
+#[utoipa::path(post, path = "/apps/{app}/machines/{id}/recreate", tag = "machines",
+    params(("app" = String, Path), ("id" = String, Path)),
+    request_body = RecreateMachineRequest,
+    responses((status = 200, body = Machine, description = "made again, stopped, on another worker; a `recreate` event says its files were lost"),
+              (status = 409, body = ErrorBody, description = "`state_would_be_lost`: lose_state is not true; `worker_available`: its worker answers, so migrate it instead"),
+              (status = "default", body = ErrorBody)))]
+pub(crate) async fn recreate_machine(
+    State(control): State<Shared>,
+    principal: Principal,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    OptionalJson(request): OptionalJson<RecreateMachineRequest>,
+) -> Result<Json<Machine>, ApiError> {
+    control
+        .recreate_machine(&principal, &app, &id, request)
+        .await
+        .map(Json)
+}
+
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/suspend", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path)),
     responses((status = 422, body = ErrorBody, description = "`suspend_unsupported`: no driver here can suspend a Machine yet"),
@@ -581,6 +619,7 @@ impl ControlPlane {
         id: &str,
         mut request: UpdateMachineRequest,
     ) -> Result<Json<Machine>, ApiError> {
+        self.moves.settled(id).await?;
         let (app_row, row) = self.machine(principal, app, id).await?;
         self.check_rate(principal, Action::Update, Some(id)).await?;
         leases::check(self, id, nonce).await?;
@@ -674,6 +713,36 @@ impl ControlPlane {
         answer.machine = seen(self, answer.machine, &row.worker).await;
         lap.lap("api_cache");
         Ok(answer)
+    }
+
+    /// Moves a Machine to another worker, under the same admission as start and stop.
+    pub(crate) async fn migrate_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        request: MigrateMachineRequest,
+    ) -> Result<Response, ApiError> {
+        let operation = format!("migrate {app}/{id}");
+        Ok(idempotency::once(
+            self,
+            &pre.principal,
+            pre.key.as_ref(),
+            &operation,
+            request,
+            {
+                |request, _| async move {
+                    let result = async {
+                        let (app_row, row) = admit(self, pre, app, id, Action::Update).await?;
+                        let answer = self.migrate_admitted(&app_row, &row, request).await?;
+                        Ok::<_, ApiError>(Json(answer))
+                    }
+                    .await;
+                    result.into_response()
+                }
+            },
+        )
+        .await)
     }
 
     /// Stops a Machine on its worker.
@@ -983,6 +1052,8 @@ async fn admit(
     id: &str,
     action: Action,
 ) -> Result<(AppRow, MachineIndexRow), ApiError> {
+    // A move of the Machine ends first; the lookup then finds its new worker.
+    control.moves.settled(id).await?;
     // The lease is read beside the lookup; it is judged in the same order as before.
     let (machine, lease) = tokio::join!(
         control.machine(&pre.principal, app, id),
@@ -1009,7 +1080,7 @@ fn answered_by(mut machine: Machine, worker: &str) -> Machine {
 /// After a change (create, update, start, stop): marks the answer, and remembers it as the
 /// last known state for when that worker is down (written in the background). Reads only
 /// mark, so GET and list cost no write.
-async fn seen(control: &ControlPlane, machine: Machine, worker: &str) -> Machine {
+pub(crate) async fn seen(control: &ControlPlane, machine: Machine, worker: &str) -> Machine {
     let machine = answered_by(machine, worker);
     if let Ok(json) = serde_json::to_string(&machine) {
         control.last_known.remember(&machine.id, json);

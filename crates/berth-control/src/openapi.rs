@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use crate::extract::MAX_JSON_BODY;
 use crate::{
-    apps, doctor, images, leases, machines, robots, tenancy, usage, volumes, workers, Shared,
+    apps, doctor, drain, images, leases, machines, robots, tenancy, usage, volumes, workers, Shared,
 };
 
 #[derive(OpenApi)]
@@ -69,6 +69,8 @@ pub(crate) fn api_router() -> OpenApiRouter<Shared> {
         .routes(routes!(machines::restart_machine))
         .routes(routes!(machines::suspend_machine))
         .routes(routes!(machines::cordon_machine))
+        .routes(routes!(machines::migrate_machine))
+        .routes(routes!(machines::recreate_machine))
         .routes(routes!(machines::uncordon_machine))
         .routes(routes!(machines::machine_processes))
         .routes(routes!(machines::machine_versions))
@@ -98,6 +100,8 @@ pub(crate) fn api_router() -> OpenApiRouter<Shared> {
         .routes(routes!(usage::org_usage))
         .routes(routes!(workers::list))
         .routes(routes!(workers::cordon))
+        .routes(routes!(drain::get_worker))
+        .routes(routes!(drain::drain_worker))
         .routes(routes!(workers::uncordon))
         .routes(routes!(doctor::check))
         .routes(routes!(doctor::repair))

@@ -47,3 +47,27 @@ pub(crate) async fn worker_lacks(worker: &Arc<dyn WorkerService>, id: &str) -> b
         _ => false,
     }
 }
+
+/// Destroys the copies worker `name` still lists of Machines the index places elsewhere
+/// and no move is settling: a worker that came back after its Machines were recreated
+/// elsewhere, or moved away while it was unreachable.
+pub(crate) async fn remove_stale(
+    control: &ControlPlane,
+    name: &str,
+    worker: &Arc<dyn WorkerService>,
+    app: &str,
+    listed: &[Machine],
+) {
+    for machine in listed {
+        let Ok(Some(row)) = control.store.machine(app, &machine.id).await else {
+            continue;
+        };
+        if row.worker == name || control.move_recorded(&machine.id).await {
+            continue;
+        }
+        tracing::warn!(machine = %machine.id, worker = %name, now_on = %row.worker, "removing a stale copy of a Machine that lives elsewhere");
+        if let Err(error) = worker.destroy(&machine.id, true).await {
+            tracing::warn!(machine = %machine.id, %error, "removing a stale copy");
+        }
+    }
+}

@@ -380,6 +380,17 @@ impl ControlStore {
         Ok(rows.iter().map(index_row).collect())
     }
 
+    /// Every Machine the index places on `worker`.
+    pub async fn machines_on(&self, worker: &str) -> Result<Vec<MachineIndexRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE worker = ? ORDER BY id",
+        )
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(index_row).collect())
+    }
+
     /// The Machine JSON last answered by its worker.
     pub async fn remember_machine(&self, id: &str, json: &str) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE machines SET last_json = ? WHERE id = ?")

@@ -267,6 +267,19 @@ impl Workers {
         }
     }
 
+    /// One worker as the API shows it (without its drain).
+    pub(crate) fn view(&self, name: &str) -> Option<Worker> {
+        let entries = self.read();
+        entries
+            .get(name)
+            .map(|entry| self.to_api(name, entry, now_ms()))
+    }
+
+    /// A remote worker's agent URL; `None` for an in-process one.
+    pub(crate) fn url(&self, name: &str) -> Option<String> {
+        self.read().get(name).and_then(|entry| entry.url.clone())
+    }
+
     pub(crate) fn service(&self, name: &str) -> Option<Arc<dyn WorkerService>> {
         self.read().get(name).map(|entry| entry.service.clone())
     }
@@ -363,6 +376,7 @@ impl Workers {
             running: entry.stats.running,
             machine_prefix: entry.machine_prefix.clone(),
             last_heartbeat: entry.last_heartbeat_ms.map(format_ms),
+            drain: None,
         }
     }
 }
@@ -493,7 +507,11 @@ impl ControlPlane {
         Ok(Json(
             entries
                 .iter()
-                .map(|(name, entry)| self.workers.to_api(name, entry, now))
+                .map(|(name, entry)| {
+                    let mut worker = self.workers.to_api(name, entry, now);
+                    worker.drain = self.drains.get(name);
+                    worker
+                })
                 .collect(),
         ))
     }
@@ -506,6 +524,16 @@ impl ControlPlane {
         cordoned: bool,
     ) -> Result<Json<Worker>, ApiError> {
         principal.require_admin()?;
+        self.set_worker_cordon(name, cordoned).await?;
+        self.worker_view(name).map(Json)
+    }
+
+    /// Records the cordon and applies it to placement.
+    pub(crate) async fn set_worker_cordon(
+        &self,
+        name: &str,
+        cordoned: bool,
+    ) -> Result<(), ApiError> {
         let updated = sqlx::query("UPDATE workers SET cordoned = ? WHERE name = ?")
             .bind(i64::from(cordoned))
             .bind(name)
@@ -519,7 +547,7 @@ impl ControlPlane {
             return Err(ApiError::not_found(format!("worker {name:?}")));
         }
         entry.cordoned = cordoned;
-        Ok(Json(self.workers.to_api(name, entry, now_ms())))
+        Ok(())
     }
 }
 

@@ -297,6 +297,22 @@ pub enum MachineCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Move the Machine, its files and its history to another worker. A running Machine
+    /// runs there afterwards, after a short stop.
+    Migrate {
+        /// The Machine's app; looked up from the id when absent.
+        #[arg(long)]
+        app: Option<String>,
+        id: String,
+        /// The worker to move to; placement picks one when absent.
+        #[arg(long = "to")]
+        to_worker: Option<String>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Let the proxy route to the Machine again.
     Uncordon {
         #[arg(long)]
@@ -583,6 +599,39 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 )
                 .await?;
             println!("machine {id} is cordoned");
+        }
+        MachineCommand::Migrate {
+            app,
+            id,
+            to_worker,
+            json,
+            api,
+        } => {
+            let client = api.client()?;
+            let app = crate::robots::resolve_app(&client, app, &id).await?;
+            let answer: berth_api::MigrateMachineResponse = client
+                .post(
+                    &format!("/v1/apps/{app}/machines/{id}/migrate"),
+                    &berth_api::MigrateMachineRequest { to_worker },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let downtime = answer
+                    .downtime_ms
+                    .map(|ms| format!(", down for {ms} ms"))
+                    .unwrap_or_default();
+                println!(
+                    "machine {id} moved from {} to {} ({} bytes in {} pass(es), {} ms{downtime}); private_ip {}",
+                    answer.from_worker,
+                    answer.to_worker,
+                    answer.bytes_moved,
+                    answer.passes,
+                    answer.duration_ms,
+                    answer.machine.private_ip.as_deref().unwrap_or("none"),
+                );
+            }
         }
         MachineCommand::Uncordon { app, id, api } => {
             let _: serde_json::Value = api

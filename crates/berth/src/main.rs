@@ -17,6 +17,7 @@ mod robots;
 mod up;
 mod usage_cmd;
 mod volume_cmd;
+mod worker_cmd;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/berth";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:4280";
@@ -62,6 +63,9 @@ enum Command {
     /// API tokens of orgs (admin).
     #[command(subcommand)]
     Token(robots::TokenCommand),
+    /// The cluster's workers: list, cordon, drain (admin).
+    #[command(subcommand)]
+    Worker(worker_cmd::WorkerCommand),
     /// Check every worker's records against its host; exits non-zero on findings.
     Doctor(doctor_cmd::DoctorArgs),
     /// The per-Machine supervisor. Started by the worker, not by people.
@@ -129,6 +133,7 @@ fn run(command: Command) -> Result<()> {
             Command::Usage(args) => usage_cmd::run(args).await,
             Command::Org(command) => robots::org(command).await,
             Command::Token(command) => robots::token(command).await,
+            Command::Worker(command) => worker_cmd::worker(command).await,
             Command::Doctor(args) => doctor_cmd::run(args).await,
             Command::Shim(_) => Ok(()),
         }

@@ -1,0 +1,646 @@
+//! Moving a Machine between workers. The control plane runs the agents' steps
+//! ([`MigrationStep`]) and owns the outcome: its `migrations` row is written before the
+//! first step, and the cutover (the index's worker changing) is one transaction with the
+//! row's phase. Before the cutover a failure or a crash rolls back (abort on both
+//! workers); after it the move rolls forward (commit, then finish). The bytes go from
+//! agent to agent; they never pass through here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use berth_api::{Machine, MigrateMachineRequest, MigrateMachineResponse, RecreateMachineRequest};
+use berth_core::placement::PlacementRequest;
+use berth_worker::{
+    CreateOnWorker, MigrateIn, MigrationAnswer, MigrationPeer, MigrationStep, WorkerService,
+};
+use sqlx::Row;
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::store::{AppRow, MachineIndexRow};
+use crate::ControlPlane;
+
+pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS migrations (
+        machine_id TEXT PRIMARY KEY NOT NULL,
+        app TEXT NOT NULL,
+        source TEXT NOT NULL,
+        dest TEXT NOT NULL,
+        grant_token TEXT NOT NULL,
+        running INTEGER NOT NULL DEFAULT 0,
+        from_address TEXT,
+        phase TEXT NOT NULL,
+        cutover_ms INTEGER,
+        started_ms INTEGER NOT NULL
+    )"];
+
+/// The control plane's failpoints in a move (the agents have theirs): just before and just
+/// after the cutover record.
+pub const CONTROL_POINTS: &[&str] = &["migrate.before_cutover", "migrate.after_cutover"];
+
+/// How long a start, stop, update or destroy waits for a move of its Machine to end.
+const WAIT_FOR_MOVE: Duration = Duration::from_secs(300);
+
+/// How often unfinished moves (their request died with a process) are settled.
+const SETTLE_EVERY: Duration = Duration::from_secs(3);
+
+/// A pre-copy pass shorter than this leaves little to copy while the Machine is down.
+const SHORT_PASS: Duration = Duration::from_millis(500);
+
+/// At most this many passes while a Machine runs before it is stopped for the last.
+const MAX_LIVE_PASSES: u32 = 3;
+
+/// The Machines being moved by this process, each with a channel that closes when its
+/// move ends.
+#[derive(Default)]
+pub(crate) struct Moves {
+    by_machine: StdMutex<HashMap<String, watch::Receiver<()>>>,
+}
+
+/// Held while a move runs; dropping it ends the move for the waiters.
+pub(crate) struct MoveGuard<'a> {
+    moves: &'a Moves,
+    id: String,
+    _sender: watch::Sender<()>,
+}
+
+impl Drop for MoveGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.moves.by_machine.lock() {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl Moves {
+    /// Marks `id` as moving; `None` when it already is.
+    fn begin(&self, id: &str) -> Option<MoveGuard<'_>> {
+        let mut map = self.by_machine.lock().ok()?;
+        if map.contains_key(id) {
+            return None;
+        }
+        let (sender, receiver) = watch::channel(());
+        map.insert(id.to_owned(), receiver);
+        Some(MoveGuard {
+            moves: self,
+            id: id.to_owned(),
+            _sender: sender,
+        })
+    }
+
+    /// Waits until no move of `id` runs in this process.
+    pub(crate) async fn settled(&self, id: &str) -> Result<(), ApiError> {
+        let receiver = self
+            .by_machine
+            .lock()
+            .ok()
+            .and_then(|map| map.get(id).cloned());
+        let Some(mut receiver) = receiver else {
+            return Ok(());
+        };
+        // `changed` fails once the guard's sender is gone: the move ended.
+        match tokio::time::timeout(WAIT_FOR_MOVE, receiver.changed()).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(migrating(id)),
+        }
+    }
+}
+
+fn migrating(id: &str) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::CONFLICT,
+        "machine_migrating",
+        format!("machine {id} is moving between workers; retry once the move ends"),
+    );
+    error.body.retry_after_ms = Some(1000);
+    error
+}
+
+/// The move's grant: the source serves its files only to whoever holds it.
+fn new_grant() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// One row of the `migrations` table.
+#[derive(Debug, Clone)]
+struct MoveRow {
+    machine_id: String,
+    source: String,
+    dest: String,
+    grant: String,
+    running: bool,
+    from_address: Option<String>,
+    cut_over: bool,
+    cutover_ms: Option<i64>,
+}
+
+impl ControlPlane {
+    /// Moves an admitted Machine to `request.to_worker` (or where placement picks).
+    pub(crate) async fn migrate_admitted(
+        &self,
+        app: &AppRow,
+        row: &MachineIndexRow,
+        request: MigrateMachineRequest,
+    ) -> Result<MigrateMachineResponse, ApiError> {
+        let began = Instant::now();
+        let id = row.id.as_str();
+        let Some(_guard) = self.moves.begin(id) else {
+            return Err(migrating(id));
+        };
+        // An earlier move that a crash cut off is settled first.
+        if self.move_recorded(id).await {
+            return Err(migrating(id));
+        }
+        let source_name = row.worker.clone();
+        let source = self.worker(&source_name)?;
+        let current = source.get(id).await?;
+        let dest_name = self.migration_target(row, &current, request.to_worker)?;
+        let dest = self.worker(&dest_name)?;
+        let size = berth_api::Resources {
+            cpus: current.config.guest.cpus,
+            memory_mb: u64::from(current.config.guest.memory_mb),
+            disk_mb: berth_core::placement::machine_disk_mb(&current.config.guest),
+        };
+        let grant = new_grant();
+        let mut moving = MoveRow {
+            machine_id: id.to_owned(),
+            source: source_name.clone(),
+            dest: dest_name.clone(),
+            grant: grant.clone(),
+            running: false,
+            from_address: current.private_ip.clone(),
+            cut_over: false,
+            cutover_ms: None,
+        };
+        self.insert_move(&app.name, &moving).await?;
+        self.workers.reserve(&dest_name, id, size, true);
+        let moved = self.run_move(app, &source, &dest, &mut moving, began).await;
+        self.workers.create_ended(&dest_name, id, moved.is_ok());
+        match moved {
+            Ok(answer) => Ok(answer),
+            Err(error) if moving.cut_over => {
+                // Past the cutover the move rolls forward: the settling loop finishes it.
+                tracing::warn!(machine = %id, error = %error.body.message, "finishing a move later");
+                Err(error)
+            }
+            Err(error) => {
+                if let Err(abort_error) = self.roll_back(&source, &dest, &moving).await {
+                    tracing::warn!(machine = %id, error = %abort_error.body.message, "rolling a move back later");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The worker a Machine moves to: the one asked for, checked, or placement's pick
+    /// among the others.
+    fn migration_target(
+        &self,
+        row: &MachineIndexRow,
+        machine: &berth_api::Machine,
+        asked: Option<String>,
+    ) -> Result<String, ApiError> {
+        let capacities = self.workers.capacities();
+        if let Some(name) = asked {
+            let Some(worker) = capacities.iter().find(|worker| worker.name == name) else {
+                let mut error = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_worker",
+                    format!("no worker is named {name}"),
+                );
+                error.body.field = Some("to_worker".into());
+                return Err(error);
+            };
+            if name == row.worker {
+                let mut error = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "same_worker",
+                    format!("machine {} is already on worker {name}", row.id),
+                );
+                error.body.field = Some("to_worker".into());
+                return Err(error);
+            }
+            if !worker.healthy || worker.cordoned {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "insufficient_capacity",
+                    format!("worker {name} takes no Machines now (cordoned or unreachable)"),
+                );
+                error.body.retry_after_ms = Some(5000);
+                return Err(error);
+            }
+        }
+        let request = PlacementRequest {
+            region: None,
+            worker: None,
+            cpus: machine.config.guest.cpus,
+            memory_mb: u64::from(machine.config.guest.memory_mb),
+            disk_mb: berth_core::placement::machine_disk_mb(&machine.config.guest),
+        };
+        let others: Vec<_> = capacities
+            .into_iter()
+            .filter(|worker| worker.name != row.worker)
+            .collect();
+        self.place_among(others, &request)
+    }
+
+    async fn run_move(
+        &self,
+        app: &AppRow,
+        source: &Arc<dyn WorkerService>,
+        dest: &Arc<dyn WorkerService>,
+        moving: &mut MoveRow,
+        began: Instant,
+    ) -> Result<MigrateMachineResponse, ApiError> {
+        let id = moving.machine_id.clone();
+        let grant = moving.grant.clone();
+        let begun = source
+            .migration(MigrationStep::Begin {
+                id: id.clone(),
+                grant: grant.clone(),
+                to_worker: moving.dest.clone(),
+            })
+            .await?;
+        moving.running = begun.running;
+        self.set_move_running(&id, begun.running).await?;
+        let export = begun
+            .export
+            .ok_or_else(|| ApiError::internal("the source answered no export"))?;
+        let mut copied = Copied::default();
+        let pass = Instant::now();
+        let first = dest
+            .migration(MigrationStep::Receive(Box::new(MigrateIn {
+                id: id.clone(),
+                grant: grant.clone(),
+                source: MigrationPeer {
+                    worker: moving.source.clone(),
+                    url: self.workers.url(&moving.source),
+                },
+                export,
+                pull: berth_image::PullScope::default(),
+            })))
+            .await?;
+        copied.add(&first);
+        let mut downtime_from = None;
+        if moving.running {
+            // Pre-copy while it runs, until a pass is short: what is left to copy while
+            // the Machine is down is what changed during that last short pass.
+            let mut last = pass.elapsed();
+            while last > SHORT_PASS && copied.passes < MAX_LIVE_PASSES {
+                let pass = Instant::now();
+                let answer = self.sync(dest, &id, &grant).await?;
+                copied.add(&answer);
+                last = pass.elapsed();
+            }
+            downtime_from = Some(Instant::now());
+            source
+                .migration(MigrationStep::Halt {
+                    id: id.clone(),
+                    grant: grant.clone(),
+                })
+                .await?;
+            let answer = self.sync(dest, &id, &grant).await?;
+            copied.add(&answer);
+        }
+        let cutover_ms = self.clock.now_ms();
+        self.cut_over(&id, &moving.dest, cutover_ms).await?;
+        moving.cut_over = true;
+        moving.cutover_ms = Some(cutover_ms);
+        // The source first: on a host with several workers the Machine's cgroups and veth
+        // name are the host's, shared by both copies, so the old one goes before the new
+        // one boots.
+        self.finish_source(source, moving).await?;
+        let committed = self.commit(dest, moving).await?;
+        let downtime_ms = downtime_from.map(|from| from.elapsed().as_millis() as u64);
+        let machine = committed
+            .machine
+            .ok_or_else(|| ApiError::internal("the destination answered no machine"))?;
+        let machine = crate::machines::seen(self, machine, &moving.dest).await;
+        tracing::info!(machine = %id, app = %app.name, from = %moving.source, to = %moving.dest, bytes = copied.file_bytes, ?downtime_ms, "moved");
+        Ok(MigrateMachineResponse {
+            machine,
+            from_worker: moving.source.clone(),
+            to_worker: moving.dest.clone(),
+            bytes_moved: copied.file_bytes,
+            bytes_sent: copied.stream_bytes,
+            passes: copied.passes,
+            duration_ms: began.elapsed().as_millis() as u64,
+            downtime_ms,
+        })
+    }
+
+    async fn sync(
+        &self,
+        dest: &Arc<dyn WorkerService>,
+        id: &str,
+        grant: &str,
+    ) -> Result<MigrationAnswer, ApiError> {
+        Ok(dest
+            .migration(MigrationStep::Sync {
+                id: id.to_owned(),
+                grant: grant.to_owned(),
+            })
+            .await?)
+    }
+
+    /// After the cutover: the source removes its copy.
+    async fn finish_source(
+        &self,
+        source: &Arc<dyn WorkerService>,
+        moving: &MoveRow,
+    ) -> Result<(), ApiError> {
+        source
+            .migration(MigrationStep::Finish {
+                id: moving.machine_id.clone(),
+                grant: moving.grant.clone(),
+                cutover_ms: moving.cutover_ms.unwrap_or_else(|| self.clock.now_ms()),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// After the source finished: the destination takes the Machine (and boots it if it
+    /// ran), and the move's row goes.
+    async fn commit(
+        &self,
+        dest: &Arc<dyn WorkerService>,
+        moving: &MoveRow,
+    ) -> Result<MigrationAnswer, ApiError> {
+        let committed = dest
+            .migration(MigrationStep::Commit {
+                id: moving.machine_id.clone(),
+                grant: moving.grant.clone(),
+                start: moving.running,
+                from_address: moving.from_address.clone(),
+                cutover_ms: moving.cutover_ms.unwrap_or_else(|| self.clock.now_ms()),
+            })
+            .await?;
+        sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+            .bind(&moving.machine_id)
+            .execute(self.store.pool())
+            .await?;
+        Ok(committed)
+    }
+
+    /// Before the cutover: both workers undo their part, then the row goes.
+    async fn roll_back(
+        &self,
+        source: &Arc<dyn WorkerService>,
+        dest: &Arc<dyn WorkerService>,
+        moving: &MoveRow,
+    ) -> Result<(), ApiError> {
+        let abort = || MigrationStep::Abort {
+            id: moving.machine_id.clone(),
+            grant: moving.grant.clone(),
+        };
+        dest.migration(abort()).await?;
+        source.migration(abort()).await?;
+        sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+            .bind(&moving.machine_id)
+            .execute(self.store.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_move(&self, app: &str, moving: &MoveRow) -> Result<(), ApiError> {
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO migrations
+                (machine_id, app, source, dest, grant_token, running, from_address, phase, started_ms)
+             VALUES (?, ?, ?, ?, ?, 0, ?, 'copying', ?)",
+        )
+        .bind(&moving.machine_id)
+        .bind(app)
+        .bind(&moving.source)
+        .bind(&moving.dest)
+        .bind(&moving.grant)
+        .bind(&moving.from_address)
+        .bind(self.clock.now_ms())
+        .execute(self.store.pool())
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(migrating(&moving.machine_id));
+        }
+        Ok(())
+    }
+
+    async fn set_move_running(&self, id: &str, running: bool) -> Result<(), ApiError> {
+        sqlx::query("UPDATE migrations SET running = ? WHERE machine_id = ?")
+            .bind(running)
+            .bind(id)
+            .execute(self.store.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The commit point: the index names the destination, and the move rolls forward.
+    async fn cut_over(&self, id: &str, dest: &str, cutover_ms: i64) -> Result<(), ApiError> {
+        berth_core::failpoint::hit("migrate.before_cutover");
+        let mut transaction = self.store.pool().begin().await?;
+        sqlx::query("UPDATE machines SET worker = ? WHERE id = ?")
+            .bind(dest)
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(
+            "UPDATE migrations SET phase = 'cut_over', cutover_ms = ? WHERE machine_id = ?",
+        )
+        .bind(cutover_ms)
+        .bind(id)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        berth_core::failpoint::hit("migrate.after_cutover");
+        Ok(())
+    }
+
+    async fn moves(&self) -> Result<Vec<MoveRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT machine_id, source, dest, grant_token, running, from_address, phase, cutover_ms
+             FROM migrations",
+        )
+        .fetch_all(self.store.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| MoveRow {
+                machine_id: row.get(0),
+                source: row.get(1),
+                dest: row.get(2),
+                grant: row.get(3),
+                running: row.get(4),
+                from_address: row.get(5),
+                cut_over: row.get::<String, _>(6) == "cut_over",
+                cutover_ms: row.get(7),
+            })
+            .collect())
+    }
+
+    /// Settles every move whose request is gone (this process restarted, or its request
+    /// failed to reach a worker): forward past the cutover, back before it. A worker
+    /// that does not answer is tried again next time.
+    pub(crate) async fn settle_moves(&self) {
+        let moves = match self.moves().await {
+            Ok(moves) => moves,
+            Err(error) => {
+                tracing::warn!(%error, "reading unfinished moves");
+                return;
+            }
+        };
+        for moving in moves {
+            let Some(_guard) = self.moves.begin(&moving.machine_id) else {
+                continue;
+            };
+            let (Ok(source), Ok(dest)) = (self.worker(&moving.source), self.worker(&moving.dest))
+            else {
+                continue;
+            };
+            let settled = if moving.cut_over {
+                match self.finish_source(&source, &moving).await {
+                    Ok(()) => self.commit(&dest, &moving).await.map(drop),
+                    Err(error) => Err(error),
+                }
+            } else {
+                self.roll_back(&source, &dest, &moving).await
+            };
+            match settled {
+                Ok(()) => {
+                    tracing::info!(machine = %moving.machine_id, forward = moving.cut_over, "settled an unfinished move")
+                }
+                Err(error) => {
+                    tracing::debug!(machine = %moving.machine_id, error = %error.body.message, "an unfinished move waits for its workers")
+                }
+            }
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Makes a Machine whose worker is gone for good again, from its image, on another
+    /// worker: same id, name, config and metadata; its files are lost, and an event says
+    /// so. Refused while its worker answers (move it instead) and without `lose_state`.
+    pub(crate) async fn recreate_machine(
+        &self,
+        principal: &crate::auth::Principal,
+        app: &str,
+        id: &str,
+        request: RecreateMachineRequest,
+    ) -> Result<Machine, ApiError> {
+        principal.require_admin()?;
+        let (app_row, row) = self.machine(principal, app, id).await?;
+        let Some(_guard) = self.moves.begin(id) else {
+            return Err(migrating(id));
+        };
+        let healthy = self
+            .workers
+            .capacities()
+            .iter()
+            .any(|worker| worker.name == row.worker && worker.healthy);
+        if healthy {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "worker_available",
+                format!(
+                    "worker {} holds machine {id}'s files and answers: migrate it instead",
+                    row.worker
+                ),
+            ));
+        }
+        if !request.lose_state {
+            let mut error = ApiError::new(
+                StatusCode::CONFLICT,
+                "state_would_be_lost",
+                format!(
+                    "machine {id}'s files are on worker {}, which is unavailable; recreating it loses them: send lose_state: true to accept that",
+                    row.worker
+                ),
+            );
+            error.body.field = Some("lose_state".into());
+            return Err(error);
+        }
+        let last: Machine = self
+            .last_known
+            .get(&self.store, id)
+            .await?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "config_unknown",
+                    format!("the control plane never saw machine {id}'s config"),
+                )
+            })?;
+        let dest_name = self.migration_target(&row, &last, request.to_worker)?;
+        let dest = self.worker(&dest_name)?;
+        let pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
+        let answer = dest
+            .migration(MigrationStep::Recreate {
+                request: Box::new(CreateOnWorker {
+                    id: id.to_owned(),
+                    app: app.to_owned(),
+                    name: row.name.clone(),
+                    config: last.config,
+                    skip_launch: true,
+                    org: Some(app_row.org_slug.clone()),
+                    pull,
+                }),
+                lost_worker: row.worker.clone(),
+            })
+            .await?;
+        self.cut_over_recreated(id, &dest_name).await?;
+        tracing::warn!(machine = %id, from = %row.worker, to = %dest_name, "recreated from its image; its files are lost");
+        let machine = answer
+            .machine
+            .ok_or_else(|| ApiError::internal("the worker answered no machine"))?;
+        Ok(crate::machines::seen(self, machine, &dest_name).await)
+    }
+
+    /// Whether a move of `id` is recorded (running, or waiting to be settled).
+    pub(crate) async fn move_recorded(&self, id: &str) -> bool {
+        sqlx::query("SELECT 1 FROM migrations WHERE machine_id = ?")
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_or(true, |row| row.is_some())
+    }
+
+    async fn cut_over_recreated(&self, id: &str, dest: &str) -> Result<(), ApiError> {
+        sqlx::query("UPDATE machines SET worker = ? WHERE id = ?")
+            .bind(dest)
+            .bind(id)
+            .execute(self.store.pool())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Settles unfinished moves now and then, for as long as the control plane lives.
+pub(crate) fn spawn_settling(control: &Arc<ControlPlane>) {
+    let weak = Arc::downgrade(control);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SETTLE_EVERY);
+        loop {
+            tick.tick().await;
+            let Some(control) = weak.upgrade() else {
+                return;
+            };
+            control.settle_moves().await;
+        }
+    });
+}
+
+#[derive(Debug, Default)]
+struct Copied {
+    passes: u32,
+    file_bytes: u64,
+    stream_bytes: u64,
+}
+
+impl Copied {
+    fn add(&mut self, answer: &MigrationAnswer) {
+        self.passes += 1;
+        self.file_bytes += answer.file_bytes;
+        self.stream_bytes += answer.stream_bytes;
+    }
+}
