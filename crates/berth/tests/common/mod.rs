@@ -12,6 +12,8 @@ use berth_api::Machine;
 use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder};
 use serde_json::Value;
 
+pub mod cluster;
+
 pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
 pub struct Platform {

@@ -1,0 +1,433 @@
+//! Moving Machines between workers, end to end: one `berth server` and three `berth
+//! agent` processes from the built binary.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use berth_api::{DrainState, Machine, MachineState, MigrateMachineResponse, Worker};
+use berth_runtime::MachineLayout;
+use common::cluster::{sleeper, Cluster};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Three workers with room for many small Machines.
+fn three() -> Cluster {
+    Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536), ("w3", 64, 65536)])
+}
+
+/// Creates a Machine on `worker` (the others cordoned meanwhile); answers its id.
+fn create_on(cluster: &Cluster, worker: &str, body: Value) -> String {
+    let others: Vec<String> = ["w1", "w2", "w3"]
+        .iter()
+        .filter(|name| **name != worker)
+        .map(|name| name.to_string())
+        .collect();
+    for other in &others {
+        cluster.cordon(other, true);
+    }
+    let (status, answer) = cluster.create(body);
+    for other in &others {
+        cluster.cordon(other, false);
+    }
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["worker"], worker, "{answer}");
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+fn migrate(cluster: &Cluster, id: &str, to: Option<&str>) -> (u16, Value) {
+    let body = match to {
+        Some(worker) => json!({"to_worker": worker}),
+        None => json!({}),
+    };
+    cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/migrate"),
+        Some(body),
+    )
+}
+
+fn stop(cluster: &Cluster, id: &str) {
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/stop"),
+        Some(json!({})),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+fn start(cluster: &Cluster, id: &str) {
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/start"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The digest of a Machine's writable layer on `worker`, ids taken relative to its range.
+fn upper_digest(cluster: &Cluster, worker: &str, id: &str) -> String {
+    let dir = cluster.machine_dir(worker, id);
+    let layout = MachineLayout::new(dir.parent().expect("machines dir"), id);
+    let base = berth_runtime::spec::machine_id_range(&layout)
+        .map(|range| range.base)
+        .expect("the machine has an id range");
+    berth_agent::transfer::tree_digest(&layout.upper(), base).expect("digest")
+}
+
+fn events(cluster: &Cluster, id: &str) -> Vec<Value> {
+    let (status, body) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/machines/{id}/events"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    body.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_stopped_machine_moves_with_every_file_exactly() {
+    let cluster = three();
+    let id = create_on(&cluster, "w1", sleeper(json!({})));
+    let before = cluster.machine(&id);
+    cluster.sh(
+        &id,
+        "mkdir -p /data/dir && cd /data \
+         && dd if=/dev/urandom of=big bs=1M count=50 2>/dev/null \
+         && truncate -s 1G sparse && echo middle | dd of=sparse bs=1 seek=500000000 conv=notrunc 2>/dev/null \
+         && echo shared > a && ln a b && chmod 4755 a \
+         && ln -s /etc/passwd link && ln -s nowhere dangling \
+         && mkfifo pipe && chown 1000:1000 dir \
+         && rm /bin/ls",
+    );
+    stop(&cluster, &id);
+    // An xattr, set on the host side of the upperdir (busybox has no setfattr).
+    let upper = cluster.machine_dir("w1", &id).join("upper");
+    rustix::fs::setxattr(
+        upper.join("data/a"),
+        "user.berth-test",
+        b"kept",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("setxattr");
+    let digest = upper_digest(&cluster, "w1", &id);
+
+    let (status, answer) = migrate(&cluster, &id, Some("w2"));
+    assert_eq!(status, 200, "{answer}\n{}", cluster.logs());
+    let answer: MigrateMachineResponse = serde_json::from_value(answer).expect("answer");
+    assert_eq!(
+        (answer.from_worker.as_str(), answer.to_worker.as_str()),
+        ("w1", "w2")
+    );
+    assert_eq!(answer.machine.worker.as_deref(), Some("w2"));
+    assert_eq!(answer.machine.state, MachineState::Stopped);
+    assert_eq!(
+        answer.downtime_ms, None,
+        "a stopped Machine has no downtime"
+    );
+    assert_ne!(
+        answer.machine.private_ip, before.private_ip,
+        "a new address"
+    );
+    assert!(answer.bytes_moved >= 50 << 20, "{answer:?}");
+    assert!(
+        answer.bytes_sent < answer.bytes_moved + (16 << 20),
+        "the sparse GiB is not sent as data: {answer:?}"
+    );
+
+    // Exactly the same tree, ids shifted into the new worker's range.
+    assert_eq!(upper_digest(&cluster, "w2", &id), digest);
+    let sparse = std::fs::metadata(cluster.machine_dir("w2", &id).join("upper/data/sparse"))
+        .expect("sparse");
+    assert_eq!(sparse.len(), 1 << 30);
+    assert!(
+        sparse.blocks() * 512 < 16 << 20,
+        "holes kept: {} blocks",
+        sparse.blocks()
+    );
+    assert!(
+        !cluster.machine_dir("w1", &id).exists(),
+        "the old worker keeps nothing"
+    );
+
+    // From inside: the files, the link pair, the deleted image file.
+    start(&cluster, &id);
+    let seen = cluster.sh(
+        &id,
+        "cat /data/a; stat -c '%h %a' /data/a; readlink /data/link; \
+         stat -c '%u' /data/dir; ls /bin/ls 2>/dev/null || echo gone",
+    );
+    assert_eq!(seen, "shared\n2 4755\n/etc/passwd\n1000\ngone\n");
+    let history = events(&cluster, &id);
+    let moved = history
+        .iter()
+        .find(|event| event["type"] == "migrate")
+        .unwrap_or_else(|| panic!("a migrate event: {history:?}"));
+    let reason = moved["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.contains(before.private_ip.as_deref().unwrap_or("?")),
+        "the event names the old address: {moved}"
+    );
+    assert!(
+        history.iter().any(|event| event["type"] == "launch"),
+        "the history came along: {history:?}"
+    );
+    cluster.assert_doctor_clean("after a move");
+    cluster.teardown();
+}
+
+fn get_text(url: &str) -> Option<String> {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?
+        .get(url)
+        .send()
+        .ok()?
+        .text()
+        .ok()
+}
+
+fn url_of(machine: &Machine) -> String {
+    format!(
+        "http://[{}]:8080/index.html",
+        machine.private_ip.as_deref().expect("address")
+    )
+}
+
+#[test]
+fn a_running_machine_moves_and_serves_from_its_new_address() {
+    let cluster = three();
+    let body = json!({"config": {"image": "demo/busybox:1",
+        "init": {"cmd": ["sh", "-c", "mkdir -p /www && echo hello > /www/index.html && exec busybox httpd -f -p 8080 -h /www"]},
+        "guest": {"cpus": 1, "memory_mb": 64}}});
+    let id = create_on(&cluster, "w1", body);
+    let before = cluster.machine(&id);
+    cluster.sh(
+        &id,
+        "dd if=/dev/urandom of=/data.bin bs=1M count=20 2>/dev/null",
+    );
+    let old_url = url_of(&before);
+    cluster.wait_for("the Machine to serve", || {
+        get_text(&old_url).as_deref() == Some("hello\n")
+    });
+
+    let (status, answer) = migrate(&cluster, &id, None);
+    assert_eq!(status, 200, "{answer}\n{}", cluster.logs());
+    let answer: MigrateMachineResponse = serde_json::from_value(answer).expect("answer");
+    assert_ne!(answer.to_worker, "w1");
+    assert_eq!(answer.machine.state, MachineState::Started);
+    assert!(
+        answer.passes >= 2,
+        "copied while running, then the rest: {answer:?}"
+    );
+    let downtime = answer
+        .downtime_ms
+        .expect("a running Machine reports its downtime");
+    assert!(downtime < answer.duration_ms, "{answer:?}");
+    let new_url = url_of(&answer.machine);
+    cluster.wait_for("the Machine to serve at its new address", || {
+        get_text(&new_url).as_deref() == Some("hello\n")
+    });
+    assert_eq!(
+        get_text(&old_url),
+        None,
+        "nothing answers at the old address"
+    );
+    assert_eq!(
+        cluster.sh(&id, "stat -c %s /data.bin"),
+        format!("{}\n", 20 << 20)
+    );
+    cluster.assert_doctor_clean("after a live move");
+    cluster.teardown();
+}
+
+#[test]
+fn refused_moves_say_why_and_change_nothing() {
+    let cluster = three();
+    let id = create_on(&cluster, "w1", sleeper(json!({})));
+    for (to, status, code) in [
+        (Some("w1"), 422, "same_worker"),
+        (Some("w9"), 422, "unknown_worker"),
+    ] {
+        let (got, body) = migrate(&cluster, &id, to);
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+    }
+    cluster.cordon("w2", true);
+    cluster.cordon("w3", true);
+    let (got, body) = migrate(&cluster, &id, None);
+    assert_eq!(
+        (got, body["error"].as_str()),
+        (503, Some("insufficient_capacity")),
+        "{body}"
+    );
+    let machine = cluster.machine(&id);
+    assert_eq!(machine.worker.as_deref(), Some("w1"));
+    assert_eq!(machine.state, MachineState::Started);
+    cluster.cordon("w2", false);
+    cluster.cordon("w3", false);
+    cluster.assert_doctor_clean("after refused moves");
+    cluster.teardown();
+}
+
+fn worker(cluster: &Cluster, name: &str) -> Worker {
+    let (status, body) = cluster.call(Method::GET, &format!("/v1/workers/{name}"), None);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_value(body).expect("worker")
+}
+
+#[test]
+fn a_drain_empties_a_worker_of_running_and_stopped_machines() {
+    let cluster = three();
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let body = sleeper(json!({"skip_launch": n % 2 == 0}));
+        ids.push(create_on(&cluster, "w1", body));
+    }
+    let states: Vec<(String, MachineState)> = ids
+        .iter()
+        .map(|id| (id.clone(), cluster.machine(id).state))
+        .collect();
+    let began = Instant::now();
+    let (status, body) = cluster.call(Method::POST, "/v1/workers/w1/drain", None);
+    assert_eq!(status, 202, "{body}");
+    assert!(worker(&cluster, "w1").cordoned);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let progress = loop {
+        let progress = worker(&cluster, "w1").drain.expect("drain progress");
+        assert_eq!(
+            progress.left + progress.moving + progress.moved + progress.failed.len() as u64,
+            20,
+            "every Machine is counted once: {progress:?}"
+        );
+        if progress.state != DrainState::Draining {
+            break progress;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{progress:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(progress.state, DrainState::Drained, "{progress:?}");
+    assert_eq!(progress.moved, 20);
+    eprintln!("drained 20 Machines in {:?}", began.elapsed());
+    for (id, state) in states {
+        let machine = cluster.machine(&id);
+        assert_ne!(machine.worker.as_deref(), Some("w1"));
+        assert_eq!(machine.state, state, "{id} kept its state");
+    }
+    let machines_dir = cluster.machine_dir("w1", "x");
+    let left = std::fs::read_dir(machines_dir.parent().expect("dir"))
+        .map(|dir| dir.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "the drained worker holds no Machine");
+    cluster.assert_doctor_clean("after a drain");
+    cluster.teardown();
+}
+
+/// Where the Machine's files are: the workers holding a directory for it.
+fn holders(cluster: &Cluster, id: &str) -> Vec<String> {
+    ["w1", "w2"]
+        .iter()
+        .filter(|worker| cluster.machine_dir(worker, id).exists())
+        .map(|worker| worker.to_string())
+        .collect()
+}
+
+/// A process of the move killed (SIGABRT, as kill -9) at each of its failpoints, then
+/// started again: the move finishes or rolls back, and the Machine exists exactly once,
+/// on exactly one worker, with its files, and starts. Before the cutover it rolls back,
+/// after it it rolls forward (docs/RELIABILITY.md has the table).
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_move_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
+    let mut cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let id = create_on(&cluster, "w1", sleeper(json!({})));
+    cluster.sh(
+        &id,
+        "echo precious > /kept && dd if=/dev/zero of=/filler bs=1M count=8 2>/dev/null",
+    );
+    let source_points = [
+        "migrate.after_begin",
+        "migrate.source_mid_stream",
+        "migrate.after_halt",
+        "migrate.after_source_remove",
+    ];
+    let dest_points = [
+        "migrate.after_receive_prepare",
+        "migrate.dest_mid_stream",
+        "migrate.after_receive",
+        "migrate.after_sync",
+        "migrate.after_commit",
+    ];
+    let mut points: Vec<(&str, &str)> = Vec::new();
+    points.extend(source_points.iter().map(|point| ("source", *point)));
+    points.extend(dest_points.iter().map(|point| ("dest", *point)));
+    points.extend(
+        berth_control::migrate::CONTROL_POINTS
+            .iter()
+            .map(|point| ("control", *point)),
+    );
+    let all: Vec<&str> = points.iter().map(|(_, point)| *point).collect();
+    for listed in berth_agent::failpoint::MIGRATION_POINTS {
+        assert!(all.contains(listed), "{listed} is crash-tested");
+    }
+    for (who, point) in points {
+        let source = cluster.machine(&id).worker.expect("worker");
+        let dest = if source == "w1" { "w2" } else { "w1" };
+        let env = [("BERTH_FAILPOINTS", point)];
+        match who {
+            "source" => cluster.restart_agent_with_env(&source, &env),
+            "dest" => cluster.restart_agent_with_env(dest, &env),
+            _ => cluster.restart_server_with_env(&env),
+        }
+        cluster.wait_for("every worker to be ready", || {
+            cluster
+                .workers()
+                .iter()
+                .all(|worker| worker.status == berth_api::WorkerStatus::Ready)
+        });
+        // Running, so that the halt and the final pass happen.
+        if cluster.machine(&id).state != MachineState::Started {
+            start(&cluster, &id);
+        }
+        let (status, body) = migrate(&cluster, &id, Some(dest));
+        // The process died in the middle: the answer is an error (or, for a point after
+        // the answer's last step, success).
+        eprintln!("{point}: {status} {body}");
+        match who {
+            "source" => cluster.restart_agent(&source),
+            "dest" => cluster.restart_agent(dest),
+            _ => cluster.restart_server(),
+        }
+        cluster.wait_for(&format!("the move killed at {point} to settle"), || {
+            let held = holders(&cluster, &id);
+            let (status, machine) =
+                cluster.call(Method::GET, &format!("/v1/apps/fleet/machines/{id}"), None);
+            status == 200
+                && held.len() == 1
+                && machine["worker"] == held[0].as_str()
+                && cluster
+                    .call(
+                        Method::POST,
+                        &format!("/v1/apps/fleet/machines/{id}/migrate"),
+                        Some(json!({"to_worker": "nowhere"})),
+                    )
+                    .1["error"]
+                    == "unknown_worker"
+        });
+        if cluster.machine(&id).state != MachineState::Started {
+            start(&cluster, &id);
+        }
+        assert_eq!(cluster.sh(&id, "cat /kept"), "precious\n", "{point}");
+        cluster.assert_doctor_clean(&format!("after a move killed at {point}"));
+    }
+    cluster.teardown();
+}
