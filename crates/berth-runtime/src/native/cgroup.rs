@@ -308,12 +308,23 @@ impl CgroupRoots {
                         tries += 1;
                         std::thread::sleep(std::time::Duration::from_millis(10));
                     }
+                    // This copy's run has ended, so processes still inside belong to the
+                    // Machine's other copy on this host (a move between two workers of one
+                    // host shares the path): the cgroup is that copy's now.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && has_processes(&dir) => {
+                        break;
+                    }
                     Err(e) => return Err(annotate(e, "remove", &dir)),
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Whether the cgroup holds a process.
+fn has_processes(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| !procs.trim().is_empty())
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
