@@ -19,10 +19,11 @@ fn three() -> Cluster {
 
 /// Creates a Machine on `worker` (the others cordoned meanwhile); answers its id.
 fn create_on(cluster: &Cluster, worker: &str, body: Value) -> String {
-    let others: Vec<String> = ["w1", "w2", "w3"]
-        .iter()
-        .filter(|name| **name != worker)
-        .map(|name| name.to_string())
+    let others: Vec<String> = cluster
+        .workers()
+        .into_iter()
+        .map(|each| each.name)
+        .filter(|name| name != worker)
         .collect();
     for other in &others {
         cluster.cordon(other, true);
@@ -332,6 +333,19 @@ fn a_drain_empties_a_worker_of_running_and_stopped_machines() {
     cluster.teardown();
 }
 
+/// Restarts an agent with `env` and waits until the control plane has its heartbeat
+/// again (a restarted agent registers anew and takes no Machines until then).
+fn restart_agent_and_wait(cluster: &mut Cluster, name: &str, env: &[(&str, &str)]) {
+    let before = worker(cluster, name).last_heartbeat;
+    cluster.restart_agent_with_env(name, env);
+    cluster.wait_for(&format!("worker {name} to heartbeat again"), || {
+        let now = worker(cluster, name);
+        now.status == berth_api::WorkerStatus::Ready
+            && now.last_heartbeat.is_some()
+            && now.last_heartbeat != before
+    });
+}
+
 /// Where the Machine's files are: the workers holding a directory for it.
 fn holders(cluster: &Cluster, id: &str) -> Vec<String> {
     ["w1", "w2"]
@@ -384,8 +398,8 @@ fn a_move_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
         let dest = if source == "w1" { "w2" } else { "w1" };
         let env = [("BERTH_FAILPOINTS", point)];
         match who {
-            "source" => cluster.restart_agent_with_env(&source, &env),
-            "dest" => cluster.restart_agent_with_env(dest, &env),
+            "source" => restart_agent_and_wait(&mut cluster, &source, &env),
+            "dest" => restart_agent_and_wait(&mut cluster, dest, &env),
             _ => cluster.restart_server_with_env(&env),
         }
         cluster.wait_for("every worker to be ready", || {
@@ -398,13 +412,22 @@ fn a_move_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
         if cluster.machine(&id).state != MachineState::Started {
             start(&cluster, &id);
         }
-        let (status, body) = migrate(&cluster, &id, Some(dest));
-        // The process died in the middle: the answer is an error (or, for a point after
-        // the answer's last step, success).
-        eprintln!("{point}: {status} {body}");
+        // The process dies in the middle: the answer is an error, or no answer at all
+        // when the control plane dies.
+        let answer = cluster
+            .http
+            .post(format!(
+                "{}/v1/apps/fleet/machines/{id}/migrate",
+                cluster.api_url
+            ))
+            .bearer_auth(&cluster.token)
+            .json(&json!({"to_worker": dest}))
+            .send()
+            .map(|response| response.status().as_u16());
+        eprintln!("{point}: {answer:?}");
         match who {
-            "source" => cluster.restart_agent(&source),
-            "dest" => cluster.restart_agent(dest),
+            "source" => restart_agent_and_wait(&mut cluster, &source, &[]),
+            "dest" => restart_agent_and_wait(&mut cluster, dest, &[]),
             _ => cluster.restart_server(),
         }
         cluster.wait_for(&format!("the move killed at {point} to settle"), || {
@@ -423,6 +446,15 @@ fn a_move_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
                     .1["error"]
                     == "unknown_worker"
         });
+        // Past the cutover the move finished; before it, it rolled back.
+        let forward = [
+            "migrate.after_source_remove",
+            "migrate.after_commit",
+            "migrate.after_cutover",
+        ]
+        .contains(&point);
+        let expected = if forward { dest } else { source.as_str() };
+        assert_eq!(holders(&cluster, &id), vec![expected.to_owned()], "{point}");
         if cluster.machine(&id).state != MachineState::Started {
             start(&cluster, &id);
         }
