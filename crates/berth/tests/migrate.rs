@@ -463,3 +463,58 @@ fn a_move_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
     }
     cluster.teardown();
 }
+
+#[test]
+fn a_full_destination_disk_fails_the_move_cleanly_and_the_machine_stays_whole() {
+    let mut cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let id = create_on(&cluster, "w1", sleeper(json!({})));
+    cluster.sh(
+        &id,
+        "dd if=/dev/urandom of=/big bs=1M count=64 2>/dev/null && echo kept > /small",
+    );
+    stop(&cluster, &id);
+    let digest = upper_digest(&cluster, "w1", &id);
+    // w2 starts again on a 48 MB disk: room for its records and the image, not the files.
+    let data_dir = cluster.agent("w2").data_dir.clone();
+    cluster.agent("w2").process.kill();
+    std::fs::remove_dir_all(&data_dir).expect("clear w2's data dir");
+    std::fs::create_dir_all(&data_dir).expect("w2's data dir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &data_dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=48m,mode=0700"),
+    )
+    .expect("mount a small tmpfs");
+    restart_agent_and_wait(&mut cluster, "w2", &[]);
+
+    let (status, body) = migrate(&cluster, &id, Some("w2"));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{body}\n{}",
+        cluster.logs()
+    );
+    let machine = cluster.machine(&id);
+    assert_eq!(machine.worker.as_deref(), Some("w1"));
+    assert_eq!(machine.state, MachineState::Stopped);
+    assert_eq!(
+        upper_digest(&cluster, "w1", &id),
+        digest,
+        "the files are whole"
+    );
+    assert!(!cluster.machine_dir("w2", &id).exists(), "w2 keeps nothing");
+    start(&cluster, &id);
+    assert_eq!(cluster.sh(&id, "cat /small"), "kept\n");
+    cluster.assert_doctor_clean("after a move refused for space");
+    let (status, body) = cluster.call(
+        Method::DELETE,
+        &format!("/v1/apps/fleet/machines/{id}?kill=true"),
+        None,
+    );
+    assert!(status < 300, "{body}");
+    cluster.agent("w2").process.kill();
+    nix::mount::umount2(&data_dir, nix::mount::MntFlags::MNT_DETACH).expect("unmount");
+    cluster.teardown();
+}
