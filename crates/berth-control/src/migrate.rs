@@ -571,6 +571,29 @@ impl ControlPlane {
                     format!("the control plane never saw machine {id}'s config"),
                 )
             })?;
+        // A move cut off with the lost worker is over: the other side drops its part if
+        // it can, and the row goes, so the settling loop stops waiting for the lost one.
+        if let Some(moving) = self
+            .moves()
+            .await?
+            .into_iter()
+            .find(|moving| moving.machine_id == id)
+        {
+            for side in [&moving.source, &moving.dest] {
+                if let Ok(worker) = self.worker(side) {
+                    let _ = worker
+                        .migration(MigrationStep::Abort {
+                            id: id.to_owned(),
+                            grant: moving.grant.clone(),
+                        })
+                        .await;
+                }
+            }
+            sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+                .bind(id)
+                .execute(self.store.pool())
+                .await?;
+        }
         let dest_name = self.migration_target(&row, &last, request.to_worker)?;
         let dest = self.worker(&dest_name)?;
         let pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;

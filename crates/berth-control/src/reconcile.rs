@@ -66,7 +66,10 @@ pub(crate) async fn remove_stale(
             continue;
         }
         tracing::warn!(machine = %machine.id, worker = %name, now_on = %row.worker, "removing a stale copy of a Machine that lives elsewhere");
-        if let Err(error) = worker.destroy(&machine.id, true).await {
+        let forget = berth_worker::MigrationStep::Forget {
+            id: machine.id.clone(),
+        };
+        if let Err(error) = worker.migration(forget).await {
             tracing::warn!(machine = %machine.id, %error, "removing a stale copy");
         }
     }

@@ -262,6 +262,9 @@ pub enum MigrationStep {
     },
     /// Either side, before the cutover: undoes this worker's part.
     Abort { id: String, grant: String },
+    /// Removes a copy of a Machine that lives on another worker now (this worker was
+    /// unreachable when it moved or was recreated): its billing here ends.
+    Forget { id: String },
     /// Makes a Machine again from its image, stopped, because the worker that held it is
     /// gone for good: a create with a `recreate` event naming the lost worker.
     Recreate {
@@ -280,7 +283,8 @@ impl MigrationStep {
             | MigrationStep::Sync { id, .. }
             | MigrationStep::Commit { id, .. }
             | MigrationStep::Finish { id, .. }
-            | MigrationStep::Abort { id, .. } => id,
+            | MigrationStep::Abort { id, .. }
+            | MigrationStep::Forget { id } => id,
         }
     }
 }

@@ -518,3 +518,65 @@ fn a_full_destination_disk_fails_the_move_cleanly_and_the_machine_stays_whole() 
     nix::mount::umount2(&data_dir, nix::mount::MntFlags::MNT_DETACH).expect("unmount");
     cluster.teardown();
 }
+
+#[test]
+fn a_machine_of_a_lost_worker_is_recreated_only_when_asked_and_its_stale_copy_goes() {
+    let mut cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let id = create_on(
+        &cluster,
+        "w1",
+        sleeper(json!({"config": {"image": "demo/busybox:1",
+        "init": {"cmd": ["sleep", "3600"]}, "metadata": {"role": "db"},
+        "guest": {"cpus": 1, "memory_mb": 64}}})),
+    );
+    cluster.sh(&id, "echo lost > /file");
+    let recreate = |cluster: &Cluster, body: Value| {
+        cluster.call(
+            Method::POST,
+            &format!("/v1/apps/fleet/machines/{id}/recreate"),
+            Some(body),
+        )
+    };
+    let (status, body) = recreate(&cluster, json!({"lose_state": true}));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("worker_available")),
+        "{body}"
+    );
+    stop(&cluster, &id);
+    cluster.agent("w1").process.kill();
+    cluster.wait_for("w1 to be unreachable", || {
+        worker(&cluster, "w1").status == berth_api::WorkerStatus::Unreachable
+    });
+    let (status, body) = recreate(&cluster, json!({}));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("state_would_be_lost")),
+        "{body}"
+    );
+    let (status, body) = recreate(&cluster, json!({"lose_state": true}));
+    assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+    assert_eq!(body["worker"], "w2", "{body}");
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["config"]["metadata"]["role"], "db", "{body}");
+    let history = events(&cluster, &id);
+    assert!(
+        history.iter().any(|event| event["type"] == "recreate"
+            && event["reason"].as_str().unwrap_or_default().contains("w1")),
+        "{history:?}"
+    );
+    start(&cluster, &id);
+    assert_eq!(
+        cluster.sh(&id, "cat /file 2>/dev/null || echo gone"),
+        "gone\n"
+    );
+
+    // w1 comes back holding its old copy: the control plane removes it.
+    restart_agent_and_wait(&mut cluster, "w1", &[]);
+    cluster.wait_for("w1's stale copy to go", || {
+        !cluster.machine_dir("w1", &id).exists()
+    });
+    assert_eq!(cluster.machine(&id).worker.as_deref(), Some("w2"));
+    cluster.assert_doctor_clean("after a recreate and a stale copy removed");
+    cluster.teardown();
+}

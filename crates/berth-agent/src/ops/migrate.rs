@@ -171,6 +171,7 @@ impl Agent {
                 request,
                 lost_worker,
             } => self.recreate(*request, &lost_worker).await,
+            MigrationStep::Forget { id } => self.forget_copy(&id).await,
         }
     }
 
@@ -528,6 +529,44 @@ impl Agent {
         })
     }
 
+    /// Removes the Machine from this worker (host and record), its run and storage billed
+    /// here until `at_ms`, for a Machine that lives on another worker now.
+    async fn remove_departed(
+        &self,
+        _guard: tokio::sync::OwnedMutexGuard<()>,
+        mut record: MachineRecord,
+        at_ms: i64,
+    ) -> Result<()> {
+        let id = record.id.clone();
+        let layout = self.layout(&id);
+        if matches!(
+            self.inner.runtime.status(&layout).await?,
+            berth_runtime::Status::Running { .. }
+        ) {
+            let (signal, _) = Self::stop_parameters(&record, &berth_api::StopRequest::default())?;
+            self.halt(&mut record, signal, std::time::Duration::ZERO)
+                .await?;
+        }
+        self.inner.runtime.remove(&layout).await?;
+        failpoint::hit("migrate.after_source_remove");
+        let mut usage = Vec::new();
+        if let Some(close) = metering::close_run(&mut record, at_ms, CloseBasis::Observed) {
+            usage.push(close);
+        }
+        let mut out = metering::created(&record);
+        out.kind = berth_api::UsageKind::MigratedOut;
+        out.at_ms = at_ms;
+        usage.push(out);
+        self.inner.store.delete_with_usage(&id, &usage).await?;
+        self.forget_passes(&id);
+        self.end_checks(&id);
+        self.forget_schedule(&id);
+        if let Ok(mut locks) = self.inner.locks.lock() {
+            locks.remove(&id);
+        }
+        Ok(())
+    }
+
     /// Removes an arrival that will not become this worker's Machine.
     async fn remove_arrival(&self, record: &MachineRecord) -> Result<()> {
         self.inner.runtime.remove(&self.layout(&record.id)).await?;
@@ -666,48 +705,33 @@ impl Agent {
         Ok(answer)
     }
 
+    /// Removes this worker's copy of a Machine that lives elsewhere, ending its billing
+    /// here as a move does.
+    async fn forget_copy(&self, id: &str) -> Result<MigrationAnswer> {
+        let guard = self.lock(id).await?;
+        let Some(record) = self.inner.store.get(id).await? else {
+            return Ok(MigrationAnswer::default());
+        };
+        self.remove_departed(guard, record, now_ms()).await?;
+        info!(machine = %id, "removed a copy that lives on another worker");
+        Ok(MigrationAnswer::default())
+    }
+
     async fn migrate_finish(
         &self,
         id: &str,
         grant: &str,
         cutover_ms: i64,
     ) -> Result<MigrationAnswer> {
-        let _guard = self.lock(id).await?;
-        let Some(mut record) = self.inner.store.get(id).await? else {
+        let guard = self.lock(id).await?;
+        let Some(record) = self.inner.store.get(id).await? else {
             return Ok(MigrationAnswer::default());
         };
         match &record.pending {
             Some(PendingOp::MigrateOut { grant: held, .. }) if grant_matches(held, grant) => {}
             _ => return Err(wrong_grant(id)),
         }
-        // A run still open (the Machine exited and was restarted by policy between the
-        // control plane's halt and here cannot happen: it was halted) is closed anyway.
-        if matches!(
-            self.inner.runtime.status(&self.layout(id)).await?,
-            berth_runtime::Status::Running { .. }
-        ) {
-            let (signal, _) = Self::stop_parameters(&record, &berth_api::StopRequest::default())?;
-            let _ = self
-                .halt(&mut record, signal, std::time::Duration::ZERO)
-                .await?;
-        }
-        self.inner.runtime.remove(&self.layout(id)).await?;
-        failpoint::hit("migrate.after_source_remove");
-        let mut usage = Vec::new();
-        if let Some(close) = metering::close_run(&mut record, cutover_ms, CloseBasis::Observed) {
-            usage.push(close);
-        }
-        let mut out = metering::created(&record);
-        out.kind = berth_api::UsageKind::MigratedOut;
-        out.at_ms = cutover_ms;
-        usage.push(out);
-        self.inner.store.delete_with_usage(id, &usage).await?;
-        self.forget_passes(id);
-        self.end_checks(id);
-        self.forget_schedule(id);
-        if let Ok(mut locks) = self.inner.locks.lock() {
-            locks.remove(id);
-        }
+        self.remove_departed(guard, record, cutover_ms).await?;
         info!(machine = %id, "moved away");
         Ok(MigrationAnswer::default())
     }
