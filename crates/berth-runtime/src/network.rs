@@ -191,13 +191,43 @@ impl WorkerNetwork {
         gateway_of(&self.config.prefix)
     }
 
-    /// The host-side veth name of a Machine: [`HOST_LINK_PREFIX`] and 12 hex digits of
-    /// the SHA-256 of its id, so every agent process derives the same name without keeping
-    /// it anywhere.
-    pub fn host_link_name(machine_id: &str) -> String {
-        let digest = Sha256::digest(machine_id.as_bytes());
-        let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{HOST_LINK_PREFIX}{hex}")
+    /// The host-side veth name of a Machine on this worker: [`HOST_LINK_PREFIX`] and 12
+    /// hex digits of the SHA-256 of the bridge and the id, so every agent process derives
+    /// the same name without keeping it anywhere, and two workers of one host holding the
+    /// same Machine (while it moves between them) name their veths apart.
+    pub fn host_link_name(&self, machine_id: &str) -> String {
+        Self::host_link_name_on(&self.config.bridge, machine_id)
+    }
+
+    /// [`WorkerNetwork::host_link_name`] for the worker whose bridge is `bridge`.
+    pub fn host_link_name_on(bridge: &str, machine_id: &str) -> String {
+        link_name(&format!("{bridge}/{machine_id}"))
+    }
+
+    /// The name before veths were named per bridge, from the id alone: a Machine attached
+    /// then has its pair made again (see [`WorkerNetwork::attach`]).
+    fn old_host_link_name(machine_id: &str) -> String {
+        link_name(machine_id)
+    }
+
+    /// Deletes the Machine's veth under its old name if it is plugged into this bridge.
+    async fn delete_old_link(&self, host: &Netlink, machine_id: &str) -> Result<(), RuntimeError> {
+        let old_name = Self::old_host_link_name(machine_id);
+        let context = || format!("delete veth {old_name} of machine {machine_id}");
+        let Some(link) = host
+            .link_by_name(&old_name)
+            .await
+            .map_err(|e| netlink_error(context(), e))?
+        else {
+            return Ok(());
+        };
+        if alias(&link) != Some(machine_id) || controller(&link) != Some(self.bridge_index) {
+            return Ok(());
+        }
+        host.del_link(link.header.index)
+            .await
+            .map_err(|e| netlink_error(context(), e))?;
+        self.forget_port(&old_name).await
     }
 
     /// Whether `address` can be given to a Machine: inside the prefix, and neither the
@@ -233,7 +263,7 @@ impl WorkerNetwork {
         org: Option<&str>,
     ) -> Result<(), RuntimeError> {
         self.check_address(machine_id, address)?;
-        let host_name = Self::host_link_name(machine_id);
+        let host_name = self.host_link_name(machine_id);
         let context = |what: &str| format!("{what} for machine {machine_id}");
         let ns_file = File::open(netns_path).map_err(|e| {
             RuntimeError::io(
@@ -242,6 +272,8 @@ impl WorkerNetwork {
             )
         })?;
         let host = Netlink::host().map_err(|e| network_error(context("open netlink"), e))?;
+        // A pair made under the old name is made again under the new one.
+        self.delete_old_link(&host, machine_id).await?;
         let inner = Netlink::in_netns(netns_path)
             .await
             .map_err(|e| network_error(context("open netlink in the network namespace"), e))?;
@@ -423,9 +455,10 @@ impl WorkerNetwork {
     /// Deletes the Machine's host-side veth; its peer goes with it. Missing is success,
     /// and a link whose alias names another Machine is left alone.
     pub async fn detach(&self, machine_id: &str) -> Result<(), RuntimeError> {
-        let host_name = Self::host_link_name(machine_id);
+        let host_name = self.host_link_name(machine_id);
         let context = || format!("delete veth {host_name} of machine {machine_id}");
         let host = Netlink::host().map_err(|e| network_error(context(), e))?;
+        self.delete_old_link(&host, machine_id).await?;
         let Some(link) = host
             .link_by_name(&host_name)
             .await
@@ -667,6 +700,23 @@ fn peer_index(link: &LinkMessage) -> Option<u32> {
 }
 
 /// The owner mark `attach` puts on host-side veths.
+/// [`HOST_LINK_PREFIX`] and 12 hex digits of the SHA-256 of `key`.
+fn link_name(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{HOST_LINK_PREFIX}{hex}")
+}
+
+/// The bridge a link is plugged into.
+fn controller(link: &LinkMessage) -> Option<u32> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Controller(index) => Some(*index),
+            _ => None,
+        })
+}
+
 fn alias(link: &LinkMessage) -> Option<&str> {
     link.attributes
         .iter()
@@ -832,11 +882,22 @@ mod tests {
 
     #[test]
     fn host_link_names_are_short_stable_and_distinct() {
-        let a = WorkerNetwork::host_link_name("d8e7f3a1c2b4e5");
-        assert_eq!(a, WorkerNetwork::host_link_name("d8e7f3a1c2b4e5"));
+        let a = WorkerNetwork::host_link_name_on("berth0", "d8e7f3a1c2b4e5");
+        assert_eq!(
+            a,
+            WorkerNetwork::host_link_name_on("berth0", "d8e7f3a1c2b4e5")
+        );
         assert_eq!(a.len(), 14);
         assert!(a.starts_with("bv") && valid_interface_name(&a));
-        assert_ne!(a, WorkerNetwork::host_link_name("d8e7f3a1c2b4e6"));
+        assert_ne!(
+            a,
+            WorkerNetwork::host_link_name_on("berth0", "d8e7f3a1c2b4e6")
+        );
+        // Two workers of one host holding the same Machine (mid-move) name theirs apart.
+        assert_ne!(
+            a,
+            WorkerNetwork::host_link_name_on("berth1", "d8e7f3a1c2b4e5")
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl TestNet {
     }
 
     fn track(&self, machine_id: &str) -> String {
-        let name = WorkerNetwork::host_link_name(machine_id);
+        let name = WorkerNetwork::host_link_name_on(&self.bridge, machine_id);
         self.links.lock().unwrap().push(name.clone());
         name
     }
@@ -453,7 +453,7 @@ async fn another_orgs_machine_is_unreachable_and_the_same_orgs_is_reachable() {
         .unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     for layout in [&victim, &friend, &attacker] {
-        let port = WorkerNetwork::host_link_name(&layout.id);
+        let port = WorkerNetwork::host_link_name_on(&net.bridge, &layout.id);
         assert!(!listing.contains(&port), "{port} left in\n{listing}");
     }
     f.assert_no_leaks();

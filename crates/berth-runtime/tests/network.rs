@@ -85,7 +85,7 @@ impl TestNet {
 
     /// Remembers a Machine's host link for cleanup; returns its name.
     fn track(&self, machine_id: &str) -> String {
-        self.track_link(&WorkerNetwork::host_link_name(machine_id))
+        self.track_link(&WorkerNetwork::host_link_name_on(&self.bridge, machine_id))
     }
 
     fn track_link(&self, name: &str) -> String {
@@ -492,7 +492,10 @@ async fn twenty_concurrent_attaches_on_one_bridge() {
     }
     assert_eq!(net.ports(), Vec::<String>::new());
     for (id, ns, _) in &machines {
-        assert!(!link_exists(&WorkerNetwork::host_link_name(id)));
+        assert!(!link_exists(&WorkerNetwork::host_link_name_on(
+            &net.bridge,
+            id
+        )));
         netns::remove(ns).unwrap();
     }
     f.assert_no_leaks();
