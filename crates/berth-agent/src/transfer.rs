@@ -56,7 +56,8 @@ const BUF: usize = 256 * 1024;
 const MAX_PATH: usize = 4095;
 /// Host ids a Machine owns above its base.
 const ID_RANGE: u32 = 65_536;
-/// The one host id outside a Machine's range its tree may hold, carried unshifted.
+/// The one host id outside a Machine's range its tree may hold, on overlayfs's whiteouts
+/// only, carried unshifted.
 const HOST_ROOT: u32 = 0;
 /// The largest manifest an importer reads (its listing is the whole tree's paths).
 const MAX_MANIFEST: u64 = 1 << 30;
@@ -686,11 +687,6 @@ impl<W: Write> Exporter<'_, W> {
     }
 
     fn shift(&self, id: u32, path: &[u8], what: &str) -> Result<u32> {
-        // Host root's own entries (overlayfs makes whiteouts with the mounter's ids) are
-        // the same on every worker.
-        if id == HOST_ROOT {
-            return Ok(HOST_ROOT);
-        }
         id.checked_sub(self.pass.from_base)
             .filter(|id| *id < ID_RANGE)
             .and_then(|id| self.pass.to_base.checked_add(id))
@@ -946,8 +942,15 @@ impl<W: Write> Exporter<'_, W> {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(kind);
         header.set_mode(meta.mode & 0o7777);
-        header.set_uid(u64::from(self.shift(meta.uid, rel, "uid")?));
-        header.set_gid(u64::from(self.shift(meta.gid, rel, "gid")?));
+        // overlayfs makes its whiteouts (char 0:0) with the mounter's ids, host root's:
+        // the same on every worker, carried as they are. Nothing else of host root's.
+        let whiteout = kind == tar::EntryType::Char && meta.rdev == 0;
+        let shift = |id: u32, what: &str| match id {
+            HOST_ROOT if whiteout => Ok(HOST_ROOT),
+            _ => self.shift(id, rel, what),
+        };
+        header.set_uid(u64::from(shift(meta.uid, "uid")?));
+        header.set_gid(u64::from(shift(meta.gid, "gid")?));
         header.set_mtime(u64::try_from(meta.mtime.0).unwrap_or(0));
         header.set_size(if kind == tar::EntryType::Regular {
             meta.size
@@ -2456,6 +2459,18 @@ mod tests {
         let src = tmp.path().join("src");
         std::fs::create_dir(&src).unwrap();
         chown(&src, FROM);
+        // A whiteout of host root's (overlayfs makes them so) travels as it is.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            src.join("whiteout"),
+            FileType::CharacterDevice,
+            Mode::from_raw_mode(0),
+            0,
+        )
+        .unwrap();
+        chown(&src.join("whiteout"), 0);
+        export(&src, &full(), io::sink()).unwrap();
+        // Nothing else of host root's.
         std::fs::write(src.join("host-root"), b"").unwrap();
         chown(&src.join("host-root"), 0);
         let error = export(&src, &full(), io::sink()).unwrap_err();
