@@ -762,6 +762,8 @@ mod tests {
                 "snapshot",
                 "cordon",
                 "uncordon",
+                "migrate",
+                "recreate",
             ],
         );
         for &kind in EventKind::ALL {

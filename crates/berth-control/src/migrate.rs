@@ -527,8 +527,9 @@ impl ControlPlane {
         id: &str,
         request: RecreateMachineRequest,
     ) -> Result<Machine, ApiError> {
-        principal.require_admin()?;
+        // Looked up first: another org's Machine is not found, as if it did not exist.
         let (app_row, row) = self.machine(principal, app, id).await?;
+        principal.require_admin()?;
         let Some(_guard) = self.moves.begin(id) else {
             return Err(migrating(id));
         };

@@ -141,6 +141,10 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("get", "/v1/apps/{app}/machines/{id}/ps" | "/v1/apps/{app}/machines/{id}/versions") => {
             ("", None)
         }
+        ("post", "/v1/apps/{app}/machines/{id}/migrate") => ("", Some(json!({}))),
+        ("post", "/v1/apps/{app}/machines/{id}/recreate") => {
+            ("", Some(json!({"lose_state": true})))
+        }
         ("get", "/v1/apps/{app}/machines/{id}/wait") => ("?state=started&timeout=0", None),
         ("get", "/v1/apps/{app}/machines/{id}/events") => ("?since=0", None),
         ("get", "/v1/apps/{app}/machines/{id}/logs") => ("", None),
@@ -158,7 +162,8 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("post", "/v1/images/pull") => ("", Some(json!({"image": "demo/nothing:1"}))),
         ("post", "/v1/images/prune") => ("", None),
         ("get", "/v1/orgs/{org}/usage") => ("?group_by=app", None),
-        ("get", "/v1/workers") => ("", None),
+        ("get", "/v1/workers" | "/v1/workers/{name}") => ("", None),
+        ("post", "/v1/workers/{name}/drain") => ("", None),
         ("post", "/v1/workers/{name}/cordon" | "/v1/workers/{name}/uncordon") => ("", None),
         ("get", "/v1/workers/{name}/doctor") => ("", None),
         ("post", "/v1/workers/{name}/doctor/repair") => ("", None),
@@ -275,10 +280,11 @@ async fn another_orgs_things_answer_404_at_every_route() {
                 | "/v1/images/prune"
                 | "/v1/workers/{name}/cordon"
                 | "/v1/workers/{name}/uncordon"
+                | "/v1/workers/{name}/drain"
                 | "/v1/workers/{name}/doctor/repair",
             )
             | ("delete", "/v1/images" | "/v1/images/{*reference}")
-            | ("get", "/v1/workers" | "/v1/workers/{name}/doctor") => {
+            | ("get", "/v1/workers" | "/v1/workers/{name}" | "/v1/workers/{name}/doctor") => {
                 assert_error(&reply, 403, "forbidden")
             }
             // Lists show only the caller's own org.

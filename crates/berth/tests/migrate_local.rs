@@ -1,0 +1,107 @@
+//! Moves between the in-process workers of one `berth up --workers 2`, through the
+//! proxy: the workers reach each other directly, and a client of the proxy sees no
+//! error while the Machine moves.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_api::{MachineState, MigrateMachineResponse};
+use common::{busybox_image, Platform};
+use reqwest::Method;
+use serde_json::json;
+
+const HTTPD: &str =
+    "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www";
+
+#[test]
+fn a_machine_behind_the_proxy_moves_without_a_failed_request() {
+    let platform = Platform::start_with(&["--workers", "2"]);
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "web"]);
+    let (status, body) = platform.call(
+        Method::POST,
+        "/v1/apps/web/machines",
+        Some(
+            json!({"config": {"image": "demo/busybox:1", "guest": {"cpus": 1, "memory_mb": 64},
+            "init": {"cmd": ["/bin/sh", "-c", HTTPD]},
+            "services": [{"internal_port": 8080, "protocol": "tcp", "autostart": true,
+                          "autostop": "off"}]}}),
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let from = body["worker"].as_str().expect("worker").to_owned();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let get = {
+        let (client, proxy) = (client.clone(), platform.proxy_url.clone());
+        move || {
+            client
+                .get(format!("{proxy}/index.html"))
+                .header("host", "web.localhost")
+                .send()
+                .map(|response| {
+                    (
+                        response.status().as_u16(),
+                        response.text().unwrap_or_default(),
+                    )
+                })
+        }
+    };
+    platform.wait_for("the proxy to serve", Duration::from_secs(30), || {
+        get().is_ok_and(|(status, _)| status == 200)
+    });
+
+    // A client keeps asking through the proxy while the Machine moves.
+    let done = Arc::new(AtomicBool::new(false));
+    let (answered, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let asking = {
+        let (done, answered, failed, get) =
+            (done.clone(), answered.clone(), failed.clone(), get.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                match get() {
+                    Ok((200, text)) if text == "hello\n" => {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        failures.push(format!("{other:?}"));
+                    }
+                }
+            }
+            failures
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/web/machines/{id}/migrate"),
+        Some(json!({})),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, Ordering::SeqCst);
+    let failures = asking.join().expect("client thread");
+    assert_eq!(status, 200, "{body}\n{}", platform.server_log());
+    let answer: MigrateMachineResponse = serde_json::from_value(body).expect("answer");
+    assert_ne!(answer.to_worker, from);
+    assert_eq!(answer.machine.state, MachineState::Started);
+    assert!(answer.downtime_ms.is_some(), "{answer:?}");
+    assert!(
+        answered.load(Ordering::SeqCst) > 10,
+        "the client kept asking: {} answers",
+        answered.load(Ordering::SeqCst)
+    );
+    assert!(
+        failures.is_empty(),
+        "every request through the proxy was answered during the move: {failures:?}"
+    );
+    assert!(get().is_ok_and(|(status, _)| status == 200));
+    platform.teardown();
+}
