@@ -580,3 +580,43 @@ fn a_machine_of_a_lost_worker_is_recreated_only_when_asked_and_its_stale_copy_go
     cluster.assert_doctor_clean("after a recreate and a stale copy removed");
     cluster.teardown();
 }
+
+#[test]
+fn a_start_during_a_stopped_machines_copy_waits_and_runs_it_on_the_new_worker() {
+    let cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let id = create_on(&cluster, "w1", sleeper(json!({})));
+    cluster.sh(
+        &id,
+        "dd if=/dev/urandom of=/big bs=1M count=200 2>/dev/null",
+    );
+    stop(&cluster, &id);
+    let moving = {
+        let (api_url, token, id) = (cluster.api_url.clone(), cluster.token.clone(), id.clone());
+        std::thread::spawn(move || {
+            reqwest::blocking::Client::new()
+                .post(format!("{api_url}/v1/apps/fleet/machines/{id}/migrate"))
+                .bearer_auth(token)
+                .json(&json!({"to_worker": "w2"}))
+                .send()
+                .map(|response| response.status().as_u16())
+        })
+    };
+    // The copy takes a while; the start arrives in the middle of it.
+    std::thread::sleep(Duration::from_millis(150));
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/start"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(moving.join().expect("thread").expect("answer"), 200);
+    assert_eq!(
+        body["machine"]["worker"], "w2",
+        "the start waited for the move: {body}"
+    );
+    let machine = cluster.machine(&id);
+    assert_eq!(machine.state, MachineState::Started);
+    assert_eq!(holders(&cluster, &id), vec!["w2".to_owned()]);
+    cluster.assert_doctor_clean("after a start that waited for a move");
+    cluster.teardown();
+}
