@@ -620,3 +620,64 @@ fn a_start_during_a_stopped_machines_copy_waits_and_runs_it_on_the_new_worker() 
     cluster.assert_doctor_clean("after a start that waited for a move");
     cluster.teardown();
 }
+
+#[test]
+fn a_lease_guards_a_move_and_is_still_held_after_it() {
+    let cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let id = create_on(&cluster, "w1", sleeper(json!({})));
+    let (status, lease) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/lease"),
+        Some(json!({"ttl": 300})),
+    );
+    assert_eq!(status, 200, "{lease}");
+    let nonce = lease["data"]["nonce"].as_str().expect("nonce").to_owned();
+    let (status, body) = migrate(&cluster, &id, Some("w2"));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("lease_held")),
+        "{body}"
+    );
+    let moved = cluster
+        .http
+        .post(format!(
+            "{}/v1/apps/fleet/machines/{id}/migrate",
+            cluster.api_url
+        ))
+        .bearer_auth(&cluster.token)
+        .header("fly-machine-lease-nonce", &nonce)
+        .json(&json!({"to_worker": "w2"}))
+        .send()
+        .expect("migrate");
+    assert_eq!(moved.status().as_u16(), 200, "{:?}", moved.text());
+    let (status, held) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/machines/{id}/lease"),
+        None,
+    );
+    assert_eq!(status, 200, "{held}");
+    assert_eq!(
+        held["data"]["nonce"],
+        nonce.as_str(),
+        "the robot keeps its lease"
+    );
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/stop"),
+        Some(json!({})),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("lease_held")),
+        "the lease still guards the Machine on its new worker: {body}"
+    );
+    let released = cluster
+        .http
+        .delete(format!("{}/v1/apps/fleet/machines/{id}/lease", cluster.api_url))
+        .bearer_auth(&cluster.token)
+        .header("fly-machine-lease-nonce", &nonce)
+        .send()
+        .expect("release");
+    assert!(released.status().is_success(), "{:?}", released.text());
+    cluster.teardown();
+}
