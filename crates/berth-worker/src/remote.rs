@@ -185,20 +185,7 @@ impl RemoteWorker {
             }
             match request.send().await {
                 Ok(response) if response.status().is_success() => return Ok(response),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let text = response.bytes().await.unwrap_or_default();
-                    let body =
-                        serde_json::from_slice::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
-                            error: "internal".into(),
-                            message: format!("worker {} answered {status}", self.name),
-                            ..ErrorBody::default()
-                        });
-                    return Err(WorkerError::Remote {
-                        status,
-                        body: Box::new(body),
-                    });
-                }
+                Ok(response) => return Err(self.refusal(response).await),
                 // Only a request that never reached the worker is safe to send again,
                 // unless the operation itself is idempotent.
                 Err(error) if attempt < RETRIES && (idempotent || error.is_connect()) => {
@@ -212,6 +199,21 @@ impl RemoteWorker {
                     })
                 }
             }
+        }
+    }
+
+    /// A worker's error answer, passed on as it came (its JSON body, or a generic one).
+    async fn refusal(&self, response: reqwest::Response) -> WorkerError {
+        let status = response.status().as_u16();
+        let text = response.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
+            error: "internal".into(),
+            message: format!("worker {} answered {status}", self.name),
+            ..ErrorBody::default()
+        });
+        WorkerError::Remote {
+            status,
+            body: Box::new(body),
         }
     }
 
@@ -613,17 +615,7 @@ impl WorkerService for RemoteWorker {
                 reason: error.to_string(),
             })?;
         if !response.status().is_success() {
-            let status = response.status().as_u16();
-            let text = response.bytes().await.unwrap_or_default();
-            let body = serde_json::from_slice::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
-                error: "internal".into(),
-                message: format!("worker {} answered {status}", self.name),
-                ..ErrorBody::default()
-            });
-            return Err(WorkerError::Remote {
-                status,
-                body: Box::new(body),
-            });
+            return Err(self.refusal(response).await);
         }
         Ok(Box::pin(response.bytes_stream().map(|chunk| {
             chunk.map_err(|error| std::io::Error::other(error.to_string()))

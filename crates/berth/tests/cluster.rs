@@ -8,32 +8,13 @@ use std::time::{Duration, Instant};
 
 use berth_api::{DoctorReport, Machine, MachineState, MachineWorkerStatus, WorkerStatus};
 use common::cluster::{sleeper, Cluster};
-use common::{busybox_image, BERTH};
+use common::BERTH;
 use reqwest::Method;
 use serde_json::{json, Value};
 
 #[test]
 fn placement_pinning_capacity_and_failures_across_processes() {
-    let mut cluster = Cluster::start(&[("w1", 4, 4096), ("w2", 4, 4096), ("w3", 4, 4096)]);
-    let layout = tempfile::tempdir().expect("tempdir");
-    busybox_image()
-        .write_layout(&layout.path().join("img"))
-        .expect("layout");
-    let output = Command::new(BERTH)
-        .args(["image", "import"])
-        .arg(layout.path().join("img"))
-        .args(["--name", "demo/busybox:1"])
-        .env("BERTH_API_URL", &cluster.api_url)
-        .env("BERTH_TOKEN", &cluster.token)
-        .output()
-        .expect("import");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let (status, body) = cluster.call(Method::POST, "/v1/apps", Some(json!({"app_name": "fleet"})));
-    assert_eq!(status, 201, "{body}");
+    let mut cluster = Cluster::with_fleet(&[("w1", 4, 4096), ("w2", 4, 4096), ("w3", 4, 4096)]);
 
     // Twenty creates spread across the workers (each agent pulls the image from the
     // control plane's registry).
@@ -284,26 +265,7 @@ fn keyed_creates(api_url: &str, token: &str, client: usize, count: usize) -> Vec
 
 #[test]
 fn a_control_plane_killed_alone_mid_creates_recovers_one_view_with_its_agents() {
-    let mut cluster = Cluster::start(&[("w1", 64, 65536), ("w2", 64, 65536)]);
-    let layout = tempfile::tempdir().expect("tempdir");
-    busybox_image()
-        .write_layout(&layout.path().join("img"))
-        .expect("layout");
-    let output = Command::new(BERTH)
-        .args(["image", "import"])
-        .arg(layout.path().join("img"))
-        .args(["--name", "demo/busybox:1"])
-        .env("BERTH_API_URL", &cluster.api_url)
-        .env("BERTH_TOKEN", &cluster.token)
-        .output()
-        .expect("import");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let (status, body) = cluster.call(Method::POST, "/v1/apps", Some(json!({"app_name": "fleet"})));
-    assert_eq!(status, 201, "{body}");
+    let mut cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
 
     // Three clients create (and so start) Machines while the control plane is SIGKILLed
     // twice and restarted on the same data dir; the agents keep running throughout.

@@ -673,7 +673,10 @@ fn a_lease_guards_a_move_and_is_still_held_after_it() {
     );
     let released = cluster
         .http
-        .delete(format!("{}/v1/apps/fleet/machines/{id}/lease", cluster.api_url))
+        .delete(format!(
+            "{}/v1/apps/fleet/machines/{id}/lease",
+            cluster.api_url
+        ))
         .bearer_auth(&cluster.token)
         .header("fly-machine-lease-nonce", &nonce)
         .send()
