@@ -307,12 +307,12 @@ impl ControlPlane {
         self.cut_over(&id, &moving.dest, cutover_ms).await?;
         moving.cut_over = true;
         moving.cutover_ms = Some(cutover_ms);
-        // The source first: on a host with several workers the Machine's cgroups and veth
-        // name are the host's, shared by both copies, so the old one goes before the new
-        // one boots.
-        self.finish_source(source, moving).await?;
         let committed = self.commit(dest, moving).await?;
         let downtime_ms = downtime_from.map(|from| from.elapsed().as_millis() as u64);
+        // The source's copy goes once the Machine runs on the destination: removing a large
+        // disk is not downtime. On one host the two share the cgroup path, whose removal
+        // leaves a cgroup holding the destination's processes.
+        self.finish_source(source, moving).await?;
         let machine = committed
             .machine
             .ok_or_else(|| ApiError::internal("the destination answered no machine"))?;
@@ -344,7 +344,7 @@ impl ControlPlane {
             .await?)
     }
 
-    /// After the cutover: the source removes its copy.
+    /// After the commit: the source removes its copy, and the move's row goes.
     async fn finish_source(
         &self,
         source: &Arc<dyn WorkerService>,
@@ -357,11 +357,15 @@ impl ControlPlane {
                 cutover_ms: moving.cutover_ms.unwrap_or_else(|| self.clock.now_ms()),
             })
             .await?;
+        sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+            .bind(&moving.machine_id)
+            .execute(self.store.pool())
+            .await?;
         Ok(())
     }
 
-    /// After the source finished: the destination takes the Machine (and boots it if it
-    /// ran), and the move's row goes.
+    /// After the cutover: the destination takes the Machine (and boots it if it ran).
+    /// Idempotent: a commit sent again answers the committed Machine.
     async fn commit(
         &self,
         dest: &Arc<dyn WorkerService>,
@@ -375,10 +379,6 @@ impl ControlPlane {
                 from_address: moving.from_address.clone(),
                 cutover_ms: moving.cutover_ms.unwrap_or_else(|| self.clock.now_ms()),
             })
-            .await?;
-        sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
-            .bind(&moving.machine_id)
-            .execute(self.store.pool())
             .await?;
         Ok(committed)
     }
@@ -456,10 +456,16 @@ impl ControlPlane {
     }
 
     async fn moves(&self) -> Result<Vec<MoveRow>, sqlx::Error> {
+        self.moves_where(None).await
+    }
+
+    /// The recorded moves, or the one of `id`.
+    async fn moves_where(&self, id: Option<&str>) -> Result<Vec<MoveRow>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT machine_id, source, dest, grant_token, running, from_address, phase, cutover_ms
-             FROM migrations",
+             FROM migrations WHERE ?1 IS NULL OR machine_id = ?1",
         )
+        .bind(id)
         .fetch_all(self.store.pool())
         .await?;
         Ok(rows
@@ -488,8 +494,17 @@ impl ControlPlane {
                 return;
             }
         };
-        for moving in moves {
-            let Some(_guard) = self.moves.begin(&moving.machine_id) else {
+        for listed in moves {
+            let Some(_guard) = self.moves.begin(&listed.machine_id) else {
+                continue;
+            };
+            // Read again under the guard: the move the list saw may have ended, or passed
+            // its cutover, since (a request held it meanwhile).
+            let Ok(Some(moving)) = self
+                .moves_where(Some(&listed.machine_id))
+                .await
+                .map(|rows| rows.into_iter().next())
+            else {
                 continue;
             };
             let (Ok(source), Ok(dest)) = (self.worker(&moving.source), self.worker(&moving.dest))
@@ -497,8 +512,10 @@ impl ControlPlane {
                 continue;
             };
             let settled = if moving.cut_over {
-                match self.finish_source(&source, &moving).await {
-                    Ok(()) => self.commit(&dest, &moving).await.map(drop),
+                // Two workers of one host share the Machine's cgroup path; the source's
+                // removal leaves a cgroup the booted destination's processes are in.
+                match self.commit(&dest, &moving).await {
+                    Ok(_) => self.finish_source(&source, &moving).await,
                     Err(error) => Err(error),
                 }
             } else {

@@ -147,10 +147,10 @@ fn a_stopped_machine_moves_with_every_file_exactly() {
         "holes kept: {} blocks",
         sparse.blocks()
     );
-    assert!(
-        !cluster.machine_dir("w1", &id).exists(),
-        "the old worker keeps nothing"
-    );
+    // The old worker's copy goes right after the answer.
+    cluster.wait_for("the old worker to keep nothing", || {
+        !cluster.machine_dir("w1", &id).exists()
+    });
 
     // From inside: the files, the link pair, the deleted image file.
     start(&cluster, &id);
@@ -325,10 +325,12 @@ fn a_drain_empties_a_worker_of_running_and_stopped_machines() {
         assert_eq!(machine.state, state, "{id} kept its state");
     }
     let machines_dir = cluster.machine_dir("w1", "x");
-    let left = std::fs::read_dir(machines_dir.parent().expect("dir"))
-        .map(|dir| dir.count())
-        .unwrap_or(0);
-    assert_eq!(left, 0, "the drained worker holds no Machine");
+    cluster.wait_for("the drained worker to hold no Machine", || {
+        std::fs::read_dir(machines_dir.parent().expect("dir"))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+            == 0
+    });
     cluster.assert_doctor_clean("after a drain");
     cluster.teardown();
 }
@@ -616,7 +618,7 @@ fn a_start_during_a_stopped_machines_copy_waits_and_runs_it_on_the_new_worker() 
     );
     let machine = cluster.machine(&id);
     assert_eq!(machine.state, MachineState::Started);
-    assert_eq!(holders(&cluster, &id), vec!["w2".to_owned()]);
+    cluster.wait_for("the old copy to go", || holders(&cluster, &id) == ["w2"]);
     cluster.assert_doctor_clean("after a start that waited for a move");
     cluster.teardown();
 }

@@ -671,9 +671,6 @@ impl Agent {
             }
             Some(_) => return Err(wrong_grant(id)),
         }
-        // The source is gone by now. On a host with several workers it shared the
-        // Machine's veth name and took the veth with it: attach again (idempotent).
-        self.inner.runtime.restore_network(&self.layout(id)).await?;
         record.pending = None;
         record.updated_at_ms = cutover_ms.max(record.updated_at_ms);
         let reason = format!(
