@@ -83,6 +83,9 @@ struct Args {
     /// `berth server` and two `berth agent` processes.
     #[arg(long)]
     migrate_only: bool,
+    /// With --migrate-only: where to copy the server's and agents' logs.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 /// Sections that other modes write into the same file; a start-harness run keeps them.
@@ -158,7 +161,7 @@ async fn run(args: Args) -> Result<usize> {
         } else {
             migrate::Sizes::full()
         };
-        let figures = migrate::measure(sizes, scratch.path()).await?;
+        let figures = migrate::measure(sizes, scratch.path(), args.keep_logs.as_deref()).await?;
         // Keep the figures of the last full run beside these.
         let mut merged = read_report(&args.out);
         for key in migrate::KEYS {
