@@ -2,7 +2,8 @@
 //! the in-process platform in the same run, and create and start with 200 Machines
 //! already on one worker.
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -132,87 +133,8 @@ pub async fn measure(cycles: usize, in_process: &Client, scratch: &Path) -> Resu
     let _ = in_process.delete::<Value>("/v1/apps/dense").await;
 
     // The same through a control plane and an agent in separate processes.
-    let berth = std::env::current_exe()?.with_file_name("berth");
-    if !berth.is_file() {
-        bail!(
-            "{} is missing: build it with cargo build --release -p berth",
-            berth.display()
-        );
-    }
-    let port = free_port()?;
-    let server_dir = scratch.join("cluster-server");
-    let mut processes = Processes(Vec::new());
-    processes.0.push(
-        Command::new(&berth)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(&server_dir)
-            .env("BERTH_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let api_url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !server_dir.join("join-token").is_file() || reqwest_health(&api_url).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("berth server did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let admin = std::fs::read_to_string(server_dir.join("admin-token"))?
-        .trim()
-        .to_owned();
-    let join = std::fs::read_to_string(server_dir.join("join-token"))?
-        .trim()
-        .to_owned();
-    processes.0.push(
-        Command::new(&berth)
-            .args([
-                "agent",
-                "--control-url",
-                &api_url,
-                "--join-token",
-                &join,
-                "--listen",
-            ])
-            .arg(format!("127.0.0.1:{}", free_port()?))
-            .arg("--data-dir")
-            .arg(scratch.join("cluster-agent"))
-            .args([
-                "--name",
-                "w1",
-                "--cpus",
-                "64",
-                "--memory-mb",
-                "65536",
-                "--disk-mb",
-                "1000000",
-            ])
-            .env("BERTH_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let remote = Client::new(&api_url, &admin)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let workers = loop {
-        let workers: Vec<Worker> = remote.get("/v1/workers").await?;
-        if workers
-            .iter()
-            .any(|worker| worker.status == berth_api::WorkerStatus::Ready)
-        {
-            break workers;
-        }
-        if Instant::now() > deadline {
-            bail!("berth agent did not join");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let fleet = Fleet::start(scratch, "cluster", &["w1"], "error").await?;
+    let remote = fleet.client.clone();
     remote
         .import_archive::<Value>(&archive, "bench/busybox:1")
         .await?;
@@ -227,13 +149,7 @@ pub async fn measure(cycles: usize, in_process: &Client, scratch: &Path) -> Resu
     }
     .await;
     let _ = remote.delete::<Value>("/v1/apps/remote").await;
-    drop(processes);
-    for worker in &workers {
-        let bridge = berth::platform::bridge_name(&worker.machine_prefix);
-        let _ = Command::new("ip")
-            .args(["link", "delete", &bridge])
-            .status();
-    }
+    fleet.shutdown();
     let (remote_starts, remote_gets) =
         result.context("start through berth server and berth agent")?;
 
@@ -263,5 +179,158 @@ async fn reqwest_health(api_url: &str) -> Result<()> {
         Ok(())
     } else {
         bail!("not healthy yet")
+    }
+}
+
+/// A `berth server` and named `berth agent` processes from the binary beside this one,
+/// each with its own data dir under the scratch dir and its log in `<prefix>-<name>.log`
+/// there. `shutdown` (or a drop) kills them; `shutdown` also removes the workers' networks.
+pub(crate) struct Fleet {
+    processes: Processes,
+    pub client: Client,
+    pub workers: Vec<Worker>,
+    /// Each worker's name and data dir.
+    agent_dirs: Vec<(String, PathBuf)>,
+    logs: Vec<PathBuf>,
+}
+
+impl Fleet {
+    pub async fn start(scratch: &Path, prefix: &str, names: &[&str], log: &str) -> Result<Fleet> {
+        let berth = std::env::current_exe()?.with_file_name("berth");
+        if !berth.is_file() {
+            bail!(
+                "{} is missing: build it with cargo build --release -p berth",
+                berth.display()
+            );
+        }
+        let mut logs = Vec::new();
+        let mut spawn = |name: &str, args: Vec<OsString>| -> Result<Child> {
+            let path = scratch.join(format!("{prefix}-{name}.log"));
+            let file = std::fs::File::create(&path)?;
+            logs.push(path);
+            Ok(Command::new(&berth)
+                .args(args)
+                .env("BERTH_LOG", log)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()?)
+        };
+        let port = free_port()?;
+        let server_dir = scratch.join(format!("{prefix}-server"));
+        let mut processes = Processes(Vec::new());
+        processes.0.push(spawn(
+            "server",
+            vec![
+                "server".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}").into(),
+                "--data-dir".into(),
+                server_dir.clone().into(),
+            ],
+        )?);
+        let api_url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server_dir.join("join-token").is_file() || reqwest_health(&api_url).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("berth server did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let admin = std::fs::read_to_string(server_dir.join("admin-token"))?
+            .trim()
+            .to_owned();
+        let join = std::fs::read_to_string(server_dir.join("join-token"))?
+            .trim()
+            .to_owned();
+        let mut agent_dirs = Vec::new();
+        for name in names {
+            let data_dir = scratch.join(format!("{prefix}-{name}"));
+            processes.0.push(spawn(
+                name,
+                vec![
+                    "agent".into(),
+                    "--control-url".into(),
+                    api_url.clone().into(),
+                    "--join-token".into(),
+                    join.clone().into(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", free_port()?).into(),
+                    "--data-dir".into(),
+                    data_dir.clone().into(),
+                    "--name".into(),
+                    (*name).into(),
+                    "--cpus".into(),
+                    "64".into(),
+                    "--memory-mb".into(),
+                    "65536".into(),
+                    "--disk-mb".into(),
+                    "1000000".into(),
+                ],
+            )?);
+            agent_dirs.push((name.to_string(), data_dir));
+        }
+        let client = Client::new(&api_url, &admin)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let workers = loop {
+            let workers: Vec<Worker> = client.get("/v1/workers").await?;
+            let ready = workers
+                .iter()
+                .filter(|worker| worker.status == berth_api::WorkerStatus::Ready)
+                .count();
+            if ready == names.len() {
+                break workers;
+            }
+            if Instant::now() > deadline {
+                bail!("{ready} of {} berth agents joined", names.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        Ok(Fleet {
+            processes,
+            client,
+            workers,
+            agent_dirs,
+            logs,
+        })
+    }
+
+    /// Where worker `name` keeps Machine `id`'s files.
+    pub fn machine_dir(&self, name: &str, id: &str) -> Option<PathBuf> {
+        self.agent_dirs
+            .iter()
+            .find(|(worker, _)| worker == name)
+            .map(|(_, dir)| dir.join("machines").join(id))
+    }
+
+    /// The processes' logs, for a reader of a failed run.
+    pub fn logs(&self) -> &[PathBuf] {
+        &self.logs
+    }
+
+    /// Kills the processes, then removes each worker's bridge and nftables tables (the
+    /// agents leave them for the next start of the same worker).
+    pub fn shutdown(self) {
+        let Fleet {
+            processes, workers, ..
+        } = self;
+        drop(processes);
+        for worker in &workers {
+            remove_network(&berth::platform::bridge_name(&worker.machine_prefix));
+        }
+    }
+}
+
+/// Deletes a worker's bridge and the nftables tables named after it.
+pub(crate) fn remove_network(bridge: &str) {
+    let quiet = |command: &mut Command| {
+        let _ = command.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    };
+    quiet(Command::new("ip").args(["link", "delete", bridge]));
+    for (family, table) in [
+        ("bridge", format!("berth_isolate_{bridge}")),
+        ("inet", format!("berth_host_{bridge}")),
+    ] {
+        quiet(Command::new("nft").args(["delete", "table", family, &table]));
     }
 }

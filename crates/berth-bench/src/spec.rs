@@ -66,6 +66,20 @@ pub const TARGETS: &[Target] = &[
     },
 ];
 
+/// The targets `--migrate-only --check` holds a run to.
+pub const MIGRATE_TARGETS: &[Target] = &[
+    Target {
+        key: "ratio_migrate_over_tar_pipe",
+        bound: Bound::AtLeast,
+        limit: 0.8,
+    },
+    Target {
+        key: "migrate_running_downtime_ms",
+        bound: Bound::AtMost,
+        limit: 200.0,
+    },
+];
+
 /// What `--check` found for one target.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
@@ -150,6 +164,25 @@ mod tests {
         assert_eq!(line, "MISSED start_p50_ms: 33.1 (target ≤ 5)");
     }
 
+    #[test]
+    fn a_slow_move_misses_and_a_short_downtime_meets() {
+        let report =
+            json!({"ratio_migrate_over_tar_pipe": 0.7, "migrate_running_downtime_ms": 150});
+        let verdicts = evaluate(&report, MIGRATE_TARGETS);
+        let met: Vec<(&str, bool)> = verdicts.iter().map(|v| (v.key, v.met)).collect();
+        assert_eq!(
+            met,
+            [
+                ("ratio_migrate_over_tar_pipe", false),
+                ("migrate_running_downtime_ms", true)
+            ]
+        );
+        assert_eq!(
+            verdicts[0].line,
+            "MISSED ratio_migrate_over_tar_pipe: 0.7 (target ≥ 0.8)"
+        );
+    }
+
     /// docs/SPECIFICATION.md lists the same targets as the code checks, row by row.
     #[test]
     fn the_specification_lists_exactly_these_targets() {
@@ -167,6 +200,7 @@ mod tests {
             .collect();
         let expected: Vec<(String, String, f64)> = TARGETS
             .iter()
+            .chain(MIGRATE_TARGETS)
             .map(|t| (t.key.to_owned(), t.bound.symbol().to_owned(), t.limit))
             .collect();
         assert_eq!(rows, expected);
