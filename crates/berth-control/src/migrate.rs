@@ -242,6 +242,18 @@ impl ControlPlane {
             .into_iter()
             .filter(|worker| worker.name != row.worker)
             .collect();
+        if others.is_empty() {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "insufficient_capacity",
+                format!(
+                    "no worker but {} is in the cluster to take machine {}",
+                    row.worker, row.id
+                ),
+            );
+            error.body.retry_after_ms = Some(5000);
+            return Err(error);
+        }
         self.place_among(others, &request)
     }
 

@@ -103,5 +103,62 @@ fn a_machine_behind_the_proxy_moves_without_a_failed_request() {
         "every request through the proxy was answered during the move: {failures:?}"
     );
     assert!(get().is_ok_and(|(status, _)| status == 200));
+
+    // With the other worker cordoned there is nowhere to go: the drain says so.
+    let (status, body) = platform.call(Method::POST, &format!("/v1/workers/{from}/cordon"), None);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/web/machines/{id}/migrate"),
+        Some(json!({})),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("insufficient_capacity")),
+        "{body}"
+    );
+    platform.teardown();
+}
+
+#[test]
+fn a_lone_worker_has_nowhere_to_move_a_machine_and_its_drain_says_so() {
+    let platform = Platform::start();
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "solo"]);
+    let (status, body) = platform.call(
+        Method::POST,
+        "/v1/apps/solo/machines",
+        Some(json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]}}})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let (status, body) = platform.call(
+        Method::POST,
+        &format!("/v1/apps/solo/machines/{id}/migrate"),
+        Some(json!({})),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("insufficient_capacity")),
+        "{body}"
+    );
+    let (status, body) = platform.call(Method::POST, "/v1/workers/local/drain", None);
+    assert_eq!(status, 202, "{body}");
+    platform.wait_for("the drain to end", Duration::from_secs(30), || {
+        let (_, worker) = platform.call(Method::GET, "/v1/workers/local", None);
+        worker["drain"]["state"] != "draining"
+    });
+    let (_, worker) = platform.call(Method::GET, "/v1/workers/local", None);
+    assert_eq!(worker["drain"]["state"], "incomplete", "{worker}");
+    assert_eq!(
+        worker["drain"]["failed"][0]["machine"],
+        id.as_str(),
+        "{worker}"
+    );
+    assert_eq!(
+        worker["drain"]["failed"][0]["error"], "insufficient_capacity",
+        "{worker}"
+    );
+    assert_eq!(platform.machine("solo", &id).state, MachineState::Started);
     platform.teardown();
 }
