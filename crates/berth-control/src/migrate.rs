@@ -184,8 +184,12 @@ impl ControlPlane {
                 tracing::warn!(machine = %id, error = %error.body.message, "finishing a move later");
                 Err(error)
             }
-            Err(error) => {
-                if let Err(abort_error) = self.roll_back(&source, &dest, &moving).await {
+            Err(mut error) => {
+                let (source_answer, rest) = self.roll_back(&source, &dest, &moving).await;
+                if let Some(source_answer) = source_answer {
+                    say_rolled_back(&mut error, &moving, &source_answer);
+                }
+                if let Err(abort_error) = rest {
                     tracing::warn!(machine = %id, error = %abort_error.body.message, "rolling a move back later");
                 }
                 Err(error)
@@ -202,8 +206,8 @@ impl ControlPlane {
         asked: Option<String>,
     ) -> Result<String, ApiError> {
         let capacities = self.workers.capacities();
-        if let Some(name) = asked {
-            let Some(worker) = capacities.iter().find(|worker| worker.name == name) else {
+        if let Some(name) = &asked {
+            let Some(worker) = capacities.iter().find(|worker| worker.name == *name) else {
                 let mut error = ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "unknown_worker",
@@ -212,7 +216,7 @@ impl ControlPlane {
                 error.body.field = Some("to_worker".into());
                 return Err(error);
             };
-            if name == row.worker {
+            if *name == row.worker {
                 let mut error = ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "same_worker",
@@ -231,9 +235,10 @@ impl ControlPlane {
                 return Err(error);
             }
         }
+        // A worker asked for is still checked for room, like any placement.
         let request = PlacementRequest {
             region: None,
-            worker: None,
+            worker: asked,
             cpus: machine.config.guest.cpus,
             memory_mb: u64::from(machine.config.guest.memory_mb),
             disk_mb: berth_core::placement::machine_disk_mb(&machine.config.guest),
@@ -395,24 +400,33 @@ impl ControlPlane {
         Ok(committed)
     }
 
-    /// Before the cutover: both workers undo their part, then the row goes.
+    /// Before the cutover: both workers undo their part, then the row goes. The source's
+    /// answer comes back even when the destination's part waits for the settling loop.
     async fn roll_back(
         &self,
         source: &Arc<dyn WorkerService>,
         dest: &Arc<dyn WorkerService>,
         moving: &MoveRow,
-    ) -> Result<(), ApiError> {
+    ) -> (Option<MigrationAnswer>, Result<(), ApiError>) {
         let abort = || MigrationStep::Abort {
             id: moving.machine_id.clone(),
             grant: moving.grant.clone(),
         };
-        dest.migration(abort()).await?;
-        source.migration(abort()).await?;
-        sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
-            .bind(&moving.machine_id)
-            .execute(self.store.pool())
-            .await?;
-        Ok(())
+        // The source first: a Machine the move stopped runs again there even while the
+        // destination does not answer; its staged copy goes when it does.
+        let source_answer = match source.migration(abort()).await {
+            Ok(answer) => answer,
+            Err(error) => return (None, Err(error.into())),
+        };
+        let rest = async {
+            dest.migration(abort()).await?;
+            sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+                .bind(&moving.machine_id)
+                .execute(self.store.pool())
+                .await?;
+            Ok(())
+        };
+        (Some(source_answer), rest.await)
     }
 
     async fn insert_move(&self, app: &str, moving: &MoveRow) -> Result<(), ApiError> {
@@ -531,7 +545,7 @@ impl ControlPlane {
                     Err(error) => Err(error),
                 }
             } else {
-                self.roll_back(&source, &dest, &moving).await
+                self.roll_back(&source, &dest, &moving).await.1
             };
             match settled {
                 Ok(()) => {
@@ -669,6 +683,24 @@ impl ControlPlane {
 }
 
 /// Settles unfinished moves now and then, for as long as the control plane lives.
+/// Tells a failed move's caller where its Machine is now: still on the source, and
+/// running again there if the move had stopped it.
+fn say_rolled_back(error: &mut ApiError, moving: &MoveRow, source_answer: &MigrationAnswer) {
+    let restarted = if source_answer.running {
+        " and runs again there"
+    } else {
+        ""
+    };
+    error.body.message = format!(
+        "{}; the move was rolled back: machine {} stays on worker {}{restarted}",
+        error.body.message, moving.machine_id, moving.source
+    );
+    error.body.worker = Some(moving.source.clone());
+    if let Some(machine) = &source_answer.machine {
+        error.body.state = Some(machine.state);
+    }
+}
+
 pub(crate) fn spawn_settling(control: &Arc<ControlPlane>) {
     let weak = Arc::downgrade(control);
     tokio::spawn(async move {

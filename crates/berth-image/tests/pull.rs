@@ -648,3 +648,30 @@ async fn a_full_disk_answers_insufficient_storage_and_leaves_nothing() {
     assert!(names(&store.root().join("blobs/sha256")).is_empty());
     assert!(names(&store.root().join("layers/sha256")).is_empty());
 }
+
+/// A reference by digest that the store holds needs no registry: the move of a Machine
+/// to a worker that has its image goes on while the registry is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_digest_resolves_with_the_registry_down() {
+    let mut registry = Registry::start().unwrap();
+    let target = PushTarget::anonymous(&registry.host());
+    let digest = push_image(&target, "team/app", "1", small_image("pinned"))
+        .await
+        .unwrap();
+    let f = fixture();
+    let puller = puller(&f.store, RegistryOptions::default());
+    let tagged = format!("{}/team/app:1", registry.host());
+    assert_eq!(
+        pull(&puller, &tagged).await.unwrap().manifest_digest,
+        digest
+    );
+    registry.kill();
+    let pinned = format!("{}/team/app@{digest}", registry.host());
+    let resolved = pull(&puller, &pinned).await.expect("served from the store");
+    assert_eq!(resolved.manifest_digest, digest);
+    // The tag needs the registry (it may have moved): refused, which shows it is down.
+    assert!(matches!(
+        pull(&puller, &tagged).await,
+        Err(ImageError::RegistryUnreachable { .. })
+    ));
+}

@@ -425,8 +425,25 @@ fn a_move_killed_at_any_step_finishes_or_rolls_back_and_leaks_nothing() {
             .bearer_auth(&cluster.token)
             .json(&json!({"to_worker": dest}))
             .send()
-            .map(|response| response.status().as_u16());
+            .map(|response| {
+                let status = response.status().as_u16();
+                (status, response.json::<Value>().unwrap_or_default())
+            });
         eprintln!("{point}: {answer:?}");
+        if point == "migrate.after_sync" {
+            // A pass died with the destination: the Machine runs on the source (again, if
+            // the move had stopped it for the final pass), and the answer says so.
+            let (status, body) = answer.as_ref().expect("an answer");
+            assert!(*status >= 500, "{body}");
+            assert_eq!(body["worker"], source.as_str(), "{body}");
+            assert_eq!(body["state"], "started", "{body}");
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(&format!("stays on worker {source}")),
+                "{body}"
+            );
+            assert_eq!(cluster.machine(&id).state, MachineState::Started);
+        }
         match who {
             "source" => restart_agent_and_wait(&mut cluster, &source, &[]),
             "dest" => restart_agent_and_wait(&mut cluster, dest, &[]),
@@ -684,5 +701,59 @@ fn a_lease_guards_a_move_and_is_still_held_after_it() {
         .send()
         .expect("release");
     assert!(released.status().is_success(), "{:?}", released.text());
+    cluster.teardown();
+}
+
+/// Pushes busybox to `registry` as `repository:1`; answers the reference.
+fn push_busybox(registry: &berth_testkit::Registry, repository: &str) -> String {
+    let target = berth_testkit::PushTarget::anonymous(&registry.host());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(berth_testkit::push_image(
+            &target,
+            repository,
+            "1",
+            common::busybox_image(),
+        ))
+        .expect("push");
+    format!("{}/{repository}:1", registry.host())
+}
+
+/// The destination already holds the image's layers (another Machine of it runs there):
+/// the move needs no registry. Moved to a worker without them, the same Machine is
+/// refused with `registry_unreachable` and stays whole, which shows the registry was
+/// really gone.
+#[test]
+fn a_move_needs_no_registry_when_the_destination_has_the_layers() {
+    let mut registry = berth_testkit::Registry::start().expect("registry");
+    let reference = push_busybox(&registry, "team/app");
+    let cluster = three();
+    let image = json!({"config": {"image": reference, "init": {"cmd": ["sleep", "3600"]},
+        "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"}}});
+    let id = create_on(&cluster, "w1", image.clone());
+    let _neighbour = create_on(&cluster, "w2", image);
+    cluster.sh(&id, "echo kept > /kept");
+    stop(&cluster, &id);
+    let digest = upper_digest(&cluster, "w1", &id);
+    registry.kill();
+
+    let (status, body) = migrate(&cluster, &id, Some("w3"));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("registry_unreachable")),
+        "{body}"
+    );
+    assert_eq!(cluster.machine(&id).worker.as_deref(), Some("w1"));
+    assert!(!cluster.machine_dir("w3", &id).exists(), "w3 keeps nothing");
+
+    let (status, body) = migrate(&cluster, &id, Some("w2"));
+    assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+    assert_eq!(body["machine"]["worker"], "w2");
+    assert_eq!(upper_digest(&cluster, "w2", &id), digest);
+    start(&cluster, &id);
+    assert_eq!(cluster.sh(&id, "cat /kept"), "kept\n");
+    cluster.assert_doctor_clean("after a move with the registry down");
     cluster.teardown();
 }
