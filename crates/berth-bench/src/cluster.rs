@@ -303,6 +303,24 @@ impl Fleet {
             .map(|(_, dir)| dir.join("machines").join(id))
     }
 
+    /// Waits until worker `name` has deleted the files of the Machines it removed (it
+    /// does so behind its answers), so that the next measurement does not share the disk
+    /// with that work.
+    pub async fn removals_done(&self, name: &str) -> Result<()> {
+        let Some((_, dir)) = self.agent_dirs.iter().find(|(worker, _)| worker == name) else {
+            bail!("no worker {name}");
+        };
+        let removed = dir.join("removed");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::fs::read_dir(&removed).is_ok_and(|mut entries| entries.next().is_some()) {
+            if Instant::now() > deadline {
+                bail!("{} is still not empty", removed.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// The processes' logs, for a reader of a failed run.
     pub fn logs(&self) -> &[PathBuf] {
         &self.logs

@@ -439,6 +439,8 @@ async fn run(fleet: &Fleet, sizes: Sizes, scratch: &Path) -> Result<Value> {
         );
         samples.stopped.push(wall);
         stopped_rows.push(move_row(wall, &answer));
+        // The source deletes its copy behind the answer; the peer runs on a quiet disk.
+        fleet.removals_done(here).await?;
         here = there;
         // The peer in the same run, on the same files, right after: the upperdir the
         // move just made.

@@ -53,6 +53,9 @@ pub struct RuntimeParts {
 pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
     let start_timeout = Duration::from_secs(30);
     let disk_quota = disk_quota(&parts.worker_dir, parts.disk_quota)?;
+    // Beside `machines/`, so a Machine's directory is renamed there, not copied.
+    let removed_dir = parts.worker_dir.join("removed");
+    berth_runtime::host::sweep_removed(&removed_dir);
     Ok(match parts.kind {
         RuntimeKind::Runc => Arc::new(RuncRuntime::new(RuncConfig {
             runc_binary: parts.runc_binary,
@@ -64,6 +67,7 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
                 network: parts.network,
                 id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
                 disk_quota,
+                removed_dir: Some(removed_dir),
             },
         })),
         RuntimeKind::Native => Arc::new(
@@ -76,6 +80,7 @@ pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
                     network: parts.network,
                     id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
                     disk_quota,
+                    removed_dir: Some(removed_dir),
                 },
             })
             .context("the native runtime")?,

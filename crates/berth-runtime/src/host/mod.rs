@@ -4,6 +4,7 @@
 //! Imports flow one way: each driver (`native`, `runc`) uses this module; nothing here
 //! knows a driver.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{IoContext, RuntimeError};
@@ -22,6 +23,7 @@ pub(crate) mod teardown;
 
 pub use inventory::HostInventory;
 pub use run_dir::RunDir;
+pub use teardown::sweep_removed;
 
 /// How long remove waits for a killed Machine before tearing it down anyway.
 pub(crate) const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -36,6 +38,9 @@ pub struct HostConfig {
     pub id_registry: IdRegistry,
     /// Per-Machine disk quotas on the Machines' filesystem; `None` enforces none.
     pub disk_quota: Option<DiskQuota>,
+    /// Where a removed Machine's directory is renamed to be deleted in the background,
+    /// on the Machines' filesystem; `None` deletes it before `remove` returns.
+    pub removed_dir: Option<PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -45,6 +50,7 @@ impl Default for HostConfig {
             network: None,
             id_registry: IdRegistry::new(crate::userns::DEFAULT_REGISTRY),
             disk_quota: None,
+            removed_dir: None,
         }
     }
 }
