@@ -1,6 +1,7 @@
 //! A small typed client for the Berth API, used by the CLI and the demo.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use berth_api::{ErrorBody, ImagePullEvent, ImagePullRequest};
@@ -8,10 +9,13 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::endpoints::Endpoints;
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    /// One URL per replica of the API.
+    endpoints: Arc<Endpoints>,
     token: String,
     lease_nonce: Option<String>,
 }
@@ -59,11 +63,13 @@ impl Client {
         Client::new(api_url, &token)
     }
 
+    /// A client for `base`: one URL, or several comma-separated (replicas of the API).
     pub fn new(base: &str, token: &str) -> Result<Client> {
         let http = reqwest::Client::builder().build()?;
+        let endpoints = Endpoints::parse(base).context("the API URL")?;
         Ok(Client {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            endpoints: Arc::new(endpoints),
             token: token.to_owned(),
             lease_nonce: None,
         })
@@ -83,7 +89,7 @@ impl Client {
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let request = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.endpoints.first()))
             .bearer_auth(&self.token);
         match &self.lease_nonce {
             Some(nonce) => request.header(berth_api::LEASE_NONCE_HEADER, nonce),
@@ -91,15 +97,20 @@ impl Client {
         }
     }
 
-    /// Sends, and when the API answers 429 waits as long as it says and tries again: a
-    /// refused call did nothing, so any call may be retried.
+    /// Sends to a replica that answers, and when the API answers 429 waits as long as it
+    /// says and tries again: a refused call did nothing, so any call may be retried.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         const ATTEMPTS: usize = 8;
+        let request = request.build().context("building the request")?;
         for _ in 1..ATTEMPTS {
             let Some(attempt) = request.try_clone() else {
                 break;
             };
-            let response = attempt.send().await.with_context(|| self.unreachable())?;
+            let response = self
+                .endpoints
+                .send(&self.http, attempt)
+                .await
+                .with_context(|| self.unreachable())?;
             if response.status() != StatusCode::TOO_MANY_REQUESTS {
                 return Ok(response);
             }
@@ -112,7 +123,15 @@ impl Client {
                 .clamp(1, 60);
             tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
         }
-        request.send().await.with_context(|| self.unreachable())
+        self.send_once(request).await
+    }
+
+    /// Sends once (to a replica that answers), 429 included.
+    async fn send_once(&self, request: reqwest::Request) -> Result<reqwest::Response> {
+        self.endpoints
+            .send(&self.http, request)
+            .await
+            .with_context(|| self.unreachable())
     }
 
     /// A GET whose answer is read as it arrives (log following).
@@ -162,12 +181,12 @@ impl Client {
 
     /// A raw GET with an `Accept` header, for non-JSON answers such as CSV.
     pub async fn get_with_accept(&self, path: &str, accept: &str) -> Result<Vec<u8>> {
-        let response = self
+        let request = self
             .request(Method::GET, path)
             .header(reqwest::header::ACCEPT, accept)
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+            .build()
+            .context("building the request")?;
+        let response = self.send_once(request).await?;
         if response.status().is_success() {
             return Ok(response.bytes().await?.to_vec());
         }
@@ -240,14 +259,14 @@ impl Client {
         mut on_event: impl FnMut(&ImagePullEvent),
     ) -> Result<ImagePullEvent> {
         use futures::StreamExt;
-        let response = self
+        let request = self
             .request(Method::POST, "/v1/images/pull")
             .json(&ImagePullRequest {
                 image: image.to_owned(),
             })
-            .send()
-            .await
-            .with_context(|| self.unreachable())?;
+            .build()
+            .context("building the request")?;
+        let response = self.send_once(request).await?;
         if !response.status().is_success() {
             return Self::finish(response).await;
         }
@@ -287,7 +306,7 @@ impl Client {
     fn unreachable(&self) -> String {
         format!(
             "cannot reach the Berth API at {} (is `berth up` running?)",
-            self.base
+            self.endpoints.all().join(", ")
         )
     }
 }

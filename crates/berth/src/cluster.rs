@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use berth::endpoints::Endpoints;
 use berth::platform::{
     find_program, join_token, make_runtime, worker_network, RuntimeKind, RuntimeParts,
     HEARTBEAT_INTERVAL,
@@ -121,6 +122,8 @@ pub async fn server(args: ServerArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// The control plane's URL; several, comma-separated, are replicas: registration and
+    /// heartbeats go to whichever answers.
     #[arg(long)]
     control_url: String,
     #[arg(long, env = "BERTH_JOIN_TOKEN", hide_env_values = true)]
@@ -219,7 +222,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         url: url.clone(),
         capacity,
     };
-    let link = ControlLink::new(&args.control_url, &args.join_token)?;
+    let endpoints = Endpoints::parse(&args.control_url).context("--control-url")?;
+    let link = ControlLink::new(endpoints, &args.join_token)?;
     let prefix = link.register_until_accepted(&registration).await;
     info!(worker = %args.name, %url, machine_prefix = %prefix, "registered with the control plane");
     let (network, machine_prefix) =
@@ -233,7 +237,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         images,
         RegistryOptions {
             allowed: args.allow_registry.clone(),
-            ..control_registry(&args.control_url, &args.join_token)?
+            ..control_registry(link.endpoints.first(), &args.join_token)?
         },
     ));
     let shim_command: Vec<OsString> =
@@ -300,12 +304,12 @@ fn control_registry(control_url: &str, join_token: &str) -> Result<RegistryOptio
 /// each with a deadline, retried until they get through.
 struct ControlLink {
     http: reqwest::Client,
-    base: String,
+    endpoints: Endpoints,
     join_token: String,
 }
 
 impl ControlLink {
-    fn new(base: &str, join_token: &str) -> Result<ControlLink> {
+    fn new(endpoints: Endpoints, join_token: &str) -> Result<ControlLink> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
@@ -314,19 +318,23 @@ impl ControlLink {
             .build()?;
         Ok(ControlLink {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            endpoints,
             join_token: join_token.to_owned(),
         })
     }
 
     async fn register(&self, registration: &RegisterWorker) -> Result<String> {
-        let response = self
+        let request = self
             .http
-            .post(format!("{}/v1/internal/workers/register", self.base))
+            .post(format!(
+                "{}/v1/internal/workers/register",
+                self.endpoints.first()
+            ))
             .bearer_auth(&self.join_token)
             .json(registration)
-            .send()
-            .await?;
+            .build()?;
+        // Registering again changes nothing: any replica may take it.
+        let response = self.endpoints.send_repeatable(&self.http, request).await?;
         if !response.status().is_success() {
             bail!(
                 "the control plane refused the registration: {} {}",
@@ -362,16 +370,21 @@ impl ControlLink {
                     continue;
                 }
             };
-            let sent = self
+            let request = self
                 .http
                 .post(format!(
                     "{}/v1/internal/workers/{}/heartbeat",
-                    self.base, registration.name
+                    self.endpoints.first(),
+                    registration.name
                 ))
                 .bearer_auth(&self.join_token)
                 .json(&stats)
-                .send()
-                .await;
+                .build();
+            let sent = match request {
+                // A heartbeat sent twice does no harm.
+                Ok(request) => self.endpoints.send_repeatable(&self.http, request).await,
+                Err(error) => Err(error),
+            };
             match sent {
                 Ok(response) if response.status() == reqwest::StatusCode::NOT_FOUND => {
                     // The control plane lost its record of this worker: join again.

@@ -2,4 +2,5 @@
 //! the demo, shared by the CLI binary and the bench harness.
 
 pub mod client;
+pub mod endpoints;
 pub mod platform;

@@ -82,7 +82,7 @@ struct ShimArgs {
 /// Where the CLI finds the API: `BERTH_API_URL` and `BERTH_TOKEN`, else the defaults.
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
-    /// The API base URL.
+    /// The API base URL; several, comma-separated, are replicas tried in turn.
     #[arg(long, env = "BERTH_API_URL", default_value = "http://127.0.0.1:4280")]
     pub api_url: String,
     /// The bearer token; read from <data dir>/admin-token when not given.
