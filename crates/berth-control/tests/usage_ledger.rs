@@ -176,7 +176,6 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
     let store = ControlStore::open(&dir.path().join("control.db"))
         .await
         .expect("store");
-    usage::migrate(store.pool()).await.expect("migrate");
     for machine in 0..MACHINES + VOLUMES {
         usage::record_owner(
             store.pool(),
@@ -411,7 +410,6 @@ async fn deliver_moves(journals: [Vec<UsageRecord>; 2], schedule: Vec<(bool, usi
     let store = ControlStore::open(&dir.path().join("control.db"))
         .await
         .expect("store");
-    usage::migrate(store.pool()).await.expect("migrate");
     for machine in 0..MACHINES {
         usage::record_owner(
             store.pool(),
