@@ -444,6 +444,11 @@ impl ControlPlane {
         Ok((app_row, row))
     }
 
+    /// The control store, for tools and tests that read or adjust it directly.
+    pub fn store(&self) -> &ControlStore {
+        &self.store
+    }
+
     pub async fn close(&self) {
         self.last_known.flush(&self.store).await;
         self.store.close().await;

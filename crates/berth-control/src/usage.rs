@@ -338,16 +338,23 @@ pub async fn aggregate(
         GroupBy::App => "app",
         GroupBy::Machine | GroupBy::Day => "machine_id",
     };
-    // The clipped span of each interval: MIN(end or now, to) - MAX(start, from).
+    // The clipped span of each interval: MIN(end or now, to) - MAX(start, from), in CASEs
+    // that read the same on SQLite and PostgreSQL; sums cast back to BIGINT, which
+    // PostgreSQL would widen to NUMERIC.
     let query = format!(
         "SELECT {key}, kind,
-                SUM(MIN(COALESCE(end_ms, $1), $2) - MAX(start_ms, $3)),
-                SUM((MIN(COALESCE(end_ms, $1), $2) - MAX(start_ms, $3)) * cpus),
-                SUM((MIN(COALESCE(end_ms, $1), $2) - MAX(start_ms, $3)) * memory_mb),
-                TOTAL((MIN(COALESCE(end_ms, $1), $2) - MAX(start_ms, $3)) * CAST(bytes AS REAL))
-         FROM usage_intervals
-         WHERE org = $4 AND start_ms < $2 AND COALESCE(end_ms, $1) > $3
-           AND MIN(COALESCE(end_ms, $1), $2) > MAX(start_ms, $3)
+                CAST(SUM(span) AS BIGINT),
+                CAST(SUM(span * cpus) AS BIGINT),
+                CAST(SUM(span * memory_mb) AS BIGINT),
+                CAST(COALESCE(SUM(span * CAST(bytes AS DOUBLE PRECISION)), 0) AS DOUBLE PRECISION)
+         FROM (
+             SELECT {key}, kind, cpus, memory_mb, bytes,
+                    (CASE WHEN COALESCE(end_ms, $1) < $2 THEN COALESCE(end_ms, $1) ELSE $2 END)
+                    - (CASE WHEN start_ms > $3 THEN start_ms ELSE $3 END) AS span
+             FROM usage_intervals
+             WHERE org = $4 AND start_ms < $2 AND COALESCE(end_ms, $1) > $3
+         ) AS clipped
+         WHERE span > 0
          GROUP BY {key}, kind"
     );
     let rows = sqlx::query(&query)
