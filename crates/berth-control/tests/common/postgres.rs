@@ -175,8 +175,8 @@ impl Cluster {
     fn reap_on_exit(&self) {
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
-             pid=$(head -n 1 '{dir}/data/postmaster.pid' 2>/dev/null) && kill -QUIT \"$pid\"; \
-             sleep 1; rm -rf '{dir}'",
+             pid=$(head -n 1 '{dir}/data/postmaster.pid' 2>/dev/null) && kill -QUIT \"$pid\" && \
+             while kill -0 \"$pid\" 2>/dev/null; do sleep 0.05; done; rm -rf '{dir}'",
             pid = std::process::id(),
             dir = self.dir.path().display()
         );
