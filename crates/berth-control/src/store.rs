@@ -415,8 +415,12 @@ impl ControlStore {
                 })
             }
             Database::Postgres(url) => {
+                // On a connection of its own, without the pool's statement timeout: a
+                // replica may wait on the migrator's lock while another one migrates.
+                let mut migrating = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
+                POSTGRES_MIGRATIONS.run(&mut migrating).await?;
+                sqlx::Connection::close(migrating).await?;
                 let pool = postgres_pool(url).await?;
-                POSTGRES_MIGRATIONS.run(&pool).await?;
                 Ok(ControlStore {
                     pool,
                     backend: Backend::Postgres,
