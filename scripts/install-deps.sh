@@ -2,8 +2,10 @@
 # Installs what Berth needs on Debian: runc runs Machines, busybox-static builds the demo
 # and test images, docker-registry serves the registry tests, nftables checks the egress
 # ruleset, btrfs-progs makes the loop-mounted btrfs of the disk quota tests, libc6-dev's
-# static libc links berth-init (every Machine's PID 1) statically. Does nothing when they
-# are already present.
+# static libc links berth-init (every Machine's PID 1) statically, postgresql gives the
+# control plane's PostgreSQL tests initdb and pg_ctl (each test run starts a private
+# cluster; createcluster.conf keeps the package from making and starting a system one).
+# Does nothing when they are already present.
 #
 # --bench adds what only berth-bench uses: podman (a peer it measures) and
 # fonts-dejavu-core (the text of its chart). The tests need neither.
@@ -20,6 +22,7 @@ dpkg -s busybox-static >/dev/null 2>&1 || packages+=(busybox-static)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || packages+=(nftables)
 command -v mkfs.btrfs >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.btrfs ] || packages+=(btrfs-progs)
 dpkg -s libc6-dev >/dev/null 2>&1 || packages+=(libc6-dev)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -28,6 +31,10 @@ if [ "${#packages[@]}" -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    if [[ " ${packages[*]} " == *" postgresql "* ]]; then
+        mkdir -p /etc/postgresql-common
+        echo 'create_main_cluster = false' >>/etc/postgresql-common/createcluster.conf
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${packages[@]}"
 fi

@@ -36,6 +36,8 @@ leftovers >"$before"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
 cargo test --locked --workspace --all-features --no-fail-fast
+# The control plane's tests again, on a private PostgreSQL instead of SQLite.
+BERTH_TEST_DATABASE=postgres cargo test --locked -p berth-control --all-features --no-fail-fast
 
 leftovers >"$after"
 if new=$(comm -13 "$before" "$after") && [ -n "$new" ]; then

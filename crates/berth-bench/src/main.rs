@@ -593,7 +593,6 @@ async fn usage_query_figures(scratch: &Path, records: usize) -> Result<Value> {
     use berth_api::{UsageKind, UsageRecord};
     use berth_control::usage;
     let store = berth_control::store::ControlStore::open(&scratch.join("usage.db")).await?;
-    usage::migrate(store.pool()).await?;
     let machines = 1_000usize;
     for machine in 0..machines {
         usage::record_owner(

@@ -9,7 +9,7 @@ use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -116,7 +116,7 @@ pub(crate) struct TokenCache {
 }
 
 impl TokenCache {
-    pub(crate) async fn load(pool: &SqlitePool) -> Result<TokenCache, sqlx::Error> {
+    pub(crate) async fn load(pool: &AnyPool) -> Result<TokenCache, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT id, org_slug, name, hash, created_at_ms, expires_at_ms, revoked_at_ms FROM tokens",
         )

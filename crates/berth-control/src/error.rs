@@ -89,6 +89,27 @@ impl From<berth_image::ImageError> for ApiError {
     }
 }
 
+/// The retry hint of `store_unavailable`: about how long a pool takes to reconnect.
+const STORE_RETRY_AFTER_MS: u64 = 1000;
+
+/// Whether the database could not be reached or dropped the connection, rather than
+/// refusing the statement: the pool timing out (connecting included), I/O errors, a
+/// closed pool, and PostgreSQL's connection and shutdown classes (08, 57P0x) and its
+/// statement timeout (57014).
+fn store_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P0") || code == "57014"
+        }),
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
         // SQLITE_FULL (with or without an extended code): the disk is full, which the
@@ -107,6 +128,16 @@ impl From<sqlx::Error> for ApiError {
                 "insufficient_storage",
                 format!("the control plane's disk is full: {error}"),
             );
+        }
+        if store_unreachable(&error) {
+            tracing::warn!(%error, "the control store is unreachable");
+            let mut api = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("the control plane's database is unreachable: {error}"),
+            );
+            api.body.retry_after_ms = Some(STORE_RETRY_AFTER_MS);
+            return api;
         }
         ApiError::internal(format!("control store: {error}"))
     }

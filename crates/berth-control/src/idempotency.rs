@@ -12,7 +12,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -47,7 +47,7 @@ enum Begin {
 /// A key taken for a call in flight. If the call never finishes (the client went
 /// away), the key is freed so a retry can run.
 struct Claim {
-    pool: SqlitePool,
+    pool: AnyPool,
     scope: String,
     key: String,
     /// When the key was first claimed; kept when a claim is taken over after a restart.
@@ -77,8 +77,8 @@ impl Claim {
 /// plane opens: no call of an earlier process is still running, and its claims would
 /// otherwise answer `idempotency_key_in_use` for a day. The next call with the key takes
 /// the claim over, with its first claim time, so a keyed create keeps its Machine id.
-pub(crate) async fn abandon_unfinished(pool: &SqlitePool) -> Result<u64, sqlx::Error> {
-    let abandoned = sqlx::query("UPDATE idempotency SET status = ? WHERE status IS NULL")
+pub(crate) async fn abandon_unfinished(pool: &AnyPool) -> Result<u64, sqlx::Error> {
+    let abandoned = sqlx::query("UPDATE idempotency SET status = $1 WHERE status IS NULL")
         .bind(ABANDONED)
         .execute(pool)
         .await?;
@@ -95,7 +95,7 @@ impl Drop for Claim {
         let key = std::mem::take(&mut self.key);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = sqlx::query("DELETE FROM idempotency WHERE scope = ? AND key = ?")
+                let _ = sqlx::query("DELETE FROM idempotency WHERE scope = $1 AND key = $2")
                     .bind(scope)
                     .bind(key)
                     .execute(&pool)
@@ -180,12 +180,13 @@ async fn begin(
     let fingerprint: Vec<u8> =
         Sha256::digest(serde_json::to_vec(request).map_err(ApiError::internal)?).to_vec();
     let now = control.clock.now_ms();
-    sqlx::query("DELETE FROM idempotency WHERE created_at_ms < ?")
+    sqlx::query("DELETE FROM idempotency WHERE created_at_ms < $1")
         .bind(now - KEEP_MS)
         .execute(pool)
         .await?;
     let inserted = sqlx::query(
-        "INSERT OR IGNORE INTO idempotency (scope, key, fingerprint, created_at_ms) VALUES (?, ?, ?, ?)",
+        "INSERT INTO idempotency (scope, key, fingerprint, created_at_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (scope, key) DO NOTHING",
     )
     .bind(&scope)
     .bind(key)
@@ -203,7 +204,7 @@ async fn begin(
         })));
     }
     let row = sqlx::query(
-        "SELECT fingerprint, status, body, created_at_ms FROM idempotency WHERE scope = ? AND key = ?",
+        "SELECT fingerprint, status, body, created_at_ms FROM idempotency WHERE scope = $1 AND key = $2",
     )
     .bind(&scope)
     .bind(key)
@@ -227,7 +228,7 @@ async fn begin(
     };
     if status == ABANDONED {
         let taken = sqlx::query(
-            "UPDATE idempotency SET status = NULL WHERE scope = ? AND key = ? AND status = ?",
+            "UPDATE idempotency SET status = NULL WHERE scope = $1 AND key = $2 AND status = $3",
         )
         .bind(&scope)
         .bind(key)
@@ -285,7 +286,7 @@ async fn finish(claim: Option<Claim>, response: Response) -> Response {
         && status != StatusCode::TOO_MANY_REQUESTS
         && !parts.headers.contains_key(header::RETRY_AFTER);
     let result = if is_final {
-        sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE scope = ? AND key = ?")
+        sqlx::query("UPDATE idempotency SET status = $1, body = $2 WHERE scope = $3 AND key = $4")
             .bind(i64::from(status.as_u16()))
             .bind(bytes.to_vec())
             .bind(&claim.scope)
@@ -296,7 +297,7 @@ async fn finish(claim: Option<Claim>, response: Response) -> Response {
         // Freed for the retry, which takes it over with the same claim time: a keyed
         // create derives its Machine id from it, and the first attempt may have made that
         // Machine before the error (a worker that answered late, a restart in between).
-        sqlx::query("UPDATE idempotency SET status = ? WHERE scope = ? AND key = ?")
+        sqlx::query("UPDATE idempotency SET status = $1 WHERE scope = $2 AND key = $3")
             .bind(ABANDONED)
             .bind(&claim.scope)
             .bind(&claim.key)

@@ -12,7 +12,7 @@ use berth_api::{
     BERTH_LEASE_NONCE_HEADER, LEASE_NONCE_HEADER, LEASE_STATUS_SUCCESS,
 };
 use serde::Deserialize;
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 
@@ -30,20 +30,6 @@ pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS leases (
         expires_at_ms INTEGER NOT NULL,
         version TEXT NOT NULL DEFAULT ''
     )"];
-
-/// Adds `version` to a `leases` table made before it existed; its leases (a day at most)
-/// answer an empty version until refreshed.
-pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('leases')")
-        .fetch_all(pool)
-        .await?;
-    if !columns.iter().any(|name| name == "version") {
-        sqlx::query("ALTER TABLE leases ADD COLUMN version TEXT NOT NULL DEFAULT ''")
-            .execute(pool)
-            .await?;
-    }
-    Ok(())
-}
 
 const DEFAULT_TTL_S: u64 = 30;
 pub(crate) const MAX_TTL_S: u64 = 86_400;
@@ -170,7 +156,7 @@ pub(crate) async fn current(
     machine: &str,
 ) -> Result<Option<LeaseRow>, ApiError> {
     let row = sqlx::query(
-        "SELECT nonce, owner, description, expires_at_ms, version FROM leases WHERE machine_id = ? AND expires_at_ms > ?",
+        "SELECT nonce, owner, description, expires_at_ms, version FROM leases WHERE machine_id = $1 AND expires_at_ms > $2",
     )
     .bind(machine)
     .bind(control.clock.now_ms())
@@ -210,7 +196,7 @@ pub(crate) fn check_against(
 }
 
 pub(crate) async fn forget(control: &ControlPlane, machine: &str) -> Result<(), ApiError> {
-    sqlx::query("DELETE FROM leases WHERE machine_id = ?")
+    sqlx::query("DELETE FROM leases WHERE machine_id = $1")
         .bind(machine)
         .execute(control.store.pool())
         .await?;
@@ -319,8 +305,11 @@ pub(crate) async fn grant_on_create(
     let now = control.clock.now_ms();
     let nonce = hex::encode(rand::random::<[u8; 16]>());
     sqlx::query(
-        "INSERT OR REPLACE INTO leases (machine_id, nonce, owner, description, expires_at_ms, version)
-         VALUES (?, ?, ?, '', ?, ?)",
+        "INSERT INTO leases (machine_id, nonce, owner, description, expires_at_ms, version)
+         VALUES ($1, $2, $3, '', $4, $5)
+         ON CONFLICT (machine_id) DO UPDATE SET nonce = excluded.nonce, owner = excluded.owner,
+         description = excluded.description, expires_at_ms = excluded.expires_at_ms,
+         version = excluded.version",
     )
     .bind(id)
     .bind(&nonce)
@@ -367,8 +356,8 @@ impl ControlPlane {
         let pool = self.store.pool();
         if let Some(nonce) = given {
             let refreshed = sqlx::query(
-                "UPDATE leases SET expires_at_ms = ?, description = COALESCE(?, description), version = ?
-                 WHERE machine_id = ? AND nonce = ? AND expires_at_ms > ?",
+                "UPDATE leases SET expires_at_ms = $1, description = COALESCE($2, description), version = $3
+                 WHERE machine_id = $4 AND nonce = $5 AND expires_at_ms > $6",
             )
             .bind(expires)
             .bind(&request.description)
@@ -394,11 +383,11 @@ impl ControlPlane {
         };
         // One statement, so two callers racing for a free lease cannot both win.
         let taken = sqlx::query(
-            "INSERT INTO leases (machine_id, nonce, owner, description, expires_at_ms, version) VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO leases (machine_id, nonce, owner, description, expires_at_ms, version) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (machine_id) DO UPDATE SET nonce = excluded.nonce, owner = excluded.owner,
                description = excluded.description, expires_at_ms = excluded.expires_at_ms,
                version = excluded.version
-             WHERE leases.expires_at_ms <= ?",
+             WHERE leases.expires_at_ms <= $7",
         )
         .bind(id)
         .bind(&lease.nonce)
@@ -455,7 +444,7 @@ impl ControlPlane {
         if !same_nonce(given, &held.nonce) {
             return Err(lease_held(&held, now));
         }
-        sqlx::query("DELETE FROM leases WHERE machine_id = ? AND nonce = ?")
+        sqlx::query("DELETE FROM leases WHERE machine_id = $1 AND nonce = $2")
             .bind(id)
             .bind(&held.nonce)
             .execute(self.store.pool())
@@ -474,9 +463,10 @@ mod tests {
 
     #[tokio::test]
     async fn leases_from_before_versions_gain_the_column_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("control.db");
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
+            .connect(&format!("sqlite://{}?mode=rwc", path.display()))
             .await
             .expect("pool");
         sqlx::query(
@@ -490,10 +480,16 @@ mod tests {
             .execute(&pool)
             .await
             .expect("old row");
-        migrate(&pool).await.expect("migrated");
-        migrate(&pool).await.expect("a second time changes nothing");
+        pool.close().await;
+        let store = crate::store::ControlStore::open(&path)
+            .await
+            .expect("migrated");
+        store.close().await;
+        let store = crate::store::ControlStore::open(&path)
+            .await
+            .expect("a second time changes nothing");
         let version: String = sqlx::query_scalar("SELECT version FROM leases")
-            .fetch_one(&pool)
+            .fetch_one(store.pool())
             .await
             .expect("version");
         assert_eq!(version, "");

@@ -63,6 +63,9 @@ pub const DEFAULT_EXEC_OUTPUT_BYTES: usize = 1024 * 1024;
 
 pub struct ControlConfig {
     pub data_dir: PathBuf,
+    /// Where orgs, tokens, apps and the Machine index are kept; `None`: the SQLite file
+    /// `control.db` in `data_dir`.
+    pub database: Option<store::Database>,
     /// The admin bearer token. Only its hash is kept in memory.
     pub admin_token: String,
     /// Agents authenticate with it, and the control plane with them.
@@ -81,6 +84,7 @@ impl ControlConfig {
     pub fn new(data_dir: PathBuf, admin_token: String, join_token: String) -> ControlConfig {
         ControlConfig {
             data_dir,
+            database: None,
             admin_token,
             join_token,
             prices: Prices::default(),
@@ -144,19 +148,12 @@ impl ControlPlane {
         let images = puller.store().clone();
         let scratch_dir = config.data_dir.join("uploads");
         std::fs::create_dir_all(&scratch_dir).map_err(ApiError::internal)?;
-        let store = ControlStore::open(&config.data_dir.join("control.db")).await?;
-        for statement in auth::SCHEMA
-            .iter()
-            .chain(limits::SCHEMA)
-            .chain(leases::SCHEMA)
-            .chain(idempotency::SCHEMA)
-            .chain(migrate::SCHEMA)
-        {
-            sqlx::query(statement).execute(store.pool()).await?;
-        }
+        let database = config
+            .database
+            .clone()
+            .unwrap_or_else(|| store::Database::in_data_dir(&config.data_dir));
+        let store = ControlStore::connect(&database).await?;
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
-        usage::migrate(store.pool()).await?;
-        leases::migrate(store.pool()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
         idempotency::abandon_unfinished(store.pool()).await?;
         let tokens = auth::TokenCache::load(store.pool()).await?;
@@ -445,6 +442,11 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::not_found(format!("app {app}")))?;
         let row = row?.ok_or_else(|| ApiError::not_found(format!("machine {id}")))?;
         Ok((app_row, row))
+    }
+
+    /// The control store, for tools and tests that read or adjust it directly.
+    pub fn store(&self) -> &ControlStore {
+        &self.store
     }
 
     pub async fn close(&self) {

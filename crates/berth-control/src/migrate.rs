@@ -374,7 +374,7 @@ impl ControlPlane {
                 cutover_ms: moving.cutover_ms.unwrap_or_else(|| self.clock.now_ms()),
             })
             .await?;
-        sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+        sqlx::query("DELETE FROM migrations WHERE machine_id = $1")
             .bind(&moving.machine_id)
             .execute(self.store.pool())
             .await?;
@@ -420,7 +420,7 @@ impl ControlPlane {
         };
         let rest = async {
             dest.migration(abort()).await?;
-            sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+            sqlx::query("DELETE FROM migrations WHERE machine_id = $1")
                 .bind(&moving.machine_id)
                 .execute(self.store.pool())
                 .await?;
@@ -431,9 +431,10 @@ impl ControlPlane {
 
     async fn insert_move(&self, app: &str, moving: &MoveRow) -> Result<(), ApiError> {
         let inserted = sqlx::query(
-            "INSERT OR IGNORE INTO migrations
+            "INSERT INTO migrations
                 (machine_id, app, source, dest, grant_token, running, from_address, phase, started_ms)
-             VALUES (?, ?, ?, ?, ?, 0, ?, 'copying', ?)",
+             VALUES ($1, $2, $3, $4, $5, 0, $6, 'copying', $7)
+             ON CONFLICT (machine_id) DO NOTHING",
         )
         .bind(&moving.machine_id)
         .bind(app)
@@ -452,8 +453,8 @@ impl ControlPlane {
     }
 
     async fn set_move_running(&self, id: &str, running: bool) -> Result<(), ApiError> {
-        sqlx::query("UPDATE migrations SET running = ? WHERE machine_id = ?")
-            .bind(running)
+        sqlx::query("UPDATE migrations SET running = $1 WHERE machine_id = $2")
+            .bind(i64::from(running))
             .bind(id)
             .execute(self.store.pool())
             .await?;
@@ -464,13 +465,13 @@ impl ControlPlane {
     async fn cut_over(&self, id: &str, dest: &str, cutover_ms: i64) -> Result<(), ApiError> {
         berth_core::failpoint::hit("migrate.before_cutover");
         let mut transaction = self.store.pool().begin().await?;
-        sqlx::query("UPDATE machines SET worker = ? WHERE id = ?")
+        sqlx::query("UPDATE machines SET worker = $1 WHERE id = $2")
             .bind(dest)
             .bind(id)
             .execute(&mut *transaction)
             .await?;
         sqlx::query(
-            "UPDATE migrations SET phase = 'cut_over', cutover_ms = ? WHERE machine_id = ?",
+            "UPDATE migrations SET phase = 'cut_over', cutover_ms = $1 WHERE machine_id = $2",
         )
         .bind(cutover_ms)
         .bind(id)
@@ -489,7 +490,7 @@ impl ControlPlane {
     async fn moves_where(&self, id: Option<&str>) -> Result<Vec<MoveRow>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT machine_id, source, dest, grant_token, running, from_address, phase, cutover_ms
-             FROM migrations WHERE ?1 IS NULL OR machine_id = ?1",
+             FROM migrations WHERE $1 IS NULL OR machine_id = $1",
         )
         .bind(id)
         .fetch_all(self.store.pool())
@@ -501,7 +502,7 @@ impl ControlPlane {
                 source: row.get(1),
                 dest: row.get(2),
                 grant: row.get(3),
-                running: row.get(4),
+                running: row.get::<i64, _>(4) != 0,
                 from_address: row.get(5),
                 cut_over: row.get::<String, _>(6) == "cut_over",
                 cutover_ms: row.get(7),
@@ -633,7 +634,7 @@ impl ControlPlane {
                         .await;
                 }
             }
-            sqlx::query("DELETE FROM migrations WHERE machine_id = ?")
+            sqlx::query("DELETE FROM migrations WHERE machine_id = $1")
                 .bind(id)
                 .execute(self.store.pool())
                 .await?;
@@ -665,7 +666,7 @@ impl ControlPlane {
 
     /// Whether a move of `id` is recorded (running, or waiting to be settled).
     pub(crate) async fn move_recorded(&self, id: &str) -> bool {
-        sqlx::query("SELECT 1 FROM migrations WHERE machine_id = ?")
+        sqlx::query("SELECT 1 FROM migrations WHERE machine_id = $1")
             .bind(id)
             .fetch_optional(self.store.pool())
             .await
@@ -673,7 +674,7 @@ impl ControlPlane {
     }
 
     async fn cut_over_recreated(&self, id: &str, dest: &str) -> Result<(), ApiError> {
-        sqlx::query("UPDATE machines SET worker = ? WHERE id = ?")
+        sqlx::query("UPDATE machines SET worker = $1 WHERE id = $2")
             .bind(dest)
             .bind(id)
             .execute(self.store.pool())

@@ -1,11 +1,11 @@
 //! The control plane's store: orgs, apps, and the index of which worker holds each Machine.
 //! The workers hold the Machines' full records.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppRow {
@@ -24,16 +24,16 @@ pub struct OrgRow {
     pub created_at_ms: i64,
 }
 
-fn volume_row(row: &sqlx::sqlite::SqliteRow) -> VolumeIndexRow {
+fn volume_row(row: &AnyRow) -> VolumeIndexRow {
     VolumeIndexRow {
         id: row.get(0),
         app: row.get(1),
         worker: row.get(2),
-        size_gb: row.get(3),
+        size_gb: u32::try_from(row.get::<i64, _>(3)).unwrap_or(u32::MAX),
     }
 }
 
-fn org_row(row: sqlx::sqlite::SqliteRow) -> OrgRow {
+fn org_row(row: AnyRow) -> OrgRow {
     let slug: String = row.get(0);
     let name: Option<String> = row.get(1);
     OrgRow {
@@ -72,7 +72,7 @@ impl MachineSize {
 }
 
 /// Reads a row selected as `id, app, name, worker, cpus, memory_mb`.
-fn index_row(row: &sqlx::sqlite::SqliteRow) -> MachineIndexRow {
+fn index_row(row: &AnyRow) -> MachineIndexRow {
     let cpus: Option<i64> = row.get(4);
     let memory_mb: Option<i64> = row.get(5);
     let size = match (cpus, memory_mb) {
@@ -91,10 +91,82 @@ fn index_row(row: &sqlx::sqlite::SqliteRow) -> MachineIndexRow {
     }
 }
 
+/// Which database the control plane keeps its state in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// One SQLite file: the default, and what `berth up` uses.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, which several control planes may share.
+    Postgres(String),
+}
+
+/// The two backends, for the few places where SQL cannot be the same on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Database {
+    /// The default: `control.db` in the data dir.
+    pub fn in_data_dir(data_dir: &Path) -> Database {
+        Database::Sqlite(data_dir.join("control.db"))
+    }
+
+    /// `sqlite://PATH`, `postgres://…` or `postgresql://…`.
+    pub fn parse(url: &str) -> Result<Database, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let path = path.split_once('?').map_or(path, |(path, _)| path);
+            if path.is_empty() {
+                return Err(format!(
+                    "{url:?} names no file: use sqlite:///path/to/control.db"
+                ));
+            }
+            return Ok(Database::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Database::Postgres(url.to_owned()));
+        }
+        let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
+        Err(format!(
+            "unknown database {scheme:?}: use sqlite://PATH or postgres://USER@HOST/DB"
+        ))
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Database::Sqlite(_) => Backend::Sqlite,
+            Database::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+impl FromStr for Database {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Database, String> {
+        Database::parse(url)
+    }
+}
+
+/// How the URL appears in logs: without a password.
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Database::Postgres(url) => match url.split_once("://").zip(url.rsplit_once('@')) {
+                Some(((scheme, _), (_, host))) => write!(f, "{scheme}://…@{host}"),
+                None => f.write_str(url),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ControlStore {
-    pool: SqlitePool,
-    _checkpointer: std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>,
+    pool: AnyPool,
+    backend: Backend,
+    _checkpointer: Option<std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
 /// The outcome of inserting a row that must be unique.
@@ -109,10 +181,19 @@ const JOURNAL_SIZE_LIMIT: &str = "4194304";
 /// How often the WAL is checkpointed in the background.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a request waits for a PostgreSQL connection (connecting included) before it
+/// is answered `store_unavailable`.
+pub const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// PostgreSQL cancels a statement that runs longer (a lock held by a stuck peer, say).
+const STATEMENT_TIMEOUT_MS: u32 = 2500;
+/// The migrations of a PostgreSQL database; sqlx's migrator holds an advisory lock while
+/// it applies them, so replicas starting together apply each once.
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
 /// Checkpoints the WAL from a background task, so that SQLite's automatic checkpoint,
 /// with its fsyncs, does not run inside a request's commit (a start, say). The task ends
 /// when the handle drops.
-fn checkpoint_in_background(pool: SqlitePool) -> tokio_util::task::AbortOnDropHandle<()> {
+fn checkpoint_in_background(pool: AnyPool) -> tokio_util::task::AbortOnDropHandle<()> {
     tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,6 +215,8 @@ fn checkpoint_in_background(pool: SqlitePool) -> tokio_util::task::AbortOnDropHa
     }))
 }
 
+/// The SQLite schema; a file from an older release gains its missing columns in
+/// [`upgrade_sqlite`]. PostgreSQL's is `migrations/postgres`, with the same tables.
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS orgs (slug TEXT PRIMARY KEY NOT NULL, created_at_ms INTEGER NOT NULL, name TEXT)",
     "CREATE TABLE IF NOT EXISTS apps (
@@ -191,86 +274,179 @@ pub struct VolumeIndexRow {
     pub size_gb: u32,
 }
 
-/// Adds `size_gb` to a `volumes` table made before it existed.
-async fn add_volume_size_column(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('volumes')")
+/// The names of `table`'s columns in a SQLite file.
+pub(crate) async fn sqlite_columns(
+    pool: &AnyPool,
+    table: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM pragma_table_info($1)")
+        .bind(table)
         .fetch_all(pool)
+        .await
+}
+
+/// Adds `column` to a SQLite `table` made before it existed.
+async fn add_sqlite_column(
+    pool: &AnyPool,
+    table: &str,
+    column: &str,
+    definition: &str,
+) -> Result<(), sqlx::Error> {
+    if !sqlite_columns(pool, table)
+        .await?
+        .iter()
+        .any(|name| name == column)
+    {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+        ))
+        .execute(pool)
         .await?;
-    if !columns.iter().any(|name| name == "size_gb") {
-        sqlx::query("ALTER TABLE volumes ADD COLUMN size_gb INTEGER NOT NULL DEFAULT 0")
-            .execute(pool)
-            .await?;
     }
     Ok(())
 }
 
-/// Adds the size columns to a `machines` table made before they existed. Its rows keep
-/// them empty until a start fills them from the worker.
-async fn add_size_columns(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('machines')")
-        .fetch_all(pool)
-        .await?;
-    for column in ["cpus", "memory_mb"] {
-        if !columns.iter().any(|name| name == column) {
-            sqlx::query(&format!("ALTER TABLE machines ADD COLUMN {column} INTEGER"))
-                .execute(pool)
-                .await?;
-        }
+/// Creates what is missing in a SQLite file and adds the columns that files from older
+/// releases lack.
+pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
+    let statements = SCHEMA
+        .iter()
+        .chain(crate::auth::SCHEMA)
+        .chain(crate::limits::SCHEMA)
+        .chain(crate::leases::SCHEMA)
+        .chain(crate::idempotency::SCHEMA)
+        .chain(crate::migrate::SCHEMA)
+        .chain(crate::usage::SCHEMA)
+        .chain(crate::workers::SCHEMA);
+    for statement in statements {
+        sqlx::query(statement).execute(pool).await?;
     }
+    // Machines indexed before sizes were kept: start fills them from the worker.
+    add_sqlite_column(pool, "machines", "cpus", "INTEGER").await?;
+    add_sqlite_column(pool, "machines", "memory_mb", "INTEGER").await?;
+    // Orgs from before names are named by slug.
+    add_sqlite_column(pool, "orgs", "name", "TEXT").await?;
+    add_sqlite_column(pool, "volumes", "size_gb", "INTEGER NOT NULL DEFAULT 0").await?;
+    // Leases from before versions (a day at most) answer an empty version until refreshed.
+    add_sqlite_column(pool, "leases", "version", "TEXT NOT NULL DEFAULT ''").await?;
+    // Intervals are kept per worker since Machines can move: a file from before has every
+    // interval on its Machine's one worker, which `''` stands for.
+    add_sqlite_column(
+        pool,
+        "usage_intervals",
+        "worker",
+        "TEXT NOT NULL DEFAULT ''",
+    )
+    .await?;
     Ok(())
 }
 
-/// Adds `name` to an `orgs` table made before it existed; those orgs are named by slug.
-async fn add_org_name_column(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('orgs')")
-        .fetch_all(pool)
-        .await?;
-    if !columns.iter().any(|name| name == "name") {
-        sqlx::query("ALTER TABLE orgs ADD COLUMN name TEXT")
-            .execute(pool)
-            .await?;
-    }
-    Ok(())
+/// Registers sqlx's drivers for [`AnyPool`], once per process.
+pub fn install_drivers() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(sqlx::any::install_default_drivers);
+}
+
+/// The pool of a SQLite file, with the pragmas the control plane has always used.
+async fn sqlite_pool(path: &Path) -> Result<AnyPool, sqlx::Error> {
+    // `mode=rwc` creates the file if it is missing.
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    AnyPoolOptions::new()
+        .max_connections(4)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                // WAL with synchronous=NORMAL: a commit is durable at the next checkpoint,
+                // which runs in the background, not inside a request's commit.
+                for pragma in [
+                    "PRAGMA journal_mode = WAL".to_owned(),
+                    "PRAGMA synchronous = NORMAL".to_owned(),
+                    "PRAGMA foreign_keys = ON".to_owned(),
+                    format!("PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}"),
+                    "PRAGMA busy_timeout = 10000".to_owned(),
+                ] {
+                    sqlx::query(&pragma).execute(&mut *connection).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+}
+
+/// The pool of a PostgreSQL database, bounded so that a database that is down answers
+/// within [`ACQUIRE_TIMEOUT`] instead of holding requests.
+async fn postgres_pool(url: &str) -> Result<AnyPool, sqlx::Error> {
+    AnyPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // No ping before each query: it would add a round trip to every request. A broken
+        // connection fails its query (503) and sqlx's check on release drops it.
+        .test_before_acquire(false)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::query(&format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}"))
+                    .execute(&mut *connection)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await
 }
 
 impl ControlStore {
+    /// The SQLite file at `path`, made if missing.
     pub async fn open(path: &Path) -> Result<ControlStore, sqlx::Error> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            // Checkpoints run in the background, not inside a request's commit.
-            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        for statement in SCHEMA {
-            sqlx::query(statement).execute(&pool).await?;
+        ControlStore::connect(&Database::Sqlite(path.to_owned())).await
+    }
+
+    /// Connects to `database` and brings its schema up to date.
+    pub async fn connect(database: &Database) -> Result<ControlStore, sqlx::Error> {
+        install_drivers();
+        match database {
+            Database::Sqlite(path) => {
+                let pool = sqlite_pool(path).await?;
+                upgrade_sqlite(&pool).await?;
+                let checkpointer = checkpoint_in_background(pool.clone());
+                Ok(ControlStore {
+                    pool,
+                    backend: Backend::Sqlite,
+                    _checkpointer: Some(std::sync::Arc::new(checkpointer)),
+                })
+            }
+            Database::Postgres(url) => {
+                // On a connection of its own, without the pool's statement timeout: a
+                // replica may wait on the migrator's lock while another one migrates.
+                let mut migrating = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
+                POSTGRES_MIGRATIONS.run(&mut migrating).await?;
+                sqlx::Connection::close(migrating).await?;
+                let pool = postgres_pool(url).await?;
+                Ok(ControlStore {
+                    pool,
+                    backend: Backend::Postgres,
+                    _checkpointer: None,
+                })
+            }
         }
-        add_size_columns(&pool).await?;
-        add_org_name_column(&pool).await?;
-        add_volume_size_column(&pool).await?;
-        let checkpointer = checkpoint_in_background(pool.clone());
-        Ok(ControlStore {
-            pool,
-            _checkpointer: std::sync::Arc::new(checkpointer),
-        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     pub async fn ensure_org(&self, slug: &str, now_ms: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT OR IGNORE INTO orgs (slug, created_at_ms) VALUES (?, ?)")
-            .bind(slug)
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO orgs (slug, created_at_ms) VALUES ($1, $2) ON CONFLICT (slug) DO NOTHING",
+        )
+        .bind(slug)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     pub async fn org_exists(&self, slug: &str) -> Result<bool, sqlx::Error> {
-        let row = sqlx::query("SELECT 1 FROM orgs WHERE slug = ?")
+        let row = sqlx::query("SELECT 1 FROM orgs WHERE slug = $1")
             .bind(slug)
             .fetch_optional(&self.pool)
             .await?;
@@ -278,19 +454,20 @@ impl ControlStore {
     }
 
     pub async fn insert_app(&self, app: &AppRow) -> Result<Inserted, sqlx::Error> {
-        let result =
-            sqlx::query("INSERT INTO apps (id, name, org_slug, created_at_ms) VALUES (?, ?, ?, ?)")
-                .bind(&app.id)
-                .bind(&app.name)
-                .bind(&app.org_slug)
-                .bind(app.created_at_ms)
-                .execute(&self.pool)
-                .await;
+        let result = sqlx::query(
+            "INSERT INTO apps (id, name, org_slug, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&app.id)
+        .bind(&app.name)
+        .bind(&app.org_slug)
+        .bind(app.created_at_ms)
+        .execute(&self.pool)
+        .await;
         unique(result)
     }
 
     pub async fn app(&self, name: &str) -> Result<Option<AppRow>, sqlx::Error> {
-        let row = sqlx::query("SELECT id, name, org_slug, created_at_ms FROM apps WHERE name = ?")
+        let row = sqlx::query("SELECT id, name, org_slug, created_at_ms FROM apps WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -318,7 +495,7 @@ impl ControlStore {
     }
 
     pub async fn delete_app(&self, name: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM apps WHERE name = ?")
+        sqlx::query("DELETE FROM apps WHERE name = $1")
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -327,7 +504,7 @@ impl ControlStore {
 
     pub async fn insert_machine(&self, row: &MachineIndexRow) -> Result<Inserted, sqlx::Error> {
         let result = sqlx::query(
-            "INSERT INTO machines (id, app, name, worker, cpus, memory_mb) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO machines (id, app, name, worker, cpus, memory_mb) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&row.id)
         .bind(&row.app)
@@ -346,7 +523,7 @@ impl ControlStore {
         id: &str,
         size: Option<MachineSize>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE machines SET cpus = ?, memory_mb = ? WHERE id = ?")
+        sqlx::query("UPDATE machines SET cpus = $1, memory_mb = $2 WHERE id = $3")
             .bind(size.map(|size| i64::from(size.cpus)))
             .bind(size.map(|size| i64::from(size.memory_mb)))
             .bind(id)
@@ -361,7 +538,7 @@ impl ControlStore {
         id: &str,
     ) -> Result<Option<MachineIndexRow>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE app = ? AND id = ?",
+            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE app = $1 AND id = $2",
         )
         .bind(app)
         .bind(id)
@@ -372,7 +549,7 @@ impl ControlStore {
 
     pub async fn machines(&self, app: &str) -> Result<Vec<MachineIndexRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE app = ? ORDER BY id",
+            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE app = $1 ORDER BY id",
         )
         .bind(app)
         .fetch_all(&self.pool)
@@ -383,7 +560,7 @@ impl ControlStore {
     /// Every Machine the index places on `worker`.
     pub async fn machines_on(&self, worker: &str) -> Result<Vec<MachineIndexRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE worker = ? ORDER BY id",
+            "SELECT id, app, name, worker, cpus, memory_mb FROM machines WHERE worker = $1 ORDER BY id",
         )
         .bind(worker)
         .fetch_all(&self.pool)
@@ -393,7 +570,7 @@ impl ControlStore {
 
     /// The Machine JSON last answered by its worker.
     pub async fn remember_machine(&self, id: &str, json: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE machines SET last_json = ? WHERE id = ?")
+        sqlx::query("UPDATE machines SET last_json = $1 WHERE id = $2")
             .bind(json)
             .bind(id)
             .execute(&self.pool)
@@ -402,7 +579,7 @@ impl ControlStore {
     }
 
     pub async fn last_known_machine(&self, id: &str) -> Result<Option<String>, sqlx::Error> {
-        let row = sqlx::query("SELECT last_json FROM machines WHERE id = ?")
+        let row = sqlx::query("SELECT last_json FROM machines WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -420,12 +597,14 @@ impl ControlStore {
         now_ms: i64,
     ) -> Result<(), sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        sqlx::query("DELETE FROM machines WHERE id = ?")
+        sqlx::query("DELETE FROM machines WHERE id = $1")
             .bind(id)
             .execute(&mut *transaction)
             .await?;
         sqlx::query(
-            "INSERT OR REPLACE INTO destroyed_machines (id, app, json, destroyed_at_ms) VALUES (?, ?, ?, ?)",
+            "INSERT INTO destroyed_machines (id, app, json, destroyed_at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET app = excluded.app, json = excluded.json,
+             destroyed_at_ms = excluded.destroyed_at_ms",
         )
         .bind(id)
         .bind(app)
@@ -433,7 +612,7 @@ impl ControlStore {
         .bind(now_ms)
         .execute(&mut *transaction)
         .await?;
-        sqlx::query("DELETE FROM destroyed_machines WHERE destroyed_at_ms < ?")
+        sqlx::query("DELETE FROM destroyed_machines WHERE destroyed_at_ms < $1")
             .bind(now_ms.saturating_sub(TOMBSTONE_MS))
             .execute(&mut *transaction)
             .await?;
@@ -447,7 +626,7 @@ impl ControlStore {
         now_ms: i64,
     ) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
-            "SELECT json FROM destroyed_machines WHERE app = ? AND destroyed_at_ms >= ?
+            "SELECT json FROM destroyed_machines WHERE app = $1 AND destroyed_at_ms >= $2
              ORDER BY destroyed_at_ms, id",
         )
         .bind(app)
@@ -459,7 +638,7 @@ impl ControlStore {
     /// Drops the tombstones of an app that is deleted, so a new app of the same name
     /// does not list them.
     pub async fn forget_destroyed_machines(&self, app: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM destroyed_machines WHERE app = ?")
+        sqlx::query("DELETE FROM destroyed_machines WHERE app = $1")
             .bind(app)
             .execute(&self.pool)
             .await?;
@@ -467,14 +646,14 @@ impl ControlStore {
     }
 
     pub async fn delete_machine(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM machines WHERE id = ?")
+        sqlx::query("DELETE FROM machines WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
@@ -486,7 +665,7 @@ impl ControlStore {
     }
 
     pub async fn org(&self, slug: &str) -> Result<Option<OrgRow>, sqlx::Error> {
-        let row = sqlx::query("SELECT slug, name, created_at_ms FROM orgs WHERE slug = ?")
+        let row = sqlx::query("SELECT slug, name, created_at_ms FROM orgs WHERE slug = $1")
             .bind(slug)
             .fetch_optional(&self.pool)
             .await?;
@@ -500,19 +679,20 @@ impl ControlStore {
         name: Option<&str>,
         now_ms: i64,
     ) -> Result<Inserted, sqlx::Error> {
-        let result = sqlx::query("INSERT INTO orgs (slug, name, created_at_ms) VALUES (?, ?, ?)")
-            .bind(slug)
-            .bind(name)
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await;
+        let result =
+            sqlx::query("INSERT INTO orgs (slug, name, created_at_ms) VALUES ($1, $2, $3)")
+                .bind(slug)
+                .bind(name)
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await;
         unique(result)
     }
 
     /// Machines of every app of `org`.
     pub async fn count_org_machines(&self, org: &str) -> Result<u64, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT COUNT(*) FROM machines JOIN apps ON machines.app = apps.name WHERE apps.org_slug = ?",
+            "SELECT COUNT(*) FROM machines JOIN apps ON machines.app = apps.name WHERE apps.org_slug = $1",
         )
         .bind(org)
         .fetch_one(&self.pool)
@@ -522,20 +702,22 @@ impl ControlStore {
 
     pub async fn insert_volume(&self, row: &VolumeIndexRow) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT OR REPLACE INTO volumes (id, app, worker, size_gb) VALUES (?, ?, ?, ?)",
+            "INSERT INTO volumes (id, app, worker, size_gb) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET app = excluded.app, worker = excluded.worker,
+             size_gb = excluded.size_gb",
         )
         .bind(&row.id)
         .bind(&row.app)
         .bind(&row.worker)
-        .bind(row.size_gb)
+        .bind(i64::from(row.size_gb))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     pub async fn set_volume_size(&self, id: &str, size_gb: u32) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ?")
-            .bind(size_gb)
+        sqlx::query("UPDATE volumes SET size_gb = $1 WHERE id = $2")
+            .bind(i64::from(size_gb))
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -545,8 +727,8 @@ impl ControlStore {
     /// Records a size the worker answered with; sizes only grow, so a late answer of an
     /// earlier extend never shrinks a later one.
     pub async fn grow_volume_size(&self, id: &str, size_gb: u32) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE volumes SET size_gb = MAX(size_gb, ?) WHERE id = ?")
-            .bind(size_gb)
+        sqlx::query("UPDATE volumes SET size_gb = CASE WHEN size_gb > $1 THEN size_gb ELSE $1 END WHERE id = $2")
+            .bind(i64::from(size_gb))
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -561,10 +743,10 @@ impl ControlStore {
         reserved_gb: u32,
         old_gb: u32,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ? AND size_gb = ?")
-            .bind(old_gb)
+        sqlx::query("UPDATE volumes SET size_gb = $1 WHERE id = $2 AND size_gb = $3")
+            .bind(i64::from(old_gb))
             .bind(id)
-            .bind(reserved_gb)
+            .bind(i64::from(reserved_gb))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -573,8 +755,8 @@ impl ControlStore {
     /// How many volumes the org's apps have, and their provisioned GB summed.
     pub async fn org_volume_totals(&self, org: &str) -> Result<(u64, u64), sqlx::Error> {
         let row = sqlx::query(
-            "SELECT COUNT(*), COALESCE(SUM(volumes.size_gb), 0) FROM volumes
-             JOIN apps ON volumes.app = apps.name WHERE apps.org_slug = ?",
+            "SELECT COUNT(*), CAST(COALESCE(SUM(volumes.size_gb), 0) AS BIGINT) FROM volumes
+             JOIN apps ON volumes.app = apps.name WHERE apps.org_slug = $1",
         )
         .bind(org)
         .fetch_one(&self.pool)
@@ -587,7 +769,7 @@ impl ControlStore {
 
     pub async fn volume(&self, app: &str, id: &str) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
         let row =
-            sqlx::query("SELECT id, app, worker, size_gb FROM volumes WHERE app = ? AND id = ?")
+            sqlx::query("SELECT id, app, worker, size_gb FROM volumes WHERE app = $1 AND id = $2")
                 .bind(app)
                 .bind(id)
                 .fetch_optional(&self.pool)
@@ -597,7 +779,7 @@ impl ControlStore {
 
     pub async fn volumes(&self, app: &str) -> Result<Vec<VolumeIndexRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, app, worker, size_gb FROM volumes WHERE app = ? ORDER BY rowid",
+            "SELECT id, app, worker, size_gb FROM volumes WHERE app = $1 ORDER BY rowid",
         )
         .bind(app)
         .fetch_all(&self.pool)
@@ -608,11 +790,11 @@ impl ControlStore {
     /// Forgets the volume and its snapshots.
     pub async fn delete_volume(&self, id: &str) -> Result<(), sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = ?")
+        sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = $1")
             .bind(id)
             .execute(&mut *transaction)
             .await?;
-        sqlx::query("DELETE FROM volumes WHERE id = ?")
+        sqlx::query("DELETE FROM volumes WHERE id = $1")
             .bind(id)
             .execute(&mut *transaction)
             .await?;
@@ -626,7 +808,8 @@ impl ControlStore {
         worker: &str,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT OR REPLACE INTO volume_snapshots (id, volume_id, worker) VALUES (?, ?, ?)",
+            "INSERT INTO volume_snapshots (id, volume_id, worker) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET volume_id = excluded.volume_id, worker = excluded.worker",
         )
         .bind(id)
         .bind(volume_id)
@@ -644,7 +827,7 @@ impl ControlStore {
     ) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT v.id, v.app, s.worker, v.size_gb FROM volume_snapshots s JOIN volumes v ON v.id = s.volume_id
-             WHERE s.id = ? AND v.app = ?",
+             WHERE s.id = $1 AND v.app = $2",
         )
         .bind(id)
         .bind(app)
@@ -658,9 +841,7 @@ impl ControlStore {
     }
 }
 
-fn unique(
-    result: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
-) -> Result<Inserted, sqlx::Error> {
+fn unique(result: Result<sqlx::any::AnyQueryResult, sqlx::Error>) -> Result<Inserted, sqlx::Error> {
     match result {
         Ok(_) => Ok(Inserted::Yes),
         Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
@@ -673,6 +854,7 @@ fn unique(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
     #[tokio::test]
     async fn orgs_from_before_names_gain_the_column_and_are_named_by_slug() {

@@ -12,7 +12,7 @@ use berth_api::{
 };
 use berth_core::validate;
 use serde::Deserialize;
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 use utoipa::IntoParams;
 
 use crate::auth::{self, Principal, TokenRow};
@@ -23,7 +23,7 @@ use crate::store::{Inserted, OrgRow};
 use crate::{format_ms, ControlPlane, Shared};
 
 pub(crate) async fn load_overrides(
-    pool: &SqlitePool,
+    pool: &AnyPool,
 ) -> Result<HashMap<String, SetOrgLimitsRequest>, sqlx::Error> {
     let rows = sqlx::query("SELECT slug, overrides FROM org_limits")
         .fetch_all(pool)
@@ -48,7 +48,7 @@ async fn save_overrides(
 ) -> Result<(), ApiError> {
     let text = serde_json::to_string(overrides).map_err(ApiError::internal)?;
     sqlx::query(
-        "INSERT INTO org_limits (slug, overrides) VALUES (?, ?)
+        "INSERT INTO org_limits (slug, overrides) VALUES ($1, $2)
          ON CONFLICT (slug) DO UPDATE SET overrides = excluded.overrides",
     )
     .bind(slug)
@@ -318,7 +318,7 @@ impl ControlPlane {
             revoked_at_ms: None,
         };
         sqlx::query(
-            "INSERT INTO tokens (id, org_slug, name, hash, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tokens (id, org_slug, name, hash, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&row.id)
         .bind(&row.org_slug)
@@ -370,7 +370,7 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::not_found(format!("token {token_id:?}")))?;
         if row.revoked_at_ms.is_none() {
             let now = self.clock.now_ms();
-            sqlx::query("UPDATE tokens SET revoked_at_ms = ? WHERE id = ?")
+            sqlx::query("UPDATE tokens SET revoked_at_ms = $1 WHERE id = $2")
                 .bind(now)
                 .bind(&row.id)
                 .execute(self.store.pool())

@@ -19,7 +19,7 @@ use berth_core::billing::{split_by_day, IntervalKind, Prices, Quantities, Window
 use berth_core::ids;
 use berth_worker::WorkerService;
 use serde::Deserialize;
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Any, AnyPool, Row, Transaction};
 use tracing::warn;
 
 use crate::auth::Principal;
@@ -31,7 +31,7 @@ use crate::{format_ms, now_ms, ControlPlane, Shared};
 const INGEST_INTERVAL: Duration = Duration::from_secs(2);
 const INGEST_BATCH: u32 = 1000;
 
-const SCHEMA: &[&str] = &[
+pub(crate) const SCHEMA: &[&str] = &[
     // Who owned a Machine or a volume, kept after it and its app are gone: usage outlives
     // both.
     "CREATE TABLE IF NOT EXISTS machine_owners (
@@ -70,43 +70,26 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS open_intervals ON usage_intervals(machine_id, kind) WHERE end_ms IS NULL",
 ];
 
-/// Creates the usage tables if they are missing.
-pub async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    for statement in SCHEMA {
-        sqlx::query(statement).execute(pool).await?;
-    }
-    // Intervals are kept per worker since Machines can move: a database from before has
-    // every interval on its Machine's one worker, which `''` stands for.
-    let has_worker: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM pragma_table_info('usage_intervals') WHERE name = 'worker'",
-    )
-    .fetch_one(pool)
-    .await?;
-    if has_worker == 0 {
-        sqlx::query("ALTER TABLE usage_intervals ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
-            .execute(pool)
-            .await?;
-    }
-    Ok(())
-}
-
 pub async fn record_owner(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     machine_id: &str,
     app: &str,
     org: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT OR REPLACE INTO machine_owners (machine_id, app, org) VALUES (?, ?, ?)")
-        .bind(machine_id)
-        .bind(app)
-        .bind(org)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO machine_owners (machine_id, app, org) VALUES ($1, $2, $3)
+         ON CONFLICT (machine_id) DO UPDATE SET app = excluded.app, org = excluded.org",
+    )
+    .bind(machine_id)
+    .bind(app)
+    .bind(org)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
-pub async fn cursor(pool: &SqlitePool, worker: &str) -> Result<u64, sqlx::Error> {
-    let row = sqlx::query("SELECT last_seq FROM usage_cursor WHERE worker = ?")
+pub async fn cursor(pool: &AnyPool, worker: &str) -> Result<u64, sqlx::Error> {
+    let row = sqlx::query("SELECT last_seq FROM usage_cursor WHERE worker = $1")
         .bind(worker)
         .fetch_optional(pool)
         .await?;
@@ -128,7 +111,7 @@ fn kind_text(kind: UsageKind) -> &'static str {
 
 /// Ingests one batch from `worker` atomically. Returns how many records were new.
 pub async fn ingest(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     worker: &str,
     batch: &[UsageRecord],
 ) -> Result<usize, sqlx::Error> {
@@ -139,9 +122,10 @@ pub async fn ingest(
     let mut new = 0;
     for record in batch {
         let inserted = sqlx::query(
-            "INSERT OR IGNORE INTO usage_ledger
+            "INSERT INTO usage_ledger
              (worker, seq, machine_id, app, kind, at_ms, cpus, memory_mb, storage_bytes, basis)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (worker, seq) DO NOTHING",
         )
         .bind(worker)
         .bind(i64::try_from(record.seq).unwrap_or(i64::MAX))
@@ -149,8 +133,8 @@ pub async fn ingest(
         .bind(&record.app)
         .bind(kind_text(record.kind))
         .bind(record.at_ms)
-        .bind(record.cpus)
-        .bind(record.memory_mb)
+        .bind(i64::from(record.cpus))
+        .bind(i64::from(record.memory_mb))
         .bind(i64::try_from(record.storage_bytes).unwrap_or(i64::MAX))
         .bind(record.basis.map(|basis| {
             serde_json::to_value(basis)
@@ -166,8 +150,9 @@ pub async fn ingest(
         }
     }
     sqlx::query(
-        "INSERT INTO usage_cursor (worker, last_seq) VALUES (?, ?)
-         ON CONFLICT(worker) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+        "INSERT INTO usage_cursor (worker, last_seq) VALUES ($1, $2)
+         ON CONFLICT(worker) DO UPDATE SET last_seq =
+             CASE WHEN excluded.last_seq > usage_cursor.last_seq THEN excluded.last_seq ELSE usage_cursor.last_seq END",
     )
     .bind(worker)
     .bind(i64::try_from(last).unwrap_or(i64::MAX))
@@ -179,11 +164,11 @@ pub async fn ingest(
 
 /// The interval bookkeeping of `berth_core::billing::Meter`, in SQL.
 async fn apply(
-    transaction: &mut Transaction<'_, Sqlite>,
+    transaction: &mut Transaction<'_, Any>,
     worker: &str,
     record: &UsageRecord,
 ) -> Result<(), sqlx::Error> {
-    let org: Option<String> = sqlx::query("SELECT org FROM machine_owners WHERE machine_id = ?")
+    let org: Option<String> = sqlx::query("SELECT org FROM machine_owners WHERE machine_id = $1")
         .bind(&record.machine_id)
         .fetch_optional(&mut **transaction)
         .await?
@@ -191,8 +176,8 @@ async fn apply(
     let org = org.unwrap_or_default();
     let close = |kind: &'static str| {
         sqlx::query(
-            "UPDATE usage_intervals SET end_ms = MAX(?, start_ms)
-             WHERE machine_id = ? AND kind = ? AND worker IN (?, '') AND end_ms IS NULL",
+            "UPDATE usage_intervals SET end_ms = CASE WHEN start_ms > $1 THEN start_ms ELSE $1 END
+             WHERE machine_id = $2 AND kind = $3 AND worker IN ($4, '') AND end_ms IS NULL",
         )
         .bind(record.at_ms)
         .bind(record.machine_id.clone())
@@ -202,15 +187,15 @@ async fn apply(
     let open = |kind: &'static str| {
         sqlx::query(
             "INSERT INTO usage_intervals (org, app, machine_id, kind, start_ms, end_ms, cpus, memory_mb, bytes, worker)
-             VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, NULL, $6, $7, $8, $9)",
         )
         .bind(org.clone())
         .bind(record.app.clone())
         .bind(record.machine_id.clone())
         .bind(kind)
         .bind(record.at_ms)
-        .bind(record.cpus)
-        .bind(record.memory_mb)
+        .bind(i64::from(record.cpus))
+        .bind(i64::from(record.memory_mb))
         .bind(i64::try_from(record.storage_bytes).unwrap_or(i64::MAX))
         .bind(worker.to_owned())
     };
@@ -246,13 +231,13 @@ pub struct StoredInterval {
 
 /// Intervals of `org` that overlap the window. With `org = None`, every interval.
 pub async fn intervals(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     org: Option<&str>,
     window: Window,
 ) -> Result<Vec<StoredInterval>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT app, machine_id, kind, start_ms, end_ms, cpus, memory_mb, bytes FROM usage_intervals
-         WHERE (?1 IS NULL OR org = ?1) AND start_ms < ?2 AND (end_ms IS NULL OR end_ms > ?3)",
+         WHERE (CAST($1 AS TEXT) IS NULL OR org = $1) AND start_ms < $2 AND (end_ms IS NULL OR end_ms > $3)",
     )
     .bind(org)
     .bind(window.to_ms)
@@ -264,8 +249,8 @@ pub async fn intervals(
         .map(|row| {
             let kind = if row.get::<String, _>(2) == "run" {
                 IntervalKind::Run {
-                    cpus: row.get(5),
-                    memory_mb: row.get(6),
+                    cpus: u32::try_from(row.get::<i64, _>(5)).unwrap_or_default(),
+                    memory_mb: u32::try_from(row.get::<i64, _>(6)).unwrap_or_default(),
                 }
             } else {
                 IntervalKind::Storage {
@@ -343,7 +328,7 @@ pub enum GroupBy {
 /// The same sums as [`report_rows`] for `machine` and `app`, computed by SQLite, so a
 /// query over a million journal records moves a row per group, not per interval.
 pub async fn aggregate(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     org: &str,
     window: Window,
     now_ms: i64,
@@ -353,16 +338,23 @@ pub async fn aggregate(
         GroupBy::App => "app",
         GroupBy::Machine | GroupBy::Day => "machine_id",
     };
-    // The clipped span of each interval: MIN(end or now, to) - MAX(start, from).
+    // The clipped span of each interval: MIN(end or now, to) - MAX(start, from), in CASEs
+    // that read the same on SQLite and PostgreSQL; sums cast back to BIGINT, which
+    // PostgreSQL would widen to NUMERIC.
     let query = format!(
         "SELECT {key}, kind,
-                SUM(MIN(COALESCE(end_ms, ?1), ?2) - MAX(start_ms, ?3)),
-                SUM((MIN(COALESCE(end_ms, ?1), ?2) - MAX(start_ms, ?3)) * cpus),
-                SUM((MIN(COALESCE(end_ms, ?1), ?2) - MAX(start_ms, ?3)) * memory_mb),
-                TOTAL((MIN(COALESCE(end_ms, ?1), ?2) - MAX(start_ms, ?3)) * CAST(bytes AS REAL))
-         FROM usage_intervals
-         WHERE org = ?4 AND start_ms < ?2 AND COALESCE(end_ms, ?1) > ?3
-           AND MIN(COALESCE(end_ms, ?1), ?2) > MAX(start_ms, ?3)
+                CAST(SUM(span) AS BIGINT),
+                CAST(SUM(span * cpus) AS BIGINT),
+                CAST(SUM(span * memory_mb) AS BIGINT),
+                CAST(COALESCE(SUM(span * CAST(bytes AS DOUBLE PRECISION)), 0) AS DOUBLE PRECISION)
+         FROM (
+             SELECT {key}, kind, cpus, memory_mb, bytes,
+                    (CASE WHEN COALESCE(end_ms, $1) < $2 THEN COALESCE(end_ms, $1) ELSE $2 END)
+                    - (CASE WHEN start_ms > $3 THEN start_ms ELSE $3 END) AS span
+             FROM usage_intervals
+             WHERE org = $4 AND start_ms < $2 AND COALESCE(end_ms, $1) > $3
+         ) AS clipped
+         WHERE span > 0
          GROUP BY {key}, kind"
     );
     let rows = sqlx::query(&query)

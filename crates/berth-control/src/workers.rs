@@ -14,7 +14,7 @@ use berth_api::{RegisterWorker, Resources, Worker, WorkerRegistered, WorkerStats
 use berth_core::placement::WorkerCapacity;
 use berth_worker::{RemoteWorker, WorkerService};
 use sha2::{Digest, Sha256};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 use subtle::ConstantTimeEq;
 
 use crate::auth::Principal;
@@ -83,7 +83,7 @@ pub(crate) struct Workers {
     cluster_prefix: String,
 }
 
-const SCHEMA: &[&str] = &[
+pub(crate) const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS workers (
         name TEXT PRIMARY KEY NOT NULL,
         ordinal INTEGER NOT NULL UNIQUE,
@@ -98,7 +98,7 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// The cluster's random ULA /48 (RFC 4193), made once and kept.
-async fn cluster_prefix(pool: &SqlitePool) -> Result<String, sqlx::Error> {
+async fn cluster_prefix(pool: &AnyPool) -> Result<String, sqlx::Error> {
     if let Some(row) = sqlx::query("SELECT ula_prefix FROM cluster WHERE id = 1")
         .fetch_optional(pool)
         .await?
@@ -110,7 +110,7 @@ async fn cluster_prefix(pool: &SqlitePool) -> Result<String, sqlx::Error> {
         "fd{:02x}:{:02x}{:02x}:{:02x}{:02x}",
         random[0], random[1], random[2], random[3], random[4]
     );
-    sqlx::query("INSERT OR IGNORE INTO cluster (id, ula_prefix) VALUES (1, ?)")
+    sqlx::query("INSERT INTO cluster (id, ula_prefix) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
         .bind(&prefix)
         .execute(pool)
         .await?;
@@ -121,10 +121,7 @@ async fn cluster_prefix(pool: &SqlitePool) -> Result<String, sqlx::Error> {
 }
 
 impl Workers {
-    pub(crate) async fn open(pool: &SqlitePool, join_token: &str) -> Result<Workers, sqlx::Error> {
-        for statement in SCHEMA {
-            sqlx::query(statement).execute(pool).await?;
-        }
+    pub(crate) async fn open(pool: &AnyPool, join_token: &str) -> Result<Workers, sqlx::Error> {
         let cluster_prefix = cluster_prefix(pool).await?;
         let workers = Workers {
             entries: RwLock::new(BTreeMap::new()),
@@ -147,7 +144,7 @@ impl Workers {
                 region: row.get(2),
                 url: Some(url),
                 capacity: Resources {
-                    cpus: row.get(4),
+                    cpus: u32::try_from(row.get::<i64, _>(4)).unwrap_or_default(),
                     memory_mb: row.get::<i64, _>(5) as u64,
                     disk_mb: row.get::<i64, _>(6) as u64,
                 },
@@ -179,19 +176,16 @@ impl Workers {
     }
 
     /// The Machine prefix a worker of this name has, or will have when it registers.
-    pub(crate) async fn prefix(
-        &self,
-        pool: &SqlitePool,
-        name: &str,
-    ) -> Result<String, sqlx::Error> {
+    pub(crate) async fn prefix(&self, pool: &AnyPool, name: &str) -> Result<String, sqlx::Error> {
         sqlx::query(
-            "INSERT OR IGNORE INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
-             VALUES (?, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), '', NULL, 0, 0, 0)",
+            "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
+             VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), '', NULL, 0, 0, 0)
+             ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
         .execute(pool)
         .await?;
-        let row = sqlx::query("SELECT ordinal FROM workers WHERE name = ?")
+        let row = sqlx::query("SELECT ordinal FROM workers WHERE name = $1")
             .bind(name)
             .fetch_one(pool)
             .await?;
@@ -201,7 +195,7 @@ impl Workers {
     /// Records a worker (new or returning) and answers with its Machine prefix.
     pub(crate) async fn register(
         &self,
-        pool: &SqlitePool,
+        pool: &AnyPool,
         request: &RegisterWorker,
         service: Arc<dyn WorkerService>,
         url: Option<String>,
@@ -209,18 +203,18 @@ impl Workers {
         let remote = url.is_some();
         sqlx::query(
             "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
-             VALUES (?1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(name) DO UPDATE SET region = ?2, url = ?3, cpus = ?4, memory_mb = ?5, disk_mb = ?6",
+             VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), $2, $3, $4, $5, $6)
+             ON CONFLICT(name) DO UPDATE SET region = $2, url = $3, cpus = $4, memory_mb = $5, disk_mb = $6",
         )
         .bind(&request.name)
         .bind(&request.region)
         .bind(&url)
-        .bind(request.capacity.cpus)
+        .bind(i64::from(request.capacity.cpus))
         .bind(i64::try_from(request.capacity.memory_mb).unwrap_or(i64::MAX))
         .bind(i64::try_from(request.capacity.disk_mb).unwrap_or(i64::MAX))
         .execute(pool)
         .await?;
-        let row = sqlx::query("SELECT ordinal, cordoned FROM workers WHERE name = ?")
+        let row = sqlx::query("SELECT ordinal, cordoned FROM workers WHERE name = $1")
             .bind(&request.name)
             .fetch_one(pool)
             .await?;
@@ -534,7 +528,7 @@ impl ControlPlane {
         name: &str,
         cordoned: bool,
     ) -> Result<(), ApiError> {
-        let updated = sqlx::query("UPDATE workers SET cordoned = ? WHERE name = ?")
+        let updated = sqlx::query("UPDATE workers SET cordoned = $1 WHERE name = $2")
             .bind(i64::from(cordoned))
             .bind(name)
             .execute(self.store.pool())
@@ -566,16 +560,15 @@ pub(crate) fn internal_routes() -> Router<Shared> {
 mod tests {
     use super::*;
 
-    async fn workers_with_one(name: &str, cpus: u32) -> (Workers, SqlitePool) {
+    async fn workers_with_one(name: &str, cpus: u32) -> (Workers, AnyPool) {
+        crate::store::install_drivers();
         // One connection: each in-memory connection is a database of its own.
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        let pool = sqlx::any::AnyPoolOptions::new()
             .max_connections(1)
             .connect("sqlite::memory:")
             .await
             .unwrap();
-        for statement in SCHEMA {
-            sqlx::query(statement).execute(&pool).await.unwrap();
-        }
+        crate::store::upgrade_sqlite(&pool).await.unwrap();
         let workers = Workers::open(&pool, "join").await.unwrap();
         let request = RegisterWorker {
             name: name.to_owned(),

@@ -389,18 +389,11 @@ async fn start_checks_the_quota_without_asking_the_worker_for_the_machine() {
 
     // A row indexed before sizes were kept: the first start asks the worker once, and
     // keeps the answer for the next.
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        harness.dir.path().join("control.db").display()
-    ))
-    .await
-    .expect("open the control store");
-    sqlx::query("UPDATE machines SET cpus = NULL, memory_mb = NULL WHERE id = ?")
+    sqlx::query("UPDATE machines SET cpus = NULL, memory_mb = NULL WHERE id = $1")
         .bind(&ids[1])
-        .execute(&db)
+        .execute(harness.control.store().pool())
         .await
         .expect("forget the size");
-    db.close().await;
     for _ in 0..2 {
         let (status, body) = harness
             .call(&token, Method::POST, &path(&ids[1], "stop"), None)

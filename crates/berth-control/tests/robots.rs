@@ -316,14 +316,22 @@ async fn idempotency_keys_replay_the_first_answer_for_a_day() {
         (reply.status, reply.body["error"].clone()),
         (400, json!("invalid_idempotency_key"))
     );
-    // Durable: the keys live in SQLite, not in memory.
-    let db = std::fs::read(harness.dir.path().join("control.db")).expect("db");
-    let wal = std::fs::read(harness.dir.path().join("control.db-wal")).unwrap_or_default();
-    let needle = b"create-1";
-    assert!(db
-        .windows(needle.len())
-        .chain(wal.windows(needle.len()))
-        .any(|w| w == needle));
+    // Durable: the keys live in the database, not in memory.
+    if common::postgres::postgres_selected() {
+        let stored: Vec<String> = sqlx::query_scalar("SELECT key FROM idempotency")
+            .fetch_all(harness.control.store().pool())
+            .await
+            .expect("keys");
+        assert!(stored.iter().any(|key| key == "create-1"), "{stored:?}");
+    } else {
+        let db = std::fs::read(harness.dir.path().join("control.db")).expect("db");
+        let wal = std::fs::read(harness.dir.path().join("control.db-wal")).unwrap_or_default();
+        let needle = b"create-1";
+        assert!(db
+            .windows(needle.len())
+            .chain(wal.windows(needle.len()))
+            .any(|w| w == needle));
+    }
 }
 
 #[tokio::test]

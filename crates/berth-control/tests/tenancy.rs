@@ -22,8 +22,26 @@ async fn tokens_are_shown_once_hashed_revocable_and_expire() {
     assert_eq!(org["slug"], "acme");
     assert_eq!(org["limits"]["rate_limits"]["read"]["burst"], 10);
 
-    // Only the hash is stored: the secret appears nowhere in the database.
-    let db = std::fs::read(harness.dir.path().join("control.db")).expect("db");
+    // Only the hash is stored: the secret appears nowhere in the database (on PostgreSQL,
+    // in no column of any stored token).
+    let db = if common::postgres::postgres_selected() {
+        use sqlx::Row;
+        let rows = sqlx::query("SELECT id, org_slug, name, hash FROM tokens")
+            .fetch_all(harness.control.store().pool())
+            .await
+            .expect("tokens");
+        assert!(!rows.is_empty());
+        let mut bytes = Vec::new();
+        for row in rows {
+            for column in 0..3 {
+                bytes.extend(row.get::<String, _>(column).into_bytes());
+            }
+            bytes.extend(row.get::<Vec<u8>, _>(3));
+        }
+        bytes
+    } else {
+        std::fs::read(harness.dir.path().join("control.db")).expect("db")
+    };
     let secret = token.rsplit('_').next().expect("secret");
     assert!(!db
         .windows(secret.len())

@@ -10,6 +10,9 @@ use berth_core::billing::{Meter, Window};
 use proptest::prelude::*;
 use sqlx::Row;
 
+#[path = "common/postgres.rs"]
+mod postgres;
+
 const MACHINES: usize = 3;
 const VOLUMES: usize = 2;
 
@@ -173,10 +176,9 @@ fn expected_intervals(journal: &[UsageRecord]) -> Vec<StoredInterval> {
 
 async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = ControlStore::open(&dir.path().join("control.db"))
+    let store = ControlStore::connect(&postgres::test_database(dir.path()).await)
         .await
         .expect("store");
-    usage::migrate(store.pool()).await.expect("migrate");
     for machine in 0..MACHINES + VOLUMES {
         usage::record_owner(
             store.pool(),
@@ -408,10 +410,9 @@ fn sorted(mut intervals: Vec<StoredInterval>) -> Vec<StoredInterval> {
 /// destination's `created` closes the destination's span.)
 async fn deliver_moves(journals: [Vec<UsageRecord>; 2], schedule: Vec<(bool, usize, bool)>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = ControlStore::open(&dir.path().join("control.db"))
+    let store = ControlStore::connect(&postgres::test_database(dir.path()).await)
         .await
         .expect("store");
-    usage::migrate(store.pool()).await.expect("migrate");
     for machine in 0..MACHINES {
         usage::record_owner(
             store.pool(),

@@ -31,6 +31,10 @@ pub struct ServerArgs {
     listen: SocketAddr,
     #[arg(long, default_value = crate::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// Where orgs, tokens, apps and the Machine index live: sqlite://PATH (the default is
+    /// control.db in --data-dir) or postgres://USER:PASSWORD@HOST:PORT/DB.
+    #[arg(long, value_name = "URL", value_parser = berth_control::store::Database::parse)]
+    database: Option<berth_control::store::Database>,
     /// How create picks a worker among those with room.
     #[arg(long, value_enum, default_value_t = Placement::Spread)]
     placement: Placement,
@@ -99,6 +103,10 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     )?);
     let mut config = ControlConfig::new(data_dir.clone(), admin_token, join_token);
     config.placement = args.placement.into();
+    if let Some(database) = args.database {
+        tracing::info!(%database, "control store");
+        config.database = Some(database);
+    }
     let control = ControlPlane::open(config, images)
         .await
         .map_err(|error| anyhow!("opening the control plane: {}", error.body.message))?;

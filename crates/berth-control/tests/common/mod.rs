@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -97,6 +99,7 @@ impl Harness {
         .expect("agent");
         let admin = "berth_test-admin-token".to_owned();
         let mut config = ControlConfig::new(dir.path().to_owned(), admin.clone(), "join".into());
+        config.database = Some(postgres::test_database(dir.path()).await);
         adjust(&mut config);
         let clock = config.clock.clone();
         let control = ControlPlane::open(config, images)
