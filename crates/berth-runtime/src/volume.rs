@@ -418,12 +418,14 @@ pub fn release(layout: &VolumeLayout) -> io::Result<()> {
     unmount(layout)?;
     // Autoclear detaches the loop device once the filesystem's last mount is gone; one
     // that stays means another mount (a Machine's) still holds it. Lazily detached mounts
-    // and passing copies in other namespaces (a runc create's) go within moments.
-    for _ in 0..40 {
+    // and passing copies in other namespaces (a runc create's) go within moments. The
+    // kernel detaches an autoclear device asynchronously, within milliseconds: polled
+    // finely, since a move's downtime waits for it.
+    for _ in 0..400 {
         if loop_devices_of(&layout.image())?.next().is_none() {
             return Ok(());
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let holders = holders_of(&layout.image());
     Err(io::Error::new(
