@@ -742,6 +742,34 @@ fn volume_holders(cluster: &Cluster, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// (worker, kind, at_ms) of each journal entry of `id` the control plane has taken in.
+fn ledger_of(cluster: &Cluster, id: &str) -> Vec<(String, String, i64)> {
+    let db = cluster.dir.path().join("server").join("control.db");
+    let id = id.to_owned();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async move {
+            use sqlx::Row;
+            let url = format!("sqlite://{}?mode=ro", db.display());
+            let pool = sqlx::SqlitePool::connect(&url)
+                .await
+                .expect("open control.db");
+            let rows = sqlx::query(
+                "SELECT worker, kind, at_ms FROM usage_ledger WHERE machine_id = ? ORDER BY worker, seq",
+            )
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .expect("ledger");
+            pool.close().await;
+            rows.into_iter()
+                .map(|row| (row.get(0), row.get(1), row.get(2)))
+                .collect()
+        })
+}
+
 /// Files of many kinds on the volume at `/data`.
 const VOLUME_FILES: &str = "mkdir -p /data/dir && cd /data \
      && dd if=/dev/urandom of=big bs=1M count=20 2>/dev/null \
@@ -828,6 +856,19 @@ fn stopped_and_running_machines_move_with_their_volumes() {
     );
     cluster.wait_for("the old worker to keep no copy of the volume", || {
         volume_holders(&cluster, &stopped_volume) == vec!["w2".to_owned()]
+    });
+    // Billed on one worker at a time: its storage ends on w1 where it starts on w2.
+    cluster.wait_for("the volume's billing to move with it", || {
+        let entries = ledger_of(&cluster, &stopped_volume);
+        let at = |worker: &str, kind: &str| {
+            entries
+                .iter()
+                .filter(|entry| entry.0 == worker && entry.1 == kind)
+                .map(|entry| entry.2)
+                .collect::<Vec<i64>>()
+        };
+        let (out, into) = (at("w1", "migrated_out"), at("w2", "created"));
+        out.len() == 1 && into == out && at("w1", "created").len() == 1
     });
     // The snapshot came along: listed, and a volume made from it on the new worker.
     let (status, snapshots) = cluster.call(
