@@ -57,9 +57,22 @@ pub const MIGRATION_POINTS: &[&str] = &[
     "migrate.after_source_remove",
 ];
 
+/// A move's volume steps (a Machine that mounts none never reaches them): an image stream
+/// cut off on each end, the destination's volumes mounted and recorded before the
+/// Machine's commit, the source's volumes removed before its record.
+pub const VOLUME_MIGRATION_POINTS: &[&str] = &[
+    "migrate.source_volume_mid_stream",
+    "migrate.dest_volume_mid_stream",
+    "migrate.after_commit_volumes",
+    "migrate.after_source_volume_remove",
+];
+
 pub fn hit(name: &str) {
     debug_assert!(
-        POINTS.contains(&name) || VOLUME_POINTS.contains(&name) || MIGRATION_POINTS.contains(&name),
+        POINTS.contains(&name)
+            || VOLUME_POINTS.contains(&name)
+            || MIGRATION_POINTS.contains(&name)
+            || VOLUME_MIGRATION_POINTS.contains(&name),
         "unlisted failpoint {name}"
     );
     berth_core::failpoint::hit(name);

@@ -122,6 +122,9 @@ struct Inner {
     /// The passes this worker sent of each leaving Machine, newest last, by digest: when
     /// each began and the directories it saw, which a later pass starts from.
     sent_passes: StdMutex<HashMap<String, Vec<ops::migrate::SentPass>>>,
+    /// The image passes this worker sent of each leaving volume, newest last: the chunk
+    /// hashes a later pass compares with.
+    sent_images: StdMutex<HashMap<String, Vec<ops::migrate::SentImage>>>,
 }
 
 impl Agent {
@@ -167,6 +170,7 @@ impl Agent {
                 opened_ms: record::now_ms(),
                 peers: StdRwLock::new(HashMap::new()),
                 sent_passes: StdMutex::new(HashMap::new()),
+                sent_images: StdMutex::new(HashMap::new()),
             }),
         };
         agent.recover_volumes().await?;

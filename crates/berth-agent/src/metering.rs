@@ -87,6 +87,12 @@ pub fn volume_extended(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
     volume_entry(record, UsageKind::Storage, at_ms)
 }
 
+/// The volume left this worker with its Machine: its billing here ends, and the
+/// destination's `created` at the same instant takes over.
+pub fn volume_migrated_out(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
+    volume_entry(record, UsageKind::MigratedOut, at_ms)
+}
+
 /// The volume is gone: its billing ends.
 pub fn volume_deleted(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
     volume_entry(record, UsageKind::Destroyed, at_ms)

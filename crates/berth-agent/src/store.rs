@@ -1002,6 +1002,7 @@ mod tests {
             auto_backup_enabled: false,
             attached_machine: None,
             pending: None,
+            copied_pass: None,
         };
         let created = crate::metering::volume_created(&record, 10);
         store

@@ -38,6 +38,9 @@ use sha2::{Digest, Sha256};
 
 pub use rustix::fs::Timespec;
 
+mod image;
+pub use image::{export_image, import_image, ChunkHash, ImagePass, IMAGE_CHUNK};
+
 /// The top directory of every tree entry in the stream.
 const TREE: &str = "tree";
 /// The last entry: see the module's documentation.
@@ -612,6 +615,43 @@ fn export_at_level(
         Mode::empty(),
     )
     .map_err(|e| TransferError::io(format!("open {}", root.display()), e))?;
+    let mut exporter = Exporter {
+        tar: open_stream(out, level)?,
+        pass,
+        links: HashMap::new(),
+        listing: Vec::new(),
+        dirs: DirIndex::default(),
+        entries: 0,
+        file_bytes: 0,
+    };
+    let root_meta =
+        Meta::of(&rustix::fs::fstat(&root_fd).map_err(|e| TransferError::io("stat the root", e))?);
+    exporter.directory(&root_fd, &root_meta, &mut Vec::new(), false)?;
+
+    let digest = stream_digest(&exporter.tar);
+    let manifest = Manifest {
+        format: FORMAT,
+        digest: digest.clone(),
+        entries: exporter.entries,
+        file_bytes: exporter.file_bytes,
+        paths: exporter.listing.iter().map(|p| encode_path(p)).collect(),
+    };
+    let (entries, file_bytes, dirs) = (exporter.entries, exporter.file_bytes, exporter.dirs);
+    let stream_bytes = close_stream(exporter.tar, &manifest)?;
+    Ok(PassSummary {
+        entries,
+        file_bytes,
+        stream_bytes,
+        digest,
+        started_at,
+        dirs,
+    })
+}
+
+/// A tar stream, compressed, whose tar bytes are hashed as they are written.
+type Stream<W> = tar::Builder<HashingWriter<Encoder<W>>>;
+
+fn open_stream<W: Write>(out: W, level: i32) -> Result<Stream<W>> {
     let mut encoder = zstd::stream::write::Encoder::new(
         CountingWriter {
             inner: out,
@@ -628,53 +668,33 @@ fn export_at_level(
         hasher: Sha256::new(),
     });
     tar.mode(tar::HeaderMode::Complete);
-    let mut exporter = Exporter {
-        tar,
-        pass,
-        links: HashMap::new(),
-        listing: Vec::new(),
-        dirs: DirIndex::default(),
-        entries: 0,
-        file_bytes: 0,
-    };
-    let root_meta =
-        Meta::of(&rustix::fs::fstat(&root_fd).map_err(|e| TransferError::io("stat the root", e))?);
-    exporter.directory(&root_fd, &root_meta, &mut Vec::new(), false)?;
+    Ok(tar)
+}
 
-    let digest = format!(
+/// `sha256:` of every tar byte written so far: what the manifest names.
+fn stream_digest<W: Write>(tar: &Stream<W>) -> String {
+    format!(
         "sha256:{}",
-        hex::encode(exporter.tar.get_ref().hasher.clone().finalize())
-    );
-    let manifest = Manifest {
-        format: FORMAT,
-        digest: digest.clone(),
-        entries: exporter.entries,
-        file_bytes: exporter.file_bytes,
-        paths: exporter.listing.iter().map(|p| encode_path(p)).collect(),
-    };
-    let body = serde_json::to_vec(&manifest)
+        hex::encode(tar.get_ref().hasher.clone().finalize())
+    )
+}
+
+/// Appends `manifest` as the last entry ([`MANIFEST`]) and ends the stream; answers the
+/// compressed bytes written.
+fn close_stream<W: Write>(mut tar: Stream<W>, manifest: &impl serde::Serialize) -> Result<u64> {
+    let body = serde_json::to_vec(manifest)
         .map_err(|e| TransferError::io("write the manifest", io::Error::other(e)))?;
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
     header.set_mode(0o600);
     header.set_size(body.len() as u64);
     let write_err = |e| TransferError::io("write the stream", e);
-    exporter
-        .tar
-        .append_data(&mut header, MANIFEST, body.as_slice())
+    tar.append_data(&mut header, MANIFEST, body.as_slice())
         .map_err(write_err)?;
-    let (entries, file_bytes, dirs) = (exporter.entries, exporter.file_bytes, exporter.dirs);
-    let hashing = exporter.tar.into_inner().map_err(write_err)?;
+    let hashing = tar.into_inner().map_err(write_err)?;
     let mut counting = hashing.inner.finish().map_err(write_err)?;
     counting.flush().map_err(write_err)?;
-    Ok(PassSummary {
-        entries,
-        file_bytes,
-        stream_bytes: counting.count,
-        digest,
-        started_at,
-        dirs,
-    })
+    Ok(counting.count)
 }
 
 impl<W: Write> Exporter<'_, W> {
@@ -1069,6 +1089,80 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// A stream being read: its tar, the compressed bytes read so far, and the hash of the
+/// tar bytes.
+struct Incoming<R: Read> {
+    archive: tar::Archive<
+        HashingReader<zstd::stream::read::Decoder<'static, io::BufReader<CountingReader<R>>>>,
+    >,
+    wire: Rc<Cell<u64>>,
+    hash: Rc<RefCell<HashState>>,
+}
+
+fn open_incoming<R: Read>(input: R) -> Result<Incoming<R>> {
+    let wire = Rc::new(Cell::new(0));
+    let decoder = zstd::stream::read::Decoder::new(CountingReader {
+        inner: input,
+        count: wire.clone(),
+    })
+    .map_err(|e| TransferError::io("start the decompressor", e))?;
+    let hash = Rc::new(RefCell::new(HashState {
+        hasher: Sha256::new(),
+        held: Vec::with_capacity(2 * HEADER),
+        hashed: 0,
+    }));
+    let archive = tar::Archive::new(HashingReader {
+        inner: decoder,
+        state: hash.clone(),
+    });
+    Ok(Incoming {
+        archive,
+        wire,
+        hash,
+    })
+}
+
+/// Reads the manifest entry: its body, and the digest of every tar byte before it.
+fn read_manifest<R: Read, T: serde::de::DeserializeOwned>(
+    entry: &mut tar::Entry<'_, R>,
+    hash: &RefCell<HashState>,
+) -> Result<(T, String)> {
+    let digest = {
+        let state = hash.borrow();
+        if state.hashed != entry.raw_header_position() {
+            return Err(corrupt(
+                "the manifest's header is not where the stream says",
+            ));
+        }
+        format!("sha256:{}", hex::encode(state.hasher.clone().finalize()))
+    };
+    if entry.size() > MAX_MANIFEST {
+        return Err(corrupt("the manifest is too large"));
+    }
+    let mut body = Vec::new();
+    entry
+        .take(MAX_MANIFEST)
+        .read_to_end(&mut body)
+        .map_err(corrupt)?;
+    let parsed: T = serde_json::from_slice(&body).map_err(|e| corrupt(format!("manifest: {e}")))?;
+    Ok((parsed, digest))
+}
+
+/// The rest of the tar (its end blocks) and the zstd frame's end, whose checksum the
+/// decoder verifies: nothing but zeros may follow the manifest.
+fn read_to_end<R: Read>(archive: tar::Archive<R>, buf: &mut [u8]) -> Result<()> {
+    let mut rest = archive.into_inner();
+    loop {
+        let n = rest.read(buf).map_err(corrupt)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Err(corrupt("data after the end of the archive"));
+        }
+    }
+}
+
 fn corrupt(what: impl std::fmt::Display) -> TransferError {
     TransferError::Corrupt(what.to_string())
 }
@@ -1203,21 +1297,11 @@ pub fn import(root: &Path, input: impl Read) -> Result<PassSummary> {
         Mode::empty(),
     )
     .map_err(|e| TransferError::io(format!("open {}", root.display()), e))?;
-    let wire = Rc::new(Cell::new(0));
-    let decoder = zstd::stream::read::Decoder::new(CountingReader {
-        inner: input,
-        count: wire.clone(),
-    })
-    .map_err(|e| TransferError::io("start the decompressor", e))?;
-    let hash = Rc::new(RefCell::new(HashState {
-        hasher: Sha256::new(),
-        held: Vec::with_capacity(2 * HEADER),
-        hashed: 0,
-    }));
-    let mut archive = tar::Archive::new(HashingReader {
-        inner: decoder,
-        state: hash.clone(),
-    });
+    let Incoming {
+        mut archive,
+        wire,
+        hash,
+    } = open_incoming(input)?;
     let mut importer = Importer {
         root: root_fd,
         parent: None,
@@ -1242,26 +1326,7 @@ pub fn import(root: &Path, input: impl Read) -> Result<PassSummary> {
         let name = record(b"path").unwrap_or_else(|| entry.path_bytes().into_owned());
         let link = record(b"linkpath").or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
         if name == MANIFEST.as_bytes() {
-            let digest = {
-                let state = hash.borrow();
-                if state.hashed != entry.raw_header_position() {
-                    return Err(corrupt(
-                        "the manifest's header is not where the stream says",
-                    ));
-                }
-                format!("sha256:{}", hex::encode(state.hasher.clone().finalize()))
-            };
-            if entry.size() > MAX_MANIFEST {
-                return Err(corrupt("the manifest is too large"));
-            }
-            let mut body = Vec::new();
-            (&mut entry)
-                .take(MAX_MANIFEST)
-                .read_to_end(&mut body)
-                .map_err(corrupt)?;
-            let parsed: Manifest =
-                serde_json::from_slice(&body).map_err(|e| corrupt(format!("manifest: {e}")))?;
-            manifest = Some((parsed, digest));
+            manifest = Some(read_manifest(&mut entry, &hash)?);
             continue;
         }
         let rel = tree_path(&name)?;
@@ -1282,18 +1347,7 @@ pub fn import(root: &Path, input: impl Read) -> Result<PassSummary> {
     if manifest.entries != importer.entries || manifest.file_bytes != importer.file_bytes {
         return Err(corrupt("the entry count or size is not the manifest's"));
     }
-    // The rest of the tar (its end blocks) and the zstd frame's end, whose checksum the
-    // decoder verifies.
-    let mut rest = archive.into_inner();
-    loop {
-        let n = rest.read(&mut importer.buf).map_err(corrupt)?;
-        if n == 0 {
-            break;
-        }
-        if importer.buf[..n].iter().any(|b| *b != 0) {
-            return Err(corrupt("data after the end of the archive"));
-        }
-    }
+    read_to_end(archive, &mut importer.buf)?;
     let mut listing = HashSet::with_capacity(manifest.paths.len());
     for path in &manifest.paths {
         let path = decode_path(path).ok_or_else(|| corrupt("a bad path in the listing"))?;
@@ -1463,7 +1517,7 @@ impl Importer {
                 )
                 .map_err(|e| TransferError::io(at("create"), e))?;
                 let file = File::from(fd);
-                let written = write_sparse(entry, &file, &mut self.buf, &shown_rel)?;
+                let written = write_sparse(entry, &file, 0, &mut self.buf, &shown_rel)?;
                 if written != size {
                     return Err(corrupt(format!("/{shown_rel} ends early (truncated)")));
                 }
@@ -1706,11 +1760,13 @@ fn set_xattrs(node: &Node<'_>, xattrs: &Xattrs, clear: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies an entry's content into a new file, seeking over all-zero blocks so holes stay
-/// holes. Returns the bytes read from the entry.
+/// Copies an entry's content into a file at `base` (where the file is a hole: new, or
+/// punched), seeking over all-zero blocks so holes stay holes. Returns the bytes read
+/// from the entry.
 fn write_sparse(
     entry: &mut impl Read,
     file: &File,
+    base: u64,
     buf: &mut [u8],
     shown_rel: &str,
 ) -> Result<u64> {
@@ -1741,7 +1797,7 @@ fn write_sparse(
                 }
                 run_end = next;
             }
-            file.write_all_at(&buf[at..run_end], offset + at as u64)
+            file.write_all_at(&buf[at..run_end], base + offset + at as u64)
                 .map_err(|e| TransferError::io(format!("write /{shown_rel}"), e))?;
             at = run_end;
         }

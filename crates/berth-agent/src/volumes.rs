@@ -37,6 +37,18 @@ pub enum VolumePending {
     Create,
     Extend,
     Delete,
+    /// Arriving with a moving Machine: an image being copied, never mounted; commit
+    /// mounts it, abort removes it.
+    MigrateIn,
+    /// Leaving with its Machine: unmounted for the last pass, removed at finish, mounted
+    /// again at abort.
+    MigrateOut,
+}
+
+impl VolumePending {
+    pub fn is_migration(self) -> bool {
+        matches!(self, VolumePending::MigrateIn | VolumePending::MigrateOut)
+    }
 }
 
 /// A volume as the agent records it.
@@ -53,6 +65,10 @@ pub struct VolumeRecord {
     /// The Machine that holds the volume.
     pub attached_machine: Option<String>,
     pub pending: Option<VolumePending>,
+    /// Arriving: the digest of the last image pass applied whole, which the next pass
+    /// starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_pass: Option<String>,
 }
 
 /// A snapshot as the agent records it; its image is `path`.
@@ -101,6 +117,27 @@ pub(crate) fn not_found(id: &str) -> AgentError {
     )
 }
 
+/// Refuses an operation on a volume that is moving with its Machine.
+fn refuse_if_moving(record: &VolumeRecord) -> Result<()> {
+    if record.pending.is_some_and(VolumePending::is_migration) {
+        let mut error = refuse(
+            409,
+            "machine_migrating",
+            format!(
+                "volume {} is moving between workers with machine {}; retry once the move ends",
+                record.id,
+                record.attached_machine.as_deref().unwrap_or("?")
+            ),
+            None,
+        );
+        if let AgentError::Remote { body, .. } = &mut error {
+            body.retry_after_ms = Some(1000);
+        }
+        return Err(error);
+    }
+    Ok(())
+}
+
 fn attached(id: &str, machine: &str) -> AgentError {
     refuse(
         409,
@@ -119,7 +156,7 @@ impl Agent {
         VolumeLayout::new(&self.volumes_root(), id)
     }
 
-    fn snapshots_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn snapshots_dir(&self, id: &str) -> PathBuf {
         self.volume_layout(id).dir.join("snapshots")
     }
 
@@ -202,6 +239,7 @@ impl Agent {
             auto_backup_enabled: request.auto_backup_enabled.unwrap_or(false),
             attached_machine: None,
             pending: Some(VolumePending::Create),
+            copied_pass: None,
         };
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_create.after_record");
@@ -230,12 +268,19 @@ impl Agent {
 
     pub(crate) async fn volume_get_op(&self, id: &str) -> Result<Volume> {
         let record = self.load_volume(id).await?;
+        if record.pending == Some(VolumePending::MigrateIn) {
+            return Err(not_found(id));
+        }
         self.volume_json(&record, state_of(&record)).await
     }
 
     pub(crate) async fn volume_list_op(&self, app: &str) -> Result<Vec<Volume>> {
         let mut out = Vec::new();
         for record in self.inner.store.volumes_of(Some(app)).await? {
+            // An arriving copy is the source's volume until the cutover.
+            if record.pending == Some(VolumePending::MigrateIn) {
+                continue;
+            }
             out.push(self.volume_json(&record, state_of(&record)).await?);
         }
         Ok(out)
@@ -248,6 +293,7 @@ impl Agent {
     ) -> Result<Volume> {
         let _guard = self.lock(id).await?;
         let mut record = self.load_volume(id).await?;
+        refuse_if_moving(&record)?;
         if let Some(days) = request.snapshot_retention {
             record.snapshot_retention = days;
         }
@@ -261,6 +307,7 @@ impl Agent {
     pub(crate) async fn volume_extend_op(&self, id: &str, size_gb: u32) -> Result<Volume> {
         let _guard = self.lock(id).await?;
         let mut record = self.load_volume(id).await?;
+        refuse_if_moving(&record)?;
         if size_gb <= record.size_gb || size_gb > MAX_VOLUME_SIZE_GB {
             return Err(refuse(
                 400,
@@ -379,6 +426,7 @@ impl Agent {
     pub(crate) async fn volume_snapshot_op(&self, id: &str) -> Result<VolumeSnapshot> {
         let _guard = self.lock(id).await?;
         let record = self.load_volume(id).await?;
+        refuse_if_moving(&record)?;
         let snapshot_id = berth_core::ids::new_snapshot_id();
         let dir = self.snapshots_dir(id);
         std::fs::create_dir_all(&dir)
@@ -516,7 +564,14 @@ impl Agent {
                     self.inner.runtime.volume_mount(&layout).await?;
                     self.finish_extend(&mut record, true).await?;
                 }
-                None => self.inner.runtime.volume_mount(&layout).await?,
+                // The move's owner (the control plane) commits or aborts it; a copy that
+                // is still arriving is never mounted before then.
+                Some(VolumePending::MigrateIn) => continue,
+                // Mounted as any other: abort needs it so, finish removes it, and a later
+                // pass unmounts it again before reading.
+                Some(VolumePending::MigrateOut) | None => {
+                    self.inner.runtime.volume_mount(&layout).await?
+                }
             }
             // Snapshots whose copy was cut short.
             if let Ok(entries) = std::fs::read_dir(self.snapshots_dir(&record.id)) {
@@ -553,7 +608,9 @@ fn state_of(record: &VolumeRecord) -> &'static str {
         Some(VolumePending::Create) => "creating",
         Some(VolumePending::Extend) => "extending",
         Some(VolumePending::Delete) => "destroying",
-        None => "created",
+        Some(VolumePending::MigrateIn) => "migrating",
+        // Still the volume of its Machine, in use here until the cutover.
+        Some(VolumePending::MigrateOut) | None => "created",
     }
 }
 

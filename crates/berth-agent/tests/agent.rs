@@ -845,3 +845,99 @@ async fn recovery_settles_volume_operations_and_frees_claims_of_machines_gone() 
     assert!(found[0].repaired);
     assert!(!orphan.dir.exists());
 }
+
+#[tokio::test]
+async fn a_leaving_machines_volumes_are_marked_refuse_changes_and_come_back_on_abort() {
+    use berth_agent::volumes::VolumePending;
+    use berth_worker::MigrationStep;
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let volume = "vol_ffffffffffffffff";
+    let machine = "0000000000000c";
+    let agent = fixture.agent().await;
+    agent
+        .volume_create(volume_request(volume, "data"))
+        .await
+        .expect("volume");
+    let mut request = create_request(machine, "demo/img:1", true);
+    request.config.mounts = vec![berth_api::MachineMount {
+        volume: volume.into(),
+        path: "/data".into(),
+        ..Default::default()
+    }];
+    agent.create(request).await.expect("create");
+    let begin = || MigrationStep::Begin {
+        id: machine.into(),
+        grant: "g".repeat(64),
+        to_worker: "other".into(),
+    };
+    let begun = agent.migration(begin()).await.expect("begin");
+    let export = begun.export.expect("export");
+    assert_eq!(export["volumes"][0]["id"], volume, "{export}");
+    assert_eq!(export["volumes"][0]["name"], "data", "{export}");
+    // Sent again (its answer lost): the same.
+    agent.migration(begin()).await.expect("begin again");
+    let record = agent
+        .store()
+        .volume(volume)
+        .await
+        .expect("read")
+        .expect("record");
+    assert_eq!(record.pending, Some(VolumePending::MigrateOut));
+    // A volume that moves takes no extend, snapshot or update meanwhile.
+    let refused = [
+        agent.volume_extend(volume, 2).await.map(|_| ()),
+        agent.volume_snapshot(volume).await.map(|_| ()),
+        agent
+            .volume_update(volume, berth_api::UpdateVolumeRequest::default())
+            .await
+            .map(|_| ()),
+    ];
+    for result in refused {
+        let (status, body) = result.expect_err("refused").to_response();
+        assert_eq!((status, body.error.as_str()), (409, "machine_migrating"));
+        assert!(body.retry_after_ms.is_some(), "{body:?}");
+    }
+    // Recovery mounts it again and keeps the mark for the move's owner to settle.
+    agent.store().close().await;
+    drop(agent);
+    fixture.runtime.unmount_volume(volume).await;
+    fixture.runtime.clear_calls().await;
+    let agent = fixture.agent().await;
+    assert!(fixture
+        .runtime
+        .calls()
+        .await
+        .contains(&format!("volume_mount {volume}")));
+    let record = agent
+        .store()
+        .volume(volume)
+        .await
+        .expect("read")
+        .expect("record");
+    assert_eq!(record.pending, Some(VolumePending::MigrateOut));
+    // Abort: the volume is the Machine's again, unmarked, and takes an extend.
+    agent
+        .migration(MigrationStep::Abort {
+            id: machine.into(),
+            grant: "g".repeat(64),
+        })
+        .await
+        .expect("abort");
+    let record = agent
+        .store()
+        .volume(volume)
+        .await
+        .expect("read")
+        .expect("record");
+    assert_eq!(record.pending, None);
+    assert_eq!(record.attached_machine.as_deref(), Some(machine));
+    assert_eq!(
+        agent
+            .volume_extend(volume, 2)
+            .await
+            .expect("extend")
+            .size_gb,
+        2
+    );
+}

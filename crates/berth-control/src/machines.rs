@@ -359,7 +359,7 @@ pub(crate) async fn restart_machine(
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body(content = Option<MigrateMachineRequest>),
     responses((status = 200, body = MigrateMachineResponse, description = "the Machine on its new worker; a running Machine runs there"),
-              (status = 409, body = ErrorBody, description = "`machine_migrating`: another move of it runs; `volume_attached`: it mounts a volume; `invalid_state`: it is in a transitional state"),
+              (status = 409, body = ErrorBody, description = "`machine_migrating`: another move of it runs; `invalid_state`: it is in a transitional state"),
               (status = 503, body = ErrorBody, description = "`insufficient_capacity`: no other worker fits it"),
               (status = 507, body = ErrorBody, description = "`insufficient_storage`: the destination's disk filled; the Machine stays whole where it was"),
               (status = "default", body = ErrorBody)))]
@@ -376,7 +376,7 @@ pub(crate) async fn migrate_machine(
     params(("app" = String, Path), ("id" = String, Path)),
     request_body = RecreateMachineRequest,
     responses((status = 200, body = Machine, description = "made again, stopped, on another worker; a `recreate` event says its files were lost"),
-              (status = 409, body = ErrorBody, description = "`state_would_be_lost`: lose_state is not true; `worker_available`: its worker answers, so migrate it instead"),
+              (status = 409, body = ErrorBody, description = "`state_would_be_lost`: lose_state is not true; `worker_available`: its worker answers, so migrate it instead; `volume_on_lost_worker`: it mounts volumes, which were lost with the worker"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn recreate_machine(
     State(control): State<Shared>,

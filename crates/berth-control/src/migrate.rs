@@ -133,6 +133,8 @@ struct MoveRow {
     from_address: Option<String>,
     cut_over: bool,
     cutover_ms: Option<i64>,
+    /// The volumes the Machine mounts: their index rows move at the cutover.
+    volumes: Vec<String>,
 }
 
 impl ControlPlane {
@@ -155,12 +157,15 @@ impl ControlPlane {
         let source_name = row.worker.clone();
         let source = self.worker(&source_name)?;
         let current = source.get(id).await?;
-        let dest_name = self.migration_target(row, &current, request.to_worker)?;
+        let volume_mb = self
+            .volumes_disk_mb(&app.name, &current.config.mounts)
+            .await?;
+        let dest_name = self.migration_target(row, &current, volume_mb, request.to_worker)?;
         let dest = self.worker(&dest_name)?;
         let size = berth_api::Resources {
             cpus: current.config.guest.cpus,
             memory_mb: u64::from(current.config.guest.memory_mb),
-            disk_mb: berth_core::placement::machine_disk_mb(&current.config.guest),
+            disk_mb: berth_core::placement::machine_disk_mb(&current.config.guest) + volume_mb,
         };
         let grant = new_grant();
         let mut moving = MoveRow {
@@ -172,6 +177,12 @@ impl ControlPlane {
             from_address: current.private_ip.clone(),
             cut_over: false,
             cutover_ms: None,
+            volumes: current
+                .config
+                .mounts
+                .iter()
+                .map(|mount| mount.volume.clone())
+                .collect(),
         };
         self.insert_move(&app.name, &moving).await?;
         self.workers.reserve(&dest_name, id, size, true);
@@ -197,12 +208,29 @@ impl ControlPlane {
         }
     }
 
+    /// The disk the Machine's volumes take where they go: their provisioned size, as at
+    /// their create.
+    async fn volumes_disk_mb(
+        &self,
+        app: &str,
+        mounts: &[berth_api::MachineMount],
+    ) -> Result<u64, ApiError> {
+        let mut total = 0u64;
+        for mount in mounts {
+            if let Some(volume) = self.store.volume(app, &mount.volume).await? {
+                total += u64::from(volume.size_gb) * 1024;
+            }
+        }
+        Ok(total)
+    }
+
     /// The worker a Machine moves to: the one asked for, checked, or placement's pick
-    /// among the others.
+    /// among the others, with room for its volumes (`volume_mb`) too.
     fn migration_target(
         &self,
         row: &MachineIndexRow,
         machine: &berth_api::Machine,
+        volume_mb: u64,
         asked: Option<String>,
     ) -> Result<String, ApiError> {
         let capacities = self.workers.capacities();
@@ -241,7 +269,7 @@ impl ControlPlane {
             worker: asked,
             cpus: machine.config.guest.cpus,
             memory_mb: u64::from(machine.config.guest.memory_mb),
-            disk_mb: berth_core::placement::machine_disk_mb(&machine.config.guest),
+            disk_mb: berth_core::placement::machine_disk_mb(&machine.config.guest) + volume_mb,
         };
         let others: Vec<_> = capacities
             .into_iter()
@@ -321,7 +349,8 @@ impl ControlPlane {
             copied.add(&answer);
         }
         let cutover_ms = self.clock.now_ms();
-        self.cut_over(&id, &moving.dest, cutover_ms).await?;
+        self.cut_over(&id, &moving.dest, &moving.volumes, cutover_ms)
+            .await?;
         moving.cut_over = true;
         moving.cutover_ms = Some(cutover_ms);
         let committed = self.commit(dest, moving).await?;
@@ -461,8 +490,15 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The commit point: the index names the destination, and the move rolls forward.
-    async fn cut_over(&self, id: &str, dest: &str, cutover_ms: i64) -> Result<(), ApiError> {
+    /// The commit point: the index names the destination for the Machine and its
+    /// volumes, and the move rolls forward.
+    async fn cut_over(
+        &self,
+        id: &str,
+        dest: &str,
+        volumes: &[String],
+        cutover_ms: i64,
+    ) -> Result<(), ApiError> {
         berth_core::failpoint::hit("migrate.before_cutover");
         let mut transaction = self.store.pool().begin().await?;
         sqlx::query("UPDATE machines SET worker = $1 WHERE id = $2")
@@ -470,6 +506,7 @@ impl ControlPlane {
             .bind(id)
             .execute(&mut *transaction)
             .await?;
+        crate::store::ControlStore::move_volumes(&mut transaction, volumes, dest).await?;
         sqlx::query(
             "UPDATE migrations SET phase = 'cut_over', cutover_ms = $1 WHERE machine_id = $2",
         )
@@ -506,6 +543,8 @@ impl ControlPlane {
                 from_address: row.get(5),
                 cut_over: row.get::<String, _>(6) == "cut_over",
                 cutover_ms: row.get(7),
+                // Moved with the cutover, which a settled move is past or never reaches.
+                volumes: Vec::new(),
             })
             .collect())
     }
@@ -616,6 +655,27 @@ impl ControlPlane {
                     format!("the control plane never saw machine {id}'s config"),
                 )
             })?;
+        // A volume's bytes and its own record (name, creation, snapshots) are only on the
+        // lost worker: a fresh empty disk under its id would pose as the user's data, so
+        // a Machine that mounts one is not made again.
+        if !last.config.mounts.is_empty() {
+            let volumes: Vec<&str> = last
+                .config
+                .mounts
+                .iter()
+                .map(|mount| mount.volume.as_str())
+                .collect();
+            let mut error = ApiError::new(
+                StatusCode::CONFLICT,
+                "volume_on_lost_worker",
+                format!(
+                    "machine {id} mounts volumes {volumes:?}, whose data and records are only on worker {}, which is unavailable: bring the worker back and migrate the machine instead",
+                    row.worker
+                ),
+            );
+            error.body.field = Some("config.mounts".into());
+            return Err(error);
+        }
         // A move cut off with the lost worker is over: the other side drops its part if
         // it can, and the row goes, so the settling loop stops waiting for the lost one.
         if let Some(moving) = self
@@ -639,7 +699,7 @@ impl ControlPlane {
                 .execute(self.store.pool())
                 .await?;
         }
-        let dest_name = self.migration_target(&row, &last, request.to_worker)?;
+        let dest_name = self.migration_target(&row, &last, 0, request.to_worker)?;
         let dest = self.worker(&dest_name)?;
         let pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
         let answer = dest
@@ -683,7 +743,6 @@ impl ControlPlane {
     }
 }
 
-/// Settles unfinished moves now and then, for as long as the control plane lives.
 /// Tells a failed move's caller where its Machine is now: still on the source, and
 /// running again there if the move had stopped it.
 fn say_rolled_back(error: &mut ApiError, moving: &MoveRow, source_answer: &MigrationAnswer) {
@@ -702,6 +761,7 @@ fn say_rolled_back(error: &mut ApiError, moving: &MoveRow, source_answer: &Migra
     }
 }
 
+/// Settles unfinished moves now and then, for as long as the control plane lives.
 pub(crate) fn spawn_settling(control: &Arc<ControlPlane>) {
     let weak = Arc::downgrade(control);
     tokio::spawn(async move {

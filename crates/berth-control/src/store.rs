@@ -801,6 +801,28 @@ impl ControlStore {
         transaction.commit().await
     }
 
+    /// Moves the index rows of these volumes and of their snapshots to `worker`: part of
+    /// a move's cutover transaction, so volume calls follow the Machine at once.
+    pub async fn move_volumes(
+        connection: &mut sqlx::AnyConnection,
+        ids: &[String],
+        worker: &str,
+    ) -> Result<(), sqlx::Error> {
+        for id in ids {
+            sqlx::query("UPDATE volumes SET worker = $1 WHERE id = $2")
+                .bind(worker)
+                .bind(id)
+                .execute(&mut *connection)
+                .await?;
+            sqlx::query("UPDATE volume_snapshots SET worker = $1 WHERE volume_id = $2")
+                .bind(worker)
+                .bind(id)
+                .execute(&mut *connection)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn insert_snapshot(
         &self,
         id: &str,

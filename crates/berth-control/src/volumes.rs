@@ -292,7 +292,18 @@ impl ControlPlane {
         workers.dedup();
         let mut volumes = Vec::with_capacity(rows.len());
         for worker in workers {
-            volumes.extend(self.worker(worker)?.volume_list(app).await?);
+            // A volume is the worker's the index names: a moved volume's old copy, until
+            // the source removes it, is not listed twice.
+            volumes.extend(
+                self.worker(worker)?
+                    .volume_list(app)
+                    .await?
+                    .into_iter()
+                    .filter(|volume| {
+                        rows.iter()
+                            .any(|row| row.id == volume.id && row.worker == worker)
+                    }),
+            );
         }
         volumes.sort_by(|a, b| {
             a.created_at

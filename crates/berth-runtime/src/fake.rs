@@ -463,6 +463,12 @@ impl Runtime for FakeRuntime {
     async fn volume_mount(&self, layout: &crate::volume::VolumeLayout) -> Result<(), RuntimeError> {
         let mut state = self.state.lock().await;
         state.calls.push(format!("volume_mount {}", layout.id));
+        // An image that arrived with a moving Machine is this runtime's once mounted.
+        if !state.volumes.contains_key(&layout.id) {
+            if let Ok(meta) = std::fs::metadata(layout.image()) {
+                state.volumes.insert(layout.id.clone(), (meta.len(), false));
+            }
+        }
         match state.volumes.get_mut(&layout.id) {
             Some(volume) => {
                 volume.1 = true;
@@ -473,6 +479,18 @@ impl Runtime for FakeRuntime {
                 error: std::io::Error::from(std::io::ErrorKind::NotFound),
             }),
         }
+    }
+
+    async fn volume_release(
+        &self,
+        layout: &crate::volume::VolumeLayout,
+    ) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().await;
+        state.calls.push(format!("volume_release {}", layout.id));
+        if let Some(volume) = state.volumes.get_mut(&layout.id) {
+            volume.1 = false;
+        }
+        Ok(())
     }
 
     async fn volume_mounted(

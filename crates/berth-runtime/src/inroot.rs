@@ -70,10 +70,16 @@ pub(crate) fn check_procfs() -> io::Result<()> {
 }
 
 /// Opens the directory `destination` of a mount under `root`, making missing directories
-/// one at a time inside the root (mkdirat on the parent's fd). Intermediate symlinks are
-/// followed within the root; the destination itself must be a real directory: a symlink
-/// (or anything else) there is refused, as runc refuses one at `/proc` and `/sys`.
-pub(crate) fn mount_target(root: BorrowedFd<'_>, destination: &Path) -> Result<OwnedFd, String> {
+/// one at a time inside the root (mkdirat on the parent's fd), owned by `owner` (the host
+/// id of the Machine's root) when given: as if the Machine had made them, so no host id
+/// lands in its writable layer (which a move refuses). Intermediate symlinks are followed
+/// within the root; the destination itself must be a real directory: a symlink (or
+/// anything else) there is refused, as runc refuses one at `/proc` and `/sys`.
+pub(crate) fn mount_target(
+    root: BorrowedFd<'_>,
+    destination: &Path,
+    owner: Option<u32>,
+) -> Result<OwnedFd, String> {
     let refuse = |why: String| format!("mount destination {}: {why}", destination.display());
     let mut components = Vec::new();
     for component in destination.components() {
@@ -112,7 +118,24 @@ pub(crate) fn mount_target(root: BorrowedFd<'_>, destination: &Path) -> Result<O
         let opened = match open(root, &walked, flags, ResolveFlags::empty()) {
             Err(Errno::NOENT) => {
                 match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                    Ok(()) => {
+                        if let Some(id) = owner {
+                            // SAFETY: never -1 (chown's "no change"): a Machine's base is
+                            // the start of a 65536-id range, below u32::MAX.
+                            let (uid, gid) = unsafe {
+                                (rustix::fs::Uid::from_raw(id), rustix::fs::Gid::from_raw(id))
+                            };
+                            rustix::fs::chownat(
+                                &parent,
+                                name,
+                                Some(uid),
+                                Some(gid),
+                                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                            )
+                            .map_err(|e| refuse(format!("chown {}: {e}", walked.display())))?;
+                        }
+                    }
+                    Err(Errno::EXIST) => {}
                     Err(e) => return Err(refuse(format!("create {}: {e}", walked.display()))),
                 }
                 open(root, &walked, flags, ResolveFlags::empty())
@@ -227,19 +250,27 @@ mod tests {
         symlink(outside.join("new"), rootfs.join("gone")).unwrap();
         let root = root_of(&rootfs);
         for dest in ["/proc", "/sys", "/dev/pts", "/dev/shm"] {
-            let err = mount_target(root.as_fd(), Path::new(dest)).unwrap_err();
+            let err = mount_target(root.as_fd(), Path::new(dest), None).unwrap_err();
             assert!(err.contains("symlink in the image"), "{dest}: {err}");
         }
         // Above the destination, a symlink is followed inside the root: `..` stops at
         // it, an absolute target starts from it, a dangling one is not created.
-        let fd = mount_target(root.as_fd(), Path::new("/up/x/y")).unwrap();
+        let fd = mount_target(root.as_fd(), Path::new("/up/x/y"), None).unwrap();
+        // Made for a Machine: its root's, not the host's.
+        mount_target(root.as_fd(), Path::new("/made/for/it"), Some(123_456)).unwrap();
+        for made in ["made", "made/for", "made/for/it"] {
+            let meta = std::fs::metadata(rootfs.join(made)).unwrap();
+            let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+            let group = std::os::unix::fs::MetadataExt::gid(&meta);
+            assert_eq!((owner, group), (123_456, 123_456), "{made}");
+        }
         assert_eq!(where_is(&fd), rootfs.join("real/x/y"));
-        assert!(mount_target(root.as_fd(), Path::new("/gone/x")).is_err());
-        let fd = mount_target(root.as_fd(), Path::new("/inside/mnt")).unwrap();
+        assert!(mount_target(root.as_fd(), Path::new("/gone/x"), None).is_err());
+        let fd = mount_target(root.as_fd(), Path::new("/inside/mnt"), None).unwrap();
         assert_eq!(where_is(&fd), rootfs.join("real/mnt"));
-        let fd = mount_target(root.as_fd(), Path::new("/dev/mqueue")).unwrap();
+        let fd = mount_target(root.as_fd(), Path::new("/dev/mqueue"), None).unwrap();
         assert_eq!(where_is(&fd), rootfs.join("dev/mqueue"));
-        assert!(mount_target(root.as_fd(), Path::new("/a/../b")).is_err());
+        assert!(mount_target(root.as_fd(), Path::new("/a/../b"), None).is_err());
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
 
@@ -284,7 +315,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::fs::create_dir_all(rootfs.join("proc")).unwrap();
         let root = root_of(&rootfs);
-        let target = mount_target(root.as_fd(), Path::new("/proc")).unwrap();
+        let target = mount_target(root.as_fd(), Path::new("/proc"), None).unwrap();
         std::fs::rename(rootfs.join("proc"), rootfs.join("proc.old")).unwrap();
         symlink(&outside, rootfs.join("proc")).unwrap();
         nix::mount::mount(

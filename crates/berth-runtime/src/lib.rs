@@ -359,6 +359,16 @@ pub trait Runtime: Send + Sync + 'static {
         .await
     }
 
+    /// Unmounts the volume and waits until no mount anywhere keeps its filesystem alive
+    /// ([`volume::release`]): its image is then still. Idempotent.
+    async fn volume_release(&self, layout: &volume::VolumeLayout) -> Result<(), RuntimeError> {
+        let layout = layout.clone();
+        host::blocking(move || {
+            volume::release(&layout).map_err(|error| volume_error("unmount", &layout, error))
+        })
+        .await
+    }
+
     /// Unmounts the volume and removes its files. Idempotent.
     async fn volume_remove(&self, layout: &volume::VolumeLayout) -> Result<(), RuntimeError> {
         let layout = layout.clone();

@@ -400,33 +400,41 @@ pub fn extend(layout: &VolumeLayout, size_bytes: u64, offline_ok: bool) -> io::R
 /// Unmounts the volume, grows its filesystem to fill the image and mounts it again.
 /// Refuses (and mounts it back) when the filesystem is still in use elsewhere.
 fn resize_offline(layout: &VolumeLayout) -> io::Result<()> {
-    unmount(layout)?;
-    // Autoclear detaches the loop device once the filesystem's last mount is gone; one
-    // that stays means another mount (a Machine's) still holds it. Lazily detached mounts
-    // and passing copies in other namespaces (a runc create's) go within moments.
-    let mut held = true;
-    for _ in 0..40 {
-        held = loop_devices_of(&layout.image())?.next().is_some();
-        if !held {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    if held {
-        let holders = holders_of(&layout.image());
+    if let Err(error) = release(layout) {
         mount(layout)?;
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "volume {} is still mounted elsewhere (processes {holders:?})",
-                layout.id
-            ),
-        ));
+        return Err(error);
     }
     let result = e2fs("e2fsck", &["-f", "-p"], &layout.image())
         .and_then(|()| e2fs("resize2fs", &[], &layout.image()));
     let mounted = mount(layout);
     result.and(mounted)
+}
+
+/// Unmounts the volume and waits until its filesystem is gone everywhere, so that nothing
+/// writes its image any more (a move's last pass, an offline resize). Refuses with
+/// `PermissionDenied`, naming the processes, when a mount elsewhere keeps it alive; the
+/// volume then stays unmounted here.
+pub fn release(layout: &VolumeLayout) -> io::Result<()> {
+    unmount(layout)?;
+    // Autoclear detaches the loop device once the filesystem's last mount is gone; one
+    // that stays means another mount (a Machine's) still holds it. Lazily detached mounts
+    // and passing copies in other namespaces (a runc create's) go within moments. The
+    // kernel detaches an autoclear device asynchronously, within milliseconds: polled
+    // finely, since a move's downtime waits for it.
+    for _ in 0..400 {
+        if loop_devices_of(&layout.image())?.next().is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let holders = holders_of(&layout.image());
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "volume {} is still mounted elsewhere (processes {holders:?})",
+            layout.id
+        ),
+    ))
 }
 
 /// Runs an e2fsprogs tool on `image`.

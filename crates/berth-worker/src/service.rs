@@ -237,14 +237,18 @@ pub enum MigrationStep {
         to_worker: String,
     },
     /// Destination: pulls the image, lays the Machine out (new address) and copies its
-    /// files in a first pass. The Machine is not listed here until commit.
+    /// files, its volumes' images and their snapshots in a first pass. The Machine and
+    /// its volumes are not listed here until commit.
     Receive(Box<MigrateIn>),
     /// Source: stops a running Machine for the final pass (it stays the source's until
-    /// the cutover, and abort starts it again).
+    /// the cutover, and abort starts it again). Its volumes are unmounted by the pass
+    /// that reads them.
     Halt { id: String, grant: String },
-    /// Destination: copies what changed since the last pass.
+    /// Destination: copies what changed since the last pass (files, and the chunks of
+    /// each volume image whose hash changed).
     Sync { id: String, grant: String },
-    /// Destination: after the cutover, the Machine is this worker's; started if `start`.
+    /// Destination: after the cutover, the Machine and its volumes are this worker's
+    /// (volumes mounted first); started if `start`.
     Commit {
         id: String,
         grant: String,
@@ -253,8 +257,8 @@ pub enum MigrationStep {
         /// The control plane's cutover instant: billing here starts then.
         cutover_ms: i64,
     },
-    /// Source: after the cutover, removes the Machine's files, network and record here;
-    /// its billing here ends at `cutover_ms`.
+    /// Source: after the cutover, removes the Machine's volumes, files, network and
+    /// record here; their billing here ends at `cutover_ms`.
     Finish {
         id: String,
         grant: String,
@@ -323,4 +327,12 @@ pub struct StreamRequest {
     /// restarted): everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_pass: Option<String>,
+    /// A pass over this volume's image (one the Machine mounts) instead of its writable
+    /// layer; `after_pass` then names the last image pass of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// With `volume`: the image of this snapshot of it, always whole (a snapshot never
+    /// changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }

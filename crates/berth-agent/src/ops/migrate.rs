@@ -5,15 +5,21 @@
 //!
 //! | step | side | what it records |
 //! | --- | --- | --- |
-//! | begin | source | `pending: migrate_out` (no start, stop or update meanwhile) |
-//! | receive | destination | a record with `pending: migrate_in`, before the layout; then the first pass |
+//! | begin | source | `pending: migrate_out` on the Machine and on each volume it mounts |
+//! | receive | destination | a record with `pending: migrate_in`, before the layout; then the first pass; each volume recorded `migrate_in` before its image (and snapshots) arrive |
 //! | halt | source | `stopped` (a running Machine), `halted` in the mark |
-//! | sync | destination | a pass of what changed since the last one began |
-//! | commit | destination | the mark cleared, a `migrate` event, storage billed from the cutover |
-//! | finish | source | the record deleted with `migrated_out` at the cutover |
-//! | abort | either | destination: everything removed; source: the mark cleared, a halted Machine started |
+//! | sync | destination | a pass of what changed since the last one began; per volume, the chunks whose hash changed |
+//! | commit | destination | volumes mounted and billed from the cutover, then the mark cleared, a `migrate` event, storage billed from the cutover |
+//! | finish | source | volumes removed with `migrated_out`, then the record deleted with `migrated_out` at the cutover |
+//! | abort | either | destination: volumes, then everything else removed; source: volumes mounted again, the mark cleared, a halted Machine started |
+//!
+//! A volume image is read only while nothing writes it: a pass over the volume of a
+//! Machine that does not run first releases it (unmounted, its loop device gone), so the
+//! last pass, after the halt, sends a still image. Passes while the Machine runs are
+//! fuzzy, and only save the last one work.
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 
 use berth_api::{CloseBasis, EventKind, MachineState};
 use berth_worker::{
@@ -33,7 +39,7 @@ use crate::service::EventSource;
 use crate::store::MachineEvent;
 use crate::transfer;
 use crate::transition::Change;
-use crate::volumes::refuse;
+use crate::volumes::{refuse, SnapshotRecord, VolumePending, VolumeRecord};
 use crate::{bundle, machine_address, Agent};
 
 /// What the source hands the destination through the control plane: the record and its
@@ -44,6 +50,18 @@ struct MachineExport {
     events: Vec<MachineEvent>,
     /// (version, config JSON, time), oldest first.
     versions: Vec<(String, String, i64)>,
+    /// The volumes the Machine mounts, and their snapshots (the source's paths).
+    #[serde(default)]
+    volumes: Vec<VolumeRecord>,
+    #[serde(default)]
+    snapshots: Vec<SnapshotRecord>,
+}
+
+/// An image pass this worker sent of a leaving volume.
+#[derive(Debug, Clone)]
+pub(crate) struct SentImage {
+    digest: String,
+    hashes: Vec<transfer::ChunkHash>,
 }
 
 /// A pass this worker sent: what a later pass of the same move starts from.
@@ -107,6 +125,7 @@ fn peer_error(error: berth_worker::WorkerError) -> AgentError {
 struct ChannelWriter {
     sender: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     buffer: Vec<u8>,
+    failpoint: &'static str,
 }
 
 impl ChannelWriter {
@@ -121,7 +140,7 @@ impl ChannelWriter {
         self.sender
             .blocking_send(Ok(chunk))
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        failpoint::hit("migrate.source_mid_stream");
+        failpoint::hit(self.failpoint);
         Ok(())
     }
 }
@@ -138,6 +157,42 @@ impl Write for ChannelWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         self.send()
     }
+}
+
+/// Runs `send` on a blocking thread, its output the stream's body; an error ends the
+/// body with it (so the destination sees a failed pass, never a short one).
+fn stream_from<F>(point: &'static str, label: String, send: F) -> MigrationStream
+where
+    F: FnOnce(&mut ChannelWriter) -> std::result::Result<(), transfer::TransferError>
+        + Send
+        + 'static,
+{
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChannelWriter {
+            sender: sender.clone(),
+            buffer: Vec::with_capacity(CHUNK),
+            failpoint: point,
+        };
+        let sent = send(&mut writer)
+            .map_err(|error| std::io::Error::other(error.to_string()))
+            .and_then(|()| writer.flush());
+        if let Err(error) = sent {
+            warn!(machine = %label, %error, "sending a pass");
+            let _ = sender.blocking_send(Err(error));
+        }
+    });
+    Box::pin(futures::stream::poll_fn(move |context| {
+        receiver.poll_recv(context)
+    }))
+}
+
+/// Which image a volume pass copies.
+struct ImageOf<'a> {
+    volume: &'a str,
+    snapshot: Option<&'a str>,
+    /// The last pass applied whole (a later pass of the volume's own image).
+    after_pass: Option<&'a str>,
 }
 
 impl Agent {
@@ -224,16 +279,6 @@ impl Agent {
             Some(PendingOp::MigrateOut { grant: held, .. }) if grant_matches(held, &grant) => {}
             Some(_) => return Err(AgentError::Busy { id: id.to_owned() }),
             None => {
-                if !record.config.mounts.is_empty() {
-                    return Err(refuse(
-                        409,
-                        "volume_attached",
-                        format!(
-                            "machine {id} mounts a volume, and volumes do not move between workers yet"
-                        ),
-                        None,
-                    ));
-                }
                 if !matches!(
                     record.state,
                     MachineState::Created | MachineState::Stopped | MachineState::Started
@@ -253,9 +298,12 @@ impl Agent {
                 self.inner.store.save(&record, None).await?;
             }
         }
+        let (volumes, snapshots) = self.mark_volumes_leaving(&record).await?;
         failpoint::hit("migrate.after_begin");
         let running = record.state == MachineState::Started;
         let export = MachineExport {
+            volumes,
+            snapshots,
             events: self.inner.store.events(id).await?,
             versions: {
                 let mut versions = self.inner.store.versions(id).await?;
@@ -284,6 +332,9 @@ impl Agent {
             Some(PendingOp::MigrateOut { grant, .. }) if grant_matches(grant, &request.grant) => {}
             _ => return Err(wrong_grant(id)),
         }
+        if let Some(volume) = request.volume.clone() {
+            return self.image_stream(&record, &volume, request).await;
+        }
         let layout = self.layout(id);
         let from_base =
             berth_runtime::spec::machine_id_range(&layout).map_or(0, |range| range.base);
@@ -301,28 +352,91 @@ impl Agent {
             to_base: request.to_base,
         };
         let upper = layout.upper();
-        let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
         let machine = id.to_owned();
         let agent = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut writer = ChannelWriter {
-                sender: sender.clone(),
-                buffer: Vec::with_capacity(CHUNK),
-            };
-            let sent = transfer::export(&upper, &pass, &mut writer)
-                .map_err(|error| std::io::Error::other(error.to_string()))
-                .and_then(|summary| writer.flush().map(|()| summary));
-            match sent {
-                Ok(summary) => agent.remember_pass(&machine, summary),
-                Err(error) => {
-                    warn!(%machine, %error, "sending the machine's files");
-                    let _ = sender.blocking_send(Err(error));
-                }
+        Ok(stream_from(
+            "migrate.source_mid_stream",
+            machine.clone(),
+            move |writer| {
+                let summary = transfer::export(&upper, &pass, writer)?;
+                agent.remember_pass(&machine, summary);
+                Ok(())
+            },
+        ))
+    }
+
+    /// One pass over the image of a volume the leaving Machine mounts, or of one of its
+    /// snapshots.
+    async fn image_stream(
+        &self,
+        record: &MachineRecord,
+        volume: &str,
+        request: StreamRequest,
+    ) -> Result<MigrationStream> {
+        if !record
+            .config
+            .mounts
+            .iter()
+            .any(|mount| mount.volume == volume)
+        {
+            return Err(wrong_grant(&record.id));
+        }
+        let label = format!("{} volume {volume}", record.id);
+        if let Some(snapshot) = &request.snapshot {
+            let found = self
+                .inner
+                .store
+                .snapshot(snapshot)
+                .await?
+                .filter(|found| found.volume_id == volume)
+                .ok_or_else(|| wrong_grant(&record.id))?;
+            // Never changes: sent whole, once.
+            return Ok(stream_from(
+                "migrate.source_volume_mid_stream",
+                label,
+                move |writer| transfer::export_image(&found.path, None, writer).map(|_| ()),
+            ));
+        }
+        let layout = self.volume_layout(volume);
+        {
+            let _guard = self.lock(volume).await?;
+            match self.inner.store.volume(volume).await? {
+                Some(found) if found.pending == Some(VolumePending::MigrateOut) => {}
+                _ => return Err(wrong_grant(&record.id)),
             }
+            // Nothing but the Machine writes its volume: stopped, the volume is unmounted
+            // and the image still (and whole, its filesystem cleanly closed).
+            if record.state != MachineState::Started {
+                self.inner.runtime.volume_release(&layout).await?;
+            }
+        }
+        let previous = request.after_pass.as_ref().and_then(|digest| {
+            self.inner.sent_images.lock().ok().and_then(|sent| {
+                sent.get(volume)
+                    .and_then(|passes| passes.iter().find(|pass| &pass.digest == digest))
+                    .map(|pass| pass.hashes.clone())
+            })
         });
-        Ok(Box::pin(futures::stream::poll_fn(move |context| {
-            receiver.poll_recv(context)
-        })))
+        let agent = self.clone();
+        let volume = volume.to_owned();
+        Ok(stream_from(
+            "migrate.source_volume_mid_stream",
+            label,
+            move |writer| {
+                let pass = transfer::export_image(&layout.image(), previous.as_deref(), writer)?;
+                if let Ok(mut sent) = agent.inner.sent_images.lock() {
+                    let passes = sent.entry(volume).or_default();
+                    passes.push(SentImage {
+                        digest: pass.digest,
+                        hashes: pass.hashes,
+                    });
+                    if passes.len() > 2 {
+                        passes.remove(0);
+                    }
+                }
+                Ok(())
+            },
+        ))
     }
 
     /// Keeps what a later pass of the Machine starts from (the last two passes: the
@@ -341,10 +455,15 @@ impl Agent {
         }
     }
 
-    /// Forgets the passes sent of a Machine that is no longer leaving.
-    fn forget_passes(&self, id: &str) {
+    /// Forgets the passes sent of a Machine (and its volumes) that is no longer leaving.
+    fn forget_passes(&self, record: &MachineRecord) {
         if let Ok(mut sent) = self.inner.sent_passes.lock() {
-            sent.remove(id);
+            sent.remove(&record.id);
+        }
+        if let Ok(mut sent) = self.inner.sent_images.lock() {
+            for mount in &record.config.mounts {
+                sent.remove(&mount.volume);
+            }
         }
     }
 
@@ -381,33 +500,83 @@ impl Agent {
     ) -> Result<transfer::PassSummary> {
         let layout = self.layout(id);
         let to_base = berth_runtime::spec::machine_id_range(&layout).map_or(0, |range| range.base);
+        let request = StreamRequest {
+            grant: grant.to_owned(),
+            to_base,
+            after_pass,
+            volume: None,
+            snapshot: None,
+        };
+        let upper = layout.upper();
+        self.receive_pass(
+            id,
+            source,
+            request,
+            "migrate.dest_mid_stream",
+            move |input| transfer::import(&upper, input),
+        )
+        .await
+    }
+
+    /// Fetches one pass of a volume's image (or of its snapshot's, whole) into `to`.
+    async fn copy_image(
+        &self,
+        id: &str,
+        grant: &str,
+        source: &MigrationPeer,
+        image: ImageOf<'_>,
+        to: std::path::PathBuf,
+    ) -> Result<transfer::ImagePass> {
+        let request = StreamRequest {
+            grant: grant.to_owned(),
+            to_base: 0,
+            after_pass: image.after_pass.map(str::to_owned),
+            volume: Some(image.volume.to_owned()),
+            snapshot: image.snapshot.map(str::to_owned),
+        };
+        self.receive_pass(
+            id,
+            source,
+            request,
+            "migrate.dest_volume_mid_stream",
+            move |input| transfer::import_image(&to, input),
+        )
+        .await
+    }
+
+    /// Asks the source for a pass and applies it with `apply` on a blocking thread.
+    async fn receive_pass<T, F>(
+        &self,
+        id: &str,
+        source: &MigrationPeer,
+        request: StreamRequest,
+        point: &'static str,
+        apply: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(
+                tokio_util::io::SyncIoBridge<tokio_util::io::StreamReader<MigrationStream, Bytes>>,
+            ) -> std::result::Result<T, transfer::TransferError>
+            + Send
+            + 'static,
+    {
         let stream = self
             .peer(source)?
-            .migration_stream(
-                id,
-                StreamRequest {
-                    grant: grant.to_owned(),
-                    to_base,
-                    after_pass,
-                },
-            )
+            .migration_stream(id, request)
             .await
             .map_err(peer_error)?;
         let mut first = true;
-        let stream = futures::StreamExt::inspect(stream, move |_| {
+        let stream: MigrationStream = Box::pin(futures::StreamExt::inspect(stream, move |_| {
             if std::mem::take(&mut first) {
-                failpoint::hit("migrate.dest_mid_stream");
+                failpoint::hit(point);
             }
-        });
+        }));
         let reader = tokio_util::io::StreamReader::new(stream);
-        let upper = layout.upper();
-        tokio::task::spawn_blocking(move || {
-            let input = tokio_util::io::SyncIoBridge::new(reader);
-            transfer::import(&upper, input)
-        })
-        .await
-        .map_err(|error| AgentError::Internal(format!("receive task: {error}")))?
-        .map_err(transfer_error)
+        tokio::task::spawn_blocking(move || apply(tokio_util::io::SyncIoBridge::new(reader)))
+            .await
+            .map_err(|error| AgentError::Internal(format!("receive task: {error}")))?
+            .map_err(transfer_error)
     }
 
     async fn migrate_receive(&self, request: MigrateIn) -> Result<MigrationAnswer> {
@@ -437,6 +606,16 @@ impl Agent {
                         None,
                     ))
                 }
+            }
+        }
+        for volume in &export.volumes {
+            if self.inner.store.volume(&volume.id).await?.is_some() {
+                return Err(refuse(
+                    409,
+                    "migration_conflict",
+                    format!("volume {} already exists on this worker", volume.id),
+                    None,
+                ));
             }
         }
         self.inner.store.refill_reserve().await?;
@@ -491,6 +670,7 @@ impl Agent {
         )?;
         spec.private_ip = record.private_ip;
         spec.org = record.org.clone();
+        spec.volumes = self.volume_mounts(&record.config.mounts);
         // Recorded before the host is touched, so a crash leaves a mark the control plane
         // rolls back through abort.
         self.inner.store.save(&record, None).await?;
@@ -499,12 +679,24 @@ impl Agent {
             self.inner.store.add_versions(&id, &export.versions).await?;
             self.inner.runtime.prepare(&self.layout(&id), &spec).await?;
             failpoint::hit("migrate.after_receive_prepare");
-            self.copy_pass(&id, &request.grant, &request.source, None)
-                .await
+            let summary = self
+                .copy_pass(&id, &request.grant, &request.source, None)
+                .await?;
+            let mut copied = self
+                .stage_volumes(
+                    &record,
+                    &request.grant,
+                    &request.source,
+                    &export.volumes,
+                    &export.snapshots,
+                )
+                .await?;
+            copied.add_tree(&summary);
+            Ok::<_, AgentError>((summary, copied))
         }
         .await;
-        let summary = match received {
-            Ok(summary) => summary,
+        let (summary, copied) = match received {
+            Ok(received) => received,
             Err(error) => {
                 if let Err(remove_error) = self.remove_arrival(&record).await {
                     warn!(machine = %id, %remove_error, "removing a failed arrival");
@@ -521,12 +713,7 @@ impl Agent {
         self.inner.store.save(&record, None).await?;
         failpoint::hit("migrate.after_receive");
         drop(lease);
-        Ok(MigrationAnswer {
-            entries: summary.entries,
-            file_bytes: summary.file_bytes,
-            stream_bytes: summary.stream_bytes,
-            ..MigrationAnswer::default()
-        })
+        Ok(copied.answer())
     }
 
     /// Removes the Machine from this worker (host and record), its run and storage billed
@@ -549,6 +736,7 @@ impl Agent {
         }
         self.inner.runtime.remove(&layout).await?;
         failpoint::hit("migrate.after_source_remove");
+        self.remove_departed_volumes(&record, at_ms).await?;
         let mut usage = Vec::new();
         if let Some(close) = metering::close_run(&mut record, at_ms, CloseBasis::Observed) {
             usage.push(close);
@@ -558,7 +746,7 @@ impl Agent {
         out.at_ms = at_ms;
         usage.push(out);
         self.inner.store.delete_with_usage(&id, &usage).await?;
-        self.forget_passes(&id);
+        self.forget_passes(&record);
         self.end_checks(&id);
         self.forget_schedule(&id);
         if let Ok(mut locks) = self.inner.locks.lock() {
@@ -569,6 +757,7 @@ impl Agent {
 
     /// Removes an arrival that will not become this worker's Machine.
     async fn remove_arrival(&self, record: &MachineRecord) -> Result<()> {
+        self.remove_arriving_volumes(record).await?;
         self.inner.runtime.remove(&self.layout(&record.id)).await?;
         self.inner.store.delete_rollback(&record.id).await
     }
@@ -588,6 +777,8 @@ impl Agent {
             return Err(wrong_grant(id));
         }
         let summary = self.copy_pass(id, grant, &source, copied_pass).await?;
+        let mut copied = self.sync_volumes(&record, grant, &source).await?;
+        copied.add_tree(&summary);
         record.pending = Some(PendingOp::MigrateIn {
             grant: held,
             source,
@@ -595,12 +786,7 @@ impl Agent {
         });
         self.inner.store.save(&record, None).await?;
         failpoint::hit("migrate.after_sync");
-        Ok(MigrationAnswer {
-            entries: summary.entries,
-            file_bytes: summary.file_bytes,
-            stream_bytes: summary.stream_bytes,
-            ..MigrationAnswer::default()
-        })
+        Ok(copied.answer())
     }
 
     async fn migrate_halt(&self, id: &str, grant: &str) -> Result<MigrationAnswer> {
@@ -671,6 +857,7 @@ impl Agent {
             }
             Some(_) => return Err(wrong_grant(id)),
         }
+        self.adopt_volumes(&record, cutover_ms).await?;
         record.pending = None;
         record.updated_at_ms = cutover_ms.max(record.updated_at_ms);
         let reason = format!(
@@ -749,9 +936,10 @@ impl Agent {
                 halted,
                 ..
             }) if grant_matches(&held, grant) => {
+                self.keep_volumes(&record).await?;
                 record.pending = None;
                 self.inner.store.save(&record, None).await?;
-                self.forget_passes(id);
+                self.forget_passes(&record);
                 let mut answer = MigrationAnswer::default();
                 if halted && record.state == MachineState::Stopped {
                     self.boot(&mut record, EventSource::System).await?;
@@ -763,6 +951,261 @@ impl Agent {
             }
             // Not this migration's: an abort sent again after the outcome, or a stale one.
             _ => Ok(MigrationAnswer::default()),
+        }
+    }
+}
+
+/// A move's volumes: on the source, marked leaving and later removed or mounted again; on
+/// the destination, staged (never mounted), then mounted at commit or removed at abort.
+impl Agent {
+    /// Begin: marks each volume the Machine mounts as leaving; answers their records and
+    /// snapshots for the destination.
+    async fn mark_volumes_leaving(
+        &self,
+        record: &MachineRecord,
+    ) -> Result<(Vec<VolumeRecord>, Vec<SnapshotRecord>)> {
+        let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
+        for mount in &record.config.mounts {
+            let _guard = self.lock(&mount.volume).await?;
+            let mut volume = self
+                .inner
+                .store
+                .volume(&mount.volume)
+                .await?
+                .filter(|volume| volume.attached_machine.as_deref() == Some(record.id.as_str()))
+                .ok_or_else(|| crate::volumes::not_found(&mount.volume))?;
+            match volume.pending {
+                Some(VolumePending::MigrateOut) => {}
+                None => {
+                    volume.pending = Some(VolumePending::MigrateOut);
+                    self.inner.store.save_volume(&volume).await?;
+                }
+                // An extend or delete of it has not finished.
+                Some(_) => return Err(AgentError::Busy { id: volume.id }),
+            }
+            snapshots.extend(self.inner.store.snapshots_of(&volume.id).await?);
+            volumes.push(volume);
+        }
+        Ok((volumes, snapshots))
+    }
+
+    /// The Machine's volumes on this worker that are in `pending` for it.
+    async fn volumes_in(
+        &self,
+        record: &MachineRecord,
+        pending: Option<VolumePending>,
+    ) -> Result<Vec<VolumeRecord>> {
+        let mut found = Vec::new();
+        for mount in &record.config.mounts {
+            if let Some(volume) = self.inner.store.volume(&mount.volume).await? {
+                if volume.attached_machine.as_deref() == Some(record.id.as_str())
+                    && (pending.is_none() || volume.pending == pending)
+                {
+                    found.push(volume);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Receive: records each volume as arriving, then copies its image and snapshots.
+    async fn stage_volumes(
+        &self,
+        record: &MachineRecord,
+        grant: &str,
+        source: &MigrationPeer,
+        volumes: &[VolumeRecord],
+        snapshots: &[SnapshotRecord],
+    ) -> Result<Copied> {
+        let mut copied = Copied::default();
+        for volume in volumes {
+            let mut staged = VolumeRecord {
+                // A volume lives in its worker's region, as its Machine now does.
+                region: self.inner.config.region.clone(),
+                attached_machine: Some(record.id.clone()),
+                pending: Some(VolumePending::MigrateIn),
+                copied_pass: None,
+                ..volume.clone()
+            };
+            // Recorded before its directory exists, so abort finds whatever was made.
+            self.inner.store.save_volume(&staged).await?;
+            let layout = self.volume_layout(&staged.id);
+            let snapshot_dir = self.snapshots_dir(&staged.id);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&snapshot_dir)
+                .map_err(|error| {
+                    AgentError::Internal(format!("create {}: {error}", snapshot_dir.display()))
+                })?;
+            let image = ImageOf {
+                volume: &staged.id,
+                snapshot: None,
+                after_pass: None,
+            };
+            let pass = self
+                .copy_image(&record.id, grant, source, image, layout.image())
+                .await?;
+            copied.add_image(&pass);
+            staged.copied_pass = Some(pass.digest);
+            self.inner.store.save_volume(&staged).await?;
+            for snapshot in snapshots.iter().filter(|s| s.volume_id == staged.id) {
+                let path = snapshot_dir.join(format!("{}.img", snapshot.id));
+                let image = ImageOf {
+                    volume: &staged.id,
+                    snapshot: Some(&snapshot.id),
+                    after_pass: None,
+                };
+                let pass = self
+                    .copy_image(&record.id, grant, source, image, path.clone())
+                    .await?;
+                copied.add_image(&pass);
+                self.inner
+                    .store
+                    .save_snapshot(&SnapshotRecord {
+                        path,
+                        ..snapshot.clone()
+                    })
+                    .await?;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Sync: each arriving volume's chunks that changed since its last pass.
+    async fn sync_volumes(
+        &self,
+        record: &MachineRecord,
+        grant: &str,
+        source: &MigrationPeer,
+    ) -> Result<Copied> {
+        let mut copied = Copied::default();
+        for mut volume in self
+            .volumes_in(record, Some(VolumePending::MigrateIn))
+            .await?
+        {
+            let image = ImageOf {
+                volume: &volume.id,
+                snapshot: None,
+                after_pass: volume.copied_pass.as_deref(),
+            };
+            let to = self.volume_layout(&volume.id).image();
+            let pass = self
+                .copy_image(&record.id, grant, source, image, to)
+                .await?;
+            copied.add_image(&pass);
+            volume.copied_pass = Some(pass.digest);
+            self.inner.store.save_volume(&volume).await?;
+        }
+        Ok(copied)
+    }
+
+    /// Commit: each arriving volume mounted, and billed here from the cutover. Before the
+    /// Machine's commit, which a commit sent again skips.
+    async fn adopt_volumes(&self, record: &MachineRecord, cutover_ms: i64) -> Result<()> {
+        for mut volume in self
+            .volumes_in(record, Some(VolumePending::MigrateIn))
+            .await?
+        {
+            let _guard = self.lock(&volume.id).await?;
+            self.inner
+                .runtime
+                .volume_mount(&self.volume_layout(&volume.id))
+                .await?;
+            volume.pending = None;
+            volume.copied_pass = None;
+            let usage = metering::volume_created(&volume, cutover_ms);
+            self.inner
+                .store
+                .save_volume_with_usage(&volume, &[usage])
+                .await?;
+        }
+        failpoint::hit("migrate.after_commit_volumes");
+        Ok(())
+    }
+
+    /// Finish (and forget): the Machine's volumes here removed, their billing here ended
+    /// at `at_ms`.
+    async fn remove_departed_volumes(&self, record: &MachineRecord, at_ms: i64) -> Result<()> {
+        for volume in self.volumes_in(record, None).await? {
+            let _guard = self.lock(&volume.id).await?;
+            self.inner
+                .runtime
+                .volume_remove(&self.volume_layout(&volume.id))
+                .await?;
+            let usage = metering::volume_migrated_out(&volume, at_ms);
+            self.inner
+                .store
+                .delete_volume_with_usage(&volume.id, &[usage])
+                .await?;
+            info!(machine = %record.id, volume = %volume.id, "volume moved away");
+        }
+        failpoint::hit("migrate.after_source_volume_remove");
+        Ok(())
+    }
+
+    /// Abort on the destination: the arriving volumes removed (never billed here).
+    async fn remove_arriving_volumes(&self, record: &MachineRecord) -> Result<()> {
+        for volume in self
+            .volumes_in(record, Some(VolumePending::MigrateIn))
+            .await?
+        {
+            let _guard = self.lock(&volume.id).await?;
+            self.inner
+                .runtime
+                .volume_remove(&self.volume_layout(&volume.id))
+                .await?;
+            self.inner.store.delete_volume(&volume.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Abort on the source: each leaving volume mounted again and unmarked, before the
+    /// Machine's mark goes (so a Machine free to start has its volumes).
+    async fn keep_volumes(&self, record: &MachineRecord) -> Result<()> {
+        for mut volume in self
+            .volumes_in(record, Some(VolumePending::MigrateOut))
+            .await?
+        {
+            let _guard = self.lock(&volume.id).await?;
+            self.inner
+                .runtime
+                .volume_mount(&self.volume_layout(&volume.id))
+                .await?;
+            volume.pending = None;
+            self.inner.store.save_volume(&volume).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a step's passes moved.
+#[derive(Debug, Default)]
+struct Copied {
+    entries: u64,
+    file_bytes: u64,
+    stream_bytes: u64,
+}
+
+impl Copied {
+    fn add_image(&mut self, pass: &transfer::ImagePass) {
+        self.entries += pass.chunks;
+        self.file_bytes += pass.data_bytes;
+        self.stream_bytes += pass.stream_bytes;
+    }
+
+    fn add_tree(&mut self, pass: &transfer::PassSummary) {
+        self.entries += pass.entries;
+        self.file_bytes += pass.file_bytes;
+        self.stream_bytes += pass.stream_bytes;
+    }
+
+    fn answer(&self) -> MigrationAnswer {
+        MigrationAnswer {
+            entries: self.entries,
+            file_bytes: self.file_bytes,
+            stream_bytes: self.stream_bytes,
+            ..MigrationAnswer::default()
         }
     }
 }

@@ -178,7 +178,7 @@ pub(crate) fn run_init(
         .map_err(step(|| "open rootfs".into()))?;
     clock.mark("init_overlay");
     for (mount, path) in plan.volumes {
-        let target = inroot::mount_target(root.as_fd(), Path::new(path))?;
+        let target = inroot::mount_target(root.as_fd(), Path::new(path), Some(ids.base))?;
         sys.attach_mount(mount.as_fd(), target.as_fd())
             .map_err(step(|| format!("mount volume on {path}")))?;
     }
@@ -441,7 +441,7 @@ fn mount_in_rootfs(
     ids: IdRange,
 ) -> StepResult<()> {
     let destination = mount.destination();
-    let target = inroot::mount_target(root, destination)?;
+    let target = inroot::mount_target(root, destination, Some(ids.base))?;
     let typ = mount.typ().as_deref().unwrap_or("none");
     let options = owned_by_machine(typ, mount.options().as_deref().unwrap_or_default(), ids)?;
     let (flags, data) = mount_flags(&options);

@@ -224,6 +224,7 @@ fn mount_volumes(config: &Path, rootfs: &Path, userns: BorrowedFd<'_>) -> Result
     if volumes.is_empty() {
         return Ok(());
     }
+    let owner = crate::spec::id_range(&spec).map(|ids| ids.base);
     let root = rustix::fs::open(
         rootfs,
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -233,7 +234,8 @@ fn mount_volumes(config: &Path, rootfs: &Path, userns: BorrowedFd<'_>) -> Result
     for volume in &volumes {
         let clone =
             crate::volume::idmapped_clone(&volume.source, userns).map_err(|e| e.to_string())?;
-        let target = crate::inroot::mount_target(root.as_fd(), Path::new(&volume.destination))?;
+        let target =
+            crate::inroot::mount_target(root.as_fd(), Path::new(&volume.destination), owner)?;
         crate::volume::attach(clone.as_fd(), target.as_fd())
             .map_err(|e| format!("mount volume on {}: {e}", volume.destination))?;
     }

@@ -293,6 +293,17 @@ impl Cluster {
             );
             assert!(status < 300, "destroy {id}: {status} {body}");
         }
+        // Then the volumes they held (their loop mounts are checked below).
+        let (_, volumes) = self.call(Method::GET, "/v1/apps/fleet/volumes", None);
+        for volume in volumes.as_array().cloned().unwrap_or_default() {
+            let id = volume["id"].as_str().unwrap_or_default().to_owned();
+            let (status, body) = self.call(
+                Method::DELETE,
+                &format!("/v1/apps/fleet/volumes/{id}"),
+                None,
+            );
+            assert!(status < 300, "delete {id}: {status} {body}");
+        }
         for agent in &mut self.agents {
             agent.process.kill();
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -354,6 +365,17 @@ impl Cluster {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["exit_code"], 0, "{script}: {body}");
         body["stdout"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The directory of worker `name`'s volume `id`.
+    pub fn volume_dir(&self, worker: &str, id: &str) -> PathBuf {
+        self.agents
+            .iter()
+            .find(|agent| agent.name == worker)
+            .expect("agent")
+            .data_dir
+            .join("volumes")
+            .join(id)
     }
 
     /// The directory of worker `name`'s Machine `id`.
