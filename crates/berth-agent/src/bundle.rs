@@ -193,6 +193,30 @@ pub fn bundle_spec(
     })
 }
 
+impl crate::Agent {
+    /// The bundle of `record` run with `config` on `image`, with the Machine's address,
+    /// org and volumes as recorded: what create, update, an update's roll-back and a
+    /// move's arrival all lay out.
+    pub(crate) fn machine_spec(
+        &self,
+        record: &crate::record::MachineRecord,
+        config: &MachineConfig,
+        image: &berth_image::ResolvedImage,
+    ) -> Result<BundleSpec, ConfigError> {
+        let mut spec = bundle_spec(
+            &record.id,
+            config,
+            &image.config,
+            &image.layer_dirs,
+            self.inner.config.pids_limit,
+        )?;
+        spec.private_ip = record.private_ip;
+        spec.org = record.org.clone();
+        spec.volumes = self.volume_mounts(&config.mounts);
+        Ok(spec)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use berth_core::state;
 use berth_runtime::Status;
 use tracing::{info, warn};
 
-use crate::bundle;
 use crate::error::{AgentError, Result};
 use crate::exits::unknown_exit;
 use crate::metering;
@@ -327,16 +326,7 @@ impl Agent {
             usage.extend(metering::close_run(record, now_ms(), CloseBasis::Observed));
         }
         let image = self.resolve_digest(&previous.image_ref.digest).await?;
-        let mut spec = bundle::bundle_spec(
-            &record.id,
-            &previous.config,
-            &image.config,
-            &image.layer_dirs,
-            self.inner.config.pids_limit,
-        )?;
-        spec.private_ip = record.private_ip;
-        spec.org = record.org.clone();
-        spec.volumes = self.volume_mounts(&previous.config.mounts);
+        let spec = self.machine_spec(record, &previous.config, &image)?;
         runtime.prepare(&layout, &spec).await?;
         record.config = previous.config;
         record.image_ref = previous.image_ref;

@@ -11,7 +11,7 @@ use crate::metering;
 use crate::record::{now_ms, MachineRecord, PendingOp};
 use crate::service::{CreateOnWorker, EventSource};
 use crate::transition::Change;
-use crate::{bundle, machine_address, Agent};
+use crate::{machine_address, Agent};
 
 impl Agent {
     pub(crate) async fn create_op(&self, request: CreateOnWorker) -> Result<Machine> {
@@ -37,13 +37,6 @@ impl Agent {
             .resolve_image(&request.config.image, &lease, &request.pull)
             .await?;
         let files = crate::files::guest_files(&request.config)?;
-        let spec = bundle::bundle_spec(
-            &request.id,
-            &request.config,
-            &image.config,
-            &image.layer_dirs,
-            self.inner.config.pids_limit,
-        )?;
         let now = now_ms();
         let mut record = MachineRecord {
             id: request.id.clone(),
@@ -73,9 +66,7 @@ impl Agent {
             org: request.org,
             cordoned: false,
         };
-        let mut spec = spec;
-        spec.private_ip = record.private_ip;
-        spec.org = record.org.clone();
+        let mut spec = self.machine_spec(&record, &record.config, &image)?;
         // Claimed before the record is written: a crash in between leaves a claim by a
         // Machine that does not exist, which recovery releases.
         spec.volumes = self

@@ -40,7 +40,7 @@ use crate::store::MachineEvent;
 use crate::transfer;
 use crate::transition::Change;
 use crate::volumes::{refuse, SnapshotRecord, VolumePending, VolumeRecord};
-use crate::{bundle, machine_address, Agent};
+use crate::{machine_address, Agent};
 
 /// What the source hands the destination through the control plane: the record and its
 /// history, as this agent keeps them.
@@ -661,16 +661,7 @@ impl Agent {
             restart_due_ms: None,
             ..source_record
         };
-        let mut spec = bundle::bundle_spec(
-            &id,
-            &record.config,
-            &image.config,
-            &image.layer_dirs,
-            self.inner.config.pids_limit,
-        )?;
-        spec.private_ip = record.private_ip;
-        spec.org = record.org.clone();
-        spec.volumes = self.volume_mounts(&record.config.mounts);
+        let spec = self.machine_spec(&record, &record.config, &image)?;
         // Recorded before the host is touched, so a crash leaves a mark the control plane
         // rolls back through abort.
         self.inner.store.save(&record, None).await?;

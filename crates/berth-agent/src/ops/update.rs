@@ -6,7 +6,6 @@ use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
 use berth_image::PullScope;
 
-use crate::bundle;
 use crate::error::{AgentError, Result};
 use crate::exits::exit_info;
 use crate::failpoint;
@@ -36,17 +35,8 @@ impl Agent {
             .resolve_image(&request.config.image, &lease, &scope)
             .await?;
         let files = crate::files::guest_files(&request.config)?;
-        let mut spec = bundle::bundle_spec(
-            id,
-            &request.config,
-            &image.config,
-            &image.layer_dirs,
-            self.inner.config.pids_limit,
-        )?;
         // The network was made at create; update keeps the address and the org.
-        spec.private_ip = record.private_ip;
-        spec.org = record.org.clone();
-        spec.volumes = self.volume_mounts(&request.config.mounts);
+        let spec = self.machine_spec(&record, &request.config, &image)?;
         let was_running = record.state == MachineState::Started;
         record.pending = Some(PendingOp::Update {
             previous: Box::new(UpdateSnapshot {
