@@ -308,6 +308,14 @@ impl Fleet {
         for view in views {
             match inner.slots.get_mut(&view.id) {
                 Some(slot) => {
+                    // A mark is for the address that refused: a Machine found at another
+                    // (moved to another worker) is tried there at once.
+                    let port = |view: &MachineView| {
+                        view.service.as_ref().map(|service| service.internal_port)
+                    };
+                    if slot.view.address != view.address || port(&slot.view) != port(&view) {
+                        slot.unreachable_until = None;
+                    }
                     let newer_here = slot.settled_at.is_some_and(|at| at > asked_at);
                     if slot.transition.is_none() && !newer_here {
                         if slot.view.state != MachineState::Started

@@ -144,7 +144,8 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 }
 
 /// What became of a forward: an answer for the client, or a request without a body that
-/// the Machine refused to connect for, given back to be sent elsewhere.
+/// the Machine refused to connect for (or, idempotent, closed the connection on with no
+/// answer), given back to be sent elsewhere.
 pub(crate) enum Forwarded {
     Answer(Response<Body>),
     Refused(Request<Body>),
@@ -254,6 +255,14 @@ pub(crate) async fn forward(
                     )
                     .into_response(),
                 );
+            }
+            // Sent, then the connection closed with no answer: the Machine went away
+            // mid-request (stopped or moved). A bodiless idempotent request may be sent
+            // again (RFC 9110, 9.2.2), after the app's Machines are read again.
+            if let Some(request) = replay.take().filter(|copy| copy.method().is_idempotent()) {
+                ticket.unreachable();
+                tracing::debug!(machine = %ticket.machine(), ?error, "no answer; sending the request again");
+                return Forwarded::Refused(request);
             }
             tracing::debug!(machine = %ticket.machine(), ?error, "forwarding failed");
             return Forwarded::Answer(

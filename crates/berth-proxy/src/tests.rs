@@ -514,6 +514,66 @@ async fn a_refused_connection_is_502_machine_unreachable() {
     assert!(body.contains("machine_unreachable"), "{body}");
 }
 
+/// A Machine that reads a request and closes the connection without answering, as one
+/// stopped for a move does; the Machine is found at a new port meanwhile.
+async fn closing_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            drop(stream);
+        }
+    });
+    (port, task)
+}
+
+/// Removing the replay in `forward` (answering `machine_error` for every request) fails
+/// the GET half of this test.
+#[tokio::test]
+async fn a_get_the_machine_dropped_unanswered_is_sent_again_and_a_post_is_not() {
+    let (closing, closing_task) = closing_backend().await;
+    let answering = Router::new().fallback(|| async { "moved and answering" });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let new_port = listener.local_addr().expect("addr").port();
+    let answering_task = tokio::spawn(async move { axum::serve(listener, answering).await });
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Started,
+        service(closing, 60, 0),
+    )]);
+    let proxy = Proxy::new(platform.clone(), ProxyConfig::default());
+    let request = |method: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", "web.localhost")
+            .body(Body::from(body))
+            .expect("request")
+    };
+    // A POST with a body may have been acted on: its failure is the client's to see.
+    let (status, _, body) = call(proxy.router(), request("POST", "x")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("machine_error"), "{body}");
+    // The Machine moves: the platform names its new port, while the proxy's view still
+    // names the old one, where the first forward of the GET gets no answer.
+    platform.machines.lock().expect("fake lock").insert(
+        "m1".to_owned(),
+        machine("m1", MachineState::Started, service(new_port, 60, 0)),
+    );
+    let (status, _, body) = call(proxy.router(), request("GET", "")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "moved and answering");
+    closing_task.abort();
+    answering_task.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_machine_whose_listen_queue_is_full_is_busy_not_unreachable() {
     // A listener that never accepts, its queue filled: further SYNs are dropped.
