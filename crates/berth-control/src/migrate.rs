@@ -155,7 +155,9 @@ impl ControlPlane {
         let source_name = row.worker.clone();
         let source = self.worker(&source_name)?;
         let current = source.get(id).await?;
-        let dest_name = self.migration_target(row, &current, request.to_worker)?;
+        let dest_name = self
+            .migration_target(row, &current, request.to_worker)
+            .await?;
         let dest = self.worker(&dest_name)?;
         let size = berth_api::Resources {
             cpus: current.config.guest.cpus,
@@ -173,10 +175,39 @@ impl ControlPlane {
             cut_over: false,
             cutover_ms: None,
         };
-        self.insert_move(&app.name, &moving).await?;
-        self.workers.reserve(&dest_name, id, size, true);
+        // The destination's room is taken in the store, as a create takes it.
+        let request = PlacementRequest {
+            region: None,
+            worker: Some(dest_name.clone()),
+            cpus: size.cpus,
+            memory_mb: size.memory_mb,
+            disk_mb: size.disk_mb,
+        };
+        let placement = crate::workers::Placement {
+            machine_id: id,
+            size,
+            starts: true,
+        };
+        let pool = self.store.pool();
+        if !self
+            .workers
+            .reserve(pool, &dest_name, &request, self.placement, placement)
+            .await?
+        {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "insufficient_capacity",
+                format!("worker {dest_name} has no room for machine {id} now"),
+            );
+            error.body.retry_after_ms = Some(5000);
+            return Err(error);
+        }
+        if let Err(error) = self.insert_move(&app.name, &moving).await {
+            self.workers.create_ended(pool, id, false).await?;
+            return Err(error);
+        }
         let moved = self.run_move(app, &source, &dest, &mut moving, began).await;
-        self.workers.create_ended(&dest_name, id, moved.is_ok());
+        self.workers.create_ended(pool, id, moved.is_ok()).await?;
         match moved {
             Ok(answer) => Ok(answer),
             Err(error) if moving.cut_over => {
@@ -199,13 +230,13 @@ impl ControlPlane {
 
     /// The worker a Machine moves to: the one asked for, checked, or placement's pick
     /// among the others.
-    fn migration_target(
+    async fn migration_target(
         &self,
         row: &MachineIndexRow,
         machine: &berth_api::Machine,
         asked: Option<String>,
     ) -> Result<String, ApiError> {
-        let capacities = self.workers.capacities();
+        let capacities = self.workers.capacities(self.store.pool()).await?;
         if let Some(name) = &asked {
             let Some(worker) = capacities.iter().find(|worker| worker.name == *name) else {
                 let mut error = ApiError::new(
@@ -579,7 +610,8 @@ impl ControlPlane {
         };
         let healthy = self
             .workers
-            .capacities()
+            .capacities(self.store.pool())
+            .await?
             .iter()
             .any(|worker| worker.name == row.worker && worker.healthy);
         if healthy {
@@ -639,7 +671,9 @@ impl ControlPlane {
                 .execute(self.store.pool())
                 .await?;
         }
-        let dest_name = self.migration_target(&row, &last, request.to_worker)?;
+        let dest_name = self
+            .migration_target(&row, &last, request.to_worker)
+            .await?;
         let dest = self.worker(&dest_name)?;
         let pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
         let answer = dest
