@@ -81,6 +81,8 @@ pub(crate) struct Workers {
     replica: String,
     /// Placements of this process whose creates run: refreshed while they do.
     running_placements: std::sync::atomic::AtomicUsize,
+    /// Workers learned from the table whose Machines this replica has not adopted yet.
+    unadopted: std::sync::Mutex<Vec<(String, Arc<dyn WorkerService>)>>,
 }
 
 pub(crate) const SCHEMA: &[&str] = &[
@@ -251,6 +253,7 @@ impl Workers {
             cluster_prefix,
             replica: hex::encode(rand::random::<[u8; 8]>()),
             running_placements: std::sync::atomic::AtomicUsize::new(0),
+            unadopted: std::sync::Mutex::default(),
         };
         // Remote workers known from before a restart (or through another replica):
         // reachable as soon as they heartbeat; their Machines stay pinned to them meanwhile.
@@ -275,8 +278,8 @@ impl Workers {
     }
 
     /// Reads the `workers` table into this replica's view: answers the remote workers it
-    /// did not know (registered through another replica, or before a restart), whose
-    /// Machines the caller adopts. Also keeps this replica's running placements alive and
+    /// did not know (registered through another replica, or before a restart, or learned
+    /// by placement since the last refresh), whose Machines the caller adopts. Also keeps this replica's running placements alive and
     /// drops dead replicas' ones.
     pub(crate) async fn refresh(
         &self,
@@ -299,48 +302,74 @@ impl Workers {
         let rows = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers"))
             .fetch_all(pool)
             .await?;
-        let mut learned = Vec::new();
+        let rows: Vec<WorkerRow> = rows.iter().map(worker_row).collect();
+        self.learn(&rows);
         let mut entries = self.write();
-        for row in rows.iter().map(worker_row) {
-            let prefix = self.prefix_for(row.ordinal);
-            match entries.get_mut(&row.name) {
-                Some(entry) if entry.url == row.url => {
-                    entry.region = row.region;
-                    entry.capacity = row.capacity;
-                    entry.cordoned = row.cordoned;
-                    // The newest heartbeat any replica recorded, with its report.
-                    if row.heartbeat_ms > entry.last_heartbeat_ms {
-                        entry.last_heartbeat_ms = row.heartbeat_ms;
-                        entry.stats = row.stats;
-                    }
+        for row in rows {
+            if let Some(entry) = entries.get_mut(&row.name) {
+                if entry.url != row.url {
+                    continue;
                 }
-                // A name reserved for a worker that has not joined yet, or an in-process
-                // worker, which only its own process serves.
-                _ if row.url.is_none() => {}
-                _ => {
-                    let Some(url) = row.url else { continue };
-                    let Ok(service) = RemoteWorker::new(&row.name, &url, &self.join_token) else {
-                        continue;
-                    };
-                    let service: Arc<dyn WorkerService> = Arc::new(service);
-                    entries.insert(
-                        row.name.clone(),
-                        WorkerEntry {
-                            service: service.clone(),
-                            region: row.region,
-                            url: Some(url),
-                            capacity: row.capacity,
-                            cordoned: row.cordoned,
-                            machine_prefix: prefix,
-                            last_heartbeat_ms: row.heartbeat_ms,
-                            stats: row.stats,
-                        },
-                    );
-                    learned.push((row.name, service));
+                entry.region = row.region;
+                entry.capacity = row.capacity;
+                entry.cordoned = row.cordoned;
+                // The newest heartbeat any replica recorded, with its report.
+                if row.heartbeat_ms > entry.last_heartbeat_ms {
+                    entry.last_heartbeat_ms = row.heartbeat_ms;
+                    entry.stats = row.stats;
                 }
             }
         }
-        Ok(learned)
+        drop(entries);
+        Ok(self.take_unadopted())
+    }
+
+    /// Adds the remote workers of `rows` this replica does not hold (joined through
+    /// another replica, or before a restart, or again with a new URL); they wait in
+    /// `unadopted` until the caller adopts them.
+    fn learn(&self, rows: &[WorkerRow]) {
+        let mut entries = self.write();
+        for row in rows {
+            // A name reserved for a worker that has not joined yet, or an in-process
+            // worker, which only its own process serves.
+            let Some(url) = &row.url else { continue };
+            if entries
+                .get(&row.name)
+                .is_some_and(|entry| entry.url.as_ref() == Some(url))
+            {
+                continue;
+            }
+            let Ok(service) = RemoteWorker::new(&row.name, url, &self.join_token) else {
+                continue;
+            };
+            let service: Arc<dyn WorkerService> = Arc::new(service);
+            entries.insert(
+                row.name.clone(),
+                WorkerEntry {
+                    service: service.clone(),
+                    region: row.region.clone(),
+                    url: Some(url.clone()),
+                    capacity: row.capacity,
+                    cordoned: row.cordoned,
+                    machine_prefix: self.prefix_for(row.ordinal),
+                    last_heartbeat_ms: row.heartbeat_ms,
+                    stats: row.stats,
+                },
+            );
+            self.unadopted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((row.name.clone(), service));
+        }
+    }
+
+    fn take_unadopted(&self) -> Vec<(String, Arc<dyn WorkerService>)> {
+        std::mem::take(
+            &mut *self
+                .unadopted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Inserts a worker's row with the next free ordinal, or runs `upsert` (which does the
@@ -545,10 +574,13 @@ impl Workers {
         .fetch_all(pool)
         .await?;
         let placed = Workers::placed(pool, "", now).await?;
+        let rows: Vec<WorkerRow> = rows.iter().map(worker_row).collect();
+        // A worker that joined through another replica a moment ago is placed on at once;
+        // the next refresh adopts it.
+        self.learn(&rows);
         let entries = self.read();
         Ok(rows
-            .iter()
-            .map(worker_row)
+            .into_iter()
             .filter(|row| {
                 entries
                     .get(&row.name)
