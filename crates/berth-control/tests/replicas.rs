@@ -4,10 +4,11 @@
 //! worker's room hold across both.
 //!
 //! Each test fails on the control plane from before placement and quotas were shared
-//! (checked by running this file against it): replica B knew no worker registered
-//! through A (`no_workers`), 50 starts split over the replicas started 20 against a quota
-//! of 10, creates against `max_machines` 10 made 11 to 13, and a worker with room for 4
-//! Machines was given 8 (each replica counted only its own placements).
+//! (checked by running this file against it): B answered 404 to the heartbeat of a worker
+//! joined through A; 64 first registrations at once hit `workers_ordinal_key` (500); 50
+//! starts split over the replicas started 19 against a quota of 10; 30 creates against
+//! `max_machines` 10 made 11; and a worker with room for 4 Machines was given 12 (each
+//! replica counted only its own placements).
 
 mod common;
 
@@ -61,6 +62,8 @@ struct Replica {
 struct WorkerAgent {
     name: String,
     agent: Agent,
+    url: String,
+    capacity: Resources,
     /// Serves the agent's API while the test runs.
     _served: Served,
     _runtime: Arc<FakeRuntime>,
@@ -173,10 +176,34 @@ impl Fleet {
         self.agents.push(WorkerAgent {
             name: name.into(),
             agent,
+            url: served.url.clone(),
+            capacity,
             _served: served,
             _runtime: runtime,
         });
         self.agents.len() - 1
+    }
+
+    /// Registers a joined agent again through `replica`, as an agent whose first replica
+    /// went away does. The quota and placement tests join every agent through both, so
+    /// that they test only what they name (and so that they also ran against the code
+    /// from before workers were shared).
+    async fn register_again(&self, agent: usize, replica: usize) {
+        let worker = &self.agents[agent];
+        let registration = RegisterWorker {
+            name: worker.name.clone(),
+            region: "test".into(),
+            url: worker.url.clone(),
+            capacity: worker.capacity,
+        };
+        let (status, body) = self
+            .internal(
+                replica,
+                "/v1/internal/workers/register",
+                json!(registration),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
     }
 
     /// The agent's heartbeat, sent to `replica`.
@@ -372,7 +399,7 @@ async fn a_worker_joined_through_one_replica_is_placed_on_and_cordoned_through_t
 async fn first_registrations_at_once_through_both_replicas_get_distinct_prefixes() {
     let mut fleet = Fleet::start().await;
     fleet.add_replica().await;
-    let joins = (0..16).map(|n| {
+    let joins = (0..64).map(|n| {
         let fleet = &fleet;
         async move {
             let registration = json!({
@@ -390,7 +417,7 @@ async fn first_registrations_at_once_through_both_replicas_get_distinct_prefixes
         assert_eq!(*status, 200, "{body}");
         prefixes.insert(body["machine_prefix"].as_str().expect("prefix").to_owned());
     }
-    assert_eq!(prefixes.len(), 16, "{prefixes:?}");
+    assert_eq!(prefixes.len(), 64, "{prefixes:?}");
 }
 
 #[tokio::test]
@@ -401,7 +428,9 @@ async fn fifty_starts_split_over_two_replicas_against_a_quota_of_ten_start_exact
         .await;
     fleet.add_replica().await;
     let w = fleet.join("w1", 1024, 0).await;
+    fleet.register_again(w, 1).await;
     assert_eq!(fleet.heartbeat(w, 0).await, 204);
+    assert_eq!(fleet.heartbeat(w, 1).await, 204);
     let mut ids = Vec::new();
     for n in 0..50 {
         let (status, body) = fleet.create(n % 2, &token, "crowd", false).await;
@@ -484,7 +513,9 @@ async fn creates_split_over_two_replicas_against_max_machines_make_exactly_the_q
         .await;
     fleet.add_replica().await;
     let w = fleet.join("w1", 1024, 0).await;
+    fleet.register_again(w, 1).await;
     assert_eq!(fleet.heartbeat(w, 0).await, 204);
+    assert_eq!(fleet.heartbeat(w, 1).await, 204);
     // Half launch: those count against the started quota too.
     let creates = (0..30).map(|n| {
         let (fleet, token) = (&fleet, &token);
@@ -518,7 +549,9 @@ async fn two_replicas_placing_at_once_fill_a_worker_with_room_for_four_exactly()
     let token = fleet.org("packed", json!({})).await;
     fleet.add_replica().await;
     let w = fleet.join("small", 4, 0).await;
+    fleet.register_again(w, 1).await;
     assert_eq!(fleet.heartbeat(w, 1).await, 204);
+    assert_eq!(fleet.heartbeat(w, 0).await, 204);
     let creates = (0..12).map(|n| {
         let (fleet, token) = (&fleet, &token);
         async move { fleet.create(n % 2, token, "packed", true).await }
@@ -532,7 +565,7 @@ async fn two_replicas_placing_at_once_fill_a_worker_with_room_for_four_exactly()
     }
     assert_eq!(placed, 4);
     let on_worker = fleet.agents[w].agent.list("packed").await.expect("list");
-    assert_eq!(on_worker.len(), 4, "{on_worker:?}");
+    assert_eq!(on_worker.len(), 4);
     let indexed = fleet.replicas[0]
         .control
         .store()
