@@ -88,6 +88,9 @@ struct Observed {
 /// Machine, so a burst (a notice stream's snapshot on reconnecting) cannot take the pool.
 pub(crate) struct StateWriter {
     pending: Arc<Mutex<HashMap<String, Observed>>>,
+    /// What this replica last heard of each Machine: only a change is written (its own
+    /// notice stream is in order; the other replicas write the same changes).
+    heard: Arc<Mutex<HashMap<String, bool>>>,
     wake: mpsc::UnboundedSender<()>,
 }
 
@@ -95,7 +98,8 @@ impl StateWriter {
     fn start(store: ControlStore) -> StateWriter {
         let pending: Arc<Mutex<HashMap<String, Observed>>> = Arc::default();
         let (wake, mut woken) = mpsc::unbounded_channel::<()>();
-        let queue = pending.clone();
+        let heard: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+        let (queue, forget) = (pending.clone(), heard.clone());
         tokio::spawn(async move {
             while woken.recv().await.is_some() {
                 let batch: Vec<(String, Observed)> = match queue.lock() {
@@ -105,14 +109,37 @@ impl StateWriter {
                 for (machine, observed) in batch {
                     if let Err(error) = write_observed(&store, &machine, &observed).await {
                         tracing::warn!(%machine, %error, "recording a Machine's state for quotas");
+                        // The next notice of it is written, changed or not.
+                        if let Ok(mut heard) = forget.lock() {
+                            heard.remove(&machine);
+                        }
                     }
                 }
             }
         });
-        StateWriter { pending, wake }
+        StateWriter {
+            pending,
+            heard,
+            wake,
+        }
     }
 
-    fn push(&self, machine: &str, observed: Observed) {
+    fn push(&self, machine: &str, observed: Observed, destroyed: bool) {
+        {
+            let mut heard = match self.heard.lock() {
+                Ok(heard) => heard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let unchanged = heard.get(machine) == Some(&observed.running);
+            if destroyed {
+                heard.remove(machine);
+            } else {
+                heard.insert(machine.to_owned(), observed.running);
+            }
+            if unchanged {
+                return;
+            }
+        }
         let mut queue = match self.pending.lock() {
             Ok(queue) => queue,
             Err(poisoned) => poisoned.into_inner(),
@@ -205,6 +232,7 @@ impl ControlPlane {
                     running: state == MachineState::Started,
                     event_id,
                 },
+                state == MachineState::Destroyed,
             );
         }
     }
