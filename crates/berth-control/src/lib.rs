@@ -330,7 +330,7 @@ impl ControlPlane {
         &self,
         request: &PlacementRequest,
         placement: workers::Placement<'_>,
-    ) -> Result<String, ApiError> {
+    ) -> Result<(String, workers::PlacementHold), ApiError> {
         let mut full: Vec<String> = Vec::new();
         loop {
             let mut capacities = self.workers.capacities(self.store.pool()).await?;
@@ -341,7 +341,7 @@ impl ControlPlane {
                 }
             }
             let chosen = self.place_among(capacities, request)?;
-            if self
+            if let Some(hold) = self
                 .workers
                 .reserve(
                     self.store.pool(),
@@ -352,7 +352,7 @@ impl ControlPlane {
                 )
                 .await?
             {
-                return Ok(chosen);
+                return Ok((chosen, hold));
             }
             full.push(chosen);
         }

@@ -972,7 +972,7 @@ async fn create(
     };
     // The worker's room is taken first, in the store: no other create, here or on another
     // replica, can take it meanwhile.
-    let worker_name = control
+    let (worker_name, hold) = control
         .place_reserved(
             &placement,
             Placement {
@@ -999,10 +999,7 @@ async fn create(
     let claim = match admitted {
         Ok(claim) => claim,
         Err(error) => {
-            control
-                .workers
-                .create_ended(control.store.pool(), &id, false)
-                .await?;
+            hold.create_ended(false).await?;
             return Err(error);
         }
     };
@@ -1026,10 +1023,7 @@ async fn create(
         Ok(_) | Err(WorkerError::StartFailed { .. }) => true,
         Err(_) => !crate::reconcile::worker_lacks(&worker, &id).await,
     };
-    control
-        .workers
-        .create_ended(control.store.pool(), &id, made)
-        .await?;
+    hold.create_ended(made).await?;
     match created {
         Ok(machine) => Ok(seen(control, machine, &worker_name).await),
         // The Machine exists in `failed`; the client may inspect, update or destroy it.

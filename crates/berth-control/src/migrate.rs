@@ -189,11 +189,11 @@ impl ControlPlane {
             starts: true,
         };
         let pool = self.store.pool();
-        if !self
+        let Some(hold) = self
             .workers
             .reserve(pool, &dest_name, &request, self.placement, placement)
             .await?
-        {
+        else {
             let mut error = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "insufficient_capacity",
@@ -201,13 +201,13 @@ impl ControlPlane {
             );
             error.body.retry_after_ms = Some(5000);
             return Err(error);
-        }
+        };
         if let Err(error) = self.insert_move(&app.name, &moving).await {
-            self.workers.create_ended(pool, id, false).await?;
+            hold.create_ended(false).await?;
             return Err(error);
         }
         let moved = self.run_move(app, &source, &dest, &mut moving, began).await;
-        self.workers.create_ended(pool, id, moved.is_ok()).await?;
+        hold.create_ended(moved.is_ok()).await?;
         match moved {
             Ok(answer) => Ok(answer),
             Err(error) if moving.cut_over => {

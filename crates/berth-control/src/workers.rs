@@ -10,6 +10,7 @@
 //! room.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -80,7 +81,7 @@ pub(crate) struct Workers {
     /// This process among the replicas: its placements carry it.
     replica: String,
     /// Placements of this process whose creates run: refreshed while they do.
-    running_placements: std::sync::atomic::AtomicUsize,
+    running_placements: Arc<AtomicUsize>,
     /// Workers learned from the table whose Machines this replica has not adopted yet.
     unadopted: std::sync::Mutex<Vec<(String, Arc<dyn WorkerService>)>>,
 }
@@ -220,6 +221,67 @@ pub(crate) struct Placement<'a> {
     pub starts: bool,
 }
 
+/// A create's (or a move's) room on a worker, held in the `placements` table while it
+/// runs. Dropped without [`PlacementHold::create_ended`] (the call was cancelled), it
+/// counts as a create that made its Machine: the worker's next heartbeat says.
+pub(crate) struct PlacementHold {
+    pool: AnyPool,
+    machine_id: String,
+    running: Arc<AtomicUsize>,
+    ended: bool,
+}
+
+impl PlacementHold {
+    fn end(&mut self) {
+        if !std::mem::replace(&mut self.ended, true) {
+            let _ = self
+                .running
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |count| {
+                    count.checked_sub(1)
+                });
+        }
+    }
+
+    /// The create ended: if it made the Machine, the worker's next heartbeat counts it;
+    /// if not, nothing is left to count.
+    pub(crate) async fn create_ended(mut self, made: bool) -> Result<(), sqlx::Error> {
+        self.end();
+        let query = if made {
+            sqlx::query("UPDATE placements SET ended_at_ms = $2 WHERE machine_id = $1")
+                .bind(&self.machine_id)
+                .bind(now_ms())
+        } else {
+            sqlx::query("DELETE FROM placements WHERE machine_id = $1").bind(&self.machine_id)
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+impl Drop for PlacementHold {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.end();
+        let (pool, machine_id) = (self.pool.clone(), std::mem::take(&mut self.machine_id));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let ended = sqlx::query(
+                    "UPDATE placements SET ended_at_ms = $2 WHERE machine_id = $1 AND ended_at_ms IS NULL",
+                )
+                .bind(&machine_id)
+                .bind(now_ms())
+                .execute(&pool)
+                .await;
+                if let Err(error) = ended {
+                    tracing::warn!(machine = %machine_id, %error, "ending a cancelled create's placement");
+                }
+            });
+        }
+    }
+}
+
 /// The cluster's random ULA /48 (RFC 4193), made once and kept.
 async fn cluster_prefix(pool: &AnyPool) -> Result<String, sqlx::Error> {
     if let Some(row) = sqlx::query("SELECT ula_prefix FROM cluster WHERE id = 1")
@@ -252,7 +314,7 @@ impl Workers {
             join_token: join_token.to_owned(),
             cluster_prefix,
             replica: hex::encode(rand::random::<[u8; 8]>()),
-            running_placements: std::sync::atomic::AtomicUsize::new(0),
+            running_placements: Arc::default(),
             unadopted: std::sync::Mutex::default(),
         };
         // Remote workers known from before a restart (or through another replica):
@@ -286,11 +348,7 @@ impl Workers {
         pool: &AnyPool,
     ) -> Result<Vec<(String, Arc<dyn WorkerService>)>, sqlx::Error> {
         let now = now_ms();
-        if self
-            .running_placements
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-        {
+        if self.running_placements.load(Ordering::Relaxed) > 0 {
             sqlx::query(
                 "UPDATE placements SET touched_at_ms = $1 WHERE replica = $2 AND ended_at_ms IS NULL",
             )
@@ -596,8 +654,9 @@ impl Workers {
     /// Takes room on `worker` for `placement` if the worker still has it, in one
     /// transaction on the worker's row: placements on one worker are serialized (the
     /// first statement writes the row, which locks it on PostgreSQL and takes SQLite's one
-    /// write lock), so two replicas never both take its last room. Answers whether it fit;
-    /// the room counts until [`Workers::create_ended`] and a heartbeat that follows.
+    /// write lock), so two replicas never both take its last room. Answers the hold when
+    /// it fit: the room counts until [`PlacementHold::create_ended`] and a heartbeat that
+    /// follows.
     pub(crate) async fn reserve(
         &self,
         pool: &AnyPool,
@@ -605,7 +664,7 @@ impl Workers {
         request: &PlacementRequest,
         strategy: Strategy,
         placement: Placement<'_>,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Option<PlacementHold>, sqlx::Error> {
         let now = now_ms();
         let mut transaction = pool.begin().await?;
         let locked = sqlx::query("UPDATE workers SET cordoned = cordoned WHERE name = $1")
@@ -613,7 +672,7 @@ impl Workers {
             .execute(&mut *transaction)
             .await?;
         if locked.rows_affected() == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         sqlx::query(
             "DELETE FROM placements WHERE worker = $1 AND ended_at_ms IS NULL AND touched_at_ms <= $2",
@@ -636,7 +695,7 @@ impl Workers {
             ..request.clone()
         };
         if placement::place(std::slice::from_ref(&capacity), &only, strategy).is_err() {
-            return Ok(false);
+            return Ok(None);
         }
         sqlx::query(
             "INSERT INTO placements (machine_id, worker, replica, cpus, memory_mb, disk_mb, starts, touched_at_ms)
@@ -655,33 +714,13 @@ impl Workers {
         .execute(&mut *transaction)
         .await?;
         transaction.commit().await?;
-        self.running_placements
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// The create of `machine_id` ended: if it made the Machine, the worker's next
-    /// heartbeat counts it; if not, nothing is left to count.
-    pub(crate) async fn create_ended(
-        &self,
-        pool: &AnyPool,
-        machine_id: &str,
-        made: bool,
-    ) -> Result<(), sqlx::Error> {
-        let _ = self.running_placements.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |count| count.checked_sub(1),
-        );
-        let query = if made {
-            sqlx::query("UPDATE placements SET ended_at_ms = $2 WHERE machine_id = $1")
-                .bind(machine_id)
-                .bind(now_ms())
-        } else {
-            sqlx::query("DELETE FROM placements WHERE machine_id = $1").bind(machine_id)
-        };
-        query.execute(pool).await?;
-        Ok(())
+        self.running_placements.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(PlacementHold {
+            pool: pool.clone(),
+            machine_id: placement.machine_id.to_owned(),
+            running: self.running_placements.clone(),
+            ended: false,
+        }))
     }
 
     fn check_join_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -989,7 +1028,12 @@ mod tests {
         }
     }
 
-    async fn reserve(workers: &Workers, pool: &AnyPool, machine_id: &str, size: Resources) -> bool {
+    async fn reserve(
+        workers: &Workers,
+        pool: &AnyPool,
+        machine_id: &str,
+        size: Resources,
+    ) -> Option<PlacementHold> {
         let placement = Placement {
             machine_id,
             size,
@@ -1014,7 +1058,7 @@ mod tests {
             .heartbeat(&pool, "w1", WorkerStats::default())
             .await
             .unwrap());
-        assert!(reserve(&workers, &pool, "m1", size).await);
+        let m1 = reserve(&workers, &pool, "m1", size).await.expect("room");
         assert_eq!(running_cpus(&workers, &pool).await, 2);
         // Sent before the create finished: it does not count m1 yet.
         assert!(workers
@@ -1026,7 +1070,7 @@ mod tests {
             2,
             "still counted while the create runs"
         );
-        workers.create_ended(&pool, "m1", true).await.unwrap();
+        m1.create_ended(true).await.unwrap();
         let with_m1 = WorkerStats {
             used: size,
             machines: 1,
@@ -1056,8 +1100,8 @@ mod tests {
             .heartbeat(&pool, "w1", WorkerStats::default())
             .await
             .unwrap();
-        assert!(reserve(&workers, &pool, "m1", size).await);
-        workers.create_ended(&pool, "m1", false).await.unwrap();
+        let m1 = reserve(&workers, &pool, "m1", size).await.expect("room");
+        m1.create_ended(false).await.unwrap();
         assert_eq!(running_cpus(&workers, &pool).await, 0);
         assert_eq!(workers.capacities(&pool).await.unwrap()[0].used_disk_mb, 0);
     }
@@ -1074,9 +1118,12 @@ mod tests {
             memory_mb: 256,
             disk_mb: 1024,
         };
-        assert!(reserve(&workers, &pool, "m1", size).await);
-        assert!(reserve(&workers, &pool, "m2", size).await);
-        assert!(!reserve(&workers, &pool, "m3", size).await, "4 CPUs taken");
+        let _m1 = reserve(&workers, &pool, "m1", size).await.expect("room");
+        let m2 = reserve(&workers, &pool, "m2", size).await.expect("room");
+        assert!(
+            reserve(&workers, &pool, "m3", size).await.is_none(),
+            "4 CPUs taken"
+        );
         // A replica that stopped refreshing its placement (it died) frees the room.
         sqlx::query(
             "UPDATE placements SET touched_at_ms = touched_at_ms - $1 WHERE machine_id = 'm1'",
@@ -1085,13 +1132,56 @@ mod tests {
         .execute(&pool)
         .await
         .unwrap();
-        assert!(reserve(&workers, &pool, "m3", size).await);
+        let _m3 = reserve(&workers, &pool, "m3", size).await.expect("room");
         // A cordoned worker takes nothing.
         sqlx::query("UPDATE workers SET cordoned = 1")
             .execute(&pool)
             .await
             .unwrap();
-        workers.create_ended(&pool, "m2", false).await.unwrap();
-        assert!(!reserve(&workers, &pool, "m4", size).await);
+        m2.create_ended(false).await.unwrap();
+        assert!(reserve(&workers, &pool, "m4", size).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_creates_placement_ends_and_is_no_longer_kept_alive() {
+        let (workers, pool) = workers_with_one("w1", 4).await;
+        workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap();
+        let size = Resources {
+            cpus: 1,
+            memory_mb: 256,
+            disk_mb: 1024,
+        };
+        let hold = reserve(&workers, &pool, "m1", size).await.expect("room");
+        assert_eq!(workers.running_placements.load(Ordering::Relaxed), 1);
+        // The create's future is dropped (its client went away) before it ended.
+        drop(hold);
+        assert_eq!(workers.running_placements.load(Ordering::Relaxed), 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let ended: Option<i64> =
+                sqlx::query_scalar("SELECT ended_at_ms FROM placements WHERE machine_id = 'm1'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if ended.is_some() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Counted as made until a heartbeat a while after says what the worker has.
+        assert_eq!(running_cpus(&workers, &pool).await, 1);
+        sqlx::query("UPDATE placements SET ended_at_ms = ended_at_ms - 5000")
+            .execute(&pool)
+            .await
+            .unwrap();
+        workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap();
+        assert_eq!(running_cpus(&workers, &pool).await, 0);
     }
 }
