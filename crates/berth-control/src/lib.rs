@@ -35,6 +35,7 @@ mod machines;
 pub mod migrate;
 mod notices;
 pub mod openapi;
+mod quota;
 mod reconcile;
 mod registry;
 mod robots;
@@ -116,6 +117,8 @@ pub struct ControlPlane {
     overrides: RwLock<HashMap<String, SetOrgLimitsRequest>>,
     rate_limiters: RateLimiters,
     usage: Arc<Usage>,
+    /// Who admits starts and creates against quotas: this process, or the shared store.
+    admission: quota::Admission,
     /// app → org, for the workers' notices, which name only the app.
     app_orgs: RwLock<HashMap<String, String>>,
     org_locks: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
@@ -163,6 +166,7 @@ impl ControlPlane {
             .iter()
             .map(|app| (app.name.clone(), app.org_slug.clone()))
             .collect();
+        let admission = quota::Admission::new(&store);
         let control = Arc::new(ControlPlane {
             last_known: last_known::LastKnown::start(store.clone()),
             store,
@@ -181,6 +185,7 @@ impl ControlPlane {
             default_limits: config.default_limits,
             overrides: RwLock::new(overrides),
             usage: Arc::new(Usage::default()),
+            admission,
             app_orgs: RwLock::new(app_orgs),
             org_locks: StdMutex::new(HashMap::new()),
             waiters: notices::Waiters::default(),
@@ -207,6 +212,7 @@ impl ControlPlane {
         });
         usage::spawn_ingestion(&control);
         migrate::spawn_settling(&control);
+        workers::spawn_refresh(&control);
         Ok(control)
     }
 
@@ -279,7 +285,7 @@ impl ControlPlane {
             reconcile::forget_lost(self, name, &worker, &app.name, &machines).await;
             reconcile::remove_stale(self, name, &worker, &app.name, &machines).await;
             for machine in machines {
-                self.usage.observe(
+                self.observe_state(
                     &app.org_slug,
                     &machine.id,
                     machine.state,
@@ -287,6 +293,7 @@ impl ControlPlane {
                         cpus: u64::from(machine.config.guest.cpus),
                         memory_mb: u64::from(machine.config.guest.memory_mb),
                     },
+                    None,
                 );
             }
         }
@@ -298,8 +305,11 @@ impl ControlPlane {
     }
 
     /// A heartbeat from a worker in this process.
-    pub fn local_heartbeat(&self, name: &str, stats: WorkerStats) {
-        self.workers.heartbeat(name, stats);
+    pub async fn local_heartbeat(&self, name: &str, stats: WorkerStats) -> Result<(), ApiError> {
+        self.workers
+            .heartbeat(self.store.pool(), name, stats)
+            .await?;
+        Ok(())
     }
 
     pub(crate) fn worker(&self, name: &str) -> Result<Arc<dyn WorkerService>, ApiError> {
@@ -309,8 +319,43 @@ impl ControlPlane {
     }
 
     /// Placement: decided once, at create; the Machine is pinned to the answer.
-    pub(crate) fn place(&self, request: &PlacementRequest) -> Result<String, ApiError> {
-        self.place_among(self.workers.capacities(), request)
+    pub(crate) async fn place(&self, request: &PlacementRequest) -> Result<String, ApiError> {
+        let capacities = self.workers.capacities(self.store.pool()).await?;
+        self.place_among(capacities, request)
+    }
+
+    /// Placement that takes the room it found: a worker another replica filled meanwhile
+    /// is left out and placement runs again among the others.
+    pub(crate) async fn place_reserved(
+        &self,
+        request: &PlacementRequest,
+        placement: workers::Placement<'_>,
+    ) -> Result<(String, workers::PlacementHold), ApiError> {
+        let mut full: Vec<String> = Vec::new();
+        loop {
+            let mut capacities = self.workers.capacities(self.store.pool()).await?;
+            if !full.is_empty() && !capacities.is_empty() {
+                capacities.retain(|worker| !full.contains(&worker.name));
+                if capacities.is_empty() {
+                    return Err(no_room(request));
+                }
+            }
+            let chosen = self.place_among(capacities, request)?;
+            if let Some(hold) = self
+                .workers
+                .reserve(
+                    self.store.pool(),
+                    &chosen,
+                    request,
+                    self.placement,
+                    placement,
+                )
+                .await?
+            {
+                return Ok((chosen, hold));
+            }
+            full.push(chosen);
+        }
     }
 
     /// Placement among `capacities` (all workers, or all but a Machine's own).
@@ -453,6 +498,20 @@ impl ControlPlane {
         self.last_known.flush(&self.store).await;
         self.store.close().await;
     }
+}
+
+/// Every worker that could take `request` was filled by other placements meanwhile.
+fn no_room(request: &PlacementRequest) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "insufficient_capacity",
+        format!(
+            "no worker has room for {} CPUs and {} MB now",
+            request.cpus, request.memory_mb
+        ),
+    );
+    error.body.retry_after_ms = Some(5000);
+    error
 }
 
 /// A bug must still answer in JSON, and must not take the connection's task down with it.

@@ -26,9 +26,10 @@ use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson, Preconditions};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::leases::{self, LeaseNonce};
-use crate::limits::{self, Action, Share};
-use crate::store::{AppRow, Inserted, MachineIndexRow, MachineSize};
+use crate::limits::{Action, Share};
+use crate::store::{AppRow, MachineIndexRow, MachineSize};
 use crate::timing::{Arrived, ServerTiming, SERVER_TIMING};
+use crate::workers::Placement;
 use crate::{ControlPlane, Shared};
 use berth_api::Resources;
 use berth_core::placement::{machine_disk_mb, PlacementRequest};
@@ -706,9 +707,10 @@ impl ControlPlane {
         };
         let org = &app_row.org_slug;
         let quotas = self.limits_of(org).quotas;
-        let _reservation = self.usage.reserve(org, id, size.into(), &quotas)?;
+        let claim = self.claim_start(org, id, size.into(), &quotas).await?;
         lap.lap("api_quota");
         let mut answer = worker.start(id, source).await?;
+        claim.keep();
         lap.worker(std::mem::take(&mut answer.timings));
         answer.machine = seen(self, answer.machine, &row.worker).await;
         lap.lap("api_cache");
@@ -963,53 +965,44 @@ async fn create(
         memory_mb: u64::from(request.config.guest.memory_mb),
         disk_mb: machine_disk_mb(&request.config.guest),
     };
-    let worker_name = control.place(&placement)?;
-    let reservation = {
-        // The count and the insert happen under the org's lock: no two creates can both
-        // take the last slot.
-        let _org = control.lock_org(org).await;
-        let machines = control.store.count_org_machines(org).await?;
-        if machines >= quotas.max_machines {
-            return Err(limits::exceeded(
-                "max_machines",
-                quotas.max_machines,
-                machines,
-            ));
-        }
-        let reservation = if request.skip_launch {
-            None
-        } else {
-            Some(
-                control
-                    .usage
-                    .reserve(org, &id, share(&request.config), &quotas)?,
-            )
-        };
-        let row = MachineIndexRow {
-            id: id.clone(),
-            app: app.name.clone(),
-            name: name.clone(),
-            worker: worker_name.clone(),
-            size: Some(MachineSize::of(&request.config.guest)),
-        };
-        if control.store.insert_machine(&row).await? == Inserted::AlreadyExists {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "already_exists",
-                format!("app {} already has a machine named {name}", app.name),
-            ));
-        }
-        reservation
-    };
-    crate::usage::record_owner(control.store.pool(), &id, &app.name, org).await?;
     let size = Resources {
         cpus: placement.cpus,
         memory_mb: placement.memory_mb,
         disk_mb: placement.disk_mb,
     };
-    control
-        .workers
-        .reserve(&worker_name, &id, size, !request.skip_launch);
+    // The worker's room is taken first, in the store: no other create, here or on another
+    // replica, can take it meanwhile.
+    let (worker_name, hold) = control
+        .place_reserved(
+            &placement,
+            Placement {
+                machine_id: &id,
+                size,
+                starts: !request.skip_launch,
+            },
+        )
+        .await?;
+    let row = MachineIndexRow {
+        id: id.clone(),
+        app: app.name.clone(),
+        name: name.clone(),
+        worker: worker_name.clone(),
+        size: Some(MachineSize::of(&request.config.guest)),
+    };
+    let launch = (!request.skip_launch).then(|| share(&request.config));
+    let admitted = async {
+        let claim = control.admit_create(org, &row, launch, &quotas).await?;
+        crate::usage::record_owner(control.store.pool(), &id, &app.name, org).await?;
+        Ok::<_, ApiError>(claim)
+    }
+    .await;
+    let claim = match admitted {
+        Ok(claim) => claim,
+        Err(error) => {
+            hold.create_ended(false).await?;
+            return Err(error);
+        }
+    };
     let worker = control.worker(&worker_name)?;
     let created = worker
         .create(CreateOnWorker {
@@ -1022,12 +1015,15 @@ async fn create(
             pull,
         })
         .await;
-    drop(reservation);
+    match &created {
+        Ok(_) => claim.keep(),
+        Err(_) => drop(claim),
+    }
     let made = match &created {
         Ok(_) | Err(WorkerError::StartFailed { .. }) => true,
         Err(_) => !crate::reconcile::worker_lacks(&worker, &id).await,
     };
-    control.workers.create_ended(&worker_name, &id, made);
+    hold.create_ended(made).await?;
     match created {
         Ok(machine) => Ok(seen(control, machine, &worker_name).await),
         // The Machine exists in `failed`; the client may inspect, update or destroy it.

@@ -160,7 +160,9 @@ impl ControlPlane {
         let volume_mb = self
             .volumes_disk_mb(&app.name, &current.config.mounts)
             .await?;
-        let dest_name = self.migration_target(row, &current, volume_mb, request.to_worker)?;
+        let dest_name = self
+            .migration_target(row, &current, volume_mb, request.to_worker)
+            .await?;
         let dest = self.worker(&dest_name)?;
         let size = berth_api::Resources {
             cpus: current.config.guest.cpus,
@@ -184,10 +186,39 @@ impl ControlPlane {
                 .map(|mount| mount.volume.clone())
                 .collect(),
         };
-        self.insert_move(&app.name, &moving).await?;
-        self.workers.reserve(&dest_name, id, size, true);
+        // The destination's room is taken in the store, as a create takes it.
+        let request = PlacementRequest {
+            region: None,
+            worker: Some(dest_name.clone()),
+            cpus: size.cpus,
+            memory_mb: size.memory_mb,
+            disk_mb: size.disk_mb,
+        };
+        let placement = crate::workers::Placement {
+            machine_id: id,
+            size,
+            starts: true,
+        };
+        let pool = self.store.pool();
+        let Some(hold) = self
+            .workers
+            .reserve(pool, &dest_name, &request, self.placement, placement)
+            .await?
+        else {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "insufficient_capacity",
+                format!("worker {dest_name} has no room for machine {id} now"),
+            );
+            error.body.retry_after_ms = Some(5000);
+            return Err(error);
+        };
+        if let Err(error) = self.insert_move(&app.name, &moving).await {
+            hold.create_ended(false).await?;
+            return Err(error);
+        }
         let moved = self.run_move(app, &source, &dest, &mut moving, began).await;
-        self.workers.create_ended(&dest_name, id, moved.is_ok());
+        hold.create_ended(moved.is_ok()).await?;
         match moved {
             Ok(answer) => Ok(answer),
             Err(error) if moving.cut_over => {
@@ -226,14 +257,14 @@ impl ControlPlane {
 
     /// The worker a Machine moves to: the one asked for, checked, or placement's pick
     /// among the others, with room for its volumes (`volume_mb`) too.
-    fn migration_target(
+    async fn migration_target(
         &self,
         row: &MachineIndexRow,
         machine: &berth_api::Machine,
         volume_mb: u64,
         asked: Option<String>,
     ) -> Result<String, ApiError> {
-        let capacities = self.workers.capacities();
+        let capacities = self.workers.capacities(self.store.pool()).await?;
         if let Some(name) = &asked {
             let Some(worker) = capacities.iter().find(|worker| worker.name == *name) else {
                 let mut error = ApiError::new(
@@ -618,7 +649,8 @@ impl ControlPlane {
         };
         let healthy = self
             .workers
-            .capacities()
+            .capacities(self.store.pool())
+            .await?
             .iter()
             .any(|worker| worker.name == row.worker && worker.healthy);
         if healthy {
@@ -699,7 +731,9 @@ impl ControlPlane {
                 .execute(self.store.pool())
                 .await?;
         }
-        let dest_name = self.migration_target(&row, &last, 0, request.to_worker)?;
+        let dest_name = self
+            .migration_target(&row, &last, 0, request.to_worker)
+            .await?;
         let dest = self.worker(&dest_name)?;
         let pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
         let answer = dest

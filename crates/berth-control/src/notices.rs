@@ -82,7 +82,7 @@ impl WorkerListener for ControlListener {
             return;
         };
         let org = control.org_of_app(&notice.app).unwrap_or_default();
-        control.usage.observe(
+        control.observe_state(
             &org,
             &notice.id,
             notice.state,
@@ -90,6 +90,7 @@ impl WorkerListener for ControlListener {
                 cpus: u64::from(notice.cpus),
                 memory_mb: u64::from(notice.memory_mb),
             },
+            notice.event_id,
         );
         control.waiters.publish(
             &notice.id,

@@ -233,6 +233,9 @@ const SCHEMA: &[&str] = &[
         last_json TEXT,
         cpus INTEGER,
         memory_mb INTEGER,
+        running INTEGER NOT NULL DEFAULT 0,
+        state_event INTEGER,
+        claim_ms INTEGER,
         UNIQUE (app, name)
     )",
     // Destroyed Machines, as last known with state `destroyed`, for `include_deleted`;
@@ -324,6 +327,13 @@ pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
     // Machines indexed before sizes were kept: start fills them from the worker.
     add_sqlite_column(pool, "machines", "cpus", "INTEGER").await?;
     add_sqlite_column(pool, "machines", "memory_mb", "INTEGER").await?;
+    // Shared start quotas' columns (PostgreSQL uses them; SQLite keeps the same schema).
+    add_sqlite_column(pool, "machines", "running", "INTEGER NOT NULL DEFAULT 0").await?;
+    add_sqlite_column(pool, "machines", "state_event", "INTEGER").await?;
+    add_sqlite_column(pool, "machines", "claim_ms", "INTEGER").await?;
+    for (column, definition) in crate::workers::ADDED_COLUMNS {
+        add_sqlite_column(pool, "workers", column, definition).await?;
+    }
     // Orgs from before names are named by slug.
     add_sqlite_column(pool, "orgs", "name", "TEXT").await?;
     add_sqlite_column(pool, "volumes", "size_gb", "INTEGER NOT NULL DEFAULT 0").await?;
@@ -503,18 +513,15 @@ impl ControlStore {
     }
 
     pub async fn insert_machine(&self, row: &MachineIndexRow) -> Result<Inserted, sqlx::Error> {
-        let result = sqlx::query(
-            "INSERT INTO machines (id, app, name, worker, cpus, memory_mb) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&row.id)
-        .bind(&row.app)
-        .bind(&row.name)
-        .bind(&row.worker)
-        .bind(row.size.map(|size| i64::from(size.cpus)))
-        .bind(row.size.map(|size| i64::from(size.memory_mb)))
-        .execute(&self.pool)
-        .await;
-        unique(result)
+        unique(insert_machine_query(row).execute(&self.pool).await)
+    }
+
+    /// [`ControlStore::insert_machine`] inside `transaction`.
+    pub(crate) async fn insert_machine_in(
+        transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+        row: &MachineIndexRow,
+    ) -> Result<Inserted, sqlx::Error> {
+        unique(insert_machine_query(row).execute(&mut **transaction).await)
     }
 
     /// Keeps the Machine's size as its worker now has it; `None` when that is unknown.
@@ -861,6 +868,20 @@ impl ControlStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn insert_machine_query(
+    row: &MachineIndexRow,
+) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(
+        "INSERT INTO machines (id, app, name, worker, cpus, memory_mb) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&row.id)
+    .bind(&row.app)
+    .bind(&row.name)
+    .bind(&row.worker)
+    .bind(row.size.map(|size| i64::from(size.cpus)))
+    .bind(row.size.map(|size| i64::from(size.memory_mb)))
 }
 
 fn unique(result: Result<sqlx::any::AnyQueryResult, sqlx::Error>) -> Result<Inserted, sqlx::Error> {

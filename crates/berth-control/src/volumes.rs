@@ -217,14 +217,16 @@ impl ControlPlane {
             ),
             None => None,
         };
-        let worker_name = self.place(&PlacementRequest {
-            // fly-go always sends the field; empty is no region asked for.
-            region: request.region.clone().filter(|region| !region.is_empty()),
-            worker: pinned,
-            cpus: 0,
-            memory_mb: 0,
-            disk_mb: u64::from(size_gb) * 1024,
-        })?;
+        let worker_name = self
+            .place(&PlacementRequest {
+                // fly-go always sends the field; empty is no region asked for.
+                region: request.region.clone().filter(|region| !region.is_empty()),
+                worker: pinned,
+                cpus: 0,
+                memory_mb: 0,
+                disk_mb: u64::from(size_gb) * 1024,
+            })
+            .await?;
         let id = ids::new_volume_id();
         let row = VolumeIndexRow {
             id: id.clone(),

@@ -1,8 +1,16 @@
 //! The workers of a cluster: registration (with the join token), heartbeats, cordon, and
 //! what placement knows of each. In-process workers (`berth up`) and remote agents
 //! (`berth agent`) look the same from here: each is a `WorkerService`.
+//!
+//! The `workers` table is the truth, shared by every replica of the control plane: a
+//! heartbeat, a cordon or a registration through one replica is written there, and each
+//! replica reads it back every [`REFRESH_INTERVAL`] into its own view (which worker
+//! services it holds and follows). Placement reads the table itself, and takes a worker's
+//! room in one transaction on the worker's row, so two replicas never both take its last
+//! room.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -11,7 +19,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use berth_api::{RegisterWorker, Resources, Worker, WorkerRegistered, WorkerStats};
-use berth_core::placement::WorkerCapacity;
+use berth_core::placement::{self, PlacementRequest, Strategy, WorkerCapacity};
 use berth_worker::{RemoteWorker, WorkerService};
 use sha2::{Digest, Sha256};
 use sqlx::{AnyPool, Row};
@@ -26,6 +34,18 @@ use crate::{format_ms, now_ms, ControlPlane, Shared};
 /// unreachable.
 pub const HEARTBEAT_GRACE: Duration = Duration::from_secs(10);
 
+/// How often a replica reads the `workers` table back: workers registered, cordoned or
+/// heartbeaten through another replica show here within this (placement itself reads the
+/// table, so it never waits for it).
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A placement whose replica stopped refreshing it for this long is a dead replica's and
+/// no longer counts.
+const PLACEMENT_EXPIRY_MS: i64 = 30_000;
+
+/// How many times a first registration retries when another took the same ordinal.
+const ORDINAL_RETRIES: usize = 8;
+
 #[derive(Clone)]
 pub(crate) struct WorkerEntry {
     pub service: Arc<dyn WorkerService>,
@@ -36,18 +56,6 @@ pub(crate) struct WorkerEntry {
     pub machine_prefix: String,
     pub last_heartbeat_ms: Option<i64>,
     pub stats: WorkerStats,
-    /// Placements whose Machines the worker's heartbeats may not count yet.
-    pub reservations: Vec<Reservation>,
-}
-
-/// What one create placed on a worker, counted until a heartbeat that follows it.
-#[derive(Debug, Clone)]
-pub(crate) struct Reservation {
-    machine_id: String,
-    size: Resources,
-    starts: bool,
-    /// When the create ended (ms); `None` while it runs.
-    ended_at_ms: Option<i64>,
 }
 
 /// A heartbeat this long after a create ended surely counts its Machine (its stats are
@@ -55,32 +63,27 @@ pub(crate) struct Reservation {
 const HEARTBEAT_COUNTS_AFTER_MS: i64 = 1000;
 
 impl WorkerEntry {
-    /// Running and total use: the worker's last report plus placements it may not count.
-    fn used(&self) -> Resources {
-        let mut used = self.stats.used;
-        for reservation in &self.reservations {
-            used.disk_mb += reservation.size.disk_mb;
-            if reservation.starts {
-                used.cpus += reservation.size.cpus;
-                used.memory_mb += reservation.size.memory_mb;
-            }
-        }
-        used
-    }
-
     fn healthy(&self, now: i64) -> bool {
-        // An in-process worker cannot be unreachable.
-        self.url.is_none()
-            || self
-                .last_heartbeat_ms
-                .is_some_and(|at| now - at <= HEARTBEAT_GRACE.as_millis() as i64)
+        healthy(self.url.is_some(), self.last_heartbeat_ms, now)
     }
+}
+
+fn healthy(remote: bool, last_heartbeat_ms: Option<i64>, now: i64) -> bool {
+    // An in-process worker cannot be unreachable.
+    !remote || last_heartbeat_ms.is_some_and(|at| now - at <= HEARTBEAT_GRACE.as_millis() as i64)
 }
 
 pub(crate) struct Workers {
     entries: RwLock<BTreeMap<String, WorkerEntry>>,
     join_token_hash: [u8; 32],
+    join_token: String,
     cluster_prefix: String,
+    /// This process among the replicas: its placements carry it.
+    replica: String,
+    /// Placements of this process whose creates run: refreshed while they do.
+    running_placements: Arc<AtomicUsize>,
+    /// Workers learned from the table whose Machines this replica has not adopted yet.
+    unadopted: std::sync::Mutex<Vec<(String, Arc<dyn WorkerService>)>>,
 }
 
 pub(crate) const SCHEMA: &[&str] = &[
@@ -92,10 +95,192 @@ pub(crate) const SCHEMA: &[&str] = &[
         cpus INTEGER NOT NULL,
         memory_mb INTEGER NOT NULL,
         disk_mb INTEGER NOT NULL,
-        cordoned INTEGER NOT NULL DEFAULT 0
+        cordoned INTEGER NOT NULL DEFAULT 0,
+        heartbeat_ms INTEGER,
+        used_cpus INTEGER NOT NULL DEFAULT 0,
+        used_memory_mb INTEGER NOT NULL DEFAULT 0,
+        used_disk_mb INTEGER NOT NULL DEFAULT 0,
+        machine_count INTEGER NOT NULL DEFAULT 0,
+        running_count INTEGER NOT NULL DEFAULT 0
     )",
     "CREATE TABLE IF NOT EXISTS cluster (id INTEGER PRIMARY KEY CHECK (id = 1), ula_prefix TEXT NOT NULL)",
+    // What one create (or move) placed on a worker, counted until a heartbeat that follows
+    // its end; `touched_at_ms` is refreshed by the process running it.
+    "CREATE TABLE IF NOT EXISTS placements (
+        machine_id TEXT PRIMARY KEY NOT NULL,
+        worker TEXT NOT NULL,
+        replica TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        disk_mb INTEGER NOT NULL,
+        starts INTEGER NOT NULL,
+        touched_at_ms INTEGER NOT NULL,
+        ended_at_ms INTEGER
+    )",
+    "CREATE INDEX IF NOT EXISTS placements_by_worker ON placements(worker)",
 ];
+
+/// The `workers` columns added after the table was first made, for older SQLite files.
+pub(crate) const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("heartbeat_ms", "INTEGER"),
+    ("used_cpus", "INTEGER NOT NULL DEFAULT 0"),
+    ("used_memory_mb", "INTEGER NOT NULL DEFAULT 0"),
+    ("used_disk_mb", "INTEGER NOT NULL DEFAULT 0"),
+    ("machine_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("running_count", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// One row of `workers`, selected by [`WORKER_COLUMNS`].
+struct WorkerRow {
+    name: String,
+    ordinal: i64,
+    region: String,
+    url: Option<String>,
+    capacity: Resources,
+    cordoned: bool,
+    heartbeat_ms: Option<i64>,
+    stats: WorkerStats,
+}
+
+const WORKER_COLUMNS: &str = "name, ordinal, region, url, cpus, memory_mb, disk_mb, cordoned, \
+    heartbeat_ms, used_cpus, used_memory_mb, used_disk_mb, machine_count, running_count";
+
+fn unsigned(row: &sqlx::any::AnyRow, index: usize) -> u64 {
+    u64::try_from(row.get::<i64, _>(index)).unwrap_or(0)
+}
+
+fn worker_row(row: &sqlx::any::AnyRow) -> WorkerRow {
+    WorkerRow {
+        name: row.get(0),
+        ordinal: row.get(1),
+        region: row.get(2),
+        url: row.get(3),
+        capacity: Resources {
+            cpus: u32::try_from(row.get::<i64, _>(4)).unwrap_or_default(),
+            memory_mb: unsigned(row, 5),
+            disk_mb: unsigned(row, 6),
+        },
+        cordoned: row.get::<i64, _>(7) != 0,
+        heartbeat_ms: row.get(8),
+        stats: WorkerStats {
+            used: Resources {
+                cpus: u32::try_from(row.get::<i64, _>(9)).unwrap_or_default(),
+                memory_mb: unsigned(row, 10),
+                disk_mb: unsigned(row, 11),
+            },
+            machines: unsigned(row, 12),
+            running: unsigned(row, 13),
+        },
+    }
+}
+
+fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// What placements a worker's heartbeats may not count yet add to its last report.
+#[derive(Debug, Default, Clone, Copy)]
+struct Placed {
+    cpus: u64,
+    memory_mb: u64,
+    disk_mb: u64,
+}
+
+/// The sum of the live placements on each worker (or on `only`).
+const PLACED_SQL: &str = "SELECT worker, CAST(COALESCE(SUM(CASE WHEN starts = 1 THEN cpus ELSE 0 END), 0) AS BIGINT),
+    CAST(COALESCE(SUM(CASE WHEN starts = 1 THEN memory_mb ELSE 0 END), 0) AS BIGINT),
+    CAST(COALESCE(SUM(disk_mb), 0) AS BIGINT)
+    FROM placements WHERE (ended_at_ms IS NOT NULL OR touched_at_ms > $1) AND ($2 = '' OR worker = $2)
+    GROUP BY worker";
+
+fn capacity_of(row: &WorkerRow, placed: Placed, now: i64) -> WorkerCapacity {
+    WorkerCapacity {
+        name: row.name.clone(),
+        region: row.region.clone(),
+        cordoned: row.cordoned,
+        healthy: healthy(row.url.is_some(), row.heartbeat_ms, now),
+        cpus: row.capacity.cpus,
+        memory_mb: row.capacity.memory_mb,
+        disk_mb: row.capacity.disk_mb,
+        running_cpus: row
+            .stats
+            .used
+            .cpus
+            .saturating_add(u32::try_from(placed.cpus).unwrap_or(u32::MAX)),
+        running_memory_mb: row.stats.used.memory_mb.saturating_add(placed.memory_mb),
+        used_disk_mb: row.stats.used.disk_mb.saturating_add(placed.disk_mb),
+    }
+}
+
+/// What a create (or a move) places on a worker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Placement<'a> {
+    pub machine_id: &'a str,
+    pub size: Resources,
+    /// It will run (counts CPUs and memory, not just disk).
+    pub starts: bool,
+}
+
+/// A create's (or a move's) room on a worker, held in the `placements` table while it
+/// runs. Dropped without [`PlacementHold::create_ended`] (the call was cancelled), it
+/// counts as a create that made its Machine: the worker's next heartbeat says.
+pub(crate) struct PlacementHold {
+    pool: AnyPool,
+    machine_id: String,
+    running: Arc<AtomicUsize>,
+    ended: bool,
+}
+
+impl PlacementHold {
+    fn end(&mut self) {
+        if !std::mem::replace(&mut self.ended, true) {
+            let _ = self
+                .running
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |count| {
+                    count.checked_sub(1)
+                });
+        }
+    }
+
+    /// The create ended: if it made the Machine, the worker's next heartbeat counts it;
+    /// if not, nothing is left to count.
+    pub(crate) async fn create_ended(mut self, made: bool) -> Result<(), sqlx::Error> {
+        self.end();
+        let query = if made {
+            sqlx::query("UPDATE placements SET ended_at_ms = $2 WHERE machine_id = $1")
+                .bind(&self.machine_id)
+                .bind(now_ms())
+        } else {
+            sqlx::query("DELETE FROM placements WHERE machine_id = $1").bind(&self.machine_id)
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+impl Drop for PlacementHold {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.end();
+        let (pool, machine_id) = (self.pool.clone(), std::mem::take(&mut self.machine_id));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let ended = sqlx::query(
+                    "UPDATE placements SET ended_at_ms = $2 WHERE machine_id = $1 AND ended_at_ms IS NULL",
+                )
+                .bind(&machine_id)
+                .bind(now_ms())
+                .execute(&pool)
+                .await;
+                if let Err(error) = ended {
+                    tracing::warn!(machine = %machine_id, %error, "ending a cancelled create's placement");
+                }
+            });
+        }
+    }
+}
 
 /// The cluster's random ULA /48 (RFC 4193), made once and kept.
 async fn cluster_prefix(pool: &AnyPool) -> Result<String, sqlx::Error> {
@@ -126,36 +311,15 @@ impl Workers {
         let workers = Workers {
             entries: RwLock::new(BTreeMap::new()),
             join_token_hash: Sha256::digest(join_token.as_bytes()).into(),
+            join_token: join_token.to_owned(),
             cluster_prefix,
+            replica: hex::encode(rand::random::<[u8; 8]>()),
+            running_placements: Arc::default(),
+            unadopted: std::sync::Mutex::default(),
         };
-        // Remote workers known from before a restart: reachable again as soon as they
-        // heartbeat; their Machines stay pinned to them meanwhile.
-        let rows = sqlx::query("SELECT name, ordinal, region, url, cpus, memory_mb, disk_mb, cordoned FROM workers WHERE url IS NOT NULL")
-            .fetch_all(pool)
-            .await?;
-        for row in rows {
-            let name: String = row.get(0);
-            let url: String = row.get(3);
-            let Ok(service) = RemoteWorker::new(&name, &url, join_token) else {
-                continue;
-            };
-            let entry = WorkerEntry {
-                service: Arc::new(service),
-                region: row.get(2),
-                url: Some(url),
-                capacity: Resources {
-                    cpus: u32::try_from(row.get::<i64, _>(4)).unwrap_or_default(),
-                    memory_mb: row.get::<i64, _>(5) as u64,
-                    disk_mb: row.get::<i64, _>(6) as u64,
-                },
-                cordoned: row.get::<i64, _>(7) != 0,
-                machine_prefix: workers.prefix_for(row.get(1)),
-                last_heartbeat_ms: None,
-                stats: WorkerStats::default(),
-                reservations: Vec::new(),
-            };
-            workers.write().insert(name, entry);
-        }
+        // Remote workers known from before a restart (or through another replica):
+        // reachable as soon as they heartbeat; their Machines stay pinned to them meanwhile.
+        workers.refresh(pool).await?;
         Ok(workers)
     }
 
@@ -175,15 +339,131 @@ impl Workers {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Reads the `workers` table into this replica's view: answers the remote workers it
+    /// did not know (registered through another replica, or before a restart, or learned
+    /// by placement since the last refresh), whose Machines the caller adopts. Also keeps this replica's running placements alive and
+    /// drops dead replicas' ones.
+    pub(crate) async fn refresh(
+        &self,
+        pool: &AnyPool,
+    ) -> Result<Vec<(String, Arc<dyn WorkerService>)>, sqlx::Error> {
+        let now = now_ms();
+        if self.running_placements.load(Ordering::Relaxed) > 0 {
+            sqlx::query(
+                "UPDATE placements SET touched_at_ms = $1 WHERE replica = $2 AND ended_at_ms IS NULL",
+            )
+            .bind(now)
+            .bind(&self.replica)
+            .execute(pool)
+            .await?;
+        }
+        let rows = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers"))
+            .fetch_all(pool)
+            .await?;
+        let rows: Vec<WorkerRow> = rows.iter().map(worker_row).collect();
+        self.learn(&rows);
+        let mut entries = self.write();
+        for row in rows {
+            if let Some(entry) = entries.get_mut(&row.name) {
+                if entry.url != row.url {
+                    continue;
+                }
+                entry.region = row.region;
+                entry.capacity = row.capacity;
+                entry.cordoned = row.cordoned;
+                // The newest heartbeat any replica recorded, with its report.
+                if row.heartbeat_ms > entry.last_heartbeat_ms {
+                    entry.last_heartbeat_ms = row.heartbeat_ms;
+                    entry.stats = row.stats;
+                }
+            }
+        }
+        drop(entries);
+        Ok(self.take_unadopted())
+    }
+
+    /// Adds the remote workers of `rows` this replica does not hold (joined through
+    /// another replica, or before a restart, or again with a new URL); they wait in
+    /// `unadopted` until the caller adopts them.
+    fn learn(&self, rows: &[WorkerRow]) {
+        let mut entries = self.write();
+        for row in rows {
+            // A name reserved for a worker that has not joined yet, or an in-process
+            // worker, which only its own process serves.
+            let Some(url) = &row.url else { continue };
+            if entries
+                .get(&row.name)
+                .is_some_and(|entry| entry.url.as_ref() == Some(url))
+            {
+                continue;
+            }
+            let Ok(service) = RemoteWorker::new(&row.name, url, &self.join_token) else {
+                continue;
+            };
+            let service: Arc<dyn WorkerService> = Arc::new(service);
+            entries.insert(
+                row.name.clone(),
+                WorkerEntry {
+                    service: service.clone(),
+                    region: row.region.clone(),
+                    url: Some(url.clone()),
+                    capacity: row.capacity,
+                    cordoned: row.cordoned,
+                    machine_prefix: self.prefix_for(row.ordinal),
+                    last_heartbeat_ms: row.heartbeat_ms,
+                    stats: row.stats,
+                },
+            );
+            self.unadopted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((row.name.clone(), service));
+        }
+    }
+
+    fn take_unadopted(&self) -> Vec<(String, Arc<dyn WorkerService>)> {
+        std::mem::take(
+            &mut *self
+                .unadopted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Inserts a worker's row with the next free ordinal, or runs `upsert` (which does the
+    /// same with `ON CONFLICT`). Two first registrations at once may pick the same
+    /// ordinal: the one that loses retries with the next.
+    async fn insert_with_ordinal<'q>(
+        pool: &AnyPool,
+        query: impl Fn() -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<(), sqlx::Error> {
+        let mut attempt = 0;
+        loop {
+            match query().execute(pool).await {
+                Ok(_) => return Ok(()),
+                Err(sqlx::Error::Database(error))
+                    if error.is_unique_violation() && attempt < ORDINAL_RETRIES =>
+                {
+                    attempt += 1;
+                    // Spread the retries of many joining at once.
+                    let pause = rand::random::<u64>() % (5 * attempt as u64) + 1;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
     /// The Machine prefix a worker of this name has, or will have when it registers.
     pub(crate) async fn prefix(&self, pool: &AnyPool, name: &str) -> Result<String, sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
-             VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), '', NULL, 0, 0, 0)
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .execute(pool)
+        Workers::insert_with_ordinal(pool, || {
+            sqlx::query(
+                "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
+                 VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), '', NULL, 0, 0, 0)
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+        })
         .await?;
         let row = sqlx::query("SELECT ordinal FROM workers WHERE name = $1")
             .bind(name)
@@ -201,24 +481,33 @@ impl Workers {
         url: Option<String>,
     ) -> Result<String, sqlx::Error> {
         let remote = url.is_some();
-        sqlx::query(
-            "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb)
-             VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), $2, $3, $4, $5, $6)
-             ON CONFLICT(name) DO UPDATE SET region = $2, url = $3, cpus = $4, memory_mb = $5, disk_mb = $6",
-        )
-        .bind(&request.name)
-        .bind(&request.region)
-        .bind(&url)
-        .bind(i64::from(request.capacity.cpus))
-        .bind(i64::try_from(request.capacity.memory_mb).unwrap_or(i64::MAX))
-        .bind(i64::try_from(request.capacity.disk_mb).unwrap_or(i64::MAX))
-        .execute(pool)
-        .await?;
-        let row = sqlx::query("SELECT ordinal, cordoned FROM workers WHERE name = $1")
+        // A remote worker is ready at its first heartbeat, which it sends once its own API
+        // serves; an in-process one is ready now.
+        let heartbeat_ms = if remote { None } else { Some(now_ms()) };
+        Workers::insert_with_ordinal(pool, || {
+            sqlx::query(
+                "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb, heartbeat_ms)
+                 VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT(name) DO UPDATE SET region = $2, url = $3, cpus = $4, memory_mb = $5,
+                 disk_mb = $6, heartbeat_ms = COALESCE($7, workers.heartbeat_ms)",
+            )
             .bind(&request.name)
-            .fetch_one(pool)
-            .await?;
-        let prefix = self.prefix_for(row.get(0));
+            .bind(&request.region)
+            .bind(&url)
+            .bind(i64::from(request.capacity.cpus))
+            .bind(signed(request.capacity.memory_mb))
+            .bind(signed(request.capacity.disk_mb))
+            .bind(heartbeat_ms)
+        })
+        .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE name = $1"
+        ))
+        .bind(&request.name)
+        .fetch_one(pool)
+        .await?;
+        let row = worker_row(&row);
+        let prefix = self.prefix_for(row.ordinal);
         let mut entries = self.write();
         let previous = entries.get(&request.name).cloned();
         entries.insert(
@@ -228,37 +517,55 @@ impl Workers {
                 region: request.region.clone(),
                 url,
                 capacity: request.capacity,
-                cordoned: row.get::<i64, _>(1) != 0,
+                cordoned: row.cordoned,
                 machine_prefix: prefix.clone(),
-                // A remote worker is ready at its first heartbeat, which it sends once its own
-                // API serves; an in-process one is ready now.
-                last_heartbeat_ms: if remote { None } else { Some(now_ms()) },
-                stats: previous
-                    .as_ref()
-                    .map(|entry| entry.stats)
-                    .unwrap_or_default(),
-                reservations: previous.map(|entry| entry.reservations).unwrap_or_default(),
+                last_heartbeat_ms: heartbeat_ms
+                    .or(previous.as_ref().and_then(|entry| entry.last_heartbeat_ms)),
+                stats: previous.map(|entry| entry.stats).unwrap_or(row.stats),
             },
         );
         Ok(prefix)
     }
 
-    pub(crate) fn heartbeat(&self, name: &str, stats: WorkerStats) -> bool {
-        match self.write().get_mut(name) {
-            Some(entry) => {
-                let now = now_ms();
-                entry.last_heartbeat_ms = Some(now);
-                entry.stats = stats;
-                // Creates that ended a while ago are in these stats now; running ones not.
-                entry.reservations.retain(|reservation| {
-                    reservation
-                        .ended_at_ms
-                        .is_none_or(|ended| now - ended < HEARTBEAT_COUNTS_AFTER_MS)
-                });
-                true
-            }
-            None => false,
+    /// Records a heartbeat (through any replica) in the table, and drops the placements
+    /// it surely counts: those whose creates ended a while before it.
+    /// Answers whether the worker is known.
+    pub(crate) async fn heartbeat(
+        &self,
+        pool: &AnyPool,
+        name: &str,
+        stats: WorkerStats,
+    ) -> Result<bool, sqlx::Error> {
+        let now = now_ms();
+        let mut transaction = pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE workers SET heartbeat_ms = $1, used_cpus = $2, used_memory_mb = $3,
+             used_disk_mb = $4, machine_count = $5, running_count = $6 WHERE name = $7",
+        )
+        .bind(now)
+        .bind(i64::from(stats.used.cpus))
+        .bind(signed(stats.used.memory_mb))
+        .bind(signed(stats.used.disk_mb))
+        .bind(signed(stats.machines))
+        .bind(signed(stats.running))
+        .bind(name)
+        .execute(&mut *transaction)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
         }
+        // Creates that ended a while ago are in these stats now; running ones not.
+        sqlx::query("DELETE FROM placements WHERE worker = $1 AND ended_at_ms <= $2")
+            .bind(name)
+            .bind(now - HEARTBEAT_COUNTS_AFTER_MS)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        if let Some(entry) = self.write().get_mut(name) {
+            entry.last_heartbeat_ms = Some(now);
+            entry.stats = stats;
+        }
+        Ok(true)
     }
 
     /// One worker as the API shows it (without its drain).
@@ -285,59 +592,135 @@ impl Workers {
             .collect()
     }
 
-    /// What placement sees.
-    pub(crate) fn capacities(&self) -> Vec<WorkerCapacity> {
-        let now = now_ms();
-        self.read()
+    /// The live placements on each worker (or on `only`).
+    async fn placed<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+        executor: E,
+        only: &str,
+        now: i64,
+    ) -> Result<BTreeMap<String, Placed>, sqlx::Error> {
+        let rows = sqlx::query(PLACED_SQL)
+            .bind(now - PLACEMENT_EXPIRY_MS)
+            .bind(only)
+            .fetch_all(executor)
+            .await?;
+        Ok(rows
             .iter()
-            .map(|(name, entry)| {
-                let used = entry.used();
-                WorkerCapacity {
-                    name: name.clone(),
-                    region: entry.region.clone(),
-                    cordoned: entry.cordoned,
-                    healthy: entry.healthy(now),
-                    cpus: entry.capacity.cpus,
-                    memory_mb: entry.capacity.memory_mb,
-                    disk_mb: entry.capacity.disk_mb,
-                    running_cpus: used.cpus,
-                    running_memory_mb: used.memory_mb,
-                    used_disk_mb: used.disk_mb,
-                }
+            .map(|row| {
+                (
+                    row.get::<String, _>(0),
+                    Placed {
+                        cpus: unsigned(row, 1),
+                        memory_mb: unsigned(row, 2),
+                        disk_mb: unsigned(row, 3),
+                    },
+                )
             })
-            .collect()
+            .collect())
     }
 
-    /// Counts a placement while its create runs, and until a heartbeat that follows it
-    /// (heartbeats in between report the worker without it).
-    pub(crate) fn reserve(&self, name: &str, machine_id: &str, size: Resources, starts: bool) {
-        if let Some(entry) = self.write().get_mut(name) {
-            entry.reservations.push(Reservation {
-                machine_id: machine_id.to_owned(),
-                size,
-                starts,
-                ended_at_ms: None,
-            });
-        }
+    /// What placement sees: the table as every replica wrote it (cordons, heartbeats and
+    /// reports), and the placements of creates still running anywhere, for the workers
+    /// this replica can reach.
+    pub(crate) async fn capacities(
+        &self,
+        pool: &AnyPool,
+    ) -> Result<Vec<WorkerCapacity>, sqlx::Error> {
+        let now = now_ms();
+        let rows = sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers ORDER BY name"
+        ))
+        .fetch_all(pool)
+        .await?;
+        let placed = Workers::placed(pool, "", now).await?;
+        let rows: Vec<WorkerRow> = rows.iter().map(worker_row).collect();
+        // A worker that joined through another replica a moment ago is placed on at once;
+        // the next refresh adopts it.
+        self.learn(&rows);
+        let entries = self.read();
+        Ok(rows
+            .into_iter()
+            .filter(|row| {
+                entries
+                    .get(&row.name)
+                    .is_some_and(|entry| entry.url == row.url)
+            })
+            .map(|row| {
+                let placed = placed.get(&row.name).copied().unwrap_or_default();
+                capacity_of(&row, placed, now)
+            })
+            .collect())
     }
 
-    /// The create of `machine_id` ended: if it made the Machine, the worker's next
-    /// heartbeat counts it; if not, nothing is left to count.
-    pub(crate) fn create_ended(&self, name: &str, machine_id: &str, made: bool) {
-        if let Some(entry) = self.write().get_mut(name) {
-            if made {
-                let now = now_ms();
-                for reservation in &mut entry.reservations {
-                    if reservation.machine_id == machine_id {
-                        reservation.ended_at_ms = Some(now);
-                    }
-                }
-            } else {
-                entry
-                    .reservations
-                    .retain(|reservation| reservation.machine_id != machine_id);
-            }
+    /// Takes room on `worker` for `placement` if the worker still has it, in one
+    /// transaction on the worker's row: placements on one worker are serialized (the
+    /// first statement writes the row, which locks it on PostgreSQL and takes SQLite's one
+    /// write lock), so two replicas never both take its last room. Answers the hold when
+    /// it fit: the room counts until [`PlacementHold::create_ended`] and a heartbeat that
+    /// follows.
+    pub(crate) async fn reserve(
+        &self,
+        pool: &AnyPool,
+        worker: &str,
+        request: &PlacementRequest,
+        strategy: Strategy,
+        placement: Placement<'_>,
+    ) -> Result<Option<PlacementHold>, sqlx::Error> {
+        let now = now_ms();
+        let mut transaction = pool.begin().await?;
+        let locked = sqlx::query("UPDATE workers SET cordoned = cordoned WHERE name = $1")
+            .bind(worker)
+            .execute(&mut *transaction)
+            .await?;
+        if locked.rows_affected() == 0 {
+            return Ok(None);
         }
+        sqlx::query(
+            "DELETE FROM placements WHERE worker = $1 AND ended_at_ms IS NULL AND touched_at_ms <= $2",
+        )
+        .bind(worker)
+        .bind(now - PLACEMENT_EXPIRY_MS)
+        .execute(&mut *transaction)
+        .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE name = $1"
+        ))
+        .bind(worker)
+        .fetch_one(&mut *transaction)
+        .await?;
+        let row = worker_row(&row);
+        let placed = Workers::placed(&mut *transaction, worker, now).await?;
+        let capacity = capacity_of(&row, placed.get(worker).copied().unwrap_or_default(), now);
+        let only = PlacementRequest {
+            worker: Some(worker.to_owned()),
+            ..request.clone()
+        };
+        if placement::place(std::slice::from_ref(&capacity), &only, strategy).is_err() {
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO placements (machine_id, worker, replica, cpus, memory_mb, disk_mb, starts, touched_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (machine_id) DO UPDATE SET worker = $2, replica = $3, cpus = $4,
+             memory_mb = $5, disk_mb = $6, starts = $7, touched_at_ms = $8, ended_at_ms = NULL",
+        )
+        .bind(placement.machine_id)
+        .bind(worker)
+        .bind(&self.replica)
+        .bind(i64::from(placement.size.cpus))
+        .bind(signed(placement.size.memory_mb))
+        .bind(signed(placement.size.disk_mb))
+        .bind(i64::from(placement.starts))
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        self.running_placements.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(PlacementHold {
+            pool: pool.clone(),
+            machine_id: placement.machine_id.to_owned(),
+            running: self.running_placements.clone(),
+            ended: false,
+        }))
     }
 
     fn check_join_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -418,7 +801,7 @@ async fn heartbeat(
     UrlPath(name): UrlPath<String>,
     ApiJson(stats): ApiJson<WorkerStats>,
 ) -> Result<StatusCode, ApiError> {
-    control.worker_heartbeat(&name, stats)
+    control.worker_heartbeat(&name, stats).await
 }
 
 #[utoipa::path(get, path = "/workers", tag = "workers",
@@ -484,14 +867,35 @@ impl ControlPlane {
         Ok(Json(WorkerRegistered { machine_prefix }))
     }
 
-    /// A heartbeat from an agent in another process.
-    fn worker_heartbeat(&self, name: &str, stats: WorkerStats) -> Result<StatusCode, ApiError> {
-        if self.workers.heartbeat(name, stats) {
-            Ok(StatusCode::NO_CONTENT)
-        } else {
+    /// A heartbeat from an agent in another process, through this replica or any other.
+    async fn worker_heartbeat(
+        self: &Arc<Self>,
+        name: &str,
+        stats: WorkerStats,
+    ) -> Result<StatusCode, ApiError> {
+        // Only a worker that joined with a URL heartbeats over HTTP.
+        if !self
+            .workers
+            .heartbeat(self.store.pool(), name, stats)
+            .await?
+        {
             // The control plane forgot it (a new data dir): the agent registers again.
-            Err(ApiError::not_found(format!("worker {name}")))
+            return Err(ApiError::not_found(format!("worker {name}")));
         }
+        if self.workers.service(name).is_none() {
+            // It joined through another replica a moment ago: follow it now.
+            self.refresh_workers().await?;
+        }
+        Ok(StatusCode::NO_CONTENT)
+    }
+
+    /// Reads the workers every replica recorded, and adopts those this one did not know.
+    pub(crate) async fn refresh_workers(self: &Arc<Self>) -> Result<(), sqlx::Error> {
+        for (name, service) in self.workers.refresh(self.store.pool()).await? {
+            tracing::info!(worker = %name, "worker learned from the shared store");
+            self.adopt_worker(&name, service).await;
+        }
+        Ok(())
     }
 
     fn list_workers(&self, principal: &Principal) -> Result<Json<Vec<Worker>>, ApiError> {
@@ -540,9 +944,30 @@ impl ControlPlane {
         if updated.rows_affected() == 0 && entry.url.is_some() {
             return Err(ApiError::not_found(format!("worker {name:?}")));
         }
+        // Placement reads the table, so every replica honours it at once; their views of
+        // the workers show it within a refresh.
         entry.cordoned = cordoned;
         Ok(())
     }
+}
+
+/// Reads the `workers` table back every [`REFRESH_INTERVAL`] while the control plane
+/// lives: membership, cordons and heartbeats recorded through other replicas.
+pub(crate) fn spawn_refresh(control: &Arc<ControlPlane>) {
+    let weak = Arc::downgrade(control);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(control) = weak.upgrade() else {
+                return;
+            };
+            if let Err(error) = control.refresh_workers().await {
+                tracing::debug!(%error, "reading the workers back");
+            }
+        }
+    });
 }
 
 /// Agents joining the cluster: authenticated with the join token, not part of the public
@@ -589,57 +1014,174 @@ mod tests {
         (workers, pool)
     }
 
-    fn running_cpus(workers: &Workers) -> u32 {
-        workers.capacities()[0].running_cpus
+    async fn running_cpus(workers: &Workers, pool: &AnyPool) -> u32 {
+        workers.capacities(pool).await.unwrap()[0].running_cpus
+    }
+
+    fn request(size: Resources) -> PlacementRequest {
+        PlacementRequest {
+            region: None,
+            worker: None,
+            cpus: size.cpus,
+            memory_mb: size.memory_mb,
+            disk_mb: size.disk_mb,
+        }
+    }
+
+    async fn reserve(
+        workers: &Workers,
+        pool: &AnyPool,
+        machine_id: &str,
+        size: Resources,
+    ) -> Option<PlacementHold> {
+        let placement = Placement {
+            machine_id,
+            size,
+            starts: true,
+        };
+        workers
+            .reserve(pool, "w1", &request(size), Strategy::Spread, placement)
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
     async fn a_heartbeat_during_a_create_does_not_forget_its_placement() {
-        let (workers, _pool) = workers_with_one("w1", 4).await;
+        let (workers, pool) = workers_with_one("w1", 4).await;
         let size = Resources {
             cpus: 2,
             memory_mb: 256,
             disk_mb: 1024,
         };
-        workers.reserve("w1", "m1", size, true);
-        assert_eq!(running_cpus(&workers), 2);
+        // The worker must be healthy to take a placement.
+        assert!(workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap());
+        let m1 = reserve(&workers, &pool, "m1", size).await.expect("room");
+        assert_eq!(running_cpus(&workers, &pool).await, 2);
         // Sent before the create finished: it does not count m1 yet.
-        assert!(workers.heartbeat("w1", WorkerStats::default()));
+        assert!(workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap());
         assert_eq!(
-            running_cpus(&workers),
+            running_cpus(&workers, &pool).await,
             2,
             "still counted while the create runs"
         );
-        workers.create_ended("w1", "m1", true);
+        m1.create_ended(true).await.unwrap();
         let with_m1 = WorkerStats {
             used: size,
             machines: 1,
             running: 1,
         };
         // A heartbeat right after may predate the Machine: keep counting once.
-        assert!(workers.heartbeat("w1", with_m1));
-        assert_eq!(running_cpus(&workers), 4);
+        assert!(workers.heartbeat(&pool, "w1", with_m1).await.unwrap());
+        assert_eq!(running_cpus(&workers, &pool).await, 4);
         // One a while later counts it itself.
-        if let Some(entry) = workers.write().get_mut("w1") {
-            for reservation in &mut entry.reservations {
-                reservation.ended_at_ms = reservation.ended_at_ms.map(|at| at - 5_000);
-            }
-        }
-        assert!(workers.heartbeat("w1", with_m1));
-        assert_eq!(running_cpus(&workers), 2);
+        sqlx::query("UPDATE placements SET ended_at_ms = ended_at_ms - 5000")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(workers.heartbeat(&pool, "w1", with_m1).await.unwrap());
+        assert_eq!(running_cpus(&workers, &pool).await, 2);
     }
 
     #[tokio::test]
     async fn a_create_that_made_nothing_gives_its_placement_back() {
-        let (workers, _pool) = workers_with_one("w1", 4).await;
+        let (workers, pool) = workers_with_one("w1", 4).await;
         let size = Resources {
             cpus: 1,
             memory_mb: 256,
             disk_mb: 1024,
         };
-        workers.reserve("w1", "m1", size, true);
-        workers.create_ended("w1", "m1", false);
-        assert_eq!(running_cpus(&workers), 0);
-        assert_eq!(workers.capacities()[0].used_disk_mb, 0);
+        workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap();
+        let m1 = reserve(&workers, &pool, "m1", size).await.expect("room");
+        m1.create_ended(false).await.unwrap();
+        assert_eq!(running_cpus(&workers, &pool).await, 0);
+        assert_eq!(workers.capacities(&pool).await.unwrap()[0].used_disk_mb, 0);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_refused_once_the_worker_is_full_and_a_dead_ones_expires() {
+        let (workers, pool) = workers_with_one("w1", 4).await;
+        workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap();
+        let size = Resources {
+            cpus: 2,
+            memory_mb: 256,
+            disk_mb: 1024,
+        };
+        let _m1 = reserve(&workers, &pool, "m1", size).await.expect("room");
+        let m2 = reserve(&workers, &pool, "m2", size).await.expect("room");
+        assert!(
+            reserve(&workers, &pool, "m3", size).await.is_none(),
+            "4 CPUs taken"
+        );
+        // A replica that stopped refreshing its placement (it died) frees the room.
+        sqlx::query(
+            "UPDATE placements SET touched_at_ms = touched_at_ms - $1 WHERE machine_id = 'm1'",
+        )
+        .bind(PLACEMENT_EXPIRY_MS + 1)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let _m3 = reserve(&workers, &pool, "m3", size).await.expect("room");
+        // A cordoned worker takes nothing.
+        sqlx::query("UPDATE workers SET cordoned = 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+        m2.create_ended(false).await.unwrap();
+        assert!(reserve(&workers, &pool, "m4", size).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_creates_placement_ends_and_is_no_longer_kept_alive() {
+        let (workers, pool) = workers_with_one("w1", 4).await;
+        workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap();
+        let size = Resources {
+            cpus: 1,
+            memory_mb: 256,
+            disk_mb: 1024,
+        };
+        let hold = reserve(&workers, &pool, "m1", size).await.expect("room");
+        assert_eq!(workers.running_placements.load(Ordering::Relaxed), 1);
+        // The create's future is dropped (its client went away) before it ended.
+        drop(hold);
+        assert_eq!(workers.running_placements.load(Ordering::Relaxed), 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let ended: Option<i64> =
+                sqlx::query_scalar("SELECT ended_at_ms FROM placements WHERE machine_id = 'm1'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if ended.is_some() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Counted as made until a heartbeat a while after says what the worker has.
+        assert_eq!(running_cpus(&workers, &pool).await, 1);
+        sqlx::query("UPDATE placements SET ended_at_ms = ended_at_ms - 5000")
+            .execute(&pool)
+            .await
+            .unwrap();
+        workers
+            .heartbeat(&pool, "w1", WorkerStats::default())
+            .await
+            .unwrap();
+        assert_eq!(running_cpus(&workers, &pool).await, 0);
     }
 }

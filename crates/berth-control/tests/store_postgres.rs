@@ -69,7 +69,8 @@ async fn replicas_starting_together_migrate_once_and_a_restart_changes_nothing()
             .fetch_all(store.pool())
             .await
             .expect("migrations");
-    assert_eq!(applied, [1]);
+    // Each migration once: the schema, then the shared placement and quota state.
+    assert_eq!(applied, [1, 2]);
     store
         .insert_org("acme", Some("Acme"), 7)
         .await

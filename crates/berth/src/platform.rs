@@ -336,7 +336,11 @@ fn spawn_local_heartbeat(control: Arc<ControlPlane>, name: String, agent: Agent)
         loop {
             tick.tick().await;
             match agent.stats().await {
-                Ok(stats) => control.local_heartbeat(&name, stats),
+                Ok(stats) => {
+                    if let Err(error) = control.local_heartbeat(&name, stats).await {
+                        warn!(worker = %name, error = %error.body.message, "recording a heartbeat");
+                    }
+                }
                 Err(error) => warn!(worker = %name, %error, "collecting heartbeat stats"),
             }
         }
