@@ -20,6 +20,7 @@ use berth_worker::WorkerService;
 use tokio::sync::Mutex as AsyncMutex;
 
 mod apps;
+mod caches;
 pub mod auth;
 pub mod clock;
 mod doctor;
@@ -37,6 +38,7 @@ mod notices;
 pub mod openapi;
 mod reconcile;
 mod registry;
+mod replicas;
 mod robots;
 pub mod serve;
 pub mod store;
@@ -115,6 +117,8 @@ pub struct ControlPlane {
     default_limits: OrgLimits,
     overrides: RwLock<HashMap<String, SetOrgLimitsRequest>>,
     rate_limiters: RateLimiters,
+    /// This replica, and how many share the database.
+    replicas: replicas::Replicas,
     usage: Arc<Usage>,
     /// app → org, for the workers' notices, which name only the app.
     app_orgs: RwLock<HashMap<String, String>>,
@@ -155,7 +159,10 @@ impl ControlPlane {
         let store = ControlStore::connect(&database).await?;
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
-        idempotency::abandon_unfinished(store.pool()).await?;
+        let replicas = replicas::Replicas::join(store.pool()).await?;
+        if store.backend() == store::Backend::Sqlite {
+            idempotency::abandon_unfinished(store.pool()).await?;
+        }
         let tokens = auth::TokenCache::load(store.pool()).await?;
         let overrides = tenancy::load_overrides(store.pool()).await?;
         let apps = store.apps().await?;
@@ -176,6 +183,7 @@ impl ControlPlane {
             placement: config.placement,
             ingest_lock: tokio::sync::Mutex::new(()),
             rate_limiters: RateLimiters::new(config.clock.clone()),
+            replicas,
             clock: config.clock,
             tokens,
             default_limits: config.default_limits,
@@ -205,6 +213,8 @@ impl ControlPlane {
                 drop(control);
             }
         });
+        replicas::spawn_heartbeat(&control);
+        caches::spawn_listener(&control, &database);
         usage::spawn_ingestion(&control);
         migrate::spawn_settling(&control);
         Ok(control)
@@ -374,9 +384,8 @@ impl ControlPlane {
             return Ok(());
         };
         let limits = self.limits_of(org);
-        let refused = self
-            .rate_limiters
-            .check(principal, &limits.rate_limits, action, machine);
+        let rates = limits::per_replica(&limits.rate_limits, self.replicas.live_count());
+        let refused = self.rate_limiters.check(principal, &rates, action, machine);
         if let Err(error) = &refused {
             let wait = error.body.retry_after_ms.unwrap_or(0).min(MAX_TARPIT_MS);
             tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -451,6 +460,7 @@ impl ControlPlane {
 
     pub async fn close(&self) {
         self.last_known.flush(&self.store).await;
+        self.replicas.leave(self.store.pool()).await;
         self.store.close().await;
     }
 }
