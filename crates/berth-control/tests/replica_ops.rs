@@ -144,7 +144,13 @@ async fn until_both_live(store: &ControlStore) {
 async fn tokens_and_limits_changed_through_one_replica_hold_on_the_other_at_once() {
     let (a, b, _) = two_replicas().await;
     let http = reqwest::Client::new();
-    let token = a.org("acme", json!({})).await;
+    // Room for the polling below.
+    let token = a
+        .org(
+            "acme",
+            json!({"rate_limits": {"read": {"per_second": 1000.0, "burst": 1000}}}),
+        )
+        .await;
     // Made through A, accepted by B straight away.
     let (status, body, _) = call(&http, &b.url, &token, Method::GET, "/v1/apps", &[], None).await;
     assert_eq!(status, 200, "{body}");
