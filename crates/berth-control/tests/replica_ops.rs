@@ -361,3 +361,76 @@ async fn one_replica_at_a_time_pulls_a_workers_journal() {
         .expect("after");
     assert_eq!(again, Pass::Pulled(0));
 }
+
+/// A move another live replica runs is left to it; once that replica is gone, the
+/// settling loop of a live one takes the move over and settles it (here: rolls it back,
+/// for it never reached its cutover). Checked against the code before the change: the
+/// settling loop rolled the live replica's move back from under it within one round.
+#[tokio::test]
+async fn the_settling_loop_leaves_a_live_replicas_move_alone_and_takes_over_a_dead_ones() {
+    let (a, b, _) = two_replicas().await;
+    a.app(&a.admin, "web").await;
+    let id = a.machine(&a.admin, "web", false).await;
+    let pool = a.control.store().pool();
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_millis(),
+    )
+    .expect("ms");
+    sqlx::query("INSERT INTO replicas (id, seen_ms) VALUES ('elsewhere', $1)")
+        .bind(now + 60_000)
+        .execute(pool)
+        .await
+        .expect("replica");
+    sqlx::query(
+        "INSERT INTO migrations (machine_id, app, source, dest, grant_token, running, phase,
+         started_ms, replica) VALUES ($1, 'web', 'local', 'local', 'grant', 0, 'copying', $2,
+         'elsewhere')",
+    )
+    .bind(&id)
+    .bind(now)
+    .execute(pool)
+    .await
+    .expect("move");
+    let moving = || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT replica FROM migrations WHERE machine_id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(pool)
+        .await
+        .expect("read")
+    };
+    // Two rounds of both replicas' settling loops.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(moving().await, Some(Some("elsewhere".to_owned())));
+    // A second move of it, through either replica, is refused while it runs.
+    let http = reqwest::Client::new();
+    for base in [&a.url, &b.url] {
+        let (status, body, _) = call(
+            &http,
+            base,
+            &a.admin,
+            Method::POST,
+            &format!("/v1/apps/web/machines/{id}/migrate"),
+            &[],
+            Some(json!({})),
+        )
+        .await;
+        assert_error(&(status, body), 409, "machine_migrating");
+    }
+    sqlx::query("UPDATE replicas SET seen_ms = 0 WHERE id = 'elsewhere'")
+        .execute(pool)
+        .await
+        .expect("dead");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while moving().await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the dead replica's move was never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
