@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::cluster::sleeper;
 use common::replicas::{Replicas, Reply};
+
+/// How long into the fourth create replica A is killed: a create (placement, the
+/// worker's copy of the image) takes longer than this.
+const KILL_AFTER_MS: u64 = 15;
 use reqwest::Method;
 use serde_json::json;
 
@@ -64,10 +68,21 @@ fn what_one_replica_made_the_other_gets_starts_and_stops_and_waits_cross() {
 /// Sends a keyed call through `first`, then `second`, until a final answer: no answer
 /// (the replica is dead), 409 `idempotency_key_in_use` (its claim waits for the dead
 /// replica to age out) and 503 are retried.
+/// Counts what the retries met.
+#[derive(Default)]
+struct Met {
+    /// Calls A died in the middle of (no answer).
+    cut_off: usize,
+    /// `idempotency_key_in_use` answers: a claim of the dead replica not yet taken over.
+    in_use: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn keyed(
     replicas: &Replicas,
     urls: &[&str; 2],
     dead: &AtomicBool,
+    met: &mut Met,
     method: Method,
     path: &str,
     key: &str,
@@ -80,37 +95,43 @@ fn keyed(
         } else {
             urls[0]
         };
-        match replicas.send(
+        let reply = replicas.send(
             base,
             method.clone(),
             path,
             &[("Idempotency-Key", key)],
             body.clone(),
-        ) {
-            Ok(reply)
-                if reply.status == 503
-                    || (reply.status == 409 && reply.body["error"] == "idempotency_key_in_use") => {}
+        );
+        let last = format!("{reply:?}");
+        match reply {
+            Ok(reply) if reply.status == 409 && reply.body["error"] == "idempotency_key_in_use" => {
+                met.in_use += 1;
+            }
+            Ok(reply) if reply.status == 503 => {}
             Ok(reply) => return reply,
-            Err(_) => {}
+            Err(_) => met.cut_off += 1,
         }
         assert!(
             Instant::now() < deadline,
-            "{key}: no final answer\n{}",
+            "{key}: no final answer; the last: {last}\n{}",
             replicas.logs()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// Checked against the code before the change: the claim of the call A died in stayed
-/// `idempotency_key_in_use` on B (no restart marks it abandoned), and the loop timed out.
+/// A is killed a few milliseconds into a keyed create, so that the create's claim is in
+/// flight on A when it dies. Checked against the code before the change: that claim
+/// stayed `idempotency_key_in_use` on B (no restart marks it abandoned), and the loop
+/// timed out.
 #[test]
 fn a_replica_killed_mid_loop_loses_and_doubles_nothing() {
     let mut replicas = Replicas::start(&["w1", "w2"]);
     let urls = [replicas.a.url.clone(), replicas.b.url.clone()];
     let urls = [urls[0].as_str(), urls[1].as_str()];
     let dead = Arc::new(AtomicBool::new(false));
-    // Kill -9 of A at a moment the loop does not choose.
+    let sending = Arc::new(AtomicBool::new(false));
+    // Kill -9 of A a moment into the fourth create.
     let mut a = std::mem::replace(
         &mut replicas.a.process,
         common::cluster::Process {
@@ -120,24 +141,53 @@ fn a_replica_killed_mid_loop_loses_and_doubles_nothing() {
     );
     let killer = std::thread::spawn({
         let dead = dead.clone();
+        let sending = sending.clone();
         move || {
-            std::thread::sleep(Duration::from_millis(1500));
+            while !sending.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
             a.kill();
             dead.store(true, Ordering::SeqCst);
         }
     });
     let mut firsts: BTreeMap<String, Reply> = BTreeMap::new();
     let mut ids = BTreeSet::new();
+    let mut met = Met::default();
+    // Each worker pulls the image once, from A's registry (the agents' image source is
+    // their first control URL), so that creates after A's death, naming it by digest,
+    // find it locally.
+    let mut warm = BTreeSet::new();
+    let mut digest = String::new();
+    for _ in 0..2 {
+        let (status, body) = replicas.call(
+            urls[0],
+            Method::POST,
+            "/v1/apps/fleet/machines",
+            Some(sleeper(json!({"skip_launch": true}))),
+        );
+        assert_eq!(status, 200, "{body}");
+        ids.insert(body["id"].as_str().expect("id").to_owned());
+        warm.insert(body["worker"].as_str().expect("worker").to_owned());
+        digest = body["image_ref"]["digest"].as_str().expect("digest").to_owned();
+    }
+    let mut create = sleeper(json!({"skip_launch": true}));
+    create["config"]["image"] = json!(format!("demo/busybox@{digest}"));
+    assert_eq!(warm.len(), 2, "placement spread the two over both workers");
     for round in 0..8 {
         let create_key = format!("create-{round}");
+        if round == 3 {
+            sending.store(true, Ordering::SeqCst);
+        }
         let made = keyed(
             &replicas,
             &urls,
             &dead,
+            &mut met,
             Method::POST,
             "/v1/apps/fleet/machines",
             &create_key,
-            Some(sleeper(json!({"skip_launch": true, "guest": {"cpus": 1, "memory_mb": 64}}))),
+            Some(create.clone()),
         );
         assert_eq!(made.status, 200, "{}\n{}", made.body, replicas.logs());
         let id = made.body["id"].as_str().expect("id").to_owned();
@@ -145,12 +195,17 @@ fn a_replica_killed_mid_loop_loses_and_doubles_nothing() {
         firsts.insert(create_key, made);
         let start_key = format!("start-{round}");
         let path = format!("/v1/apps/fleet/machines/{id}/start");
-        let started = keyed(&replicas, &urls, &dead, Method::POST, &path, &start_key, None);
+        let started = keyed(
+            &replicas, &urls, &dead, &mut met, Method::POST, &path, &start_key, None,
+        );
         assert_eq!(started.status, 200, "{}\n{}", started.body, replicas.logs());
         firsts.insert(start_key, started);
     }
     killer.join().expect("killer");
     assert!(dead.load(Ordering::SeqCst));
+    // The kill cut a call off, and its claim was taken over once A aged out.
+    assert_eq!(met.cut_off, 1, "A died with one call in flight");
+    assert!(met.in_use > 0, "B waited for A's claim");
     // Every retry through B gets the first answer.
     for (key, first) in &firsts {
         let path = if key.starts_with("create-") {
@@ -163,9 +218,7 @@ fn a_replica_killed_mid_loop_loses_and_doubles_nothing() {
                 .to_owned();
             format!("/v1/apps/fleet/machines/{id}/start")
         };
-        let body = key
-            .starts_with("create-")
-            .then(|| sleeper(json!({"skip_launch": true, "guest": {"cpus": 1, "memory_mb": 64}})));
+        let body = key.starts_with("create-").then(|| create.clone());
         let again = replicas
             .send(urls[1], Method::POST, &path, &[("Idempotency-Key", key)], body)
             .expect("retry through B");
@@ -183,7 +236,13 @@ fn a_replica_killed_mid_loop_loses_and_doubles_nothing() {
     assert_eq!(listed.len(), ids.len(), "a Machine was doubled: {listed:?}");
     assert_eq!(listed_ids, ids);
     for machine in &listed {
-        assert_eq!(machine["state"], "started", "{machine}");
+        let id = machine["id"].as_str().unwrap_or_default();
+        let started = firsts
+            .values()
+            .any(|reply| reply.body["id"] == id || reply.body["machine"]["id"] == id);
+        if started {
+            assert_eq!(machine["state"], "started", "{machine}");
+        }
     }
     replicas.assert_doctor_clean(urls[1], "after a replica was killed mid-loop");
     replicas.teardown();
