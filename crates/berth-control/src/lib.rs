@@ -20,8 +20,8 @@ use berth_worker::WorkerService;
 use tokio::sync::Mutex as AsyncMutex;
 
 mod apps;
-mod caches;
 pub mod auth;
+mod caches;
 pub mod clock;
 mod doctor;
 mod drain;

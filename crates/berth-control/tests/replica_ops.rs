@@ -248,7 +248,8 @@ async fn rate_limits_are_split_between_the_live_replicas() {
 async fn a_claim_is_left_to_its_live_replica_and_taken_over_from_a_dead_one() {
     let database = postgres::fresh_database().await;
     let url = database.clone();
-    let a = Harness::start_with(move |config| config.database = Some(Database::Postgres(url))).await;
+    let a =
+        Harness::start_with(move |config| config.database = Some(Database::Postgres(url))).await;
     a.app(&a.admin, "web").await;
     let id = a.machine(&a.admin, "web", true).await;
     let stop = format!("/v1/apps/web/machines/{id}/stop");
@@ -297,9 +298,16 @@ async fn a_claim_is_left_to_its_live_replica_and_taken_over_from_a_dead_one() {
         .fetch_one(pool)
         .await
         .expect("claim");
-    assert_eq!(row.get::<i64, _>(0), claimed_at, "the first claim time is kept");
+    assert_eq!(
+        row.get::<i64, _>(0),
+        claimed_at,
+        "the first claim time is kept"
+    );
     assert_eq!(row.get::<Option<i64>, _>(2), Some(200));
-    assert_ne!(row.get::<Option<String>, _>(1).as_deref(), Some("elsewhere"));
+    assert_ne!(
+        row.get::<Option<String>, _>(1).as_deref(),
+        Some("elsewhere")
+    );
     // A retry through either replica gets that answer again.
     for base in [&a.url, &b.url] {
         let (status, body, headers) =

@@ -258,10 +258,8 @@ async fn deliver_racing(journal: Vec<UsageRecord>, schedule: Vec<(usize, usize, 
         let second_pass = usage::ingest_pass(&second, "w1", pull(two));
         match dies_after {
             Some(micros) => {
-                let dying = tokio::time::timeout(
-                    std::time::Duration::from_micros(micros),
-                    first_pass,
-                );
+                let dying =
+                    tokio::time::timeout(std::time::Duration::from_micros(micros), first_pass);
                 let (_, survived) = tokio::join!(dying, second_pass);
                 survived.expect("second pass");
             }

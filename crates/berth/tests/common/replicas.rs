@@ -190,7 +190,13 @@ impl Replicas {
         replicas
     }
 
-    pub fn call(&self, base: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub fn call(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let reply = self
             .send(base, method, path, &[], body)
             .unwrap_or_else(|error| panic!("{base}{path}: {error}"));
