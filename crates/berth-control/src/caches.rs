@@ -173,9 +173,10 @@ async fn listen(
                     }
                 }
             }
-            // The connection dropped; the next call connects again, and notices sent
-            // meanwhile are lost.
-            None => *caught_up = false,
+            // The connection dropped, and notices sent meanwhile are lost. A listener of
+            // its own is made again, listening before the caches are read again, so no
+            // change falls between the two.
+            None => return Ok(()),
         }
     }
 }

@@ -442,3 +442,53 @@ async fn the_settling_loop_leaves_a_live_replicas_move_alone_and_takes_over_a_de
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A replica whose listener lost its connection misses the notices sent meanwhile, so it
+/// reads its caches again once it listens again. Checked by not reading them again: B
+/// kept accepting the token revoked while its listener was away.
+#[tokio::test]
+async fn a_replica_whose_listener_dropped_reads_its_caches_again() {
+    let (a, b, _) = two_replicas().await;
+    let http = reqwest::Client::new();
+    let token = a
+        .org(
+            "acme",
+            json!({"rate_limits": {"read": {"per_second": 1000.0, "burst": 1000}}}),
+        )
+        .await;
+    let (status, _, _) = call(&http, &b.url, &token, Method::GET, "/v1/apps", &[], None).await;
+    assert_eq!(status, 200);
+    // Both replicas' listeners lose their connections; the revocation's notice goes out
+    // before they are back.
+    let pool = a.control.store().pool();
+    let dropped: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%') AS ended",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("terminate");
+    assert_eq!(dropped, 2, "one listener per replica");
+    let id = token
+        .strip_prefix("bt_")
+        .and_then(|rest| rest.split_once('_'))
+        .map(|(id, _)| id.to_owned())
+        .expect("token id");
+    let (status, body) = a
+        .call(&a.admin, Method::DELETE, &format!("/v1/tokens/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = call(&http, &b.url, &token, Method::GET, "/v1/apps", &[], None).await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            Instant::now() < deadline,
+            "replica B never learned of the revocation it missed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
