@@ -119,6 +119,7 @@ impl ControlPlane {
             ));
         }
         self.remember_app(&row.name, &row.org_slug);
+        self.announce(crate::caches::Change::App(&row.name)).await;
         Ok((StatusCode::CREATED, Json(app_json(self, row).await?)))
     }
 
@@ -175,6 +176,7 @@ impl ControlPlane {
         self.delete_app_volumes(app).await?;
         self.store.delete_app(app).await?;
         self.forget_app(app);
+        self.announce(crate::caches::Change::App(app)).await;
         Ok(StatusCode::ACCEPTED)
     }
 }

@@ -109,26 +109,29 @@ fn token_id(token: &str) -> Option<&str> {
         .map(|(id, _)| id)
 }
 
-/// Tokens by id, loaded from SQLite at start and kept in step with it.
+/// Tokens by id, loaded from the store at start and kept in step with it: by this
+/// replica's own changes, by the other replicas' notices (`caches`), and by a read of the
+/// store when a token is not here (one made through another replica a moment ago).
 #[derive(Debug, Default)]
 pub(crate) struct TokenCache {
     by_id: RwLock<HashMap<String, TokenRow>>,
 }
 
-impl TokenCache {
-    pub(crate) async fn load(pool: &AnyPool) -> Result<TokenCache, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id, org_slug, name, hash, created_at_ms, expires_at_ms, revoked_at_ms FROM tokens",
-        )
-        .fetch_all(pool)
-        .await?;
-        let mut by_id = HashMap::new();
-        for row in rows {
+/// The stored tokens, or the one of `id`.
+async fn read_tokens(pool: &AnyPool, id: Option<&str>) -> Result<Vec<TokenRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, org_slug, name, hash, created_at_ms, expires_at_ms, revoked_at_ms FROM tokens
+         WHERE $1 IS NULL OR id = $1",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
             let hash: Vec<u8> = row.get(3);
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
-                continue;
-            };
-            let token = TokenRow {
+            let hash = <[u8; 32]>::try_from(hash.as_slice()).ok()?;
+            Some(TokenRow {
                 id: row.get(0),
                 org_slug: row.get(1),
                 name: row.get(2),
@@ -136,12 +139,45 @@ impl TokenCache {
                 created_at_ms: row.get(4),
                 expires_at_ms: row.get(5),
                 revoked_at_ms: row.get(6),
-            };
-            by_id.insert(token.id.clone(), token);
-        }
-        Ok(TokenCache {
-            by_id: RwLock::new(by_id),
+            })
         })
+        .collect())
+}
+
+impl TokenCache {
+    pub(crate) async fn load(pool: &AnyPool) -> Result<TokenCache, sqlx::Error> {
+        let cache = TokenCache::default();
+        cache.reload(pool).await?;
+        Ok(cache)
+    }
+
+    /// Reads every token again.
+    pub(crate) async fn reload(&self, pool: &AnyPool) -> Result<(), sqlx::Error> {
+        let by_id = read_tokens(pool, None)
+            .await?
+            .into_iter()
+            .map(|token| (token.id.clone(), token))
+            .collect();
+        if let Ok(mut map) = self.by_id.write() {
+            *map = by_id;
+        }
+        Ok(())
+    }
+
+    /// Reads the token `id` again; answers it, or `None` when it is not stored.
+    pub(crate) async fn refresh(
+        &self,
+        pool: &AnyPool,
+        id: &str,
+    ) -> Result<Option<TokenRow>, sqlx::Error> {
+        let found = read_tokens(pool, Some(id)).await?.into_iter().next();
+        if let Ok(mut map) = self.by_id.write() {
+            match &found {
+                Some(token) => map.insert(id.to_owned(), token.clone()),
+                None => map.remove(id),
+            };
+        }
+        Ok(found)
     }
 
     pub(crate) fn put(&self, token: TokenRow) {
@@ -202,6 +238,13 @@ impl FromRequestParts<Shared> for Principal {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim);
+        // A token this replica has not seen may have been made through another one a
+        // moment ago: the store has the last word.
+        if let Some(id) = token.and_then(token_id) {
+            if control.tokens.get(id).is_none() {
+                control.tokens.refresh(control.store.pool(), id).await?;
+            }
+        }
         control.authenticate(token)
     }
 }

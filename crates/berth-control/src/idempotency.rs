@@ -2,6 +2,9 @@
 //! 24 hours gets the first answer again, from SQLite, and does nothing twice. The same key
 //! with a different request is refused. Only final answers are remembered: errors that
 //! say to retry (a retry hint, 429, 5xx) free the key for the next attempt.
+//!
+//! Replicas share the keys: a claim records the replica running its call, and another
+//! replica takes an unfinished claim over only once that replica is no longer live.
 
 use std::future::Future;
 
@@ -17,6 +20,7 @@ use sqlx::{AnyPool, Row};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::header_text;
+use crate::replicas::{self, Replicas};
 use crate::ControlPlane;
 
 pub(crate) const SCHEMA: &[&str] = &[
@@ -27,6 +31,7 @@ pub(crate) const SCHEMA: &[&str] = &[
         status INTEGER,
         body BLOB,
         created_at_ms INTEGER NOT NULL,
+        replica TEXT,
         PRIMARY KEY (scope, key)
     )",
     "CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency(created_at_ms)",
@@ -50,6 +55,8 @@ struct Claim {
     pool: AnyPool,
     scope: String,
     key: String,
+    /// The replica running the call: it alone finishes or frees the claim.
+    replica: String,
     /// When the key was first claimed; kept when a claim is taken over after a restart.
     claimed_at_ms: i64,
     done: bool,
@@ -73,10 +80,12 @@ impl Claim {
     }
 }
 
-/// Marks every claim whose call never finished as abandoned. Called when the control
-/// plane opens: no call of an earlier process is still running, and its claims would
-/// otherwise answer `idempotency_key_in_use` for a day. The next call with the key takes
-/// the claim over, with its first claim time, so a keyed create keeps its Machine id.
+/// Marks every claim whose call never finished as abandoned. Called when a SQLite control
+/// plane opens: it is the file's one process, so no call of an earlier one still runs,
+/// and its claims would otherwise answer `idempotency_key_in_use` until its replica row
+/// ages out. The next call with the key takes the claim over, with its first claim time,
+/// so a keyed create keeps its Machine id. Replicas on PostgreSQL do not call it: another
+/// live replica's calls are in flight; a dead replica's claims are taken over lazily.
 pub(crate) async fn abandon_unfinished(pool: &AnyPool) -> Result<u64, sqlx::Error> {
     let abandoned = sqlx::query("UPDATE idempotency SET status = $1 WHERE status IS NULL")
         .bind(ABANDONED)
@@ -93,13 +102,18 @@ impl Drop for Claim {
         let pool = self.pool.clone();
         let scope = std::mem::take(&mut self.scope);
         let key = std::mem::take(&mut self.key);
+        let replica = std::mem::take(&mut self.replica);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = sqlx::query("DELETE FROM idempotency WHERE scope = $1 AND key = $2")
-                    .bind(scope)
-                    .bind(key)
-                    .execute(&pool)
-                    .await;
+                // Only while it is still this replica's: another may have taken it over.
+                let _ = sqlx::query(
+                    "DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND replica = $3",
+                )
+                .bind(scope)
+                .bind(key)
+                .bind(replica)
+                .execute(&pool)
+                .await;
             });
         }
     }
@@ -184,14 +198,17 @@ async fn begin(
         .bind(now - KEEP_MS)
         .execute(pool)
         .await?;
+    let replica = control.replicas.id();
     let inserted = sqlx::query(
-        "INSERT INTO idempotency (scope, key, fingerprint, created_at_ms) VALUES ($1, $2, $3, $4)
+        "INSERT INTO idempotency (scope, key, fingerprint, created_at_ms, replica)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (scope, key) DO NOTHING",
     )
     .bind(&scope)
     .bind(key)
     .bind(&fingerprint)
     .bind(now)
+    .bind(replica)
     .execute(pool)
     .await?;
     if inserted.rows_affected() == 1 {
@@ -199,6 +216,7 @@ async fn begin(
             pool: pool.clone(),
             scope,
             key: key.to_owned(),
+            replica: replica.to_owned(),
             claimed_at_ms: now,
             done: false,
         })));
@@ -223,16 +241,20 @@ async fn begin(
         ));
     }
     let status: Option<i64> = row.get(1);
-    let Some(status) = status else {
-        return Err(in_use());
-    };
-    if status == ABANDONED {
-        let taken = sqlx::query(
-            "UPDATE idempotency SET status = NULL WHERE scope = $1 AND key = $2 AND status = $3",
-        )
+    if status.is_none() || status == Some(ABANDONED) {
+        // Freed by its call, or still claimed: taken over only when the replica that
+        // claimed it is gone, in one statement, so two replicas cannot both take it.
+        let taken = sqlx::query(&format!(
+            "UPDATE idempotency SET status = NULL, replica = $1
+             WHERE scope = $2 AND key = $3
+             AND (status = $4 OR (status IS NULL AND {}))",
+            replicas::not_live("replica", 5)
+        ))
+        .bind(replica)
         .bind(&scope)
         .bind(key)
         .bind(ABANDONED)
+        .bind(Replicas::cutoff())
         .execute(pool)
         .await?;
         if taken.rows_affected() != 1 {
@@ -242,10 +264,14 @@ async fn begin(
             pool: pool.clone(),
             scope,
             key: key.to_owned(),
+            replica: replica.to_owned(),
             claimed_at_ms: row.get(3),
             done: false,
         })));
     }
+    let Some(status) = status else {
+        return Err(in_use());
+    };
     let body: Vec<u8> = row.get::<Option<Vec<u8>>, _>(2).unwrap_or_default();
     let status = u16::try_from(status)
         .ok()
@@ -285,24 +311,34 @@ async fn finish(claim: Option<Claim>, response: Response) -> Response {
     let is_final = !status.is_server_error()
         && status != StatusCode::TOO_MANY_REQUESTS
         && !parts.headers.contains_key(header::RETRY_AFTER);
+    // Recorded only while the claim is still this replica's: one taken for dead (a
+    // replica cut off from the database for longer than `LIVE_MS`) has a new owner, whose
+    // answer stands.
     let result = if is_final {
-        sqlx::query("UPDATE idempotency SET status = $1, body = $2 WHERE scope = $3 AND key = $4")
-            .bind(i64::from(status.as_u16()))
-            .bind(bytes.to_vec())
-            .bind(&claim.scope)
-            .bind(&claim.key)
-            .execute(&claim.pool)
-            .await
+        sqlx::query(
+            "UPDATE idempotency SET status = $1, body = $2
+             WHERE scope = $3 AND key = $4 AND replica = $5",
+        )
+        .bind(i64::from(status.as_u16()))
+        .bind(bytes.to_vec())
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .bind(&claim.replica)
+        .execute(&claim.pool)
+        .await
     } else {
         // Freed for the retry, which takes it over with the same claim time: a keyed
         // create derives its Machine id from it, and the first attempt may have made that
         // Machine before the error (a worker that answered late, a restart in between).
-        sqlx::query("UPDATE idempotency SET status = $1 WHERE scope = $2 AND key = $3")
-            .bind(ABANDONED)
-            .bind(&claim.scope)
-            .bind(&claim.key)
-            .execute(&claim.pool)
-            .await
+        sqlx::query(
+            "UPDATE idempotency SET status = $1 WHERE scope = $2 AND key = $3 AND replica = $4",
+        )
+        .bind(ABANDONED)
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .bind(&claim.replica)
+        .execute(&claim.pool)
+        .await
     };
     if let Err(error) = result {
         tracing::warn!(%error, "remembering an idempotent answer");

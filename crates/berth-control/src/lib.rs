@@ -21,6 +21,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 mod apps;
 pub mod auth;
+mod caches;
 pub mod clock;
 mod doctor;
 mod drain;
@@ -38,6 +39,7 @@ pub mod openapi;
 mod quota;
 mod reconcile;
 mod registry;
+mod replicas;
 mod robots;
 pub mod serve;
 pub mod store;
@@ -116,6 +118,8 @@ pub struct ControlPlane {
     default_limits: OrgLimits,
     overrides: RwLock<HashMap<String, SetOrgLimitsRequest>>,
     rate_limiters: RateLimiters,
+    /// This replica, and how many share the database.
+    replicas: replicas::Replicas,
     usage: Arc<Usage>,
     /// Who admits starts and creates against quotas: this process, or the shared store.
     admission: quota::Admission,
@@ -158,7 +162,10 @@ impl ControlPlane {
         let store = ControlStore::connect(&database).await?;
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
-        idempotency::abandon_unfinished(store.pool()).await?;
+        let replicas = replicas::Replicas::join(store.pool()).await?;
+        if store.backend() == store::Backend::Sqlite {
+            idempotency::abandon_unfinished(store.pool()).await?;
+        }
         let tokens = auth::TokenCache::load(store.pool()).await?;
         let overrides = tenancy::load_overrides(store.pool()).await?;
         let apps = store.apps().await?;
@@ -180,6 +187,7 @@ impl ControlPlane {
             placement: config.placement,
             ingest_lock: tokio::sync::Mutex::new(()),
             rate_limiters: RateLimiters::new(config.clock.clone()),
+            replicas,
             clock: config.clock,
             tokens,
             default_limits: config.default_limits,
@@ -210,6 +218,8 @@ impl ControlPlane {
                 drop(control);
             }
         });
+        replicas::spawn_heartbeat(&control);
+        caches::spawn_listener(&control, &database);
         usage::spawn_ingestion(&control);
         migrate::spawn_settling(&control);
         workers::spawn_refresh(&control);
@@ -419,9 +429,8 @@ impl ControlPlane {
             return Ok(());
         };
         let limits = self.limits_of(org);
-        let refused = self
-            .rate_limiters
-            .check(principal, &limits.rate_limits, action, machine);
+        let rates = limits::per_replica(&limits.rate_limits, self.replicas.live_count());
+        let refused = self.rate_limiters.check(principal, &rates, action, machine);
         if let Err(error) = &refused {
             let wait = error.body.retry_after_ms.unwrap_or(0).min(MAX_TARPIT_MS);
             tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -496,6 +505,7 @@ impl ControlPlane {
 
     pub async fn close(&self) {
         self.last_known.flush(&self.store).await;
+        self.replicas.leave(self.store.pool()).await;
         self.store.close().await;
     }
 }

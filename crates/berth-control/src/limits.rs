@@ -238,6 +238,31 @@ fn quota(limit: RateLimit) -> Quota {
         .allow_burst(burst)
 }
 
+/// One replica's share of `limits` when `replicas` are live: each keeps its own buckets
+/// with the rate and the burst divided between them (a burst of at least 1). Calls to all
+/// replicas together never pass the org's limit (while the count holds and the burst is
+/// at least the count); a client whose calls a load balancer spreads unevenly can be
+/// refused early, once it reaches `limit / replicas` on the busiest replica. A change in
+/// the count rebuilds the buckets full.
+pub(crate) fn per_replica(limits: &RateLimits, replicas: usize) -> RateLimits {
+    if replicas <= 1 {
+        return *limits;
+    }
+    let share = |limit: RateLimit| RateLimit {
+        per_second: limit.per_second / replicas as f64,
+        burst: (limit.burst / u32::try_from(replicas).unwrap_or(u32::MAX)).max(1),
+    };
+    RateLimits {
+        create: share(limits.create),
+        start: share(limits.start),
+        stop: share(limits.stop),
+        update: share(limits.update),
+        destroy: share(limits.destroy),
+        exec: share(limits.exec),
+        read: share(limits.read),
+    }
+}
+
 /// The rate limiters of every org, rebuilt when an org's limits change.
 pub(crate) struct RateLimiters {
     clock: ApiClock,

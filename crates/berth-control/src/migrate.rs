@@ -32,7 +32,8 @@ pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS migrations (
         from_address TEXT,
         phase TEXT NOT NULL,
         cutover_ms INTEGER,
-        started_ms INTEGER NOT NULL
+        started_ms INTEGER NOT NULL,
+        replica TEXT
     )"];
 
 /// The control plane's failpoints in a move (the agents have theirs): just before and just
@@ -492,8 +493,9 @@ impl ControlPlane {
     async fn insert_move(&self, app: &str, moving: &MoveRow) -> Result<(), ApiError> {
         let inserted = sqlx::query(
             "INSERT INTO migrations
-                (machine_id, app, source, dest, grant_token, running, from_address, phase, started_ms)
-             VALUES ($1, $2, $3, $4, $5, 0, $6, 'copying', $7)
+                (machine_id, app, source, dest, grant_token, running, from_address, phase, started_ms,
+                 replica)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, 'copying', $7, $8)
              ON CONFLICT (machine_id) DO NOTHING",
         )
         .bind(&moving.machine_id)
@@ -503,6 +505,7 @@ impl ControlPlane {
         .bind(&moving.grant)
         .bind(&moving.from_address)
         .bind(self.clock.now_ms())
+        .bind(self.replicas.id())
         .execute(self.store.pool())
         .await?
         .rows_affected();
@@ -580,9 +583,27 @@ impl ControlPlane {
             .collect())
     }
 
+    /// Takes the recorded move of `id` for this replica: it is this replica's already, or
+    /// the replica that began it is no longer live. One statement, so two replicas never
+    /// both take a dead one's move.
+    async fn take_move(&self, id: &str) -> Result<bool, sqlx::Error> {
+        let taken = sqlx::query(&format!(
+            "UPDATE migrations SET replica = $1 WHERE machine_id = $2
+             AND (replica = $1 OR {})",
+            crate::replicas::not_live("replica", 3)
+        ))
+        .bind(self.replicas.id())
+        .bind(id)
+        .bind(crate::replicas::Replicas::cutoff())
+        .execute(self.store.pool())
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
     /// Settles every move whose request is gone (this process restarted, or its request
     /// failed to reach a worker): forward past the cutover, back before it. A worker
-    /// that does not answer is tried again next time.
+    /// that does not answer is tried again next time. Moves another live replica runs
+    /// are left to it.
     pub(crate) async fn settle_moves(&self) {
         let moves = match self.moves().await {
             Ok(moves) => moves,
@@ -595,6 +616,14 @@ impl ControlPlane {
             let Some(_guard) = self.moves.begin(&listed.machine_id) else {
                 continue;
             };
+            match self.take_move(&listed.machine_id).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "taking over an unfinished move");
+                    continue;
+                }
+            }
             // Read again under the guard: the move the list saw may have ended, or passed
             // its cutover, since (a request held it meanwhile).
             let Ok(Some(moving)) = self

@@ -320,7 +320,8 @@ pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
         .chain(crate::idempotency::SCHEMA)
         .chain(crate::migrate::SCHEMA)
         .chain(crate::usage::SCHEMA)
-        .chain(crate::workers::SCHEMA);
+        .chain(crate::workers::SCHEMA)
+        .chain(crate::replicas::SCHEMA);
     for statement in statements {
         sqlx::query(statement).execute(pool).await?;
     }
@@ -339,6 +340,9 @@ pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
     add_sqlite_column(pool, "volumes", "size_gb", "INTEGER NOT NULL DEFAULT 0").await?;
     // Leases from before versions (a day at most) answer an empty version until refreshed.
     add_sqlite_column(pool, "leases", "version", "TEXT NOT NULL DEFAULT ''").await?;
+    // Claims and moves record the replica running them; older rows have none.
+    add_sqlite_column(pool, "idempotency", "replica", "TEXT").await?;
+    add_sqlite_column(pool, "migrations", "replica", "TEXT").await?;
     // Intervals are kept per worker since Machines can move: a file from before has every
     // interval on its Machine's one worker, which `''` stands for.
     add_sqlite_column(

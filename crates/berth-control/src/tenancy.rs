@@ -16,6 +16,7 @@ use sqlx::{AnyPool, Row};
 use utoipa::IntoParams;
 
 use crate::auth::{self, Principal, TokenRow};
+use crate::caches::Change;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::limits::{self, Action};
@@ -58,6 +59,7 @@ async fn save_overrides(
     if let Ok(mut map) = control.overrides.write() {
         map.insert(slug.to_owned(), *overrides);
     }
+    control.announce(Change::Limits(slug)).await;
     Ok(())
 }
 
@@ -329,7 +331,9 @@ impl ControlPlane {
         .execute(self.store.pool())
         .await?;
         let info = token_info(&row);
+        let id = row.id.clone();
         self.tokens.put(row);
+        self.announce(Change::Token(&id)).await;
         Ok((StatusCode::CREATED, Json(TokenCreated { token, info })))
     }
 
@@ -363,9 +367,13 @@ impl ControlPlane {
         token_id: &str,
     ) -> Result<Json<TokenInfo>, ApiError> {
         self.check_rate(principal, Action::Destroy, None).await?;
-        let mut row = self
-            .tokens
-            .get(token_id)
+        // One made through another replica may not be cached here yet.
+        let cached = self.tokens.get(token_id);
+        let found = match cached {
+            Some(row) => Some(row),
+            None => self.tokens.refresh(self.store.pool(), token_id).await?,
+        };
+        let mut row = found
             .filter(|row| principal.can_see(&row.org_slug))
             .ok_or_else(|| ApiError::not_found(format!("token {token_id:?}")))?;
         if row.revoked_at_ms.is_none() {
@@ -377,6 +385,7 @@ impl ControlPlane {
                 .await?;
             row.revoked_at_ms = Some(now);
             self.tokens.put(row.clone());
+            self.announce(Change::Token(&row.id)).await;
         }
         Ok(Json(token_info(&row)))
     }

@@ -6,6 +6,12 @@
 //! in one transaction, keyed by `(worker, seq)`, together with the new cursor; a repeated
 //! or replayed batch inserts nothing, and the intervals are derived only from rows that
 //! were new. Killing either side at any moment loses and doubles nothing.
+//!
+//! Replicas on one PostgreSQL take turns: a pass over a worker's journal holds an advisory
+//! lock keyed by the worker for its transaction, and a replica that finds it held skips
+//! that worker this round. The key and the cursor would make a second pass harmless; the
+//! lock saves the duplicate pull, and a replica that dies mid-pass loses its transaction
+//! and its lock together.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,6 +31,7 @@ use tracing::warn;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::limits::Action;
+use crate::store::{Backend, ControlStore};
 use crate::{format_ms, now_ms, ControlPlane, Shared};
 
 /// How often the control plane pulls each worker's journal.
@@ -115,10 +122,81 @@ pub async fn ingest(
     worker: &str,
     batch: &[UsageRecord],
 ) -> Result<usize, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let mut transaction = pool.begin().await?;
+    let new = ingest_in(&mut transaction, worker, batch).await?;
+    transaction.commit().await?;
+    Ok(new)
+}
+
+/// The advisory lock class of usage passes; the worker's name hashed is the other key.
+const INGEST_LOCK_CLASS: i32 = 0x6265_7573;
+
+/// What one pass over a worker's journal did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// This many records were pulled (and the new ones ingested).
+    Pulled(usize),
+    /// Another replica is ingesting this worker's journal; nothing was pulled.
+    Busy,
+}
+
+/// One pass over `worker`'s journal: reads the cursor, pulls what follows with `pull`,
+/// and ingests it. On PostgreSQL the whole pass is one transaction holding an advisory
+/// lock keyed by the worker, so one replica at a time pulls a given worker's journal and
+/// another answers [`Pass::Busy`] without pulling. On SQLite the one process serializes
+/// its passes itself.
+pub async fn ingest_pass<Pull, Pulled>(
+    store: &ControlStore,
+    worker: &str,
+    pull: Pull,
+) -> Result<Pass, String>
+where
+    Pull: FnOnce(u64) -> Pulled,
+    Pulled: std::future::Future<Output = Result<Vec<UsageRecord>, String>>,
+{
+    let text = |error: sqlx::Error| error.to_string();
+    let pool = store.pool();
+    if store.backend() == Backend::Sqlite {
+        let batch = pull(cursor(pool, worker).await.map_err(text)?).await?;
+        ingest(pool, worker, &batch).await.map_err(text)?;
+        return Ok(Pass::Pulled(batch.len()));
+    }
+    let mut transaction = pool.begin().await.map_err(text)?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+        .bind(INGEST_LOCK_CLASS)
+        .bind(worker)
+        .fetch_one(&mut *transaction)
+        .await
+        .map_err(text)?;
+    if !locked {
+        return Ok(Pass::Busy);
+    }
+    let after = sqlx::query_scalar::<_, i64>("SELECT last_seq FROM usage_cursor WHERE worker = $1")
+        .bind(worker)
+        .fetch_optional(&mut *transaction)
+        .await
+        .map_err(text)?
+        .map_or(0, |seq| u64::try_from(seq).unwrap_or_default());
+    let batch = pull(after).await?;
+    ingest_in(&mut transaction, worker, &batch)
+        .await
+        .map_err(text)?;
+    transaction.commit().await.map_err(text)?;
+    Ok(Pass::Pulled(batch.len()))
+}
+
+/// [`ingest`] inside the caller's transaction.
+async fn ingest_in(
+    transaction: &mut Transaction<'_, Any>,
+    worker: &str,
+    batch: &[UsageRecord],
+) -> Result<usize, sqlx::Error> {
     let Some(last) = batch.iter().map(|record| record.seq).max() else {
         return Ok(0);
     };
-    let mut transaction = pool.begin().await?;
     let mut new = 0;
     for record in batch {
         let inserted = sqlx::query(
@@ -141,11 +219,11 @@ pub async fn ingest(
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
         }))
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?
         .rows_affected();
         if inserted == 1 {
-            apply(&mut transaction, worker, record).await?;
+            apply(transaction, worker, record).await?;
             new += 1;
         }
     }
@@ -156,9 +234,8 @@ pub async fn ingest(
     )
     .bind(worker)
     .bind(i64::try_from(last).unwrap_or(i64::MAX))
-    .execute(&mut *transaction)
+    .execute(&mut **transaction)
     .await?;
-    transaction.commit().await?;
     Ok(new)
 }
 
@@ -274,7 +351,7 @@ pub(crate) async fn ingest_all(control: &ControlPlane) {
     for (name, worker) in control.workers.all() {
         loop {
             match ingest_worker(control, &name, worker.as_ref()).await {
-                Ok(count) if count == INGEST_BATCH as usize => continue,
+                Ok(Pass::Pulled(count)) if count == INGEST_BATCH as usize => continue,
                 Ok(_) => break,
                 Err(error) => {
                     warn!(worker = %name, %error, "ingesting usage; will retry");
@@ -289,19 +366,14 @@ async fn ingest_worker(
     control: &ControlPlane,
     name: &str,
     worker: &dyn WorkerService,
-) -> Result<usize, String> {
-    let pool = control.store.pool();
-    let after = cursor(pool, name)
-        .await
-        .map_err(|error| error.to_string())?;
-    let batch = worker
-        .usage_since(after, INGEST_BATCH)
-        .await
-        .map_err(|error| error.to_string())?;
-    ingest(pool, name, &batch)
-        .await
-        .map_err(|error| error.to_string())?;
-    Ok(batch.len())
+) -> Result<Pass, String> {
+    ingest_pass(&control.store, name, |after| async move {
+        worker
+            .usage_since(after, INGEST_BATCH)
+            .await
+            .map_err(|error| error.to_string())
+    })
+    .await
 }
 
 pub(crate) fn spawn_ingestion(control: &std::sync::Arc<ControlPlane>) {

@@ -69,8 +69,17 @@ async fn replicas_starting_together_migrate_once_and_a_restart_changes_nothing()
             .fetch_all(store.pool())
             .await
             .expect("migrations");
-    // Each migration once: the schema, then the shared placement and quota state.
-    assert_eq!(applied, [1, 2]);
+    // Every migration, each once.
+    let all: Vec<i64> = sqlx::migrate!("./migrations/postgres")
+        .iter()
+        .map(|migration| migration.version)
+        .collect();
+    assert_eq!(
+        all,
+        [1, 2, 3],
+        "the schema, shared placement and quotas, replicas"
+    );
+    assert_eq!(applied, all);
     store
         .insert_org("acme", Some("Acme"), 7)
         .await

@@ -1,7 +1,8 @@
 //! The usage ledger against real SQLite: whatever the delivery schedule (batches of any
 //! size, repeats, replays of old batches, a crash between ingesting and acknowledging),
 //! the ingested ledger equals the journal, and the stored intervals equal the ones the
-//! billing maths derives from the journal directly.
+//! billing maths derives from the journal directly. Two replicas pulling at once, or one
+//! dying mid-pass, change nothing either.
 
 use berth_api::{CloseBasis, UsageKind, UsageRecord};
 use berth_control::store::ControlStore;
@@ -174,11 +175,8 @@ fn expected_intervals(journal: &[UsageRecord]) -> Vec<StoredInterval> {
     intervals
 }
 
-async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = ControlStore::connect(&postgres::test_database(dir.path()).await)
-        .await
-        .expect("store");
+/// Records who owns each Machine and volume of the journal.
+async fn record_owners(store: &ControlStore) {
     for machine in 0..MACHINES + VOLUMES {
         usage::record_owner(
             store.pool(),
@@ -189,6 +187,14 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
         .await
         .expect("owner");
     }
+}
+
+async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ControlStore::connect(&postgres::test_database(dir.path()).await)
+        .await
+        .expect("store");
+    record_owners(&store).await;
     let mut schedule = schedule.into_iter().cycle();
     let mut delivered_batches: Vec<Vec<UsageRecord>> = Vec::new();
     loop {
@@ -217,7 +223,67 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
             .expect("ingest");
         delivered_batches.push(batch);
     }
-    let ledger = ledger_rows(&store).await;
+    check_ledger(&store, &journal).await;
+    store.close().await;
+}
+
+/// Two replicas pull the same worker's journal at once, each `(size, size, dies_after)` a
+/// round: both passes run together, pulling up to their size, and when `dies_after` is
+/// set the first replica's pass is dropped that many microseconds in (a replica killed
+/// mid-pass: its transaction rolls back, its lock goes with its session).
+async fn deliver_racing(journal: Vec<UsageRecord>, schedule: Vec<(usize, usize, Option<u64>)>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = postgres::test_database(dir.path()).await;
+    let first = ControlStore::connect(&database).await.expect("first");
+    let second = ControlStore::connect(&database).await.expect("second");
+    record_owners(&first).await;
+    let pull = |size: usize| {
+        let journal = &journal;
+        move |after: u64| async move {
+            let after = usize::try_from(after).unwrap_or(usize::MAX);
+            Ok(journal
+                .get(after..journal.len().min(after.saturating_add(size)))
+                .unwrap_or_default()
+                .to_vec())
+        }
+    };
+    let mut schedule = schedule.into_iter().cycle();
+    loop {
+        let before = usage::cursor(first.pool(), "w1").await.expect("cursor");
+        if before as usize >= journal.len() {
+            break;
+        }
+        let (one, two, dies_after) = schedule.next().unwrap_or((1, 1, None));
+        let first_pass = usage::ingest_pass(&first, "w1", pull(one));
+        let second_pass = usage::ingest_pass(&second, "w1", pull(two));
+        match dies_after {
+            Some(micros) => {
+                let dying =
+                    tokio::time::timeout(std::time::Duration::from_micros(micros), first_pass);
+                let (_, survived) = tokio::join!(dying, second_pass);
+                survived.expect("second pass");
+            }
+            None => {
+                let (a, b) = tokio::join!(first_pass, second_pass);
+                a.expect("first pass");
+                b.expect("second pass");
+            }
+        }
+        if usage::cursor(first.pool(), "w1").await.expect("cursor") == before {
+            // Neither got through this round (one died holding the lock): a plain pass.
+            usage::ingest_pass(&second, "w1", pull(1))
+                .await
+                .expect("plain pass");
+        }
+    }
+    check_ledger(&first, &journal).await;
+    first.close().await;
+    second.close().await;
+}
+
+/// The ledger equals `journal`, and its intervals and sums equal the billing maths'.
+async fn check_ledger(store: &ControlStore, journal: &[UsageRecord]) {
+    let ledger = ledger_rows(store).await;
     let expected: Vec<(i64, String, String, i64)> = journal
         .iter()
         .map(|record| {
@@ -248,7 +314,7 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
             format!("{:?}", interval.kind),
         )
     });
-    let derived = expected_intervals(&journal);
+    let derived = expected_intervals(journal);
     assert_eq!(stored, derived, "SQL intervals equal the billing maths");
 
     // Each volume's whole life is billed once at its provisioned sizes, whatever the
@@ -263,7 +329,7 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
     let by_subject = usage::aggregate(store.pool(), "org", whole, end, usage::GroupBy::Machine)
         .await
         .expect("aggregate");
-    for (id, byte_ms) in volume_byte_ms(&journal, end) {
+    for (id, byte_ms) in volume_byte_ms(journal, end) {
         let row = by_subject[&id];
         assert!(
             (row.storage_byte_ms - byte_ms).abs() <= 1024,
@@ -312,7 +378,6 @@ async fn deliver(journal: Vec<UsageRecord>, schedule: Vec<(usize, bool, bool)>) 
             );
         }
     }
-    store.close().await;
 }
 
 proptest! {
@@ -323,6 +388,19 @@ proptest! {
         schedule in proptest::collection::vec((1usize..8, any::<bool>(), any::<bool>()), 1..10),
     ) {
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(deliver(journal, schedule));
+    }
+
+    /// Replicas racing for one worker's journal, and replicas dying mid-pass, lose and
+    /// double nothing.
+    #[test]
+    fn two_replicas_racing_and_dying_ingest_the_journal_exactly_once(
+        journal in journal_strategy(),
+        schedule in proptest::collection::vec(
+            (1usize..8, 1usize..8, proptest::option::of(0u64..3_000)),
+            1..10,
+        ),
+    ) {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime").block_on(deliver_racing(journal, schedule));
     }
 }
 

@@ -13,6 +13,7 @@ use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder}
 use serde_json::Value;
 
 pub mod cluster;
+pub mod replicas;
 
 pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
