@@ -162,8 +162,9 @@ impl ControlPlane {
         let store = ControlStore::connect(&database).await?;
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
-        let replicas = replicas::Replicas::join(store.pool()).await?;
-        if store.backend() == store::Backend::Sqlite {
+        let sole = store.backend() == store::Backend::Sqlite;
+        let replicas = replicas::Replicas::join(store.pool(), sole).await?;
+        if sole {
             idempotency::abandon_unfinished(store.pool()).await?;
         }
         let tokens = auth::TokenCache::load(store.pool()).await?;

@@ -42,12 +42,17 @@ pub(crate) struct Replicas {
 }
 
 impl Replicas {
-    /// Picks this replica's id and stamps its first row.
-    pub(crate) async fn join(pool: &AnyPool) -> Result<Replicas, sqlx::Error> {
+    /// Picks this replica's id and stamps its first row. `sole`: no other process can
+    /// share the database (a SQLite file), so the rows of earlier runs are dropped rather
+    /// than counted as live for their last seconds.
+    pub(crate) async fn join(pool: &AnyPool, sole: bool) -> Result<Replicas, sqlx::Error> {
         let replicas = Replicas {
             id: hex::encode(rand::random::<[u8; 8]>()),
             live: AtomicUsize::new(1),
         };
+        if sole {
+            sqlx::query("DELETE FROM replicas").execute(pool).await?;
+        }
         replicas.beat(pool).await?;
         Ok(replicas)
     }
