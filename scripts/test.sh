@@ -38,6 +38,12 @@ cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
 cargo test --locked --workspace --all-features --no-fail-fast
 # The control plane's tests again, on a private PostgreSQL instead of SQLite.
 BERTH_TEST_DATABASE=postgres cargo test --locked -p berth-control --all-features --no-fail-fast
+# Each test binary's private PostgreSQL is stopped and deleted by a watcher once the
+# binary has exited; give the last watchers time to finish (they poll every 0.2 s).
+for _ in $(seq 1 150); do
+    pgrep -f 'berth-pg-.*postmaster[.]pid' >/dev/null || break
+    sleep 0.2
+done
 
 leftovers >"$after"
 if new=$(comm -13 "$before" "$after") && [ -n "$new" ]; then
