@@ -56,8 +56,11 @@ impl Replicas {
             .expect("tempdir");
         let token = format!("berth_{}", hex_token());
         let join = format!("join_{}", hex_token());
+        // No idle connections kept: the API closes idle ones, and a request sent on one it
+        // has just closed fails without an answer (replica A is alive then).
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(120))
+            .pool_max_idle_per_host(0)
             .build()
             .expect("client");
         let spawn = |name: &str| {
