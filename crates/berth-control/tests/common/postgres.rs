@@ -90,11 +90,26 @@ fn run(command: &mut Command, what: &str) {
     );
 }
 
+/// A free loopback port below the kernel's ephemeral range, so that no client socket
+/// can be given it before `postgres` binds it (a `bind(:0)` port can be).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let low = 10_000.min(ephemeral_low / 2);
+    let span = ephemeral_low - low;
+    // Offset from the other harness's ports, which start at the same pid-based base.
+    let base = std::process::id().wrapping_mul(7919).wrapping_add(span / 2) % span;
+    for _ in 0..span {
+        let port = low + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port below {ephemeral_low}");
 }
 
 impl Cluster {

@@ -1,7 +1,6 @@
 //! A cluster of separate processes for end-to-end tests: one `berth server` and
 //! `berth agent`s from the built binary, each with its own data dir and capacity.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,15 +9,8 @@ use berth_api::{Machine, Worker, WorkerStatus};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+pub use super::free_port;
 use super::BERTH;
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 pub struct Process {
     pub child: Option<Child>,
