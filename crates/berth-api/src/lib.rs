@@ -999,8 +999,8 @@ pub struct Worker {
     /// `null` until the worker's first heartbeat (and again after a control plane restart).
     #[serde(default)]
     pub last_heartbeat: Option<String>,
-    /// The worker's last drain, while it runs and after it ended (until the control plane
-    /// restarts); absent when it was never drained.
+    /// The worker's last drain, while it runs and after it ended; absent when it was
+    /// never drained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainProgress>,
 }

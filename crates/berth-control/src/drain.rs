@@ -1,72 +1,57 @@
 //! Draining a worker: cordon it, then move every Machine it holds elsewhere, a few at a
-//! time. Progress is kept in memory and shown on the worker; a Machine that cannot move
-//! stays where it is and is listed with the error it met.
+//! time. A Machine that cannot move stays where it is and is listed with the error it met.
+//!
+//! The progress is a row of `drains`, so every replica shows the same one and a second
+//! drain of the worker is refused whichever replica it reaches. The row names the replica
+//! running the drain; once that replica is no longer live, the settling loop of another
+//! takes the drain over and goes on with the Machines still on the worker.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
 use berth_api::{DrainFailure, DrainProgress, DrainState, MigrateMachineRequest, Worker};
 use futures::StreamExt;
+use sqlx::Row;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::replicas::{not_live, Replicas};
 use crate::store::MachineIndexRow;
 use crate::{format_ms, now_ms, ControlPlane, Shared};
 
 /// Moves at once during a drain: each is disk- and network-bound on two workers.
 const DRAIN_CONCURRENCY: usize = 4;
 
-/// The last drain of each worker.
+pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS drains (
+        worker TEXT PRIMARY KEY NOT NULL,
+        replica TEXT,
+        state TEXT NOT NULL,
+        progress TEXT NOT NULL
+    )"];
+
+const DRAINING: &str = "draining";
+
+/// The drains this replica runs. Each update changes the copy here and writes it whole to
+/// the row under the same lock, so rows are written in the order of the changes.
 #[derive(Default)]
 pub(crate) struct Drains {
-    by_worker: StdMutex<HashMap<String, DrainProgress>>,
+    running: tokio::sync::Mutex<HashMap<String, DrainProgress>>,
 }
 
-impl Drains {
-    pub(crate) fn get(&self, worker: &str) -> Option<DrainProgress> {
-        self.by_worker
-            .lock()
-            .ok()
-            .and_then(|map| map.get(worker).cloned())
+fn state_text(state: DrainState) -> &'static str {
+    match state {
+        DrainState::Draining => DRAINING,
+        DrainState::Drained => "drained",
+        DrainState::Incomplete => "incomplete",
     }
+}
 
-    fn update(&self, worker: &str, change: impl FnOnce(&mut DrainProgress)) {
-        if let Ok(mut map) = self.by_worker.lock() {
-            if let Some(progress) = map.get_mut(worker) {
-                change(progress);
-            }
-        }
-    }
-
-    /// Starts tracking a drain; `false` when one already runs.
-    fn begin(&self, worker: &str, total: u64) -> bool {
-        let Ok(mut map) = self.by_worker.lock() else {
-            return false;
-        };
-        if map
-            .get(worker)
-            .is_some_and(|progress| progress.state == DrainState::Draining)
-        {
-            return false;
-        }
-        map.insert(
-            worker.to_owned(),
-            DrainProgress {
-                state: DrainState::Draining,
-                started_at: format_ms(now_ms()),
-                finished_at: None,
-                total,
-                left: total,
-                moving: 0,
-                moved: 0,
-                failed: Vec::new(),
-            },
-        );
-        true
-    }
+fn progress_of(row: &sqlx::any::AnyRow) -> Option<DrainProgress> {
+    let text: String = row.try_get("progress").ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 #[utoipa::path(get, path = "/workers/{name}", tag = "workers", params(("name" = String, Path)),
@@ -78,7 +63,7 @@ pub(crate) async fn get_worker(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Worker>, ApiError> {
     principal.require_admin()?;
-    control.worker_view(&name).map(Json)
+    control.worker_view(&name).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/workers/{name}/drain", tag = "workers", params(("name" = String, Path)),
@@ -93,7 +78,7 @@ pub(crate) async fn drain_worker(
     principal.require_admin()?;
     control.set_worker_cordon(&name, true).await?;
     let machines = control.store.machines_on(&name).await?;
-    if !control.drains.begin(&name, machines.len() as u64) {
+    if !control.begin_drain(&name, machines.len() as u64).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "drain_running",
@@ -103,18 +88,167 @@ pub(crate) async fn drain_worker(
     let draining = control.clone();
     let worker = name.clone();
     tokio::spawn(async move { draining.drain(&worker, machines).await });
-    Ok((StatusCode::ACCEPTED, Json(control.worker_view(&name)?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(control.worker_view(&name).await?),
+    ))
 }
 
 impl ControlPlane {
     /// The worker as the API shows it, with its drain.
-    pub(crate) fn worker_view(&self, name: &str) -> Result<Worker, ApiError> {
+    pub(crate) async fn worker_view(&self, name: &str) -> Result<Worker, ApiError> {
         let mut worker = self
             .workers
             .view(name)
             .ok_or_else(|| ApiError::not_found(format!("worker {name:?}")))?;
-        worker.drain = self.drains.get(name);
+        worker.drain = self.drain_of(name).await?;
         Ok(worker)
+    }
+
+    /// The last drain of `worker`, as recorded.
+    async fn drain_of(&self, worker: &str) -> Result<Option<DrainProgress>, ApiError> {
+        let row = sqlx::query("SELECT progress FROM drains WHERE worker = $1")
+            .bind(worker)
+            .fetch_optional(self.store.pool())
+            .await?;
+        Ok(row.as_ref().and_then(progress_of))
+    }
+
+    /// The last drain of every worker that was drained.
+    pub(crate) async fn drains(&self) -> Result<HashMap<String, DrainProgress>, ApiError> {
+        let rows = sqlx::query("SELECT worker, progress FROM drains")
+            .fetch_all(self.store.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| Some((row.try_get("worker").ok()?, progress_of(row)?)))
+            .collect())
+    }
+
+    /// Records a new drain of `worker` for this replica; `false` when one already runs
+    /// on a live replica. One statement, so two replicas never both begin one.
+    async fn begin_drain(&self, worker: &str, total: u64) -> Result<bool, ApiError> {
+        let progress = DrainProgress {
+            state: DrainState::Draining,
+            started_at: format_ms(now_ms()),
+            finished_at: None,
+            total,
+            left: total,
+            moving: 0,
+            moved: 0,
+            failed: Vec::new(),
+        };
+        let mut running = self.drains.running.lock().await;
+        let begun = sqlx::query(&format!(
+            "INSERT INTO drains (worker, replica, state, progress) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (worker) DO UPDATE SET replica = excluded.replica,
+                 state = excluded.state, progress = excluded.progress
+             WHERE drains.state <> $3 OR {}",
+            not_live("drains.replica", 5)
+        ))
+        .bind(worker)
+        .bind(self.replicas.id())
+        .bind(DRAINING)
+        .bind(serde_json::to_string(&progress).unwrap_or_default())
+        .bind(Replicas::cutoff())
+        .execute(self.store.pool())
+        .await?;
+        if begun.rows_affected() != 1 {
+            return Ok(false);
+        }
+        running.insert(worker.to_owned(), progress);
+        Ok(true)
+    }
+
+    /// Changes this replica's drain of `worker` and records it. A write the store refuses
+    /// is logged: the next change writes the whole progress again.
+    async fn update_drain(&self, worker: &str, change: impl FnOnce(&mut DrainProgress)) {
+        let mut running = self.drains.running.lock().await;
+        let Some(progress) = running.get_mut(worker) else {
+            return;
+        };
+        change(progress);
+        let written = sqlx::query(
+            "UPDATE drains SET state = $1, progress = $2 WHERE worker = $3 AND replica = $4",
+        )
+        .bind(state_text(progress.state))
+        .bind(serde_json::to_string(&*progress).unwrap_or_default())
+        .bind(worker)
+        .bind(self.replicas.id())
+        .execute(self.store.pool())
+        .await;
+        if let Err(error) = written {
+            tracing::warn!(%worker, %error, "recording a drain's progress");
+        }
+        if progress.state != DrainState::Draining {
+            running.remove(worker);
+        }
+    }
+
+    /// Takes over the drains whose replica is no longer live, and goes on with each from
+    /// the Machines still on its worker. Called by the settling loop, after the dead
+    /// replica's moves were settled.
+    pub(crate) async fn resume_drains(self: &Arc<Self>) {
+        let rows = match sqlx::query(&format!(
+            "SELECT worker, progress FROM drains WHERE state = $1 AND {}",
+            not_live("replica", 2)
+        ))
+        .bind(DRAINING)
+        .bind(Replicas::cutoff())
+        .fetch_all(self.store.pool())
+        .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "reading drains to take over");
+                return;
+            }
+        };
+        for row in rows {
+            let (Ok(worker), Some(progress)) =
+                (row.try_get::<String, _>("worker"), progress_of(&row))
+            else {
+                continue;
+            };
+            if let Err(error) = self.clone().resume_drain(&worker, progress).await {
+                tracing::warn!(%worker, error = %error.body.message, "taking over a drain");
+            }
+        }
+    }
+
+    async fn resume_drain(
+        self: Arc<Self>,
+        worker: &str,
+        mut progress: DrainProgress,
+    ) -> Result<(), ApiError> {
+        let machines = self.store.machines_on(worker).await?;
+        // The dead replica's moves were settled: each Machine is on one worker or the
+        // other. What is still here is left to do.
+        progress.moving = 0;
+        progress.left = machines.len() as u64;
+        let mut running = self.drains.running.lock().await;
+        let taken = sqlx::query(&format!(
+            "UPDATE drains SET replica = $1, progress = $2 WHERE worker = $3 AND state = $4
+             AND {}",
+            not_live("replica", 5)
+        ))
+        .bind(self.replicas.id())
+        .bind(serde_json::to_string(&progress).unwrap_or_default())
+        .bind(worker)
+        .bind(DRAINING)
+        .bind(Replicas::cutoff())
+        .execute(self.store.pool())
+        .await?;
+        if taken.rows_affected() != 1 {
+            return Ok(());
+        }
+        running.insert(worker.to_owned(), progress);
+        drop(running);
+        tracing::info!(%worker, left = machines.len(), "took over the drain of a replica that is gone");
+        let draining = self.clone();
+        let worker = worker.to_owned();
+        tokio::spawn(async move { draining.drain(&worker, machines).await });
+        Ok(())
     }
 
     async fn drain(self: Arc<Self>, worker: &str, machines: Vec<MachineIndexRow>) {
@@ -122,23 +256,27 @@ impl ControlPlane {
             .map(|row| {
                 let control = self.clone();
                 async move {
-                    control.drains.update(worker, |progress| {
-                        progress.left -= 1;
-                        progress.moving += 1;
-                    });
+                    control
+                        .update_drain(worker, |progress| {
+                            progress.left = progress.left.saturating_sub(1);
+                            progress.moving += 1;
+                        })
+                        .await;
                     let moved = control.drain_one(worker, &row).await;
-                    control.drains.update(worker, |progress| {
-                        progress.moving -= 1;
-                        match moved {
-                            Ok(()) => progress.moved += 1,
-                            Err(error) => progress.failed.push(DrainFailure {
-                                machine: row.id.clone(),
-                                app: row.app.clone(),
-                                error: error.body.error.clone(),
-                                message: error.body.message.clone(),
-                            }),
-                        }
-                    });
+                    control
+                        .update_drain(worker, |progress| {
+                            progress.moving = progress.moving.saturating_sub(1);
+                            match moved {
+                                Ok(()) => progress.moved += 1,
+                                Err(error) => progress.failed.push(DrainFailure {
+                                    machine: row.id.clone(),
+                                    app: row.app.clone(),
+                                    error: error.body.error.clone(),
+                                    message: error.body.message.clone(),
+                                }),
+                            }
+                        })
+                        .await;
                 }
             })
             .buffer_unordered(DRAIN_CONCURRENCY);
@@ -151,17 +289,17 @@ impl ControlPlane {
             .await
             .map(|rows| rows.len())
             .unwrap_or(usize::MAX);
-        self.drains.update(worker, |progress| {
+        self.update_drain(worker, |progress| {
             progress.state = if remaining == 0 {
                 DrainState::Drained
             } else {
                 DrainState::Incomplete
             };
             progress.finished_at = Some(format_ms(now_ms()));
-        });
+        })
+        .await;
         tracing::info!(%worker, remaining, "drain ended");
     }
-
     /// Moves one Machine away; a Machine destroyed meanwhile counts as moved.
     async fn drain_one(&self, worker: &str, row: &MachineIndexRow) -> Result<(), ApiError> {
         self.moves.settled(&row.id).await?;

@@ -835,6 +835,7 @@ pub(crate) fn spawn_settling(control: &Arc<ControlPlane>) {
                 return;
             };
             control.settle_moves().await;
+            control.resume_drains().await;
         }
     });
 }

@@ -810,7 +810,7 @@ pub(crate) async fn list(
     State(control): State<Shared>,
     principal: Principal,
 ) -> Result<Json<Vec<Worker>>, ApiError> {
-    control.list_workers(&principal)
+    control.list_workers(&principal).await
 }
 
 #[utoipa::path(post, path = "/workers/{name}/cordon", tag = "workers", params(("name" = String, Path)),
@@ -898,8 +898,9 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn list_workers(&self, principal: &Principal) -> Result<Json<Vec<Worker>>, ApiError> {
+    async fn list_workers(&self, principal: &Principal) -> Result<Json<Vec<Worker>>, ApiError> {
         principal.require_admin()?;
+        let mut drains = self.drains().await?;
         let now = now_ms();
         let entries = self.workers.read();
         Ok(Json(
@@ -907,7 +908,7 @@ impl ControlPlane {
                 .iter()
                 .map(|(name, entry)| {
                     let mut worker = self.workers.to_api(name, entry, now);
-                    worker.drain = self.drains.get(name);
+                    worker.drain = drains.remove(name);
                     worker
                 })
                 .collect(),
@@ -923,7 +924,7 @@ impl ControlPlane {
     ) -> Result<Json<Worker>, ApiError> {
         principal.require_admin()?;
         self.set_worker_cordon(name, cordoned).await?;
-        self.worker_view(name).map(Json)
+        self.worker_view(name).await.map(Json)
     }
 
     /// Records the cordon and applies it to placement.

@@ -1,8 +1,9 @@
 //! Two control plane replicas on one PostgreSQL database, in one test process: tokens and
 //! limits changed through one are seen by the other at once (and after a lost listener),
 //! rate limits are split between them, an idempotent call or a move in flight on a live
-//! replica is left to it while a dead one's is taken over, and one replica at a time
-//! ingests a worker's usage journal.
+//! replica is left to it while a dead one's is taken over, a drain is shown by both and
+//! taken over from a dead replica, and one replica at a time ingests a worker's usage
+//! journal.
 //!
 //! These run on a private PostgreSQL whatever `BERTH_TEST_DATABASE` says: replicas need
 //! it. The last test is SQLite's: one process per file.
@@ -443,6 +444,109 @@ async fn the_settling_loop_leaves_a_live_replicas_move_alone_and_takes_over_a_de
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Checked against the code from before drains were recorded: B showed no drain for the
+/// worker A's peer was draining and began a second one (202), and the dead replica's
+/// drain was never finished by anyone.
+#[tokio::test]
+async fn a_drain_is_shown_by_every_replica_and_taken_over_from_a_dead_one() {
+    let (a, b, _) = two_replicas().await;
+    a.app(&a.admin, "web").await;
+    let first = a.machine(&a.admin, "web", false).await;
+    let second = a.machine(&a.admin, "web", false).await;
+    let pool = a.control.store().pool();
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_millis(),
+    )
+    .expect("ms");
+    sqlx::query("INSERT INTO replicas (id, seen_ms) VALUES ('elsewhere', $1)")
+        .bind(now + 60_000)
+        .execute(pool)
+        .await
+        .expect("replica");
+    let progress = json!({"state": "draining", "started_at": "2026-01-01T00:00:00Z",
+        "total": 2, "left": 2, "moving": 0, "moved": 0, "failed": []});
+    sqlx::query(
+        "INSERT INTO drains (worker, replica, state, progress)
+         VALUES ('local', 'elsewhere', 'draining', $1)",
+    )
+    .bind(progress.to_string())
+    .execute(pool)
+    .await
+    .expect("drain");
+    let http = reqwest::Client::new();
+    let drain_through = |base: String| {
+        let http = http.clone();
+        let token = a.admin.clone();
+        async move {
+            let (status, worker, _) = call(
+                &http,
+                &base,
+                &token,
+                Method::GET,
+                "/v1/workers/local",
+                &[],
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{worker}");
+            worker["drain"].clone()
+        }
+    };
+    for base in [&a.url, &b.url] {
+        assert_eq!(drain_through(base.clone()).await, progress);
+        let (status, body, _) = call(
+            &http,
+            base,
+            &a.admin,
+            Method::POST,
+            "/v1/workers/local/drain",
+            &[],
+            None,
+        )
+        .await;
+        assert_error(&(status, body), 409, "drain_running");
+    }
+    // Two rounds of both settling loops: a live replica's drain is left to it.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(drain_through(b.url.clone()).await, progress);
+
+    sqlx::query("UPDATE replicas SET seen_ms = 0 WHERE id = 'elsewhere'")
+        .execute(pool)
+        .await
+        .expect("dead");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ended = loop {
+        let drain = drain_through(b.url.clone()).await;
+        if drain["state"] != "draining" {
+            break drain;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead replica's drain never ended: {drain}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // One worker: nowhere to go, and each Machine says so.
+    assert_eq!(ended["state"], "incomplete", "{ended}");
+    let mut failed: Vec<&str> = ended["failed"]
+        .as_array()
+        .expect("failed")
+        .iter()
+        .map(|failure| {
+            assert_eq!(failure["error"], "insufficient_capacity", "{ended}");
+            failure["machine"].as_str().expect("machine")
+        })
+        .collect();
+    failed.sort_unstable();
+    let mut expected = vec![first.as_str(), second.as_str()];
+    expected.sort_unstable();
+    assert_eq!(failed, expected, "{ended}");
+    assert_eq!(drain_through(a.url.clone()).await, ended);
 }
 
 /// A replica whose listener lost its connection misses the notices sent meanwhile, so it
