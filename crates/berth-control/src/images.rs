@@ -134,7 +134,17 @@ pub(crate) async fn pull_scope(
         storage_left_bytes: Some(limit_mb.saturating_mul(1 << 20).saturating_sub(used)),
         storage_limit_mb: Some(limit_mb),
         charged_layers: layers.into_keys().collect(),
+        source: None,
     })
+}
+
+/// Whether any Machine on any worker holds `digest` (a worker that does not answer
+/// fails the call: its Machines might).
+pub(crate) async fn machines_use(control: &ControlPlane, digest: &str) -> Result<bool, ApiError> {
+    Ok(image_usage(control)
+        .await?
+        .iter()
+        .any(|entry| entry.image.digest == digest))
 }
 
 fn in_use(usage: &[ImageUsage]) -> InUse {
@@ -319,15 +329,29 @@ impl ControlPlane {
         body: axum::body::Body,
     ) -> Result<Json<ImageSummary>, ApiError> {
         principal.require_admin()?;
-        berth_image::ImageReference::parse(name).map_err(|error| {
-            let mut api = ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_image_ref",
-                error.to_string(),
-            );
-            api.body.field = Some("name".into());
-            api
-        })?;
+        let reference = match &self.shared_registry {
+            Some(_) => crate::shared_images::importable(name)?,
+            None => berth_image::ImageReference::parse(name).map_err(|error| {
+                let mut api = ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_image_ref",
+                    error.to_string(),
+                );
+                api.body.field = Some("name".into());
+                api
+            })?,
+        };
+        if self.shared_registry.is_none() && self.store.backend() == crate::store::Backend::Postgres
+        {
+            // Another replica could neither list nor serve an image kept on this one's disk.
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "image_store_not_shared",
+                "images cannot be imported while the control store is PostgreSQL (shared by \
+                 replicas) and no shared registry is set: start berth server with \
+                 --image-registry HOST[:PORT]",
+            ));
+        }
         let upload = tempfile::Builder::new()
             .prefix("import-")
             .tempfile_in(&self.scratch_dir)
@@ -356,6 +380,11 @@ impl ControlPlane {
                 .map_err(|error| storage_error(&error))?;
         }
         file.flush().await.map_err(|error| storage_error(&error))?;
+        if let Some(shared) = &self.shared_registry {
+            let summary = self.import_shared(shared, reference, upload.path()).await?;
+            drop(upload);
+            return Ok(Json(summary));
+        }
         let images = self.images.clone();
         let name = name.to_owned();
         let upload_path = upload.path().to_owned();
@@ -384,30 +413,15 @@ impl ControlPlane {
         if let Some(org) = principal.org() {
             return Ok(Json(org_images(self, org, &usage).await?));
         }
-        // Images are shared by the whole platform; the Machines using them are only shown
-        // to their own org.
-        let visible_apps: HashSet<String> = self
-            .store
-            .apps()
-            .await?
-            .into_iter()
-            .filter(|row| principal.can_see(&row.org_slug))
-            .map(|row| row.name)
-            .collect();
-        let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for entry in usage
-            .iter()
-            .filter(|entry| visible_apps.contains(&entry.app))
-        {
-            machines_by_digest
-                .entry(entry.image.digest.clone())
-                .or_default()
-                .push(entry.machine_id.clone());
+        let visible = self.visible_machines_by_digest(principal, &usage).await?;
+        if self.shared_registry.is_some() {
+            let mut images = self.shared_images().await?;
+            for image in &mut images {
+                image.machines = visible.get(&image.digest).cloned().unwrap_or_default();
+            }
+            return Ok(Json(images));
         }
-        for ids in machines_by_digest.values_mut() {
-            ids.sort();
-            ids.dedup();
-        }
+        let machines_by_digest = visible;
         let images = self.images.clone();
         let untagged: Vec<(String, String)> = usage
             .iter()
@@ -448,6 +462,38 @@ impl ControlPlane {
         ))
     }
 
+    /// The Machines using each digest, of those the caller may see. Images are shared by
+    /// the whole platform; the Machines using them are only shown to their own org.
+    async fn visible_machines_by_digest(
+        &self,
+        principal: &Principal,
+        usage: &[ImageUsage],
+    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+        let visible_apps: HashSet<String> = self
+            .store
+            .apps()
+            .await?
+            .into_iter()
+            .filter(|row| principal.can_see(&row.org_slug))
+            .map(|row| row.name)
+            .collect();
+        let mut machines_by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for entry in usage
+            .iter()
+            .filter(|entry| visible_apps.contains(&entry.app))
+        {
+            machines_by_digest
+                .entry(entry.image.digest.clone())
+                .or_default()
+                .push(entry.machine_id.clone());
+        }
+        for ids in machines_by_digest.values_mut() {
+            ids.sort();
+            ids.dedup();
+        }
+        Ok(machines_by_digest)
+    }
+
     /// Removes a tag, then whatever only it reached (admin only).
     pub(crate) async fn delete_image(
         &self,
@@ -456,6 +502,10 @@ impl ControlPlane {
     ) -> Result<StatusCode, ApiError> {
         principal.require_admin()?;
         ImageReference::parse(&name).map_err(|error| invalid_ref("name", &error))?;
+        if let Some(shared) = &self.shared_registry {
+            self.delete_shared(shared, &name).await?;
+            return Ok(StatusCode::NO_CONTENT);
+        }
         // Usage is read after the collection starts: see berth_image::gc.
         let collection = self.images.begin_collection().await;
         let in_use = in_use(&image_usage(self).await?);

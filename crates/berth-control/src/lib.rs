@@ -42,6 +42,7 @@ mod registry;
 mod replicas;
 mod robots;
 pub mod serve;
+pub mod shared_images;
 pub mod store;
 mod tenancy;
 mod timing;
@@ -81,6 +82,9 @@ pub struct ControlConfig {
     pub clock: ApiClock,
     /// How create picks a worker among those that fit.
     pub placement: Strategy,
+    /// The registry imported images are pushed to and agents pull them from, so that
+    /// several replicas share them; `None`: this process's own image store.
+    pub image_registry: Option<shared_images::SharedRegistry>,
 }
 
 impl ControlConfig {
@@ -95,6 +99,7 @@ impl ControlConfig {
             exec_max_output_bytes: DEFAULT_EXEC_OUTPUT_BYTES,
             clock: ApiClock::system(),
             placement: Strategy::default(),
+            image_registry: None,
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct ControlPlane {
     images: Arc<ImageStore>,
     puller: Arc<ImagePuller>,
     scratch_dir: PathBuf,
+    /// Where imports go and agents pull them from, when replicas share them.
+    shared_registry: Option<shared_images::SharedRegistry>,
     prices: Prices,
     placement: Strategy,
     /// One usage ingestion pass at a time (the background one or a query's).
@@ -163,6 +170,13 @@ impl ControlPlane {
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
         let sole = store.backend() == store::Backend::Sqlite;
+        if !sole && config.image_registry.is_none() {
+            tracing::warn!(
+                "the control store is PostgreSQL but no --image-registry is set: images \
+                 cannot be imported (409 image_store_not_shared), since other replicas \
+                 could not serve them"
+            );
+        }
         let replicas = replicas::Replicas::join(store.pool(), sole).await?;
         if sole {
             idempotency::abandon_unfinished(store.pool()).await?;
@@ -184,6 +198,7 @@ impl ControlPlane {
             images,
             puller,
             scratch_dir,
+            shared_registry: config.image_registry,
             prices: config.prices,
             placement: config.placement,
             ingest_lock: tokio::sync::Mutex::new(()),

@@ -636,7 +636,8 @@ impl ControlPlane {
                     .reserve(org, id, share(&request.config), &quotas)?,
             )
         };
-        let pull = crate::images::pull_scope(self, principal, org).await?;
+        let mut pull = crate::images::pull_scope(self, principal, org).await?;
+        pull.source = self.pull_source(&request.config.image).await?;
         let updated = self.worker(&row.worker)?.update(id, request, pull).await;
         // Start counts the size the worker now has; after a failed update it is not known
         // here, and the next start asks.
@@ -926,8 +927,10 @@ async fn create(
     app: &AppRow,
     request: CreateMachineRequest,
     id: String,
-    pull: berth_image::PullScope,
+    mut pull: berth_image::PullScope,
 ) -> Result<Machine, ApiError> {
+    // An imported image in the shared registry: pinned to the digest its name has now.
+    pull.source = control.pull_source(&request.config.image).await?;
     // A keyed create retried after the control plane died in the middle of it: the
     // Machine is already indexed (and pinned); ask its worker again, which answers a
     // repeated create of an id with the Machine it has, or makes it if it rolled back.

@@ -218,7 +218,14 @@ impl ControlPlane {
             hold.create_ended(false).await?;
             return Err(error);
         }
-        let moved = self.run_move(app, &source, &dest, &mut moving, began).await;
+        // The destination pulls the pinned digest; an imported one from the shared registry.
+        let pull = berth_image::PullScope {
+            source: self.pinned_source(&current.image_ref),
+            ..berth_image::PullScope::default()
+        };
+        let moved = self
+            .run_move(app, &source, &dest, &mut moving, pull, began)
+            .await;
         hold.create_ended(moved.is_ok()).await?;
         match moved {
             Ok(answer) => Ok(answer),
@@ -328,6 +335,7 @@ impl ControlPlane {
         source: &Arc<dyn WorkerService>,
         dest: &Arc<dyn WorkerService>,
         moving: &mut MoveRow,
+        pull: berth_image::PullScope,
         began: Instant,
     ) -> Result<MigrateMachineResponse, ApiError> {
         let id = moving.machine_id.clone();
@@ -355,7 +363,7 @@ impl ControlPlane {
                     url: self.workers.url(&moving.source),
                 },
                 export,
-                pull: berth_image::PullScope::default(),
+                pull,
             })))
             .await?;
         copied.add(&first);
@@ -764,7 +772,8 @@ impl ControlPlane {
             .migration_target(&row, &last, 0, request.to_worker)
             .await?;
         let dest = self.worker(&dest_name)?;
-        let pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
+        let mut pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
+        pull.source = self.pull_source(&last.config.image).await?;
         let answer = dest
             .migration(MigrationStep::Recreate {
                 request: Box::new(CreateOnWorker {

@@ -322,7 +322,8 @@ pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
         .chain(crate::usage::SCHEMA)
         .chain(crate::workers::SCHEMA)
         .chain(crate::replicas::SCHEMA)
-        .chain(crate::drain::SCHEMA);
+        .chain(crate::drain::SCHEMA)
+        .chain(crate::shared_images::SCHEMA);
     for statement in statements {
         sqlx::query(statement).execute(pool).await?;
     }

@@ -8,6 +8,7 @@
 pub mod build;
 pub mod gc;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod store;
 pub mod unpack;
@@ -18,8 +19,9 @@ pub use error::{ImageError, REGISTRY_RETRY_AFTER_MS};
 pub use gc::{Collection, InUse, Lease, PruneReport};
 pub use pull::{
     is_public_address, no_progress, ImagePuller, Progress, PullEvent, PullPlan, PullScope,
-    PullStatus, RegistryCredentials, RegistryOptions,
+    PullSource, PullStatus, RegistryCredentials, RegistryOptions,
 };
+pub use push::{delete_manifest, push_stored, Deleted, PushReport, PushTarget};
 pub use reference::ImageReference;
 pub use store::{ImageInfo, ImageStore, ResolvedImage, RuntimeConfig, PLATFORM_ARCH, PLATFORM_OS};
 pub use unpack::{

@@ -134,6 +134,11 @@ impl RegistryCredentials {
         );
     }
 
+    /// The user and password of `host`, if any.
+    pub fn of_host(&self, host: &str) -> Option<(String, String)> {
+        self.by_host.get(&normalize_host(host)).cloned()
+    }
+
     fn auth_for(&self, registry: &str) -> RegistryAuth {
         match self.by_host.get(&normalize_host(registry)) {
             Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
@@ -242,6 +247,69 @@ pub struct PullScope {
     /// Layer digests the org's Machines already use: already counted, not charged again.
     #[serde(default)]
     pub charged_layers: Vec<String>,
+    /// Where the image really comes from, when the control plane resolved its name in a
+    /// shared registry (images imported with several replicas). Absent: the name itself
+    /// says, as always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PullSource>,
+}
+
+/// An image the control plane pushed to a shared registry: the agent pulls this
+/// manifest by digest from there, and keeps the name it was asked for.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullSource {
+    /// `host[:port]` of the registry.
+    pub registry: String,
+    /// The repository in that registry.
+    pub repository: String,
+    /// `sha256:<hex>` of the manifest the name resolved to.
+    pub digest: String,
+    /// Plain HTTP (loopback always is).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Basic credentials, when the registry needs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for PullSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        f.debug_struct("PullSource")
+            .field("registry", &self.registry)
+            .field("repository", &self.repository)
+            .field("digest", &self.digest)
+            .field("insecure", &self.insecure)
+            .field("username", &self.username)
+            .finish()
+    }
+}
+
+impl PullSource {
+    /// The reference pulled: `registry/repository@digest`.
+    pub fn reference(&self) -> ImageReference {
+        ImageReference {
+            registry: Some(self.registry.clone()),
+            repository: self.repository.clone(),
+            tag: None,
+            digest: Some(self.digest.clone()),
+        }
+    }
+
+    fn serves(&self, registry: &str) -> bool {
+        normalize_host(&self.registry) == normalize_host(registry)
+    }
+
+    fn auth(&self) -> Option<RegistryAuth> {
+        match (&self.username, &self.password) {
+            (Some(user), Some(password)) => {
+                Some(RegistryAuth::Basic(user.clone(), password.clone()))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl PullScope {
@@ -506,6 +574,11 @@ impl ImagePuller {
         progress: Progress,
         scope: &PullScope,
     ) -> Result<ResolvedImage, ImageError> {
+        if let Some(source) = &scope.source {
+            return self
+                .resolve_from_source(name, source, lease, progress, scope)
+                .await;
+        }
         let Some(reference) = self.remote_reference(name)? else {
             let store = self.store.clone();
             let name = name.to_string();
@@ -528,6 +601,32 @@ impl ImagePuller {
         self.fetch(plan, lease, progress).await
     }
 
+    /// `name` as the control plane resolved it in a shared registry: the pinned digest,
+    /// from the store when stored, else pulled from `source`; the image keeps `name`.
+    async fn resolve_from_source(
+        &self,
+        name: &str,
+        source: &PullSource,
+        lease: &Lease,
+        progress: Progress,
+        scope: &PullScope,
+    ) -> Result<ResolvedImage, ImageError> {
+        let reference = ImageReference::parse(name)?;
+        let remote = source.reference();
+        if self.store.blob_path(digest_hex(&source.digest)).is_file() {
+            let store = self.store.clone();
+            let lease = lease.clone();
+            let digest = source.digest.clone();
+            let resolved = blocking(move || store.load(reference, &digest, &lease)).await?;
+            self.check_stored(&resolved, scope)?;
+            return Ok(resolved);
+        }
+        let plan = self.plan_scoped(&remote, lease, scope).await?;
+        let mut resolved = self.fetch(plan, lease, progress).await?;
+        resolved.reference = reference;
+        Ok(resolved)
+    }
+
     /// The org quota for an image found in the store: its layers the org does not
     /// use yet must fit in what it may still store.
     fn check_stored(&self, image: &ResolvedImage, scope: &PullScope) -> Result<(), ImageError> {
@@ -545,15 +644,16 @@ impl ImagePuller {
     /// Refuses, for an org token, a registry the operator does not allow: one not on
     /// the allow-list (when there is one), or one with any address that is not public
     /// (unless listed). Every address the name resolves to is checked.
-    async fn check_registry(&self, registry: &str) -> Result<(), ImageError> {
+    async fn check_registry(&self, registry: &str, scope: &PullScope) -> Result<(), ImageError> {
         // The default registry is the operator's own choice (for agents, the control
-        // plane's): always allowed.
+        // plane's): always allowed; so is the shared registry the control plane names.
         let listed = self
             .options
             .allowed
             .iter()
             .chain(&self.options.default_registry)
-            .any(|host| insecure_host_matches(host, registry));
+            .any(|host| insecure_host_matches(host, registry))
+            || scope.source.as_ref().is_some_and(|s| s.serves(registry));
         let refused = || ImageError::RegistryRefused {
             registry: registry.to_string(),
         };
@@ -580,12 +680,16 @@ impl ImagePuller {
         Ok(())
     }
 
-    fn client(&self, registry: &str) -> Result<Client, ImageError> {
+    fn client(&self, registry: &str, scope: &PullScope) -> Result<Client, ImageError> {
         let mut clients = lock(&self.clients);
         if let Some(client) = clients.get(registry) {
             return Ok(client.clone());
         }
         let plain_http = is_loopback_registry(registry)
+            || scope
+                .source
+                .as_ref()
+                .is_some_and(|s| s.insecure && s.serves(registry))
             || self
                 .options
                 .insecure
@@ -639,7 +743,7 @@ impl ImagePuller {
                 .await
                 .map_err(|e| e.error);
         }
-        self.check_registry(&registry).await?;
+        self.check_registry(&registry, scope).await?;
         match self
             .plan_inner(reference, lease, scope, registry.clone())
             .await
@@ -670,8 +774,13 @@ impl ImagePuller {
         scope: &PullScope,
         registry: String,
     ) -> Result<PullPlan, PlanError> {
-        let client = self.client(&registry)?;
-        let auth = self.options.credentials.auth_for(&registry);
+        let client = self.client(&registry, scope)?;
+        let auth = scope
+            .source
+            .as_ref()
+            .filter(|s| s.serves(&registry))
+            .and_then(PullSource::auth)
+            .unwrap_or_else(|| self.options.credentials.auth_for(&registry));
         let top = match (&reference.digest, &reference.tag) {
             (Some(digest), _) => Reference::with_digest(
                 registry.clone(),
@@ -970,7 +1079,7 @@ impl ImagePuller {
     ) -> Result<(), ImageError> {
         self.blobs_downloaded.fetch_add(1, Ordering::Relaxed);
         let registry = &plan.registry;
-        let client = self.client(registry)?;
+        let client = self.client(registry, &plan.scope)?;
         let (file, tmp) = self.store.new_tmp_file("pull-")?;
         let mut out = tokio::fs::File::from_std(file);
         let mut stream = client
@@ -1188,7 +1297,11 @@ fn registry_socket_name(registry: &str) -> String {
 }
 
 /// Maps a registry client error onto the API's codes.
-fn registry_error(registry: &str, what: &str, error: OciDistributionError) -> ImageError {
+pub(crate) fn registry_error(
+    registry: &str,
+    what: &str,
+    error: OciDistributionError,
+) -> ImageError {
     let unauthorized = |message: String| ImageError::RegistryUnauthorized {
         registry: registry.to_string(),
         message,

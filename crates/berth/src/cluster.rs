@@ -38,8 +38,37 @@ pub struct ServerArgs {
     /// How create picks a worker among those with room.
     #[arg(long, value_enum, default_value_t = Placement::Spread)]
     placement: Placement,
+    /// A registry the replicas share (HOST[:PORT][/NAMESPACE]): `image import` pushes
+    /// there and agents pull imported images from there. Needed to import images when
+    /// --database is PostgreSQL.
+    #[arg(long, value_name = "HOST[:PORT][/NAMESPACE]")]
+    image_registry: Option<String>,
+    /// Credentials for --image-registry: a docker-style config.json
+    /// (`{"auths": {"host": {"auth": …}}}`), as `berth up --registry-auth` reads.
+    #[arg(long, value_name = "FILE", requires = "image_registry")]
+    image_registry_auth: Option<PathBuf>,
+    /// A registry to reach over plain HTTP (loopback always is); may be repeated.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
     #[command(flatten)]
     api: ApiServeOptions,
+}
+
+/// `--image-registry` with its credentials, checked before anything starts.
+fn image_registry(
+    args: &ServerArgs,
+) -> Result<Option<berth_control::shared_images::SharedRegistry>> {
+    let Some(text) = &args.image_registry else {
+        return Ok(None);
+    };
+    let credentials = match &args.image_registry_auth {
+        Some(path) => berth_image::RegistryCredentials::load(path)
+            .with_context(|| format!("--image-registry-auth {}", path.display()))?,
+        None => berth_image::RegistryCredentials::default(),
+    };
+    berth_control::shared_images::SharedRegistry::parse(text, &args.insecure_registry, &credentials)
+        .map(Some)
+        .map_err(|error| anyhow!("--image-registry: {error}"))
 }
 
 /// Limits of the API's HTTP server that hold before auth (`berth up`, `berth server`).
@@ -103,6 +132,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     )?);
     let mut config = ControlConfig::new(data_dir.clone(), admin_token, join_token);
     config.placement = args.placement.into();
+    config.image_registry = image_registry(&args)?;
     if let Some(database) = args.database {
         tracing::info!(%database, "control store");
         config.database = Some(database);

@@ -361,3 +361,61 @@ fn a_postgres_restart_under_load_answers_store_unavailable_and_heals() {
     let replicas = Arc::try_unwrap(replicas).unwrap_or_else(|_| panic!("still shared"));
     replicas.teardown();
 }
+
+/// An image imported through A is pushed to the shared registry (`--image-registry`,
+/// basic auth): with A killed (-9), a Machine of it is created and started through B on
+/// an agent that never had it, which pulls it from that registry with the credentials B
+/// sends, and runs it. Checked to fail without the change by sending agents no pull
+/// source (the control plane's resolution turned off): the create through B answered 503
+/// `registry_unreachable` (the agent's default registry is A's `/v2`, dead).
+#[test]
+fn an_image_imported_through_a_runs_through_b_after_a_is_killed() {
+    let mut replicas = Replicas::start(&["w1"]);
+    let layout = tempfile::tempdir().expect("tempdir");
+    common::busybox_image_with(&[("/etc/marker", "from the shared registry")])
+        .write_layout(&layout.path().join("img"))
+        .expect("layout");
+    let a = replicas.a.url.clone();
+    replicas.import(&a, &layout.path().join("img"), "demo/late:1");
+    let (status, tags) = {
+        let (user, password) = replicas.registry.credentials().expect("credentials");
+        let response = replicas
+            .http
+            .get(format!(
+                "http://{}/v2/demo/late/tags/list",
+                replicas.registry.host()
+            ))
+            .basic_auth(user, Some(password))
+            .send()
+            .expect("registry");
+        (
+            response.status().as_u16(),
+            response.json::<serde_json::Value>().unwrap_or_default(),
+        )
+    };
+    assert_eq!((status, &tags["tags"]), (200, &json!(["1"])), "{tags}");
+
+    replicas.a.process.kill();
+    let b = replicas.b.url.clone();
+    let (status, made) = replicas.call(
+        &b,
+        Method::POST,
+        "/v1/apps/fleet/machines",
+        Some(
+            json!({"config": {"image": "demo/late:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"}}}),
+        ),
+    );
+    assert_eq!(status, 200, "{made}\n{}", replicas.logs());
+    assert_eq!(made["state"], json!("started"), "{made}");
+    let id = made["id"].as_str().expect("id").to_owned();
+    let (status, exec) = replicas.call(
+        &b,
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/exec"),
+        Some(json!({"cmd": ["cat", "/etc/marker"]})),
+    );
+    assert_eq!(status, 200, "{exec}");
+    assert_eq!(exec["stdout"], json!("from the shared registry"), "{exec}");
+    replicas.teardown();
+}

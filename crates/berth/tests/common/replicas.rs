@@ -1,6 +1,7 @@
 //! Two `berth server` replicas on one private PostgreSQL, sharing the admin and join
-//! tokens (the same files in each data dir), and `berth agent`s given both URLs.
-//! Replica B starts once the agents have joined through A, so it finds them in the store.
+//! tokens (the same files in each data dir) and a private `docker-registry` (with basic
+//! auth) for imported images, and `berth agent`s given both URLs. Replica B starts once
+//! the agents have joined through A, so it finds them in the store.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,6 +25,8 @@ pub struct Replica {
 pub struct Replicas {
     pub dir: tempfile::TempDir,
     pub database: postgres::Cluster,
+    /// Where imports are pushed and agents pull them from (`--image-registry`).
+    pub registry: berth_testkit::Registry,
     pub a: Replica,
     pub b: Replica,
     pub agents: Vec<super::cluster::Agent>,
@@ -46,7 +49,7 @@ fn write_token(dir: &Path, name: &str, token: &str) {
 
 impl Replicas {
     /// Two replicas, the agents `names` (8 CPUs, 4 GiB each), busybox imported through
-    /// both as `demo/busybox:1`, and the app `fleet`.
+    /// A as `demo/busybox:1` (into the shared registry), and the app `fleet`.
     pub fn start(names: &[&str]) -> Replicas {
         let database = postgres::Cluster::start();
         let url = database.url("postgres");
@@ -54,6 +57,21 @@ impl Replicas {
             .prefix("berth-replicas-")
             .tempdir()
             .expect("tempdir");
+        let registry = berth_testkit::Registry::start_with_htpasswd("berth", "registry-secret")
+            .expect("registry");
+        let registry_auth = dir.path().join("registry-auth.json");
+        std::fs::write(
+            &registry_auth,
+            json!({"auths": {registry.host(): {"username": "berth", "password": "registry-secret"}}})
+                .to_string(),
+        )
+        .expect("auth file");
+        let shared_registry: Vec<String> = vec![
+            "--image-registry".into(),
+            registry.host(),
+            "--image-registry-auth".into(),
+            registry_auth.display().to_string(),
+        ];
         let token = format!("berth_{}", hex_token());
         let join = format!("join_{}", hex_token());
         // No idle connections kept: the API closes idle ones, and a request sent on one it
@@ -76,7 +94,10 @@ impl Replicas {
                 data_dir.display().to_string(),
                 "--database".into(),
                 url.clone(),
-            ];
+            ]
+            .into_iter()
+            .chain(shared_registry.iter().cloned())
+            .collect();
             let process = Process::spawn(&args, dir.path().join(format!("{name}.log")));
             let replica = Replica {
                 url: format!("http://127.0.0.1:{port}"),
@@ -124,6 +145,7 @@ impl Replicas {
         let mut replicas = Replicas {
             dir,
             database,
+            registry,
             b: Replica {
                 url: b_url.clone(),
                 args: Vec::new(),
@@ -157,7 +179,10 @@ impl Replicas {
             data_dir.display().to_string(),
             "--database".into(),
             url,
-        ];
+        ]
+        .into_iter()
+        .chain(shared_registry)
+        .collect();
         replicas.b = Replica {
             url: b_url,
             process: Process::spawn(&args, replicas.dir.path().join("server-b.log")),
@@ -168,21 +193,11 @@ impl Replicas {
         super::busybox_image()
             .write_layout(&layout.path().join("img"))
             .expect("layout");
-        for replica in [&replicas.a, &replicas.b] {
-            let output = Command::new(BERTH)
-                .args(["image", "import"])
-                .arg(layout.path().join("img"))
-                .args(["--name", "demo/busybox:1"])
-                .env("BERTH_API_URL", &replica.url)
-                .env("BERTH_TOKEN", &replicas.token)
-                .output()
-                .expect("import");
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        replicas.import(
+            &replicas.a.url,
+            &layout.path().join("img"),
+            "demo/busybox:1",
+        );
         let (status, body) = replicas.call(
             &replicas.a.url,
             Method::POST,
@@ -191,6 +206,23 @@ impl Replicas {
         );
         assert_eq!(status, 201, "{body}");
         replicas
+    }
+
+    /// `berth image import DIR --name NAME` through `base`.
+    pub fn import(&self, base: &str, layout: &Path, name: &str) {
+        let output = Command::new(BERTH)
+            .args(["image", "import"])
+            .arg(layout)
+            .args(["--name", name])
+            .env("BERTH_API_URL", base)
+            .env("BERTH_TOKEN", &self.token)
+            .output()
+            .expect("import");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     pub fn call(
