@@ -234,10 +234,20 @@ pub fn mount(layout: &VolumeLayout) -> io::Result<()> {
     }
     // A loop device still on the image means its filesystem is alive somewhere (a copy
     // of the mount in another mount namespace outlived ours): mount that one, the same
-    // filesystem, never a second instance over the same file.
-    if let Some(name) = loop_devices_of(&layout.image())?.next() {
+    // filesystem, never a second instance over the same file. A device whose last mount
+    // just went (a restart after a kill) is still listed while the kernel's autoclear
+    // detaches it, and mounting it then fails with EIO or ENXIO: wait for it to go.
+    for _ in 0..400 {
+        let Some(name) = loop_devices_of(&layout.image())?.next() else {
+            break;
+        };
         let path = Path::new("/dev").join(name);
-        return mount_device(&path, &target);
+        match mount_ext4(&path, &target) {
+            Err(rustix::io::Errno::IO | rustix::io::Errno::NXIO) => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            mounted => return mounted.map_err(|e| mount_error(e, &path, &target)),
+        }
     }
     let image = OpenOptions::new()
         .read(true)
@@ -252,7 +262,7 @@ pub fn mount(layout: &VolumeLayout) -> io::Result<()> {
     mounted
 }
 
-fn mount_device(device: &Path, target: &Path) -> io::Result<()> {
+fn mount_ext4(device: &Path, target: &Path) -> rustix::io::Result<()> {
     rustix::mount::mount(
         device,
         target,
@@ -260,12 +270,17 @@ fn mount_device(device: &Path, target: &Path) -> io::Result<()> {
         rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
         "",
     )
-    .map_err(|e| {
-        io::Error::new(
-            errno(e).kind(),
-            format!("mount {} on {}: {e}", device.display(), target.display()),
-        )
-    })
+}
+
+fn mount_device(device: &Path, target: &Path) -> io::Result<()> {
+    mount_ext4(device, target).map_err(|e| mount_error(e, device, target))
+}
+
+fn mount_error(e: rustix::io::Errno, device: &Path, target: &Path) -> io::Error {
+    io::Error::new(
+        errno(e).kind(),
+        format!("mount {} on {}: {e}", device.display(), target.display()),
+    )
 }
 
 /// Takes a free loop device and backs it with `image`.
