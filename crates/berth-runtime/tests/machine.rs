@@ -744,7 +744,7 @@ async fn machine_outlives_the_process_that_started_it(driver: Driver) {
     );
     assert_ne!(ppid(started.shim_pid), std::process::id().to_string());
     let before = f
-        .wait_logs("tick 3\n", Duration::from_secs(10))
+        .wait_logs("tick 3\n", Duration::from_secs(30))
         .lines()
         .count();
     tokio::time::sleep(Duration::from_millis(400)).await;
