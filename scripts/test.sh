@@ -36,14 +36,36 @@ leftovers >"$before"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
 cargo test --locked --workspace --all-features --no-fail-fast
-# The control plane's tests again, on a private PostgreSQL instead of SQLite.
-BERTH_TEST_DATABASE=postgres cargo test --locked -p berth-control --all-features --no-fail-fast
+# The control plane's tests and the end-to-end suite again, on a private PostgreSQL
+# instead of SQLite: the binaries built above, run as cargo runs them (from their
+# crate's directory), so nothing is built twice. The replica tests use PostgreSQL
+# whatever the setting, and ran above.
+postgres_failed=0
+postgres_ran=0
+while read -r crate binary; do
+    echo "     Running $binary on PostgreSQL"
+    (cd "crates/$crate" && BERTH_TEST_DATABASE=postgres "$binary") || postgres_failed=1
+    postgres_ran=$((postgres_ran + 1))
+done < <(cargo test --locked --workspace --all-features --no-run --message-format=json 2>/dev/null |
+    grep -E '"package_id":"[^"]*/crates/(berth|berth-control)#' |
+    grep -vE '"name":"(replicas|replica_ops|store_postgres)"' |
+    sed -nE 's|.*"package_id":"[^"]*/crates/([a-z-]+)#.*"executable":"([^"]+/deps/[^"]+)".*|\1 \2|p')
+# A broken listing would otherwise run nothing and pass.
+if [ "$postgres_ran" -lt 30 ]; then
+    echo "only $postgres_ran test binaries were found for the PostgreSQL pass" >&2
+    exit 1
+fi
 # Each test binary's private PostgreSQL is stopped and deleted by a watcher once the
 # binary has exited; give the last watchers time to finish (they poll every 0.2 s).
 for _ in $(seq 1 150); do
     pgrep -f 'berth-pg-.*postmaster[.]pid' >/dev/null || break
     sleep 0.2
 done
+
+if [ "$postgres_failed" -ne 0 ]; then
+    echo "tests failed on PostgreSQL" >&2
+    exit 1
+fi
 
 leftovers >"$after"
 if new=$(comm -13 "$before" "$after") && [ -n "$new" ]; then

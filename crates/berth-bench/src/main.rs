@@ -206,6 +206,7 @@ async fn run(args: Args) -> Result<usize> {
         allow_host_ports: Vec::new(),
         placement: berth_core::placement::Strategy::default(),
         disk_quota: Default::default(),
+        database: None,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -341,8 +341,7 @@ impl ControlPlane {
                 api
             })?,
         };
-        if self.shared_registry.is_none() && self.store.backend() == crate::store::Backend::Postgres
-        {
+        if self.shared_registry.is_none() && !self.sole {
             // Another replica could neither list nor serve an image kept on this one's disk.
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

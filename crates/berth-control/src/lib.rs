@@ -85,6 +85,10 @@ pub struct ControlConfig {
     /// The registry imported images are pushed to and agents pull them from, so that
     /// several replicas share them; `None`: this process's own image store.
     pub image_registry: Option<shared_images::SharedRegistry>,
+    /// This process is the only control plane on its database, whatever the backend
+    /// (`berth up`, which also runs the workers): an earlier run's claims are abandoned
+    /// at start and its images may stay on its own disk. A SQLite file is always so.
+    pub sole: bool,
 }
 
 impl ControlConfig {
@@ -100,6 +104,7 @@ impl ControlConfig {
             clock: ApiClock::system(),
             placement: Strategy::default(),
             image_registry: None,
+            sole: false,
         }
     }
 }
@@ -116,6 +121,8 @@ pub struct ControlPlane {
     scratch_dir: PathBuf,
     /// Where imports go and agents pull them from, when replicas share them.
     shared_registry: Option<shared_images::SharedRegistry>,
+    /// The only control plane on its database (see [`ControlConfig::sole`]).
+    sole: bool,
     prices: Prices,
     placement: Strategy,
     /// One usage ingestion pass at a time (the background one or a query's).
@@ -169,7 +176,7 @@ impl ControlPlane {
         let store = ControlStore::connect(&database).await?;
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
-        let sole = store.backend() == store::Backend::Sqlite;
+        let sole = config.sole || store.backend() == store::Backend::Sqlite;
         if !sole && config.image_registry.is_none() {
             tracing::warn!(
                 "the control store is PostgreSQL but no --image-registry is set: images \
@@ -199,6 +206,7 @@ impl ControlPlane {
             puller,
             scratch_dir,
             shared_registry: config.image_registry,
+            sole,
             prices: config.prices,
             placement: config.placement,
             ingest_lock: tokio::sync::Mutex::new(()),

@@ -137,6 +137,8 @@ pub struct PlatformOptions {
     pub placement: berth_core::placement::Strategy,
     /// Whether each Machine's disk gets a quota.
     pub disk_quota: QuotaMode,
+    /// Where the control plane keeps its state; `control.db` in the data dir when `None`.
+    pub database: Option<berth_control::store::Database>,
 }
 
 pub struct LocalPlatform {
@@ -201,6 +203,9 @@ impl LocalPlatform {
             ControlConfig::new(data_dir.clone(), admin_token.clone(), join_token);
         control_config.prices = options.prices;
         control_config.placement = options.placement;
+        control_config.database = options.database.clone();
+        // One process with its workers: never a replica beside others.
+        control_config.sole = true;
         if let Some(bytes) = options.exec_max_output_bytes {
             control_config.exec_max_output_bytes = bytes;
         }

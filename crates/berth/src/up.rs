@@ -66,6 +66,12 @@ pub struct UpArgs {
     /// In-process workers, each with its own data dir, for trying placement on one host.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Where the control plane keeps orgs, tokens, apps and the Machine index:
+    /// sqlite://PATH (the default is control.db in --data-dir) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DB, as `berth server --database`. `berth up` is
+    /// one process: its database is its own, never shared with `berth server` replicas.
+    #[arg(long, value_name = "URL", value_parser = berth_control::store::Database::parse)]
+    database: Option<berth_control::store::Database>,
     /// CPUs each in-process worker offers (default: 8 per host core).
     #[arg(long)]
     worker_cpus: Option<u32>,
@@ -219,6 +225,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         allow_host_ports: args.allow_host_ports.clone(),
         placement: args.placement.into(),
         disk_quota: args.disk_quota,
+        database: args.database.clone(),
     })
     .await?;
     let token_path = platform.data_dir.join("admin-token");

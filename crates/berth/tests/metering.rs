@@ -78,30 +78,15 @@ fn assert_billed_within(billed: f64, run: Run) {
 
 /// (kind, basis) of each journal entry of a Machine, as ingested by the control plane.
 fn ledger(platform: &Platform, machine: &str) -> Vec<(String, Option<String>)> {
-    let db = platform.data_dir.path().join("control.db");
-    let machine = machine.to_owned();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async move {
+    common::control_store_rows(
+        &platform.control_store,
+        "SELECT kind, basis FROM usage_ledger WHERE machine_id = $1 ORDER BY seq",
+        &[machine],
+        |row| {
             use sqlx::Row;
-            let url = format!("sqlite://{}?mode=ro", db.display());
-            let pool = sqlx::SqlitePool::connect(&url)
-                .await
-                .expect("open control.db");
-            let rows = sqlx::query(
-                "SELECT kind, basis FROM usage_ledger WHERE machine_id = ? ORDER BY seq",
-            )
-            .bind(machine)
-            .fetch_all(&pool)
-            .await
-            .expect("ledger");
-            pool.close().await;
-            rows.into_iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect()
-        })
+            (row.get(0), row.get(1))
+        },
+    )
 }
 
 fn count(entries: &[(String, Option<String>)], kind: &str) -> usize {

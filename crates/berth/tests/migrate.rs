@@ -761,30 +761,15 @@ fn volume_holders(cluster: &Cluster, id: &str) -> Vec<String> {
 
 /// (worker, kind, at_ms) of each journal entry of `id` the control plane has taken in.
 fn ledger_of(cluster: &Cluster, id: &str) -> Vec<(String, String, i64)> {
-    let db = cluster.dir.path().join("server").join("control.db");
-    let id = id.to_owned();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async move {
+    common::control_store_rows(
+        &cluster.control_store,
+        "SELECT worker, kind, at_ms FROM usage_ledger WHERE machine_id = $1 ORDER BY worker, seq",
+        &[id],
+        |row| {
             use sqlx::Row;
-            let url = format!("sqlite://{}?mode=ro", db.display());
-            let pool = sqlx::SqlitePool::connect(&url)
-                .await
-                .expect("open control.db");
-            let rows = sqlx::query(
-                "SELECT worker, kind, at_ms FROM usage_ledger WHERE machine_id = ? ORDER BY worker, seq",
-            )
-            .bind(id)
-            .fetch_all(&pool)
-            .await
-            .expect("ledger");
-            pool.close().await;
-            rows.into_iter()
-                .map(|row| (row.get(0), row.get(1), row.get(2)))
-                .collect()
-        })
+            (row.get(0), row.get(1), row.get(2))
+        },
+    )
 }
 
 /// Files of many kinds on the volume at `/data`.

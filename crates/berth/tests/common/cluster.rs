@@ -73,6 +73,8 @@ pub struct Cluster {
     pub server: Process,
     pub agents: Vec<Agent>,
     pub http: reqwest::blocking::Client,
+    /// Where the server keeps its state, as a URL to read it with.
+    pub control_store: String,
 }
 
 impl Cluster {
@@ -83,13 +85,17 @@ impl Cluster {
             .expect("tempdir");
         let port = free_port();
         let server_dir = dir.path().join("server");
-        let server_args: Vec<String> = vec![
+        let (database_args, control_store) = super::control_database(&server_dir);
+        let server_args: Vec<String> = [
             "server".into(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--data-dir".into(),
             server_dir.display().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(database_args)
+        .collect();
         let server = Process::spawn(&server_args, dir.path().join("server.log"));
         let api_url = format!("http://127.0.0.1:{port}");
         let http = reqwest::blocking::Client::builder()
@@ -127,6 +133,7 @@ impl Cluster {
             server,
             agents: Vec::new(),
             http,
+            control_store,
         };
         for (name, cpus, memory_mb) in capacities {
             let data_dir = cluster.dir.path().join(name);

@@ -14,6 +14,8 @@ use berth_image::build::{busybox_layer, Compression, ImageBuilder, LayerBuilder}
 use serde_json::Value;
 
 pub mod cluster;
+#[path = "../../../berth-control/tests/common/postgres.rs"]
+pub mod postgres;
 pub mod replicas;
 
 pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
@@ -32,6 +34,67 @@ pub struct Platform {
     up_args: Vec<String>,
     /// The data dir is a size-limited tmpfs of this platform's own, unmounted last.
     small_disk: bool,
+    /// Where its control plane keeps its state, as a URL to read it with.
+    pub control_store: String,
+}
+
+/// `--database` for a control plane of this run, and the URL to read its store with: a
+/// fresh database in this test binary's private PostgreSQL when `BERTH_TEST_DATABASE` is
+/// `postgres`, else the SQLite file in `data_dir` (read-only).
+pub fn control_database(data_dir: &Path) -> (Vec<String>, String) {
+    if !postgres::postgres_selected() {
+        let file = data_dir.join("control.db");
+        return (Vec::new(), format!("sqlite://{}?mode=ro", file.display()));
+    }
+    // Its own thread and runtime: callers may be inside an async test.
+    let url = std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(postgres::fresh_database())
+    })
+    .join()
+    .expect("a fresh database");
+    (vec!["--database".to_owned(), url.clone()], url)
+}
+
+/// The rows of `sql` (with `$N` placeholders bound to `binds`) in a control plane's store,
+/// read on SQLite and PostgreSQL alike.
+pub fn control_store_rows<T: Send + 'static>(
+    url: &str,
+    sql: &str,
+    binds: &[&str],
+    read: impl Fn(&sqlx::any::AnyRow) -> T + Send + 'static,
+) -> Vec<T> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    let binds: Vec<String> = binds.iter().map(|bind| bind.to_string()).collect();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                sqlx::any::install_default_drivers();
+                let pool = sqlx::any::AnyPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                    .expect("open the control store");
+                let mut query = sqlx::query(&sql);
+                for bind in binds {
+                    query = query.bind(bind);
+                }
+                let rows = query
+                    .fetch_all(&pool)
+                    .await
+                    .expect("query the control store");
+                pool.close().await;
+                rows.iter().map(read).collect()
+            })
+    })
+    .join()
+    .expect("control store query")
 }
 
 /// A loopback port that is free now and lies below the kernel's ephemeral range.
@@ -75,6 +138,8 @@ impl Platform {
         if !up_args.iter().any(|arg| arg == "--proxy-listen") {
             up_args.extend(["--proxy-listen".to_owned(), proxy_listen.clone()]);
         }
+        let (database_args, control_store) = control_database(data_dir.path());
+        up_args.extend(database_args);
         let mut platform = Platform {
             data_dir,
             api_url,
@@ -88,6 +153,7 @@ impl Platform {
                 .expect("http client"),
             up_args,
             small_disk: false,
+            control_store,
         };
         platform.boot();
         platform
@@ -108,6 +174,7 @@ impl Platform {
         )
         .expect("mount a small tmpfs");
         let proxy_listen = format!("127.0.0.1:{}", free_port());
+        let (database_args, control_store) = control_database(data_dir.path());
         let mut platform = Platform {
             data_dir,
             api_url: format!("http://127.0.0.1:{}", free_port()),
@@ -120,13 +187,17 @@ impl Platform {
                 .build()
                 .expect("http client"),
             // Placement reserves 1 GiB per Machine; let the disk itself say when it is full.
-            up_args: vec![
+            up_args: [
                 "--worker-disk-mb".into(),
                 "100000".into(),
                 "--proxy-listen".into(),
                 proxy_listen,
-            ],
+            ]
+            .into_iter()
+            .chain(database_args)
+            .collect(),
             small_disk: true,
+            control_store,
         };
         platform.boot();
         platform

@@ -13,8 +13,7 @@ use serde_json::{json, Value};
 use super::cluster::{free_port, Process};
 use super::BERTH;
 
-#[path = "../../../berth-control/tests/common/postgres.rs"]
-pub mod postgres;
+use super::postgres;
 
 pub struct Replica {
     pub url: String,
