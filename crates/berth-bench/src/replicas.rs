@@ -209,15 +209,19 @@ async fn on_postgres(
 /// from the kill to the client's first answer from B.
 async fn failover(fleet: &mut Fleet, path: &str) -> Result<Duration> {
     let (a, b) = (fleet.servers[0].url.clone(), fleet.servers[1].url.clone());
-    let client = Client::new(&format!("{a},{b}"), fleet.client.token())?;
     // A restarted replica answers once it has read the workers back (within a second).
+    // A fresh client each try: one that went on to B stays there.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get::<Machine>(path).await.is_err() || client.current_url() != a {
+    let client = loop {
+        let client = Client::new(&format!("{a},{b}"), fleet.client.token())?;
+        if client.get::<Machine>(path).await.is_ok() && client.current_url() == a {
+            break client;
+        }
         if Instant::now() > deadline {
             bail!("replica A never answered GET {path}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     let killed_at: Arc<OnceLock<Instant>> = Arc::default();
     let looping = tokio::spawn({
         let (killed_at, path) = (killed_at.clone(), path.to_owned());
