@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::summary;
 
 /// What one closed-loop load run saw.
-struct Load {
+pub(crate) struct Load {
     latencies: Vec<Duration>,
     by_status: std::collections::BTreeMap<u16, usize>,
     elapsed: Duration,
@@ -28,13 +28,37 @@ async fn load(
     concurrency: usize,
     duration: Duration,
 ) -> Result<Load> {
+    load_spread(
+        http,
+        method,
+        &[url.to_owned()],
+        token,
+        concurrency,
+        duration,
+    )
+    .await
+}
+
+/// [`load`] with connection `n` sending to `urls[n % urls.len()]`: the same path on
+/// several replicas.
+pub(crate) async fn load_spread(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    urls: &[String],
+    token: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Load> {
+    if urls.is_empty() {
+        anyhow::bail!("no URL to load");
+    }
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
+    for connection in 0..concurrency {
         let http = http.clone();
         let method = method.clone();
-        let url = url.to_owned();
+        let url = urls[connection % urls.len()].clone();
         let token = token.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -70,7 +94,7 @@ async fn load(
     Ok(out)
 }
 
-fn report(load: &Load) -> Value {
+pub(crate) fn report(load: &Load) -> Value {
     let mut value = summary(&load.latencies);
     value["requests_per_s"] =
         json!((load.latencies.len() as f64 / load.elapsed.as_secs_f64()).round());

@@ -182,11 +182,92 @@ async fn reqwest_health(api_url: &str) -> Result<()> {
     }
 }
 
+/// How a [`Fleet`]'s control plane runs.
+pub(crate) struct Control {
+    /// Every server's `--database` (`None`: each keeps its SQLite file in its data dir).
+    pub database: Option<String>,
+    /// How many `berth server` replicas (at least one); each agent is given every URL.
+    pub replicas: usize,
+}
+
+impl Control {
+    /// One `berth server` on SQLite, as `berth server` runs by default.
+    pub fn single() -> Control {
+        Control {
+            database: None,
+            replicas: 1,
+        }
+    }
+}
+
+/// One `berth server` process of a [`Fleet`], which can be killed and started again.
+pub(crate) struct Server {
+    pub url: String,
+    berth: PathBuf,
+    args: Vec<OsString>,
+    log: PathBuf,
+    log_level: String,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn spawn(&mut self) -> Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        self.child = Some(
+            Command::new(&self.berth)
+                .args(&self.args)
+                .env("BERTH_LOG", &self.log_level)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()?,
+        );
+        Ok(())
+    }
+
+    async fn wait_healthy(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest_health(&self.url).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("berth server {} did not start", self.url);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crashed host would go: no shutdown of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with the same arguments, and waits until it answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_healthy().await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A `berth server` and named `berth agent` processes from the binary beside this one,
 /// each with its own data dir under the scratch dir and its log in `<prefix>-<name>.log`
 /// there. `shutdown` (or a drop) kills them; `shutdown` also removes the workers' networks.
 pub(crate) struct Fleet {
     processes: Processes,
+    /// The `berth server` replicas; `client` talks to the first.
+    pub servers: Vec<Server>,
     pub client: Client,
     pub workers: Vec<Worker>,
     /// Each worker's name and data dir.
@@ -196,6 +277,18 @@ pub(crate) struct Fleet {
 
 impl Fleet {
     pub async fn start(scratch: &Path, prefix: &str, names: &[&str], log: &str) -> Result<Fleet> {
+        Fleet::start_with(scratch, prefix, names, log, Control::single()).await
+    }
+
+    /// The agents join through the first server; the others start once they have joined,
+    /// with the first one's admin and join tokens.
+    pub async fn start_with(
+        scratch: &Path,
+        prefix: &str,
+        names: &[&str],
+        log: &str,
+        control: Control,
+    ) -> Result<Fleet> {
         let berth = std::env::current_exe()?.with_file_name("berth");
         if !berth.is_file() {
             bail!(
@@ -204,32 +297,37 @@ impl Fleet {
             );
         }
         let mut logs = Vec::new();
-        let mut spawn = |name: &str, args: Vec<OsString>| -> Result<Child> {
-            let path = scratch.join(format!("{prefix}-{name}.log"));
-            let file = std::fs::File::create(&path)?;
-            logs.push(path);
-            Ok(Command::new(&berth)
-                .args(args)
-                .env("BERTH_LOG", log)
-                .stdin(Stdio::null())
-                .stdout(file.try_clone()?)
-                .stderr(file)
-                .spawn()?)
-        };
-        let port = free_port()?;
-        let server_dir = scratch.join(format!("{prefix}-server"));
-        let mut processes = Processes(Vec::new());
-        processes.0.push(spawn(
-            "server",
-            vec![
+        let mut servers = Vec::new();
+        for index in 0..control.replicas.max(1) {
+            let name = match index {
+                0 => "server".to_owned(),
+                _ => format!("server-{index}"),
+            };
+            let port = free_port()?;
+            let mut args: Vec<OsString> = vec![
                 "server".into(),
                 "--listen".into(),
                 format!("127.0.0.1:{port}").into(),
                 "--data-dir".into(),
-                server_dir.clone().into(),
-            ],
-        )?);
-        let api_url = format!("http://127.0.0.1:{port}");
+                scratch.join(format!("{prefix}-{name}")).into(),
+            ];
+            if let Some(database) = &control.database {
+                args.extend(["--database".into(), database.into()]);
+            }
+            let path = scratch.join(format!("{prefix}-{name}.log"));
+            logs.push(path.clone());
+            servers.push(Server {
+                url: format!("http://127.0.0.1:{port}"),
+                berth: berth.clone(),
+                args,
+                log: path,
+                log_level: log.to_owned(),
+                child: None,
+            });
+        }
+        let server_dir = scratch.join(format!("{prefix}-server"));
+        servers[0].spawn()?;
+        let api_url = servers[0].url.clone();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !server_dir.join("join-token").is_file() || reqwest_health(&api_url).await.is_err() {
             if Instant::now() > deadline {
@@ -243,6 +341,24 @@ impl Fleet {
         let join = std::fs::read_to_string(server_dir.join("join-token"))?
             .trim()
             .to_owned();
+        let control_urls = servers
+            .iter()
+            .map(|server| server.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut spawn = |name: &str, args: Vec<OsString>| -> Result<Child> {
+            let path = scratch.join(format!("{prefix}-{name}.log"));
+            let file = std::fs::File::create(&path)?;
+            logs.push(path);
+            Ok(Command::new(&berth)
+                .args(args)
+                .env("BERTH_LOG", log)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()?)
+        };
+        let mut processes = Processes(Vec::new());
         let mut agent_dirs = Vec::new();
         for name in names {
             let data_dir = scratch.join(format!("{prefix}-{name}"));
@@ -251,7 +367,7 @@ impl Fleet {
                 vec![
                     "agent".into(),
                     "--control-url".into(),
-                    api_url.clone().into(),
+                    control_urls.clone().into(),
                     "--join-token".into(),
                     join.clone().into(),
                     "--listen".into(),
@@ -286,8 +402,17 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        for (index, server) in servers.iter_mut().enumerate().skip(1) {
+            let dir = scratch.join(format!("{prefix}-server-{index}"));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("admin-token"), &admin)?;
+            std::fs::write(dir.join("join-token"), &join)?;
+            server.spawn()?;
+            server.wait_healthy().await?;
+        }
         Ok(Fleet {
             processes,
+            servers,
             client,
             workers,
             agent_dirs,
@@ -330,8 +455,12 @@ impl Fleet {
     /// agents leave them for the next start of the same worker).
     pub fn shutdown(self) {
         let Fleet {
-            processes, workers, ..
+            processes,
+            servers,
+            workers,
+            ..
         } = self;
+        drop(servers);
         drop(processes);
         for worker in &workers {
             remove_network(&berth::platform::bridge_name(&worker.machine_prefix));

@@ -1,4 +1,5 @@
 //! `cargo run --release -p berth-bench -- [--quick] [--out FILE] [--check]`, as root.
+//! Other modes (`--api-only`, `--cluster-only`, `--replicas-only` and more) measure one part alone.
 //!
 //! The start harness: Berth's create, start, stop, concurrent starts and density through
 //! its HTTP API (the same in-process platform `berth up` runs), and in the same run the
@@ -27,6 +28,7 @@ mod cluster;
 mod harness;
 mod migrate;
 mod peers;
+mod replicas;
 mod report;
 mod spec;
 mod stats;
@@ -83,13 +85,25 @@ struct Args {
     /// `berth server` and two `berth agent` processes.
     #[arg(long)]
     migrate_only: bool,
+    /// Only the replicated control plane: start through a `berth server` replica on a
+    /// private PostgreSQL against one on SQLite, GET machine at 32 connections over two
+    /// replicas, and failover after `kill -9` of one (needs Debian's postgresql).
+    #[arg(long)]
+    replicas_only: bool,
     /// With --migrate-only: where to copy the server's and agents' logs.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
 }
 
 /// Sections that other modes write into the same file; a start-harness run keeps them.
-const OTHER_MODES_SECTIONS: &[&str] = &["api", "metering", "usage_query", "cluster", "migrate"];
+const OTHER_MODES_SECTIONS: &[&str] = &[
+    "api",
+    "metering",
+    "usage_query",
+    "cluster",
+    "migrate",
+    "replicas",
+];
 
 fn main() -> Result<()> {
     // The platform re-executes this binary as each Machine's shim.
@@ -102,7 +116,9 @@ fn main() -> Result<()> {
     if args.cycles.is_some_and(|cycles| cycles < 2) {
         bail!("--cycles must be at least 2");
     }
-    if args.check && (args.api_only || args.metering_only || args.cluster_only) {
+    if args.check
+        && (args.api_only || args.metering_only || args.cluster_only || args.replicas_only)
+    {
         bail!("--check holds the start harness (or --migrate-only) to its targets; run it without the other --*-only modes");
     }
     let missed = tokio::runtime::Builder::new_multi_thread()
@@ -176,6 +192,20 @@ async fn run(args: Args) -> Result<usize> {
         } else {
             0
         });
+    }
+    if args.replicas_only {
+        let sizes = match args.quick {
+            true => replicas::Sizes::quick(cycles),
+            false => replicas::Sizes::full(cycles),
+        };
+        let figures = replicas::measure(sizes, scratch.path()).await?;
+        // Keep the figures of the last full run beside these.
+        let mut merged = read_report(&args.out);
+        merge_replicas(&mut merged, figures);
+        write_report(&args.out, &merged)?;
+        println!("{}", replicas::markdown(&merged["replicas"]));
+        println!("written to {}", args.out.display());
+        return Ok(0);
     }
     let runc = find_program(&args.runc).context("runc not found; install it")?;
     let shim_command: Vec<OsString> =
@@ -325,9 +355,25 @@ async fn run(args: Args) -> Result<usize> {
         }
     }
     let previous = read_report(&args.out);
-    for section in OTHER_MODES_SECTIONS.iter().chain(migrate::KEYS) {
+    for section in OTHER_MODES_SECTIONS
+        .iter()
+        .chain(migrate::KEYS)
+        .chain(replicas::KEYS)
+    {
         if !previous[*section].is_null() {
             report[*section] = previous[*section].clone();
+        }
+    }
+    // Last, on processes of its own: the replicated control plane.
+    let replica_sizes = match args.quick {
+        true => replicas::Sizes::quick(cycles),
+        false => replicas::Sizes::full(cycles),
+    };
+    match replicas::measure(replica_sizes, scratch.path()).await {
+        Ok(figures) => merge_replicas(&mut report, figures),
+        Err(error) => {
+            eprintln!("the replicated control plane not measured: {error:#}");
+            report["unavailable"]["replicas"] = json!(format!("{error:#}"));
         }
     }
     let chart_path = args
@@ -348,11 +394,22 @@ async fn run(args: Args) -> Result<usize> {
     }
     write_report(&args.out, &report)?;
     println!("{}", report::markdown(&report));
+    if report["replicas"].is_object() {
+        println!("{}", replicas::markdown(&report["replicas"]));
+    }
     println!("written to {}", args.out.display());
     if !args.check {
         return Ok(0);
     }
     Ok(check(&report, spec::TARGETS))
+}
+
+/// The replicas section, and its headline figures at the top level.
+fn merge_replicas(report: &mut Value, figures: Value) {
+    for key in replicas::KEYS {
+        report[*key] = figures[*key].clone();
+    }
+    report["replicas"] = figures;
 }
 
 /// Prints each target's verdict; answers how many were missed.

@@ -714,6 +714,14 @@ impl ControlStore {
     }
 
     pub async fn insert_volume(&self, row: &VolumeIndexRow) -> Result<(), sqlx::Error> {
+        ControlStore::insert_volume_on(&self.pool, row).await
+    }
+
+    /// [`ControlStore::insert_volume`] on `executor` (a connection or transaction).
+    pub(crate) async fn insert_volume_on<'e>(
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        row: &VolumeIndexRow,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO volumes (id, app, worker, size_gb) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE SET app = excluded.app, worker = excluded.worker,
@@ -723,16 +731,25 @@ impl ControlStore {
         .bind(&row.app)
         .bind(&row.worker)
         .bind(i64::from(row.size_gb))
-        .execute(&self.pool)
+        .execute(executor)
         .await?;
         Ok(())
     }
 
     pub async fn set_volume_size(&self, id: &str, size_gb: u32) -> Result<(), sqlx::Error> {
+        ControlStore::set_volume_size_on(&self.pool, id, size_gb).await
+    }
+
+    /// [`ControlStore::set_volume_size`] on `executor`.
+    pub(crate) async fn set_volume_size_on<'e>(
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        id: &str,
+        size_gb: u32,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE volumes SET size_gb = $1 WHERE id = $2")
             .bind(i64::from(size_gb))
             .bind(id)
-            .execute(&self.pool)
+            .execute(executor)
             .await?;
         Ok(())
     }
@@ -767,12 +784,20 @@ impl ControlStore {
 
     /// How many volumes the org's apps have, and their provisioned GB summed.
     pub async fn org_volume_totals(&self, org: &str) -> Result<(u64, u64), sqlx::Error> {
+        ControlStore::org_volume_totals_on(&self.pool, org).await
+    }
+
+    /// [`ControlStore::org_volume_totals`] on `executor`.
+    pub(crate) async fn org_volume_totals_on<'e>(
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        org: &str,
+    ) -> Result<(u64, u64), sqlx::Error> {
         let row = sqlx::query(
             "SELECT COUNT(*), CAST(COALESCE(SUM(volumes.size_gb), 0) AS BIGINT) FROM volumes
              JOIN apps ON volumes.app = apps.name WHERE apps.org_slug = $1",
         )
         .bind(org)
-        .fetch_one(&self.pool)
+        .fetch_one(executor)
         .await?;
         Ok((
             u64::try_from(row.get::<i64, _>(0)).unwrap_or(0),
@@ -781,11 +806,20 @@ impl ControlStore {
     }
 
     pub async fn volume(&self, app: &str, id: &str) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
+        ControlStore::volume_on(&self.pool, app, id).await
+    }
+
+    /// [`ControlStore::volume`] on `executor`.
+    pub(crate) async fn volume_on<'e>(
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        app: &str,
+        id: &str,
+    ) -> Result<Option<VolumeIndexRow>, sqlx::Error> {
         let row =
             sqlx::query("SELECT id, app, worker, size_gb FROM volumes WHERE app = $1 AND id = $2")
                 .bind(app)
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(executor)
                 .await?;
         Ok(row.as_ref().map(volume_row))
     }

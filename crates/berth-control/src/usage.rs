@@ -11,7 +11,8 @@
 //! lock keyed by the worker for its transaction, and a replica that finds it held skips
 //! that worker this round. The key and the cursor would make a second pass harmless; the
 //! lock saves the duplicate pull, and a replica that dies mid-pass loses its transaction
-//! and its lock together.
+//! and its lock together. A usage report does not skip: it waits (bounded) for the other
+//! pass to end and then pulls itself, so it misses nothing journaled before it was asked.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -143,6 +144,10 @@ pub enum Pass {
     Busy,
 }
 
+/// How long a usage report waits, over all workers, for other replicas' passes to end: a
+/// pass pulls one batch, normally over in milliseconds. Below the pool's statement timeout.
+pub const REPORT_WAIT: Duration = Duration::from_millis(2000);
+
 /// One pass over `worker`'s journal: reads the cursor, pulls what follows with `pull`,
 /// and ingests it. On PostgreSQL the whole pass is one transaction holding an advisory
 /// lock keyed by the worker, so one replica at a time pulls a given worker's journal and
@@ -157,6 +162,39 @@ where
     Pull: FnOnce(u64) -> Pulled,
     Pulled: std::future::Future<Output = Result<Vec<UsageRecord>, String>>,
 {
+    pass(store, worker, Duration::ZERO, pull).await
+}
+
+/// [`ingest_pass`], but when another replica's pass over the worker is running, waits up
+/// to `wait` for it to end and then pulls; [`Pass::Busy`] only when it outlasts `wait`.
+pub async fn ingest_pass_waiting<Pull, Pulled>(
+    store: &ControlStore,
+    worker: &str,
+    wait: Duration,
+    pull: Pull,
+) -> Result<Pass, String>
+where
+    Pull: FnOnce(u64) -> Pulled,
+    Pulled: std::future::Future<Output = Result<Vec<UsageRecord>, String>>,
+{
+    pass(store, worker, wait, pull).await
+}
+
+/// PostgreSQL's `lock_not_available`: `lock_timeout` passed while waiting for a lock.
+fn lock_timed_out(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("55P03"))
+}
+
+async fn pass<Pull, Pulled>(
+    store: &ControlStore,
+    worker: &str,
+    wait: Duration,
+    pull: Pull,
+) -> Result<Pass, String>
+where
+    Pull: FnOnce(u64) -> Pulled,
+    Pulled: std::future::Future<Output = Result<Vec<UsageRecord>, String>>,
+{
     let text = |error: sqlx::Error| error.to_string();
     let pool = store.pool();
     if store.backend() == Backend::Sqlite {
@@ -165,12 +203,33 @@ where
         return Ok(Pass::Pulled(batch.len()));
     }
     let mut transaction = pool.begin().await.map_err(text)?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
-        .bind(INGEST_LOCK_CLASS)
-        .bind(worker)
-        .fetch_one(&mut *transaction)
-        .await
-        .map_err(text)?;
+    let wait_ms = wait.as_millis();
+    let locked = if wait_ms == 0 {
+        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+            .bind(INGEST_LOCK_CLASS)
+            .bind(worker)
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(text)?
+    } else {
+        // Bounded by the server, for the transaction only: a wait that runs out fails its
+        // statement cleanly, where dropping a future mid-query would not.
+        sqlx::query(&format!("SET LOCAL lock_timeout = {wait_ms}"))
+            .execute(&mut *transaction)
+            .await
+            .map_err(text)?;
+        let waited =
+            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) AS locked")
+                .bind(INGEST_LOCK_CLASS)
+                .bind(worker)
+                .execute(&mut *transaction)
+                .await;
+        match waited {
+            Ok(_) => true,
+            Err(error) if lock_timed_out(&error) => false,
+            Err(error) => return Err(text(error)),
+        }
+    };
     if !locked {
         return Ok(Pass::Busy);
     }
@@ -345,14 +404,29 @@ pub async fn intervals(
         .collect())
 }
 
-/// Pulls every worker's journal until it is drained.
-pub(crate) async fn ingest_all(control: &ControlPlane) {
+/// Pulls every worker's journal until it is drained. With `wait`, a worker that another
+/// replica is ingesting is waited for, all of them within `wait` in total; answers the
+/// workers still busy then (without `wait`, the ones skipped).
+pub(crate) async fn ingest_all(control: &ControlPlane, wait: Duration) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + wait;
     let _one_at_a_time = control.ingest_lock.lock().await;
+    let mut busy = Vec::new();
     for (name, worker) in control.workers.all() {
         loop {
-            match ingest_worker(control, &name, worker.as_ref()).await {
+            // At least a millisecond: zero would skip instead of waiting.
+            let left = match wait.is_zero() {
+                true => Duration::ZERO,
+                false => deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(1)),
+            };
+            match ingest_worker(control, &name, worker.as_ref(), left).await {
                 Ok(Pass::Pulled(count)) if count == INGEST_BATCH as usize => continue,
-                Ok(_) => break,
+                Ok(Pass::Pulled(_)) => break,
+                Ok(Pass::Busy) => {
+                    busy.push(name.clone());
+                    break;
+                }
                 Err(error) => {
                     warn!(worker = %name, %error, "ingesting usage; will retry");
                     break;
@@ -360,14 +434,16 @@ pub(crate) async fn ingest_all(control: &ControlPlane) {
             }
         }
     }
+    busy
 }
 
 async fn ingest_worker(
     control: &ControlPlane,
     name: &str,
     worker: &dyn WorkerService,
+    wait: Duration,
 ) -> Result<Pass, String> {
-    ingest_pass(&control.store, name, |after| async move {
+    pass(&control.store, name, wait, |after| async move {
         worker
             .usage_since(after, INGEST_BATCH)
             .await
@@ -385,7 +461,8 @@ pub(crate) fn spawn_ingestion(control: &std::sync::Arc<ControlPlane>) {
             let Some(control) = weak.upgrade() else {
                 return;
             };
-            ingest_all(&control).await;
+            // Skips a worker another replica is ingesting: the next round comes soon.
+            ingest_all(&control, Duration::ZERO).await;
         }
     });
 }
@@ -612,7 +689,20 @@ impl ControlPlane {
                 ))
             }
         };
-        ingest_all(self).await;
+        // Everything journaled before this request is in the ledger before it is summed.
+        let busy = ingest_all(self, REPORT_WAIT).await;
+        if !busy.is_empty() {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "usage_busy",
+                format!(
+                    "another replica is still ingesting the usage of worker(s) {}; ask again",
+                    busy.join(", ")
+                ),
+            );
+            error.body.retry_after_ms = Some(1000);
+            return Err(error);
+        }
         let window = Window { from_ms, to_ms };
         let groups = match group_by {
             // Summed in SQL: no interval leaves the database.

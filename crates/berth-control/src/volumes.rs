@@ -17,7 +17,7 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, OptionalJson};
 use crate::limits::{self, Action};
-use crate::store::VolumeIndexRow;
+use crate::store::{Backend, ControlStore, VolumeIndexRow};
 use crate::{ControlPlane, Shared};
 
 #[utoipa::path(post, path = "/apps/{app}/volumes", tag = "volumes",
@@ -160,7 +160,63 @@ fn volume_not_found(id: &str) -> ApiError {
     )
 }
 
+/// An org's volume quotas, held for one check and the write it admits: this process's
+/// lock of the org, and on PostgreSQL also a transaction holding the org's advisory lock,
+/// so that no two replicas can both take the last of the quota.
+struct VolumeQuotaLock {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    held: Held,
+}
+
+enum Held {
+    /// SQLite: one process, whose lock is enough; each statement commits on its own.
+    Connection(sqlx::pool::PoolConnection<sqlx::Any>),
+    Transaction(sqlx::Transaction<'static, sqlx::Any>),
+}
+
+impl VolumeQuotaLock {
+    fn connection(&mut self) -> &mut sqlx::AnyConnection {
+        match &mut self.held {
+            Held::Connection(connection) => connection,
+            Held::Transaction(transaction) => transaction,
+        }
+    }
+
+    /// Keeps what was written under the lock and lets the lock go.
+    async fn release(self) -> Result<(), sqlx::Error> {
+        match self.held {
+            Held::Connection(_) => Ok(()),
+            Held::Transaction(transaction) => transaction.commit().await,
+        }
+    }
+}
+
 impl ControlPlane {
+    /// Takes `org`'s volume quota lock. Its own advisory key: volume quotas do not
+    /// contend with the starts of the org (`berth-org:`).
+    async fn lock_volume_quota(&self, org: &str) -> Result<VolumeQuotaLock, ApiError> {
+        // The process's lock first: a replica's own creates queue here, not on pool
+        // connections blocked in the database.
+        let local = self.lock_org(org).await;
+        let held = match self.store.backend() {
+            Backend::Sqlite => Held::Connection(self.store.pool().acquire().await?),
+            Backend::Postgres => {
+                let mut transaction = self.store.pool().begin().await?;
+                sqlx::query(
+                    "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended('berth-org-volumes:' || $1, 0))) AS locked",
+                )
+                .bind(org)
+                .execute(&mut *transaction)
+                .await?;
+                Held::Transaction(transaction)
+            }
+        };
+        Ok(VolumeQuotaLock {
+            _local: local,
+            held,
+        })
+    }
+
     /// The app's volume and its worker, after the app's access and rate checks.
     async fn volume(
         &self,
@@ -235,11 +291,12 @@ impl ControlPlane {
             size_gb,
         };
         {
-            // The count and the insert happen under the org's lock: no two creates can
-            // both take the last of the quota.
+            // The count and the insert happen under the org's lock, on every replica: no
+            // two creates can both take the last of the quota.
             let quotas = self.limits_of(&org).quotas;
-            let _org = self.lock_org(&org).await;
-            let (volumes, volume_gb) = self.store.org_volume_totals(&org).await?;
+            let mut lock = self.lock_volume_quota(&org).await?;
+            let (volumes, volume_gb) =
+                ControlStore::org_volume_totals_on(lock.connection(), &org).await?;
             if volumes >= quotas.max_volumes {
                 return Err(limits::exceeded("max_volumes", quotas.max_volumes, volumes));
             }
@@ -251,7 +308,8 @@ impl ControlPlane {
                 ));
             }
             // Indexed first: a create whose answer is lost still has its volume found.
-            self.store.insert_volume(&row).await?;
+            ControlStore::insert_volume_on(lock.connection(), &row).await?;
+            lock.release().await?;
         }
         // Billed to the org from the worker's first journal entry of it.
         crate::usage::record_owner(self.store.pool(), &id, app, &org).await?;
@@ -332,16 +390,15 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::not_found(format!("app {app:?}")))?;
         let quotas = self.limits_of(&org).quotas;
         let reserved_from = {
-            let _org = self.lock_org(&org).await;
+            let mut lock = self.lock_volume_quota(&org).await?;
             // Read again under the lock: another extend may have reserved meanwhile.
-            let current = self
-                .store
-                .volume(app, &row.id)
+            let current = ControlStore::volume_on(lock.connection(), app, &row.id)
                 .await?
                 .ok_or_else(|| volume_not_found(&row.id))?
                 .size_gb;
             if size_gb > current {
-                let (_, volume_gb) = self.store.org_volume_totals(&org).await?;
+                let (_, volume_gb) =
+                    ControlStore::org_volume_totals_on(lock.connection(), &org).await?;
                 let after = volume_gb.saturating_add(u64::from(size_gb - current));
                 if after > quotas.max_volume_gb {
                     return Err(limits::exceeded(
@@ -350,7 +407,8 @@ impl ControlPlane {
                         volume_gb,
                     ));
                 }
-                self.store.set_volume_size(&row.id, size_gb).await?;
+                ControlStore::set_volume_size_on(lock.connection(), &row.id, size_gb).await?;
+                lock.release().await?;
                 Some(current)
             } else {
                 // Not a growth: the worker refuses it with the reason.

@@ -373,6 +373,83 @@ async fn one_replica_at_a_time_pulls_a_workers_journal() {
     assert_eq!(again, Pass::Pulled(0));
 }
 
+/// A usage report through B while A's pass over the worker's journal runs: B waits for
+/// that pass (bounded by `REPORT_WAIT`, then 503 `usage_busy`) and then pulls itself, so
+/// a Machine journaled before the report is in it. Checked against the code before the
+/// change: B skipped the busy worker and answered 200 without the Machine, both times.
+#[tokio::test]
+async fn a_usage_report_waits_for_another_replicas_pass_and_misses_nothing() {
+    let (a, b, _) = two_replicas().await;
+    let http = reqwest::Client::new();
+    let fast = json!({"per_second": 1000.0, "burst": 1000});
+    let token = a
+        .org(
+            "metered",
+            json!({"rate_limits": {"read": fast, "create": fast}}),
+        )
+        .await;
+    a.app(&token, "metered-app").await;
+    // A's pass over the worker, pulling nothing, held until released.
+    let (inside_tx, inside) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let holding = tokio::spawn({
+        let store = a.control.store().clone();
+        async move {
+            usage::ingest_pass(&store, "local", |_| async move {
+                let _ = inside_tx.send(());
+                let _ = released.await;
+                Ok(Vec::new())
+            })
+            .await
+        }
+    });
+    inside.await.expect("A's pass pulling");
+    let id = a.machine(&token, "metered-app", false).await;
+    let report = || {
+        call(
+            &http,
+            &b.url,
+            &token,
+            Method::GET,
+            "/v1/orgs/metered/usage?group_by=machine",
+            &[],
+            None,
+        )
+    };
+
+    // A pass that outlasts the wait: a retryable refusal in bounded time, not a report
+    // without the Machine.
+    let clock = Instant::now();
+    let (status, body, headers) = report().await;
+    let waited = clock.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "usage_busy", "{body}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert!(
+        waited >= usage::REPORT_WAIT - Duration::from_millis(100)
+            && waited < usage::REPORT_WAIT + Duration::from_secs(2),
+        "answered after {waited:?}"
+    );
+
+    // A pass that ends while B waits: B then pulls and reports the Machine.
+    let releasing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = release.send(());
+    });
+    let (status, body, _) = report().await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["rows"].as_array().expect("rows");
+    assert!(
+        rows.iter().any(|row| row["machine"] == id.as_str()),
+        "{id} is missing: {body}"
+    );
+    releasing.await.expect("release");
+    assert_eq!(
+        holding.await.expect("task").expect("A's pass"),
+        Pass::Pulled(0)
+    );
+}
+
 /// A move another live replica runs is left to it; once that replica is gone, the
 /// settling loop of a live one takes the move over and settles it (here: rolls it back,
 /// for it never reached its cutover). Checked against the code before the change: the

@@ -8,7 +8,9 @@
 //! joined through A; 64 first registrations at once hit `workers_ordinal_key` (500); 50
 //! starts split over the replicas started 19 against a quota of 10; 30 creates against
 //! `max_machines` 10 made 11; and a worker with room for 4 Machines was given 12 (each
-//! replica counted only its own placements).
+//! replica counted only its own placements). With each replica's own lock alone, 24 volume
+//! creates split over both made 5 against `max_volumes` 4, and 6 of 10 extends grew
+//! where there was room for 5.
 
 mod common;
 
@@ -251,7 +253,7 @@ impl Fleet {
     async fn org(&self, slug: &str, quotas: Value) -> String {
         let fast = json!({"per_second": 1000.0, "burst": 1000});
         let body = json!({"slug": slug, "quotas": quotas, "rate_limits":
-            {"create": fast, "start": fast, "stop": fast, "read": fast}});
+            {"create": fast, "start": fast, "stop": fast, "update": fast, "read": fast}});
         let (status, reply) = self
             .send(0, ADMIN, Method::POST, "/v1/orgs", Some(body))
             .await;
@@ -573,4 +575,93 @@ async fn two_replicas_placing_at_once_fill_a_worker_with_room_for_four_exactly()
         .await
         .expect("index");
     assert_eq!(indexed.len(), 4);
+}
+
+/// An org with volume quotas, both replicas, and a worker joined through both.
+async fn volume_fleet(slug: &str, quotas: Value) -> (Fleet, String) {
+    let mut fleet = Fleet::start().await;
+    let token = fleet.org(slug, quotas).await;
+    fleet.add_replica().await;
+    let w = fleet.join("w1", 64, 0).await;
+    fleet.register_again(w, 1).await;
+    assert_eq!(fleet.heartbeat(w, 0).await, 204);
+    assert_eq!(fleet.heartbeat(w, 1).await, 204);
+    (fleet, token)
+}
+
+async fn create_volume(fleet: &Fleet, replica: usize, token: &str, app: &str) -> (u16, Value) {
+    fleet
+        .send(
+            replica,
+            token,
+            Method::POST,
+            &format!("/v1/apps/{app}/volumes"),
+            Some(json!({"name": "data", "size_gb": 1})),
+        )
+        .await
+}
+
+/// Every answer but the 200s is the quota `quota` refusing; answers how many were 200.
+fn admitted(answers: &[(u16, Value)], quota: &str) -> usize {
+    for (status, body) in answers.iter().filter(|(status, _)| *status != 200) {
+        assert_eq!(*status, 403, "{body}");
+        assert_eq!(body["error"], "quota_exceeded", "{body}");
+        assert_eq!(body["quota"], quota, "{body}");
+    }
+    answers.iter().filter(|(status, _)| *status == 200).count()
+}
+
+async fn volume_usage(fleet: &Fleet, token: &str, org: &str) -> (u64, u64) {
+    let (status, body) = fleet
+        .send(1, token, Method::GET, &format!("/v1/orgs/{org}"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let usage = &body["usage"];
+    (
+        usage["volumes"].as_u64().expect("volumes"),
+        usage["volume_gb"].as_u64().expect("volume_gb"),
+    )
+}
+
+#[tokio::test]
+async fn volume_creates_split_over_two_replicas_against_max_volumes_make_exactly_the_quota() {
+    let (fleet, token) = volume_fleet("stored", json!({"max_volumes": 4})).await;
+    let creates = (0..24).map(|n| create_volume(&fleet, n % 2, &token, "stored"));
+    let answers = futures::future::join_all(creates).await;
+    assert_eq!(admitted(&answers, "max_volumes"), 4, "{answers:?}");
+    let (status, list) = fleet
+        .send(1, &token, Method::GET, "/v1/apps/stored/volumes", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(4), "{list}");
+    assert_eq!(volume_usage(&fleet, &token, "stored").await, (4, 4));
+}
+
+#[tokio::test]
+async fn volume_extends_split_over_two_replicas_grow_exactly_into_max_volume_gb() {
+    let (fleet, token) = volume_fleet("grown", json!({"max_volume_gb": 20})).await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let (status, body) = create_volume(&fleet, n % 2, &token, "grown").await;
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    // 10 GB of 20 used: growing each volume from 1 to 3 GB takes 2, so 5 of 10 fit.
+    let extends = ids.iter().enumerate().map(|(n, id)| {
+        let (fleet, token) = (&fleet, &token);
+        async move {
+            fleet
+                .send(
+                    n % 2,
+                    token,
+                    Method::PUT,
+                    &format!("/v1/apps/grown/volumes/{id}/extend"),
+                    Some(json!({"size_gb": 3})),
+                )
+                .await
+        }
+    });
+    let answers = futures::future::join_all(extends).await;
+    assert_eq!(admitted(&answers, "max_volume_gb"), 5, "{answers:?}");
+    assert_eq!(volume_usage(&fleet, &token, "grown").await, (10, 20));
 }

@@ -79,6 +79,11 @@ impl Client {
         &self.token
     }
 
+    /// The replica the next call goes to first: the one that answered last.
+    pub fn current_url(&self) -> &str {
+        self.endpoints.current()
+    }
+
     /// Sends the nonce in `fly-machine-lease-nonce` (Fly's header) on every call, for
     /// Machines under a lease.
     pub fn with_lease_nonce(mut self, nonce: Option<String>) -> Client {
