@@ -188,6 +188,8 @@ pub(crate) struct Control {
     pub database: Option<String>,
     /// How many `berth server` replicas (at least one); each agent is given every URL.
     pub replicas: usize,
+    /// Every server's `--image-registry`: where imports go when replicas share them.
+    pub image_registry: Option<String>,
 }
 
 impl Control {
@@ -196,6 +198,7 @@ impl Control {
         Control {
             database: None,
             replicas: 1,
+            image_registry: None,
         }
     }
 }
@@ -313,6 +316,9 @@ impl Fleet {
             ];
             if let Some(database) = &control.database {
                 args.extend(["--database".into(), database.into()]);
+            }
+            if let Some(registry) = &control.image_registry {
+                args.extend(["--image-registry".into(), registry.into()]);
             }
             let path = scratch.join(format!("{prefix}-{name}.log"));
             logs.push(path.clone());

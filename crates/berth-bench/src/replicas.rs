@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use berth::client::Client;
 use berth_api::Machine;
 use berth_image::build::{busybox_layer, Compression, ImageBuilder};
-use berth_testkit::Postgres;
+use berth_testkit::{Postgres, Registry};
 use serde_json::{json, Value};
 
 use crate::cluster::{Control, Fleet};
@@ -88,6 +88,8 @@ pub async fn measure(sizes: Sizes, scratch: &Path) -> Result<Value> {
 
     let postgres = tokio::task::block_in_place(Postgres::start)?;
     let database = postgres.database().await?;
+    // Replicas on PostgreSQL keep imported images in a registry they share.
+    let registry = tokio::task::block_in_place(Registry::start)?;
     let fleet = Fleet::start_with(
         scratch,
         "replicas-pg",
@@ -96,6 +98,7 @@ pub async fn measure(sizes: Sizes, scratch: &Path) -> Result<Value> {
         Control {
             database: Some(database),
             replicas: 2,
+            image_registry: Some(registry.host()),
         },
     )
     .await?;

@@ -6,7 +6,7 @@ pub mod proxy;
 pub mod push;
 pub mod registry;
 
-pub use postgres::Postgres;
+pub use postgres::{free_port, Postgres};
 pub use proxy::{Fault, Proxy};
 pub use push::{push_image, push_index, push_layout, PushTarget};
 pub use registry::Registry;

@@ -77,9 +77,13 @@ fn run(command: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A free loopback port below the kernel's ephemeral range, so that no client socket
-/// can be given it before `postgres` binds it (a `bind(:0)` port can be).
-fn free_port() -> Result<u16> {
+/// A loopback port that is free now and lies below the kernel's ephemeral range.
+///
+/// A port from `bind(:0)` is ephemeral: between this check and a child's own bind, any
+/// client socket on the host may be given it, and the child then fails with "Address
+/// already in use". Ports below the range are never handed out that way; a per-process
+/// counter keeps one test binary's ports apart.
+pub fn free_port() -> Result<u16> {
     use std::sync::atomic::AtomicU32;
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -88,8 +92,7 @@ fn free_port() -> Result<u16> {
         .unwrap_or(32768);
     let low = 10_000.min(ephemeral_low / 2);
     let span = ephemeral_low - low;
-    // Offset from the other harness's ports, which start at the same pid-based base.
-    let base = std::process::id().wrapping_mul(7919).wrapping_add(span / 2) % span;
+    let base = std::process::id().wrapping_mul(7919) % span;
     for _ in 0..span {
         let port = low + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
         let Ok(port) = u16::try_from(port) else {

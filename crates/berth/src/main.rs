@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the whole platform in one process: API, control plane and a worker.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Run only the control plane; workers join it with `berth agent`.
     Server(cluster::ServerArgs),
     /// Run one worker that joins a control plane.
@@ -122,7 +122,7 @@ fn run(command: Command) -> Result<()> {
         .build()?;
     runtime.block_on(async move {
         match command {
-            Command::Up(args) => up::run(args).await,
+            Command::Up(args) => up::run(*args).await,
             Command::Server(args) => cluster::server(args).await,
             Command::Agent(args) => cluster::agent(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,

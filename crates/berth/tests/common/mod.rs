@@ -3,10 +3,8 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_api::Machine;
@@ -97,28 +95,9 @@ pub fn control_store_rows<T: Send + 'static>(
     .expect("control store query")
 }
 
-/// A loopback port that is free now and lies below the kernel's ephemeral range.
-///
-/// A port from `bind(:0)` is ephemeral: between this check and the child's own bind,
-/// any client socket on the host (another test's, a Machine's) may be given it, and the
-/// child then fails with "Address already in use". Ports below the range are never
-/// handed out that way; a per-process counter keeps this binary's tests apart.
+/// A free loopback port below the kernel's ephemeral range (see the testkit's).
 pub fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let low = 10_000.min(ephemeral_low / 2);
-    let span = ephemeral_low - low;
-    let base = std::process::id().wrapping_mul(7919) % span;
-    for _ in 0..span {
-        let port = low + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-    panic!("no free loopback port below {ephemeral_low}");
+    berth_testkit::free_port().expect("a free loopback port")
 }
 
 impl Platform {
