@@ -75,6 +75,8 @@ pub struct Cluster {
     pub http: reqwest::blocking::Client,
     /// Where the server keeps its state, as a URL to read it with.
     pub control_store: String,
+    /// On PostgreSQL, the registry imports go to (the server refuses them without one).
+    pub image_registry: Option<berth_testkit::Registry>,
 }
 
 impl Cluster {
@@ -85,7 +87,12 @@ impl Cluster {
             .expect("tempdir");
         let port = free_port();
         let server_dir = dir.path().join("server");
-        let (database_args, control_store) = super::control_database(&server_dir);
+        let (mut database_args, control_store) = super::control_database(&server_dir);
+        let image_registry = (!database_args.is_empty()).then(|| {
+            let registry = berth_testkit::Registry::start().expect("image registry");
+            database_args.extend(["--image-registry".to_owned(), registry.host()]);
+            registry
+        });
         let server_args: Vec<String> = [
             "server".into(),
             "--listen".into(),
@@ -134,6 +141,7 @@ impl Cluster {
             agents: Vec::new(),
             http,
             control_store,
+            image_registry,
         };
         for (name, cpus, memory_mb) in capacities {
             let data_dir = cluster.dir.path().join(name);
