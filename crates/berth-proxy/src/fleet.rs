@@ -26,6 +26,9 @@ const MISSING_TTL: Duration = Duration::from_millis(200);
 const MAX_MISSING: usize = 10_000;
 /// The youngest view worth reading again before answering that no Machine can serve.
 const RECHECK_FLOOR: Duration = Duration::from_millis(200);
+/// How long a Machine seen started but refusing is waited for before the app's Machines
+/// are read again (it may have moved).
+const UNREACHABLE_RECHECK: Duration = Duration::from_millis(500);
 /// How often a waking Machine's port is tried.
 const PORT_POLL: Duration = Duration::from_millis(2);
 /// How many apps discovery reads at once.
@@ -519,14 +522,18 @@ impl Fleet {
                     let Some(address) = self.coming_up(&app, &machine, now) else {
                         return Err(ProxyError::machine_unreachable(&machine));
                     };
-                    if tokio::time::timeout_at(wake_deadline, port_open(address))
+                    // In slices, looking at the app again between them: a Machine that
+                    // moved meanwhile answers at its new address, never at this one.
+                    let slice = (Instant::now() + UNREACHABLE_RECHECK).min(wake_deadline);
+                    if tokio::time::timeout_at(slice, port_open(address))
                         .await
-                        .is_err()
+                        .is_ok()
                     {
-                        return Err(ProxyError::wake_timeout(self.config.wake_timeout));
-                    }
-                    if let Some(slot) = app.lock().slots.get_mut(&machine) {
-                        slot.unreachable_until = None;
+                        if let Some(slot) = app.lock().slots.get_mut(&machine) {
+                            slot.unreachable_until = None;
+                        }
+                    } else {
+                        refreshed = false;
                     }
                 }
                 Pick::Nothing => return Err(ProxyError::no_machine_available()),

@@ -900,6 +900,49 @@ async fn a_machine_started_through_the_api_gets_time_for_its_server_to_come_up()
     server.await.expect("server task");
 }
 
+/// Checked against the proxy from before: it waited the whole wake timeout on the
+/// address it had first seen, and answered `wake_timeout` (503).
+#[tokio::test]
+async fn a_machine_that_moves_while_its_old_address_is_waited_on_is_found_at_the_new_one() {
+    // The old address: a free port no one listens on (the source worker, halted).
+    let old = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let mut just_started = machine("m1", MachineState::Started, service(old, 60, 0));
+    just_started.changed_ago = Some(Duration::from_millis(5));
+    let platform = FakePlatform::with(vec![just_started]);
+    let fleet = fleet(platform.clone());
+    let ticket = fleet.admit("web").await.expect("admitted");
+    ticket.unreachable();
+    drop(ticket);
+    // The move commits: the platform now has it at a new address, which answers.
+    let new = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let new_port = new.local_addr().expect("addr").port();
+    let moved = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        platform.machines.lock().expect("fake lock").insert(
+            "m1".into(),
+            machine("m1", MachineState::Started, service(new_port, 60, 0)),
+        );
+        new
+    });
+    let began = std::time::Instant::now();
+    let ticket = fleet
+        .admit("web")
+        .await
+        .unwrap_or_else(|error| panic!("refused: {}", error.code));
+    assert_eq!(ticket.machine(), "m1");
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "found within a recheck or two, not the wake timeout: {:?}",
+        began.elapsed()
+    );
+    drop(moved.await.expect("mover"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_machine_failing_its_checks_gets_no_traffic_while_another_passes() {
     let mut failing = machine("m1", MachineState::Started, service(1, 600, 0));
