@@ -479,7 +479,9 @@ impl Fleet {
             // started by someone else: look again before refusing (a short floor keeps a
             // storm at an empty app from becoming a storm at the API).
             let worth_refreshing = match &pick {
-                Pick::Nothing | Pick::Unreachable(_) => older_than(RECHECK_FLOOR),
+                Pick::Nothing | Pick::Unreachable(_) | Pick::WaitForStop => {
+                    older_than(RECHECK_FLOOR)
+                }
                 _ => stale,
             };
             match pick {
@@ -512,8 +514,10 @@ impl Fleet {
                     }
                 }
                 Pick::WaitForStop => {
-                    if tokio::time::timeout_at(wake_deadline, room).await.is_err() {
-                        return Err(ProxyError::wake_timeout(self.config.wake_timeout));
+                    // In slices too: someone else may start it again, or it may move.
+                    let slice = (Instant::now() + UNREACHABLE_RECHECK).min(wake_deadline);
+                    if tokio::time::timeout_at(slice, room).await.is_err() {
+                        refreshed = false;
                     }
                 }
                 Pick::Unreachable(machine) => {
@@ -580,8 +584,8 @@ impl Fleet {
         wake
     }
 
-    async fn wake_one(&self, app: &AppState) -> Result<(), WakeFailure> {
-        let (id, address) = {
+    async fn wake_one(&self, app: &Arc<AppState>) -> Result<(), WakeFailure> {
+        let id = {
             let mut inner = app.lock();
             let Some((id, slot)) = inner.slots.iter_mut().find(|(_, slot)| slot.wakeable()) else {
                 return Err(WakeFailure {
@@ -591,16 +595,7 @@ impl Fleet {
                 });
             };
             slot.transition = Some(Transition::Waking);
-            let port = slot
-                .view
-                .service
-                .as_ref()
-                .map_or(0, |service| service.internal_port);
-            let ip = slot
-                .view
-                .address
-                .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-            (id.clone(), SocketAddr::new(ip, port))
+            id.clone()
         };
         if let Err(error) = self.platform.start(&app.name, &id).await {
             let mut inner = app.lock();
@@ -610,7 +605,35 @@ impl Fleet {
             inner.refreshed_at = None;
             return Err(error.into());
         }
-        port_open(address).await;
+        // The start may have waited for a move to another worker: the address is the one
+        // the platform gives now, read again between slices while the port stays shut.
+        loop {
+            let address = {
+                let inner = app.lock();
+                let Some(slot) = inner.slots.get(&id) else {
+                    break;
+                };
+                let port = slot
+                    .view
+                    .service
+                    .as_ref()
+                    .map_or(0, |service| service.internal_port);
+                let ip = slot
+                    .view
+                    .address
+                    .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+                SocketAddr::new(ip, port)
+            };
+            if tokio::time::timeout(UNREACHABLE_RECHECK, port_open(address))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if let Err(error) = self.refresh(app).await {
+                tracing::debug!(app = %app.name, error = %error.message, "reading a waking Machine's address");
+            }
+        }
         let mut inner = app.lock();
         if let Some(slot) = inner.slots.get_mut(&id) {
             slot.transition = None;

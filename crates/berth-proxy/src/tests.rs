@@ -17,6 +17,8 @@ struct FakePlatform {
     starts: AtomicUsize,
     stops: Mutex<Vec<String>>,
     refuse_start: Mutex<Option<PlatformError>>,
+    /// A start that waited for a move: the Machine answers on this port afterwards.
+    start_moves_to: Mutex<Option<u16>>,
     /// The app "web" was deleted.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -51,8 +53,12 @@ impl Platform for FakePlatform {
         if let Some(error) = self.refuse_start.lock().expect("fake lock").clone() {
             return Err(error);
         }
+        let moved_to = *self.start_moves_to.lock().expect("fake lock");
         if let Some(machine) = self.machines.lock().expect("fake lock").get_mut(id) {
             machine.state = MachineState::Started;
+            if let (Some(port), Some(service)) = (moved_to, machine.service.as_mut()) {
+                service.internal_port = port;
+            }
         }
         Ok(())
     }
@@ -941,6 +947,86 @@ async fn a_machine_that_moves_while_its_old_address_is_waited_on_is_found_at_the
         began.elapsed()
     );
     drop(moved.await.expect("mover"));
+}
+
+/// Checked against the proxy from before: the wake waited on the address read before
+/// the start, which the move had left, and answered `wake_timeout` (503).
+#[tokio::test]
+async fn a_wake_whose_start_waited_for_a_move_finds_the_machine_at_its_new_address() {
+    let old = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Stopped,
+        service(old, 60, 0),
+    )]);
+    let new = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    *platform.start_moves_to.lock().expect("fake lock") =
+        Some(new.local_addr().expect("addr").port());
+    let fleet = fleet(platform.clone());
+    let began = std::time::Instant::now();
+    let ticket = fleet
+        .admit("web")
+        .await
+        .unwrap_or_else(|error| panic!("refused: {}", error.code));
+    assert_eq!(ticket.machine(), "m1");
+    assert_eq!(
+        ticket.address.port(),
+        new.local_addr().expect("addr").port()
+    );
+    assert_eq!(platform.starts.load(Ordering::SeqCst), 1);
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "found within a recheck or two, not the wake timeout: {:?}",
+        began.elapsed()
+    );
+}
+
+/// Checked against the proxy from before: it waited for a signal that only its own
+/// traffic gives, for the whole wake timeout, and answered `wake_timeout` (503).
+#[tokio::test]
+async fn a_machine_seen_stopping_then_started_elsewhere_gets_the_request() {
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Stopping,
+        service(1, 60, 0),
+    )]);
+    let fleet = fleet(platform.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mover = {
+        let platform = platform.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            platform.machines.lock().expect("fake lock").insert(
+                "m1".into(),
+                machine("m1", MachineState::Started, service(port, 60, 0)),
+            );
+        })
+    };
+    let began = std::time::Instant::now();
+    let ticket = fleet
+        .admit("web")
+        .await
+        .unwrap_or_else(|error| panic!("refused: {}", error.code));
+    assert_eq!(ticket.address.port(), port);
+    assert_eq!(
+        platform.starts.load(Ordering::SeqCst),
+        0,
+        "no wake was needed"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "seen within a recheck or two: {:?}",
+        began.elapsed()
+    );
+    mover.await.expect("mover");
 }
 
 #[tokio::test(start_paused = true)]
