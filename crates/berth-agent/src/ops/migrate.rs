@@ -702,7 +702,6 @@ impl Agent {
                 return Err(error);
             }
         };
-        let mut record = record;
         record.pending = Some(PendingOp::MigrateIn {
             grant: request.grant,
             source: request.source,
