@@ -427,3 +427,27 @@ pub fn find_program(program: &Path) -> Option<PathBuf> {
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_is_offered_beside_the_default_only_where_it_is_found() {
+        let missing = Path::new("/nonexistent/runc");
+        assert_eq!(offered_runtimes(RuntimeKind::Native, missing), ["native"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runc = dir.path().join("runc");
+        std::fs::write(&runc, "").expect("a runc");
+        for default in RuntimeKind::ALL {
+            assert_eq!(offered_runtimes(default, &runc), ["native", "runc"]);
+        }
+        // Every driver a worker can offer is one a Machine may name.
+        for kind in RuntimeKind::ALL {
+            assert!(
+                berth_core::validate::RUNTIMES.contains(&kind.name()),
+                "{kind:?}"
+            );
+        }
+    }
+}
