@@ -1,37 +1,115 @@
-//! What the runc driver does to run the Machine's init (`crate::machine_init`): runc
-//! execs `process.args` itself, so `config.json` names the memfd the shim passes as fd 3
-//! (`runc create --preserve-fds 1`), and the command's program is looked up in the
-//! mounted rootfs before the start, as runc did when it exec'd the command itself.
+//! How the Machine's init (`crate::machine_init`) gets into a container the OCI runtime
+//! program starts, and what the driver checks before the start:
+//! - runc execs `process.args` itself, so `config.json` names the memfd the shim passes as
+//!   fd 3 (`runc create --preserve-fds 1`);
+//! - runsc (gVisor) passes no descriptors into its sandbox, so `config.json` bind-mounts
+//!   a read-only host copy of init at [`GVISOR_INIT`], on the sandbox's own `/dev`
+//!   (a tmpfs inside gVisor: nothing is written to the Machine's disk).
+//!
+//! Either way the command's program is looked up in the mounted rootfs before the start,
+//! as runc did when it exec'd the command itself.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{MountBuilder, Spec};
 use serde::Deserialize;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::machine_init::{command, RUNC_INIT};
+use crate::machine_init::{command, GVISOR_INIT, RUNC_INIT};
 
 const RUNC_INIT_FD: RawFd = 3;
 
-/// `process.args` for runc: init first, then the program for it to look up, then the
-/// command's argv.
-fn runc_args(command: &[String]) -> Vec<String> {
+/// How a driver's container runs the Machine's init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InitPassing {
+    /// runc: the memfd the shim passes as fd 3.
+    Fd3,
+    /// runsc: this host file, bind-mounted read-only at [`GVISOR_INIT`].
+    Mounted(PathBuf),
+}
+
+impl InitPassing {
+    /// The path `process.args[0]` names.
+    fn path(&self) -> &'static str {
+        match self {
+            InitPassing::Fd3 => RUNC_INIT,
+            InitPassing::Mounted(_) => GVISOR_INIT,
+        }
+    }
+
+    /// `config.json` as the driver needs it: `None` when it already runs this init, else
+    /// the rewritten text.
+    pub(crate) fn config(&self, json: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let head: Head = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        if head.runs_init(self) {
+            return Ok(None);
+        }
+        self.rewrite(json).map(Some)
+    }
+
+    fn rewrite(&self, json: &[u8]) -> Result<Vec<u8>, String> {
+        let mut spec: Spec = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let mut process = spec.process().clone().ok_or("config has no process")?;
+        let args = process.args().clone().unwrap_or_default();
+        process.set_args(Some(init_args(self.path(), command(&args))));
+        spec.set_process(Some(process));
+        // Another driver's init mount, if any, goes; this one's comes in.
+        let mut mounts: Vec<_> = spec
+            .mounts()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.destination() != Path::new(GVISOR_INIT))
+            .collect();
+        if let InitPassing::Mounted(source) = self {
+            mounts.push(
+                MountBuilder::default()
+                    .destination(GVISOR_INIT)
+                    .typ("bind")
+                    .source(source)
+                    .options(
+                        ["bind", "ro", "nosuid", "nodev"]
+                            .map(str::to_owned)
+                            .to_vec(),
+                    )
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        spec.set_mounts(Some(mounts));
+        serde_json::to_vec(&spec).map_err(|e| e.to_string())
+    }
+}
+
+/// `process.args` for a driver's init: init first, then the program for it to look up,
+/// then the command's argv.
+fn init_args(init: &str, command: &[String]) -> Vec<String> {
     let mut args = Vec::with_capacity(command.len() + 2);
-    args.push(RUNC_INIT.to_owned());
+    args.push(init.to_owned());
     args.extend(command.first().cloned());
     args.extend(command.iter().cloned());
     args
 }
 
-/// The part of `config.json` a runc start looks at.
+/// The part of `config.json` a start looks at.
 #[derive(Debug, Default, Deserialize)]
 struct Head {
     #[serde(default)]
     process: HeadProcess,
+    #[serde(default)]
+    mounts: Vec<HeadMount>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HeadMount {
+    #[serde(default)]
+    destination: String,
+    #[serde(default)]
+    source: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,38 +123,27 @@ struct HeadProcess {
 }
 
 impl Head {
-    fn runs_init(&self) -> bool {
-        self.process
-            .args
-            .first()
-            .is_some_and(|first| first == RUNC_INIT)
+    fn runs_init(&self, passing: &InitPassing) -> bool {
+        let first = self.process.args.first();
+        if first.map(String::as_str) != Some(passing.path()) {
+            return false;
+        }
+        match passing {
+            InitPassing::Fd3 => true,
+            InitPassing::Mounted(source) => self.mounts.iter().any(|m| {
+                m.destination == GVISOR_INIT && m.source.as_deref() == Some(source.as_path())
+            }),
+        }
     }
 }
 
-/// `config.json` as runc needs it: `None` when it already runs init, else the rewritten
-/// text.
-pub(crate) fn runc_config(json: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let head: Head = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-    if head.runs_init() {
-        return Ok(None);
-    }
-    rewrite_for_runc(json).map(Some)
-}
-
-fn rewrite_for_runc(json: &[u8]) -> Result<Vec<u8>, String> {
-    let mut spec: Spec = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-    let mut process = spec.process().clone().ok_or("config has no process")?;
-    let command = process.args().clone().unwrap_or_default();
-    process.set_args(Some(runc_args(&command)));
-    spec.set_process(Some(process));
-    serde_json::to_vec(&spec).map_err(|e| e.to_string())
-}
-
-/// Before a runc start, with the Machine's rootfs mounted at `rootfs`: looks the
-/// command's program up in it, as runc did when it exec'd the command itself, so that a
-/// missing program still fails the start; then rewrites a `config.json` written without
-/// init (before Berth had one, or by the native driver) so that runc runs it.
-pub(crate) fn before_runc_start(
+/// Before a start, with the Machine's rootfs mounted at `rootfs`: looks the command's
+/// program up in it, as runc did when it exec'd the command itself, so that a missing
+/// program still fails the start; then rewrites a `config.json` written without this
+/// driver's init (before Berth had one, or by another driver) so that it runs it.
+pub(crate) fn before_start(
+    driver: &'static str,
+    passing: &InitPassing,
     id: &str,
     config: &Path,
     rootfs: &Path,
@@ -102,13 +169,13 @@ pub(crate) fn before_runc_start(
     .ctx(|| format!("open {}", rootfs.display()))?;
     find_in_root(root.as_fd(), program, &process.env, &process.cwd).map_err(|message| {
         RuntimeError::Start {
-            driver: "runc",
+            driver,
             id: id.to_owned(),
             message,
         }
     })?;
-    if !head.runs_init() {
-        let json = rewrite_for_runc(&json).map_err(internal)?;
+    if !head.runs_init(passing) {
+        let json = passing.rewrite(&json).map_err(internal)?;
         crate::util::write_atomic(config, &json).ctx(|| format!("write {}", config.display()))?;
     }
     Ok(())
@@ -194,7 +261,7 @@ mod tests {
     #[test]
     fn runc_runs_init_and_the_command_survives_a_round_trip() {
         let command = strings(&["sh", "-c", "exit 3"]);
-        let args = runc_args(&command);
+        let args = init_args(RUNC_INIT, &command);
         assert_eq!(args, strings(&[RUNC_INIT, "sh", "sh", "-c", "exit 3"]));
         assert_eq!(crate::machine_init::command(&args), command.as_slice());
         // A plain command is the command, whatever it is.
@@ -207,12 +274,57 @@ mod tests {
     fn an_old_config_is_rewritten_once() {
         let spec = oci_spec::runtime::Spec::default();
         let plain = serde_json::to_vec(&spec).unwrap();
-        let rewritten = runc_config(&plain).unwrap().expect("rewritten");
+        let rewritten = InitPassing::Fd3.config(&plain).unwrap().expect("rewritten");
         let parsed: Spec = serde_json::from_slice(&rewritten).unwrap();
         let args = parsed.process().as_ref().unwrap().args().clone().unwrap();
         assert_eq!(args[0], RUNC_INIT);
         assert_eq!(crate::machine_init::command(&args), &["sh".to_owned()]);
-        assert_eq!(runc_config(&rewritten).unwrap(), None, "already runs init");
+        assert_eq!(
+            InitPassing::Fd3.config(&rewritten).unwrap(),
+            None,
+            "already runs init"
+        );
+    }
+
+    #[test]
+    fn a_config_moves_between_the_runc_and_gvisor_inits() {
+        let mounted = InitPassing::Mounted("/var/lib/berth/gvisor-init/berth-init".into());
+        let plain = serde_json::to_vec(&oci_spec::runtime::Spec::default()).unwrap();
+        let runc = InitPassing::Fd3.config(&plain).unwrap().unwrap();
+        let gvisor = mounted
+            .config(&runc)
+            .unwrap()
+            .expect("rewritten for gvisor");
+        let parsed: Spec = serde_json::from_slice(&gvisor).unwrap();
+        let args = parsed.process().as_ref().unwrap().args().clone().unwrap();
+        assert_eq!(args, strings(&[GVISOR_INIT, "sh", "sh"]));
+        let init_mounts: Vec<_> = parsed
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|m| m.destination() == Path::new(GVISOR_INIT))
+            .collect();
+        assert_eq!(init_mounts.len(), 1);
+        let options = init_mounts[0].options().clone().unwrap();
+        assert!(options.contains(&"ro".to_owned()), "{options:?}");
+        assert_eq!(mounted.config(&gvisor).unwrap(), None, "already runs init");
+        // Another init file (a moved state dir) is rewritten; back to runc drops the
+        // mount.
+        let elsewhere = InitPassing::Mounted("/elsewhere/berth-init".into());
+        assert!(elsewhere.config(&gvisor).unwrap().is_some());
+        let back = InitPassing::Fd3.config(&gvisor).unwrap().unwrap();
+        let parsed: Spec = serde_json::from_slice(&back).unwrap();
+        assert_eq!(
+            parsed.process().as_ref().unwrap().args().clone().unwrap(),
+            strings(&[RUNC_INIT, "sh", "sh"])
+        );
+        assert!(!parsed
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.destination() == Path::new(GVISOR_INIT)));
     }
 
     #[test]
