@@ -4,7 +4,11 @@
 //!   fd 3 (`runc create --preserve-fds 1`);
 //! - runsc (gVisor) passes no descriptors into its sandbox, so `config.json` bind-mounts
 //!   a read-only host copy of init at [`GVISOR_INIT`], on the sandbox's own `/dev`
-//!   (a tmpfs inside gVisor: nothing is written to the Machine's disk).
+//!   (a tmpfs inside gVisor: nothing is written to the Machine's disk). runsc also
+//!   cannot join a user namespace by path (its Go process is multithreaded, and
+//!   setns(2) into a user namespace wants a single thread), so its `config.json` names
+//!   the user namespace by its id map only: runsc makes one with the same map for its
+//!   gofer, which then sees the Machine's files with the ids the Machine has.
 //!
 //! Either way the command's program is looked up in the mounted rootfs before the start,
 //! as runc did when it exec'd the command itself.
@@ -15,7 +19,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use oci_spec::runtime::{MountBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, MountBuilder, Spec};
 use serde::Deserialize;
 
 use crate::error::{IoContext, RuntimeError};
@@ -48,10 +52,12 @@ impl InitPassing {
         if head.runs_init(self) {
             return Ok(None);
         }
-        self.rewrite(json).map(Some)
+        self.rewrite(json, None).map(Some)
     }
 
-    fn rewrite(&self, json: &[u8]) -> Result<Vec<u8>, String> {
+    /// `userns`: the Machine's pinned user namespace, for runc to join a config written
+    /// for runsc (which names it by its map only).
+    fn rewrite(&self, json: &[u8], userns: Option<&Path>) -> Result<Vec<u8>, String> {
         let mut spec: Spec = serde_json::from_slice(json).map_err(|e| e.to_string())?;
         let mut process = spec.process().clone().ok_or("config has no process")?;
         let args = process.args().clone().unwrap_or_default();
@@ -81,6 +87,29 @@ impl InitPassing {
             );
         }
         spec.set_mounts(Some(mounts));
+        if let Some(mut linux) = spec.linux().clone() {
+            let namespaces = linux.namespaces().clone().map(|namespaces| {
+                namespaces
+                    .into_iter()
+                    .map(|mut ns| {
+                        if ns.typ() == LinuxNamespaceType::User {
+                            match self {
+                                InitPassing::Mounted(_) => {
+                                    ns.set_path(None);
+                                }
+                                InitPassing::Fd3 if ns.path().is_none() => {
+                                    ns.set_path(userns.map(Path::to_path_buf));
+                                }
+                                InitPassing::Fd3 => {}
+                            }
+                        }
+                        ns
+                    })
+                    .collect()
+            });
+            linux.set_namespaces(namespaces);
+            spec.set_linux(Some(linux));
+        }
         serde_json::to_vec(&spec).map_err(|e| e.to_string())
     }
 }
@@ -102,6 +131,22 @@ struct Head {
     process: HeadProcess,
     #[serde(default)]
     mounts: Vec<HeadMount>,
+    #[serde(default)]
+    linux: HeadLinux,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HeadLinux {
+    #[serde(default)]
+    namespaces: Vec<HeadNamespace>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HeadNamespace {
+    #[serde(default, rename = "type")]
+    typ: String,
+    #[serde(default)]
+    path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,11 +173,23 @@ impl Head {
         if first.map(String::as_str) != Some(passing.path()) {
             return false;
         }
+        let user_by_path = self
+            .linux
+            .namespaces
+            .iter()
+            .filter(|ns| ns.typ == "user")
+            .all(|ns| ns.path.is_some());
         match passing {
-            InitPassing::Fd3 => true,
-            InitPassing::Mounted(source) => self.mounts.iter().any(|m| {
-                m.destination == GVISOR_INIT && m.source.as_deref() == Some(source.as_path())
-            }),
+            InitPassing::Fd3 => user_by_path,
+            InitPassing::Mounted(source) => {
+                self.mounts.iter().any(|m| {
+                    m.destination == GVISOR_INIT && m.source.as_deref() == Some(source.as_path())
+                }) && !self
+                    .linux
+                    .namespaces
+                    .iter()
+                    .any(|ns| ns.typ == "user" && ns.path.is_some())
+            }
         }
     }
 }
@@ -175,7 +232,13 @@ pub(crate) fn before_start(
         }
     })?;
     if !head.runs_init(passing) {
-        let json = passing.rewrite(&json).map_err(internal)?;
+        let userns = config
+            .parent()
+            .and_then(Path::parent)
+            .map(|machine| machine.join("userns"));
+        let json = passing
+            .rewrite(&json, userns.as_deref())
+            .map_err(internal)?;
         crate::util::write_atomic(config, &json).ctx(|| format!("write {}", config.display()))?;
     }
     Ok(())
@@ -289,7 +352,31 @@ mod tests {
     #[test]
     fn a_config_moves_between_the_runc_and_gvisor_inits() {
         let mounted = InitPassing::Mounted("/var/lib/berth/gvisor-init/berth-init".into());
-        let plain = serde_json::to_vec(&oci_spec::runtime::Spec::default()).unwrap();
+        let mut spec = oci_spec::runtime::Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        let userns = oci_spec::runtime::LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::User)
+            .path("/m/userns")
+            .build()
+            .unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        namespaces.push(userns);
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        let user_path = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|ns| ns.typ() == LinuxNamespaceType::User)
+                .unwrap()
+                .path()
+                .clone()
+        };
+        let plain = serde_json::to_vec(&spec).unwrap();
         let runc = InitPassing::Fd3.config(&plain).unwrap().unwrap();
         let gvisor = mounted
             .config(&runc)
@@ -308,13 +395,19 @@ mod tests {
         assert_eq!(init_mounts.len(), 1);
         let options = init_mounts[0].options().clone().unwrap();
         assert!(options.contains(&"ro".to_owned()), "{options:?}");
+        // runsc gets the user namespace by its map, not by path.
+        assert_eq!(user_path(&parsed), None);
         assert_eq!(mounted.config(&gvisor).unwrap(), None, "already runs init");
         // Another init file (a moved state dir) is rewritten; back to runc drops the
         // mount.
         let elsewhere = InitPassing::Mounted("/elsewhere/berth-init".into());
         assert!(elsewhere.config(&gvisor).unwrap().is_some());
-        let back = InitPassing::Fd3.config(&gvisor).unwrap().unwrap();
+        let back = InitPassing::Fd3
+            .rewrite(&gvisor, Some(Path::new("/m/userns")))
+            .unwrap();
         let parsed: Spec = serde_json::from_slice(&back).unwrap();
+        assert_eq!(user_path(&parsed), Some(PathBuf::from("/m/userns")));
+        assert_eq!(InitPassing::Fd3.config(&back).unwrap(), None);
         assert_eq!(
             parsed.process().as_ref().unwrap().args().clone().unwrap(),
             strings(&[RUNC_INIT, "sh", "sh"])
