@@ -14,18 +14,9 @@ use std::time::{Duration, Instant};
 
 use berth_runtime::exec::ExecSpec;
 use berth_runtime::{RuntimeError, Status};
-use common::{Driver, Fixture};
+use common::{alive, Driver, Fixture};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
-
-fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat[stat.rfind(')').unwrap() + 1..]
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
 
 /// Host processes in a cgroup of the Machine (any hierarchy), by pid.
 fn host_processes_of(id: &str) -> Vec<u32> {
@@ -56,13 +47,23 @@ fn memory_cgroup(pid: u32) -> std::path::PathBuf {
     Path::new("/sys/fs/cgroup/memory").join(path)
 }
 
-fn exec(cmd: &str) -> ExecSpec {
-    ExecSpec {
-        cmd: vec!["sh".into(), "-c".into(), cmd.into()],
+/// The Machine's httpd on 127.0.0.1:8080 answers, asked from inside (gVisor's loopback
+/// is its own).
+async fn assert_serves_index(f: &Fixture) {
+    let wget = ExecSpec {
+        cmd: ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"]
+            .map(String::from)
+            .to_vec(),
         stdin: None,
         timeout: Duration::from_secs(10),
         max_output_bytes: 1 << 16,
-    }
+    };
+    let served = f.runtime.exec(&f.layout, &wget).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&served.stdout),
+        common::INDEX_HTML,
+        "{served:?}"
+    );
 }
 
 /// The last `count N` the Machine logged.
@@ -168,19 +169,7 @@ async fn a_suspended_machine_resumes_with_its_memory_and_sockets() {
         .unwrap();
     let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
     f.wait_logs("count 5\n", Duration::from_secs(20));
-    let served = f
-        .runtime
-        .exec(
-            &f.layout,
-            &exec("wget -q -O - http://127.0.0.1:8080/index.html"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&served.stdout),
-        common::INDEX_HTML,
-        "{served:?}"
-    );
+    assert_serves_index(&f).await;
     let cgroup = memory_cgroup(started.pid);
     assert!(cgroup.exists());
     let before = host_processes_of(f.id());
@@ -244,19 +233,7 @@ async fn a_suspended_machine_resumes_with_its_memory_and_sockets() {
         "the count jumped: {counts:?}"
     );
     // The socket listened through it.
-    let served = f
-        .runtime
-        .exec(
-            &f.layout,
-            &exec("wget -q -O - http://127.0.0.1:8080/index.html"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&served.stdout),
-        common::INDEX_HTML,
-        "{served:?}"
-    );
+    assert_serves_index(&f).await;
 
     f.runtime.signal(&f.layout, libc::SIGKILL).await.unwrap();
     f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
@@ -391,8 +368,7 @@ async fn native_refuses_to_suspend() {
     drivers_without_checkpoints_refuse_to_suspend(Driver::Native).await
 }
 
-/// Not a check: prints runsc's own `run` of the same bundle beside the driver's start,
-/// and suspend and resume. `cargo test -p berth-runtime --test gvisor timing --
+/// Not a check: prints the driver's start, suspend and resume times (median of 5). `cargo test -p berth-runtime --test gvisor timing --
 /// --ignored --nocapture`.
 #[tokio::test]
 #[ignore = "measurement"]

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::error::{IoContext, RuntimeError};
-use crate::host::{blocking, prepare, HostConfig, HostInventory};
+use crate::host::{blocking, HostConfig, HostInventory};
 use crate::oci::shim::Flavor;
 use crate::oci::{init::InitPassing, OciCli};
 use crate::timing::{micros, StepTimes};
@@ -192,15 +192,7 @@ impl Runtime for GvisorRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        let cli = self.cli.clone();
-        prepare::prepare(
-            &self.config.host,
-            layout,
-            spec,
-            |_, _| Ok(()),
-            move |id, config| cli.finish_config(id, config),
-        )
-        .await
+        self.cli.prepare(layout, spec).await
     }
 
     async fn start(

@@ -26,7 +26,7 @@ use crate::network;
 use crate::overlay;
 use crate::supervisor;
 use crate::timing::{micros, StepTimes};
-use crate::{MachineLayout, Started};
+use crate::{BundleSpec, MachineLayout, Started};
 
 pub(crate) mod exec;
 pub(crate) mod exec_guard;
@@ -80,8 +80,24 @@ impl OciCli {
         command
     }
 
+    /// `Runtime::prepare`: the shared one, with `config.json` as this driver runs it.
+    pub(crate) async fn prepare(
+        &self,
+        layout: &MachineLayout,
+        spec: &BundleSpec,
+    ) -> Result<(), RuntimeError> {
+        prepare::prepare(
+            &self.host,
+            layout,
+            spec,
+            |_, _| Ok(()),
+            |id, config| self.finish_config(id, config),
+        )
+        .await
+    }
+
     /// `config.json` as this driver runs it (see [`init::InitPassing`]).
-    pub(crate) fn finish_config(&self, id: &str, config: Vec<u8>) -> Result<Vec<u8>, RuntimeError> {
+    fn finish_config(&self, id: &str, config: Vec<u8>) -> Result<Vec<u8>, RuntimeError> {
         let rewritten = self
             .init
             .config(&config)

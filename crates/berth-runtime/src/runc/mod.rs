@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::RuntimeError;
-use crate::host::{prepare, HostConfig, HostInventory};
+use crate::host::{HostConfig, HostInventory};
 use crate::logs;
 use crate::oci::shim::Flavor;
 use crate::oci::{init::InitPassing, OciCli};
@@ -85,15 +85,7 @@ impl Runtime for RuncRuntime {
     }
 
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
-        let cli = self.cli.clone();
-        prepare::prepare(
-            &self.config.host,
-            layout,
-            spec,
-            |_, _| Ok(()),
-            move |id, config| cli.finish_config(id, config),
-        )
-        .await
+        self.cli.prepare(layout, spec).await
     }
 
     async fn start(
