@@ -27,6 +27,13 @@ use crate::machine_init::{command, GVISOR_INIT, RUNC_INIT};
 
 const RUNC_INIT_FD: RawFd = 3;
 
+/// What gVisor itself needs of a Machine's host pids cgroup, on top of the Machine's own
+/// limit: the sandbox's and gofer's threads (about 25 idle) and, on the ptrace platform,
+/// one stub process per address space with a thread per Sentry thread that ran in it.
+/// runsc applies `linux.resources.pids` to the host cgroup of all of them, and a bare
+/// limit of 50 failed the first clone inside the sandbox with EAGAIN.
+pub(crate) const GVISOR_PIDS_HEADROOM: i64 = 64;
+
 /// How a driver's container runs the Machine's init.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum InitPassing {
@@ -86,8 +93,27 @@ impl InitPassing {
                     .map_err(|e| e.to_string())?,
             );
         }
+        let was_gvisor = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .any(|m| m.destination() == Path::new(GVISOR_INIT));
         spec.set_mounts(Some(mounts));
         if let Some(mut linux) = spec.linux().clone() {
+            let headroom = match (self, was_gvisor) {
+                (InitPassing::Mounted(_), false) => GVISOR_PIDS_HEADROOM,
+                (InitPassing::Fd3, true) => -GVISOR_PIDS_HEADROOM,
+                _ => 0,
+            };
+            if let Some(mut resources) = linux.resources().clone() {
+                if let Some(mut pids) = resources.pids().clone() {
+                    if pids.limit() > 0 && headroom != 0 {
+                        pids.set_limit((pids.limit() + headroom).max(1));
+                        resources.set_pids(Some(pids));
+                        linux.set_resources(Some(resources));
+                    }
+                }
+            }
             let namespaces = linux.namespaces().clone().map(|namespaces| {
                 namespaces
                     .into_iter()

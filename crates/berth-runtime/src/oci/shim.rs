@@ -191,6 +191,38 @@ impl ShimArgs {
     }
 }
 
+/// runsc's network setup (in `start`, and in `restore`, which starts too) refuses a
+/// network namespace that has `/proc/sys/net/core/rmem_default`, which it takes for a sign
+/// of the host's own; since Linux 6.x every namespace has it (gVisor issue 10704, fixed
+/// after Debian's 20221219). So those two run in a mount namespace of their own (private,
+/// so nothing propagates to the host's) with a fresh procfs mounted over `/proc/sys/net`,
+/// where there is no `core/`. Not an empty tmpfs: the gofer and sandbox `restore` makes
+/// mount their own procfs in new user namespaces, which the kernel allows only while a
+/// procfs mount without covered files is in sight (`mount_too_revealing`); the fresh one
+/// is that.
+fn hide_proc_sys_net(cmd: &mut Command) {
+    use rustix::mount::{MountFlags, MountPropagationFlags};
+    // SAFETY: the hook makes only the unshare(2) and mount(2) calls, async-signal-safe,
+    // with constant C strings, in the child before it execs runsc.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)?;
+            rustix::mount::mount_change(
+                c"/",
+                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+            )?;
+            rustix::mount::mount(
+                c"proc",
+                c"/proc/sys/net",
+                c"proc",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                c"",
+            )?;
+            Ok(())
+        });
+    }
+}
+
 /// The shim's own entry point, once `berth shim` has found no other subcommand. Best
 /// called before the program starts threads: it then detaches with fork. Otherwise it
 /// re-executes the program (same argv) to detach, which costs an exec.
@@ -352,6 +384,7 @@ impl Shim {
                 (Some(image), _) => {
                     // create, restore and start in one; --detach leaves the sandbox to
                     // this shim (the subreaper) as `create` does.
+                    hide_proc_sys_net(&mut cmd);
                     cmd.arg("restore")
                         .arg("--detach")
                         .arg("--image-path")
@@ -393,8 +426,11 @@ impl Shim {
         }
 
         let t1 = Instant::now();
-        let started = self
-            .runc()
+        let mut start = self.runc();
+        if self.opts.flavor == Flavor::Runsc {
+            hide_proc_sys_net(&mut start);
+        }
+        let started = start
             .arg("start")
             .arg(&id)
             .stdin(Stdio::null())

@@ -95,6 +95,8 @@ pub fn gvisor_config(config: &RuncConfig) -> GvisorConfig {
     gvisor.log_max_bytes = config.log_max_bytes;
     gvisor.start_timeout = config.start_timeout;
     gvisor.host.network = config.host.network.clone();
+    // runsc's own debug logs, for a failure inside the sandbox.
+    gvisor.debug_log_dir = std::env::var_os("BERTH_TEST_RUNSC_DEBUG").map(PathBuf::from);
     gvisor
 }
 
@@ -275,7 +277,7 @@ impl Fixture {
         let out = Command::new(RUNSC)
             .arg("--root")
             .arg(&root)
-            .args(["list", "-q"])
+            .args(["list", "--quiet"])
             .output()
             .unwrap();
         assert!(
