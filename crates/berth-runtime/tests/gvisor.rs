@@ -108,7 +108,8 @@ async fn kernel_seen_from_inside(driver: Driver) -> String {
                     if test -e $p; then echo \"present=$p\"; else echo \"absent=$p\"; fi; done; \
                   echo done";
     let mut spec = f.spec(&["sh", "-c", script]);
-    spec.env.push(format!("HOST_ONLY={}", host_only_interfaces().join(" ")));
+    spec.env
+        .push(format!("HOST_ONLY={}", host_only_interfaces().join(" ")));
     f.runtime.prepare(&f.layout, &spec).await.unwrap();
     f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
     let record = f.runtime.wait_exit(&f.layout, WAIT).await.unwrap().unwrap();
