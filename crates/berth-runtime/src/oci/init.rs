@@ -19,7 +19,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use oci_spec::runtime::{LinuxNamespaceType, MountBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSyscall, MountBuilder, Spec};
 use serde::Deserialize;
 
 use crate::error::{IoContext, RuntimeError};
@@ -33,6 +33,12 @@ const RUNC_INIT_FD: RawFd = 3;
 /// runsc applies `linux.resources.pids` to the host cgroup of all of them, and a bare
 /// limit of 50 failed the first clone inside the sandbox with EAGAIN.
 pub(crate) const GVISOR_PIDS_HEADROOM: i64 = 64;
+
+// The seccomp profile's clone3 rule answers ENOSYS, so that libcs fall back to clone,
+// whose flags the profile can see. runsc (20221219) answers every errno rule with EPERM,
+// ignoring `errnoRet`: berth-init's posix_spawn then failed with EPERM instead of falling
+// back. gVisor has no clone3 and answers ENOSYS itself, so its configs go without the
+// rule (and get it back when they return to runc).
 
 /// How a driver's container runs the Machine's init.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +119,20 @@ impl InitPassing {
                         linux.set_resources(Some(resources));
                     }
                 }
+            }
+            if let Some(mut seccomp) = linux.seccomp().clone() {
+                let mut syscalls = seccomp.syscalls().clone().unwrap_or_default();
+                let clone3 = |s: &LinuxSyscall| s.names().as_slice() == ["clone3"];
+                match (self, was_gvisor) {
+                    (InitPassing::Mounted(_), false) => syscalls.retain(|s| !clone3(s)),
+                    (InitPassing::Fd3, true) if !syscalls.iter().any(clone3) => {
+                        let profile = crate::seccomp::default_profile().map_err(|e| e.to_string())?;
+                        syscalls.extend(profile.syscalls().iter().flatten().filter(|s| clone3(s)).cloned());
+                    }
+                    _ => {}
+                }
+                seccomp.set_syscalls(Some(syscalls));
+                linux.set_seccomp(Some(seccomp));
             }
             let namespaces = linux.namespaces().clone().map(|namespaces| {
                 namespaces
