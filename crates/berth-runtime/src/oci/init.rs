@@ -396,6 +396,55 @@ mod tests {
     }
 
     #[test]
+    fn gvisor_configs_get_pids_headroom_and_no_clone3_rule_and_give_both_back() {
+        let mut spec = oci_spec::runtime::Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        let pids = oci_spec::runtime::LinuxPidsBuilder::default()
+            .limit(50)
+            .build()
+            .unwrap();
+        let resources = oci_spec::runtime::LinuxResourcesBuilder::default()
+            .pids(pids)
+            .build()
+            .unwrap();
+        linux.set_resources(Some(resources));
+        linux.set_seccomp(Some(crate::seccomp::default_profile().unwrap()));
+        spec.set_linux(Some(linux));
+        let looks = |json: &[u8]| {
+            let spec: Spec = serde_json::from_slice(json).unwrap();
+            let linux = spec.linux().clone().unwrap();
+            let limit = linux.resources().clone().unwrap().pids().clone().unwrap().limit();
+            let clone3 = linux
+                .seccomp()
+                .clone()
+                .unwrap()
+                .syscalls()
+                .clone()
+                .unwrap()
+                .iter()
+                .filter(|s| s.names().as_slice() == ["clone3"])
+                .map(|s| s.errno_ret())
+                .collect::<Vec<_>>();
+            (limit, clone3)
+        };
+        let enosys = vec![Some(libc::ENOSYS as u32)];
+        let runc = InitPassing::Fd3
+            .config(&serde_json::to_vec(&spec).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(looks(&runc), (50, enosys.clone()));
+        let mounted = InitPassing::Mounted("/i/berth-init".into());
+        let gvisor = mounted.config(&runc).unwrap().unwrap();
+        assert_eq!(looks(&gvisor), (50 + GVISOR_PIDS_HEADROOM, vec![]));
+        // Another gVisor init file changes neither again.
+        let elsewhere = InitPassing::Mounted("/elsewhere/berth-init".into());
+        let moved = elsewhere.config(&gvisor).unwrap().unwrap();
+        assert_eq!(looks(&moved), (50 + GVISOR_PIDS_HEADROOM, vec![]));
+        let back = InitPassing::Fd3.rewrite(&moved, None).unwrap();
+        assert_eq!(looks(&back), (50, enosys));
+    }
+
+    #[test]
     fn a_config_moves_between_the_runc_and_gvisor_inits() {
         let mounted = InitPassing::Mounted("/var/lib/berth/gvisor-init/berth-init".into());
         let mut spec = oci_spec::runtime::Spec::default();
