@@ -1029,7 +1029,10 @@ async fn wait_for_command_in_sandbox(f: &Fixture) {
         if others > 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "init never started its command:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "init never started its command:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -1168,7 +1171,7 @@ both_drivers!(
 // The cases that hold under gVisor too, as `gvisor::<case>`. Not here, and why:
 // - out_of_memory_is_recorded: the host's OOM killer ends the whole sandbox (gVisor's
 //   kernel has no OOM killer of its own), so the record is a SIGKILL of the sandbox, not
-//   init's 128 + 9; `gvisor.rs` checks what the record says instead;
+//   init's 128 + 9; `gvisor.rs` checks what the record says instead (seen there);
 // - machine_is_isolated_and_limited, exec_runs_inside_the_machine: they read the
 //   Machine's processes, namespaces and seccomp state through the host's /proc, which
 //   cannot see inside the Sentry (gVisor's kernel); `gvisor.rs` checks the kernel;

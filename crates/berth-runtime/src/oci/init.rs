@@ -112,7 +112,7 @@ impl InitPassing {
                 _ => 0,
             };
             if let Some(mut resources) = linux.resources().clone() {
-                if let Some(mut pids) = resources.pids().clone() {
+                if let Some(mut pids) = *resources.pids() {
                     if pids.limit() > 0 && headroom != 0 {
                         pids.set_limit((pids.limit() + headroom).max(1));
                         resources.set_pids(Some(pids));
@@ -126,8 +126,16 @@ impl InitPassing {
                 match (self, was_gvisor) {
                     (InitPassing::Mounted(_), false) => syscalls.retain(|s| !clone3(s)),
                     (InitPassing::Fd3, true) if !syscalls.iter().any(clone3) => {
-                        let profile = crate::seccomp::default_profile().map_err(|e| e.to_string())?;
-                        syscalls.extend(profile.syscalls().iter().flatten().filter(|s| clone3(s)).cloned());
+                        let profile =
+                            crate::seccomp::default_profile().map_err(|e| e.to_string())?;
+                        syscalls.extend(
+                            profile
+                                .syscalls()
+                                .iter()
+                                .flatten()
+                                .filter(|s| clone3(s))
+                                .cloned(),
+                        );
                     }
                     _ => {}
                 }
@@ -413,7 +421,7 @@ mod tests {
         let looks = |json: &[u8]| {
             let spec: Spec = serde_json::from_slice(json).unwrap();
             let linux = spec.linux().clone().unwrap();
-            let limit = linux.resources().clone().unwrap().pids().clone().unwrap().limit();
+            let limit = linux.resources().clone().unwrap().pids().unwrap().limit();
             let clone3 = linux
                 .seccomp()
                 .clone()

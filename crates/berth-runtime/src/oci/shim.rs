@@ -430,11 +430,7 @@ impl Shim {
         if self.opts.flavor == Flavor::Runsc {
             hide_proc_sys_net(&mut start);
         }
-        let started = start
-            .arg("start")
-            .arg(&id)
-            .stdin(Stdio::null())
-            .output();
+        let started = start.arg("start").arg(&id).stdin(Stdio::null()).output();
         let start_us = micros(t1.elapsed());
         let failure = match started {
             Ok(out) if out.status.success() => None,
