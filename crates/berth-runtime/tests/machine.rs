@@ -1008,6 +1008,35 @@ fn machine_processes(init: u32) -> Vec<(char, String)> {
     out
 }
 
+/// [`wait_for_command`] under gVisor, whose processes are no host processes: asks its
+/// kernel (`ps` by exec) until something besides init and that `ps` runs.
+async fn wait_for_command_in_sandbox(f: &Fixture) {
+    let ps = berth_runtime::exec::ExecSpec {
+        cmd: vec!["ps".to_owned()],
+        stdin: None,
+        timeout: Duration::from_secs(10),
+        max_output_bytes: 1 << 16,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = f.runtime.exec(&f.layout, &ps).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let others = text
+            .lines()
+            .skip(1)
+            .filter(|l| !l.contains("berth-init") && l.split_whitespace().last() != Some("ps"))
+            .count();
+        if others > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "init never started its command:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until init has started the command (a child of its own).
 fn wait_for_command(init: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1032,7 +1061,11 @@ async fn commands_that_ignore_sigterm_as_pid_1_stop_on_it(driver: Driver) {
             .await
             .unwrap();
         let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
-        wait_for_command(started.pid);
+        if driver == Driver::Gvisor {
+            wait_for_command_in_sandbox(&f).await;
+        } else {
+            wait_for_command(started.pid);
+        }
         let t = Instant::now();
         f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
         let record = f
@@ -1138,7 +1171,7 @@ both_drivers!(
 // The cases that hold under gVisor too, as `gvisor::<case>`. Not here, and why:
 // - out_of_memory_is_recorded: the host's OOM killer ends the whole sandbox (gVisor's
 //   kernel has no OOM killer of its own), so the record is a SIGKILL of the sandbox, not
-//   init's 128 + 9; `gvisor.rs` checks what the record says instead;
+//   init's 128 + 9; `gvisor.rs` checks what the record says instead (seen there);
 // - machine_is_isolated_and_limited, exec_runs_inside_the_machine: they read the
 //   Machine's processes, namespaces and seccomp state through the host's /proc, which
 //   cannot see inside the Sentry (gVisor's kernel); `gvisor.rs` checks the kernel;

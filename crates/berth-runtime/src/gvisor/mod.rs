@@ -75,7 +75,7 @@ impl GvisorConfig {
 
     /// The flags every runsc call gets after `--root` (see the module's doc).
     pub fn global_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = ["--platform=ptrace", "--network=sandbox"]
+        let mut args: Vec<OsString> = ["--platform=ptrace", "--network=sandbox", "--oci-seccomp"]
             .map(OsString::from)
             .to_vec();
         if let Some(dir) = &self.debug_log_dir {

@@ -19,7 +19,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use oci_spec::runtime::{LinuxNamespaceType, MountBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSyscall, MountBuilder, Spec};
 use serde::Deserialize;
 
 use crate::error::{IoContext, RuntimeError};
@@ -33,6 +33,12 @@ const RUNC_INIT_FD: RawFd = 3;
 /// runsc applies `linux.resources.pids` to the host cgroup of all of them, and a bare
 /// limit of 50 failed the first clone inside the sandbox with EAGAIN.
 pub(crate) const GVISOR_PIDS_HEADROOM: i64 = 64;
+
+// The seccomp profile's clone3 rule answers ENOSYS, so that libcs fall back to clone,
+// whose flags the profile can see. runsc (20221219) answers every errno rule with EPERM,
+// ignoring `errnoRet`: berth-init's posix_spawn then failed with EPERM instead of falling
+// back. gVisor has no clone3 and answers ENOSYS itself, so its configs go without the
+// rule (and get it back when they return to runc).
 
 /// How a driver's container runs the Machine's init.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,13 +112,35 @@ impl InitPassing {
                 _ => 0,
             };
             if let Some(mut resources) = linux.resources().clone() {
-                if let Some(mut pids) = resources.pids().clone() {
+                if let Some(mut pids) = *resources.pids() {
                     if pids.limit() > 0 && headroom != 0 {
                         pids.set_limit((pids.limit() + headroom).max(1));
                         resources.set_pids(Some(pids));
                         linux.set_resources(Some(resources));
                     }
                 }
+            }
+            if let Some(mut seccomp) = linux.seccomp().clone() {
+                let mut syscalls = seccomp.syscalls().clone().unwrap_or_default();
+                let clone3 = |s: &LinuxSyscall| s.names().as_slice() == ["clone3"];
+                match (self, was_gvisor) {
+                    (InitPassing::Mounted(_), false) => syscalls.retain(|s| !clone3(s)),
+                    (InitPassing::Fd3, true) if !syscalls.iter().any(clone3) => {
+                        let profile =
+                            crate::seccomp::default_profile().map_err(|e| e.to_string())?;
+                        syscalls.extend(
+                            profile
+                                .syscalls()
+                                .iter()
+                                .flatten()
+                                .filter(|s| clone3(s))
+                                .cloned(),
+                        );
+                    }
+                    _ => {}
+                }
+                seccomp.set_syscalls(Some(syscalls));
+                linux.set_seccomp(Some(seccomp));
             }
             let namespaces = linux.namespaces().clone().map(|namespaces| {
                 namespaces
@@ -373,6 +401,55 @@ mod tests {
             None,
             "already runs init"
         );
+    }
+
+    #[test]
+    fn gvisor_configs_get_pids_headroom_and_no_clone3_rule_and_give_both_back() {
+        let mut spec = oci_spec::runtime::Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        let pids = oci_spec::runtime::LinuxPidsBuilder::default()
+            .limit(50)
+            .build()
+            .unwrap();
+        let resources = oci_spec::runtime::LinuxResourcesBuilder::default()
+            .pids(pids)
+            .build()
+            .unwrap();
+        linux.set_resources(Some(resources));
+        linux.set_seccomp(Some(crate::seccomp::default_profile().unwrap()));
+        spec.set_linux(Some(linux));
+        let looks = |json: &[u8]| {
+            let spec: Spec = serde_json::from_slice(json).unwrap();
+            let linux = spec.linux().clone().unwrap();
+            let limit = linux.resources().clone().unwrap().pids().unwrap().limit();
+            let clone3 = linux
+                .seccomp()
+                .clone()
+                .unwrap()
+                .syscalls()
+                .clone()
+                .unwrap()
+                .iter()
+                .filter(|s| s.names().as_slice() == ["clone3"])
+                .map(|s| s.errno_ret())
+                .collect::<Vec<_>>();
+            (limit, clone3)
+        };
+        let enosys = vec![Some(libc::ENOSYS as u32)];
+        let runc = InitPassing::Fd3
+            .config(&serde_json::to_vec(&spec).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(looks(&runc), (50, enosys.clone()));
+        let mounted = InitPassing::Mounted("/i/berth-init".into());
+        let gvisor = mounted.config(&runc).unwrap().unwrap();
+        assert_eq!(looks(&gvisor), (50 + GVISOR_PIDS_HEADROOM, vec![]));
+        // Another gVisor init file changes neither again.
+        let elsewhere = InitPassing::Mounted("/elsewhere/berth-init".into());
+        let moved = elsewhere.config(&gvisor).unwrap().unwrap();
+        assert_eq!(looks(&moved), (50 + GVISOR_PIDS_HEADROOM, vec![]));
+        let back = InitPassing::Fd3.rewrite(&moved, None).unwrap();
+        assert_eq!(looks(&back), (50, enosys));
     }
 
     #[test]
