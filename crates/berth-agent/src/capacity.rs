@@ -181,7 +181,8 @@ impl Agent {
     /// the quota, this only tells.
     pub(crate) async fn check_disk_quota(&self, record: &MachineRecord) {
         let layout = self.layout(&record.id);
-        let usage = match self.inner.runtime.disk_usage(&layout).await {
+        let driver = self.driver_or_default(&record.config);
+        let usage = match driver.disk_usage(&layout).await {
             Ok(usage) => usage,
             Err(error) => {
                 warn!(machine = %record.id, %error, "reading the disk quota");

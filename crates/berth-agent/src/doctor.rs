@@ -195,7 +195,7 @@ impl Agent {
             let object = Some(layout.dir.display().to_string());
             match self.inner.store.volume(&id).await? {
                 Some(record) if record.pending.is_none() => {
-                    if self.inner.runtime.volume_mounted(&layout).await? {
+                    if self.host_driver().volume_mounted(&layout).await? {
                         continue;
                     }
                     let mut finding = DoctorFinding {
@@ -206,7 +206,7 @@ impl Agent {
                         repaired: false,
                     };
                     if repair {
-                        match self.inner.runtime.volume_mount(&layout).await {
+                        match self.host_driver().volume_mount(&layout).await {
                             Ok(()) => finding.repaired = true,
                             Err(error) => {
                                 warn!(volume = %id, %error, "doctor could not mount a volume")
@@ -229,7 +229,7 @@ impl Agent {
                         repaired: false,
                     };
                     if repair {
-                        match self.inner.runtime.volume_remove(&layout).await {
+                        match self.host_driver().volume_remove(&layout).await {
                             Ok(()) => finding.repaired = true,
                             Err(error) => {
                                 warn!(volume = %id, %error, "doctor could not remove an orphan volume")
@@ -244,18 +244,36 @@ impl Agent {
         Ok(())
     }
 
-    /// What the runtime finds on the host (directories, mounts, its containers, veths and
-    /// cgroups), by Machine id. `known` are ids this worker has held.
+    /// What the drivers find on the host (directories, mounts, their containers, veths
+    /// and cgroups), by Machine id. `known` are ids this worker has held. Every driver
+    /// lists what they all share; each adds its own state (runc's containers).
     async fn scan_host(
         &self,
         machines_root: &Path,
         known: &BTreeSet<String>,
     ) -> Result<HostInventory> {
-        Ok(self
-            .inner
-            .runtime
+        let mut host = self
+            .host_driver()
             .host_inventory(machines_root, known)
-            .await?)
+            .await?;
+        for (name, driver) in self.inner.drivers.all() {
+            if name == self.inner.drivers.default_name() {
+                continue;
+            }
+            let more = driver.host_inventory(machines_root, known).await?;
+            host.dirs.extend(more.dirs);
+            host.containers.extend(more.containers);
+            for (id, mounts) in more.mounts {
+                host.mounts.entry(id).or_insert(mounts);
+            }
+            for (id, veth) in more.veths {
+                host.veths.entry(id).or_insert(veth);
+            }
+            for (id, cgroups) in more.cgroups {
+                host.cgroups.entry(id).or_insert(cgroups);
+            }
+        }
+        Ok(host)
     }
 
     /// One Machine whose lock the caller holds, against the host. `None` when it has just
@@ -344,7 +362,7 @@ impl Agent {
                 ));
             }
         }
-        let status = match self.inner.runtime.status(&layout).await {
+        let status = match self.driver_or_default(&record.config).status(&layout).await {
             Ok(status) => status,
             Err(error) => {
                 warn!(machine = %id, %error, "doctor could not read the Machine's status");
@@ -474,12 +492,13 @@ impl Agent {
     /// missed. The restart policy is not applied; the user decides what runs.
     async fn record_found_dead(&self, record: &mut MachineRecord) -> Result<()> {
         let layout = self.layout(&record.id);
-        let exit = match self.inner.runtime.status(&layout).await? {
+        let runtime = self.driver_or_default(&record.config);
+        let exit = match runtime.status(&layout).await? {
             Status::Running { .. } => return Ok(()),
             Status::Exited(exit) => exit,
             Status::NotRunning => unknown_exit(),
         };
-        self.inner.runtime.cleanup(&layout).await?;
+        runtime.cleanup(&layout).await?;
         let exited = (berth_api::EventKind::Exit, EventSource::System);
         self.record_stopped(
             record,
@@ -495,7 +514,7 @@ impl Agent {
     /// or a cgroup: end the process and clear the run's state. Its files stay.
     async fn clear_stray_run(&self, record: &MachineRecord, host: &HostInventory) -> Result<()> {
         let layout = self.layout(&record.id);
-        let runtime = &self.inner.runtime;
+        let runtime = self.driver_or_default(&record.config);
         if let Status::Running { .. } = runtime.status(&layout).await? {
             runtime.signal(&layout, berth_core::signal::SIGKILL).await?;
             runtime.wait_exit(&layout, Some(crate::KILL_WAIT)).await?;
@@ -510,7 +529,14 @@ impl Agent {
     /// files and cgroups.
     async fn remove_orphan(&self, id: &str, host: &HostInventory) -> Result<()> {
         let layout: MachineLayout = self.layout(id);
-        self.inner.runtime.remove(&layout).await?;
+        // Which driver ran it is not recorded: each other driver ends what it may hold
+        // of a run (cleanup is idempotent), then the default removes everything shared.
+        for (name, driver) in self.inner.drivers.all() {
+            if name != self.inner.drivers.default_name() {
+                driver.cleanup(&layout).await?;
+            }
+        }
+        self.host_driver().remove(&layout).await?;
         let cgroups = host.cgroups.get(id).cloned().unwrap_or_default();
         remove_cgroups(&cgroups)
             .map_err(|error| AgentError::Internal(format!("remove cgroup: {error}")))

@@ -51,6 +51,9 @@ pub enum AgentError {
     },
     #[error("worker {worker} is unavailable: {reason}")]
     Unavailable { worker: String, reason: String },
+    /// The Machine names a driver this worker does not offer.
+    #[error("worker {worker} does not offer the runtime {runtime:?}")]
+    MissingRuntime { worker: String, runtime: String },
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -134,6 +137,13 @@ impl AgentError {
                 body.retry_after_ms = Some(5000);
                 body.worker = Some(worker.clone());
                 body.missing = Some(resources.clone());
+                503
+            }
+            // Placement's answer when no worker offers it; no retry hint, as there.
+            AgentError::MissingRuntime { worker, .. } => {
+                body.error = "insufficient_capacity".into();
+                body.worker = Some(worker.clone());
+                body.missing = Some(vec!["runtime".into()]);
                 503
             }
             AgentError::Unavailable { worker, reason } => {

@@ -16,12 +16,14 @@ use crate::transition::Change;
 use crate::Agent;
 
 impl Agent {
-    /// Waits in the background for the current run to end by itself.
-    pub(crate) fn watch(&self, id: String, generation: u64) {
+    /// Waits in the background for the current run of `record` to end by itself.
+    pub(crate) fn watch(&self, record: &MachineRecord) {
         let agent = self.clone();
+        let (id, generation) = (record.id.clone(), record.run_generation);
+        let driver = self.driver_or_default(&record.config).clone();
         tokio::spawn(async move {
             let layout = agent.layout(&id);
-            let exit = agent.inner.runtime.wait_exit(&layout, None).await;
+            let exit = driver.wait_exit(&layout, None).await;
             if let Err(error) = agent.on_exit(&id, generation, exit).await {
                 warn!(machine = %id, %error, "handling a machine exit");
             }
@@ -47,9 +49,13 @@ impl Agent {
             Ok(None) => return Ok(()),
             Err(error) => {
                 warn!(machine = %id, %error, "waiting for exit failed; checking the host");
-                match self.inner.runtime.status(&self.layout(id)).await? {
+                match self
+                    .driver_or_default(&record.config)
+                    .status(&self.layout(id))
+                    .await?
+                {
                     Status::Running { .. } => {
-                        self.watch(id.to_owned(), generation);
+                        self.watch(&record);
                         return Ok(());
                     }
                     Status::Exited(exit) => exit,
@@ -69,7 +75,9 @@ impl Agent {
         source: EventSource,
         basis: CloseBasis,
     ) -> Result<()> {
-        self.inner.runtime.cleanup(&self.layout(&record.id)).await?;
+        self.driver_or_default(&record.config)
+            .cleanup(&self.layout(&record.id))
+            .await?;
         let usage = self.stop_usage(record, exit.exited_at_ms, basis).await;
         let mut info = exit_info(&exit);
         info!(machine = %record.id, reason = info.reason, code = ?exit.exit_code, "machine exited");

@@ -20,6 +20,7 @@ pub mod bundle;
 mod capacity;
 mod checks;
 pub mod doctor;
+mod drivers;
 pub mod error;
 mod exits;
 pub mod failpoint;
@@ -41,6 +42,7 @@ mod worker;
 
 /// The interface to a worker lives in `berth-worker`; these keep its old paths.
 pub use berth_worker::{remote, service, WorkerError};
+pub use drivers::Drivers;
 pub use error::{AgentError, Result};
 pub use recovery::boot_marker;
 pub use service::{
@@ -99,7 +101,8 @@ pub struct Agent {
 struct Inner {
     config: AgentConfig,
     store: AgentStore,
-    runtime: Arc<dyn Runtime>,
+    /// Every driver this worker offers; each Machine runs with the one its config names.
+    drivers: Drivers,
     images: Arc<ImageStore>,
     puller: Arc<ImagePuller>,
     machines_root: PathBuf,
@@ -147,6 +150,16 @@ impl Agent {
         runtime: Arc<dyn Runtime>,
         puller: Arc<ImagePuller>,
     ) -> Result<Agent> {
+        Agent::open_with_drivers(config, Drivers::from(runtime), puller).await
+    }
+
+    /// [`Agent::open_with_puller`] with several drivers: each Machine runs with the one
+    /// its `config.runtime` names, and with the default when it names none.
+    pub async fn open_with_drivers(
+        config: AgentConfig,
+        drivers: Drivers,
+        puller: Arc<ImagePuller>,
+    ) -> Result<Agent> {
         let images = puller.store().clone();
         let machines_root = config.data_dir.join("machines");
         std::fs::create_dir_all(&machines_root).map_err(|error| {
@@ -157,7 +170,7 @@ impl Agent {
             inner: Arc::new(Inner {
                 config,
                 store,
-                runtime,
+                drivers,
                 images,
                 puller,
                 machines_root,
@@ -173,6 +186,7 @@ impl Agent {
                 sent_images: StdMutex::new(HashMap::new()),
             }),
         };
+        agent.name_drivers().await?;
         agent.recover_volumes().await?;
         agent.recover().await?;
         agent.release_orphan_claims().await?;
@@ -236,6 +250,65 @@ impl Agent {
             .ok()
             .and_then(|locks| locks.get(id).map(|lock| lock.try_lock().is_err()))
             .unwrap_or(false)
+    }
+
+    /// The drivers this worker offers, by name: what it tells the control plane.
+    pub fn runtimes(&self) -> Vec<String> {
+        self.inner.drivers.names()
+    }
+
+    /// The driver that runs the Machine whose config is `config`.
+    pub(crate) fn driver(&self, config: &berth_api::MachineConfig) -> Result<&Arc<dyn Runtime>> {
+        let name = config
+            .runtime
+            .as_deref()
+            .unwrap_or(self.inner.drivers.default_name());
+        self.inner
+            .drivers
+            .get(name)
+            .ok_or_else(|| AgentError::MissingRuntime {
+                worker: self.inner.config.name.clone(),
+                runtime: name.to_owned(),
+            })
+    }
+
+    /// For ending and removing runs: the Machine's driver, or the default when this worker
+    /// no longer offers it (its program was removed), which still ends the run through
+    /// the run directory and removes what every driver leaves, so such a Machine can be
+    /// stopped and destroyed.
+    pub(crate) fn driver_or_default(&self, config: &berth_api::MachineConfig) -> &Arc<dyn Runtime> {
+        self.driver(config).unwrap_or_else(|error| {
+            tracing::warn!(%error, "using the default driver");
+            self.host_driver()
+        })
+    }
+
+    /// The driver for host work that is the same under every driver: volumes.
+    pub(crate) fn host_driver(&self) -> &Arc<dyn Runtime> {
+        self.inner.drivers.default_driver()
+    }
+
+    /// Records (once) the driver of each Machine recorded before Machines named theirs:
+    /// the default, which is what ran them.
+    async fn name_drivers(&self) -> Result<()> {
+        let default = self.inner.drivers.default_name();
+        for mut record in self.inner.store.list_all().await? {
+            let mut named = false;
+            if record.config.runtime.is_none() {
+                record.config.runtime = Some(default.to_owned());
+                named = true;
+            }
+            if let Some(record::PendingOp::Update { previous }) = &mut record.pending {
+                if previous.config.runtime.is_none() {
+                    previous.config.runtime = Some(default.to_owned());
+                    named = true;
+                }
+            }
+            if named {
+                self.inner.store.save(&record, None).await?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn load(&self, id: &str) -> Result<MachineRecord> {

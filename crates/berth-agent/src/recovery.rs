@@ -32,7 +32,7 @@ impl Agent {
         if previous.is_some_and(|previous| previous != boot_id) {
             return Ok(true);
         }
-        let running: Vec<String> = self
+        let running: Vec<MachineRecord> = self
             .inner
             .store
             .list_all()
@@ -44,7 +44,6 @@ impl Agent {
                     MachineState::Starting | MachineState::Started | MachineState::Stopping
                 )
             })
-            .map(|record| record.id)
             .collect();
         let marker = boot_marker(&self.inner.config.data_dir);
         let marker_missing = !marker.exists();
@@ -56,12 +55,16 @@ impl Agent {
             }
         }
         // The runtime's state dir (runc's root) goes with the host's run state: gone, or
-        // under runc holding none of the runs on record, the runs went with the host.
+        // holding none of the runs on record that runc runs, the runs went with the host.
         let state_dir = self.inner.config.data_dir.join("runc");
+        let mut under_runc = running
+            .iter()
+            .filter(|record| self.driver_or_default(&record.config).name() == "runc")
+            .peekable();
         let state_lost = if !state_dir.exists() {
             true
-        } else if self.inner.runtime.name() == "runc" {
-            !running.iter().any(|id| state_dir.join(id).exists())
+        } else if under_runc.peek().is_some() {
+            !under_runc.any(|record| state_dir.join(&record.id).exists())
         } else {
             false
         };
@@ -152,7 +155,7 @@ impl Agent {
         host_restarted: bool,
     ) -> Result<Step> {
         let layout = self.layout(&record.id);
-        let runtime = &self.inner.runtime;
+        let runtime = self.driver_or_default(&record.config).clone();
         let pending = record.pending.take();
         let facts = RecordFacts {
             state: record.state,
@@ -217,7 +220,7 @@ impl Agent {
                         .await?;
                 }
                 info!(machine = %record.id, "found running again");
-                self.watch(record.id.clone(), record.run_generation);
+                self.watch(record);
                 self.run_checks(record);
             }
             Step::RecordExit => {
@@ -312,7 +315,9 @@ impl Agent {
     ) -> Result<()> {
         info!(machine = %record.id, "rolling back an unfinished update");
         let layout = self.layout(&record.id);
-        let runtime = &self.inner.runtime;
+        // The record keeps the old config until the update ends, so this is the driver the
+        // Machine had before (and the one its run, if any, was started with).
+        let runtime = self.driver_or_default(&previous.config).clone();
         let mut usage = Vec::new();
         if kill {
             let exit = self
@@ -349,7 +354,9 @@ impl Agent {
         restart: bool,
     ) -> Result<()> {
         self.settle_unjournaled_start(record).await?;
-        self.inner.runtime.cleanup(&self.layout(&record.id)).await?;
+        self.driver_or_default(&record.config)
+            .cleanup(&self.layout(&record.id))
+            .await?;
         // The run ended with the host; the agent's last sign of life is the best-known
         // time, and no later than now.
         let ended_at = last_alive.unwrap_or_else(now_ms).max(record.updated_at_ms);
@@ -381,8 +388,7 @@ impl Agent {
         if self.inner.store.get(&record.id).await?.is_none() {
             return Ok(());
         }
-        self.inner
-            .runtime
+        self.driver_or_default(&record.config)
             .restore_network(&self.layout(&record.id))
             .await?;
         Ok(())
@@ -416,6 +422,7 @@ impl Agent {
                 | AgentError::Busy { .. }
                 | AgentError::InvalidConfig(_)
                 | AgentError::InsufficientCapacity { .. }
+                | AgentError::MissingRuntime { .. }
                 | AgentError::Unavailable { .. }
                 | AgentError::Remote { .. }
         ) {

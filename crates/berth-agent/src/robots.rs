@@ -62,7 +62,9 @@ impl Agent {
             }
             .into());
         }
-        self.inner.runtime.signal(&self.layout(id), number).await?;
+        self.driver(&record.config)?
+            .signal(&self.layout(id), number)
+            .await?;
         Ok(())
     }
 
@@ -82,7 +84,10 @@ impl Agent {
             timeout: request.timeout,
             max_output_bytes: request.max_output_bytes,
         };
-        let output = self.inner.runtime.exec(&self.layout(id), &spec).await?;
+        let output = self
+            .driver(&record.config)?
+            .exec(&self.layout(id), &spec)
+            .await?;
         Ok(ExecResponse {
             exit_code: output.exit_code,
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -144,7 +149,8 @@ impl Agent {
         if record.state != MachineState::Started {
             return Err(not_started());
         }
-        let Some(processes) = self.inner.runtime.processes(&self.layout(id)).await? else {
+        let driver = self.driver(&record.config)?;
+        let Some(processes) = driver.processes(&self.layout(id)).await? else {
             // It ended between the record and the look.
             return Err(not_started());
         };

@@ -173,8 +173,7 @@ impl Agent {
         let stats = if state == "destroyed" {
             Default::default()
         } else {
-            self.inner
-                .runtime
+            self.host_driver()
                 .volume_stats(&self.volume_layout(&record.id))
                 .await
                 .unwrap_or_default()
@@ -245,8 +244,7 @@ impl Agent {
         failpoint::hit("volume_create.after_record");
         let layout = self.volume_layout(&id);
         if let Err(error) = self
-            .inner
-            .runtime
+            .host_driver()
             .volume_create(&layout, u64::from(size_gb) * GIB, from)
             .await
         {
@@ -364,8 +362,7 @@ impl Agent {
     }
 
     async fn finish_extend(&self, record: &mut VolumeRecord, offline_ok: bool) -> Result<()> {
-        self.inner
-            .runtime
+        self.host_driver()
             .volume_extend(
                 &self.volume_layout(&record.id),
                 u64::from(record.size_gb) * GIB,
@@ -399,8 +396,7 @@ impl Agent {
     }
 
     async fn finish_delete(&self, record: &VolumeRecord) -> Result<()> {
-        self.inner
-            .runtime
+        self.host_driver()
             .volume_remove(&self.volume_layout(&record.id))
             .await?;
         failpoint::hit("volume_delete.after_host");
@@ -436,8 +432,7 @@ impl Agent {
         let tmp = dir.join(format!("{snapshot_id}.tmp"));
         let path = dir.join(format!("{snapshot_id}.img"));
         let image = self
-            .inner
-            .runtime
+            .host_driver()
             .volume_snapshot(&self.volume_layout(id), tmp.clone())
             .await?;
         std::fs::rename(&tmp, &path)
@@ -550,7 +545,7 @@ impl Agent {
             let layout = self.volume_layout(&record.id);
             match record.pending {
                 Some(VolumePending::Create) => {
-                    self.inner.runtime.volume_remove(&layout).await?;
+                    self.host_driver().volume_remove(&layout).await?;
                     self.inner.store.delete_volume(&record.id).await?;
                     info!(volume = %record.id, "removed a volume whose create did not finish");
                     continue;
@@ -561,7 +556,7 @@ impl Agent {
                 }
                 Some(VolumePending::Extend) => {
                     // Before any Machine starts: the filesystem may be unmounted to grow.
-                    self.inner.runtime.volume_mount(&layout).await?;
+                    self.host_driver().volume_mount(&layout).await?;
                     self.finish_extend(&mut record, true).await?;
                 }
                 // The move's owner (the control plane) commits or aborts it; a copy that
@@ -570,7 +565,7 @@ impl Agent {
                 // Mounted as any other: abort needs it so, finish removes it, and a later
                 // pass unmounts it again before reading.
                 Some(VolumePending::MigrateOut) | None => {
-                    self.inner.runtime.volume_mount(&layout).await?
+                    self.host_driver().volume_mount(&layout).await?
                 }
             }
             // Snapshots whose copy was cut short.

@@ -281,6 +281,12 @@ pub struct MachineConfig {
     /// Volumes to attach (at most one Machine holds a volume at a time). Fixed at create.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MachineMount>,
+    /// The driver that runs the Machine: `"native"`, `"runc"` or `"gvisor"`. Placement
+    /// picks only workers that offer it. Absent at create: the worker's default driver
+    /// (`native` unless it was started with another), which the Machine then keeps; absent
+    /// at update: the Machine keeps its driver. The Machine's JSON always names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 /// How often a scheduled Machine is started: one period after its creation, then once a
@@ -976,6 +982,11 @@ pub struct RegisterWorker {
     /// Where the control plane reaches the agent's own API.
     pub url: String,
     pub capacity: Resources,
+    /// The drivers the worker runs Machines with (`config.runtime` names one). Absent
+    /// from an agent of an older release: such a worker takes only Machines that name
+    /// none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtimes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -996,6 +1007,9 @@ pub struct Worker {
     pub machines: u64,
     pub running: u64,
     pub machine_prefix: String,
+    /// The drivers the worker offers, by name, as it reported them when it registered.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
     /// `null` until the worker's first heartbeat (and again after a control plane restart).
     #[serde(default)]
     pub last_heartbeat: Option<String>,

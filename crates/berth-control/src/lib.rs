@@ -416,6 +416,16 @@ impl ControlPlane {
                 api.body.field = Some("region".into());
                 Err(api)
             }
+            // No retry hint: a driver is installed on a worker, not freed by a Machine.
+            Err(error @ PlacementError::NoWorkerWithRuntime(_)) => {
+                let mut api = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "insufficient_capacity",
+                    error.to_string(),
+                );
+                api.body.missing = Some(vec!["runtime".into()]);
+                Err(api)
+            }
             Err(error) => {
                 let mut api = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -639,6 +639,8 @@ impl ControlPlane {
         leases::check(self, id, nonce).await?;
         apply_fly_defaults(&mut request.config)?;
         validate::validate_config(&request.config)?;
+        // A new driver must be one the Machine's worker offers; the worker says so.
+        validate::validate_runtime(&request.config)?;
         let org = &app_row.org_slug;
         let _reservation = if request.skip_launch {
             None
@@ -980,6 +982,7 @@ async fn create(
         cpus: request.config.guest.cpus,
         memory_mb: u64::from(request.config.guest.memory_mb),
         disk_mb: machine_disk_mb(&request.config.guest),
+        runtime: request.config.runtime.clone(),
     };
     let size = Resources {
         cpus: placement.cpus,

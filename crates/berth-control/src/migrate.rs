@@ -194,6 +194,7 @@ impl ControlPlane {
             cpus: size.cpus,
             memory_mb: size.memory_mb,
             disk_mb: size.disk_mb,
+            runtime: current.config.runtime.clone(),
         };
         let placement = crate::workers::Placement {
             machine_id: id,
@@ -309,6 +310,8 @@ impl ControlPlane {
             cpus: machine.config.guest.cpus,
             memory_mb: u64::from(machine.config.guest.memory_mb),
             disk_mb: berth_core::placement::machine_disk_mb(&machine.config.guest) + volume_mb,
+            // It keeps its driver where it goes.
+            runtime: machine.config.runtime.clone(),
         };
         let others: Vec<_> = capacities
             .into_iter()

@@ -281,6 +281,7 @@ impl ControlPlane {
                 cpus: 0,
                 memory_mb: 0,
                 disk_mb: u64::from(size_gb) * 1024,
+                runtime: None,
             })
             .await?;
         let id = ids::new_volume_id();

@@ -56,6 +56,8 @@ pub(crate) struct WorkerEntry {
     pub machine_prefix: String,
     pub last_heartbeat_ms: Option<i64>,
     pub stats: WorkerStats,
+    /// The drivers it offers, as it registered them.
+    pub runtimes: Vec<String>,
 }
 
 /// A heartbeat this long after a create ended surely counts its Machine (its stats are
@@ -101,7 +103,8 @@ pub(crate) const SCHEMA: &[&str] = &[
         used_memory_mb INTEGER NOT NULL DEFAULT 0,
         used_disk_mb INTEGER NOT NULL DEFAULT 0,
         machine_count INTEGER NOT NULL DEFAULT 0,
-        running_count INTEGER NOT NULL DEFAULT 0
+        running_count INTEGER NOT NULL DEFAULT 0,
+        runtimes TEXT NOT NULL DEFAULT ''
     )",
     "CREATE TABLE IF NOT EXISTS cluster (id INTEGER PRIMARY KEY CHECK (id = 1), ula_prefix TEXT NOT NULL)",
     // What one create (or move) placed on a worker, counted until a heartbeat that follows
@@ -128,6 +131,9 @@ pub(crate) const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("used_disk_mb", "INTEGER NOT NULL DEFAULT 0"),
     ("machine_count", "INTEGER NOT NULL DEFAULT 0"),
     ("running_count", "INTEGER NOT NULL DEFAULT 0"),
+    // Comma-separated driver names; empty for a worker that registered before drivers
+    // were reported (it takes only Machines that name none).
+    ("runtimes", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// One row of `workers`, selected by [`WORKER_COLUMNS`].
@@ -140,10 +146,25 @@ struct WorkerRow {
     cordoned: bool,
     heartbeat_ms: Option<i64>,
     stats: WorkerStats,
+    runtimes: Vec<String>,
 }
 
 const WORKER_COLUMNS: &str = "name, ordinal, region, url, cpus, memory_mb, disk_mb, cordoned, \
-    heartbeat_ms, used_cpus, used_memory_mb, used_disk_mb, machine_count, running_count";
+    heartbeat_ms, used_cpus, used_memory_mb, used_disk_mb, machine_count, running_count, \
+    runtimes";
+
+/// The `runtimes` column: driver names are plain words, so a comma list is enough.
+fn runtimes_column(runtimes: &[String]) -> String {
+    runtimes.join(",")
+}
+
+fn runtimes_of(column: &str) -> Vec<String> {
+    column
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 fn unsigned(row: &sqlx::any::AnyRow, index: usize) -> u64 {
     u64::try_from(row.get::<i64, _>(index)).unwrap_or(0)
@@ -171,6 +192,7 @@ fn worker_row(row: &sqlx::any::AnyRow) -> WorkerRow {
             machines: unsigned(row, 12),
             running: unsigned(row, 13),
         },
+        runtimes: runtimes_of(&row.get::<String, _>(14)),
     }
 }
 
@@ -209,6 +231,7 @@ fn capacity_of(row: &WorkerRow, placed: Placed, now: i64) -> WorkerCapacity {
             .saturating_add(u32::try_from(placed.cpus).unwrap_or(u32::MAX)),
         running_memory_mb: row.stats.used.memory_mb.saturating_add(placed.memory_mb),
         used_disk_mb: row.stats.used.disk_mb.saturating_add(placed.disk_mb),
+        runtimes: row.runtimes.clone(),
     }
 }
 
@@ -371,6 +394,7 @@ impl Workers {
                 entry.region = row.region;
                 entry.capacity = row.capacity;
                 entry.cordoned = row.cordoned;
+                entry.runtimes = row.runtimes;
                 // The newest heartbeat any replica recorded, with its report.
                 if row.heartbeat_ms > entry.last_heartbeat_ms {
                     entry.last_heartbeat_ms = row.heartbeat_ms;
@@ -412,6 +436,7 @@ impl Workers {
                     machine_prefix: self.prefix_for(row.ordinal),
                     last_heartbeat_ms: row.heartbeat_ms,
                     stats: row.stats,
+                    runtimes: row.runtimes.clone(),
                 },
             );
             self.unadopted
@@ -486,10 +511,10 @@ impl Workers {
         let heartbeat_ms = if remote { None } else { Some(now_ms()) };
         Workers::insert_with_ordinal(pool, || {
             sqlx::query(
-                "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb, heartbeat_ms)
-                 VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), $2, $3, $4, $5, $6, $7)
+                "INSERT INTO workers (name, ordinal, region, url, cpus, memory_mb, disk_mb, heartbeat_ms, runtimes)
+                 VALUES ($1, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM workers), $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT(name) DO UPDATE SET region = $2, url = $3, cpus = $4, memory_mb = $5,
-                 disk_mb = $6, heartbeat_ms = COALESCE($7, workers.heartbeat_ms)",
+                 disk_mb = $6, heartbeat_ms = COALESCE($7, workers.heartbeat_ms), runtimes = $8",
             )
             .bind(&request.name)
             .bind(&request.region)
@@ -498,6 +523,7 @@ impl Workers {
             .bind(signed(request.capacity.memory_mb))
             .bind(signed(request.capacity.disk_mb))
             .bind(heartbeat_ms)
+            .bind(runtimes_column(&request.runtimes))
         })
         .await?;
         let row = sqlx::query(&format!(
@@ -522,6 +548,7 @@ impl Workers {
                 last_heartbeat_ms: heartbeat_ms
                     .or(previous.as_ref().and_then(|entry| entry.last_heartbeat_ms)),
                 stats: previous.map(|entry| entry.stats).unwrap_or(row.stats),
+                runtimes: row.runtimes,
             },
         );
         Ok(prefix)
@@ -752,6 +779,7 @@ impl Workers {
             machines: entry.stats.machines,
             running: entry.stats.running,
             machine_prefix: entry.machine_prefix.clone(),
+            runtimes: entry.runtimes.clone(),
             last_heartbeat: entry.last_heartbeat_ms.map(format_ms),
             drain: None,
         }
@@ -1006,6 +1034,7 @@ mod tests {
                 memory_mb: 4096,
                 disk_mb: 100_000,
             },
+            runtimes: vec!["native".to_owned()],
         };
         let service = Arc::new(RemoteWorker::new(name, &request.url, "join").unwrap());
         workers
@@ -1026,6 +1055,7 @@ mod tests {
             cpus: size.cpus,
             memory_mb: size.memory_mb,
             disk_mb: size.disk_mb,
+            runtime: None,
         }
     }
 

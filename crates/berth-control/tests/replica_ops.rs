@@ -62,6 +62,7 @@ impl Replica {
                         memory_mb: 1 << 20,
                         disk_mb: 1 << 30,
                     },
+                    runtimes: first.agent.runtimes(),
                 },
                 service,
             )

@@ -166,6 +166,7 @@ impl Fleet {
             region: "test".into(),
             url: served.url.clone(),
             capacity,
+            runtimes: agent.runtimes(),
         };
         let (status, body) = self
             .internal(
@@ -197,6 +198,7 @@ impl Fleet {
             region: "test".into(),
             url: worker.url.clone(),
             capacity: worker.capacity,
+            runtimes: worker.agent.runtimes(),
         };
         let (status, body) = self
             .internal(

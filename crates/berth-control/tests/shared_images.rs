@@ -265,6 +265,7 @@ async fn an_import_through_one_replica_is_listed_created_and_removed_through_ano
         region: "test".into(),
         url: served_agent.url.clone(),
         capacity,
+        runtimes: agent.runtimes(),
     };
     let response = http
         .post(format!("{url_b}/v1/internal/workers/register"))

@@ -27,6 +27,8 @@ pub struct WorkerCapacity {
     pub running_memory_mb: u64,
     /// Disk counts for every Machine that exists.
     pub used_disk_mb: u64,
+    /// The drivers the worker runs Machines with.
+    pub runtimes: Vec<String>,
 }
 
 impl WorkerCapacity {
@@ -70,6 +72,8 @@ pub struct PlacementRequest {
     pub cpus: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,
+    /// Only workers that offer this driver (`config.runtime`); any worker when `None`.
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -85,6 +89,8 @@ pub enum Strategy {
 pub enum PlacementError {
     #[error("no worker serves region {0:?}")]
     NoWorkerInRegion(String),
+    #[error("no worker offers the runtime {0:?}")]
+    NoWorkerWithRuntime(String),
     #[error("no worker can take the machine: every candidate is cordoned or unhealthy")]
     NoSchedulableWorker,
     #[error("no worker has {cpus} free CPUs, {memory_mb} MB of free memory and {disk_mb} MB of free disk")]
@@ -95,8 +101,8 @@ pub enum PlacementError {
     },
 }
 
-/// Filters by region, cordon, health and free capacity, then scores by the strategy.
-/// Ties go to the worker whose name sorts first, so placement is deterministic.
+/// Filters by region, driver, cordon, health and free capacity, then scores by the
+/// strategy. Ties go to the worker whose name sorts first, so placement is deterministic.
 pub fn place<'a>(
     workers: &'a [WorkerCapacity],
     request: &PlacementRequest,
@@ -122,7 +128,19 @@ pub fn place<'a>(
             return Err(PlacementError::NoWorkerInRegion(region.clone()));
         }
     }
-    let schedulable: Vec<&WorkerCapacity> = in_region
+    let offering: Vec<&WorkerCapacity> = in_region
+        .into_iter()
+        .filter(|worker| {
+            request
+                .runtime
+                .as_ref()
+                .is_none_or(|runtime| worker.runtimes.contains(runtime))
+        })
+        .collect();
+    if let (true, Some(runtime)) = (offering.is_empty(), &request.runtime) {
+        return Err(PlacementError::NoWorkerWithRuntime(runtime.clone()));
+    }
+    let schedulable: Vec<&WorkerCapacity> = offering
         .into_iter()
         .filter(|worker| worker.healthy && !worker.cordoned)
         .collect();
@@ -168,6 +186,7 @@ mod tests {
             running_cpus,
             running_memory_mb: u64::from(running_cpus) * 512,
             used_disk_mb: 0,
+            runtimes: vec!["native".into(), "runc".into()],
         }
     }
 
@@ -178,6 +197,7 @@ mod tests {
             cpus,
             memory_mb: 256,
             disk_mb: 100,
+            runtime: None,
         }
     }
 
@@ -249,6 +269,47 @@ mod tests {
     }
 
     #[test]
+    fn only_workers_offering_the_runtime_are_picked() {
+        let mut gvisor = worker("b", "r", 7);
+        gvisor.runtimes.push("gvisor".into());
+        let workers = [worker("a", "r", 0), gvisor];
+        let wants = |runtime: &str| PlacementRequest {
+            runtime: Some(runtime.into()),
+            ..request(1)
+        };
+        // Spread would pick `a`; only `b` offers gvisor.
+        assert_eq!(
+            place(&workers, &wants("gvisor"), Strategy::Spread).map(|w| w.name.as_str()),
+            Ok("b")
+        );
+        assert_eq!(
+            place(&workers, &wants("runc"), Strategy::Spread).map(|w| w.name.as_str()),
+            Ok("a")
+        );
+        assert_eq!(
+            place(&workers, &wants("kata"), Strategy::Spread),
+            Err(PlacementError::NoWorkerWithRuntime("kata".into()))
+        );
+        // A worker that reported no drivers (an older agent) takes only Machines that
+        // name none.
+        let mut old = worker("c", "r", 0);
+        old.runtimes.clear();
+        let old = [old];
+        assert!(place(&old, &request(1), Strategy::Spread).is_ok());
+        assert_eq!(
+            place(&old, &wants("native"), Strategy::Spread),
+            Err(PlacementError::NoWorkerWithRuntime("native".into()))
+        );
+        // The one worker offering it is full: capacity, not the driver, is what lacks.
+        let mut full = workers.clone();
+        full[1].running_cpus = full[1].cpus;
+        assert!(matches!(
+            place(&full, &wants("gvisor"), Strategy::Spread),
+            Err(PlacementError::InsufficientCapacity { .. })
+        ));
+    }
+
+    #[test]
     fn stopped_machines_hold_disk_but_no_cpu() {
         let mut full_disk = worker("a", "r", 0);
         full_disk.used_disk_mb = full_disk.disk_mb;
@@ -271,6 +332,7 @@ mod tests {
             0u64..20_000,
             0u64..20_000,
             0u64..20_000,
+            0u8..4,
         )
             .prop_map(
                 |(
@@ -284,6 +346,7 @@ mod tests {
                     running_memory_mb,
                     disk_mb,
                     used_disk_mb,
+                    offers,
                 )| {
                     WorkerCapacity {
                         name: format!("w{name}"),
@@ -296,6 +359,12 @@ mod tests {
                         running_cpus,
                         running_memory_mb,
                         used_disk_mb,
+                        // Bit 0: native, bit 1: runc.
+                        runtimes: [(1, "native"), (2, "runc")]
+                            .into_iter()
+                            .filter(|(bit, _)| offers & bit != 0)
+                            .map(|(_, name)| name.to_owned())
+                            .collect(),
                     }
                 },
             )
@@ -307,11 +376,13 @@ mod tests {
             workers in proptest::collection::vec(arbitrary_worker(), 0..8),
             cpus in 1u32..8, memory_mb in 1u64..4_000, disk_mb in 0u64..4_000,
             region in proptest::option::of(0u8..3), binpack in any::<bool>(),
+            runtime in proptest::option::of(proptest::sample::select(vec!["native", "runc"])),
         ) {
-            let request = PlacementRequest { region: region.map(|r| format!("r{r}")), worker: None, cpus, memory_mb, disk_mb };
+            let request = PlacementRequest { region: region.map(|r| format!("r{r}")), worker: None, cpus, memory_mb, disk_mb, runtime: runtime.map(str::to_owned) };
             let strategy = if binpack { Strategy::Binpack } else { Strategy::Spread };
             let candidates: Vec<&WorkerCapacity> = workers.iter()
                 .filter(|w| request.region.as_ref().is_none_or(|r| &w.region == r))
+                .filter(|w| request.runtime.as_ref().is_none_or(|r| w.runtimes.contains(r)))
                 .filter(|w| w.healthy && !w.cordoned && w.fits(&request))
                 .collect();
             match place(&workers, &request, strategy) {

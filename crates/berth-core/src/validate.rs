@@ -26,6 +26,10 @@ pub const MAX_DISK_MB: u32 = 16 * 1024 * 1024;
 pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_RETRIES: u32 = 1000;
 
+/// The drivers a Machine may name in `config.runtime`. Each worker offers some of them
+/// (its `runtimes`), and placement matches the two.
+pub const RUNTIMES: &[&str] = &["native", "runc", "gvisor"];
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct ConfigError {
@@ -141,7 +145,24 @@ pub fn validate_create(request: &CreateMachineRequest) -> Result<(), ConfigError
     if let Some(region) = &request.region {
         validate_region(region)?;
     }
-    validate_config(&request.config)
+    validate_config(&request.config)?;
+    validate_runtime(&request.config)
+}
+
+/// `config.runtime`, at the API's edge: one of [`RUNTIMES`] or none. Workers check only
+/// that they offer the driver a Machine names, so a test worker may name its own.
+pub fn validate_runtime(config: &MachineConfig) -> Result<(), ConfigError> {
+    match &config.runtime {
+        Some(runtime) if !RUNTIMES.contains(&runtime.as_str()) => Err(refuse(
+            "config.runtime",
+            format!(
+                "must be one of {}, not {:?}",
+                RUNTIMES.join(", "),
+                printable(runtime)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn validate_args(field: &str, args: &[String]) -> Result<(), ConfigError> {
@@ -720,6 +741,34 @@ mod tests {
             assert_eq!(
                 validate_config(&with(mounts)).expect_err("refused").field,
                 field
+            );
+        }
+    }
+
+    #[test]
+    fn a_runtime_is_one_of_the_drivers_or_none() {
+        let with = |runtime: Option<&str>| {
+            let mut config = config();
+            config.runtime = runtime.map(str::to_owned);
+            validate_create(&CreateMachineRequest {
+                name: None,
+                region: None,
+                skip_launch: false,
+                config,
+                skip_secrets: false,
+                min_secrets_version: None,
+                lease_ttl: None,
+            })
+        };
+        for runtime in [None, Some("native"), Some("runc"), Some("gvisor")] {
+            assert_eq!(with(runtime), Ok(()), "{runtime:?}");
+        }
+        for runtime in ["", "Native", "kata", "runc "] {
+            let refused = with(Some(runtime)).expect_err("refused");
+            assert_eq!(
+                (refused.field.as_str(), refused.code()),
+                ("config.runtime", "invalid_config"),
+                "{runtime:?}"
             );
         }
     }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use berth::endpoints::Endpoints;
 use berth::platform::{
-    find_program, join_token, make_runtime, worker_network, RuntimeKind, RuntimeParts,
-    HEARTBEAT_INTERVAL,
+    find_program, join_token, make_drivers, offered_runtimes, worker_network, RuntimeKind,
+    RuntimeParts, HEARTBEAT_INTERVAL,
 };
 use berth_agent::{Agent, AgentConfig};
 use berth_api::{RegisterWorker, Resources, WorkerRegistered};
@@ -183,7 +183,8 @@ pub struct AgentArgs {
     disk_mb: u64,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
-    /// What runs the Machines: the built-in spawner, or runc on every start.
+    /// The driver of Machines whose `config.runtime` names none: the built-in spawner, or
+    /// runc on every start. Every driver this host can run is offered either way.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Native)]
     runtime: RuntimeKind,
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
@@ -259,6 +260,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         region: args.region.clone(),
         url: url.clone(),
         capacity,
+        runtimes: offered_runtimes(args.runtime, &runc_binary),
     };
     let endpoints = Endpoints::parse(&args.control_url).context("--control-url")?;
     let link = ControlLink::new(endpoints, &args.join_token)?;
@@ -280,7 +282,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     ));
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
-    let runtime = make_runtime(RuntimeParts {
+    let drivers = make_drivers(RuntimeParts {
         kind: args.runtime,
         runc_binary,
         shim_command,
@@ -289,7 +291,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         network: Some(network),
         disk_quota: args.disk_quota,
     })?;
-    let agent = Agent::open_with_puller(
+    let agent = Agent::open_with_drivers(
         AgentConfig {
             data_dir: data_dir.clone(),
             name: args.name.clone(),
@@ -299,7 +301,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             machine_prefix: Some(machine_prefix),
             join_token: Some(args.join_token.clone()),
         },
-        runtime,
+        drivers,
         puller,
     )
     .await?;

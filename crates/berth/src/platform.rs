@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use berth_agent::{Agent, AgentConfig};
+use berth_agent::{Agent, AgentConfig, Drivers};
 use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
@@ -26,7 +26,8 @@ pub const LOCAL_WORKER: &str = "local";
 /// How often a worker reports its use to the control plane.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Which driver runs the Machines (`--runtime`).
+/// A driver that runs Machines. A worker offers every one this host can run; `--runtime`
+/// picks the default, for Machines whose `config.runtime` names none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum RuntimeKind {
     /// The built-in spawner: start forks, no runc on the start path.
@@ -36,9 +37,45 @@ pub enum RuntimeKind {
     Runc,
 }
 
-/// What a worker's runtime is made from.
+impl RuntimeKind {
+    /// Every driver, in the order a worker tries to offer them.
+    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Native, RuntimeKind::Runc];
+
+    /// Its name in `config.runtime` and in a worker's `runtimes`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Native => "native",
+            RuntimeKind::Runc => "runc",
+        }
+    }
+
+    /// Its program on this host, when it needs one: `None` when that is not installed.
+    fn program(self, runc: &Path) -> Option<Option<PathBuf>> {
+        match self {
+            RuntimeKind::Native => Some(None),
+            RuntimeKind::Runc => find_program(runc).map(Some),
+        }
+    }
+}
+
+/// The names of the drivers [`make_drivers`] offers with these programs, sorted as a
+/// worker reports them: what a worker registers with before its drivers are made (they
+/// need the network its registration hands out).
+pub fn offered_runtimes(default: RuntimeKind, runc: &Path) -> Vec<String> {
+    let mut names: Vec<String> = RuntimeKind::ALL
+        .into_iter()
+        .filter(|kind| *kind == default || kind.program(runc).is_some())
+        .map(|kind| kind.name().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// What a worker's drivers are made from.
 pub struct RuntimeParts {
+    /// The default driver.
     pub kind: RuntimeKind,
+    /// runc, as given (`--runc`); runc is offered when it is found.
     pub runc_binary: PathBuf,
     pub shim_command: Vec<OsString>,
     /// The worker's data dir: runc keeps `runc/` there, the native spawner `native/`.
@@ -49,42 +86,68 @@ pub struct RuntimeParts {
     pub disk_quota: QuotaMode,
 }
 
-/// The runtime of one worker.
-pub fn make_runtime(parts: RuntimeParts) -> Result<Arc<dyn Runtime>> {
-    let start_timeout = Duration::from_secs(30);
+/// The drivers of one worker: `parts.kind` as the default, and beside it every other
+/// driver this host can run. The default must be runnable.
+pub fn make_drivers(parts: RuntimeParts) -> Result<Drivers> {
     let disk_quota = disk_quota(&parts.worker_dir, parts.disk_quota)?;
     // Beside `machines/`, so a Machine's directory is renamed there, not copied.
     let removed_dir = parts.worker_dir.join("removed");
     berth_runtime::host::sweep_removed(&removed_dir);
-    Ok(match parts.kind {
-        RuntimeKind::Runc => Arc::new(RuncRuntime::new(RuncConfig {
-            runc_binary: parts.runc_binary,
-            runc_root: parts.worker_dir.join("runc"),
-            shim_command: parts.shim_command,
-            log_max_bytes: parts.log_max_bytes,
-            start_timeout,
-            host: HostConfig {
-                network: parts.network,
-                id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
-                disk_quota,
-                removed_dir: Some(removed_dir),
-            },
-        })),
-        RuntimeKind::Native => Arc::new(
+    let host = HostConfig {
+        network: parts.network.clone(),
+        id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
+        disk_quota,
+        removed_dir: Some(removed_dir),
+    };
+    let default = make_driver(parts.kind, &parts, &host)?
+        .with_context(|| format!("the {} runtime cannot run on this host", parts.kind.name()))?;
+    let mut drivers = Drivers::new(parts.kind.name(), default);
+    for kind in RuntimeKind::ALL {
+        if kind == parts.kind {
+            continue;
+        }
+        match make_driver(kind, &parts, &host)? {
+            Some(driver) => drivers = drivers.with(kind.name(), driver),
+            None => info!(
+                runtime = kind.name(),
+                "not offered: its program is not installed"
+            ),
+        }
+    }
+    Ok(drivers)
+}
+
+/// One driver, or `None` when this host lacks its program.
+fn make_driver(
+    kind: RuntimeKind,
+    parts: &RuntimeParts,
+    host: &HostConfig,
+) -> Result<Option<Arc<dyn Runtime>>> {
+    let start_timeout = Duration::from_secs(30);
+    let Some(program) = kind.program(&parts.runc_binary) else {
+        return Ok(None);
+    };
+    Ok(match kind {
+        RuntimeKind::Runc => program.map(|runc_binary| {
+            Arc::new(RuncRuntime::new(RuncConfig {
+                runc_binary,
+                runc_root: parts.worker_dir.join("runc"),
+                shim_command: parts.shim_command.clone(),
+                log_max_bytes: parts.log_max_bytes,
+                start_timeout,
+                host: host.clone(),
+            })) as Arc<dyn Runtime>
+        }),
+        RuntimeKind::Native => Some(Arc::new(
             NativeRuntime::new(NativeConfig {
-                shim_command: parts.shim_command,
+                shim_command: parts.shim_command.clone(),
                 state_dir: parts.worker_dir.join("native"),
                 log_max_bytes: parts.log_max_bytes,
                 start_timeout,
-                host: HostConfig {
-                    network: parts.network,
-                    id_registry: IdRegistry::new(userns::DEFAULT_REGISTRY),
-                    disk_quota,
-                    removed_dir: Some(removed_dir),
-                },
+                host: host.clone(),
             })
             .context("the native runtime")?,
-        ),
+        )),
     })
 }
 
@@ -236,7 +299,7 @@ impl LocalPlatform {
             })?;
             let (network, machine_prefix) =
                 worker_network(&prefix, options.egress_nat, &options.allow_host_ports).await?;
-            let runtime = make_runtime(RuntimeParts {
+            let drivers = make_drivers(RuntimeParts {
                 kind: options.runtime,
                 runc_binary: options.runc_binary.clone(),
                 shim_command: options.shim_command.clone(),
@@ -245,7 +308,7 @@ impl LocalPlatform {
                 network: Some(network),
                 disk_quota: options.disk_quota,
             })?;
-            let agent = Agent::open_with_puller(
+            let agent = Agent::open_with_drivers(
                 AgentConfig {
                     data_dir: dir,
                     name: name.clone(),
@@ -255,7 +318,7 @@ impl LocalPlatform {
                     machine_prefix: Some(machine_prefix),
                     join_token: None,
                 },
-                runtime,
+                drivers,
                 puller.clone(),
             )
             .await?;
@@ -264,6 +327,7 @@ impl LocalPlatform {
                 region: options.region.clone(),
                 url: String::new(),
                 capacity: options.worker_capacity,
+                runtimes: agent.runtimes(),
             };
             let service: Arc<dyn berth_agent::WorkerService> = Arc::new(agent.clone());
             control
@@ -362,4 +426,28 @@ pub fn find_program(program: &Path) -> Option<PathBuf> {
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_is_offered_beside_the_default_only_where_it_is_found() {
+        let missing = Path::new("/nonexistent/runc");
+        assert_eq!(offered_runtimes(RuntimeKind::Native, missing), ["native"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runc = dir.path().join("runc");
+        std::fs::write(&runc, "").expect("a runc");
+        for default in RuntimeKind::ALL {
+            assert_eq!(offered_runtimes(default, &runc), ["native", "runc"]);
+        }
+        // Every driver a worker can offer is one a Machine may name.
+        for kind in RuntimeKind::ALL {
+            assert!(
+                berth_core::validate::RUNTIMES.contains(&kind.name()),
+                "{kind:?}"
+            );
+        }
+    }
 }

@@ -174,7 +174,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         crate::host_tuning::expedite_rcu();
     }
     let registry = registry_options(&args)?;
-    // runc is needed only when it runs the Machines.
+    // runc must be there when it is the default; otherwise it is offered if found.
     let runc_binary = match args.runtime {
         RuntimeKind::Runc => find_program(&args.runc).with_context(|| {
             format!("cannot find the OCI runtime {:?}; install runc", args.runc)

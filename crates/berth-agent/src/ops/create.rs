@@ -17,6 +17,14 @@ impl Agent {
     pub(crate) async fn create_op(&self, request: CreateOnWorker) -> Result<Machine> {
         validate::validate_name("name", &request.name)?;
         validate::validate_config(&request.config)?;
+        let mut request = request;
+        // The driver is recorded with the Machine, so it keeps it whatever the default
+        // becomes; one this worker lacks is refused before anything is done.
+        let driver = self.driver(&request.config)?.clone();
+        request
+            .config
+            .runtime
+            .get_or_insert_with(|| self.inner.drivers.default_name().to_owned());
         let _guard = self.lock(&request.id).await?;
         // A disk without room for the reserve could not roll this create back.
         self.inner.store.refill_reserve().await?;
@@ -87,7 +95,7 @@ impl Agent {
         // Every step until the record leaves `pending` rolls back on failure: a full disk
         // can refuse the events or the state write as well as the layout itself.
         let laid_out = async {
-            self.inner.runtime.prepare(&layout, &spec).await?;
+            driver.prepare(&layout, &spec).await?;
             self.write_guest_files(&record.id, files, record.rootfs.lowerdirs())
                 .await?;
             failpoint::hit("create.after_prepare");
@@ -104,7 +112,7 @@ impl Agent {
         }
         .await;
         if let Err(error) = laid_out {
-            if let Err(remove_error) = self.inner.runtime.remove(&layout).await {
+            if let Err(remove_error) = driver.remove(&layout).await {
                 warn!(machine = %record.id, %remove_error, "removing a half-created machine");
             }
             // If even the delete fails, the record keeps its pending create, which recovery

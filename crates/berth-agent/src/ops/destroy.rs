@@ -53,7 +53,9 @@ impl Agent {
         self.change_state(&mut record, transitional, Change::quiet())
             .await?;
         failpoint::hit("destroy.after_record_destroying");
-        self.inner.runtime.remove(&self.layout(id)).await?;
+        self.driver_or_default(&record.config)
+            .remove(&self.layout(id))
+            .await?;
         failpoint::hit("destroy.after_remove");
         let usage = metering::destroyed(&mut record, now_ms());
         self.inner.store.delete_with_usage(id, &usage).await?;

@@ -407,7 +407,7 @@ impl Agent {
             // Nothing but the Machine writes its volume: stopped, the volume is unmounted
             // and the image still (and whole, its filesystem cleanly closed).
             if record.state != MachineState::Started {
-                self.inner.runtime.volume_release(&layout).await?;
+                self.host_driver().volume_release(&layout).await?;
             }
         }
         let previous = request.after_pass.as_ref().and_then(|digest| {
@@ -618,6 +618,8 @@ impl Agent {
                 ));
             }
         }
+        // It keeps its driver: one this worker lacks is refused before anything is done.
+        let driver = self.driver(&export.record.config)?.clone();
         self.inner.store.refill_reserve().await?;
         // The pinned image, by digest: the normal pull path, skipping layers held here.
         let pinned = format!(
@@ -661,6 +663,11 @@ impl Agent {
             restart_due_ms: None,
             ..source_record
         };
+        let mut record = record;
+        record
+            .config
+            .runtime
+            .get_or_insert_with(|| self.inner.drivers.default_name().to_owned());
         let spec = self.machine_spec(&record, &record.config, &image)?;
         // Recorded before the host is touched, so a crash leaves a mark the control plane
         // rolls back through abort.
@@ -668,7 +675,7 @@ impl Agent {
         let received = async {
             self.inner.store.add_events(&id, &export.events).await?;
             self.inner.store.add_versions(&id, &export.versions).await?;
-            self.inner.runtime.prepare(&self.layout(&id), &spec).await?;
+            driver.prepare(&self.layout(&id), &spec).await?;
             failpoint::hit("migrate.after_receive_prepare");
             let summary = self
                 .copy_pass(&id, &request.grant, &request.source, None)
@@ -695,7 +702,6 @@ impl Agent {
                 return Err(error);
             }
         };
-        let mut record = record;
         record.pending = Some(PendingOp::MigrateIn {
             grant: request.grant,
             source: request.source,
@@ -717,15 +723,16 @@ impl Agent {
     ) -> Result<()> {
         let id = record.id.clone();
         let layout = self.layout(&id);
+        let driver = self.driver_or_default(&record.config).clone();
         if matches!(
-            self.inner.runtime.status(&layout).await?,
+            driver.status(&layout).await?,
             berth_runtime::Status::Running { .. }
         ) {
             let (signal, _) = Self::stop_parameters(&record, &berth_api::StopRequest::default())?;
             self.halt(&mut record, signal, std::time::Duration::ZERO)
                 .await?;
         }
-        self.inner.runtime.remove(&layout).await?;
+        driver.remove(&layout).await?;
         failpoint::hit("migrate.after_source_remove");
         self.remove_departed_volumes(&record, at_ms).await?;
         let mut usage = Vec::new();
@@ -749,7 +756,9 @@ impl Agent {
     /// Removes an arrival that will not become this worker's Machine.
     async fn remove_arrival(&self, record: &MachineRecord) -> Result<()> {
         self.remove_arriving_volumes(record).await?;
-        self.inner.runtime.remove(&self.layout(&record.id)).await?;
+        self.driver_or_default(&record.config)
+            .remove(&self.layout(&record.id))
+            .await?;
         self.inner.store.delete_rollback(&record.id).await
     }
 
@@ -1099,8 +1108,7 @@ impl Agent {
             .await?
         {
             let _guard = self.lock(&volume.id).await?;
-            self.inner
-                .runtime
+            self.host_driver()
                 .volume_mount(&self.volume_layout(&volume.id))
                 .await?;
             volume.pending = None;
@@ -1120,8 +1128,7 @@ impl Agent {
     async fn remove_departed_volumes(&self, record: &MachineRecord, at_ms: i64) -> Result<()> {
         for volume in self.volumes_in(record, None).await? {
             let _guard = self.lock(&volume.id).await?;
-            self.inner
-                .runtime
+            self.host_driver()
                 .volume_remove(&self.volume_layout(&volume.id))
                 .await?;
             let usage = metering::volume_migrated_out(&volume, at_ms);
@@ -1142,8 +1149,7 @@ impl Agent {
             .await?
         {
             let _guard = self.lock(&volume.id).await?;
-            self.inner
-                .runtime
+            self.host_driver()
                 .volume_remove(&self.volume_layout(&volume.id))
                 .await?;
             self.inner.store.delete_volume(&volume.id).await?;
@@ -1159,8 +1165,7 @@ impl Agent {
             .await?
         {
             let _guard = self.lock(&volume.id).await?;
-            self.inner
-                .runtime
+            self.host_driver()
                 .volume_mount(&self.volume_layout(&volume.id))
                 .await?;
             volume.pending = None;

@@ -67,6 +67,9 @@ impl Agent {
     ) -> Result<StepTimes> {
         let mut steps = StepTimes::new();
         let mut mark = Instant::now();
+        // Before anything is reserved or recorded: a driver gone from this worker (runsc
+        // uninstalled) leaves the Machine as it was.
+        let driver = self.driver(&record.config)?.clone();
         self.reserve(record)?;
         record.run_generation += 1;
         record.restart_due_ms = None;
@@ -80,12 +83,7 @@ impl Agent {
         steps.lap("agent_store_starting", &mut mark);
         failpoint::hit("start.after_starting");
         let layout = self.layout(&record.id);
-        match self
-            .inner
-            .runtime
-            .start(&layout, &record.rootfs.lowerdirs())
-            .await
-        {
+        match driver.start(&layout, &record.rootfs.lowerdirs()).await {
             Ok(started) => {
                 let runtime_us = micros(mark.elapsed());
                 let inside_us = started.steps.total_us();
@@ -102,13 +100,13 @@ impl Agent {
                     .await?;
                 steps.lap("agent_store_started", &mut mark);
                 failpoint::hit("start.after_record_started");
-                self.watch(record.id.clone(), record.run_generation);
+                self.watch(record);
                 self.run_checks(record);
                 Ok(steps)
             }
             Err(error) => {
                 self.release(&record.id);
-                if let Err(cleanup_error) = self.inner.runtime.cleanup(&layout).await {
+                if let Err(cleanup_error) = driver.cleanup(&layout).await {
                     warn!(machine = %record.id, %cleanup_error, "cleanup after a failed start");
                 }
                 let now = now_ms();

@@ -73,7 +73,7 @@ impl Agent {
         timeout: Duration,
     ) -> Result<ExitRecord> {
         let layout = self.layout(&record.id);
-        let runtime = &self.inner.runtime;
+        let runtime = self.driver_or_default(&record.config);
         runtime.signal(&layout, signal).await?;
         let exit = match runtime.wait_exit(&layout, Some(timeout)).await? {
             Some(exit) => exit,

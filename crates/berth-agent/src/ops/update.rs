@@ -18,7 +18,7 @@ impl Agent {
     pub(crate) async fn update_op(
         &self,
         id: &str,
-        request: UpdateMachineRequest,
+        mut request: UpdateMachineRequest,
         scope: PullScope,
     ) -> Result<Machine> {
         validate::validate_config(&request.config)?;
@@ -28,6 +28,13 @@ impl Agent {
         let ActionPlan::Proceed(transitional) = state::plan(record.state, Action::Update)? else {
             return Ok(record.to_api());
         };
+        // A config that names no driver keeps the Machine's (Fly's clients never name
+        // one); another driver is taken like another image: the Machine is laid out for
+        // it again. One this worker lacks is refused before anything changes.
+        if request.config.runtime.is_none() {
+            request.config.runtime = record.config.runtime.clone();
+        }
+        let driver = self.driver(&request.config)?.clone();
         crate::volumes::check_same_mounts(&record.config.mounts, &request.config.mounts)?;
         // Resolve and lay out the new image first; a bad update changes nothing.
         let lease = self.inner.images.lease();
@@ -63,7 +70,13 @@ impl Agent {
         if request.config.rootfs.persist != berth_api::RootfsPersist::Always {
             reset_dir(&layout.upper()).await?;
         }
-        self.inner.runtime.prepare(&layout, &spec).await?;
+        if request.config.runtime != record.config.runtime {
+            // The old driver's run state goes before the new driver lays the Machine out.
+            self.driver_or_default(&record.config)
+                .cleanup(&layout)
+                .await?;
+        }
+        driver.prepare(&layout, &spec).await?;
         let new_rootfs = self.rootfs_stack(id, &image);
         self.write_guest_files(id, files, new_rootfs.lowerdirs())
             .await?;

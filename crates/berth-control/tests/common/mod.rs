@@ -114,6 +114,7 @@ impl Harness {
                 memory_mb: 1 << 20,
                 disk_mb: 1 << 30,
             },
+            runtimes: agent.runtimes(),
         };
         let worker_gets = Arc::new(AtomicUsize::new(0));
         let service: Arc<dyn WorkerService> = Arc::new(CountingWorker {
