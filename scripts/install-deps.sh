@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what Berth needs on Debian: runc runs Machines, busybox-static builds the demo
+# Installs what Berth needs on Debian: runc runs Machines (runsc, gVisor, runs those of the
+# gvisor driver), busybox-static builds the demo
 # and test images, docker-registry serves the registry tests, nftables checks the egress
 # ruleset, btrfs-progs makes the loop-mounted btrfs of the disk quota tests, libc6-dev's
 # static libc links berth-init (every Machine's PID 1) statically, postgresql gives the
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--bench" ]; then
     [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || packages+=(fonts-dejavu-core)
 fi
 command -v runc >/dev/null 2>&1 || packages+=(runc)
+command -v runsc >/dev/null 2>&1 || [ -x /usr/bin/runsc ] || packages+=(runsc)
 dpkg -s busybox-static >/dev/null 2>&1 || packages+=(busybox-static)
 [ -x /usr/bin/docker-registry ] || packages+=(docker-registry)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || packages+=(nftables)

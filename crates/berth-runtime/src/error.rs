@@ -48,6 +48,29 @@ pub enum RuntimeError {
     /// The worker's network configuration (bridge name, prefix) cannot be used.
     #[error("invalid network configuration: {0}")]
     InvalidNetwork(String),
+    /// The driver cannot do this at all (suspend and resume on runc or native, whose
+    /// checkpointing, CRIU, fails on these kernels).
+    #[error("the {driver} driver cannot {what} a machine")]
+    Unsupported {
+        driver: &'static str,
+        what: &'static str,
+    },
+    /// The driver's checkpoint of a running Machine failed; `message` carries its own
+    /// words. No image was left behind.
+    #[error("{driver} could not checkpoint machine {id}: {message}")]
+    Checkpoint {
+        driver: &'static str,
+        id: String,
+        message: String,
+    },
+    /// A memory image that must not be resumed: missing, half-written, or failing its
+    /// integrity check. Nothing was started; the Machine can boot fresh from its disk.
+    #[error("memory image of machine {id} at {} cannot be resumed: {message}", path.display())]
+    MemoryImage {
+        id: String,
+        path: PathBuf,
+        message: String,
+    },
     /// A documented option that this build does not implement.
     #[error("{0} is not supported yet")]
     NotSupported(String),
@@ -70,6 +93,12 @@ impl RuntimeError {
             RuntimeError::Network { .. } => "network_failed",
             RuntimeError::InvalidNetwork(_) => "invalid_network",
             RuntimeError::NotSupported(_) => "not_supported",
+            RuntimeError::Unsupported { what, .. } => match *what {
+                "suspend" | "resume" => "suspend_unsupported",
+                _ => "unsupported",
+            },
+            RuntimeError::Checkpoint { .. } => "runtime_failed",
+            RuntimeError::MemoryImage { .. } => "memory_image_unusable",
         }
     }
 
@@ -127,5 +156,22 @@ mod tests {
             RuntimeError::io("write config.json", errno()).to_string(),
             format!("write config.json: {}", errno())
         );
+    }
+
+    #[test]
+    fn suspend_errors_name_the_driver_and_have_codes_of_their_own() {
+        let unsupported = RuntimeError::Unsupported {
+            driver: "runc",
+            what: "suspend",
+        };
+        assert_eq!(unsupported.code(), "suspend_unsupported");
+        assert!(unsupported.to_string().contains("runc"), "{unsupported}");
+        let image = RuntimeError::MemoryImage {
+            id: "m1".into(),
+            path: "/m/memory".into(),
+            message: "no manifest".into(),
+        };
+        assert_eq!(image.code(), "memory_image_unusable");
+        assert_ne!(image.code(), unsupported.code());
     }
 }

@@ -100,6 +100,15 @@ impl Flags {
         Ok(self.values.remove(at).1)
     }
 
+    /// Every value of a flag that may be repeated, in order; none is fine.
+    pub(crate) fn take_all(&mut self, name: &str) -> Vec<OsString> {
+        let (taken, kept) = std::mem::take(&mut self.values)
+            .into_iter()
+            .partition(|(n, _)| n == name);
+        self.values = kept;
+        taken.into_iter().map(|(_, value)| value).collect()
+    }
+
     pub(crate) fn number<T: TryFrom<u64>>(&mut self, name: &str) -> Result<T, String> {
         let value = self.take(name)?;
         value

@@ -1,13 +1,15 @@
 //! Running Machines on a host.
 //!
 //! The [`Runtime`] trait is the seam between the agent (which decides) and the host (which
-//! acts). Two drivers implement it as peers over an overlayfs rootfs inside a persistent
+//! acts). Three drivers implement it as peers over an overlayfs rootfs inside a persistent
 //! network namespace, plugged into the worker's bridge by [`network::WorkerNetwork`]:
-//! [`native::NativeRuntime`] (a spawner forks each Machine's init) and
-//! [`runc::RuncRuntime`] (real runc). Each uses the shared [`host`] layer (processes, the
-//! run directory, preparation, teardown, the doctor's inventory) and the per-Machine
-//! [`supervisor`]; neither imports the other. [`fake::FakeRuntime`] records calls for
-//! unit tests.
+//! [`native::NativeRuntime`] (a spawner forks each Machine's init),
+//! [`runc::RuncRuntime`] (real runc) and [`gvisor::GvisorRuntime`] (gVisor's runsc, a
+//! kernel in user space; the only one that can suspend a Machine with its memory). Each
+//! uses the shared [`host`] layer (processes, the run directory, preparation, teardown,
+//! the doctor's inventory) and the per-Machine [`supervisor`]; runc and gvisor share the
+//! shim of `oci` (their programs' command lines are alike); no driver imports another.
+//! [`fake::FakeRuntime`] records calls for unit tests.
 //!
 //! The split between [`Runtime::prepare`] and [`Runtime::start`] is the product: prepare
 //! runs once at create and may be slow; start runs many times and must only do what
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod exec;
 pub mod fake;
+pub mod gvisor;
 pub mod host;
 pub mod isolation;
 pub mod logs;
@@ -44,6 +47,7 @@ mod error;
 mod helper;
 mod inroot;
 mod machine_init;
+mod oci;
 mod util;
 pub use error::RuntimeError;
 pub use host::HostInventory;
@@ -98,6 +102,11 @@ impl MachineLayout {
     /// Captured stdout and stderr.
     pub fn log_dir(&self) -> PathBuf {
         self.dir.join("logs")
+    }
+    /// Where the Machine's memory image goes while it is suspended (see
+    /// [`Runtime::suspend`]); removed with the Machine.
+    pub fn memory_image(&self) -> PathBuf {
+        self.dir.join("memory")
     }
 }
 
@@ -376,6 +385,43 @@ pub trait Runtime: Send + Sync + 'static {
             volume::remove(&layout).map_err(|error| volume_error("remove", &layout, error))
         })
         .await
+    }
+
+    /// Whether [`Runtime::suspend`] and [`Runtime::resume`] work with this driver.
+    fn can_suspend(&self) -> bool {
+        false
+    }
+
+    /// Checkpoints the running Machine (memory, processes, open files, sockets) into the
+    /// new directory `image_dir`, written whole or not at all (with a manifest that
+    /// [`Runtime::resume`] checks), then ends the run as [`Runtime::cleanup`] does:
+    /// nothing of the Machine runs on the host afterwards, and its upperdir stays. A
+    /// Machine that is not running is [`RuntimeError::NotRunning`]; a driver that cannot
+    /// suspend answers [`RuntimeError::Unsupported`].
+    async fn suspend(&self, layout: &MachineLayout, image_dir: &Path) -> Result<(), RuntimeError> {
+        let _ = (layout, image_dir);
+        Err(RuntimeError::Unsupported {
+            driver: self.name(),
+            what: "suspend",
+        })
+    }
+
+    /// Starts the prepared Machine from the image [`Runtime::suspend`] wrote, over the
+    /// given image layers as start does: its processes go on with their memory, open
+    /// files and listening sockets. A missing, half-written or damaged image is
+    /// [`RuntimeError::MemoryImage`] and nothing runs (the caller can boot fresh). Once
+    /// the Machine runs the image is removed: it is stale from then on.
+    async fn resume(
+        &self,
+        layout: &MachineLayout,
+        lowerdirs: &[PathBuf],
+        image_dir: &Path,
+    ) -> Result<Started, RuntimeError> {
+        let _ = (layout, lowerdirs, image_dir);
+        Err(RuntimeError::Unsupported {
+            driver: self.name(),
+            what: "resume",
+        })
     }
 
     /// The host parts the driver was made with (network, id registry, disk quotas), which

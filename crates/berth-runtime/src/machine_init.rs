@@ -9,7 +9,10 @@
 //!   the program already looked up in the Machine (see `native::init`);
 //! - runc: the shim makes one per start and passes it as fd 3 (`runc create
 //!   --preserve-fds 1`); `config.json` asks runc to run [`RUNC_INIT`], which init closes
-//!   before it starts the command, looked up in `PATH` by init itself (`runc::init`).
+//!   before it starts the command, looked up in `PATH` by init itself (`oci::init`);
+//! - gvisor: runsc passes no descriptors in, so the driver keeps one read-only host file
+//!   of init ([`install_file`]) that `config.json` bind-mounts at [`GVISOR_INIT`]; it runs
+//!   inside gVisor's kernel, where the host cannot be written through it either.
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
@@ -21,6 +24,9 @@ pub(crate) const BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth
 
 /// `process.args[0]` in a runc Machine's `config.json`: the memfd the shim passes.
 pub const RUNC_INIT: &str = "/proc/self/fd/3";
+/// `process.args[0]` in a gVisor Machine's `config.json`: a read-only bind mount of a
+/// host copy of init, on the sandbox's own `/dev` tmpfs.
+pub const GVISOR_INIT: &str = "/dev/.berth-init";
 /// The memfd's name and init's `argv[0]` under the native driver.
 const NAME: &CStr = c"berth-init";
 
@@ -52,13 +58,36 @@ pub(crate) fn native_argv(program: &CStr, args: &[CString]) -> Vec<CString> {
     argv
 }
 
-/// The Machine's command in `process.args`: without the init a runc Machine's
+/// The Machine's command in `process.args`: without the init a runc or gVisor Machine's
 /// `config.json` names in front of it.
 pub(crate) fn command(args: &[String]) -> &[String] {
     match args {
-        [init, _program, command @ ..] if init == RUNC_INIT && !command.is_empty() => command,
+        [init, _program, command @ ..]
+            if (init == RUNC_INIT || init == GVISOR_INIT) && !command.is_empty() =>
+        {
+            command
+        }
         _ => args,
     }
+}
+
+/// Writes init to `path` (read-only, executable) unless it already holds it: the host
+/// copy the gVisor driver bind-mounts. Replaced by rename, so a sandbox never sees half.
+pub(crate) fn install_file(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::read(path).is_ok_and(|bytes| bytes == BINARY) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut file = File::create(&tmp)?;
+    file.write_all(BINARY)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

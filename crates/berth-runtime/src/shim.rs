@@ -4,12 +4,12 @@
 use std::ffi::OsString;
 
 use crate::native::{exec_in, spawner};
-use crate::runc::{exec_guard, shim};
+use crate::oci::{exec_guard, shim};
 
 /// Entry point of the `berth-shim` binary and of `berth shim`. `args` excludes the
 /// program name (and subcommand): `spawner …` is the native driver's spawner, `nsexec …`
 /// its exec helper, `exec-guard …` the runc driver's exec helper, and anything else the
-/// runc driver's shim (see [`crate::runc::shim`] on when to call it).
+/// runc and gVisor drivers' shim (see [`crate::oci::shim`] on when to call it).
 pub fn main_with_args(args: Vec<OsString>) -> i32 {
     let Some(first) = args.first() else {
         return shim::main_with_args(args);

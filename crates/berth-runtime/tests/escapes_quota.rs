@@ -95,6 +95,11 @@ impl QuotaFs {
                 native.host.disk_quota = config.host.disk_quota.clone();
                 Arc::new(NativeRuntime::new(native).unwrap())
             }
+            Driver::Gvisor => {
+                let mut gvisor = common::gvisor_config(&config);
+                gvisor.host.disk_quota = config.host.disk_quota.clone();
+                Arc::new(berth_runtime::gvisor::GvisorRuntime::new(gvisor).unwrap())
+            }
         };
         self.runtimes.push(runtime.clone());
         runtime

@@ -73,11 +73,26 @@ async fn start_stop_cleanup_and_remove(driver: Driver) {
         .collect();
     let children =
         fs::read_to_string(format!("/proc/{0}/task/{0}/children", started.shim_pid)).unwrap();
-    assert_eq!(
-        children.trim(),
-        started.pid.to_string(),
-        "the shim's only child is init"
-    );
+    if driver == Driver::Gvisor {
+        // Under gVisor "init" is the sandbox; runsc leaves its gofer (the sandbox's file
+        // proxy) to the shim as well, and nothing else.
+        let mut children: Vec<&str> = children.split_whitespace().collect();
+        children.retain(|pid| *pid != started.pid.to_string());
+        for pid in &children {
+            let cmdline = fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            assert!(
+                cmdline.contains("gofer"),
+                "the shim's child {pid}: {cmdline:?}"
+            );
+        }
+        assert!(children.len() <= 1, "{children:?}");
+    } else {
+        assert_eq!(
+            children.trim(),
+            started.pid.to_string(),
+            "the shim's only child is init"
+        );
+    }
     let unexpected: Vec<&String> = fds
         .iter()
         .filter(|t| {
@@ -993,6 +1008,35 @@ fn machine_processes(init: u32) -> Vec<(char, String)> {
     out
 }
 
+/// [`wait_for_command`] under gVisor, whose processes are no host processes: asks its
+/// kernel (`ps` by exec) until something besides init and that `ps` runs.
+async fn wait_for_command_in_sandbox(f: &Fixture) {
+    let ps = berth_runtime::exec::ExecSpec {
+        cmd: vec!["ps".to_owned()],
+        stdin: None,
+        timeout: Duration::from_secs(10),
+        max_output_bytes: 1 << 16,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = f.runtime.exec(&f.layout, &ps).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let others = text
+            .lines()
+            .skip(1)
+            .filter(|l| !l.contains("berth-init") && l.split_whitespace().last() != Some("ps"))
+            .count();
+        if others > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "init never started its command:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until init has started the command (a child of its own).
 fn wait_for_command(init: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1017,7 +1061,11 @@ async fn commands_that_ignore_sigterm_as_pid_1_stop_on_it(driver: Driver) {
             .await
             .unwrap();
         let started = f.runtime.start(&f.layout, &f.lowerdirs()).await.unwrap();
-        wait_for_command(started.pid);
+        if driver == Driver::Gvisor {
+            wait_for_command_in_sandbox(&f).await;
+        } else {
+            wait_for_command(started.pid);
+        }
         let t = Instant::now();
         f.runtime.signal(&f.layout, libc::SIGTERM).await.unwrap();
         let record = f
@@ -1120,6 +1168,35 @@ both_drivers!(
     exit_codes_and_signal_deaths_are_reported_exactly,
 );
 
+// The cases that hold under gVisor too, as `gvisor::<case>`. Not here, and why:
+// - out_of_memory_is_recorded: the host's OOM killer ends the whole sandbox (gVisor's
+//   kernel has no OOM killer of its own), so the record is a SIGKILL of the sandbox, not
+//   init's 128 + 9; `gvisor.rs` checks what the record says instead (seen there);
+// - machine_is_isolated_and_limited, exec_runs_inside_the_machine: they read the
+//   Machine's processes, namespaces and seccomp state through the host's /proc, which
+//   cannot see inside the Sentry (gVisor's kernel); `gvisor.rs` checks the kernel;
+// - server_is_reachable_through_the_persistent_netns,
+//   start_repins_a_network_namespace_lost_to_a_host_reboot: they connect to 127.0.0.1 in
+//   the namespace from the host, but gVisor's loopback is its own, inside the sandbox
+//   (the netns's veth is what its netstack takes over); `gvisor.rs` reaches the server
+//   from inside;
+// - orphaned_zombies_are_reaped: zombies inside gVisor are no host processes to look at.
+gvisor_driver!(
+    start_stop_cleanup_and_remove,
+    files_survive_restarts_and_remounts,
+    exit_code_is_recorded,
+    start_recovers_from_a_run_that_was_never_cleaned_up,
+    sigkill_is_recorded,
+    cpus_cap_the_cpu_time_of_a_busy_machine,
+    logs_rotate_at_the_cap,
+    failed_start_reports_runc_error_and_cleans_up,
+    start_before_prepare_is_refused,
+    remove_kills_a_running_machine,
+    machine_outlives_the_process_that_started_it,
+    commands_that_ignore_sigterm_as_pid_1_stop_on_it,
+    exit_codes_and_signal_deaths_are_reported_exactly,
+);
+
 /// Not a check: prints how long start takes and how it splits. Run with
 /// `cargo test -p berth-runtime --test machine timing -- --ignored --nocapture`.
 #[tokio::test]
@@ -1132,4 +1209,12 @@ async fn start_timing_runc() {
 #[ignore = "measurement"]
 async fn start_timing_native() {
     start_timing(Driver::Native).await
+}
+
+#[tokio::test]
+#[ignore = "measurement"]
+async fn start_timing_gvisor() {
+    if common::runsc_available() {
+        start_timing(Driver::Gvisor).await
+    }
 }

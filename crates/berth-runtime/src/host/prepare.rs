@@ -21,15 +21,16 @@ use crate::{spec, util, BundleSpec, MachineLayout};
 /// directories and namespaces exist, with the rendered OCI spec: what the driver makes of
 /// its own at create (the native driver's cgroups). `finish_config` turns the rendered
 /// `config.json` into the driver's own form (runc's runs the Machine's init).
-pub(crate) async fn prepare<F>(
+pub(crate) async fn prepare<F, C>(
     host: &HostConfig,
     layout: &MachineLayout,
     spec: &BundleSpec,
     driver_step: F,
-    finish_config: fn(&str, Vec<u8>) -> Result<Vec<u8>, RuntimeError>,
+    finish_config: C,
 ) -> Result<(), RuntimeError>
 where
     F: FnOnce(&MachineLayout, &Spec) -> Result<(), RuntimeError> + Send + 'static,
+    C: FnOnce(&str, Vec<u8>) -> Result<Vec<u8>, RuntimeError>,
 {
     let id = layout.id.clone();
     let network = machine_network(host.network.as_ref(), &id, spec.private_ip)?;

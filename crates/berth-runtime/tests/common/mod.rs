@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use berth_runtime::gvisor::{GvisorConfig, GvisorRuntime};
 use berth_runtime::native::cgroup::CgroupRoots;
 use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::runc::{RuncConfig, RuncRuntime};
 use berth_runtime::{logs, netns, overlay, BundleSpec, MachineLayout, Runtime};
 
 pub const RUNC: &str = "/usr/sbin/runc";
+pub const RUNSC: &str = "/usr/bin/runsc";
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "sleep", "ls", "ps", "hostname", "wc", "id", "mkdir", "touch", "httpd",
     "grep", "tail", "head", "test", "readlink", "true", "false", "dd", "seq", "nc", "wget", "ip",
@@ -25,11 +27,12 @@ pub const APPLETS: &[&str] = &[
 ];
 pub const INDEX_HTML: &str = "hello from berth\n";
 
-/// Which driver a test runs against; the isolation suite runs against both.
+/// Which driver a test runs against; the isolation suite runs against all three.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
     Runc,
     Native,
+    Gvisor,
 }
 
 impl Driver {
@@ -37,6 +40,7 @@ impl Driver {
     pub fn from_env() -> Driver {
         match std::env::var("BERTH_HELPER_DRIVER").as_deref() {
             Ok("native") => Driver::Native,
+            Ok("gvisor") => Driver::Gvisor,
             _ => Driver::Runc,
         }
     }
@@ -45,17 +49,55 @@ impl Driver {
         match self {
             Driver::Runc => "runc",
             Driver::Native => "native",
+            Driver::Gvisor => "gvisor",
         }
+    }
+
+    /// Whether a runc-like program (runc, runsc) mounts the rootfs on the host and keeps
+    /// container state under its root.
+    pub fn has_container_state(self) -> bool {
+        matches!(self, Driver::Runc | Driver::Gvisor)
     }
 }
 
-/// The runtime of `driver`, configured like `config` (native takes its shim, log cap,
-/// start timeout and network).
+/// Whether the gVisor tests can run here: runsc is installed. Without it they say why
+/// and pass, unless `BERTH_REQUIRE_RUNSC` is set (CI installs runsc), where its absence
+/// fails them.
+pub fn runsc_available() -> bool {
+    if Path::new(RUNSC).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("BERTH_REQUIRE_RUNSC").is_none(),
+        "BERTH_REQUIRE_RUNSC is set but {RUNSC} is missing"
+    );
+    eprintln!("SKIPPED: {RUNSC} is not installed (Debian's runsc package); not a gVisor test run");
+    false
+}
+
+/// The runtime of `driver`, configured like `config` (native and gvisor take its shim,
+/// log cap, start timeout and network).
 pub fn make_runtime(driver: Driver, config: &RuncConfig) -> Arc<dyn Runtime> {
     match driver {
         Driver::Runc => Arc::new(RuncRuntime::new(config.clone())),
         Driver::Native => Arc::new(NativeRuntime::new(native_config(config)).unwrap()),
+        Driver::Gvisor => Arc::new(GvisorRuntime::new(gvisor_config(config)).unwrap()),
     }
+}
+
+/// runsc's root and init file next to the fixture's runc root.
+pub fn gvisor_config(config: &RuncConfig) -> GvisorConfig {
+    let dir = config.runc_root.parent().unwrap_or(Path::new("/"));
+    let mut gvisor = GvisorConfig::new(config.shim_command.clone());
+    gvisor.runsc_binary = RUNSC.into();
+    gvisor.runsc_root = dir.join("runsc");
+    gvisor.init_path = dir.join("gvisor-init").join("berth-init");
+    gvisor.log_max_bytes = config.log_max_bytes;
+    gvisor.start_timeout = config.start_timeout;
+    gvisor.host.network = config.host.network.clone();
+    // runsc's own debug logs, for a failure inside the sandbox.
+    gvisor.debug_log_dir = std::env::var_os("BERTH_TEST_RUNSC_DEBUG").map(PathBuf::from);
+    gvisor
 }
 
 pub fn native_config(config: &RuncConfig) -> NativeConfig {
@@ -226,6 +268,26 @@ impl Fixture {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Sandboxes runsc knows about under this fixture's root (empty without runsc).
+    pub fn runsc_list(&self) -> String {
+        let root = self.runc_root.parent().unwrap().join("runsc");
+        if !root.exists() {
+            return String::new();
+        }
+        let out = Command::new(RUNSC)
+            .arg("--root")
+            .arg(&root)
+            .args(["list", "--quiet"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "runsc list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Mount points below this fixture's temp dir.
     pub fn mounts(&self) -> Vec<String> {
         mounts_under(self.tmp.path())
@@ -234,23 +296,27 @@ impl Fixture {
     pub fn assert_no_leaks(&self) {
         assert_eq!(self.mounts(), Vec::<String>::new(), "mounts left behind");
         assert_eq!(self.runc_list(), "", "runc containers left behind");
+        assert_eq!(self.runsc_list(), "", "runsc sandboxes left behind");
     }
 
-    /// runc knows the Machine while its container exists; the native driver never uses
-    /// runc, so for it the list is always empty.
+    /// runc (or runsc) knows the Machine while its container exists; the native driver
+    /// never uses either, so for it the lists are always empty.
     pub fn assert_runc_lists(&self, listed: bool) {
-        let expected = if listed && self.driver == Driver::Runc {
-            self.id()
-        } else {
-            ""
+        let expected = |driver| {
+            if listed && self.driver == driver {
+                self.id()
+            } else {
+                ""
+            }
         };
-        assert_eq!(self.runc_list(), expected);
+        assert_eq!(self.runc_list(), expected(Driver::Runc));
+        assert_eq!(self.runsc_list(), expected(Driver::Gvisor));
     }
 
-    /// runc mounts the rootfs on the host while a container exists; the native driver
-    /// mounts it only inside the Machine's own mount namespace.
+    /// runc and runsc mount the rootfs on the host while a container exists; the native
+    /// driver mounts it only inside the Machine's own mount namespace.
     pub fn assert_rootfs_on_host(&self, mounted: bool) {
-        let expected = mounted && self.driver == Driver::Runc;
+        let expected = mounted && self.driver.has_container_state();
         assert_eq!(
             overlay::is_mount_point(&self.layout.rootfs()).unwrap(),
             expected,
@@ -284,6 +350,13 @@ impl Fixture {
             .arg(&self.runc_root)
             .args(["delete", "--force", &layout.id])
             .output();
+        if self.driver == Driver::Gvisor {
+            let _ = Command::new(RUNSC)
+                .arg("--root")
+                .arg(self.runc_root.parent().unwrap().join("runsc"))
+                .args(["delete", "--force", &layout.id])
+                .output();
+        }
         // A native Machine's init is not the fixture's runc's: kill it (and with it its
         // pid namespace) by its pid file, then its cgroups can go.
         if let Ok(text) = fs::read_to_string(layout.run_dir().join("init.pid")) {
@@ -292,8 +365,9 @@ impl Fixture {
                 fs::read_to_string(layout.run_dir().join("shim.pid")),
             ) {
                 let shim_pid = shim.split_whitespace().next().unwrap_or("");
-                if self.driver == Driver::Native && proc_ppid(pid).as_deref() == Some(shim_pid) {
-                    // SAFETY: plain kill(2) of the Machine init this fixture started.
+                if self.driver != Driver::Runc && proc_ppid(pid).as_deref() == Some(shim_pid) {
+                    // SAFETY: plain kill(2) of the Machine init (or sandbox) this fixture
+                    // started.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
@@ -323,6 +397,16 @@ impl Fixture {
                 }
             }
         }
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat[stat.rfind(')').unwrap() + 1..]
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
     }
 }
 
@@ -416,6 +500,24 @@ pub fn delete_links(names: Vec<String>) {
                 .status();
         }
     }
+}
+
+/// Runs each named `async fn(Driver)` under gVisor, as `gvisor::name`, or says why it
+/// cannot (no runsc).
+#[macro_export]
+macro_rules! gvisor_driver {
+    ($($case:ident),* $(,)?) => {
+        mod gvisor {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if super::common::runsc_available() {
+                        super::$case(super::Driver::Gvisor).await
+                    }
+                }
+            )*
+        }
+    };
 }
 
 /// Runs each named `async fn(Driver)` once per driver, as `runc::name` and `native::name`.

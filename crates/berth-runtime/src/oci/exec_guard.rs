@@ -13,6 +13,10 @@
 //! 3. it polls runc and the agent: runc's exit (the command's code) is reported; at the
 //!    timeout the command is SIGKILLed through the held pidfd and runc gets a moment to
 //!    report before it is killed too; when the agent dies, both are killed at once.
+//!
+//! Under gVisor the command is no host process: it runs inside the sandbox's kernel.
+//! `runsc exec --internal-pid-file` writes its pid there, and the guard is given a kill
+//! command (`runsc kill --pid {pid} <id> KILL`) to run in place of the pidfd's signal.
 
 use std::ffi::OsString;
 use std::os::fd::{OwnedFd, RawFd};
@@ -48,19 +52,32 @@ pub(crate) struct GuardArgs {
     pub(crate) run_dir: PathBuf,
     /// `runc ... exec --pid-file FILE ID CMD...`.
     pub(crate) runc: Vec<OsString>,
+    /// For a command inside a sandbox (runsc): the command that kills it, with
+    /// [`PID_PLACEHOLDER`] for the sandbox pid the pid file holds. Empty for runc.
+    pub(crate) sandbox_kill: Vec<OsString>,
 }
+
+/// Where the sandbox pid goes in [`GuardArgs::sandbox_kill`].
+pub(crate) const PID_PLACEHOLDER: &str = "{pid}";
 
 impl GuardArgs {
     fn parse(args: Vec<OsString>) -> Result<(GuardArgs, RawFd), String> {
         let mut flags = Flags::parse(
             args,
-            &["--timeout-ms", "--status-fd", "--pid-file", "--run-dir"],
+            &[
+                "--timeout-ms",
+                "--status-fd",
+                "--pid-file",
+                "--run-dir",
+                "--kill-arg",
+            ],
         )?;
         let args = GuardArgs {
             timeout: Duration::from_millis(flags.number("--timeout-ms")?),
             status_fd: flags.status_fd()?,
             pid_file: flags.take("--pid-file")?.into(),
             run_dir: flags.take("--run-dir")?.into(),
+            sandbox_kill: flags.take_all("--kill-arg"),
             runc: std::mem::take(&mut flags.cmd),
         };
         let fd = args.status_fd;
@@ -78,8 +95,12 @@ impl GuardArgs {
             self.pid_file.clone().into(),
             "--run-dir".into(),
             self.run_dir.clone().into(),
-            "--".into(),
         ];
+        for arg in &self.sandbox_kill {
+            out.push("--kill-arg".into());
+            out.push(arg.clone());
+        }
+        out.push("--".into());
         out.extend(self.runc.iter().cloned());
         out
     }
@@ -110,6 +131,9 @@ fn run(args: &GuardArgs, agent: &OwnedFd) -> Result<Outcome, String> {
         .spawn()
         .map_err(|e| format!("run {}: {e}", Path::new(program).display()))?;
     let runc = Child::adopt(i32::try_from(spawned.id()).map_err(|e| e.to_string())?)?;
+    if !args.sandbox_kill.is_empty() {
+        return run_in_sandbox(args, runc, agent, deadline);
+    }
     let runc_pid = runc.pid();
     let find = || runc_exec_process(&args.pid_file, runc_pid, &args.run_dir);
     let mut target = None;
@@ -155,6 +179,66 @@ fn run(args: &GuardArgs, agent: &OwnedFd) -> Result<Outcome, String> {
             kill_target(target);
             runc.kill();
             let _ = runc.reap();
+            Err(e)
+        }
+    }
+}
+
+/// [`run`] for a command inside a sandbox: there is no host process to hold, so the kill
+/// is the sandbox's own, by the pid `runsc exec` wrote.
+fn run_in_sandbox(
+    args: &GuardArgs,
+    runsc: Child,
+    agent: &OwnedFd,
+    deadline: Instant,
+) -> Result<Outcome, String> {
+    let kill = || {
+        let Some(pid) = read_pid_file(&args.pid_file).ok().flatten() else {
+            return false;
+        };
+        let pid = pid.to_string();
+        let command: Vec<OsString> = args
+            .sandbox_kill
+            .iter()
+            .map(|arg| {
+                if arg == PID_PLACEHOLDER {
+                    OsString::from(&pid)
+                } else {
+                    arg.clone()
+                }
+            })
+            .collect();
+        let Some((program, rest)) = command.split_first() else {
+            return false;
+        };
+        std::process::Command::new(program)
+            .args(rest)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    match helper::watch(&runsc, agent, deadline, || None) {
+        Ok(Ended::Exited) => runsc.reap(),
+        Ok(Ended::TimedOut) => {
+            let killed = kill();
+            if !killed || !helper::exits_within(runsc.pidfd(), REPORT_WAIT).unwrap_or(false) {
+                runsc.kill();
+            }
+            runsc.reap()?;
+            Ok(Outcome::TimedOut)
+        }
+        Ok(Ended::AgentGone) => {
+            kill();
+            runsc.kill();
+            runsc.reap()?;
+            Ok(Outcome::Signaled(libc::SIGKILL))
+        }
+        Err(e) => {
+            kill();
+            runsc.kill();
+            let _ = runsc.reap();
             Err(e)
         }
     }
@@ -232,6 +316,7 @@ mod tests {
             runc: ["runc", "exec", "--pid-file", "/m/run/exec-1.pid", "m", "sh"]
                 .map(OsString::from)
                 .to_vec(),
+            sandbox_kill: Vec::new(),
         };
         let mut raw = args.to_args();
         assert_eq!(raw.remove(0), EXEC_GUARD_ARG);
@@ -243,5 +328,15 @@ mod tests {
         let mut raw = stdio.to_args();
         raw.remove(0);
         assert!(GuardArgs::parse(raw).is_err());
+        let sandboxed = GuardArgs {
+            status_fd: 3,
+            sandbox_kill: ["runsc", "kill", "--pid", PID_PLACEHOLDER, "m", "KILL"]
+                .map(OsString::from)
+                .to_vec(),
+            ..stdio
+        };
+        let mut raw = sandboxed.to_args();
+        raw.remove(0);
+        assert_eq!(GuardArgs::parse(raw).unwrap(), (sandboxed, 3));
     }
 }

@@ -1,12 +1,16 @@
-//! The runc driver's shim: `berth shim --id … --bundle …` (or the standalone
-//! `berth-shim`). The runtime spawns it with a sync pipe (stdout by default). It detaches
-//! from the agent, becomes the Machine's [`Supervisor`], creates and starts the container
-//! with runc, reports the outcome as one JSON line on the sync pipe, then supervises the
-//! Machine like any other. Nothing it does after the report involves the agent, so the
-//! agent may exit or restart at any time.
+//! The shim of the runc and gVisor drivers: `berth shim --id … --bundle …` (or the
+//! standalone `berth-shim`). The runtime spawns it with a sync pipe (stdout by default).
+//! It detaches from the agent, becomes the Machine's [`Supervisor`], creates and starts
+//! the container with the OCI runtime program (runc, or runsc: [`Flavor`]), or restores
+//! it from a checkpoint image, reports the outcome as one JSON line on the sync pipe, then
+//! supervises the Machine like any other. Nothing it does after the report involves the
+//! agent, so the agent may exit or restart at any time.
 //!
-//! Besides the run directory's files (see [`crate::host::RunDir`]; runc writes `init.pid`
-//! with `--pid-file`) it keeps runc's own log, `run/runc.log`.
+//! Besides the run directory's files (see [`crate::host::RunDir`]; the program writes
+//! `init.pid` with `--pid-file`) it keeps the program's own log, `run/runc.log` or
+//! `run/runsc.log`. Under runsc, "init" is the sandbox process: the Machine's processes
+//! run inside it, and it exits with the status of the Machine's init (128 + N for a
+//! death by signal N).
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -27,6 +31,48 @@ use crate::timing::{micros, StepTimes};
 use crate::util;
 
 pub const RUNC_LOG_FILE: &str = "runc.log";
+pub const RUNSC_LOG_FILE: &str = "runsc.log";
+
+/// Which OCI runtime program the shim runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// runc: init passed as fd 3 (`--preserve-fds 1`).
+    Runc,
+    /// gVisor's runsc: init is in `config.json` (a bind mount); no descriptors pass.
+    Runsc,
+}
+
+impl Flavor {
+    pub fn program(self) -> &'static str {
+        match self {
+            Flavor::Runc => "runc",
+            Flavor::Runsc => "runsc",
+        }
+    }
+
+    fn log_file(self) -> &'static str {
+        match self {
+            Flavor::Runc => RUNC_LOG_FILE,
+            Flavor::Runsc => RUNSC_LOG_FILE,
+        }
+    }
+
+    fn parse(value: &str) -> Result<Flavor, String> {
+        match value {
+            "runc" => Ok(Flavor::Runc),
+            "runsc" => Ok(Flavor::Runsc),
+            other => Err(format!("unknown --flavor {other}")),
+        }
+    }
+
+    /// The start's step names: the bench reads them.
+    fn steps(self) -> [&'static str; 3] {
+        match self {
+            Flavor::Runc => ["runc_create", "runc_start", "runc_restore"],
+            Flavor::Runsc => ["runsc_create", "runsc_start", "runsc_restore"],
+        }
+    }
+}
 
 /// Set on the re-executed copy when the shim had to detach without fork.
 const DETACHED_ENV: &str = "BERTH_SHIM_DETACHED";
@@ -43,6 +89,11 @@ pub struct ShimArgs {
     pub log_max_bytes: u64,
     /// Where the report goes; 1 (stdout) unless given.
     pub sync_fd: RawFd,
+    pub flavor: Flavor,
+    /// Flags for every call of the program, after `--root`.
+    pub global_args: Vec<OsString>,
+    /// Restore the container from this checkpoint image instead of creating it.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl ShimArgs {
@@ -73,6 +124,13 @@ impl ShimArgs {
             OsStr::new(&self.log_max_bytes.to_string()),
         );
         push("--sync-fd", OsStr::new(&self.sync_fd.to_string()));
+        push("--flavor", OsStr::new(self.flavor.program()));
+        for arg in &self.global_args {
+            push("--runtime-arg", arg);
+        }
+        if let Some(image) = &self.restore_from {
+            push("--restore-from", image.as_os_str());
+        }
         out
     }
 
@@ -85,6 +143,9 @@ impl ShimArgs {
         let mut log_dir = None;
         let mut log_max_bytes = DEFAULT_MAX_BYTES;
         let mut sync_fd = 1;
+        let mut flavor = Flavor::Runc;
+        let mut global_args = Vec::new();
+        let mut restore_from = None;
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
             let flag = flag.to_string_lossy().into_owned();
@@ -107,6 +168,9 @@ impl ShimArgs {
                 "--sync-fd" => {
                     sync_fd = RawFd::try_from(number(&value)?).map_err(|e| e.to_string())?
                 }
+                "--flavor" => flavor = Flavor::parse(&value.to_string_lossy())?,
+                "--runtime-arg" => global_args.push(value),
+                "--restore-from" => restore_from = Some(PathBuf::from(value)),
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -120,7 +184,42 @@ impl ShimArgs {
             log_dir: need(log_dir, "--log-dir")?,
             log_max_bytes,
             sync_fd,
+            flavor,
+            global_args,
+            restore_from,
         })
+    }
+}
+
+/// runsc's network setup (in `start`, and in `restore`, which starts too) refuses a
+/// network namespace that has `/proc/sys/net/core/rmem_default`, which it takes for a sign
+/// of the host's own; since Linux 6.x every namespace has it (gVisor issue 10704, fixed
+/// after Debian's 20221219). So those two run in a mount namespace of their own (private,
+/// so nothing propagates to the host's) with a fresh procfs mounted over `/proc/sys/net`,
+/// where there is no `core/`. Not an empty tmpfs: the gofer and sandbox `restore` makes
+/// mount their own procfs in new user namespaces, which the kernel allows only while a
+/// procfs mount without covered files is in sight (`mount_too_revealing`); the fresh one
+/// is that.
+fn hide_proc_sys_net(cmd: &mut Command) {
+    use rustix::mount::{MountFlags, MountPropagationFlags};
+    // SAFETY: the hook makes only the unshare(2) and mount(2) calls, async-signal-safe,
+    // with constant C strings, in the child before it execs runsc.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)?;
+            rustix::mount::mount_change(
+                c"/",
+                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+            )?;
+            rustix::mount::mount(
+                c"proc",
+                c"/proc/sys/net",
+                c"proc",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                c"",
+            )?;
+            Ok(())
+        });
     }
 }
 
@@ -201,7 +300,7 @@ fn run(opts: ShimArgs) -> i32 {
     shim.run(sync)
 }
 
-/// A supervisor that starts its Machine with runc.
+/// A supervisor that starts its Machine with runc or runsc.
 struct Shim {
     opts: ShimArgs,
     supervisor: Supervisor,
@@ -212,7 +311,7 @@ impl Shim {
         supervisor::prepare_process(&[sync_fd])?;
         let supervisor =
             Supervisor::for_machine(&opts.supervisor_args(), supervisor::own_identity()?)?;
-        util::remove_file_if_exists(&opts.run_dir.join(RUNC_LOG_FILE))?;
+        util::remove_file_if_exists(&opts.run_dir.join(opts.flavor.log_file()))?;
         Ok(Shim { opts, supervisor })
     }
 
@@ -220,6 +319,7 @@ impl Shim {
         let mut cmd = Command::new(&self.opts.runc_binary);
         cmd.arg("--root")
             .arg(&self.opts.runc_root)
+            .args(&self.opts.global_args)
             .env_remove(DETACHED_ENV);
         // SAFETY: the hook only calls signal(2), which is async-signal-safe.
         unsafe {
@@ -251,10 +351,13 @@ impl Shim {
         0
     }
 
-    /// Runs `runc create` and `runc start`. The error is runc's own message.
+    /// Runs the program's `create` and `start`, or its `restore`. The error is the
+    /// program's own message.
     fn create_and_start(&mut self) -> Result<(InitProcess, Report), String> {
         let id = self.opts.id.clone();
         let run_dir = self.opts.run_dir.clone();
+        let program = self.opts.flavor.program();
+        let [create_step, start_step, restore_step] = self.opts.flavor.steps();
         let (out_w, err_w) = self
             .supervisor
             .take_child_stdio()
@@ -262,17 +365,39 @@ impl Shim {
         let pid_file = run_dir.join(INIT_PID_FILE);
         let t0 = Instant::now();
         let status = {
-            // The Machine's PID 1, passed to runc as fd 3; this copy closes with the block.
-            let init = machine_init::sealed_memfd().map_err(|e| format!("berth-init: {e}"))?;
+            // runc: the Machine's PID 1, passed as fd 3; this copy closes with the block.
+            let init = match self.opts.flavor {
+                Flavor::Runc => {
+                    Some(machine_init::sealed_memfd().map_err(|e| format!("berth-init: {e}"))?)
+                }
+                Flavor::Runsc => None,
+            };
             let mut cmd = self.runc();
-            super::init::pass_to_runc(&mut cmd, init.as_fd());
+            if let Some(init) = &init {
+                super::init::pass_to_runc(&mut cmd, init.as_fd());
+            }
             cmd.arg("--log")
-                .arg(run_dir.join(RUNC_LOG_FILE))
+                .arg(run_dir.join(self.opts.flavor.log_file()))
                 .arg("--log-format")
-                .arg("json")
-                .arg("create")
-                .args(super::init::RUNC_CREATE_ARGS)
-                .arg("--bundle")
+                .arg("json");
+            match (&self.opts.restore_from, init.is_some()) {
+                (Some(image), _) => {
+                    // create, restore and start in one; --detach leaves the sandbox to
+                    // this shim (the subreaper) as `create` does.
+                    hide_proc_sys_net(&mut cmd);
+                    cmd.arg("restore")
+                        .arg("--detach")
+                        .arg("--image-path")
+                        .arg(image);
+                }
+                (None, true) => {
+                    cmd.arg("create").args(super::init::RUNC_CREATE_ARGS);
+                }
+                (None, false) => {
+                    cmd.arg("create");
+                }
+            }
+            cmd.arg("--bundle")
                 .arg(&self.opts.bundle)
                 .arg("--pid-file")
                 .arg(&pid_file)
@@ -292,21 +417,25 @@ impl Shim {
         let pid = read_pid_file(&pid_file)
             .ok()
             .flatten()
-            .ok_or_else(|| format!("runc create left no pid in {}", pid_file.display()))?;
+            .ok_or_else(|| format!("{program} left no pid in {}", pid_file.display()))?;
         let oom = OomCounter::for_process(pid);
+        if self.opts.restore_from.is_some() {
+            let mut steps = StepTimes::new();
+            steps.record(restore_step, create_us);
+            return Ok((InitProcess { pid, oom }, Report::started(pid, steps)));
+        }
 
         let t1 = Instant::now();
-        let started = self
-            .runc()
-            .arg("start")
-            .arg(&id)
-            .stdin(Stdio::null())
-            .output();
+        let mut start = self.runc();
+        if self.opts.flavor == Flavor::Runsc {
+            hide_proc_sys_net(&mut start);
+        }
+        let started = start.arg("start").arg(&id).stdin(Stdio::null()).output();
         let start_us = micros(t1.elapsed());
         let failure = match started {
             Ok(out) if out.status.success() => None,
             Ok(out) => Some(format!(
-                "runc start {id}: {}: {}",
+                "{program} start {id}: {}: {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
@@ -316,20 +445,22 @@ impl Shim {
             )),
         };
         if let Some(message) = failure {
-            // The created init would wait forever on its exec fifo.
+            // The created init would wait forever on its exec fifo (runc), or the sandbox
+            // for its start (runsc).
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             return Err(message);
         }
         let mut steps = StepTimes::new();
-        steps.record("runc_create", create_us);
-        steps.record("runc_start", start_us);
+        steps.record(create_step, create_us);
+        steps.record(start_step, start_us);
         Ok((InitProcess { pid, oom }, Report::started(pid, steps)))
     }
 
-    /// runc's error from its json log, or whatever it printed.
+    /// The program's error from its json log, or whatever it printed.
     fn create_error(&self, status: &str) -> String {
-        let log = fs::read_to_string(self.opts.run_dir.join(RUNC_LOG_FILE)).unwrap_or_default();
+        let log = fs::read_to_string(self.opts.run_dir.join(self.opts.flavor.log_file()))
+            .unwrap_or_default();
         let mut messages: Vec<String> = log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -345,7 +476,7 @@ impl Shim {
             }
         }
         if messages.is_empty() {
-            format!("runc create exited with {status}")
+            format!("{} create exited with {status}", self.opts.flavor.program())
         } else {
             messages.join("; ")
         }
@@ -367,8 +498,18 @@ mod tests {
             log_dir: "/m/logs".into(),
             log_max_bytes: 1234,
             sync_fd: 1,
+            flavor: Flavor::Runc,
+            global_args: Vec::new(),
+            restore_from: None,
         };
         assert_eq!(ShimArgs::parse(a.to_args()).unwrap(), a);
+        let gvisor = ShimArgs {
+            flavor: Flavor::Runsc,
+            global_args: vec!["--platform=ptrace".into(), "--network=sandbox".into()],
+            restore_from: Some("/m/memory".into()),
+            ..a.clone()
+        };
+        assert_eq!(ShimArgs::parse(gvisor.to_args()).unwrap(), gvisor);
         assert!(ShimArgs::parse(vec!["--id".into()]).is_err());
         assert!(ShimArgs::parse(vec!["--bogus".into(), "x".into()]).is_err());
     }
