@@ -566,6 +566,19 @@ impl ControlPlane {
                 Err(error) => return Err(error.into()),
             }
         }
+        // Past a move's cutover the destination holds the Machine but lists it only once
+        // the move commits there: it is asked for that one Machine, so that the list
+        // never loses a Machine in the middle of a move.
+        for row in &rows {
+            if machines.iter().any(|machine| machine.id == row.id)
+                || !self.move_recorded(&row.id).await
+            {
+                continue;
+            }
+            if let Ok(machine) = self.worker(&row.worker)?.get(&row.id).await {
+                machines.push(answered_by(machine, &row.worker));
+            }
+        }
         if filter.include_deleted {
             for json in self
                 .store

@@ -216,7 +216,8 @@ enum Pick {
     Go(Ticket, bool),
     Wake,
     Full,
-    WaitForStop,
+    /// A Machine is stopping or starting: look again when it has.
+    Settling,
     Unreachable(String),
     Nothing,
 }
@@ -419,13 +420,18 @@ impl Fleet {
             if wakeable || waking {
                 return Pick::Wake;
             }
-            let stopping = inner.slots.values().any(|slot| {
+            // On its way down (to be woken after) or up (started by someone else: the API,
+            // a move's commit): wait for it to arrive.
+            let settling = inner.slots.values().any(|slot| {
                 slot.autostartable()
                     && (slot.transition == Some(Transition::Stopping)
-                        || slot.view.state == MachineState::Stopping)
+                        || matches!(
+                            slot.view.state,
+                            MachineState::Stopping | MachineState::Starting
+                        ))
             });
-            if stopping {
-                return Pick::WaitForStop;
+            if settling {
+                return Pick::Settling;
             }
             return match inner.slots.iter().find(|(_, slot)| {
                 slot.view.state == MachineState::Started && slot.unreachable_until.is_some()
@@ -479,9 +485,7 @@ impl Fleet {
             // started by someone else: look again before refusing (a short floor keeps a
             // storm at an empty app from becoming a storm at the API).
             let worth_refreshing = match &pick {
-                Pick::Nothing | Pick::Unreachable(_) | Pick::WaitForStop => {
-                    older_than(RECHECK_FLOOR)
-                }
+                Pick::Nothing | Pick::Unreachable(_) | Pick::Settling => older_than(RECHECK_FLOOR),
                 _ => stale,
             };
             match pick {
@@ -513,9 +517,10 @@ impl Fleet {
                         return Err(ProxyError::over_capacity());
                     }
                 }
-                Pick::WaitForStop => {
-                    // In slices too: someone else may start it again, or it may move.
-                    let slice = (Instant::now() + UNREACHABLE_RECHECK).min(wake_deadline);
+                Pick::Settling => {
+                    // In slices: only the proxy's own stops ring `room`; a start by someone
+                    // else, or a move, shows only in the app's Machines read again.
+                    let slice = (Instant::now() + RECHECK_FLOOR).min(wake_deadline);
                     if tokio::time::timeout_at(slice, room).await.is_err() {
                         refreshed = false;
                     }

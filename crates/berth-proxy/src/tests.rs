@@ -1029,6 +1029,43 @@ async fn a_machine_seen_stopping_then_started_elsewhere_gets_the_request() {
     mover.await.expect("mover");
 }
 
+/// Checked against the proxy from before: a Machine seen `starting` (a move's commit
+/// booting it) was neither usable nor wakeable, and the request got 503
+/// `no_machine_available`.
+#[tokio::test]
+async fn a_machine_seen_starting_gets_the_request_once_it_has_started() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let platform = FakePlatform::with(vec![machine(
+        "m1",
+        MachineState::Starting,
+        service(port, 60, 0),
+    )]);
+    let fleet = fleet(platform.clone());
+    let started = {
+        let platform = platform.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            if let Some(machine) = platform.machines.lock().expect("fake lock").get_mut("m1") {
+                machine.state = MachineState::Started;
+            }
+        })
+    };
+    let ticket = fleet
+        .admit("web")
+        .await
+        .unwrap_or_else(|error| panic!("refused: {}", error.code));
+    assert_eq!(ticket.machine(), "m1");
+    assert_eq!(
+        platform.starts.load(Ordering::SeqCst),
+        0,
+        "someone else started it"
+    );
+    started.await.expect("starter");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_machine_failing_its_checks_gets_no_traffic_while_another_passes() {
     let mut failing = machine("m1", MachineState::Started, service(1, 600, 0));

@@ -18,7 +18,12 @@ const HTTPD: &str =
 
 #[test]
 fn a_machine_behind_the_proxy_moves_without_a_failed_request() {
-    let platform = Platform::start_with(&["--workers", "2"]);
+    // The window between the cutover and the destination's commit, held open so that
+    // requests and lists fall into it.
+    let platform = Platform::start_with_env(
+        &["--workers", "2"],
+        &[("BERTH_FAILPOINTS", "migrate.after_cutover=pause:400")],
+    );
     platform.import(busybox_image(), "demo/busybox:1");
     platform.cli_ok(&["app", "create", "web"]);
     let (status, body) = platform.call(
@@ -79,6 +84,34 @@ fn a_machine_behind_the_proxy_moves_without_a_failed_request() {
             failures
         })
     };
+    // Another lists the app's Machines meanwhile: the Machine is in every list. Checked
+    // against the list from before, which left it out between the cutover and the
+    // destination's commit (the proxy then answered 503 no_machine_available).
+    let listing = {
+        let (done, client, url, token, id) = (
+            done.clone(),
+            client.clone(),
+            format!("{}/v1/apps/web/machines", platform.api_url),
+            platform.token.clone(),
+            id.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut lists, mut missing) = (0, Vec::new());
+            while !done.load(Ordering::SeqCst) {
+                let listed: Vec<serde_json::Value> = client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .and_then(|response| response.json())
+                    .expect("a Machine list");
+                lists += 1;
+                if !listed.iter().any(|machine| machine["id"] == id.as_str()) {
+                    missing.push(listed);
+                }
+            }
+            (lists, missing)
+        })
+    };
     std::thread::sleep(Duration::from_millis(300));
     let (status, body) = platform.call(
         Method::POST,
@@ -88,6 +121,12 @@ fn a_machine_behind_the_proxy_moves_without_a_failed_request() {
     std::thread::sleep(Duration::from_millis(500));
     done.store(true, Ordering::SeqCst);
     let failures = asking.join().expect("client thread");
+    let (lists, missing) = listing.join().expect("listing thread");
+    assert!(lists > 10, "the lister kept asking: {lists} lists");
+    assert!(
+        missing.is_empty(),
+        "every list during the move held the Machine: {missing:?}"
+    );
     assert_eq!(status, 200, "{body}\n{}", platform.server_log());
     let answer: MigrateMachineResponse = serde_json::from_value(body).expect("answer");
     assert_ne!(answer.to_worker, from);

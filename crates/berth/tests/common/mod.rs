@@ -107,6 +107,11 @@ impl Platform {
 
     /// `berth up` with extra flags (such as `--registry-auth FILE`).
     pub fn start_with(up_args: &[&str]) -> Platform {
+        Platform::start_with_env(up_args, &[])
+    }
+
+    /// `berth up` with extra flags and environment (such as `BERTH_FAILPOINTS`).
+    pub fn start_with_env(up_args: &[&str], env: &[(&str, &str)]) -> Platform {
         let data_dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
@@ -134,7 +139,7 @@ impl Platform {
             small_disk: false,
             control_store,
         };
-        platform.boot();
+        platform.boot_with_env(env);
         platform
     }
 
