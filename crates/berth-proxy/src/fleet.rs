@@ -121,7 +121,7 @@ impl Slot {
             && !self.view.cordoned
             && matches!(
                 self.view.state,
-                MachineState::Stopped | MachineState::Created
+                MachineState::Stopped | MachineState::Created | MachineState::Suspended
             )
             && self.view.address.is_some()
             && self
@@ -427,7 +427,9 @@ impl Fleet {
                     && (slot.transition == Some(Transition::Stopping)
                         || matches!(
                             slot.view.state,
-                            MachineState::Stopping | MachineState::Starting
+                            MachineState::Stopping
+                                | MachineState::Suspending
+                                | MachineState::Starting
                         ))
             });
             if settling {
@@ -650,14 +652,38 @@ impl Fleet {
         Ok(())
     }
 
-    async fn stop_idle(self: Arc<Self>, app: Arc<AppState>, id: String) {
-        let result = self.platform.stop(&app.name, &id).await;
+    /// Suspends the Machine when its service asks for that and its driver can, else
+    /// stops it (counted: a driver that cannot suspend answers `suspend_unsupported`).
+    /// Returns the state it rests in.
+    async fn rest(
+        &self,
+        app: &str,
+        id: &str,
+        mode: AutostopMode,
+    ) -> (Result<(), PlatformError>, MachineState) {
+        if mode == AutostopMode::Suspend {
+            match self.platform.suspend(app, id).await {
+                Ok(()) => {
+                    self.metrics.autosuspends.inc();
+                    return (Ok(()), MachineState::Suspended);
+                }
+                Err(error) if error.code == "suspend_unsupported" => {
+                    self.metrics.autosuspend_fallbacks.inc();
+                }
+                Err(error) => return (Err(error), MachineState::Suspended),
+            }
+        }
+        (self.platform.stop(app, id).await, MachineState::Stopped)
+    }
+
+    async fn stop_idle(self: Arc<Self>, app: Arc<AppState>, id: String, mode: AutostopMode) {
+        let (result, rested) = self.rest(&app.name, &id, mode).await;
         let mut inner = app.lock();
         if let Some(slot) = inner.slots.get_mut(&id) {
             slot.transition = None;
             match &result {
                 Ok(()) => {
-                    slot.view.state = MachineState::Stopped;
+                    slot.view.state = rested;
                     slot.settled_at = Some(Instant::now());
                 }
                 // Try again after another idle period.
@@ -671,7 +697,7 @@ impl Fleet {
         match result {
             Ok(()) => {
                 self.metrics.autostops.inc();
-                tracing::info!(app = %app.name, machine = %id, "stopped an idle Machine");
+                tracing::info!(app = %app.name, machine = %id, state = rested.as_str(), "an idle Machine put to rest");
             }
             Err(error) => {
                 tracing::warn!(app = %app.name, machine = %id, %error, "autostop failed");
@@ -736,8 +762,12 @@ impl Fleet {
         Ok(())
     }
 
-    /// Machines to stop now, and when to look next.
-    fn autostop_plan(&self, app: &AppState, now: Instant) -> (Vec<String>, Option<Instant>) {
+    /// Machines to stop (or suspend) now, with their service's mode, and when to look next.
+    fn autostop_plan(
+        &self,
+        app: &AppState,
+        now: Instant,
+    ) -> (Vec<(String, AutostopMode)>, Option<Instant>) {
         let mut inner = app.lock();
         let mut running = inner
             .slots
@@ -750,7 +780,7 @@ impl Fleet {
             let Some(service) = &slot.view.service else {
                 continue;
             };
-            if service.autostop != AutostopMode::Stop
+            if service.autostop == AutostopMode::Off
                 || slot.view.state != MachineState::Started
                 || slot.transition.is_some()
                 || slot.in_flight > 0
@@ -764,7 +794,7 @@ impl Fleet {
             } else if running > service.min_machines_running as usize {
                 slot.transition = Some(Transition::Stopping);
                 running -= 1;
-                due.push(id.clone());
+                due.push((id.clone(), service.autostop));
             }
         }
         (due, next)
@@ -832,8 +862,8 @@ async fn autostop_loop(fleet: std::sync::Weak<Fleet>, app: Arc<AppState>) {
             return;
         };
         let (due, next) = strong.autostop_plan(&app, Instant::now());
-        for id in due {
-            tokio::spawn(strong.clone().stop_idle(app.clone(), id));
+        for (id, mode) in due {
+            tokio::spawn(strong.clone().stop_idle(app.clone(), id, mode));
         }
         drop(strong);
         match next {

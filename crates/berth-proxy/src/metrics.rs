@@ -33,6 +33,8 @@ pub struct Metrics {
     pub wakes: Family<WakeLabels, Counter>,
     pub wake_seconds: Histogram,
     pub autostops: Counter,
+    pub autosuspends: Counter,
+    pub autosuspend_fallbacks: Counter,
     pub in_flight: Family<MachineLabels, Gauge>,
 }
 
@@ -60,6 +62,18 @@ impl Metrics {
             "Idle Machines the proxy stopped",
             autostops.clone(),
         );
+        let autosuspends = Counter::default();
+        registry.register(
+            "autosuspends",
+            "Idle Machines the proxy suspended (autostop: suspend), also counted in autostops",
+            autosuspends.clone(),
+        );
+        let autosuspend_fallbacks = Counter::default();
+        registry.register(
+            "autosuspend_fallbacks",
+            "Idle Machines with autostop: suspend that were stopped instead: their driver cannot suspend",
+            autosuspend_fallbacks.clone(),
+        );
         let in_flight = Family::<MachineLabels, Gauge>::default();
         registry.register(
             "in_flight",
@@ -72,6 +86,8 @@ impl Metrics {
             wakes,
             wake_seconds,
             autostops,
+            autosuspends,
+            autosuspend_fallbacks,
             in_flight,
         }
     }
