@@ -686,8 +686,20 @@ impl Fleet {
                     slot.view.state = rested;
                     slot.settled_at = Some(Instant::now());
                 }
-                // Try again after another idle period.
-                Err(_) => slot.idle_since = Instant::now(),
+                // Try again after another idle period, or after the platform's retry
+                // hint when that is longer (a Machine whose open connections keep it from
+                // being suspended runs on, memory kept, until they are gone).
+                Err(error) => {
+                    let idle = slot
+                        .view
+                        .service
+                        .as_ref()
+                        .map_or(Duration::ZERO, |service| {
+                            Duration::from_secs(u64::from(service.autostop_idle_seconds))
+                        });
+                    let wait = error.retry_after.unwrap_or_default().saturating_sub(idle);
+                    slot.idle_since = Instant::now() + wait;
+                }
             }
         }
         if result.is_err() {

@@ -22,6 +22,9 @@ struct FakePlatform {
     suspends: Mutex<Vec<String>>,
     /// The Machines' driver cannot suspend (native, runc).
     cannot_suspend: std::sync::atomic::AtomicBool,
+    /// Suspends tried, and refused with this while it is set.
+    suspend_tries: AtomicUsize,
+    refuse_suspend: Mutex<Option<PlatformError>>,
     /// The app "web" was deleted.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -72,6 +75,10 @@ impl Platform for FakePlatform {
                 "suspend_unsupported",
                 "the runc driver cannot suspend a Machine".to_owned(),
             ));
+        }
+        self.suspend_tries.fetch_add(1, Ordering::SeqCst);
+        if let Some(error) = self.refuse_suspend.lock().expect("fake lock").clone() {
+            return Err(error);
         }
         self.suspends.lock().expect("fake lock").push(id.to_owned());
         if let Some(machine) = self.machines.lock().expect("fake lock").get_mut(id) {
@@ -225,6 +232,31 @@ async fn a_machine_whose_driver_cannot_suspend_is_stopped_and_counted() {
         text.contains("berth_proxy_autosuspend_fallbacks_total 1"),
         "{text}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspend_refused_for_now_is_tried_again_after_its_retry_hint_not_stopped() {
+    let platform = FakePlatform::with(vec![machine("m1", MachineState::Started, suspending(1, 1))]);
+    *platform.refuse_suspend.lock().expect("fake lock") = Some(PlatformError {
+        code: "suspend_connections_open".into(),
+        message: "TCP connections open".into(),
+        retry_after: Some(Duration::from_secs(60)),
+    });
+    let fleet = fleet(platform.clone());
+    drop(fleet.admit("web").await.expect("admitted"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(platform.suspend_tries.load(Ordering::SeqCst), 1);
+    // Not every idle second: after the hint.
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    settle().await;
+    assert_eq!(platform.suspend_tries.load(Ordering::SeqCst), 1);
+    *platform.refuse_suspend.lock().expect("fake lock") = None;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    settle().await;
+    assert_eq!(platform.suspends(), vec!["m1".to_owned()]);
+    assert!(platform.stops().is_empty(), "memory kept: never stopped");
+    assert_eq!(fleet.metrics.autosuspend_fallbacks.get(), 0);
 }
 
 /// Checked against the proxy from before: a suspended Machine was neither usable nor

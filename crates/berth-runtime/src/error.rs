@@ -63,6 +63,11 @@ pub enum RuntimeError {
         id: String,
         message: String,
     },
+    /// The checkpoint was refused because the Machine has TCP connections open, or closed
+    /// less than a minute ago (in TIME_WAIT): this runsc cannot save them. The Machine
+    /// runs on untouched; a later try succeeds once they are gone.
+    #[error("{driver} cannot checkpoint machine {id} while it has TCP connections open (or closed under 60 s ago, in TIME_WAIT); retry once they are gone, or stop it")]
+    ConnectionsOpen { driver: &'static str, id: String },
     /// A memory image that must not be resumed: missing, half-written, or failing its
     /// integrity check. Nothing was started; the Machine can boot fresh from its disk.
     #[error("memory image of machine {id} at {} cannot be resumed: {message}", path.display())]
@@ -98,6 +103,7 @@ impl RuntimeError {
                 _ => "unsupported",
             },
             RuntimeError::Checkpoint { .. } => "runtime_failed",
+            RuntimeError::ConnectionsOpen { .. } => "suspend_connections_open",
             RuntimeError::MemoryImage { .. } => "memory_image_unusable",
         }
     }

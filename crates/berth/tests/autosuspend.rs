@@ -74,8 +74,11 @@ fn the_proxy_suspends_an_idle_gvisor_machine_and_a_request_resumes_it() {
         get(&platform, "nap") == (200, "hello\n".to_owned())
     });
 
-    // Idle for its second: suspended by the proxy, with its source.
-    platform.wait_for("the proxy's suspend", Duration::from_secs(60), || {
+    // Idle for its second: suspended by the proxy, with its source. The first tries are
+    // refused while the connections of the requests above are in TIME_WAIT inside the
+    // sandbox (60 s; this runsc saves no connected endpoint): 409
+    // suspend_connections_open, and the proxy tries again after its retry hint.
+    platform.wait_for("the proxy's suspend", Duration::from_secs(180), || {
         state(&platform, "nap", &id) == "suspended"
     });
     let before = *counts(&platform, "nap", &id).last().expect("counted");
