@@ -45,6 +45,9 @@ const WAIT: Duration = Duration::from_secs(30);
 
 type TestFn = fn() -> Pin<Box<dyn Future<Output = ()>>>;
 
+/// The measurement's name: `… --test suspend -- suspend_resume_timing`.
+const TIMING: &str = "suspend_resume_timing";
+
 fn main() {
     let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|arg| arg == "shim") {
@@ -73,6 +76,8 @@ fn main() {
             "a_killed_agent_leaves_every_suspend_and_resume_whole",
             || Box::pin(a_killed_agent_leaves_every_suspend_and_resume_whole()),
         ),
+        // A measurement, run only when named (as `#[ignore]` would have it).
+        (TIMING, || Box::pin(timing())),
     ];
     let flags: Vec<String> = args
         .iter()
@@ -80,7 +85,7 @@ fn main() {
         .filter_map(|arg| arg.to_str().map(str::to_owned))
         .collect();
     if flags.iter().any(|flag| flag == "--list") {
-        for (name, _) in &tests {
+        for (name, _) in tests.iter().filter(|(name, _)| *name != TIMING) {
             println!("{name}: test");
         }
         return;
@@ -104,6 +109,7 @@ fn main() {
     for (name, test) in tests {
         if (!filters.is_empty() && !filters.iter().any(|filter| name.contains(filter.as_str())))
             || skips.iter().any(|skip| name.contains(skip.as_str()))
+            || (name == TIMING && !filters.iter().any(|filter| filter == TIMING))
         {
             continue;
         }
@@ -837,5 +843,69 @@ async fn a_killed_agent_leaves_every_suspend_and_resume_whole() {
             destroy(&world, &agent, id).await;
             agent.store().close().await;
         }
+    }
+}
+
+/// Medians of 5 suspends and resumes through the agent (wall time of the call), of a small
+/// Machine and of one holding 100 MB of touched, incompressible memory (a tmpfs file).
+/// Checks only that the memory comes back intact each time.
+async fn timing() {
+    if !runsc_available() {
+        return;
+    }
+    let world = World::new();
+    let agent = world.agent().await;
+    // gVisor's /dev is a tmpfs of the sandbox's memory without /dev/shm's 64 MB cap.
+    let fill = "dd if=/dev/urandom of=/dev/fill bs=1M count=100 && echo filled; \
+                exec sleep 3600";
+    for (id, script, memory_mb, filled) in [
+        ("5e000000000201", "echo filled; exec sleep 3600", 256, false),
+        ("5e000000000202", fill, 512, true),
+    ] {
+        let mut request = create(id, "gvisor", script);
+        request.config.guest.memory_mb = memory_mb;
+        agent.create(request).await.expect("create");
+        world.wait_logs(id, "filled\n").await;
+        let digest = || async {
+            let answer = agent
+                .exec(
+                    id,
+                    berth_agent::ExecOnWorker {
+                        cmd: ["busybox", "sha256sum", "/dev/fill"]
+                            .map(String::from)
+                            .to_vec(),
+                        stdin: None,
+                        timeout: Duration::from_secs(60),
+                        max_output_bytes: 1 << 12,
+                    },
+                )
+                .await
+                .expect("exec");
+            answer.stdout
+        };
+        let before = digest().await;
+        assert!(!filled || before.len() > 64, "no digest: {before:?}");
+        let (mut suspends, mut resumes) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            agent.suspend(id, EventSource::User).await.expect("suspend");
+            suspends.push(t.elapsed());
+            let image = berth_agent::metering::disk_usage(&world.image(id)).expect("du");
+            let t = Instant::now();
+            let answer = agent.start(id, EventSource::User).await.expect("resume");
+            resumes.push(t.elapsed());
+            assert!(answer.resumed, "{answer:?}");
+            if filled {
+                assert_eq!(digest().await, before, "the memory came back changed");
+            }
+            println!("{id}: image {} MB", image >> 20);
+        }
+        suspends.sort();
+        resumes.sort();
+        println!(
+            "{id} ({memory_mb} MB guest): suspend p50 {:?}, resume p50 {:?}",
+            suspends[2], resumes[2]
+        );
+        destroy(&world, &agent, id).await;
     }
 }
