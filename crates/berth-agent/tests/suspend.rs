@@ -438,8 +438,8 @@ async fn destroy(world: &World, agent: &Agent, id: &str) {
     );
 }
 
-// Seen to fail without the agent's suspend: the route answered 422 for every driver, and
-// with the resume path left out start booted the Machine fresh (the count went back to 1).
+// Seen to fail with the resume path left out of start: the start answered `resumed:
+// false`, its steps runsc create and start (a fresh boot).
 async fn a_suspended_machine_resumes_with_its_memory_and_socket() {
     if !runsc_available() {
         return;
@@ -576,8 +576,8 @@ fn world_memory(entries: &[UsageRecord]) -> u64 {
     }
 }
 
-// Seen to fail without stop's own path for suspended Machines: stop waited on a run that
-// did not exist, and the image stayed to be resumed by the next start.
+// Stop's own path for suspended Machines is what removes the image: without it, the
+// image stays beside a stopped Machine (the asserts on `memory` after stop and update).
 async fn stop_discards_the_memory_image() {
     if !runsc_available() {
         return;
@@ -638,8 +638,8 @@ async fn stop_discards_the_memory_image() {
     assert!(!world.machine_dir(id).exists());
 }
 
-// Seen to fail with the resume's fallback left out: the flipped byte failed the start
-// (422 start_failed, state failed) instead of booting fresh.
+// Seen to fail with the resume's fallback left out: the start answered 500
+// memory_image_unusable ("checkpoint.img fails its SHA-256 check") instead of booting.
 async fn a_damaged_image_boots_fresh_with_an_event() {
     if !runsc_available() {
         return;
@@ -700,9 +700,9 @@ async fn a_damaged_image_boots_fresh_with_an_event() {
     destroy(&world, &agent, id).await;
 }
 
-// Seen to fail before the agent knew drivers apart: every suspend answered the control
-// plane's fixed 422 without naming a driver, and a stopped runc Machine was refused as
-// invalid_state instead.
+// The 422 comes from the agent, which names the driver: the control plane's old fixed
+// answer named none (the message assert), and checking the state first would answer a
+// stopped runc Machine 409 invalid_state (the second refusal).
 async fn native_and_runc_answer_suspend_unsupported() {
     let world = World::new();
     let agent = world.agent().await;
@@ -777,9 +777,8 @@ fn crash_at(world: &World, point: &str, op: &str, id: &str) {
     );
 }
 
-// Seen to fail without recovery's suspend rows: killed after the checkpoint, the Machine
-// was recorded stopped (its image orphaned, its memory lost); killed after recording
-// `starting` for a resume, it was stopped and the image left beside it.
+// Seen to fail without recovery's suspend rows (berth_core::recovery::plan): killed at
+// suspend.after_checkpoint, the Machine was recovered `stopped`, not `suspended`.
 async fn a_killed_agent_leaves_every_suspend_and_resume_whole() {
     #[cfg(not(feature = "failpoints"))]
     {
