@@ -116,11 +116,9 @@ impl AgentError {
                 body.state = Some(MachineState::Failed);
                 422
             }
-            // Nothing changed and a later try may succeed: a conflict with a retry hint.
+            // The Machine's open connections, not the platform: a conflict.
             AgentError::Runtime(error @ berth_runtime::RuntimeError::ConnectionsOpen { .. }) => {
                 body.error = error.code().into();
-                body.retry_after_ms = Some(60_000);
-                body.state = Some(MachineState::Started);
                 409
             }
             AgentError::Runtime(error) => {

@@ -55,16 +55,14 @@ pub enum ServiceProtocol {
     Tcp,
 }
 
-/// Also read as Fly writes it: `true` is `stop`, `false` is `off`. `suspend` suspends
-/// Machines whose driver can (gvisor) and stops the others, as Fly's does for Machines
-/// that cannot suspend.
+/// Also read as Fly writes it: `true` is `stop`, `false` is `off`, and `suspend` (which
+/// Berth has not got) falls back to `stop`, as Fly's does for Machines that cannot suspend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", try_from = "AutostopWire")]
 pub enum AutostopMode {
     #[default]
     Off,
     Stop,
-    Suspend,
 }
 
 #[derive(Deserialize)]
@@ -82,11 +80,10 @@ impl TryFrom<AutostopWire> for AutostopMode {
             AutostopWire::Flag(true) => Ok(AutostopMode::Stop),
             AutostopWire::Flag(false) => Ok(AutostopMode::Off),
             AutostopWire::Name(name) => match name.as_str() {
-                "stop" => Ok(AutostopMode::Stop),
-                "suspend" => Ok(AutostopMode::Suspend),
+                "stop" | "suspend" => Ok(AutostopMode::Stop),
                 "off" => Ok(AutostopMode::Off),
                 other => Err(format!(
-                    "unknown autostop {other:?}: expected \"off\", \"stop\", \"suspend\", true or false"
+                    "unknown autostop {other:?}: expected \"off\", \"stop\", true or false"
                 )),
             },
         }

@@ -894,10 +894,7 @@ mod tests {
         for (autostop, expected) in [
             (serde_json::json!(false), berth_api::AutostopMode::Off),
             (serde_json::json!("off"), berth_api::AutostopMode::Off),
-            (
-                serde_json::json!("suspend"),
-                berth_api::AutostopMode::Suspend,
-            ),
+            (serde_json::json!("suspend"), berth_api::AutostopMode::Stop),
         ] {
             let service = parse(serde_json::json!({"internal_port": 1, "autostop": autostop}))
                 .expect("parses");

@@ -121,7 +121,7 @@ impl Slot {
             && !self.view.cordoned
             && matches!(
                 self.view.state,
-                MachineState::Stopped | MachineState::Created | MachineState::Suspended
+                MachineState::Stopped | MachineState::Created
             )
             && self.view.address.is_some()
             && self
@@ -427,9 +427,7 @@ impl Fleet {
                     && (slot.transition == Some(Transition::Stopping)
                         || matches!(
                             slot.view.state,
-                            MachineState::Stopping
-                                | MachineState::Suspending
-                                | MachineState::Starting
+                            MachineState::Stopping | MachineState::Starting
                         ))
             });
             if settling {
@@ -652,54 +650,18 @@ impl Fleet {
         Ok(())
     }
 
-    /// Suspends the Machine when its service asks for that and its driver can, else
-    /// stops it (counted: a driver that cannot suspend answers `suspend_unsupported`).
-    /// Returns the state it rests in.
-    async fn rest(
-        &self,
-        app: &str,
-        id: &str,
-        mode: AutostopMode,
-    ) -> (Result<(), PlatformError>, MachineState) {
-        if mode == AutostopMode::Suspend {
-            match self.platform.suspend(app, id).await {
-                Ok(()) => {
-                    self.metrics.autosuspends.inc();
-                    return (Ok(()), MachineState::Suspended);
-                }
-                Err(error) if error.code == "suspend_unsupported" => {
-                    self.metrics.autosuspend_fallbacks.inc();
-                }
-                Err(error) => return (Err(error), MachineState::Suspended),
-            }
-        }
-        (self.platform.stop(app, id).await, MachineState::Stopped)
-    }
-
-    async fn stop_idle(self: Arc<Self>, app: Arc<AppState>, id: String, mode: AutostopMode) {
-        let (result, rested) = self.rest(&app.name, &id, mode).await;
+    async fn stop_idle(self: Arc<Self>, app: Arc<AppState>, id: String) {
+        let result = self.platform.stop(&app.name, &id).await;
         let mut inner = app.lock();
         if let Some(slot) = inner.slots.get_mut(&id) {
             slot.transition = None;
             match &result {
                 Ok(()) => {
-                    slot.view.state = rested;
+                    slot.view.state = MachineState::Stopped;
                     slot.settled_at = Some(Instant::now());
                 }
-                // Try again after another idle period, or after the platform's retry
-                // hint when that is longer (a Machine whose open connections keep it from
-                // being suspended runs on, memory kept, until they are gone).
-                Err(error) => {
-                    let idle = slot
-                        .view
-                        .service
-                        .as_ref()
-                        .map_or(Duration::ZERO, |service| {
-                            Duration::from_secs(u64::from(service.autostop_idle_seconds))
-                        });
-                    let wait = error.retry_after.unwrap_or_default().saturating_sub(idle);
-                    slot.idle_since = Instant::now() + wait;
-                }
+                // Try again after another idle period.
+                Err(_) => slot.idle_since = Instant::now(),
             }
         }
         if result.is_err() {
@@ -709,7 +671,7 @@ impl Fleet {
         match result {
             Ok(()) => {
                 self.metrics.autostops.inc();
-                tracing::info!(app = %app.name, machine = %id, state = rested.as_str(), "an idle Machine put to rest");
+                tracing::info!(app = %app.name, machine = %id, "stopped an idle Machine");
             }
             Err(error) => {
                 tracing::warn!(app = %app.name, machine = %id, %error, "autostop failed");
@@ -774,12 +736,8 @@ impl Fleet {
         Ok(())
     }
 
-    /// Machines to stop (or suspend) now, with their service's mode, and when to look next.
-    fn autostop_plan(
-        &self,
-        app: &AppState,
-        now: Instant,
-    ) -> (Vec<(String, AutostopMode)>, Option<Instant>) {
+    /// Machines to stop now, and when to look next.
+    fn autostop_plan(&self, app: &AppState, now: Instant) -> (Vec<String>, Option<Instant>) {
         let mut inner = app.lock();
         let mut running = inner
             .slots
@@ -792,7 +750,7 @@ impl Fleet {
             let Some(service) = &slot.view.service else {
                 continue;
             };
-            if service.autostop == AutostopMode::Off
+            if service.autostop != AutostopMode::Stop
                 || slot.view.state != MachineState::Started
                 || slot.transition.is_some()
                 || slot.in_flight > 0
@@ -806,7 +764,7 @@ impl Fleet {
             } else if running > service.min_machines_running as usize {
                 slot.transition = Some(Transition::Stopping);
                 running -= 1;
-                due.push((id.clone(), service.autostop));
+                due.push(id.clone());
             }
         }
         (due, next)
@@ -874,8 +832,8 @@ async fn autostop_loop(fleet: std::sync::Weak<Fleet>, app: Arc<AppState>) {
             return;
         };
         let (due, next) = strong.autostop_plan(&app, Instant::now());
-        for (id, mode) in due {
-            tokio::spawn(strong.clone().stop_idle(app.clone(), id, mode));
+        for id in due {
+            tokio::spawn(strong.clone().stop_idle(app.clone(), id));
         }
         drop(strong);
         match next {

@@ -33,8 +33,6 @@ pub struct Metrics {
     pub wakes: Family<WakeLabels, Counter>,
     pub wake_seconds: Histogram,
     pub autostops: Counter,
-    pub autosuspends: Counter,
-    pub autosuspend_fallbacks: Counter,
     pub in_flight: Family<MachineLabels, Gauge>,
 }
 
@@ -62,18 +60,6 @@ impl Metrics {
             "Idle Machines the proxy stopped",
             autostops.clone(),
         );
-        let autosuspends = Counter::default();
-        registry.register(
-            "autosuspends",
-            "Idle Machines the proxy suspended (autostop: suspend), also counted in autostops",
-            autosuspends.clone(),
-        );
-        let autosuspend_fallbacks = Counter::default();
-        registry.register(
-            "autosuspend_fallbacks",
-            "Idle Machines with autostop: suspend that were stopped instead: their driver cannot suspend",
-            autosuspend_fallbacks.clone(),
-        );
         let in_flight = Family::<MachineLabels, Gauge>::default();
         registry.register(
             "in_flight",
@@ -86,8 +72,6 @@ impl Metrics {
             wakes,
             wake_seconds,
             autostops,
-            autosuspends,
-            autosuspend_fallbacks,
             in_flight,
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_api::{
     ChangeSource, CheckState, ErrorBody, ListAppsResponse, Machine, MachineCheck, MachineService,
-    MachineState, StartRequest, StopRequest, SuspendRequest,
+    MachineState, StartRequest, StopRequest,
 };
 
 /// What the proxy needs to know about one Machine.
@@ -89,9 +89,6 @@ pub trait Platform: Send + Sync + 'static {
     async fn start(&self, app: &str, id: &str) -> Result<(), PlatformError>;
     /// Stops the Machine, recorded with source `autostop`; returns once it is stopped.
     async fn stop(&self, app: &str, id: &str) -> Result<(), PlatformError>;
-    /// Suspends the Machine, recorded with source `autostop`; `suspend_unsupported` when
-    /// its driver cannot.
-    async fn suspend(&self, app: &str, id: &str) -> Result<(), PlatformError>;
 }
 
 /// The platform through its HTTP API, with the admin token (only the admin may record
@@ -197,17 +194,6 @@ impl Platform for HttpPlatform {
         let request = self
             .http
             .post(self.machine_url(app, id, "start"))
-            .json(&body);
-        self.send(request, LIFECYCLE_DEADLINE).await.map(drop)
-    }
-
-    async fn suspend(&self, app: &str, id: &str) -> Result<(), PlatformError> {
-        let body = SuspendRequest {
-            source: Some(ChangeSource::Autostop),
-        };
-        let request = self
-            .http
-            .post(self.machine_url(app, id, "suspend"))
             .json(&body);
         self.send(request, LIFECYCLE_DEADLINE).await.map(drop)
     }

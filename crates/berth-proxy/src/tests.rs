@@ -19,12 +19,6 @@ struct FakePlatform {
     refuse_start: Mutex<Option<PlatformError>>,
     /// A start that waited for a move: the Machine answers on this port afterwards.
     start_moves_to: Mutex<Option<u16>>,
-    suspends: Mutex<Vec<String>>,
-    /// The Machines' driver cannot suspend (native, runc).
-    cannot_suspend: std::sync::atomic::AtomicBool,
-    /// Suspends tried, and refused with this while it is set.
-    suspend_tries: AtomicUsize,
-    refuse_suspend: Mutex<Option<PlatformError>>,
     /// The app "web" was deleted.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -69,24 +63,6 @@ impl Platform for FakePlatform {
         Ok(())
     }
 
-    async fn suspend(&self, _app: &str, id: &str) -> Result<(), PlatformError> {
-        if self.cannot_suspend.load(Ordering::SeqCst) {
-            return Err(PlatformError::new(
-                "suspend_unsupported",
-                "the runc driver cannot suspend a Machine".to_owned(),
-            ));
-        }
-        self.suspend_tries.fetch_add(1, Ordering::SeqCst);
-        if let Some(error) = self.refuse_suspend.lock().expect("fake lock").clone() {
-            return Err(error);
-        }
-        self.suspends.lock().expect("fake lock").push(id.to_owned());
-        if let Some(machine) = self.machines.lock().expect("fake lock").get_mut(id) {
-            machine.state = MachineState::Suspended;
-        }
-        Ok(())
-    }
-
     async fn stop(&self, _app: &str, id: &str) -> Result<(), PlatformError> {
         self.stops.lock().expect("fake lock").push(id.to_owned());
         if let Some(machine) = self.machines.lock().expect("fake lock").get_mut(id) {
@@ -110,10 +86,6 @@ impl FakePlatform {
 
     fn stops(&self) -> Vec<String> {
         self.stops.lock().expect("fake lock").clone()
-    }
-
-    fn suspends(&self) -> Vec<String> {
-        self.suspends.lock().expect("fake lock").clone()
     }
 }
 
@@ -180,109 +152,6 @@ async fn an_idle_machine_stops_exactly_when_its_idle_time_is_up() {
     settle().await;
     assert_eq!(platform.stops(), vec!["m1".to_owned()]);
     assert_eq!(fleet.metrics.autostops.get(), 1);
-}
-
-fn suspending(port: u16, idle_seconds: u32) -> MachineService {
-    MachineService {
-        autostop: AutostopMode::Suspend,
-        ..service(port, idle_seconds, 0)
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn an_idle_machine_with_autostop_suspend_is_suspended_not_stopped() {
-    let platform = FakePlatform::with(vec![machine(
-        "m1",
-        MachineState::Started,
-        suspending(1, 60),
-    )]);
-    let fleet = fleet(platform.clone());
-    drop(fleet.admit("web").await.expect("admitted"));
-    tokio::time::sleep(Duration::from_millis(59_900)).await;
-    settle().await;
-    assert!(
-        platform.suspends().is_empty(),
-        "suspended before its idle time"
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    settle().await;
-    assert_eq!(platform.suspends(), vec!["m1".to_owned()]);
-    assert!(platform.stops().is_empty(), "suspended, not stopped");
-    assert_eq!(fleet.metrics.autosuspends.get(), 1);
-    assert_eq!(fleet.metrics.autosuspend_fallbacks.get(), 0);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_machine_whose_driver_cannot_suspend_is_stopped_and_counted() {
-    let platform = FakePlatform::with(vec![machine(
-        "m1",
-        MachineState::Started,
-        suspending(1, 60),
-    )]);
-    platform.cannot_suspend.store(true, Ordering::SeqCst);
-    let fleet = fleet(platform.clone());
-    drop(fleet.admit("web").await.expect("admitted"));
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    settle().await;
-    assert_eq!(platform.stops(), vec!["m1".to_owned()]);
-    assert_eq!(fleet.metrics.autosuspend_fallbacks.get(), 1);
-    assert_eq!(fleet.metrics.autostops.get(), 1);
-    let text = fleet.metrics.encode();
-    assert!(
-        text.contains("berth_proxy_autosuspend_fallbacks_total 1"),
-        "{text}"
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_suspend_refused_for_now_is_tried_again_after_its_retry_hint_not_stopped() {
-    let platform = FakePlatform::with(vec![machine("m1", MachineState::Started, suspending(1, 1))]);
-    *platform.refuse_suspend.lock().expect("fake lock") = Some(PlatformError {
-        code: "suspend_connections_open".into(),
-        message: "TCP connections open".into(),
-        retry_after: Some(Duration::from_secs(60)),
-    });
-    let fleet = fleet(platform.clone());
-    drop(fleet.admit("web").await.expect("admitted"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    settle().await;
-    assert_eq!(platform.suspend_tries.load(Ordering::SeqCst), 1);
-    // Not every idle second: after the hint.
-    tokio::time::sleep(Duration::from_secs(50)).await;
-    settle().await;
-    assert_eq!(platform.suspend_tries.load(Ordering::SeqCst), 1);
-    *platform.refuse_suspend.lock().expect("fake lock") = None;
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    settle().await;
-    assert_eq!(platform.suspends(), vec!["m1".to_owned()]);
-    assert!(platform.stops().is_empty(), "memory kept: never stopped");
-    assert_eq!(fleet.metrics.autosuspend_fallbacks.get(), 0);
-}
-
-/// Checked against the proxy from before: a suspended Machine was neither usable nor
-/// wakeable, and the request got 503 `no_machine_available`.
-#[tokio::test]
-async fn a_request_for_a_suspended_machine_resumes_it() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let platform = FakePlatform::with(vec![machine(
-        "m1",
-        MachineState::Suspended,
-        suspending(port, 60),
-    )]);
-    let fleet = fleet(platform.clone());
-    let ticket = fleet
-        .admit("web")
-        .await
-        .unwrap_or_else(|error| panic!("refused: {}", error.code));
-    assert_eq!(ticket.machine(), "m1");
-    assert_eq!(
-        platform.starts.load(Ordering::SeqCst),
-        1,
-        "one start resumes it"
-    );
 }
 
 #[tokio::test(start_paused = true)]

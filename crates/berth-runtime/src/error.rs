@@ -63,10 +63,10 @@ pub enum RuntimeError {
         id: String,
         message: String,
     },
-    /// The checkpoint was refused because the Machine has TCP connections open, or closed
-    /// less than a minute ago (in TIME_WAIT): this runsc cannot save them. The Machine
-    /// runs on untouched; a later try succeeds once they are gone.
-    #[error("{driver} cannot checkpoint machine {id} while it has TCP connections open (or closed under 60 s ago, in TIME_WAIT); retry once they are gone, or stop it")]
+    /// The checkpoint failed because the Machine had TCP connections open, or closed less
+    /// than a minute ago (in TIME_WAIT): this runsc saves no connected endpoint, and its
+    /// sandbox ends in the attempt. The Machine's files are kept; its memory is not.
+    #[error("{driver} could not checkpoint machine {id}: it had TCP connections open (or closed under 60 s ago, in TIME_WAIT), which this runsc cannot save, and its sandbox ended in the attempt; its files are kept")]
     ConnectionsOpen { driver: &'static str, id: String },
     /// A memory image that must not be resumed: missing, half-written, or failing its
     /// integrity check. Nothing was started; the Machine can boot fresh from its disk.

@@ -61,9 +61,19 @@ impl Agent {
         steps.lap("agent_store_suspending", &mut mark);
         failpoint::hit("suspend.after_suspending");
         let layout = self.layout(id);
-        // A failure here is settled by recovery from what the host shows: the run goes on
-        // (`started`), or it ended with or without a whole image.
-        driver.suspend(&layout, &layout.memory_image()).await?;
+        // A checkpoint that failed with the run going on (refused for open connections,
+        // say) leaves the Machine `started` at once. A crash here, or a run that ended,
+        // is settled by recovery and the exit watcher from what the host shows.
+        if let Err(error) = driver.suspend(&layout, &layout.memory_image()).await {
+            if matches!(
+                driver.status(&layout).await,
+                Ok(berth_runtime::Status::Running { .. })
+            ) {
+                self.change_state(&mut record, MachineState::Started, Change::quiet())
+                    .await?;
+            }
+            return Err(error.into());
+        }
         steps.lap("runtime_checkpoint", &mut mark);
         failpoint::hit("suspend.after_checkpoint");
         let at = now_ms();
