@@ -41,7 +41,8 @@ impl Agent {
         });
     }
 
-    /// Measures every Machine's upperdir and journals the sizes that changed.
+    /// Measures every Machine's upperdir (plus a suspended one's memory image) and journals
+    /// the sizes that changed.
     pub async fn sample_storage(&self) {
         let records = match self.inner.store.list_all().await {
             Ok(records) => records,
@@ -52,10 +53,11 @@ impl Agent {
         };
         for record in records {
             self.check_disk_quota(&record).await;
-            let Some(bytes) = self.measure_upper(&record.id).await else {
+            let Some(upper) = self.measure_upper(&record.id).await else {
                 continue;
             };
-            if bytes == record.storage_bytes {
+            // A suspended Machine's memory image is storage too.
+            if upper.saturating_add(record.memory_bytes) == record.storage_bytes {
                 continue;
             }
             let result = async {
@@ -67,6 +69,7 @@ impl Agent {
                 if current.pending.is_some() || current.state == MachineState::Destroying {
                     return Ok(());
                 }
+                let bytes = upper.saturating_add(current.memory_bytes);
                 let usage = metering::storage(&mut current, now_ms(), bytes);
                 self.inner
                     .store

@@ -1,7 +1,7 @@
 //! The doctor: compares the agent's records with the host and reports every difference.
 //! Asked to repair, it removes what belongs to no record and records Machines found dead
-//! as stopped. It never removes the files of a Machine that has a record: only destroy
-//! does that.
+//! as stopped. It never removes the files of a Machine that has a record (only destroy
+//! does that), but for a stale memory image, which no start may resume.
 //!
 //! Each Machine is checked under its lock, so an operation in flight is never mistaken for
 //! damage; a Machine busy for longer than [`LOCK_WAIT`] is reported as busy, not checked.
@@ -15,6 +15,7 @@ use berth_runtime::{netns, HostInventory, MachineLayout, Status};
 use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 
+use crate::ops::suspend::{memory_image_present, memory_image_sealed};
 use crate::record::{now_ms, MachineRecord, PendingOp};
 use crate::{unknown_exit, Agent, AgentError, EventSource, Result};
 
@@ -292,6 +293,7 @@ impl Agent {
                 | MachineState::Stopping
                 | MachineState::Replacing
                 | MachineState::Destroying
+                | MachineState::Suspending
         );
         if record.pending.as_ref().is_some_and(PendingOp::is_migration) && !transitional {
             // Half of a move: the control plane settles it, and the doctor lists it as busy.
@@ -361,6 +363,29 @@ impl Agent {
                     format!("layer {} is not in the layer store", layer.digest),
                 ));
             }
+        }
+        let image = layout.memory_image();
+        if record.state == MachineState::Suspended {
+            if !memory_image_sealed(&image) {
+                findings.push(finding(
+                    FindingKind::MissingMemoryImage,
+                    id,
+                    Some(&image),
+                    "recorded as suspended, but its memory image is missing or half-written: \
+                     its next start boots it fresh from disk"
+                        .into(),
+                ));
+            }
+        } else if memory_image_present(&image) {
+            findings.push(finding(
+                FindingKind::OrphanMemoryImage,
+                id,
+                Some(&image),
+                format!(
+                    "recorded as {}, but a memory image is left: stale, never to be resumed",
+                    record.state
+                ),
+            ));
         }
         let status = match self.driver_or_default(&record.config).status(&layout).await {
             Ok(status) => status,
@@ -452,6 +477,18 @@ impl Agent {
     ) {
         let kinds: std::collections::HashSet<FindingKind> =
             findings.iter().map(|found| found.kind).collect();
+        if kinds.contains(&FindingKind::OrphanMemoryImage)
+            && !kinds.contains(&FindingKind::UnfinishedOperation)
+        {
+            match self.discard_stale_memory(record).await {
+                Ok(()) => {
+                    for found in findings.iter_mut() {
+                        found.repaired |= found.kind == FindingKind::OrphanMemoryImage;
+                    }
+                }
+                Err(error) => warn!(machine = %record.id, %error, "doctor could not discard"),
+            }
+        }
         let outcome = if kinds.contains(&FindingKind::UnfinishedOperation) {
             self.recover_one(record, last_alive, "doctor_repair").await
         } else if kinds.contains(&FindingKind::StartedNotRunning) {
@@ -486,6 +523,22 @@ impl Agent {
             }
             Err(error) => warn!(machine = %record.id, %error, "doctor could not repair"),
         }
+    }
+
+    /// A memory image beside a Machine that is not suspended: removed, and its bytes taken
+    /// off the Machine's storage if they were counted.
+    async fn discard_stale_memory(&self, record: &mut MachineRecord) -> Result<()> {
+        let usage: Vec<berth_api::UsageRecord> = crate::ops::start::memory_gone(record, now_ms())
+            .into_iter()
+            .collect();
+        self.discard_memory(&record.id).await?;
+        if !usage.is_empty() {
+            self.inner
+                .store
+                .save_with_usage(record, None, &usage)
+                .await?;
+        }
+        Ok(())
     }
 
     /// A Machine recorded as started whose init is gone: record the exit the watcher

@@ -54,6 +54,9 @@ pub enum AgentError {
     /// The Machine names a driver this worker does not offer.
     #[error("worker {worker} does not offer the runtime {runtime:?}")]
     MissingRuntime { worker: String, runtime: String },
+    /// The Machine's driver cannot checkpoint a Machine with its memory.
+    #[error("machine {id} runs with the {driver} driver, which cannot suspend a machine (only gvisor can); stop it instead: its files are kept")]
+    SuspendUnsupported { id: String, driver: String },
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -113,6 +116,11 @@ impl AgentError {
                 body.state = Some(MachineState::Failed);
                 422
             }
+            // The Machine's open connections, not the platform: a conflict.
+            AgentError::Runtime(error @ berth_runtime::RuntimeError::ConnectionsOpen { .. }) => {
+                body.error = error.code().into();
+                409
+            }
             AgentError::Runtime(error) => {
                 body.error = error.code().into();
                 500
@@ -145,6 +153,10 @@ impl AgentError {
                 body.worker = Some(worker.clone());
                 body.missing = Some(vec!["runtime".into()]);
                 503
+            }
+            AgentError::SuspendUnsupported { .. } => {
+                body.error = "suspend_unsupported".into();
+                422
             }
             AgentError::Unavailable { worker, reason } => {
                 return WorkerError::Unavailable {

@@ -170,7 +170,7 @@ impl Agent {
     }
 
     /// The journal entries of a run's end: the run closes, and the upperdir is measured
-    /// (storage is measured at every stop).
+    /// (storage is measured at every stop; a memory image still there counts too).
     pub(crate) async fn stop_usage(
         &self,
         record: &mut MachineRecord,
@@ -181,7 +181,8 @@ impl Agent {
             .into_iter()
             .collect();
         if let Some(bytes) = self.measure_upper(&record.id).await {
-            usage.push(metering::storage(record, at_ms, bytes));
+            let stored = bytes.saturating_add(record.memory_bytes);
+            usage.push(metering::storage(record, at_ms, stored));
         }
         self.check_disk_quota(record).await;
         usage

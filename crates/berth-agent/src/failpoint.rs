@@ -32,6 +32,20 @@ pub const POINTS: &[&str] = &[
     "destroy.after_record_deleted",
 ];
 
+/// Suspend and resume (a start of a suspended Machine), apart from [`POINTS`]: only a
+/// driver that can checkpoint (gvisor) reaches them.
+pub const SUSPEND_POINTS: &[&str] = &[
+    // suspend: recorded `suspending`, checkpointed (image sealed, run ended), recorded
+    // `suspended`.
+    "suspend.after_suspending",
+    "suspend.after_checkpoint",
+    "suspend.after_record_suspended",
+    // resume: recorded `starting`, restored from the image, recorded `started`.
+    "resume.after_starting",
+    "resume.after_runtime_resume",
+    "resume.after_record_started",
+];
+
 /// The volume operations' failpoints, apart from [`POINTS`] (whose every point acts on a
 /// Machine): each is after a recorded step, as there.
 pub const VOLUME_POINTS: &[&str] = &[
@@ -70,6 +84,7 @@ pub const VOLUME_MIGRATION_POINTS: &[&str] = &[
 pub fn hit(name: &str) {
     debug_assert!(
         POINTS.contains(&name)
+            || SUSPEND_POINTS.contains(&name)
             || VOLUME_POINTS.contains(&name)
             || MIGRATION_POINTS.contains(&name)
             || VOLUME_MIGRATION_POINTS.contains(&name),

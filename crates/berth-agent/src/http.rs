@@ -104,6 +104,7 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}", get(get_machine).delete(destroy))
         .route("/agent/v1/machines/{id}/start", post(start))
         .route("/agent/v1/machines/{id}/stop", post(stop))
+        .route("/agent/v1/machines/{id}/suspend", post(suspend))
         .route("/agent/v1/machines/{id}/signal", post(signal))
         .route("/agent/v1/machines/{id}/update", post(update))
         .route("/agent/v1/machines/{id}/logs", get(logs))
@@ -262,6 +263,14 @@ async fn start(
     Json(body): Json<StartBody>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.start(&id, body.source).await?).into_response())
+}
+
+async fn suspend(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<StartBody>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.suspend(&id, body.source).await?).into_response())
 }
 
 async fn stop(

@@ -124,6 +124,14 @@ pub struct MachineRecord {
     /// Cordoned: the proxy sends it no traffic and never autostarts it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cordoned: bool,
+    /// The size of the memory image while the Machine is suspended, counted in
+    /// `storage_bytes` (billed as storage); 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_bytes: u64,
+}
+
+fn is_zero(bytes: &u64) -> bool {
+    *bytes == 0
 }
 
 impl MachineRecord {
@@ -222,6 +230,7 @@ pub(crate) mod tests {
             restart_due_ms: None,
             org: None,
             cordoned: false,
+            memory_bytes: 0,
         }
     }
 

@@ -13,7 +13,9 @@ use tracing::{info, warn};
 use crate::error::{AgentError, Result};
 use crate::exits::unknown_exit;
 use crate::metering;
+use crate::ops::start::memory_gone;
 use crate::ops::stop::KILL_WAIT;
+use crate::ops::suspend::{memory_image_present, memory_image_sealed};
 use crate::record::{self, now_ms, MachineRecord, PendingOp, UpdateSnapshot};
 use crate::service::EventSource;
 use crate::transition::Change;
@@ -56,18 +58,27 @@ impl Agent {
         }
         // The runtime's state dir (runc's root) goes with the host's run state: gone, or
         // holding none of the runs on record that runc runs, the runs went with the host.
+        // runsc keeps its sandboxes' state in its own root the same way.
         let state_dir = self.inner.config.data_dir.join("runc");
-        let mut under_runc = running
-            .iter()
-            .filter(|record| self.driver_or_default(&record.config).name() == "runc")
-            .peekable();
-        let state_lost = if !state_dir.exists() {
-            true
-        } else if under_runc.peek().is_some() {
-            !under_runc.any(|record| state_dir.join(&record.id).exists())
-        } else {
-            false
+        let runs_of = |driver: &str| -> Vec<&MachineRecord> {
+            running
+                .iter()
+                .filter(|record| self.driver_or_default(&record.config).name() == driver)
+                .collect()
         };
+        let under_runc = runs_of("runc");
+        let runc_lost = !state_dir.exists()
+            || (!under_runc.is_empty()
+                && !under_runc
+                    .iter()
+                    .any(|record| state_dir.join(&record.id).exists()));
+        let runsc_root = self.inner.config.data_dir.join("runsc");
+        let under_gvisor = runs_of("gvisor");
+        let gvisor_lost = !under_gvisor.is_empty()
+            && !under_gvisor
+                .iter()
+                .any(|record| sandbox_state_kept(&runsc_root, &record.id));
+        let state_lost = runc_lost || gvisor_lost;
         if let Err(error) = std::fs::create_dir_all(&state_dir) {
             warn!(%error, dir = %state_dir.display(), "making the runtime state dir");
         }
@@ -179,13 +190,14 @@ impl Agent {
             Status::Exited(_) => Process::Exited,
             Status::NotRunning => Process::Gone,
         };
-        let step = recovery::plan(
-            facts,
-            HostFacts {
-                restarted: host_restarted,
-                process,
-            },
-        );
+        let image = layout.memory_image();
+        let host = HostFacts {
+            restarted: host_restarted,
+            process,
+            memory_image: memory_image_sealed(&image),
+        };
+        let step = recovery::plan(facts, host);
+        let image_left = memory_image_present(&image) || record.memory_bytes > 0;
         match step {
             Step::RollBackCreate => {
                 info!(machine = %record.id, "rolling back an unfinished create");
@@ -299,7 +311,67 @@ impl Agent {
                 self.stop_after_host_restart(record, last_alive, restart)
                     .await?;
             }
+            Step::CancelSuspend => {
+                // The checkpoint never ended the run: it goes on, still billed.
+                let change = Change::event(EventKind::Recovered, EventSource::System).reason(why);
+                self.change_state(record, MachineState::Started, change)
+                    .await?;
+                info!(machine = %record.id, "a suspend did not finish; running on");
+                self.watch(record);
+                self.run_checks(record);
+            }
+            Step::FinishSuspend => {
+                runtime.cleanup(&layout).await?;
+                // The image was sealed when the run ended: its time is the run's end.
+                let ended_at = sealed_at(&image)
+                    .or(last_alive)
+                    .unwrap_or_else(now_ms)
+                    .max(record.updated_at_ms);
+                let basis = CloseBasis::ExitTime;
+                let usage = self.suspended_usage(record, &layout, ended_at, basis).await;
+                let change = Change::event(EventKind::Suspend, EventSource::System)
+                    .reason(why)
+                    .usage(&usage);
+                self.change_state(record, MachineState::Suspended, change)
+                    .await?;
+            }
+            Step::SuspendLost => {
+                let (exit, basis) = match status {
+                    Status::Exited(exit) => (exit, CloseBasis::ExitTime),
+                    _ => {
+                        let mut exit = unknown_exit();
+                        exit.exited_at_ms = last_alive
+                            .unwrap_or(record.updated_at_ms)
+                            .max(record.updated_at_ms);
+                        (exit, CloseBasis::LastLiveness)
+                    }
+                };
+                runtime.cleanup(&layout).await?;
+                let lost = (EventKind::MemoryLost, EventSource::System);
+                let reason = format!("{why}: the suspend left no whole memory image");
+                self.record_stopped(record, &exit, basis, lost, Some(&reason))
+                    .await?;
+            }
+            Step::BackToSuspended => {
+                runtime.cleanup(&layout).await?;
+                let change = Change::event(EventKind::Recovered, EventSource::System).reason(why);
+                self.change_state(record, MachineState::Suspended, change)
+                    .await?;
+            }
             Step::Nothing => {}
+        }
+        let deleted = matches!(step, Step::RollBackCreate | Step::FinishDestroy);
+        if image_left && !deleted && !recovery::keeps_memory_image(facts, step) {
+            // Stale: the Machine ran on from it, or will boot fresh.
+            info!(machine = %record.id, "discarding a memory image left behind");
+            let usage: Vec<UsageRecord> = memory_gone(record, now_ms()).into_iter().collect();
+            self.discard_memory(&record.id).await?;
+            if !usage.is_empty() {
+                self.inner
+                    .store
+                    .save_with_usage(record, None, &usage)
+                    .await?;
+            }
         }
         Ok(step)
     }
@@ -423,6 +495,7 @@ impl Agent {
                 | AgentError::InvalidConfig(_)
                 | AgentError::InsufficientCapacity { .. }
                 | AgentError::MissingRuntime { .. }
+                | AgentError::SuspendUnsupported { .. }
                 | AgentError::Unavailable { .. }
                 | AgentError::Remote { .. }
         ) {
@@ -449,6 +522,26 @@ impl Agent {
         self.recover_one(&mut record, None, "operation_failed")
             .await
     }
+}
+
+/// Whether runsc's root holds the state of the Machine's sandbox
+/// (`<id>_sandbox:<id>.state`).
+fn sandbox_state_kept(runsc_root: &std::path::Path, id: &str) -> bool {
+    let prefix = format!("{id}_sandbox:");
+    std::fs::read_dir(runsc_root).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+    })
+}
+
+/// When the memory image was sealed: its manifest is written last.
+fn sealed_at(image: &std::path::Path) -> Option<i64> {
+    let modified = std::fs::metadata(image.join(berth_runtime::gvisor::image::MANIFEST_FILE))
+        .and_then(|metadata| metadata.modified())
+        .ok()?;
+    let since = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_millis()).ok()
 }
 
 /// The agent's marker in `/run` (a tmpfs a reboot empties), one per data dir.

@@ -109,9 +109,13 @@ impl Agent {
         Ok(())
     }
 
-    /// A Machine that no longer runs gives its CPUs and memory back.
+    /// A Machine that no longer runs gives its CPUs and memory back (a suspending one still
+    /// holds them until its checkpoint ends the run).
     fn release_unless_running(&self, record: &MachineRecord) {
-        if !matches!(record.state, MachineState::Starting | MachineState::Started) {
+        if !matches!(
+            record.state,
+            MachineState::Starting | MachineState::Started | MachineState::Suspending
+        ) {
             self.release(&record.id);
         }
     }

@@ -42,6 +42,17 @@ impl WorkerService for Agent {
         .map_err(WorkerError::from)
     }
 
+    async fn suspend(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move {
+            let result = agent.suspend_op(&id, source).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
     async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
         let agent = self.clone();
         let id = id.to_owned();

@@ -941,3 +941,176 @@ async fn a_leaving_machines_volumes_are_marked_refuse_changes_and_come_back_on_a
         2
     );
 }
+
+/// A sealed memory image (its manifest) in the Machine's directory, as the gvisor driver
+/// leaves one.
+fn seal_image(fixture: &Fixture, id: &str) -> std::path::PathBuf {
+    let image = fixture
+        .dir
+        .path()
+        .join("worker/machines")
+        .join(id)
+        .join("memory");
+    std::fs::create_dir_all(&image).expect("image dir");
+    std::fs::write(image.join("checkpoint.img"), vec![7u8; 4096]).expect("pages");
+    std::fs::write(image.join("manifest.json"), b"{}").expect("manifest");
+    image
+}
+
+// Seen to fail without recovery's suspend rows (berth_core::recovery::plan): the
+// checkpointed Machine was recovered `stopped`, not `suspended`.
+#[tokio::test]
+async fn recovery_settles_a_suspend_or_resume_cut_short_by_the_image_it_finds() {
+    let fixture = Fixture::new();
+    fixture.import("demo/img:1", "one");
+    let ids = [
+        "0000000000000b",
+        "0000000000000c",
+        "0000000000000d",
+        "0000000000000e",
+    ];
+    {
+        let agent = fixture.agent().await;
+        for id in ids {
+            agent
+                .create(create_request(id, "demo/img:1", false))
+                .await
+                .expect("create");
+            agent.stop(id, StopRequest::default()).await.expect("stop");
+        }
+        // Rewrite the records as a crash mid-operation would have left them; nothing runs.
+        let rewrite = |id: &'static str, state: MachineState, memory_bytes: u64| {
+            let agent = agent.clone();
+            async move {
+                let mut record = agent.store().get(id).await.expect("read").expect("record");
+                record.state = state;
+                record.memory_bytes = memory_bytes;
+                record.storage_bytes += memory_bytes;
+                agent.store().save(&record, None).await.expect("save");
+            }
+        };
+        // Checkpointed, then killed before recording `suspended`.
+        rewrite(ids[0], MachineState::Suspending, 0).await;
+        seal_image(&fixture, ids[0]);
+        // Killed before the checkpoint sealed anything, the run gone.
+        rewrite(ids[1], MachineState::Suspending, 0).await;
+        // A resume recorded `starting` that never began.
+        rewrite(ids[2], MachineState::Starting, 4096).await;
+        seal_image(&fixture, ids[2]);
+        // A stopped Machine beside a stale image.
+        rewrite(ids[3], MachineState::Stopped, 4096).await;
+        seal_image(&fixture, ids[3]);
+        agent.store().close().await;
+    }
+    let agent = fixture.agent().await;
+    let image = |id: &str| {
+        fixture
+            .dir
+            .path()
+            .join("worker/machines")
+            .join(id)
+            .join("memory")
+    };
+    let state = |id: &'static str| {
+        let agent = agent.clone();
+        async move { agent.get(id).await.expect("never lost").state }
+    };
+    assert_eq!(state(ids[0]).await, MachineState::Suspended);
+    assert!(
+        image(ids[0]).join("manifest.json").exists(),
+        "its image is kept"
+    );
+    let record = agent
+        .store()
+        .get(ids[0])
+        .await
+        .expect("read")
+        .expect("record");
+    assert!(record.memory_bytes > 0, "the image counts as storage");
+    assert_eq!(state(ids[1]).await, MachineState::Stopped);
+    let events = agent.machine_events(ids[1], 0, 100).await.expect("events");
+    assert_eq!(
+        events.last().map(|event| event.kind),
+        Some(EventKind::MemoryLost),
+        "{events:?}"
+    );
+    assert_eq!(state(ids[2]).await, MachineState::Suspended);
+    assert!(image(ids[2]).join("manifest.json").exists());
+    assert_eq!(state(ids[3]).await, MachineState::Stopped);
+    assert!(!image(ids[3]).exists(), "a stale image is discarded");
+    let record = agent
+        .store()
+        .get(ids[3])
+        .await
+        .expect("read")
+        .expect("record");
+    assert_eq!(record.memory_bytes, 0);
+    let storage: Vec<u64> = agent
+        .usage_since(0, 1000)
+        .await
+        .expect("usage")
+        .into_iter()
+        .filter(|entry| entry.machine_id == ids[3] && entry.kind == berth_api::UsageKind::Storage)
+        .map(|entry| entry.storage_bytes)
+        .collect();
+    assert_eq!(storage.last(), Some(&(record.storage_bytes)), "{storage:?}");
+
+    // The doctor: a suspended Machine without its image, and an orphaned image.
+    std::fs::remove_dir_all(image(ids[2])).expect("lose the image");
+    seal_image(&fixture, ids[1]);
+    let report = agent.doctor(false).await.expect("doctor");
+    let found: Vec<(berth_api::FindingKind, Option<String>)> = report
+        .findings
+        .iter()
+        .map(|finding| (finding.kind, finding.machine_id.clone()))
+        .collect();
+    assert!(
+        found.contains(&(
+            berth_api::FindingKind::MissingMemoryImage,
+            Some(ids[2].into())
+        )),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(
+            berth_api::FindingKind::OrphanMemoryImage,
+            Some(ids[1].into())
+        )),
+        "{found:?}"
+    );
+    let repaired = agent.doctor(true).await.expect("repair");
+    assert!(repaired
+        .findings
+        .iter()
+        .any(|f| f.kind == berth_api::FindingKind::OrphanMemoryImage && f.repaired));
+    assert!(!image(ids[1]).exists(), "repair removed the orphaned image");
+    // A suspended Machine's lost image is told, not made up: its next start boots fresh.
+    let answer = agent.start(ids[2], EventSource::User).await.expect("start");
+    assert!(!answer.resumed);
+    assert!(
+        answer
+            .note
+            .as_deref()
+            .is_some_and(|note| note.contains("booted fresh")),
+        "{answer:?}"
+    );
+    let kinds: Vec<EventKind> = agent
+        .machine_events(ids[2], 0, 100)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|event| event.kind)
+        .collect();
+    assert!(
+        kinds.ends_with(&[EventKind::MemoryLost, EventKind::Start]),
+        "{kinds:?}"
+    );
+    // The fake cannot suspend: a started Machine is refused with the driver's name.
+    let refused = agent
+        .suspend(ids[2], EventSource::User)
+        .await
+        .expect_err("refused");
+    let (status, body) = refused.to_response();
+    assert_eq!((status, body.error.as_str()), (422, "suspend_unsupported"));
+    assert!(body.message.contains("fake driver"), "{}", body.message);
+}

@@ -41,6 +41,12 @@ pub enum FindingKind {
     VolumeNotMounted,
     /// A record left in the middle of an operation that nothing is running.
     UnfinishedOperation,
+    /// A memory image (whole or half-written) of a Machine that is not suspended: stale,
+    /// never to be resumed.
+    OrphanMemoryImage,
+    /// A suspended Machine without a sealed memory image: its next start boots it fresh
+    /// from its disk.
+    MissingMemoryImage,
     /// The usage journal skips sequence numbers.
     JournalGap,
     /// The usage journal repeats an entry (a run opened or closed twice, a Machine

@@ -68,10 +68,15 @@ pub enum MachineState {
     Destroying,
     Destroyed,
     Failed,
+    /// Its memory is being checkpointed to disk (Fly's name).
+    Suspending,
+    /// Checkpointed to disk with its memory and processes; nothing of it runs, and a
+    /// start resumes it (Fly's name).
+    Suspended,
 }
 
 impl MachineState {
-    pub const ALL: [MachineState; 9] = [
+    pub const ALL: [MachineState; 11] = [
         MachineState::Created,
         MachineState::Starting,
         MachineState::Started,
@@ -81,6 +86,8 @@ impl MachineState {
         MachineState::Destroying,
         MachineState::Destroyed,
         MachineState::Failed,
+        MachineState::Suspending,
+        MachineState::Suspended,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +101,8 @@ impl MachineState {
             MachineState::Destroying => "destroying",
             MachineState::Destroyed => "destroyed",
             MachineState::Failed => "failed",
+            MachineState::Suspending => "suspending",
+            MachineState::Suspended => "suspended",
         }
     }
 
@@ -439,6 +448,14 @@ pub struct StopRequest {
     pub source: Option<ChangeSource>,
 }
 
+/// `POST /v1/apps/{app}/machines/{id}/suspend` (the body is optional).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct SuspendRequest {
+    /// Who the suspend is recorded as coming from; only the admin token may set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ChangeSource>,
+}
+
 /// `POST /v1/apps/{app}/machines/{id}/signal`
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct SignalRequest {
@@ -609,6 +626,10 @@ pub struct StartStopResponse {
     /// into the `Server-Timing` header, so clients see it only there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timings: Vec<StepTiming>,
+    /// A start of a suspended Machine that went on from its memory image (`true`); absent
+    /// for any other start, and for one whose image was lost (the `note` says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 /// One step of an operation and how long it took, in microseconds.
@@ -770,6 +791,9 @@ mod tests {
                 "uncordon",
                 "migrate",
                 "recreate",
+                "suspend",
+                "resume",
+                "memory_lost",
             ],
         );
         for &kind in EventKind::ALL {

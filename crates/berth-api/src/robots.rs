@@ -145,6 +145,13 @@ pub enum EventKind {
     /// An admin made the Machine again from its image on another worker: its files were
     /// lost with the worker that held them.
     Recreate,
+    /// The Machine was checkpointed with its memory and no longer runs.
+    Suspend,
+    /// A start went on from the Machine's memory image.
+    Resume,
+    /// A suspended Machine's memory image was missing or damaged: the start booted it
+    /// fresh from its disk; the reason says what was wrong.
+    MemoryLost,
 }
 
 wire_names!(EventKind {
@@ -164,6 +171,9 @@ wire_names!(EventKind {
     Uncordon => "uncordon",
     Migrate => "migrate",
     Recreate => "recreate",
+    Suspend => "suspend",
+    Resume => "resume",
+    MemoryLost => "memory_lost",
 });
 
 impl EventKind {

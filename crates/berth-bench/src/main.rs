@@ -217,7 +217,10 @@ async fn run(args: Args) -> Result<usize> {
     let platform = LocalPlatform::open(PlatformOptions {
         runtime: args.runtime,
         data_dir: data_dir.clone(),
-        runc_binary: runc.clone(),
+        programs: berth::platform::Programs {
+            runc: runc.clone(),
+            ..Default::default()
+        },
         shim_command,
         region: "bench".into(),
         log_max_bytes: 1024 * 1024,
@@ -618,6 +621,7 @@ async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
         pending: None,
         run_open: false,
         storage_bytes: 0,
+        memory_bytes: 0,
         private_ip: None,
         restart_due_ms: None,
         cordoned: false,

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -13,7 +12,7 @@ use berth_api::{
     ApiDuration, CreateMachineRequest, DestroyResponse, ErrorBody, HostStatus, Machine,
     MachineConfig, MachineState, MachineVersion, MigrateMachineRequest, MigrateMachineResponse,
     OkResponse, ProcessStat, RecreateMachineRequest, RestartPolicy, RootfsPersist, SignalRequest,
-    StartRequest, StartStopResponse, StopRequest, UpdateMachineRequest,
+    StartRequest, StartStopResponse, StopRequest, SuspendRequest, UpdateMachineRequest,
 };
 use berth_core::{ids, validate};
 use berth_worker::{CreateOnWorker, WorkerService};
@@ -112,7 +111,7 @@ pub(crate) struct ListQuery {
     /// Only Machines in this region.
     region: Option<String>,
     /// Only Machines in these states: comma-separated, repeatable (`created`, `started`,
-    /// `stopped`, `suspended`, or any other Machine state; `suspended` matches none yet).
+    /// `stopped`, `suspended`, or any other Machine state).
     #[param(style = Form, explode)]
     state: Vec<String>,
     /// Also Machines destroyed in the last 48 hours (Berth keeps their last JSON that long),
@@ -122,9 +121,6 @@ pub(crate) struct ListQuery {
     /// `nonce` of each Machine.
     summary: Option<bool>,
 }
-
-/// States a list may filter on that Berth's Machines never take yet.
-const NEVER_STATES: &[&str] = &["suspended", "suspending"];
 
 struct ListFilter {
     metadata: BTreeMap<String, String>,
@@ -156,7 +152,6 @@ impl ListFilter {
                     for text in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                         match MachineState::parse(text) {
                             Some(state) => states.push(state),
-                            None if NEVER_STATES.contains(&text) => {}
                             None => {
                                 return Err(ApiError::invalid_config(
                                     "state",
@@ -392,22 +387,23 @@ pub(crate) async fn recreate_machine(
 }
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/suspend", tag = "machines",
-    params(("app" = String, Path), ("id" = String, Path)),
-    responses((status = 422, body = ErrorBody, description = "`suspend_unsupported`: no driver here can suspend a Machine yet"),
+    params(("app" = String, Path), ("id" = String, Path),
+           ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
+           ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
+           ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)"),
+           ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
+    request_body(content = Option<SuspendRequest>),
+    responses((status = 200, body = StartStopResponse, description = "suspended (a `suspend` event): checkpointed with its memory and processes into its worker's disk, its CPU and memory freed; its next start resumes it. A suspended Machine answers with a `note`"),
+              (status = 409, body = ErrorBody, description = "`invalid_state`: it is not started (a retry hint while in a transitional state)"),
+              (status = 422, body = ErrorBody, description = "`suspend_unsupported`: its driver cannot suspend a Machine (only `gvisor` can); the message names the driver"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn suspend_machine(
     State(control): State<Shared>,
     pre: Preconditions,
     ApiPath((app, id)): ApiPath<(String, String)>,
-) -> ApiError {
-    match control.machine(&pre.principal, &app, &id).await {
-        Ok(_) => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "suspend_unsupported",
-            "this worker's runtime cannot suspend a Machine; stop it instead (its files are kept)",
-        ),
-        Err(error) => error,
-    }
+    OptionalJson(request): OptionalJson<SuspendRequest>,
+) -> Result<Response, ApiError> {
+    control.suspend_machine(&pre, &app, &id, request).await
 }
 
 #[utoipa::path(post, path = "/apps/{app}/machines/{id}/cordon", tag = "machines",
@@ -793,6 +789,39 @@ impl ControlPlane {
                     let result = async {
                         let (_, row) = admit(self, pre, app, id, Action::Stop).await?;
                         let mut answer = self.worker(&row.worker)?.stop(id, request).await?;
+                        answer.machine = seen(self, answer.machine, &row.worker).await;
+                        Ok::<_, ApiError>(Json(answer))
+                    }
+                    .await;
+                    result.into_response()
+                }
+            },
+        )
+        .await)
+    }
+
+    /// Suspends a started Machine on its worker, under the rules of stop: leases,
+    /// idempotency keys, the stop rate limit, and `source` from the admin only.
+    pub(crate) async fn suspend_machine(
+        &self,
+        pre: &Preconditions,
+        app: &str,
+        id: &str,
+        request: SuspendRequest,
+    ) -> Result<Response, ApiError> {
+        let source = pre.source(request.source)?;
+        let operation = format!("suspend {app}/{id}");
+        Ok(idempotency::once(
+            self,
+            &pre.principal,
+            pre.key.as_ref(),
+            &operation,
+            request,
+            {
+                |_, _| async move {
+                    let result = async {
+                        let (_, row) = admit(self, pre, app, id, Action::Stop).await?;
+                        let mut answer = self.worker(&row.worker)?.suspend(id, source).await?;
                         answer.machine = seen(self, answer.machine, &row.worker).await;
                         Ok::<_, ApiError>(Json(answer))
                     }

@@ -45,12 +45,12 @@ const MAX_PENDING_LINE: usize = 16 * 1024;
 pub(crate) enum WaitState {
     Started,
     Stopped,
-    /// Never reached until Berth can suspend; the wait times out.
+    /// Checkpointed with its memory (`suspended`).
     Suspended,
     Destroyed,
     Failed,
-    /// No operation in flight: any state but `starting`, `stopping`, `replacing` and
-    /// `destroying`.
+    /// No operation in flight: any state but `starting`, `stopping`, `replacing`,
+    /// `destroying` and `suspending`.
     Settled,
 }
 
@@ -85,7 +85,7 @@ impl WaitState {
         match self {
             WaitState::Started => state == MachineState::Started,
             WaitState::Stopped => state == MachineState::Stopped,
-            WaitState::Suspended => false,
+            WaitState::Suspended => state == MachineState::Suspended,
             WaitState::Destroyed => state == MachineState::Destroyed,
             WaitState::Failed => state == MachineState::Failed,
             WaitState::Settled => !matches!(
@@ -94,6 +94,7 @@ impl WaitState {
                     | MachineState::Stopping
                     | MachineState::Replacing
                     | MachineState::Destroying
+                    | MachineState::Suspending
             ),
         }
     }

@@ -211,6 +211,9 @@ async fn suspend_is_refused_with_a_stable_code() {
         )
         .await;
     assert_error(&refused, 422, "suspend_unsupported");
+    // The message names the Machine's driver (the fake's name here).
+    let message = refused.1["message"].as_str().unwrap_or_default();
+    assert!(message.contains("fake driver"), "{message}");
     let (_, machine) = harness
         .call(
             &token,

@@ -218,7 +218,7 @@ async fn wait_takes_fly_s_version_repeated_states_and_settled() {
             .contains("stopped or failed"),
         "{reply}"
     );
-    // Berth cannot suspend yet, so a wait for suspended runs out.
+    // The Machine is started, not suspended, so a wait for suspended runs out.
     assert_error(
         &wait("state=suspended&timeout=0".into()).await,
         408,

@@ -14,8 +14,14 @@
 //! | `replacing`, nothing pending | anything | [`Step::SettleStopped`] |
 //! | `stopped` with a restart due | anything | [`Step::ResumeRestart`] |
 //! | `starting`/`started`/`stopping`, after a host restart | exited / gone | [`Step::StoppedByHostRestart`] |
+//! | `suspending` | running | [`Step::CancelSuspend`] |
+//! | `suspending` | exited / gone, memory image whole | [`Step::FinishSuspend`] |
+//! | `suspending` | exited / gone, no image | [`Step::SuspendLost`] |
+//! | `starting` | gone (no run began), memory image whole | [`Step::BackToSuspended`] |
 //!
-//! Everything else (`created`, `failed`, `stopped` with nothing due) is left alone.
+//! Everything else (`created`, `failed`, `suspended`, `stopped` with nothing due) is left
+//! alone. A memory image is kept only where [`keeps_memory_image`] says so; the agent
+//! discards it everywhere else, so no Machine resumes a past it has already gone on from.
 
 use berth_api::MachineState::{self, *};
 
@@ -55,6 +61,9 @@ pub struct HostFacts {
     /// `/run` gone).
     pub restarted: bool,
     pub process: Process,
+    /// A sealed memory image is in the Machine's directory (its integrity is checked only
+    /// by a resume).
+    pub memory_image: bool,
 }
 
 /// What recovery does with one record.
@@ -82,6 +91,15 @@ pub enum Step {
     /// The run ended with the host: `stopped` with reason `host_restart`, started again
     /// only by policy `always`.
     StoppedByHostRestart { restart: bool },
+    /// The checkpoint did not finish and the run goes on: `started` again.
+    CancelSuspend,
+    /// The checkpoint finished and the run ended with it: `suspended`, the run closed.
+    FinishSuspend,
+    /// The run ended without a whole memory image: `stopped`, with memory lost, no
+    /// restart policy (a suspend was asked for, not a run).
+    SuspendLost,
+    /// A resume was recorded but no run began: `suspended` again, its image kept.
+    BackToSuspended,
     /// Nothing to do.
     Nothing,
 }
@@ -92,7 +110,7 @@ pub fn reads_process(record: RecordFacts) -> bool {
     match record.pending {
         Pending::Create => false,
         Pending::Update => true,
-        Pending::None => ran(record.state),
+        Pending::None => ran(record.state) || record.state == Suspending,
     }
 }
 
@@ -103,6 +121,14 @@ pub fn plan(record: RecordFacts, host: HostFacts) -> Step {
         Pending::Create => return Step::RollBackCreate,
         Pending::Update => return Step::RollBackUpdate { kill: running },
         Pending::None => {}
+    }
+    // A memory image lives on disk and outlives the host's run state.
+    match (record.state, host.process, host.memory_image) {
+        (Suspending, Process::Running, _) => return Step::CancelSuspend,
+        (Suspending, _, true) => return Step::FinishSuspend,
+        (Suspending, _, false) => return Step::SuspendLost,
+        (Starting, Process::Gone, true) => return Step::BackToSuspended,
+        _ => {}
     }
     if host.restarted && ran(record.state) && !running {
         return Step::StoppedByHostRestart {
@@ -119,7 +145,20 @@ pub fn plan(record: RecordFacts, host: HostFacts) -> Step {
         (Stopping, false) => Step::FinishStop,
         (Replacing, _) => Step::SettleStopped,
         (Stopped, _) if record.restart_due => Step::ResumeRestart,
-        (Created | Stopped | Failed | Destroyed, _) => Step::Nothing,
+        (Created | Stopped | Failed | Destroyed | Suspended, _) => Step::Nothing,
+        // Answered above.
+        (Suspending, _) => Step::SuspendLost,
+    }
+}
+
+/// Whether the Machine's memory image stays after `step`: only where the Machine is, or
+/// goes back to, `suspended`. Anywhere else it is stale (the Machine ran on from it, or
+/// will boot fresh) and resuming it would run the Machine's past a second time.
+pub fn keeps_memory_image(record: RecordFacts, step: Step) -> bool {
+    match step {
+        Step::FinishSuspend | Step::BackToSuspended => true,
+        Step::Nothing => record.state == Suspended && record.pending == Pending::None,
+        _ => false,
     }
 }
 
@@ -145,15 +184,21 @@ mod tests {
                     for restart_due in [false, true] {
                         for restarted in [false, true] {
                             for process in PROCESSES {
-                                cases.push((
-                                    RecordFacts {
-                                        state,
-                                        pending,
-                                        restart_always,
-                                        restart_due,
-                                    },
-                                    HostFacts { restarted, process },
-                                ));
+                                for memory_image in [false, true] {
+                                    cases.push((
+                                        RecordFacts {
+                                            state,
+                                            pending,
+                                            restart_always,
+                                            restart_due,
+                                        },
+                                        HostFacts {
+                                            restarted,
+                                            process,
+                                            memory_image,
+                                        },
+                                    ));
+                                }
                             }
                         }
                     }
@@ -173,19 +218,25 @@ mod tests {
     }
 
     fn host(restarted: bool, process: Process) -> HostFacts {
-        HostFacts { restarted, process }
+        HostFacts {
+            restarted,
+            process,
+            memory_image: false,
+        }
     }
 
     /// The state a step leaves the record in; `None` when the record is deleted.
     fn settles_on(record: RecordFacts, step: Step) -> Option<MachineState> {
         match step {
             Step::RollBackCreate | Step::FinishDestroy => None,
-            Step::Adopt { .. } => Some(Started),
+            Step::Adopt { .. } | Step::CancelSuspend => Some(Started),
+            Step::FinishSuspend | Step::BackToSuspended => Some(Suspended),
             Step::RollBackUpdate { .. }
             | Step::RecordExit
             | Step::KillAndStop
             | Step::FinishStop
             | Step::SettleStopped
+            | Step::SuspendLost
             | Step::StoppedByHostRestart { .. } => Some(Stopped),
             Step::ResumeRestart | Step::Nothing => Some(record.state),
         }
@@ -266,7 +317,10 @@ mod tests {
     fn resting_records_are_left_alone_but_for_a_due_restart() {
         for (facts, host) in every_case() {
             if facts.pending != Pending::None
-                || !matches!(facts.state, Created | Stopped | Failed | Destroyed)
+                || !matches!(
+                    facts.state,
+                    Created | Stopped | Failed | Destroyed | Suspended
+                )
             {
                 continue;
             }
@@ -314,6 +368,71 @@ mod tests {
                 assert_eq!(
                     plan(facts, host),
                     plan(facts, HostFacts { process, ..host }),
+                    "{facts:?} {host:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_suspend_or_resume_cut_short_ends_started_suspended_or_stopped() {
+        let with_image = |restarted, process| HostFacts {
+            memory_image: true,
+            ..host(restarted, process)
+        };
+        for restarted in [false, true] {
+            // The checkpoint did not end the run: it goes on.
+            for memory_image in [false, true] {
+                let facts = HostFacts {
+                    memory_image,
+                    ..host(restarted, Process::Running)
+                };
+                assert_eq!(plan(record(Suspending), facts), Step::CancelSuspend);
+            }
+            for process in [Process::Exited, Process::Gone] {
+                // The image was sealed: suspended, even across a host restart.
+                assert_eq!(
+                    plan(record(Suspending), with_image(restarted, process)),
+                    Step::FinishSuspend
+                );
+                assert_eq!(
+                    plan(record(Suspending), host(restarted, process)),
+                    Step::SuspendLost
+                );
+            }
+            // A resume recorded but never begun keeps its image.
+            assert_eq!(
+                plan(record(Starting), with_image(restarted, Process::Gone)),
+                Step::BackToSuspended
+            );
+            // One that ran (its exit is recorded) never goes back to that image.
+            assert_ne!(
+                plan(record(Starting), with_image(restarted, Process::Exited)),
+                Step::BackToSuspended
+            );
+            // A suspended Machine is left alone, its image kept; a running one never
+            // keeps an image.
+            assert_eq!(
+                plan(record(Suspended), with_image(restarted, Process::Gone)),
+                Step::Nothing
+            );
+        }
+    }
+
+    #[test]
+    fn a_memory_image_is_kept_only_by_a_machine_that_ends_suspended() {
+        for (facts, host) in every_case() {
+            let step = plan(facts, host);
+            let ends = settles_on(facts, step);
+            assert_eq!(
+                keeps_memory_image(facts, step),
+                ends == Some(Suspended) && facts.pending == Pending::None,
+                "{facts:?} {host:?} {step:?}"
+            );
+            // Never kept beside a running process: it would run the past twice.
+            if host.process == Process::Running && keeps_memory_image(facts, step) {
+                assert!(
+                    facts.state == Suspended && step == Step::Nothing,
                     "{facts:?} {host:?}"
                 );
             }

@@ -2,13 +2,20 @@
 //!
 //! ```text
 //! created ──start──▶ starting ──▶ started ──stop──▶ stopping ──▶ stopped
-//!    │                  │  ▲          │  (exit)                     │
-//!    │                  │  └──────────┼───────────start─────────────┘
-//!    │                  ▼             ▼
-//!    │               failed        stopped
+//!    │                  │  ▲          │  (exit)          ▲          │
+//!    │                  │  └──────────┼───────────start──┼──────────┘
+//!    │                  ▼             ▼                  │
+//!    │               failed        stopped             stop
+//!    │                  ▲             │                  │
+//!    │                  │          suspend ─▶ suspending ─▶ suspended
+//!    │                  └──────────────────────start─────────┘ (resumes)
 //!    └─update─▶ replacing ──▶ created | stopped | starting
 //! any resting state ──destroy──▶ destroying ──▶ destroyed
 //! ```
+//!
+//! `suspended` is resting with nothing running: its memory image is on disk. Start resumes
+//! from it (or boots fresh when the image is lost), stop discards it, update and destroy
+//! discard it with the rest.
 //!
 //! [`TRANSITIONS`] lists every allowed edge; [`plan`] maps a user action onto it and says
 //! whether the action proceeds, is already satisfied (start and stop are idempotent,
@@ -41,6 +48,18 @@ pub const TRANSITIONS: &[(MachineState, MachineState)] = &[
     (Failed, Replacing),
     (Failed, Destroying),
     (Destroying, Destroyed),
+    (Started, Suspending),
+    (Suspending, Suspended),
+    // The checkpoint failed and the run goes on, or it failed and took the run with it.
+    (Suspending, Started),
+    (Suspending, Stopped),
+    (Suspended, Starting),
+    // Stop discards the memory image; nothing runs to signal.
+    (Suspended, Stopping),
+    (Suspended, Replacing),
+    (Suspended, Destroying),
+    // Recovery: a resume recorded but never begun still has its image whole.
+    (Starting, Suspended),
 ];
 
 pub fn can_transition(from: MachineState, to: MachineState) -> bool {
@@ -53,7 +72,11 @@ pub enum Action {
     Start,
     Stop,
     Update,
-    Destroy { force: bool },
+    Destroy {
+        force: bool,
+    },
+    /// Checkpoint a started Machine with its memory, to resume at its next start.
+    Suspend,
 }
 
 impl Action {
@@ -63,6 +86,7 @@ impl Action {
             Action::Stop => "stop",
             Action::Update => "update",
             Action::Destroy { .. } => "destroy",
+            Action::Suspend => "suspend",
         }
     }
 }
@@ -97,7 +121,10 @@ impl StateError {
 
     /// A transitional state will end by itself, so the same call may succeed soon.
     pub fn is_transient(&self) -> bool {
-        matches!(self.state(), Starting | Stopping | Replacing | Destroying)
+        matches!(
+            self.state(),
+            Starting | Stopping | Replacing | Destroying | Suspending
+        )
     }
 }
 
@@ -112,9 +139,11 @@ pub fn plan(state: MachineState, action: Action) -> Result<ActionPlan, StateErro
         return Err(refuse());
     }
     let target = match (action, state) {
-        (Action::Start, Started) | (Action::Stop, Stopped | Created | Failed) => {
-            return Ok(ActionPlan::AlreadyDone)
-        }
+        (Action::Start, Started)
+        | (Action::Stop, Stopped | Created | Failed)
+        | (Action::Suspend, Suspended) => return Ok(ActionPlan::AlreadyDone),
+        (Action::Suspend, Started) => Suspending,
+        (Action::Suspend, _) => return Err(refuse()),
         (Action::Start, _) => Starting,
         (Action::Stop, _) => Stopping,
         (Action::Update, _) => Replacing,
@@ -128,9 +157,12 @@ pub fn plan(state: MachineState, action: Action) -> Result<ActionPlan, StateErro
     }
 }
 
-/// States in which the Machine holds no process and no work is in flight.
+/// States in which no work is in flight (a started Machine's process runs on by itself).
 pub fn is_resting(state: MachineState) -> bool {
-    matches!(state, Created | Started | Stopped | Failed | Destroyed)
+    matches!(
+        state,
+        Created | Started | Stopped | Failed | Destroyed | Suspended
+    )
 }
 
 #[cfg(test)]
@@ -164,8 +196,8 @@ mod tests {
 
     #[test]
     fn in_flight_states_refuse_with_a_retryable_error() {
-        for state in [Starting, Stopping, Replacing, Destroying] {
-            for action in [Action::Start, Action::Stop, Action::Update] {
+        for state in [Starting, Stopping, Replacing, Destroying, Suspending] {
+            for action in [Action::Start, Action::Stop, Action::Update, Action::Suspend] {
                 let error = plan(state, action).expect_err("refused");
                 assert!(error.is_transient(), "{state} {action:?}");
             }
@@ -179,6 +211,7 @@ mod tests {
             Action::Stop,
             Action::Update,
             Action::Destroy { force: true },
+            Action::Suspend,
         ] {
             if action == Action::Stop {
                 continue;
@@ -201,12 +234,107 @@ mod tests {
     }
 
     #[test]
+    fn suspend_resume_and_the_ways_out_of_suspended() {
+        assert_eq!(
+            plan(Started, Action::Suspend),
+            Ok(ActionPlan::Proceed(Suspending))
+        );
+        assert!(can_transition(Suspending, Suspended));
+        // Idempotent, as start and stop are.
+        assert_eq!(
+            plan(Suspended, Action::Suspend),
+            Ok(ActionPlan::AlreadyDone)
+        );
+        // Only a running Machine has memory to keep; refused, and not worth a retry.
+        for state in [Created, Stopped, Failed] {
+            let error = plan(state, Action::Suspend).expect_err("refused");
+            assert!(!error.is_transient(), "{state}");
+            assert_eq!(
+                error.to_string(),
+                format!("cannot suspend a machine that is {state}")
+            );
+        }
+        // Start resumes; stop discards the image; update and destroy need no force.
+        assert_eq!(
+            plan(Suspended, Action::Start),
+            Ok(ActionPlan::Proceed(Starting))
+        );
+        assert_eq!(
+            plan(Suspended, Action::Stop),
+            Ok(ActionPlan::Proceed(Stopping))
+        );
+        assert_eq!(
+            plan(Suspended, Action::Update),
+            Ok(ActionPlan::Proceed(Replacing))
+        );
+        assert_eq!(
+            plan(Suspended, Action::Destroy { force: false }),
+            Ok(ActionPlan::Proceed(Destroying))
+        );
+        // A failed checkpoint goes back to running, or on to stopped with the run.
+        assert!(can_transition(Suspending, Started));
+        assert!(can_transition(Suspending, Stopped));
+        assert!(
+            !can_transition(Suspended, Started),
+            "a resume passes through starting"
+        );
+    }
+
+    #[test]
+    fn suspended_is_reachable_only_through_suspending_or_a_resume_never_begun() {
+        let into: Vec<MachineState> = TRANSITIONS
+            .iter()
+            .filter(|(_, to)| *to == Suspended)
+            .map(|(from, _)| *from)
+            .collect();
+        assert_eq!(into, [Suspending, Starting]);
+        let into: Vec<MachineState> = TRANSITIONS
+            .iter()
+            .filter(|(_, to)| *to == Suspending)
+            .map(|(from, _)| *from)
+            .collect();
+        assert_eq!(into, [Started]);
+    }
+
+    #[test]
+    fn every_state_on_the_way_to_suspended_can_reach_started_or_stopped() {
+        for state in MachineState::ALL {
+            if matches!(state, Destroying | Destroyed) {
+                continue;
+            }
+            let reach = reachable(state);
+            assert!(
+                reach.contains(&Started) && reach.contains(&Stopped),
+                "{state} reaches only {reach:?}"
+            );
+        }
+        // And a suspended Machine is reached from the start.
+        assert!(reachable(Created).contains(&Suspended));
+    }
+
+    fn reachable(state: MachineState) -> Vec<MachineState> {
+        let mut seen = vec![state];
+        let mut frontier = vec![state];
+        while let Some(current) = frontier.pop() {
+            for &(from, to) in TRANSITIONS {
+                if from == current && !seen.contains(&to) {
+                    seen.push(to);
+                    frontier.push(to);
+                }
+            }
+        }
+        seen
+    }
+
+    #[test]
     fn every_planned_target_is_in_the_table() {
         let actions = [
             Action::Start,
             Action::Stop,
             Action::Update,
             Action::Destroy { force: true },
+            Action::Destroy { force: false },
+            Action::Suspend,
         ];
         for state in MachineState::ALL {
             for action in actions {
@@ -232,5 +360,14 @@ mod tests {
             }
             assert!(seen.contains(&Destroyed), "{state} cannot be destroyed");
         }
+    }
+
+    #[test]
+    fn only_resting_states_accept_actions_and_every_one_of_them_is_left_somehow() {
+        for state in MachineState::ALL {
+            let outgoing = TRANSITIONS.iter().any(|(from, _)| *from == state);
+            assert_eq!(outgoing, state != Destroyed, "{state}");
+        }
+        assert!(is_resting(Suspended) && !is_resting(Suspending));
     }
 }

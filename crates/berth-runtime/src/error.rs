@@ -63,6 +63,11 @@ pub enum RuntimeError {
         id: String,
         message: String,
     },
+    /// The checkpoint failed because the Machine had TCP connections open, or closed less
+    /// than a minute ago (in TIME_WAIT): this runsc saves no connected endpoint, and its
+    /// sandbox ends in the attempt. The Machine's files are kept; its memory is not.
+    #[error("{driver} could not checkpoint machine {id}: it had TCP connections open (or closed under 60 s ago, in TIME_WAIT), which this runsc cannot save, and its sandbox ended in the attempt; its files are kept")]
+    ConnectionsOpen { driver: &'static str, id: String },
     /// A memory image that must not be resumed: missing, half-written, or failing its
     /// integrity check. Nothing was started; the Machine can boot fresh from its disk.
     #[error("memory image of machine {id} at {} cannot be resumed: {message}", path.display())]
@@ -98,6 +103,7 @@ impl RuntimeError {
                 _ => "unsupported",
             },
             RuntimeError::Checkpoint { .. } => "runtime_failed",
+            RuntimeError::ConnectionsOpen { .. } => "suspend_connections_open",
             RuntimeError::MemoryImage { .. } => "memory_image_unusable",
         }
     }

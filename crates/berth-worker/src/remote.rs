@@ -294,6 +294,15 @@ impl WorkerService for RemoteWorker {
         self.json(response).await
     }
 
+    async fn suspend(&self, id: &str, source: EventSource) -> Result<StartStopResponse> {
+        let body = StartBody { source };
+        let path = format!("/agent/v1/machines/{id}/suspend");
+        let response = self
+            .call(Method::POST, &path, Some(&body), LIFECYCLE_DEADLINE, true)
+            .await?;
+        self.json(response).await
+    }
+
     async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse> {
         let path = format!("/agent/v1/machines/{id}/stop");
         let response = self

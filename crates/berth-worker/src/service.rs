@@ -121,6 +121,10 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn create(&self, request: CreateOnWorker) -> Result<Machine>;
     async fn start(&self, id: &str, source: EventSource) -> Result<StartStopResponse>;
     async fn stop(&self, id: &str, request: StopRequest) -> Result<StartStopResponse>;
+    /// Checkpoints the started Machine with its memory into its disk directory and ends
+    /// its run (`suspended`); its next start resumes it. A driver that cannot is 422
+    /// `suspend_unsupported`.
+    async fn suspend(&self, id: &str, source: EventSource) -> Result<StartStopResponse>;
     /// Sends a signal (a name such as `SIGUSR1`) to the started Machine's command; a
     /// Machine that is not started is refused.
     async fn signal(&self, id: &str, signal: &str) -> Result<()>;

@@ -27,7 +27,7 @@ pub struct MetadataChange {
     pub value: Option<String>,
 }
 
-/// The body of `POST /agent/v1/machines/{id}/start`.
+/// The body of `POST /agent/v1/machines/{id}/start` and `…/suspend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartBody {
     pub source: EventSource,

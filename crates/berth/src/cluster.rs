@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use berth::endpoints::Endpoints;
 use berth::platform::{
-    find_program, join_token, make_drivers, offered_runtimes, worker_network, RuntimeKind,
+    join_token, make_drivers, offered_runtimes, worker_network, Programs, RuntimeKind,
     RuntimeParts, HEARTBEAT_INTERVAL,
 };
 use berth_agent::{Agent, AgentConfig};
@@ -183,8 +183,11 @@ pub struct AgentArgs {
     disk_mb: u64,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
-    /// The driver of Machines whose `config.runtime` names none: the built-in spawner, or
-    /// runc on every start. Every driver this host can run is offered either way.
+    /// gVisor's runsc; the gvisor driver is offered when it is found.
+    #[arg(long, default_value = "runsc")]
+    runsc: PathBuf,
+    /// The driver of Machines whose `config.runtime` names none: the built-in spawner,
+    /// runc on every start, or gVisor. Every driver this host can run is offered either way.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Native)]
     runtime: RuntimeKind,
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
@@ -229,11 +232,11 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     if !args.no_expedite_rcu {
         crate::host_tuning::expedite_rcu();
     }
-    let runc_binary = match args.runtime {
-        RuntimeKind::Runc => find_program(&args.runc)
-            .with_context(|| format!("cannot find {:?}; install runc", args.runc))?,
-        RuntimeKind::Native => args.runc.clone(),
+    let programs = Programs {
+        runc: args.runc.clone(),
+        runsc: args.runsc.clone(),
     };
+    args.runtime.require(&programs)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
@@ -260,7 +263,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         region: args.region.clone(),
         url: url.clone(),
         capacity,
-        runtimes: offered_runtimes(args.runtime, &runc_binary),
+        runtimes: offered_runtimes(args.runtime, &programs),
     };
     let endpoints = Endpoints::parse(&args.control_url).context("--control-url")?;
     let link = ControlLink::new(endpoints, &args.join_token)?;
@@ -284,7 +287,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
     let drivers = make_drivers(RuntimeParts {
         kind: args.runtime,
-        runc_binary,
+        programs,
         shim_command,
         worker_dir: data_dir.clone(),
         log_max_bytes: args.log_max_bytes,

@@ -250,6 +250,15 @@ pub enum MachineCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Checkpoint a started Machine with its memory into its worker's disk and free its
+    /// CPU and memory; `start` resumes it. Only gVisor Machines can (`config.runtime`).
+    Suspend {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Replace a Machine's config (a new image is resolved now).
     Update {
         #[arg(long)]
@@ -547,6 +556,17 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 .await?;
             report(&answer, started.elapsed());
         }
+        MachineCommand::Suspend { app, id, api } => {
+            let started = std::time::Instant::now();
+            let answer: StartStopResponse = api
+                .client()?
+                .post(
+                    &format!("/v1/apps/{app}/machines/{id}/suspend"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            report(&answer, started.elapsed());
+        }
         MachineCommand::Update {
             app,
             id,
@@ -706,15 +726,21 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
 
 fn report(answer: &StartStopResponse, elapsed: std::time::Duration) {
     let machine = &answer.machine;
+    let change = format!(
+        "{} -> {} ({:.1} ms){}",
+        answer.previous_state,
+        machine.state,
+        elapsed.as_secs_f64() * 1000.0,
+        if answer.resumed {
+            ", resumed from memory"
+        } else {
+            ""
+        }
+    );
     match &answer.note {
-        Some(note) => println!("{}: {note}", machine.id),
-        None => println!(
-            "{}: {} -> {} ({:.1} ms)",
-            machine.id,
-            answer.previous_state,
-            machine.state,
-            elapsed.as_secs_f64() * 1000.0
-        ),
+        Some(note) if answer.previous_state == machine.state => println!("{}: {note}", machine.id),
+        Some(note) => println!("{}: {change}: {note}", machine.id),
+        None => println!("{}: {change}", machine.id),
     }
 }
 

@@ -12,6 +12,7 @@ use berth_api::{RegisterWorker, Resources};
 use berth_control::{ControlConfig, ControlPlane};
 use berth_core::billing::Prices;
 use berth_image::{ImagePuller, ImageStore, RegistryOptions, UnpackLimits};
+use berth_runtime::gvisor::{GvisorConfig, GvisorRuntime};
 use berth_runtime::host::HostConfig;
 use berth_runtime::native::{NativeConfig, NativeRuntime};
 use berth_runtime::network::{Ipv6Net, NetworkConfig, WorkerNetwork};
@@ -35,25 +36,62 @@ pub enum RuntimeKind {
     Native,
     /// runc create and runc start on every start.
     Runc,
+    /// gVisor's runsc: a kernel in user space per Machine; the driver that can suspend.
+    Gvisor,
+}
+
+/// The programs the drivers run, as given on the command line (`--runc`, `--runsc`):
+/// a name looked up on PATH, or a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Programs {
+    pub runc: PathBuf,
+    pub runsc: PathBuf,
+}
+
+impl Default for Programs {
+    fn default() -> Programs {
+        Programs {
+            runc: PathBuf::from("runc"),
+            runsc: PathBuf::from("runsc"),
+        }
+    }
 }
 
 impl RuntimeKind {
     /// Every driver, in the order a worker tries to offer them.
-    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Native, RuntimeKind::Runc];
+    pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Native, RuntimeKind::Runc, RuntimeKind::Gvisor];
 
     /// Its name in `config.runtime` and in a worker's `runtimes`.
     pub fn name(self) -> &'static str {
         match self {
             RuntimeKind::Native => "native",
             RuntimeKind::Runc => "runc",
+            RuntimeKind::Gvisor => "gvisor",
         }
     }
 
     /// Its program on this host, when it needs one: `None` when that is not installed.
-    fn program(self, runc: &Path) -> Option<Option<PathBuf>> {
+    fn program(self, programs: &Programs) -> Option<Option<PathBuf>> {
         match self {
             RuntimeKind::Native => Some(None),
-            RuntimeKind::Runc => find_program(runc).map(Some),
+            RuntimeKind::Runc => find_program(&programs.runc).map(Some),
+            RuntimeKind::Gvisor => find_program(&programs.runsc).map(Some),
+        }
+    }
+
+    /// Fails, naming the program and its package, when this driver cannot run here: the
+    /// default driver must.
+    pub fn require(self, programs: &Programs) -> Result<()> {
+        match (self, self.program(programs)) {
+            (_, Some(_)) => Ok(()),
+            (RuntimeKind::Gvisor, None) => Err(anyhow!(
+                "cannot find {:?}; install runsc (Debian's package of gVisor)",
+                programs.runsc
+            )),
+            (_, None) => Err(anyhow!(
+                "cannot find the OCI runtime {:?}; install runc",
+                programs.runc
+            )),
         }
     }
 }
@@ -61,10 +99,10 @@ impl RuntimeKind {
 /// The names of the drivers [`make_drivers`] offers with these programs, sorted as a
 /// worker reports them: what a worker registers with before its drivers are made (they
 /// need the network its registration hands out).
-pub fn offered_runtimes(default: RuntimeKind, runc: &Path) -> Vec<String> {
+pub fn offered_runtimes(default: RuntimeKind, programs: &Programs) -> Vec<String> {
     let mut names: Vec<String> = RuntimeKind::ALL
         .into_iter()
-        .filter(|kind| *kind == default || kind.program(runc).is_some())
+        .filter(|kind| *kind == default || kind.program(programs).is_some())
         .map(|kind| kind.name().to_owned())
         .collect();
     names.sort();
@@ -75,8 +113,9 @@ pub fn offered_runtimes(default: RuntimeKind, runc: &Path) -> Vec<String> {
 pub struct RuntimeParts {
     /// The default driver.
     pub kind: RuntimeKind,
-    /// runc, as given (`--runc`); runc is offered when it is found.
-    pub runc_binary: PathBuf,
+    /// runc and runsc, as given (`--runc`, `--runsc`); each driver is offered when its
+    /// program is found.
+    pub programs: Programs,
     pub shim_command: Vec<OsString>,
     /// The worker's data dir: runc keeps `runc/` there, the native spawner `native/`.
     pub worker_dir: PathBuf,
@@ -124,10 +163,27 @@ fn make_driver(
     host: &HostConfig,
 ) -> Result<Option<Arc<dyn Runtime>>> {
     let start_timeout = Duration::from_secs(30);
-    let Some(program) = kind.program(&parts.runc_binary) else {
+    let Some(program) = kind.program(&parts.programs) else {
         return Ok(None);
     };
     Ok(match kind {
+        RuntimeKind::Gvisor => match program {
+            Some(runsc_binary) => {
+                let mut config = GvisorConfig::new(parts.shim_command.clone());
+                config.runsc_binary = runsc_binary;
+                // Beside runc's: recovery reads both to tell a host restart.
+                config.runsc_root = parts.worker_dir.join("runsc");
+                config.init_path = parts.worker_dir.join("gvisor-init").join("berth-init");
+                config.log_max_bytes = parts.log_max_bytes;
+                config.start_timeout = start_timeout;
+                config.host = host.clone();
+                Some(
+                    Arc::new(GvisorRuntime::new(config).context("the gvisor runtime")?)
+                        as Arc<dyn Runtime>,
+                )
+            }
+            None => None,
+        },
         RuntimeKind::Runc => program.map(|runc_binary| {
             Arc::new(RuncRuntime::new(RuncConfig {
                 runc_binary,
@@ -175,7 +231,8 @@ pub struct PlatformOptions {
     /// Which driver runs the Machines.
     pub runtime: RuntimeKind,
     pub data_dir: PathBuf,
-    pub runc_binary: PathBuf,
+    /// runc and runsc, as given.
+    pub programs: Programs,
     /// Program and leading arguments that run the shim.
     pub shim_command: Vec<OsString>,
     pub region: String,
@@ -301,7 +358,7 @@ impl LocalPlatform {
                 worker_network(&prefix, options.egress_nat, &options.allow_host_ports).await?;
             let drivers = make_drivers(RuntimeParts {
                 kind: options.runtime,
-                runc_binary: options.runc_binary.clone(),
+                programs: options.programs.clone(),
                 shim_command: options.shim_command.clone(),
                 worker_dir: dir.clone(),
                 log_max_bytes: options.log_max_bytes,
@@ -434,14 +491,49 @@ mod tests {
 
     #[test]
     fn runc_is_offered_beside_the_default_only_where_it_is_found() {
-        let missing = Path::new("/nonexistent/runc");
-        assert_eq!(offered_runtimes(RuntimeKind::Native, missing), ["native"]);
+        let missing = Programs {
+            runc: "/nonexistent/runc".into(),
+            runsc: "/nonexistent/runsc".into(),
+        };
+        assert_eq!(offered_runtimes(RuntimeKind::Native, &missing), ["native"]);
         let dir = tempfile::tempdir().expect("tempdir");
         let runc = dir.path().join("runc");
         std::fs::write(&runc, "").expect("a runc");
-        for default in RuntimeKind::ALL {
-            assert_eq!(offered_runtimes(default, &runc), ["native", "runc"]);
+        let with_runc = Programs {
+            runc: runc.clone(),
+            ..missing.clone()
+        };
+        for default in [RuntimeKind::Native, RuntimeKind::Runc] {
+            assert_eq!(offered_runtimes(default, &with_runc), ["native", "runc"]);
         }
+        // Without the gvisor kind, runsc on the host changed nothing: it was never offered.
+        let runsc = dir.path().join("runsc");
+        std::fs::write(&runsc, "").expect("a runsc");
+        let with_both = Programs {
+            runc,
+            runsc: runsc.clone(),
+        };
+        assert_eq!(
+            offered_runtimes(RuntimeKind::Native, &with_both),
+            ["gvisor", "native", "runc"]
+        );
+        let with_runsc = Programs {
+            runsc,
+            ..missing.clone()
+        };
+        assert_eq!(
+            offered_runtimes(RuntimeKind::Native, &with_runsc),
+            ["gvisor", "native"]
+        );
+        RuntimeKind::Gvisor.require(&with_runsc).expect("found");
+        let error = RuntimeKind::Gvisor
+            .require(&missing)
+            .expect_err("no runsc")
+            .to_string();
+        assert!(error.contains("install runsc"), "{error}");
+        RuntimeKind::Native
+            .require(&missing)
+            .expect("needs nothing");
         // Every driver a worker can offer is one a Machine may name.
         for kind in RuntimeKind::ALL {
             assert!(

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use berth::platform::{find_program, host_capacity, LocalPlatform, PlatformOptions, RuntimeKind};
+use berth::platform::{host_capacity, LocalPlatform, PlatformOptions, Programs, RuntimeKind};
 use berth_api::Resources;
 use berth_core::billing::Prices;
 use berth_image::{ImageReference, RegistryCredentials, RegistryOptions};
@@ -28,7 +28,11 @@ pub struct UpArgs {
     /// The OCI runtime binary (for `--runtime runc`).
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
-    /// What runs the Machines: the built-in spawner, or runc on every start.
+    /// gVisor's runsc (for `--runtime gvisor`); the gvisor driver is offered when found.
+    #[arg(long, default_value = "runsc")]
+    runsc: PathBuf,
+    /// What runs Machines whose `config.runtime` names none: the built-in spawner, runc on
+    /// every start, or gVisor. Every driver this host can run is offered either way.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Native)]
     runtime: RuntimeKind,
     /// Region label of this worker.
@@ -174,13 +178,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
         crate::host_tuning::expedite_rcu();
     }
     let registry = registry_options(&args)?;
-    // runc must be there when it is the default; otherwise it is offered if found.
-    let runc_binary = match args.runtime {
-        RuntimeKind::Runc => find_program(&args.runc).with_context(|| {
-            format!("cannot find the OCI runtime {:?}; install runc", args.runc)
-        })?,
-        RuntimeKind::Native => args.runc.clone(),
+    // The default's program must be there; every other driver is offered if found.
+    let programs = Programs {
+        runc: args.runc.clone(),
+        runsc: args.runsc.clone(),
     };
+    args.runtime.require(&programs)?;
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
     std::fs::create_dir_all(&args.data_dir)
@@ -208,7 +211,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         workers: args.workers,
         worker_capacity,
         data_dir: args.data_dir.clone(),
-        runc_binary,
+        programs,
         shim_command,
         region: args.region.clone(),
         log_max_bytes: args.log_max_bytes,

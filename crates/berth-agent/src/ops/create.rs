@@ -73,6 +73,7 @@ impl Agent {
             restart_due_ms: None,
             org: request.org,
             cordoned: false,
+            memory_bytes: 0,
         };
         let mut spec = self.machine_spec(&record, &record.config, &image)?;
         // Claimed before the record is written: a crash in between leaves a claim by a

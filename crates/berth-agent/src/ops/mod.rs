@@ -8,6 +8,7 @@ pub mod destroy;
 pub mod migrate;
 pub mod start;
 pub mod stop;
+pub mod suspend;
 pub mod update;
 
 /// Runs an operation to its end even when its caller goes away (a client that hangs up,

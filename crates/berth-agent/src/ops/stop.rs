@@ -1,9 +1,9 @@
 //! Stop: record `stopping`, signal, wait out the grace period, SIGKILL, and record
-//! `stopped` with the run's end. [`Agent::halt`] is also how update and recovery end a run.
+//! `stopped` with the run's end; of a suspended Machine, discard its memory image. [`Agent::halt`] is also how update and recovery end a run.
 
 use std::time::Duration;
 
-use berth_api::{CloseBasis, EventKind, StartStopResponse, StopRequest};
+use berth_api::{CloseBasis, EventKind, MachineState, StartStopResponse, StopRequest, UsageRecord};
 use berth_core::state::{self, Action, ActionPlan};
 use berth_core::validate;
 use berth_runtime::ExitRecord;
@@ -11,7 +11,8 @@ use berth_runtime::ExitRecord;
 use crate::error::Result;
 use crate::exits::unknown_exit;
 use crate::failpoint;
-use crate::record::MachineRecord;
+use crate::ops::start::memory_gone;
+use crate::record::{now_ms, MachineRecord};
 use crate::service::EventSource;
 use crate::transition::Change;
 use crate::Agent;
@@ -38,7 +39,18 @@ impl Agent {
                 machine: self.api_view(&record),
                 note: Some(format!("machine was already {previous_state}")),
                 timings: Vec::new(),
+                resumed: false,
             }),
+            ActionPlan::Proceed(_) if previous_state == MachineState::Suspended => {
+                self.stop_suspended(&mut record, &request).await?;
+                Ok(StartStopResponse {
+                    previous_state,
+                    machine: self.api_view(&record),
+                    note: Some("the memory image was discarded".into()),
+                    timings: Vec::new(),
+                    resumed: false,
+                })
+            }
             ActionPlan::Proceed(transitional) => {
                 self.change_state(&mut record, transitional, Change::quiet())
                     .await?;
@@ -60,9 +72,36 @@ impl Agent {
                     machine: self.api_view(&record),
                     note: None,
                     timings: Vec::new(),
+                    resumed: false,
                 })
             }
         }
+    }
+
+    /// Stop of a suspended Machine: nothing runs to signal; its memory image goes, and
+    /// with it the image's bytes from its storage. Recorded `stopping` first, so a crash
+    /// before the end finishes the stop (and recovery discards what is left).
+    async fn stop_suspended(
+        &self,
+        record: &mut MachineRecord,
+        request: &StopRequest,
+    ) -> Result<()> {
+        self.change_state(record, MachineState::Stopping, Change::quiet())
+            .await?;
+        failpoint::hit("stop.after_stopping");
+        self.discard_memory(&record.id).await?;
+        failpoint::hit("stop.after_halt");
+        let at = now_ms();
+        let usage: Vec<UsageRecord> = memory_gone(record, at).into_iter().collect();
+        let source = request.source.map_or(EventSource::User, EventSource::from);
+        let change = Change::event(EventKind::Stop, source)
+            .at(at)
+            .reason("memory_discarded")
+            .usage(&usage);
+        self.change_state(record, MachineState::Stopped, change)
+            .await?;
+        failpoint::hit("stop.after_record_stopped");
+        Ok(())
     }
 
     /// Stops a running Machine whose lock the caller holds: signal, grace period, SIGKILL.

@@ -45,6 +45,7 @@ impl Agent {
         // The network was made at create; update keeps the address and the org.
         let spec = self.machine_spec(&record, &request.config, &image)?;
         let was_running = record.state == MachineState::Started;
+        let was_suspended = record.state == MachineState::Suspended;
         record.pending = Some(PendingOp::Update {
             previous: Box::new(UpdateSnapshot {
                 config: record.config.clone(),
@@ -66,6 +67,11 @@ impl Agent {
                 .await;
             record.last_exit = Some(exit_info(&exit));
             failpoint::hit("update.after_halt");
+        }
+        if was_suspended {
+            // The memory belongs to the old config; a rollback leaves the Machine stopped.
+            usage.extend(crate::ops::start::memory_gone(&mut record, now_ms()));
+            self.discard_memory(id).await?;
         }
         if request.config.rootfs.persist != berth_api::RootfsPersist::Always {
             reset_dir(&layout.upper()).await?;

@@ -282,6 +282,13 @@ impl WorkerService for CountingWorker {
     ) -> berth_worker::Result<StartStopResponse> {
         self.agent.stop(id, request).await
     }
+    async fn suspend(
+        &self,
+        id: &str,
+        source: EventSource,
+    ) -> berth_worker::Result<StartStopResponse> {
+        self.agent.suspend(id, source).await
+    }
     async fn update(
         &self,
         id: &str,

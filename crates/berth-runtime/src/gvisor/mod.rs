@@ -156,6 +156,17 @@ impl GvisorRuntime {
             .ctx(|| format!("run {} checkpoint", self.config.runsc_binary.display()));
         let checkpointed = match out {
             Ok(out) if out.status.success() => Ok(()),
+            // netstack's own refusal: it saves no connected endpoint (this runsc has no
+            // way to drop them on save).
+            Ok(out)
+                if String::from_utf8_lossy(&out.stderr)
+                    .contains("cannot be saved in connected state") =>
+            {
+                Err(RuntimeError::ConnectionsOpen {
+                    driver: "gvisor",
+                    id: id.clone(),
+                })
+            }
             Ok(out) => Err(RuntimeError::Checkpoint {
                 driver: "gvisor",
                 id: id.clone(),
