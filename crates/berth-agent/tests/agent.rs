@@ -958,8 +958,7 @@ fn seal_image(fixture: &Fixture, id: &str) -> std::path::PathBuf {
 }
 
 // Seen to fail without recovery's suspend rows (berth_core::recovery::plan): the
-// checkpointed Machine ended `stopped` with its image beside it, and the resume never begun
-// was recorded as an exit.
+// checkpointed Machine was recovered `stopped`, not `suspended`.
 #[tokio::test]
 async fn recovery_settles_a_suspend_or_resume_cut_short_by_the_image_it_finds() {
     let fixture = Fixture::new();

@@ -84,8 +84,9 @@ fn wget_inside(platform: &Platform, id: &str) -> Value {
     answer
 }
 
-// Seen to fail before the route reached the agent: POST …/suspend answered 422 for the
-// gVisor Machine as for any, `?state=suspended` matched nothing and the wait timed out.
+// Before the route reached the agent it answered 422 `suspend_unsupported` for every
+// Machine (the control plane's fixed answer), which the first status assert refuses; the
+// list filter and the wait then had no suspended Machine to find.
 #[test]
 fn a_gvisor_machine_suspends_and_resumes_over_the_api() {
     if !std::path::Path::new("/usr/bin/runsc").exists() {
