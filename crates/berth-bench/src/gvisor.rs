@@ -70,8 +70,8 @@ impl Sizes {
     pub fn full(start_cycles: usize) -> Sizes {
         Sizes {
             start_cycles,
-            suspend_cycles: 50,
-            suspend_100mb_cycles: 20,
+            suspend_cycles: 30,
+            suspend_100mb_cycles: 10,
             native_start_cycles: 200,
             wake_cycles: 20,
         }
@@ -762,8 +762,8 @@ mod tests {
 
     #[test]
     fn quick_is_smaller_in_every_scenario() {
-        let (full, quick) = (Sizes::full(100), Sizes::quick(10));
-        assert_eq!(full.start_cycles, 100);
+        let (full, quick) = (Sizes::full(50), Sizes::quick(10));
+        assert_eq!(full.start_cycles, 50);
         assert!(quick.start_cycles < full.start_cycles);
         assert!(quick.suspend_cycles < full.suspend_cycles);
         assert!(quick.suspend_100mb_cycles < full.suspend_100mb_cycles);

@@ -95,7 +95,7 @@ struct Args {
     /// replicas, and failover after `kill -9` of one (needs Debian's postgresql).
     #[arg(long)]
     replicas_only: bool,
-    /// Only the gvisor driver: stop→start (--cycles, 100 by default) and suspend→resume
+    /// Only the gvisor driver: stop→start (--cycles, 50 by default) and suspend→resume
     /// cycles of gVisor Machines (a small one and one holding 100 MB) against runsc itself
     /// on the same bundle, wake from suspend through the proxy, and the native driver's
     /// start in the same run.
@@ -451,7 +451,7 @@ async fn measure_gvisor(
     scratch: &Path,
 ) -> Result<Value> {
     let runsc = find_program(&args.runsc).context("runsc not found; install Debian's runsc")?;
-    let cycles = args.cycles.unwrap_or(if args.quick { 10 } else { 100 });
+    let cycles = args.cycles.unwrap_or(if args.quick { 10 } else { 50 });
     let sizes = match args.quick {
         true => gvisor::Sizes::quick(cycles),
         false => gvisor::Sizes::full(cycles),
