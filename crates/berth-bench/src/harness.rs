@@ -73,7 +73,7 @@ async fn start(client: &Client, app: &str, id: &str) -> Result<Duration> {
 }
 
 /// A start and the steps of its `Server-Timing` header.
-async fn timed_start(
+pub(crate) async fn timed_start(
     client: &Client,
     app: &str,
     id: &str,
@@ -94,7 +94,7 @@ async fn timed_start(
     Ok((elapsed, steps))
 }
 
-async fn stop(client: &Client, app: &str, id: &str) -> Result<Duration> {
+pub(crate) async fn stop(client: &Client, app: &str, id: &str) -> Result<Duration> {
     let clock = Instant::now();
     client
         .post::<_, StartStopResponse>(&format!("{}/{id}/stop", machines_path(app)), &json!({}))
@@ -103,7 +103,7 @@ async fn stop(client: &Client, app: &str, id: &str) -> Result<Duration> {
 }
 
 /// Stop→start cycles of one Machine: the start and stop samples, and each start's steps.
-async fn cycles(
+pub(crate) async fn cycles(
     client: &Client,
     app: &str,
     id: &str,
@@ -122,7 +122,7 @@ async fn cycles(
 
 /// Runs `body` in a fresh app and deletes the app (and its Machines) afterwards, whatever
 /// happened.
-async fn in_app<T>(
+pub(crate) async fn in_app<T>(
     client: &Client,
     app: &str,
     body: impl std::future::Future<Output = Result<T>>,

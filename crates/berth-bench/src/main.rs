@@ -25,11 +25,13 @@ use serde_json::{json, Value};
 mod api_load;
 mod chart;
 mod cluster;
+mod gvisor;
 mod harness;
 mod migrate;
 mod peers;
 mod replicas;
 mod report;
+mod runsc;
 mod spec;
 mod stats;
 mod wake;
@@ -56,6 +58,9 @@ struct Args {
     check: bool,
     #[arg(long, default_value = "runc")]
     runc: PathBuf,
+    /// gVisor's runsc, for --gvisor-only.
+    #[arg(long, default_value = "runsc")]
+    runsc: PathBuf,
     /// What runs Berth's Machines (`--runtime` of `berth up`).
     #[arg(long, value_enum, default_value_t = berth::platform::RuntimeKind::Native)]
     runtime: berth::platform::RuntimeKind,
@@ -90,6 +95,12 @@ struct Args {
     /// replicas, and failover after `kill -9` of one (needs Debian's postgresql).
     #[arg(long)]
     replicas_only: bool,
+    /// Only the gvisor driver: stop→start (--cycles, 50 by default) and suspend→resume
+    /// cycles of gVisor Machines (a small one and one holding 100 MB) against runsc itself
+    /// on the same bundle, wake from suspend through the proxy, and the native driver's
+    /// start in the same run.
+    #[arg(long)]
+    gvisor_only: bool,
     /// With --migrate-only: where to copy the server's and agents' logs.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
@@ -103,6 +114,7 @@ const OTHER_MODES_SECTIONS: &[&str] = &[
     "cluster",
     "migrate",
     "replicas",
+    "gvisor",
 ];
 
 fn main() -> Result<()> {
@@ -117,7 +129,11 @@ fn main() -> Result<()> {
         bail!("--cycles must be at least 2");
     }
     if args.check
-        && (args.api_only || args.metering_only || args.cluster_only || args.replicas_only)
+        && (args.api_only
+            || args.metering_only
+            || args.cluster_only
+            || args.replicas_only
+            || args.gvisor_only)
     {
         bail!("--check holds the start harness (or --migrate-only) to its targets; run it without the other --*-only modes");
     }
@@ -219,7 +235,7 @@ async fn run(args: Args) -> Result<usize> {
         data_dir: data_dir.clone(),
         programs: berth::platform::Programs {
             runc: runc.clone(),
-            ..Default::default()
+            runsc: args.runsc.clone(),
         },
         shim_command,
         region: "bench".into(),
@@ -275,6 +291,23 @@ async fn run(args: Args) -> Result<usize> {
         remove_bridges(&platform).await;
         platform.close().await;
         return wake::merge_into(&args.out, result?).map(|()| 0);
+    }
+    if args.gvisor_only {
+        let result = measure_gvisor(&args, &api_url, &client, &platform, scratch.path()).await;
+        server.abort();
+        remove_bridges(&platform).await;
+        platform.close().await;
+        let section = result?;
+        let mut merged = read_report(&args.out);
+        for (key, value) in gvisor::headline(&section) {
+            merged[key] = value;
+        }
+        merged["gvisor"] = section;
+        write_report(&args.out, &merged)?;
+        println!("{}", gvisor::markdown(&merged["gvisor"]));
+        print!("{}", gvisor::goal_lines(&merged["gvisor"]));
+        println!("written to {}", args.out.display());
+        return Ok(0);
     }
     if args.start_only {
         let result = async {
@@ -362,6 +395,7 @@ async fn run(args: Args) -> Result<usize> {
         .iter()
         .chain(migrate::KEYS)
         .chain(replicas::KEYS)
+        .chain(gvisor::KEYS)
     {
         if !previous[*section].is_null() {
             report[*section] = previous[*section].clone();
@@ -405,6 +439,40 @@ async fn run(args: Args) -> Result<usize> {
         return Ok(0);
     }
     Ok(check(&report, spec::TARGETS))
+}
+
+/// The gvisor section: the driver's figures and their peers, the wake from suspend, the
+/// goals each is held to, and the steps of every start, suspend and resume.
+async fn measure_gvisor(
+    args: &Args,
+    api_url: &str,
+    client: &Client,
+    platform: &LocalPlatform,
+    scratch: &Path,
+) -> Result<Value> {
+    let runsc = find_program(&args.runsc).context("runsc not found; install Debian's runsc")?;
+    let cycles = args.cycles.unwrap_or(if args.quick { 10 } else { 50 });
+    let sizes = match args.quick {
+        true => gvisor::Sizes::quick(cycles),
+        false => gvisor::Sizes::full(cycles),
+    };
+    let mut section = gvisor::measure(sizes, client, platform, &runsc, scratch).await?;
+    println!(
+        "gvisor: {} wakes from suspend through the proxy",
+        sizes.wake_cycles
+    );
+    match gvisor::wake_from_suspend(sizes.wake_cycles, api_url, client, &platform.admin_token).await
+    {
+        Ok(figures) => section["wake_from_suspend"] = figures,
+        Err(error) => {
+            eprintln!("wake from suspend not measured: {error:#}");
+            section["wake_from_suspend"] = json!({"n": 0, "unavailable": format!("{error:#}")});
+        }
+    }
+    section["host"] = host_facts(&args.runc);
+    section["host"]["runsc"] = json!(first_line(&runsc));
+    section["goals"] = Value::Array(gvisor::goals(&section));
+    Ok(section)
 }
 
 /// The replicas section, and its headline figures at the top level.
@@ -461,21 +529,23 @@ async fn import_bench_image(client: &Client, scratch: &Path) -> Result<Value> {
     }))
 }
 
+/// The first line `program --version` prints.
+fn first_line(program: &Path) -> Option<String> {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+}
+
 /// Host facts for the report: cores, CPU, kernel, and the peers' versions.
 fn host_facts(runc: &Path) -> Value {
-    let first_line = |program: &Path| {
-        Command::new(program)
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|output| output.status.success())
-            .and_then(|output| {
-                String::from_utf8_lossy(&output.stdout)
-                    .lines()
-                    .next()
-                    .map(str::to_owned)
-            })
-    };
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 /// Untimed runs before the timed ones: they fill the page cache and runc's and podman's
 /// own caches, as hyperfine's `--warmup` does.
-const WARMUP: usize = 3;
+pub(crate) const WARMUP: usize = 3;
 
 /// The samples of one peer, or why it could not run.
 pub type Outcome = std::result::Result<Vec<Duration>, String>;
@@ -34,14 +34,14 @@ pub struct PeerTimes {
 
 /// The command's stderr goes to a file rather than a pipe: a detached container inherits
 /// it, and a pipe would stay open for as long as the container runs.
-struct Runner {
-    stderr_path: PathBuf,
+pub(crate) struct Runner {
+    pub(crate) stderr_path: PathBuf,
 }
 
 impl Runner {
     /// Runs the command to its end and returns how long it took; a failure carries the
     /// command's stderr.
-    fn timed(&self, command: &mut Command) -> Result<Duration> {
+    pub(crate) fn timed(&self, command: &mut Command) -> Result<Duration> {
         let stderr = File::create(&self.stderr_path)?;
         let clock = Instant::now();
         let status = command
@@ -60,7 +60,7 @@ impl Runner {
 }
 
 /// `warmup` untimed then `runs` timed calls of `one`, which returns the sample of call `i`.
-fn repeat(
+pub(crate) fn repeat(
     runs: usize,
     mut one: impl FnMut(usize) -> Result<Duration>,
 ) -> std::result::Result<Vec<Duration>, String> {
@@ -136,9 +136,9 @@ struct RuncTimes {
     create_start: Outcome,
 }
 
-/// The Machine's `config.json` over the peer's overlay, with runc making fresh
+/// The Machine's `config.json` over the peer's overlay, with runc (or runsc) making fresh
 /// namespaces (the Machine's own network namespace belongs to the Machine).
-fn runc_bundle_config(machine_config_json: &Path, rootfs: &Path) -> Result<Value> {
+pub(crate) fn runc_bundle_config(machine_config_json: &Path, rootfs: &Path) -> Result<Value> {
     let mut config: Value = serde_json::from_slice(&std::fs::read(machine_config_json)?)?;
     config["root"]["path"] = json!(rootfs);
     if let Some(namespaces) = config["linux"]["namespaces"].as_array_mut() {
@@ -381,7 +381,7 @@ fn cgroup_exists(name: &str) -> bool {
 
 /// Removes the (empty) cgroup `name` and its children from every hierarchy, leaves
 /// first; a cgroup that still holds a process stays.
-fn remove_cgroup(name: &str) {
+pub(crate) fn remove_cgroup(name: &str) {
     for root in cgroup_roots() {
         let top = root.join(name);
         let mut dirs = Vec::new();
