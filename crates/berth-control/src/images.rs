@@ -320,14 +320,29 @@ fn ndjson_response(events: UnboundedReceiver<ImagePullEvent>) -> Response {
     response
 }
 
+/// How much of a refused upload is read and dropped before the refusal is sent.
+const REFUSED_UPLOAD_DRAIN: u64 = 64 << 20;
+
+/// Reads and drops (a bounded part of) a refused upload, so that a client still sending
+/// it reads the refusal rather than a connection closed under it.
+async fn drain_refused(body: axum::body::Body) {
+    let mut stream = body.into_data_stream();
+    let mut read: u64 = 0;
+    while read < REFUSED_UPLOAD_DRAIN {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Ok(chunk))) => read += chunk.len() as u64,
+            _ => break,
+        }
+    }
+}
+
 impl ControlPlane {
-    /// Streams an OCI archive to scratch space, then imports it into the store (admin only).
-    pub(crate) async fn import_image(
+    /// Where an import of `name` goes, or why it is refused before its upload is read.
+    fn import_target(
         &self,
         principal: &Principal,
         name: &str,
-        body: axum::body::Body,
-    ) -> Result<Json<ImageSummary>, ApiError> {
+    ) -> Result<berth_image::ImageReference, ApiError> {
         principal.require_admin()?;
         let reference = match &self.shared_registry {
             Some(_) => crate::shared_images::importable(name)?,
@@ -351,6 +366,23 @@ impl ControlPlane {
                  --image-registry HOST[:PORT]",
             ));
         }
+        Ok(reference)
+    }
+
+    /// Streams an OCI archive to scratch space, then imports it into the store (admin only).
+    pub(crate) async fn import_image(
+        &self,
+        principal: &Principal,
+        name: &str,
+        body: axum::body::Body,
+    ) -> Result<Json<ImageSummary>, ApiError> {
+        let reference = match self.import_target(principal, name) {
+            Ok(reference) => reference,
+            Err(error) => {
+                drain_refused(body).await;
+                return Err(error);
+            }
+        };
         let upload = tempfile::Builder::new()
             .prefix("import-")
             .tempfile_in(&self.scratch_dir)
