@@ -2,6 +2,7 @@
 //! quotas, rate limits, leases and idempotency keys checked at the edge.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -738,25 +739,13 @@ impl ControlPlane {
         request: MigrateMachineRequest,
     ) -> Result<Response, ApiError> {
         let operation = format!("migrate {app}/{id}");
-        Ok(idempotency::once(
-            self,
-            &pre.principal,
-            pre.key.as_ref(),
-            &operation,
-            request,
-            {
-                |request, _| async move {
-                    let result = async {
-                        let (app_row, row) = admit(self, pre, app, id, Action::Update).await?;
-                        let answer = self.migrate_admitted(&app_row, &row, request).await?;
-                        Ok::<_, ApiError>(Json(answer))
-                    }
-                    .await;
-                    result.into_response()
+        Ok(self
+            .once_admitted(pre, (app, id), &operation, Action::Update, request, {
+                |request, app_row, row| async move {
+                    self.migrate_admitted(&app_row, &row, request).await
                 }
-            },
-        )
-        .await)
+            })
+            .await)
     }
 
     /// Stops a Machine on its worker.
@@ -778,26 +767,15 @@ impl ControlPlane {
             request.timeout = None;
         }
         let operation = operation(Action::Stop, app, id);
-        Ok(idempotency::once(
-            self,
-            &pre.principal,
-            pre.key.as_ref(),
-            &operation,
-            request,
-            {
-                |request, _| async move {
-                    let result = async {
-                        let (_, row) = admit(self, pre, app, id, Action::Stop).await?;
-                        let mut answer = self.worker(&row.worker)?.stop(id, request).await?;
-                        answer.machine = seen(self, answer.machine, &row.worker).await;
-                        Ok::<_, ApiError>(Json(answer))
-                    }
-                    .await;
-                    result.into_response()
+        Ok(self
+            .once_admitted(pre, (app, id), &operation, Action::Stop, request, {
+                |request, _, row| async move {
+                    let mut answer = self.worker(&row.worker)?.stop(id, request).await?;
+                    answer.machine = seen(self, answer.machine, &row.worker).await;
+                    Ok(answer)
                 }
-            },
-        )
-        .await)
+            })
+            .await)
     }
 
     /// Suspends a started Machine on its worker, under the rules of stop: leases,
@@ -811,26 +789,15 @@ impl ControlPlane {
     ) -> Result<Response, ApiError> {
         let source = pre.source(request.source)?;
         let operation = format!("suspend {app}/{id}");
-        Ok(idempotency::once(
-            self,
-            &pre.principal,
-            pre.key.as_ref(),
-            &operation,
-            request,
-            {
-                |_, _| async move {
-                    let result = async {
-                        let (_, row) = admit(self, pre, app, id, Action::Stop).await?;
-                        let mut answer = self.worker(&row.worker)?.suspend(id, source).await?;
-                        answer.machine = seen(self, answer.machine, &row.worker).await;
-                        Ok::<_, ApiError>(Json(answer))
-                    }
-                    .await;
-                    result.into_response()
+        Ok(self
+            .once_admitted(pre, (app, id), &operation, Action::Stop, request, {
+                |_, _, row| async move {
+                    let mut answer = self.worker(&row.worker)?.suspend(id, source).await?;
+                    answer.machine = seen(self, answer.machine, &row.worker).await;
+                    Ok(answer)
                 }
-            },
-        )
-        .await)
+            })
+            .await)
     }
 
     /// Sends a signal to a started Machine's command.
@@ -907,22 +874,52 @@ impl ControlPlane {
         query: DestroyQuery,
     ) -> Response {
         let operation = operation(Action::Destroy, app, id);
-        idempotency::once(self, &pre.principal, pre.key.as_ref(), &operation, query, {
-            |query, _| async move {
-                let result = async {
-                    let (_, row) = admit(self, pre, app, id, Action::Destroy).await?;
-                    self.worker(&row.worker)?
-                        .destroy(id, query.force || query.kill)
-                        .await
-                        .or_else(ignore_not_found)?;
-                    self.bury(&row).await?;
-                    leases::forget(self, id).await?;
-                    Ok::<_, ApiError>(Json(DestroyResponse { ok: true }))
-                }
-                .await;
-                result.into_response()
+        self.once_admitted(pre, (app, id), &operation, Action::Destroy, query, {
+            |query, _, row| async move {
+                self.worker(&row.worker)?
+                    .destroy(id, query.force || query.kill)
+                    .await
+                    .or_else(ignore_not_found)?;
+                self.bury(&row).await?;
+                leases::forget(self, id).await?;
+                Ok(DestroyResponse { ok: true })
             }
         })
+        .await
+    }
+
+    /// Runs `call` on an admitted Machine once per idempotency key: a retry with the same
+    /// key gets the first call's answer. `call`'s answer is sent as JSON.
+    async fn once_admitted<Request, Call, Answer, Body>(
+        &self,
+        pre: &Preconditions,
+        (app, id): (&str, &str),
+        operation: &str,
+        action: Action,
+        request: Request,
+        call: Call,
+    ) -> Response
+    where
+        Request: Serialize,
+        Call: FnOnce(Request, AppRow, MachineIndexRow) -> Answer,
+        Answer: Future<Output = Result<Body, ApiError>>,
+        Body: Serialize,
+    {
+        idempotency::once(
+            self,
+            &pre.principal,
+            pre.key.as_ref(),
+            operation,
+            request,
+            |request, _| async move {
+                let result = async {
+                    let (app_row, row) = admit(self, pre, app, id, action).await?;
+                    call(request, app_row, row).await
+                }
+                .await;
+                result.map(Json).into_response()
+            },
+        )
         .await
     }
 }
