@@ -241,6 +241,7 @@ mod tests {
                 entrypoint: entrypoint.map(owned),
                 exec: None,
                 cmd: cmd.map(owned),
+                tty: false,
             },
             ..MachineConfig::default()
         }
