@@ -337,6 +337,8 @@ mod sys {
     const O_RDWR: c_int = 2;
     const O_NOCTTY: c_int = 0o400;
     const O_CLOEXEC: c_int = 0o2000000;
+    /// The same on every architecture allowed above.
+    const TIOCSCTTY: c_ulong = 0x540E;
     /// `c_oflag`'s "newline becomes CR NL" bit.
     const ONLCR: u32 = 0o4;
     const SIG_SETMASK: c_int = 2;
@@ -377,6 +379,7 @@ mod sys {
         fn open(path: *const c_char, flags: c_int, ...) -> c_int;
         fn close(fd: c_int) -> c_int;
         fn dup2(old: c_int, new: c_int) -> c_int;
+        fn ioctl(fd: c_int, request: c_ulong, ...) -> c_int;
         fn pipe2(fds: *mut c_int, flags: c_int) -> c_int;
         fn read(fd: c_int, buf: *mut c_void, count: usize) -> isize;
         fn write(fd: c_int, buf: *const c_void, count: usize) -> isize;
@@ -548,8 +551,9 @@ mod sys {
                 _exit(NOT_EXECUTABLE_CODE)
             };
             if let Some(slave) = slave {
-                // A new session has no controlling terminal; the first terminal it opens
-                // without O_NOCTTY becomes it.
+                // A new session has no controlling terminal; Linux makes the first one it
+                // opens it. TIOCSCTTY asks again for kernels that do not (a no-op where
+                // it already is; gVisor refuses it, and its terminal stays stdio only).
                 if setsid() < 0 {
                     fail();
                 }
@@ -557,6 +561,7 @@ mod sys {
                 if fd < 0 {
                     fail();
                 }
+                ioctl(fd, TIOCSCTTY, 0 as c_ulong);
                 for target in 0..3 {
                     if dup2(fd, target) < 0 {
                         fail();
