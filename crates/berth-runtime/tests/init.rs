@@ -85,12 +85,30 @@ async fn a_terminal_only_when_asked(driver: Driver) {
 }
 
 /// Attack: a Machine's terminal must be of its own devpts instance, never one of the
-/// host's (which would let it type into a host terminal). The host's /dev/pts and the
-/// Machine's /dev/pts/0 must be different filesystems. Seen to fail with runc's
-/// `config.json` mounting the host's /dev/pts (a bind instead of a new devpts): the
-/// Machine's /dev/pts/0 then had the host's device number.
+/// host's (which would let it read or type into a host terminal). With a host pty open,
+/// the Machine's /dev/pts lists none of the host's, and its /dev/pts/0 is on another
+/// filesystem than the host's /dev/pts. Seen to fail with runc's `config.json`
+/// bind-mounting the host's /dev/pts in place of a new devpts: the listing then held the
+/// host's ptys, and with a terminal init could not even open the host's ptmx (mode 000).
 async fn the_terminal_is_of_the_machine_s_own_devpts(driver: Driver) {
     let f = Fixture::of(driver, "ttyown");
+    let _host_pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/ptmx")
+        .expect("a host pty");
+    let host_ptys: Vec<String> = std::fs::read_dir("/dev/pts")
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "ptmx")
+        .collect();
+    assert!(!host_ptys.is_empty());
+    let listing = "echo list=$(ls /dev/pts)";
+    let (_, logs) = run(&f, &["sh", "-c", listing], vec![]).await;
+    assert_eq!(line(&logs, "list"), "ptmx", "host ptys {host_ptys:?} seen: {logs}");
+    let (_, logs) = run(&f, &["sh", "-c", listing], init_environment(true, &[])).await;
+    assert_eq!(line(&logs, "list"), "0 ptmx", "{logs}");
+
     let (_, logs) = run(&f, &["sh", "-c", PROBE], init_environment(true, &[])).await;
     let inside: u64 = line(&logs, "dev").parse().expect("a device number");
     let host = std::fs::metadata("/dev/pts").unwrap().dev();
