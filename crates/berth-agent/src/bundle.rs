@@ -199,13 +199,18 @@ pub fn bundle_spec(
     let (uid, gid) = user_ids(image.user.as_deref(), layer_dirs)?;
     let mut processes = Vec::with_capacity(config.processes.len());
     for (index, process) in config.processes.iter().enumerate() {
-        let user = process.user.as_deref().filter(|user| !user.trim().is_empty());
+        let user = process
+            .user
+            .as_deref()
+            .filter(|user| !user.trim().is_empty());
         let ids = match user {
             None => None,
-            Some(user) => Some(user_ids(Some(user), layer_dirs).map_err(|error| ConfigError {
-                field: format!("config.processes[{index}].user"),
-                message: error.message,
-            })?),
+            Some(user) => Some(
+                user_ids(Some(user), layer_dirs).map_err(|error| ConfigError {
+                    field: format!("config.processes[{index}].user"),
+                    message: error.message,
+                })?,
+            ),
         };
         processes.push(berth_runtime::InitProcess {
             args: process_command_line(config, process, index, image)?,
@@ -310,8 +315,14 @@ mod tests {
         };
         let machine = config(None, Some(&["machine-cmd"]));
         let line = |p: &berth_api::MachineProcess| process_command_line(&machine, p, 0, &image());
-        assert_eq!(line(&process(None, None, None)).unwrap(), ["/entry", "machine-cmd"]);
-        assert_eq!(line(&process(None, None, Some(&["own"]))).unwrap(), ["/entry", "own"]);
+        assert_eq!(
+            line(&process(None, None, None)).unwrap(),
+            ["/entry", "machine-cmd"]
+        );
+        assert_eq!(
+            line(&process(None, None, Some(&["own"]))).unwrap(),
+            ["/entry", "own"]
+        );
         assert_eq!(line(&process(None, Some(&["/e"]), None)).unwrap(), ["/e"]);
         assert_eq!(
             line(&process(Some(&["/x", "1"]), Some(&["/e"]), Some(&["c"]))).unwrap(),
@@ -327,7 +338,10 @@ mod tests {
         let spec = bundle_spec("m", &machine, &image(), &layers, 64).unwrap();
         assert_eq!(spec.args, ["/entry", "serve"]);
         assert!(spec.env.contains(&"BERTH_INIT_TTY=1".to_owned()));
-        assert!(!spec.env.iter().any(|e| e.starts_with("BERTH_INIT_PROCESSES=")));
+        assert!(!spec
+            .env
+            .iter()
+            .any(|e| e.starts_with("BERTH_INIT_PROCESSES=")));
 
         machine.processes = vec![
             berth_api::MachineProcess {
@@ -358,7 +372,11 @@ mod tests {
                 },
             ],
         );
-        assert!(list.iter().all(|entry| spec.env.contains(entry)), "{:?}", spec.env);
+        assert!(
+            list.iter().all(|entry| spec.env.contains(entry)),
+            "{:?}",
+            spec.env
+        );
 
         machine.processes[0].user = Some("nobody-here".into());
         let refused = bundle_spec("m", &machine, &image(), &layers, 64).unwrap_err();

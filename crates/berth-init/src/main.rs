@@ -117,7 +117,10 @@ fn run(args: Vec<OsString>) -> i32 {
                 copiers.extend(master);
             }
             Err(e) => {
-                eprintln!("berth-init: exec {}: {e}", process.program.to_string_lossy());
+                eprintln!(
+                    "berth-init: exec {}: {e}",
+                    process.program.to_string_lossy()
+                );
                 // The ones already started end with init, as the Machine does.
                 for &pid in &children {
                     sys::Host::kill(pid, sys::SIGTERM);
@@ -310,11 +313,11 @@ fn exit_code(status: ExitStatus) -> i32 {
 /// without the libc crate.
 mod sys {
     use std::ffi::{c_char, c_int, c_long, c_short, c_uint, c_ulong, c_void, CStr, CString};
+    use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::process::ExitStatus;
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
-    use std::io;
-    use std::process::ExitStatus;
 
     use std::os::unix::process::ExitStatusExt;
 
@@ -490,7 +493,8 @@ mod sys {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 succeeded, so both are open descriptors owned by nothing else.
-        let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
         let empty = SigSet([0; 16]);
         // SAFETY: init has one thread here (terminal copiers start after every fork), and
         // the child makes only async-signal-safe calls on memory prepared before the fork
@@ -504,7 +508,15 @@ mod sys {
             unsafe {
                 let envp = env.as_ref().map_or(environ, |env| env.as_ptr());
                 let slave = terminal.as_ref().map(|(_, path)| path.as_ptr());
-                child(program.as_ptr(), argv.as_ptr(), envp, ids, slave, writer.as_raw_fd(), &empty)
+                child(
+                    program.as_ptr(),
+                    argv.as_ptr(),
+                    envp,
+                    ids,
+                    slave,
+                    writer.as_raw_fd(),
+                    &empty,
+                )
             }
         }
         drop(writer);
@@ -513,7 +525,11 @@ mod sys {
         while got < errno.len() {
             // SAFETY: reads into the unread rest of `errno`, a valid local buffer.
             let n = unsafe {
-                read(reader.as_raw_fd(), errno[got..].as_mut_ptr().cast(), errno.len() - got)
+                read(
+                    reader.as_raw_fd(),
+                    errno[got..].as_mut_ptr().cast(),
+                    errno.len() - got,
+                )
             };
             if n <= 0 {
                 break;
@@ -664,7 +680,11 @@ mod sys {
                 Ok(n) => n,
             };
             let mut out = io::stdout().lock();
-            if out.write_all(&buffer[..n]).and_then(|()| out.flush()).is_err() {
+            if out
+                .write_all(&buffer[..n])
+                .and_then(|()| out.flush())
+                .is_err()
+            {
                 return;
             }
         }
@@ -926,13 +946,21 @@ mod tests {
             ],
             vec![SIGUSR1, libc_sigchld(), libc_sigchld()],
         );
-        assert_eq!(supervise(&mut os, &[CHILD, OTHER]), 3, "the first exit's code");
+        assert_eq!(
+            supervise(&mut os, &[CHILD, OTHER]),
+            3,
+            "the first exit's code"
+        );
         assert_eq!(
             os.forwarded,
             [(CHILD, SIGUSR1), (OTHER, SIGUSR1), (CHILD, SIGTERM)],
             "the signal to both, then SIGTERM to the one left"
         );
-        assert_eq!(os.deadlines, [false, false, true], "a grace only after the first exit");
+        assert_eq!(
+            os.deadlines,
+            [false, false, true],
+            "a grace only after the first exit"
+        );
     }
 
     #[test]
@@ -967,8 +995,18 @@ mod tests {
     #[test]
     fn the_process_list_decodes_each_process_with_its_ids_and_environment() {
         let bytes = netstrings(&[
-            "", "", "2", "sh", "-c: ,x", "1", "A=b=c", // init's ids
-            "1000", "100", "1", "/bin/worker", "0",
+            "",
+            "",
+            "2",
+            "sh",
+            "-c: ,x",
+            "1",
+            "A=b=c", // init's ids
+            "1000",
+            "100",
+            "1",
+            "/bin/worker",
+            "0",
         ]);
         let processes = decode_processes(&bytes).unwrap();
         assert_eq!(processes.len(), 2);
@@ -987,14 +1025,19 @@ mod tests {
     #[test]
     fn a_malformed_process_list_is_refused() {
         for bad in [
-            &b"3:abc"[..],                       // no comma
-            b"9:abc,",                           // too short
-            b"0:,0:,0:,0:,",                     // a process without a command
-            b"0:,0:,1:1,2:sh,1:0,1:A,",          // an entry without '='
-            b"0:,1:x,1:1,2:sh,1:0,",             // a gid without a uid
-            b"0:,0:,1:2,2:sh,1:0,",              // fewer arguments than said
+            &b"3:abc"[..],              // no comma
+            b"9:abc,",                  // too short
+            b"0:,0:,0:,0:,",            // a process without a command
+            b"0:,0:,1:1,2:sh,1:0,1:A,", // an entry without '='
+            b"0:,1:x,1:1,2:sh,1:0,",    // a gid without a uid
+            b"0:,0:,1:2,2:sh,1:0,",     // fewer arguments than said
         ] {
-            assert_eq!(decode_processes(bad), None, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                decode_processes(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -60,12 +60,20 @@ async fn a_terminal_only_when_asked(driver: Driver) {
     assert_eq!(line(&logs, "out"), "tty", "{logs}");
     assert_eq!(line(&logs, "in"), "tty", "{logs}");
     if driver != Driver::Gvisor {
-        assert_eq!(line(&logs, "ctty"), "yes", "its controlling terminal: {logs}");
+        assert_eq!(
+            line(&logs, "ctty"),
+            "yes",
+            "its controlling terminal: {logs}"
+        );
     }
     // Under gVisor (Debian's runsc) the terminal is the command's stdio but not its
     // controlling terminal: the Sentry gives none on open and refuses TIOCSCTTY (EINVAL).
     assert_eq!(line(&logs, "name"), "/dev/pts/0", "{logs}");
-    assert_eq!(line(&logs, "settings"), "0", "init's settings are its own: {logs}");
+    assert_eq!(
+        line(&logs, "settings"),
+        "0",
+        "init's settings are its own: {logs}"
+    );
     assert!(logs.contains("done\n") && !logs.contains('\r'), "{logs:?}");
 
     // Stop's signal reaches the command on its terminal, and is its death as before.
@@ -105,14 +113,21 @@ async fn the_terminal_is_of_the_machine_s_own_devpts(driver: Driver) {
     assert!(!host_ptys.is_empty());
     let listing = "echo list=$(ls /dev/pts)";
     let (_, logs) = run(&f, &["sh", "-c", listing], vec![]).await;
-    assert_eq!(line(&logs, "list"), "ptmx", "host ptys {host_ptys:?} seen: {logs}");
+    assert_eq!(
+        line(&logs, "list"),
+        "ptmx",
+        "host ptys {host_ptys:?} seen: {logs}"
+    );
     let (_, logs) = run(&f, &["sh", "-c", listing], init_environment(true, &[])).await;
     assert_eq!(line(&logs, "list"), "0 ptmx", "{logs}");
 
     let (_, logs) = run(&f, &["sh", "-c", PROBE], init_environment(true, &[])).await;
     let inside: u64 = line(&logs, "dev").parse().expect("a device number");
     let host = std::fs::metadata("/dev/pts").unwrap().dev();
-    assert_ne!(inside, host, "the Machine's pty is on the host's devpts: {logs}");
+    assert_ne!(
+        inside, host,
+        "the Machine's pty is on the host's devpts: {logs}"
+    );
     f.runtime.remove(&f.layout).await.unwrap();
 }
 
@@ -145,7 +160,11 @@ async fn processes_run_together_and_the_first_exit_stops_the_machine(driver: Dri
     // The first to exit decides the Machine's code; the other had SIGTERM, not the grace.
     assert_eq!(record.exit_code, Some(3), "{logs}");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
-    assert_eq!(line(&logs, "long"), "a:0:hi:0", "the Machine's env, the process's over it");
+    assert_eq!(
+        line(&logs, "long"),
+        "a:0:hi:0",
+        "the Machine's env, the process's over it"
+    );
     assert_eq!(line(&logs, "short"), "b:1000:1001", "its own user: {logs}");
 
     // Stop's signal goes to each process init started.
