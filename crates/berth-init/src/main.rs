@@ -9,6 +9,12 @@
 //! command's status once the command is gone: its exit code, or 128 + N when a signal N
 //! ended it, as a shell reports it. Its own exit then ends the rest of the namespace.
 //!
+//! Two settings come in its environment, and the commands do not see them:
+//! `BERTH_INIT_TTY=1` runs each command on a pseudo-terminal of the Machine's devpts, whose
+//! output init copies to its stdout; `BERTH_INIT_PROCESSES` (see [`decode_processes`])
+//! lists several commands, each with its own environment and ids, to run in place of
+//! PROGRAM: every signal goes to each, and the first to exit is init's status.
+//!
 //! It has no dependencies: berth-runtime's build script compiles this one file with
 //! `rustc` into a static executable that runs in any image, with or without a libc.
 
