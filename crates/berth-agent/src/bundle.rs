@@ -37,6 +37,33 @@ pub fn command_line(
     Ok(args)
 }
 
+/// The command line of one of `config.processes`: its own `exec`, `entrypoint` and `cmd`
+/// over the Machine's, by the same rules as [`command_line`].
+fn process_command_line(
+    config: &MachineConfig,
+    process: &berth_api::MachineProcess,
+    index: usize,
+    image: &RuntimeConfig,
+) -> Result<Vec<String>, ConfigError> {
+    if let Some(exec) = process.exec.as_ref().filter(|exec| !exec.is_empty()) {
+        return Ok(exec.clone());
+    }
+    let mut merged = config.clone();
+    if process.entrypoint.is_some() {
+        merged.init.entrypoint = process.entrypoint.clone();
+        merged.init.cmd = None;
+        merged.init.exec = None;
+    }
+    if process.cmd.is_some() {
+        merged.init.cmd = process.cmd.clone();
+        merged.init.exec = None;
+    }
+    command_line(&merged, image).map_err(|_| ConfigError {
+        field: format!("config.processes[{index}].cmd"),
+        message: "neither the process, the config nor the image names a command".into(),
+    })
+}
+
 /// Image environment first, then the config's, which wins on a clash.
 pub fn environment(config: &MachineConfig, image: &RuntimeConfig) -> Vec<String> {
     let mut env: Vec<String> = image
@@ -170,10 +197,38 @@ pub fn bundle_spec(
     pids_limit: i64,
 ) -> Result<BundleSpec, ConfigError> {
     let (uid, gid) = user_ids(image.user.as_deref(), layer_dirs)?;
+    let mut processes = Vec::with_capacity(config.processes.len());
+    for (index, process) in config.processes.iter().enumerate() {
+        let user = process
+            .user
+            .as_deref()
+            .filter(|user| !user.trim().is_empty());
+        let ids = match user {
+            None => None,
+            Some(user) => Some(
+                user_ids(Some(user), layer_dirs).map_err(|error| ConfigError {
+                    field: format!("config.processes[{index}].user"),
+                    message: error.message,
+                })?,
+            ),
+        };
+        processes.push(berth_runtime::InitProcess {
+            args: process_command_line(config, process, index, image)?,
+            env: process.env.clone().into_iter().collect(),
+            ids,
+        });
+    }
+    // With processes, the runtime checks and starts as the first; init runs them all.
+    let args = match processes.first() {
+        Some(first) => first.args.clone(),
+        None => command_line(config, image)?,
+    };
+    let mut env = environment(config, image);
+    env.extend(berth_runtime::init_environment(config.init.tty, &processes));
     Ok(BundleSpec {
         machine_id: machine_id.to_owned(),
-        args: command_line(config, image)?,
-        env: environment(config, image),
+        args,
+        env,
         cwd: image
             .working_dir
             .clone()
@@ -241,9 +296,91 @@ mod tests {
                 entrypoint: entrypoint.map(owned),
                 exec: None,
                 cmd: cmd.map(owned),
+                tty: false,
             },
             ..MachineConfig::default()
         }
+    }
+
+    #[test]
+    fn each_process_falls_back_on_the_machine_s_command_and_the_image_s() {
+        let process = |exec: Option<&[&str]>, entrypoint: Option<&[&str]>, cmd: Option<&[&str]>| {
+            let owned = |args: &[&str]| args.iter().map(|arg| arg.to_string()).collect();
+            berth_api::MachineProcess {
+                exec: exec.map(owned),
+                entrypoint: entrypoint.map(owned),
+                cmd: cmd.map(owned),
+                ..Default::default()
+            }
+        };
+        let machine = config(None, Some(&["machine-cmd"]));
+        let line = |p: &berth_api::MachineProcess| process_command_line(&machine, p, 0, &image());
+        assert_eq!(
+            line(&process(None, None, None)).unwrap(),
+            ["/entry", "machine-cmd"]
+        );
+        assert_eq!(
+            line(&process(None, None, Some(&["own"]))).unwrap(),
+            ["/entry", "own"]
+        );
+        assert_eq!(line(&process(None, Some(&["/e"]), None)).unwrap(), ["/e"]);
+        assert_eq!(
+            line(&process(Some(&["/x", "1"]), Some(&["/e"]), Some(&["c"]))).unwrap(),
+            ["/x", "1"]
+        );
+    }
+
+    #[test]
+    fn processes_and_tty_reach_init_through_the_environment() {
+        let mut machine = config(None, None);
+        machine.init.tty = true;
+        let layers: [&Path; 0] = [];
+        let spec = bundle_spec("m", &machine, &image(), &layers, 64).unwrap();
+        assert_eq!(spec.args, ["/entry", "serve"]);
+        assert!(spec.env.contains(&"BERTH_INIT_TTY=1".to_owned()));
+        assert!(!spec
+            .env
+            .iter()
+            .any(|e| e.starts_with("BERTH_INIT_PROCESSES=")));
+
+        machine.processes = vec![
+            berth_api::MachineProcess {
+                cmd: Some(vec!["one".into()]),
+                user: Some("7:8".into()),
+                ..Default::default()
+            },
+            berth_api::MachineProcess {
+                exec: Some(vec!["/two".into()]),
+                env: [("K".to_owned(), "v".to_owned())].into(),
+                ..Default::default()
+            },
+        ];
+        let spec = bundle_spec("m", &machine, &image(), &layers, 64).unwrap();
+        assert_eq!(spec.args, ["/entry", "one"], "the runtime checks the first");
+        let list = berth_runtime::init_environment(
+            true,
+            &[
+                berth_runtime::InitProcess {
+                    args: vec!["/entry".into(), "one".into()],
+                    env: vec![],
+                    ids: Some((7, 8)),
+                },
+                berth_runtime::InitProcess {
+                    args: vec!["/two".into()],
+                    env: vec![("K".into(), "v".into())],
+                    ids: None,
+                },
+            ],
+        );
+        assert!(
+            list.iter().all(|entry| spec.env.contains(entry)),
+            "{:?}",
+            spec.env
+        );
+
+        machine.processes[0].user = Some("nobody-here".into());
+        let refused = bundle_spec("m", &machine, &image(), &layers, 64).unwrap_err();
+        assert_eq!(refused.field, "config.processes[0].user");
     }
 
     #[test]

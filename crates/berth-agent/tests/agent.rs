@@ -81,6 +81,7 @@ fn config(image: &str) -> MachineConfig {
             cmd: Some(vec!["sleep".into(), "3600".into()]),
             entrypoint: None,
             exec: None,
+            tty: false,
         },
         // These tests watch exits as they happen: no policy restarts behind them (tests of
         // the policy set their own).

@@ -93,6 +93,7 @@ fn config(runtime: Option<&str>) -> MachineConfig {
             cmd: Some(vec!["sleep".into(), "3600".into()]),
             entrypoint: None,
             exec: None,
+            tty: false,
         },
         restart: berth_api::RestartConfig {
             policy: berth_api::RestartPolicy::No,

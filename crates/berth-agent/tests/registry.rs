@@ -79,6 +79,7 @@ fn request(id: &str, image: &str) -> CreateOnWorker {
                 cmd: Some(vec!["sleep".into(), "3600".into()]),
                 entrypoint: None,
                 exec: None,
+                tty: false,
             },
             ..MachineConfig::default()
         },

@@ -321,6 +321,7 @@ fn create(id: &str, runtime: &str, script: &str) -> CreateOnWorker {
                 cmd: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
                 entrypoint: None,
                 exec: None,
+                tty: false,
             },
             restart: berth_api::RestartConfig {
                 policy: berth_api::RestartPolicy::No,

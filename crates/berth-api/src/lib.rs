@@ -206,6 +206,44 @@ pub struct InitConfig {
     /// `entrypoint` and `cmd` here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<Vec<String>>,
+    /// Run the command on a pseudo-terminal of the Machine's own devpts (its stdin,
+    /// stdout and stderr, and its controlling terminal); what it writes to it goes to the
+    /// Machine's log as without one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+}
+
+/// One of `config.processes` (Fly's `MachineProcess`): a command berth-init starts beside
+/// the others, in place of the Machine's own. Each field falls back on the Machine's:
+/// `exec` replaces the whole command line; otherwise `entrypoint` and `cmd` follow
+/// Docker's rules over the Machine's `init` and the image. Fly's `secrets`,
+/// `ignore_app_secrets` and `env_from` are not read (listed in `warnings`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct MachineProcess {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Set over the Machine's `env` for this process only (`null` is none, as fly-go
+    /// sends it).
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub env: BTreeMap<String, String>,
+    /// `uid[:gid]` or a name from the image's /etc/passwd; absent or empty: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+fn null_as_empty_map<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<BTreeMap<String, String>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -278,6 +316,12 @@ pub struct MachineConfig {
     /// start it again (Fly's `auto_destroy`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_destroy: bool,
+    /// Commands berth-init runs together in place of the Machine's command (Fly's
+    /// `processes`): stop's signal goes to each, and the first to exit stops the Machine
+    /// with its exit code (the others get SIGTERM and 5 s), which the restart policy then
+    /// reads as it reads the command's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<MachineProcess>,
     /// Files written into the Machine's disk at create and at every update.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<MachineFile>,

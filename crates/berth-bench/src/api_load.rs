@@ -119,6 +119,7 @@ async fn machine(client: &Client, app: &str) -> Result<Machine> {
                         cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
                         entrypoint: None,
                         exec: None,
+                        tty: false,
                     },
                     stop_config: berth_api::StopConfig {
                         signal: Some("SIGKILL".into()),

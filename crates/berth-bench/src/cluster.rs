@@ -43,6 +43,7 @@ pub(crate) fn sleeper() -> MachineConfig {
             cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
             entrypoint: None,
             exec: None,
+            tty: false,
         },
         stop_config: berth_api::StopConfig {
             signal: Some("SIGKILL".into()),

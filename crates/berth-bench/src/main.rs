@@ -811,6 +811,7 @@ fn sleeper(image: &str) -> MachineConfig {
             cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
             entrypoint: None,
             exec: None,
+            tty: false,
         },
         stop_config: berth_api::StopConfig {
             signal: Some("SIGKILL".into()),

@@ -359,10 +359,11 @@ async fn the_openapi_description_carries_the_honoured_fields() {
     let schemas = &doc["components"]["schemas"];
     let config = &schemas["MachineConfig"]["properties"];
     assert!(config.get("checks").is_some(), "{config}");
-    for field in ["auto_destroy", "files", "dns", "schedule"] {
+    for field in ["auto_destroy", "files", "dns", "schedule", "processes"] {
         assert!(config.get(field).is_some(), "{field}: {config}");
     }
     assert!(schemas["InitConfig"]["properties"].get("exec").is_some());
+    assert!(schemas["InitConfig"]["properties"].get("tty").is_some());
     assert!(schemas.get("Schedule").is_some(), "{schemas}");
     assert!(schemas["Machine"]["properties"].get("checks").is_some());
     for (schema, field) in [
@@ -375,6 +376,11 @@ async fn the_openapi_description_carries_the_honoured_fields() {
         ("MachineFile", "raw_value"),
         ("DnsConfig", "nameservers"),
         ("DnsOption", "value"),
+        ("MachineProcess", "exec"),
+        ("MachineProcess", "entrypoint"),
+        ("MachineProcess", "cmd"),
+        ("MachineProcess", "env"),
+        ("MachineProcess", "user"),
     ] {
         assert!(
             schemas[schema]["properties"].get(field).is_some(),

@@ -128,14 +128,15 @@ fn with_fly_extras(mut body: Value) -> Value {
     body["config"]["checks"] =
         json!({"alive": {"type": "tcp", "port": 8080, "interval": "15s", "timeout": "2s"}});
     body["config"]["init"]["tty"] = json!(true);
+    body["config"]["init"]["swap_size_mb"] = json!(512);
     body["config"]["guest"]["kernel_args"] = json!(["quiet"]);
     body
 }
 
-/// The ones of them Berth ignores (`auto_destroy` and `checks` are honoured: see
-/// `fly_config.rs`).
+/// The ones of them Berth ignores (`auto_destroy`, `checks` and `init.tty` are honoured:
+/// see `fly_config.rs` and berth-runtime's `init.rs`).
 const EXTRA_PATHS: [&str; 4] = [
-    "config.init.tty",
+    "config.init.swap_size_mb",
     "config.guest.kernel_args",
     "config.dns.skip_registration",
     "skip_service_registration",
@@ -345,8 +346,10 @@ async fn a_fly_update_is_accepted_in_both_modes() {
     assert_eq!(machine.config.guest.memory_mb, 512);
     assert_eq!(machine.config.guest.cpu_kind, "shared");
 
-    // A field Berth ignores (`files`, the example here before, is honoured now).
-    update["config"]["processes"] = json!([{"cmd": ["/bin/sh"]}]);
+    // A field Berth ignores (`files` and `processes`, the examples here before, are
+    // honoured now; a process's secrets are not).
+    update["config"]["processes"] =
+        json!([{"cmd": ["/bin/sh"], "env": null, "secrets": [{"env_var": "K", "name": "k"}]}]);
     let reply = harness
         .send(
             &harness.admin,
@@ -357,7 +360,7 @@ async fn a_fly_update_is_accepted_in_both_modes() {
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(warned_fields(&reply), ["config.processes"]);
+    assert_eq!(warned_fields(&reply), ["config.processes[0].secrets"]);
     let refused = harness
         .send(&harness.admin, Method::POST, &path, &[STRICT], Some(update))
         .await;
@@ -366,7 +369,7 @@ async fn a_fly_update_is_accepted_in_both_modes() {
         400,
         "invalid_config",
     );
-    assert_eq!(refused.body["field"], "config.processes");
+    assert_eq!(refused.body["field"], "config.processes[0].secrets");
 }
 
 #[tokio::test]

@@ -183,6 +183,37 @@ fn validate_args(field: &str, args: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Most commands in `config.processes`.
+const MAX_PROCESSES: usize = 16;
+
+fn validate_env(
+    field: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    if env.len() > MAX_ENV {
+        return Err(refuse(field, format!("at most {MAX_ENV} variables")));
+    }
+    for (key, value) in env {
+        let valid_key = !key.is_empty()
+            && key.len() <= 256
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_key {
+            return Err(refuse(
+                format!("{field}.{}", printable(key)),
+                "names may hold only letters, digits and underscores, and not start with a digit",
+            ));
+        }
+        if value.len() > MAX_ENV_VALUE_LEN || value.contains('\0') {
+            return Err(refuse(
+                format!("{field}.{key}"),
+                format!("values are at most {MAX_ENV_VALUE_LEN} bytes, without NUL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
     let image = config.image.trim();
     if image.is_empty() {
@@ -213,25 +244,32 @@ pub fn validate_config(config: &MachineConfig) -> Result<(), ConfigError> {
         }
         validate_args("config.init.exec", exec)?;
     }
-    if config.env.len() > MAX_ENV {
-        return Err(refuse("config.env", format!("at most {MAX_ENV} variables")));
+    validate_env("config.env", &config.env)?;
+    if config.processes.len() > MAX_PROCESSES {
+        return Err(refuse(
+            "config.processes",
+            format!("at most {MAX_PROCESSES} processes"),
+        ));
     }
-    for (key, value) in &config.env {
-        let valid_key = !key.is_empty()
-            && key.len() <= 256
-            && !key.starts_with(|c: char| c.is_ascii_digit())
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid_key {
-            return Err(refuse(
-                format!("config.env.{}", printable(key)),
-                "names may hold only letters, digits and underscores, and not start with a digit",
-            ));
+    for (index, process) in config.processes.iter().enumerate() {
+        let field = |name: &str| format!("config.processes[{index}].{name}");
+        for (name, args) in [
+            ("cmd", &process.cmd),
+            ("entrypoint", &process.entrypoint),
+            ("exec", &process.exec),
+        ] {
+            if let Some(args) = args {
+                validate_args(&field(name), args)?;
+            }
         }
-        if value.len() > MAX_ENV_VALUE_LEN || value.contains('\0') {
-            return Err(refuse(
-                format!("config.env.{key}"),
-                format!("values are at most {MAX_ENV_VALUE_LEN} bytes, without NUL"),
-            ));
+        validate_env(&field("env"), &process.env)?;
+        if let Some(user) = &process.user {
+            if user.len() > 256 || user.chars().any(|c| c.is_control()) {
+                return Err(refuse(
+                    field("user"),
+                    "at most 256 characters, without control characters",
+                ));
+            }
         }
     }
     let guest = &config.guest;
@@ -822,6 +860,25 @@ mod tests {
             .expect_err("refused")
             .field
             .starts_with("config.env"));
+
+        let mut bad = config();
+        bad.processes = vec![berth_api::MachineProcess::default(); 1];
+        bad.processes[0].env.insert("A-B".into(), "x".into());
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.processes[0].env.A-B"
+        );
+        bad.processes = vec![berth_api::MachineProcess::default(); MAX_PROCESSES + 1];
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.processes"
+        );
+        bad.processes.truncate(2);
+        bad.processes[1].exec = Some(vec!["a\0b".into()]);
+        assert_eq!(
+            validate_config(&bad).expect_err("refused").field,
+            "config.processes[1].exec[0]"
+        );
 
         let mut bad = config();
         bad.image = String::new();

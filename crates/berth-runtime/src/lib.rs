@@ -47,6 +47,7 @@ mod error;
 mod helper;
 mod inroot;
 mod machine_init;
+pub use machine_init::{init_environment, InitProcess};
 mod oci;
 mod util;
 pub use error::RuntimeError;

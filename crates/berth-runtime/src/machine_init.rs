@@ -71,6 +71,52 @@ pub(crate) fn command(args: &[String]) -> &[String] {
     }
 }
 
+/// One command of a Machine's `config.processes`, resolved: what init starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitProcess {
+    /// The command line; `args[0]` is looked up in `PATH` when it has no `/`.
+    pub args: Vec<String>,
+    /// Set over the Machine's environment for this command only.
+    pub env: Vec<(String, String)>,
+    /// Uid and gid; `None`: the Machine's.
+    pub ids: Option<(u32, u32)>,
+}
+
+/// The entries of the Machine's environment that ask init for a terminal (`tty`) and for
+/// `processes` in place of the one command (none when empty). Init reads them and keeps
+/// them from the commands. The list is netstrings (`LEN:BYTES,`), for each process: uid,
+/// gid (both empty for the Machine's), the number of arguments, the arguments, the number
+/// of environment entries, the `KEY=VALUE` entries; crates/berth-init decodes it.
+pub fn init_environment(tty: bool, processes: &[InitProcess]) -> Vec<String> {
+    let mut env = Vec::new();
+    if tty {
+        env.push("BERTH_INIT_TTY=1".to_owned());
+    }
+    if processes.is_empty() {
+        return env;
+    }
+    let mut list = String::new();
+    let mut field = |text: &str| list.push_str(&format!("{}:{text},", text.len()));
+    for process in processes {
+        let (uid, gid) = match process.ids {
+            Some((uid, gid)) => (uid.to_string(), gid.to_string()),
+            None => (String::new(), String::new()),
+        };
+        field(&uid);
+        field(&gid);
+        field(&process.args.len().to_string());
+        for arg in &process.args {
+            field(arg);
+        }
+        field(&process.env.len().to_string());
+        for (key, value) in &process.env {
+            field(&format!("{key}={value}"));
+        }
+    }
+    env.push(format!("BERTH_INIT_PROCESSES={list}"));
+    env
+}
+
 /// Writes init to `path` (read-only, executable) unless it already holds it: the host
 /// copy the gVisor driver bind-mounts. Replaced by rename, so a sandbox never sees half.
 pub(crate) fn install_file(path: &std::path::Path) -> io::Result<()> {
@@ -129,6 +175,31 @@ mod tests {
             "a sealed init can be written"
         );
         assert!(file.set_len(0).is_err());
+    }
+
+    #[test]
+    fn the_process_list_is_netstrings_in_init_s_order() {
+        let processes = [
+            InitProcess {
+                args: vec!["sh".into(), "-c".into(), "a, b:c".into()],
+                env: vec![("A".into(), "1=2".into())],
+                ids: None,
+            },
+            InitProcess {
+                args: vec!["/w".into()],
+                env: vec![],
+                ids: Some((1000, 100)),
+            },
+        ];
+        assert_eq!(
+            init_environment(true, &processes),
+            [
+                "BERTH_INIT_TTY=1",
+                "BERTH_INIT_PROCESSES=0:,0:,1:3,2:sh,2:-c,6:a, b:c,1:1,5:A=1=2,\
+                 4:1000,3:100,1:1,2:/w,1:0,"
+            ]
+        );
+        assert!(init_environment(false, &[]).is_empty());
     }
 
     #[test]

@@ -123,6 +123,7 @@ impl ConfigArgs {
                 cmd: (!self.cmd.is_empty()).then_some(self.cmd),
                 entrypoint: self.entrypoint.map(|entrypoint| vec![entrypoint]),
                 exec: None,
+                tty: false,
             },
             env: pairs("--env", &self.env)?,
             guest: GuestConfig {

@@ -122,6 +122,7 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
                         cmd: Some(vec!["/bin/sh".into(), "-c".into(), SERVE_SCRIPT.into()]),
                         entrypoint: None,
                         exec: None,
+                        tty: false,
                     },
                     ..MachineConfig::default()
                 },

@@ -1,12 +1,12 @@
 //! Fly's Machine config fields that need a real Machine, end to end under `berth up`:
 //! `checks` run by the worker against busybox httpd Machines and read by the proxy, and
-//! `auto_destroy` on a command that ends.
+//! `auto_destroy` on a command that ends, `processes` and `init.tty` run by berth-init.
 
 mod common;
 
 use std::time::Duration;
 
-use berth_api::{CheckState, Machine};
+use berth_api::{CheckState, Machine, MachineState};
 use common::{busybox_image, Platform};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -273,5 +273,45 @@ fn a_hostile_image_cannot_make_the_worker_write_outside_the_machine() {
     let (_, listed) = platform.call(Method::GET, "/v1/apps/evil/machines", None);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["id"], machine["id"]);
+    platform.teardown();
+}
+
+#[test]
+fn processes_run_on_terminals_and_the_first_exit_is_what_the_restart_policy_reads() {
+    let platform = Platform::start();
+    platform.import(busybox_image(), "demo/busybox:1");
+    platform.cli_ok(&["app", "create", "procs"]);
+    // A long-running process and one that fails after a moment, both on terminals; the
+    // second's `secrets` is Fly's and not Berth's (warned).
+    let body = json!({"config": {
+        "image": "demo/busybox:1",
+        "guest": {"cpus": 1, "memory_mb": 64},
+        "init": {"tty": true},
+        "restart": {"policy": "on-failure", "max_retries": 1},
+        "processes": [
+            {"exec": ["/bin/sh", "-c", "[ -t 1 ] && echo web-tty=$ROLE; exec sleep 3600"],
+             "env": {"ROLE": "web"}},
+            {"cmd": ["/bin/sh", "-c", "echo worker-run; sleep 1; exit 3"], "env": null,
+             "secrets": [{"env_var": "TOKEN", "name": "token"}]}
+        ]
+    }});
+    let (status, reply) = platform.call(Method::POST, "/v1/apps/procs/machines", Some(body));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["warnings"][0]["field"], "config.processes[1].secrets",
+        "{reply}"
+    );
+    let machine: Machine = serde_json::from_value(reply).expect("machine");
+    // The worker's exit (3) stops the Machine and ends the web process; on-failure starts
+    // it once more, and after the second failure it stays stopped.
+    platform.wait_for("one restart, then stopped", Duration::from_secs(30), || {
+        let now = platform.machine("procs", &machine.id);
+        now.restart_count == 1 && now.state == MachineState::Stopped
+    });
+    let stopped = platform.machine("procs", &machine.id);
+    assert_eq!(stopped.last_exit.expect("exit recorded").exit_code, Some(3));
+    let logs = platform.logs("procs", &machine.id);
+    assert_eq!(logs.matches("worker-run").count(), 2, "{logs}");
+    assert_eq!(logs.matches("web-tty=web").count(), 2, "{logs}");
     platform.teardown();
 }
