@@ -296,6 +296,11 @@ pub struct MachineConfig {
     /// at update: the Machine keeps its driver. The Machine's JSON always names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// Fly's `standbys`: ids of Machines of the same app this one stands by for. It is
+    /// placed on another worker than theirs where one fits, and the control plane starts
+    /// it when the worker of one of them that was started stays unreachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standbys: Vec<String>,
 }
 
 /// How often a scheduled Machine is started: one period after its creation, then once a

@@ -223,6 +223,9 @@ pub enum EventSource {
     /// The proxy stopped an idle Machine.
     Autostop,
     System,
+    /// The control plane started a standby: a Machine it stands by for is on a worker
+    /// that stayed unreachable.
+    Standby,
 }
 
 wire_names!(EventSource {
@@ -231,6 +234,7 @@ wire_names!(EventSource {
     Autostart => "autostart",
     Autostop => "autostop",
     System => "system",
+    Standby => "standby",
 });
 
 impl From<crate::ChangeSource> for EventSource {

@@ -504,6 +504,9 @@ impl ControlPlane {
         apply_fly_defaults(&mut request.config)?;
         leases::check_create_ttl(request.lease_ttl)?;
         validate::validate_create(&request)?;
+        let avoid = self
+            .standby_targets(app, None, &request.config.standbys)
+            .await?;
         let operation = format!("create {app}");
         Ok(
             idempotency::once(self, principal, key, &operation, request, {
@@ -512,7 +515,7 @@ impl ControlPlane {
                     let lease_ttl = request.lease_ttl;
                     let result =
                         match crate::images::pull_scope(self, principal, &app_row.org_slug).await {
-                            Ok(pull) => create(self, &app_row, request, id, pull).await,
+                            Ok(pull) => create(self, &app_row, request, id, pull, &avoid).await,
                             Err(error) => Err(error),
                         };
                     let result = match (result, lease_ttl) {
@@ -635,6 +638,9 @@ impl ControlPlane {
         leases::check(self, id, nonce).await?;
         apply_fly_defaults(&mut request.config)?;
         validate::validate_config(&request.config)?;
+        self.standby_targets(app, Some(id), &request.config.standbys)
+            .await?;
+        let standbys = request.config.standbys.clone();
         // A new driver must be one the Machine's worker offers; the worker says so.
         validate::validate_runtime(&request.config)?;
         let org = &app_row.org_slug;
@@ -657,7 +663,9 @@ impl ControlPlane {
             .ok()
             .map(|machine| MachineSize::of(&machine.config.guest));
         self.store.set_machine_size(id, size).await?;
-        Ok(Json(seen(self, updated?, &row.worker).await))
+        let updated = updated?;
+        self.record_standbys(app, id, &standbys).await?;
+        Ok(Json(seen(self, updated, &row.worker).await))
     }
 
     /// Starts a Machine on its worker, within the quota, recording each step in `timing`.
@@ -700,7 +708,7 @@ impl ControlPlane {
     }
 
     /// Starts an admitted Machine on its worker within the org's quota.
-    async fn start_admitted(
+    pub(crate) async fn start_admitted(
         &self,
         app_row: &AppRow,
         row: &MachineIndexRow,
@@ -933,6 +941,7 @@ impl ControlPlane {
     async fn bury(&self, row: &MachineIndexRow) -> Result<(), ApiError> {
         let now = self.clock.now_ms();
         let last = self.last_known.get(&self.store, &row.id).await?;
+        self.record_standbys(&row.app, &row.id, &[]).await?;
         let Some(mut machine) = last.and_then(|json| serde_json::from_str::<Machine>(&json).ok())
         else {
             self.store.delete_machine(&row.id).await?;
@@ -972,6 +981,7 @@ async fn create(
     request: CreateMachineRequest,
     id: String,
     mut pull: berth_image::PullScope,
+    standby_targets_on: &[String],
 ) -> Result<Machine, ApiError> {
     // An imported image in the shared registry: pinned to the digest its name has now.
     pull.source = control.pull_source(&request.config.image).await?;
@@ -998,6 +1008,7 @@ async fn create(
     }
     let org = &app.org_slug;
     let quotas = control.limits_of(org).quotas;
+    let standbys = request.config.standbys.clone();
     let name = request
         .name
         .clone()
@@ -1028,6 +1039,8 @@ async fn create(
                 size,
                 starts: !request.skip_launch,
             },
+            // A standby goes elsewhere than the Machines it stands by for, where it fits.
+            standby_targets_on,
         )
         .await?;
     let row = MachineIndexRow {
@@ -1073,7 +1086,10 @@ async fn create(
     };
     hold.create_ended(made).await?;
     match created {
-        Ok(machine) => Ok(seen(control, machine, &worker_name).await),
+        Ok(machine) => {
+            control.record_standbys(&app.name, &id, &standbys).await?;
+            Ok(seen(control, machine, &worker_name).await)
+        }
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
         Err(error @ WorkerError::StartFailed { .. }) => Err(error.into()),
         Err(error) => {
