@@ -695,7 +695,11 @@ async fn a_scheduled_machine_starts_once_a_period() {
         .as_array()
         .expect("events")
         .iter()
-        .filter(|event| event["type"] == "start" && event["source"] == "system")
+        .filter(|event| {
+            event["type"] == "start"
+                && event["source"] == "flyd"
+                && event["berth_source"] == "system"
+        })
         .count();
     assert_eq!(starts, 2, "{after}");
 
