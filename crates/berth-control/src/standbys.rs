@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use berth_api::{Machine, MachineState};
 use berth_worker::EventSource;
-use sqlx::Row;
+use sqlx::{AnyPool, Row};
 use tracing::{info, warn};
 
 use crate::error::ApiError;
@@ -199,41 +199,16 @@ impl ControlPlane {
         if row.worker == dead_worker {
             return Ok(());
         }
-        let claimed = sqlx::query(
-            "INSERT INTO standby_starts (standby_id, outage, claimed_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (standby_id, outage) DO UPDATE SET claimed_at_ms = $3
-             WHERE standby_starts.done = 0 AND standby_starts.claimed_at_ms < $4",
-        )
-        .bind(standby)
-        .bind(outage)
-        .bind(now)
-        .bind(now - CLAIM_EXPIRY_MS)
-        .execute(self.store.pool())
-        .await?;
-        if claimed.rows_affected() == 0 {
+        let pool = self.store.pool();
+        if !claim(pool, standby, outage, now).await? {
             return Ok(());
         }
         let result = self.start_claimed(app, &row, target, dead_worker).await;
-        match &result {
-            // The standby's worker (or the database) cannot be reached now: a later look
-            // tries again.
-            Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE => {
-                sqlx::query("DELETE FROM standby_starts WHERE standby_id = $1 AND outage = $2")
-                    .bind(standby)
-                    .bind(outage)
-                    .execute(self.store.pool())
-                    .await?;
-            }
-            _ => {
-                sqlx::query(
-                    "UPDATE standby_starts SET done = 1 WHERE standby_id = $1 AND outage = $2",
-                )
-                .bind(standby)
-                .bind(outage)
-                .execute(self.store.pool())
-                .await?;
-            }
-        }
+        // The standby's worker (or the database) cannot be reached now: a later look
+        // tries again.
+        let retry =
+            matches!(&result, Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE);
+        settle(pool, standby, outage, !retry).await?;
         result
     }
 
@@ -269,6 +244,43 @@ impl ControlPlane {
     }
 }
 
+/// Takes the start of `standby` for `outage`: true for one caller, on every replica, until
+/// [`settle`] gives it back (or it expires unsettled).
+async fn claim(pool: &AnyPool, standby: &str, outage: &str, now: i64) -> Result<bool, sqlx::Error> {
+    let claimed = sqlx::query(
+        "INSERT INTO standby_starts (standby_id, outage, claimed_at_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (standby_id, outage) DO UPDATE SET claimed_at_ms = $3
+         WHERE standby_starts.done = 0 AND standby_starts.claimed_at_ms < $4",
+    )
+    .bind(standby)
+    .bind(outage)
+    .bind(now)
+    .bind(now - CLAIM_EXPIRY_MS)
+    .execute(pool)
+    .await?;
+    Ok(claimed.rows_affected() > 0)
+}
+
+/// Ends a claim: `done` keeps it for good, else it is given back for a later look.
+async fn settle(
+    pool: &AnyPool,
+    standby: &str,
+    outage: &str,
+    done: bool,
+) -> Result<(), sqlx::Error> {
+    let statement = if done {
+        "UPDATE standby_starts SET done = 1 WHERE standby_id = $1 AND outage = $2"
+    } else {
+        "DELETE FROM standby_starts WHERE standby_id = $1 AND outage = $2"
+    };
+    sqlx::query(statement)
+        .bind(standby)
+        .bind(outage)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Watches for workers gone long enough, on every replica (claims keep starts single).
 pub(crate) fn spawn_watcher(control: &Arc<ControlPlane>, after: Duration) {
     let weak = Arc::downgrade(control);
@@ -285,4 +297,48 @@ pub(crate) fn spawn_watcher(control: &Arc<ControlPlane>, after: Duration) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pool() -> AnyPool {
+        crate::store::install_drivers();
+        // One connection: each in-memory connection is a database of its own.
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("pool");
+        crate::store::upgrade_sqlite(&pool).await.expect("schema");
+        pool
+    }
+
+    #[tokio::test]
+    async fn a_standby_is_claimed_once_per_outage() {
+        let pool = pool().await;
+        let now = 1_000_000;
+        assert!(claim(&pool, "s1", "w1@5", now).await.unwrap());
+        // Another replica's look, a moment later: taken.
+        assert!(!claim(&pool, "s1", "w1@5", now + 1000).await.unwrap());
+        // Other standbys and later outages are claims of their own.
+        assert!(claim(&pool, "s2", "w1@5", now).await.unwrap());
+        assert!(claim(&pool, "s1", "w1@9", now).await.unwrap());
+        // Done: never again for that outage, however late.
+        settle(&pool, "s1", "w1@5", true).await.unwrap();
+        assert!(!claim(&pool, "s1", "w1@5", now + 10 * CLAIM_EXPIRY_MS)
+            .await
+            .unwrap());
+        // Given back: the next look takes it.
+        settle(&pool, "s2", "w1@5", false).await.unwrap();
+        assert!(claim(&pool, "s2", "w1@5", now + 1000).await.unwrap());
+        // Unsettled (its replica died): taken over once it has expired, not before.
+        assert!(!claim(&pool, "s1", "w1@9", now + CLAIM_EXPIRY_MS - 1)
+            .await
+            .unwrap());
+        assert!(claim(&pool, "s1", "w1@9", now + CLAIM_EXPIRY_MS + 1)
+            .await
+            .unwrap());
+    }
 }
