@@ -348,6 +348,20 @@ async fn the_openapi_description_shows_fly_s_shapes_for_apps_events_and_wait() {
         schemas["MachineEventAnswer"]["properties"]["id"]["type"],
         "string"
     );
+    // `source` is described with Fly's values; Berth's stay in `berth_source`.
+    assert_eq!(
+        schemas["MachineEventAnswer"]["properties"]["source"]["$ref"],
+        "#/components/schemas/FlyEventSource"
+    );
+    assert_eq!(
+        schemas["FlyEventSource"]["enum"],
+        json!(["user", "flyd", "proxy"])
+    );
+    assert!(
+        schemas["MachineEventAnswer"]["properties"]["berth_source"].is_object(),
+        "{}",
+        schemas["MachineEventAnswer"]
+    );
     let wait = &doc["paths"]["/v1/apps/{app}/machines/{id}/wait"]["get"]["parameters"];
     let param = |name: &str| {
         wait.as_array()
