@@ -810,12 +810,30 @@ mod tests {
         assert_wire_names(
             EventSource::ALL,
             EventSource::as_str,
-            &["user", "restart_policy", "autostart", "autostop", "system"],
+            &[
+                "user",
+                "restart_policy",
+                "autostart",
+                "autostop",
+                "system",
+                "standby",
+            ],
         );
         for &source in EventSource::ALL {
             assert_eq!(EventSource::parse(source.as_str()), Some(source));
         }
         assert_eq!(EventSource::parse("proxy"), None);
+        // Fly's names for them: a client's, the proxy's, or the platform's own.
+        assert_wire_names(
+            FlyEventSource::ALL,
+            FlyEventSource::as_str,
+            &["user", "flyd", "proxy"],
+        );
+        let fly: Vec<&str> = EventSource::ALL
+            .iter()
+            .map(|source| source.fly_source().as_str())
+            .collect();
+        assert_eq!(fly, ["user", "flyd", "proxy", "proxy", "flyd", "flyd"]);
         assert_eq!(format!("{:<6}|", EventSource::User), "user  |");
     }
 
