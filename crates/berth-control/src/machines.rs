@@ -52,7 +52,9 @@ impl From<MachineSize> for Share {
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body = CreateMachineRequest,
-    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))),
+              (status = 422, body = ErrorBody, description = "`invalid_standbys`: `config.standbys` names something other than other Machines of the app"),
+              (status = "default", body = ErrorBody)))]
 pub(crate) async fn create_machine(
     State(control): State<Shared>,
     principal: Principal,
@@ -251,7 +253,9 @@ pub(crate) async fn get_machine(
            ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
            ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = UpdateMachineRequest,
-    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))),
+              (status = 422, body = ErrorBody, description = "`invalid_standbys`: `config.standbys` names the Machine itself or something other than other Machines of the app"),
+              (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
     State(control): State<Shared>,
     principal: Principal,
