@@ -175,8 +175,24 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The Machine was `started` when its worker was last heard from.
+    /// The Machine was `started` when its worker was last heard from: as its notices said
+    /// (an exit of its own included), else as last answered through the API.
     async fn was_started(&self, id: &str) -> Result<bool, ApiError> {
+        if let crate::quota::Admission::Shared(_) = &self.admission {
+            let row = sqlx::query("SELECT running, state_event FROM machines WHERE id = $1")
+                .bind(id)
+                .fetch_optional(self.store.pool())
+                .await?;
+            if let Some(row) = row {
+                let noticed: Option<i64> = row.get(1);
+                if noticed.is_some() {
+                    return Ok(row.get::<i64, _>(0) == 1);
+                }
+            }
+        } else if !self.usage.running(id) {
+            // This process follows every notice of a worker it reaches.
+            return Ok(false);
+        }
         let last = self.last_known.get(&self.store, id).await?;
         Ok(last
             .and_then(|json| serde_json::from_str::<Machine>(&json).ok())

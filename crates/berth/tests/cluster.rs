@@ -385,6 +385,24 @@ fn a_standby_starts_on_another_worker_when_its_machines_worker_stays_unreachable
     assert_ne!(standby_worker, primary_worker, "placed beside its primary");
     assert_ne!(standby.state, MachineState::Started);
 
+    // A Machine on the same worker that exited by itself before the worker went away:
+    // its standby is left alone.
+    let mut exits = sleeper(json!({}));
+    exits["config"]["init"] = json!({"cmd": ["sh", "-c", "sleep 1"]});
+    exits["config"]["restart"] = json!({"policy": "no"});
+    let (status, body) = cluster.create(exits);
+    assert_eq!(status, 200, "{body}");
+    let exited: Machine = serde_json::from_value(body).expect("machine");
+    assert_eq!(exited.worker.as_deref(), Some(primary_worker.as_str()));
+    let mut idle = sleeper(json!({"skip_launch": true}));
+    idle["config"]["standbys"] = json!([exited.id]);
+    let (status, body) = cluster.create(idle);
+    assert_eq!(status, 200, "{body}");
+    let idle: Machine = serde_json::from_value(body).expect("machine");
+    cluster.wait_for("the Machine to exit by itself", || {
+        cluster.machine(&exited.id).state == MachineState::Stopped
+    });
+
     // Control: the primary's worker answers for longer than the delay: nothing starts.
     std::thread::sleep(Duration::from_secs(AFTER_SECS + 3));
     assert_ne!(
@@ -428,6 +446,13 @@ fn a_standby_starts_on_another_worker_when_its_machines_worker_stays_unreachable
     assert_eq!(started.len(), 1, "started once: {events}");
     assert_eq!(started[0]["berth_source"], "standby", "{events}");
     assert_eq!(started[0]["source"], "flyd", "{events}");
+    // A look or two later, the other standby is still not started.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        cluster.machine(&idle.id).state,
+        MachineState::Started,
+        "the standby of a Machine that had exited started"
+    );
 
     cluster.restart_agent(&primary_worker);
     cluster.wait_for("the primary's worker to be ready again", || {
