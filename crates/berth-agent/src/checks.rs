@@ -5,12 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 
 use berth_api::{
     CheckProtocol, CheckState, CheckStatus, CheckType, Machine, MachineCheck, MachineState,
 };
 use http_body_util::Empty;
 use hyper::body::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::record::{format_ms, now_ms, MachineRecord};
@@ -140,15 +145,40 @@ fn not_run(name: &str, why: &str) -> CheckStatus {
     }
 }
 
+/// The host's CA certificates, read once, that https checks verify against.
+fn host_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::warn!(%error, "reading the host's CA certificates for https checks");
+            }
+            let (_, ignored) = roots.add_parsable_certificates(found.certs);
+            if ignored > 0 {
+                tracing::warn!(ignored, "host CA certificates https checks cannot use");
+            }
+            Arc::new(roots)
+        })
+        .clone()
+}
+
 /// Runs one check once against `address`, within its timeout.
 pub(crate) async fn probe(check: &MachineCheck, address: SocketAddr) -> (CheckState, String) {
+    probe_with_roots(check, address, host_roots).await
+}
+
+/// [`probe`], with the CA certificates https checks verify against.
+async fn probe_with_roots(
+    check: &MachineCheck,
+    address: SocketAddr,
+    roots: impl FnOnce() -> Arc<RootCertStore>,
+) -> (CheckState, String) {
     let timeout = check.timeout();
     let outcome = match check.kind_of_check {
         Some(CheckType::Http) if check.protocol == Some(CheckProtocol::Https) => {
-            return (
-                CheckState::Warning,
-                "https checks are not run: the worker has no TLS client".to_owned(),
-            )
+            tokio::time::timeout(timeout, https_probe(check, address, roots())).await
         }
         Some(CheckType::Http) => tokio::time::timeout(timeout, http_probe(check, address)).await,
         _ => {
@@ -177,24 +207,125 @@ async fn http_probe(
     check: &MachineCheck,
     address: SocketAddr,
 ) -> Result<(CheckState, String), String> {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|error| format!("connect to {address}: {error}"))?;
+    exchange(check, stream, &address.to_string()).await
+}
+
+/// [`http_probe`] over TLS: the certificate is verified against `roots` for
+/// `tls_server_name` (the address when unset), which is also the SNI and the `Host`,
+/// unless `tls_skip_verify`.
+async fn https_probe(
+    check: &MachineCheck,
+    address: SocketAddr,
+    roots: Arc<RootCertStore>,
+) -> Result<(CheckState, String), String> {
+    let name = match &check.tls_server_name {
+        Some(name) => ServerName::try_from(name.clone())
+            .map_err(|error| format!("tls_server_name {name:?}: {error}"))?,
+        None => ServerName::IpAddress(address.ip().into()),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS: {error}"))?;
+    let config = if check.tls_skip_verify == Some(true) {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|error| format!("connect to {address}: {error}"))?;
+    let host = match &check.tls_server_name {
+        Some(name) => name.clone(),
+        None => address.to_string(),
+    };
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|error| format!("TLS to {address}: {error}"))?;
+    exchange(check, stream, &host).await
+}
+
+/// `tls_skip_verify`: any certificate is taken, but the handshake's signatures are still
+/// checked (the peer holds the key of the certificate it sent).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The check's request on a connected stream, and what its answer means.
+async fn exchange<S>(
+    check: &MachineCheck,
+    stream: S,
+    host: &str,
+) -> Result<(CheckState, String), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let method = check
         .method
         .as_deref()
         .unwrap_or("GET")
         .to_ascii_uppercase();
     let path = check.path.as_deref().unwrap_or("/");
-    let stream = tokio::net::TcpStream::connect(address)
-        .await
-        .map_err(|error| format!("connect to {address}: {error}"))?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
-            .map_err(|error| format!("HTTP to {address}: {error}"))?;
+            .map_err(|error| format!("HTTP to {host}: {error}"))?;
     let driver = tokio::spawn(connection);
     let mut request = hyper::Request::builder()
         .method(method.as_str())
         .uri(path)
-        .header(hyper::header::HOST, address.to_string())
+        .header(hyper::header::HOST, host)
         .header(hyper::header::USER_AGENT, "berth-check")
         .header(hyper::header::CONNECTION, "close");
     for header in &check.headers {
@@ -319,10 +450,158 @@ mod tests {
         drop(listener);
     }
 
+    /// The test CA, and a certificate it signed for `check.test` and 127.0.0.1.
+    const TEST_CA: &[u8] = include_bytes!("testdata/check-ca.pem");
+    const TEST_LEAF: &[u8] = include_bytes!("testdata/check-leaf.pem");
+    const TEST_LEAF_KEY: &[u8] = include_bytes!("testdata/check-leaf.key");
+
+    fn test_roots() -> Arc<RootCertStore> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(TEST_CA) {
+            roots.add(cert.expect("the test CA")).expect("added");
+        }
+        Arc::new(roots)
+    }
+
+    /// A one-request HTTPS server on loopback with the test certificate: answers `status`
+    /// and hands back the SNI and the request it was sent (`None` when the handshake
+    /// failed).
+    async fn serve_tls_once(
+        status: &'static str,
+    ) -> (
+        SocketAddr,
+        tokio::task::JoinHandle<Option<(Option<String>, String)>>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::PrivateKeyDer;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(TEST_LEAF)
+            .map(|cert| cert.expect("the test certificate"))
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(TEST_LEAF_KEY).expect("the test key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut tls = acceptor.accept(socket).await.ok()?;
+            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = tls.read(&mut buffer).await.ok()?;
+                if read == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buffer[..read]);
+            }
+            let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+            tls.write_all(answer.as_bytes()).await.ok()?;
+            let _ = tls.shutdown().await;
+            Some((sni, String::from_utf8_lossy(&seen).into_owned()))
+        });
+        (address, task)
+    }
+
     #[tokio::test]
-    async fn https_checks_are_reported_not_run() {
-        let web = check(serde_json::json!({"type": "http", "port": 1, "protocol": "https"}));
-        let (state, _) = probe(&web, "127.0.0.1:1".parse().expect("addr")).await;
-        assert_eq!(state, CheckState::Warning);
+    async fn https_checks_verify_the_certificate_for_the_server_name() {
+        let (address, server) = serve_tls_once("200 OK").await;
+        let web = check(serde_json::json!({
+            "type": "http", "protocol": "https", "port": address.port(), "path": "/health",
+            "tls_server_name": "check.test"
+        }));
+        let (state, output) = probe_with_roots(&web, address, test_roots).await;
+        assert_eq!(state, CheckState::Passing, "{output}");
+        assert_eq!(output, "HTTP GET /health: 200 OK");
+        let (sni, request) = server.await.expect("server").expect("a handshake");
+        assert_eq!(sni.as_deref(), Some("check.test"));
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("host: check.test\r\n"),
+            "{request}"
+        );
+
+        // Without a name, the address is verified (the certificate names 127.0.0.1), and
+        // no SNI is sent for an address.
+        let (address, server) = serve_tls_once("204 No Content").await;
+        let web = check(serde_json::json!({
+            "type": "http", "protocol": "https", "port": address.port()
+        }));
+        let (state, output) = probe_with_roots(&web, address, test_roots).await;
+        assert_eq!(state, CheckState::Passing, "{output}");
+        let (sni, _) = server.await.expect("server").expect("a handshake");
+        assert_eq!(sni, None);
+
+        let (address, _server) = serve_tls_once("503 Service Unavailable").await;
+        let web = check(serde_json::json!({
+            "type": "http", "protocol": "https", "port": address.port(),
+            "tls_server_name": "check.test"
+        }));
+        let (state, output) = probe_with_roots(&web, address, test_roots).await;
+        assert_eq!(state, CheckState::Critical, "{output}");
+        assert!(output.ends_with("503 Service Unavailable"), "{output}");
+    }
+
+    /// Seen failing: with the verifier of `tls_skip_verify` used for every check, the
+    /// untrusted and the misnamed certificates passed.
+    #[tokio::test]
+    async fn an_untrusted_or_misnamed_certificate_fails_unless_verification_is_skipped() {
+        // A CA the checker does not trust.
+        let (address, server) = serve_tls_once("200 OK").await;
+        let web = check(serde_json::json!({
+            "type": "http", "protocol": "https", "port": address.port(),
+            "tls_server_name": "check.test"
+        }));
+        let (state, output) =
+            probe_with_roots(&web, address, || Arc::new(RootCertStore::empty())).await;
+        assert_eq!(state, CheckState::Critical, "{output}");
+        assert!(output.contains("certificate"), "{output}");
+        assert!(
+            server.await.expect("server").is_none(),
+            "no request was sent"
+        );
+
+        // A trusted certificate for another name.
+        let (address, _server) = serve_tls_once("200 OK").await;
+        let web = check(serde_json::json!({
+            "type": "http", "protocol": "https", "port": address.port(),
+            "tls_server_name": "other.test"
+        }));
+        let (state, output) = probe_with_roots(&web, address, test_roots).await;
+        assert_eq!(state, CheckState::Critical, "{output}");
+        assert!(output.contains("certificate"), "{output}");
+
+        // Both taken with tls_skip_verify; the SNI is still the name asked for.
+        for roots in [Arc::new(RootCertStore::empty()), test_roots()] {
+            let (address, server) = serve_tls_once("200 OK").await;
+            let web = check(serde_json::json!({
+                "type": "http", "protocol": "https", "port": address.port(),
+                "tls_server_name": "other.test", "tls_skip_verify": true
+            }));
+            let (state, output) = probe_with_roots(&web, address, || roots).await;
+            assert_eq!(state, CheckState::Passing, "{output}");
+            let (sni, _) = server.await.expect("server").expect("a handshake");
+            assert_eq!(sni.as_deref(), Some("other.test"));
+        }
+
+        // A name that is not one is refused, not sent.
+        let web = check(serde_json::json!({
+            "type": "http", "protocol": "https", "port": 1, "tls_server_name": "bad name!"
+        }));
+        let (state, output) =
+            probe_with_roots(&web, "127.0.0.1:1".parse().expect("addr"), test_roots).await;
+        assert_eq!(state, CheckState::Critical);
+        assert!(output.contains("tls_server_name"), "{output}");
     }
 }

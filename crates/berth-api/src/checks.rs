@@ -35,14 +35,15 @@ pub struct MachineCheck {
     /// HTTP checks: the path and query (default `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// HTTP checks: `http` (default) or `https`. Berth's agent has no TLS client: an https
-    /// check is kept as given and reported `warning` without being run.
+    /// HTTP checks: `http` (default) or `https`: the same request over TLS, the server's
+    /// certificate verified against the worker's CA certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<CheckProtocol>,
-    /// HTTPS checks: kept as given (see `protocol`).
+    /// HTTPS checks: take any certificate (the handshake's signatures are still checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_skip_verify: Option<bool>,
-    /// HTTPS checks: kept as given (see `protocol`).
+    /// HTTPS checks: the name sent as SNI and `Host` and the certificate is verified for;
+    /// unset, the Machine's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
     /// HTTP checks: headers sent with the request.

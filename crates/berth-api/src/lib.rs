@@ -340,6 +340,11 @@ pub struct MachineConfig {
     /// at update: the Machine keeps its driver. The Machine's JSON always names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// Fly's `standbys`: ids of Machines of the same app this one stands by for. It is
+    /// placed on another worker than theirs where one fits, and the control plane starts
+    /// it when the worker of one of them that was started stays unreachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standbys: Vec<String>,
 }
 
 /// How often a scheduled Machine is started: one period after its creation, then once a
@@ -849,12 +854,30 @@ mod tests {
         assert_wire_names(
             EventSource::ALL,
             EventSource::as_str,
-            &["user", "restart_policy", "autostart", "autostop", "system"],
+            &[
+                "user",
+                "restart_policy",
+                "autostart",
+                "autostop",
+                "system",
+                "standby",
+            ],
         );
         for &source in EventSource::ALL {
             assert_eq!(EventSource::parse(source.as_str()), Some(source));
         }
         assert_eq!(EventSource::parse("proxy"), None);
+        // Fly's names for them: a client's, the proxy's, or the platform's own.
+        assert_wire_names(
+            FlyEventSource::ALL,
+            FlyEventSource::as_str,
+            &["user", "flyd", "proxy"],
+        );
+        let fly: Vec<&str> = EventSource::ALL
+            .iter()
+            .map(|source| source.fly_source().as_str())
+            .collect();
+        assert_eq!(fly, ["user", "flyd", "proxy", "proxy", "flyd", "flyd"]);
         assert_eq!(format!("{:<6}|", EventSource::User), "user  |");
     }
 

@@ -223,6 +223,9 @@ pub enum EventSource {
     /// The proxy stopped an idle Machine.
     Autostop,
     System,
+    /// The control plane started a standby: a Machine it stands by for is on a worker
+    /// that stayed unreachable.
+    Standby,
 }
 
 wire_names!(EventSource {
@@ -231,6 +234,37 @@ wire_names!(EventSource {
     Autostart => "autostart",
     Autostop => "autostop",
     System => "system",
+    Standby => "standby",
+});
+
+impl EventSource {
+    /// Fly's name for who caused an event, as its clients read `source`.
+    pub fn fly_source(self) -> FlyEventSource {
+        match self {
+            EventSource::User => FlyEventSource::User,
+            EventSource::Autostart | EventSource::Autostop => FlyEventSource::Proxy,
+            EventSource::RestartPolicy | EventSource::System | EventSource::Standby => {
+                FlyEventSource::Flyd
+            }
+        }
+    }
+}
+
+/// Fly's `source` of an event: a client's request (`user`), the proxy waking or stopping
+/// the Machine (`proxy`), or the platform by itself (`flyd`: restarts, exits, recovery,
+/// standbys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FlyEventSource {
+    User,
+    Flyd,
+    Proxy,
+}
+
+wire_names!(FlyEventSource {
+    User => "user",
+    Flyd => "flyd",
+    Proxy => "proxy",
 });
 
 impl From<crate::ChangeSource> for EventSource {
@@ -266,7 +300,8 @@ pub struct MachineEvent {
 /// Berth's `exit_code` and `reason`, and Berth's earlier names `kind` and `state`
 /// (deprecated aliases of `type` and `status`, kept for one release). `type` is Fly's
 /// name of the event (`launch` for a create, see [`EventKind::fly_type`]); `kind` keeps
-/// Berth's (`create`).
+/// Berth's (`create`). `source` is Fly's ([`FlyEventSource`]); `berth_source` keeps
+/// Berth's finer name (`restart_policy`, `autostart`, `standby`...) for one release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineEventAnswer {
     /// Fly's string id: the decimal of the increasing number `?since=` pages with.
@@ -276,7 +311,10 @@ pub struct MachineEventAnswer {
     pub kind: EventKind,
     /// The state the Machine was left in.
     pub status: MachineState,
-    pub source: EventSource,
+    pub source: FlyEventSource,
+    /// Berth's name of the source, finer than Fly's (deprecated, kept for one release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub berth_source: Option<EventSource>,
     /// Unix milliseconds.
     pub timestamp: i64,
     /// For exits and stops that ended a run: Fly's `request.exit_event`.
@@ -328,7 +366,8 @@ impl MachineEventAnswer {
             id: event.id.to_string(),
             kind: event.kind,
             status: event.state,
-            source: event.source,
+            source: event.source.fly_source(),
+            berth_source: Some(event.source),
             timestamp: at_ms,
             request,
             exit_code: event.exit_code,

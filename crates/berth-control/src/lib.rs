@@ -43,6 +43,7 @@ mod replicas;
 mod robots;
 pub mod serve;
 pub mod shared_images;
+pub mod standbys;
 pub mod store;
 mod tenancy;
 mod timing;
@@ -89,6 +90,9 @@ pub struct ControlConfig {
     /// (`berth up`, which also runs the workers): an earlier run's claims are abandoned
     /// at start and its images may stay on its own disk. A SQLite file is always so.
     pub sole: bool,
+    /// How long a worker sends no heartbeat before the standbys of its started Machines
+    /// are started elsewhere (at least the heartbeat grace).
+    pub standby_after: Duration,
 }
 
 impl ControlConfig {
@@ -105,6 +109,7 @@ impl ControlConfig {
             placement: Strategy::default(),
             image_registry: None,
             sole: false,
+            standby_after: standbys::DEFAULT_STANDBY_AFTER,
         }
     }
 }
@@ -177,6 +182,7 @@ impl ControlPlane {
         store.ensure_org(DEFAULT_ORG, config.clock.now_ms()).await?;
         let workers = workers::Workers::open(store.pool(), &config.join_token).await?;
         let sole = config.sole || store.backend() == store::Backend::Sqlite;
+        let standby_after = config.standby_after;
         if !sole && config.image_registry.is_none() {
             tracing::warn!(
                 "the control store is PostgreSQL but no --image-registry is set: images \
@@ -247,6 +253,7 @@ impl ControlPlane {
         usage::spawn_ingestion(&control);
         migrate::spawn_settling(&control);
         workers::spawn_refresh(&control);
+        standbys::spawn_watcher(&control, standby_after);
         Ok(control)
     }
 
@@ -364,6 +371,7 @@ impl ControlPlane {
         &self,
         request: &PlacementRequest,
         placement: workers::Placement<'_>,
+        avoid: &[String],
     ) -> Result<(String, workers::PlacementHold), ApiError> {
         let mut full: Vec<String> = Vec::new();
         loop {
@@ -374,7 +382,17 @@ impl ControlPlane {
                     return Err(no_room(request));
                 }
             }
-            let chosen = self.place_among(capacities, request)?;
+            let preferred: Vec<WorkerCapacity> = capacities
+                .iter()
+                .filter(|worker| !avoid.contains(&worker.name))
+                .cloned()
+                .collect();
+            let chosen = if preferred.is_empty() || preferred.len() == capacities.len() {
+                self.place_among(capacities, request)?
+            } else {
+                self.place_among(preferred, request)
+                    .or_else(|_| self.place_among(capacities, request))?
+            };
             if let Some(hold) = self
                 .workers
                 .reserve(

@@ -555,6 +555,16 @@ impl Usage {
         });
     }
 
+    /// The worker last said the Machine is started (as far as this process heard).
+    pub(crate) fn running(&self, machine: &str) -> bool {
+        self.state.lock().is_ok_and(|table| {
+            table
+                .machines
+                .get(machine)
+                .is_some_and(|entry| entry.running)
+        })
+    }
+
     pub(crate) fn of_org(&self, org: &str) -> OrgUsage {
         let totals = self
             .state

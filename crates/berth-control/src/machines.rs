@@ -53,7 +53,9 @@ impl From<MachineSize> for Share {
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`"),
            ("idempotency-key" = Option<String>, Header, description = "makes a retry return the first answer")),
     request_body = CreateMachineRequest,
-    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))),
+              (status = 422, body = ErrorBody, description = "`invalid_standbys`: `config.standbys` names something other than other Machines of the app"),
+              (status = "default", body = ErrorBody)))]
 pub(crate) async fn create_machine(
     State(control): State<Shared>,
     principal: Principal,
@@ -252,7 +254,9 @@ pub(crate) async fn get_machine(
            ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
            ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = UpdateMachineRequest,
-    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))),
+              (status = 422, body = ErrorBody, description = "`invalid_standbys`: `config.standbys` names the Machine itself or something other than other Machines of the app"),
+              (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
     State(control): State<Shared>,
     principal: Principal,
@@ -505,6 +509,9 @@ impl ControlPlane {
         apply_fly_defaults(&mut request.config)?;
         leases::check_create_ttl(request.lease_ttl)?;
         validate::validate_create(&request)?;
+        let avoid = self
+            .standby_targets(app, None, &request.config.standbys)
+            .await?;
         let operation = format!("create {app}");
         Ok(
             idempotency::once(self, principal, key, &operation, request, {
@@ -513,7 +520,7 @@ impl ControlPlane {
                     let lease_ttl = request.lease_ttl;
                     let result =
                         match crate::images::pull_scope(self, principal, &app_row.org_slug).await {
-                            Ok(pull) => create(self, &app_row, request, id, pull).await,
+                            Ok(pull) => create(self, &app_row, request, id, pull, &avoid).await,
                             Err(error) => Err(error),
                         };
                     let result = match (result, lease_ttl) {
@@ -636,6 +643,9 @@ impl ControlPlane {
         leases::check(self, id, nonce).await?;
         apply_fly_defaults(&mut request.config)?;
         validate::validate_config(&request.config)?;
+        self.standby_targets(app, Some(id), &request.config.standbys)
+            .await?;
+        let standbys = request.config.standbys.clone();
         // A new driver must be one the Machine's worker offers; the worker says so.
         validate::validate_runtime(&request.config)?;
         let org = &app_row.org_slug;
@@ -658,7 +668,9 @@ impl ControlPlane {
             .ok()
             .map(|machine| MachineSize::of(&machine.config.guest));
         self.store.set_machine_size(id, size).await?;
-        Ok(Json(seen(self, updated?, &row.worker).await))
+        let updated = updated?;
+        self.record_standbys(app, id, &standbys).await?;
+        Ok(Json(seen(self, updated, &row.worker).await))
     }
 
     /// Starts a Machine on its worker, within the quota, recording each step in `timing`.
@@ -701,7 +713,7 @@ impl ControlPlane {
     }
 
     /// Starts an admitted Machine on its worker within the org's quota.
-    async fn start_admitted(
+    pub(crate) async fn start_admitted(
         &self,
         app_row: &AppRow,
         row: &MachineIndexRow,
@@ -930,6 +942,7 @@ impl ControlPlane {
     async fn bury(&self, row: &MachineIndexRow) -> Result<(), ApiError> {
         let now = self.clock.now_ms();
         let last = self.last_known.get(&self.store, &row.id).await?;
+        self.record_standbys(&row.app, &row.id, &[]).await?;
         let Some(mut machine) = last.and_then(|json| serde_json::from_str::<Machine>(&json).ok())
         else {
             self.store.delete_machine(&row.id).await?;
@@ -969,6 +982,7 @@ async fn create(
     request: CreateMachineRequest,
     id: String,
     mut pull: berth_image::PullScope,
+    standby_targets_on: &[String],
 ) -> Result<Machine, ApiError> {
     // An imported image in the shared registry: pinned to the digest its name has now.
     pull.source = control.pull_source(&request.config.image).await?;
@@ -995,6 +1009,7 @@ async fn create(
     }
     let org = &app.org_slug;
     let quotas = control.limits_of(org).quotas;
+    let standbys = request.config.standbys.clone();
     let name = request
         .name
         .clone()
@@ -1025,6 +1040,8 @@ async fn create(
                 size,
                 starts: !request.skip_launch,
             },
+            // A standby goes elsewhere than the Machines it stands by for, where it fits.
+            standby_targets_on,
         )
         .await?;
     let row = MachineIndexRow {
@@ -1070,7 +1087,10 @@ async fn create(
     };
     hold.create_ended(made).await?;
     match created {
-        Ok(machine) => Ok(seen(control, machine, &worker_name).await),
+        Ok(machine) => {
+            control.record_standbys(&app.name, &id, &standbys).await?;
+            Ok(seen(control, machine, &worker_name).await)
+        }
         // The Machine exists in `failed`; the client may inspect, update or destroy it.
         Err(error @ WorkerError::StartFailed { .. }) => Err(error.into()),
         Err(error) => {

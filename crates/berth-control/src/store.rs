@@ -323,7 +323,8 @@ pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
         .chain(crate::workers::SCHEMA)
         .chain(crate::replicas::SCHEMA)
         .chain(crate::drain::SCHEMA)
-        .chain(crate::shared_images::SCHEMA);
+        .chain(crate::shared_images::SCHEMA)
+        .chain(crate::standbys::SCHEMA);
     for statement in statements {
         sqlx::query(statement).execute(pool).await?;
     }

@@ -701,7 +701,11 @@ async fn a_scheduled_machine_starts_once_a_period() {
         .as_array()
         .expect("events")
         .iter()
-        .filter(|event| event["type"] == "start" && event["source"] == "system")
+        .filter(|event| {
+            event["type"] == "start"
+                && event["source"] == "flyd"
+                && event["berth_source"] == "system"
+        })
         .count();
     assert_eq!(starts, 2, "{after}");
 
@@ -713,4 +717,84 @@ async fn a_scheduled_machine_starts_once_a_period() {
     .await;
     assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
     assert_eq!(reply.body["field"], "config.schedule", "{}", reply.body);
+}
+
+/// `config.standbys` (Fly's `MachineConfig.Standbys`): ids of Machines of the same app,
+/// kept in the config and not warned; anything else is 422 `invalid_standbys` at create
+/// and update, in both modes, and makes nothing.
+#[tokio::test]
+async fn standbys_name_other_machines_of_the_app_or_are_refused() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "fly").await;
+    harness.app(&harness.admin, "other").await;
+    let primary = create(&harness, &[], launch("primary", json!({}), true)).await;
+    assert_eq!(primary.status, 200, "{}", primary.body);
+    let primary_id = primary.body["id"].as_str().expect("id").to_owned();
+    let foreign = harness
+        .send(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/other/machines",
+            &[],
+            Some(launch("foreign", json!({}), true)),
+        )
+        .await;
+    assert_eq!(foreign.status, 200, "{}", foreign.body);
+    let foreign_id = foreign.body["id"].as_str().expect("id").to_owned();
+
+    for headers in [&[][..], &[STRICT][..]] {
+        for standbys in [
+            json!(["00000000000000"]),
+            json!([foreign_id]),
+            json!([primary_id, primary_id]),
+        ] {
+            let reply = create(
+                &harness,
+                headers,
+                launch("standby", json!({"standbys": standbys}), true),
+            )
+            .await;
+            assert_error(&(reply.status, reply.body.clone()), 422, "invalid_standbys");
+        }
+        let reply = create(
+            &harness,
+            headers,
+            launch("standby", json!({"standbys": primary_id}), true),
+        )
+        .await;
+        assert_error(&(reply.status, reply.body.clone()), 400, "invalid_config");
+        assert_eq!(reply.body["field"], "config.standbys", "{}", reply.body);
+    }
+    let (_, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/fly/machines", None)
+        .await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    let standby = create(
+        &harness,
+        &[STRICT],
+        launch("standby", json!({"standbys": [primary_id]}), true),
+    )
+    .await;
+    assert_eq!(standby.status, 200, "{}", standby.body);
+    assert!(warned(&standby).is_empty(), "{}", standby.body);
+    assert_eq!(standby.body["config"]["standbys"], json!([primary_id]));
+    let standby_id = standby.body["id"].as_str().expect("id").to_owned();
+    let (_, got) = get(&harness, &standby_id).await;
+    assert_eq!(got["config"]["standbys"], json!([primary_id]), "{got}");
+
+    // An update is checked the same way, and a Machine cannot stand by for itself.
+    let mut config = got["config"].clone();
+    config["standbys"] = json!([standby_id]);
+    let reply = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("/v1/apps/fly/machines/{standby_id}"),
+            Some(json!({"config": config, "skip_launch": true})),
+        )
+        .await;
+    assert_error(&reply, 422, "invalid_standbys");
+    let (_, unchanged) = get(&harness, &standby_id).await;
+    assert_eq!(unchanged["config"]["standbys"], json!([primary_id]));
 }

@@ -96,6 +96,60 @@ async fn events_carry_fly_s_fields_and_page_by_their_string_ids() {
     assert_eq!(ids, [events[1].id.as_str(), events[2].id.as_str()]);
 }
 
+/// `source` carries Fly's values (`user`, `flyd`, `proxy`), never Berth's finer names,
+/// which stay in `berth_source` for one release: an exit is the platform's (`flyd`), a
+/// start the proxy asked for is `proxy`.
+#[tokio::test]
+async fn event_sources_are_fly_s_with_berth_s_kept_beside() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "ev").await;
+    let id = harness.machine(&harness.admin, "ev", true).await;
+    let base = format!("/v1/apps/ev/machines/{id}");
+    let (status, reply) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("{base}/stop"),
+            Some(json!({"source": "autostop"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            &format!("{base}/start"),
+            Some(json!({"source": "autostart"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let (_, reply) = harness
+        .call(&harness.admin, Method::GET, &format!("{base}/events"), None)
+        .await;
+    let events: Vec<FlyMachineEvent> = serde_json::from_value(reply.clone()).expect("Fly's shape");
+    let sources: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.source.as_str()))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            ("launch", "user"),
+            ("start", "user"),
+            ("stop", "proxy"),
+            ("start", "proxy")
+        ],
+        "{reply}"
+    );
+    let berth: Vec<&str> = reply
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["berth_source"].as_str())
+        .collect();
+    assert_eq!(berth, ["user", "user", "autostop", "autostart"], "{reply}");
+}
+
 #[tokio::test]
 async fn the_apps_list_is_fly_s_envelope_with_each_app_s_organization() {
     let harness = Harness::start().await;
@@ -293,6 +347,20 @@ async fn the_openapi_description_shows_fly_s_shapes_for_apps_events_and_wait() {
     assert_eq!(
         schemas["MachineEventAnswer"]["properties"]["id"]["type"],
         "string"
+    );
+    // `source` is described with Fly's values; Berth's stay in `berth_source`.
+    assert_eq!(
+        schemas["MachineEventAnswer"]["properties"]["source"]["$ref"],
+        "#/components/schemas/FlyEventSource"
+    );
+    assert_eq!(
+        schemas["FlyEventSource"]["enum"],
+        json!(["user", "flyd", "proxy"])
+    );
+    assert!(
+        schemas["MachineEventAnswer"]["properties"]["berth_source"].is_object(),
+        "{}",
+        schemas["MachineEventAnswer"]
     );
     let wait = &doc["paths"]["/v1/apps/{app}/machines/{id}/wait"]["get"]["parameters"];
     let param = |name: &str| {

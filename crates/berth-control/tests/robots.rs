@@ -411,8 +411,10 @@ async fn events_page_by_increasing_ids_with_sources_and_reasons() {
     assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
     assert!(events.iter().all(|e| e["timestamp"].is_i64()));
     assert_eq!(events[1]["source"], "user");
+    assert_eq!(events[1]["berth_source"], "user");
     assert_eq!(events[2]["reason"], "killed");
-    assert_eq!(events[4]["source"], "system");
+    assert_eq!(events[4]["source"], "flyd");
+    assert_eq!(events[4]["berth_source"], "system");
     assert_eq!(
         (events[4]["reason"].clone(), events[4]["exit_code"].clone()),
         (json!("exited"), json!(3))

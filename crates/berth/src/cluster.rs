@@ -50,6 +50,11 @@ pub struct ServerArgs {
     /// A registry to reach over plain HTTP (loopback always is); may be repeated.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registry: Vec<String>,
+    /// Seconds a worker may send no heartbeat before the control plane starts, on other
+    /// workers, the standbys (Fly's `config.standbys`) of its started Machines. At least
+    /// 10, the time after which a silent worker shows as unreachable.
+    #[arg(long, default_value_t = berth_control::standbys::DEFAULT_STANDBY_AFTER.as_secs())]
+    standby_after_secs: u64,
     #[command(flatten)]
     api: ApiServeOptions,
 }
@@ -132,6 +137,9 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     )?);
     let mut config = ControlConfig::new(data_dir.clone(), admin_token, join_token);
     config.placement = args.placement.into();
+    config.standby_after = Duration::from_secs(args.standby_after_secs);
+    berth_control::standbys::check_delay(config.standby_after)
+        .map_err(|error| anyhow!("--standby-after-secs {error}"))?;
     config.image_registry = image_registry(&args)?;
     if let Some(database) = args.database {
         tracing::info!(%database, "control store");

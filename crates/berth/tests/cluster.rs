@@ -343,3 +343,123 @@ fn a_control_plane_killed_alone_mid_creates_recovers_one_view_with_its_agents() 
     );
     cluster.teardown();
 }
+
+/// Fly's standbys across processes: a standby is placed on another worker than the Machine
+/// it stands by for (spread alone would put it on the same one); it is left alone while
+/// that worker answers, however long; and once the worker's agent is killed, the control
+/// plane starts it on the other worker within `--standby-after-secs` and a few seconds,
+/// with an event that says it was started as a standby.
+#[test]
+fn a_standby_starts_on_another_worker_when_its_machines_worker_stays_unreachable() {
+    const AFTER_SECS: u64 = 10;
+    let mut cluster = Cluster::with_fleet(&[("w1", 4, 4096), ("w2", 4, 4096)]);
+    cluster
+        .server_args
+        .extend(["--standby-after-secs".to_owned(), AFTER_SECS.to_string()]);
+    cluster.restart_server();
+    cluster.wait_for("every worker to be ready again", || {
+        cluster
+            .workers()
+            .iter()
+            .all(|worker| worker.status == WorkerStatus::Ready)
+    });
+
+    let (status, body) = cluster.create(sleeper(json!({})));
+    assert_eq!(status, 200, "{body}");
+    let primary: Machine = serde_json::from_value(body).expect("machine");
+    let primary_worker = primary.worker.clone().expect("worker");
+    // Fill the other worker more, so that spread alone would put the standby beside the
+    // primary.
+    let mut filler = sleeper(json!({}));
+    filler["config"]["guest"] = json!({"cpus": 2, "memory_mb": 512});
+    let (status, body) = cluster.create(filler);
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["worker"], primary_worker.as_str(), "{body}");
+
+    let mut standby = sleeper(json!({"skip_launch": true}));
+    standby["config"]["standbys"] = json!([primary.id]);
+    let (status, body) = cluster.create(standby);
+    assert_eq!(status, 200, "{body}");
+    let standby: Machine = serde_json::from_value(body).expect("machine");
+    let standby_worker = standby.worker.clone().expect("worker");
+    assert_ne!(standby_worker, primary_worker, "placed beside its primary");
+    assert_ne!(standby.state, MachineState::Started);
+
+    // A Machine on the same worker that exited by itself before the worker went away:
+    // its standby is left alone.
+    let mut exits = sleeper(json!({}));
+    exits["config"]["init"] = json!({"cmd": ["sh", "-c", "sleep 1"]});
+    exits["config"]["restart"] = json!({"policy": "no"});
+    let (status, body) = cluster.create(exits);
+    assert_eq!(status, 200, "{body}");
+    let exited: Machine = serde_json::from_value(body).expect("machine");
+    assert_eq!(exited.worker.as_deref(), Some(primary_worker.as_str()));
+    let mut idle = sleeper(json!({"skip_launch": true}));
+    idle["config"]["standbys"] = json!([exited.id]);
+    let (status, body) = cluster.create(idle);
+    assert_eq!(status, 200, "{body}");
+    let idle: Machine = serde_json::from_value(body).expect("machine");
+    cluster.wait_for("the Machine to exit by itself", || {
+        cluster.machine(&exited.id).state == MachineState::Stopped
+    });
+
+    // Control: the primary's worker answers for longer than the delay: nothing starts.
+    std::thread::sleep(Duration::from_secs(AFTER_SECS + 3));
+    assert_ne!(
+        cluster.machine(&standby.id).state,
+        MachineState::Started,
+        "a standby started while its primary's worker answered\n{}",
+        cluster.logs()
+    );
+
+    cluster.agent(&primary_worker).process.kill();
+    let killed = Instant::now();
+    let bound = Duration::from_secs(AFTER_SECS + 8);
+    while cluster.machine(&standby.id).state != MachineState::Started {
+        assert!(
+            killed.elapsed() < bound,
+            "the standby did not start within {bound:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "standby started {:?} after the primary's agent was killed",
+        killed.elapsed()
+    );
+    assert_eq!(
+        cluster.machine(&standby.id).worker.as_deref(),
+        Some(standby_worker.as_str())
+    );
+    let (status, events) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/machines/{}/events", standby.id),
+        None,
+    );
+    assert_eq!(status, 200, "{events}");
+    let started: Vec<&Value> = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|event| event["type"] == "start")
+        .collect();
+    assert_eq!(started.len(), 1, "started once: {events}");
+    assert_eq!(started[0]["berth_source"], "standby", "{events}");
+    assert_eq!(started[0]["source"], "flyd", "{events}");
+    // A look or two later, the other standby is still not started.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        cluster.machine(&idle.id).state,
+        MachineState::Started,
+        "the standby of a Machine that had exited started"
+    );
+
+    cluster.restart_agent(&primary_worker);
+    cluster.wait_for("the primary's worker to be ready again", || {
+        cluster
+            .workers()
+            .iter()
+            .all(|worker| worker.status == WorkerStatus::Ready)
+    });
+    cluster.teardown();
+}

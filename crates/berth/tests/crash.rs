@@ -349,7 +349,8 @@ fn after_a_host_reboot_machines_are_stopped_or_restarted_with_their_files() {
             .and_then(|events| events.last())
             .cloned()
             .unwrap_or_default();
-        assert_eq!(last["source"], "system", "{events}");
+        assert_eq!(last["source"], "flyd", "{events}");
+        assert_eq!(last["berth_source"], "system", "{events}");
         assert_eq!(last["reason"], "host_restart", "{events}");
     }
     platform.wait_for("the always Machine back", Duration::from_secs(20), || {

@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_api::{EventKind, EventSource, Machine, MachineEventAnswer, MachineState};
+use berth_api::{
+    EventKind, EventSource, FlyEventSource, Machine, MachineEventAnswer, MachineState,
+};
 use common::{busybox_image, Platform};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -107,7 +109,8 @@ fn a_stopped_app_wakes_on_its_first_request_and_stops_when_idle() {
         .rev()
         .find(|event| event.kind == EventKind::Start)
         .expect("a start event");
-    assert_eq!(start.source, EventSource::Autostart);
+    assert_eq!(start.berth_source, Some(EventSource::Autostart));
+    assert_eq!(start.source, FlyEventSource::Proxy);
 
     // Warm now: answered without a start.
     let (status, _, _) = via_proxy(&platform, &client, "web", "/");
@@ -121,7 +124,8 @@ fn a_stopped_app_wakes_on_its_first_request_and_stops_when_idle() {
         .rev()
         .find(|event| event.kind == EventKind::Stop)
         .expect("a stop event");
-    assert_eq!(stop.source, EventSource::Autostop);
+    assert_eq!(stop.berth_source, Some(EventSource::Autostop));
+    assert_eq!(stop.source, FlyEventSource::Proxy);
 
     // And it wakes again.
     let (status, _, body) = via_proxy(&platform, &client, "web", "/");
@@ -181,7 +185,8 @@ fn fifty_concurrent_requests_to_a_stopped_app_start_one_machine() {
             events(&platform, "burst", &machine.id)
                 .iter()
                 .filter(|event| {
-                    event.kind == EventKind::Start && event.source == EventSource::Autostart
+                    event.kind == EventKind::Start
+                        && event.berth_source == Some(EventSource::Autostart)
                 })
                 .count()
         })
@@ -209,7 +214,9 @@ fn a_slow_streaming_response_keeps_its_machine_running() {
     );
     let stops_during_stream = events(&platform, "stream", &machine.id)
         .iter()
-        .filter(|event| event.kind == EventKind::Stop && event.source == EventSource::Autostop)
+        .filter(|event| {
+            event.kind == EventKind::Stop && event.berth_source == Some(EventSource::Autostop)
+        })
         .count();
     assert_eq!(stops_during_stream, 0, "not stopped while streaming");
     platform.wait_for("the idle Machine to stop", Duration::from_secs(15), || {
@@ -451,7 +458,8 @@ fn a_machine_started_through_the_api_without_traffic_is_autostopped() {
         .rev()
         .find(|event| event.kind == EventKind::Stop)
         .expect("a stop event");
-    assert_eq!(stop.source, EventSource::Autostop);
+    assert_eq!(stop.berth_source, Some(EventSource::Autostop));
+    assert_eq!(stop.source, FlyEventSource::Proxy);
 
     // Started again through the API, it is found again and stopped again.
     let (status, body) = platform.call(
@@ -467,7 +475,9 @@ fn a_machine_started_through_the_api_without_traffic_is_autostopped() {
     );
     let autostops = events(&platform, "quiet", &machine.id)
         .iter()
-        .filter(|event| event.kind == EventKind::Stop && event.source == EventSource::Autostop)
+        .filter(|event| {
+            event.kind == EventKind::Stop && event.berth_source == Some(EventSource::Autostop)
+        })
         .count();
     assert_eq!(autostops, 2);
     platform.teardown();
@@ -494,7 +504,9 @@ exec cat
 fn autostops(platform: &Platform, app: &str, id: &str) -> usize {
     events(platform, app, id)
         .iter()
-        .filter(|event| event.kind == EventKind::Stop && event.source == EventSource::Autostop)
+        .filter(|event| {
+            event.kind == EventKind::Stop && event.berth_source == Some(EventSource::Autostop)
+        })
         .count()
 }
 
@@ -629,7 +641,8 @@ fn berth_proxy_on_its_own_wakes_a_machine() {
         .rev()
         .find(|event| event.kind == EventKind::Start)
         .expect("a start event");
-    assert_eq!(start.source, EventSource::Autostart);
+    assert_eq!(start.berth_source, Some(EventSource::Autostart));
+    assert_eq!(start.source, FlyEventSource::Proxy);
     platform.wait_for("the idle Machine to stop", Duration::from_secs(15), || {
         state(&platform, "solo", &machine.id) == MachineState::Stopped
     });

@@ -240,7 +240,8 @@ fn an_org_token_execs_follows_logs_and_reads_events() {
         (exit["reason"].clone(), exit["exit_code"].clone()),
         (json!("exited"), json!(3))
     );
-    assert_eq!(exit["source"], "system");
+    assert_eq!(exit["source"], "flyd");
+    assert_eq!(exit["berth_source"], "system");
     let ids: Vec<i64> = events
         .iter()
         .map(|e| e["id"].as_str().and_then(|id| id.parse().ok()).expect("id"))
