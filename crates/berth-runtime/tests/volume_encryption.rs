@@ -5,8 +5,9 @@
 //!
 //! Proof that the test can fail: the same writes to a volume made without a key are
 //! found in its image and its snapshot (the control below); with `unlock` changed to add
-//! the key but skip the policy (the data directory left unencrypted), the encrypted
-//! volume's image held the marker too and the test failed on "plaintext in the image".
+//! the key but skip the policy (the data directory left unencrypted), a mount of the
+//! encrypted volume without its key listed the marker's directory in plaintext and the
+//! test failed there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
