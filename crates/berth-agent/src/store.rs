@@ -992,6 +992,7 @@ mod tests {
     async fn a_volume_is_journaled_with_its_record_and_once_per_change() {
         let (_dir, store) = store().await;
         let mut record = crate::volumes::VolumeRecord {
+            key: None,
             id: "vol_0123456789abcdef".into(),
             app: "a".into(),
             name: "data".into(),

@@ -14,7 +14,7 @@ use berth_api::{
     CreateVolumeRequest, ErrorBody, MachineMount, UpdateVolumeRequest, Volume, VolumeSnapshot,
     DEFAULT_VOLUME_SIZE_GB,
 };
-use berth_runtime::volume::{VolumeLayout, VolumeMount};
+use berth_runtime::volume::{VolumeKey, VolumeLayout, VolumeMount};
 use berth_runtime::RuntimeError;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -69,6 +69,10 @@ pub struct VolumeRecord {
     /// starts from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copied_pass: Option<String>,
+    /// An encrypted volume's key (none: not encrypted). Kept here, in the agent's store,
+    /// not beside the image; sent only to the worker the volume moves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<VolumeKey>,
 }
 
 /// A snapshot as the agent records it; its image is `path`.
@@ -156,6 +160,11 @@ impl Agent {
         VolumeLayout::new(&self.volumes_root(), id)
     }
 
+    /// The volume's layout with its key: for every step that mounts it.
+    pub(crate) fn keyed_layout(&self, record: &VolumeRecord) -> VolumeLayout {
+        self.volume_layout(&record.id).with_key(record.key.clone())
+    }
+
     pub(crate) fn snapshots_dir(&self, id: &str) -> PathBuf {
         self.volume_layout(id).dir.join("snapshots")
     }
@@ -185,7 +194,7 @@ impl Agent {
             size_gb: record.size_gb,
             region: record.region.clone(),
             zone: self.inner.config.name.clone(),
-            encrypted: false,
+            encrypted: record.key.is_some(),
             attached_machine_id: record.attached_machine.clone(),
             attached_alloc_id: None,
             created_at: format_ms(record.created_at_ms),
@@ -204,6 +213,8 @@ impl Agent {
     pub(crate) async fn volume_create_op(&self, request: CreateVolumeOnWorker) -> Result<Volume> {
         let CreateVolumeOnWorker { id, app, request } = request;
         let size_gb = check_create(&request)?;
+        // Fly encrypts a volume unless told not to.
+        let encrypted = request.encrypted.unwrap_or(true);
         let _guard = self.lock(&id).await?;
         if let Some(existing) = self.inner.store.volume(&id).await? {
             if existing.app == app && existing.name == request.name && existing.pending.is_none() {
@@ -213,7 +224,9 @@ impl Agent {
                 "volume id {id} is already taken"
             )));
         }
-        let from = match &request.snapshot_id {
+        // A restore is a copy of an image encrypted with its volume's key, which it keeps
+        // (a new key would mean encrypting every block again).
+        let (from, key) = match &request.snapshot_id {
             Some(snapshot) => {
                 let record = self.inner.store.snapshot(snapshot).await?.ok_or_else(|| {
                     refuse(
@@ -223,9 +236,16 @@ impl Agent {
                         Some("snapshot_id"),
                     )
                 })?;
-                Some(record.path)
+                let source = self.load_volume(&record.volume_id).await?;
+                (Some(record.path), source.key)
             }
-            None => None,
+            None if encrypted => (
+                None,
+                Some(VolumeKey::generate().map_err(|error| {
+                    AgentError::Internal(format!("make a volume key: {error}"))
+                })?),
+            ),
+            None => (None, None),
         };
         let mut record = VolumeRecord {
             id: id.clone(),
@@ -239,10 +259,11 @@ impl Agent {
             attached_machine: None,
             pending: Some(VolumePending::Create),
             copied_pass: None,
+            key,
         };
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_create.after_record");
-        let layout = self.volume_layout(&id);
+        let layout = self.keyed_layout(&record);
         if let Err(error) = self
             .host_driver()
             .volume_create(&layout, u64::from(size_gb) * GIB, from)
@@ -364,7 +385,7 @@ impl Agent {
     async fn finish_extend(&self, record: &mut VolumeRecord, offline_ok: bool) -> Result<()> {
         self.host_driver()
             .volume_extend(
-                &self.volume_layout(&record.id),
+                &self.keyed_layout(record),
                 u64::from(record.size_gb) * GIB,
                 offline_ok,
             )
@@ -453,24 +474,21 @@ impl Agent {
     }
 
     /// Claims the Machine's volumes for it (create): each must exist, belong to the app and
-    /// be free (or already its own, for a retried create). Answers what the bundle mounts.
+    /// be free (or already its own, for a retried create). Sets each mount's `encrypted`
+    /// to the volume's; answers what the bundle mounts.
     pub(crate) async fn attach_volumes(
         &self,
         machine: &str,
         app: &str,
-        mounts: &[MachineMount],
+        mounts: &mut [MachineMount],
     ) -> Result<Vec<VolumeMount>> {
         let mut claimed: Vec<String> = Vec::new();
-        let mut out = Vec::new();
-        for (index, mount) in mounts.iter().enumerate() {
+        for (index, mount) in mounts.iter_mut().enumerate() {
             let result = self.claim(machine, app, &mount.volume, index).await;
             match result {
-                Ok(()) => {
+                Ok(encrypted) => {
                     claimed.push(mount.volume.clone());
-                    out.push(VolumeMount {
-                        source: self.volume_layout(&mount.volume).mount_point(),
-                        destination: mount.path.clone(),
-                    });
+                    mount.encrypted = encrypted;
                 }
                 Err(error) => {
                     self.release_volumes(machine, &claimed).await;
@@ -478,10 +496,11 @@ impl Agent {
                 }
             }
         }
-        Ok(out)
+        Ok(self.volume_mounts(mounts))
     }
 
-    async fn claim(&self, machine: &str, app: &str, volume: &str, index: usize) -> Result<()> {
+    /// Attaches the volume to the Machine; answers whether it is encrypted.
+    async fn claim(&self, machine: &str, app: &str, volume: &str, index: usize) -> Result<bool> {
         let _guard = self.lock(volume).await?;
         let field = format!("config.mounts[{index}].volume");
         let mut record = match self.inner.store.volume(volume).await? {
@@ -495,23 +514,28 @@ impl Agent {
                 ))
             }
         };
+        let encrypted = record.key.is_some();
         match &record.attached_machine {
-            Some(holder) if holder == machine => Ok(()),
+            Some(holder) if holder == machine => Ok(encrypted),
             Some(holder) => Err(attached(volume, holder)),
             None => {
                 record.attached_machine = Some(machine.to_owned());
-                self.inner.store.save_volume(&record).await
+                self.inner.store.save_volume(&record).await?;
+                Ok(encrypted)
             }
         }
     }
 
-    /// Where the Machine's (already claimed) volumes are mounted from: for update and its
-    /// rollback, which rewrite `config.json`.
+    /// Where the Machine's (already claimed) volumes are mounted from (an encrypted one's
+    /// data directory, as its mount's `encrypted` says): for create, update and its
+    /// rollback, which write `config.json`.
     pub(crate) fn volume_mounts(&self, mounts: &[MachineMount]) -> Vec<VolumeMount> {
         mounts
             .iter()
             .map(|mount| VolumeMount {
-                source: self.volume_layout(&mount.volume).mount_point(),
+                source: self
+                    .volume_layout(&mount.volume)
+                    .machine_source(mount.encrypted),
                 destination: mount.path.clone(),
             })
             .collect()
@@ -542,7 +566,7 @@ impl Agent {
     /// is).
     pub(crate) async fn recover_volumes(&self) -> Result<()> {
         for mut record in self.inner.store.volumes_of(None).await? {
-            let layout = self.volume_layout(&record.id);
+            let layout = self.keyed_layout(&record);
             match record.pending {
                 Some(VolumePending::Create) => {
                     self.host_driver().volume_remove(&layout).await?;
@@ -619,14 +643,6 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
             "invalid_config",
             format!("size_gb must be from 1 to {MAX_VOLUME_SIZE_GB}"),
             Some("size_gb"),
-        ));
-    }
-    if request.encrypted == Some(true) {
-        return Err(refuse(
-            422,
-            "unsupported",
-            "encrypted volumes are not supported; send encrypted: false".into(),
-            Some("encrypted"),
         ));
     }
     if request

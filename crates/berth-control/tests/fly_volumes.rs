@@ -399,7 +399,6 @@ async fn refusals_carry_flys_fields_and_stable_codes() {
 
     // What Berth cannot do is refused with 422 naming the field; nothing is made.
     for (field, value) in [
-        ("encrypted", json!(true)),
         ("fstype", json!("raw")),
         ("source_volume_id", json!(theirs.id)),
     ] {
@@ -584,4 +583,86 @@ async fn the_description_lists_the_volume_routes_and_shapes() {
         assert!(schemas[name].is_object(), "{name}");
     }
     assert!(schemas["MachineConfig"]["properties"]["mounts"].is_object());
+}
+
+/// Fly encrypts a volume unless the create says `encrypted: false` (flyctl's
+/// `--no-encryption`); the answer says which, a Machine's mount says so too, a restore
+/// keeps its snapshot's encryption, and no answer carries the key.
+#[tokio::test]
+async fn volumes_are_encrypted_unless_asked_not_to_and_say_so() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "enc").await;
+    let mut answers = Vec::new();
+    for (strict, encrypted) in [(false, None), (true, Some(true)), (false, Some(false))] {
+        let mut body = create_body(&format!("v{}", answers.len()), 1);
+        match encrypted {
+            Some(value) => body["encrypted"] = json!(value),
+            None => {
+                body.as_object_mut().unwrap().remove("encrypted");
+            }
+        }
+        let headers: &[(&str, &str)] = if strict { &[STRICT] } else { &[] };
+        let reply = harness
+            .send(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/enc/volumes",
+                headers,
+                Some(body),
+            )
+            .await;
+        assert!(
+            !reply.body.to_string().contains("\"key\""),
+            "no answer names a key: {}",
+            reply.body
+        );
+        answers.push(volume((reply.status, reply.body)));
+    }
+    let flags: Vec<bool> = answers.iter().map(|volume| volume.encrypted).collect();
+    assert_eq!(flags, [true, true, false]);
+    let (status, listed) = harness
+        .call(&harness.admin, Method::GET, "/v1/apps/enc/volumes", None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed[0]["encrypted"], true, "{listed}");
+    assert_eq!(listed[2]["encrypted"], false, "{listed}");
+
+    // A Machine's mount tells the volume's truth whatever the client sent.
+    for (source, expected) in [(&answers[0], true), (&answers[2], false)] {
+        let (status, machine) = harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/enc/machines",
+                Some(machine_with(&format!("m-{}", source.name), &source.id)),
+            )
+            .await;
+        assert_eq!(status, 200, "{machine}");
+        // Omitted when false, which a Go client reads as false.
+        let said = machine["config"]["mounts"][0]["encrypted"].as_bool();
+        assert_eq!(said.unwrap_or(false), expected, "{machine}");
+    }
+
+    // A restore is a copy of the snapshot's image, encrypted as its volume was.
+    let snapshot_of = |volume: &FlyVolume| format!("/v1/apps/enc/volumes/{}/snapshots", volume.id);
+    for (source, expected) in [(&answers[0], true), (&answers[2], false)] {
+        let (status, snapshot) = harness
+            .call(&harness.admin, Method::POST, &snapshot_of(source), None)
+            .await;
+        assert_eq!(status, 200, "{snapshot}");
+        let mut restore = create_body(&format!("r-{}", source.name), 1);
+        restore["encrypted"] = json!(!expected);
+        restore["snapshot_id"] = snapshot["id"].clone();
+        let restored = volume(
+            harness
+                .call(
+                    &harness.admin,
+                    Method::POST,
+                    "/v1/apps/enc/volumes",
+                    Some(restore),
+                )
+                .await,
+        );
+        assert_eq!(restored.encrypted, expected, "{restored:?}");
+    }
 }

@@ -36,6 +36,17 @@ impl Agent {
         }
         let driver = self.driver(&request.config)?.clone();
         crate::volumes::check_same_mounts(&record.config.mounts, &request.config.mounts)?;
+        // Whether a volume is encrypted is the volume's, not the client's to say.
+        for mount in &mut request.config.mounts {
+            if let Some(old) = record
+                .config
+                .mounts
+                .iter()
+                .find(|old| old.volume == mount.volume)
+            {
+                mount.encrypted = old.encrypted;
+            }
+        }
         // Resolve and lay out the new image first; a bad update changes nothing.
         let lease = self.inner.images.lease();
         let (image, pull_events) = self
