@@ -20,7 +20,8 @@ pub struct Volume {
     pub region: String,
     /// Fly's hardware zone: the volume's worker here.
     pub zone: String,
-    /// Always false: volumes are not encrypted at rest (yet).
+    /// Whether the volume's data is encrypted on the worker's disk (ext4 encryption with a
+    /// key per volume); Fly's default.
     pub encrypted: bool,
     /// The Machine the volume is attached to, if any.
     pub attached_machine_id: Option<String>,
@@ -47,8 +48,7 @@ pub struct Volume {
 }
 
 /// `POST /v1/apps/{app}/volumes`, Fly's `CreateVolumeRequest`. Fields Berth cannot honour
-/// (`encrypted: true`, `source_volume_id`, `fstype: raw`) are refused with 422 naming the
-/// field; hints about placement (`require_unique_zone`, `compute`, `compute_image`) are
+/// (`source_volume_id`, `fstype: raw`) are refused with 422 naming the field; hints about placement (`require_unique_zone`, `compute`, `compute_image`) are
 /// accepted and ignored.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateVolumeRequest {
@@ -58,6 +58,8 @@ pub struct CreateVolumeRequest {
     /// Size in GB (GiB); default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_gb: Option<u32>,
+    /// Absent or true: the volume is encrypted (Fly's default); false: it is not. A
+    /// restore is encrypted as its snapshot's volume was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +133,7 @@ pub struct MachineMount {
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Whether the volume is encrypted: set from the volume, whatever the client sends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub encrypted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,7 +25,7 @@ use crate::{ControlPlane, Shared};
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`")),
     request_body = CreateVolumeRequest,
     responses((status = 200, body = Volume),
-              (status = 422, body = ErrorBody, description = "`unsupported`: encrypted, raw or forked volumes"),
+              (status = 422, body = ErrorBody, description = "`unsupported`: raw or forked volumes"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn create_volume(
     State(control): State<Shared>,

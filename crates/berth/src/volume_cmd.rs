@@ -24,6 +24,9 @@ pub enum VolumeCommand {
         /// Restore this snapshot into the new volume.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Leave the volume's data unencrypted on the worker's disk (flyctl's flag).
+        #[arg(long)]
+        no_encryption: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -92,6 +95,7 @@ pub async fn volume(command: VolumeCommand) -> Result<()> {
             region,
             size_gb,
             snapshot,
+            no_encryption,
             json,
             api,
         } => {
@@ -100,6 +104,7 @@ pub async fn volume(command: VolumeCommand) -> Result<()> {
                 region,
                 size_gb,
                 snapshot_id: snapshot,
+                encrypted: Some(!no_encryption),
                 ..CreateVolumeRequest::default()
             };
             let volume: Volume = api
