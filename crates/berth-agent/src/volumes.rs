@@ -212,7 +212,7 @@ impl Agent {
 
     pub(crate) async fn volume_create_op(&self, request: CreateVolumeOnWorker) -> Result<Volume> {
         let CreateVolumeOnWorker { id, app, request } = request;
-        let size_gb = check_create(&request)?;
+        let mut size_gb = check_create(&request)?;
         // Fly encrypts a volume unless told not to.
         let encrypted = request.encrypted.unwrap_or(true);
         let _guard = self.lock(&id).await?;
@@ -224,9 +224,25 @@ impl Agent {
                 "volume id {id} is already taken"
             )));
         }
-        // A restore is a copy of an image encrypted with its volume's key, which it keeps
-        // (a new key would mean encrypting every block again).
+        // A fork copies its source under the source's lock, so no extend, snapshot or move
+        // of the source runs meanwhile.
+        let (source, _source_guard) = match &request.source_volume_id {
+            Some(source) => {
+                let guard = self.lock(source).await?;
+                let record = self.fork_source(source, &app).await?;
+                // At least the source's size: its filesystem fills it.
+                size_gb = match request.size_gb {
+                    Some(asked) => asked.max(record.size_gb),
+                    None => record.size_gb,
+                };
+                (Some(record), Some(guard))
+            }
+            None => (None, None),
+        };
+        // A restore or a fork is a copy of an image encrypted with its volume's key, which
+        // it keeps (a new key would mean encrypting every block again).
         let (from, key) = match &request.snapshot_id {
+            _ if source.is_some() => (None, source.as_ref().and_then(|s| s.key.clone())),
             Some(snapshot) => {
                 let record = self.inner.store.snapshot(snapshot).await?.ok_or_else(|| {
                     refuse(
@@ -264,11 +280,23 @@ impl Agent {
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_create.after_record");
         let layout = self.keyed_layout(&record);
-        if let Err(error) = self
-            .host_driver()
-            .volume_create(&layout, u64::from(size_gb) * GIB, from)
-            .await
-        {
+        let made = match &source {
+            Some(source) => {
+                self.host_driver()
+                    .volume_fork(
+                        &self.keyed_layout(source),
+                        &layout,
+                        u64::from(size_gb) * GIB,
+                    )
+                    .await
+            }
+            None => {
+                self.host_driver()
+                    .volume_create(&layout, u64::from(size_gb) * GIB, from)
+                    .await
+            }
+        };
+        if let Err(error) = made {
             // The runtime removed what it made; the record goes too.
             self.inner.store.delete_volume(&id).await?;
             return Err(error.into());
@@ -283,6 +311,27 @@ impl Agent {
             .await?;
         info!(volume = %id, size_gb, "volume created");
         self.volume_json(&record, "created").await
+    }
+
+    /// The volume a fork copies: the app's, settled, and not moving.
+    async fn fork_source(&self, id: &str, app: &str) -> Result<VolumeRecord> {
+        let record = self.inner.store.volume(id).await?;
+        let Some(record) = record.filter(|record| {
+            record.app == app
+                && !matches!(
+                    record.pending,
+                    Some(VolumePending::Create | VolumePending::Delete | VolumePending::MigrateIn)
+                )
+        }) else {
+            return Err(refuse(
+                404,
+                "volume_not_found",
+                format!("volume {id} not found in app {app} on this worker"),
+                Some("source_volume_id"),
+            ));
+        };
+        refuse_if_moving(&record)?;
+        Ok(record)
     }
 
     pub(crate) async fn volume_get_op(&self, id: &str) -> Result<Volume> {
@@ -657,11 +706,11 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
             Some("fstype"),
         ));
     }
-    if request.source_volume_id.is_some() {
+    if request.source_volume_id.is_some() && request.snapshot_id.is_some() {
         return Err(refuse(
-            422,
-            "unsupported",
-            "forking a volume is not supported; snapshot it and create from the snapshot".into(),
+            400,
+            "invalid_config",
+            "a volume is made from a snapshot or from another volume, not both".into(),
             Some("source_volume_id"),
         ));
     }

@@ -25,7 +25,8 @@ use crate::{ControlPlane, Shared};
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`")),
     request_body = CreateVolumeRequest,
     responses((status = 200, body = Volume),
-              (status = 422, body = ErrorBody, description = "`unsupported`: raw or forked volumes"),
+              (status = 404, body = ErrorBody, description = "`volume_not_found` (field `source_volume_id`), `snapshot_not_found`"),
+              (status = 422, body = ErrorBody, description = "`unsupported`: raw volumes"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn create_volume(
     State(control): State<Shared>,
@@ -253,9 +254,27 @@ impl ControlPlane {
     ) -> Result<Volume, ApiError> {
         let org = self.app(principal, app).await?.org_slug;
         self.check_rate(principal, Action::Create, None).await?;
-        let size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
+        let mut size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
+        // A fork (Fly's `source_volume_id`): on the source's worker, at least its size.
+        let forked = match &request.source_volume_id {
+            Some(source) => {
+                let row = match ids::has_id_shape(source, "vol_") {
+                    true => self.store.volume(app, source).await?,
+                    false => None,
+                };
+                let row = row.ok_or_else(|| {
+                    let mut error = volume_not_found(source);
+                    error.body.field = Some("source_volume_id".into());
+                    error
+                })?;
+                size_gb = request.size_gb.unwrap_or(0).max(row.size_gb);
+                Some(row.worker)
+            }
+            None => None,
+        };
         // From a snapshot: on the snapshot's worker, where its image is.
         let pinned = match &request.snapshot_id {
+            _ if forked.is_some() => forked,
             Some(snapshot) => Some(
                 self.store
                     .snapshot(app, snapshot)

@@ -398,10 +398,7 @@ async fn refusals_carry_flys_fields_and_stable_codes() {
     assert_error(&other, 404, "volume_not_found");
 
     // What Berth cannot do is refused with 422 naming the field; nothing is made.
-    for (field, value) in [
-        ("fstype", json!("raw")),
-        ("source_volume_id", json!(theirs.id)),
-    ] {
+    for (field, value) in [("fstype", json!("raw"))] {
         let mut body = create_body("x", 1);
         body[field] = value;
         let reply = harness
@@ -664,5 +661,95 @@ async fn volumes_are_encrypted_unless_asked_not_to_and_say_so() {
                 .await,
         );
         assert_eq!(restored.encrypted, expected, "{restored:?}");
+    }
+}
+
+/// Fly's fork (`source_volume_id`): a new volume with the source's data, on its worker, at
+/// least its size, encrypted as it is (with its key), counted in the org's quotas like any
+/// create; a source that is not the app's is not found, naming the field.
+#[tokio::test]
+async fn a_fork_copies_its_source_on_its_worker_and_counts_like_a_create() {
+    let harness = Harness::start().await;
+    let rate = json!({"per_second": 1000.0, "burst": 1000});
+    let token = harness
+        .org(
+            "forks",
+            json!({"quotas": {"max_volume_gb": 5},
+                   "rate_limits": {"create": rate, "update": rate, "destroy": rate, "read": rate}}),
+        )
+        .await;
+    harness.app(&token, "fk").await;
+    harness.app(&harness.admin, "other").await;
+    let post = |body: Value, strict: bool| {
+        let headers: Vec<(&str, &str)> = if strict { vec![STRICT] } else { vec![] };
+        let token = token.clone();
+        let harness = &harness;
+        async move {
+            let reply = harness
+                .send(
+                    &token,
+                    Method::POST,
+                    "/v1/apps/fk/volumes",
+                    &headers,
+                    Some(body),
+                )
+                .await;
+            (reply.status, reply.body)
+        }
+    };
+    let mut body = create_body("src", 2);
+    body.as_object_mut().unwrap().remove("encrypted");
+    let source = volume(post(body, false).await);
+    assert!(source.encrypted);
+
+    for strict in [false, true] {
+        let mut fork = create_body("fork", 1);
+        fork["source_volume_id"] = json!(source.id);
+        fork["encrypted"] = json!(false);
+        let reply = post(fork, strict).await;
+        if strict {
+            // The quota counts the fork at the source's size: 2 + 2 of 5 GB taken.
+            assert_error(&reply, 403, "quota_exceeded");
+            assert_eq!(reply.1["quota"], "max_volume_gb", "{}", reply.1);
+            assert_eq!(reply.1["current"], 4, "{}", reply.1);
+            continue;
+        }
+        let forked = volume(reply);
+        assert_ne!(forked.id, source.id);
+        assert_eq!(
+            (forked.size_gb, forked.zone.as_str(), forked.encrypted),
+            (2, source.zone.as_str(), true),
+            "{forked:?}"
+        );
+        let calls = harness.runtime.calls().await;
+        assert!(
+            calls.contains(&format!(
+                "volume_fork {} {} {}",
+                source.id,
+                forked.id,
+                2u64 << 30
+            )),
+            "{calls:?}"
+        );
+    }
+    let (status, org) = harness
+        .call(&token, Method::GET, "/v1/orgs/forks", None)
+        .await;
+    assert_eq!(status, 200, "{org}");
+    assert_eq!(
+        (
+            org["usage"]["volumes"].as_u64(),
+            org["usage"]["volume_gb"].as_u64()
+        ),
+        (Some(2), Some(4))
+    );
+
+    let theirs = create_volume(&harness, "other", "data").await;
+    for missing in [theirs.id.as_str(), "vol_0000000000000000", "../x"] {
+        let mut fork = create_body("fork", 1);
+        fork["source_volume_id"] = json!(missing);
+        let reply = post(fork, false).await;
+        assert_error(&reply, 404, "volume_not_found");
+        assert_eq!(reply.1["field"], "source_volume_id", "{}", reply.1);
     }
 }

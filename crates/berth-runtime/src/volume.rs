@@ -168,19 +168,7 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
         match from {
             Some(snapshot) => {
                 sparse_copy(snapshot, &image)?;
-                let file = OpenOptions::new().write(true).open(&image)?;
-                let grow = file.metadata()?.len() < size_bytes;
-                if grow {
-                    file.set_len(size_bytes)?;
-                }
-                file.sync_all()?;
-                drop(file);
-                if grow {
-                    // A snapshot of a smaller volume: its filesystem takes the new size,
-                    // before it is ever mounted.
-                    e2fs("e2fsck", &["-f", "-p"], &image)?;
-                    e2fs("resize2fs", &[], &image)?;
-                }
+                grow_copy(&image, size_bytes)?;
             }
             None => {
                 let file = OpenOptions::new()
@@ -200,6 +188,87 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
         let _ = remove(layout);
     }
     result
+}
+
+/// Grows a copied image (a snapshot's, a fork's) to `size_bytes`, its filesystem too,
+/// before it is ever mounted.
+fn grow_copy(image: &Path, size_bytes: u64) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).open(image)?;
+    let grow = file.metadata()?.len() < size_bytes;
+    if grow {
+        file.set_len(size_bytes)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    if grow {
+        e2fs("e2fsck", &["-f", "-p"], image)?;
+        e2fs("resize2fs", &[], image)?;
+    }
+    Ok(())
+}
+
+/// Makes the volume `layout` a copy of `source` as it is now (its filesystem frozen for
+/// the copy, so a Machine writing to it is seen at one instant), grown to `size_bytes`,
+/// and mounts it. The copy shares blocks with the source where the worker's filesystem
+/// can (`FICLONE`), else copies the data extents, holes kept. An encrypted source's copy
+/// is readable only with the source's key, which `layout` must carry. Anything made is
+/// removed again on failure.
+pub fn fork(source: &VolumeLayout, layout: &VolumeLayout, size_bytes: u64) -> io::Result<()> {
+    let result = (|| {
+        fs::create_dir_all(&layout.dir)
+            .map_err(context(format!("create {}", layout.dir.display())))?;
+        fs::set_permissions(
+            &layout.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        let image = layout.image();
+        frozen(source, || clone_or_copy(&source.image(), &image))?;
+        grow_copy(&image, size_bytes)?;
+        mount(layout)
+    })();
+    if result.is_err() {
+        let _ = remove(layout);
+    }
+    result
+}
+
+/// Runs `copy` with the volume's filesystem frozen (`FIFREEZE`), thawing it after.
+fn frozen<T>(layout: &VolumeLayout, copy: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let root = open_root(layout)?;
+    // SAFETY: FIFREEZE takes no argument.
+    if unsafe { libc::ioctl(root.as_raw_fd(), FIFREEZE, 0) } != 0 {
+        return Err(context(format!("freeze volume {}", layout.id))(
+            io::Error::last_os_error(),
+        ));
+    }
+    let copied = copy();
+    // SAFETY: FITHAW takes no argument.
+    if unsafe { libc::ioctl(root.as_raw_fd(), FITHAW, 0) } != 0 {
+        return Err(context(format!("thaw volume {}", layout.id))(
+            io::Error::last_os_error(),
+        ));
+    }
+    copied
+}
+
+/// Copies `from` to the new file `to`: a reflink (`FICLONE`) where the filesystem shares
+/// blocks between files, else extent by extent. Answers whether it was a reflink.
+fn clone_or_copy(from: &Path, to: &Path) -> io::Result<bool> {
+    let source = File::open(from).map_err(context(format!("open {}", from.display())))?;
+    let target = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(context(format!("create {}", to.display())))?;
+    if rustix::fs::ioctl_ficlone(&target, &source).is_ok() {
+        target.sync_all()?;
+        return Ok(true);
+    }
+    drop(target);
+    fs::remove_file(to)?;
+    sparse_copy(from, to)?;
+    Ok(false)
 }
 
 fn mkfs(image: &Path, encrypt: bool) -> io::Result<()> {
@@ -629,22 +698,7 @@ pub struct SnapshotImage {
 /// Copies the volume, consistent at one instant, to `to` (a new file): the filesystem is
 /// frozen for the copy, which reads only the image's data extents.
 pub fn snapshot(layout: &VolumeLayout, to: &Path) -> io::Result<SnapshotImage> {
-    let root = open_root(layout)?;
-    // SAFETY: FIFREEZE takes no argument.
-    if unsafe { libc::ioctl(root.as_raw_fd(), FIFREEZE, 0) } != 0 {
-        return Err(context(format!("freeze volume {}", layout.id))(
-            io::Error::last_os_error(),
-        ));
-    }
-    let copied = sparse_copy(&layout.image(), to);
-    // SAFETY: FITHAW takes no argument.
-    let thawed = unsafe { libc::ioctl(root.as_raw_fd(), FITHAW, 0) };
-    if thawed != 0 {
-        let error = io::Error::last_os_error();
-        let _ = fs::remove_file(to);
-        return Err(context(format!("thaw volume {}", layout.id))(error));
-    }
-    copied.inspect_err(|_| {
+    frozen(layout, || sparse_copy(&layout.image(), to)).inspect_err(|_| {
         let _ = fs::remove_file(to);
     })
 }

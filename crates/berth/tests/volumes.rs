@@ -388,7 +388,7 @@ fn image_contains(path: &Path, needle: &[u8]) -> bool {
 /// marker, and the test failed.
 #[test]
 fn an_encrypted_volumes_image_and_snapshots_hold_no_plaintext() {
-    let mut platform = Platform::start_with(&["--runtime", "native"]);
+    let platform = Platform::start_with(&["--runtime", "native"]);
     platform.import(busybox_image(), IMAGE);
     let app = "vols-crypt";
     ok(
