@@ -47,8 +47,8 @@ pub struct Volume {
     pub host_status: Option<String>,
 }
 
-/// `POST /v1/apps/{app}/volumes`, Fly's `CreateVolumeRequest`. Fields Berth cannot honour
-/// (`source_volume_id`, `fstype: raw`) are refused with 422 naming the field; hints about placement (`require_unique_zone`, `compute`, `compute_image`) are
+/// `POST /v1/apps/{app}/volumes`, Fly's `CreateVolumeRequest`. `fstype: raw` is refused
+/// with 422 naming the field; hints about placement (`require_unique_zone`, `compute`, `compute_image`) are
 /// accepted and ignored.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateVolumeRequest {
@@ -74,7 +74,8 @@ pub struct CreateVolumeRequest {
     /// Restore: the new volume starts as a copy of this snapshot, on its worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
-    /// Fly's fork of another volume: refused (`unsupported`).
+    /// Fly's fork: the new volume starts as a copy of this volume's data at one instant,
+    /// on its worker, at least its size, encrypted with its key when it is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_volume_id: Option<String>,
     /// Fly's placement hint for the Machine to come: ignored.

@@ -449,6 +449,82 @@ fn an_encrypted_volumes_image_and_snapshots_hold_no_plaintext() {
     platform.teardown();
 }
 
+/// A fork taken while a Machine keeps rewriting a file on the source holds the file whole
+/// (one instant of the filesystem, frozen for the copy), is encrypted with the source's
+/// key (another Machine reads it), and stays sparse.
+#[test]
+fn a_fork_of_a_volume_in_use_is_consistent_readable_and_sparse() {
+    let platform = Platform::start_with(&["--runtime", "native"]);
+    platform.import(busybox_image(), IMAGE);
+    let app = "vols-fork";
+    ok(
+        &platform,
+        Method::POST,
+        "/v1/apps",
+        Some(json!({"app_name": app})),
+    );
+    let source = ok(
+        &platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/volumes"),
+        Some(json!({"name": "src", "size_gb": 1})),
+    );
+    let source = source["id"].as_str().expect("id").to_owned();
+    let writer = ok(
+        &platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/machines"),
+        Some(json!({
+            "name": "writer",
+            "config": {
+                "image": IMAGE,
+                "init": {"cmd": ["/bin/sh", "-c",
+                    "head -c 4000000 /dev/urandom > /data/blob; md5sum /data/blob > /data/blob.md5; i=0; while :; do i=$((i+1)); seq $i $((i+5000)) > /data/n.tmp && mv /data/n.tmp /data/n; done"]},
+                "mounts": [{"volume": source, "path": "/data"}]
+            }
+        })),
+    );
+    let writer = writer["id"].as_str().expect("id").to_owned();
+    let (code, out) = sh(
+        &platform,
+        app,
+        &writer,
+        "while [ ! -s /data/n ]; do sleep 0.1; done; md5sum -c /data/blob.md5",
+    );
+    assert_eq!(code, 0, "{out}");
+    let fork = ok(
+        &platform,
+        Method::POST,
+        &format!("/v1/apps/{app}/volumes"),
+        Some(json!({"name": "fork", "source_volume_id": source})),
+    );
+    assert_eq!(
+        (&fork["size_gb"], &fork["encrypted"]),
+        (&json!(1), &json!(true)),
+        "{fork}"
+    );
+    let fork = fork["id"].as_str().expect("id").to_owned();
+    let reader = machine_with(&platform, app, "reader", &fork, "/data");
+    // Whole: the blob's checksum holds and the counter file is one complete `seq` run.
+    let (code, out) = sh(
+        &platform,
+        app,
+        &reader,
+        "md5sum -c /data/blob.md5 && test $(wc -l < /data/n) -eq 5001 && echo whole",
+    );
+    assert_eq!((code, out.lines().last()), (0, Some("whole")), "{out}");
+    // Sparse: a 1 GiB image holding a few MB takes a few MB (plus ext4's metadata).
+    let image = data_dir(&platform)
+        .join("worker/volumes")
+        .join(&fork)
+        .join("disk.img");
+    let meta = std::fs::metadata(&image).expect("fork image");
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert_eq!(meta.len(), 1 << 30);
+    assert!(allocated < 128 << 20, "{allocated} bytes allocated");
+    platform.teardown();
+}
+
 #[test]
 fn volumes_on_the_native_runtime() {
     volumes_end_to_end("native");
