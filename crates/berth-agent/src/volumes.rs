@@ -531,12 +531,27 @@ impl Agent {
         app: &str,
         mounts: &mut [MachineMount],
     ) -> Result<Vec<VolumeMount>> {
+        self.claim_volumes(machine, app, mounts).await?;
+        Ok(self.volume_mounts(mounts))
+    }
+
+    /// Claims each mount's volume for the Machine (create, and an update's new mounts)
+    /// and sets the mount's `encrypted` to the volume's; answers the volumes it newly
+    /// claimed. A refusal releases those again, and only those.
+    pub(crate) async fn claim_volumes(
+        &self,
+        machine: &str,
+        app: &str,
+        mounts: &mut [MachineMount],
+    ) -> Result<Vec<String>> {
         let mut claimed: Vec<String> = Vec::new();
         for (index, mount) in mounts.iter_mut().enumerate() {
             let result = self.claim(machine, app, &mount.volume, index).await;
             match result {
-                Ok(encrypted) => {
-                    claimed.push(mount.volume.clone());
+                Ok((encrypted, newly)) => {
+                    if newly {
+                        claimed.push(mount.volume.clone());
+                    }
                     mount.encrypted = encrypted;
                 }
                 Err(error) => {
@@ -545,11 +560,43 @@ impl Agent {
                 }
             }
         }
-        Ok(self.volume_mounts(mounts))
+        Ok(claimed)
     }
 
-    /// Attaches the volume to the Machine; answers whether it is encrypted.
-    async fn claim(&self, machine: &str, app: &str, volume: &str, index: usize) -> Result<bool> {
+    /// Releases the volumes the Machine holds that `mounts` does not name: an update's
+    /// removed mounts once it has ended, or the new ones claimed for an update that was
+    /// rolled back.
+    pub(crate) async fn release_unmounted(
+        &self,
+        machine: &str,
+        app: &str,
+        mounts: &[MachineMount],
+    ) {
+        let held = match self.inner.store.volumes_of(Some(app)).await {
+            Ok(volumes) => volumes,
+            Err(error) => {
+                warn!(%machine, %error, "listing volumes to release; recovery releases them");
+                return;
+            }
+        };
+        let unmounted: Vec<String> = held
+            .into_iter()
+            .filter(|volume| volume.attached_machine.as_deref() == Some(machine))
+            .filter(|volume| !mounts.iter().any(|mount| mount.volume == volume.id))
+            .map(|volume| volume.id)
+            .collect();
+        self.release_volumes(machine, &unmounted).await;
+    }
+
+    /// Attaches the volume to the Machine; answers whether it is encrypted and whether
+    /// this call attached it (not the Machine's already).
+    async fn claim(
+        &self,
+        machine: &str,
+        app: &str,
+        volume: &str,
+        index: usize,
+    ) -> Result<(bool, bool)> {
         let _guard = self.lock(volume).await?;
         let field = format!("config.mounts[{index}].volume");
         let mut record = match self.inner.store.volume(volume).await? {
@@ -565,12 +612,12 @@ impl Agent {
         };
         let encrypted = record.key.is_some();
         match &record.attached_machine {
-            Some(holder) if holder == machine => Ok(encrypted),
+            Some(holder) if holder == machine => Ok((encrypted, false)),
             Some(holder) => Err(attached(volume, holder)),
             None => {
                 record.attached_machine = Some(machine.to_owned());
                 self.inner.store.save_volume(&record).await?;
-                Ok(encrypted)
+                Ok((encrypted, true))
             }
         }
     }
@@ -656,12 +703,22 @@ impl Agent {
 
 impl Agent {
     /// After the Machines' recovery: releases volumes held by Machines that no longer
-    /// exist (a create rolled back, a destroy that crashed before its release).
+    /// exist (a create rolled back, a destroy that crashed before its release) or that
+    /// no longer mount them (an update that crashed before releasing its removed mounts,
+    /// or after claiming new ones but before recording itself).
     pub(crate) async fn release_orphan_claims(&self) -> Result<()> {
         for mut record in self.inner.store.volumes_of(None).await? {
             if let Some(machine) = &record.attached_machine {
-                if self.inner.store.get(machine).await?.is_none() {
-                    info!(volume = %record.id, %machine, "released a volume of a machine that is gone");
+                let holder = self.inner.store.get(machine).await?;
+                let mounted = holder.is_some_and(|holder| {
+                    holder
+                        .config
+                        .mounts
+                        .iter()
+                        .any(|mount| mount.volume == record.id)
+                });
+                if !mounted {
+                    info!(volume = %record.id, %machine, "released a volume of a machine that is gone or no longer mounts it");
                     record.attached_machine = None;
                     self.inner.store.save_volume(&record).await?;
                 }
@@ -715,24 +772,4 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
         ));
     }
     Ok(size_gb)
-}
-
-/// An update keeps the Machine's volumes: attaching and detaching happen at create and
-/// destroy.
-pub(crate) fn check_same_mounts(old: &[MachineMount], new: &[MachineMount]) -> Result<()> {
-    let key = |mounts: &[MachineMount]| -> Vec<(String, String)> {
-        mounts
-            .iter()
-            .map(|mount| (mount.volume.clone(), mount.path.clone()))
-            .collect()
-    };
-    if key(old) == key(new) {
-        return Ok(());
-    }
-    Err(refuse(
-        422,
-        "unsupported",
-        "an update cannot change config.mounts; destroy the machine (its volumes stay) and create one with the new mounts".into(),
-        Some("config.mounts"),
-    ))
 }

@@ -251,7 +251,9 @@ pub(crate) async fn get_machine(
            ("fly-machine-lease-nonce" = Option<String>, Header, description = "needed while a lease is held"),
            ("berth-lease-nonce" = Option<String>, Header, deprecated, description = "the same as fly-machine-lease-nonce (kept for one release)")),
     request_body = UpdateMachineRequest,
-    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))), (status = "default", body = ErrorBody)))]
+    responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))),
+              (status = 409, body = ErrorBody, description = "a new mount's volume is held by another Machine (`volume_attached`) or on another worker (`volume_on_other_worker`)"),
+              (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
     State(control): State<Shared>,
     principal: Principal,
@@ -637,6 +639,9 @@ impl ControlPlane {
         validate::validate_config(&request.config)?;
         // A new driver must be one the Machine's worker offers; the worker says so.
         validate::validate_runtime(&request.config)?;
+        // A Machine stays on its worker: the volumes it mounts must be there.
+        self.check_mounts_on(&app_row.name, &request.config.mounts, &row.worker)
+            .await?;
         let org = &app_row.org_slug;
         let _reservation = if request.skip_launch {
             None

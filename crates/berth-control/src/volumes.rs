@@ -468,6 +468,41 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// An update's mounts: each volume the app's, and on the Machine's worker (else 409
+    /// `volume_on_other_worker`).
+    pub(crate) async fn check_mounts_on(
+        &self,
+        app: &str,
+        mounts: &[MachineMount],
+        worker: &str,
+    ) -> Result<(), ApiError> {
+        for (index, mount) in mounts.iter().enumerate() {
+            let field = format!("config.mounts[{index}].volume");
+            let row = match ids::has_id_shape(&mount.volume, "vol_") {
+                true => self.store.volume(app, &mount.volume).await?,
+                false => None,
+            };
+            let Some(row) = row else {
+                let mut error = volume_not_found(&mount.volume);
+                error.body.field = Some(field);
+                return Err(error);
+            };
+            if row.worker != worker {
+                let mut error = ApiError::new(
+                    StatusCode::CONFLICT,
+                    "volume_on_other_worker",
+                    format!(
+                        "volume {} is on worker {}, and the machine on {worker}; mount a volume on {worker}, or create a machine with this one",
+                        mount.volume, row.worker
+                    ),
+                );
+                error.body.field = Some(field);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
     /// Where a Machine with these mounts must live: the worker of its volumes (all on one),
     /// or anywhere when it mounts none.
     pub(crate) async fn volumes_worker(

@@ -7,6 +7,13 @@
 
 mod common;
 
+use std::path::Path;
+use std::sync::Arc;
+
+use berth_agent::{Agent, AgentConfig, Drivers, WorkerService};
+use berth_image::build::{busybox_layer, Compression, ImageBuilder};
+use berth_image::{ImagePuller, ImageStore, UnpackLimits};
+use berth_runtime::fake::FakeRuntime;
 use common::{assert_error, Harness, IMAGE};
 use reqwest::Method;
 use serde::Deserialize;
@@ -324,10 +331,11 @@ async fn a_volume_is_held_by_one_machine_and_outlives_it() {
         .await;
     assert_error(&delete, 409, "volume_attached");
 
-    // An update keeps the mounts; changing them is refused, naming the field.
+    // An update may move the mount (changing mounts is `an_update_attaches_and_detaches_
+    // volumes`); the volume stays the Machine's.
     let mut changed = machine_with("first", &vol.id);
     changed["config"]["mounts"][0]["path"] = json!("/elsewhere");
-    let update = harness
+    let (status, update) = harness
         .call(
             &harness.admin,
             Method::POST,
@@ -335,8 +343,13 @@ async fn a_volume_is_held_by_one_machine_and_outlives_it() {
             Some(changed),
         )
         .await;
-    assert_error(&update, 422, "unsupported");
-    assert_eq!(update.1["field"], "config.mounts");
+    assert_eq!(status, 200, "{update}");
+    assert_eq!(update["config"]["mounts"][0]["path"], "/elsewhere");
+    let still = volume(harness.call(&harness.admin, Method::GET, &base, None).await);
+    assert_eq!(
+        still.attached_machine_id.as_deref(),
+        Some(first_id.as_str())
+    );
 
     // Destroying the Machine keeps the volume and frees it for the next one.
     let (status, reply) = harness
@@ -752,4 +765,185 @@ async fn a_fork_copies_its_source_on_its_worker_and_counts_like_a_create() {
         assert_error(&reply, 404, "volume_not_found");
         assert_eq!(reply.1["field"], "source_volume_id", "{}", reply.1);
     }
+}
+
+/// Joins a second in-process worker, `other`, with a fake driver.
+async fn join_other(harness: &Harness) {
+    let dir = harness.dir.path().join("worker-other");
+    let images =
+        Arc::new(ImageStore::open(&dir.join("images"), UnpackLimits::default()).expect("store"));
+    let layout = dir.join("layout");
+    ImageBuilder::new()
+        .layer(
+            busybox_layer(Path::new("/bin/busybox")).expect("busybox"),
+            Compression::Gzip,
+        )
+        .cmd(&["/bin/sh"])
+        .write_layout(&layout)
+        .expect("layout");
+    images.import(&layout, IMAGE).expect("import");
+    let capacity = berth_api::Resources {
+        cpus: 64,
+        memory_mb: 1 << 16,
+        disk_mb: 1 << 20,
+    };
+    let agent = Agent::open_with_drivers(
+        AgentConfig {
+            data_dir: dir.join("worker"),
+            name: "other".into(),
+            region: "test".into(),
+            pids_limit: 64,
+            capacity,
+            machine_prefix: None,
+            join_token: None,
+        },
+        Drivers::new("native", Arc::new(FakeRuntime::new())),
+        Arc::new(ImagePuller::new(images, Default::default())),
+    )
+    .await
+    .expect("agent");
+    let registration = berth_api::RegisterWorker {
+        name: "other".into(),
+        region: "test".into(),
+        url: String::new(),
+        capacity,
+        runtimes: agent.runtimes(),
+    };
+    let service: Arc<dyn WorkerService> = Arc::new(agent);
+    harness
+        .control
+        .add_local_worker(registration, service)
+        .await
+        .expect("join");
+}
+
+/// `config.mounts` changed by an update, as fly-go sends it (the whole config again): a
+/// new volume is attached (it must be free and on the Machine's worker, else 409 with
+/// its code, and nothing changes), a removed one is detached and free for another
+/// Machine, and an update that fails halfway gives the old attachment back.
+#[tokio::test]
+async fn an_update_attaches_and_detaches_volumes() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "mu").await;
+    let a = create_volume(&harness, "mu", "a").await;
+    // b is encrypted (Fly's default), which its mount will say whatever the client sends.
+    let mut body = create_body("b", 1);
+    body.as_object_mut().expect("body").remove("encrypted");
+    let b = volume(
+        harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/mu/volumes",
+                Some(body),
+            )
+            .await,
+    );
+    assert!(b.encrypted);
+    let held = create_volume(&harness, "mu", "held").await;
+    let call = |method: Method, path: String, body: Option<Value>| {
+        let harness = &harness;
+        async move { harness.call(&harness.admin, method, &path, body).await }
+    };
+    let create = |name: &str, volume: &str| {
+        let mut body = machine_with(name, volume);
+        body["skip_launch"] = json!(false);
+        call(Method::POST, "/v1/apps/mu/machines".into(), Some(body))
+    };
+    let (status, machine) = create("m", &a.id).await;
+    assert_eq!(status, 200, "{machine}");
+    let id = machine["id"].as_str().expect("id").to_owned();
+    let (status, other) = create("o", &held.id).await;
+    assert_eq!(status, 200, "{other}");
+    let other_id = other["id"].as_str().expect("id").to_owned();
+    let update = |mounts: Value, strict: bool| {
+        let mut config = machine["config"].clone();
+        config["mounts"] = mounts;
+        // Fly's clients send no driver (the harness's is a fake's name).
+        config.as_object_mut().expect("config").remove("runtime");
+        let harness = &harness;
+        let path = format!("/v1/apps/mu/machines/{id}");
+        async move {
+            let headers: Vec<(&str, &str)> = if strict { vec![STRICT] } else { vec![] };
+            let reply = harness
+                .send(
+                    &harness.admin,
+                    Method::POST,
+                    &path,
+                    &headers,
+                    Some(json!({"config": config})),
+                )
+                .await;
+            (reply.status, reply.body)
+        }
+    };
+    let holder = |of: &FlyVolume| {
+        let path = format!("/v1/apps/mu/volumes/{}", of.id);
+        let call = &call;
+        async move { volume(call(Method::GET, path, None).await).attached_machine_id }
+    };
+    let mount =
+        |volume: &str, path: &str| json!({"volume": volume, "path": path, "encrypted": false});
+
+    // Attach b beside a (strict mode: Fly's fields only).
+    let (status, updated) =
+        update(json!([mount(&a.id, "/data"), mount(&b.id, "/more")]), true).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["state"], "started", "{updated}");
+    assert_eq!(
+        updated["config"]["mounts"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        updated["config"]["mounts"][1]["encrypted"], true,
+        "{updated}"
+    );
+    assert_eq!(holder(&b).await.as_deref(), Some(id.as_str()));
+
+    // A volume another Machine holds is refused with its code; nothing changes.
+    let refused = update(json!([mount(&a.id, "/data"), mount(&held.id, "/x")]), false).await;
+    assert_error(&refused, 409, "volume_attached");
+    assert_eq!(holder(&held).await.as_deref(), Some(other_id.as_str()));
+    assert_eq!(holder(&b).await.as_deref(), Some(id.as_str()));
+    // So is a volume on another worker.
+    join_other(&harness).await;
+    call(Method::POST, "/v1/workers/local/cordon".into(), None).await;
+    let far = create_volume(&harness, "mu", "far").await;
+    assert_eq!(far.zone, "other");
+    call(Method::POST, "/v1/workers/local/uncordon".into(), None).await;
+    let refused = update(json!([mount(&a.id, "/data"), mount(&far.id, "/x")]), false).await;
+    assert_error(&refused, 409, "volume_on_other_worker");
+    assert_eq!(
+        refused.1["field"], "config.mounts[1].volume",
+        "{}",
+        refused.1
+    );
+    assert_eq!(holder(&far).await, None);
+
+    // An update that fails halfway (the old run will not be cleaned up) is rolled back:
+    // the old mounts, a stays the Machine's, and b, newly claimed, is free again. (Seen
+    // to fail with the rollback's release taken out: b stayed the Machine's.)
+    let (status, _) = update(json!([mount(&a.id, "/data")]), false).await;
+    assert_eq!(status, 200);
+    assert_eq!(holder(&b).await, None, "a removed mount is detached");
+    harness.runtime.fail_next_cleanup("cleanup failed").await;
+    let failed = update(json!([mount(&b.id, "/more")]), false).await;
+    assert!(failed.0 >= 500, "{failed:?}");
+    let (_, after) = call(Method::GET, format!("/v1/apps/mu/machines/{id}"), None).await;
+    assert_eq!(
+        after["config"]["mounts"][0]["volume"],
+        json!(a.id),
+        "{after}"
+    );
+    assert_eq!(holder(&a).await.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        holder(&b).await,
+        None,
+        "the failed update's new volume is free again"
+    );
+
+    // A detached volume is free for another Machine.
+    let (status, next) = create("n", &b.id).await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(holder(&b).await, next["id"].as_str().map(String::from));
 }
