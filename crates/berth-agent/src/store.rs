@@ -677,6 +677,15 @@ impl AgentStore {
         Ok(())
     }
 
+    /// Forgets one snapshot (its retention ended).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM volume_snapshots WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn snapshot(&self, id: &str) -> Result<Option<crate::volumes::SnapshotRecord>> {
         let row = sqlx::query("SELECT record FROM volume_snapshots WHERE id = ?")
             .bind(id)

@@ -522,6 +522,35 @@ impl Agent {
         Ok(snapshot.to_api(record.snapshot_retention))
     }
 
+    /// Removes the snapshots older than their volume's `snapshot_retention` days at
+    /// `now_ms` (the clock is the caller's: a periodic sweep passes the time, tests any
+    /// time), image first, then record, so a crash between the two leaves a record whose
+    /// missing image the next sweep forgets. A volume in the middle of an operation waits
+    /// for the next sweep. Answers the snapshots removed.
+    pub async fn sweep_snapshots(&self, now_ms: i64) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for volume in self.inner.store.volumes_of(None).await? {
+            if volume.pending.is_some() {
+                continue;
+            }
+            let _guard = self.lock(&volume.id).await?;
+            let snapshots = self.inner.store.snapshots_of(&volume.id).await?;
+            for snapshot in expired(&snapshots, volume.snapshot_retention, now_ms) {
+                match std::fs::remove_file(&snapshot.path) {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                        warn!(snapshot = %snapshot.id, %error, "removing an expired snapshot");
+                        continue;
+                    }
+                    _ => {}
+                }
+                self.inner.store.delete_snapshot(&snapshot.id).await?;
+                info!(volume = %volume.id, snapshot = %snapshot.id, "snapshot past its retention removed");
+                removed.push(snapshot.id.clone());
+            }
+        }
+        Ok(removed)
+    }
+
     /// Claims the Machine's volumes for it (create): each must exist, belong to the app and
     /// be free (or already its own, for a retried create). Sets each mount's `encrypted`
     /// to the volume's; answers what the bundle mounts.
@@ -728,6 +757,17 @@ impl Agent {
     }
 }
 
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// The snapshots `retention_days` old or older at `now_ms`.
+fn expired(snapshots: &[SnapshotRecord], retention_days: u32, now_ms: i64) -> Vec<&SnapshotRecord> {
+    let keep_ms = i64::from(retention_days).saturating_mul(DAY_MS);
+    snapshots
+        .iter()
+        .filter(|snapshot| snapshot.created_at_ms.saturating_add(keep_ms) <= now_ms)
+        .collect()
+}
+
 fn state_of(record: &VolumeRecord) -> &'static str {
     match record.pending {
         Some(VolumePending::Create) => "creating",
@@ -772,4 +812,39 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
         ));
     }
     Ok(size_gb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(id: &str, created_at_ms: i64) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            volume_id: "vol_1".into(),
+            size: 0,
+            digest: String::new(),
+            created_at_ms,
+            path: PathBuf::from(id),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_expires_once_its_retention_has_passed() {
+        let taken = 1_000_000;
+        let snapshots = [snapshot("old", taken), snapshot("new", taken + DAY_MS)];
+        let ids = |now: i64, days: u32| -> Vec<String> {
+            expired(&snapshots, days, now)
+                .iter()
+                .map(|s| s.id.clone())
+                .collect()
+        };
+        // Fly's default, 5 days: kept until exactly 5 days have passed.
+        assert_eq!(ids(taken + 5 * DAY_MS - 1, 5), Vec::<String>::new());
+        assert_eq!(ids(taken + 5 * DAY_MS, 5), ["old"]);
+        assert_eq!(ids(taken + 6 * DAY_MS, 5), ["old", "new"]);
+        // A longer retention keeps them longer.
+        assert_eq!(ids(taken + 6 * DAY_MS, 30), Vec::<String>::new());
+        assert_eq!(ids(i64::MAX, u32::MAX), ["old", "new"]);
+    }
 }

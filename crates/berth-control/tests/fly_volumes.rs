@@ -947,3 +947,99 @@ async fn an_update_attaches_and_detaches_volumes() {
     assert_eq!(status, 200, "{next}");
     assert_eq!(holder(&b).await, next["id"].as_str().map(String::from));
 }
+
+/// `snapshot_retention` (days, Fly's default 5) is enforced: the agent's sweep, given a
+/// clock, removes the snapshots past their volume's retention, image and record, and a
+/// restore from one is then not found.
+#[tokio::test]
+async fn snapshots_past_their_retention_are_swept() {
+    let harness = Harness::start().await;
+    harness.app(&harness.admin, "ret").await;
+    let mut short = create_body("short", 1);
+    short["snapshot_retention"] = json!(1);
+    let short = volume(
+        harness
+            .call(
+                &harness.admin,
+                Method::POST,
+                "/v1/apps/ret/volumes",
+                Some(short),
+            )
+            .await,
+    );
+    let default = create_volume(&harness, "ret", "default").await;
+    assert_eq!(
+        (short.snapshot_retention, default.snapshot_retention),
+        (1, 5)
+    );
+    let mut taken = Vec::new();
+    for of in [&short, &default] {
+        let path = format!("/v1/apps/ret/volumes/{}/snapshots", of.id);
+        let (status, snapshot) = harness
+            .call(&harness.admin, Method::POST, &path, None)
+            .await;
+        assert_eq!(status, 200, "{snapshot}");
+        let id = snapshot["id"].as_str().expect("id").to_owned();
+        let image = harness
+            .dir
+            .path()
+            .join("worker/volumes")
+            .join(&of.id)
+            .join("snapshots")
+            .join(format!("{id}.img"));
+        assert!(image.exists(), "{}", image.display());
+        taken.push((id, image));
+    }
+    let listed = |of: &FlyVolume| {
+        let path = format!("/v1/apps/ret/volumes/{}/snapshots", of.id);
+        let harness = &harness;
+        async move {
+            let (status, list) = harness.call(&harness.admin, Method::GET, &path, None).await;
+            assert_eq!(status, 200, "{list}");
+            list.as_array().map_or(0, Vec::len)
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    const DAY: i64 = 24 * 3600 * 1000;
+
+    // Within a day nothing goes.
+    let swept = harness
+        .agent
+        .sweep_snapshots(now + DAY - 60_000)
+        .await
+        .expect("sweep");
+    assert!(swept.is_empty(), "{swept:?}");
+    // After one day the one-day volume's snapshot goes, from disk and from the lists.
+    let swept = harness
+        .agent
+        .sweep_snapshots(now + DAY + 60_000)
+        .await
+        .expect("sweep");
+    assert_eq!(swept, [taken[0].0.clone()]);
+    assert!(!taken[0].1.exists());
+    assert!(taken[1].1.exists());
+    assert_eq!((listed(&short).await, listed(&default).await), (0, 1));
+    let mut restore = create_body("restored", 1);
+    restore["snapshot_id"] = json!(taken[0].0);
+    let reply = harness
+        .call(
+            &harness.admin,
+            Method::POST,
+            "/v1/apps/ret/volumes",
+            Some(restore),
+        )
+        .await;
+    assert_error(&reply, 404, "snapshot_not_found");
+    // The default's five days, then.
+    let swept = harness
+        .agent
+        .sweep_snapshots(now + 5 * DAY + 60_000)
+        .await
+        .expect("sweep");
+    assert_eq!(swept, [taken[1].0.clone()]);
+    assert!(!taken[1].1.exists());
+    assert_eq!(listed(&default).await, 0);
+}
