@@ -31,7 +31,8 @@ pub struct Volume {
     /// Fly's dedicated hosts: always empty.
     #[serde(default)]
     pub host_dedication_id: String,
-    /// Days snapshots are kept (kept until the volume is deleted here).
+    /// Days snapshots are kept (default 5, as on Fly); the worker removes older ones
+    /// within an hour of their expiry, and all of them with the volume.
     pub snapshot_retention: u32,
     /// Daily snapshots: recorded, not taken (see the compatibility table).
     pub auto_backup_enabled: bool,
