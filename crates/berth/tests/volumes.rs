@@ -525,6 +525,79 @@ fn a_fork_of_a_volume_in_use_is_consistent_readable_and_sparse() {
     platform.teardown();
 }
 
+/// An update that changes `config.mounts` on a running Machine: it is restarted with the
+/// new volume mounted (encrypted, read through its key), and a volume the next update
+/// removes is detached and mounts, with its files, in another Machine.
+#[test]
+fn an_update_changes_a_running_machines_volumes() {
+    let platform = Platform::start_with(&["--runtime", "native"]);
+    platform.import(busybox_image(), IMAGE);
+    let app = "vols-update";
+    ok(
+        &platform,
+        Method::POST,
+        "/v1/apps",
+        Some(json!({"app_name": app})),
+    );
+    let volume = |name: &str| {
+        let reply = ok(
+            &platform,
+            Method::POST,
+            &format!("/v1/apps/{app}/volumes"),
+            Some(json!({"name": name, "size_gb": 1})),
+        );
+        reply["id"].as_str().expect("id").to_owned()
+    };
+    let (a, b) = (volume("a"), volume("b"));
+    let machine = machine_with(&platform, app, "m", &a, "/data");
+    let (code, out) = sh(&platform, app, &machine, "echo from-a > /data/file");
+    assert_eq!(code, 0, "{out}");
+    let update = |mounts: Value| {
+        let path = format!("/v1/apps/{app}/machines/{machine}");
+        let mut config = ok(&platform, Method::GET, &path, None)["config"].clone();
+        config["mounts"] = mounts;
+        ok(
+            &platform,
+            Method::POST,
+            &path,
+            Some(json!({"config": config})),
+        )
+    };
+    let updated = update(json!([{"volume": a, "path": "/data"}, {"volume": b, "path": "/more"}]));
+    assert_eq!(updated["state"], "started", "{updated}");
+    let (code, out) = sh(
+        &platform,
+        app,
+        &machine,
+        "cat /data/file && echo from-b > /more/file && cat /more/file",
+    );
+    assert_eq!((code, out.as_str()), (0, "from-a\nfrom-b\n"));
+    let holder = |id: &str| {
+        ok(
+            &platform,
+            Method::GET,
+            &format!("/v1/apps/{app}/volumes/{id}"),
+            None,
+        )["attached_machine_id"]
+            .clone()
+    };
+    assert_eq!(holder(&b), json!(machine));
+
+    let updated = update(json!([{"volume": b, "path": "/more"}]));
+    assert_eq!(updated["state"], "started", "{updated}");
+    let (code, out) = sh(&platform, app, &machine, "ls /data; cat /more/file");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "from-b\n"),
+        "a is gone from the Machine"
+    );
+    assert_eq!(holder(&a), Value::Null);
+    let next = machine_with(&platform, app, "next", &a, "/data");
+    let (code, out) = sh(&platform, app, &next, "cat /data/file");
+    assert_eq!((code, out.as_str()), (0, "from-a\n"));
+    platform.teardown();
+}
+
 #[test]
 fn volumes_on_the_native_runtime() {
     volumes_end_to_end("native");
