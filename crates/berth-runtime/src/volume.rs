@@ -909,6 +909,17 @@ impl std::fmt::Debug for VolumeKey {
     }
 }
 
+impl Drop for VolumeKey {
+    /// The key's bytes do not outlive it in this copy.
+    fn drop(&mut self) {
+        for byte in self.0.iter_mut() {
+            // SAFETY: `byte` is a valid, aligned, exclusive reference into the key; the
+            // volatile write keeps the compiler from dropping the wipe as dead.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
 impl VolumeKey {
     /// A new key from the kernel's random source.
     pub fn generate() -> io::Result<VolumeKey> {
