@@ -20,6 +20,9 @@ const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Storage is measured at least this often (and at every stop).
 const STORAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Snapshots past their volume's retention are removed at least this often.
+const SNAPSHOT_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl Agent {
     /// Background metering: a liveness record every few seconds (the best-known time of a
     /// death nobody saw) and a storage measurement of every Machine each minute.
@@ -28,8 +31,14 @@ impl Agent {
         tokio::spawn(async move {
             let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
             let mut storage = tokio::time::interval(STORAGE_SAMPLE_INTERVAL);
+            let mut snapshots = tokio::time::interval(SNAPSHOT_SWEEP_INTERVAL);
             loop {
                 tokio::select! {
+                    _ = snapshots.tick() => {
+                        if let Err(error) = agent.sweep_snapshots(now_ms()).await {
+                            warn!(%error, "removing snapshots past their retention");
+                        }
+                    }
                     _ = liveness.tick() => {
                         if let Err(error) = agent.inner.store.record_liveness(now_ms()).await {
                             warn!(%error, "recording liveness");

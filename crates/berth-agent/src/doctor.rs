@@ -207,6 +207,7 @@ impl Agent {
                         repaired: false,
                     };
                     if repair {
+                        let layout = layout.clone().with_key(record.key.clone());
                         match self.host_driver().volume_mount(&layout).await {
                             Ok(()) => finding.repaired = true,
                             Err(error) => {

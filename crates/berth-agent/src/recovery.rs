@@ -413,7 +413,11 @@ impl Agent {
             .reason(why)
             .usage(&usage);
         self.change_state(record, MachineState::Stopped, change)
-            .await
+            .await?;
+        // Volumes claimed for the new mounts go back; the old ones were never released.
+        self.release_unmounted(&record.id, &record.app, &record.config.mounts)
+            .await;
+        Ok(())
     }
 
     /// After a host restart nothing of a run survives: the Machine is recorded `stopped`

@@ -677,6 +677,15 @@ impl AgentStore {
         Ok(())
     }
 
+    /// Forgets one snapshot (its retention ended).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM volume_snapshots WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn snapshot(&self, id: &str) -> Result<Option<crate::volumes::SnapshotRecord>> {
         let row = sqlx::query("SELECT record FROM volume_snapshots WHERE id = ?")
             .bind(id)
@@ -992,6 +1001,7 @@ mod tests {
     async fn a_volume_is_journaled_with_its_record_and_once_per_change() {
         let (_dir, store) = store().await;
         let mut record = crate::volumes::VolumeRecord {
+            key: None,
             id: "vol_0123456789abcdef".into(),
             app: "a".into(),
             name: "data".into(),

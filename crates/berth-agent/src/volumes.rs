@@ -14,7 +14,7 @@ use berth_api::{
     CreateVolumeRequest, ErrorBody, MachineMount, UpdateVolumeRequest, Volume, VolumeSnapshot,
     DEFAULT_VOLUME_SIZE_GB,
 };
-use berth_runtime::volume::{VolumeLayout, VolumeMount};
+use berth_runtime::volume::{VolumeKey, VolumeLayout, VolumeMount};
 use berth_runtime::RuntimeError;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -69,6 +69,10 @@ pub struct VolumeRecord {
     /// starts from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copied_pass: Option<String>,
+    /// An encrypted volume's key (none: not encrypted). Kept here, in the agent's store,
+    /// not beside the image; sent only to the worker the volume moves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<VolumeKey>,
 }
 
 /// A snapshot as the agent records it; its image is `path`.
@@ -156,6 +160,11 @@ impl Agent {
         VolumeLayout::new(&self.volumes_root(), id)
     }
 
+    /// The volume's layout with its key: for every step that mounts it.
+    pub(crate) fn keyed_layout(&self, record: &VolumeRecord) -> VolumeLayout {
+        self.volume_layout(&record.id).with_key(record.key.clone())
+    }
+
     pub(crate) fn snapshots_dir(&self, id: &str) -> PathBuf {
         self.volume_layout(id).dir.join("snapshots")
     }
@@ -185,7 +194,7 @@ impl Agent {
             size_gb: record.size_gb,
             region: record.region.clone(),
             zone: self.inner.config.name.clone(),
-            encrypted: false,
+            encrypted: record.key.is_some(),
             attached_machine_id: record.attached_machine.clone(),
             attached_alloc_id: None,
             created_at: format_ms(record.created_at_ms),
@@ -203,7 +212,9 @@ impl Agent {
 
     pub(crate) async fn volume_create_op(&self, request: CreateVolumeOnWorker) -> Result<Volume> {
         let CreateVolumeOnWorker { id, app, request } = request;
-        let size_gb = check_create(&request)?;
+        let mut size_gb = check_create(&request)?;
+        // Fly encrypts a volume unless told not to.
+        let encrypted = request.encrypted.unwrap_or(true);
         let _guard = self.lock(&id).await?;
         if let Some(existing) = self.inner.store.volume(&id).await? {
             if existing.app == app && existing.name == request.name && existing.pending.is_none() {
@@ -213,7 +224,25 @@ impl Agent {
                 "volume id {id} is already taken"
             )));
         }
-        let from = match &request.snapshot_id {
+        // A fork copies its source under the source's lock, so no extend, snapshot or move
+        // of the source runs meanwhile.
+        let (source, _source_guard) = match &request.source_volume_id {
+            Some(source) => {
+                let guard = self.lock(source).await?;
+                let record = self.fork_source(source, &app).await?;
+                // At least the source's size: its filesystem fills it.
+                size_gb = match request.size_gb {
+                    Some(asked) => asked.max(record.size_gb),
+                    None => record.size_gb,
+                };
+                (Some(record), Some(guard))
+            }
+            None => (None, None),
+        };
+        // A restore or a fork is a copy of an image encrypted with its volume's key, which
+        // it keeps (a new key would mean encrypting every block again).
+        let (from, key) = match &request.snapshot_id {
+            _ if source.is_some() => (None, source.as_ref().and_then(|s| s.key.clone())),
             Some(snapshot) => {
                 let record = self.inner.store.snapshot(snapshot).await?.ok_or_else(|| {
                     refuse(
@@ -223,9 +252,16 @@ impl Agent {
                         Some("snapshot_id"),
                     )
                 })?;
-                Some(record.path)
+                let source = self.load_volume(&record.volume_id).await?;
+                (Some(record.path), source.key)
             }
-            None => None,
+            None if encrypted => (
+                None,
+                Some(VolumeKey::generate().map_err(|error| {
+                    AgentError::Internal(format!("make a volume key: {error}"))
+                })?),
+            ),
+            None => (None, None),
         };
         let mut record = VolumeRecord {
             id: id.clone(),
@@ -239,15 +275,28 @@ impl Agent {
             attached_machine: None,
             pending: Some(VolumePending::Create),
             copied_pass: None,
+            key,
         };
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_create.after_record");
-        let layout = self.volume_layout(&id);
-        if let Err(error) = self
-            .host_driver()
-            .volume_create(&layout, u64::from(size_gb) * GIB, from)
-            .await
-        {
+        let layout = self.keyed_layout(&record);
+        let made = match &source {
+            Some(source) => {
+                self.host_driver()
+                    .volume_fork(
+                        &self.keyed_layout(source),
+                        &layout,
+                        u64::from(size_gb) * GIB,
+                    )
+                    .await
+            }
+            None => {
+                self.host_driver()
+                    .volume_create(&layout, u64::from(size_gb) * GIB, from)
+                    .await
+            }
+        };
+        if let Err(error) = made {
             // The runtime removed what it made; the record goes too.
             self.inner.store.delete_volume(&id).await?;
             return Err(error.into());
@@ -262,6 +311,27 @@ impl Agent {
             .await?;
         info!(volume = %id, size_gb, "volume created");
         self.volume_json(&record, "created").await
+    }
+
+    /// The volume a fork copies: the app's, settled, and not moving.
+    async fn fork_source(&self, id: &str, app: &str) -> Result<VolumeRecord> {
+        let record = self.inner.store.volume(id).await?;
+        let Some(record) = record.filter(|record| {
+            record.app == app
+                && !matches!(
+                    record.pending,
+                    Some(VolumePending::Create | VolumePending::Delete | VolumePending::MigrateIn)
+                )
+        }) else {
+            return Err(refuse(
+                404,
+                "volume_not_found",
+                format!("volume {id} not found in app {app} on this worker"),
+                Some("source_volume_id"),
+            ));
+        };
+        refuse_if_moving(&record)?;
+        Ok(record)
     }
 
     pub(crate) async fn volume_get_op(&self, id: &str) -> Result<Volume> {
@@ -364,7 +434,7 @@ impl Agent {
     async fn finish_extend(&self, record: &mut VolumeRecord, offline_ok: bool) -> Result<()> {
         self.host_driver()
             .volume_extend(
-                &self.volume_layout(&record.id),
+                &self.keyed_layout(record),
                 u64::from(record.size_gb) * GIB,
                 offline_ok,
             )
@@ -452,25 +522,66 @@ impl Agent {
         Ok(snapshot.to_api(record.snapshot_retention))
     }
 
+    /// Removes the snapshots older than their volume's `snapshot_retention` days at
+    /// `now_ms` (the clock is the caller's: a periodic sweep passes the time, tests any
+    /// time), image first, then record, so a crash between the two leaves a record whose
+    /// missing image the next sweep forgets. A volume in the middle of an operation waits
+    /// for the next sweep. Answers the snapshots removed.
+    pub async fn sweep_snapshots(&self, now_ms: i64) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for volume in self.inner.store.volumes_of(None).await? {
+            if volume.pending.is_some() {
+                continue;
+            }
+            let _guard = self.lock(&volume.id).await?;
+            let snapshots = self.inner.store.snapshots_of(&volume.id).await?;
+            for snapshot in expired(&snapshots, volume.snapshot_retention, now_ms) {
+                match std::fs::remove_file(&snapshot.path) {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                        warn!(snapshot = %snapshot.id, %error, "removing an expired snapshot");
+                        continue;
+                    }
+                    _ => {}
+                }
+                self.inner.store.delete_snapshot(&snapshot.id).await?;
+                info!(volume = %volume.id, snapshot = %snapshot.id, "snapshot past its retention removed");
+                removed.push(snapshot.id.clone());
+            }
+        }
+        Ok(removed)
+    }
+
     /// Claims the Machine's volumes for it (create): each must exist, belong to the app and
-    /// be free (or already its own, for a retried create). Answers what the bundle mounts.
+    /// be free (or already its own, for a retried create). Sets each mount's `encrypted`
+    /// to the volume's; answers what the bundle mounts.
     pub(crate) async fn attach_volumes(
         &self,
         machine: &str,
         app: &str,
-        mounts: &[MachineMount],
+        mounts: &mut [MachineMount],
     ) -> Result<Vec<VolumeMount>> {
+        self.claim_volumes(machine, app, mounts).await?;
+        Ok(self.volume_mounts(mounts))
+    }
+
+    /// Claims each mount's volume for the Machine (create, and an update's new mounts)
+    /// and sets the mount's `encrypted` to the volume's; answers the volumes it newly
+    /// claimed. A refusal releases those again, and only those.
+    pub(crate) async fn claim_volumes(
+        &self,
+        machine: &str,
+        app: &str,
+        mounts: &mut [MachineMount],
+    ) -> Result<Vec<String>> {
         let mut claimed: Vec<String> = Vec::new();
-        let mut out = Vec::new();
-        for (index, mount) in mounts.iter().enumerate() {
+        for (index, mount) in mounts.iter_mut().enumerate() {
             let result = self.claim(machine, app, &mount.volume, index).await;
             match result {
-                Ok(()) => {
-                    claimed.push(mount.volume.clone());
-                    out.push(VolumeMount {
-                        source: self.volume_layout(&mount.volume).mount_point(),
-                        destination: mount.path.clone(),
-                    });
+                Ok((encrypted, newly)) => {
+                    if newly {
+                        claimed.push(mount.volume.clone());
+                    }
+                    mount.encrypted = encrypted;
                 }
                 Err(error) => {
                     self.release_volumes(machine, &claimed).await;
@@ -478,10 +589,43 @@ impl Agent {
                 }
             }
         }
-        Ok(out)
+        Ok(claimed)
     }
 
-    async fn claim(&self, machine: &str, app: &str, volume: &str, index: usize) -> Result<()> {
+    /// Releases the volumes the Machine holds that `mounts` does not name: an update's
+    /// removed mounts once it has ended, or the new ones claimed for an update that was
+    /// rolled back.
+    pub(crate) async fn release_unmounted(
+        &self,
+        machine: &str,
+        app: &str,
+        mounts: &[MachineMount],
+    ) {
+        let held = match self.inner.store.volumes_of(Some(app)).await {
+            Ok(volumes) => volumes,
+            Err(error) => {
+                warn!(%machine, %error, "listing volumes to release; recovery releases them");
+                return;
+            }
+        };
+        let unmounted: Vec<String> = held
+            .into_iter()
+            .filter(|volume| volume.attached_machine.as_deref() == Some(machine))
+            .filter(|volume| !mounts.iter().any(|mount| mount.volume == volume.id))
+            .map(|volume| volume.id)
+            .collect();
+        self.release_volumes(machine, &unmounted).await;
+    }
+
+    /// Attaches the volume to the Machine; answers whether it is encrypted and whether
+    /// this call attached it (not the Machine's already).
+    async fn claim(
+        &self,
+        machine: &str,
+        app: &str,
+        volume: &str,
+        index: usize,
+    ) -> Result<(bool, bool)> {
         let _guard = self.lock(volume).await?;
         let field = format!("config.mounts[{index}].volume");
         let mut record = match self.inner.store.volume(volume).await? {
@@ -495,23 +639,28 @@ impl Agent {
                 ))
             }
         };
+        let encrypted = record.key.is_some();
         match &record.attached_machine {
-            Some(holder) if holder == machine => Ok(()),
+            Some(holder) if holder == machine => Ok((encrypted, false)),
             Some(holder) => Err(attached(volume, holder)),
             None => {
                 record.attached_machine = Some(machine.to_owned());
-                self.inner.store.save_volume(&record).await
+                self.inner.store.save_volume(&record).await?;
+                Ok((encrypted, true))
             }
         }
     }
 
-    /// Where the Machine's (already claimed) volumes are mounted from: for update and its
-    /// rollback, which rewrite `config.json`.
+    /// Where the Machine's (already claimed) volumes are mounted from (an encrypted one's
+    /// data directory, as its mount's `encrypted` says): for create, update and its
+    /// rollback, which write `config.json`.
     pub(crate) fn volume_mounts(&self, mounts: &[MachineMount]) -> Vec<VolumeMount> {
         mounts
             .iter()
             .map(|mount| VolumeMount {
-                source: self.volume_layout(&mount.volume).mount_point(),
+                source: self
+                    .volume_layout(&mount.volume)
+                    .machine_source(mount.encrypted),
                 destination: mount.path.clone(),
             })
             .collect()
@@ -542,7 +691,7 @@ impl Agent {
     /// is).
     pub(crate) async fn recover_volumes(&self) -> Result<()> {
         for mut record in self.inner.store.volumes_of(None).await? {
-            let layout = self.volume_layout(&record.id);
+            let layout = self.keyed_layout(&record);
             match record.pending {
                 Some(VolumePending::Create) => {
                     self.host_driver().volume_remove(&layout).await?;
@@ -583,12 +732,22 @@ impl Agent {
 
 impl Agent {
     /// After the Machines' recovery: releases volumes held by Machines that no longer
-    /// exist (a create rolled back, a destroy that crashed before its release).
+    /// exist (a create rolled back, a destroy that crashed before its release) or that
+    /// no longer mount them (an update that crashed before releasing its removed mounts,
+    /// or after claiming new ones but before recording itself).
     pub(crate) async fn release_orphan_claims(&self) -> Result<()> {
         for mut record in self.inner.store.volumes_of(None).await? {
             if let Some(machine) = &record.attached_machine {
-                if self.inner.store.get(machine).await?.is_none() {
-                    info!(volume = %record.id, %machine, "released a volume of a machine that is gone");
+                let holder = self.inner.store.get(machine).await?;
+                let mounted = holder.is_some_and(|holder| {
+                    holder
+                        .config
+                        .mounts
+                        .iter()
+                        .any(|mount| mount.volume == record.id)
+                });
+                if !mounted {
+                    info!(volume = %record.id, %machine, "released a volume of a machine that is gone or no longer mounts it");
                     record.attached_machine = None;
                     self.inner.store.save_volume(&record).await?;
                 }
@@ -596,6 +755,17 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// The snapshots `retention_days` old or older at `now_ms`.
+fn expired(snapshots: &[SnapshotRecord], retention_days: u32, now_ms: i64) -> Vec<&SnapshotRecord> {
+    let keep_ms = i64::from(retention_days).saturating_mul(DAY_MS);
+    snapshots
+        .iter()
+        .filter(|snapshot| snapshot.created_at_ms.saturating_add(keep_ms) <= now_ms)
+        .collect()
 }
 
 fn state_of(record: &VolumeRecord) -> &'static str {
@@ -621,14 +791,6 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
             Some("size_gb"),
         ));
     }
-    if request.encrypted == Some(true) {
-        return Err(refuse(
-            422,
-            "unsupported",
-            "encrypted volumes are not supported; send encrypted: false".into(),
-            Some("encrypted"),
-        ));
-    }
     if request
         .fstype
         .as_deref()
@@ -641,33 +803,48 @@ fn check_create(request: &CreateVolumeRequest) -> Result<u32> {
             Some("fstype"),
         ));
     }
-    if request.source_volume_id.is_some() {
+    if request.source_volume_id.is_some() && request.snapshot_id.is_some() {
         return Err(refuse(
-            422,
-            "unsupported",
-            "forking a volume is not supported; snapshot it and create from the snapshot".into(),
+            400,
+            "invalid_config",
+            "a volume is made from a snapshot or from another volume, not both".into(),
             Some("source_volume_id"),
         ));
     }
     Ok(size_gb)
 }
 
-/// An update keeps the Machine's volumes: attaching and detaching happen at create and
-/// destroy.
-pub(crate) fn check_same_mounts(old: &[MachineMount], new: &[MachineMount]) -> Result<()> {
-    let key = |mounts: &[MachineMount]| -> Vec<(String, String)> {
-        mounts
-            .iter()
-            .map(|mount| (mount.volume.clone(), mount.path.clone()))
-            .collect()
-    };
-    if key(old) == key(new) {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(id: &str, created_at_ms: i64) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            volume_id: "vol_1".into(),
+            size: 0,
+            digest: String::new(),
+            created_at_ms,
+            path: PathBuf::from(id),
+        }
     }
-    Err(refuse(
-        422,
-        "unsupported",
-        "an update cannot change config.mounts; destroy the machine (its volumes stay) and create one with the new mounts".into(),
-        Some("config.mounts"),
-    ))
+
+    #[test]
+    fn a_snapshot_expires_once_its_retention_has_passed() {
+        let taken = 1_000_000;
+        let snapshots = [snapshot("old", taken), snapshot("new", taken + DAY_MS)];
+        let ids = |now: i64, days: u32| -> Vec<String> {
+            expired(&snapshots, days, now)
+                .iter()
+                .map(|s| s.id.clone())
+                .collect()
+        };
+        // Fly's default, 5 days: kept until exactly 5 days have passed.
+        assert_eq!(ids(taken + 5 * DAY_MS - 1, 5), Vec::<String>::new());
+        assert_eq!(ids(taken + 5 * DAY_MS, 5), ["old"]);
+        assert_eq!(ids(taken + 6 * DAY_MS, 5), ["old", "new"]);
+        // A longer retention keeps them longer.
+        assert_eq!(ids(taken + 6 * DAY_MS, 30), Vec::<String>::new());
+        assert_eq!(ids(i64::MAX, u32::MAX), ["old", "new"]);
+    }
 }

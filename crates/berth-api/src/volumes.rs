@@ -20,7 +20,8 @@ pub struct Volume {
     pub region: String,
     /// Fly's hardware zone: the volume's worker here.
     pub zone: String,
-    /// Always false: volumes are not encrypted at rest (yet).
+    /// Whether the volume's data is encrypted on the worker's disk (ext4 encryption with a
+    /// key per volume); Fly's default.
     pub encrypted: bool,
     /// The Machine the volume is attached to, if any.
     pub attached_machine_id: Option<String>,
@@ -30,7 +31,8 @@ pub struct Volume {
     /// Fly's dedicated hosts: always empty.
     #[serde(default)]
     pub host_dedication_id: String,
-    /// Days snapshots are kept (kept until the volume is deleted here).
+    /// Days snapshots are kept (default 5, as on Fly); the worker removes older ones
+    /// within an hour of their expiry, and all of them with the volume.
     pub snapshot_retention: u32,
     /// Daily snapshots: recorded, not taken (see the compatibility table).
     pub auto_backup_enabled: bool,
@@ -46,9 +48,8 @@ pub struct Volume {
     pub host_status: Option<String>,
 }
 
-/// `POST /v1/apps/{app}/volumes`, Fly's `CreateVolumeRequest`. Fields Berth cannot honour
-/// (`encrypted: true`, `source_volume_id`, `fstype: raw`) are refused with 422 naming the
-/// field; hints about placement (`require_unique_zone`, `compute`, `compute_image`) are
+/// `POST /v1/apps/{app}/volumes`, Fly's `CreateVolumeRequest`. `fstype: raw` is refused
+/// with 422 naming the field; hints about placement (`require_unique_zone`, `compute`, `compute_image`) are
 /// accepted and ignored.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateVolumeRequest {
@@ -58,6 +59,8 @@ pub struct CreateVolumeRequest {
     /// Size in GB (GiB); default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_gb: Option<u32>,
+    /// Absent or true: the volume is encrypted (Fly's default); false: it is not. A
+    /// restore is encrypted as its snapshot's volume was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,7 +75,8 @@ pub struct CreateVolumeRequest {
     /// Restore: the new volume starts as a copy of this snapshot, on its worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
-    /// Fly's fork of another volume: refused (`unsupported`).
+    /// Fly's fork: the new volume starts as a copy of this volume's data at one instant,
+    /// on its worker, at least its size, encrypted with its key when it is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_volume_id: Option<String>,
     /// Fly's placement hint for the Machine to come: ignored.
@@ -131,6 +135,7 @@ pub struct MachineMount {
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Whether the volume is encrypted: set from the volume, whatever the client sends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub encrypted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -256,6 +256,7 @@ pub(crate) async fn get_machine(
     request_body = UpdateMachineRequest,
     responses((status = 200, body = Machine, headers(("berth-warnings" = String, description = "the body's ignored fields as `ignored_field=<path>` items; the JSON answer lists them in `warnings` (FieldWarning)"))),
               (status = 422, body = ErrorBody, description = "`invalid_standbys`: `config.standbys` names the Machine itself or something other than other Machines of the app"),
+              (status = 409, body = ErrorBody, description = "a new mount's volume is held by another Machine (`volume_attached`) or on another worker (`volume_on_other_worker`)"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn update_machine(
     State(control): State<Shared>,
@@ -648,6 +649,9 @@ impl ControlPlane {
         let standbys = request.config.standbys.clone();
         // A new driver must be one the Machine's worker offers; the worker says so.
         validate::validate_runtime(&request.config)?;
+        // A Machine stays on its worker: the volumes it mounts must be there.
+        self.check_mounts_on(&app_row.name, &request.config.mounts, &row.worker)
+            .await?;
         let org = &app_row.org_slug;
         let _reservation = if request.skip_launch {
             None

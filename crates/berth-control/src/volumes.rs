@@ -25,7 +25,8 @@ use crate::{ControlPlane, Shared};
            ("berth-strict" = Option<bool>, Header, description = "true: refuse unknown body fields (400) instead of ignoring them and listing them in `warnings`")),
     request_body = CreateVolumeRequest,
     responses((status = 200, body = Volume),
-              (status = 422, body = ErrorBody, description = "`unsupported`: encrypted, raw or forked volumes"),
+              (status = 404, body = ErrorBody, description = "`volume_not_found` (field `source_volume_id`), `snapshot_not_found`"),
+              (status = 422, body = ErrorBody, description = "`unsupported`: raw volumes"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn create_volume(
     State(control): State<Shared>,
@@ -253,9 +254,27 @@ impl ControlPlane {
     ) -> Result<Volume, ApiError> {
         let org = self.app(principal, app).await?.org_slug;
         self.check_rate(principal, Action::Create, None).await?;
-        let size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
+        let mut size_gb = request.size_gb.unwrap_or(DEFAULT_VOLUME_SIZE_GB);
+        // A fork (Fly's `source_volume_id`): on the source's worker, at least its size.
+        let forked = match &request.source_volume_id {
+            Some(source) => {
+                let row = match ids::has_id_shape(source, "vol_") {
+                    true => self.store.volume(app, source).await?,
+                    false => None,
+                };
+                let row = row.ok_or_else(|| {
+                    let mut error = volume_not_found(source);
+                    error.body.field = Some("source_volume_id".into());
+                    error
+                })?;
+                size_gb = request.size_gb.unwrap_or(0).max(row.size_gb);
+                Some(row.worker)
+            }
+            None => None,
+        };
         // From a snapshot: on the snapshot's worker, where its image is.
         let pinned = match &request.snapshot_id {
+            _ if forked.is_some() => forked,
             Some(snapshot) => Some(
                 self.store
                     .snapshot(app, snapshot)
@@ -445,6 +464,41 @@ impl ControlPlane {
                 Err(error) => return Err(error.into()),
             }
             self.store.delete_volume(&row.id).await?;
+        }
+        Ok(())
+    }
+
+    /// An update's mounts: each volume the app's, and on the Machine's worker (else 409
+    /// `volume_on_other_worker`).
+    pub(crate) async fn check_mounts_on(
+        &self,
+        app: &str,
+        mounts: &[MachineMount],
+        worker: &str,
+    ) -> Result<(), ApiError> {
+        for (index, mount) in mounts.iter().enumerate() {
+            let field = format!("config.mounts[{index}].volume");
+            let row = match ids::has_id_shape(&mount.volume, "vol_") {
+                true => self.store.volume(app, &mount.volume).await?,
+                false => None,
+            };
+            let Some(row) = row else {
+                let mut error = volume_not_found(&mount.volume);
+                error.body.field = Some(field);
+                return Err(error);
+            };
+            if row.worker != worker {
+                let mut error = ApiError::new(
+                    StatusCode::CONFLICT,
+                    "volume_on_other_worker",
+                    format!(
+                        "volume {} is on worker {}, and the machine on {worker}; mount a volume on {worker}, or create a machine with this one",
+                        mount.volume, row.worker
+                    ),
+                );
+                error.body.field = Some(field);
+                return Err(error);
+            }
         }
         Ok(())
     }

@@ -460,6 +460,32 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
+    async fn volume_fork(
+        &self,
+        source: &crate::volume::VolumeLayout,
+        layout: &crate::volume::VolumeLayout,
+        size_bytes: u64,
+    ) -> Result<(), RuntimeError> {
+        let io = |error| RuntimeError::Io {
+            context: format!("fork volume {}", layout.id),
+            error,
+        };
+        std::fs::create_dir_all(layout.mount_point()).map_err(io)?;
+        std::fs::copy(source.image(), layout.image()).map_err(io)?;
+        let mut state = self.state.lock().await;
+        state.calls.push(format!(
+            "volume_fork {} {} {size_bytes}",
+            source.id, layout.id
+        ));
+        let size = state
+            .volumes
+            .get(&source.id)
+            .map_or(0, |v| v.0)
+            .max(size_bytes);
+        state.volumes.insert(layout.id.clone(), (size, true));
+        Ok(())
+    }
+
     async fn volume_mount(&self, layout: &crate::volume::VolumeLayout) -> Result<(), RuntimeError> {
         let mut state = self.state.lock().await;
         state.calls.push(format!("volume_mount {}", layout.id));

@@ -309,6 +309,23 @@ pub trait Runtime: Send + Sync + 'static {
         .await
     }
 
+    /// Makes the volume `layout` a copy of the volume `source` at one instant
+    /// ([`volume::fork`]), grown to `size_bytes`, and mounts it. Leaves nothing behind
+    /// when it fails.
+    async fn volume_fork(
+        &self,
+        source: &volume::VolumeLayout,
+        layout: &volume::VolumeLayout,
+        size_bytes: u64,
+    ) -> Result<(), RuntimeError> {
+        let (source, layout) = (source.clone(), layout.clone());
+        host::blocking(move || {
+            volume::fork(&source, &layout, size_bytes)
+                .map_err(|error| volume_error("fork", &layout, error))
+        })
+        .await
+    }
+
     /// Mounts a volume that is not mounted (after an agent or host restart).
     async fn volume_mount(&self, layout: &volume::VolumeLayout) -> Result<(), RuntimeError> {
         let layout = layout.clone();

@@ -79,6 +79,8 @@ struct LoopConfig {
 pub struct VolumeLayout {
     pub id: String,
     pub dir: PathBuf,
+    /// An encrypted volume's key: added to its filesystem whenever it is mounted.
+    pub key: Option<VolumeKey>,
 }
 
 impl VolumeLayout {
@@ -86,7 +88,13 @@ impl VolumeLayout {
         VolumeLayout {
             id: id.to_owned(),
             dir: volumes_root.join(id),
+            key: None,
         }
+    }
+    /// The same volume, encrypted with `key` (none: not encrypted).
+    pub fn with_key(mut self, key: Option<VolumeKey>) -> VolumeLayout {
+        self.key = key;
+        self
     }
     /// The sparse filesystem image.
     pub fn image(&self) -> PathBuf {
@@ -95,6 +103,14 @@ impl VolumeLayout {
     /// Where the filesystem is mounted on the worker.
     pub fn mount_point(&self) -> PathBuf {
         self.dir.join(VOLUME_MOUNT_DIR)
+    }
+    /// What a Machine mounts: the filesystem's root, or an encrypted volume's data
+    /// directory.
+    pub fn machine_source(&self, encrypted: bool) -> PathBuf {
+        match encrypted {
+            true => self.mount_point().join(ENCRYPTED_DATA_DIR),
+            false => self.mount_point(),
+        }
     }
 }
 
@@ -152,19 +168,7 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
         match from {
             Some(snapshot) => {
                 sparse_copy(snapshot, &image)?;
-                let file = OpenOptions::new().write(true).open(&image)?;
-                let grow = file.metadata()?.len() < size_bytes;
-                if grow {
-                    file.set_len(size_bytes)?;
-                }
-                file.sync_all()?;
-                drop(file);
-                if grow {
-                    // A snapshot of a smaller volume: its filesystem takes the new size,
-                    // before it is ever mounted.
-                    e2fs("e2fsck", &["-f", "-p"], &image)?;
-                    e2fs("resize2fs", &[], &image)?;
-                }
+                grow_copy(&image, size_bytes)?;
             }
             None => {
                 let file = OpenOptions::new()
@@ -175,7 +179,7 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
                     .map_err(context(format!("create {}", image.display())))?;
                 file.set_len(size_bytes)?;
                 drop(file);
-                mkfs(&image)?;
+                mkfs(&image, layout.key.is_some())?;
             }
         }
         mount(layout)
@@ -186,11 +190,97 @@ pub fn create(layout: &VolumeLayout, size_bytes: u64, from: Option<&Path>) -> io
     result
 }
 
-fn mkfs(image: &Path) -> io::Result<()> {
+/// Grows a copied image (a snapshot's, a fork's) to `size_bytes`, its filesystem too,
+/// before it is ever mounted.
+fn grow_copy(image: &Path, size_bytes: u64) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).open(image)?;
+    let grow = file.metadata()?.len() < size_bytes;
+    if grow {
+        file.set_len(size_bytes)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    if grow {
+        e2fs("e2fsck", &["-f", "-p"], image)?;
+        e2fs("resize2fs", &[], image)?;
+    }
+    Ok(())
+}
+
+/// Makes the volume `layout` a copy of `source` as it is now (its filesystem frozen for
+/// the copy, so a Machine writing to it is seen at one instant), grown to `size_bytes`,
+/// and mounts it. The copy shares blocks with the source where the worker's filesystem
+/// can (`FICLONE`), else copies the data extents, holes kept. An encrypted source's copy
+/// is readable only with the source's key, which `layout` must carry. Anything made is
+/// removed again on failure.
+pub fn fork(source: &VolumeLayout, layout: &VolumeLayout, size_bytes: u64) -> io::Result<()> {
+    let result = (|| {
+        fs::create_dir_all(&layout.dir)
+            .map_err(context(format!("create {}", layout.dir.display())))?;
+        fs::set_permissions(
+            &layout.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        let image = layout.image();
+        frozen(source, || clone_or_copy(&source.image(), &image))?;
+        grow_copy(&image, size_bytes)?;
+        mount(layout)
+    })();
+    if result.is_err() {
+        let _ = remove(layout);
+    }
+    result
+}
+
+/// Runs `copy` with the volume's filesystem frozen (`FIFREEZE`), thawing it after.
+fn frozen<T>(layout: &VolumeLayout, copy: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let root = open_root(layout)?;
+    // SAFETY: FIFREEZE takes no argument.
+    if unsafe { libc::ioctl(root.as_raw_fd(), FIFREEZE, 0) } != 0 {
+        return Err(context(format!("freeze volume {}", layout.id))(
+            io::Error::last_os_error(),
+        ));
+    }
+    let copied = copy();
+    // SAFETY: FITHAW takes no argument.
+    if unsafe { libc::ioctl(root.as_raw_fd(), FITHAW, 0) } != 0 {
+        return Err(context(format!("thaw volume {}", layout.id))(
+            io::Error::last_os_error(),
+        ));
+    }
+    copied
+}
+
+/// Copies `from` to the new file `to`: a reflink (`FICLONE`) where the filesystem shares
+/// blocks between files, else extent by extent. Answers whether it was a reflink.
+fn clone_or_copy(from: &Path, to: &Path) -> io::Result<bool> {
+    let source = File::open(from).map_err(context(format!("open {}", from.display())))?;
+    let target = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(context(format!("create {}", to.display())))?;
+    if rustix::fs::ioctl_ficlone(&target, &source).is_ok() {
+        target.sync_all()?;
+        return Ok(true);
+    }
+    drop(target);
+    fs::remove_file(to)?;
+    sparse_copy(from, to)?;
+    Ok(false)
+}
+
+fn mkfs(image: &Path, encrypt: bool) -> io::Result<()> {
     // Root owned by 0: the Machine's root once idmapped. Lazy table init keeps mkfs fast
     // on a large image (the kernel zeroes the tables in the background); nodiscard leaves
     // the fresh file's holes alone.
+    let features: &[&str] = match encrypt {
+        true => &["-O", "encrypt"],
+        false => &[],
+    };
     let output = Command::new("mkfs.ext4")
+        .args(features)
         .args([
             "-q",
             "-F",
@@ -220,10 +310,18 @@ pub fn is_mounted(layout: &VolumeLayout) -> io::Result<bool> {
     crate::overlay::is_mount_point(&layout.mount_point())
 }
 
-/// Attaches the image to a free loop device and mounts it (nosuid, nodev). Mounted
-/// already is success: recovery calls this for every volume after an agent or host
-/// restart.
+/// Attaches the image to a free loop device and mounts it (nosuid, nodev), then adds an
+/// encrypted volume's key. Mounted already is success: recovery calls this for every
+/// volume after an agent or host restart.
 pub fn mount(layout: &VolumeLayout) -> io::Result<()> {
+    mount_fs(layout)?;
+    match &layout.key {
+        Some(key) => unlock(layout, key),
+        None => Ok(()),
+    }
+}
+
+fn mount_fs(layout: &VolumeLayout) -> io::Result<()> {
     let target = layout.mount_point();
     if is_mounted(layout)? {
         return Ok(());
@@ -331,9 +429,12 @@ fn attach_loop(image: BorrowedFd<'_>) -> io::Result<(File, PathBuf)> {
     Err(io::Error::other("no free loop device after 16 tries"))
 }
 
-/// Unmounts the volume's filesystem (its loop device goes with it). Not mounted is
-/// success.
+/// Removes an encrypted volume's key and unmounts its filesystem (its loop device goes
+/// with it). Not mounted is success.
 pub fn unmount(layout: &VolumeLayout) -> io::Result<()> {
+    if is_mounted(layout)? {
+        lock(layout);
+    }
     crate::overlay::unmount(&layout.mount_point())
 }
 
@@ -597,22 +698,7 @@ pub struct SnapshotImage {
 /// Copies the volume, consistent at one instant, to `to` (a new file): the filesystem is
 /// frozen for the copy, which reads only the image's data extents.
 pub fn snapshot(layout: &VolumeLayout, to: &Path) -> io::Result<SnapshotImage> {
-    let root = open_root(layout)?;
-    // SAFETY: FIFREEZE takes no argument.
-    if unsafe { libc::ioctl(root.as_raw_fd(), FIFREEZE, 0) } != 0 {
-        return Err(context(format!("freeze volume {}", layout.id))(
-            io::Error::last_os_error(),
-        ));
-    }
-    let copied = sparse_copy(&layout.image(), to);
-    // SAFETY: FITHAW takes no argument.
-    let thawed = unsafe { libc::ioctl(root.as_raw_fd(), FITHAW, 0) };
-    if thawed != 0 {
-        let error = io::Error::last_os_error();
-        let _ = fs::remove_file(to);
-        return Err(context(format!("thaw volume {}", layout.id))(error));
-    }
-    copied.inspect_err(|_| {
+    frozen(layout, || sparse_copy(&layout.image(), to)).inspect_err(|_| {
         let _ = fs::remove_file(to);
     })
 }
@@ -674,13 +760,20 @@ pub fn idmapped_clone(source: &Path, userns: BorrowedFd<'_>) -> io::Result<Owned
     Ok(clone)
 }
 
-/// A detached clone of the mount at `source` (not yet idmapped). Refuses a `source` that
-/// is not a mount point: an unmounted volume's empty directory is on the worker's own
-/// disk, where nothing limits what a Machine writes.
+/// A detached clone of the mount at `source` (not yet idmapped), or of an encrypted
+/// volume's data directory below it. Refuses a `source` that is not on a mounted volume:
+/// an unmounted volume's empty directory is on the worker's own disk, where nothing
+/// limits what a Machine writes.
 pub fn clone_mount(source: &Path) -> io::Result<OwnedFd> {
     use rustix::mount::{open_tree, OpenTreeFlags};
-    let parent = source.parent().unwrap_or(Path::new("/"));
-    if fs::metadata(source)?.dev() == fs::metadata(parent)?.dev() {
+    let mount_point = match source.file_name() {
+        Some(name) if name == ENCRYPTED_DATA_DIR => source.parent().unwrap_or(source),
+        _ => source,
+    };
+    let parent = mount_point.parent().unwrap_or(Path::new("/"));
+    if fs::metadata(mount_point)?.dev() == fs::metadata(parent)?.dev()
+        || fs::metadata(source)?.dev() != fs::metadata(mount_point)?.dev()
+    {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("volume {} is not mounted", source.display()),
@@ -705,4 +798,357 @@ pub fn attach(mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
     .map_err(errno)
+}
+
+/// The directory below an encrypted volume's filesystem root that holds its data, under
+/// an fscrypt policy: ext4 cannot encrypt a filesystem's root directory, so the Machine
+/// is given this one.
+pub const ENCRYPTED_DATA_DIR: &str = "data";
+
+// linux/fscrypt.h
+const FS_IOC_SET_ENCRYPTION_POLICY: libc::c_ulong =
+    ioc(IOC_READ, b'f', 19, std::mem::size_of::<PolicyV1Size>());
+const FS_IOC_GET_ENCRYPTION_POLICY_EX: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, b'f', 22, 9);
+const FS_IOC_ADD_ENCRYPTION_KEY: libc::c_ulong = ioc(
+    IOC_READ | IOC_WRITE,
+    b'f',
+    23,
+    std::mem::size_of::<AddKeyArg>(),
+);
+const FS_IOC_REMOVE_ENCRYPTION_KEY: libc::c_ulong = ioc(
+    IOC_READ | IOC_WRITE,
+    b'f',
+    24,
+    std::mem::size_of::<RemoveKeyArg>(),
+);
+const IOC_WRITE: libc::c_ulong = 1;
+const IOC_READ: libc::c_ulong = 2;
+const FSCRYPT_POLICY_V2: u8 = 2;
+const FSCRYPT_MODE_AES_256_XTS: u8 = 1;
+const FSCRYPT_MODE_AES_256_CTS: u8 = 4;
+const FSCRYPT_POLICY_FLAGS_PAD_32: u8 = 3;
+const FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER: u32 = 2;
+const KEY_SIZE: usize = 64;
+
+/// `_IOC(dir, type, nr, size)`.
+const fn ioc(dir: libc::c_ulong, kind: u8, nr: u8, size: usize) -> libc::c_ulong {
+    (dir << 30)
+        | ((size as libc::c_ulong) << 16)
+        | ((kind as libc::c_ulong) << 8)
+        | nr as libc::c_ulong
+}
+
+/// `struct fscrypt_policy_v1`'s size, which the set ioctl's number is built from (it takes
+/// a v2 policy too, told apart by its version byte).
+#[repr(C)]
+struct PolicyV1Size {
+    _bytes: [u8; 12],
+}
+
+/// `struct fscrypt_policy_v2`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PolicyV2 {
+    version: u8,
+    contents_encryption_mode: u8,
+    filenames_encryption_mode: u8,
+    flags: u8,
+    log2_data_unit_size: u8,
+    reserved: [u8; 3],
+    master_key_identifier: [u8; 16],
+}
+
+/// `struct fscrypt_get_policy_ex_arg` with room for a v2 policy.
+#[repr(C)]
+struct GetPolicyExArg {
+    policy_size: u64,
+    policy: PolicyV2,
+}
+
+/// `struct fscrypt_key_specifier` naming a key by its identifier.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KeySpecifier {
+    kind: u32,
+    reserved: u32,
+    identifier: [u8; 16],
+    rest: [u8; 16],
+}
+
+/// `struct fscrypt_add_key_arg` followed by the raw key it carries.
+#[repr(C)]
+struct AddKeyArg {
+    key_spec: KeySpecifier,
+    raw_size: u32,
+    key_id: u32,
+    reserved: [u32; 8],
+}
+
+#[repr(C)]
+struct AddKeyWithRaw {
+    arg: AddKeyArg,
+    raw: [u8; KEY_SIZE],
+}
+
+/// `struct fscrypt_remove_key_arg`.
+#[repr(C)]
+struct RemoveKeyArg {
+    key_spec: KeySpecifier,
+    removal_status_flags: u32,
+    reserved: [u32; 5],
+}
+
+/// An encrypted volume's fscrypt master key: 64 random bytes. Never printed (its `Debug`
+/// hides it); stored by the agent and sent only to the worker a volume moves to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VolumeKey([u8; KEY_SIZE]);
+
+impl std::fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VolumeKey(<hidden>)")
+    }
+}
+
+impl Drop for VolumeKey {
+    /// The key's bytes do not outlive it in this copy.
+    fn drop(&mut self) {
+        for byte in self.0.iter_mut() {
+            // SAFETY: `byte` is a valid, aligned, exclusive reference into the key; the
+            // volatile write keeps the compiler from dropping the wipe as dead.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+impl VolumeKey {
+    /// A new key from the kernel's random source.
+    pub fn generate() -> io::Result<VolumeKey> {
+        let mut key = [0u8; KEY_SIZE];
+        let mut filled = 0;
+        while filled < KEY_SIZE {
+            // SAFETY: getrandom writes at most `KEY_SIZE - filled` bytes into the rest of
+            // `key`, which outlives the call.
+            let n =
+                unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), KEY_SIZE - filled, 0) };
+            if n < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(context("read random bytes for a volume key".into())(error));
+            }
+            filled += usize::try_from(n).unwrap_or(0);
+        }
+        Ok(VolumeKey(key))
+    }
+}
+
+impl Serialize for VolumeKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let hex: String = self.0.iter().map(|byte| format!("{byte:02x}")).collect();
+        serializer.serialize_str(&hex)
+    }
+}
+
+impl<'de> Deserialize<'de> for VolumeKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(deserializer)?;
+        let bad = || serde::de::Error::custom("a volume key is 128 hex digits");
+        if hex.len() != KEY_SIZE * 2 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut key = [0u8; KEY_SIZE];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(VolumeKey(key))
+    }
+}
+
+/// Adds the volume's key to its mounted filesystem (which then shows the data in
+/// plaintext to every mount of it) and, the first time, makes the data directory under a
+/// v2 policy (AES-256-XTS contents, AES-256-CTS names) of that key. A key that is not the
+/// directory's is refused.
+fn unlock(layout: &VolumeLayout, key: &VolumeKey) -> io::Result<()> {
+    let root = open_root(layout)?;
+    let identifier =
+        add_key(&root, key).map_err(context(format!("add the key of volume {}", layout.id)))?;
+    let data = layout.mount_point().join(ENCRYPTED_DATA_DIR);
+    match fs::create_dir(&data) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(context(format!("create {}", data.display()))(e))
+        }
+        _ => {}
+    }
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(&data)
+        .map_err(context(format!("open {}", data.display())))?;
+    match policy_identifier(&dir)? {
+        Some(found) if found == identifier => Ok(()),
+        Some(_) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("volume {}'s data is encrypted with another key", layout.id),
+        )),
+        // New (or a create cut short between the directory and its policy): the kernel
+        // refuses a policy on a directory that is not empty.
+        None => {
+            set_policy(&dir, identifier).map_err(context(format!("encrypt {}", data.display())))
+        }
+    }
+}
+
+/// Removes the key from the filesystem before the worker's mount goes, so that its
+/// plaintext is not reachable any more. Best effort: the kernel wipes a filesystem's keys
+/// with its last mount anyway.
+fn lock(layout: &VolumeLayout) {
+    let data = layout.mount_point().join(ENCRYPTED_DATA_DIR);
+    let Ok(dir) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(data)
+    else {
+        return;
+    };
+    if let Ok(Some(identifier)) = policy_identifier(&dir) {
+        let mut arg = RemoveKeyArg {
+            key_spec: key_spec(identifier),
+            removal_status_flags: 0,
+            reserved: [0; 5],
+        };
+        // SAFETY: FS_IOC_REMOVE_ENCRYPTION_KEY reads and writes one fscrypt_remove_key_arg,
+        // which outlives the call.
+        let _ = unsafe {
+            libc::ioctl(
+                dir.as_raw_fd(),
+                FS_IOC_REMOVE_ENCRYPTION_KEY,
+                &mut arg as *mut RemoveKeyArg,
+            )
+        };
+    }
+}
+
+fn key_spec(identifier: [u8; 16]) -> KeySpecifier {
+    KeySpecifier {
+        kind: FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER,
+        reserved: 0,
+        identifier,
+        rest: [0; 16],
+    }
+}
+
+/// Adds `key` to the filesystem of `root`; answers the identifier the kernel derived.
+fn add_key(root: &File, key: &VolumeKey) -> io::Result<[u8; 16]> {
+    let mut arg = AddKeyWithRaw {
+        arg: AddKeyArg {
+            key_spec: key_spec([0; 16]),
+            raw_size: KEY_SIZE as u32,
+            key_id: 0,
+            reserved: [0; 8],
+        },
+        raw: key.0,
+    };
+    // SAFETY: FS_IOC_ADD_ENCRYPTION_KEY reads an fscrypt_add_key_arg followed by
+    // `raw_size` bytes of key (both in `arg`, which outlives the call) and writes the
+    // identifier into its key_spec.
+    let rc = unsafe {
+        libc::ioctl(
+            root.as_raw_fd(),
+            FS_IOC_ADD_ENCRYPTION_KEY,
+            &mut arg as *mut AddKeyWithRaw,
+        )
+    };
+    let identifier = arg.arg.key_spec.identifier;
+    // The key's bytes do not outlive the call in this copy.
+    arg.raw = [0; KEY_SIZE];
+    std::hint::black_box(&arg.raw);
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(identifier)
+}
+
+/// The identifier of the key of the directory's v2 policy; `None` when it has no policy.
+fn policy_identifier(dir: &File) -> io::Result<Option<[u8; 16]>> {
+    let mut arg = GetPolicyExArg {
+        policy_size: std::mem::size_of::<PolicyV2>() as u64,
+        // SAFETY: all-zero is a valid fscrypt_policy_v2 (plain bytes).
+        policy: unsafe { std::mem::zeroed() },
+    };
+    // SAFETY: FS_IOC_GET_ENCRYPTION_POLICY_EX reads policy_size and writes at most that
+    // many bytes of policy into `arg`, which outlives the call.
+    let rc = unsafe {
+        libc::ioctl(
+            dir.as_raw_fd(),
+            FS_IOC_GET_ENCRYPTION_POLICY_EX,
+            &mut arg as *mut GetPolicyExArg,
+        )
+    };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENODATA) => Ok(None),
+            _ => Err(context("read an encryption policy".into())(error)),
+        };
+    }
+    if arg.policy.version != FSCRYPT_POLICY_V2 {
+        return Err(io::Error::other("not a v2 encryption policy"));
+    }
+    Ok(Some(arg.policy.master_key_identifier))
+}
+
+fn set_policy(dir: &File, identifier: [u8; 16]) -> io::Result<()> {
+    let policy = PolicyV2 {
+        version: FSCRYPT_POLICY_V2,
+        contents_encryption_mode: FSCRYPT_MODE_AES_256_XTS,
+        filenames_encryption_mode: FSCRYPT_MODE_AES_256_CTS,
+        flags: FSCRYPT_POLICY_FLAGS_PAD_32,
+        log2_data_unit_size: 0,
+        reserved: [0; 3],
+        master_key_identifier: identifier,
+    };
+    // SAFETY: FS_IOC_SET_ENCRYPTION_POLICY reads one fscrypt_policy_v2 (told by its
+    // version byte), which outlives the call.
+    let rc = unsafe {
+        libc::ioctl(
+            dir.as_raw_fd(),
+            FS_IOC_SET_ENCRYPTION_POLICY,
+            &policy as *const PolicyV2,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fscrypt_ioctl_numbers_are_the_kernels() {
+        // The values of linux/fscrypt.h's macros on x86_64 and arm64.
+        assert_eq!(FS_IOC_SET_ENCRYPTION_POLICY, 0x800c_6613);
+        assert_eq!(FS_IOC_GET_ENCRYPTION_POLICY_EX, 0xc009_6616);
+        assert_eq!(FS_IOC_ADD_ENCRYPTION_KEY, 0xc050_6617);
+        assert_eq!(FS_IOC_REMOVE_ENCRYPTION_KEY, 0xc040_6618);
+        assert_eq!(std::mem::size_of::<PolicyV2>(), 24);
+        assert_eq!(std::mem::size_of::<AddKeyWithRaw>(), 80 + KEY_SIZE);
+    }
+
+    #[test]
+    fn a_volume_key_round_trips_and_is_never_printed() {
+        let key = VolumeKey::generate().unwrap();
+        assert_ne!(key.0, [0; KEY_SIZE]);
+        assert_ne!(key, VolumeKey::generate().unwrap());
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(json.len(), 2 + 2 * KEY_SIZE);
+        assert_eq!(serde_json::from_str::<VolumeKey>(&json).unwrap(), key);
+        let layout = VolumeLayout::new(Path::new("/v"), "vol_1").with_key(Some(key));
+        let shown = format!("{layout:?}");
+        assert!(!shown.contains(&json[1..9]), "{shown}");
+        assert!(serde_json::from_str::<VolumeKey>("\"00\"").is_err());
+    }
 }

@@ -24,6 +24,12 @@ pub enum VolumeCommand {
         /// Restore this snapshot into the new volume.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Fork this volume: the new one starts as a copy of its data now, on its worker.
+        #[arg(long)]
+        source_volume: Option<String>,
+        /// Leave the volume's data unencrypted on the worker's disk (flyctl's flag).
+        #[arg(long)]
+        no_encryption: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -92,6 +98,8 @@ pub async fn volume(command: VolumeCommand) -> Result<()> {
             region,
             size_gb,
             snapshot,
+            source_volume,
+            no_encryption,
             json,
             api,
         } => {
@@ -100,6 +108,8 @@ pub async fn volume(command: VolumeCommand) -> Result<()> {
                 region,
                 size_gb,
                 snapshot_id: snapshot,
+                source_volume_id: source_volume,
+                encrypted: Some(!no_encryption),
                 ..CreateVolumeRequest::default()
             };
             let volume: Volume = api

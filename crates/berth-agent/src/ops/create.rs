@@ -79,7 +79,7 @@ impl Agent {
         // Claimed before the record is written: a crash in between leaves a claim by a
         // Machine that does not exist, which recovery releases.
         spec.volumes = self
-            .attach_volumes(&record.id, &record.app, &record.config.mounts)
+            .attach_volumes(&record.id, &record.app, &mut record.config.mounts)
             .await?;
         let volumes: Vec<String> = record
             .config

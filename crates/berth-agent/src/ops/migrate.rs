@@ -1109,7 +1109,7 @@ impl Agent {
         {
             let _guard = self.lock(&volume.id).await?;
             self.host_driver()
-                .volume_mount(&self.volume_layout(&volume.id))
+                .volume_mount(&self.keyed_layout(&volume))
                 .await?;
             volume.pending = None;
             volume.copied_pass = None;
@@ -1166,7 +1166,7 @@ impl Agent {
         {
             let _guard = self.lock(&volume.id).await?;
             self.host_driver()
-                .volume_mount(&self.volume_layout(&volume.id))
+                .volume_mount(&self.keyed_layout(&volume))
                 .await?;
             volume.pending = None;
             self.inner.store.save_volume(&volume).await?;

@@ -35,15 +35,26 @@ impl Agent {
             request.config.runtime = record.config.runtime.clone();
         }
         let driver = self.driver(&request.config)?.clone();
-        crate::volumes::check_same_mounts(&record.config.mounts, &request.config.mounts)?;
         // Resolve and lay out the new image first; a bad update changes nothing.
         let lease = self.inner.images.lease();
         let (image, pull_events) = self
             .resolve_image(&request.config.image, &lease, &scope)
             .await?;
         let files = crate::files::guest_files(&request.config)?;
+        // New mounts' volumes are claimed before anything changes (a refusal changes
+        // nothing); removed ones stay the Machine's until the update has ended, so a
+        // rollback finds the old attachment as it was.
+        let claimed = self
+            .claim_volumes(id, &record.app, &mut request.config.mounts)
+            .await?;
         // The network was made at create; update keeps the address and the org.
-        let spec = self.machine_spec(&record, &request.config, &image)?;
+        let spec = match self.machine_spec(&record, &request.config, &image) {
+            Ok(spec) => spec,
+            Err(error) => {
+                self.release_volumes(id, &claimed).await;
+                return Err(error.into());
+            }
+        };
         let was_running = record.state == MachineState::Started;
         let was_suspended = record.state == MachineState::Suspended;
         record.pending = Some(PendingOp::Update {
@@ -102,6 +113,8 @@ impl Agent {
         self.change_state(&mut record, MachineState::Stopped, change)
             .await?;
         failpoint::hit("update.after_record_updated");
+        self.release_unmounted(id, &record.app, &record.config.mounts)
+            .await;
         drop(lease);
         if !request.skip_launch {
             record.restart_count = 0;
