@@ -350,6 +350,12 @@ impl Agent {
             known_dirs: previous.map(|pass| pass.dirs),
             from_base,
             to_base: request.to_base,
+            mount_points: record
+                .config
+                .mounts
+                .iter()
+                .map(|mount| mount.path.trim_matches('/').as_bytes().to_vec())
+                .collect(),
         };
         let upper = layout.upper();
         let machine = id.to_owned();
