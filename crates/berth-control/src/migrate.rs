@@ -248,6 +248,123 @@ impl ControlPlane {
         }
     }
 
+    /// Moves a volume that no Machine holds (a drain's) to where placement picks among
+    /// the other workers: a Machine's move's steps, keyed by the volume's id, with one
+    /// pass (nothing writes the image). Its index row and its snapshots' move at the
+    /// same cutover record; before it a failure rolls back, after it the move rolls
+    /// forward, here or in the settling loop. A volume deleted meanwhile is done.
+    pub(crate) async fn migrate_lone_volume(
+        &self,
+        row: &crate::store::VolumeIndexRow,
+    ) -> Result<(), ApiError> {
+        let id = row.id.as_str();
+        let Some(_guard) = self.moves.begin(id) else {
+            return Err(migrating(id));
+        };
+        if self.move_recorded(id).await {
+            return Err(migrating(id));
+        }
+        let others: Vec<_> = self
+            .workers
+            .capacities(self.store.pool())
+            .await?
+            .into_iter()
+            .filter(|worker| worker.name != row.worker)
+            .collect();
+        if others.is_empty() {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "insufficient_capacity",
+                format!(
+                    "no worker but {} is in the cluster to take volume {id}",
+                    row.worker
+                ),
+            );
+            error.body.retry_after_ms = Some(5000);
+            return Err(error);
+        }
+        // Placed as a volume's create is: by its provisioned size.
+        let dest_name = self.place_among(
+            others,
+            &PlacementRequest {
+                region: None,
+                worker: None,
+                cpus: 0,
+                memory_mb: 0,
+                disk_mb: u64::from(row.size_gb) * 1024,
+                runtime: None,
+            },
+        )?;
+        let (source, dest) = (self.worker(&row.worker)?, self.worker(&dest_name)?);
+        let mut moving = MoveRow {
+            machine_id: id.to_owned(),
+            source: row.worker.clone(),
+            dest: dest_name,
+            grant: new_grant(),
+            running: false,
+            from_address: None,
+            cut_over: false,
+            cutover_ms: None,
+            volumes: vec![id.to_owned()],
+        };
+        self.insert_move(&row.app, &moving).await?;
+        match self.run_volume_move(&source, &dest, &mut moving).await {
+            Ok(()) => {
+                tracing::info!(volume = %id, from = %moving.source, to = %moving.dest, "volume moved");
+                Ok(())
+            }
+            Err(error) if moving.cut_over => {
+                tracing::warn!(volume = %id, error = %error.body.message, "finishing a volume's move later");
+                Err(error)
+            }
+            Err(error) => {
+                if let (_, Err(abort_error)) = self.roll_back(&source, &dest, &moving).await {
+                    tracing::warn!(volume = %id, error = %abort_error.body.message, "rolling a volume's move back later");
+                }
+                if error.status == StatusCode::NOT_FOUND {
+                    return Ok(());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn run_volume_move(
+        &self,
+        source: &Arc<dyn WorkerService>,
+        dest: &Arc<dyn WorkerService>,
+        moving: &mut MoveRow,
+    ) -> Result<(), ApiError> {
+        let (id, grant) = (moving.machine_id.clone(), moving.grant.clone());
+        let export = source
+            .migration(MigrationStep::Begin {
+                id: id.clone(),
+                grant: grant.clone(),
+                to_worker: moving.dest.clone(),
+            })
+            .await?
+            .export
+            .ok_or_else(|| ApiError::internal("the source answered no export"))?;
+        dest.migration(MigrationStep::Receive(Box::new(MigrateIn {
+            id: id.clone(),
+            grant,
+            source: MigrationPeer {
+                worker: moving.source.clone(),
+                url: self.workers.url(&moving.source),
+            },
+            export,
+            pull: berth_image::PullScope::default(),
+        })))
+        .await?;
+        let cutover_ms = self.clock.now_ms();
+        self.cut_over(&id, &moving.dest, &moving.volumes, cutover_ms)
+            .await?;
+        moving.cut_over = true;
+        moving.cutover_ms = Some(cutover_ms);
+        self.commit(dest, moving).await?;
+        self.finish_source(source, moving).await
+    }
+
     /// The disk the Machine's volumes take where they go: their provisioned size, as at
     /// their create.
     async fn volumes_disk_mb(
