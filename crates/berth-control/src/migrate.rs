@@ -844,27 +844,10 @@ impl ControlPlane {
                     format!("the control plane never saw machine {id}'s config"),
                 )
             })?;
-        // A volume's bytes and its own record (name, creation, snapshots) are only on the
-        // lost worker: a fresh empty disk under its id would pose as the user's data, so
-        // a Machine that mounts one is not made again.
-        if !last.config.mounts.is_empty() {
-            let volumes: Vec<&str> = last
-                .config
-                .mounts
-                .iter()
-                .map(|mount| mount.volume.as_str())
-                .collect();
-            let mut error = ApiError::new(
-                StatusCode::CONFLICT,
-                "volume_on_lost_worker",
-                format!(
-                    "machine {id} mounts volumes {volumes:?}, whose data and records are only on worker {}, which is unavailable: bring the worker back and migrate the machine instead",
-                    row.worker
-                ),
-            );
-            error.body.field = Some("config.mounts".into());
-            return Err(error);
-        }
+        // Its volumes' bytes and snapshots are only on the lost worker: each is made again
+        // empty where the Machine goes, with its id, name, size and flags, and an event
+        // on the Machine says its data was lost.
+        let volumes = self.lost_volumes(app, &last.config.mounts).await?;
         // A move cut off with the lost worker is over: the other side drops its part if
         // it can, and the row goes, so the settling loop stops waiting for the lost one.
         if let Some(moving) = self
@@ -888,12 +871,31 @@ impl ControlPlane {
                 .execute(self.store.pool())
                 .await?;
         }
+        let volume_mb = volumes
+            .iter()
+            .map(|(row, _)| u64::from(row.size_gb) * 1024)
+            .sum();
         let dest_name = self
-            .migration_target(&row, &last, 0, request.to_worker)
+            .migration_target(&row, &last, volume_mb, request.to_worker)
             .await?;
         let dest = self.worker(&dest_name)?;
         let mut pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
         pull.source = self.pull_source(&last.config.image).await?;
+        for (volume_row, known) in &volumes {
+            // A create sent again (a recreate retried) answers the volume it made.
+            dest.volume_create(berth_worker::CreateVolumeOnWorker {
+                id: volume_row.id.clone(),
+                app: app.to_owned(),
+                request: berth_api::CreateVolumeRequest {
+                    name: known.name.clone(),
+                    size_gb: Some(volume_row.size_gb),
+                    snapshot_retention: Some(known.snapshot_retention),
+                    auto_backup_enabled: Some(known.auto_backup_enabled),
+                    ..berth_api::CreateVolumeRequest::default()
+                },
+            })
+            .await?;
+        }
         let answer = dest
             .migration(MigrationStep::Recreate {
                 request: Box::new(CreateOnWorker {
@@ -908,7 +910,8 @@ impl ControlPlane {
                 lost_worker: row.worker.clone(),
             })
             .await?;
-        self.cut_over_recreated(id, &dest_name).await?;
+        let volume_ids: Vec<String> = volumes.iter().map(|(row, _)| row.id.clone()).collect();
+        self.cut_over_recreated(id, &dest_name, &volume_ids).await?;
         tracing::warn!(machine = %id, from = %row.worker, to = %dest_name, "recreated from its image; its files are lost");
         let machine = answer
             .machine
@@ -925,13 +928,70 @@ impl ControlPlane {
             .map_or(true, |row| row.is_some())
     }
 
-    async fn cut_over_recreated(&self, id: &str, dest: &str) -> Result<(), ApiError> {
+    /// The index names the new worker for the Machine and its volumes, whose snapshots
+    /// (on the lost worker) are forgotten, in one transaction.
+    async fn cut_over_recreated(
+        &self,
+        id: &str,
+        dest: &str,
+        volumes: &[String],
+    ) -> Result<(), ApiError> {
+        let mut transaction = self.store.pool().begin().await?;
         sqlx::query("UPDATE machines SET worker = $1 WHERE id = $2")
             .bind(dest)
             .bind(id)
-            .execute(self.store.pool())
+            .execute(&mut *transaction)
             .await?;
+        for volume in volumes {
+            sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = $1")
+                .bind(volume)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        crate::store::ControlStore::move_volumes(&mut transaction, volumes, dest).await?;
+        transaction.commit().await?;
         Ok(())
+    }
+
+    /// The index rows and last known JSON of the volumes a Machine of a lost worker
+    /// mounts. A volume never seen whole here (made before its JSON was kept) is refused:
+    /// its name and flags would be guessed.
+    async fn lost_volumes(
+        &self,
+        app: &str,
+        mounts: &[berth_api::MachineMount],
+    ) -> Result<Vec<(crate::store::VolumeIndexRow, berth_api::Volume)>, ApiError> {
+        let mut volumes = Vec::new();
+        for (index, mount) in mounts.iter().enumerate() {
+            let Some(row) = self.store.volume(app, &mount.volume).await? else {
+                let mut error = ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "volume_not_found",
+                    format!("volume {} not found", mount.volume),
+                );
+                error.body.field = Some(format!("config.mounts[{index}].volume"));
+                return Err(error);
+            };
+            let known = self
+                .store
+                .volume_last_json(&row.id)
+                .await?
+                .and_then(|json| serde_json::from_str::<berth_api::Volume>(&json).ok())
+                .ok_or_else(|| {
+                    let mut error = ApiError::new(
+                        StatusCode::CONFLICT,
+                        "config_unknown",
+                        format!(
+                            "the control plane never kept volume {}'s name and settings, so it cannot make it again",
+                            row.id
+                        ),
+                    );
+                    error.body.field = Some(format!("config.mounts[{index}].volume"));
+                    error
+                })?;
+            volumes.push((row, known));
+        }
+        Ok(volumes)
     }
 }
 

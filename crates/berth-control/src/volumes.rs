@@ -76,7 +76,9 @@ pub(crate) async fn update_volume(
     let (row, worker) = control
         .volume(&principal, &app, &id, Action::Update)
         .await?;
-    Ok(Json(worker.volume_update(&row.id, request).await?))
+    let volume = worker.volume_update(&row.id, request).await?;
+    control.remember_volume(&volume).await;
+    Ok(Json(volume))
 }
 
 #[utoipa::path(delete, path = "/apps/{app}/volumes/{volume_id}", tag = "volumes",
@@ -327,6 +329,7 @@ impl ControlPlane {
                 if volume.size_gb != size_gb {
                     self.store.set_volume_size(&id, volume.size_gb).await?;
                 }
+                self.remember_volume(&volume).await;
                 Ok(volume)
             }
             Err(error) => {
@@ -433,6 +436,18 @@ impl ControlPlane {
                 }
                 Err(error.into())
             }
+        }
+    }
+
+    /// Keeps what a recreate needs to make the volume again. A failed write is logged:
+    /// the volume itself is made.
+    pub(crate) async fn remember_volume(&self, volume: &Volume) {
+        let remembered = match serde_json::to_string(volume) {
+            Ok(json) => self.store.remember_volume(&volume.id, &json).await,
+            Err(_) => Ok(()),
+        };
+        if let Err(error) = remembered {
+            tracing::warn!(volume = %volume.id, %error, "remembering a volume");
         }
     }
 

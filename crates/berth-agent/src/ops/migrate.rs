@@ -248,6 +248,23 @@ impl Agent {
             format!("made again from its image; its files were lost with worker {lost_worker}");
         let change = Change::event(EventKind::Recreate, EventSource::System).reason(&reason);
         self.save_in_state(&record, change).await?;
+        // Its volumes were made again empty here (by the control plane, before this
+        // create claimed them): one event for each says its data was lost.
+        for mount in &record.config.mounts {
+            let name = self
+                .inner
+                .store
+                .volume(&mount.volume)
+                .await?
+                .map(|volume| volume.name)
+                .unwrap_or_default();
+            let reason = format!(
+                "volume {} ({name}) at {} made again empty on this worker; its data and snapshots were lost with worker {lost_worker}",
+                mount.volume, mount.path
+            );
+            let change = Change::event(EventKind::Recreate, EventSource::System).reason(&reason);
+            self.save_in_state(&record, change).await?;
+        }
         Ok(MigrationAnswer {
             machine: Some(self.api_view(&record)),
             ..MigrationAnswer::default()
