@@ -573,6 +573,9 @@ impl Agent {
                 // The move's owner (the control plane) commits or aborts it; a copy that
                 // is still arriving is never mounted before then.
                 Some(VolumePending::MigrateIn) => continue,
+                // Its files went at the move's finish, cut off before the record did: the
+                // finish sent again forgets it.
+                Some(VolumePending::MigrateOut) if !layout.dir.exists() => continue,
                 // Mounted as any other: abort needs it so, finish removes it, and a later
                 // pass unmounts it again before reading.
                 Some(VolumePending::MigrateOut) | None => {
