@@ -2593,7 +2593,10 @@ mod tests {
             let meta = std::fs::symlink_metadata(dst.join(made)).unwrap();
             assert_eq!((meta.uid(), meta.gid()), (TO, TO), "{made}");
         }
-        assert_eq!(std::fs::read(dst.join("srv/note")).unwrap(), b"the machine's");
+        assert_eq!(
+            std::fs::read(dst.join("srv/note")).unwrap(),
+            b"the machine's"
+        );
         // Only an empty mount point: one holding a file is not a bare mount point.
         std::fs::write(src.join("srv/data/file"), b"").unwrap();
         chown(&src.join("srv/data/file"), FROM);

@@ -289,7 +289,10 @@ impl ControlPlane {
         self.drain_volumes(worker).await;
         // Done when the worker holds nothing: a Machine made there before the cordon took
         // effect would still be on it.
-        let remaining = match (self.store.machines_on(worker).await, self.volumes_on(worker).await) {
+        let remaining = match (
+            self.store.machines_on(worker).await,
+            self.volumes_on(worker).await,
+        ) {
             (Ok(machines), Ok(volumes)) => machines.len() + volumes.len(),
             _ => usize::MAX,
         };

@@ -22,7 +22,8 @@ use crate::error::ApiError;
 use crate::store::{AppRow, MachineIndexRow};
 use crate::ControlPlane;
 
-pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS migrations (
+pub(crate) const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS migrations (
         machine_id TEXT PRIMARY KEY NOT NULL,
         app TEXT NOT NULL,
         source TEXT NOT NULL,
@@ -34,7 +35,15 @@ pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS migrations (
         cutover_ms INTEGER,
         started_ms INTEGER NOT NULL,
         replica TEXT
-    )"];
+    )",
+    // Machines and volumes an admin forgot while their worker was lost: the copies it
+    // still has are removed when it comes back (`kind` is `machine` or `volume`).
+    "CREATE TABLE IF NOT EXISTS lost_copies (
+        id TEXT PRIMARY KEY NOT NULL,
+        worker TEXT NOT NULL,
+        kind TEXT NOT NULL
+    )",
+];
 
 /// The control plane's failpoints in a move (the agents have theirs): just before and just
 /// after the cutover record.
@@ -917,6 +926,90 @@ impl ControlPlane {
             .machine
             .ok_or_else(|| ApiError::internal("the worker answered no machine"))?;
         Ok(crate::machines::seen(self, machine, &dest_name).await)
+    }
+
+    /// Admin, `lose_state`: records that `id` (a Machine or a volume, `kind`) on `worker`
+    /// is forgotten, so the copy the worker has goes if it comes back. Refused while the
+    /// worker answers (then the normal destroy or delete does it) and during a move.
+    pub(crate) async fn forget_on_lost_worker(
+        &self,
+        principal: &crate::auth::Principal,
+        worker: &str,
+        id: &str,
+        kind: &str,
+    ) -> Result<(), ApiError> {
+        principal.require_admin()?;
+        let healthy = self
+            .workers
+            .capacities(self.store.pool())
+            .await?
+            .iter()
+            .any(|each| each.name == worker && each.healthy);
+        if healthy {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "worker_available",
+                format!(
+                    "worker {worker} holds {kind} {id} and answers: delete it without lose_state"
+                ),
+            ));
+        }
+        if self.move_recorded(id).await {
+            return Err(migrating(id));
+        }
+        sqlx::query(
+            "INSERT INTO lost_copies (id, worker, kind) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET worker = excluded.worker, kind = excluded.kind",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(kind)
+        .execute(self.store.pool())
+        .await?;
+        tracing::warn!(%id, %worker, %kind, "forgotten on a lost worker; its data is lost");
+        Ok(())
+    }
+
+    /// A worker back (adopted): its copies of what was forgotten while it was lost are
+    /// removed, Machines first (a volume is released by its Machine's destroy). A copy
+    /// that cannot be removed now is tried at the next adoption.
+    pub(crate) async fn remove_lost_copies(&self, name: &str, worker: &Arc<dyn WorkerService>) {
+        let rows = match sqlx::query(
+            "SELECT id, kind FROM lost_copies WHERE worker = $1 ORDER BY kind, id",
+        )
+        .bind(name)
+        .fetch_all(self.store.pool())
+        .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "reading forgotten copies");
+                return;
+            }
+        };
+        for row in rows {
+            let (Ok(id), Ok(kind)) = (row.try_get::<String, _>(0), row.try_get::<String, _>(1))
+            else {
+                continue;
+            };
+            let removed = match kind.as_str() {
+                "machine" => worker.destroy(&id, true).await.map(|_| ()),
+                _ => worker.volume_delete(&id).await.map(|_| ()),
+            };
+            let gone = match removed {
+                Ok(()) => true,
+                Err(error) => error.to_response().0 == 404,
+            };
+            if !gone {
+                tracing::warn!(%id, worker = %name, "a forgotten copy stays until the next adoption");
+                continue;
+            }
+            tracing::info!(%id, worker = %name, %kind, "removed a copy forgotten while its worker was lost");
+            let _ = sqlx::query("DELETE FROM lost_copies WHERE id = $1")
+                .bind(&id)
+                .execute(self.store.pool())
+                .await;
+        }
     }
 
     /// Whether a move of `id` is recorded (running, or waiting to be settled).

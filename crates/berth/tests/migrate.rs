@@ -1226,6 +1226,84 @@ fn a_machine_with_a_volume_on_a_lost_worker_is_recreated_with_the_volume_made_ag
     cluster.teardown();
 }
 
+/// A lost worker's Machine and volumes can be forgotten by an admin (`lose_state`):
+/// refused while the worker answers and without the flag (it cannot be reached), gone
+/// from the index with it, and their copies removed when the worker comes back.
+/// Before, a destroy or delete of them answered 503 for as long as the worker was gone.
+#[test]
+fn a_machine_and_volumes_on_a_lost_worker_are_forgotten_by_an_admin() {
+    let mut cluster = three();
+    let mounted = volume_on(&cluster, "w1", "mounted", 1);
+    let loose = volume_on(&cluster, "w1", "loose", 1);
+    let id = create_on(
+        &cluster,
+        "w1",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
+            "mounts": [{"volume": mounted, "path": "/data"}]}}),
+    );
+    let destroy = |cluster: &Cluster, query: &str| {
+        cluster.call(
+            Method::DELETE,
+            &format!("/v1/apps/fleet/machines/{id}{query}"),
+            None,
+        )
+    };
+    let delete = |cluster: &Cluster, volume: &str, query: &str| {
+        cluster.call(
+            Method::DELETE,
+            &format!("/v1/apps/fleet/volumes/{volume}{query}"),
+            None,
+        )
+    };
+    // While w1 answers, lose_state is refused: a normal destroy does it.
+    let (status, body) = destroy(&cluster, "?kill=true&lose_state=true");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("worker_available")),
+        "{body}"
+    );
+    cluster.agent("w1").process.kill();
+    cluster.wait_for("w1 to be unreachable", || {
+        worker(&cluster, "w1").status == berth_api::WorkerStatus::Unreachable
+    });
+    let (status, body) = destroy(&cluster, "?kill=true");
+    assert_eq!(status, 503, "{body}");
+    // Its volume is still held by it.
+    let (status, body) = delete(&cluster, &mounted, "?lose_state=true");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("volume_attached")),
+        "{body}"
+    );
+    let (status, body) = destroy(&cluster, "?kill=true&lose_state=true");
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = cluster.call(Method::GET, &format!("/v1/apps/fleet/machines/{id}"), None);
+    assert_eq!(status, 404);
+    for volume in [&mounted, &loose] {
+        let (status, body) = delete(&cluster, volume, "");
+        assert_eq!(status, 503, "{body}");
+        let (status, body) = delete(&cluster, volume, "?lose_state=true");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["state"], "destroyed", "{body}");
+        let (status, _) = cluster.call(
+            Method::GET,
+            &format!("/v1/apps/fleet/volumes/{volume}"),
+            None,
+        );
+        assert_eq!(status, 404);
+    }
+    // Back again: nothing of them stays on w1.
+    restart_agent_and_wait(&mut cluster, "w1", &[]);
+    cluster.wait_for("w1's forgotten copies to go", || {
+        !cluster.machine_dir("w1", &id).exists()
+            && volume_holders(&cluster, &mounted).is_empty()
+            && volume_holders(&cluster, &loose).is_empty()
+    });
+    cluster.assert_doctor_clean("after forgetting a lost worker's Machine and volumes");
+    cluster.teardown();
+}
+
 /// A volume no Machine holds leaves a drained worker on its own, with its data and its
 /// snapshot, billed on one worker at a time; a volume that cannot move (no worker takes
 /// it) is listed under `failed` with its code and the drain ends `incomplete`. Before,
@@ -1312,7 +1390,10 @@ fn a_drain_moves_volumes_no_machine_holds_and_lists_one_that_cannot_move() {
             "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
             "mounts": [{"volume": loose, "path": "/data"}]}}),
     );
-    assert_eq!(cluster.sh(&reader, "md5sum /data/kept /data/filler"), digest);
+    assert_eq!(
+        cluster.sh(&reader, "md5sum /data/kept /data/filler"),
+        digest
+    );
 
     // No worker takes it: listed under `failed` with its code, and it stays.
     cluster.cordon("w1", false);
@@ -1329,8 +1410,15 @@ fn a_drain_moves_volumes_no_machine_holds_and_lists_one_that_cannot_move() {
     assert_eq!(progress.failed[0].volume.as_deref(), Some(stuck.as_str()));
     assert_eq!(progress.failed[0].error, "insufficient_capacity");
     let (_, shown) = cluster.call(Method::GET, "/v1/workers/w1", None);
-    assert_eq!(shown["drain"]["failed"][0]["volume"], stuck.as_str(), "{shown}");
-    assert!(shown["drain"]["failed"][0].get("machine").is_none(), "{shown}");
+    assert_eq!(
+        shown["drain"]["failed"][0]["volume"],
+        stuck.as_str(),
+        "{shown}"
+    );
+    assert!(
+        shown["drain"]["failed"][0].get("machine").is_none(),
+        "{shown}"
+    );
     assert_eq!(volume(&cluster, &stuck)["zone"], "w1");
     assert_eq!(volume_holders(&cluster, &stuck), vec!["w1".to_owned()]);
     cluster.assert_doctor_clean("after drains of volumes");
@@ -1342,7 +1430,9 @@ fn volume_files(cluster: &Cluster, worker: &str, id: &str) -> (Option<Vec<u8>>, 
     let fs = cluster.volume_dir(worker, id).join("berth-volume-fs");
     (
         std::fs::read(fs.join("kept")).ok(),
-        std::fs::read(fs.join("filler")).ok().map(|bytes| bytes.len()),
+        std::fs::read(fs.join("filler"))
+            .ok()
+            .map(|bytes| bytes.len()),
     )
 }
 

@@ -1422,7 +1422,11 @@ impl Agent {
 
     /// The one pass of a volume moving on its own, or of one of its snapshots, for the
     /// holder of its grant.
-    async fn lone_volume_stream(&self, id: &str, request: StreamRequest) -> Result<MigrationStream> {
+    async fn lone_volume_stream(
+        &self,
+        id: &str,
+        request: StreamRequest,
+    ) -> Result<MigrationStream> {
         let leaving = self.inner.store.volume(id).await?.is_some_and(|volume| {
             volume.pending == Some(VolumePending::MigrateOut)
                 && volume.attached_machine.is_none()
