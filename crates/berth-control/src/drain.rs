@@ -316,9 +316,11 @@ impl ControlPlane {
                 return;
             }
         };
+        // A drain taken over from a replica that is gone counts what that one moved.
         self.update_drain(worker, |progress| {
-            progress.volumes.total += volumes.len() as u64;
-            progress.volumes.left += volumes.len() as u64;
+            progress.volumes.total = progress.volumes.moved + volumes.len() as u64;
+            progress.volumes.left = volumes.len() as u64;
+            progress.volumes.moving = 0;
         })
         .await;
         let moves = futures::stream::iter(volumes)

@@ -1276,8 +1276,26 @@ fn a_machine_and_volumes_on_a_lost_worker_are_forgotten_by_an_admin() {
         (409, Some("volume_attached")),
         "{body}"
     );
-    let (status, body) = destroy(&cluster, "?kill=true&lose_state=true");
-    assert_eq!(status, 200, "{body}");
+    // The CLI's flag for the Machine, the API's for the volumes.
+    let output = std::process::Command::new(common::BERTH)
+        .args([
+            "machine",
+            "destroy",
+            "--app",
+            "fleet",
+            &id,
+            "--force",
+            "--lose-state",
+        ])
+        .env("BERTH_API_URL", &cluster.api_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .output()
+        .expect("berth");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let (status, _) = cluster.call(Method::GET, &format!("/v1/apps/fleet/machines/{id}"), None);
     assert_eq!(status, 404);
     for volume in [&mounted, &loose] {
