@@ -1060,8 +1060,8 @@ pub struct DrainProgress {
     /// Volumes that could not move are listed here too, by `volume`.
     pub failed: Vec<DrainFailure>,
     /// The volumes no Machine took along: counted once the Machines have moved, then
-    /// each moved on its own.
-    #[serde(default)]
+    /// each moved on its own. Absent while none was counted.
+    #[serde(default, skip_serializing_if = "DrainVolumes::is_empty")]
     pub volumes: DrainVolumes,
 }
 
@@ -1073,6 +1073,12 @@ pub struct DrainVolumes {
     pub left: u64,
     pub moving: u64,
     pub moved: u64,
+}
+
+impl DrainVolumes {
+    pub fn is_empty(&self) -> bool {
+        *self == DrainVolumes::default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
