@@ -80,10 +80,15 @@ fn grant_matches(held: &str, offered: &str) -> bool {
 }
 
 fn wrong_grant(id: &str) -> AgentError {
+    let what = if berth_core::ids::has_id_shape(id, "vol_") {
+        "volume"
+    } else {
+        "machine"
+    };
     refuse(
         409,
         "migration_conflict",
-        format!("machine {id} is not in the migration this grant names"),
+        format!("{what} {id} is not in the migration this grant names"),
         None,
     )
 }
