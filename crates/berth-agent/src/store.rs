@@ -1013,6 +1013,7 @@ mod tests {
             attached_machine: None,
             pending: None,
             copied_pass: None,
+            move_grant: None,
         };
         let created = crate::metering::volume_created(&record, 10);
         store

@@ -84,6 +84,27 @@ pub struct ExportPass {
     /// Host ids in the tree are `from_base + id`; the stream carries `to_base + id`.
     pub from_base: u32,
     pub to_base: u32,
+    /// The Machine's mount points, relative to the tree's root. Before mount points were
+    /// made the Machine's own, each missing directory of one was made host root's in
+    /// the writable layer: such a directory (a mount point, empty, or one of its parents)
+    /// goes as the Machine's root's, which is what it would be made as now.
+    pub mount_points: Vec<Vec<u8>>,
+}
+
+impl ExportPass {
+    /// Whether `rel`, a host-root-owned directory holding `names`, is one that an older
+    /// runtime made for a mount: a mount point that is empty, or a parent of one.
+    fn made_for_a_mount(&self, rel: &[u8], meta: &Meta, names: &[OsString]) -> bool {
+        if self.from_base == HOST_ROOT || meta.uid != HOST_ROOT || meta.gid != HOST_ROOT {
+            return false;
+        }
+        self.mount_points.iter().any(|point| {
+            (point.as_slice() == rel && names.is_empty())
+                || (point.len() > rel.len()
+                    && point.starts_with(rel)
+                    && (rel.is_empty() || point[rel.len()] == b'/'))
+        })
+    }
 }
 
 /// Every directory of a tree by path, with its inode: what a later pass compares with.
@@ -739,20 +760,24 @@ impl<W: Write> Exporter<'_, W> {
             self.listing.push(rel.clone());
         }
         self.dirs.0.insert(rel.clone(), meta.ino);
+        let names = read_names(fd.as_fd())
+            .map_err(|e| TransferError::io(format!("list /{}", shown(rel)), e))?;
         if self.changed(meta, whole) {
             let xattrs = list_xattrs(&Node::Fd(fd.as_fd()))
                 .map_err(|e| TransferError::io(format!("xattrs of /{}", shown(rel)), e))?;
+            let mut meta = *meta;
+            if !rel.is_empty() && self.pass.made_for_a_mount(rel, &meta, &names) {
+                (meta.uid, meta.gid) = (self.pass.from_base, self.pass.from_base);
+            }
             self.append(
                 rel,
-                meta,
+                &meta,
                 tar::EntryType::Directory,
                 &xattrs,
                 None,
                 io::empty(),
             )?;
         }
-        let names = read_names(fd.as_fd())
-            .map_err(|e| TransferError::io(format!("list /{}", shown(rel)), e))?;
         for name in names {
             let parent_len = rel.len();
             if !rel.is_empty() {
@@ -2538,6 +2563,55 @@ mod tests {
         );
         chown(&src.join("host-root"), FROM + ID_RANGE - 1);
         export(&src, &full(), io::sink()).unwrap();
+    }
+
+    /// A writable layer as the runtime left it before mount points were made the
+    /// Machine's own: `/srv/data` (a volume's mount point, `srv` missing from the image)
+    /// made host root's. Without `mount_points` the pass is refused `unsupported_entry`
+    /// (seen so before the mapping existed); with them both go as the Machine's root's.
+    #[test]
+    fn host_root_mount_points_of_older_machines_go_as_the_machines_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        std::fs::create_dir_all(src.join("srv/data")).unwrap();
+        std::fs::create_dir(&dst).unwrap();
+        chown(&dst, TO);
+        std::fs::write(src.join("srv/note"), b"the machine's").unwrap();
+        chown(&src, FROM);
+        chown(&src.join("srv/note"), FROM);
+        for made in ["srv", "srv/data"] {
+            chown(&src.join(made), 0);
+        }
+        let error = export(&src, &full(), io::sink()).unwrap_err();
+        assert_eq!(error.code(), "unsupported_entry", "{error}");
+        let pass = ExportPass {
+            mount_points: vec![b"srv/data".to_vec(), b"other".to_vec()],
+            ..full()
+        };
+        roundtrip(&src, &dst, &pass);
+        for made in ["srv", "srv/data"] {
+            let meta = std::fs::symlink_metadata(dst.join(made)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (TO, TO), "{made}");
+        }
+        assert_eq!(
+            std::fs::read(dst.join("srv/note")).unwrap(),
+            b"the machine's"
+        );
+        // Only an empty mount point: one holding a file is not a bare mount point.
+        std::fs::write(src.join("srv/data/file"), b"").unwrap();
+        chown(&src.join("srv/data/file"), FROM);
+        assert_eq!(
+            export(&src, &pass, io::sink()).unwrap_err().code(),
+            "unsupported_entry"
+        );
+        // Nor a host-root directory that no mount needs.
+        std::fs::remove_file(src.join("srv/data/file")).unwrap();
+        std::fs::create_dir(src.join("elsewhere")).unwrap();
+        chown(&src.join("elsewhere"), 0);
+        assert_eq!(
+            export(&src, &pass, io::sink()).unwrap_err().code(),
+            "unsupported_entry"
+        );
     }
 
     #[test]

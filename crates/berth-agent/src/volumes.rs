@@ -73,6 +73,10 @@ pub struct VolumeRecord {
     /// not beside the image; sent only to the worker the volume moves to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<VolumeKey>,
+    /// Moving on its own (no Machine holds it, as in a drain): the move's grant, which
+    /// its Machine's record holds otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_grant: Option<String>,
 }
 
 /// A snapshot as the agent records it; its image is `path`.
@@ -122,16 +126,21 @@ pub(crate) fn not_found(id: &str) -> AgentError {
 }
 
 /// Refuses an operation on a volume that is moving with its Machine.
-fn refuse_if_moving(record: &VolumeRecord) -> Result<()> {
+pub(crate) fn refuse_if_moving(record: &VolumeRecord) -> Result<()> {
     if record.pending.is_some_and(VolumePending::is_migration) {
         let mut error = refuse(
             409,
             "machine_migrating",
-            format!(
-                "volume {} is moving between workers with machine {}; retry once the move ends",
-                record.id,
-                record.attached_machine.as_deref().unwrap_or("?")
-            ),
+            match &record.attached_machine {
+                Some(machine) => format!(
+                    "volume {} is moving between workers with machine {machine}; retry once the move ends",
+                    record.id
+                ),
+                None => format!(
+                    "volume {} is moving between workers; retry once the move ends",
+                    record.id
+                ),
+            },
             None,
         );
         if let AgentError::Remote { body, .. } = &mut error {
@@ -142,7 +151,7 @@ fn refuse_if_moving(record: &VolumeRecord) -> Result<()> {
     Ok(())
 }
 
-fn attached(id: &str, machine: &str) -> AgentError {
+pub(crate) fn attached(id: &str, machine: &str) -> AgentError {
     refuse(
         409,
         "volume_attached",
@@ -276,6 +285,7 @@ impl Agent {
             pending: Some(VolumePending::Create),
             copied_pass: None,
             key,
+            move_grant: None,
         };
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_create.after_record");
@@ -456,6 +466,7 @@ impl Agent {
         if let Some(machine) = &record.attached_machine {
             return Err(attached(id, machine));
         }
+        refuse_if_moving(&record)?;
         record.pending = Some(VolumePending::Delete);
         self.inner.store.save_volume(&record).await?;
         failpoint::hit("volume_delete.after_record");
@@ -711,6 +722,9 @@ impl Agent {
                 // The move's owner (the control plane) commits or aborts it; a copy that
                 // is still arriving is never mounted before then.
                 Some(VolumePending::MigrateIn) => continue,
+                // Its files went at the move's finish, cut off before the record did: the
+                // finish sent again forgets it.
+                Some(VolumePending::MigrateOut) if !layout.dir.exists() => continue,
                 // Mounted as any other: abort needs it so, finish removes it, and a later
                 // pass unmounts it again before reading.
                 Some(VolumePending::MigrateOut) | None => {

@@ -1124,22 +1124,48 @@ pub struct DrainProgress {
     pub moving: u64,
     pub moved: u64,
     /// Machines that could not move, each with the error it met. They stay where they are.
+    /// Volumes that could not move are listed here too, by `volume`.
     pub failed: Vec<DrainFailure>,
+    /// The volumes no Machine took along: counted once the Machines have moved, then
+    /// each moved on its own. Absent while none was counted.
+    #[serde(default, skip_serializing_if = "DrainVolumes::is_empty")]
+    pub volumes: DrainVolumes,
+}
+
+/// A drain's volumes that no Machine held: left, moving and moved. One that cannot move
+/// is in the drain's `failed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainVolumes {
+    pub total: u64,
+    pub left: u64,
+    pub moving: u64,
+    pub moved: u64,
+}
+
+impl DrainVolumes {
+    pub fn is_empty(&self) -> bool {
+        *self == DrainVolumes::default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DrainState {
     Draining,
-    /// The worker holds no Machine.
+    /// The worker holds no Machine and no volume.
     Drained,
-    /// Every Machine was tried; some could not move (see `failed`).
+    /// Every Machine and volume was tried; some could not move (see `failed`).
     Incomplete,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DrainFailure {
+    /// The Machine that could not move; empty for a volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub machine: String,
+    /// The volume that could not move (one no Machine held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     pub app: String,
     /// The error code the move ended with, such as `insufficient_capacity`.
     pub error: String,

@@ -12,14 +12,16 @@ use std::sync::Arc;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
-use berth_api::{DrainFailure, DrainProgress, DrainState, MigrateMachineRequest, Worker};
+use berth_api::{
+    DrainFailure, DrainProgress, DrainState, DrainVolumes, MigrateMachineRequest, Worker,
+};
 use futures::StreamExt;
 use sqlx::Row;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::replicas::{not_live, Replicas};
-use crate::store::MachineIndexRow;
+use crate::store::{MachineIndexRow, VolumeIndexRow};
 use crate::{format_ms, now_ms, ControlPlane, Shared};
 
 /// Moves at once during a drain: each is disk- and network-bound on two workers.
@@ -137,6 +139,7 @@ impl ControlPlane {
             moving: 0,
             moved: 0,
             failed: Vec::new(),
+            volumes: DrainVolumes::default(),
         };
         let mut running = self.drains.running.lock().await;
         let begun = sqlx::query(&format!(
@@ -270,6 +273,7 @@ impl ControlPlane {
                                 Ok(()) => progress.moved += 1,
                                 Err(error) => progress.failed.push(DrainFailure {
                                     machine: row.id.clone(),
+                                    volume: None,
                                     app: row.app.clone(),
                                     error: error.body.error.clone(),
                                     message: error.body.message.clone(),
@@ -281,14 +285,17 @@ impl ControlPlane {
             })
             .buffer_unordered(DRAIN_CONCURRENCY);
         moves.collect::<Vec<()>>().await;
+        // Then what the Machines did not take along: volumes no Machine holds.
+        self.drain_volumes(worker).await;
         // Done when the worker holds nothing: a Machine made there before the cordon took
         // effect would still be on it.
-        let remaining = self
-            .store
-            .machines_on(worker)
-            .await
-            .map(|rows| rows.len())
-            .unwrap_or(usize::MAX);
+        let remaining = match (
+            self.store.machines_on(worker).await,
+            self.volumes_on(worker).await,
+        ) {
+            (Ok(machines), Ok(volumes)) => machines.len() + volumes.len(),
+            _ => usize::MAX,
+        };
         self.update_drain(worker, |progress| {
             progress.state = if remaining == 0 {
                 DrainState::Drained
@@ -300,6 +307,73 @@ impl ControlPlane {
         .await;
         tracing::info!(%worker, remaining, "drain ended");
     }
+    /// Moves every volume still on `worker` away, each on its own, a few at a time.
+    async fn drain_volumes(self: &Arc<Self>, worker: &str) {
+        let volumes = match self.volumes_on(worker).await {
+            Ok(volumes) => volumes,
+            Err(error) => {
+                tracing::warn!(%worker, error = %error.body.message, "listing a drained worker's volumes");
+                return;
+            }
+        };
+        // A drain taken over from a replica that is gone counts what that one moved.
+        self.update_drain(worker, |progress| {
+            progress.volumes.total = progress.volumes.moved + volumes.len() as u64;
+            progress.volumes.left = volumes.len() as u64;
+            progress.volumes.moving = 0;
+        })
+        .await;
+        let moves = futures::stream::iter(volumes)
+            .map(|row| {
+                let control = self.clone();
+                async move {
+                    control
+                        .update_drain(worker, |progress| {
+                            progress.volumes.left = progress.volumes.left.saturating_sub(1);
+                            progress.volumes.moving += 1;
+                        })
+                        .await;
+                    let moved = control.migrate_lone_volume(&row).await;
+                    control
+                        .update_drain(worker, |progress| {
+                            progress.volumes.moving = progress.volumes.moving.saturating_sub(1);
+                            match moved {
+                                Ok(()) => progress.volumes.moved += 1,
+                                Err(error) => progress.failed.push(DrainFailure {
+                                    machine: String::new(),
+                                    volume: Some(row.id.clone()),
+                                    app: row.app.clone(),
+                                    error: error.body.error.clone(),
+                                    message: error.body.message.clone(),
+                                }),
+                            }
+                        })
+                        .await;
+                }
+            })
+            .buffer_unordered(DRAIN_CONCURRENCY);
+        moves.collect::<Vec<()>>().await;
+    }
+
+    /// The volumes the index places on `worker`.
+    async fn volumes_on(&self, worker: &str) -> Result<Vec<VolumeIndexRow>, ApiError> {
+        let rows = sqlx::query(
+            "SELECT id, app, worker, size_gb FROM volumes WHERE worker = $1 ORDER BY id",
+        )
+        .bind(worker)
+        .fetch_all(self.store.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| VolumeIndexRow {
+                id: row.get(0),
+                app: row.get(1),
+                worker: row.get(2),
+                size_gb: u32::try_from(row.get::<i64, _>(3)).unwrap_or(0),
+            })
+            .collect())
+    }
+
     /// Moves one Machine away; a Machine destroyed meanwhile counts as moved.
     async fn drain_one(&self, worker: &str, row: &MachineIndexRow) -> Result<(), ApiError> {
         self.moves.settled(&row.id).await?;

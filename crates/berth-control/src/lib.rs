@@ -312,6 +312,7 @@ impl ControlPlane {
     /// create rolled back by the worker's recovery).
     pub(crate) async fn adopt_worker(self: &Arc<Self>, name: &str, worker: Arc<dyn WorkerService>) {
         worker.set_listener(Arc::new(notices::ControlListener::new(self)));
+        self.remove_lost_copies(name, &worker).await;
         let apps = match self.store.apps().await {
             Ok(apps) => apps,
             Err(error) => {

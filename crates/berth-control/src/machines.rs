@@ -479,6 +479,10 @@ pub(crate) struct DestroyQuery {
     /// Destroy even a started Machine (Fly's name).
     #[serde(default)]
     kill: bool,
+    /// Admin: forget a Machine whose worker is unavailable (its files are lost with it).
+    /// Its copy there is destroyed if the worker comes back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    lose_state: bool,
 }
 
 #[utoipa::path(delete, path = "/apps/{app}/machines/{id}", tag = "machines",
@@ -892,10 +896,15 @@ impl ControlPlane {
         let operation = operation(Action::Destroy, app, id);
         self.once_admitted(pre, (app, id), &operation, Action::Destroy, query, {
             |query, _, row| async move {
-                self.worker(&row.worker)?
-                    .destroy(id, query.force || query.kill)
-                    .await
-                    .or_else(ignore_not_found)?;
+                if query.lose_state {
+                    self.forget_on_lost_worker(&pre.principal, &row.worker, id, "machine")
+                        .await?;
+                } else {
+                    self.worker(&row.worker)?
+                        .destroy(id, query.force || query.kill)
+                        .await
+                        .or_else(ignore_not_found)?;
+                }
                 self.bury(&row).await?;
                 leases::forget(self, id).await?;
                 Ok(DestroyResponse { ok: true })

@@ -22,7 +22,8 @@ use crate::error::ApiError;
 use crate::store::{AppRow, MachineIndexRow};
 use crate::ControlPlane;
 
-pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS migrations (
+pub(crate) const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS migrations (
         machine_id TEXT PRIMARY KEY NOT NULL,
         app TEXT NOT NULL,
         source TEXT NOT NULL,
@@ -34,7 +35,15 @@ pub(crate) const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS migrations (
         cutover_ms INTEGER,
         started_ms INTEGER NOT NULL,
         replica TEXT
-    )"];
+    )",
+    // Machines and volumes an admin forgot while their worker was lost: the copies it
+    // still has are removed when it comes back (`kind` is `machine` or `volume`).
+    "CREATE TABLE IF NOT EXISTS lost_copies (
+        id TEXT PRIMARY KEY NOT NULL,
+        worker TEXT NOT NULL,
+        kind TEXT NOT NULL
+    )",
+];
 
 /// The control plane's failpoints in a move (the agents have theirs): just before and just
 /// after the cutover record.
@@ -246,6 +255,123 @@ impl ControlPlane {
                 Err(error)
             }
         }
+    }
+
+    /// Moves a volume that no Machine holds (a drain's) to where placement picks among
+    /// the other workers: a Machine's move's steps, keyed by the volume's id, with one
+    /// pass (nothing writes the image). Its index row and its snapshots' move at the
+    /// same cutover record; before it a failure rolls back, after it the move rolls
+    /// forward, here or in the settling loop. A volume deleted meanwhile is done.
+    pub(crate) async fn migrate_lone_volume(
+        &self,
+        row: &crate::store::VolumeIndexRow,
+    ) -> Result<(), ApiError> {
+        let id = row.id.as_str();
+        let Some(_guard) = self.moves.begin(id) else {
+            return Err(migrating(id));
+        };
+        if self.move_recorded(id).await {
+            return Err(migrating(id));
+        }
+        let others: Vec<_> = self
+            .workers
+            .capacities(self.store.pool())
+            .await?
+            .into_iter()
+            .filter(|worker| worker.name != row.worker)
+            .collect();
+        if others.is_empty() {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "insufficient_capacity",
+                format!(
+                    "no worker but {} is in the cluster to take volume {id}",
+                    row.worker
+                ),
+            );
+            error.body.retry_after_ms = Some(5000);
+            return Err(error);
+        }
+        // Placed as a volume's create is: by its provisioned size.
+        let dest_name = self.place_among(
+            others,
+            &PlacementRequest {
+                region: None,
+                worker: None,
+                cpus: 0,
+                memory_mb: 0,
+                disk_mb: u64::from(row.size_gb) * 1024,
+                runtime: None,
+            },
+        )?;
+        let (source, dest) = (self.worker(&row.worker)?, self.worker(&dest_name)?);
+        let mut moving = MoveRow {
+            machine_id: id.to_owned(),
+            source: row.worker.clone(),
+            dest: dest_name,
+            grant: new_grant(),
+            running: false,
+            from_address: None,
+            cut_over: false,
+            cutover_ms: None,
+            volumes: vec![id.to_owned()],
+        };
+        self.insert_move(&row.app, &moving).await?;
+        match self.run_volume_move(&source, &dest, &mut moving).await {
+            Ok(()) => {
+                tracing::info!(volume = %id, from = %moving.source, to = %moving.dest, "volume moved");
+                Ok(())
+            }
+            Err(error) if moving.cut_over => {
+                tracing::warn!(volume = %id, error = %error.body.message, "finishing a volume's move later");
+                Err(error)
+            }
+            Err(error) => {
+                if let (_, Err(abort_error)) = self.roll_back(&source, &dest, &moving).await {
+                    tracing::warn!(volume = %id, error = %abort_error.body.message, "rolling a volume's move back later");
+                }
+                if error.status == StatusCode::NOT_FOUND {
+                    return Ok(());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn run_volume_move(
+        &self,
+        source: &Arc<dyn WorkerService>,
+        dest: &Arc<dyn WorkerService>,
+        moving: &mut MoveRow,
+    ) -> Result<(), ApiError> {
+        let (id, grant) = (moving.machine_id.clone(), moving.grant.clone());
+        let export = source
+            .migration(MigrationStep::Begin {
+                id: id.clone(),
+                grant: grant.clone(),
+                to_worker: moving.dest.clone(),
+            })
+            .await?
+            .export
+            .ok_or_else(|| ApiError::internal("the source answered no export"))?;
+        dest.migration(MigrationStep::Receive(Box::new(MigrateIn {
+            id: id.clone(),
+            grant,
+            source: MigrationPeer {
+                worker: moving.source.clone(),
+                url: self.workers.url(&moving.source),
+            },
+            export,
+            pull: berth_image::PullScope::default(),
+        })))
+        .await?;
+        let cutover_ms = self.clock.now_ms();
+        self.cut_over(&id, &moving.dest, &moving.volumes, cutover_ms)
+            .await?;
+        moving.cut_over = true;
+        moving.cutover_ms = Some(cutover_ms);
+        self.commit(dest, moving).await?;
+        self.finish_source(source, moving).await
     }
 
     /// The disk the Machine's volumes take where they go: their provisioned size, as at
@@ -727,27 +853,10 @@ impl ControlPlane {
                     format!("the control plane never saw machine {id}'s config"),
                 )
             })?;
-        // A volume's bytes and its own record (name, creation, snapshots) are only on the
-        // lost worker: a fresh empty disk under its id would pose as the user's data, so
-        // a Machine that mounts one is not made again.
-        if !last.config.mounts.is_empty() {
-            let volumes: Vec<&str> = last
-                .config
-                .mounts
-                .iter()
-                .map(|mount| mount.volume.as_str())
-                .collect();
-            let mut error = ApiError::new(
-                StatusCode::CONFLICT,
-                "volume_on_lost_worker",
-                format!(
-                    "machine {id} mounts volumes {volumes:?}, whose data and records are only on worker {}, which is unavailable: bring the worker back and migrate the machine instead",
-                    row.worker
-                ),
-            );
-            error.body.field = Some("config.mounts".into());
-            return Err(error);
-        }
+        // Its volumes' bytes and snapshots are only on the lost worker: each is made again
+        // empty where the Machine goes, with its id, name, size and flags, and an event
+        // on the Machine says its data was lost.
+        let volumes = self.lost_volumes(app, &last.config.mounts).await?;
         // A move cut off with the lost worker is over: the other side drops its part if
         // it can, and the row goes, so the settling loop stops waiting for the lost one.
         if let Some(moving) = self
@@ -771,12 +880,31 @@ impl ControlPlane {
                 .execute(self.store.pool())
                 .await?;
         }
+        let volume_mb = volumes
+            .iter()
+            .map(|(row, _)| u64::from(row.size_gb) * 1024)
+            .sum();
         let dest_name = self
-            .migration_target(&row, &last, 0, request.to_worker)
+            .migration_target(&row, &last, volume_mb, request.to_worker)
             .await?;
         let dest = self.worker(&dest_name)?;
         let mut pull = crate::images::pull_scope(self, principal, &app_row.org_slug).await?;
         pull.source = self.pull_source(&last.config.image).await?;
+        for (volume_row, known) in &volumes {
+            // A create sent again (a recreate retried) answers the volume it made.
+            dest.volume_create(berth_worker::CreateVolumeOnWorker {
+                id: volume_row.id.clone(),
+                app: app.to_owned(),
+                request: berth_api::CreateVolumeRequest {
+                    name: known.name.clone(),
+                    size_gb: Some(volume_row.size_gb),
+                    snapshot_retention: Some(known.snapshot_retention),
+                    auto_backup_enabled: Some(known.auto_backup_enabled),
+                    ..berth_api::CreateVolumeRequest::default()
+                },
+            })
+            .await?;
+        }
         let answer = dest
             .migration(MigrationStep::Recreate {
                 request: Box::new(CreateOnWorker {
@@ -791,12 +919,97 @@ impl ControlPlane {
                 lost_worker: row.worker.clone(),
             })
             .await?;
-        self.cut_over_recreated(id, &dest_name).await?;
+        let volume_ids: Vec<String> = volumes.iter().map(|(row, _)| row.id.clone()).collect();
+        self.cut_over_recreated(id, &dest_name, &volume_ids).await?;
         tracing::warn!(machine = %id, from = %row.worker, to = %dest_name, "recreated from its image; its files are lost");
         let machine = answer
             .machine
             .ok_or_else(|| ApiError::internal("the worker answered no machine"))?;
         Ok(crate::machines::seen(self, machine, &dest_name).await)
+    }
+
+    /// Admin, `lose_state`: records that `id` (a Machine or a volume, `kind`) on `worker`
+    /// is forgotten, so the copy the worker has goes if it comes back. Refused while the
+    /// worker answers (then the normal destroy or delete does it) and during a move.
+    pub(crate) async fn forget_on_lost_worker(
+        &self,
+        principal: &crate::auth::Principal,
+        worker: &str,
+        id: &str,
+        kind: &str,
+    ) -> Result<(), ApiError> {
+        principal.require_admin()?;
+        let healthy = self
+            .workers
+            .capacities(self.store.pool())
+            .await?
+            .iter()
+            .any(|each| each.name == worker && each.healthy);
+        if healthy {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "worker_available",
+                format!(
+                    "worker {worker} holds {kind} {id} and answers: delete it without lose_state"
+                ),
+            ));
+        }
+        if self.move_recorded(id).await {
+            return Err(migrating(id));
+        }
+        sqlx::query(
+            "INSERT INTO lost_copies (id, worker, kind) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET worker = excluded.worker, kind = excluded.kind",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(kind)
+        .execute(self.store.pool())
+        .await?;
+        tracing::warn!(%id, %worker, %kind, "forgotten on a lost worker; its data is lost");
+        Ok(())
+    }
+
+    /// A worker back (adopted): its copies of what was forgotten while it was lost are
+    /// removed, Machines first (a volume is released by its Machine's destroy). A copy
+    /// that cannot be removed now is tried at the next adoption.
+    pub(crate) async fn remove_lost_copies(&self, name: &str, worker: &Arc<dyn WorkerService>) {
+        let rows = match sqlx::query(
+            "SELECT id, kind FROM lost_copies WHERE worker = $1 ORDER BY kind, id",
+        )
+        .bind(name)
+        .fetch_all(self.store.pool())
+        .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "reading forgotten copies");
+                return;
+            }
+        };
+        for row in rows {
+            let (Ok(id), Ok(kind)) = (row.try_get::<String, _>(0), row.try_get::<String, _>(1))
+            else {
+                continue;
+            };
+            let removed = match kind.as_str() {
+                "machine" => worker.destroy(&id, true).await.map(|_| ()),
+                _ => worker.volume_delete(&id).await.map(|_| ()),
+            };
+            let gone = match removed {
+                Ok(()) => true,
+                Err(error) => error.to_response().0 == 404,
+            };
+            if !gone {
+                tracing::warn!(%id, worker = %name, "a forgotten copy stays until the next adoption");
+                continue;
+            }
+            tracing::info!(%id, worker = %name, %kind, "removed a copy forgotten while its worker was lost");
+            let _ = sqlx::query("DELETE FROM lost_copies WHERE id = $1")
+                .bind(&id)
+                .execute(self.store.pool())
+                .await;
+        }
     }
 
     /// Whether a move of `id` is recorded (running, or waiting to be settled).
@@ -808,13 +1021,70 @@ impl ControlPlane {
             .map_or(true, |row| row.is_some())
     }
 
-    async fn cut_over_recreated(&self, id: &str, dest: &str) -> Result<(), ApiError> {
+    /// The index names the new worker for the Machine and its volumes, whose snapshots
+    /// (on the lost worker) are forgotten, in one transaction.
+    async fn cut_over_recreated(
+        &self,
+        id: &str,
+        dest: &str,
+        volumes: &[String],
+    ) -> Result<(), ApiError> {
+        let mut transaction = self.store.pool().begin().await?;
         sqlx::query("UPDATE machines SET worker = $1 WHERE id = $2")
             .bind(dest)
             .bind(id)
-            .execute(self.store.pool())
+            .execute(&mut *transaction)
             .await?;
+        for volume in volumes {
+            sqlx::query("DELETE FROM volume_snapshots WHERE volume_id = $1")
+                .bind(volume)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        crate::store::ControlStore::move_volumes(&mut transaction, volumes, dest).await?;
+        transaction.commit().await?;
         Ok(())
+    }
+
+    /// The index rows and last known JSON of the volumes a Machine of a lost worker
+    /// mounts. A volume never seen whole here (made before its JSON was kept) is refused:
+    /// its name and flags would be guessed.
+    async fn lost_volumes(
+        &self,
+        app: &str,
+        mounts: &[berth_api::MachineMount],
+    ) -> Result<Vec<(crate::store::VolumeIndexRow, berth_api::Volume)>, ApiError> {
+        let mut volumes = Vec::new();
+        for (index, mount) in mounts.iter().enumerate() {
+            let Some(row) = self.store.volume(app, &mount.volume).await? else {
+                let mut error = ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "volume_not_found",
+                    format!("volume {} not found", mount.volume),
+                );
+                error.body.field = Some(format!("config.mounts[{index}].volume"));
+                return Err(error);
+            };
+            let known = self
+                .store
+                .volume_last_json(&row.id)
+                .await?
+                .and_then(|json| serde_json::from_str::<berth_api::Volume>(&json).ok())
+                .ok_or_else(|| {
+                    let mut error = ApiError::new(
+                        StatusCode::CONFLICT,
+                        "config_unknown",
+                        format!(
+                            "the control plane never kept volume {}'s name and settings, so it cannot make it again",
+                            row.id
+                        ),
+                    );
+                    error.body.field = Some(format!("config.mounts[{index}].volume"));
+                    error
+                })?;
+            volumes.push((row, known));
+        }
+        Ok(volumes)
     }
 }
 

@@ -254,7 +254,8 @@ const SCHEMA: &[&str] = &[
         id TEXT PRIMARY KEY NOT NULL,
         app TEXT NOT NULL,
         worker TEXT NOT NULL,
-        size_gb INTEGER NOT NULL DEFAULT 0
+        size_gb INTEGER NOT NULL DEFAULT 0,
+        last_json TEXT
     )",
     "CREATE INDEX IF NOT EXISTS volumes_by_app ON volumes(app)",
     "CREATE TABLE IF NOT EXISTS volume_snapshots (
@@ -341,6 +342,7 @@ pub(crate) async fn upgrade_sqlite(pool: &AnyPool) -> Result<(), sqlx::Error> {
     // Orgs from before names are named by slug.
     add_sqlite_column(pool, "orgs", "name", "TEXT").await?;
     add_sqlite_column(pool, "volumes", "size_gb", "INTEGER NOT NULL DEFAULT 0").await?;
+    add_sqlite_column(pool, "volumes", "last_json", "TEXT").await?;
     // Leases from before versions (a day at most) answer an empty version until refreshed.
     add_sqlite_column(pool, "leases", "version", "TEXT NOT NULL DEFAULT ''").await?;
     // Claims and moves record the replica running them; older rows have none.
@@ -735,6 +737,25 @@ impl ControlStore {
         .execute(executor)
         .await?;
         Ok(())
+    }
+
+    /// Keeps the volume's JSON as its create or update answered it: name and flags, for
+    /// making it again if its worker is lost.
+    pub async fn remember_volume(&self, id: &str, json: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE volumes SET last_json = $1 WHERE id = $2")
+            .bind(json)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn volume_last_json(&self, id: &str) -> Result<Option<String>, sqlx::Error> {
+        let row = sqlx::query("SELECT last_json FROM volumes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|row| row.get::<Option<String>, _>(0)))
     }
 
     pub async fn set_volume_size(&self, id: &str, size_gb: u32) -> Result<(), sqlx::Error> {

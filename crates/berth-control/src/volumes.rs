@@ -12,10 +12,12 @@ use berth_api::{
 use berth_core::ids;
 use berth_core::placement::PlacementRequest;
 use berth_worker::{CreateVolumeOnWorker, WorkerError};
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiPath, OptionalJson};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
 use crate::limits::{self, Action};
 use crate::store::{Backend, ControlStore, VolumeIndexRow};
 use crate::{ControlPlane, Shared};
@@ -77,25 +79,41 @@ pub(crate) async fn update_volume(
     let (row, worker) = control
         .volume(&principal, &app, &id, Action::Update)
         .await?;
-    Ok(Json(worker.volume_update(&row.id, request).await?))
+    let volume = worker.volume_update(&row.id, request).await?;
+    control.remember_volume(&volume).await;
+    Ok(Json(volume))
 }
 
 #[utoipa::path(delete, path = "/apps/{app}/volumes/{volume_id}", tag = "volumes",
-    params(("app" = String, Path), ("volume_id" = String, Path)),
+    params(("app" = String, Path), ("volume_id" = String, Path), DeleteVolumeQuery),
     responses((status = 200, body = Volume, description = "the volume, `destroyed`"),
-              (status = 409, body = ErrorBody, description = "`volume_attached`: a Machine holds it; destroy the Machine first"),
+              (status = 409, body = ErrorBody, description = "`volume_attached`: a Machine holds it; destroy the Machine first. `worker_available`: with `lose_state`, its worker answers"),
               (status = "default", body = ErrorBody)))]
 pub(crate) async fn delete_volume(
     State(control): State<Shared>,
     principal: Principal,
     ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<DeleteVolumeQuery>,
 ) -> Result<Json<Volume>, ApiError> {
     let (row, worker) = control
         .volume(&principal, &app, &id, Action::Destroy)
         .await?;
+    if query.lose_state {
+        return control.forget_lost_volume(&principal, &row).await.map(Json);
+    }
     let deleted = worker.volume_delete(&row.id).await?;
     control.store.delete_volume(&row.id).await?;
     Ok(Json(deleted))
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeleteVolumeQuery {
+    /// Admin: forget a volume whose worker is unavailable (its data and snapshots are
+    /// lost with it). Its copy there is deleted if the worker comes back.
+    #[serde(default)]
+    lose_state: bool,
 }
 
 #[utoipa::path(put, path = "/apps/{app}/volumes/{volume_id}/extend", tag = "volumes",
@@ -346,6 +364,7 @@ impl ControlPlane {
                 if volume.size_gb != size_gb {
                     self.store.set_volume_size(&id, volume.size_gb).await?;
                 }
+                self.remember_volume(&volume).await;
                 Ok(volume)
             }
             Err(error) => {
@@ -453,6 +472,85 @@ impl ControlPlane {
                 Err(error.into())
             }
         }
+    }
+
+    /// Keeps what a recreate needs to make the volume again. A failed write is logged:
+    /// the volume itself is made.
+    pub(crate) async fn remember_volume(&self, volume: &Volume) {
+        let remembered = match serde_json::to_string(volume) {
+            Ok(json) => self.store.remember_volume(&volume.id, &json).await,
+            Err(_) => Ok(()),
+        };
+        if let Err(error) = remembered {
+            tracing::warn!(volume = %volume.id, %error, "remembering a volume");
+        }
+    }
+
+    /// Forgets a volume whose worker is unavailable (admin, `lose_state`): its index row
+    /// and snapshots go, and its copy there is deleted if the worker comes back. Refused
+    /// while a Machine the index still has mounts it.
+    async fn forget_lost_volume(
+        &self,
+        principal: &Principal,
+        row: &VolumeIndexRow,
+    ) -> Result<Volume, ApiError> {
+        principal.require_admin()?;
+        for machine in self.store.machines(&row.app).await? {
+            let mounts = self
+                .last_known
+                .get(&self.store, &machine.id)
+                .await?
+                .and_then(|json| serde_json::from_str::<berth_api::Machine>(&json).ok())
+                .is_some_and(|last| {
+                    last.config
+                        .mounts
+                        .iter()
+                        .any(|mount| mount.volume == row.id)
+                });
+            if mounts {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "volume_attached",
+                    format!(
+                        "volume {} is attached to machine {}; destroy or recreate that machine first",
+                        row.id, machine.id
+                    ),
+                ));
+            }
+        }
+        let known = self
+            .store
+            .volume_last_json(&row.id)
+            .await?
+            .and_then(|json| serde_json::from_str::<Volume>(&json).ok());
+        self.forget_on_lost_worker(principal, &row.worker, &row.id, "volume")
+            .await?;
+        self.store.delete_volume(&row.id).await?;
+        let mut volume = known.unwrap_or_else(|| Volume {
+            id: row.id.clone(),
+            name: String::new(),
+            state: String::new(),
+            size_gb: row.size_gb,
+            region: String::new(),
+            zone: row.worker.clone(),
+            encrypted: false,
+            attached_machine_id: None,
+            attached_alloc_id: None,
+            created_at: String::new(),
+            host_dedication_id: String::new(),
+            snapshot_retention: 0,
+            auto_backup_enabled: false,
+            fstype: "ext4".into(),
+            block_size: 0,
+            blocks: 0,
+            blocks_free: 0,
+            blocks_avail: 0,
+            host_status: None,
+        });
+        volume.state = "destroyed".into();
+        volume.zone = row.worker.clone();
+        volume.host_status = Some("unreachable".into());
+        Ok(volume)
     }
 
     /// App delete, after its Machines: every volume of the app goes too.

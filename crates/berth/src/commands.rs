@@ -358,6 +358,10 @@ pub enum MachineCommand {
         /// Destroy even if it is running.
         #[arg(long)]
         force: bool,
+        /// Admin: forget a Machine whose worker is unavailable (its files are lost); its
+        /// copy there is destroyed if the worker comes back.
+        #[arg(long)]
+        lose_state: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -713,11 +717,14 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
             app,
             id,
             force,
+            lose_state,
             api,
         } => {
             let _: DestroyResponse = api
                 .client()?
-                .delete(&format!("/v1/apps/{app}/machines/{id}?kill={force}"))
+                .delete(&format!(
+                    "/v1/apps/{app}/machines/{id}?kill={force}&lose_state={lose_state}"
+                ))
                 .await?;
             println!("destroyed machine {id}");
         }

@@ -85,6 +85,10 @@ pub enum VolumeCommand {
         #[arg(long)]
         app: String,
         id: String,
+        /// Admin: forget a volume whose worker is unavailable (its data is lost); its copy
+        /// there is deleted if the worker comes back.
+        #[arg(long)]
+        lose_state: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -197,10 +201,17 @@ pub async fn volume(command: VolumeCommand) -> Result<()> {
                 );
             }
         }
-        VolumeCommand::Delete { app, id, api } => {
+        VolumeCommand::Delete {
+            app,
+            id,
+            lose_state,
+            api,
+        } => {
             let _: Volume = api
                 .client()?
-                .delete(&format!("/v1/apps/{app}/volumes/{id}"))
+                .delete(&format!(
+                    "/v1/apps/{app}/volumes/{id}?lose_state={lose_state}"
+                ))
                 .await?;
             println!("deleted volume {id}");
         }

@@ -114,11 +114,14 @@ pub async fn worker(command: WorkerCommand) -> Result<()> {
                 let Some(drain) = worker.drain else {
                     bail!("worker {name} shows no drain");
                 };
-                bar.set_position(drain.moved + drain.failed.len() as u64);
+                // Volumes no Machine holds are counted once the Machines have moved.
+                let volumes = &drain.volumes;
+                bar.set_length(drain.total + volumes.total);
+                bar.set_position(drain.moved + volumes.moved + drain.failed.len() as u64);
                 bar.set_message(format!(
                     "{} moving, {} left, {} failed",
-                    drain.moving,
-                    drain.left,
+                    drain.moving + volumes.moving,
+                    drain.left + volumes.left,
                     drain.failed.len()
                 ));
                 if drain.state != DrainState::Draining {
@@ -128,15 +131,19 @@ pub async fn worker(command: WorkerCommand) -> Result<()> {
             };
             bar.finish();
             for failure in &drain.failed {
+                let what = match &failure.volume {
+                    Some(volume) => format!("volume {volume}"),
+                    None => format!("machine {}", failure.machine),
+                };
                 eprintln!(
-                    "machine {} (app {}) stays: {} ({})",
-                    failure.machine, failure.app, failure.error, failure.message
+                    "{what} (app {}) stays: {} ({})",
+                    failure.app, failure.error, failure.message
                 );
             }
             match drain.state {
-                DrainState::Drained => println!("worker {name} holds no machine"),
+                DrainState::Drained => println!("worker {name} holds no machine and no volume"),
                 _ => bail!(
-                    "worker {name} still holds machines: {} could not move",
+                    "worker {name} still holds machines or volumes: {} could not move",
                     drain.failed.len()
                 ),
             }

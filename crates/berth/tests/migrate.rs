@@ -1116,10 +1116,21 @@ fn a_move_with_a_volume_killed_at_any_step_leaves_the_volume_exactly_once() {
     cluster.teardown();
 }
 
+/// A lost worker's Machine with a volume: recreate (admin, `lose_state`) makes it on
+/// another worker with the volume made again empty there (same id, name, size and flags),
+/// an event saying the volume's data was lost, and its snapshots gone from the index.
+/// When the lost worker comes back, its stale copies of both are removed. Before this,
+/// the recreate answered 409 `volume_on_lost_worker`.
 #[test]
-fn a_machine_with_a_volume_on_a_lost_worker_is_not_recreated() {
+fn a_machine_with_a_volume_on_a_lost_worker_is_recreated_with_the_volume_made_again_empty() {
     let mut cluster = three();
-    let volume_id = volume_on(&cluster, "w1", "data", 1);
+    let volume_id = volume_on(&cluster, "w1", "data", 2);
+    let (status, updated) = cluster.call(
+        Method::PUT,
+        &format!("/v1/apps/fleet/volumes/{volume_id}"),
+        Some(json!({"snapshot_retention": 9, "auto_backup_enabled": true})),
+    );
+    assert_eq!(status, 200, "{updated}");
     let id = create_on(
         &cluster,
         "w1",
@@ -1127,6 +1138,14 @@ fn a_machine_with_a_volume_on_a_lost_worker_is_not_recreated() {
             "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
             "mounts": [{"volume": volume_id, "path": "/data"}]}}),
     );
+    cluster.sh(&id, "echo precious > /data/kept");
+    let (status, snapshot) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/volumes/{volume_id}/snapshots"),
+        None,
+    );
+    assert_eq!(status, 200, "{snapshot}");
+    let before = volume(&cluster, &volume_id);
     cluster.agent("w1").process.kill();
     cluster.wait_for("w1 to be unreachable", || {
         worker(&cluster, "w1").status == berth_api::WorkerStatus::Unreachable
@@ -1134,24 +1153,473 @@ fn a_machine_with_a_volume_on_a_lost_worker_is_not_recreated() {
     let (status, body) = cluster.call(
         Method::POST,
         &format!("/v1/apps/fleet/machines/{id}/recreate"),
-        Some(json!({"lose_state": true})),
+        Some(json!({})),
     );
     assert_eq!(
         (status, body["error"].as_str()),
-        (409, Some("volume_on_lost_worker")),
+        (409, Some("state_would_be_lost")),
         "{body}"
+    );
+    let (status, body) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/machines/{id}/recreate"),
+        Some(json!({"lose_state": true})),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+    let new_worker = body["worker"].as_str().expect("worker").to_owned();
+    assert_ne!(new_worker, "w1");
+    let after = volume(&cluster, &volume_id);
+    assert_eq!(after["zone"], new_worker.as_str(), "{after}");
+    for field in [
+        "id",
+        "name",
+        "size_gb",
+        "snapshot_retention",
+        "auto_backup_enabled",
+        "attached_machine_id",
+    ] {
+        assert_eq!(after[field], before[field], "{field}: {before} -> {after}");
+    }
+    let (status, snapshots) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/volumes/{volume_id}/snapshots"),
+        None,
+    );
+    assert_eq!((status, snapshots.clone()), (200, json!([])), "{snapshots}");
+    let (status, restored) = cluster.call(
+        Method::POST,
+        "/v1/apps/fleet/volumes",
+        Some(json!({"name": "restored", "snapshot_id": snapshot["id"]})),
+    );
+    assert_eq!(
+        (status, restored["error"].as_str()),
+        (404, Some("snapshot_not_found")),
+        "the snapshot was lost with w1: {restored}"
+    );
+    let lost: Vec<Value> = events(&cluster, &id)
+        .into_iter()
+        .filter(|event| {
+            event["type"] == "recreate"
+                && event["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains(&volume_id)
+        })
+        .collect();
+    assert_eq!(lost.len(), 1, "an event says the volume's data was lost");
+    start(&cluster, &id);
+    assert_eq!(
+        cluster.sh(&id, "ls -A /data | grep -v lost+found || true"),
+        "",
+        "made again empty"
+    );
+    cluster.sh(&id, "echo new > /data/kept");
+    // w1 comes back with its copies of both: they go, and the new ones stay.
+    restart_agent_and_wait(&mut cluster, "w1", &[]);
+    cluster.wait_for("w1's stale copies to go", || {
+        volume_holders(&cluster, &volume_id) == vec![new_worker.clone()]
+            && !cluster.machine_dir("w1", &id).exists()
+    });
+    assert_eq!(cluster.sh(&id, "cat /data/kept"), "new\n");
+    assert_eq!(volume(&cluster, &volume_id)["zone"], new_worker.as_str());
+    cluster.assert_doctor_clean("after a recreate with a volume");
+    cluster.teardown();
+}
+
+/// A lost worker's Machine and volumes can be forgotten by an admin (`lose_state`):
+/// refused while the worker answers and without the flag (it cannot be reached), gone
+/// from the index with it, and their copies removed when the worker comes back.
+/// Before, a destroy or delete of them answered 503 for as long as the worker was gone.
+#[test]
+fn a_machine_and_volumes_on_a_lost_worker_are_forgotten_by_an_admin() {
+    let mut cluster = three();
+    let mounted = volume_on(&cluster, "w1", "mounted", 1);
+    let loose = volume_on(&cluster, "w1", "loose", 1);
+    let id = create_on(
+        &cluster,
+        "w1",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
+            "mounts": [{"volume": mounted, "path": "/data"}]}}),
+    );
+    let destroy = |cluster: &Cluster, query: &str| {
+        cluster.call(
+            Method::DELETE,
+            &format!("/v1/apps/fleet/machines/{id}{query}"),
+            None,
+        )
+    };
+    let delete = |cluster: &Cluster, volume: &str, query: &str| {
+        cluster.call(
+            Method::DELETE,
+            &format!("/v1/apps/fleet/volumes/{volume}{query}"),
+            None,
+        )
+    };
+    // While w1 answers, lose_state is refused: a normal destroy does it.
+    let (status, body) = destroy(&cluster, "?kill=true&lose_state=true");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("worker_available")),
+        "{body}"
+    );
+    cluster.agent("w1").process.kill();
+    cluster.wait_for("w1 to be unreachable", || {
+        worker(&cluster, "w1").status == berth_api::WorkerStatus::Unreachable
+    });
+    let (status, body) = destroy(&cluster, "?kill=true");
+    assert_eq!(status, 503, "{body}");
+    // Its volume is still held by it.
+    let (status, body) = delete(&cluster, &mounted, "?lose_state=true");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("volume_attached")),
+        "{body}"
+    );
+    // The CLI's flag for the Machine, the API's for the volumes.
+    let output = std::process::Command::new(common::BERTH)
+        .args([
+            "machine",
+            "destroy",
+            "--app",
+            "fleet",
+            &id,
+            "--force",
+            "--lose-state",
+        ])
+        .env("BERTH_API_URL", &cluster.api_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .output()
+        .expect("berth");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, _) = cluster.call(Method::GET, &format!("/v1/apps/fleet/machines/{id}"), None);
+    assert_eq!(status, 404);
+    for volume in [&mounted, &loose] {
+        let (status, body) = delete(&cluster, volume, "");
+        assert_eq!(status, 503, "{body}");
+        let (status, body) = delete(&cluster, volume, "?lose_state=true");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["state"], "destroyed", "{body}");
+        let (status, _) = cluster.call(
+            Method::GET,
+            &format!("/v1/apps/fleet/volumes/{volume}"),
+            None,
+        );
+        assert_eq!(status, 404);
+    }
+    // Back again: nothing of them stays on w1.
+    restart_agent_and_wait(&mut cluster, "w1", &[]);
+    cluster.wait_for("w1's forgotten copies to go", || {
+        !cluster.machine_dir("w1", &id).exists()
+            && volume_holders(&cluster, &mounted).is_empty()
+            && volume_holders(&cluster, &loose).is_empty()
+    });
+    cluster.assert_doctor_clean("after forgetting a lost worker's Machine and volumes");
+    cluster.teardown();
+}
+
+/// A volume no Machine holds leaves a drained worker on its own, with its data and its
+/// snapshot, billed on one worker at a time; a volume that cannot move (no worker takes
+/// it) is listed under `failed` with its code and the drain ends `incomplete`. Before,
+/// a drain ended `drained` with both still on the worker.
+#[test]
+fn a_drain_moves_volumes_no_machine_holds_and_lists_one_that_cannot_move() {
+    let cluster = three();
+    let loose = volume_on(&cluster, "w1", "loose", 1);
+    // Data on it, written by a Machine that is then destroyed.
+    let writer = create_on(
+        &cluster,
+        "w1",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
+            "mounts": [{"volume": loose, "path": "/data"}]}}),
+    );
+    cluster.sh(
+        &writer,
+        "echo precious > /data/kept && dd if=/dev/urandom of=/data/filler bs=1M count=8 2>/dev/null",
+    );
+    let digest = cluster.sh(&writer, "md5sum /data/kept /data/filler");
+    let (status, body) = cluster.call(
+        Method::DELETE,
+        &format!("/v1/apps/fleet/machines/{writer}?kill=true"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, snapshot) = cluster.call(
+        Method::POST,
+        &format!("/v1/apps/fleet/volumes/{loose}/snapshots"),
+        None,
+    );
+    assert_eq!(status, 200, "{snapshot}");
+    let before = volume(&cluster, &loose);
+
+    let (status, body) = cluster.call(Method::POST, "/v1/workers/w1/drain", None);
+    assert_eq!(status, 202, "{body}");
+    let progress = wait_for_drain(&cluster, "w1");
+    assert_eq!(progress.state, DrainState::Drained, "{progress:?}");
+    assert_eq!(
+        progress.volumes,
+        berth_api::DrainVolumes {
+            total: 1,
+            left: 0,
+            moving: 0,
+            moved: 1
+        },
+        "{progress:?}"
+    );
+    assert!(progress.failed.is_empty(), "{progress:?}");
+    let after = volume(&cluster, &loose);
+    let dest = after["zone"].as_str().expect("zone").to_owned();
+    assert_ne!(dest, "w1", "{after}");
+    for field in ["id", "name", "size_gb", "created_at", "snapshot_retention"] {
+        assert_eq!(after[field], before[field], "{field}: {before} -> {after}");
+    }
+    cluster.wait_for("w1 to keep no copy of the volume", || {
+        volume_holders(&cluster, &loose) == vec![dest.clone()]
+    });
+    let (status, snapshots) = cluster.call(
+        Method::GET,
+        &format!("/v1/apps/fleet/volumes/{loose}/snapshots"),
+        None,
+    );
+    assert_eq!(status, 200, "{snapshots}");
+    assert_eq!(snapshots[0]["id"], snapshot["id"], "{snapshots}");
+    cluster.wait_for("the volume's billing to move with it", || {
+        let entries = ledger_of(&cluster, &loose);
+        let at = |worker: &str, kind: &str| {
+            entries
+                .iter()
+                .filter(|entry| entry.0 == worker && entry.1 == kind)
+                .map(|entry| entry.2)
+                .collect::<Vec<i64>>()
+        };
+        let (out, into) = (at("w1", "migrated_out"), at(&dest, "created"));
+        out.len() == 1 && into == out
+    });
+    // Its files came along: a Machine on its new worker reads them.
+    let reader = create_on(
+        &cluster,
+        &dest,
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
+            "mounts": [{"volume": loose, "path": "/data"}]}}),
+    );
+    assert_eq!(
+        cluster.sh(&reader, "md5sum /data/kept /data/filler"),
+        digest
+    );
+
+    // No worker takes it: listed under `failed` with its code, and it stays.
+    cluster.cordon("w1", false);
+    let stuck = volume_on(&cluster, "w1", "stuck", 1);
+    for other in ["w2", "w3"] {
+        cluster.cordon(other, true);
+    }
+    let (status, body) = cluster.call(Method::POST, "/v1/workers/w1/drain", None);
+    assert_eq!(status, 202, "{body}");
+    let progress = wait_for_drain(&cluster, "w1");
+    assert_eq!(progress.state, DrainState::Incomplete, "{progress:?}");
+    assert_eq!(progress.volumes.total, 1, "{progress:?}");
+    assert_eq!(progress.failed.len(), 1, "{progress:?}");
+    assert_eq!(progress.failed[0].volume.as_deref(), Some(stuck.as_str()));
+    assert_eq!(progress.failed[0].error, "insufficient_capacity");
+    let (_, shown) = cluster.call(Method::GET, "/v1/workers/w1", None);
+    assert_eq!(
+        shown["drain"]["failed"][0]["volume"],
+        stuck.as_str(),
+        "{shown}"
     );
     assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(&volume_id),
-        "{body}"
+        shown["drain"]["failed"][0].get("machine").is_none(),
+        "{shown}"
     );
-    // Back again, the Machine and its volume are where they were.
-    restart_agent_and_wait(&mut cluster, "w1", &[]);
-    assert_eq!(cluster.machine(&id).worker.as_deref(), Some("w1"));
-    assert_eq!(volume(&cluster, &volume_id)["zone"], "w1");
+    assert_eq!(volume(&cluster, &stuck)["zone"], "w1");
+    assert_eq!(volume_holders(&cluster, &stuck), vec!["w1".to_owned()]);
+    cluster.assert_doctor_clean("after drains of volumes");
+    cluster.teardown();
+}
+
+/// A lone volume's two files, read on `worker`'s host mount of it.
+fn volume_files(cluster: &Cluster, worker: &str, id: &str) -> (Option<Vec<u8>>, Option<usize>) {
+    let fs = cluster.volume_dir(worker, id).join("berth-volume-fs");
+    (
+        std::fs::read(fs.join("kept")).ok(),
+        std::fs::read(fs.join("filler"))
+            .ok()
+            .map(|bytes| bytes.len()),
+    )
+}
+
+fn wait_for_drain(cluster: &Cluster, name: &str) -> berth_api::DrainProgress {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let progress = worker(cluster, name).drain.expect("drain progress");
+        if progress.state != DrainState::Draining {
+            return progress;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{progress:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The crash matrix of a volume moving on its own (a drain's): each process killed at
+/// each step, then started again. Afterwards the volume exists exactly once, where the
+/// index says, with its files. After the cutover it is on the destination; before it,
+/// the move rolls back, unless a step sent again to the restarted worker (or the drain
+/// taken over by the restarted control plane) finished it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_lone_volume_move_killed_at_any_step_leaves_the_volume_exactly_once() {
+    let mut cluster = Cluster::with_fleet(&[("w1", 64, 65536), ("w2", 64, 65536)]);
+    let volume_id = volume_on(&cluster, "w1", "loose", 1);
+    let writer = create_on(
+        &cluster,
+        "w1",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
+            "mounts": [{"volume": volume_id, "path": "/data"}]}}),
+    );
+    cluster.sh(
+        &writer,
+        "echo precious > /data/kept && dd if=/dev/urandom of=/data/filler bs=1M count=8 2>/dev/null",
+    );
+    let (status, body) = cluster.call(
+        Method::DELETE,
+        &format!("/v1/apps/fleet/machines/{writer}?kill=true"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let expected_files = volume_files(&cluster, "w1", &volume_id);
+    assert_eq!(expected_files.0.as_deref(), Some(&b"precious\n"[..]));
+    let points = [
+        ("source", "migrate.after_begin", false),
+        ("source", "migrate.source_volume_mid_stream", false),
+        ("dest", "migrate.dest_volume_mid_stream", false),
+        ("dest", "migrate.after_receive", false),
+        ("control", "migrate.before_cutover", false),
+        ("control", "migrate.after_cutover", true),
+        ("dest", "migrate.after_commit_volumes", true),
+        ("source", "migrate.after_source_volume_remove", true),
+    ];
+    for (who, point, forward) in points {
+        let source = volume(&cluster, &volume_id)["zone"]
+            .as_str()
+            .expect("zone")
+            .to_owned();
+        let dest = if source == "w1" { "w2" } else { "w1" };
+        let env = [("BERTH_FAILPOINTS", point)];
+        match who {
+            "source" => restart_agent_and_wait(&mut cluster, &source, &env),
+            "dest" => restart_agent_and_wait(&mut cluster, dest, &env),
+            _ => cluster.restart_server_with_env(&env),
+        }
+        cluster.wait_for("every worker to be ready", || {
+            cluster
+                .workers()
+                .iter()
+                .all(|worker| worker.status == berth_api::WorkerStatus::Ready)
+        });
+        let _ = cluster.call(Method::POST, &format!("/v1/workers/{source}/drain"), None);
+        // The process dies at its failpoint once the drain reaches it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let process = match who {
+                "source" => &mut cluster.agent(&source).process,
+                "dest" => &mut cluster.agent(dest).process,
+                _ => &mut cluster.server,
+            };
+            let exited = process
+                .child
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
+            if exited {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{point} was never reached");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        match who {
+            "source" => restart_agent_and_wait(&mut cluster, &source, &[]),
+            "dest" => restart_agent_and_wait(&mut cluster, dest, &[]),
+            _ => cluster.restart_server(),
+        }
+        cluster.wait_for(&format!("the move killed at {point} to settle"), || {
+            let (status, listed) = cluster.call(
+                Method::GET,
+                &format!("/v1/apps/fleet/volumes/{volume_id}"),
+                None,
+            );
+            let Some(zone) = listed["zone"].as_str() else {
+                return false;
+            };
+            status == 200
+                && (zone == dest || !forward)
+                && volume_holders(&cluster, &volume_id) == vec![zone.to_owned()]
+                && volume_files(&cluster, zone, &volume_id) == expected_files
+                && worker(&cluster, &source)
+                    .drain
+                    .is_some_and(|drain| drain.state != DrainState::Draining)
+        });
+        eprintln!(
+            "{point}: from {source}, settled on {}",
+            volume(&cluster, &volume_id)["zone"]
+        );
+        for name in ["w1", "w2"] {
+            cluster.cordon(name, false);
+        }
+        cluster.assert_doctor_clean(&format!("after a volume's move killed at {point}"));
+    }
+    cluster.teardown();
+}
+
+/// A volume Machine made before mount points were made the Machine's own: its writable
+/// layer holds the mount point as host root's (laid out here as the old runtime did).
+/// It moves, its volume's files with it, and the mount point arrives as the Machine's
+/// root's. Before, the move failed 502 `unsupported_entry`.
+#[test]
+fn a_volume_machine_with_an_old_host_root_mount_point_moves() {
+    let cluster = three();
+    let volume_id = volume_on(&cluster, "w1", "data", 1);
+    let id = create_on(
+        &cluster,
+        "w1",
+        json!({"config": {"image": "demo/busybox:1", "init": {"cmd": ["sleep", "3600"]},
+            "guest": {"cpus": 1, "memory_mb": 64}, "stop_config": {"signal": "SIGKILL"},
+            "mounts": [{"volume": volume_id, "path": "/srv/data"}]}}),
+    );
+    cluster.sh(&id, "echo precious > /srv/data/kept");
+    stop(&cluster, &id);
+    let upper = |worker: &str| {
+        let dir = cluster.machine_dir(worker, &id);
+        MachineLayout::new(dir.parent().expect("machines dir"), &id).upper()
+    };
+    for made in ["srv", "srv/data"] {
+        std::os::unix::fs::lchown(upper("w1").join(made), Some(0), Some(0)).expect("chown");
+    }
+    let (status, answer) = migrate(&cluster, &id, Some("w2"));
+    assert_eq!(status, 200, "{answer}\n{}", cluster.logs());
+    let dir = cluster.machine_dir("w2", &id);
+    let base = berth_runtime::spec::machine_id_range(&MachineLayout::new(
+        dir.parent().expect("machines dir"),
+        &id,
+    ))
+    .expect("id range")
+    .base;
+    for made in ["srv", "srv/data"] {
+        let meta = std::fs::symlink_metadata(upper("w2").join(made)).expect("moved");
+        assert_eq!((meta.uid(), meta.gid()), (base, base), "{made}");
+    }
+    start(&cluster, &id);
+    assert_eq!(cluster.sh(&id, "cat /srv/data/kept"), "precious\n");
+    cluster.assert_doctor_clean("after moving an older volume Machine");
     cluster.teardown();
 }
 

@@ -80,10 +80,15 @@ fn grant_matches(held: &str, offered: &str) -> bool {
 }
 
 fn wrong_grant(id: &str) -> AgentError {
+    let what = if berth_core::ids::has_id_shape(id, "vol_") {
+        "volume"
+    } else {
+        "machine"
+    };
     refuse(
         409,
         "migration_conflict",
-        format!("machine {id} is not in the migration this grant names"),
+        format!("{what} {id} is not in the migration this grant names"),
         None,
     )
 }
@@ -197,6 +202,9 @@ struct ImageOf<'a> {
 
 impl Agent {
     pub(crate) async fn migration_op(&self, step: MigrationStep) -> Result<MigrationAnswer> {
+        if let Some(id) = lone_volume(&step) {
+            return self.lone_volume_step(&id, step).await;
+        }
         match step {
             MigrationStep::Begin {
                 id,
@@ -245,6 +253,23 @@ impl Agent {
             format!("made again from its image; its files were lost with worker {lost_worker}");
         let change = Change::event(EventKind::Recreate, EventSource::System).reason(&reason);
         self.save_in_state(&record, change).await?;
+        // Its volumes were made again empty here (by the control plane, before this
+        // create claimed them): one event for each says its data was lost.
+        for mount in &record.config.mounts {
+            let name = self
+                .inner
+                .store
+                .volume(&mount.volume)
+                .await?
+                .map(|volume| volume.name)
+                .unwrap_or_default();
+            let reason = format!(
+                "volume {} ({name}) at {} made again empty on this worker; its data and snapshots were lost with worker {lost_worker}",
+                mount.volume, mount.path
+            );
+            let change = Change::event(EventKind::Recreate, EventSource::System).reason(&reason);
+            self.save_in_state(&record, change).await?;
+        }
         Ok(MigrationAnswer {
             machine: Some(self.api_view(&record)),
             ..MigrationAnswer::default()
@@ -327,6 +352,9 @@ impl Agent {
         id: &str,
         request: StreamRequest,
     ) -> Result<MigrationStream> {
+        if berth_core::ids::has_id_shape(id, "vol_") {
+            return self.lone_volume_stream(id, request).await;
+        }
         let record = self.load(id).await?;
         match &record.pending {
             Some(PendingOp::MigrateOut { grant, .. }) if grant_matches(grant, &request.grant) => {}
@@ -350,6 +378,12 @@ impl Agent {
             known_dirs: previous.map(|pass| pass.dirs),
             from_base,
             to_base: request.to_base,
+            mount_points: record
+                .config
+                .mounts
+                .iter()
+                .map(|mount| mount.path.trim_matches('/').as_bytes().to_vec())
+                .collect(),
         };
         let upper = layout.upper();
         let machine = id.to_owned();
@@ -382,6 +416,23 @@ impl Agent {
             return Err(wrong_grant(&record.id));
         }
         let label = format!("{} volume {volume}", record.id);
+        // Nothing but the Machine writes its volume: stopped, the volume is unmounted and
+        // the image still (and whole, its filesystem cleanly closed).
+        let still = record.state != MachineState::Started;
+        self.send_image(&record.id, volume, label, request, still)
+            .await
+    }
+
+    /// A pass over a leaving volume's image (released first when `still`), or over one
+    /// of its snapshots; `owner` is what the move is keyed by.
+    async fn send_image(
+        &self,
+        owner: &str,
+        volume: &str,
+        label: String,
+        request: StreamRequest,
+        still: bool,
+    ) -> Result<MigrationStream> {
         if let Some(snapshot) = &request.snapshot {
             let found = self
                 .inner
@@ -389,7 +440,7 @@ impl Agent {
                 .snapshot(snapshot)
                 .await?
                 .filter(|found| found.volume_id == volume)
-                .ok_or_else(|| wrong_grant(&record.id))?;
+                .ok_or_else(|| wrong_grant(owner))?;
             // Never changes: sent whole, once.
             return Ok(stream_from(
                 "migrate.source_volume_mid_stream",
@@ -402,11 +453,9 @@ impl Agent {
             let _guard = self.lock(volume).await?;
             match self.inner.store.volume(volume).await? {
                 Some(found) if found.pending == Some(VolumePending::MigrateOut) => {}
-                _ => return Err(wrong_grant(&record.id)),
+                _ => return Err(wrong_grant(owner)),
             }
-            // Nothing but the Machine writes its volume: stopped, the volume is unmounted
-            // and the image still (and whole, its filesystem cleanly closed).
-            if record.state != MachineState::Started {
+            if still {
                 self.host_driver().volume_release(&layout).await?;
             }
         }
@@ -682,7 +731,8 @@ impl Agent {
                 .await?;
             let mut copied = self
                 .stage_volumes(
-                    &record,
+                    &id,
+                    Some(&record),
                     &request.grant,
                     &request.source,
                     &export.volumes,
@@ -1009,9 +1059,13 @@ impl Agent {
     }
 
     /// Receive: records each volume as arriving, then copies its image and snapshots.
+    ///
+    /// `owner` is what the move is keyed by: the Machine that holds the volumes, or a
+    /// volume moving on its own (then `holder` is None and the volume keeps the grant).
     async fn stage_volumes(
         &self,
-        record: &MachineRecord,
+        owner: &str,
+        holder: Option<&MachineRecord>,
         grant: &str,
         source: &MigrationPeer,
         volumes: &[VolumeRecord],
@@ -1022,9 +1076,10 @@ impl Agent {
             let mut staged = VolumeRecord {
                 // A volume lives in its worker's region, as its Machine now does.
                 region: self.inner.config.region.clone(),
-                attached_machine: Some(record.id.clone()),
+                attached_machine: holder.map(|record| record.id.clone()),
                 pending: Some(VolumePending::MigrateIn),
                 copied_pass: None,
+                move_grant: holder.is_none().then(|| grant.to_owned()),
                 ..volume.clone()
             };
             // Recorded before its directory exists, so abort finds whatever was made.
@@ -1044,7 +1099,7 @@ impl Agent {
                 after_pass: None,
             };
             let pass = self
-                .copy_image(&record.id, grant, source, image, layout.image())
+                .copy_image(owner, grant, source, image, layout.image())
                 .await?;
             copied.add_image(&pass);
             staged.copied_pass = Some(pass.digest);
@@ -1057,7 +1112,7 @@ impl Agent {
                     after_pass: None,
                 };
                 let pass = self
-                    .copy_image(&record.id, grant, source, image, path.clone())
+                    .copy_image(owner, grant, source, image, path.clone())
                     .await?;
                 copied.add_image(&pass);
                 self.inner
@@ -1172,6 +1227,238 @@ impl Agent {
             self.inner.store.save_volume(&volume).await?;
         }
         Ok(())
+    }
+}
+
+/// What the source of a volume moving on its own hands the destination.
+#[derive(Debug, Serialize, Deserialize)]
+struct VolumeExport {
+    volume: VolumeRecord,
+    snapshots: Vec<SnapshotRecord>,
+}
+
+/// The volume a step names, when it is a volume moving on its own (no Machine holds it):
+/// the same steps as a Machine's move, keyed by the volume's id.
+fn lone_volume(step: &MigrationStep) -> Option<String> {
+    let id = match step {
+        MigrationStep::Begin { id, .. }
+        | MigrationStep::Commit { id, .. }
+        | MigrationStep::Finish { id, .. }
+        | MigrationStep::Abort { id, .. } => id,
+        MigrationStep::Receive(request) => &request.id,
+        _ => return None,
+    };
+    berth_core::ids::has_id_shape(id, "vol_").then(|| id.clone())
+}
+
+/// A volume no Machine holds, moving on its own (a drain empties a worker of them too).
+/// Its record keeps the grant; there is one pass, of a still image (nothing writes it),
+/// and its snapshots. The steps and their records are a Machine's volume's:
+///
+/// | step | side | what it records |
+/// | --- | --- | --- |
+/// | begin | source | `pending: migrate_out` and the grant; the volume unmounted |
+/// | receive | destination | `migrate_in` and the grant before its directory; the image and snapshots |
+/// | commit | destination | mounted, `created` in the journal at the cutover |
+/// | finish | source | removed, `migrated_out` at the cutover |
+/// | abort | either | destination: removed; source: mounted again, unmarked |
+impl Agent {
+    async fn lone_volume_step(&self, id: &str, step: MigrationStep) -> Result<MigrationAnswer> {
+        let _guard = self.lock(id).await?;
+        let found = self.inner.store.volume(id).await?;
+        let held = |grant: &str| {
+            found.as_ref().is_some_and(|volume| {
+                volume
+                    .move_grant
+                    .as_deref()
+                    .is_some_and(|held| grant_matches(held, grant))
+            })
+        };
+        let pending = found.as_ref().and_then(|volume| volume.pending);
+        match step {
+            MigrationStep::Begin { grant, .. } => {
+                let ours = held(&grant);
+                let mut volume = found.ok_or_else(|| crate::volumes::not_found(id))?;
+                if let Some(machine) = &volume.attached_machine {
+                    // It moves with its Machine.
+                    return Err(crate::volumes::attached(id, machine));
+                }
+                match volume.pending {
+                    Some(VolumePending::MigrateOut) if ours => {}
+                    None => {
+                        volume.pending = Some(VolumePending::MigrateOut);
+                        volume.move_grant = Some(grant);
+                        self.inner.store.save_volume(&volume).await?;
+                    }
+                    Some(VolumePending::MigrateOut | VolumePending::MigrateIn) => {
+                        crate::volumes::refuse_if_moving(&volume)?
+                    }
+                    Some(_) => return Err(AgentError::Busy { id: id.to_owned() }),
+                }
+                failpoint::hit("migrate.after_begin");
+                let export = VolumeExport {
+                    snapshots: self.inner.store.snapshots_of(id).await?,
+                    volume,
+                };
+                let export = serde_json::to_value(&export)
+                    .map_err(|error| AgentError::Internal(format!("encode the export: {error}")))?;
+                Ok(MigrationAnswer {
+                    export: Some(export),
+                    ..MigrationAnswer::default()
+                })
+            }
+            MigrationStep::Receive(request) => {
+                let export: VolumeExport = serde_json::from_value(request.export)
+                    .map_err(|error| AgentError::Internal(format!("decode the export: {error}")))?;
+                if export.volume.id != id || export.volume.attached_machine.is_some() {
+                    return Err(AgentError::Internal(
+                        "the export is of another volume".into(),
+                    ));
+                }
+                let ours = held(&request.grant);
+                if let Some(existing) = found {
+                    if existing.pending != Some(VolumePending::MigrateIn) || !ours {
+                        return Err(refuse(
+                            409,
+                            "migration_conflict",
+                            format!("volume {id} already exists on this worker"),
+                            None,
+                        ));
+                    }
+                    // A receive sent again: start over from a clean slate.
+                    self.remove_lone_arrival(&existing).await?;
+                }
+                let staged = self
+                    .stage_volumes(
+                        id,
+                        None,
+                        &request.grant,
+                        &request.source,
+                        std::slice::from_ref(&export.volume),
+                        &export.snapshots,
+                    )
+                    .await;
+                let copied = match staged {
+                    Ok(copied) => copied,
+                    Err(error) => {
+                        if let Some(arrived) = self.inner.store.volume(id).await? {
+                            if let Err(remove_error) = self.remove_lone_arrival(&arrived).await {
+                                warn!(volume = %id, %remove_error, "removing a failed arrival");
+                            }
+                        }
+                        return Err(error);
+                    }
+                };
+                failpoint::hit("migrate.after_receive");
+                Ok(copied.answer())
+            }
+            MigrationStep::Commit {
+                grant, cutover_ms, ..
+            } => {
+                let ours = held(&grant);
+                match (found, pending) {
+                    (Some(mut volume), Some(VolumePending::MigrateIn)) if ours => {
+                        self.host_driver()
+                            .volume_mount(&self.volume_layout(id))
+                            .await?;
+                        volume.pending = None;
+                        volume.copied_pass = None;
+                        volume.move_grant = None;
+                        let usage = metering::volume_created(&volume, cutover_ms);
+                        self.inner
+                            .store
+                            .save_volume_with_usage(&volume, &[usage])
+                            .await?;
+                        failpoint::hit("migrate.after_commit_volumes");
+                        info!(volume = %id, "volume moved here");
+                        Ok(MigrationAnswer::default())
+                    }
+                    // Committed already: a commit sent again.
+                    (Some(volume), None) if volume.move_grant.is_none() => {
+                        Ok(MigrationAnswer::default())
+                    }
+                    _ => Err(wrong_grant(id)),
+                }
+            }
+            MigrationStep::Finish {
+                grant, cutover_ms, ..
+            } => match (held(&grant), found, pending) {
+                // Finished already.
+                (_, None, _) => Ok(MigrationAnswer::default()),
+                (true, Some(volume), Some(VolumePending::MigrateOut)) => {
+                    self.host_driver()
+                        .volume_remove(&self.volume_layout(id))
+                        .await?;
+                    failpoint::hit("migrate.after_source_volume_remove");
+                    let usage = metering::volume_migrated_out(&volume, cutover_ms);
+                    self.inner
+                        .store
+                        .delete_volume_with_usage(id, &[usage])
+                        .await?;
+                    self.forget_image_passes(id);
+                    info!(volume = %id, "volume moved away");
+                    Ok(MigrationAnswer::default())
+                }
+                _ => Err(wrong_grant(id)),
+            },
+            MigrationStep::Abort { grant, .. } => match (held(&grant), found, pending) {
+                (true, Some(volume), Some(VolumePending::MigrateIn)) => {
+                    self.remove_lone_arrival(&volume).await?;
+                    info!(volume = %id, "arrival rolled back");
+                    Ok(MigrationAnswer::default())
+                }
+                (true, Some(mut volume), Some(VolumePending::MigrateOut)) => {
+                    self.host_driver()
+                        .volume_mount(&self.volume_layout(id))
+                        .await?;
+                    volume.pending = None;
+                    volume.move_grant = None;
+                    self.inner.store.save_volume(&volume).await?;
+                    self.forget_image_passes(id);
+                    info!(volume = %id, "departure rolled back");
+                    Ok(MigrationAnswer::default())
+                }
+                // Not this move's: an abort sent again after the outcome, or a stale one.
+                _ => Ok(MigrationAnswer::default()),
+            },
+            _ => Err(wrong_grant(id)),
+        }
+    }
+
+    /// The one pass of a volume moving on its own, or of one of its snapshots, for the
+    /// holder of its grant.
+    async fn lone_volume_stream(
+        &self,
+        id: &str,
+        request: StreamRequest,
+    ) -> Result<MigrationStream> {
+        let leaving = self.inner.store.volume(id).await?.is_some_and(|volume| {
+            volume.pending == Some(VolumePending::MigrateOut)
+                && volume.attached_machine.is_none()
+                && volume
+                    .move_grant
+                    .as_deref()
+                    .is_some_and(|held| grant_matches(held, &request.grant))
+        });
+        if !leaving || request.volume.as_deref() != Some(id) {
+            return Err(wrong_grant(id));
+        }
+        self.send_image(id, id, format!("volume {id}"), request, true)
+            .await
+    }
+
+    /// Abort of an arriving volume (or a receive begun again): its files and record go.
+    async fn remove_lone_arrival(&self, volume: &VolumeRecord) -> Result<()> {
+        self.host_driver()
+            .volume_remove(&self.volume_layout(&volume.id))
+            .await?;
+        self.inner.store.delete_volume(&volume.id).await
+    }
+
+    fn forget_image_passes(&self, volume: &str) {
+        if let Ok(mut sent) = self.inner.sent_images.lock() {
+            sent.remove(volume);
+        }
     }
 }
 
