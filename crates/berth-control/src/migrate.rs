@@ -900,6 +900,8 @@ impl ControlPlane {
                     size_gb: Some(volume_row.size_gb),
                     snapshot_retention: Some(known.snapshot_retention),
                     auto_backup_enabled: Some(known.auto_backup_enabled),
+                    // Made again as it was: an unencrypted volume stays unencrypted.
+                    encrypted: Some(known.encrypted),
                     ..berth_api::CreateVolumeRequest::default()
                 },
             })
