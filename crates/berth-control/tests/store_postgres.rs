@@ -76,9 +76,9 @@ async fn replicas_starting_together_migrate_once_and_a_restart_changes_nothing()
         .collect();
     assert_eq!(
         all,
-        [1, 2, 3, 4, 5, 6, 7],
+        [1, 2, 3, 4, 5, 6, 7, 8],
         "the schema, shared placement and quotas, replicas, shared images, drains, \
-         workers' runtimes, standbys"
+         workers' runtimes, standbys, lost workers"
     );
     assert_eq!(applied, all);
     store
