@@ -64,6 +64,11 @@ fn parse(args: Vec<OsString>) -> Option<Invocation> {
 }
 
 fn run(args: Vec<OsString>) -> i32 {
+    // Alone, this flag is an exec into a running Machine, never its PID 1: a command line
+    // always has a PROGRAM and an ARGV0.
+    if args.len() == 1 && args[0] == TCP_PROBE {
+        return tcp_probe();
+    }
     // First, so that no signal sent from now on is lost: unblocked, one sent to PID 1
     // without a handler would be dropped.
     let signals = match sys::block_all_signals() {
@@ -144,6 +149,42 @@ fn run(args: Vec<OsString>) -> i32 {
     let code = supervise(&mut sys::Host { signals }, &children);
     copying.finish(DRAIN);
     code
+}
+
+/// `berth-init --tcp-connections`: prints how many TCP endpoints of the Machine's network
+/// are neither listening nor closed. gVisor's checkpoint cannot save such an endpoint
+/// and its sandbox dies trying, so the driver asks before it suspends.
+const TCP_PROBE: &str = "--tcp-connections";
+
+fn tcp_probe() -> i32 {
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        match std::fs::read_to_string(table) {
+            Ok(text) => count += connected_rows(&text),
+            // A Machine without IPv6 has no tcp6 table.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                eprintln!("berth-init: read {table}: {e}");
+                return 1;
+            }
+        }
+    }
+    println!("{count}");
+    0
+}
+
+/// Rows of a /proc/net/tcp table whose state (the fourth field) is neither LISTEN (0A)
+/// nor CLOSE (07).
+fn connected_rows(table: &str) -> usize {
+    table
+        .lines()
+        .skip(1)
+        .filter(|row| {
+            row.split_whitespace()
+                .nth(3)
+                .is_some_and(|state| state != "0A" && state != "07")
+        })
+        .count()
 }
 
 /// Set to `1`: each command runs on a pseudo-terminal of the Machine's devpts.
@@ -813,6 +854,20 @@ mod sys {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn tcp_probe_counts_every_endpoint_but_listening_and_closed_ones() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0
+   1: 0100007F:0050 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0
+   2: 0100007F:9C40 0100007F:0050 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0
+   3: 00000000:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3 1 0
+";
+        // The established pair's one side and a TIME_WAIT; not the listener, not CLOSE.
+        assert_eq!(connected_rows(table), 2);
+        assert_eq!(connected_rows(table.lines().next().unwrap_or("")), 0);
+    }
+
     use std::collections::VecDeque;
     use std::ffi::CStr;
 
