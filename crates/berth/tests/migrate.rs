@@ -1445,7 +1445,11 @@ fn a_drain_moves_volumes_no_machine_holds_and_lists_one_that_cannot_move() {
 
 /// A lone volume's two files, read on `worker`'s host mount of it.
 fn volume_files(cluster: &Cluster, worker: &str, id: &str) -> (Option<Vec<u8>>, Option<usize>) {
-    let fs = cluster.volume_dir(worker, id).join("berth-volume-fs");
+    let mut fs = cluster.volume_dir(worker, id).join("berth-volume-fs");
+    // An encrypted volume's files are in its `data/`, readable while its key is added.
+    if fs.join("data").is_dir() {
+        fs.push("data");
+    }
     (
         std::fs::read(fs.join("kept")).ok(),
         std::fs::read(fs.join("filler"))

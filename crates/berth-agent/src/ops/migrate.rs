@@ -1358,8 +1358,9 @@ impl Agent {
                 let ours = held(&grant);
                 match (found, pending) {
                     (Some(mut volume), Some(VolumePending::MigrateIn)) if ours => {
+                        // An encrypted volume's key came in its record.
                         self.host_driver()
-                            .volume_mount(&self.volume_layout(id))
+                            .volume_mount(&self.keyed_layout(&volume))
                             .await?;
                         volume.pending = None;
                         volume.copied_pass = None;
@@ -1409,7 +1410,7 @@ impl Agent {
                 }
                 (true, Some(mut volume), Some(VolumePending::MigrateOut)) => {
                     self.host_driver()
-                        .volume_mount(&self.volume_layout(id))
+                        .volume_mount(&self.keyed_layout(&volume))
                         .await?;
                     volume.pending = None;
                     volume.move_grant = None;
