@@ -574,6 +574,31 @@ impl ControlPlane {
         mounts: &[MachineMount],
         worker: &str,
     ) -> Result<(), ApiError> {
+        for (field, row) in self.mounted_volumes(app, mounts).await? {
+            if row.worker != worker {
+                let mut error = ApiError::new(
+                    StatusCode::CONFLICT,
+                    "volume_on_other_worker",
+                    format!(
+                        "volume {} is on worker {}, and the machine on {worker}; mount a volume on {worker}, or create a machine with this one",
+                        row.id, row.worker
+                    ),
+                );
+                error.body.field = Some(field);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// The index row of each mounted volume, with the field that names it; 404
+    /// `volume_not_found` (with that field) for one the app does not have.
+    async fn mounted_volumes(
+        &self,
+        app: &str,
+        mounts: &[MachineMount],
+    ) -> Result<Vec<(String, VolumeIndexRow)>, ApiError> {
+        let mut rows = Vec::with_capacity(mounts.len());
         for (index, mount) in mounts.iter().enumerate() {
             let field = format!("config.mounts[{index}].volume");
             let row = match ids::has_id_shape(&mount.volume, "vol_") {
@@ -585,20 +610,9 @@ impl ControlPlane {
                 error.body.field = Some(field);
                 return Err(error);
             };
-            if row.worker != worker {
-                let mut error = ApiError::new(
-                    StatusCode::CONFLICT,
-                    "volume_on_other_worker",
-                    format!(
-                        "volume {} is on worker {}, and the machine on {worker}; mount a volume on {worker}, or create a machine with this one",
-                        mount.volume, row.worker
-                    ),
-                );
-                error.body.field = Some(field);
-                return Err(error);
-            }
+            rows.push((field, row));
         }
-        Ok(())
+        Ok(rows)
     }
 
     /// Where a Machine with these mounts must live: the worker of its volumes (all on one),
@@ -609,17 +623,7 @@ impl ControlPlane {
         mounts: &[MachineMount],
     ) -> Result<Option<String>, ApiError> {
         let mut worker: Option<String> = None;
-        for (index, mount) in mounts.iter().enumerate() {
-            let field = format!("config.mounts[{index}].volume");
-            let row = match ids::has_id_shape(&mount.volume, "vol_") {
-                true => self.store.volume(app, &mount.volume).await?,
-                false => None,
-            };
-            let Some(row) = row else {
-                let mut error = volume_not_found(&mount.volume);
-                error.body.field = Some(field);
-                return Err(error);
-            };
+        for (field, row) in self.mounted_volumes(app, mounts).await? {
             match &worker {
                 Some(first) if *first != row.worker => {
                     return Err(ApiError::invalid_config(
