@@ -926,18 +926,16 @@ impl VolumeKey {
         let mut key = [0u8; KEY_SIZE];
         let mut filled = 0;
         while filled < KEY_SIZE {
-            // SAFETY: getrandom writes at most `KEY_SIZE - filled` bytes into the rest of
-            // `key`, which outlives the call.
-            let n =
-                unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), KEY_SIZE - filled, 0) };
-            if n < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match rustix::rand::getrandom(&mut key[filled..], rustix::rand::GetRandomFlags::empty())
+            {
+                Ok(n) => filled += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(errno) => {
+                    return Err(context("read random bytes for a volume key".into())(
+                        errno.into(),
+                    ))
                 }
-                return Err(context("read random bytes for a volume key".into())(error));
             }
-            filled += usize::try_from(n).unwrap_or(0);
         }
         Ok(VolumeKey(key))
     }
