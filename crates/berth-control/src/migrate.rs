@@ -281,16 +281,7 @@ impl ControlPlane {
             .filter(|worker| worker.name != row.worker)
             .collect();
         if others.is_empty() {
-            let mut error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "insufficient_capacity",
-                format!(
-                    "no worker but {} is in the cluster to take volume {id}",
-                    row.worker
-                ),
-            );
-            error.body.retry_after_ms = Some(5000);
-            return Err(error);
+            return Err(no_other_worker(&row.worker, &format!("volume {id}")));
         }
         // Placed as a volume's create is: by its provisioned size.
         let dest_name = self.place_among(
@@ -444,16 +435,7 @@ impl ControlPlane {
             .filter(|worker| worker.name != row.worker)
             .collect();
         if others.is_empty() {
-            let mut error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "insufficient_capacity",
-                format!(
-                    "no worker but {} is in the cluster to take machine {}",
-                    row.worker, row.id
-                ),
-            );
-            error.body.retry_after_ms = Some(5000);
-            return Err(error);
+            return Err(no_other_worker(&row.worker, &format!("machine {}", row.id)));
         }
         self.place_among(others, &request)
     }
@@ -1088,6 +1070,18 @@ impl ControlPlane {
         }
         Ok(volumes)
     }
+}
+
+/// 503 `insufficient_capacity`: `worker` is the cluster's only one, so `what` has nowhere
+/// to go until another joins.
+fn no_other_worker(worker: &str, what: &str) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "insufficient_capacity",
+        format!("no worker but {worker} is in the cluster to take {what}"),
+    );
+    error.body.retry_after_ms = Some(5000);
+    error
 }
 
 /// Tells a failed move's caller where its Machine is now: still on the source, and
