@@ -1163,19 +1163,26 @@ impl Agent {
             .await?
         {
             let _guard = self.lock(&volume.id).await?;
-            self.host_driver()
-                .volume_mount(&self.keyed_layout(&volume))
-                .await?;
-            volume.pending = None;
-            volume.copied_pass = None;
-            let usage = metering::volume_created(&volume, cutover_ms);
-            self.inner
-                .store
-                .save_volume_with_usage(&volume, &[usage])
-                .await?;
+            self.adopt_volume(&mut volume, cutover_ms).await?;
         }
         failpoint::hit("migrate.after_commit_volumes");
         Ok(())
+    }
+
+    /// Commit of one arrived volume, under its lock: mounted (an encrypted one with the
+    /// key its record came with), no longer pending, and billed here from the cutover.
+    async fn adopt_volume(&self, volume: &mut VolumeRecord, cutover_ms: i64) -> Result<()> {
+        self.host_driver()
+            .volume_mount(&self.keyed_layout(volume))
+            .await?;
+        volume.pending = None;
+        volume.copied_pass = None;
+        volume.move_grant = None;
+        let usage = metering::volume_created(volume, cutover_ms);
+        self.inner
+            .store
+            .save_volume_with_usage(volume, &[usage])
+            .await
     }
 
     /// Finish (and forget): the Machine's volumes here removed, their billing here ended
@@ -1358,18 +1365,7 @@ impl Agent {
                 let ours = held(&grant);
                 match (found, pending) {
                     (Some(mut volume), Some(VolumePending::MigrateIn)) if ours => {
-                        // An encrypted volume's key came in its record.
-                        self.host_driver()
-                            .volume_mount(&self.keyed_layout(&volume))
-                            .await?;
-                        volume.pending = None;
-                        volume.copied_pass = None;
-                        volume.move_grant = None;
-                        let usage = metering::volume_created(&volume, cutover_ms);
-                        self.inner
-                            .store
-                            .save_volume_with_usage(&volume, &[usage])
-                            .await?;
+                        self.adopt_volume(&mut volume, cutover_ms).await?;
                         failpoint::hit("migrate.after_commit_volumes");
                         info!(volume = %id, "volume moved here");
                         Ok(MigrationAnswer::default())
