@@ -368,10 +368,14 @@ fn a_standby_starts_on_another_worker_when_its_machines_worker_stays_unreachable
     assert_eq!(status, 200, "{body}");
     let primary: Machine = serde_json::from_value(body).expect("machine");
     let primary_worker = primary.worker.clone().expect("worker");
-    // Fill the other worker more, so that spread alone would put the standby beside the
-    // primary.
+    // Fill the other worker more, so that spread alone would put the standby (and the
+    // Machine below) beside the primary. Placement counts a create that just ended twice
+    // until a heartbeat a second later confirms it (conservative), so the sizes hold
+    // whichever Machines are counted twice: the other worker is always the fuller one,
+    // and it has room for the standby even with the filler counted twice (with 2 CPUs it
+    // had none, and the standby went beside its primary).
     let mut filler = sleeper(json!({}));
-    filler["config"]["guest"] = json!({"cpus": 2, "memory_mb": 512});
+    filler["config"]["guest"] = json!({"cpus": 1, "memory_mb": 1536});
     let (status, body) = cluster.create(filler);
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["worker"], primary_worker.as_str(), "{body}");
