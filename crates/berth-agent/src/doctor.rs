@@ -388,6 +388,14 @@ impl Agent {
                 ),
             ));
         }
+        for (object, message) in crate::ops::checkpoint::half_made(&layout) {
+            findings.push(finding(
+                FindingKind::HalfMadeCheckpoint,
+                id,
+                Some(&object),
+                message,
+            ));
+        }
         let status = match self.driver_or_default(&record.config).status(&layout).await {
             Ok(status) => status,
             Err(error) => {
@@ -478,6 +486,17 @@ impl Agent {
     ) {
         let kinds: std::collections::HashSet<FindingKind> =
             findings.iter().map(|found| found.kind).collect();
+        if kinds.contains(&FindingKind::HalfMadeCheckpoint) {
+            self.recover_checkpoints(record).await;
+            let layout = self.layout(&record.id);
+            let left = crate::ops::checkpoint::half_made(&layout);
+            for found in findings.iter_mut() {
+                found.repaired |= found.kind == FindingKind::HalfMadeCheckpoint
+                    && !left.iter().any(|(object, _)| {
+                        found.object.as_deref() == Some(&*object.to_string_lossy())
+                    });
+            }
+        }
         if kinds.contains(&FindingKind::OrphanMemoryImage)
             && !kinds.contains(&FindingKind::UnfinishedOperation)
         {

@@ -57,6 +57,21 @@ pub enum AgentError {
     /// The Machine's driver cannot checkpoint a Machine with its memory.
     #[error("machine {id} runs with the {driver} driver, which cannot suspend a machine (only gvisor can); stop it instead: its files are kept")]
     SuspendUnsupported { id: String, driver: String },
+    /// A move carries no checkpoints yet: refused rather than losing them.
+    #[error("machine {id} has {count} checkpoints, which cannot move between workers yet; delete them to move it")]
+    HasCheckpoints { id: String, count: usize },
+    #[error("machine {id} has no checkpoint {checkpoint}")]
+    CheckpointNotFound { id: String, checkpoint: String },
+    /// The Machine's disk cannot be snapshotted (not a btrfs subvolume).
+    #[error("machine {id} cannot be checkpointed: {why}")]
+    CheckpointsUnsupported { id: String, why: String },
+    /// A checkpoint operation the Machine's state forbids now.
+    #[error("machine {id} is {state}: {why}")]
+    CheckpointState {
+        id: String,
+        state: MachineState,
+        why: &'static str,
+    },
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -157,6 +172,26 @@ impl AgentError {
             AgentError::SuspendUnsupported { .. } => {
                 body.error = "suspend_unsupported".into();
                 422
+            }
+            AgentError::HasCheckpoints { .. } => {
+                body.error = "machine_has_checkpoints".into();
+                409
+            }
+            AgentError::CheckpointNotFound { .. } => {
+                body.error = "checkpoint_not_found".into();
+                404
+            }
+            AgentError::CheckpointsUnsupported { .. } => {
+                body.error = "checkpoints_unsupported".into();
+                422
+            }
+            AgentError::CheckpointState { state, .. } => {
+                body.error = "invalid_state".into();
+                body.state = Some(*state);
+                if !berth_core::state::is_resting(*state) {
+                    body.retry_after_ms = Some(1000);
+                }
+                409
             }
             AgentError::Unavailable { worker, reason } => {
                 return WorkerError::Unavailable {

@@ -81,13 +81,26 @@ pub const VOLUME_MIGRATION_POINTS: &[&str] = &[
     "migrate.after_source_volume_remove",
 ];
 
+/// Checkpoints, restores and forks (only a Machine whose disk is a btrfs subvolume
+/// reaches them): the snapshot made and its record written; a restore's undo checkpoint
+/// taken and the disks exchanged; a fork's disk exchanged and its ids moved.
+pub const CHECKPOINT_POINTS: &[&str] = &[
+    "checkpoint.after_snapshot",
+    "checkpoint.after_record",
+    "restore.after_undo_checkpoint",
+    "restore.after_exchange",
+    "fork.after_exchange",
+    "create.after_fork",
+];
+
 pub fn hit(name: &str) {
     debug_assert!(
         POINTS.contains(&name)
             || SUSPEND_POINTS.contains(&name)
             || VOLUME_POINTS.contains(&name)
             || MIGRATION_POINTS.contains(&name)
-            || VOLUME_MIGRATION_POINTS.contains(&name),
+            || VOLUME_MIGRATION_POINTS.contains(&name)
+            || CHECKPOINT_POINTS.contains(&name),
         "unlisted failpoint {name}"
     );
     berth_core::failpoint::hit(name);

@@ -119,6 +119,18 @@ pub fn router(worker: Arc<dyn WorkerService>, join_token: &str) -> Router {
         .route("/agent/v1/machines/{id}/ps", get(processes))
         .route("/agent/v1/machines/{id}/versions", get(versions))
         .route("/agent/v1/machines/{id}/log-chunks", get(log_chunks))
+        .route(
+            "/agent/v1/machines/{id}/checkpoints",
+            get(checkpoint_list).post(checkpoint_create),
+        )
+        .route(
+            "/agent/v1/machines/{id}/checkpoints/{cp}",
+            axum::routing::delete(checkpoint_delete),
+        )
+        .route(
+            "/agent/v1/machines/{id}/checkpoints/{cp}/restore",
+            post(checkpoint_restore),
+        )
         .route("/agent/v1/migrations", post(migration))
         .route("/agent/v1/migrations/{id}/stream", post(migration_stream))
         .route("/agent/v1/notices", get(follow_notices))
@@ -161,6 +173,36 @@ async fn create(
     Json(request): Json<CreateOnWorker>,
 ) -> Result<Response, Failure> {
     Ok(Json(http.worker.create(request).await?).into_response())
+}
+
+async fn checkpoint_create(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+    Json(request): Json<berth_api::CreateCheckpointRequest>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.checkpoint_create(&id, request.comment).await?).into_response())
+}
+
+async fn checkpoint_list(
+    State(http): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.checkpoint_list(&id).await?).into_response())
+}
+
+async fn checkpoint_delete(
+    State(http): State<Shared>,
+    Path((id, cp)): Path<(String, String)>,
+) -> Result<Response, Failure> {
+    http.worker.checkpoint_delete(&id, &cp).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn checkpoint_restore(
+    State(http): State<Shared>,
+    Path((id, cp)): Path<(String, String)>,
+) -> Result<Response, Failure> {
+    Ok(Json(http.worker.checkpoint_restore(&id, &cp).await?).into_response())
 }
 
 async fn migration(

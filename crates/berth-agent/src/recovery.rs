@@ -95,6 +95,7 @@ impl Agent {
         }
         for mut record in self.inner.store.list_all().await? {
             let id = record.id.clone();
+            self.recover_checkpoints(&record).await;
             // Half of a move: the control plane settles it (abort or finish). The run of a
             // Machine still leaving is recovered as any run, and the mark is kept.
             let migration = record.pending.clone().filter(PendingOp::is_migration);

@@ -257,6 +257,41 @@ impl WorkerService for Agent {
             .map_err(WorkerError::from)
     }
 
+    async fn checkpoint_create(&self, id: &str, comment: String) -> Result<berth_api::Checkpoint> {
+        let agent = self.clone();
+        let id = id.to_owned();
+        detached(async move { agent.checkpoint_create_op(&id, comment).await })
+            .await
+            .map_err(WorkerError::from)
+    }
+
+    async fn checkpoint_list(&self, id: &str) -> Result<Vec<berth_api::Checkpoint>> {
+        Ok(self.checkpoint_list_op(id).await?)
+    }
+
+    async fn checkpoint_delete(&self, id: &str, checkpoint: &str) -> Result<()> {
+        let agent = self.clone();
+        let (id, checkpoint) = (id.to_owned(), checkpoint.to_owned());
+        detached(async move { agent.checkpoint_delete_op(&id, &checkpoint).await })
+            .await
+            .map_err(WorkerError::from)
+    }
+
+    async fn checkpoint_restore(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<berth_api::RestoreCheckpointResponse> {
+        let agent = self.clone();
+        let (id, checkpoint) = (id.to_owned(), checkpoint.to_owned());
+        detached(async move {
+            let result = agent.checkpoint_restore_op(&id, &checkpoint).await;
+            agent.settle_if_failed(&id, result).await
+        })
+        .await
+        .map_err(WorkerError::from)
+    }
+
     async fn migration(
         &self,
         step: berth_worker::MigrationStep,

@@ -95,6 +95,7 @@ fn config(image: &str) -> MachineConfig {
 
 fn create_request(id: &str, image: &str, skip_launch: bool) -> CreateOnWorker {
     CreateOnWorker {
+        from_checkpoint: None,
         id: id.into(),
         app: "app".into(),
         name: format!("n-{id}"),

@@ -106,6 +106,7 @@ fn config(runtime: Option<&str>) -> MachineConfig {
 
 fn create(id: &str, runtime: Option<&str>) -> CreateOnWorker {
     CreateOnWorker {
+        from_checkpoint: None,
         id: id.into(),
         app: "app".into(),
         name: format!("n-{id}"),

@@ -70,6 +70,7 @@ fn image(marker: &str) -> ImageBuilder {
 
 fn request(id: &str, image: &str) -> CreateOnWorker {
     CreateOnWorker {
+        from_checkpoint: None,
         id: id.into(),
         app: "app".into(),
         name: format!("n-{id}"),

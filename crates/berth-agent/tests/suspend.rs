@@ -312,6 +312,7 @@ impl Drop for World {
 
 fn create(id: &str, runtime: &str, script: &str) -> CreateOnWorker {
     CreateOnWorker {
+        from_checkpoint: None,
         id: id.into(),
         app: "app".into(),
         name: format!("n-{id}"),

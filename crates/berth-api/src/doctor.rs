@@ -47,6 +47,10 @@ pub enum FindingKind {
     /// A suspended Machine without a sealed memory image: its next start boots it fresh
     /// from its disk.
     MissingMemoryImage,
+    /// A checkpoint snapshot without its record, a record without its snapshot, or a
+    /// restore's or fork's leftover `disk.swap`: what a crash left of a checkpoint
+    /// operation.
+    HalfMadeCheckpoint,
     /// The usage journal skips sequence numbers.
     JournalGap,
     /// The usage journal repeats an entry (a run opened or closed twice, a Machine

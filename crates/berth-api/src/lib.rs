@@ -37,6 +37,7 @@ macro_rules! wire_names {
     };
 }
 
+mod checkpoints;
 mod checks;
 mod doctor;
 mod duration;
@@ -46,6 +47,7 @@ mod services;
 mod tenancy;
 mod volumes;
 
+pub use checkpoints::*;
 pub use checks::*;
 pub use doctor::*;
 pub use duration::ApiDuration;
@@ -465,6 +467,10 @@ pub struct CreateMachineRequest {
     /// carries as `nonce` (1 to 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ttl: Option<u64>,
+    /// Berth's: the new Machine starts with the files of a checkpoint of another Machine
+    /// of the same org, on that Machine's worker, instead of an empty writable layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_checkpoint: Option<FromCheckpoint>,
 }
 
 /// `POST /v1/apps/{app}/machines/{id}`
@@ -843,6 +849,8 @@ mod tests {
                 "suspend",
                 "resume",
                 "memory_lost",
+                "checkpoint",
+                "restore",
             ],
         );
         for &kind in EventKind::ALL {

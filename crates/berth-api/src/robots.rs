@@ -152,6 +152,11 @@ pub enum EventKind {
     /// A suspended Machine's memory image was missing or damaged: the start booted it
     /// fresh from its disk; the reason says what was wrong.
     MemoryLost,
+    /// A checkpoint of the Machine's disk was taken; the reason names it.
+    Checkpoint,
+    /// The Machine's files were restored from a checkpoint; the reason names it and the
+    /// automatic checkpoint that undoes it.
+    Restore,
 }
 
 wire_names!(EventKind {
@@ -174,6 +179,8 @@ wire_names!(EventKind {
     Suspend => "suspend",
     Resume => "resume",
     MemoryLost => "memory_lost",
+    Checkpoint => "checkpoint",
+    Restore => "restore",
 });
 
 impl EventKind {

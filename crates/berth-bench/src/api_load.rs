@@ -107,6 +107,7 @@ async fn machine(client: &Client, app: &str) -> Result<Machine> {
         .post(
             &format!("/v1/apps/{app}/machines"),
             &CreateMachineRequest {
+                from_checkpoint: None,
                 name: None,
                 region: None,
                 skip_launch: true,

@@ -55,6 +55,7 @@ pub(crate) fn sleeper() -> MachineConfig {
 
 async fn create(client: &Client, app: &str) -> Result<Machine> {
     let request = CreateMachineRequest {
+        from_checkpoint: None,
         name: None,
         region: None,
         skip_launch: true,

@@ -823,6 +823,7 @@ fn sleeper(image: &str) -> MachineConfig {
 
 pub(crate) fn create_request(config: &MachineConfig) -> CreateMachineRequest {
     CreateMachineRequest {
+        from_checkpoint: None,
         name: None,
         region: None,
         skip_launch: true,

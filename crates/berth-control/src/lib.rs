@@ -22,6 +22,7 @@ use tokio::sync::Mutex as AsyncMutex;
 mod apps;
 pub mod auth;
 mod caches;
+mod checkpoints;
 pub mod clock;
 mod doctor;
 mod drain;

@@ -517,17 +517,23 @@ impl ControlPlane {
         let avoid = self
             .standby_targets(app, None, &request.config.standbys)
             .await?;
+        let fork = self
+            .fork_source(principal, &app_row, request.from_checkpoint.as_ref())
+            .await?;
         let operation = format!("create {app}");
         Ok(
             idempotency::once(self, principal, key, &operation, request, {
                 |request, keyed_id| async move {
                     let id = keyed_id.unwrap_or_else(ids::new_machine_id);
                     let lease_ttl = request.lease_ttl;
-                    let result =
-                        match crate::images::pull_scope(self, principal, &app_row.org_slug).await {
-                            Ok(pull) => create(self, &app_row, request, id, pull, &avoid).await,
-                            Err(error) => Err(error),
-                        };
+                    let result = match crate::images::pull_scope(self, principal, &app_row.org_slug)
+                        .await
+                    {
+                        Ok(pull) => {
+                            create(self, &app_row, request, id, pull, &avoid, fork.as_ref()).await
+                        }
+                        Err(error) => Err(error),
+                    };
                     let result = match (result, lease_ttl) {
                         (Ok(mut machine), Some(ttl)) => {
                             leases::grant_on_create(self, principal, &machine.id, ttl)
@@ -996,7 +1002,9 @@ async fn create(
     id: String,
     mut pull: berth_image::PullScope,
     standby_targets_on: &[String],
+    fork: Option<&crate::checkpoints::ForkSource>,
 ) -> Result<Machine, ApiError> {
+    let from_checkpoint = fork.map(|fork| (fork.machine.clone(), fork.checkpoint.clone()));
     // An imported image in the shared registry: pinned to the digest its name has now.
     pull.source = control.pull_source(&request.config.image).await?;
     // A keyed create retried after the control plane died in the middle of it: the
@@ -1006,6 +1014,7 @@ async fn create(
         let worker = control.worker(&row.worker)?;
         let created = worker
             .create(CreateOnWorker {
+                from_checkpoint: from_checkpoint.clone(),
                 id: id.clone(),
                 app: app.name.clone(),
                 name: row.name.clone(),
@@ -1030,9 +1039,12 @@ async fn create(
     let placement = PlacementRequest {
         region: request.region.clone(),
         // A Machine with volumes lives where they are.
-        worker: control
-            .volumes_worker(&app.name, &request.config.mounts)
-            .await?,
+        worker: fork_worker(
+            fork,
+            control
+                .volumes_worker(&app.name, &request.config.mounts)
+                .await?,
+        )?,
         cpus: request.config.guest.cpus,
         memory_mb: u64::from(request.config.guest.memory_mb),
         disk_mb: machine_disk_mb(&request.config.guest),
@@ -1081,6 +1093,7 @@ async fn create(
     let worker = control.worker(&worker_name)?;
     let created = worker
         .create(CreateOnWorker {
+            from_checkpoint,
             id: id.clone(),
             app: app.name.clone(),
             name,
@@ -1119,7 +1132,7 @@ async fn create(
 
 /// Start, stop and destroy, once their key is taken (a retried destroy must get its first
 /// answer, not a 404): lookup, rate limit, lease.
-async fn admit(
+pub(crate) async fn admit(
     control: &ControlPlane,
     pre: &Preconditions,
     app: &str,
@@ -1141,6 +1154,30 @@ async fn admit(
 
 fn operation(action: Action, app: &str, id: &str) -> String {
     format!("{} {app}/{id}", action.as_str())
+}
+
+/// The worker a Machine must go to: its fork's source's, where the checkpoint is, or its
+/// volumes'; both must agree.
+fn fork_worker(
+    fork: Option<&crate::checkpoints::ForkSource>,
+    volumes: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    match (fork, volumes) {
+        (Some(fork), Some(volumes)) if fork.worker != volumes => {
+            let mut error = ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_fork",
+                format!(
+                    "the checkpoint is on worker {} and the volumes on {volumes}: a fork lives where its checkpoint is",
+                    fork.worker
+                ),
+            );
+            error.body.field = Some("config.mounts".into());
+            Err(error)
+        }
+        (Some(fork), _) => Ok(Some(fork.worker.clone())),
+        (None, volumes) => Ok(volumes),
+    }
 }
 
 /// Marks a Machine answered by its worker with the worker's name and status.

@@ -892,6 +892,7 @@ impl ControlPlane {
         let answer = dest
             .migration(MigrationStep::Recreate {
                 request: Box::new(CreateOnWorker {
+                    from_checkpoint: None,
                     id: id.to_owned(),
                     app: app.to_owned(),
                     name: row.name.clone(),

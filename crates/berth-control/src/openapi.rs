@@ -13,7 +13,8 @@ use utoipa_axum::routes;
 
 use crate::extract::MAX_JSON_BODY;
 use crate::{
-    apps, doctor, drain, images, leases, machines, robots, tenancy, usage, volumes, workers, Shared,
+    apps, checkpoints, doctor, drain, images, leases, machines, robots, tenancy, usage, volumes,
+    workers, Shared,
 };
 
 #[derive(OpenApi)]
@@ -74,6 +75,13 @@ pub(crate) fn api_router() -> OpenApiRouter<Shared> {
         .routes(routes!(machines::uncordon_machine))
         .routes(routes!(machines::machine_processes))
         .routes(routes!(machines::machine_versions))
+        .routes(routes!(
+            checkpoints::create_checkpoint,
+            checkpoints::list_checkpoints
+        ))
+        .routes(routes!(checkpoints::delete_checkpoint))
+        .routes(routes!(checkpoints::restore_checkpoint))
+        .routes(routes!(checkpoints::fork_machine))
         .routes(routes!(robots::wait_machine))
         .routes(routes!(robots::machine_events))
         .routes(routes!(robots::exec_machine))

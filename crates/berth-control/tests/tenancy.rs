@@ -191,6 +191,11 @@ fn sample(method: &str, path: &str) -> Option<(&'static str, Option<Value>)> {
         ("delete", "/v1/apps/{app}/volumes/{volume_id}") => ("", None),
         ("put", "/v1/apps/{app}/volumes/{volume_id}/extend") => ("", Some(json!({"size_gb": 2}))),
         ("get" | "post", "/v1/apps/{app}/volumes/{volume_id}/snapshots") => ("", None),
+        ("get", "/v1/apps/{app}/machines/{id}/checkpoints") => ("", None),
+        ("post", "/v1/apps/{app}/machines/{id}/checkpoints") => ("", Some(json!({"comment": "c"}))),
+        ("delete", "/v1/apps/{app}/machines/{id}/checkpoints/{checkpoint}") => ("", None),
+        ("post", "/v1/apps/{app}/machines/{id}/checkpoints/{checkpoint}/restore") => ("", None),
+        ("post", "/v1/apps/{app}/machines/{id}/fork") => ("", Some(json!({}))),
         _ => return None,
     })
 }
@@ -265,6 +270,7 @@ async fn another_orgs_things_answer_404_at_every_route() {
         ("token_id", tokens[0]["id"].as_str().expect("id").to_owned()),
         ("*reference", "demo/busybox:1".to_owned()),
         ("volume_id", volume.clone()),
+        ("checkpoint", "cp_0000000000000000".to_owned()),
     ]
     .into();
     let base = format!("/v1/apps/victim-app/machines/{machine}");
@@ -422,6 +428,7 @@ async fn the_openapi_description_and_the_router_agree() {
         ("token_id", "0000000000000000".to_owned()),
         ("*reference", "demo/busybox:1".to_owned()),
         ("volume_id", "vol_0000000000000000".to_owned()),
+        ("checkpoint", "cp_0000000000000000".to_owned()),
     ]
     .into();
     let operations = operations(&harness).await;

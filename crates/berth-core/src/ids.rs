@@ -19,6 +19,12 @@ pub fn new_snapshot_id() -> String {
     format!("vs_{}", random_base36(16))
 }
 
+/// A new random checkpoint id of a Machine's disk (`cp_` and 16 lowercase letters or
+/// digits).
+pub fn new_checkpoint_id() -> String {
+    format!("cp_{}", random_base36(16))
+}
+
 fn random_base36(len: usize) -> String {
     const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::thread_rng();

@@ -789,6 +789,7 @@ mod tests {
             let mut config = config();
             config.runtime = runtime.map(str::to_owned);
             validate_create(&CreateMachineRequest {
+                from_checkpoint: None,
                 name: None,
                 region: None,
                 skip_launch: false,

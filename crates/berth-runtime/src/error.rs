@@ -48,6 +48,10 @@ pub enum RuntimeError {
     /// The worker's network configuration (bridge name, prefix) cannot be used.
     #[error("invalid network configuration: {0}")]
     InvalidNetwork(String),
+    /// Freezing or thawing the Machine's processes failed; `message` carries the
+    /// freezer's own words.
+    #[error("could not freeze or thaw machine {id}: {message}")]
+    Freeze { id: String, message: String },
     /// The driver cannot do this at all (suspend and resume on runc or native, whose
     /// checkpointing, CRIU, fails on these kernels).
     #[error("the {driver} driver cannot {what} a machine")]
@@ -91,7 +95,8 @@ impl RuntimeError {
             RuntimeError::Start { .. }
             | RuntimeError::AlreadyRunning { .. }
             | RuntimeError::NotRunning { .. }
-            | RuntimeError::Cleanup { .. } => "runtime_failed",
+            | RuntimeError::Cleanup { .. }
+            | RuntimeError::Freeze { .. } => "runtime_failed",
             RuntimeError::StartTimeout { .. } => "start_timeout",
             RuntimeError::NotPrepared { .. } => "not_prepared",
             RuntimeError::InvalidSpec { .. } => "invalid_spec",

@@ -23,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod checkpoint;
 pub mod exec;
 pub mod fake;
 pub mod gvisor;
@@ -403,6 +404,17 @@ pub trait Runtime: Send + Sync + 'static {
             volume::remove(&layout).map_err(|error| volume_error("remove", &layout, error))
         })
         .await
+    }
+
+    /// Freezes (`true`) or thaws the running Machine's processes, so that a checkpoint of
+    /// its disk catches no write halfway. Frozen processes keep their memory and run on
+    /// once thawed. A driver without a freezer answers [`RuntimeError::Unsupported`].
+    async fn freeze(&self, layout: &MachineLayout, frozen: bool) -> Result<(), RuntimeError> {
+        let _ = (layout, frozen);
+        Err(RuntimeError::Unsupported {
+            driver: self.name(),
+            what: "freeze",
+        })
     }
 
     /// Whether [`Runtime::suspend`] and [`Runtime::resume`] work with this driver.

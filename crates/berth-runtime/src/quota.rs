@@ -28,19 +28,19 @@ use crate::MachineLayout;
 /// `statfs(2)` magic of btrfs.
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
 /// The inode number of every subvolume's root directory.
-const SUBVOL_ROOT_INO: u64 = 256;
+pub(crate) const SUBVOL_ROOT_INO: u64 = 256;
 /// A qgroup limit value that clears the limit.
 const CLEAR_LIMIT: u64 = u64::MAX;
 const LIMIT_MAX_EXCL: u64 = 1 << 1;
 /// The subvolume directory below a Machine's dir.
-const DISK_DIR: &str = "disk";
+pub(crate) const DISK_DIR: &str = "disk";
 
 // The btrfs ioctls used here (linux/btrfs.h), as _IOC(dir, 0x94, nr, size).
-const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
+pub(crate) const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
     (dir << 30) | (size << 16) | (0x94 << 8) | nr
 }
-const IOC_WRITE: u64 = 1;
-const IOC_READ: u64 = 2;
+pub(crate) const IOC_WRITE: u64 = 1;
+pub(crate) const IOC_READ: u64 = 2;
 /// `BTRFS_IOC_SUBVOL_CREATE`, `struct btrfs_ioctl_vol_args` (4096 bytes).
 const IOC_SUBVOL_CREATE: u64 = ioc(IOC_WRITE, 14, 4096);
 /// `BTRFS_IOC_INO_LOOKUP`, `struct btrfs_ioctl_ino_lookup_args` (4096 bytes).
@@ -232,26 +232,51 @@ impl DiskQuota {
     }
 }
 
+impl DiskQuota {
+    /// The bytes the subvolume of `file` refers to and the bytes only it holds, from its
+    /// qgroup; `None` when the filesystem keeps no qgroup for it.
+    pub fn subvolume_bytes(&self, file: &File) -> io::Result<Option<(u64, u64)>> {
+        let dir = self.qgroups.join(format!("0_{}", subvolume_id(file)?));
+        let read = |name: &str| -> io::Result<Option<u64>> {
+            match fs::read_to_string(dir.join(name)) {
+                Ok(text) => text.trim().parse().map(Some).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}/{name}: {e}", dir.display()),
+                    )
+                }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        Ok(read("referenced")?.zip(read("exclusive")?))
+    }
+}
+
 /// An ioctl argument: the kernel's structs are all u64-aligned.
 #[repr(C, align(8))]
-struct Args<const N: usize>([u8; N]);
+pub(crate) struct Args<const N: usize>(pub(crate) [u8; N]);
 
 impl<const N: usize> Args<N> {
-    fn new() -> Args<N> {
+    pub(crate) fn new() -> Args<N> {
         Args([0; N])
     }
-    fn u64_at(&self, offset: usize) -> u64 {
+    pub(crate) fn u64_at(&self, offset: usize) -> u64 {
         let mut word = [0u8; 8];
         word.copy_from_slice(&self.0[offset..offset + 8]);
         u64::from_ne_bytes(word)
     }
-    fn set_u64(&mut self, offset: usize, value: u64) {
+    pub(crate) fn set_u64(&mut self, offset: usize, value: u64) {
         self.0[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
     }
 }
 
 /// Runs a btrfs ioctl whose argument struct is `N` bytes, the size `request` encodes.
-fn ioctl<const N: usize>(file: &File, request: u64, args: &mut Args<N>) -> io::Result<()> {
+pub(crate) fn ioctl<const N: usize>(
+    file: &File,
+    request: u64,
+    args: &mut Args<N>,
+) -> io::Result<()> {
     debug_assert_eq!((request >> 16) & 0x3fff, N as u64);
     // SAFETY: `args` is an N-byte, 8-aligned buffer, the size and layout the request
     // encodes, borrowed mutably for the whole call.
@@ -296,7 +321,7 @@ fn create_subvolume(parent: &Path) -> io::Result<()> {
 }
 
 /// The id of the subvolume `file` is in, which is its level-0 qgroup's id too.
-fn subvolume_id(file: &File) -> io::Result<u64> {
+pub(crate) fn subvolume_id(file: &File) -> io::Result<u64> {
     // struct btrfs_ioctl_ino_lookup_args { __u64 treeid; __u64 objectid; char name[4080]; }
     // treeid 0 asks for the tree of `file` itself.
     let mut args = Args::<4096>::new();

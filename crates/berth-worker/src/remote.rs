@@ -580,6 +580,37 @@ impl WorkerService for RemoteWorker {
             .await
     }
 
+    async fn checkpoint_create(&self, id: &str, comment: String) -> Result<berth_api::Checkpoint> {
+        let path = format!("/agent/v1/machines/{id}/checkpoints");
+        let body = berth_api::CreateCheckpointRequest { comment };
+        self.volume_call(Method::POST, &path, Some(&body), false)
+            .await
+    }
+
+    async fn checkpoint_list(&self, id: &str) -> Result<Vec<berth_api::Checkpoint>> {
+        let path = format!("/agent/v1/machines/{id}/checkpoints");
+        self.volume_call::<(), _>(Method::GET, &path, None, true)
+            .await
+    }
+
+    async fn checkpoint_delete(&self, id: &str, checkpoint: &str) -> Result<()> {
+        let path = format!("/agent/v1/machines/{id}/checkpoints/{checkpoint}");
+        // Deleting what is gone is 404, which the caller sees: not retried.
+        self.call::<()>(Method::DELETE, &path, None, LIFECYCLE_DEADLINE, false)
+            .await?;
+        Ok(())
+    }
+
+    async fn checkpoint_restore(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<berth_api::RestoreCheckpointResponse> {
+        let path = format!("/agent/v1/machines/{id}/checkpoints/{checkpoint}/restore");
+        self.volume_call::<(), _>(Method::POST, &path, None, false)
+            .await
+    }
+
     async fn logs(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>> {
         let path = format!("/agent/v1/machines/{id}/logs?max_bytes={max_bytes}");
         let response = self

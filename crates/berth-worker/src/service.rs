@@ -8,9 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use berth_api::EventSource;
 use berth_api::{
-    CreateVolumeRequest, EventKind, ExecResponse, ImageRef, Machine, MachineConfig, MachineEvent,
-    MachineState, MachineVersion, ProcessStat, StartStopResponse, StopRequest,
-    UpdateMachineRequest, UpdateVolumeRequest, UsageRecord, Volume, VolumeSnapshot,
+    Checkpoint, CreateVolumeRequest, EventKind, ExecResponse, ImageRef, Machine, MachineConfig,
+    MachineEvent, MachineState, MachineVersion, ProcessStat, RestoreCheckpointResponse,
+    StartStopResponse, StopRequest, UpdateMachineRequest, UpdateVolumeRequest, UsageRecord, Volume,
+    VolumeSnapshot,
 };
 use berth_image::PullScope;
 use serde::{Deserialize, Serialize};
@@ -84,6 +85,10 @@ pub struct CreateOnWorker {
     /// Absent (an older control plane): the operator's, unrestricted.
     #[serde(default)]
     pub pull: PullScope,
+    /// The new Machine's disk is a writable snapshot of this checkpoint of another
+    /// Machine on this worker (`machine`, `checkpoint`) instead of an empty one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_checkpoint: Option<(String, String)>,
 }
 
 /// A volume create that the control plane has validated and placed on this worker.
@@ -194,6 +199,21 @@ pub trait WorkerService: Send + Sync + 'static {
     async fn volume_snapshots(&self, id: &str) -> Result<Vec<VolumeSnapshot>>;
     /// Takes a snapshot of the volume now.
     async fn volume_snapshot(&self, id: &str) -> Result<VolumeSnapshot>;
+
+    /// Takes a checkpoint of the Machine's disk (a running Machine is frozen for the
+    /// instant it takes). A disk that cannot be snapshotted is 422
+    /// `checkpoints_unsupported`.
+    async fn checkpoint_create(&self, id: &str, comment: String) -> Result<Checkpoint>;
+    /// The Machine's checkpoints, oldest first.
+    async fn checkpoint_list(&self, id: &str) -> Result<Vec<Checkpoint>>;
+    async fn checkpoint_delete(&self, id: &str, checkpoint: &str) -> Result<()>;
+    /// Makes the Machine's files those of the checkpoint, after an automatic checkpoint of
+    /// the files it had; a running Machine is restarted onto them.
+    async fn checkpoint_restore(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<RestoreCheckpointResponse>;
 
     /// Runs one step of moving a Machine to or from this worker.
     async fn migration(&self, step: MigrationStep) -> Result<MigrationAnswer>;

@@ -341,6 +341,24 @@ pub enum MachineCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Checkpoints of the Machine's files: create, list, rm, restore.
+    #[command(subcommand)]
+    Checkpoint(crate::checkpoint_cmd::CheckpointCommand),
+    /// A new Machine with the files of a checkpoint of this one, taken now.
+    Fork {
+        #[arg(long, env = "BERTH_APP")]
+        app: String,
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Another app of the same org for the new Machine.
+        #[arg(long)]
+        to_app: Option<String>,
+        #[arg(long)]
+        skip_launch: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The Machine's config history, newest first.
     Versions {
         #[arg(long)]
@@ -484,6 +502,7 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
             api,
         } => {
             let request = CreateMachineRequest {
+                from_checkpoint: None,
                 name,
                 region,
                 skip_launch,
@@ -697,6 +716,15 @@ pub async fn machine(command: MachineCommand) -> Result<()> {
                 );
             }
         }
+        MachineCommand::Checkpoint(command) => crate::checkpoint_cmd::checkpoint(command).await?,
+        MachineCommand::Fork {
+            app,
+            id,
+            name,
+            to_app,
+            skip_launch,
+            api,
+        } => crate::checkpoint_cmd::fork(app, id, name, to_app, skip_launch, api).await?,
         MachineCommand::Versions { app, id, json, api } => {
             let versions: Vec<MachineVersion> = api
                 .client()?

@@ -110,6 +110,7 @@ pub async fn run(api_url: &str, token: &str, agent: &Agent) -> Result<()> {
         }
         None => {
             let request = CreateMachineRequest {
+                from_checkpoint: None,
                 name: Some(DEMO_MACHINE.into()),
                 region: None,
                 skip_launch: false,

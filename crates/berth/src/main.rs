@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+mod checkpoint_cmd;
 mod cluster;
 mod commands;
 mod demo;

@@ -45,6 +45,11 @@ impl Agent {
             .resolve_image(&request.config.image, &lease, &request.pull)
             .await?;
         let files = crate::files::guest_files(&request.config)?;
+        // A fork's source checkpoint is checked before anything is recorded.
+        let fork = match &request.from_checkpoint {
+            Some((source, checkpoint)) => Some(self.checkpoint_for_fork(source, checkpoint).await?),
+            None => None,
+        };
         let now = now_ms();
         let mut record = MachineRecord {
             id: request.id.clone(),
@@ -97,6 +102,10 @@ impl Agent {
         // can refuse the events or the state write as well as the layout itself.
         let laid_out = async {
             driver.prepare(&layout, &spec).await?;
+            if let Some(source) = fork {
+                self.fork_disk(&record, source).await?;
+                failpoint::hit("create.after_fork");
+            }
             self.write_guest_files(&record.id, files, record.rootfs.lowerdirs())
                 .await?;
             failpoint::hit("create.after_prepare");

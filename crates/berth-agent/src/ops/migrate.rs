@@ -315,6 +315,14 @@ impl Agent {
                         },
                     ));
                 }
+                // The transfer carries the writable layer, not its snapshots.
+                let checkpoints = self.checkpoint_list_unlocked(id).await?;
+                if !checkpoints.is_empty() {
+                    return Err(AgentError::HasCheckpoints {
+                        id: id.to_owned(),
+                        count: checkpoints.len(),
+                    });
+                }
                 record.pending = Some(PendingOp::MigrateOut {
                     grant,
                     to_worker,

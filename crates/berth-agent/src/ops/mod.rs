@@ -3,6 +3,7 @@
 
 use crate::error::{AgentError, Result};
 
+pub mod checkpoint;
 pub mod create;
 pub mod destroy;
 pub mod migrate;

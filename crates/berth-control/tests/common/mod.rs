@@ -348,6 +348,26 @@ impl WorkerService for CountingWorker {
     async fn volume_snapshot(&self, id: &str) -> berth_worker::Result<berth_api::VolumeSnapshot> {
         self.agent.volume_snapshot(id).await
     }
+    async fn checkpoint_create(
+        &self,
+        id: &str,
+        comment: String,
+    ) -> berth_worker::Result<berth_api::Checkpoint> {
+        self.agent.checkpoint_create(id, comment).await
+    }
+    async fn checkpoint_list(&self, id: &str) -> berth_worker::Result<Vec<berth_api::Checkpoint>> {
+        self.agent.checkpoint_list(id).await
+    }
+    async fn checkpoint_delete(&self, id: &str, checkpoint: &str) -> berth_worker::Result<()> {
+        self.agent.checkpoint_delete(id, checkpoint).await
+    }
+    async fn checkpoint_restore(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> berth_worker::Result<berth_api::RestoreCheckpointResponse> {
+        self.agent.checkpoint_restore(id, checkpoint).await
+    }
     async fn migration(
         &self,
         step: berth_worker::MigrationStep,

@@ -230,6 +230,12 @@ impl Runtime for GvisorRuntime {
         "gvisor"
     }
 
+    async fn freeze(&self, layout: &MachineLayout, frozen: bool) -> Result<(), RuntimeError> {
+        let cli = self.cli.clone();
+        let id = layout.id.clone();
+        crate::host::blocking(move || cli.freeze(&id, frozen)).await
+    }
+
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
         self.cli.prepare(layout, spec).await
     }

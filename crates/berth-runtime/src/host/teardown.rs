@@ -57,6 +57,9 @@ where
     blocking(move || {
         driver_teardown(&layout)?;
         release_disk_quota(quota.as_ref(), &layout)?;
+        // Read-only snapshots refuse the unlinks of a plain removal.
+        crate::checkpoint::delete_all(&layout)
+            .ctx(|| format!("delete the checkpoints of machine {}", layout.id))?;
         remove_machine_dir(&layout, &registry, removed_dir.as_deref())
     })
     .await

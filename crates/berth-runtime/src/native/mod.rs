@@ -237,6 +237,23 @@ impl Runtime for NativeRuntime {
         "native"
     }
 
+    async fn freeze(&self, layout: &MachineLayout, frozen: bool) -> Result<(), RuntimeError> {
+        let Some(dir) = self.cgroups.v2_dir(&layout.id) else {
+            return Err(RuntimeError::Unsupported {
+                driver: "native",
+                what: "freeze (no unified cgroup hierarchy)",
+            });
+        };
+        let id = layout.id.clone();
+        crate::host::blocking(move || {
+            cgroup::freeze(&dir, frozen).map_err(|error| RuntimeError::Freeze {
+                id,
+                message: error.to_string(),
+            })
+        })
+        .await
+    }
+
     async fn prepare(&self, layout: &MachineLayout, spec: &BundleSpec) -> Result<(), RuntimeError> {
         let cgroups = self.cgroups.clone();
         let make_cgroups = move |layout: &MachineLayout, oci: &oci_spec::runtime::Spec| {

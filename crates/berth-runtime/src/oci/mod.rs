@@ -172,6 +172,28 @@ impl OciCli {
         }
     }
 
+    /// `<program> pause` or `resume`: the container's freezer. Blocking.
+    pub(crate) fn freeze(&self, id: &str, frozen: bool) -> Result<(), RuntimeError> {
+        let verb = if frozen { "pause" } else { "resume" };
+        let out = self
+            .command()
+            .args([verb, id])
+            .output()
+            .ctx(|| format!("run {} {verb} for machine {id}", self.binary.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(RuntimeError::Freeze {
+            id: id.to_owned(),
+            message: format!(
+                "{} {verb}: {}: {}",
+                self.flavor.program(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+
     /// `<program> delete --force`; an absent container is success. Blocking.
     pub(crate) fn delete(&self, id: &str) -> Result<(), RuntimeError> {
         if !self.has_state(id) {

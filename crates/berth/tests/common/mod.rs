@@ -30,8 +30,11 @@ pub struct Platform {
     bridges: Vec<String>,
     /// Extra `berth up` flags, kept across reboots.
     up_args: Vec<String>,
-    /// The data dir is a size-limited tmpfs of this platform's own, unmounted last.
+    /// The data dir is a filesystem of this platform's own (a size-limited tmpfs, or a
+    /// loop-mounted btrfs), unmounted last.
     small_disk: bool,
+    /// The image file of a loop-mounted data dir, deleted after it is unmounted.
+    _backing: Option<tempfile::TempDir>,
     /// Where its control plane keeps its state, as a URL to read it with.
     pub control_store: String,
 }
@@ -137,6 +140,7 @@ impl Platform {
                 .expect("http client"),
             up_args,
             small_disk: false,
+            _backing: None,
             control_store,
         };
         platform.boot_with_env(env);
@@ -181,6 +185,65 @@ impl Platform {
             .chain(database_args)
             .collect(),
             small_disk: true,
+            _backing: None,
+            control_store,
+        };
+        platform.boot();
+        platform
+    }
+
+    /// `berth up` whose data dir is a btrfs filesystem on a loop device (`size`, such as
+    /// `"2G"`, sparse) with quotas enabled: each Machine's disk is a subvolume, with a
+    /// quota, and can be checkpointed.
+    pub fn start_on_btrfs(size: &str, up_args: &[&str]) -> Platform {
+        let data_dir = tempfile::Builder::new()
+            .prefix("berth-e2e-")
+            .tempdir()
+            .expect("temp data dir");
+        let backing = tempfile::Builder::new()
+            .prefix("berth-e2e-img-")
+            .tempdir()
+            .expect("temp image dir");
+        let image = backing.path().join("data.img");
+        let run = |command: &mut Command| {
+            let out = command.output().expect("run");
+            assert!(
+                out.status.success(),
+                "{command:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("truncate").args(["-s", size]).arg(&image));
+        run(Command::new("mkfs.btrfs").arg("-q").arg(&image));
+        // `-o loop` attaches the device with autoclear: it goes with the last unmount.
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(data_dir.path()));
+        run(Command::new("btrfs")
+            .args(["quota", "enable"])
+            .arg(data_dir.path()));
+        let proxy_listen = format!("127.0.0.1:{}", free_port());
+        let (database_args, control_store) = control_database(data_dir.path());
+        let mut platform = Platform {
+            data_dir,
+            api_url: format!("http://127.0.0.1:{}", free_port()),
+            proxy_url: format!("http://{proxy_listen}"),
+            token: String::new(),
+            process: None,
+            bridges: Vec::new(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+            up_args: up_args
+                .iter()
+                .map(|arg| arg.to_string())
+                .chain(["--proxy-listen".into(), proxy_listen])
+                .chain(database_args)
+                .collect(),
+            small_disk: true,
+            _backing: Some(backing),
             control_store,
         };
         platform.boot();
