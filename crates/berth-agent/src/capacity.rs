@@ -62,6 +62,21 @@ impl Agent {
         };
         for record in records {
             self.check_disk_quota(&record).await;
+            if self.layout(&record.id).checkpoints().is_dir() {
+                let journaled = async {
+                    let _guard = self.lock(&record.id).await?;
+                    match self.inner.store.get(&record.id).await? {
+                        Some(mut current) if current.pending.is_none() => {
+                            self.journal_checkpoint_bytes(&mut current).await
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                .await;
+                if let Err(error) = journaled {
+                    warn!(machine = %record.id, %error, "journaling checkpoint storage");
+                }
+            }
             let Some(upper) = self.measure_upper(&record.id).await else {
                 continue;
             };

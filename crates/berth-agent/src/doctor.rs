@@ -715,7 +715,7 @@ fn check_journal(
                 findings.push(repeat("closes a run that is not open"))
             }
             UsageKind::RunStop => seen.open = false,
-            UsageKind::Storage => {}
+            UsageKind::Storage | UsageKind::CheckpointStorage => {}
             UsageKind::Destroyed => {
                 if seen.open {
                     findings.push(finding(

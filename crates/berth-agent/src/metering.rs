@@ -52,6 +52,15 @@ pub fn storage(record: &mut MachineRecord, at_ms: i64, bytes: u64) -> UsageRecor
     entry(record, UsageKind::Storage, at_ms)
 }
 
+/// A measurement of the bytes only the Machine's checkpoints hold.
+pub fn checkpoint_storage(record: &mut MachineRecord, at_ms: i64, bytes: u64) -> UsageRecord {
+    record.checkpoint_bytes = bytes;
+    UsageRecord {
+        storage_bytes: bytes,
+        ..entry(record, UsageKind::CheckpointStorage, at_ms)
+    }
+}
+
 /// Everything ends: a still-open run, then the Machine's existence.
 pub fn destroyed(record: &mut MachineRecord, at_ms: i64) -> Vec<UsageRecord> {
     let mut entries: Vec<UsageRecord> = close_run(record, at_ms, CloseBasis::Observed)

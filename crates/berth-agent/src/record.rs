@@ -128,6 +128,10 @@ pub struct MachineRecord {
     /// `storage_bytes` (billed as storage); 0 otherwise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub memory_bytes: u64,
+    /// The bytes only the Machine's checkpoints hold, as last journaled
+    /// (`checkpoint_storage`, billed as storage).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoint_bytes: u64,
 }
 
 fn is_zero(bytes: &u64) -> bool {
@@ -231,6 +235,7 @@ pub(crate) mod tests {
             org: None,
             cordoned: false,
             memory_bytes: 0,
+            checkpoint_bytes: 0,
         }
     }
 

@@ -990,6 +990,9 @@ pub enum UsageKind {
     /// The Machine left this worker for another, whose journal bills it from the same
     /// instant: its billing on this worker ends.
     MigratedOut,
+    /// A measurement of the bytes only the Machine's checkpoints hold (what deleting them
+    /// all would free), billed as storage from now on.
+    CheckpointStorage,
 }
 
 /// How the end time of a run was known.
@@ -1041,6 +1044,11 @@ pub struct UsageRow {
     pub cpu_seconds: f64,
     pub memory_gb_seconds: f64,
     pub storage_gb_hours: f64,
+    /// Checkpoints: the bytes only they hold (data the Machine has since changed or
+    /// deleted), at the storage price. Data a checkpoint shares with its Machine or a
+    /// fork is in `storage_gb_hours`, billed there.
+    #[serde(default)]
+    pub checkpoint_storage_gb_hours: f64,
     pub cost: f64,
 }
 

@@ -692,6 +692,7 @@ async fn metering_figures(scratch: &Path, iterations: usize) -> Result<Value> {
         run_open: false,
         storage_bytes: 0,
         memory_bytes: 0,
+        checkpoint_bytes: 0,
         private_ip: None,
         restart_due_ms: None,
         cordoned: false,

@@ -17,8 +17,17 @@ pub const HOURS_PER_MONTH: f64 = 730.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntervalKind {
-    Run { cpus: u32, memory_mb: u32 },
-    Storage { bytes: u64 },
+    Run {
+        cpus: u32,
+        memory_mb: u32,
+    },
+    Storage {
+        bytes: u64,
+    },
+    /// The bytes only the Machine's checkpoints hold.
+    CheckpointStorage {
+        bytes: u64,
+    },
 }
 
 /// A span of billable existence. `end_ms` is `None` while it is still open.
@@ -36,6 +45,7 @@ struct OpenSpans {
     app: String,
     run: Option<(i64, u32, u32)>,
     storage: Option<(i64, u64)>,
+    checkpoints: Option<(i64, u64)>,
 }
 
 /// Turns records into intervals. Records must come in journal order (by `seq`) for each
@@ -75,6 +85,16 @@ impl Meter {
                 closed.push((IntervalKind::Storage { bytes }, start, at.max(start)));
             }
         };
+        let close_checkpoints =
+            |spans: &mut OpenSpans, closed: &mut Vec<(IntervalKind, i64, i64)>| {
+                if let Some((start, bytes)) = spans.checkpoints.take() {
+                    closed.push((
+                        IntervalKind::CheckpointStorage { bytes },
+                        start,
+                        at.max(start),
+                    ));
+                }
+            };
         match record.kind {
             UsageKind::Created => {
                 close_storage(spans, &mut closed);
@@ -91,9 +111,14 @@ impl Meter {
                 close_storage(spans, &mut closed);
                 spans.storage = Some((at, record.storage_bytes));
             }
+            UsageKind::CheckpointStorage => {
+                close_checkpoints(spans, &mut closed);
+                spans.checkpoints = Some((at, record.storage_bytes));
+            }
             UsageKind::Destroyed | UsageKind::MigratedOut => {
                 close_run(spans, &mut closed);
                 close_storage(spans, &mut closed);
+                close_checkpoints(spans, &mut closed);
             }
         }
         let app = spans.app.clone();
@@ -132,6 +157,15 @@ impl Meter {
                     end_ms: None,
                 });
             }
+            if let Some((start_ms, bytes)) = spans.checkpoints {
+                all.push(Interval {
+                    machine_id: machine_id.clone(),
+                    app: spans.app.clone(),
+                    kind: IntervalKind::CheckpointStorage { bytes },
+                    start_ms,
+                    end_ms: None,
+                });
+            }
         }
         all
     }
@@ -163,6 +197,8 @@ pub struct Quantities {
     pub memory_mib_ms: i128,
     /// bytes × ms.
     pub storage_byte_ms: i128,
+    /// bytes × ms, of checkpoints.
+    pub checkpoint_byte_ms: i128,
 }
 
 impl Quantities {
@@ -177,6 +213,9 @@ impl Quantities {
             IntervalKind::Storage { bytes } => {
                 self.storage_byte_ms += i128::from(bytes) * i128::from(span);
             }
+            IntervalKind::CheckpointStorage { bytes } => {
+                self.checkpoint_byte_ms += i128::from(bytes) * i128::from(span);
+            }
         }
     }
 
@@ -185,6 +224,7 @@ impl Quantities {
         self.cpu_ms += other.cpu_ms;
         self.memory_mib_ms += other.memory_mib_ms;
         self.storage_byte_ms += other.storage_byte_ms;
+        self.checkpoint_byte_ms += other.checkpoint_byte_ms;
     }
 
     pub fn running_seconds(&self) -> f64 {
@@ -198,6 +238,9 @@ impl Quantities {
     }
     pub fn storage_gb_hours(&self) -> f64 {
         self.storage_byte_ms as f64 / BYTES_PER_GIB / 3_600_000.0
+    }
+    pub fn checkpoint_storage_gb_hours(&self) -> f64 {
+        self.checkpoint_byte_ms as f64 / BYTES_PER_GIB / 3_600_000.0
     }
 }
 
@@ -225,7 +268,9 @@ impl Prices {
     pub fn cost(&self, quantities: &Quantities) -> f64 {
         quantities.cpu_seconds() * self.per_vcpu_second
             + quantities.memory_gb_seconds() * self.per_gb_second
-            + quantities.storage_gb_hours() * self.per_gb_month_storage / HOURS_PER_MONTH
+            + (quantities.storage_gb_hours() + quantities.checkpoint_storage_gb_hours())
+                * self.per_gb_month_storage
+                / HOURS_PER_MONTH
     }
 }
 
@@ -369,6 +414,35 @@ mod tests {
             "{}",
             quantities.storage_gb_hours()
         );
+    }
+
+    #[test]
+    fn checkpoints_are_billed_apart_from_the_disk_and_end_with_the_machine() {
+        let mut checkpoints = record(3, UsageKind::CheckpointStorage, 3_600_000);
+        checkpoints.storage_bytes = 2 << 30;
+        let mut none = record(4, UsageKind::CheckpointStorage, 5_400_000);
+        none.storage_bytes = 0;
+        let records = [
+            record(1, UsageKind::Created, 0),
+            record(2, UsageKind::Storage, 0),
+            checkpoints,
+            none,
+            record(5, UsageKind::Destroyed, 7_200_000),
+        ];
+        let quantities = totals(
+            &records,
+            Window {
+                from_ms: 0,
+                to_ms: 10 * 3_600_000,
+            },
+            10 * 3_600_000,
+        );
+        // 2 GiB for half an hour; the disk's 1 GiB for two hours, counted apart.
+        assert!((quantities.checkpoint_storage_gb_hours() - 1.0).abs() < 1e-9);
+        assert!((quantities.storage_gb_hours() - 2.0).abs() < 1e-9);
+        let prices = Prices::default();
+        let expected = 3.0 * prices.per_gb_month_storage / HOURS_PER_MONTH;
+        assert!((prices.cost(&quantities) - expected).abs() < 1e-12);
     }
 
     #[test]

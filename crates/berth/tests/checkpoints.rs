@@ -196,6 +196,57 @@ fn a_restore_gives_back_the_exact_tree_and_is_undone_by_its_automatic_checkpoint
     let text = platform.cli_ok(&["machine", "checkpoint", "list", "--app", APP, &id]);
     assert!(text.contains(&cp) && text.contains("(auto)"), "{text}");
 
+    // Billing: a checkpoint that alone holds data the Machine deleted is billed for it,
+    // in a column of its own, at the storage price.
+    exec(
+        &platform,
+        APP,
+        &id,
+        "dd if=/dev/urandom of=/big bs=1M count=16 2>/dev/null && sync",
+    );
+    checkpoint(&platform, APP, &id, "holds big");
+    exec(&platform, APP, &id, "rm /big && sync");
+    // Journaled with the next checkpoint operation (and by the periodic sample).
+    let holds = checkpoint(&platform, APP, &id, "after rm");
+    let (_, listed_now) = platform.call(
+        Method::GET,
+        &format!("/v1/apps/{APP}/machines/{id}/checkpoints"),
+        None,
+    );
+    let exclusive: u64 = listed_now
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|cp| cp["exclusive_bytes"].as_u64())
+        .sum();
+    assert!(
+        exclusive >= 16 << 20,
+        "the checkpoints alone hold /big: {listed_now}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, usage) = platform.call(
+        Method::GET,
+        "/v1/orgs/personal/usage?group_by=machine",
+        None,
+    );
+    assert_eq!(status, 200, "{usage}");
+    let row = usage["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["machine"] == id.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        row["checkpoint_storage_gb_hours"]
+            .as_f64()
+            .unwrap_or_default()
+            > 0.0,
+        "{usage}"
+    );
+    let holds = holds["id"].as_str().expect("id");
+    platform.cli_ok(&["machine", "checkpoint", "rm", "--app", APP, &id, holds]);
+
     // Delete, and the errors: each a JSON code.
     platform.cli_ok(&["machine", "checkpoint", "rm", "--app", APP, &id, &cp]);
     let (status, body) = platform.call(
@@ -256,7 +307,11 @@ fn a_restore_gives_back_the_exact_tree_and_is_undone_by_its_automatic_checkpoint
         String::from_utf8_lossy(&repaired.stdout)
     );
     assert!(!orphan.exists());
-    assert_eq!(checkpoints(&platform, APP, &id).len(), 2);
+    assert_eq!(
+        checkpoints(&platform, APP, &id).len(),
+        3,
+        "the undo, its undo and \"holds big\""
+    );
     assert!(platform.cli(&["doctor"]).status.success());
 
     // Destroy takes the read-only snapshots with the Machine.

@@ -57,7 +57,7 @@ impl Agent {
             .into());
         }
         let _guard = self.lock(id).await?;
-        let record = self.load(id).await?;
+        let mut record = self.load(id).await?;
         Self::refuse_if_moving(&record)?;
         let layout = self.checkpointable(&record).await?;
         let taken = self
@@ -69,6 +69,7 @@ impl Agent {
             Change::event(EventKind::Checkpoint, EventSource::User).reason(&reason),
         )
         .await?;
+        self.journal_checkpoint_bytes(&mut record).await?;
         self.checkpoint_view(&layout, &taken).await
     }
 
@@ -115,7 +116,8 @@ impl Agent {
         })
         .await?;
         if found {
-            Ok(())
+            let mut record = self.load(id).await?;
+            self.journal_checkpoint_bytes(&mut record).await
         } else {
             Err(self.no_checkpoint(id, checkpoint_id))
         }
@@ -191,6 +193,7 @@ impl Agent {
         )
         .await?;
         info!(machine = %id, checkpoint = %checkpoint_id, undo = %undo.id, running, "restored");
+        self.journal_checkpoint_bytes(&mut record).await?;
         if running {
             self.boot(&mut record, EventSource::User).await?;
         }
@@ -272,6 +275,38 @@ impl Agent {
         if let Err(error) = settled {
             warn!(machine = %id, %error, "settling the checkpoints");
         }
+    }
+
+    /// Journals the bytes only the Machine's checkpoints hold (their qgroups' exclusive
+    /// bytes), when they changed: billed as storage. The caller holds the Machine's lock
+    /// and passes its current record.
+    pub(crate) async fn journal_checkpoint_bytes(&self, record: &mut MachineRecord) -> Result<()> {
+        let Some(quota) = self.disk_quota(record) else {
+            return Ok(());
+        };
+        let layout = self.layout(&record.id);
+        if checkpoint::unsupported(&layout).is_some() {
+            return Ok(());
+        }
+        let bytes = blocking(move || {
+            let mut total = 0u64;
+            for name in checkpoint::list(&layout)? {
+                if let Some((_, exclusive)) = checkpoint::sizes(&quota, &layout.checkpoint(&name))?
+                {
+                    total = total.saturating_add(exclusive);
+                }
+            }
+            Ok(total)
+        })
+        .await?;
+        if bytes == record.checkpoint_bytes {
+            return Ok(());
+        }
+        let usage = crate::metering::checkpoint_storage(record, now_ms(), bytes);
+        self.inner
+            .store
+            .save_with_usage(record, None, &[usage])
+            .await
     }
 
     /// The Machine's layout, if its disk can be checkpointed.

@@ -79,6 +79,7 @@ impl Agent {
             org: request.org,
             cordoned: false,
             memory_bytes: 0,
+            checkpoint_bytes: 0,
         };
         let mut spec = self.machine_spec(&record, &record.config, &image)?;
         // Claimed before the record is written: a crash in between leaves a claim by a
