@@ -641,3 +641,63 @@ fn assert_whole(machine_dir: &std::path::Path, listed: &[Value], point: &str) {
     ids.sort();
     assert_eq!(ids, snapshots, "{point}: the list is what is on disk");
 }
+
+/// A hundred checkpoints of one running Machine: the overlay stack does not grow (a
+/// checkpoint is a snapshot, not a layer), each holds exactly what was written before it,
+/// and the first, a middle and the last still restore to their exact content.
+#[test]
+fn a_hundred_checkpoints_keep_the_stack_flat_and_each_restores_exactly() {
+    let platform = platform();
+    let id = create(&platform, APP, sleeper());
+    let mounts_before = exec(&platform, APP, &id, "grep ' / ' /proc/mounts");
+    let mut ids = Vec::new();
+    for n in 1..=100 {
+        exec(
+            &platform,
+            APP,
+            &id,
+            &format!("mkdir -p /data && echo {n} > /data/last && echo {n} >> /data/all"),
+        );
+        let cp = checkpoint(&platform, APP, &id, &format!("step {n}"));
+        ids.push(cp["id"].as_str().expect("id").to_owned());
+    }
+    // Every checkpoint holds what was written before it, read straight from its snapshot.
+    let dir = platform
+        .data_dir
+        .path()
+        .join("worker/machines")
+        .join(&id)
+        .join("checkpoints");
+    for (n, cp) in ids.iter().enumerate() {
+        let n = n + 1;
+        let last = std::fs::read_to_string(dir.join(cp).join("upper/data/last")).expect("last");
+        assert_eq!(last, format!("{n}\n"), "{cp}");
+        let all = std::fs::read_to_string(dir.join(cp).join("upper/data/all")).expect("all");
+        assert_eq!(all.lines().count(), n, "{cp}");
+    }
+    let listed = checkpoints(&platform, APP, &id);
+    assert_eq!(listed.len(), 100);
+    assert_eq!(
+        listed[99]["parent"],
+        ids[98].as_str(),
+        "each names the one before"
+    );
+    // The root mount is the same stack as before the checkpoints.
+    assert_eq!(
+        exec(&platform, APP, &id, "grep ' / ' /proc/mounts"),
+        mounts_before
+    );
+    for n in [1, 50, 100] {
+        let (status, body) = restore(&platform, &id, &ids[n - 1]);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            exec(&platform, APP, &id, "cat /data/last"),
+            format!("{n}\n")
+        );
+        assert_eq!(
+            exec(&platform, APP, &id, "wc -l < /data/all").trim(),
+            n.to_string()
+        );
+    }
+    platform.teardown();
+}
