@@ -346,7 +346,15 @@ impl Agent {
         };
         let driver = self.driver_or_default(&record.config).clone();
         if freeze {
-            driver.freeze(layout, true).await?;
+            match driver.freeze(layout, true).await {
+                Err(error @ berth_runtime::RuntimeError::Unsupported { .. }) => {
+                    return Err(AgentError::CheckpointsUnsupported {
+                        id: record.id.clone(),
+                        why: format!("{error} while it runs (stop it first)"),
+                    })
+                }
+                other => other?,
+            }
         }
         let taken = {
             let layout = layout.clone();
