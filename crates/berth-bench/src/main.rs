@@ -1,5 +1,6 @@
 //! `cargo run --release -p berth-bench -- [--quick] [--out FILE] [--check]`, as root.
-//! Other modes (`--api-only`, `--cluster-only`, `--replicas-only` and more) measure one part alone.
+//! Other modes (`--api-only`, `--cluster-only`, `--replicas-only`, `--checkpoints-only` and
+//! more) measure one part alone.
 //!
 //! The start harness: Berth's create, start, stop, concurrent starts and density through
 //! its HTTP API (the same in-process platform `berth up` runs), and in the same run the
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 
 mod api_load;
 mod chart;
+mod checkpoints;
 mod cluster;
 mod gvisor;
 mod harness;
@@ -101,6 +103,13 @@ struct Args {
     /// start in the same run.
     #[arg(long)]
     gvisor_only: bool,
+    /// Only checkpoints, restores and forks of a Machine's disk (--cycles of each, 30 by
+    /// default), on a data dir that is a loop-mounted btrfs with quotas: checkpoints of a
+    /// stopped Machine with 1 MB and with 1 GiB written and of a running one, restores,
+    /// forks against warm creates, the disk of 100 forks, and start with 100 checkpoints
+    /// against a fresh Machine.
+    #[arg(long)]
+    checkpoints_only: bool,
     /// With --migrate-only: where to copy the server's and agents' logs.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
@@ -115,6 +124,7 @@ const OTHER_MODES_SECTIONS: &[&str] = &[
     "migrate",
     "replicas",
     "gvisor",
+    "checkpoints",
 ];
 
 fn main() -> Result<()> {
@@ -133,14 +143,25 @@ fn main() -> Result<()> {
             || args.metering_only
             || args.cluster_only
             || args.replicas_only
-            || args.gvisor_only)
+            || args.gvisor_only
+            || args.checkpoints_only)
     {
         bail!("--check holds the start harness (or --migrate-only) to its targets; run it without the other --*-only modes");
     }
-    let missed = tokio::runtime::Builder::new_multi_thread()
+    // Checkpoints need a data dir on btrfs with quotas: a loop-mounted image of its own,
+    // unmounted once the runtime is gone (its tasks hold the platform's files open).
+    let btrfs = match args.checkpoints_only {
+        true => Some(checkpoints::Btrfs::mount()?),
+        false => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(args))?;
+        .build()?;
+    let result = runtime.block_on(run(args, btrfs.as_ref().map(checkpoints::Btrfs::dir)));
+    drop(runtime);
+    let unmounted = btrfs.map_or(Ok(()), checkpoints::Btrfs::unmount);
+    let missed = result?;
+    unmounted?;
     if missed > 0 {
         eprintln!("{missed} target(s) of docs/SPECIFICATION.md missed");
         std::process::exit(1);
@@ -163,8 +184,9 @@ fn write_report(path: &Path, report: &Value) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs the chosen mode; returns how many targets `--check` found missed.
-async fn run(args: Args) -> Result<usize> {
+/// Runs the chosen mode; returns how many targets `--check` found missed. `btrfs` is
+/// where the data dir goes for `--checkpoints-only`.
+async fn run(args: Args, btrfs: Option<&Path>) -> Result<usize> {
     if std::fs::metadata("/proc/self").is_ok() && !is_root() {
         bail!("the bench runs Machines with runc and needs root");
     }
@@ -226,7 +248,10 @@ async fn run(args: Args) -> Result<usize> {
     let runc = find_program(&args.runc).context("runc not found; install it")?;
     let shim_command: Vec<OsString> =
         vec![std::env::current_exe()?.into_os_string(), "shim".into()];
-    let data_dir = scratch.path().join("data");
+    let data_dir = match btrfs {
+        Some(fs) => fs.join("data"),
+        None => scratch.path().join("data"),
+    };
     // Density puts 1,000 stopped Machines in one org, the default quota's whole allowance.
     let default_limits: berth_api::SetOrgLimitsRequest =
         serde_json::from_value(json!({"quotas": {"max_machines": 100_000}}))?;
@@ -254,7 +279,10 @@ async fn run(args: Args) -> Result<usize> {
         egress_nat: false,
         allow_host_ports: Vec::new(),
         placement: berth_core::placement::Strategy::default(),
-        disk_quota: Default::default(),
+        disk_quota: match args.checkpoints_only {
+            true => berth_runtime::quota::QuotaMode::Require,
+            false => Default::default(),
+        },
         database: None,
     })
     .await?;
@@ -306,6 +334,27 @@ async fn run(args: Args) -> Result<usize> {
         write_report(&args.out, &merged)?;
         println!("{}", gvisor::markdown(&merged["gvisor"]));
         print!("{}", gvisor::goal_lines(&merged["gvisor"]));
+        println!("written to {}", args.out.display());
+        return Ok(0);
+    }
+    if let Some(fs) = btrfs {
+        let cycles = args.cycles.unwrap_or(if args.quick { 10 } else { 30 });
+        let result = checkpoints::measure(cycles, &client, &platform, fs, scratch.path()).await;
+        server.abort();
+        remove_bridges(&platform).await;
+        platform.close().await;
+        let mut section = result?;
+        section["host"] = host_facts(&args.runc);
+        section["host"]["btrfs"] =
+            json!(find_program(Path::new("btrfs")).and_then(|btrfs| first_line(&btrfs)));
+        let mut merged = read_report(&args.out);
+        for (key, value) in checkpoints::headline(&section) {
+            merged[key] = value;
+        }
+        merged["checkpoints"] = section;
+        write_report(&args.out, &merged)?;
+        println!("{}", checkpoints::markdown(&merged["checkpoints"]));
+        print!("{}", checkpoints::goal_lines(&merged["checkpoints"]));
         println!("written to {}", args.out.display());
         return Ok(0);
     }
@@ -396,6 +445,7 @@ async fn run(args: Args) -> Result<usize> {
         .chain(migrate::KEYS)
         .chain(replicas::KEYS)
         .chain(gvisor::KEYS)
+        .chain(checkpoints::KEYS)
     {
         if !previous[*section].is_null() {
             report[*section] = previous[*section].clone();
