@@ -161,6 +161,17 @@ impl Platform {
             Some(format!("size={size},mode=0700").as_str()),
         )
         .expect("mount a small tmpfs");
+        // Placement reserves 1 GiB per Machine; let the disk itself say when it is full.
+        Platform::boot_on_own_fs(data_dir, None, &["--worker-disk-mb", "100000"])
+    }
+
+    /// `berth up` on `data_dir`, a filesystem of this platform's own (unmounted last), with
+    /// `up_args`; `backing` holds the filesystem's image, if it has one.
+    fn boot_on_own_fs(
+        data_dir: tempfile::TempDir,
+        backing: Option<tempfile::TempDir>,
+        up_args: &[&str],
+    ) -> Platform {
         let proxy_listen = format!("127.0.0.1:{}", free_port());
         let (database_args, control_store) = control_database(data_dir.path());
         let mut platform = Platform {
@@ -174,18 +185,14 @@ impl Platform {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
-            // Placement reserves 1 GiB per Machine; let the disk itself say when it is full.
-            up_args: [
-                "--worker-disk-mb".into(),
-                "100000".into(),
-                "--proxy-listen".into(),
-                proxy_listen,
-            ]
-            .into_iter()
-            .chain(database_args)
-            .collect(),
+            up_args: up_args
+                .iter()
+                .map(|arg| arg.to_string())
+                .chain(["--proxy-listen".into(), proxy_listen])
+                .chain(database_args)
+                .collect(),
             small_disk: true,
-            _backing: None,
+            _backing: backing,
             control_store,
         };
         platform.boot();
@@ -223,31 +230,7 @@ impl Platform {
         run(Command::new("btrfs")
             .args(["quota", "enable"])
             .arg(data_dir.path()));
-        let proxy_listen = format!("127.0.0.1:{}", free_port());
-        let (database_args, control_store) = control_database(data_dir.path());
-        let mut platform = Platform {
-            data_dir,
-            api_url: format!("http://127.0.0.1:{}", free_port()),
-            proxy_url: format!("http://{proxy_listen}"),
-            token: String::new(),
-            process: None,
-            bridges: Vec::new(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("http client"),
-            up_args: up_args
-                .iter()
-                .map(|arg| arg.to_string())
-                .chain(["--proxy-listen".into(), proxy_listen])
-                .chain(database_args)
-                .collect(),
-            small_disk: true,
-            _backing: Some(backing),
-            control_store,
-        };
-        platform.boot();
-        platform
+        Platform::boot_on_own_fs(data_dir, Some(backing), up_args)
     }
 
     /// Starts `berth up` on the same data dir and port, and waits for health and the token.
