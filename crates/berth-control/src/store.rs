@@ -388,6 +388,17 @@ async fn sqlite_pool(path: &Path) -> Result<AnyPool, sqlx::Error> {
                 Ok(())
             })
         })
+        // A write that failed on a full disk can leave its connection inside a
+        // transaction, holding a read snapshot that every later write on it fails against
+        // (SQLITE_BUSY_SNAPSHOT) long after the disk has room again. Nothing may be open
+        // on a connection back in the pool, so whatever is gets rolled back; on a clean
+        // connection the ROLLBACK is refused at once, and that refusal is expected.
+        .after_release(|connection, _| {
+            Box::pin(async move {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+                Ok(true)
+            })
+        })
         .connect(&url)
         .await
 }
