@@ -15,7 +15,7 @@ pub(crate) fn now_ms() -> i64 {
 
 /// Writes `data` to `path` so readers see either the old or the whole new content:
 /// a temporary sibling, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     write_replace(path, data, true)
 }
 
@@ -38,7 +38,7 @@ pub(crate) fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Resu
 }
 
 /// Removes a file; a missing file is fine.
-pub(crate) fn remove_file_if_exists(path: &Path) -> io::Result<()> {
+pub fn remove_file_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

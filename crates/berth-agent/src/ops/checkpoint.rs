@@ -9,15 +9,14 @@
 //! checkpoint's `parent`.
 
 use std::fs;
-use std::io::{self, Write};
-use std::path::Path;
+use std::io;
 use std::time::Instant;
 
 use berth_api::{
     Checkpoint, EventKind, MachineState, RestoreCheckpointResponse, MAX_CHECKPOINT_COMMENT,
 };
 use berth_core::ConfigError;
-use berth_runtime::{checkpoint, MachineLayout};
+use berth_runtime::{checkpoint, remove_file_if_exists, write_atomic, MachineLayout};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -110,7 +109,7 @@ impl Agent {
             }
             // The record goes first: a crash after it leaves a snapshot without one, which
             // the next settle deletes.
-            remove_file(&record_path(&layout, &cp))?;
+            remove_file_if_exists(&record_path(&layout, &cp))?;
             checkpoint::delete(&layout, &cp)?;
             Ok(true)
         })
@@ -488,10 +487,10 @@ fn settle(layout: &MachineLayout) -> io::Result<Vec<CheckpointRecord>> {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".json") {
                 if !snapshots.iter().any(|snapshot| snapshot == id) {
-                    remove_file(&layout.checkpoints().join(&name))?;
+                    remove_file_if_exists(&layout.checkpoints().join(&name))?;
                 }
             } else if name.ends_with(".tmp") {
-                remove_file(&layout.checkpoints().join(&name))?;
+                remove_file_if_exists(&layout.checkpoints().join(&name))?;
             }
         }
     }
@@ -532,24 +531,6 @@ fn read_head(layout: &MachineLayout) -> io::Result<Option<String>> {
 fn write_head(layout: &MachineLayout, id: &str) -> io::Result<()> {
     fs::create_dir_all(layout.checkpoints())?;
     write_atomic(&layout.checkpoints().join(HEAD_FILE), id.as_bytes())
-}
-
-/// Whole or not at all: a temp file, synced, renamed over the target.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
-}
-
-fn remove_file(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
 }
 
 async fn blocking<T: Send + 'static>(
