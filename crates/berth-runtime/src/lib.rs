@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod checkpoint;
 pub mod exec;
+pub mod extents;
 pub mod fake;
 pub mod gvisor;
 pub mod host;
