@@ -63,17 +63,7 @@ impl Agent {
         for record in records {
             self.check_disk_quota(&record).await;
             if self.layout(&record.id).checkpoints().is_dir() {
-                let journaled = async {
-                    let _guard = self.lock(&record.id).await?;
-                    match self.inner.store.get(&record.id).await? {
-                        Some(mut current) if current.pending.is_none() => {
-                            self.journal_checkpoint_bytes(&mut current).await
-                        }
-                        _ => Ok(()),
-                    }
-                }
-                .await;
-                if let Err(error) = journaled {
+                if let Err(error) = self.journal_checkpoint_bytes(&record.id).await {
                     warn!(machine = %record.id, %error, "journaling checkpoint storage");
                 }
             }
@@ -247,15 +237,12 @@ impl Agent {
     }
 
     pub(crate) async fn measure_upper(&self, id: &str) -> Option<u64> {
-        let upper = self.layout(id).upper();
-        let measured = tokio::task::spawn_blocking(move || metering::disk_usage(&upper)).await;
-        match measured {
-            Ok(Ok(bytes)) => Some(bytes),
-            Ok(Err(error)) => {
+        match self.billed_disk_bytes(id).await {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
                 warn!(machine = %id, %error, "measuring the upperdir");
                 None
             }
-            Err(_) => None,
         }
     }
 }

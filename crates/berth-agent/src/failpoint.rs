@@ -87,6 +87,8 @@ pub const VOLUME_MIGRATION_POINTS: &[&str] = &[
 pub const CHECKPOINT_POINTS: &[&str] = &[
     "checkpoint.after_snapshot",
     "checkpoint.after_record",
+    "restore.after_stage",
+    "restore.after_undo_record",
     "restore.after_undo_checkpoint",
     "restore.after_exchange",
     "fork.after_exchange",

@@ -128,6 +128,9 @@ struct Inner {
     /// The image passes this worker sent of each leaving volume, newest last: the chunk
     /// hashes a later pass compares with.
     sent_images: StdMutex<HashMap<String, Vec<ops::migrate::SentImage>>>,
+    /// The physical extents of checkpoints, by path, for billing shared data once: a
+    /// checkpoint is read-only, so its extents never change.
+    checkpoint_extents: StdMutex<HashMap<PathBuf, Arc<berth_runtime::extents::ExtentSet>>>,
 }
 
 impl Agent {
@@ -184,6 +187,7 @@ impl Agent {
                 peers: StdRwLock::new(HashMap::new()),
                 sent_passes: StdMutex::new(HashMap::new()),
                 sent_images: StdMutex::new(HashMap::new()),
+                checkpoint_extents: StdMutex::new(HashMap::new()),
             }),
         };
         agent.name_drivers().await?;

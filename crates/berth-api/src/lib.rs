@@ -990,8 +990,9 @@ pub enum UsageKind {
     /// The Machine left this worker for another, whose journal bills it from the same
     /// instant: its billing on this worker ends.
     MigratedOut,
-    /// A measurement of the bytes only the Machine's checkpoints hold (what deleting them
-    /// all would free), billed as storage from now on.
+    /// A measurement of the bytes the Machine's checkpoints hold and neither its disk nor
+    /// the checkpoint it was forked from does, billed as storage from now on. Data a
+    /// checkpoint shares with forks is billed here once, not to the forks.
     CheckpointStorage,
 }
 

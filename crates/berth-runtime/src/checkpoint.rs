@@ -8,10 +8,13 @@
 //! Machine with a hundred checkpoints mounts the same stack as a fresh one, and sharing and
 //! freeing are the filesystem's reference counts on extents, not Berth's.
 //!
-//! Restore makes a writable snapshot of the checkpoint beside the disk (`disk.swap`) and
-//! exchanges the two names in one `renameat2(RENAME_EXCHANGE)`; the old disk, now under
-//! `disk.swap`, is deleted. A crash leaves either the old disk or the new one in place,
-//! and whatever is under `disk.swap` is garbage either way ([`recover`]).
+//! Restore costs one snapshot. A writable snapshot of the checkpoint goes beside the disk
+//! as `disk.swap`; the disk itself is renamed into `checkpoints/` as the automatic undo
+//! checkpoint (its record written first), and `disk.swap` is renamed to `disk`. The undo
+//! is made read-only last ([`seal`]). A crash before the first rename leaves the old disk
+//! in place and `disk.swap` is garbage; after it, there is no `disk`, and [`recover`]
+//! finishes the restore. A fork's disk is staged there too and exchanged with the empty
+//! disk prepare made ([`replace_disk`]).
 //!
 //! Only a stopped Machine's disk is swapped: an overlay mount holds its upperdir open, so
 //! a running Machine is stopped for the exchange and started again by the caller.
@@ -37,6 +40,8 @@ const IOC_SNAP_DESTROY: u64 = quota::ioc(IOC_WRITE, 15, 4096);
 const IOC_SNAP_CREATE_V2: u64 = quota::ioc(IOC_WRITE, 23, 4096);
 /// `BTRFS_IOC_SUBVOL_GETFLAGS`, a `__u64`.
 const IOC_SUBVOL_GETFLAGS: u64 = quota::ioc(IOC_READ, 25, 8);
+/// `BTRFS_IOC_SUBVOL_SETFLAGS`, a `__u64`.
+const IOC_SUBVOL_SETFLAGS: u64 = quota::ioc(IOC_WRITE, 26, 8);
 /// `BTRFS_SUBVOL_RDONLY`.
 const SUBVOL_RDONLY: u64 = 1 << 1;
 /// The longest subvolume name the ioctls take (`BTRFS_SUBVOL_NAME_MAX`).
@@ -93,7 +98,7 @@ pub fn delete_all(layout: &MachineLayout) -> io::Result<()> {
     for name in list(layout)? {
         delete(layout, &name)?;
     }
-    recover(layout)
+    delete_subvolume(&layout.dir, SWAP_DIR)
 }
 
 /// The checkpoint snapshots on disk, by name.
@@ -115,34 +120,126 @@ pub fn list(layout: &MachineLayout) -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Makes the stopped Machine's disk a writable copy of `source` (one of its own
-/// checkpoints, or for a fork another Machine's), in constant time, and deletes the disk
-/// it had. The new disk's qgroup gets `limit_mb` when quotas are on. Blocking.
+/// The steps of a restore the caller acts between: the undo's record must be written
+/// before the disk becomes it, and the head before the new disk takes its place.
+pub trait RestoreSteps {
+    /// After the new disk is staged, before the old one becomes the undo checkpoint.
+    fn before_undo(&mut self) -> io::Result<()>;
+    /// After the old disk became the undo checkpoint, before the new one is renamed in.
+    fn before_swap_in(&mut self) -> io::Result<()>;
+}
+
+/// Makes the stopped Machine's disk a writable snapshot of its checkpoint `source`, and
+/// its old disk the checkpoint `undo`: one snapshot and two renames, constant time. The
+/// new disk gets the limit `limit_mb` (with quotas) before it is the disk, and the undo
+/// loses it. The undo is still writable: [`seal`] it. Blocking.
+pub fn restore(
+    layout: &MachineLayout,
+    source: &Path,
+    undo: &str,
+    limit_mb: Option<u64>,
+    steps: &mut dyn RestoreSteps,
+) -> io::Result<()> {
+    let undo_path = layout
+        .checkpoints()
+        .join(subvolume_name(undo)?.to_string_lossy().as_ref());
+    let swap = layout.dir.join(SWAP_DIR);
+    let staged = (|| {
+        stage(layout, source)?;
+        if let Some(limit_mb) = limit_mb {
+            quota::set_limit(&File::open(&swap)?, limit_mb.saturating_mul(1 << 20))?;
+        }
+        steps.before_undo()?;
+        fs::create_dir_all(layout.checkpoints())?;
+        fs::rename(layout.disk(), &undo_path)
+    })();
+    if let Err(error) = staged {
+        // The old disk is still the disk: the staged one is garbage.
+        recover(layout)?;
+        return Err(error);
+    }
+    // From here the restore can only go forward: without a disk, recovery finishes it.
+    let forward = (|| {
+        steps.before_swap_in()?;
+        fs::rename(&swap, layout.disk())
+    })();
+    if let Err(error) = forward {
+        recover(layout)?;
+        return Err(error);
+    }
+    if limit_mb.is_some() {
+        // The undo is never written; a limit left on it only stays in its qgroup.
+        if let Err(error) =
+            File::open(&undo_path).and_then(|undo| quota::set_limit(&undo, quota::CLEAR_LIMIT))
+        {
+            tracing::warn!(machine = %layout.id, %error, "clearing the undo checkpoint's limit");
+        }
+    }
+    Ok(())
+}
+
+/// Stages a writable snapshot of `source` beside the disk. Blocking.
+fn stage(layout: &MachineLayout, source: &Path) -> io::Result<()> {
+    delete_subvolume(&layout.dir, SWAP_DIR)?;
+    snapshot(source, &layout.dir, SWAP_DIR, false)
+}
+
+/// Makes a writable snapshot of `source` (a fork's: another Machine's checkpoint) the
+/// stopped Machine's disk in one exchange with the disk it had, which goes; the new disk
+/// gets the limit `limit_mb` (with quotas) first. Blocking.
 pub fn replace_disk(
     layout: &MachineLayout,
     source: &Path,
-    quota: Option<&quota::DiskQuota>,
     limit_mb: Option<u64>,
 ) -> io::Result<()> {
-    delete_subvolume(&layout.dir, SWAP_DIR)?;
-    snapshot(source, &layout.dir, SWAP_DIR, false)?;
+    stage(layout, source)?;
+    let swap = layout.dir.join(SWAP_DIR);
+    if let Some(limit_mb) = limit_mb {
+        quota::set_limit(&File::open(&swap)?, limit_mb.saturating_mul(1 << 20))?;
+    }
     rustix::fs::renameat_with(
         rustix::fs::CWD,
-        layout.dir.join(SWAP_DIR),
+        &swap,
         rustix::fs::CWD,
         layout.disk(),
         rustix::fs::RenameFlags::EXCHANGE,
     )?;
-    if let (Some(quota), Some(limit_mb)) = (quota, limit_mb) {
-        quota.prepare(layout, limit_mb)?;
+    if limit_mb.is_some() {
+        quota::set_limit(&File::open(&swap)?, quota::CLEAR_LIMIT)?;
     }
     delete_subvolume(&layout.dir, SWAP_DIR)
 }
 
-/// After a crash: whatever restore or fork left under `disk.swap` (the new disk before
-/// the exchange, or the old one after it) is deleted. Blocking.
-pub fn recover(layout: &MachineLayout) -> io::Result<()> {
-    delete_subvolume(&layout.dir, SWAP_DIR)
+/// After a crash, settles what a restore or fork left under `disk.swap`: without a
+/// disk, a restore had made its undo and the snapshot becomes the disk (`true`, the
+/// restore is finished); beside a disk, it is garbage and goes. Blocking.
+pub fn recover(layout: &MachineLayout) -> io::Result<bool> {
+    let swap = layout.dir.join(SWAP_DIR);
+    if fs::symlink_metadata(&swap).is_err() {
+        return Ok(false);
+    }
+    match fs::symlink_metadata(layout.disk()) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::rename(&swap, layout.disk())?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+        Ok(_) => delete_subvolume(&layout.dir, SWAP_DIR).map(|()| false),
+    }
+}
+
+/// Makes a checkpoint read-only, if it is not yet. Blocking.
+pub fn seal(path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    let mut args = Args::<8>::new();
+    quota::ioctl(&file, IOC_SUBVOL_GETFLAGS, &mut args)?;
+    let flags = args.u64_at(0);
+    if flags & SUBVOL_RDONLY != 0 {
+        return Ok(());
+    }
+    let mut args = Args::<8>::new();
+    args.set_u64(0, flags | SUBVOL_RDONLY);
+    quota::ioctl(&file, IOC_SUBVOL_SETFLAGS, &mut args)
 }
 
 /// Whether `path` is a read-only subvolume.
@@ -233,6 +330,7 @@ mod tests {
         assert_eq!(IOC_SNAP_DESTROY, 0x5000_940f);
         assert_eq!(IOC_SNAP_CREATE_V2, 0x5000_9417);
         assert_eq!(IOC_SUBVOL_GETFLAGS, 0x8008_9419);
+        assert_eq!(IOC_SUBVOL_SETFLAGS, 0x4008_941a);
     }
 
     #[test]

@@ -30,7 +30,7 @@ const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
 /// The inode number of every subvolume's root directory.
 pub(crate) const SUBVOL_ROOT_INO: u64 = 256;
 /// A qgroup limit value that clears the limit.
-const CLEAR_LIMIT: u64 = u64::MAX;
+pub(crate) const CLEAR_LIMIT: u64 = u64::MAX;
 const LIMIT_MAX_EXCL: u64 = 1 << 1;
 /// The subvolume directory below a Machine's dir.
 pub(crate) const DISK_DIR: &str = "disk";
@@ -332,7 +332,7 @@ pub(crate) fn subvolume_id(file: &File) -> io::Result<u64> {
 
 /// Sets (or with [`CLEAR_LIMIT`] clears) the exclusive-bytes limit of the subvolume of
 /// `file`.
-fn set_limit(file: &File, bytes: u64) -> io::Result<()> {
+pub(crate) fn set_limit(file: &File, bytes: u64) -> io::Result<()> {
     // struct btrfs_ioctl_qgroup_limit_args { __u64 qgroupid; struct btrfs_qgroup_limit
     // { flags, max_rfer, max_excl, rsv_rfer, rsv_excl } }; qgroupid 0 is `file`'s own.
     let mut args = Args::<48>::new();

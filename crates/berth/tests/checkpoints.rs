@@ -438,6 +438,54 @@ fn forks_see_the_same_files_then_diverge_independently() {
     platform.teardown();
 }
 
+/// Data a checkpoint shares with a fork is billed once, to the checkpoint's Machine: after
+/// the source deletes a file that its checkpoint and a fork still hold, the source's
+/// checkpoints are billed for it (the fork is not: `extents.rs` tests that half). Measured
+/// by the checkpoints' qgroup exclusive bytes, as before, the file was nobody's, since
+/// the checkpoint shares it with the fork; the assertion on `exclusive_bytes` below shows
+/// that measure stays under 16 MiB, so with it the last assertion fails.
+#[test]
+fn data_shared_with_a_fork_is_billed_to_the_checkpoint_once() {
+    let platform = platform();
+    let source = create(&platform, APP, sleeper());
+    exec(
+        &platform,
+        APP,
+        &source,
+        "dd if=/dev/urandom of=/big bs=1M count=16 2>/dev/null && sync",
+    );
+    let cp = checkpoint(&platform, APP, &source, "shared");
+    let mut body = sleeper();
+    body["from_checkpoint"] = json!({"machine": source, "checkpoint": cp["id"]});
+    let fork = create(&platform, APP, body);
+    assert_eq!(exec(&platform, APP, &fork, "wc -c < /big"), "16777216\n");
+    exec(&platform, APP, &source, "rm /big && sync");
+    // Journaled shortly after each checkpoint operation.
+    checkpoint(&platform, APP, &source, "after rm");
+    let listed = checkpoints(&platform, APP, &source);
+    let exclusive: u64 = listed
+        .iter()
+        .filter_map(|cp| cp["exclusive_bytes"].as_u64())
+        .sum();
+    assert!(
+        exclusive < 16 << 20,
+        "the fork shares /big, so no checkpoint holds it alone: {listed:?}"
+    );
+    let mut billed = 0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        billed = last_checkpoint_storage(&platform, &source);
+        if billed >= 16 << 20 {
+            break;
+        }
+    }
+    assert!(
+        billed >= 16 << 20,
+        "the source's checkpoints are billed for /big: {billed} bytes"
+    );
+    platform.teardown();
+}
+
 /// A Machine appending to a file while it is checkpointed ten times: each checkpoint holds
 /// a whole prefix of what it wrote (no hole, no torn line), and the writer never stopped.
 #[test]
@@ -615,6 +663,34 @@ fn an_agent_killed_at_any_checkpoint_step_leaves_whole_checkpoints_and_files() {
 }
 
 #[cfg(feature = "failpoints")]
+/// The bytes of the Machine's last `checkpoint_storage` entry in the worker's usage
+/// journal; 0 without one.
+fn last_checkpoint_storage(platform: &Platform, id: &str) -> u64 {
+    let db = platform.data_dir.path().join("worker/agent.db");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use sqlx::Row;
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
+            .await
+            .expect("open agent.db");
+        let row = sqlx::query(
+            "SELECT storage_bytes FROM usage_journal \
+             WHERE machine_id = ? AND kind = 'checkpoint_storage' ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .expect("journal");
+        pool.close().await;
+        row.map_or(0, |row| {
+            u64::try_from(row.get::<i64, _>(0)).unwrap_or_default()
+        })
+    })
+}
+
 fn assert_whole(machine_dir: &std::path::Path, listed: &[Value], point: &str) {
     let dir = machine_dir.join("checkpoints");
     let mut snapshots = Vec::new();
@@ -640,6 +716,12 @@ fn assert_whole(machine_dir: &std::path::Path, listed: &[Value], point: &str) {
         .collect();
     ids.sort();
     assert_eq!(ids, snapshots, "{point}: the list is what is on disk");
+    for name in &snapshots {
+        assert!(
+            berth_runtime::checkpoint::is_read_only(&dir.join(name)).expect("flags"),
+            "{point}: checkpoint {name} is writable"
+        );
+    }
 }
 
 /// A hundred checkpoints of one running Machine: the overlay stack does not grow (a

@@ -10,12 +10,15 @@
 
 use std::fs;
 use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use berth_api::{
     Checkpoint, EventKind, MachineState, RestoreCheckpointResponse, MAX_CHECKPOINT_COMMENT,
 };
 use berth_core::ConfigError;
+use berth_runtime::extents::{self, ExtentSet};
 use berth_runtime::{checkpoint, remove_file_if_exists, write_atomic, MachineLayout};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -28,6 +31,8 @@ use crate::transition::Change;
 use crate::Agent;
 
 const HEAD_FILE: &str = "head";
+/// In a fork's directory: [`ForkedFrom`].
+const FORKED_FROM_FILE: &str = "forked_from";
 
 /// What the agent keeps of a checkpoint beside its snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +45,33 @@ struct CheckpointRecord {
     parent: Option<String>,
     #[serde(default)]
     auto: bool,
+    /// On an undo checkpoint: the checkpoint its restore made the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restore_of: Option<String>,
+}
+
+/// The caller's part of [`checkpoint::restore`]: the undo's record before the disk becomes
+/// it, the head before the new disk takes its place.
+struct RestoreSteps<'a> {
+    layout: &'a MachineLayout,
+    undo: &'a CheckpointRecord,
+}
+
+impl checkpoint::RestoreSteps for RestoreSteps<'_> {
+    fn before_undo(&mut self) -> io::Result<()> {
+        failpoint::hit("restore.after_stage");
+        write_record(self.layout, self.undo)?;
+        failpoint::hit("restore.after_undo_record");
+        Ok(())
+    }
+
+    fn before_swap_in(&mut self) -> io::Result<()> {
+        failpoint::hit("restore.after_undo_checkpoint");
+        match &self.undo.restore_of {
+            Some(target) => write_head(self.layout, target),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Agent {
@@ -56,19 +88,17 @@ impl Agent {
             .into());
         }
         let _guard = self.lock(id).await?;
-        let mut record = self.load(id).await?;
+        let record = self.load(id).await?;
         Self::refuse_if_moving(&record)?;
         let layout = self.checkpointable(&record).await?;
-        let taken = self
-            .take_checkpoint(&record, &layout, comment, false)
-            .await?;
+        let taken = self.take_checkpoint(&record, &layout, comment).await?;
         let reason = format!("checkpoint {}", taken.id);
         self.save_in_state(
             &record,
             Change::event(EventKind::Checkpoint, EventSource::User).reason(&reason),
         )
         .await?;
-        self.journal_checkpoint_bytes(&mut record).await?;
+        self.journal_checkpoint_bytes_soon(id);
         self.checkpoint_view(&layout, &taken).await
     }
 
@@ -115,8 +145,8 @@ impl Agent {
         })
         .await?;
         if found {
-            let mut record = self.load(id).await?;
-            self.journal_checkpoint_bytes(&mut record).await
+            self.journal_checkpoint_bytes_soon(id);
+            Ok(())
         } else {
             Err(self.no_checkpoint(id, checkpoint_id))
         }
@@ -167,24 +197,44 @@ impl Agent {
             )
             .await?;
         }
-        let comment = format!("before restore of {checkpoint_id}");
-        let undo = self
-            .take_checkpoint(&record, &layout, comment, true)
-            .await?;
-        failpoint::hit("restore.after_undo_checkpoint");
-        {
+        // The undo is the old disk itself, renamed into the checkpoints: no second snapshot.
+        let undo = CheckpointRecord {
+            id: berth_core::ids::new_checkpoint_id(),
+            created_at_ms: now_ms(),
+            comment: format!("before restore of {checkpoint_id}"),
+            parent: None,
+            auto: true,
+            restore_of: Some(target.id.clone()),
+        };
+        let undo = {
             let layout = layout.clone();
             let source = layout.checkpoint(&target.id);
-            let quota = self.disk_quota(&record);
-            let limit = Some(crate::machine_disk_mb(&record.config.guest));
-            let target_id = target.id.clone();
+            let limit = self
+                .disk_quota(&record)
+                .map(|_| crate::machine_disk_mb(&record.config.guest));
             blocking(move || {
-                checkpoint::replace_disk(&layout, &source, quota.as_ref(), limit)?;
-                write_head(&layout, &target_id)
+                let mut undo = undo;
+                undo.parent = read_head(&layout)?;
+                let mut steps = RestoreSteps {
+                    layout: &layout,
+                    undo: &undo,
+                };
+                if let Err(error) =
+                    checkpoint::restore(&layout, &source, &undo.id, limit, &mut steps)
+                {
+                    // A record written before the failure has no snapshot: settle drops it.
+                    settle(&layout)?;
+                    return Err(error);
+                }
+                failpoint::hit("restore.after_exchange");
+                // The files are restored whatever this says; recovery seals what is left.
+                if let Err(error) = checkpoint::seal(&layout.checkpoint(&undo.id)) {
+                    warn!(machine = %layout.id, %error, "sealing the undo checkpoint");
+                }
+                Ok(undo)
             })
-            .await?;
-        }
-        failpoint::hit("restore.after_exchange");
+            .await?
+        };
         let reason = format!("restored {checkpoint_id}; {} undoes it", undo.id);
         self.save_in_state(
             &record,
@@ -192,7 +242,7 @@ impl Agent {
         )
         .await?;
         info!(machine = %id, checkpoint = %checkpoint_id, undo = %undo.id, running, "restored");
-        self.journal_checkpoint_bytes(&mut record).await?;
+        self.journal_checkpoint_bytes_soon(id);
         if running {
             self.boot(&mut record, EventSource::User).await?;
         }
@@ -226,23 +276,22 @@ impl Agent {
 
     /// A fork's disk: the new Machine's (made empty by prepare) is replaced by a writable
     /// snapshot of `source`, and its files move from the source's host ids into its own.
-    pub(crate) async fn fork_disk(
-        &self,
-        record: &MachineRecord,
-        source: std::path::PathBuf,
-    ) -> Result<()> {
+    pub(crate) async fn fork_disk(&self, record: &MachineRecord, source: PathBuf) -> Result<()> {
         let layout = self.layout(&record.id);
-        let quota = self.disk_quota(record);
-        let limit = Some(crate::machine_disk_mb(&record.config.guest));
+        let limit = self
+            .disk_quota(record)
+            .map(|_| crate::machine_disk_mb(&record.config.guest));
         let started = Instant::now();
         let rebased = blocking(move || {
             use std::os::unix::fs::MetadataExt;
             let own = fs::metadata(layout.upper())?.uid();
             let theirs = fs::metadata(source.join("upper"))?.uid();
-            checkpoint::replace_disk(&layout, &source, quota.as_ref(), limit)?;
+            checkpoint::replace_disk(&layout, &source, limit)?;
             failpoint::hit("fork.after_exchange");
             let upper = fs::canonicalize(layout.upper())?;
-            berth_runtime::userns::rebase_tree(&upper, theirs, own)
+            let rebased = berth_runtime::userns::rebase_tree(&upper, theirs, own)?;
+            write_forked_from(&layout, &source)?;
+            Ok(rebased)
         })
         .await?;
         info!(machine = %record.id, rebased, ms = started.elapsed().as_millis() as u64, "forked disk");
@@ -255,7 +304,7 @@ impl Agent {
     pub(crate) async fn recover_checkpoints(&self, record: &MachineRecord) {
         let id = &record.id;
         let layout = self.layout(id);
-        if checkpoint::unsupported(&layout).is_some() {
+        if !berth_runtime::quota::has_quota_layout(&layout) {
             return;
         }
         if matches!(record.state, MachineState::Started | MachineState::Stopping) {
@@ -267,8 +316,20 @@ impl Agent {
                 .await;
         }
         let settled = blocking(move || {
-            checkpoint::recover(&layout)?;
-            settle(&layout).map(|_| ())
+            // A restore cut off after its undo is finished, before anything needs the disk.
+            let finished = checkpoint::recover(&layout)?;
+            let records = settle(&layout)?;
+            if finished {
+                if let Some(target) = records.iter().rev().find_map(|r| r.restore_of.as_ref()) {
+                    write_head(&layout, target)?;
+                }
+                warn!(machine = %layout.id, "finished a restore a crash had cut off");
+            }
+            // An undo is sealed after its restore: a crash in between left it writable.
+            for record in &records {
+                checkpoint::seal(&layout.checkpoint(&record.id))?;
+            }
+            Ok(())
         })
         .await;
         if let Err(error) = settled {
@@ -276,36 +337,110 @@ impl Agent {
         }
     }
 
-    /// Journals the bytes only the Machine's checkpoints hold (their qgroups' exclusive
-    /// bytes), when they changed: billed as storage. The caller holds the Machine's lock
-    /// and passes its current record.
-    pub(crate) async fn journal_checkpoint_bytes(&self, record: &mut MachineRecord) -> Result<()> {
-        let Some(quota) = self.disk_quota(record) else {
-            return Ok(());
-        };
-        let layout = self.layout(&record.id);
+    /// Journals, off the request path, the bytes billed to the Machine's checkpoints.
+    pub(crate) fn journal_checkpoint_bytes_soon(&self, id: &str) {
+        let agent = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            if let Err(error) = agent.journal_checkpoint_bytes(&id).await {
+                warn!(machine = %id, %error, "journaling checkpoint storage");
+            }
+        });
+    }
+
+    /// Journals the bytes billed to the Machine's checkpoints when they changed: the data
+    /// its checkpoints hold and neither its disk nor the checkpoint it was forked from
+    /// does (that one is billed to its own Machine). Shared data is billed once. Measured
+    /// outside the Machine's lock (a walk of its files), journaled under it.
+    pub(crate) async fn journal_checkpoint_bytes(&self, id: &str) -> Result<()> {
+        let layout = self.layout(id);
         if checkpoint::unsupported(&layout).is_some() {
             return Ok(());
         }
-        let bytes = blocking(move || {
-            let mut total = 0u64;
-            for name in checkpoint::list(&layout)? {
-                if let Some((_, exclusive)) = checkpoint::sizes(&quota, &layout.checkpoint(&name))?
-                {
-                    total = total.saturating_add(exclusive);
-                }
-            }
-            Ok(total)
-        })
-        .await?;
-        if bytes == record.checkpoint_bytes {
+        let names = {
+            let layout = layout.clone();
+            blocking(move || checkpoint::list(&layout)).await?
+        };
+        let mut held = ExtentSet::default();
+        for name in &names {
+            held = held.union(&*self.checkpoint_extents(layout.checkpoint(name)).await?);
+        }
+        let mut elsewhere = match self.forked_from(&layout) {
+            Some(source) => (*self.checkpoint_extents(source).await?).clone(),
+            None => ExtentSet::default(),
+        };
+        if held.len_bytes() > 0 {
+            let upper = layout.upper();
+            let disk =
+                blocking(move || extents::physical_extents(&fs::canonicalize(upper)?)).await?;
+            elsewhere = elsewhere.union(&disk);
+        }
+        let bytes = held.bytes_outside(&elsewhere);
+        let _guard = self.lock(id).await?;
+        let Some(mut record) = self.inner.store.get(id).await? else {
+            return Ok(());
+        };
+        if record.pending.is_some()
+            || record.state == MachineState::Destroying
+            || bytes == record.checkpoint_bytes
+        {
             return Ok(());
         }
-        let usage = crate::metering::checkpoint_storage(record, now_ms(), bytes);
+        let usage = crate::metering::checkpoint_storage(&mut record, now_ms(), bytes);
         self.inner
             .store
-            .save_with_usage(record, None, &[usage])
+            .save_with_usage(&record, None, &[usage])
             .await
+    }
+
+    /// The bytes billed to the Machine's disk: what `du` counts of its upperdir, less the
+    /// extents it still shares with the checkpoint it was forked from.
+    pub(crate) async fn billed_disk_bytes(&self, id: &str) -> Result<u64> {
+        let layout = self.layout(id);
+        let shared = match self.forked_from(&layout) {
+            Some(source) => self.checkpoint_extents(source).await?,
+            None => Arc::new(ExtentSet::default()),
+        };
+        let upper = layout.upper();
+        blocking(move || {
+            // With a disk quota the upperdir is a link into the disk's subvolume.
+            let upper = fs::canonicalize(upper)?;
+            extents::usage_outside(&upper, &shared)
+        })
+        .await
+    }
+
+    /// The extents of a checkpoint's files, from the cache (a checkpoint never changes),
+    /// which forgets checkpoints that are gone.
+    async fn checkpoint_extents(&self, path: PathBuf) -> Result<Arc<ExtentSet>> {
+        let cached = {
+            let mut cache = self
+                .inner
+                .checkpoint_extents
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache.retain(|path, _| path.exists());
+            cache.get(&path).cloned()
+        };
+        if let Some(set) = cached {
+            return Ok(set);
+        }
+        let upper = path.join("upper");
+        let set = Arc::new(blocking(move || extents::physical_extents(&upper)).await?);
+        self.inner
+            .checkpoint_extents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(path, set.clone());
+        Ok(set)
+    }
+
+    /// The checkpoint the Machine was forked from, while it is on this worker.
+    fn forked_from(&self, layout: &MachineLayout) -> Option<PathBuf> {
+        let bytes = fs::read(layout.dir.join(FORKED_FROM_FILE)).ok()?;
+        let from: ForkedFrom = serde_json::from_slice(&bytes).ok()?;
+        let path = self.layout(&from.machine).checkpoint(&from.checkpoint);
+        path.is_dir().then_some(path)
     }
 
     /// The Machine's layout, if its disk can be checkpointed.
@@ -327,7 +462,6 @@ impl Agent {
         record: &MachineRecord,
         layout: &MachineLayout,
         comment: String,
-        auto: bool,
     ) -> Result<CheckpointRecord> {
         let freeze = match record.state {
             MachineState::Started => true,
@@ -368,13 +502,12 @@ impl Agent {
                     created_at_ms: now_ms(),
                     comment,
                     parent,
-                    auto,
+                    auto: false,
+                    restore_of: None,
                 };
                 write_record(&layout, &record)?;
                 failpoint::hit("checkpoint.after_record");
-                if !auto {
-                    write_head(&layout, &record.id)?;
-                }
+                write_head(&layout, &record.id)?;
                 Ok(record)
             })
             .await
@@ -526,6 +659,29 @@ fn read_head(layout: &MachineLayout) -> io::Result<Option<String>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Where a fork's disk came from: the checkpoint whose extents it shares, so that they
+/// are billed to that checkpoint's Machine only.
+#[derive(Debug, Serialize, Deserialize)]
+struct ForkedFrom {
+    machine: String,
+    checkpoint: String,
+}
+
+fn write_forked_from(layout: &MachineLayout, source: &Path) -> io::Result<()> {
+    // `source` is `…/machines/<machine>/checkpoints/<checkpoint>`.
+    let name = |path: Option<&Path>| {
+        path.and_then(Path::file_name)
+            .map(|name| name.to_string_lossy().into_owned())
+            .ok_or_else(|| io::Error::other(format!("{} is no checkpoint", source.display())))
+    };
+    let from = ForkedFrom {
+        checkpoint: name(Some(source))?,
+        machine: name(source.parent().and_then(Path::parent))?,
+    };
+    let bytes = serde_json::to_vec(&from).map_err(io::Error::other)?;
+    write_atomic(&layout.dir.join(FORKED_FROM_FILE), &bytes)
 }
 
 fn write_head(layout: &MachineLayout, id: &str) -> io::Result<()> {
