@@ -54,7 +54,7 @@ mod oci;
 mod util;
 pub use error::RuntimeError;
 pub use host::HostInventory;
-pub use util::{remove_file_if_exists, write_atomic};
+pub use util::{remove_file_if_exists, write_atomic, write_replace};
 
 /// Where one Machine's files live on the host. Everything the Machine owns is below `dir`,
 /// so destroy is one directory removal once the mounts are gone.

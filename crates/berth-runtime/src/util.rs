@@ -19,9 +19,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     write_replace(path, data, true)
 }
 
-/// Like [`write_atomic`] without the fsync, for per-run files that mean nothing after a
-/// host reboot; it keeps the disk flush off the start path.
-pub(crate) fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
+/// Like [`write_atomic`] without the fsync (unless `durable`), for files whose loss on a
+/// power cut costs nothing: per-run files, hints. It keeps a disk flush off the request.
+pub fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;

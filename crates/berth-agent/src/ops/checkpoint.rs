@@ -19,7 +19,9 @@ use berth_api::{
 };
 use berth_core::ConfigError;
 use berth_runtime::extents::{self, ExtentSet};
-use berth_runtime::{checkpoint, remove_file_if_exists, write_atomic, MachineLayout};
+use berth_runtime::{
+    checkpoint, remove_file_if_exists, write_atomic, write_replace, MachineLayout,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -227,14 +229,22 @@ impl Agent {
                     return Err(error);
                 }
                 failpoint::hit("restore.after_exchange");
-                // The files are restored whatever this says; recovery seals what is left.
-                if let Err(error) = checkpoint::seal(&layout.checkpoint(&undo.id)) {
-                    warn!(machine = %layout.id, %error, "sealing the undo checkpoint");
-                }
                 Ok(undo)
             })
             .await?
         };
+        // The flag change commits a transaction of its own: off the request path. Nothing
+        // writes the undo meanwhile, a delete of it makes this fail harmlessly, and
+        // recovery seals what a crash left writable.
+        let undo_path = layout.checkpoint(&undo.id);
+        let machine = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = checkpoint::seal(&undo_path) {
+                if undo_path.exists() {
+                    warn!(%machine, %error, "sealing the undo checkpoint");
+                }
+            }
+        });
         let reason = format!("restored {checkpoint_id}; {} undoes it", undo.id);
         self.save_in_state(
             &record,
@@ -286,12 +296,11 @@ impl Agent {
             use std::os::unix::fs::MetadataExt;
             let own = fs::metadata(layout.upper())?.uid();
             let theirs = fs::metadata(source.join("upper"))?.uid();
+            write_forked_from(&layout, &source)?;
             checkpoint::replace_disk(&layout, &source, limit)?;
             failpoint::hit("fork.after_exchange");
             let upper = fs::canonicalize(layout.upper())?;
-            let rebased = berth_runtime::userns::rebase_tree(&upper, theirs, own)?;
-            write_forked_from(&layout, &source)?;
-            Ok(rebased)
+            berth_runtime::userns::rebase_tree(&upper, theirs, own)
         })
         .await?;
         info!(machine = %record.id, rebased, ms = started.elapsed().as_millis() as u64, "forked disk");
@@ -361,6 +370,12 @@ impl Agent {
             let layout = layout.clone();
             blocking(move || checkpoint::list(&layout)).await?
         };
+        // Deleted checkpoints leave the cache here, once per measurement.
+        self.inner
+            .checkpoint_extents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|path, _| path.exists());
         let mut held = ExtentSet::default();
         for name in &names {
             held = held.union(&*self.checkpoint_extents(layout.checkpoint(name)).await?);
@@ -410,18 +425,15 @@ impl Agent {
         .await
     }
 
-    /// The extents of a checkpoint's files, from the cache (a checkpoint never changes),
-    /// which forgets checkpoints that are gone.
+    /// The extents of a checkpoint's files, from the cache: a checkpoint never changes.
     async fn checkpoint_extents(&self, path: PathBuf) -> Result<Arc<ExtentSet>> {
-        let cached = {
-            let mut cache = self
-                .inner
-                .checkpoint_extents
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            cache.retain(|path, _| path.exists());
-            cache.get(&path).cloned()
-        };
+        let cached = self
+            .inner
+            .checkpoint_extents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&path)
+            .cloned();
         if let Some(set) = cached {
             return Ok(set);
         }
@@ -681,12 +693,18 @@ fn write_forked_from(layout: &MachineLayout, source: &Path) -> io::Result<()> {
         machine: name(source.parent().and_then(Path::parent))?,
     };
     let bytes = serde_json::to_vec(&from).map_err(io::Error::other)?;
-    write_atomic(&layout.dir.join(FORKED_FROM_FILE), &bytes)
+    // Without an fsync: in a directory that saw a rename in the running transaction (the
+    // config prepare wrote) btrfs makes an fsync commit the whole transaction, 6 ms on a
+    // fork. A power cut before the next commit may lose the file, and the fork is then
+    // billed for the data it shares as well: over, never under.
+    write_replace(&layout.dir.join(FORKED_FROM_FILE), &bytes, false)
 }
 
+/// Without an fsync: the head only names the next checkpoint's parent, and a power loss
+/// that takes it back to an older one saves a disk flush per checkpoint and restore.
 fn write_head(layout: &MachineLayout, id: &str) -> io::Result<()> {
     fs::create_dir_all(layout.checkpoints())?;
-    write_atomic(&layout.checkpoints().join(HEAD_FILE), id.as_bytes())
+    write_replace(&layout.checkpoints().join(HEAD_FILE), id.as_bytes(), false)
 }
 
 async fn blocking<T: Send + 'static>(
