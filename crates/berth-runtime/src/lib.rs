@@ -36,6 +36,7 @@ pub mod netns;
 pub mod network;
 pub mod overlay;
 pub mod quota;
+pub mod rootfs_files;
 pub mod runc;
 pub mod seccomp;
 pub mod shim;
