@@ -2,8 +2,6 @@
 //! change it bills, so the journal and the records can never disagree: a run is open in
 //! the journal exactly when `run_open` is set on the record.
 
-use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use berth_api::{CloseBasis, UsageKind, UsageRecord};
@@ -110,30 +108,7 @@ pub fn volume_deleted(record: &VolumeRecord, at_ms: i64) -> UsageRecord {
 /// Bytes of disk a directory tree occupies (allocated blocks, hardlinks counted once).
 /// Never follows symlinks.
 pub fn disk_usage(dir: &Path) -> std::io::Result<u64> {
-    let mut total = 0u64;
-    let mut seen = HashSet::new();
-    let mut pending = vec![dir.to_owned()];
-    while let Some(path) = pending.pop() {
-        let metadata = match std::fs::symlink_metadata(&path) {
-            Ok(metadata) => metadata,
-            // The Machine may delete files while it is measured.
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(error),
-        };
-        if metadata.nlink() <= 1 || seen.insert((metadata.dev(), metadata.ino())) {
-            total = total.saturating_add(metadata.blocks().saturating_mul(512));
-        }
-        if metadata.is_dir() {
-            match std::fs::read_dir(&path) {
-                Ok(entries) => {
-                    pending.extend(entries.filter_map(|entry| entry.ok().map(|entry| entry.path())))
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(error),
-            }
-        }
-    }
-    Ok(total)
+    berth_runtime::extents::usage_outside(dir, &berth_runtime::extents::ExtentSet::default())
 }
 
 /// When a process started, in ms since the epoch, from /proc (10 ms resolution).

@@ -587,27 +587,6 @@ pub fn markdown(section: &Value) -> String {
     out
 }
 
-/// The goals as lines, `met` or `MISSED`.
-pub fn goal_lines(section: &Value) -> String {
-    goals(section)
-        .iter()
-        .map(|goal| {
-            format!(
-                "{} {}: {} (goal {} {})\n",
-                if goal["met"] == true {
-                    "met   "
-                } else {
-                    "MISSED"
-                },
-                goal["goal"].as_str().unwrap_or("?"),
-                goal["value"],
-                goal["op"].as_str().unwrap_or("≤"),
-                goal["target"]
-            )
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -721,7 +700,7 @@ mod tests {
 
     #[test]
     fn goal_lines_say_met_or_missed_with_the_operator() {
-        let lines = goal_lines(&section());
+        let lines = crate::report::goal_lines(&goals(&section()));
         assert!(
             lines.contains("MISSED checkpoint p50, 1 GiB / 1 MB: 2.0 (goal ≤ 1.5)"),
             "{lines}"

@@ -607,26 +607,6 @@ pub fn markdown(section: &Value) -> String {
     out
 }
 
-/// The goals as lines, `met` or `MISSED`.
-pub fn goal_lines(section: &Value) -> String {
-    goals(section)
-        .iter()
-        .map(|goal| {
-            format!(
-                "{} {}: {} (goal ≤ {})\n",
-                if goal["met"] == true {
-                    "met   "
-                } else {
-                    "MISSED"
-                },
-                goal["goal"].as_str().unwrap_or("?"),
-                goal["value"],
-                goal["target"]
-            )
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -333,7 +333,7 @@ async fn run(args: Args, btrfs: Option<&Path>) -> Result<usize> {
         merged["gvisor"] = section;
         write_report(&args.out, &merged)?;
         println!("{}", gvisor::markdown(&merged["gvisor"]));
-        print!("{}", gvisor::goal_lines(&merged["gvisor"]));
+        print!("{}", report::goal_lines(&gvisor::goals(&merged["gvisor"])));
         println!("written to {}", args.out.display());
         return Ok(0);
     }
@@ -354,7 +354,10 @@ async fn run(args: Args, btrfs: Option<&Path>) -> Result<usize> {
         merged["checkpoints"] = section;
         write_report(&args.out, &merged)?;
         println!("{}", checkpoints::markdown(&merged["checkpoints"]));
-        print!("{}", checkpoints::goal_lines(&merged["checkpoints"]));
+        print!(
+            "{}",
+            report::goal_lines(&checkpoints::goals(&merged["checkpoints"]))
+        );
         println!("written to {}", args.out.display());
         return Ok(0);
     }

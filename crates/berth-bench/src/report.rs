@@ -288,6 +288,28 @@ pub fn markdown(report: &Value) -> String {
     out
 }
 
+/// Goals as [`crate::checkpoints::goals`] and [`crate::gvisor::goals`] make them, a line
+/// each, `met` or `MISSED`; a goal without `op` is held to `≤`.
+pub fn goal_lines(goals: &[Value]) -> String {
+    goals
+        .iter()
+        .map(|goal| {
+            format!(
+                "{} {}: {} (goal {} {})\n",
+                if goal["met"] == true {
+                    "met   "
+                } else {
+                    "MISSED"
+                },
+                goal["goal"].as_str().unwrap_or("?"),
+                goal["value"],
+                goal["op"].as_str().unwrap_or("≤"),
+                goal["target"]
+            )
+        })
+        .collect()
+}
+
 /// Where a start's time goes, from the `Server-Timing` header of each start.
 pub fn step_table(steps: &Value) -> String {
     let Some(rows) = steps.as_array().filter(|rows| !rows.is_empty()) else {

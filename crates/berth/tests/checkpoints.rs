@@ -667,28 +667,19 @@ fn an_agent_killed_at_any_checkpoint_step_leaves_whole_checkpoints_and_files() {
 /// journal; 0 without one.
 fn last_checkpoint_storage(platform: &Platform, id: &str) -> u64 {
     let db = platform.data_dir.path().join("worker/agent.db");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        use sqlx::Row;
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
-            .await
-            .expect("open agent.db");
-        let row = sqlx::query(
-            "SELECT storage_bytes FROM usage_journal \
-             WHERE machine_id = ? AND kind = 'checkpoint_storage' ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(id)
-        .fetch_optional(&pool)
-        .await
-        .expect("journal");
-        pool.close().await;
-        row.map_or(0, |row| {
+    common::control_store_rows(
+        &format!("sqlite://{}?mode=ro", db.display()),
+        "SELECT storage_bytes FROM usage_journal \
+         WHERE machine_id = $1 AND kind = 'checkpoint_storage' ORDER BY seq DESC LIMIT 1",
+        &[id],
+        |row| {
+            use sqlx::Row;
             u64::try_from(row.get::<i64, _>(0)).unwrap_or_default()
-        })
-    })
+        },
+    )
+    .first()
+    .copied()
+    .unwrap_or_default()
 }
 
 fn assert_whole(machine_dir: &std::path::Path, listed: &[Value], point: &str) {
